@@ -1,0 +1,39 @@
+# Tandem build. `make test` is what CI runs (.ci/run); keep it under 10
+# minutes on a 2-core machine. Longer suites have their own targets.
+
+GO        ?= go
+BIN       := bin/tandem
+GUEST_IMG := guest/kvm/microguest/microguest.bin
+PKGS      := ./...
+
+.PHONY: build test bench demo vet guest-image fuzz clean
+
+build: guest-image
+	$(GO) build -o $(BIN) ./cmd/tandem
+
+guest-image:
+	@if [ -f guest/kvm/microguest/Makefile ]; then $(MAKE) -s -C guest/kvm/microguest; fi
+
+vet:
+	$(GO) vet $(PKGS)
+
+# The race detector runs on every package; test/ starts real processes from
+# the binary built here. The last lines list every skipped test with its reason.
+test: build vet
+	@mkdir -p .out
+	TANDEM_BIN=$(CURDIR)/$(BIN) $(GO) test -race -timeout 540s -count=1 -v $(PKGS) > .out/test.log 2>&1; rc=$$?; \
+	grep -E '^(ok|FAIL|---|panic|\?)' .out/test.log | grep -v -- '--- PASS' ; \
+	echo "skipped tests:"; grep -A1 -- '--- SKIP' .out/test.log | grep -v -- '^--$$' | paste - - | sed 's/^/  /' ; \
+	if [ $$rc -ne 0 ]; then tail -80 .out/test.log; fi; exit $$rc
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchtime 1s -count 3 ./precopy/ ./checkpoint/ ./guest/... ./test/...
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzReader -fuzztime 10m ./checkpoint/
+
+demo: build
+	./$(BIN) demo
+
+clean:
+	rm -rf bin .out

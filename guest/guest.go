@@ -1,0 +1,173 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// PageSize is the unit of dirty tracking and of every page Tandem moves.
+const PageSize = 4096
+
+// PageShift is log2(PageSize).
+const PageShift = 12
+
+// Errors shared by every backend. Backends wrap them with %w and detail.
+var (
+	// ErrNotPaused is returned by calls that need a paused guest.
+	ErrNotPaused = errors.New("guest: not paused")
+	// ErrClosed is returned by any call on a closed guest.
+	ErrClosed = errors.New("guest: closed")
+	// ErrFlushDeadline is returned by Flush when its context ends before the
+	// in-flight I/O is durable. The flush goes on in the background.
+	ErrFlushDeadline = errors.New("guest: flush missed its deadline")
+	// ErrState is returned by LoadState for state of another kind, an
+	// unknown version or inconsistent fields.
+	ErrState = errors.New("guest: bad state")
+	// ErrConfig is returned for an invalid configuration.
+	ErrConfig = errors.New("guest: bad config")
+)
+
+// Region is one contiguous range of guest-physical memory mapped into the
+// host. Mem stays valid until Close; its length is a multiple of PageSize and
+// GPA is page aligned. Reading Mem is always allowed; writing it is only
+// allowed while the guest is paused and must be followed by MarkDirty if the
+// write has to reach a replica (restore paths write before Start and need
+// not mark).
+type Region struct {
+	GPA uint64
+	Mem []byte
+}
+
+// FirstPage is the page index of the region's first page.
+func (r Region) FirstPage() uint64 { return r.GPA >> PageShift }
+
+// Pages is the number of pages the region covers.
+func (r Region) Pages() uint64 { return uint64(len(r.Mem)) >> PageShift }
+
+// DirtyLog is where SyncDirty puts what the guest dirtied. precopy.Bitmap
+// implements it; guest cannot import precopy (precopy drives guests).
+type DirtyLog interface {
+	// OrWords ORs words into the log, bit i of words[j] standing for page
+	// firstPage+64*j+i, and returns how many bits were newly set.
+	// firstPage is a multiple of 64.
+	OrWords(firstPage uint64, words []uint64) uint64
+}
+
+// DeviceState is the saved state of one device or vCPU: a plain struct
+// encoded by its owner (msgpack), tagged with a name, an instance number and
+// the version of the struct's schema. Subsections carry optional parts a
+// reader may skip if it does not know them.
+type DeviceState struct {
+	Name        string
+	Instance    uint32
+	Version     uint32
+	Fields      []byte
+	Subsections []Subsection
+}
+
+// Subsection is an optional, separately versioned part of a DeviceState.
+type Subsection struct {
+	Name    string
+	Version uint32
+	Fields  []byte
+}
+
+// MachineState is everything about a guest beyond its memory.
+type MachineState struct {
+	Kind    string // backend: "synth" or "kvm"
+	Devices []DeviceState
+}
+
+// DiskWrite is one write to the guest's disk since the last TakeDiskWrites.
+type DiskWrite struct {
+	Offset uint64
+	Data   []byte
+}
+
+// Guest is a virtual machine that Tandem can run, pause, capture and
+// restore. A Guest is created paused (by a backend's New or Restore); Resume
+// starts it. All methods are safe to call from one controlling goroutine;
+// the vCPUs run on goroutines the backend owns and stops in Close.
+type Guest interface {
+	// Kind names the backend ("synth", "kvm"); a stream from one kind is
+	// refused by the other.
+	Kind() string
+
+	// Regions lists guest memory in ascending GPA order. The slice and the
+	// mappings are fixed for the guest's life.
+	Regions() []Region
+
+	// Pause stops every vCPU and returns once none runs guest code, with the
+	// time it took. It does not wait for disk I/O. Pausing a paused guest is
+	// a no-op returning 0.
+	Pause(ctx context.Context) (time.Duration, error)
+
+	// Resume lets the vCPUs run again and returns the time it took.
+	Resume() (time.Duration, error)
+
+	// Paused reports whether the guest is paused.
+	Paused() bool
+
+	// SyncDirty ORs every page written since the previous SyncDirty (or
+	// since creation) into dst, clears the guest's own log, and returns how
+	// many bits were newly set in dst. It may be called while the guest
+	// runs (a racing write lands in this sync or the next, never in
+	// neither); callers that need an exact cut call it while paused.
+	// Writes made by the VMM itself (device emulation) are included.
+	SyncDirty(dst DirtyLog) (uint64, error)
+
+	// MarkDirty records that the caller wrote pages [first, first+n) of
+	// guest memory, so the next SyncDirty reports them.
+	MarkDirty(first, n uint64)
+
+	// SaveState captures vCPU and device state. Precondition: paused.
+	SaveState() (MachineState, error)
+
+	// LoadState replaces vCPU and device state. Precondition: paused. On
+	// error the guest's state is unchanged.
+	LoadState(MachineState) error
+
+	// Flush makes every disk write the guest has issued durable. It returns
+	// ErrFlushDeadline (wrapped) when ctx ends first; the flush continues in
+	// the background and a later Flush waits for it.
+	Flush(ctx context.Context) error
+
+	// TakeDiskWrites returns the disk writes completed since the previous
+	// call, in order, and forgets them. Precondition: paused.
+	TakeDiskWrites() []DiskWrite
+
+	// Console is the guest's serial line.
+	Console() Console
+
+	// Close stops the vCPUs, releases memory and closes the disk. After
+	// Close every method returns ErrClosed; Regions' mappings are gone.
+	Close() error
+}
+
+// Console is the guest's serial line. Input goes to the guest; output goes
+// to the one sink set with SetOutput. Output commit sits in that sink: the
+// guest's bytes are handed to it synchronously, in order, from the vCPU
+// that wrote them, so every byte written before a Pause has reached the
+// sink when Pause returns.
+type Console interface {
+	// Input queues bytes for the guest to read. It never blocks; it
+	// returns an error if the guest's input buffer is full.
+	Input(p []byte) error
+	// SetOutput sets where the guest's output goes. sink must not block
+	// for long: it runs on a vCPU. nil discards output.
+	SetOutput(sink func(p []byte))
+}
+
+// Throttler is implemented by guests whose vCPUs can be slowed down for
+// auto-converge. percent is the share of time the vCPUs are kept from
+// running, 0 to 99.
+type Throttler interface {
+	SetThrottle(percent int)
+}
+
+// Disk is implemented by guests with a disk that a replica must track.
+type Disk interface {
+	// ApplyDiskWrites writes ws to the guest's disk (replica side).
+	ApplyDiskWrites(ws []DiskWrite) error
+}
