@@ -1,6 +1,6 @@
 module github.com/tandemvm/tandem
 
-go 1.26
+go 1.26.0
 
 require (
 	github.com/hashicorp/go-msgpack/v2 v2.1.5
@@ -21,6 +21,7 @@ require (
 	github.com/hashicorp/go-immutable-radix v1.3.1 // indirect
 	github.com/hashicorp/go-metrics v0.5.4 // indirect
 	github.com/hashicorp/golang-lru v0.5.0 // indirect
+	github.com/kylelemons/godebug v1.1.0 // indirect
 	github.com/mattn/go-colorable v0.1.12 // indirect
 	github.com/mattn/go-isatty v0.0.14 // indirect
 	github.com/munnerz/goautoneg v0.0.0-20191010083416-a7dc8b61c822 // indirect
