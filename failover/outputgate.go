@@ -1,0 +1,131 @@
+package failover
+
+import (
+	"sync"
+	"time"
+)
+
+// OutputGate holds back everything the guest says to the outside world
+// until the epoch that produced it is safe on the secondary (output
+// commit). The guest writes through Write on its vCPU; the epoch loop calls
+// Seal at every pause and Release when the secondary acknowledges an epoch.
+//
+// Bytes written after Seal(n) returned and before Seal(n+1) belong to
+// epoch n+1: the guest is paused across Seal, so no write straddles it.
+//
+// Fencing: Release consults the allow function (the generation check) on
+// every call; when it says no, nothing leaves, and Discard drops what is
+// held. A gate never releases out of order and never releases twice.
+type OutputGate struct {
+	// mu guards every field below.
+	mu       sync.Mutex
+	sink     func([]byte)
+	allow    func() bool
+	open     uint64 // epoch the next written byte belongs to
+	released uint64 // highest epoch released (0: none)
+	pending  []heldOutput
+	held     int // bytes in pending
+	now      func() time.Time
+
+	delays []time.Duration // output delay of recent releases, bounded
+}
+
+type heldOutput struct {
+	epoch   uint64
+	written time.Time
+	data    []byte
+}
+
+// maxDelaySamples bounds the kept output-delay samples.
+const maxDelaySamples = 4096
+
+// NewOutputGate makes a gate releasing to sink; allow (nil: always) is the
+// fencing check called before every release. firstEpoch is the number of
+// the epoch in progress.
+func NewOutputGate(firstEpoch uint64, sink func([]byte), allow func() bool) *OutputGate {
+	if allow == nil {
+		allow = func() bool { return true }
+	}
+	return &OutputGate{sink: sink, allow: allow, open: firstEpoch, now: time.Now}
+}
+
+// Write holds p as output of the epoch in progress. It never blocks on the
+// outside world; it copies p.
+func (g *OutputGate) Write(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	g.mu.Lock()
+	g.pending = append(g.pending, heldOutput{epoch: g.open, written: g.now(), data: append([]byte(nil), p...)})
+	g.held += len(p)
+	g.mu.Unlock()
+}
+
+// Seal closes the epoch in progress and returns its number; later writes
+// belong to the next epoch. Call it while the guest is paused.
+func (g *OutputGate) Seal() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := g.open
+	g.open++
+	return n
+}
+
+// Open returns the number of the epoch in progress.
+func (g *OutputGate) Open() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.open
+}
+
+// Release lets out, in order, every byte of epochs up to and including
+// acked. It returns false (and releases nothing) if the fencing check
+// refuses. The sink runs with the gate's lock held so releases stay
+// ordered; it must not call back into the gate.
+func (g *OutputGate) Release(acked uint64) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.allow() {
+		return false
+	}
+	i := 0
+	now := g.now()
+	for ; i < len(g.pending) && g.pending[i].epoch <= acked; i++ {
+		h := g.pending[i]
+		if g.sink != nil {
+			g.sink(h.data)
+		}
+		g.held -= len(h.data)
+		if len(g.delays) >= maxDelaySamples {
+			copy(g.delays, g.delays[1:])
+			g.delays = g.delays[:maxDelaySamples-1]
+		}
+		g.delays = append(g.delays, now.Sub(h.written))
+	}
+	g.pending = append(g.pending[:0], g.pending[i:]...)
+	if acked > g.released {
+		g.released = acked
+	}
+	return true
+}
+
+// Discard drops everything held (a fenced or demoted primary).
+func (g *OutputGate) Discard() {
+	g.mu.Lock()
+	g.pending, g.held = nil, 0
+	g.mu.Unlock()
+}
+
+// Held returns how many bytes wait for their epoch.
+func (g *OutputGate) Held() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.held
+}
+
+// Delays returns the recent output delays (write to release).
+func (g *OutputGate) Delays() []time.Duration {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]time.Duration(nil), g.delays...)
+}
