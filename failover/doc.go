@@ -1,0 +1,91 @@
+// Package failover is Tandem's coordination core: the raft group of the
+// primary, the secondary and the witness, the fencing state machine that
+// decides which node may run the guest and release its output, and the
+// replicated membership through which a primary finds its secondary.
+//
+// It owns: raft (hashicorp/raft, log and stable store in bbolt, file
+// snapshots, one TCP port per node), the replicated FSM, the generation
+// (fencing token), the leader lease behind CanRelease, leadership transfer,
+// and the events that tell a driver (cmd/tandem) to run or pause its guest.
+//
+// It must never: ship epochs, touch a guest, release output itself, parse
+// flags, print, or block a caller without a deadline. Decisions never depend
+// on an event having been consumed: CanRelease is computed from raft and the
+// FSM at the moment of the call.
+//
+// # Replicated state
+//
+// FSMState holds the cluster ID, the generation, the primary's ID, whether
+// the trio is protected, the last acknowledged epoch, and every member's
+// NodeInfo. Log entries are a version byte, a command type byte and a
+// msgpack body: register (upsert a member), promote (compare-and-set: the
+// generation must be exactly current+1), set-protected and epoch (both
+// refused unless they carry the current generation, so a deposed primary's
+// late commands change nothing).
+//
+// # The state machine
+//
+// Raft leadership is the right to run the guest. Decide(View, now) turns
+// what a node sees into actions; it is pure and tested with a fake clock.
+// Per node, the states are:
+//
+//	follower ──(wins election)──▶ leader
+//	leader, witness or not Eligible ──▶ Transfer leadership (retried every
+//	    RetryInterval, target rotating over the candidates)
+//	leader, Eligible, lease valid ──▶ Claim: apply promote(gen+1)
+//	claimed in this term, FSM says primary=self, gen=claimed ──▶ Activate(gen)
+//	    (event BecamePrimary: run the guest, release under gen)
+//	active ──(not leader | new term | lease expired | switchover |
+//	    FSM primary/gen changed)──▶ Fence (event Fenced: stop releasing,
+//	    pause the guest)
+//	active, protected, no data heartbeat for DataTimeout ──▶ MarkUnprotected
+//	active, newer epoch reported, EpochInterval passed ──▶ ApplyEpoch
+//
+// Eligible: not a witness, holding a runnable image (reported by the
+// driver), and: at generation 0 only the node configured as primary; the
+// current primary always; anyone else only while protected and with an
+// image at or past the last reported epoch. An unprotected trio can only be
+// resumed by its primary: the secondary's image would lack output already
+// released.
+//
+// The witness is a voter and may win an election (raft has no
+// non-candidate voters). It then transfers leadership at once; during that
+// window (one leadership transfer, tens of milliseconds on a LAN) nobody runs
+// the guest. The witness runs with twice the heartbeat and election timeouts
+// so the secondary normally wins the election after the primary dies.
+//
+// # Fencing and the lease
+//
+// While leader, the node calls raft's VerifyLeader every LeaderLeaseTimeout/4;
+// the lease deadline is the start of the last round a majority answered plus
+// LeaderLeaseTimeout. LeaderLeaseTimeout <= HeartbeatTimeout, and a raft
+// follower refuses to vote while it has heard from its leader within its
+// heartbeat timeout, so no other node can be elected before the lease ends.
+// CanRelease(gen) is MayRelease over the live view: leader in the term the
+// generation was activated, lease not expired, no switchover in progress,
+// FSM primary = self and FSM generation = gen. A ticker (every
+// LeaderLeaseTimeout/5) re-runs Decide so the Fenced event follows within a
+// tick, but CanRelease turns false at the instant the lease ends.
+//
+// Only a leader initiates a leadership transfer (which bypasses the vote
+// check), and Switchover fences before it transfers.
+//
+// # Membership and the data directory
+//
+// The data directory holds LOCK (flock: the same node cannot run twice),
+// cluster-id and node-id (a directory of another cluster or node is refused,
+// nothing overwritten), raft.db and snapshots/. On first start every node
+// bootstraps the same three-voter configuration from Config.Peers; on later
+// starts the stored configuration must equal Peers. Each node puts its own
+// NodeInfo into the FSM: directly when leader, otherwise by a small
+// registration RPC to the leader on the raft port (first byte 0xA7; raft's
+// own RPCs start with 0..4).
+//
+// # Concurrency
+//
+// A Node owns these goroutines, all stopped by Close: the decision loop
+// (ticker + wake-ups), the lease verifier, the TCP accept loop, and
+// short-lived workers for raft applies, transfers and registrations, each
+// bounded by a timeout. Lock order: Node.mu, then muxStream.connsMu. The
+// FSM never takes Node.mu.
+package failover
