@@ -7,14 +7,14 @@ import (
 	"github.com/tandemvm/tandem/guest"
 )
 
-// Geometry. A chunk holds chunkWords words (64 KiB, 2 GiB of guest memory)
+// Geometry. A chunk holds chunkWords words (8 KiB, 256 MiB of guest memory)
 // and is allocated the first time one of its pages is dirtied, so a huge,
 // mostly clean guest costs a pointer per chunk. Each chunk carries a summary
 // with one bit per word; the Bitmap carries a top level with one bit per
 // chunk. Walks descend top -> summary -> word and so cost time in proportion
 // to the dirty words.
 const (
-	chunkShift   = 13
+	chunkShift   = 10
 	chunkWords   = 1 << chunkShift
 	chunkPages   = chunkWords * 64
 	summaryWords = chunkWords / 64
@@ -22,10 +22,11 @@ const (
 	allOnes      = ^uint64(0)
 )
 
-// MaxPages is the largest Len a Bitmap can have: 2^40 pages of 4 KiB is
-// 4 PiB, the whole 52-bit physical address space of x86-64. NewBitmap clamps
-// larger sizes to it, which keeps the chunk table at most 16 MiB.
-const MaxPages = uint64(1) << 40
+// MaxPages is the largest Len a Bitmap can have: 2^36 pages of 4 KiB is a
+// 256 TiB guest, well beyond what any hypervisor runs today. NewBitmap clamps
+// larger sizes to it, which keeps the chunk table (allocated up front) at
+// most 8 MiB; a 64 TiB guest's costs 2 MiB.
+const MaxPages = uint64(1) << 36
 
 type chunk struct {
 	words [chunkWords]uint64
@@ -69,7 +70,7 @@ var _ guest.DirtyLog = (*Bitmap)(nil)
 
 // NewBitmap returns an all-clean bitmap for pages pages (clamped to
 // MaxPages). Only the chunk table and top level are allocated up front
-// (about 8 bytes per 2 GiB of guest); chunks are allocated on first dirty.
+// (8 bytes per 256 MiB of guest); chunks are allocated on first dirty.
 func NewBitmap(pages uint64) *Bitmap {
 	if pages > MaxPages {
 		pages = MaxPages
@@ -558,18 +559,12 @@ func (b *Bitmap) OrCount(src *Bitmap) uint64 {
 }
 
 // orChunk ORs the first nw words of src chunk sc into chunk ci of b.
-// Consecutive fully marked summary words form a dense run handed to
-// orCountWords; other marked words are ORed one by one.
+// Consecutive dense summary words form a run handed to orCountWords in one
+// call; words of sparse summary words are ORed one by one.
 func (b *Bitmap) orChunk(ci uint64, sc *chunk, nw uint64) uint64 {
 	var dc *chunk
 	var n uint64
 	runStart := -1 // first word of the pending dense run
-	flush := func(end int) {
-		if runStart >= 0 {
-			n += orCountWords(dc.words[runStart:end], sc.words[runStart:end])
-			runStart = -1
-		}
-	}
 	nj := int((nw + 63) / 64)
 	for j := 0; j < nj; j++ {
 		s := sc.summary[j]
@@ -577,22 +572,26 @@ func (b *Bitmap) orChunk(ci uint64, sc *chunk, nw uint64) uint64 {
 		if last := nw - uint64(lo); last < 64 {
 			s &= uint64(1)<<last - 1
 		}
+		dense := bits.OnesCount64(s) >= 48
+		if runStart >= 0 && !dense {
+			n += orCountWords(dc.words[runStart:lo], sc.words[runStart:lo])
+			runStart = -1
+		}
 		if s == 0 {
-			flush(lo)
 			continue
 		}
 		if dc == nil {
 			dc = b.chunkFor(ci)
 		}
-		if bits.OnesCount64(s) >= 48 {
-			// Dense: OR the whole block, stale summary bits and all.
+		if dense {
+			// OR the whole block, zero words and all: cheaper than
+			// picking out the few clean ones.
 			if runStart < 0 {
 				runStart = lo
 			}
 			dc.summary[j] |= s
 			continue
 		}
-		flush(lo)
 		for ; s != 0; s &= s - 1 {
 			k := lo + bits.TrailingZeros64(s)
 			w := sc.words[k]
@@ -605,7 +604,9 @@ func (b *Bitmap) orChunk(ci uint64, sc *chunk, nw uint64) uint64 {
 			dc.summary[j] |= s & -s
 		}
 	}
-	flush(int(min(nw, uint64(nj*64))))
+	if runStart >= 0 {
+		n += orCountWords(dc.words[runStart:nw], sc.words[runStart:nw])
+	}
 	if dc != nil {
 		b.top[ci>>6] |= uint64(1) << (ci & 63)
 	}

@@ -2,4 +2,27 @@
 
 package precopy
 
-func orCountWords(dst, src []uint64) uint64 { return orCountWordsGeneric(dst, src) }
+import "golang.org/x/sys/cpu"
+
+// useAVX512 selects the AVX-512 kernel: plain Go (math/bits.OnesCount64,
+// unrolled) reaches about a sixth of copy's bytes/s on this project's
+// machines, the VPOPCNTQ kernel about two thirds (see bitmap_bench_test.go).
+// HasAVX512 already includes the check that the OS saves the ZMM state.
+var useAVX512 = cpu.X86.HasAVX512 && cpu.X86.HasAVX512VPOPCNTDQ
+
+// orCountAVX512 is in bitmap_amd64.s: for i < n, it adds
+// popcount(src[i] &^ dst[i]) to the result and sets dst[i] |= src[i].
+// Precondition: n >= 0 and both arrays hold n words.
+//
+//go:noescape
+func orCountAVX512(dst, src *uint64, n int) uint64
+
+// orCountWords is the kernel behind OrCount's dense runs: dst |= src,
+// returning the number of bits set in src and not in dst.
+func orCountWords(dst, src []uint64) uint64 {
+	if useAVX512 && len(src) >= 8 {
+		dst = dst[:len(src)]
+		return orCountAVX512(&dst[0], &src[0], len(src))
+	}
+	return orCountWordsGeneric(dst, src)
+}

@@ -1,0 +1,98 @@
+//go:build amd64 && !purego
+
+#include "textflag.h"
+
+// func orCountAVX512(dst, src *uint64, n int) uint64
+//
+// 32 words (four ZMM registers) per iteration, then 8, then one at a time.
+// Per vector: t = src ANDN dst, count += VPOPCNTQ(t), dst = dst OR src.
+// Two accumulators keep the adds off one dependency chain.
+TEXT ·orCountAVX512(SB), NOSPLIT, $0-32
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	XORQ AX, AX
+	VPXORQ Z0, Z0, Z0
+	VPXORQ Z13, Z13, Z13
+
+loop32:
+	CMPQ CX, $32
+	JB   loop8
+	VMOVDQU64 (SI), Z1
+	VMOVDQU64 64(SI), Z2
+	VMOVDQU64 128(SI), Z3
+	VMOVDQU64 192(SI), Z4
+	VMOVDQU64 (DI), Z5
+	VMOVDQU64 64(DI), Z6
+	VMOVDQU64 128(DI), Z7
+	VMOVDQU64 192(DI), Z8
+	VPANDNQ Z1, Z5, Z9
+	VPANDNQ Z2, Z6, Z10
+	VPANDNQ Z3, Z7, Z11
+	VPANDNQ Z4, Z8, Z12
+	VPOPCNTQ Z9, Z9
+	VPOPCNTQ Z10, Z10
+	VPOPCNTQ Z11, Z11
+	VPOPCNTQ Z12, Z12
+	VPADDQ Z9, Z0, Z0
+	VPADDQ Z10, Z13, Z13
+	VPADDQ Z11, Z0, Z0
+	VPADDQ Z12, Z13, Z13
+	VPORQ Z1, Z5, Z5
+	VPORQ Z2, Z6, Z6
+	VPORQ Z3, Z7, Z7
+	VPORQ Z4, Z8, Z8
+	VMOVDQU64 Z5, (DI)
+	VMOVDQU64 Z6, 64(DI)
+	VMOVDQU64 Z7, 128(DI)
+	VMOVDQU64 Z8, 192(DI)
+	ADDQ $256, SI
+	ADDQ $256, DI
+	SUBQ $32, CX
+	JMP  loop32
+
+loop8:
+	CMPQ CX, $8
+	JB   tail
+	VMOVDQU64 (SI), Z1
+	VMOVDQU64 (DI), Z5
+	VPANDNQ Z1, Z5, Z9
+	VPOPCNTQ Z9, Z9
+	VPADDQ Z9, Z0, Z0
+	VPORQ Z1, Z5, Z5
+	VMOVDQU64 Z5, (DI)
+	ADDQ $64, SI
+	ADDQ $64, DI
+	SUBQ $8, CX
+	JMP  loop8
+
+tail:
+	TESTQ CX, CX
+	JZ    done
+	MOVQ (SI), R8
+	MOVQ (DI), R9
+	MOVQ R9, R10
+	NOTQ R10
+	ANDQ R8, R10
+	POPCNTQ R10, R10
+	ADDQ R10, AX
+	ORQ  R8, R9
+	MOVQ R9, (DI)
+	ADDQ $8, SI
+	ADDQ $8, DI
+	DECQ CX
+	JMP  tail
+
+done:
+	VPADDQ Z13, Z0, Z0
+	VEXTRACTI64X4 $1, Z0, Y1
+	VPADDQ Y1, Y0, Y0
+	VEXTRACTI128 $1, Y0, X1
+	VPADDQ X1, X0, X0
+	VPSHUFD $0x4e, X0, X1
+	VPADDQ X1, X0, X0
+	VMOVQ X0, BX
+	ADDQ BX, AX
+	VZEROUPPER
+	MOVQ AX, ret+24(FP)
+	RET
