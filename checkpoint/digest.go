@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"hash"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/tandemvm/tandem/guest"
 )
 
@@ -12,15 +13,20 @@ import (
 // stream order, so EPOCH-END proves the receiver holds exactly what the
 // writer meant, whatever the encoding. Records:
 //
-//	'Z' index            an all-zero page (canonical: any page whose bytes are all zero)
-//	'P' index data       any other page
-//	'D' StateDigest      a DEVICE section
-//	'W' offset len data  a disk write
-//	'E' epoch            closes the epoch
+//	'Z' index                 an all-zero page (canonical: any page whose bytes are all zero)
+//	'P' index xxh64(data)     any other page
+//	'D' StateDigest           a DEVICE section
+//	'W' offset len xxh64(data) a disk write
+//	'E' epoch                 closes the epoch
 //
-// All integers are uint64 little endian. Zero-page records are batched in a
-// small buffer so that a zero page costs nine bytes of hashing, not a
-// 4 KiB one.
+// All integers are uint64 little endian. Page and disk data enter through
+// their XXH64 (about 10x SHA-256's speed here; SHA-256 over every byte
+// capped the encoder at 750 MB/s), so the digest proves equality up to a
+// 2^-64 chance per page of an accidental collision: it guards against
+// bugs and corruption, not against a malicious writer (the writer is the
+// trusted primary; the CRC32C and validation guard the transport).
+// Records are batched in a small buffer so each costs one hash call per
+// 4 KiB of records.
 type epochDigest struct {
 	h   hash.Hash
 	buf []byte
@@ -38,7 +44,7 @@ func (d *epochDigest) flush() {
 }
 
 func (d *epochDigest) record(tag byte, v uint64) {
-	if len(d.buf)+9 > cap(d.buf) {
+	if len(d.buf)+32 > cap(d.buf) {
 		d.flush()
 	}
 	d.buf = append(d.buf, tag)
@@ -49,8 +55,7 @@ func (d *epochDigest) zero(index uint64) { d.record('Z', index) }
 
 func (d *epochDigest) page(index uint64, data []byte) {
 	d.record('P', index)
-	d.flush()
-	d.h.Write(data)
+	d.buf = binary.LittleEndian.AppendUint64(d.buf, xxhash.Sum64(data))
 }
 
 func (d *epochDigest) devices(ms guest.MachineState) {
@@ -63,8 +68,7 @@ func (d *epochDigest) devices(ms guest.MachineState) {
 func (d *epochDigest) disk(w guest.DiskWrite) {
 	d.record('W', w.Offset)
 	d.buf = binary.LittleEndian.AppendUint64(d.buf, uint64(len(w.Data)))
-	d.flush()
-	d.h.Write(w.Data)
+	d.buf = binary.LittleEndian.AppendUint64(d.buf, xxhash.Sum64(w.Data))
 }
 
 // sum closes the epoch and resets the digest for the next one.

@@ -70,8 +70,8 @@
 // EPOCH-END payload: epoch, sections, pages, zero_pages, delta_pages,
 // device_sections, disk_writes, disk_bytes (uint64 each) and a SHA-256
 // over the epoch's content in stream order (see epochDigest: 'Z'+index for
-// a zero page, 'P'+index+data for any other, 'D'+guest.StateDigest, 'W'+
-// offset+len+data, 'E'+epoch). The reader compares every field with what
+// a zero page, 'P'+index+XXH64(data) for any other, 'D'+guest.StateDigest,
+// 'W'+offset+len+XXH64(data), 'E'+epoch). The reader compares every field with what
 // it applied and calls Target.EndEpoch only if all agree. Epoch numbers
 // increase through a stream.
 //
