@@ -112,6 +112,11 @@ func (p Policy) withDefaults() Policy {
 	return p
 }
 
+// Validate reports whether p, with its zero fields defaulted, can be
+// followed; the error wraps ErrBadPolicy. Command-line parsing calls it to
+// reject flags before a migration starts.
+func (p Policy) Validate() error { return p.withDefaults().validate() }
+
 // validate checks a policy whose defaults are already filled in.
 func (p Policy) validate() error {
 	switch {
@@ -444,6 +449,16 @@ func (c *Controller) predictLocked(remaining uint64) (time.Duration, bool) {
 	}
 	send := secondsToDuration(float64(remaining) * guest.PageSize / rate)
 	return satAdd(send, c.stateSave), true
+}
+
+// Predict is the expected stop-and-copy time for remaining dirty pages at
+// the current estimates, and false when there is no bandwidth figure yet.
+// The engine uses it after the final sync of an attempt to log what it
+// expects against what it then measures.
+func (c *Controller) Predict(remainingPages uint64) (time.Duration, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.predictLocked(remainingPages)
 }
 
 // convergeLocked applies auto-converge to a round that did not fit and

@@ -43,6 +43,9 @@ func TestPolicyDefaults(t *testing.T) {
 	if p != want {
 		t.Fatalf("DefaultPolicy = %+v\nwant %+v", p, want)
 	}
+	if err := p.Validate(); err != nil {
+		t.Fatalf("defaults invalid: %v", err)
+	}
 	c := mustController(t, Policy{})
 	if got := c.Policy(); got.DowntimeLimit != 300*time.Millisecond || got.AutoConverge || got.MaxBandwidth != 0 {
 		t.Fatalf("zero policy filled as %+v", got)
@@ -67,6 +70,9 @@ func TestPolicyValidate(t *testing.T) {
 		{"rounds negative", Policy{ThrottleRounds: -1}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			if err := tt.p.Validate(); !errors.Is(err, ErrBadPolicy) {
+				t.Fatalf("Validate(%+v) = %v", tt.p, err)
+			}
 			_, err := NewController(tt.p, t0)
 			if !errors.Is(err, ErrBadPolicy) {
 				t.Fatalf("NewController(%+v) = %v, want ErrBadPolicy", tt.p, err)
@@ -565,6 +571,15 @@ func TestStatsAccessors(t *testing.T) {
 	}
 	if s := c.Stats(); s.Rounds != 1 || s.RemainingPages != 25600 {
 		t.Fatalf("stats %+v", s)
+	}
+	if d, ok := c.Predict(0); !ok || d != 10*time.Millisecond {
+		t.Fatalf("Predict(0) = %v %v", d, ok)
+	}
+	if d, ok := c.Predict(256); !ok || d != 20*time.Millisecond {
+		t.Fatalf("Predict(256) = %v %v", d, ok)
+	}
+	if _, ok := mustController(t, Policy{}).Predict(1); ok {
+		t.Fatal("prediction without a bandwidth figure")
 	}
 	for _, a := range []Action{Continue, TryComplete, Fail, Action(7)} {
 		if a.String() == "" {

@@ -106,11 +106,15 @@ func (p *Proxy) SetShape(s Shape) {
 		s.Latency = 0
 	}
 	rate := s.Bandwidth / 8
+	// 100 ms of burst: a test machine's scheduler can oversleep by tens
+	// of milliseconds, and tokens lost to a full bucket are throughput
+	// lost for good.
+	burst := max(rate/10, 2*maxChunk)
 	p.mu.Lock()
 	p.shape = s
 	p.mu.Unlock()
-	p.up.SetRate(rate, 0)
-	p.down.SetRate(rate, 0)
+	p.up.SetRate(rate, burst)
+	p.down.SetRate(rate, burst)
 }
 
 // Partition turns a partition on or off. While on, nothing is delivered in

@@ -430,3 +430,27 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestSetShapeAtRuntime starts a transfer on a slow link and lifts the
+// limit mid-way: the rest must go through at full speed.
+func TestSetShapeAtRuntime(t *testing.T) {
+	const size = 2 << 20
+	srv := startServer(t, sink)
+	p := startProxy(t, srv.ln.Addr().String(), Shape{Bandwidth: 1_000_000}) // 2 MiB would take 17 s
+	c := dial(t, p.Addr())
+	done := make(chan error, 1)
+	go func() {
+		_ = c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		_, err := c.Write(make([]byte, size))
+		done <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if got := srv.got.Load(); got > size/4 {
+		t.Fatalf("%d bytes through a 1 Mbit/s link in 300ms", got)
+	}
+	p.SetShape(Shape{})
+	waitFor(t, "the rest at full speed", func() bool { return srv.got.Load() == size })
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
