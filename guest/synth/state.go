@@ -1,0 +1,229 @@
+package synth
+
+import (
+	"fmt"
+
+	"github.com/hashicorp/go-msgpack/v2/codec"
+
+	"github.com/tandemvm/tandem/guest"
+)
+
+// Device names in the saved state, in the order SaveState writes them
+// (kept stable: guest.StateDigest hashes in this order).
+const (
+	devMachine = "synth-machine"
+	devVCPU    = "synth-vcpu"
+	devConsole = "synth-console"
+	devDisk    = "synth-disk"
+)
+
+// machineState, version 1, says what the state was saved from; LoadState
+// refuses state from a differently shaped guest.
+type machineState struct {
+	Workload string
+	VCPUs    uint32
+	Memory   uint64
+	Touch    uint64
+	Pattern  string
+	Booted   bool
+}
+
+const machineStateVersion = 1
+
+// diskState, version 1, is the disk's queue: writes submitted but not yet
+// completed at the pause. A restored guest reissues them.
+type diskState struct {
+	Pending []pendingWrite
+}
+
+type pendingWrite struct {
+	Offset uint64
+	Data   []byte
+}
+
+const diskStateVersion = 1
+
+// StateVersions lists every device this backend saves with its current
+// schema version (for `tandem schema dump`).
+func StateVersions() map[string]uint32 {
+	return map[string]uint32{
+		devMachine: machineStateVersion,
+		devVCPU:    vcpuStateVersion,
+		devConsole: consoleStateVersion,
+		devDisk:    diskStateVersion,
+	}
+}
+
+var msgpackHandle = &codec.MsgpackHandle{}
+
+func encode(v any) ([]byte, error) {
+	var b []byte
+	if err := codec.NewEncoderBytes(&b, msgpackHandle).Encode(v); err != nil {
+		return nil, fmt.Errorf("synth: encode state: %w", err)
+	}
+	return b, nil
+}
+
+func decode(name string, b []byte, v any) error {
+	if err := codec.NewDecoderBytes(b, msgpackHandle).Decode(v); err != nil {
+		return fmt.Errorf("%w: %s: %v", guest.ErrState, name, err)
+	}
+	return nil
+}
+
+func (g *Guest) machineState() machineState {
+	return machineState{
+		Workload: g.cfg.Workload.Kind,
+		VCPUs:    uint32(len(g.vcpus)),
+		Memory:   g.cfg.Memory,
+		Touch:    g.cfg.Workload.Touch,
+		Pattern:  g.cfg.Workload.Pattern,
+	}
+}
+
+// SaveState captures the vCPUs' workload positions, the console input
+// queue and the disk queue. Precondition: paused.
+func (g *Guest) SaveState() (guest.MachineState, error) {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return guest.MachineState{}, guest.ErrClosed
+	}
+	if !g.paused {
+		return guest.MachineState{}, fmt.Errorf("synth: save state: %w", guest.ErrNotPaused)
+	}
+	ms := guest.MachineState{Kind: Kind}
+	add := func(name string, inst, version uint32, v any) error {
+		b, err := encode(v)
+		if err != nil {
+			return err
+		}
+		ms.Devices = append(ms.Devices, guest.DeviceState{Name: name, Instance: inst, Version: version, Fields: b})
+		return nil
+	}
+	m := g.machineState()
+	m.Booted = g.booted
+	if err := add(devMachine, 0, machineStateVersion, m); err != nil {
+		return guest.MachineState{}, err
+	}
+	for i, v := range g.vcpus {
+		if err := add(devVCPU, uint32(i), vcpuStateVersion, v.st); err != nil {
+			return guest.MachineState{}, err
+		}
+	}
+	if err := add(devConsole, 0, consoleStateVersion, g.console.save()); err != nil {
+		return guest.MachineState{}, err
+	}
+	if g.disk != nil {
+		var ds diskState
+		// Writes loaded but not yet reissued are still pending.
+		for _, w := range g.diskResubmit {
+			ds.Pending = append(ds.Pending, pendingWrite{w.Offset, w.Data})
+		}
+		for _, w := range g.disk.Pending() {
+			ds.Pending = append(ds.Pending, pendingWrite{w.Offset, w.Data})
+		}
+		if err := add(devDisk, 0, diskStateVersion, ds); err != nil {
+			return guest.MachineState{}, err
+		}
+	}
+	return ms, nil
+}
+
+// LoadState replaces the vCPU, console and disk-queue state. Everything is
+// decoded and checked before anything changes, so on error (wrapping
+// guest.ErrState) the guest is as it was. Precondition: paused.
+func (g *Guest) LoadState(s guest.MachineState) error {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return guest.ErrClosed
+	}
+	if !g.paused {
+		return fmt.Errorf("synth: load state: %w", guest.ErrNotPaused)
+	}
+	if s.Kind != Kind {
+		return fmt.Errorf("%w: state of kind %q, this guest is %q", guest.ErrState, s.Kind, Kind)
+	}
+	var (
+		mach     machineState
+		haveMach bool
+		vcpus    = make([]vcpuState, len(g.vcpus))
+		seen     = make([]bool, len(g.vcpus))
+		cons     consoleState
+		haveCons bool
+		disk     diskState
+	)
+	for _, d := range s.Devices {
+		want, known := StateVersions()[d.Name]
+		if !known {
+			return fmt.Errorf("%w: unknown device %q", guest.ErrState, d.Name)
+		}
+		if d.Version != want {
+			return fmt.Errorf("%w: device %s version %d, this build reads version %d", guest.ErrState, d.Name, d.Version, want)
+		}
+		switch d.Name {
+		case devMachine:
+			if haveMach {
+				return fmt.Errorf("%w: device %s saved twice", guest.ErrState, d.Name)
+			}
+			if err := decode(d.Name, d.Fields, &mach); err != nil {
+				return err
+			}
+			haveMach = true
+		case devVCPU:
+			if int(d.Instance) >= len(vcpus) || seen[d.Instance] {
+				return fmt.Errorf("%w: vcpu %d: this guest has %d vCPUs", guest.ErrState, d.Instance, len(vcpus))
+			}
+			if err := decode(d.Name, d.Fields, &vcpus[d.Instance]); err != nil {
+				return err
+			}
+			seen[d.Instance] = true
+		case devConsole:
+			if err := decode(d.Name, d.Fields, &cons); err != nil {
+				return err
+			}
+			if len(cons.Input) > InputBufferSize {
+				return fmt.Errorf("%w: console input of %d bytes exceeds %d", guest.ErrState, len(cons.Input), InputBufferSize)
+			}
+			haveCons = true
+		case devDisk:
+			if g.disk == nil {
+				return fmt.Errorf("%w: state has a disk queue, this guest has no --disk", guest.ErrState)
+			}
+			if err := decode(d.Name, d.Fields, &disk); err != nil {
+				return err
+			}
+		}
+	}
+	if !haveMach || !haveCons {
+		return fmt.Errorf("%w: state lacks the %s or %s device", guest.ErrState, devMachine, devConsole)
+	}
+	if want := g.machineState(); mach.Workload != want.Workload || mach.VCPUs != want.VCPUs ||
+		mach.Memory != want.Memory || mach.Touch != want.Touch || mach.Pattern != want.Pattern {
+		return fmt.Errorf("%w: state saved from a %s guest with %d vCPUs, %s memory, touch %s, pattern %q; this one is %s, %d, %s, %s, %q",
+			guest.ErrState, mach.Workload, mach.VCPUs, guest.FormatSize(mach.Memory), guest.FormatSize(mach.Touch), mach.Pattern,
+			want.Workload, want.VCPUs, guest.FormatSize(want.Memory), guest.FormatSize(want.Touch), want.Pattern)
+	}
+	for i, ok := range seen {
+		if !ok {
+			return fmt.Errorf("%w: state lacks vcpu %d", guest.ErrState, i)
+		}
+		st := vcpus[i]
+		if st.Phase > phaseDirty || st.TouchNext > g.vcpus[i].n {
+			return fmt.Errorf("%w: vcpu %d: phase %d at page %d of %d", guest.ErrState, i, st.Phase, st.TouchNext, g.vcpus[i].n)
+		}
+	}
+
+	// Commit: nothing below fails.
+	for i, v := range g.vcpus {
+		v.st = vcpus[i]
+	}
+	g.console.load(cons)
+	g.diskResubmit = g.diskResubmit[:0]
+	for _, w := range disk.Pending {
+		g.diskResubmit = append(g.diskResubmit, guest.DiskWrite{Offset: w.Offset, Data: w.Data})
+	}
+	g.booted = mach.Booted
+	return nil
+}
