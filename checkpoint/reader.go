@@ -380,10 +380,9 @@ func (r *Reader) ram(t Target, s *Section) error {
 		for k := uint64(0); k < e.count; k++ {
 			idx := e.index + k
 			data := e.data
-			if e.enc == encZero || data == nil || isZeroPage(data) {
+			if e.enc == encZero || isZeroPage(data) {
 				data = zeroPage[:]
 				r.digest.zero(idx)
-				r.cur.ZeroPages++
 			} else {
 				r.digest.page(idx, data)
 			}
@@ -394,6 +393,9 @@ func (r *Reader) ram(t Target, s *Section) error {
 			}
 		}
 		r.cur.Pages += e.count
+		if e.enc == encZero {
+			r.cur.ZeroPages += e.count
+		}
 		if e.enc == encXOR {
 			r.cur.DeltaPages++
 		}
@@ -510,11 +512,13 @@ func (r *Reader) epochEnd(t Target, s *Section) error {
 	got.Epoch = e.Epoch
 	got.Digest = r.digest.sum(e.Epoch)
 	r.cur = EpochEnd{}
-	got.Digest, e.Digest = e.Digest, got.Digest // compare counts first
-	if got != e {
-		return fmt.Errorf("%w: epoch %d summary %+v disagrees with its content %+v", ErrCorrupt, e.Epoch, e, got)
+	counts, claimed := got, e
+	counts.Digest, claimed.Digest = [32]byte{}, [32]byte{}
+	if counts != claimed {
+		return fmt.Errorf("%w: epoch %d summary (sections %d, pages %d, zero %d, xor %d, device sections %d, disk writes %d, disk bytes %d) disagrees with its content (%d, %d, %d, %d, %d, %d, %d)",
+			ErrCorrupt, e.Epoch, e.Sections, e.Pages, e.ZeroPages, e.DeltaPages, e.DeviceSections, e.DiskWrites, e.DiskBytes,
+			got.Sections, got.Pages, got.ZeroPages, got.DeltaPages, got.DeviceSections, got.DiskWrites, got.DiskBytes)
 	}
-	got.Digest, e.Digest = e.Digest, got.Digest
 	// Without a target the XOR bases were unknown, so the digest cannot
 	// be checked.
 	if t != nil && got.Digest != e.Digest {
