@@ -127,6 +127,9 @@ func (b *Bitmap) markTop(ci uint64) {
 // became non-zero meanwhile. It reports whether the summary word may now be
 // zero, in which case the caller should tidyTop the chunk.
 func (b *Bitmap) tidyBlock(ci uint64, c *chunk, j uint64, z uint64) bool {
+	if hookBeforeTidy != nil {
+		hookBeforeTidy("block")
+	}
 	sw := &c.summary[j]
 	old := atomic.AndUint64(sw, ^z)
 	var back uint64
@@ -144,9 +147,18 @@ func (b *Bitmap) tidyBlock(ci uint64, c *chunk, j uint64, z uint64) bool {
 	return old&^z == 0
 }
 
+// hookBeforeTidy, when set by a test, runs between a clearer zeroing a word
+// and tidying its summary bit ("block"), and between a summary word going
+// zero and tidying the chunk's top bit ("top"): the windows a racing Set
+// must survive.
+var hookBeforeTidy func(level string)
+
 // tidyTop clears chunk ci's top bit if its whole summary is zero, by the
 // same clear-then-recheck rule as tidyBlock.
 func (b *Bitmap) tidyTop(ci uint64, c *chunk) {
+	if hookBeforeTidy != nil {
+		hookBeforeTidy("top")
+	}
 	tw, tbit := &b.top[ci>>6], uint64(1)<<(ci&63)
 	if atomic.AndUint64(tw, ^tbit)&tbit == 0 {
 		return

@@ -546,6 +546,9 @@ func TestConcurrentTake(t *testing.T) {
 				if i%2 == 0 {
 					p = rng.Uint64N(300) // contended
 				}
+				if i%4 == 1 {
+					p = chunkPages - 64 + rng.Uint64N(128) // contended, across a chunk edge
+				}
 				if b.Set(p) {
 					setCount[p].Add(1)
 				}
@@ -587,6 +590,9 @@ func TestConcurrentTake(t *testing.T) {
 	setters.Wait()
 	close(done)
 	takers.Wait()
+	// A lost summary or top bit would hide a dirty word from every walk,
+	// so look at the raw words before draining.
+	checkInvariants(t, b)
 	take(make([]uint64, 64))
 	if c := b.Count(); c != 0 {
 		t.Fatalf("%d pages left after the final drain", c)
@@ -628,5 +634,78 @@ func TestKernels(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestHugeSparse uses two bitmaps of MaxPages (a 256 TiB guest): setting,
+// syncing and draining a handful of pages must touch only their chunks.
+func TestHugeSparse(t *testing.T) {
+	log, round := NewBitmap(MaxPages), NewBitmap(MaxPages)
+	pages := []uint64{0, 1<<32 + 5, 1 << 35, MaxPages - 1}
+	for _, p := range pages {
+		log.Set(p)
+	}
+	if n := round.OrCount(log); n != uint64(len(pages)) {
+		t.Fatalf("OrCount = %d, want %d", n, len(pages))
+	}
+	allocated := 0
+	for i := range round.chunks {
+		if round.chunks[i].Load() != nil {
+			allocated++
+		}
+	}
+	if allocated != len(pages) {
+		t.Fatalf("%d chunks allocated for %d pages", allocated, len(pages))
+	}
+	buf := make([]uint64, 3)
+	n, next := round.TakeBatch(buf, 0)
+	if n != 3 || !slices.Equal(buf, pages[:3]) || next != pages[2]+1 {
+		t.Fatalf("TakeBatch = %d %v next %d", n, buf, next)
+	}
+	if n, next = round.TakeBatch(buf, next); n != 1 || buf[0] != MaxPages-1 || next != MaxPages {
+		t.Fatalf("second TakeBatch = %d %v next %d", n, buf[:n], next)
+	}
+	checkSame(t, round, ref{})
+	checkTidy(t, round)
+	log.Clear()
+	checkTidy(t, log)
+}
+
+// TestSetDuringTidy makes a Set land in the windows between a clearer
+// zeroing a word and clearing that word's summary bit, and between a
+// summary word going zero and clearing the chunk's top bit. The Set sees
+// the bit still set and does not set it again, so only the clearer's
+// re-check keeps the page visible.
+func TestSetDuringTidy(t *testing.T) {
+	for _, level := range []string{"block", "top"} {
+		for _, clear := range []string{"TestAndClear", "TakeBatch", "ClearRange"} {
+			t.Run(level+"/"+clear, func(t *testing.T) {
+				b := NewBitmap(10000)
+				b.Set(130)
+				racer := uint64(131) // same word
+				if level == "top" {
+					racer = 5000 // same chunk, another summary word
+				}
+				hookBeforeTidy = func(l string) {
+					if l == level {
+						hookBeforeTidy = nil
+						b.Set(racer)
+					}
+				}
+				defer func() { hookBeforeTidy = nil }()
+				switch clear {
+				case "TestAndClear":
+					b.TestAndClear(130)
+				case "TakeBatch":
+					b.TakeBatch(make([]uint64, 1), 0)
+				default:
+					b.ClearRange(130, 1)
+				}
+				if hookBeforeTidy != nil {
+					t.Fatal("the clear did not tidy")
+				}
+				checkSame(t, b, ref{racer: true})
+			})
+		}
 	}
 }
