@@ -1,0 +1,92 @@
+package kvm
+
+import (
+	"fmt"
+	"runtime"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/tandemvm/tandem/guest"
+)
+
+// SyncDirty implements guest.Guest. Per slot it reads KVM's log (with
+// manual protect: GET_DIRTY_LOG copies, then CLEAR_DIRTY_LOG re-protects
+// just the pages found, so a write after the GET either is in this copy or
+// faults again for the next sync), ORs in the pages Tandem itself wrote,
+// and hands the words to dst.
+func (g *Guest) SyncDirty(dst guest.DirtyLog) (uint64, error) {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return 0, guest.ErrClosed
+	}
+	var total uint64
+	for _, s := range g.slots {
+		if err := g.readSlotLog(s); err != nil {
+			return total, err
+		}
+		first := s.gpa >> guest.PageShift
+		// Tandem's own writes (boot, MarkDirty), taken atomically.
+		vm := g.vmmDirty[first/64 : first/64+uint64(len(s.scratch))]
+		for i := range vm {
+			if atomic.LoadUint64(&vm[i]) != 0 {
+				s.scratch[i] |= atomic.SwapUint64(&vm[i], 0)
+			}
+		}
+		total += dst.OrWords(first, s.scratch)
+	}
+	return total, nil
+}
+
+func (g *Guest) readSlotLog(s *memSlot) error {
+	clear(s.scratch)
+	dl := dirtyLog{Slot: s.id, Bitmap: uintptr(unsafe.Pointer(&s.scratch[0]))}
+	_, err := ioctlPtr(g.vmFd, kvmGetDirtyLog, &dl)
+	runtime.KeepAlive(s.scratch)
+	if err != nil {
+		return fmt.Errorf("kvm: KVM_GET_DIRTY_LOG slot %d: %w", s.id, err)
+	}
+	if g.opts.DirtyMethod != DirtyManualClear {
+		return nil
+	}
+	// Clear only the 64-page runs that hold dirty pages: the kernel
+	// walks every word it is given.
+	pages := uint64(len(s.mem)) >> guest.PageShift
+	for i := 0; i < len(s.scratch); {
+		if s.scratch[i] == 0 {
+			i++
+			continue
+		}
+		j := i
+		for j < len(s.scratch) && s.scratch[j] != 0 {
+			j++
+		}
+		n := uint64(j-i) * 64
+		if uint64(i)*64+n > pages {
+			n = pages - uint64(i)*64
+		}
+		c := clearDirtyLog{Slot: s.id, NumPages: uint32(n), FirstPage: uint64(i) * 64,
+			Bitmap: uintptr(unsafe.Pointer(&s.scratch[i]))}
+		_, err := ioctlPtr(g.vmFd, kvmClearDirtyLog, &c)
+		runtime.KeepAlive(s.scratch)
+		if err != nil {
+			return fmt.Errorf("kvm: KVM_CLEAR_DIRTY_LOG slot %d pages %d+%d: %w", s.id, c.FirstPage, n, err)
+		}
+		i = j
+	}
+	return nil
+}
+
+// MarkDirty implements guest.Guest. Pages outside RAM are ignored.
+func (g *Guest) MarkDirty(first, n uint64) {
+	limit := uint64(len(g.vmmDirty)) * 64
+	for p := first; p < first+n && p < limit; {
+		if p%64 == 0 && first+n-p >= 64 {
+			atomic.StoreUint64(&g.vmmDirty[p/64], ^uint64(0))
+			p += 64
+			continue
+		}
+		atomic.OrUint64(&g.vmmDirty[p/64], 1<<(p%64))
+		p++
+	}
+}

@@ -1,0 +1,556 @@
+package kvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/block"
+)
+
+// Kind is what Guest.Kind returns.
+const Kind = "kvm"
+
+// closeTimeout bounds how long Close waits for vCPU threads.
+const closeTimeout = 5 * time.Second
+
+// ErrUnavailable is returned when /dev/kvm cannot be used.
+var ErrUnavailable = errors.New("kvm: /dev/kvm not usable")
+
+// DirtyMethod selects how SyncDirty reads KVM's dirty log.
+type DirtyMethod int
+
+const (
+	// DirtyManualClear uses KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET_DIRTY_LOG
+	// only copies, and CLEAR_DIRTY_LOG re-protects just the pages found
+	// dirty. The default (see doc.go for the measurement).
+	DirtyManualClear DirtyMethod = iota
+	// DirtyGetLog uses plain KVM_GET_DIRTY_LOG, which copies, clears and
+	// write-protects the whole slot in one call.
+	DirtyGetLog
+)
+
+func (m DirtyMethod) String() string {
+	if m == DirtyGetLog {
+		return "get-dirty-log"
+	}
+	return "manual-protect+clear"
+}
+
+// Options are the less common knobs of NewWithOptions.
+type Options struct {
+	// NoBoot creates the VM and its vCPUs but leaves memory zero and the
+	// vCPUs in their reset state: the caller writes memory into Regions()
+	// and calls LoadState before Resume (restore from a received image).
+	NoBoot bool
+	// DirtyMethod chooses the dirty-log method.
+	DirtyMethod DirtyMethod
+	// Disk, if set, is used instead of opening cfg.Disk (tests inject a
+	// disk with a stalled flush). The guest closes it.
+	Disk *block.Disk
+	// faultTest makes the micro-guest raise #UD once its workload starts.
+	faultTest bool
+}
+
+// Guest is a KVM virtual machine running the micro-guest. It implements
+// guest.Guest, guest.Throttler and guest.Disk.
+type Guest struct {
+	cfg     guest.Config
+	opts    Options
+	flavour string
+	tscKHz  uint64
+
+	sysFd, vmFd int
+	mmapSize    int
+	regions     []guest.Region
+	slots       []*memSlot
+	vmmDirty    []uint64 // pages the VMM wrote, one bit per page of [0, topGPA)
+	msrIndices  []uint32 // MSRs saved besides the TSC
+	xsaveSize   int
+
+	vcpus   []*vcpu
+	uart    *uart
+	disk    *pvDisk
+	console console
+	sink    atomic.Pointer[func([]byte)]
+
+	// ctl serialises the controlling calls (Pause, Resume, SaveState, ...).
+	ctl    sync.Mutex
+	paused bool
+	closed bool
+
+	// mu guards resumeCh; pauseReq is written under it.
+	mu       sync.Mutex
+	resumeCh chan struct{}
+	pauseReq atomic.Bool
+
+	closing  chan struct{}
+	throttle atomic.Int32
+	thrOnce  sync.Once
+	thrDone  chan struct{}
+
+	progress atomic.Uint32 // the workload's last reported phase
+	errMu    sync.Mutex
+	err      error
+	failed   chan struct{}
+}
+
+type memSlot struct {
+	id      uint32
+	gpa     uint64
+	mem     []byte
+	scratch []uint64 // GET_DIRTY_LOG buffer
+}
+
+var _ guest.Guest = (*Guest)(nil)
+var _ guest.Throttler = (*Guest)(nil)
+var _ guest.Disk = (*Guest)(nil)
+
+// New creates a VM, loads the micro-guest named by cfg.Image (or
+// DefaultImage) and prepares every vCPU to enter it. The guest is created
+// paused; Resume runs it.
+func New(cfg guest.Config) (*Guest, error) { return NewWithOptions(cfg, Options{}) }
+
+// NewEmpty creates the VM without booting anything: memory is zero and the
+// vCPUs are in reset state. The caller writes the received memory into
+// Regions(), calls LoadState, then Resume.
+func NewEmpty(cfg guest.Config) (*Guest, error) { return NewWithOptions(cfg, Options{NoBoot: true}) }
+
+// NewWithOptions is New with Options.
+func NewWithOptions(cfg guest.Config, opts Options) (g *Guest, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Memory < MinMemory {
+		return nil, fmt.Errorf("%w: --memory %s: the kvm micro-guest needs at least %s", guest.ErrConfig, guest.FormatSize(cfg.Memory), guest.FormatSize(MinMemory))
+	}
+	if cfg.Memory > MaxMemory {
+		return nil, fmt.Errorf("%w: --memory %s: the kvm micro-guest maps at most %s", guest.ErrConfig, guest.FormatSize(cfg.Memory), guest.FormatSize(MaxMemory))
+	}
+	if cfg.VCPUs > maxVCPUs {
+		return nil, fmt.Errorf("%w: --vcpus %d: the kvm micro-guest runs at most %d", guest.ErrConfig, cfg.VCPUs, maxVCPUs)
+	}
+	var img *image
+	if !opts.NoBoot {
+		if img, err = loadImage(cfg.Image); err != nil {
+			return nil, err
+		}
+	}
+	g = &Guest{cfg: cfg, opts: opts, flavour: Flavour(), sysFd: -1, vmFd: -1,
+		closing: make(chan struct{}), failed: make(chan struct{}), thrDone: make(chan struct{}),
+		resumeCh: make(chan struct{}), paused: true}
+	g.pauseReq.Store(true)
+	defer func() {
+		if err != nil {
+			g.teardown()
+		}
+	}()
+	if err := g.openVM(); err != nil {
+		return nil, err
+	}
+	if err := g.setupMemory(); err != nil {
+		return nil, err
+	}
+	g.uart = newUART()
+	g.console = console{g}
+	if opts.Disk != nil || cfg.Disk != "" {
+		d := opts.Disk
+		if d == nil {
+			if d, err = block.Open(cfg.Disk, block.Options{}); err != nil {
+				return nil, err
+			}
+		}
+		g.disk = newPVDisk(g, d)
+	}
+	if err := g.createVCPUs(); err != nil {
+		return nil, err
+	}
+	if img != nil {
+		if err := g.boot(img); err != nil {
+			return nil, err
+		}
+	}
+	for _, v := range g.vcpus {
+		v.started = true
+		go v.loop()
+	}
+	return g, nil
+}
+
+// openVM opens /dev/kvm and creates the VM. No in-kernel irqchip: the
+// micro-guest polls with interrupts off, so there is no PIC, IOAPIC, PIT or
+// LAPIC state to carry (and KVM's HLT, which the guest never executes at
+// CPL3, reaches userspace).
+func (g *Guest) openVM() error {
+	fd, err := unix.Open("/dev/kvm", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%w: open /dev/kvm: %v", ErrUnavailable, err)
+	}
+	g.sysFd = fd
+	if v, err := ioctl(fd, kvmGetAPIVersion, 0); err != nil || v != 12 {
+		return fmt.Errorf("%w: KVM API version %d (%v), want 12", ErrUnavailable, v, err)
+	}
+	sz, err := ioctl(fd, kvmGetVCPUMmapSize, 0)
+	if err != nil {
+		return fmt.Errorf("%w: KVM_GET_VCPU_MMAP_SIZE: %v", ErrUnavailable, err)
+	}
+	g.mmapSize = int(sz)
+	if checkExtension(fd, capImmediateExit) == 0 {
+		return fmt.Errorf("%w: KVM_CAP_IMMEDIATE_EXIT missing (needed to pause vCPUs)", ErrUnavailable)
+	}
+	g.xsaveSize = 4096
+	if n := checkExtension(fd, capXSAVE2); n > 4096 {
+		g.xsaveSize = n
+	}
+	vm, err := ioctl(fd, kvmCreateVM, 0)
+	if err != nil {
+		return fmt.Errorf("%w: KVM_CREATE_VM: %v", ErrUnavailable, err)
+	}
+	g.vmFd = int(vm)
+	// VMX needs a TSS region for real-mode emulation; harmless elsewhere.
+	if _, err := ioctl(g.vmFd, kvmSetTSSAddr, tssAddr); err != nil {
+		return fmt.Errorf("kvm: KVM_SET_TSS_ADDR: %w", err)
+	}
+	if g.opts.DirtyMethod == DirtyManualClear {
+		// Without INITIALLY_SET: the first sync must not report all RAM.
+		if checkExtension(g.vmFd, capManualDirtyLogProtect2)&manualProtect == 0 {
+			g.opts.DirtyMethod = DirtyGetLog
+		} else {
+			c := enableCap{Cap: capManualDirtyLogProtect2, Args: [4]uint64{manualProtect}}
+			if _, err := ioctlPtr(g.vmFd, kvmEnableCap, &c); err != nil {
+				return fmt.Errorf("kvm: enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: %w", err)
+			}
+		}
+	}
+	khz, err := ioctl(g.vmFd, kvmGetTSCKHz, 0)
+	if err != nil || khz == 0 {
+		return fmt.Errorf("kvm: KVM_GET_TSC_KHZ: %v", err)
+	}
+	g.tscKHz = uint64(khz)
+	return nil
+}
+
+// setupMemory maps RAM and registers it with dirty logging: one slot below
+// the 32-bit hole and one above it.
+func (g *Guest) setupMemory() error {
+	top := topGPA(g.cfg.Memory)
+	g.vmmDirty = make([]uint64, (top>>guest.PageShift+63)/64)
+	for i, r := range ramRanges(g.cfg.Memory) {
+		mem, err := unix.Mmap(-1, 0, int(r[1]), unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		if err != nil {
+			return fmt.Errorf("kvm: mmap %s of guest RAM: %w", guest.FormatSize(r[1]), err)
+		}
+		s := &memSlot{id: uint32(i), gpa: r[0], mem: mem, scratch: make([]uint64, (r[1]>>guest.PageShift+63)/64)}
+		g.slots = append(g.slots, s)
+		g.regions = append(g.regions, guest.Region{GPA: r[0], Mem: mem})
+		reg := userspaceMemoryRegion{Slot: s.id, Flags: memLogDirtyPages, GuestPhysAddr: r[0],
+			MemorySize: r[1], UserspaceAddr: uint64(uintptr(unsafe.Pointer(&mem[0])))}
+		if _, err := ioctlPtr(g.vmFd, kvmSetUserMemoryRegion, &reg); err != nil {
+			return fmt.Errorf("kvm: KVM_SET_USER_MEMORY_REGION slot %d (%s at %#x): %w", i, guest.FormatSize(r[1]), r[0], err)
+		}
+	}
+	return nil
+}
+
+// boot writes the machine and sets every vCPU to enter the image at CPL3.
+func (g *Guest) boot(img *image) error {
+	bb := bootBlock{Magic: bootMagic, Version: bootVersion, NVCPUs: uint32(g.cfg.VCPUs), MemBytes: g.cfg.Memory,
+		LowEnd: lowRAMEnd, HighBase: highRAMBase, TouchBytes: g.cfg.Workload.Touch, DirtyRate: g.cfg.Workload.DirtyRate,
+		Seed: g.cfg.Workload.Seed, TSCKHz: g.tscKHz}
+	switch g.cfg.Workload.Kind {
+	case guest.WorkloadKV:
+		bb.Workload = wlKV
+	default:
+		bb.Workload = wlDirty
+	}
+	switch g.cfg.Workload.Pattern {
+	case guest.PatternRandom:
+		bb.Pattern = 1
+	case guest.PatternHot:
+		bb.Pattern = 2
+	}
+	if g.disk != nil {
+		bb.DiskBytes = diskBytes
+	}
+	if g.opts.faultTest {
+		bb.FaultTest = 1
+	}
+	written, err := g.writeMachine(img, bb)
+	if err != nil {
+		return err
+	}
+	for _, w := range written {
+		g.MarkDirty(w[0], w[1])
+	}
+	for _, v := range g.vcpus {
+		if err := v.setEntryState(img.entry); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Flavour reports how the host provides /dev/kvm: "pvm" (kvm-pvm, where
+// CPL0 guest code is emulated), "vmx", "svm" or "unknown".
+func Flavour() string {
+	for _, m := range []struct{ mod, name string }{{"kvm_pvm", "pvm"}, {"kvm_intel", "vmx"}, {"kvm_amd", "svm"}} {
+		if _, err := os.Stat("/sys/module/" + m.mod); err == nil {
+			return m.name
+		}
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		s := string(b)
+		switch {
+		case strings.Contains(s, " vmx"):
+			return "vmx"
+		case strings.Contains(s, " svm"):
+			return "svm"
+		}
+	}
+	return "unknown"
+}
+
+// Flavour is the host flavour this guest runs on (see the function Flavour).
+func (g *Guest) Flavour() string { return g.flavour }
+
+// TSCKHz is the guest TSC frequency KVM reports.
+func (g *Guest) TSCKHz() uint64 { return g.tscKHz }
+
+// Kind implements guest.Guest.
+func (g *Guest) Kind() string { return Kind }
+
+// Regions implements guest.Guest.
+func (g *Guest) Regions() []guest.Region { return g.regions }
+
+// Console implements guest.Guest.
+func (g *Guest) Console() guest.Console { return g.console }
+
+// Progress is the last phase the workload reported (1: the dirty
+// workload finished touching its range).
+func (g *Guest) Progress() uint32 { return g.progress.Load() }
+
+// Err is the guest's failure (an exception inside the guest, a triple
+// fault, a KVM error), or nil while it is healthy.
+func (g *Guest) Err() error {
+	g.errMu.Lock()
+	defer g.errMu.Unlock()
+	return g.err
+}
+
+// Failed is closed when Err becomes non-nil.
+func (g *Guest) Failed() <-chan struct{} { return g.failed }
+
+func (g *Guest) fail(err error) {
+	g.errMu.Lock()
+	defer g.errMu.Unlock()
+	if g.err == nil {
+		g.err = err
+		close(g.failed)
+	}
+}
+
+// Close implements guest.Guest.
+func (g *Guest) Close() error {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return nil
+	}
+	g.closed = true
+	return g.teardown()
+}
+
+// teardown stops the vCPU threads and releases everything. Memory is only
+// unmapped once every vCPU thread has left KVM_RUN.
+func (g *Guest) teardown() error {
+	select {
+	case <-g.closing:
+	default:
+		close(g.closing)
+	}
+	var errs []error
+	stuck := false
+	deadline := time.NewTimer(closeTimeout)
+	defer deadline.Stop()
+	for _, v := range g.vcpus {
+		if !v.started {
+			continue
+		}
+		v.kick()
+		select {
+		case <-v.exited:
+		case <-deadline.C:
+			stuck = true
+		}
+	}
+	if stuck {
+		errs = append(errs, fmt.Errorf("kvm: a vCPU thread did not stop within %v; guest memory left mapped", closeTimeout))
+	}
+	if g.disk != nil {
+		if err := g.disk.close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if !stuck {
+		for _, v := range g.vcpus {
+			v.release()
+		}
+		if g.vmFd >= 0 {
+			unix.Close(g.vmFd)
+			g.vmFd = -1
+		}
+		for _, s := range g.slots {
+			if err := unix.Munmap(s.mem); err != nil {
+				errs = append(errs, fmt.Errorf("kvm: munmap guest RAM: %w", err))
+			}
+		}
+		g.slots, g.regions = nil, nil
+	}
+	if g.sysFd >= 0 {
+		unix.Close(g.sysFd)
+		g.sysFd = -1
+	}
+	return errors.Join(errs...)
+}
+
+// Pause implements guest.Guest: it asks every vCPU to leave KVM_RUN
+// (immediate_exit plus a signal at its thread) and waits until each one has
+// parked with its last port I/O completed.
+func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return 0, guest.ErrClosed
+	}
+	if g.paused {
+		return 0, nil
+	}
+	start := time.Now()
+	g.mu.Lock()
+	g.pauseReq.Store(true)
+	for _, v := range g.vcpus {
+		select {
+		case <-v.parked:
+		default:
+		}
+	}
+	g.mu.Unlock()
+	for _, v := range g.vcpus {
+		v.kick()
+	}
+	for _, v := range g.vcpus {
+		select {
+		case <-v.parked:
+		case <-v.exited:
+		case <-ctx.Done():
+			return time.Since(start), fmt.Errorf("kvm: pause: vCPU %d still running after %v: %w", v.id, time.Since(start).Round(time.Microsecond), ctx.Err())
+		}
+	}
+	g.paused = true
+	return time.Since(start), nil
+}
+
+// Resume implements guest.Guest.
+func (g *Guest) Resume() (time.Duration, error) {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return 0, guest.ErrClosed
+	}
+	start := time.Now()
+	g.mu.Lock()
+	if g.pauseReq.Load() {
+		g.pauseReq.Store(false)
+		close(g.resumeCh)
+		g.resumeCh = make(chan struct{})
+	}
+	g.mu.Unlock()
+	g.paused = false
+	return time.Since(start), nil
+}
+
+// Paused implements guest.Guest.
+func (g *Guest) Paused() bool {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	return g.paused
+}
+
+// SetThrottle implements guest.Throttler: every throttlePeriod each vCPU is
+// kicked out of KVM_RUN and kept out for percent of the period.
+func (g *Guest) SetThrottle(percent int) {
+	percent = max(0, min(99, percent))
+	g.throttle.Store(int32(percent))
+	if percent > 0 {
+		g.thrOnce.Do(func() { go g.throttleLoop() })
+	}
+}
+
+const throttlePeriod = 20 * time.Millisecond
+
+func (g *Guest) throttleLoop() {
+	t := time.NewTicker(throttlePeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.closing:
+			return
+		case <-t.C:
+			if g.throttle.Load() > 0 && !g.pauseReq.Load() {
+				for _, v := range g.vcpus {
+					v.kick()
+				}
+			}
+		}
+	}
+}
+
+// Flush implements guest.Guest.
+func (g *Guest) Flush(ctx context.Context) error {
+	if g.disk == nil {
+		return nil
+	}
+	return g.disk.flush(ctx)
+}
+
+// TakeDiskWrites implements guest.Guest.
+func (g *Guest) TakeDiskWrites() []guest.DiskWrite {
+	if g.disk == nil {
+		return nil
+	}
+	return g.disk.dev.TakeWrites()
+}
+
+// ApplyDiskWrites implements guest.Disk.
+func (g *Guest) ApplyDiskWrites(ws []guest.DiskWrite) error {
+	if g.disk == nil {
+		if len(ws) == 0 {
+			return nil
+		}
+		return fmt.Errorf("kvm: %d disk writes for a guest without a disk", len(ws))
+	}
+	return g.disk.dev.Apply(ws)
+}
+
+// Available reports whether /dev/kvm can be opened and speaks API 12.
+func Available() error {
+	fd, err := unix.Open("/dev/kvm", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%w: open /dev/kvm: %v", ErrUnavailable, err)
+	}
+	defer unix.Close(fd)
+	if v, err := ioctl(fd, kvmGetAPIVersion, 0); err != nil || v != 12 {
+		return fmt.Errorf("%w: KVM API version %d (%v), want 12", ErrUnavailable, v, err)
+	}
+	return nil
+}

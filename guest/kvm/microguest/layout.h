@@ -1,0 +1,91 @@
+/*
+ * Guest-physical memory layout and I/O ports shared by the micro-guest and
+ * the VMM (guest/kvm/layout.go mirrors every value here; a change on one
+ * side must be made on the other, and the boot block's version bumped).
+ */
+#ifndef TANDEM_LAYOUT_H
+#define TANDEM_LAYOUT_H
+
+#define GDT_GPA        0x1000ULL  /* null, kcode, kdata, ucode, udata, TSS[i] */
+#define TSS_GPA        0x20000ULL /* TSS (+ I/O bitmap) of vCPU i at TSS_GPA + 0x3000*i */
+#define IDT_GPA        0x2000ULL
+#define EXC_STACK_GPA  0x3000ULL  /* CPL0 stacks, 512 bytes per vCPU */
+#define BOOT_GPA       0x5000ULL  /* struct bootblock */
+#define PML4_GPA       0x10000ULL /* PDPT at 0x11000, PDs from 0x60000 */
+#define USTACK_GPA     0x100000ULL /* 64 KiB user stack per vCPU */
+#define USTACK_SIZE    0x10000ULL
+#define IMAGE_GPA      0x200000ULL /* link address of the image */
+#define KV_GPA         0x400000ULL /* kv table and client records */
+#define DISK_GPA       0xC00000ULL /* disk request descriptor and buffer */
+#define DATA_GPA       0x1000000ULL /* dirty workload's touched range */
+
+#define MAX_VCPUS      16
+
+/* Ports. The UART is a standard 8250 at 0x3f8; the others are Tandem's. */
+#define PORT_UART      0x3f8
+#define PORT_EXC       0x500 /* outl: CPU exception vector (CPL0 handler) */
+#define PORT_PANIC     0x501 /* outl: guest panic code */
+#define PORT_IDLE      0x502 /* outl: wait up to N microseconds for input */
+#define PORT_PROGRESS  0x503 /* outl: workload phase (1 = touch done) */
+#define PORT_DISK_SUBMIT 0x510 /* outl: GPA of a disk request */
+#define PORT_DISK_DONE   0x511 /* inl: number of requests completed */
+
+#define BOOT_MAGIC     0x544f4f424d444e54ULL /* "TNDMBOOT" */
+#define BOOT_VERSION   1
+#define IMAGE_MAGIC    0x3154534755474d54ULL /* "TMGUGST1" */
+
+#define WL_KV     1
+#define WL_DIRTY  2
+#define PAT_SEQ    0
+#define PAT_RANDOM 1
+#define PAT_HOT    2
+
+#define DISK_OP_WRITE 1
+#define DISK_OP_FLUSH 2
+
+#ifndef __ASSEMBLER__
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+/* Written by the VMM before the first instruction; read-only to the guest. */
+struct bootblock {
+	u64 magic;
+	u32 version;
+	u32 nvcpus;
+	u64 mem_bytes;   /* RAM size */
+	u64 low_end;     /* RAM is [0, low_end) and, if mem_bytes > low_end, */
+	u64 high_base;   /* [high_base, high_base + mem_bytes - low_end) */
+	u32 workload;
+	u32 pattern;
+	u64 touch_bytes;
+	u64 dirty_rate;  /* pages per second, all vCPUs together */
+	u64 seed;
+	u64 tsc_khz;
+	u64 disk_bytes;  /* 0: no disk */
+	u32 fault_test;  /* test hook: 1 = raise #UD once the workload starts */
+	u32 pad;
+};
+
+/* One disk request; the VMM copies the buffer when it is submitted. */
+struct diskreq {
+	u32 op;
+	u32 len;
+	u64 offset;
+	u64 buf;         /* GPA */
+};
+
+/* The image starts with this header (see entry.S). */
+struct imagehdr {
+	u64 magic;
+	u32 version;
+	u32 hdr_size;
+	u64 entry;       /* address of _start */
+	u64 exc_stubs;   /* address of the first exception stub */
+	u32 stub_stride; /* bytes between stubs */
+	u32 nstubs;
+	u64 image_end;   /* end of .bss: memory the image owns */
+};
+#endif
+#endif

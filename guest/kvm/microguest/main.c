@@ -1,0 +1,547 @@
+/*
+ * Tandem's micro-guest. It runs entirely at CPL3 (on kvm-pvm hosts CPL0
+ * code is emulated ~450x slower): the VMM builds its page tables and
+ * descriptor tables and enters every vCPU at _start. All of its state is
+ * in guest memory and registers, so it can be saved and restored at any
+ * instruction.
+ *
+ * Workloads (the same as guest/synth's):
+ *   kv    - vCPU 0 serves the kv line protocol on the 8250 UART at 0x3f8,
+ *           polling the line status register; the table and the per-client
+ *           records live at KV_GPA. Other vCPUs idle.
+ *   dirty - vCPU 0 touches touch_bytes from DATA_GPA, then every vCPU
+ *           writes its share of dirty_rate pages per second in the chosen
+ *           pattern, timed by the TSC; with a disk, vCPU 0 also writes a
+ *           page to the paravirtual disk per batch.
+ */
+#include "layout.h"
+
+/* gcc may emit calls to these even with -ffreestanding. */
+void *memcpy(void *d, const void *s, unsigned long n)
+{
+	u8 *dp = d;
+	const u8 *sp = s;
+	while (n--)
+		*dp++ = *sp++;
+	return d;
+}
+
+void *memset(void *d, int c, unsigned long n)
+{
+	u8 *dp = d;
+	while (n--)
+		*dp++ = (u8)c;
+	return d;
+}
+
+int memcmp(const void *a, const void *b, unsigned long n)
+{
+	const u8 *x = a, *y = b;
+	for (; n; n--, x++, y++)
+		if (*x != *y)
+			return *x < *y ? -1 : 1;
+	return 0;
+}
+
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline u32 inl(u16 port)
+{
+	u32 v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline void outl(u16 port, u32 v)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory");
+}
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+static inline void pause_cpu(void) { __asm__ volatile("pause"); }
+
+static void panic(u32 code)
+{
+	for (;;)
+		outl(PORT_PANIC, code);
+}
+
+/* Wait in the VMM (not spinning on a host core) for at most us
+ * microseconds, or until console input arrives or the VMM wants the vCPU. */
+static void idle(u32 us) { outl(PORT_IDLE, us); }
+
+/* ---------------------------------------------------------------- UART */
+
+#define UART_LSR (PORT_UART + 5)
+#define LSR_DR   0x01
+#define LSR_THRE 0x20
+
+static void uart_write(const char *p, u64 n)
+{
+	while (!(inb(UART_LSR) & LSR_THRE))
+		pause_cpu();
+	/* One exit for the whole line where the host batches string I/O. */
+	__asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"((u16)PORT_UART) : "memory");
+}
+
+/* ------------------------------------------------------------------ kv */
+
+#define KV_SLOTS     16384
+#define KV_KEYMAX    64
+#define KV_VALMAX    256
+#define CLIENT_SLOTS 1024
+#define CLIENT_MAX   32
+#define REPLY_MAX    352
+#define LINE_MAX     512
+
+struct kventry {
+	u8 state; /* 0 empty, 1 used, 2 deleted */
+	u8 klen;
+	u16 vlen;
+	char key[KV_KEYMAX];
+	char val[KV_VALMAX];
+};
+
+struct client {
+	u8 used;
+	u8 clen;
+	u16 rlen;
+	char name[CLIENT_MAX];
+	u64 seq;
+	char reply[REPLY_MAX];
+};
+
+struct kvstate {
+	u64 count;        /* used entries */
+	u64 clients;
+	u32 linelen;
+	u32 overflow;     /* the current line is too long: drop it */
+	char line[LINE_MAX];
+	char reply[REPLY_MAX + 16];
+	struct client client[CLIENT_SLOTS];
+	struct kventry table[KV_SLOTS];
+};
+
+_Static_assert(sizeof(struct kvstate) < DISK_GPA - KV_GPA, "kv state overlaps the disk area");
+
+#define KV ((struct kvstate *)KV_GPA)
+
+static u64 fnv(const char *p, u64 n)
+{
+	u64 h = 1469598103934665603ULL;
+	while (n--) {
+		h ^= (u8)*p++;
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
+static int is_idchar(char c)
+{
+	return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+}
+
+static int is_keychar(char c) { return is_idchar(c) || c == '.'; }
+
+static int is_valchar(char c) { return c > ' ' && c < 127; }
+
+/* kv_find returns the slot holding key, or the free slot to insert it at
+ * (state != 1), or -1 if the table is full. */
+static long kv_find(const char *k, u64 kl)
+{
+	u64 h = fnv(k, kl);
+	long firstfree = -1;
+	for (u64 i = 0; i < KV_SLOTS; i++) {
+		long s = (long)((h + i) & (KV_SLOTS - 1));
+		struct kventry *e = &KV->table[s];
+		if (e->state == 0)
+			return firstfree >= 0 ? firstfree : s;
+		if (e->state == 2) {
+			if (firstfree < 0)
+				firstfree = s;
+			continue;
+		}
+		if (e->klen == kl && memcmp(e->key, k, kl) == 0)
+			return s;
+	}
+	return firstfree;
+}
+
+struct buf {
+	char *p;
+	u64 n;
+};
+
+static void put(struct buf *b, const char *s, u64 n)
+{
+	if (b->n + n > REPLY_MAX)
+		n = REPLY_MAX - b->n;
+	memcpy(b->p + b->n, s, n);
+	b->n += n;
+}
+
+static void puts_(struct buf *b, const char *s)
+{
+	u64 n = 0;
+	while (s[n])
+		n++;
+	put(b, s, n);
+}
+
+static struct client *client_find(const char *c, u64 cl)
+{
+	u64 h = fnv(c, cl);
+	for (u64 i = 0; i < CLIENT_SLOTS; i++) {
+		struct client *r = &KV->client[(h + i) & (CLIENT_SLOTS - 1)];
+		if (!r->used) {
+			if (KV->clients >= CLIENT_SLOTS - 1)
+				return 0;
+			r->used = 1;
+			r->clen = (u8)cl;
+			memcpy(r->name, c, cl);
+			r->seq = 0;
+			r->rlen = 0;
+			KV->clients++;
+			return r;
+		}
+		if (r->clen == cl && memcmp(r->name, c, cl) == 0)
+			return r;
+	}
+	return 0;
+}
+
+/* next_word splits at single spaces: returns the word at *pos and its length. */
+static u64 next_word(const char *l, u64 n, u64 *pos, const char **w)
+{
+	u64 i = *pos;
+	*w = l + i;
+	while (i < n && l[i] != ' ')
+		i++;
+	u64 len = (u64)(l + i - *w);
+	if (i < n)
+		i++; /* skip the space */
+	*pos = i;
+	return len;
+}
+
+/* kv_apply runs one command (after the id) and writes the reply text that
+ * follows "<client>:<seq> " into b. */
+static void kv_apply(const char *l, u64 n, struct buf *b)
+{
+	u64 pos = 0;
+	const char *cmd, *key, *val = 0;
+	u64 cl = next_word(l, n, &pos, &cmd);
+	u64 kl = next_word(l, n, &pos, &key);
+	int set = cl == 3 && memcmp(cmd, "SET", 3) == 0;
+	int get = cl == 3 && memcmp(cmd, "GET", 3) == 0;
+	int del = cl == 3 && memcmp(cmd, "DEL", 3) == 0;
+	if (!set && !get && !del) {
+		puts_(b, "ERR unknown command");
+		return;
+	}
+	if (kl == 0 || kl > KV_KEYMAX) {
+		puts_(b, "ERR bad key");
+		return;
+	}
+	for (u64 i = 0; i < kl; i++)
+		if (!is_keychar(key[i])) {
+			puts_(b, "ERR bad key");
+			return;
+		}
+	u64 vl = 0;
+	if (set) {
+		vl = next_word(l, n, &pos, &val);
+		if (vl == 0) {
+			puts_(b, "ERR missing value");
+			return;
+		}
+		if (vl > KV_VALMAX) {
+			puts_(b, "ERR value too long");
+			return;
+		}
+		for (u64 i = 0; i < vl; i++)
+			if (!is_valchar(val[i])) {
+				puts_(b, "ERR bad value");
+				return;
+			}
+	}
+	if (pos < n || (n > 0 && l[n - 1] == ' ')) {
+		puts_(b, "ERR too many arguments");
+		return;
+	}
+	long s = kv_find(key, kl);
+	struct kventry *e = s >= 0 ? &KV->table[s] : 0;
+	int found = e && e->state == 1;
+	if (get) {
+		if (!found) {
+			puts_(b, "NOTFOUND");
+			return;
+		}
+		puts_(b, "OK ");
+		put(b, e->val, e->vlen);
+		return;
+	}
+	if (del) {
+		if (!found) {
+			puts_(b, "NOTFOUND");
+			return;
+		}
+		e->state = 2;
+		KV->count--;
+		puts_(b, "OK");
+		return;
+	}
+	if (!e || (!found && KV->count >= KV_SLOTS * 3 / 4)) {
+		puts_(b, "ERR table full");
+		return;
+	}
+	if (!found) {
+		e->klen = (u8)kl;
+		memcpy(e->key, key, kl);
+		KV->count++;
+	}
+	e->vlen = (u16)vl;
+	memcpy(e->val, val, vl);
+	e->state = 1;
+	puts_(b, "OK");
+}
+
+static void reply_line(struct buf *b)
+{
+	b->p[b->n] = '\n';
+	uart_write(b->p, b->n + 1);
+}
+
+static void kv_line(const char *l, u64 n)
+{
+	struct buf b = {KV->reply, 0};
+	if (n > 0 && l[n - 1] == '\r')
+		n--;
+	if (n == 0)
+		return;
+	/* <client>:<seq> */
+	u64 i = 0;
+	while (i < n && is_idchar(l[i]))
+		i++;
+	u64 cl = i;
+	if (cl == 0 || cl > CLIENT_MAX || i >= n || l[i] != ':') {
+		puts_(&b, "ERR bad request id");
+		reply_line(&b);
+		return;
+	}
+	i++;
+	u64 seq = 0, digits = 0;
+	for (; i < n && l[i] >= '0' && l[i] <= '9'; i++, digits++) {
+		u64 d = (u64)(l[i] - '0');
+		if (seq > (~0ULL - d) / 10) {
+			digits = 0;
+			break;
+		}
+		seq = seq * 10 + d;
+	}
+	if (digits == 0 || digits > 20 || (i < n && l[i] != ' ')) {
+		puts_(&b, "ERR bad request id");
+		reply_line(&b);
+		return;
+	}
+	u64 idlen = i;
+	put(&b, l, idlen);
+	put(&b, " ", 1);
+	struct client *c = client_find(l, cl);
+	if (!c) {
+		puts_(&b, "ERR too many clients");
+		reply_line(&b);
+		return;
+	}
+	if (seq <= c->seq && c->rlen > 0) {
+		/* A retry: answer from the record, do not apply again. */
+		uart_write(c->reply, c->rlen);
+		return;
+	}
+	if (i < n)
+		i++;
+	kv_apply(l + i, n - i, &b);
+	b.p[b.n] = '\n';
+	c->seq = seq;
+	c->rlen = (u16)(b.n + 1);
+	memcpy(c->reply, b.p, b.n + 1);
+	uart_write(b.p, b.n + 1);
+}
+
+static void kv_loop(const struct bootblock *bb)
+{
+	if (bb->fault_test)
+		__asm__ volatile("ud2");
+	for (;;) {
+		if (!(inb(UART_LSR) & LSR_DR)) {
+			idle(100000);
+			continue;
+		}
+		char c = (char)inb(PORT_UART);
+		if (c == '\n') {
+			if (KV->overflow) {
+				struct buf b = {KV->reply, 0};
+				puts_(&b, "ERR line too long");
+				reply_line(&b);
+			} else {
+				kv_line(KV->line, KV->linelen);
+			}
+			KV->linelen = 0;
+			KV->overflow = 0;
+			continue;
+		}
+		if (KV->linelen >= LINE_MAX) {
+			KV->overflow = 1;
+			continue;
+		}
+		KV->line[KV->linelen++] = c;
+	}
+}
+
+/* --------------------------------------------------------------- dirty */
+
+/* Shared between vCPUs; in guest memory like everything else. */
+static volatile u32 touch_done;
+static u64 disk_submitted;
+
+static u64 page_gpa(const struct bootblock *bb, u64 page)
+{
+	u64 a = DATA_GPA + page * 4096;
+	if (a >= bb->low_end)
+		a = a - bb->low_end + bb->high_base;
+	return a;
+}
+
+static u64 xorshift(u64 *s)
+{
+	u64 x = *s;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*s = x;
+	return x;
+}
+
+static void disk_write(const struct bootblock *bb, u64 page)
+{
+	if (!bb->disk_bytes)
+		return;
+	u32 done = inl(PORT_DISK_DONE);
+	if (disk_submitted - done >= 16)
+		return; /* queue full: skip rather than wait */
+	struct diskreq *r = (struct diskreq *)DISK_GPA;
+	u64 blocks = bb->disk_bytes / 4096;
+	r->op = DISK_OP_WRITE;
+	r->len = 4096;
+	r->offset = (disk_submitted % blocks) * 4096;
+	r->buf = page_gpa(bb, page);
+	disk_submitted++;
+	outl(PORT_DISK_SUBMIT, (u32)DISK_GPA);
+}
+
+static void dirty_loop(const struct bootblock *bb, u32 cpu)
+{
+	u64 mem_top = bb->mem_bytes;
+	u64 avail = mem_top > DATA_GPA ? mem_top - DATA_GPA : 0;
+	u64 touch = bb->touch_bytes < avail ? bb->touch_bytes : avail;
+	u64 npages = touch / 4096;
+	if (cpu == 0) {
+		for (u64 p = 0; p < npages; p++)
+			*(volatile u64 *)page_gpa(bb, p) = p + 1;
+		touch_done = 1;
+		outl(PORT_PROGRESS, 1);
+		if (bb->fault_test)
+			__asm__ volatile("ud2");
+	} else {
+		while (!touch_done)
+			idle(1000);
+	}
+	u64 rate = bb->dirty_rate / bb->nvcpus;
+	if (cpu == 0)
+		rate += bb->dirty_rate % bb->nvcpus;
+	if (rate == 0 || npages == 0)
+		for (;;)
+			idle(1000000);
+	u64 hz = bb->tsc_khz * 1000;
+	u64 seed = bb->seed * 0x9E3779B97F4A7C15ULL + cpu + 1;
+	if (!seed)
+		seed = 1;
+	u64 hot = npages / 16 ? npages / 16 : 1;
+	u64 next = cpu % npages, count = 0;
+	u64 start = rdtsc(), written = 0;
+	for (;;) {
+		u64 now = rdtsc();
+		u64 elapsed = now - start;
+		if (elapsed >= hz) {
+			/* Rebase every second so products stay in 64 bits; a guest
+			 * that fell more than a second behind (paused) skips. */
+			start += hz;
+			elapsed -= hz;
+			written = written > rate ? written - rate : 0;
+			if (elapsed >= hz) {
+				start = now;
+				elapsed = 0;
+				written = 0;
+			}
+		}
+		u64 due = elapsed * rate / hz;
+		if (due <= written) {
+			u64 wait_ticks = (written + 1) * hz / rate - elapsed;
+			u64 us = wait_ticks / (bb->tsc_khz / 1000 ? bb->tsc_khz / 1000 : 1);
+			if (us > 50)
+				idle((u32)(us > 1000000 ? 1000000 : us));
+			continue;
+		}
+		u64 batch = due - written;
+		if (batch > 65536)
+			batch = 65536;
+		u64 p = 0;
+		for (u64 i = 0; i < batch; i++) {
+			switch (bb->pattern) {
+			case PAT_RANDOM:
+				p = xorshift(&seed) % npages;
+				break;
+			case PAT_HOT: {
+				u64 r = xorshift(&seed);
+				p = (r & 0xff) < 230 ? (r >> 8) % hot : (r >> 8) % npages;
+				break;
+			}
+			default:
+				p = next;
+				next = (next + bb->nvcpus) % npages;
+			}
+			count++;
+			*(volatile u64 *)(page_gpa(bb, p) + ((count * 8) & 4095)) = count;
+		}
+		written += batch;
+		if (cpu == 0)
+			disk_write(bb, p);
+	}
+}
+
+void guest_main(u64 cpu, const struct bootblock *bb)
+{
+	if (bb->magic != BOOT_MAGIC || bb->version != BOOT_VERSION)
+		panic(1);
+	switch (bb->workload) {
+	case WL_KV:
+		if (cpu == 0)
+			kv_loop(bb);
+		for (;;)
+			idle(1000000);
+	case WL_DIRTY:
+		dirty_loop(bb, (u32)cpu);
+	}
+	panic(2);
+}

@@ -1,0 +1,403 @@
+package kvm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// kickSignal interrupts KVM_RUN on a vCPU's thread. Go's runtime already
+// handles SIGURG (its own preemption signal) and treats a stray one as a
+// no-op, and a pending signal makes KVM_RUN return EINTR.
+const kickSignal = unix.SIGURG
+
+// kvm_run offsets.
+const (
+	runImmediateExit = 1
+	runExitReason    = 8
+	runExitData      = 32
+)
+
+type vcpu struct {
+	g       *Guest
+	id      int
+	fd      int
+	run     []byte
+	cpuid   []cpuidEntry
+	tid     atomic.Int32
+	wake    chan struct{} // capacity 1: leave an idle wait early
+	parked  chan struct{} // capacity 1: the vCPU has parked for a pause
+	exited  chan struct{} // closed when the vCPU goroutine returns
+	started bool
+}
+
+func (g *Guest) createVCPUs() error {
+	cpuid, err := supportedCPUID(g.sysFd)
+	if err != nil {
+		return err
+	}
+	for i := 0; i < g.cfg.VCPUs; i++ {
+		fd, err := ioctl(g.vmFd, kvmCreateVCPU, uintptr(i))
+		if err != nil {
+			return fmt.Errorf("kvm: KVM_CREATE_VCPU %d: %w", i, err)
+		}
+		v := &vcpu{g: g, id: i, fd: int(fd), wake: make(chan struct{}, 1), parked: make(chan struct{}, 1), exited: make(chan struct{})}
+		g.vcpus = append(g.vcpus, v)
+		run, err := unix.Mmap(v.fd, 0, g.mmapSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			return fmt.Errorf("kvm: mmap kvm_run of vCPU %d: %w", i, err)
+		}
+		v.run = run
+		v.cpuid = vcpuCPUID(cpuid, uint32(i))
+		if err := setCPUID(v.fd, v.cpuid); err != nil {
+			return fmt.Errorf("kvm: KVM_SET_CPUID2 vCPU %d: %w", i, err)
+		}
+	}
+	return g.probeMSRs()
+}
+
+// supportedCPUID reads KVM_GET_SUPPORTED_CPUID, growing the buffer on E2BIG.
+func supportedCPUID(sysFd int) ([]cpuidEntry, error) {
+	for n := 128; n <= 4096; n *= 2 {
+		buf := make([]byte, 8+40*n)
+		binary.LittleEndian.PutUint32(buf, uint32(n))
+		_, err := ioctl(sysFd, kvmGetSupportedCPUID, uintptr(unsafe.Pointer(&buf[0])))
+		runtime.KeepAlive(buf)
+		if errors.Is(err, unix.E2BIG) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("kvm: KVM_GET_SUPPORTED_CPUID: %w", err)
+		}
+		nent := binary.LittleEndian.Uint32(buf)
+		out := make([]cpuidEntry, nent)
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 40*int(nent)), buf[8:])
+		return out, nil
+	}
+	return nil, fmt.Errorf("kvm: KVM_GET_SUPPORTED_CPUID: more than 4096 entries")
+}
+
+// vcpuCPUID sets the APIC ID of vCPU id in leaves 1 and 0xB.
+func vcpuCPUID(base []cpuidEntry, id uint32) []cpuidEntry {
+	out := append([]cpuidEntry(nil), base...)
+	for i := range out {
+		switch out[i].Function {
+		case 1:
+			out[i].EBX = out[i].EBX&0x00ffffff | id<<24
+		case 0xb:
+			out[i].EDX = id
+		}
+	}
+	return out
+}
+
+func setCPUID(fd int, es []cpuidEntry) error {
+	buf := make([]byte, 8+40*len(es))
+	binary.LittleEndian.PutUint32(buf, uint32(len(es)))
+	if len(es) > 0 {
+		copy(buf[8:], unsafe.Slice((*byte)(unsafe.Pointer(&es[0])), 40*len(es)))
+	}
+	_, err := ioctl(fd, kvmSetCPUID2, uintptr(unsafe.Pointer(&buf[0])))
+	runtime.KeepAlive(buf)
+	return err
+}
+
+// setEntryState puts the vCPU in 64-bit long mode at CPL3 at the image's
+// entry, with IOPL=3 so its port I/O exits to Tandem, interrupts off.
+func (v *vcpu) setEntryState(entry uint64) error {
+	var s Sregs
+	if _, err := ioctlPtr(v.fd, kvmGetSregs, &s); err != nil {
+		return fmt.Errorf("kvm: KVM_GET_SREGS vCPU %d: %w", v.id, err)
+	}
+	code := Segment{Limit: 0xffffffff, Selector: selUserCode, Type: 11, Present: 1, DPL: 3, S: 1, L: 1, G: 1}
+	data := Segment{Limit: 0xffffffff, Selector: selUserData, Type: 3, Present: 1, DPL: 3, DB: 1, S: 1, G: 1}
+	s.CS = code
+	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
+	s.TR = Segment{Base: uint64(tssGPA + tssStride*v.id), Limit: tssLimit, Selector: uint16(selTSS0 + 16*v.id), Type: 11, Present: 1}
+	s.GDT = DTable{Base: gdtGPA, Limit: uint16(8*5 + 16*v.g.cfg.VCPUs - 1)}
+	s.IDT = DTable{Base: idtGPA, Limit: 16*256 - 1}
+	s.CR0 = 0x80010033 // PG WP NE ET MP PE
+	s.CR3 = pml4GPA
+	s.CR4 = 0x620  // OSXMMEXCPT OSFXSR PAE; TSD clear so rdtsc works at CPL3
+	s.EFER = 0x500 // LMA LME
+	if _, err := ioctlPtr(v.fd, kvmSetSregs, &s); err != nil {
+		return fmt.Errorf("kvm: KVM_SET_SREGS vCPU %d: %w", v.id, err)
+	}
+	r := Regs{RIP: entry, RSP: ustackGPA + ustackSize*uint64(v.id+1), RDI: uint64(v.id), RSI: bootGPA, RFLAGS: 0x3002}
+	if _, err := ioctlPtr(v.fd, kvmSetRegs, &r); err != nil {
+		return fmt.Errorf("kvm: KVM_SET_REGS vCPU %d: %w", v.id, err)
+	}
+	return nil
+}
+
+// runWord is the first 32-bit word of kvm_run, holding
+// request_interrupt_window (byte 0, always 0 here) and immediate_exit
+// (byte 1); Tandem writes it atomically from other threads.
+func (v *vcpu) runWord() *uint32 { return (*uint32)(unsafe.Pointer(&v.run[0])) }
+
+func (v *vcpu) setImmediateExit(on bool) {
+	var w uint32
+	if on {
+		w = 1 << (8 * runImmediateExit)
+	}
+	atomic.StoreUint32(v.runWord(), w)
+}
+
+// kick makes the vCPU leave KVM_RUN (or an idle wait) soon: immediate_exit
+// covers a thread about to enter KVM_RUN, the signal one already inside.
+func (v *vcpu) kick() {
+	if !v.started {
+		return
+	}
+	select {
+	case <-v.exited:
+		return
+	default:
+	}
+	v.setImmediateExit(true)
+	if tid := v.tid.Load(); tid != 0 {
+		_ = unix.Tgkill(unix.Getpid(), int(tid), kickSignal)
+	}
+	select {
+	case v.wake <- struct{}{}:
+	default:
+	}
+}
+
+// loop runs the vCPU on its own locked OS thread until Close or a guest
+// failure. It only parks after a KVM_RUN returned EINTR, so a port I/O
+// that exited to Tandem has been completed by KVM before any state is read.
+func (v *vcpu) loop() {
+	runtime.LockOSThread()
+	// The thread is not unlocked: it dies with the goroutine, so a stale
+	// tid can never name a thread running other Go code of ours.
+	defer close(v.exited)
+	v.tid.Store(int32(unix.Gettid()))
+	g := v.g
+	for {
+		if g.pauseReq.Load() {
+			v.setImmediateExit(true)
+		}
+		_, err := ioctl(v.fd, kvmRun, 0)
+		if errors.Is(err, unix.EINTR) {
+			v.setImmediateExit(false)
+			if !v.parkIfRequested() {
+				return
+			}
+			v.throttleSleep()
+			continue
+		}
+		if err != nil {
+			g.fail(fmt.Errorf("kvm: vCPU %d: KVM_RUN: %w", v.id, err))
+			return
+		}
+		if ferr := v.handleExit(); ferr != nil {
+			g.fail(ferr)
+			return
+		}
+	}
+}
+
+// parkIfRequested waits while a pause is requested. It returns false when
+// the guest is closing.
+func (v *vcpu) parkIfRequested() bool {
+	g := v.g
+	select {
+	case <-g.closing:
+		return false
+	default:
+	}
+	g.mu.Lock()
+	if !g.pauseReq.Load() {
+		g.mu.Unlock()
+		return true
+	}
+	ch := g.resumeCh
+	g.mu.Unlock()
+	select {
+	case v.parked <- struct{}{}:
+	default:
+	}
+	select {
+	case <-ch:
+		return true
+	case <-g.closing:
+		return false
+	}
+}
+
+func (v *vcpu) throttleSleep() {
+	p := v.g.throttle.Load()
+	if p <= 0 || v.g.pauseReq.Load() {
+		return
+	}
+	t := time.NewTimer(throttlePeriod * time.Duration(p) / 100)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-v.wake:
+	case <-v.g.closing:
+	}
+}
+
+// handleExit serves one exit; a non-nil error stops the vCPU and fails
+// the guest.
+func (v *vcpu) handleExit() error {
+	reason := binary.LittleEndian.Uint32(v.run[runExitReason:])
+	d := v.run[runExitData:]
+	switch reason {
+	case exitIO:
+		dir, size := d[0], int(d[1])
+		port := binary.LittleEndian.Uint16(d[2:])
+		count := int(binary.LittleEndian.Uint32(d[4:]))
+		off := binary.LittleEndian.Uint64(d[8:])
+		if size != 1 && size != 2 && size != 4 || off+uint64(size*count) > uint64(len(v.run)) {
+			return fmt.Errorf("kvm: vCPU %d: malformed I/O exit (port %#x size %d count %d)", v.id, port, size, count)
+		}
+		buf := v.run[off : off+uint64(size*count)]
+		if dir == 1 {
+			return v.portOut(port, size, buf)
+		}
+		v.portIn(port, size, buf)
+		return nil
+	case exitHLT:
+		return v.describeStop("halted")
+	case exitShutdown:
+		return v.describeStop("triple fault (shutdown)")
+	case exitMMIO:
+		return fmt.Errorf("kvm: vCPU %d: guest accessed unbacked memory at GPA %#x", v.id, binary.LittleEndian.Uint64(d))
+	case exitFailEntry:
+		return fmt.Errorf("kvm: vCPU %d: VM entry failed, hardware reason %#x", v.id, binary.LittleEndian.Uint64(d))
+	case exitInternalError:
+		return fmt.Errorf("kvm: vCPU %d: KVM internal error, suberror %d", v.id, binary.LittleEndian.Uint32(d))
+	case exitIntr:
+		return nil
+	default:
+		return fmt.Errorf("kvm: vCPU %d: unexpected exit reason %d", v.id, reason)
+	}
+}
+
+func (v *vcpu) describeStop(what string) error {
+	var r Regs
+	_, _ = ioctlPtr(v.fd, kvmGetRegs, &r)
+	return fmt.Errorf("kvm: vCPU %d: guest %s at rip %#x", v.id, what, r.RIP)
+}
+
+var vectorNames = [32]string{"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "", "#TS", "#NP", "#SS", "#GP", "#PF", "",
+	"#MF", "#AC", "#MC", "#XM", "#VE", "#CP"}
+
+func (v *vcpu) portOut(port uint16, size int, buf []byte) error {
+	g := v.g
+	val := func() uint32 {
+		switch size {
+		case 1:
+			return uint32(buf[0])
+		case 2:
+			return uint32(binary.LittleEndian.Uint16(buf))
+		}
+		return binary.LittleEndian.Uint32(buf)
+	}
+	switch {
+	case port >= portUART && port < portUART+8:
+		if size != 1 {
+			return nil
+		}
+		g.uart.write(port-portUART, buf, g.console.sink())
+	case port == portExc:
+		return v.exceptionError(val())
+	case port == portPanic:
+		return fmt.Errorf("kvm: vCPU %d: micro-guest panic, code %#x", v.id, val())
+	case port == portIdle:
+		v.idle(time.Duration(val()) * time.Microsecond)
+	case port == portProgress:
+		g.progress.Store(val())
+	case port == portDiskSubmit:
+		if g.disk != nil {
+			g.disk.submit(uint64(val()))
+		}
+	}
+	return nil
+}
+
+func (v *vcpu) portIn(port uint16, size int, buf []byte) {
+	g := v.g
+	switch {
+	case port >= portUART && port < portUART+8 && size == 1:
+		for i := range buf {
+			buf[i] = g.uart.read(port - portUART)
+		}
+		return
+	case port == portDiskDone && size == 4 && g.disk != nil:
+		binary.LittleEndian.PutUint32(buf, g.disk.completedCount())
+		return
+	}
+	for i := range buf { // no device: the bus floats high
+		buf[i] = 0xff
+	}
+}
+
+// idle blocks the vCPU thread (outside KVM_RUN) until console input, a
+// kick, close, or d.
+func (v *vcpu) idle(d time.Duration) {
+	if d > time.Second {
+		d = time.Second
+	}
+	if v.id == 0 && v.g.uart.hasInput() || v.g.pauseReq.Load() {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-v.wake:
+	case <-v.g.closing:
+	}
+}
+
+// exceptionError reads the exception frame the CPL0 stub left on its stack
+// ([rsp]=vector, [rsp+8]=error code, [rsp+16]=rip) to name the fault.
+func (v *vcpu) exceptionError(vec uint32) error {
+	var r Regs
+	var s Sregs
+	_, _ = ioctlPtr(v.fd, kvmGetRegs, &r)
+	_, _ = ioctlPtr(v.fd, kvmGetSregs, &s)
+	name := "exception"
+	if vec < 32 && vectorNames[vec] != "" {
+		name = vectorNames[vec]
+	}
+	msg := fmt.Sprintf("kvm: vCPU %d: guest exception %s (vector %d)", v.id, name, vec)
+	if frame, ok := v.g.guestBytes(r.RSP, 24); ok {
+		msg += fmt.Sprintf(" at rip %#x, error code %#x", binary.LittleEndian.Uint64(frame[16:]), binary.LittleEndian.Uint64(frame[8:]))
+	}
+	if vec == 14 {
+		msg += fmt.Sprintf(", address %#x", s.CR2)
+	}
+	return errors.New(msg)
+}
+
+// guestBytes returns n bytes of guest memory at gpa if they lie in one region.
+func (g *Guest) guestBytes(gpa, n uint64) ([]byte, bool) {
+	for _, r := range g.regions {
+		if gpa >= r.GPA && gpa-r.GPA+n <= uint64(len(r.Mem)) && gpa+n > gpa {
+			return r.Mem[gpa-r.GPA : gpa-r.GPA+n], true
+		}
+	}
+	return nil, false
+}
+
+func (v *vcpu) release() {
+	if v.run != nil {
+		_ = unix.Munmap(v.run)
+		v.run = nil
+	}
+	if v.fd >= 0 {
+		unix.Close(v.fd)
+		v.fd = -1
+	}
+}
