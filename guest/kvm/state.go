@@ -96,7 +96,7 @@ var mtrrMSRs = func() []uint32 {
 
 // probeMSRs builds the list of MSRs to carry: KVM's index list plus the
 // MTRRs, minus the TSC (restored on its own) and TSC_DEADLINE (no
-// in-kernel LAPIC), keeping only those vCPU 0 can read.
+// in-kernel LAPIC), keeping only those vCPU 0 can read and write back.
 func (g *Guest) probeMSRs() error {
 	var hdr [1]uint32
 	_, err := ioctl(g.sysFd, kvmGetMSRIndexList, uintptr(unsafe.Pointer(&hdr[0])))
@@ -117,8 +117,13 @@ func (g *Guest) probeMSRs() error {
 			continue
 		}
 		seen[idx] = true
+		// Keep an MSR only if it can be written back too: some read fine
+		// but refuse writes without an in-kernel LAPIC (async PF).
 		m := []MSR{{Index: idx}}
-		if n, err := msrIoctl(v.fd, kvmGetMSRs, m); err == nil && n == 1 {
+		if n, err := msrIoctl(v.fd, kvmGetMSRs, m); err != nil || n != 1 {
+			continue
+		}
+		if n, err := msrIoctl(v.fd, kvmSetMSRs, m); err == nil && n == 1 {
 			g.msrIndices = append(g.msrIndices, idx)
 		}
 	}

@@ -9,10 +9,11 @@
  *   kv    - vCPU 0 serves the kv line protocol on the 8250 UART at 0x3f8,
  *           polling the line status register; the table and the per-client
  *           records live at KV_GPA. Other vCPUs idle.
- *   dirty - vCPU 0 touches touch_bytes from DATA_GPA, then every vCPU
- *           writes its share of dirty_rate pages per second in the chosen
- *           pattern, timed by the TSC; with a disk, vCPU 0 also writes a
- *           page to the paravirtual disk per batch.
+ *   dirty - every vCPU touches its share of touch_bytes from DATA_GPA,
+ *           then writes its share of dirty_rate pages per second in the
+ *           chosen pattern (hot: 10% of the pages take 90% of the writes),
+ *           timed by the TSC; with a disk, every 64th page write of vCPU 0
+ *           also writes that page to the paravirtual disk.
  */
 #include "layout.h"
 
@@ -104,6 +105,7 @@ static void uart_write(const char *p, u64 n)
 #define CLIENT_MAX   32
 #define REPLY_MAX    352
 #define LINE_MAX     512
+#define KV_LINEMAX   (CLIENT_MAX + 1 + 20 + 5 + KV_KEYMAX + 1 + KV_VALMAX)
 
 struct kventry {
 	u8 state; /* 0 empty, 1 used, 2 deleted */
@@ -221,100 +223,24 @@ static struct client *client_find(const char *c, u64 cl)
 	return 0;
 }
 
-/* next_word splits at single spaces: returns the word at *pos and its length. */
-static u64 next_word(const char *l, u64 n, u64 *pos, const char **w)
-{
-	u64 i = *pos;
-	*w = l + i;
-	while (i < n && l[i] != ' ')
-		i++;
-	u64 len = (u64)(l + i - *w);
-	if (i < n)
-		i++; /* skip the space */
-	*pos = i;
-	return len;
-}
+#define MAX_FIELDS 8
 
-/* kv_apply runs one command (after the id) and writes the reply text that
- * follows "<client>:<seq> " into b. */
-static void kv_apply(const char *l, u64 n, struct buf *b)
+/* split cuts l at single spaces (empty fields included, as kvproto.Parse
+ * does); it returns the number of fields, at most MAX_FIELDS + 1. */
+static u64 split(const char *l, u64 n, const char **f, u64 *fl)
 {
-	u64 pos = 0;
-	const char *cmd, *key, *val = 0;
-	u64 cl = next_word(l, n, &pos, &cmd);
-	u64 kl = next_word(l, n, &pos, &key);
-	int set = cl == 3 && memcmp(cmd, "SET", 3) == 0;
-	int get = cl == 3 && memcmp(cmd, "GET", 3) == 0;
-	int del = cl == 3 && memcmp(cmd, "DEL", 3) == 0;
-	if (!set && !get && !del) {
-		puts_(b, "ERR unknown command");
-		return;
-	}
-	if (kl == 0 || kl > KV_KEYMAX) {
-		puts_(b, "ERR bad key");
-		return;
-	}
-	for (u64 i = 0; i < kl; i++)
-		if (!is_keychar(key[i])) {
-			puts_(b, "ERR bad key");
-			return;
-		}
-	u64 vl = 0;
-	if (set) {
-		vl = next_word(l, n, &pos, &val);
-		if (vl == 0) {
-			puts_(b, "ERR missing value");
-			return;
-		}
-		if (vl > KV_VALMAX) {
-			puts_(b, "ERR value too long");
-			return;
-		}
-		for (u64 i = 0; i < vl; i++)
-			if (!is_valchar(val[i])) {
-				puts_(b, "ERR bad value");
-				return;
+	u64 nf = 0, start = 0;
+	for (u64 i = 0; i <= n; i++) {
+		if (i == n || l[i] == ' ') {
+			if (nf <= MAX_FIELDS) {
+				f[nf] = l + start;
+				fl[nf] = i - start;
 			}
-	}
-	if (pos < n || (n > 0 && l[n - 1] == ' ')) {
-		puts_(b, "ERR too many arguments");
-		return;
-	}
-	long s = kv_find(key, kl);
-	struct kventry *e = s >= 0 ? &KV->table[s] : 0;
-	int found = e && e->state == 1;
-	if (get) {
-		if (!found) {
-			puts_(b, "NOTFOUND");
-			return;
+			nf++;
+			start = i + 1;
 		}
-		puts_(b, "OK ");
-		put(b, e->val, e->vlen);
-		return;
 	}
-	if (del) {
-		if (!found) {
-			puts_(b, "NOTFOUND");
-			return;
-		}
-		e->state = 2;
-		KV->count--;
-		puts_(b, "OK");
-		return;
-	}
-	if (!e || (!found && KV->count >= KV_SLOTS * 3 / 4)) {
-		puts_(b, "ERR table full");
-		return;
-	}
-	if (!found) {
-		e->klen = (u8)kl;
-		memcpy(e->key, key, kl);
-		KV->count++;
-	}
-	e->vlen = (u16)vl;
-	memcpy(e->val, val, vl);
-	e->state = 1;
-	puts_(b, "OK");
+	return nf > MAX_FIELDS ? MAX_FIELDS + 1 : nf;
 }
 
 static void reply_line(struct buf *b)
@@ -323,55 +249,143 @@ static void reply_line(struct buf *b)
 	uart_write(b->p, b->n + 1);
 }
 
+static void err_noid(const char *reason)
+{
+	struct buf b = {KV->reply, 0};
+	puts_(&b, "ERR ");
+	puts_(&b, reason);
+	reply_line(&b);
+}
+
+/* The reply texts and the checks follow guest/kvproto.Parse, so both
+ * backends answer a malformed line alike. Malformed requests are answered
+ * but not recorded; "table full" is recorded; "too many clients" cannot be. */
 static void kv_line(const char *l, u64 n)
 {
 	struct buf b = {KV->reply, 0};
+	const char *f[MAX_FIELDS + 1];
+	u64 fl[MAX_FIELDS + 1];
 	if (n > 0 && l[n - 1] == '\r')
 		n--;
-	if (n == 0)
-		return;
-	/* <client>:<seq> */
-	u64 i = 0;
-	while (i < n && is_idchar(l[i]))
-		i++;
-	u64 cl = i;
-	if (cl == 0 || cl > CLIENT_MAX || i >= n || l[i] != ':') {
-		puts_(&b, "ERR bad request id");
-		reply_line(&b);
+	if (n == 0) {
+		err_noid("empty request");
 		return;
 	}
-	i++;
-	u64 seq = 0, digits = 0;
-	for (; i < n && l[i] >= '0' && l[i] <= '9'; i++, digits++) {
-		u64 d = (u64)(l[i] - '0');
-		if (seq > (~0ULL - d) / 10) {
-			digits = 0;
-			break;
-		}
+	if (n > KV_LINEMAX) {
+		err_noid("line too long");
+		return;
+	}
+	u64 nf = split(l, n, f, fl);
+	u64 colon = 0;
+	while (colon < fl[0] && f[0][colon] != ':')
+		colon++;
+	if (colon == fl[0]) {
+		err_noid("missing <client>:<seq>");
+		return;
+	}
+	u64 cl = colon;
+	int ok = cl >= 1 && cl <= CLIENT_MAX;
+	for (u64 i = 0; ok && i < cl; i++)
+		ok = is_idchar(f[0][i]);
+	if (!ok) {
+		err_noid("bad client: want [A-Za-z0-9_-]{1,32}");
+		return;
+	}
+	const char *sp = f[0] + colon + 1;
+	u64 sl = fl[0] - colon - 1, seq = 0;
+	ok = sl > 0;
+	for (u64 i = 0; ok && i < sl; i++) {
+		u64 d = (u64)(sp[i] - '0');
+		ok = sp[i] >= '0' && sp[i] <= '9' && seq <= (~0ULL - d) / 10;
 		seq = seq * 10 + d;
 	}
-	if (digits == 0 || digits > 20 || (i < n && l[i] != ' ')) {
-		puts_(&b, "ERR bad request id");
+	if (!ok) {
+		err_noid("bad seq: want a decimal uint64");
+		return;
+	}
+	put(&b, f[0], fl[0]);
+	puts_(&b, " ");
+	const char *reason = 0;
+	int set = 0, get = 0, del = 0;
+	if (nf < 2) {
+		reason = "missing command: want SET, GET or DEL";
+	} else {
+		set = fl[1] == 3 && memcmp(f[1], "SET", 3) == 0;
+		get = fl[1] == 3 && memcmp(f[1], "GET", 3) == 0;
+		del = fl[1] == 3 && memcmp(f[1], "DEL", 3) == 0;
+		if (!set && !get && !del)
+			reason = "unknown command: want SET, GET or DEL";
+		else if (set && nf != 4)
+			reason = "SET takes 2 argument(s) separated by single spaces";
+		else if (!set && nf != 3)
+			reason = get ? "GET takes 1 argument(s) separated by single spaces"
+				     : "DEL takes 1 argument(s) separated by single spaces";
+	}
+	if (!reason) {
+		ok = fl[2] >= 1 && fl[2] <= KV_KEYMAX;
+		for (u64 i = 0; ok && i < fl[2]; i++)
+			ok = is_keychar(f[2][i]);
+		if (!ok)
+			reason = "bad key: want [A-Za-z0-9_.-]{1,64}";
+	}
+	if (!reason && set) {
+		ok = fl[3] >= 1 && fl[3] <= KV_VALMAX;
+		for (u64 i = 0; ok && i < fl[3]; i++)
+			ok = is_valchar(f[3][i]);
+		if (!ok)
+			reason = "bad value: want 1 to 256 printable ASCII bytes without spaces";
+	}
+	if (reason) {
+		puts_(&b, "ERR ");
+		puts_(&b, reason);
 		reply_line(&b);
 		return;
 	}
-	u64 idlen = i;
-	put(&b, l, idlen);
-	put(&b, " ", 1);
-	struct client *c = client_find(l, cl);
+	struct client *c = client_find(f[0], cl);
 	if (!c) {
 		puts_(&b, "ERR too many clients");
 		reply_line(&b);
 		return;
 	}
-	if (seq <= c->seq && c->rlen > 0) {
+	if (c->rlen > 0 && seq <= c->seq) {
 		/* A retry: answer from the record, do not apply again. */
 		uart_write(c->reply, c->rlen);
 		return;
 	}
-	if (i < n)
-		i++;
-	kv_apply(l + i, n - i, &b);
+	const char *key = f[2], *val = set ? f[3] : 0;
+	u64 kl = fl[2], vl = set ? fl[3] : 0;
+	long s = kv_find(key, kl);
+	struct kventry *e = s >= 0 ? &KV->table[s] : 0;
+	int found = e && e->state == 1;
+	if (get) {
+		if (found) {
+			puts_(&b, "OK ");
+			put(&b, e->val, e->vlen);
+		} else {
+			puts_(&b, "NOTFOUND");
+		}
+	} else if (del) {
+		if (found) {
+			e->state = 2;
+			KV->count--;
+			puts_(&b, "OK");
+		} else {
+			puts_(&b, "NOTFOUND");
+		}
+	} else if (!e || (!found && KV->count >= KV_SLOTS * 3 / 4)) {
+		puts_(&b, "ERR table full");
+	} else {
+		if (!found) {
+			e->klen = (u8)kl;
+			memcpy(e->key, key, kl);
+			KV->count++;
+		}
+		e->vlen = (u16)vl;
+		memcpy(e->val, val, vl);
+		e->state = 1;
+		puts_(&b, "OK");
+	}
+	/* Record before the reply leaves, so a retry is answered identically. */
 	b.p[b.n] = '\n';
 	c->seq = seq;
 	c->rlen = (u16)(b.n + 1);
@@ -391,9 +405,7 @@ static void kv_loop(const struct bootblock *bb)
 		char c = (char)inb(PORT_UART);
 		if (c == '\n') {
 			if (KV->overflow) {
-				struct buf b = {KV->reply, 0};
-				puts_(&b, "ERR line too long");
-				reply_line(&b);
+				err_noid("line too long");
 			} else {
 				kv_line(KV->line, KV->linelen);
 			}
@@ -412,7 +424,7 @@ static void kv_loop(const struct bootblock *bb)
 /* --------------------------------------------------------------- dirty */
 
 /* Shared between vCPUs; in guest memory like everything else. */
-static volatile u32 touch_done;
+static volatile u32 touch_done; /* vCPUs that finished their share */
 static u64 disk_submitted;
 
 static u64 page_gpa(const struct bootblock *bb, u64 page)
@@ -456,17 +468,13 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 	u64 avail = mem_top > DATA_GPA ? mem_top - DATA_GPA : 0;
 	u64 touch = bb->touch_bytes < avail ? bb->touch_bytes : avail;
 	u64 npages = touch / 4096;
-	if (cpu == 0) {
-		for (u64 p = 0; p < npages; p++)
-			*(volatile u64 *)page_gpa(bb, p) = p + 1;
-		touch_done = 1;
+	/* Each vCPU touches its share; the last one reports the phase. */
+	for (u64 p = npages * cpu / bb->nvcpus; p < npages * (cpu + 1) / bb->nvcpus; p++)
+		*(volatile u64 *)page_gpa(bb, p) = p + 1;
+	if (__atomic_add_fetch(&touch_done, 1, __ATOMIC_SEQ_CST) == bb->nvcpus)
 		outl(PORT_PROGRESS, 1);
-		if (bb->fault_test)
-			__asm__ volatile("ud2");
-	} else {
-		while (!touch_done)
-			idle(1000);
-	}
+	if (cpu == 0 && bb->fault_test)
+		__asm__ volatile("ud2");
 	u64 rate = bb->dirty_rate / bb->nvcpus;
 	if (cpu == 0)
 		rate += bb->dirty_rate % bb->nvcpus;
@@ -477,7 +485,7 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 	u64 seed = bb->seed * 0x9E3779B97F4A7C15ULL + cpu + 1;
 	if (!seed)
 		seed = 1;
-	u64 hot = npages / 16 ? npages / 16 : 1;
+	u64 hot = npages / 10 ? npages / 10 : 1; /* 10% of the pages take 90% of the writes */
 	u64 next = cpu % npages, count = 0;
 	u64 start = rdtsc(), written = 0;
 	for (;;) {
@@ -514,7 +522,7 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 				break;
 			case PAT_HOT: {
 				u64 r = xorshift(&seed);
-				p = (r & 0xff) < 230 ? (r >> 8) % hot : (r >> 8) % npages;
+				p = (r % 10 != 0 || hot == npages) ? (r / 10) % hot : hot + (r / 10) % (npages - hot);
 				break;
 			}
 			default:
@@ -524,9 +532,10 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 			count++;
 			*(volatile u64 *)(page_gpa(bb, p) + ((count * 8) & 4095)) = count;
 		}
-		written += batch;
-		if (cpu == 0)
+		/* With a disk, every 64th page write also writes that page to it. */
+		if (cpu == 0 && (written >> 6) != ((written + batch) >> 6))
 			disk_write(bb, p);
+		written += batch;
 	}
 }
 
