@@ -20,6 +20,7 @@
 // so deltas between checkpoints are sparse. The rate is paced by the wall
 // clock with a small backlog cap, and time spent throttled earns no credit.
 // With a disk, every 64th page write also writes that page to the disk.
+// A dirty guest does not read its console: input to it is dropped.
 //
 // kv: vCPU 0 serves the line protocol of DESIGN.md (guest/kvproto) on the
 // console; other vCPUs idle. The table and the per-client record of the
