@@ -149,25 +149,35 @@ func (v *vcpu) setImmediateExit(on bool) {
 	atomic.StoreUint32(v.runWord(), w)
 }
 
-// kick makes the vCPU leave KVM_RUN (or an idle wait) soon: immediate_exit
-// covers a thread about to enter KVM_RUN, the signal one already inside.
+// kick makes the vCPU leave KVM_RUN or an idle wait soon: immediate_exit
+// covers a thread about to enter KVM_RUN, the signal one already inside,
+// the wake token one waiting in Tandem.
 func (v *vcpu) kick() {
-	if !v.started {
+	if !v.kickRun() {
 		return
 	}
 	select {
+	case v.wake <- struct{}{}:
+	default:
+	}
+}
+
+// kickRun takes the vCPU out of KVM_RUN without ending an idle wait. It
+// reports false for a vCPU that is not running at all.
+func (v *vcpu) kickRun() bool {
+	if !v.started {
+		return false
+	}
+	select {
 	case <-v.exited:
-		return
+		return false
 	default:
 	}
 	v.setImmediateExit(true)
 	if tid := v.tid.Load(); tid != 0 {
 		_ = unix.Tgkill(unix.Getpid(), int(tid), kickSignal)
 	}
-	select {
-	case v.wake <- struct{}{}:
-	default:
-	}
+	return true
 }
 
 // loop runs the vCPU on its own locked OS thread until Close or a guest
@@ -201,6 +211,7 @@ func (v *vcpu) loop() {
 			g.fail(ferr)
 			return
 		}
+		v.throttleSleep()
 	}
 }
 
@@ -232,12 +243,21 @@ func (v *vcpu) parkIfRequested() bool {
 	}
 }
 
+// throttleSleep keeps the vCPU out of the guest until the current throttle
+// window ends; a pause or close ends the sleep early.
 func (v *vcpu) throttleSleep() {
-	p := v.g.throttle.Load()
-	if p <= 0 || v.g.pauseReq.Load() {
+	d := v.g.throttleRemaining()
+	if d <= 0 {
 		return
 	}
-	t := time.NewTimer(throttlePeriod * time.Duration(p) / 100)
+	select { // a stale token must not end the sleep; Pause sends a fresh one
+	case <-v.wake:
+	default:
+	}
+	if v.g.pauseReq.Load() {
+		return
+	}
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:

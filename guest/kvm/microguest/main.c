@@ -504,6 +504,11 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 			}
 		}
 		u64 due = elapsed * rate / hz;
+		/* A small backlog cap: time the vCPU did not run (throttled,
+		 * host busy) earns at most 5 ms of catch-up writes. */
+		u64 cap = rate / 200 + 1;
+		if (due > written + cap)
+			written = due - cap;
 		if (due <= written) {
 			u64 wait_ticks = (written + 1) * hz / rate - elapsed;
 			u64 us = wait_ticks / (bb->tsc_khz / 1000 ? bb->tsc_khz / 1000 : 1);
