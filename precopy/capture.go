@@ -1,0 +1,233 @@
+package precopy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/timing"
+)
+
+// Phase names, used for timings, the slow log and downtime breakdowns.
+const (
+	PhasePause     = "pause"
+	PhaseFlush     = "flush"
+	PhaseDirtySync = "dirty_sync"
+	PhaseStateSave = "state_save"
+	PhaseCopy      = "copy"
+	PhaseResume    = "resume"
+	PhaseSend      = "final_send"
+	PhaseDestLoad  = "destination_load"
+)
+
+// Core is the dirty-tracking and capture machinery one guest needs for any
+// precopy run (a migration or an FT epoch stream): the guest, its dirty
+// Bitmap and the named timings. One goroutine drives a Core.
+type Core struct {
+	G       guest.Guest
+	Dirty   *Bitmap
+	Timings *timing.Recorder // nil: not recorded
+
+	// pageBuf is reused by Capture for staged page copies.
+	pageBuf []byte
+}
+
+// NewCore prepares g for precopy runs. The bitmap spans every page below
+// the end of the highest region.
+func NewCore(g guest.Guest, t *timing.Recorder) *Core {
+	var end uint64
+	for _, r := range g.Regions() {
+		end = max(end, r.FirstPage()+r.Pages())
+	}
+	return &Core{G: g, Dirty: NewBitmap(end), Timings: t}
+}
+
+func (c *Core) observe(name string, start time.Time, d time.Duration) {
+	if c.Timings != nil {
+		c.Timings.Observe(name, start, d)
+	}
+}
+
+// Sync moves the guest's dirty log into the Bitmap and returns how many
+// pages were newly dirty.
+func (c *Core) Sync() (uint64, error) {
+	t0 := time.Now()
+	n, err := c.G.SyncDirty(c.Dirty)
+	c.observe(PhaseDirtySync, t0, time.Since(t0))
+	return n, err
+}
+
+// Page returns the guest's page at index, or nil if index lies in no
+// region.
+func (c *Core) Page(index uint64) []byte {
+	for _, r := range c.G.Regions() {
+		if index >= r.FirstPage() && index < r.FirstPage()+r.Pages() {
+			off := (index - r.FirstPage()) << guest.PageShift
+			return r.Mem[off : off+guest.PageSize]
+		}
+	}
+	return nil
+}
+
+// Breakdown is where one pause's time went. The fields sum to Total for
+// the source's part; a migration adds the destination's part.
+type Breakdown struct {
+	Pause     time.Duration `json:"pause_vcpus_ns"`
+	Flush     time.Duration `json:"flush_ns"`
+	DirtySync time.Duration `json:"dirty_sync_ns"`
+	StateSave time.Duration `json:"state_save_ns"`
+	Copy      time.Duration `json:"copy_ns"`
+	Hook      time.Duration `json:"hook_ns"`
+	Resume    time.Duration `json:"resume_ns"`
+}
+
+// Total is the sum of the phases.
+func (b Breakdown) Total() time.Duration {
+	return b.Pause + b.Flush + b.DirtySync + b.StateSave + b.Copy + b.Hook + b.Resume
+}
+
+// Capture is what one pause took from the guest: copies of the dirty pages
+// as they were at the pause, the machine state and the disk writes.
+type Capture struct {
+	PausedAt  time.Time
+	Pages     []checkpoint.Page // Data points into the Core's buffer until the next Capture
+	State     guest.MachineState
+	Disk      []guest.DiskWrite
+	Breakdown Breakdown
+	// Resumed is false when the capture left the guest paused.
+	Resumed bool
+}
+
+// CaptureOptions tune one Capture.
+type CaptureOptions struct {
+	// FlushBudget bounds the flush; 0 means no flush at all.
+	FlushBudget time.Duration
+	// KeepPaused leaves the guest paused (a migration's final pause).
+	KeepPaused bool
+	// WhilePaused runs after the state save with the guest still paused
+	// (an epoch loop seals its output gate and takes its digest here).
+	WhilePaused func(*Capture) error
+	// MaxPages bounds how many dirty pages are copied; the rest stay in
+	// the Bitmap for the next capture. 0 means all.
+	MaxPages int
+}
+
+// ErrFlushAborted wraps guest.ErrFlushDeadline when a capture gave up
+// because the flush missed its budget; the guest has been resumed.
+var ErrFlushAborted = errors.New("precopy: completion aborted: flush missed its deadline, guest resumed")
+
+// Capture pauses the guest, flushes in-flight I/O within the budget, syncs
+// the dirty log, saves state, copies the dirty pages and (unless
+// KeepPaused) resumes. If the flush misses its budget the guest is resumed
+// at once and the error wraps ErrFlushAborted: the guest is never held
+// paused waiting for I/O. On any other error the guest is resumed too. On
+// error the returned Capture (nil only if the pause itself failed) holds
+// the breakdown of the aborted pause and nothing else is valid.
+func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) {
+	cp := &Capture{PausedAt: time.Now()}
+	d, err := c.G.Pause(ctx)
+	cp.Breakdown.Pause = d
+	c.observe(PhasePause, cp.PausedAt, d)
+	if err != nil {
+		return nil, fmt.Errorf("pause: %w", err)
+	}
+	fail := func(err error) (*Capture, error) {
+		t0 := time.Now()
+		d, _ := c.G.Resume()
+		cp.Breakdown.Resume = d
+		c.observe(PhaseResume, t0, time.Since(t0))
+		return cp, err
+	}
+	if o.FlushBudget > 0 {
+		t0 := time.Now()
+		fctx, cancel := context.WithTimeout(ctx, o.FlushBudget)
+		err := c.G.Flush(fctx)
+		cancel()
+		cp.Breakdown.Flush = time.Since(t0)
+		c.observe(PhaseFlush, t0, cp.Breakdown.Flush)
+		if err != nil {
+			if errors.Is(err, guest.ErrFlushDeadline) || errors.Is(err, context.DeadlineExceeded) {
+				return fail(fmt.Errorf("%w (budget %v): %w", ErrFlushAborted, o.FlushBudget, err))
+			}
+			return fail(fmt.Errorf("flush: %w", err))
+		}
+	}
+	t0 := time.Now()
+	if _, err := c.G.SyncDirty(c.Dirty); err != nil {
+		return fail(fmt.Errorf("dirty sync: %w", err))
+	}
+	cp.Breakdown.DirtySync = time.Since(t0)
+	c.observe(PhaseDirtySync, t0, cp.Breakdown.DirtySync)
+
+	t0 = time.Now()
+	st, err := c.G.SaveState()
+	if err != nil {
+		return fail(fmt.Errorf("state save: %w", err))
+	}
+	cp.State = st
+	cp.Disk = c.G.TakeDiskWrites()
+	cp.Breakdown.StateSave = time.Since(t0)
+	c.observe(PhaseStateSave, t0, cp.Breakdown.StateSave)
+
+	t0 = time.Now()
+	cp.Pages = c.copyDirty(o.MaxPages)
+	cp.Breakdown.Copy = time.Since(t0)
+	c.observe(PhaseCopy, t0, cp.Breakdown.Copy)
+
+	if o.WhilePaused != nil {
+		t0 = time.Now()
+		err := o.WhilePaused(cp)
+		cp.Breakdown.Hook = time.Since(t0)
+		if err != nil {
+			return fail(err)
+		}
+	}
+	if !o.KeepPaused {
+		t0 = time.Now()
+		d, err := c.G.Resume()
+		cp.Breakdown.Resume = d
+		c.observe(PhaseResume, t0, time.Since(t0))
+		if err != nil {
+			return nil, fmt.Errorf("resume: %w", err)
+		}
+		cp.Resumed = true
+	}
+	return cp, nil
+}
+
+// copyDirty takes up to max (0: all) dirty pages out of the Bitmap and
+// copies them into the Core's reused buffer.
+func (c *Core) copyDirty(limit int) []checkpoint.Page {
+	n := c.Dirty.Count()
+	if limit > 0 && n > uint64(limit) {
+		n = uint64(limit)
+	}
+	if need := n * guest.PageSize; uint64(cap(c.pageBuf)) < need {
+		c.pageBuf = make([]byte, need)
+	}
+	buf := c.pageBuf[:n*guest.PageSize]
+	pages := make([]checkpoint.Page, 0, n)
+	idx := make([]uint64, 1024)
+	from := uint64(0)
+	for uint64(len(pages)) < n {
+		want := min(uint64(len(idx)), n-uint64(len(pages)))
+		k, next := c.Dirty.TakeBatch(idx[:want], from)
+		if k == 0 {
+			break
+		}
+		for _, p := range idx[:k] {
+			src := c.Page(p)
+			if src == nil {
+				continue
+			}
+			dst := buf[len(pages)*guest.PageSize : (len(pages)+1)*guest.PageSize]
+			copy(dst, src)
+			pages = append(pages, checkpoint.Page{Index: p, Data: dst})
+		}
+		from = next
+	}
+	return pages
+}

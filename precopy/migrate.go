@@ -1,0 +1,459 @@
+package precopy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+)
+
+// Link is the destination of a precopy run as the engine sees it: a stream
+// writer and the destination's acknowledgements. The engine owns the
+// Writer from one goroutine.
+type Link interface {
+	// Writer is the stream to the destination (header already sent).
+	Writer() *checkpoint.Writer
+	// Flush pushes buffered stream bytes out.
+	Flush() error
+	// BytesSent is how many bytes went on the wire so far.
+	BytesSent() uint64
+	// WaitAck waits until the destination acknowledges epoch (or a later
+	// one), ctx ends, or the link fails.
+	WaitAck(ctx context.Context, epoch uint64) (Ack, error)
+}
+
+// Ack is the destination's word on an epoch.
+type Ack struct {
+	Epoch  uint64 `json:"epoch"`
+	Digest string `json:"digest,omitempty"`
+	// Final acknowledgements (migration) say the destination loaded the
+	// state and resumed the guest.
+	Final     bool          `json:"final,omitempty"`
+	LoadTime  time.Duration `json:"load_ns,omitempty"`
+	ResumedAt time.Time     `json:"resumed_at,omitzero"`
+	Error     string        `json:"error,omitempty"`
+}
+
+// Migration states, as QEMU's query-migrate names them.
+const (
+	StatusSetup     = "setup"
+	StatusActive    = "active"
+	StatusDevice    = "device"
+	StatusCompleted = "completed"
+	StatusFailed    = "failed"
+)
+
+// DowntimeBreakdown is where the last pause went, source and destination
+// together; the fields sum to TotalMs.
+type DowntimeBreakdown struct {
+	PauseVCPUsMs      float64 `json:"pause_vcpus_ms"`
+	FlushMs           float64 `json:"flush_ms"`
+	DirtySyncMs       float64 `json:"dirty_sync_ms"`
+	StateSaveMs       float64 `json:"state_save_ms"`
+	FinalSendMs       float64 `json:"final_send_ms"`
+	DestinationLoadMs float64 `json:"destination_load_ms"`
+	ResumeMs          float64 `json:"resume_ms"`
+	TotalMs           float64 `json:"total_ms"`
+	// Completed is false for an aborted attempt (the guest resumed on the
+	// source after the flush missed its budget).
+	Completed bool `json:"completed"`
+}
+
+// MigrationStatus is the figure set of query-migrate, plus Tandem's own.
+// JSON names are part of the command-line contract.
+type MigrationStatus struct {
+	Status             string            `json:"status"`
+	TotalTimeMs        int64             `json:"total_time_ms"`
+	SetupTimeMs        int64             `json:"setup_time_ms"`
+	DowntimeMs         int64             `json:"downtime_ms"`
+	ExpectedDowntimeMs int64             `json:"expected_downtime_ms"`
+	TransferredBytes   uint64            `json:"transferred_bytes"`
+	RemainingBytes     uint64            `json:"remaining_bytes"`
+	TotalBytes         uint64            `json:"total_bytes"`
+	ZeroPages          uint64            `json:"zero_pages"`
+	NormalPages        uint64            `json:"normal_pages"`
+	DirtyPagesRate     uint64            `json:"dirty_pages_rate"`
+	Mbps               float64           `json:"mbps"`
+	DirtySyncCount     uint64            `json:"dirty_sync_count"`
+	ThrottlePercent    int               `json:"throttle_percent"`
+	CompletionAttempts int               `json:"completion_attempts"`
+	AbortedCompletions int               `json:"aborted_completions"`
+	Round              int               `json:"round"`
+	Error              string            `json:"error,omitempty"`
+	DowntimeBreakdown  DowntimeBreakdown `json:"downtime_breakdown"`
+	// SwitchoverDigest is this end's digest of guest memory and state at
+	// the switch-over (the source's at its final pause, taken once the
+	// destination acknowledged while the guest stays stopped);
+	// DestinationDigest is what the destination reported for itself.
+	SwitchoverDigest  string `json:"switchover_digest,omitempty"`
+	DestinationDigest string `json:"destination_digest,omitempty"`
+	Destination       string `json:"destination,omitempty"`
+}
+
+// Migration runs one live migration of a Core's guest over a Link. Status
+// may be read from any goroutine while Run runs.
+type Migration struct {
+	core   *Core
+	link   Link
+	policy Policy
+	// EpochPages bounds the pages per epoch during live rounds, so the
+	// destination's staging stays small.
+	EpochPages int
+
+	// mu guards status.
+	mu     sync.Mutex
+	status MigrationStatus
+
+	epoch uint64
+	snap  []byte // sendBatch's stable copies of live pages
+}
+
+// NewMigration prepares a migration; Run starts it.
+func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	var total uint64
+	for _, r := range core.G.Regions() {
+		total += uint64(len(r.Mem))
+	}
+	m := &Migration{core: core, link: link, policy: p, EpochPages: 4096}
+	m.status = MigrationStatus{Status: StatusSetup, TotalBytes: total}
+	return m, nil
+}
+
+// Status returns a copy of the figures so far.
+func (m *Migration) Status() MigrationStatus {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.status
+}
+
+func (m *Migration) update(f func(*MigrationStatus)) {
+	m.mu.Lock()
+	f(&m.status)
+	m.mu.Unlock()
+}
+
+// Run migrates until the destination has resumed the guest (the source's
+// guest is then left paused: status completed) or the migration fails
+// (the source's guest is running: status failed, with the reason). It
+// never leaves the source guest paused on failure.
+func (m *Migration) Run(ctx context.Context) (err error) {
+	start := time.Now()
+	ctrl, err := NewController(m.policy, start)
+	if err != nil {
+		return m.failed(start, err)
+	}
+	var limiter *Limiter
+	if m.policy.MaxBandwidth > 0 {
+		limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), nil)
+	}
+	defer func() {
+		if th, ok := m.core.G.(guest.Throttler); ok {
+			th.SetThrottle(0)
+		}
+	}()
+	// The log has been gathering since the guest started; everything it
+	// holds is sent by round 0 anyway, so clear it now.
+	if _, err := m.core.Sync(); err != nil {
+		return m.failed(start, err)
+	}
+	m.core.Dirty.Clear()
+	m.update(func(s *MigrationStatus) {
+		s.Status = StatusActive
+		s.SetupTimeMs = time.Since(start).Milliseconds()
+	})
+
+	lastSync := time.Now()
+	applied := 0
+	for round := 0; ; round++ {
+		m.update(func(s *MigrationStatus) { s.Round = round })
+		t0 := time.Now()
+		wire0 := m.link.BytesSent()
+		var sent uint64
+		if round == 0 {
+			sent, err = m.sendAll(ctx, limiter, start)
+		} else {
+			sent, err = m.sendDirty(ctx, limiter, start)
+		}
+		if err != nil {
+			return m.failed(start, err)
+		}
+		sendTime := time.Since(t0)
+		dirtied, err := m.core.Sync()
+		if err != nil {
+			return m.failed(start, err)
+		}
+		now := time.Now()
+		remaining := m.core.Dirty.Count()
+		d := ctrl.RoundDone(RoundStats{
+			Round: round, PagesSent: sent, BytesSent: m.link.BytesSent() - wire0, SendTime: sendTime,
+			PagesDirtied: dirtied, DirtyInterval: now.Sub(lastSync), RemainingPages: remaining,
+		}, now)
+		lastSync = now
+		if d.Throttle != applied {
+			if th, ok := m.core.G.(guest.Throttler); ok {
+				th.SetThrottle(d.Throttle)
+			}
+			applied = d.Throttle
+		}
+		m.report(ctrl, start, remaining)
+		switch d.Action {
+		case Fail:
+			return m.failed(start, d.Err)
+		case TryComplete:
+			done, err := m.complete(ctx, ctrl, start)
+			if done || err != nil {
+				return err
+			}
+			m.report(ctrl, start, m.core.Dirty.Count())
+		}
+		if err := ctx.Err(); err != nil {
+			return m.failed(start, fmt.Errorf("migration cancelled: %w", err))
+		}
+	}
+}
+
+// report copies the controller's figures into the status.
+func (m *Migration) report(ctrl *Controller, start time.Time, remaining uint64) {
+	st := ctrl.Stats()
+	m.update(func(s *MigrationStatus) {
+		s.TotalTimeMs = time.Since(start).Milliseconds()
+		s.TransferredBytes = m.link.BytesSent()
+		s.RemainingBytes = remaining * guest.PageSize
+		s.DirtyPagesRate = uint64(st.DirtyRate)
+		s.Mbps = st.BandwidthMbps()
+		s.DirtySyncCount++
+		s.ThrottlePercent = st.ThrottlePercent
+		s.CompletionAttempts = st.CompletionAttempts
+		s.AbortedCompletions = st.AbortedCompletions
+		if st.Predicted {
+			s.ExpectedDowntimeMs = st.ExpectedDowntime.Milliseconds()
+		}
+	})
+}
+
+func (m *Migration) failed(start time.Time, err error) error {
+	if m.core.G.Paused() {
+		m.core.G.Resume()
+	}
+	m.update(func(s *MigrationStatus) {
+		s.Status = StatusFailed
+		s.Error = err.Error()
+		s.TotalTimeMs = time.Since(start).Milliseconds()
+	})
+	return err
+}
+
+// sendAll is round 0: every non-zero page, read while the guest runs
+// (a page torn by a racing write is dirty again and goes in a later round).
+func (m *Migration) sendAll(ctx context.Context, limiter *Limiter, start time.Time) (uint64, error) {
+	var sent uint64
+	batch := make([]checkpoint.Page, 0, 256)
+	inEpoch := 0
+	for _, r := range m.core.G.Regions() {
+		for p := uint64(0); p < r.Pages(); p++ {
+			page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+			if guest.IsZeroPage(page) {
+				m.update(func(s *MigrationStatus) { s.ZeroPages++ })
+				continue
+			}
+			batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
+			if len(batch) == cap(batch) {
+				if err := m.sendBatch(ctx, limiter, batch); err != nil {
+					return sent, err
+				}
+				sent += uint64(len(batch))
+				inEpoch += len(batch)
+				batch = batch[:0]
+				if inEpoch >= m.EpochPages {
+					if err := m.endEpoch(); err != nil {
+						return sent, err
+					}
+					inEpoch = 0
+					m.update(func(s *MigrationStatus) {
+						s.TransferredBytes = m.link.BytesSent()
+						s.TotalTimeMs = time.Since(start).Milliseconds()
+					})
+				}
+			}
+		}
+	}
+	if len(batch) > 0 {
+		if err := m.sendBatch(ctx, limiter, batch); err != nil {
+			return sent, err
+		}
+		sent += uint64(len(batch))
+	}
+	return sent, m.endEpoch()
+}
+
+// sendDirty sends the pages the Bitmap holds, reading them while the guest
+// runs.
+func (m *Migration) sendDirty(ctx context.Context, limiter *Limiter, start time.Time) (uint64, error) {
+	var sent uint64
+	idx := make([]uint64, 256)
+	batch := make([]checkpoint.Page, 0, len(idx))
+	inEpoch := 0
+	for from := uint64(0); ; {
+		n, next := m.core.Dirty.TakeBatch(idx, from)
+		batch = batch[:0]
+		for _, p := range idx[:n] {
+			if data := m.core.Page(p); data != nil {
+				batch = append(batch, checkpoint.Page{Index: p, Data: data})
+			}
+		}
+		if len(batch) > 0 {
+			if err := m.sendBatch(ctx, limiter, batch); err != nil {
+				return sent, err
+			}
+			sent += uint64(len(batch))
+			inEpoch += len(batch)
+		}
+		if inEpoch >= m.EpochPages {
+			if err := m.endEpoch(); err != nil {
+				return sent, err
+			}
+			inEpoch = 0
+		}
+		if n < len(idx) {
+			break
+		}
+		from = next
+	}
+	return sent, m.endEpoch()
+}
+
+// sendBatch sends pages read from live guest memory. The Writer reads a
+// page several times (zero test, digest, delta, cache), so each page is
+// first copied once: what is sent, hashed and cached is one version.
+func (m *Migration) sendBatch(ctx context.Context, limiter *Limiter, batch []checkpoint.Page) error {
+	if need := len(batch) * guest.PageSize; len(m.snap) < need {
+		m.snap = make([]byte, need)
+	}
+	for i := range batch {
+		dst := m.snap[i*guest.PageSize : (i+1)*guest.PageSize]
+		copy(dst, batch[i].Data)
+		batch[i].Data = dst
+	}
+	before := m.link.BytesSent()
+	if err := m.link.Writer().WritePages(batch); err != nil {
+		return fmt.Errorf("send pages: %w", err)
+	}
+	m.update(func(s *MigrationStatus) { s.NormalPages += uint64(len(batch)) })
+	if limiter != nil {
+		if err := limiter.Wait(ctx, int(m.link.BytesSent()-before)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *Migration) endEpoch() error {
+	m.epoch++
+	if _, err := m.link.Writer().EndEpoch(m.epoch); err != nil {
+		return fmt.Errorf("end epoch %d: %w", m.epoch, err)
+	}
+	return m.link.Flush()
+}
+
+// complete tries the stop-and-copy. It returns done=true when the
+// destination has resumed the guest; done=false, err=nil when the attempt
+// was aborted (flush missed its budget) and the guest runs again on the
+// source; err when the migration failed (the guest runs on the source).
+func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.Time) (bool, error) {
+	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
+	pauseStart := time.Now()
+	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)
+	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true})
+	if err != nil {
+		if errors.Is(err, ErrFlushAborted) {
+			ctrl.CompletionAborted(time.Now(), err)
+			m.update(func(s *MigrationStatus) {
+				s.Status = StatusActive
+				s.AbortedCompletions = ctrl.AbortedCompletions()
+				b := cp.Breakdown
+				s.DowntimeBreakdown = DowntimeBreakdown{
+					PauseVCPUsMs: ms(b.Pause), FlushMs: ms(b.Flush), ResumeMs: ms(b.Resume), TotalMs: ms(b.Total()),
+				}
+			})
+			return false, nil
+		}
+		return false, m.failed(start, err)
+	}
+	ctrl.ObserveStateSave(cp.Breakdown.StateSave)
+	sendStart := time.Now()
+	w := m.link.Writer()
+	if len(cp.Pages) > 0 {
+		if err := w.WritePages(cp.Pages); err != nil {
+			return false, m.failed(start, fmt.Errorf("final send: %w", err))
+		}
+	}
+	if len(cp.Disk) > 0 {
+		if err := w.WriteDisk(cp.Disk); err != nil {
+			return false, m.failed(start, fmt.Errorf("final send: %w", err))
+		}
+	}
+	if err := w.WriteDevices(cp.State); err != nil {
+		return false, m.failed(start, fmt.Errorf("final send: %w", err))
+	}
+	if err := m.endEpoch(); err != nil {
+		return false, m.failed(start, err)
+	}
+	final := m.epoch
+	actx, cancel := context.WithTimeout(ctx, max(30*time.Second, 10*m.policy.DowntimeLimit))
+	ack, err := m.link.WaitAck(actx, final)
+	cancel()
+	acked := time.Now()
+	if err == nil && ack.Error != "" {
+		err = errors.New(ack.Error)
+	}
+	if err == nil && !ack.Final {
+		err = fmt.Errorf("destination acknowledged epoch %d without resuming the guest", ack.Epoch)
+	}
+	if err != nil {
+		// The destination never said it runs the guest: it must run here.
+		return false, m.failed(start, fmt.Errorf("destination failed before acknowledging the switch-over: %w", err))
+	}
+	// Downtime on one clock: from the source's pause to the destination's
+	// resume when it reported one (same host), else to the ack's arrival.
+	end := acked
+	if !ack.ResumedAt.IsZero() && ack.ResumedAt.After(pauseStart) && ack.ResumedAt.Before(acked) {
+		end = ack.ResumedAt
+	}
+	downtime := end.Sub(pauseStart)
+	b := cp.Breakdown
+	srcPart := b.Pause + b.Flush + b.DirtySync + b.StateSave + b.Copy
+	send := end.Sub(sendStart) - ack.LoadTime
+	// The guest stays stopped here, so this scan sees the switch-over image.
+	srcDigest := guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), cp.State).String()
+	m.update(func(s *MigrationStatus) {
+		s.Status = StatusCompleted
+		s.DowntimeMs = downtime.Milliseconds()
+		s.TotalTimeMs = time.Since(start).Milliseconds()
+		s.TransferredBytes = m.link.BytesSent()
+		s.RemainingBytes = 0
+		s.CompletionAttempts = ctrl.CompletionAttempts()
+		s.SwitchoverDigest = srcDigest
+		s.DestinationDigest = ack.Digest
+		s.DowntimeBreakdown = DowntimeBreakdown{
+			PauseVCPUsMs: ms(b.Pause), FlushMs: ms(b.Flush), DirtySyncMs: ms(b.DirtySync),
+			StateSaveMs: ms(b.StateSave + b.Copy), FinalSendMs: ms(send), DestinationLoadMs: ms(ack.LoadTime),
+			ResumeMs: ms(downtime - srcPart - send - ack.LoadTime), TotalMs: ms(downtime), Completed: true,
+		}
+	})
+	if m.core.Timings != nil {
+		m.core.Timings.Observe(PhaseSend, sendStart, send)
+		m.core.Timings.Observe("downtime", pauseStart, downtime)
+	}
+	w.EndStream()
+	m.link.Flush()
+	return true, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

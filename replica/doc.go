@@ -1,0 +1,20 @@
+// Package replica is the receiving side of every stream: it applies a
+// checkpoint stream into a staging area (Image), commits each epoch
+// atomically into the memory of a paused, never-run guest, acknowledges it,
+// and hands a committed image to its backend to resume (a migration's
+// destination, an activated secondary). It also holds the sending end of
+// the data channel (Link), so the handshake lives in one place.
+//
+// The data channel: the sender writes one JSON line (Hello), the receiver
+// answers one JSON line (HelloReply) and refuses anything it cannot take
+// (another guest kind, format version or purpose) before the sender has
+// paused anything; then the sender writes a checkpoint stream and the
+// receiver writes one JSON acknowledgement line (precopy.Ack) per epoch it
+// commits (replicate) or once, when the guest resumes (migrate).
+//
+// It must never make a partly received epoch visible, never let the
+// receiving guest run before the image is consistent (an epoch with
+// machine state committed after the last live-sync epoch), and never
+// block without a deadline: every read and write on a data connection has
+// one.
+package replica

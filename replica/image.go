@@ -1,0 +1,224 @@
+package replica
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+)
+
+// Image is the receiving side's copy of a guest: the memory of a paused,
+// never-run guest of the right kind and layout, plus the last committed
+// machine state. It implements checkpoint.Target: a stream's pages,
+// devices and disk writes are staged and reach the image only in EndEpoch,
+// all together, so a partly received epoch is never visible.
+//
+// An epoch that carries device state was taken at a pause, so after it
+// commits the image is a consistent guest (Consistent). Epochs of a live
+// sync (a migration's rounds, a joining secondary's catch-up) carry pages
+// read while the guest ran and leave the image inconsistent until the
+// next epoch with state.
+//
+// The receiving goroutine calls the Target methods; Snapshot-style readers
+// (status, activation) take mu.
+type Image struct {
+	g       guest.Guest
+	regions []guest.Region
+
+	// Staging, owned by the receiving goroutine.
+	staged      map[uint64][]byte
+	free        [][]byte
+	stagedState *guest.MachineState
+	stagedDisk  []guest.DiskWrite
+
+	// mu guards everything below and the guest's memory against
+	// activation while an epoch commits.
+	mu         sync.Mutex
+	state      guest.MachineState
+	hasState   bool
+	consistent bool
+	epoch      uint64
+	hash       *guest.MemHash
+	committed  uint64 // epochs committed
+}
+
+// NewImage wraps a paused guest whose memory is the committed image. The
+// guest must not run until the Image hands it over (Activate).
+func NewImage(g guest.Guest) *Image {
+	return &Image{
+		g: g, regions: g.Regions(), staged: map[uint64][]byte{},
+		hash: guest.ScanMemory(g.Regions()),
+	}
+}
+
+// Guest returns the wrapped guest (paused; not to be resumed while the
+// Image receives).
+func (im *Image) Guest() guest.Guest { return im.g }
+
+func (im *Image) page(index uint64) []byte {
+	for _, r := range im.regions {
+		if index >= r.FirstPage() && index < r.FirstPage()+r.Pages() {
+			off := (index - r.FirstPage()) << guest.PageShift
+			return r.Mem[off : off+guest.PageSize]
+		}
+	}
+	return nil
+}
+
+// PageBase implements checkpoint.Target.
+func (im *Image) PageBase(index uint64) ([]byte, error) {
+	if p, ok := im.staged[index]; ok {
+		return p, nil
+	}
+	p := im.page(index)
+	if p == nil {
+		return nil, fmt.Errorf("%w: page %d outside guest memory", checkpoint.ErrCorrupt, index)
+	}
+	return p, nil
+}
+
+// StorePage implements checkpoint.Target.
+func (im *Image) StorePage(index uint64, data []byte) error {
+	if im.page(index) == nil {
+		return fmt.Errorf("%w: page %d outside guest memory", checkpoint.ErrCorrupt, index)
+	}
+	if len(data) != guest.PageSize {
+		return fmt.Errorf("%w: page %d has %d bytes", checkpoint.ErrCorrupt, index, len(data))
+	}
+	p, ok := im.staged[index]
+	if !ok {
+		if n := len(im.free); n > 0 {
+			p, im.free = im.free[n-1], im.free[:n-1]
+		} else {
+			p = make([]byte, guest.PageSize)
+		}
+		im.staged[index] = p
+	}
+	copy(p, data)
+	return nil
+}
+
+// StoreDevices implements checkpoint.Target.
+func (im *Image) StoreDevices(ms guest.MachineState) error {
+	if ms.Kind != im.g.Kind() {
+		return fmt.Errorf("%w: device state of a %q guest for a %q guest", checkpoint.ErrCorrupt, ms.Kind, im.g.Kind())
+	}
+	cp := cloneState(ms)
+	im.stagedState = &cp
+	return nil
+}
+
+// StoreDisk implements checkpoint.Target.
+func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
+	if _, ok := im.g.(guest.Disk); !ok && len(ws) > 0 {
+		return checkpoint.ErrNoDisk
+	}
+	for _, w := range ws {
+		im.stagedDisk = append(im.stagedDisk, guest.DiskWrite{Offset: w.Offset, Data: append([]byte(nil), w.Data...)})
+	}
+	return nil
+}
+
+// EndEpoch implements checkpoint.Target: it commits the staged epoch.
+func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if len(im.stagedDisk) > 0 {
+		if err := im.g.(guest.Disk).ApplyDiskWrites(im.stagedDisk); err != nil {
+			// Memory is untouched; the epoch is refused as a whole.
+			im.discardLocked()
+			return fmt.Errorf("commit epoch %d: disk: %w", e.Epoch, err)
+		}
+	}
+	for idx, p := range im.staged {
+		dst := im.page(idx)
+		copy(dst, p)
+		im.hash.Update(idx, dst)
+		im.free = append(im.free, p)
+	}
+	clear(im.staged)
+	if im.stagedState != nil {
+		im.state, im.hasState, im.consistent = *im.stagedState, true, true
+	} else if e.Pages > 0 {
+		im.consistent = false
+	}
+	im.stagedState, im.stagedDisk = nil, nil
+	im.epoch = e.Epoch
+	im.committed++
+	return nil
+}
+
+// Discard drops a partly received epoch (the stream failed before its
+// EPOCH-END).
+func (im *Image) Discard() {
+	im.mu.Lock()
+	im.discardLocked()
+	im.mu.Unlock()
+}
+
+func (im *Image) discardLocked() {
+	for _, p := range im.staged {
+		im.free = append(im.free, p)
+	}
+	clear(im.staged)
+	im.stagedState, im.stagedDisk = nil, nil
+}
+
+// Committed describes the committed image.
+type Committed struct {
+	Epoch      uint64
+	Epochs     uint64 // epochs committed since the image was made
+	Consistent bool
+	HasState   bool
+}
+
+// Committed returns what the image holds.
+func (im *Image) Committed() Committed {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return Committed{Epoch: im.epoch, Epochs: im.committed, Consistent: im.consistent, HasState: im.hasState}
+}
+
+// Digest is the committed image's digest (memory and state), kept up to
+// date page by page as epochs commit.
+func (im *Image) Digest() guest.Digest {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return guest.CombineDigest(im.hash.Sum(), im.state)
+}
+
+// ErrInconsistent is returned by Activate when the image is not a
+// consistent guest (no epoch with state committed since the last live
+// sync).
+var ErrInconsistent = errors.New("replica: the committed image is not a consistent guest yet")
+
+// Activate loads the committed state into the guest and returns it,
+// paused, for the caller to resume. The Image must not be used afterwards.
+func (im *Image) Activate() (guest.Guest, Committed, error) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	c := Committed{Epoch: im.epoch, Epochs: im.committed, Consistent: im.consistent, HasState: im.hasState}
+	if !im.consistent || !im.hasState {
+		return nil, c, ErrInconsistent
+	}
+	if err := im.g.LoadState(cloneState(im.state)); err != nil {
+		return nil, c, fmt.Errorf("replica: load state of epoch %d: %w", im.epoch, err)
+	}
+	return im.g, c, nil
+}
+
+func cloneState(ms guest.MachineState) guest.MachineState {
+	out := guest.MachineState{Kind: ms.Kind, Devices: make([]guest.DeviceState, len(ms.Devices))}
+	for i, d := range ms.Devices {
+		nd := d
+		nd.Fields = append([]byte(nil), d.Fields...)
+		nd.Subsections = make([]guest.Subsection, len(d.Subsections))
+		for j, s := range d.Subsections {
+			nd.Subsections[j] = guest.Subsection{Name: s.Name, Version: s.Version, Fields: append([]byte(nil), s.Fields...)}
+		}
+		out.Devices[i] = nd
+	}
+	return out
+}

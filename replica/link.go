@@ -1,0 +1,208 @@
+package replica
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
+)
+
+// DefaultIOTimeout bounds every read and write on a data connection: a
+// peer that moves no byte for this long is gone.
+const DefaultIOTimeout = 30 * time.Second
+
+// Link is the sending end of a data connection: the handshake, the
+// checkpoint stream and the acknowledgements that come back. It
+// implements precopy.Link.
+type Link struct {
+	conn    net.Conn
+	bw      *bufio.Writer
+	sent    atomic.Uint64
+	w       *checkpoint.Writer
+	timeout time.Duration
+	reply   HelloReply
+
+	// mu guards the acknowledgement state; changed is closed and
+	// replaced whenever it changes.
+	mu      sync.Mutex
+	last    precopy.Ack
+	hasLast bool
+	ackErr  error
+	changed chan struct{}
+	done    chan struct{} // closed when the ack reader ends
+}
+
+// DialOptions configure Dial.
+type DialOptions struct {
+	Stream  checkpoint.Options
+	Timeout time.Duration // per-I/O deadline; 0 means DefaultIOTimeout
+	// OnAck is called from the ack reader for every acknowledgement, in
+	// order (the epoch loop releases output from here).
+	OnAck func(precopy.Ack)
+}
+
+// Dial connects to a receiver's data address, performs the handshake
+// (refusals come back as errors naming the receiver's reason) and opens
+// the stream for regions. ctx bounds the connect and the handshake.
+func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region, o DialOptions) (*Link, error) {
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultIOTimeout
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", addr, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			conn.Close()
+		}
+	}()
+	if dl, has := ctx.Deadline(); has {
+		conn.SetDeadline(dl)
+	} else {
+		conn.SetDeadline(time.Now().Add(o.Timeout))
+	}
+	hello.Proto = ProtoVersion
+	if hello.Format == 0 {
+		hello.Format = uint16(checkpoint.Current)
+		hello.MinReader = uint16(checkpoint.MinReadable)
+		if o.Stream.Version != 0 {
+			hello.Format = uint16(o.Stream.Version)
+		}
+	}
+	if err := writeLine(conn, hello); err != nil {
+		return nil, fmt.Errorf("handshake with %s: %w", addr, err)
+	}
+	br := bufio.NewReader(conn)
+	var reply HelloReply
+	if err := readLine(br, &reply); err != nil {
+		return nil, fmt.Errorf("handshake with %s: %w", addr, err)
+	}
+	if !reply.OK {
+		return nil, fmt.Errorf("%s refused the stream: %s", addr, reply.Error)
+	}
+	conn.SetDeadline(time.Time{})
+
+	l := &Link{conn: conn, timeout: o.Timeout, reply: reply, changed: make(chan struct{}), done: make(chan struct{})}
+	l.bw = bufio.NewWriterSize(&deadlineWriter{l}, 256<<10)
+	h := checkpoint.Header{Build: hello.Build, Kind: hello.Kind, PageSize: guest.PageSize, Regions: checkpoint.RegionsOf(regions)}
+	switch hello.Purpose {
+	case PurposeMigrate:
+		h.Flags |= checkpoint.FlagMigration
+	case PurposeReplicate:
+		h.Flags |= checkpoint.FlagMicroCheckpoint
+	}
+	w, err := checkpoint.NewWriter(l.bw, h, o.Stream)
+	if err != nil {
+		return nil, err
+	}
+	l.w = w
+	if err := l.bw.Flush(); err != nil {
+		return nil, fmt.Errorf("send stream header to %s: %w", addr, err)
+	}
+	go l.readAcks(br, o.OnAck)
+	ok = true
+	return l, nil
+}
+
+// Reply is the receiver's handshake answer.
+func (l *Link) Reply() HelloReply { return l.reply }
+
+type deadlineWriter struct{ l *Link }
+
+func (d *deadlineWriter) Write(p []byte) (int, error) {
+	d.l.conn.SetWriteDeadline(time.Now().Add(d.l.timeout))
+	n, err := d.l.conn.Write(p)
+	d.l.sent.Add(uint64(n))
+	return n, err
+}
+
+// Writer implements precopy.Link.
+func (l *Link) Writer() *checkpoint.Writer { return l.w }
+
+// Flush implements precopy.Link.
+func (l *Link) Flush() error { return l.bw.Flush() }
+
+// BytesSent implements precopy.Link.
+func (l *Link) BytesSent() uint64 { return l.sent.Load() }
+
+func (l *Link) readAcks(br *bufio.Reader, onAck func(precopy.Ack)) {
+	defer close(l.done)
+	for {
+		var a precopy.Ack
+		err := readLine(br, &a)
+		l.mu.Lock()
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				err = fmt.Errorf("receiver closed the connection: %w", err)
+			}
+			l.ackErr = err
+		} else {
+			l.last, l.hasLast = a, true
+		}
+		close(l.changed)
+		l.changed = make(chan struct{})
+		l.mu.Unlock()
+		if err != nil {
+			return
+		}
+		if onAck != nil {
+			onAck(a)
+		}
+	}
+}
+
+// WaitAck implements precopy.Link.
+func (l *Link) WaitAck(ctx context.Context, epoch uint64) (precopy.Ack, error) {
+	for {
+		l.mu.Lock()
+		last, has, err, ch := l.last, l.hasLast, l.ackErr, l.changed
+		l.mu.Unlock()
+		if has && (last.Epoch >= epoch || last.Error != "") {
+			return last, nil
+		}
+		if err != nil {
+			return precopy.Ack{}, err
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return precopy.Ack{}, fmt.Errorf("waiting for the acknowledgement of epoch %d: %w", epoch, ctx.Err())
+		}
+	}
+}
+
+// LastAck returns the latest acknowledgement, if any.
+func (l *Link) LastAck() (precopy.Ack, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.last, l.hasLast
+}
+
+// Err returns why the acknowledgement channel failed, if it did.
+func (l *Link) Err() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ackErr
+}
+
+// Close closes the connection and waits (bounded) for the ack reader.
+func (l *Link) Close() error {
+	err := l.conn.Close()
+	select {
+	case <-l.done:
+	case <-time.After(5 * time.Second):
+	}
+	return err
+}

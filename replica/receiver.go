@@ -1,0 +1,199 @@
+package replica
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
+)
+
+// Factory builds an empty, paused guest of a kind from a configuration,
+// without booting it: its memory is zero until a stream fills it.
+type Factory func(kind string, cfg guest.Config) (guest.Guest, error)
+
+// Receiver accepts data connections.
+type Receiver struct {
+	NewGuest Factory
+	Build    string
+	Limits   checkpoint.Limits
+	Log      *slog.Logger
+	// Timeout bounds every read: a sender that sends nothing for this
+	// long is gone. 0 means DefaultIOTimeout.
+	Timeout time.Duration
+	// Kind, if set, is the only guest kind accepted.
+	Kind string
+}
+
+func (r *Receiver) timeout() time.Duration {
+	if r.Timeout > 0 {
+		return r.Timeout
+	}
+	return DefaultIOTimeout
+}
+
+func (r *Receiver) log() *slog.Logger {
+	if r.Log != nil {
+		return r.Log
+	}
+	return slog.Default()
+}
+
+// idleReader extends the connection's read deadline before every read.
+type idleReader struct {
+	conn    net.Conn
+	timeout time.Duration
+}
+
+func (ir idleReader) Read(p []byte) (int, error) {
+	ir.conn.SetReadDeadline(time.Now().Add(ir.timeout))
+	return ir.conn.Read(p)
+}
+
+// handshake reads and checks the sender's Hello. It answers a refusal
+// itself; the caller answers OK once it has what it needs.
+func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reader, error) {
+	br := bufio.NewReaderSize(idleReader{conn, r.timeout()}, 256<<10)
+	conn.SetReadDeadline(time.Now().Add(r.timeout()))
+	var h Hello
+	if err := readLine(br, &h); err != nil {
+		return h, nil, err
+	}
+	refuse := func(format string, a ...any) (Hello, *bufio.Reader, error) {
+		err := fmt.Errorf(format, a...)
+		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: r.Build})
+		return h, nil, err
+	}
+	switch {
+	case h.Proto != ProtoVersion:
+		return refuse("data-channel protocol %d, this receiver speaks %d", h.Proto, ProtoVersion)
+	case h.Purpose != purpose:
+		return refuse("sender wants %q, this receiver takes %q", h.Purpose, purpose)
+	case r.Kind != "" && h.Kind != r.Kind:
+		return refuse("guest kind %q, this receiver runs %q guests", h.Kind, r.Kind)
+	case checkpoint.FormatVersion(h.MinReader) > checkpoint.Current:
+		return refuse("stream format version %d needs a reader of version %d or later; this build reads %d to %d",
+			h.Format, h.MinReader, checkpoint.MinReadable, checkpoint.Current)
+	case checkpoint.FormatVersion(h.Format) < checkpoint.MinReadable:
+		return refuse("stream format version %d is older than the oldest this build reads (%d)", h.Format, checkpoint.MinReadable)
+	}
+	if err := h.Config.Validate(); err != nil {
+		return refuse("guest config: %v", err)
+	}
+	return h, br, nil
+}
+
+func (r *Receiver) replyOK(conn net.Conn, last uint64) error {
+	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+	return writeLine(conn, HelloReply{OK: true, Build: r.Build, LastEpoch: last})
+}
+
+// checkLayout refuses a stream whose header does not match the guest.
+func checkLayout(h checkpoint.Header, kind string, g guest.Guest) error {
+	if h.Kind != kind {
+		return fmt.Errorf("%w: stream of a %q guest, handshake said %q", checkpoint.ErrCorrupt, h.Kind, kind)
+	}
+	if !slices.Equal(h.Regions, checkpoint.RegionsOf(g.Regions())) {
+		return fmt.Errorf("%w: stream memory layout %v does not match the guest's %v", checkpoint.ErrCorrupt, h.Regions, checkpoint.RegionsOf(g.Regions()))
+	}
+	return nil
+}
+
+// MigrationResult is what a receiving end learns from a migration.
+type MigrationResult struct {
+	Guest     guest.Guest
+	Hello     Hello
+	Epochs    uint64
+	Digest    string
+	LoadTime  time.Duration
+	ResumedAt time.Time
+}
+
+// ReceiveMigration receives one live migration on conn: it builds an empty
+// guest, commits the sender's epochs into it, and when an epoch with
+// machine state commits, loads it, takes the switch-over digest, resumes
+// the guest and acknowledges. beforeResume, if set, runs with the loaded
+// guest still paused (the caller connects the console there). On error
+// the half-built guest is closed and nothing runs.
+func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeResume func(guest.Guest) error) (MigrationResult, error) {
+	var res MigrationResult
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
+	defer stop()
+	hello, br, err := r.handshake(conn, PurposeMigrate)
+	if err != nil {
+		return res, err
+	}
+	res.Hello = hello
+	g, err := r.NewGuest(hello.Kind, hello.Config)
+	if err != nil {
+		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: r.Build})
+		return res, fmt.Errorf("build the %s guest: %w", hello.Kind, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			g.Close()
+		}
+	}()
+	if err := r.replyOK(conn, 0); err != nil {
+		return res, err
+	}
+	rd, err := checkpoint.NewReader(br, r.Limits)
+	if err != nil {
+		return res, fmt.Errorf("stream from %s: %w", conn.RemoteAddr(), err)
+	}
+	if err := checkLayout(rd.Header(), hello.Kind, g); err != nil {
+		return res, err
+	}
+	im := NewImage(g)
+	for {
+		e, err := rd.ReadEpoch(im)
+		if err != nil {
+			im.Discard()
+			if errors.Is(err, io.EOF) {
+				err = fmt.Errorf("%w: stream ended before the guest's state arrived", checkpoint.ErrTruncated)
+			}
+			return res, fmt.Errorf("migration from %s: epoch %d: %w", conn.RemoteAddr(), im.Committed().Epoch+1, err)
+		}
+		res.Epochs++
+		if !im.Committed().Consistent {
+			continue
+		}
+		t0 := time.Now()
+		g, _, err := im.Activate()
+		if err != nil {
+			return res, err
+		}
+		res.Digest = im.Digest().String()
+		if beforeResume != nil {
+			if err := beforeResume(g); err != nil {
+				return res, err
+			}
+		}
+		res.LoadTime = time.Since(t0)
+		if _, err := g.Resume(); err != nil {
+			return res, fmt.Errorf("resume the received guest: %w", err)
+		}
+		res.ResumedAt = time.Now()
+		res.Guest = g
+		ok = true
+		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+		if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch, Digest: res.Digest, Final: true, LoadTime: res.LoadTime, ResumedAt: res.ResumedAt}); err != nil {
+			// The guest runs here now; the source learns of it by the
+			// missing ack and resumes its own copy, which is the split
+			// brain a two-party switch-over cannot rule out. Say so.
+			r.log().Error("migration: guest resumed but the acknowledgement could not be sent; the source may resume too", "err", err)
+		}
+		return res, nil
+	}
+}
