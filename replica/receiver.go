@@ -124,7 +124,7 @@ type MigrationResult struct {
 // the guest and acknowledges. beforeResume, if set, runs with the loaded
 // guest still paused (the caller connects the console there). On error
 // the half-built guest is closed and nothing runs.
-func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeResume func(guest.Guest) error) (MigrationResult, error) {
+func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeResume func(guest.Guest, Hello) error) (MigrationResult, error) {
 	var res MigrationResult
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
@@ -176,7 +176,7 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 		}
 		res.Digest = im.Digest().String()
 		if beforeResume != nil {
-			if err := beforeResume(g); err != nil {
+			if err := beforeResume(g, hello); err != nil {
 				return res, err
 			}
 		}

@@ -1,0 +1,134 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tandemvm/tandem/internal/timing"
+)
+
+// apiServer serves a node's JSON status and control endpoints and its
+// Prometheus metrics. Every role (run, receive, primary, secondary,
+// witness) shares it and adds its own handlers.
+type apiServer struct {
+	ln      net.Listener
+	srv     *http.Server
+	mux     *http.ServeMux
+	reg     *prometheus.Registry
+	timings *timing.Recorder
+	quit    chan struct{} // closed by POST /quit
+}
+
+func newAPIServer(addr string, log *slog.Logger) (*apiServer, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("api: listen on %s: %w", addr, err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a := &apiServer{
+		ln:      ln,
+		mux:     http.NewServeMux(),
+		reg:     reg,
+		timings: timing.New(reg, log, timing.DefaultSlowThreshold),
+		quit:    make(chan struct{}),
+	}
+	a.mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	a.mux.HandleFunc("GET /debug/slow", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"slow": a.timings.SlowPhases()})
+	})
+	var quitOnce bool
+	a.mux.HandleFunc("POST /quit", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+		if !quitOnce {
+			quitOnce = true
+			close(a.quit)
+		}
+	})
+	a.srv = &http.Server{Handler: a.mux, ReadHeaderTimeout: 5 * time.Second}
+	return a, nil
+}
+
+func (a *apiServer) start() { go a.srv.Serve(a.ln) }
+
+func (a *apiServer) addr() string { return a.ln.Addr().String() }
+
+func (a *apiServer) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	a.srv.Shutdown(ctx)
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, code int, err error) {
+	writeJSON(w, code, map[string]any{"error": err.Error()})
+}
+
+// apiClient talks to another node's API with a deadline on every call.
+type apiClient struct {
+	base string
+	http *http.Client
+}
+
+func newAPIClient(addr string) *apiClient {
+	return &apiClient{base: "http://" + addr, http: &http.Client{Timeout: 10 * time.Second}}
+}
+
+func (c *apiClient) get(path string, out any) error {
+	resp, err := c.http.Get(c.base + path)
+	if err != nil {
+		return fmt.Errorf("api %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	return decodeAPIResponse(resp, out)
+}
+
+func (c *apiClient) post(path string, body any, out any) error {
+	var buf []byte
+	if body != nil {
+		var err error
+		if buf, err = json.Marshal(body); err != nil {
+			return err
+		}
+	}
+	resp, err := c.http.Post(c.base+path, "application/json", bytesReader(buf))
+	if err != nil {
+		return fmt.Errorf("api %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	return decodeAPIResponse(resp, out)
+}
+
+func decodeAPIResponse(resp *http.Response, out any) error {
+	if resp.StatusCode >= 300 {
+		var e struct {
+			Error string `json:"error"`
+		}
+		json.NewDecoder(resp.Body).Decode(&e)
+		if e.Error == "" {
+			e.Error = resp.Status
+		}
+		return errors.New(e.Error)
+	}
+	if out == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}

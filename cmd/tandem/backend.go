@@ -1,0 +1,62 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/kvm"
+	"github.com/tandemvm/tandem/guest/synth"
+)
+
+// defaultGuestKind is kvm when /dev/kvm works and the micro-guest image is
+// built, the software guest otherwise.
+func defaultGuestKind() string {
+	if kvm.Available() != nil {
+		return synth.Kind
+	}
+	if _, err := kvm.DefaultImage(); err != nil {
+		return synth.Kind
+	}
+	return kvm.Kind
+}
+
+// bootGuest builds a guest that boots its workload on the first Resume.
+func bootGuest(kind string, cfg guest.Config) (guest.Guest, error) {
+	switch kind {
+	case synth.Kind:
+		return synth.New(cfg)
+	case kvm.Kind:
+		return kvm.New(cfg)
+	}
+	return nil, fmt.Errorf("unknown guest kind %q: want kvm or synth", kind)
+}
+
+// emptyGuest builds a paused guest with zero memory that will not boot: a
+// received image is written into it and its state loaded.
+func emptyGuest(kind string, cfg guest.Config) (guest.Guest, error) {
+	switch kind {
+	case synth.Kind:
+		return synth.New(cfg)
+	case kvm.Kind:
+		return kvm.NewEmpty(cfg)
+	}
+	return nil, fmt.Errorf("unknown guest kind %q: this build runs kvm and synth guests", kind)
+}
+
+// guestInfo is what status says about the guest itself.
+type guestInfo struct {
+	Kind     string `json:"guest_kind"`
+	Flavour  string `json:"kvm_flavour,omitempty"`
+	Memory   string `json:"memory"`
+	VCPUs    int    `json:"vcpus"`
+	Workload string `json:"workload"`
+	Paused   bool   `json:"paused"`
+}
+
+func describeGuest(g guest.Guest, cfg guest.Config) guestInfo {
+	gi := guestInfo{Kind: g.Kind(), Memory: guest.FormatSize(cfg.Memory), VCPUs: cfg.VCPUs, Workload: cfg.Workload.Kind, Paused: g.Paused()}
+	if g.Kind() == kvm.Kind {
+		gi.Flavour = kvm.Flavour()
+	}
+	return gi
+}

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// consoleBridge bridges TCP clients to a guest's serial line. Input from
+// every client goes to the guest; output the guest releases goes to every
+// connected client (kv replies carry their client id, so clients pick out
+// their own). Output reaches the bridge only through release, which the
+// output-commit gate calls once the epoch that produced the bytes is safe.
+type consoleBridge struct {
+	ln    net.Listener
+	input func([]byte) error
+	log   *slog.Logger
+
+	// mu guards clients and closed.
+	mu      sync.Mutex
+	clients map[net.Conn]chan []byte
+	closed  bool
+}
+
+// clientQueue bounds how many released chunks wait for a slow client
+// before it is dropped (a stuck client must not hold up the guest).
+const clientQueue = 4096
+
+func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger) (*consoleBridge, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]chan []byte{}}
+	go b.accept()
+	return b, nil
+}
+
+func (b *consoleBridge) addr() string { return b.ln.Addr().String() }
+
+func (b *consoleBridge) accept() {
+	for {
+		c, err := b.ln.Accept()
+		if err != nil {
+			return
+		}
+		out := make(chan []byte, clientQueue)
+		b.mu.Lock()
+		if b.closed {
+			b.mu.Unlock()
+			c.Close()
+			return
+		}
+		b.clients[c] = out
+		b.mu.Unlock()
+		go b.writeLoop(c, out)
+		go b.readLoop(c)
+	}
+}
+
+func (b *consoleBridge) readLoop(c net.Conn) {
+	defer b.drop(c)
+	buf := make([]byte, 4096)
+	for {
+		c.SetReadDeadline(time.Now().Add(10 * time.Minute))
+		n, err := c.Read(buf)
+		if n > 0 {
+			// The guest's input buffer is finite: retry briefly, then
+			// drop the client rather than block forever.
+			p := append([]byte(nil), buf[:n]...)
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				if err := b.input(p); err == nil {
+					break
+				} else if time.Now().After(deadline) {
+					b.log.Warn("console: guest input stuck; dropping client", "client", c.RemoteAddr().String(), "err", err)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (b *consoleBridge) writeLoop(c net.Conn, out chan []byte) {
+	defer b.drop(c)
+	for p := range out {
+		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(p); err != nil {
+			return
+		}
+	}
+}
+
+func (b *consoleBridge) drop(c net.Conn) {
+	b.mu.Lock()
+	out, ok := b.clients[c]
+	delete(b.clients, c)
+	b.mu.Unlock()
+	if ok {
+		close(out)
+	}
+	c.Close()
+}
+
+// release sends released guest output to every client.
+func (b *consoleBridge) release(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	cp := append([]byte(nil), p...)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for c, out := range b.clients {
+		select {
+		case out <- cp:
+		default:
+			b.log.Warn("console: client too slow; dropping", "client", c.RemoteAddr().String())
+			delete(b.clients, c)
+			close(out)
+			c.Close()
+		}
+	}
+}
+
+func (b *consoleBridge) close() {
+	b.ln.Close()
+	b.mu.Lock()
+	b.closed = true
+	for c, out := range b.clients {
+		delete(b.clients, c)
+		close(out)
+		c.Close()
+	}
+	b.mu.Unlock()
+}
+
+func bytesReader(p []byte) io.Reader { return bytes.NewReader(p) }

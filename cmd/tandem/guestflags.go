@@ -1,0 +1,67 @@
+package main
+
+import (
+	"flag"
+	"strconv"
+
+	"github.com/tandemvm/tandem/guest"
+)
+
+// sizeFlag is a flag.Value for byte sizes such as 512MiB or 1GiB.
+type sizeFlag struct{ v *uint64 }
+
+func (s sizeFlag) String() string {
+	if s.v == nil {
+		return ""
+	}
+	return guest.FormatSize(*s.v)
+}
+
+func (s sizeFlag) Set(v string) error {
+	n, err := guest.ParseSize(v)
+	if err != nil {
+		return err
+	}
+	*s.v = n
+	return nil
+}
+
+// guestFlags are the guest flags shared by run, primary and demo.
+type guestFlags struct {
+	kind      string
+	cfg       guest.Config
+	dirtyRate string
+}
+
+func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
+	gf.cfg = guest.Config{Memory: 256 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV, Pattern: guest.PatternRandom, Touch: 0}}
+	fs.StringVar(&gf.kind, "guest", defaultGuestKind(), "guest backend: kvm or synth")
+	fs.Var(sizeFlag{&gf.cfg.Memory}, "memory", "guest memory, e.g. 256MiB or 1GiB")
+	fs.IntVar(&gf.cfg.VCPUs, "vcpus", 1, "number of vCPUs")
+	fs.StringVar(&gf.cfg.Workload.Kind, "workload", guest.WorkloadKV, "guest workload: dirty or kv")
+	fs.Var(sizeFlag{&gf.cfg.Workload.Touch}, "touch", "dirty workload: bytes to touch once, e.g. 512MiB")
+	fs.StringVar(&gf.dirtyRate, "dirty-rate", "0", "dirty workload: pages written per second")
+	fs.StringVar(&gf.cfg.Workload.Pattern, "dirty-pattern", guest.PatternRandom, "dirty workload: seq, random or hot")
+	fs.StringVar(&gf.cfg.Image, "image", "", "kvm: micro-guest image (default: the one built by make guest-image)")
+	fs.StringVar(&gf.cfg.Disk, "disk", "", "path of a virtual disk file")
+}
+
+// config validates the guest flags and returns the configuration, or a
+// usage error naming the bad value and the accepted forms.
+func (gf *guestFlags) config() (string, guest.Config, error) {
+	switch gf.kind {
+	case "kvm", "synth":
+	default:
+		return "", guest.Config{}, usagef("--guest %q: want kvm or synth", gf.kind)
+	}
+	rate, err := strconv.ParseUint(gf.dirtyRate, 10, 64)
+	if err != nil {
+		return "", guest.Config{}, usagef("--dirty-rate %q: want a whole number of pages per second", gf.dirtyRate)
+	}
+	cfg := gf.cfg
+	cfg.Workload.DirtyRate = rate
+	if err := cfg.Validate(); err != nil {
+		return "", guest.Config{}, usagef("%v", err)
+	}
+	return gf.kind, cfg, nil
+}

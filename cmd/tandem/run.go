@@ -1,0 +1,369 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/block"
+	"github.com/tandemvm/tandem/internal/version"
+	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
+)
+
+func init() {
+	register("run", "run a guest with an HTTP API and a console bridge", cmdRun)
+}
+
+// guestNode is a process that runs one guest: `tandem run`, and `tandem
+// receive` once its guest has arrived. Its API serves status, metrics,
+// migration control and (with --allow-faults) fault injection.
+type guestNode struct {
+	log     *slog.Logger
+	api     *apiServer
+	console *consoleBridge
+	role    string
+	allowFaults bool
+
+	// mu guards the fields below.
+	mu      sync.Mutex
+	g       guest.Guest
+	cfg     guest.Config
+	state   string // "waiting", "running", "paused", "postmigrate"
+	mig     *precopy.Migration
+	migDest string
+	cancel  context.CancelFunc
+	inbound *replica.MigrationResult
+}
+
+func newLogger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+func cmdRun(args []string) error {
+	fs := newFlagSet("run")
+	var gf guestFlags
+	addGuestFlags(fs, &gf)
+	apiAddr := fs.String("api", "127.0.0.1:7070", "address of the HTTP API")
+	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
+	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	kind, cfg, err := gf.config()
+	if err != nil {
+		return err
+	}
+	log := newLogger()
+	g, err := bootGuest(kind, cfg)
+	if err != nil {
+		return err
+	}
+	n, err := newGuestNode("run", *apiAddr, *consoleAddr, log)
+	if err != nil {
+		g.Close()
+		return err
+	}
+	n.allowFaults = *allowFaults
+	n.attach(g, cfg)
+	if _, err := g.Resume(); err != nil {
+		n.close()
+		return fmt.Errorf("start the guest: %w", err)
+	}
+	n.setState("running")
+	log.Info("guest running", "kind", kind, "memory", guest.FormatSize(cfg.Memory), "vcpus", cfg.VCPUs,
+		"workload", cfg.Workload.Kind, "api", n.api.addr(), "console", n.console.addr())
+	return n.wait()
+}
+
+func newGuestNode(role, apiAddr, consoleAddr string, log *slog.Logger) (*guestNode, error) {
+	api, err := newAPIServer(apiAddr, log)
+	if err != nil {
+		return nil, err
+	}
+	n := &guestNode{log: log, api: api, role: role, state: "waiting"}
+	n.console, err = newConsoleBridge(consoleAddr, n.input, log)
+	if err != nil {
+		api.close()
+		return nil, fmt.Errorf("console: listen on %s: %w", consoleAddr, err)
+	}
+	api.mux.HandleFunc("GET /status", n.handleStatus)
+	api.mux.HandleFunc("POST /migrate", n.handleMigrate)
+	api.mux.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
+	api.mux.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
+	api.start()
+	return n, nil
+}
+
+func (n *guestNode) input(p []byte) error {
+	n.mu.Lock()
+	g := n.g
+	n.mu.Unlock()
+	if g == nil {
+		return errors.New("no guest yet")
+	}
+	return g.Console().Input(p)
+}
+
+// attach makes g the node's guest; its console output goes straight to
+// the bridge (an unprotected guest has no epoch to wait for).
+func (n *guestNode) attach(g guest.Guest, cfg guest.Config) {
+	g.Console().SetOutput(n.console.release)
+	n.mu.Lock()
+	n.g, n.cfg = g, cfg
+	n.mu.Unlock()
+}
+
+func (n *guestNode) setState(s string) {
+	n.mu.Lock()
+	n.state = s
+	n.mu.Unlock()
+}
+
+// wait runs until SIGTERM, SIGINT or POST /quit, then stops everything.
+func (n *guestNode) wait() error {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sig)
+	select {
+	case s := <-sig:
+		n.log.Info("stopping", "signal", s.String())
+	case <-n.api.quit:
+		n.log.Info("stopping", "reason", "POST /quit")
+	}
+	n.close()
+	return nil
+}
+
+func (n *guestNode) close() {
+	n.mu.Lock()
+	if n.cancel != nil {
+		n.cancel()
+	}
+	g := n.g
+	n.mu.Unlock()
+	n.console.close()
+	n.api.close()
+	if g != nil {
+		if err := g.Close(); err != nil {
+			n.log.Warn("closing the guest", "err", err)
+		}
+	}
+}
+
+// nodeStatus is the JSON of GET /status on a guest node: the guest's and
+// the node's state with, when there was a migration, query-migrate's
+// figures at the top level (their names are the command-line contract).
+type nodeStatus struct {
+	Role  string `json:"role"`
+	State string `json:"state"`
+	guestInfo
+	precopy.MigrationStatus
+	MemoryDigest string `json:"memory_digest,omitempty"`
+	Build        string `json:"build"`
+}
+
+func (n *guestNode) status(digest bool) nodeStatus {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	st := nodeStatus{Role: n.role, State: n.state, Build: version.Build()}
+	if n.g != nil {
+		st.guestInfo = describeGuest(n.g, n.cfg)
+	}
+	switch {
+	case n.mig != nil:
+		st.MigrationStatus = n.mig.Status()
+		st.Destination = n.migDest
+	case n.inbound != nil:
+		st.MigrationStatus = precopy.MigrationStatus{Status: precopy.StatusCompleted, SwitchoverDigest: n.inbound.Digest}
+		st.DowntimeBreakdown.DestinationLoadMs = float64(n.inbound.LoadTime.Microseconds()) / 1000
+	default:
+		st.MigrationStatus.Status = n.state
+	}
+	if digest && n.g != nil {
+		st.MemoryDigest = memoryDigest(n.g)
+	}
+	return st
+}
+
+// memoryDigest is the digest of the guest's memory now. A running guest is
+// paused for the scan so the figure is one instant's.
+func memoryDigest(g guest.Guest) string {
+	if !g.Paused() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if _, err := g.Pause(ctx); err == nil {
+			defer g.Resume()
+		}
+	}
+	s := guest.ScanMemory(g.Regions()).Sum()
+	return fmt.Sprintf("%x", s[:])
+}
+
+func (n *guestNode) handleStatus(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, n.status(r.URL.Query().Get("digest") != ""))
+}
+
+// migrateRequest is the body of POST /migrate; `tandem migrate` sends it.
+type migrateRequest struct {
+	To              string `json:"to"`
+	MaxBandwidth    uint64 `json:"max_bandwidth"` // bytes/s, 0 = unlimited
+	DowntimeLimitMs int64  `json:"downtime_limit_ms"`
+	MaxTimeMs       int64  `json:"max_time_ms"`
+	MinRetryMs      int64  `json:"min_retry_ms"`
+	Compression     string `json:"compression"`
+	AutoConverge    *bool  `json:"auto_converge"`
+}
+
+func (req migrateRequest) policy() (precopy.Policy, error) {
+	p := precopy.DefaultPolicy()
+	p.MaxBandwidth = req.MaxBandwidth
+	if req.DowntimeLimitMs > 0 {
+		p.DowntimeLimit = time.Duration(req.DowntimeLimitMs) * time.Millisecond
+	}
+	if req.MaxTimeMs > 0 {
+		p.MaxTime = time.Duration(req.MaxTimeMs) * time.Millisecond
+	}
+	if req.MinRetryMs > 0 {
+		p.MinRetryInterval = time.Duration(req.MinRetryMs) * time.Millisecond
+	}
+	if req.AutoConverge != nil {
+		p.AutoConverge = *req.AutoConverge
+	}
+	return p, p.Validate()
+}
+
+func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
+	var req migrateRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("bad migrate request: %v", err))
+		return
+	}
+	pol, err := req.policy()
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	comp, err := checkpoint.ParseCompression(orDefault(req.Compression, "default"))
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	n.mu.Lock()
+	g, cfg, state, busy := n.g, n.cfg, n.state, n.mig != nil && isActive(n.mig.Status().Status)
+	n.mu.Unlock()
+	switch {
+	case g == nil || state != "running":
+		writeError(w, http.StatusConflict, fmt.Errorf("no running guest to migrate (state %s)", state))
+		return
+	case busy:
+		writeError(w, http.StatusConflict, errors.New("a migration is already running"))
+		return
+	}
+	hello := replica.Hello{Purpose: replica.PurposeMigrate, Kind: g.Kind(), Config: cfg, Build: version.Build()}
+	opts := checkpoint.Options{Compression: comp}
+	// Connect and handshake before answering, so a refusal (another kind,
+	// another format version, nobody listening) comes back to the caller
+	// before the guest is paused at all.
+	var link precopy.Link
+	var closeLink func()
+	if path, ok := strings.CutPrefix(req.To, "file:"); ok {
+		fl, err := replica.CreateFileLink(path, hello, g.Regions(), opts)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		link, closeLink = fl, fl.Abort
+	} else {
+		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+		l, err := replica.Dial(ctx, req.To, hello, g.Regions(), replica.DialOptions{Stream: opts})
+		cancel()
+		if err != nil {
+			writeError(w, http.StatusBadGateway, err)
+			return
+		}
+		link, closeLink = l, func() { l.Close() }
+	}
+	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
+	if err != nil {
+		closeLink()
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n.mu.Lock()
+	n.mig, n.migDest, n.cancel = m, req.To, cancel
+	n.mu.Unlock()
+	go func() {
+		defer cancel()
+		err := m.Run(ctx)
+		closeLink()
+		if err != nil {
+			n.log.Error("migration failed; the guest keeps running here", "to", req.To, "err", err)
+			return
+		}
+		st := m.Status()
+		n.setState("postmigrate")
+		n.log.Info("migration completed; the guest runs on the destination", "to", req.To,
+			"downtime_ms", st.DowntimeMs, "total_time_ms", st.TotalTimeMs, "transferred_bytes", st.TransferredBytes)
+	}()
+	writeJSON(w, http.StatusAccepted, map[string]any{"ok": true, "to": req.To})
+}
+
+func (n *guestNode) handleMigrateCancel(w http.ResponseWriter, r *http.Request) {
+	n.mu.Lock()
+	cancel := n.cancel
+	n.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+}
+
+// handleStallFlush makes the guest's disk stall its next flush (tests of
+// the stalled-flush path). Only with --allow-faults.
+func (n *guestNode) handleStallFlush(w http.ResponseWriter, r *http.Request) {
+	if !n.allowFaults {
+		writeError(w, http.StatusForbidden, errors.New("fault injection is off (start with --allow-faults)"))
+		return
+	}
+	var req struct {
+		DurationMs int64 `json:"duration_ms"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil || req.DurationMs <= 0 {
+		writeError(w, http.StatusBadRequest, errors.New("want {\"duration_ms\": N} with N > 0"))
+		return
+	}
+	n.mu.Lock()
+	g := n.g
+	n.mu.Unlock()
+	bd, ok := g.(interface{ BlockDisk() *block.Disk })
+	if !ok || bd.BlockDisk() == nil {
+		writeError(w, http.StatusConflict, errors.New("the guest has no disk (start with --disk PATH)"))
+		return
+	}
+	bd.BlockDisk().StallFlush(time.Duration(req.DurationMs) * time.Millisecond)
+	writeJSON(w, http.StatusOK, map[string]any{"ok": true})
+}
+
+func isActive(s string) bool {
+	return s == precopy.StatusSetup || s == precopy.StatusActive || s == precopy.StatusDevice
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}

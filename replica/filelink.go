@@ -1,0 +1,189 @@
+package replica
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
+)
+
+// A snapshot file holds exactly what a migration puts on the wire: the
+// Hello line, then the checkpoint stream. Restoring one is receiving a
+// migration from a file.
+
+// FileLink is a precopy.Link that writes a snapshot file. The file is
+// written under a temporary name and published atomically (fsync, rename,
+// fsync of the directory) when the final epoch is acknowledged, so a
+// reader never sees a partial snapshot under the real name.
+type FileLink struct {
+	path string
+	f    *os.File
+	bw   *bufio.Writer
+	cw   *countWriter
+	w    *checkpoint.Writer
+	done bool
+}
+
+type countWriter struct {
+	w io.Writer
+	n uint64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += uint64(n)
+	return n, err
+}
+
+// CreateFileLink starts a snapshot at path.
+func CreateFileLink(path string, hello Hello, regions []guest.Region, opts checkpoint.Options) (*FileLink, error) {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	l := &FileLink{path: path, f: f}
+	l.cw = &countWriter{w: f}
+	l.bw = bufio.NewWriterSize(l.cw, 1<<20)
+	hello.Proto = ProtoVersion
+	hello.Purpose = PurposeMigrate
+	hello.Format = uint16(checkpoint.Current)
+	hello.MinReader = uint16(checkpoint.MinReadable)
+	if opts.Version != 0 {
+		hello.Format = uint16(opts.Version)
+	}
+	if err := writeLine(l.bw, hello); err != nil {
+		l.Abort()
+		return nil, err
+	}
+	h := checkpoint.Header{Build: hello.Build, Kind: hello.Kind, PageSize: guest.PageSize,
+		Regions: checkpoint.RegionsOf(regions), Flags: checkpoint.FlagSnapshot}
+	if l.w, err = checkpoint.NewWriter(l.bw, h, opts); err != nil {
+		l.Abort()
+		return nil, err
+	}
+	return l, nil
+}
+
+// Writer implements precopy.Link.
+func (l *FileLink) Writer() *checkpoint.Writer { return l.w }
+
+// Flush implements precopy.Link.
+func (l *FileLink) Flush() error { return l.bw.Flush() }
+
+// BytesSent implements precopy.Link.
+func (l *FileLink) BytesSent() uint64 { return l.cw.n }
+
+// WaitAck implements precopy.Link. The engine asks for an acknowledgement
+// only of the final epoch: the file is then ended and published, and the
+// acknowledgement says the image is safe.
+func (l *FileLink) WaitAck(ctx context.Context, epoch uint64) (precopy.Ack, error) {
+	t0 := time.Now()
+	if err := l.publish(); err != nil {
+		return precopy.Ack{}, err
+	}
+	return precopy.Ack{Epoch: epoch, Final: true, LoadTime: time.Since(t0)}, nil
+}
+
+func (l *FileLink) publish() error {
+	if l.done {
+		return nil
+	}
+	if err := l.w.EndStream(); err != nil {
+		return err
+	}
+	if err := l.bw.Flush(); err != nil {
+		return err
+	}
+	if err := l.f.Sync(); err != nil {
+		return fmt.Errorf("snapshot %s: fsync: %w", l.path, err)
+	}
+	if err := l.f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(l.f.Name(), l.path); err != nil {
+		return fmt.Errorf("snapshot %s: %w", l.path, err)
+	}
+	if d, err := os.Open(filepath.Dir(l.path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	l.done = true
+	return nil
+}
+
+// Abort removes an unpublished snapshot.
+func (l *FileLink) Abort() {
+	if !l.done {
+		l.f.Close()
+		os.Remove(l.f.Name())
+	}
+}
+
+// RestoreFile restores a snapshot file written by a FileLink into a new
+// guest, paused, with its state loaded.
+func (r *Receiver) RestoreFile(path string) (MigrationResult, error) {
+	var res MigrationResult
+	f, err := os.Open(path)
+	if err != nil {
+		return res, fmt.Errorf("snapshot: %w", err)
+	}
+	defer f.Close()
+	br := bufio.NewReaderSize(f, 1<<20)
+	var h Hello
+	if err := readLine(br, &h); err != nil {
+		return res, fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	if h.Proto != ProtoVersion {
+		return res, fmt.Errorf("snapshot %s: data-channel protocol %d, this build speaks %d", path, h.Proto, ProtoVersion)
+	}
+	if err := h.Config.Validate(); err != nil {
+		return res, fmt.Errorf("snapshot %s: guest config: %w", path, err)
+	}
+	res.Hello = h
+	g, err := r.NewGuest(h.Kind, h.Config)
+	if err != nil {
+		return res, fmt.Errorf("snapshot %s: build the %s guest: %w", path, h.Kind, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			g.Close()
+		}
+	}()
+	rd, err := checkpoint.NewReader(br, r.Limits)
+	if err != nil {
+		return res, fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	if err := checkLayout(rd.Header(), h.Kind, g); err != nil {
+		return res, fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	im := NewImage(g)
+	for {
+		_, err := rd.ReadEpoch(im)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			im.Discard()
+			return res, fmt.Errorf("snapshot %s: %w", path, err)
+		}
+		res.Epochs++
+	}
+	t0 := time.Now()
+	g, _, err = im.Activate()
+	if err != nil {
+		return res, fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	res.Digest = im.Digest().String()
+	res.LoadTime = time.Since(t0)
+	res.Guest = g
+	ok = true
+	return res, nil
+}
