@@ -30,10 +30,10 @@ func init() {
 // receive` once its guest has arrived. Its API serves status, metrics,
 // migration control and (with --allow-faults) fault injection.
 type guestNode struct {
-	log     *slog.Logger
-	api     *apiServer
-	console *consoleBridge
-	role    string
+	log         *slog.Logger
+	api         *apiServer
+	console     *consoleBridge
+	role        string
 	allowFaults bool
 
 	// mu guards the fields below.
