@@ -93,11 +93,12 @@ type Guest struct {
 	resumeCh chan struct{}
 	pauseReq atomic.Bool
 
-	closing  chan struct{}
-	throttle atomic.Int32
-	thrOnce  sync.Once
-	thrEpoch time.Time // set in New: throttle windows are aligned to it
-	thrDone  chan struct{}
+	closing    chan struct{}
+	throttle   atomic.Int32
+	thrOnce    sync.Once
+	thrEpoch   time.Time     // set in New: throttle windows are aligned to it
+	thrDone    chan struct{} // closed when throttleLoop returns
+	thrStarted atomic.Bool
 
 	progress atomic.Uint32 // the workload's last reported phase
 	errMu    sync.Mutex
@@ -381,6 +382,9 @@ func (g *Guest) teardown() error {
 	}
 	var errs []error
 	stuck := false
+	if g.thrStarted.Load() {
+		<-g.thrDone // it kicks vCPUs: it must be gone before they are released
+	}
 	deadline := time.NewTimer(closeTimeout)
 	defer deadline.Stop()
 	for _, v := range g.vcpus {
@@ -497,7 +501,10 @@ func (g *Guest) SetThrottle(percent int) {
 	percent = max(0, min(99, percent))
 	g.throttle.Store(int32(percent))
 	if percent > 0 {
-		g.thrOnce.Do(func() { go g.throttleLoop() })
+		g.thrOnce.Do(func() {
+			g.thrStarted.Store(true)
+			go g.throttleLoop()
+		})
 	}
 }
 
@@ -518,6 +525,7 @@ func (g *Guest) throttleRemaining() time.Duration {
 }
 
 func (g *Guest) throttleLoop() {
+	defer close(g.thrDone)
 	t := time.NewTimer(throttlePeriod)
 	defer t.Stop()
 	for {

@@ -25,6 +25,9 @@ const (
 	ustackSize  = 0x10000
 	imageGPA    = 0x200000
 	kvGPA       = 0x400000
+	consRxGPA   = 0xB00000 // console bulk input buffer
+	consTxGPA   = 0xB01000 // console bulk output buffer
+	consBuf     = 4096
 	diskReqGPA  = 0xC00000
 	dataGPA     = 0x1000000 // the dirty workload's touched range starts here
 
@@ -35,6 +38,8 @@ const (
 	portPanic        = 0x501
 	portIdle         = 0x502
 	portProgress     = 0x503
+	portConsRx       = 0x504
+	portConsTx       = 0x505
 	portDiskSubmit   = 0x510
 	portDiskDone     = 0x511
 	bootMagic        = 0x544f4f424d444e54 // "TNDMBOOT"

@@ -8,9 +8,12 @@ import (
 // inputCap bounds the console input queue; Input fails beyond it.
 const inputCap = 64 << 10
 
-// uart is an 8250/16550 register model at 0x3f8 with no interrupt line:
-// the micro-guest polls the line status register. Output bytes go to the
-// console sink synchronously on the vCPU that wrote them.
+// uart is an 8250/16550 register model at 0x3f8 with no interrupt line,
+// plus Tandem's bulk extension (ports 0x504/0x505: a whole buffer per exit,
+// because an exit costs tens of microseconds on kvm-pvm and string I/O
+// exits once per byte there). Both paths share one input queue and one
+// sink. Output goes to the console sink synchronously on the vCPU that
+// wrote it.
 type uart struct {
 	// mu guards the registers and the input queue.
 	mu         sync.Mutex
@@ -37,6 +40,19 @@ func (u *uart) hasInput() bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return len(u.in) > 0
+}
+
+// readBulk moves up to len(dst) queued input bytes into dst (Tandem's bulk
+// RX port) and returns how many.
+func (u *uart) readBulk(dst []byte) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	n := copy(dst, u.in)
+	u.in = u.in[n:]
+	if len(u.in) == 0 {
+		u.in = nil
+	}
+	return n
 }
 
 func (u *uart) input(p []byte) error {

@@ -337,6 +337,13 @@ func (v *vcpu) portOut(port uint16, size int, buf []byte) error {
 		v.idle(time.Duration(val()) * time.Microsecond)
 	case port == portProgress:
 		g.progress.Store(val())
+	case port == portConsTx:
+		// Bulk output: one exit per batch of replies instead of one per
+		// byte. The sink gets a copy; the guest reuses its buffer.
+		n := min(uint64(val()), consBuf)
+		if src, ok := g.guestBytes(consTxGPA, n); ok && n > 0 {
+			g.uart.write(0, append([]byte(nil), src...), g.console.sink())
+		}
 	case port == portDiskSubmit:
 		if g.disk != nil {
 			g.disk.submit(uint64(val()))
@@ -352,6 +359,16 @@ func (v *vcpu) portIn(port uint16, size int, buf []byte) {
 		for i := range buf {
 			buf[i] = g.uart.read(port - portUART)
 		}
+		return
+	case port == portConsRx && size == 4:
+		// Bulk input: queued bytes move into the guest's buffer (a write
+		// by Tandem, so it is marked dirty) and EAX gets the count.
+		dst, _ := g.guestBytes(consRxGPA, consBuf)
+		n := g.uart.readBulk(dst)
+		if n > 0 {
+			g.MarkDirty(consRxGPA>>12, 1)
+		}
+		binary.LittleEndian.PutUint32(buf, uint32(n))
 		return
 	case port == portDiskDone && size == 4 && g.disk != nil:
 		binary.LittleEndian.PutUint32(buf, g.disk.completedCount())

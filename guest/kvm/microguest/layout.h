@@ -16,6 +16,9 @@
 #define USTACK_SIZE    0x10000ULL
 #define IMAGE_GPA      0x200000ULL /* link address of the image */
 #define KV_GPA         0x400000ULL /* kv table and client records */
+#define CONS_RX_GPA    0xB00000ULL /* console bulk input buffer (4 KiB) */
+#define CONS_TX_GPA    0xB01000ULL /* console bulk output buffer (4 KiB) */
+#define CONS_BUF       4096
 #define DISK_GPA       0xC00000ULL /* disk request descriptor and buffer */
 #define DATA_GPA       0x1000000ULL /* dirty workload's touched range */
 
@@ -27,6 +30,8 @@
 #define PORT_PANIC     0x501 /* outl: guest panic code */
 #define PORT_IDLE      0x502 /* outl: wait up to N microseconds for input */
 #define PORT_PROGRESS  0x503 /* outl: workload phase (1 = touch done) */
+#define PORT_CONS_RX   0x504 /* inl: move queued console input to CONS_RX_GPA, return count */
+#define PORT_CONS_TX   0x505 /* outl n: send n bytes at CONS_TX_GPA to the console */
 #define PORT_DISK_SUBMIT 0x510 /* outl: GPA of a disk request */
 #define PORT_DISK_DONE   0x511 /* inl: number of requests completed */
 
