@@ -51,7 +51,7 @@ func appendXORDelta(dst, page, base []byte) ([]byte, bool) {
 	start := len(dst)
 	var nruns int
 	dst = append(dst, 0, 0) // room for a 2-byte run count (uvarint, <= 2048 runs)
-	pos, last := 0, 0 // scan position, end of the previous run
+	pos, last := 0, 0       // scan position, end of the previous run
 	n := len(page)
 	for pos < n {
 		// Skip equal words.
