@@ -272,6 +272,10 @@ func TestWrongVersion(t *testing.T) {
 	skip = append(skip, byte(SectionSkippable|0x10), 3, 0, 0, 0, 0, 0, 0, 0, 'a', 'b', 'c')
 	fixCRC(skip, offs[3])
 	skip = append(skip, s[offs[3]:]...)
+	// EPOCH-END counts every section, skippable ones included.
+	ee := offs[3] + frameLen + 3
+	binary.LittleEndian.PutUint64(skip[ee+frameLen+8:], 4)
+	fixCRC(skip, ee)
 	if _, err := restoreInto(skip, Limits{}); err != nil {
 		t.Fatalf("skippable section: %v", err)
 	}

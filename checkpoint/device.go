@@ -39,6 +39,9 @@ var msgpackHandle = func() *codec.MsgpackHandle {
 	// Bound the initial allocation a length prefix can cause; slices grow
 	// as elements actually decode.
 	h.MaxInitLen = 4096
+	// Nesting is bounded so hostile input cannot recurse deeply; device
+	// Fields are opaque bytes, so the schema itself nests three levels.
+	h.MaxDepth = 32
 	return h
 }()
 

@@ -67,7 +67,8 @@
 // DISK body: uvarint count, then per write uvarint offset, uvarint length,
 // data.
 //
-// EPOCH-END payload: epoch, sections, pages, zero_pages, delta_pages,
+// EPOCH-END payload: epoch, sections (every section since the previous
+// EPOCH-END, skippable ones included), pages, zero_pages, delta_pages,
 // device_sections, disk_writes, disk_bytes (uint64 each) and a SHA-256
 // over the epoch's content in stream order (see epochDigest: 'Z'+index for
 // a zero page, 'P'+index+XXH64(data) for any other, 'D'+guest.StateDigest,
@@ -86,6 +87,23 @@
 // placeholders. A reader reads [MinReadable, Current] and any newer stream
 // whose min_reader it meets; Options.Version writes an older version for
 // a peer that has not upgraded.
+//
+// # Performance
+//
+// `go test -run '^$' -bench . -benchtime 1s ./checkpoint/` on the 2-vCPU
+// AMD EPYC development VM (2026-11-25, one goroutine, 16 MiB of pages per
+// op, shared machine so +-30%):
+//
+//	encode zero pages     29 GB/s  (copy of the same memory: 15 GB/s)   95000x smaller
+//	encode sparse delta  2.3 GB/s  (1-16 bytes changed per page)           185x smaller
+//	                               zstd alone over the pages: 4.1 GB/s,      1.0x
+//	encode random        1.6 GB/s  (sent stored, zstd skipped)             1.0x
+//	                               zstd alone: 1.7-4 GB/s,                   1.0x
+//	decode zero / sparse / random: 8.3 / 4.3 / 1.6 GB/s
+//
+// The epoch digest hashes page data with XXH64 and folds the records into
+// SHA-256: hashing every byte with SHA-256 (SHA-NI) held both encoders
+// at 750 MB/s.
 //
 // # Concurrency
 //

@@ -186,7 +186,10 @@ func (r *Reader) next(t Target) (Section, error) {
 		if s.Type&SectionSkippable == 0 {
 			return s, fmt.Errorf("%w: unknown section type %d at offset %d", ErrVersion, uint8(s.Type), r.off)
 		}
+		// Counted like any other section: a newer writer counts the
+		// skippable sections it writes into EPOCH-END too.
 		s.Skipped = true
+		r.cur.Sections++
 	}
 	if err != nil {
 		return s, fmt.Errorf("%v section at offset %d: %w", s.Type, r.off, err)
