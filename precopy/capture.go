@@ -99,6 +99,8 @@ type Capture struct {
 	Breakdown Breakdown
 	// Resumed is false when the capture left the guest paused.
 	Resumed bool
+	// Buffer backs Pages; hand it back as CaptureOptions.Buffer to reuse.
+	Buffer []byte
 }
 
 // CaptureOptions tune one Capture.
@@ -113,6 +115,10 @@ type CaptureOptions struct {
 	// MaxPages bounds how many dirty pages are copied; the rest stay in
 	// the Bitmap for the next capture. 0 means all.
 	MaxPages int
+	// Buffer, if set, receives the page copies (grown when too small), so
+	// a pipeline can keep several captures alive at once; otherwise the
+	// Core's own buffer is reused and the previous Capture's pages die.
+	Buffer []byte
 }
 
 // ErrFlushAborted wraps guest.ErrFlushDeadline when a capture gave up
@@ -173,7 +179,7 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 	c.observe(PhaseStateSave, t0, cp.Breakdown.StateSave)
 
 	t0 = time.Now()
-	cp.Pages = c.copyDirty(o.MaxPages)
+	cp.Pages, cp.Buffer = c.copyDirty(o.MaxPages, o.Buffer)
 	cp.Breakdown.Copy = time.Since(t0)
 	c.observe(PhaseCopy, t0, cp.Breakdown.Copy)
 
@@ -198,17 +204,24 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 	return cp, nil
 }
 
-// copyDirty takes up to max (0: all) dirty pages out of the Bitmap and
-// copies them into the Core's reused buffer.
-func (c *Core) copyDirty(limit int) []checkpoint.Page {
+// copyDirty takes up to limit (0: all) dirty pages out of the Bitmap and
+// copies them into buf, or the Core's reused buffer when buf is nil.
+func (c *Core) copyDirty(limit int, buf []byte) ([]checkpoint.Page, []byte) {
 	n := c.Dirty.Count()
 	if limit > 0 && n > uint64(limit) {
 		n = uint64(limit)
 	}
-	if need := n * guest.PageSize; uint64(cap(c.pageBuf)) < need {
-		c.pageBuf = make([]byte, need)
+	own := buf == nil
+	if own {
+		buf = c.pageBuf
 	}
-	buf := c.pageBuf[:n*guest.PageSize]
+	if need := n * guest.PageSize; uint64(cap(buf)) < need {
+		buf = make([]byte, need)
+	}
+	if own {
+		c.pageBuf = buf
+	}
+	buf = buf[:n*guest.PageSize]
 	pages := make([]checkpoint.Page, 0, n)
 	idx := make([]uint64, 1024)
 	from := uint64(0)
@@ -229,5 +242,5 @@ func (c *Core) copyDirty(limit int) []checkpoint.Page {
 		}
 		from = next
 	}
-	return pages
+	return pages, buf
 }

@@ -108,8 +108,7 @@ type Migration struct {
 	mu     sync.Mutex
 	status MigrationStatus
 
-	epoch uint64
-	snap  []byte // sendBatch's stable copies of live pages
+	send *LiveSender
 }
 
 // NewMigration prepares a migration; Run starts it.
@@ -122,6 +121,9 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 		total += uint64(len(r.Mem))
 	}
 	m := &Migration{core: core, link: link, policy: p, EpochPages: 4096}
+	m.send = &LiveSender{Core: core, Link: link, OnPages: func(sent, zero uint64) {
+		m.update(func(s *MigrationStatus) { s.NormalPages += sent; s.ZeroPages += zero })
+	}}
 	m.status = MigrationStatus{Status: StatusSetup, TotalBytes: total}
 	return m, nil
 }
@@ -149,10 +151,10 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return m.failed(start, err)
 	}
-	var limiter *Limiter
 	if m.policy.MaxBandwidth > 0 {
-		limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), nil)
+		m.send.Limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), nil)
 	}
+	m.send.EpochPages = m.EpochPages
 	defer func() {
 		if th, ok := m.core.G.(guest.Throttler); ok {
 			th.SetThrottle(0)
@@ -177,9 +179,9 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		wire0 := m.link.BytesSent()
 		var sent uint64
 		if round == 0 {
-			sent, err = m.sendAll(ctx, limiter, start)
+			sent, err = m.send.SendAll(ctx)
 		} else {
-			sent, err = m.sendDirty(ctx, limiter, start)
+			sent, err = m.send.SendDirty(ctx)
 		}
 		if err != nil {
 			return m.failed(start, err)
@@ -250,118 +252,6 @@ func (m *Migration) failed(start time.Time, err error) error {
 	return err
 }
 
-// sendAll is round 0: every non-zero page, read while the guest runs
-// (a page torn by a racing write is dirty again and goes in a later round).
-func (m *Migration) sendAll(ctx context.Context, limiter *Limiter, start time.Time) (uint64, error) {
-	var sent uint64
-	batch := make([]checkpoint.Page, 0, 256)
-	inEpoch := 0
-	for _, r := range m.core.G.Regions() {
-		for p := uint64(0); p < r.Pages(); p++ {
-			page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
-			if guest.IsZeroPage(page) {
-				m.update(func(s *MigrationStatus) { s.ZeroPages++ })
-				continue
-			}
-			batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
-			if len(batch) == cap(batch) {
-				if err := m.sendBatch(ctx, limiter, batch); err != nil {
-					return sent, err
-				}
-				sent += uint64(len(batch))
-				inEpoch += len(batch)
-				batch = batch[:0]
-				if inEpoch >= m.EpochPages {
-					if err := m.endEpoch(); err != nil {
-						return sent, err
-					}
-					inEpoch = 0
-					m.update(func(s *MigrationStatus) {
-						s.TransferredBytes = m.link.BytesSent()
-						s.TotalTimeMs = time.Since(start).Milliseconds()
-					})
-				}
-			}
-		}
-	}
-	if len(batch) > 0 {
-		if err := m.sendBatch(ctx, limiter, batch); err != nil {
-			return sent, err
-		}
-		sent += uint64(len(batch))
-	}
-	return sent, m.endEpoch()
-}
-
-// sendDirty sends the pages the Bitmap holds, reading them while the guest
-// runs.
-func (m *Migration) sendDirty(ctx context.Context, limiter *Limiter, start time.Time) (uint64, error) {
-	var sent uint64
-	idx := make([]uint64, 256)
-	batch := make([]checkpoint.Page, 0, len(idx))
-	inEpoch := 0
-	for from := uint64(0); ; {
-		n, next := m.core.Dirty.TakeBatch(idx, from)
-		batch = batch[:0]
-		for _, p := range idx[:n] {
-			if data := m.core.Page(p); data != nil {
-				batch = append(batch, checkpoint.Page{Index: p, Data: data})
-			}
-		}
-		if len(batch) > 0 {
-			if err := m.sendBatch(ctx, limiter, batch); err != nil {
-				return sent, err
-			}
-			sent += uint64(len(batch))
-			inEpoch += len(batch)
-		}
-		if inEpoch >= m.EpochPages {
-			if err := m.endEpoch(); err != nil {
-				return sent, err
-			}
-			inEpoch = 0
-		}
-		if n < len(idx) {
-			break
-		}
-		from = next
-	}
-	return sent, m.endEpoch()
-}
-
-// sendBatch sends pages read from live guest memory. The Writer reads a
-// page several times (zero test, digest, delta, cache), so each page is
-// first copied once: what is sent, hashed and cached is one version.
-func (m *Migration) sendBatch(ctx context.Context, limiter *Limiter, batch []checkpoint.Page) error {
-	if need := len(batch) * guest.PageSize; len(m.snap) < need {
-		m.snap = make([]byte, need)
-	}
-	for i := range batch {
-		dst := m.snap[i*guest.PageSize : (i+1)*guest.PageSize]
-		copy(dst, batch[i].Data)
-		batch[i].Data = dst
-	}
-	before := m.link.BytesSent()
-	if err := m.link.Writer().WritePages(batch); err != nil {
-		return fmt.Errorf("send pages: %w", err)
-	}
-	m.update(func(s *MigrationStatus) { s.NormalPages += uint64(len(batch)) })
-	if limiter != nil {
-		if err := limiter.Wait(ctx, int(m.link.BytesSent()-before)); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (m *Migration) endEpoch() error {
-	m.epoch++
-	if _, err := m.link.Writer().EndEpoch(m.epoch); err != nil {
-		return fmt.Errorf("end epoch %d: %w", m.epoch, err)
-	}
-	return m.link.Flush()
-}
-
 // complete tries the stop-and-copy. It returns done=true when the
 // destination has resumed the guest; done=false, err=nil when the attempt
 // was aborted (flush missed its budget) and the guest runs again on the
@@ -402,10 +292,10 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	if err := w.WriteDevices(cp.State); err != nil {
 		return false, m.failed(start, fmt.Errorf("final send: %w", err))
 	}
-	if err := m.endEpoch(); err != nil {
+	final, err := m.send.EndEpoch()
+	if err != nil {
 		return false, m.failed(start, err)
 	}
-	final := m.epoch
 	actx, cancel := context.WithTimeout(ctx, max(30*time.Second, 10*m.policy.DowntimeLimit))
 	ack, err := m.link.WaitAck(actx, final)
 	cancel()

@@ -1,0 +1,170 @@
+package precopy
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+)
+
+// LiveSender sends pages of a running guest over a Link, as a migration's
+// iterative rounds and a joining secondary's catch-up do. Pages read
+// while the guest runs may be torn by a racing write; such a page is dirty
+// again and goes again in a later round or in the final, paused capture.
+type LiveSender struct {
+	Core *Core
+	Link Link
+	// Limiter caps the wire rate; nil means no cap.
+	Limiter *Limiter
+	// EpochPages ends an epoch every so many pages, so the receiver's
+	// staging stays small; 0 means 4096.
+	EpochPages int
+	// OnPages, if set, is told after every batch how many pages went and
+	// how many zero pages round 0 skipped.
+	OnPages func(sent, zero uint64)
+
+	epoch uint64 // last epoch number used
+	snap  []byte // stable copies of live pages
+}
+
+// SetEpoch sets the last epoch number used; the next epoch is n+1.
+func (s *LiveSender) SetEpoch(n uint64) { s.epoch = n }
+
+// Epoch is the last epoch number used.
+func (s *LiveSender) Epoch() uint64 { return s.epoch }
+
+// EndEpoch closes the current epoch, flushes the link and returns the
+// epoch's number.
+func (s *LiveSender) EndEpoch() (uint64, error) {
+	s.epoch++
+	if _, err := s.Link.Writer().EndEpoch(s.epoch); err != nil {
+		return 0, fmt.Errorf("end epoch %d: %w", s.epoch, err)
+	}
+	return s.epoch, s.Link.Flush()
+}
+
+func (s *LiveSender) epochPages() int {
+	if s.EpochPages > 0 {
+		return s.EpochPages
+	}
+	return 4096
+}
+
+// SendAll is round 0: every non-zero page of guest memory. The receiver's
+// memory starts zero, so zero pages are skipped. It ends its last epoch.
+func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
+	var sent, zero uint64
+	batch := make([]checkpoint.Page, 0, 256)
+	inEpoch := 0
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		if err := s.sendBatch(ctx, batch); err != nil {
+			return err
+		}
+		sent += uint64(len(batch))
+		inEpoch += len(batch)
+		if s.OnPages != nil {
+			s.OnPages(uint64(len(batch)), zero)
+		}
+		zero = 0
+		batch = batch[:0]
+		if inEpoch >= s.epochPages() {
+			inEpoch = 0
+			_, err := s.EndEpoch()
+			return err
+		}
+		return nil
+	}
+	for _, r := range s.Core.G.Regions() {
+		for p := uint64(0); p < r.Pages(); p++ {
+			page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+			if guest.IsZeroPage(page) {
+				zero++
+				continue
+			}
+			batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
+			if len(batch) == cap(batch) {
+				if err := flush(); err != nil {
+					return sent, err
+				}
+			}
+		}
+		if err := ctx.Err(); err != nil {
+			return sent, err
+		}
+	}
+	if err := flush(); err != nil {
+		return sent, err
+	}
+	if zero > 0 && s.OnPages != nil {
+		s.OnPages(0, zero)
+	}
+	_, err := s.EndEpoch()
+	return sent, err
+}
+
+// SendDirty sends the pages the Bitmap holds and ends its last epoch.
+func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
+	var sent uint64
+	idx := make([]uint64, 256)
+	batch := make([]checkpoint.Page, 0, len(idx))
+	inEpoch := 0
+	for from := uint64(0); ; {
+		n, next := s.Core.Dirty.TakeBatch(idx, from)
+		batch = batch[:0]
+		for _, p := range idx[:n] {
+			if data := s.Core.Page(p); data != nil {
+				batch = append(batch, checkpoint.Page{Index: p, Data: data})
+			}
+		}
+		if len(batch) > 0 {
+			if err := s.sendBatch(ctx, batch); err != nil {
+				return sent, err
+			}
+			sent += uint64(len(batch))
+			inEpoch += len(batch)
+			if s.OnPages != nil {
+				s.OnPages(uint64(len(batch)), 0)
+			}
+		}
+		if inEpoch >= s.epochPages() {
+			if _, err := s.EndEpoch(); err != nil {
+				return sent, err
+			}
+			inEpoch = 0
+		}
+		if n < len(idx) {
+			break
+		}
+		from = next
+	}
+	_, err := s.EndEpoch()
+	return sent, err
+}
+
+// sendBatch sends pages read from live guest memory. The Writer reads a
+// page several times (zero test, digest, delta, cache), so each page is
+// first copied once: what is sent, hashed and cached is one version.
+func (s *LiveSender) sendBatch(ctx context.Context, batch []checkpoint.Page) error {
+	if need := len(batch) * guest.PageSize; len(s.snap) < need {
+		s.snap = make([]byte, need)
+	}
+	for i := range batch {
+		dst := s.snap[i*guest.PageSize : (i+1)*guest.PageSize]
+		copy(dst, batch[i].Data)
+		batch[i].Data = dst
+	}
+	before := s.Link.BytesSent()
+	if err := s.Link.Writer().WritePages(batch); err != nil {
+		return fmt.Errorf("send pages: %w", err)
+	}
+	if s.Limiter != nil {
+		if err := s.Limiter.Wait(ctx, int(s.Link.BytesSent()-before)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
