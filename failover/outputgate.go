@@ -26,6 +26,7 @@ type OutputGate struct {
 	pending  []heldOutput
 	held     int // bytes in pending
 	now      func() time.Time
+	passing  bool // not holding: Write releases at once (unprotected)
 
 	delays []time.Duration // output delay of recent releases, bounded
 }
@@ -49,13 +50,21 @@ func NewOutputGate(firstEpoch uint64, sink func([]byte), allow func() bool) *Out
 	return &OutputGate{sink: sink, allow: allow, open: firstEpoch, now: time.Now}
 }
 
-// Write holds p as output of the epoch in progress. It never blocks on the
-// outside world; it copies p.
+// Write holds p as output of the epoch in progress, or passes it straight
+// on while the gate is not holding (and the fencing check allows). It
+// never blocks on the outside world; it copies p.
 func (g *OutputGate) Write(p []byte) {
 	if len(p) == 0 {
 		return
 	}
 	g.mu.Lock()
+	if g.passing {
+		if g.allow() && g.sink != nil {
+			g.sink(p)
+		}
+		g.mu.Unlock()
+		return
+	}
 	g.pending = append(g.pending, heldOutput{epoch: g.open, written: g.now(), data: append([]byte(nil), p...)})
 	g.held += len(p)
 	g.mu.Unlock()
@@ -107,6 +116,31 @@ func (g *OutputGate) Release(acked uint64) bool {
 		g.released = acked
 	}
 	return true
+}
+
+// Hold switches between holding output for acknowledgements (a protected
+// primary) and passing it on at once (an unprotected one, which has no
+// secondary to wait for). Switching to passing first releases everything
+// held, in order, if the fencing check allows.
+func (g *OutputGate) Hold(on bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !on && !g.passing && g.allow() {
+		for _, h := range g.pending {
+			if g.sink != nil {
+				g.sink(h.data)
+			}
+		}
+		g.pending, g.held = nil, 0
+	}
+	g.passing = !on
+}
+
+// Holding reports whether the gate holds output for acknowledgements.
+func (g *OutputGate) Holding() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return !g.passing
 }
 
 // Discard drops everything held (a fenced or demoted primary).

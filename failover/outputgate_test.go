@@ -73,3 +73,19 @@ func TestOutputGateConcurrentWriters(t *testing.T) {
 		t.Fatalf("released %d held %d, want 8000 and 0", total, g.Held())
 	}
 }
+
+func TestOutputGatePassingReleasesHeldFirstThenPassesOn(t *testing.T) {
+	var out bytes.Buffer
+	g := NewOutputGate(1, func(p []byte) { out.Write(p) }, nil)
+	g.Write([]byte("held "))
+	g.Hold(false)
+	g.Write([]byte("direct"))
+	if out.String() != "held direct" {
+		t.Fatalf("got %q", out.String())
+	}
+	g.Hold(true)
+	g.Write([]byte(" later"))
+	if out.String() != "held direct" || g.Held() != 6 {
+		t.Fatalf("holding gate passed output on: %q", out.String())
+	}
+}
