@@ -42,6 +42,7 @@ type Image struct {
 	epoch      uint64
 	hash       *guest.MemHash
 	committed  uint64 // epochs committed
+	handedOver bool   // Activate succeeded: the guest is no longer ours
 }
 
 // NewImage wraps a paused guest whose memory is the committed image. The
@@ -125,6 +126,10 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	if im.handedOver {
+		im.discardLocked()
+		return ErrHandedOver
+	}
 	if len(im.stagedDisk) > 0 {
 		if err := im.g.(guest.Disk).ApplyDiskWrites(im.stagedDisk); err != nil {
 			// Memory is untouched; the epoch is refused as a whole.
@@ -194,6 +199,10 @@ func (im *Image) Digest() guest.Digest {
 // sync).
 var ErrInconsistent = errors.New("replica: the committed image is not a consistent guest yet")
 
+// ErrHandedOver is returned by an Image whose guest has been activated:
+// nothing may write its memory any more.
+var ErrHandedOver = errors.New("replica: image already handed over to a running guest")
+
 // Activate loads the committed state into the guest and returns it,
 // paused, for the caller to resume. The Image must not be used afterwards.
 func (im *Image) Activate() (guest.Guest, Committed, error) {
@@ -203,9 +212,13 @@ func (im *Image) Activate() (guest.Guest, Committed, error) {
 	if !im.consistent || !im.hasState {
 		return nil, c, ErrInconsistent
 	}
+	if im.handedOver {
+		return nil, c, ErrHandedOver
+	}
 	if err := im.g.LoadState(cloneState(im.state)); err != nil {
 		return nil, c, fmt.Errorf("replica: load state of epoch %d: %w", im.epoch, err)
 	}
+	im.handedOver = true
 	return im.g, c, nil
 }
 

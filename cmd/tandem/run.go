@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/block"
 	"github.com/tandemvm/tandem/internal/version"
@@ -45,6 +46,8 @@ type guestNode struct {
 	migDest string
 	cancel  context.CancelFunc
 	inbound *replica.MigrationResult
+	epochs  *failover.EpochLoop // primary: protection
+	sec     *replica.Secondary  // secondary: the committed image
 }
 
 func newLogger() *slog.Logger {
@@ -172,6 +175,32 @@ type nodeStatus struct {
 	precopy.MigrationStatus
 	MemoryDigest string `json:"memory_digest,omitempty"`
 	Build        string `json:"build"`
+
+	// Protection figures of a primary or a secondary, merged into the
+	// top level by MarshalJSON (both name last_committed_epoch, so they
+	// cannot be embedded side by side).
+	Epochs    *failover.EpochStatus    `json:"-"`
+	Secondary *replica.SecondaryStatus `json:"-"`
+}
+
+// MarshalJSON flattens the node's status and its protection figures into
+// one object.
+func (s nodeStatus) MarshalJSON() ([]byte, error) {
+	type plain nodeStatus
+	out := map[string]any{}
+	for _, part := range []any{plain(s), s.Epochs, s.Secondary} {
+		if part == nil || part == (*failover.EpochStatus)(nil) || part == (*replica.SecondaryStatus)(nil) {
+			continue
+		}
+		b, err := json.Marshal(part)
+		if err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal(b, &out); err != nil {
+			return nil, err
+		}
+	}
+	return json.Marshal(out)
 }
 
 func (n *guestNode) status(digest bool) nodeStatus {
@@ -191,7 +220,17 @@ func (n *guestNode) status(digest bool) nodeStatus {
 	default:
 		st.MigrationStatus.Status = n.state
 	}
-	if digest && n.g != nil {
+	if n.epochs != nil {
+		es := n.epochs.Status()
+		st.Epochs = &es
+	}
+	if n.sec != nil {
+		ss := n.sec.Status(digest)
+		st.Secondary = &ss
+	}
+	if digest && n.g != nil && n.epochs == nil {
+		// A protected guest is paused only by its epoch loop; its proof
+		// is the per-epoch digest comparison (--verify-epochs).
 		st.MemoryDigest = memoryDigest(n.g)
 	}
 	return st

@@ -1,0 +1,222 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/tandemvm/tandem/failover"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/version"
+	"github.com/tandemvm/tandem/replica"
+)
+
+func init() {
+	register("primary", "run a guest protected by a secondary (epochs, output commit)", cmdPrimary)
+	register("secondary", "keep a committed replica of a primary's guest, ready to activate", cmdSecondary)
+	register("activate", "resume a secondary's guest from its last committed epoch", cmdActivate)
+}
+
+// epochFlags are the protection flags of `tandem primary`.
+type epochFlags struct {
+	epoch       time.Duration
+	flushBudget time.Duration
+	verify      bool
+	inFlight    int
+}
+
+func addEpochFlags(fs interface {
+	DurationVar(*time.Duration, string, time.Duration, string)
+	BoolVar(*bool, string, bool, string)
+	IntVar(*int, string, int, string)
+}, ef *epochFlags) {
+	fs.DurationVar(&ef.epoch, "epoch", 25*time.Millisecond, "epoch interval")
+	fs.DurationVar(&ef.flushBudget, "flush-budget", 5*time.Millisecond, "longest disk flush at an epoch pause before the capture is abandoned")
+	fs.BoolVar(&ef.verify, "verify-epochs", false, "prove every epoch: compare the primary's digest with the secondary's")
+	fs.IntVar(&ef.inFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
+}
+
+func (ef epochFlags) validate() error {
+	switch {
+	case ef.epoch < time.Millisecond || ef.epoch > time.Minute:
+		return usagef("--epoch %v: want 1ms to 1m", ef.epoch)
+	case ef.flushBudget <= 0:
+		return usagef("--flush-budget %v: want a positive duration", ef.flushBudget)
+	case ef.inFlight < 1 || ef.inFlight > 1024:
+		return usagef("--max-in-flight %d: want 1 to 1024", ef.inFlight)
+	}
+	return nil
+}
+
+// startEpochs protects n's guest with an epoch loop (not yet pointed at a
+// secondary) and returns it running.
+func startEpochs(n *guestNode, g guest.Guest, cfg guest.Config, ef epochFlags, allow func() bool) (*failover.EpochLoop, context.CancelFunc) {
+	loop := failover.NewEpochLoop(failover.EpochConfig{
+		Guest: g, Config: cfg, Interval: ef.epoch, FlushBudget: ef.flushBudget, MaxInFlight: ef.inFlight,
+		Verify: ef.verify, Build: version.Build(), Timings: n.api.timings, Log: n.log,
+		Release: n.console.release, Allow: allow,
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	n.mu.Lock()
+	n.g, n.cfg, n.epochs = g, cfg, loop
+	n.mu.Unlock()
+	go loop.Run(ctx)
+	return loop, cancel
+}
+
+func cmdPrimary(args []string) error {
+	fs := newFlagSet("primary")
+	var gf guestFlags
+	addGuestFlags(fs, &gf)
+	var ef epochFlags
+	addEpochFlags(fs, &ef)
+	apiAddr := fs.String("api", "127.0.0.1:7070", "address of the HTTP API")
+	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
+	secondary := fs.String("secondary", "", "the secondary's --data address (a pair without raft)")
+	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	kind, cfg, err := gf.config()
+	if err != nil {
+		return err
+	}
+	if err := ef.validate(); err != nil {
+		return err
+	}
+	if *secondary != "" {
+		if _, _, err := net.SplitHostPort(*secondary); err != nil {
+			return usagef("--secondary %q: want HOST:PORT", *secondary)
+		}
+	}
+	log := newLogger()
+	g, err := bootGuest(kind, cfg)
+	if err != nil {
+		return err
+	}
+	n, err := newGuestNode("primary", *apiAddr, *consoleAddr, log)
+	if err != nil {
+		g.Close()
+		return err
+	}
+	n.allowFaults = *allowFaults
+	loop, cancel := startEpochs(n, g, cfg, ef, nil)
+	n.mu.Lock()
+	n.cancel = cancel
+	n.mu.Unlock()
+	if _, err := g.Resume(); err != nil {
+		n.close()
+		return fmt.Errorf("start the guest: %w", err)
+	}
+	n.setState("running")
+	loop.SetSecondary(*secondary)
+	log.Info("primary running", "kind", kind, "secondary", *secondary, "epoch", ef.epoch, "api", n.api.addr(), "console", n.console.addr())
+	return n.wait()
+}
+
+func cmdSecondary(args []string) error {
+	fs := newFlagSet("secondary")
+	data := fs.String("data", "127.0.0.1:7092", "address the primary streams epochs to")
+	apiAddr := fs.String("api", "127.0.0.1:7082", "address of the HTTP API")
+	consoleAddr := fs.String("console", "127.0.0.1:7083", "address of the console bridge (serves once activated)")
+	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
+	var ef epochFlags
+	addEpochFlags(fs, &ef)
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if *kind != "" && *kind != "kvm" && *kind != "synth" {
+		return usagef("--guest %q: want kvm or synth", *kind)
+	}
+	if err := ef.validate(); err != nil {
+		return err
+	}
+	log := newLogger()
+	n, err := newGuestNode("secondary", *apiAddr, *consoleAddr, log)
+	if err != nil {
+		return err
+	}
+	r := &replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind, Timeout: 5 * time.Second}
+	sec := replica.NewSecondary(r, nil)
+	n.mu.Lock()
+	n.sec = sec
+	n.state = "standby"
+	n.mu.Unlock()
+	ln, err := net.Listen("tcp", *data)
+	if err != nil {
+		n.close()
+		return fmt.Errorf("listen on %s: %w", *data, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go serveSecondary(ctx, ln, sec, n)
+	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {
+		if err := activate(n, sec, ef); err != nil {
+			code := http.StatusConflict
+			writeError(w, code, err)
+			return
+		}
+		ln.Close()
+		writeJSON(w, http.StatusOK, n.status(false))
+	})
+	log.Info("secondary waiting for a primary", "data", ln.Addr().String(), "api", n.api.addr())
+	err = n.wait()
+	cancel()
+	ln.Close()
+	sec.Close()
+	return err
+}
+
+// serveSecondary takes primary connections one after another.
+func serveSecondary(ctx context.Context, ln net.Listener, sec *replica.Secondary, n *guestNode) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer conn.Close()
+			err := sec.Serve(ctx, conn)
+			if ctx.Err() == nil && !errors.Is(err, replica.ErrActivated) {
+				n.log.Warn("primary connection ended", "from", conn.RemoteAddr().String(), "err", err)
+			}
+		}()
+	}
+}
+
+// activate resumes the secondary's guest from its last committed epoch,
+// serves its console and protects it with an epoch loop (unprotected until
+// a secondary is given).
+func activate(n *guestNode, sec *replica.Secondary, ef epochFlags) error {
+	t0 := time.Now()
+	g, h, c, err := sec.Activate()
+	if err != nil {
+		return fmt.Errorf("activate: %w", err)
+	}
+	_, cancel := startEpochs(n, g, h.Config, ef, nil)
+	n.mu.Lock()
+	n.role, n.cancel, n.sec = "primary", cancel, nil
+	n.mu.Unlock()
+	if _, err := g.Resume(); err != nil {
+		return fmt.Errorf("activate: resume: %w", err)
+	}
+	n.setState("running")
+	n.log.Info("activated: guest resumed from the last committed epoch", "epoch", c.Epoch, "took", time.Since(t0).String())
+	return nil
+}
+
+func cmdActivate(args []string) error {
+	fs := newFlagSet("activate")
+	api := fs.String("api", "127.0.0.1:7082", "API address of the secondary")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	var st map[string]any
+	if err := newAPIClient(*api).post("/activate", nil, &st); err != nil {
+		return err
+	}
+	fmt.Printf("activated: role %v, guest from epoch %v\n", st["role"], st["last_committed_epoch"])
+	return nil
+}

@@ -1,0 +1,590 @@
+package failover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/timing"
+	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// EpochConfig configures a primary's epoch loop.
+type EpochConfig struct {
+	Guest  guest.Guest
+	Config guest.Config
+	// Interval is the epoch length; 0 means 25 ms.
+	Interval time.Duration
+	// FlushBudget bounds the disk flush at each pause; 0 means 5 ms. A
+	// flush that misses it aborts that epoch's capture (the guest resumes
+	// at once) and the next epoch tries again.
+	FlushBudget time.Duration
+	// MaxInFlight bounds epochs shipped but not yet acknowledged; 0 means
+	// 4. See the back-pressure policy in the package doc.
+	MaxInFlight int
+	// Verify proves the replica matches: the primary digests memory and
+	// state at every pause and compares with the secondary's digest of
+	// its committed image.
+	Verify bool
+	// VerifyScanEvery makes every n-th verified epoch digest all of
+	// memory at the pause instead of only the captured pages, which also
+	// catches pages the dirty log missed; 0 means 20.
+	VerifyScanEvery int
+	Build           string
+	Generation      uint64
+	Stream          checkpoint.Options
+	Timings         *timing.Recorder
+	Log             *slog.Logger
+	// Release receives output once it may leave (the console bridge).
+	Release func([]byte)
+	// Allow is the fencing check run before any output leaves; nil
+	// means always.
+	Allow func() bool
+	// OnCommitted is told of every acknowledged epoch (raft records the
+	// last committed epoch from here).
+	OnCommitted func(epoch uint64)
+	// OnProtected is told when protection starts or stops.
+	OnProtected func(protected bool, why string)
+}
+
+// EpochLoop is a primary's protection: it runs the guest's epochs, ships
+// them to the secondary, and releases output as the secondary
+// acknowledges. Without a secondary the guest runs unprotected and its
+// output passes straight through. One goroutine calls Run; the other
+// methods may be called from anywhere.
+type EpochLoop struct {
+	cfg  EpochConfig
+	core *precopy.Core
+	gate *OutputGate
+	log  *slog.Logger
+
+	target chan string // new secondary address ("" = none)
+
+	// mu guards the figures and state below.
+	mu            sync.Mutex
+	secondary     string
+	state         string // unprotected, joining, protected
+	why           string
+	committed     uint64
+	lastCommitAt  time.Time
+	shipped       uint64 // last stream epoch shipped
+	gateEpochOf   map[uint64]flight
+	pauses        []time.Duration // recent pauses, bounded
+	ackLatency    []time.Duration // recent, bounded
+	epochs        uint64          // consistent epochs captured
+	acked         uint64          // consistent epochs acknowledged
+	rawBytes      uint64          // page bytes captured, all epochs
+	wireBytes     uint64          // stream bytes of consistent epochs
+	flushAborts   uint64
+	mismatches    uint64
+	verified      uint64
+	lastMismatch  string
+	startedEpochs time.Time
+	stalls        uint64 // captures delayed by back-pressure
+	joins         uint64
+}
+
+// flight is what the primary remembers of a shipped consistent epoch
+// until the secondary acknowledges it.
+type flight struct {
+	gateEpoch uint64
+	digest    string
+	pausedAt  time.Time
+}
+
+// Protection states.
+const (
+	StateUnprotected = "unprotected"
+	StateJoining     = "joining"
+	StateProtected   = "protected"
+)
+
+const recentSamples = 2048
+
+// NewEpochLoop prepares protection for a guest (not yet resumed or
+// already running) and routes its console output through the output
+// gate. The guest starts unprotected.
+func NewEpochLoop(cfg EpochConfig) *EpochLoop {
+	if cfg.Interval <= 0 {
+		cfg.Interval = 25 * time.Millisecond
+	}
+	if cfg.FlushBudget <= 0 {
+		cfg.FlushBudget = 5 * time.Millisecond
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 4
+	}
+	if cfg.VerifyScanEvery <= 0 {
+		cfg.VerifyScanEvery = 20
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	l := &EpochLoop{
+		cfg: cfg, core: precopy.NewCore(cfg.Guest, cfg.Timings), log: cfg.Log,
+		target: make(chan string, 1), state: StateUnprotected, why: "no secondary yet",
+		gateEpochOf: map[uint64]flight{},
+	}
+	l.gate = NewOutputGate(1, cfg.Release, cfg.Allow)
+	l.gate.Hold(false)
+	cfg.Guest.Console().SetOutput(l.gate.Write)
+	return l
+}
+
+// Gate is the loop's output gate (fencing discards through it).
+func (l *EpochLoop) Gate() *OutputGate { return l.gate }
+
+// SetSecondary points protection at a secondary's data address; "" drops
+// protection. The loop connects, syncs and starts epochs on its own, and
+// reconnects after failures.
+func (l *EpochLoop) SetSecondary(addr string) {
+	select {
+	case <-l.target:
+	default:
+	}
+	l.target <- addr
+}
+
+// Run runs epochs until ctx ends. It never leaves the guest paused.
+func (l *EpochLoop) Run(ctx context.Context) error {
+	addr := ""
+	retry := time.Duration(0)
+	for {
+		if addr == "" {
+			l.setState(StateUnprotected, "no secondary configured")
+			select {
+			case <-ctx.Done():
+				return nil
+			case addr = <-l.target:
+			}
+			continue
+		}
+		err := l.protect(ctx, addr)
+		if ctx.Err() != nil {
+			return nil
+		}
+		var next string
+		var changed bool
+		select {
+		case next = <-l.target:
+			changed = true
+		default:
+		}
+		if changed {
+			addr, retry = next, 0
+			continue
+		}
+		// Lost the secondary: run unprotected, retry with back-off.
+		l.setState(StateUnprotected, err.Error())
+		retry = min(max(2*retry, 200*time.Millisecond), 5*time.Second)
+		select {
+		case <-ctx.Done():
+			return nil
+		case addr = <-l.target:
+			retry = 0
+		case <-time.After(retry):
+		}
+	}
+}
+
+func (l *EpochLoop) setState(s, why string) {
+	l.mu.Lock()
+	old := l.state
+	l.state, l.why = s, why
+	l.mu.Unlock()
+	if s != StateProtected {
+		// Nothing to wait for: held output goes out now (fencing still
+		// applies) and later output passes straight through.
+		l.gate.Hold(false)
+	}
+	if old != s {
+		if s == StateProtected {
+			l.log.Info("protected", "secondary", l.secondaryAddr())
+		} else {
+			l.log.Warn("not protected", "state", s, "why", why)
+		}
+		if l.cfg.OnProtected != nil && (old == StateProtected) != (s == StateProtected) {
+			l.cfg.OnProtected(s == StateProtected, why)
+		}
+	}
+}
+
+func (l *EpochLoop) secondaryAddr() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.secondary
+}
+
+// protect connects to addr, brings it up to date and runs epochs until
+// the link fails, ctx ends or the target changes.
+func (l *EpochLoop) protect(ctx context.Context, addr string) error {
+	l.mu.Lock()
+	l.secondary = addr
+	l.joins++
+	l.mu.Unlock()
+	l.setState(StateJoining, "connecting to "+addr)
+
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	hello := replica.Hello{Purpose: replica.PurposeReplicate, Kind: l.cfg.Guest.Kind(), Config: l.cfg.Config,
+		Build: l.cfg.Build, Generation: l.cfg.Generation, Verify: l.cfg.Verify}
+	dctx, dcancel := context.WithTimeout(lctx, 5*time.Second)
+	link, err := replica.Dial(dctx, addr, hello, l.cfg.Guest.Regions(), replica.DialOptions{
+		Stream: l.cfg.Stream, Timeout: 10 * time.Second, OnAck: l.onAck,
+	})
+	dcancel()
+	if err != nil {
+		return err
+	}
+	defer link.Close()
+
+	// Catch up while the guest runs: everything once, then what was
+	// dirtied, until what is left fits an epoch or rounds stop helping.
+	sender := &precopy.LiveSender{Core: l.core, Link: link, EpochPages: 4096}
+	if _, err := l.core.Sync(); err != nil {
+		return err
+	}
+	l.core.Dirty.Clear()
+	if _, err := sender.SendAll(lctx); err != nil {
+		return fmt.Errorf("sync to %s: %w", addr, err)
+	}
+	for round := 1; round <= 30; round++ {
+		if _, err := l.core.Sync(); err != nil {
+			return err
+		}
+		if l.core.Dirty.Count() <= 2048 {
+			break
+		}
+		if _, err := sender.SendDirty(lctx); err != nil {
+			return fmt.Errorf("sync to %s: %w", addr, err)
+		}
+		if err := link.Err(); err != nil {
+			return err
+		}
+	}
+	return l.runEpochs(lctx, link, sender)
+}
+
+// job is one captured epoch on its way to the shipper.
+type job struct {
+	cp        *precopy.Capture
+	gateEpoch uint64
+	digest    string
+}
+
+// runEpochs captures an epoch every interval and ships it on another
+// goroutine (pipelined), with bounded buffers: see the package doc.
+func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *precopy.LiveSender) error {
+	ship := make(chan job, 1)
+	free := make(chan []byte, 3)
+	for i := 0; i < cap(free); i++ {
+		free <- nil
+	}
+	shipErr := make(chan error, 1)
+	var shipWG sync.WaitGroup
+	shipWG.Add(1)
+	go func() {
+		defer shipWG.Done()
+		shipErr <- l.shipper(ctx, link, sender, ship, free)
+	}()
+	defer func() {
+		close(ship)
+		shipWG.Wait()
+	}()
+
+	var memHash *guest.MemHash
+	first := true
+	tick := time.NewTicker(l.cfg.Interval)
+	defer tick.Stop()
+	l.mu.Lock()
+	l.startedEpochs = time.Now()
+	l.mu.Unlock()
+	for n := 0; ; n++ {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-shipErr:
+			return err
+		case <-tick.C:
+		}
+		if err := link.Err(); err != nil {
+			return err
+		}
+		// Back-pressure: a slow secondary makes epochs longer, never
+		// memory larger.
+		var buf []byte
+		waited := false
+		for got := false; !got; {
+			if l.inFlight() < l.cfg.MaxInFlight {
+				select {
+				case buf = <-free: // a slot; its buffer may still be nil
+					got = true
+					continue
+				default:
+				}
+			}
+			waited = true
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case err := <-shipErr:
+				return err
+			case <-time.After(time.Millisecond):
+			}
+			if err := link.Err(); err != nil {
+				return err
+			}
+		}
+		if waited {
+			l.mu.Lock()
+			l.stalls++
+			l.mu.Unlock()
+		}
+		var j job
+		scan := l.cfg.Verify && (first || n%l.cfg.VerifyScanEvery == 0)
+		cp, err := l.core.Capture(ctx, precopy.CaptureOptions{
+			FlushBudget: l.cfg.FlushBudget,
+			Buffer:      buf,
+			WhilePaused: func(cp *precopy.Capture) error {
+				if first {
+					// From this pause on, output waits for its epoch.
+					l.gate.Hold(true)
+				}
+				j.gateEpoch = l.gate.Seal()
+				if !l.cfg.Verify {
+					return nil
+				}
+				if scan {
+					full := guest.ScanMemory(l.cfg.Guest.Regions())
+					if memHash != nil && full.Sum() != memHash.Sum() {
+						l.mismatch(fmt.Sprintf("epoch pause %d: memory differs from the pages the dirty log reported (a write escaped dirty tracking)", j.gateEpoch))
+					}
+					memHash = full
+				} else {
+					for _, p := range cp.Pages {
+						memHash.Update(p.Index, p.Data)
+					}
+				}
+				j.digest = guest.CombineDigest(memHash.Sum(), cp.State).String()
+				return nil
+			},
+		})
+		if err != nil {
+			free <- buf
+			if errors.Is(err, precopy.ErrFlushAborted) {
+				l.mu.Lock()
+				l.flushAborts++
+				l.mu.Unlock()
+				l.log.Warn("epoch capture aborted: flush missed its budget; guest resumed", "budget", l.cfg.FlushBudget)
+				continue
+			}
+			return err
+		}
+		first = false
+		j.cp = cp
+		l.mu.Lock()
+		l.epochs++
+		l.rawBytes += uint64(len(cp.Pages)) * guest.PageSize
+		l.pauses = appendBounded(l.pauses, cp.Breakdown.Total())
+		l.mu.Unlock()
+		select {
+		case ship <- j:
+		case err := <-shipErr:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func appendBounded(s []time.Duration, d time.Duration) []time.Duration {
+	if len(s) >= recentSamples {
+		copy(s, s[1:])
+		s = s[:recentSamples-1]
+	}
+	return append(s, d)
+}
+
+func (l *EpochLoop) inFlight() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.gateEpochOf)
+}
+
+// shipper encodes and sends captured epochs in order.
+func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *precopy.LiveSender, ship <-chan job, free chan<- []byte) error {
+	w := link.Writer()
+	for j := range ship {
+		cp := j.cp
+		t0 := time.Now()
+		wire0 := link.BytesSent()
+		err := w.WritePages(cp.Pages)
+		if err == nil && len(cp.Disk) > 0 {
+			err = w.WriteDisk(cp.Disk)
+		}
+		if err == nil {
+			err = w.WriteDevices(cp.State)
+		}
+		// Register the flight before the epoch can be acknowledged.
+		epoch := sender.Epoch() + 1
+		l.mu.Lock()
+		l.gateEpochOf[epoch] = flight{gateEpoch: j.gateEpoch, digest: j.digest, pausedAt: cp.PausedAt}
+		l.mu.Unlock()
+		if err == nil {
+			_, err = sender.EndEpoch()
+		}
+		free <- cp.Buffer
+		if l.cfg.Timings != nil {
+			l.cfg.Timings.Observe("epoch_ship", t0, time.Since(t0))
+		}
+		if err != nil {
+			return fmt.Errorf("ship epoch %d: %w", epoch, err)
+		}
+		l.mu.Lock()
+		l.shipped = epoch
+		l.wireBytes += link.BytesSent() - wire0
+		l.mu.Unlock()
+	}
+	return nil
+}
+
+// onAck runs on the link's reader for every acknowledgement.
+func (l *EpochLoop) onAck(a precopy.Ack) {
+	now := time.Now()
+	l.mu.Lock()
+	if a.Error != "" {
+		l.mu.Unlock()
+		l.log.Error("secondary reported an error", "epoch", a.Epoch, "err", a.Error)
+		return
+	}
+	var release uint64
+	var fl flight
+	found := false
+	for e, f := range l.gateEpochOf {
+		if e <= a.Epoch {
+			if f.gateEpoch > release {
+				release = f.gateEpoch
+			}
+			if e == a.Epoch {
+				fl, found = f, true
+			}
+			delete(l.gateEpochOf, e)
+		}
+	}
+	if found {
+		l.acked++
+		l.committed = a.Epoch
+		l.lastCommitAt = now
+		l.ackLatency = appendBounded(l.ackLatency, now.Sub(fl.pausedAt))
+	}
+	state := l.state
+	l.mu.Unlock()
+	if !found {
+		return // a catch-up epoch: nothing to release
+	}
+	if l.cfg.Verify {
+		if fl.digest != a.Digest {
+			l.mismatch(fmt.Sprintf("epoch %d: primary digest %s, secondary %s", a.Epoch, fl.digest, a.Digest))
+		} else {
+			l.mu.Lock()
+			l.verified++
+			l.mu.Unlock()
+		}
+	}
+	if release > 0 {
+		l.gate.Release(release)
+	}
+	if state != StateProtected {
+		l.setState(StateProtected, "epoch "+fmt.Sprint(a.Epoch)+" acknowledged")
+	}
+	if l.cfg.OnCommitted != nil {
+		l.cfg.OnCommitted(a.Epoch)
+	}
+}
+
+// mismatch is the loud error of a replica that does not match.
+func (l *EpochLoop) mismatch(msg string) {
+	l.mu.Lock()
+	l.mismatches++
+	l.lastMismatch = msg
+	l.mu.Unlock()
+	l.log.Error("REPLICA DIGEST MISMATCH", "detail", msg)
+}
+
+// EpochStatus is the primary's protection figures; JSON names are part of
+// `tandem status --json`.
+type EpochStatus struct {
+	Protected          bool    `json:"protected"`
+	Protection         string  `json:"protection"`
+	ProtectionReason   string  `json:"protection_reason,omitempty"`
+	Secondary          string  `json:"secondary,omitempty"`
+	LastCommittedEpoch uint64  `json:"last_committed_epoch"`
+	LastShippedEpoch   uint64  `json:"last_shipped_epoch"`
+	SecondaryLag       int     `json:"secondary_lag_epochs"`
+	EpochsPerSecond    float64 `json:"epochs_per_second"`
+	Epochs             uint64  `json:"epochs"`
+	AckedEpochs        uint64  `json:"acked_epochs"`
+	PauseP50Ms         float64 `json:"pause_p50_ms"`
+	PauseP99Ms         float64 `json:"pause_p99_ms"`
+	PauseMaxMs         float64 `json:"pause_max_ms"`
+	EpochRawBytes      uint64  `json:"epoch_raw_bytes"`
+	EpochWireBytes     uint64  `json:"epoch_wire_bytes"`
+	AckLatencyP50Ms    float64 `json:"ack_latency_p50_ms"`
+	AckLatencyP99Ms    float64 `json:"ack_latency_p99_ms"`
+	OutputDelayP50Ms   float64 `json:"output_delay_p50_ms"`
+	OutputDelayP99Ms   float64 `json:"output_delay_p99_ms"`
+	OutputHeldBytes    int     `json:"output_held_bytes"`
+	FlushAborts        uint64  `json:"flush_aborts"`
+	BackpressureStalls uint64  `json:"backpressure_stalls"`
+	VerifyEpochs       bool    `json:"verify_epochs"`
+	VerifiedEpochs     uint64  `json:"verified_epochs"`
+	DigestMismatches   uint64  `json:"digest_mismatches"`
+	LastMismatch       string  `json:"last_mismatch,omitempty"`
+	Joins              uint64  `json:"joins"`
+	QueuePolicy        string  `json:"queue_policy"`
+}
+
+// Status returns the figures now.
+func (l *EpochLoop) Status() EpochStatus {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st := EpochStatus{
+		Protected: l.state == StateProtected, Protection: l.state, ProtectionReason: l.why, Secondary: l.secondary,
+		LastCommittedEpoch: l.committed, LastShippedEpoch: l.shipped, SecondaryLag: len(l.gateEpochOf),
+		Epochs: l.epochs, AckedEpochs: l.acked, EpochRawBytes: l.rawBytes, EpochWireBytes: l.wireBytes,
+		FlushAborts: l.flushAborts, BackpressureStalls: l.stalls, VerifyEpochs: l.cfg.Verify,
+		VerifiedEpochs: l.verified, DigestMismatches: l.mismatches, LastMismatch: l.lastMismatch, Joins: l.joins,
+		QueuePolicy: fmt.Sprintf("at most %d epochs unacknowledged and 1 queued for shipping; a slow secondary lengthens epochs", l.cfg.MaxInFlight),
+	}
+	if !l.startedEpochs.IsZero() && l.state != StateUnprotected {
+		if secs := time.Since(l.startedEpochs).Seconds(); secs > 0 {
+			st.EpochsPerSecond = float64(l.epochs) / secs
+		}
+	}
+	st.PauseP50Ms, st.PauseP99Ms, st.PauseMaxMs = quantiles(l.pauses)
+	st.AckLatencyP50Ms, st.AckLatencyP99Ms, _ = quantiles(l.ackLatency)
+	st.OutputDelayP50Ms, st.OutputDelayP99Ms, _ = quantiles(l.gate.Delays())
+	st.OutputHeldBytes = l.gate.Held()
+	return st
+}
+
+// quantiles returns p50, p99 and max in milliseconds.
+func quantiles(ds []time.Duration) (p50, p99, mx float64) {
+	if len(ds) == 0 {
+		return 0, 0, 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	at := func(q float64) float64 {
+		i := min(len(s)-1, int(q*float64(len(s))))
+		return float64(s[i].Microseconds()) / 1000
+	}
+	return at(0.5), at(0.99), float64(s[len(s)-1].Microseconds()) / 1000
+}

@@ -1,0 +1,247 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
+)
+
+// Secondary keeps a committed image of a primary's guest. It takes one
+// primary connection at a time; each connection starts with a catch-up
+// sync into a fresh image, and only once that image is consistent does it
+// replace the previous one, so a primary that reconnects (or a new one)
+// never leaves the secondary without a usable committed epoch.
+type Secondary struct {
+	R *Receiver
+	// MinGeneration refuses primaries whose generation is lower (a stale
+	// primary); updated by the caller as raft moves on.
+	minGen func() uint64
+
+	// mu guards the fields below.
+	mu         sync.Mutex
+	current    *Image // consistent committed image, or nil
+	currentH   Hello
+	syncing    *Image
+	activated  bool
+	lastErr    string
+	commits    uint64
+	lastCommit time.Time
+	conn       net.Conn
+	from       string
+}
+
+// NewSecondary makes a Secondary building guests with r. minGen, if set,
+// gives the lowest primary generation accepted.
+func NewSecondary(r *Receiver, minGen func() uint64) *Secondary {
+	return &Secondary{R: r, minGen: minGen}
+}
+
+// ErrActivated is returned once the secondary has handed its image over.
+var ErrActivated = errors.New("replica: secondary already activated")
+
+// Serve receives one primary connection until it ends. It returns the
+// reason the connection ended; the committed image survives it.
+func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
+	defer stop()
+	hello, br, err := s.R.handshake(conn, PurposeReplicate)
+	if err != nil {
+		return err
+	}
+	refuse := func(format string, a ...any) error {
+		err := fmt.Errorf(format, a...)
+		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
+		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: s.R.Build})
+		return err
+	}
+	s.mu.Lock()
+	activated, cur, curH := s.activated, s.current, s.currentH
+	s.mu.Unlock()
+	switch {
+	case activated:
+		return refuse("this secondary has been activated and runs the guest itself")
+	case s.minGen != nil && hello.Generation < s.minGen():
+		return refuse("primary generation %d is stale (the cluster is at %d)", hello.Generation, s.minGen())
+	case cur != nil && (curH.Kind != hello.Kind || curH.Config.Memory != hello.Config.Memory):
+		return refuse("this secondary holds a %s guest of %s; refusing a %s guest of %s (another guest)",
+			curH.Kind, guest.FormatSize(curH.Config.Memory), hello.Kind, guest.FormatSize(hello.Config.Memory))
+	}
+	g, err := s.R.NewGuest(hello.Kind, hello.Config)
+	if err != nil {
+		return refuse("build the %s guest: %v", hello.Kind, err)
+	}
+	im := NewImage(g)
+	adopted := false
+	defer func() {
+		if !adopted {
+			g.Close()
+		}
+		s.mu.Lock()
+		if s.syncing == im {
+			s.syncing = nil
+		}
+		s.conn = nil
+		s.mu.Unlock()
+	}()
+	var last uint64
+	if cur != nil {
+		last = cur.Committed().Epoch
+	}
+	if err := s.R.replyOK(conn, last); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.syncing, s.conn, s.from = im, conn, conn.RemoteAddr().String()
+	s.mu.Unlock()
+
+	rd, err := checkpoint.NewReader(br, s.R.Limits)
+	if err != nil {
+		return s.fail(fmt.Errorf("stream from %s: %w", conn.RemoteAddr(), err))
+	}
+	if err := checkLayout(rd.Header(), hello.Kind, g); err != nil {
+		return s.fail(err)
+	}
+	for {
+		e, err := rd.ReadEpoch(im)
+		if err != nil {
+			im.Discard()
+			if errors.Is(err, io.EOF) {
+				return s.fail(errors.New("primary ended the stream"))
+			}
+			return s.fail(fmt.Errorf("epoch %d from %s: %w", im.Committed().Epoch+1, conn.RemoteAddr(), err))
+		}
+		c := im.Committed()
+		if c.Consistent && !adopted {
+			// The new image is a guest now: it replaces the old one.
+			s.mu.Lock()
+			if s.activated {
+				s.mu.Unlock()
+				return ErrActivated
+			}
+			old := s.current
+			s.current, s.currentH, s.syncing = im, hello, nil
+			s.mu.Unlock()
+			adopted = true
+			if old != nil && old != im {
+				old.Guest().Close()
+			}
+		}
+		ack := precopy.Ack{Epoch: e.Epoch}
+		if c.Consistent && hello.Verify {
+			ack.Digest = im.Digest().String()
+		}
+		s.mu.Lock()
+		s.commits++
+		s.lastCommit = time.Now()
+		s.mu.Unlock()
+		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
+		if err := writeLine(conn, ack); err != nil {
+			return s.fail(fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err))
+		}
+	}
+}
+
+func (s *Secondary) fail(err error) error {
+	s.mu.Lock()
+	s.lastErr = err.Error()
+	s.mu.Unlock()
+	return err
+}
+
+// Activate stops receiving and hands over the last consistent committed
+// image as a paused guest with its state loaded, plus the primary's
+// handshake (its configuration). The caller resumes it.
+func (s *Secondary) Activate() (guest.Guest, Hello, Committed, error) {
+	s.mu.Lock()
+	if s.activated {
+		s.mu.Unlock()
+		return nil, Hello{}, Committed{}, ErrActivated
+	}
+	cur, h, conn := s.current, s.currentH, s.conn
+	if cur == nil {
+		s.mu.Unlock()
+		return nil, Hello{}, Committed{}, ErrInconsistent
+	}
+	s.activated = true
+	s.mu.Unlock()
+	if conn != nil {
+		// Stop the primary's stream; a staged partial epoch is dropped by
+		// the receiving goroutine, the committed image is untouched.
+		conn.Close()
+	}
+	g, c, err := cur.Activate()
+	if err != nil {
+		s.mu.Lock()
+		s.activated = false
+		s.mu.Unlock()
+		return nil, h, c, err
+	}
+	return g, h, c, nil
+}
+
+// SecondaryStatus is what a secondary reports; JSON names are part of
+// `tandem status --json`.
+type SecondaryStatus struct {
+	// Protected: the secondary holds a consistent image and a primary is
+	// streaming epochs to it.
+	Protected          bool   `json:"protected"`
+	LastCommittedEpoch uint64 `json:"last_committed_epoch"`
+	Consistent         bool   `json:"consistent"`
+	Syncing            bool   `json:"syncing"`
+	Primary            string `json:"primary_data,omitempty"`
+	Commits            uint64 `json:"commits"`
+	LastCommitAgoMs    int64  `json:"last_commit_ago_ms"`
+	LastError          string `json:"last_error,omitempty"`
+	Digest             string `json:"committed_digest,omitempty"`
+	Activated          bool   `json:"activated"`
+	GuestKind          string `json:"image_guest_kind,omitempty"`
+}
+
+// Status reports the committed image; digest adds its digest.
+func (s *Secondary) Status(digest bool) SecondaryStatus {
+	s.mu.Lock()
+	cur, syncing := s.current, s.syncing
+	st := SecondaryStatus{Syncing: syncing != nil, Primary: s.from, Commits: s.commits, LastError: s.lastErr, Activated: s.activated}
+	if s.conn == nil {
+		st.Primary = ""
+	}
+	if !s.lastCommit.IsZero() {
+		st.LastCommitAgoMs = time.Since(s.lastCommit).Milliseconds()
+	}
+	if cur != nil {
+		st.GuestKind = s.currentH.Kind
+	}
+	s.mu.Unlock()
+	if cur != nil {
+		c := cur.Committed()
+		st.LastCommittedEpoch, st.Consistent = c.Epoch, c.Consistent
+		if digest {
+			st.Digest = cur.Digest().String()
+		}
+	}
+	st.Protected = st.Consistent && st.Primary != "" && !st.Activated
+	return st
+}
+
+// Close releases the held guests (not an activated one).
+func (s *Secondary) Close() {
+	s.mu.Lock()
+	cur, syncing, activated, conn := s.current, s.syncing, s.activated, s.conn
+	s.current, s.syncing = nil, nil
+	s.mu.Unlock()
+	if conn != nil {
+		conn.Close()
+	}
+	if cur != nil && !activated {
+		cur.Guest().Close()
+	}
+	_ = syncing // closed by its Serve
+}
