@@ -511,7 +511,15 @@ func dialConsole(t testing.TB, n *node, id string) *console {
 // request sends "<id>:<seq> <cmd>" and returns the reply's text after the
 // id, or an error when no reply came within the deadline.
 func (k *console) requestSeq(seq uint64, cmd string, timeout time.Duration) (string, error) {
+	return k.requestReplyTo(seq, seq, cmd, timeout)
+}
+
+// requestReplyTo sends a request with seq and waits for the reply tagged
+// replySeq (a stale seq is answered with the record of the client's last
+// reply, which carries that reply's seq).
+func (k *console) requestReplyTo(seq, replySeq uint64, cmd string, timeout time.Duration) (string, error) {
 	tag := fmt.Sprintf("%s:%d", k.id, seq)
+	replyTag := fmt.Sprintf("%s:%d", k.id, replySeq)
 	k.c.SetWriteDeadline(time.Now().Add(timeout))
 	if _, err := fmt.Fprintf(k.c, "%s %s\n", tag, cmd); err != nil {
 		return "", fmt.Errorf("console %s: send %q: %w", k.name, cmd, err)
@@ -523,7 +531,7 @@ func (k *console) requestSeq(seq uint64, cmd string, timeout time.Duration) (str
 			return "", fmt.Errorf("console %s: waiting for the reply to %s %s: %w", k.name, tag, cmd, err)
 		}
 		line = strings.TrimRight(line, "\r\n")
-		if rest, ok := strings.CutPrefix(line, tag+" "); ok {
+		if rest, ok := strings.CutPrefix(line, replyTag+" "); ok {
 			return rest, nil
 		}
 	}
