@@ -1,0 +1,151 @@
+package failover
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"sort"
+	"time"
+)
+
+// Clock is the time source for the lease and for Decide. Tests of the node
+// use the real clock; tests of Decide pass times directly.
+type Clock interface{ Now() time.Time }
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+
+// Default timings. With these, a follower notices a dead leader after
+// 200-400 ms, and failover (election, promotion, activation) completes well
+// under a second on a LAN.
+const (
+	DefaultHeartbeatTimeout   = 200 * time.Millisecond
+	DefaultElectionTimeout    = 200 * time.Millisecond
+	DefaultLeaderLeaseTimeout = 100 * time.Millisecond
+	DefaultDataTimeout        = 500 * time.Millisecond
+	DefaultEpochInterval      = 100 * time.Millisecond
+	DefaultRetryInterval      = 100 * time.Millisecond
+	DefaultApplyTimeout       = time.Second
+)
+
+// Config configures a Node.
+type Config struct {
+	// ID names this node; it must be a key of Peers.
+	ID string
+	// ClusterID names the trio. A data directory, or a peer, of another
+	// cluster is refused. Empty: derived from Peers.
+	ClusterID string
+	// Role is this node's configured role. Exactly one node of a new
+	// cluster should be RolePrimary; it becomes the first primary.
+	Role Role
+	// RaftAddr is the host:port this node listens on for raft and
+	// registration, as the peers dial it. Empty: Peers[ID].
+	RaftAddr string
+	// DataAddr, APIAddr and ConsoleAddr are replicated to the other nodes
+	// (empty for a witness). Failover never dials them.
+	DataAddr, APIAddr, ConsoleAddr string
+	// Peers maps every voter's ID, this node included, to its raft address.
+	// At least three voters.
+	Peers map[string]string
+	// DataDir holds the raft log, snapshots and identity files.
+	DataDir string
+
+	// Raft timings; zero means the default. LeaderLeaseTimeout must not
+	// exceed HeartbeatTimeout, and ElectionTimeout must be at least
+	// HeartbeatTimeout. A witness uses twice HeartbeatTimeout and
+	// ElectionTimeout so the secondary wins elections.
+	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
+	// DataTimeout: see Tuning. Zero means DefaultDataTimeout; negative
+	// disables the automatic MarkUnprotected.
+	DataTimeout time.Duration
+	// EpochInterval, RetryInterval: see Tuning. Zero means the default.
+	EpochInterval, RetryInterval time.Duration
+	// ApplyTimeout bounds every raft apply. Zero means the default.
+	ApplyTimeout time.Duration
+
+	// Logger receives the node's and raft's logs. Nil discards them.
+	Logger *slog.Logger
+	// Clock: nil means the real clock.
+	Clock Clock
+}
+
+// withDefaults validates c and fills in defaults.
+func (c Config) withDefaults() (Config, error) {
+	if c.ID == "" {
+		return c, fmt.Errorf("%w: empty node ID", ErrConfig)
+	}
+	if !c.Role.Valid() {
+		return c, fmt.Errorf("%w: role %q (want primary, secondary or witness)", ErrConfig, c.Role)
+	}
+	if len(c.Peers) < 3 {
+		return c, fmt.Errorf("%w: %d peers; a trio needs at least 3 voters", ErrConfig, len(c.Peers))
+	}
+	addrs := map[string]string{}
+	for id, a := range c.Peers {
+		if id == "" || a == "" {
+			return c, fmt.Errorf("%w: peer %q with address %q", ErrConfig, id, a)
+		}
+		if other, dup := addrs[a]; dup {
+			return c, fmt.Errorf("%w: peers %s and %s share raft address %s", ErrConfig, other, id, a)
+		}
+		addrs[a] = id
+	}
+	self, ok := c.Peers[c.ID]
+	if !ok {
+		return c, fmt.Errorf("%w: node ID %s is not among the peers", ErrConfig, c.ID)
+	}
+	if c.RaftAddr == "" {
+		c.RaftAddr = self
+	}
+	if c.RaftAddr != self {
+		return c, fmt.Errorf("%w: raft address %s, but peers list %s for %s", ErrConfig, c.RaftAddr, self, c.ID)
+	}
+	if c.DataDir == "" {
+		return c, fmt.Errorf("%w: empty data dir", ErrConfig)
+	}
+	if c.ClusterID == "" {
+		c.ClusterID = deriveClusterID(c.Peers)
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.HeartbeatTimeout, DefaultHeartbeatTimeout)
+	def(&c.ElectionTimeout, DefaultElectionTimeout)
+	def(&c.LeaderLeaseTimeout, DefaultLeaderLeaseTimeout)
+	def(&c.DataTimeout, DefaultDataTimeout)
+	def(&c.EpochInterval, DefaultEpochInterval)
+	def(&c.RetryInterval, DefaultRetryInterval)
+	def(&c.ApplyTimeout, DefaultApplyTimeout)
+	if c.LeaderLeaseTimeout > c.HeartbeatTimeout {
+		return c, fmt.Errorf("%w: leader lease %s exceeds heartbeat timeout %s: the lease would outlive the followers' loyalty", ErrConfig, c.LeaderLeaseTimeout, c.HeartbeatTimeout)
+	}
+	if c.ElectionTimeout < c.HeartbeatTimeout {
+		return c, fmt.Errorf("%w: election timeout %s below heartbeat timeout %s", ErrConfig, c.ElectionTimeout, c.HeartbeatTimeout)
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Clock == nil {
+		c.Clock = realClock{}
+	}
+	return c, nil
+}
+
+// deriveClusterID names a cluster by its voters, so two trios configured
+// with different peers never share data directories by accident.
+func deriveClusterID(peers map[string]string) string {
+	ids := make([]string, 0, len(peers))
+	for id := range peers {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	h := sha256.New()
+	for _, id := range ids {
+		fmt.Fprintf(h, "%s=%s\n", id, peers[id])
+	}
+	return "peers-" + hex.EncodeToString(h.Sum(nil))[:16]
+}

@@ -1,0 +1,446 @@
+package failover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// testCluster is a real trio on loopback TCP with bbolt logs in temp dirs.
+type testCluster struct {
+	t     *testing.T
+	peers map[string]string
+	dirs  map[string]string
+	roles map[string]Role
+	mu    sync.Mutex
+	nodes map[string]*Node
+}
+
+func freeAddrs(t *testing.T, n int) []string {
+	t.Helper()
+	var lns []net.Listener
+	var out []string
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		out = append(out, ln.Addr().String())
+	}
+	for _, ln := range lns {
+		ln.Close()
+	}
+	return out
+}
+
+func newTestCluster(t *testing.T) *testCluster {
+	a := freeAddrs(t, 3)
+	c := &testCluster{
+		t:     t,
+		peers: map[string]string{"p": a[0], "s": a[1], "w": a[2]},
+		dirs:  map[string]string{"p": t.TempDir(), "s": t.TempDir(), "w": t.TempDir()},
+		roles: map[string]Role{"p": RolePrimary, "s": RoleSecondary, "w": RoleWitness},
+		nodes: map[string]*Node{},
+	}
+	t.Cleanup(func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for _, n := range c.nodes {
+			n.Close()
+		}
+	})
+	return c
+}
+
+func (c *testCluster) config(id string) Config {
+	cfg := Config{
+		ID:          id,
+		ClusterID:   "test",
+		Role:        c.roles[id],
+		Peers:       c.peers,
+		DataDir:     c.dirs[id],
+		DataTimeout: -1, // tests drive protection explicitly
+		Logger:      testLogger(c.t),
+	}
+	if id != "w" {
+		cfg.DataAddr = "127.0.0.1:1" + id
+		cfg.APIAddr = "127.0.0.1:2" + id
+	}
+	return cfg
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	if os.Getenv("FAILOVER_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return nil
+}
+
+func (c *testCluster) start(id string) *Node {
+	c.t.Helper()
+	n, err := Open(c.config(id))
+	if err != nil {
+		c.t.Fatalf("open %s: %v", id, err)
+	}
+	if id == "p" && n.State().Generation == 0 {
+		n.SetRunnable(true, 0)
+	}
+	// Drain events so the buffer never matters; tests read state instead.
+	go func() {
+		for range n.Events() {
+		}
+	}()
+	c.mu.Lock()
+	c.nodes[id] = n
+	c.mu.Unlock()
+	return n
+}
+
+func (c *testCluster) node(id string) *Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nodes[id]
+}
+
+// crash kills a node the way SIGKILL looks from its peers: every
+// connection breaks at once and nothing more is sent, no leadership handed
+// over.
+func (c *testCluster) crash(id string) {
+	c.mu.Lock()
+	n := c.nodes[id]
+	delete(c.nodes, id)
+	c.mu.Unlock()
+	n.stream.setIsolated(true)
+	n.Close()
+}
+
+// waitFor polls cond every millisecond until it holds or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > d {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func activeGen(n *Node) uint64 {
+	g, _ := n.Active()
+	return g
+}
+
+// protect brings the trio to a protected state at epoch e with s holding
+// the image, as the data path would.
+func protect(t *testing.T, c *testCluster, e uint64) {
+	t.Helper()
+	p, s := c.node("p"), c.node("s")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.SetProtected(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	s.SetRunnable(true, e)
+	p.ReportEpoch(e)
+	waitFor(t, 5*time.Second, "epoch replicated to s", func() bool {
+		st := s.State()
+		return st.Epoch == e && st.Protected
+	})
+}
+
+func TestClusterElectsConfiguredPrimary(t *testing.T) {
+	c := newTestCluster(t)
+	// The secondary and the witness start first and elect one of
+	// themselves; they must hand over to p once it is there.
+	c.start("s")
+	c.start("w")
+	waitFor(t, 5*time.Second, "a leader among s and w", func() bool {
+		_, ok := c.node("s").Leader()
+		return ok
+	})
+	if g := activeGen(c.node("s")) + activeGen(c.node("w")); g != 0 {
+		t.Fatalf("a non-primary activated generation %d", g)
+	}
+	p := c.start("p")
+	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
+	if !p.CanRelease(1) || p.CanRelease(2) || p.CanRelease(0) {
+		t.Fatal("p's release gate is wrong for generations 0/1/2")
+	}
+	if c.node("s").CanRelease(1) || c.node("w").CanRelease(1) {
+		t.Fatal("a follower may release")
+	}
+	waitFor(t, 5*time.Second, "all members registered everywhere", func() bool {
+		for _, id := range []string{"p", "s", "w"} {
+			if len(c.node(id).State().Members) != 3 {
+				return false
+			}
+		}
+		return true
+	})
+	sec, ok := p.Secondary()
+	if !ok || sec.ID != "s" || sec.DataAddr != "127.0.0.1:1s" || sec.RaftAddr != c.peers["s"] {
+		t.Fatalf("p finds its secondary as %+v, %v", sec, ok)
+	}
+	waitFor(t, 2*time.Second, "witness sees generation 1", func() bool {
+		st := c.node("w").State()
+		return st.Primary == "p" && st.Generation == 1 && st.ClusterID == "test"
+	})
+}
+
+// failoverOnce starts a trio, protects it, kills the primary and returns how
+// long until the secondary was active under a higher generation.
+func failoverOnce(t *testing.T) (time.Duration, *testCluster) {
+	c := newTestCluster(t)
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	p, s := c.node("p"), c.node("s")
+	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
+	protect(t, c, 10)
+
+	start := time.Now()
+	c.crash("p")
+	waitFor(t, 5*time.Second, "s active", func() bool { return activeGen(s) > 1 })
+	d := time.Since(start)
+	if g := activeGen(s); g != 2 || !s.CanRelease(2) || s.State().Primary != "s" {
+		t.Fatalf("after failover: s active gen %d, state %+v", g, s.State())
+	}
+	return d, c
+}
+
+func TestFailoverAfterPrimaryKill(t *testing.T) {
+	d, c := failoverOnce(t)
+	t.Logf("leader kill -> secondary primary: %v", d)
+	if d > 2*time.Second {
+		t.Errorf("failover took %v", d)
+	}
+
+	// The old primary restarts with its data dir and rejoins as a
+	// follower; it has no guest, so it never claims.
+	p := c.start("p")
+	p.SetRunnable(false, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.WaitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "p sees generation 2", func() bool {
+		st := p.State()
+		return st.Generation == 2 && st.Primary == "s"
+	})
+	if sec, ok := c.node("s").Secondary(); !ok || sec.ID != "p" {
+		t.Fatalf("s's secondary is %+v %v, want p", sec, ok)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if activeGen(p) != 0 || activeGen(c.node("s")) != 2 {
+		t.Fatalf("after rejoin: p gen %d, s gen %d", activeGen(p), activeGen(c.node("s")))
+	}
+}
+
+// TestFailoverTiming measures leader kill -> new primary over
+// FAILOVER_RUNS runs (default 3) and logs the distribution.
+func TestFailoverTiming(t *testing.T) {
+	if testing.Short() {
+		t.Skip("timing runs")
+	}
+	runs := 3
+	if v, err := strconv.Atoi(os.Getenv("FAILOVER_RUNS")); err == nil && v > 0 {
+		runs = v
+	}
+	var ds []time.Duration
+	for i := range runs {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			d, _ := failoverOnce(t)
+			ds = append(ds, d)
+		})
+	}
+	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+	if len(ds) > 0 {
+		t.Logf("failover over %d runs: min %v median %v max %v all %v", len(ds), ds[0], ds[len(ds)/2], ds[len(ds)-1], ds)
+		if ds[len(ds)/2] > time.Second {
+			t.Errorf("median failover %v exceeds 1s", ds[len(ds)/2])
+		}
+	}
+}
+
+func TestPartitionedPrimaryStopsReleasing(t *testing.T) {
+	c := newTestCluster(t)
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	p, s := c.node("p"), c.node("s")
+	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
+	protect(t, c, 5)
+
+	// Watch for two nodes released at once (the invariant), throughout.
+	var overlap atomic.Int64
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			gp, gs := activeGen(p), activeGen(s)
+			if gp != 0 && gs != 0 && p.CanRelease(gp) && s.CanRelease(gs) {
+				overlap.Add(1)
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+	}()
+	defer func() { close(stop); <-done }()
+
+	lease := p.cfg.LeaderLeaseTimeout
+	start := time.Now()
+	p.stream.setIsolated(true)
+	d := waitFor(t, 2*time.Second, "p's gate closed", func() bool { return !p.CanRelease(1) })
+	t.Logf("partition -> CanRelease false: %v (lease %v)", time.Since(start), lease)
+	if d > lease+50*time.Millisecond {
+		t.Errorf("gate closed %v after the partition, lease is %v", d, lease)
+	}
+	waitFor(t, time.Second, "p fenced", func() bool { return activeGen(p) == 0 })
+	waitFor(t, 5*time.Second, "s active", func() bool { return activeGen(s) == 2 })
+	t.Logf("partition -> s primary: %v", time.Since(start))
+
+	// Heal: p comes back as a follower of generation 2 and stays fenced.
+	p.stream.setIsolated(false)
+	waitFor(t, 5*time.Second, "p catches up", func() bool {
+		st := p.State()
+		return st.Generation == 2 && st.Primary == "s"
+	})
+	if p.CanRelease(1) || activeGen(p) != 0 {
+		t.Fatal("healed old primary may release")
+	}
+	if n := overlap.Load(); n != 0 {
+		t.Fatalf("two nodes could release at once in %d samples", n)
+	}
+}
+
+func TestSwitchover(t *testing.T) {
+	c := newTestCluster(t)
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	p, s := c.node("p"), c.node("s")
+	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
+	protect(t, c, 3)
+	p.ReportEpoch(4)
+	s.SetRunnable(true, 4)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.Switchover(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	if p.CanRelease(1) {
+		t.Fatal("old primary may release after switchover")
+	}
+	waitFor(t, 5*time.Second, "s active", func() bool { return activeGen(s) == 2 })
+	if st := s.State(); st.Epoch != 4 {
+		t.Fatalf("final epoch not committed before the switch: %d", st.Epoch)
+	}
+	if err := c.node("w").Switchover(ctx, "p"); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("switchover on a follower: %v", err)
+	}
+}
+
+func TestDataDirRefusals(t *testing.T) {
+	c := newTestCluster(t)
+	n := c.start("p")
+
+	// The same node twice: the lock refuses.
+	if _, err := Open(c.config("p")); !errors.Is(err, ErrInUse) {
+		t.Fatalf("second open of a live data dir: %v", err)
+	}
+	c.mu.Lock()
+	delete(c.nodes, "p")
+	c.mu.Unlock()
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	idFile := filepath.Join(c.dirs["p"], clusterIDFile)
+	before, err := os.ReadFile(idFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	other := c.config("p")
+	other.ClusterID = "another"
+	_, err = Open(other)
+	if !errors.Is(err, ErrWrongCluster) {
+		t.Fatalf("data dir of another cluster: %v", err)
+	}
+	t.Logf("refusal reads: %v", err)
+
+	wrongNode := c.config("s")
+	wrongNode.DataDir = c.dirs["p"]
+	if _, err := Open(wrongNode); !errors.Is(err, ErrWrongNode) {
+		t.Fatalf("data dir of another node: %v", err)
+	}
+
+	moved := c.config("p")
+	moved.Peers = map[string]string{"p": c.peers["p"], "s": c.peers["s"], "x": "127.0.0.1:9"}
+	_, err = Open(moved)
+	if !errors.Is(err, ErrMembership) {
+		t.Fatalf("changed peers: %v", err)
+	}
+	t.Logf("refusal reads: %v", err)
+
+	after, _ := os.ReadFile(idFile)
+	if string(after) != string(before) {
+		t.Fatal("a refused open rewrote the cluster id")
+	}
+	// And the directory still opens with the right config.
+	c.start("p")
+}
+
+func TestConfigValidation(t *testing.T) {
+	peers := map[string]string{"a": "127.0.0.1:1", "b": "127.0.0.1:2", "c": "127.0.0.1:3"}
+	for name, cfg := range map[string]Config{
+		"no id":        {Role: RolePrimary, Peers: peers, DataDir: "x"},
+		"bad role":     {ID: "a", Role: "x", Peers: peers, DataDir: "x"},
+		"two peers":    {ID: "a", Role: RolePrimary, Peers: map[string]string{"a": "1", "b": "2"}, DataDir: "x"},
+		"not a peer":   {ID: "z", Role: RolePrimary, Peers: peers, DataDir: "x"},
+		"addr differs": {ID: "a", RaftAddr: "127.0.0.1:9", Role: RolePrimary, Peers: peers, DataDir: "x"},
+		"no dir":       {ID: "a", Role: RolePrimary, Peers: peers},
+		"lease > hb":   {ID: "a", Role: RolePrimary, Peers: peers, DataDir: "x", HeartbeatTimeout: 100 * time.Millisecond, LeaderLeaseTimeout: 200 * time.Millisecond},
+		"dup addr":     {ID: "a", Role: RolePrimary, Peers: map[string]string{"a": "h:1", "b": "h:1", "c": "h:3"}, DataDir: "x"},
+	} {
+		if _, err := Open(cfg); !errors.Is(err, ErrConfig) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func TestRegistrationRefusesForeignCluster(t *testing.T) {
+	c := newTestCluster(t)
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	p := c.node("p")
+	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
+	reply := p.handleRegister(registerRequest{ClusterID: "other", Info: NodeInfo{ID: "s", Role: RoleSecondary, RaftAddr: c.peers["s"]}})
+	if reply.Err == "" {
+		t.Fatal("leader accepted a registration from another cluster")
+	}
+	reply = p.handleRegister(registerRequest{ClusterID: "test", Info: NodeInfo{ID: "s", Role: RoleSecondary, RaftAddr: "127.0.0.1:9"}})
+	if reply.Err == "" {
+		t.Fatal("leader accepted node id s at a second address")
+	}
+	t.Logf("refusals: %s", reply.Err)
+}
