@@ -1,0 +1,353 @@
+package test
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Helpers of the micro-checkpointing (FT) tests: a primary/secondary pair
+// of real processes, their protection figures, and kv clients that keep
+// a record of what they were told. The process, port and console
+// machinery is the migration harness's (harness_test.go).
+
+// ftStatus mirrors the protection fields of GET /status on a primary or a
+// secondary (the command-line contract's names).
+type ftStatus struct {
+	Role               string  `json:"role"`
+	State              string  `json:"state"`
+	Protected          bool    `json:"protected"`
+	Protection         string  `json:"protection"`
+	ProtectionReason   string  `json:"protection_reason"`
+	LastCommittedEpoch uint64  `json:"last_committed_epoch"`
+	LastShippedEpoch   uint64  `json:"last_shipped_epoch"`
+	EpochsPerSecond    float64 `json:"epochs_per_second"`
+	Epochs             uint64  `json:"epochs"`
+	AckedEpochs        uint64  `json:"acked_epochs"`
+	PauseP50Ms         float64 `json:"pause_p50_ms"`
+	PauseP99Ms         float64 `json:"pause_p99_ms"`
+	PauseMaxMs         float64 `json:"pause_max_ms"`
+	EpochRawBytes      uint64  `json:"epoch_raw_bytes"`
+	EpochWireBytes     uint64  `json:"epoch_wire_bytes"`
+	AckLatencyP50Ms    float64 `json:"ack_latency_p50_ms"`
+	AckLatencyP99Ms    float64 `json:"ack_latency_p99_ms"`
+	OutputDelayP50Ms   float64 `json:"output_delay_p50_ms"`
+	OutputDelayP99Ms   float64 `json:"output_delay_p99_ms"`
+	SecondaryLag       int     `json:"secondary_lag_epochs"`
+	VerifiedEpochs     uint64  `json:"verified_epochs"`
+	DigestMismatches   uint64  `json:"digest_mismatches"`
+	LastMismatch       string  `json:"last_mismatch"`
+	FlushAborts        uint64  `json:"flush_aborts"`
+	BackpressureStalls uint64  `json:"backpressure_stalls"`
+	Joins              uint64  `json:"joins"`
+
+	// Secondary only.
+	Consistent      bool   `json:"consistent"`
+	Syncing         bool   `json:"syncing"`
+	Commits         uint64 `json:"commits"`
+	CommittedDigest string `json:"committed_digest"`
+	Activated       bool   `json:"activated"`
+	LastError       string `json:"last_error"`
+	ImageGuestKind  string `json:"image_guest_kind"`
+}
+
+func getFT(api string, digest bool) (ftStatus, error) {
+	var st ftStatus
+	path := "/status"
+	if digest {
+		path += "?digest=1"
+	}
+	return st, getJSON(api, path, &st)
+}
+
+func mustFT(t testing.TB, n *node, digest bool) ftStatus {
+	t.Helper()
+	st, err := getFT(n.api, digest)
+	if err != nil {
+		t.Fatalf("%s status: %v", n.name, err)
+	}
+	return st
+}
+
+// waitFT polls n's protection figures until ok says so or the deadline
+// passes.
+func waitFT(t testing.TB, n *node, timeout time.Duration, what string, ok func(ftStatus) bool) ftStatus {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := getFT(n.api, false)
+		if err == nil && ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not %s after %v (last status %+v, err %v)", n.name, what, timeout, st, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// secAddrs are a secondary's three addresses, kept so it can be restarted
+// where its primary expects it.
+type secAddrs struct{ data, api, console string }
+
+func newSecAddrs(t testing.TB) secAddrs {
+	return secAddrs{data: freeAddr(t), api: freeAddr(t), console: freeAddr(t)}
+}
+
+// startSecondary starts `tandem secondary` on a's addresses.
+func startSecondary(t testing.TB, name string, a secAddrs, extra ...string) *node {
+	t.Helper()
+	args := append([]string{"secondary", "--data", a.data, "--api", a.api, "--console", a.console}, extra...)
+	n := startProc(t, name, args...)
+	n.api, n.console, n.data = a.api, a.console, a.data
+	if err := n.waitReady(20 * time.Second); err != nil {
+		t.Fatalf("start %s: %v\n%s", name, err, n.log())
+	}
+	return n
+}
+
+// primaryOpts are the flags of a `tandem primary`.
+type primaryOpts struct {
+	memory, touch string
+	workload      string // kv (default) or dirty
+	dirtyRate     int
+	epoch         string
+	verify        bool
+	extra         []string
+}
+
+func (o primaryOpts) args(kind, secondary string) []string {
+	a := []string{"primary", "--guest", kind, "--memory", orStr(o.memory, "256MiB"),
+		"--workload", orStr(o.workload, "kv"), "--secondary", secondary}
+	if o.workload == "dirty" {
+		a = append(a, "--touch", o.touch, "--dirty-rate", fmt.Sprint(o.dirtyRate), "--dirty-pattern", "random")
+	}
+	if o.epoch != "" {
+		a = append(a, "--epoch", o.epoch)
+	}
+	if o.verify {
+		a = append(a, "--verify-epochs")
+	}
+	return append(a, o.extra...)
+}
+
+// startPrimary starts `tandem primary` protected by the secondary at
+// secData, on fresh API and console addresses.
+func startPrimary(t testing.TB, name, kind, secData string, o primaryOpts) *node {
+	t.Helper()
+	var last error
+	for attempt := 0; attempt < 3; attempt++ {
+		api, con := freeAddr(t), freeAddr(t)
+		args := append(o.args(kind, secData), "--api", api, "--console", con)
+		n := startProc(t, fmt.Sprintf("%s-%d", name, attempt), args...)
+		n.api, n.console = api, con
+		if last = n.waitReady(30 * time.Second); last == nil {
+			return n
+		}
+		n.kill()
+		if !strings.Contains(n.log(), "address already in use") {
+			break
+		}
+	}
+	t.Fatalf("start %s: %v", name, last)
+	return nil
+}
+
+// startPair starts a secondary and a primary protected by it and waits
+// until the primary reports protection.
+func startPair(t testing.TB, kind string, o primaryOpts, secExtra ...string) (pri, sec *node, sa secAddrs) {
+	t.Helper()
+	sa = newSecAddrs(t)
+	sec = startSecondary(t, "secondary-"+kind, sa, secExtra...)
+	pri = startPrimary(t, "primary-"+kind, kind, sa.data, o)
+	waitFT(t, pri, 60*time.Second, "protected", func(s ftStatus) bool { return s.Protection == "protected" })
+	return pri, sec, sa
+}
+
+// activate runs `tandem activate` against a secondary and fails the test
+// unless it took over.
+func activate(t testing.TB, sec *node) {
+	t.Helper()
+	r := runCLI(t, 30*time.Second, "activate", "--api", sec.api)
+	if r.code != 0 {
+		t.Fatalf("tandem activate: exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+	}
+	st := mustFT(t, sec, false)
+	if st.Role != "primary" || st.State != "running" {
+		t.Fatalf("after activate: role %q state %q, want a running primary", st.Role, st.State)
+	}
+}
+
+// dialConsoleErr is dialConsole without the test: it may run on any
+// goroutine and returns the error instead.
+func dialConsoleErr(n *node, id string) (*console, error) {
+	c, err := net.DialTimeout("tcp", n.console, 3*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("console of %s: %w", n.name, err)
+	}
+	return &console{c: c, r: bufio.NewReader(c), id: id, name: n.name}, nil
+}
+
+// ackLog is what kv clients were told: for each key, the value a write's
+// acknowledgement confirmed, and every GET reply with the value it showed.
+type ackLog struct {
+	mu      sync.Mutex
+	acked   map[string]string // key -> value, from an acknowledged SET
+	sent    map[string]string // key -> value of every SET sent (acked or not)
+	gets    []getSeen
+	replies int
+}
+
+type getSeen struct{ key, reply string }
+
+func newAckLog() *ackLog {
+	return &ackLog{acked: map[string]string{}, sent: map[string]string{}}
+}
+
+// kvWriter writes k-<id>-<i> = v<i>-<rand> with increasing seq, each key
+// once, waiting for every reply (deadline timeout), and every fourth
+// request reads back an earlier acknowledged key. It stops at the first
+// error (the primary is gone) or when stop closes, and returns the error
+// with the request it was waiting for.
+func kvWriter(c *console, log *ackLog, stop <-chan struct{}, timeout time.Duration, rng *rand.Rand) error {
+	var mine []string
+	for i := 1; ; i++ {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		if i%4 == 0 && len(mine) > 0 {
+			k := mine[rng.IntN(len(mine))]
+			c.seq++
+			r, err := c.requestSeq(c.seq, "GET "+k, timeout)
+			if err != nil {
+				return err
+			}
+			log.mu.Lock()
+			log.gets = append(log.gets, getSeen{k, r})
+			log.replies++
+			log.mu.Unlock()
+			continue
+		}
+		k := fmt.Sprintf("k-%s-%d", c.id, i)
+		v := fmt.Sprintf("v%d-%d", i, rng.Uint32())
+		log.mu.Lock()
+		log.sent[k] = v
+		log.mu.Unlock()
+		c.seq++
+		r, err := c.requestSeq(c.seq, "SET "+k+" "+v, timeout)
+		if err != nil {
+			return err
+		}
+		if r != "OK" {
+			return fmt.Errorf("SET %s: reply %q, want OK", k, r)
+		}
+		log.mu.Lock()
+		log.acked[k] = v
+		log.replies++
+		log.mu.Unlock()
+		mine = append(mine, k)
+	}
+}
+
+// checkAcked proves on n's console that every acknowledged write is there
+// with its value, that every GET reply a client saw agrees with n's state,
+// and that no key that was never sent exists.
+func checkAcked(t testing.TB, n *node, log *ackLog) {
+	t.Helper()
+	c, err := dialConsoleErr(n, "verify")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.c.Close()
+	get := func(k string) string {
+		c.seq++
+		r, err := c.requestSeq(c.seq, "GET "+k, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	for k, v := range log.acked {
+		if r := get(k); r != "OK "+v {
+			t.Errorf("acknowledged write %s=%s lost: the activated guest answers GET %s with %q", k, v, k, r)
+		}
+	}
+	for _, g := range log.gets {
+		// Keys are written once, so what a GET showed must still hold.
+		if r := get(g.key); r != g.reply {
+			t.Errorf("a client saw GET %s = %q, the activated guest says %q", g.key, g.reply, r)
+		}
+	}
+	for k, v := range log.sent {
+		if _, ok := log.acked[k]; ok {
+			continue
+		}
+		// Sent but not acknowledged: either outcome is allowed, but only
+		// with the value sent.
+		if r := get(k); r != "NOTFOUND" && r != "OK "+v {
+			t.Errorf("unacknowledged write %s=%s: the activated guest answers %q", k, v, r)
+		}
+	}
+	if r := get("never-written"); r != "NOTFOUND" {
+		t.Errorf("GET of a key never written: %q", r)
+	}
+}
+
+// metricSums reads the tandem_phase_seconds histogram of n's /metrics:
+// per phase, the sum of seconds and the count.
+func metricSums(api string) (map[string][2]float64, error) {
+	resp, err := httpClient.Get("http://" + api + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][2]float64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		var idx int
+		switch {
+		case strings.HasPrefix(line, "tandem_phase_seconds_sum{"):
+			idx = 0
+		case strings.HasPrefix(line, "tandem_phase_seconds_count{"):
+			idx = 1
+		default:
+			continue
+		}
+		i := strings.Index(line, `phase="`)
+		if i < 0 {
+			continue
+		}
+		rest := line[i+len(`phase="`):]
+		j := strings.IndexByte(rest, '"')
+		sp := strings.LastIndexByte(line, ' ')
+		if j < 0 || sp < 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(line[sp+1:], 64)
+		if err != nil {
+			continue
+		}
+		e := out[rest[:j]]
+		e[idx] = v
+		out[rest[:j]] = e
+	}
+	return out, nil
+}
