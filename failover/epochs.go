@@ -363,6 +363,13 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 				}
 				if scan {
 					full := guest.ScanMemory(l.cfg.Guest.Regions())
+					if memHash != nil {
+						// The running hash must first take this epoch's
+						// pages: the scan sees them already.
+						for _, p := range cp.Pages {
+							memHash.Update(p.Index, p.Data)
+						}
+					}
 					if memHash != nil && full.Sum() != memHash.Sum() {
 						l.mismatch(fmt.Sprintf("epoch pause %d: memory differs from the pages the dirty log reported (a write escaped dirty tracking)", j.gateEpoch))
 					}
