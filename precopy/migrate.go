@@ -22,8 +22,9 @@ type Link interface {
 	// BytesSent is how many bytes went on the wire so far.
 	BytesSent() uint64
 	// WaitAck waits until the destination acknowledges epoch (or a later
-	// one), ctx ends, or the link fails.
-	WaitAck(ctx context.Context, epoch uint64) (Ack, error)
+	// one), ctx ends, or the link fails. final says epoch carries the
+	// machine state of a switch-over: the destination resumes on it.
+	WaitAck(ctx context.Context, epoch uint64, final bool) (Ack, error)
 }
 
 // Ack is the destination's word on an epoch.
@@ -108,7 +109,8 @@ type Migration struct {
 	mu     sync.Mutex
 	status MigrationStatus
 
-	send *LiveSender
+	send    *LiveSender
+	started time.Time
 }
 
 // NewMigration prepares a migration; Run starts it.
@@ -120,10 +122,18 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 	for _, r := range core.G.Regions() {
 		total += uint64(len(r.Mem))
 	}
-	m := &Migration{core: core, link: link, policy: p, EpochPages: 4096}
-	m.send = &LiveSender{Core: core, Link: link, OnPages: func(sent, zero uint64) {
-		m.update(func(s *MigrationStatus) { s.NormalPages += sent; s.ZeroPages += zero })
-	}}
+	m := &Migration{core: core, link: link, policy: p, EpochPages: 1024}
+	m.send = &LiveSender{Core: core, Link: link}
+	m.send.OnPages = func(sent, zero uint64) {
+		m.update(func(s *MigrationStatus) {
+			s.NormalPages += sent
+			s.ZeroPages += zero
+			s.TransferredBytes = link.BytesSent()
+			if !m.started.IsZero() {
+				s.TotalTimeMs = time.Since(m.started).Milliseconds()
+			}
+		})
+	}
 	m.status = MigrationStatus{Status: StatusSetup, TotalBytes: total}
 	return m, nil
 }
@@ -147,6 +157,7 @@ func (m *Migration) update(f func(*MigrationStatus)) {
 // never leaves the source guest paused on failure.
 func (m *Migration) Run(ctx context.Context) (err error) {
 	start := time.Now()
+	m.started = start
 	ctrl, err := NewController(m.policy, start)
 	if err != nil {
 		return m.failed(start, err)
@@ -183,6 +194,12 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		} else {
 			sent, err = m.send.SendDirty(ctx)
 		}
+		if err == nil {
+			// Wait until the destination has what was sent: socket
+			// buffers hide megabytes on a slow link, and the bandwidth
+			// figure and the final send must not be fooled by them.
+			err = m.send.Drain(ctx)
+		}
 		if err != nil {
 			return m.failed(start, err)
 		}
@@ -214,6 +231,16 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 				return err
 			}
 			m.report(ctrl, start, m.core.Dirty.Count())
+		case Continue:
+			if sent == 0 {
+				// Nothing was dirty (typically waiting out the retry
+				// interval after an aborted completion): let some
+				// dirt gather instead of spinning.
+				select {
+				case <-ctx.Done():
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
 		}
 		if err := ctx.Err(); err != nil {
 			return m.failed(start, fmt.Errorf("migration cancelled: %w", err))
@@ -297,7 +324,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		return false, m.failed(start, err)
 	}
 	actx, cancel := context.WithTimeout(ctx, max(30*time.Second, 10*m.policy.DowntimeLimit))
-	ack, err := m.link.WaitAck(actx, final)
+	ack, err := m.link.WaitAck(actx, final, true)
 	cancel()
 	acked := time.Now()
 	if err == nil && ack.Error != "" {

@@ -18,14 +18,20 @@ type LiveSender struct {
 	// Limiter caps the wire rate; nil means no cap.
 	Limiter *Limiter
 	// EpochPages ends an epoch every so many pages, so the receiver's
-	// staging stays small; 0 means 4096.
+	// staging stays small; 0 means 1024.
 	EpochPages int
+	// Window is how many epochs may be sent and not yet acknowledged
+	// before sending waits; 0 means 2. It keeps the bytes queued in
+	// socket buffers small, so the figures stay honest and a final send
+	// never waits behind a backlog.
+	Window int
 	// OnPages, if set, is told after every batch how many pages went and
 	// how many zero pages round 0 skipped.
 	OnPages func(sent, zero uint64)
 
-	epoch uint64 // last epoch number used
-	snap  []byte // stable copies of live pages
+	epoch   uint64 // last epoch number used
+	inEpoch int    // pages in the open epoch
+	snap    []byte // stable copies of live pages
 }
 
 // SetEpoch sets the last epoch number used; the next epoch is n+1.
@@ -38,6 +44,7 @@ func (s *LiveSender) Epoch() uint64 { return s.epoch }
 // epoch's number.
 func (s *LiveSender) EndEpoch() (uint64, error) {
 	s.epoch++
+	s.inEpoch = 0
 	if _, err := s.Link.Writer().EndEpoch(s.epoch); err != nil {
 		return 0, fmt.Errorf("end epoch %d: %w", s.epoch, err)
 	}
@@ -48,7 +55,36 @@ func (s *LiveSender) epochPages() int {
 	if s.EpochPages > 0 {
 		return s.EpochPages
 	}
-	return 4096
+	return 1024
+}
+
+// endLiveEpoch ends the open epoch if it holds pages, then waits while
+// more than Window epochs are unacknowledged.
+func (s *LiveSender) endLiveEpoch(ctx context.Context) error {
+	if s.inEpoch == 0 {
+		return nil
+	}
+	e, err := s.EndEpoch()
+	if err != nil {
+		return err
+	}
+	w := uint64(s.Window)
+	if w == 0 {
+		w = 2
+	}
+	if e > w {
+		_, err = s.Link.WaitAck(ctx, e-w, false)
+	}
+	return err
+}
+
+// Drain waits until the receiver has acknowledged every epoch sent.
+func (s *LiveSender) Drain(ctx context.Context) error {
+	if s.epoch == 0 {
+		return nil
+	}
+	_, err := s.Link.WaitAck(ctx, s.epoch, false)
+	return err
 }
 
 // SendAll is round 0: every non-zero page of guest memory. The receiver's
@@ -56,7 +92,6 @@ func (s *LiveSender) epochPages() int {
 func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 	var sent, zero uint64
 	batch := make([]checkpoint.Page, 0, 256)
-	inEpoch := 0
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -65,16 +100,14 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 			return err
 		}
 		sent += uint64(len(batch))
-		inEpoch += len(batch)
+		s.inEpoch += len(batch)
 		if s.OnPages != nil {
 			s.OnPages(uint64(len(batch)), zero)
 		}
 		zero = 0
 		batch = batch[:0]
-		if inEpoch >= s.epochPages() {
-			inEpoch = 0
-			_, err := s.EndEpoch()
-			return err
+		if s.inEpoch >= s.epochPages() {
+			return s.endLiveEpoch(ctx)
 		}
 		return nil
 	}
@@ -102,8 +135,7 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 	if zero > 0 && s.OnPages != nil {
 		s.OnPages(0, zero)
 	}
-	_, err := s.EndEpoch()
-	return sent, err
+	return sent, s.endLiveEpoch(ctx)
 }
 
 // SendDirty sends the pages the Bitmap holds and ends its last epoch.
@@ -111,7 +143,6 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 	var sent uint64
 	idx := make([]uint64, 256)
 	batch := make([]checkpoint.Page, 0, len(idx))
-	inEpoch := 0
 	for from := uint64(0); ; {
 		n, next := s.Core.Dirty.TakeBatch(idx, from)
 		batch = batch[:0]
@@ -125,24 +156,22 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 				return sent, err
 			}
 			sent += uint64(len(batch))
-			inEpoch += len(batch)
+			s.inEpoch += len(batch)
 			if s.OnPages != nil {
 				s.OnPages(uint64(len(batch)), 0)
 			}
 		}
-		if inEpoch >= s.epochPages() {
-			if _, err := s.EndEpoch(); err != nil {
+		if s.inEpoch >= s.epochPages() {
+			if err := s.endLiveEpoch(ctx); err != nil {
 				return sent, err
 			}
-			inEpoch = 0
 		}
 		if n < len(idx) {
 			break
 		}
 		from = next
 	}
-	_, err := s.EndEpoch()
-	return sent, err
+	return sent, s.endLiveEpoch(ctx)
 }
 
 // sendBatch sends pages read from live guest memory. The Writer reads a

@@ -80,10 +80,13 @@ func (l *FileLink) Flush() error { return l.bw.Flush() }
 // BytesSent implements precopy.Link.
 func (l *FileLink) BytesSent() uint64 { return l.cw.n }
 
-// WaitAck implements precopy.Link. The engine asks for an acknowledgement
-// only of the final epoch: the file is then ended and published, and the
-// acknowledgement says the image is safe.
-func (l *FileLink) WaitAck(ctx context.Context, epoch uint64) (precopy.Ack, error) {
+// WaitAck implements precopy.Link. A file takes what is written at once;
+// the final epoch ends and publishes it, and its acknowledgement says the
+// image is safe.
+func (l *FileLink) WaitAck(ctx context.Context, epoch uint64, final bool) (precopy.Ack, error) {
+	if !final {
+		return precopy.Ack{Epoch: epoch}, nil
+	}
 	t0 := time.Now()
 	if err := l.publish(); err != nil {
 		return precopy.Ack{}, err

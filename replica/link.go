@@ -164,7 +164,7 @@ func (l *Link) readAcks(br *bufio.Reader, onAck func(precopy.Ack)) {
 }
 
 // WaitAck implements precopy.Link.
-func (l *Link) WaitAck(ctx context.Context, epoch uint64) (precopy.Ack, error) {
+func (l *Link) WaitAck(ctx context.Context, epoch uint64, final bool) (precopy.Ack, error) {
 	for {
 		l.mu.Lock()
 		last, has, err, ch := l.last, l.hasLast, l.ackErr, l.changed

@@ -167,6 +167,12 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 		}
 		res.Epochs++
 		if !im.Committed().Consistent {
+			// Acknowledge live epochs too: the sender measures its
+			// bandwidth and bounds its backlog by them.
+			conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+			if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch}); err != nil {
+				return res, fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err)
+			}
 			continue
 		}
 		t0 := time.Now()

@@ -59,6 +59,7 @@ func startEpochs(n *guestNode, g guest.Guest, cfg guest.Config, ef epochFlags, a
 		Verify: ef.verify, Build: version.Build(), Timings: n.api.timings, Log: n.log,
 		Release: n.console.release, Allow: allow,
 	})
+	n.observeDisk(g)
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
 	n.g, n.cfg, n.epochs = g, cfg, loop

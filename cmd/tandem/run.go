@@ -123,9 +123,21 @@ func (n *guestNode) input(p []byte) error {
 // the bridge (an unprotected guest has no epoch to wait for).
 func (n *guestNode) attach(g guest.Guest, cfg guest.Config) {
 	g.Console().SetOutput(n.console.release)
+	n.observeDisk(g)
 	n.mu.Lock()
 	n.g, n.cfg = g, cfg
 	n.mu.Unlock()
+}
+
+// observeDisk names every disk flush of g in the node's timings, so a
+// flush that stalls for a minute shows up as "disk_flush" with its whole
+// length, not only as the budget an epoch or completion gave up at.
+func (n *guestNode) observeDisk(g guest.Guest) {
+	if bd, ok := g.(interface{ BlockDisk() *block.Disk }); ok && bd.BlockDisk() != nil {
+		bd.BlockDisk().SetFlushObserver(func(start time.Time, took time.Duration, err error) {
+			n.api.timings.Observe("disk_flush", start, took)
+		})
+	}
 }
 
 func (n *guestNode) setState(s string) {

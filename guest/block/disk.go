@@ -92,6 +92,18 @@ type Disk struct {
 	writeErr  error
 	stallNext time.Duration
 	failNext  error
+	// observe is told of every flush the worker completes (named
+	// timings: a 60 s flush must show up by name, not only the budget
+	// the caller gave up at).
+	observe func(start time.Time, d time.Duration, err error)
+}
+
+// SetFlushObserver sets a function told of every completed flush, on the
+// disk's worker; it must not block. nil removes it.
+func (d *Disk) SetFlushObserver(f func(start time.Time, took time.Duration, err error)) {
+	d.mu.Lock()
+	d.observe = f
+	d.mu.Unlock()
 }
 
 // Open opens (creating if needed) the disk file at path and starts its
@@ -372,6 +384,7 @@ func (d *Disk) doWrite(o op, fail error) {
 }
 
 func (d *Disk) doFlush(o op, stall time.Duration) {
+	start := time.Now()
 	var err error
 	if stall > 0 {
 		t := time.NewTimer(stall)
@@ -397,7 +410,11 @@ func (d *Disk) doFlush(o op, stall time.Duration) {
 			err = werr
 		}
 	}
+	observe := d.observe
 	d.mu.Unlock()
+	if observe != nil {
+		observe(start, time.Since(start), err)
+	}
 	o.finish(err)
 }
 

@@ -236,3 +236,27 @@ func TestCloseStopsStalledFlush(t *testing.T) {
 		t.Fatalf("flush after close: %v", err)
 	}
 }
+
+func TestFlushObserverSeesTheWholeStall(t *testing.T) {
+	d, err := Open(filepath.Join(t.TempDir(), "disk"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	got := make(chan time.Duration, 1)
+	d.SetFlushObserver(func(_ time.Time, took time.Duration, _ error) { got <- took })
+	d.StallFlush(300 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := d.Flush(ctx); err == nil {
+		t.Fatal("stalled flush met a 20ms deadline")
+	}
+	select {
+	case took := <-got:
+		if took < 300*time.Millisecond {
+			t.Fatalf("observer saw %v, want the whole 300ms stall", took)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("observer never told of the flush")
+	}
+}

@@ -158,3 +158,12 @@ func (d *pvDisk) load(s diskStateV1) {
 		d.issue(&diskReq{op: diskOpFlush})
 	}
 }
+
+// BlockDisk returns the disk behind the paravirtual device, or nil without
+// one (fault injection and flush timings reach it through here).
+func (g *Guest) BlockDisk() *block.Disk {
+	if g.disk == nil {
+		return nil
+	}
+	return g.disk.dev
+}
