@@ -90,7 +90,10 @@ func (m *MemHash) Sum() [16]byte {
 // GOMAXPROCS goroutines. Precondition: nothing writes regions meanwhile
 // (the guest is paused) or the caller accepts a torn view.
 func ScanMemory(regions []Region) *MemHash {
-	type job struct{ first, n uint64; mem []byte }
+	type job struct {
+		first, n uint64
+		mem      []byte
+	}
 	var jobs []job
 	const chunkPages = 4096
 	for _, r := range regions {
