@@ -18,6 +18,10 @@ type consoleBridge struct {
 	ln    net.Listener
 	input func([]byte) error
 	log   *slog.Logger
+	// serving says whether this node runs the guest; while it does not
+	// (a secondary, a fenced primary) clients are turned away at once,
+	// so a client that knows every node's console finds the primary.
+	serving func() bool
 
 	// mu guards clients and closed.
 	mu      sync.Mutex
@@ -46,6 +50,11 @@ func (b *consoleBridge) accept() {
 		c, err := b.ln.Accept()
 		if err != nil {
 			return
+		}
+		if b.serving != nil && !b.serving() {
+			c.Write([]byte("ERR not the primary\n"))
+			c.Close()
+			continue
 		}
 		out := make(chan []byte, clientQueue)
 		b.mu.Lock()
@@ -127,6 +136,17 @@ func (b *consoleBridge) release(p []byte) {
 			c.Close()
 		}
 	}
+}
+
+// dropAll disconnects every client (the node stopped serving the guest).
+func (b *consoleBridge) dropAll() {
+	b.mu.Lock()
+	for c, out := range b.clients {
+		delete(b.clients, c)
+		close(out)
+		c.Close()
+	}
+	b.mu.Unlock()
 }
 
 func (b *consoleBridge) close() {

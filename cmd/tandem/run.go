@@ -101,6 +101,11 @@ func newGuestNode(role, apiAddr, consoleAddr string, log *slog.Logger) (*guestNo
 		api.close()
 		return nil, fmt.Errorf("console: listen on %s: %w", consoleAddr, err)
 	}
+	n.console.serving = func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		return n.g != nil && n.state == "running"
+	}
 	api.mux.HandleFunc("GET /status", n.handleStatus)
 	api.mux.HandleFunc("POST /migrate", n.handleMigrate)
 	api.mux.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
