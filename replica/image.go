@@ -43,6 +43,13 @@ type Image struct {
 	hash       *guest.MemHash
 	committed  uint64 // epochs committed
 	handedOver bool   // Activate succeeded: the guest is no longer ours
+
+	// With record set, EndEpoch keeps what the epoch changed for a Store
+	// (receiving goroutine only).
+	record    bool
+	lastPages []uint64
+	lastState *guest.MachineState
+	lastDisk  []guest.DiskWrite
 }
 
 // NewImage wraps a paused guest whose memory is the committed image. The
@@ -137,11 +144,18 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 			return fmt.Errorf("commit epoch %d: disk: %w", e.Epoch, err)
 		}
 	}
+	im.lastPages, im.lastState, im.lastDisk = im.lastPages[:0], nil, nil
 	for idx, p := range im.staged {
 		dst := im.page(idx)
 		copy(dst, p)
 		im.hash.Update(idx, dst)
 		im.free = append(im.free, p)
+		if im.record {
+			im.lastPages = append(im.lastPages, idx)
+		}
+	}
+	if im.record {
+		im.lastState, im.lastDisk = im.stagedState, im.stagedDisk
 	}
 	clear(im.staged)
 	if im.stagedState != nil {
@@ -153,6 +167,16 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	im.epoch = e.Epoch
 	im.committed++
 	return nil
+}
+
+// Record makes the Image keep what each commit changed, for LastCommit.
+func (im *Image) Record() { im.record = true }
+
+// LastCommit is what the last EndEpoch changed: page indices, the state if
+// the epoch carried one, the disk writes. Valid until the next EndEpoch;
+// receiving goroutine only.
+func (im *Image) LastCommit() ([]uint64, *guest.MachineState, []guest.DiskWrite) {
+	return im.lastPages, im.lastState, im.lastDisk
 }
 
 // Discard drops a partly received epoch (the stream failed before its

@@ -21,6 +21,8 @@ import (
 // never leaves the secondary without a usable committed epoch.
 type Secondary struct {
 	R *Receiver
+	// Store, if set, keeps the committed image on disk (see Store).
+	Store *Store
 	// MinGeneration refuses primaries whose generation is lower (a stale
 	// primary); updated by the caller as raft moves on.
 	minGen func() uint64
@@ -63,7 +65,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		return err
 	}
 	s.mu.Lock()
-	activated, cur, curH := s.activated, s.current, s.currentH
+	activated, cur, curH, store := s.activated, s.current, s.currentH, s.Store
 	s.mu.Unlock()
 	switch {
 	case activated:
@@ -79,6 +81,9 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		return refuse("build the %s guest: %v", hello.Kind, err)
 	}
 	im := NewImage(g)
+	if store != nil {
+		im.Record()
+	}
 	adopted := false
 	defer func() {
 		if !adopted {
@@ -133,6 +138,16 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			if old != nil && old != im {
 				old.Guest().Close()
 			}
+			if store != nil {
+				if err := store.Begin(im, hello); err != nil {
+					s.storeFailed(err)
+				}
+			}
+		} else if adopted && store != nil {
+			pages, st, disk := im.LastCommit()
+			if err := store.Append(im, e, pages, st, disk); err != nil {
+				s.storeFailed(err)
+			}
 		}
 		ack := precopy.Ack{Epoch: e.Epoch}
 		if c.Consistent && hello.Verify {
@@ -147,6 +162,35 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			return s.fail(fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err))
 		}
 	}
+}
+
+// storeFailed gives up persistence (replication goes on in memory) and
+// says so loudly: a restart would no longer come back at the last epoch.
+func (s *Secondary) storeFailed(err error) {
+	s.R.log().Error("secondary: cannot persist the committed image; a restart will need a full re-sync", "err", err)
+	s.mu.Lock()
+	s.lastErr = err.Error()
+	st := s.Store
+	s.Store = nil
+	s.mu.Unlock()
+	st.Close()
+}
+
+// LoadStored makes the image kept in Store (if any) the committed one, so
+// a restarted secondary can be activated at its last committed epoch
+// before any primary reconnects.
+func (s *Secondary) LoadStored() (Committed, bool, error) {
+	if s.Store == nil {
+		return Committed{}, false, nil
+	}
+	im, h, ok, err := s.Store.Load(s.R)
+	if err != nil || !ok {
+		return Committed{}, false, err
+	}
+	s.mu.Lock()
+	s.current, s.currentH = im, h
+	s.mu.Unlock()
+	return im.Committed(), true, nil
 }
 
 func (s *Secondary) fail(err error) error {

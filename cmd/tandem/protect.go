@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/tandemvm/tandem/failover"
@@ -124,6 +125,7 @@ func cmdSecondary(args []string) error {
 	apiAddr := fs.String("api", "127.0.0.1:7082", "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7083", "address of the console bridge (serves once activated)")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
+	dataDir := fs.String("data-dir", "", "keep the committed image here, so a restart comes back at the last committed epoch")
 	var ef epochFlags
 	addEpochFlags(fs, &ef)
 	if err := parseFlags(fs, args, 0); err != nil {
@@ -142,6 +144,19 @@ func cmdSecondary(args []string) error {
 	}
 	r := &replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind, Timeout: 5 * time.Second}
 	sec := replica.NewSecondary(r, nil)
+	if *dataDir != "" {
+		store, err := replica.OpenStore(filepath.Join(*dataDir, "image"))
+		if err != nil {
+			n.close()
+			return err
+		}
+		sec.Store = store
+		if c, ok, err := sec.LoadStored(); err != nil {
+			log.Warn("stored image unusable; waiting for a full sync", "err", err)
+		} else if ok {
+			log.Info("restarted at the last committed epoch on disk", "epoch", c.Epoch)
+		}
+	}
 	n.mu.Lock()
 	n.sec = sec
 	n.state = "standby"

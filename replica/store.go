@@ -1,0 +1,251 @@
+package replica
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+)
+
+// Store keeps a secondary's committed image on disk, so a secondary that
+// is killed and restarted comes back at its last committed epoch.
+//
+// Layout: DIR/image.tnd is a snapshot file (the Hello line, then a
+// checkpoint stream) that holds one full image epoch followed by every
+// epoch committed since, each appended before it is acknowledged. A
+// restart replays it; a torn last epoch (killed mid-write) fails its CRC
+// or ends short and is dropped, leaving the previous committed epoch. When
+// the log has grown to several times the image, the image is rewritten
+// compactly into image.tnd.new and renamed over image.tnd (atomic).
+//
+// Appends are written but not fsynced: they survive the process being
+// killed, which is the failure a secondary's restart covers; surviving
+// the host's power loss would need an fsync per epoch (Sync: true).
+//
+// A Store is used by one goroutine (the receiving one).
+type Store struct {
+	dir  string
+	Sync bool
+
+	f       *os.File
+	bw      *bufio.Writer
+	cw      *countWriter
+	w       *checkpoint.Writer
+	hello   Hello
+	regions []guest.Region
+	base    uint64 // bytes of the last full image written
+}
+
+const storeFile = "image.tnd"
+
+// OpenStore prepares dir (created if missing).
+func OpenStore(dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("replica store: %w", err)
+	}
+	return &Store{dir: dir}, nil
+}
+
+// Load restores the stored image, if any, into a new guest built by
+// factory. It returns ok=false when there is nothing usable on disk.
+func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
+	path := filepath.Join(s.dir, storeFile)
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, Hello{}, false, nil
+	}
+	if err != nil {
+		return nil, Hello{}, false, fmt.Errorf("replica store: %w", err)
+	}
+	defer f.Close()
+	br := bufio.NewReaderSize(f, 1<<20)
+	var h Hello
+	if err := readLine(br, &h); err != nil {
+		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
+	}
+	if err := h.Config.Validate(); err != nil {
+		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
+	}
+	g, err := r.NewGuest(h.Kind, h.Config)
+	if err != nil {
+		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
+	}
+	rd, err := checkpoint.NewReader(br, r.Limits)
+	if err == nil {
+		err = checkLayout(rd.Header(), h.Kind, g)
+	}
+	if err != nil {
+		g.Close()
+		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
+	}
+	im := NewImage(g)
+	for {
+		if _, err := rd.ReadEpoch(im); err != nil {
+			// io.EOF: a clean end; anything else is the torn epoch a
+			// kill leaves behind, dropped.
+			im.Discard()
+			break
+		}
+	}
+	if !im.Committed().Consistent {
+		g.Close()
+		return nil, h, false, nil
+	}
+	return im, h, true, nil
+}
+
+// Begin starts storing im (consistent) afresh: it writes the whole image
+// as one epoch, then appends each later commit (Append).
+func (s *Store) Begin(im *Image, h Hello) error {
+	s.Close()
+	s.hello, s.regions = h, im.g.Regions()
+	return s.rewrite(im)
+}
+
+// rewrite writes the full committed image of im into a new file and
+// renames it over the store's file.
+func (s *Store) rewrite(im *Image) error {
+	path := filepath.Join(s.dir, storeFile)
+	tmp := path + ".new"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return fmt.Errorf("replica store: %w", err)
+	}
+	cw := &countWriter{w: f}
+	bw := bufio.NewWriterSize(cw, 1<<20)
+	h := s.hello
+	h.Proto = ProtoVersion
+	if err := writeLine(bw, h); err != nil {
+		f.Close()
+		return err
+	}
+	w, err := checkpoint.NewWriter(bw, checkpoint.Header{Build: h.Build, Kind: h.Kind, PageSize: guest.PageSize,
+		Regions: checkpoint.RegionsOf(s.regions), Flags: checkpoint.FlagSnapshot},
+		checkpoint.Options{Compression: checkpoint.CompressFastest, CacheBytes: -1})
+	if err != nil {
+		f.Close()
+		return err
+	}
+	im.mu.Lock()
+	err = func() error {
+		batch := make([]checkpoint.Page, 0, 256)
+		for _, r := range s.regions {
+			for p := uint64(0); p < r.Pages(); p++ {
+				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+				if guest.IsZeroPage(page) {
+					continue
+				}
+				batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
+				if len(batch) == cap(batch) {
+					if err := w.WritePages(batch); err != nil {
+						return err
+					}
+					batch = batch[:0]
+				}
+			}
+		}
+		if err := w.WritePages(batch); err != nil {
+			return err
+		}
+		if err := w.WriteDevices(im.state); err != nil {
+			return err
+		}
+		_, err := w.EndEpoch(im.epoch)
+		return err
+	}()
+	im.mu.Unlock()
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err == nil && s.Sync {
+		err = f.Sync()
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("replica store: write image: %w", err)
+	}
+	if d, derr := os.Open(s.dir); derr == nil {
+		d.Sync()
+		d.Close()
+	}
+	s.f, s.bw, s.cw, s.w, s.base = f, bw, cw, w, cw.n
+	return nil
+}
+
+// Append stores one committed epoch: its pages (as committed), state and
+// disk writes. Call it after the Image committed the epoch and before
+// acknowledging it.
+func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *guest.MachineState, disk []guest.DiskWrite) error {
+	if s.w == nil {
+		return nil
+	}
+	slices.Sort(pages)
+	batch := make([]checkpoint.Page, 0, 256)
+	for _, idx := range pages {
+		batch = append(batch, checkpoint.Page{Index: idx, Data: im.page(idx)})
+		if len(batch) == cap(batch) {
+			if err := s.w.WritePages(batch); err != nil {
+				return s.broken(err)
+			}
+			batch = batch[:0]
+		}
+	}
+	if err := s.w.WritePages(batch); err != nil {
+		return s.broken(err)
+	}
+	if len(disk) > 0 {
+		if err := s.w.WriteDisk(disk); err != nil {
+			return s.broken(err)
+		}
+	}
+	if state != nil {
+		if err := s.w.WriteDevices(*state); err != nil {
+			return s.broken(err)
+		}
+	}
+	if _, err := s.w.EndEpoch(e.Epoch); err != nil {
+		return s.broken(err)
+	}
+	if err := s.bw.Flush(); err != nil {
+		return s.broken(err)
+	}
+	if s.Sync {
+		if err := s.f.Sync(); err != nil {
+			return s.broken(err)
+		}
+	}
+	// Compact once the log is several times the image.
+	if s.cw.n > 4*s.base+(64<<20) {
+		return s.rewrite(im)
+	}
+	return nil
+}
+
+func (s *Store) broken(err error) error {
+	s.Close()
+	return fmt.Errorf("replica store: append: %w", err)
+}
+
+// Close stops appending (the file stays for Load).
+func (s *Store) Close() {
+	if s == nil {
+		return
+	}
+	if s.f != nil {
+		s.bw.Flush()
+		s.f.Close()
+	}
+	s.f, s.bw, s.cw, s.w = nil, nil, nil, nil
+}
+
+var _ io.Writer = (*countWriter)(nil)
