@@ -138,5 +138,3 @@ func TestSecondaryComesBackAtItsLastCommittedEpoch(t *testing.T) {
 	out2.waitFor(t, "c:100 OK v3")
 	out2.waitFor(t, "c:101 NOTFOUND")
 }
-
-
