@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -118,7 +119,18 @@ func isConnEnd(err error) bool {
 // (joins counts it), epochs resume, and a failover still keeps every
 // acknowledged write, including those acknowledged while unprotected.
 func TestFTSecondaryRestart(t *testing.T) {
-	forEachKind(t, func(t *testing.T, kind string) {
+	forEachKind(t, func(t *testing.T, kind string) { secondaryRestart(t, kind, false) })
+}
+
+// 2b. The same with the secondary first stopped (SIGSTOP) until the
+// primary has its full window of epochs unacknowledged, then killed: the
+// flights of the dead link must not count against the new one.
+func TestFTSecondaryStalledRestart(t *testing.T) {
+	forEachKind(t, func(t *testing.T, kind string) { secondaryRestart(t, kind, true) })
+}
+
+func secondaryRestart(t *testing.T, kind string, stall bool) {
+	{
 		pri, sec, sa := startPair(t, kind, primaryOpts{})
 		log := newAckLog()
 		stop := make(chan struct{})
@@ -130,6 +142,12 @@ func TestFTSecondaryRestart(t *testing.T) {
 		defer c.c.Close()
 		go func() { done <- kvWriter(c, log, stop, 10*time.Second, rand.New(rand.NewPCG(1, 2))) }()
 		time.Sleep(500 * time.Millisecond)
+		if stall {
+			if err := syscall.Kill(sec.cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			waitFT(t, pri, 10*time.Second, "with 4 epochs unacknowledged", func(s ftStatus) bool { return s.SecondaryLag >= 4 })
+		}
 		before := mustFT(t, pri, false)
 		sec.kill()
 		down := waitFT(t, pri, 10*time.Second, "unprotected after the secondary died", func(s ftStatus) bool {
@@ -171,7 +189,7 @@ func TestFTSecondaryRestart(t *testing.T) {
 		activate(t, sec2)
 		checkAcked(t, sec2, log)
 		t.Logf("joins %d -> %d; %d writes acked across the restart", before.Joins, up.Joins, len(log.acked))
-	})
+	}
 }
 
 // verifyEpochs is how many verified epochs TestFTVerifyDigests wants.
