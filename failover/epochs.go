@@ -228,6 +228,11 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	l.mu.Lock()
 	l.secondary = addr
 	l.joins++
+	// Flights of a previous link will never be acknowledged (a new link
+	// numbers its epochs afresh, and their output went out when
+	// protection was lost): left here they would fill the in-flight
+	// window and stall every epoch of the new link.
+	clear(l.gateEpochOf)
 	l.mu.Unlock()
 	l.setState(StateJoining, "connecting to "+addr)
 
