@@ -295,3 +295,209 @@ func TestFTRefuseOtherMemory(t *testing.T) {
 		t.Errorf("activated after the refusal: GET kept = %q", r)
 	}
 }
+
+// kvOp is one request of a deterministic kv script.
+type kvOp struct {
+	seq uint64
+	cmd string
+}
+
+// kvScript is a deterministic mix of SET, GET and DEL over a few keys
+// (so overwrites and deletes matter), with a deliberate retry of the
+// previous request now and then, ending with a GET of every key.
+func kvScript(seed uint64, n int) []kvOp {
+	rng := rand.New(rand.NewPCG(seed, 7))
+	const keys = 16
+	var ops []kvOp
+	seq := uint64(0)
+	for i := 0; i < n; i++ {
+		k := fmt.Sprintf("key%d", rng.IntN(keys))
+		switch x := rng.IntN(100); {
+		case x < 5 && len(ops) > 0:
+			ops = append(ops, ops[len(ops)-1]) // a client's retry
+		case x < 50:
+			seq++
+			ops = append(ops, kvOp{seq, fmt.Sprintf("SET %s v%d.%d", k, i, rng.Uint32())})
+		case x < 85:
+			seq++
+			ops = append(ops, kvOp{seq, "GET " + k})
+		default:
+			seq++
+			ops = append(ops, kvOp{seq, "DEL " + k})
+		}
+	}
+	for k := 0; k < keys; k++ {
+		seq++
+		ops = append(ops, kvOp{seq, fmt.Sprintf("GET key%d", k)})
+	}
+	return ops
+}
+
+// target is the node a script client talks to now; a checkpoint cycle
+// moves it.
+type target struct {
+	mu  sync.Mutex
+	n   *node
+	gen int
+}
+
+func (tg *target) get() (*node, int) {
+	tg.mu.Lock()
+	defer tg.mu.Unlock()
+	return tg.n, tg.gen
+}
+
+func (tg *target) set(n *node) {
+	tg.mu.Lock()
+	tg.n = n
+	tg.gen++
+	tg.mu.Unlock()
+}
+
+// runScript sends ops one at a time, as a client that resends a request
+// until it sees the reply (following tg to wherever the guest runs), and
+// returns the reply to every op.
+func runScript(tg *target, id string, ops []kvOp, pace time.Duration) ([]string, error) {
+	replies := make([]string, len(ops))
+	var c *console
+	gen := -1
+	defer func() {
+		if c != nil {
+			c.c.Close()
+		}
+	}()
+	for i, op := range ops {
+		deadline := time.Now().Add(90 * time.Second)
+		for {
+			n, g := tg.get()
+			if c != nil && g != gen {
+				c.c.Close()
+				c = nil
+			}
+			if c == nil {
+				var err error
+				if c, err = dialConsoleErr(n, id); err != nil {
+					c = nil
+					if time.Now().After(deadline) {
+						return replies, fmt.Errorf("op %d (%d %s): %w", i, op.seq, op.cmd, err)
+					}
+					time.Sleep(50 * time.Millisecond)
+					continue
+				}
+				gen = g
+			}
+			r, err := c.requestSeq(op.seq, op.cmd, 1500*time.Millisecond)
+			if err == nil {
+				replies[i] = r
+				break
+			}
+			// No reply: the node died or the guest moved. Resend (the
+			// same seq) on a fresh connection to wherever it runs now.
+			c.c.Close()
+			c = nil
+			if time.Now().After(deadline) {
+				return replies, fmt.Errorf("op %d (%d %s): no reply by the deadline: %w", i, op.seq, op.cmd, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		time.Sleep(pace)
+	}
+	return replies, nil
+}
+
+// 4. A kv workload checkpointed and resumed at arbitrary points behaves
+// exactly like one that never was. The reference run is a plain `tandem
+// run`. The checked run starts on a protected pair; at random moments the
+// primary is killed and the secondary activated (a failover), then the
+// guest is live-migrated twice to fresh `tandem receive` nodes (an
+// activated node cannot be given a new secondary from the command line,
+// so further cycles are migrations). Every reply must equal the
+// reference's.
+func TestFTCheckpointCycles(t *testing.T) {
+	runs := 2
+	if longRun {
+		runs = 6
+	}
+	forEachKind(t, func(t *testing.T, kind string) {
+		for run := 0; run < runs; run++ {
+			t.Run(fmt.Sprint("run", run), func(t *testing.T) {
+				seed := uint64(time.Now().UnixNano())
+				t.Logf("seed %d", seed)
+				rng := rand.New(rand.NewPCG(seed, 1))
+				ops := kvScript(seed, 200)
+
+				ref := startSource(t, kind, guestOpts{workload: "kv"})
+				want, err := runScript(&target{n: ref}, "s", ops, 0)
+				if err != nil {
+					t.Fatalf("reference run: %v", err)
+				}
+				ref.kill()
+
+				pri, sec, _ := startPair(t, kind, primaryOpts{})
+				tg := &target{n: pri}
+				type result struct {
+					replies []string
+					err     error
+				}
+				done := make(chan result, 1)
+				go func() {
+					r, err := runScript(tg, "s", ops, 15*time.Millisecond)
+					done <- result{r, err}
+				}()
+				pause := func() time.Duration { return 200*time.Millisecond + time.Duration(rng.Int64N(int64(time.Second))) }
+				var cycles []string
+				finished := false
+				var res result
+				wait := func(d time.Duration) bool {
+					select {
+					case res = <-done:
+						finished = true
+					case <-time.After(d):
+					}
+					return finished
+				}
+				if !wait(pause()) {
+					pri.kill()
+					activate(t, sec)
+					tg.set(sec)
+					cycles = append(cycles, "failover")
+				}
+				cur := sec
+				for m := 0; m < 2 && !wait(pause()); m++ {
+					dst := startReceiver(t)
+					r, err := startCLI("migrate", "--from", cur.api, "--to", dst.data, "--json")(2 * time.Minute)
+					if err != nil || r.code != 0 {
+						t.Fatalf("migration %d: exit %d, %v\n%s\n%s", m+1, r.code, err, r.stdout, r.stderr)
+					}
+					tg.set(dst)
+					cur.kill()
+					cur = dst
+					cycles = append(cycles, "migration")
+				}
+				if !finished {
+					select {
+					case res = <-done:
+					case <-time.After(3 * time.Minute):
+						t.Fatal("script did not finish")
+					}
+				}
+				if res.err != nil {
+					t.Fatalf("checkpointed run: %v", res.err)
+				}
+				if len(cycles) == 0 {
+					t.Errorf("the script ended before the first cycle: lengthen it")
+				}
+				diffs := 0
+				for i := range ops {
+					if res.replies[i] != want[i] {
+						diffs++
+						if diffs <= 10 {
+							t.Errorf("op %d (%d %s): reply %q, without checkpoints %q", i, ops[i].seq, ops[i].cmd, res.replies[i], want[i])
+						}
+					}
+				}
+				t.Logf("%d ops, cycles %v, %d replies differ", len(ops), cycles, diffs)
+			})
+		}
+	})
+}
