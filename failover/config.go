@@ -52,10 +52,14 @@ type Config struct {
 	// DataDir holds the raft log, snapshots and identity files.
 	DataDir string
 
-	// Raft timings; zero means the default. LeaderLeaseTimeout must not
-	// exceed HeartbeatTimeout, and ElectionTimeout must be at least
-	// HeartbeatTimeout. A witness uses twice HeartbeatTimeout and
-	// ElectionTimeout so the secondary wins elections.
+	// Raft timings; zero means the default. All nodes of a trio must use
+	// the same values. ElectionTimeout must be at least HeartbeatTimeout.
+	// A witness runs with half the HeartbeatTimeout and twice the
+	// ElectionTimeout: it stops backing a dead leader first, so it is
+	// already free to vote when the secondary asks, and its own candidacy
+	// retries late, so the secondary normally wins. LeaderLeaseTimeout must
+	// not exceed HeartbeatTimeout/2 (the witness's heartbeat timeout): no
+	// voter may stop backing a leader before that leader's lease ends.
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
 	// DataTimeout: see Tuning. Zero means DefaultDataTimeout; negative
 	// disables the automatic MarkUnprotected.
@@ -120,8 +124,8 @@ func (c Config) withDefaults() (Config, error) {
 	def(&c.EpochInterval, DefaultEpochInterval)
 	def(&c.RetryInterval, DefaultRetryInterval)
 	def(&c.ApplyTimeout, DefaultApplyTimeout)
-	if c.LeaderLeaseTimeout > c.HeartbeatTimeout {
-		return c, fmt.Errorf("%w: leader lease %s exceeds heartbeat timeout %s: the lease would outlive the followers' loyalty", ErrConfig, c.LeaderLeaseTimeout, c.HeartbeatTimeout)
+	if c.LeaderLeaseTimeout > c.HeartbeatTimeout/2 {
+		return c, fmt.Errorf("%w: leader lease %s exceeds half the heartbeat timeout %s (the witness's heartbeat timeout): the lease would outlive the followers' loyalty", ErrConfig, c.LeaderLeaseTimeout, c.HeartbeatTimeout)
 	}
 	if c.ElectionTimeout < c.HeartbeatTimeout {
 		return c, fmt.Errorf("%w: election timeout %s below heartbeat timeout %s", ErrConfig, c.ElectionTimeout, c.HeartbeatTimeout)

@@ -72,6 +72,10 @@ type View struct {
 	PeerHeartbeat time.Time
 	// AnnouncedPeer is the secondary last announced with a PeerChanged event.
 	AnnouncedPeer NodeInfo
+	// Voters are the raft voters (ID and RaftAddr only), registered or not.
+	Voters []NodeInfo
+	// Unreachable names the voters a leader currently fails to heartbeat.
+	Unreachable map[string]bool
 	Tuning
 }
 
@@ -218,6 +222,26 @@ func transferCandidates(v View) []NodeInfo {
 		add(func(m NodeInfo) bool { return m.ID == s.Primary })
 	default:
 		add(func(m NodeInfo) bool { return m.ID == s.Primary })
+	}
+	if s.Generation == 0 || s.Protected {
+		// Voters that have not registered yet may be guest-capable; their
+		// role is unknown, so they come last.
+		for _, p := range v.Voters {
+			if _, ok := s.Member(p.ID); !ok && p.ID != v.Self.ID {
+				out = append(out, p)
+			}
+		}
+	}
+	// A transfer to a dead node blocks the leader's applies for an election
+	// timeout: prefer the nodes it can reach.
+	var reachable []NodeInfo
+	for _, m := range out {
+		if !v.Unreachable[m.ID] {
+			reachable = append(reachable, m)
+		}
+	}
+	if len(reachable) > 0 {
+		return reachable
 	}
 	return out
 }

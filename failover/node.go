@@ -117,9 +117,12 @@ type Node struct {
 	reportedEpoch  uint64
 	peerHeartbeat  time.Time
 	announced      NodeInfo
+	unreachable    map[string]bool
+	voters         []NodeInfo // from Config.Peers, sorted; never changes
 	runnable       bool
 	runnableEpoch  uint64
 
+	observed  chan raft.Observation
 	wake      chan struct{}
 	kickLease chan struct{}
 	stop      chan struct{}
@@ -139,20 +142,29 @@ func Open(cfg Config) (*Node, error) {
 		return nil, err
 	}
 	n := &Node{
-		cfg:       cfg,
-		log:       cfg.Logger.With("node", cfg.ID),
-		clock:     cfg.Clock,
-		self:      NodeInfo{ID: cfg.ID, Role: cfg.Role, RaftAddr: cfg.RaftAddr, DataAddr: cfg.DataAddr, APIAddr: cfg.APIAddr, ConsoleAddr: cfg.ConsoleAddr},
-		events:    make(chan Event, eventBuffer),
-		wake:      make(chan struct{}, 1),
-		kickLease: make(chan struct{}, 1),
-		stop:      make(chan struct{}),
+		cfg:         cfg,
+		log:         cfg.Logger.With("node", cfg.ID),
+		clock:       cfg.Clock,
+		self:        NodeInfo{ID: cfg.ID, Role: cfg.Role, RaftAddr: cfg.RaftAddr, DataAddr: cfg.DataAddr, APIAddr: cfg.APIAddr, ConsoleAddr: cfg.ConsoleAddr},
+		events:      make(chan Event, eventBuffer),
+		wake:        make(chan struct{}, 1),
+		kickLease:   make(chan struct{}, 1),
+		stop:        make(chan struct{}),
+		observed:    make(chan raft.Observation, 16),
+		unreachable: map[string]bool{},
 	}
 	if err := n.open(); err != nil {
 		n.release()
 		return nil, err
 	}
 	n.started.Store(true)
+	n.raft.RegisterObserver(raft.NewObserver(n.observed, false, func(o *raft.Observation) bool {
+		switch o.Data.(type) {
+		case raft.FailedHeartbeatObservation, raft.ResumedHeartbeatObservation:
+			return true
+		}
+		return false
+	}))
 	n.wg.Add(2)
 	go n.loop()
 	go n.leaseLoop()
@@ -188,6 +200,7 @@ func (n *Node) open() error {
 	}
 	sort.Strings(ids)
 	for _, id := range ids {
+		n.voters = append(n.voters, NodeInfo{ID: id, RaftAddr: cfg.Peers[id]})
 		want.Servers = append(want.Servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(id), Address: raft.ServerAddress(cfg.Peers[id])})
 	}
 	if existing {
@@ -219,7 +232,7 @@ func (n *Node) open() error {
 	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
 	rc.ElectionTimeout = cfg.ElectionTimeout
 	if cfg.Role == RoleWitness {
-		rc.HeartbeatTimeout *= 2
+		rc.HeartbeatTimeout /= 2
 		rc.ElectionTimeout *= 2
 	}
 	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
@@ -230,7 +243,7 @@ func (n *Node) open() error {
 	if err := raft.ValidateConfig(rc); err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
 	}
-	n.raft, err = raft.NewRaft(rc, n.fsm, n.store, n.store, snaps, n.trans)
+	n.raft, err = raft.NewRaft(rc, n.fsm, n.store, n.store, snaps, noPipeline{n.trans})
 	if err != nil {
 		return fmt.Errorf("failover: start raft: %w", err)
 	}
@@ -601,6 +614,15 @@ func (n *Node) loop() {
 		case <-t.C:
 		case <-n.wake:
 		case <-leaderCh:
+		case o := <-n.observed:
+			n.mu.Lock()
+			switch d := o.Data.(type) {
+			case raft.FailedHeartbeatObservation:
+				n.unreachable[string(d.PeerID)] = true
+			case raft.ResumedHeartbeatObservation:
+				delete(n.unreachable, string(d.PeerID))
+			}
+			n.mu.Unlock()
 		}
 		n.step()
 	}
@@ -651,6 +673,7 @@ func (n *Node) step() {
 		// longer count, and the lease must be earned again.
 		n.leaderTerm = v.Term
 		n.claimed, n.claimedTerm, n.transfers = 0, 0, 0
+		n.unreachable = map[string]bool{}
 		select {
 		case n.kickLease <- struct{}{}:
 		default:
@@ -662,6 +685,8 @@ func (n *Node) step() {
 	v.LastTransfer, v.TransferAttempts = n.lastTransfer, n.transfers
 	v.LastRegister, v.LastEpochApply = n.lastRegister, n.lastEpochApply
 	v.ReportedEpoch, v.PeerHeartbeat, v.AnnouncedPeer = n.reportedEpoch, n.peerHeartbeat, n.announced
+	v.Voters = n.voters
+	v.Unreachable = n.unreachable
 	v.Tuning = Tuning{DataTimeout: max(n.cfg.DataTimeout, 0), EpochInterval: n.cfg.EpochInterval, RetryInterval: n.cfg.RetryInterval}
 	for _, a := range Decide(v, now) {
 		n.execLocked(a, v, now)
@@ -837,6 +862,15 @@ func (n *Node) handleRegister(req registerRequest) registerReply {
 		return registerReply{Err: err.Error()}
 	}
 	return registerReply{}
+}
+
+// noPipeline turns off raft's pipelined replication. With three nodes it
+// buys nothing, and raft v1.7.3's pipeline can deadlock Shutdown (the
+// replication goroutine blocks handing a future to a decoder that stopped).
+type noPipeline struct{ *raft.NetworkTransport }
+
+func (noPipeline) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
+	return nil, raft.ErrPipelineReplicationNotSupported
 }
 
 // slogWriter feeds hclog's lines (raft's logs) into slog.

@@ -148,6 +148,12 @@ func activeGen(n *Node) uint64 {
 func protect(t *testing.T, c *testCluster, e uint64) {
 	t.Helper()
 	p, s := c.node("p"), c.node("s")
+	// The driver learns its secondary from the FSM; it cannot protect
+	// before the secondary registered.
+	waitFor(t, 5*time.Second, "s registered on p", func() bool {
+		sec, ok := p.Secondary()
+		return ok && sec.ID == "s"
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := p.SetProtected(ctx, true); err != nil {
