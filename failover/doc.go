@@ -49,18 +49,27 @@
 // released.
 //
 // The witness is a voter and may win an election (raft has no
-// non-candidate voters). It then transfers leadership at once; during that
-// window (one leadership transfer, tens of milliseconds on a LAN) nobody runs
-// the guest. The witness runs with twice the heartbeat and election timeouts
-// so the secondary normally wins the election after the primary dies.
+// non-candidate voters). It then transfers leadership at once, to a
+// reachable guest-capable node (heartbeat failures observed from raft steer
+// the choice; a transfer to a dead node would block the leader's applies for
+// an election timeout); during that window nobody runs the guest. Raft
+// followers refuse votes while they still back a live-looking leader, so
+// the node that stops backing the dead leader first tends to lose the
+// election to the second. The witness therefore runs with half the
+// heartbeat timeout and twice the election timeout: it drops the dead
+// leader first, and its own retry comes late, so the secondary normally
+// wins outright.
 //
 // # Fencing and the lease
 //
 // While leader, the node calls raft's VerifyLeader every LeaderLeaseTimeout/4;
 // the lease deadline is the start of the last round a majority answered plus
-// LeaderLeaseTimeout. LeaderLeaseTimeout <= HeartbeatTimeout, and a raft
-// follower refuses to vote while it has heard from its leader within its
-// heartbeat timeout, so no other node can be elected before the lease ends.
+// LeaderLeaseTimeout. LeaderLeaseTimeout <= HeartbeatTimeout/2 (the
+// witness's heartbeat timeout), and a raft follower refuses to vote while it
+// has heard from its leader within its heartbeat timeout, so no other node
+// can be elected before the lease ends (clock rate drift over 100 ms is
+// negligible; clock steps do not matter, the lease uses the monotonic
+// clock).
 // CanRelease(gen) is MayRelease over the live view: leader in the term the
 // generation was activated, lease not expired, no switchover in progress,
 // FSM primary = self and FSM generation = gen. A ticker (every
@@ -84,7 +93,8 @@
 // # Concurrency
 //
 // A Node owns these goroutines, all stopped by Close: the decision loop
-// (ticker + wake-ups), the lease verifier, the TCP accept loop, and
+// (ticker, raft leader and heartbeat observations, wake-ups), the lease
+// verifier, the TCP accept loop, and
 // short-lived workers for raft applies, transfers and registrations, each
 // bounded by a timeout. Lock order: Node.mu, then muxStream.connsMu. The
 // FSM never takes Node.mu.
