@@ -574,6 +574,9 @@ func (n *Node) apply(t commandType, body any) error {
 // applyCtx is apply for callers with a context; the apply itself is bounded
 // by ApplyTimeout, so the goroutine left behind on ctx end finishes soon.
 func (n *Node) applyCtx(ctx context.Context, t commandType, body any) error {
+	if n.closed.Load() {
+		return ErrClosed
+	}
 	done := make(chan error, 1)
 	n.wg.Add(1)
 	go func() {

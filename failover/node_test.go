@@ -22,6 +22,8 @@ type testCluster struct {
 	peers map[string]string
 	dirs  map[string]string
 	roles map[string]Role
+	// tweak, if set, adjusts every node's config.
+	tweak func(*Config)
 	mu    sync.Mutex
 	nodes map[string]*Node
 }
@@ -76,6 +78,9 @@ func (c *testCluster) config(id string) Config {
 	if id != "w" {
 		cfg.DataAddr = "127.0.0.1:1" + id
 		cfg.APIAddr = "127.0.0.1:2" + id
+	}
+	if c.tweak != nil {
+		c.tweak(&cfg)
 	}
 	return cfg
 }
@@ -217,6 +222,11 @@ func failoverOnce(t *testing.T) (time.Duration, *testCluster) {
 	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
 	protect(t, c, 10)
 
+	// A snapshot on disk makes the restarted p rebuild its FSM through
+	// Restore rather than only by replaying the log.
+	if err := p.raft.Snapshot().Error(); err != nil {
+		t.Fatal(err)
+	}
 	start := time.Now()
 	c.crash("p")
 	waitFor(t, 5*time.Second, "s active", func() bool { return activeGen(s) > 1 })
@@ -449,4 +459,47 @@ func TestRegistrationRefusesForeignCluster(t *testing.T) {
 		t.Fatal("leader accepted node id s at a second address")
 	}
 	t.Logf("refusals: %s", reply.Err)
+}
+
+func TestStaleDataHeartbeatUnprotects(t *testing.T) {
+	c := newTestCluster(t)
+	c.tweak = func(cfg *Config) { cfg.DataTimeout = 150 * time.Millisecond }
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	p := c.node("p")
+	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
+	waitFor(t, 5*time.Second, "s registered on p", func() bool { _, ok := p.Secondary(); return ok })
+	// Heartbeats keep the trio protected...
+	stop := make(chan struct{})
+	beats := make(chan struct{})
+	go func() {
+		defer close(beats)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+				p.DataHeartbeat()
+			}
+		}
+	}()
+	p.DataHeartbeat()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.SetProtected(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(400 * time.Millisecond)
+	if !p.State().Protected {
+		t.Fatal("unprotected despite heartbeats")
+	}
+	// ...and their absence unprotects it.
+	close(stop)
+	<-beats
+	d := waitFor(t, 3*time.Second, "unprotected", func() bool { return !p.State().Protected })
+	t.Logf("heartbeats stopped -> unprotected: %v (timeout 150ms)", d)
+	if err := c.node("s").SetProtected(ctx, true); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("SetProtected on a follower: %v", err)
+	}
 }
