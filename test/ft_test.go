@@ -501,3 +501,57 @@ func TestFTCheckpointCycles(t *testing.T) {
 		}
 	})
 }
+
+// Several clients pipelining large batches on one console: every line
+// must reach the guest whole (the serial line is shared, so a client's
+// partial line must not be interleaved with another client's bytes).
+func TestConsolePipelinedClients(t *testing.T) {
+	forEachKind(t, func(t *testing.T, kind string) {
+		n := startSource(t, kind, guestOpts{workload: "kv"})
+		const clients, lines = 4, 2000
+		var wg sync.WaitGroup
+		errs := make(chan error, clients)
+		for c := 0; c < clients; c++ {
+			k, err := dialConsoleErr(n, fmt.Sprintf("p%d", c))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer k.c.Close()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var sb strings.Builder
+				for i := 1; i <= lines; i++ {
+					fmt.Fprintf(&sb, "%s:%d SET key%d-%s value%d\n", k.id, i, i, k.id, i)
+				}
+				k.c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+				if _, err := k.c.Write([]byte(sb.String())); err != nil {
+					errs <- err
+					return
+				}
+				k.c.SetReadDeadline(time.Now().Add(20 * time.Second))
+				got := 0
+				for got < lines {
+					line, err := k.r.ReadString('\n')
+					if err != nil {
+						errs <- fmt.Errorf("client %s after %d replies: %w", k.id, got, err)
+						return
+					}
+					if !strings.HasPrefix(line, k.id+":") {
+						continue
+					}
+					got++
+					if want := fmt.Sprintf("%s:%d OK\n", k.id, got); line != want {
+						errs <- fmt.Errorf("client %s: reply %q, want %q", k.id, line, want)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+}

@@ -1,0 +1,225 @@
+package test
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Benchmarks of continuous micro-checkpointing (issue 6). Each runs real
+// processes and measures over a fixed window, so one iteration is the
+// measurement: run with -benchtime 1x (make bench's 1s gives one
+// iteration too, as every window is longer). Figures are reported with
+// their baseline from the same run; docs/PERFORMANCE.md has the table.
+
+// ftBenchWindow is how long each figure is measured.
+func ftBenchWindow() time.Duration {
+	if longRun {
+		return 30 * time.Second
+	}
+	return 10 * time.Second
+}
+
+// BenchmarkFTEpochs: a 1 GiB guest dirtying 10,000 random pages/s over
+// 512 MiB, protected at 25 ms epochs. Reports epochs/s (baseline: the
+// 40/s the interval asks for), the pause (baseline: the bare
+// pause+resume of the same epochs), and wire bytes against the raw dirty
+// bytes captured.
+func BenchmarkFTEpochs(b *testing.B) {
+	for _, kind := range kinds {
+		b.Run(kind, func(b *testing.B) {
+			skipUnlessKind(b, kind)
+			for i := 0; i < b.N; i++ {
+				benchEpochs(b, kind)
+			}
+		})
+	}
+}
+
+func benchEpochs(b *testing.B, kind string) {
+	pri, _, _ := startPair(b, kind, primaryOpts{
+		memory: "1GiB", workload: "dirty", touch: "512MiB", dirtyRate: 10000, epoch: "25ms",
+	})
+	// Let the first epochs after the catch-up pass.
+	time.Sleep(2 * time.Second)
+	s0 := mustFT(b, pri, false)
+	m0, err := metricSums(pri.api)
+	if err != nil {
+		b.Fatal(err)
+	}
+	t0 := time.Now()
+	b.ResetTimer()
+	time.Sleep(ftBenchWindow())
+	b.StopTimer()
+	s1 := mustFT(b, pri, false)
+	m1, err := metricSums(pri.api)
+	if err != nil {
+		b.Fatal(err)
+	}
+	secs := time.Since(t0).Seconds()
+	epochs := float64(s1.Epochs - s0.Epochs)
+	raw := float64(s1.EpochRawBytes - s0.EpochRawBytes)
+	wire := float64(s1.EpochWireBytes - s0.EpochWireBytes)
+	if epochs == 0 || raw == 0 {
+		b.Fatalf("no epochs or no dirty bytes in the window: %+v -> %+v", s0, s1)
+	}
+	mean := func(phase string) float64 {
+		n := m1[phase][1] - m0[phase][1]
+		if n == 0 {
+			return 0
+		}
+		return (m1[phase][0] - m0[phase][0]) / n * 1000
+	}
+	b.ReportMetric(epochs/secs, "epochs/s")
+	b.ReportMetric(s1.PauseP50Ms, "pause-p50-ms")
+	b.ReportMetric(s1.PauseP99Ms, "pause-p99-ms")
+	b.ReportMetric(s1.PauseMaxMs, "pause-max-ms")
+	b.ReportMetric(mean("pause")+mean("resume"), "bare-pause+resume-ms")
+	b.ReportMetric(100*wire/raw, "wire/raw-%")
+	b.ReportMetric(raw/secs/1e6, "raw-MB/s")
+	b.ReportMetric(wire/secs/1e6, "wire-MB/s")
+	b.ReportMetric(s1.AckLatencyP99Ms, "ack-p99-ms")
+	b.Logf("%s: %.1f epochs/s (interval asks 40), pause p50 %.2f p99 %.2f max %.2f ms; mean per epoch: pause %.3f, flush %.3f, dirty_sync %.3f, state_save %.3f, copy %.3f, resume %.3f ms; raw %.1f MB/s, wire %.2f MB/s (%.1f%%), %.0f raw pages/epoch; ack p50 %.1f p99 %.1f ms; stalls %d, flush aborts %d",
+		kind, epochs/secs, s1.PauseP50Ms, s1.PauseP99Ms, s1.PauseMaxMs,
+		mean("pause"), mean("flush"), mean("dirty_sync"), mean("state_save"), mean("copy"), mean("resume"),
+		raw/secs/1e6, wire/secs/1e6, 100*wire/raw, raw/4096/epochs, s1.AckLatencyP50Ms, s1.AckLatencyP99Ms,
+		s1.BackpressureStalls-s0.BackpressureStalls, s1.FlushAborts-s0.FlushAborts)
+}
+
+// BenchmarkFTKV: kv requests/s through the console of a 1 GiB kv guest,
+// protected (`tandem primary` with a secondary, 25 ms epochs) against the
+// same guest unprotected (`tandem run`), measured in the same run. Two
+// loads: kvClients clients each keeping kvDepth requests outstanding
+// (throughput: output commit adds an epoch of latency to every reply, so
+// by Little's law a client needs about rate x 30 ms requests in flight),
+// and one client waiting for each reply (latency-bound).
+func BenchmarkFTKV(b *testing.B) {
+	for _, kind := range kinds {
+		b.Run(kind, func(b *testing.B) {
+			skipUnlessKind(b, kind)
+			for i := 0; i < b.N; i++ {
+				benchKV(b, kind)
+			}
+		})
+	}
+}
+
+const (
+	kvClients = 4
+	kvDepth   = 1024
+)
+
+func benchKV(b *testing.B, kind string) {
+	window := ftBenchWindow() / 2
+	plain := startSource(b, kind, guestOpts{memory: "1GiB", workload: "kv"})
+	plainPipe := kvLoad(b, plain, kvClients, kvDepth, window)
+	plainSync := kvLoad(b, plain, 1, 1, window/2)
+	plain.kill()
+	pri, _, _ := startPair(b, kind, primaryOpts{memory: "1GiB"})
+	protPipe := kvLoad(b, pri, kvClients, kvDepth, window)
+	protSync := kvLoad(b, pri, 1, 1, window/2)
+	st := mustFT(b, pri, false)
+	b.ReportMetric(plainPipe, "unprotected-req/s")
+	b.ReportMetric(protPipe, "protected-req/s")
+	b.ReportMetric(100*protPipe/plainPipe, "protected/unprotected-%")
+	b.ReportMetric(plainSync, "sync-unprotected-req/s")
+	b.ReportMetric(protSync, "sync-protected-req/s")
+	b.Logf("%s: pipelined %dx%d: unprotected %.0f req/s, protected %.0f req/s (%.1f%%); one synchronous client: %.0f vs %.0f req/s; output delay p50 %.1f p99 %.1f ms",
+		kind, kvClients, kvDepth, plainPipe, protPipe, 100*protPipe/plainPipe, plainSync, protSync, st.OutputDelayP50Ms, st.OutputDelayP99Ms)
+}
+
+// kvLoad runs clients connections, each keeping depth SET requests
+// outstanding, for d, and returns the replies per second.
+func kvLoad(b *testing.B, n *node, clients, depth int, d time.Duration) float64 {
+	var total atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	stopAt := time.Now().Add(d)
+	start := time.Now()
+	for c := 0; c < clients; c++ {
+		conn, err := net.DialTimeout("tcp", n.console, 5*time.Second)
+		if err != nil {
+			b.Fatal(err)
+		}
+		id := fmt.Sprintf("b%d%d", c, time.Now().UnixNano()%1e6)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer conn.Close()
+			errs <- pipeClient(conn, id, depth, stopAt, &total)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	return float64(total.Load()) / time.Since(start).Seconds()
+}
+
+// pipeClient sends SETs keeping depth outstanding until stopAt, then
+// waits (bounded) for the outstanding replies.
+func pipeClient(conn net.Conn, id string, depth int, stopAt time.Time, total *atomic.Int64) error {
+	slots := make(chan struct{}, depth)
+	readErr := make(chan error, 1)
+	var sent atomic.Int64
+	go func() {
+		r := bufio.NewReader(conn)
+		prefix := id + ":"
+		var got int64
+		for {
+			conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			line, err := r.ReadString('\n')
+			if err != nil {
+				readErr <- fmt.Errorf("client %s after %d replies: %w", id, got, err)
+				return
+			}
+			if !strings.HasPrefix(line, prefix) {
+				continue
+			}
+			if !strings.HasSuffix(strings.TrimRight(line, "\r\n"), " OK") {
+				readErr <- fmt.Errorf("client %s: reply %q", id, line)
+				return
+			}
+			got++
+			if time.Now().Before(stopAt) {
+				total.Add(1)
+			}
+			<-slots
+			if time.Now().After(stopAt) && got == sent.Load() {
+				readErr <- nil
+				return
+			}
+		}
+	}()
+	w := bufio.NewWriter(conn)
+	for seq := 1; time.Now().Before(stopAt); seq++ {
+		select {
+		case slots <- struct{}{}:
+		case err := <-readErr:
+			return err
+		}
+		sent.Add(1)
+		conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(w, "%s:%d SET key%d value%d\n", id, seq, seq%512, seq)
+		if len(slots) == depth || len(slots) == 1 {
+			if err := w.Flush(); err != nil {
+				return err
+			}
+		}
+	}
+	w.Flush()
+	select {
+	case err := <-readErr:
+		return err
+	case <-time.After(15 * time.Second):
+		return fmt.Errorf("client %s: outstanding replies not back 15 s after the window", id)
+	}
+}
