@@ -70,16 +70,31 @@ func (b *consoleBridge) accept() {
 	}
 }
 
+// maxPartialLine bounds the bytes of an unfinished line kept per client;
+// beyond it they go to the guest as they are (which refuses over-long
+// lines anyway).
+const maxPartialLine = 8 << 10
+
 func (b *consoleBridge) readLoop(c net.Conn) {
 	defer b.drop(c)
 	buf := make([]byte, 4096)
+	var partial []byte
 	for {
 		c.SetReadDeadline(time.Now().Add(10 * time.Minute))
 		n, err := c.Read(buf)
-		if n > 0 {
+		// The serial line is shared by every client: hand the guest only
+		// whole lines, or one client's half line would be completed by
+		// another client's bytes.
+		partial = append(partial, buf[:n]...)
+		cut := bytes.LastIndexByte(partial, '\n') + 1
+		if cut == 0 && len(partial) > maxPartialLine {
+			cut = len(partial)
+		}
+		if cut > 0 {
 			// The guest's input buffer is finite: retry briefly, then
 			// drop the client rather than block forever.
-			p := append([]byte(nil), buf[:n]...)
+			p := append([]byte(nil), partial[:cut]...)
+			partial = append(partial[:0], partial[cut:]...)
 			deadline := time.Now().Add(5 * time.Second)
 			for {
 				if err := b.input(p); err == nil {
