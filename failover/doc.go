@@ -8,10 +8,13 @@
 // (fencing token), the leader lease behind CanRelease, leadership transfer,
 // and the events that tell a driver (cmd/tandem) to run or pause its guest.
 //
-// It must never: ship epochs, touch a guest, release output itself, parse
-// flags, print, or block a caller without a deadline. Decisions never depend
-// on an event having been consumed: CanRelease is computed from raft and the
-// FSM at the moment of the call.
+// The coordination core (Node, Decide, the FSM) must never: ship epochs,
+// touch a guest, release output itself, parse flags, print, or block a
+// caller without a deadline. Shipping epochs and output commit live beside
+// it in epochs.go and outputgate.go (the EpochLoop and OutputGate); they ask
+// the core through CanRelease and report through ReportEpoch, never the
+// other way round. Decisions never depend on an event having been consumed:
+// CanRelease is computed from raft and the FSM at the moment of the call.
 //
 // # Replicated state
 //
