@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/raft"
 )
 
 // testCluster is a real trio on loopback TCP with bbolt logs in temp dirs.
@@ -503,3 +505,28 @@ func TestStaleDataHeartbeatUnprotects(t *testing.T) {
 		t.Fatalf("SetProtected on a follower: %v", err)
 	}
 }
+
+func TestWitnessLeaderHandsOver(t *testing.T) {
+	c := newTestCluster(t)
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	p, s, w := c.node("p"), c.node("s"), c.node("w")
+	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
+	protect(t, c, 7)
+
+	// Force the witness into leadership, as an election could.
+	p.transferring.Add(1)
+	start := time.Now()
+	if err := p.raft.LeadershipTransferToServer("w", raftAddr(c, "w")).Error(); err != nil {
+		t.Fatal(err)
+	}
+	p.transferring.Add(-1)
+	waitFor(t, 5*time.Second, "s active", func() bool { return activeGen(s) == 2 })
+	t.Logf("witness leadership -> s primary: %v", time.Since(start))
+	if activeGen(w) != 0 || w.CanRelease(1) || w.CanRelease(2) || p.CanRelease(1) {
+		t.Fatal("witness or old primary may release")
+	}
+}
+
+func raftAddr(c *testCluster, id string) raft.ServerAddress { return raft.ServerAddress(c.peers[id]) }
