@@ -18,12 +18,14 @@ type realClock struct{}
 func (realClock) Now() time.Time { return time.Now() }
 
 // Default timings. With these, a follower notices a dead leader after
-// 200-400 ms, and failover (election, promotion, activation) completes well
-// under a second on a LAN.
+// 300-600 ms, and failover (election, promotion, activation) completes
+// under a second on a LAN. A 100 ms lease (with 200 ms heartbeats) fenced
+// healthy primaries on a loaded 2-core machine: one late round of
+// majority contact is enough to expire it.
 const (
-	DefaultHeartbeatTimeout   = 200 * time.Millisecond
-	DefaultElectionTimeout    = 200 * time.Millisecond
-	DefaultLeaderLeaseTimeout = 100 * time.Millisecond
+	DefaultHeartbeatTimeout   = 300 * time.Millisecond
+	DefaultElectionTimeout    = 300 * time.Millisecond
+	DefaultLeaderLeaseTimeout = 150 * time.Millisecond
 	DefaultDataTimeout        = 500 * time.Millisecond
 	DefaultEpochInterval      = 100 * time.Millisecond
 	DefaultRetryInterval      = 100 * time.Millisecond

@@ -52,6 +52,16 @@ type EpochConfig struct {
 	OnCommitted func(epoch uint64)
 	// OnProtected is told when protection starts or stops.
 	OnProtected func(protected bool, why string)
+	// Unprotect, if set, must succeed before output that was held for a
+	// lost secondary is let out: with raft it records "unprotected" in
+	// the cluster first, so the secondary can no longer take over from an
+	// epoch older than output already released. While it fails the output
+	// stays held.
+	Unprotect func(ctx context.Context) error
+	// FirstEpoch is the last epoch number already used in this cluster;
+	// the loop numbers its epochs after it, across reconnections, so
+	// epoch numbers only ever grow (raft compares them).
+	FirstEpoch uint64
 }
 
 // EpochLoop is a primary's protection: it runs the guest's epochs, ships
@@ -89,6 +99,16 @@ type EpochLoop struct {
 	startedEpochs time.Time
 	stalls        uint64 // captures delayed by back-pressure
 	joins         uint64
+	lastEpoch     uint64 // last stream epoch number used, across joins
+	unshipped     int    // captured epochs handed to the shipper, not yet registered
+
+	final chan finalRequest // FinalEpoch's requests to the capture loop
+}
+
+// finalRequest asks the capture loop for a last epoch with the guest left
+// paused (planned switchover).
+type finalRequest struct {
+	done chan error
 }
 
 // flight is what the primary remembers of a shipped consistent epoch
@@ -130,7 +150,8 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	l := &EpochLoop{
 		cfg: cfg, core: precopy.NewCore(cfg.Guest, cfg.Timings), log: cfg.Log,
 		target: make(chan string, 1), state: StateUnprotected, why: "no secondary yet",
-		gateEpochOf: map[uint64]flight{},
+		gateEpochOf: map[uint64]flight{}, lastEpoch: cfg.FirstEpoch,
+		final: make(chan finalRequest),
 	}
 	l.gate = NewOutputGate(1, cfg.Release, cfg.Allow)
 	l.gate.Hold(false)
@@ -163,6 +184,8 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 			case <-ctx.Done():
 				return nil
 			case addr = <-l.target:
+			case req := <-l.final:
+				req.done <- errors.New("not protected: no secondary to hand over to")
 			}
 			continue
 		}
@@ -184,12 +207,22 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 		// Lost the secondary: run unprotected, retry with back-off.
 		l.setState(StateUnprotected, err.Error())
 		retry = min(max(2*retry, 200*time.Millisecond), 5*time.Second)
-		select {
-		case <-ctx.Done():
-			return nil
-		case addr = <-l.target:
-			retry = 0
-		case <-time.After(retry):
+		wait := time.After(retry)
+	backoff:
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case addr = <-l.target:
+				retry = 0
+				break backoff
+			case <-wait:
+				break backoff
+			case <-time.After(200 * time.Millisecond):
+				l.releaseHeld()
+			case req := <-l.final:
+				req.done <- errors.New("not protected: no secondary to hand over to")
+			}
 		}
 	}
 }
@@ -200,9 +233,7 @@ func (l *EpochLoop) setState(s, why string) {
 	l.state, l.why = s, why
 	l.mu.Unlock()
 	if s != StateProtected {
-		// Nothing to wait for: held output goes out now (fencing still
-		// applies) and later output passes straight through.
-		l.gate.Hold(false)
+		l.releaseHeld()
 	}
 	if old != s {
 		if s == StateProtected {
@@ -214,6 +245,27 @@ func (l *EpochLoop) setState(s, why string) {
 			l.cfg.OnProtected(s == StateProtected, why)
 		}
 	}
+}
+
+// releaseHeld lets held output out once nothing will acknowledge it:
+// after Unprotect succeeded (fencing still applies in the gate), later
+// output passes straight through. If Unprotect fails, output stays held
+// and Run retries.
+func (l *EpochLoop) releaseHeld() bool {
+	if !l.gate.Holding() {
+		return true
+	}
+	if l.cfg.Unprotect != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		err := l.cfg.Unprotect(ctx)
+		cancel()
+		if err != nil {
+			l.log.Warn("holding output: cannot record the loss of protection", "err", err)
+			return false
+		}
+	}
+	l.gate.Hold(false)
+	return true
 }
 
 func (l *EpochLoop) secondaryAddr() string {
@@ -253,6 +305,14 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	// Catch up while the guest runs: everything once, then what was
 	// dirtied, until what is left fits an epoch or rounds stop helping.
 	sender := &precopy.LiveSender{Core: l.core, Link: link, EpochPages: 4096}
+	l.mu.Lock()
+	sender.SetEpoch(l.lastEpoch)
+	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		l.lastEpoch = max(l.lastEpoch, sender.Epoch())
+		l.mu.Unlock()
+	}()
 	if _, err := l.core.Sync(); err != nil {
 		return err
 	}
@@ -310,16 +370,27 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 	defer tick.Stop()
 	l.mu.Lock()
 	l.startedEpochs = time.Now()
+	l.unshipped = 0
 	l.mu.Unlock()
 	for n := 0; ; n++ {
+		var final *finalRequest
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case err := <-shipErr:
 			return err
 		case <-tick.C:
+		case req := <-l.final:
+			if first {
+				req.done <- errors.New("not protected yet: the secondary is still catching up")
+				continue
+			}
+			final = &req
 		}
 		if err := link.Err(); err != nil {
+			if final != nil {
+				final.done <- err
+			}
 			return err
 		}
 		// Back-pressure: a slow secondary makes epochs longer, never
@@ -354,8 +425,16 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		}
 		var j job
 		scan := l.cfg.Verify && (first || n%l.cfg.VerifyScanEvery == 0)
+		flushBudget := l.cfg.FlushBudget
+		if final != nil {
+			// A handover must carry every disk write: wait for the
+			// flush (bounded), the guest paused as for a migration's
+			// completion.
+			flushBudget = 10 * time.Second
+		}
 		cp, err := l.core.Capture(ctx, precopy.CaptureOptions{
-			FlushBudget: l.cfg.FlushBudget,
+			FlushBudget: flushBudget,
+			KeepPaused:  final != nil,
 			Buffer:      buf,
 			WhilePaused: func(cp *precopy.Capture) error {
 				if first {
@@ -390,6 +469,9 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		})
 		if err != nil {
 			free <- buf
+			if final != nil {
+				final.done <- err
+			}
 			if errors.Is(err, precopy.ErrFlushAborted) {
 				l.mu.Lock()
 				l.flushAborts++
@@ -403,6 +485,7 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		j.cp = cp
 		l.mu.Lock()
 		l.epochs++
+		l.unshipped++
 		l.rawBytes += uint64(len(cp.Pages)) * guest.PageSize
 		l.pauses = appendBounded(l.pauses, cp.Breakdown.Total())
 		l.mu.Unlock()
@@ -411,6 +494,19 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		case err := <-shipErr:
 			return err
 		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if final != nil {
+			// Wait until the secondary holds everything, output
+			// included, then stop capturing: the guest stays paused for
+			// the new primary to take over from this epoch.
+			err := l.waitAcked(ctx, link, shipErr, 10*time.Second)
+			final.done <- err
+			if err != nil {
+				l.cfg.Guest.Resume()
+				continue
+			}
+			<-ctx.Done()
 			return ctx.Err()
 		}
 	}
@@ -422,6 +518,51 @@ func appendBounded(s []time.Duration, d time.Duration) []time.Duration {
 		s = s[:recentSamples-1]
 	}
 	return append(s, d)
+}
+
+// waitAcked waits until no shipped epoch waits for its acknowledgement.
+func (l *EpochLoop) waitAcked(ctx context.Context, link *replica.Link, shipErr <-chan error, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		l.mu.Lock()
+		idle := len(l.gateEpochOf) == 0 && l.unshipped == 0
+		l.mu.Unlock()
+		if idle {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the secondary did not acknowledge the final epoch within %v", limit)
+		}
+		if err := link.Err(); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-shipErr:
+			return err
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+// FinalEpoch (planned switchover) captures one last epoch with the guest
+// left paused, ships it and waits until the secondary has acknowledged it
+// and its output is released. Afterwards the loop captures nothing more
+// until it is stopped; on error the guest runs on and the loop with it.
+func (l *EpochLoop) FinalEpoch(ctx context.Context) error {
+	req := finalRequest{done: make(chan error, 1)}
+	select {
+	case l.final <- req:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (l *EpochLoop) inFlight() int {
@@ -448,6 +589,7 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 		epoch := sender.Epoch() + 1
 		l.mu.Lock()
 		l.gateEpochOf[epoch] = flight{gateEpoch: j.gateEpoch, digest: j.digest, pausedAt: cp.PausedAt}
+		l.unshipped--
 		l.mu.Unlock()
 		if err == nil {
 			_, err = sender.EndEpoch()

@@ -23,6 +23,9 @@ type Secondary struct {
 	R *Receiver
 	// Store, if set, keeps the committed image on disk (see Store).
 	Store *Store
+	// OnCommit, if set, is told of every consistent epoch committed (raft
+	// learns from here that this node could take over at that epoch).
+	OnCommit func(epoch uint64)
 	// MinGeneration refuses primaries whose generation is lower (a stale
 	// primary); updated by the caller as raft moves on.
 	minGen func() uint64
@@ -148,6 +151,9 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			if err := store.Append(im, e, pages, st, disk); err != nil {
 				s.storeFailed(err)
 			}
+		}
+		if c.Consistent && adopted && s.OnCommit != nil {
+			s.OnCommit(e.Epoch)
 		}
 		ack := precopy.Ack{Epoch: e.Epoch}
 		if c.Consistent && hello.Verify {

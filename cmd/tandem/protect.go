@@ -79,8 +79,16 @@ func cmdPrimary(args []string) error {
 	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
 	secondary := fs.String("secondary", "", "the secondary's --data address (a pair without raft)")
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
+	var cf clusterFlags
+	addClusterFlags(fs, &cf, true)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
+	}
+	if cf.id != "" {
+		if *secondary != "" {
+			return usagef("--secondary is for a pair without raft; with --id the secondary is found through raft")
+		}
+		return runMember(failover.RolePrimary, cf, &gf, ef, *apiAddr, *consoleAddr, *allowFaults)
 	}
 	kind, cfg, err := gf.config()
 	if err != nil {
@@ -125,11 +133,17 @@ func cmdSecondary(args []string) error {
 	apiAddr := fs.String("api", "127.0.0.1:7082", "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7083", "address of the console bridge (serves once activated)")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
-	dataDir := fs.String("data-dir", "", "keep the committed image here, so a restart comes back at the last committed epoch")
 	var ef epochFlags
 	addEpochFlags(fs, &ef)
+	var cf clusterFlags
+	addClusterFlags(fs, &cf, false)
+	dataDir := &cf.dataDir
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
+	}
+	if cf.id != "" {
+		cf.data = *data
+		return runMember(failover.RoleSecondary, cf, nil, ef, *apiAddr, *consoleAddr, false)
 	}
 	if *kind != "" && *kind != "kvm" && *kind != "synth" {
 		return usagef("--guest %q: want kvm or synth", *kind)

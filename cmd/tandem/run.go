@@ -48,6 +48,7 @@ type guestNode struct {
 	inbound *replica.MigrationResult
 	epochs  *failover.EpochLoop // primary: protection
 	sec     *replica.Secondary  // secondary: the committed image
+	cluster func() any          // raft view of a cluster member
 }
 
 func newLogger() *slog.Logger {
@@ -192,6 +193,7 @@ type nodeStatus struct {
 	precopy.MigrationStatus
 	MemoryDigest string `json:"memory_digest,omitempty"`
 	Build        string `json:"build"`
+	Cluster      any    `json:"cluster,omitempty"`
 
 	// Protection figures of a primary or a secondary, merged into the
 	// top level by MarshalJSON (both name last_committed_epoch, so they
@@ -236,6 +238,9 @@ func (n *guestNode) status(digest bool) nodeStatus {
 		st.DowntimeBreakdown.DestinationLoadMs = float64(n.inbound.LoadTime.Microseconds()) / 1000
 	default:
 		st.MigrationStatus.Status = n.state
+	}
+	if n.cluster != nil {
+		st.Cluster = n.cluster()
 	}
 	if n.epochs != nil {
 		es := n.epochs.Status()

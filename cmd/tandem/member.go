@@ -1,0 +1,561 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/tandemvm/tandem/failover"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/version"
+	"github.com/tandemvm/tandem/replica"
+)
+
+func init() {
+	register("witness", "the third raft voter: decides, never runs the guest", cmdWitness)
+	register("switchover", "hand the guest to the warm secondary with about one epoch of pause", cmdSwitchover)
+}
+
+// clusterFlags are the raft flags shared by primary, secondary and witness.
+type clusterFlags struct {
+	id, raft, data, peers, dataDir string
+	heartbeat, election, lease     time.Duration
+	dataTimeout                    time.Duration
+}
+
+func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
+	fs.StringVar(&cf.id, "id", "", "this node's id in the cluster")
+	fs.StringVar(&cf.raft, "raft", "", "this node's raft address (default: its entry in --peers)")
+	if withData {
+		fs.StringVar(&cf.data, "data", "", "address the primary streams epochs to")
+	}
+	fs.StringVar(&cf.peers, "peers", "", "every voter: ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT")
+	fs.StringVar(&cf.dataDir, "data-dir", "", "raft log, snapshots and (secondary) the committed image")
+	fs.DurationVar(&cf.heartbeat, "heartbeat-timeout", failover.DefaultHeartbeatTimeout, "raft heartbeat timeout (the same on every node)")
+	fs.DurationVar(&cf.election, "election-timeout", failover.DefaultElectionTimeout, "raft election timeout (the same on every node)")
+	fs.DurationVar(&cf.lease, "lease-timeout", failover.DefaultLeaderLeaseTimeout, "leader lease: a primary that cannot reach a majority this long stops releasing output")
+	fs.DurationVar(&cf.dataTimeout, "data-timeout", failover.DefaultDataTimeout, "no acknowledgement from the secondary this long: unprotected")
+}
+
+// parsePeers reads ID=HOST:PORT,... into a map.
+func parsePeers(s string) (map[string]string, error) {
+	peers := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		id, addr, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok || id == "" {
+			return nil, usagef("--peers %q: want ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT", s)
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return nil, usagef("--peers: %s=%q: want HOST:PORT", id, addr)
+		}
+		if _, dup := peers[id]; dup {
+			return nil, usagef("--peers: id %q appears twice", id)
+		}
+		peers[id] = addr
+	}
+	if len(peers) < 3 {
+		return nil, usagef("--peers: %d voters; a cluster is a primary, a secondary and a witness (3)", len(peers))
+	}
+	return peers, nil
+}
+
+func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, log *slog.Logger) (failover.Config, error) {
+	if cf.id == "" || cf.peers == "" || cf.dataDir == "" {
+		return failover.Config{}, usagef("--id, --peers and --data-dir are required")
+	}
+	peers, err := parsePeers(cf.peers)
+	if err != nil {
+		return failover.Config{}, err
+	}
+	if _, ok := peers[cf.id]; !ok {
+		return failover.Config{}, usagef("--id %q is not in --peers", cf.id)
+	}
+	if role != failover.RoleWitness {
+		if _, _, err := net.SplitHostPort(cf.data); err != nil {
+			return failover.Config{}, usagef("--data %q: want HOST:PORT", cf.data)
+		}
+	}
+	return failover.Config{
+		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: cf.data, APIAddr: apiAddr, ConsoleAddr: consoleAddr,
+		Peers: peers, DataDir: filepath.Join(cf.dataDir, "raft"),
+		HeartbeatTimeout: cf.heartbeat, ElectionTimeout: cf.election, LeaderLeaseTimeout: cf.lease,
+		DataTimeout: cf.dataTimeout, Logger: log.With("component", "raft"),
+	}, nil
+}
+
+// member is a primary or secondary of a raft trio. Which of the two it is
+// changes with leadership: it runs the guest while raft makes it primary,
+// and otherwise receives epochs into a committed image.
+type member struct {
+	n       *guestNode
+	node    *failover.Node
+	ef      epochFlags
+	log     *slog.Logger
+	dataDir string
+	recv    *replica.Receiver
+	gen     atomic.Uint64 // generation this node releases output under
+
+	// mu guards the fields below.
+	mu         sync.Mutex
+	boot       guest.Guest // a fresh cluster's first guest, booted, not yet run
+	bootCfg    guest.Config
+	sec        *replica.Secondary // receiving while not primary
+	loop       *failover.EpochLoop
+	loopCancel context.CancelFunc
+	lastEpoch  uint64
+}
+
+func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, apiAddr, consoleAddr string, allowFaults bool) error {
+	log := newLogger().With("node", cf.id)
+	fcfg, err := cf.config(role, apiAddr, consoleAddr, log)
+	if err != nil {
+		return err
+	}
+	var kind string
+	var gcfg guest.Config
+	if gf != nil {
+		if kind, gcfg, err = gf.config(); err != nil {
+			return err
+		}
+	}
+	if err := ef.validate(); err != nil {
+		return err
+	}
+	n, err := newGuestNode(string(role), apiAddr, consoleAddr, log)
+	if err != nil {
+		return err
+	}
+	n.allowFaults = allowFaults
+	fcfg.APIAddr, fcfg.ConsoleAddr = n.api.addr(), n.console.addr()
+	dataLn, err := net.Listen("tcp", cf.data)
+	if err != nil {
+		n.close()
+		return fmt.Errorf("listen on %s: %w", cf.data, err)
+	}
+	node, err := failover.Open(fcfg)
+	if err != nil {
+		dataLn.Close()
+		n.close()
+		return err
+	}
+	m := &member{n: n, node: node, ef: ef, log: log, dataDir: cf.dataDir,
+		recv: &replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Timeout: 5 * time.Second}}
+	n.api.mux.HandleFunc("POST /switchover", m.handleSwitchover)
+	n.cluster = m.clusterStatus
+	ctx, cancel := context.WithCancel(context.Background())
+	go m.serveData(ctx, dataLn)
+	go m.events(ctx)
+	go m.start(ctx, kind, gcfg)
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	select {
+	case s := <-sig:
+		log.Info("stopping", "signal", s.String())
+	case <-n.api.quit:
+		log.Info("stopping", "reason", "POST /quit")
+	}
+	signal.Stop(sig)
+	cancel()
+	dataLn.Close()
+	node.Close()
+	m.mu.Lock()
+	if m.loopCancel != nil {
+		m.loopCancel()
+	}
+	sec, boot := m.sec, m.boot
+	m.mu.Unlock()
+	if sec != nil {
+		sec.Close()
+	}
+	if boot != nil {
+		boot.Close()
+	}
+	n.close()
+	return nil
+}
+
+// start decides, once raft has caught up, whether this node boots the
+// guest (the configured primary of a new cluster) or waits as secondary.
+func (m *member) start(ctx context.Context, kind string, cfg guest.Config) {
+	for {
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := m.node.WaitSynced(wctx)
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		m.log.Info("waiting for the cluster (a majority of voters) to form", "err", err)
+	}
+	st := m.node.State()
+	if kind != "" && st.Generation == 0 {
+		g, err := bootGuest(kind, cfg)
+		if err != nil {
+			m.log.Error("cannot boot the guest", "err", err)
+			return
+		}
+		m.mu.Lock()
+		m.boot, m.bootCfg = g, cfg
+		m.mu.Unlock()
+		m.node.SetRunnable(true, 0)
+		m.log.Info("guest booted; waiting for raft to make this node primary", "kind", kind)
+		return
+	}
+	if st.Primary == m.node.ID() {
+		m.log.Error("the cluster names this node primary, but its guest was lost when it stopped; it cannot run again until the secondary takes over")
+	}
+	m.becomeSecondary("started as secondary")
+}
+
+// becomeSecondary starts receiving epochs into a committed image (a kept
+// one from the data directory if there is one).
+func (m *member) becomeSecondary(why string) {
+	sec := replica.NewSecondary(m.recv, func() uint64 { return m.node.State().Generation })
+	if store, err := replica.OpenStore(filepath.Join(m.dataDir, "image")); err != nil {
+		m.log.Warn("secondary without a stored image", "err", err)
+	} else {
+		sec.Store = store
+	}
+	sec.OnCommit = func(epoch uint64) { m.node.SetRunnable(true, epoch) }
+	if c, ok, err := sec.LoadStored(); err != nil {
+		m.log.Warn("stored image unusable; waiting for a full sync", "err", err)
+	} else if ok {
+		m.node.SetRunnable(true, c.Epoch)
+		m.log.Info("stored image loaded", "epoch", c.Epoch)
+	}
+	m.mu.Lock()
+	m.sec = sec
+	m.mu.Unlock()
+	m.n.mu.Lock()
+	m.n.role, m.n.sec, m.n.state = "secondary", sec, "standby"
+	m.n.mu.Unlock()
+	m.log.Info("secondary", "why", why)
+}
+
+// serveData takes the primary's epoch stream while this node is secondary.
+func (m *member) serveData(ctx context.Context, ln net.Listener) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		m.mu.Lock()
+		sec := m.sec
+		m.mu.Unlock()
+		if sec == nil {
+			conn.Close() // primary (or not decided yet): nobody streams to us
+			continue
+		}
+		go func() {
+			defer conn.Close()
+			err := sec.Serve(ctx, conn)
+			if ctx.Err() == nil && !errors.Is(err, replica.ErrActivated) {
+				m.log.Warn("primary connection ended", "from", conn.RemoteAddr().String(), "err", err)
+			}
+		}()
+	}
+}
+
+func (m *member) events(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-m.node.Events():
+			switch ev.Kind {
+			case failover.EventBecamePrimary:
+				m.becomePrimary(ev)
+			case failover.EventFenced:
+				m.fence(ev.Reason)
+			case failover.EventPeerChanged:
+				m.mu.Lock()
+				loop := m.loop
+				m.mu.Unlock()
+				if loop != nil && ev.Peer.DataAddr != "" {
+					loop.SetSecondary(ev.Peer.DataAddr)
+				}
+			case failover.EventUnprotected:
+				m.log.Warn("cluster marked unprotected", "generation", ev.Generation)
+			case failover.EventRefused:
+				m.log.Error("refused by the cluster", "reason", ev.Reason)
+			}
+		}
+	}
+}
+
+// becomePrimary runs the guest under generation ev.Generation: the booted
+// guest of a new cluster, or the committed image of this secondary.
+func (m *member) becomePrimary(ev failover.Event) {
+	t0 := time.Now()
+	m.gen.Store(ev.Generation)
+	m.mu.Lock()
+	if m.loop != nil {
+		// The same node won a new term: carry on under the new generation.
+		m.mu.Unlock()
+		m.log.Info("still primary", "generation", ev.Generation)
+		return
+	}
+	var g guest.Guest
+	var cfg guest.Config
+	first := max(ev.Epoch, m.lastEpoch)
+	from := "booted guest"
+	if m.boot != nil {
+		g, cfg, m.boot = m.boot, m.bootCfg, nil
+	} else if m.sec != nil {
+		sec := m.sec
+		m.mu.Unlock()
+		ag, h, c, err := sec.Activate()
+		m.mu.Lock()
+		if err != nil {
+			m.mu.Unlock()
+			m.log.Error("made primary but cannot activate the committed image", "err", err)
+			m.node.SetRunnable(false, 0)
+			return
+		}
+		g, cfg, first = ag, h.Config, max(first, c.Epoch)
+		m.sec = nil
+		from = fmt.Sprintf("committed epoch %d", c.Epoch)
+	} else {
+		m.mu.Unlock()
+		m.log.Error("made primary without a guest to run")
+		m.node.SetRunnable(false, 0)
+		return
+	}
+	m.mu.Unlock()
+	m.startLoop(g, cfg, first)
+	if _, err := g.Resume(); err != nil {
+		m.log.Error("resume the guest", "err", err)
+		return
+	}
+	m.n.setState("running")
+	if sec, ok := m.node.Secondary(); ok && sec.DataAddr != "" {
+		m.loop.SetSecondary(sec.DataAddr)
+	}
+	m.log.Info("PRIMARY: guest running", "generation", ev.Generation, "from", from, "took", time.Since(t0).String())
+}
+
+// startLoop protects g with an epoch loop whose every release is checked
+// against raft (generation and lease).
+func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) {
+	node := m.node
+	loop := failover.NewEpochLoop(failover.EpochConfig{
+		Guest: g, Config: cfg, Interval: m.ef.epoch, FlushBudget: m.ef.flushBudget, MaxInFlight: m.ef.inFlight,
+		Verify: m.ef.verify, Build: version.Build(), Generation: m.gen.Load(), Timings: m.n.api.timings, Log: m.log,
+		Release:    m.n.console.release,
+		Allow:      func() bool { return node.CanRelease(m.gen.Load()) },
+		FirstEpoch: firstEpoch,
+		OnCommitted: func(epoch uint64) {
+			node.DataHeartbeat()
+			node.ReportEpoch(epoch)
+		},
+		OnProtected: func(protected bool, why string) {
+			if protected {
+				go func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+					defer cancel()
+					if err := node.SetProtected(ctx, true); err != nil {
+						m.log.Warn("cannot record protection in raft", "err", err)
+					}
+				}()
+			}
+		},
+		Unprotect: func(ctx context.Context) error {
+			if !node.State().Protected {
+				return nil
+			}
+			return node.SetProtected(ctx, false)
+		},
+	})
+	m.n.observeDisk(g)
+	ctx, cancel := context.WithCancel(context.Background())
+	m.mu.Lock()
+	m.loop, m.loopCancel = loop, cancel
+	m.mu.Unlock()
+	m.n.mu.Lock()
+	m.n.g, m.n.cfg, m.n.epochs, m.n.sec, m.n.role = g, cfg, loop, nil, "primary"
+	m.n.mu.Unlock()
+	go loop.Run(ctx)
+}
+
+// fence stops this node's guest at once: nothing more leaves it, and it
+// becomes the secondary of whoever is primary now.
+func (m *member) fence(reason string) {
+	m.mu.Lock()
+	loop, cancel := m.loop, m.loopCancel
+	m.loop, m.loopCancel = nil, nil
+	if loop != nil {
+		m.lastEpoch = max(m.lastEpoch, loop.Status().LastShippedEpoch)
+	}
+	m.mu.Unlock()
+	if loop == nil {
+		return
+	}
+	loop.Gate().Discard()
+	cancel()
+	m.n.mu.Lock()
+	g := m.n.g
+	m.n.g, m.n.epochs, m.n.state = nil, nil, "fenced"
+	m.n.mu.Unlock()
+	m.n.console.dropAll()
+	if g != nil {
+		ctx, c := context.WithTimeout(context.Background(), time.Second)
+		g.Pause(ctx)
+		c()
+		g.Close()
+	}
+	m.node.SetRunnable(false, 0)
+	m.log.Warn("FENCED: guest stopped, no output released from here", "reason", reason)
+	m.becomeSecondary("fenced: " + reason)
+}
+
+// handleSwitchover hands the guest to the secondary: one last epoch with
+// the guest paused, acknowledged, then raft leadership moves.
+func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
+	m.mu.Lock()
+	loop := m.loop
+	m.mu.Unlock()
+	if loop == nil {
+		writeError(w, http.StatusConflict, errors.New("not the primary: switchover is asked of the primary's API"))
+		return
+	}
+	if !loop.Status().Protected {
+		writeError(w, http.StatusConflict, errors.New("not protected: the secondary has no current image to take over"))
+		return
+	}
+	t0 := time.Now()
+	ctx, cancel := context.WithTimeout(r.Context(), 20*time.Second)
+	defer cancel()
+	if err := loop.FinalEpoch(ctx); err != nil {
+		writeError(w, http.StatusConflict, fmt.Errorf("final epoch: %w", err))
+		return
+	}
+	st := loop.Status()
+	m.node.ReportEpoch(st.LastCommittedEpoch)
+	if err := m.node.Switchover(ctx, ""); err != nil {
+		// Still leader: raft claims a new generation and makes this node
+		// primary again; the paused guest resumes with a new loop.
+		m.restartAfterFailedHandover()
+		writeError(w, http.StatusConflict, fmt.Errorf("switchover: %w", err))
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"ok": true, "final_epoch": st.LastCommittedEpoch, "took_ms": time.Since(t0).Milliseconds()})
+}
+
+func (m *member) restartAfterFailedHandover() {
+	m.mu.Lock()
+	loop, cancel := m.loop, m.loopCancel
+	m.mu.Unlock()
+	if loop == nil {
+		return
+	}
+	cancel()
+	m.n.mu.Lock()
+	g, cfg := m.n.g, m.n.cfg
+	m.n.mu.Unlock()
+	m.mu.Lock()
+	m.loop = nil
+	m.lastEpoch = max(m.lastEpoch, loop.Status().LastShippedEpoch)
+	first := m.lastEpoch
+	m.mu.Unlock()
+	m.startLoop(g, cfg, first)
+	g.Resume()
+	if sec, ok := m.node.Secondary(); ok {
+		m.loop.SetSecondary(sec.DataAddr)
+	}
+}
+
+// clusterView is the raft part of a member's status.
+type clusterView struct {
+	ID         string   `json:"id"`
+	Generation uint64   `json:"generation"`
+	Primary    string   `json:"primary"`
+	Leader     string   `json:"raft_leader"`
+	Protected  bool     `json:"protected"`
+	Epoch      uint64   `json:"epoch"`
+	Members    []string `json:"members"`
+	CanRelease bool     `json:"can_release"`
+}
+
+func (m *member) clusterStatus() any {
+	st := m.node.State()
+	leader, _ := m.node.Leader()
+	cv := clusterView{ID: m.node.ID(), Generation: st.Generation, Primary: st.Primary, Leader: leader,
+		Protected: st.Protected, Epoch: st.Epoch, CanRelease: m.node.CanRelease(m.gen.Load())}
+	for _, mem := range st.Members {
+		cv.Members = append(cv.Members, fmt.Sprintf("%s(%s) data=%s api=%s console=%s", mem.ID, mem.Role, mem.DataAddr, mem.APIAddr, mem.ConsoleAddr))
+	}
+	return cv
+}
+
+func cmdWitness(args []string) error {
+	fs := newFlagSet("witness")
+	var cf clusterFlags
+	addClusterFlags(fs, &cf, false)
+	apiAddr := fs.String("api", "", "address of an HTTP API for status (optional)")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	log := newLogger().With("node", cf.id)
+	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", log)
+	if err != nil {
+		return err
+	}
+	node, err := failover.Open(fcfg)
+	if err != nil {
+		return err
+	}
+	defer node.Close()
+	quit := make(chan struct{})
+	if *apiAddr != "" {
+		api, err := newAPIServer(*apiAddr, log)
+		if err != nil {
+			return err
+		}
+		api.mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+			st := node.State()
+			leader, _ := node.Leader()
+			writeJSON(w, http.StatusOK, map[string]any{"role": "witness", "generation": st.Generation, "primary": st.Primary,
+				"raft_leader": leader, "protected": st.Protected, "last_committed_epoch": st.Epoch, "build": version.Build()})
+		})
+		api.start()
+		defer api.close()
+		go func() { <-api.quit; close(quit) }()
+	}
+	log.Info("witness running", "raft", fcfg.Peers[cf.id])
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	select {
+	case <-sig:
+	case <-quit:
+	}
+	return nil
+}
+
+func cmdSwitchover(args []string) error {
+	fs := newFlagSet("switchover")
+	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	var out map[string]any
+	if err := newAPIClient(*api).post("/switchover", nil, &out); err != nil {
+		return err
+	}
+	fmt.Printf("switched over: final epoch %v handed to the secondary in %v ms\n", out["final_epoch"], out["took_ms"])
+	return nil
+}
