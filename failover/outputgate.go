@@ -99,17 +99,21 @@ func (g *OutputGate) Release(acked uint64) bool {
 	}
 	i := 0
 	now := g.now()
+	// One sink call per release, not per write: a console client then
+	// gets one chunk per epoch however many replies the epoch held.
+	var out []byte
 	for ; i < len(g.pending) && g.pending[i].epoch <= acked; i++ {
 		h := g.pending[i]
-		if g.sink != nil {
-			g.sink(h.data)
-		}
+		out = append(out, h.data...)
 		g.held -= len(h.data)
 		if len(g.delays) >= maxDelaySamples {
 			copy(g.delays, g.delays[1:])
 			g.delays = g.delays[:maxDelaySamples-1]
 		}
 		g.delays = append(g.delays, now.Sub(h.written))
+	}
+	if len(out) > 0 && g.sink != nil {
+		g.sink(out)
 	}
 	g.pending = append(g.pending[:0], g.pending[i:]...)
 	if acked > g.released {
