@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -19,6 +20,7 @@ func init() {
 	register("primary", "run a guest protected by a secondary (epochs, output commit)", cmdPrimary)
 	register("secondary", "keep a committed replica of a primary's guest, ready to activate", cmdSecondary)
 	register("activate", "resume a secondary's guest from its last committed epoch", cmdActivate)
+	register("protect", "point a primary without raft at a (new) secondary", cmdProtect)
 }
 
 // epochFlags are the protection flags of `tandem primary`.
@@ -183,13 +185,13 @@ func cmdSecondary(args []string) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	go serveSecondary(ctx, ln, sec, n)
 	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {
-		if err := activate(n, sec, ef); err != nil {
-			code := http.StatusConflict
-			writeError(w, code, err)
+		epoch, err := activate(n, sec, ef)
+		if err != nil {
+			writeError(w, http.StatusConflict, err)
 			return
 		}
 		ln.Close()
-		writeJSON(w, http.StatusOK, n.status(false))
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "role": "primary", "activated_epoch": epoch})
 	})
 	log.Info("secondary waiting for a primary", "data", ln.Addr().String(), "api", n.api.addr())
 	err = n.wait()
@@ -219,22 +221,22 @@ func serveSecondary(ctx context.Context, ln net.Listener, sec *replica.Secondary
 // activate resumes the secondary's guest from its last committed epoch,
 // serves its console and protects it with an epoch loop (unprotected until
 // a secondary is given).
-func activate(n *guestNode, sec *replica.Secondary, ef epochFlags) error {
+func activate(n *guestNode, sec *replica.Secondary, ef epochFlags) (uint64, error) {
 	t0 := time.Now()
 	g, h, c, err := sec.Activate()
 	if err != nil {
-		return fmt.Errorf("activate: %w", err)
+		return 0, fmt.Errorf("activate: %w", err)
 	}
 	_, cancel := startEpochs(n, g, h.Config, ef, nil)
 	n.mu.Lock()
 	n.role, n.cancel, n.sec = "primary", cancel, nil
 	n.mu.Unlock()
 	if _, err := g.Resume(); err != nil {
-		return fmt.Errorf("activate: resume: %w", err)
+		return c.Epoch, fmt.Errorf("activate: resume: %w", err)
 	}
 	n.setState("running")
 	n.log.Info("activated: guest resumed from the last committed epoch", "epoch", c.Epoch, "took", time.Since(t0).String())
-	return nil
+	return c.Epoch, nil
 }
 
 func cmdActivate(args []string) error {
@@ -247,6 +249,48 @@ func cmdActivate(args []string) error {
 	if err := newAPIClient(*api).post("/activate", nil, &st); err != nil {
 		return err
 	}
-	fmt.Printf("activated: role %v, guest from epoch %v\n", st["role"], st["last_committed_epoch"])
+	fmt.Printf("activated: role %v, guest resumed from committed epoch %v\n", st["role"], st["activated_epoch"])
+	return nil
+}
+
+// handleProtect points the epoch loop of a primary without raft at a new
+// secondary (after an activation, say): POST /protect {"secondary": ADDR}.
+func (n *guestNode) handleProtect(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Secondary string `json:"secondary"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"secondary\": \"HOST:PORT\"}: %v", err))
+		return
+	}
+	if _, _, err := net.SplitHostPort(req.Secondary); err != nil && req.Secondary != "" {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("secondary %q: want HOST:PORT", req.Secondary))
+		return
+	}
+	n.mu.Lock()
+	loop, clustered := n.epochs, n.cluster != nil
+	n.mu.Unlock()
+	switch {
+	case clustered:
+		writeError(w, http.StatusConflict, errors.New("this node is in a raft cluster: its secondary is found through raft"))
+	case loop == nil:
+		writeError(w, http.StatusConflict, errors.New("not a primary"))
+	default:
+		loop.SetSecondary(req.Secondary)
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "secondary": req.Secondary})
+	}
+}
+
+func cmdProtect(args []string) error {
+	fs := newFlagSet("protect")
+	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
+	secondary := fs.String("secondary", "", "the secondary's --data address (\"\" drops protection)")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if err := newAPIClient(*api).post("/protect", map[string]string{"secondary": *secondary}, nil); err != nil {
+		return err
+	}
+	fmt.Printf("protecting with %q\n", *secondary)
 	return nil
 }

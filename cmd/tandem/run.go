@@ -111,6 +111,7 @@ func newGuestNode(role, apiAddr, consoleAddr string, log *slog.Logger) (*guestNo
 	api.mux.HandleFunc("POST /migrate", n.handleMigrate)
 	api.mux.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
 	api.mux.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
+	api.mux.HandleFunc("POST /protect", n.handleProtect)
 	api.start()
 	return n, nil
 }
