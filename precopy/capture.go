@@ -115,6 +115,11 @@ type CaptureOptions struct {
 	// MaxPages bounds how many dirty pages are copied; the rest stay in
 	// the Bitmap for the next capture. 0 means all.
 	MaxPages int
+	// InPlace (only with KeepPaused) hands out the dirty pages as slices
+	// of guest memory instead of copies: the guest stays paused, so they
+	// hold still, and a migration's final pause skips a copy of every
+	// remaining page. They are valid until the guest resumes.
+	InPlace bool
 	// Buffer, if set, receives the page copies (grown when too small), so
 	// a pipeline can keep several captures alive at once; otherwise the
 	// Core's own buffer is reused and the previous Capture's pages die.
@@ -179,7 +184,11 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 	c.observe(PhaseStateSave, t0, cp.Breakdown.StateSave)
 
 	t0 = time.Now()
-	cp.Pages, cp.Buffer = c.copyDirty(o.MaxPages, o.Buffer)
+	if o.InPlace && o.KeepPaused {
+		cp.Pages = c.takeDirty(o.MaxPages)
+	} else {
+		cp.Pages, cp.Buffer = c.copyDirty(o.MaxPages, o.Buffer)
+	}
 	cp.Breakdown.Copy = time.Since(t0)
 	c.observe(PhaseCopy, t0, cp.Breakdown.Copy)
 
@@ -202,6 +211,30 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 		cp.Resumed = true
 	}
 	return cp, nil
+}
+
+// takeDirty takes up to limit (0: all) dirty pages out of the Bitmap as
+// slices of guest memory.
+func (c *Core) takeDirty(limit int) []checkpoint.Page {
+	var pages []checkpoint.Page
+	idx := make([]uint64, 1024)
+	for from := uint64(0); limit == 0 || len(pages) < limit; {
+		want := len(idx)
+		if limit > 0 {
+			want = min(want, limit-len(pages))
+		}
+		k, next := c.Dirty.TakeBatch(idx[:want], from)
+		for _, p := range idx[:k] {
+			if src := c.Page(p); src != nil {
+				pages = append(pages, checkpoint.Page{Index: p, Data: src})
+			}
+		}
+		if k < want {
+			break
+		}
+		from = next
+	}
+	return pages
 }
 
 // copyDirty takes up to limit (0: all) dirty pages out of the Bitmap and

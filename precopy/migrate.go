@@ -287,7 +287,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
 	pauseStart := time.Now()
 	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)
-	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true})
+	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {
 		if errors.Is(err, ErrFlushAborted) {
 			ctrl.CompletionAborted(time.Now(), err)
