@@ -19,6 +19,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tandemvm/tandem/guest/kvm"
 )
 
 func init() {
@@ -102,6 +104,7 @@ type trioNode struct {
 // loopback ports, with data dirs and logs under dir.
 type trio struct {
 	bin, dir, kind, memory string
+	image                  string // kvm: the micro-guest, as an absolute path
 	peers                  string
 	nodes                  []*trioNode // a (primary), b (secondary), w (witness)
 	extra                  []string    // extra flags for every node (tests)
@@ -158,6 +161,9 @@ func (t *trio) args(n *trioNode) []string {
 	}
 	if n.role == "primary" {
 		a = append(a, "--guest", t.kind, "--memory", t.memory, "--workload", "kv")
+		if t.image != "" {
+			a = append(a, "--image", t.image)
+		}
 	}
 	return append(a, t.extra...)
 }
@@ -280,6 +286,13 @@ func (t *trio) portClash() bool {
 	return false
 }
 
+func lastLine(s string) string {
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		return s[i+1:]
+	}
+	return s
+}
+
 func (t *trio) consoles() []string {
 	var cs []string
 	for _, n := range t.nodes {
@@ -346,6 +359,14 @@ func (t *trio) protectedPrimary() (*trioNode, memberStatus, bool) {
 func (t *trio) waitProtected(ctx context.Context, timeout time.Duration) (*trioNode, memberStatus, error) {
 	deadline := time.Now().Add(timeout)
 	for {
+		for _, n := range t.nodes {
+			if !n.running() {
+				return nil, memberStatus{}, fmt.Errorf("%s exited: %s", n.id, lastLine(n.tail(5)))
+			}
+			if strings.Contains(n.tail(5), "cannot boot the guest") {
+				return nil, memberStatus{}, fmt.Errorf("%s: %s", n.id, lastLine(n.tail(5)))
+			}
+		}
 		if p, st, ok := t.protectedPrimary(); ok {
 			for _, s := range t.nodes {
 				if s == p || s.role == "witness" || !s.running() {
@@ -451,6 +472,70 @@ func (c *kvClient) do(ctx context.Context, cmd string, deadline time.Time) (kvRe
 		// Lost, turned away or silent: the next node in turn.
 		c.close()
 	}
+}
+
+// doBatch sends idempotent requests (GETs) pipelined, each with its own
+// seq, and returns their replies in order. Requests whose reply is lost
+// with a connection are sent again under new seqs (reading twice is
+// harmless), so a batch survives a failover.
+func (c *kvClient) doBatch(ctx context.Context, cmds []string, deadline time.Time) ([]kvReply, error) {
+	out := make([]kvReply, len(cmds))
+	todo := make([]int, len(cmds))
+	for i := range todo {
+		todo[i] = i
+	}
+	for len(todo) > 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("%s: %d of %d requests unanswered by the deadline", c.id, len(todo), len(cmds))
+		}
+		if c.conn == nil {
+			if err := c.connect(deadline); err != nil {
+				return nil, err
+			}
+		}
+		want := map[string]int{} // "<client>:<seq>" -> index in cmds
+		var b strings.Builder
+		for _, i := range todo {
+			c.seq++
+			tag := fmt.Sprintf("%s:%d", c.id, c.seq)
+			want[tag] = i
+			b.WriteString(tag + " " + cmds[i] + "\n")
+		}
+		dl := time.Now().Add(drillRequestTimeout + time.Duration(len(todo))*time.Millisecond)
+		if deadline.Before(dl) {
+			dl = deadline
+		}
+		c.conn.SetDeadline(dl)
+		_, err := io.WriteString(c.conn, b.String())
+		for err == nil && len(want) > 0 {
+			var l string
+			if l, err = c.r.ReadString('\n'); err != nil {
+				break
+			}
+			l = strings.TrimRight(l, "\r\n")
+			if strings.HasPrefix(l, "ERR not the primary") {
+				err = errors.New("not the primary")
+				break
+			}
+			tag, text, _ := strings.Cut(l, " ")
+			if i, ok := want[tag]; ok {
+				out[i] = kvReply{text: text, addr: c.addr, at: time.Now()}
+				delete(want, tag)
+			}
+		}
+		todo = todo[:0]
+		for _, i := range want {
+			todo = append(todo, i)
+		}
+		slices.Sort(todo)
+		if err != nil {
+			c.close()
+		}
+	}
+	return out, nil
 }
 
 // attempt sends line once on the current connection and reads until the
@@ -658,6 +743,7 @@ func (s drillSummary) print(w io.Writer) {
 // leaves it unusable.
 type drill struct {
 	bin, kind, memory string
+	image             string
 	dir               string
 	keepDir           bool
 	rng               *rand.Rand
@@ -677,6 +763,20 @@ func newDrill(kind, memory, keep string, seed uint64, out io.Writer) (*drill, er
 	}
 	d := &drill{bin: bin, kind: kind, memory: memory, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		seed: seed, out: out, clients: 2}
+	if kind == kvm.Kind {
+		// The children run where the drill was started; the image is
+		// found here once and passed to them by its absolute path.
+		if err := kvm.Available(); err != nil {
+			return nil, err
+		}
+		img, err := kvm.DefaultImage()
+		if err != nil {
+			return nil, err
+		}
+		if d.image, err = filepath.Abs(img); err != nil {
+			return nil, err
+		}
+	}
 	if keep != "" {
 		if err := os.MkdirAll(keep, 0o755); err != nil {
 			return nil, err
@@ -720,6 +820,7 @@ func (d *drill) freshTrio(ctx context.Context) (*trioNode, memberStatus, error) 
 		if err != nil {
 			return nil, memberStatus{}, err
 		}
+		t.image = d.image
 		if err := os.MkdirAll(t.dir, 0o755); err != nil {
 			return nil, memberStatus{}, err
 		}
@@ -813,21 +914,8 @@ func (d *drill) once(ctx context.Context, run int) (r runResult, fresh bool) {
 		return r, true
 	}
 	r.Killed = p.id
-	lg := newRunLog()
-	lctx, stopLoad := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	for c := 0; c < d.clients; c++ {
-		id := fmt.Sprintf("d%dc%d", run, c)
-		kc := newKVClient(id, d.t.consoles())
-		kc.next = slices.Index(kc.addrs, p.console) // start at the primary
-		rng := rand.New(rand.NewPCG(d.rng.Uint64(), uint64(c)))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			load(lctx, kc, fmt.Sprintf("k%d_%d_", run, c), rng, lg)
-		}()
-	}
-	defer func() { stopLoad(); wg.Wait() }()
+	lg, stopLoad := d.startLoad(ctx, run, p)
+	defer stopLoad()
 
 	delay := 300*time.Millisecond + time.Duration(d.rng.Int64N(int64(1700*time.Millisecond)))
 	d.say("the guest serves kv requests; the primary is %s (generation %d, epoch %d); killing it in %v",
@@ -868,7 +956,6 @@ func (d *drill) once(ctx context.Context, run int) (r runResult, fresh bool) {
 	// A little load on the new primary too, then stop and check.
 	time.Sleep(150 * time.Millisecond)
 	stopLoad()
-	wg.Wait()
 
 	np, npst, err := d.currentPrimary()
 	if err != nil {
@@ -916,6 +1003,25 @@ func (d *drill) once(ctx context.Context, run int) (r runResult, fresh bool) {
 	return r, false
 }
 
+// startLoad starts the drill's kv clients of one run, beginning at the
+// primary p's console; stop ends them and waits until they have.
+func (d *drill) startLoad(ctx context.Context, run int, p *trioNode) (lg *runLog, stop func()) {
+	lg = newRunLog()
+	lctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for c := 0; c < d.clients; c++ {
+		kc := newKVClient(fmt.Sprintf("d%dc%d", run, c), d.t.consoles())
+		kc.next = max(0, slices.Index(kc.addrs, p.console))
+		rng := rand.New(rand.NewPCG(d.rng.Uint64(), uint64(c)))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			load(lctx, kc, fmt.Sprintf("k%d_%d_", run, c), rng, lg)
+		}()
+	}
+	return lg, func() { cancel(); wg.Wait() }
+}
+
 // currentPrimary is the running node the cluster names primary and that
 // says it runs the guest.
 func (d *drill) currentPrimary() (*trioNode, memberStatus, error) {
@@ -955,12 +1061,20 @@ func (d *drill) verify(ctx context.Context, run int, lg *runLog) (lost, divergen
 	slices.Sort(keys)
 	keys = slices.Compact(keys)
 	final := map[string]string{}
-	for _, k := range keys {
-		rep, err := c.do(ctx, "GET "+k, time.Now().Add(drillFailoverLimit))
+	for len(keys) > 0 {
+		batch := keys[:min(len(keys), 64)]
+		keys = keys[len(batch):]
+		cmds := make([]string, len(batch))
+		for i, k := range batch {
+			cmds[i] = "GET " + k
+		}
+		reps, err := c.doBatch(ctx, cmds, time.Now().Add(drillFailoverLimit))
 		if err != nil {
 			return 0, 0, nil, err
 		}
-		final[k] = rep.text
+		for i, k := range batch {
+			final[k] = reps[i].text
+		}
 	}
 	lg.mu.Lock()
 	defer lg.mu.Unlock()

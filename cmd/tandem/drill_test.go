@@ -129,3 +129,17 @@ func TestKVClientGivesUpAtTheDeadline(t *testing.T) {
 		t.Fatalf("gave up after %v", time.Since(t0))
 	}
 }
+
+func TestKVClientBatch(t *testing.T) {
+	c := newKVClient("c", []string{fakeConsole(t, false), fakeConsole(t, true)})
+	defer c.close()
+	reps, err := c.doBatch(context.Background(), []string{"GET a", "GET b", "GET c"}, time.Now().Add(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range reps {
+		if r.text != "OK" {
+			t.Fatalf("reply %d: %q", i, r.text)
+		}
+	}
+}
