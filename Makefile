@@ -6,7 +6,7 @@ BIN       := bin/tandem
 GUEST_IMG := guest/kvm/microguest/microguest.bin
 PKGS      := ./...
 
-.PHONY: build test bench demo vet guest-image fuzz clean
+.PHONY: build test bench demo drill vet guest-image fuzz clean
 
 build: guest-image
 	$(GO) build -o $(BIN) ./cmd/tandem
@@ -34,6 +34,11 @@ fuzz:
 
 demo: build
 	./$(BIN) demo
+
+# 100 kill -9 failovers of a local trio under kv load; fails on any lost
+# or contradicted write.
+drill: build
+	./$(BIN) drill --runs 100
 
 clean:
 	rm -rf bin .out

@@ -1,0 +1,444 @@
+package test
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// End-to-end tests of the raft trio (tandem primary/secondary/witness
+// with --id): failover on kill -9, loss of the secondary or the witness,
+// a frozen primary that must stay silent when it wakes, switchover, bad
+// configurations, and the drill. The process machinery is harness_test.go's.
+
+// trioMember is one configured node of a test trio; its addresses stay
+// fixed so a restart is the same command.
+type trioMember struct {
+	id, role                 string
+	raft, data, api, console string
+	dir                      string
+	n                        *node
+	starts                   int
+}
+
+type testTrio struct {
+	t      *testing.T
+	kind   string
+	peers  string
+	m      map[string]*trioMember
+	order  []string
+	memory string
+}
+
+func newTestTrio(t *testing.T, kind string) *testTrio {
+	tr := &testTrio{t: t, kind: kind, m: map[string]*trioMember{}, order: []string{"a", "b", "w"}, memory: "128MiB"}
+	base := t.TempDir()
+	var peers []string
+	for _, spec := range [][2]string{{"a", "primary"}, {"b", "secondary"}, {"w", "witness"}} {
+		m := &trioMember{id: spec[0], role: spec[1], raft: freeAddr(t), api: freeAddr(t), dir: filepath.Join(base, spec[0])}
+		if m.role != "witness" {
+			m.data, m.console = freeAddr(t), freeAddr(t)
+		}
+		tr.m[m.id] = m
+		peers = append(peers, m.id+"="+m.raft)
+	}
+	tr.peers = strings.Join(peers, ",")
+	return tr
+}
+
+func (tr *testTrio) args(id string) []string {
+	m := tr.m[id]
+	a := []string{m.role, "--id", m.id, "--raft", m.raft, "--peers", tr.peers, "--data-dir", m.dir, "--api", m.api}
+	if m.role != "witness" {
+		a = append(a, "--data", m.data, "--console", m.console)
+	}
+	if m.role == "primary" {
+		a = append(a, "--guest", tr.kind, "--memory", tr.memory, "--workload", "kv")
+	}
+	return a
+}
+
+func (tr *testTrio) start(id string) *node {
+	m := tr.m[id]
+	m.starts++
+	n := startProc(tr.t, fmt.Sprintf("%s-%d", id, m.starts), tr.args(id)...)
+	n.api, n.console = m.api, m.console
+	m.n = n
+	return n
+}
+
+func (tr *testTrio) startAll() {
+	for _, id := range tr.order {
+		tr.start(id)
+	}
+}
+
+// trioStatus is the part of a member's status these tests read.
+type trioStatus struct {
+	Role      string `json:"role"`
+	State     string `json:"state"`
+	Protected bool   `json:"protected"`
+	Epoch     uint64 `json:"last_committed_epoch"`
+	Cluster   struct {
+		Generation uint64 `json:"generation"`
+		Primary    string `json:"primary"`
+		Leader     string `json:"raft_leader"`
+		Protected  bool   `json:"protected"`
+		CanRelease bool   `json:"can_release"`
+	} `json:"cluster"`
+}
+
+func trioStat(api string) (trioStatus, error) {
+	var st trioStatus
+	return st, getJSON(api, "/status", &st)
+}
+
+// waitMember polls id's status until ok or the deadline.
+func (tr *testTrio) waitMember(id string, timeout time.Duration, what string, ok func(trioStatus) bool) trioStatus {
+	tr.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := trioStat(tr.m[id].api)
+		if err == nil && ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			tr.t.Fatalf("%s: not %s after %v (last %+v, err %v)", id, what, timeout, st, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func protectedPrimary(id string) func(trioStatus) bool {
+	return func(st trioStatus) bool {
+		return st.Role == "primary" && st.State == "running" && st.Protected && st.Cluster.Protected && st.Cluster.Primary == id
+	}
+}
+
+// waitProtected waits until pri is a protected primary and sec its secondary.
+func (tr *testTrio) waitProtected(pri, sec string, timeout time.Duration) trioStatus {
+	tr.t.Helper()
+	st := tr.waitMember(pri, timeout, "a protected primary", protectedPrimary(pri))
+	tr.waitMember(sec, timeout, "secondary", func(s trioStatus) bool { return s.Role == "secondary" })
+	return st
+}
+
+// startLoad runs the harness's kvWriter on id's console until stop or the
+// primary goes away.
+func (tr *testTrio) startLoad(id, client string) (*ackLog, chan struct{}, chan error) {
+	tr.t.Helper()
+	c, err := dialConsoleErr(tr.m[id].n, client)
+	if err != nil {
+		tr.t.Fatal(err)
+	}
+	tr.t.Cleanup(func() { c.c.Close() })
+	lg, stop, done := newAckLog(), make(chan struct{}), make(chan error, 1)
+	go func() { done <- kvWriter(c, lg, stop, 3*time.Second, rand.New(rand.NewPCG(1, 2))) }()
+	return lg, stop, done
+}
+
+// serveWithin polls id's console until a GET is answered; it returns how
+// long that took.
+func (tr *testTrio) serveWithin(id string, timeout time.Duration) time.Duration {
+	tr.t.Helper()
+	t0 := time.Now()
+	for i := 0; ; i++ {
+		if c, err := dialConsoleErr(tr.m[id].n, fmt.Sprintf("probe%d", i)); err == nil {
+			_, err := c.requestSeq(1, "GET probe", 500*time.Millisecond)
+			c.c.Close()
+			if err == nil {
+				return time.Since(t0)
+			}
+		}
+		if time.Since(t0) > timeout {
+			tr.t.Fatalf("%s's console served nothing within %v", id, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func waitAcks(t *testing.T, lg *ackLog, n int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		lg.mu.Lock()
+		got := len(lg.acked)
+		lg.mu.Unlock()
+		if got >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d acknowledged writes after %v, want %d", got, timeout, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestFailoverKillPrimary: kill -9 the primary under load; the secondary
+// serves with every acknowledged write; the old primary, restarted with
+// the same command, rejoins as secondary and the pair is protected again.
+func TestFailoverKillPrimary(t *testing.T) {
+	forEachKind(t, func(t *testing.T, kind string) {
+		tr := newTestTrio(t, kind)
+		tr.startAll()
+		tr.waitProtected("a", "b", 30*time.Second)
+		lg, stop, done := tr.startLoad("a", "w1")
+		waitAcks(t, lg, 20, 10*time.Second)
+		killAt := time.Now()
+		tr.m["a"].n.kill()
+		<-done // the writer stops at its first error: the primary is gone
+		close(stop)
+		tr.serveWithin("b", 10*time.Second)
+		rto := time.Since(killAt)
+		st := tr.waitMember("b", 5*time.Second, "primary", func(s trioStatus) bool { return s.Role == "primary" && s.Cluster.Primary == "b" })
+		t.Logf("%s: b primary at generation %d; first reply %v after the kill; %d acknowledged writes", kind, st.Cluster.Generation, rto.Round(time.Millisecond), len(lg.acked))
+		if st.Cluster.Generation < 2 {
+			t.Errorf("generation %d after a failover, want >= 2", st.Cluster.Generation)
+		}
+		checkAcked(t, tr.m["b"].n, lg)
+
+		tr.start("a")
+		tr.waitProtected("b", "a", 30*time.Second)
+		c := dialConsole(t, tr.m["b"].n, "after")
+		if r := c.do("SET after-rejoin yes"); r != "OK" {
+			t.Fatalf("SET after the rejoin: %q", r)
+		}
+	})
+}
+
+// TestFailoverKillSecondary: the primary stays primary, says it is
+// unprotected, keeps serving; the restarted secondary re-protects it.
+func TestFailoverKillSecondary(t *testing.T) {
+	forEachKind(t, func(t *testing.T, kind string) {
+		tr := newTestTrio(t, kind)
+		tr.startAll()
+		tr.waitProtected("a", "b", 30*time.Second)
+		tr.m["b"].n.kill()
+		st := tr.waitMember("a", 10*time.Second, "unprotected primary", func(s trioStatus) bool {
+			return s.Role == "primary" && !s.Protected && !s.Cluster.Protected
+		})
+		if st.Cluster.Primary != "a" {
+			t.Fatalf("cluster primary %q after the secondary died, want a", st.Cluster.Primary)
+		}
+		c := dialConsole(t, tr.m["a"].n, "solo")
+		for i := 0; i < 5; i++ {
+			if r := c.do(fmt.Sprintf("SET solo%d x", i)); r != "OK" {
+				t.Fatalf("unprotected SET: %q", r)
+			}
+		}
+		tr.start("b")
+		tr.waitProtected("a", "b", 30*time.Second)
+		if r := c.do("GET solo4"); r != "OK x" {
+			t.Fatalf("GET after re-protection: %q", r)
+		}
+	})
+}
+
+// TestFailoverKillWitness: raft keeps a majority of two; the primary stays
+// primary and protected, and keeps serving.
+func TestFailoverKillWitness(t *testing.T) {
+	tr := newTestTrio(t, "synth")
+	tr.startAll()
+	tr.waitProtected("a", "b", 30*time.Second)
+	tr.m["w"].n.kill()
+	c := dialConsole(t, tr.m["a"].n, "now")
+	end := time.Now().Add(3 * time.Second)
+	for i := 0; time.Now().Before(end); i++ {
+		if r := c.do(fmt.Sprintf("SET w%d x", i)); r != "OK" {
+			t.Fatalf("SET without the witness: %q", r)
+		}
+	}
+	st, err := trioStat(tr.m["a"].api)
+	if err != nil || !protectedPrimary("a")(st) {
+		t.Fatalf("without the witness a is not a protected primary: %+v %v", st, err)
+	}
+}
+
+// TestFailoverFrozenPrimaryStaysSilent: SIGSTOP the primary (it cannot
+// fence itself while stopped); the secondary takes over; on SIGCONT the
+// old primary must release nothing to a client that was connected to it,
+// and must say it is no longer primary.
+func TestFailoverFrozenPrimaryStaysSilent(t *testing.T) {
+	tr := newTestTrio(t, "synth")
+	tr.startAll()
+	tr.waitProtected("a", "b", 30*time.Second)
+	old := dialConsole(t, tr.m["a"].n, "old")
+	if r := old.do("SET before-freeze 1"); r != "OK" {
+		t.Fatalf("SET: %q", r)
+	}
+	pid := tr.m["a"].n.cmd.Process.Pid
+	if err := syscall.Kill(-pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Kill(-pid, syscall.SIGCONT)
+	// Requests sent to the frozen primary wait in its socket buffer.
+	fmt.Fprintf(old.c, "old:2 SET during-freeze 1\n")
+	tr.serveWithin("b", 10*time.Second)
+	tr.waitMember("b", 5*time.Second, "primary", func(s trioStatus) bool { return s.Role == "primary" })
+	nc := dialConsole(t, tr.m["b"].n, "new")
+	if r := nc.do("SET after-takeover 1"); r != "OK" {
+		t.Fatalf("SET on the new primary: %q", r)
+	}
+	if err := syscall.Kill(-pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	// Whatever the old primary does now, no byte of guest output may
+	// reach its client: EOF or silence only.
+	old.c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	br := bufio.NewReader(old.c)
+	for {
+		l, err := br.ReadString('\n')
+		if l != "" {
+			t.Errorf("the resumed old primary released %q", l)
+		}
+		if err != nil {
+			break
+		}
+	}
+	st := tr.waitMember("a", 10*time.Second, "fenced", func(s trioStatus) bool {
+		return s.Role == "secondary" && s.Cluster.Primary == "b"
+	})
+	t.Logf("old primary after SIGCONT: role %s state %s, cluster primary %s generation %d", st.Role, st.State, st.Cluster.Primary, st.Cluster.Generation)
+	if r := nc.do("GET during-freeze"); r != "NOTFOUND" && r != "OK 1" {
+		t.Errorf("GET during-freeze on the new primary: %q", r)
+	}
+	if r := nc.do("GET before-freeze"); r != "OK 1" {
+		t.Errorf("acknowledged write lost across the freeze: %q", r)
+	}
+}
+
+// TestFailoverSwitchover: `tandem switchover` hands the guest to the
+// secondary with every acknowledged write, and the pair re-protects.
+func TestFailoverSwitchover(t *testing.T) {
+	forEachKind(t, func(t *testing.T, kind string) {
+		tr := newTestTrio(t, kind)
+		tr.startAll()
+		tr.waitProtected("a", "b", 30*time.Second)
+		lg, stop, done := tr.startLoad("a", "sw")
+		waitAcks(t, lg, 20, 10*time.Second)
+		r := runCLI(t, 30*time.Second, "switchover", "--api", tr.m["a"].api)
+		if r.code != 0 {
+			t.Fatalf("switchover exit %d: %s%s", r.code, r.stdout, r.stderr)
+		}
+		t.Logf("%s: %s", kind, strings.TrimSpace(r.stdout))
+		close(stop)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("writer still running")
+		}
+		tr.serveWithin("b", 10*time.Second)
+		checkAcked(t, tr.m["b"].n, lg)
+		tr.waitProtected("b", "a", 30*time.Second)
+	})
+}
+
+// dirSnapshot is every file under dir with its size and modification time.
+func dirSnapshot(t *testing.T, dir string) map[string]string {
+	snap := map[string]string{}
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			snap[p] = fmt.Sprintf("%d %v", fi.Size(), fi.ModTime().UnixNano())
+		}
+		return nil
+	})
+	return snap
+}
+
+// TestFailoverBadConfigRefused: a node whose --peers differ from its data
+// dir's cluster, an --id not in --peers, and another cluster's data dir
+// are refused at start with one clear line and exit code != 0, and the
+// data dir is left as it was.
+func TestFailoverBadConfigRefused(t *testing.T) {
+	tr := newTestTrio(t, "synth")
+	tr.startAll()
+	tr.waitProtected("a", "b", 30*time.Second)
+	tr.m["b"].n.kill()
+	bdir := tr.m["b"].dir
+	before := dirSnapshot(t, bdir)
+	other := newTestTrio(t, "synth")
+
+	withPeers := func(args []string, peers string) []string {
+		out := append([]string(nil), args...)
+		for i := range out {
+			if out[i] == "--peers" {
+				out[i+1] = peers
+			}
+		}
+		return out
+	}
+	withID := func(args []string, id string) []string {
+		out := append([]string(nil), args...)
+		for i := range out {
+			if out[i] == "--id" {
+				out[i+1] = id
+			}
+		}
+		return out
+	}
+	wrongW := strings.Replace(tr.peers, "w="+tr.m["w"].raft, "w="+freeAddr(t), 1)
+	cases := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"peers differ from the data dir's", withPeers(tr.args("b"), wrongW), "cluster"},
+		{"id not in peers", withID(tr.args("b"), "zz"), "not in --peers"},
+		{"another cluster's data dir", append(other.args("b"), "--data-dir", bdir), "cluster"},
+	}
+	for _, c := range cases {
+		r := runCLI(t, 20*time.Second, c.args...)
+		line := strings.TrimSpace(r.stderr)
+		if i := strings.LastIndexByte(line, '\n'); i >= 0 {
+			line = line[i+1:]
+		}
+		if r.code == 0 || !strings.Contains(line, c.want) {
+			t.Errorf("%s: exit %d, last line %q; want exit != 0 and a line naming %q", c.name, r.code, line, c.want)
+		}
+		t.Logf("%s: exit %d: %s", c.name, r.code, line)
+	}
+	after := dirSnapshot(t, bdir)
+	for p, v := range before {
+		if strings.HasSuffix(p, "LOCK") {
+			continue
+		}
+		if after[p] != v {
+			t.Errorf("%s changed by a refused start (%s -> %s)", p, v, after[p])
+		}
+	}
+	// The right command still works: the data dir was not damaged.
+	tr.start("b")
+	tr.waitProtected("a", "b", 30*time.Second)
+}
+
+// TestDrill runs `tandem drill --runs 10` on synth and checks its summary.
+func TestDrill(t *testing.T) {
+	r := runCLI(t, 4*time.Minute, "drill", "--runs", "10", "--guest", "synth", "--json")
+	var sum struct {
+		Runs  int `json:"runs"`
+		RTOMs struct {
+			P50, P99, Max float64
+		} `json:"rto_ms"`
+		AckedWrites      int `json:"acked_writes"`
+		AckedWritesLost  int `json:"acked_writes_lost"`
+		DivergentReplies int `json:"divergent_replies"`
+		FailedRuns       int `json:"failed_runs"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &sum); err != nil {
+		t.Fatalf("drill --json output: %v\nstdout:\n%s\nstderr:\n%s", err, r.stdout, r.stderr)
+	}
+	t.Logf("drill: %d runs, RTO p50 %.0f ms p99 %.0f ms max %.0f ms, %d acknowledged writes", sum.Runs, sum.RTOMs.P50, sum.RTOMs.P99, sum.RTOMs.Max, sum.AckedWrites)
+	if sum.Runs != 10 || sum.FailedRuns != 0 || sum.AckedWritesLost != 0 || sum.DivergentReplies != 0 || sum.AckedWrites == 0 {
+		t.Errorf("drill summary %+v\nstderr:\n%s", sum, r.stderr)
+	}
+	if r.code != 0 {
+		t.Errorf("drill exit %d with a clean summary", r.code)
+	}
+}
