@@ -589,7 +589,7 @@ func newRunLog() *runLog { return &runLog{sets: map[string]setRec{}} }
 // load runs one client until ctx ends: SET k_i v_i for fresh keys, and
 // every third request a GET of a key it wrote before (which must answer
 // its value) or of the key it writes next (which must not exist yet).
-func load(ctx context.Context, c *kvClient, keyPrefix string, rng *rand.Rand, lg *runLog) {
+func load(ctx context.Context, c *kvClient, keyPrefix, valPrefix string, rng *rand.Rand, lg *runLog) {
 	defer c.close()
 	for i := 0; ; i++ {
 		var cmd, key, val string
@@ -601,7 +601,7 @@ func load(ctx context.Context, c *kvClient, keyPrefix string, rng *rand.Rand, lg
 			cmd = "GET " + key
 		} else {
 			key = fmt.Sprintf("%s%d", keyPrefix, i-i/3)
-			val = fmt.Sprintf("v%d-%x", i, rng.Uint32())
+			val = fmt.Sprintf("%sv%d-%x", valPrefix, i, rng.Uint32())
 			cmd = "SET " + key + " " + val
 			lg.mu.Lock()
 			lg.sets[key] = setRec{value: val}
@@ -1000,7 +1000,8 @@ func (d *drill) once(ctx context.Context, run int) (r runResult, fresh bool) {
 			p.id, time.Since(t0).Round(time.Millisecond), st.LastCommittedEpoch)
 	}
 	r.OK = r.Reason == "" && lost == 0 && div == 0
-	return r, false
+	// A failed run leaves a guest whose state is in question: rebuild.
+	return r, !r.OK
 }
 
 // startLoad starts the drill's kv clients of one run, beginning at the
@@ -1010,13 +1011,14 @@ func (d *drill) startLoad(ctx context.Context, run int, p *trioNode) (lg *runLog
 	lctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	for c := 0; c < d.clients; c++ {
-		kc := newKVClient(fmt.Sprintf("d%dc%d", run, c), d.t.consoles())
+		kc := newKVClient(fmt.Sprintf("dc%d", c), d.t.consoles())
+		kc.seq = runSeqBase(run)
 		kc.next = max(0, slices.Index(kc.addrs, p.console))
 		rng := rand.New(rand.NewPCG(d.rng.Uint64(), uint64(c)))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			load(lctx, kc, fmt.Sprintf("k%d_%d_", run, c), rng, lg)
+			load(lctx, kc, fmt.Sprintf("k%d_", c), fmt.Sprintf("r%d", run), rng, lg)
 		}()
 	}
 	return lg, func() { cancel(); wg.Wait() }
@@ -1045,7 +1047,8 @@ func (d *drill) currentPrimary() (*trioNode, memberStatus, error) {
 // verify reads back every key the run wrote, through a fresh client id,
 // and checks the run's log against it.
 func (d *drill) verify(ctx context.Context, run int, lg *runLog) (lost, divergent int, detail []string, err error) {
-	c := newKVClient(fmt.Sprintf("d%dv", run), d.t.consoles())
+	c := newKVClient("dv", d.t.consoles())
+	c.seq = runSeqBase(run)
 	defer c.close()
 	lg.mu.Lock()
 	keys := make([]string, 0, len(lg.sets))
@@ -1077,7 +1080,25 @@ func (d *drill) verify(ctx context.Context, run int, lg *runLog) (lost, divergen
 		}
 	}
 	lg.mu.Lock()
-	defer lg.mu.Unlock()
 	lost, divergent, detail = checkState(lg.sets, lg.gets, final)
+	lg.mu.Unlock()
+	// The next run writes the same key names: delete them, so the guest's
+	// table (a fixed number of slots) holds one run's keys at a time.
+	var dels []string
+	for k := range final {
+		dels = append(dels, "DEL "+k)
+	}
+	for len(dels) > 0 {
+		batch := dels[:min(len(dels), 64)]
+		dels = dels[len(batch):]
+		if _, err := c.doBatch(ctx, batch, time.Now().Add(drillFailoverLimit)); err != nil {
+			return lost, divergent, detail, fmt.Errorf("delete the run's keys: %w", err)
+		}
+	}
 	return lost, divergent, detail, nil
 }
+
+// runSeqBase is where a run's clients start their seqs: the drill's
+// client ids are the same every run (the guest has a fixed number of
+// client slots), and a seq must rise above every earlier run's.
+func runSeqBase(run int) uint64 { return uint64(run) << 32 }
