@@ -166,6 +166,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		m.send.Limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), nil)
 	}
 	m.send.EpochPages = m.EpochPages
+	m.send.RoundLimit = time.Second
 	defer func() {
 		if th, ok := m.core.G.(guest.Throttler); ok {
 			th.SetThrottle(0)

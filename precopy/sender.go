@@ -3,6 +3,7 @@ package precopy
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
@@ -28,6 +29,11 @@ type LiveSender struct {
 	// OnPages, if set, is told after every batch how many pages went and
 	// how many zero pages round 0 skipped.
 	OnPages func(sent, zero uint64)
+	// RoundLimit, if set, ends a SendDirty round after this long, leaving
+	// the rest in the Bitmap: on a slow link a round that runs for tens
+	// of seconds starves the convergence decisions (throttle steps come
+	// once per round or two) and blurs the dirty-rate figure.
+	RoundLimit time.Duration
 
 	epoch   uint64 // last epoch number used
 	inEpoch int    // pages in the open epoch
@@ -143,6 +149,10 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 	var sent uint64
 	idx := make([]uint64, 256)
 	batch := make([]checkpoint.Page, 0, len(idx))
+	var deadline time.Time
+	if s.RoundLimit > 0 {
+		deadline = time.Now().Add(s.RoundLimit)
+	}
 	for from := uint64(0); ; {
 		n, next := s.Core.Dirty.TakeBatch(idx, from)
 		batch = batch[:0]
@@ -166,7 +176,7 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 				return sent, err
 			}
 		}
-		if n < len(idx) {
+		if n < len(idx) || (!deadline.IsZero() && time.Now().After(deadline)) {
 			break
 		}
 		from = next
