@@ -114,6 +114,7 @@ type member struct {
 	sec        *replica.Secondary // receiving while not primary
 	loop       *failover.EpochLoop
 	loopCancel context.CancelFunc
+	loopDone   chan struct{} // closed when loop.Run has returned
 	lastEpoch  uint64
 }
 
@@ -175,8 +176,9 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	if m.loopCancel != nil {
 		m.loopCancel()
 	}
-	sec, boot := m.sec, m.boot
+	sec, boot, done := m.sec, m.boot, m.loopDone
 	m.mu.Unlock()
+	m.waitLoop(done) // the loop reads guest memory; n.close unmaps it
 	if sec != nil {
 		sec.Close()
 	}
@@ -383,21 +385,40 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) {
 	})
 	m.n.observeDisk(g)
 	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
 	m.mu.Lock()
-	m.loop, m.loopCancel = loop, cancel
+	m.loop, m.loopCancel, m.loopDone = loop, cancel, done
 	m.mu.Unlock()
 	m.n.mu.Lock()
 	m.n.g, m.n.cfg, m.n.epochs, m.n.sec, m.n.role = g, cfg, loop, nil, "primary"
 	m.n.mu.Unlock()
-	go loop.Run(ctx)
+	go func() {
+		defer close(done)
+		loop.Run(ctx)
+	}()
+}
+
+// waitLoop waits (bounded) until a cancelled loop's Run has returned: it
+// reads guest memory until then, so the guest must not be closed before.
+func (m *member) waitLoop(done chan struct{}) bool {
+	if done == nil {
+		return true
+	}
+	select {
+	case <-done:
+		return true
+	case <-time.After(5 * time.Second):
+		m.log.Error("epoch loop still running 5s after cancel; the guest is left open")
+		return false
+	}
 }
 
 // fence stops this node's guest at once: nothing more leaves it, and it
 // becomes the secondary of whoever is primary now.
 func (m *member) fence(reason string) {
 	m.mu.Lock()
-	loop, cancel := m.loop, m.loopCancel
-	m.loop, m.loopCancel = nil, nil
+	loop, cancel, done := m.loop, m.loopCancel, m.loopDone
+	m.loop, m.loopCancel, m.loopDone = nil, nil, nil
 	if loop != nil {
 		m.lastEpoch = max(m.lastEpoch, loop.Status().LastShippedEpoch)
 	}
@@ -412,7 +433,10 @@ func (m *member) fence(reason string) {
 	m.n.g, m.n.epochs, m.n.state = nil, nil, "fenced"
 	m.n.mu.Unlock()
 	m.n.console.dropAll()
-	if g != nil {
+	// Closing the guest unmaps its memory: the loop must be gone first
+	// (a capture or live sync in flight read unmapped pages: SIGSEGV,
+	// found by tandem drill).
+	if g != nil && m.waitLoop(done) {
 		ctx, c := context.WithTimeout(context.Background(), time.Second)
 		g.Pause(ctx)
 		c()
@@ -458,12 +482,15 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 
 func (m *member) restartAfterFailedHandover() {
 	m.mu.Lock()
-	loop, cancel := m.loop, m.loopCancel
+	loop, cancel, done := m.loop, m.loopCancel, m.loopDone
 	m.mu.Unlock()
 	if loop == nil {
 		return
 	}
 	cancel()
+	if !m.waitLoop(done) {
+		return
+	}
 	m.n.mu.Lock()
 	g, cfg := m.n.g, m.n.cfg
 	m.n.mu.Unlock()

@@ -67,7 +67,11 @@ func startEpochs(n *guestNode, g guest.Guest, cfg guest.Config, ef epochFlags, a
 	n.mu.Lock()
 	n.g, n.cfg, n.epochs = g, cfg, loop
 	n.mu.Unlock()
-	go loop.Run(ctx)
+	n.users.Add(1)
+	go func() {
+		defer n.users.Done()
+		loop.Run(ctx)
+	}()
 	return loop, cancel
 }
 

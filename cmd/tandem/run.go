@@ -36,6 +36,9 @@ type guestNode struct {
 	console     *consoleBridge
 	role        string
 	allowFaults bool
+	// users counts goroutines that read guest memory (a migration, an
+	// epoch loop); close waits for them before unmapping it.
+	users sync.WaitGroup
 
 	// mu guards the fields below.
 	mu      sync.Mutex
@@ -177,6 +180,14 @@ func (n *guestNode) close() {
 	n.mu.Unlock()
 	n.console.close()
 	n.api.close()
+	done := make(chan struct{})
+	go func() { n.users.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		n.log.Error("a migration or epoch loop did not stop within 5s; leaving the guest mapped")
+		return
+	}
 	if g != nil {
 		if err := g.Close(); err != nil {
 			n.log.Warn("closing the guest", "err", err)
@@ -367,7 +378,9 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	n.mu.Lock()
 	n.mig, n.migDest, n.cancel = m, req.To, cancel
 	n.mu.Unlock()
+	n.users.Add(1)
 	go func() {
+		defer n.users.Done()
 		defer cancel()
 		err := m.Run(ctx)
 		closeLink()
