@@ -145,6 +145,8 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 		n.close()
 		return fmt.Errorf("listen on %s: %w", cf.data, err)
 	}
+	_, statErr := os.Stat(fcfg.DataDir)
+	fresh := errors.Is(statErr, os.ErrNotExist)
 	node, err := failover.Open(fcfg)
 	if err != nil {
 		dataLn.Close()
@@ -158,7 +160,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	ctx, cancel := context.WithCancel(context.Background())
 	go m.serveData(ctx, dataLn)
 	go m.events(ctx)
-	go m.start(ctx, kind, gcfg)
+	go m.start(ctx, kind, gcfg, fresh)
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
@@ -191,7 +193,10 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 
 // start decides, once raft has caught up, whether this node boots the
 // guest (the configured primary of a new cluster) or waits as secondary.
-func (m *member) start(ctx context.Context, kind string, cfg guest.Config) {
+// Only a first start boots: a restarted node's view of raft can lag the
+// leader's for a moment (it may still read generation 0), and a guest
+// booted then would be a second, empty one.
+func (m *member) start(ctx context.Context, kind string, cfg guest.Config, fresh bool) {
 	for {
 		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		err := m.node.WaitSynced(wctx)
@@ -205,7 +210,7 @@ func (m *member) start(ctx context.Context, kind string, cfg guest.Config) {
 		m.log.Info("waiting for the cluster (a majority of voters) to form", "err", err)
 	}
 	st := m.node.State()
-	if kind != "" && st.Generation == 0 {
+	if kind != "" && st.Generation == 0 && fresh {
 		g, err := bootGuest(kind, cfg)
 		if err != nil {
 			m.log.Error("cannot boot the guest", "err", err)
@@ -216,12 +221,43 @@ func (m *member) start(ctx context.Context, kind string, cfg guest.Config) {
 		m.mu.Unlock()
 		m.node.SetRunnable(true, 0)
 		m.log.Info("guest booted; waiting for raft to make this node primary", "kind", kind)
+		m.watchBoot(ctx)
 		return
 	}
 	if st.Primary == m.node.ID() {
 		m.log.Error("the cluster names this node primary, but its guest was lost when it stopped; it cannot run again until the secondary takes over")
 	}
 	m.becomeSecondary("started as secondary")
+}
+
+// watchBoot drops the booted guest if the cluster turns out to have a
+// primary already (this node's first view of raft was behind): it then
+// serves as secondary instead.
+func (m *member) watchBoot(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+		st := m.node.State()
+		m.mu.Lock()
+		boot := m.boot
+		if boot == nil {
+			m.mu.Unlock()
+			return // it ran: this node became primary
+		}
+		if st.Generation == 0 || st.Primary == m.node.ID() {
+			m.mu.Unlock()
+			continue
+		}
+		m.boot = nil
+		m.mu.Unlock()
+		boot.Close()
+		m.node.SetRunnable(false, 0)
+		m.becomeSecondary(fmt.Sprintf("the cluster already has primary %s (generation %d)", st.Primary, st.Generation))
+		return
+	}
 }
 
 // becomeSecondary starts receiving epochs into a committed image (a kept
