@@ -31,6 +31,7 @@ func init() {
 // clusterFlags are the raft flags shared by primary, secondary and witness.
 type clusterFlags struct {
 	id, raft, data, peers, dataDir string
+	dataAdvertise                  string
 	heartbeat, election, lease     time.Duration
 	dataTimeout                    time.Duration
 }
@@ -40,6 +41,7 @@ func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
 	fs.StringVar(&cf.raft, "raft", "", "this node's raft address (default: its entry in --peers)")
 	if withData {
 		fs.StringVar(&cf.data, "data", "", "address the primary streams epochs to")
+		fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
 	}
 	fs.StringVar(&cf.peers, "peers", "", "every voter: ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT")
 	fs.StringVar(&cf.dataDir, "data-dir", "", "raft log, snapshots and (secondary) the committed image")
@@ -86,9 +88,14 @@ func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, l
 		if _, _, err := net.SplitHostPort(cf.data); err != nil {
 			return failover.Config{}, usagef("--data %q: want HOST:PORT", cf.data)
 		}
+		if cf.dataAdvertise != "" {
+			if _, _, err := net.SplitHostPort(cf.dataAdvertise); err != nil {
+				return failover.Config{}, usagef("--data-advertise %q: want HOST:PORT", cf.dataAdvertise)
+			}
+		}
 	}
 	return failover.Config{
-		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: cf.data, APIAddr: apiAddr, ConsoleAddr: consoleAddr,
+		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: orDefault(cf.dataAdvertise, cf.data), APIAddr: apiAddr, ConsoleAddr: consoleAddr,
 		Peers: peers, DataDir: filepath.Join(cf.dataDir, "raft"),
 		HeartbeatTimeout: cf.heartbeat, ElectionTimeout: cf.election, LeaderLeaseTimeout: cf.lease,
 		DataTimeout: cf.dataTimeout, Logger: log.With("component", "raft"),

@@ -143,6 +143,7 @@ func cmdSecondary(args []string) error {
 	addEpochFlags(fs, &ef)
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, false)
+	fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
 	dataDir := &cf.dataDir
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
