@@ -47,7 +47,14 @@ type guestNode struct {
 	state   string // "waiting", "running", "paused", "postmigrate"
 	mig     *precopy.Migration
 	migDest string
-	cancel  context.CancelFunc
+	// migBusy reserves the guest for one migration from the moment a
+	// POST /migrate is accepted until its Run ends, so two requests
+	// cannot both pass the check while the first one dials.
+	migBusy bool
+	// migCancel stops the migration; cancel stops the epoch loop. They
+	// are apart so that POST /migrate/cancel never drops protection.
+	migCancel context.CancelFunc
+	cancel    context.CancelFunc
 	inbound *replica.MigrationResult
 	epochs  *failover.EpochLoop // primary: protection
 	sec     *replica.Secondary  // secondary: the committed image
@@ -176,6 +183,9 @@ func (n *guestNode) close() {
 	if n.cancel != nil {
 		n.cancel()
 	}
+	if n.migCancel != nil {
+		n.migCancel()
+	}
 	g := n.g
 	n.mu.Unlock()
 	n.console.close()
@@ -262,9 +272,12 @@ func (n *guestNode) status(digest bool) nodeStatus {
 		ss := n.sec.Status(digest)
 		st.Secondary = &ss
 	}
-	if digest && n.g != nil && n.epochs == nil {
+	if digest && n.g != nil && n.epochs == nil && !n.migBusy {
 		// A protected guest is paused only by its epoch loop; its proof
-		// is the per-epoch digest comparison (--verify-epochs).
+		// is the per-epoch digest comparison (--verify-epochs). A guest
+		// being migrated is paused only by the migration: the status
+		// handler's Pause/Resume would resume it in the middle of the
+		// stop-and-copy (migBusy is set under mu before Run starts).
 		st.MemoryDigest = memoryDigest(n.g)
 	}
 	return st
@@ -334,7 +347,11 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	n.mu.Lock()
-	g, cfg, state, busy := n.g, n.cfg, n.state, n.mig != nil && isActive(n.mig.Status().Status)
+	g, cfg, state, busy, protected := n.g, n.cfg, n.state, n.migBusy, n.epochs != nil || n.sec != nil
+	refuse := g == nil || state != "running" || busy || protected
+	if !refuse {
+		n.migBusy = true
+	}
 	n.mu.Unlock()
 	switch {
 	case g == nil || state != "running":
@@ -343,7 +360,20 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	case busy:
 		writeError(w, http.StatusConflict, errors.New("a migration is already running"))
 		return
+	case protected:
+		// The epoch loop owns the guest's dirty log and its pauses; a
+		// migration beside it would take pages the secondary never gets.
+		writeError(w, http.StatusConflict, errors.New("this guest is protected by a secondary: use switchover, not migrate"))
+		return
 	}
+	started := false
+	defer func() {
+		if !started {
+			n.mu.Lock()
+			n.migBusy = false
+			n.mu.Unlock()
+		}
+	}()
 	hello := replica.Hello{Purpose: replica.PurposeMigrate, Kind: g.Kind(), Config: cfg, Build: version.Build()}
 	opts := checkpoint.Options{Compression: comp}
 	// Connect and handshake before answering, so a refusal (another kind,
@@ -376,20 +406,29 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
-	n.mig, n.migDest, n.cancel = m, req.To, cancel
+	n.mig, n.migDest, n.migCancel = m, req.To, cancel
 	n.mu.Unlock()
+	started = true
 	n.users.Add(1)
 	go func() {
 		defer n.users.Done()
 		defer cancel()
 		err := m.Run(ctx)
 		closeLink()
+		// The state changes with migBusy, under one lock: a completed
+		// migration leaves a paused guest that runs elsewhere now, and a
+		// second POST /migrate must not find it "running" in between.
+		n.mu.Lock()
+		n.migBusy = false
+		if err == nil {
+			n.state = "postmigrate"
+		}
+		n.mu.Unlock()
 		if err != nil {
 			n.log.Error("migration failed; the guest keeps running here", "to", req.To, "err", err)
 			return
 		}
 		st := m.Status()
-		n.setState("postmigrate")
 		n.log.Info("migration completed; the guest runs on the destination", "to", req.To,
 			"downtime_ms", st.DowntimeMs, "total_time_ms", st.TotalTimeMs, "transferred_bytes", st.TransferredBytes)
 	}()
@@ -398,11 +437,13 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 
 func (n *guestNode) handleMigrateCancel(w http.ResponseWriter, r *http.Request) {
 	n.mu.Lock()
-	cancel := n.cancel
+	cancel := n.migCancel
 	n.mu.Unlock()
-	if cancel != nil {
-		cancel()
+	if cancel == nil {
+		writeError(w, http.StatusConflict, errors.New("no migration to cancel"))
+		return
 	}
+	cancel()
 	writeJSON(w, http.StatusOK, map[string]any{"ok": true})
 }
 

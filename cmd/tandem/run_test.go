@@ -1,0 +1,56 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// TestMigrateGuards: POST /migrate/cancel must never stop an epoch loop
+// (it once cancelled n.cancel, the loop's), and a protected guest or one
+// already being migrated is refused before anything is dialled.
+func TestMigrateGuards(t *testing.T) {
+	g, err := synth.New(guest.Config{Memory: 1 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	n := &guestNode{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
+	loopCtx, loopCancel := context.WithCancel(context.Background())
+	defer loopCancel()
+	n.cancel = loopCancel
+
+	post := func(h http.HandlerFunc, body string) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		h(rec, httptest.NewRequest("POST", "/", strings.NewReader(body)))
+		return rec
+	}
+	if rec := post(n.handleMigrateCancel, ""); rec.Code != http.StatusConflict {
+		t.Errorf("cancel without a migration: status %d, want 409", rec.Code)
+	}
+	if loopCtx.Err() != nil {
+		t.Fatal("POST /migrate/cancel stopped the epoch loop")
+	}
+
+	n.migBusy = true
+	if rec := post(n.handleMigrate, `{"to":"127.0.0.1:1"}`); rec.Code != http.StatusConflict || !strings.Contains(rec.Body.String(), "already running") {
+		t.Errorf("second migration: %d %s", rec.Code, rec.Body)
+	}
+	n.migBusy = false
+
+	n.sec = replica.NewSecondary(&replica.Receiver{}, nil)
+	if rec := post(n.handleMigrate, `{"to":"127.0.0.1:1"}`); rec.Code != http.StatusConflict || !strings.Contains(rec.Body.String(), "protected") {
+		t.Errorf("migrating a protected guest: %d %s", rec.Code, rec.Body)
+	}
+	if n.migBusy {
+		t.Error("a refused request left the guest reserved")
+	}
+}
