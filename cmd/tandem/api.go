@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,13 +48,12 @@ func newAPIServer(addr string, log *slog.Logger) (*apiServer, error) {
 	a.mux.HandleFunc("GET /debug/slow", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]any{"slow": a.timings.SlowPhases()})
 	})
-	var quitOnce bool
+	// Handlers run concurrently: two POST /quit at once must not both
+	// close the channel (a plain bool raced and double-closed).
+	var quitOnce sync.Once
 	a.mux.HandleFunc("POST /quit", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
-		if !quitOnce {
-			quitOnce = true
-			close(a.quit)
-		}
+		quitOnce.Do(func() { close(a.quit) })
 	})
 	a.srv = &http.Server{Handler: a.mux, ReadHeaderTimeout: 5 * time.Second}
 	return a, nil

@@ -54,3 +54,25 @@ func TestMigrateGuards(t *testing.T) {
 		t.Error("a refused request left the guest reserved")
 	}
 }
+
+// TestQuitTwiceConcurrently: concurrent POST /quit requests close the
+// quit channel once (a plain bool flag raced into a double close).
+func TestQuitTwiceConcurrently(t *testing.T) {
+	a, err := newAPIServer("127.0.0.1:0", slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.ln.Close()
+	done := make(chan struct{})
+	for i := 0; i < 8; i++ {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			rec := httptest.NewRecorder()
+			a.mux.ServeHTTP(rec, httptest.NewRequest("POST", "/quit", nil))
+		}()
+	}
+	for i := 0; i < 8; i++ {
+		<-done
+	}
+	<-a.quit
+}
