@@ -76,6 +76,7 @@ type EpochLoop struct {
 	log  *slog.Logger
 
 	target chan string // new secondary address ("" = none)
+	relink chan string // Relink's requests to drop the current link (why)
 
 	// mu guards the figures and state below.
 	mu            sync.Mutex
@@ -149,7 +150,7 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	}
 	l := &EpochLoop{
 		cfg: cfg, core: precopy.NewCore(cfg.Guest, cfg.Timings), log: cfg.Log,
-		target: make(chan string, 1), state: StateUnprotected, why: "no secondary yet",
+		target: make(chan string, 1), relink: make(chan string, 1), state: StateUnprotected, why: "no secondary yet",
 		gateEpochOf: map[uint64]flight{}, lastEpoch: cfg.FirstEpoch,
 		final: make(chan finalRequest),
 	}
@@ -171,6 +172,27 @@ func (l *EpochLoop) SetSecondary(addr string) {
 	default:
 	}
 	l.target <- addr
+}
+
+// Relink drops a protected link and joins the secondary afresh, if the
+// loop is protected now (otherwise it is already joining or without a
+// secondary, and the join records protection when it completes). The
+// cluster calls it when it has recorded "unprotected" behind the loop's
+// back (no acknowledgement for the data timeout over a link that is
+// silent, not broken): the held output must then go out, and protection
+// may only be claimed again from an epoch whose pause follows that
+// release, which a fresh join guarantees.
+func (l *EpochLoop) Relink(why string) {
+	l.mu.Lock()
+	protected := l.state == StateProtected
+	l.mu.Unlock()
+	if !protected {
+		return
+	}
+	select {
+	case l.relink <- why:
+	default: // one request pending is enough
+	}
 }
 
 // Run runs epochs until ctx ends. It never leaves the guest paused.
@@ -204,7 +226,15 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 			addr, retry = next, 0
 			continue
 		}
-		// Lost the secondary: run unprotected, retry with back-off.
+		// Lost the secondary: run unprotected, retry with back-off. A
+		// link that got as far as protection starts the back-off afresh,
+		// or a flapping link would leave every later rejoin 5 s late.
+		l.mu.Lock()
+		wasProtected := l.state == StateProtected
+		l.mu.Unlock()
+		if wasProtected {
+			retry = 0
+		}
 		l.setState(StateUnprotected, err.Error())
 		retry = min(max(2*retry, 200*time.Millisecond), 5*time.Second)
 		wait := time.After(retry)
@@ -286,6 +316,10 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	// window and stall every epoch of the new link.
 	clear(l.gateEpochOf)
 	l.mu.Unlock()
+	select {
+	case <-l.relink: // meant for a link that is gone
+	default:
+	}
 	l.setState(StateJoining, "connecting to "+addr)
 
 	lctx, cancel := context.WithCancel(ctx)
@@ -379,6 +413,8 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 			return ctx.Err()
 		case err := <-shipErr:
 			return err
+		case why := <-l.relink:
+			return errors.New(why)
 		case <-tick.C:
 		case req := <-l.final:
 			if first {
@@ -412,6 +448,8 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 				return ctx.Err()
 			case err := <-shipErr:
 				return err
+			case why := <-l.relink:
+				return errors.New(why)
 			case <-time.After(time.Millisecond):
 			}
 			if err := link.Err(); err != nil {
@@ -492,8 +530,19 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		select {
 		case ship <- j:
 		case err := <-shipErr:
+			if final != nil {
+				// The final capture left the guest paused and the
+				// switchover waits for an answer: the link failed before
+				// the epoch went out, so the guest runs on here (without
+				// this it stayed paused while the loop retried).
+				l.cfg.Guest.Resume()
+				final.done <- err
+			}
 			return err
 		case <-ctx.Done():
+			if final != nil {
+				final.done <- ctx.Err()
+			}
 			return ctx.Err()
 		}
 		if final != nil {
