@@ -336,6 +336,15 @@ func (m *member) events(ctx context.Context) {
 				}
 			case failover.EventUnprotected:
 				m.log.Warn("cluster marked unprotected", "generation", ev.Generation)
+				// A silent (not broken) data link leaves the loop
+				// protected, its output held and raft never told of a
+				// re-protection: make it rejoin.
+				m.mu.Lock()
+				loop := m.loop
+				m.mu.Unlock()
+				if loop != nil {
+					loop.Relink("the cluster recorded the loss of protection: " + ev.Reason)
+				}
 			case failover.EventRefused:
 				m.log.Error("refused by the cluster", "reason", ev.Reason)
 			}
