@@ -81,8 +81,13 @@ func cmdConsole(args []string) error {
 		mu.Lock()
 		resend := unsent
 		mu.Unlock()
+		// A node that accepts but does not read must not hold the
+		// resend forever: the same deadline as pump's writes.
 		for _, l := range resend {
-			conn.Write([]byte(l))
+			conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := conn.Write([]byte(l)); err != nil {
+				break
+			}
 		}
 		err = pump(conn, lines, readDone, &mu, &unsent)
 		conn.Close()
