@@ -737,8 +737,14 @@ type EpochStatus struct {
 	PauseP50Ms         float64 `json:"pause_p50_ms"`
 	PauseP99Ms         float64 `json:"pause_p99_ms"`
 	PauseMaxMs         float64 `json:"pause_max_ms"`
+	// EpochRawBytes and EpochWireBytes are totals over all epochs (dirty
+	// page bytes captured, stream bytes shipped); the _avg figures are
+	// per epoch, and WireRatio is wire over raw.
 	EpochRawBytes      uint64  `json:"epoch_raw_bytes"`
 	EpochWireBytes     uint64  `json:"epoch_wire_bytes"`
+	EpochRawBytesAvg   uint64  `json:"epoch_raw_bytes_avg"`
+	EpochWireBytesAvg  uint64  `json:"epoch_wire_bytes_avg"`
+	WireRatio          float64 `json:"wire_ratio"`
 	AckLatencyP50Ms    float64 `json:"ack_latency_p50_ms"`
 	AckLatencyP99Ms    float64 `json:"ack_latency_p99_ms"`
 	OutputDelayP50Ms   float64 `json:"output_delay_p50_ms"`
@@ -765,6 +771,13 @@ func (l *EpochLoop) Status() EpochStatus {
 		FlushAborts: l.flushAborts, BackpressureStalls: l.stalls, VerifyEpochs: l.cfg.Verify,
 		VerifiedEpochs: l.verified, DigestMismatches: l.mismatches, LastMismatch: l.lastMismatch, Joins: l.joins,
 		QueuePolicy: fmt.Sprintf("at most %d epochs unacknowledged and 1 queued for shipping; a slow secondary lengthens epochs", l.cfg.MaxInFlight),
+	}
+	if l.epochs > 0 {
+		st.EpochRawBytesAvg = l.rawBytes / l.epochs
+		st.EpochWireBytesAvg = l.wireBytes / l.epochs
+	}
+	if l.rawBytes > 0 {
+		st.WireRatio = float64(l.wireBytes) / float64(l.rawBytes)
 	}
 	if !l.startedEpochs.IsZero() && l.state != StateUnprotected {
 		if secs := time.Since(l.startedEpochs).Seconds(); secs > 0 {
