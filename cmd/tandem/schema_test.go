@@ -1,0 +1,45 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestCheckSchemas(t *testing.T) {
+	cur := currentSchema()
+	if p := checkSchemas(cur, cur); len(p) != 0 {
+		t.Fatalf("a build is incompatible with itself: %v", p)
+	}
+	clone := func() schemaDump {
+		d := cur
+		d.Devices = map[string]map[string]uint32{}
+		for k, v := range cur.Devices {
+			m := map[string]uint32{}
+			for n, ver := range v {
+				m[n] = ver
+			}
+			d.Devices[k] = m
+		}
+		return d
+	}
+	bumped := clone()
+	bumped.Devices["kvm"]["kvm-vcpu"]++
+	gone := clone()
+	delete(gone.Devices["synth"], "synth-console")
+	newer := clone()
+	newer.Format.MinReadable, newer.Format.MinWritable, newer.Format.Current = 2, 2, 2
+	for _, tc := range []struct {
+		name string
+		nw   schemaDump
+		want string
+	}{
+		{"version bump", bumped, `"kvm-vcpu" changed version`},
+		{"device removed", gone, `"synth-console" (version 1) is unknown`},
+		{"format moved on", newer, "older than the oldest the new one reads"},
+	} {
+		p := checkSchemas(cur, tc.nw)
+		if !strings.Contains(strings.Join(p, "\n"), tc.want) {
+			t.Errorf("%s: problems %v, want one saying %q", tc.name, p, tc.want)
+		}
+	}
+}
