@@ -55,10 +55,10 @@ type guestNode struct {
 	// are apart so that POST /migrate/cancel never drops protection.
 	migCancel context.CancelFunc
 	cancel    context.CancelFunc
-	inbound *replica.MigrationResult
-	epochs  *failover.EpochLoop // primary: protection
-	sec     *replica.Secondary  // secondary: the committed image
-	cluster func() any          // raft view of a cluster member
+	inbound   *replica.MigrationResult
+	epochs    *failover.EpochLoop // primary: protection
+	sec       *replica.Secondary  // secondary: the committed image
+	cluster   func() any          // raft view of a cluster member
 }
 
 func newLogger() *slog.Logger {
