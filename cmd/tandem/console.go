@@ -33,6 +33,10 @@ type consoleBridge struct {
 // before it is dropped (a stuck client must not hold up the guest).
 const clientQueue = 4096
 
+// maxClients bounds the console's clients (each costs a queue and two
+// goroutines); more are turned away with a line saying so.
+const maxClients = 256
+
 func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger) (*consoleBridge, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -62,6 +66,13 @@ func (b *consoleBridge) accept() {
 			b.mu.Unlock()
 			c.Close()
 			return
+		}
+		if len(b.clients) >= maxClients {
+			b.mu.Unlock()
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			c.Write([]byte("ERR too many console clients\n"))
+			c.Close()
+			continue
 		}
 		b.clients[c] = out
 		b.mu.Unlock()

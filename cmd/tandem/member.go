@@ -391,21 +391,21 @@ func (m *member) becomePrimary(ev failover.Event) {
 		return
 	}
 	m.mu.Unlock()
-	m.startLoop(g, cfg, first)
+	loop := m.startLoop(g, cfg, first)
 	if _, err := g.Resume(); err != nil {
 		m.log.Error("resume the guest", "err", err)
 		return
 	}
 	m.n.setState("running")
 	if sec, ok := m.node.Secondary(); ok && sec.DataAddr != "" {
-		m.loop.SetSecondary(sec.DataAddr)
+		loop.SetSecondary(sec.DataAddr)
 	}
 	m.log.Info("PRIMARY: guest running", "generation", ev.Generation, "from", from, "took", time.Since(t0).String())
 }
 
 // startLoop protects g with an epoch loop whose every release is checked
 // against raft (generation and lease).
-func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) {
+func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *failover.EpochLoop {
 	node := m.node
 	loop := failover.NewEpochLoop(failover.EpochConfig{
 		Guest: g, Config: cfg, Interval: m.ef.epoch, FlushBudget: m.ef.flushBudget, MaxInFlight: m.ef.inFlight,
@@ -448,6 +448,7 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) {
 		defer close(done)
 		loop.Run(ctx)
 	}()
+	return loop
 }
 
 // waitLoop waits (bounded) until a cancelled loop's Run has returned: it
@@ -551,10 +552,10 @@ func (m *member) restartAfterFailedHandover() {
 	m.lastEpoch = max(m.lastEpoch, loop.Status().LastShippedEpoch)
 	first := m.lastEpoch
 	m.mu.Unlock()
-	m.startLoop(g, cfg, first)
+	loop = m.startLoop(g, cfg, first)
 	g.Resume()
 	if sec, ok := m.node.Secondary(); ok {
-		m.loop.SetSecondary(sec.DataAddr)
+		loop.SetSecondary(sec.DataAddr)
 	}
 }
 
