@@ -102,6 +102,7 @@ type EpochLoop struct {
 	joins         uint64
 	lastEpoch     uint64 // last stream epoch number used, across joins
 	unshipped     int    // captured epochs handed to the shipper, not yet registered
+	sender        *precopy.LiveSender // the current link's sender (its Epoch is atomic)
 
 	final chan finalRequest // FinalEpoch's requests to the capture loop
 }
@@ -341,6 +342,7 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	sender := &precopy.LiveSender{Core: l.core, Link: link, EpochPages: 4096}
 	l.mu.Lock()
 	sender.SetEpoch(l.lastEpoch)
+	l.sender = sender
 	l.mu.Unlock()
 	defer func() {
 		l.mu.Lock()
@@ -665,6 +667,13 @@ func (l *EpochLoop) onAck(a precopy.Ack) {
 	if a.Error != "" {
 		l.mu.Unlock()
 		l.log.Error("secondary reported an error", "epoch", a.Epoch, "err", a.Error)
+		return
+	}
+	if snd := l.sender; snd != nil && a.Epoch > snd.Epoch() {
+		// An acknowledgement of an epoch never sent must not let held
+		// output out: ignore it, loudly.
+		l.mu.Unlock()
+		l.log.Error("secondary acknowledged an epoch that was never sent; ignored", "epoch", a.Epoch, "last_sent", snd.Epoch())
 		return
 	}
 	var release uint64

@@ -3,6 +3,7 @@ package precopy
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
@@ -35,26 +36,26 @@ type LiveSender struct {
 	// once per round or two) and blurs the dirty-rate figure.
 	RoundLimit time.Duration
 
-	epoch   uint64 // last epoch number used
+	epoch   atomic.Uint64 // last epoch number used; read by other goroutines
 	inEpoch int    // pages in the open epoch
 	snap    []byte // stable copies of live pages
 }
 
 // SetEpoch sets the last epoch number used; the next epoch is n+1.
-func (s *LiveSender) SetEpoch(n uint64) { s.epoch = n }
+func (s *LiveSender) SetEpoch(n uint64) { s.epoch.Store(n) }
 
-// Epoch is the last epoch number used.
-func (s *LiveSender) Epoch() uint64 { return s.epoch }
+// Epoch is the last epoch number used. Safe from any goroutine.
+func (s *LiveSender) Epoch() uint64 { return s.epoch.Load() }
 
 // EndEpoch closes the current epoch, flushes the link and returns the
 // epoch's number.
 func (s *LiveSender) EndEpoch() (uint64, error) {
-	s.epoch++
+	e := s.epoch.Add(1)
 	s.inEpoch = 0
-	if _, err := s.Link.Writer().EndEpoch(s.epoch); err != nil {
-		return 0, fmt.Errorf("end epoch %d: %w", s.epoch, err)
+	if _, err := s.Link.Writer().EndEpoch(e); err != nil {
+		return 0, fmt.Errorf("end epoch %d: %w", e, err)
 	}
-	return s.epoch, s.Link.Flush()
+	return e, s.Link.Flush()
 }
 
 func (s *LiveSender) epochPages() int {
@@ -86,10 +87,11 @@ func (s *LiveSender) endLiveEpoch(ctx context.Context) error {
 
 // Drain waits until the receiver has acknowledged every epoch sent.
 func (s *LiveSender) Drain(ctx context.Context) error {
-	if s.epoch == 0 {
+	e := s.epoch.Load()
+	if e == 0 {
 		return nil
 	}
-	_, err := s.Link.WaitAck(ctx, s.epoch, false)
+	_, err := s.Link.WaitAck(ctx, e, false)
 	return err
 }
 
