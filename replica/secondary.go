@@ -40,6 +40,7 @@ type Secondary struct {
 	commits    uint64
 	lastCommit time.Time
 	conn       net.Conn
+	served     chan struct{} // closed when conn's Serve has returned
 	from       string
 }
 
@@ -79,6 +80,26 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		return refuse("this secondary holds a %s guest of %s; refusing a %s guest of %s (another guest)",
 			curH.Kind, guest.FormatSize(curH.Config.Memory), hello.Kind, guest.FormatSize(hello.Config.Memory))
 	}
+	// One primary connection at a time: an accepted one ends the one
+	// before (a reconnecting primary's old stream may still be open) and
+	// waits for it to let go, since adopting an image closes the guest
+	// the other may still be writing.
+	done := make(chan struct{})
+	defer close(done)
+	s.mu.Lock()
+	prevConn, prevDone := s.conn, s.served
+	s.conn, s.served = conn, done
+	s.mu.Unlock()
+	if prevConn != nil {
+		prevConn.Close()
+	}
+	if prevDone != nil {
+		select {
+		case <-prevDone:
+		case <-time.After(s.R.timeout()):
+			return refuse("the previous primary connection did not end within %v", s.R.timeout())
+		}
+	}
 	g, err := s.R.NewGuest(hello.Kind, hello.Config)
 	if err != nil {
 		return refuse("build the %s guest: %v", hello.Kind, err)
@@ -96,7 +117,9 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		if s.syncing == im {
 			s.syncing = nil
 		}
-		s.conn = nil
+		if s.conn == conn {
+			s.conn = nil
+		}
 		s.mu.Unlock()
 	}()
 	var last uint64
@@ -107,7 +130,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		return err
 	}
 	s.mu.Lock()
-	s.syncing, s.conn, s.from = im, conn, conn.RemoteAddr().String()
+	s.syncing, s.from = im, conn.RemoteAddr().String()
 	s.mu.Unlock()
 
 	rd, err := checkpoint.NewReader(br, s.R.Limits)
