@@ -31,7 +31,14 @@ type Receiver struct {
 	Timeout time.Duration
 	// Kind, if set, is the only guest kind accepted.
 	Kind string
+	// MaxMemory refuses guests larger than this many bytes; 0 means
+	// DefaultMaxMemory. Anyone who reaches a data port may ask.
+	MaxMemory uint64
 }
+
+// DefaultMaxMemory is the largest guest a Receiver builds unless told
+// otherwise.
+const DefaultMaxMemory = 1 << 40
 
 func (r *Receiver) timeout() time.Duration {
 	if r.Timeout > 0 {
@@ -88,6 +95,13 @@ func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reade
 	}
 	if err := h.Config.Validate(); err != nil {
 		return refuse("guest config: %v", err)
+	}
+	maxMem := r.MaxMemory
+	if maxMem == 0 {
+		maxMem = DefaultMaxMemory
+	}
+	if h.Config.Memory > maxMem {
+		return refuse("guest of %s is larger than this receiver takes (%s)", guest.FormatSize(h.Config.Memory), guest.FormatSize(maxMem))
 	}
 	return h, br, nil
 }
