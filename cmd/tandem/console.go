@@ -25,13 +25,67 @@ type consoleBridge struct {
 
 	// mu guards clients and closed.
 	mu      sync.Mutex
-	clients map[net.Conn]chan []byte
+	clients map[net.Conn]*clientOut
 	closed  bool
 }
 
-// clientQueue bounds how many released chunks wait for a slow client
-// before it is dropped (a stuck client must not hold up the guest).
-const clientQueue = 4096
+// clientOut is the output waiting for one client: bytes, not chunks, so
+// a guest that writes every reply separately and one that releases an
+// epoch at a time cost the same, and the writer sends what has gathered
+// in one write.
+type clientOut struct {
+	mu     sync.Mutex
+	buf    []byte
+	closed bool
+	wake   chan struct{} // capacity 1: buf has bytes or closed was set
+}
+
+func (o *clientOut) push(p []byte) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed || len(o.buf)+len(p) > clientQueueBytes {
+		return false
+	}
+	o.buf = append(o.buf, p...)
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+func (o *clientOut) close() {
+	o.mu.Lock()
+	o.closed = true
+	o.mu.Unlock()
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+}
+
+// take waits for output and returns it (nil once closed and drained).
+func (o *clientOut) take(spare []byte) []byte {
+	for {
+		o.mu.Lock()
+		if len(o.buf) > 0 {
+			p := o.buf
+			o.buf = spare[:0]
+			o.mu.Unlock()
+			return p
+		}
+		if o.closed {
+			o.mu.Unlock()
+			return nil
+		}
+		o.mu.Unlock()
+		<-o.wake
+	}
+}
+
+// clientQueueBytes bounds the output waiting for a slow client before it
+// is dropped (a stuck client must not hold up the guest or grow memory).
+const clientQueueBytes = 16 << 20
 
 // maxClients bounds the console's clients (each costs a queue and two
 // goroutines); more are turned away with a line saying so.
@@ -42,7 +96,7 @@ func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger) (
 	if err != nil {
 		return nil, err
 	}
-	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]chan []byte{}}
+	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]*clientOut{}}
 	go b.accept()
 	return b, nil
 }
@@ -60,7 +114,7 @@ func (b *consoleBridge) accept() {
 			c.Close()
 			continue
 		}
-		out := make(chan []byte, clientQueue)
+		out := &clientOut{wake: make(chan struct{}, 1)}
 		b.mu.Lock()
 		if b.closed {
 			b.mu.Unlock()
@@ -123,13 +177,19 @@ func (b *consoleBridge) readLoop(c net.Conn) {
 	}
 }
 
-func (b *consoleBridge) writeLoop(c net.Conn, out chan []byte) {
+func (b *consoleBridge) writeLoop(c net.Conn, out *clientOut) {
 	defer b.drop(c)
-	for p := range out {
+	var spare []byte
+	for {
+		p := out.take(spare)
+		if p == nil {
+			return
+		}
 		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		if _, err := c.Write(p); err != nil {
 			return
 		}
+		spare = p
 	}
 }
 
@@ -139,26 +199,24 @@ func (b *consoleBridge) drop(c net.Conn) {
 	delete(b.clients, c)
 	b.mu.Unlock()
 	if ok {
-		close(out)
+		out.close()
 	}
 	c.Close()
 }
 
-// release sends released guest output to every client.
+// release sends released guest output to every client. It never blocks:
+// a client with more than clientQueueBytes waiting is dropped.
 func (b *consoleBridge) release(p []byte) {
 	if len(p) == 0 {
 		return
 	}
-	cp := append([]byte(nil), p...)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for c, out := range b.clients {
-		select {
-		case out <- cp:
-		default:
+		if !out.push(p) {
 			b.log.Warn("console: client too slow; dropping", "client", c.RemoteAddr().String())
 			delete(b.clients, c)
-			close(out)
+			out.close()
 			c.Close()
 		}
 	}
@@ -169,7 +227,7 @@ func (b *consoleBridge) dropAll() {
 	b.mu.Lock()
 	for c, out := range b.clients {
 		delete(b.clients, c)
-		close(out)
+		out.close()
 		c.Close()
 	}
 	b.mu.Unlock()
@@ -181,7 +239,7 @@ func (b *consoleBridge) close() {
 	b.closed = true
 	for c, out := range b.clients {
 		delete(b.clients, c)
-		close(out)
+		out.close()
 		c.Close()
 	}
 	b.mu.Unlock()

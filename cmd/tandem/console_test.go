@@ -1,0 +1,77 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+)
+
+// TestConsoleBridgeKeepsUpWithManySmallWrites: a guest that writes every
+// reply on its own (an unprotected primary) must not get a fast client
+// dropped for the number of writes, only for bytes it cannot take.
+func TestConsoleBridgeKeepsUpWithManySmallWrites(t *testing.T) {
+	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.close()
+	c, err := net.Dial("tcp", b.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b.mu.Lock()
+		n := len(b.clients)
+		b.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("client never registered")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	const lines = 50000 // far more writes than any chunk-counted queue held
+	go func() {
+		for i := 0; i < lines; i++ {
+			b.release([]byte(fmt.Sprintf("c:%d OK\n", i)))
+		}
+	}()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	r := bufio.NewReader(c)
+	for i := 0; i < lines; i++ {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("after %d lines: %v", i, err)
+		}
+		if want := fmt.Sprintf("c:%d OK\n", i); l != want {
+			t.Fatalf("line %d = %q, want %q", i, l, want)
+		}
+	}
+}
+
+func TestClientOutBoundedInBytes(t *testing.T) {
+	o := &clientOut{wake: make(chan struct{}, 1)}
+	chunk := make([]byte, 1<<20)
+	for i := 0; i < clientQueueBytes>>20; i++ {
+		if !o.push(chunk) {
+			t.Fatalf("push %d refused below the bound", i)
+		}
+	}
+	if o.push([]byte("x")) {
+		t.Fatal("push beyond the bound accepted")
+	}
+	if p := o.take(nil); len(p) != clientQueueBytes {
+		t.Fatalf("take returned %d bytes, want %d", len(p), clientQueueBytes)
+	}
+	o.close()
+	if p := o.take(nil); p != nil {
+		t.Fatalf("take after close returned %d bytes", len(p))
+	}
+}
