@@ -100,8 +100,8 @@ type EpochLoop struct {
 	startedEpochs time.Time
 	stalls        uint64 // captures delayed by back-pressure
 	joins         uint64
-	lastEpoch     uint64 // last stream epoch number used, across joins
-	unshipped     int    // captured epochs handed to the shipper, not yet registered
+	lastEpoch     uint64              // last stream epoch number used, across joins
+	unshipped     int                 // captured epochs handed to the shipper, not yet registered
 	sender        *precopy.LiveSender // the current link's sender (its Epoch is atomic)
 
 	final chan finalRequest // FinalEpoch's requests to the capture loop

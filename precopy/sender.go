@@ -37,8 +37,8 @@ type LiveSender struct {
 	RoundLimit time.Duration
 
 	epoch   atomic.Uint64 // last epoch number used; read by other goroutines
-	inEpoch int    // pages in the open epoch
-	snap    []byte // stable copies of live pages
+	inEpoch int           // pages in the open epoch
+	snap    []byte        // stable copies of live pages
 }
 
 // SetEpoch sets the last epoch number used; the next epoch is n+1.
