@@ -89,11 +89,11 @@ func BenchmarkPause(b *testing.B) {
 func BenchmarkSyncDirty(b *testing.B) {
 	skipWithoutKVM(b)
 	for _, mem := range []uint64{1 << 30, 16 << 30} {
-		for _, m := range []DirtyMethod{DirtyGetLog, DirtyManualClear} {
+		for _, m := range []DirtyMethod{DirtyGetLog, DirtyManualClear, DirtyRing} {
 			b.Run(fmt.Sprintf("%s/%s", guest.FormatSize(mem), m), func(b *testing.B) {
 				// 1,000 pages touched, then rewritten in seq order at
 				// 1M pages/s: every page is dirty again after 1 ms.
-				g, err := NewWithOptions(dirtyConfig(mem, 1000*guest.PageSize, 1_000_000, guest.PatternSeq, 1), Options{DirtyMethod: m})
+				g, err := NewWithOptions(dirtyConfig(mem, 1000*guest.PageSize, 1_000_000, guest.PatternSeq, 1), Options{DirtyMethod: m, DirtyRingEntries: 4096})
 				if err != nil {
 					b.Fatal(err)
 				}

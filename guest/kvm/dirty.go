@@ -13,12 +13,16 @@ import (
 // manual protect: GET_DIRTY_LOG copies, then CLEAR_DIRTY_LOG re-protects
 // just the pages found, so a write after the GET either is in this copy or
 // faults again for the next sync), ORs in the pages Tandem itself wrote,
-// and hands the words to dst.
+// and hands the words to dst. With DirtyRing it harvests the vCPUs' rings
+// instead (ring.go, syncRing).
 func (g *Guest) SyncDirty(dst guest.DirtyLog) (uint64, error) {
 	g.ctl.Lock()
 	defer g.ctl.Unlock()
 	if g.closed {
 		return 0, guest.ErrClosed
+	}
+	if g.opts.DirtyMethod == DirtyRing {
+		return g.syncRing(dst)
 	}
 	var total uint64
 	for _, s := range g.slots {
@@ -78,15 +82,20 @@ func (g *Guest) readSlotLog(s *memSlot) error {
 }
 
 // MarkDirty implements guest.Guest. Pages outside RAM are ignored.
+// Each word's summary bit is set after the word (takePending relies on
+// that order), so DirtyRing's sync finds the words without scanning RAM's
+// whole bitmap.
 func (g *Guest) MarkDirty(first, n uint64) {
 	limit := uint64(len(g.vmmDirty)) * 64
 	for p := first; p < first+n && p < limit; {
+		w := p / 64
 		if p%64 == 0 && first+n-p >= 64 {
-			atomic.StoreUint64(&g.vmmDirty[p/64], ^uint64(0))
+			atomic.StoreUint64(&g.vmmDirty[w], ^uint64(0))
 			p += 64
-			continue
+		} else {
+			atomic.OrUint64(&g.vmmDirty[w], 1<<(p%64))
+			p++
 		}
-		atomic.OrUint64(&g.vmmDirty[p/64], 1<<(p%64))
-		p++
+		atomic.OrUint64(&g.vmmSummary[w/64], 1<<(w%64))
 	}
 }

@@ -33,18 +33,23 @@ func waitProgress(t testing.TB, g *Guest, phase uint32) {
 }
 
 // The touch phase writes every page of the touched range exactly once: the
-// bitmap must hold at least those pages, on both dirty-log methods, and a
-// second sync with the guest idle must report none of them again.
+// bitmap must hold at least those pages, on every dirty-log method, and a
+// second sync with the guest idle must report none of them again. The
+// touch is 2,048 pages over 2 vCPUs against rings of 256 entries, so the
+// ring method also goes through ring-full exits.
 func TestDirtyLogHoldsTouchedPages(t *testing.T) {
 	skipWithoutKVM(t)
-	for _, m := range []DirtyMethod{DirtyManualClear, DirtyGetLog} {
+	for _, m := range []DirtyMethod{DirtyManualClear, DirtyGetLog, DirtyRing} {
 		t.Run(m.String(), func(t *testing.T) {
 			const touch = 8 << 20
-			g, err := NewWithOptions(dirtyConfig(64<<20, touch, 0, guest.PatternSeq, 2), Options{DirtyMethod: m})
+			g, err := NewWithOptions(dirtyConfig(64<<20, touch, 0, guest.PatternSeq, 2), Options{DirtyMethod: m, DirtyRingEntries: 256})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer g.Close()
+			if g.DirtyMethod() != m {
+				t.Fatalf("asked for %v, got %v", m, g.DirtyMethod())
+			}
 			mustResume(t, g)
 			waitProgress(t, g, 1)
 			mustPause(t, g)
@@ -62,6 +67,10 @@ func TestDirtyLogHoldsTouchedPages(t *testing.T) {
 			if !log.has(bootGPA>>guest.PageShift) || !log.has(imageGPA>>guest.PageShift) {
 				t.Fatal("pages Tandem wrote at boot are missing from the dirty log")
 			}
+			if m == DirtyRing && g.ringFulls.Load() == 0 {
+				t.Fatal("2,048 pages on 256-entry rings caused no ring-full exit")
+			}
+			t.Logf("%d dirty 64-page words in the first sync, %d ring-full exits", len(log.words), g.ringFulls.Load())
 			again := newWordLog()
 			n, err := g.SyncDirty(again)
 			if err != nil {
@@ -80,10 +89,19 @@ func TestDirtyLogHoldsTouchedPages(t *testing.T) {
 }
 
 // A running dirty workload keeps producing pages across syncs; the rate
-// the log shows is near the configured one.
+// the log shows is near the configured one. With the ring, SyncDirty runs
+// while the vCPU pushes entries, and the ring (1,024 entries) is smaller
+// than what 300 ms at 20,000 pages/s dirties, so ring-full exits happen
+// while the vCPU runs.
 func TestDirtyRate(t *testing.T) {
 	skipWithoutKVM(t)
-	g, err := New(dirtyConfig(128<<20, 64<<20, 20000, guest.PatternSeq, 1))
+	for _, m := range []DirtyMethod{DirtyGetLog, DirtyRing} {
+		t.Run(m.String(), func(t *testing.T) { testDirtyRate(t, m) })
+	}
+}
+
+func testDirtyRate(t *testing.T, m DirtyMethod) {
+	g, err := NewWithOptions(dirtyConfig(128<<20, 64<<20, 20000, guest.PatternSeq, 1), Options{DirtyMethod: m, DirtyRingEntries: 1024})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -44,25 +44,59 @@
 //
 // # Dirty log
 //
-// SyncDirty reads KVM's per-slot bitmap and ORs in the pages Tandem wrote
-// itself (boot, the console's bulk input buffer, MarkDirty). Both methods
-// are implemented (DirtyMethod); the default is plain KVM_GET_DIRTY_LOG.
+// SyncDirty reports what vCPUs dirtied plus the pages Tandem wrote itself
+// (boot, the console's bulk input buffer, MarkDirty). Three methods are
+// implemented (DirtyMethod); the default is plain KVM_GET_DIRTY_LOG.
+//
+//   - DirtyGetLog: KVM_GET_DIRTY_LOG per slot copies, clears and
+//     re-protects in one call; Tandem ORs in its own bitmap.
+//   - DirtyManualClear: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 without
+//     INITIALLY_SET; GET copies, CLEAR_DIRTY_LOG re-protects the 64-page
+//     runs found dirty.
+//   - DirtyRing (ring.go): KVM_CAP_DIRTY_LOG_RING_ACQ_REL (plain _RING if
+//     that is missing) enabled before any vCPU exists; each vCPU's ring of
+//     DirtyRingEntries 16-byte kvm_dirty_gfn is mapped from its fd at page
+//     64. SyncDirty, under ringMu, reads each ring from its fetch index
+//     while flags has DIRTY (atomic load = acquire), sets RESET (atomic
+//     store = release), calls KVM_RESET_DIRTY_RINGS, and only then takes
+//     the pending bitmap, so every page it reports is re-protected before
+//     the caller reads it. Harvested pages go into the same pending bitmap
+//     as Tandem's own writes; a summary bitmap (one bit per 64-page word)
+//     lets the sync find them without scanning RAM's bitmap.
+//     KVM_GET_DIRTY_LOG is not used (KVM answers ENXIO with a ring).
+//     A full ring exits KVM_RUN with KVM_EXIT_DIRTY_RING_FULL: the vCPU
+//     harvests its own ring into the pending bitmap and resets it before
+//     re-entering (the next SyncDirty reports those pages); re-entering
+//     without a reset would only exit again. On a running guest, a page
+//     written just before a sync may appear one sync late (KVM pushes
+//     entries at fault or PML-flush time); a paused guest's ring is
+//     complete, which is what the final epoch relies on.
+//
 // Measured with `go test -run '^$' -bench SyncDirty -benchtime 500ms
-// -count 2 ./guest/kvm/` (2026-11-25, kvm-pvm on a 2-core AMD EPYC VM,
-// guest paused, ~850 of 1,000 pages re-dirtied between syncs):
+// -count 2 ./guest/kvm/` (2026-11-25, kvm-pvm on a 2-core AMD EPYC VM
+// shared with other work, guest paused, ~850-950 of 1,000 pages
+// re-dirtied between syncs, rings of 4,096 entries):
 //
-//	          GET_DIRTY_LOG   manual protect + CLEAR_DIRTY_LOG
-//	 1 GiB    59-65 us        59-62 us
-//	16 GiB    321-331 us      360-415 us
+//	          GET_DIRTY_LOG   manual protect + CLEAR   dirty ring
+//	 1 GiB    81-90 us        83-87 us                 77-79 us
+//	16 GiB    338-346 us      359-376 us               73-78 us
 //
-// Both are O(memory) here: manual protect still copies the whole bitmap
-// with GET, then Tandem scans it for dirty runs and issues CLEAR, so it
-// makes two passes where GET_DIRTY_LOG makes one. Its real advantage,
-// clearing a chunk just before sending it (QEMU), does not fit
-// SyncDirty's contract of one cut per call, and INITIALLY_SET would make
-// the first sync report all of RAM. The dirty ring (O(dirty pages)) would
-// win for large idle guests but cannot be combined with GET_DIRTY_LOG and
-// needs a harvest on ring-full exits; it is not implemented.
+// The bitmap methods are O(memory): manual protect still copies the whole
+// bitmap with GET, then Tandem scans it and issues CLEAR, two passes where
+// GET_DIRTY_LOG makes one, and INITIALLY_SET would make the first sync
+// report all of RAM. The ring is O(dirty pages): flat from 1 GiB to
+// 16 GiB, 4.5x faster than GET_DIRTY_LOG at 16 GiB, no better at 1 GiB
+// (its ~75 us are mostly KVM_RESET_DIRTY_RINGS re-protecting ~900 pages).
+//
+// GET_DIRTY_LOG stays the default because the ring's advantage depends
+// on the workload in ways not yet measured: its cost grows with the pages
+// dirtied per sync (a busy guest dirtying tens of thousands of pages per
+// epoch may lose to one bitmap copy), a ring smaller than one vCPU's
+// dirtying per epoch costs a ring-full exit each time it fills (the size
+// is fixed before the vCPUs exist), and kernels without the capability
+// fail New with it. Choose DirtyRing for large guests with a modest dirty
+// rate (RAM of several GiB, under a few thousand pages per epoch per
+// vCPU), sizing DirtyRingEntries to hold one epoch's pages.
 //
 // # Figures (same command line with -bench ., same machine and date)
 //
@@ -84,5 +118,6 @@
 // restore order. The guest's TSC continues from the saved value on every
 // vCPU (the largest saved TSC), so it never goes backwards across a restore.
 //
-// Lock order: Guest.ctl, then Guest.mu; uart.mu and pvDisk.mu are leaves.
+// Lock order: Guest.ctl, then Guest.mu or Guest.ringMu (a vCPU thread
+// takes ringMu alone on a ring-full exit); uart.mu and pvDisk.mu are leaves.
 package kvm

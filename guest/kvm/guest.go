@@ -39,13 +39,26 @@ const (
 	// INITIALLY_SET): GET_DIRTY_LOG only copies, and CLEAR_DIRTY_LOG
 	// re-protects just the 64-page runs found dirty.
 	DirtyManualClear
+	// DirtyRing uses a per-vCPU dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+	// or plain _RING): KVM pushes each page a vCPU dirties into that
+	// vCPU's ring, SyncDirty harvests the rings and calls
+	// KVM_RESET_DIRTY_RINGS, so its cost follows the dirty pages rather
+	// than RAM. KVM_GET_DIRTY_LOG is not used (KVM answers ENXIO with the
+	// ring on). A full ring stops its vCPU with KVM_EXIT_DIRTY_RING_FULL;
+	// the vCPU harvests its own ring and re-enters.
+	DirtyRing
 )
 
 func (m DirtyMethod) String() string {
-	if m == DirtyGetLog {
+	switch m {
+	case DirtyGetLog:
 		return "get-dirty-log"
+	case DirtyManualClear:
+		return "manual-protect+clear"
+	case DirtyRing:
+		return "ring"
 	}
-	return "manual-protect+clear"
+	return fmt.Sprintf("DirtyMethod(%d)", int(m))
 }
 
 // Options are the less common knobs of NewWithOptions.
@@ -56,6 +69,11 @@ type Options struct {
 	NoBoot bool
 	// DirtyMethod chooses the dirty-log method.
 	DirtyMethod DirtyMethod
+	// DirtyRingEntries is the per-vCPU ring size for DirtyRing, a power of
+	// two of at least 64; 0 means DefaultDirtyRingEntries. It should hold
+	// the pages one vCPU dirties between two syncs: fewer cost a
+	// ring-full exit each time it fills.
+	DirtyRingEntries int
 	// Disk, if set, is used instead of opening cfg.Disk (tests inject a
 	// disk with a stalled flush). The guest closes it.
 	Disk *block.Disk
@@ -75,7 +93,8 @@ type Guest struct {
 	mmapSize    int
 	regions     []guest.Region
 	slots       []*memSlot
-	vmmDirty    []uint64 // pages the VMM wrote, one bit per page of [0, topGPA)
+	vmmDirty    []uint64 // pages the VMM wrote (and, with DirtyRing, pages harvested from rings), one bit per page of [0, topGPA)
+	vmmSummary  []uint64 // bit w: vmmDirty[w] may be non-zero
 	msrIndices  []uint32 // MSRs saved besides the TSC
 	xsaveSize   int
 
@@ -84,6 +103,14 @@ type Guest struct {
 	disk    *pvDisk
 	console console
 	sink    atomic.Pointer[func([]byte)]
+
+	// ringMu guards every dirtyRing's fetch index and keeps a harvest and
+	// its KVM_RESET_DIRTY_RINGS together, so pending pages taken by
+	// SyncDirty are always re-protected already.
+	ringMu      sync.Mutex
+	ringEntries int           // per-vCPU ring size with DirtyRing, else 0
+	ringBuf     []uint64      // takePending's run buffer, used under ringMu
+	ringFulls   atomic.Uint64 // KVM_EXIT_DIRTY_RING_FULL exits served
 
 	// ctl serialises the controlling calls (Pause, Resume, SaveState, ...).
 	ctl    sync.Mutex
@@ -235,6 +262,12 @@ func (g *Guest) openVM() error {
 			}
 		}
 	}
+	if g.opts.DirtyMethod == DirtyRing {
+		// Before any vCPU: KVM refuses the cap with EINVAL afterwards.
+		if err := g.enableDirtyRing(); err != nil {
+			return err
+		}
+	}
 	khz, err := ioctl(g.vmFd, kvmGetTSCKHz, 0)
 	if err != nil || khz == 0 {
 		return fmt.Errorf("kvm: KVM_GET_TSC_KHZ: %v", err)
@@ -248,6 +281,8 @@ func (g *Guest) openVM() error {
 func (g *Guest) setupMemory() error {
 	top := topGPA(g.cfg.Memory)
 	g.vmmDirty = make([]uint64, (top>>guest.PageShift+63)/64)
+	g.vmmSummary = make([]uint64, (len(g.vmmDirty)+63)/64)
+	g.ringBuf = make([]uint64, 0, 512)
 	for i, r := range ramRanges(g.cfg.Memory) {
 		mem, err := unix.Mmap(-1, 0, int(r[1]), unix.PROT_READ|unix.PROT_WRITE,
 			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
@@ -323,6 +358,10 @@ func Flavour() string {
 	}
 	return "unknown"
 }
+
+// DirtyMethod is the dirty-log method in use: the one asked for, except
+// that DirtyManualClear falls back to DirtyGetLog on a kernel without it.
+func (g *Guest) DirtyMethod() DirtyMethod { return g.opts.DirtyMethod }
 
 // Flavour is the host flavour this guest runs on (see the function Flavour).
 func (g *Guest) Flavour() string { return g.flavour }

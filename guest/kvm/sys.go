@@ -56,6 +56,7 @@ var (
 	kvmKVMClockCtrl        = ioc(iocNone, 0xad, 0)
 	kvmClearDirtyLog       = ioc(iocRead|iocWrite, 0xc0, 24)
 	kvmGetXSAVE2           = ioc(iocRead, 0xcf, 4096)
+	kvmResetDirtyRings     = ioc(iocNone, 0xc7, 0)
 )
 
 // Capabilities (KVM_CAP_*).
@@ -69,6 +70,8 @@ const (
 	capDebugRegs              = 50
 	capVCPUEvents             = 41
 	capAdjustClock            = 39
+	capDirtyLogRing           = 192
+	capDirtyLogRingAcqRel     = 223
 )
 
 // Exit reasons (KVM_EXIT_*).
@@ -85,11 +88,15 @@ const (
 	exitIntr          = 10
 	exitInternalError = 17
 	exitSystemEvent   = 24
+	exitDirtyRingFull = 31
 )
 
 const (
 	memLogDirtyPages = 1
 	manualProtect    = 1 // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+	// dirtyLogPageOffset is KVM_DIRTY_LOG_PAGE_OFFSET on x86: the page
+	// of the vCPU fd where its dirty ring is mapped.
+	dirtyLogPageOffset = 64
 )
 
 type userspaceMemoryRegion struct {
@@ -223,6 +230,7 @@ func init() {
 		{"kvm_userspace_memory_region", unsafe.Sizeof(userspaceMemoryRegion{}), 32},
 		{"kvm_clear_dirty_log", unsafe.Sizeof(clearDirtyLog{}), 24},
 		{"kvm_enable_cap", unsafe.Sizeof(enableCap{}), 104},
+		{"kvm_dirty_gfn", unsafe.Sizeof(dirtyGFN{}), 16},
 		{"kvm_cpuid_entry2", unsafe.Sizeof(cpuidEntry{}), 40},
 		{"kvm_msr_entry", unsafe.Sizeof(MSR{}), 16},
 	} {

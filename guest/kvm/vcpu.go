@@ -35,6 +35,7 @@ type vcpu struct {
 	parked  chan struct{} // capacity 1: the vCPU has parked for a pause
 	exited  chan struct{} // closed when the vCPU goroutine returns
 	started bool
+	ring    *dirtyRing // with DirtyRing only
 }
 
 func (g *Guest) createVCPUs() error {
@@ -54,6 +55,11 @@ func (g *Guest) createVCPUs() error {
 			return fmt.Errorf("kvm: mmap kvm_run of vCPU %d: %w", i, err)
 		}
 		v.run = run
+		if g.ringEntries > 0 {
+			if err := g.mapDirtyRing(v); err != nil {
+				return err
+			}
+		}
 		v.cpuid = vcpuCPUID(cpuid, uint32(i))
 		if err := setCPUID(v.fd, v.cpuid); err != nil {
 			return fmt.Errorf("kvm: KVM_SET_CPUID2 vCPU %d: %w", i, err)
@@ -298,6 +304,11 @@ func (v *vcpu) handleExit() error {
 		return fmt.Errorf("kvm: vCPU %d: KVM internal error, suberror %d", v.id, binary.LittleEndian.Uint32(d))
 	case exitIntr:
 		return nil
+	case exitDirtyRingFull:
+		if v.ring == nil {
+			return fmt.Errorf("kvm: vCPU %d: dirty-ring-full exit without a dirty ring", v.id)
+		}
+		return v.g.ringFull(v)
 	default:
 		return fmt.Errorf("kvm: vCPU %d: unexpected exit reason %d", v.id, reason)
 	}
@@ -429,6 +440,7 @@ func (g *Guest) guestBytes(gpa, n uint64) ([]byte, bool) {
 }
 
 func (v *vcpu) release() {
+	v.ring.release()
 	if v.run != nil {
 		_ = unix.Munmap(v.run)
 		v.run = nil
