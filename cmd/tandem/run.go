@@ -347,7 +347,10 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	n.mu.Lock()
-	g, cfg, state, busy, protected := n.g, n.cfg, n.state, n.migBusy, n.epochs != nil || n.sec != nil
+	// An epoch loop that has a secondary owns the guest's dirty log and
+	// pauses; one without (an activated node not yet re-protected) is idle.
+	protected := n.sec != nil || n.cluster != nil || (n.epochs != nil && n.epochs.Status().Secondary != "")
+	g, cfg, state, busy := n.g, n.cfg, n.state, n.migBusy
 	refuse := g == nil || state != "running" || busy || protected
 	if !refuse {
 		n.migBusy = true
@@ -363,7 +366,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	case protected:
 		// The epoch loop owns the guest's dirty log and its pauses; a
 		// migration beside it would take pages the secondary never gets.
-		writeError(w, http.StatusConflict, errors.New("this guest is protected by a secondary: use switchover, not migrate"))
+		writeError(w, http.StatusConflict, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
 		return
 	}
 	started := false
