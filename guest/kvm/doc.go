@@ -85,18 +85,33 @@
 // bitmap with GET, then Tandem scans it and issues CLEAR, two passes where
 // GET_DIRTY_LOG makes one, and INITIALLY_SET would make the first sync
 // report all of RAM. The ring is O(dirty pages): flat from 1 GiB to
-// 16 GiB, 4.5x faster than GET_DIRTY_LOG at 16 GiB, no better at 1 GiB
-// (its ~75 us are mostly KVM_RESET_DIRTY_RINGS re-protecting ~900 pages).
+// 16 GiB, 4.5x faster than GET_DIRTY_LOG at 16 GiB, barely better at
+// 1 GiB (not profiled; KVM_RESET_DIRTY_RINGS re-protects each of the ~900
+// pages one by one).
 //
-// GET_DIRTY_LOG stays the default because the ring's advantage depends
-// on the workload in ways not yet measured: its cost grows with the pages
-// dirtied per sync (a busy guest dirtying tens of thousands of pages per
-// epoch may lose to one bitmap copy), a ring smaller than one vCPU's
-// dirtying per epoch costs a ring-full exit each time it fills (the size
-// is fixed before the vCPUs exist), and kernels without the capability
-// fail New with it. Choose DirtyRing for large guests with a modest dirty
-// rate (RAM of several GiB, under a few thousand pages per epoch per
-// vCPU), sizing DirtyRingEntries to hold one epoch's pages.
+// With more dirty pages the ring falls behind: BenchmarkSyncDirtyHeavy
+// (same date and machine, `-bench SyncDirtyHeavy -benchtime 300ms -count
+// 2`; 1 GiB, the guest rewriting 64 MiB as fast as its write faults allow,
+// ~3,100-3,400 pages per sync, rings of 16,384 entries):
+//
+//	         GET_DIRTY_LOG   manual protect + CLEAR   dirty ring
+//	1 GiB    168-180 us      170-172 us               201-224 us
+//
+// So both grow with the pages dirtied (each must be re-protected), the
+// ring by roughly 55 ns a page against GET's ~37 ns (two points each,
+// a rough fit): at 1 GiB the ring stops winning near 1,300 pages per
+// sync; at 16 GiB, by extrapolation, near 15,000.
+//
+// GET_DIRTY_LOG stays the default: it is ahead whenever a guest of a few
+// GiB dirties more than about a thousand pages per epoch (the busy case
+// that decides whether precopy converges; the idle case is cheap either
+// way), it needs no
+// size fixed before the vCPUs exist (a ring smaller than one vCPU's
+// dirtying per epoch costs a ring-full exit each time it fills), and it
+// works on every kernel, where DirtyRing fails New without the
+// capability. Choose DirtyRing for large guests with a modest dirty rate
+// (RAM of several GiB, under a few thousand pages per epoch), sizing
+// DirtyRingEntries to hold one vCPU's pages per epoch.
 //
 // # Figures (same command line with -bench ., same machine and date)
 //
