@@ -180,9 +180,12 @@ func NewWithOptions(cfg guest.Config, opts Options) (g *Guest, err error) {
 		closing: make(chan struct{}), failed: make(chan struct{}), thrDone: make(chan struct{}),
 		resumeCh: make(chan struct{}), paused: true, thrEpoch: time.Now()}
 	g.pauseReq.Store(true)
+	// built, not the named result: `return nil, err` sets that to nil
+	// before this runs.
+	built := g
 	defer func() {
 		if err != nil {
-			g.teardown()
+			built.teardown()
 		}
 	}()
 	if err := g.openVM(); err != nil {

@@ -53,16 +53,16 @@ func (g *Guest) enableDirtyRing() error {
 	}
 	bytes := n * int(unsafe.Sizeof(dirtyGFN{}))
 	capID := uintptr(capDirtyLogRingAcqRel)
-	max := checkExtension(g.vmFd, capID)
-	if max == 0 {
+	limit := checkExtension(g.vmFd, capID)
+	if limit == 0 {
 		capID = capDirtyLogRing
-		max = checkExtension(g.vmFd, capID)
+		limit = checkExtension(g.vmFd, capID)
 	}
-	if max == 0 {
+	if limit == 0 {
 		return fmt.Errorf("%w: KVM_CAP_DIRTY_LOG_RING is not offered by this kernel", ErrUnavailable)
 	}
-	if bytes > max {
-		return fmt.Errorf("%w: dirty ring of %d entries is %d bytes; this kernel allows at most %d per vCPU", guest.ErrConfig, n, bytes, max)
+	if bytes > limit {
+		return fmt.Errorf("%w: dirty ring of %d entries is %d bytes; this kernel allows at most %d per vCPU", guest.ErrConfig, n, bytes, limit)
 	}
 	c := enableCap{Cap: uint32(capID), Args: [4]uint64{uint64(bytes)}}
 	if _, err := ioctlPtr(g.vmFd, kvmEnableCap, &c); err != nil {
