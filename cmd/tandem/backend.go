@@ -20,13 +20,17 @@ func defaultGuestKind() string {
 	return kvm.Kind
 }
 
+// kvmDirtyMethod is the dirty-log method of KVM guests this process
+// boots (--dirty-log); guests built to receive an image use the default.
+var kvmDirtyMethod = kvm.DirtyGetLog
+
 // bootGuest builds a guest that boots its workload on the first Resume.
 func bootGuest(kind string, cfg guest.Config) (guest.Guest, error) {
 	switch kind {
 	case synth.Kind:
 		return synth.New(cfg)
 	case kvm.Kind:
-		return kvm.New(cfg)
+		return kvm.NewWithOptions(cfg, kvm.Options{DirtyMethod: kvmDirtyMethod})
 	}
 	return nil, fmt.Errorf("unknown guest kind %q: want kvm or synth", kind)
 }

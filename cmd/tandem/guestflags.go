@@ -5,6 +5,7 @@ import (
 	"strconv"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/kvm"
 )
 
 // sizeFlag is a flag.Value for byte sizes such as 512MiB or 1GiB.
@@ -31,6 +32,7 @@ type guestFlags struct {
 	kind      string
 	cfg       guest.Config
 	dirtyRate string
+	dirtyLog  string
 }
 
 func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
@@ -44,6 +46,7 @@ func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
 	fs.StringVar(&gf.cfg.Workload.Pattern, "dirty-pattern", guest.PatternRandom, "dirty workload: seq, random or hot")
 	fs.StringVar(&gf.cfg.Image, "image", "", "kvm: micro-guest image (default: the one built by make guest-image)")
 	fs.StringVar(&gf.cfg.Disk, "disk", "", "path of a virtual disk file")
+	fs.StringVar(&gf.dirtyLog, "dirty-log", "get", "kvm: dirty-log method: get (KVM_GET_DIRTY_LOG), clear (manual protect + KVM_CLEAR_DIRTY_LOG) or ring (dirty ring; best for large, mostly idle guests)")
 }
 
 // config validates the guest flags and returns the configuration, or a
@@ -57,6 +60,19 @@ func (gf *guestFlags) config() (string, guest.Config, error) {
 	rate, err := strconv.ParseUint(gf.dirtyRate, 10, 64)
 	if err != nil {
 		return "", guest.Config{}, usagef("--dirty-rate %q: want a whole number of pages per second", gf.dirtyRate)
+	}
+	switch gf.dirtyLog {
+	case "get":
+		kvmDirtyMethod = kvm.DirtyGetLog
+	case "clear":
+		kvmDirtyMethod = kvm.DirtyManualClear
+	case "ring":
+		kvmDirtyMethod = kvm.DirtyRing
+	default:
+		return "", guest.Config{}, usagef("--dirty-log %q: want get, clear or ring", gf.dirtyLog)
+	}
+	if gf.dirtyLog != "get" && gf.kind != kvm.Kind {
+		return "", guest.Config{}, usagef("--dirty-log %s is for --guest kvm", gf.dirtyLog)
 	}
 	cfg := gf.cfg
 	cfg.Workload.DirtyRate = rate
