@@ -159,16 +159,13 @@ func cmdSecondary(args []string) error {
 		return err
 	}
 	log := newLogger()
-	n, err := newGuestNode("secondary", *apiAddr, *consoleAddr, log)
-	if err != nil {
-		return err
-	}
 	r := &replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind, Timeout: 5 * time.Second}
 	sec := replica.NewSecondary(r, nil)
+	// Load a kept image before the API answers, so the first status a
+	// caller sees already says where this secondary stands.
 	if *dataDir != "" {
 		store, err := replica.OpenStore(filepath.Join(*dataDir, "image"))
 		if err != nil {
-			n.close()
 			return err
 		}
 		sec.Store = store
@@ -177,6 +174,11 @@ func cmdSecondary(args []string) error {
 		} else if ok {
 			log.Info("restarted at the last committed epoch on disk", "epoch", c.Epoch)
 		}
+	}
+	n, err := newGuestNode("secondary", *apiAddr, *consoleAddr, log)
+	if err != nil {
+		sec.Close()
+		return err
 	}
 	n.mu.Lock()
 	n.sec = sec
