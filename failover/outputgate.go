@@ -80,13 +80,6 @@ func (g *OutputGate) Seal() uint64 {
 	return n
 }
 
-// Open returns the number of the epoch in progress.
-func (g *OutputGate) Open() uint64 {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.open
-}
-
 // Release lets out, in order, every byte of epochs up to and including
 // acked. It returns false (and releases nothing) if the fencing check
 // refuses. The sink runs with the gate's lock held so releases stay

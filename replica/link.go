@@ -29,7 +29,6 @@ type Link struct {
 	sent    atomic.Uint64
 	w       *checkpoint.Writer
 	timeout time.Duration
-	reply   HelloReply
 
 	// mu guards the acknowledgement state; changed is closed and
 	// replaced whenever it changes.
@@ -94,7 +93,7 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 	}
 	conn.SetDeadline(time.Time{})
 
-	l := &Link{conn: conn, timeout: o.Timeout, reply: reply, changed: make(chan struct{}), done: make(chan struct{})}
+	l := &Link{conn: conn, timeout: o.Timeout, changed: make(chan struct{}), done: make(chan struct{})}
 	l.bw = bufio.NewWriterSize(&deadlineWriter{l}, 256<<10)
 	h := checkpoint.Header{Build: hello.Build, Kind: hello.Kind, PageSize: guest.PageSize, Regions: checkpoint.RegionsOf(regions)}
 	switch hello.Purpose {
@@ -115,9 +114,6 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 	ok = true
 	return l, nil
 }
-
-// Reply is the receiver's handshake answer.
-func (l *Link) Reply() HelloReply { return l.reply }
 
 type deadlineWriter struct{ l *Link }
 
@@ -181,13 +177,6 @@ func (l *Link) WaitAck(ctx context.Context, epoch uint64, final bool) (precopy.A
 			return precopy.Ack{}, fmt.Errorf("waiting for the acknowledgement of epoch %d: %w", epoch, ctx.Err())
 		}
 	}
-}
-
-// LastAck returns the latest acknowledgement, if any.
-func (l *Link) LastAck() (precopy.Ack, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.last, l.hasLast
 }
 
 // Err returns why the acknowledgement channel failed, if it did.
