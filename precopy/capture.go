@@ -112,9 +112,6 @@ type CaptureOptions struct {
 	// WhilePaused runs after the state save with the guest still paused
 	// (an epoch loop seals its output gate and takes its digest here).
 	WhilePaused func(*Capture) error
-	// MaxPages bounds how many dirty pages are copied; the rest stay in
-	// the Bitmap for the next capture. 0 means all.
-	MaxPages int
 	// InPlace (only with KeepPaused) hands out the dirty pages as slices
 	// of guest memory instead of copies: the guest stays paused, so they
 	// hold still, and a migration's final pause skips a copy of every
@@ -184,10 +181,9 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 	c.observe(PhaseStateSave, t0, cp.Breakdown.StateSave)
 
 	t0 = time.Now()
-	if o.InPlace && o.KeepPaused {
-		cp.Pages = c.takeDirty(o.MaxPages)
-	} else {
-		cp.Pages, cp.Buffer = c.copyDirty(o.MaxPages, o.Buffer)
+	cp.Pages = c.takeDirty()
+	if !(o.InPlace && o.KeepPaused) {
+		cp.Buffer = c.copyPages(cp.Pages, o.Buffer)
 	}
 	cp.Breakdown.Copy = time.Since(t0)
 	c.observe(PhaseCopy, t0, cp.Breakdown.Copy)
@@ -213,67 +209,43 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 	return cp, nil
 }
 
-// takeDirty takes up to limit (0: all) dirty pages out of the Bitmap as
-// slices of guest memory.
-func (c *Core) takeDirty(limit int) []checkpoint.Page {
-	var pages []checkpoint.Page
+// takeDirty takes every dirty page out of the Bitmap as slices of guest
+// memory.
+func (c *Core) takeDirty() []checkpoint.Page {
+	pages := make([]checkpoint.Page, 0, c.Dirty.Count())
 	idx := make([]uint64, 1024)
-	for from := uint64(0); limit == 0 || len(pages) < limit; {
-		want := len(idx)
-		if limit > 0 {
-			want = min(want, limit-len(pages))
-		}
-		k, next := c.Dirty.TakeBatch(idx[:want], from)
+	for from := uint64(0); ; {
+		k, next := c.Dirty.TakeBatch(idx, from)
 		for _, p := range idx[:k] {
 			if src := c.Page(p); src != nil {
 				pages = append(pages, checkpoint.Page{Index: p, Data: src})
 			}
 		}
-		if k < want {
-			break
+		if k < len(idx) {
+			return pages
 		}
 		from = next
 	}
-	return pages
 }
 
-// copyDirty takes up to limit (0: all) dirty pages out of the Bitmap and
-// copies them into buf, or the Core's reused buffer when buf is nil.
-func (c *Core) copyDirty(limit int, buf []byte) ([]checkpoint.Page, []byte) {
-	n := c.Dirty.Count()
-	if limit > 0 && n > uint64(limit) {
-		n = uint64(limit)
-	}
+// copyPages copies pages into buf (grown if too small), or into the Core's
+// reused buffer when buf is nil, and points them at their copies.
+func (c *Core) copyPages(pages []checkpoint.Page, buf []byte) []byte {
 	own := buf == nil
 	if own {
 		buf = c.pageBuf
 	}
-	if need := n * guest.PageSize; uint64(cap(buf)) < need {
+	if need := len(pages) * guest.PageSize; cap(buf) < need {
 		buf = make([]byte, need)
 	}
 	if own {
 		c.pageBuf = buf
 	}
-	buf = buf[:n*guest.PageSize]
-	pages := make([]checkpoint.Page, 0, n)
-	idx := make([]uint64, 1024)
-	from := uint64(0)
-	for uint64(len(pages)) < n {
-		want := min(uint64(len(idx)), n-uint64(len(pages)))
-		k, next := c.Dirty.TakeBatch(idx[:want], from)
-		if k == 0 {
-			break
-		}
-		for _, p := range idx[:k] {
-			src := c.Page(p)
-			if src == nil {
-				continue
-			}
-			dst := buf[len(pages)*guest.PageSize : (len(pages)+1)*guest.PageSize]
-			copy(dst, src)
-			pages = append(pages, checkpoint.Page{Index: p, Data: dst})
-		}
-		from = next
+	buf = buf[:len(pages)*guest.PageSize]
+	for i := range pages {
+		dst := buf[i*guest.PageSize : (i+1)*guest.PageSize]
+		copy(dst, pages[i].Data)
+		pages[i].Data = dst
 	}
-	return pages, buf
+	return buf
 }
