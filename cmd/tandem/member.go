@@ -9,12 +9,10 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/tandemvm/tandem/failover"
@@ -169,15 +167,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	go m.events(ctx)
 	go m.start(ctx, kind, gcfg, fresh)
 
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	select {
-	case s := <-sig:
-		log.Info("stopping", "signal", s.String())
-	case <-n.api.quit:
-		log.Info("stopping", "reason", "POST /quit")
-	}
-	signal.Stop(sig)
+	waitForStop(n.api.quit, log)
 	cancel()
 	dataLn.Close()
 	node.Close()
@@ -600,7 +590,7 @@ func cmdWitness(args []string) error {
 		return err
 	}
 	defer node.Close()
-	quit := make(chan struct{})
+	var quit <-chan struct{} // nil without an API: only a signal stops it
 	if *apiAddr != "" {
 		api, err := newAPIServer(*apiAddr, log)
 		if err != nil {
@@ -614,15 +604,10 @@ func cmdWitness(args []string) error {
 		})
 		api.start()
 		defer api.close()
-		go func() { <-api.quit; close(quit) }()
+		quit = api.quit
 	}
 	log.Info("witness running", "raft", fcfg.Peers[cf.id])
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	select {
-	case <-sig:
-	case <-quit:
-	}
+	waitForStop(quit, log)
 	return nil
 }
 

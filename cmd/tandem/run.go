@@ -165,17 +165,23 @@ func (n *guestNode) setState(s string) {
 
 // wait runs until SIGTERM, SIGINT or POST /quit, then stops everything.
 func (n *guestNode) wait() error {
+	waitForStop(n.api.quit, n.log)
+	n.close()
+	return nil
+}
+
+// waitForStop blocks until SIGTERM, SIGINT or quit (POST /quit; nil for
+// none) and logs which. It is how every long-running command ends.
+func waitForStop(quit <-chan struct{}, log *slog.Logger) {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sig)
 	select {
 	case s := <-sig:
-		n.log.Info("stopping", "signal", s.String())
-	case <-n.api.quit:
-		n.log.Info("stopping", "reason", "POST /quit")
+		log.Info("stopping", "signal", s.String())
+	case <-quit:
+		log.Info("stopping", "reason", "POST /quit")
 	}
-	n.close()
-	return nil
 }
 
 func (n *guestNode) close() {
