@@ -38,10 +38,13 @@ type EpochConfig struct {
 	// catches pages the dirty log missed; 0 means 20.
 	VerifyScanEvery int
 	Build           string
-	Generation      uint64
-	Stream          checkpoint.Options
-	Timings         *timing.Recorder
-	Log             *slog.Logger
+	// Generation, if set, gives the generation this primary runs under
+	// now; each join's handshake carries it, so a primary that raft kept
+	// in a new term is not refused as stale by its secondary.
+	Generation func() uint64
+	Stream     checkpoint.Options
+	Timings    *timing.Recorder
+	Log        *slog.Logger
 	// Release receives output once it may leave (the console bridge).
 	Release func([]byte)
 	// Allow is the fencing check run before any output leaves; nil
@@ -326,7 +329,10 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	lctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	hello := replica.Hello{Purpose: replica.PurposeReplicate, Kind: l.cfg.Guest.Kind(), Config: l.cfg.Config,
-		Build: l.cfg.Build, Generation: l.cfg.Generation, Verify: l.cfg.Verify}
+		Build: l.cfg.Build, Verify: l.cfg.Verify}
+	if l.cfg.Generation != nil {
+		hello.Generation = l.cfg.Generation()
+	}
 	dctx, dcancel := context.WithTimeout(lctx, 5*time.Second)
 	link, err := replica.Dial(dctx, addr, hello, l.cfg.Guest.Regions(), replica.DialOptions{
 		Stream: l.cfg.Stream, Timeout: 10 * time.Second, OnAck: l.onAck,
