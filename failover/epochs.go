@@ -416,6 +416,15 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 	l.mu.Unlock()
 	for n := 0; ; n++ {
 		var final *finalRequest
+		// answer tells a waiting FinalEpoch how its request ended, once,
+		// and passes err on: every return below goes through it.
+		answer := func(err error) error {
+			if final != nil {
+				final.done <- err
+				final = nil
+			}
+			return err
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -432,10 +441,7 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 			final = &req
 		}
 		if err := link.Err(); err != nil {
-			if final != nil {
-				final.done <- err
-			}
-			return err
+			return answer(err)
 		}
 		// Back-pressure: a slow secondary makes epochs longer, never
 		// memory larger.
@@ -453,15 +459,15 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 			waited = true
 			select {
 			case <-ctx.Done():
-				return ctx.Err()
+				return answer(ctx.Err())
 			case err := <-shipErr:
-				return err
+				return answer(err)
 			case why := <-l.relink:
-				return errors.New(why)
+				return answer(errors.New(why))
 			case <-time.After(time.Millisecond):
 			}
 			if err := link.Err(); err != nil {
-				return err
+				return answer(err)
 			}
 		}
 		if waited {
@@ -491,23 +497,19 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 				if !l.cfg.Verify {
 					return nil
 				}
-				if scan {
-					full := guest.ScanMemory(l.cfg.Guest.Regions())
-					if memHash != nil {
-						// The running hash must first take this epoch's
-						// pages: the scan sees them already.
-						for _, p := range cp.Pages {
-							memHash.Update(p.Index, p.Data)
-						}
+				if memHash != nil {
+					for _, p := range cp.Pages {
+						memHash.Update(p.Index, p.Data)
 					}
+				}
+				if scan {
+					// The running hash has taken this epoch's pages; a
+					// full scan must agree with it.
+					full := guest.ScanMemory(l.cfg.Guest.Regions())
 					if memHash != nil && full.Sum() != memHash.Sum() {
 						l.mismatch(fmt.Sprintf("epoch pause %d: memory differs from the pages the dirty log reported (a write escaped dirty tracking)", j.gateEpoch))
 					}
 					memHash = full
-				} else {
-					for _, p := range cp.Pages {
-						memHash.Update(p.Index, p.Data)
-					}
 				}
 				j.digest = guest.CombineDigest(memHash.Sum(), cp.State).String()
 				return nil
@@ -515,9 +517,7 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		})
 		if err != nil {
 			free <- buf
-			if final != nil {
-				final.done <- err
-			}
+			answer(err)
 			if errors.Is(err, precopy.ErrFlushAborted) {
 				l.mu.Lock()
 				l.flushAborts++
@@ -544,23 +544,20 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 				// the epoch went out, so the guest runs on here (without
 				// this it stayed paused while the loop retried).
 				l.cfg.Guest.Resume()
-				final.done <- err
 			}
-			return err
+			return answer(err)
 		case <-ctx.Done():
-			if final != nil {
-				final.done <- ctx.Err()
-			}
-			return ctx.Err()
+			return answer(ctx.Err())
 		}
 		if final != nil {
 			// Wait until the secondary holds everything, output
 			// included, then stop capturing: the guest stays paused for
 			// the new primary to take over from this epoch.
 			err := l.waitAcked(ctx, link, shipErr, 10*time.Second)
-			final.done <- err
 			if err != nil {
 				l.cfg.Guest.Resume()
+			}
+			if answer(err) != nil {
 				continue
 			}
 			<-ctx.Done()
