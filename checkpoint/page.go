@@ -1,7 +1,6 @@
 package checkpoint
 
 import (
-	"bytes"
 	"encoding/binary"
 	"math/bits"
 
@@ -33,7 +32,7 @@ var zeroPage [guest.PageSize]byte
 // static zero page runs the runtime's vectorised memequal, which is several
 // times faster than a Go word loop; the zero page stays in L1 so the cost
 // is one streaming read of p.
-func isZeroPage(p []byte) bool { return bytes.Equal(p, zeroPage[:]) }
+func isZeroPage(p []byte) bool { return guest.IsZeroPage(p) }
 
 // maxDeltaLen is the largest XOR encoding we send instead of the page: past
 // half a page the delta rarely beats raw after compression and costs more

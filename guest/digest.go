@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -43,7 +44,7 @@ func NewMemHash() *MemHash { return &MemHash{pages: map[uint64]uint64{}} }
 
 // PageHash is one page's contribution; 0 for an all-zero page.
 func PageHash(index uint64, page []byte) uint64 {
-	if isZero(page) {
+	if IsZeroPage(page) {
 		return 0
 	}
 	h := xxhash.Sum64(page)
@@ -175,25 +176,18 @@ func CombineDigest(mem [16]byte, s MachineState) Digest {
 	return sha256.Sum256(append(mem[:], st[:]...))
 }
 
-// isZero reports whether p is all zero bytes, 64 bytes per step.
-func isZero(p []byte) bool {
-	for len(p) >= 64 {
-		w := binary.LittleEndian.Uint64(p) | binary.LittleEndian.Uint64(p[8:]) |
-			binary.LittleEndian.Uint64(p[16:]) | binary.LittleEndian.Uint64(p[24:]) |
-			binary.LittleEndian.Uint64(p[32:]) | binary.LittleEndian.Uint64(p[40:]) |
-			binary.LittleEndian.Uint64(p[48:]) | binary.LittleEndian.Uint64(p[56:])
-		if w != 0 {
-			return false
-		}
-		p = p[64:]
-	}
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
-}
+var zeroPage [PageSize]byte
 
-// IsZeroPage reports whether a page is all zeros.
-func IsZeroPage(p []byte) bool { return isZero(p) }
+// IsZeroPage reports whether p, a page or any shorter slice, is all zero
+// bytes. Comparing against a zero page lets the runtime's vectorised
+// memequal do the work: it scans at memory speed (checkpoint's
+// BenchmarkEncodeZeroPages), faster than a hand-written word loop.
+func IsZeroPage(p []byte) bool {
+	for len(p) > PageSize {
+		if !bytes.Equal(p[:PageSize], zeroPage[:]) {
+			return false
+		}
+		p = p[PageSize:]
+	}
+	return bytes.Equal(p, zeroPage[:len(p)])
+}

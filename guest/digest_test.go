@@ -41,3 +41,18 @@ func TestMemHashSeesMovedPage(t *testing.T) {
 		t.Fatal("zero memory differs from the empty digest")
 	}
 }
+
+func TestIsZeroPageAnyLength(t *testing.T) {
+	for _, n := range []int{0, 1, 63, PageSize, PageSize + 1, 3*PageSize + 5} {
+		p := make([]byte, n)
+		if !IsZeroPage(p) {
+			t.Fatalf("zero slice of %d bytes reported non-zero", n)
+		}
+		if n > 0 {
+			p[n-1] = 1
+			if IsZeroPage(p) {
+				t.Fatalf("slice of %d bytes with its last byte set reported zero", n)
+			}
+		}
+	}
+}
