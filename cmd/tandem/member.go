@@ -163,7 +163,13 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	n.api.mux.HandleFunc("POST /switchover", m.handleSwitchover)
 	n.cluster = m.clusterStatus
 	ctx, cancel := context.WithCancel(context.Background())
-	go m.serveData(ctx, dataLn)
+	// Primary connections reach whichever Secondary this node runs now;
+	// while it is primary (or undecided) there is none and they are shut.
+	go serveSecondary(ctx, dataLn, func() *replica.Secondary {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.sec
+	}, log)
 	go m.events(ctx)
 	go m.start(ctx, kind, gcfg, fresh)
 
@@ -280,30 +286,6 @@ func (m *member) becomeSecondary(why string) {
 	m.n.role, m.n.sec, m.n.state = "secondary", sec, "standby"
 	m.n.mu.Unlock()
 	m.log.Info("secondary", "why", why)
-}
-
-// serveData takes the primary's epoch stream while this node is secondary.
-func (m *member) serveData(ctx context.Context, ln net.Listener) {
-	for {
-		conn, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		m.mu.Lock()
-		sec := m.sec
-		m.mu.Unlock()
-		if sec == nil {
-			conn.Close() // primary (or not decided yet): nobody streams to us
-			continue
-		}
-		go func() {
-			defer conn.Close()
-			err := sec.Serve(ctx, conn)
-			if ctx.Err() == nil && !errors.Is(err, replica.ErrActivated) {
-				m.log.Warn("primary connection ended", "from", conn.RemoteAddr().String(), "err", err)
-			}
-		}()
-	}
 }
 
 func (m *member) events(ctx context.Context) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -190,7 +191,7 @@ func cmdSecondary(args []string) error {
 		return fmt.Errorf("listen on %s: %w", *data, err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	go serveSecondary(ctx, ln, sec, n)
+	go serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, log)
 	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {
 		epoch, err := activate(n, sec, ef)
 		if err != nil {
@@ -208,18 +209,25 @@ func cmdSecondary(args []string) error {
 	return err
 }
 
-// serveSecondary takes primary connections one after another.
-func serveSecondary(ctx context.Context, ln net.Listener, sec *replica.Secondary, n *guestNode) {
+// serveSecondary hands each primary connection to the current Secondary
+// (which serves one at a time, ending the one before); with none, the
+// connection is closed at once.
+func serveSecondary(ctx context.Context, ln net.Listener, current func() *replica.Secondary, log *slog.Logger) {
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
 		}
+		sec := current()
+		if sec == nil {
+			conn.Close()
+			continue
+		}
 		go func() {
 			defer conn.Close()
 			err := sec.Serve(ctx, conn)
 			if ctx.Err() == nil && !errors.Is(err, replica.ErrActivated) {
-				n.log.Warn("primary connection ended", "from", conn.RemoteAddr().String(), "err", err)
+				log.Warn("primary connection ended", "from", conn.RemoteAddr().String(), "err", err)
 			}
 		}()
 	}
