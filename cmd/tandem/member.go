@@ -110,7 +110,8 @@ type member struct {
 	log     *slog.Logger
 	dataDir string
 	recv    *replica.Receiver
-	gen     atomic.Uint64 // generation this node releases output under
+	gen     atomic.Uint64   // generation this node releases output under
+	ctx     context.Context // ends when the member stops
 
 	// mu guards the fields below.
 	mu         sync.Mutex
@@ -163,6 +164,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	n.api.mux.HandleFunc("POST /switchover", m.handleSwitchover)
 	n.cluster = m.clusterStatus
 	ctx, cancel := context.WithCancel(context.Background())
+	m.ctx = ctx
 	// Primary connections reach whichever Secondary this node runs now;
 	// while it is primary (or undecided) there is none and they are shut.
 	go serveSecondary(ctx, dataLn, func() *replica.Secondary {
@@ -233,9 +235,9 @@ func (m *member) start(ctx context.Context, kind string, cfg guest.Config, fresh
 	m.becomeSecondary("started as secondary")
 }
 
-// watchBoot drops the booted guest if the cluster turns out to have a
-// primary already (this node's first view of raft was behind): it then
-// serves as secondary instead.
+// watchBoot drops the booted (or fenced and kept) guest once the cluster
+// has another primary (this node's first view of raft was behind, or raft
+// moved on without it): it then serves as secondary instead.
 func (m *member) watchBoot(ctx context.Context) {
 	for {
 		select {
@@ -451,10 +453,15 @@ func (m *member) fence(reason string) {
 	if loop == nil {
 		return
 	}
+	// Nobody else can take over an unprotected cluster (the secondary's
+	// image would lack output already released), so its primary keeps
+	// the guest, paused, to resume if raft gives it the role back; it is
+	// dropped only once another node is primary.
+	keep := !m.node.State().Protected
 	loop.Gate().Discard()
 	cancel()
 	m.n.mu.Lock()
-	g := m.n.g
+	g, cfg := m.n.g, m.n.cfg
 	m.n.g, m.n.epochs, m.n.state = nil, nil, "fenced"
 	m.n.mu.Unlock()
 	m.n.console.dropAll()
@@ -465,6 +472,16 @@ func (m *member) fence(reason string) {
 		ctx, c := context.WithTimeout(context.Background(), time.Second)
 		g.Pause(ctx)
 		c()
+		if keep {
+			m.mu.Lock()
+			m.boot, m.bootCfg = g, cfg
+			epoch := m.lastEpoch
+			m.mu.Unlock()
+			m.node.SetRunnable(true, epoch)
+			m.log.Warn("FENCED: guest paused and kept, no output released from here; the cluster is unprotected, so only this node can resume it", "reason", reason)
+			go m.watchBoot(m.ctx)
+			return
+		}
 		g.Close()
 	}
 	m.node.SetRunnable(false, 0)
