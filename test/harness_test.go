@@ -106,17 +106,37 @@ func forEachKind(t *testing.T, f func(t *testing.T, kind string)) {
 	}
 }
 
-// freeAddr returns a loopback address nobody listened on a moment ago.
-// A race with another process is possible but rare; start retries.
+// handedOut remembers every address freeAddr gave this test binary: the
+// kernel may hand a just-closed port out again, and two addresses of one
+// trio must never be the same (a secondary once got its raft port as its
+// API port).
+var (
+	handedOutMu sync.Mutex
+	handedOut   = map[string]bool{}
+)
+
+// freeAddr returns a loopback address nobody listened on a moment ago and
+// that no earlier call returned. A race with another process is possible
+// but rare; start retries.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("free port: %v", err)
+	for range 100 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("free port: %v", err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		handedOutMu.Lock()
+		fresh := !handedOut[addr]
+		handedOut[addr] = true
+		handedOutMu.Unlock()
+		if fresh {
+			return addr
+		}
 	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	t.Fatal("free port: 100 tries gave only addresses already handed out")
+	return ""
 }
 
 // node is one tandem process started by a test.
