@@ -125,13 +125,18 @@ func freeLoopback() (string, error) {
 func newTrio(bin, dir, kind, memory string) (*trio, error) {
 	t := &trio{bin: bin, dir: dir, kind: kind, memory: memory}
 	var peers []string
+	used := map[string]bool{} // the kernel may hand a closed port out again
 	for _, spec := range [][2]string{{"a", "primary"}, {"b", "secondary"}, {"w", "witness"}} {
 		n := &trioNode{id: spec[0], role: spec[1], dataDir: filepath.Join(dir, spec[0]), logDir: dir}
 		for _, p := range []*string{&n.raft, &n.data, &n.api, &n.console} {
-			a, err := freeLoopback()
-			if err != nil {
-				return nil, fmt.Errorf("free port: %w", err)
+			var a string
+			for tries := 0; a == "" || used[a]; tries++ {
+				var err error
+				if a, err = freeLoopback(); err != nil || tries == 100 {
+					return nil, fmt.Errorf("free port: %v", err)
+				}
 			}
+			used[a] = true
 			*p = a
 		}
 		if n.role == "witness" {
