@@ -390,9 +390,17 @@ type job struct {
 // goroutine (pipelined), with bounded buffers: see the package doc.
 func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *precopy.LiveSender) error {
 	ship := make(chan job, 1)
+	// Each slot owns its buffer: a capture copies its pages into the slot
+	// it took, and the slot comes back only once the shipper is done with
+	// those pages. The seeds are empty but not nil: a nil Buffer makes
+	// Capture use the Core's one shared buffer, so every slot would alias
+	// it and a capture taken while the shipper still encodes the previous
+	// epoch would overwrite that epoch's pages under it (the secondary
+	// then committed other pages' contents: a silent divergence, or a
+	// checksum error and a reconnect when the overwrite raced the encoder).
 	free := make(chan []byte, 3)
 	for i := 0; i < cap(free); i++ {
-		free <- nil
+		free <- make([]byte, 0)
 	}
 	shipErr := make(chan error, 1)
 	var shipWG sync.WaitGroup
@@ -625,11 +633,18 @@ func (l *EpochLoop) inFlight() int {
 	return len(l.gateEpochOf)
 }
 
+// testHookShip, if set (tests only), runs in the shipper before it encodes
+// each captured epoch, so a test can make shipping slower than capturing.
+var testHookShip func(gateEpoch uint64)
+
 // shipper encodes and sends captured epochs in order.
 func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *precopy.LiveSender, ship <-chan job, free chan<- []byte) error {
 	w := link.Writer()
 	for j := range ship {
 		cp := j.cp
+		if testHookShip != nil {
+			testHookShip(j.gateEpoch)
+		}
 		t0 := time.Now()
 		wire0 := link.BytesSent()
 		err := w.WritePages(cp.Pages)

@@ -117,9 +117,12 @@ type CaptureOptions struct {
 	// hold still, and a migration's final pause skips a copy of every
 	// remaining page. They are valid until the guest resumes.
 	InPlace bool
-	// Buffer, if set, receives the page copies (grown when too small), so
-	// a pipeline can keep several captures alive at once; otherwise the
-	// Core's own buffer is reused and the previous Capture's pages die.
+	// Buffer, if non-nil, receives the page copies (grown when too small,
+	// so an empty non-nil slice works), and a pipeline that gives each
+	// capture in flight its own Buffer can keep several alive at once. A
+	// nil Buffer means the Core's own buffer: every such Capture reuses
+	// it, and the previous Capture's pages die. Never seed a pipeline with
+	// nil buffers: they would all alias the Core's.
 	Buffer []byte
 }
 
