@@ -6,7 +6,7 @@ BIN       := bin/tandem
 GUEST_IMG := guest/kvm/microguest/microguest.bin
 PKGS      := ./...
 
-.PHONY: build test bench demo drill vet guest-image fuzz clean
+.PHONY: build test bench demo drill soak vet guest-image fuzz clean
 
 build: guest-image
 	$(GO) build -o $(BIN) ./cmd/tandem
@@ -39,6 +39,12 @@ demo: build
 # or contradicted write.
 drill: build
 	./$(BIN) drill --runs 100
+
+# Replica-verification soak, about an hour: SOAK_RUNS verified pair starts per guest and workload, then SOAK_RUNS trio drills.
+SOAK_RUNS ?= 100
+soak: build
+	TANDEM_BIN=$(CURDIR)/$(BIN) TANDEM_SOAK=$(SOAK_RUNS) $(GO) test -timeout 3h -run TestSoakPairVerify -v -count=1 ./test/
+	./$(BIN) drill --runs $(SOAK_RUNS)
 
 clean:
 	rm -rf bin .out
