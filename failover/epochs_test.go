@@ -183,10 +183,10 @@ func TestEpochsJoinWhileShippingIsSlow(t *testing.T) {
 			}
 			defer func() { testHookShip = nil }()
 			cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{
-				Kind: guest.WorkloadDirty, Touch: 32 << 20, DirtyRate: 20000, Pattern: guest.PatternRandom, Seed: 7}}
+				Kind: guest.WorkloadDirty, Touch: 16 << 20, DirtyRate: 4000, Pattern: guest.PatternRandom, Seed: 7}}
 			p := startTestPair(t, kind, cfg, EpochConfig{Verify: true})
 			defer p.stop()
-			waitFor(t, 20*time.Second, "40 verified epochs", func() bool { return p.loop.Status().VerifiedEpochs >= 40 })
+			waitFor(t, 30*time.Second, "40 verified epochs", func() bool { return p.loop.Status().VerifiedEpochs >= 40 })
 			st := p.loop.Status()
 			if st.DigestMismatches != 0 {
 				t.Errorf("%d digest mismatches in %d verified epochs; last: %s", st.DigestMismatches, st.VerifiedEpochs, st.LastMismatch)
@@ -195,6 +195,28 @@ func TestEpochsJoinWhileShippingIsSlow(t *testing.T) {
 				t.Errorf("joins %d, want 1 (a stream torn under the encoder fails its checksum and reconnects)", st.Joins)
 			}
 			checkReplicaMatches(t, p)
+		})
+	}
+}
+
+// TestSecondaryCloseWhileStreaming stops a secondary while its primary
+// streams epochs into it (a secondary stopped with SIGTERM died of SIGSEGV:
+// its guest was unmapped under a commit in progress). Close must wait for
+// the stream to let go; the primary carries on unprotected.
+func TestSecondaryCloseWhileStreaming(t *testing.T) {
+	for _, kind := range pairKinds(t) {
+		t.Run(kind, func(t *testing.T) {
+			cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{
+				Kind: guest.WorkloadDirty, Touch: 16 << 20, DirtyRate: 4000, Pattern: guest.PatternSeq}}
+			p := startTestPair(t, kind, cfg, EpochConfig{Verify: true})
+			defer p.stop()
+			waitFor(t, 20*time.Second, "protection", func() bool { return p.loop.Status().AckedEpochs >= 10 })
+			p.ln.Close() // no reconnect into a closed secondary
+			p.sec.Close()
+			if st := p.sec.Status(false); st.Primary != "" {
+				t.Errorf("secondary still serves %s after Close", st.Primary)
+			}
+			waitFor(t, 10*time.Second, "the primary to notice", func() bool { return !p.loop.Status().Protected })
 		})
 	}
 }

@@ -221,6 +221,19 @@ func (im *Image) Digest() guest.Digest {
 	return guest.CombineDigest(im.hash.Sum(), im.state)
 }
 
+// Close releases the image's guest unless Activate handed it over; later
+// commits fail with ErrHandedOver. It waits for a commit in progress.
+func (im *Image) Close() {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.handedOver {
+		return
+	}
+	im.handedOver = true
+	im.discardLocked()
+	im.g.Close()
+}
+
 // ErrInconsistent is returned by Activate when the image is not a
 // consistent guest (no epoch with state committed since the last live
 // sync).

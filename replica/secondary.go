@@ -162,7 +162,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			s.mu.Unlock()
 			adopted = true
 			if old != nil && old != im {
-				old.Guest().Close()
+				old.Close()
 			}
 			if store != nil {
 				if err := store.Begin(im, hello); err != nil {
@@ -304,17 +304,32 @@ func (s *Secondary) Status(digest bool) SecondaryStatus {
 	return st
 }
 
-// Close releases the held guests (not an activated one).
+// Close ends the primary connection being served, waits (bounded) until
+// its Serve has returned, and releases the held guest (not an activated
+// one). A Serve still running reads and writes the committed guest's
+// memory (delta bases, commits), so the guest is closed only once it has
+// let go: closing it under a commit unmapped the memory being written
+// (a secondary stopped with SIGTERM while its primary streamed died of
+// SIGSEGV). If Serve does not return in time the guest is left open and
+// the call says so in the log.
 func (s *Secondary) Close() {
 	s.mu.Lock()
-	cur, syncing, activated, conn := s.current, s.syncing, s.activated, s.conn
+	cur, activated, conn, served := s.current, s.activated, s.conn, s.served
 	s.current, s.syncing = nil, nil
 	s.mu.Unlock()
 	if conn != nil {
 		conn.Close()
+		if served != nil {
+			select {
+			case <-served:
+			case <-time.After(s.R.timeout()):
+				s.R.log().Error("secondary: the primary connection did not end after close; its image is left open", "timeout", s.R.timeout())
+				return
+			}
+		}
 	}
 	if cur != nil && !activated {
-		cur.Guest().Close()
+		cur.Close()
 	}
-	_ = syncing // closed by its Serve
+	// A syncing image belongs to its Serve, which closes it.
 }
