@@ -50,9 +50,15 @@ type View struct {
 	// State is the FSM state as applied on this node.
 	State FSMState
 	// Runnable: this node holds a guest image of this cluster it could run,
-	// as of RunnableEpoch (the driver reports both).
+	// as of RunnableEpoch, built by the primary of generation RunnableGen
+	// (for the node's own guest, the generation it ran under; 0 for a
+	// fresh cluster's booted guest). RunnableLive: the image is the node's
+	// own guest, kept in memory, not a replica. The driver reports them
+	// (Node.SetImage); the Node raises RunnableGen past its own claims.
 	Runnable      bool
 	RunnableEpoch uint64
+	RunnableGen   uint64
+	RunnableLive  bool
 	// Active is the generation this node has activated; zero if none.
 	Active Activation
 	// Claimed is the generation this node's own promotion created, in term
@@ -181,23 +187,67 @@ func fenceReason(v View, now time.Time) string {
 // Eligible reports whether this node may claim the primary role when it is
 // the raft leader: it must be able to run the guest, and its image must
 // include everything the cluster may already have released.
-func Eligible(v View) bool {
-	if v.Self.Role == RoleWitness || !v.Runnable {
-		return false
-	}
+func Eligible(v View) bool { return IneligibleReason(v) == "" }
+
+// IneligibleReason says why this node may not claim the primary role, or
+// "" if it may. The rule: a node resumes only from an image at or after
+// what raft committed, never from its own disk's idea of it. The image
+// must belong to the committed generation (an image of an older
+// generation lacks whatever that generation's primary released; of a
+// newer one, this node's view of raft is behind) and hold the committed
+// epoch. Then the generation's own primary may resume it (its kept guest,
+// or the image it claimed the generation with: nothing was released
+// since), and another node only while the cluster is protected (every
+// released byte came from an epoch the secondary acknowledged); an
+// unprotected cluster can only be resumed by its primary.
+func IneligibleReason(v View) string {
 	s := v.State
 	switch {
+	case v.Self.Role == RoleWitness:
+		return "a witness never runs the guest"
+	case !v.Runnable:
+		return "it holds no image of the guest"
 	case s.Generation == 0:
 		// First start: only the node configured as primary boots a guest.
-		return v.Self.Role == RolePrimary
+		if v.Self.Role != RolePrimary {
+			return "the cluster has never run the guest: only the configured primary boots it"
+		}
+		return ""
+	case v.RunnableGen != s.Generation:
+		return fmt.Sprintf("its %s is of generation %d (epoch %d), the cluster is at generation %d (committed epoch %d)",
+			imageKind(v), v.RunnableGen, v.RunnableEpoch, s.Generation, s.Epoch)
+	case v.RunnableEpoch < s.Epoch:
+		return fmt.Sprintf("its %s is at epoch %d, behind the committed epoch %d (generation %d)",
+			imageKind(v), v.RunnableEpoch, s.Epoch, s.Generation)
 	case s.Primary == v.Self.ID:
-		return true
-	default:
-		// Protected means every released byte came from an epoch the
-		// secondary acknowledged, so an image at or past the last reported
-		// epoch holds all of it. Unprotected, only the old primary has it.
-		return s.Protected && v.RunnableEpoch >= s.Epoch
+		return ""
+	case !s.Protected:
+		return fmt.Sprintf("the cluster is unprotected at generation %d: only its primary %s holds every released output", s.Generation, s.Primary)
 	}
+	return ""
+}
+
+func imageKind(v View) string {
+	if v.RunnableLive {
+		return "own guest"
+	}
+	return "replica image"
+}
+
+// Needed names the node and image the cluster in state s needs to resume
+// the guest (for a status that says why nobody serves).
+func Needed(s FSMState) string {
+	switch {
+	case s.Generation == 0:
+		return "the configured primary, with its booted guest"
+	case !s.Protected:
+		return fmt.Sprintf("primary %s with its own guest of generation %d (unprotected: only it holds every released output)", s.Primary, s.Generation)
+	}
+	need := fmt.Sprintf("primary %s with its own guest of generation %d", s.Primary, s.Generation)
+	if sec, ok := s.Secondary(); ok {
+		need += fmt.Sprintf(", or secondary %s with its image of generation %d at epoch >= %d", sec.ID, s.Generation, s.Epoch)
+	}
+	return need
 }
 
 // transferCandidates lists, best first, the nodes a leader that will not run
@@ -269,7 +319,12 @@ func Decide(v View, now time.Time) []Action {
 	if !v.Leader || v.Transferring {
 		return acts
 	}
-	if !active && !Eligible(v) {
+	// Our own claim, committed in this term: activate with the image it
+	// was made with (the claim raised the generation past the image's).
+	// While a claim is pending, wait for it.
+	claimed := v.Claimed != 0 && v.ClaimedTerm == v.Term
+	ownClaim := claimed && v.State.Primary == v.Self.ID && v.State.Generation == v.Claimed && v.Runnable
+	if !active && !ownClaim && !v.Pending.Claim && !Eligible(v) {
 		if c := transferCandidates(v); len(c) > 0 && !v.Pending.Transfer && now.Sub(v.LastTransfer) >= v.RetryInterval {
 			acts = append(acts, Action{Kind: ActTransfer, Target: c[v.TransferAttempts%len(c)], Reason: "leader cannot run the guest"})
 		}
@@ -289,11 +344,10 @@ func Decide(v View, now time.Time) []Action {
 		}
 		return acts
 	}
-	claimed := v.Claimed != 0 && v.ClaimedTerm == v.Term
 	switch {
-	case claimed && v.State.Primary == v.Self.ID && v.State.Generation == v.Claimed:
+	case ownClaim:
 		acts = append(acts, Action{Kind: ActActivate, Generation: v.Claimed, Epoch: v.State.Epoch})
-	case !claimed && !v.Pending.Claim:
+	case !claimed && !v.Pending.Claim && Eligible(v):
 		acts = append(acts, Action{Kind: ActClaim, Generation: v.State.Generation + 1})
 	}
 	return acts

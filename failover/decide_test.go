@@ -34,7 +34,7 @@ func TestDecideTable(t *testing.T) {
 	fresh := FSMState{Members: members()}
 	activeP := func(mut func(*View)) View {
 		v := View{Self: infoP, Leader: true, Term: 7, LeaseDeadline: t0.Add(50 * time.Millisecond),
-			State: protected, Runnable: true, Active: Activation{Generation: 4, Term: 7},
+			State: protected, Runnable: true, RunnableGen: 4, RunnableEpoch: 100, RunnableLive: true, Active: Activation{Generation: 4, Term: 7},
 			Claimed: 4, ClaimedTerm: 7, PeerHeartbeat: t0, AnnouncedPeer: infoS, Tuning: tuning}
 		if mut != nil {
 			mut(&v)
@@ -80,16 +80,16 @@ func TestDecideTable(t *testing.T) {
 		{"transfer retry is rate limited", View{Self: infoW, Leader: true, Term: 9, State: protected, LastTransfer: t0.Add(-50 * time.Millisecond), AnnouncedPeer: infoS, Tuning: tuning}, ""},
 		{"witness with unprotected trio hands to the primary only", View{Self: infoW, Leader: true, Term: 9, State: unprotected, AnnouncedPeer: infoS, Tuning: tuning},
 			"transfer to=p (leader cannot run the guest)"},
-		{"protected secondary with the epoch claims", View{Self: infoS, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: protected, Runnable: true, RunnableEpoch: 100, AnnouncedPeer: infoS, Tuning: tuning},
+		{"protected secondary with the epoch claims", View{Self: infoS, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: protected, Runnable: true, RunnableEpoch: 100, RunnableGen: 4, AnnouncedPeer: infoS, Tuning: tuning},
 			"claim gen=5"},
-		{"secondary behind the reported epoch does not claim", View{Self: infoS, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: protected, Runnable: true, RunnableEpoch: 99, AnnouncedPeer: infoS, Tuning: tuning},
+		{"secondary behind the reported epoch does not claim", View{Self: infoS, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: protected, Runnable: true, RunnableEpoch: 99, RunnableGen: 4, AnnouncedPeer: infoS, Tuning: tuning},
 			"transfer to=p (leader cannot run the guest)"},
-		{"unprotected secondary does not claim", View{Self: infoS, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: unprotected, Runnable: true, RunnableEpoch: 100, AnnouncedPeer: infoS, Tuning: tuning},
+		{"unprotected secondary does not claim", View{Self: infoS, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: unprotected, Runnable: true, RunnableEpoch: 100, RunnableGen: 4, AnnouncedPeer: infoS, Tuning: tuning},
 			"transfer to=p (leader cannot run the guest)"},
 		{"primary without its guest does not claim", View{Self: infoP, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: unprotected, AnnouncedPeer: infoS, Tuning: tuning}, ""},
 		{"claimed in this term: activate", View{Self: infoS, Leader: true, Term: 8, LeaseDeadline: t0.Add(time.Millisecond), State: FSMState{Generation: 5, Primary: "s", Epoch: 100, Members: members()}, Runnable: true, RunnableEpoch: 100, Claimed: 5, ClaimedTerm: 8, AnnouncedPeer: infoP, Tuning: tuning},
 			"activate gen=5 epoch=100"},
-		{"claim from an older term does not activate", View{Self: infoP, Leader: true, Term: 9, LeaseDeadline: t0.Add(time.Millisecond), State: protected, Runnable: true, Claimed: 4, ClaimedTerm: 7, AnnouncedPeer: infoS, Tuning: tuning},
+		{"claim from an older term does not activate", View{Self: infoP, Leader: true, Term: 9, LeaseDeadline: t0.Add(time.Millisecond), State: protected, Runnable: true, RunnableGen: 4, RunnableEpoch: 100, RunnableLive: true, Claimed: 4, ClaimedTerm: 7, AnnouncedPeer: infoS, Tuning: tuning},
 			"claim gen=5"},
 		{"unreachable secondary is skipped", View{Self: infoW, Leader: true, Term: 9, State: protected, Unreachable: map[string]bool{"s": true}, AnnouncedPeer: infoS, Tuning: tuning},
 			"transfer to=p (leader cannot run the guest)"},
@@ -101,6 +101,42 @@ func TestDecideTable(t *testing.T) {
 		{"unregistered voter is not a target when unprotected", View{Self: infoS, Leader: true, Term: 9, State: FSMState{Generation: 3, Primary: "p", Members: []NodeInfo{infoP, infoS}},
 			Voters: []NodeInfo{{ID: "x", RaftAddr: "10.0.0.9:7000"}}, AnnouncedPeer: infoS, Runnable: true, Tuning: tuning},
 			"transfer to=p (leader cannot run the guest)"},
+
+		// The double failure (issue 19): the witness and the secondary went
+		// away; the primary p fenced. Raft committed generation 7, epoch
+		// 27353; what p may resume from decides whether it claims.
+		{"primary with a stale stored image does not claim", leaderAfterDouble(infoP, func(v *View) { v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 2, 833, false }),
+			"transfer to=s (leader cannot run the guest)"},
+		{"primary with its kept guest claims", leaderAfterDouble(infoP, nil), "claim gen=8"},
+		{"primary with its kept guest, cluster unprotected, claims", leaderAfterDouble(infoP, func(v *View) { v.State.Protected = false }), "claim gen=8"},
+		{"primary without an image waits for the secondary", leaderAfterDouble(infoP, func(v *View) { v.Runnable = false }),
+			"transfer to=s (leader cannot run the guest)"},
+		{"secondary with an image of an older generation does not claim", leaderAfterDouble(infoS, func(v *View) { v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 6, 27400, false }),
+			"transfer to=p (leader cannot run the guest)"},
+		{"secondary with the committed generation's image claims", leaderAfterDouble(infoS, func(v *View) { v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 7, 27353, false }),
+			"claim gen=8"},
+		{"secondary of an unprotected cluster waits for the primary", leaderAfterDouble(infoS, func(v *View) {
+			v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 7, 27353, false
+			v.State.Protected = false
+		}), "transfer to=p (leader cannot run the guest)"},
+		{"an image of a newer generation than raft shows does not claim", leaderAfterDouble(infoS, func(v *View) { v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 8, 27400, false }),
+			"transfer to=p (leader cannot run the guest)"},
+		{"a claimant that lost leadership before activating claims again", leaderAfterDouble(infoS, func(v *View) {
+			// s claimed generation 7 with its replica of generation 6; the
+			// Node raised the image's generation to its claim.
+			v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 7, 27353, false
+			v.State.Primary, v.State.Protected = "s", false
+		}), "claim gen=8"},
+		{"own claim committed: activate although the image is of the generation before", leaderAfterDouble(infoS, func(v *View) {
+			v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 6, 27353, false
+			v.State.Primary, v.State.Protected = "s", false
+			v.Claimed, v.ClaimedTerm = 7, 12
+		}), "activate gen=7 epoch=27353"},
+		{"claim pending: no hand-over while raft applies it", leaderAfterDouble(infoS, func(v *View) {
+			v.RunnableGen, v.RunnableEpoch, v.RunnableLive = 6, 27353, false
+			v.State.Primary, v.State.Protected = "s", false
+			v.Pending.Claim = true
+		}), ""},
 		{"unregistered node registers", View{Self: infoS, Term: 1, State: FSMState{}, Tuning: tuning}, "register to=s"},
 		{"registration rate limited", View{Self: infoS, Term: 1, State: FSMState{}, LastRegister: t0.Add(-10 * time.Millisecond), Tuning: tuning}, ""},
 	}
@@ -195,7 +231,7 @@ func runScenario(t *testing.T, v View, steps []scenarioStep) {
 
 func TestScenarioSecondaryTakesOver(t *testing.T) {
 	st := FSMState{ClusterID: "c", Generation: 3, Primary: "p", Protected: true, Epoch: 40, Members: members()}
-	v := View{Self: infoS, Term: 5, State: st, Runnable: true, RunnableEpoch: 41, AnnouncedPeer: infoS, Tuning: tuning}
+	v := View{Self: infoS, Term: 5, State: st, Runnable: true, RunnableEpoch: 41, RunnableGen: 3, AnnouncedPeer: infoS, Tuning: tuning}
 	runScenario(t, v, []scenarioStep{
 		{at: 0, want: ""},
 		// The primary died; the secondary won the election in term 6 but
@@ -241,27 +277,83 @@ func TestScenarioWitnessNeverRuns(t *testing.T) {
 	}
 }
 
+// leaderAfterDouble is self as raft leader with a fresh lease after the
+// double failure: generation 7 (primary p, protected), committed epoch
+// 27353, holding its own guest of generation 7 at epoch 27360 unless mut
+// says otherwise.
+func leaderAfterDouble(self NodeInfo, mut func(*View)) View {
+	v := View{Self: self, Leader: true, Term: 12, LeaseDeadline: t0.Add(time.Millisecond),
+		State:    FSMState{Generation: 7, Primary: "p", Protected: true, Epoch: 27353, Members: members()},
+		Runnable: true, RunnableGen: 7, RunnableEpoch: 27360, RunnableLive: true, Tuning: tuning}
+	if mut != nil {
+		mut(&v)
+	}
+	v.AnnouncedPeer, _ = v.State.Secondary() // already announced
+	return v
+}
+
 func TestEligible(t *testing.T) {
 	prot := FSMState{Generation: 2, Primary: "p", Protected: true, Epoch: 10, Members: members()}
+	unprot := FSMState{Generation: 2, Primary: "p", Epoch: 10, Members: members()}
 	for _, c := range []struct {
+		name     string
 		self     NodeInfo
 		st       FSMState
 		runnable bool
+		gen      uint64
 		epoch    uint64
+		live     bool
 		want     bool
 	}{
-		{infoP, FSMState{}, true, 0, true},
-		{infoS, FSMState{}, true, 0, false},
-		{infoW, prot, true, 99, false},
-		{infoP, prot, true, 0, true},
-		{infoP, prot, false, 0, false},
-		{infoS, prot, true, 10, true},
-		{infoS, prot, true, 9, false},
-		{infoS, FSMState{Generation: 2, Primary: "p", Epoch: 10}, true, 10, false},
+		{"fresh cluster: the primary's booted guest", infoP, FSMState{}, true, 0, 0, true, true},
+		{"fresh cluster: not the secondary", infoS, FSMState{}, true, 0, 0, false, false},
+		{"never a witness", infoW, prot, true, 2, 99, false, false},
+		{"primary's kept guest", infoP, prot, true, 2, 10, true, true},
+		{"primary's kept guest, unprotected", infoP, unprot, true, 2, 12, true, true},
+		{"primary's kept guest behind the committed epoch", infoP, prot, true, 2, 9, true, false},
+		{"primary without an image", infoP, prot, false, 0, 0, false, false},
+		{"primary with a stale stored image", infoP, prot, true, 1, 833, false, false},
+		{"primary with a stored image of a generation-0 stream", infoP, prot, true, 0, 0, false, false},
+		{"secondary's image of the generation at the epoch", infoS, prot, true, 2, 10, false, true},
+		{"secondary's image behind the epoch", infoS, prot, true, 2, 9, false, false},
+		{"secondary's image of an older generation", infoS, prot, true, 1, 50, false, false},
+		{"secondary's image of a newer generation", infoS, prot, true, 3, 50, false, false},
+		{"secondary of an unprotected cluster", infoS, unprot, true, 2, 10, false, false},
 	} {
-		v := View{Self: c.self, State: c.st, Runnable: c.runnable, RunnableEpoch: c.epoch}
+		v := View{Self: c.self, State: c.st, Runnable: c.runnable, RunnableGen: c.gen, RunnableEpoch: c.epoch, RunnableLive: c.live}
 		if got := Eligible(v); got != c.want {
-			t.Errorf("Eligible(%s, gen %d protected %v, runnable %v epoch %d) = %v", c.self.ID, c.st.Generation, c.st.Protected, c.runnable, c.epoch, got)
+			t.Errorf("%s: Eligible(%s, gen %d protected %v, image gen %d epoch %d live %v) = %v (%s)",
+				c.name, c.self.ID, c.st.Generation, c.st.Protected, c.gen, c.epoch, c.live, got, IneligibleReason(v))
 		}
+	}
+}
+
+func TestIneligibleReason(t *testing.T) {
+	st := FSMState{Generation: 7, Primary: "p", Protected: true, Epoch: 27353, Members: members()}
+	for _, c := range []struct {
+		name string
+		v    View
+		want string
+	}{
+		{"eligible", View{Self: infoP, State: st, Runnable: true, RunnableGen: 7, RunnableEpoch: 27360, RunnableLive: true}, ""},
+		{"stale stored image", View{Self: infoP, State: st, Runnable: true, RunnableGen: 2, RunnableEpoch: 833},
+			"its replica image is of generation 2 (epoch 833), the cluster is at generation 7 (committed epoch 27353)"},
+		{"behind", View{Self: infoS, State: st, Runnable: true, RunnableGen: 7, RunnableEpoch: 27000},
+			"its replica image is at epoch 27000, behind the committed epoch 27353 (generation 7)"},
+		{"no image", View{Self: infoP, State: st}, "it holds no image of the guest"},
+		{"unprotected", View{Self: infoS, State: FSMState{Generation: 7, Primary: "p", Epoch: 27353}, Runnable: true, RunnableGen: 7, RunnableEpoch: 27353},
+			"the cluster is unprotected at generation 7: only its primary p holds every released output"},
+		{"witness", View{Self: infoW, State: st}, "a witness never runs the guest"},
+	} {
+		if got := IneligibleReason(c.v); got != c.want {
+			t.Errorf("%s:\n got  %q\n want %q", c.name, got, c.want)
+		}
+	}
+	if got, want := Needed(st), "primary p with its own guest of generation 7, or secondary s with its image of generation 7 at epoch >= 27353"; got != want {
+		t.Errorf("Needed(protected):\n got  %q\n want %q", got, want)
+	}
+	st.Protected = false
+	if got, want := Needed(st), "primary p with its own guest of generation 7 (unprotected: only it holds every released output)"; got != want {
+		t.Errorf("Needed(unprotected):\n got  %q\n want %q", got, want)
 	}
 }

@@ -37,6 +37,8 @@
 //	    RetryInterval, target rotating over the candidates)
 //	leader, Eligible, lease valid ──▶ Claim: apply promote(gen+1)
 //	claimed in this term, FSM says primary=self, gen=claimed ──▶ Activate(gen)
+//	    (with the image the claim was made with; no transfer while a claim
+//	    is pending)
 //	    (event BecamePrimary: run the guest, release under gen)
 //	active ──(not leader | new term | lease expired | switchover |
 //	    FSM primary/gen changed)──▶ Fence (event Fenced: stop releasing,
@@ -44,12 +46,31 @@
 //	active, protected, no data heartbeat for DataTimeout ──▶ MarkUnprotected
 //	active, newer epoch reported, EpochInterval passed ──▶ ApplyEpoch
 //
-// Eligible: not a witness, holding a runnable image (reported by the
-// driver), and: at generation 0 only the node configured as primary; the
-// current primary always; anyone else only while protected and with an
-// image at or past the last reported epoch. An unprotected trio can only be
-// resumed by its primary: the secondary's image would lack output already
-// released.
+// Eligible: a node resumes only from an image at or after what raft
+// committed, never from its own disk's idea of it. The driver reports its
+// image (SetImage): the generation of the primary whose guest it is (its
+// own guest: the generation it ran under; a replica: its stream's
+// handshake generation, kept in a stored image too), its last epoch, and
+// whether it is the node's own live guest. Eligible then means: not a
+// witness, holding an image, and: at generation 0 only the node configured
+// as primary (its booted guest); otherwise the image must be of the FSM's
+// generation and at or past its epoch, and then the generation's primary
+// may resume it (its guest kept paused since a fence, or the image its own
+// claim of the generation was made with: nothing is released under a
+// generation before its activation, so a claimant that lost leadership
+// before activating stays eligible), and another node only while
+// protected. An image of an older generation (a stale stored image, a
+// replica of an earlier primary) may lack released output, so a node
+// holding only that waits. An unprotected trio can only be resumed by its
+// primary: the secondary's image would lack output already released.
+// IneligibleReason says which rule failed; Node.Waiting turns it, with
+// Needed (the node and image the cluster needs), into the status's
+// reason for nobody serving.
+//
+// A fenced primary keeps its guest paused (the driver's part) until
+// another node is primary in a newer generation: after a double failure
+// (witness and secondary gone, the primary's lease lost) it holds the only
+// complete copy, and resumes it when raft makes it primary again.
 //
 // The witness is a voter and may win an election (raft has no
 // non-candidate voters). It then transfers leadership at once, to a

@@ -119,8 +119,14 @@ type Node struct {
 	announced      NodeInfo
 	unreachable    map[string]bool
 	voters         []NodeInfo // from Config.Peers, sorted; never changes
-	runnable       bool
-	runnableEpoch  uint64
+	image          *Image     // what the driver can resume; nil: nothing
+	// claimFrom/claimTo: this node's claims raised the generation of the
+	// image it claimed with from claimFrom to claimTo (nothing was
+	// released under the claimed generations before an activation).
+	claimFrom, claimTo uint64
+	waiting            string    // why nobody serves, as this node sees it
+	waitingSince       time.Time // when waiting last changed
+	waitingLogged      string    // the reason last logged
 
 	observed  chan raft.Observation
 	wake      chan struct{}
@@ -460,17 +466,77 @@ func (n *Node) DataHeartbeat() {
 	n.mu.Unlock()
 }
 
-// SetRunnable tells the node whether it holds a guest image of this cluster
-// it could run, and that image's last committed epoch. A node starts not
-// runnable: a primary-role node calls SetRunnable(true, 0) once it has
-// booted the guest (and only on a new cluster, State().Generation == 0); a
-// secondary reports every committed epoch; a node that lost its guest
-// reports false. Only a runnable node claims the primary role.
-func (n *Node) SetRunnable(ok bool, epoch uint64) {
+// Image is the guest image a node could resume, as its driver reports it.
+type Image struct {
+	// Generation is the generation of the primary whose guest this is:
+	// for the node's own guest (booted, or run and kept paused after a
+	// fence), the generation it ran under (0: a fresh cluster's booted
+	// guest); for a replica, the generation in the handshake of the stream
+	// that built it (replica.Hello.Generation, also in a stored image).
+	Generation uint64
+	// Epoch is the image's last committed epoch (for the node's own guest,
+	// its last shipped or captured epoch).
+	Epoch uint64
+	// Live: the node's own guest, kept in memory, not a replica.
+	Live bool
+}
+
+func (img Image) String() string {
+	kind := "replica image"
+	if img.Live {
+		kind = "own guest"
+	}
+	return fmt.Sprintf("%s of generation %d at epoch %d", kind, img.Generation, img.Epoch)
+}
+
+// SetImage tells the node it holds a guest image of this cluster it could
+// run. A node starts without one: a primary-role node reports its booted
+// guest (Live, generation 0) on a new cluster; a secondary reports every
+// committed epoch with its stream's generation; a fenced primary that
+// keeps its guest paused reports it (Live, the generation it ran under,
+// its last shipped epoch). Only a node whose image holds what raft
+// committed claims the primary role (see IneligibleReason). Activation
+// makes the image the node's own guest of the activated generation.
+func (n *Node) SetImage(img Image) {
 	n.mu.Lock()
-	n.runnable, n.runnableEpoch = ok, epoch
+	n.image = &img
 	n.mu.Unlock()
 	n.poke()
+}
+
+// ClearImage tells the node it holds no image it could run (it lost or
+// dropped its guest).
+func (n *Node) ClearImage() {
+	n.mu.Lock()
+	n.image = nil
+	n.mu.Unlock()
+	n.poke()
+}
+
+// Waiting says why no node serves the guest, as far as this node can
+// tell ("" when it cannot tell, or a primary serves): on the raft leader,
+// why it cannot resume the guest and which node is needed; on a node
+// without a leader, that raft has no majority.
+func (n *Node) Waiting() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.waiting
+}
+
+// ImageStatus describes this node's image and whether it could resume
+// the guest from it now.
+func (n *Node) ImageStatus() string {
+	n.mu.Lock()
+	v := n.viewLocked(n.liveView())
+	n.mu.Unlock()
+	if !v.Runnable {
+		return "none"
+	}
+	img := Image{Generation: v.RunnableGen, Epoch: v.RunnableEpoch, Live: v.RunnableLive}.String()
+	if r := IneligibleReason(v); r != "" {
+		return img + "; cannot resume: " + r
+	}
+	return img + "; can resume"
 }
 
 // SetProtected records in raft whether the secondary is in sync, and
@@ -682,7 +748,27 @@ func (n *Node) step() {
 		default:
 		}
 	}
-	v.Runnable, v.RunnableEpoch = n.runnable, n.runnableEpoch
+	v = n.viewLocked(v)
+	acts := Decide(v, now)
+	for _, a := range acts {
+		n.execLocked(a, v, now)
+	}
+	n.noteWaitingLocked(v, acts, now)
+}
+
+// viewLocked completes the live view with the decision loop's bookkeeping.
+// Preconditions: n.mu held.
+func (n *Node) viewLocked(v View) View {
+	if img := n.image; img != nil {
+		v.Runnable, v.RunnableEpoch, v.RunnableGen, v.RunnableLive = true, img.Epoch, img.Generation, img.Live
+		if n.claimTo != 0 && img.Generation == n.claimFrom {
+			v.RunnableGen = n.claimTo
+		}
+		if img.Live {
+			// Its own guest is the source of every epoch it acknowledged.
+			v.RunnableEpoch = max(v.RunnableEpoch, n.reportedEpoch)
+		}
+	}
 	v.Claimed, v.ClaimedTerm = n.claimed, n.claimedTerm
 	v.Pending = n.pending
 	v.LastTransfer, v.TransferAttempts = n.lastTransfer, n.transfers
@@ -691,8 +777,75 @@ func (n *Node) step() {
 	v.Voters = n.voters
 	v.Unreachable = n.unreachable
 	v.Tuning = Tuning{DataTimeout: max(n.cfg.DataTimeout, 0), EpochInterval: n.cfg.EpochInterval, RetryInterval: n.cfg.RetryInterval}
-	for _, a := range Decide(v, now) {
-		n.execLocked(a, v, now)
+	return v
+}
+
+// waitingLogAfter is how long a reason for nobody serving must hold before
+// it is logged: elections and hand-overs pass through such states briefly.
+const waitingLogAfter = time.Second
+
+// noteWaitingLocked records why nobody serves (see Waiting) and logs it
+// once it has held for waitingLogAfter, and again when it changes or ends.
+// Preconditions: n.mu held.
+func (n *Node) noteWaitingLocked(v View, acts []Action, now time.Time) {
+	active := v.Active.Generation != 0
+	for _, a := range acts {
+		switch a.Kind {
+		case ActFence:
+			active = false
+		case ActActivate:
+			active = true
+		}
+	}
+	w := ""
+	switch {
+	case active:
+	case v.Leader:
+		// Only the leader can run the guest: not active, nobody is. (A
+		// leader that cannot resume keeps handing leadership on, so it is
+		// often Transferring; a switchover's leader is still Eligible.)
+		claimed := v.Claimed != 0 && v.ClaimedTerm == v.Term
+		if r := IneligibleReason(v); r != "" && !v.Pending.Claim && !claimed {
+			w = fmt.Sprintf("no primary: raft leader %s cannot resume the guest: %s; needed: %s", v.Self.ID, r, Needed(v.State))
+			var down []string
+			for _, p := range v.Voters {
+				if v.Unreachable[p.ID] {
+					down = append(down, p.ID)
+				}
+			}
+			if len(down) > 0 {
+				w += "; unreachable: " + strings.Join(down, ", ")
+			}
+		}
+	default:
+		st := v.State
+		_, leader := n.raft.LeaderWithID()
+		self := "this node can resume the guest if it becomes leader"
+		if r := IneligibleReason(v); r != "" {
+			self = "this node cannot: " + r
+		}
+		switch {
+		case leader == "":
+			w = fmt.Sprintf("no raft leader: a majority of the %d voters must be up and reachable", len(n.voters))
+			if st.Generation > 0 {
+				w += fmt.Sprintf(" (cluster at generation %d, committed epoch %d; needed to resume: %s; %s)", st.Generation, st.Epoch, Needed(st), self)
+			}
+		case st.Generation > 0 && string(leader) != st.Primary:
+			// The primary runs the guest only while it leads raft.
+			w = fmt.Sprintf("no primary: raft leader %s is not the cluster's primary %s (generation %d, committed epoch %d); needed to resume: %s; %s",
+				leader, st.Primary, st.Generation, st.Epoch, Needed(st), self)
+		}
+	}
+	if w != n.waiting {
+		n.waiting, n.waitingSince = w, now
+	}
+	switch {
+	case w != "" && w != n.waitingLogged && now.Sub(n.waitingSince) >= waitingLogAfter:
+		n.waitingLogged = w
+		n.log.Warn("the guest is not served", "why", w)
+	case w == "" && n.waitingLogged != "":
+		n.waitingLogged = ""
+		n.log.Info("no longer waiting", "was", "the guest was not served")
 	}
 }
 
@@ -707,6 +860,9 @@ func (n *Node) execLocked(a Action, v View, now time.Time) {
 		n.emit(Event{Kind: EventFenced, Generation: a.Generation, Reason: a.Reason, At: now})
 	case ActActivate:
 		n.active.Store(&Activation{Generation: a.Generation, Term: v.Term})
+		// From here the guest this node runs is the image that counts.
+		n.image = &Image{Generation: a.Generation, Epoch: max(v.RunnableEpoch, a.Epoch), Live: true}
+		n.claimFrom, n.claimTo = 0, 0
 		peer, _ := v.State.Secondary()
 		n.emit(Event{Kind: EventBecamePrimary, Generation: a.Generation, Epoch: a.Epoch, Peer: peer, At: now})
 	case ActAnnouncePeer:
@@ -715,12 +871,22 @@ func (n *Node) execLocked(a Action, v View, now time.Time) {
 	case ActClaim:
 		n.pending.Claim = true
 		term := v.Term
+		img := n.image // the image this claim is made with
 		n.worker(func() {
 			err := n.apply(cmdPromote, &promoteCmd{ID: n.cfg.ID, Generation: a.Generation})
 			n.mu.Lock()
 			n.pending.Claim = false
 			if err == nil && n.raft.CurrentTerm() == term {
 				n.claimed, n.claimedTerm = a.Generation, term
+			}
+			if err == nil && img != nil && n.image != nil && n.image.Generation == img.Generation && v.RunnableGen == a.Generation-1 {
+				// Nothing is released under the new generation before this
+				// node activates it: the image it claimed with holds all
+				// of it, should it lose leadership before activating.
+				if n.claimTo == 0 || img.Generation != n.claimFrom {
+					n.claimFrom = img.Generation
+				}
+				n.claimTo = a.Generation
 			}
 			n.mu.Unlock()
 			if err != nil {

@@ -101,7 +101,7 @@ func (c *testCluster) start(id string) *Node {
 		c.t.Fatalf("open %s: %v", id, err)
 	}
 	if id == "p" && n.State().Generation == 0 {
-		n.SetRunnable(true, 0)
+		n.SetImage(Image{Live: true}) // the booted guest
 	}
 	// Drain events so the buffer never matters; tests read state instead.
 	go func() {
@@ -166,7 +166,7 @@ func protect(t *testing.T, c *testCluster, e uint64) {
 	if err := p.SetProtected(ctx, true); err != nil {
 		t.Fatal(err)
 	}
-	s.SetRunnable(true, e)
+	s.SetImage(Image{Generation: p.State().Generation, Epoch: e})
 	p.ReportEpoch(e)
 	waitFor(t, 5*time.Second, "epoch replicated to s", func() bool {
 		st := s.State()
@@ -249,7 +249,7 @@ func TestFailoverAfterPrimaryKill(t *testing.T) {
 	// The old primary restarts with its data dir and rejoins as a
 	// follower; it has no guest, so it never claims.
 	p := c.start("p")
-	p.SetRunnable(false, 0)
+	p.ClearImage()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := p.WaitSynced(ctx); err != nil {
@@ -359,7 +359,7 @@ func TestSwitchover(t *testing.T) {
 	waitFor(t, 10*time.Second, "p active", func() bool { return activeGen(p) == 1 })
 	protect(t, c, 3)
 	p.ReportEpoch(4)
-	s.SetRunnable(true, 4)
+	s.SetImage(Image{Generation: 1, Epoch: 4})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := p.Switchover(ctx, ""); err != nil {

@@ -115,8 +115,9 @@ type member struct {
 
 	// mu guards the fields below.
 	mu         sync.Mutex
-	boot       guest.Guest // a fresh cluster's first guest, booted, not yet run
+	boot       guest.Guest // a fresh cluster's first guest, booted, not yet run, or a fenced primary's, kept paused
 	bootCfg    guest.Config
+	bootGen    uint64             // the generation boot ran under (0: never ran)
 	sec        *replica.Secondary // receiving while not primary
 	loop       *failover.EpochLoop
 	loopCancel context.CancelFunc
@@ -224,7 +225,7 @@ func (m *member) start(ctx context.Context, kind string, cfg guest.Config, fresh
 		m.mu.Lock()
 		m.boot, m.bootCfg = g, cfg
 		m.mu.Unlock()
-		m.node.SetRunnable(true, 0)
+		m.node.SetImage(failover.Image{Live: true})
 		m.log.Info("guest booted; waiting for raft to make this node primary", "kind", kind)
 		m.watchBoot(ctx)
 		return
@@ -235,9 +236,11 @@ func (m *member) start(ctx context.Context, kind string, cfg guest.Config, fresh
 	m.becomeSecondary("started as secondary")
 }
 
-// watchBoot drops the booted (or fenced and kept) guest once the cluster
-// has another primary (this node's first view of raft was behind, or raft
-// moved on without it): it then serves as secondary instead.
+// watchBoot drops the booted (or fenced and kept) guest once another node
+// is primary in a newer generation than the guest ran under (this node's
+// first view of raft was behind, or raft moved on without it): that
+// node's image holds everything released, and this node serves as its
+// secondary instead.
 func (m *member) watchBoot(ctx context.Context) {
 	for {
 		select {
@@ -247,22 +250,28 @@ func (m *member) watchBoot(ctx context.Context) {
 		}
 		st := m.node.State()
 		m.mu.Lock()
-		boot := m.boot
+		boot, gen := m.boot, m.bootGen
 		if boot == nil {
 			m.mu.Unlock()
 			return // it ran: this node became primary
 		}
-		if st.Generation == 0 || st.Primary == m.node.ID() {
+		if !supersedes(st, m.node.ID(), gen) {
 			m.mu.Unlock()
 			continue
 		}
 		m.boot = nil
 		m.mu.Unlock()
 		boot.Close()
-		m.node.SetRunnable(false, 0)
-		m.becomeSecondary(fmt.Sprintf("the cluster already has primary %s (generation %d)", st.Primary, st.Generation))
+		m.node.ClearImage()
+		m.becomeSecondary(fmt.Sprintf("the cluster has primary %s at generation %d, newer than this node's guest (generation %d)", st.Primary, st.Generation, gen))
 		return
 	}
+}
+
+// supersedes says whether, in state st, another node than self is primary
+// in a generation newer than gen: a guest of gen is then history.
+func supersedes(st failover.FSMState, self string, gen uint64) bool {
+	return st.Generation > gen && st.Primary != "" && st.Primary != self
 }
 
 // becomeSecondary starts receiving epochs into a committed image (a kept
@@ -274,12 +283,24 @@ func (m *member) becomeSecondary(why string) {
 	} else {
 		sec.Store = store
 	}
-	sec.OnCommit = func(epoch uint64) { m.node.SetRunnable(true, epoch) }
+	sec.OnCommit = func(epoch uint64) {
+		gen, _ := sec.Generation()
+		m.mu.Lock()
+		current := m.sec == sec // not activated meanwhile
+		m.mu.Unlock()
+		if current {
+			m.node.SetImage(failover.Image{Generation: gen, Epoch: epoch})
+		}
+	}
 	if c, ok, err := sec.LoadStored(); err != nil {
 		m.log.Warn("stored image unusable; waiting for a full sync", "err", err)
 	} else if ok {
-		m.node.SetRunnable(true, c.Epoch)
-		m.log.Info("stored image loaded", "epoch", c.Epoch)
+		gen, _ := sec.Generation()
+		m.node.SetImage(failover.Image{Generation: gen, Epoch: c.Epoch})
+		// Raft decides whether it may ever be resumed: only if it holds
+		// the committed generation and epoch (see failover.IneligibleReason).
+		st := m.node.State()
+		m.log.Info("stored image loaded", "epoch", c.Epoch, "generation", gen, "cluster_generation", st.Generation, "cluster_epoch", st.Epoch)
 	}
 	m.mu.Lock()
 	m.sec = sec
@@ -343,7 +364,10 @@ func (m *member) becomePrimary(ev failover.Event) {
 	first := max(ev.Epoch, m.lastEpoch)
 	from := "booted guest"
 	if m.boot != nil {
-		g, cfg, m.boot = m.boot, m.bootCfg, nil
+		if m.bootGen != 0 {
+			from = fmt.Sprintf("its own guest of generation %d, kept paused since its fence (epoch %d)", m.bootGen, m.lastEpoch)
+		}
+		g, cfg, m.boot, m.bootGen = m.boot, m.bootCfg, nil, 0
 	} else if m.sec != nil {
 		sec := m.sec
 		m.mu.Unlock()
@@ -352,7 +376,7 @@ func (m *member) becomePrimary(ev failover.Event) {
 		if err != nil {
 			m.mu.Unlock()
 			m.log.Error("made primary but cannot activate the committed image", "err", err)
-			m.node.SetRunnable(false, 0)
+			m.node.ClearImage()
 			return
 		}
 		g, cfg, first = ag, h.Config, max(first, c.Epoch)
@@ -361,9 +385,12 @@ func (m *member) becomePrimary(ev failover.Event) {
 	} else {
 		m.mu.Unlock()
 		m.log.Error("made primary without a guest to run")
-		m.node.SetRunnable(false, 0)
+		m.node.ClearImage()
 		return
 	}
+	// Epochs of this run are numbered after first: a fence reports the
+	// kept guest at least there, which is at least what raft committed.
+	m.lastEpoch = first
 	m.mu.Unlock()
 	loop := m.startLoop(g, cfg, first)
 	if _, err := g.Resume(); err != nil {
@@ -440,24 +467,22 @@ func (m *member) waitLoop(done chan struct{}) bool {
 	}
 }
 
-// fence stops this node's guest at once: nothing more leaves it, and it
-// becomes the secondary of whoever is primary now.
+// fence stops this node's guest at once: nothing more leaves it. The
+// guest is kept, paused, as long as no other node is primary in a newer
+// generation: it may be the newest copy there is (the cluster lost its
+// majority, or its secondary), and it is resumed if raft makes this node
+// primary again. Only once another node is primary is it dropped (here or
+// by watchBoot), and the node becomes that primary's secondary. A stored
+// image is never loaded while the guest is kept: it can only be older.
 func (m *member) fence(reason string) {
 	m.mu.Lock()
 	loop, cancel, done := m.loop, m.loopCancel, m.loopDone
 	m.loop, m.loopCancel, m.loopDone = nil, nil, nil
-	if loop != nil {
-		m.lastEpoch = max(m.lastEpoch, loop.Status().LastShippedEpoch)
-	}
 	m.mu.Unlock()
 	if loop == nil {
 		return
 	}
-	// Nobody else can take over an unprotected cluster (the secondary's
-	// image would lack output already released), so its primary keeps
-	// the guest, paused, to resume if raft gives it the role back; it is
-	// dropped only once another node is primary.
-	keep := !m.node.State().Protected
+	gen := m.gen.Load()
 	loop.Gate().Discard()
 	cancel()
 	m.n.mu.Lock()
@@ -468,25 +493,35 @@ func (m *member) fence(reason string) {
 	// Closing the guest unmaps its memory: the loop must be gone first
 	// (a capture or live sync in flight read unmapped pages: SIGSEGV,
 	// found by tandem drill).
-	if g != nil && m.waitLoop(done) {
-		ctx, c := context.WithTimeout(context.Background(), time.Second)
-		g.Pause(ctx)
-		c()
-		if keep {
-			m.mu.Lock()
-			m.boot, m.bootCfg = g, cfg
-			epoch := m.lastEpoch
-			m.mu.Unlock()
-			m.node.SetRunnable(true, epoch)
-			m.log.Warn("FENCED: guest paused and kept, no output released from here; the cluster is unprotected, so only this node can resume it", "reason", reason)
-			go m.watchBoot(m.ctx)
-			return
-		}
-		g.Close()
+	stopped := m.waitLoop(done)
+	m.mu.Lock()
+	m.lastEpoch = max(m.lastEpoch, loop.Status().LastShippedEpoch)
+	epoch := m.lastEpoch
+	m.mu.Unlock()
+	if g == nil || !stopped {
+		m.node.ClearImage()
+		m.log.Warn("FENCED: guest stopped, no output released from here", "reason", reason)
+		m.becomeSecondary("fenced: " + reason)
+		return
 	}
-	m.node.SetRunnable(false, 0)
-	m.log.Warn("FENCED: guest stopped, no output released from here", "reason", reason)
-	m.becomeSecondary("fenced: " + reason)
+	ctx, c := context.WithTimeout(context.Background(), time.Second)
+	g.Pause(ctx)
+	c()
+	if st := m.node.State(); supersedes(st, m.node.ID(), gen) {
+		g.Close()
+		m.node.ClearImage()
+		m.log.Warn("FENCED: guest stopped, no output released from here", "reason", reason,
+			"primary", st.Primary, "generation", st.Generation)
+		m.becomeSecondary("fenced: " + reason)
+		return
+	}
+	m.mu.Lock()
+	m.boot, m.bootCfg, m.bootGen = g, cfg, gen
+	m.mu.Unlock()
+	m.node.SetImage(failover.Image{Generation: gen, Epoch: epoch, Live: true})
+	m.log.Warn("FENCED: guest paused and kept, no output released from here; it is resumed if raft makes this node primary again, dropped once another node is",
+		"reason", reason, "generation", gen, "epoch", epoch)
+	go m.watchBoot(m.ctx)
 }
 
 // handleSwitchover hands the guest to the secondary: one last epoch with
@@ -558,13 +593,19 @@ type clusterView struct {
 	Epoch      uint64   `json:"epoch"`
 	Members    []string `json:"members"`
 	CanRelease bool     `json:"can_release"`
+	// Image is what this node could resume and whether raft lets it.
+	Image string `json:"image"`
+	// Waiting says why nobody serves the guest, when this node can tell:
+	// the committed generation and epoch, and the node needed.
+	Waiting string `json:"waiting_reason,omitempty"`
 }
 
 func (m *member) clusterStatus() any {
 	st := m.node.State()
 	leader, _ := m.node.Leader()
 	cv := clusterView{ID: m.node.ID(), Generation: st.Generation, Primary: st.Primary, Leader: leader,
-		Protected: st.Protected, Epoch: st.Epoch, CanRelease: m.node.CanRelease(m.gen.Load())}
+		Protected: st.Protected, Epoch: st.Epoch, CanRelease: m.node.CanRelease(m.gen.Load()),
+		Image: m.node.ImageStatus(), Waiting: m.node.Waiting()}
 	for _, mem := range st.Members {
 		cv.Members = append(cv.Members, fmt.Sprintf("%s(%s) data=%s api=%s console=%s", mem.ID, mem.Role, mem.DataAddr, mem.APIAddr, mem.ConsoleAddr))
 	}
@@ -599,7 +640,8 @@ func cmdWitness(args []string) error {
 			st := node.State()
 			leader, _ := node.Leader()
 			writeJSON(w, http.StatusOK, map[string]any{"role": "witness", "generation": st.Generation, "primary": st.Primary,
-				"raft_leader": leader, "protected": st.Protected, "last_committed_epoch": st.Epoch, "build": version.Build()})
+				"raft_leader": leader, "protected": st.Protected, "last_committed_epoch": st.Epoch, "build": version.Build(),
+				"waiting_reason": node.Waiting()})
 		})
 		api.start()
 		defer api.close()
