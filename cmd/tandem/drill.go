@@ -24,7 +24,7 @@ import (
 )
 
 func init() {
-	register("drill", "failover drill: a local trio under kv load, kill -9 the primary, verify, repeat", cmdDrill)
+	register("drill", "failover drill: a local trio under kv load, kill -9 the primary (or two nodes: --scenario), verify, repeat", cmdDrill)
 }
 
 // The drill's bounds. A run that misses one fails with the bound as its
@@ -45,8 +45,20 @@ func cmdDrill(args []string) error {
 	keep := fs.String("keep", "", "keep the trio's data dirs and logs under this directory")
 	memory := fs.String("memory", "128MiB", "guest memory")
 	clients := fs.Int("clients", 2, "kv clients (1 or 2)")
+	scenarioFlag := fs.String("scenario", "", "instead of --runs, double failures: two nodes go away one after the other and come back;\n"+
+		"NAME is one of "+strings.Join(scenarioNames(), ", ")+",\n"+
+		"an order (w-s, s-w, p-w: both return orders), all (each once), or a comma-separated list.\n"+
+		"w-s: SIGTERM the witness, then kill -9 the secondary; s-w: kill -9 the secondary, then SIGTERM the witness;\n"+
+		"p-w: kill -9 the primary, then SIGTERM the witness. /X-first names the node that returns first")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
+	}
+	var scs []scenario
+	if *scenarioFlag != "" {
+		var err error
+		if scs, err = pickScenarios(*scenarioFlag); err != nil {
+			return err
+		}
 	}
 	switch {
 	case *runs < 1 || *runs > 100000:
@@ -69,7 +81,12 @@ func cmdDrill(args []string) error {
 	}
 	d.clients = *clients
 	defer d.close()
-	sum := d.run(*runs)
+	var sum drillSummary
+	if scs != nil {
+		sum = d.runScenarios(scs)
+	} else {
+		sum = d.run(*runs)
+	}
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
@@ -78,6 +95,10 @@ func cmdDrill(args []string) error {
 		sum.print(out)
 	}
 	if !sum.ok() {
+		if scs != nil {
+			return fmt.Errorf("drill failed: %d of %d scenarios failed, %d acknowledged writes lost, %d divergent replies (logs in %s)",
+				sum.FailedRuns, sum.Runs, sum.AckedWritesLost, sum.DivergentReplies, d.dir)
+		}
 		return fmt.Errorf("drill failed: %d of %d runs failed, %d acknowledged writes lost, %d divergent replies (logs in %s)",
 			sum.FailedRuns, sum.Runs, sum.AckedWritesLost, sum.DivergentReplies, d.dir)
 	}
@@ -261,6 +282,27 @@ func (n *trioNode) kill() error {
 	}
 }
 
+// stop sends sig (SIGTERM: a clean stop) and waits (bounded) until n is
+// gone, killing it if it outlives the bound.
+func (n *trioNode) stop(sig syscall.Signal) error {
+	if !n.running() {
+		return nil
+	}
+	if err := n.signal(sig); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	exited := n.exited
+	n.mu.Unlock()
+	select {
+	case <-exited:
+		return nil
+	case <-time.After(10 * time.Second):
+		n.kill()
+		return fmt.Errorf("%s still running 10s after %v", n.id, sig)
+	}
+}
+
 func (t *trio) killAll() {
 	for _, n := range t.nodes {
 		n.signal(syscall.SIGCONT) // a stopped process would outlive SIGKILL's wait otherwise
@@ -317,6 +359,7 @@ type memberStatus struct {
 	EpochsPerSecond    float64 `json:"epochs_per_second"`
 	PauseP50Ms         float64 `json:"pause_p50_ms"`
 	PauseP99Ms         float64 `json:"pause_p99_ms"`
+	Waiting            string  `json:"waiting_reason"` // a witness's
 	Cluster            struct {
 		Generation uint64 `json:"generation"`
 		Primary    string `json:"primary"`
@@ -324,6 +367,7 @@ type memberStatus struct {
 		Protected  bool   `json:"protected"`
 		Epoch      uint64 `json:"epoch"`
 		CanRelease bool   `json:"can_release"`
+		Waiting    string `json:"waiting_reason"`
 	} `json:"cluster"`
 }
 
@@ -412,6 +456,10 @@ type kvClient struct {
 	addrs []string
 	next  int
 	seq   uint64
+	// patience bounds one request of load (0: drillFailoverLimit+5s);
+	// backoff is the pause after a node turned the client away (0: none);
+	// pace is load's pause between requests (0: none).
+	patience, backoff, pace time.Duration
 
 	conn net.Conn
 	r    *bufio.Reader
@@ -476,6 +524,9 @@ func (c *kvClient) do(ctx context.Context, cmd string, deadline time.Time) (kvRe
 		}
 		// Lost, turned away or silent: the next node in turn.
 		c.close()
+		if c.backoff > 0 {
+			time.Sleep(c.backoff)
+		}
 	}
 }
 
@@ -613,7 +664,18 @@ func load(ctx context.Context, c *kvClient, keyPrefix, valPrefix string, rng *ra
 			lg.mu.Unlock()
 		}
 		sent := time.Now()
-		rep, err := c.do(ctx, cmd, time.Now().Add(drillFailoverLimit+5*time.Second))
+		if c.pace > 0 && i > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(c.pace):
+			}
+		}
+		patience := c.patience
+		if patience == 0 {
+			patience = drillFailoverLimit + 5*time.Second
+		}
+		rep, err := c.do(ctx, cmd, time.Now().Add(patience))
 		if err != nil {
 			if ctx.Err() == nil {
 				lg.mu.Lock()
@@ -727,7 +789,9 @@ type drillSummary struct {
 	DivergentReplies int         `json:"divergent_replies"`
 	FailedRuns       int         `json:"failed_runs"`
 	Dir              string      `json:"dir"`
-	Results          []runResult `json:"results"`
+	Results          []runResult `json:"results,omitempty"`
+	// Scenarios: the results of --scenario, one per scenario run.
+	Scenarios []scenarioResult `json:"scenarios,omitempty"`
 }
 
 func (s drillSummary) ok() bool {
@@ -735,6 +799,10 @@ func (s drillSummary) ok() bool {
 }
 
 func (s drillSummary) print(w io.Writer) {
+	if len(s.Scenarios) > 0 {
+		printScenarios(w, s)
+		return
+	}
 	fmt.Fprintf(w, "\n%d runs on %s (seed %d): RTO p50 %.0f ms, p99 %.0f ms, max %.0f ms; %d acknowledged writes, %d lost, %d divergent replies, %d failed runs\n",
 		s.Runs, s.Guest, s.Seed, s.RTOMs.P50, s.RTOMs.P99, s.RTOMs.Max, s.AckedWrites, s.AckedWritesLost, s.DivergentReplies, s.FailedRuns)
 	for _, r := range s.Results {
@@ -757,6 +825,8 @@ type drill struct {
 	clients           int
 	trios             int
 	t                 *trio
+	// loadPatience, loadBackoff and loadPace set the kv clients' (kvClient).
+	loadPatience, loadBackoff, loadPace time.Duration
 	// narrate, when set, is told what happens (the demo's voice).
 	narrate func(format string, a ...any)
 }
@@ -1019,6 +1089,7 @@ func (d *drill) startLoad(ctx context.Context, run int, p *trioNode) (lg *runLog
 		kc := newKVClient(fmt.Sprintf("dc%d", c), d.t.consoles())
 		kc.seq = runSeqBase(run)
 		kc.next = max(0, slices.Index(kc.addrs, p.console))
+		kc.patience, kc.backoff, kc.pace = d.loadPatience, d.loadBackoff, d.loadPace
 		rng := rand.New(rand.NewPCG(d.rng.Uint64(), uint64(c)))
 		wg.Add(1)
 		go func() {
