@@ -122,4 +122,31 @@
 // short-lived workers for raft applies, transfers and registrations, each
 // bounded by a timeout. Lock order: Node.mu, then muxStream.connsMu. The
 // FSM never takes Node.mu.
+//
+// # Proving the replica (EpochLoop, Verify)
+//
+// Verification is on by default at the command line (--verify-epochs).
+// The primary keeps a digest of what the secondary will hold: a MemHash
+// built from every page as it was sent (the catch-up's stable copies,
+// then every epoch's captured copies) plus the captured machine state.
+// The secondary acknowledges each epoch with the digest of its committed
+// image; the two must be equal. That proves the secondary applied exactly
+// what was shipped. To prove that what was shipped is what the guest
+// holds, every pause also re-reads a rotating slice of memory
+// (VerifySlicePages, 2 MiB by default) and compares each page with its
+// shipped hash: a write the dirty log missed shows there within one
+// rotation (guest pages / slice epochs). Only the slice is read at the
+// pause; the captured pages are hashed from their copies after the
+// resume, so the pause grows by the slice's hashing, not by a scan.
+//
+// A mismatch of either kind is an incident, handled in diverge: at once
+// the secondary stops counting as a replica (state unprotected,
+// OnProtected(false); nothing it acknowledges on that link releases
+// output or reaches OnCommitted, so raft never records an epoch that
+// failed), the link is dropped, held output follows the unprotected rules
+// (it leaves once Unprotect has recorded the loss of protection), and
+// the rejoin re-syncs the secondary from scratch into a fresh image (the
+// Secondary adopts it only once it is consistent). Protection returns
+// only with an acknowledged epoch whose digest matches. Status keeps the
+// last mismatch: its epoch, when, and how it was resolved.
 package failover

@@ -3,16 +3,20 @@ package failover
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/kvm"
 	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
 )
 
@@ -172,7 +176,7 @@ func TestEpochsJoinWhileShippingIsSlow(t *testing.T) {
 	for _, kind := range pairKinds(t) {
 		t.Run(kind, func(t *testing.T) {
 			var slowed sync.Map
-			testHookShip = func(gateEpoch uint64) {
+			testHookShip = func(gateEpoch uint64, _ *precopy.Capture) {
 				// The first three epochs of the link each take three
 				// intervals to ship.
 				if gateEpoch <= 4 {
@@ -217,6 +221,132 @@ func TestSecondaryCloseWhileStreaming(t *testing.T) {
 				t.Errorf("secondary still serves %s after Close", st.Primary)
 			}
 			waitFor(t, 10*time.Second, "the primary to notice", func() bool { return !p.loop.Status().Protected })
+		})
+	}
+}
+
+// pageAt returns the guest page holding gpa.
+func pageAt(t *testing.T, g guest.Guest, gpa uint64) []byte {
+	t.Helper()
+	for _, r := range g.Regions() {
+		if gpa >= r.GPA && gpa < r.GPA+uint64(len(r.Mem)) {
+			off := (gpa - r.GPA) &^ (guest.PageSize - 1)
+			return r.Mem[off : off+guest.PageSize]
+		}
+	}
+	t.Fatalf("no region holds %#x", gpa)
+	return nil
+}
+
+// incidentRecorder keeps what the loop told the cluster.
+type incidentRecorder struct {
+	mu          sync.Mutex
+	committed   []uint64
+	unprotected []string
+	protected   int
+}
+
+func (r *incidentRecorder) config(ec EpochConfig) EpochConfig {
+	ec.OnCommitted = func(e uint64) {
+		r.mu.Lock()
+		r.committed = append(r.committed, e)
+		r.mu.Unlock()
+	}
+	ec.OnProtected = func(p bool, why string) {
+		r.mu.Lock()
+		if p {
+			r.protected++
+		} else {
+			r.unprotected = append(r.unprotected, why)
+		}
+		r.mu.Unlock()
+	}
+	return ec
+}
+
+// checkIncident waits for a mismatch to be found, handled as an incident
+// and resolved by a re-sync, then proves the replica matches.
+func checkIncident(t *testing.T, p *testPair, rec *incidentRecorder, wantDetail string) {
+	t.Helper()
+	waitFor(t, 20*time.Second, "the mismatch to be found", func() bool { return p.loop.Status().DigestMismatches > 0 })
+	st := p.loop.Status()
+	if !strings.Contains(st.LastMismatch, wantDetail) {
+		t.Errorf("last mismatch %q, want it to say %q", st.LastMismatch, wantDetail)
+	}
+	if st.LastMismatchAt == "" || !strings.HasPrefix(st.LastMismatchResolution, "re-syncing") && !strings.HasPrefix(st.LastMismatchResolution, "resolved") {
+		t.Errorf("status of the mismatch: at %q, resolution %q", st.LastMismatchAt, st.LastMismatchResolution)
+	}
+	bad := st.LastMismatchEpoch
+	waitFor(t, 30*time.Second, "a verified re-sync", func() bool {
+		st := p.loop.Status()
+		return st.Protected && strings.HasPrefix(st.LastMismatchResolution, "resolved")
+	})
+	st = p.loop.Status()
+	if st.Joins < 2 {
+		t.Errorf("joins %d: the secondary was not re-synced", st.Joins)
+	}
+	if st.DigestMismatches != 1 {
+		t.Errorf("%d mismatches counted for one incident", st.DigestMismatches)
+	}
+	rec.mu.Lock()
+	unprotected, protected := len(rec.unprotected), rec.protected
+	for _, e := range rec.committed {
+		if e == bad && strings.HasPrefix(st.LastMismatch, fmt.Sprintf("epoch %d:", bad)) {
+			t.Errorf("epoch %d failed verification but was reported committed", bad)
+		}
+	}
+	rec.mu.Unlock()
+	if unprotected < 1 || protected < 2 {
+		t.Errorf("the cluster was told unprotected %d times and protected %d times; want the loss and the return", unprotected, protected)
+	}
+	t.Logf("mismatch at epoch %d; %s", bad, st.LastMismatchResolution)
+	checkReplicaMatches(t, p)
+}
+
+// TestEscapedWriteIsAnIncident writes a page of the running primary
+// behind the dirty log's back (as a dirty-tracking bug would): the
+// rotating slice must find it, protection must end, and a full re-sync
+// must bring back a replica that matches page for page.
+func TestEscapedWriteIsAnIncident(t *testing.T) {
+	for _, kind := range pairKinds(t) {
+		t.Run(kind, func(t *testing.T) {
+			cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{
+				Kind: guest.WorkloadDirty, Touch: 16 << 20, DirtyRate: 4000, Pattern: guest.PatternSeq}}
+			rec := &incidentRecorder{}
+			p := startTestPair(t, kind, cfg, rec.config(EpochConfig{Verify: true}))
+			defer p.stop()
+			waitFor(t, 30*time.Second, "10 verified epochs", func() bool { return p.loop.Status().VerifiedEpochs >= 10 })
+			// 48 MiB: past the touched range on both backends.
+			page := pageAt(t, p.g, 48<<20)
+			page[100] ^= 0x5a
+			checkIncident(t, p, rec, "escaped dirty tracking")
+		})
+	}
+}
+
+// TestCorruptEpochIsAnIncident damages one page of one epoch after its
+// digest was taken (as a bug in encoding or transport would): the
+// secondary's digest must differ, that epoch must not count as
+// committed, and the re-sync must restore a matching replica.
+func TestCorruptEpochIsAnIncident(t *testing.T) {
+	for _, kind := range pairKinds(t) {
+		t.Run(kind, func(t *testing.T) {
+			var once sync.Once
+			var armed atomic.Bool
+			testHookShip = func(_ uint64, cp *precopy.Capture) {
+				if armed.Load() && len(cp.Pages) > 0 {
+					once.Do(func() { cp.Pages[0].Data[7] ^= 0xff })
+				}
+			}
+			defer func() { testHookShip = nil }()
+			cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{
+				Kind: guest.WorkloadDirty, Touch: 16 << 20, DirtyRate: 4000, Pattern: guest.PatternSeq}}
+			rec := &incidentRecorder{}
+			p := startTestPair(t, kind, cfg, rec.config(EpochConfig{Verify: true}))
+			defer p.stop()
+			waitFor(t, 30*time.Second, "10 verified epochs", func() bool { return p.loop.Status().VerifiedEpochs >= 10 })
+			armed.Store(true)
+			checkIncident(t, p, rec, "primary digest")
 		})
 	}
 }

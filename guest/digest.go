@@ -79,6 +79,10 @@ func (m *MemHash) set(index, h uint64) {
 	}
 }
 
+// Page returns page index's recorded contribution (0: all zero or never
+// recorded), for a check that memory still holds what was recorded.
+func (m *MemHash) Page(index uint64) uint64 { return m.pages[index] }
+
 // Sum returns the 128-bit fold as 16 bytes.
 func (m *MemHash) Sum() [16]byte {
 	var s [16]byte

@@ -21,6 +21,9 @@ const (
 	PhaseResume    = "resume"
 	PhaseSend      = "final_send"
 	PhaseDestLoad  = "destination_load"
+	// PhaseHook is CaptureOptions.WhilePaused: an epoch loop's output
+	// seal and its verification slice.
+	PhaseHook = "paused_hook"
 )
 
 // Core is the dirty-tracking and capture machinery one guest needs for any
@@ -195,6 +198,7 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 		t0 = time.Now()
 		err := o.WhilePaused(cp)
 		cp.Breakdown.Hook = time.Since(t0)
+		c.observe(PhaseHook, t0, cp.Breakdown.Hook)
 		if err != nil {
 			return fail(err)
 		}

@@ -43,10 +43,44 @@ func BenchmarkFTEpochs(b *testing.B) {
 	}
 }
 
-func benchEpochs(b *testing.B, kind string) {
-	pri, _, _ := startPair(b, kind, primaryOpts{
-		memory: "1GiB", workload: "dirty", touch: "512MiB", dirtyRate: 10000, epoch: "25ms",
-	})
+// BenchmarkFTVerifyCost: the same protected guest as BenchmarkFTEpochs
+// with per-epoch verification (the default: digests plus a 2 MiB slice
+// of memory re-read at every pause) and without it (the baseline),
+// measured one after the other in the same run.
+func BenchmarkFTVerifyCost(b *testing.B) {
+	for _, kind := range kinds {
+		b.Run(kind, func(b *testing.B) {
+			skipUnlessKind(b, kind)
+			for i := 0; i < b.N; i++ {
+				off := benchEpochsWith(b, kind, primaryOpts{noVerify: true}, false)
+				on := benchEpochsWith(b, kind, primaryOpts{}, false)
+				b.ReportMetric(off.p50, "off-pause-p50-ms")
+				b.ReportMetric(off.p99, "off-pause-p99-ms")
+				b.ReportMetric(on.p50, "on-pause-p50-ms")
+				b.ReportMetric(on.p99, "on-pause-p99-ms")
+				b.ReportMetric(on.p99-off.p99, "verify-p99-cost-ms")
+				b.ReportMetric(on.eps, "on-epochs/s")
+				b.Logf("%s: verification off: pause p50 %.2f p99 %.2f ms, %.1f epochs/s; on: p50 %.2f p99 %.2f ms, %.1f epochs/s, %d epochs verified, %d mismatches",
+					kind, off.p50, off.p99, off.eps, on.p50, on.p99, on.eps, on.verified, on.mismatches)
+				if on.mismatches != 0 || on.verified == 0 {
+					b.Errorf("verification: %d verified, %d mismatches", on.verified, on.mismatches)
+				}
+			}
+		})
+	}
+}
+
+// epochFigures are one benchEpochsWith window's results.
+type epochFigures struct {
+	eps, p50, p99        float64
+	verified, mismatches uint64
+}
+
+func benchEpochs(b *testing.B, kind string) { benchEpochsWith(b, kind, primaryOpts{}, true) }
+
+func benchEpochsWith(b *testing.B, kind string, o primaryOpts, report bool) epochFigures {
+	o.memory, o.workload, o.touch, o.dirtyRate, o.epoch = "1GiB", "dirty", "512MiB", 10000, "25ms"
+	pri, _, _ := startPair(b, kind, o)
 	// Let the first epochs after the catch-up pass.
 	time.Sleep(2 * time.Second)
 	s0 := mustFT(b, pri, false)
@@ -77,6 +111,11 @@ func benchEpochs(b *testing.B, kind string) {
 		}
 		return (m1[phase][0] - m0[phase][0]) / n * 1000
 	}
+	fig := epochFigures{eps: epochs / secs, p50: s1.PauseP50Ms, p99: s1.PauseP99Ms,
+		verified: s1.VerifiedEpochs - s0.VerifiedEpochs, mismatches: s1.DigestMismatches}
+	if !report {
+		return fig
+	}
 	b.ReportMetric(epochs/secs, "epochs/s")
 	b.ReportMetric(s1.PauseP50Ms, "pause-p50-ms")
 	b.ReportMetric(s1.PauseP99Ms, "pause-p99-ms")
@@ -91,6 +130,7 @@ func benchEpochs(b *testing.B, kind string) {
 		mean("pause"), mean("flush"), mean("dirty_sync"), mean("state_save"), mean("copy"), mean("resume"),
 		raw/secs/1e6, wire/secs/1e6, 100*wire/raw, raw/4096/epochs, s1.AckLatencyP50Ms, s1.AckLatencyP99Ms,
 		s1.BackpressureStalls-s0.BackpressureStalls, s1.FlushAborts-s0.FlushAborts)
+	return fig
 }
 
 // BenchmarkFTKV: kv requests/s through the console of a 1 GiB kv guest,

@@ -121,6 +121,7 @@ type primaryOpts struct {
 	dirtyRate     int
 	epoch         string
 	verify        bool
+	noVerify      bool // --verify-epochs=false (verification is on by default)
 	extra         []string
 }
 
@@ -135,6 +136,9 @@ func (o primaryOpts) args(kind, secondary string) []string {
 	}
 	if o.verify {
 		a = append(a, "--verify-epochs")
+	}
+	if o.noVerify {
+		a = append(a, "--verify-epochs=false")
 	}
 	return append(a, o.extra...)
 }

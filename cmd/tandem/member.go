@@ -410,7 +410,7 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 	node := m.node
 	loop := failover.NewEpochLoop(failover.EpochConfig{
 		Guest: g, Config: cfg, Interval: m.ef.epoch, FlushBudget: m.ef.flushBudget, MaxInFlight: m.ef.inFlight,
-		Verify: m.ef.verify, Build: version.Build(), Generation: m.gen.Load, Timings: m.n.api.timings, Log: m.log,
+		Verify: m.ef.verify, VerifySlicePages: m.ef.slicePages(), Build: version.Build(), Generation: m.gen.Load, Timings: m.n.api.timings, Log: m.log,
 		Release:    m.n.console.release,
 		Allow:      func() bool { return node.CanRelease(m.gen.Load()) },
 		FirstEpoch: firstEpoch,

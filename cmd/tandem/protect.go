@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -29,6 +30,7 @@ type epochFlags struct {
 	epoch       time.Duration
 	flushBudget time.Duration
 	verify      bool
+	verifySlice uint64
 	inFlight    int
 }
 
@@ -36,10 +38,13 @@ func addEpochFlags(fs interface {
 	DurationVar(*time.Duration, string, time.Duration, string)
 	BoolVar(*bool, string, bool, string)
 	IntVar(*int, string, int, string)
+	Var(flag.Value, string, string)
 }, ef *epochFlags) {
 	fs.DurationVar(&ef.epoch, "epoch", 25*time.Millisecond, "epoch interval")
 	fs.DurationVar(&ef.flushBudget, "flush-budget", 5*time.Millisecond, "longest disk flush at an epoch pause before the capture is abandoned")
-	fs.BoolVar(&ef.verify, "verify-epochs", false, "prove every epoch: compare the primary's digest with the secondary's")
+	fs.BoolVar(&ef.verify, "verify-epochs", true, "prove every epoch: compare the primary's digest of what it shipped with the secondary's, and re-read a slice of memory at each pause (--verify-epochs=false turns it off)")
+	ef.verifySlice = failover.DefaultVerifySlicePages * guest.PageSize
+	fs.Var(sizeFlag{&ef.verifySlice}, "verify-slice", "memory re-read at each pause to catch writes the dirty log missed; every page is covered every memory/slice epochs")
 	fs.IntVar(&ef.inFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
 }
 
@@ -49,18 +54,23 @@ func (ef epochFlags) validate() error {
 		return usagef("--epoch %v: want 1ms to 1m", ef.epoch)
 	case ef.flushBudget <= 0:
 		return usagef("--flush-budget %v: want a positive duration", ef.flushBudget)
+	case ef.verifySlice < guest.PageSize || ef.verifySlice%guest.PageSize != 0 || ef.verifySlice > 1<<30:
+		return usagef("--verify-slice %d: want a multiple of 4KiB from 4KiB to 1GiB", ef.verifySlice)
 	case ef.inFlight < 1 || ef.inFlight > 1024:
 		return usagef("--max-in-flight %d: want 1 to 1024", ef.inFlight)
 	}
 	return nil
 }
 
+// slicePages is --verify-slice in pages.
+func (ef epochFlags) slicePages() int { return int(ef.verifySlice / guest.PageSize) }
+
 // startEpochs protects n's guest with an epoch loop (not yet pointed at a
 // secondary) and returns it running.
 func startEpochs(n *guestNode, g guest.Guest, cfg guest.Config, ef epochFlags, allow func() bool) (*failover.EpochLoop, context.CancelFunc) {
 	loop := failover.NewEpochLoop(failover.EpochConfig{
 		Guest: g, Config: cfg, Interval: ef.epoch, FlushBudget: ef.flushBudget, MaxInFlight: ef.inFlight,
-		Verify: ef.verify, Build: version.Build(), Timings: n.api.timings, Log: n.log,
+		Verify: ef.verify, VerifySlicePages: ef.slicePages(), Build: version.Build(), Timings: n.api.timings, Log: n.log,
 		Release: n.console.release, Allow: allow,
 	})
 	n.observeDisk(g)

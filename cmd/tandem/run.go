@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"net/http"
 	"os"
@@ -117,6 +118,7 @@ func newGuestNode(role, apiAddr, consoleAddr string, log *slog.Logger) (*guestNo
 		defer n.mu.Unlock()
 		return n.g != nil && n.state == "running"
 	}
+	n.registerProtectionMetrics()
 	api.mux.HandleFunc("GET /status", n.handleStatus)
 	api.mux.HandleFunc("POST /migrate", n.handleMigrate)
 	api.mux.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
@@ -491,4 +493,52 @@ func orDefault(s, d string) string {
 		return d
 	}
 	return s
+}
+
+// registerProtectionMetrics exports the primary's protection as metrics,
+// so an alert can follow a replica that stops matching: protected drops
+// to 0 the moment a mismatch is found.
+func (n *guestNode) registerProtectionMetrics() {
+	status := func() (failover.EpochStatus, bool) {
+		n.mu.Lock()
+		loop := n.epochs
+		n.mu.Unlock()
+		if loop == nil {
+			return failover.EpochStatus{}, false
+		}
+		return loop.Status(), true
+	}
+	gauge := func(name, help string, f func(failover.EpochStatus) float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
+			st, ok := status()
+			if !ok {
+				return 0
+			}
+			return f(st)
+		})
+	}
+	counter := func(name, help string, f func(failover.EpochStatus) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 {
+			st, ok := status()
+			if !ok {
+				return 0
+			}
+			return float64(f(st))
+		})
+	}
+	n.api.reg.MustRegister(
+		gauge("tandem_protected", "1 while this primary's secondary holds a replica whose last epoch was acknowledged (and verified, with --verify-epochs)",
+			func(st failover.EpochStatus) float64 {
+				if st.Protected {
+					return 1
+				}
+				return 0
+			}),
+		counter("tandem_digest_mismatches_total", "replica digest mismatches found (each one ends protection and re-syncs the secondary)",
+			func(st failover.EpochStatus) uint64 { return st.DigestMismatches }),
+		counter("tandem_verified_epochs_total", "epochs whose replica digest matched the primary's",
+			func(st failover.EpochStatus) uint64 { return st.VerifiedEpochs }),
+		counter("tandem_joins_total", "times the primary connected to a secondary and started a full sync",
+			func(st failover.EpochStatus) uint64 { return st.Joins }),
+	)
 }
