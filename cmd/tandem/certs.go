@@ -1,0 +1,96 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/tandemvm/tandem/internal/trust"
+)
+
+func init() {
+	register("certs", "make a cluster CA (certs ca) and node or operator certificates (certs issue)", cmdCerts)
+}
+
+// tlsFlags are --tls-ca, --tls-cert and --tls-key: every command that
+// listens or connects takes them.
+type tlsFlags struct{ cfg trust.Config }
+
+func addTLSFlags(fs *flag.FlagSet, tf *tlsFlags) {
+	fs.StringVar(&tf.cfg.CAFile, "tls-ca", "", "PEM file of the cluster's CA: with --tls-cert and --tls-key, every connection is mutual TLS")
+	fs.StringVar(&tf.cfg.CertFile, "tls-cert", "", "PEM certificate of this node (or operator), signed by --tls-ca")
+	fs.StringVar(&tf.cfg.KeyFile, "tls-key", "", "PEM private key of --tls-cert")
+}
+
+// load reads the files; nil without TLS flags.
+func (tf tlsFlags) load() (*trust.Identity, error) {
+	id, err := trust.Load(tf.cfg)
+	if err != nil {
+		return nil, usagef("%v", err)
+	}
+	return id, nil
+}
+
+func cmdCerts(args []string) error {
+	if len(args) == 0 {
+		return usagef("tandem certs ca --dir DIR | tandem certs issue --dir DIR --name NAME [--ip IP,...] [--dns NAME,...]")
+	}
+	switch args[0] {
+	case "ca":
+		fs := newFlagSet("certs ca")
+		dir := fs.String("dir", "", "directory for ca.pem and ca-key.pem (created 0700)")
+		name := fs.String("name", "Tandem cluster CA", "the CA's common name")
+		if err := parseFlags(fs, args[1:], 0); err != nil {
+			return err
+		}
+		if *dir == "" {
+			return usagef("certs ca: --dir is required")
+		}
+		if err := trust.NewCA(*dir, *name, time.Now()); err != nil {
+			return err
+		}
+		fmt.Printf("CA written: %s (key %s, keep it off the nodes)\n", filepath.Join(*dir, trust.CAFile), filepath.Join(*dir, trust.CAKeyFile))
+		return nil
+	case "issue":
+		fs := newFlagSet("certs issue")
+		dir := fs.String("dir", "", "directory holding the CA; the certificate and key are written there")
+		name := fs.String("name", "", "the node ID (or an operator's name) the certificate names")
+		ips := fs.String("ip", "", "IP addresses to add as SANs, comma-separated")
+		dns := fs.String("dns", "", "DNS names to add as SANs, comma-separated")
+		if err := parseFlags(fs, args[1:], 0); err != nil {
+			return err
+		}
+		if *dir == "" || *name == "" {
+			return usagef("certs issue: --dir and --name are required")
+		}
+		var o trust.IssueOptions
+		for _, s := range splitList(*ips) {
+			ip := net.ParseIP(s)
+			if ip == nil {
+				return usagef("certs issue: --ip %q is not an IP address", s)
+			}
+			o.IPs = append(o.IPs, ip)
+		}
+		o.DNS = splitList(*dns)
+		if err := trust.Issue(*dir, *name, o, time.Now()); err != nil {
+			return err
+		}
+		fmt.Printf("certificate for %s written: %s, key %s\n", *name,
+			filepath.Join(*dir, trust.CertFile(*name)), filepath.Join(*dir, trust.KeyFile(*name)))
+		return nil
+	}
+	return usagef("certs %q: want ca or issue", args[0])
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
