@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/trust"
 	"log/slog"
 	"sort"
 	"time"
@@ -53,6 +54,14 @@ type Config struct {
 	Peers map[string]string
 	// DataDir holds the raft log, snapshots and identity files.
 	DataDir string
+
+	// TLS, if set, makes the raft port mutual TLS against the cluster CA:
+	// every raft and registration connection, in both directions, must
+	// present a certificate of the CA naming a member (see
+	// internal/trust). Nil: plaintext, which Open allows on a loopback
+	// RaftAddr only unless Insecure.
+	TLS      *trust.Identity
+	Insecure bool
 
 	// Raft timings; zero means the default. All nodes of a trio must use
 	// the same values. ElectionTimeout must be at least HeartbeatTimeout.
