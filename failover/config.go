@@ -7,6 +7,7 @@ import (
 	"github.com/tandemvm/tandem/internal/trust"
 	"log/slog"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -120,6 +121,14 @@ func (c Config) withDefaults() (Config, error) {
 	if c.DataDir == "" {
 		return c, fmt.Errorf("%w: empty data dir", ErrConfig)
 	}
+	if err := trust.CheckListen(c.TLS, c.Insecure, "--raft", c.RaftAddr); err != nil {
+		return c, err
+	}
+	if c.TLS != nil {
+		if err := checkOwnCert(c.TLS, c.ID, c.Peers); err != nil {
+			return c, err
+		}
+	}
 	if c.ClusterID == "" {
 		c.ClusterID = deriveClusterID(c.Peers)
 	}
@@ -148,6 +157,29 @@ func (c Config) withDefaults() (Config, error) {
 		c.Clock = realClock{}
 	}
 	return c, nil
+}
+
+// checkOwnCert refuses a certificate that would not name this node to its
+// peers: it must name id, and no other member (peers refuse a certificate
+// naming several members).
+func checkOwnCert(id *trust.Identity, self string, peers map[string]string) error {
+	certs := id.ServerTLS().Certificates
+	if len(certs) == 0 || certs[0].Leaf == nil {
+		return fmt.Errorf("%w: --tls-cert: no parsed certificate", ErrConfig)
+	}
+	leaf := certs[0].Leaf
+	names := append([]string{leaf.Subject.CommonName}, leaf.DNSNames...)
+	var members []string
+	for _, n := range names {
+		if _, ok := peers[n]; ok && !containsStr(members, n) {
+			members = append(members, n)
+		}
+	}
+	if len(members) != 1 || members[0] != self {
+		return fmt.Errorf("%w: --tls-cert names %s (members among them: %v); node %s needs a certificate naming %s and no other member (tandem certs issue --name %s)",
+			ErrConfig, strings.Join(names, ","), members, self, self, self)
+	}
+	return nil
 }
 
 // deriveClusterID names a cluster by its voters, so two trios configured

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/tandemvm/tandem/internal/trust"
 	"go.etcd.io/bbolt"
 )
 
@@ -103,6 +104,8 @@ type Node struct {
 	// started is set once raft exists; the registration handler may run
 	// before that (the port opens first) and must not touch n.raft.
 	started atomic.Bool
+	// transferGrant is the last leadership transfer this node started.
+	transferGrant atomic.Pointer[transferGrant]
 
 	// mu guards the decision loop's bookkeeping below.
 	mu             sync.Mutex
@@ -158,6 +161,9 @@ func Open(cfg Config) (*Node, error) {
 		stop:        make(chan struct{}),
 		observed:    make(chan raft.Observation, 16),
 		unreachable: map[string]bool{},
+	}
+	if cfg.TLS == nil && cfg.Insecure && trust.CheckListen(nil, false, "--raft", cfg.RaftAddr) != nil {
+		n.log.Warn("the raft port is plaintext on a non-loopback address (--insecure): whoever reaches it can elect a leader and register members; use --tls-ca, --tls-cert and --tls-key", "raft", cfg.RaftAddr)
 	}
 	if err := n.open(); err != nil {
 		n.release()
@@ -221,7 +227,10 @@ func (n *Node) open() error {
 		}
 	}
 
-	n.stream, err = listenMux(cfg.RaftAddr, n.handleRegister)
+	n.stream, err = listenMux(muxConfig{
+		Addr: cfg.RaftAddr, TLS: cfg.TLS, Insecure: cfg.Insecure, Members: cfg.Peers,
+		Handle: n.handleRegister, Policy: n, Log: n.log,
+	})
 	if err != nil {
 		return err
 	}
@@ -249,7 +258,7 @@ func (n *Node) open() error {
 	if err := raft.ValidateConfig(rc); err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
 	}
-	n.raft, err = raft.NewRaft(rc, n.fsm, n.store, n.store, snaps, noPipeline{n.trans})
+	n.raft, err = raft.NewRaft(rc, n.fsm, n.store, n.store, snaps, transport{n.trans, n.stream})
 	if err != nil {
 		return fmt.Errorf("failover: start raft: %w", err)
 	}
@@ -588,7 +597,7 @@ func (n *Node) Switchover(ctx context.Context, to string) error {
 		defer n.transferring.Add(-1)
 		err := n.flushEpoch(st.Generation)
 		if err == nil {
-			err = n.raft.LeadershipTransferToServer(raft.ServerID(target.ID), raft.ServerAddress(target.RaftAddr)).Error()
+			err = n.transferLeadership(target)
 		}
 		// Whatever happened, the old activation is gone: becoming primary
 		// again takes a new claim and generation.
@@ -901,7 +910,7 @@ func (n *Node) execLocked(a Action, v View, now time.Time) {
 		n.transfers++
 		n.transferring.Add(1)
 		n.worker(func() {
-			err := n.raft.LeadershipTransferToServer(raft.ServerID(a.Target.ID), raft.ServerAddress(a.Target.RaftAddr)).Error()
+			err := n.transferLeadership(a.Target)
 			n.transferring.Add(-1)
 			n.mu.Lock()
 			n.pending.Transfer = false
@@ -1015,7 +1024,14 @@ func (n *Node) checkVoter(info NodeInfo) error {
 	return fmt.Errorf("%w: node id %s is not a voter of this cluster", ErrMembership, info.ID)
 }
 
-// handleRegister serves a follower's registration on the leader.
+// wrongClusterReply is a registrant's answer when its cluster ID differs:
+// it names neither ID (the leader logs them), so a stranger cannot learn
+// the cluster's ID from a refusal.
+var wrongClusterReply = ErrWrongCluster.Error() + ": wrong cluster (this node's cluster ID is not the leader's; the leader's log has the details)"
+
+// handleRegister serves a follower's registration on the leader. The
+// transport has already checked that the registrant registers itself
+// (muxStream.checkRegistrant).
 func (n *Node) handleRegister(req registerRequest) registerReply {
 	if n.closed.Load() || !n.started.Load() {
 		return registerReply{Err: ErrClosed.Error()}
@@ -1024,22 +1040,56 @@ func (n *Node) handleRegister(req registerRequest) registerReply {
 		addr, _ := n.raft.LeaderWithID()
 		return registerReply{Err: ErrNotLeader.Error(), LeaderAddr: string(addr)}
 	}
+	if req.ClusterID != n.cfg.ClusterID {
+		n.log.Warn("registration refused: wrong cluster", "node", req.Info.ID, "their_cluster", req.ClusterID, "our_cluster", n.cfg.ClusterID)
+		return registerReply{Err: wrongClusterReply}
+	}
 	if err := n.checkVoter(req.Info); err != nil {
 		return registerReply{Err: err.Error()}
 	}
 	if err := n.apply(cmdRegister, &registerCmd{ClusterID: req.ClusterID, Info: req.Info}); err != nil {
+		if errors.Is(err, ErrWrongCluster) {
+			n.log.Warn("registration refused", "node", req.Info.ID, "err", err)
+			return registerReply{Err: wrongClusterReply}
+		}
 		return registerReply{Err: err.Error()}
 	}
 	return registerReply{}
 }
 
-// noPipeline turns off raft's pipelined replication. With three nodes it
-// buys nothing, and raft v1.7.3's pipeline can deadlock Shutdown (the
-// replication goroutine blocks handing a future to a decoder that stopped).
-type noPipeline struct{ *raft.NetworkTransport }
+// transferVoteWindow is how long after starting a leadership transfer this
+// node honours the target's vote request with the LeadershipTransfer flag.
+func (n *Node) transferVoteWindow() time.Duration {
+	return max(4*n.cfg.ElectionTimeout, 2*time.Second)
+}
 
-func (noPipeline) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
-	return nil, raft.ErrPipelineReplicationNotSupported
+// transferLeadership hands raft leadership to target. It first records the
+// grant, so that this node, and only it, honours target's vote request
+// that bypasses the vote check (see muxStream.admit).
+func (n *Node) transferLeadership(target NodeInfo) error {
+	n.transferGrant.Store(&transferGrant{to: target.ID, until: n.clock.Now().Add(n.transferVoteWindow())})
+	return n.raft.LeadershipTransferToServer(raft.ServerID(target.ID), raft.ServerAddress(target.RaftAddr)).Error()
+}
+
+// transferGrant: this node started a leadership transfer to "to".
+type transferGrant struct {
+	to    string
+	until time.Time
+}
+
+// leaderID implements raftPolicy.
+func (n *Node) leaderID() string {
+	if !n.started.Load() {
+		return ""
+	}
+	_, id := n.raft.LeaderWithID()
+	return string(id)
+}
+
+// transferVote implements raftPolicy.
+func (n *Node) transferVote(candidate string) bool {
+	g := n.transferGrant.Load()
+	return g != nil && g.to == candidate && n.clock.Now().Before(g.until)
 }
 
 // slogWriter feeds hclog's lines (raft's logs) into slog.

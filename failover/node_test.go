@@ -14,8 +14,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/raft"
 )
 
 // testCluster is a real trio on loopback TCP with bbolt logs in temp dirs.
@@ -216,7 +214,11 @@ func TestClusterElectsConfiguredPrimary(t *testing.T) {
 // failoverOnce starts a trio, protects it, kills the primary and returns how
 // long until the secondary was active under a higher generation.
 func failoverOnce(t *testing.T) (time.Duration, *testCluster) {
-	c := newTestCluster(t)
+	return failoverOn(t, newTestCluster(t))
+}
+
+// failoverOn is failoverOnce on the cluster c (not started yet).
+func failoverOn(t *testing.T, c *testCluster) (time.Duration, *testCluster) {
 	for _, id := range []string{"p", "s", "w"} {
 		c.start(id)
 	}
@@ -240,7 +242,13 @@ func failoverOnce(t *testing.T) (time.Duration, *testCluster) {
 }
 
 func TestFailoverAfterPrimaryKill(t *testing.T) {
-	d, c := failoverOnce(t)
+	failoverAndRejoin(t, newTestCluster(t))
+}
+
+// failoverAndRejoin kills the primary of c, checks the secondary takes
+// over, and restarts the old primary as a follower.
+func failoverAndRejoin(t *testing.T, c *testCluster) {
+	d, c := failoverOn(t, c)
 	t.Logf("leader kill -> secondary primary: %v", d)
 	if d > 2*time.Second {
 		t.Errorf("failover took %v", d)
@@ -350,8 +358,9 @@ func TestPartitionedPrimaryStopsReleasing(t *testing.T) {
 	}
 }
 
-func TestSwitchover(t *testing.T) {
-	c := newTestCluster(t)
+func TestSwitchover(t *testing.T) { switchover(t, newTestCluster(t)) }
+
+func switchover(t *testing.T, c *testCluster) {
 	for _, id := range []string{"p", "s", "w"} {
 		c.start(id)
 	}
@@ -506,8 +515,9 @@ func TestStaleDataHeartbeatUnprotects(t *testing.T) {
 	}
 }
 
-func TestWitnessLeaderHandsOver(t *testing.T) {
-	c := newTestCluster(t)
+func TestWitnessLeaderHandsOver(t *testing.T) { witnessHandsOver(t, newTestCluster(t)) }
+
+func witnessHandsOver(t *testing.T, c *testCluster) {
 	for _, id := range []string{"p", "s", "w"} {
 		c.start(id)
 	}
@@ -518,7 +528,7 @@ func TestWitnessLeaderHandsOver(t *testing.T) {
 	// Force the witness into leadership, as an election could.
 	p.transferring.Add(1)
 	start := time.Now()
-	if err := p.raft.LeadershipTransferToServer("w", raftAddr(c, "w")).Error(); err != nil {
+	if err := p.transferLeadership(NodeInfo{ID: "w", RaftAddr: c.peers["w"]}); err != nil {
 		t.Fatal(err)
 	}
 	p.transferring.Add(-1)
@@ -528,5 +538,3 @@ func TestWitnessLeaderHandsOver(t *testing.T) {
 		t.Fatal("witness or old primary may release")
 	}
 }
-
-func raftAddr(c *testCluster, id string) raft.ServerAddress { return raft.ServerAddress(c.peers[id]) }

@@ -1,17 +1,23 @@
 package failover
 
 import (
+	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
+	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-msgpack/v2/codec"
 	"github.com/hashicorp/raft"
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 // registerMagic starts a registration connection on the raft port. raft's
@@ -19,64 +25,139 @@ import (
 // one byte tells the two apart and the trio needs a single port per node.
 const registerMagic byte = 0xA7
 
-// maxRegisterFrame bounds a registration message: a few addresses.
-const maxRegisterFrame = 16 << 10
+// maxRegisterFrame bounds a registration message: an ID, a role and four
+// addresses fit many times over.
+const maxRegisterFrame = 4 << 10
 
-// classifyTimeout bounds how long an accepted connection may take to send
-// its first byte.
-const classifyTimeout = 5 * time.Second
+// Deadlines on the raft port. handshakeTimeout bounds an accepted
+// connection's TLS handshake, classifyTimeout the wait for its first byte
+// after it, registerReadTimeout the registration frame, registerWriteTimeout
+// the reply.
+const (
+	handshakeTimeout     = 3 * time.Second
+	classifyTimeout      = 5 * time.Second
+	registerReadTimeout  = 2 * time.Second
+	registerWriteTimeout = 2 * time.Second
+)
 
-// muxStream is the raft.StreamLayer under raft's NetworkTransport: plain
-// TCP, plus (a) the registration RPC a follower uses to put its addresses
-// into the FSM through the leader, and (b) an isolation switch tests use to
-// cut a node off (dials fail, live connections break, accepted ones close).
+// maxUnclassified bounds the accepted connections still in their handshake
+// or before their first byte (or in a registration); beyond it new ones are
+// closed at once.
+const maxUnclassified = 64
+
+// muxConfig configures a muxStream.
+type muxConfig struct {
+	// Addr is the address to listen on, and the address raft advertises
+	// (Addr()); a port 0 advertises the port chosen.
+	Addr string
+	// TLS: mutual TLS against the cluster CA; nil: plaintext, loopback
+	// only unless Insecure.
+	TLS      *trust.Identity
+	Insecure bool
+	// Members maps every voter's ID to its raft address: the only
+	// addresses Dial reaches, and the only IDs a peer may be.
+	Members map[string]string
+	// Handle serves a registration request already checked against the
+	// connection's identity. Nil: registrations are refused.
+	Handle func(registerRequest) registerReply
+	// Policy answers the raft RPC rules (who leads, which transfer this
+	// node started). Nil: every TimeoutNow is refused.
+	Policy raftPolicy
+	Log    *slog.Logger
+}
+
+// muxStream is the raft.StreamLayer under raft's NetworkTransport, and the
+// server side of raft's RPCs on this node: TCP or mutual TLS, plus (a) the
+// registration RPC a follower uses to put its addresses into the FSM
+// through the leader, and (b) an isolation switch tests use to cut a node
+// off (dials fail, live connections break, accepted ones close).
+//
+// Accepted raft connections are served here (rpc.go), not by the
+// NetworkTransport, so that every RPC is checked against the connection's
+// certificate and the node's view of raft before raft sees it.
 type muxStream struct {
 	ln        net.Listener
-	raftConns chan net.Conn
-	closed    chan struct{}
-	closeOnce sync.Once
-	isolated  atomic.Bool
-	// handle serves a registration request; set before the accept loop
-	// starts and never changed.
-	handle func(registerRequest) registerReply
+	advertise net.Addr
+	id        *trust.Identity
+	insecure  bool
+	members   map[string]string // ID -> raft address
+	byAddr    map[string]string // raft address -> ID
+	handle    func(registerRequest) registerReply
+	policy    raftPolicy
+	log       *slog.Logger
 
-	// connsMu guards conns, every connection this layer handed out, so
-	// isolation and Close can break them.
+	// rpcs carries checked RPCs to raft (the transport's Consumer).
+	rpcs        chan raft.RPC
+	heartbeatMu sync.Mutex
+	heartbeatFn func(raft.RPC)
+
+	unclassified chan struct{} // semaphore, maxUnclassified
+	closed       chan struct{}
+	closeOnce    sync.Once
+	isolated     atomic.Bool
+
+	// connsMu guards conns, every connection this layer handed out or
+	// serves, so isolation and Close can break them.
 	connsMu sync.Mutex
 	conns   map[*trackedConn]struct{}
 
 	wg sync.WaitGroup
 }
 
-func listenMux(addr string, handle func(registerRequest) registerReply) (*muxStream, error) {
-	ln, err := net.Listen("tcp", addr)
+func listenMux(cfg muxConfig) (*muxStream, error) {
+	ln, err := trust.Listen(cfg.TLS, cfg.Insecure, "--raft", cfg.Addr)
 	if err != nil {
-		return nil, fmt.Errorf("failover: listen on raft address %s: %w", addr, err)
+		return nil, fmt.Errorf("failover: raft port: %w", err)
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	m := &muxStream{
-		ln:        ln,
-		raftConns: make(chan net.Conn),
-		closed:    make(chan struct{}),
-		handle:    handle,
-		conns:     make(map[*trackedConn]struct{}),
+		ln:           ln,
+		advertise:    ln.Addr(),
+		id:           cfg.TLS,
+		insecure:     cfg.Insecure,
+		members:      map[string]string{},
+		byAddr:       map[string]string{},
+		handle:       cfg.Handle,
+		policy:       cfg.Policy,
+		log:          cfg.Log,
+		rpcs:         make(chan raft.RPC),
+		unclassified: make(chan struct{}, maxUnclassified),
+		closed:       make(chan struct{}),
+		conns:        make(map[*trackedConn]struct{}),
+	}
+	if _, port, err := net.SplitHostPort(cfg.Addr); err == nil && port != "0" {
+		// raft puts this address in every RPC it sends; peers check it
+		// against their member list, which holds the configured form.
+		m.advertise = advertisedAddr(cfg.Addr)
+	}
+	for id, a := range cfg.Members {
+		m.members[id] = a
+		m.byAddr[a] = id
 	}
 	m.wg.Add(1)
 	go m.acceptLoop()
 	return m, nil
 }
 
-// Accept implements net.Listener for raft: only raft connections come out.
+// advertisedAddr is the raft address as configured (a host name stays a
+// host name), which is what raft must advertise to its peers.
+type advertisedAddr string
+
+func (advertisedAddr) Network() string  { return "tcp" }
+func (a advertisedAddr) String() string { return string(a) }
+
+// Accept implements net.Listener for raft's NetworkTransport. Nothing comes
+// out: this layer serves accepted raft connections itself (rpc.go). It
+// returns when the layer closes.
 func (m *muxStream) Accept() (net.Conn, error) {
-	select {
-	case c := <-m.raftConns:
-		return c, nil
-	case <-m.closed:
-		return nil, net.ErrClosed
-	}
+	<-m.closed
+	return nil, net.ErrClosed
 }
 
 // Close stops accepting and breaks every connection. It waits for the
-// accept loop and registration handlers, which are all bounded by deadlines.
+// accept loop and every connection's goroutine, which all end on close.
 func (m *muxStream) Close() error {
 	m.closeOnce.Do(func() {
 		close(m.closed)
@@ -87,18 +168,35 @@ func (m *muxStream) Close() error {
 	return nil
 }
 
-func (m *muxStream) Addr() net.Addr { return m.ln.Addr() }
+func (m *muxStream) Addr() net.Addr { return m.advertise }
 
-// Dial implements raft.StreamLayer.
+// Dial implements raft.StreamLayer. It reaches members only: the address
+// must be a member's raft address, and with TLS the server's certificate
+// must name that member.
 func (m *muxStream) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	if m.isolated.Load() {
 		return nil, fmt.Errorf("failover: dial %s: node isolated", address)
 	}
-	c, err := net.DialTimeout("tcp", string(address), timeout)
+	id, ok := m.byAddr[string(address)]
+	if !ok {
+		return nil, fmt.Errorf("failover: dial %s: not the raft address of a member (%s)", address, m.memberList())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	c, err := trust.Dial(ctx, m.id, string(address), id)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("failover: dial %s (%s): %w", id, address, err)
 	}
 	return m.track(c), nil
+}
+
+func (m *muxStream) memberList() string {
+	var parts []string
+	for id, a := range m.members {
+		parts = append(parts, id+"="+a)
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ",")
 }
 
 // setIsolated cuts this node off the network (tests) or reconnects it.
@@ -117,11 +215,16 @@ func (m *muxStream) breakAll() {
 	}
 }
 
-func (m *muxStream) track(c net.Conn) net.Conn {
+func (m *muxStream) track(c net.Conn) *trackedConn {
 	tc := &trackedConn{Conn: c, m: m}
 	m.connsMu.Lock()
 	m.conns[tc] = struct{}{}
 	m.connsMu.Unlock()
+	select {
+	case <-m.closed: // Close's breakAll may have run before this insert
+		c.Close()
+	default:
+	}
 	return tc
 }
 
@@ -150,14 +253,31 @@ func (m *muxStream) acceptLoop() {
 			c.Close()
 			continue
 		}
+		select {
+		case m.unclassified <- struct{}{}:
+		default:
+			m.log.Warn("raft port: connection refused", "remote", c.RemoteAddr().String(), "why", fmt.Sprintf("%d connections already in their handshake", maxUnclassified))
+			c.Close()
+			continue
+		}
 		m.wg.Add(1)
 		go m.classify(c)
 	}
 }
 
-// classify reads the first byte and routes the connection.
-func (m *muxStream) classify(c net.Conn) {
+// classify authenticates a connection, reads its first byte and routes it:
+// a registration, or raft RPCs.
+func (m *muxStream) classify(raw net.Conn) {
 	defer m.wg.Done()
+	c := m.track(raw) // Close and isolation break it from here on
+	release := sync.OnceFunc(func() { <-m.unclassified })
+	defer release()
+	peer, err := m.authenticate(raw)
+	if err != nil {
+		m.log.Warn("raft port: connection refused", "remote", raw.RemoteAddr().String(), "why", err.Error())
+		c.Close()
+		return
+	}
 	c.SetReadDeadline(time.Now().Add(classifyTimeout))
 	var b [1]byte
 	if _, err := io.ReadFull(c, b[:]); err != nil {
@@ -165,27 +285,113 @@ func (m *muxStream) classify(c net.Conn) {
 		return
 	}
 	c.SetReadDeadline(time.Time{})
-	if b[0] == registerMagic {
-		m.serveRegister(c)
-		return
-	}
-	tc := m.track(&prefixConn{Conn: c, prefix: b[:]})
-	select {
-	case m.raftConns <- tc:
-	case <-m.closed:
-		tc.Close()
+	switch {
+	case b[0] == registerMagic:
+		m.serveRegister(c, raw, peer)
+	case b[0] <= rpcTypeMax:
+		release()
+		m.serveRaft(c, b[0], peer)
+	default:
+		m.log.Warn("raft port: connection refused", "remote", raw.RemoteAddr().String(), "peer", peer, "why", fmt.Sprintf("first byte %#x is neither a raft RPC nor a registration", b[0]))
+		c.Close()
 	}
 }
 
-func (m *muxStream) serveRegister(c net.Conn) {
+// authenticate completes an accepted connection's TLS handshake within
+// handshakeTimeout and returns the member its certificate names. Without
+// TLS it returns "" (the listener binds loopback only, unless Insecure).
+func (m *muxStream) authenticate(c net.Conn) (string, error) {
+	if m.id == nil {
+		return "", nil
+	}
+	if err := trust.Handshake(c, handshakeTimeout); err != nil {
+		cert := "none"
+		var ve *tls.CertificateVerificationError
+		if errors.As(err, &ve) && len(ve.UnverifiedCertificates) > 0 {
+			cert = certDesc(ve.UnverifiedCertificates[0].Subject.CommonName, ve.UnverifiedCertificates[0].DNSNames)
+		}
+		return "", fmt.Errorf("certificate %s: TLS handshake failed: %v", cert, err)
+	}
+	name, _ := trust.PeerName(c)
+	return m.memberNamed(trust.PeerNames(c), name)
+}
+
+// memberNamed is the one member a certificate's names name.
+func (m *muxStream) memberNamed(names []string, name string) (string, error) {
+	var found []string
+	for _, n := range names {
+		if _, ok := m.members[n]; ok && !containsStr(found, n) {
+			found = append(found, n)
+		}
+	}
+	switch len(found) {
+	case 1:
+		return found[0], nil
+	case 0:
+		return "", fmt.Errorf("certificate %s (names %s) is of the cluster CA but names no member (%s)", certDesc(name, nil), strings.Join(names, ","), m.memberList())
+	}
+	return "", fmt.Errorf("certificate %s names several members (%s): ambiguous, refused", certDesc(name, nil), strings.Join(found, ","))
+}
+
+func certDesc(cn string, dns []string) string {
+	if cn == "" && len(dns) > 0 {
+		cn = dns[0]
+	}
+	return fmt.Sprintf("%q", cn)
+}
+
+func containsStr(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// serveRegister serves one registration. A registration may change only
+// the registering node's own entry: with TLS, the NodeInfo's ID must be
+// the member the connection's certificate names; without TLS the peer
+// must be on loopback (or the operator chose Insecure).
+func (m *muxStream) serveRegister(c net.Conn, raw net.Conn, peer string) {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(classifyTimeout))
+	c.SetReadDeadline(time.Now().Add(registerReadTimeout))
 	var req registerRequest
 	if err := readFrame(c, &req); err != nil {
+		m.log.Warn("raft port: registration refused", "remote", raw.RemoteAddr().String(), "peer", peer, "why", err.Error())
 		return
 	}
-	reply := m.handle(req)
+	var reply registerReply
+	if err := m.checkRegistrant(raw, peer, req.Info.ID); err != nil {
+		m.log.Warn("raft port: registration refused", "remote", raw.RemoteAddr().String(), "peer", peer, "claims", req.Info.ID, "why", err.Error())
+		reply.Err = fmt.Sprintf("failover: registration of %q refused: %s", req.Info.ID, errNotYours)
+	} else if m.handle == nil {
+		reply.Err = ErrClosed.Error()
+	} else {
+		reply = m.handle(req)
+	}
+	c.SetWriteDeadline(time.Now().Add(registerWriteTimeout))
 	writeFrame(c, &reply)
+}
+
+// errNotYours is what a registrant refused by checkRegistrant is told.
+const errNotYours = "a node may register only itself (with TLS: the ID its certificate names; without: from loopback)"
+
+func (m *muxStream) checkRegistrant(raw net.Conn, peer, claimed string) error {
+	if m.id != nil {
+		if claimed != peer {
+			return fmt.Errorf("the connection's certificate names member %q, the registration is for %q", peer, claimed)
+		}
+		return trust.CheckPeer(raw, claimed)
+	}
+	if m.insecure {
+		return nil // plaintext off loopback: the operator's explicit choice
+	}
+	host, _, err := net.SplitHostPort(raw.RemoteAddr().String())
+	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("plaintext registration from %s, not loopback", raw.RemoteAddr())
+	}
+	return nil
 }
 
 // trackedConn fails every call once its layer is isolated, so a partition
@@ -216,21 +422,6 @@ func (c *trackedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// prefixConn replays the byte classify consumed.
-type prefixConn struct {
-	net.Conn
-	prefix []byte
-}
-
-func (c *prefixConn) Read(p []byte) (int, error) {
-	if len(c.prefix) > 0 {
-		n := copy(p, c.prefix)
-		c.prefix = c.prefix[n:]
-		return n, nil
-	}
-	return c.Conn.Read(p)
-}
-
 // registerRequest asks the leader to record Info in the FSM.
 type registerRequest struct {
 	ClusterID string   `codec:"cluster"`
@@ -244,8 +435,8 @@ type registerReply struct {
 	LeaderAddr string `codec:"leader"`
 }
 
-// registerRemote sends req to the node at addr and returns its reply. The
-// whole exchange is bounded by timeout.
+// registerRemote sends req to the node at addr (a member's raft address)
+// and returns its reply. The whole exchange is bounded by timeout.
 func (m *muxStream) registerRemote(addr string, req registerRequest, timeout time.Duration) (registerReply, error) {
 	c, err := m.Dial(raft.ServerAddress(addr), timeout)
 	if err != nil {
@@ -283,7 +474,7 @@ func readFrame(r io.Reader, v any) error {
 	}
 	n := binary.BigEndian.Uint32(hdr[:])
 	if n > maxRegisterFrame {
-		return fmt.Errorf("%w: frame of %d bytes", ErrCorrupt, n)
+		return fmt.Errorf("%w: frame of %d bytes (limit %d)", ErrCorrupt, n, maxRegisterFrame)
 	}
 	body := make([]byte, n)
 	if _, err := io.ReadFull(r, body); err != nil {

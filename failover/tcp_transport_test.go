@@ -3,9 +3,11 @@ package failover
 import (
 	"bytes"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-msgpack/v2/codec"
 	"github.com/hashicorp/raft"
 )
 
@@ -24,16 +26,18 @@ func FuzzReadFrame(f *testing.F) {
 }
 
 func TestMuxRoutesRegistrationAndIsolates(t *testing.T) {
+	addrs := freeAddrs(t, 2)
+	members := map[string]string{"s": addrs[0], "p": addrs[1]}
 	got := make(chan registerRequest, 1)
-	m, err := listenMux("127.0.0.1:0", func(r registerRequest) registerReply {
+	m, err := listenMux(muxConfig{Addr: addrs[0], Members: members, Handle: func(r registerRequest) registerReply {
 		got <- r
 		return registerReply{Err: "no thanks", LeaderAddr: "x:1"}
-	})
+	}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	client, err := listenMux("127.0.0.1:0", nil)
+	client, err := listenMux(muxConfig{Addr: addrs[1], Members: members})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,27 +51,51 @@ func TestMuxRoutesRegistrationAndIsolates(t *testing.T) {
 		t.Fatalf("reply %+v", reply)
 	}
 
-	// A raft connection (first byte 0..4) comes out of Accept with its
-	// first byte intact.
+	// A raft connection (first byte 0..4) is served by the layer: a
+	// request naming a sender that is no member is refused with an
+	// answer, and the connection closed.
 	c, err := net.Dial("tcp", m.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.Write([]byte{1, 2, 3})
-	rc, err := m.Accept()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if err := sendRPC(c, rpcTimeoutNow, &raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{ID: []byte("x"), Addr: []byte("127.0.0.1:1")}}); err != nil {
+		t.Fatal(err)
+	}
+	if msg, err := readRPCReply(c, &raft.TimeoutNowResponse{}); err != nil || !strings.Contains(msg, "not a member") {
+		t.Fatalf("reply to a stranger's TimeoutNow: %q, %v", msg, err)
+	}
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("connection open after a refused RPC")
+	}
+	// No member dialled it: nothing reached raft.
+	select {
+	case rpc := <-m.rpcs:
+		t.Fatalf("a refused RPC reached raft: %T", rpc.Command)
+	default:
+	}
+
+	// Only members' addresses are dialled.
+	if _, err := client.Dial("127.0.0.1:9", time.Second); err == nil || !strings.Contains(err.Error(), "not the raft address of a member") {
+		t.Fatalf("dial of a non-member address: %v", err)
+	}
+
+	// Isolation breaks live connections and refuses dials.
+	live, err := client.Dial(raft.ServerAddress(m.Addr().String()), time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 3)
-	rc.SetReadDeadline(time.Now().Add(2 * time.Second))
-	if _, err := rc.Read(buf[:1]); err != nil || buf[0] != 1 {
-		t.Fatalf("first byte %v %v", buf[0], err)
-	}
-
-	// Isolation breaks the live connection and refuses dials.
+	defer live.Close()
+	live.Write([]byte{rpcAppendEntries})
+	waitFor(t, 2*time.Second, "the connection tracked on m", func() bool {
+		m.connsMu.Lock()
+		defer m.connsMu.Unlock()
+		return len(m.conns) > 0
+	})
 	m.setIsolated(true)
-	if _, err := rc.Read(buf); err == nil {
+	live.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := live.Read(make([]byte, 1)); err == nil {
 		t.Fatal("read on an isolated node's connection succeeded")
 	}
 	if _, err := m.Dial(raft.ServerAddress(client.Addr().String()), time.Second); err == nil {
@@ -76,4 +104,25 @@ func TestMuxRoutesRegistrationAndIsolates(t *testing.T) {
 	if _, err := client.registerRemote(m.Addr().String(), registerRequest{}, 500*time.Millisecond); err == nil {
 		t.Fatal("isolated node answered a registration")
 	}
+}
+
+// sendRPC writes one raw raft request: the type byte, then msgpack.
+func sendRPC(c net.Conn, typ byte, req any) error {
+	var buf bytes.Buffer
+	buf.WriteByte(typ)
+	if err := codec.NewEncoder(&buf, &codec.MsgpackHandle{}).Encode(req); err != nil {
+		return err
+	}
+	_, err := c.Write(buf.Bytes())
+	return err
+}
+
+// readRPCReply reads raft's answer: an error string, then the response.
+func readRPCReply(c net.Conn, resp any) (string, error) {
+	dec := codec.NewDecoder(c, &codec.MsgpackHandle{})
+	var msg string
+	if err := dec.Decode(&msg); err != nil {
+		return "", err
+	}
+	return msg, dec.Decode(resp)
 }

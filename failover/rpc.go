@@ -1,0 +1,243 @@
+package failover
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+
+	"github.com/hashicorp/go-msgpack/v2/codec"
+	"github.com/hashicorp/raft"
+)
+
+// raft's RPC type bytes (hashicorp/raft v1.7.3, net_transport.go): the
+// first byte of every request on a raft connection, followed by the
+// msgpack request; the reply is msgpack(error string), msgpack(response).
+const (
+	rpcAppendEntries   byte = 0
+	rpcRequestVote     byte = 1
+	rpcInstallSnapshot byte = 2
+	rpcTimeoutNow      byte = 3
+	rpcRequestPreVote  byte = 4
+	rpcTypeMax              = rpcRequestPreVote
+)
+
+// rpcReceiveBuffer is the read buffer of a served raft connection (as in
+// raft's NetworkTransport).
+const rpcReceiveBuffer = 256 << 10
+
+// raftPolicy is what the RPC checks need to know of the node's raft.
+type raftPolicy interface {
+	// leaderID is the raft leader this node recognises ("" for none).
+	leaderID() string
+	// transferVote reports whether this node itself started a leadership
+	// transfer to candidate recently: only then may candidate's vote
+	// request bypass the vote check (raft's LeadershipTransfer flag).
+	transferVote(candidate string) bool
+}
+
+// transport is raft's NetworkTransport for outgoing RPCs, with the server
+// side replaced by muxStream's checked one (Consumer, heartbeats) and
+// pipelining off: with three nodes it buys nothing, and raft v1.7.3's
+// pipeline can deadlock Shutdown (the replication goroutine blocks handing
+// a future to a decoder that stopped).
+type transport struct {
+	*raft.NetworkTransport
+	m *muxStream
+}
+
+func (t transport) Consumer() <-chan raft.RPC { return t.m.rpcs }
+
+func (t transport) SetHeartbeatHandler(fn func(raft.RPC)) {
+	t.m.heartbeatMu.Lock()
+	t.m.heartbeatFn = fn
+	t.m.heartbeatMu.Unlock()
+}
+
+func (transport) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
+	return nil, raft.ErrPipelineReplicationNotSupported
+}
+
+// errRefused ends a connection whose RPC was refused.
+var errRefused = errors.New("failover: raft RPC refused")
+
+// serveRaft serves raft RPCs on an accepted connection whose first byte
+// (first) was already read, until it breaks or an RPC is refused. peer is
+// the member its certificate names ("" without TLS).
+func (m *muxStream) serveRaft(c net.Conn, first byte, peer string) {
+	defer c.Close()
+	r := bufio.NewReaderSize(c, rpcReceiveBuffer)
+	w := bufio.NewWriter(c)
+	dec := codec.NewDecoder(r, &codec.MsgpackHandle{})
+	// As raft's NetworkTransport with MsgpackUseNewTimeFormat false.
+	enc := codec.NewEncoder(w, &codec.MsgpackHandle{BasicHandle: codec.BasicHandle{TimeNotBuiltin: true}})
+	typ := first
+	for {
+		if err := m.serveRPC(c, typ, r, dec, enc, peer); err != nil {
+			w.Flush()
+			return
+		}
+		if err := w.Flush(); err != nil {
+			return
+		}
+		var err error
+		if typ, err = r.ReadByte(); err != nil {
+			return
+		}
+	}
+}
+
+// serveRPC decodes one request, checks it (admit), hands it to raft and
+// writes raft's answer, as NetworkTransport.handleCommand does.
+func (m *muxStream) serveRPC(c net.Conn, typ byte, r *bufio.Reader, dec *codec.Decoder, enc *codec.Encoder, peer string) error {
+	respCh := make(chan raft.RPCResponse, 1)
+	rpc := raft.RPC{RespChan: respCh}
+	var empty any // the response a refusal carries
+	heartbeat := false
+	switch typ {
+	case rpcAppendEntries:
+		var req raft.AppendEntriesRequest
+		if err := dec.Decode(&req); err != nil {
+			return err
+		}
+		rpc.Command, empty = &req, &raft.AppendEntriesResponse{}
+		heartbeat = req.Term != 0 && len(req.RPCHeader.Addr) > 0 &&
+			req.PrevLogEntry == 0 && req.PrevLogTerm == 0 &&
+			len(req.Entries) == 0 && req.LeaderCommitIndex == 0
+	case rpcRequestVote:
+		var req raft.RequestVoteRequest
+		if err := dec.Decode(&req); err != nil {
+			return err
+		}
+		rpc.Command, empty = &req, &raft.RequestVoteResponse{}
+	case rpcRequestPreVote:
+		var req raft.RequestPreVoteRequest
+		if err := dec.Decode(&req); err != nil {
+			return err
+		}
+		rpc.Command, empty = &req, &raft.RequestPreVoteResponse{}
+	case rpcInstallSnapshot:
+		var req raft.InstallSnapshotRequest
+		if err := dec.Decode(&req); err != nil {
+			return err
+		}
+		rpc.Command, empty = &req, &raft.InstallSnapshotResponse{}
+		rpc.Reader = io.LimitReader(r, req.Size)
+	case rpcTimeoutNow:
+		var req raft.TimeoutNowRequest
+		if err := dec.Decode(&req); err != nil {
+			return err
+		}
+		rpc.Command, empty = &req, &raft.TimeoutNowResponse{}
+	default:
+		m.log.Warn("raft port: RPC refused", "remote", c.RemoteAddr().String(), "peer", peer, "why", fmt.Sprintf("unknown RPC type %d", typ))
+		return errRefused
+	}
+
+	if err := m.admit(typ, rpc.Command, peer); err != nil {
+		m.log.Warn("raft port: RPC refused", "rpc", rpcName(typ), "remote", c.RemoteAddr().String(), "peer", peer, "why", err.Error())
+		// Answer, so an honest sender fails at once instead of timing out;
+		// then close the connection.
+		if enc.Encode(err.Error()) == nil {
+			enc.Encode(empty)
+		}
+		return errRefused
+	}
+
+	if heartbeat {
+		m.heartbeatMu.Lock()
+		fn := m.heartbeatFn
+		m.heartbeatMu.Unlock()
+		if fn != nil {
+			fn(rpc)
+			goto respond
+		}
+	}
+	select {
+	case m.rpcs <- rpc:
+	case <-m.closed:
+		return net.ErrClosed
+	}
+respond:
+	select {
+	case resp := <-respCh:
+		respErr := ""
+		if resp.Error != nil {
+			respErr = resp.Error.Error()
+		}
+		if err := enc.Encode(respErr); err != nil {
+			return err
+		}
+		return enc.Encode(resp.Response)
+	case <-m.closed:
+		return net.ErrClosed
+	}
+}
+
+// admit checks one raft request before raft sees it:
+//   - the sender it names (RPC header ID) is a member, at the raft address
+//     the members list gives it (raft learns the leader's address from
+//     this header);
+//   - with TLS, the connection's certificate names that sender;
+//   - TimeoutNow (which makes raft start an election at once) only from
+//     the leader this node recognises: Tandem transfers leadership only
+//     from the leader (Switchover, the witness's hand-over);
+//   - a vote request's LeadershipTransfer flag (which bypasses the vote
+//     check "I still follow a live leader") counts only on the node that
+//     started a transfer to that candidate; elsewhere it is cleared, so
+//     the vote follows raft's normal rules.
+func (m *muxStream) admit(typ byte, cmd any, peer string) error {
+	wh, ok := cmd.(raft.WithRPCHeader)
+	if !ok {
+		return fmt.Errorf("%s without an RPC header", rpcName(typ))
+	}
+	h := wh.GetRPCHeader()
+	id, addr := string(h.ID), string(h.Addr)
+	want, member := m.members[id]
+	switch {
+	case !member:
+		return fmt.Errorf("sender %q is not a member (%s)", id, m.memberList())
+	case addr != want:
+		return fmt.Errorf("sender %s claims raft address %q, the members list has %s", id, addr, want)
+	case m.id != nil && id != peer:
+		return fmt.Errorf("sender claims to be %s, the connection's certificate names %s", id, peer)
+	}
+	switch typ {
+	case rpcTimeoutNow:
+		leader := ""
+		if m.policy != nil {
+			leader = m.policy.leaderID()
+		}
+		if leader == "" || leader != id {
+			if leader == "" {
+				leader = "none"
+			}
+			return fmt.Errorf("TimeoutNow from %s, but the raft leader this node follows is %s: only the leader's own transfer may start an election", id, leader)
+		}
+	case rpcRequestVote:
+		req := cmd.(*raft.RequestVoteRequest)
+		if req.LeadershipTransfer && (m.policy == nil || !m.policy.transferVote(id)) {
+			req.LeadershipTransfer = false
+			m.log.Info("raft port: leadership-transfer flag of a vote request ignored", "candidate", id, "term", req.Term,
+				"why", "this node did not hand leadership to it; the vote follows the normal rules")
+		}
+	}
+	return nil
+}
+
+func rpcName(typ byte) string {
+	switch typ {
+	case rpcAppendEntries:
+		return "AppendEntries"
+	case rpcRequestVote:
+		return "RequestVote"
+	case rpcInstallSnapshot:
+		return "InstallSnapshot"
+	case rpcTimeoutNow:
+		return "TimeoutNow"
+	case rpcRequestPreVote:
+		return "RequestPreVote"
+	}
+	return fmt.Sprintf("rpc(%d)", typ)
+}
