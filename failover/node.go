@@ -1041,7 +1041,7 @@ func (n *Node) handleRegister(req registerRequest) registerReply {
 		return registerReply{Err: ErrNotLeader.Error(), LeaderAddr: string(addr)}
 	}
 	if req.ClusterID != n.cfg.ClusterID {
-		n.log.Warn("registration refused: wrong cluster", "node", req.Info.ID, "their_cluster", req.ClusterID, "our_cluster", n.cfg.ClusterID)
+		n.log.Warn("registration refused: wrong cluster", "registrant", req.Info.ID, "their_cluster", req.ClusterID, "our_cluster", n.cfg.ClusterID)
 		return registerReply{Err: wrongClusterReply}
 	}
 	if err := n.checkVoter(req.Info); err != nil {
@@ -1049,7 +1049,7 @@ func (n *Node) handleRegister(req registerRequest) registerReply {
 	}
 	if err := n.apply(cmdRegister, &registerCmd{ClusterID: req.ClusterID, Info: req.Info}); err != nil {
 		if errors.Is(err, ErrWrongCluster) {
-			n.log.Warn("registration refused", "node", req.Info.ID, "err", err)
+			n.log.Warn("registration refused", "registrant", req.Info.ID, "err", err)
 			return registerReply{Err: wrongClusterReply}
 		}
 		return registerReply{Err: err.Error()}

@@ -305,12 +305,12 @@ func (m *muxStream) authenticate(c net.Conn) (string, error) {
 		return "", nil
 	}
 	if err := trust.Handshake(c, handshakeTimeout); err != nil {
-		cert := "none"
+		cert := "no certificate"
 		var ve *tls.CertificateVerificationError
 		if errors.As(err, &ve) && len(ve.UnverifiedCertificates) > 0 {
-			cert = certDesc(ve.UnverifiedCertificates[0].Subject.CommonName, ve.UnverifiedCertificates[0].DNSNames)
+			cert = "certificate " + certDesc(ve.UnverifiedCertificates[0].Subject.CommonName, ve.UnverifiedCertificates[0].DNSNames)
 		}
-		return "", fmt.Errorf("certificate %s: TLS handshake failed: %v", cert, err)
+		return "", fmt.Errorf("%s: TLS handshake failed: %v", cert, err)
 	}
 	name, _ := trust.PeerName(c)
 	return m.memberNamed(trust.PeerNames(c), name)
@@ -318,8 +318,11 @@ func (m *muxStream) authenticate(c net.Conn) (string, error) {
 
 // memberNamed is the one member a certificate's names name.
 func (m *muxStream) memberNamed(names []string, name string) (string, error) {
-	var found []string
+	var found, uniq []string
 	for _, n := range names {
+		if !containsStr(uniq, n) {
+			uniq = append(uniq, n)
+		}
 		if _, ok := m.members[n]; ok && !containsStr(found, n) {
 			found = append(found, n)
 		}
@@ -328,7 +331,7 @@ func (m *muxStream) memberNamed(names []string, name string) (string, error) {
 	case 1:
 		return found[0], nil
 	case 0:
-		return "", fmt.Errorf("certificate %s (names %s) is of the cluster CA but names no member (%s)", certDesc(name, nil), strings.Join(names, ","), m.memberList())
+		return "", fmt.Errorf("certificate %s (names %s) is of the cluster CA but names no member (%s)", certDesc(name, nil), strings.Join(uniq, ","), m.memberList())
 	}
 	return "", fmt.Errorf("certificate %s names several members (%s): ambiguous, refused", certDesc(name, nil), strings.Join(found, ","))
 }
