@@ -17,6 +17,7 @@ import (
 
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -32,6 +33,10 @@ type clusterFlags struct {
 	dataAdvertise                  string
 	heartbeat, election, lease     time.Duration
 	dataTimeout                    time.Duration
+	// tls and insecure are the raft port's trust (set from the TLS
+	// flags): nil tls is plaintext, loopback only unless insecure.
+	tls      *trust.Identity
+	insecure bool
 }
 
 func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
@@ -97,6 +102,7 @@ func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, l
 		Peers: peers, DataDir: filepath.Join(cf.dataDir, "raft"),
 		HeartbeatTimeout: cf.heartbeat, ElectionTimeout: cf.election, LeaderLeaseTimeout: cf.lease,
 		DataTimeout: cf.dataTimeout, Logger: log.With("component", "raft"),
+		TLS: cf.tls, Insecure: cf.insecure,
 	}, nil
 }
 
