@@ -112,16 +112,51 @@
 // starts the stored configuration must equal Peers. Each node puts its own
 // NodeInfo into the FSM: directly when leader, otherwise by a small
 // registration RPC to the leader on the raft port (first byte 0xA7; raft's
-// own RPCs start with 0..4).
+// own RPCs start with 0..4; see The raft port's trust).
+//
+// # The raft port's trust
+//
+// With Config.TLS the raft port is mutual TLS against the cluster CA
+// (internal/trust): an accepted connection must finish its handshake
+// within 3 s, before a byte of it is read, with a certificate naming
+// exactly one member (an ID of Config.Peers); anything else is closed
+// with one log line naming the certificate and why. Dials go only to a
+// member's raft address and require the certificate of that member.
+// Without TLS, Open refuses a non-loopback RaftAddr (trust.ErrPlaintext)
+// unless Insecure, and warns when Insecure is used.
+//
+// The server side of raft's RPCs is Tandem's (rpc.go, raft's wire
+// format): every request is checked before raft sees it. Its header must
+// name a member at that member's raft address and, with TLS, the member
+// the certificate names. TimeoutNow, which makes raft start an election
+// at once, is honoured only from the leader this node follows: Tandem
+// transfers leadership only from the leader (Switchover, the witness's
+// hand-over). A vote request's LeadershipTransfer flag, which bypasses
+// "I still follow a live leader", counts only on the node that started a
+// transfer to that candidate (for 4 election timeouts, at least 2 s);
+// elsewhere it is cleared, so a transfer is won with the old leader's
+// vote. A refused RPC is answered with an error and its connection closed.
+//
+// A registration changes only the registrant's own entry: with TLS its
+// ID must be the member its certificate names; without, it must come from
+// loopback (or Insecure). Its frame is at most 4 KiB, read within 2 s;
+// a wrong cluster ID is answered "wrong cluster" without either ID (the
+// leader logs them).
+//
+// A member's certificate is trusted to run raft: it can still vote, and
+// send AppendEntries under a higher term. What it cannot do is start an
+// election elsewhere, win votes past a live leader, or speak for another
+// member.
 //
 // # Concurrency
 //
 // A Node owns these goroutines, all stopped by Close: the decision loop
 // (ticker, raft leader and heartbeat observations, wake-ups), the lease
-// verifier, the TCP accept loop, and
-// short-lived workers for raft applies, transfers and registrations, each
-// bounded by a timeout. Lock order: Node.mu, then muxStream.connsMu. The
-// FSM never takes Node.mu.
+// verifier, the TCP accept loop, one per accepted connection (its
+// handshake, a registration, or its raft RPCs), and short-lived workers
+// for raft applies, transfers and registrations, each bounded by a
+// timeout. Lock order: Node.mu, then muxStream.connsMu. The FSM never
+// takes Node.mu.
 //
 // # Proving the replica (EpochLoop, Verify)
 //
