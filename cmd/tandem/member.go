@@ -18,6 +18,7 @@ import (
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -157,11 +158,12 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 		return err
 	}
 	fcfg.APIAddr, fcfg.ConsoleAddr = n.api.addr(), n.console.addr()
-	dataLn, err := net.Listen("tcp", cf.data)
+	dataTCP, err := net.Listen("tcp", cf.data)
 	if err != nil {
 		n.close()
 		return fmt.Errorf("listen on %s: %w", cf.data, err)
 	}
+	dataLn := netlimit.Wrap(dataTCP, "data", netlimit.DataCap, log)
 	_, statErr := os.Stat(fcfg.DataDir)
 	fresh := errors.Is(statErr, os.ErrNotExist)
 	node, err := failover.Open(fcfg)

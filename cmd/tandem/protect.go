@@ -15,6 +15,7 @@ import (
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -218,11 +219,12 @@ func cmdSecondary(args []string) error {
 	n.sec = sec
 	n.state = "standby"
 	n.mu.Unlock()
-	ln, err := net.Listen("tcp", *data)
+	tcp, err := net.Listen("tcp", *data)
 	if err != nil {
 		n.close()
 		return fmt.Errorf("listen on %s: %w", *data, err)
 	}
+	ln := netlimit.Wrap(tcp, "data", netlimit.DataCap, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	go serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, log)
 	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -72,11 +73,12 @@ func cmdReceive(args []string) error {
 		return n.wait()
 	}
 
-	ln, err := net.Listen("tcp", *listen)
+	tcp, err := net.Listen("tcp", *listen)
 	if err != nil {
 		n.close()
 		return fmt.Errorf("listen on %s: %w", *listen, err)
 	}
+	ln := netlimit.Wrap(tcp, "receive", netlimit.DataCap, log)
 	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.addr())
 	// Every connection is handshaken on its own goroutine, so a peer that
 	// connects and says nothing holds up no one (its handshake has a
