@@ -69,13 +69,15 @@ func (r *Receiver) handshakeTimeout() time.Duration {
 }
 
 // stagingBudget is what one epoch of a guest of cfg may stage: its memory
-// plus MaxEpochDisk.
+// plus MaxEpochDisk, plus an eighth of that for the bookkeeping of each
+// staged disk write (diskWriteOverhead, under 10% for writes of a 512-byte
+// sector or more), so a real epoch with MaxEpochDisk of writes fits.
 func (r *Receiver) stagingBudget(cfg guest.Config) uint64 {
 	d := r.MaxEpochDisk
 	if d == 0 {
 		d = DefaultMaxEpochDisk
 	}
-	return cfg.Memory + d
+	return cfg.Memory + d + d/8
 }
 
 // newImage wraps g with this receiver's staging budget for cfg.

@@ -564,7 +564,9 @@ func TestTrustConnectionCap(t *testing.T) {
 		}
 		mu.Unlock()
 	}()
-	// Count how many of the first 50 the secondary closed at once.
+	// Count how many of the first 50 the secondary closed at once (once
+	// its accept loop has caught up with the connects).
+	time.Sleep(300 * time.Millisecond)
 	mu.Lock()
 	first := append([]net.Conn(nil), idle...)
 	mu.Unlock()
