@@ -178,8 +178,14 @@ type Limits struct {
 	MaxDeviceBytes   int    // decoded bytes of one DEVICE section
 	MaxDiskWrites    int    // writes in one DISK section
 	MaxDiskWriteSize int    // bytes of one disk write
-	MaxRegions       int    // regions in the header
-	MaxStringLen     int    // build and kind strings in the header
+	// MaxDiskSectionBytes bounds the decoded body of one DISK section
+	// (the Writer never makes one larger than maxDiskSectionBytes), so a
+	// small compressed section cannot make the Reader decode and hand
+	// over more. What a whole epoch may stage is the Target's to bound
+	// (replica.Image.SetBudget).
+	MaxDiskSectionBytes int
+	MaxRegions          int // regions in the header
+	MaxStringLen        int // build and kind strings in the header
 }
 
 // DefaultLimits are generous for Tandem's own streams and small enough that
@@ -192,8 +198,10 @@ func DefaultLimits() Limits {
 		MaxDeviceBytes:   16 << 20,
 		MaxDiskWrites:    65536,
 		MaxDiskWriteSize: 4 << 20,
-		MaxRegions:       1024,
-		MaxStringLen:     1024,
+		// The Writer's bound plus room for the varints it counts loosely.
+		MaxDiskSectionBytes: maxDiskSectionBytes + 64<<10,
+		MaxRegions:          1024,
+		MaxStringLen:        1024,
 	}
 }
 
@@ -216,6 +224,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxDiskWriteSize <= 0 {
 		l.MaxDiskWriteSize = d.MaxDiskWriteSize
+	}
+	if l.MaxDiskSectionBytes <= 0 {
+		l.MaxDiskSectionBytes = d.MaxDiskSectionBytes
 	}
 	if l.MaxRegions <= 0 {
 		l.MaxRegions = d.MaxRegions

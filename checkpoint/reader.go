@@ -435,7 +435,7 @@ func (r *Reader) device(t Target, s *Section) error {
 }
 
 func (r *Reader) disk(t Target, s *Section) error {
-	maxRaw := uint64(r.lim.MaxSectionSize)
+	maxRaw := uint64(r.lim.MaxDiskSectionBytes)
 	body, tail, err := r.envelope(maxRaw, s)
 	if err != nil {
 		return err

@@ -290,7 +290,7 @@ func (m *muxStream) classify(raw net.Conn) {
 		m.serveRegister(c, raw, peer)
 	case b[0] <= rpcTypeMax:
 		release()
-		m.serveRaft(c, b[0], peer)
+		m.serveRaft(&rpcConn{Conn: c}, b[0], peer)
 	default:
 		m.log.Warn("raft port: connection refused", "remote", raw.RemoteAddr().String(), "peer", peer, "why", fmt.Sprintf("first byte %#x is neither a raft RPC nor a registration", b[0]))
 		c.Close()
@@ -423,6 +423,47 @@ func (c *trackedConn) Close() error {
 	delete(c.m.conns, c)
 	c.m.connsMu.Unlock()
 	return c.Conn.Close()
+}
+
+// rpcReadTimeout bounds one inbound raft RPC, from its first byte until
+// this node writes the response, and the writing of that response.
+// serveRaft reads requests with no deadline of its own (raft's
+// NetworkTransport set none either), so without this a peer
+// that sent one byte and then trickled, or stopped, held a goroutine
+// and a connection forever. A real RPC (a heartbeat, a few log entries,
+// the trio's small FSM snapshot) takes milliseconds; the sender itself
+// gives up after its NetworkTransportConfig.Timeout.
+var rpcReadTimeout = 5 * time.Second // a var for tests
+
+// rpcConn applies rpcReadTimeout to the RPCs raft reads from an accepted
+// connection. Between RPCs it sets no deadline: raft pools its outgoing
+// connections and reuses an idle one for the next RPC, so closing idle
+// connections would fail RPCs for nothing; a connection only gets past
+// its first RPC by speaking raft, which the peer authentication of the
+// transport is for. raft's handler reads an RPC and writes its response
+// on one goroutine, with NoPipeline (node.go) never more than one
+// outstanding per connection, so the response marks the end of an RPC.
+type rpcConn struct {
+	net.Conn
+	inRPC bool // a request has begun and its response is not written yet
+}
+
+func (c *rpcConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 && !c.inRPC {
+		c.inRPC = true
+		c.Conn.SetReadDeadline(time.Now().Add(rpcReadTimeout))
+	}
+	return n, err
+}
+
+func (c *rpcConn) Write(p []byte) (int, error) {
+	if c.inRPC {
+		c.inRPC = false
+		c.Conn.SetReadDeadline(time.Time{})
+	}
+	c.Conn.SetWriteDeadline(time.Now().Add(rpcReadTimeout))
+	return c.Conn.Write(p)
 }
 
 // registerRequest asks the leader to record Info in the FSM.

@@ -126,3 +126,91 @@ func readRPCReply(c net.Conn, resp any) (string, error) {
 	}
 	return msg, dec.Decode(resp)
 }
+
+// TestRaftRPCReadIsBounded: a peer that starts a raft RPC and trickles it
+// is dropped once the RPC has taken rpcReadTimeout; a connection idle
+// between RPCs is not, and real RPCs on it go on working.
+func TestRaftRPCReadIsBounded(t *testing.T) {
+	old := rpcReadTimeout
+	rpcReadTimeout = time.Second
+	t.Cleanup(func() { rpcReadTimeout = old })
+
+	addrs := freeAddrs(t, 2)
+	members := map[string]string{"s": addrs[0], "p": addrs[1]}
+	m, err := listenMux(muxConfig{Addr: addrs[0], Members: members})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	go func() {
+		for {
+			select {
+			case rpc := <-m.rpcs:
+				rpc.Respond(&raft.AppendEntriesResponse{Term: 1, Success: true}, nil)
+			case <-m.closed:
+				return
+			}
+		}
+	}()
+	header := raft.RPCHeader{ProtocolVersion: raft.ProtocolVersionMax, ID: []byte("p"), Addr: []byte(addrs[1])}
+
+	// The attacker: an AppendEntries type byte, then one byte of a valid
+	// request every 100 ms.
+	var req bytes.Buffer
+	codec.NewEncoder(&req, &codec.MsgpackHandle{}).Encode(&raft.AppendEntriesRequest{RPCHeader: header, Term: 1, Leader: []byte(addrs[1])})
+	c, err := net.Dial("tcp", m.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	t0 := time.Now()
+	c.Write([]byte{rpcAppendEntries})
+	dropped := make(chan time.Duration, 1)
+	go func() {
+		var b [1]byte
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		c.Read(b[:]) // returns when the node closes the connection
+		dropped <- time.Since(t0)
+	}()
+	sent := 0
+	var took time.Duration
+trickle:
+	for _, b := range req.Bytes() {
+		select {
+		case took = <-dropped:
+			break trickle
+		case <-time.After(100 * time.Millisecond):
+		}
+		if _, err := c.Write([]byte{b}); err != nil {
+			break
+		}
+		sent++
+	}
+	if took == 0 {
+		select {
+		case took = <-dropped:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("trickling RPC still open after %v (%d of %d bytes sent)", time.Since(t0), sent, req.Len())
+		}
+	}
+	if sent >= req.Len() || took > 3*time.Second {
+		t.Fatalf("trickling RPC dropped after %v with %d of %d bytes sent, want about %v and incomplete", took, sent, req.Len(), rpcReadTimeout)
+	}
+	t.Logf("trickling RPC dropped after %v, %d of %d bytes sent", took, sent, req.Len())
+
+	// A real peer's pooled connection survives idling past the timeout.
+	client, err := listenMux(muxConfig{Addr: addrs[1], Members: members})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{Stream: client, MaxPool: 1, Timeout: time.Second})
+	defer ct.Close()
+	for i := range 2 {
+		var resp raft.AppendEntriesResponse
+		err := ct.AppendEntries("s", raft.ServerAddress(m.Addr().String()), &raft.AppendEntriesRequest{RPCHeader: header, Term: 1}, &resp)
+		if err != nil || !resp.Success {
+			t.Fatalf("RPC %d: %v %+v", i, err, resp)
+		}
+		time.Sleep(rpcReadTimeout * 3 / 2)
+	}
+}

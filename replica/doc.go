@@ -16,5 +16,14 @@
 // receiving guest run before the image is consistent (an epoch with
 // machine state committed after the last live-sync epoch), and never
 // block without a deadline: every read and write on a data connection has
-// one.
+// one, and the whole Hello one deadline (HandshakeTimeout), not one per
+// read.
+//
+// It must never open a path that came from a sender: a guest is built from
+// the sender's configuration with its paths replaced (Receiver.localConfig:
+// the disk at Receiver.DiskPath, no kvm image), and so is one read back
+// from a Store or a snapshot file. And it must never hold more than it
+// chose to: an epoch stages at most the guest's memory plus MaxEpochDisk
+// (Image.SetBudget, ErrStagingBudget). See docs/SECURITY.md, "Input bounds
+// and paths".
 package replica

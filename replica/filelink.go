@@ -149,6 +149,10 @@ func (r *Receiver) RestoreFile(path string) (MigrationResult, error) {
 	if err := h.Config.Validate(); err != nil {
 		return res, fmt.Errorf("snapshot %s: guest config: %w", path, err)
 	}
+	// The snapshot's paths are the source's: a disk lives at DiskPath.
+	if h.Config, err = r.localConfig(h.Config); err != nil {
+		return res, fmt.Errorf("snapshot %s: %w", path, err)
+	}
 	res.Hello = h
 	g, err := r.NewGuest(h.Kind, h.Config)
 	if err != nil {
@@ -167,7 +171,7 @@ func (r *Receiver) RestoreFile(path string) (MigrationResult, error) {
 	if err := checkLayout(rd.Header(), h.Kind, g); err != nil {
 		return res, fmt.Errorf("snapshot %s: %w", path, err)
 	}
-	im := NewImage(g)
+	im := r.newImage(g, h.Config)
 	for {
 		_, err := rd.ReadEpoch(im)
 		if err == io.EOF {

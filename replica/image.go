@@ -32,6 +32,11 @@ type Image struct {
 	free        [][]byte
 	stagedState *guest.MachineState
 	stagedDisk  []guest.DiskWrite
+	// stagedBytes is what the open epoch holds (PageSize per staged
+	// page, each disk write's data plus diskWriteOverhead); budget bounds
+	// it (0: no bound).
+	stagedBytes uint64
+	budget      uint64
 
 	// mu guards everything below and the guest's memory against
 	// activation while an epoch commits.
@@ -62,6 +67,31 @@ func NewImage(g guest.Guest) *Image {
 		g: g, regions: g.Regions(), staged: map[uint64][]byte{},
 		hash: guest.NewMemHash(),
 	}
+}
+
+// ErrStagingBudget is an epoch that stages more than the Image's budget
+// before its EPOCH-END: the stream is refused, the staged part dropped,
+// the committed image untouched.
+var ErrStagingBudget = errors.New("replica: epoch exceeds the staging budget")
+
+// diskWriteOverhead is what one staged disk write costs beyond its data
+// (its slice header and offset), counted so that a flood of empty writes
+// is bounded too.
+const diskWriteOverhead = 48
+
+// SetBudget bounds what one epoch may stage before its EPOCH-END, in
+// bytes: a receiver gives the guest's memory (pages are staged at most
+// once each) plus its disk-write budget. A Store or a Reader call that
+// would go past it fails with ErrStagingBudget before copying anything.
+// 0 means no bound.
+func (im *Image) SetBudget(bytes uint64) { im.budget = bytes }
+
+func (im *Image) overBudget(more uint64, what string) error {
+	if im.budget == 0 || im.stagedBytes+more <= im.budget {
+		return nil
+	}
+	return fmt.Errorf("%w: %s would make the open epoch hold %d bytes, over its budget of %d (guest memory plus --max-epoch-disk)",
+		ErrStagingBudget, what, im.stagedBytes+more, im.budget)
 }
 
 // Guest returns the wrapped guest (paused; not to be resumed while the
@@ -100,6 +130,10 @@ func (im *Image) StorePage(index uint64, data []byte) error {
 	}
 	p, ok := im.staged[index]
 	if !ok {
+		if err := im.overBudget(guest.PageSize, fmt.Sprintf("page %d", index)); err != nil {
+			return err
+		}
+		im.stagedBytes += guest.PageSize
 		if n := len(im.free); n > 0 {
 			p, im.free = im.free[n-1], im.free[:n-1]
 		} else {
@@ -126,6 +160,14 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 	if _, ok := im.g.(guest.Disk); !ok && len(ws) > 0 {
 		return checkpoint.ErrNoDisk
 	}
+	var more uint64
+	for _, w := range ws {
+		more += uint64(len(w.Data)) + diskWriteOverhead
+	}
+	if err := im.overBudget(more, fmt.Sprintf("%d more disk writes", len(ws))); err != nil {
+		return err
+	}
+	im.stagedBytes += more
 	for _, w := range ws {
 		im.stagedDisk = append(im.stagedDisk, guest.DiskWrite{Offset: w.Offset, Data: append([]byte(nil), w.Data...)})
 	}
@@ -161,6 +203,7 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 		im.lastState, im.lastDisk = im.stagedState, im.stagedDisk
 	}
 	clear(im.staged)
+	im.stagedBytes = 0
 	if im.stagedState != nil {
 		im.state, im.hasState, im.consistent = *im.stagedState, true, true
 	} else if e.Pages > 0 {
@@ -195,7 +238,7 @@ func (im *Image) discardLocked() {
 		im.free = append(im.free, p)
 	}
 	clear(im.staged)
-	im.stagedState, im.stagedDisk = nil, nil
+	im.stagedState, im.stagedDisk, im.stagedBytes = nil, nil, 0
 }
 
 // Committed describes the committed image.

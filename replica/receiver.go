@@ -13,6 +13,7 @@ import (
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/fsperm"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -34,6 +35,80 @@ type Receiver struct {
 	// MaxMemory refuses guests larger than this many bytes; 0 means
 	// DefaultMaxMemory. Anyone who reaches a data port may ask.
 	MaxMemory uint64
+	// DiskPath is where this receiver keeps its copy of a guest's disk:
+	// its own --disk, or a file in its --data-dir. The sender's
+	// Config.Disk names a file on the sender's host and is never opened
+	// here (nor Config.Image). Empty: a guest with a disk is refused.
+	DiskPath string
+	// MaxEpochDisk bounds the disk writes one epoch may stage, in bytes;
+	// 0 means DefaultMaxEpochDisk. With the guest's memory it makes the
+	// staging budget of an epoch (see Image.SetBudget).
+	MaxEpochDisk uint64
+	// HandshakeTimeout bounds reading the whole Hello, however slowly it
+	// trickles in; 0 means DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// Admit, if set, is asked once the Hello has passed every check and
+	// before a guest is built; an error refuses the sender with it (a
+	// receiver that takes one migration at a time says it is busy).
+	Admit func(Hello) error
+}
+
+// DefaultMaxEpochDisk is the disk writes one epoch may stage unless told
+// otherwise: the sender's own bound on its log of unshipped disk writes
+// (block.DefaultMaxLogBytes), so a real epoch never exceeds it.
+const DefaultMaxEpochDisk = 256 << 20
+
+// DefaultHandshakeTimeout bounds the reading of a Hello line.
+const DefaultHandshakeTimeout = 5 * time.Second
+
+func (r *Receiver) handshakeTimeout() time.Duration {
+	if r.HandshakeTimeout > 0 {
+		return r.HandshakeTimeout
+	}
+	return DefaultHandshakeTimeout
+}
+
+// stagingBudget is what one epoch of a guest of cfg may stage: its memory
+// plus MaxEpochDisk, plus an eighth of that for the bookkeeping of each
+// staged disk write (diskWriteOverhead, under 10% for writes of a 512-byte
+// sector or more), so a real epoch with MaxEpochDisk of writes fits.
+func (r *Receiver) stagingBudget(cfg guest.Config) uint64 {
+	d := r.MaxEpochDisk
+	if d == 0 {
+		d = DefaultMaxEpochDisk
+	}
+	return cfg.Memory + d + d/8
+}
+
+// newImage wraps g with this receiver's staging budget for cfg.
+func (r *Receiver) newImage(g guest.Guest, cfg guest.Config) *Image {
+	im := NewImage(g)
+	im.SetBudget(r.stagingBudget(cfg))
+	return im
+}
+
+// ErrNoDiskPlace refuses a guest with a disk on a receiver that has no
+// place of its own for it.
+var ErrNoDiskPlace = errors.New("replica: the guest has a disk and this receiver has no place for it (start it with --disk PATH or --data-dir DIR)")
+
+// localConfig is the configuration a guest received from a sender (or
+// read back from a stored image or snapshot) is built with here: the
+// sender's, except for paths, which are never taken from the sender. A
+// disk lives at DiskPath; the kvm image is not loaded (the guest is built
+// empty and filled by the stream).
+func (r *Receiver) localConfig(cfg guest.Config) (guest.Config, error) {
+	cfg.Image = ""
+	if cfg.Disk == "" {
+		return cfg, nil
+	}
+	if r.DiskPath == "" {
+		return cfg, ErrNoDiskPlace
+	}
+	cfg.Disk = r.DiskPath
+	if err := fsperm.PrivateFile(r.DiskPath, r.log()); err != nil {
+		return cfg, fmt.Errorf("replica: disk copy: %w", err)
+	}
+	return cfg, nil
 }
 
 // DefaultMaxMemory is the largest guest a Receiver builds unless told
@@ -54,26 +129,46 @@ func (r *Receiver) log() *slog.Logger {
 	return slog.Default()
 }
 
-// idleReader extends the connection's read deadline before every read.
-type idleReader struct {
+// connReader reads a data connection with a deadline: during the
+// handshake one fixed deadline for the whole Hello (a sender trickling a
+// byte at a time gains nothing), afterwards one renewed before every read
+// (a sender that sends nothing for the timeout is gone).
+type connReader struct {
 	conn    net.Conn
 	timeout time.Duration
+	fixed   bool
 }
 
-func (ir idleReader) Read(p []byte) (int, error) {
-	ir.conn.SetReadDeadline(time.Now().Add(ir.timeout))
-	return ir.conn.Read(p)
+func (cr *connReader) Read(p []byte) (int, error) {
+	if !cr.fixed {
+		cr.conn.SetReadDeadline(time.Now().Add(cr.timeout))
+	}
+	return cr.conn.Read(p)
 }
 
-// handshake reads and checks the sender's Hello. It answers a refusal
-// itself; the caller answers OK once it has what it needs.
+// established is implemented by connections from a listener that caps
+// the connections still in their handshake (netlimit): a connection
+// whose Hello passed is no longer one of them.
+type established interface{ Established() }
+
+// handshake reads and checks the sender's Hello, all of it within the
+// handshake timeout. It answers a refusal itself; the caller answers OK
+// once it has what it needs. The Hello it returns carries the local
+// configuration (localConfig): no path in it came from the sender.
 func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reader, error) {
-	br := bufio.NewReaderSize(idleReader{conn, r.timeout()}, 256<<10)
-	conn.SetReadDeadline(time.Now().Add(r.timeout()))
+	cr := &connReader{conn: conn, timeout: r.timeout(), fixed: true}
+	// Sized for a control line, not for the stream: the Reader reads
+	// sections in chunks of its own.
+	br := bufio.NewReaderSize(cr, 256<<10)
+	conn.SetReadDeadline(time.Now().Add(r.handshakeTimeout()))
 	var h Hello
 	if err := readLine(br, &h); err != nil {
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			return h, nil, fmt.Errorf("%w: no complete handshake within %v", ErrProtocol, r.handshakeTimeout())
+		}
 		return h, nil, err
 	}
+	cr.fixed = false
 	refuse := func(format string, a ...any) (Hello, *bufio.Reader, error) {
 		err := fmt.Errorf(format, a...)
 		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
@@ -102,6 +197,19 @@ func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reade
 	}
 	if h.Config.Memory > maxMem {
 		return refuse("guest of %s is larger than this receiver takes (%s)", guest.FormatSize(h.Config.Memory), guest.FormatSize(maxMem))
+	}
+	cfg, err := r.localConfig(h.Config)
+	if err != nil {
+		return refuse("%w", err)
+	}
+	h.Config = cfg
+	if r.Admit != nil {
+		if err := r.Admit(h); err != nil {
+			return refuse("%w", err)
+		}
+	}
+	if e, ok := conn.(established); ok {
+		e.Established()
 	}
 	return h, br, nil
 }
@@ -169,7 +277,7 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 	if err := checkLayout(rd.Header(), hello.Kind, g); err != nil {
 		return res, err
 	}
-	im := NewImage(g)
+	im := r.newImage(g, hello.Config)
 	for {
 		e, err := rd.ReadEpoch(im)
 		if err != nil {

@@ -104,7 +104,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	if err != nil {
 		return refuse("build the %s guest: %v", hello.Kind, err)
 	}
-	im := NewImage(g)
+	im := s.R.newImage(g, hello.Config)
 	if store != nil {
 		im.Record()
 	}
@@ -276,6 +276,9 @@ type SecondaryStatus struct {
 	Digest             string `json:"committed_digest,omitempty"`
 	Activated          bool   `json:"activated"`
 	GuestKind          string `json:"image_guest_kind,omitempty"`
+	// DiskPath is where this node keeps its copy of the guest's disk
+	// (never the path the primary named), when the guest has one.
+	DiskPath string `json:"disk_path,omitempty"`
 }
 
 // Status reports the committed image; digest adds its digest.
@@ -291,6 +294,7 @@ func (s *Secondary) Status(digest bool) SecondaryStatus {
 	}
 	if cur != nil {
 		st.GuestKind = s.currentH.Kind
+		st.DiskPath = s.currentH.Config.Disk
 	}
 	s.mu.Unlock()
 	if cur != nil {

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/fsperm"
 )
 
 // Store keeps a secondary's committed image on disk, so a secondary that
@@ -44,10 +46,17 @@ type Store struct {
 
 const storeFile = "image.tnd"
 
-// OpenStore prepares dir (created if missing).
-func OpenStore(dir string) (*Store, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+// OpenStore prepares dir (created if missing). The image holds the
+// guest's memory: dir is made 0700 and image.tnd 0600, and looser modes
+// found there are tightened (and logged on log, if not nil).
+func OpenStore(dir string, log *slog.Logger) (*Store, error) {
+	if err := fsperm.PrivateDir(dir, log); err != nil {
 		return nil, fmt.Errorf("replica store: %w", err)
+	}
+	for _, name := range []string{storeFile, storeFile + ".new"} {
+		if err := fsperm.PrivateFile(filepath.Join(dir, name), log); err != nil {
+			return nil, fmt.Errorf("replica store: %w", err)
+		}
 	}
 	return &Store{dir: dir}, nil
 }
@@ -72,6 +81,10 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 	if err := h.Config.Validate(); err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
 	}
+	// The stored Hello came from a primary: its paths are not opened.
+	if h.Config, err = r.localConfig(h.Config); err != nil {
+		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
+	}
 	g, err := r.NewGuest(h.Kind, h.Config)
 	if err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
@@ -84,7 +97,7 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		g.Close()
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
 	}
-	im := NewImage(g)
+	im := r.newImage(g, h.Config)
 	for {
 		if _, err := rd.ReadEpoch(im); err != nil {
 			// io.EOF: a clean end; anything else is the torn epoch a
@@ -113,7 +126,7 @@ func (s *Store) Begin(im *Image, h Hello) error {
 func (s *Store) rewrite(im *Image) error {
 	path := filepath.Join(s.dir, storeFile)
 	tmp := path + ".new"
-	f, err := os.Create(tmp)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, fsperm.File)
 	if err != nil {
 		return fmt.Errorf("replica store: %w", err)
 	}

@@ -34,7 +34,7 @@ func TestSecondaryComesBackAtItsLastCommittedEpoch(t *testing.T) {
 	}
 	defer ln.Close()
 	r := &Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}
-	store, err := OpenStore(dir)
+	store, err := OpenStore(dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ func TestSecondaryComesBackAtItsLastCommittedEpoch(t *testing.T) {
 	sec.Close()
 
 	// Restart from the directory.
-	store2, _ := OpenStore(dir)
+	store2, _ := OpenStore(dir, nil)
 	sec2 := NewSecondary(r, nil)
 	sec2.Store = store2
 	c, ok, err := sec2.LoadStored()

@@ -266,6 +266,7 @@ type guestOpts struct {
 	vcpus         int
 	disk          string
 	allowFaults   bool
+	snapshotDir   string
 }
 
 func (o guestOpts) args(kind string) []string {
@@ -284,6 +285,9 @@ func (o guestOpts) args(kind string) []string {
 	}
 	if o.allowFaults {
 		a = append(a, "--allow-faults")
+	}
+	if o.snapshotDir != "" {
+		a = append(a, "--snapshot-dir", o.snapshotDir)
 	}
 	return a
 }

@@ -168,7 +168,9 @@ func TestMigrateStalledFlush(t *testing.T) {
 		stall := stallDuration()
 		disk := filepath.Join(t.TempDir(), "disk.img")
 		src := startSource(t, kind, guestOpts{touch: "32MiB", dirtyRate: 2000, disk: disk, allowFaults: true})
-		dst := startReceiver(t)
+		// The receiver keeps its own copy of the disk (it never opens
+		// the path the source names).
+		dst := startReceiver(t, "--disk", filepath.Join(t.TempDir(), "received-disk.img"))
 		waitWorkload(t, src, 32<<20)
 		if err := postJSON(src.api, "/debug/stall-flush", map[string]any{"duration_ms": stall.Milliseconds()}); err != nil {
 			t.Fatalf("stall the flush: %v", err)
@@ -465,10 +467,11 @@ func TestMigrateWrongKind(t *testing.T) {
 // the snapshot in text and JSON.
 func TestMigrateToFile(t *testing.T) {
 	forEachKind(t, func(t *testing.T, kind string) {
-		src := startSource(t, kind, guestOpts{touch: "32MiB", dirtyRate: 1000})
+		snapDir := t.TempDir()
+		src := startSource(t, kind, guestOpts{touch: "32MiB", dirtyRate: 1000, snapshotDir: snapDir})
 		waitWorkload(t, src, 32<<20)
-		path := filepath.Join(t.TempDir(), "snap.tandem")
-		st := mustMigrate(t, src, "file:"+path)
+		path := filepath.Join(snapDir, "snap.tandem")
+		st := mustMigrate(t, src, "file:snap.tandem")
 		if ss := mustStatus(t, src); ss.Status != "completed" || !ss.Paused {
 			t.Errorf("source after snapshot: status %q paused %v", ss.Status, ss.Paused)
 		}

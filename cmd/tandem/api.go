@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/timing"
 )
 
@@ -31,10 +32,11 @@ type apiServer struct {
 }
 
 func newAPIServer(addr string, log *slog.Logger) (*apiServer, error) {
-	ln, err := net.Listen("tcp", addr)
+	tcp, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("api: listen on %s: %w", addr, err)
 	}
+	ln := netlimit.Wrap(tcp, "api", netlimit.APICap, log)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a := &apiServer{
@@ -55,9 +57,45 @@ func newAPIServer(addr string, log *slog.Logger) (*apiServer, error) {
 		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
 		quitOnce.Do(func() { close(a.quit) })
 	})
-	a.srv = &http.Server{Handler: a.mux, ReadHeaderTimeout: 5 * time.Second}
+	a.srv = &http.Server{
+		Handler: a.mux,
+		// A request's headers within 5 s and all of it within 10 s (the
+		// bodies are a few hundred bytes); a slow client cannot hold a
+		// connection by trickling.
+		ReadHeaderTimeout: apiReadHeaderTimeout,
+		ReadTimeout:       apiReadTimeout,
+		// The handler and the response within 60 s: generous, because
+		// GET /status?digest=1 on a running node scans the guest's memory
+		// (seconds for tens of GiB) and POST /switchover waits up to 20 s.
+		WriteTimeout: apiWriteTimeout,
+		IdleTimeout:  apiIdleTimeout,
+		// A connection counts against the cap (netlimit.APICap) while it
+		// has no request in progress: a flood of idle or half-sent ones
+		// displaces the oldest of them, never a request being served.
+		ConnState: func(c net.Conn, s http.ConnState) {
+			lc, ok := c.(*netlimit.Conn)
+			if !ok {
+				return
+			}
+			switch s {
+			case http.StateActive:
+				lc.Established()
+			case http.StateIdle:
+				lc.Pending()
+			}
+		},
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
 	return a, nil
 }
+
+// Timeouts of the API's HTTP server (see newAPIServer).
+const (
+	apiReadHeaderTimeout = 5 * time.Second
+	apiReadTimeout       = 10 * time.Second
+	apiWriteTimeout      = 60 * time.Second
+	apiIdleTimeout       = 60 * time.Second
+)
 
 func (a *apiServer) start() { go a.srv.Serve(a.ln) }
 

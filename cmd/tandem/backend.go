@@ -55,10 +55,13 @@ type guestInfo struct {
 	VCPUs    int    `json:"vcpus"`
 	Workload string `json:"workload"`
 	Paused   bool   `json:"paused"`
+	// DiskPath is the file this node's guest disk is, when it has one
+	// (for a received guest, the receiver's own, never the sender's).
+	DiskPath string `json:"disk_path,omitempty"`
 }
 
 func describeGuest(g guest.Guest, cfg guest.Config) guestInfo {
-	gi := guestInfo{Kind: g.Kind(), Memory: guest.FormatSize(cfg.Memory), VCPUs: cfg.VCPUs, Workload: cfg.Workload.Kind, Paused: g.Paused()}
+	gi := guestInfo{Kind: g.Kind(), Memory: guest.FormatSize(cfg.Memory), VCPUs: cfg.VCPUs, Workload: cfg.Workload.Kind, Paused: g.Paused(), DiskPath: cfg.Disk}
 	if g.Kind() == kvm.Kind {
 		gi.Flavour = kvm.Flavour()
 	}

@@ -7,6 +7,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/netlimit"
 )
 
 // consoleBridge bridges TCP clients to a guest's serial line. Input from
@@ -92,10 +94,14 @@ const clientQueueBytes = 16 << 20
 const maxClients = 256
 
 func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger) (*consoleBridge, error) {
-	ln, err := net.Listen("tcp", addr)
+	tcp, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
+	// A client counts against netlimit.ConsoleCap until its first whole
+	// line (readLoop): silent connections displace each other, not
+	// clients that talk.
+	ln := netlimit.Wrap(tcp, "console", netlimit.ConsoleCap, log)
 	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]*clientOut{}}
 	go b.accept()
 	return b, nil
@@ -144,6 +150,7 @@ func (b *consoleBridge) readLoop(c net.Conn) {
 	defer b.drop(c)
 	buf := make([]byte, 4096)
 	var partial []byte
+	talked := false
 	for {
 		c.SetReadDeadline(time.Now().Add(10 * time.Minute))
 		n, err := c.Read(buf)
@@ -152,6 +159,12 @@ func (b *consoleBridge) readLoop(c net.Conn) {
 		// another client's bytes.
 		partial = append(partial, buf[:n]...)
 		cut := bytes.LastIndexByte(partial, '\n') + 1
+		if cut > 0 && !talked {
+			talked = true
+			if lc, ok := c.(*netlimit.Conn); ok {
+				lc.Established()
+			}
+		}
 		if cut == 0 && len(partial) > maxPartialLine {
 			cut = len(partial)
 		}

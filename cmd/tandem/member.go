@@ -17,6 +17,8 @@ import (
 
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
@@ -131,7 +133,7 @@ type member struct {
 	lastEpoch  uint64
 }
 
-func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, apiAddr, consoleAddr string, allowFaults bool) error {
+func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, rf receiveFlags, snapDir, apiAddr, consoleAddr string, allowFaults bool) error {
 	log := newLogger().With("node", cf.id)
 	fcfg, err := cf.config(role, apiAddr, consoleAddr, log)
 	if err != nil {
@@ -152,12 +154,22 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 		return err
 	}
 	n.allowFaults = allowFaults
+	// The data directory holds the committed image and the disk copy.
+	if err := fsperm.PrivateDir(cf.dataDir, log); err != nil {
+		n.close()
+		return fmt.Errorf("--data-dir: %w", err)
+	}
+	if err := n.setSnapshotDir(snapDir); err != nil {
+		n.close()
+		return err
+	}
 	fcfg.APIAddr, fcfg.ConsoleAddr = n.api.addr(), n.console.addr()
-	dataLn, err := net.Listen("tcp", cf.data)
+	dataTCP, err := net.Listen("tcp", cf.data)
 	if err != nil {
 		n.close()
 		return fmt.Errorf("listen on %s: %w", cf.data, err)
 	}
+	dataLn := netlimit.Wrap(dataTCP, "data", netlimit.DataCap, log)
 	_, statErr := os.Stat(fcfg.DataDir)
 	fresh := errors.Is(statErr, os.ErrNotExist)
 	node, err := failover.Open(fcfg)
@@ -167,7 +179,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 		return err
 	}
 	m := &member{n: n, node: node, ef: ef, log: log, dataDir: cf.dataDir,
-		recv: &replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Timeout: 5 * time.Second}}
+		recv: rf.apply(&replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Timeout: 5 * time.Second}, cf.dataDir)}
 	n.api.mux.HandleFunc("POST /switchover", m.handleSwitchover)
 	n.cluster = m.clusterStatus
 	ctx, cancel := context.WithCancel(context.Background())
@@ -284,7 +296,7 @@ func supersedes(st failover.FSMState, self string, gen uint64) bool {
 // one from the data directory if there is one).
 func (m *member) becomeSecondary(why string) {
 	sec := replica.NewSecondary(m.recv, func() uint64 { return m.node.State().Generation })
-	if store, err := replica.OpenStore(filepath.Join(m.dataDir, "image")); err != nil {
+	if store, err := replica.OpenStore(filepath.Join(m.dataDir, "image"), m.log); err != nil {
 		m.log.Warn("secondary without a stored image", "err", err)
 	} else {
 		sec.Store = store
@@ -630,6 +642,9 @@ func cmdWitness(args []string) error {
 	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", log)
 	if err != nil {
 		return err
+	}
+	if err := fsperm.PrivateDir(cf.dataDir, log); err != nil {
+		return fmt.Errorf("--data-dir: %w", err)
 	}
 	node, err := failover.Open(fcfg)
 	if err != nil {

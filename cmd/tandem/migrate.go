@@ -22,7 +22,7 @@ func init() {
 func cmdMigrate(args []string) error {
 	fs := newFlagSet("migrate")
 	from := fs.String("from", "", "API address of the node running the guest")
-	to := fs.String("to", "", "destination: a receiver's data ADDR, or file:PATH")
+	to := fs.String("to", "", "destination: a receiver's data ADDR, or file:NAME (a snapshot the node writes into its --snapshot-dir)")
 	bw := fs.String("max-bandwidth", "0", "bandwidth cap, e.g. 100Mbit, 50MB, 1Gbit (0: none)")
 	downtime := fs.Duration("downtime-limit", precopy.DefaultDowntimeLimit, "longest acceptable pause")
 	maxTime := fs.Duration("max-time", precopy.DefaultMaxTime, "give up (guest keeps running here) after this long")
@@ -34,7 +34,14 @@ func cmdMigrate(args []string) error {
 		return err
 	}
 	if *from == "" || *to == "" {
-		return usagef("--from API and --to ADDR|file:PATH are required")
+		return usagef("--from API and --to ADDR|file:NAME are required")
+	}
+	if name, ok := strings.CutPrefix(*to, "file:"); ok {
+		// The node resolves NAME under its own --snapshot-dir; it never
+		// writes to a path a caller names.
+		if err := plainName(name); err != nil {
+			return usagef("--to file:%s: %v", name, err)
+		}
 	}
 	rate, err := parseBandwidth(*bw)
 	if err != nil {

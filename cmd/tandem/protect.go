@@ -14,6 +14,8 @@ import (
 
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -98,6 +100,10 @@ func cmdPrimary(args []string) error {
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, true)
+	var rf receiveFlags
+	addReceiveFlags(fs, &rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
+	var snapDir string
+	addSnapshotDirFlag(fs, &snapDir)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -105,7 +111,8 @@ func cmdPrimary(args []string) error {
 		if *secondary != "" {
 			return usagef("--secondary is for a pair without raft; with --id the secondary is found through raft")
 		}
-		return runMember(failover.RolePrimary, cf, &gf, ef, *apiAddr, *consoleAddr, *allowFaults)
+		rf.disk = gf.cfg.Disk
+		return runMember(failover.RolePrimary, cf, &gf, ef, rf, snapDir, *apiAddr, *consoleAddr, *allowFaults)
 	}
 	kind, cfg, err := gf.config()
 	if err != nil {
@@ -130,6 +137,11 @@ func cmdPrimary(args []string) error {
 		return err
 	}
 	n.allowFaults = *allowFaults
+	if err := n.setSnapshotDir(snapDir); err != nil {
+		g.Close()
+		n.close()
+		return err
+	}
 	loop, cancel := startEpochs(n, g, cfg, ef, nil)
 	n.mu.Lock()
 	n.cancel = cancel
@@ -156,12 +168,16 @@ func cmdSecondary(args []string) error {
 	addClusterFlags(fs, &cf, false)
 	fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
 	dataDir := &cf.dataDir
+	var rf receiveFlags
+	addReceiveFlags(fs, &rf, true)
+	var snapDir string
+	addSnapshotDirFlag(fs, &snapDir)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	if cf.id != "" {
 		cf.data = *data
-		return runMember(failover.RoleSecondary, cf, nil, ef, *apiAddr, *consoleAddr, false)
+		return runMember(failover.RoleSecondary, cf, nil, ef, rf, snapDir, *apiAddr, *consoleAddr, false)
 	}
 	if *kind != "" && *kind != "kvm" && *kind != "synth" {
 		return usagef("--guest %q: want kvm or synth", *kind)
@@ -170,12 +186,15 @@ func cmdSecondary(args []string) error {
 		return err
 	}
 	log := newLogger()
-	r := &replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind, Timeout: 5 * time.Second}
+	r := rf.apply(&replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind, Timeout: 5 * time.Second}, *dataDir)
 	sec := replica.NewSecondary(r, nil)
 	// Load a kept image before the API answers, so the first status a
 	// caller sees already says where this secondary stands.
 	if *dataDir != "" {
-		store, err := replica.OpenStore(filepath.Join(*dataDir, "image"))
+		if err := fsperm.PrivateDir(*dataDir, log); err != nil {
+			return fmt.Errorf("--data-dir: %w", err)
+		}
+		store, err := replica.OpenStore(filepath.Join(*dataDir, "image"), log)
 		if err != nil {
 			return err
 		}
@@ -191,15 +210,21 @@ func cmdSecondary(args []string) error {
 		sec.Close()
 		return err
 	}
+	if err := n.setSnapshotDir(snapDir); err != nil {
+		sec.Close()
+		n.close()
+		return err
+	}
 	n.mu.Lock()
 	n.sec = sec
 	n.state = "standby"
 	n.mu.Unlock()
-	ln, err := net.Listen("tcp", *data)
+	tcp, err := net.Listen("tcp", *data)
 	if err != nil {
 		n.close()
 		return fmt.Errorf("listen on %s: %w", *data, err)
 	}
+	ln := netlimit.Wrap(tcp, "data", netlimit.DataCap, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	go serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, log)
 	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {

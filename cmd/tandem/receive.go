@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -24,6 +28,10 @@ func cmdReceive(args []string) error {
 	consoleAddr := fs.String("console", "127.0.0.1:7081", "address of the console bridge")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
+	var rf receiveFlags
+	addReceiveFlags(fs, &rf, true)
+	var snapDir string
+	addSnapshotDirFlag(fs, &snapDir)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -41,7 +49,11 @@ func cmdReceive(args []string) error {
 		return err
 	}
 	n.allowFaults = *allowFaults
-	r := &replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind}
+	if err := n.setSnapshotDir(snapDir); err != nil {
+		n.close()
+		return err
+	}
+	r := rf.apply(&replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind}, "")
 
 	if path, ok := strings.CutPrefix(*from, "file:"); ok {
 		res, err := r.RestoreFile(path)
@@ -61,12 +73,20 @@ func cmdReceive(args []string) error {
 		return n.wait()
 	}
 
-	ln, err := net.Listen("tcp", *listen)
+	tcp, err := net.Listen("tcp", *listen)
 	if err != nil {
 		n.close()
 		return fmt.Errorf("listen on %s: %w", *listen, err)
 	}
+	ln := netlimit.Wrap(tcp, "receive", netlimit.DataCap, log)
 	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.addr())
+	// Every connection is handshaken on its own goroutine, so a peer that
+	// connects and says nothing holds up no one (its handshake has a
+	// deadline); the first Hello that passes takes the one migration this
+	// process receives, later ones are told it is busy.
+	ctx, cancel := context.WithCancel(context.Background())
+	var busy atomic.Bool
+	var wg sync.WaitGroup
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -75,38 +95,55 @@ func cmdReceive(args []string) error {
 			if err != nil {
 				return
 			}
-			n.setState("receiving")
-			res, err := r.ReceiveMigration(context.Background(), conn, func(g guest.Guest, h replica.Hello) error {
-				n.attach(g, h.Config)
-				return nil
-			})
-			if err != nil {
-				conn.Close()
-				n.setState("waiting")
-				log.Error("migration refused or failed; still waiting", "from", conn.RemoteAddr().String(), "err", err)
-				continue
-			}
-			n.mu.Lock()
-			n.cfg = res.Hello.Config
-			n.inbound, n.state = &res, "running"
-			n.mu.Unlock()
-			log.Info("migration received; guest running", "from", conn.RemoteAddr().String(),
-				"epochs", res.Epochs, "digest", res.Digest, "load", res.LoadTime.String())
-			// Drain the end of the stream, then close.
-			conn.SetReadDeadline(time.Now().Add(2 * time.Second))
-			var b [512]byte
-			for {
-				if _, err := conn.Read(b[:]); err != nil {
-					break
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer conn.Close()
+				admitted := false
+				rc := *r
+				rc.Admit = func(replica.Hello) error {
+					if !busy.CompareAndSwap(false, true) {
+						return errors.New("this receiver is already receiving a migration")
+					}
+					admitted = true
+					n.setState("receiving")
+					return nil
 				}
-			}
-			conn.Close()
-			ln.Close()
-			return
+				res, err := rc.ReceiveMigration(ctx, conn, func(g guest.Guest, h replica.Hello) error {
+					n.attach(g, h.Config)
+					return nil
+				})
+				if err != nil {
+					if admitted {
+						n.setState("waiting")
+						busy.Store(false)
+					}
+					log.Error("migration refused or failed; still waiting", "from", conn.RemoteAddr().String(), "err", err)
+					return
+				}
+				n.mu.Lock()
+				n.cfg = res.Hello.Config
+				n.inbound, n.state = &res, "running"
+				n.mu.Unlock()
+				log.Info("migration received; guest running", "from", conn.RemoteAddr().String(),
+					"epochs", res.Epochs, "digest", res.Digest, "load", res.LoadTime.String())
+				// No more migrations: the guest runs here now.
+				ln.Close()
+				// Drain the end of the stream, then close.
+				conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+				var b [512]byte
+				for {
+					if _, err := conn.Read(b[:]); err != nil {
+						break
+					}
+				}
+			}()
 		}
 	}()
 	err = n.wait()
 	ln.Close()
+	cancel()
 	<-done
+	wg.Wait()
 	return err
 }

@@ -37,6 +37,8 @@ type guestNode struct {
 	console     *consoleBridge
 	role        string
 	allowFaults bool
+	// snapshotDir is where file:NAME migrations write ("" : refused).
+	snapshotDir string
 	// users counts goroutines that read guest memory (a migration, an
 	// epoch loop); close waits for them before unmapping it.
 	users sync.WaitGroup
@@ -73,6 +75,8 @@ func cmdRun(args []string) error {
 	apiAddr := fs.String("api", "127.0.0.1:7070", "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
+	var snapDir string
+	addSnapshotDirFlag(fs, &snapDir)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -91,6 +95,11 @@ func cmdRun(args []string) error {
 		return err
 	}
 	n.allowFaults = *allowFaults
+	if err := n.setSnapshotDir(snapDir); err != nil {
+		g.Close()
+		n.close()
+		return err
+	}
 	n.attach(g, cfg)
 	if _, err := g.Resume(); err != nil {
 		n.close()
@@ -392,7 +401,14 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	// before the guest is paused at all.
 	var link precopy.Link
 	var closeLink func()
-	if path, ok := strings.CutPrefix(req.To, "file:"); ok {
+	if name, ok := strings.CutPrefix(req.To, "file:"); ok {
+		// The name comes from whoever reached the API: it is resolved
+		// under this node's --snapshot-dir and never taken as a path.
+		path, err := snapshotPath(n.snapshotDir, name)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("migrate to %s refused: %w", req.To, err))
+			return
+		}
 		fl, err := replica.CreateFileLink(path, hello, g.Regions(), opts)
 		if err != nil {
 			writeError(w, http.StatusBadRequest, err)

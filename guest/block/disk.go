@@ -106,14 +106,14 @@ func (d *Disk) SetFlushObserver(f func(start time.Time, took time.Duration, err 
 	d.mu.Unlock()
 }
 
-// Open opens (creating if needed) the disk file at path and starts its
-// worker.
+// Open opens (creating if needed, mode 0600: it holds guest data) the disk
+// file at path and starts its worker.
 func Open(path string, opts Options) (*Disk, error) {
 	fs := opts.FS
 	if fs == nil {
 		fs = OSFS{}
 	}
-	f, err := fs.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	f, err := fs.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("block: open disk %s: %w", path, err)
 	}

@@ -1,0 +1,101 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// Paths and bounds of what a node takes from the network (see
+// docs/SECURITY.md, "Input bounds and paths"): a node never opens a path
+// a peer named. A received guest's disk lives where this node's own flags
+// say; a snapshot written for POST /migrate lands in this node's
+// --snapshot-dir under a plain name.
+
+// receiveFlags are the flags of a node that receives streams (receive,
+// secondary, and a raft member, which turns secondary).
+type receiveFlags struct {
+	disk         string
+	maxEpochDisk uint64
+}
+
+func addReceiveFlags(fs *flag.FlagSet, rf *receiveFlags, withDisk bool) {
+	rf.maxEpochDisk = replica.DefaultMaxEpochDisk
+	fs.Var(sizeFlag{&rf.maxEpochDisk}, "max-epoch-disk",
+		"most disk writes one received epoch may stage before it commits, e.g. 256MiB; with the guest's memory it bounds what a sender can make this node hold")
+	if withDisk {
+		fs.StringVar(&rf.disk, "disk", "", "where this node keeps its copy of a received guest's disk (default: DATA_DIR/disk.img with --data-dir; without either, a guest with a disk is refused)")
+	}
+}
+
+// diskPath is where received disks live: --disk, else DATA_DIR/disk.img,
+// else nowhere (a guest with a disk is refused).
+func (rf receiveFlags) diskPath(dataDir string) string {
+	switch {
+	case rf.disk != "":
+		return rf.disk
+	case dataDir != "":
+		return filepath.Join(dataDir, "disk.img")
+	}
+	return ""
+}
+
+// apply gives r this node's paths and bounds.
+func (rf receiveFlags) apply(r *replica.Receiver, dataDir string) *replica.Receiver {
+	r.DiskPath = rf.diskPath(dataDir)
+	r.MaxEpochDisk = rf.maxEpochDisk
+	return r
+}
+
+func addSnapshotDirFlag(fs *flag.FlagSet, dir *string) {
+	fs.StringVar(dir, "snapshot-dir", "", "directory that POST /migrate {\"to\":\"file:NAME\"} (tandem migrate --to file:NAME) writes snapshots into; without it file migrations are off")
+}
+
+// errNoSnapshotDir refuses a file migration on a node without a place
+// for snapshots.
+var errNoSnapshotDir = errors.New("no --snapshot-dir: file migrations are off")
+
+// snapshotPath resolves the NAME of a file:NAME migration target under
+// dir. NAME is a plain file name: a path (a slash, "." or "..") is
+// refused, so a caller of the API cannot make the node write anywhere else.
+func snapshotPath(dir, name string) (string, error) {
+	if dir == "" {
+		return "", errNoSnapshotDir
+	}
+	if err := plainName(name); err != nil {
+		return "", fmt.Errorf("snapshot file:%s: %w", name, err)
+	}
+	return filepath.Join(dir, name), nil
+}
+
+func plainName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("want file:NAME with a file name")
+	case strings.ContainsAny(name, "/\\\x00"), name == ".", name == "..":
+		return errors.New("want a plain file name (no directory): snapshots land in the node's --snapshot-dir")
+	}
+	return nil
+}
+
+// setSnapshotDir makes dir (created if missing) the node's place for
+// snapshots, private: 0700, tightened if looser.
+func (n *guestNode) setSnapshotDir(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return usagef("--snapshot-dir %q: %v", dir, err)
+	}
+	if err := fsperm.PrivateDir(abs, n.log); err != nil {
+		return fmt.Errorf("--snapshot-dir: %w", err)
+	}
+	n.snapshotDir = abs
+	return nil
+}
