@@ -37,6 +37,15 @@ type Ack struct {
 	LoadTime  time.Duration `json:"load_ns,omitempty"`
 	ResumedAt time.Time     `json:"resumed_at,omitzero"`
 	Error     string        `json:"error,omitempty"`
+	// Ready (two-phase migration) says the destination loaded the final
+	// epoch and waits, paused, for the source's commit. Older sources
+	// never ask for it.
+	Ready bool `json:"ready,omitempty"`
+	// Activated (replication) says the secondary was activated and runs
+	// the guest itself: the primary that reads it is fenced. Sent once,
+	// on the primary's connection, as the secondary stops receiving;
+	// older primaries ignore it (it acknowledges no epoch).
+	Activated bool `json:"activated,omitempty"`
 }
 
 // Migration states, as QEMU's query-migrate names them.

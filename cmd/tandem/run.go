@@ -45,7 +45,10 @@ type guestNode struct {
 	mu      sync.Mutex
 	g       guest.Guest
 	cfg     guest.Config
-	state   string // "waiting", "running", "paused", "postmigrate"
+	state   string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit"
+	// stateReason says why the state is what it is, when that needs
+	// saying (fenced, awaiting-commit).
+	stateReason string
 	mig     *precopy.Migration
 	migDest string
 	// migBusy reserves the guest for one migration from the moment a
@@ -161,7 +164,7 @@ func (n *guestNode) observeDisk(g guest.Guest) {
 
 func (n *guestNode) setState(s string) {
 	n.mu.Lock()
-	n.state = s
+	n.state, n.stateReason = s, ""
 	n.mu.Unlock()
 }
 
@@ -217,8 +220,9 @@ func (n *guestNode) close() {
 // the node's state with, when there was a migration, query-migrate's
 // figures at the top level (their names are the command-line contract).
 type nodeStatus struct {
-	Role  string `json:"role"`
-	State string `json:"state"`
+	Role        string `json:"role"`
+	State       string `json:"state"`
+	StateReason string `json:"state_reason,omitempty"`
 	guestInfo
 	precopy.MigrationStatus
 	MemoryDigest string `json:"memory_digest,omitempty"`
@@ -255,7 +259,7 @@ func (s nodeStatus) MarshalJSON() ([]byte, error) {
 func (n *guestNode) status(digest bool) nodeStatus {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	st := nodeStatus{Role: n.role, State: n.state, Build: version.Build()}
+	st := nodeStatus{Role: n.role, State: n.state, StateReason: n.stateReason, Build: version.Build()}
 	if n.g != nil {
 		st.guestInfo = describeGuest(n.g, n.cfg)
 	}
