@@ -193,6 +193,18 @@ func (l *Link) Send(c Control) error {
 	return l.bw.Flush()
 }
 
+// Commit implements precopy.Committer: the two-phase switch-over's
+// commit line, after the final epoch.
+func (l *Link) Commit(epoch uint64) error {
+	return l.Send(Control{Migrate: ControlCommit, Epoch: epoch})
+}
+
+// Abort implements precopy.Committer: the destination drops the guest it
+// loaded (best effort, bounded by the write deadline).
+func (l *Link) Abort(epoch uint64, reason string) error {
+	return l.Send(Control{Migrate: ControlAbort, Epoch: epoch, Reason: reason})
+}
+
 // Fail ends the link for a reason found outside it (no acknowledgement
 // within a deadline): the connection is closed, blocked writes return,
 // and Err and WaitAck report err from now on.
