@@ -191,6 +191,11 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 	return m, nil
 }
 
+// SetID names the migration in its status (MigrationID).
+func (m *Migration) SetID(id string) {
+	m.update(func(s *MigrationStatus) { s.MigrationID = id })
+}
+
 // Status returns a copy of the figures so far.
 func (m *Migration) Status() MigrationStatus {
 	m.mu.Lock()

@@ -151,6 +151,9 @@ type MigrationOptions struct {
 	// CommitTimeout bounds the wait for the commit after Ready; 0 means
 	// DefaultCommitTimeout.
 	CommitTimeout time.Duration
+	// OnDiscard, if set, is told before a guest that BeforeResume saw is
+	// closed (the migration failed or was aborted after the load).
+	OnDiscard func(guest.Guest)
 }
 
 // DefaultCommitTimeout is how long a destination waits on the connection
@@ -213,6 +216,12 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		return res, err
 	}
 	im := NewImage(g)
+	shown := false // BeforeResume has seen g
+	defer func() {
+		if !ok && shown && o.OnDiscard != nil {
+			o.OnDiscard(g)
+		}
+	}()
 	for {
 		e, err := rd.ReadEpoch(im)
 		if err != nil {
@@ -240,6 +249,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		res.Digest = im.Digest().String()
 		res.FinalEpoch = e.Epoch
 		if o.BeforeResume != nil {
+			shown = true
 			if err := o.BeforeResume(g, hello); err != nil {
 				return res, err
 			}
