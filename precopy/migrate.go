@@ -439,7 +439,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		ack, err = m.waitResumed(cctx, final)
 		ccancel()
 		if err != nil {
-			return false, m.unconfirmed(start, fmt.Errorf("no confirmation within %v that the destination resumed: %w", ctimeout, err))
+			return false, m.unconfirmed(start, fmt.Errorf("no confirmation that the destination resumed (waited up to %v): %w", ctimeout, err))
 		}
 		acked = time.Now()
 		if ack.LoadTime == 0 {
