@@ -509,7 +509,7 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	dcancel()
 	if err != nil {
 		if errors.Is(err, replica.ErrPeerActivated) {
-			l.fence(fmt.Sprintf("the secondary at %s refused this primary: %v", addr, err))
+			l.fence(fmt.Sprintf("the secondary %s was activated and runs the guest (it refused this primary's join)", addr))
 		}
 		return err
 	}

@@ -90,7 +90,7 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 	}
 	if !reply.OK {
 		if reply.Activated {
-			return nil, fmt.Errorf("%s refused the stream: %w (%s)", addr, ErrPeerActivated, reply.Error)
+			return nil, fmt.Errorf("%s refused the stream: %w", addr, ErrPeerActivated)
 		}
 		return nil, fmt.Errorf("%s refused the stream: %s", addr, reply.Error)
 	}

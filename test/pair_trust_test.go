@@ -360,3 +360,59 @@ func TestFailoverSwitchoverClientGone(t *testing.T) {
 	tr.serveWithin(other, 10*time.Second)
 	t.Logf("second switchover: %s", strings.TrimSpace(r.stdout))
 }
+
+// The two-party limit, and its end: the data link is partitioned, the
+// secondary (no longer hearing its primary) is activated without --force
+// once the failure timeout has passed, and the cut-off primary goes on
+// unprotected meanwhile (it cannot tell a dead secondary from this).
+// When the link heals the old primary hears of the activation and fences
+// itself.
+func TestPairPartitionedPrimaryFencesOnHeal(t *testing.T) {
+	sa := newSecAddrs(t)
+	sec := startSecondary(t, "secondary", sa)
+	proxy := startProxy(t, sa.data, 0)
+	pri := startPrimary(t, "primary", "synth", proxy.Addr(), primaryOpts{extra: []string{"--ack-timeout", "2s"}})
+	waitFT(t, pri, 30*time.Second, "protected", func(s ftStatus) bool { return s.Protection == "protected" })
+	c := dialConsole(t, pri, "old")
+	if r := c.do("SET before 1"); r != "OK" {
+		t.Fatalf("SET: %q", r)
+	}
+	proxy.Partition(true)
+	partAt := time.Now()
+	refusals := 0
+	for {
+		r := runCLI(t, 20*time.Second, "activate", "--api", sec.api)
+		if r.code == 0 {
+			break
+		}
+		if !strings.Contains(r.stderr, "refusing to activate") {
+			t.Fatalf("activate during the partition: exit %d: %s", r.code, r.stderr)
+		}
+		refusals++
+		if time.Since(partAt) > 15*time.Second {
+			t.Fatalf("activation still refused %v into the partition: %s", time.Since(partAt), r.stderr)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	activatedAfter := time.Since(partAt)
+	if activatedAfter < 2*time.Second {
+		t.Errorf("activated %v into the partition, before the 2s failure timeout", activatedAfter)
+	}
+	// The cut-off primary cannot know: once its ack deadline passes it
+	// serves unprotected (the documented two-party limit).
+	c.seq++
+	r, err := c.requestSeq(c.seq, "SET during-partition old", 10*time.Second)
+	t.Logf("activated %v into the partition after %d refusals; the cut-off primary answers %q, %v", activatedAfter.Round(time.Millisecond), refusals, r, err)
+	proxy.Partition(false)
+	healAt := time.Now()
+	st, took := waitTrust(t, pri, 20*time.Second, "fenced after the heal", func(s trustStatus) bool { return s.State == "fenced" })
+	t.Logf("old primary fenced %v after the heal (%v after healAt): %s", took.Round(time.Millisecond), time.Since(healAt).Round(time.Millisecond), st.ProtectionReason)
+	c.seq++
+	if r, err := c.requestSeq(c.seq, "SET after-fence old", 2*time.Second); err == nil {
+		t.Errorf("the fenced primary answered %q", r)
+	}
+	nc := dialConsole(t, sec, "new")
+	if r := nc.do("GET before"); r != "OK 1" {
+		t.Errorf("GET before on the activated secondary: %q", r)
+	}
+}

@@ -262,7 +262,9 @@ func cmdSecondary(args []string) error {
 			writeError(w, http.StatusConflict, err)
 			return
 		}
-		ln.Close()
+		// The data port stays open: a primary that was cut off while
+		// this node was activated joins again once the link heals, and
+		// the refusal it gets (activated) fences it.
 		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "role": "primary", "activated_epoch": epoch})
 	})
 	log.Info("secondary waiting for a primary", "data", ln.Addr().String(), "api", n.api.addr())
