@@ -1,9 +1,14 @@
 package main
 
 import (
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/replica"
 )
 
 func TestActivationRefusal(t *testing.T) {
@@ -29,5 +34,37 @@ func TestActivationRefusal(t *testing.T) {
 		if why != "" && (!strings.Contains(why, "10.0.0.1:7000") || !strings.Contains(why, "ago") || strings.Contains(why, "\n")) {
 			t.Errorf("%s: refusal %q should be one line naming the primary and when it was heard", c.name, why)
 		}
+	}
+}
+
+func TestSourceVerdict(t *testing.T) {
+	var body string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, body)
+	}))
+	defer srv.Close()
+	h := replica.Hello{MigrationID: "m1", SourceAPI: strings.TrimPrefix(srv.URL, "http://")}
+	cases := []struct {
+		body, want string
+	}{
+		{`{"status":"device","migration_id":"m1","commit_sent":true}`, verdictCommitted},
+		{`{"status":"unknown","migration_id":"m1"}`, verdictCommitted},
+		{`{"status":"completed","migration_id":"m1"}`, verdictCommitted},
+		{`{"status":"failed","migration_id":"m1"}`, verdictAborted},
+		{`{"status":"device","migration_id":"m1"}`, verdictUnknown},
+		{`{"status":"completed","migration_id":"other"}`, verdictUnknown},
+		{`{"status":"running"}`, verdictUnknown},
+	}
+	for _, c := range cases {
+		body = c.body
+		if got, detail := sourceVerdict(h); got != c.want {
+			t.Errorf("%s: verdict %s (%s), want %s", c.body, got, detail, c.want)
+		}
+	}
+	if got, _ := sourceVerdict(replica.Hello{MigrationID: "m1", SourceAPI: "127.0.0.1:1"}); got != verdictUnknown {
+		t.Errorf("unreachable source: %s", got)
+	}
+	if got, _ := sourceVerdict(replica.Hello{}); got != verdictUnknown {
+		t.Errorf("no source API: %s", got)
 	}
 }
