@@ -67,6 +67,13 @@
 // Needed (the node and image the cluster needs), into the status's
 // reason for nobody serving.
 //
+// The EpochLoop fences itself too when its secondary says it was
+// activated (an acknowledgement or a refusal with Activated set): its gate
+// refuses every release from then on and it pauses the guest. In a trio
+// raft's fence follows; in a pair it is the only fence there is. A loop
+// also drops a link whose acknowledgements stop moving for AckTimeout,
+// and SetSecondary with another address moves a protected loop at once.
+//
 // A fenced primary keeps its guest paused (the driver's part) until
 // another node is primary in a newer generation: after a double failure
 // (witness and secondary gone, the primary's lease lost) it holds the only

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
@@ -71,7 +72,20 @@ type EpochConfig struct {
 	// the loop numbers its epochs after it, across reconnections, so
 	// epoch numbers only ever grow (raft compares them).
 	FirstEpoch uint64
+	// AckTimeout bounds the wait for acknowledgement progress: while an
+	// epoch (catch-up or protected) is sent and not acknowledged, some
+	// acknowledgement must arrive within it, or the link is dropped and
+	// the secondary retried with back-off (a secondary that accepts and
+	// never answers must not keep the primary joining, or its output
+	// held, for ever). 0 means DefaultAckTimeout.
+	AckTimeout time.Duration
+	// OnFenced, if set, is told once when the loop fences itself: the
+	// secondary said it was activated and runs the guest (see Fence).
+	OnFenced func(why string)
 }
+
+// DefaultAckTimeout is EpochConfig.AckTimeout's default.
+const DefaultAckTimeout = 10 * time.Second
 
 // EpochLoop is a primary's protection: it runs the guest's epochs, ships
 // them to the secondary, and releases output as the secondary
@@ -84,11 +98,24 @@ type EpochLoop struct {
 	gate *OutputGate
 	log  *slog.Logger
 
-	target chan string // new secondary address ("" = none)
-	relink chan string // Relink's requests to drop the current link (why)
+	wake   chan struct{} // SetSecondary changed want
+	relink chan string   // Relink's requests to drop the current link (why)
+	// fencedCh is closed when the loop fences itself; fencedFlag is the
+	// same, read by the output gate's fencing check on every release.
+	fencedCh   chan struct{}
+	fencedFlag atomic.Bool
 
 	// mu guards the figures and state below.
-	mu           sync.Mutex
+	mu sync.Mutex
+	// want is the secondary SetSecondary asked for, wantSeq counts the
+	// requests; secondary is the one the current (or last) link went to,
+	// and linkCancel ends that link (nil between links).
+	want         string
+	wantSeq      uint64
+	linkCancel   context.CancelFunc
+	linkAcked    uint64    // highest epoch the current link acknowledged
+	linkAckAt    time.Time // when it last moved (or the link started)
+	fenced       bool
 	secondary    string
 	state        string // unprotected, joining, protected
 	why          string
@@ -131,7 +158,19 @@ type EpochLoop struct {
 // finalRequest asks the capture loop for a last epoch with the guest left
 // paused (planned switchover).
 type finalRequest struct {
-	done chan error
+	ctx  context.Context
+	done chan error // unbuffered: a reply is taken or the requester is gone
+}
+
+// reply answers the request unless its requester has given up; it says
+// whether the answer was taken.
+func (r *finalRequest) reply(err error) bool {
+	select {
+	case r.done <- err:
+		return true
+	case <-r.ctx.Done():
+		return false
+	}
 }
 
 // flight is what the primary remembers of a shipped consistent epoch
@@ -147,6 +186,9 @@ const (
 	StateUnprotected = "unprotected"
 	StateJoining     = "joining"
 	StateProtected   = "protected"
+	// StateFenced: the secondary was activated and runs the guest; this
+	// loop released nothing since it heard so, and its guest is paused.
+	StateFenced = "fenced"
 )
 
 const recentSamples = 2048
@@ -177,13 +219,19 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
+	if cfg.AckTimeout <= 0 {
+		cfg.AckTimeout = DefaultAckTimeout
+	}
 	l := &EpochLoop{
 		cfg: cfg, core: precopy.NewCore(cfg.Guest, cfg.Timings), log: cfg.Log,
-		target: make(chan string, 1), relink: make(chan string, 1), state: StateUnprotected, why: "no secondary yet",
+		wake: make(chan struct{}, 1), relink: make(chan string, 1), state: StateUnprotected, why: "no secondary yet",
 		gateEpochOf: map[uint64]flight{}, lastEpoch: cfg.FirstEpoch,
-		final: make(chan finalRequest),
+		final: make(chan finalRequest), fencedCh: make(chan struct{}),
 	}
-	l.gate = NewOutputGate(1, cfg.Release, cfg.Allow)
+	allow := cfg.Allow
+	l.gate = NewOutputGate(1, cfg.Release, func() bool {
+		return !l.fencedFlag.Load() && (allow == nil || allow())
+	})
 	l.gate.Hold(false)
 	cfg.Guest.Console().SetOutput(l.gate.Write)
 	return l
@@ -194,13 +242,83 @@ func (l *EpochLoop) Gate() *OutputGate { return l.gate }
 
 // SetSecondary points protection at a secondary's data address; "" drops
 // protection. The loop connects, syncs and starts epochs on its own, and
-// reconnects after failures.
+// reconnects after failures. A new address takes effect at once: a link
+// to another secondary (protected, or still joining) is dropped and the
+// new one joined; the same address again leaves a working link alone.
 func (l *EpochLoop) SetSecondary(addr string) {
+	l.mu.Lock()
+	l.want = addr
+	l.wantSeq++
+	var cancel context.CancelFunc
+	if l.linkCancel != nil && l.secondary != addr {
+		cancel = l.linkCancel
+	}
+	l.mu.Unlock()
+	if cancel != nil {
+		l.log.Info("secondary changed: dropping the current link", "new", addr)
+		cancel()
+	}
 	select {
-	case <-l.target:
+	case l.wake <- struct{}{}:
 	default:
 	}
-	l.target <- addr
+}
+
+// Fenced reports whether the loop fenced itself, and why.
+func (l *EpochLoop) Fenced() (bool, string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.fenced, l.why
+}
+
+// fence is the secondary saying it was activated and runs the guest: from
+// now on nothing leaves through the gate (held output is dropped, the
+// fencing check refuses every release), the link ends, and Run pauses the
+// guest and keeps it paused. There is no way back but a restart: the
+// other node's guest is the one that runs.
+func (l *EpochLoop) fence(why string) {
+	l.fencedFlag.Store(true)
+	l.gate.Discard()
+	l.mu.Lock()
+	if l.fenced {
+		l.mu.Unlock()
+		return
+	}
+	l.fenced = true
+	old := l.state
+	l.state, l.why = StateFenced, why
+	cancel := l.linkCancel
+	l.mu.Unlock()
+	close(l.fencedCh)
+	l.log.Error("FENCED: the secondary runs the guest now; no output leaves here and the guest is paused", "why", why)
+	if cancel != nil {
+		cancel()
+	}
+	if old == StateProtected && l.cfg.OnProtected != nil {
+		l.cfg.OnProtected(false, why)
+	}
+}
+
+// parkFenced pauses the guest of a fenced loop and waits for the end.
+func (l *EpochLoop) parkFenced(ctx context.Context) {
+	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	if _, err := l.cfg.Guest.Pause(pctx); err != nil {
+		l.log.Error("fenced: cannot pause the guest (nothing it says leaves)", "err", err)
+	}
+	cancel()
+	_, why := l.Fenced()
+	if l.cfg.OnFenced != nil {
+		l.cfg.OnFenced(why)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case req := <-l.final:
+			req.reply(errors.New("fenced: " + why))
+		case <-l.wake:
+		}
+	}
 }
 
 // Relink drops a protected link and joins the secondary afresh, if the
@@ -224,19 +342,27 @@ func (l *EpochLoop) Relink(why string) {
 	}
 }
 
-// Run runs epochs until ctx ends. It never leaves the guest paused.
+// Run runs epochs until ctx ends. It never leaves the guest paused,
+// except fenced (the secondary was activated: see fence), when it pauses
+// the guest and keeps it paused until ctx ends.
 func (l *EpochLoop) Run(ctx context.Context) error {
-	addr := ""
 	retry := time.Duration(0)
 	for {
+		if l.fencedFlag.Load() {
+			l.parkFenced(ctx)
+			return nil
+		}
+		l.mu.Lock()
+		addr, seq := l.want, l.wantSeq
+		l.mu.Unlock()
 		if addr == "" {
 			l.setState(StateUnprotected, "no secondary configured")
 			select {
 			case <-ctx.Done():
 				return nil
-			case addr = <-l.target:
+			case <-l.wake:
 			case req := <-l.final:
-				req.done <- errors.New("not protected: no secondary to hand over to")
+				req.reply(errors.New("not protected: no secondary to hand over to"))
 			}
 			continue
 		}
@@ -244,15 +370,16 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		var next string
-		var changed bool
-		select {
-		case next = <-l.target:
-			changed = true
-		default:
+		if l.fencedFlag.Load() {
+			continue
 		}
-		if changed {
-			addr, retry = next, 0
+		changed := func() bool {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			return l.wantSeq != seq
+		}
+		if changed() {
+			retry = 0
 			continue
 		}
 		// Lost the secondary: run unprotected, retry with back-off. A
@@ -272,15 +399,17 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 			select {
 			case <-ctx.Done():
 				return nil
-			case addr = <-l.target:
-				retry = 0
-				break backoff
+			case <-l.wake:
+				if changed() {
+					retry = 0
+					break backoff
+				}
 			case <-wait:
 				break backoff
 			case <-time.After(200 * time.Millisecond):
 				l.releaseHeld()
 			case req := <-l.final:
-				req.done <- errors.New("not protected: no secondary to hand over to")
+				req.reply(errors.New("not protected: no secondary to hand over to"))
 			}
 		}
 	}
@@ -288,6 +417,10 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 
 func (l *EpochLoop) setState(s, why string) {
 	l.mu.Lock()
+	if l.fenced {
+		l.mu.Unlock()
+		return
+	}
 	old := l.state
 	l.state, l.why = s, why
 	l.mu.Unlock()
@@ -336,7 +469,19 @@ func (l *EpochLoop) secondaryAddr() string {
 // protect connects to addr, brings it up to date and runs epochs until
 // the link fails, ctx ends or the target changes.
 func (l *EpochLoop) protect(ctx context.Context, addr string) error {
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	l.mu.Lock()
+	if l.want != addr || l.fenced {
+		l.mu.Unlock()
+		return errors.New("the secondary changed before the join")
+	}
+	l.linkCancel = cancel
+	defer func() {
+		l.mu.Lock()
+		l.linkCancel = nil
+		l.mu.Unlock()
+	}()
 	l.secondary = addr
 	l.joins++
 	// Flights of a previous link will never be acknowledged (a new link
@@ -352,8 +497,6 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	}
 	l.setState(StateJoining, "connecting to "+addr)
 
-	lctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	hello := replica.Hello{Purpose: replica.PurposeReplicate, Kind: l.cfg.Guest.Kind(), Config: l.cfg.Config,
 		Build: l.cfg.Build, Verify: l.cfg.Verify}
 	if l.cfg.Generation != nil {
@@ -365,6 +508,9 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	})
 	dcancel()
 	if err != nil {
+		if errors.Is(err, replica.ErrPeerActivated) {
+			l.fence(fmt.Sprintf("the secondary %s was activated and runs the guest (it refused this primary's join)", addr))
+		}
 		return err
 	}
 	defer link.Close()
@@ -387,7 +533,18 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	l.mu.Lock()
 	sender.SetEpoch(l.lastEpoch)
 	l.sender = sender
+	l.linkAcked, l.linkAckAt = l.lastEpoch, time.Now()
 	l.mu.Unlock()
+	var wd sync.WaitGroup
+	wd.Add(1)
+	go func() {
+		defer wd.Done()
+		l.watchAcks(lctx, addr, link, sender)
+	}()
+	defer func() {
+		cancel()
+		wd.Wait()
+	}()
 	defer func() {
 		l.mu.Lock()
 		l.lastEpoch = max(l.lastEpoch, sender.Epoch())
@@ -414,7 +571,51 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 			return err
 		}
 	}
-	return l.runEpochs(lctx, link, sender, shipped)
+	// The catch-up counts only once the secondary has it: until then
+	// output is not held (no epoch has sealed any), so a secondary that
+	// never answers costs the guest nothing while the ack deadline runs.
+	if err := sender.Drain(lctx); err != nil {
+		return fmt.Errorf("sync to %s: %w", addr, err)
+	}
+	return l.runEpochs(ctx, lctx, link, sender, shipped)
+}
+
+// watchAcks drops the link when acknowledgements stop moving while
+// something is outstanding for AckTimeout: a secondary that accepted the
+// stream and never answers (or stopped answering) is retried afresh,
+// with back-off, instead of keeping this primary joining, or its output
+// held, for ever.
+func (l *EpochLoop) watchAcks(ctx context.Context, addr string, link *replica.Link, sender *precopy.LiveSender) {
+	limit := l.cfg.AckTimeout
+	tick := time.NewTicker(min(limit/10, 500*time.Millisecond))
+	defer tick.Stop()
+	idleAt := time.Now() // when nothing was outstanding, last seen
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		now := time.Now()
+		l.mu.Lock()
+		acked, at := l.linkAcked, l.linkAckAt
+		l.mu.Unlock()
+		sent := sender.Epoch()
+		if sent <= acked {
+			idleAt = now
+			continue
+		}
+		if at.Before(idleAt) {
+			at = idleAt
+		}
+		if now.Sub(at) > limit {
+			err := fmt.Errorf("no acknowledgement from the secondary at %s for %v (epoch %d sent, %d acknowledged): link dropped, retrying",
+				addr, limit.Round(time.Millisecond), sent, acked)
+			l.log.Warn("secondary silent", "err", err)
+			link.Fail(err)
+			return
+		}
+	}
 }
 
 // job is one captured epoch on its way to the shipper.
@@ -426,7 +627,7 @@ type job struct {
 
 // runEpochs captures an epoch every interval and ships it on another
 // goroutine (pipelined), with bounded buffers: see the package doc.
-func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *precopy.LiveSender, shipped *guest.MemHash) error {
+func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, sender *precopy.LiveSender, shipped *guest.MemHash) error {
 	ship := make(chan job, 1)
 	// Each slot owns its buffer: a capture copies its pages into the slot
 	// it took, and the slot comes back only once the shipper is done with
@@ -467,7 +668,7 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		// and passes err on: every return below goes through it.
 		answer := func(err error) error {
 			if final != nil {
-				final.done <- err
+				final.reply(err)
 				final = nil
 			}
 			return err
@@ -482,7 +683,7 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 		case <-tick.C:
 		case req := <-l.final:
 			if first {
-				req.done <- errors.New("not protected yet: the secondary is still catching up")
+				req.reply(errors.New("not protected yet: the secondary is still catching up"))
 				continue
 			}
 			final = &req
@@ -584,6 +785,11 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 			}
 			return answer(err)
 		case <-ctx.Done():
+			if final != nil && parent.Err() == nil && !l.fencedFlag.Load() {
+				// The link was dropped (a new secondary, no acks) with
+				// the final capture's guest paused: it runs on here.
+				l.cfg.Guest.Resume()
+			}
 			return answer(ctx.Err())
 		}
 		if final != nil {
@@ -591,14 +797,31 @@ func (l *EpochLoop) runEpochs(ctx context.Context, link *replica.Link, sender *p
 			// included, then stop capturing: the guest stays paused for
 			// the new primary to take over from this epoch.
 			err := l.waitAcked(ctx, link, shipErr, 10*time.Second)
-			if err != nil {
-				l.cfg.Guest.Resume()
+			if err == nil {
+				// The handover goes ahead only if its requester is still
+				// there to take it: one that gave up would leave the
+				// guest paused here with nobody to move raft on.
+				if !final.reply(nil) {
+					err = fmt.Errorf("the switchover's requester gave up: %w", context.Cause(final.ctx))
+					l.log.Warn("final epoch acknowledged but nobody took the handover; the guest runs on here", "err", err)
+				}
+				final = nil
 			}
-			if answer(err) != nil {
+			if err != nil {
+				if !l.fencedFlag.Load() {
+					l.cfg.Guest.Resume()
+				}
+				if answer(err); ctx.Err() != nil || link.Err() != nil {
+					return err
+				}
 				continue
 			}
-			<-ctx.Done()
-			return ctx.Err()
+			// Parked for the handover: only the loop's end (the node
+			// fenced or stopped) moves it on, not a change of the
+			// secondary, since the guest must stay paused for the new
+			// primary.
+			<-parent.Done()
+			return parent.Err()
 		}
 	}
 }
@@ -641,8 +864,12 @@ func (l *EpochLoop) waitAcked(ctx context.Context, link *replica.Link, shipErr <
 // left paused, ships it and waits until the secondary has acknowledged it
 // and its output is released. Afterwards the loop captures nothing more
 // until it is stopped; on error the guest runs on and the loop with it.
+//
+// The request is tied to ctx: if ctx ends before the answer is taken, the
+// loop resumes the guest and carries on (it never leaves the guest paused
+// for a caller that has gone).
 func (l *EpochLoop) FinalEpoch(ctx context.Context) error {
-	req := finalRequest{done: make(chan error, 1)}
+	req := finalRequest{ctx: ctx, done: make(chan error)}
 	select {
 	case l.final <- req:
 	case <-ctx.Done():
@@ -711,7 +938,14 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 // onAck runs on the link's reader for every acknowledgement.
 func (l *EpochLoop) onAck(a precopy.Ack) {
 	now := time.Now()
+	if a.Activated {
+		l.fence("the secondary " + l.secondaryAddr() + " was activated and runs the guest")
+		return
+	}
 	l.mu.Lock()
+	if a.Epoch > l.linkAcked {
+		l.linkAcked, l.linkAckAt = a.Epoch, now
+	}
 	if a.Error != "" {
 		l.mu.Unlock()
 		l.log.Error("secondary reported an error", "epoch", a.Epoch, "err", a.Error)

@@ -37,16 +37,56 @@ type Ack struct {
 	LoadTime  time.Duration `json:"load_ns,omitempty"`
 	ResumedAt time.Time     `json:"resumed_at,omitzero"`
 	Error     string        `json:"error,omitempty"`
+	// Ready (two-phase migration) says the destination loaded the final
+	// epoch and waits, paused, for the source's commit. Older sources
+	// never ask for it.
+	Ready bool `json:"ready,omitempty"`
+	// Activated (replication) says the secondary was activated and runs
+	// the guest itself: the primary that reads it is fenced. Sent once,
+	// on the primary's connection, as the secondary stops receiving;
+	// older primaries ignore it (it acknowledges no epoch).
+	Activated bool `json:"activated,omitempty"`
 }
 
-// Migration states, as QEMU's query-migrate names them.
+// Committer is a Link whose destination takes the two-phase switch-over:
+// it loads the final epoch, answers Ready and waits, paused, for Commit
+// (it resumes) or Abort (it drops what it loaded). A Link without it (a
+// file, an older receiver) resumes on the final epoch itself.
+type Committer interface {
+	// Commit tells the destination to resume; the source has stopped its
+	// guest for good before calling it.
+	Commit(epoch uint64) error
+	// Abort tells the destination to drop the loaded guest; best effort.
+	Abort(epoch uint64, reason string) error
+}
+
+// Migration states, as QEMU's query-migrate names them, plus unknown: the
+// source sent its commit but the destination never confirmed it resumed.
 const (
 	StatusSetup     = "setup"
 	StatusActive    = "active"
 	StatusDevice    = "device"
 	StatusCompleted = "completed"
 	StatusFailed    = "failed"
+	StatusUnknown   = "unknown"
 )
+
+// Outcomes of a migration as the source knows them.
+const (
+	OutcomeCommitted = "committed"
+	OutcomeAborted   = "aborted: source resumed"
+	OutcomeUnknown   = "unknown: destination awaiting commit; source stopped"
+)
+
+// ErrCommitUnconfirmed is Run's error when the source committed (its guest
+// stays stopped for good) but the destination's confirmation never came:
+// the destination holds the guest, paused, awaiting a commit it may have
+// missed. It never means the source runs the guest.
+var ErrCommitUnconfirmed = errors.New("commit sent, not confirmed: the destination may be awaiting it; the source stays stopped")
+
+// DefaultConfirmTimeout bounds the source's wait for the destination's
+// word that it resumed, after the commit.
+const DefaultConfirmTimeout = 5 * time.Second
 
 // DowntimeBreakdown is where the last pause went, source and destination
 // together; the fields sum to TotalMs.
@@ -93,6 +133,13 @@ type MigrationStatus struct {
 	SwitchoverDigest  string `json:"switchover_digest,omitempty"`
 	DestinationDigest string `json:"destination_digest,omitempty"`
 	Destination       string `json:"destination,omitempty"`
+	// Outcome is how the switch-over ended as the source knows it (one of
+	// the Outcome constants); CommitSent says the source has stopped its
+	// guest for good and sent the commit (a destination left awaiting it
+	// reads this to resume); MigrationID names the migration.
+	Outcome     string `json:"outcome,omitempty"`
+	CommitSent  bool   `json:"commit_sent,omitempty"`
+	MigrationID string `json:"migration_id,omitempty"`
 }
 
 // Migration runs one live migration of a Core's guest over a Link. Status
@@ -111,6 +158,12 @@ type Migration struct {
 
 	send    *LiveSender
 	started time.Time
+	// ConfirmTimeout bounds the wait for the destination's confirmation
+	// after the commit; 0 means DefaultConfirmTimeout.
+	ConfirmTimeout time.Duration
+	// committed: the commit was decided; the source's guest never
+	// resumes from here on.
+	committed bool
 }
 
 // NewMigration prepares a migration; Run starts it.
@@ -138,6 +191,11 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 	return m, nil
 }
 
+// SetID names the migration in its status (MigrationID).
+func (m *Migration) SetID(id string) {
+	m.update(func(s *MigrationStatus) { s.MigrationID = id })
+}
+
 // Status returns a copy of the figures so far.
 func (m *Migration) Status() MigrationStatus {
 	m.mu.Lock()
@@ -155,6 +213,15 @@ func (m *Migration) update(f func(*MigrationStatus)) {
 // guest is then left paused: status completed) or the migration fails
 // (the source's guest is running: status failed, with the reason). It
 // never leaves the source guest paused on failure.
+//
+// With a Committer link the switch-over is two-phase: the destination
+// loads the final epoch and answers Ready; only then does the source stop
+// for good and send Commit, on which the destination resumes. Without
+// Ready (within the ack deadline) the source resumes and sends Abort.
+// Once Commit is decided the source never resumes: if the destination's
+// confirmation does not come, Run returns ErrCommitUnconfirmed with
+// status unknown (the destination may be paused, awaiting the commit;
+// never both running).
 func (m *Migration) Run(ctx context.Context) (err error) {
 	start := time.Now()
 	m.started = start
@@ -269,11 +336,17 @@ func (m *Migration) report(ctrl *Controller, start time.Time, remaining uint64) 
 }
 
 func (m *Migration) failed(start time.Time, err error) error {
+	if m.committed {
+		// Never: once the commit is decided the guest is the
+		// destination's. Report, do not resume.
+		return m.unconfirmed(start, err)
+	}
 	if m.core.G.Paused() {
 		m.core.G.Resume()
 	}
 	m.update(func(s *MigrationStatus) {
 		s.Status = StatusFailed
+		s.Outcome = OutcomeAborted
 		s.Error = err.Error()
 		s.TotalTimeMs = time.Since(start).Milliseconds()
 	})
@@ -331,12 +404,50 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	if err == nil && ack.Error != "" {
 		err = errors.New(ack.Error)
 	}
-	if err == nil && !ack.Final {
+	cm, twoPhase := m.link.(Committer)
+	if err == nil && ack.Ready && !twoPhase {
+		err = fmt.Errorf("destination waits for a commit this link cannot send")
+	}
+	if err == nil && !ack.Final && !ack.Ready {
 		err = fmt.Errorf("destination acknowledged epoch %d without resuming the guest", ack.Epoch)
 	}
 	if err != nil {
-		// The destination never said it runs the guest: it must run here.
+		// The destination never said it holds the guest ready (or
+		// runs it): it must run here. Tell the destination to drop
+		// what it may have loaded (best effort: if this is lost too,
+		// it stays paused awaiting a commit that never comes).
+		if twoPhase {
+			cm.Abort(final, err.Error())
+		}
 		return false, m.failed(start, fmt.Errorf("destination failed before acknowledging the switch-over: %w", err))
+	}
+	if ack.Ready {
+		// Two-phase: the destination has loaded the final epoch and
+		// waits, paused. From here the source's guest never runs again:
+		// the commit may arrive even if its sending fails.
+		m.committed = true
+		m.update(func(s *MigrationStatus) { s.CommitSent = true })
+		if err := cm.Commit(final); err != nil {
+			return false, m.unconfirmed(start, fmt.Errorf("send the commit: %w", err))
+		}
+		ready := ack
+		ctimeout := m.ConfirmTimeout
+		if ctimeout <= 0 {
+			ctimeout = DefaultConfirmTimeout
+		}
+		cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), ctimeout)
+		ack, err = m.waitResumed(cctx, final)
+		ccancel()
+		if err != nil {
+			return false, m.unconfirmed(start, fmt.Errorf("no confirmation that the destination resumed (waited up to %v): %w", ctimeout, err))
+		}
+		acked = time.Now()
+		if ack.LoadTime == 0 {
+			ack.LoadTime = ready.LoadTime
+		}
+		if ack.Digest == "" {
+			ack.Digest = ready.Digest
+		}
 	}
 	// Downtime on one clock: from the source's pause to the destination's
 	// resume when it reported one (same host), else to the ack's arrival.
@@ -352,6 +463,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	srcDigest := guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), cp.State).String()
 	m.update(func(s *MigrationStatus) {
 		s.Status = StatusCompleted
+		s.Outcome = OutcomeCommitted
 		s.DowntimeMs = downtime.Milliseconds()
 		s.TotalTimeMs = time.Since(start).Milliseconds()
 		s.TransferredBytes = m.link.BytesSent()
@@ -369,9 +481,55 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		m.core.Timings.Observe(PhaseSend, sendStart, send)
 		m.core.Timings.Observe("downtime", pauseStart, downtime)
 	}
-	w.EndStream()
-	m.link.Flush()
+	if !ack.Ready && !m.committed {
+		// One-phase (a file, an older receiver): the stream ends here.
+		// A two-phase stream ended with the commit line.
+		w.EndStream()
+		m.link.Flush()
+	}
 	return true, nil
+}
+
+// waitResumed waits for the destination's word, after the commit, that it
+// resumed the guest (a Final acknowledgement).
+func (m *Migration) waitResumed(ctx context.Context, final uint64) (Ack, error) {
+	for {
+		ack, err := m.link.WaitAck(ctx, final, true)
+		if err != nil {
+			return ack, err
+		}
+		if ack.Error != "" {
+			return ack, errors.New(ack.Error)
+		}
+		if ack.Final {
+			return ack, nil
+		}
+		// The Ready acknowledgement is still the last one: wait for
+		// the next, unless the link has failed.
+		if el, ok := m.link.(interface{ Err() error }); ok {
+			if err := el.Err(); err != nil {
+				return ack, err
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ack, ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+// unconfirmed ends a migration whose commit went out (or may have) but was
+// not confirmed: the source's guest stays stopped, the status says so.
+func (m *Migration) unconfirmed(start time.Time, err error) error {
+	m.update(func(s *MigrationStatus) {
+		s.Status = StatusUnknown
+		s.Outcome = OutcomeUnknown
+		s.Error = err.Error()
+		s.TotalTimeMs = time.Since(start).Milliseconds()
+		s.RemainingBytes = 0
+	})
+	return fmt.Errorf("%w: %v", ErrCommitUnconfirmed, err)
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

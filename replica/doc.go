@@ -12,6 +12,16 @@
 // receiver writes one JSON acknowledgement line (precopy.Ack) per epoch it
 // commits (replicate) or once, when the guest resumes (migrate).
 //
+// Migration is two-phase when the Hello asks for it (Commit): the
+// destination loads the final epoch, acknowledges Ready and waits,
+// paused, for the source's control line (Control: commit or abort) after
+// the final epoch; it resumes only on commit, and without either it hands
+// the paused guest back to its caller (AwaitingCommit), never resuming on
+// a guess. A secondary that is activated writes a last acknowledgement
+// with Activated set on its primary's connection, and refuses later joins
+// with HelloReply.Activated: the primary is fenced. These fields are
+// optional; older peers ignore them (docs/PAIR-AND-MIGRATION.md).
+//
 // It must never make a partly received epoch visible, never let the
 // receiving guest run before the image is consistent (an epoch with
 // machine state committed after the last live-sync epoch), and never

@@ -89,6 +89,9 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 		return nil, fmt.Errorf("handshake with %s: %w", addr, err)
 	}
 	if !reply.OK {
+		if reply.Activated {
+			return nil, fmt.Errorf("%s refused the stream: %w", addr, ErrPeerActivated)
+		}
 		return nil, fmt.Errorf("%s refused the stream: %s", addr, reply.Error)
 	}
 	conn.SetDeadline(time.Time{})
@@ -143,7 +146,9 @@ func (l *Link) readAcks(br *bufio.Reader, onAck func(precopy.Ack)) {
 			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
 				err = fmt.Errorf("receiver closed the connection: %w", err)
 			}
-			l.ackErr = err
+			if l.ackErr == nil { // Fail's reason stays
+				l.ackErr = err
+			}
 		} else {
 			l.last, l.hasLast = a, true
 		}
@@ -177,6 +182,41 @@ func (l *Link) WaitAck(ctx context.Context, epoch uint64, final bool) (precopy.A
 			return precopy.Ack{}, fmt.Errorf("waiting for the acknowledgement of epoch %d: %w", epoch, ctx.Err())
 		}
 	}
+}
+
+// Send writes one control line (a migration's commit or abort) after
+// everything buffered; call it from the goroutine that owns the Writer.
+func (l *Link) Send(c Control) error {
+	if err := writeLine(l.bw, c); err != nil {
+		return err
+	}
+	return l.bw.Flush()
+}
+
+// Commit implements precopy.Committer: the two-phase switch-over's
+// commit line, after the final epoch.
+func (l *Link) Commit(epoch uint64) error {
+	return l.Send(Control{Migrate: ControlCommit, Epoch: epoch})
+}
+
+// Abort implements precopy.Committer: the destination drops the guest it
+// loaded (best effort, bounded by the write deadline).
+func (l *Link) Abort(epoch uint64, reason string) error {
+	return l.Send(Control{Migrate: ControlAbort, Epoch: epoch, Reason: reason})
+}
+
+// Fail ends the link for a reason found outside it (no acknowledgement
+// within a deadline): the connection is closed, blocked writes return,
+// and Err and WaitAck report err from now on.
+func (l *Link) Fail(err error) {
+	l.mu.Lock()
+	if l.ackErr == nil {
+		l.ackErr = err
+		close(l.changed)
+		l.changed = make(chan struct{})
+	}
+	l.mu.Unlock()
+	l.conn.Close()
 }
 
 // Err returns why the acknowledgement channel failed, if it did.

@@ -38,6 +38,17 @@ type Hello struct {
 	Generation uint64       `json:"generation,omitempty"`
 	Sender     string       `json:"sender,omitempty"`
 	Verify     bool         `json:"verify,omitempty"`
+	// Commit (migrate) asks for the two-phase switch-over: the
+	// destination loads the final epoch, answers "ready" and resumes only
+	// on the source's commit line (see Commit). A receiver that predates
+	// it ignores the field and resumes at once, acknowledging Final; the
+	// source then knows it spoke to an older receiver.
+	Commit bool `json:"commit,omitempty"`
+	// MigrationID names this migration (migrate with Commit), so a
+	// destination left awaiting its commit can ask the source's API
+	// (SourceAPI) how the migration ended there.
+	MigrationID string `json:"migration_id,omitempty"`
+	SourceAPI   string `json:"source_api,omitempty"`
 }
 
 // HelloReply is the receiver's answer: OK, or the one-line reason it
@@ -48,7 +59,32 @@ type HelloReply struct {
 	Build string `json:"build,omitempty"`
 	// LastEpoch is the receiver's last committed epoch (replicate).
 	LastEpoch uint64 `json:"last_epoch,omitempty"`
+	// Activated (replicate, with OK false): this secondary was activated
+	// and runs the guest itself. A primary told so is fenced: it must stop
+	// releasing output and pause its guest. Older primaries see only the
+	// refusal.
+	Activated bool `json:"activated,omitempty"`
 }
+
+// Control is a line the sender writes after a migration's final epoch in
+// the two-phase switch-over (Hello.Commit): commit (the source has
+// stopped its guest for good; the destination resumes) or abort (the
+// source resumes; the destination drops what it loaded).
+type Control struct {
+	Migrate string `json:"migrate"` // "commit" or "abort"
+	Epoch   uint64 `json:"epoch"`
+	Reason  string `json:"reason,omitempty"`
+}
+
+// Control verbs.
+const (
+	ControlCommit = "commit"
+	ControlAbort  = "abort"
+)
+
+// ErrPeerActivated is a secondary that refused a primary because it was
+// activated: it runs the guest now, so the primary is fenced.
+var ErrPeerActivated = errors.New("the secondary was activated and runs the guest itself")
 
 // ErrProtocol is a data connection that does not speak this protocol.
 var ErrProtocol = errors.New("replica: bad data-channel message")

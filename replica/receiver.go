@@ -238,15 +238,61 @@ type MigrationResult struct {
 	Digest    string
 	LoadTime  time.Duration
 	ResumedAt time.Time
+	// AwaitingCommit (two-phase, Hello.Commit): the guest is loaded and
+	// paused, and neither the source's commit nor its abort arrived
+	// (Why says what happened instead). The caller holds the guest and
+	// resolves: Resume only once the source is known to have stopped for
+	// good (it sent the commit), Close if the source resumed.
+	AwaitingCommit bool
+	Why            string
+	FinalEpoch     uint64
 }
 
-// ReceiveMigration receives one live migration on conn: it builds an empty
-// guest, commits the sender's epochs into it, and when an epoch with
-// machine state commits, loads it, takes the switch-over digest, resumes
-// the guest and acknowledges. beforeResume, if set, runs with the loaded
-// guest still paused (the caller connects the console there). On error
-// the half-built guest is closed and nothing runs.
+// MigrationOptions are the hooks and bounds of ReceiveMigrationWith.
+type MigrationOptions struct {
+	// BeforeResume, if set, runs with the loaded guest still paused (the
+	// caller connects the console there).
+	BeforeResume func(guest.Guest, Hello) error
+	// OnReady, if set, is told when a two-phase destination has answered
+	// Ready and waits, paused, for the commit.
+	OnReady func(guest.Guest, Hello)
+	// CommitTimeout bounds the wait for the commit after Ready; 0 means
+	// DefaultCommitTimeout.
+	CommitTimeout time.Duration
+	// OnDiscard, if set, is told before a guest that BeforeResume saw is
+	// closed (the migration failed or was aborted after the load).
+	OnDiscard func(guest.Guest)
+}
+
+// DefaultCommitTimeout is how long a destination waits on the connection
+// for the source's commit after answering Ready.
+const DefaultCommitTimeout = 10 * time.Second
+
+// ErrMigrationAborted is a source that aborted the switch-over after the
+// destination was ready: the source resumed its guest.
+var ErrMigrationAborted = errors.New("the source aborted the switch-over and runs the guest")
+
+// ReceiveMigration is ReceiveMigrationWith with only a BeforeResume hook.
 func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeResume func(guest.Guest, Hello) error) (MigrationResult, error) {
+	return r.ReceiveMigrationWith(ctx, conn, MigrationOptions{BeforeResume: beforeResume})
+}
+
+// ReceiveMigrationWith receives one live migration on conn: it builds an
+// empty guest, commits the sender's epochs into it, and when an epoch
+// with machine state commits, loads it and takes the switch-over digest.
+//
+// One-phase (an older source): it resumes the guest and acknowledges
+// Final at once. Two-phase (Hello.Commit): it acknowledges Ready and
+// waits, paused, for the source's control line: on commit it resumes
+// and acknowledges Final; on abort it drops the guest and returns
+// ErrMigrationAborted; with neither (the connection ends, the deadline
+// passes) it returns the paused guest with AwaitingCommit set and no
+// error, never resuming it by itself: the source may have resumed (its
+// Ready never arrived) or stopped for good (its commit was lost), and
+// only the caller can find out which.
+//
+// On any other error the half-built guest is closed and nothing runs.
+func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o MigrationOptions) (MigrationResult, error) {
 	var res MigrationResult
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
@@ -278,6 +324,12 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 		return res, err
 	}
 	im := r.newImage(g, hello.Config)
+	shown := false // BeforeResume has seen g
+	defer func() {
+		if !ok && shown && o.OnDiscard != nil {
+			o.OnDiscard(g)
+		}
+	}()
 	for {
 		e, err := rd.ReadEpoch(im)
 		if err != nil {
@@ -303,12 +355,55 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 			return res, err
 		}
 		res.Digest = im.Digest().String()
-		if beforeResume != nil {
-			if err := beforeResume(g, hello); err != nil {
+		res.FinalEpoch = e.Epoch
+		if o.BeforeResume != nil {
+			shown = true
+			if err := o.BeforeResume(g, hello); err != nil {
 				return res, err
 			}
 		}
 		res.LoadTime = time.Since(t0)
+		if hello.Commit {
+			conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+			if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch, Digest: res.Digest, Ready: true, LoadTime: res.LoadTime}); err != nil {
+				return res, fmt.Errorf("acknowledge the final epoch %d: %w", e.Epoch, err)
+			}
+			if o.OnReady != nil {
+				o.OnReady(g, hello)
+			}
+			ct := o.CommitTimeout
+			if ct <= 0 {
+				ct = DefaultCommitTimeout
+			}
+			// Every read re-arms the idle deadline (idleReader), so the
+			// commit's deadline closes the connection instead.
+			var c Control
+			got := make(chan error, 1)
+			go func() { got <- readControl(br, &c, e.Epoch) }()
+			var cerr error
+			select {
+			case cerr = <-got:
+			case <-time.After(ct):
+				conn.Close()
+				<-got
+				cerr = fmt.Errorf("nothing within %v", ct)
+			case <-ctx.Done():
+				conn.Close()
+				<-got
+				cerr = ctx.Err()
+			}
+			switch {
+			case cerr == nil && c.Migrate == ControlAbort:
+				return res, fmt.Errorf("%w: %s", ErrMigrationAborted, c.Reason)
+			case cerr != nil:
+				// Not a word: the guest stays paused, held for the
+				// caller to resolve.
+				res.Guest, res.AwaitingCommit = g, true
+				res.Why = fmt.Sprintf("no commit from the source after the final epoch %d: %v", e.Epoch, cerr)
+				ok = true
+				return res, nil
+			}
+		}
 		if _, err := g.Resume(); err != nil {
 			return res, fmt.Errorf("resume the received guest: %w", err)
 		}
@@ -317,11 +412,31 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 		ok = true
 		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
 		if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch, Digest: res.Digest, Final: true, LoadTime: res.LoadTime, ResumedAt: res.ResumedAt}); err != nil {
-			// The guest runs here now; the source learns of it by the
-			// missing ack and resumes its own copy, which is the split
-			// brain a two-party switch-over cannot rule out. Say so.
-			r.log().Error("migration: guest resumed but the acknowledgement could not be sent; the source may resume too", "err", err)
+			if hello.Commit {
+				// The source committed before this: it stays stopped
+				// and reports an unconfirmed outcome. One runner.
+				r.log().Warn("migration: guest resumed on the source's commit; the confirmation could not be sent", "err", err)
+			} else {
+				// An older source learns of it by the missing ack and
+				// resumes its own copy: the split brain the one-phase
+				// switch-over cannot rule out. Say so.
+				r.log().Error("migration: guest resumed but the acknowledgement could not be sent; the (older, one-phase) source may resume too", "err", err)
+			}
 		}
 		return res, nil
 	}
+}
+
+// readControl reads the source's control line after the final epoch.
+func readControl(br *bufio.Reader, c *Control, epoch uint64) error {
+	if err := readLine(br, c); err != nil {
+		return err
+	}
+	switch {
+	case c.Migrate != ControlCommit && c.Migrate != ControlAbort:
+		return fmt.Errorf("%w: control %q", ErrProtocol, c.Migrate)
+	case c.Epoch != epoch:
+		return fmt.Errorf("%w: %s of epoch %d, the final epoch was %d", ErrProtocol, c.Migrate, c.Epoch, epoch)
+	}
+	return nil
 }

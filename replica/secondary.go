@@ -42,6 +42,20 @@ type Secondary struct {
 	conn       net.Conn
 	served     chan struct{} // closed when conn's Serve has returned
 	from       string
+	lastHeard  time.Time // the current primary's last handshake or epoch
+
+	// wmu serialises writes on a primary connection: Serve's
+	// acknowledgements and Activate's last word.
+	wmu sync.Mutex
+}
+
+// PrimaryContact says whether a primary is connected now, from where, and
+// when it was last heard (its handshake or its last epoch; zero: never).
+// A pair secondary refuses activation while its primary is heard.
+func (s *Secondary) PrimaryContact() (from string, connected bool, lastHeard time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.from, s.conn != nil, s.lastHeard
 }
 
 // NewSecondary makes a Secondary building guests with r. minGen, if set,
@@ -73,7 +87,10 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	s.mu.Unlock()
 	switch {
 	case activated:
-		return refuse("this secondary has been activated and runs the guest itself")
+		err := errors.New("this secondary has been activated and runs the guest itself")
+		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
+		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: s.R.Build, Activated: true})
+		return err
 	case s.minGen != nil && hello.Generation < s.minGen():
 		return refuse("primary generation %d is stale (the cluster is at %d)", hello.Generation, s.minGen())
 	case cur != nil && (curH.Kind != hello.Kind || curH.Config.Memory != hello.Config.Memory):
@@ -130,7 +147,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		return err
 	}
 	s.mu.Lock()
-	s.syncing, s.from = im, conn.RemoteAddr().String()
+	s.syncing, s.from, s.lastHeard = im, conn.RemoteAddr().String(), time.Now()
 	s.mu.Unlock()
 
 	rd, err := checkpoint.NewReader(br, s.R.Limits)
@@ -185,9 +202,15 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		s.mu.Lock()
 		s.commits++
 		s.lastCommit = time.Now()
+		if s.conn == conn {
+			s.lastHeard = s.lastCommit
+		}
 		s.mu.Unlock()
+		s.wmu.Lock()
 		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
-		if err := writeLine(conn, ack); err != nil {
+		err = writeLine(conn, ack)
+		s.wmu.Unlock()
+		if err != nil {
 			return s.fail(fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err))
 		}
 	}
@@ -246,8 +269,17 @@ func (s *Secondary) Activate() (guest.Guest, Hello, Committed, error) {
 	s.activated = true
 	s.mu.Unlock()
 	if conn != nil {
-		// Stop the primary's stream; a staged partial epoch is dropped by
-		// the receiving goroutine, the committed image is untouched.
+		// Tell the primary, while its connection is there, that this node
+		// runs the guest now: it fences itself (stops releasing output,
+		// pauses its guest). Best effort and bounded: a partitioned
+		// primary hears it only when it next connects (the refusal says
+		// the same). Then stop the stream; a staged partial epoch is
+		// dropped by the receiving goroutine, the committed image is
+		// untouched.
+		s.wmu.Lock()
+		conn.SetWriteDeadline(time.Now().Add(time.Second))
+		writeLine(conn, precopy.Ack{Activated: true, Error: ""})
+		s.wmu.Unlock()
 		conn.Close()
 	}
 	g, c, err := cur.Activate()

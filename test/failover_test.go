@@ -278,6 +278,11 @@ func TestFailoverFrozenPrimaryStaysSilent(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer syscall.Kill(-pid, syscall.SIGCONT)
+	// kill returns before every thread has stopped: on a loaded machine
+	// the primary ran on for milliseconds, served the next request and
+	// released its reply legitimately (its epoch was acknowledged), which
+	// this test then took for a release after the freeze.
+	waitThreadsStopped(t, pid, 5*time.Second)
 	// Requests sent to the frozen primary wait in its socket buffer.
 	fmt.Fprintf(old.c, "old:2 SET during-freeze 1\n")
 	tr.serveWithin("b", 10*time.Second)
@@ -440,5 +445,34 @@ func TestDrill(t *testing.T) {
 	}
 	if r.code != 0 {
 		t.Errorf("drill exit %d with a clean summary", r.code)
+	}
+}
+
+// waitThreadsStopped waits until every thread of pid is stopped (state T
+// in /proc), i.e. a SIGSTOP has taken effect.
+func waitThreadsStopped(t *testing.T, pid int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		stopped := len(tasks) > 0
+		for _, f := range tasks {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				continue // the thread is gone
+			}
+			// pid (comm) state ...: the state follows the last ')'.
+			if i := strings.LastIndexByte(string(b), ')'); i < 0 || i+2 >= len(b) || (b[i+2] != 'T' && b[i+2] != 't') {
+				stopped = false
+				break
+			}
+		}
+		if stopped {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d not stopped %v after SIGSTOP", pid, timeout)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

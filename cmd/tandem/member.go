@@ -131,6 +131,7 @@ type member struct {
 	loopCancel context.CancelFunc
 	loopDone   chan struct{} // closed when loop.Run has returned
 	lastEpoch  uint64
+	switching  bool // a switchover is under way
 }
 
 func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, rf receiveFlags, snapDir, apiAddr, consoleAddr string, allowFaults bool) error {
@@ -432,6 +433,12 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		Release:    m.n.console.release,
 		Allow:      func() bool { return node.CanRelease(m.gen.Load()) },
 		FirstEpoch: firstEpoch,
+		AckTimeout: m.ef.ackTimeout,
+		OnFenced: func(why string) {
+			// Raft fences this node too (another node is primary in a
+			// newer generation); the loop has already stopped releasing.
+			m.log.Warn("the secondary says it runs the guest; epoch loop fenced, waiting for raft's fence", "why", why)
+		},
 		OnCommitted: func(epoch uint64) {
 			node.DataHeartbeat()
 			node.ReportEpoch(epoch)
@@ -556,8 +563,25 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusConflict, errors.New("not protected: the secondary has no current image to take over"))
 		return
 	}
+	m.mu.Lock()
+	busy := m.switching
+	m.switching = true
+	m.mu.Unlock()
+	if busy {
+		writeError(w, http.StatusConflict, errors.New("a switchover is already under way"))
+		return
+	}
+	defer func() {
+		m.mu.Lock()
+		m.switching = false
+		m.mu.Unlock()
+	}()
 	t0 := time.Now()
-	ctx, cancel := context.WithTimeout(r.Context(), 20*time.Second)
+	// The handover is not tied to the request: a client that goes away
+	// (its HTTP timeout, a closed connection) must not leave the guest
+	// paused between the final epoch and the transfer. It finishes, or
+	// rolls back with the guest running here, within its own deadline.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), switchoverTimeout)
 	defer cancel()
 	if err := loop.FinalEpoch(ctx); err != nil {
 		writeError(w, http.StatusConflict, fmt.Errorf("final epoch: %w", err))
@@ -574,6 +598,10 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"ok": true, "final_epoch": st.LastCommittedEpoch, "took_ms": time.Since(t0).Milliseconds()})
 }
+
+// switchoverTimeout bounds a switchover from the request to the transfer
+// (or the rollback).
+const switchoverTimeout = 20 * time.Second
 
 func (m *member) restartAfterFailedHandover() {
 	m.mu.Lock()

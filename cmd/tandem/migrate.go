@@ -55,7 +55,8 @@ func cmdMigrate(args []string) error {
 	}
 	c := newAPIClient(*from)
 	req := migrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
-		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge}
+		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
+		SourceAPI: *from}
 	if err := c.post("/migrate", req, nil); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
@@ -67,7 +68,7 @@ func cmdMigrate(args []string) error {
 		if err := c.get("/status", &st); err != nil {
 			return fmt.Errorf("follow migration: %w", err)
 		}
-		done := st.Status == precopy.StatusCompleted || st.Status == precopy.StatusFailed
+		done := st.Status == precopy.StatusCompleted || st.Status == precopy.StatusFailed || st.Status == precopy.StatusUnknown
 		if tty {
 			fmt.Fprintf(os.Stdout, "\r\033[K%s", progressBar(st.MigrationStatus))
 			if done {
@@ -85,8 +86,11 @@ func cmdMigrate(args []string) error {
 			} else {
 				printMigrationSummary(os.Stdout, st.MigrationStatus)
 			}
-			if st.Status == precopy.StatusFailed {
-				return fmt.Errorf("migration failed (the guest keeps running on the source): %s", st.Error)
+			switch st.Status {
+			case precopy.StatusFailed:
+				return fmt.Errorf("migration %s (the guest keeps running on the source): %s", orDefault(st.Outcome, "failed"), st.Error)
+			case precopy.StatusUnknown:
+				return fmt.Errorf("migration outcome %s: the destination resumes once it learns of the commit (it asks the source's API), or by POST /migrate/commit on it: %s", st.Outcome, st.Error)
 			}
 			return nil
 		}
@@ -122,6 +126,9 @@ func progressBar(s precopy.MigrationStatus) string {
 func printMigrationSummary(w io.Writer, s precopy.MigrationStatus) {
 	fmt.Fprintf(w, "migration %s in %d ms: downtime %d ms, %s on the wire, %d completion attempts (%d aborted)\n",
 		s.Status, s.TotalTimeMs, s.DowntimeMs, humanBytes(s.TransferredBytes), s.CompletionAttempts, s.AbortedCompletions)
+	if s.Outcome != "" {
+		fmt.Fprintf(w, "  outcome: %s\n", s.Outcome)
+	}
 	b := s.DowntimeBreakdown
 	if b.Completed {
 		fmt.Fprintf(w, "  downtime breakdown: pause %.2f, flush %.2f, dirty sync %.2f, state save %.2f, final send %.2f, destination load %.2f, resume %.2f = %.2f ms\n",

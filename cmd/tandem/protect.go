@@ -34,6 +34,7 @@ type epochFlags struct {
 	verify      bool
 	verifySlice uint64
 	inFlight    int
+	ackTimeout  time.Duration
 }
 
 func addEpochFlags(fs interface {
@@ -48,6 +49,7 @@ func addEpochFlags(fs interface {
 	ef.verifySlice = failover.DefaultVerifySlicePages * guest.PageSize
 	fs.Var(sizeFlag{&ef.verifySlice}, "verify-slice", "memory re-read at each pause to catch writes the dirty log missed; every page is covered every memory/slice epochs")
 	fs.IntVar(&ef.inFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
+	fs.DurationVar(&ef.ackTimeout, "ack-timeout", failover.DefaultAckTimeout, "no acknowledgement progress from the secondary this long while epochs are outstanding: drop the link and retry")
 }
 
 func (ef epochFlags) validate() error {
@@ -60,6 +62,8 @@ func (ef epochFlags) validate() error {
 		return usagef("--verify-slice %d: want a multiple of 4KiB from 4KiB to 1GiB", ef.verifySlice)
 	case ef.inFlight < 1 || ef.inFlight > 1024:
 		return usagef("--max-in-flight %d: want 1 to 1024", ef.inFlight)
+	case ef.ackTimeout < 100*time.Millisecond || ef.ackTimeout > time.Hour:
+		return usagef("--ack-timeout %v: want 100ms to 1h", ef.ackTimeout)
 	}
 	return nil
 }
@@ -73,7 +77,8 @@ func startEpochs(n *guestNode, g guest.Guest, cfg guest.Config, ef epochFlags, a
 	loop := failover.NewEpochLoop(failover.EpochConfig{
 		Guest: g, Config: cfg, Interval: ef.epoch, FlushBudget: ef.flushBudget, MaxInFlight: ef.inFlight,
 		Verify: ef.verify, VerifySlicePages: ef.slicePages(), Build: version.Build(), Timings: n.api.timings, Log: n.log,
-		Release: n.console.release, Allow: allow,
+		Release: n.console.release, Allow: allow, AckTimeout: ef.ackTimeout,
+		OnFenced: n.fenced,
 	})
 	n.observeDisk(g)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -156,12 +161,44 @@ func cmdPrimary(args []string) error {
 	return n.wait()
 }
 
+// fenced is a pair primary told by its secondary that the secondary was
+// activated: the loop has stopped releasing and paused the guest; the
+// node says so and turns its console clients away.
+func (n *guestNode) fenced(why string) {
+	n.mu.Lock()
+	n.state, n.stateReason = "fenced", why
+	n.mu.Unlock()
+	n.console.dropAll()
+	n.log.Error("FENCED: the guest is paused for good and nothing it says leaves this node; restart it as a secondary of the new primary", "why", why)
+}
+
+// DefaultFailureTimeout is how recently a pair secondary may have heard
+// its primary and still be activated without --force.
+const DefaultFailureTimeout = 2 * time.Second
+
+// activationRefusal says why a pair secondary must not activate now, or
+// "" if it may: its primary is connected and was heard within timeout,
+// so it is alive, and activating would run the guest twice (each side
+// acknowledging writes the other never sees).
+func activationRefusal(from string, connected bool, lastHeard, now time.Time, timeout time.Duration) string {
+	if !connected || lastHeard.IsZero() {
+		return ""
+	}
+	ago := now.Sub(lastHeard)
+	if ago >= timeout {
+		return ""
+	}
+	return fmt.Sprintf("refusing to activate: the primary %s was last heard %v ago (failure timeout %v), so it is alive and both would run the guest; stop it first, or pass --force",
+		from, ago.Round(time.Millisecond), timeout)
+}
+
 func cmdSecondary(args []string) error {
 	fs := newFlagSet("secondary")
 	data := fs.String("data", "127.0.0.1:7092", "address the primary streams epochs to")
 	apiAddr := fs.String("api", "127.0.0.1:7082", "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7083", "address of the console bridge (serves once activated)")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
+	failureTimeout := fs.Duration("failure-timeout", DefaultFailureTimeout, "tandem activate refuses (without --force) while the primary was heard within this long")
 	var ef epochFlags
 	addEpochFlags(fs, &ef)
 	var cf clusterFlags
@@ -228,12 +265,31 @@ func cmdSecondary(args []string) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	go serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, log)
 	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Force bool `json:"force"`
+		}
+		if r.ContentLength != 0 {
+			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
+				writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
+				return
+			}
+		}
+		if why := checkPrimaryGone(sec, *failureTimeout); why != "" {
+			if !req.Force {
+				writeError(w, http.StatusConflict, errors.New(why))
+				return
+			}
+			log.Error("FORCED ACTIVATION while the primary is alive: both may run the guest until it hears of this activation and fences itself (it does at once if its data link still works)",
+				"detail", why)
+		}
 		epoch, err := activate(n, sec, ef)
 		if err != nil {
 			writeError(w, http.StatusConflict, err)
 			return
 		}
-		ln.Close()
+		// The data port stays open: a primary that was cut off while
+		// this node was activated joins again once the link heals, and
+		// the refusal it gets (activated) fences it.
 		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "role": "primary", "activated_epoch": epoch})
 	})
 	log.Info("secondary waiting for a primary", "data", ln.Addr().String(), "api", n.api.addr())
@@ -242,6 +298,21 @@ func cmdSecondary(args []string) error {
 	ln.Close()
 	sec.Close()
 	return err
+}
+
+// checkPrimaryGone is activationRefusal on a secondary's view now, after
+// a short grace: a primary that was just killed has closed its
+// connection, but the secondary may not have read the end yet.
+func checkPrimaryGone(sec *replica.Secondary, timeout time.Duration) string {
+	grace := time.Now().Add(min(timeout, 500*time.Millisecond))
+	for {
+		from, connected, heard := sec.PrimaryContact()
+		why := activationRefusal(from, connected, heard, time.Now(), timeout)
+		if why == "" || time.Now().After(grace) {
+			return why
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // serveSecondary hands each primary connection to the current Secondary
@@ -292,11 +363,16 @@ func activate(n *guestNode, sec *replica.Secondary, ef epochFlags) (uint64, erro
 func cmdActivate(args []string) error {
 	fs := newFlagSet("activate")
 	api := fs.String("api", "127.0.0.1:7082", "API address of the secondary")
+	force := fs.Bool("force", false, "activate even though the primary was heard within the secondary's --failure-timeout (split brain unless it is really gone)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	var st map[string]any
-	if err := newAPIClient(*api).post("/activate", nil, &st); err != nil {
+	var body any
+	if *force {
+		body = map[string]bool{"force": true}
+	}
+	if err := newAPIClient(*api).post("/activate", body, &st); err != nil {
 		return err
 	}
 	fmt.Printf("activated: role %v, guest resumed from committed epoch %v\n", st["role"], st["activated_epoch"])
@@ -320,7 +396,13 @@ func (n *guestNode) handleProtect(w http.ResponseWriter, r *http.Request) {
 	n.mu.Lock()
 	loop, clustered := n.epochs, n.cluster != nil
 	n.mu.Unlock()
+	fenced := false
+	if loop != nil {
+		fenced, _ = loop.Fenced()
+	}
 	switch {
+	case fenced:
+		writeError(w, http.StatusConflict, errors.New("this primary is fenced: its secondary was activated and runs the guest"))
 	case clustered:
 		writeError(w, http.StatusConflict, errors.New("this node is in a raft cluster: its secondary is found through raft"))
 	case loop == nil:

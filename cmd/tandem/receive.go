@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,6 +15,7 @@ import (
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/version"
+	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
 )
 
@@ -32,6 +35,7 @@ func cmdReceive(args []string) error {
 	addReceiveFlags(fs, &rf, true)
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
+	commitTimeout := fs.Duration("commit-timeout", replica.DefaultCommitTimeout, "after answering ready, how long to wait on the connection for the source's commit before asking its API")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -79,11 +83,14 @@ func cmdReceive(args []string) error {
 		return fmt.Errorf("listen on %s: %w", *listen, err)
 	}
 	ln := netlimit.Wrap(tcp, "receive", netlimit.DataCap, log)
+	n.api.mux.HandleFunc("POST /migrate/commit", n.handleMigrateResolve(true))
+	n.api.mux.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
 	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.addr())
 	// Every connection is handshaken on its own goroutine, so a peer that
 	// connects and says nothing holds up no one (its handshake has a
 	// deadline); the first Hello that passes takes the one migration this
-	// process receives, later ones are told it is busy.
+	// process receives, later ones are told it is busy. A migration that
+	// fails or is aborted frees the receiver for the next one.
 	ctx, cancel := context.WithCancel(context.Background())
 	var busy atomic.Bool
 	var wg sync.WaitGroup
@@ -109,21 +116,40 @@ func cmdReceive(args []string) error {
 					n.setState("receiving")
 					return nil
 				}
-				res, err := rc.ReceiveMigration(ctx, conn, func(g guest.Guest, h replica.Hello) error {
-					n.attach(g, h.Config)
-					return nil
-				})
-				if err != nil {
+				free := func() {
 					if admitted {
 						n.setState("waiting")
 						busy.Store(false)
 					}
-					log.Error("migration refused or failed; still waiting", "from", conn.RemoteAddr().String(), "err", err)
+				}
+				res, err := rc.ReceiveMigrationWith(ctx, conn, replica.MigrationOptions{
+					BeforeResume: func(g guest.Guest, h replica.Hello) error {
+						n.attach(g, h.Config)
+						return nil
+					},
+					OnReady: func(guest.Guest, replica.Hello) {
+						n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
+					},
+					OnDiscard:     func(guest.Guest) { n.detach() },
+					CommitTimeout: *commitTimeout,
+				})
+				if err != nil {
+					free()
+					log.Error("migration refused, failed or aborted; still waiting", "from", conn.RemoteAddr().String(), "err", err)
+					return
+				}
+				if res.AwaitingCommit {
+					conn.Close()
+					if !n.awaitCommit(ctx, &res) {
+						free() // aborted: the source runs the guest
+						return
+					}
+					ln.Close() // no more migrations: the guest runs here now
 					return
 				}
 				n.mu.Lock()
 				n.cfg = res.Hello.Config
-				n.inbound, n.state = &res, "running"
+				n.inbound, n.state, n.stateReason = &res, "running", ""
 				n.mu.Unlock()
 				log.Info("migration received; guest running", "from", conn.RemoteAddr().String(),
 					"epochs", res.Epochs, "digest", res.Digest, "load", res.LoadTime.String())
@@ -140,10 +166,187 @@ func cmdReceive(args []string) error {
 			}()
 		}
 	}()
-	err = n.wait()
-	ln.Close()
+	waitForStop(n.api.quit, n.log)
+	// Stop receiving before the guest is closed: a migration in flight
+	// closes its own half-built guest, one awaiting its commit leaves it
+	// to n.close.
 	cancel()
-	<-done
-	wg.Wait()
-	return err
+	ln.Close()
+	stopped := make(chan struct{})
+	go func() {
+		<-done
+		wg.Wait()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		log.Error("the receiving goroutines did not stop within 5s")
+	}
+	n.close()
+	return nil
+}
+
+func (n *guestNode) setStateWhy(s, why string) {
+	n.mu.Lock()
+	n.state, n.stateReason = s, why
+	n.mu.Unlock()
+}
+
+// detach forgets a guest that is about to be closed (a migration that
+// failed or was aborted after the load).
+func (n *guestNode) detach() {
+	n.mu.Lock()
+	n.g, n.state, n.stateReason = nil, "waiting", ""
+	n.mu.Unlock()
+}
+
+// pendingCommit is a destination holding a loaded, paused guest whose
+// source's commit never arrived.
+type pendingCommit struct {
+	res    *replica.MigrationResult
+	decide chan bool // true: resume here; false: drop (the source runs it)
+}
+
+// awaitCommit holds a migrated guest, paused, until it is known how the
+// migration ended at the source: its API says it committed (the guest
+// runs here) or failed (it resumed there: the guest here is dropped), or
+// an operator decides (POST /migrate/commit or /migrate/abort). It never
+// resumes the guest on a guess. It returns true if the guest runs here.
+func (n *guestNode) awaitCommit(ctx context.Context, res *replica.MigrationResult) bool {
+	p := &pendingCommit{res: res, decide: make(chan bool, 1)}
+	why := res.Why + "; asking the source's API " + orDefault(res.Hello.SourceAPI, "(none given)") +
+		"; resolve by hand with POST /migrate/commit (only once the source is stopped) or POST /migrate/abort"
+	n.mu.Lock()
+	n.cfg = res.Hello.Config
+	n.pending, n.state, n.stateReason = p, "awaiting-commit", why
+	n.mu.Unlock()
+	n.log.Warn("AWAITING COMMIT: the guest is loaded and paused; it resumes only once the source is known to have stopped", "why", why)
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	var commit bool
+	lastSeen := ""
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			return false // stopping: n.close closes the held guest
+		case commit = <-p.decide:
+			break wait
+		case <-tick.C:
+		}
+		v, detail := sourceVerdict(res.Hello)
+		if detail != lastSeen {
+			n.log.Info("awaiting commit: the source says", "verdict", v, "detail", detail)
+			lastSeen = detail
+		}
+		switch v {
+		case verdictCommitted:
+			commit = true
+			break wait
+		case verdictAborted:
+			commit = false
+			break wait
+		}
+	}
+	n.mu.Lock()
+	n.pending = nil
+	n.mu.Unlock()
+	if !commit {
+		n.detach()
+		res.Guest.Close()
+		n.log.Warn("migration aborted: the paused guest is dropped; the source runs it")
+		return false
+	}
+	if _, err := res.Guest.Resume(); err != nil {
+		n.setStateWhy("awaiting-commit", "resume failed: "+err.Error())
+		n.log.Error("resume after the commit", "err", err)
+		return true
+	}
+	res.ResumedAt = time.Now()
+	n.mu.Lock()
+	n.inbound, n.state, n.stateReason = res, "running", ""
+	n.mu.Unlock()
+	n.log.Info("migration committed: guest running", "epochs", res.Epochs, "digest", res.Digest)
+	return true
+}
+
+// Verdicts of a source on a migration a destination holds paused.
+const (
+	verdictCommitted = "committed" // the source stopped for good and sent the commit
+	verdictAborted   = "aborted"   // the source resumed the guest
+	verdictUnknown   = "unknown"   // still deciding, unreachable, or another migration
+)
+
+// sourceVerdict asks the source's API how migration h ended there.
+func sourceVerdict(h replica.Hello) (string, string) {
+	if h.SourceAPI == "" || h.MigrationID == "" {
+		return verdictUnknown, "the source gave no API to ask"
+	}
+	c := newAPIClient(h.SourceAPI)
+	c.http.Timeout = 2 * time.Second
+	var st struct {
+		State       string `json:"state"`
+		Status      string `json:"status"`
+		MigrationID string `json:"migration_id"`
+		CommitSent  bool   `json:"commit_sent"`
+	}
+	if err := c.get("/status", &st); err != nil {
+		return verdictUnknown, "source unreachable: " + err.Error()
+	}
+	switch {
+	case st.MigrationID != h.MigrationID:
+		return verdictUnknown, fmt.Sprintf("the source reports migration %q, not %q (restarted?); state %s", st.MigrationID, h.MigrationID, st.State)
+	case st.CommitSent || st.Status == precopy.StatusCompleted || st.Status == precopy.StatusUnknown:
+		return verdictCommitted, "the source stopped its guest for good and sent the commit (status " + st.Status + ")"
+	case st.Status == precopy.StatusFailed:
+		return verdictAborted, "the source's migration failed and its guest runs there"
+	}
+	return verdictUnknown, "the source is still deciding (status " + st.Status + ")"
+}
+
+// handleMigrateResolve is POST /migrate/commit (commit true) and POST
+// /migrate/abort on a destination awaiting a commit. The source's API is
+// asked first; an answer that contradicts the request is refused, and
+// without an answer {"force": true} is needed: committing while the
+// source runs is the split brain this protocol exists to prevent, and
+// aborting while the source is stopped loses the guest.
+func (n *guestNode) handleMigrateResolve(commit bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Force bool `json:"force"`
+		}
+		if r.ContentLength != 0 {
+			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
+				writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
+				return
+			}
+		}
+		n.mu.Lock()
+		p := n.pending
+		n.mu.Unlock()
+		if p == nil {
+			writeError(w, http.StatusConflict, errors.New("no migration awaits a commit here"))
+			return
+		}
+		v, detail := sourceVerdict(p.res.Hello)
+		switch {
+		case commit && v == verdictAborted:
+			writeError(w, http.StatusConflict, fmt.Errorf("refusing to commit: %s; POST /migrate/abort drops the copy here", detail))
+			return
+		case !commit && v == verdictCommitted:
+			writeError(w, http.StatusConflict, fmt.Errorf("refusing to abort: %s, so this is the only copy; POST /migrate/commit resumes it", detail))
+			return
+		case v == verdictUnknown && !req.Force:
+			writeError(w, http.StatusConflict, fmt.Errorf("cannot confirm with the source: %s; check by hand, then repeat with {\"force\": true}", detail))
+			return
+		case v == verdictUnknown:
+			n.log.Error("FORCED migration resolution without the source's word", "commit", commit, "detail", detail)
+		}
+		select {
+		case p.decide <- commit:
+		default:
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "commit": commit, "source": detail})
+	}
 }

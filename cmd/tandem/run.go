@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,12 +46,15 @@ type guestNode struct {
 	users sync.WaitGroup
 
 	// mu guards the fields below.
-	mu      sync.Mutex
-	g       guest.Guest
-	cfg     guest.Config
-	state   string // "waiting", "running", "paused", "postmigrate"
-	mig     *precopy.Migration
-	migDest string
+	mu    sync.Mutex
+	g     guest.Guest
+	cfg   guest.Config
+	state string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit"
+	// stateReason says why the state is what it is, when that needs
+	// saying (fenced, awaiting-commit).
+	stateReason string
+	mig         *precopy.Migration
+	migDest     string
 	// migBusy reserves the guest for one migration from the moment a
 	// POST /migrate is accepted until its Run ends, so two requests
 	// cannot both pass the check while the first one dials.
@@ -59,6 +64,7 @@ type guestNode struct {
 	migCancel context.CancelFunc
 	cancel    context.CancelFunc
 	inbound   *replica.MigrationResult
+	pending   *pendingCommit      // a received guest awaiting its commit
 	epochs    *failover.EpochLoop // primary: protection
 	sec       *replica.Secondary  // secondary: the committed image
 	cluster   func() any          // raft view of a cluster member
@@ -170,7 +176,7 @@ func (n *guestNode) observeDisk(g guest.Guest) {
 
 func (n *guestNode) setState(s string) {
 	n.mu.Lock()
-	n.state = s
+	n.state, n.stateReason = s, ""
 	n.mu.Unlock()
 }
 
@@ -226,8 +232,9 @@ func (n *guestNode) close() {
 // the node's state with, when there was a migration, query-migrate's
 // figures at the top level (their names are the command-line contract).
 type nodeStatus struct {
-	Role  string `json:"role"`
-	State string `json:"state"`
+	Role        string `json:"role"`
+	State       string `json:"state"`
+	StateReason string `json:"state_reason,omitempty"`
 	guestInfo
 	precopy.MigrationStatus
 	MemoryDigest string `json:"memory_digest,omitempty"`
@@ -264,7 +271,7 @@ func (s nodeStatus) MarshalJSON() ([]byte, error) {
 func (n *guestNode) status(digest bool) nodeStatus {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	st := nodeStatus{Role: n.role, State: n.state, Build: version.Build()}
+	st := nodeStatus{Role: n.role, State: n.state, StateReason: n.stateReason, Build: version.Build()}
 	if n.g != nil {
 		st.guestInfo = describeGuest(n.g, n.cfg)
 	}
@@ -327,6 +334,11 @@ type migrateRequest struct {
 	MinRetryMs      int64  `json:"min_retry_ms"`
 	Compression     string `json:"compression"`
 	AutoConverge    *bool  `json:"auto_converge"`
+	// SourceAPI is this node's API as the destination should reach it
+	// (tandem migrate sends its --from); default: the address the API
+	// listens on. A destination left awaiting the commit asks it how the
+	// migration ended.
+	SourceAPI string `json:"source_api,omitempty"`
 }
 
 func (req migrateRequest) policy() (precopy.Policy, error) {
@@ -395,6 +407,12 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	hello := replica.Hello{Purpose: replica.PurposeMigrate, Kind: g.Kind(), Config: cfg, Build: version.Build()}
+	migID := newMigrationID()
+	if !strings.HasPrefix(req.To, "file:") {
+		// Two-phase switch-over: the destination resumes only on this
+		// source's commit (see precopy.Committer).
+		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, orDefault(req.SourceAPI, n.api.addr())
+	}
 	opts := checkpoint.Options{Compression: comp}
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
@@ -431,6 +449,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err)
 		return
 	}
+	m.SetID(migID)
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
 	n.mig, n.migDest, n.migCancel = m, req.To, cancel
@@ -445,12 +464,20 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		// The state changes with migBusy, under one lock: a completed
 		// migration leaves a paused guest that runs elsewhere now, and a
 		// second POST /migrate must not find it "running" in between.
+		unconfirmed := errors.Is(err, precopy.ErrCommitUnconfirmed)
 		n.mu.Lock()
 		n.migBusy = false
-		if err == nil {
-			n.state = "postmigrate"
+		if err == nil || unconfirmed {
+			n.state, n.stateReason = "postmigrate", ""
+		}
+		if unconfirmed {
+			n.stateReason = "commit sent to " + req.To + " but not confirmed: the guest is stopped here for good; the destination resumes it once it learns of the commit (it asks this API), or by POST /migrate/commit on it"
 		}
 		n.mu.Unlock()
+		if unconfirmed {
+			n.log.Error("migration committed but unconfirmed: the guest stays stopped here; the destination holds it, paused, until it learns of the commit", "to", req.To, "err", err)
+			return
+		}
 		if err != nil {
 			n.log.Error("migration failed; the guest keeps running here", "to", req.To, "err", err)
 			return
@@ -460,6 +487,14 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 			"downtime_ms", st.DowntimeMs, "total_time_ms", st.TotalTimeMs, "transferred_bytes", st.TransferredBytes)
 	}()
 	writeJSON(w, http.StatusAccepted, map[string]any{"ok": true, "to": req.To})
+}
+
+// newMigrationID names a migration, so a destination asking the source's
+// API about it cannot mistake another migration's outcome for its own.
+func newMigrationID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 func (n *guestNode) handleMigrateCancel(w http.ResponseWriter, r *http.Request) {

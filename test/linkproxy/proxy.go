@@ -61,6 +61,7 @@ type Proxy struct {
 	accepted int
 	upBytes  uint64
 	dnBytes  uint64
+	triggers map[Direction]*trigger // armed CutOn faults
 }
 
 // Start listens on listenAddr (e.g. "127.0.0.1:0") and forwards every
@@ -315,8 +316,8 @@ func (p *Proxy) serve(l *link) {
 
 	var dirs sync.WaitGroup
 	dirs.Add(2)
-	go p.direction(l, l.client, server, p.up, &p.upBytes, &dirs)
-	go p.direction(l, server, l.client, p.down, &p.dnBytes, &dirs)
+	go p.direction(l, Up, l.client, server, p.up, &p.upBytes, &dirs)
+	go p.direction(l, Down, server, l.client, p.down, &p.dnBytes, &dirs)
 	finished := make(chan struct{})
 	go func() { dirs.Wait(); close(finished) }()
 
@@ -342,7 +343,7 @@ type chunk struct {
 // shared limiter and stamps them with their delivery time, and a writer
 // that delivers them at that time. The queue between them is what lets
 // latency add delay without costing throughput.
-func (p *Proxy) direction(l *link, src, dst net.Conn, lim *precopy.Limiter, delivered *uint64, done *sync.WaitGroup) {
+func (p *Proxy) direction(l *link, dir Direction, src, dst net.Conn, lim *precopy.Limiter, delivered *uint64, done *sync.WaitGroup) {
 	defer done.Done()
 	queue := make(chan chunk, queueChunks)
 	var rw sync.WaitGroup
@@ -351,7 +352,7 @@ func (p *Proxy) direction(l *link, src, dst net.Conn, lim *precopy.Limiter, deli
 		defer rw.Done()
 		p.writeLoop(l, dst, queue, delivered)
 	}()
-	p.readLoop(l, src, lim, queue)
+	p.readLoop(l, dir, src, lim, queue)
 	rw.Wait()
 }
 
@@ -373,13 +374,19 @@ func (p *Proxy) latency() time.Duration {
 	return p.shape.Latency
 }
 
-func (p *Proxy) readLoop(l *link, src net.Conn, lim *precopy.Limiter, queue chan<- chunk) {
+func (p *Proxy) readLoop(l *link, dir Direction, src net.Conn, lim *precopy.Limiter, queue chan<- chunk) {
 	buf := make([]byte, maxChunk)
 	for {
 		n, err := src.Read(buf[:p.chunkSize()])
 		if n > 0 {
 			data := make([]byte, n)
 			copy(data, buf[:n])
+			if p.tripped(dir, data) {
+				// Cut before anything of this read is delivered.
+				l.abort()
+				close(queue)
+				return
+			}
 			// Hold reading while partitioned so the sender's
 			// buffers fill up, as on a dead link.
 			if !p.gate(l.ctx) {
