@@ -14,6 +14,7 @@ import (
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/timing"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -68,6 +69,13 @@ type EpochConfig struct {
 	// epoch older than output already released. While it fails the output
 	// stays held.
 	Unprotect func(ctx context.Context) error
+	// TLS, if set, makes every connection to a secondary mutual TLS with
+	// this identity (nil: plaintext).
+	TLS *trust.Identity
+	// SecondaryName, with TLS, gives the node the secondary at a data
+	// address must be: its certificate has to name it. nil, or "": any
+	// certificate of the cluster's CA.
+	SecondaryName func(addr string) string
 	// FirstEpoch is the last epoch number already used in this cluster;
 	// the loop numbers its epochs after it, across reconnections, so
 	// epoch numbers only ever grow (raft compares them).
@@ -502,9 +510,13 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	if l.cfg.Generation != nil {
 		hello.Generation = l.cfg.Generation()
 	}
+	var expect string
+	if l.cfg.TLS != nil && l.cfg.SecondaryName != nil {
+		expect = l.cfg.SecondaryName(addr)
+	}
 	dctx, dcancel := context.WithTimeout(lctx, 5*time.Second)
 	link, err := replica.Dial(dctx, addr, hello, l.cfg.Guest.Regions(), replica.DialOptions{
-		Stream: l.cfg.Stream, Timeout: 10 * time.Second, OnAck: l.onAck,
+		Stream: l.cfg.Stream, Timeout: 10 * time.Second, OnAck: l.onAck, TLS: l.cfg.TLS, Expect: expect,
 	})
 	dcancel()
 	if err != nil {

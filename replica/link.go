@@ -13,6 +13,7 @@ import (
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -47,17 +48,23 @@ type DialOptions struct {
 	// OnAck is called from the ack reader for every acknowledgement, in
 	// order (the epoch loop releases output from here).
 	OnAck func(precopy.Ack)
+	// TLS, if set, makes the connection mutual TLS against the cluster
+	// CA with this identity (nil: plaintext).
+	TLS *trust.Identity
+	// Expect, with TLS, is the node the receiver's certificate must name
+	// ("": any certificate of the CA).
+	Expect string
 }
 
 // Dial connects to a receiver's data address, performs the handshake
 // (refusals come back as errors naming the receiver's reason) and opens
-// the stream for regions. ctx bounds the connect and the handshake.
+// the stream for regions. ctx bounds the connect and the handshakes (TLS,
+// then the data channel's own).
 func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region, o DialOptions) (*Link, error) {
 	if o.Timeout <= 0 {
 		o.Timeout = DefaultIOTimeout
 	}
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	conn, err := trust.Dial(ctx, o.TLS, addr, o.Expect)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", addr, err)
 	}
