@@ -151,6 +151,23 @@ func (cr *connReader) Read(p []byte) (int, error) {
 // whose Hello passed is no longer one of them.
 type established interface{ Established() }
 
+// markEstablished tells the capping listener under conn that its
+// handshake is done: conn itself, or the connection under a TLS one
+// (NetConn).
+func markEstablished(conn net.Conn) {
+	for conn != nil {
+		if e, ok := conn.(established); ok {
+			e.Established()
+			return
+		}
+		u, ok := conn.(interface{ NetConn() net.Conn })
+		if !ok {
+			return
+		}
+		conn = u.NetConn()
+	}
+}
+
 // handshake reads and checks the sender's Hello, all of it within the
 // handshake timeout. It answers a refusal itself; the caller answers OK
 // once it has what it needs. The Hello it returns carries the local
@@ -208,9 +225,7 @@ func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reade
 			return refuse("%w", err)
 		}
 	}
-	if e, ok := conn.(established); ok {
-		e.Established()
-	}
+	markEstablished(conn)
 	return h, br, nil
 }
 

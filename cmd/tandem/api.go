@@ -17,6 +17,7 @@ import (
 
 	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/timing"
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 // apiServer serves a node's JSON status and control endpoints and its
@@ -31,12 +32,15 @@ type apiServer struct {
 	quit    chan struct{} // closed by POST /quit
 }
 
-func newAPIServer(addr string, log *slog.Logger) (*apiServer, error) {
-	tcp, err := net.Listen("tcp", addr)
+// newAPIServer listens on addr: HTTPS with a client certificate of the
+// cluster's CA required (any one: operators and nodes alike) when nt has
+// an identity, plain HTTP on loopback (or anywhere with --insecure)
+// otherwise.
+func newAPIServer(addr string, log *slog.Logger, nt nodeTrust) (*apiServer, error) {
+	ln, err := nt.listen(log, "--api", addr, "api", netlimit.APICap)
 	if err != nil {
-		return nil, fmt.Errorf("api: listen on %s: %w", addr, err)
+		return nil, err
 	}
-	ln := netlimit.Wrap(tcp, "api", netlimit.APICap, log)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a := &apiServer{
@@ -73,7 +77,7 @@ func newAPIServer(addr string, log *slog.Logger) (*apiServer, error) {
 		// has no request in progress: a flood of idle or half-sent ones
 		// displaces the oldest of them, never a request being served.
 		ConnState: func(c net.Conn, s http.ConnState) {
-			lc, ok := c.(*netlimit.Conn)
+			lc, ok := netlimit.Of(c) // under TLS, the connection under it
 			if !ok {
 				return
 			}
@@ -84,6 +88,9 @@ func newAPIServer(addr string, log *slog.Logger) (*apiServer, error) {
 				lc.Pending()
 			}
 		},
+		// ReadHeaderTimeout also bounds a TLS handshake (net/http
+		// completes it first, within that deadline); refused handshakes
+		// are logged by the server, as warnings.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	return a, nil
@@ -119,14 +126,33 @@ func writeError(w http.ResponseWriter, code int, err error) {
 	writeJSON(w, code, map[string]any{"error": err.Error()})
 }
 
-// apiClient talks to another node's API with a deadline on every call.
+// apiClient talks to another node's API with a deadline on every call:
+// over HTTPS with id's certificate (the server's must chain to the same
+// CA), or plain HTTP when id is nil.
 type apiClient struct {
 	base string
 	http *http.Client
 }
 
-func newAPIClient(addr string) *apiClient {
-	return &apiClient{base: "http://" + addr, http: &http.Client{Timeout: 10 * time.Second}}
+func newAPIClient(addr string, id *trust.Identity) *apiClient {
+	scheme, c := apiHTTP(id, 10*time.Second)
+	return &apiClient{base: scheme + "://" + addr, http: c}
+}
+
+// apiHTTP is an HTTP client of nodes' APIs with a deadline on every call:
+// https with id's certificate, or plain http when id is nil.
+func apiHTTP(id *trust.Identity, timeout time.Duration) (scheme string, c *http.Client) {
+	if id == nil {
+		return "http", &http.Client{Timeout: timeout}
+	}
+	tr := &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+		TLSClientConfig:     id.ClientTLS(""),
+		TLSHandshakeTimeout: 5 * time.Second,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     30 * time.Second,
+	}
+	return "https", &http.Client{Timeout: timeout, Transport: tr}
 }
 
 func (c *apiClient) get(path string, out any) error {

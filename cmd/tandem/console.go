@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/internal/netlimit"
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 // consoleBridge bridges TCP clients to a guest's serial line. Input from
@@ -93,15 +94,18 @@ const clientQueueBytes = 16 << 20
 // goroutines); more are turned away with a line saying so.
 const maxClients = 256
 
-func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger) (*consoleBridge, error) {
-	tcp, err := net.Listen("tcp", addr)
+// newConsoleBridge listens on addr. With an identity in nt every client
+// must present a certificate of the cluster's CA (any one); without,
+// addr must be loopback unless --insecure. Every client sees all the
+// guest's output: see docs/SECURITY.md, "The console". A client counts
+// against netlimit.ConsoleCap (its TLS handshake included) until its
+// first whole line (readLoop): silent connections displace each other,
+// not clients that talk.
+func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger, nt nodeTrust) (*consoleBridge, error) {
+	ln, err := nt.listen(log, "--console", addr, "console", netlimit.ConsoleCap)
 	if err != nil {
 		return nil, err
 	}
-	// A client counts against netlimit.ConsoleCap until its first whole
-	// line (readLoop): silent connections displace each other, not
-	// clients that talk.
-	ln := netlimit.Wrap(tcp, "console", netlimit.ConsoleCap, log)
 	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]*clientOut{}}
 	go b.accept()
 	return b, nil
@@ -115,30 +119,46 @@ func (b *consoleBridge) accept() {
 		if err != nil {
 			return
 		}
-		if b.serving != nil && !b.serving() {
-			c.Write([]byte("ERR not the primary\n"))
-			c.Close()
-			continue
-		}
-		out := &clientOut{wake: make(chan struct{}, 1)}
-		b.mu.Lock()
-		if b.closed {
-			b.mu.Unlock()
-			c.Close()
-			return
-		}
-		if len(b.clients) >= maxClients {
-			b.mu.Unlock()
-			c.SetWriteDeadline(time.Now().Add(time.Second))
-			c.Write([]byte("ERR too many console clients\n"))
-			c.Close()
-			continue
-		}
-		b.clients[c] = out
-		b.mu.Unlock()
-		go b.writeLoop(c, out)
-		go b.readLoop(c)
+		// The handshake runs off the accept loop, so one client that
+		// never completes it holds up nobody else (and netlimit closes
+		// the oldest of those still in theirs beyond ConsoleCap).
+		go func() {
+			if err := trust.Handshake(c, handshakeTimeout); err != nil {
+				b.log.Warn("console: client refused", "client", c.RemoteAddr().String(), "err", err)
+				c.Close()
+				return
+			}
+			b.admit(c)
+		}()
 	}
+}
+
+// admit serves an authenticated client, or turns it away with one line.
+func (b *consoleBridge) admit(c net.Conn) {
+	if b.serving != nil && !b.serving() {
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write([]byte("ERR not the primary\n"))
+		c.Close()
+		return
+	}
+	out := &clientOut{wake: make(chan struct{}, 1)}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		c.Close()
+		return
+	}
+	if len(b.clients) >= maxClients {
+		b.mu.Unlock()
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write([]byte("ERR too many console clients\n"))
+		c.Close()
+		return
+	}
+	b.clients[c] = out
+	b.mu.Unlock()
+	go b.writeLoop(c, out)
+	go b.readLoop(c)
 }
 
 // maxPartialLine bounds the bytes of an unfinished line kept per client;
@@ -161,7 +181,7 @@ func (b *consoleBridge) readLoop(c net.Conn) {
 		cut := bytes.LastIndexByte(partial, '\n') + 1
 		if cut > 0 && !talked {
 			talked = true
-			if lc, ok := c.(*netlimit.Conn); ok {
+			if lc, ok := netlimit.Of(c); ok {
 				lc.Established()
 			}
 		}

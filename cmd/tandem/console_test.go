@@ -14,7 +14,7 @@ import (
 // reply on its own (an unprotected primary) must not get a fast client
 // dropped for the number of writes, only for bytes it cannot take.
 func TestConsoleBridgeKeepsUpWithManySmallWrites(t *testing.T) {
-	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, slog.New(slog.NewTextHandler(io.Discard, nil)), nodeTrust{})
 	if err != nil {
 		t.Fatal(err)
 	}

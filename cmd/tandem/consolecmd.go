@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 func init() {
@@ -26,7 +29,13 @@ func cmdConsole(args []string) error {
 	fs := newFlagSet("console")
 	connect := fs.String("connect", "127.0.0.1:7071", "console addresses of every node, comma-separated")
 	timeout := fs.Duration("timeout", 30*time.Second, "give up when no node serves the console for this long")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	id, err := tf.load()
+	if err != nil {
 		return err
 	}
 	addrs := strings.Split(*connect, ",")
@@ -46,7 +55,7 @@ func cmdConsole(args []string) error {
 	var unsent []string // sent on a connection that died before any reply
 	next := 0
 	for {
-		conn, err := dialPrimary(addrs, &next, *timeout)
+		conn, err := dialPrimary(addrs, &next, *timeout, id)
 		if err != nil {
 			return err
 		}
@@ -124,13 +133,20 @@ func pump(conn net.Conn, lines <-chan string, readDone <-chan error, mu *sync.Mu
 }
 
 // dialPrimary tries the addresses in turn, starting at *next, until one
-// accepts and does not turn the client away, for at most timeout.
-func dialPrimary(addrs []string, next *int, timeout time.Duration) (net.Conn, error) {
+// accepts and does not turn the client away, for at most timeout. With id
+// every connection is mutual TLS against the cluster's CA.
+func dialPrimary(addrs []string, next *int, timeout time.Duration, id *trust.Identity) (net.Conn, error) {
 	deadline := time.Now().Add(timeout)
+	var lastErr error
 	for attempt := 0; time.Now().Before(deadline); attempt++ {
 		a := addrs[*next%len(addrs)]
 		*next++
-		conn, err := net.DialTimeout("tcp", a, time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		conn, err := trust.Dial(ctx, id, a, "")
+		cancel()
+		if err != nil {
+			lastErr = err
+		}
 		if err == nil {
 			// A node that does not serve says so at once.
 			conn.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
@@ -140,11 +156,17 @@ func dialPrimary(addrs []string, next *int, timeout time.Duration) (net.Conn, er
 			if n == 0 && rerr != nil && isTimeout(rerr) {
 				return conn, nil
 			}
+			if rerr != nil {
+				lastErr = rerr // a refused certificate shows here
+			}
 			conn.Close()
 		}
 		if attempt%len(addrs) == len(addrs)-1 {
 			time.Sleep(50 * time.Millisecond)
 		}
+	}
+	if lastErr != nil {
+		return nil, fmt.Errorf("no node served the console within %v (tried %s; last error: %v)", timeout, strings.Join(addrs, ", "), lastErr)
 	}
 	return nil, fmt.Errorf("no node served the console within %v (tried %s)", timeout, strings.Join(addrs, ", "))
 }

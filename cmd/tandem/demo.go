@@ -25,6 +25,7 @@ func cmdDemo(args []string) error {
 	dur := fs.Duration("duration", 3*time.Second, "--epochs-only: how long to run")
 	epoch := fs.Duration("epoch", 25*time.Millisecond, "--epochs-only: epoch interval")
 	keep := fs.String("keep", "", "keep the trio's data dirs and logs under this directory")
+	plaintext := fs.Bool("plaintext", false, "run the trio without TLS (loopback only); by default it runs with mutual TLS on certificates made for it")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -50,19 +51,19 @@ func cmdDemo(args []string) error {
 	if _, _, err := gf.config(); err != nil {
 		return err
 	}
-	return failoverDemo(gf.kind, memory, *keep)
+	return failoverDemo(gf.kind, memory, *keep, *plaintext)
 }
 
 // failoverDemo is one narrated drill: a trio starts, the guest serves kv
 // requests under protection, the primary is killed with SIGKILL, the
 // secondary takes over with every acknowledged write, the old primary
 // comes back as secondary, and a planned switchover hands the guest back.
-func failoverDemo(kind, memory, keep string) error {
+func failoverDemo(kind, memory, keep string, plaintext bool) error {
 	t0 := time.Now()
 	say := func(format string, a ...any) {
 		fmt.Printf("[%5.1fs] %s\n", time.Since(t0).Seconds(), fmt.Sprintf(format, a...))
 	}
-	d, err := newDrill(kind, memory, keep, uint64(time.Now().UnixNano()), io.Discard)
+	d, err := newDrill(kind, memory, keep, uint64(time.Now().UnixNano()), io.Discard, plaintext)
 	if err != nil {
 		return err
 	}
@@ -79,13 +80,16 @@ func failoverDemo(kind, memory, keep string) error {
 
 	say("Tandem demo: a %s guest (%s, kv store workload) protected by a secondary, with a witness as the third raft voter", kind, memory)
 	say("starting three processes of this binary on loopback: primary a, secondary b, witness w (data in %s)", d.dir)
+	if d.tls != nil {
+		say("mutual TLS on every channel: a CA and certificates for a, b, w and this demo's client (%s) made in %s", drillOperator, d.certDir)
+	}
 	p, st, err := d.freshTrio(ctx)
 	if err != nil {
 		return err
 	}
 	say("raft made %s primary (generation %d); it streamed its memory to the secondary and is protected", p.id, st.Cluster.Generation)
 
-	c := newKVClient("demo", d.t.consoles())
+	c := newKVClient("demo", d.t.consoles(), d.tls)
 	defer c.close()
 	for _, kv := range [][2]string{{"greeting", "hello"}, {"city", "Lisbon"}, {"answer", "42"}} {
 		cmd := "SET " + kv[0] + " " + kv[1]
@@ -104,7 +108,7 @@ func failoverDemo(kind, memory, keep string) error {
 
 	lg, stop := d.startLoad(ctx, 1, p)
 	time.Sleep(time.Second)
-	if st, err = fetchStatus(p.api); err != nil {
+	if st, err = d.t.fetchStatus(p.api); err != nil {
 		stop()
 		return err
 	}
@@ -149,7 +153,7 @@ func failoverDemo(kind, memory, keep string) error {
 		return fmt.Errorf("GET greeting after failover: %q %v", rep.text, err)
 	}
 	say("data intact: all %d acknowledged writes are there (and greeting is still hello)", acked)
-	if ust, err := fetchStatus(np.api); err == nil {
+	if ust, err := d.t.fetchStatus(np.api); err == nil {
 		say("%s's status: role %s, protected %v (it runs unprotected until a secondary joins)", np.id, ust.Role, ust.Protected)
 	}
 
@@ -173,7 +177,7 @@ func failoverDemo(kind, memory, keep string) error {
 		TookMs     int64  `json:"took_ms"`
 	}
 	swAt := time.Now()
-	if err := newAPIClient(np.api).post("/switchover", nil, &out); err != nil {
+	if err := newAPIClient(np.api, d.tls).post("/switchover", nil, &out); err != nil {
 		stop()
 		return fmt.Errorf("switchover: %w", err)
 	}

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/guest/kvm"
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 func init() {
@@ -45,6 +46,7 @@ func cmdDrill(args []string) error {
 	keep := fs.String("keep", "", "keep the trio's data dirs and logs under this directory")
 	memory := fs.String("memory", "128MiB", "guest memory")
 	clients := fs.Int("clients", 2, "kv clients (1 or 2)")
+	plaintext := fs.Bool("plaintext", false, "run the trio without TLS (loopback only); by default every channel is mutual TLS on a CA and certificates made for the drill")
 	scenarioFlag := fs.String("scenario", "", "instead of --runs, double failures: two nodes go away one after the other and come back;\n"+
 		"NAME is one of "+strings.Join(scenarioNames(), ", ")+",\n"+
 		"an order (w-s, s-w, p-w: both return orders), all (each once), or a comma-separated list.\n"+
@@ -75,7 +77,7 @@ func cmdDrill(args []string) error {
 	if *asJSON {
 		out = os.Stderr
 	}
-	d, err := newDrill(*kind, *memory, *keep, *seed, out)
+	d, err := newDrill(*kind, *memory, *keep, *seed, out, *plaintext)
 	if err != nil {
 		return err
 	}
@@ -129,6 +131,15 @@ type trio struct {
 	peers                  string
 	nodes                  []*trioNode // a (primary), b (secondary), w (witness)
 	extra                  []string    // extra flags for every node (tests)
+	// certDir holds the cluster's CA and a certificate per node (named
+	// by its ID) and for the operator; "" runs the trio in plaintext.
+	certDir string
+	// tls is the operator's identity: the drill's own clients (status,
+	// kv, switchover) use it. nil in plaintext.
+	tls *trust.Identity
+	// statusHTTP and statusScheme are fetchStatus's (setTLS makes them).
+	statusHTTP   *http.Client
+	statusScheme string
 }
 
 // freeLoopback returns a loopback address nobody listened on a moment ago
@@ -167,7 +178,16 @@ func newTrio(bin, dir, kind, memory string) (*trio, error) {
 		t.nodes = append(t.nodes, n)
 	}
 	t.peers = strings.Join(peers, ",")
+	t.setTLS("", nil)
 	return t, nil
+}
+
+// setTLS runs the trio over TLS with the certificates in certDir and the
+// operator identity id for the drill's clients ("" and nil: plaintext).
+// Call it before the trio starts.
+func (t *trio) setTLS(certDir string, id *trust.Identity) {
+	t.certDir, t.tls = certDir, id
+	t.statusScheme, t.statusHTTP = apiHTTP(id, time.Second)
 }
 
 func (t *trio) node(id string) *trioNode {
@@ -191,7 +211,37 @@ func (t *trio) args(n *trioNode) []string {
 			a = append(a, "--image", t.image)
 		}
 	}
+	if t.certDir != "" {
+		a = append(a, "--tls-ca", filepath.Join(t.certDir, trust.CAFile),
+			"--tls-cert", filepath.Join(t.certDir, trust.CertFile(n.id)),
+			"--tls-key", filepath.Join(t.certDir, trust.KeyFile(n.id)))
+	}
 	return append(a, t.extra...)
+}
+
+// drillOperator names the certificate the drill's (and demo's) own
+// clients present.
+const drillOperator = "operator"
+
+// makeClusterCerts makes a CA in dir and a certificate for each name,
+// keeping any already there (a --keep directory used again).
+func makeClusterCerts(dir string, names ...string) error {
+	now := time.Now()
+	if err := trust.NewCA(dir, "Tandem drill CA", now); err != nil && !errors.Is(err, trust.ErrExists) {
+		return err
+	}
+	for _, n := range names {
+		if err := trust.Issue(dir, n, trust.IssueOptions{IPs: []net.IP{net.IPv4(127, 0, 0, 1)}}, now); err != nil && !errors.Is(err, trust.ErrExists) {
+			return err
+		}
+	}
+	return nil
+}
+
+// loadCert loads name's certificate from a directory makeClusterCerts made.
+func loadCert(dir, name string) (*trust.Identity, error) {
+	return trust.Load(trust.Config{CAFile: filepath.Join(dir, trust.CAFile),
+		CertFile: filepath.Join(dir, trust.CertFile(name)), KeyFile: filepath.Join(dir, trust.KeyFile(name))})
 }
 
 // logPath is the file of n's current (or last) start.
@@ -371,11 +421,11 @@ type memberStatus struct {
 	} `json:"cluster"`
 }
 
-var statusClient = &http.Client{Timeout: time.Second}
-
-func fetchStatus(api string) (memberStatus, error) {
+// fetchStatus reads a node's status, with the operator's certificate
+// when the trio runs over TLS.
+func (t *trio) fetchStatus(api string) (memberStatus, error) {
 	var st memberStatus
-	resp, err := statusClient.Get("http://" + api + "/status")
+	resp, err := t.statusHTTP.Get(t.statusScheme + "://" + api + "/status")
 	if err != nil {
 		return st, err
 	}
@@ -394,7 +444,7 @@ func (t *trio) protectedPrimary() (*trioNode, memberStatus, bool) {
 		if n.role == "witness" || !n.running() {
 			continue
 		}
-		st, err := fetchStatus(n.api)
+		st, err := t.fetchStatus(n.api)
 		if err == nil && st.Role == "primary" && st.State == "running" && st.Protected &&
 			st.Cluster.Protected && st.Cluster.Primary == n.id && st.Cluster.CanRelease {
 			return n, st, true
@@ -421,7 +471,7 @@ func (t *trio) waitProtected(ctx context.Context, timeout time.Duration) (*trioN
 				if s == p || s.role == "witness" || !s.running() {
 					continue
 				}
-				if sst, err := fetchStatus(s.api); err == nil && sst.Role == "secondary" {
+				if sst, err := t.fetchStatus(s.api); err == nil && sst.Role == "secondary" {
 					return p, st, nil
 				}
 			}
@@ -464,10 +514,11 @@ type kvClient struct {
 	conn net.Conn
 	r    *bufio.Reader
 	addr string
+	tls  *trust.Identity // nil: plaintext
 }
 
-func newKVClient(id string, addrs []string) *kvClient {
-	return &kvClient{id: id, addrs: addrs}
+func newKVClient(id string, addrs []string, tls *trust.Identity) *kvClient {
+	return &kvClient{id: id, addrs: addrs, tls: tls}
 }
 
 func (c *kvClient) close() {
@@ -485,7 +536,9 @@ func (c *kvClient) connect(deadline time.Time) error {
 		for range c.addrs {
 			a := c.addrs[c.next%len(c.addrs)]
 			c.next++
-			conn, err := net.DialTimeout("tcp", a, 300*time.Millisecond)
+			dctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			conn, err := trust.Dial(dctx, c.tls, a, "")
+			cancel()
 			if err == nil {
 				c.conn, c.r, c.addr = conn, bufio.NewReader(conn), a
 				return nil
@@ -829,9 +882,13 @@ type drill struct {
 	loadPatience, loadBackoff, loadPace time.Duration
 	// narrate, when set, is told what happens (the demo's voice).
 	narrate func(format string, a ...any)
+	// certDir holds the CA and the certificates of a, b, w and the
+	// operator; tls is the operator's identity. "" and nil: plaintext.
+	certDir string
+	tls     *trust.Identity
 }
 
-func newDrill(kind, memory, keep string, seed uint64, out io.Writer) (*drill, error) {
+func newDrill(kind, memory, keep string, seed uint64, out io.Writer, plaintext bool) (*drill, error) {
 	bin, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find this binary: %w", err)
@@ -859,6 +916,17 @@ func newDrill(kind, memory, keep string, seed uint64, out io.Writer) (*drill, er
 		d.dir, d.keepDir = keep, true
 	} else if d.dir, err = os.MkdirTemp("", "tandem-drill-"); err != nil {
 		return nil, err
+	}
+	if !plaintext {
+		// The secure path: a CA of the drill's own, a certificate per
+		// node ID and one for the drill's clients.
+		d.certDir = filepath.Join(d.dir, "tls")
+		if err := makeClusterCerts(d.certDir, "a", "b", "w", drillOperator); err != nil {
+			return nil, fmt.Errorf("drill certificates: %w", err)
+		}
+		if d.tls, err = loadCert(d.certDir, drillOperator); err != nil {
+			return nil, fmt.Errorf("drill certificates: %w", err)
+		}
 	}
 	return d, nil
 }
@@ -896,6 +964,7 @@ func (d *drill) freshTrio(ctx context.Context) (*trioNode, memberStatus, error) 
 			return nil, memberStatus{}, err
 		}
 		t.image = d.image
+		t.setTLS(d.certDir, d.tls)
 		if err := os.MkdirAll(t.dir, 0o755); err != nil {
 			return nil, memberStatus{}, err
 		}
@@ -1086,7 +1155,7 @@ func (d *drill) startLoad(ctx context.Context, run int, p *trioNode) (lg *runLog
 	lctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	for c := 0; c < d.clients; c++ {
-		kc := newKVClient(fmt.Sprintf("dc%d", c), d.t.consoles())
+		kc := newKVClient(fmt.Sprintf("dc%d", c), d.t.consoles(), d.tls)
 		kc.seq = runSeqBase(run)
 		kc.next = max(0, slices.Index(kc.addrs, p.console))
 		kc.patience, kc.backoff, kc.pace = d.loadPatience, d.loadBackoff, d.loadPace
@@ -1109,7 +1178,7 @@ func (d *drill) currentPrimary() (*trioNode, memberStatus, error) {
 			if n.role == "witness" || !n.running() {
 				continue
 			}
-			if st, err := fetchStatus(n.api); err == nil && st.Role == "primary" && st.State == "running" && st.Cluster.Primary == n.id {
+			if st, err := d.t.fetchStatus(n.api); err == nil && st.Role == "primary" && st.State == "running" && st.Cluster.Primary == n.id {
 				return n, st, nil
 			}
 		}
@@ -1123,7 +1192,7 @@ func (d *drill) currentPrimary() (*trioNode, memberStatus, error) {
 // verify reads back every key the run wrote, through a fresh client id,
 // and checks the run's log against it.
 func (d *drill) verify(ctx context.Context, run int, lg *runLog) (lost, divergent int, detail []string, err error) {
-	c := newKVClient("dv", d.t.consoles())
+	c := newKVClient("dv", d.t.consoles(), d.tls)
 	c.seq = runSeqBase(run)
 	defer c.close()
 	lg.mu.Lock()

@@ -208,7 +208,7 @@ func (d *drill) watch(ctx context.Context) *scenarioWatch {
 				if !n.running() {
 					continue
 				}
-				st, err := fetchStatus(n.api)
+				st, err := d.t.fetchStatus(n.api)
 				if err != nil {
 					continue
 				}
@@ -251,7 +251,7 @@ func (t *trio) servingPrimary() (p *trioNode, st memberStatus, n int) {
 		if nd.role == "witness" || !nd.running() {
 			continue
 		}
-		s, err := fetchStatus(nd.api)
+		s, err := t.fetchStatus(nd.api)
 		if err != nil || s.Role != "primary" || s.State != "running" {
 			continue
 		}
@@ -345,7 +345,7 @@ func (d *drill) scenarioOnce(ctx context.Context, run int, sc scenario) (r scena
 		}
 	case "secondary":
 		for {
-			if st, err := fetchStatus(p.api); err == nil && st.State == "running" && !st.Cluster.Protected {
+			if st, err := d.t.fetchStatus(p.api); err == nil && st.State == "running" && !st.Cluster.Protected {
 				break
 			}
 			if time.Now().After(deadline) {

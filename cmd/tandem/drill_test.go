@@ -103,7 +103,7 @@ func TestKVClientFollowsThePrimary(t *testing.T) {
 		t.Fatal(err)
 	}
 	addrs := []string{dead, fakeConsole(t, false), fakeConsole(t, true)}
-	c := newKVClient("c", addrs)
+	c := newKVClient("c", addrs, nil)
 	defer c.close()
 	for seq := 1; seq <= 3; seq++ {
 		rep, err := c.do(context.Background(), "SET k v", time.Now().Add(5*time.Second))
@@ -120,7 +120,7 @@ func TestKVClientFollowsThePrimary(t *testing.T) {
 }
 
 func TestKVClientGivesUpAtTheDeadline(t *testing.T) {
-	c := newKVClient("c", []string{fakeConsole(t, false)})
+	c := newKVClient("c", []string{fakeConsole(t, false)}, nil)
 	t0 := time.Now()
 	if _, err := c.do(context.Background(), "GET k", time.Now().Add(300*time.Millisecond)); err == nil {
 		t.Fatal("a reply from a node that is not primary")
@@ -131,7 +131,7 @@ func TestKVClientGivesUpAtTheDeadline(t *testing.T) {
 }
 
 func TestKVClientBatch(t *testing.T) {
-	c := newKVClient("c", []string{fakeConsole(t, false), fakeConsole(t, true)})
+	c := newKVClient("c", []string{fakeConsole(t, false), fakeConsole(t, true)}, nil)
 	defer c.close()
 	reps, err := c.doBatch(context.Background(), []string{"GET a", "GET b", "GET c"}, time.Now().Add(5*time.Second))
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,8 +36,8 @@ type clusterFlags struct {
 	dataAdvertise                  string
 	heartbeat, election, lease     time.Duration
 	dataTimeout                    time.Duration
-	// tls and insecure are the raft port's trust (set from the TLS
-	// flags): nil tls is plaintext, loopback only unless insecure.
+	// tls and insecure are the node's trust (from its TLS flags): the
+	// raft port's as well as the other channels'.
 	tls      *trust.Identity
 	insecure bool
 }
@@ -134,7 +135,7 @@ type member struct {
 	switching  bool // a switchover is under way
 }
 
-func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, rf receiveFlags, snapDir, apiAddr, consoleAddr string, allowFaults bool) error {
+func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, rf receiveFlags, snapDir, apiAddr, consoleAddr string, allowFaults bool, nt nodeTrust) error {
 	log := newLogger().With("node", cf.id)
 	fcfg, err := cf.config(role, apiAddr, consoleAddr, log)
 	if err != nil {
@@ -150,7 +151,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	if err := ef.validate(); err != nil {
 		return err
 	}
-	n, err := newGuestNode(string(role), apiAddr, consoleAddr, log)
+	n, err := newGuestNode(string(role), apiAddr, consoleAddr, log, nt)
 	if err != nil {
 		return err
 	}
@@ -165,12 +166,11 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 		return err
 	}
 	fcfg.APIAddr, fcfg.ConsoleAddr = n.api.addr(), n.console.addr()
-	dataTCP, err := net.Listen("tcp", cf.data)
+	dataLn, err := nt.listen(log, "--data", cf.data, "data", netlimit.DataCap)
 	if err != nil {
 		n.close()
-		return fmt.Errorf("listen on %s: %w", cf.data, err)
+		return err
 	}
-	dataLn := netlimit.Wrap(dataTCP, "data", netlimit.DataCap, log)
 	_, statErr := os.Stat(fcfg.DataDir)
 	fresh := errors.Is(statErr, os.ErrNotExist)
 	node, err := failover.Open(fcfg)
@@ -191,7 +191,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		return m.sec
-	}, log)
+	}, m.checkPrimaryPeer, log)
 	go m.events(ctx)
 	go m.start(ctx, kind, gcfg, fresh)
 
@@ -214,6 +214,59 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	}
 	n.close()
 	return nil
+}
+
+// primaryWait is how long a data connection whose certificate names a
+// member that could be primary (not this node, not the witness) waits for
+// this node's view of raft to name it primary: a new primary may dial
+// before its promotion has reached here.
+const primaryWait = 3 * time.Second
+
+// checkPrimaryPeer admits a primary's data connection over TLS only if its
+// certificate names the node raft says is primary. One naming another
+// member that may become primary (not the witness, not this node) is
+// given primaryWait for this node's raft state to catch up; anything else
+// is refused at once. Plaintext connections (no TLS configured) pass:
+// the secondary's generation check still applies to them.
+func (m *member) checkPrimaryPeer(conn net.Conn) error {
+	names := trust.PeerNames(conn)
+	if names == nil {
+		return nil
+	}
+	deadline := time.Now().Add(primaryWait)
+	for {
+		st := m.node.State()
+		if st.Primary != "" && st.Primary != m.node.ID() && slices.Contains(names, st.Primary) {
+			return nil
+		}
+		candidate := false
+		for _, mem := range st.Members {
+			if mem.Role != failover.RoleWitness && mem.ID != m.node.ID() && slices.Contains(names, mem.ID) {
+				candidate = true
+			}
+		}
+		if !candidate || time.Now().After(deadline) || m.ctx.Err() != nil {
+			name, _ := trust.PeerName(conn)
+			return fmt.Errorf("%w: a primary connection from %q, but the cluster's primary is %q (generation %d)", trust.ErrPeer, name, st.Primary, st.Generation)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// secondaryName is the node whose data address addr is: the primary's
+// epoch loop expects the secondary's certificate to name it. An address
+// no member registered gets the name of the member raft calls secondary.
+func (m *member) secondaryName(addr string) string {
+	st := m.node.State()
+	for _, mem := range st.Members {
+		if mem.DataAddr == addr && mem.Role != failover.RoleWitness && mem.ID != m.node.ID() {
+			return mem.ID
+		}
+	}
+	if sec, ok := st.Secondary(); ok {
+		return sec.ID
+	}
+	return m.node.ID() + "'s secondary (unknown)" // names no certificate: refused
 }
 
 // start decides, once raft has caught up, whether this node boots the
@@ -430,8 +483,9 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 	loop := failover.NewEpochLoop(failover.EpochConfig{
 		Guest: g, Config: cfg, Interval: m.ef.epoch, FlushBudget: m.ef.flushBudget, MaxInFlight: m.ef.inFlight,
 		Verify: m.ef.verify, VerifySlicePages: m.ef.slicePages(), Build: version.Build(), Generation: m.gen.Load, Timings: m.n.api.timings, Log: m.log,
-		Release:    m.n.console.release,
-		Allow:      func() bool { return node.CanRelease(m.gen.Load()) },
+		Release: m.n.console.release,
+		Allow:   func() bool { return node.CanRelease(m.gen.Load()) },
+		TLS:     m.n.trust.id, SecondaryName: m.secondaryName,
 		FirstEpoch: firstEpoch,
 		AckTimeout: m.ef.ackTimeout,
 		OnFenced: func(why string) {
@@ -663,9 +717,17 @@ func cmdWitness(args []string) error {
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, false)
 	apiAddr := fs.String("api", "", "address of an HTTP API for status (optional)")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
+	addInsecureFlag(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
+	nt, err := tf.resolve("--api", *apiAddr)
+	if err != nil {
+		return err
+	}
+	cf.tls, cf.insecure = nt.id, nt.insecure
 	log := newLogger().With("node", cf.id)
 	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", log)
 	if err != nil {
@@ -681,7 +743,7 @@ func cmdWitness(args []string) error {
 	defer node.Close()
 	var quit <-chan struct{} // nil without an API: only a signal stops it
 	if *apiAddr != "" {
-		api, err := newAPIServer(*apiAddr, log)
+		api, err := newAPIServer(*apiAddr, log, nt)
 		if err != nil {
 			return err
 		}
@@ -696,7 +758,7 @@ func cmdWitness(args []string) error {
 		defer api.close()
 		quit = api.quit
 	}
-	log.Info("witness running", "raft", fcfg.Peers[cf.id])
+	log.Info("witness running", "raft", fcfg.Peers[cf.id], "tls", nt.tlsOn())
 	waitForStop(quit, log)
 	return nil
 }
@@ -704,11 +766,17 @@ func cmdWitness(args []string) error {
 func cmdSwitchover(args []string) error {
 	fs := newFlagSet("switchover")
 	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
+	id, err := tf.load()
+	if err != nil {
+		return err
+	}
 	var out map[string]any
-	if err := newAPIClient(*api).post("/switchover", nil, &out); err != nil {
+	if err := newAPIClient(*api, id).post("/switchover", nil, &out); err != nil {
 		return err
 	}
 	fmt.Printf("switched over: final epoch %v handed to the secondary in %v ms\n", out["final_epoch"], out["took_ms"])

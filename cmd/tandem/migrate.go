@@ -30,6 +30,8 @@ func cmdMigrate(args []string) error {
 	comp := fs.String("compression", "default", "stream compression: none, fastest, default, better or best")
 	autoConverge := fs.Bool("auto-converge", true, "throttle the vCPUs when the guest dirties memory faster than the link carries it")
 	asJSON := fs.Bool("json", false, "print the final status as JSON")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -53,7 +55,13 @@ func cmdMigrate(args []string) error {
 	if *downtime <= 0 || *maxTime <= 0 || *minRetry <= 0 {
 		return usagef("--downtime-limit, --max-time and --min-retry must be positive")
 	}
-	c := newAPIClient(*from)
+	// These flags authenticate this command to the source's API; the
+	// source dials --to with its own identity.
+	id, err := tf.load()
+	if err != nil {
+		return err
+	}
+	c := newAPIClient(*from, id)
 	req := migrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
 		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
 		SourceAPI: *from}

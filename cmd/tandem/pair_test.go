@@ -57,14 +57,14 @@ func TestSourceVerdict(t *testing.T) {
 	}
 	for _, c := range cases {
 		body = c.body
-		if got, detail := sourceVerdict(h); got != c.want {
+		if got, detail := sourceVerdict(h, nil); got != c.want {
 			t.Errorf("%s: verdict %s (%s), want %s", c.body, got, detail, c.want)
 		}
 	}
-	if got, _ := sourceVerdict(replica.Hello{MigrationID: "m1", SourceAPI: "127.0.0.1:1"}); got != verdictUnknown {
+	if got, _ := sourceVerdict(replica.Hello{MigrationID: "m1", SourceAPI: "127.0.0.1:1"}, nil); got != verdictUnknown {
 		t.Errorf("unreachable source: %s", got)
 	}
-	if got, _ := sourceVerdict(replica.Hello{}); got != verdictUnknown {
+	if got, _ := sourceVerdict(replica.Hello{}, nil); got != verdictUnknown {
 		t.Errorf("no source API: %s", got)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/fsperm"
 	"github.com/tandemvm/tandem/internal/netlimit"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -79,6 +80,7 @@ func startEpochs(n *guestNode, g guest.Guest, cfg guest.Config, ef epochFlags, a
 		Verify: ef.verify, VerifySlicePages: ef.slicePages(), Build: version.Build(), Timings: n.api.timings, Log: n.log,
 		Release: n.console.release, Allow: allow, AckTimeout: ef.ackTimeout,
 		OnFenced: n.fenced,
+		TLS:      n.trust.id, SecondaryName: func(string) string { return n.secondaryName() },
 	})
 	n.observeDisk(g)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -102,6 +104,7 @@ func cmdPrimary(args []string) error {
 	apiAddr := fs.String("api", "127.0.0.1:7070", "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
 	secondary := fs.String("secondary", "", "the secondary's --data address (a pair without raft)")
+	secName := fs.String("secondary-name", "", "with TLS, a pair without raft: the node the secondary's certificate must name (default: any certificate of the CA)")
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, true)
@@ -109,15 +112,23 @@ func cmdPrimary(args []string) error {
 	addReceiveFlags(fs, &rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
+	addInsecureFlag(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	if cf.id != "" {
-		if *secondary != "" {
-			return usagef("--secondary is for a pair without raft; with --id the secondary is found through raft")
+		if *secondary != "" || *secName != "" {
+			return usagef("--secondary and --secondary-name are for a pair without raft; with --id the secondary is found through raft")
 		}
 		rf.disk = gf.cfg.Disk
-		return runMember(failover.RolePrimary, cf, &gf, ef, rf, snapDir, *apiAddr, *consoleAddr, *allowFaults)
+		nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr, "--data", cf.data)
+		if err != nil {
+			return err
+		}
+		cf.tls, cf.insecure = nt.id, nt.insecure
+		return runMember(failover.RolePrimary, cf, &gf, ef, rf, snapDir, *apiAddr, *consoleAddr, *allowFaults, nt)
 	}
 	kind, cfg, err := gf.config()
 	if err != nil {
@@ -131,12 +142,19 @@ func cmdPrimary(args []string) error {
 			return usagef("--secondary %q: want HOST:PORT", *secondary)
 		}
 	}
+	nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr)
+	if err != nil {
+		return err
+	}
+	if *secName != "" && nt.id == nil {
+		return usagef("--secondary-name needs --tls-ca, --tls-cert and --tls-key (a name is checked on a certificate)")
+	}
 	log := newLogger()
 	g, err := bootGuest(kind, cfg)
 	if err != nil {
 		return err
 	}
-	n, err := newGuestNode("primary", *apiAddr, *consoleAddr, log)
+	n, err := newGuestNode("primary", *apiAddr, *consoleAddr, log, nt)
 	if err != nil {
 		g.Close()
 		return err
@@ -147,6 +165,7 @@ func cmdPrimary(args []string) error {
 		n.close()
 		return err
 	}
+	n.secName = *secName
 	loop, cancel := startEpochs(n, g, cfg, ef, nil)
 	n.mu.Lock()
 	n.cancel = cancel
@@ -157,7 +176,7 @@ func cmdPrimary(args []string) error {
 	}
 	n.setState("running")
 	loop.SetSecondary(*secondary)
-	log.Info("primary running", "kind", kind, "secondary", *secondary, "epoch", ef.epoch, "api", n.api.addr(), "console", n.console.addr())
+	log.Info("primary running", "kind", kind, "secondary", *secondary, "epoch", ef.epoch, "api", n.api.addr(), "console", n.console.addr(), "tls", nt.tlsOn())
 	return n.wait()
 }
 
@@ -201,9 +220,13 @@ func cmdSecondary(args []string) error {
 	failureTimeout := fs.Duration("failure-timeout", DefaultFailureTimeout, "tandem activate refuses (without --force) while the primary was heard within this long")
 	var ef epochFlags
 	addEpochFlags(fs, &ef)
+	primaryName := fs.String("primary-name", "", "with TLS, a pair without raft: the node the primary's certificate must name (default: any certificate of the CA)")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, false)
 	fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
+	addInsecureFlag(fs, &tf)
 	dataDir := &cf.dataDir
 	var rf receiveFlags
 	addReceiveFlags(fs, &rf, true)
@@ -212,9 +235,20 @@ func cmdSecondary(args []string) error {
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
+	nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr, "--data", *data)
+	if err != nil {
+		return err
+	}
 	if cf.id != "" {
+		if *primaryName != "" {
+			return usagef("--primary-name is for a pair without raft; with --id the primary is the one raft names")
+		}
 		cf.data = *data
-		return runMember(failover.RoleSecondary, cf, nil, ef, rf, snapDir, *apiAddr, *consoleAddr, false)
+		cf.tls, cf.insecure = nt.id, nt.insecure
+		return runMember(failover.RoleSecondary, cf, nil, ef, rf, snapDir, *apiAddr, *consoleAddr, false, nt)
+	}
+	if *primaryName != "" && nt.id == nil {
+		return usagef("--primary-name needs --tls-ca, --tls-cert and --tls-key (a name is checked on a certificate)")
 	}
 	if *kind != "" && *kind != "kvm" && *kind != "synth" {
 		return usagef("--guest %q: want kvm or synth", *kind)
@@ -242,7 +276,7 @@ func cmdSecondary(args []string) error {
 			log.Info("restarted at the last committed epoch on disk", "epoch", c.Epoch)
 		}
 	}
-	n, err := newGuestNode("secondary", *apiAddr, *consoleAddr, log)
+	n, err := newGuestNode("secondary", *apiAddr, *consoleAddr, log, nt)
 	if err != nil {
 		sec.Close()
 		return err
@@ -256,14 +290,21 @@ func cmdSecondary(args []string) error {
 	n.sec = sec
 	n.state = "standby"
 	n.mu.Unlock()
-	tcp, err := net.Listen("tcp", *data)
+	ln, err := nt.listen(log, "--data", *data, "data", netlimit.DataCap)
 	if err != nil {
 		n.close()
-		return fmt.Errorf("listen on %s: %w", *data, err)
+		return err
 	}
-	ln := netlimit.Wrap(tcp, "data", netlimit.DataCap, log)
 	ctx, cancel := context.WithCancel(context.Background())
-	go serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, log)
+	// In a pair the primary is whoever holds a certificate of the CA, or
+	// the node --primary-name says.
+	checkPrimary := func(conn net.Conn) error {
+		if *primaryName == "" {
+			return nil
+		}
+		return trust.CheckPeer(conn, *primaryName)
+	}
+	go serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, checkPrimary, log)
 	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Force bool `json:"force"`
@@ -292,7 +333,7 @@ func cmdSecondary(args []string) error {
 		// the refusal it gets (activated) fences it.
 		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "role": "primary", "activated_epoch": epoch})
 	})
-	log.Info("secondary waiting for a primary", "data", ln.Addr().String(), "api", n.api.addr())
+	log.Info("secondary waiting for a primary", "data", ln.Addr().String(), "api", n.api.addr(), "tls", nt.tlsOn())
 	err = n.wait()
 	cancel()
 	ln.Close()
@@ -317,20 +358,32 @@ func checkPrimaryGone(sec *replica.Secondary, timeout time.Duration) string {
 
 // serveSecondary hands each primary connection to the current Secondary
 // (which serves one at a time, ending the one before); with none, the
-// connection is closed at once.
-func serveSecondary(ctx context.Context, ln net.Listener, current func() *replica.Secondary, log *slog.Logger) {
+// connection is closed at once. Over TLS a connection must first complete
+// its handshake within handshakeTimeout and pass checkPeer (the node its
+// certificate names) before a byte of it is read: a refused one never
+// reaches the Secondary, so it cannot end the legitimate stream.
+func serveSecondary(ctx context.Context, ln net.Listener, current func() *replica.Secondary, checkPeer func(net.Conn) error, log *slog.Logger) {
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
 		}
-		sec := current()
-		if sec == nil {
-			conn.Close()
-			continue
-		}
 		go func() {
 			defer conn.Close()
+			if err := trust.Handshake(conn, handshakeTimeout); err != nil {
+				log.Warn("data connection refused: TLS handshake", "from", conn.RemoteAddr().String(), "err", err)
+				return
+			}
+			if checkPeer != nil {
+				if err := checkPeer(conn); err != nil {
+					log.Warn("data connection refused", "from", conn.RemoteAddr().String(), "err", err)
+					return
+				}
+			}
+			sec := current()
+			if sec == nil {
+				return
+			}
 			err := sec.Serve(ctx, conn)
 			if ctx.Err() == nil && !errors.Is(err, replica.ErrActivated) {
 				log.Warn("primary connection ended", "from", conn.RemoteAddr().String(), "err", err)
@@ -364,7 +417,13 @@ func cmdActivate(args []string) error {
 	fs := newFlagSet("activate")
 	api := fs.String("api", "127.0.0.1:7082", "API address of the secondary")
 	force := fs.Bool("force", false, "activate even though the primary was heard within the secondary's --failure-timeout (split brain unless it is really gone)")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	id, err := tf.load()
+	if err != nil {
 		return err
 	}
 	var st map[string]any
@@ -372,18 +431,29 @@ func cmdActivate(args []string) error {
 	if *force {
 		body = map[string]bool{"force": true}
 	}
-	if err := newAPIClient(*api).post("/activate", body, &st); err != nil {
+	if err := newAPIClient(*api, id).post("/activate", body, &st); err != nil {
 		return err
 	}
 	fmt.Printf("activated: role %v, guest resumed from committed epoch %v\n", st["role"], st["activated_epoch"])
 	return nil
 }
 
+// secondaryName is the node a pair primary's secondary must be.
+func (n *guestNode) secondaryName() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.secName
+}
+
 // handleProtect points the epoch loop of a primary without raft at a new
-// secondary (after an activation, say): POST /protect {"secondary": ADDR}.
+// secondary (after an activation, say): POST /protect {"secondary": ADDR,
+// "name": NODE}; with TLS, name (if given) is the node the secondary's
+// certificate must name from now on (without it, the name given before
+// still applies).
 func (n *guestNode) handleProtect(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Secondary string `json:"secondary"`
+		Name      string `json:"name"`
 	}
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
 		writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"secondary\": \"HOST:PORT\"}: %v", err))
@@ -408,8 +478,17 @@ func (n *guestNode) handleProtect(w http.ResponseWriter, r *http.Request) {
 	case loop == nil:
 		writeError(w, http.StatusConflict, errors.New("not a primary"))
 	default:
+		// Without a name the one given before (--secondary-name or an
+		// earlier protect) still applies: a check is never dropped by
+		// leaving it out.
+		n.mu.Lock()
+		if req.Name != "" {
+			n.secName = req.Name
+		}
+		name := n.secName
+		n.mu.Unlock()
 		loop.SetSecondary(req.Secondary)
-		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "secondary": req.Secondary})
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "secondary": req.Secondary, "name": name})
 	}
 }
 
@@ -417,10 +496,17 @@ func cmdProtect(args []string) error {
 	fs := newFlagSet("protect")
 	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
 	secondary := fs.String("secondary", "", "the secondary's --data address (\"\" drops protection)")
+	name := fs.String("secondary-name", "", "with TLS: the node the secondary's certificate must name (default: any certificate of the CA)")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
-	if err := newAPIClient(*api).post("/protect", map[string]string{"secondary": *secondary}, nil); err != nil {
+	id, err := tf.load()
+	if err != nil {
+		return err
+	}
+	if err := newAPIClient(*api, id).post("/protect", map[string]string{"secondary": *secondary, "name": *name}, nil); err != nil {
 		return err
 	}
 	fmt.Printf("protecting with %q\n", *secondary)

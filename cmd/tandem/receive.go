@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/netlimit"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -36,6 +36,9 @@ func cmdReceive(args []string) error {
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
 	commitTimeout := fs.Duration("commit-timeout", replica.DefaultCommitTimeout, "after answering ready, how long to wait on the connection for the source's commit before asking its API")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
+	addInsecureFlag(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -47,8 +50,12 @@ func cmdReceive(args []string) error {
 	case *kind != "" && *kind != "kvm" && *kind != "synth":
 		return usagef("--guest %q: want kvm or synth", *kind)
 	}
+	nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr, "--listen", *listen)
+	if err != nil {
+		return err
+	}
 	log := newLogger()
-	n, err := newGuestNode("receive", *apiAddr, *consoleAddr, log)
+	n, err := newGuestNode("receive", *apiAddr, *consoleAddr, log, nt)
 	if err != nil {
 		return err
 	}
@@ -77,20 +84,22 @@ func cmdReceive(args []string) error {
 		return n.wait()
 	}
 
-	tcp, err := net.Listen("tcp", *listen)
+	// With TLS the source must hold a certificate of the cluster's CA
+	// (any one: a migration's source is whichever node runs the guest).
+	ln, err := nt.listen(log, "--listen", *listen, "receive", netlimit.DataCap)
 	if err != nil {
 		n.close()
-		return fmt.Errorf("listen on %s: %w", *listen, err)
+		return err
 	}
-	ln := netlimit.Wrap(tcp, "receive", netlimit.DataCap, log)
 	n.api.mux.HandleFunc("POST /migrate/commit", n.handleMigrateResolve(true))
 	n.api.mux.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
-	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.addr())
-	// Every connection is handshaken on its own goroutine, so a peer that
-	// connects and says nothing holds up no one (its handshake has a
-	// deadline); the first Hello that passes takes the one migration this
-	// process receives, later ones are told it is busy. A migration that
-	// fails or is aborted frees the receiver for the next one.
+	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.addr(), "tls", nt.tlsOn())
+	// Every connection is handshaken on its own goroutine (TLS first,
+	// then the Hello), so a peer that connects and says nothing holds up
+	// no one (both have a deadline); the first Hello that passes takes the
+	// one migration this process receives, later ones are told it is busy.
+	// A migration that fails or is aborted frees the receiver for the next
+	// one.
 	ctx, cancel := context.WithCancel(context.Background())
 	var busy atomic.Bool
 	var wg sync.WaitGroup
@@ -106,6 +115,10 @@ func cmdReceive(args []string) error {
 			go func() {
 				defer wg.Done()
 				defer conn.Close()
+				if err := trust.Handshake(conn, handshakeTimeout); err != nil {
+					log.Warn("migration connection refused: TLS handshake", "from", conn.RemoteAddr().String(), "err", err)
+					return
+				}
 				admitted := false
 				rc := *r
 				rc.Admit = func(replica.Hello) error {
@@ -235,7 +248,7 @@ wait:
 			break wait
 		case <-tick.C:
 		}
-		v, detail := sourceVerdict(res.Hello)
+		v, detail := sourceVerdict(res.Hello, n.trust.id)
 		if detail != lastSeen {
 			n.log.Info("awaiting commit: the source says", "verdict", v, "detail", detail)
 			lastSeen = detail
@@ -278,12 +291,13 @@ const (
 	verdictUnknown   = "unknown"   // still deciding, unreachable, or another migration
 )
 
-// sourceVerdict asks the source's API how migration h ended there.
-func sourceVerdict(h replica.Hello) (string, string) {
+// sourceVerdict asks the source's API how migration h ended there, with
+// this node's identity id when the cluster runs TLS.
+func sourceVerdict(h replica.Hello, id *trust.Identity) (string, string) {
 	if h.SourceAPI == "" || h.MigrationID == "" {
 		return verdictUnknown, "the source gave no API to ask"
 	}
-	c := newAPIClient(h.SourceAPI)
+	c := newAPIClient(h.SourceAPI, id)
 	c.http.Timeout = 2 * time.Second
 	var st struct {
 		State       string `json:"state"`
@@ -329,7 +343,7 @@ func (n *guestNode) handleMigrateResolve(commit bool) http.HandlerFunc {
 			writeError(w, http.StatusConflict, errors.New("no migration awaits a commit here"))
 			return
 		}
-		v, detail := sourceVerdict(p.res.Hello)
+		v, detail := sourceVerdict(p.res.Hello, n.trust.id)
 		switch {
 		case commit && v == verdictAborted:
 			writeError(w, http.StatusConflict, fmt.Errorf("refusing to commit: %s; POST /migrate/abort drops the copy here", detail))

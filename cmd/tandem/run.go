@@ -41,6 +41,9 @@ type guestNode struct {
 	allowFaults bool
 	// snapshotDir is where file:NAME migrations write ("" : refused).
 	snapshotDir string
+	// trust authenticates the node's listeners and the connections it
+	// makes (a migration's, an epoch loop's).
+	trust nodeTrust
 	// users counts goroutines that read guest memory (a migration, an
 	// epoch loop); close waits for them before unmapping it.
 	users sync.WaitGroup
@@ -68,6 +71,9 @@ type guestNode struct {
 	epochs    *failover.EpochLoop // primary: protection
 	sec       *replica.Secondary  // secondary: the committed image
 	cluster   func() any          // raft view of a cluster member
+	// secName is the node a pair primary's secondary must be (its
+	// certificate names it); "": any certificate of the CA.
+	secName string
 }
 
 func newLogger() *slog.Logger {
@@ -83,10 +89,17 @@ func cmdRun(args []string) error {
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
+	addInsecureFlag(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	kind, cfg, err := gf.config()
+	if err != nil {
+		return err
+	}
+	nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr)
 	if err != nil {
 		return err
 	}
@@ -95,7 +108,7 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
-	n, err := newGuestNode("run", *apiAddr, *consoleAddr, log)
+	n, err := newGuestNode("run", *apiAddr, *consoleAddr, log, nt)
 	if err != nil {
 		g.Close()
 		return err
@@ -113,20 +126,20 @@ func cmdRun(args []string) error {
 	}
 	n.setState("running")
 	log.Info("guest running", "kind", kind, "memory", guest.FormatSize(cfg.Memory), "vcpus", cfg.VCPUs,
-		"workload", cfg.Workload.Kind, "api", n.api.addr(), "console", n.console.addr())
+		"workload", cfg.Workload.Kind, "api", n.api.addr(), "console", n.console.addr(), "tls", nt.tlsOn())
 	return n.wait()
 }
 
-func newGuestNode(role, apiAddr, consoleAddr string, log *slog.Logger) (*guestNode, error) {
-	api, err := newAPIServer(apiAddr, log)
+func newGuestNode(role, apiAddr, consoleAddr string, log *slog.Logger, nt nodeTrust) (*guestNode, error) {
+	api, err := newAPIServer(apiAddr, log, nt)
 	if err != nil {
 		return nil, err
 	}
-	n := &guestNode{log: log, api: api, role: role, state: "waiting"}
-	n.console, err = newConsoleBridge(consoleAddr, n.input, log)
+	n := &guestNode{log: log, api: api, role: role, state: "waiting", trust: nt}
+	n.console, err = newConsoleBridge(consoleAddr, n.input, log, nt)
 	if err != nil {
 		api.close()
-		return nil, fmt.Errorf("console: listen on %s: %w", consoleAddr, err)
+		return nil, err
 	}
 	n.console.serving = func() bool {
 		n.mu.Lock()
@@ -434,8 +447,10 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		}
 		link, closeLink = fl, fl.Abort
 	} else {
+		// The source dials with its own identity; the destination must
+		// hold a certificate of the same CA.
 		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
-		l, err := replica.Dial(ctx, req.To, hello, g.Regions(), replica.DialOptions{Stream: opts})
+		l, err := replica.Dial(ctx, req.To, hello, g.Regions(), replica.DialOptions{Stream: opts, TLS: n.trust.id})
 		cancel()
 		if err != nil {
 			writeError(w, http.StatusBadGateway, err)

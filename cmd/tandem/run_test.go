@@ -58,7 +58,7 @@ func TestMigrateGuards(t *testing.T) {
 // TestQuitTwiceConcurrently: concurrent POST /quit requests close the
 // quit channel once (a plain bool flag raced into a double close).
 func TestQuitTwiceConcurrently(t *testing.T) {
-	a, err := newAPIServer("127.0.0.1:0", slog.New(slog.NewTextHandler(io.Discard, nil)))
+	a, err := newAPIServer("127.0.0.1:0", slog.New(slog.NewTextHandler(io.Discard, nil)), nodeTrust{})
 	if err != nil {
 		t.Fatal(err)
 	}

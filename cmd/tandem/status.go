@@ -16,7 +16,13 @@ func cmdStatus(args []string) error {
 	api := fs.String("api", "127.0.0.1:7070", "API address of the node")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	digest := fs.Bool("digest", false, "add memory_digest, the digest of guest memory now")
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	id, err := tf.load()
+	if err != nil {
 		return err
 	}
 	path := "/status"
@@ -24,7 +30,7 @@ func cmdStatus(args []string) error {
 		path += "?digest=1"
 	}
 	var raw map[string]any
-	if err := newAPIClient(*api).get(path, &raw); err != nil {
+	if err := newAPIClient(*api, id).get(path, &raw); err != nil {
 		return err
 	}
 	if *asJSON {

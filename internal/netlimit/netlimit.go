@@ -177,3 +177,20 @@ func (c *Conn) Close() error {
 	c.l.mu.Unlock()
 	return c.Conn.Close()
 }
+
+// Of finds the *Conn a connection runs over: c itself, or the one under a
+// wrapper that exposes it with NetConn (a *tls.Conn does). ok is false
+// for a connection from another listener.
+func Of(c net.Conn) (lc *Conn, ok bool) {
+	for c != nil {
+		if lc, ok := c.(*Conn); ok {
+			return lc, true
+		}
+		u, isWrapper := c.(interface{ NetConn() net.Conn })
+		if !isWrapper {
+			break
+		}
+		c = u.NetConn()
+	}
+	return nil, false
+}

@@ -167,12 +167,23 @@ func CheckListen(id *Identity, insecure bool, what, addr string) error {
 // must complete a mutual TLS handshake; without one, addr must be a
 // loopback address unless insecure.
 func Listen(id *Identity, insecure bool, what, addr string) (net.Listener, error) {
+	return ListenWrapped(id, insecure, what, addr, nil)
+}
+
+// ListenWrapped is Listen with wrap (if not nil) applied to the TCP
+// listener under TLS: what wrap sees is the raw connections, the TLS
+// handshake included (a cap on the connections still in their handshake,
+// say). The connections Accept returns are TLS ones over wrap's.
+func ListenWrapped(id *Identity, insecure bool, what, addr string, wrap func(net.Listener) net.Listener) (net.Listener, error) {
 	if err := CheckListen(id, insecure, what, addr); err != nil {
 		return nil, err
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("%s: listen on %s: %w", what, addr, err)
+	}
+	if wrap != nil {
+		ln = wrap(ln)
 	}
 	if id == nil {
 		return ln, nil
