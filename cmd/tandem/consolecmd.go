@@ -99,15 +99,30 @@ func cmdConsole(args []string) error {
 			}
 		}
 		err = pump(conn, lines, readDone, &mu, &unsent)
-		conn.Close()
 		if err == io.EOF {
-			// stdin ended: wait briefly for the last replies.
-			select {
-			case <-readDone:
-			case <-time.After(2 * time.Second):
+			// stdin ended: wait briefly for the last replies (output
+			// clears unsent), with the connection still open; closing it
+			// first cut off every reply not yet read.
+			for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+				mu.Lock()
+				pending := len(unsent)
+				mu.Unlock()
+				if pending == 0 {
+					break
+				}
+				select {
+				case <-readDone:
+				case <-got:
+					continue
+				case <-time.After(20 * time.Millisecond):
+					continue
+				}
+				break
 			}
+			conn.Close()
 			return nil
 		}
+		conn.Close()
 		fmt.Fprintf(os.Stderr, "tandem console: lost %s (%v); looking for the primary\n", conn.RemoteAddr(), err)
 	}
 }
