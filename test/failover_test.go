@@ -35,6 +35,7 @@ type testTrio struct {
 	m      map[string]*trioMember
 	order  []string
 	memory string
+	pki    *testPKI // TLS: each member's certificate is its ID's (tls_test.go)
 }
 
 func newTestTrio(t *testing.T, kind string) *testTrio {
@@ -62,12 +63,18 @@ func (tr *testTrio) args(id string) []string {
 	if m.role == "primary" {
 		a = append(a, "--guest", tr.kind, "--memory", tr.memory, "--workload", "kv")
 	}
+	if tr.pki != nil {
+		a = append(a, tr.pki.nodeArgs(id)...)
+	}
 	return a
 }
 
 func (tr *testTrio) start(id string) *node {
 	m := tr.m[id]
 	m.starts++
+	if tr.pki != nil {
+		useTLS(tr.pki.client(operator), m.api, m.console)
+	}
 	n := startProc(tr.t, fmt.Sprintf("%s-%d", id, m.starts), tr.args(id)...)
 	n.api, n.console = m.api, m.console
 	m.n = n

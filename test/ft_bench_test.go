@@ -205,7 +205,7 @@ func kvLoad(b *testing.B, n *node, clients, depth int, d time.Duration) float64 
 	stopAt := time.Now().Add(d)
 	start := time.Now()
 	for c := 0; c < clients; c++ {
-		conn, err := net.DialTimeout("tcp", n.console, 5*time.Second)
+		conn, err := dialAddr(n.console, 5*time.Second)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -123,6 +122,11 @@ type primaryOpts struct {
 	verify        bool
 	noVerify      bool // --verify-epochs=false (verification is on by default)
 	extra         []string
+	// pki runs the pair with TLS: the primary's certificate is cert
+	// (default "a"), the secondary's "b"; secName is the primary's
+	// --secondary-name (startPair: default "b").
+	pki           *testPKI
+	cert, secName string
 }
 
 func (o primaryOpts) args(kind, secondary string) []string {
@@ -140,6 +144,12 @@ func (o primaryOpts) args(kind, secondary string) []string {
 	if o.noVerify {
 		a = append(a, "--verify-epochs=false")
 	}
+	if o.pki != nil {
+		a = append(a, o.pki.nodeArgs(orStr(o.cert, "a"))...)
+		if o.secName != "" {
+			a = append(a, "--secondary-name", o.secName)
+		}
+	}
 	return append(a, o.extra...)
 }
 
@@ -151,6 +161,9 @@ func startPrimary(t testing.TB, name, kind, secData string, o primaryOpts) *node
 	for attempt := 0; attempt < 3; attempt++ {
 		api, con := freeAddr(t), freeAddr(t)
 		args := append(o.args(kind, secData), "--api", api, "--console", con)
+		if o.pki != nil {
+			useTLS(o.pki.client(operator), api, con)
+		}
 		n := startProc(t, fmt.Sprintf("%s-%d", name, attempt), args...)
 		n.api, n.console = api, con
 		if last = n.waitReady(30 * time.Second); last == nil {
@@ -170,6 +183,11 @@ func startPrimary(t testing.TB, name, kind, secData string, o primaryOpts) *node
 func startPair(t testing.TB, kind string, o primaryOpts, secExtra ...string) (pri, sec *node, sa secAddrs) {
 	t.Helper()
 	sa = newSecAddrs(t)
+	if o.pki != nil {
+		useTLS(o.pki.client(operator), sa.api, sa.console)
+		secExtra = append(append(o.pki.nodeArgs("b"), "--primary-name", orStr(o.cert, "a")), secExtra...)
+		o.secName = orStr(o.secName, "b")
+	}
 	sec = startSecondary(t, "secondary-"+kind, sa, secExtra...)
 	pri = startPrimary(t, "primary-"+kind, kind, sa.data, o)
 	waitFT(t, pri, 60*time.Second, "protected", func(s ftStatus) bool { return s.Protection == "protected" })
@@ -193,7 +211,7 @@ func activate(t testing.TB, sec *node) {
 // dialConsoleErr is dialConsole without the test: it may run on any
 // goroutine and returns the error instead.
 func dialConsoleErr(n *node, id string) (*console, error) {
-	c, err := net.DialTimeout("tcp", n.console, 3*time.Second)
+	c, err := dialAddr(n.console, 3*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("console of %s: %w", n.name, err)
 	}
@@ -312,7 +330,8 @@ func checkAcked(t testing.TB, n *node, log *ackLog) {
 // metricSums reads the tandem_phase_seconds histogram of n's /metrics:
 // per phase, the sum of seconds and the count.
 func metricSums(api string) (map[string][2]float64, error) {
-	resp, err := httpClient.Get("http://" + api + "/metrics")
+	base, hc := apiClient(api)
+	resp, err := hc.Get(base + "/metrics")
 	if err != nil {
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -235,10 +236,22 @@ func (n *node) waitReady(timeout time.Duration) error {
 // (and --listen for receive), retrying when a port was taken in between.
 func startWithPorts(t testing.TB, name string, listen bool, args ...string) *node {
 	t.Helper()
+	return startWithPortsTLS(t, name, listen, nil, "", args...)
+}
+
+// startWithPortsTLS is startWithPorts with the TLS flags of pki's
+// certificate cert (none if pki is nil); the harness then talks to the
+// node's API and console as pki's operator.
+func startWithPortsTLS(t testing.TB, name string, listen bool, pki *testPKI, cert string, args ...string) *node {
+	t.Helper()
 	var last error
 	for attempt := 0; attempt < 3; attempt++ {
 		api, con := freeAddr(t), freeAddr(t)
 		full := append(append([]string(nil), args...), "--api", api, "--console", con)
+		if pki != nil {
+			full = append(full, pki.nodeArgs(cert)...)
+			useTLS(pki.client(operator), api, con)
+		}
 		var data string
 		if listen {
 			data = freeAddr(t)
@@ -267,6 +280,7 @@ type guestOpts struct {
 	disk          string
 	allowFaults   bool
 	snapshotDir   string
+	pki           *testPKI // run with TLS, certificate "src"
 }
 
 func (o guestOpts) args(kind string) []string {
@@ -301,7 +315,7 @@ func orStr(s, d string) string {
 
 func startSource(t testing.TB, kind string, o guestOpts) *node {
 	t.Helper()
-	return startWithPorts(t, "source-"+kind, false, o.args(kind)...)
+	return startWithPortsTLS(t, "source-"+kind, false, o.pki, "src", o.args(kind)...)
 }
 
 func startReceiver(t testing.TB, extra ...string) *node {
@@ -358,6 +372,40 @@ func (s status) String() string {
 
 var httpClient = &http.Client{Timeout: 10 * time.Second}
 
+// tlsPeers holds the API and console addresses of nodes that run with
+// TLS, each with the client a test talks to it with (see tls_test.go);
+// every other address is plaintext.
+var tlsPeers sync.Map // addr -> *tlsPeer
+
+type tlsPeer struct {
+	cfg  *tls.Config
+	http *http.Client
+}
+
+// useTLS makes the harness talk to addrs over TLS with cfg.
+func useTLS(cfg *tls.Config, addrs ...string) {
+	p := &tlsPeer{cfg: cfg, http: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}}
+	for _, a := range addrs {
+		tlsPeers.Store(a, p)
+	}
+}
+
+// apiClient is the URL prefix and client for a node's API.
+func apiClient(api string) (string, *http.Client) {
+	if p, ok := tlsPeers.Load(api); ok {
+		return "https://" + api, p.(*tlsPeer).http
+	}
+	return "http://" + api, httpClient
+}
+
+// dialAddr connects to a console (over TLS if the node runs with it).
+func dialAddr(addr string, timeout time.Duration) (net.Conn, error) {
+	if p, ok := tlsPeers.Load(addr); ok {
+		return tls.DialWithDialer(&net.Dialer{Timeout: timeout}, "tcp", addr, p.(*tlsPeer).cfg)
+	}
+	return net.DialTimeout("tcp", addr, timeout)
+}
+
 func getStatus(api string, digest bool) (status, error) {
 	var st status
 	path := "/status"
@@ -369,7 +417,8 @@ func getStatus(api string, digest bool) (status, error) {
 }
 
 func getJSON(api, path string, out any) error {
-	resp, err := httpClient.Get("http://" + api + path)
+	base, hc := apiClient(api)
+	resp, err := hc.Get(base + path)
 	if err != nil {
 		return err
 	}
@@ -386,7 +435,8 @@ func postJSON(api, path string, body any) error {
 	if err != nil {
 		return err
 	}
-	resp, err := httpClient.Post("http://"+api+path, "application/json", bytes.NewReader(b))
+	base, hc := apiClient(api)
+	resp, err := hc.Post(base+path, "application/json", bytes.NewReader(b))
 	if err != nil {
 		return err
 	}
@@ -524,7 +574,7 @@ type console struct {
 
 func dialConsole(t testing.TB, n *node, id string) *console {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", n.console, 5*time.Second)
+	c, err := dialAddr(n.console, 5*time.Second)
 	if err != nil {
 		t.Fatalf("console of %s: %v", n.name, err)
 	}
