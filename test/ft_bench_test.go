@@ -73,7 +73,44 @@ func BenchmarkFTVerifyCost(b *testing.B) {
 // epochFigures are one benchEpochsWith window's results.
 type epochFigures struct {
 	eps, p50, p99        float64
+	ackP99               float64
 	verified, mismatches uint64
+}
+
+// BenchmarkFTTLSCost: what mutual TLS on the data channel (and on the
+// console the kv clients use) costs, each figure with its plaintext
+// baseline from the same run, one after the other: the 1 GiB dirtying
+// guest of BenchmarkFTEpochs (epochs/s, pause p99, ack latency p99) and
+// the protected 1 GiB kv guest of BenchmarkFTKV (pipelined req/s).
+func BenchmarkFTTLSCost(b *testing.B) {
+	for _, kind := range kinds {
+		b.Run(kind, func(b *testing.B) {
+			skipUnlessKind(b, kind)
+			for i := 0; i < b.N; i++ {
+				pki := newPKI(b, "a", "b", operator)
+				plain := benchEpochsWith(b, kind, primaryOpts{}, false)
+				tlsOn := benchEpochsWith(b, kind, primaryOpts{pki: pki}, false)
+				window, depth := ftBenchWindow()/2, kvDepth(kind)
+				pri, _, _ := startPair(b, kind, primaryOpts{memory: "1GiB"})
+				plainKV := kvLoad(b, pri, kvClients, depth, window)
+				pri.kill()
+				pri, _, _ = startPair(b, kind, primaryOpts{memory: "1GiB", pki: pki})
+				tlsKV := kvLoad(b, pri, kvClients, depth, window)
+				pri.kill()
+				b.ReportMetric(plain.eps, "plain-epochs/s")
+				b.ReportMetric(tlsOn.eps, "tls-epochs/s")
+				b.ReportMetric(plain.p99, "plain-pause-p99-ms")
+				b.ReportMetric(tlsOn.p99, "tls-pause-p99-ms")
+				b.ReportMetric(plain.ackP99, "plain-ack-p99-ms")
+				b.ReportMetric(tlsOn.ackP99, "tls-ack-p99-ms")
+				b.ReportMetric(plainKV, "plain-protected-req/s")
+				b.ReportMetric(tlsKV, "tls-protected-req/s")
+				b.ReportMetric(100*tlsKV/plainKV, "tls/plain-kv-%")
+				b.Logf("%s: plaintext: %.1f epochs/s, pause p50 %.2f p99 %.2f ms, ack p99 %.1f ms, protected kv %.0f req/s; TLS: %.1f epochs/s, pause p50 %.2f p99 %.2f ms, ack p99 %.1f ms, protected kv %.0f req/s (%.1f%% of plaintext); ack p99 cost %+.1f ms",
+					kind, plain.eps, plain.p50, plain.p99, plain.ackP99, plainKV, tlsOn.eps, tlsOn.p50, tlsOn.p99, tlsOn.ackP99, tlsKV, 100*tlsKV/plainKV, tlsOn.ackP99-plain.ackP99)
+			}
+		})
+	}
 }
 
 func benchEpochs(b *testing.B, kind string) { benchEpochsWith(b, kind, primaryOpts{}, true) }
@@ -111,7 +148,7 @@ func benchEpochsWith(b *testing.B, kind string, o primaryOpts, report bool) epoc
 		}
 		return (m1[phase][0] - m0[phase][0]) / n * 1000
 	}
-	fig := epochFigures{eps: epochs / secs, p50: s1.PauseP50Ms, p99: s1.PauseP99Ms,
+	fig := epochFigures{eps: epochs / secs, p50: s1.PauseP50Ms, p99: s1.PauseP99Ms, ackP99: s1.AckLatencyP99Ms,
 		verified: s1.VerifiedEpochs - s0.VerifiedEpochs, mismatches: s1.DigestMismatches}
 	if !report {
 		return fig
