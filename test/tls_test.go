@@ -337,6 +337,32 @@ func TestTLSPairFailover(t *testing.T) {
 		o.cert, o.secName = "a", "b"
 		pri := startPrimary(t, "primary", kind, sa.data, o)
 		waitFT(t, pri, 60*time.Second, "protected", func(s ftStatus) bool { return s.Protection == "protected" })
+
+		// Under TLS the connection caps still see through to their own
+		// connections: a flood of idle ones displaces neither the
+		// primary's data connection nor a console client that talked.
+		st0 := mustFT(t, pri, false)
+		talker := dialConsole(t, pri, "talker")
+		if r := talker.do("SET before-flood 1"); r != "OK" {
+			t.Fatalf("SET before the flood: %q", r)
+		}
+		for _, f := range []struct {
+			addr string
+			n    int
+		}{{sa.data, 24}, {pri.console, 64}} {
+			for i := 0; i < f.n; i++ {
+				if c, err := net.DialTimeout("tcp", f.addr, time.Second); err == nil {
+					t.Cleanup(func() { c.Close() })
+				}
+			}
+		}
+		time.Sleep(500 * time.Millisecond)
+		if st1 := mustFT(t, pri, false); st1.Joins != st0.Joins || !st1.Protected {
+			t.Errorf("after a flood of idle connections: joins %d -> %d, protected %v: the TLS data connection was displaced", st0.Joins, st1.Joins, st1.Protected)
+		}
+		if r := talker.do("GET before-flood"); r != "OK 1" {
+			t.Errorf("the console client that talked, after the flood: %q", r)
+		}
 		log := newAckLog()
 		stop := make(chan struct{})
 		var wg sync.WaitGroup
