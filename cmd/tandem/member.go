@@ -122,6 +122,13 @@ type member struct {
 	gen     atomic.Uint64   // generation this node releases output under
 	ctx     context.Context // ends when the member stops
 
+	// protSem (capacity 1) orders this node's records of protection in
+	// raft, and claimed, guarded by it, says a "protected" may be in
+	// raft's log that raft's state here does not show yet: see
+	// claimProtection and unprotect.
+	protSem chan struct{}
+	claimed bool
+
 	// mu guards the fields below.
 	mu         sync.Mutex
 	boot       guest.Guest // a fresh cluster's first guest, booted, not yet run, or a fenced primary's, kept paused
@@ -179,7 +186,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 		n.close()
 		return err
 	}
-	m := &member{n: n, node: node, ef: ef, log: log, dataDir: cf.dataDir,
+	m := &member{n: n, node: node, ef: ef, log: log, dataDir: cf.dataDir, protSem: make(chan struct{}, 1),
 		recv: rf.apply(&replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Timeout: 5 * time.Second}, cf.dataDir)}
 	n.api.mux.HandleFunc("POST /switchover", m.handleSwitchover)
 	n.cluster = m.clusterStatus
@@ -480,7 +487,8 @@ func (m *member) becomePrimary(ev failover.Event) {
 // against raft (generation and lease).
 func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *failover.EpochLoop {
 	node := m.node
-	loop := failover.NewEpochLoop(failover.EpochConfig{
+	var loop *failover.EpochLoop
+	loop = failover.NewEpochLoop(failover.EpochConfig{
 		Guest: g, Config: cfg, Interval: m.ef.epoch, FlushBudget: m.ef.flushBudget, MaxInFlight: m.ef.inFlight,
 		Verify: m.ef.verify, VerifySlicePages: m.ef.slicePages(), Build: version.Build(), Generation: m.gen.Load, Timings: m.n.api.timings, Log: m.log,
 		Release: m.n.console.release,
@@ -499,21 +507,10 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		},
 		OnProtected: func(protected bool, why string) {
 			if protected {
-				go func() {
-					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-					defer cancel()
-					if err := node.SetProtected(ctx, true); err != nil {
-						m.log.Warn("cannot record protection in raft", "err", err)
-					}
-				}()
+				go m.claimProtection(loop)
 			}
 		},
-		Unprotect: func(ctx context.Context) error {
-			if !node.State().Protected {
-				return nil
-			}
-			return node.SetProtected(ctx, false)
-		},
+		Unprotect: m.unprotect,
 	})
 	m.n.observeDisk(g)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -529,6 +526,51 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		loop.Run(ctx)
 	}()
 	return loop
+}
+
+// claimProtection records in raft that loop's secondary holds every
+// acknowledged epoch, if loop is still this node's loop and protected when
+// the record's turn comes. Records are ordered (protSem) and this one
+// waits for raft's answer however long it takes: a "protected" whose
+// apply was given up while still on its way to raft's log could land
+// after the "unprotected" that let held output out, and the secondary
+// would then take over from an epoch older than output already released.
+// That lost writes in tandem drill (a lease-fenced primary, primary again
+// in the same term, took its Unprotect fast path while the "protected" of
+// its previous link was still uncommitted).
+func (m *member) claimProtection(loop *failover.EpochLoop) {
+	m.protSem <- struct{}{}
+	defer func() { <-m.protSem }()
+	m.mu.Lock()
+	current := m.loop == loop
+	m.mu.Unlock()
+	if !current || !loop.Status().Protected {
+		return
+	}
+	m.claimed = true
+	if err := m.node.SetProtected(m.ctx, true); err != nil {
+		m.log.Warn("cannot record protection in raft", "err", err)
+	}
+}
+
+// unprotect records in raft that the secondary may miss output about to
+// be released. It is skipped only when raft's state says unprotected and
+// no "protected" of this node may still be on its way there.
+func (m *member) unprotect(ctx context.Context) error {
+	select {
+	case m.protSem <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for an earlier record of protection: %w", ctx.Err())
+	}
+	defer func() { <-m.protSem }()
+	if !m.claimed && !m.node.State().Protected {
+		return nil
+	}
+	if err := m.node.SetProtected(ctx, false); err != nil {
+		return err
+	}
+	m.claimed = false
+	return nil
 }
 
 // waitLoop waits (bounded) until a cancelled loop's Run has returned: it
