@@ -24,6 +24,7 @@ type trioMember struct {
 	id, role                 string
 	raft, data, api, console string
 	dir                      string
+	netns                    string // run inside this network namespace (netns_test.go)
 	n                        *node
 	starts                   int
 }
@@ -75,7 +76,12 @@ func (tr *testTrio) start(id string) *node {
 	if tr.pki != nil {
 		useTLS(tr.pki.client(operator), m.api, m.console)
 	}
-	n := startProc(tr.t, fmt.Sprintf("%s-%d", id, m.starts), tr.args(id)...)
+	var n *node
+	if m.netns != "" {
+		n = startProcIn(tr.t, m.netns, fmt.Sprintf("%s-%d", id, m.starts), tr.args(id)...)
+	} else {
+		n = startProc(tr.t, fmt.Sprintf("%s-%d", id, m.starts), tr.args(id)...)
+	}
 	n.api, n.console = m.api, m.console
 	m.n = n
 	return n

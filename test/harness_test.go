@@ -158,12 +158,23 @@ type node struct {
 // test failed.
 func startProc(t testing.TB, name string, args ...string) *node {
 	t.Helper()
+	return startCmd(t, name, exec.Command(tandemBin, args...), args)
+}
+
+// startProcIn is startProc inside network namespace ns (`ip netns exec`
+// execs tandem in place, so the process and its group are tandem's).
+func startProcIn(t testing.TB, ns, name string, args ...string) *node {
+	t.Helper()
+	return startCmd(t, name, exec.Command("ip", append([]string{"netns", "exec", ns, tandemBin}, args...)...), args)
+}
+
+func startCmd(t testing.TB, name string, cmd *exec.Cmd, args []string) *node {
+	t.Helper()
 	logPath := filepath.Join(t.TempDir(), name+".log")
 	lf, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(tandemBin, args...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
