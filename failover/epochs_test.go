@@ -350,3 +350,32 @@ func TestCorruptEpochIsAnIncident(t *testing.T) {
 		})
 	}
 }
+
+// TestSecondRefusedWhilePrimaryLive: a second sender (here with the same
+// guest kind and size, as a forger would claim) is refused while the
+// secondary's primary streams, and the primary stays protected on its
+// one link.
+func TestSecondSenderRefusedWhilePrimaryLive(t *testing.T) {
+	cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{
+		Kind: guest.WorkloadDirty, Touch: 16 << 20, DirtyRate: 4000, Pattern: guest.PatternSeq}}
+	p := startTestPair(t, synth.Kind, cfg, EpochConfig{Verify: true})
+	defer p.stop()
+	waitFor(t, 30*time.Second, "10 verified epochs", func() bool { return p.loop.Status().VerifiedEpochs >= 10 })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	hello := replica.Hello{Purpose: replica.PurposeReplicate, Kind: synth.Kind, Config: cfg}
+	link, err := replica.Dial(ctx, p.ln.Addr().String(), hello, p.g.Regions(), replica.DialOptions{Timeout: 2 * time.Second})
+	if err == nil {
+		link.Close()
+		t.Fatal("a second sender was accepted while the primary streams")
+	}
+	if !strings.Contains(err.Error(), "second sender") {
+		t.Errorf("refusal %q does not say why", err)
+	}
+	before := p.loop.Status()
+	time.Sleep(300 * time.Millisecond)
+	st := p.loop.Status()
+	if !st.Protected || st.Joins != 1 || st.AckedEpochs <= before.AckedEpochs {
+		t.Errorf("the primary after the refused sender: protected %v, joins %d, acked %d -> %d", st.Protected, st.Joins, before.AckedEpochs, st.AckedEpochs)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/trust"
 	"io"
 	"net"
 	"sync"
@@ -43,6 +44,8 @@ type Secondary struct {
 	served     chan struct{} // closed when conn's Serve has returned
 	from       string
 	lastHeard  time.Time // the current primary's last handshake or epoch
+	connGen    uint64    // the current primary's generation (its Hello)
+	connPeer   string    // the node its certificate names ("" plaintext)
 
 	// wmu serialises writes on a primary connection: Serve's
 	// acknowledgements and Activate's last word.
@@ -63,6 +66,12 @@ func (s *Secondary) PrimaryContact() (from string, connected bool, lastHeard tim
 func NewSecondary(r *Receiver, minGen func() uint64) *Secondary {
 	return &Secondary{R: r, minGen: minGen}
 }
+
+// SenderLiveWindow is how recently the connected primary must have been
+// heard (its handshake or an epoch) for a second sender to be refused. A
+// live primary ships an epoch every few tens of milliseconds; a silent
+// connection this old is a link its primary has given up on.
+var SenderLiveWindow = 2 * time.Second
 
 // ErrActivated is returned once the secondary has handed its image over.
 var ErrActivated = errors.New("replica: secondary already activated")
@@ -97,15 +106,26 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		return refuse("this secondary holds a %s guest of %s; refusing a %s guest of %s (another guest)",
 			curH.Kind, guest.FormatSize(curH.Config.Memory), hello.Kind, guest.FormatSize(hello.Config.Memory))
 	}
-	// One primary connection at a time: an accepted one ends the one
-	// before (a reconnecting primary's old stream may still be open) and
-	// waits for it to let go, since adopting an image closes the guest
-	// the other may still be writing.
+	// One primary connection at a time. A second sender is refused while
+	// the current one is live (heard within SenderLiveWindow) and no
+	// newer: it may replace it only if it runs under a newer generation
+	// (the current one's primary is stale) or, with TLS, is the same node
+	// (its own reconnect after a link it gave up on). An accepted one ends
+	// the one before and waits for it to let go, since adopting an image
+	// closes the guest the other may still be writing.
+	peer, _ := trust.PeerName(conn)
 	done := make(chan struct{})
 	defer close(done)
 	s.mu.Lock()
 	prevConn, prevDone := s.conn, s.served
-	s.conn, s.served = conn, done
+	if prevConn != nil && time.Since(s.lastHeard) < SenderLiveWindow &&
+		hello.Generation <= s.connGen && (peer == "" || peer != s.connPeer) {
+		from, gen, heard := s.from, s.connGen, time.Since(s.lastHeard)
+		s.mu.Unlock()
+		return refuse("busy: this secondary serves the primary at %s (generation %d, heard %v ago); a second sender is refused",
+			from, gen, heard.Round(time.Millisecond))
+	}
+	s.conn, s.served, s.connGen, s.connPeer = conn, done, hello.Generation, peer
 	s.mu.Unlock()
 	if prevConn != nil {
 		prevConn.Close()
