@@ -49,7 +49,8 @@ func emptyTestGuest(kind string, cfg guest.Config) (guest.Guest, error) {
 }
 
 // testPair is a running guest protected by an EpochLoop, shipping over
-// real TCP on loopback to a replica.Secondary in the same process.
+// real TCP on loopback to a replica.Secondary in the same process
+// (serveTestSecondary, epochs_trust_test.go).
 type testPair struct {
 	g    guest.Guest
 	cfg  guest.Config
@@ -63,39 +64,18 @@ type testPair struct {
 
 func startTestPair(t *testing.T, kind string, cfg guest.Config, ec EpochConfig) *testPair {
 	t.Helper()
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	g, err := bootTestGuest(kind, cfg)
 	if err != nil {
 		t.Fatalf("boot %s guest: %v", kind, err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		g.Close()
-		t.Fatal(err)
-	}
-	p := &testPair{g: g, cfg: cfg, ln: ln}
-	p.sec = replica.NewSecondary(&replica.Receiver{NewGuest: emptyTestGuest, Log: log, Timeout: 5 * time.Second}, nil)
+	sec, ln := serveTestSecondary(t)
+	p := &testPair{g: g, cfg: cfg, ln: ln, sec: sec}
 	ctx, cancel := context.WithCancel(context.Background())
 	p.cancel = cancel
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		var serving sync.WaitGroup
-		defer serving.Wait()
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			serving.Add(1)
-			go func() {
-				defer serving.Done()
-				defer conn.Close()
-				p.sec.Serve(ctx, conn)
-			}()
-		}
-	}()
-	ec.Guest, ec.Config, ec.Log = g, cfg, log
+	ec.Guest, ec.Config = g, cfg
+	if ec.Log == nil {
+		ec.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
 	p.loop = NewEpochLoop(ec)
 	if _, err := g.Resume(); err != nil {
 		p.stop()
@@ -110,7 +90,8 @@ func startTestPair(t *testing.T, kind string, cfg guest.Config, ec EpochConfig) 
 	return p
 }
 
-// stop ends the loop and the secondary, then closes both guests.
+// stop ends the loop and the secondary, then closes both guests (the
+// secondary's accept loop ends with the test: serveTestSecondary).
 func (p *testPair) stop() {
 	p.cancel()
 	p.ln.Close()

@@ -1028,18 +1028,22 @@ func (d *drill) run(runs int) drillSummary {
 	return sum
 }
 
+// tally adds one run's writes and verdict to the summary and returns the
+// verdict as the report prints it.
+func (sum *drillSummary) tally(acked, lost, divergent int, ok bool) string {
+	sum.AckedWrites += acked
+	sum.AckedWritesLost += lost
+	sum.DivergentReplies += divergent
+	if !ok {
+		sum.FailedRuns++
+		return "FAIL"
+	}
+	return "ok"
+}
+
 func (d *drill) record(sum *drillSummary, r runResult) {
 	sum.Results = append(sum.Results, r)
-	sum.AckedWrites += r.Acked
-	sum.AckedWritesLost += r.Lost
-	sum.DivergentReplies += r.Divergent
-	if !r.OK {
-		sum.FailedRuns++
-	}
-	ok := "ok"
-	if !r.OK {
-		ok = "FAIL"
-	}
+	ok := sum.tally(r.Acked, r.Lost, r.Divergent, r.OK)
 	rto := "-"
 	if r.RTOMs > 0 {
 		rto = strconv.FormatFloat(r.RTOMs, 'f', 0, 64)

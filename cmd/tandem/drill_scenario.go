@@ -145,16 +145,7 @@ func (d *drill) runScenarios(scs []scenario) drillSummary {
 
 func (d *drill) recordScenario(sum *drillSummary, r scenarioResult) {
 	sum.Scenarios = append(sum.Scenarios, r)
-	sum.AckedWrites += r.Acked
-	sum.AckedWritesLost += r.Lost
-	sum.DivergentReplies += r.Divergent
-	if !r.OK {
-		sum.FailedRuns++
-	}
-	ok := "ok"
-	if !r.OK {
-		ok = "FAIL"
-	}
+	ok := sum.tally(r.Acked, r.Lost, r.Divergent, r.OK)
 	serve := "-"
 	if r.Served {
 		serve = fmt.Sprintf("%.0f", r.ServeMs)
