@@ -448,12 +448,15 @@ func TestDrill(t *testing.T) {
 		AckedWritesLost  int `json:"acked_writes_lost"`
 		DivergentReplies int `json:"divergent_replies"`
 		FailedRuns       int `json:"failed_runs"`
+		VerifiedEpochs   int `json:"verified_epochs"`
+		DigestMismatches int `json:"digest_mismatches"`
 	}
 	if err := json.Unmarshal([]byte(r.stdout), &sum); err != nil {
 		t.Fatalf("drill --json output: %v\nstdout:\n%s\nstderr:\n%s", err, r.stdout, r.stderr)
 	}
-	t.Logf("drill: %d runs, RTO p50 %.0f ms p99 %.0f ms max %.0f ms, %d acknowledged writes", sum.Runs, sum.RTOMs.P50, sum.RTOMs.P99, sum.RTOMs.Max, sum.AckedWrites)
-	if sum.Runs != 10 || sum.FailedRuns != 0 || sum.AckedWritesLost != 0 || sum.DivergentReplies != 0 || sum.AckedWrites == 0 {
+	t.Logf("drill: %d runs, RTO p50 %.0f ms p99 %.0f ms max %.0f ms, %d acknowledged writes, %d epochs verified", sum.Runs, sum.RTOMs.P50, sum.RTOMs.P99, sum.RTOMs.Max, sum.AckedWrites, sum.VerifiedEpochs)
+	if sum.Runs != 10 || sum.FailedRuns != 0 || sum.AckedWritesLost != 0 || sum.DivergentReplies != 0 || sum.AckedWrites == 0 ||
+		sum.DigestMismatches != 0 || sum.VerifiedEpochs == 0 {
 		t.Errorf("drill summary %+v\nstderr:\n%s", sum, r.stderr)
 	}
 	if r.code != 0 {

@@ -409,6 +409,8 @@ type memberStatus struct {
 	EpochsPerSecond    float64 `json:"epochs_per_second"`
 	PauseP50Ms         float64 `json:"pause_p50_ms"`
 	PauseP99Ms         float64 `json:"pause_p99_ms"`
+	VerifiedEpochs     uint64  `json:"verified_epochs"`
+	DigestMismatches   uint64  `json:"digest_mismatches"`
 	Waiting            string  `json:"waiting_reason"` // a witness's
 	Cluster            struct {
 		Generation uint64 `json:"generation"`
@@ -822,8 +824,11 @@ type runResult struct {
 	Acked     int     `json:"acked_writes"`
 	Lost      int     `json:"lost"`
 	Divergent int     `json:"divergent"`
-	OK        bool    `json:"ok"`
-	Reason    string  `json:"reason,omitempty"`
+	// Verified and Mismatches are the killed primary's replica proof.
+	Verified   uint64 `json:"verified_epochs"`
+	Mismatches uint64 `json:"digest_mismatches"`
+	OK         bool   `json:"ok"`
+	Reason     string `json:"reason,omitempty"`
 }
 
 type rtoSummary struct {
@@ -841,6 +846,8 @@ type drillSummary struct {
 	AckedWritesLost  int         `json:"acked_writes_lost"`
 	DivergentReplies int         `json:"divergent_replies"`
 	FailedRuns       int         `json:"failed_runs"`
+	VerifiedEpochs   uint64      `json:"verified_epochs"`
+	DigestMismatches uint64      `json:"digest_mismatches"`
 	Dir              string      `json:"dir"`
 	Results          []runResult `json:"results,omitempty"`
 	// Scenarios: the results of --scenario, one per scenario run.
@@ -848,7 +855,7 @@ type drillSummary struct {
 }
 
 func (s drillSummary) ok() bool {
-	return s.FailedRuns == 0 && s.AckedWritesLost == 0 && s.DivergentReplies == 0
+	return s.FailedRuns == 0 && s.AckedWritesLost == 0 && s.DivergentReplies == 0 && s.DigestMismatches == 0
 }
 
 func (s drillSummary) print(w io.Writer) {
@@ -856,8 +863,8 @@ func (s drillSummary) print(w io.Writer) {
 		printScenarios(w, s)
 		return
 	}
-	fmt.Fprintf(w, "\n%d runs on %s (seed %d): RTO p50 %.0f ms, p99 %.0f ms, max %.0f ms; %d acknowledged writes, %d lost, %d divergent replies, %d failed runs\n",
-		s.Runs, s.Guest, s.Seed, s.RTOMs.P50, s.RTOMs.P99, s.RTOMs.Max, s.AckedWrites, s.AckedWritesLost, s.DivergentReplies, s.FailedRuns)
+	fmt.Fprintf(w, "\n%d runs on %s (seed %d): RTO p50 %.0f ms, p99 %.0f ms, max %.0f ms; %d acknowledged writes, %d lost, %d divergent replies, %d failed runs; %d epochs verified, %d digest mismatches\n",
+		s.Runs, s.Guest, s.Seed, s.RTOMs.P50, s.RTOMs.P99, s.RTOMs.Max, s.AckedWrites, s.AckedWritesLost, s.DivergentReplies, s.FailedRuns, s.VerifiedEpochs, s.DigestMismatches)
 	for _, r := range s.Results {
 		if !r.OK {
 			fmt.Fprintf(w, "  run %d failed: %s\n", r.Run, r.Reason)
@@ -1043,6 +1050,8 @@ func (sum *drillSummary) tally(acked, lost, divergent int, ok bool) string {
 
 func (d *drill) record(sum *drillSummary, r runResult) {
 	sum.Results = append(sum.Results, r)
+	sum.VerifiedEpochs += r.Verified
+	sum.DigestMismatches += r.Mismatches
 	ok := sum.tally(r.Acked, r.Lost, r.Divergent, r.OK)
 	rto := "-"
 	if r.RTOMs > 0 {
@@ -1072,6 +1081,12 @@ func (d *drill) once(ctx context.Context, run int) (r runResult, fresh bool) {
 	lg.mu.Lock()
 	ackedBefore := len(lg.replies)
 	lg.mu.Unlock()
+	// The primary's replica proof over its reign (its epoch loop's
+	// counters), read just before it dies: every run's primary is killed,
+	// so the runs add up to every reign but the last one.
+	if st, err := d.t.fetchStatus(p.api); err == nil {
+		r.Verified, r.Mismatches = st.VerifiedEpochs, st.DigestMismatches
+	}
 	killAt := time.Now()
 	if err := p.kill(); err != nil {
 		r.Reason = err.Error()
@@ -1147,7 +1162,10 @@ func (d *drill) once(ctx context.Context, run int) (r runResult, fresh bool) {
 		d.say("%s restarted with the same command: it rejoined as secondary; protected again in %v (epoch %d)",
 			p.id, time.Since(t0).Round(time.Millisecond), st.LastCommittedEpoch)
 	}
-	r.OK = r.Reason == "" && lost == 0 && div == 0
+	if r.Mismatches > 0 && r.Reason == "" {
+		r.Reason = fmt.Sprintf("%s's replica failed verification %d times", p.id, r.Mismatches)
+	}
+	r.OK = r.Reason == "" && lost == 0 && div == 0 && r.Mismatches == 0
 	// A failed run leaves a guest whose state is in question: rebuild.
 	return r, !r.OK
 }
