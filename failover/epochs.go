@@ -990,6 +990,11 @@ func (l *EpochLoop) onAck(a precopy.Ack) {
 	}
 	l.acked++
 	l.ackLatency = appendBounded(l.ackLatency, now.Sub(fl.pausedAt))
+	if l.cfg.Timings != nil {
+		// As a named phase too, so a window's mean can be taken from
+		// the metrics (status's quantiles cover the recent epochs).
+		l.cfg.Timings.Observe(PhaseAck, fl.pausedAt, now.Sub(fl.pausedAt))
+	}
 	if l.diverged {
 		// This link's replica is known to differ: what it acknowledges
 		// protects nothing. The output stays held until the loop has
@@ -1027,6 +1032,10 @@ func (l *EpochLoop) onAck(a precopy.Ack) {
 		l.cfg.OnCommitted(a.Epoch)
 	}
 }
+
+// PhaseAck is an epoch's pause-to-acknowledgement time in the timings
+// (tandem_phase_seconds{phase="epoch_ack"}).
+const PhaseAck = "epoch_ack"
 
 // resyncing starts the resolution of a mismatch not yet resolved.
 const resyncing = "re-syncing the secondary from scratch"
