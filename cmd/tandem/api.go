@@ -30,6 +30,7 @@ type apiServer struct {
 	reg     *prometheus.Registry
 	timings *timing.Recorder
 	quit    chan struct{} // closed by POST /quit
+	served  chan struct{} // closed when the Serve goroutine start began has returned
 }
 
 // newAPIServer listens on addr: HTTPS with a client certificate of the
@@ -104,14 +105,29 @@ const (
 	apiIdleTimeout       = 60 * time.Second
 )
 
-func (a *apiServer) start() { go a.srv.Serve(a.ln) }
+// start serves the API on a goroutine that close stops and joins.
+func (a *apiServer) start() {
+	a.served = make(chan struct{})
+	go func() {
+		defer close(a.served)
+		a.srv.Serve(a.ln)
+	}()
+}
 
 func (a *apiServer) addr() string { return a.ln.Addr().String() }
 
 func (a *apiServer) close() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	a.srv.Shutdown(ctx)
+	if a.srv.Shutdown(ctx) != nil {
+		// Requests still running after 2 s: close their connections.
+		a.srv.Close()
+	}
+	if a.served == nil {
+		a.ln.Close() // never started
+		return
+	}
+	<-a.served // Serve returns as soon as Shutdown has closed its listener
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -26,10 +26,15 @@ type consoleBridge struct {
 	// so a client that knows every node's console finds the primary.
 	serving func() bool
 
-	// mu guards clients and closed.
+	// mu guards clients, pending and closed.
 	mu      sync.Mutex
 	clients map[net.Conn]*clientOut
+	pending map[net.Conn]struct{} // accepted, still in their handshake
 	closed  bool
+
+	// wg counts the bridge's goroutines (the accept loop, each client's
+	// handshake, reader and writer): close waits for them, bounded.
+	wg sync.WaitGroup
 }
 
 // clientOut is the output waiting for one client: bytes, not chunks, so
@@ -106,7 +111,8 @@ func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger, n
 	if err != nil {
 		return nil, err
 	}
-	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]*clientOut{}}
+	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]*clientOut{}, pending: map[net.Conn]struct{}{}}
+	b.wg.Add(1)
 	go b.accept()
 	return b, nil
 }
@@ -114,16 +120,31 @@ func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger, n
 func (b *consoleBridge) addr() string { return b.ln.Addr().String() }
 
 func (b *consoleBridge) accept() {
+	defer b.wg.Done()
 	for {
 		c, err := b.ln.Accept()
 		if err != nil {
 			return
 		}
+		b.mu.Lock()
+		if b.closed {
+			b.mu.Unlock()
+			c.Close()
+			return
+		}
+		b.pending[c] = struct{}{}
+		b.mu.Unlock()
 		// The handshake runs off the accept loop, so one client that
 		// never completes it holds up nobody else (and netlimit closes
 		// the oldest of those still in theirs beyond ConsoleCap).
+		b.wg.Add(1)
 		go func() {
-			if err := trust.Handshake(c, handshakeTimeout); err != nil {
+			defer b.wg.Done()
+			err := trust.Handshake(c, handshakeTimeout)
+			b.mu.Lock()
+			delete(b.pending, c)
+			b.mu.Unlock()
+			if err != nil {
 				b.log.Warn("console: client refused", "client", c.RemoteAddr().String(), "err", err)
 				c.Close()
 				return
@@ -156,6 +177,7 @@ func (b *consoleBridge) admit(c net.Conn) {
 		return
 	}
 	b.clients[c] = out
+	b.wg.Add(2)
 	b.mu.Unlock()
 	go b.writeLoop(c, out)
 	go b.readLoop(c)
@@ -167,6 +189,7 @@ func (b *consoleBridge) admit(c net.Conn) {
 const maxPartialLine = 8 << 10
 
 func (b *consoleBridge) readLoop(c net.Conn) {
+	defer b.wg.Done()
 	defer b.drop(c)
 	buf := make([]byte, 4096)
 	var partial []byte
@@ -211,6 +234,7 @@ func (b *consoleBridge) readLoop(c net.Conn) {
 }
 
 func (b *consoleBridge) writeLoop(c net.Conn, out *clientOut) {
+	defer b.wg.Done()
 	defer b.drop(c)
 	var spare []byte
 	for {
@@ -266,6 +290,10 @@ func (b *consoleBridge) dropAll() {
 	b.mu.Unlock()
 }
 
+// close stops the bridge: the listener, every client and every client
+// still in its handshake are closed, and it returns once the bridge's
+// goroutines are gone (or after consoleJoinTimeout, with a log line: a
+// reader can be retrying a stuck guest input for up to 5 s).
 func (b *consoleBridge) close() {
 	b.ln.Close()
 	b.mu.Lock()
@@ -275,7 +303,35 @@ func (b *consoleBridge) close() {
 		out.close()
 		c.Close()
 	}
+	for c := range b.pending {
+		c.Close()
+	}
 	b.mu.Unlock()
+	joinWithin(b.wg.Wait, consoleJoinTimeout, b.log, "console bridge goroutines")
+}
+
+// consoleJoinTimeout bounds how long close waits for the bridge's
+// goroutines.
+const consoleJoinTimeout = 6 * time.Second
+
+// joinWithin waits for wait to return, at most d; past that it logs that
+// what is still running and returns false (the goroutines are left
+// behind, never waited for forever).
+func joinWithin(wait func(), d time.Duration, log *slog.Logger, what string) bool {
+	done := make(chan struct{})
+	go func() {
+		wait()
+		close(done)
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		log.Error(what+" still running; not waiting any longer", "waited", d.String())
+		return false
+	}
 }
 
 func bytesReader(p []byte) io.Reader { return bytes.NewReader(p) }

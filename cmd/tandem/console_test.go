@@ -6,6 +6,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -73,5 +75,41 @@ func TestClientOutBoundedInBytes(t *testing.T) {
 	o.close()
 	if p := o.take(nil); p != nil {
 		t.Fatalf("take after close returned %d bytes", len(p))
+	}
+}
+
+// TestConsoleBridgeCloseJoinsItsGoroutines: once close returns, none of
+// the bridge's goroutines (accept loop, each client's reader and writer)
+// is left, with clients still connected.
+func TestConsoleBridgeCloseJoinsItsGoroutines(t *testing.T) {
+	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, slog.New(slog.NewTextHandler(io.Discard, nil)), nodeTrust{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		c, err := net.Dial("tcp", b.addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b.mu.Lock()
+		n := len(b.clients)
+		b.mu.Unlock()
+		if n == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("clients never registered")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	b.close()
+	buf := make([]byte, 1<<20)
+	stacks := string(buf[:runtime.Stack(buf, true)])
+	if strings.Contains(stacks, "(*consoleBridge)") {
+		t.Fatalf("bridge goroutines left after close:\n%s", stacks)
 	}
 }

@@ -129,6 +129,13 @@ type member struct {
 	protSem chan struct{}
 	claimed bool
 
+	// goMu guards stopping; wg counts the member's goroutines (spawn):
+	// the data port's server, the raft event loop, start, watchBoot and
+	// claimProtection. runMember stops them (ctx) and joins them.
+	goMu     sync.Mutex
+	stopping bool
+	wg       sync.WaitGroup
+
 	// mu guards the fields below.
 	mu         sync.Mutex
 	boot       guest.Guest // a fresh cluster's first guest, booted, not yet run, or a fenced primary's, kept paused
@@ -194,18 +201,23 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	m.ctx = ctx
 	// Primary connections reach whichever Secondary this node runs now;
 	// while it is primary (or undecided) there is none and they are shut.
-	go serveSecondary(ctx, dataLn, func() *replica.Secondary {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		return m.sec
-	}, m.checkPrimaryPeer, log)
-	go m.events(ctx)
-	go m.start(ctx, kind, gcfg, fresh)
+	m.spawn(func() {
+		serveSecondary(ctx, dataLn, func() *replica.Secondary {
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			return m.sec
+		}, m.checkPrimaryPeer, log)
+	})
+	m.spawn(func() { m.events(ctx) })
+	m.spawn(func() { m.start(ctx, kind, gcfg, fresh) })
 
 	waitForStop(n.api.quit, log)
 	cancel()
 	dataLn.Close()
 	node.Close()
+	// Once they are gone nothing starts or swaps a loop, a secondary or a
+	// kept guest: what is read below stays.
+	m.join()
 	m.mu.Lock()
 	if m.loopCancel != nil {
 		m.loopCancel()
@@ -221,6 +233,35 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	}
 	n.close()
 	return nil
+}
+
+// spawn runs f on a goroutine the member owns (joined by join); once the
+// member is stopping it runs nothing and returns false.
+func (m *member) spawn(f func()) bool {
+	m.goMu.Lock()
+	defer m.goMu.Unlock()
+	if m.stopping {
+		return false
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		f()
+	}()
+	return true
+}
+
+// memberJoinTimeout bounds how long a stopping member waits for its
+// goroutines (their context has ended and raft is closed: each returns
+// within its own bound, the longest a fence's wait for its loop, 5 s).
+const memberJoinTimeout = 10 * time.Second
+
+// join stops spawn and waits (bounded) for the member's goroutines.
+func (m *member) join() {
+	m.goMu.Lock()
+	m.stopping = true
+	m.goMu.Unlock()
+	joinWithin(m.wg.Wait, memberJoinTimeout, m.log, "member goroutines")
 }
 
 // primaryWait is how long a data connection whose certificate names a
@@ -507,7 +548,7 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		},
 		OnProtected: func(protected bool, why string) {
 			if protected {
-				go m.claimProtection(loop)
+				m.spawn(func() { m.claimProtection(loop) })
 			}
 		},
 		Unprotect: m.unprotect,
@@ -642,7 +683,7 @@ func (m *member) fence(reason string) {
 	m.node.SetImage(failover.Image{Generation: gen, Epoch: epoch, Live: true})
 	m.log.Warn("FENCED: guest paused and kept, no output released from here; it is resumed if raft makes this node primary again, dropped once another node is",
 		"reason", reason, "generation", gen, "epoch", epoch)
-	go m.watchBoot(m.ctx)
+	m.spawn(func() { m.watchBoot(m.ctx) })
 }
 
 // handleSwitchover hands the guest to the secondary: one last epoch with

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/tandemvm/tandem/failover"
@@ -304,7 +305,11 @@ func cmdSecondary(args []string) error {
 		}
 		return trust.CheckPeer(conn, *primaryName)
 	}
-	go serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, checkPrimary, log)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		serveSecondary(ctx, ln, func() *replica.Secondary { return sec }, checkPrimary, log)
+	}()
 	n.api.mux.HandleFunc("POST /activate", func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			Force bool `json:"force"`
@@ -337,9 +342,14 @@ func cmdSecondary(args []string) error {
 	err = n.wait()
 	cancel()
 	ln.Close()
+	joinWithin(func() { <-served }, serveJoinTimeout, log, "data connections")
 	sec.Close()
 	return err
 }
+
+// serveJoinTimeout bounds how long a stopping node waits for its data
+// connections' goroutines (serveSecondary) once their context has ended.
+const serveJoinTimeout = 5 * time.Second
 
 // checkPrimaryGone is activationRefusal on a secondary's view now, after
 // a short grace: a primary that was just killed has closed its
@@ -362,14 +372,25 @@ func checkPrimaryGone(sec *replica.Secondary, timeout time.Duration) string {
 // its handshake within handshakeTimeout and pass checkPeer (the node its
 // certificate names) before a byte of it is read: a refused one never
 // reaches the Secondary, so it cannot end the legitimate stream.
+//
+// It owns a goroutine per connection: ctx's end closes every connection,
+// and serveSecondary returns only once ln is closed and those goroutines
+// are gone (each is bounded: the handshake by handshakeTimeout, checkPeer
+// by its own wait, the stream by ctx).
 func serveSecondary(ctx context.Context, ln net.Listener, current func() *replica.Secondary, checkPeer func(net.Conn) error, log *slog.Logger) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
 		}
+		wg.Add(1)
 		go func() {
+			defer wg.Done()
 			defer conn.Close()
+			stop := context.AfterFunc(ctx, func() { conn.Close() })
+			defer stop()
 			if err := trust.Handshake(conn, handshakeTimeout); err != nil {
 				log.Warn("data connection refused: TLS handshake", "from", conn.RemoteAddr().String(), "err", err)
 				return
