@@ -155,16 +155,26 @@ func (g *OutputGate) Release(acked uint64) bool {
 // primary) and passing it on at once (an unprotected one, which has no
 // secondary to wait for). Switching to passing first releases everything
 // held, in order, if the fencing check allows.
+//
+// Hold(true) (at a pause) takes only mu: it calls no sink, and a passing
+// Write already past its check still sinks its bytes under relMu before
+// any release of held output can (they were written before the switch).
 func (g *OutputGate) Hold(on bool) {
+	if on {
+		g.mu.Lock()
+		g.passing = false
+		g.mu.Unlock()
+		return
+	}
 	g.relMu.Lock()
 	defer g.relMu.Unlock()
 	g.mu.Lock()
 	var out []heldOutput
-	if !on && !g.passing && g.allow() {
+	if !g.passing && g.allow() {
 		out = g.pending
 		g.pending, g.held = nil, 0
 	}
-	g.passing = !on
+	g.passing = true
 	sink := g.sink
 	g.mu.Unlock()
 	if sink != nil {

@@ -93,7 +93,7 @@ func TestOutputGatePassingReleasesHeldFirstThenPassesOn(t *testing.T) {
 }
 
 // The sink is the outside world: while it blocks, the gate still answers
-// and Seal (called at a pause) still returns; a Discard waits for the
+// and Hold(true) and Seal (called at a pause) still return; a Discard waits for the
 // sink call in flight and nothing it dropped leaves afterwards.
 func TestOutputGateSinkBlockingDoesNotHoldTheGate(t *testing.T) {
 	entered := make(chan struct{}, 1)
@@ -127,6 +127,7 @@ func TestOutputGateSinkBlockingDoesNotHoldTheGate(t *testing.T) {
 		_ = g.Holding()
 		_ = g.Held()
 		_ = g.Delays()
+		g.Hold(true) // what a pause does, with Seal
 		g.Seal()
 		g.Write([]byte("c3 "))
 		close(answered)
