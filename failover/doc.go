@@ -163,7 +163,9 @@
 // handshake, a registration, or its raft RPCs), and short-lived workers
 // for raft applies, transfers and registrations, each bounded by a
 // timeout. Lock order: Node.mu, then muxStream.connsMu. The FSM never
-// takes Node.mu.
+// takes Node.mu. OutputGate: relMu (orders sink calls), then mu (its
+// state); the sink runs under relMu only, never under mu, so a pause's
+// Seal never waits for the outside world.
 //
 // # Proving the replica (EpochLoop, Verify)
 //

@@ -16,7 +16,21 @@ import (
 // Fencing: Release consults the allow function (the generation check) on
 // every call; when it says no, nothing leaves, and Discard drops what is
 // held. A gate never releases out of order and never releases twice.
+//
+// Locks: the sink (the outside world) never runs under mu, so Seal (at a
+// pause, with the guest stopped), a held Write, Holding, Held and Delays
+// never wait for it. Every sink call runs under relMu instead, which only
+// orders releases: whoever releases takes relMu, then mu just long enough
+// to check allow and take the bytes out of pending, then calls the sink
+// with mu released and relMu still held. Lock order: relMu, then mu;
+// never mu then relMu. Discard takes relMu too, so when it returns no sink
+// call is in flight, and any later release checks allow (which the fence
+// has turned false before Discard) with nothing held: nothing held at
+// Discard ever reaches the sink.
 type OutputGate struct {
+	// relMu serialises sink calls (Release, Hold(false), a passing
+	// Write) and Discard; it guards no field.
+	relMu sync.Mutex
 	// mu guards every field below.
 	mu       sync.Mutex
 	sink     func([]byte)
@@ -58,16 +72,33 @@ func (g *OutputGate) Write(p []byte) {
 		return
 	}
 	g.mu.Lock()
-	if g.passing {
-		if g.allow() && g.sink != nil {
-			g.sink(p)
-		}
+	if !g.passing {
+		g.holdLocked(p)
 		g.mu.Unlock()
 		return
 	}
+	g.mu.Unlock()
+	// Passing: the sink call needs relMu, taken before mu (lock order);
+	// the gate may have switched to holding meanwhile, so look again.
+	g.relMu.Lock()
+	defer g.relMu.Unlock()
+	g.mu.Lock()
+	if !g.passing {
+		g.holdLocked(p)
+		g.mu.Unlock()
+		return
+	}
+	ok := g.allow() && g.sink != nil
+	g.mu.Unlock()
+	if ok {
+		g.sink(p)
+	}
+}
+
+// holdLocked keeps a copy of p as output of the open epoch; mu is held.
+func (g *OutputGate) holdLocked(p []byte) {
 	g.pending = append(g.pending, heldOutput{epoch: g.open, written: g.now(), data: append([]byte(nil), p...)})
 	g.held += len(p)
-	g.mu.Unlock()
 }
 
 // Seal closes the epoch in progress and returns its number; later writes
@@ -82,12 +113,15 @@ func (g *OutputGate) Seal() uint64 {
 
 // Release lets out, in order, every byte of epochs up to and including
 // acked. It returns false (and releases nothing) if the fencing check
-// refuses. The sink runs with the gate's lock held so releases stay
-// ordered; it must not call back into the gate.
+// refuses. The sink runs under relMu, not the state lock, so releases
+// stay ordered while Seal and Write do not wait for it; it must not call
+// back into the gate.
 func (g *OutputGate) Release(acked uint64) bool {
+	g.relMu.Lock()
+	defer g.relMu.Unlock()
 	g.mu.Lock()
-	defer g.mu.Unlock()
 	if !g.allow() {
+		g.mu.Unlock()
 		return false
 	}
 	i := 0
@@ -105,12 +139,14 @@ func (g *OutputGate) Release(acked uint64) bool {
 		}
 		g.delays = append(g.delays, now.Sub(h.written))
 	}
-	if len(out) > 0 && g.sink != nil {
-		g.sink(out)
-	}
 	g.pending = append(g.pending[:0], g.pending[i:]...)
 	if acked > g.released {
 		g.released = acked
+	}
+	sink := g.sink
+	g.mu.Unlock()
+	if len(out) > 0 && sink != nil {
+		sink(out)
 	}
 	return true
 }
@@ -119,18 +155,33 @@ func (g *OutputGate) Release(acked uint64) bool {
 // primary) and passing it on at once (an unprotected one, which has no
 // secondary to wait for). Switching to passing first releases everything
 // held, in order, if the fencing check allows.
+//
+// Hold(true) (at a pause) takes only mu: it calls no sink, and a passing
+// Write already past its check still sinks its bytes under relMu before
+// any release of held output can (they were written before the switch).
 func (g *OutputGate) Hold(on bool) {
+	if on {
+		g.mu.Lock()
+		g.passing = false
+		g.mu.Unlock()
+		return
+	}
+	g.relMu.Lock()
+	defer g.relMu.Unlock()
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	if !on && !g.passing && g.allow() {
-		for _, h := range g.pending {
-			if g.sink != nil {
-				g.sink(h.data)
-			}
-		}
+	var out []heldOutput
+	if !g.passing && g.allow() {
+		out = g.pending
 		g.pending, g.held = nil, 0
 	}
-	g.passing = !on
+	g.passing = true
+	sink := g.sink
+	g.mu.Unlock()
+	if sink != nil {
+		for _, h := range out {
+			sink(h.data)
+		}
+	}
 }
 
 // Holding reports whether the gate holds output for acknowledgements.
@@ -140,8 +191,13 @@ func (g *OutputGate) Holding() bool {
 	return !g.passing
 }
 
-// Discard drops everything held (a fenced or demoted primary).
+// Discard drops everything held (a fenced or demoted primary). It waits
+// for a sink call in flight (relMu), so once it returns nothing more
+// leaves for what was held; the caller turns allow false first, so later
+// releases refuse.
 func (g *OutputGate) Discard() {
+	g.relMu.Lock()
+	defer g.relMu.Unlock()
 	g.mu.Lock()
 	g.pending, g.held = nil, 0
 	g.mu.Unlock()

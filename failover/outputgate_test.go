@@ -3,7 +3,9 @@ package failover
 import (
 	"bytes"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 func TestOutputGateReleasesOnlyAckedEpochsInOrder(t *testing.T) {
@@ -87,5 +89,83 @@ func TestOutputGatePassingReleasesHeldFirstThenPassesOn(t *testing.T) {
 	g.Write([]byte(" later"))
 	if out.String() != "held direct" || g.Held() != 6 {
 		t.Fatalf("holding gate passed output on: %q", out.String())
+	}
+}
+
+// The sink is the outside world: while it blocks, the gate still answers
+// and Hold(true) and Seal (called at a pause) still return; a Discard waits for the
+// sink call in flight and nothing it dropped leaves afterwards.
+func TestOutputGateSinkBlockingDoesNotHoldTheGate(t *testing.T) {
+	entered := make(chan struct{}, 1)
+	unblock := make(chan struct{})
+	var mu sync.Mutex
+	var out bytes.Buffer
+	var fenced atomic.Bool
+	g := NewOutputGate(1, func(p []byte) {
+		select {
+		case entered <- struct{}{}:
+		default:
+		}
+		<-unblock
+		mu.Lock()
+		out.Write(p)
+		mu.Unlock()
+	}, func() bool { return !fenced.Load() })
+	g.Write([]byte("a1 "))
+	g.Seal()
+	g.Write([]byte("b2 "))
+	released := make(chan bool, 1)
+	go func() { released <- g.Release(1) }()
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the sink was never called")
+	}
+
+	answered := make(chan struct{})
+	go func() {
+		_ = g.Holding()
+		_ = g.Held()
+		_ = g.Delays()
+		g.Hold(true) // what a pause does, with Seal
+		g.Seal()
+		g.Write([]byte("c3 "))
+		close(answered)
+	}()
+	select {
+	case <-answered:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Holding/Held/Seal/Write waited for a blocked sink")
+	}
+
+	fenced.Store(true)
+	discarded := make(chan struct{})
+	go func() { g.Discard(); close(discarded) }()
+	select {
+	case <-discarded:
+		t.Fatal("Discard returned while a sink call was in flight")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(unblock)
+	select {
+	case <-discarded:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Discard never returned")
+	}
+	if ok := <-released; !ok {
+		t.Fatal("Release before the fence refused")
+	}
+	if g.Release(3) {
+		t.Fatal("a release after the fence was allowed")
+	}
+	g.Hold(false)
+	g.Write([]byte("d4 "))
+	mu.Lock()
+	defer mu.Unlock()
+	if out.String() != "a1 " {
+		t.Fatalf("sink got %q, want only the pre-fence release %q", out.String(), "a1 ")
+	}
+	if g.Held() != 0 {
+		t.Fatalf("held %d after Discard", g.Held())
 	}
 }

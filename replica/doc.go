@@ -36,4 +36,13 @@
 // chose to: an epoch stages at most the guest's memory plus MaxEpochDisk
 // (Image.SetBudget, ErrStagingBudget). See docs/SECURITY.md, "Input bounds
 // and paths".
+//
+// Locks: no lock is held across disk I/O, so an activation never waits for
+// the disk. Image.mu guards the committed image against activation; an
+// epoch's disk writes run outside it (Image.committing keeps Activate and
+// Close from interleaving between an epoch's disk and its memory), and a
+// Store's rewrite copies memory under it one batch at a time and
+// compresses and writes with it released (Store.writeImage says why that
+// is a consistent image). Secondary.mu is never held while calling into
+// an Image: the two are never held together.
 package replica

@@ -39,8 +39,12 @@ type Image struct {
 	budget      uint64
 
 	// mu guards everything below and the guest's memory against
-	// activation while an epoch commits.
+	// activation while an epoch commits. It is never held across disk
+	// I/O: EndEpoch writes the disk with committing set instead, and
+	// Activate and Close wait (idle) for it to clear.
 	mu         sync.Mutex
+	idle       sync.Cond // on mu: signalled when committing clears
+	committing bool      // EndEpoch is writing the epoch's disk writes
 	state      guest.MachineState
 	hasState   bool
 	consistent bool
@@ -63,9 +67,18 @@ type Image struct {
 // page). The guest must not run until the Image hands it over
 // (Activate).
 func NewImage(g guest.Guest) *Image {
-	return &Image{
+	im := &Image{
 		g: g, regions: g.Regions(), staged: map[uint64][]byte{},
 		hash: guest.NewMemHash(),
+	}
+	im.idle.L = &im.mu
+	return im
+}
+
+// waitIdleLocked waits, mu held, until no EndEpoch is writing the disk.
+func (im *Image) waitIdleLocked() {
+	for im.committing {
+		im.idle.Wait()
 	}
 }
 
@@ -175,19 +188,36 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 }
 
 // EndEpoch implements checkpoint.Target: it commits the staged epoch.
+//
+// The epoch commits as a whole: its disk writes first, then (under mu)
+// its pages, state and epoch number; a failed disk write refuses the epoch
+// with memory untouched. The disk write runs without mu, so status
+// readers (Committed, Digest) do not wait for the disk; committing, set
+// under mu after the handedOver check, keeps Activate and Close from
+// interleaving: they wait for the commit to finish, so a guest is never
+// handed over (or closed) between an epoch's disk and its memory.
 func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	im.mu.Lock()
-	defer im.mu.Unlock()
 	if im.handedOver {
 		im.discardLocked()
+		im.mu.Unlock()
 		return ErrHandedOver
 	}
+	im.committing = true
+	im.mu.Unlock()
+	var derr error
 	if len(im.stagedDisk) > 0 {
-		if err := im.g.(guest.Disk).ApplyDiskWrites(im.stagedDisk); err != nil {
-			// Memory is untouched; the epoch is refused as a whole.
-			im.discardLocked()
-			return fmt.Errorf("commit epoch %d: disk: %w", e.Epoch, err)
-		}
+		// Staging is the receiving goroutine's own: no lock needed.
+		derr = im.g.(guest.Disk).ApplyDiskWrites(im.stagedDisk)
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	im.committing = false
+	im.idle.Broadcast()
+	if derr != nil {
+		// Memory is untouched; the epoch is refused as a whole.
+		im.discardLocked()
+		return fmt.Errorf("commit epoch %d: disk: %w", e.Epoch, derr)
 	}
 	im.lastPages, im.lastState, im.lastDisk = im.lastPages[:0], nil, nil
 	for idx, p := range im.staged {
@@ -269,6 +299,7 @@ func (im *Image) Digest() guest.Digest {
 func (im *Image) Close() {
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	im.waitIdleLocked()
 	if im.handedOver {
 		return
 	}
@@ -288,9 +319,13 @@ var ErrHandedOver = errors.New("replica: image already handed over to a running 
 
 // Activate loads the committed state into the guest and returns it,
 // paused, for the caller to resume. The Image must not be used afterwards.
+//
+// It waits for an epoch whose disk writes are being written (so the guest
+// gets that epoch whole, or not at all), but never for a Store's rewrite.
 func (im *Image) Activate() (guest.Guest, Committed, error) {
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	im.waitIdleLocked()
 	c := Committed{Epoch: im.epoch, Epochs: im.committed, Consistent: im.consistent, HasState: im.hasState}
 	if !im.consistent || !im.hasState {
 		return nil, c, ErrInconsistent

@@ -42,6 +42,9 @@ type Store struct {
 	hello   Hello
 	regions []guest.Region
 	base    uint64 // bytes of the last full image written
+
+	// wrapFile, if set (tests), wraps the file a rewrite writes to.
+	wrapFile func(io.Writer) io.Writer
 }
 
 const storeFile = "image.tnd"
@@ -131,6 +134,9 @@ func (s *Store) rewrite(im *Image) error {
 		return fmt.Errorf("replica store: %w", err)
 	}
 	cw := &countWriter{w: f}
+	if s.wrapFile != nil {
+		cw.w = s.wrapFile(f)
+	}
 	bw := bufio.NewWriterSize(cw, 1<<20)
 	h := s.hello
 	h.Proto = ProtoVersion
@@ -145,34 +151,7 @@ func (s *Store) rewrite(im *Image) error {
 		f.Close()
 		return err
 	}
-	im.mu.Lock()
-	err = func() error {
-		batch := make([]checkpoint.Page, 0, 256)
-		for _, r := range s.regions {
-			for p := uint64(0); p < r.Pages(); p++ {
-				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
-				if guest.IsZeroPage(page) {
-					continue
-				}
-				batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
-				if len(batch) == cap(batch) {
-					if err := w.WritePages(batch); err != nil {
-						return err
-					}
-					batch = batch[:0]
-				}
-			}
-		}
-		if err := w.WritePages(batch); err != nil {
-			return err
-		}
-		if err := w.WriteDevices(im.state); err != nil {
-			return err
-		}
-		_, err := w.EndEpoch(im.epoch)
-		return err
-	}()
-	im.mu.Unlock()
+	err = s.writeImage(w, im)
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -193,6 +172,69 @@ func (s *Store) rewrite(im *Image) error {
 	}
 	s.f, s.bw, s.cw, s.w, s.base = f, bw, cw, w, cw.n
 	return nil
+}
+
+// Batches in which rewrite copies the image under Image.mu: at most
+// rewriteBatch non-zero pages, and at most rewriteScan pages looked at
+// (a mostly empty guest is not scanned end to end under the lock).
+const (
+	rewriteBatch = 256
+	rewriteScan  = 4096
+)
+
+// writeImage writes im's committed image as one epoch to w.
+//
+// Locking: Image.mu is never held while compressing or writing, so an
+// activation (or a status read) arriving during a compaction waits at
+// most for one batch to be copied, never for the disk. The image is still
+// read consistently: its memory, state and epoch change only by commits,
+// which the receiving goroutine makes, and that goroutine is the one
+// running this; the only other change is Activate handing the guest over
+// (it then runs and writes its memory, and its new owner may close it and
+// unmap it). So each batch is copied out of guest memory under mu after
+// checking handedOver, and compressed and written from the copy with mu
+// released; once handed over, the rewrite stops with ErrHandedOver and the
+// caller keeps the previous file (an image that was activated is no
+// longer this store's to keep). Memory is never read after a hand-over,
+// and never while a commit or Close runs (they hold mu).
+func (s *Store) writeImage(w *checkpoint.Writer, im *Image) error {
+	im.mu.Lock()
+	if im.handedOver {
+		im.mu.Unlock()
+		return ErrHandedOver
+	}
+	state, epoch := im.state, im.epoch
+	im.mu.Unlock()
+	buf := make([]byte, rewriteBatch*guest.PageSize)
+	batch := make([]checkpoint.Page, 0, rewriteBatch)
+	for _, r := range s.regions {
+		for p := uint64(0); p < r.Pages(); {
+			batch = batch[:0]
+			im.mu.Lock()
+			if im.handedOver {
+				im.mu.Unlock()
+				return ErrHandedOver
+			}
+			for end := min(r.Pages(), p+rewriteScan); p < end && len(batch) < rewriteBatch; p++ {
+				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+				if guest.IsZeroPage(page) {
+					continue
+				}
+				dst := buf[len(batch)*guest.PageSize : (len(batch)+1)*guest.PageSize]
+				copy(dst, page)
+				batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: dst})
+			}
+			im.mu.Unlock()
+			if err := w.WritePages(batch); err != nil {
+				return err
+			}
+		}
+	}
+	if err := w.WriteDevices(state); err != nil {
+		return err
+	}
+	_, err := w.EndEpoch(epoch)
+	return err
 }
 
 // Append stores one committed epoch: its pages (as committed), state and

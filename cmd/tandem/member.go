@@ -559,7 +559,7 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 	m.mu.Lock()
 	m.loop, m.loopCancel, m.loopDone = loop, cancel, done
 	m.mu.Unlock()
-	m.n.mu.Lock()
+	m.n.lockIdle()
 	m.n.g, m.n.cfg, m.n.epochs, m.n.sec, m.n.role = g, cfg, loop, nil, "primary"
 	m.n.mu.Unlock()
 	go func() {
@@ -647,7 +647,7 @@ func (m *member) fence(reason string) {
 	gen := m.gen.Load()
 	loop.Gate().Discard()
 	cancel()
-	m.n.mu.Lock()
+	m.n.lockIdle()
 	g, cfg := m.n.g, m.n.cfg
 	m.n.g, m.n.epochs, m.n.state = nil, nil, "fenced"
 	m.n.mu.Unlock()

@@ -85,7 +85,7 @@ func startEpochs(n *guestNode, g guest.Guest, cfg guest.Config, ef epochFlags, a
 	})
 	n.observeDisk(g)
 	ctx, cancel := context.WithCancel(context.Background())
-	n.mu.Lock()
+	n.lockIdle()
 	n.g, n.cfg, n.epochs = g, cfg, loop
 	n.mu.Unlock()
 	n.users.Add(1)

@@ -209,7 +209,7 @@ func (n *guestNode) setStateWhy(s, why string) {
 // detach forgets a guest that is about to be closed (a migration that
 // failed or was aborted after the load).
 func (n *guestNode) detach() {
-	n.mu.Lock()
+	n.lockIdle()
 	n.g, n.state, n.stateReason = nil, "waiting", ""
 	n.mu.Unlock()
 }

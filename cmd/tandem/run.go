@@ -48,11 +48,18 @@ type guestNode struct {
 	// epoch loop); close waits for them before unmapping it.
 	users sync.WaitGroup
 
-	// mu guards the fields below.
-	mu    sync.Mutex
-	g     guest.Guest
-	cfg   guest.Config
-	state string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit"
+	// mu guards the fields below. It is never held across a guest pause
+	// or a memory scan: a status digest marks itself in digesting and
+	// works on n.g outside mu, and whoever replaces or closes n.g, or
+	// starts something that pauses it, takes mu through lockIdle, which
+	// waits for that digest to end.
+	mu sync.Mutex
+	// digesting, while a status digest runs, is closed when it ends.
+	digesting chan struct{}
+	closing   bool // close began: no new digest
+	g         guest.Guest
+	cfg       guest.Config
+	state     string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit"
 	// stateReason says why the state is what it is, when that needs
 	// saying (fenced, awaiting-commit).
 	stateReason string
@@ -171,9 +178,24 @@ func (n *guestNode) input(p []byte) error {
 func (n *guestNode) attach(g guest.Guest, cfg guest.Config) {
 	g.Console().SetOutput(n.console.release)
 	n.observeDisk(g)
-	n.mu.Lock()
+	n.lockIdle()
 	n.g, n.cfg = g, cfg
 	n.mu.Unlock()
+}
+
+// lockIdle takes mu once no status digest is pausing or scanning the
+// guest (it does so outside mu). Everything that replaces or closes n.g,
+// or starts pausing it (a migration, an epoch loop), locks this way, so a
+// digest never resumes a guest in another's pause nor scans unmapped
+// memory. A digest takes mu this way too: digests run one at a time.
+func (n *guestNode) lockIdle() {
+	n.mu.Lock()
+	for n.digesting != nil {
+		done := n.digesting
+		n.mu.Unlock()
+		<-done
+		n.mu.Lock()
+	}
 }
 
 // observeDisk names every disk flush of g in the node's timings, so a
@@ -215,7 +237,8 @@ func waitForStop(quit <-chan struct{}, log *slog.Logger) {
 }
 
 func (n *guestNode) close() {
-	n.mu.Lock()
+	n.lockIdle()
+	n.closing = true
 	if n.cancel != nil {
 		n.cancel()
 	}
@@ -282,40 +305,62 @@ func (s nodeStatus) MarshalJSON() ([]byte, error) {
 }
 
 func (n *guestNode) status(digest bool) nodeStatus {
-	n.mu.Lock()
-	defer n.mu.Unlock()
+	// Copy what is needed under mu; ask the parts (the migration, raft,
+	// the epoch loop, the secondary) and take a digest outside it.
+	if digest {
+		n.lockIdle()
+	} else {
+		n.mu.Lock()
+	}
 	st := nodeStatus{Role: n.role, State: n.state, StateReason: n.stateReason, Build: version.Build()}
 	if n.g != nil {
 		st.guestInfo = describeGuest(n.g, n.cfg)
 	}
-	switch {
-	case n.mig != nil:
-		st.MigrationStatus = n.mig.Status()
-		st.Destination = n.migDest
-	case n.inbound != nil:
-		st.MigrationStatus = precopy.MigrationStatus{Status: precopy.StatusCompleted, SwitchoverDigest: n.inbound.Digest}
-		st.DowntimeBreakdown.DestinationLoadMs = float64(n.inbound.LoadTime.Microseconds()) / 1000
-	default:
-		st.MigrationStatus.Status = n.state
-	}
-	if n.cluster != nil {
-		st.Cluster = n.cluster()
-	}
-	if n.epochs != nil {
-		es := n.epochs.Status()
-		st.Epochs = &es
-	}
-	if n.sec != nil {
-		ss := n.sec.Status(digest)
-		st.Secondary = &ss
-	}
-	if digest && n.g != nil && n.epochs == nil && !n.migBusy {
+	mig, migDest, inbound := n.mig, n.migDest, n.inbound
+	cluster, epochs, sec := n.cluster, n.epochs, n.sec
+	var g guest.Guest
+	if digest && n.g != nil && n.epochs == nil && !n.migBusy && !n.closing {
 		// A protected guest is paused only by its epoch loop; its proof
 		// is the per-epoch digest comparison (--verify-epochs). A guest
 		// being migrated is paused only by the migration: the status
 		// handler's Pause/Resume would resume it in the middle of the
-		// stop-and-copy (migBusy is set under mu before Run starts).
-		st.MemoryDigest = memoryDigest(n.g)
+		// stop-and-copy (migBusy is set under mu before Run starts). And
+		// while this digest runs, nobody starts either or takes the
+		// guest away: they wait in lockIdle for done.
+		g = n.g
+		done := make(chan struct{})
+		n.digesting = done
+		defer func() {
+			n.mu.Lock()
+			n.digesting = nil
+			n.mu.Unlock()
+			close(done)
+		}()
+	}
+	n.mu.Unlock()
+	switch {
+	case mig != nil:
+		st.MigrationStatus = mig.Status()
+		st.Destination = migDest
+	case inbound != nil:
+		st.MigrationStatus = precopy.MigrationStatus{Status: precopy.StatusCompleted, SwitchoverDigest: inbound.Digest}
+		st.DowntimeBreakdown.DestinationLoadMs = float64(inbound.LoadTime.Microseconds()) / 1000
+	default:
+		st.MigrationStatus.Status = st.State
+	}
+	if cluster != nil {
+		st.Cluster = cluster()
+	}
+	if epochs != nil {
+		es := epochs.Status()
+		st.Epochs = &es
+	}
+	if sec != nil {
+		ss := sec.Status(digest)
+		st.Secondary = &ss
+	}
+	if g != nil {
+		st.MemoryDigest = memoryDigest(g)
 	}
 	return st
 }
@@ -388,7 +433,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	n.mu.Lock()
+	n.lockIdle()
 	// An epoch loop that has a secondary owns the guest's dirty log and
 	// pauses; one without (an activated node not yet re-protected) is idle.
 	protected := n.sec != nil || n.cluster != nil || (n.epochs != nil && n.epochs.Status().Secondary != "")

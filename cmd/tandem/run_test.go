@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
@@ -75,4 +76,75 @@ func TestQuitTwiceConcurrently(t *testing.T) {
 		<-done
 	}
 	<-a.quit
+}
+
+// pauseBlockedGuest is a guest whose Pause waits until released.
+type pauseBlockedGuest struct {
+	guest.Guest
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *pauseBlockedGuest) Pause(ctx context.Context) (time.Duration, error) {
+	g.entered <- struct{}{}
+	<-g.release
+	return g.Guest.Pause(ctx)
+}
+
+// TestStatusDigestHoldsNoLock: a status digest pauses and scans the guest
+// outside the node's lock, so another status answers meanwhile; whoever
+// takes the guest away (detach, then close it) waits for the digest.
+func TestStatusDigestHoldsNoLock(t *testing.T) {
+	sg, err := synth.New(guest.Config{Memory: 1 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sg.Close()
+	if _, err := sg.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	g := &pauseBlockedGuest{Guest: sg, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	n := &guestNode{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
+
+	digested := make(chan nodeStatus, 1)
+	go func() { digested <- n.status(true) }()
+	select {
+	case <-g.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the digest never paused the guest")
+	}
+	answered := make(chan nodeStatus, 1)
+	go func() { answered <- n.status(false) }()
+	select {
+	case st := <-answered:
+		if st.State != "running" {
+			t.Errorf("status during a digest: state %q", st.State)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("a plain status waited for another request's digest")
+	}
+	detached := make(chan struct{})
+	go func() { n.detach(); close(detached) }()
+	select {
+	case <-detached:
+		t.Fatal("detach returned while a digest was reading the guest")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(g.release)
+	select {
+	case st := <-digested:
+		if st.MemoryDigest == "" {
+			t.Error("no memory digest")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the digest never ended")
+	}
+	select {
+	case <-detached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("detach never returned after the digest")
+	}
+	if sg.Paused() {
+		t.Error("the digest left the guest paused")
+	}
 }

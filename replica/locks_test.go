@@ -1,0 +1,201 @@
+package replica
+
+import (
+	"crypto/rand"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/synth"
+)
+
+// slowDiskGuest is a guest whose disk writes block until released.
+type slowDiskGuest struct {
+	guest.Guest
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *slowDiskGuest) ApplyDiskWrites(ws []guest.DiskWrite) error {
+	g.entered <- struct{}{}
+	<-g.release
+	return nil
+}
+
+// blockingWriter blocks its first Write until released.
+type blockingWriter struct {
+	w       io.Writer
+	entered chan struct{}
+	release chan struct{}
+	once    bool
+}
+
+func (b *blockingWriter) Write(p []byte) (int, error) {
+	if !b.once {
+		b.once = true
+		b.entered <- struct{}{}
+		<-b.release
+	}
+	return b.w.Write(p)
+}
+
+func newTestImage(t *testing.T, memory uint64, wrap func(guest.Guest) guest.Guest) (*Image, guest.Config) {
+	t.Helper()
+	cfg := guest.Config{Memory: memory, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}}
+	g, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := g.SaveState()
+	if err != nil {
+		g.Close()
+		t.Fatal(err)
+	}
+	var gg guest.Guest = g
+	if wrap != nil {
+		gg = wrap(g)
+	}
+	im := NewImage(gg)
+	if err := im.StoreDevices(st); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.EndEpoch(checkpoint.EpochEnd{Epoch: 1}); err != nil {
+		t.Fatal(err)
+	}
+	return im, cfg
+}
+
+func within(t *testing.T, d time.Duration, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { f(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s did not return within %v", what, d)
+	}
+}
+
+// An epoch's disk write runs without the image's lock: status readers
+// answer meanwhile, and Activate waits for the epoch to commit whole.
+func TestImageEndEpochDiskWriteHoldsNoLock(t *testing.T) {
+	sd := &slowDiskGuest{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	im, _ := newTestImage(t, 4<<20, func(g guest.Guest) guest.Guest { sd.Guest = g; return sd })
+	defer func() {
+		if g := im.Guest(); g != nil {
+			g.Close()
+		}
+	}()
+	page := make([]byte, guest.PageSize)
+	page[0] = 7
+	if err := im.StorePage(3, page); err != nil {
+		t.Fatal(err)
+	}
+	st, err := im.Guest().SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := im.StoreDevices(st); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.StoreDisk([]guest.DiskWrite{{Offset: 0, Data: []byte("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	committed := make(chan error, 1)
+	go func() { committed <- im.EndEpoch(checkpoint.EpochEnd{Epoch: 2, Pages: 1}) }()
+	select {
+	case <-sd.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the disk write never started")
+	}
+	within(t, 2*time.Second, "Committed/Digest during a disk write", func() {
+		if c := im.Committed(); c.Epoch != 1 {
+			t.Errorf("during the disk write the committed epoch is %d, want 1", c.Epoch)
+		}
+		_ = im.Digest()
+	})
+	type act struct {
+		c   Committed
+		err error
+	}
+	activated := make(chan act, 1)
+	go func() { _, c, err := im.Activate(); activated <- act{c, err} }()
+	select {
+	case a := <-activated:
+		t.Fatalf("Activate returned between the epoch's disk and memory: %+v", a)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(sd.release)
+	select {
+	case err := <-committed:
+		if err != nil {
+			t.Fatalf("EndEpoch: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("EndEpoch never returned")
+	}
+	select {
+	case a := <-activated:
+		if a.err != nil || a.c.Epoch != 2 {
+			t.Fatalf("Activate = %+v, %v; want epoch 2", a.c, a.err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Activate never returned")
+	}
+	if got := im.page(3)[0]; got != 7 {
+		t.Fatalf("page 3 = %d after the commit, want 7", got)
+	}
+}
+
+// An activation arriving while a Store compacts does not wait for the
+// disk; the rewrite then stops and leaves no file behind.
+func TestStoreRewriteDoesNotBlockActivate(t *testing.T) {
+	im, cfg := newTestImage(t, 8<<20, nil)
+	g := im.Guest()
+	defer g.Close()
+	// Incompressible memory, so the rewrite writes to its file while it
+	// still reads the image.
+	for _, r := range g.Regions() {
+		rand.Read(r.Mem)
+	}
+	dir := t.TempDir()
+	s, err := OpenStore(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bw := &blockingWriter{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	s.wrapFile = func(w io.Writer) io.Writer { bw.w = w; return bw }
+	begun := make(chan error, 1)
+	go func() {
+		begun <- s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"})
+	}()
+	select {
+	case <-bw.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rewrite never wrote")
+	}
+	within(t, 2*time.Second, "Activate during a rewrite", func() {
+		if _, _, err := im.Activate(); err != nil {
+			t.Errorf("Activate: %v", err)
+		}
+	})
+	close(bw.release)
+	select {
+	case err := <-begun:
+		if !errors.Is(err, ErrHandedOver) {
+			t.Fatalf("rewrite after activation: %v, want ErrHandedOver", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rewrite never ended")
+	}
+	for _, name := range []string{storeFile, storeFile + ".new"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s after an aborted rewrite: %v", name, err)
+		}
+	}
+}
