@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"testing"
 	"time"
 
@@ -197,5 +198,65 @@ func TestStoreRewriteDoesNotBlockActivate(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("%s after an aborted rewrite: %v", name, err)
 		}
+	}
+}
+
+// openFiles counts this process's open file descriptors.
+func openFiles(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("no /proc/self/fd: %v", err)
+	}
+	return len(ents)
+}
+
+// Compactions replace the file being appended to: each must close the
+// one it replaces (every compaction leaked a file handle).
+func TestStoreCompactionsCloseTheirFiles(t *testing.T) {
+	im, cfg := newTestImage(t, 4<<20, nil)
+	defer im.Guest().Close()
+	s, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	// No GC meanwhile: an *os.File's finalizer would close a leaked file
+	// and hide the leak.
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	before := openFiles(t)
+	for range 20 {
+		if err := s.rewrite(im); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := openFiles(t); after > before+2 {
+		t.Fatalf("%d open files after 20 compactions, %d before: the replaced files stay open", after, before)
+	}
+}
+
+// An append after the image was handed over reads none of the guest's
+// memory (it belongs to the running guest now): it fails, and the store
+// stops appending.
+func TestStoreAppendAfterActivation(t *testing.T) {
+	im, cfg := newTestImage(t, 4<<20, nil)
+	defer im.Guest().Close()
+	s, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := im.Activate(); err != nil {
+		t.Fatal(err)
+	}
+	err = s.Append(im, checkpoint.EpochEnd{Epoch: 2}, []uint64{1, 2, 3}, nil, nil)
+	if !errors.Is(err, ErrHandedOver) {
+		t.Fatalf("append after activation: %v, want ErrHandedOver", err)
 	}
 }

@@ -170,7 +170,14 @@ func (s *Store) rewrite(im *Image) error {
 		d.Sync()
 		d.Close()
 	}
+	old := s.f
 	s.f, s.bw, s.cw, s.w, s.base = f, bw, cw, w, cw.n
+	if old != nil {
+		// A compaction replaces the file being appended to (flushed by
+		// Append before it compacts): close the old one, or every
+		// compaction leaked a file handle.
+		old.Close()
+	}
 	return nil
 }
 
@@ -245,18 +252,30 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 		return nil
 	}
 	slices.Sort(pages)
-	batch := make([]checkpoint.Page, 0, 256)
-	for _, idx := range pages {
-		batch = append(batch, checkpoint.Page{Index: idx, Data: im.page(idx)})
-		if len(batch) == cap(batch) {
-			if err := s.w.WritePages(batch); err != nil {
-				return s.broken(err)
-			}
-			batch = batch[:0]
+	// The pages are copied out of guest memory under Image.mu, in batches,
+	// and written from the copies (as writeImage does): an activation may
+	// hand the guest over between the commit and this append, and its new
+	// owner then runs it and may close it.
+	buf := make([]byte, rewriteBatch*guest.PageSize)
+	batch := make([]checkpoint.Page, 0, rewriteBatch)
+	for len(pages) > 0 {
+		n := min(len(pages), rewriteBatch)
+		batch = batch[:0]
+		im.mu.Lock()
+		if im.handedOver {
+			im.mu.Unlock()
+			return s.broken(ErrHandedOver)
 		}
-	}
-	if err := s.w.WritePages(batch); err != nil {
-		return s.broken(err)
+		for i, idx := range pages[:n] {
+			dst := buf[i*guest.PageSize : (i+1)*guest.PageSize]
+			copy(dst, im.page(idx))
+			batch = append(batch, checkpoint.Page{Index: idx, Data: dst})
+		}
+		im.mu.Unlock()
+		pages = pages[n:]
+		if err := s.w.WritePages(batch); err != nil {
+			return s.broken(err)
+		}
 	}
 	if len(disk) > 0 {
 		if err := s.w.WriteDisk(disk); err != nil {
