@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"net/http"
 	"os"
@@ -17,6 +16,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
@@ -74,10 +76,10 @@ type guestNode struct {
 	migCancel context.CancelFunc
 	cancel    context.CancelFunc
 	inbound   *replica.MigrationResult
-	pending   *pendingCommit      // a received guest awaiting its commit
-	epochs    *failover.EpochLoop // primary: protection
-	sec       *replica.Secondary  // secondary: the committed image
-	cluster   func() any          // raft view of a cluster member
+	pending   *pendingCommit          // a received guest awaiting its commit
+	epochs    *failover.EpochLoop     // primary: protection
+	sec       *replica.Secondary      // secondary: the committed image
+	cluster   func() *api.ClusterView // raft view of a cluster member
 	// secName is the node a pair primary's secondary must be (its
 	// certificate names it); "": any certificate of the CA.
 	secName string
@@ -266,43 +268,10 @@ func (n *guestNode) close() {
 
 // nodeStatus is the JSON of GET /status on a guest node: the guest's and
 // the node's state with, when there was a migration, query-migrate's
-// figures at the top level (their names are the command-line contract).
-type nodeStatus struct {
-	Role        string `json:"role"`
-	State       string `json:"state"`
-	StateReason string `json:"state_reason,omitempty"`
-	guestInfo
-	precopy.MigrationStatus
-	MemoryDigest string `json:"memory_digest,omitempty"`
-	Build        string `json:"build"`
-	Cluster      any    `json:"cluster,omitempty"`
-
-	// Protection figures of a primary or a secondary, merged into the
-	// top level by MarshalJSON (both name last_committed_epoch, so they
-	// cannot be embedded side by side).
-	Epochs    *failover.EpochStatus    `json:"-"`
-	Secondary *replica.SecondaryStatus `json:"-"`
-}
-
-// MarshalJSON flattens the node's status and its protection figures into
-// one object.
-func (s nodeStatus) MarshalJSON() ([]byte, error) {
-	type plain nodeStatus
-	out := map[string]any{}
-	for _, part := range []any{plain(s), s.Epochs, s.Secondary} {
-		if part == nil || part == (*failover.EpochStatus)(nil) || part == (*replica.SecondaryStatus)(nil) {
-			continue
-		}
-		b, err := json.Marshal(part)
-		if err != nil {
-			return nil, err
-		}
-		if err := json.Unmarshal(b, &out); err != nil {
-			return nil, err
-		}
-	}
-	return json.Marshal(out)
-}
+// figures at the top level (their names are the command-line contract,
+// kept in package api), and a primary's or secondary's protection figures
+// merged into the top level.
+type nodeStatus = api.Status
 
 func (n *guestNode) status(digest bool) nodeStatus {
 	// Copy what is needed under mu; ask the parts (the migration, raft,
@@ -314,7 +283,7 @@ func (n *guestNode) status(digest bool) nodeStatus {
 	}
 	st := nodeStatus{Role: n.role, State: n.state, StateReason: n.stateReason, Build: version.Build()}
 	if n.g != nil {
-		st.guestInfo = describeGuest(n.g, n.cfg)
+		st.GuestInfo = describeGuest(n.g, n.cfg)
 	}
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
 	cluster, epochs, sec := n.cluster, n.epochs, n.sec
@@ -384,22 +353,10 @@ func (n *guestNode) handleStatus(w http.ResponseWriter, r *http.Request) {
 }
 
 // migrateRequest is the body of POST /migrate; `tandem migrate` sends it.
-type migrateRequest struct {
-	To              string `json:"to"`
-	MaxBandwidth    uint64 `json:"max_bandwidth"` // bytes/s, 0 = unlimited
-	DowntimeLimitMs int64  `json:"downtime_limit_ms"`
-	MaxTimeMs       int64  `json:"max_time_ms"`
-	MinRetryMs      int64  `json:"min_retry_ms"`
-	Compression     string `json:"compression"`
-	AutoConverge    *bool  `json:"auto_converge"`
-	// SourceAPI is this node's API as the destination should reach it
-	// (tandem migrate sends its --from); default: the address the API
-	// listens on. A destination left awaiting the commit asks it how the
-	// migration ended.
-	SourceAPI string `json:"source_api,omitempty"`
-}
+type migrateRequest = api.MigrateRequest
 
-func (req migrateRequest) policy() (precopy.Policy, error) {
+// migratePolicy is the precopy policy a migrate request asks for.
+func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 	p := precopy.DefaultPolicy()
 	p.MaxBandwidth = req.MaxBandwidth
 	if req.DowntimeLimitMs > 0 {
@@ -423,7 +380,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Errorf("bad migrate request: %v", err))
 		return
 	}
-	pol, err := req.policy()
+	pol, err := migratePolicy(req)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err)
 		return
