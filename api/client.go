@@ -29,11 +29,25 @@ type Client struct {
 // is the caller's TLS identity (for Tandem's own: trust.Identity's
 // ClientTLS("")); timeout bounds each call (0: DefaultTimeout).
 func NewClient(addr string, tc *tls.Config, timeout time.Duration) *Client {
+	scheme, hc := NewHTTPClient(tc, timeout)
+	return NewClientHTTP(scheme+"://"+addr, hc)
+}
+
+// NewClientHTTP is a client of the API at base ("http://HOST:PORT" or
+// https) over hc, which may be shared by clients of many nodes.
+func NewClientHTTP(base string, hc *http.Client) *Client {
+	return &Client{base: base, http: hc}
+}
+
+// NewHTTPClient is an HTTP client of nodes' APIs: https with tc's
+// identity, or plain http when tc is nil, each call bounded by timeout
+// (0: DefaultTimeout).
+func NewHTTPClient(tc *tls.Config, timeout time.Duration) (scheme string, hc *http.Client) {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
 	if tc == nil {
-		return &Client{base: "http://" + addr, http: &http.Client{Timeout: timeout}}
+		return "http", &http.Client{Timeout: timeout}
 	}
 	tr := &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
@@ -42,7 +56,7 @@ func NewClient(addr string, tc *tls.Config, timeout time.Duration) *Client {
 		MaxIdleConnsPerHost: 4,
 		IdleConnTimeout:     30 * time.Second,
 	}
-	return &Client{base: "https://" + addr, http: &http.Client{Timeout: timeout, Transport: tr}}
+	return "https", &http.Client{Timeout: timeout, Transport: tr}
 }
 
 // Base is the URL the client talks to ("http://HOST:PORT" or https).

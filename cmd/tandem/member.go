@@ -694,11 +694,11 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	loop := m.loop
 	m.mu.Unlock()
 	if loop == nil {
-		writeError(w, http.StatusConflict, errors.New("not the primary: switchover is asked of the primary's API"))
+		writeError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not the primary: switchover is asked of the primary's API"))
 		return
 	}
 	if !loop.Status().Protected {
-		writeError(w, http.StatusConflict, errors.New("not protected: the secondary has no current image to take over"))
+		writeError(w, http.StatusConflict, api.CodeNotProtected, errors.New("not protected: the secondary has no current image to take over"))
 		return
 	}
 	m.mu.Lock()
@@ -706,7 +706,7 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	m.switching = true
 	m.mu.Unlock()
 	if busy {
-		writeError(w, http.StatusConflict, errors.New("a switchover is already under way"))
+		writeError(w, http.StatusConflict, api.CodeBusy, errors.New("a switchover is already under way"))
 		return
 	}
 	defer func() {
@@ -722,7 +722,7 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), switchoverTimeout)
 	defer cancel()
 	if err := loop.FinalEpoch(ctx); err != nil {
-		writeError(w, http.StatusConflict, fmt.Errorf("final epoch: %w", err))
+		writeError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("final epoch: %w", err))
 		return
 	}
 	st := loop.Status()
@@ -731,7 +731,7 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 		// Still leader: raft claims a new generation and makes this node
 		// primary again; the paused guest resumes with a new loop.
 		m.restartAfterFailedHandover()
-		writeError(w, http.StatusConflict, fmt.Errorf("switchover: %w", err))
+		writeError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("switchover: %w", err))
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"ok": true, "final_epoch": st.LastCommittedEpoch, "took_ms": time.Since(t0).Milliseconds()})
@@ -845,10 +845,10 @@ func cmdSwitchover(args []string) error {
 	if err != nil {
 		return err
 	}
-	var out map[string]any
-	if err := newAPIClient(*api, id).post("/switchover", nil, &out); err != nil {
+	out, err := newAPIClient(*api, id, 0).Switchover(context.Background())
+	if err != nil {
 		return err
 	}
-	fmt.Printf("switched over: final epoch %v handed to the secondary in %v ms\n", out["final_epoch"], out["took_ms"])
+	fmt.Printf("switched over: final epoch %v handed to the secondary in %v ms\n", out.FinalEpoch, out.TookMs)
 	return nil
 }

@@ -377,17 +377,17 @@ func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	var req migrateRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("bad migrate request: %v", err))
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: %v", err))
 		return
 	}
 	pol, err := migratePolicy(req)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, err)
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
 	}
 	comp, err := checkpoint.ParseCompression(orDefault(req.Compression, "default"))
 	if err != nil {
-		writeError(w, http.StatusBadRequest, err)
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
 	}
 	n.lockIdle()
@@ -402,15 +402,15 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	n.mu.Unlock()
 	switch {
 	case g == nil || state != "running":
-		writeError(w, http.StatusConflict, fmt.Errorf("no running guest to migrate (state %s)", state))
+		writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("no running guest to migrate (state %s)", state))
 		return
 	case busy:
-		writeError(w, http.StatusConflict, errors.New("a migration is already running"))
+		writeError(w, http.StatusConflict, api.CodeBusy, errors.New("a migration is already running"))
 		return
 	case protected:
 		// The epoch loop owns the guest's dirty log and its pauses; a
 		// migration beside it would take pages the secondary never gets.
-		writeError(w, http.StatusConflict, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
+		writeError(w, http.StatusConflict, api.CodeRefused, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
 		return
 	}
 	started := false
@@ -439,12 +439,12 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		// under this node's --snapshot-dir and never taken as a path.
 		path, err := snapshotPath(n.snapshotDir, name)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, fmt.Errorf("migrate to %s refused: %w", req.To, err))
+			writeError(w, http.StatusBadRequest, api.CodeRefused, fmt.Errorf("migrate to %s refused: %w", req.To, err))
 			return
 		}
 		fl, err := replica.CreateFileLink(path, hello, g.Regions(), opts)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, err)
+			writeError(w, http.StatusBadRequest, "", err)
 			return
 		}
 		link, closeLink = fl, fl.Abort
@@ -455,7 +455,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		l, err := replica.Dial(ctx, req.To, hello, g.Regions(), replica.DialOptions{Stream: opts, TLS: n.trust.id})
 		cancel()
 		if err != nil {
-			writeError(w, http.StatusBadGateway, err)
+			writeError(w, http.StatusBadGateway, api.CodeInternal, err)
 			return
 		}
 		link, closeLink = l, func() { l.Close() }
@@ -463,7 +463,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
 	if err != nil {
 		closeLink()
-		writeError(w, http.StatusBadRequest, err)
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
 	}
 	m.SetID(migID)
@@ -519,7 +519,7 @@ func (n *guestNode) handleMigrateCancel(w http.ResponseWriter, r *http.Request) 
 	cancel := n.migCancel
 	n.mu.Unlock()
 	if cancel == nil {
-		writeError(w, http.StatusConflict, errors.New("no migration to cancel"))
+		writeError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration to cancel"))
 		return
 	}
 	cancel()
@@ -530,14 +530,14 @@ func (n *guestNode) handleMigrateCancel(w http.ResponseWriter, r *http.Request) 
 // the stalled-flush path). Only with --allow-faults.
 func (n *guestNode) handleStallFlush(w http.ResponseWriter, r *http.Request) {
 	if !n.allowFaults {
-		writeError(w, http.StatusForbidden, errors.New("fault injection is off (start with --allow-faults)"))
+		writeError(w, http.StatusForbidden, api.CodeForbidden, errors.New("fault injection is off (start with --allow-faults)"))
 		return
 	}
 	var req struct {
 		DurationMs int64 `json:"duration_ms"`
 	}
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil || req.DurationMs <= 0 {
-		writeError(w, http.StatusBadRequest, errors.New("want {\"duration_ms\": N} with N > 0"))
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, errors.New("want {\"duration_ms\": N} with N > 0"))
 		return
 	}
 	n.mu.Lock()
@@ -545,7 +545,7 @@ func (n *guestNode) handleStallFlush(w http.ResponseWriter, r *http.Request) {
 	n.mu.Unlock()
 	bd, ok := g.(interface{ BlockDisk() *block.Disk })
 	if !ok || bd.BlockDisk() == nil {
-		writeError(w, http.StatusConflict, errors.New("the guest has no disk (start with --disk PATH)"))
+		writeError(w, http.StatusConflict, api.CodeRefused, errors.New("the guest has no disk (start with --disk PATH)"))
 		return
 	}
 	bd.BlockDisk().StallFlush(time.Duration(req.DurationMs) * time.Millisecond)
