@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/timing"
@@ -1135,52 +1136,8 @@ func (l *EpochLoop) verifyCapture(shipped *guest.MemHash, cp *precopy.Capture, v
 }
 
 // EpochStatus is the primary's protection figures; JSON names are part of
-// `tandem status --json`.
-type EpochStatus struct {
-	Protected          bool    `json:"protected"`
-	Protection         string  `json:"protection"`
-	ProtectionReason   string  `json:"protection_reason,omitempty"`
-	Secondary          string  `json:"secondary,omitempty"`
-	LastCommittedEpoch uint64  `json:"last_committed_epoch"`
-	LastShippedEpoch   uint64  `json:"last_shipped_epoch"`
-	SecondaryLag       int     `json:"secondary_lag_epochs"`
-	EpochsPerSecond    float64 `json:"epochs_per_second"`
-	Epochs             uint64  `json:"epochs"`
-	AckedEpochs        uint64  `json:"acked_epochs"`
-	PauseP50Ms         float64 `json:"pause_p50_ms"`
-	PauseP99Ms         float64 `json:"pause_p99_ms"`
-	PauseMaxMs         float64 `json:"pause_max_ms"`
-	// EpochRawBytes and EpochWireBytes are totals over all epochs (dirty
-	// page bytes captured, stream bytes shipped); the _avg figures are
-	// per epoch, and WireRatio is wire over raw.
-	EpochRawBytes      uint64  `json:"epoch_raw_bytes"`
-	EpochWireBytes     uint64  `json:"epoch_wire_bytes"`
-	EpochRawBytesAvg   uint64  `json:"epoch_raw_bytes_avg"`
-	EpochWireBytesAvg  uint64  `json:"epoch_wire_bytes_avg"`
-	WireRatio          float64 `json:"wire_ratio"`
-	AckLatencyP50Ms    float64 `json:"ack_latency_p50_ms"`
-	AckLatencyP99Ms    float64 `json:"ack_latency_p99_ms"`
-	OutputDelayP50Ms   float64 `json:"output_delay_p50_ms"`
-	OutputDelayP99Ms   float64 `json:"output_delay_p99_ms"`
-	OutputHeldBytes    int     `json:"output_held_bytes"`
-	FlushAborts        uint64  `json:"flush_aborts"`
-	BackpressureStalls uint64  `json:"backpressure_stalls"`
-	VerifyEpochs       bool    `json:"verify_epochs"`
-	VerifiedEpochs     uint64  `json:"verified_epochs"`
-	DigestMismatches   uint64  `json:"digest_mismatches"`
-	LastMismatch       string  `json:"last_mismatch,omitempty"`
-	// The last mismatch: the epoch, when (RFC 3339, UTC) and how it was
-	// resolved ("re-syncing ..." until a verified epoch matches again).
-	LastMismatchEpoch      uint64 `json:"last_mismatch_epoch,omitempty"`
-	LastMismatchAt         string `json:"last_mismatch_at,omitempty"`
-	LastMismatchResolution string `json:"last_mismatch_resolution,omitempty"`
-	// VerifySlicePages is re-read at every pause; VerifyCycleEpochs is
-	// how many epochs it takes to check every page once.
-	VerifySlicePages  int    `json:"verify_slice_pages,omitempty"`
-	VerifyCycleEpochs uint64 `json:"verify_cycle_epochs,omitempty"`
-	Joins             uint64 `json:"joins"`
-	QueuePolicy       string `json:"queue_policy"`
-}
+// `tandem status --json`, kept in package api.
+type EpochStatus = api.EpochStatus
 
 // Status returns the figures now.
 func (l *EpochLoop) Status() EpochStatus {

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 )
@@ -89,58 +90,13 @@ var ErrCommitUnconfirmed = errors.New("commit sent, not confirmed: the destinati
 const DefaultConfirmTimeout = 5 * time.Second
 
 // DowntimeBreakdown is where the last pause went, source and destination
-// together; the fields sum to TotalMs.
-type DowntimeBreakdown struct {
-	PauseVCPUsMs      float64 `json:"pause_vcpus_ms"`
-	FlushMs           float64 `json:"flush_ms"`
-	DirtySyncMs       float64 `json:"dirty_sync_ms"`
-	StateSaveMs       float64 `json:"state_save_ms"`
-	FinalSendMs       float64 `json:"final_send_ms"`
-	DestinationLoadMs float64 `json:"destination_load_ms"`
-	ResumeMs          float64 `json:"resume_ms"`
-	TotalMs           float64 `json:"total_ms"`
-	// Completed is false for an aborted attempt (the guest resumed on the
-	// source after the flush missed its budget).
-	Completed bool `json:"completed"`
-}
+// together; the fields sum to TotalMs. The type is the API's (package api
+// holds the JSON contract).
+type DowntimeBreakdown = api.DowntimeBreakdown
 
 // MigrationStatus is the figure set of query-migrate, plus Tandem's own.
-// JSON names are part of the command-line contract.
-type MigrationStatus struct {
-	Status             string            `json:"status"`
-	TotalTimeMs        int64             `json:"total_time_ms"`
-	SetupTimeMs        int64             `json:"setup_time_ms"`
-	DowntimeMs         int64             `json:"downtime_ms"`
-	ExpectedDowntimeMs int64             `json:"expected_downtime_ms"`
-	TransferredBytes   uint64            `json:"transferred_bytes"`
-	RemainingBytes     uint64            `json:"remaining_bytes"`
-	TotalBytes         uint64            `json:"total_bytes"`
-	ZeroPages          uint64            `json:"zero_pages"`
-	NormalPages        uint64            `json:"normal_pages"`
-	DirtyPagesRate     uint64            `json:"dirty_pages_rate"`
-	Mbps               float64           `json:"mbps"`
-	DirtySyncCount     uint64            `json:"dirty_sync_count"`
-	ThrottlePercent    int               `json:"throttle_percent"`
-	CompletionAttempts int               `json:"completion_attempts"`
-	AbortedCompletions int               `json:"aborted_completions"`
-	Round              int               `json:"round"`
-	Error              string            `json:"error,omitempty"`
-	DowntimeBreakdown  DowntimeBreakdown `json:"downtime_breakdown"`
-	// SwitchoverDigest is this end's digest of guest memory and state at
-	// the switch-over (the source's at its final pause, taken once the
-	// destination acknowledged while the guest stays stopped);
-	// DestinationDigest is what the destination reported for itself.
-	SwitchoverDigest  string `json:"switchover_digest,omitempty"`
-	DestinationDigest string `json:"destination_digest,omitempty"`
-	Destination       string `json:"destination,omitempty"`
-	// Outcome is how the switch-over ended as the source knows it (one of
-	// the Outcome constants); CommitSent says the source has stopped its
-	// guest for good and sent the commit (a destination left awaiting it
-	// reads this to resume); MigrationID names the migration.
-	Outcome     string `json:"outcome,omitempty"`
-	CommitSent  bool   `json:"commit_sent,omitempty"`
-	MigrationID string `json:"migration_id,omitempty"`
-}
+// JSON names are part of the command-line contract, kept in package api.
+type MigrationStatus = api.MigrationStatus
 
 // Migration runs one live migration of a Core's guest over a Link. Status
 // may be read from any goroutine while Run runs.

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/tandemvm/tandem/internal/trust"
 	"io"
 	"net"
 	"sync"
 	"time"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/internal/trust"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
@@ -313,25 +315,8 @@ func (s *Secondary) Activate() (guest.Guest, Hello, Committed, error) {
 }
 
 // SecondaryStatus is what a secondary reports; JSON names are part of
-// `tandem status --json`.
-type SecondaryStatus struct {
-	// Protected: the secondary holds a consistent image and a primary is
-	// streaming epochs to it.
-	Protected          bool   `json:"protected"`
-	LastCommittedEpoch uint64 `json:"last_committed_epoch"`
-	Consistent         bool   `json:"consistent"`
-	Syncing            bool   `json:"syncing"`
-	Primary            string `json:"primary_data,omitempty"`
-	Commits            uint64 `json:"commits"`
-	LastCommitAgoMs    int64  `json:"last_commit_ago_ms"`
-	LastError          string `json:"last_error,omitempty"`
-	Digest             string `json:"committed_digest,omitempty"`
-	Activated          bool   `json:"activated"`
-	GuestKind          string `json:"image_guest_kind,omitempty"`
-	// DiskPath is where this node keeps its copy of the guest's disk
-	// (never the path the primary named), when the guest has one.
-	DiskPath string `json:"disk_path,omitempty"`
-}
+// `tandem status --json`, kept in package api.
+type SecondaryStatus = api.SecondaryStatus
 
 // Status reports the committed image; digest adds its digest.
 func (s *Secondary) Status(digest bool) SecondaryStatus {

@@ -2,9 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
-	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -15,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/timing"
 	"github.com/tandemvm/tandem/internal/trust"
@@ -138,77 +138,32 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	enc.Encode(v)
 }
 
-func writeError(w http.ResponseWriter, code int, err error) {
-	writeJSON(w, code, map[string]any{"error": err.Error()})
+// writeError answers {"error": MESSAGE, "code": CODE}: code is the kind
+// of error a client tells apart (api.ErrNotPrimary, ...); "" takes the
+// HTTP status's default (api.DefaultCode).
+func writeError(w http.ResponseWriter, status int, code api.Code, err error) {
+	if code == "" {
+		code = api.DefaultCode(status)
+	}
+	writeJSON(w, status, api.ErrorBody{Error: err.Error(), Code: code})
 }
 
-// apiClient talks to another node's API with a deadline on every call:
-// over HTTPS with id's certificate (the server's must chain to the same
-// CA), or plain HTTP when id is nil.
-type apiClient struct {
-	base string
-	http *http.Client
-}
-
-func newAPIClient(addr string, id *trust.Identity) *apiClient {
-	scheme, c := apiHTTP(id, 10*time.Second)
-	return &apiClient{base: scheme + "://" + addr, http: c}
+// newAPIClient is a client of another node's API with a deadline on every
+// call (timeout; 0: api.DefaultTimeout): over HTTPS with id's certificate
+// (the server's must chain to the same CA), or plain HTTP when id is nil.
+func newAPIClient(addr string, id *trust.Identity, timeout time.Duration) *api.Client {
+	return api.NewClient(addr, clientTLS(id), timeout)
 }
 
 // apiHTTP is an HTTP client of nodes' APIs with a deadline on every call:
 // https with id's certificate, or plain http when id is nil.
 func apiHTTP(id *trust.Identity, timeout time.Duration) (scheme string, c *http.Client) {
+	return api.NewHTTPClient(clientTLS(id), timeout)
+}
+
+func clientTLS(id *trust.Identity) *tls.Config {
 	if id == nil {
-		return "http", &http.Client{Timeout: timeout}
-	}
-	tr := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		TLSClientConfig:     id.ClientTLS(""),
-		TLSHandshakeTimeout: 5 * time.Second,
-		MaxIdleConnsPerHost: 4,
-		IdleConnTimeout:     30 * time.Second,
-	}
-	return "https", &http.Client{Timeout: timeout, Transport: tr}
-}
-
-func (c *apiClient) get(path string, out any) error {
-	resp, err := c.http.Get(c.base + path)
-	if err != nil {
-		return fmt.Errorf("api %s: %w", c.base, err)
-	}
-	defer resp.Body.Close()
-	return decodeAPIResponse(resp, out)
-}
-
-func (c *apiClient) post(path string, body any, out any) error {
-	var buf []byte
-	if body != nil {
-		var err error
-		if buf, err = json.Marshal(body); err != nil {
-			return err
-		}
-	}
-	resp, err := c.http.Post(c.base+path, "application/json", bytesReader(buf))
-	if err != nil {
-		return fmt.Errorf("api %s: %w", c.base, err)
-	}
-	defer resp.Body.Close()
-	return decodeAPIResponse(resp, out)
-}
-
-func decodeAPIResponse(resp *http.Response, out any) error {
-	if resp.StatusCode >= 300 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		json.NewDecoder(resp.Body).Decode(&e)
-		if e.Error == "" {
-			e.Error = resp.Status
-		}
-		return errors.New(e.Error)
-	}
-	if out == nil {
 		return nil
 	}
-	return json.NewDecoder(resp.Body).Decode(out)
+	return id.ClientTLS("")
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/kvm"
 	"github.com/tandemvm/tandem/guest/synth"
@@ -48,17 +49,7 @@ func emptyGuest(kind string, cfg guest.Config) (guest.Guest, error) {
 }
 
 // guestInfo is what status says about the guest itself.
-type guestInfo struct {
-	Kind     string `json:"guest_kind"`
-	Flavour  string `json:"kvm_flavour,omitempty"`
-	Memory   string `json:"memory"`
-	VCPUs    int    `json:"vcpus"`
-	Workload string `json:"workload"`
-	Paused   bool   `json:"paused"`
-	// DiskPath is the file this node's guest disk is, when it has one
-	// (for a received guest, the receiver's own, never the sender's).
-	DiskPath string `json:"disk_path,omitempty"`
-}
+type guestInfo = api.GuestInfo
 
 func describeGuest(g guest.Guest, cfg guest.Config) guestInfo {
 	gi := guestInfo{Kind: g.Kind(), Memory: guest.FormatSize(cfg.Memory), VCPUs: cfg.VCPUs, Workload: cfg.Workload.Kind, Paused: g.Paused(), DiskPath: cfg.Disk}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -333,5 +332,3 @@ func joinWithin(wait func(), d time.Duration, log *slog.Logger, what string) boo
 		return false
 	}
 }
-
-func bytesReader(p []byte) io.Reader { return bytes.NewReader(p) }

@@ -172,12 +172,9 @@ func failoverDemo(kind, memory, keep string, plaintext bool) error {
 	lg, stop = d.startLoad(ctx, 2, np)
 	time.Sleep(500 * time.Millisecond)
 	say("planned switchover: asking %s to hand the guest to %s (POST /switchover)", np.id, p.id)
-	var out struct {
-		FinalEpoch uint64 `json:"final_epoch"`
-		TookMs     int64  `json:"took_ms"`
-	}
 	swAt := time.Now()
-	if err := newAPIClient(np.api, d.tls).post("/switchover", nil, &out); err != nil {
+	out, err := newAPIClient(np.api, d.tls, 0).Switchover(ctx)
+	if err != nil {
 		stop()
 		return fmt.Errorf("switchover: %w", err)
 	}

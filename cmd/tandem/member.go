@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/fsperm"
@@ -693,11 +694,11 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	loop := m.loop
 	m.mu.Unlock()
 	if loop == nil {
-		writeError(w, http.StatusConflict, errors.New("not the primary: switchover is asked of the primary's API"))
+		writeError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not the primary: switchover is asked of the primary's API"))
 		return
 	}
 	if !loop.Status().Protected {
-		writeError(w, http.StatusConflict, errors.New("not protected: the secondary has no current image to take over"))
+		writeError(w, http.StatusConflict, api.CodeNotProtected, errors.New("not protected: the secondary has no current image to take over"))
 		return
 	}
 	m.mu.Lock()
@@ -705,7 +706,7 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	m.switching = true
 	m.mu.Unlock()
 	if busy {
-		writeError(w, http.StatusConflict, errors.New("a switchover is already under way"))
+		writeError(w, http.StatusConflict, api.CodeBusy, errors.New("a switchover is already under way"))
 		return
 	}
 	defer func() {
@@ -721,7 +722,7 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), switchoverTimeout)
 	defer cancel()
 	if err := loop.FinalEpoch(ctx); err != nil {
-		writeError(w, http.StatusConflict, fmt.Errorf("final epoch: %w", err))
+		writeError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("final epoch: %w", err))
 		return
 	}
 	st := loop.Status()
@@ -730,7 +731,7 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 		// Still leader: raft claims a new generation and makes this node
 		// primary again; the paused guest resumes with a new loop.
 		m.restartAfterFailedHandover()
-		writeError(w, http.StatusConflict, fmt.Errorf("switchover: %w", err))
+		writeError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("switchover: %w", err))
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"ok": true, "final_epoch": st.LastCommittedEpoch, "took_ms": time.Since(t0).Milliseconds()})
@@ -767,23 +768,9 @@ func (m *member) restartAfterFailedHandover() {
 }
 
 // clusterView is the raft part of a member's status.
-type clusterView struct {
-	ID         string   `json:"id"`
-	Generation uint64   `json:"generation"`
-	Primary    string   `json:"primary"`
-	Leader     string   `json:"raft_leader"`
-	Protected  bool     `json:"protected"`
-	Epoch      uint64   `json:"epoch"`
-	Members    []string `json:"members"`
-	CanRelease bool     `json:"can_release"`
-	// Image is what this node could resume and whether raft lets it.
-	Image string `json:"image"`
-	// Waiting says why nobody serves the guest, when this node can tell:
-	// the committed generation and epoch, and the node needed.
-	Waiting string `json:"waiting_reason,omitempty"`
-}
+type clusterView = api.ClusterView
 
-func (m *member) clusterStatus() any {
+func (m *member) clusterStatus() *api.ClusterView {
 	st := m.node.State()
 	leader, _ := m.node.Leader()
 	cv := clusterView{ID: m.node.ID(), Generation: st.Generation, Primary: st.Primary, Leader: leader,
@@ -792,7 +779,7 @@ func (m *member) clusterStatus() any {
 	for _, mem := range st.Members {
 		cv.Members = append(cv.Members, fmt.Sprintf("%s(%s) data=%s api=%s console=%s", mem.ID, mem.Role, mem.DataAddr, mem.APIAddr, mem.ConsoleAddr))
 	}
-	return cv
+	return &cv
 }
 
 func cmdWitness(args []string) error {
@@ -826,20 +813,20 @@ func cmdWitness(args []string) error {
 	defer node.Close()
 	var quit <-chan struct{} // nil without an API: only a signal stops it
 	if *apiAddr != "" {
-		api, err := newAPIServer(*apiAddr, log, nt)
+		srv, err := newAPIServer(*apiAddr, log, nt)
 		if err != nil {
 			return err
 		}
-		api.mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		srv.mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 			st := node.State()
 			leader, _ := node.Leader()
-			writeJSON(w, http.StatusOK, map[string]any{"role": "witness", "generation": st.Generation, "primary": st.Primary,
-				"raft_leader": leader, "protected": st.Protected, "last_committed_epoch": st.Epoch, "build": version.Build(),
-				"waiting_reason": node.Waiting()})
+			writeJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
+				Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
+				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
 		})
-		api.start()
-		defer api.close()
-		quit = api.quit
+		srv.start()
+		defer srv.close()
+		quit = srv.quit
 	}
 	log.Info("witness running", "raft", fcfg.Peers[cf.id], "tls", nt.tlsOn())
 	waitForStop(quit, log)
@@ -858,10 +845,10 @@ func cmdSwitchover(args []string) error {
 	if err != nil {
 		return err
 	}
-	var out map[string]any
-	if err := newAPIClient(*api, id).post("/switchover", nil, &out); err != nil {
+	out, err := newAPIClient(*api, id, 0).Switchover(context.Background())
+	if err != nil {
 		return err
 	}
-	fmt.Printf("switched over: final epoch %v handed to the secondary in %v ms\n", out["final_epoch"], out["took_ms"])
+	fmt.Printf("switched over: final epoch %v handed to the secondary in %v ms\n", out.FinalEpoch, out.TookMs)
 	return nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -61,19 +62,20 @@ func cmdMigrate(args []string) error {
 	if err != nil {
 		return err
 	}
-	c := newAPIClient(*from, id)
+	c := newAPIClient(*from, id, 0)
+	ctx := context.Background()
 	req := migrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
 		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
 		SourceAPI: *from}
-	if err := c.post("/migrate", req, nil); err != nil {
+	if err := c.Migrate(ctx, req); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
 	tty := isTerminal(os.Stdout)
 	deadline := time.Now().Add(*maxTime + time.Minute)
 	var last time.Time
 	for {
-		var st nodeStatus
-		if err := c.get("/status", &st); err != nil {
+		st, err := c.Status(ctx, false)
+		if err != nil {
 			return fmt.Errorf("follow migration: %w", err)
 		}
 		done := st.Status == precopy.StatusCompleted || st.Status == precopy.StatusFailed || st.Status == precopy.StatusUnknown

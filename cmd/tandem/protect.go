@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/fsperm"
@@ -316,13 +317,13 @@ func cmdSecondary(args []string) error {
 		}
 		if r.ContentLength != 0 {
 			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
-				writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
+				writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
 				return
 			}
 		}
 		if why := checkPrimaryGone(sec, *failureTimeout); why != "" {
 			if !req.Force {
-				writeError(w, http.StatusConflict, errors.New(why))
+				writeError(w, http.StatusConflict, api.CodeRefused, errors.New(why))
 				return
 			}
 			log.Error("FORCED ACTIVATION while the primary is alive: both may run the guest until it hears of this activation and fences itself (it does at once if its data link still works)",
@@ -330,7 +331,7 @@ func cmdSecondary(args []string) error {
 		}
 		epoch, err := activate(n, sec, ef)
 		if err != nil {
-			writeError(w, http.StatusConflict, err)
+			writeError(w, http.StatusConflict, api.CodeInternal, err)
 			return
 		}
 		// The data port stays open: a primary that was cut off while
@@ -447,15 +448,11 @@ func cmdActivate(args []string) error {
 	if err != nil {
 		return err
 	}
-	var st map[string]any
-	var body any
-	if *force {
-		body = map[string]bool{"force": true}
-	}
-	if err := newAPIClient(*api, id).post("/activate", body, &st); err != nil {
+	st, err := newAPIClient(*api, id, 0).Activate(context.Background(), *force)
+	if err != nil {
 		return err
 	}
-	fmt.Printf("activated: role %v, guest resumed from committed epoch %v\n", st["role"], st["activated_epoch"])
+	fmt.Printf("activated: role %v, guest resumed from committed epoch %v\n", st.Role, st.ActivatedEpoch)
 	return nil
 }
 
@@ -477,11 +474,11 @@ func (n *guestNode) handleProtect(w http.ResponseWriter, r *http.Request) {
 		Name      string `json:"name"`
 	}
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"secondary\": \"HOST:PORT\"}: %v", err))
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("want {\"secondary\": \"HOST:PORT\"}: %v", err))
 		return
 	}
 	if _, _, err := net.SplitHostPort(req.Secondary); err != nil && req.Secondary != "" {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("secondary %q: want HOST:PORT", req.Secondary))
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("secondary %q: want HOST:PORT", req.Secondary))
 		return
 	}
 	n.mu.Lock()
@@ -493,11 +490,11 @@ func (n *guestNode) handleProtect(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case fenced:
-		writeError(w, http.StatusConflict, errors.New("this primary is fenced: its secondary was activated and runs the guest"))
+		writeError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("this primary is fenced: its secondary was activated and runs the guest"))
 	case clustered:
-		writeError(w, http.StatusConflict, errors.New("this node is in a raft cluster: its secondary is found through raft"))
+		writeError(w, http.StatusConflict, api.CodeRefused, errors.New("this node is in a raft cluster: its secondary is found through raft"))
 	case loop == nil:
-		writeError(w, http.StatusConflict, errors.New("not a primary"))
+		writeError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not a primary"))
 	default:
 		// Without a name the one given before (--secondary-name or an
 		// earlier protect) still applies: a check is never dropped by
@@ -527,7 +524,7 @@ func cmdProtect(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := newAPIClient(*api, id).post("/protect", map[string]string{"secondary": *secondary, "name": *name}, nil); err != nil {
+	if _, err := newAPIClient(*api, id, 0).Protect(context.Background(), *secondary, *name); err != nil {
 		return err
 	}
 	fmt.Printf("protecting with %q\n", *secondary)

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/trust"
@@ -297,15 +298,8 @@ func sourceVerdict(h replica.Hello, id *trust.Identity) (string, string) {
 	if h.SourceAPI == "" || h.MigrationID == "" {
 		return verdictUnknown, "the source gave no API to ask"
 	}
-	c := newAPIClient(h.SourceAPI, id)
-	c.http.Timeout = 2 * time.Second
-	var st struct {
-		State       string `json:"state"`
-		Status      string `json:"status"`
-		MigrationID string `json:"migration_id"`
-		CommitSent  bool   `json:"commit_sent"`
-	}
-	if err := c.get("/status", &st); err != nil {
+	st, err := newAPIClient(h.SourceAPI, id, 2*time.Second).Status(context.Background(), false)
+	if err != nil {
 		return verdictUnknown, "source unreachable: " + err.Error()
 	}
 	switch {
@@ -332,7 +326,7 @@ func (n *guestNode) handleMigrateResolve(commit bool) http.HandlerFunc {
 		}
 		if r.ContentLength != 0 {
 			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
-				writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
+				writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
 				return
 			}
 		}
@@ -340,19 +334,19 @@ func (n *guestNode) handleMigrateResolve(commit bool) http.HandlerFunc {
 		p := n.pending
 		n.mu.Unlock()
 		if p == nil {
-			writeError(w, http.StatusConflict, errors.New("no migration awaits a commit here"))
+			writeError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration awaits a commit here"))
 			return
 		}
 		v, detail := sourceVerdict(p.res.Hello, n.trust.id)
 		switch {
 		case commit && v == verdictAborted:
-			writeError(w, http.StatusConflict, fmt.Errorf("refusing to commit: %s; POST /migrate/abort drops the copy here", detail))
+			writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("refusing to commit: %s; POST /migrate/abort drops the copy here", detail))
 			return
 		case !commit && v == verdictCommitted:
-			writeError(w, http.StatusConflict, fmt.Errorf("refusing to abort: %s, so this is the only copy; POST /migrate/commit resumes it", detail))
+			writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("refusing to abort: %s, so this is the only copy; POST /migrate/commit resumes it", detail))
 			return
 		case v == verdictUnknown && !req.Force:
-			writeError(w, http.StatusConflict, fmt.Errorf("cannot confirm with the source: %s; check by hand, then repeat with {\"force\": true}", detail))
+			writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("cannot confirm with the source: %s; check by hand, then repeat with {\"force\": true}", detail))
 			return
 		case v == verdictUnknown:
 			n.log.Error("FORCED migration resolution without the source's word", "commit", commit, "detail", detail)

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"net/http"
 	"os"
@@ -17,6 +16,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
@@ -74,10 +76,10 @@ type guestNode struct {
 	migCancel context.CancelFunc
 	cancel    context.CancelFunc
 	inbound   *replica.MigrationResult
-	pending   *pendingCommit      // a received guest awaiting its commit
-	epochs    *failover.EpochLoop // primary: protection
-	sec       *replica.Secondary  // secondary: the committed image
-	cluster   func() any          // raft view of a cluster member
+	pending   *pendingCommit          // a received guest awaiting its commit
+	epochs    *failover.EpochLoop     // primary: protection
+	sec       *replica.Secondary      // secondary: the committed image
+	cluster   func() *api.ClusterView // raft view of a cluster member
 	// secName is the node a pair primary's secondary must be (its
 	// certificate names it); "": any certificate of the CA.
 	secName string
@@ -266,43 +268,10 @@ func (n *guestNode) close() {
 
 // nodeStatus is the JSON of GET /status on a guest node: the guest's and
 // the node's state with, when there was a migration, query-migrate's
-// figures at the top level (their names are the command-line contract).
-type nodeStatus struct {
-	Role        string `json:"role"`
-	State       string `json:"state"`
-	StateReason string `json:"state_reason,omitempty"`
-	guestInfo
-	precopy.MigrationStatus
-	MemoryDigest string `json:"memory_digest,omitempty"`
-	Build        string `json:"build"`
-	Cluster      any    `json:"cluster,omitempty"`
-
-	// Protection figures of a primary or a secondary, merged into the
-	// top level by MarshalJSON (both name last_committed_epoch, so they
-	// cannot be embedded side by side).
-	Epochs    *failover.EpochStatus    `json:"-"`
-	Secondary *replica.SecondaryStatus `json:"-"`
-}
-
-// MarshalJSON flattens the node's status and its protection figures into
-// one object.
-func (s nodeStatus) MarshalJSON() ([]byte, error) {
-	type plain nodeStatus
-	out := map[string]any{}
-	for _, part := range []any{plain(s), s.Epochs, s.Secondary} {
-		if part == nil || part == (*failover.EpochStatus)(nil) || part == (*replica.SecondaryStatus)(nil) {
-			continue
-		}
-		b, err := json.Marshal(part)
-		if err != nil {
-			return nil, err
-		}
-		if err := json.Unmarshal(b, &out); err != nil {
-			return nil, err
-		}
-	}
-	return json.Marshal(out)
-}
+// figures at the top level (their names are the command-line contract,
+// kept in package api), and a primary's or secondary's protection figures
+// merged into the top level.
+type nodeStatus = api.Status
 
 func (n *guestNode) status(digest bool) nodeStatus {
 	// Copy what is needed under mu; ask the parts (the migration, raft,
@@ -314,7 +283,7 @@ func (n *guestNode) status(digest bool) nodeStatus {
 	}
 	st := nodeStatus{Role: n.role, State: n.state, StateReason: n.stateReason, Build: version.Build()}
 	if n.g != nil {
-		st.guestInfo = describeGuest(n.g, n.cfg)
+		st.GuestInfo = describeGuest(n.g, n.cfg)
 	}
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
 	cluster, epochs, sec := n.cluster, n.epochs, n.sec
@@ -384,22 +353,10 @@ func (n *guestNode) handleStatus(w http.ResponseWriter, r *http.Request) {
 }
 
 // migrateRequest is the body of POST /migrate; `tandem migrate` sends it.
-type migrateRequest struct {
-	To              string `json:"to"`
-	MaxBandwidth    uint64 `json:"max_bandwidth"` // bytes/s, 0 = unlimited
-	DowntimeLimitMs int64  `json:"downtime_limit_ms"`
-	MaxTimeMs       int64  `json:"max_time_ms"`
-	MinRetryMs      int64  `json:"min_retry_ms"`
-	Compression     string `json:"compression"`
-	AutoConverge    *bool  `json:"auto_converge"`
-	// SourceAPI is this node's API as the destination should reach it
-	// (tandem migrate sends its --from); default: the address the API
-	// listens on. A destination left awaiting the commit asks it how the
-	// migration ended.
-	SourceAPI string `json:"source_api,omitempty"`
-}
+type migrateRequest = api.MigrateRequest
 
-func (req migrateRequest) policy() (precopy.Policy, error) {
+// migratePolicy is the precopy policy a migrate request asks for.
+func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 	p := precopy.DefaultPolicy()
 	p.MaxBandwidth = req.MaxBandwidth
 	if req.DowntimeLimitMs > 0 {
@@ -420,17 +377,17 @@ func (req migrateRequest) policy() (precopy.Policy, error) {
 func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	var req migrateRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("bad migrate request: %v", err))
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: %v", err))
 		return
 	}
-	pol, err := req.policy()
+	pol, err := migratePolicy(req)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, err)
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
 	}
 	comp, err := checkpoint.ParseCompression(orDefault(req.Compression, "default"))
 	if err != nil {
-		writeError(w, http.StatusBadRequest, err)
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
 	}
 	n.lockIdle()
@@ -445,15 +402,15 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	n.mu.Unlock()
 	switch {
 	case g == nil || state != "running":
-		writeError(w, http.StatusConflict, fmt.Errorf("no running guest to migrate (state %s)", state))
+		writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("no running guest to migrate (state %s)", state))
 		return
 	case busy:
-		writeError(w, http.StatusConflict, errors.New("a migration is already running"))
+		writeError(w, http.StatusConflict, api.CodeBusy, errors.New("a migration is already running"))
 		return
 	case protected:
 		// The epoch loop owns the guest's dirty log and its pauses; a
 		// migration beside it would take pages the secondary never gets.
-		writeError(w, http.StatusConflict, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
+		writeError(w, http.StatusConflict, api.CodeRefused, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
 		return
 	}
 	started := false
@@ -482,12 +439,12 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		// under this node's --snapshot-dir and never taken as a path.
 		path, err := snapshotPath(n.snapshotDir, name)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, fmt.Errorf("migrate to %s refused: %w", req.To, err))
+			writeError(w, http.StatusBadRequest, api.CodeRefused, fmt.Errorf("migrate to %s refused: %w", req.To, err))
 			return
 		}
 		fl, err := replica.CreateFileLink(path, hello, g.Regions(), opts)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, err)
+			writeError(w, http.StatusBadRequest, "", err)
 			return
 		}
 		link, closeLink = fl, fl.Abort
@@ -498,7 +455,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		l, err := replica.Dial(ctx, req.To, hello, g.Regions(), replica.DialOptions{Stream: opts, TLS: n.trust.id})
 		cancel()
 		if err != nil {
-			writeError(w, http.StatusBadGateway, err)
+			writeError(w, http.StatusBadGateway, api.CodeInternal, err)
 			return
 		}
 		link, closeLink = l, func() { l.Close() }
@@ -506,7 +463,7 @@ func (n *guestNode) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
 	if err != nil {
 		closeLink()
-		writeError(w, http.StatusBadRequest, err)
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
 	}
 	m.SetID(migID)
@@ -562,7 +519,7 @@ func (n *guestNode) handleMigrateCancel(w http.ResponseWriter, r *http.Request) 
 	cancel := n.migCancel
 	n.mu.Unlock()
 	if cancel == nil {
-		writeError(w, http.StatusConflict, errors.New("no migration to cancel"))
+		writeError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration to cancel"))
 		return
 	}
 	cancel()
@@ -573,14 +530,14 @@ func (n *guestNode) handleMigrateCancel(w http.ResponseWriter, r *http.Request) 
 // the stalled-flush path). Only with --allow-faults.
 func (n *guestNode) handleStallFlush(w http.ResponseWriter, r *http.Request) {
 	if !n.allowFaults {
-		writeError(w, http.StatusForbidden, errors.New("fault injection is off (start with --allow-faults)"))
+		writeError(w, http.StatusForbidden, api.CodeForbidden, errors.New("fault injection is off (start with --allow-faults)"))
 		return
 	}
 	var req struct {
 		DurationMs int64 `json:"duration_ms"`
 	}
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil || req.DurationMs <= 0 {
-		writeError(w, http.StatusBadRequest, errors.New("want {\"duration_ms\": N} with N > 0"))
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, errors.New("want {\"duration_ms\": N} with N > 0"))
 		return
 	}
 	n.mu.Lock()
@@ -588,7 +545,7 @@ func (n *guestNode) handleStallFlush(w http.ResponseWriter, r *http.Request) {
 	n.mu.Unlock()
 	bd, ok := g.(interface{ BlockDisk() *block.Disk })
 	if !ok || bd.BlockDisk() == nil {
-		writeError(w, http.StatusConflict, errors.New("the guest has no disk (start with --disk PATH)"))
+		writeError(w, http.StatusConflict, api.CodeRefused, errors.New("the guest has no disk (start with --disk PATH)"))
 		return
 	}
 	bd.BlockDisk().StallFlush(time.Duration(req.DurationMs) * time.Millisecond)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -29,8 +30,10 @@ func cmdStatus(args []string) error {
 	if *digest {
 		path += "?digest=1"
 	}
+	// Every field the node sends, as it sends it (not api.Status): a node
+	// of a newer build may add some.
 	var raw map[string]any
-	if err := newAPIClient(*api, id).get(path, &raw); err != nil {
+	if err := newAPIClient(*api, id, 0).Get(context.Background(), path, &raw); err != nil {
 		return err
 	}
 	if *asJSON {

@@ -1,0 +1,156 @@
+package api
+
+import (
+	"encoding/json"
+	"reflect"
+	"sort"
+	"strings"
+	"testing"
+)
+
+// populated sets every field of v (a pointer to a struct) to a non-zero
+// value, recursively, so omitempty drops nothing.
+func populated(t *testing.T, v reflect.Value) {
+	t.Helper()
+	switch v.Kind() {
+	case reflect.Pointer:
+		if v.IsNil() {
+			v.Set(reflect.New(v.Type().Elem()))
+		}
+		populated(t, v.Elem())
+	case reflect.Struct:
+		for i := 0; i < v.NumField(); i++ {
+			if v.Type().Field(i).IsExported() {
+				populated(t, v.Field(i))
+			}
+		}
+	case reflect.String:
+		v.SetString("x")
+	case reflect.Bool:
+		v.SetBool(true)
+	case reflect.Int, reflect.Int64:
+		v.SetInt(1)
+	case reflect.Uint64:
+		v.SetUint(1)
+	case reflect.Float64:
+		v.SetFloat(1)
+	case reflect.Slice:
+		v.Set(reflect.MakeSlice(v.Type(), 1, 1))
+		populated(t, v.Index(0))
+	default:
+		t.Fatalf("populated: kind %s", v.Kind())
+	}
+}
+
+func keysOf(t *testing.T, v any) []string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for k, raw := range m {
+		keys = append(keys, k)
+		if strings.HasPrefix(string(raw), "{") {
+			var sub map[string]json.RawMessage
+			json.Unmarshal(raw, &sub)
+			for sk := range sub {
+				keys = append(keys, k+"."+sk)
+			}
+		}
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// goldenNodeKeys is every key of GET /status on a guest node (primary and
+// secondary figures together). These names are a contract with operators'
+// tools: a rename must fail here first.
+var goldenNodeKeys = strings.Fields(`
+acked_epochs ack_latency_p50_ms ack_latency_p99_ms activated aborted_completions backpressure_stalls build
+cluster cluster.can_release cluster.epoch cluster.generation cluster.id cluster.image cluster.members
+cluster.primary cluster.protected cluster.raft_leader cluster.waiting_reason
+commit_sent commits committed_digest completion_attempts consistent destination destination_digest disk_path
+dirty_pages_rate dirty_sync_count digest_mismatches downtime_breakdown downtime_breakdown.completed
+downtime_breakdown.destination_load_ms downtime_breakdown.dirty_sync_ms downtime_breakdown.final_send_ms
+downtime_breakdown.flush_ms downtime_breakdown.pause_vcpus_ms downtime_breakdown.resume_ms
+downtime_breakdown.state_save_ms downtime_breakdown.total_ms downtime_ms
+epoch_raw_bytes epoch_raw_bytes_avg epoch_wire_bytes epoch_wire_bytes_avg epochs epochs_per_second error
+expected_downtime_ms flush_aborts guest_kind image_guest_kind joins kvm_flavour last_commit_ago_ms
+last_committed_epoch last_error last_mismatch last_mismatch_at last_mismatch_epoch last_mismatch_resolution
+last_shipped_epoch mbps memory memory_digest migration_id normal_pages outcome output_delay_p50_ms
+output_delay_p99_ms output_held_bytes pause_max_ms pause_p50_ms pause_p99_ms paused primary_data protected
+protection protection_reason queue_policy remaining_bytes role round secondary secondary_lag_epochs
+setup_time_ms state state_reason status switchover_digest syncing throttle_percent total_bytes total_time_ms
+transferred_bytes vcpus verified_epochs verify_cycle_epochs verify_epochs verify_slice_pages wire_ratio
+workload zero_pages`)
+
+var goldenWitnessKeys = strings.Fields(`build generation last_committed_epoch primary protected raft_leader role waiting_reason`)
+
+func sorted(s []string) []string {
+	s = append([]string(nil), s...)
+	sort.Strings(s)
+	return s
+}
+
+func TestStatusJSONNames(t *testing.T) {
+	var st Status
+	populated(t, reflect.ValueOf(&st).Elem())
+	st.Witness = nil
+	if got, want := keysOf(t, st), sorted(goldenNodeKeys); !reflect.DeepEqual(got, want) {
+		t.Errorf("status keys changed (a JSON name is a contract)\n got %q\nwant %q", got, want)
+	}
+
+	w := Status{Role: "witness", Build: "b"}
+	populated(t, reflect.ValueOf(&w.Witness))
+	if got, want := keysOf(t, w), sorted(goldenWitnessKeys); !reflect.DeepEqual(got, want) {
+		t.Errorf("witness status keys changed\n got %q\nwant %q", got, want)
+	}
+}
+
+func TestStatusRoundTrip(t *testing.T) {
+	var st Status
+	populated(t, reflect.ValueOf(&st).Elem())
+	st.Witness = nil
+	st.Role = "primary"
+	// One value for the names two parts share, as on the wire.
+	st.Secondary.DiskPath, st.GuestInfo.DiskPath = "d", "d"
+	st.Secondary.Protected, st.Epochs.Protected = true, true
+	st.Secondary.LastCommittedEpoch, st.Epochs.LastCommittedEpoch = 7, 7
+	b, err := json.Marshal(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back Status
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(back, st) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", back, st)
+	}
+	if back.LastCommittedEpoch() != 7 || !back.Protected() {
+		t.Fatalf("LastCommittedEpoch %d Protected %v", back.LastCommittedEpoch(), back.Protected())
+	}
+
+	// A node without protection: no Epochs, no Secondary, no protected key.
+	plain := Status{Role: "run", State: "running", Build: "b"}
+	b, _ = json.Marshal(plain)
+	if strings.Contains(string(b), `"protected"`) {
+		t.Fatalf("unprotected node names protected: %s", b)
+	}
+	back = Status{}
+	if err := json.Unmarshal(b, &back); err != nil || back.Epochs != nil || back.Secondary != nil || back.Witness != nil {
+		t.Fatalf("plain round trip: %+v %v", back, err)
+	}
+
+	w := Status{Role: "witness", Build: "b", Witness: &WitnessStatus{Generation: 3, Primary: "a", Protected: true, LastCommittedEpoch: 9}}
+	b, _ = json.Marshal(w)
+	back = Status{}
+	if err := json.Unmarshal(b, &back); err != nil || !reflect.DeepEqual(back, w) {
+		t.Fatalf("witness round trip: %+v %v (%s)", back, err, b)
+	}
+}
