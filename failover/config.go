@@ -4,20 +4,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/clock"
 	"github.com/tandemvm/tandem/internal/trust"
 	"log/slog"
 	"sort"
 	"strings"
 	"time"
 )
-
-// Clock is the time source for the lease and for Decide. Tests of the node
-// use the real clock; tests of Decide pass times directly.
-type Clock interface{ Now() time.Time }
-
-type realClock struct{}
-
-func (realClock) Now() time.Time { return time.Now() }
 
 // Default timings. With these, a follower notices a dead leader after
 // 300-600 ms, and failover (election, promotion, activation) completes
@@ -83,8 +76,9 @@ type Config struct {
 
 	// Logger receives the node's and raft's logs. Nil discards them.
 	Logger *slog.Logger
-	// Clock: nil means the real clock.
-	Clock Clock
+	// Clock is the time source for the lease, elections and Decide; nil
+	// means clock.Real. Tests of Decide pass times directly.
+	Clock clock.Clock
 }
 
 // withDefaults validates c and fills in defaults.
@@ -153,9 +147,7 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
-	if c.Clock == nil {
-		c.Clock = realClock{}
-	}
+	c.Clock = clock.Or(c.Clock)
 	return c, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/clock"
 	"log/slog"
 	"slices"
 	"strings"
@@ -88,6 +89,11 @@ type EpochConfig struct {
 	// never answers must not keep the primary joining, or its output
 	// held, for ever). 0 means DefaultAckTimeout.
 	AckTimeout time.Duration
+	// Clock drives the loop's timing: the epoch ticker, the back-off
+	// between joins, the acknowledgement deadlines, the output gate's
+	// delays, the pause stamps acknowledgement latency is measured from,
+	// and the status's rates. nil means clock.Real.
+	Clock clock.Clock
 	// OnFenced, if set, is told once when the loop fences itself: the
 	// secondary said it was activated and runs the guest (see Fence).
 	OnFenced func(why string)
@@ -106,6 +112,7 @@ type EpochLoop struct {
 	core *precopy.Core
 	gate *OutputGate
 	log  *slog.Logger
+	clk  clock.Clock // cfg.Clock, never nil
 
 	wake   chan struct{} // SetSecondary changed want
 	relink chan string   // Relink's requests to drop the current link (why)
@@ -231,16 +238,19 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	if cfg.AckTimeout <= 0 {
 		cfg.AckTimeout = DefaultAckTimeout
 	}
+	cfg.Clock = clock.Or(cfg.Clock)
+	core := precopy.NewCore(cfg.Guest, cfg.Timings)
+	core.Clock = cfg.Clock
 	l := &EpochLoop{
-		cfg: cfg, core: precopy.NewCore(cfg.Guest, cfg.Timings), log: cfg.Log,
+		cfg: cfg, core: core, log: cfg.Log, clk: cfg.Clock,
 		wake: make(chan struct{}, 1), relink: make(chan string, 1), state: StateUnprotected, why: "no secondary yet",
 		gateEpochOf: map[uint64]flight{}, lastEpoch: cfg.FirstEpoch,
 		final: make(chan finalRequest), fencedCh: make(chan struct{}),
 	}
 	allow := cfg.Allow
-	l.gate = NewOutputGate(1, cfg.Release, func() bool {
+	l.gate = newOutputGate(1, cfg.Release, func() bool {
 		return !l.fencedFlag.Load() && (allow == nil || allow())
-	})
+	}, cfg.Clock)
 	l.gate.Hold(false)
 	cfg.Guest.Console().SetOutput(l.gate.Write)
 	return l
@@ -402,24 +412,39 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 		}
 		l.setState(StateUnprotected, err.Error())
 		retry = min(max(2*retry, 200*time.Millisecond), 5*time.Second)
-		wait := time.After(retry)
-	backoff:
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-l.wake:
-				if changed() {
-					retry = 0
-					break backoff
-				}
-			case <-wait:
-				break backoff
-			case <-time.After(200 * time.Millisecond):
-				l.releaseHeld()
-			case req := <-l.final:
-				req.reply(errors.New("not protected: no secondary to hand over to"))
+		ok, reset := l.backOff(ctx, retry, changed)
+		if !ok {
+			return nil
+		}
+		if reset {
+			retry = 0
+		}
+	}
+}
+
+// backOff waits retry before the next join, releasing held output every
+// 200 ms meanwhile (see releaseHeld) and refusing final-epoch requests.
+// ok is false when ctx ended; reset is true when SetSecondary asked for
+// another secondary (the back-off then starts afresh).
+func (l *EpochLoop) backOff(ctx context.Context, retry time.Duration, changed func() bool) (ok, reset bool) {
+	wait := l.clk.NewTimer(retry)
+	defer wait.Stop()
+	release := l.clk.NewTicker(200 * time.Millisecond)
+	defer release.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false, false
+		case <-l.wake:
+			if changed() {
+				return true, true
 			}
+		case <-wait.C():
+			return true, false
+		case <-release.C():
+			l.releaseHeld()
+		case req := <-l.final:
+			req.reply(errors.New("not protected: no secondary to hand over to"))
 		}
 	}
 }
@@ -546,7 +571,7 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	l.mu.Lock()
 	sender.SetEpoch(l.lastEpoch)
 	l.sender = sender
-	l.linkAcked, l.linkAckAt = l.lastEpoch, time.Now()
+	l.linkAcked, l.linkAckAt = l.lastEpoch, l.clk.Now()
 	l.mu.Unlock()
 	var wd sync.WaitGroup
 	wd.Add(1)
@@ -600,16 +625,16 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 // held, for ever.
 func (l *EpochLoop) watchAcks(ctx context.Context, addr string, link *replica.Link, sender *precopy.LiveSender) {
 	limit := l.cfg.AckTimeout
-	tick := time.NewTicker(min(limit/10, 500*time.Millisecond))
+	tick := l.clk.NewTicker(min(limit/10, 500*time.Millisecond))
 	defer tick.Stop()
-	idleAt := time.Now() // when nothing was outstanding, last seen
+	idleAt := l.clk.Now() // when nothing was outstanding, last seen
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-tick.C():
 		}
-		now := time.Now()
+		now := l.clk.Now()
 		l.mu.Lock()
 		acked, at := l.linkAcked, l.linkAckAt
 		l.mu.Unlock()
@@ -668,10 +693,10 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 
 	var slice verifySlice
 	first := true
-	tick := time.NewTicker(l.cfg.Interval)
+	tick := l.clk.NewTicker(l.cfg.Interval)
 	defer tick.Stop()
 	l.mu.Lock()
-	l.startedEpochs = time.Now()
+	l.startedEpochs = l.clk.Now()
 	l.linkEpochs = 0
 	l.unshipped = 0
 	l.mu.Unlock()
@@ -693,7 +718,7 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 			return err
 		case why := <-l.relink:
 			return errors.New(why)
-		case <-tick.C:
+		case <-tick.C():
 		case req := <-l.final:
 			if first {
 				req.reply(errors.New("not protected yet: the secondary is still catching up"))
@@ -718,14 +743,18 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 				}
 			}
 			waited = true
+			poll := l.clk.NewTimer(time.Millisecond)
 			select {
 			case <-ctx.Done():
+				poll.Stop()
 				return answer(ctx.Err())
 			case err := <-shipErr:
+				poll.Stop()
 				return answer(err)
 			case why := <-l.relink:
+				poll.Stop()
 				return answer(errors.New(why))
-			case <-time.After(time.Millisecond):
+			case <-poll.C():
 			}
 			if err := link.Err(); err != nil {
 				return answer(err)
@@ -849,7 +878,7 @@ func appendBounded(s []time.Duration, d time.Duration) []time.Duration {
 
 // waitAcked waits until no shipped epoch waits for its acknowledgement.
 func (l *EpochLoop) waitAcked(ctx context.Context, link *replica.Link, shipErr <-chan error, limit time.Duration) error {
-	deadline := time.Now().Add(limit)
+	deadline := l.clk.Now().Add(limit)
 	for {
 		l.mu.Lock()
 		idle := len(l.gateEpochOf) == 0 && l.unshipped == 0
@@ -857,18 +886,21 @@ func (l *EpochLoop) waitAcked(ctx context.Context, link *replica.Link, shipErr <
 		if idle {
 			return nil
 		}
-		if time.Now().After(deadline) {
+		if l.clk.Now().After(deadline) {
 			return fmt.Errorf("the secondary did not acknowledge the final epoch within %v", limit)
 		}
 		if err := link.Err(); err != nil {
 			return err
 		}
+		poll := l.clk.NewTimer(time.Millisecond)
 		select {
 		case <-ctx.Done():
+			poll.Stop()
 			return ctx.Err()
 		case err := <-shipErr:
+			poll.Stop()
 			return err
-		case <-time.After(time.Millisecond):
+		case <-poll.C():
 		}
 	}
 }
@@ -950,7 +982,7 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 
 // onAck runs on the link's reader for every acknowledgement.
 func (l *EpochLoop) onAck(a precopy.Ack) {
-	now := time.Now()
+	now := l.clk.Now()
 	if a.Activated {
 		l.fence("the secondary " + l.secondaryAddr() + " was activated and runs the guest")
 		return
@@ -1058,7 +1090,7 @@ func (l *EpochLoop) diverge(epoch uint64, detail string) {
 	}
 	l.diverged = true
 	l.mismatches++
-	l.lastMismatch, l.mismatchEpoch, l.mismatchAt, l.mismatchResolution = detail, epoch, time.Now(), resyncing
+	l.lastMismatch, l.mismatchEpoch, l.mismatchAt, l.mismatchResolution = detail, epoch, l.clk.Now(), resyncing
 	old := l.state
 	l.state, l.why = StateUnprotected, why
 	l.mu.Unlock()
@@ -1171,7 +1203,7 @@ func (l *EpochLoop) Status() EpochStatus {
 		st.WireRatio = float64(l.wireBytes) / float64(l.rawBytes)
 	}
 	if !l.startedEpochs.IsZero() && l.state != StateUnprotected {
-		if secs := time.Since(l.startedEpochs).Seconds(); secs > 0 {
+		if secs := clock.Since(l.clk, l.startedEpochs).Seconds(); secs > 0 {
 			st.EpochsPerSecond = float64(l.linkEpochs) / secs
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/tandemvm/tandem/internal/clock"
 	"github.com/tandemvm/tandem/internal/trust"
 	"go.etcd.io/bbolt"
 )
@@ -86,7 +87,7 @@ type lease struct {
 type Node struct {
 	cfg    Config
 	log    *slog.Logger
-	clock  Clock
+	clock  clock.Clock
 	self   NodeInfo
 	dir    *dataDir
 	store  *raftboltdb.BoltStore
@@ -682,14 +683,14 @@ func (n *Node) tick() time.Duration {
 
 func (n *Node) loop() {
 	defer n.wg.Done()
-	t := time.NewTicker(n.tick())
+	t := n.clock.NewTicker(n.tick())
 	defer t.Stop()
 	leaderCh := n.raft.LeaderCh()
 	for {
 		select {
 		case <-n.stop:
 			return
-		case <-t.C:
+		case <-t.C():
 		case <-n.wake:
 		case <-leaderCh:
 		case o := <-n.observed:
@@ -710,13 +711,13 @@ func (n *Node) loop() {
 // with a majority every quarter lease.
 func (n *Node) leaseLoop() {
 	defer n.wg.Done()
-	t := time.NewTicker(max(n.cfg.LeaderLeaseTimeout/4, time.Millisecond))
+	t := n.clock.NewTicker(max(n.cfg.LeaderLeaseTimeout/4, time.Millisecond))
 	defer t.Stop()
 	for {
 		select {
 		case <-n.stop:
 			return
-		case <-t.C:
+		case <-t.C():
 		case <-n.kickLease:
 		}
 		if n.raft.State() != raft.Leader {

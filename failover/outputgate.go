@@ -1,6 +1,7 @@
 package failover
 
 import (
+	"github.com/tandemvm/tandem/internal/clock"
 	"sync"
 	"time"
 )
@@ -38,9 +39,9 @@ type OutputGate struct {
 	open     uint64 // epoch the next written byte belongs to
 	released uint64 // highest epoch released (0: none)
 	pending  []heldOutput
-	held     int // bytes in pending
-	now      func() time.Time
-	passing  bool // not holding: Write releases at once (unprotected)
+	held     int         // bytes in pending
+	clock    clock.Clock // stamps writes and releases: the output delays
+	passing  bool        // not holding: Write releases at once (unprotected)
 
 	delays []time.Duration // output delay of recent releases, bounded
 }
@@ -58,10 +59,15 @@ const maxDelaySamples = 4096
 // fencing check called before every release. firstEpoch is the number of
 // the epoch in progress.
 func NewOutputGate(firstEpoch uint64, sink func([]byte), allow func() bool) *OutputGate {
+	return newOutputGate(firstEpoch, sink, allow, nil)
+}
+
+// newOutputGate is NewOutputGate on the clock clk (nil: clock.Real).
+func newOutputGate(firstEpoch uint64, sink func([]byte), allow func() bool, clk clock.Clock) *OutputGate {
 	if allow == nil {
 		allow = func() bool { return true }
 	}
-	return &OutputGate{sink: sink, allow: allow, open: firstEpoch, now: time.Now}
+	return &OutputGate{sink: sink, allow: allow, open: firstEpoch, clock: clock.Or(clk)}
 }
 
 // Write holds p as output of the epoch in progress, or passes it straight
@@ -97,7 +103,7 @@ func (g *OutputGate) Write(p []byte) {
 
 // holdLocked keeps a copy of p as output of the open epoch; mu is held.
 func (g *OutputGate) holdLocked(p []byte) {
-	g.pending = append(g.pending, heldOutput{epoch: g.open, written: g.now(), data: append([]byte(nil), p...)})
+	g.pending = append(g.pending, heldOutput{epoch: g.open, written: g.clock.Now(), data: append([]byte(nil), p...)})
 	g.held += len(p)
 }
 
@@ -125,7 +131,7 @@ func (g *OutputGate) Release(acked uint64) bool {
 		return false
 	}
 	i := 0
-	now := g.now()
+	now := g.clock.Now()
 	// One sink call per release, not per write: a console client then
 	// gets one chunk per epoch however many replies the epoch held.
 	var out []byte

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/clock"
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
@@ -33,6 +34,10 @@ type Core struct {
 	G       guest.Guest
 	Dirty   *Bitmap
 	Timings *timing.Recorder // nil: not recorded
+	// Clock stamps each Capture's PausedAt (an epoch's acknowledgement
+	// latency is measured from it); nil means clock.Real. Phase
+	// durations are measurements only and stay on the time package.
+	Clock clock.Clock
 
 	// pageBuf is reused by Capture for staged page copies.
 	pageBuf []byte
@@ -47,6 +52,9 @@ func NewCore(g guest.Guest, t *timing.Recorder) *Core {
 	}
 	return &Core{G: g, Dirty: NewBitmap(end), Timings: t}
 }
+
+// clock is c.Clock, or the real one.
+func (c *Core) clock() clock.Clock { return clock.Or(c.Clock) }
 
 func (c *Core) observe(name string, start time.Time, d time.Duration) {
 	if c.Timings != nil {
@@ -141,7 +149,7 @@ var ErrFlushAborted = errors.New("precopy: completion aborted: flush missed its 
 // error the returned Capture (nil only if the pause itself failed) holds
 // the breakdown of the aborted pause and nothing else is valid.
 func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) {
-	cp := &Capture{PausedAt: time.Now()}
+	cp := &Capture{PausedAt: c.clock().Now()}
 	d, err := c.G.Pause(ctx)
 	cp.Breakdown.Pause = d
 	c.observe(PhasePause, cp.PausedAt, d)

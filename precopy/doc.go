@@ -11,7 +11,7 @@
 //
 // What this package must never do: I/O in its decision logic. Convergence,
 // downtime prediction and throttling decisions are plain functions of
-// observed figures and an injectable clock, so they can be tested without
+// observed figures and an injected clock (internal/clock), so they can be tested without
 // sockets or guests. The Bitmap itself never blocks, allocates only when a
 // chunk is first dirtied, and never panics on an out-of-range page index.
 package precopy

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/clock"
 	"sync"
 	"time"
 
@@ -114,6 +115,10 @@ type Migration struct {
 
 	send    *LiveSender
 	started time.Time
+	// Clock times the migration: round figures, the downtime and
+	// completion deadlines, the bandwidth limiter, the status's times.
+	// nil means clock.Real. Set it before Run.
+	Clock clock.Clock
 	// ConfirmTimeout bounds the wait for the destination's confirmation
 	// after the commit; 0 means DefaultConfirmTimeout.
 	ConfirmTimeout time.Duration
@@ -121,6 +126,9 @@ type Migration struct {
 	// resumes from here on.
 	committed bool
 }
+
+// clk is the migration's clock: m.Clock, or the real one.
+func (m *Migration) clk() clock.Clock { return clock.Or(m.Clock) }
 
 // NewMigration prepares a migration; Run starts it.
 func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
@@ -139,7 +147,7 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 			s.ZeroPages += zero
 			s.TransferredBytes = link.BytesSent()
 			if !m.started.IsZero() {
-				s.TotalTimeMs = time.Since(m.started).Milliseconds()
+				s.TotalTimeMs = clock.Since(m.clk(), m.started).Milliseconds()
 			}
 		})
 	}
@@ -179,14 +187,17 @@ func (m *Migration) update(f func(*MigrationStatus)) {
 // status unknown (the destination may be paused, awaiting the commit;
 // never both running).
 func (m *Migration) Run(ctx context.Context) (err error) {
-	start := time.Now()
+	if m.Clock != nil && m.core.Clock == nil {
+		m.core.Clock = m.Clock // the round deadline and the pause stamps
+	}
+	start := m.clk().Now()
 	m.started = start
 	ctrl, err := NewController(m.policy, start)
 	if err != nil {
 		return m.failed(start, err)
 	}
 	if m.policy.MaxBandwidth > 0 {
-		m.send.Limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), nil)
+		m.send.Limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), m.clk())
 	}
 	m.send.EpochPages = m.EpochPages
 	m.send.RoundLimit = time.Second
@@ -203,14 +214,14 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	m.core.Dirty.Clear()
 	m.update(func(s *MigrationStatus) {
 		s.Status = StatusActive
-		s.SetupTimeMs = time.Since(start).Milliseconds()
+		s.SetupTimeMs = clock.Since(m.clk(), start).Milliseconds()
 	})
 
-	lastSync := time.Now()
+	lastSync := m.clk().Now()
 	applied := 0
 	for round := 0; ; round++ {
 		m.update(func(s *MigrationStatus) { s.Round = round })
-		t0 := time.Now()
+		t0 := m.clk().Now()
 		wire0 := m.link.BytesSent()
 		var sent uint64
 		if round == 0 {
@@ -227,12 +238,12 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		if err != nil {
 			return m.failed(start, err)
 		}
-		sendTime := time.Since(t0)
+		sendTime := clock.Since(m.clk(), t0)
 		dirtied, err := m.core.Sync()
 		if err != nil {
 			return m.failed(start, err)
 		}
-		now := time.Now()
+		now := m.clk().Now()
 		remaining := m.core.Dirty.Count()
 		d := ctrl.RoundDone(RoundStats{
 			Round: round, PagesSent: sent, BytesSent: m.link.BytesSent() - wire0, SendTime: sendTime,
@@ -262,7 +273,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 				// dirt gather instead of spinning.
 				select {
 				case <-ctx.Done():
-				case <-time.After(20 * time.Millisecond):
+				case <-m.clk().After(20 * time.Millisecond):
 				}
 			}
 		}
@@ -276,7 +287,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 func (m *Migration) report(ctrl *Controller, start time.Time, remaining uint64) {
 	st := ctrl.Stats()
 	m.update(func(s *MigrationStatus) {
-		s.TotalTimeMs = time.Since(start).Milliseconds()
+		s.TotalTimeMs = clock.Since(m.clk(), start).Milliseconds()
 		s.TransferredBytes = m.link.BytesSent()
 		s.RemainingBytes = remaining * guest.PageSize
 		s.DirtyPagesRate = uint64(st.DirtyRate)
@@ -304,7 +315,7 @@ func (m *Migration) failed(start time.Time, err error) error {
 		s.Status = StatusFailed
 		s.Outcome = OutcomeAborted
 		s.Error = err.Error()
-		s.TotalTimeMs = time.Since(start).Milliseconds()
+		s.TotalTimeMs = clock.Since(m.clk(), start).Milliseconds()
 	})
 	return err
 }
@@ -315,12 +326,12 @@ func (m *Migration) failed(start time.Time, err error) error {
 // source; err when the migration failed (the guest runs on the source).
 func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.Time) (bool, error) {
 	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
-	pauseStart := time.Now()
+	pauseStart := m.clk().Now()
 	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)
 	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {
 		if errors.Is(err, ErrFlushAborted) {
-			ctrl.CompletionAborted(time.Now(), err)
+			ctrl.CompletionAborted(m.clk().Now(), err)
 			m.update(func(s *MigrationStatus) {
 				s.Status = StatusActive
 				s.AbortedCompletions = ctrl.AbortedCompletions()
@@ -334,7 +345,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		return false, m.failed(start, err)
 	}
 	ctrl.ObserveStateSave(cp.Breakdown.StateSave)
-	sendStart := time.Now()
+	sendStart := m.clk().Now()
 	w := m.link.Writer()
 	if len(cp.Pages) > 0 {
 		if err := w.WritePages(cp.Pages); err != nil {
@@ -356,7 +367,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	actx, cancel := context.WithTimeout(ctx, max(30*time.Second, 10*m.policy.DowntimeLimit))
 	ack, err := m.link.WaitAck(actx, final, true)
 	cancel()
-	acked := time.Now()
+	acked := m.clk().Now()
 	if err == nil && ack.Error != "" {
 		err = errors.New(ack.Error)
 	}
@@ -397,7 +408,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		if err != nil {
 			return false, m.unconfirmed(start, fmt.Errorf("no confirmation that the destination resumed (waited up to %v): %w", ctimeout, err))
 		}
-		acked = time.Now()
+		acked = m.clk().Now()
 		if ack.LoadTime == 0 {
 			ack.LoadTime = ready.LoadTime
 		}
@@ -421,7 +432,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		s.Status = StatusCompleted
 		s.Outcome = OutcomeCommitted
 		s.DowntimeMs = downtime.Milliseconds()
-		s.TotalTimeMs = time.Since(start).Milliseconds()
+		s.TotalTimeMs = clock.Since(m.clk(), start).Milliseconds()
 		s.TransferredBytes = m.link.BytesSent()
 		s.RemainingBytes = 0
 		s.CompletionAttempts = ctrl.CompletionAttempts()
@@ -470,7 +481,7 @@ func (m *Migration) waitResumed(ctx context.Context, final uint64) (Ack, error) 
 		select {
 		case <-ctx.Done():
 			return ack, ctx.Err()
-		case <-time.After(time.Millisecond):
+		case <-m.clk().After(time.Millisecond):
 		}
 	}
 }
@@ -482,7 +493,7 @@ func (m *Migration) unconfirmed(start time.Time, err error) error {
 		s.Status = StatusUnknown
 		s.Outcome = OutcomeUnknown
 		s.Error = err.Error()
-		s.TotalTimeMs = time.Since(start).Milliseconds()
+		s.TotalTimeMs = clock.Since(m.clk(), start).Milliseconds()
 		s.RemainingBytes = 0
 	})
 	return fmt.Errorf("%w: %v", ErrCommitUnconfirmed, err)

@@ -3,6 +3,7 @@ package precopy
 import (
 	"context"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/clock"
 	"sync"
 	"time"
 )
@@ -125,39 +126,11 @@ func (b *TokenBucket) Refund(n uint64, now time.Time) {
 	}
 }
 
-// Clock is the time source and sleeper a Limiter uses; tests inject a fake
-// one. Sleep must return early with ctx's error when ctx ends.
-type Clock interface {
-	Now() time.Time
-	Sleep(ctx context.Context, d time.Duration) error
-}
-
-// SystemClock is the real Clock.
-type SystemClock struct{}
-
-// Now returns time.Now().
-func (SystemClock) Now() time.Time { return time.Now() }
-
-// Sleep waits d or until ctx ends, whichever is first.
-func (SystemClock) Sleep(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 // Limiter is a TokenBucket behind a mutex with a clock: a bandwidth limit
 // that any number of goroutines can share. The zero value is not usable;
 // build one with NewLimiter.
 type Limiter struct {
-	clock Clock
+	clock clock.Clock
 
 	// mu guards bucket.
 	mu     sync.Mutex
@@ -165,12 +138,10 @@ type Limiter struct {
 }
 
 // NewLimiter returns a limiter of rate bytes per second (0 = unlimited) with
-// the given burst (0 = DefaultBurst(rate)). A nil clock means SystemClock.
-func NewLimiter(rate, burst uint64, clock Clock) *Limiter {
-	if clock == nil {
-		clock = SystemClock{}
-	}
-	return &Limiter{clock: clock, bucket: NewTokenBucket(rate, burst, clock.Now())}
+// the given burst (0 = DefaultBurst(rate)). A nil clk means clock.Real.
+func NewLimiter(rate, burst uint64, clk clock.Clock) *Limiter {
+	clk = clock.Or(clk)
+	return &Limiter{clock: clk, bucket: NewTokenBucket(rate, burst, clk.Now())}
 }
 
 // SetRate changes the rate and burst for every later Wait. Waits already
@@ -206,7 +177,7 @@ func (l *Limiter) Wait(ctx context.Context, n int) error {
 	if d <= 0 {
 		return nil
 	}
-	if err := l.clock.Sleep(ctx, d); err != nil {
+	if err := clock.Sleep(ctx, l.clock, d); err != nil {
 		now = l.clock.Now()
 		l.mu.Lock()
 		l.bucket.Refund(uint64(n), now)

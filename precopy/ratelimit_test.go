@@ -2,21 +2,22 @@ package precopy
 
 import (
 	"context"
+
 	"errors"
+	"github.com/tandemvm/tandem/internal/clock"
 	"sync"
 	"testing"
 	"time"
 )
 
-// fakeClock advances only when someone sleeps on it, so rate-limit tests
+// fakeClock advances only when someone sleeps on it (every timer fires
+// at once, having moved the time to its deadline), so rate-limit tests
 // are exact and take no wall time.
 type fakeClock struct {
 	mu     sync.Mutex
 	now    time.Time
 	slept  time.Duration
 	sleeps int
-	// cancelAfter makes the n-th Sleep fail as if its context ended.
-	cancelAt int
 }
 
 func newFakeClock() *fakeClock { return &fakeClock{now: time.Unix(1_000_000, 0)} }
@@ -27,20 +28,21 @@ func (c *fakeClock) Now() time.Time {
 	return c.now
 }
 
-func (c *fakeClock) Sleep(ctx context.Context, d time.Duration) error {
+func (c *fakeClock) NewTimer(d time.Duration) clock.Timer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.sleeps++
-	if c.cancelAt != 0 && c.sleeps == c.cancelAt {
-		return context.Canceled
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
 	c.now = c.now.Add(d)
 	c.slept += d
-	return nil
+	f := clock.NewFake(time.Time{})
+	t := f.NewTimer(d)
+	f.Advance(d)
+	return t
 }
+
+func (c *fakeClock) After(d time.Duration) <-chan time.Time { return c.NewTimer(d).C() }
+
+func (c *fakeClock) NewTicker(time.Duration) clock.Ticker { panic("fakeClock: no tickers") }
 
 func (c *fakeClock) advance(d time.Duration) {
 	c.mu.Lock()
@@ -152,25 +154,35 @@ func TestLimiterWaitRate(t *testing.T) {
 	}
 }
 
+// TestLimiterWaitCancelRefunds drives the limiter on a fake clock: a wait
+// cancelled while it sleeps refunds its bytes, and the next wait sleeps
+// exactly for its own debt (no wall time, no sleeps in the test).
 func TestLimiterWaitCancelRefunds(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake(time.Time{})
 	l := NewLimiter(1000, 100, clk)
 	if err := l.Wait(context.Background(), 100); err != nil {
 		t.Fatal(err)
 	}
-	clk.cancelAt = 1
-	err := l.Wait(context.Background(), 500)
-	if !errors.Is(err, context.Canceled) {
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- l.Wait(ctx, 500) }()
+	clk.BlockUntil(1) // asleep for its 500 bytes
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled wait: %v", err)
 	}
 	// The 500 were refunded, so the next 100 only wait for their own debt.
-	clk.cancelAt = 0
-	before := clk.slept
-	if err := l.Wait(context.Background(), 100); err != nil {
-		t.Fatal(err)
+	go func() { errc <- l.Wait(context.Background(), 100) }()
+	clk.BlockUntil(1)
+	clk.Advance(99 * time.Millisecond)
+	select {
+	case err := <-errc:
+		t.Fatalf("after refund the wait ended before 100ms: %v", err)
+	default:
 	}
-	if got := clk.slept - before; got != 100*time.Millisecond {
-		t.Fatalf("after refund waited %v, want 100ms", got)
+	clk.Advance(time.Millisecond)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
 	}
 }
 

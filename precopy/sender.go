@@ -158,7 +158,7 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 	batch := make([]checkpoint.Page, 0, len(idx))
 	var deadline time.Time
 	if s.RoundLimit > 0 {
-		deadline = time.Now().Add(s.RoundLimit)
+		deadline = s.Core.clock().Now().Add(s.RoundLimit)
 	}
 	for from := uint64(0); ; {
 		n, next := s.Core.Dirty.TakeBatch(idx, from)
@@ -183,7 +183,7 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 				return sent, err
 			}
 		}
-		if n < len(idx) || (!deadline.IsZero() && time.Now().After(deadline)) {
+		if n < len(idx) || (!deadline.IsZero() && s.Core.clock().Now().After(deadline)) {
 			break
 		}
 		from = next
