@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/trust"
 	"io"
 	"log/slog"
 	"net"
@@ -261,6 +262,10 @@ type MigrationResult struct {
 	AwaitingCommit bool
 	Why            string
 	FinalEpoch     uint64
+	// Peer is the node the migration connection's certificate named (""
+	// over plaintext): whoever the destination asks about the commit must
+	// be that node, not whatever API address the stream claimed.
+	Peer string
 }
 
 // MigrationOptions are the hooks and bounds of ReceiveMigrationWith.
@@ -316,6 +321,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		return res, err
 	}
 	res.Hello = hello
+	res.Peer, _ = trust.PeerName(conn)
 	g, err := r.NewGuest(hello.Kind, hello.Config)
 	if err != nil {
 		conn.SetWriteDeadline(time.Now().Add(r.timeout()))

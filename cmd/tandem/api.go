@@ -152,18 +152,24 @@ func writeError(w http.ResponseWriter, status int, code api.Code, err error) {
 // call (timeout; 0: api.DefaultTimeout): over HTTPS with id's certificate
 // (the server's must chain to the same CA), or plain HTTP when id is nil.
 func newAPIClient(addr string, id *trust.Identity, timeout time.Duration) *api.Client {
-	return api.NewClient(addr, clientTLS(id), timeout)
+	return api.NewClient(addr, clientTLS(id, ""), timeout)
+}
+
+// newNodeClient is newAPIClient for a node the caller knows by name: with
+// TLS the server's certificate must name node ("": any of the CA).
+func newNodeClient(addr string, id *trust.Identity, node string, timeout time.Duration) *api.Client {
+	return api.NewClient(addr, clientTLS(id, node), timeout)
 }
 
 // apiHTTP is an HTTP client of nodes' APIs with a deadline on every call:
 // https with id's certificate, or plain http when id is nil.
 func apiHTTP(id *trust.Identity, timeout time.Duration) (scheme string, c *http.Client) {
-	return api.NewHTTPClient(clientTLS(id), timeout)
+	return api.NewHTTPClient(clientTLS(id, ""), timeout)
 }
 
-func clientTLS(id *trust.Identity) *tls.Config {
+func clientTLS(id *trust.Identity, expect string) *tls.Config {
 	if id == nil {
 		return nil
 	}
-	return id.ClientTLS("")
+	return id.ClientTLS(expect)
 }

@@ -173,7 +173,7 @@ func failoverDemo(kind, memory, keep string, plaintext bool) error {
 	time.Sleep(500 * time.Millisecond)
 	say("planned switchover: asking %s to hand the guest to %s (POST /switchover)", np.id, p.id)
 	swAt := time.Now()
-	out, err := newAPIClient(np.api, d.tls, 0).Switchover(ctx)
+	out, err := newAPIClient(np.api, d.tls, switchoverTimeout+5*time.Second).Switchover(ctx)
 	if err != nil {
 		stop()
 		return fmt.Errorf("switchover: %w", err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -278,10 +279,13 @@ const primaryWait = 3 * time.Second
 // is refused at once. Plaintext connections (no TLS configured) pass:
 // the secondary's generation check still applies to them.
 func (m *member) checkPrimaryPeer(conn net.Conn) error {
-	names := trust.PeerNames(conn)
-	if names == nil {
+	if _, isTLS := conn.(*tls.Conn); !isTLS {
 		return nil
 	}
+	// A verified certificate that names no node (no CN, no DNS SAN) is
+	// refused below like one naming a non-member: it must not pass as
+	// plaintext.
+	names := trust.PeerNames(conn)
 	deadline := time.Now().Add(primaryWait)
 	for {
 		st := m.node.State()
@@ -845,7 +849,8 @@ func cmdSwitchover(args []string) error {
 	if err != nil {
 		return err
 	}
-	out, err := newAPIClient(*api, id, 0).Switchover(context.Background())
+	// The node may hold the request for its whole switchover timeout.
+	out, err := newAPIClient(*api, id, switchoverTimeout+5*time.Second).Switchover(context.Background())
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -57,14 +58,14 @@ func TestSourceVerdict(t *testing.T) {
 	}
 	for _, c := range cases {
 		body = c.body
-		if got, detail := sourceVerdict(h, nil); got != c.want {
+		if got, detail := sourceVerdict(context.Background(), newAPIClient(h.SourceAPI, nil, 2*time.Second), h); got != c.want {
 			t.Errorf("%s: verdict %s (%s), want %s", c.body, got, detail, c.want)
 		}
 	}
-	if got, _ := sourceVerdict(replica.Hello{MigrationID: "m1", SourceAPI: "127.0.0.1:1"}, nil); got != verdictUnknown {
+	if got, _ := sourceVerdict(context.Background(), newAPIClient("127.0.0.1:1", nil, 2*time.Second), replica.Hello{MigrationID: "m1", SourceAPI: "127.0.0.1:1"}); got != verdictUnknown {
 		t.Errorf("unreachable source: %s", got)
 	}
-	if got, _ := sourceVerdict(replica.Hello{}, nil); got != verdictUnknown {
+	if got, _ := sourceVerdict(context.Background(), nil, replica.Hello{}); got != verdictUnknown {
 		t.Errorf("no source API: %s", got)
 	}
 }

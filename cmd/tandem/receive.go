@@ -236,6 +236,7 @@ func (n *guestNode) awaitCommit(ctx context.Context, res *replica.MigrationResul
 	n.pending, n.state, n.stateReason = p, "awaiting-commit", why
 	n.mu.Unlock()
 	n.log.Warn("AWAITING COMMIT: the guest is loaded and paused; it resumes only once the source is known to have stopped", "why", why)
+	src := n.sourceClient(res)
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	var commit bool
@@ -249,7 +250,7 @@ wait:
 			break wait
 		case <-tick.C:
 		}
-		v, detail := sourceVerdict(res.Hello, n.trust.id)
+		v, detail := sourceVerdict(ctx, src, res.Hello)
 		if detail != lastSeen {
 			n.log.Info("awaiting commit: the source says", "verdict", v, "detail", detail)
 			lastSeen = detail
@@ -292,13 +293,24 @@ const (
 	verdictUnknown   = "unknown"   // still deciding, unreachable, or another migration
 )
 
-// sourceVerdict asks the source's API how migration h ended there, with
-// this node's identity id when the cluster runs TLS.
-func sourceVerdict(h replica.Hello, id *trust.Identity) (string, string) {
-	if h.SourceAPI == "" || h.MigrationID == "" {
+// sourceClient is the client a destination asks its source with: the API
+// address the source gave, reached with this node's identity, and (with
+// TLS) only if that API's certificate names the node that sent the
+// migration, so a stream cannot point the destination at a third party
+// that would answer "committed". nil: the source gave no API.
+func (n *guestNode) sourceClient(res *replica.MigrationResult) *api.Client {
+	if res.Hello.SourceAPI == "" {
+		return nil
+	}
+	return newNodeClient(res.Hello.SourceAPI, n.trust.id, res.Peer, 2*time.Second)
+}
+
+// sourceVerdict asks the source's API (c) how migration h ended there.
+func sourceVerdict(ctx context.Context, c *api.Client, h replica.Hello) (string, string) {
+	if c == nil || h.MigrationID == "" {
 		return verdictUnknown, "the source gave no API to ask"
 	}
-	st, err := newAPIClient(h.SourceAPI, id, 2*time.Second).Status(context.Background(), false)
+	st, err := c.Status(ctx, false)
 	if err != nil {
 		return verdictUnknown, "source unreachable: " + err.Error()
 	}
@@ -337,7 +349,7 @@ func (n *guestNode) handleMigrateResolve(commit bool) http.HandlerFunc {
 			writeError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration awaits a commit here"))
 			return
 		}
-		v, detail := sourceVerdict(p.res.Hello, n.trust.id)
+		v, detail := sourceVerdict(r.Context(), n.sourceClient(p.res), p.res.Hello)
 		switch {
 		case commit && v == verdictAborted:
 			writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("refusing to commit: %s; POST /migrate/abort drops the copy here", detail))
