@@ -383,10 +383,13 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		// runs it): it must run here. Tell the destination to drop
 		// what it may have loaded (best effort: if this is lost too,
 		// it stays paused awaiting a commit that never comes).
+		// Resume first: the abort goes over the link that just failed
+		// us and may block for its write timeout.
+		ferr := m.failed(start, fmt.Errorf("destination failed before acknowledging the switch-over: %w", err))
 		if twoPhase {
 			cm.Abort(final, err.Error())
 		}
-		return false, m.failed(start, fmt.Errorf("destination failed before acknowledging the switch-over: %w", err))
+		return false, ferr
 	}
 	if ack.Ready {
 		// Two-phase: the destination has loaded the final epoch and

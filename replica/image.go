@@ -99,12 +99,14 @@ const diskWriteOverhead = 48
 // 0 means no bound.
 func (im *Image) SetBudget(bytes uint64) { im.budget = bytes }
 
-func (im *Image) overBudget(more uint64, what string) error {
+// what names the addition for the error; it is called only on refusal,
+// so the per-page path builds no message.
+func (im *Image) overBudget(more uint64, what func() string) error {
 	if im.budget == 0 || im.stagedBytes+more <= im.budget {
 		return nil
 	}
 	return fmt.Errorf("%w: %s would make the open epoch hold %d bytes, over its budget of %d (guest memory plus --max-epoch-disk)",
-		ErrStagingBudget, what, im.stagedBytes+more, im.budget)
+		ErrStagingBudget, what(), im.stagedBytes+more, im.budget)
 }
 
 // Guest returns the wrapped guest (paused; not to be resumed while the
@@ -143,7 +145,7 @@ func (im *Image) StorePage(index uint64, data []byte) error {
 	}
 	p, ok := im.staged[index]
 	if !ok {
-		if err := im.overBudget(guest.PageSize, fmt.Sprintf("page %d", index)); err != nil {
+		if err := im.overBudget(guest.PageSize, func() string { return fmt.Sprintf("page %d", index) }); err != nil {
 			return err
 		}
 		im.stagedBytes += guest.PageSize
@@ -177,7 +179,7 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 	for _, w := range ws {
 		more += uint64(len(w.Data)) + diskWriteOverhead
 	}
-	if err := im.overBudget(more, fmt.Sprintf("%d more disk writes", len(ws))); err != nil {
+	if err := im.overBudget(more, func() string { return fmt.Sprintf("%d more disk writes", len(ws)) }); err != nil {
 		return err
 	}
 	im.stagedBytes += more

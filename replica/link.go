@@ -156,7 +156,9 @@ func (l *Link) readAcks(br *bufio.Reader, onAck func(precopy.Ack)) {
 			if l.ackErr == nil { // Fail's reason stays
 				l.ackErr = err
 			}
-		} else {
+		} else if !a.Activated {
+			// An activation notice (epoch 0) is for onAck alone: as the
+			// last ack it would move the acknowledged epoch backwards.
 			l.last, l.hasLast = a, true
 		}
 		close(l.changed)

@@ -222,6 +222,11 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			ack.Digest = im.Digest().String()
 		}
 		s.mu.Lock()
+		if s.activated {
+			// Activate owns the connection's last word now.
+			s.mu.Unlock()
+			return ErrActivated
+		}
 		s.commits++
 		s.lastCommit = time.Now()
 		if s.conn == conn {
@@ -298,6 +303,10 @@ func (s *Secondary) Activate() (guest.Guest, Hello, Committed, error) {
 		// the same). Then stop the stream; a staged partial epoch is
 		// dropped by the receiving goroutine, the committed image is
 		// untouched.
+		// The deadline comes first: it also cuts an acknowledgement
+		// Serve may be writing under wmu (with its own, longer deadline),
+		// so activation waits at most a second for the lock.
+		conn.SetWriteDeadline(time.Now().Add(time.Second))
 		s.wmu.Lock()
 		conn.SetWriteDeadline(time.Now().Add(time.Second))
 		writeLine(conn, precopy.Ack{Activated: true, Error: ""})

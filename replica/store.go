@@ -45,6 +45,20 @@ type Store struct {
 
 	// wrapFile, if set (tests), wraps the file a rewrite writes to.
 	wrapFile func(io.Writer) io.Writer
+
+	// copyBuf and copyBatch hold the pages writeImage and Append copy out
+	// of guest memory under Image.mu, reused from epoch to epoch.
+	copyBuf   []byte
+	copyBatch []checkpoint.Page
+}
+
+// copyBuffers returns the reused page-copy buffer and an empty batch.
+func (s *Store) copyBuffers() ([]byte, []checkpoint.Page) {
+	if s.copyBuf == nil {
+		s.copyBuf = make([]byte, rewriteBatch*guest.PageSize)
+		s.copyBatch = make([]checkpoint.Page, 0, rewriteBatch)
+	}
+	return s.copyBuf, s.copyBatch[:0]
 }
 
 const storeFile = "image.tnd"
@@ -212,8 +226,7 @@ func (s *Store) writeImage(w *checkpoint.Writer, im *Image) error {
 	}
 	state, epoch := im.state, im.epoch
 	im.mu.Unlock()
-	buf := make([]byte, rewriteBatch*guest.PageSize)
-	batch := make([]checkpoint.Page, 0, rewriteBatch)
+	buf, batch := s.copyBuffers()
 	for _, r := range s.regions {
 		for p := uint64(0); p < r.Pages(); {
 			batch = batch[:0]
@@ -256,8 +269,7 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 	// and written from the copies (as writeImage does): an activation may
 	// hand the guest over between the commit and this append, and its new
 	// owner then runs it and may close it.
-	buf := make([]byte, rewriteBatch*guest.PageSize)
-	batch := make([]checkpoint.Page, 0, rewriteBatch)
+	buf, batch := s.copyBuffers()
 	for len(pages) > 0 {
 		n := min(len(pages), rewriteBatch)
 		batch = batch[:0]
