@@ -163,8 +163,11 @@ func (c *Client) do(req *http.Request, out any) error {
 	if out == nil {
 		return nil
 	}
-	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxBody)).Decode(out); err != nil {
 		return fmt.Errorf("api %s: %w", c.base, err)
 	}
 	return nil
 }
+
+// maxBody bounds an answer the client decodes: a status is a few KiB.
+const maxBody = 4 << 20

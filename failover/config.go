@@ -7,6 +7,7 @@ import (
 	"github.com/tandemvm/tandem/internal/clock"
 	"github.com/tandemvm/tandem/internal/trust"
 	"log/slog"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -163,7 +164,7 @@ func checkOwnCert(id *trust.Identity, self string, peers map[string]string) erro
 	names := append([]string{leaf.Subject.CommonName}, leaf.DNSNames...)
 	var members []string
 	for _, n := range names {
-		if _, ok := peers[n]; ok && !containsStr(members, n) {
+		if _, ok := peers[n]; ok && !slices.Contains(members, n) {
 			members = append(members, n)
 		}
 	}

@@ -893,10 +893,7 @@ func (n *Node) execLocked(a Action, v View, now time.Time) {
 				// Nothing is released under the new generation before this
 				// node activates it: the image it claimed with holds all
 				// of it, should it lose leadership before activating.
-				if n.claimTo == 0 || img.Generation != n.claimFrom {
-					n.claimFrom = img.Generation
-				}
-				n.claimTo = a.Generation
+				n.claimFrom, n.claimTo = img.Generation, a.Generation
 			}
 			n.mu.Unlock()
 			if err != nil {

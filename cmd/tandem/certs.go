@@ -105,7 +105,7 @@ func addInsecureFlag(fs *flag.FlagSet, tf *tlsFlags) {
 
 // handshakeTimeout bounds a server-side TLS handshake: a connection that
 // has not completed one by then is dropped before anything is read.
-const handshakeTimeout = 5 * time.Second
+const handshakeTimeout = trust.HandshakeTimeout
 
 // nodeTrust is how a node's listeners and clients authenticate: its
 // identity (nil: plaintext) and whether plaintext may bind a non-loopback

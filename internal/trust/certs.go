@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/tandemvm/tandem/internal/fsperm"
 	"math/big"
 	"net"
 	"os"
@@ -43,7 +44,7 @@ var ErrExists = errors.New("trust: refusing to overwrite")
 // NewCA makes dir (0700) and writes a new CA certificate and key into it
 // (ECDSA P-256, files 0600). An existing CA in dir is never overwritten.
 func NewCA(dir, name string, now time.Time) error {
-	if err := ensureDir(dir); err != nil {
+	if err := fsperm.PrivateDir(dir, nil); err != nil {
 		return err
 	}
 	for _, f := range []string{CAFile, CAKeyFile} {
@@ -55,8 +56,12 @@ func NewCA(dir, name string, now time.Time) error {
 	if err != nil {
 		return err
 	}
+	sn, err := serial()
+	if err != nil {
+		return err
+	}
 	tmpl := &x509.Certificate{
-		SerialNumber:          serial(),
+		SerialNumber:          sn,
 		Subject:               pkix.Name{CommonName: name, Organization: []string{"Tandem"}},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.Add(caValidity),
@@ -101,8 +106,12 @@ func Issue(dir, name string, o IssueOptions, now time.Time) error {
 	if err != nil {
 		return err
 	}
+	sn, err := serial()
+	if err != nil {
+		return err
+	}
 	tmpl := &x509.Certificate{
-		SerialNumber: serial(),
+		SerialNumber: sn,
 		Subject:      pkix.Name{CommonName: name, Organization: []string{"Tandem"}},
 		NotBefore:    now.Add(-time.Hour),
 		NotAfter:     now.Add(certValidity),
@@ -150,19 +159,8 @@ func loadCA(dir string) (*x509.Certificate, crypto.Signer, error) {
 	return cert, signer, nil
 }
 
-func serial() *big.Int {
-	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		panic(err) // crypto/rand does not fail on Linux
-	}
-	return n
-}
-
-func ensureDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	return os.Chmod(dir, 0o700)
+func serial() (*big.Int, error) {
+	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 }
 
 func writeKey(path string, key *ecdsa.PrivateKey) error {
@@ -175,7 +173,7 @@ func writeKey(path string, key *ecdsa.PrivateKey) error {
 
 // writePEM creates path 0600, exclusively, and syncs it.
 func writePEM(path, typ string, der []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, fsperm.File)
 	if err != nil {
 		return err
 	}

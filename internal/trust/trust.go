@@ -208,6 +208,10 @@ func Dial(ctx context.Context, id *Identity, addr, expect string) (net.Conn, err
 	return td.DialContext(ctx, "tcp", addr)
 }
 
+// HandshakeTimeout is how long every Tandem listener gives an accepted
+// connection to complete its TLS handshake (Handshake's d).
+const HandshakeTimeout = 5 * time.Second
+
 // Handshake completes a server-side TLS handshake within d (a listener's
 // Accept returns before it), so a connection that never finishes one is
 // dropped. Plaintext connections pass through.
