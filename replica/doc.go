@@ -37,10 +37,12 @@
 // (Image.SetBudget, ErrStagingBudget). See docs/SECURITY.md, "Input bounds
 // and paths".
 //
-// Locks: no lock is held across disk I/O, so an activation never waits for
-// the disk. Image.mu guards the committed image against activation; an
-// epoch's disk writes run outside it (Image.committing keeps Activate and
-// Close from interleaving between an epoch's disk and its memory), and a
+// Locks: no lock is held across disk I/O. Image.mu guards the committed
+// image against activation; an epoch's disk writes run outside it, and
+// Image.committing makes Activate and Close wait for an epoch whose disk
+// write has begun (so an activation does wait for that one epoch's disk
+// writes: a half-applied disk cannot be handed over), but never for a
+// Store's rewrite. A
 // Store's rewrite copies memory under it one batch at a time and
 // compresses and writes with it released (Store.writeImage says why that
 // is a consistent image). Secondary.mu is never held while calling into
