@@ -46,6 +46,13 @@ const (
 // closed at once.
 const maxUnclassified = 64
 
+// maxRaftConns bounds the connections serving raft RPCs at once. Two
+// peers need a handful each (raft's connection pool per peer, plus
+// heartbeats); beyond it a new one is closed, so a peer cannot hold an
+// unbounded number of 256 KiB readers, each decoding a request for up to
+// rpcReadTimeout.
+const maxRaftConns = 32
+
 // muxConfig configures a muxStream.
 type muxConfig struct {
 	// Addr is the address to listen on, and the address raft advertises
@@ -93,6 +100,7 @@ type muxStream struct {
 	heartbeatFn func(raft.RPC)
 
 	unclassified chan struct{} // semaphore, maxUnclassified
+	serving      chan struct{} // semaphore, maxRaftConns: connections serving raft RPCs
 	closed       chan struct{}
 	closeOnce    sync.Once
 	isolated     atomic.Bool
@@ -125,6 +133,7 @@ func listenMux(cfg muxConfig) (*muxStream, error) {
 		log:          cfg.Log,
 		rpcs:         make(chan raft.RPC),
 		unclassified: make(chan struct{}, maxUnclassified),
+		serving:      make(chan struct{}, maxRaftConns),
 		closed:       make(chan struct{}),
 		conns:        make(map[*trackedConn]struct{}),
 	}
@@ -291,7 +300,16 @@ func (m *muxStream) classify(raw net.Conn) {
 		m.serveRegister(c, raw, peer)
 	case b[0] <= rpcTypeMax:
 		release()
+		select {
+		case m.serving <- struct{}{}:
+		default:
+			m.log.Warn("raft port: connection refused", "remote", raw.RemoteAddr().String(), "peer", peer,
+				"why", fmt.Sprintf("%d connections already serving raft RPCs", maxRaftConns))
+			c.Close()
+			return
+		}
 		m.serveRaft(&rpcConn{Conn: c}, b[0], peer)
+		<-m.serving
 	default:
 		m.log.Warn("raft port: connection refused", "remote", raw.RemoteAddr().String(), "peer", peer, "why", fmt.Sprintf("first byte %#x is neither a raft RPC nor a registration", b[0]))
 		c.Close()

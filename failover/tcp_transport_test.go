@@ -2,7 +2,9 @@ package failover
 
 import (
 	"bytes"
+	"errors"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -212,5 +214,40 @@ trickle:
 			t.Fatalf("RPC %d: %v %+v", i, err, resp)
 		}
 		time.Sleep(rpcReadTimeout * 3 / 2)
+	}
+}
+
+// TestRaftConnectionsAreCapped: connections that start a raft RPC and
+// stall are served at most maxRaftConns at a time; the rest are closed.
+func TestRaftConnectionsAreCapped(t *testing.T) {
+	addrs := freeAddrs(t, 2)
+	m, err := listenMux(muxConfig{Addr: addrs[0], Members: map[string]string{"s": addrs[0], "p": addrs[1]}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range maxRaftConns + 8 {
+		c, err := net.Dial("tcp", m.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		c.Write([]byte{rpcAppendEntries, 0x81}) // a request begun (a map of one entry), never finished
+	}
+	closed := 0
+	for _, c := range conns {
+		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			closed++
+		}
+	}
+	if closed < 8 {
+		t.Fatalf("%d of %d stalled raft connections closed, want at least 8 (cap %d)", closed, len(conns), maxRaftConns)
 	}
 }
