@@ -186,17 +186,7 @@ func cmdReceive(args []string) error {
 	// to n.close.
 	cancel()
 	ln.Close()
-	stopped := make(chan struct{})
-	go func() {
-		<-done
-		wg.Wait()
-		close(stopped)
-	}()
-	select {
-	case <-stopped:
-	case <-time.After(5 * time.Second):
-		log.Error("the receiving goroutines did not stop within 5s")
-	}
+	joinWithin(func() { <-done; wg.Wait() }, 5*time.Second, log, "the receiving goroutines")
 	n.close()
 	return nil
 }
