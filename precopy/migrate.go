@@ -196,26 +196,14 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return m.failed(start, err)
 	}
-	if m.policy.MaxBandwidth > 0 {
-		m.send.Limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), m.clk())
-	}
-	m.send.EpochPages = m.EpochPages
-	m.send.RoundLimit = time.Second
 	defer func() {
 		if th, ok := m.core.G.(guest.Throttler); ok {
 			th.SetThrottle(0)
 		}
 	}()
-	// The log has been gathering since the guest started; everything it
-	// holds is sent by round 0 anyway, so clear it now.
-	if _, err := m.core.Sync(); err != nil {
+	if err := m.setUp(start); err != nil {
 		return m.failed(start, err)
 	}
-	m.core.Dirty.Clear()
-	m.update(func(s *MigrationStatus) {
-		s.Status = StatusActive
-		s.SetupTimeMs = clock.Since(m.clk(), start).Milliseconds()
-	})
 
 	lastSync := m.clk().Now()
 	applied := 0
@@ -283,6 +271,25 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	}
 }
 
+// setUp readies the sender and clears the dirty log: it has been
+// gathering since the guest started, and round 0 sends everything anyway.
+func (m *Migration) setUp(start time.Time) error {
+	if m.policy.MaxBandwidth > 0 {
+		m.send.Limiter = NewLimiter(m.policy.MaxBandwidth, DefaultBurst(m.policy.MaxBandwidth), m.clk())
+	}
+	m.send.EpochPages = m.EpochPages
+	m.send.RoundLimit = time.Second
+	if _, err := m.core.Sync(); err != nil {
+		return err
+	}
+	m.core.Dirty.Clear()
+	m.update(func(s *MigrationStatus) {
+		s.Status = StatusActive
+		s.SetupTimeMs = clock.Since(m.clk(), start).Milliseconds()
+	})
+	return nil
+}
+
 // report copies the controller's figures into the status.
 func (m *Migration) report(ctrl *Controller, start time.Time, remaining uint64) {
 	st := ctrl.Stats()
@@ -331,39 +338,70 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {
 		if errors.Is(err, ErrFlushAborted) {
-			ctrl.CompletionAborted(m.clk().Now(), err)
-			m.update(func(s *MigrationStatus) {
-				s.Status = StatusActive
-				s.AbortedCompletions = ctrl.AbortedCompletions()
-				b := cp.Breakdown
-				s.DowntimeBreakdown = DowntimeBreakdown{
-					PauseVCPUsMs: ms(b.Pause), FlushMs: ms(b.Flush), ResumeMs: ms(b.Resume), TotalMs: ms(b.Total()),
-				}
-			})
+			m.completionAborted(ctrl, cp, err)
 			return false, nil
 		}
 		return false, m.failed(start, err)
 	}
 	ctrl.ObserveStateSave(cp.Breakdown.StateSave)
 	sendStart := m.clk().Now()
+	final, err := m.sendFinal(cp)
+	if err != nil {
+		return false, m.failed(start, err)
+	}
+	ack, acked, err := m.switchOver(ctx, final, start)
+	if err != nil {
+		return false, err
+	}
+	m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
+	if !ack.Ready && !m.committed {
+		// One-phase (a file, an older receiver): the stream ends here.
+		// A two-phase stream ended with the commit line.
+		m.link.Writer().EndStream()
+		m.link.Flush()
+	}
+	return true, nil
+}
+
+// completionAborted records a stop-and-copy given up because the flush
+// missed its budget; the guest runs again on the source.
+func (m *Migration) completionAborted(ctrl *Controller, cp *Capture, err error) {
+	ctrl.CompletionAborted(m.clk().Now(), err)
+	m.update(func(s *MigrationStatus) {
+		s.Status = StatusActive
+		s.AbortedCompletions = ctrl.AbortedCompletions()
+		b := cp.Breakdown
+		s.DowntimeBreakdown = DowntimeBreakdown{
+			PauseVCPUsMs: ms(b.Pause), FlushMs: ms(b.Flush), ResumeMs: ms(b.Resume), TotalMs: ms(b.Total()),
+		}
+	})
+}
+
+// sendFinal writes the paused guest's last pages, disk writes and device
+// state as one epoch and returns its number.
+func (m *Migration) sendFinal(cp *Capture) (uint64, error) {
 	w := m.link.Writer()
 	if len(cp.Pages) > 0 {
 		if err := w.WritePages(cp.Pages); err != nil {
-			return false, m.failed(start, fmt.Errorf("final send: %w", err))
+			return 0, fmt.Errorf("final send: %w", err)
 		}
 	}
 	if len(cp.Disk) > 0 {
 		if err := w.WriteDisk(cp.Disk); err != nil {
-			return false, m.failed(start, fmt.Errorf("final send: %w", err))
+			return 0, fmt.Errorf("final send: %w", err)
 		}
 	}
 	if err := w.WriteDevices(cp.State); err != nil {
-		return false, m.failed(start, fmt.Errorf("final send: %w", err))
+		return 0, fmt.Errorf("final send: %w", err)
 	}
-	final, err := m.send.EndEpoch()
-	if err != nil {
-		return false, m.failed(start, err)
-	}
+	return m.send.EndEpoch()
+}
+
+// switchOver waits for the destination's answer to the final epoch and,
+// on a two-phase link, commits. It returns the acknowledgement that ends
+// the downtime and when it arrived. On error the migration has been
+// reported failed (guest resumed here) or unconfirmed (commit decided).
+func (m *Migration) switchOver(ctx context.Context, final uint64, start time.Time) (Ack, time.Time, error) {
 	actx, cancel := context.WithTimeout(ctx, max(30*time.Second, 10*m.policy.DowntimeLimit))
 	ack, err := m.link.WaitAck(actx, final, true)
 	cancel()
@@ -389,38 +427,44 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		if twoPhase {
 			cm.Abort(final, err.Error())
 		}
-		return false, ferr
+		return ack, acked, ferr
 	}
-	if ack.Ready {
-		// Two-phase: the destination has loaded the final epoch and
-		// waits, paused. From here the source's guest never runs again:
-		// the commit may arrive even if its sending fails.
-		m.committed = true
-		m.update(func(s *MigrationStatus) { s.CommitSent = true })
-		if err := cm.Commit(final); err != nil {
-			return false, m.unconfirmed(start, fmt.Errorf("send the commit: %w", err))
-		}
-		ready := ack
-		ctimeout := m.ConfirmTimeout
-		if ctimeout <= 0 {
-			ctimeout = DefaultConfirmTimeout
-		}
-		cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), ctimeout)
-		ack, err = m.waitResumed(cctx, final)
-		ccancel()
-		if err != nil {
-			return false, m.unconfirmed(start, fmt.Errorf("no confirmation that the destination resumed (waited up to %v): %w", ctimeout, err))
-		}
-		acked = m.clk().Now()
-		if ack.LoadTime == 0 {
-			ack.LoadTime = ready.LoadTime
-		}
-		if ack.Digest == "" {
-			ack.Digest = ready.Digest
-		}
+	if !ack.Ready {
+		return ack, acked, nil
 	}
-	// Downtime on one clock: from the source's pause to the destination's
-	// resume when it reported one (same host), else to the ack's arrival.
+	// Two-phase: the destination has loaded the final epoch and waits,
+	// paused. From here the source's guest never runs again: the commit
+	// may arrive even if its sending fails.
+	m.committed = true
+	m.update(func(s *MigrationStatus) { s.CommitSent = true })
+	if err := cm.Commit(final); err != nil {
+		return ack, acked, m.unconfirmed(start, fmt.Errorf("send the commit: %w", err))
+	}
+	ready := ack
+	ctimeout := m.ConfirmTimeout
+	if ctimeout <= 0 {
+		ctimeout = DefaultConfirmTimeout
+	}
+	cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), ctimeout)
+	ack, err = m.waitResumed(cctx, final)
+	ccancel()
+	if err != nil {
+		return ack, acked, m.unconfirmed(start, fmt.Errorf("no confirmation that the destination resumed (waited up to %v): %w", ctimeout, err))
+	}
+	if ack.LoadTime == 0 {
+		ack.LoadTime = ready.LoadTime
+	}
+	if ack.Digest == "" {
+		ack.Digest = ready.Digest
+	}
+	return ack, m.clk().Now(), nil
+}
+
+// completed reports a finished switch-over: downtime on one clock, from
+// the source's pause to the destination's resume when it reported one
+// (same host), else to the ack's arrival, and the switch-over digest.
+// Preconditions: the guest is still paused here.
+func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pauseStart, sendStart, acked time.Time) {
 	end := acked
 	if !ack.ResumedAt.IsZero() && ack.ResumedAt.After(pauseStart) && ack.ResumedAt.Before(acked) {
 		end = ack.ResumedAt
@@ -451,13 +495,6 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		m.core.Timings.Observe(PhaseSend, sendStart, send)
 		m.core.Timings.Observe("downtime", pauseStart, downtime)
 	}
-	if !ack.Ready && !m.committed {
-		// One-phase (a file, an older receiver): the stream ends here.
-		// A two-phase stream ended with the commit line.
-		w.EndStream()
-		m.link.Flush()
-	}
-	return true, nil
 }
 
 // waitResumed waits for the destination's word, after the commit, that it
