@@ -284,10 +284,21 @@ func (r *Reader) ram(t Target, s *Section) error {
 	if err != nil {
 		return err
 	}
+	total, err := r.decodeRAM(t, s, body, tail, maxPages)
+	if err != nil {
+		return err
+	}
+	s.RawSize = int64(total) * guest.PageSize
+	return r.applyRAM(t)
+}
+
+// decodeRAM checks and decodes every entry of a RAM section body into
+// r.ents and returns the number of pages it covers. Nothing is applied.
+func (r *Reader) decodeRAM(t Target, s *Section, body, tail []byte, maxPages uint64) (uint64, error) {
 	d := decoder{b: body}
 	n := d.uvarint()
 	if d.err == nil && n > maxPages {
-		return fmt.Errorf("%w: %d entries (limit %d)", ErrTooLarge, n, maxPages)
+		return 0, fmt.Errorf("%w: %d entries (limit %d)", ErrTooLarge, n, maxPages)
 	}
 	ents := r.ents[:0]
 	clear(r.overlay)
@@ -298,61 +309,18 @@ func (r *Reader) ram(t Target, s *Section) error {
 		if d.err != nil {
 			break
 		}
-		switch e.enc {
-		case encZero:
-			e.count = d.uvarint()
-		case encRaw:
-			e.data = d.take(guest.PageSize)
-		case encStored:
-			if !r.feat.storedPages {
-				return fmt.Errorf("%w: stored page in a version without them", ErrCorrupt)
-			}
-			if len(tail) < guest.PageSize {
-				return fmt.Errorf("%w: stored page %d past the end of the section", ErrCorrupt, e.index)
-			}
-			e.data, tail = tail[:guest.PageSize:guest.PageSize], tail[guest.PageSize:]
-		case encXOR:
-			if !r.lay.contains(e.index, 1) {
-				return fmt.Errorf("%w: page %d outside the memory layout", ErrCorrupt, e.index)
-			}
-			out := r.page(used)
-			used++
-			base, ok := r.overlay[e.index]
-			if !ok && t != nil {
-				if base, err = t.PageBase(e.index); err != nil {
-					return fmt.Errorf("base of page %d: %w", e.index, err)
-				}
-			}
-			if base == nil {
-				clear(out)
-			} else if len(base) != guest.PageSize {
-				return fmt.Errorf("target returned a base of %d bytes for page %d", len(base), e.index)
-			} else {
-				copy(out, base)
-			}
-			m := applyXORDelta(out, d.b)
-			if m < 0 {
-				return fmt.Errorf("%w: bad XOR delta for page %d", ErrCorrupt, e.index)
-			}
-			d.b = d.b[m:]
-			e.data = out
-		case encRun:
-			if !r.feat.runPages {
-				return fmt.Errorf("%w: page run in a version without them", ErrCorrupt)
-			}
-			e.count = d.uvarint()
-			e.data = d.take(guest.PageSize)
-		default:
-			return fmt.Errorf("%w: unknown page encoding %d", ErrCorrupt, e.enc)
+		var err error
+		if tail, used, err = r.decodeEntry(t, &d, &e, tail, used); err != nil {
+			return 0, err
 		}
 		if d.err != nil {
 			break
 		}
 		if e.count == 0 || e.count > maxPages-total {
-			return fmt.Errorf("%w: entry of %d pages makes more than %d pages", ErrCorrupt, e.count, maxPages)
+			return 0, fmt.Errorf("%w: entry of %d pages makes more than %d pages", ErrCorrupt, e.count, maxPages)
 		}
 		if !r.lay.contains(e.index, e.count) {
-			return fmt.Errorf("%w: pages %d+%d outside the memory layout", ErrCorrupt, e.index, e.count)
+			return 0, fmt.Errorf("%w: pages %d+%d outside the memory layout", ErrCorrupt, e.index, e.count)
 		}
 		total += e.count
 		expected = e.index + e.count
@@ -370,16 +338,82 @@ func (r *Reader) ram(t Target, s *Section) error {
 	}
 	r.ents = ents
 	if d.err != nil {
-		return d.err
+		return 0, d.err
 	}
 	if len(d.b) != 0 || len(tail) != 0 {
-		return fmt.Errorf("%w: %d unused body bytes, %d unused stored bytes", ErrCorrupt, len(d.b), len(tail))
+		return 0, fmt.Errorf("%w: %d unused body bytes, %d unused stored bytes", ErrCorrupt, len(d.b), len(tail))
 	}
-	s.RawSize = int64(total) * guest.PageSize
+	return total, nil
+}
 
-	// Everything checked: apply.
+// decodeEntry reads the body of one entry whose header is in e, by its
+// encoding. It returns the stored-page tail left and the scratch pages
+// used so far.
+func (r *Reader) decodeEntry(t Target, d *decoder, e *decEntry, tail []byte, used int) ([]byte, int, error) {
+	switch e.enc {
+	case encZero:
+		e.count = d.uvarint()
+	case encRaw:
+		e.data = d.take(guest.PageSize)
+	case encStored:
+		if !r.feat.storedPages {
+			return tail, used, fmt.Errorf("%w: stored page in a version without them", ErrCorrupt)
+		}
+		if len(tail) < guest.PageSize {
+			return tail, used, fmt.Errorf("%w: stored page %d past the end of the section", ErrCorrupt, e.index)
+		}
+		e.data, tail = tail[:guest.PageSize:guest.PageSize], tail[guest.PageSize:]
+	case encXOR:
+		out := r.page(used)
+		if err := r.xorPage(t, d, e.index, out); err != nil {
+			return tail, used, err
+		}
+		e.data = out
+		used++
+	case encRun:
+		if !r.feat.runPages {
+			return tail, used, fmt.Errorf("%w: page run in a version without them", ErrCorrupt)
+		}
+		e.count = d.uvarint()
+		e.data = d.take(guest.PageSize)
+	default:
+		return tail, used, fmt.Errorf("%w: unknown page encoding %d", ErrCorrupt, e.enc)
+	}
+	return tail, used, nil
+}
+
+// xorPage computes page index into out: its base (an earlier entry of
+// this section, else the target's page, else zeros) XOR the delta at d.
+func (r *Reader) xorPage(t Target, d *decoder, index uint64, out []byte) error {
+	if !r.lay.contains(index, 1) {
+		return fmt.Errorf("%w: page %d outside the memory layout", ErrCorrupt, index)
+	}
+	base, ok := r.overlay[index]
+	if !ok && t != nil {
+		var err error
+		if base, err = t.PageBase(index); err != nil {
+			return fmt.Errorf("base of page %d: %w", index, err)
+		}
+	}
+	if base == nil {
+		clear(out)
+	} else if len(base) != guest.PageSize {
+		return fmt.Errorf("target returned a base of %d bytes for page %d", len(base), index)
+	} else {
+		copy(out, base)
+	}
+	m := applyXORDelta(out, d.b)
+	if m < 0 {
+		return fmt.Errorf("%w: bad XOR delta for page %d", ErrCorrupt, index)
+	}
+	d.b = d.b[m:]
+	return nil
+}
+
+// applyRAM stores the checked entries of r.ents into t and counts them.
+func (r *Reader) applyRAM(t Target) error {
 	r.cur.Sections++
-	for _, e := range ents {
+	for _, e := range r.ents {
 		for k := uint64(0); k < e.count; k++ {
 			idx := e.index + k
 			data := e.data

@@ -301,7 +301,16 @@ func (w *Writer) WritePages(pages []Page) error {
 	return nil
 }
 
+// writeBatch encodes pages as one RAM section.
 func (w *Writer) writeBatch(pages []Page) error {
+	w.entries = w.encodeEntries(pages)
+	return w.emitRAM(w.entries)
+}
+
+// encodeEntries chooses each page's encoding (zero run, repeat run, XOR
+// delta against the cache, raw or stored) and updates the cache and the
+// digest as the receiver will see them.
+func (w *Writer) encodeEntries(pages []Page) []entry {
 	ents := w.entries[:0]
 	w.deltas = w.deltas[:0]
 	compress := w.enc != nil
@@ -349,9 +358,12 @@ func (w *Writer) writeBatch(pages []Page) error {
 		ents = append(ents, entry{index: idx, count: 1, enc: enc, data: data})
 		w.cache.put(idx, data)
 	}
-	w.entries = ents
+	return ents
+}
 
-	// Serialise: the entry stream (compressed below), then stored pages.
+// emitRAM serialises ents, the entry stream (compressed by the envelope)
+// then the stored pages, as a RAM section.
+func (w *Writer) emitRAM(ents []entry) error {
 	body := binary.AppendUvarint(w.body[:0], uint64(len(ents)))
 	var expected uint64
 	var counts PageCounts
