@@ -130,6 +130,14 @@ func (g *Guest) SaveState() (guest.MachineState, error) {
 	return ms, nil
 }
 
+// loadedState is a MachineState decoded and checked, ready to commit.
+type loadedState struct {
+	mach  machineState
+	vcpus []vcpuState
+	cons  consoleState
+	disk  diskState
+}
+
 // LoadState replaces the vCPU, console and disk-queue state. Everything is
 // decoded and checked before anything changes, so on error (wrapping
 // guest.ErrState) the guest is as it was. Precondition: paused.
@@ -145,76 +153,11 @@ func (g *Guest) LoadState(s guest.MachineState) error {
 	if s.Kind != Kind {
 		return fmt.Errorf("%w: state of kind %q, this guest is %q", guest.ErrState, s.Kind, Kind)
 	}
-	var (
-		mach     machineState
-		haveMach bool
-		vcpus    = make([]vcpuState, len(g.vcpus))
-		seen     = make([]bool, len(g.vcpus))
-		cons     consoleState
-		haveCons bool
-		disk     diskState
-	)
-	for _, d := range s.Devices {
-		want, known := StateVersions()[d.Name]
-		if !known {
-			return fmt.Errorf("%w: unknown device %q", guest.ErrState, d.Name)
-		}
-		if d.Version != want {
-			return fmt.Errorf("%w: device %s version %d, this build reads version %d", guest.ErrState, d.Name, d.Version, want)
-		}
-		switch d.Name {
-		case devMachine:
-			if haveMach {
-				return fmt.Errorf("%w: device %s saved twice", guest.ErrState, d.Name)
-			}
-			if err := decode(d.Name, d.Fields, &mach); err != nil {
-				return err
-			}
-			haveMach = true
-		case devVCPU:
-			if int(d.Instance) >= len(vcpus) || seen[d.Instance] {
-				return fmt.Errorf("%w: vcpu %d: this guest has %d vCPUs", guest.ErrState, d.Instance, len(vcpus))
-			}
-			if err := decode(d.Name, d.Fields, &vcpus[d.Instance]); err != nil {
-				return err
-			}
-			seen[d.Instance] = true
-		case devConsole:
-			if err := decode(d.Name, d.Fields, &cons); err != nil {
-				return err
-			}
-			if len(cons.Input) > InputBufferSize {
-				return fmt.Errorf("%w: console input of %d bytes exceeds %d", guest.ErrState, len(cons.Input), InputBufferSize)
-			}
-			haveCons = true
-		case devDisk:
-			if g.disk == nil {
-				return fmt.Errorf("%w: state has a disk queue, this guest has no --disk", guest.ErrState)
-			}
-			if err := decode(d.Name, d.Fields, &disk); err != nil {
-				return err
-			}
-		}
+	ls, err := g.decodeState(s)
+	if err != nil {
+		return err
 	}
-	if !haveMach || !haveCons {
-		return fmt.Errorf("%w: state lacks the %s or %s device", guest.ErrState, devMachine, devConsole)
-	}
-	if want := g.machineState(); mach.Workload != want.Workload || mach.VCPUs != want.VCPUs ||
-		mach.Memory != want.Memory || mach.Touch != want.Touch || mach.Pattern != want.Pattern {
-		return fmt.Errorf("%w: state saved from a %s guest with %d vCPUs, %s memory, touch %s, pattern %q; this one is %s, %d, %s, %s, %q",
-			guest.ErrState, mach.Workload, mach.VCPUs, guest.FormatSize(mach.Memory), guest.FormatSize(mach.Touch), mach.Pattern,
-			want.Workload, want.VCPUs, guest.FormatSize(want.Memory), guest.FormatSize(want.Touch), want.Pattern)
-	}
-	for i, ok := range seen {
-		if !ok {
-			return fmt.Errorf("%w: state lacks vcpu %d", guest.ErrState, i)
-		}
-		st := vcpus[i]
-		if st.Phase > phaseDirty || st.TouchNext > g.vcpus[i].n {
-			return fmt.Errorf("%w: vcpu %d: phase %d at page %d of %d", guest.ErrState, i, st.Phase, st.TouchNext, g.vcpus[i].n)
-		}
-	}
-
+	mach, vcpus, cons, disk := ls.mach, ls.vcpus, ls.cons, ls.disk
 	// Commit: nothing below fails.
 	for i, v := range g.vcpus {
 		v.st = vcpus[i]
@@ -226,4 +169,70 @@ func (g *Guest) LoadState(s guest.MachineState) error {
 	}
 	g.booted = mach.Booted
 	return nil
+}
+
+// decodeState decodes every device of s and checks it against this guest,
+// changing nothing. Preconditions: g.ctl held.
+func (g *Guest) decodeState(s guest.MachineState) (loadedState, error) {
+	var (
+		ls       = loadedState{vcpus: make([]vcpuState, len(g.vcpus))}
+		seen     = make([]bool, len(g.vcpus))
+		haveMach bool
+		haveCons bool
+	)
+	for _, d := range s.Devices {
+		want, known := StateVersions()[d.Name]
+		if !known {
+			return ls, fmt.Errorf("%w: unknown device %q", guest.ErrState, d.Name)
+		}
+		if d.Version != want {
+			return ls, fmt.Errorf("%w: device %s version %d, this build reads version %d", guest.ErrState, d.Name, d.Version, want)
+		}
+		var err error
+		switch d.Name {
+		case devMachine:
+			if haveMach {
+				return ls, fmt.Errorf("%w: device %s saved twice", guest.ErrState, d.Name)
+			}
+			err, haveMach = decode(d.Name, d.Fields, &ls.mach), true
+		case devVCPU:
+			if int(d.Instance) >= len(ls.vcpus) || seen[d.Instance] {
+				return ls, fmt.Errorf("%w: vcpu %d: this guest has %d vCPUs", guest.ErrState, d.Instance, len(ls.vcpus))
+			}
+			err, seen[d.Instance] = decode(d.Name, d.Fields, &ls.vcpus[d.Instance]), true
+		case devConsole:
+			if err = decode(d.Name, d.Fields, &ls.cons); err == nil && len(ls.cons.Input) > InputBufferSize {
+				err = fmt.Errorf("%w: console input of %d bytes exceeds %d", guest.ErrState, len(ls.cons.Input), InputBufferSize)
+			}
+			haveCons = true
+		case devDisk:
+			if g.disk == nil {
+				return ls, fmt.Errorf("%w: state has a disk queue, this guest has no --disk", guest.ErrState)
+			}
+			err = decode(d.Name, d.Fields, &ls.disk)
+		}
+		if err != nil {
+			return ls, err
+		}
+	}
+	if !haveMach || !haveCons {
+		return ls, fmt.Errorf("%w: state lacks the %s or %s device", guest.ErrState, devMachine, devConsole)
+	}
+	mach := ls.mach
+	if want := g.machineState(); mach.Workload != want.Workload || mach.VCPUs != want.VCPUs ||
+		mach.Memory != want.Memory || mach.Touch != want.Touch || mach.Pattern != want.Pattern {
+		return ls, fmt.Errorf("%w: state saved from a %s guest with %d vCPUs, %s memory, touch %s, pattern %q; this one is %s, %d, %s, %s, %q",
+			guest.ErrState, mach.Workload, mach.VCPUs, guest.FormatSize(mach.Memory), guest.FormatSize(mach.Touch), mach.Pattern,
+			want.Workload, want.VCPUs, guest.FormatSize(want.Memory), guest.FormatSize(want.Touch), want.Pattern)
+	}
+	for i, ok := range seen {
+		if !ok {
+			return ls, fmt.Errorf("%w: state lacks vcpu %d", guest.ErrState, i)
+		}
+		st := ls.vcpus[i]
+		if st.Phase > phaseDirty || st.TouchNext > g.vcpus[i].n {
+			return ls, fmt.Errorf("%w: vcpu %d: phase %d at page %d of %d", guest.ErrState, i, st.Phase, st.TouchNext, g.vcpus[i].n)
+		}
+	}
+	return ls, nil
 }
