@@ -221,47 +221,9 @@ func (n *Node) execLocked(a Action, v View, now time.Time) {
 		n.announced = a.Target
 		n.emit(Event{Kind: EventPeerChanged, Peer: a.Target, At: now})
 	case ActClaim:
-		n.pending.Claim = true
-		term := v.Term
-		img := n.image // the image this claim is made with
-		n.worker(func() {
-			err := n.apply(cmdPromote, &promoteCmd{ID: n.cfg.ID, Generation: a.Generation})
-			n.mu.Lock()
-			n.pending.Claim = false
-			if err == nil && n.raft.CurrentTerm() == term {
-				n.claimed, n.claimedTerm = a.Generation, term
-			}
-			if err == nil && img != nil && n.image != nil && n.image.Generation == img.Generation && v.RunnableGen == a.Generation-1 {
-				// Nothing is released under the new generation before this
-				// node activates it: the image it claimed with holds all
-				// of it, should it lose leadership before activating.
-				n.claimFrom, n.claimTo = img.Generation, a.Generation
-			}
-			n.mu.Unlock()
-			if err != nil {
-				n.log.Debug("claim failed", "gen", a.Generation, "err", err)
-				return // retried on the next tick
-			}
-			n.poke()
-		})
+		n.claimLocked(a, v)
 	case ActTransfer:
-		n.pending.Transfer = true
-		n.lastTransfer = now
-		n.transfers++
-		n.transferring.Add(1)
-		n.worker(func() {
-			err := n.transferLeadership(a.Target)
-			n.transferring.Add(-1)
-			n.mu.Lock()
-			n.pending.Transfer = false
-			n.mu.Unlock()
-			if err != nil {
-				n.log.Debug("leadership transfer failed", "to", a.Target.ID, "err", err)
-			} else {
-				n.log.Info("leadership transferred", "to", a.Target.ID, "reason", a.Reason)
-			}
-			n.poke()
-		})
+		n.transferLocked(a, now)
 	case ActMarkUnprotected:
 		n.pending.Protect = true
 		n.worker(func() {
@@ -304,6 +266,57 @@ func (n *Node) execLocked(a Action, v View, now time.Time) {
 			}
 		})
 	}
+}
+
+// claimLocked starts a worker that proposes this node's claim to
+// generation a.Generation in raft and records it when it commits.
+// Preconditions: n.mu held.
+func (n *Node) claimLocked(a Action, v View) {
+	n.pending.Claim = true
+	term := v.Term
+	img := n.image // the image this claim is made with
+	n.worker(func() {
+		err := n.apply(cmdPromote, &promoteCmd{ID: n.cfg.ID, Generation: a.Generation})
+		n.mu.Lock()
+		n.pending.Claim = false
+		if err == nil && n.raft.CurrentTerm() == term {
+			n.claimed, n.claimedTerm = a.Generation, term
+		}
+		if err == nil && img != nil && n.image != nil && n.image.Generation == img.Generation && v.RunnableGen == a.Generation-1 {
+			// Nothing is released under the new generation before this
+			// node activates it: the image it claimed with holds all
+			// of it, should it lose leadership before activating.
+			n.claimFrom, n.claimTo = img.Generation, a.Generation
+		}
+		n.mu.Unlock()
+		if err != nil {
+			n.log.Debug("claim failed", "gen", a.Generation, "err", err)
+			return // retried on the next tick
+		}
+		n.poke()
+	})
+}
+
+// transferLocked starts a worker that hands raft leadership to a.Target.
+// Preconditions: n.mu held.
+func (n *Node) transferLocked(a Action, now time.Time) {
+	n.pending.Transfer = true
+	n.lastTransfer = now
+	n.transfers++
+	n.transferring.Add(1)
+	n.worker(func() {
+		err := n.transferLeadership(a.Target)
+		n.transferring.Add(-1)
+		n.mu.Lock()
+		n.pending.Transfer = false
+		n.mu.Unlock()
+		if err != nil {
+			n.log.Debug("leadership transfer failed", "to", a.Target.ID, "err", err)
+		} else {
+			n.log.Info("leadership transferred", "to", a.Target.ID, "reason", a.Reason)
+		}
+		n.poke()
+	})
 }
 
 // worker runs f on a goroutine Close waits for.

@@ -36,16 +36,7 @@ func (n *Node) open() error {
 	if err != nil {
 		return fmt.Errorf("failover: read raft state: %w", err)
 	}
-	want := raft.Configuration{}
-	ids := make([]string, 0, len(cfg.Peers))
-	for id := range cfg.Peers {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
-	for _, id := range ids {
-		n.voters = append(n.voters, NodeInfo{ID: id, RaftAddr: cfg.Peers[id]})
-		want.Servers = append(want.Servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(id), Address: raft.ServerAddress(cfg.Peers[id])})
-	}
+	want := n.membership()
 	if existing {
 		stored, ok, err := storedConfiguration(n.store, snaps)
 		if err != nil {
@@ -73,21 +64,9 @@ func (n *Node) open() error {
 	})
 	n.fsm = newFSM(n.poke)
 
-	rc := raft.DefaultConfig()
-	rc.LocalID = raft.ServerID(cfg.ID)
-	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
-	rc.ElectionTimeout = cfg.ElectionTimeout
-	if cfg.Role == RoleWitness {
-		rc.HeartbeatTimeout /= 2
-		rc.ElectionTimeout *= 2
-	}
-	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
-	rc.CommitTimeout = 5 * time.Millisecond
-	rc.SnapshotThreshold = 1024
-	rc.TrailingLogs = 1024
-	rc.Logger = hl
-	if err := raft.ValidateConfig(rc); err != nil {
-		return fmt.Errorf("%w: %v", ErrConfig, err)
+	rc, err := raftConfig(cfg, hl)
+	if err != nil {
+		return err
 	}
 	n.raft, err = raft.NewRaft(rc, n.fsm, n.store, n.store, snaps, transport{n.trans, n.stream})
 	if err != nil {
@@ -181,4 +160,45 @@ func (n *Node) release() {
 	if n.dir != nil {
 		n.dir.close()
 	}
+}
+
+// membership is the configured trio as a raft configuration, in ID order;
+// it also fills n.voters.
+func (n *Node) membership() raft.Configuration {
+	want := raft.Configuration{}
+	ids := make([]string, 0, len(n.cfg.Peers))
+	for id := range n.cfg.Peers {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		addr := n.cfg.Peers[id]
+		n.voters = append(n.voters, NodeInfo{ID: id, RaftAddr: addr})
+		want.Servers = append(want.Servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(id), Address: raft.ServerAddress(addr)})
+	}
+	return want
+}
+
+// raftConfig is raft's configuration for this member. The witness gets
+// half the heartbeat timeout and twice the election timeout: it drops a
+// dead leader first and retries late, so the secondary normally wins (the
+// package doc explains why).
+func raftConfig(cfg Config, hl hclog.Logger) (*raft.Config, error) {
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	rc.ElectionTimeout = cfg.ElectionTimeout
+	if cfg.Role == RoleWitness {
+		rc.HeartbeatTimeout /= 2
+		rc.ElectionTimeout *= 2
+	}
+	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
+	rc.CommitTimeout = 5 * time.Millisecond
+	rc.SnapshotThreshold = 1024
+	rc.TrailingLogs = 1024
+	rc.Logger = hl
+	if err := raft.ValidateConfig(rc); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	return rc, nil
 }
