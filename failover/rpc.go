@@ -93,47 +93,14 @@ func (m *muxStream) serveRaft(c net.Conn, first byte, peer string) {
 func (m *muxStream) serveRPC(c net.Conn, typ byte, r *bufio.Reader, dec *codec.Decoder, enc *codec.Encoder, peer string) error {
 	respCh := make(chan raft.RPCResponse, 1)
 	rpc := raft.RPC{RespChan: respCh}
-	var empty any // the response a refusal carries
-	heartbeat := false
-	switch typ {
-	case rpcAppendEntries:
-		var req raft.AppendEntriesRequest
-		if err := dec.Decode(&req); err != nil {
-			return err
+	cmd, empty, heartbeat, err := decodeRPC(typ, r, dec, &rpc)
+	if err != nil {
+		if errors.Is(err, errRefused) {
+			m.log.Warn("raft port: RPC refused", "remote", c.RemoteAddr().String(), "peer", peer, "why", fmt.Sprintf("unknown RPC type %d", typ))
 		}
-		rpc.Command, empty = &req, &raft.AppendEntriesResponse{}
-		heartbeat = req.Term != 0 && len(req.RPCHeader.Addr) > 0 &&
-			req.PrevLogEntry == 0 && req.PrevLogTerm == 0 &&
-			len(req.Entries) == 0 && req.LeaderCommitIndex == 0
-	case rpcRequestVote:
-		var req raft.RequestVoteRequest
-		if err := dec.Decode(&req); err != nil {
-			return err
-		}
-		rpc.Command, empty = &req, &raft.RequestVoteResponse{}
-	case rpcRequestPreVote:
-		var req raft.RequestPreVoteRequest
-		if err := dec.Decode(&req); err != nil {
-			return err
-		}
-		rpc.Command, empty = &req, &raft.RequestPreVoteResponse{}
-	case rpcInstallSnapshot:
-		var req raft.InstallSnapshotRequest
-		if err := dec.Decode(&req); err != nil {
-			return err
-		}
-		rpc.Command, empty = &req, &raft.InstallSnapshotResponse{}
-		rpc.Reader = io.LimitReader(r, req.Size)
-	case rpcTimeoutNow:
-		var req raft.TimeoutNowRequest
-		if err := dec.Decode(&req); err != nil {
-			return err
-		}
-		rpc.Command, empty = &req, &raft.TimeoutNowResponse{}
-	default:
-		m.log.Warn("raft port: RPC refused", "remote", c.RemoteAddr().String(), "peer", peer, "why", fmt.Sprintf("unknown RPC type %d", typ))
-		return errRefused
+		return err
 	}
+	rpc.Command = cmd
 
 	if err := m.admit(typ, rpc.Command, peer); err != nil {
 		m.log.Warn("raft port: RPC refused", "rpc", rpcName(typ), "remote", c.RemoteAddr().String(), "peer", peer, "why", err.Error())
@@ -240,4 +207,43 @@ func rpcName(typ byte) string {
 		return "RequestPreVote"
 	}
 	return fmt.Sprintf("rpc(%d)", typ)
+}
+
+// decodeRPC reads the request of an RPC of type typ. It returns the
+// request, the empty response a refusal carries, and whether the request
+// is a heartbeat; an InstallSnapshot's data reader is set on rpc. An
+// unknown type is errRefused.
+func decodeRPC(typ byte, r *bufio.Reader, dec *codec.Decoder, rpc *raft.RPC) (cmd, empty any, heartbeat bool, err error) {
+	switch typ {
+	case rpcAppendEntries:
+		var req raft.AppendEntriesRequest
+		err = dec.Decode(&req)
+		cmd, empty = &req, &raft.AppendEntriesResponse{}
+		heartbeat = req.Term != 0 && len(req.RPCHeader.Addr) > 0 &&
+			req.PrevLogEntry == 0 && req.PrevLogTerm == 0 &&
+			len(req.Entries) == 0 && req.LeaderCommitIndex == 0
+	case rpcRequestVote:
+		var req raft.RequestVoteRequest
+		err = dec.Decode(&req)
+		cmd, empty = &req, &raft.RequestVoteResponse{}
+	case rpcRequestPreVote:
+		var req raft.RequestPreVoteRequest
+		err = dec.Decode(&req)
+		cmd, empty = &req, &raft.RequestPreVoteResponse{}
+	case rpcInstallSnapshot:
+		var req raft.InstallSnapshotRequest
+		err = dec.Decode(&req)
+		cmd, empty = &req, &raft.InstallSnapshotResponse{}
+		rpc.Reader = io.LimitReader(r, req.Size)
+	case rpcTimeoutNow:
+		var req raft.TimeoutNowRequest
+		err = dec.Decode(&req)
+		cmd, empty = &req, &raft.TimeoutNowResponse{}
+	default:
+		return nil, nil, false, errRefused
+	}
+	if err != nil {
+		return nil, nil, false, err
+	}
+	return cmd, empty, heartbeat, nil
 }
