@@ -166,14 +166,18 @@ func TestLimiterWaitCancelRefunds(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() { errc <- l.Wait(ctx, 500) }()
-	clk.BlockUntil(1) // asleep for its 500 bytes
+	if !clk.BlockUntil(1) { // asleep for its 500 bytes
+		t.Fatal("the 500-byte wait never slept")
+	}
 	cancel()
 	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled wait: %v", err)
 	}
 	// The 500 were refunded, so the next 100 only wait for their own debt.
 	go func() { errc <- l.Wait(context.Background(), 100) }()
-	clk.BlockUntil(1)
+	if !clk.BlockUntil(1) {
+		t.Fatal("the 100-byte wait never slept")
+	}
 	clk.Advance(99 * time.Millisecond)
 	select {
 	case err := <-errc:

@@ -103,7 +103,9 @@ func TestFakeSleepAndBlockUntil(t *testing.T) {
 	wg.Add(2)
 	go func() { defer wg.Done(); errs <- Sleep(context.Background(), f, time.Minute) }()
 	go func() { defer wg.Done(); errs <- Sleep(ctx, f, time.Hour) }()
-	f.BlockUntil(2)
+	if !f.BlockUntil(2) {
+		t.Fatal("the sleepers never armed their timers")
+	}
 	f.Advance(time.Minute)
 	if err := <-errs; err != nil {
 		t.Fatalf("sleep: %v", err)
@@ -133,4 +135,19 @@ func TestRealClock(t *testing.T) {
 	tk := c.NewTicker(time.Millisecond)
 	<-tk.C()
 	tk.Stop()
+}
+
+func TestFakeBlockUntilGivesUp(t *testing.T) {
+	f := NewFake(time.Time{})
+	f.NewTimer(time.Second)
+	start := time.Now()
+	if f.BlockUntilWithin(2, 20*time.Millisecond) {
+		t.Fatal("BlockUntilWithin(2) reported two waiters with one armed")
+	}
+	if waited := time.Since(start); waited < 20*time.Millisecond || waited > 5*time.Second {
+		t.Fatalf("gave up after %v, want about 20ms", waited)
+	}
+	if !f.BlockUntilWithin(1, time.Second) {
+		t.Fatal("BlockUntilWithin(1) missed the armed timer")
+	}
 }

@@ -25,5 +25,6 @@
 //
 // The Fake is safe for concurrent use. A test that drives a goroutine
 // through a Fake calls BlockUntil(n) before Advance, so the goroutine has
-// set up the timer the advance is meant to fire.
+// set up the timer the advance is meant to fire. BlockUntil gives up after
+// BlockLimit of real time and says so, so such a test fails, never hangs.
 package clock

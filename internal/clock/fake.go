@@ -94,13 +94,30 @@ func (f *Fake) Waiters() int {
 	return len(f.waiters)
 }
 
-// BlockUntil waits until at least n timers and tickers are armed.
-func (f *Fake) BlockUntil(n int) {
+// BlockLimit bounds BlockUntil's wait, in real time.
+const BlockLimit = 10 * time.Second
+
+// BlockUntil waits until at least n timers and tickers are armed, for at
+// most BlockLimit of real time (a test whose goroutine never arms its
+// timer fails instead of hanging). It reports whether n were armed.
+func (f *Fake) BlockUntil(n int) bool { return f.BlockUntilWithin(n, BlockLimit) }
+
+// BlockUntilWithin is BlockUntil with a limit of d, in real time.
+func (f *Fake) BlockUntilWithin(n int, d time.Duration) bool {
+	expired := false
+	t := time.AfterFunc(d, func() {
+		f.mu.Lock()
+		expired = true
+		f.cond.Broadcast()
+		f.mu.Unlock()
+	})
+	defer t.Stop()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for len(f.waiters) < n {
+	for len(f.waiters) < n && !expired {
 		f.cond.Wait()
 	}
+	return len(f.waiters) >= n
 }
 
 func (f *Fake) advanceLocked(end time.Time) {
