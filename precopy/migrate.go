@@ -50,6 +50,15 @@ type Ack struct {
 	Activated bool `json:"activated,omitempty"`
 }
 
+// AckNotifier is a Link that can say when its last acknowledgement
+// changes, so a wait for one that is not the last (the Final after Ready)
+// blocks instead of polling.
+type AckNotifier interface {
+	// AckChanged returns a channel closed at the next change of the last
+	// acknowledgement or of the link's failure.
+	AckChanged() <-chan struct{}
+}
+
 // Committer is a Link whose destination takes the two-phase switch-over:
 // it loads the final epoch, answers Ready and waits, paused, for Commit
 // (it resumes) or Abort (it drops what it loaded). A Link without it (a
@@ -500,7 +509,12 @@ func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pau
 // waitResumed waits for the destination's word, after the commit, that it
 // resumed the guest (a Final acknowledgement).
 func (m *Migration) waitResumed(ctx context.Context, final uint64) (Ack, error) {
+	notifier, _ := m.link.(AckNotifier)
 	for {
+		var changed <-chan struct{}
+		if notifier != nil {
+			changed = notifier.AckChanged() // before reading, so no change is missed
+		}
 		ack, err := m.link.WaitAck(ctx, final, true)
 		if err != nil {
 			return ack, err
@@ -518,10 +532,16 @@ func (m *Migration) waitResumed(ctx context.Context, final uint64) (Ack, error) 
 				return ack, err
 			}
 		}
+		var poll <-chan time.Time
+		if changed == nil {
+			// A link that cannot say when: look again shortly.
+			poll = m.clk().After(time.Millisecond)
+		}
 		select {
 		case <-ctx.Done():
 			return ack, ctx.Err()
-		case <-m.clk().After(time.Millisecond):
+		case <-changed:
+		case <-poll:
 		}
 	}
 }

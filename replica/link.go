@@ -193,6 +193,13 @@ func (l *Link) WaitAck(ctx context.Context, epoch uint64, final bool) (precopy.A
 	}
 }
 
+// AckChanged implements precopy.AckNotifier.
+func (l *Link) AckChanged() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.changed
+}
+
 // Send writes one control line (a migration's commit or abort) after
 // everything buffered; call it from the goroutine that owns the Writer.
 func (l *Link) Send(c Control) error {
