@@ -14,6 +14,7 @@ import (
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/block"
+	"github.com/tandemvm/tandem/internal/timing"
 )
 
 // Kind is what Guest.Kind returns.
@@ -129,9 +130,11 @@ type Guest struct {
 	thrStarted atomic.Bool
 
 	progress atomic.Uint32 // the workload's last reported phase
-	errMu    sync.Mutex
-	err      error
-	failed   chan struct{}
+	// exitTimes times vCPU exits once TimeExits has been called.
+	exitTimes atomic.Pointer[timing.Exits]
+	errMu     sync.Mutex
+	err       error
+	failed    chan struct{}
 }
 
 type memSlot struct {

@@ -201,6 +201,13 @@ func (v *vcpu) loop() {
 			v.setImmediateExit(true)
 		}
 		_, err := ioctl(v.fd, kvmRun, 0)
+		// A kick (EINTR: a pause or the throttle) is not timed as an
+		// exit: the pause phases and throttle_percent report that time.
+		et := g.exitTimes.Load()
+		var left time.Time
+		if et != nil && err == nil {
+			left = time.Now()
+		}
 		if errors.Is(err, unix.EINTR) {
 			v.setImmediateExit(false)
 			if !v.parkIfRequested() {
@@ -213,11 +220,26 @@ func (v *vcpu) loop() {
 			g.fail(fmt.Errorf("kvm: vCPU %d: KVM_RUN: %w", v.id, err))
 			return
 		}
-		if ferr := v.handleExit(); ferr != nil {
+		h := 0
+		if et != nil {
+			h = v.exitHandler()
+		}
+		ferr := v.handleExit()
+		var served time.Time
+		if et != nil {
+			served = time.Now()
+			et.Exit(h, v.id, left, served.Sub(left))
+		}
+		if ferr != nil {
 			g.fail(ferr)
 			return
 		}
-		v.throttleSleep()
+		if v.throttleSleep() && et != nil {
+			served = time.Now()
+		}
+		if et != nil {
+			et.Outside(v.id, served.Sub(left))
+		}
 	}
 }
 
@@ -250,18 +272,19 @@ func (v *vcpu) parkIfRequested() bool {
 }
 
 // throttleSleep keeps the vCPU out of the guest until the current throttle
-// window ends; a pause or close ends the sleep early.
-func (v *vcpu) throttleSleep() {
+// window ends; a pause or close ends the sleep early. It reports whether
+// it slept.
+func (v *vcpu) throttleSleep() bool {
 	d := v.g.throttleRemaining()
 	if d <= 0 {
-		return
+		return false
 	}
 	select { // a stale token must not end the sleep; Pause sends a fresh one
 	case <-v.wake:
 	default:
 	}
 	if v.g.pauseReq.Load() {
-		return
+		return false
 	}
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -270,6 +293,7 @@ func (v *vcpu) throttleSleep() {
 	case <-v.wake:
 	case <-v.g.closing:
 	}
+	return true
 }
 
 // handleExit serves one exit; a non-nil error stops the vCPU and fails

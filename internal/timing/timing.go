@@ -89,6 +89,23 @@ func (r *Recorder) Observe(name string, start time.Time, d time.Duration) {
 	if d < r.threshold {
 		return
 	}
+	r.Slow(name, start, d)
+}
+
+// Threshold is the duration from which a timing is slow.
+func (r *Recorder) Threshold() time.Duration {
+	if r == nil {
+		return DefaultSlowThreshold
+	}
+	return r.threshold
+}
+
+// Slow logs a timing the caller found slow and keeps it in the slow list,
+// without a histogram observation (the caller keeps its own: vCPU exits).
+func (r *Recorder) Slow(name string, start time.Time, d time.Duration) {
+	if r == nil {
+		return
+	}
 	r.log.Warn("slow phase", "phase", name, "duration", d.String(), "start", start.Format(time.RFC3339Nano))
 	r.mu.Lock()
 	if len(r.slow) >= slowKeep {
