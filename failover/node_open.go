@@ -27,7 +27,7 @@ func (n *Node) open() error {
 	if err != nil {
 		return fmt.Errorf("failover: open raft log %s: %w", filepath.Join(cfg.DataDir, raftDBFile), err)
 	}
-	hl := hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: slogWriter{n.log}})
+	hl := newRaftLog(n.log, n.clock).hclog()
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(filepath.Join(cfg.DataDir, snapshotDir), 2, hl)
 	if err != nil {
 		return fmt.Errorf("failover: open snapshots: %w", err)

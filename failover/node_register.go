@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"time"
 
@@ -125,14 +124,6 @@ func (n *Node) leaderID() string {
 func (n *Node) transferVote(candidate string) bool {
 	g := n.transferGrant.Load()
 	return g != nil && g.to == candidate && n.clock.Now().Before(g.until)
-}
-
-// slogWriter feeds hclog's lines (raft's logs) into slog.
-type slogWriter struct{ log *slog.Logger }
-
-func (w slogWriter) Write(p []byte) (int, error) {
-	w.log.Info(strings.TrimSpace(string(p)), "component", "raft")
-	return len(p), nil
 }
 
 // WaitSynced waits until this node knows a leader and has applied
