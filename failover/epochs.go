@@ -1075,8 +1075,6 @@ func (l *EpochLoop) onAck(a precopy.Ack) {
 // (tandem_phase_seconds{phase="epoch_ack"}).
 const PhaseAck = "epoch_ack"
 
-// resyncing starts the resolution of a mismatch not yet resolved.
-const resyncing = "re-syncing the secondary from scratch"
 
 // diverge is a replica that does not match: an incident, not a log line.
 // The link's secondary stops counting as a replica at once (status says
