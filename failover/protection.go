@@ -101,6 +101,7 @@ const (
 	EvSent                                        // Epoch (last stream epoch on the wire), Now
 	EvPause                                       // an epoch's pause, before its output is sealed
 	EvCaptured                                    // the epoch was captured and goes to the shipper
+	EvCaptureFailed                               // the capture failed and resumed the guest: a final epoch it was is over
 	EvShipping                                    // Epoch, Flight: registered before its end is sent
 	EvAck                                         // Epoch, Digest, Why (secondary's error), Activated, Sent (last epoch sent), Now
 	EvMismatch                                    // Epoch, Why (detail), Now: verification found a page the secondary lacks
@@ -113,7 +114,7 @@ const (
 )
 
 var eventNames = [...]string{"no-secondary", "secondary-changed", "join-start", "join-done", "link-down", "sent",
-	"pause", "captured", "shipping", "ack", "mismatch", "relink", "final-requested", "final-shipped",
+	"pause", "captured", "capture-failed", "shipping", "ack", "mismatch", "relink", "final-requested", "final-shipped",
 	"final-abandoned", "tick", "fenced"}
 
 func (k ProtectionEventKind) String() string {
@@ -254,10 +255,16 @@ func (p *Protection) FinalDeadline() (time.Time, bool) {
 	return p.finalDeadline, p.final == finalWaiting
 }
 
-// FinalDone reports whether the final epoch's wait has ended, and
-// whether it was acknowledged.
-func (p *Protection) FinalDone() (done, acked bool) {
-	return p.final == finalAcked || p.final == finalTimedOut, p.final == finalAcked
+// FinalDone reports whether the final epoch's wait has ended, and if it
+// failed, why ("" when it was acknowledged).
+func (p *Protection) FinalDone() (done bool, failure string) {
+	switch p.final {
+	case finalAcked:
+		return true, ""
+	case finalTimedOut:
+		return true, fmt.Sprintf("the secondary did not acknowledge the final epoch within %v", p.cfg.FinalTimeout)
+	}
+	return false, ""
 }
 
 // Step applies one event and returns what to do, in order.
@@ -295,6 +302,11 @@ func (p *Protection) Step(ev ProtectionEvent) []ProtectionAction {
 		return []ProtectionAction{{Kind: DoHold}}
 	case EvCaptured:
 		p.unshipped++
+		return nil
+	case EvCaptureFailed:
+		if p.final == finalCapture {
+			p.final = finalNone // the capture resumed the guest itself
+		}
 		return nil
 	case EvShipping:
 		p.unshipped = max(p.unshipped-1, 0)
@@ -515,8 +527,8 @@ func (p *Protection) tick(now time.Time) []ProtectionAction {
 	}
 	if p.final == finalWaiting && !now.Before(p.finalDeadline) {
 		p.final = finalTimedOut
-		acts = append(acts, ProtectionAction{Kind: DoFinalFailed,
-			Why: fmt.Sprintf("the secondary did not acknowledge the final epoch within %v", p.cfg.FinalTimeout)})
+		_, why := p.FinalDone()
+		acts = append(acts, ProtectionAction{Kind: DoFinalFailed, Why: why})
 	}
 	return acts
 }

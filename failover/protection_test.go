@@ -19,7 +19,7 @@ import (
 // reason, where one is taken, is the directive's input block):
 //
 //	init [verify] [max-in-flight=N] [ack-timeout=D] [final-timeout=D]
-//	no-secondary | secondary-changed | join-done | pause | captured
+//	no-secondary | secondary-changed | join-done | pause | captured | capture-failed
 //	join addr=A epoch=N t=D          link-down (why)
 //	sent epoch=N t=D                 ship epoch=N gate=G [digest=X] t=D
 //	epoch n=N gate=G [digest=X] t=D  (pause, captured, ship, sent)
@@ -70,7 +70,7 @@ func scriptEvents(t *testing.T, d *datadriven.TestData, base time.Time) []Protec
 	d.MaybeScanArgs(t, "addr", &ev.Addr)
 	kinds := map[string]ProtectionEventKind{"no-secondary": EvNoSecondary, "secondary-changed": EvSecondaryChanged,
 		"join": EvJoinStart, "join-done": EvJoinDone, "link-down": EvLinkDown, "sent": EvSent, "pause": EvPause,
-		"captured": EvCaptured, "ship": EvShipping, "ack": EvAck, "mismatch": EvMismatch, "relink": EvRelink,
+		"captured": EvCaptured, "capture-failed": EvCaptureFailed, "ship": EvShipping, "ack": EvAck, "mismatch": EvMismatch, "relink": EvRelink,
 		"final": EvFinalRequested, "final-shipped": EvFinalShipped, "final-abandoned": EvFinalAbandoned,
 		"tick": EvTick, "fenced": EvFenced}
 	switch d.Cmd {
@@ -124,8 +124,10 @@ func protectionStatus(p *Protection, base time.Time) string {
 	if at, ok := p.FinalDeadline(); ok {
 		fmt.Fprintf(&b, "final deadline t=%v\n", at.Sub(base))
 	}
-	if done, acked := p.FinalDone(); done {
-		fmt.Fprintf(&b, "final done, acknowledged %v\n", acked)
+	if done, failure := p.FinalDone(); done && failure == "" {
+		fmt.Fprintf(&b, "final acknowledged\n")
+	} else if done {
+		fmt.Fprintf(&b, "final failed: %s\n", failure)
 	}
 	return b.String()
 }
