@@ -13,16 +13,25 @@ import (
 // event that needs the time carries it) and starts no goroutine, so the
 // scripts in testdata/protection drive it step by step.
 //
-// States (Protection.State):
+// States (Protection.State) and what moves them:
 //
-//	unprotected ──join-start──▶ joining ──ack (verified)──▶ protected
+//	unprotected ──join-start──▶ joining
+//	joining ──ack of a consistent epoch (verified, with Verify)──▶ protected
 //	joining, protected ──link-down──▶ unprotected (release-held, backoff)
-//	protected ──relink──▶ relink (the link is dropped; the join that
-//	    follows re-syncs the secondary)
-//	joining, protected ──mismatch──▶ unprotected, diverged (nothing the
-//	    link acknowledges counts; relink, full re-sync)
-//	any ──fenced──▶ fenced (absorbing: discard output, drop the link,
-//	    pause the guest)
+//	protected ──relink──▶ protected, until the link's end (link-down)
+//	    brings unprotected; the join that follows re-syncs the secondary
+//	joining, protected ──mismatch (or an ack's digest differs)──▶
+//	    unprotected, the link diverged: nothing it acknowledges counts,
+//	    relink; protection returns only through a fresh join
+//	joining, protected ──tick past the ack deadline──▶ drop-link, then
+//	    link-down as above
+//	any ──fenced, or an ack saying Activated──▶ fenced: absorbing (discard
+//	    output, end the link, pause the guest; final epochs refused)
+//
+// Held output follows from the state: the first pause on a link holds it
+// (hold), acknowledged epochs release it up to their gate epoch
+// (release), and entering any state but protected lets it out once the
+// loss of protection is recorded (release-held). A fence discards it.
 //
 // Beside the state it keeps the link's epochs (last sent, highest
 // acknowledged, when acknowledgements last moved), the flights (shipped
@@ -44,14 +53,16 @@ type Protection struct {
 	// then on); diverged: its replica failed verification; dropped: the
 	// ack deadline already dropped it.
 	onLink, epochs, captured, diverged, dropped bool
-	sent, acked                                 uint64    // last stream epoch sent; highest acknowledged
-	ackAt                                       time.Time // when acked last moved (or the link started)
-	outstandingAt                               time.Time // when sent last went past acked
-	flights                                     map[uint64]Flight
-	unshipped                                   int // captured, not yet registered as a flight
 
-	committed uint64 // last acknowledged (and verified) consistent epoch
-	retry     time.Duration
+	sent          uint64    // last stream epoch on the wire (catch-up included)
+	acked         uint64    // highest epoch acknowledged
+	ackAt         time.Time // when acked last moved (or the link started)
+	outstandingAt time.Time // when sent last went past acked
+	flights       map[uint64]Flight
+	unshipped     int // captured, not yet registered as a flight
+
+	committed uint64        // last acknowledged (and verified) consistent epoch
+	retry     time.Duration // the last back-off; 0 starts afresh
 
 	final         finalPhase
 	finalDeadline time.Time
