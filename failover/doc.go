@@ -11,9 +11,10 @@
 // The coordination core (Node, Decide, the FSM) must never: ship epochs,
 // touch a guest, release output itself, parse flags, print, or block a
 // caller without a deadline. Shipping epochs and output commit live beside
-// it in epochs.go and outputgate.go (the EpochLoop and OutputGate); they ask
-// the core through CanRelease and report through ReportEpoch, never the
-// other way round. Decisions never depend on an event having been consumed:
+// it (the EpochLoop, epochs.go and epoch_*.go, around the Protection state
+// machine, protection.go; the OutputGate, outputgate.go); they ask the core
+// through CanRelease and report through ReportEpoch, never the other way
+// round. Decisions never depend on an event having been consumed:
 // CanRelease is computed from raft and the FSM at the moment of the call.
 //
 // # Replicated state
@@ -165,7 +166,50 @@
 // timeout. Lock order: Node.mu, then muxStream.connsMu. The FSM never
 // takes Node.mu. OutputGate: relMu (orders sink calls), then mu (its
 // state); the sink runs under relMu only, never under mu, so a pause's
-// Seal never waits for the outside world.
+// Seal never waits for the outside world. EpochLoop.mu guards its
+// Protection and figures only: actions are performed after it is
+// released, so it is never held across the gate, a callback or I/O, and
+// it is never taken under the gate's locks.
+//
+// # Protection: the EpochLoop and its state machine
+//
+// A primary's protection is two parts. Protection (protection.go) is
+// pure: events in, actions out, no I/O, no clock reads (every event
+// carries its time), no goroutines; its scripts in testdata/protection
+// replay it event by event. The EpochLoop is the I/O shell: it turns
+// what happens (a join, an epoch sent, a pause, an acknowledgement, a
+// verification mismatch, a deadline, the cluster's relink, a switchover's
+// request, an activated secondary) into events, steps them under its
+// mutex, and performs the actions after releasing it (hold output,
+// release output up to a gate epoch, record the loss of protection and
+// let held output out, tell the cluster, relink, drop a silent link, back
+// off, fence, resume a guest a final capture left paused).
+//
+// States: unprotected (no secondary, or between links; output passes
+// once the loss of protection is recorded), joining (a link's catch-up
+// and first epochs, until an acknowledged and, with Verify, verified
+// epoch), protected, and fenced (absorbing). A link that fails returns
+// to unprotected and backs off (200 ms doubling to 5 s, from the minimum
+// again after a link that got as far as protected); the cluster's relink
+// drops only a protected link; a verification mismatch makes the link
+// unprotected at once, ignores what it acknowledges from then on and
+// relinks (the rejoin re-syncs the secondary from scratch).
+//
+// Goroutines per link, each owned and joined by protect: the capture
+// loop (Run's goroutine: captures every Interval), the shipper (encodes
+// and sends captured epochs in order) and the ack goroutine.
+// Acknowledgements arrive on a channel from the link's reader; the ack
+// goroutine steps them, hears of every epoch sent (each epoch's end
+// flushes the link) and sleeps until the machine's acknowledgement
+// deadline: AckTimeout after the later of the last progress and the
+// moment something became outstanding. Nothing polls. The capture side
+// waits on channels too: for room in the in-flight window (back-pressure:
+// at most MaxInFlight epochs unacknowledged and one queued for shipping,
+// so a slow secondary lengthens epochs, never memory), woken by
+// acknowledgements and returned buffers; and for a final epoch's
+// acknowledgement, until the machine's 10 s deadline. Every wait is
+// bounded by the link: a silent link is dropped at the ack deadline,
+// which ends its reader and closes replica.Link.Done.
 //
 // # Proving the replica (EpochLoop, Verify)
 //
@@ -183,7 +227,7 @@
 // pause; the captured pages are hashed from their copies after the
 // resume, so the pause grows by the slice's hashing, not by a scan.
 //
-// A mismatch of either kind is an incident, handled in diverge: at once
+// A mismatch of either kind is an incident, decided by Protection: at once
 // the secondary stops counting as a replica (state unprotected,
 // OnProtected(false); nothing it acknowledges on that link releases
 // output or reaches OnCommitted, so raft never records an epoch that

@@ -235,6 +235,11 @@ func (l *Link) Fail(err error) {
 	l.conn.Close()
 }
 
+// Done is closed when the ack reader ends: the link failed (Err says why,
+// Fail included) or was closed. A waiter selects on it instead of polling
+// Err.
+func (l *Link) Done() <-chan struct{} { return l.done }
+
 // Err returns why the acknowledgement channel failed, if it did.
 func (l *Link) Err() error {
 	l.mu.Lock()

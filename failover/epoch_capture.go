@@ -1,0 +1,352 @@
+package failover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// job is one captured epoch on its way to the shipper.
+type job struct {
+	cp        *precopy.Capture
+	gateEpoch uint64
+	digest    string
+}
+
+// pipeline is one link's capture side: the captures go to the shipper
+// through ship, each in a buffer taken from free.
+type pipeline struct {
+	parent, ctx context.Context // the loop's; the link's
+	link        *replica.Link
+	sender      *precopy.LiveSender
+	shipped     *guest.MemHash // what the secondary will hold (Verify), or nil
+	ship        chan job
+	free        chan []byte
+	shipErr     chan error
+	shipDead    bool        // shipErr was taken: the shipper has ended
+	slice       verifySlice // the pause's re-read of memory (Verify)
+}
+
+// runEpochs captures an epoch every interval and ships it on another
+// goroutine (pipelined), with bounded buffers: see the package doc.
+func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, sender *precopy.LiveSender, shipped *guest.MemHash) error {
+	p := &pipeline{parent: parent, ctx: ctx, link: link, sender: sender, shipped: shipped,
+		ship: make(chan job, 1), free: make(chan []byte, 3), shipErr: make(chan error, 1)}
+	// Each slot owns its buffer: a capture copies its pages into the slot
+	// it took, and the slot comes back only once the shipper is done with
+	// those pages. The seeds are empty but not nil: a nil Buffer makes
+	// Capture use the Core's one shared buffer, so every slot would alias
+	// it and a capture taken while the shipper still encodes the previous
+	// epoch would overwrite that epoch's pages under it (the secondary
+	// then committed other pages' contents: a silent divergence, or a
+	// checksum error and a reconnect when the overwrite raced the encoder).
+	for i := 0; i < cap(p.free); i++ {
+		p.free <- make([]byte, 0)
+	}
+	var shipWG sync.WaitGroup
+	shipWG.Add(1)
+	go func() {
+		defer shipWG.Done()
+		p.shipErr <- l.shipper(ctx, link, sender, p.ship, p.free)
+	}()
+	defer func() {
+		close(p.ship)
+		shipWG.Wait()
+	}()
+
+	tick := l.clk.NewTicker(l.cfg.Interval)
+	defer tick.Stop()
+	l.mu.Lock()
+	l.startedEpochs = l.clk.Now()
+	l.linkEpochs = 0
+	l.mu.Unlock()
+	for {
+		var final *finalRequest
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-p.shipErr:
+			return err
+		case why := <-l.relink:
+			return errors.New(why)
+		case <-tick.C():
+		case req := <-l.final:
+			if a, ok := findAction(l.step(ProtectionEvent{Kind: EvFinalRequested, Now: l.clk.Now()}), DoRefuseFinal); ok {
+				req.reply(errors.New(a.Why))
+				continue
+			}
+			final = &req
+		}
+		if err := l.epoch(p, final); err != nil {
+			return err
+		}
+	}
+}
+
+func findAction(acts []ProtectionAction, k ProtectionActionKind) (ProtectionAction, bool) {
+	for _, a := range acts {
+		if a.Kind == k {
+			return a, true
+		}
+	}
+	return ProtectionAction{}, false
+}
+
+// epoch captures one epoch and hands it to the shipper. With final it is
+// a switchover's last epoch: the guest stays paused and epoch returns
+// only once the handover is over (see handOver). An error ends the link.
+func (l *EpochLoop) epoch(p *pipeline, final *finalRequest) error {
+	// answer tells a waiting FinalEpoch how its request ended, once, and
+	// passes err on.
+	answer := func(err error) error {
+		if final != nil {
+			final.reply(err)
+			final = nil
+		}
+		return err
+	}
+	if err := p.link.Err(); err != nil {
+		return answer(err)
+	}
+	buf, err := l.waitSlot(p)
+	if err != nil {
+		return answer(err)
+	}
+	j, err := l.capture(p, buf, final != nil)
+	if err != nil {
+		p.free <- buf
+		l.step(ProtectionEvent{Kind: EvCaptureFailed, Now: l.clk.Now()})
+		answer(err)
+		if errors.Is(err, precopy.ErrFlushAborted) {
+			l.mu.Lock()
+			l.flushAborts++
+			l.mu.Unlock()
+			l.log.Warn("epoch capture aborted: flush missed its budget; guest resumed", "budget", l.cfg.FlushBudget)
+			return nil
+		}
+		return err
+	}
+	select {
+	case p.ship <- j:
+	case err := <-p.shipErr:
+		// The final capture left the guest paused and the switchover
+		// waits for an answer: the link failed before the epoch went
+		// out, so the guest runs on here.
+		l.step(ProtectionEvent{Kind: EvFinalAbandoned, Now: l.clk.Now()})
+		return answer(err)
+	case <-p.ctx.Done():
+		if p.parent.Err() == nil {
+			// The link was dropped (a new secondary, no acks) with the
+			// final capture's guest paused: it runs on here.
+			l.step(ProtectionEvent{Kind: EvFinalAbandoned, Now: l.clk.Now()})
+		}
+		return answer(p.ctx.Err())
+	}
+	if final == nil {
+		return nil
+	}
+	return l.handOver(p, final)
+}
+
+// waitSlot waits for room in the in-flight window and a free capture
+// buffer: back-pressure, so a slow secondary makes epochs longer, never
+// memory larger. It wakes on acknowledgements (progress) and returned
+// buffers, never polls, and is bounded by the link: acknowledgements that
+// stop moving drop it at the ack deadline (ackLoop), and a shipper stuck
+// on the wire fails at the link's I/O timeout.
+func (l *EpochLoop) waitSlot(p *pipeline) ([]byte, error) {
+	stalled := false
+	for {
+		l.mu.Lock()
+		room := l.prot.MayCapture()
+		l.mu.Unlock()
+		var slots <-chan []byte // nil (never ready) while the window is full
+		if room {
+			slots = p.free
+		}
+		select {
+		case buf := <-slots: // a slot; its buffer may still be empty
+			return buf, nil
+		default:
+		}
+		if !stalled {
+			stalled = true
+			l.mu.Lock()
+			l.stalls++
+			l.mu.Unlock()
+		}
+		select {
+		case buf := <-slots:
+			return buf, nil
+		case <-l.progress: // an acknowledgement: the window may have room
+		case <-p.ctx.Done():
+			return nil, p.ctx.Err()
+		case err := <-p.shipErr:
+			p.shipDead = true
+			return nil, err
+		case why := <-l.relink:
+			return nil, errors.New(why)
+		case <-p.link.Done():
+			return nil, p.link.Err()
+		}
+	}
+}
+
+// capture takes one epoch: the pause seals its output (held from the
+// link's first pause on) and, verifying, re-reads a slice of memory; a
+// final capture waits for the flush (bounded) and leaves the guest
+// paused, as a migration's completion does, since a handover must carry
+// every disk write.
+func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
+	var j job
+	flushBudget := l.cfg.FlushBudget
+	if final {
+		flushBudget = finalTimeout
+	}
+	cp, err := l.core.Capture(p.ctx, precopy.CaptureOptions{
+		FlushBudget: flushBudget,
+		KeepPaused:  final,
+		Buffer:      buf,
+		WhilePaused: func(cp *precopy.Capture) error {
+			l.step(ProtectionEvent{Kind: EvPause, Now: cp.PausedAt})
+			j.gateEpoch = l.gate.Seal()
+			if p.shipped != nil {
+				// Only the slice is read at the pause; the captured
+				// pages are copies and are hashed after the resume.
+				l.readSlice(&p.slice)
+			}
+			return nil
+		},
+	})
+	if err != nil {
+		return j, err
+	}
+	j.cp = cp
+	if p.shipped != nil {
+		j.digest = l.verifyCapture(p.shipped, cp, &p.slice)
+	}
+	l.step(ProtectionEvent{Kind: EvCaptured, Now: l.clk.Now()})
+	l.mu.Lock()
+	l.epochs++
+	l.linkEpochs++
+	l.rawBytes += uint64(len(cp.Pages)) * guest.PageSize
+	l.pauses = appendBounded(l.pauses, cp.Breakdown.Total())
+	l.mu.Unlock()
+	return j, nil
+}
+
+// handOver waits until the secondary holds everything, output included,
+// after a final epoch was handed to the shipper, and answers the
+// switchover. Acknowledged and taken: the guest stays paused for the new
+// primary to take over from this epoch, and only the loop's end (the
+// node fenced or stopped) moves it on, not a change of the secondary.
+// Otherwise the guest runs on here (never left paused for a handover
+// nobody takes) and the loop with it, unless the link is gone.
+func (l *EpochLoop) handOver(p *pipeline, final *finalRequest) error {
+	l.step(ProtectionEvent{Kind: EvFinalShipped, Now: l.clk.Now()})
+	err := l.waitFinal(p)
+	if err == nil {
+		if final.reply(nil) {
+			<-p.parent.Done()
+			return p.parent.Err()
+		}
+		err = fmt.Errorf("the switchover's requester gave up: %w", context.Cause(final.ctx))
+		l.log.Warn("final epoch acknowledged but nobody took the handover; the guest runs on here", "err", err)
+		l.step(ProtectionEvent{Kind: EvFinalAbandoned, Now: l.clk.Now()})
+	} else {
+		l.step(ProtectionEvent{Kind: EvFinalAbandoned, Now: l.clk.Now()})
+		final.reply(err)
+	}
+	if p.ctx.Err() != nil || p.link.Err() != nil || p.shipDead {
+		return err
+	}
+	return nil
+}
+
+// waitFinal waits until no captured epoch waits for its acknowledgement,
+// or the machine's final deadline passes. It wakes on acknowledgements
+// and the deadline, never polls.
+func (l *EpochLoop) waitFinal(p *pipeline) error {
+	for {
+		l.mu.Lock()
+		done, failure := l.prot.FinalDone()
+		at, waiting := l.prot.FinalDeadline()
+		l.mu.Unlock()
+		switch {
+		case done && failure == "":
+			return nil
+		case done:
+			return errors.New(failure)
+		case !waiting:
+			return errors.New("the final epoch was abandoned")
+		}
+		if err := p.link.Err(); err != nil {
+			return err
+		}
+		deadline := l.clk.NewTimer(max(at.Sub(l.clk.Now()), 0))
+		select {
+		case <-p.ctx.Done():
+			deadline.Stop()
+			return p.ctx.Err()
+		case err := <-p.shipErr:
+			deadline.Stop()
+			p.shipDead = true
+			return err
+		case <-p.link.Done(): // Err says why, above
+		case <-l.progress:
+		case <-deadline.C():
+			l.step(ProtectionEvent{Kind: EvTick, Now: l.clk.Now()})
+		}
+		deadline.Stop()
+	}
+}
+
+// testHookShip, if set (tests only), runs in the shipper before it encodes
+// each captured epoch, so a test can make shipping slower than capturing
+// or damage an epoch after its digest was taken.
+var testHookShip func(gateEpoch uint64, cp *precopy.Capture)
+
+// shipper encodes and sends captured epochs in order.
+func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *precopy.LiveSender, ship <-chan job, free chan<- []byte) error {
+	w := link.Writer()
+	for j := range ship {
+		cp := j.cp
+		if testHookShip != nil {
+			testHookShip(j.gateEpoch, cp)
+		}
+		t0 := time.Now()
+		wire0 := link.BytesSent()
+		err := w.WritePages(cp.Pages)
+		if err == nil && len(cp.Disk) > 0 {
+			err = w.WriteDisk(cp.Disk)
+		}
+		if err == nil {
+			err = w.WriteDevices(cp.State)
+		}
+		// Register the flight before the epoch can be acknowledged.
+		epoch := sender.Epoch() + 1
+		l.step(ProtectionEvent{Kind: EvShipping, Epoch: epoch, Now: l.clk.Now(),
+			Flight: Flight{GateEpoch: j.gateEpoch, Digest: j.digest, PausedAt: cp.PausedAt}})
+		if err == nil {
+			_, err = sender.EndEpoch()
+		}
+		free <- cp.Buffer
+		if l.cfg.Timings != nil {
+			l.cfg.Timings.Observe("epoch_ship", t0, time.Since(t0))
+		}
+		if err != nil {
+			return fmt.Errorf("ship epoch %d: %w", epoch, err)
+		}
+		l.mu.Lock()
+		l.shipped = epoch
+		l.wireBytes += link.BytesSent() - wire0
+		l.mu.Unlock()
+	}
+	return nil
+}

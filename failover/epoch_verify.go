@@ -1,0 +1,75 @@
+package failover
+
+import (
+	"fmt"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
+)
+
+// DefaultVerifySlicePages is the slice of memory a verifying pause
+// re-reads: 2 MiB. On memory without zero pages (the worst case:
+// BenchmarkVerifySlice) it costs about 0.45 ms a pause on this project's
+// machines, 1.25x a plain copy of the same bytes; zero pages are skipped
+// at memory speed. It covers a 1 GiB guest every 512 epochs (12.8 s at
+// 40 epochs/s).
+const DefaultVerifySlicePages = 512
+
+// verifySlice is one pause's re-read of memory: page indices and their
+// hashes as the paused guest held them.
+type verifySlice struct {
+	index []uint64
+	hash  []uint64
+}
+
+// readSlice hashes the next VerifySlicePages pages of the paused guest,
+// rotating through all of memory. Called with the guest paused.
+func (l *EpochLoop) readSlice(vs *verifySlice) {
+	vs.index, vs.hash = vs.index[:0], vs.hash[:0]
+	regions, total := l.cfg.Guest.Regions(), l.guestPages
+	if total == 0 {
+		return
+	}
+	pos := l.vcursor % total
+	for left := min(uint64(l.cfg.VerifySlicePages), total); left > 0; {
+		off := pos
+		var r guest.Region
+		for _, r = range regions {
+			if off < r.Pages() {
+				break
+			}
+			off -= r.Pages()
+		}
+		run := min(left, r.Pages()-off)
+		for p := off; p < off+run; p++ {
+			idx := r.FirstPage() + p
+			vs.index = append(vs.index, idx)
+			vs.hash = append(vs.hash, guest.PageHash(idx, r.Mem[p<<guest.PageShift:(p+1)<<guest.PageShift]))
+		}
+		left -= run
+		pos = (pos + run) % total
+	}
+	l.vcursor = pos
+}
+
+// verifyCapture records a capture's pages in the digest of what was
+// shipped, checks the pause's slice against it, and returns the epoch's
+// digest (memory as shipped, plus the captured machine state). A slice
+// page that differs was written without the dirty log noticing: the
+// secondary never got that write, so the replica has diverged.
+func (l *EpochLoop) verifyCapture(shipped *guest.MemHash, cp *precopy.Capture, vs *verifySlice) string {
+	for _, p := range cp.Pages {
+		shipped.Update(p.Index, p.Data)
+	}
+	for i, idx := range vs.index {
+		if shipped.Page(idx) != vs.hash[i] {
+			l.mu.Lock()
+			last := l.shipped
+			l.mu.Unlock()
+			l.step(ProtectionEvent{Kind: EvMismatch, Epoch: last, Now: l.clk.Now(),
+				Why: fmt.Sprintf("page %d differs from what was shipped: a write escaped dirty tracking (found by the rotating check after epoch %d)", idx, last)})
+			break
+		}
+	}
+	return guest.CombineDigest(shipped.Sum(), cp.State).String()
+}
