@@ -156,3 +156,13 @@ func LastLine(s string) string {
 	}
 	return s
 }
+
+// ProcessState is how the process ended (nil while it runs).
+func (p *Proc) ProcessState() *os.ProcessState {
+	select {
+	case <-p.exited:
+		return p.cmd.ProcessState
+	default:
+		return nil
+	}
+}

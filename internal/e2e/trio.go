@@ -95,16 +95,26 @@ func NewTrio(cfg TrioConfig) (*Trio, error) {
 		if n.Role == "witness" {
 			n.Data, n.Console = "", ""
 		}
-		var tc *tls.Config
-		if cfg.TLS != nil {
-			tc = cfg.TLS.ClientTLS("")
-		}
-		n.client = api.NewClient(n.API, tc, StatusTimeout)
 		peers = append(peers, n.ID+"="+n.Raft)
 		t.nodes = append(t.nodes, n)
 	}
 	t.peers = strings.Join(peers, ",")
+	t.SetTLS(cfg.CertDir, cfg.TLS)
 	return t, nil
+}
+
+// SetTLS runs the trio over TLS with the certificates in certDir and the
+// operator identity id for the harness's clients ("" and nil:
+// plaintext). Call it before the trio starts.
+func (t *Trio) SetTLS(certDir string, id *trust.Identity) {
+	t.cfg.CertDir, t.cfg.TLS = certDir, id
+	var tc *tls.Config
+	if id != nil {
+		tc = id.ClientTLS("")
+	}
+	for _, n := range t.nodes {
+		n.client = api.NewClient(n.API, tc, StatusTimeout)
+	}
 }
 
 // Dir is where the trio's data dirs are.
