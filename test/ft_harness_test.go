@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/e2e"
 )
 
 // Helpers of the micro-checkpointing (FT) tests: a primary/secondary pair
@@ -170,7 +172,7 @@ func startPrimary(t testing.TB, name, kind, secData string, o primaryOpts) *node
 			return n
 		}
 		n.kill()
-		if !strings.Contains(n.log(), "address already in use") {
+		if !e2e.PortClash(n.log()) {
 			break
 		}
 	}
@@ -226,12 +228,16 @@ type ackLog struct {
 	sent    map[string]string // key -> value of every SET sent (acked or not)
 	gets    []getSeen
 	replies int
+	// hist is every request of the writers and of the checks that read
+	// their keys back (e2e.History), checked for linearizability by
+	// checkAcked.
+	hist *e2e.History
 }
 
 type getSeen struct{ key, reply string }
 
 func newAckLog() *ackLog {
-	return &ackLog{acked: map[string]string{}, sent: map[string]string{}}
+	return &ackLog{acked: map[string]string{}, sent: map[string]string{}, hist: e2e.NewHistory()}
 }
 
 // kvWriter writes k-<id>-<i> = v<i>-<rand> with increasing seq, each key
@@ -240,6 +246,7 @@ func newAckLog() *ackLog {
 // error (the primary is gone) or when stop closes, and returns the error
 // with the request it was waiting for.
 func kvWriter(c *console, log *ackLog, stop <-chan struct{}, timeout time.Duration, rng *rand.Rand) error {
+	c.hist = log.hist
 	var mine []string
 	for i := 1; ; i++ {
 		select {
@@ -299,6 +306,7 @@ func checkAckedAs(t testing.TB, n *node, log *ackLog, client string) {
 		t.Fatal(err)
 	}
 	defer c.c.Close()
+	c.hist = log.hist
 	get := func(k string) string {
 		c.seq++
 		r, err := c.requestSeq(c.seq, "GET "+k, 10*time.Second)
@@ -333,6 +341,19 @@ func checkAckedAs(t testing.TB, n *node, log *ackLog, client string) {
 	if r := get("never-written"); r != "NOTFOUND" {
 		t.Errorf("GET of a key never written: %q", r)
 	}
+	checkLinearizable(t, log.hist)
+}
+
+// checkLinearizable fails the test if h is shown not linearizable; a
+// check that runs out of time is logged as unknown.
+func checkLinearizable(t testing.TB, h *e2e.History) {
+	t.Helper()
+	r := h.Check(30 * time.Second)
+	if r.Verdict == e2e.NotLinearizable {
+		t.Errorf("kv history not linearizable: %s", r)
+		return
+	}
+	t.Logf("kv history: %s", r)
 }
 
 // metricSums reads the tandem_phase_seconds histogram of n's /metrics:
