@@ -2,6 +2,7 @@ package test
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/internal/e2e"
 )
 
@@ -20,53 +22,37 @@ import (
 // a record of what they were told. The process, port and console
 // machinery is the migration harness's (harness_test.go).
 
-// ftStatus mirrors the protection fields of GET /status on a primary or a
-// secondary (the command-line contract's names).
+// ftStatus is the protection view of a primary's or a secondary's
+// status, decoded by api.Client: a primary's epoch-loop figures
+// (api.EpochStatus) and the secondary's the tests read, with the two
+// both have taken from whichever the node has.
 type ftStatus struct {
-	Role               string  `json:"role"`
-	State              string  `json:"state"`
-	Protected          bool    `json:"protected"`
-	Protection         string  `json:"protection"`
-	ProtectionReason   string  `json:"protection_reason"`
-	LastCommittedEpoch uint64  `json:"last_committed_epoch"`
-	LastShippedEpoch   uint64  `json:"last_shipped_epoch"`
-	EpochsPerSecond    float64 `json:"epochs_per_second"`
-	Epochs             uint64  `json:"epochs"`
-	AckedEpochs        uint64  `json:"acked_epochs"`
-	PauseP50Ms         float64 `json:"pause_p50_ms"`
-	PauseP99Ms         float64 `json:"pause_p99_ms"`
-	PauseMaxMs         float64 `json:"pause_max_ms"`
-	EpochRawBytes      uint64  `json:"epoch_raw_bytes"`
-	EpochWireBytes     uint64  `json:"epoch_wire_bytes"`
-	AckLatencyP50Ms    float64 `json:"ack_latency_p50_ms"`
-	AckLatencyP99Ms    float64 `json:"ack_latency_p99_ms"`
-	OutputDelayP50Ms   float64 `json:"output_delay_p50_ms"`
-	OutputDelayP99Ms   float64 `json:"output_delay_p99_ms"`
-	SecondaryLag       int     `json:"secondary_lag_epochs"`
-	VerifiedEpochs     uint64  `json:"verified_epochs"`
-	DigestMismatches   uint64  `json:"digest_mismatches"`
-	LastMismatch       string  `json:"last_mismatch"`
-	FlushAborts        uint64  `json:"flush_aborts"`
-	BackpressureStalls uint64  `json:"backpressure_stalls"`
-	Joins              uint64  `json:"joins"`
-
-	// Secondary only.
-	Consistent      bool   `json:"consistent"`
-	Syncing         bool   `json:"syncing"`
-	Commits         uint64 `json:"commits"`
-	CommittedDigest string `json:"committed_digest"`
-	Activated       bool   `json:"activated"`
-	LastError       string `json:"last_error"`
-	ImageGuestKind  string `json:"image_guest_kind"`
+	Role, State        string
+	Protected          bool
+	LastCommittedEpoch uint64
+	api.EpochStatus
+	// The secondary's figures (api.SecondaryStatus).
+	Consistent, Syncing, Activated  bool
+	Commits                         uint64
+	CommittedDigest, ImageGuestKind string
+	LastError                       string
 }
 
-func getFT(api string, digest bool) (ftStatus, error) {
-	var st ftStatus
-	path := "/status"
-	if digest {
-		path += "?digest=1"
+func getFT(addr string, digest bool) (ftStatus, error) {
+	st, err := nodeAPI(addr).Status(context.Background(), digest)
+	if err != nil {
+		return ftStatus{}, withCode("GET", "/status", err)
 	}
-	return st, getJSON(api, path, &st)
+	out := ftStatus{Role: st.Role, State: st.State, Protected: st.Protected(), LastCommittedEpoch: st.LastCommittedEpoch()}
+	if st.Epochs != nil {
+		out.EpochStatus = *st.Epochs
+	}
+	if st.Secondary != nil {
+		sec := st.Secondary
+		out.Consistent, out.Syncing, out.Activated, out.Commits = sec.Consistent, sec.Syncing, sec.Activated, sec.Commits
+		out.CommittedDigest, out.ImageGuestKind, out.LastError = sec.Digest, sec.GuestKind, sec.LastError
+	}
+	return out, nil
 }
 
 func mustFT(t testing.TB, n *node, digest bool) ftStatus {
