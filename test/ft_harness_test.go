@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -145,25 +146,11 @@ func (o primaryOpts) args(kind, secondary string) []string {
 // secData, on fresh API and console addresses.
 func startPrimary(t testing.TB, name, kind, secData string, o primaryOpts) *node {
 	t.Helper()
-	var last error
-	for attempt := 0; attempt < 3; attempt++ {
-		api, con := freeAddr(t), freeAddr(t)
-		args := append(o.args(kind, secData), "--api", api, "--console", con)
-		if o.pki != nil {
-			useTLS(o.pki.client(operator), api, con)
-		}
-		n := startProc(t, fmt.Sprintf("%s-%d", name, attempt), args...)
-		n.api, n.console = api, con
-		if last = n.waitReady(30 * time.Second); last == nil {
-			return n
-		}
-		n.kill()
-		if !e2e.PortClash(n.log()) {
-			break
-		}
+	var client *tls.Config
+	if o.pki != nil {
+		client = o.pki.client(operator)
 	}
-	t.Fatalf("start %s: %v", name, last)
-	return nil
+	return startOnFreshPorts(t, name, false, client, o.args(kind, secData)...)
 }
 
 // startPair starts a secondary and a primary protected by it and waits

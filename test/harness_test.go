@@ -211,13 +211,27 @@ func startWithPorts(t testing.TB, name string, listen bool, args ...string) *nod
 // node's API and console as pki's operator.
 func startWithPortsTLS(t testing.TB, name string, listen bool, pki *testPKI, cert string, args ...string) *node {
 	t.Helper()
+	var client *tls.Config
+	if pki != nil {
+		args = append(append([]string(nil), args...), pki.nodeArgs(cert)...)
+		client = pki.client(operator)
+	}
+	return startOnFreshPorts(t, name, listen, client, args...)
+}
+
+// startOnFreshPorts starts tandem with args and fresh --api and
+// --console addresses (and --listen when listen), talking to them over
+// TLS with client (nil: plaintext); when another process took a port in
+// between (e2e.PortClash) it starts again on fresh ones, at most three
+// times.
+func startOnFreshPorts(t testing.TB, name string, listen bool, client *tls.Config, args ...string) *node {
+	t.Helper()
 	var last error
 	for attempt := 0; attempt < 3; attempt++ {
 		api, con := freeAddr(t), freeAddr(t)
 		full := append(append([]string(nil), args...), "--api", api, "--console", con)
-		if pki != nil {
-			full = append(full, pki.nodeArgs(cert)...)
-			useTLS(pki.client(operator), api, con)
+		if client != nil {
+			useTLS(client, api, con)
 		}
 		var data string
 		if listen {
