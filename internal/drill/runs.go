@@ -59,6 +59,15 @@ func (d *Drill) once(ctx context.Context, run int) (r RunResult, fresh bool) {
 	r.Killed = p.ID
 	lg, stopLoad := d.StartLoad(ctx, run, p)
 	defer stopLoad()
+	// A run that failed before its read-back still has a history: check
+	// what the clients saw.
+	defer func() {
+		if r.Linearizable == "" {
+			stopLoad()
+			lin := lg.History.Check(CheckTimeout)
+			r.Linearizable, r.Ops, r.Pending = Linearizable(lin.Verdict), lin.Ops, lin.Pending
+		}
+	}()
 
 	delay := 300*time.Millisecond + time.Duration(d.rng.Int64N(int64(1700*time.Millisecond)))
 	d.say("the guest serves kv requests; the primary is %s (generation %d, epoch %d); killing it in %v",

@@ -76,13 +76,14 @@ func (w *scenarioWatch) reasons() []string {
 
 // scenarioRun is one scenario under way.
 type scenarioRun struct {
-	d      *Drill
-	sc     Scenario
-	r      ScenarioResult
-	lg     *e2e.RunLog
-	w      *scenarioWatch
-	p      *e2e.Node // the primary at the start
-	t1, t2 time.Time // the two failures
+	d        *Drill
+	sc       Scenario
+	r        ScenarioResult
+	lg       *e2e.RunLog
+	w        *scenarioWatch
+	stopLoad func()    // ends the load and waits for it; idempotent
+	p        *e2e.Node // the primary at the start
+	t1, t2   time.Time // the two failures
 }
 
 // fail ends the scenario with a reason; the trio must be rebuilt.
@@ -90,6 +91,12 @@ func (s *scenarioRun) fail(format string, a ...any) (ScenarioResult, bool) {
 	s.r.Reason = fmt.Sprintf(format, a...)
 	s.r.Acked = s.lg.Acked()
 	s.r.Waiting = s.w.reasons()
+	if s.r.Linearizable == "" {
+		// No read-back: check what the clients saw.
+		s.stopLoad()
+		lin := s.lg.History.Check(CheckTimeout)
+		s.r.Linearizable, s.r.Ops, s.r.Pending = Linearizable(lin.Verdict), lin.Ops, lin.Pending
+	}
 	return s.r, true
 }
 
@@ -120,7 +127,7 @@ func (d *Drill) scenarioOnce(ctx context.Context, run int, sc Scenario) (r Scena
 
 	lg, stopLoad := d.StartLoad(ctx, run, p)
 	defer stopLoad()
-	s := &scenarioRun{d: d, sc: sc, r: r, lg: lg, w: d.watch(ctx), p: p}
+	s := &scenarioRun{d: d, sc: sc, r: r, lg: lg, w: d.watch(ctx), stopLoad: stopLoad, p: p}
 	defer s.w.stop()
 
 	sleep(ctx, ScenarioLoadBefore+time.Duration(d.rng.Int64N(int64(500*time.Millisecond))))
