@@ -85,3 +85,35 @@ func TestRunRowShowsTheVerdict(t *testing.T) {
 		t.Fatalf("row %q", b.String())
 	}
 }
+
+// TestJSONNames pins the names of `tandem drill --json`: scripts read
+// them.
+func TestJSONNames(t *testing.T) {
+	s := Summary{Results: []RunResult{{Reason: "x", NewPri: "b", Gen: 2}}, Scenarios: []ScenarioResult{{Reason: "x", Primary: "a", Gen: 1, Waiting: []string{"w"}}}}
+	b, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Top       map[string]json.RawMessage
+		Results   []map[string]json.RawMessage `json:"results"`
+		Scenarios []map[string]json.RawMessage `json:"scenarios"`
+	}
+	if err := json.Unmarshal(b, &got.Top); err != nil {
+		t.Fatal(err)
+	}
+	json.Unmarshal(b, &got)
+	check := func(what string, m map[string]json.RawMessage, names string) {
+		for _, n := range strings.Fields(names) {
+			if _, ok := m[n]; !ok {
+				t.Errorf("%s: no %q in %s", what, n, b)
+			}
+		}
+		if len(m) != len(strings.Fields(names)) {
+			t.Errorf("%s: %d names, want %d (a new name belongs in this test)", what, len(m), len(strings.Fields(names)))
+		}
+	}
+	check("summary", got.Top, "runs guest seed rto_ms acked_writes acked_writes_lost divergent_replies failed_runs verified_epochs digest_mismatches linearizable non_linearizable_runs linearizability_unknown_runs dir results scenarios")
+	check("run", got.Results[0], "run killed new_primary generation rto_ms acked_writes lost divergent verified_epochs digest_mismatches linearizable history_ops history_pending ok reason")
+	check("scenario", got.Scenarios[0], "run scenario stopped returned primary generation outage_ms reply_after_first_return_ms serve_after_last_return_ms acked_writes acked_writes_between lost divergent served two_primaries_samples waiting_reasons linearizable history_ops history_pending ok reason")
+}
