@@ -184,19 +184,10 @@ func (n *node) running() bool { return n.Running() }
 // waitReady polls /status until the node answers, the process exits or
 // the deadline passes.
 func (n *node) waitReady(timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		if !n.running() {
-			return fmt.Errorf("%s exited before it was ready: %v", n.name, n.WaitErr())
-		}
-		if _, err := getStatus(n.api, false); err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after %v", n.name, timeout)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	return e2e.WaitReady(context.Background(), n.Proc, func(context.Context) error {
+		_, err := getStatus(n.api, false)
+		return err
+	}, timeout)
 }
 
 // startWithPorts starts tandem with fresh --api and --console addresses
@@ -219,37 +210,30 @@ func startWithPortsTLS(t testing.TB, name string, listen bool, pki *testPKI, cer
 	return startOnFreshPorts(t, name, listen, client, args...)
 }
 
-// startOnFreshPorts starts tandem with args and fresh --api and
-// --console addresses (and --listen when listen), talking to them over
-// TLS with client (nil: plaintext); when another process took a port in
-// between (e2e.PortClash) it starts again on fresh ones, at most three
-// times.
+// startOnFreshPorts starts tandem with args on fresh --api and --console
+// addresses (and --listen when listen), talking to them over TLS with
+// client (nil: plaintext), and starts it again on fresh ones when another
+// process took a port in between (e2e.StartFresh).
 func startOnFreshPorts(t testing.TB, name string, listen bool, client *tls.Config, args ...string) *node {
 	t.Helper()
-	var last error
-	for attempt := 0; attempt < 3; attempt++ {
-		api, con := freeAddr(t), freeAddr(t)
-		full := append(append([]string(nil), args...), "--api", api, "--console", con)
-		if client != nil {
-			useTLS(client, api, con)
-		}
-		var data string
-		if listen {
-			data = freeAddr(t)
-			full = append(full, "--listen", data)
-		}
-		n := startProc(t, fmt.Sprintf("%s-%d", name, attempt), full...)
-		n.api, n.console, n.data = api, con, data
-		if last = n.waitReady(30 * time.Second); last == nil {
-			return n
-		}
-		n.kill()
-		if !e2e.PortClash(n.log()) {
-			break
-		}
+	f, err := e2e.StartFresh(context.Background(), e2e.FreshOptions{
+		Name: name, Argv: append([]string{tandemBin}, args...), LogDir: t.TempDir(), Listen: listen,
+		OnAddrs: func(api, con string) {
+			if client != nil {
+				useTLS(client, api, con)
+			}
+		},
+		Ready: func(ctx context.Context, api string) error {
+			_, err := getStatus(api, false)
+			return err
+		},
+	})
+	if err != nil {
+		t.Fatalf("start %s: %v", name, err)
 	}
-	t.Fatalf("start %s: %v", name, last)
-	return nil
+	n := adopt(t, f.Proc, args)
+	n.api, n.console, n.data = f.API, f.Console, f.Listen
+	return n
 }
 
 // guestOpts are the guest flags of a source.
