@@ -11,7 +11,9 @@
 //     and PortClash recognises the race a caller retries on.
 //   - Processes: Proc is one tandem process in its own process group with
 //     its output in a log file: kill -9, a signal, a bounded stop, the
-//     log's tail.
+//     log's tail. StartFresh starts a single node (a run source, a
+//     receiver, a pair's primary) on fresh ports, again when it lost a port
+//     race, and waits until it answers.
 //   - Certificates: MakeCerts and LoadCert make and load a CA and a
 //     certificate per node and for the operator (the secure default).
 //   - Trios: Trio is a primary, a secondary and a witness on fixed
