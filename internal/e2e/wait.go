@@ -149,24 +149,6 @@ func (t *Trio) CurrentPrimary(ctx context.Context, timeout time.Duration) (*Node
 	}
 }
 
-// WaitStatus polls n's status every 50 ms until ok says so; it returns
-// the last status and an error naming what when timeout passes first.
-func WaitStatus(ctx context.Context, c *api.Client, timeout time.Duration, what string, ok func(api.Status) bool) (api.Status, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		st, err := c.Status(ctx, false)
-		if err == nil && ok(st) {
-			return st, nil
-		}
-		if time.Now().After(deadline) {
-			return st, fmt.Errorf("%s: not %s after %v (last status role %q state %q, err %v)", c.Base(), what, timeout, st.Role, st.State, err)
-		}
-		if err := sleep(ctx, 50*time.Millisecond); err != nil {
-			return st, err
-		}
-	}
-}
-
 // sleep waits d or until ctx ends.
 func sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
