@@ -36,7 +36,7 @@ demo: build
 	./$(BIN) demo
 
 # 100 kill -9 failovers of a local trio under kv load; fails on any lost
-# or contradicted write.
+# or contradicted write, or a kv history porcupine shows not linearizable.
 drill: build
 	./$(BIN) drill --runs 100
 

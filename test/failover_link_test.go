@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/internal/e2e"
 	"github.com/tandemvm/tandem/test/linkproxy"
 )
 
@@ -27,38 +28,20 @@ type linkTrio struct {
 func newLinkTrio(t *testing.T, kind string, verify bool) *linkTrio {
 	lt := &linkTrio{testTrio: newTestTrio(t, kind), proxy: map[string]*linkproxy.Proxy{}, verify: verify}
 	for _, id := range []string{"a", "b"} {
-		p, err := linkproxy.Start("127.0.0.1:0", lt.m[id].data, linkproxy.Shape{})
+		p, err := linkproxy.Start("127.0.0.1:0", lt.m[id].Data, linkproxy.Shape{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { p.Close() })
 		lt.proxy[id] = p
-	}
-	return lt
-}
-
-// start is testTrio.start with the proxied data address (and
-// --verify-epochs on both members: either may become primary).
-func (lt *linkTrio) start(id string) *node {
-	m := lt.m[id]
-	m.starts++
-	args := lt.args(id)
-	if p, ok := lt.proxy[id]; ok {
-		args = append(args, "--data-advertise", p.Addr())
-		if lt.verify {
-			args = append(args, "--verify-epochs")
+		// Advertise the proxied data address (and verify every epoch:
+		// either member may become primary).
+		lt.m[id].Extra = []string{"--data-advertise", p.Addr()}
+		if verify {
+			lt.m[id].Extra = append(lt.m[id].Extra, "--verify-epochs")
 		}
 	}
-	n := startProc(lt.t, fmt.Sprintf("%s-%d", id, m.starts), args...)
-	n.api, n.console = m.api, m.console
-	m.n = n
-	return n
-}
-
-func (lt *linkTrio) startAll() {
-	for _, id := range lt.order {
-		lt.start(id)
-	}
+	return lt
 }
 
 // noPromotion fails the test unless a is still the primary and b its
@@ -66,14 +49,14 @@ func (lt *linkTrio) startAll() {
 func (lt *linkTrio) noPromotion(gen uint64, when string) {
 	lt.t.Helper()
 	for _, id := range []string{"a", "b"} {
-		st, err := trioStat(lt.m[id].api)
+		st, err := trioStat(lt.m[id].API)
 		if err != nil {
 			lt.t.Fatalf("%s: %s: status: %v", when, id, err)
 		}
 		want := map[string]string{"a": "primary", "b": "secondary"}[id]
-		if st.Role != want || st.Cluster.Primary != "a" || st.Cluster.Generation != gen {
+		if st.Role != want || e2e.Cluster(st).Primary != "a" || e2e.Cluster(st).Generation != gen {
 			lt.t.Fatalf("%s: %s is %s, cluster primary %q generation %d; want %s, primary a, generation %d (spurious promotion)",
-				when, id, st.Role, st.Cluster.Primary, st.Cluster.Generation, want, gen)
+				when, id, st.Role, e2e.Cluster(st).Primary, e2e.Cluster(st).Generation, want, gen)
 		}
 	}
 }
@@ -87,15 +70,15 @@ func (lt *linkTrio) killAndCheck(gen uint64, lg *ackLog) {
 	lt.m["a"].n.kill()
 	lt.serveWithin("b", 10*time.Second)
 	rto := time.Since(killAt)
-	st := lt.waitMember("b", 5*time.Second, "primary", func(s trioStatus) bool { return s.Role == "primary" && s.Cluster.Primary == "b" })
-	if st.Cluster.Generation <= gen {
-		t.Errorf("b primary at generation %d, want > %d", st.Cluster.Generation, gen)
+	st := lt.waitMember("b", 5*time.Second, "primary", func(s trioStatus) bool { return s.Role == "primary" && e2e.Cluster(s).Primary == "b" })
+	if e2e.Cluster(st).Generation <= gen {
+		t.Errorf("b primary at generation %d, want > %d", e2e.Cluster(st).Generation, gen)
 	}
 	lg.mu.Lock()
 	n := len(lg.acked)
 	lg.mu.Unlock()
 	t.Logf("%s: failover: b serves %v after the kill, generation %d; checking %d writes acknowledged after re-protection",
-		lt.kind, rto.Round(time.Millisecond), st.Cluster.Generation, n)
+		lt.kind, rto.Round(time.Millisecond), e2e.Cluster(st).Generation, n)
 	checkAcked(t, lt.m["b"].n, lg)
 }
 
@@ -161,7 +144,7 @@ func TestFailoverLinkPartition(t *testing.T) {
 		lt := newLinkTrio(t, kind, false)
 		lt.startAll()
 		st0 := lt.waitProtected("a", "b", 30*time.Second)
-		gen := st0.Cluster.Generation
+		gen := e2e.Cluster(st0).Generation
 
 		// A client connected before the partition, with a request whose
 		// reply the partition may hold.
@@ -181,7 +164,7 @@ func TestFailoverLinkPartition(t *testing.T) {
 		}
 		heldReply := time.Since(partAt)
 		lt.waitMember("a", 5*time.Second, "an unprotected primary", func(s trioStatus) bool {
-			return s.Role == "primary" && !s.Protected && !s.Cluster.Protected
+			return s.Role == "primary" && !s.Protected() && !e2e.Cluster(s).Protected
 		})
 		unprotAfter := time.Since(partAt)
 		ft := mustFT(t, lt.m["a"].n, false)
@@ -243,7 +226,7 @@ func TestFailoverLinkFlapping(t *testing.T) {
 		lt := newLinkTrio(t, kind, true)
 		lt.startAll()
 		st0 := lt.waitProtected("a", "b", 30*time.Second)
-		gen := st0.Cluster.Generation
+		gen := e2e.Cluster(st0).Generation
 
 		// Writes acknowledged during the flapping may be lost if the
 		// primary dies while unprotected; they are only counted.

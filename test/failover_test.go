@@ -2,6 +2,7 @@ package test
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -11,6 +12,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/internal/e2e"
 )
 
 // End-to-end tests of the raft trio (tandem primary/secondary/witness
@@ -18,71 +22,62 @@ import (
 // a frozen primary that must stay silent when it wakes, switchover, bad
 // configurations, and the drill. The process machinery is harness_test.go's.
 
-// trioMember is one configured node of a test trio; its addresses stay
-// fixed so a restart is the same command.
+// trioMember is one configured node of a test trio (the harness's
+// e2e.Node: its addresses stay fixed so a restart is the same command)
+// and the test's handle on its current process.
 type trioMember struct {
-	id, role                 string
-	raft, data, api, console string
-	dir                      string
-	netns                    string // run inside this network namespace (netns_test.go)
-	n                        *node
-	starts                   int
+	*e2e.Node
+	n *node
 }
 
+// testTrio is the harness's trio (e2e.Trio) run by a test: its processes
+// die with the test, and their logs are printed if it failed.
 type testTrio struct {
-	t      *testing.T
-	kind   string
-	peers  string
-	m      map[string]*trioMember
-	order  []string
-	memory string
-	pki    *testPKI // TLS: each member's certificate is its ID's (tls_test.go)
+	*e2e.Trio
+	t     *testing.T
+	kind  string
+	m     map[string]*trioMember
+	order []string
+	pki   *testPKI // TLS: each member's certificate is its ID's (tls_test.go)
 }
 
 func newTestTrio(t *testing.T, kind string) *testTrio {
-	tr := &testTrio{t: t, kind: kind, m: map[string]*trioMember{}, order: []string{"a", "b", "w"}, memory: "128MiB"}
+	return newTestTrioAt(t, kind, nil)
+}
+
+// newTestTrioAt is newTestTrio on fixed addresses (nil: fresh loopback
+// ports).
+func newTestTrioAt(t *testing.T, kind string, addrs map[string]e2e.Addrs) *testTrio {
 	base := t.TempDir()
-	var peers []string
-	for _, spec := range [][2]string{{"a", "primary"}, {"b", "secondary"}, {"w", "witness"}} {
-		m := &trioMember{id: spec[0], role: spec[1], raft: freeAddr(t), api: freeAddr(t), dir: filepath.Join(base, spec[0])}
-		if m.role != "witness" {
-			m.data, m.console = freeAddr(t), freeAddr(t)
-		}
-		tr.m[m.id] = m
-		peers = append(peers, m.id+"="+m.raft)
+	et, err := e2e.NewTrio(e2e.TrioConfig{Bin: tandemBin, Dir: base, LogDir: filepath.Join(base, "logs"), Guest: kind, Addrs: addrs})
+	if err != nil {
+		t.Fatal(err)
 	}
-	tr.peers = strings.Join(peers, ",")
+	tr := &testTrio{Trio: et, t: t, kind: kind, m: map[string]*trioMember{}, order: []string{"a", "b", "w"}}
+	for _, n := range et.Nodes() {
+		tr.m[n.ID] = &trioMember{Node: n}
+	}
 	return tr
 }
 
 func (tr *testTrio) args(id string) []string {
-	m := tr.m[id]
-	a := []string{m.role, "--id", m.id, "--raft", m.raft, "--peers", tr.peers, "--data-dir", m.dir, "--api", m.api}
-	if m.role != "witness" {
-		a = append(a, "--data", m.data, "--console", m.console)
-	}
-	if m.role == "primary" {
-		a = append(a, "--guest", tr.kind, "--memory", tr.memory, "--workload", "kv")
-	}
-	if tr.pki != nil {
-		a = append(a, tr.pki.nodeArgs(id)...)
-	}
-	return a
+	return tr.Args(tr.m[id].Node)
 }
 
+// start starts member id with its command, as a node of the test.
 func (tr *testTrio) start(id string) *node {
+	tr.t.Helper()
 	m := tr.m[id]
-	m.starts++
 	if tr.pki != nil {
-		useTLS(tr.pki.client(operator), m.api, m.console)
+		tr.SetTLS(tr.pki.dir, nil)
+		useTLS(tr.pki.client(operator), m.API, m.Console)
 	}
-	var n *node
-	if m.netns != "" {
-		n = startProcIn(tr.t, m.netns, fmt.Sprintf("%s-%d", id, m.starts), tr.args(id)...)
-	} else {
-		n = startProc(tr.t, fmt.Sprintf("%s-%d", id, m.starts), tr.args(id)...)
+	if err := tr.Start(m.Node); err != nil {
+		tr.t.Fatal(err)
 	}
-	n.api, n.console = m.api, m.console
+	n := adopt(tr.t, m.Proc(), tr.args(id))
+	n.name = fmt.Sprintf("%s-%d", id, m.Starts())
+	n.api, n.console = m.API, m.Console
 	m.n = n
 	return n
 }
@@ -93,24 +88,14 @@ func (tr *testTrio) startAll() {
 	}
 }
 
-// trioStatus is the part of a member's status these tests read.
-type trioStatus struct {
-	Role      string `json:"role"`
-	State     string `json:"state"`
-	Protected bool   `json:"protected"`
-	Epoch     uint64 `json:"last_committed_epoch"`
-	Cluster   struct {
-		Generation uint64 `json:"generation"`
-		Primary    string `json:"primary"`
-		Leader     string `json:"raft_leader"`
-		Protected  bool   `json:"protected"`
-		CanRelease bool   `json:"can_release"`
-	} `json:"cluster"`
-}
+// trioStatus is a member's GET /status.
+type trioStatus = api.Status
 
-func trioStat(api string) (trioStatus, error) {
-	var st trioStatus
-	return st, getJSON(api, "/status", &st)
+// trioStat is the status of the node whose API is at addr, through the
+// typed client (over TLS when the node runs with it).
+func trioStat(addr string) (trioStatus, error) {
+	base, hc := apiClient(addr)
+	return api.NewClientHTTP(base, hc).Status(context.Background(), false)
 }
 
 // waitMember polls id's status until ok or the deadline.
@@ -118,12 +103,12 @@ func (tr *testTrio) waitMember(id string, timeout time.Duration, what string, ok
 	tr.t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		st, err := trioStat(tr.m[id].api)
+		st, err := trioStat(tr.m[id].API)
 		if err == nil && ok(st) {
 			return st
 		}
 		if time.Now().After(deadline) {
-			tr.t.Fatalf("%s: not %s after %v (last %+v, err %v)", id, what, timeout, st, err)
+			tr.t.Fatalf("%s: not %s after %v (last role %q state %q cluster %+v, err %v)", id, what, timeout, st.Role, st.State, e2e.Cluster(st), err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -131,7 +116,8 @@ func (tr *testTrio) waitMember(id string, timeout time.Duration, what string, ok
 
 func protectedPrimary(id string) func(trioStatus) bool {
 	return func(st trioStatus) bool {
-		return st.Role == "primary" && st.State == "running" && st.Protected && st.Cluster.Protected && st.Cluster.Primary == id
+		c := e2e.Cluster(st)
+		return st.Role == "primary" && st.State == "running" && st.Protected() && c.Protected && c.Primary == id
 	}
 }
 
@@ -210,10 +196,10 @@ func TestFailoverKillPrimary(t *testing.T) {
 		close(stop)
 		tr.serveWithin("b", 10*time.Second)
 		rto := time.Since(killAt)
-		st := tr.waitMember("b", 5*time.Second, "primary", func(s trioStatus) bool { return s.Role == "primary" && s.Cluster.Primary == "b" })
-		t.Logf("%s: b primary at generation %d; first reply %v after the kill; %d acknowledged writes", kind, st.Cluster.Generation, rto.Round(time.Millisecond), len(lg.acked))
-		if st.Cluster.Generation < 2 {
-			t.Errorf("generation %d after a failover, want >= 2", st.Cluster.Generation)
+		st := tr.waitMember("b", 5*time.Second, "primary", func(s trioStatus) bool { return s.Role == "primary" && e2e.Cluster(s).Primary == "b" })
+		t.Logf("%s: b primary at generation %d; first reply %v after the kill; %d acknowledged writes", kind, e2e.Cluster(st).Generation, rto.Round(time.Millisecond), len(lg.acked))
+		if e2e.Cluster(st).Generation < 2 {
+			t.Errorf("generation %d after a failover, want >= 2", e2e.Cluster(st).Generation)
 		}
 		checkAcked(t, tr.m["b"].n, lg)
 
@@ -235,10 +221,10 @@ func TestFailoverKillSecondary(t *testing.T) {
 		tr.waitProtected("a", "b", 30*time.Second)
 		tr.m["b"].n.kill()
 		st := tr.waitMember("a", 10*time.Second, "unprotected primary", func(s trioStatus) bool {
-			return s.Role == "primary" && !s.Protected && !s.Cluster.Protected
+			return s.Role == "primary" && !s.Protected() && !e2e.Cluster(s).Protected
 		})
-		if st.Cluster.Primary != "a" {
-			t.Fatalf("cluster primary %q after the secondary died, want a", st.Cluster.Primary)
+		if e2e.Cluster(st).Primary != "a" {
+			t.Fatalf("cluster primary %q after the secondary died, want a", e2e.Cluster(st).Primary)
 		}
 		c := dialConsole(t, tr.m["a"].n, "solo")
 		for i := 0; i < 5; i++ {
@@ -268,7 +254,7 @@ func TestFailoverKillWitness(t *testing.T) {
 			t.Fatalf("SET without the witness: %q", r)
 		}
 	}
-	st, err := trioStat(tr.m["a"].api)
+	st, err := trioStat(tr.m["a"].API)
 	if err != nil || !protectedPrimary("a")(st) {
 		t.Fatalf("without the witness a is not a protected primary: %+v %v", st, err)
 	}
@@ -286,7 +272,7 @@ func TestFailoverFrozenPrimaryStaysSilent(t *testing.T) {
 	if r := old.do("SET before-freeze 1"); r != "OK" {
 		t.Fatalf("SET: %q", r)
 	}
-	pid := tr.m["a"].n.cmd.Process.Pid
+	pid := tr.m["a"].n.Pid()
 	if err := syscall.Kill(-pid, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
@@ -321,9 +307,9 @@ func TestFailoverFrozenPrimaryStaysSilent(t *testing.T) {
 		}
 	}
 	st := tr.waitMember("a", 10*time.Second, "fenced", func(s trioStatus) bool {
-		return s.Role == "secondary" && s.Cluster.Primary == "b"
+		return s.Role == "secondary" && e2e.Cluster(s).Primary == "b"
 	})
-	t.Logf("old primary after SIGCONT: role %s state %s, cluster primary %s generation %d", st.Role, st.State, st.Cluster.Primary, st.Cluster.Generation)
+	t.Logf("old primary after SIGCONT: role %s state %s, cluster primary %s generation %d", st.Role, st.State, e2e.Cluster(st).Primary, e2e.Cluster(st).Generation)
 	if r := nc.do("GET during-freeze"); r != "NOTFOUND" && r != "OK 1" {
 		t.Errorf("GET during-freeze on the new primary: %q", r)
 	}
@@ -341,7 +327,7 @@ func TestFailoverSwitchover(t *testing.T) {
 		tr.waitProtected("a", "b", 30*time.Second)
 		lg, stop, done := tr.startLoad("a", "sw")
 		waitAcks(t, lg, 20, 10*time.Second)
-		r := runCLI(t, 30*time.Second, "switchover", "--api", tr.m["a"].api)
+		r := runCLI(t, 30*time.Second, "switchover", "--api", tr.m["a"].API)
 		if r.code != 0 {
 			t.Fatalf("switchover exit %d: %s%s", r.code, r.stdout, r.stderr)
 		}
@@ -379,7 +365,7 @@ func TestFailoverBadConfigRefused(t *testing.T) {
 	tr.startAll()
 	tr.waitProtected("a", "b", 30*time.Second)
 	tr.m["b"].n.kill()
-	bdir := tr.m["b"].dir
+	bdir := tr.m["b"].DataDir
 	before := dirSnapshot(t, bdir)
 	other := newTestTrio(t, "synth")
 
@@ -401,7 +387,7 @@ func TestFailoverBadConfigRefused(t *testing.T) {
 		}
 		return out
 	}
-	wrongW := strings.Replace(tr.peers, "w="+tr.m["w"].raft, "w="+freeAddr(t), 1)
+	wrongW := strings.Replace(tr.Peers(), "w="+tr.m["w"].Raft, "w="+freeAddr(t), 1)
 	cases := []struct {
 		name string
 		args []string
@@ -450,6 +436,12 @@ func TestDrill(t *testing.T) {
 		FailedRuns       int `json:"failed_runs"`
 		VerifiedEpochs   int `json:"verified_epochs"`
 		DigestMismatches int `json:"digest_mismatches"`
+		// Linearizable: true, false or "unknown" (the checker's time ran
+		// out); each run's verdict as well.
+		Linearizable json.RawMessage `json:"linearizable"`
+		Results      []struct {
+			Linearizable json.RawMessage `json:"linearizable"`
+		} `json:"results"`
 	}
 	if err := json.Unmarshal([]byte(r.stdout), &sum); err != nil {
 		t.Fatalf("drill --json output: %v\nstdout:\n%s\nstderr:\n%s", err, r.stdout, r.stderr)
@@ -458,6 +450,14 @@ func TestDrill(t *testing.T) {
 	if sum.Runs != 10 || sum.FailedRuns != 0 || sum.AckedWritesLost != 0 || sum.DivergentReplies != 0 || sum.AckedWrites == 0 ||
 		sum.DigestMismatches != 0 || sum.VerifiedEpochs == 0 {
 		t.Errorf("drill summary %+v\nstderr:\n%s", sum, r.stderr)
+	}
+	if string(sum.Linearizable) != "true" || len(sum.Results) != 10 {
+		t.Errorf("drill histories linearizable %s over %d runs, want true over 10", sum.Linearizable, len(sum.Results))
+	}
+	for i, res := range sum.Results {
+		if string(res.Linearizable) != "true" {
+			t.Errorf("run %d: linearizable %s", i+1, res.Linearizable)
+		}
 	}
 	if r.code != 0 {
 		t.Errorf("drill exit %d with a clean summary", r.code)

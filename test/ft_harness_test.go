@@ -2,6 +2,8 @@ package test
 
 import (
 	"bufio"
+	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -11,6 +13,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/internal/e2e"
 )
 
 // Helpers of the micro-checkpointing (FT) tests: a primary/secondary pair
@@ -18,53 +23,37 @@ import (
 // a record of what they were told. The process, port and console
 // machinery is the migration harness's (harness_test.go).
 
-// ftStatus mirrors the protection fields of GET /status on a primary or a
-// secondary (the command-line contract's names).
+// ftStatus is the protection view of a primary's or a secondary's
+// status, decoded by api.Client: a primary's epoch-loop figures
+// (api.EpochStatus) and the secondary's the tests read, with the two
+// both have taken from whichever the node has.
 type ftStatus struct {
-	Role               string  `json:"role"`
-	State              string  `json:"state"`
-	Protected          bool    `json:"protected"`
-	Protection         string  `json:"protection"`
-	ProtectionReason   string  `json:"protection_reason"`
-	LastCommittedEpoch uint64  `json:"last_committed_epoch"`
-	LastShippedEpoch   uint64  `json:"last_shipped_epoch"`
-	EpochsPerSecond    float64 `json:"epochs_per_second"`
-	Epochs             uint64  `json:"epochs"`
-	AckedEpochs        uint64  `json:"acked_epochs"`
-	PauseP50Ms         float64 `json:"pause_p50_ms"`
-	PauseP99Ms         float64 `json:"pause_p99_ms"`
-	PauseMaxMs         float64 `json:"pause_max_ms"`
-	EpochRawBytes      uint64  `json:"epoch_raw_bytes"`
-	EpochWireBytes     uint64  `json:"epoch_wire_bytes"`
-	AckLatencyP50Ms    float64 `json:"ack_latency_p50_ms"`
-	AckLatencyP99Ms    float64 `json:"ack_latency_p99_ms"`
-	OutputDelayP50Ms   float64 `json:"output_delay_p50_ms"`
-	OutputDelayP99Ms   float64 `json:"output_delay_p99_ms"`
-	SecondaryLag       int     `json:"secondary_lag_epochs"`
-	VerifiedEpochs     uint64  `json:"verified_epochs"`
-	DigestMismatches   uint64  `json:"digest_mismatches"`
-	LastMismatch       string  `json:"last_mismatch"`
-	FlushAborts        uint64  `json:"flush_aborts"`
-	BackpressureStalls uint64  `json:"backpressure_stalls"`
-	Joins              uint64  `json:"joins"`
-
-	// Secondary only.
-	Consistent      bool   `json:"consistent"`
-	Syncing         bool   `json:"syncing"`
-	Commits         uint64 `json:"commits"`
-	CommittedDigest string `json:"committed_digest"`
-	Activated       bool   `json:"activated"`
-	LastError       string `json:"last_error"`
-	ImageGuestKind  string `json:"image_guest_kind"`
+	Role, State        string
+	Protected          bool
+	LastCommittedEpoch uint64
+	api.EpochStatus
+	// The secondary's figures (api.SecondaryStatus).
+	Consistent, Syncing, Activated  bool
+	Commits                         uint64
+	CommittedDigest, ImageGuestKind string
+	LastError                       string
 }
 
-func getFT(api string, digest bool) (ftStatus, error) {
-	var st ftStatus
-	path := "/status"
-	if digest {
-		path += "?digest=1"
+func getFT(addr string, digest bool) (ftStatus, error) {
+	st, err := nodeAPI(addr).Status(context.Background(), digest)
+	if err != nil {
+		return ftStatus{}, withCode("GET", "/status", err)
 	}
-	return st, getJSON(api, path, &st)
+	out := ftStatus{Role: st.Role, State: st.State, Protected: st.Protected(), LastCommittedEpoch: st.LastCommittedEpoch()}
+	if st.Epochs != nil {
+		out.EpochStatus = *st.Epochs
+	}
+	if st.Secondary != nil {
+		sec := st.Secondary
+		out.Consistent, out.Syncing, out.Activated, out.Commits = sec.Consistent, sec.Syncing, sec.Activated, sec.Commits
+		out.CommittedDigest, out.ImageGuestKind, out.LastError = sec.Digest, sec.GuestKind, sec.LastError
+	}
+	return out, nil
 }
 
 func mustFT(t testing.TB, n *node, digest bool) ftStatus {
@@ -157,25 +146,11 @@ func (o primaryOpts) args(kind, secondary string) []string {
 // secData, on fresh API and console addresses.
 func startPrimary(t testing.TB, name, kind, secData string, o primaryOpts) *node {
 	t.Helper()
-	var last error
-	for attempt := 0; attempt < 3; attempt++ {
-		api, con := freeAddr(t), freeAddr(t)
-		args := append(o.args(kind, secData), "--api", api, "--console", con)
-		if o.pki != nil {
-			useTLS(o.pki.client(operator), api, con)
-		}
-		n := startProc(t, fmt.Sprintf("%s-%d", name, attempt), args...)
-		n.api, n.console = api, con
-		if last = n.waitReady(30 * time.Second); last == nil {
-			return n
-		}
-		n.kill()
-		if !strings.Contains(n.log(), "address already in use") {
-			break
-		}
+	var client *tls.Config
+	if o.pki != nil {
+		client = o.pki.client(operator)
 	}
-	t.Fatalf("start %s: %v", name, last)
-	return nil
+	return startOnFreshPorts(t, name, false, client, o.args(kind, secData)...)
 }
 
 // startPair starts a secondary and a primary protected by it and waits
@@ -226,12 +201,16 @@ type ackLog struct {
 	sent    map[string]string // key -> value of every SET sent (acked or not)
 	gets    []getSeen
 	replies int
+	// hist is every request of the writers and of the checks that read
+	// their keys back (e2e.History), checked for linearizability by
+	// checkAcked.
+	hist *e2e.History
 }
 
 type getSeen struct{ key, reply string }
 
 func newAckLog() *ackLog {
-	return &ackLog{acked: map[string]string{}, sent: map[string]string{}}
+	return &ackLog{acked: map[string]string{}, sent: map[string]string{}, hist: e2e.NewHistory()}
 }
 
 // kvWriter writes k-<id>-<i> = v<i>-<rand> with increasing seq, each key
@@ -240,6 +219,7 @@ func newAckLog() *ackLog {
 // error (the primary is gone) or when stop closes, and returns the error
 // with the request it was waiting for.
 func kvWriter(c *console, log *ackLog, stop <-chan struct{}, timeout time.Duration, rng *rand.Rand) error {
+	c.hist = log.hist
 	var mine []string
 	for i := 1; ; i++ {
 		select {
@@ -299,6 +279,7 @@ func checkAckedAs(t testing.TB, n *node, log *ackLog, client string) {
 		t.Fatal(err)
 	}
 	defer c.c.Close()
+	c.hist = log.hist
 	get := func(k string) string {
 		c.seq++
 		r, err := c.requestSeq(c.seq, "GET "+k, 10*time.Second)
@@ -333,6 +314,19 @@ func checkAckedAs(t testing.TB, n *node, log *ackLog, client string) {
 	if r := get("never-written"); r != "NOTFOUND" {
 		t.Errorf("GET of a key never written: %q", r)
 	}
+	checkLinearizable(t, log.hist)
+}
+
+// checkLinearizable fails the test if h is shown not linearizable; a
+// check that runs out of time is logged as unknown.
+func checkLinearizable(t testing.TB, h *e2e.History) {
+	t.Helper()
+	r := h.Check(30 * time.Second)
+	if r.Verdict == e2e.NotLinearizable {
+		t.Errorf("kv history not linearizable: %s", r)
+		return
+	}
+	t.Logf("kv history: %s", r)
 }
 
 // metricSums reads the tandem_phase_seconds histogram of n's /metrics:

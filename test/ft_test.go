@@ -143,7 +143,7 @@ func secondaryRestart(t *testing.T, kind string, stall bool) {
 		go func() { done <- kvWriter(c, log, stop, 10*time.Second, rand.New(rand.NewPCG(1, 2))) }()
 		time.Sleep(500 * time.Millisecond)
 		if stall {
-			if err := syscall.Kill(sec.cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+			if err := syscall.Kill(sec.Pid(), syscall.SIGSTOP); err != nil {
 				t.Fatal(err)
 			}
 			waitFT(t, pri, 10*time.Second, "with 4 epochs unacknowledged", func(s ftStatus) bool { return s.SecondaryLag >= 4 })
@@ -176,6 +176,7 @@ func secondaryRestart(t *testing.T, kind string, stall bool) {
 		}
 		// More writes, acknowledged under the restored protection.
 		w := dialConsole(t, pri, "after")
+		w.hist = log.hist // its writes join the history checkAcked checks
 		for i := 0; i < 10; i++ {
 			k, v := fmt.Sprintf("k-after-%d", i), fmt.Sprintf("x%d", i)
 			if r := w.do("SET " + k + " " + v); r != "OK" {

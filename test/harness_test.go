@@ -3,11 +3,11 @@ package test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -18,6 +18,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/internal/e2e"
 )
 
 // tandemBin is the binary under test: $TANDEM_BIN (make test sets it) or
@@ -107,50 +110,27 @@ func forEachKind(t *testing.T, f func(t *testing.T, kind string)) {
 	}
 }
 
-// handedOut remembers every address freeAddr gave this test binary: the
-// kernel may hand a just-closed port out again, and two addresses of one
-// trio must never be the same (a secondary once got its raft port as its
-// API port).
-var (
-	handedOutMu sync.Mutex
-	handedOut   = map[string]bool{}
-)
-
 // freeAddr returns a loopback address nobody listened on a moment ago and
-// that no earlier call returned. A race with another process is possible
-// but rare; start retries.
+// that no earlier call of this test binary returned (e2e.FreeAddr). A
+// race with another process is possible but rare; start retries.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	for range 100 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatalf("free port: %v", err)
-		}
-		addr := ln.Addr().String()
-		ln.Close()
-		handedOutMu.Lock()
-		fresh := !handedOut[addr]
-		handedOut[addr] = true
-		handedOutMu.Unlock()
-		if fresh {
-			return addr
-		}
+	a, err := e2e.FreeAddr()
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatal("free port: 100 tries gave only addresses already handed out")
-	return ""
+	return a
 }
 
-// node is one tandem process started by a test.
+// node is one tandem process started by a test: the harness's process
+// (e2e.Proc) with the addresses the test talks to.
 type node struct {
+	*e2e.Proc
 	t       testing.TB
 	name    string
-	cmd     *exec.Cmd
 	api     string
 	console string
 	data    string // receive --listen address
-	logPath string
-	exited  chan struct{}
-	waitErr error
 }
 
 // startProc starts tandem with args, output to a log file in the test's
@@ -158,39 +138,33 @@ type node struct {
 // test failed.
 func startProc(t testing.TB, name string, args ...string) *node {
 	t.Helper()
-	return startCmd(t, name, exec.Command(tandemBin, args...), args)
+	return startCmd(t, name, append([]string{tandemBin}, args...), args)
 }
 
 // startProcIn is startProc inside network namespace ns (`ip netns exec`
 // execs tandem in place, so the process and its group are tandem's).
 func startProcIn(t testing.TB, ns, name string, args ...string) *node {
 	t.Helper()
-	return startCmd(t, name, exec.Command("ip", append([]string{"netns", "exec", ns, tandemBin}, args...)...), args)
+	return startCmd(t, name, append([]string{"ip", "netns", "exec", ns, tandemBin}, args...), args)
 }
 
-func startCmd(t testing.TB, name string, cmd *exec.Cmd, args []string) *node {
+func startCmd(t testing.TB, name string, argv, args []string) *node {
 	t.Helper()
-	logPath := filepath.Join(t.TempDir(), name+".log")
-	lf, err := os.Create(logPath)
+	p, err := e2e.StartProc(name, filepath.Join(t.TempDir(), name+".log"), argv...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		lf.Close()
-		t.Fatalf("start %s: %v", name, err)
-	}
-	n := &node{t: t, name: name, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
-	go func() {
-		n.waitErr = cmd.Wait()
-		lf.Close()
-		close(n.exited)
-	}()
+	return adopt(t, p, args)
+}
+
+// adopt makes p a test's node: cleanup kills it and prints its log (with
+// its command line args) if the test failed.
+func adopt(t testing.TB, p *e2e.Proc, args []string) *node {
+	n := &node{Proc: p, t: t, name: p.Name()}
 	t.Cleanup(func() {
 		n.kill()
 		if t.Failed() {
-			t.Logf("---- %s log (tandem %s)\n%s", name, strings.Join(args, " "), n.log())
+			t.Logf("---- %s log (tandem %s)\n%s", n.name, strings.Join(args, " "), n.log())
 		}
 	})
 	return n
@@ -198,49 +172,22 @@ func startCmd(t testing.TB, name string, cmd *exec.Cmd, args []string) *node {
 
 // kill SIGKILLs the node's process group and waits (bounded) for it.
 func (n *node) kill() {
-	if n.cmd.Process != nil {
-		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-	}
-	select {
-	case <-n.exited:
-	case <-time.After(10 * time.Second):
-		n.t.Errorf("%s: still running 10s after SIGKILL", n.name)
+	if err := n.Kill(); err != nil {
+		n.t.Errorf("%v", err)
 	}
 }
 
-func (n *node) log() string {
-	b, err := os.ReadFile(n.logPath)
-	if err != nil {
-		return err.Error()
-	}
-	return string(b)
-}
+func (n *node) log() string { return n.Log() }
 
-func (n *node) running() bool {
-	select {
-	case <-n.exited:
-		return false
-	default:
-		return true
-	}
-}
+func (n *node) running() bool { return n.Running() }
 
 // waitReady polls /status until the node answers, the process exits or
 // the deadline passes.
 func (n *node) waitReady(timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		if !n.running() {
-			return fmt.Errorf("%s exited before it was ready: %v", n.name, n.waitErr)
-		}
-		if _, err := getStatus(n.api, false); err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after %v", n.name, timeout)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	return e2e.WaitReady(context.Background(), n.Proc, func(context.Context) error {
+		_, err := getStatus(n.api, false)
+		return err
+	}, timeout)
 }
 
 // startWithPorts starts tandem with fresh --api and --console addresses
@@ -255,31 +202,38 @@ func startWithPorts(t testing.TB, name string, listen bool, args ...string) *nod
 // node's API and console as pki's operator.
 func startWithPortsTLS(t testing.TB, name string, listen bool, pki *testPKI, cert string, args ...string) *node {
 	t.Helper()
-	var last error
-	for attempt := 0; attempt < 3; attempt++ {
-		api, con := freeAddr(t), freeAddr(t)
-		full := append(append([]string(nil), args...), "--api", api, "--console", con)
-		if pki != nil {
-			full = append(full, pki.nodeArgs(cert)...)
-			useTLS(pki.client(operator), api, con)
-		}
-		var data string
-		if listen {
-			data = freeAddr(t)
-			full = append(full, "--listen", data)
-		}
-		n := startProc(t, fmt.Sprintf("%s-%d", name, attempt), full...)
-		n.api, n.console, n.data = api, con, data
-		if last = n.waitReady(30 * time.Second); last == nil {
-			return n
-		}
-		n.kill()
-		if !strings.Contains(n.log(), "address already in use") {
-			break
-		}
+	var client *tls.Config
+	if pki != nil {
+		args = append(append([]string(nil), args...), pki.nodeArgs(cert)...)
+		client = pki.client(operator)
 	}
-	t.Fatalf("start %s: %v", name, last)
-	return nil
+	return startOnFreshPorts(t, name, listen, client, args...)
+}
+
+// startOnFreshPorts starts tandem with args on fresh --api and --console
+// addresses (and --listen when listen), talking to them over TLS with
+// client (nil: plaintext), and starts it again on fresh ones when another
+// process took a port in between (e2e.StartFresh).
+func startOnFreshPorts(t testing.TB, name string, listen bool, client *tls.Config, args ...string) *node {
+	t.Helper()
+	f, err := e2e.StartFresh(context.Background(), e2e.FreshOptions{
+		Name: name, Argv: append([]string{tandemBin}, args...), LogDir: t.TempDir(), Listen: listen,
+		OnAddrs: func(api, con string) {
+			if client != nil {
+				useTLS(client, api, con)
+			}
+		},
+		Ready: func(ctx context.Context, api string) error {
+			_, err := getStatus(api, false)
+			return err
+		},
+	})
+	if err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	n := adopt(t, f.Proc, args)
+	n.api, n.console, n.data = f.API, f.Console, f.Listen
+	return n
 }
 
 // guestOpts are the guest flags of a source.
@@ -427,36 +381,35 @@ func getStatus(api string, digest bool) (status, error) {
 	return st, err
 }
 
-func getJSON(api, path string, out any) error {
-	base, hc := apiClient(api)
-	resp, err := hc.Get(base + path)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("GET %s: %s: %s", path, resp.Status, bytes.TrimSpace(b))
-	}
-	return json.NewDecoder(resp.Body).Decode(out)
+// getJSON is GET path on the node whose API is at addr, its JSON answer
+// decoded into out, through the typed client (over TLS when the node runs
+// with it).
+func getJSON(addr, path string, out any) error {
+	return withCode("GET", path, nodeAPI(addr).Get(context.Background(), path, out))
 }
 
-func postJSON(api, path string, body any) error {
-	b, err := json.Marshal(body)
-	if err != nil {
-		return err
+// postJSON is POST path with body as JSON through the typed client.
+func postJSON(addr, path string, body any) error {
+	return withCode("POST", path, nodeAPI(addr).Post(context.Background(), path, body, nil))
+}
+
+// withCode names the request and, for an error the node answered, its
+// HTTP status and error code (tests match on either).
+func withCode(method, path string, err error) error {
+	var ae *api.Error
+	if errors.As(err, &ae) {
+		return fmt.Errorf("%s %s: %d %s: %w", method, path, ae.HTTPStatus, ae.Code, err)
 	}
-	base, hc := apiClient(api)
-	resp, err := hc.Post(base+path, "application/json", bytes.NewReader(b))
 	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode >= 300 {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("POST %s: %s: %s", path, resp.Status, bytes.TrimSpace(msg))
+		return fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	return nil
+}
+
+// nodeAPI is the typed client of the node whose API is at addr.
+func nodeAPI(addr string) *api.Client {
+	base, hc := apiClient(addr)
+	return api.NewClientHTTP(base, hc)
 }
 
 func mustStatus(t testing.TB, n *node) status {
@@ -581,6 +534,9 @@ type console struct {
 	id   string
 	seq  uint64
 	name string
+	// hist, when set, records every request whose reply is its own
+	// (seq == replySeq) for a linearizability check.
+	hist *e2e.History
 }
 
 func dialConsole(t testing.TB, n *node, id string) *console {
@@ -605,6 +561,10 @@ func (k *console) requestSeq(seq uint64, cmd string, timeout time.Duration) (str
 func (k *console) requestReplyTo(seq, replySeq uint64, cmd string, timeout time.Duration) (string, error) {
 	tag := fmt.Sprintf("%s:%d", k.id, seq)
 	replyTag := fmt.Sprintf("%s:%d", k.id, replySeq)
+	op := e2e.OpID(-1)
+	if seq == replySeq {
+		op = k.hist.Invoke(k.id, cmd, time.Now())
+	}
 	k.c.SetWriteDeadline(time.Now().Add(timeout))
 	if _, err := fmt.Fprintf(k.c, "%s %s\n", tag, cmd); err != nil {
 		return "", fmt.Errorf("console %s: send %q: %w", k.name, cmd, err)
@@ -617,6 +577,7 @@ func (k *console) requestReplyTo(seq, replySeq uint64, cmd string, timeout time.
 		}
 		line = strings.TrimRight(line, "\r\n")
 		if rest, ok := strings.CutPrefix(line, replyTag+" "); ok {
+			k.hist.Return(op, rest, time.Now())
 			return rest, nil
 		}
 	}

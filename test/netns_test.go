@@ -4,10 +4,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/e2e"
 )
 
 // A trio on three real (virtual) hosts: each node in a network namespace
@@ -92,19 +93,16 @@ func (l *netLab) teardown() {
 // newNetnsTrio is a test trio whose members live in l's namespaces, all
 // channels over TLS with pki's certificates.
 func newNetnsTrio(t *testing.T, kind string, l *netLab, pki *testPKI) *testTrio {
-	tr := &testTrio{t: t, kind: kind, m: map[string]*trioMember{}, order: []string{"a", "b", "w"}, memory: "128MiB", pki: pki}
-	base := t.TempDir()
-	var peers []string
-	for _, spec := range [][2]string{{"a", "primary"}, {"b", "secondary"}, {"w", "witness"}} {
-		ip := l.ip[spec[0]]
-		m := &trioMember{id: spec[0], role: spec[1], raft: ip + ":7301", api: ip + ":7321", dir: filepath.Join(base, spec[0]), netns: l.ns(spec[0])}
-		if m.role != "witness" {
-			m.data, m.console = ip+":7311", ip+":7331"
-		}
-		tr.m[m.id] = m
-		peers = append(peers, m.id+"="+m.raft)
+	addrs := map[string]e2e.Addrs{}
+	for _, id := range []string{"a", "b", "w"} {
+		ip := l.ip[id]
+		addrs[id] = e2e.Addrs{Raft: ip + ":7301", Data: ip + ":7311", API: ip + ":7321", Console: ip + ":7331"}
 	}
-	tr.peers = strings.Join(peers, ",")
+	tr := newTestTrioAt(t, kind, addrs)
+	tr.pki = pki
+	for _, id := range []string{"a", "b", "w"} {
+		tr.m[id].Netns = l.ns(id)
+	}
 	return tr
 }
 

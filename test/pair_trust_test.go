@@ -308,11 +308,11 @@ func TestFailoverSwitchoverClientGone(t *testing.T) {
 	waitAcks(t, lg, 20, 10*time.Second)
 	lt.proxy["b"].SetShape(linkproxy.Shape{Latency: 40 * time.Millisecond})
 	time.Sleep(200 * time.Millisecond)
-	conn, err := net.DialTimeout("tcp", tr.m["a"].api, 2*time.Second)
+	conn, err := net.DialTimeout("tcp", tr.m["a"].API, 2*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprintf(conn, "POST /switchover HTTP/1.1\r\nHost: %s\r\nContent-Length: 0\r\n\r\n", tr.m["a"].api)
+	fmt.Fprintf(conn, "POST /switchover HTTP/1.1\r\nHost: %s\r\nContent-Length: 0\r\n\r\n", tr.m["a"].API)
 	time.Sleep(20 * time.Millisecond)
 	conn.Close()
 	t0 := time.Now()
@@ -326,7 +326,7 @@ func TestFailoverSwitchoverClientGone(t *testing.T) {
 	var serving string
 	for serving == "" {
 		for _, id := range []string{"a", "b"} {
-			st, err := trioStat(tr.m[id].api)
+			st, err := trioStat(tr.m[id].API)
 			if err == nil && st.Role == "primary" && st.State == "running" {
 				if c, err := dialConsoleErr(tr.m[id].n, "probe"); err == nil {
 					_, err := c.requestSeq(1, "GET probe", 500*time.Millisecond)
@@ -338,22 +338,22 @@ func TestFailoverSwitchoverClientGone(t *testing.T) {
 			}
 		}
 		if serving == "" && time.Since(t0) > 20*time.Second {
-			sa, _ := trioStat(tr.m["a"].api)
-			sb, _ := trioStat(tr.m["b"].api)
+			sa, _ := trioStat(tr.m["a"].API)
+			sb, _ := trioStat(tr.m["b"].API)
 			t.Fatalf("nobody serves 20s after a switchover whose client went away: a %+v, b %+v", sa, sb)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Logf("after the abandoned switchover %s serves, %v after the client went away", serving, time.Since(t0).Round(time.Millisecond))
 	for _, id := range []string{"a", "b"} {
-		if st, err := trioStat(tr.m[id].api); err == nil && id != serving && st.Role == "primary" && st.State == "running" {
+		if st, err := trioStat(tr.m[id].API); err == nil && id != serving && st.Role == "primary" && st.State == "running" {
 			t.Errorf("both %s and %s say they run the guest", id, serving)
 		}
 	}
 	checkAcked(t, tr.m[serving].n, lg)
 	other := map[string]string{"a": "b", "b": "a"}[serving]
 	tr.waitProtected(serving, other, 30*time.Second)
-	r := runCLI(t, 30*time.Second, "switchover", "--api", tr.m[serving].api)
+	r := runCLI(t, 30*time.Second, "switchover", "--api", tr.m[serving].API)
 	if r.code != 0 {
 		t.Fatalf("a second switchover: exit %d: %s%s", r.code, r.stdout, r.stderr)
 	}

@@ -201,7 +201,7 @@ func soakOne(t *testing.T, kind, workload string, run int, r *soakRun) {
 	for time.Now().Before(deadline) {
 		for _, n := range []*node{pri, sec} {
 			if !n.running() {
-				t.Fatalf("%s exited while protected: %v", n.name, n.waitErr)
+				t.Fatalf("%s exited while protected: %v", n.name, n.WaitErr())
 			}
 		}
 		select {
@@ -245,9 +245,9 @@ func soakOne(t *testing.T, kind, workload string, run int, r *soakRun) {
 func soakStop(t *testing.T, n *node) {
 	t.Helper()
 	if n.running() {
-		syscall.Kill(n.cmd.Process.Pid, syscall.SIGTERM)
+		syscall.Kill(n.Pid(), syscall.SIGTERM)
 		select {
-		case <-n.exited:
+		case <-n.Exited():
 		case <-time.After(soakStopBound):
 			t.Errorf("%s: still running %v after SIGTERM; killed", n.name, soakStopBound)
 			n.kill()
@@ -256,7 +256,7 @@ func soakStop(t *testing.T, n *node) {
 	if n.running() {
 		return // not even SIGKILL ended it (reported by kill)
 	}
-	if ps := n.cmd.ProcessState; ps != nil {
+	if ps := n.ProcessState(); ps != nil {
 		ws, _ := ps.Sys().(syscall.WaitStatus)
 		switch {
 		case ws.Signaled() && ws.Signal() == syscall.SIGKILL:

@@ -412,11 +412,11 @@ func TestTLSTrio(t *testing.T) {
 		tr.waitProtected("a", "b", 30*time.Second)
 		w, op := pki.keyPair(t, "w"), pki.keyPair(t, operator)
 		for _, in := range append(intruders(t, other, "a"), intruder{name: "the witness's certificate", cert: &w}, intruder{name: "an operator's certificate", cert: &op}) {
-			if err := refusedConn(in, tr.m["b"].data, `{"proto":1,"purpose":"replicate"}`+"\n"); err != nil {
+			if err := refusedConn(in, tr.m["b"].Data, `{"proto":1,"purpose":"replicate"}`+"\n"); err != nil {
 				t.Errorf("b's data port: %v", err)
 			}
 		}
-		if st, err := trioStat(tr.m["a"].api); err != nil || !st.Protected {
+		if st, err := trioStat(tr.m["a"].API); err != nil || !st.Protected() {
 			t.Fatalf("a after the refused intruders: %+v %v", st, err)
 		}
 

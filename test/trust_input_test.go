@@ -248,7 +248,7 @@ func TestTrustStagingFlood(t *testing.T) {
 	if err != nil || before.CommittedDigest == "" {
 		t.Fatalf("secondary before the attacks: %+v %v", before, err)
 	}
-	pid := sec.cmd.Process.Pid
+	pid := sec.Pid()
 	base, _ := vmRSS(pid)
 	limit := uint64(trustMem + budget + 200<<20)
 	hdr := checkpoint.Header{Build: "attacker", Kind: "synth", Regions: []checkpoint.MemRegion{{GPA: 0, Size: trustMem}}}

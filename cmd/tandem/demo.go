@@ -4,12 +4,13 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/drill"
+	"github.com/tandemvm/tandem/internal/e2e"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -63,178 +64,168 @@ func failoverDemo(kind, memory, keep string, plaintext bool) error {
 	say := func(format string, a ...any) {
 		fmt.Printf("[%5.1fs] %s\n", time.Since(t0).Seconds(), fmt.Sprintf(format, a...))
 	}
-	d, err := newDrill(kind, memory, keep, uint64(time.Now().UnixNano()), io.Discard, plaintext)
+	d, err := drill.New(drill.Config{Guest: kind, Memory: memory, Keep: keep, Seed: uint64(time.Now().UnixNano()),
+		Plaintext: plaintext, Clients: 1})
 	if err != nil {
 		return err
 	}
-	d.clients = 1
-	defer d.close()
+	defer d.Close()
 	failed := true
 	defer func() {
 		if failed {
-			fmt.Printf("logs kept in %s; their tails:\n%s", d.dir, d.logTails())
+			fmt.Printf("logs kept in %s; their tails:\n%s", d.Dir(), d.LogTails())
 		}
-		d.cleanup(failed)
+		d.Cleanup(failed)
 	}()
 	ctx := context.Background()
 
 	say("Tandem demo: a %s guest (%s, kv store workload) protected by a secondary, with a witness as the third raft voter", kind, memory)
-	say("starting three processes of this binary on loopback: primary a, secondary b, witness w (data in %s)", d.dir)
-	if d.tls != nil {
-		say("mutual TLS on every channel: a CA and certificates for a, b, w and this demo's client (%s) made in %s", drillOperator, d.certDir)
+	say("starting three processes of this binary on loopback: primary a, secondary b, witness w (data in %s)", d.Dir())
+	if d.TLS() != nil {
+		say("mutual TLS on every channel: a CA and certificates for a, b, w and this demo's client (%s) made in %s", e2e.Operator, d.CertDir())
 	}
-	p, st, err := d.freshTrio(ctx)
+	p, st, err := d.FreshTrio(ctx)
 	if err != nil {
 		return err
 	}
-	say("raft made %s primary (generation %d); it streamed its memory to the secondary and is protected", p.id, st.Cluster.Generation)
+	say("raft made %s primary (generation %d); it streamed its memory to the secondary and is protected", p.ID, e2e.Cluster(st).Generation)
 
-	c := newKVClient("demo", d.t.consoles(), d.tls)
-	defer c.close()
-	for _, kv := range [][2]string{{"greeting", "hello"}, {"city", "Lisbon"}, {"answer", "42"}} {
-		cmd := "SET " + kv[0] + " " + kv[1]
-		rep, err := c.do(ctx, cmd, time.Now().Add(5*time.Second))
+	c := e2e.NewKVClient("demo", d.Trio().Consoles(), d.TLS())
+	defer c.Close()
+	for _, cmd := range []string{"SET greeting hello", "SET city Lisbon", "SET answer 42", "GET greeting"} {
+		rep, err := c.Do(ctx, cmd, time.Now().Add(5*time.Second))
 		if err != nil {
 			return err
 		}
-		say("  client> demo:%d %-22s guest> %s", c.seq, cmd, rep.text)
+		say("  client> demo:%d %-22s guest> %s", c.Seq, cmd, rep.Text)
 	}
-	rep, err := c.do(ctx, "GET greeting", time.Now().Add(5*time.Second))
-	if err != nil {
-		return err
-	}
-	say("  client> demo:%d %-22s guest> %s", c.seq, "GET greeting", rep.text)
 	say("each reply left the primary only after the secondary acknowledged the epoch that produced it")
 
-	lg, stop := d.startLoad(ctx, 1, p)
-	time.Sleep(time.Second)
-	if st, err = d.t.fetchStatus(p.api); err != nil {
-		stop()
-		return err
-	}
-	say("under load: %.0f epochs/s, pause p50 %.2f ms, p99 %.2f ms, last committed epoch %d",
-		st.EpochsPerSecond, st.PauseP50Ms, st.PauseP99Ms, st.LastCommittedEpoch)
-	lg.mu.Lock()
-	before := len(lg.replies)
-	lg.mu.Unlock()
-	killAt := time.Now()
-	if err := p.kill(); err != nil {
-		stop()
-		return err
-	}
-	say("SIGKILL to the primary %s (its client had %d replies so far)", p.id, before)
-	var first time.Time
-	for deadline := killAt.Add(drillFailoverLimit); ; time.Sleep(5 * time.Millisecond) {
-		lg.mu.Lock()
-		f, ok := firstReplyAfter(lg.replies, killAt, p.console)
-		lg.mu.Unlock()
-		if ok {
-			first = f
-			break
-		}
-		if time.Now().After(deadline) {
-			stop()
-			return fmt.Errorf("no failover within %v", drillFailoverLimit)
-		}
-	}
-	time.Sleep(200 * time.Millisecond)
-	stop()
-	np, nst, err := d.currentPrimary()
+	np, err := demoFailover(ctx, d, p, say)
 	if err != nil {
 		return err
 	}
-	say("%s won the raft election and runs the guest from its last committed epoch (generation %d)", np.id, nst.Cluster.Generation)
-	say("recovery time: the client's next reply came %d ms after the kill", first.Sub(killAt).Milliseconds())
-	acked, err := d.demoVerify(ctx, 1, lg)
-	if err != nil {
-		return err
+	if rep, err := c.Do(ctx, "GET greeting", time.Now().Add(5*time.Second)); err != nil || rep.Text != "OK hello" {
+		return fmt.Errorf("GET greeting after failover: %q %v", rep.Text, err)
 	}
-	if rep, err := c.do(ctx, "GET greeting", time.Now().Add(5*time.Second)); err != nil || rep.text != "OK hello" {
-		return fmt.Errorf("GET greeting after failover: %q %v", rep.text, err)
-	}
-	say("data intact: all %d acknowledged writes are there (and greeting is still hello)", acked)
-	if ust, err := d.t.fetchStatus(np.api); err == nil {
-		say("%s's status: role %s, protected %v (it runs unprotected until a secondary joins)", np.id, ust.Role, ust.Protected)
+	say("and greeting is still hello")
+	if ust, err := np.Status(ctx); err == nil {
+		say("%s's status: role %s, protected %v (it runs unprotected until a secondary joins)", np.ID, ust.Role, ust.Protected())
 	}
 
 	t1 := time.Now()
-	if err := d.t.start(p); err != nil {
+	if err := d.Trio().Start(p); err != nil {
 		return err
 	}
-	say("restarting %s with the same command and data dir", p.id)
-	np, nst, err = d.t.waitProtected(ctx, drillReprotect)
+	say("restarting %s with the same command and data dir", p.ID)
+	np, nst, err := d.Trio().WaitProtected(ctx, drill.Reprotect)
 	if err != nil {
 		return err
 	}
 	say("%s rejoined as secondary; %s protected again after %.1f s (full sync, then epochs; epoch %d)",
-		p.id, np.id, time.Since(t1).Seconds(), nst.LastCommittedEpoch)
+		p.ID, np.ID, time.Since(t1).Seconds(), nst.LastCommittedEpoch())
+	if err := demoSwitchover(ctx, d, np, p, say); err != nil {
+		return err
+	}
+	failed = false
+	say("demo done in %.1f s", time.Since(t0).Seconds())
+	return nil
+}
 
-	lg, stop = d.startLoad(ctx, 2, np)
-	time.Sleep(500 * time.Millisecond)
-	say("planned switchover: asking %s to hand the guest to %s (POST /switchover)", np.id, p.id)
-	swAt := time.Now()
-	out, err := newAPIClient(np.api, d.tls, switchoverTimeout+5*time.Second).Switchover(ctx)
+// demoFailover puts load on the primary p, kills it, and shows the
+// secondary taking over with every acknowledged write; it returns the new
+// primary.
+func demoFailover(ctx context.Context, d *drill.Drill, p *e2e.Node, say func(string, ...any)) (*e2e.Node, error) {
+	lg, stop := d.StartLoad(ctx, 1, p)
+	defer stop()
+	time.Sleep(time.Second)
+	st, err := p.Status(ctx)
 	if err != nil {
-		stop()
+		return nil, err
+	}
+	ep := e2e.Epochs(st)
+	say("under load: %.0f epochs/s, pause p50 %.2f ms, p99 %.2f ms, last committed epoch %d",
+		ep.EpochsPerSecond, ep.PauseP50Ms, ep.PauseP99Ms, ep.LastCommittedEpoch)
+	before := lg.NumReplies()
+	killAt := time.Now()
+	if err := p.Kill(); err != nil {
+		return nil, err
+	}
+	say("SIGKILL to the primary %s (its client had %d replies so far)", p.ID, before)
+	var first time.Time
+	for deadline := killAt.Add(drill.FailoverLimit); ; time.Sleep(5 * time.Millisecond) {
+		if f, ok := lg.FirstReplyAfter(killAt, p.Console); ok {
+			first = f
+			break
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no failover within %v", drill.FailoverLimit)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	stop()
+	np, nst, err := d.Trio().CurrentPrimary(ctx, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	say("%s won the raft election and runs the guest from its last committed epoch (generation %d)", np.ID, e2e.Cluster(nst).Generation)
+	say("recovery time: the client's next reply came %d ms after the kill", first.Sub(killAt).Milliseconds())
+	acked, lin, err := demoVerify(ctx, d, 1, lg)
+	if err != nil {
+		return nil, err
+	}
+	say("data intact: all %d acknowledged writes are there; the client's history is %s", acked, lin)
+	return np, nil
+}
+
+// demoSwitchover hands the guest from np to p under load (POST
+// /switchover) and waits until the pair is protected again.
+func demoSwitchover(ctx context.Context, d *drill.Drill, np, p *e2e.Node, say func(string, ...any)) error {
+	lg, stop := d.StartLoad(ctx, 2, np)
+	defer stop()
+	time.Sleep(500 * time.Millisecond)
+	say("planned switchover: asking %s to hand the guest to %s (POST /switchover)", np.ID, p.ID)
+	swAt := time.Now()
+	out, err := d.Trio().Switchover(ctx, np)
+	if err != nil {
 		return fmt.Errorf("switchover: %w", err)
 	}
 	time.Sleep(500 * time.Millisecond)
 	stop()
-	gap := maxReplyGap(lg.replies, swAt.Add(-time.Second))
-	sp, sst, err := d.currentPrimary()
+	gap := e2e.MaxReplyGap(lg.Replies, swAt.Add(-time.Second))
+	sp, sst, err := d.Trio().CurrentPrimary(ctx, 5*time.Second)
 	if err != nil {
 		return err
 	}
 	say("%s handed over final epoch %d in %d ms; %s is primary (generation %d); the client's longest wait for a reply was %d ms",
-		np.id, out.FinalEpoch, out.TookMs, sp.id, sst.Cluster.Generation, gap.Milliseconds())
-	acked, err = d.demoVerify(ctx, 2, lg)
+		np.ID, out.FinalEpoch, out.TookMs, sp.ID, e2e.Cluster(sst).Generation, gap.Milliseconds())
+	acked, lin, err := demoVerify(ctx, d, 2, lg)
 	if err != nil {
 		return err
 	}
-	say("nothing lost: all %d acknowledged writes of the switchover's client are there", acked)
-	if _, _, err := d.t.waitProtected(ctx, drillReprotect); err == nil {
-		say("%s is protected by %s again; demo done in %.1f s", sp.id, np.id, time.Since(t0).Seconds())
-	} else {
+	say("nothing lost: all %d acknowledged writes of the switchover's client are there; its history is %s", acked, lin)
+	if _, _, err := d.Trio().WaitProtected(ctx, drill.Reprotect); err != nil {
 		say("not protected again after the switchover: %v", err)
 		return err
 	}
-	failed = false
+	say("%s is protected by %s again", sp.ID, np.ID)
 	return nil
 }
 
-// demoVerify checks a load's writes and replies against the final state
-// and returns how many acknowledged writes it checked.
-func (d *drill) demoVerify(ctx context.Context, run int, lg *runLog) (int, error) {
-	lost, div, detail, err := d.verify(ctx, run, lg)
+// demoVerify checks a load's writes, replies and history against the
+// final state and returns how many acknowledged writes it checked.
+func demoVerify(ctx context.Context, d *drill.Drill, run int, lg *e2e.RunLog) (int, e2e.CheckResult, error) {
+	lost, div, detail, lin, err := d.Verify(ctx, run, lg)
 	if err != nil {
-		return 0, err
+		return 0, lin, err
 	}
 	if lost > 0 || div > 0 {
-		return 0, fmt.Errorf("%d acknowledged writes lost, %d divergent replies: %s", lost, div, strings.Join(detail[:min(3, len(detail))], "; "))
+		return 0, lin, fmt.Errorf("%d acknowledged writes lost, %d divergent replies: %s", lost, div, strings.Join(detail[:min(3, len(detail))], "; "))
 	}
-	n := 0
-	for _, s := range lg.sets {
-		if s.acked {
-			n++
-		}
+	if lin.Verdict == e2e.NotLinearizable {
+		return 0, lin, fmt.Errorf("the client's kv history is not linearizable: %s", lin)
 	}
-	return n, nil
-}
-
-// maxReplyGap is the longest time between consecutive replies after since.
-func maxReplyGap(replies []kvReply, since time.Time) time.Duration {
-	var ts []time.Time
-	for _, r := range replies {
-		if r.at.After(since) {
-			ts = append(ts, r.at)
-		}
-	}
-	slices.SortFunc(ts, func(a, b time.Time) int { return a.Compare(b) })
-	var gap time.Duration
-	for i := 1; i < len(ts); i++ {
-		gap = max(gap, ts[i].Sub(ts[i-1]))
-	}
-	return gap
+	return lg.Acked(), lin, nil
 }
 
 // epochDemo runs a guest and captures it every epoch as a primary would,
