@@ -20,6 +20,8 @@ import (
 	"io"
 	"os"
 	"sort"
+
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 // usageError is a bad command line: printed as one line, exit code 2.
@@ -65,7 +67,7 @@ func runMain(args []string, stderr io.Writer) int {
 		return 0
 	}
 	var ue usageError
-	if errors.As(err, &ue) {
+	if errors.As(err, &ue) || errors.Is(err, trust.ErrPlaintext) {
 		fmt.Fprintf(stderr, "tandem %s: %v\n", args[0], err)
 		return 2
 	}

@@ -12,7 +12,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -42,7 +44,7 @@ func cmdMigrate(args []string) error {
 	if name, ok := strings.CutPrefix(*to, "file:"); ok {
 		// The node resolves NAME under its own --snapshot-dir; it never
 		// writes to a path a caller names.
-		if err := plainName(name); err != nil {
+		if err := ft.PlainName(name); err != nil {
 			return usagef("--to file:%s: %v", name, err)
 		}
 	}
@@ -64,7 +66,7 @@ func cmdMigrate(args []string) error {
 	}
 	c := newAPIClient(*from, id, 0)
 	ctx := context.Background()
-	req := migrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
+	req := api.MigrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
 		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
 		SourceAPI: *from}
 	if err := c.Migrate(ctx, req); err != nil {

@@ -1,4 +1,4 @@
-package main
+package ft
 
 import (
 	"context"
@@ -24,7 +24,7 @@ func TestMigrateGuards(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	n := &guestNode{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
+	n := &Node{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
 	loopCtx, loopCancel := context.WithCancel(context.Background())
 	defer loopCancel()
 	n.cancel = loopCancel
@@ -59,7 +59,7 @@ func TestMigrateGuards(t *testing.T) {
 // TestQuitTwiceConcurrently: concurrent POST /quit requests close the
 // quit channel once (a plain bool flag raced into a double close).
 func TestQuitTwiceConcurrently(t *testing.T) {
-	a, err := newAPIServer("127.0.0.1:0", slog.New(slog.NewTextHandler(io.Discard, nil)), nodeTrust{})
+	a, err := NewAPIServer("127.0.0.1:0", slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +104,7 @@ func TestStatusDigestHoldsNoLock(t *testing.T) {
 		t.Fatal(err)
 	}
 	g := &pauseBlockedGuest{Guest: sg, entered: make(chan struct{}, 1), release: make(chan struct{})}
-	n := &guestNode{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
+	n := &Node{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
 
 	digested := make(chan nodeStatus, 1)
 	go func() { digested <- n.status(true) }()

@@ -1,10 +1,9 @@
-package main
+package ft
 
 import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -12,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,97 +25,13 @@ import (
 	"github.com/tandemvm/tandem/replica"
 )
 
-func init() {
-	register("witness", "the third raft voter: decides, never runs the guest", cmdWitness)
-	register("switchover", "hand the guest to the warm secondary with about one epoch of pause", cmdSwitchover)
-}
-
-// clusterFlags are the raft flags shared by primary, secondary and witness.
-type clusterFlags struct {
-	id, raft, data, peers, dataDir string
-	dataAdvertise                  string
-	heartbeat, election, lease     time.Duration
-	dataTimeout                    time.Duration
-	// tls and insecure are the node's trust (from its TLS flags): the
-	// raft port's as well as the other channels'.
-	tls      *trust.Identity
-	insecure bool
-}
-
-func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
-	fs.StringVar(&cf.id, "id", "", "this node's id in the cluster")
-	fs.StringVar(&cf.raft, "raft", "", "this node's raft address (default: its entry in --peers)")
-	if withData {
-		fs.StringVar(&cf.data, "data", "", "address the primary streams epochs to")
-		fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
-	}
-	fs.StringVar(&cf.peers, "peers", "", "every voter: ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT")
-	fs.StringVar(&cf.dataDir, "data-dir", "", "raft log, snapshots and (secondary) the committed image")
-	fs.DurationVar(&cf.heartbeat, "heartbeat-timeout", failover.DefaultHeartbeatTimeout, "raft heartbeat timeout (the same on every node)")
-	fs.DurationVar(&cf.election, "election-timeout", failover.DefaultElectionTimeout, "raft election timeout (the same on every node)")
-	fs.DurationVar(&cf.lease, "lease-timeout", failover.DefaultLeaderLeaseTimeout, "leader lease: a primary that cannot reach a majority this long stops releasing output")
-	fs.DurationVar(&cf.dataTimeout, "data-timeout", failover.DefaultDataTimeout, "no acknowledgement from the secondary this long: unprotected")
-}
-
-// parsePeers reads ID=HOST:PORT,... into a map.
-func parsePeers(s string) (map[string]string, error) {
-	peers := map[string]string{}
-	for _, kv := range strings.Split(s, ",") {
-		id, addr, ok := strings.Cut(strings.TrimSpace(kv), "=")
-		if !ok || id == "" {
-			return nil, usagef("--peers %q: want ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT", s)
-		}
-		if _, _, err := net.SplitHostPort(addr); err != nil {
-			return nil, usagef("--peers: %s=%q: want HOST:PORT", id, addr)
-		}
-		if _, dup := peers[id]; dup {
-			return nil, usagef("--peers: id %q appears twice", id)
-		}
-		peers[id] = addr
-	}
-	if len(peers) < 3 {
-		return nil, usagef("--peers: %d voters; a cluster is a primary, a secondary and a witness (3)", len(peers))
-	}
-	return peers, nil
-}
-
-func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, log *slog.Logger) (failover.Config, error) {
-	if cf.id == "" || cf.peers == "" || cf.dataDir == "" {
-		return failover.Config{}, usagef("--id, --peers and --data-dir are required")
-	}
-	peers, err := parsePeers(cf.peers)
-	if err != nil {
-		return failover.Config{}, err
-	}
-	if _, ok := peers[cf.id]; !ok {
-		return failover.Config{}, usagef("--id %q is not in --peers", cf.id)
-	}
-	if role != failover.RoleWitness {
-		if _, _, err := net.SplitHostPort(cf.data); err != nil {
-			return failover.Config{}, usagef("--data %q: want HOST:PORT", cf.data)
-		}
-		if cf.dataAdvertise != "" {
-			if _, _, err := net.SplitHostPort(cf.dataAdvertise); err != nil {
-				return failover.Config{}, usagef("--data-advertise %q: want HOST:PORT", cf.dataAdvertise)
-			}
-		}
-	}
-	return failover.Config{
-		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: orDefault(cf.dataAdvertise, cf.data), APIAddr: apiAddr, ConsoleAddr: consoleAddr,
-		Peers: peers, DataDir: filepath.Join(cf.dataDir, "raft"),
-		HeartbeatTimeout: cf.heartbeat, ElectionTimeout: cf.election, LeaderLeaseTimeout: cf.lease,
-		DataTimeout: cf.dataTimeout, Logger: log.With("component", "raft"),
-		TLS: cf.tls, Insecure: cf.insecure,
-	}, nil
-}
-
 // member is a primary or secondary of a raft trio. Which of the two it is
 // changes with leadership: it runs the guest while raft makes it primary,
 // and otherwise receives epochs into a committed image.
 type member struct {
-	n       *guestNode
+	n       *Node
 	node    *failover.Node
-	ef      epochFlags
+	ef      EpochSettings
 	log     *slog.Logger
 	dataDir string
 	recv    *replica.Receiver
@@ -151,40 +65,44 @@ type member struct {
 	switching  bool // a switchover is under way
 }
 
-func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, rf receiveFlags, snapDir, apiAddr, consoleAddr string, allowFaults bool, nt nodeTrust) error {
-	log := newLogger().With("node", cf.id)
-	fcfg, err := cf.config(role, apiAddr, consoleAddr, log)
+// RaftConfig configures a member of a raft trio: a primary or secondary
+// whose part raft decides.
+type RaftConfig struct {
+	Node NodeConfig
+	// Failover configures the raft node; its APIAddr and ConsoleAddr are
+	// filled in with the addresses the node's listeners got.
+	Failover failover.Config
+	// DataAddr is where this node listens for a primary's epochs.
+	DataAddr string
+	// DataDir holds the committed image and the disk copy (created,
+	// private, if missing).
+	DataDir string
+	// Boot, if set, builds the guest a fresh cluster's configured primary
+	// runs first, with BootConfig; nil: this node never boots one.
+	Boot       func() (guest.Guest, error)
+	BootConfig guest.Config
+	Epochs     EpochSettings
+	// Receiver builds the guest of a received image (a secondary's).
+	Receiver *replica.Receiver
+}
+
+// RunRaftMember runs a raft trio member until ctx ends or POST /quit.
+func RunRaftMember(ctx context.Context, cfg RaftConfig) error {
+	log := cfg.Node.Log
+	fcfg := cfg.Failover
+	n, err := NewNode(cfg.Node)
 	if err != nil {
 		return err
 	}
-	var kind string
-	var gcfg guest.Config
-	if gf != nil {
-		if kind, gcfg, err = gf.config(); err != nil {
-			return err
-		}
-	}
-	if err := ef.validate(); err != nil {
-		return err
-	}
-	n, err := newGuestNode(string(role), apiAddr, consoleAddr, log, nt)
-	if err != nil {
-		return err
-	}
-	n.allowFaults = allowFaults
 	// The data directory holds the committed image and the disk copy.
-	if err := fsperm.PrivateDir(cf.dataDir, log); err != nil {
-		n.close()
+	if err := fsperm.PrivateDir(cfg.DataDir, log); err != nil {
+		n.Close()
 		return fmt.Errorf("--data-dir: %w", err)
 	}
-	if err := n.setSnapshotDir(snapDir); err != nil {
-		n.close()
-		return err
-	}
-	fcfg.APIAddr, fcfg.ConsoleAddr = n.api.addr(), n.console.addr()
-	dataLn, err := nt.listen(log, "--data", cf.data, "data", netlimit.DataCap)
+	fcfg.APIAddr, fcfg.ConsoleAddr = n.APIAddr(), n.ConsoleAddr()
+	dataLn, err := cfg.Node.Trust.Listen(log, "--data", cfg.DataAddr, "data", netlimit.DataCap)
 	if err != nil {
-		n.close()
+		n.Close()
 		return err
 	}
 	_, statErr := os.Stat(fcfg.DataDir)
@@ -192,28 +110,29 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	node, err := failover.Open(fcfg)
 	if err != nil {
 		dataLn.Close()
-		n.close()
+		n.Close()
 		return err
 	}
-	m := &member{n: n, node: node, ef: ef, log: log, dataDir: cf.dataDir, protSem: make(chan struct{}, 1),
-		recv: rf.apply(&replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Timeout: 5 * time.Second}, cf.dataDir)}
-	n.api.mux.HandleFunc("POST /switchover", m.handleSwitchover)
+	m := &member{n: n, node: node, ef: cfg.Epochs, log: log, dataDir: cfg.DataDir, protSem: make(chan struct{}, 1),
+		recv: cfg.Receiver}
+	n.api.HandleFunc("POST /switchover", m.handleSwitchover)
 	n.cluster = m.clusterStatus
-	ctx, cancel := context.WithCancel(context.Background())
-	m.ctx = ctx
+	n.Start()
+	mctx, cancel := context.WithCancel(context.Background())
+	m.ctx = mctx
 	// Primary connections reach whichever Secondary this node runs now;
 	// while it is primary (or undecided) there is none and they are shut.
 	m.spawn(func() {
-		serveSecondary(ctx, dataLn, func() *replica.Secondary {
+		serveSecondary(mctx, dataLn, func() *replica.Secondary {
 			m.mu.Lock()
 			defer m.mu.Unlock()
 			return m.sec
 		}, m.checkPrimaryPeer, log)
 	})
-	m.spawn(func() { m.events(ctx) })
-	m.spawn(func() { m.start(ctx, kind, gcfg, fresh) })
+	m.spawn(func() { m.events(mctx) })
+	m.spawn(func() { m.start(mctx, cfg.Boot, cfg.BootConfig, fresh) })
 
-	waitForStop(n.api.quit, log)
+	n.Wait(ctx)
 	cancel()
 	dataLn.Close()
 	node.Close()
@@ -226,14 +145,14 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	}
 	sec, boot, done := m.sec, m.boot, m.loopDone
 	m.mu.Unlock()
-	m.waitLoop(done) // the loop reads guest memory; n.close unmaps it
+	m.waitLoop(done) // the loop reads guest memory; n.Close unmaps it
 	if sec != nil {
 		sec.Close()
 	}
 	if boot != nil {
 		boot.Close()
 	}
-	n.close()
+	n.Close()
 	return nil
 }
 
@@ -327,7 +246,7 @@ func (m *member) secondaryName(addr string) string {
 // Only a first start boots: a restarted node's view of raft can lag the
 // leader's for a moment (it may still read generation 0), and a guest
 // booted then would be a second, empty one.
-func (m *member) start(ctx context.Context, kind string, cfg guest.Config, fresh bool) {
+func (m *member) start(ctx context.Context, boot func() (guest.Guest, error), cfg guest.Config, fresh bool) {
 	for {
 		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		err := m.node.WaitSynced(wctx)
@@ -341,8 +260,8 @@ func (m *member) start(ctx context.Context, kind string, cfg guest.Config, fresh
 		m.log.Info("waiting for the cluster (a majority of voters) to form", "err", err)
 	}
 	st := m.node.State()
-	if kind != "" && st.Generation == 0 && fresh {
-		g, err := bootGuest(kind, cfg)
+	if boot != nil && st.Generation == 0 && fresh {
+		g, err := boot()
 		if err != nil {
 			m.log.Error("cannot boot the guest", "err", err)
 			return
@@ -351,7 +270,7 @@ func (m *member) start(ctx context.Context, kind string, cfg guest.Config, fresh
 		m.boot, m.bootCfg = g, cfg
 		m.mu.Unlock()
 		m.node.SetImage(failover.Image{Live: true})
-		m.log.Info("guest booted; waiting for raft to make this node primary", "kind", kind)
+		m.log.Info("guest booted; waiting for raft to make this node primary", "kind", g.Kind())
 		m.watchBoot(ctx)
 		return
 	}
@@ -522,7 +441,7 @@ func (m *member) becomePrimary(ev failover.Event) {
 		m.log.Error("resume the guest", "err", err)
 		return
 	}
-	m.n.setState("running")
+	m.n.SetState("running")
 	if sec, ok := m.node.Secondary(); ok && sec.DataAddr != "" {
 		loop.SetSecondary(sec.DataAddr)
 	}
@@ -535,13 +454,13 @@ func (m *member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 	node := m.node
 	var loop *failover.EpochLoop
 	loop = failover.NewEpochLoop(failover.EpochConfig{
-		Guest: g, Config: cfg, Interval: m.ef.epoch, FlushBudget: m.ef.flushBudget, MaxInFlight: m.ef.inFlight,
-		Verify: m.ef.verify, VerifySlicePages: m.ef.slicePages(), Build: version.Build(), Generation: m.gen.Load, Timings: m.n.api.timings, Log: m.log,
+		Guest: g, Config: cfg, Interval: m.ef.Interval, FlushBudget: m.ef.FlushBudget, MaxInFlight: m.ef.MaxInFlight,
+		Verify: m.ef.Verify, VerifySlicePages: m.ef.VerifySlicePages, Build: version.Build(), Generation: m.gen.Load, Timings: m.n.api.timings, Log: m.log,
 		Release: m.n.console.release,
 		Allow:   func() bool { return node.CanRelease(m.gen.Load()) },
-		TLS:     m.n.trust.id, SecondaryName: m.secondaryName,
+		TLS:     m.n.trust.ID, SecondaryName: m.secondaryName,
 		FirstEpoch: firstEpoch,
-		AckTimeout: m.ef.ackTimeout,
+		AckTimeout: m.ef.AckTimeout,
 		OnFenced: func(why string) {
 			// Raft fences this node too (another node is primary in a
 			// newer generation); the loop has already stopped releasing.
@@ -698,11 +617,11 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	loop := m.loop
 	m.mu.Unlock()
 	if loop == nil {
-		writeError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not the primary: switchover is asked of the primary's API"))
+		WriteError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not the primary: switchover is asked of the primary's API"))
 		return
 	}
 	if !loop.Status().Protected {
-		writeError(w, http.StatusConflict, api.CodeNotProtected, errors.New("not protected: the secondary has no current image to take over"))
+		WriteError(w, http.StatusConflict, api.CodeNotProtected, errors.New("not protected: the secondary has no current image to take over"))
 		return
 	}
 	m.mu.Lock()
@@ -710,7 +629,7 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	m.switching = true
 	m.mu.Unlock()
 	if busy {
-		writeError(w, http.StatusConflict, api.CodeBusy, errors.New("a switchover is already under way"))
+		WriteError(w, http.StatusConflict, api.CodeBusy, errors.New("a switchover is already under way"))
 		return
 	}
 	defer func() {
@@ -723,10 +642,10 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	// (its HTTP timeout, a closed connection) must not leave the guest
 	// paused between the final epoch and the transfer. It finishes, or
 	// rolls back with the guest running here, within its own deadline.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), switchoverTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), SwitchoverTimeout)
 	defer cancel()
 	if err := loop.FinalEpoch(ctx); err != nil {
-		writeError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("final epoch: %w", err))
+		WriteError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("final epoch: %w", err))
 		return
 	}
 	st := loop.Status()
@@ -735,15 +654,15 @@ func (m *member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 		// Still leader: raft claims a new generation and makes this node
 		// primary again; the paused guest resumes with a new loop.
 		m.restartAfterFailedHandover()
-		writeError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("switchover: %w", err))
+		WriteError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("switchover: %w", err))
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"ok": true, "final_epoch": st.LastCommittedEpoch, "took_ms": time.Since(t0).Milliseconds()})
+	WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "final_epoch": st.LastCommittedEpoch, "took_ms": time.Since(t0).Milliseconds()})
 }
 
-// switchoverTimeout bounds a switchover from the request to the transfer
+// SwitchoverTimeout bounds a switchover from the request to the transfer
 // (or the rollback).
-const switchoverTimeout = 20 * time.Second
+const SwitchoverTimeout = 20 * time.Second
 
 func (m *member) restartAfterFailedHandover() {
 	m.mu.Lock()
@@ -784,76 +703,4 @@ func (m *member) clusterStatus() *api.ClusterView {
 		cv.Members = append(cv.Members, fmt.Sprintf("%s(%s) data=%s api=%s console=%s", mem.ID, mem.Role, mem.DataAddr, mem.APIAddr, mem.ConsoleAddr))
 	}
 	return &cv
-}
-
-func cmdWitness(args []string) error {
-	fs := newFlagSet("witness")
-	var cf clusterFlags
-	addClusterFlags(fs, &cf, false)
-	apiAddr := fs.String("api", "", "address of an HTTP API for status (optional)")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	addInsecureFlag(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	nt, err := tf.resolve("--api", *apiAddr)
-	if err != nil {
-		return err
-	}
-	cf.tls, cf.insecure = nt.id, nt.insecure
-	log := newLogger().With("node", cf.id)
-	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", log)
-	if err != nil {
-		return err
-	}
-	if err := fsperm.PrivateDir(cf.dataDir, log); err != nil {
-		return fmt.Errorf("--data-dir: %w", err)
-	}
-	node, err := failover.Open(fcfg)
-	if err != nil {
-		return err
-	}
-	defer node.Close()
-	var quit <-chan struct{} // nil without an API: only a signal stops it
-	if *apiAddr != "" {
-		srv, err := newAPIServer(*apiAddr, log, nt)
-		if err != nil {
-			return err
-		}
-		srv.mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-			st := node.State()
-			leader, _ := node.Leader()
-			writeJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
-				Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
-				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
-		})
-		srv.start()
-		defer srv.close()
-		quit = srv.quit
-	}
-	log.Info("witness running", "raft", fcfg.Peers[cf.id], "tls", nt.tlsOn())
-	waitForStop(quit, log)
-	return nil
-}
-
-func cmdSwitchover(args []string) error {
-	fs := newFlagSet("switchover")
-	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	id, err := tf.load()
-	if err != nil {
-		return err
-	}
-	// The node may hold the request for its whole switchover timeout.
-	out, err := newAPIClient(*api, id, switchoverTimeout+5*time.Second).Switchover(context.Background())
-	if err != nil {
-		return err
-	}
-	fmt.Printf("switched over: final epoch %v handed to the secondary in %v ms\n", out.FinalEpoch, out.TookMs)
-	return nil
 }
