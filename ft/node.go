@@ -39,8 +39,9 @@ type Node struct {
 	// trust authenticates the node's listeners and the connections it
 	// makes (a migration's, an epoch loop's).
 	trust Trust
-	// users counts goroutines that read guest memory (a migration, an
-	// epoch loop); close waits for them before unmapping it.
+	// users counts goroutines that read guest memory (a migration; an
+	// epoch loop is its Member's, stopped before the node closes); Close
+	// waits for them before unmapping it.
 	users sync.WaitGroup
 
 	// mu guards the fields below. It is never held across a guest pause
@@ -64,18 +65,17 @@ type Node struct {
 	// POST /migrate is accepted until its Run ends, so two requests
 	// cannot both pass the check while the first one dials.
 	migBusy bool
-	// migCancel stops the migration; cancel stops the epoch loop. They
-	// are apart so that POST /migrate/cancel never drops protection.
+	// migCancel stops the migration (an epoch loop is its Member's to
+	// stop: POST /migrate/cancel never drops protection).
 	migCancel context.CancelFunc
-	cancel    context.CancelFunc
 	inbound   *replica.MigrationResult
 	pending   *pendingCommit          // a received guest awaiting its commit
 	epochs    *failover.EpochLoop     // primary: protection
 	sec       *replica.Secondary      // secondary: the committed image
 	cluster   func() *api.ClusterView // raft view of a cluster member
-	// secName is the node a pair primary's secondary must be (its
-	// certificate names it); "": any certificate of the CA.
-	secName string
+	// pair is a pair member's coordinator, which POST /protect points at
+	// a new secondary (nil: not in a pair).
+	pair *PairCoordinator
 }
 
 // NodeConfig configures a Node.
@@ -215,9 +215,6 @@ func WaitStop(ctx context.Context, quit <-chan struct{}, log *slog.Logger) {
 func (n *Node) Close() {
 	n.lockIdle()
 	n.closing = true
-	if n.cancel != nil {
-		n.cancel()
-	}
 	if n.migCancel != nil {
 		n.migCancel()
 	}
@@ -230,7 +227,7 @@ func (n *Node) Close() {
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
-		n.log.Error("a migration or epoch loop did not stop within 5s; leaving the guest mapped")
+		n.log.Error("a migration did not stop within 5s; leaving the guest mapped")
 		return
 	}
 	if g != nil {
