@@ -217,12 +217,7 @@ func (n *Node) Close() {
 	n.mu.Unlock()
 	n.console.close()
 	n.api.Close()
-	done := make(chan struct{})
-	go func() { n.users.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		n.log.Error("a migration did not stop within 5s; leaving the guest mapped")
+	if !joinWithin(n.users.Wait, 5*time.Second, n.log, "a migration (leaving the guest mapped)") {
 		return
 	}
 	if g != nil {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net/http"
 	"os"
 
 	"github.com/tandemvm/tandem/api"
@@ -11,6 +13,7 @@ import (
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/fsperm"
 	"github.com/tandemvm/tandem/internal/netlimit"
+	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
 
@@ -72,5 +75,50 @@ func RunRaftMember(ctx context.Context, cfg RaftConfig) error {
 	n.Start()
 	n.Wait(ctx)
 	m.Stop() // closes the raft node, then joins
+	return nil
+}
+
+// WitnessConfig configures the third raft voter.
+type WitnessConfig struct {
+	Failover failover.Config
+	// DataDir holds the raft log (created, private, if missing).
+	DataDir string
+	// APIAddr, if set, serves GET /status.
+	APIAddr string
+	Trust   Trust
+	Log     *slog.Logger
+}
+
+// RunWitness runs the third raft voter, which decides and never runs the
+// guest, until ctx ends or POST /quit.
+func RunWitness(ctx context.Context, cfg WitnessConfig) error {
+	log := cfg.Log
+	if err := fsperm.PrivateDir(cfg.DataDir, log); err != nil {
+		return fmt.Errorf("--data-dir: %w", err)
+	}
+	node, err := failover.Open(cfg.Failover)
+	if err != nil {
+		return err
+	}
+	defer node.Close()
+	var quit <-chan struct{} // nil without an API: only ctx stops it
+	if cfg.APIAddr != "" {
+		srv, err := NewAPIServer(cfg.APIAddr, log, cfg.Trust)
+		if err != nil {
+			return err
+		}
+		srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+			st := node.State()
+			leader, _ := node.Leader()
+			WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
+				Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
+				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
+		})
+		srv.Start()
+		defer srv.Close()
+		quit = srv.Quit()
+	}
+	log.Info("witness running", "raft", cfg.Failover.Peers[cfg.Failover.ID], "tls", cfg.Trust.TLSOn())
+	WaitStop(ctx, quit, log)
 	return nil
 }

@@ -6,16 +6,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/guest"
-	"github.com/tandemvm/tandem/internal/fsperm"
 	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
@@ -156,34 +153,9 @@ func cmdWitness(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := fsperm.PrivateDir(cf.dataDir, log); err != nil {
-		return fmt.Errorf("--data-dir: %w", err)
-	}
-	node, err := failover.Open(fcfg)
-	if err != nil {
-		return err
-	}
-	defer node.Close()
-	var quit <-chan struct{} // nil without an API: only a signal stops it
-	if *apiAddr != "" {
-		srv, err := ft.NewAPIServer(*apiAddr, log, nt)
-		if err != nil {
-			return err
-		}
-		srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-			st := node.State()
-			leader, _ := node.Leader()
-			ft.WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
-				Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
-				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
-		})
-		srv.Start()
-		defer srv.Close()
-		quit = srv.Quit()
-	}
-	log.Info("witness running", "raft", fcfg.Peers[cf.id], "tls", nt.TLSOn())
-	waitForStop(quit, log)
-	return nil
+	ctx, stop := stopContext()
+	defer stop()
+	return ft.RunWitness(ctx, ft.WitnessConfig{Failover: fcfg, DataDir: cf.dataDir, APIAddr: *apiAddr, Trust: nt, Log: log})
 }
 
 func cmdSwitchover(args []string) error {

@@ -43,14 +43,6 @@ func stopContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 }
 
-// waitForStop blocks until SIGTERM, SIGINT or quit (POST /quit; nil for
-// none) and logs which.
-func waitForStop(quit <-chan struct{}, log *slog.Logger) {
-	ctx, stop := stopContext()
-	defer stop()
-	ft.WaitStop(ctx, quit, log)
-}
-
 func cmdRun(args []string) error {
 	fs := newFlagSet("run")
 	var gf guestFlags
