@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/tandemvm/tandem/api"
@@ -86,6 +87,11 @@ func RunPairSecondary(ctx context.Context, cfg PairSecondaryConfig) error {
 	if cfg.DataDir != "" {
 		if err := fsperm.PrivateDir(cfg.DataDir, log); err != nil {
 			return fmt.Errorf("--data-dir: %w", err)
+		}
+		// A store that cannot be opened stops the start: the operator
+		// asked for a replica that survives a restart.
+		if _, err := replica.OpenStore(filepath.Join(cfg.DataDir, "image"), log); err != nil {
+			return err
 		}
 	}
 	n, err := NewNode(cfg.Node)
