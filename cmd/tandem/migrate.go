@@ -72,8 +72,14 @@ func cmdMigrate(args []string) error {
 	if err := c.Migrate(ctx, req); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
+	return followMigration(ctx, c, *maxTime+time.Minute, *asJSON)
+}
+
+// followMigration prints a migration's progress until it ends, or gives
+// up after patience.
+func followMigration(ctx context.Context, c *api.Client, patience time.Duration, asJSON bool) error {
 	tty := isTerminal(os.Stdout)
-	deadline := time.Now().Add(*maxTime + time.Minute)
+	deadline := time.Now().Add(patience)
 	var last time.Time
 	for {
 		st, err := c.Status(ctx, false)
@@ -91,7 +97,7 @@ func cmdMigrate(args []string) error {
 			last = time.Now()
 		}
 		if done {
-			if *asJSON {
+			if asJSON {
 				enc := json.NewEncoder(os.Stdout)
 				enc.SetIndent("", "  ")
 				enc.Encode(st)
@@ -107,7 +113,7 @@ func cmdMigrate(args []string) error {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("migration still %s after %v; gave up following it", st.Status, *maxTime+time.Minute)
+			return fmt.Errorf("migration still %s after %v; gave up following it", st.Status, patience)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
