@@ -31,7 +31,9 @@
 // Serve goroutine; ReceiveMigrations its accept loop and a goroutine per
 // connection.
 //
-// Lock order: Member.mu before Node.mu (taken through lockIdle), and
-// Member.protSem before either. No lock is held across a guest pause, a
-// memory scan, an activation or network I/O.
+// Locks: Member.mu and Node.mu are never held together (each is released
+// before the other is taken); Member.protSem is taken before either and
+// held across the coordinator's record of protection, on purpose (see
+// claimProtection). No mutex is held across a guest pause, a memory scan,
+// an activation or network I/O.
 package ft

@@ -57,8 +57,8 @@ type MemberConfig struct {
 // at once when fenced (keeping the guest paused while no newer primary
 // exists), and hands the guest over on a switchover.
 //
-// Lock order: m.mu before n.mu (through lockIdle), never the other way;
-// protSem is taken before either and never while holding one.
+// Locks: m.mu and the node's mu are never held together; protSem is taken
+// before either and never while holding one.
 type Member struct {
 	n     *Node
 	coord Coordinator
