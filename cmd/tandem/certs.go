@@ -1,16 +1,14 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"net"
 	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/tandemvm/tandem/internal/netlimit"
+	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/internal/trust"
 )
 
@@ -103,17 +101,8 @@ func addInsecureFlag(fs *flag.FlagSet, tf *tlsFlags) {
 	fs.BoolVar(&tf.cfg.Insecure, "insecure", false, "without TLS flags, let a listener bind a non-loopback address anyway (its traffic is then readable and forgeable on the network)")
 }
 
-// handshakeTimeout bounds a server-side TLS handshake: a connection that
-// has not completed one by then is dropped before anything is read.
-const handshakeTimeout = trust.HandshakeTimeout
-
-// nodeTrust is how a node's listeners and clients authenticate: its
-// identity (nil: plaintext) and whether plaintext may bind a non-loopback
-// address.
-type nodeTrust struct {
-	id       *trust.Identity
-	insecure bool
-}
+// nodeTrust is how a node's listeners and clients authenticate (ft.Trust).
+type nodeTrust = ft.Trust
 
 // resolve loads the TLS files and checks every listen address up front
 // (pairs of flag name and address; empty addresses are skipped), so a
@@ -124,38 +113,14 @@ func (tf tlsFlags) resolve(listens ...string) (nodeTrust, error) {
 	if err != nil {
 		return nodeTrust{}, err
 	}
-	nt := nodeTrust{id: id, insecure: tf.cfg.Insecure}
+	nt := nodeTrust{ID: id, Insecure: tf.cfg.Insecure}
 	for i := 0; i+1 < len(listens); i += 2 {
 		if listens[i+1] == "" {
 			continue
 		}
-		if err := trust.CheckListen(id, nt.insecure, listens[i], listens[i+1]); err != nil {
+		if err := trust.CheckListen(id, nt.Insecure, listens[i], listens[i+1]); err != nil {
 			return nodeTrust{}, usagef("%v", err)
 		}
 	}
 	return nt, nil
 }
-
-// listen opens one of the node's listeners through trust (mutual TLS with
-// an identity; otherwise loopback only unless --insecure, which is logged
-// as a warning when it binds more). Under TLS, netlimit caps the
-// connections still in their handshake (the TLS handshake included) at
-// capN, closing the oldest; capName names the listener in its logs.
-func (nt nodeTrust) listen(log *slog.Logger, what, addr, capName string, capN int) (net.Listener, error) {
-	ln, err := trust.ListenWrapped(nt.id, nt.insecure, what, addr, func(ln net.Listener) net.Listener {
-		return netlimit.Wrap(ln, capName, capN, log)
-	})
-	if errors.Is(err, trust.ErrPlaintext) {
-		return nil, usagef("%v", err)
-	}
-	if err != nil {
-		return nil, err
-	}
-	if nt.id == nil && trust.CheckListen(nil, false, what, addr) != nil && log != nil {
-		log.Warn("--insecure: listening WITHOUT TLS on a non-loopback address; anyone who reaches it can read and inject traffic", "listener", what, "addr", ln.Addr().String())
-	}
-	return ln, nil
-}
-
-// tlsOn says whether the node's channels are mutual TLS (for logs).
-func (nt nodeTrust) tlsOn() bool { return nt.id != nil }

@@ -2,15 +2,9 @@
 // protects them with a secondary and a witness, and inspects streams. See
 // DESIGN.md's command-line section; `tandem help` lists the subcommands.
 //
-// Every goroutine a node starts has an owner that stops and joins it,
-// each join bounded (past its bound it logs and goes on): the apiServer
-// its Serve goroutine (close); the consoleBridge its accept loop, each
-// client's handshake, reader and writer (close); serveSecondary a
-// goroutine per data connection, closed when its context ends; a member
-// (runMember) its data server, raft event loop, start, watchBoot and
-// claimProtection goroutines (spawn, joined after raft closes); a
-// guestNode its epoch loop and migration (users); receive its accept loop
-// and per-connection goroutines.
+// It parses flags, builds configurations, calls package ft (the
+// fault-tolerance driver and the guest node, which own every goroutine of
+// a node) and prints; drill and demo run processes of it.
 package main
 
 import (
@@ -20,6 +14,8 @@ import (
 	"io"
 	"os"
 	"sort"
+
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 // usageError is a bad command line: printed as one line, exit code 2.
@@ -65,7 +61,7 @@ func runMain(args []string, stderr io.Writer) int {
 		return 0
 	}
 	var ue usageError
-	if errors.As(err, &ue) {
+	if errors.As(err, &ue) || errors.Is(err, trust.ErrPlaintext) {
 		fmt.Fprintf(stderr, "tandem %s: %v\n", args[0], err)
 		return 2
 	}

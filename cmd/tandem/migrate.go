@@ -12,7 +12,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -42,7 +44,7 @@ func cmdMigrate(args []string) error {
 	if name, ok := strings.CutPrefix(*to, "file:"); ok {
 		// The node resolves NAME under its own --snapshot-dir; it never
 		// writes to a path a caller names.
-		if err := plainName(name); err != nil {
+		if err := ft.PlainName(name); err != nil {
 			return usagef("--to file:%s: %v", name, err)
 		}
 	}
@@ -64,14 +66,20 @@ func cmdMigrate(args []string) error {
 	}
 	c := newAPIClient(*from, id, 0)
 	ctx := context.Background()
-	req := migrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
+	req := api.MigrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
 		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
 		SourceAPI: *from}
 	if err := c.Migrate(ctx, req); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
+	return followMigration(ctx, c, *maxTime+time.Minute, *asJSON)
+}
+
+// followMigration prints a migration's progress until it ends, or gives
+// up after patience.
+func followMigration(ctx context.Context, c *api.Client, patience time.Duration, asJSON bool) error {
 	tty := isTerminal(os.Stdout)
-	deadline := time.Now().Add(*maxTime + time.Minute)
+	deadline := time.Now().Add(patience)
 	var last time.Time
 	for {
 		st, err := c.Status(ctx, false)
@@ -89,7 +97,7 @@ func cmdMigrate(args []string) error {
 			last = time.Now()
 		}
 		if done {
-			if *asJSON {
+			if asJSON {
 				enc := json.NewEncoder(os.Stdout)
 				enc.SetIndent("", "  ")
 				enc.Encode(st)
@@ -105,7 +113,7 @@ func cmdMigrate(args []string) error {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("migration still %s after %v; gave up following it", st.Status, *maxTime+time.Minute)
+			return fmt.Errorf("migration still %s after %v; gave up following it", st.Status, patience)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

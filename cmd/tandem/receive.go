@@ -1,22 +1,11 @@
 package main
 
 import (
-	"context"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"net/http"
 	"strings"
-	"sync"
-	"sync/atomic"
-	"time"
 
-	"github.com/tandemvm/tandem/api"
-	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/internal/netlimit"
-	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
-	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
 )
 
@@ -55,308 +44,29 @@ func cmdReceive(args []string) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger()
-	n, err := newGuestNode("receive", *apiAddr, *consoleAddr, log, nt)
+	nc := nodeConfig("receive", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt)
+	n, err := ft.NewNode(nc)
 	if err != nil {
 		return err
 	}
-	n.allowFaults = *allowFaults
-	if err := n.setSnapshotDir(snapDir); err != nil {
-		n.close()
-		return err
-	}
-	r := rf.apply(&replica.Receiver{NewGuest: emptyGuest, Build: version.Build(), Log: log, Kind: *kind}, "")
-
+	defer n.Close()
+	r := rf.apply(&replica.Receiver{NewGuest: ft.EmptyGuest, Build: version.Build(), Log: nc.Log, Kind: *kind}, "")
+	ctx, stop := stopContext()
+	defer stop()
 	if path, ok := strings.CutPrefix(*from, "file:"); ok {
-		res, err := r.RestoreFile(path)
-		if err != nil {
-			n.close()
+		n.Start()
+		if err := n.RestoreFile(r, path); err != nil {
 			return err
 		}
-		n.attach(res.Guest, res.Hello.Config)
-		if _, err := res.Guest.Resume(); err != nil {
-			n.close()
-			return fmt.Errorf("resume the restored guest: %w", err)
-		}
-		n.mu.Lock()
-		n.inbound, n.state = &res, "running"
-		n.mu.Unlock()
-		log.Info("snapshot restored; guest running", "path", path, "epochs", res.Epochs, "digest", res.Digest)
-		return n.wait()
-	}
-
-	// With TLS the source must hold a certificate of the cluster's CA
-	// (any one: a migration's source is whichever node runs the guest).
-	ln, err := nt.listen(log, "--listen", *listen, "receive", netlimit.DataCap)
-	if err != nil {
-		n.close()
-		return err
-	}
-	n.api.mux.HandleFunc("POST /migrate/commit", n.handleMigrateResolve(true))
-	n.api.mux.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
-	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.addr(), "tls", nt.tlsOn())
-	// Every connection is handshaken on its own goroutine (TLS first,
-	// then the Hello), so a peer that connects and says nothing holds up
-	// no one (both have a deadline); the first Hello that passes takes the
-	// one migration this process receives, later ones are told it is busy.
-	// A migration that fails or is aborted frees the receiver for the next
-	// one.
-	ctx, cancel := context.WithCancel(context.Background())
-	var busy atomic.Bool
-	var wg sync.WaitGroup
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer conn.Close()
-				if err := trust.Handshake(conn, handshakeTimeout); err != nil {
-					log.Warn("migration connection refused: TLS handshake", "from", conn.RemoteAddr().String(), "err", err)
-					return
-				}
-				admitted := false
-				rc := *r
-				rc.Admit = func(replica.Hello) error {
-					if !busy.CompareAndSwap(false, true) {
-						return errors.New("this receiver is already receiving a migration")
-					}
-					admitted = true
-					n.setState("receiving")
-					return nil
-				}
-				free := func() {
-					if admitted {
-						n.setState("waiting")
-						busy.Store(false)
-					}
-				}
-				res, err := rc.ReceiveMigrationWith(ctx, conn, replica.MigrationOptions{
-					BeforeResume: func(g guest.Guest, h replica.Hello) error {
-						n.attach(g, h.Config)
-						return nil
-					},
-					OnReady: func(guest.Guest, replica.Hello) {
-						n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
-					},
-					OnDiscard:     func(guest.Guest) { n.detach() },
-					CommitTimeout: *commitTimeout,
-				})
-				if err != nil {
-					free()
-					log.Error("migration refused, failed or aborted; still waiting", "from", conn.RemoteAddr().String(), "err", err)
-					return
-				}
-				if res.AwaitingCommit {
-					conn.Close()
-					if !n.awaitCommit(ctx, &res) {
-						free() // aborted: the source runs the guest
-						return
-					}
-					ln.Close() // no more migrations: the guest runs here now
-					return
-				}
-				n.mu.Lock()
-				n.cfg = res.Hello.Config
-				n.inbound, n.state, n.stateReason = &res, "running", ""
-				n.mu.Unlock()
-				log.Info("migration received; guest running", "from", conn.RemoteAddr().String(),
-					"epochs", res.Epochs, "digest", res.Digest, "load", res.LoadTime.String())
-				// No more migrations: the guest runs here now.
-				ln.Close()
-				// Drain the end of the stream, then close.
-				conn.SetReadDeadline(time.Now().Add(2 * time.Second))
-				var b [512]byte
-				for {
-					if _, err := conn.Read(b[:]); err != nil {
-						break
-					}
-				}
-			}()
-		}
-	}()
-	waitForStop(n.api.quit, n.log)
-	// Stop receiving before the guest is closed: a migration in flight
-	// closes its own half-built guest, one awaiting its commit leaves it
-	// to n.close.
-	cancel()
-	ln.Close()
-	joinWithin(func() { <-done; wg.Wait() }, 5*time.Second, log, "the receiving goroutines")
-	n.close()
-	return nil
-}
-
-func (n *guestNode) setStateWhy(s, why string) {
-	n.mu.Lock()
-	n.state, n.stateReason = s, why
-	n.mu.Unlock()
-}
-
-// detach forgets a guest that is about to be closed (a migration that
-// failed or was aborted after the load).
-func (n *guestNode) detach() {
-	n.lockIdle()
-	n.g, n.state, n.stateReason = nil, "waiting", ""
-	n.mu.Unlock()
-}
-
-// pendingCommit is a destination holding a loaded, paused guest whose
-// source's commit never arrived.
-type pendingCommit struct {
-	res    *replica.MigrationResult
-	decide chan bool // true: resume here; false: drop (the source runs it)
-}
-
-// awaitCommit holds a migrated guest, paused, until it is known how the
-// migration ended at the source: its API says it committed (the guest
-// runs here) or failed (it resumed there: the guest here is dropped), or
-// an operator decides (POST /migrate/commit or /migrate/abort). It never
-// resumes the guest on a guess. It returns true if the guest runs here.
-func (n *guestNode) awaitCommit(ctx context.Context, res *replica.MigrationResult) bool {
-	p := &pendingCommit{res: res, decide: make(chan bool, 1)}
-	why := res.Why + "; asking the source's API " + orDefault(res.Hello.SourceAPI, "(none given)") +
-		"; resolve by hand with POST /migrate/commit (only once the source is stopped) or POST /migrate/abort"
-	n.mu.Lock()
-	n.cfg = res.Hello.Config
-	n.pending, n.state, n.stateReason = p, "awaiting-commit", why
-	n.mu.Unlock()
-	n.log.Warn("AWAITING COMMIT: the guest is loaded and paused; it resumes only once the source is known to have stopped", "why", why)
-	src := n.sourceClient(res)
-	tick := time.NewTicker(500 * time.Millisecond)
-	defer tick.Stop()
-	var commit bool
-	lastSeen := ""
-wait:
-	for {
-		select {
-		case <-ctx.Done():
-			return false // stopping: n.close closes the held guest
-		case commit = <-p.decide:
-			break wait
-		case <-tick.C:
-		}
-		v, detail := sourceVerdict(ctx, src, res.Hello)
-		if detail != lastSeen {
-			n.log.Info("awaiting commit: the source says", "verdict", v, "detail", detail)
-			lastSeen = detail
-		}
-		switch v {
-		case verdictCommitted:
-			commit = true
-			break wait
-		case verdictAborted:
-			commit = false
-			break wait
-		}
-	}
-	n.mu.Lock()
-	n.pending = nil
-	n.mu.Unlock()
-	if !commit {
-		n.detach()
-		res.Guest.Close()
-		n.log.Warn("migration aborted: the paused guest is dropped; the source runs it")
-		return false
-	}
-	if _, err := res.Guest.Resume(); err != nil {
-		n.setStateWhy("awaiting-commit", "resume failed: "+err.Error())
-		n.log.Error("resume after the commit", "err", err)
-		return true
-	}
-	res.ResumedAt = time.Now()
-	n.mu.Lock()
-	n.inbound, n.state, n.stateReason = res, "running", ""
-	n.mu.Unlock()
-	n.log.Info("migration committed: guest running", "epochs", res.Epochs, "digest", res.Digest)
-	return true
-}
-
-// Verdicts of a source on a migration a destination holds paused.
-const (
-	verdictCommitted = "committed" // the source stopped for good and sent the commit
-	verdictAborted   = "aborted"   // the source resumed the guest
-	verdictUnknown   = "unknown"   // still deciding, unreachable, or another migration
-)
-
-// sourceClient is the client a destination asks its source with: the API
-// address the source gave, reached with this node's identity, and (with
-// TLS) only if that API's certificate names the node that sent the
-// migration, so a stream cannot point the destination at a third party
-// that would answer "committed". nil: the source gave no API.
-func (n *guestNode) sourceClient(res *replica.MigrationResult) *api.Client {
-	if res.Hello.SourceAPI == "" {
+		n.Wait(ctx)
 		return nil
 	}
-	return newNodeClient(res.Hello.SourceAPI, n.trust.id, res.Peer, 2*time.Second)
-}
-
-// sourceVerdict asks the source's API (c) how migration h ended there.
-func sourceVerdict(ctx context.Context, c *api.Client, h replica.Hello) (string, string) {
-	if c == nil || h.MigrationID == "" {
-		return verdictUnknown, "the source gave no API to ask"
-	}
-	st, err := c.Status(ctx, false)
+	// With TLS the source must hold a certificate of the cluster's CA
+	// (any one: a migration's source is whichever node runs the guest).
+	ln, err := nt.Listen(nc.Log, "--listen", *listen, "receive", netlimit.DataCap)
 	if err != nil {
-		return verdictUnknown, "source unreachable: " + err.Error()
+		return err
 	}
-	switch {
-	case st.MigrationID != h.MigrationID:
-		return verdictUnknown, fmt.Sprintf("the source reports migration %q, not %q (restarted?); state %s", st.MigrationID, h.MigrationID, st.State)
-	case st.CommitSent || st.Status == precopy.StatusCompleted || st.Status == precopy.StatusUnknown:
-		return verdictCommitted, "the source stopped its guest for good and sent the commit (status " + st.Status + ")"
-	case st.Status == precopy.StatusFailed:
-		return verdictAborted, "the source's migration failed and its guest runs there"
-	}
-	return verdictUnknown, "the source is still deciding (status " + st.Status + ")"
-}
-
-// handleMigrateResolve is POST /migrate/commit (commit true) and POST
-// /migrate/abort on a destination awaiting a commit. The source's API is
-// asked first; an answer that contradicts the request is refused, and
-// without an answer {"force": true} is needed: committing while the
-// source runs is the split brain this protocol exists to prevent, and
-// aborting while the source is stopped loses the guest.
-func (n *guestNode) handleMigrateResolve(commit bool) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Force bool `json:"force"`
-		}
-		if r.ContentLength != 0 {
-			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
-				writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
-				return
-			}
-		}
-		n.mu.Lock()
-		p := n.pending
-		n.mu.Unlock()
-		if p == nil {
-			writeError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration awaits a commit here"))
-			return
-		}
-		v, detail := sourceVerdict(r.Context(), n.sourceClient(p.res), p.res.Hello)
-		switch {
-		case commit && v == verdictAborted:
-			writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("refusing to commit: %s; POST /migrate/abort drops the copy here", detail))
-			return
-		case !commit && v == verdictCommitted:
-			writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("refusing to abort: %s, so this is the only copy; POST /migrate/commit resumes it", detail))
-			return
-		case v == verdictUnknown && !req.Force:
-			writeError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("cannot confirm with the source: %s; check by hand, then repeat with {\"force\": true}", detail))
-			return
-		case v == verdictUnknown:
-			n.log.Error("FORCED migration resolution without the source's word", "commit", commit, "detail", detail)
-		}
-		select {
-		case p.decide <- commit:
-		default:
-		}
-		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "commit": commit, "source": detail})
-	}
+	n.ReceiveMigrations(ctx, ft.ReceiverConfig{Listener: ln, Receiver: r, CommitTimeout: *commitTimeout})
+	return nil
 }

@@ -1,13 +1,9 @@
 package main
 
 import (
-	"errors"
 	"flag"
-	"fmt"
 	"path/filepath"
-	"strings"
 
-	"github.com/tandemvm/tandem/internal/fsperm"
 	"github.com/tandemvm/tandem/replica"
 )
 
@@ -54,48 +50,4 @@ func (rf receiveFlags) apply(r *replica.Receiver, dataDir string) *replica.Recei
 
 func addSnapshotDirFlag(fs *flag.FlagSet, dir *string) {
 	fs.StringVar(dir, "snapshot-dir", "", "directory that POST /migrate {\"to\":\"file:NAME\"} (tandem migrate --to file:NAME) writes snapshots into; without it file migrations are off")
-}
-
-// errNoSnapshotDir refuses a file migration on a node without a place
-// for snapshots.
-var errNoSnapshotDir = errors.New("no --snapshot-dir: file migrations are off")
-
-// snapshotPath resolves the NAME of a file:NAME migration target under
-// dir. NAME is a plain file name: a path (a slash, "." or "..") is
-// refused, so a caller of the API cannot make the node write anywhere else.
-func snapshotPath(dir, name string) (string, error) {
-	if dir == "" {
-		return "", errNoSnapshotDir
-	}
-	if err := plainName(name); err != nil {
-		return "", fmt.Errorf("snapshot file:%s: %w", name, err)
-	}
-	return filepath.Join(dir, name), nil
-}
-
-func plainName(name string) error {
-	switch {
-	case name == "":
-		return errors.New("want file:NAME with a file name")
-	case strings.ContainsAny(name, "/\\\x00"), name == ".", name == "..":
-		return errors.New("want a plain file name (no directory): snapshots land in the node's --snapshot-dir")
-	}
-	return nil
-}
-
-// setSnapshotDir makes dir (created if missing) the node's place for
-// snapshots, private: 0700, tightened if looser.
-func (n *guestNode) setSnapshotDir(dir string) error {
-	if dir == "" {
-		return nil
-	}
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return usagef("--snapshot-dir %q: %v", dir, err)
-	}
-	if err := fsperm.PrivateDir(abs, n.log); err != nil {
-		return fmt.Errorf("--snapshot-dir: %w", err)
-	}
-	n.snapshotDir = abs
-	return nil
 }

@@ -1,4 +1,4 @@
-package main
+package ft
 
 import (
 	"io"
@@ -36,7 +36,7 @@ func TestMigrateToFileRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	n := &guestNode{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
+	n := &Node{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
 	post := func(body string) *httptest.ResponseRecorder {
 		rec := httptest.NewRecorder()
 		n.handleMigrate(rec, httptest.NewRequest("POST", "/migrate", strings.NewReader(body)))

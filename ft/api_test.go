@@ -1,4 +1,4 @@
-package main
+package ft
 
 import (
 	"context"
@@ -14,7 +14,7 @@ import (
 // TestAPIErrorCode: a refusal's code crosses the wire and the client
 // turns it back into its sentinel.
 func TestAPIErrorCode(t *testing.T) {
-	n := &guestNode{}
+	n := &Node{}
 	srv := httptest.NewServer(http.HandlerFunc(n.handleProtect))
 	defer srv.Close()
 	c := api.NewClient(strings.TrimPrefix(srv.URL, "http://"), nil, 0)

@@ -1,4 +1,4 @@
-package main
+package ft
 
 import (
 	"bytes"
@@ -105,8 +105,8 @@ const maxClients = 256
 // against netlimit.ConsoleCap (its TLS handshake included) until its
 // first whole line (readLoop): silent connections displace each other,
 // not clients that talk.
-func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger, nt nodeTrust) (*consoleBridge, error) {
-	ln, err := nt.listen(log, "--console", addr, "console", netlimit.ConsoleCap)
+func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger, nt Trust) (*consoleBridge, error) {
+	ln, err := nt.Listen(log, "--console", addr, "console", netlimit.ConsoleCap)
 	if err != nil {
 		return nil, err
 	}

@@ -1,4 +1,4 @@
-package main
+package ft
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/replica"
 )
 
@@ -58,11 +59,11 @@ func TestSourceVerdict(t *testing.T) {
 	}
 	for _, c := range cases {
 		body = c.body
-		if got, detail := sourceVerdict(context.Background(), newAPIClient(h.SourceAPI, nil, 2*time.Second), h); got != c.want {
+		if got, detail := sourceVerdict(context.Background(), api.NewClient(h.SourceAPI, nil, 2*time.Second), h); got != c.want {
 			t.Errorf("%s: verdict %s (%s), want %s", c.body, got, detail, c.want)
 		}
 	}
-	if got, _ := sourceVerdict(context.Background(), newAPIClient("127.0.0.1:1", nil, 2*time.Second), replica.Hello{MigrationID: "m1", SourceAPI: "127.0.0.1:1"}); got != verdictUnknown {
+	if got, _ := sourceVerdict(context.Background(), api.NewClient("127.0.0.1:1", nil, 2*time.Second), replica.Hello{MigrationID: "m1", SourceAPI: "127.0.0.1:1"}); got != verdictUnknown {
 		t.Errorf("unreachable source: %s", got)
 	}
 	if got, _ := sourceVerdict(context.Background(), nil, replica.Hello{}); got != verdictUnknown {

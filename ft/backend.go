@@ -1,4 +1,4 @@
-package main
+package ft
 
 import (
 	"fmt"
@@ -9,9 +9,9 @@ import (
 	"github.com/tandemvm/tandem/guest/synth"
 )
 
-// defaultGuestKind is kvm when /dev/kvm works and the micro-guest image is
+// DefaultGuestKind is kvm when /dev/kvm works and the micro-guest image is
 // built, the software guest otherwise.
-func defaultGuestKind() string {
+func DefaultGuestKind() string {
 	if kvm.Available() != nil {
 		return synth.Kind
 	}
@@ -21,24 +21,22 @@ func defaultGuestKind() string {
 	return kvm.Kind
 }
 
-// kvmDirtyMethod is the dirty-log method of KVM guests this process
-// boots (--dirty-log); guests built to receive an image use the default.
-var kvmDirtyMethod = kvm.DirtyGetLog
-
-// bootGuest builds a guest that boots its workload on the first Resume.
-func bootGuest(kind string, cfg guest.Config) (guest.Guest, error) {
+// BootGuest builds a guest that boots its workload on the first Resume;
+// dirty is the dirty-log method of a KVM guest (guests built to receive an
+// image use the default).
+func BootGuest(kind string, cfg guest.Config, dirty kvm.DirtyMethod) (guest.Guest, error) {
 	switch kind {
 	case synth.Kind:
 		return synth.New(cfg)
 	case kvm.Kind:
-		return kvm.NewWithOptions(cfg, kvm.Options{DirtyMethod: kvmDirtyMethod})
+		return kvm.NewWithOptions(cfg, kvm.Options{DirtyMethod: dirty})
 	}
 	return nil, fmt.Errorf("unknown guest kind %q: want kvm or synth", kind)
 }
 
-// emptyGuest builds a paused guest with zero memory that will not boot: a
+// EmptyGuest builds a paused guest with zero memory that will not boot: a
 // received image is written into it and its state loaded.
-func emptyGuest(kind string, cfg guest.Config) (guest.Guest, error) {
+func EmptyGuest(kind string, cfg guest.Config) (guest.Guest, error) {
 	switch kind {
 	case synth.Kind:
 		return synth.New(cfg)

@@ -1,0 +1,241 @@
+package ft
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/block"
+	"github.com/tandemvm/tandem/internal/version"
+	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// migrateRequest is the body of POST /migrate; `tandem migrate` sends it.
+type migrateRequest = api.MigrateRequest
+
+// migratePolicy is the precopy policy a migrate request asks for.
+func migratePolicy(req migrateRequest) (precopy.Policy, error) {
+	p := precopy.DefaultPolicy()
+	p.MaxBandwidth = req.MaxBandwidth
+	if req.DowntimeLimitMs > 0 {
+		p.DowntimeLimit = time.Duration(req.DowntimeLimitMs) * time.Millisecond
+	}
+	if req.MaxTimeMs > 0 {
+		p.MaxTime = time.Duration(req.MaxTimeMs) * time.Millisecond
+	}
+	if req.MinRetryMs > 0 {
+		p.MinRetryInterval = time.Duration(req.MinRetryMs) * time.Millisecond
+	}
+	if req.AutoConverge != nil {
+		p.AutoConverge = *req.AutoConverge
+	}
+	return p, p.Validate()
+}
+
+func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
+	var req migrateRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: %v", err))
+		return
+	}
+	pol, err := migratePolicy(req)
+	if err != nil {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
+		return
+	}
+	comp, err := checkpoint.ParseCompression(orDefault(req.Compression, "default"))
+	if err != nil {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
+		return
+	}
+	g, cfg, ok := n.reserveForMigration(w)
+	if !ok {
+		return
+	}
+	started := false
+	defer func() {
+		if !started {
+			n.mu.Lock()
+			n.migBusy = false
+			n.mu.Unlock()
+		}
+	}()
+	hello := replica.Hello{Purpose: replica.PurposeMigrate, Kind: g.Kind(), Config: cfg, Build: version.Build()}
+	migID := newMigrationID()
+	if !strings.HasPrefix(req.To, "file:") {
+		// Two-phase switch-over: the destination resumes only on this
+		// source's commit (see precopy.Committer).
+		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, orDefault(req.SourceAPI, n.api.Addr())
+	}
+	// Connect and handshake before answering, so a refusal (another kind,
+	// another format version, nobody listening) comes back to the caller
+	// before the guest is paused at all.
+	link, closeLink, ok := n.openMigrationLink(w, r, req.To, hello, g, checkpoint.Options{Compression: comp})
+	if !ok {
+		return
+	}
+	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
+	if err != nil {
+		closeLink()
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
+		return
+	}
+	m.SetID(migID)
+	ctx, cancel := context.WithCancel(context.Background())
+	n.mu.Lock()
+	n.mig, n.migDest, n.migCancel = m, req.To, cancel
+	n.mu.Unlock()
+	started = true
+	n.users.Add(1)
+	go func() { // owned by the node: migCancel stops it, Close joins it (users)
+		defer n.users.Done()
+		defer cancel()
+		n.runMigration(ctx, m, req.To, closeLink)
+	}()
+	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true, "to": req.To})
+}
+
+// reserveForMigration reserves the running guest for one migration
+// (migBusy), or answers why not: no running guest, a migration already
+// running, or a protected guest.
+func (n *Node) reserveForMigration(w http.ResponseWriter) (guest.Guest, guest.Config, bool) {
+	n.lockIdle()
+	// An epoch loop that has a secondary owns the guest's dirty log and
+	// pauses; one without (an activated node not yet re-protected) is idle.
+	protected := n.sec != nil || n.cluster != nil || (n.epochs != nil && n.epochs.Status().Secondary != "")
+	g, cfg, state, busy := n.g, n.cfg, n.state, n.migBusy
+	refuse := g == nil || state != "running" || busy || protected
+	if !refuse {
+		n.migBusy = true
+	}
+	n.mu.Unlock()
+	switch {
+	case g == nil || state != "running":
+		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("no running guest to migrate (state %s)", state))
+	case busy:
+		WriteError(w, http.StatusConflict, api.CodeBusy, errors.New("a migration is already running"))
+	case protected:
+		// The epoch loop owns the guest's dirty log and its pauses; a
+		// migration beside it would take pages the secondary never gets.
+		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
+	default:
+		return g, cfg, true
+	}
+	return nil, guest.Config{}, false
+}
+
+// openMigrationLink opens the migration's link to to (a receiver's data
+// address, or file:NAME under the snapshot directory), or answers why not.
+func (n *Node) openMigrationLink(w http.ResponseWriter, r *http.Request, to string, hello replica.Hello, g guest.Guest, opts checkpoint.Options) (precopy.Link, func(), bool) {
+	if name, ok := strings.CutPrefix(to, "file:"); ok {
+		// The name comes from whoever reached the API: it is resolved
+		// under this node's --snapshot-dir and never taken as a path.
+		path, err := snapshotPath(n.snapshotDir, name)
+		if err != nil {
+			WriteError(w, http.StatusBadRequest, api.CodeRefused, fmt.Errorf("migrate to %s refused: %w", to, err))
+			return nil, nil, false
+		}
+		fl, err := replica.CreateFileLink(path, hello, g.Regions(), opts)
+		if err != nil {
+			WriteError(w, http.StatusBadRequest, "", err)
+			return nil, nil, false
+		}
+		return fl, fl.Abort, true
+	}
+	// The source dials with its own identity; the destination must hold
+	// a certificate of the same CA.
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	l, err := replica.Dial(ctx, to, hello, g.Regions(), replica.DialOptions{Stream: opts, TLS: n.trust.ID})
+	cancel()
+	if err != nil {
+		WriteError(w, http.StatusBadGateway, api.CodeInternal, err)
+		return nil, nil, false
+	}
+	return l, func() { l.Close() }, true
+}
+
+// runMigration runs m to its end and records how it ended.
+func (n *Node) runMigration(ctx context.Context, m *precopy.Migration, to string, closeLink func()) {
+	err := m.Run(ctx)
+	closeLink()
+	// The state changes with migBusy, under one lock: a completed
+	// migration leaves a paused guest that runs elsewhere now, and a
+	// second POST /migrate must not find it "running" in between.
+	unconfirmed := errors.Is(err, precopy.ErrCommitUnconfirmed)
+	n.mu.Lock()
+	n.migBusy = false
+	if err == nil || unconfirmed {
+		n.state, n.stateReason = "postmigrate", ""
+	}
+	if unconfirmed {
+		n.stateReason = "commit sent to " + to + " but not confirmed: the guest is stopped here for good; the destination resumes it once it learns of the commit (it asks this API), or by POST /migrate/commit on it"
+	}
+	n.mu.Unlock()
+	if unconfirmed {
+		n.log.Error("migration committed but unconfirmed: the guest stays stopped here; the destination holds it, paused, until it learns of the commit", "to", to, "err", err)
+		return
+	}
+	if err != nil {
+		n.log.Error("migration failed; the guest keeps running here", "to", to, "err", err)
+		return
+	}
+	st := m.Status()
+	n.log.Info("migration completed; the guest runs on the destination", "to", to,
+		"downtime_ms", st.DowntimeMs, "total_time_ms", st.TotalTimeMs, "transferred_bytes", st.TransferredBytes)
+}
+
+// newMigrationID names a migration, so a destination asking the source's
+// API about it cannot mistake another migration's outcome for its own.
+func newMigrationID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (n *Node) handleMigrateCancel(w http.ResponseWriter, r *http.Request) {
+	n.mu.Lock()
+	cancel := n.migCancel
+	n.mu.Unlock()
+	if cancel == nil {
+		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration to cancel"))
+		return
+	}
+	cancel()
+	WriteJSON(w, http.StatusOK, map[string]any{"ok": true})
+}
+
+// handleStallFlush makes the guest's disk stall its next flush (tests of
+// the stalled-flush path). Only with --allow-faults.
+func (n *Node) handleStallFlush(w http.ResponseWriter, r *http.Request) {
+	if !n.allowFaults {
+		WriteError(w, http.StatusForbidden, api.CodeForbidden, errors.New("fault injection is off (start with --allow-faults)"))
+		return
+	}
+	var req struct {
+		DurationMs int64 `json:"duration_ms"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil || req.DurationMs <= 0 {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, errors.New("want {\"duration_ms\": N} with N > 0"))
+		return
+	}
+	n.mu.Lock()
+	g := n.g
+	n.mu.Unlock()
+	bd, ok := g.(interface{ BlockDisk() *block.Disk })
+	if !ok || bd.BlockDisk() == nil {
+		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("the guest has no disk (start with --disk PATH)"))
+		return
+	}
+	bd.BlockDisk().StallFlush(time.Duration(req.DurationMs) * time.Millisecond)
+	WriteJSON(w, http.StatusOK, map[string]any{"ok": true})
+}

@@ -1,0 +1,369 @@
+package ft
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/failover"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/block"
+	"github.com/tandemvm/tandem/internal/version"
+	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// Node is a process that runs one guest: `tandem run`, and `tandem
+// receive` once its guest has arrived. Its API serves status, metrics,
+// migration control and (with --allow-faults) fault injection.
+type Node struct {
+	log         *slog.Logger
+	api         *APIServer
+	console     *consoleBridge
+	role        string
+	allowFaults bool
+	// snapshotDir is where file:NAME migrations write ("" : refused).
+	snapshotDir string
+	// trust authenticates the node's listeners and the connections it
+	// makes (a migration's, an epoch loop's).
+	trust Trust
+	// users counts goroutines that read guest memory (a migration; an
+	// epoch loop is its Member's, stopped before the node closes); Close
+	// waits for them before unmapping it.
+	users sync.WaitGroup
+
+	// mu guards the fields below. It is never held across a guest pause
+	// or a memory scan: a status digest marks itself in digesting and
+	// works on n.g outside mu, and whoever replaces or closes n.g, or
+	// starts something that pauses it, takes mu through lockIdle, which
+	// waits for that digest to end.
+	mu sync.Mutex
+	// digesting, while a status digest runs, is closed when it ends.
+	digesting chan struct{}
+	closing   bool // close began: no new digest
+	g         guest.Guest
+	cfg       guest.Config
+	state     string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit"
+	// stateReason says why the state is what it is, when that needs
+	// saying (fenced, awaiting-commit).
+	stateReason string
+	mig         *precopy.Migration
+	migDest     string
+	// migBusy reserves the guest for one migration from the moment a
+	// POST /migrate is accepted until its Run ends, so two requests
+	// cannot both pass the check while the first one dials.
+	migBusy bool
+	// migCancel stops the migration (an epoch loop is its Member's to
+	// stop: POST /migrate/cancel never drops protection).
+	migCancel context.CancelFunc
+	inbound   *replica.MigrationResult
+	pending   *pendingCommit          // a received guest awaiting its commit
+	epochs    *failover.EpochLoop     // primary: protection
+	sec       *replica.Secondary      // secondary: the committed image
+	cluster   func() *api.ClusterView // raft view of a cluster member
+	// pair is a pair member's coordinator, which POST /protect points at
+	// a new secondary (nil: not in a pair).
+	pair *PairCoordinator
+}
+
+// NodeConfig configures a Node.
+type NodeConfig struct {
+	// Role is what status says the node is: run, receive, primary,
+	// secondary (a member's changes with its part).
+	Role string
+	// APIAddr and ConsoleAddr are where the HTTP API and the console
+	// bridge listen.
+	APIAddr, ConsoleAddr string
+	Log                  *slog.Logger
+	Trust                Trust
+	// AllowFaults serves the fault-injection endpoints (tests).
+	AllowFaults bool
+	// SnapshotDir is where file:NAME migrations write ("": refused); it
+	// is created, private, if missing.
+	SnapshotDir string
+}
+
+// NewNode opens the node's API and console listeners. Its API answers
+// only once Start is called (so a caller can set up what status reports
+// first); Close stops everything it owns.
+func NewNode(cfg NodeConfig) (*Node, error) {
+	log := cfg.Log
+	api, err := NewAPIServer(cfg.APIAddr, log, cfg.Trust)
+	if err != nil {
+		return nil, err
+	}
+	n := &Node{log: log, api: api, role: cfg.Role, state: "waiting", trust: cfg.Trust, allowFaults: cfg.AllowFaults}
+	if err := n.setSnapshotDir(cfg.SnapshotDir); err != nil {
+		api.Close()
+		return nil, err
+	}
+	n.console, err = newConsoleBridge(cfg.ConsoleAddr, n.input, log, cfg.Trust)
+	if err != nil {
+		api.Close()
+		return nil, err
+	}
+	n.console.serving = func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		return n.g != nil && n.state == "running"
+	}
+	n.registerProtectionMetrics()
+	api.HandleFunc("GET /status", n.handleStatus)
+	api.HandleFunc("POST /migrate", n.handleMigrate)
+	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
+	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
+	api.HandleFunc("POST /protect", n.handleProtect)
+	return n, nil
+}
+
+// Start makes the API answer.
+func (n *Node) Start() { n.api.Start() }
+
+// APIAddr and ConsoleAddr are the addresses the node listens on.
+func (n *Node) APIAddr() string     { return n.api.Addr() }
+func (n *Node) ConsoleAddr() string { return n.console.addr() }
+
+// HandleFunc adds a handler to the node's API (before Start).
+func (n *Node) HandleFunc(pattern string, h http.HandlerFunc) { n.api.HandleFunc(pattern, h) }
+
+// Log is the node's logger.
+func (n *Node) Log() *slog.Logger { return n.log }
+
+func (n *Node) input(p []byte) error {
+	n.mu.Lock()
+	g := n.g
+	n.mu.Unlock()
+	if g == nil {
+		return errors.New("no guest yet")
+	}
+	return g.Console().Input(p)
+}
+
+// Attach makes g the node's guest; its console output goes straight to
+// the bridge (an unprotected guest has no epoch to wait for).
+func (n *Node) Attach(g guest.Guest, cfg guest.Config) {
+	g.Console().SetOutput(n.console.release)
+	n.observeDisk(g)
+	n.lockIdle()
+	n.g, n.cfg = g, cfg
+	n.mu.Unlock()
+}
+
+// lockIdle takes mu once no status digest is pausing or scanning the
+// guest (it does so outside mu). Everything that replaces or closes n.g,
+// or starts pausing it (a migration, an epoch loop), locks this way, so a
+// digest never resumes a guest in another's pause nor scans unmapped
+// memory. A digest takes mu this way too: digests run one at a time.
+func (n *Node) lockIdle() {
+	n.mu.Lock()
+	for n.digesting != nil {
+		done := n.digesting
+		n.mu.Unlock()
+		<-done
+		n.mu.Lock()
+	}
+}
+
+// observeDisk names every disk flush of g in the node's timings, so a
+// flush that stalls for a minute shows up as "disk_flush" with its whole
+// length, not only as the budget an epoch or completion gave up at.
+func (n *Node) observeDisk(g guest.Guest) {
+	if bd, ok := g.(interface{ BlockDisk() *block.Disk }); ok && bd.BlockDisk() != nil {
+		bd.BlockDisk().SetFlushObserver(func(start time.Time, took time.Duration, err error) {
+			n.api.timings.Observe("disk_flush", start, took)
+		})
+	}
+}
+
+func (n *Node) SetState(s string) {
+	n.mu.Lock()
+	n.state, n.stateReason = s, ""
+	n.mu.Unlock()
+}
+
+// Wait blocks until ctx ends (a signal, in the command) or POST /quit,
+// and logs which.
+func (n *Node) Wait(ctx context.Context) {
+	WaitStop(ctx, n.api.Quit(), n.log)
+}
+
+// WaitStop blocks until ctx ends or quit is closed (nil: never) and logs
+// which. It is how every long-running node ends.
+func WaitStop(ctx context.Context, quit <-chan struct{}, log *slog.Logger) {
+	select {
+	case <-ctx.Done():
+		log.Info("stopping", "reason", "signal")
+	case <-quit:
+		log.Info("stopping", "reason", "POST /quit")
+	}
+}
+
+// Close stops the node: its epoch loop and migration (joined, bounded),
+// its console bridge and API, and closes its guest.
+func (n *Node) Close() {
+	n.lockIdle()
+	n.closing = true
+	if n.migCancel != nil {
+		n.migCancel()
+	}
+	g := n.g
+	n.mu.Unlock()
+	n.console.close()
+	n.api.Close()
+	if !joinWithin(n.users.Wait, 5*time.Second, n.log, "a migration (leaving the guest mapped)") {
+		return
+	}
+	if g != nil {
+		if err := g.Close(); err != nil {
+			n.log.Warn("closing the guest", "err", err)
+		}
+	}
+}
+
+// nodeStatus is the JSON of GET /status on a guest node: the guest's and
+// the node's state with, when there was a migration, query-migrate's
+// figures at the top level (their names are the command-line contract,
+// kept in package api), and a primary's or secondary's protection figures
+// merged into the top level.
+type nodeStatus = api.Status
+
+func (n *Node) status(digest bool) nodeStatus {
+	// Copy what is needed under mu; ask the parts (the migration, raft,
+	// the epoch loop, the secondary) and take a digest outside it.
+	if digest {
+		n.lockIdle()
+	} else {
+		n.mu.Lock()
+	}
+	st := nodeStatus{Role: n.role, State: n.state, StateReason: n.stateReason, Build: version.Build()}
+	if n.g != nil {
+		st.GuestInfo = describeGuest(n.g, n.cfg)
+	}
+	mig, migDest, inbound := n.mig, n.migDest, n.inbound
+	cluster, epochs, sec := n.cluster, n.epochs, n.sec
+	var g guest.Guest
+	if digest && n.g != nil && n.epochs == nil && !n.migBusy && !n.closing {
+		// A protected guest is paused only by its epoch loop; its proof
+		// is the per-epoch digest comparison (--verify-epochs). A guest
+		// being migrated is paused only by the migration: the status
+		// handler's Pause/Resume would resume it in the middle of the
+		// stop-and-copy (migBusy is set under mu before Run starts). And
+		// while this digest runs, nobody starts either or takes the
+		// guest away: they wait in lockIdle for done.
+		g = n.g
+		done := make(chan struct{})
+		n.digesting = done
+		defer func() {
+			n.mu.Lock()
+			n.digesting = nil
+			n.mu.Unlock()
+			close(done)
+		}()
+	}
+	n.mu.Unlock()
+	switch {
+	case mig != nil:
+		st.MigrationStatus = mig.Status()
+		st.Destination = migDest
+	case inbound != nil:
+		st.MigrationStatus = precopy.MigrationStatus{Status: precopy.StatusCompleted, SwitchoverDigest: inbound.Digest}
+		st.DowntimeBreakdown.DestinationLoadMs = float64(inbound.LoadTime.Microseconds()) / 1000
+	default:
+		st.MigrationStatus.Status = st.State
+	}
+	if cluster != nil {
+		st.Cluster = cluster()
+	}
+	if epochs != nil {
+		es := epochs.Status()
+		st.Epochs = &es
+	}
+	if sec != nil {
+		ss := sec.Status(digest)
+		st.Secondary = &ss
+	}
+	if g != nil {
+		st.MemoryDigest = memoryDigest(g)
+	}
+	return st
+}
+
+// memoryDigest is the digest of the guest's memory now. A running guest is
+// paused for the scan so the figure is one instant's.
+func memoryDigest(g guest.Guest) string {
+	if !g.Paused() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if _, err := g.Pause(ctx); err == nil {
+			defer g.Resume()
+		}
+	}
+	s := guest.ScanMemory(g.Regions()).Sum()
+	return fmt.Sprintf("%x", s[:])
+}
+
+func (n *Node) handleStatus(w http.ResponseWriter, r *http.Request) {
+	WriteJSON(w, http.StatusOK, n.status(r.URL.Query().Get("digest") != ""))
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// registerProtectionMetrics exports the primary's protection as metrics,
+// so an alert can follow a replica that stops matching: protected drops
+// to 0 the moment a mismatch is found.
+func (n *Node) registerProtectionMetrics() {
+	status := func() (failover.EpochStatus, bool) {
+		n.mu.Lock()
+		loop := n.epochs
+		n.mu.Unlock()
+		if loop == nil {
+			return failover.EpochStatus{}, false
+		}
+		return loop.Status(), true
+	}
+	gauge := func(name, help string, f func(failover.EpochStatus) float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
+			st, ok := status()
+			if !ok {
+				return 0
+			}
+			return f(st)
+		})
+	}
+	counter := func(name, help string, f func(failover.EpochStatus) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 {
+			st, ok := status()
+			if !ok {
+				return 0
+			}
+			return float64(f(st))
+		})
+	}
+	n.api.reg.MustRegister(
+		gauge("tandem_protected", "1 while this primary's secondary holds a replica whose last epoch was acknowledged (and verified, with --verify-epochs)",
+			func(st failover.EpochStatus) float64 {
+				if st.Protected {
+					return 1
+				}
+				return 0
+			}),
+		counter("tandem_digest_mismatches_total", "replica digest mismatches found (each one ends protection and re-syncs the secondary)",
+			func(st failover.EpochStatus) uint64 { return st.DigestMismatches }),
+		counter("tandem_verified_epochs_total", "epochs whose replica digest matched the primary's",
+			func(st failover.EpochStatus) uint64 { return st.VerifiedEpochs }),
+		counter("tandem_joins_total", "times the primary connected to a secondary and started a full sync",
+			func(st failover.EpochStatus) uint64 { return st.Joins }),
+	)
+}
