@@ -105,12 +105,14 @@ const maxClients = 256
 // against netlimit.ConsoleCap (its TLS handshake included) until its
 // first whole line (readLoop): silent connections displace each other,
 // not clients that talk.
-func newConsoleBridge(addr string, input func([]byte) error, log *slog.Logger, nt Trust) (*consoleBridge, error) {
+// serving (nil: always) is given here, not set later: the accept loop
+// reads it from its first connection on.
+func newConsoleBridge(addr string, input func([]byte) error, serving func() bool, log *slog.Logger, nt Trust) (*consoleBridge, error) {
 	ln, err := nt.Listen(log, "--console", addr, "console", netlimit.ConsoleCap)
 	if err != nil {
 		return nil, err
 	}
-	b := &consoleBridge{ln: ln, input: input, log: log, clients: map[net.Conn]*clientOut{}, pending: map[net.Conn]struct{}{}}
+	b := &consoleBridge{ln: ln, input: input, serving: serving, log: log, clients: map[net.Conn]*clientOut{}, pending: map[net.Conn]struct{}{}}
 	b.wg.Add(1)
 	go b.accept()
 	return b, nil

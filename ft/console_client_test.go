@@ -45,12 +45,11 @@ func newEchoBridge(t *testing.T) *echoBridge {
 		e.mu.Unlock()
 		e.b.release([]byte("ok " + string(p)))
 		return nil
-	}, quietLog(), Trust{})
+	}, e.serving.Load, quietLog(), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.b = b
-	b.serving = e.serving.Load
 	t.Cleanup(b.close)
 	return e
 }

@@ -16,7 +16,7 @@ import (
 // reply on its own (an unprotected primary) must not get a fast client
 // dropped for the number of writes, only for bytes it cannot take.
 func TestConsoleBridgeKeepsUpWithManySmallWrites(t *testing.T) {
-	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
+	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +82,7 @@ func TestClientOutBoundedInBytes(t *testing.T) {
 // the bridge's goroutines (accept loop, each client's reader and writer)
 // is left, with clients still connected.
 func TestConsoleBridgeCloseJoinsItsGoroutines(t *testing.T) {
-	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
+	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}

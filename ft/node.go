@@ -104,15 +104,15 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		api.Close()
 		return nil, err
 	}
-	n.console, err = newConsoleBridge(cfg.ConsoleAddr, n.input, log, cfg.Trust)
-	if err != nil {
-		api.Close()
-		return nil, err
-	}
-	n.console.serving = func() bool {
+	serving := func() bool {
 		n.mu.Lock()
 		defer n.mu.Unlock()
 		return n.g != nil && n.state == "running"
+	}
+	n.console, err = newConsoleBridge(cfg.ConsoleAddr, n.input, serving, log, cfg.Trust)
+	if err != nil {
+		api.Close()
+		return nil, err
 	}
 	n.registerProtectionMetrics()
 	api.HandleFunc("GET /status", n.handleStatus)
