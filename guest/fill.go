@@ -85,7 +85,9 @@ func FillKind(fill string) int {
 		return FillKindText
 	case fill == FillMixed:
 		return FillKindMixed
-	case strings.HasPrefix(fill, FillFilePrefix) && len(fill) > len(FillFilePrefix):
+	case strings.HasPrefix(fill, FillFilePrefix):
+		// "file:" alone is a file fill whose path a receiver dropped
+		// (replica's localConfig); CheckFillFile refuses it on a sender.
 		return FillKindFile
 	}
 	return -1
@@ -106,7 +108,8 @@ func WriteKind(data string) int {
 
 const fillForms = "zero, random, text, mixed or file:PATH"
 
-// FillFile returns the path of a file: fill, or "".
+// FillFile returns the path of a file: fill, or "" (not a file fill, or
+// one whose path was dropped).
 func FillFile(fill string) string {
 	if FillKind(fill) != FillKindFile {
 		return ""
@@ -117,10 +120,10 @@ func FillFile(fill string) string {
 // CheckFillFile checks that a file: fill names a readable, non-empty
 // file (the sending side's flag check; a receiver never needs the file).
 func CheckFillFile(fill string) error {
-	path := FillFile(fill)
-	if path == "" {
+	if FillKind(fill) != FillKindFile {
 		return nil
 	}
+	path := FillFile(fill)
 	st, err := os.Stat(path)
 	switch {
 	case err != nil:

@@ -108,7 +108,6 @@ func TestProfileBadInput(t *testing.T) {
 		want string
 	}{
 		{func(w *Workload) { w.Fill = "bogus" }, "--fill \"bogus\": want zero, random, text, mixed or file:PATH"},
-		{func(w *Workload) { w.Fill = "file:" }, "--fill \"file:\""},
 		{func(w *Workload) { w.WriteBytes = 4 }, "--write-bytes 4: want 8 to 4096"},
 		{func(w *Workload) { w.WriteBytes = 4097 }, "--write-bytes 4097: want 8 to 4096"},
 		{func(w *Workload) { w.WriteData = "zeros" }, "--write-data \"zeros\": want random or text"},
@@ -120,7 +119,7 @@ func TestProfileBadInput(t *testing.T) {
 			t.Errorf("%+v: %v, want one line with %q", c.Workload, err, tc.want)
 		}
 	}
-	for _, fill := range []string{"file:" + filepath.Join(dir, "missing"), "file:" + empty, "file:" + dir} {
+	for _, fill := range []string{"file:", "file:" + filepath.Join(dir, "missing"), "file:" + empty, "file:" + dir} {
 		c := base
 		c.Workload.Fill = fill
 		if err := c.Validate(); err != nil {

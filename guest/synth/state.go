@@ -85,7 +85,10 @@ func (g *Guest) machineState() machineState {
 		Pattern:  g.cfg.Workload.Pattern,
 	}
 	w := g.cfg.Workload
-	if guest.FillKind(w.Fill) != guest.FillKindZero {
+	switch k := guest.FillKind(w.Fill); {
+	case k == guest.FillKindFile:
+		m.Fill = "file" // the path is the sender's, not the guest's shape
+	case k != guest.FillKindZero:
 		m.Fill = w.Fill
 	}
 	if w.WriteSize() != guest.DefaultWriteBytes {
