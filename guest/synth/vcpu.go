@@ -154,7 +154,7 @@ func (v *vcpu) touch() {
 		default:
 			page := m.mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
 			guest.FillPage(page, kind, w.Seed, p)
-			if kind != guest.FillKindMixed || guest.MixedClass(w.Seed, p) != guest.FillKindZero {
+			if kind != guest.FillKindMixed || guest.MixedClass(w.Seed, p) != guest.ClassEmpty {
 				m.mark(p)
 			}
 		}

@@ -54,9 +54,14 @@
 #define WRITE_COUNTER 0
 #define WRITE_RANDOM  1
 #define WRITE_TEXT    2
-/* guest/fill.go's MixedZeroPct and MixedTextPct. */
-#define MIXED_ZERO_PCT 25
-#define MIXED_TEXT_PCT 50
+/* guest/fill.go's mixed page classes and their shares in percent. */
+#define MIXED_EMPTY_PCT  47
+#define MIXED_SPARSE_PCT 23
+#define MIXED_TEXT_PCT   23
+#define CLASS_EMPTY  0
+#define CLASS_SPARSE 1
+#define CLASS_TEXT   2
+#define CLASS_RANDOM 3
 
 #define DISK_OP_WRITE 1
 #define DISK_OP_FLUSH 2

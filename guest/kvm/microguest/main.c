@@ -551,11 +551,13 @@ static void text_bytes(u8 *d, u64 n, u64 *s)
 static u32 mixed_class(u64 seed, u64 page)
 {
 	u64 r = mix(stream_seed(seed, page, 0, 3)) % 100;
-	if (r < MIXED_ZERO_PCT)
-		return FILL_ZERO;
-	if (r < MIXED_ZERO_PCT + MIXED_TEXT_PCT)
-		return FILL_TEXT;
-	return FILL_RANDOM;
+	if (r < MIXED_EMPTY_PCT)
+		return CLASS_EMPTY;
+	if (r < MIXED_EMPTY_PCT + MIXED_SPARSE_PCT)
+		return CLASS_SPARSE;
+	if (r < MIXED_EMPTY_PCT + MIXED_SPARSE_PCT + MIXED_TEXT_PCT)
+		return CLASS_TEXT;
+	return CLASS_RANDOM;
 }
 
 /* fill_page is FillPage: page (relative to the touched range) at gpa. */
@@ -572,9 +574,17 @@ static void fill_page(u64 gpa, u32 kind, u64 seed, u64 page)
 		text_bytes((u8 *)gpa, 4096, &s);
 		break;
 	case FILL_MIXED:
-		kind = mixed_class(seed, page);
-		if (kind != FILL_ZERO)
-			fill_page(gpa, kind, seed, page);
+		switch (mixed_class(seed, page)) {
+		case CLASS_SPARSE:
+			fill_page(gpa, FILL_ZERO, seed, page);
+			break;
+		case CLASS_TEXT:
+			fill_page(gpa, FILL_TEXT, seed, page);
+			break;
+		case CLASS_RANDOM:
+			fill_page(gpa, FILL_RANDOM, seed, page);
+			break;
+		}
 		break;
 	case FILL_FILE:
 		break; /* the VMM filled it */
