@@ -2,7 +2,7 @@ package synth
 
 import (
 	"bytes"
-		"fmt"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
