@@ -48,3 +48,28 @@ func TestPredictionLearnsFinalSendRate(t *testing.T) {
 		t.Fatalf("a fast final send brought the prediction down to %v", d)
 	}
 }
+
+// TestPredictionLearnsFinalSyncGrowth: a final sync that finds twice the
+// pages the decision counted on doubles later predictions; syncs that
+// find no more let the factor decay back to 1, and it is capped.
+func TestPredictionLearnsFinalSyncGrowth(t *testing.T) {
+	c := mustController(t, Policy{})
+	c.RoundDone(round(1, 1000, 1000, 1000, 40*time.Millisecond), t0.Add(40*time.Millisecond))
+	save := c.Stats().StateSaveEstimate
+	send := func() time.Duration { d, _ := c.Predict(1000); return d - save }
+	base := send()
+	c.ObserveFinalSync(2000)
+	if d := send(); d < base*19/10 || d > base*21/10 {
+		t.Fatalf("after a final sync of twice the pages, %v predicted to send (was %v)", d, base)
+	}
+	for i := 0; i < 10; i++ {
+		c.ObserveFinalSync(1000)
+	}
+	if d := send(); d > base*101/100 {
+		t.Fatalf("growth did not decay: %v predicted to send (was %v)", d, base)
+	}
+	c.ObserveFinalSync(1_000_000)
+	if d := send(); d > base*(maxGrowth+1) {
+		t.Fatalf("growth not capped: %v predicted to send (was %v)", d, base)
+	}
+}

@@ -115,9 +115,14 @@ type Controller struct {
 	// like the ones a stop-and-copy sends, unlike round 0's, whose mostly
 	// untouched or compressible pages inflate transfer. The prediction
 	// takes the slowest rate known.
-	dirtyMoved     RateEstimator
-	final          RateEstimator
-	dirty          RateEstimator // pages dirtied per second
+	dirtyMoved RateEstimator
+	final      RateEstimator
+	dirty      RateEstimator // pages dirtied per second
+	// growth is how much larger final syncs have found the dirty set
+	// than the round their attempt was decided on (at least 1): a guest
+	// that dirties a burst between the last round and the pause makes
+	// later decisions count on it.
+	growth         float64
 	stateSave      time.Duration
 	stateSaveSeen  bool
 	throttle       int
@@ -148,6 +153,7 @@ func NewController(p Policy, start time.Time) (*Controller, error) {
 		final:      NewRateEstimator(p.RateTimeConstant),
 		dirty:      NewRateEstimator(p.RateTimeConstant),
 		stateSave:  p.StateSaveEstimate,
+		growth:     1,
 	}, nil
 }
 
@@ -271,7 +277,7 @@ func (c *Controller) predictLocked(remaining uint64) (time.Duration, bool) {
 	if !ok {
 		return 0, false
 	}
-	send := secondsToDuration(float64(remaining) * guest.PageSize / rate)
+	send := secondsToDuration(float64(remaining) * c.growth * guest.PageSize / rate)
 	return satAdd(send, c.stateSave), true
 }
 
@@ -295,6 +301,28 @@ func (c *Controller) PredictSend(pages uint64) (time.Duration, bool) {
 	}
 	return secondsToDuration(float64(pages) * guest.PageSize / rate), true
 }
+
+// ObserveFinalSync records how many pages the final dirty sync of an
+// attempt left, against the remaining pages of the round the attempt was
+// decided on. A larger set raises the factor later predictions scale the
+// remaining pages by; a set no larger lets it decay halfway back to 1.
+func (c *Controller) ObserveFinalSync(finalPages uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	g := 1.0
+	if c.remainingPages > 0 {
+		g = float64(finalPages) / float64(c.remainingPages)
+	}
+	if g > c.growth {
+		c.growth = min(g, maxGrowth)
+	} else {
+		c.growth = max(1, (c.growth+g)/2)
+	}
+}
+
+// maxGrowth caps the final-sync growth factor: one burst must not keep a
+// migration from ever completing.
+const maxGrowth = 8
 
 // ObserveFinalSend records a final send that moved pages in d (from the
 // first byte to the destination's acknowledgement, its load time left

@@ -355,6 +355,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	// within the limit at the learned rate, resume here and go on with
 	// rounds (the limit is a ceiling, not a target).
 	att.FinalPages = uint64(len(cp.Pages))
+	ctrl.ObserveFinalSync(att.FinalPages)
 	paused := m.clk().Now().Sub(pauseStart)
 	if send, ok := ctrl.PredictSend(att.FinalPages); ok {
 		att.FinalExpectedMs = ms(paused + send)
