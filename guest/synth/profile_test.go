@@ -140,3 +140,36 @@ func TestKVTableScales(t *testing.T) {
 		t.Fatalf("GET: %q", reply)
 	}
 }
+
+// TestKVTableAdoptsOldLayout: an image whose table was laid out before
+// the table scaled with memory (65,536 kv slots in any guest over 32 MiB)
+// restores into this build with its keys.
+func TestKVTableAdoptsOldLayout(t *testing.T) {
+	cfg := guest.Config{Memory: 256 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}}
+	g := mustNew(t, cfg)
+	old := kvLayout{clientSlots: maxClients, kvSlots: 1 << 16, clientOff: guest.PageSize}
+	old.kvOff = old.clientOff + old.clientSlots*slotSize
+	g.kv.l = old
+	g.kv.boot()
+	g.booted = true
+	for i, req := range []string{"c:1 SET k1 v1", "c:2 SET k2 v2"} {
+		if reply, _ := g.kv.serve([]byte(req)); string(reply) != fmt.Sprintf("c:%d OK", i+1) {
+			t.Fatalf("%s: %q", req, reply)
+		}
+	}
+	img := capture(t, g)
+	r := img.restore(t, cfg)
+	if r.kv.l == old {
+		t.Fatal("the restored guest started with the old layout: the test proves nothing")
+	}
+	out := &output{}
+	r.Console().SetOutput(out.sink)
+	mustResume(t, r)
+	got := exchange(t, r, out, "c:3 GET k1", "c:4 GET k2")
+	if got[0] != "c:3 OK v1" || got[1] != "c:4 OK v2" {
+		t.Fatalf("after restore: %q", got)
+	}
+	if r.kv.l != old {
+		t.Fatalf("layout %+v, want the image's %+v", r.kv.l, old)
+	}
+}
