@@ -84,3 +84,37 @@ func TestFTProfiles(t *testing.T) {
 		t.Logf("%d epochs verified, wire/raw %.3f, pause p99 %.2f ms", st.VerifiedEpochs, float64(st.EpochWireBytes)/float64(st.EpochRawBytes), st.PauseP99Ms)
 	})
 }
+
+// TestMigrateFileFill: a guest filled from a file migrates and is
+// protected after the file is gone: only the booting source reads it.
+func TestMigrateFileFill(t *testing.T) {
+	forEachKind(t, func(t *testing.T, kind string) {
+		file := filepath.Join(t.TempDir(), "image")
+		if err := os.WriteFile(file, []byte(strings.Repeat("a replayed memory image\n", 5000)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		src := startWithPorts(t, "source-"+kind, false, profileArgs(kind, "128MiB", "32MiB", "2000", "--fill", "file:"+file)...)
+		waitWorkload(t, src, 32<<20)
+		if err := os.Remove(file); err != nil {
+			t.Fatal(err)
+		}
+		dst := startReceiver(t)
+		st := mustMigrate(t, src, dst.data, "--downtime-limit", downtimeFlag)
+		checkSwitchover(t, src, dst, st)
+
+		pri, _, _ := startPair(t, kind, primaryOpts{memory: "64MiB", workload: "dirty", touch: "16MiB", dirtyRate: 1000, epoch: "20ms", verify: true,
+			extra: []string{"--fill", "file:" + writeTemp(t, "pair-image", strings.Repeat("pair image ", 3000))}})
+		ft := waitFT(t, pri, 60*time.Second, "50 verified epochs", func(s ftStatus) bool { return s.VerifiedEpochs >= 50 || s.DigestMismatches > 0 })
+		if ft.DigestMismatches != 0 {
+			t.Fatalf("%d digest mismatches; last: %s", ft.DigestMismatches, ft.LastMismatch)
+		}
+	})
+}
+
+func writeTemp(t *testing.T, name, content string) string {
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
