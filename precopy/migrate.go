@@ -360,7 +360,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	if send, ok := ctrl.PredictSend(att.FinalPages); ok {
 		att.FinalExpectedMs = ms(paused + send)
 		if paused+send > m.policy.DowntimeLimit {
-			m.abortFinal(ctrl, cp, pauseStart, att, send)
+			m.abortFinal(ctrl, cp, pauseStart, att, paused, send)
 			return false, nil
 		}
 	}
@@ -395,7 +395,7 @@ func (m *Migration) addAttempt(a api.CompletionAttempt) {
 // abortFinal gives up an attempt after its final sync, before anything of
 // it was sent: the pages it took go back to the bitmap, its disk writes
 // wait for the next attempt's final send, and the guest resumes here.
-func (m *Migration) abortFinal(ctrl *Controller, cp *Capture, pauseStart time.Time, att api.CompletionAttempt, send time.Duration) {
+func (m *Migration) abortFinal(ctrl *Controller, cp *Capture, pauseStart time.Time, att api.CompletionAttempt, paused, send time.Duration) {
 	for _, p := range cp.Pages {
 		m.core.Dirty.Set(p.Index)
 	}
@@ -406,7 +406,7 @@ func (m *Migration) abortFinal(ctrl *Controller, cp *Capture, pauseStart time.Ti
 	cp.Breakdown.Resume = d
 	m.core.observe(PhaseResume, t0, time.Since(t0))
 	why := fmt.Errorf("final sync left %d pages: %v to send at the measured rate after %v paused, over the %v limit",
-		att.FinalPages, send.Round(time.Millisecond), (time.Duration(att.FinalExpectedMs*float64(time.Millisecond)) - send).Round(time.Millisecond), m.policy.DowntimeLimit)
+		att.FinalPages, send.Round(time.Millisecond), paused.Round(time.Millisecond), m.policy.DowntimeLimit)
 	if err != nil {
 		why = fmt.Errorf("%w; resume: %w", why, err)
 	}
