@@ -332,8 +332,9 @@ func (m *Migration) failed(start time.Time, err error) error {
 
 // complete tries the stop-and-copy. It returns done=true when the
 // destination has resumed the guest; done=false, err=nil when the attempt
-// was aborted (flush missed its budget) and the guest runs again on the
-// source; err when the migration failed (the guest runs on the source).
+// was aborted (the flush missed its budget, or the final sync left more
+// than fits the limit) and the guest runs again on the source; err when
+// the migration failed (the guest runs on the source).
 func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.Time, expected time.Duration) (bool, error) {
 	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
 	pauseStart := m.clk().Now()
@@ -430,7 +431,9 @@ func (m *Migration) completionAborted(ctrl *Controller, cp *Capture, err error) 
 }
 
 // sendFinal writes the paused guest's last pages, disk writes and device
-// state as one epoch and returns its number.
+// state (the pages beyond one epoch's worth in epochs of their own, the
+// rest with the state in the final one) and returns the final epoch's
+// number.
 func (m *Migration) sendFinal(cp *Capture) (uint64, error) {
 	w := m.link.Writer()
 	pages := cp.Pages
