@@ -151,6 +151,26 @@ type DowntimeBreakdown struct {
 	Completed bool `json:"completed"`
 }
 
+// CompletionAttempt is one stop-and-copy attempt of a migration: the
+// downtime the controller expected and the one it got, so a prediction
+// that was wrong shows (issue 11: the limit is a ceiling).
+type CompletionAttempt struct {
+	// ExpectedDowntimeMs is the prediction the attempt was decided on.
+	ExpectedDowntimeMs float64 `json:"expected_downtime_ms"`
+	// FinalPages is what the final dirty sync left to send, and
+	// FinalExpectedMs the downtime predicted for it then: time paused so
+	// far plus the final send at the learned rate.
+	FinalPages      uint64  `json:"final_pages"`
+	FinalExpectedMs float64 `json:"final_expected_ms"`
+	// ActualDowntimeMs is the pause as it happened: to the destination's
+	// resume, or to the source's own resume for an aborted attempt.
+	ActualDowntimeMs float64 `json:"actual_downtime_ms"`
+	FinalSendMs      float64 `json:"final_send_ms,omitempty"`
+	// Outcome is "completed", "aborted: flush" or "aborted: prediction"
+	// (the final sync left more than fits the limit; nothing was sent).
+	Outcome string `json:"outcome"`
+}
+
 // MigrationStatus is the figure set of query-migrate, plus Tandem's own.
 // JSON names are part of the command-line contract.
 type MigrationStatus struct {
@@ -173,6 +193,8 @@ type MigrationStatus struct {
 	Round              int               `json:"round"`
 	Error              string            `json:"error,omitempty"`
 	DowntimeBreakdown  DowntimeBreakdown `json:"downtime_breakdown"`
+	// Attempts lists every completion attempt, oldest first.
+	Attempts []CompletionAttempt `json:"attempts,omitempty"`
 	// SwitchoverDigest is this end's digest of guest memory and state at
 	// the switch-over (the source's at its final pause, taken once the
 	// destination acknowledged while the guest stays stopped);

@@ -71,7 +71,7 @@ func keysOf(t *testing.T, v any) []string {
 // secondary figures together). These names are a contract with operators'
 // tools: a rename must fail here first.
 var goldenNodeKeys = strings.Fields(`
-acked_epochs ack_latency_p50_ms ack_latency_p99_ms activated aborted_completions backpressure_stalls build
+acked_epochs ack_latency_p50_ms ack_latency_p99_ms activated aborted_completions attempts backpressure_stalls build
 cluster cluster.can_release cluster.epoch cluster.generation cluster.id cluster.image cluster.members
 cluster.primary cluster.protected cluster.raft_leader cluster.waiting_reason
 commit_sent commits committed_digest completion_attempts consistent destination destination_digest disk_path

@@ -40,8 +40,27 @@ type Workload struct {
 	Touch     uint64
 	DirtyRate uint64
 	Pattern   string
-	// Seed makes the random and hot patterns reproducible.
+	// Seed makes the random and hot patterns reproducible, and the
+	// generated fills and write data (fill.go).
 	Seed uint64
+
+	// Fill is what the touch puts in every touched page: FillZero (or
+	// ""), FillRandom, FillText, FillMixed or FillFilePrefix+PATH.
+	Fill string
+	// WriteBytes is how much of a page one dirtying write rewrites, 8 to
+	// 4096 bytes; 0 means DefaultWriteBytes.
+	WriteBytes int
+	// WriteData is what a dirtying write stores: WriteCounter (or ""),
+	// WriteRandom or WriteText.
+	WriteData string
+}
+
+// WriteSize is WriteBytes with its default applied.
+func (w Workload) WriteSize() int {
+	if w.WriteBytes == 0 {
+		return DefaultWriteBytes
+	}
+	return w.WriteBytes
 }
 
 // Validate checks c and returns a one-line error naming the bad value and
@@ -60,6 +79,15 @@ func (c Config) Validate() error {
 }
 
 func (w Workload) validate(memory uint64) error {
+	if FillKind(w.Fill) < 0 {
+		return fmt.Errorf("%w: --fill %q: want %s", ErrConfig, w.Fill, fillForms)
+	}
+	if w.WriteBytes != 0 && (w.WriteBytes < MinWriteBytes || w.WriteBytes > MaxWriteBytes) {
+		return fmt.Errorf("%w: --write-bytes %d: want %d to %d", ErrConfig, w.WriteBytes, MinWriteBytes, MaxWriteBytes)
+	}
+	if WriteKind(w.WriteData) < 0 {
+		return fmt.Errorf("%w: --write-data %q: want random or text (or counter, the default)", ErrConfig, w.WriteData)
+	}
 	switch w.Kind {
 	case WorkloadKV:
 		return nil

@@ -102,10 +102,14 @@ func ScanMemory(regions []Region) *MemHash {
 	var jobs []job
 	const chunkPages = 4096
 	for _, r := range regions {
-		for p := uint64(0); p < r.Pages(); p += chunkPages {
-			n := min(chunkPages, r.Pages()-p)
-			jobs = append(jobs, job{r.FirstPage() + p, n, r.Mem[p<<PageShift : (p+n)<<PageShift]})
-		}
+		// Never-populated pages are zero and contribute nothing.
+		_ = Populated(r, func(first, pages uint64) error {
+			for p := first; p < first+pages; p += chunkPages {
+				n := min(chunkPages, first+pages-p)
+				jobs = append(jobs, job{r.FirstPage() + p, n, r.Mem[p<<PageShift : (p+n)<<PageShift]})
+			}
+			return nil
+		})
 	}
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(jobs)))
 	parts := make([]map[uint64]uint64, len(jobs))

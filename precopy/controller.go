@@ -107,10 +107,22 @@ type Controller struct {
 	start  time.Time
 
 	// mu guards everything below.
-	mu             sync.Mutex
-	wire           RateEstimator // wire bytes per second
-	transfer       RateEstimator // guest bytes moved per second
-	dirty          RateEstimator // pages dirtied per second
+	mu       sync.Mutex
+	wire     RateEstimator // wire bytes per second
+	transfer RateEstimator // guest bytes moved per second
+	// dirtyMoved is the guest bytes per second of the dirty rounds
+	// (round 1 on) and final is that of completed final sends: pages
+	// like the ones a stop-and-copy sends, unlike round 0's, whose mostly
+	// untouched or compressible pages inflate transfer. The prediction
+	// takes the slowest rate known.
+	dirtyMoved RateEstimator
+	final      RateEstimator
+	dirty      RateEstimator // pages dirtied per second
+	// growth is how much larger final syncs have found the dirty set
+	// than the round their attempt was decided on (at least 1): a guest
+	// that dirties a burst between the last round and the pause makes
+	// later decisions count on it.
+	growth         float64
 	stateSave      time.Duration
 	stateSaveSeen  bool
 	throttle       int
@@ -133,12 +145,15 @@ func NewController(p Policy, start time.Time) (*Controller, error) {
 		return nil, err
 	}
 	return &Controller{
-		policy:    p,
-		start:     start,
-		wire:      NewRateEstimator(p.RateTimeConstant),
-		transfer:  NewRateEstimator(p.RateTimeConstant),
-		dirty:     NewRateEstimator(p.RateTimeConstant),
-		stateSave: p.StateSaveEstimate,
+		policy:     p,
+		start:      start,
+		wire:       NewRateEstimator(p.RateTimeConstant),
+		transfer:   NewRateEstimator(p.RateTimeConstant),
+		dirtyMoved: NewRateEstimator(p.RateTimeConstant),
+		final:      NewRateEstimator(p.RateTimeConstant),
+		dirty:      NewRateEstimator(p.RateTimeConstant),
+		stateSave:  p.StateSaveEstimate,
+		growth:     1,
 	}, nil
 }
 
@@ -214,6 +229,9 @@ func (c *Controller) observe(r RoundStats) {
 	}
 	if moved := movedBytes(r); moved > 0 {
 		c.transfer.Observe(moved, r.SendTime)
+		if r.Round > 0 && r.PagesSent >= minDirtyRoundPages {
+			c.dirtyMoved.Observe(moved, r.SendTime)
+		}
 	}
 	c.dirty.Observe(r.PagesDirtied, r.DirtyInterval)
 }
@@ -236,6 +254,11 @@ func (c *Controller) transferRateLocked() (float64, bool) {
 	if !ok || rate <= 0 {
 		return 0, false
 	}
+	for _, e := range []*RateEstimator{&c.dirtyMoved, &c.final} {
+		if r, ok := e.Rate(); ok && r > 0 && r < rate {
+			rate = r
+		}
+	}
 	if max := float64(c.policy.MaxBandwidth); max > 0 {
 		if wire, ok := c.wire.Rate(); ok && wire > max {
 			rate *= max / wire
@@ -254,8 +277,65 @@ func (c *Controller) predictLocked(remaining uint64) (time.Duration, bool) {
 	if !ok {
 		return 0, false
 	}
-	send := secondsToDuration(float64(remaining) * guest.PageSize / rate)
+	send := secondsToDuration(float64(remaining) * c.growth * guest.PageSize / rate)
 	return satAdd(send, c.stateSave), true
+}
+
+// minDirtyRoundPages is the fewest pages a dirty round must send to
+// count for the final-send rate: a handful of pages over a millisecond
+// measures the round's overheads, not the link.
+const minDirtyRoundPages = 64
+
+// PredictSend is the expected time to send pages once the state is saved
+// (the final send of an attempt, after its final sync), and false when
+// there is no rate yet.
+func (c *Controller) PredictSend(pages uint64) (time.Duration, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if pages == 0 {
+		return 0, true
+	}
+	rate, ok := c.transferRateLocked()
+	if !ok {
+		return 0, false
+	}
+	return secondsToDuration(float64(pages) * guest.PageSize / rate), true
+}
+
+// ObserveFinalSync records how many pages the final dirty sync of an
+// attempt left, against the remaining pages of the round the attempt was
+// decided on. A larger set raises the factor later predictions scale the
+// remaining pages by; a set no larger lets it decay halfway back to 1.
+func (c *Controller) ObserveFinalSync(finalPages uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	g := 1.0
+	if c.remainingPages > 0 {
+		g = float64(finalPages) / float64(c.remainingPages)
+	}
+	if g > c.growth {
+		c.growth = min(g, maxGrowth)
+	} else {
+		c.growth = max(1, (c.growth+g)/2)
+	}
+}
+
+// maxGrowth caps the final-sync growth factor: one burst must not keep a
+// migration from ever completing.
+const maxGrowth = 8
+
+// ObserveFinalSend records a final send that moved pages in d (from the
+// first byte to the destination's acknowledgement, its load time left
+// out). Later predictions use the rate measured here when it is slower
+// than the live rounds': what the prediction assumed is checked against
+// what happened.
+func (c *Controller) ObserveFinalSend(pages uint64, d time.Duration) {
+	if pages < minDirtyRoundPages || d < minRateSample {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.final.Observe(satMul(pages, guest.PageSize), d)
 }
 
 // Predict is the expected stop-and-copy time for remaining dirty pages at

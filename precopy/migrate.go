@@ -134,6 +134,9 @@ type Migration struct {
 	// committed: the commit was decided; the source's guest never
 	// resumes from here on.
 	committed bool
+	// pendingDisk holds disk writes taken by a completion attempt that
+	// was given up after its final sync; the next final send sends them.
+	pendingDisk []guest.DiskWrite
 }
 
 // clk is the migration's clock: m.Clock, or the real one.
@@ -258,7 +261,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		case Fail:
 			return m.failed(start, d.Err)
 		case TryComplete:
-			done, err := m.complete(ctx, ctrl, start)
+			done, err := m.complete(ctx, ctrl, start, d.ExpectedDowntime)
 			if done || err != nil {
 				return err
 			}
@@ -338,21 +341,39 @@ func (m *Migration) failed(start time.Time, err error) error {
 
 // complete tries the stop-and-copy. It returns done=true when the
 // destination has resumed the guest; done=false, err=nil when the attempt
-// was aborted (flush missed its budget) and the guest runs again on the
-// source; err when the migration failed (the guest runs on the source).
-func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.Time) (bool, error) {
+// was aborted (the flush missed its budget, or the final sync left more
+// than fits the limit) and the guest runs again on the source; err when
+// the migration failed (the guest runs on the source).
+func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.Time, expected time.Duration) (bool, error) {
 	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
 	pauseStart := m.clk().Now()
+	att := api.CompletionAttempt{ExpectedDowntimeMs: ms(expected)}
 	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)
 	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {
 		if errors.Is(err, ErrFlushAborted) {
+			att.ActualDowntimeMs, att.Outcome = ms(m.clk().Now().Sub(pauseStart)), "aborted: flush"
+			m.addAttempt(att)
 			m.completionAborted(ctrl, cp, err)
 			return false, nil
 		}
 		return false, m.failed(start, err)
 	}
 	ctrl.ObserveStateSave(cp.Breakdown.StateSave)
+	// The last point where the source can still take the guest back
+	// without the destination: if what the final sync left cannot be sent
+	// within the limit at the learned rate, resume here and go on with
+	// rounds (the limit is a ceiling, not a target).
+	att.FinalPages = uint64(len(cp.Pages))
+	ctrl.ObserveFinalSync(att.FinalPages)
+	paused := m.clk().Now().Sub(pauseStart)
+	if send, ok := ctrl.PredictSend(att.FinalPages); ok {
+		att.FinalExpectedMs = ms(paused + send)
+		if paused+send > m.policy.DowntimeLimit {
+			m.abortFinal(ctrl, cp, pauseStart, att, paused, send)
+			return false, nil
+		}
+	}
 	sendStart := m.clk().Now()
 	final, err := m.sendFinal(cp)
 	if err != nil {
@@ -363,6 +384,10 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		return false, err
 	}
 	m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
+	st := m.Status()
+	att.ActualDowntimeMs, att.FinalSendMs, att.Outcome = float64(st.DowntimeMs), st.DowntimeBreakdown.FinalSendMs, "completed"
+	m.addAttempt(att)
+	ctrl.ObserveFinalSend(att.FinalPages, time.Duration(st.DowntimeBreakdown.FinalSendMs*float64(time.Millisecond)))
 	if !ack.Ready && !m.committed {
 		// One-phase (a file, an older receiver): the stream ends here.
 		// A two-phase stream ended with the commit line.
@@ -370,6 +395,34 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		m.link.Flush()
 	}
 	return true, nil
+}
+
+// addAttempt appends an attempt to the status.
+func (m *Migration) addAttempt(a api.CompletionAttempt) {
+	m.update(func(s *MigrationStatus) { s.Attempts = append(s.Attempts, a) })
+}
+
+// abortFinal gives up an attempt after its final sync, before anything of
+// it was sent: the pages it took go back to the bitmap, its disk writes
+// wait for the next attempt's final send, and the guest resumes here.
+func (m *Migration) abortFinal(ctrl *Controller, cp *Capture, pauseStart time.Time, att api.CompletionAttempt, paused, send time.Duration) {
+	for _, p := range cp.Pages {
+		m.core.Dirty.Set(p.Index)
+	}
+	m.pendingDisk = append(m.pendingDisk, cp.Disk...)
+	cp.Pages, cp.Disk = nil, nil
+	t0 := time.Now()
+	d, err := m.core.G.Resume()
+	cp.Breakdown.Resume = d
+	m.core.observe(PhaseResume, t0, time.Since(t0))
+	why := fmt.Errorf("final sync left %d pages: %v to send at the measured rate after %v paused, over the %v limit",
+		att.FinalPages, send.Round(time.Millisecond), paused.Round(time.Millisecond), m.policy.DowntimeLimit)
+	if err != nil {
+		why = fmt.Errorf("%w; resume: %w", why, err)
+	}
+	att.ActualDowntimeMs, att.Outcome = ms(m.clk().Now().Sub(pauseStart)), "aborted: prediction"
+	m.addAttempt(att)
+	m.completionAborted(ctrl, cp, why)
 }
 
 // completionAborted records a stop-and-copy given up because the flush
@@ -387,16 +440,43 @@ func (m *Migration) completionAborted(ctrl *Controller, cp *Capture, err error) 
 }
 
 // sendFinal writes the paused guest's last pages, disk writes and device
-// state as one epoch and returns its number.
+// state (the pages beyond one epoch's worth in epochs of their own, the
+// rest with the state in the final one) and returns the final epoch's
+// number.
 func (m *Migration) sendFinal(cp *Capture) (uint64, error) {
 	w := m.link.Writer()
-	if len(cp.Pages) > 0 {
-		if err := w.WritePages(cp.Pages); err != nil {
+	pages := cp.Pages
+	// Pages beyond one epoch's worth go as plain epochs first: the
+	// destination stages an epoch and applies it when the epoch ends, so
+	// one big final epoch is received, then applied, then acknowledged,
+	// one after the other, while the live rounds the prediction was
+	// measured on overlapped sending one epoch with applying the last.
+	// (Measured: a 14,000-page final epoch took 2-3x its prediction.)
+	// The guest stays paused, so the pages hold still; if the attempt
+	// fails after these, the destination drops them with the rest.
+	if chunk := max(m.EpochPages, 1); len(pages) > chunk {
+		for len(pages) > chunk {
+			if err := w.WritePages(pages[:chunk]); err != nil {
+				return 0, fmt.Errorf("final send: %w", err)
+			}
+			if _, err := m.send.EndEpoch(); err != nil {
+				return 0, fmt.Errorf("final send: %w", err)
+			}
+			pages = pages[chunk:]
+		}
+	}
+	if len(pages) > 0 {
+		if err := w.WritePages(pages); err != nil {
 			return 0, fmt.Errorf("final send: %w", err)
 		}
 	}
-	if len(cp.Disk) > 0 {
-		if err := w.WriteDisk(cp.Disk); err != nil {
+	disk := cp.Disk
+	if len(m.pendingDisk) > 0 {
+		// Writes taken by an attempt that was given up go first.
+		disk = append(m.pendingDisk, cp.Disk...)
+	}
+	if len(disk) > 0 {
+		if err := w.WriteDisk(disk); err != nil {
 			return 0, fmt.Errorf("final send: %w", err)
 		}
 	}

@@ -101,7 +101,8 @@ func (s *LiveSender) Drain(ctx context.Context) error {
 }
 
 // SendAll is round 0: every non-zero page of guest memory. The receiver's
-// memory starts zero, so zero pages are skipped. It ends its last epoch.
+// memory starts zero, so zero pages are skipped, and pages the host never
+// populated (guest.Populated) are not even read. It ends its last epoch.
 func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 	var sent, zero uint64
 	batch := make([]checkpoint.Page, 0, 256)
@@ -125,19 +126,31 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 		return nil
 	}
 	for _, r := range s.Core.G.Regions() {
-		for p := uint64(0); p < r.Pages(); p++ {
-			page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
-			if guest.IsZeroPage(page) {
-				zero++
-				continue
-			}
-			batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
-			if len(batch) == cap(batch) {
-				if err := flush(); err != nil {
-					return sent, err
+		// Pages the host never populated are zero without being read:
+		// cost follows resident memory, not guest size.
+		next := uint64(0)
+		err := guest.Populated(r, func(first, n uint64) error {
+			zero += first - next
+			next = first + n
+			for p := first; p < first+n; p++ {
+				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+				if guest.IsZeroPage(page) {
+					zero++
+					continue
+				}
+				batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
+				if len(batch) == cap(batch) {
+					if err := flush(); err != nil {
+						return err
+					}
 				}
 			}
+			return ctx.Err()
+		})
+		if err != nil {
+			return sent, err
 		}
+		zero += r.Pages() - next
 		if err := ctx.Err(); err != nil {
 			return sent, err
 		}

@@ -96,9 +96,15 @@ var ErrNoDiskPlace = errors.New("replica: the guest has a disk and this receiver
 // read back from a stored image or snapshot) is built with here: the
 // sender's, except for paths, which are never taken from the sender. A
 // disk lives at DiskPath; the kvm image is not loaded (the guest is built
-// empty and filled by the stream).
+// empty and filled by the stream); a file: fill keeps its kind, not its
+// path.
 func (r *Receiver) localConfig(cfg guest.Config) (guest.Config, error) {
 	cfg.Image = ""
+	if guest.FillFile(cfg.Workload.Fill) != "" {
+		// The fill file is read only by a booting guest; a received one
+		// has its pages from the stream and must not open a sender's path.
+		cfg.Workload.Fill = guest.FillFilePrefix
+	}
 	if cfg.Disk == "" {
 		return cfg, nil
 	}

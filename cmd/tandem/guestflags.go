@@ -44,6 +44,9 @@ func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
 	fs.Var(sizeFlag{&gf.cfg.Workload.Touch}, "touch", "dirty workload: bytes to touch once, e.g. 512MiB")
 	fs.StringVar(&gf.dirtyRate, "dirty-rate", "0", "dirty workload: pages written per second")
 	fs.StringVar(&gf.cfg.Workload.Pattern, "dirty-pattern", guest.PatternRandom, "dirty workload: seq, random or hot")
+	fs.StringVar(&gf.cfg.Workload.Fill, "fill", guest.FillZero, "dirty workload: content of the touched pages: zero, random (incompressible), text (about 3:1 with zstd), mixed (47% zero, 23% one-word, 23% text, 7% random pages, as measured on a Linux guest; see docs/PERFORMANCE.md) or file:PATH (the file repeated)")
+	fs.IntVar(&gf.cfg.Workload.WriteBytes, "write-bytes", guest.DefaultWriteBytes, "dirty workload: bytes one dirtying write rewrites, 8 to 4096")
+	fs.StringVar(&gf.cfg.Workload.WriteData, "write-data", guest.WriteCounter, "dirty workload: what a dirtying write stores: random or text (default counter: the write counter)")
 	fs.StringVar(&gf.cfg.Image, "image", "", "kvm: micro-guest image (default: the one built by make guest-image)")
 	fs.StringVar(&gf.cfg.Disk, "disk", "", "path of a virtual disk file")
 	fs.StringVar(&gf.dirtyLog, "dirty-log", "get", "kvm: dirty-log method: get (KVM_GET_DIRTY_LOG), clear (manual protect + KVM_CLEAR_DIRTY_LOG) or ring (dirty ring; best for large, mostly idle guests)")
@@ -77,6 +80,9 @@ func (gf *guestFlags) config() (string, guest.Config, error) {
 	cfg := gf.cfg
 	cfg.Workload.DirtyRate = rate
 	if err := cfg.Validate(); err != nil {
+		return "", guest.Config{}, usagef("%v", err)
+	}
+	if err := guest.CheckFillFile(cfg.Workload.Fill); err != nil {
 		return "", guest.Config{}, usagef("%v", err)
 	}
 	return gf.kind, cfg, nil

@@ -43,7 +43,7 @@ const (
 	portDiskSubmit   = 0x510
 	portDiskDone     = 0x511
 	bootMagic        = 0x544f4f424d444e54 // "TNDMBOOT"
-	bootVersion      = 1
+	bootVersion      = 2
 	imageMagic       = 0x3154534755474d54 // "TMGUGST1"
 	imageHeaderBytes = 48
 
@@ -114,7 +114,9 @@ type bootBlock struct {
 	TSCKHz     uint64
 	DiskBytes  uint64
 	FaultTest  uint32
-	Pad        uint32
+	Fill       uint32 // guest.FillKind*
+	WriteBytes uint32
+	WriteData  uint32 // guest.WriteKind*
 }
 
 // writeMachine lays out everything the micro-guest expects in memory
@@ -170,9 +172,9 @@ func (g *Guest) writeMachine(img *image, bb bootBlock) ([][2]uint64, error) {
 		}
 	}
 	// Boot block.
-	var buf [104]byte
+	var buf [112]byte
 	fields := []any{bb.Magic, bb.Version, bb.NVCPUs, bb.MemBytes, bb.LowEnd, bb.HighBase, bb.Workload, bb.Pattern,
-		bb.TouchBytes, bb.DirtyRate, bb.Seed, bb.TSCKHz, bb.DiskBytes, bb.FaultTest, bb.Pad}
+		bb.TouchBytes, bb.DirtyRate, bb.Seed, bb.TSCKHz, bb.DiskBytes, bb.FaultTest, bb.Fill, bb.WriteBytes, bb.WriteData}
 	off := 0
 	for _, f := range fields {
 		switch v := f.(type) {

@@ -109,6 +109,8 @@ func (g *Guest) boot(img *image) error {
 	case guest.PatternHot:
 		bb.Pattern = 2
 	}
+	w := g.cfg.Workload
+	bb.Fill, bb.WriteBytes, bb.WriteData = uint32(guest.FillKind(w.Fill)), uint32(w.WriteSize()), uint32(guest.WriteKind(w.WriteData))
 	if g.disk != nil {
 		bb.DiskBytes = diskBytes
 	}
@@ -122,10 +124,60 @@ func (g *Guest) boot(img *image) error {
 	for _, w := range written {
 		g.MarkDirty(w[0], w[1])
 	}
+	if err := g.fillFromFile(); err != nil {
+		return err
+	}
 	for _, v := range g.vcpus {
 		if err := v.setEntryState(img.entry); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// fillFromFile fills the dirty workload's touched range from the file of a
+// file: fill before the first instruction (the micro-guest cannot read
+// host files; its touch then leaves those pages alone). Only a booting
+// guest reads the file: a receiving one gets the pages with the image.
+func (g *Guest) fillFromFile() error {
+	w := g.cfg.Workload
+	if w.Kind != guest.WorkloadDirty || guest.FillKind(w.Fill) != guest.FillKindFile {
+		return nil
+	}
+	file, err := guest.LoadFillFile(w.Fill)
+	if err != nil {
+		return err
+	}
+	pages := touchedPages(g.cfg)
+	for p := uint64(0); p < pages; p++ {
+		gpa := dataPageGPA(p)
+		for _, r := range g.regions {
+			if gpa >= r.GPA && gpa < r.GPA+uint64(len(r.Mem)) {
+				off := gpa - r.GPA
+				guest.FillFromFile(r.Mem[off:off+guest.PageSize], file, p)
+				g.MarkDirty(gpa>>guest.PageShift, 1)
+			}
+		}
+	}
+	return nil
+}
+
+// touchedPages is how many pages the dirty workload touches: Touch, cut
+// to the RAM above dataGPA (the micro-guest's dirty_loop does the same).
+func touchedPages(cfg guest.Config) uint64 {
+	avail := uint64(0)
+	if cfg.Memory > dataGPA {
+		avail = cfg.Memory - dataGPA
+	}
+	return min(cfg.Workload.Touch, avail) >> guest.PageShift
+}
+
+// dataPageGPA is the GPA of page p of the data range (page_gpa in the
+// micro-guest: RAM from lowRAMEnd on moves to highRAMBase).
+func dataPageGPA(p uint64) uint64 {
+	a := uint64(dataGPA) + p*guest.PageSize
+	if a >= lowRAMEnd {
+		a = a - lowRAMEnd + highRAMBase
+	}
+	return a
 }

@@ -13,17 +13,21 @@
 //
 // # Workloads
 //
-// dirty: each vCPU first touches its share of the --touch range (one 8-byte
-// store per page), then writes --dirty-rate pages per second (split among
-// the vCPUs) in seq, random or hot order (hot: 10% of the pages take 90% of
-// the writes). A write stores an 8-byte counter at a pseudo-random offset,
-// so deltas between checkpoints are sparse. The rate is paced by the wall
+// dirty: each vCPU first touches its share of the --touch range with the
+// --fill profile (default: one 8-byte store per page; random, text, mixed
+// or a file's bytes, guest/fill.go, the same bytes the KVM micro-guest
+// writes; a file is copied in by the host at boot), then writes
+// --dirty-rate pages per second (split among the vCPUs) in seq, random or
+// hot order (hot: 10% of the pages take 90% of the writes). A write stores
+// --write-bytes (default 8) of --write-data (default: the write counter) at
+// a pseudo-random 8-aligned offset. The rate is paced by the wall
 // clock with a small backlog cap, and time spent throttled earns no credit.
 // With a disk, every 64th page write also writes that page to the disk.
 // A dirty guest does not read its console: input to it is dropped.
 //
 // kv: vCPU 0 serves the line protocol of DESIGN.md (guest/kvproto) on the
-// console; other vCPUs idle. The table and the per-client record of the
+// console; other vCPUs idle. The table (sized by guest memory: 2,093,048
+// slots in 1 GiB) and the per-client record of the
 // highest seq and last reply live in guest memory (kvtable.go), so a
 // checkpoint of memory captures them. Replies are handed to the output sink
 // on the vCPU, in the work unit that served the request, so every reply to

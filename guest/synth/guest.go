@@ -297,6 +297,9 @@ func (g *Guest) Resume() (time.Duration, error) {
 		if g.kv != nil {
 			g.kv.boot()
 		}
+		if err := g.fillFromFile(); err != nil {
+			return 0, err
+		}
 		g.booted = true
 	} else if g.kv != nil {
 		if err := g.kv.check(); err != nil {
@@ -438,4 +441,25 @@ func (g *Guest) Close() error {
 		return errs[0]
 	}
 	return fmt.Errorf("%w; %w", errs[0], errors.Join(errs[1:]...))
+}
+
+// fillFromFile fills the dirty workload's touched range from the file of a
+// file: fill, at boot, before the vCPUs run (their touch phase then only
+// moves through the range). Only a booting guest reads the file: a
+// restored or receiving one gets the pages with the image.
+func (g *Guest) fillFromFile() error {
+	w := g.cfg.Workload
+	if w.Kind != guest.WorkloadDirty || guest.FillKind(w.Fill) != guest.FillKindFile {
+		return nil
+	}
+	file, err := guest.LoadFillFile(w.Fill)
+	if err != nil {
+		return err
+	}
+	pages := min(w.Touch>>guest.PageShift, g.mem.pages())
+	for p := uint64(0); p < pages; p++ {
+		guest.FillFromFile(g.mem.mem[p<<guest.PageShift:(p+1)<<guest.PageShift], file, p)
+	}
+	g.mem.markRange(0, pages)
+	return nil
 }

@@ -21,12 +21,15 @@ import (
 // work unit stays a few microseconds. A 512-byte slot never spans a page,
 // so a request dirties at most three pages (client slot, kv slot, header).
 const (
-	kvMagic       = "TDMKVTB\x01"
-	kvLayoutV1    = 1
-	slotSize      = 512
-	maxProbe      = 64
-	maxClients    = 4096
-	maxKVSlots    = 1 << 16
+	kvMagic    = "TDMKVTB\x01"
+	kvLayoutV1 = 1
+	slotSize   = 512
+	maxProbe   = 64
+	maxClients = 4096
+	// maxKVSlots only keeps the slot count in the header's uint32: the
+	// table scales with guest memory (issue 11: a 1 GiB guest holds
+	// 2,093,048 slots, well over the 1,000,000 keys asked for).
+	maxKVSlots    = 1<<32 - 8
 	minKVMemory   = 64 << 10
 	hdrMagicOff   = 0
 	hdrVersionOff = 8
@@ -94,10 +97,18 @@ func (t *kvTable) boot() {
 	t.m.write(0, h[:])
 }
 
-// check verifies that memory holds a table of this guest's layout (after a
-// restore).
+// check verifies that memory holds a table (after a restore). A table
+// laid out by an older build (before the table scaled with memory: at most
+// 65,536 kv slots) is adopted as it is, if it fits this guest's memory.
 func (t *kvTable) check() error {
 	h := t.m.mem[:28]
+	clients := uint64(binary.LittleEndian.Uint32(h[hdrClientsOff:]))
+	kv := uint64(binary.LittleEndian.Uint32(h[hdrKVOff:]))
+	if string(h[:8]) == kvMagic && binary.LittleEndian.Uint32(h[hdrVersionOff:]) == kvLayoutV1 &&
+		clients > 0 && kv > 0 && guest.PageSize+(clients+kv)*slotSize <= uint64(len(t.m.mem)) {
+		t.l = kvLayout{clientSlots: clients, kvSlots: kv, clientOff: guest.PageSize}
+		t.l.kvOff = t.l.clientOff + clients*slotSize
+	}
 	switch {
 	case string(h[:8]) != kvMagic:
 		return fmt.Errorf("%w: kv table header missing from guest memory (restore memory before resuming)", guest.ErrState)

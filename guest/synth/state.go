@@ -26,6 +26,11 @@ type machineState struct {
 	Touch    uint64
 	Pattern  string
 	Booted   bool
+	// The content and write profiles (issue 11), empty for the defaults so
+	// that a default guest's state encodes as before.
+	Fill       string `codec:",omitempty"`
+	WriteBytes int    `codec:",omitempty"`
+	WriteData  string `codec:",omitempty"`
 }
 
 const machineStateVersion = 1
@@ -72,13 +77,27 @@ func decode(name string, b []byte, v any) error {
 }
 
 func (g *Guest) machineState() machineState {
-	return machineState{
+	m := machineState{
 		Workload: g.cfg.Workload.Kind,
 		VCPUs:    uint32(len(g.vcpus)),
 		Memory:   g.cfg.Memory,
 		Touch:    g.cfg.Workload.Touch,
 		Pattern:  g.cfg.Workload.Pattern,
 	}
+	w := g.cfg.Workload
+	switch k := guest.FillKind(w.Fill); {
+	case k == guest.FillKindFile:
+		m.Fill = "file" // the path is the sender's, not the guest's shape
+	case k != guest.FillKindZero:
+		m.Fill = w.Fill
+	}
+	if w.WriteSize() != guest.DefaultWriteBytes {
+		m.WriteBytes = w.WriteSize()
+	}
+	if guest.WriteKind(w.WriteData) != guest.WriteKindCounter {
+		m.WriteData = w.WriteData
+	}
+	return m
 }
 
 // SaveState captures the vCPUs' workload positions, the console input
@@ -224,6 +243,10 @@ func (g *Guest) decodeState(s guest.MachineState) (loadedState, error) {
 		return ls, fmt.Errorf("%w: state saved from a %s guest with %d vCPUs, %s memory, touch %s, pattern %q; this one is %s, %d, %s, %s, %q",
 			guest.ErrState, mach.Workload, mach.VCPUs, guest.FormatSize(mach.Memory), guest.FormatSize(mach.Touch), mach.Pattern,
 			want.Workload, want.VCPUs, guest.FormatSize(want.Memory), guest.FormatSize(want.Touch), want.Pattern)
+	}
+	if want := g.machineState(); mach.Fill != want.Fill || mach.WriteBytes != want.WriteBytes || mach.WriteData != want.WriteData {
+		return ls, fmt.Errorf("%w: state saved from a guest with fill %q, write bytes %d, write data %q; this one has %q, %d, %q (empty: default)",
+			guest.ErrState, mach.Fill, mach.WriteBytes, mach.WriteData, want.Fill, want.WriteBytes, want.WriteData)
 	}
 	for i, ok := range seen {
 		if !ok {

@@ -58,6 +58,9 @@ type vcpu struct {
 	// controller while the guest is paused; parking orders the two.
 	st vcpuState
 
+	// scratch holds one write's data.
+	scratch [guest.PageSize]byte
+
 	// pacing, not saved: reset on every resume.
 	tokens    float64
 	lastTick  time.Time
@@ -135,11 +138,26 @@ func (v *vcpu) serveConsole() {
 	c.emit(append(reply, '\n'))
 }
 
+// touch fills the next pages of the vCPU's range with the fill profile
+// (guest.FillPage: the same bytes the micro-guest writes). A file fill was
+// done by the host at boot, so the touch only moves through the range.
 func (v *vcpu) touch() {
 	m := v.g.mem
+	w := &v.g.cfg.Workload
+	kind := guest.FillKind(w.Fill)
 	for i := 0; i < touchPerUnit && v.st.TouchNext < v.n; i++ {
 		p := v.first + v.st.TouchNext
-		m.putUint64(p<<guest.PageShift, p+1)
+		switch kind {
+		case guest.FillKindZero:
+			m.putUint64(p<<guest.PageShift, p+1)
+		case guest.FillKindFile:
+		default:
+			page := m.mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+			guest.FillPage(page, kind, w.Seed, p)
+			if kind != guest.FillKindMixed || guest.MixedClass(w.Seed, p) != guest.ClassEmpty {
+				m.mark(p)
+			}
+		}
 		v.st.TouchNext++
 	}
 	if v.st.TouchNext >= v.n {
@@ -172,8 +190,7 @@ func (v *vcpu) dirty() {
 		p := v.first + v.nextPage()
 		v.st.Counter++
 		c := v.st.Counter
-		slot := mix(c^p) % (guest.PageSize / 8)
-		m.putUint64(p<<guest.PageShift+slot*8, c)
+		v.write(p, c)
 		if v.g.disk != nil && c%diskEvery == 0 {
 			blk := make([]byte, guest.PageSize)
 			copy(blk, m.mem[p<<guest.PageShift:(p+1)<<guest.PageShift])
@@ -181,6 +198,22 @@ func (v *vcpu) dirty() {
 			v.g.diskWrite(off, blk)
 		}
 	}
+}
+
+// write makes write number c to page p with the write profile: WriteSize
+// bytes at guest.WriteOffset, holding guest.WriteData.
+func (v *vcpu) write(p, c uint64) {
+	m := v.g.mem
+	w := &v.g.cfg.Workload
+	n, kind := w.WriteSize(), guest.WriteKind(w.WriteData)
+	off := p<<guest.PageShift + guest.WriteOffset(n, c, p)
+	if n == 8 && kind == guest.WriteKindCounter {
+		m.putUint64(off, c) // the old write, without the scratch copy
+		return
+	}
+	buf := v.scratch[:n]
+	guest.WriteData(buf, kind, w.Seed, c, p)
+	m.write(off, buf)
 }
 
 // nextPage picks the next page to write, relative to the vCPU's range.
@@ -209,8 +242,4 @@ func (v *vcpu) rand() uint64 {
 	return mix(v.st.RNG)
 }
 
-func mix(z uint64) uint64 {
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
-	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
-	return z ^ (z >> 31)
-}
+func mix(z uint64) uint64 { return guest.Mix(z) }

@@ -15,12 +15,12 @@
 #define USTACK_GPA     0x100000ULL /* 64 KiB user stack per vCPU */
 #define USTACK_SIZE    0x10000ULL
 #define IMAGE_GPA      0x200000ULL /* link address of the image */
-#define KV_GPA         0x400000ULL /* kv table and client records */
+#define KV_GPA         0x400000ULL /* kv state and client records; the kv table is in the data range */
 #define CONS_RX_GPA    0xB00000ULL /* console bulk input buffer (4 KiB) */
 #define CONS_TX_GPA    0xB01000ULL /* console bulk output buffer (4 KiB) */
 #define CONS_BUF       4096
 #define DISK_GPA       0xC00000ULL /* disk request descriptor and buffer */
-#define DATA_GPA       0x1000000ULL /* dirty workload's touched range */
+#define DATA_GPA       0x1000000ULL /* dirty workload's touched range; kv workload's table */
 
 #define MAX_VCPUS      16
 
@@ -36,7 +36,7 @@
 #define PORT_DISK_DONE   0x511 /* inl: number of requests completed */
 
 #define BOOT_MAGIC     0x544f4f424d444e54ULL /* "TNDMBOOT" */
-#define BOOT_VERSION   1
+#define BOOT_VERSION   2
 #define IMAGE_MAGIC    0x3154534755474d54ULL /* "TMGUGST1" */
 
 #define WL_KV     1
@@ -44,6 +44,24 @@
 #define PAT_SEQ    0
 #define PAT_RANDOM 1
 #define PAT_HOT    2
+
+/* Fill and write-data profiles: guest/fill.go's FillKind* and WriteKind*. */
+#define FILL_ZERO   0
+#define FILL_RANDOM 1
+#define FILL_TEXT   2
+#define FILL_MIXED  3
+#define FILL_FILE   4 /* the VMM filled the touched range before boot */
+#define WRITE_COUNTER 0
+#define WRITE_RANDOM  1
+#define WRITE_TEXT    2
+/* guest/fill.go's mixed page classes and their shares in percent. */
+#define MIXED_EMPTY_PCT  47
+#define MIXED_SPARSE_PCT 23
+#define MIXED_TEXT_PCT   23
+#define CLASS_EMPTY  0
+#define CLASS_SPARSE 1
+#define CLASS_TEXT   2
+#define CLASS_RANDOM 3
 
 #define DISK_OP_WRITE 1
 #define DISK_OP_FLUSH 2
@@ -70,7 +88,9 @@ struct bootblock {
 	u64 tsc_khz;
 	u64 disk_bytes;  /* 0: no disk */
 	u32 fault_test;  /* test hook: 1 = raise #UD once the workload starts */
-	u32 pad;
+	u32 fill;        /* FILL_*: what the touch writes */
+	u32 write_bytes; /* bytes one dirtying write rewrites, 8 to 4096 */
+	u32 write_data;  /* WRITE_*: what it writes */
 };
 
 /* One disk request; the VMM copies the buffer when it is submitted. */

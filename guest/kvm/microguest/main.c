@@ -7,13 +7,19 @@
  *
  * Workloads (the same as guest/synth's):
  *   kv    - vCPU 0 serves the kv line protocol on the UART at 0x3f8
- *           (through its bulk ports, see uart_write); the table and the
- *           per-client records live at KV_GPA. Other vCPUs idle.
- *   dirty - every vCPU touches its share of touch_bytes from DATA_GPA,
- *           then writes its share of dirty_rate pages per second in the
- *           chosen pattern (hot: 10% of the pages take 90% of the writes),
- *           timed by the TSC; with a disk, every 64th page write of vCPU 0
- *           also writes that page to the paravirtual disk.
+ *           (through its bulk ports, see uart_write); the per-client
+ *           records live at KV_GPA, the table, sized by guest memory,
+ *           from DATA_GPA. Other vCPUs idle.
+ *   dirty - every vCPU fills its share of touch_bytes from DATA_GPA with
+ *           the fill profile, then writes its share of dirty_rate pages
+ *           per second in the chosen pattern (hot: 10% of the pages take
+ *           90% of the writes) with the write profile, timed by the TSC;
+ *           with a disk, every 64th page write of vCPU 0 also writes that
+ *           page to the paravirtual disk.
+ *
+ * The fill and write generators (fill_page, write_data) implement
+ * guest/fill.go's specification bit for bit, so both guests hold the same
+ * bytes for the same seed; guest/kvm's TestFillMatchesSynth checks it.
  */
 #include "layout.h"
 
@@ -114,7 +120,6 @@ static void uart_write(const char *p, u64 n)
 
 /* ------------------------------------------------------------------ kv */
 
-#define KV_SLOTS     16384
 #define KV_KEYMAX    64
 #define KV_VALMAX    256
 #define CLIENT_SLOTS 1024
@@ -140,20 +145,51 @@ struct client {
 	char reply[REPLY_MAX];
 };
 
+/* 12 entries of 324 bytes per page, so none spans a page (the data range
+ * has the 32-bit hole in it). */
+#define KV_PER_PAGE  (4096 / sizeof(struct kventry))
+
 struct kvstate {
 	u64 count;        /* used entries */
+	u64 slots;        /* table size, a power of two; 0 until kv_loop sizes it */
 	u64 clients;
 	u32 linelen;
 	u32 overflow;     /* the current line is too long: drop it */
 	char line[LINE_MAX];
 	char reply[REPLY_MAX + 16];
 	struct client client[CLIENT_SLOTS];
-	struct kventry table[KV_SLOTS];
 };
 
 _Static_assert(sizeof(struct kvstate) < CONS_RX_GPA - KV_GPA, "kv state overlaps the console buffers");
 
 #define KV ((struct kvstate *)KV_GPA)
+
+static const struct bootblock *boot; /* set by guest_main */
+
+static u64 page_gpa(const struct bootblock *bb, u64 page)
+{
+	u64 a = DATA_GPA + page * 4096;
+	if (a >= bb->low_end)
+		a = a - bb->low_end + bb->high_base;
+	return a;
+}
+
+static struct kventry *kv_entry(u64 s)
+{
+	return (struct kventry *)(page_gpa(boot, s / KV_PER_PAGE) + (s % KV_PER_PAGE) * sizeof(struct kventry));
+}
+
+/* kv_size picks the table size from guest memory: the largest power of two
+ * whose pages fit in the data range (1 GiB: 2,097,152 slots in 683 MiB,
+ * full at 1,572,864 keys). */
+static void kv_size(const struct bootblock *bb)
+{
+	u64 pages = bb->mem_bytes > DATA_GPA ? (bb->mem_bytes - DATA_GPA) / 4096 : 0;
+	u64 fit = pages * KV_PER_PAGE, slots = 1;
+	while (slots * 2 <= fit)
+		slots *= 2;
+	KV->slots = slots;
+}
 
 static u64 fnv(const char *p, u64 n)
 {
@@ -178,11 +214,11 @@ static int is_valchar(char c) { return c > ' ' && c < 127; }
  * (state != 1), or -1 if the table is full. */
 static long kv_find(const char *k, u64 kl)
 {
-	u64 h = fnv(k, kl);
+	u64 h = fnv(k, kl), n = KV->slots;
 	long firstfree = -1;
-	for (u64 i = 0; i < KV_SLOTS; i++) {
-		long s = (long)((h + i) & (KV_SLOTS - 1));
-		struct kventry *e = &KV->table[s];
+	for (u64 i = 0; i < n; i++) {
+		long s = (long)((h + i) & (n - 1));
+		struct kventry *e = kv_entry((u64)s);
 		if (e->state == 0)
 			return firstfree >= 0 ? firstfree : s;
 		if (e->state == 2) {
@@ -371,7 +407,7 @@ static void kv_line(const char *l, u64 n)
 	const char *key = f[2], *val = set ? f[3] : 0;
 	u64 kl = fl[2], vl = set ? fl[3] : 0;
 	long s = kv_find(key, kl);
-	struct kventry *e = s >= 0 ? &KV->table[s] : 0;
+	struct kventry *e = s >= 0 ? kv_entry((u64)s) : 0;
 	int found = e && e->state == 1;
 	if (get) {
 		if (found) {
@@ -388,7 +424,7 @@ static void kv_line(const char *l, u64 n)
 		} else {
 			puts_(&b, "NOTFOUND");
 		}
-	} else if (!e || (!found && KV->count >= KV_SLOTS * 3 / 4)) {
+	} else if (!e || (!found && KV->count >= KV->slots / 4 * 3)) {
 		puts_(&b, "ERR table full");
 	} else {
 		if (!found) {
@@ -431,6 +467,8 @@ static void kv_loop(const struct bootblock *bb)
 {
 	if (bb->fault_test)
 		__asm__ volatile("ud2");
+	if (!KV->slots)
+		kv_size(bb);
 	for (;;) {
 		u32 n = inl(PORT_CONS_RX);
 		if (n == 0) {
@@ -451,14 +489,6 @@ static void kv_loop(const struct bootblock *bb)
 static volatile u32 touch_done; /* vCPUs that finished their share */
 static u64 disk_submitted;
 
-static u64 page_gpa(const struct bootblock *bb, u64 page)
-{
-	u64 a = DATA_GPA + page * 4096;
-	if (a >= bb->low_end)
-		a = a - bb->low_end + bb->high_base;
-	return a;
-}
-
 static u64 xorshift(u64 *s)
 {
 	u64 x = *s;
@@ -467,6 +497,127 @@ static u64 xorshift(u64 *s)
 	x ^= x << 17;
 	*s = x;
 	return x;
+}
+
+/* ------------------------------------------- fill and write profiles */
+
+/* guest/fill.go, bit for bit: Mix, next (splitmix64), streamSeed. */
+static u64 mix(u64 z)
+{
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+static u64 next(u64 *s)
+{
+	*s += 0x9e3779b97f4a7c15ULL;
+	return mix(*s);
+}
+
+static u64 stream_seed(u64 seed, u64 a, u64 b, u64 purpose)
+{
+	return mix(seed + purpose * 0x9e3779b97f4a7c15ULL) ^ mix(a ^ 0xa0761d6478bd642fULL) ^ mix(b ^ 0xe7037ed1a0b428dbULL);
+}
+
+static void random_bytes(u8 *d, u64 n, u64 *s)
+{
+	u64 i = 0;
+	for (; i + 8 <= n; i += 8)
+		*(u64 *)(d + i) = next(s);
+	if (i < n) {
+		u64 w = next(s);
+		for (; i < n; i++, w >>= 8)
+			d[i] = (u8)w;
+	}
+}
+
+/* textBytes: made-up words from a vocabulary of 256, skewed to the first
+ * ones, separated by spaces, a newline after about one in sixteen. */
+static void text_bytes(u8 *d, u64 n, u64 *s)
+{
+	for (u64 i = 0; i < n;) {
+		u64 r = next(s);
+		u64 w = ((r & 0xff) * ((r >> 8) & 0xff)) >> 8;
+		u64 h = mix(w + 0x51ed2701ULL);
+		u64 len = h % 8 + 1;
+		for (u64 j = 0; j < len && i < n; j++)
+			d[i++] = (u8)('a' + (h >> (8 + 5 * j)) % 26);
+		if (i < n)
+			d[i++] = (r >> 16) % 16 == 0 ? '\n' : ' ';
+	}
+}
+
+static u32 mixed_class(u64 seed, u64 page)
+{
+	u64 r = mix(stream_seed(seed, page, 0, 3)) % 100;
+	if (r < MIXED_EMPTY_PCT)
+		return CLASS_EMPTY;
+	if (r < MIXED_EMPTY_PCT + MIXED_SPARSE_PCT)
+		return CLASS_SPARSE;
+	if (r < MIXED_EMPTY_PCT + MIXED_SPARSE_PCT + MIXED_TEXT_PCT)
+		return CLASS_TEXT;
+	return CLASS_RANDOM;
+}
+
+/* fill_page is FillPage: page (relative to the touched range) at gpa. */
+static void fill_page(u64 gpa, u32 kind, u64 seed, u64 page)
+{
+	u64 s;
+	switch (kind) {
+	case FILL_RANDOM:
+		s = stream_seed(seed, page, 0, 1);
+		random_bytes((u8 *)gpa, 4096, &s);
+		break;
+	case FILL_TEXT:
+		s = stream_seed(seed, page, 0, 2);
+		text_bytes((u8 *)gpa, 4096, &s);
+		break;
+	case FILL_MIXED:
+		switch (mixed_class(seed, page)) {
+		case CLASS_SPARSE:
+			fill_page(gpa, FILL_ZERO, seed, page);
+			break;
+		case CLASS_TEXT:
+			fill_page(gpa, FILL_TEXT, seed, page);
+			break;
+		case CLASS_RANDOM:
+			fill_page(gpa, FILL_RANDOM, seed, page);
+			break;
+		}
+		break;
+	case FILL_FILE:
+		break; /* the VMM filled it */
+	default:
+		*(volatile u64 *)gpa = page + 1;
+	}
+}
+
+/* write_offset is WriteOffset. */
+static u64 write_offset(u64 n, u64 c, u64 p)
+{
+	if (n >= 4096)
+		return 0;
+	return mix(c ^ p) % ((4096 - n) / 8 + 1) * 8;
+}
+
+/* write_data is WriteData, straight into the page. */
+static void write_data(u8 *d, u64 n, u32 kind, u64 seed, u64 c, u64 p)
+{
+	u64 s;
+	switch (kind) {
+	case WRITE_RANDOM:
+		s = stream_seed(seed, p, c, 4);
+		random_bytes(d, n, &s);
+		break;
+	case WRITE_TEXT:
+		s = stream_seed(seed, p, c, 5);
+		text_bytes(d, n, &s);
+		break;
+	default:
+		for (u64 i = 0; i < n; i++)
+			d[i] = (u8)(c >> (8 * (i % 8)));
+	}
 }
 
 static void disk_write(const struct bootblock *bb, u64 page)
@@ -494,7 +645,7 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 	u64 npages = touch / 4096;
 	/* Each vCPU touches its share; the last one reports the phase. */
 	for (u64 p = npages * cpu / bb->nvcpus; p < npages * (cpu + 1) / bb->nvcpus; p++)
-		*(volatile u64 *)page_gpa(bb, p) = p + 1;
+		fill_page(page_gpa(bb, p), bb->fill, bb->seed, p);
 	if (__atomic_add_fetch(&touch_done, 1, __ATOMIC_SEQ_CST) == bb->nvcpus)
 		outl(PORT_PROGRESS, 1);
 	if (cpu == 0 && bb->fault_test)
@@ -509,6 +660,7 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 	u64 seed = bb->seed * 0x9E3779B97F4A7C15ULL + cpu + 1;
 	if (!seed)
 		seed = 1;
+	u64 wbytes = bb->write_bytes >= 8 && bb->write_bytes <= 4096 ? bb->write_bytes : 8;
 	u64 hot = npages / 10 ? npages / 10 : 1; /* 10% of the pages take 90% of the writes */
 	u64 next = cpu % npages, count = 0;
 	u64 start = rdtsc(), written = 0;
@@ -559,7 +711,11 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 				next = (next + bb->nvcpus) % npages;
 			}
 			count++;
-			*(volatile u64 *)(page_gpa(bb, p) + ((count * 8) & 4095)) = count;
+			u64 off = write_offset(wbytes, count, p);
+			if (wbytes == 8 && bb->write_data == WRITE_COUNTER)
+				*(volatile u64 *)(page_gpa(bb, p) + off) = count;
+			else
+				write_data((u8 *)(page_gpa(bb, p) + off), wbytes, bb->write_data, bb->seed, count, p);
 		}
 		/* With a disk, every 64th page write also writes that page to it. */
 		if (cpu == 0 && (written >> 6) != ((written + batch) >> 6))
@@ -572,6 +728,7 @@ void guest_main(u64 cpu, const struct bootblock *bb)
 {
 	if (bb->magic != BOOT_MAGIC || bb->version != BOOT_VERSION)
 		panic(1);
+	boot = bb;
 	switch (bb->workload) {
 	case WL_KV:
 		if (cpu == 0)
