@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 // ErrClosed is returned by calls on a closed disk; it wraps guest.ErrClosed.
@@ -25,7 +26,7 @@ const CloseTimeout = 5 * time.Second
 // Options configure Open.
 type Options struct {
 	// FS opens the file; nil means the real file system.
-	FS FS
+	FS vfs.FS
 	// MaxLogBytes bounds the completed-write log; 0 means DefaultMaxLogBytes.
 	// When a write would exceed it, the whole log is dropped and Dropped
 	// counts the lost writes, so a replicator knows it must resync the disk.
@@ -109,11 +110,7 @@ func (d *Disk) SetFlushObserver(f func(start time.Time, took time.Duration, err 
 // Open opens (creating if needed, mode 0600: it holds guest data) the disk
 // file at path and starts its worker.
 func Open(path string, opts Options) (*Disk, error) {
-	fs := opts.FS
-	if fs == nil {
-		fs = OSFS{}
-	}
-	f, err := fs.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := vfs.OrDefault(opts.FS).OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("block: open disk %s: %w", path, err)
 	}
@@ -253,6 +250,15 @@ func (d *Disk) Apply(ws []guest.DiskWrite) error {
 		}
 	}
 	return nil
+}
+
+// Size is the disk file's size in bytes.
+func (d *Disk) Size() (uint64, error) {
+	fi, err := d.file.Stat()
+	if err != nil {
+		return 0, fmt.Errorf("block: size of %s: %w", d.path, err)
+	}
+	return uint64(fi.Size()), nil
 }
 
 // ReadAt reads the disk file (for verification; it does not wait for

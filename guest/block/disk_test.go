@@ -12,16 +12,18 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 // slowFS wraps the real file system and counts syncs, so tests can check
 // what reached the file.
 type countingFS struct {
+	vfs.FS
 	syncs atomic.Int64
 }
 
 type countingFile struct {
-	*os.File
+	vfs.File
 	fs *countingFS
 }
 
@@ -30,8 +32,8 @@ func (c *countingFile) Sync() error {
 	return c.File.Sync()
 }
 
-func (c *countingFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
-	f, err := os.OpenFile(name, flag, perm)
+func (c *countingFS) OpenFile(name string, flag int, perm os.FileMode) (vfs.File, error) {
+	f, err := vfs.Default.OpenFile(name, flag, perm)
 	if err != nil {
 		return nil, err
 	}
@@ -91,7 +93,7 @@ func TestWriteFlushTake(t *testing.T) {
 }
 
 func TestStalledFlushMissesDeadlineThenCompletes(t *testing.T) {
-	fs := &countingFS{}
+	fs := &countingFS{FS: vfs.Default}
 	d := openTemp(t, Options{FS: fs})
 	if err := d.Write(0, []byte("hello"), nil); err != nil {
 		t.Fatal(err)
