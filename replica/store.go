@@ -69,6 +69,8 @@ type Store struct {
 
 	// wrapFile, if set (tests), wraps the file a rewrite writes to.
 	wrapFile func(io.Writer) io.Writer
+	// compactAlways (tests) compacts after every append.
+	compactAlways bool
 
 	// copyBuf and copyBatch hold the pages writeImage and Append copy out
 	// of guest memory under Image.mu, reused from epoch to epoch.
@@ -481,7 +483,7 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 	s.written, s.unsynced = e.Epoch, true
 	// Compact once the log is several times the image (the rewrite is
 	// durable when it returns).
-	if s.cw.n > 4*s.base+(64<<20) {
+	if s.cw.n > 4*s.base+(64<<20) || s.compactAlways {
 		if err := s.rewrite(im); err != nil {
 			return s.broken(err)
 		}
