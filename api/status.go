@@ -134,6 +134,10 @@ type GuestInfo struct {
 	// DiskPath is the file this node's guest disk is, when it has one
 	// (for a received guest, the receiver's own, never the sender's).
 	DiskPath string `json:"disk_path,omitempty"`
+	// DiskDroppedWrites counts disk writes dropped from the log of
+	// writes not yet shipped (over its bound). Each rise forces the next
+	// epoch to ship the whole disk to the secondary (logged).
+	DiskDroppedWrites uint64 `json:"disk_dropped_writes,omitempty"`
 }
 
 // DowntimeBreakdown is where a migration's downtime went.
