@@ -403,7 +403,7 @@ func supersedes(st failover.FSMState, self string, gen uint64) bool {
 // one from the data directory if there is one).
 func (m *member) becomeSecondary(why string) {
 	sec := replica.NewSecondary(m.recv, func() uint64 { return m.node.State().Generation })
-	if store, err := replica.OpenStore(filepath.Join(m.dataDir, "image"), m.log); err != nil {
+	if store, err := replica.OpenStoreWith(filepath.Join(m.dataDir, "image"), m.log, replica.StoreOptions{Sync: m.recv.Sync}); err != nil {
 		m.log.Warn("secondary without a stored image", "err", err)
 	} else {
 		sec.Store = store

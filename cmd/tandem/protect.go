@@ -267,7 +267,7 @@ func cmdSecondary(args []string) error {
 		if err := fsperm.PrivateDir(*dataDir, log); err != nil {
 			return fmt.Errorf("--data-dir: %w", err)
 		}
-		store, err := replica.OpenStore(filepath.Join(*dataDir, "image"), log)
+		store, err := replica.OpenStoreWith(filepath.Join(*dataDir, "image"), log, replica.StoreOptions{Sync: r.Sync})
 		if err != nil {
 			return err
 		}
