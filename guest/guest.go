@@ -180,6 +180,10 @@ type DiskImage interface {
 	// DiskDropped counts the completed writes lost from the write log
 	// (primary side): when it rises, the replica's copy misses writes.
 	DiskDropped() uint64
+	// TruncateDisk sets the disk's size (replica side: a stored image
+	// rebuilds a disk of the size it had). Precondition: no write in
+	// flight.
+	TruncateDisk(size uint64) error
 }
 
 // ReadFullAt fills p from r at off; a short read at the end of the file

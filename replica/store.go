@@ -205,6 +205,19 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		g.Close()
 		return nil, h, false, fmt.Errorf("replica store %s: its full image carries no disk contents (written by an older build), so its memory and the disk file may be of different epochs; a full sync is needed", path)
 	}
+	if h.Config.Disk != "" {
+		// The disk file may be longer than the disk stored (written past
+		// it by epochs that did not reach image.tnd): cut it to size.
+		d, ok := g.(guest.DiskImage)
+		if !ok {
+			g.Close()
+			return nil, h, false, fmt.Errorf("replica store %s: the %s guest cannot size its disk", path, h.Kind)
+		}
+		if err := d.TruncateDisk(t.end); err != nil {
+			g.Close()
+			return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
+		}
+	}
 	for {
 		if _, err := rd.ReadEpoch(im); err != nil {
 			// io.EOF: a clean end; anything else is the torn epoch a
@@ -225,14 +238,18 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 }
 
 // diskCounter counts the disk writes an epoch carries on their way to the
-// Image.
+// Image, and where the furthest one ends.
 type diskCounter struct {
 	*Image
 	writes int
+	end    uint64 // the end of the furthest write: the stored disk's size
 }
 
 func (d *diskCounter) StoreDisk(ws []guest.DiskWrite) error {
 	d.writes += len(ws)
+	for _, w := range ws {
+		d.end = max(d.end, w.Offset+uint64(len(w.Data)))
+	}
 	return d.Image.StoreDisk(ws)
 }
 

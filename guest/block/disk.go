@@ -252,6 +252,24 @@ func (d *Disk) Apply(ws []guest.DiskWrite) error {
 	return nil
 }
 
+// Truncate sets the disk file's size and syncs it (replica side, like
+// Apply: no guest writes are queued on a replica's disk).
+func (d *Disk) Truncate(size uint64) error {
+	d.mu.Lock()
+	closed := d.closed
+	d.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	if err := d.file.Truncate(int64(size)); err != nil {
+		return fmt.Errorf("block: truncate %s to %d: %w", d.path, size, err)
+	}
+	if err := d.file.Sync(); err != nil {
+		return fmt.Errorf("block: sync %s: %w", d.path, err)
+	}
+	return nil
+}
+
 // Size is the disk file's size in bytes.
 func (d *Disk) Size() (uint64, error) {
 	fi, err := d.file.Stat()
