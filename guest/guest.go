@@ -81,6 +81,11 @@ type MachineState struct {
 }
 
 // DiskWrite is one write to the guest's disk since the last TakeDiskWrites.
+//
+// A DiskWrite without data is a size mark: applied on a replica
+// (guest.Disk), it sets the disk's size to Offset. A whole-disk resync
+// ends with one, so a replica's disk file longer than the disk is cut to
+// it. A guest's own log never holds one (a write of nothing is dropped).
 type DiskWrite struct {
 	Offset uint64
 	Data   []byte
@@ -180,10 +185,6 @@ type DiskImage interface {
 	// DiskDropped counts the completed writes lost from the write log
 	// (primary side): when it rises, the replica's copy misses writes.
 	DiskDropped() uint64
-	// TruncateDisk sets the disk's size (replica side: a stored image
-	// rebuilds a disk of the size it had). Precondition: no write in
-	// flight.
-	TruncateDisk(size uint64) error
 }
 
 // ReadFullAt fills p from r at off; a short read at the end of the file

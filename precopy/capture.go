@@ -274,9 +274,6 @@ func (c *Core) resyncDisk(cp *Capture) error {
 		return fmt.Errorf("disk resync: %w", err)
 	}
 	c.diskResync = false
-	if size == 0 {
-		return nil
-	}
 	t0 := time.Now()
 	ws := make([]guest.DiskWrite, 0, (size+diskResyncChunk-1)/diskResyncChunk)
 	for off := uint64(0); off < size; off += diskResyncChunk {
@@ -286,6 +283,8 @@ func (c *Core) resyncDisk(cp *Capture) error {
 		}
 		ws = append(ws, guest.DiskWrite{Offset: off, Data: p})
 	}
+	// The size mark: a replica's longer disk file is cut to this size.
+	ws = append(ws, guest.DiskWrite{Offset: size})
 	cp.Disk = ws
 	cp.DiskResync = why
 	c.DiskResyncs++

@@ -46,6 +46,7 @@ const (
 	sweepStore   = "/sec/image"
 	sweepEpochs  = 6
 	sweepTimeout = 10 * time.Second
+	junkSize     = 8 << 20 // the secondary's disk file before the catch-up
 )
 
 // TestCrashSweepSecondaryStore crashes a secondary's host (a vfs.MemFS
@@ -53,6 +54,9 @@ const (
 // path from an epoch's arrival to its acknowledgement and fsync, under
 // both sync policies, restarts it from the crashed file system, and
 // checks the invariants of docs/DURABILITY.md:
+//
+// The secondary's disk file starts as junk, longer than the primary's
+// disk: the catch-up must replace it whole.
 //
 //   - the store comes back at exactly one epoch E that the primary sent,
 //     with memory, state and the whole disk equal to the primary's at E
@@ -112,6 +116,12 @@ func runCrashPoint(t *testing.T, name string, policy SyncPolicy, nth int) sweepR
 	t.Run(fmt.Sprintf("%s/%s/%d", strings.TrimPrefix(name, "replica."), policy, nth), func(t *testing.T) {
 		m := vfs.NewMemFS(uint64(len(name)*31 + nth))
 		if err := vfs.MkdirAllSync(m, sweepSecDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		// The secondary's disk file holds junk from some earlier life,
+		// longer than the primary's disk: the catch-up must replace it
+		// whole (whole disk, then the size mark).
+		if err := vfs.WriteFile(m, sweepDisk, bytes.Repeat([]byte{0xee}, junkSize), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		srcDisk := filepath.Join(t.TempDir(), "src.img")
@@ -219,6 +229,9 @@ func runCrashPoint(t *testing.T, name string, policy SyncPolicy, nth int) sweepR
 			}
 			res.sent = ep
 			snaps[ep] = snapshot(t, src, srcDisk)
+			if e == 1 && len(snaps[ep].disk) >= junkSize {
+				t.Fatalf("the primary's disk (%d bytes) is not shorter than the junk (%d): the size mark is not tested", len(snaps[ep].disk), junkSize)
+			}
 			actx, acancel := context.WithTimeout(ctx, sweepTimeout)
 			_, err = link.WaitAck(actx, ep, false)
 			acancel()

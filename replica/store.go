@@ -205,19 +205,7 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		g.Close()
 		return nil, h, false, fmt.Errorf("replica store %s: its full image carries no disk contents (written by an older build), so its memory and the disk file may be of different epochs; a full sync is needed", path)
 	}
-	if h.Config.Disk != "" {
-		// The disk file may be longer than the disk stored (written past
-		// it by epochs that did not reach image.tnd): cut it to size.
-		d, ok := g.(guest.DiskImage)
-		if !ok {
-			g.Close()
-			return nil, h, false, fmt.Errorf("replica store %s: the %s guest cannot size its disk", path, h.Kind)
-		}
-		if err := d.TruncateDisk(t.end); err != nil {
-			g.Close()
-			return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
-		}
-	}
+
 	for {
 		if _, err := rd.ReadEpoch(im); err != nil {
 			// io.EOF: a clean end; anything else is the torn epoch a
@@ -238,18 +226,16 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 }
 
 // diskCounter counts the disk writes an epoch carries on their way to the
-// Image, and where the furthest one ends.
+// Image. The full image's end with a size mark (guest.DiskWrite), which
+// cuts a disk file written past the stored disk (by epochs that never
+// reached image.tnd) to the size it had.
 type diskCounter struct {
 	*Image
 	writes int
-	end    uint64 // the end of the furthest write: the stored disk's size
 }
 
 func (d *diskCounter) StoreDisk(ws []guest.DiskWrite) error {
 	d.writes += len(ws)
-	for _, w := range ws {
-		d.end = max(d.end, w.Offset+uint64(len(w.Data)))
-	}
 	return d.Image.StoreDisk(ws)
 }
 
@@ -426,10 +412,6 @@ func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
 	if err != nil {
 		return err
 	}
-	if size == 0 {
-		// An empty disk still says so: Load requires disk contents.
-		return w.WriteDisk([]guest.DiskWrite{{Offset: 0, Data: []byte{}}})
-	}
 	buf := make([]byte, diskChunk)
 	for off := uint64(0); off < size; off += diskChunk {
 		p := buf[:min(diskChunk, size-off)]
@@ -446,7 +428,9 @@ func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
 			return err
 		}
 	}
-	return nil
+	// The size mark (guest.DiskWrite): Load cuts a longer disk file to
+	// it, and an empty disk still has disk contents.
+	return w.WriteDisk([]guest.DiskWrite{{Offset: size}})
 }
 
 // Append stores one committed epoch: its pages (as committed), state and

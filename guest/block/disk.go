@@ -230,6 +230,7 @@ func (d *Disk) Pending() []guest.DiskWrite {
 }
 
 // Apply writes ws to the file synchronously and syncs it (replica side).
+// A write without data sets the file's size (a size mark: guest.DiskWrite).
 // Applied writes do not enter the completed-write log: they are not the
 // guest's own writes.
 func (d *Disk) Apply(ws []guest.DiskWrite) error {
@@ -240,6 +241,13 @@ func (d *Disk) Apply(ws []guest.DiskWrite) error {
 		return ErrClosed
 	}
 	for _, w := range ws {
+		if len(w.Data) == 0 {
+			// A size mark (guest.DiskWrite).
+			if err := d.file.Truncate(int64(w.Offset)); err != nil {
+				return fmt.Errorf("block: apply size %d to %s: %w", w.Offset, d.path, err)
+			}
+			continue
+		}
 		if err := writeFull(d.file, w.Data, w.Offset); err != nil {
 			return fmt.Errorf("block: apply write of %d bytes at %d to %s: %w", len(w.Data), w.Offset, d.path, err)
 		}
@@ -248,24 +256,6 @@ func (d *Disk) Apply(ws []guest.DiskWrite) error {
 		if err := d.file.Sync(); err != nil {
 			return fmt.Errorf("block: apply sync %s: %w", d.path, err)
 		}
-	}
-	return nil
-}
-
-// Truncate sets the disk file's size and syncs it (replica side, like
-// Apply: no guest writes are queued on a replica's disk).
-func (d *Disk) Truncate(size uint64) error {
-	d.mu.Lock()
-	closed := d.closed
-	d.mu.Unlock()
-	if closed {
-		return ErrClosed
-	}
-	if err := d.file.Truncate(int64(size)); err != nil {
-		return fmt.Errorf("block: truncate %s to %d: %w", d.path, size, err)
-	}
-	if err := d.file.Sync(); err != nil {
-		return fmt.Errorf("block: sync %s: %w", d.path, err)
 	}
 	return nil
 }
@@ -391,7 +381,9 @@ func (d *Disk) doWrite(o op, fail error) {
 		if d.writeErr == nil {
 			d.writeErr = err
 		}
-	} else {
+	} else if len(o.data) > 0 {
+		// A write of nothing changes nothing and is not logged: in a
+		// log, a DiskWrite without data is a size mark.
 		n := uint64(len(o.data))
 		if d.logBytes+n > d.maxLog {
 			d.dropped += uint64(len(d.log)) + 1

@@ -630,14 +630,6 @@ func (g *Guest) ReadDisk(p []byte, off uint64) error {
 	return guest.ReadFullAt(g.disk.dev, p, off)
 }
 
-// TruncateDisk implements guest.DiskImage.
-func (g *Guest) TruncateDisk(size uint64) error {
-	if g.disk == nil {
-		return fmt.Errorf("kvm: truncate of a guest without a disk")
-	}
-	return g.disk.dev.Truncate(size)
-}
-
 // DiskDropped implements guest.DiskImage.
 func (g *Guest) DiskDropped() uint64 {
 	if g.disk == nil {
