@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tandemvm/tandem/internal/failpoint"
 	"github.com/tandemvm/tandem/internal/vfs"
 )
 
@@ -100,5 +101,46 @@ func TestDataDirIdentityDurable(t *testing.T) {
 	x.Add(vfs.Rule{Op: vfs.OpSyncDir})
 	if _, err := openDataDirFS(x, t.TempDir(), "c1", "n1"); err == nil {
 		t.Fatal("a failed directory fsync was ignored")
+	}
+}
+
+// A data dir whose host loses power at any step of publishing an
+// identity file opens again afterwards: the file is whole or absent (and
+// then written again), never torn. raft.db is raft-boltdb's and not
+// swept here.
+func TestDataDirCrashAtEveryPublishPoint(t *testing.T) {
+	points := failpoint.Names("vfs.publish.")
+	if len(points) == 0 {
+		t.Fatal("no publish failpoints")
+	}
+	for _, name := range points {
+		for hit := 1; hit <= 2; hit++ { // cluster-id, then node-id
+			m := vfs.NewMemFS(uint64(hit))
+			dir := t.TempDir() // the flock file lives on the real FS
+			p, _ := failpoint.Lookup(name)
+			n := 0
+			disable := p.Enable(func() error {
+				if n++; n != hit {
+					return nil
+				}
+				m.Crash(vfs.TearUnsynced)
+				return errors.New("power loss")
+			})
+			_, err := openDataDirFS(m, dir, "c1", "n1")
+			disable()
+			if err == nil {
+				t.Fatalf("%s hit %d: the crash was not reported", name, hit)
+			}
+			d, err := openDataDirFS(m, dir, "c1", "n1")
+			if err != nil {
+				t.Fatalf("%s hit %d: reopen after the crash: %v", name, hit, err)
+			}
+			d.close()
+			for file, want := range map[string]string{clusterIDFile: "c1\n", nodeIDFile: "n1\n"} {
+				if b, err := vfs.ReadFile(m, filepath.Join(dir, file)); err != nil || string(b) != want {
+					t.Fatalf("%s hit %d: %s = %q, %v", name, hit, file, b, err)
+				}
+			}
+		}
 	}
 }
