@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"testing"
 )
 
@@ -354,5 +355,73 @@ func TestMemHandleAfterCloseAndModes(t *testing.T) {
 	io.Copy(&got, r)
 	if got.String() != "x" {
 		t.Fatalf("read %q", got.String())
+	}
+}
+
+// MemFS is used from several goroutines at once (a disk's worker, the
+// receiving goroutine, a test's crash): run them together under -race,
+// and check that after the crash only synced content is left.
+func TestMemConcurrentUseAndCrash(t *testing.T) {
+	m := NewMemFS(9)
+	MkdirAllSync(m, "/d", 0o700)
+	done := make(chan struct{})
+	errs := make(chan error, 4)
+	var ready sync.WaitGroup
+	ready.Add(4)
+	for w := range 4 {
+		go func() {
+			name := fmt.Sprintf("/d/f%d", w)
+			f, err := m.Create(name, 0o600)
+			if err != nil {
+				ready.Done()
+				errs <- err
+				return
+			}
+			m.SyncDir("/d")
+			f.WriteAt([]byte("synced"), 0)
+			err = f.Sync()
+			ready.Done()
+			if err != nil {
+				errs <- err
+				return
+			}
+			for i := 0; ; i++ {
+				select {
+				case <-done:
+					errs <- nil
+					return
+				default:
+				}
+				if _, err := f.WriteAt([]byte("UNSYNC"), 0); err != nil {
+					// The crash killed the handle: the only error allowed.
+					if !errors.Is(err, ErrCrashed) {
+						errs <- err
+						return
+					}
+					<-done
+					errs <- nil
+					return
+				}
+				m.Stat(name)
+				m.ReadDir("/d")
+			}
+		}()
+	}
+	ready.Wait()
+	// Let the writers run, then crash under them.
+	for range 1000 {
+		m.ReadDir("/d")
+	}
+	m.Crash(DropUnsynced)
+	close(done)
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for w := range 4 {
+		if got, _ := content(t, m, fmt.Sprintf("/d/f%d", w)); got != "synced" {
+			t.Fatalf("f%d after the crash: %q", w, got)
+		}
 	}
 }
