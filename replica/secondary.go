@@ -308,8 +308,12 @@ func (s *Secondary) LoadStored() (Committed, bool, error) {
 		return Committed{}, false, nil
 	}
 	im, h, ok, err := s.Store.Load(s.R)
-	if err != nil || !ok {
+	if err != nil {
+		s.fail(err)
 		return Committed{}, false, err
+	}
+	if !ok {
+		return Committed{}, false, nil
 	}
 	s.mu.Lock()
 	s.current, s.currentH = im, h
@@ -434,5 +438,12 @@ func (s *Secondary) Close() {
 	if cur != nil && !activated {
 		cur.Close()
 	}
-	// A syncing image belongs to its Serve, which closes it.
+	// A syncing image belongs to its Serve, which closes it. The store
+	// is closed (fsynced, and marked clean) only now that no Serve
+	// appends to it.
+	s.mu.Lock()
+	st := s.Store
+	s.Store = nil
+	s.mu.Unlock()
+	st.Close()
 }

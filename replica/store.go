@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 
 	"github.com/tandemvm/tandem/checkpoint"
@@ -51,6 +52,7 @@ type Store struct {
 	fs     vfs.FS
 	dir    string
 	policy SyncPolicy
+	bootID func() string
 
 	f       vfs.File
 	bw      *bufio.Writer
@@ -88,9 +90,51 @@ func (s *Store) copyBuffers() ([]byte, []checkpoint.Page) {
 }
 
 const (
-	storeFile  = "image.tnd"
-	storeProbe = ".write-probe"
+	storeFile     = "image.tnd"
+	storeSyncFile = "image.sync"
+	storeProbe    = ".write-probe"
 )
+
+// image.sync marks a clean close: "tandem-store-clean v1 epoch=N", the
+// last epoch of image.tnd, everything up to it fsynced and nothing
+// written after. Begin removes it before writing a new image; Close
+// writes it. With the StoreStamp in image.tnd's Hello it lets Load tell
+// whether image.tnd can lack acknowledged epochs: only if it was written
+// under SyncMemory, the host restarted since (the page cache, which held
+// every written epoch, is gone), and it was not closed cleanly at the
+// epoch Load recovers.
+const cleanMagic = "tandem-store-clean v1"
+
+// distrust says why image.tnd, recovered at epoch recovered with stamp
+// st, may lack acknowledged epochs, or "" if it cannot.
+func (s *Store) distrust(st *StoreStamp, recovered uint64) string {
+	now := s.bootID()
+	switch {
+	case st == nil:
+		return "it does not say how it was written (an older build), so whether every acknowledged epoch was fsynced is unknown"
+	case st.Sync == SyncDisk.String():
+		return ""
+	case st.Boot != "" && st.Boot == now:
+		return "" // same boot: the page cache held every written epoch
+	}
+	b, err := vfs.ReadFile(s.fs, filepath.Join(s.dir, storeSyncFile))
+	var clean uint64
+	if err == nil {
+		_, err = fmt.Sscanf(strings.TrimSpace(string(b)), cleanMagic+" epoch=%d", &clean)
+	}
+	if err == nil && clean == recovered {
+		return "" // closed cleanly: all fsynced, nothing written after
+	}
+	return fmt.Sprintf("it was written under --sync %s and the host has restarted since (boot %s, now %s) without a clean close at that epoch: a later epoch may have been acknowledged and not fsynced",
+		st.Sync, orDash(st.Boot), orDash(now))
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
 
 // StoreOptions configure OpenStoreWith.
 type StoreOptions struct {
@@ -98,6 +142,19 @@ type StoreOptions struct {
 	FS vfs.FS
 	// Sync is when appended epochs are fsynced (default SyncMemory).
 	Sync SyncPolicy
+	// BootID names the host's current boot; nil reads Linux's
+	// /proc/sys/kernel/random/boot_id ("" if it cannot). Tests make a
+	// MemFS crash a new boot.
+	BootID func() string
+}
+
+// bootID is the Linux boot ID, or "" where there is none.
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
 }
 
 // OpenStore is OpenStoreWith on the real file system with SyncMemory.
@@ -119,7 +176,7 @@ func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error)
 	if err := fsperm.PrivateDirFS(fsys, dir, log); err != nil {
 		return nil, fmt.Errorf("replica store: %w", err)
 	}
-	for _, name := range []string{storeFile, storeFile + ".new"} {
+	for _, name := range []string{storeFile, storeFile + ".new", storeSyncFile} {
 		if err := fsperm.PrivateFileFS(fsys, filepath.Join(dir, name), log); err != nil {
 			return nil, fmt.Errorf("replica store: %w", err)
 		}
@@ -136,7 +193,11 @@ func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error)
 	if err := fsys.Remove(filepath.Join(dir, storeFile+".new")); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("replica store: remove a leftover %s.new: %w", storeFile, err)
 	}
-	return &Store{fs: fsys, dir: dir, policy: o.Sync}, nil
+	boot := o.BootID
+	if boot == nil {
+		boot = bootID
+	}
+	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot}, nil
 }
 
 // Policy is the store's sync policy.
@@ -222,8 +283,19 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		g.Close()
 		return nil, h, false, nil
 	}
+	if why := s.distrust(h.Store, im.Committed().Epoch); why != "" {
+		e := im.Committed().Epoch
+		g.Close()
+		return nil, h, false, fmt.Errorf("%w: %s holds epoch %d but %s; it is not offered (a primary's full sync replaces it)", ErrStoreMayLack, path, e, why)
+	}
+	h.Store = nil // the file's own, not the guest's
 	return im, h, true, nil
 }
+
+// ErrStoreMayLack refuses a stored image that may lack acknowledged
+// epochs (docs/DURABILITY.md): written under --sync memory, the host
+// restarted since, and the store was not closed cleanly.
+var ErrStoreMayLack = errors.New("replica store: the stored image may lack acknowledged epochs")
 
 // diskCounter counts the disk writes an epoch carries on their way to the
 // Image. The full image's end with a size mark (guest.DiskWrite), which
@@ -242,8 +314,17 @@ func (d *diskCounter) StoreDisk(ws []guest.DiskWrite) error {
 // Begin starts storing im (consistent) afresh: it writes the whole image
 // as one epoch, then appends each later commit (Append).
 func (s *Store) Begin(im *Image, h Hello) error {
-	s.Close()
+	s.closeFile()
 	s.hello, s.regions = h, im.g.Regions()
+	// The clean mark belongs to the image being replaced.
+	clean := filepath.Join(s.dir, storeSyncFile)
+	if err := s.fs.Remove(clean); err == nil {
+		if err := s.fs.SyncDir(s.dir); err != nil {
+			return fmt.Errorf("replica store: fsync directory %s: %w", s.dir, err)
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("replica store: %w", err)
+	}
 	return s.rewrite(im)
 }
 
@@ -274,6 +355,7 @@ func (s *Store) rewrite(im *Image) (err error) {
 	bw := bufio.NewWriterSize(cw, 1<<20)
 	h := s.hello
 	h.Proto = ProtoVersion
+	h.Store = &StoreStamp{Sync: s.policy.String(), Boot: s.bootID()}
 	if err := writeLine(bw, h); err != nil {
 		return err
 	}
@@ -518,21 +600,38 @@ func (s *Store) Sync() error {
 }
 
 func (s *Store) broken(err error) error {
-	s.Close()
+	s.closeFile()
 	return fmt.Errorf("replica store: append: %w", err)
 }
 
 // Close stops appending (the file stays for Load). What was appended is
-// flushed and fsynced, best effort: a store closed after a failure has
-// nothing more to promise.
+// flushed and fsynced, and image.sync records the clean close, so a Load
+// after a restart of the host trusts the image even under SyncMemory.
+// Best effort: a failure leaves the record saying the store was not
+// closed cleanly.
 func (s *Store) Close() {
-	if s == nil {
+	if s == nil || s.f == nil {
 		return
 	}
+	err := s.bw.Flush()
+	if err == nil {
+		err = s.f.Sync()
+	}
+	if err == nil {
+		s.unsynced = false
+		s.synced.Store(s.written + 1)
+		err = vfs.WriteFile(s.fs, filepath.Join(s.dir, storeSyncFile),
+			fmt.Appendf(nil, "%s epoch=%d\n", cleanMagic, s.written), fsperm.File)
+	}
+	if err != nil {
+		slog.Warn("replica store: not closed cleanly", "dir", s.dir, "err", err)
+	}
+	s.closeFile()
+}
+
+// closeFile closes the file being appended to without a clean record.
+func (s *Store) closeFile() {
 	if s.f != nil {
-		if s.bw.Flush() == nil && s.unsynced && s.f.Sync() == nil {
-			s.synced.Store(s.written + 1)
-		}
 		s.f.Close()
 	}
 	s.unsynced = false

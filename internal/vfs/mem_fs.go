@@ -375,6 +375,14 @@ func (m *MemFS) survivingLocked(n *memNode, mode CrashMode) []byte {
 	return data
 }
 
+// Crashes counts the Crash calls so far (a test's boot ID: each crash
+// is a new boot of the simulated host).
+func (m *MemFS) Crashes() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.gen
+}
+
 // Durable reports whether name would survive a crash now with its
 // current content (tests of callers use it to assert what was synced).
 func (m *MemFS) Durable(name string) bool {
