@@ -105,9 +105,11 @@ const (
 // epoch Load recovers.
 const cleanMagic = "tandem-store-clean v1"
 
-// distrust says why image.tnd, recovered at epoch recovered with stamp
-// st, may lack acknowledged epochs, or "" if it cannot.
-func (s *Store) distrust(st *StoreStamp, recovered uint64) string {
+// distrust says why image.tnd, stamped st, may lack acknowledged epochs,
+// or "" if it cannot. recovered is the epoch Load came back at; before
+// the replay (recovered nil) it answers "" when only a clean mark could
+// decide, so a refusal that needs no replay leaves the disk file alone.
+func (s *Store) distrust(st *StoreStamp, recovered *uint64) string {
 	now := s.bootID()
 	switch {
 	case st == nil:
@@ -122,10 +124,13 @@ func (s *Store) distrust(st *StoreStamp, recovered uint64) string {
 	if err == nil {
 		_, err = fmt.Sscanf(strings.TrimSpace(string(b)), cleanMagic+" epoch=%d", &clean)
 	}
-	if err == nil && clean == recovered {
+	switch {
+	case err == nil && recovered == nil:
+		return "" // the clean mark decides, after the replay
+	case err == nil && clean == *recovered:
 		return "" // closed cleanly: all fsynced, nothing written after
 	}
-	return fmt.Sprintf("it was written under --sync %s and the host has restarted since (boot %s, now %s) without a clean close at that epoch: a later epoch may have been acknowledged and not fsynced",
+	return fmt.Sprintf("it was written under --sync %s and the host has restarted since (boot %s, now %s) without a clean close at its last epoch: an epoch after the last fsync may have been acknowledged",
 		st.Sync, orDash(st.Boot), orDash(now))
 }
 
@@ -216,8 +221,10 @@ func (s *Store) SyncedEpoch() (epoch uint64, ok bool) {
 // Load restores the stored image, if any, into a new guest built by
 // factory, and rebuilds the guest's disk from it. It returns ok=false
 // when there is nothing usable on disk, and an error naming image.tnd
-// and what is wrong when it cannot be read; in both cases the disk file
-// is untouched unless the image's first (full) epoch was complete.
+// and what is wrong when it cannot be read or may lack acknowledged
+// epochs (ErrStoreMayLack). The disk file is untouched unless the
+// image's first (full) epoch was complete (then it holds a stored epoch,
+// even if the image is refused afterwards for want of a clean mark).
 func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 	path := filepath.Join(s.dir, storeFile)
 	f, err := s.fs.Open(path)
@@ -239,6 +246,9 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 	// The stored Hello came from a primary: its paths are not opened.
 	if h.Config, err = r.localConfig(h.Config); err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
+	}
+	if why := s.distrust(h.Store, nil); why != "" {
+		return nil, h, false, fmt.Errorf("%w: %s: %s; it is not offered (a primary's full sync replaces it)", ErrStoreMayLack, path, why)
 	}
 	g, err := r.NewGuest(h.Kind, h.Config)
 	if err != nil {
@@ -283,8 +293,8 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		g.Close()
 		return nil, h, false, nil
 	}
-	if why := s.distrust(h.Store, im.Committed().Epoch); why != "" {
-		e := im.Committed().Epoch
+	e := im.Committed().Epoch
+	if why := s.distrust(h.Store, &e); why != "" {
 		g.Close()
 		return nil, h, false, fmt.Errorf("%w: %s holds epoch %d but %s; it is not offered (a primary's full sync replaces it)", ErrStoreMayLack, path, e, why)
 	}

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -221,14 +222,31 @@ func TestStoreWithoutDiskContentsRefused(t *testing.T) {
 	// Put the Hello's disk back, as the old build wrote it.
 	b, _ := vfs.ReadFile(m, path)
 	nl := bytes.IndexByte(b, '\n')
-	var hb bytes.Buffer
 	h.Proto = ProtoVersion
-	if err := writeLine(&hb, h); err != nil {
-		t.Fatal(err)
+	withHello := func(h Hello) {
+		var hb bytes.Buffer
+		if err := writeLine(&hb, h); err != nil {
+			t.Fatal(err)
+		}
+		writeAll(t, m, path, append(hb.Bytes(), b[nl+1:]...))
 	}
-	writeAll(t, m, path, append(hb.Bytes(), b[nl+1:]...))
+	h.Store = &StoreStamp{Sync: "disk"}
+	withHello(h)
 	_, _, err = loadOn(m)
 	if err == nil || !strings.Contains(err.Error(), "no disk contents") || !strings.Contains(err.Error(), path) {
 		t.Fatalf("a store without disk contents: %v", err)
+	}
+	// Without the stamp (an older build) it is refused before the disk
+	// file is touched: whether it was fsynced is unknown.
+	h.Store = nil
+	withHello(h)
+	marker := []byte("untouched")
+	writeAll(t, m, sweepDisk, marker)
+	_, _, err = loadOn(m)
+	if !errors.Is(err, ErrStoreMayLack) || !strings.Contains(err.Error(), path) {
+		t.Fatalf("a store without its stamp: %v", err)
+	}
+	if disk, _ := vfs.ReadFile(m, sweepDisk); !bytes.Equal(disk, marker) {
+		t.Fatal("a refused store changed the disk file")
 	}
 }
