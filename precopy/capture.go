@@ -274,6 +274,11 @@ func (c *Core) resyncDisk(cp *Capture) error {
 		return fmt.Errorf("disk resync: %w", err)
 	}
 	c.diskResync = false
+	if size == 0 {
+		// No disk (or an empty one): nothing to ship, and a size mark
+		// would be a disk write for a guest without a disk.
+		return nil
+	}
 	t0 := time.Now()
 	ws := make([]guest.DiskWrite, 0, (size+diskResyncChunk-1)/diskResyncChunk)
 	for off := uint64(0); off < size; off += diskResyncChunk {

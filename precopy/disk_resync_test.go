@@ -93,3 +93,25 @@ func TestCaptureShipsWholeDiskOnResyncAndDrop(t *testing.T) {
 		t.Fatalf("DiskResyncs %d, want 2", core.DiskResyncs)
 	}
 }
+
+// A guest without a disk ships no disk writes on a catch-up: a size mark
+// would be refused by a receiver as a write for a guest without a disk.
+func TestCaptureWithoutDiskShipsNoResync(t *testing.T) {
+	sg, err := synth.New(guest.Config{Memory: 4 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sg.Close()
+	sg.Resume()
+	core := NewCore(sg, nil)
+	core.ResyncDisk()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cp, err := core.Capture(ctx, CaptureOptions{FlushBudget: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cp.Disk) != 0 || cp.DiskResync != "" {
+		t.Fatalf("a diskless guest shipped %d disk writes (resync %q)", len(cp.Disk), cp.DiskResync)
+	}
+}
