@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"time"
@@ -52,11 +53,12 @@ func CreateFileLink(path string, hello Hello, regions []guest.Region, opts check
 }
 
 // CreateFileLinkFS starts a snapshot at path on fsys. It is written under
-// vfs.TempName(path) (a leftover of an earlier attempt is replaced) and
-// published as vfs.WriteFileAtomic publishes.
+// a temporary name of its own (vfs.TempName(path) and a random suffix,
+// so two snapshots to one name do not share it) and published as
+// vfs.WriteFileAtomic publishes.
 func CreateFileLinkFS(fsys vfs.FS, path string, hello Hello, regions []guest.Region, opts checkpoint.Options) (*FileLink, error) {
-	tmp := vfs.TempName(path)
-	f, err := fsys.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, fsperm.File)
+	tmp := fmt.Sprintf("%s-%016x", vfs.TempName(path), rand.Uint64())
+	f, err := fsys.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, fsperm.File)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s: %w", path, err)
 	}
