@@ -250,6 +250,11 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 // diskResyncChunk is the piece in which a whole disk is read and shipped.
 const diskResyncChunk = 1 << 20
 
+// MaxDiskResync is the largest disk shipped whole in one epoch: a
+// receiver stages an epoch whole, and its default bound on an epoch's
+// disk writes (replica.DefaultMaxEpochDisk) is this.
+const MaxDiskResync = 256 << 20
+
 // resyncDisk replaces cp.Disk by the whole disk when a catch-up asked for
 // it or the guest's disk-write log dropped writes since the last capture
 // (the replica's copy then misses them: only the whole disk repairs it).
@@ -277,6 +282,14 @@ func (c *Core) resyncDisk(cp *Capture) error {
 	if size == 0 {
 		// No disk (or an empty one): nothing to ship, and a size mark
 		// would be a disk write for a guest without a disk.
+		return nil
+	}
+	if size > MaxDiskResync {
+		// One epoch cannot carry it (a receiver stages an epoch whole):
+		// ship the writes as before, and say the replica's copy must be
+		// made equal by other means.
+		slog.Error("precopy: the disk is too large to resync whole in one epoch; the replica's disk copy must already equal this one",
+			"why", why, "bytes", size, "limit", MaxDiskResync)
 		return nil
 	}
 	t0 := time.Now()
