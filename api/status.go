@@ -134,6 +134,10 @@ type GuestInfo struct {
 	// DiskPath is the file this node's guest disk is, when it has one
 	// (for a received guest, the receiver's own, never the sender's).
 	DiskPath string `json:"disk_path,omitempty"`
+	// DiskDroppedWrites counts disk writes dropped from the log of
+	// writes not yet shipped (over its bound). Each rise forces the next
+	// epoch to ship the whole disk to the secondary (logged).
+	DiskDroppedWrites uint64 `json:"disk_dropped_writes,omitempty"`
 }
 
 // DowntimeBreakdown is where a migration's downtime went.
@@ -276,6 +280,13 @@ type SecondaryStatus struct {
 	// DiskPath is where this node keeps its copy of the guest's disk
 	// (never the path the primary named), when the guest has one.
 	DiskPath string `json:"disk_path,omitempty"`
+	// SyncPolicy is when stored epochs are fsynced ("memory": right after
+	// the acknowledgement, "disk": before it; "" without a store), and
+	// SyncedEpoch the last epoch a power loss keeps (nil: none yet).
+	// StoreError says why a store was given up.
+	SyncPolicy  string  `json:"sync_policy,omitempty"`
+	SyncedEpoch *uint64 `json:"synced_epoch,omitempty"`
+	StoreError  string  `json:"store_error,omitempty"`
 }
 
 // ClusterView is the raft part of a member's status ("cluster").

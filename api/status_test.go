@@ -74,7 +74,7 @@ var goldenNodeKeys = strings.Fields(`
 acked_epochs ack_latency_p50_ms ack_latency_p99_ms activated aborted_completions attempts backpressure_stalls build
 cluster cluster.can_release cluster.epoch cluster.generation cluster.id cluster.image cluster.members
 cluster.primary cluster.protected cluster.raft_leader cluster.waiting_reason
-commit_sent commits committed_digest completion_attempts consistent destination destination_digest disk_path
+commit_sent commits committed_digest completion_attempts consistent destination destination_digest disk_dropped_writes disk_path
 dirty_pages_rate dirty_sync_count digest_mismatches downtime_breakdown downtime_breakdown.completed
 downtime_breakdown.destination_load_ms downtime_breakdown.dirty_sync_ms downtime_breakdown.final_send_ms
 downtime_breakdown.flush_ms downtime_breakdown.pause_vcpus_ms downtime_breakdown.resume_ms
@@ -85,7 +85,7 @@ last_committed_epoch last_error last_mismatch last_mismatch_at last_mismatch_epo
 last_shipped_epoch mbps memory memory_digest migration_id normal_pages outcome output_delay_p50_ms
 output_delay_p99_ms output_held_bytes pause_max_ms pause_p50_ms pause_p99_ms paused primary_data protected
 protection protection_reason queue_policy remaining_bytes role round secondary secondary_lag_epochs
-setup_time_ms state state_reason status switchover_digest syncing throttle_percent total_bytes total_time_ms
+setup_time_ms state state_reason status store_error switchover_digest sync_policy synced_epoch syncing throttle_percent total_bytes total_time_ms
 transferred_bytes vcpus verified_epochs verify_cycle_epochs verify_epochs verify_slice_pages wire_ratio
 workload zero_pages`)
 

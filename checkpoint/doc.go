@@ -65,7 +65,9 @@
 // {k: kind, d: [{n: name, i: instance, v: version, f: fields (opaque
 // msgpack from the device), s: [{n, v, f}] optional subsections}]}.
 // DISK body: uvarint count, then per write uvarint offset, uvarint length,
-// data.
+// data. A write of length 0 is a size mark: the disk is offset bytes long
+// (a whole-disk resync and a replica store's full image end with one). A
+// reader that ignores it loses nothing but the cut of a longer stale file.
 //
 // EPOCH-END payload: epoch, sections (every section since the previous
 // EPOCH-END, skippable ones included), pages, zero_pages, delta_pages,

@@ -4,75 +4,27 @@ import (
 	"bufio"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
-// fileHooks lets tests fail the steps of WriteFileAtomic (the package's
-// only disk access) without real faulty hardware.
-var fileHooks struct {
-	beforeSync, beforeRename func() error
+// WriteFileAtomic publishes a file at path whose content write produces,
+// on the real file system: see WriteFileAtomicFS.
+func WriteFileAtomic(path string, write func(io.Writer) error) error {
+	return WriteFileAtomicFS(vfs.Default, path, write)
 }
 
-func hook(f func() error) error {
-	if f == nil {
-		return nil
-	}
-	return f()
-}
-
-// WriteFileAtomic publishes a file at path whose content write produces:
-// it writes a temporary file in the same directory, fsyncs it, renames it
-// over path and fsyncs the directory. A reader of path sees the old file
-// or the complete new one, never a part; after a crash the same holds.
-// On error the temporary file is removed and path is untouched.
-func WriteFileAtomic(path string, write func(io.Writer) error) (err error) {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("checkpoint: create temporary file for %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	bw := bufio.NewWriterSize(f, 1<<20)
-	if err := write(bw); err != nil {
-		return fmt.Errorf("checkpoint: write %s: %w", path, err)
-	}
-	if err := bw.Flush(); err != nil {
-		return fmt.Errorf("checkpoint: write %s: %w", path, err)
-	}
-	if err := hook(fileHooks.beforeSync); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("checkpoint: fsync %s: %w", tmp, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("checkpoint: close %s: %w", tmp, err)
-	}
-	if err := hook(fileHooks.beforeRename); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("checkpoint: publish %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("checkpoint: open directory %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("checkpoint: fsync directory %s: %w", dir, err)
+// WriteFileAtomicFS publishes a file at path on fsys with
+// vfs.WriteFileAtomic: a temporary file in the same directory, fsynced,
+// renamed over path, the directory fsynced. A reader of path sees the old
+// file or the complete new one, never a part; after a crash the same
+// holds. On error the temporary file is removed and path is untouched
+// (unless only the directory sync failed: then the error says the new
+// file may not be durable).
+func WriteFileAtomicFS(fsys vfs.FS, path string, write func(io.Writer) error) error {
+	if err := vfs.WriteFileAtomic(fsys, path, 0o600, write); err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
 	}
 	return nil
 }
@@ -106,7 +58,7 @@ func WriteSnapshot(path string, h Header, opts Options, pages []Page, ms guest.M
 
 // RestoreFile restores the snapshot at path into t.
 func RestoreFile(path string, lim Limits, t Target) (Header, error) {
-	f, err := os.Open(path)
+	f, err := vfs.Default.Open(path)
 	if err != nil {
 		return Header{}, fmt.Errorf("checkpoint: %w", err)
 	}

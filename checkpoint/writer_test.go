@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 func TestXORDelta(t *testing.T) {
@@ -236,8 +237,7 @@ func TestSnapshotFile(t *testing.T) {
 
 	// A failed write leaves the old file and no temporary behind.
 	old, _ := os.ReadFile(path)
-	fileHooks.beforeRename = func() error { return errors.New("injected crash before rename") }
-	defer func() { fileHooks.beforeRename = nil }()
+	defer vfs.FPPublishBeforeRename.Enable(func() error { return errors.New("injected crash before rename") })()
 	if err := WriteSnapshot(path, h, Options{}, pages[:1], ms, nil); err == nil {
 		t.Fatal("injected failure not reported")
 	}

@@ -9,6 +9,8 @@ var (
 	ErrConfig = errors.New("failover: bad config")
 	// ErrWrongCluster: the data directory belongs to another cluster.
 	ErrWrongCluster = errors.New("failover: data dir belongs to another cluster")
+	// ErrCorruptDataDir: a file of the data directory is torn or corrupt.
+	ErrCorruptDataDir = errors.New("failover: data dir file corrupt")
 	// ErrWrongNode: the data directory belongs to another node ID.
 	ErrWrongNode = errors.New("failover: data dir belongs to another node")
 	// ErrInUse: the data directory or the node ID is already in use.

@@ -123,6 +123,9 @@ func (g *OutputGate) Seal() uint64 {
 // stay ordered while Seal and Write do not wait for it; it must not call
 // back into the gate.
 func (g *OutputGate) Release(acked uint64) bool {
+	if FPBeforeReleaseOutput.Hit() != nil {
+		return false
+	}
 	g.relMu.Lock()
 	defer g.relMu.Unlock()
 	g.mu.Lock()

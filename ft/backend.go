@@ -54,5 +54,8 @@ func describeGuest(g guest.Guest, cfg guest.Config) guestInfo {
 	if g.Kind() == kvm.Kind {
 		gi.Flavour = kvm.Flavour()
 	}
+	if d, ok := g.(guest.DiskImage); ok {
+		gi.DiskDroppedWrites = d.DiskDropped()
+	}
 	return gi
 }

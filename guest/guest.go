@@ -3,6 +3,7 @@ package guest
 import (
 	"context"
 	"errors"
+	"io"
 	"time"
 )
 
@@ -80,6 +81,11 @@ type MachineState struct {
 }
 
 // DiskWrite is one write to the guest's disk since the last TakeDiskWrites.
+//
+// A DiskWrite without data is a size mark: applied on a replica
+// (guest.Disk), it sets the disk's size to Offset. A whole-disk resync
+// ends with one, so a replica's disk file longer than the disk is cut to
+// it. A guest's own log never holds one (a write of nothing is dropped).
 type DiskWrite struct {
 	Offset uint64
 	Data   []byte
@@ -164,6 +170,32 @@ type Console interface {
 // running, 0 to 99.
 type Throttler interface {
 	SetThrottle(percent int)
+}
+
+// DiskImage is implemented by guests whose whole disk can be read back:
+// a replica's store keeps it beside the memory of the same epoch, and a
+// primary ships it whole when the replica's copy cannot be trusted (a
+// catch-up, a dropped write log). A guest without a disk reports size 0.
+type DiskImage interface {
+	// DiskSize is the disk's size in bytes.
+	DiskSize() (uint64, error)
+	// ReadDisk fills p from offset off; bytes past the end read as zero.
+	// Precondition: no write in flight (a paused guest, or a replica's).
+	ReadDisk(p []byte, off uint64) error
+	// DiskDropped counts the completed writes lost from the write log
+	// (primary side): when it rises, the replica's copy misses writes.
+	DiskDropped() uint64
+}
+
+// ReadFullAt fills p from r at off; a short read at the end of the file
+// leaves zeros (a disk file is sparse past its last write).
+func ReadFullAt(r io.ReaderAt, p []byte, off uint64) error {
+	n, err := r.ReadAt(p, int64(off))
+	if err == io.EOF {
+		clear(p[n:])
+		return nil
+	}
+	return err
 }
 
 // Disk is implemented by guests with a disk that a replica must track.

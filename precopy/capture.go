@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/tandemvm/tandem/internal/clock"
+	"log/slog"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/clock"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
@@ -25,6 +27,8 @@ const (
 	// PhaseHook is CaptureOptions.WhilePaused: an epoch loop's output
 	// seal and its verification slice.
 	PhaseHook = "paused_hook"
+	// PhaseDiskResync reads the whole disk for a full disk resync.
+	PhaseDiskResync = "disk_resync"
 )
 
 // Core is the dirty-tracking and capture machinery one guest needs for any
@@ -41,7 +45,20 @@ type Core struct {
 
 	// pageBuf is reused by Capture for staged page copies.
 	pageBuf []byte
+
+	// diskResync asks the next Capture to ship the whole disk (a
+	// catch-up: the receiver's copy is of unknown age). diskDropped is
+	// the guest's dropped-write count the last Capture saw: a rise means
+	// writes are missing from the log, and forces the same.
+	diskResync  bool
+	diskDropped uint64
+	// DiskResyncs counts the captures that shipped the whole disk.
+	DiskResyncs uint64
 }
+
+// ResyncDisk makes the next Capture ship the guest's whole disk instead of
+// the writes since the last one (guests implementing guest.DiskImage).
+func (c *Core) ResyncDisk() { c.diskResync = true }
 
 // NewCore prepares g for precopy runs. The bitmap spans every page below
 // the end of the highest region.
@@ -103,11 +120,14 @@ func (b Breakdown) Total() time.Duration {
 // Capture is what one pause took from the guest: copies of the dirty pages
 // as they were at the pause, the machine state and the disk writes.
 type Capture struct {
-	PausedAt  time.Time
-	Pages     []checkpoint.Page // Data points into the Core's buffer until the next Capture
-	State     guest.MachineState
-	Disk      []guest.DiskWrite
-	Breakdown Breakdown
+	PausedAt time.Time
+	Pages    []checkpoint.Page // Data points into the Core's buffer until the next Capture
+	State    guest.MachineState
+	Disk     []guest.DiskWrite
+	// DiskResync, if set, says why Disk is the whole disk rather than
+	// the writes since the last capture.
+	DiskResync string
+	Breakdown  Breakdown
 	// Resumed is false when the capture left the guest paused.
 	Resumed bool
 	// Buffer backs Pages; hand it back as CaptureOptions.Buffer to reuse.
@@ -191,6 +211,9 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 	}
 	cp.State = st
 	cp.Disk = c.G.TakeDiskWrites()
+	if err := c.resyncDisk(cp); err != nil {
+		return fail(err)
+	}
 	cp.Breakdown.StateSave = time.Since(t0)
 	c.observe(PhaseStateSave, t0, cp.Breakdown.StateSave)
 
@@ -222,6 +245,70 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 		cp.Resumed = true
 	}
 	return cp, nil
+}
+
+// diskResyncChunk is the piece in which a whole disk is read and shipped.
+const diskResyncChunk = 1 << 20
+
+// MaxDiskResync is the largest disk shipped whole in one epoch: a
+// receiver stages an epoch whole, and its default bound on an epoch's
+// disk writes (replica.DefaultMaxEpochDisk) is this.
+const MaxDiskResync = 256 << 20
+
+// resyncDisk replaces cp.Disk by the whole disk when a catch-up asked for
+// it or the guest's disk-write log dropped writes since the last capture
+// (the replica's copy then misses them: only the whole disk repairs it).
+// Precondition: paused, writes flushed (the captured log is complete).
+func (c *Core) resyncDisk(cp *Capture) error {
+	d, ok := c.G.(guest.DiskImage)
+	if !ok {
+		return nil
+	}
+	why := ""
+	if dropped := d.DiskDropped(); dropped != c.diskDropped {
+		why = fmt.Sprintf("the disk-write log dropped %d writes (over its bound)", dropped-c.diskDropped)
+		c.diskDropped = dropped
+	} else if c.diskResync {
+		why = "a catch-up: the replica's disk copy is of unknown age"
+	}
+	if why == "" {
+		return nil
+	}
+	size, err := d.DiskSize()
+	if err != nil {
+		return fmt.Errorf("disk resync: %w", err)
+	}
+	c.diskResync = false
+	if size == 0 {
+		// No disk (or an empty one): nothing to ship, and a size mark
+		// would be a disk write for a guest without a disk.
+		return nil
+	}
+	if size > MaxDiskResync {
+		// One epoch cannot carry it (a receiver stages an epoch whole):
+		// ship the writes as before, and say the replica's copy must be
+		// made equal by other means.
+		slog.Error("precopy: the disk is too large to resync whole in one epoch; the replica's disk copy must already equal this one",
+			"why", why, "bytes", size, "limit", MaxDiskResync)
+		return nil
+	}
+	t0 := time.Now()
+	ws := make([]guest.DiskWrite, 0, (size+diskResyncChunk-1)/diskResyncChunk)
+	for off := uint64(0); off < size; off += diskResyncChunk {
+		p := make([]byte, min(diskResyncChunk, size-off))
+		if err := d.ReadDisk(p, off); err != nil {
+			return fmt.Errorf("disk resync: read at %d: %w", off, err)
+		}
+		ws = append(ws, guest.DiskWrite{Offset: off, Data: p})
+	}
+	// The size mark: a replica's longer disk file is cut to this size.
+	ws = append(ws, guest.DiskWrite{Offset: size})
+	cp.Disk = ws
+	cp.DiskResync = why
+	c.DiskResyncs++
+	c.observe(PhaseDiskResync, t0, time.Since(t0))
+	slog.Warn("precopy: shipping the whole disk", "why", why, "bytes", size, "took", time.Since(t0).Round(time.Microsecond))
+	return nil
 }
 
 // takeDirty takes every dirty page out of the Bitmap as slices of guest

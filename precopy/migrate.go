@@ -152,7 +152,7 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 		total += uint64(len(r.Mem))
 	}
 	m := &Migration{core: core, link: link, policy: p, EpochPages: 1024}
-	m.send = &LiveSender{Core: core, Link: link}
+	m.send = &LiveSender{Core: core, Link: link, KeepDisk: true}
 	m.send.OnPages = func(sent, zero uint64) {
 		m.update(func(s *MigrationStatus) {
 			s.NormalPages += sent

@@ -40,6 +40,13 @@ type LiveSender struct {
 	// of seconds starves the convergence decisions (throttle steps come
 	// once per round or two) and blurs the dirty-rate figure.
 	RoundLimit time.Duration
+	// KeepDisk stops SendAll from asking the next capture for the whole
+	// disk (guest.DiskImage). An FT catch-up leaves it false: the
+	// replica's disk copy is of unknown age, and only the whole disk
+	// makes it the primary's. A migration sets it: its destination's disk
+	// is the caller's to provide, and a whole-disk read would land in its
+	// downtime.
+	KeepDisk bool
 
 	epoch   atomic.Uint64 // last epoch number used; read by other goroutines
 	inEpoch int           // pages in the open epoch
@@ -103,7 +110,11 @@ func (s *LiveSender) Drain(ctx context.Context) error {
 // SendAll is round 0: every non-zero page of guest memory. The receiver's
 // memory starts zero, so zero pages are skipped, and pages the host never
 // populated (guest.Populated) are not even read. It ends its last epoch.
+// Unless KeepDisk, the next Capture ships the whole disk (Core.ResyncDisk).
 func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
+	if !s.KeepDisk {
+		s.Core.ResyncDisk()
+	}
 	var sent, zero uint64
 	batch := make([]checkpoint.Page, 0, 256)
 	flush := func() error {

@@ -37,6 +37,14 @@
 // (Image.SetBudget, ErrStagingBudget). See docs/SECURITY.md, "Input bounds
 // and paths".
 //
+// Durability (docs/DURABILITY.md): a Secondary's Store keeps memory,
+// devices and the whole disk of one epoch together in image.tnd, fsynced
+// before each acknowledgement (SyncDisk) or right after it (SyncMemory),
+// and rebuilds the disk file from it on Load; every file goes through
+// internal/vfs, and the failpoints in durability.go mark each step for
+// the crash sweep. It must never acknowledge under SyncDisk what it could
+// not fsync, and never load memory of one epoch beside disk of another.
+//
 // Locks: no lock is held across disk I/O. Image.mu guards the committed
 // image against activation; an epoch's disk writes run outside it, and
 // Image.committing makes Activate and Close wait for an epoch whose disk

@@ -5,12 +5,15 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/internal/vfs"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -23,8 +26,10 @@ import (
 // fsync of the directory) when the final epoch is acknowledged, so a
 // reader never sees a partial snapshot under the real name.
 type FileLink struct {
+	fs   vfs.FS
 	path string
-	f    *os.File
+	tmp  string
+	f    vfs.File
 	bw   *bufio.Writer
 	cw   *countWriter
 	w    *checkpoint.Writer
@@ -42,13 +47,22 @@ func (c *countWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// CreateFileLink starts a snapshot at path.
+// CreateFileLink starts a snapshot at path on the real file system.
 func CreateFileLink(path string, hello Hello, regions []guest.Region, opts checkpoint.Options) (*FileLink, error) {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	return CreateFileLinkFS(vfs.Default, path, hello, regions, opts)
+}
+
+// CreateFileLinkFS starts a snapshot at path on fsys. It is written under
+// a temporary name of its own (vfs.TempName(path) and a random suffix,
+// so two snapshots to one name do not share it) and published as
+// vfs.WriteFileAtomic publishes.
+func CreateFileLinkFS(fsys vfs.FS, path string, hello Hello, regions []guest.Region, opts checkpoint.Options) (*FileLink, error) {
+	tmp := fmt.Sprintf("%s-%016x", vfs.TempName(path), rand.Uint64())
+	f, err := fsys.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, fsperm.File)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s: %w", path, err)
 	}
-	l := &FileLink{path: path, f: f}
+	l := &FileLink{fs: fsys, path: path, tmp: tmp, f: f}
 	l.cw = &countWriter{w: f}
 	l.bw = bufio.NewWriterSize(l.cw, 1<<20)
 	hello.Proto = ProtoVersion
@@ -104,36 +118,53 @@ func (l *FileLink) publish() error {
 	if err := l.bw.Flush(); err != nil {
 		return err
 	}
+	if err := vfs.FPPublishBeforeSync.Hit(); err != nil {
+		return err
+	}
 	if err := l.f.Sync(); err != nil {
 		return fmt.Errorf("snapshot %s: fsync: %w", l.path, err)
 	}
 	if err := l.f.Close(); err != nil {
+		return fmt.Errorf("snapshot %s: close: %w", l.path, err)
+	}
+	// Closed: Abort must not close it again, only remove it.
+	l.f = nil
+	if err := vfs.FPPublishBeforeRename.Hit(); err != nil {
 		return err
 	}
-	if err := os.Rename(l.f.Name(), l.path); err != nil {
+	if err := l.fs.Rename(l.tmp, l.path); err != nil {
 		return fmt.Errorf("snapshot %s: %w", l.path, err)
 	}
-	if d, err := os.Open(filepath.Dir(l.path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
 	l.done = true
-	return nil
+	if err := vfs.FPPublishBeforeSyncDir.Hit(); err != nil {
+		return err
+	}
+	if err := l.fs.SyncDir(filepath.Dir(l.path)); err != nil {
+		return fmt.Errorf("snapshot %s: published but not durable: fsync directory: %w", l.path, err)
+	}
+	return vfs.FPPublishAfterSyncDir.Hit()
 }
 
 // Abort removes an unpublished snapshot.
 func (l *FileLink) Abort() {
 	if !l.done {
-		l.f.Close()
-		os.Remove(l.f.Name())
+		if l.f != nil {
+			l.f.Close()
+		}
+		l.fs.Remove(l.tmp)
 	}
 }
 
 // RestoreFile restores a snapshot file written by a FileLink into a new
 // guest, paused, with its state loaded.
 func (r *Receiver) RestoreFile(path string) (MigrationResult, error) {
+	return r.RestoreFileFS(vfs.Default, path)
+}
+
+// RestoreFileFS is RestoreFile reading from fsys.
+func (r *Receiver) RestoreFileFS(fsys vfs.FS, path string) (MigrationResult, error) {
 	var res MigrationResult
-	f, err := os.Open(path)
+	f, err := fsys.Open(path)
 	if err != nil {
 		return res, fmt.Errorf("snapshot: %w", err)
 	}

@@ -212,6 +212,11 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 		// Staging is the receiving goroutine's own: no lock needed.
 		derr = im.g.(guest.Disk).ApplyDiskWrites(im.stagedDisk)
 	}
+	if derr == nil {
+		// A crash here leaves the disk file ahead of memory; the Store
+		// rebuilds the disk on Load, so it never matters (crash sweep).
+		derr = FPBetweenDiskAndMemory.Hit()
+	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	im.committing = false

@@ -49,6 +49,18 @@ type Hello struct {
 	// (SourceAPI) how the migration ended there.
 	MigrationID string `json:"migration_id,omitempty"`
 	SourceAPI   string `json:"source_api,omitempty"`
+	// Store is set only in a Store's image.tnd, never on the wire: how
+	// the file was written (docs/DURABILITY.md).
+	Store *StoreStamp `json:"store,omitempty"`
+}
+
+// StoreStamp says how a stored image.tnd was written: under which sync
+// policy and in which boot of its host. A file written under --sync
+// memory in an earlier boot, and not closed cleanly, may lack an
+// acknowledged epoch, and is not offered (ErrStoreMayLack).
+type StoreStamp struct {
+	Sync string `json:"sync"`
+	Boot string `json:"boot,omitempty"`
 }
 
 // HelloReply is the receiver's answer: OK, or the one-line reason it

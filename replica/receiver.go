@@ -45,6 +45,10 @@ type Receiver struct {
 	// 0 means DefaultMaxEpochDisk. With the guest's memory it makes the
 	// staging budget of an epoch (see Image.SetBudget).
 	MaxEpochDisk uint64
+	// Sync is the durability policy of a store this receiver's
+	// secondary keeps (--sync; StoreOptions.Sync of the store its caller
+	// opens): see SyncPolicy and docs/DURABILITY.md.
+	Sync SyncPolicy
 	// HandshakeTimeout bounds reading the whole Hello, however slowly it
 	// trickles in; 0 means DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration

@@ -24,7 +24,9 @@ import (
 // never leaves the secondary without a usable committed epoch.
 type Secondary struct {
 	R *Receiver
-	// Store, if set, keeps the committed image on disk (see Store).
+	// Store, if set, keeps the committed image on disk (see Store); its
+	// policy says whether an epoch is fsynced before or right after its
+	// acknowledgement (docs/DURABILITY.md).
 	Store *Store
 	// OnCommit, if set, is told of every consistent epoch committed (raft
 	// learns from here that this node could take over at that epoch).
@@ -34,20 +36,25 @@ type Secondary struct {
 	minGen func() uint64
 
 	// mu guards the fields below.
-	mu         sync.Mutex
-	current    *Image // consistent committed image, or nil
-	currentH   Hello
-	syncing    *Image
-	activated  bool
-	lastErr    string
-	commits    uint64
-	lastCommit time.Time
-	conn       net.Conn
-	served     chan struct{} // closed when conn's Serve has returned
-	from       string
-	lastHeard  time.Time // the current primary's last handshake or epoch
-	connGen    uint64    // the current primary's generation (its Hello)
-	connPeer   string    // the node its certificate names ("" plaintext)
+	mu        sync.Mutex
+	current   *Image // consistent committed image, or nil
+	currentH  Hello
+	syncing   *Image
+	activated bool
+	lastErr   string
+	// storeErr is why the store was given up, if it was. With SyncDisk
+	// the secondary then acknowledges nothing more (an acknowledgement
+	// would promise durability it cannot give).
+	storeErr    error
+	storePolicy SyncPolicy
+	commits     uint64
+	lastCommit  time.Time
+	conn        net.Conn
+	served      chan struct{} // closed when conn's Serve has returned
+	from        string
+	lastHeard   time.Time // the current primary's last handshake or epoch
+	connGen     uint64    // the current primary's generation (its Hello)
+	connPeer    string    // the node its certificate names ("" plaintext)
 
 	// wmu serialises writes on a primary connection: Serve's
 	// acknowledgements and Activate's last word.
@@ -95,6 +102,9 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	}
 	s.mu.Lock()
 	activated, cur, curH, store := s.activated, s.current, s.currentH, s.Store
+	if store != nil {
+		s.storePolicy = store.Policy()
+	}
 	s.mu.Unlock()
 	switch {
 	case activated:
@@ -102,6 +112,8 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
 		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: s.R.Build, Activated: true})
 		return err
+	case store == nil && s.storeErr != nil && s.storePolicy == SyncDisk:
+		return refuse("this secondary cannot make epochs durable (--sync disk) since its store failed: %v", s.storeErr)
 	case s.minGen != nil && hello.Generation < s.minGen():
 		return refuse("primary generation %d is stale (the cluster is at %d)", hello.Generation, s.minGen())
 	case cur != nil && (curH.Kind != hello.Kind || curH.Config.Memory != hello.Config.Memory):
@@ -205,13 +217,19 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			}
 			if store != nil {
 				if err := store.Begin(im, hello); err != nil {
-					s.storeFailed(err)
+					if err := s.storeFailed(store, e.Epoch, err); err != nil {
+						return err
+					}
+					store = nil
 				}
 			}
 		} else if adopted && store != nil {
 			pages, st, disk := im.LastCommit()
 			if err := store.Append(im, e, pages, st, disk); err != nil {
-				s.storeFailed(err)
+				if err := s.storeFailed(store, e.Epoch, err); err != nil {
+					return err
+				}
+				store = nil
 			}
 		}
 		if c.Consistent && adopted && s.OnCommit != nil {
@@ -233,6 +251,9 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			s.lastHeard = s.lastCommit
 		}
 		s.mu.Unlock()
+		if err := FPBeforeAck.Hit(); err != nil {
+			return s.fail(err)
+		}
 		s.wmu.Lock()
 		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
 		err = writeLine(conn, ack)
@@ -240,19 +261,43 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		if err != nil {
 			return s.fail(fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err))
 		}
+		if adopted && store != nil && store.Policy() == SyncMemory {
+			// The Remus contract: acknowledged from memory, fsynced
+			// behind the acknowledgement (before the next epoch is read).
+			if err := FPAfterAckBeforeSync.Hit(); err != nil {
+				return s.fail(err)
+			}
+			if err := store.Sync(); err != nil {
+				if err := s.storeFailed(store, e.Epoch, err); err != nil {
+					return err
+				}
+				store = nil
+			}
+		}
 	}
 }
 
-// storeFailed gives up persistence (replication goes on in memory) and
-// says so loudly: a restart would no longer come back at the last epoch.
-func (s *Secondary) storeFailed(err error) {
-	s.R.log().Error("secondary: cannot persist the committed image; a restart will need a full re-sync", "err", err)
+// storeFailed gives up persistence and says so loudly: a restart would no
+// longer come back at the last epoch. With SyncMemory replication goes on
+// in memory (nil is returned); with SyncDisk the epoch must not be
+// acknowledged, so the error to end the stream with is returned, and
+// later primaries are refused.
+func (s *Secondary) storeFailed(st *Store, epoch uint64, err error) error {
+	policy := st.Policy()
+	s.R.log().Error("secondary: cannot persist the committed image; a restart will need a full re-sync",
+		"err", err, "sync", policy.String())
 	s.mu.Lock()
 	s.lastErr = err.Error()
-	st := s.Store
-	s.Store = nil
+	s.storeErr = err
+	if s.Store == st {
+		s.Store = nil
+	}
 	s.mu.Unlock()
 	st.Close()
+	if policy == SyncDisk {
+		return s.fail(fmt.Errorf("epoch %d not acknowledged: --sync disk and the store failed: %w", epoch, err))
+	}
+	return nil
 }
 
 // LoadStored makes the image kept in Store (if any) the committed one, so
@@ -263,8 +308,12 @@ func (s *Secondary) LoadStored() (Committed, bool, error) {
 		return Committed{}, false, nil
 	}
 	im, h, ok, err := s.Store.Load(s.R)
-	if err != nil || !ok {
+	if err != nil {
+		s.fail(err)
 		return Committed{}, false, err
+	}
+	if !ok {
+		return Committed{}, false, nil
 	}
 	s.mu.Lock()
 	s.current, s.currentH = im, h
@@ -332,6 +381,14 @@ func (s *Secondary) Status(digest bool) SecondaryStatus {
 	s.mu.Lock()
 	cur, syncing := s.current, s.syncing
 	st := SecondaryStatus{Syncing: syncing != nil, Primary: s.from, Commits: s.commits, LastError: s.lastErr, Activated: s.activated}
+	if s.Store != nil {
+		st.SyncPolicy = s.Store.Policy().String()
+		if e, ok := s.Store.SyncedEpoch(); ok {
+			st.SyncedEpoch = &e
+		}
+	} else if s.storeErr != nil {
+		st.StoreError = s.storeErr.Error()
+	}
 	if s.conn == nil {
 		st.Primary = ""
 	}
@@ -381,5 +438,12 @@ func (s *Secondary) Close() {
 	if cur != nil && !activated {
 		cur.Close()
 	}
-	// A syncing image belongs to its Serve, which closes it.
+	// A syncing image belongs to its Serve, which closes it. The store
+	// is closed (fsynced, and marked clean) only now that no Serve
+	// appends to it.
+	s.mu.Lock()
+	st := s.Store
+	s.Store = nil
+	s.mu.Unlock()
+	st.Close()
 }

@@ -5,37 +5,56 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"sync/atomic"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 // Store keeps a secondary's committed image on disk, so a secondary that
-// is killed and restarted comes back at its last committed epoch.
+// is restarted (or whose host lost power) comes back at a committed epoch.
 //
 // Layout: DIR/image.tnd is a snapshot file (the Hello line, then a
-// checkpoint stream) that holds one full image epoch followed by every
-// epoch committed since, each appended before it is acknowledged. A
-// restart replays it; a torn last epoch (killed mid-write) fails its CRC
-// or ends short and is dropped, leaving the previous committed epoch. When
-// the log has grown to several times the image, the image is rewritten
-// compactly into image.tnd.new and renamed over image.tnd (atomic).
+// checkpoint stream) that holds one full image epoch (memory, devices and
+// the whole disk) followed by every epoch committed since (its pages,
+// devices and disk writes), each appended before it is acknowledged. A
+// restart replays it; a torn last epoch (a kill or a power loss mid-write)
+// fails its CRC or ends short and is dropped, leaving the previous epoch.
+// When the log has grown to several times the image, the image is
+// rewritten compactly into image.tnd.new, fsynced, renamed over image.tnd
+// and the directory fsynced.
 //
-// Appends are written but not fsynced: they survive the process being
-// killed, which is the failure a secondary's restart covers; surviving
-// the host's power loss would need an fsync per epoch (Sync: true).
+// Memory and disk are one unit: Load rebuilds the guest's disk file from
+// image.tnd (the full disk of the first epoch, then each epoch's writes),
+// so the recovered memory and disk are always those of the same epoch,
+// whatever the disk file held before (it is written as epochs commit and
+// may be ahead of image.tnd after a crash).
 //
-// A Store is used by one goroutine (the receiving one).
+// Durability (docs/DURABILITY.md): with SyncDisk every append is fsynced
+// before Append returns, so before the epoch is acknowledged; with
+// SyncMemory Append only writes (the OS has the epoch: it survives the
+// process being killed) and the Secondary calls Sync right after the
+// acknowledgement. SyncedEpoch says which epoch a power loss keeps.
+//
+// Every file the store touches goes through its vfs.FS.
+//
+// A Store is used by one goroutine (the receiving one); SyncedEpoch may
+// be read from any.
 type Store struct {
-	dir  string
-	Sync bool
+	fs     vfs.FS
+	dir    string
+	policy SyncPolicy
+	bootID func() string
 
-	f       *os.File
+	f       vfs.File
 	bw      *bufio.Writer
 	cw      *countWriter
 	w       *checkpoint.Writer
@@ -43,8 +62,17 @@ type Store struct {
 	regions []guest.Region
 	base    uint64 // bytes of the last full image written
 
+	// written is the last epoch written to f; unsynced says it has not
+	// been fsynced since. synced is 1 + the last epoch known durable
+	// (0: none).
+	written  uint64
+	unsynced bool
+	synced   atomic.Uint64
+
 	// wrapFile, if set (tests), wraps the file a rewrite writes to.
 	wrapFile func(io.Writer) io.Writer
+	// compactAlways (tests) compacts after every append.
+	compactAlways bool
 
 	// copyBuf and copyBatch hold the pages writeImage and Append copy out
 	// of guest memory under Image.mu, reused from epoch to epoch.
@@ -61,29 +89,146 @@ func (s *Store) copyBuffers() ([]byte, []checkpoint.Page) {
 	return s.copyBuf, s.copyBatch[:0]
 }
 
-const storeFile = "image.tnd"
+const (
+	storeFile     = "image.tnd"
+	storeSyncFile = "image.sync"
+	storeProbe    = ".write-probe"
+)
 
-// OpenStore prepares dir (created if missing). The image holds the
-// guest's memory: dir is made 0700 and image.tnd 0600, and looser modes
-// found there are tightened (and logged on log, if not nil).
+// image.sync marks a clean close: "tandem-store-clean v1 epoch=N", the
+// last epoch of image.tnd, everything up to it fsynced and nothing
+// written after. Begin removes it before writing a new image; Close
+// writes it. With the StoreStamp in image.tnd's Hello it lets Load tell
+// whether image.tnd can lack acknowledged epochs: only if it was written
+// under SyncMemory, the host restarted since (the page cache, which held
+// every written epoch, is gone), and it was not closed cleanly at the
+// epoch Load recovers.
+const cleanMagic = "tandem-store-clean v1"
+
+// distrust says why image.tnd, stamped st, may lack acknowledged epochs,
+// or "" if it cannot. recovered is the epoch Load came back at; before
+// the replay (recovered nil) it answers "" when only a clean mark could
+// decide, so a refusal that needs no replay leaves the disk file alone.
+func (s *Store) distrust(st *StoreStamp, recovered *uint64) string {
+	now := s.bootID()
+	switch {
+	case st == nil:
+		return "it does not say how it was written (an older build), so whether every acknowledged epoch was fsynced is unknown"
+	case st.Sync == SyncDisk.String():
+		return ""
+	case st.Boot != "" && st.Boot == now:
+		return "" // same boot: the page cache held every written epoch
+	}
+	b, err := vfs.ReadFile(s.fs, filepath.Join(s.dir, storeSyncFile))
+	var clean uint64
+	if err == nil {
+		_, err = fmt.Sscanf(strings.TrimSpace(string(b)), cleanMagic+" epoch=%d", &clean)
+	}
+	switch {
+	case err == nil && recovered == nil:
+		return "" // the clean mark decides, after the replay
+	case err == nil && clean == *recovered:
+		return "" // closed cleanly: all fsynced, nothing written after
+	}
+	return fmt.Sprintf("it was written under --sync %s and the host has restarted since (boot %s, now %s) without a clean close at its last epoch: an epoch after the last fsync may have been acknowledged",
+		st.Sync, orDash(st.Boot), orDash(now))
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// StoreOptions configure OpenStoreWith.
+type StoreOptions struct {
+	// FS holds the store; nil means the real file system.
+	FS vfs.FS
+	// Sync is when appended epochs are fsynced (default SyncMemory).
+	Sync SyncPolicy
+	// BootID names the host's current boot; nil reads Linux's
+	// /proc/sys/kernel/random/boot_id ("" if it cannot). Tests make a
+	// MemFS crash a new boot.
+	BootID func() string
+}
+
+// bootID is the Linux boot ID, or "" where there is none.
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// OpenStore is OpenStoreWith on the real file system with SyncMemory.
 func OpenStore(dir string, log *slog.Logger) (*Store, error) {
-	if err := fsperm.PrivateDir(dir, log); err != nil {
+	return OpenStoreWith(dir, log, StoreOptions{})
+}
+
+// OpenStoreWith prepares dir (created if missing, and made durable). The
+// image holds the guest's memory: dir is made 0700 and image.tnd 0600,
+// and looser modes found there are tightened (and logged on log, if not
+// nil). A directory it cannot write to is refused now, not at the first
+// epoch. A leftover image.tnd.new (a compaction cut short) is removed:
+// image.tnd is the stored image until a rename says otherwise.
+func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error) {
+	fsys := vfs.OrDefault(o.FS)
+	if o.Sync != SyncMemory && o.Sync != SyncDisk {
+		return nil, fmt.Errorf("replica store: unknown sync policy %v", o.Sync)
+	}
+	if err := fsperm.PrivateDirFS(fsys, dir, log); err != nil {
 		return nil, fmt.Errorf("replica store: %w", err)
 	}
-	for _, name := range []string{storeFile, storeFile + ".new"} {
-		if err := fsperm.PrivateFile(filepath.Join(dir, name), log); err != nil {
+	for _, name := range []string{storeFile, storeFile + ".new", storeSyncFile} {
+		if err := fsperm.PrivateFileFS(fsys, filepath.Join(dir, name), log); err != nil {
 			return nil, fmt.Errorf("replica store: %w", err)
 		}
 	}
-	return &Store{dir: dir}, nil
+	probe := filepath.Join(dir, storeProbe)
+	f, err := fsys.Create(probe, fsperm.File)
+	if err == nil {
+		_, err = f.Write([]byte("probe\n"))
+		err = errors.Join(err, f.Close(), fsys.Remove(probe))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("replica store: data directory %s is not writable: %w", dir, err)
+	}
+	if err := fsys.Remove(filepath.Join(dir, storeFile+".new")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("replica store: remove a leftover %s.new: %w", storeFile, err)
+	}
+	boot := o.BootID
+	if boot == nil {
+		boot = bootID
+	}
+	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot}, nil
+}
+
+// Policy is the store's sync policy.
+func (s *Store) Policy() SyncPolicy { return s.policy }
+
+// SyncedEpoch is the last epoch known to survive a power loss (ok false:
+// none yet in this store's life).
+func (s *Store) SyncedEpoch() (epoch uint64, ok bool) {
+	v := s.synced.Load()
+	if v == 0 {
+		return 0, false
+	}
+	return v - 1, true
 }
 
 // Load restores the stored image, if any, into a new guest built by
-// factory. It returns ok=false when there is nothing usable on disk.
+// factory, and rebuilds the guest's disk from it. It returns ok=false
+// when there is nothing usable on disk, and an error naming image.tnd
+// and what is wrong when it cannot be read or may lack acknowledged
+// epochs (ErrStoreMayLack). The disk file is untouched unless the
+// image's first (full) epoch was complete (then it holds a stored epoch,
+// even if the image is refused afterwards for want of a clean mark).
 func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 	path := filepath.Join(s.dir, storeFile)
-	f, err := os.Open(path)
-	if errors.Is(err, os.ErrNotExist) {
+	f, err := s.fs.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil, Hello{}, false, nil
 	}
 	if err != nil {
@@ -102,6 +247,9 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 	if h.Config, err = r.localConfig(h.Config); err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
 	}
+	if why := s.distrust(h.Store, nil); why != "" {
+		return nil, h, false, fmt.Errorf("%w: %s: %s; it is not offered (a primary's full sync replaces it)", ErrStoreMayLack, path, why)
+	}
 	g, err := r.NewGuest(h.Kind, h.Config)
 	if err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
@@ -115,11 +263,29 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
 	}
 	im := r.newImage(g, h.Config)
+	// The first epoch must carry the whole disk (see Store): one written
+	// by an older build does not, and its disk file may be of another
+	// epoch than its memory.
+	t := &diskCounter{Image: im}
+	if _, err := rd.ReadEpoch(t); err != nil {
+		im.Discard()
+		g.Close()
+		return nil, h, false, fmt.Errorf("replica store %s: its first (full) epoch is unreadable: %w", path, err)
+	}
+	if h.Config.Disk != "" && t.writes == 0 {
+		g.Close()
+		return nil, h, false, fmt.Errorf("replica store %s: its full image carries no disk contents (written by an older build), so its memory and the disk file may be of different epochs; a full sync is needed", path)
+	}
+
 	for {
 		if _, err := rd.ReadEpoch(im); err != nil {
 			// io.EOF: a clean end; anything else is the torn epoch a
-			// kill leaves behind, dropped.
+			// kill or a power loss leaves behind, dropped.
 			im.Discard()
+			if !errors.Is(err, io.EOF) {
+				r.log().Warn("replica store: dropped a torn last epoch", "file", path,
+					"epoch", im.Committed().Epoch+1, "err", err)
+			}
 			break
 		}
 	}
@@ -127,26 +293,71 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		g.Close()
 		return nil, h, false, nil
 	}
+	e := im.Committed().Epoch
+	if why := s.distrust(h.Store, &e); why != "" {
+		g.Close()
+		return nil, h, false, fmt.Errorf("%w: %s holds epoch %d but %s; it is not offered (a primary's full sync replaces it)", ErrStoreMayLack, path, e, why)
+	}
+	h.Store = nil // the file's own, not the guest's
 	return im, h, true, nil
+}
+
+// ErrStoreMayLack refuses a stored image that may lack acknowledged
+// epochs (docs/DURABILITY.md): written under --sync memory, the host
+// restarted since, and the store was not closed cleanly.
+var ErrStoreMayLack = errors.New("replica store: the stored image may lack acknowledged epochs")
+
+// diskCounter counts the disk writes an epoch carries on their way to the
+// Image. The full image's end with a size mark (guest.DiskWrite), which
+// cuts a disk file written past the stored disk (by epochs that never
+// reached image.tnd) to the size it had.
+type diskCounter struct {
+	*Image
+	writes int
+}
+
+func (d *diskCounter) StoreDisk(ws []guest.DiskWrite) error {
+	d.writes += len(ws)
+	return d.Image.StoreDisk(ws)
 }
 
 // Begin starts storing im (consistent) afresh: it writes the whole image
 // as one epoch, then appends each later commit (Append).
 func (s *Store) Begin(im *Image, h Hello) error {
-	s.Close()
+	s.closeFile()
 	s.hello, s.regions = h, im.g.Regions()
+	// The clean mark belongs to the image being replaced.
+	clean := filepath.Join(s.dir, storeSyncFile)
+	if err := s.fs.Remove(clean); err == nil {
+		if err := s.fs.SyncDir(s.dir); err != nil {
+			return fmt.Errorf("replica store: fsync directory %s: %w", s.dir, err)
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("replica store: %w", err)
+	}
 	return s.rewrite(im)
 }
 
-// rewrite writes the full committed image of im into a new file and
-// renames it over the store's file.
-func (s *Store) rewrite(im *Image) error {
+// rewrite writes the full committed image of im (memory, devices, whole
+// disk) into a new file, fsyncs it, renames it over the store's file and
+// fsyncs the directory; the new file is durable when it returns nil.
+func (s *Store) rewrite(im *Image) (err error) {
 	path := filepath.Join(s.dir, storeFile)
 	tmp := path + ".new"
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, fsperm.File)
+	f, err := s.fs.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, fsperm.File)
 	if err != nil {
 		return fmt.Errorf("replica store: %w", err)
 	}
+	renamed := false
+	defer func() {
+		if err != nil {
+			f.Close()
+			if !renamed {
+				s.fs.Remove(tmp)
+			}
+			err = fmt.Errorf("replica store: write image %s: %w", path, err)
+		}
+	}()
 	cw := &countWriter{w: f}
 	if s.wrapFile != nil {
 		cw.w = s.wrapFile(f)
@@ -154,38 +365,49 @@ func (s *Store) rewrite(im *Image) error {
 	bw := bufio.NewWriterSize(cw, 1<<20)
 	h := s.hello
 	h.Proto = ProtoVersion
+	h.Store = &StoreStamp{Sync: s.policy.String(), Boot: s.bootID()}
 	if err := writeLine(bw, h); err != nil {
-		f.Close()
 		return err
 	}
 	w, err := checkpoint.NewWriter(bw, checkpoint.Header{Build: h.Build, Kind: h.Kind, PageSize: guest.PageSize,
 		Regions: checkpoint.RegionsOf(s.regions), Flags: checkpoint.FlagSnapshot},
 		checkpoint.Options{Compression: checkpoint.CompressFastest, CacheBytes: -1})
 	if err != nil {
-		f.Close()
 		return err
 	}
-	err = s.writeImage(w, im)
-	if err == nil {
-		err = bw.Flush()
-	}
-	if err == nil && s.Sync {
-		err = f.Sync()
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
+	epoch, err := s.writeImage(w, im)
 	if err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("replica store: write image: %w", err)
+		return err
 	}
-	if d, derr := os.Open(s.dir); derr == nil {
-		d.Sync()
-		d.Close()
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+	if err := FPRewriteBeforeSync.Hit(); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", tmp, err)
+	}
+	if err := FPRewriteBeforeRename.Hit(); err != nil {
+		return err
+	}
+	if err := s.fs.Rename(tmp, path); err != nil {
+		return err
+	}
+	renamed = true
+	if err := FPRewriteBeforeSyncDir.Hit(); err != nil {
+		return err
+	}
+	if err := s.fs.SyncDir(s.dir); err != nil {
+		return fmt.Errorf("fsync directory %s: %w", s.dir, err)
+	}
+	if err := FPRewriteAfterSyncDir.Hit(); err != nil {
+		return err
 	}
 	old := s.f
 	s.f, s.bw, s.cw, s.w, s.base = f, bw, cw, w, cw.n
+	s.written, s.unsynced = epoch, false
+	s.synced.Store(epoch + 1)
 	if old != nil {
 		// A compaction replaces the file being appended to (flushed by
 		// Append before it compacts): close the old one, or every
@@ -218,11 +440,16 @@ const (
 // caller keeps the previous file (an image that was activated is no
 // longer this store's to keep). Memory is never read after a hand-over,
 // and never while a commit or Close runs (they hold mu).
-func (s *Store) writeImage(w *checkpoint.Writer, im *Image) error {
+//
+// The disk is written whole (zero ranges too: the disk file Load rebuilds
+// may hold anything there), read in diskChunk pieces with the same
+// hand-over check: only the receiving goroutine writes the disk until a
+// hand-over. It returns the epoch written.
+func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
 	im.mu.Lock()
 	if im.handedOver {
 		im.mu.Unlock()
-		return ErrHandedOver
+		return 0, ErrHandedOver
 	}
 	state, epoch := im.state, im.epoch
 	im.mu.Unlock()
@@ -233,7 +460,7 @@ func (s *Store) writeImage(w *checkpoint.Writer, im *Image) error {
 			im.mu.Lock()
 			if im.handedOver {
 				im.mu.Unlock()
-				return ErrHandedOver
+				return 0, ErrHandedOver
 			}
 			for end := min(r.Pages(), p+rewriteScan); p < end && len(batch) < rewriteBatch; p++ {
 				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
@@ -246,15 +473,56 @@ func (s *Store) writeImage(w *checkpoint.Writer, im *Image) error {
 			}
 			im.mu.Unlock()
 			if err := w.WritePages(batch); err != nil {
-				return err
+				return 0, err
 			}
 		}
 	}
+	if s.hello.Config.Disk != "" {
+		if err := s.writeDisk(w, im); err != nil {
+			return 0, err
+		}
+	}
 	if err := w.WriteDevices(state); err != nil {
+		return 0, err
+	}
+	if _, err := w.EndEpoch(epoch); err != nil {
+		return 0, err
+	}
+	return epoch, nil
+}
+
+// diskChunk is the piece in which writeDisk reads and stores a disk.
+const diskChunk = 1 << 20
+
+// writeDisk writes im's whole disk to w as disk writes.
+func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
+	d, ok := im.g.(guest.DiskImage)
+	if !ok {
+		return fmt.Errorf("the %s guest cannot read its disk back", s.hello.Kind)
+	}
+	size, err := d.DiskSize()
+	if err != nil {
 		return err
 	}
-	_, err := w.EndEpoch(epoch)
-	return err
+	buf := make([]byte, diskChunk)
+	for off := uint64(0); off < size; off += diskChunk {
+		p := buf[:min(diskChunk, size-off)]
+		im.mu.Lock()
+		if im.handedOver {
+			im.mu.Unlock()
+			return ErrHandedOver
+		}
+		im.mu.Unlock()
+		if err := d.ReadDisk(p, off); err != nil {
+			return fmt.Errorf("read the disk at %d: %w", off, err)
+		}
+		if err := w.WriteDisk([]guest.DiskWrite{{Offset: off, Data: p}}); err != nil {
+			return err
+		}
+	}
+	// The size mark (guest.DiskWrite): Load cuts a longer disk file to
+	// it, and an empty disk still has disk contents.
+	return w.WriteDisk([]guest.DiskWrite{{Offset: size}})
 }
 
 // Append stores one committed epoch: its pages (as committed), state and
@@ -305,32 +573,78 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 	if err := s.bw.Flush(); err != nil {
 		return s.broken(err)
 	}
-	if s.Sync {
-		if err := s.f.Sync(); err != nil {
+	s.written, s.unsynced = e.Epoch, true
+	// Compact once the log is several times the image (the rewrite is
+	// durable when it returns).
+	if s.cw.n > 4*s.base+(64<<20) || s.compactAlways {
+		if err := s.rewrite(im); err != nil {
 			return s.broken(err)
 		}
+		return nil
 	}
-	// Compact once the log is several times the image.
-	if s.cw.n > 4*s.base+(64<<20) {
-		return s.rewrite(im)
+	if s.policy == SyncDisk {
+		return s.Sync()
+	}
+	return nil
+}
+
+// Sync fsyncs what was appended and not yet synced (with SyncMemory the
+// Secondary calls it once the epoch is acknowledged). An error stops the
+// store: what it holds can no longer be said to be durable.
+func (s *Store) Sync() error {
+	if s.f == nil || !s.unsynced {
+		return nil
+	}
+	if err := FPAppendBeforeSync.Hit(); err != nil {
+		return s.broken(err)
+	}
+	if err := s.f.Sync(); err != nil {
+		return s.broken(fmt.Errorf("fsync %s: %w", filepath.Join(s.dir, storeFile), err))
+	}
+	s.unsynced = false
+	s.synced.Store(s.written + 1)
+	if err := FPAppendAfterSync.Hit(); err != nil {
+		return s.broken(err)
 	}
 	return nil
 }
 
 func (s *Store) broken(err error) error {
-	s.Close()
+	s.closeFile()
 	return fmt.Errorf("replica store: append: %w", err)
 }
 
-// Close stops appending (the file stays for Load).
+// Close stops appending (the file stays for Load). What was appended is
+// flushed and fsynced, and image.sync records the clean close, so a Load
+// after a restart of the host trusts the image even under SyncMemory.
+// Best effort: a failure leaves the record saying the store was not
+// closed cleanly.
 func (s *Store) Close() {
-	if s == nil {
+	if s == nil || s.f == nil {
 		return
 	}
+	err := s.bw.Flush()
+	if err == nil {
+		err = s.f.Sync()
+	}
+	if err == nil {
+		s.unsynced = false
+		s.synced.Store(s.written + 1)
+		err = vfs.WriteFile(s.fs, filepath.Join(s.dir, storeSyncFile),
+			fmt.Appendf(nil, "%s epoch=%d\n", cleanMagic, s.written), fsperm.File)
+	}
+	if err != nil {
+		slog.Warn("replica store: not closed cleanly", "dir", s.dir, "err", err)
+	}
+	s.closeFile()
+}
+
+// closeFile closes the file being appended to without a clean record.
+func (s *Store) closeFile() {
 	if s.f != nil {
-		s.bw.Flush()
 		s.f.Close()
 	}
+	s.unsynced = false
 	s.f, s.bw, s.cw, s.w = nil, nil, nil, nil
 }
 

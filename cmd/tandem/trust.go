@@ -18,12 +18,17 @@ import (
 type receiveFlags struct {
 	disk         string
 	maxEpochDisk uint64
+	sync         replica.SyncPolicy
 }
 
 func addReceiveFlags(fs *flag.FlagSet, rf *receiveFlags, withDisk bool) {
 	rf.maxEpochDisk = replica.DefaultMaxEpochDisk
 	fs.Var(sizeFlag{&rf.maxEpochDisk}, "max-epoch-disk",
 		"most disk writes one received epoch may stage before it commits, e.g. 256MiB; with the guest's memory it bounds what a sender can make this node hold")
+	// A raft member of any role may become a secondary: every receiver
+	// takes it (a plain receive keeps no store and ignores it).
+	fs.Func("sync", "when a secondary's stored image (DATA_DIR/image) is fsynced: memory (default; right after an epoch is acknowledged from memory, the Remus contract) or disk (before it is acknowledged: acknowledged epochs survive a power loss of every node); see docs/DURABILITY.md",
+		func(s string) (err error) { rf.sync, err = replica.ParseSyncPolicy(s); return err })
 	if withDisk {
 		fs.StringVar(&rf.disk, "disk", "", "where this node keeps its copy of a received guest's disk (default: DATA_DIR/disk.img with --data-dir; without either, a guest with a disk is refused)")
 	}
@@ -45,6 +50,7 @@ func (rf receiveFlags) diskPath(dataDir string) string {
 func (rf receiveFlags) apply(r *replica.Receiver, dataDir string) *replica.Receiver {
 	r.DiskPath = rf.diskPath(dataDir)
 	r.MaxEpochDisk = rf.maxEpochDisk
+	r.Sync = rf.sync
 	return r
 }
 

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 // ErrClosed is returned by calls on a closed disk; it wraps guest.ErrClosed.
@@ -25,7 +26,7 @@ const CloseTimeout = 5 * time.Second
 // Options configure Open.
 type Options struct {
 	// FS opens the file; nil means the real file system.
-	FS FS
+	FS vfs.FS
 	// MaxLogBytes bounds the completed-write log; 0 means DefaultMaxLogBytes.
 	// When a write would exceed it, the whole log is dropped and Dropped
 	// counts the lost writes, so a replicator knows it must resync the disk.
@@ -109,11 +110,7 @@ func (d *Disk) SetFlushObserver(f func(start time.Time, took time.Duration, err 
 // Open opens (creating if needed, mode 0600: it holds guest data) the disk
 // file at path and starts its worker.
 func Open(path string, opts Options) (*Disk, error) {
-	fs := opts.FS
-	if fs == nil {
-		fs = OSFS{}
-	}
-	f, err := fs.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := vfs.OrDefault(opts.FS).OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("block: open disk %s: %w", path, err)
 	}
@@ -233,6 +230,7 @@ func (d *Disk) Pending() []guest.DiskWrite {
 }
 
 // Apply writes ws to the file synchronously and syncs it (replica side).
+// A write without data sets the file's size (a size mark: guest.DiskWrite).
 // Applied writes do not enter the completed-write log: they are not the
 // guest's own writes.
 func (d *Disk) Apply(ws []guest.DiskWrite) error {
@@ -243,6 +241,13 @@ func (d *Disk) Apply(ws []guest.DiskWrite) error {
 		return ErrClosed
 	}
 	for _, w := range ws {
+		if len(w.Data) == 0 {
+			// A size mark (guest.DiskWrite).
+			if err := d.file.Truncate(int64(w.Offset)); err != nil {
+				return fmt.Errorf("block: apply size %d to %s: %w", w.Offset, d.path, err)
+			}
+			continue
+		}
 		if err := writeFull(d.file, w.Data, w.Offset); err != nil {
 			return fmt.Errorf("block: apply write of %d bytes at %d to %s: %w", len(w.Data), w.Offset, d.path, err)
 		}
@@ -253,6 +258,15 @@ func (d *Disk) Apply(ws []guest.DiskWrite) error {
 		}
 	}
 	return nil
+}
+
+// Size is the disk file's size in bytes.
+func (d *Disk) Size() (uint64, error) {
+	fi, err := d.file.Stat()
+	if err != nil {
+		return 0, fmt.Errorf("block: size of %s: %w", d.path, err)
+	}
+	return uint64(fi.Size()), nil
 }
 
 // ReadAt reads the disk file (for verification; it does not wait for
@@ -367,7 +381,9 @@ func (d *Disk) doWrite(o op, fail error) {
 		if d.writeErr == nil {
 			d.writeErr = err
 		}
-	} else {
+	} else if len(o.data) > 0 {
+		// A write of nothing changes nothing and is not logged: in a
+		// log, a DiskWrite without data is a size mark.
 		n := uint64(len(o.data))
 		if d.logBytes+n > d.maxLog {
 			d.dropped += uint64(len(d.log)) + 1

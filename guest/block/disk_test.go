@@ -12,16 +12,18 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 // slowFS wraps the real file system and counts syncs, so tests can check
 // what reached the file.
 type countingFS struct {
+	vfs.FS
 	syncs atomic.Int64
 }
 
 type countingFile struct {
-	*os.File
+	vfs.File
 	fs *countingFS
 }
 
@@ -30,8 +32,8 @@ func (c *countingFile) Sync() error {
 	return c.File.Sync()
 }
 
-func (c *countingFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
-	f, err := os.OpenFile(name, flag, perm)
+func (c *countingFS) OpenFile(name string, flag int, perm os.FileMode) (vfs.File, error) {
+	f, err := vfs.Default.OpenFile(name, flag, perm)
 	if err != nil {
 		return nil, err
 	}
@@ -91,7 +93,7 @@ func TestWriteFlushTake(t *testing.T) {
 }
 
 func TestStalledFlushMissesDeadlineThenCompletes(t *testing.T) {
-	fs := &countingFS{}
+	fs := &countingFS{FS: vfs.Default}
 	d := openTemp(t, Options{FS: fs})
 	if err := d.Write(0, []byte("hello"), nil); err != nil {
 		t.Fatal(err)
@@ -258,5 +260,40 @@ func TestFlushObserverSeesTheWholeStall(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("observer never told of the flush")
+	}
+}
+
+// A write without data is a size mark: Apply sets the file's size to its
+// offset (a replica's longer disk file is cut to the primary's disk). A
+// guest's write of nothing is not logged (it would read as a size mark).
+func TestApplySizeMarkAndEmptyWrites(t *testing.T) {
+	d := openTemp(t, Options{})
+	defer d.Close()
+	if err := d.Apply([]guest.DiskWrite{{Offset: 0, Data: bytes.Repeat([]byte{1}, 8192)}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Apply([]guest.DiskWrite{{Offset: 10, Data: []byte{2}}, {Offset: 4096}}); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := d.Size(); n != 4096 {
+		t.Fatalf("size %d after a size mark of 4096", n)
+	}
+	b := make([]byte, 11)
+	d.ReadAt(b, 0)
+	if b[10] != 2 || b[0] != 1 {
+		t.Fatalf("content %v", b)
+	}
+	if err := d.Write(100, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Write(0, []byte("x"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(ctxFor(t, 5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	ws := d.TakeWrites()
+	if len(ws) != 1 || len(ws[0].Data) != 1 {
+		t.Fatalf("logged %v: a write of nothing must not be logged", ws)
 	}
 }

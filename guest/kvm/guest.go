@@ -147,6 +147,7 @@ type memSlot struct {
 var _ guest.Guest = (*Guest)(nil)
 var _ guest.Throttler = (*Guest)(nil)
 var _ guest.Disk = (*Guest)(nil)
+var _ guest.DiskImage = (*Guest)(nil)
 
 // New creates a VM, loads the micro-guest named by cfg.Image (or
 // DefaultImage) and prepares every vCPU to enter it. The guest is created
@@ -429,6 +430,30 @@ func (g *Guest) TakeDiskWrites() []guest.DiskWrite {
 		return nil
 	}
 	return g.disk.dev.TakeWrites()
+}
+
+// DiskSize implements guest.DiskImage (0 without a disk).
+func (g *Guest) DiskSize() (uint64, error) {
+	if g.disk == nil {
+		return 0, nil
+	}
+	return g.disk.dev.Size()
+}
+
+// ReadDisk implements guest.DiskImage.
+func (g *Guest) ReadDisk(p []byte, off uint64) error {
+	if g.disk == nil {
+		return fmt.Errorf("kvm: read of a guest without a disk")
+	}
+	return guest.ReadFullAt(g.disk.dev, p, off)
+}
+
+// DiskDropped implements guest.DiskImage.
+func (g *Guest) DiskDropped() uint64 {
+	if g.disk == nil {
+		return 0
+	}
+	return g.disk.dev.Dropped()
 }
 
 // ApplyDiskWrites implements guest.Disk.

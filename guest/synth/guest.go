@@ -10,6 +10,7 @@ import (
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/block"
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 // Kind is the backend name in guest.MachineState.Kind.
@@ -57,6 +58,7 @@ var (
 	_ guest.Guest     = (*Guest)(nil)
 	_ guest.Throttler = (*Guest)(nil)
 	_ guest.Disk      = (*Guest)(nil)
+	_ guest.DiskImage = (*Guest)(nil)
 )
 
 // New creates a paused guest: memory mapped and zero, vCPU goroutines
@@ -72,7 +74,7 @@ func New(cfg guest.Config) (*Guest, error) {
 // Options are test and fault-injection hooks for NewWithOptions.
 type Options struct {
 	// DiskFS opens the disk file; nil means the real file system.
-	DiskFS block.FS
+	DiskFS vfs.FS
 }
 
 // NewWithOptions is New with hooks.
@@ -396,6 +398,30 @@ func (g *Guest) ApplyDiskWrites(ws []guest.DiskWrite) error {
 		return fmt.Errorf("synth: %d disk writes for a guest without --disk", len(ws))
 	}
 	return g.disk.Apply(ws)
+}
+
+// DiskSize implements guest.DiskImage (0 without --disk).
+func (g *Guest) DiskSize() (uint64, error) {
+	if g.disk == nil {
+		return 0, nil
+	}
+	return g.disk.Size()
+}
+
+// ReadDisk implements guest.DiskImage.
+func (g *Guest) ReadDisk(p []byte, off uint64) error {
+	if g.disk == nil {
+		return fmt.Errorf("synth: read of a guest without --disk")
+	}
+	return guest.ReadFullAt(g.disk, p, off)
+}
+
+// DiskDropped implements guest.DiskImage.
+func (g *Guest) DiskDropped() uint64 {
+	if g.disk == nil {
+		return 0
+	}
+	return g.disk.Dropped()
 }
 
 // Console is the guest's serial line.

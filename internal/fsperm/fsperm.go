@@ -10,7 +10,8 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
+
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 // File and Dir are the modes of private files and directories.
@@ -23,24 +24,35 @@ const (
 // exists with group or other bits set, clears them. A tightened directory
 // is logged on log (if not nil), once: the next call finds it private.
 func PrivateDir(dir string, log *slog.Logger) error {
-	if err := os.MkdirAll(dir, Dir); err != nil {
+	return PrivateDirFS(vfs.Default, dir, log)
+}
+
+// PrivateDirFS is PrivateDir on fsys. A directory it creates is made
+// durable (its parent synced), so a crash does not take it away.
+func PrivateDirFS(fsys vfs.FS, dir string, log *slog.Logger) error {
+	if err := vfs.MkdirAllSync(fsys, dir, Dir); err != nil {
 		return fmt.Errorf("private directory %s: %w", dir, err)
 	}
-	return tighten(dir, Dir, true, log)
+	return tighten(fsys, dir, Dir, true, log)
 }
 
 // PrivateFile clears the group and other bits of an existing file; a
 // missing file is fine (whoever creates it creates it 0600).
 func PrivateFile(path string, log *slog.Logger) error {
-	err := tighten(path, File, false, log)
+	return PrivateFileFS(vfs.Default, path, log)
+}
+
+// PrivateFileFS is PrivateFile on fsys.
+func PrivateFileFS(fsys vfs.FS, path string, log *slog.Logger) error {
+	err := tighten(fsys, path, File, false, log)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
 	return err
 }
 
-func tighten(path string, want fs.FileMode, dir bool, log *slog.Logger) error {
-	fi, err := os.Stat(path)
+func tighten(fsys vfs.FS, path string, want fs.FileMode, dir bool, log *slog.Logger) error {
+	fi, err := fsys.Stat(path)
 	if err != nil {
 		return err
 	}
@@ -60,7 +72,7 @@ func tighten(path string, want fs.FileMode, dir bool, log *slog.Logger) error {
 		// Keep the owner's bits Tandem needs (rw, and x for a directory).
 		mode |= want
 	}
-	if err := os.Chmod(path, mode); err != nil {
+	if err := fsys.Chmod(path, mode); err != nil {
 		return fmt.Errorf("tighten %s from %v: %w", path, old, err)
 	}
 	if log != nil {

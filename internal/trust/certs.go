@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/tandemvm/tandem/internal/fsperm"
+	"github.com/tandemvm/tandem/internal/vfs"
 	"math/big"
 	"net"
 	"os"
@@ -171,12 +172,21 @@ func writeKey(path string, key *ecdsa.PrivateKey) error {
 	return writePEM(path, "PRIVATE KEY", der)
 }
 
-// writePEM creates path 0600, exclusively, and syncs it.
-func writePEM(path, typ string, der []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, fsperm.File)
+// writePEM creates path 0600, exclusively (an existing key or
+// certificate is never replaced), fsyncs it and its directory; on error
+// the partial file is removed. Through internal/vfs, as every file
+// Tandem writes.
+func writePEM(path, typ string, der []byte) (err error) {
+	fsys := vfs.Default
+	f, err := fsys.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, fsperm.File)
 	if err != nil {
 		return err
 	}
+	defer func() {
+		if err != nil {
+			fsys.Remove(path)
+		}
+	}()
 	if err := pem.Encode(f, &pem.Block{Type: typ, Bytes: der}); err != nil {
 		f.Close()
 		return err
@@ -185,5 +195,11 @@ func writePEM(path, typ string, der []byte) error {
 		f.Close()
 		return err
 	}
-	return f.Close()
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := fsys.SyncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("fsync directory of %s: %w", path, err)
+	}
+	return nil
 }
