@@ -21,8 +21,21 @@ import (
 type EpochConfig struct {
 	Guest  guest.Guest
 	Config guest.Config
-	// Interval is the epoch length; 0 means 25 ms.
+	// Interval is the epoch length; 0 means 25 ms. With output-triggered
+	// epochs it is the longest epoch (no output waiting).
 	Interval time.Duration
+	// Trigger says what ends an epoch: the clock alone, or held output
+	// too (epoch_trigger.go); zero means DefaultTrigger.
+	Trigger EpochTrigger
+	// MaxOutputDelay bounds how long output waits for its epoch's pause
+	// under pipelined load (triggered epochs); 0 means
+	// DefaultMaxOutputDelay. Validate: within [DefaultMinInterval,
+	// Interval].
+	MaxOutputDelay time.Duration
+	// MaxPauseFraction bounds the share of time the guest spends paused
+	// by epochs that end early for output; 0 means
+	// DefaultMaxPauseFraction. Validate: within (0, 1].
+	MaxPauseFraction float64
 	// FlushBudget bounds the disk flush at each pause; 0 means 5 ms. A
 	// flush that misses it aborts that epoch's capture (the guest resumes
 	// at once) and the next epoch tries again.
@@ -49,8 +62,11 @@ type EpochConfig struct {
 	// in a new term is not refused as stale by its secondary.
 	Generation func() uint64
 	Stream     checkpoint.Options
-	Timings    *timing.Recorder
-	Log        *slog.Logger
+	// Timings receives the epoch's phases (precopy's pause phases) and
+	// each hop from capture to release as a named histogram: see the
+	// Phase* constants in epoch_status.go.
+	Timings *timing.Recorder
+	Log     *slog.Logger
 	// Release receives output once it may leave (the console bridge).
 	Release func([]byte)
 	// Allow is the fencing check run before any output leaves; nil
@@ -209,7 +225,10 @@ const (
 // gate. The guest starts unprotected.
 func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	if cfg.Interval <= 0 {
-		cfg.Interval = 25 * time.Millisecond
+		cfg.Interval = defaultInterval
+	}
+	if cfg.Trigger == TriggerDefault {
+		cfg.Trigger = DefaultTrigger
 	}
 	if cfg.FlushBudget <= 0 {
 		cfg.FlushBudget = 5 * time.Millisecond
