@@ -169,3 +169,44 @@ func TestOutputGateSinkBlockingDoesNotHoldTheGate(t *testing.T) {
 		t.Fatalf("held %d after Discard", g.Held())
 	}
 }
+
+// TestOutputGateArrivals: the loop hears of the open epoch's first held
+// byte once, on a channel, and OpenHeld counts the open epoch only (a
+// sealed epoch's output waits for its acknowledgement, not for a pause).
+func TestOutputGateArrivals(t *testing.T) {
+	g := NewOutputGate(1, func([]byte) {}, nil)
+	arrived := func() bool {
+		select {
+		case <-g.Arrivals():
+			return true
+		default:
+			return false
+		}
+	}
+	g.Hold(false)
+	g.Write([]byte("passing"))
+	if arrived() {
+		t.Fatal("output passing through (unprotected) signalled an arrival")
+	}
+	g.Hold(true)
+	g.Write([]byte("r1 "))
+	g.Write([]byte("r2 "))
+	if !arrived() || arrived() {
+		t.Fatal("want exactly one arrival for the open epoch's output")
+	}
+	if n, since := g.OpenHeld(); n != 6 || since.IsZero() {
+		t.Fatalf("open held %d since %v, want 6", n, since)
+	}
+	g.Seal()
+	if n, _ := g.OpenHeld(); n != 0 || g.Held() != 6 {
+		t.Fatalf("after the seal: open %d, held %d; want 0 and 6", n, g.Held())
+	}
+	g.Write([]byte("r3 "))
+	if !arrived() {
+		t.Fatal("the next epoch's first byte did not signal")
+	}
+	g.Discard()
+	if n, _ := g.OpenHeld(); n != 0 {
+		t.Fatalf("open held %d after Discard", n)
+	}
+}
