@@ -18,8 +18,11 @@ import (
 // Directives:
 //
 //	config [interval=D] [max-output-delay=D] [max-pause-fraction=F]
-//	decide since=D [held=BYTES age=D] [in-flight=N] [full]
+//	decide since=D [held=BYTES age=D] [overlap=D] [in-flight=N] [full]
 //	       [pause=D] [per-page=D] [dirty=PAGES_PER_S]
+//
+// overlap is how long ago output was last written while earlier output
+// still waited (absent: never).
 //
 // The config's zero fields take EpochConfig's defaults; a decide's
 // figures default to nothing held, nothing in flight and a 50 µs pause
@@ -48,6 +51,9 @@ func TestTriggerScripts(t *testing.T) {
 					PauseFixed:   durationArg(t, d, "pause", 50*time.Microsecond),
 					PausePerPage: durationArg(t, d, "per-page", 0),
 					WindowFull:   d.HasArg("full")}
+				if d.HasArg("overlap") {
+					in.Overlapped, in.OverlapAge = true, durationArg(t, d, "overlap", 0)
+				}
 				d.MaybeScanArgs(t, "held", &in.HeldBytes)
 				d.MaybeScanArgs(t, "in-flight", &in.InFlight)
 				d.MaybeScanArgs(t, "dirty", &in.DirtyRate)

@@ -51,6 +51,10 @@ type OutputGate struct {
 	// openSince.
 	openBytes int
 	openSince time.Time
+	// overlapAt is when output was last written while earlier epochs'
+	// output still waited for its acknowledgement: the writer did not
+	// wait for its replies (pipelined load).
+	overlapAt time.Time
 	arrived   chan struct{} // Arrivals; buffered 1
 
 	delays []time.Duration // output delay of recent releases, bounded
@@ -115,6 +119,9 @@ func (g *OutputGate) Write(p []byte) {
 func (g *OutputGate) holdLocked(p []byte) {
 	now := g.clock.Now()
 	g.pending = append(g.pending, heldOutput{epoch: g.open, written: now, data: append([]byte(nil), p...)})
+	if g.held > g.openBytes {
+		g.overlapAt = now
+	}
 	g.held += len(p)
 	if g.openBytes == 0 {
 		g.openSince = now
@@ -131,12 +138,21 @@ func (g *OutputGate) holdLocked(p []byte) {
 // read OpenHeld.
 func (g *OutputGate) Arrivals() <-chan struct{} { return g.arrived }
 
-// OpenHeld returns the held output of the epoch in progress (not yet
-// sealed) and when its first byte was held.
-func (g *OutputGate) OpenHeld() (bytes int, since time.Time) {
+// OpenOutput is the held output of the epoch in progress (not yet
+// sealed).
+type OpenOutput struct {
+	Bytes int       // held in the open epoch
+	Since time.Time // its first byte's
+	// OverlapAt is the last time output was written while earlier
+	// epochs' output still waited (zero: never).
+	OverlapAt time.Time
+}
+
+// OpenHeld returns the held output of the epoch in progress.
+func (g *OutputGate) OpenHeld() OpenOutput {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.openBytes, g.openSince
+	return OpenOutput{Bytes: g.openBytes, Since: g.openSince, OverlapAt: g.overlapAt}
 }
 
 // Seal closes the epoch in progress and returns its number; later writes

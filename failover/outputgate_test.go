@@ -194,19 +194,23 @@ func TestOutputGateArrivals(t *testing.T) {
 	if !arrived() || arrived() {
 		t.Fatal("want exactly one arrival for the open epoch's output")
 	}
-	if n, since := g.OpenHeld(); n != 6 || since.IsZero() {
-		t.Fatalf("open held %d since %v, want 6", n, since)
+	if o := g.OpenHeld(); o.Bytes != 6 || o.Since.IsZero() || !o.OverlapAt.IsZero() {
+		t.Fatalf("open held %+v, want 6 bytes and no overlap", o)
 	}
 	g.Seal()
-	if n, _ := g.OpenHeld(); n != 0 || g.Held() != 6 {
-		t.Fatalf("after the seal: open %d, held %d; want 0 and 6", n, g.Held())
+	if o := g.OpenHeld(); o.Bytes != 0 || g.Held() != 6 {
+		t.Fatalf("after the seal: open %d, held %d; want 0 and 6", o.Bytes, g.Held())
 	}
+	// Written while epoch 1's output waits: pipelined.
 	g.Write([]byte("r3 "))
 	if !arrived() {
 		t.Fatal("the next epoch's first byte did not signal")
 	}
+	if o := g.OpenHeld(); o.OverlapAt.IsZero() {
+		t.Fatal("output written while earlier output waits is not an overlap")
+	}
 	g.Discard()
-	if n, _ := g.OpenHeld(); n != 0 {
-		t.Fatalf("open held %d after Discard", n)
+	if o := g.OpenHeld(); o.Bytes != 0 {
+		t.Fatalf("open held %d after Discard", o.Bytes)
 	}
 }
