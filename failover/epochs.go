@@ -27,8 +27,10 @@ type EpochConfig struct {
 	// Trigger says what ends an epoch: the clock alone, or held output
 	// too (epoch_trigger.go); zero means DefaultTrigger.
 	Trigger EpochTrigger
-	// MaxOutputDelay bounds how long output waits for its epoch's pause
-	// under pipelined load (triggered epochs); 0 means
+	// MaxOutputDelay is the objective for how long output waits for its
+	// epoch's pause (triggered epochs): met unless the pause fraction,
+	// the in-flight window or pipelined load (the interval) says
+	// otherwise, and status names the bound then; 0 means
 	// DefaultMaxOutputDelay. Validate: within [DefaultMinInterval,
 	// Interval].
 	MaxOutputDelay time.Duration
@@ -52,9 +54,10 @@ type EpochConfig struct {
 	// protection at once and re-syncs the secondary from scratch (see
 	// the package doc).
 	Verify bool
-	// VerifySlicePages is how many pages each pause re-reads; every page
-	// is checked once every (guest pages / VerifySlicePages) epochs. 0
-	// means DefaultVerifySlicePages.
+	// VerifySlicePages is how many pages each pause re-reads after an
+	// epoch of Interval (a shorter, output-triggered epoch re-reads its
+	// share); every page is checked once every (guest pages /
+	// VerifySlicePages) intervals. 0 means DefaultVerifySlicePages.
 	VerifySlicePages int
 	Build            string
 	// Generation, if set, gives the generation this primary runs under
@@ -190,6 +193,22 @@ type EpochLoop struct {
 	guestPages uint64
 
 	final chan finalRequest // FinalEpoch's requests to the capture loop
+
+	// Triggered epochs (capture goroutine only): the last pause's start
+	// and the pause-cost line NextPause predicts from (see notePause).
+	lastPauseAt  time.Time
+	pausesSeen   uint64
+	pauseFixed   time.Duration
+	pausePerPage time.Duration
+	dirtyRate    float64
+	// Under mu: the bound of the last decision, the epochs triggered by
+	// output and by the clock, the pauses of the last pauseWindow, and
+	// when each epoch in flight was sent (its apply hop ends at the ack).
+	bound          string
+	epochsByOutput uint64
+	epochsByClock  uint64
+	pauseLog       []pauseSample
+	sentAt         []sentStamp
 }
 
 // finalRequest asks the capture loop for a last epoch with the guest left
