@@ -105,6 +105,7 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 // each epoch starts when awaitTrigger says.
 func (l *EpochLoop) runTriggered(p *pipeline) error {
 	tc := l.cfg.triggerConfig()
+	l.nextTick = l.clk.Now().Add(tc.Interval)
 	for {
 		final, err := l.awaitTrigger(p, tc)
 		if err != nil {
@@ -127,12 +128,18 @@ func (l *EpochLoop) awaitTrigger(p *pipeline, tc TriggerConfig) (*finalRequest, 
 	for {
 		now := l.clk.Now()
 		in := l.triggerInput(now)
+		in.UntilTick = max(l.nextTick.Sub(now), 0)
 		d := NextPause(tc, in)
 		l.mu.Lock()
 		l.bound = d.Bound
 		l.mu.Unlock()
 		if d.After <= 0 {
 			p.byOutput = d.ByOutput
+			// The clock's next tick: the first after now (like a
+			// ticker, ticks missed while a capture waited are dropped).
+			for !l.nextTick.After(now) {
+				l.nextTick = l.nextTick.Add(tc.Interval)
+			}
 			return nil, nil
 		}
 		wait := l.clk.NewTimer(d.After)

@@ -118,6 +118,11 @@ type TriggerConfig struct {
 type TriggerInput struct {
 	// SinceLastPause is the time since the last pause began.
 	SinceLastPause time.Duration
+	// UntilTick is the time to the clock's next pause: the clock ticks
+	// every Interval as with fixed epochs, and an early pause for output
+	// does not move it (a pipelined client's batch that began with an
+	// early pause must not wait a whole interval from there).
+	UntilTick time.Duration
 	// HeldBytes is the output written since the last pause (held, its
 	// epoch not yet sealed); HeldAge is how long its first byte has
 	// waited.
@@ -181,10 +186,10 @@ func (d TriggerDecision) String() string {
 
 // NextPause decides when the next epoch's pause starts.
 //
-// No output waiting: at Interval after the last pause, as fixed epochs.
+// No output waiting: at the clock's tick, every Interval, as fixed
+// epochs.
 //
-// Output waiting: as soon as allowed, never later than Interval after
-// the last pause:
+// Output waiting: as soon as allowed, never later than the tick:
 //   - at once when the output is all that is held (a synchronous client
 //     waits for exactly this reply), but
 //   - never sooner than MinInterval after the last pause;
@@ -196,7 +201,7 @@ func (d TriggerDecision) String() string {
 //     allowed and the interval applies;
 //   - pipelined (within the last Interval output was written while
 //     earlier output still waited for its acknowledgement: the clients
-//     do not wait for each reply), at the interval: throughput-friendly
+//     do not wait for each reply), at the tick: throughput-friendly
 //     epochs, since an early pause gains such a client little and costs
 //     the guest a pause and the machine an epoch's encoding, shipping and
 //     apply (batching for MaxOutputDelay instead halved the pipelined
@@ -213,7 +218,7 @@ func (d TriggerDecision) String() string {
 // in-flight): the capture side's back-pressure, as with fixed epochs.
 func NextPause(c TriggerConfig, in TriggerInput) TriggerDecision {
 	until := func(t time.Duration) time.Duration { return max(t-in.SinceLastPause, 0) }
-	d := TriggerDecision{After: until(c.Interval), Bound: BoundInterval}
+	d := TriggerDecision{After: max(in.UntilTick, 0), Bound: BoundInterval}
 	pipelined := in.Overlapped && in.OverlapAge < c.Interval
 	if in.HeldBytes > 0 && pipelined {
 		d.Bound = BoundPipelined

@@ -18,8 +18,11 @@ import (
 // Directives:
 //
 //	config [interval=D] [max-output-delay=D] [max-pause-fraction=F]
-//	decide since=D [held=BYTES age=D] [overlap=D] [in-flight=N] [full]
+//	decide since=D [tick=D] [held=BYTES age=D] [overlap=D] [in-flight=N] [full]
 //	       [pause=D] [per-page=D] [dirty=PAGES_PER_S]
+//
+// tick is the time to the clock's next pause (default: the interval
+// after the last pause, as when no early pause came between).
 //
 // overlap is how long ago output was last written while earlier output
 // still waited (absent: never).
@@ -46,7 +49,8 @@ func TestTriggerScripts(t *testing.T) {
 				if tc.Interval == 0 {
 					d.Fatalf(t, "config first")
 				}
-				in := TriggerInput{SinceLastPause: durationArg(t, d, "since", 0),
+				since := durationArg(t, d, "since", 0)
+				in := TriggerInput{SinceLastPause: since, UntilTick: durationArg(t, d, "tick", max(tc.Interval-since, 0)),
 					HeldAge:      durationArg(t, d, "age", 0),
 					PauseFixed:   durationArg(t, d, "pause", 50*time.Microsecond),
 					PausePerPage: durationArg(t, d, "per-page", 0),

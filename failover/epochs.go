@@ -197,6 +197,7 @@ type EpochLoop struct {
 	// Triggered epochs (capture goroutine only): the last pause's start
 	// and the pause-cost line NextPause predicts from (see notePause).
 	lastPauseAt  time.Time
+	nextTick     time.Time // the clock's next pause
 	pausesSeen   uint64
 	pauseFixed   time.Duration
 	pausePerPage time.Duration
