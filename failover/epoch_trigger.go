@@ -29,8 +29,29 @@ const (
 	TriggerOutput
 )
 
-// DefaultTrigger is what EpochConfig.Trigger's zero value means.
+// DefaultTrigger is what EpochConfig.Trigger's zero value means: the
+// clock, until the benchmarks show output-triggered epochs cost pipelined
+// clients nothing (BenchmarkFTKV on this project's shared 2-core host was
+// too noisy to show it on 2026-11-30: see docs/PERFORMANCE.md).
 const DefaultTrigger = TriggerClock
+
+// defaultTrigger is DefaultTrigger, or what the tests ask for
+// ($TANDEM_EPOCH_TRIGGER, main_test.go) to run every test of the package
+// with the other trigger.
+var defaultTrigger = DefaultTrigger
+
+// ParseEpochTrigger reads an epoch trigger by name: "clock" or
+// "output" (the command line's --epoch-trigger). The error names the
+// accepted values and wraps ErrBadEpochConfig.
+func ParseEpochTrigger(s string) (EpochTrigger, error) {
+	switch s {
+	case "clock":
+		return TriggerClock, nil
+	case "output":
+		return TriggerOutput, nil
+	}
+	return 0, fmt.Errorf("%w: epoch trigger %q: want clock or output", ErrBadEpochConfig, s)
+}
 
 func (t EpochTrigger) String() string {
 	switch t {

@@ -97,6 +97,14 @@ func TestEpochConfigValidate(t *testing.T) {
 			t.Errorf("%+v: %v, want ErrBadEpochConfig saying %q", c.cfg, err, c.want)
 		}
 	}
+	for in, want := range map[string]EpochTrigger{"clock": TriggerClock, "output": TriggerOutput} {
+		if got, err := ParseEpochTrigger(in); err != nil || got != want || got.String() != in {
+			t.Errorf("ParseEpochTrigger(%q) = %v, %v", in, got, err)
+		}
+	}
+	if _, err := ParseEpochTrigger("fast"); err == nil || !errors.Is(err, ErrBadEpochConfig) || !strings.Contains(err.Error(), "want clock or output") {
+		t.Errorf("ParseEpochTrigger(fast): %v", err)
+	}
 	// Zero is the default, not a bad value; a NaN fraction is refused.
 	if err := CheckMaxPauseFraction(0); err == nil {
 		t.Error("a pause fraction of 0 accepted by the flag's check")

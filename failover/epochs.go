@@ -248,7 +248,7 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 		cfg.Interval = defaultInterval
 	}
 	if cfg.Trigger == TriggerDefault {
-		cfg.Trigger = DefaultTrigger
+		cfg.Trigger = defaultTrigger
 	}
 	if cfg.FlushBudget <= 0 {
 		cfg.FlushBudget = 5 * time.Millisecond
