@@ -93,12 +93,13 @@ func (c *kvConsole) waitReplies(n uint64, d time.Duration) error {
 // send queues a request, waiting for replies while the guest's input
 // buffer is full (a reply means the guest read input).
 func (c *kvConsole) send(line string) error {
-	for tries := 0; ; tries++ {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
 		err := c.con.Input([]byte(line))
 		if err == nil {
 			return nil
 		}
-		if tries > 1000 {
+		if time.Now().After(deadline) {
 			return err
 		}
 		select {
