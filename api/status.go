@@ -254,12 +254,28 @@ type EpochStatus struct {
 	LastMismatchEpoch      uint64 `json:"last_mismatch_epoch,omitempty"`
 	LastMismatchAt         string `json:"last_mismatch_at,omitempty"`
 	LastMismatchResolution string `json:"last_mismatch_resolution,omitempty"`
-	// VerifySlicePages is re-read at every pause; VerifyCycleEpochs is
-	// how many epochs it takes to check every page once.
+	// VerifySlicePages is re-read at every pause that ends an epoch of
+	// the interval (a shorter, output-triggered epoch re-reads its
+	// share); VerifyCycleEpochs is how many such epochs (intervals) it
+	// takes to check every page once.
 	VerifySlicePages  int    `json:"verify_slice_pages,omitempty"`
 	VerifyCycleEpochs uint64 `json:"verify_cycle_epochs,omitempty"`
 	Joins             uint64 `json:"joins"`
 	QueuePolicy       string `json:"queue_policy"`
+	// What ends an epoch: "clock" (every interval) or "output" (early
+	// for held output, issue 17); with "output", EpochBound is the
+	// bound that set the last decision (interval, output, output-delay,
+	// min-interval, pause-fraction, in-flight) and the two limits in
+	// force. EpochsByOutput and EpochsByClock count epochs by what ended
+	// them; PausedMsPerSecond is the guest's paused time over the last
+	// second.
+	EpochTrigger      string  `json:"epoch_trigger,omitempty"`
+	EpochBound        string  `json:"epoch_bound,omitempty"`
+	MaxOutputDelayMs  float64 `json:"max_output_delay_ms,omitempty"`
+	MaxPauseFraction  float64 `json:"max_pause_fraction,omitempty"`
+	EpochsByOutput    uint64  `json:"epochs_by_output"`
+	EpochsByClock     uint64  `json:"epochs_by_clock"`
+	PausedMsPerSecond float64 `json:"paused_ms_per_second"`
 }
 
 // SecondaryStatus is a secondary's committed image.

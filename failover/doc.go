@@ -196,7 +196,8 @@
 // relinks (the rejoin re-syncs the secondary from scratch).
 //
 // Goroutines per link, each owned and joined by protect: the capture
-// loop (Run's goroutine: captures every Interval), the shipper (encodes
+// loop (Run's goroutine: captures every Interval, or when NextPause
+// says: see Output-triggered epochs), the shipper (encodes
 // and sends captured epochs in order) and the ack goroutine.
 // Acknowledgements arrive on a channel from the link's reader; the ack
 // goroutine steps them, hears of every epoch sent (each epoch's end
@@ -211,6 +212,34 @@
 // bounded by the link: a silent link is dropped at the ack deadline,
 // which ends its reader and closes replica.Link.Done.
 //
+// # Output-triggered epochs (EpochConfig.Trigger)
+//
+// Output commit makes a reply wait for the end of its epoch and the
+// acknowledgement; with epochs on a fixed clock a client that waits for
+// each reply gets one request per epoch. With Trigger output an epoch
+// ends early when the guest has written output that is held. NextPause
+// (epoch_trigger.go) decides, pure, from the time since the last pause,
+// the open epoch's held bytes and their age, whether output was written
+// while earlier output still waited (pipelined load), the epochs in
+// flight and the window, and the pause-cost line the loop learns from
+// every capture (a fixed part, a copy time per page, the dirty rate).
+// Held output with nothing earlier waiting (a synchronous client) ends
+// the epoch at once, but never sooner than DefaultMinInterval after the
+// last pause and never so soon that pauses take more than
+// MaxPauseFraction of the time; pipelined output, and no output at all,
+// keep the interval. MaxOutputDelay is the objective; the status names
+// the bound that set the last decision (epoch_bound) and counts epochs
+// by output and by the clock. Its scripts are in testdata/trigger.
+//
+// Nothing polls between the guest's write and the release: the gate's
+// Arrivals channel wakes the capture loop on the open epoch's first held
+// byte, acknowledgements wake it through progress, and one timer covers
+// the bounds. Each hop is a named histogram (epoch_output_wait,
+// epoch_capture, epoch_queue, epoch_encode, epoch_send, epoch_apply,
+// epoch_ack, epoch_release: see the Phase constants). The gate's rule
+// does not change: output leaves only when its epoch is acknowledged,
+// however the epoch was ended.
+//
 // # Proving the replica (EpochLoop, Verify)
 //
 // Verification is on by default at the command line (--verify-epochs).
@@ -221,9 +250,11 @@
 // image; the two must be equal. That proves the secondary applied exactly
 // what was shipped. To prove that what was shipped is what the guest
 // holds, every pause also re-reads a rotating slice of memory
-// (VerifySlicePages, 2 MiB by default) and compares each page with its
-// shipped hash: a write the dirty log missed shows there within one
-// rotation (guest pages / slice epochs). Only the slice is read at the
+// (VerifySlicePages, 2 MiB by default, after an epoch of Interval; a
+// shorter, output-triggered epoch re-reads its share, so coverage per
+// second stays the same) and compares each page with its shipped hash: a
+// write the dirty log missed shows there within one rotation (guest
+// pages / slice intervals). Only the slice is read at the
 // pause; the captured pages are hashed from their copies after the
 // resume, so the pause grows by the slice's hashing, not by a scan.
 //

@@ -40,6 +40,7 @@ func (l *EpochLoop) perform(acts []ProtectionAction, now time.Time) {
 			l.gate.Hold(true)
 		case DoRelease:
 			l.gate.Release(a.Epoch)
+			l.observe(PhaseRelease, now, l.clk.Now().Sub(now))
 		case DoAcked:
 			l.noteAcked(a, now)
 		case DoVerified:
@@ -94,6 +95,9 @@ func (l *EpochLoop) noteAcked(a ProtectionAction, now time.Time) {
 	l.acked++
 	l.ackLatency = appendBounded(l.ackLatency, now.Sub(a.PausedAt))
 	l.mu.Unlock()
+	if sent, ok := l.ackedSent(a.Epoch); ok {
+		l.observe(PhaseApply, sent, now.Sub(sent))
+	}
 	if l.cfg.Timings != nil {
 		// As a named phase too, so a window's mean can be taken from
 		// the metrics (status's quantiles cover the recent epochs).

@@ -14,9 +14,10 @@ import (
 
 // job is one captured epoch on its way to the shipper.
 type job struct {
-	cp        *precopy.Capture
-	gateEpoch uint64
-	digest    string
+	cp         *precopy.Capture
+	gateEpoch  uint64
+	digest     string
+	capturedAt time.Time // on the loop's clock
 }
 
 // pipeline is one link's capture side: the captures go to the shipper
@@ -31,10 +32,14 @@ type pipeline struct {
 	shipErr     chan error
 	shipDead    bool        // shipErr was taken: the shipper has ended
 	slice       verifySlice // the pause's re-read of memory (Verify)
+	// byOutput: the next capture was triggered by held output, not by
+	// the clock (triggered epochs).
+	byOutput bool
 }
 
-// runEpochs captures an epoch every interval and ships it on another
-// goroutine (pipelined), with bounded buffers: see the package doc.
+// runEpochs captures an epoch every interval (or, triggered, when
+// NextPause says: see awaitTrigger) and ships it on another goroutine
+// (pipelined), with bounded buffers: see the package doc.
 func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, sender *precopy.LiveSender, shipped *guest.MemHash) error {
 	p := &pipeline{parent: parent, ctx: ctx, link: link, sender: sender, shipped: shipped,
 		ship: make(chan job, 1), free: make(chan []byte, 3), shipErr: make(chan error, 1)}
@@ -60,14 +65,21 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 		shipWG.Wait()
 	}()
 
-	tick := l.clk.NewTicker(l.cfg.Interval)
-	defer tick.Stop()
 	l.mu.Lock()
 	l.startedEpochs = l.clk.Now()
 	l.linkEpochs = 0
 	l.mu.Unlock()
+	if l.lastPauseAt.IsZero() {
+		l.lastPauseAt = l.clk.Now()
+	}
+	if l.cfg.Trigger == TriggerOutput {
+		return l.runTriggered(p)
+	}
+	tick := l.clk.NewTicker(l.cfg.Interval)
+	defer tick.Stop()
 	for {
 		var final *finalRequest
+		p.byOutput = false
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -87,6 +99,142 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 			return err
 		}
 	}
+}
+
+// runTriggered is runEpochs's capture loop with output-triggered epochs:
+// each epoch starts when awaitTrigger says.
+func (l *EpochLoop) runTriggered(p *pipeline) error {
+	tc := l.cfg.triggerConfig()
+	l.nextTick = l.clk.Now().Add(tc.Interval)
+	for {
+		final, err := l.awaitTrigger(p, tc)
+		if err != nil {
+			return err
+		}
+		if err := l.epoch(p, final); err != nil {
+			return err
+		}
+	}
+}
+
+// awaitTrigger waits until NextPause says the next epoch starts (or a
+// final epoch is asked for) and sets p.byOutput. It decides afresh on
+// every change of its inputs, each a channel: output held in the open
+// epoch (the gate's Arrivals), an acknowledgement (progress: the window
+// and what is in flight), its timer; it never polls. A due pause with the
+// window full returns at once: the capture waits for room in waitSlot,
+// as with fixed epochs.
+func (l *EpochLoop) awaitTrigger(p *pipeline, tc TriggerConfig) (*finalRequest, error) {
+	for {
+		now := l.clk.Now()
+		in := l.triggerInput(now)
+		in.UntilTick = max(l.nextTick.Sub(now), 0)
+		d := NextPause(tc, in)
+		l.mu.Lock()
+		l.bound = d.Bound
+		l.mu.Unlock()
+		if d.After <= 0 {
+			p.byOutput = d.ByOutput
+			// The clock's next tick: the first after now (like a
+			// ticker, ticks missed while a capture waited are dropped).
+			for !l.nextTick.After(now) {
+				l.nextTick = l.nextTick.Add(tc.Interval)
+			}
+			return nil, nil
+		}
+		wait := l.clk.NewTimer(d.After)
+		select {
+		case <-p.ctx.Done():
+			wait.Stop()
+			return nil, p.ctx.Err()
+		case err := <-p.shipErr:
+			wait.Stop()
+			p.shipDead = true
+			return nil, err
+		case why := <-l.relink:
+			wait.Stop()
+			return nil, errors.New(why)
+		case <-wait.C():
+		case <-l.gate.Arrivals():
+		case <-l.progress:
+		case req := <-l.final:
+			wait.Stop()
+			if a, ok := findAction(l.step(ProtectionEvent{Kind: EvFinalRequested, Now: l.clk.Now()}), DoRefuseFinal); ok {
+				req.reply(errors.New(a.Why))
+				continue
+			}
+			p.byOutput = false
+			return &req, nil
+		}
+		wait.Stop()
+	}
+}
+
+// triggerInput gathers NextPause's figures at now.
+func (l *EpochLoop) triggerInput(now time.Time) TriggerInput {
+	o := l.gate.OpenHeld()
+	in := TriggerInput{SinceLastPause: now.Sub(l.lastPauseAt), HeldBytes: o.Bytes,
+		PauseFixed: l.pauseFixed, PausePerPage: l.pausePerPage, DirtyRate: l.dirtyRate}
+	if o.Bytes > 0 {
+		in.HeldAge = max(now.Sub(o.Since), 0)
+	}
+	if !o.OverlapAt.IsZero() {
+		in.Overlapped, in.OverlapAge = true, max(now.Sub(o.OverlapAt), 0)
+	}
+	l.mu.Lock()
+	in.InFlight = l.prot.InFlight()
+	in.WindowFull = !l.prot.MayCapture()
+	l.mu.Unlock()
+	return in
+}
+
+// notePause feeds a capture into the pause-cost line NextPause uses
+// (exponentially weighted: a pause's fixed part, its copy time per page,
+// the dirty rate between pauses) and into the status's counts. Capture
+// goroutine only, but for the figures under mu.
+func (l *EpochLoop) notePause(cp *precopy.Capture, byOutput bool) {
+	const w = 0.2
+	ewma := func(old, v float64, first bool) float64 {
+		if first {
+			return v
+		}
+		return old + w*(v-old)
+	}
+	first := l.pausesSeen == 0
+	l.pausesSeen++
+	pages := len(cp.Pages)
+	fixed := cp.Breakdown.Total() - cp.Breakdown.Copy
+	l.pauseFixed = time.Duration(ewma(float64(l.pauseFixed), float64(fixed), first))
+	if pages > 0 {
+		l.pausePerPage = time.Duration(ewma(float64(l.pausePerPage), float64(cp.Breakdown.Copy)/float64(pages), l.pausePerPage == 0))
+	}
+	if dt := cp.PausedAt.Sub(l.lastPauseAt); dt > 0 && !first {
+		l.dirtyRate = ewma(l.dirtyRate, float64(pages)/dt.Seconds(), false)
+	}
+	l.lastPauseAt = cp.PausedAt
+	l.mu.Lock()
+	if byOutput {
+		l.epochsByOutput++
+	} else {
+		l.epochsByClock++
+	}
+	l.pauseLog = append(l.pauseLog, pauseSample{at: cp.PausedAt, d: cp.Breakdown.Total()})
+	if cut := cp.PausedAt.Add(-pauseWindow); len(l.pauseLog) > 0 && l.pauseLog[0].at.Before(cut) {
+		i := 0
+		for i < len(l.pauseLog) && l.pauseLog[i].at.Before(cut) {
+			i++
+		}
+		l.pauseLog = append(l.pauseLog[:0], l.pauseLog[i:]...)
+	}
+	l.mu.Unlock()
+}
+
+// pauseWindow is how far back the status's paused time per second looks.
+const pauseWindow = time.Second
+
+type pauseSample struct {
+	at time.Time
+	d  time.Duration
 }
 
 func findAction(acts []ProtectionAction, k ProtectionActionKind) (ProtectionAction, bool) {
@@ -215,11 +363,14 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 		Buffer:      buf,
 		WhilePaused: func(cp *precopy.Capture) error {
 			l.step(ProtectionEvent{Kind: EvPause, Now: cp.PausedAt})
+			if o := l.gate.OpenHeld(); o.Bytes > 0 {
+				l.observe(PhaseOutputWait, o.Since, cp.PausedAt.Sub(o.Since))
+			}
 			j.gateEpoch = l.gate.Seal()
 			if p.shipped != nil {
 				// Only the slice is read at the pause; the captured
 				// pages are copies and are hashed after the resume.
-				l.readSlice(&p.slice)
+				l.readSlice(&p.slice, l.slicePages(cp.PausedAt.Sub(l.lastPauseAt)))
 			}
 			return nil
 		},
@@ -231,7 +382,11 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 	if p.shipped != nil {
 		j.digest = l.verifyCapture(p.shipped, cp, &p.slice)
 	}
-	l.step(ProtectionEvent{Kind: EvCaptured, Now: l.clk.Now()})
+	now := l.clk.Now()
+	l.observe(PhaseCapture, cp.PausedAt, now.Sub(cp.PausedAt))
+	j.capturedAt = now
+	l.step(ProtectionEvent{Kind: EvCaptured, Now: now})
+	l.notePause(cp, p.byOutput)
 	l.mu.Lock()
 	l.epochs++
 	l.linkEpochs++
@@ -321,6 +476,7 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 			testHookShip(j.gateEpoch, cp)
 		}
 		t0 := time.Now()
+		l.observe(PhaseQueue, j.capturedAt, l.clk.Now().Sub(j.capturedAt))
 		wire0 := link.BytesSent()
 		err := w.WritePages(cp.Pages)
 		if err == nil && len(cp.Disk) > 0 {
@@ -329,6 +485,8 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 		if err == nil {
 			err = w.WriteDevices(cp.State)
 		}
+		t1 := time.Now()
+		l.observe(PhaseEncode, t0, t1.Sub(t0))
 		// Register the flight before the epoch can be acknowledged.
 		epoch := sender.Epoch() + 1
 		l.step(ProtectionEvent{Kind: EvShipping, Epoch: epoch, Now: l.clk.Now(),
@@ -336,10 +494,12 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 		if err == nil {
 			_, err = sender.EndEpoch()
 		}
-		free <- cp.Buffer
-		if l.cfg.Timings != nil {
-			l.cfg.Timings.Observe("epoch_ship", t0, time.Since(t0))
+		if err == nil {
+			l.noteSent(epoch, l.clk.Now())
 		}
+		free <- cp.Buffer
+		l.observe(PhaseSend, t1, time.Since(t1))
+		l.observe(PhaseShip, t0, time.Since(t0))
 		if err != nil {
 			return fmt.Errorf("ship epoch %d: %w", epoch, err)
 		}

@@ -19,9 +19,78 @@ func appendBounded(s []time.Duration, d time.Duration) []time.Duration {
 	return append(s, d)
 }
 
-// PhaseAck is an epoch's pause-to-acknowledgement time in the timings
-// (tandem_phase_seconds{phase="epoch_ack"}).
-const PhaseAck = "epoch_ack"
+// The hops of an epoch from its pause to the release of its output, each
+// a named histogram in EpochConfig.Timings
+// (tandem_phase_seconds{phase=...}), besides precopy's pause phases.
+// Every hop is woken by the one before it (channels, the link's reader),
+// none polls.
+const (
+	// PhaseOutputWait: the open epoch's first held byte to the pause
+	// that seals it (what the trigger costs output).
+	PhaseOutputWait = "epoch_output_wait"
+	// PhaseCapture: the pause's start to the capture's end (guest
+	// resumed, pages copied and, verifying, hashed).
+	PhaseCapture = "epoch_capture"
+	// PhaseQueue: captured to taken by the shipper (the previous epoch
+	// still encoding).
+	PhaseQueue = "epoch_queue"
+	// PhaseEncode: pages, disk writes and device state encoded into the
+	// link (zero detection, delta, zstd).
+	PhaseEncode = "epoch_encode"
+	// PhaseSend: the epoch's end written and the link flushed.
+	PhaseSend = "epoch_send"
+	// PhaseShip is PhaseEncode and PhaseSend together (kept as before).
+	PhaseShip = "epoch_ship"
+	// PhaseApply: the epoch sent to its acknowledgement received: the
+	// secondary's decode, apply and commit, and the acknowledgement's
+	// way back (measured on the primary's clock alone).
+	PhaseApply = "epoch_apply"
+	// PhaseAck is an epoch's pause-to-acknowledgement time.
+	PhaseAck = "epoch_ack"
+	// PhaseRelease: the acknowledgement to its output handed to the
+	// outside world (the gate's sink returned).
+	PhaseRelease = "epoch_release"
+)
+
+// observe records a hop in the timings, if any.
+func (l *EpochLoop) observe(phase string, start time.Time, d time.Duration) {
+	if l.cfg.Timings != nil {
+		l.cfg.Timings.Observe(phase, start, d)
+	}
+}
+
+// sentStamp is when an epoch's end went out on the link.
+type sentStamp struct {
+	epoch uint64
+	at    time.Time
+}
+
+// noteSent stamps an epoch sent, for its apply hop (bounded: stamps of
+// epochs never acknowledged on a dropped link fall off).
+func (l *EpochLoop) noteSent(epoch uint64, at time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.sentAt) >= 64 {
+		l.sentAt = append(l.sentAt[:0], l.sentAt[1:]...)
+	}
+	l.sentAt = append(l.sentAt, sentStamp{epoch, at})
+}
+
+// ackedSent takes the stamps up to epoch and returns epoch's.
+func (l *EpochLoop) ackedSent(epoch uint64) (time.Time, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var at time.Time
+	ok := false
+	i := 0
+	for ; i < len(l.sentAt) && l.sentAt[i].epoch <= epoch; i++ {
+		if l.sentAt[i].epoch == epoch {
+			at, ok = l.sentAt[i].at, true
+		}
+	}
+	l.sentAt = append(l.sentAt[:0], l.sentAt[i:]...)
+	return at, ok
+}
 
 // EpochStatus is the primary's protection figures; JSON names are part of
 // `tandem status --json`, kept in package api.
@@ -64,7 +133,37 @@ func (l *EpochLoop) Status() EpochStatus {
 	st.AckLatencyP50Ms, st.AckLatencyP99Ms, _ = quantiles(l.ackLatency)
 	st.OutputDelayP50Ms, st.OutputDelayP99Ms, _ = quantiles(l.gate.Delays())
 	st.OutputHeldBytes = l.gate.Held()
+	st.EpochTrigger = l.cfg.Trigger.String()
+	st.EpochsByOutput, st.EpochsByClock = l.epochsByOutput, l.epochsByClock
+	if l.cfg.Trigger == TriggerOutput {
+		tc := l.cfg.triggerConfig()
+		st.EpochBound = l.bound
+		st.MaxOutputDelayMs = float64(tc.MaxOutputDelay.Microseconds()) / 1000
+		st.MaxPauseFraction = tc.MaxPauseFraction
+	}
+	st.PausedMsPerSecond = l.pausedPerSecond()
 	return st
+}
+
+// pausedPerSecond is the guest's paused time over the last pauseWindow
+// (or since the link's epochs started, if later), in ms per second; mu is
+// held.
+func (l *EpochLoop) pausedPerSecond() float64 {
+	if l.startedEpochs.IsZero() || len(l.pauseLog) == 0 {
+		return 0
+	}
+	now := l.clk.Now()
+	window := min(pauseWindow, now.Sub(l.startedEpochs))
+	if window <= 0 {
+		return 0
+	}
+	var sum time.Duration
+	for _, s := range l.pauseLog {
+		if !s.at.Before(now.Add(-window)) {
+			sum += s.d
+		}
+	}
+	return 1000 * sum.Seconds() / window.Seconds()
 }
 
 // quantiles returns p50, p99 and max in milliseconds.

@@ -2,6 +2,7 @@ package failover
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/precopy"
@@ -22,16 +23,29 @@ type verifySlice struct {
 	hash  []uint64
 }
 
-// readSlice hashes the next VerifySlicePages pages of the paused guest,
-// rotating through all of memory. Called with the guest paused.
-func (l *EpochLoop) readSlice(vs *verifySlice) {
+// slicePages is how many pages a pause re-reads after an epoch of length
+// epoch: VerifySlicePages per Interval, so memory is covered at the same
+// rate per second however short output-triggered epochs get (a full
+// slice at every 1 ms pause would make the check most of the pause), and
+// never more than VerifySlicePages.
+func (l *EpochLoop) slicePages(epoch time.Duration) int {
+	n := l.cfg.VerifySlicePages
+	if epoch <= 0 || epoch >= l.cfg.Interval {
+		return n
+	}
+	return max(1, int((int64(n)*int64(epoch)+int64(l.cfg.Interval)-1)/int64(l.cfg.Interval)))
+}
+
+// readSlice hashes the next n pages of the paused guest, rotating
+// through all of memory. Called with the guest paused.
+func (l *EpochLoop) readSlice(vs *verifySlice, n int) {
 	vs.index, vs.hash = vs.index[:0], vs.hash[:0]
 	regions, total := l.cfg.Guest.Regions(), l.guestPages
 	if total == 0 {
 		return
 	}
 	pos := l.vcursor % total
-	for left := min(uint64(l.cfg.VerifySlicePages), total); left > 0; {
+	for left := min(uint64(n), total); left > 0; {
 		off := pos
 		var r guest.Region
 		for _, r = range regions {

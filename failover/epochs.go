@@ -21,8 +21,23 @@ import (
 type EpochConfig struct {
 	Guest  guest.Guest
 	Config guest.Config
-	// Interval is the epoch length; 0 means 25 ms.
+	// Interval is the epoch length; 0 means 25 ms. With output-triggered
+	// epochs it is the longest epoch (no output waiting).
 	Interval time.Duration
+	// Trigger says what ends an epoch: the clock alone, or held output
+	// too (epoch_trigger.go); zero means DefaultTrigger.
+	Trigger EpochTrigger
+	// MaxOutputDelay is the objective for how long output waits for its
+	// epoch's pause (triggered epochs): met unless the pause fraction,
+	// the in-flight window or pipelined load (the interval) says
+	// otherwise, and status names the bound then; 0 means
+	// DefaultMaxOutputDelay. Validate: within [DefaultMinInterval,
+	// Interval].
+	MaxOutputDelay time.Duration
+	// MaxPauseFraction bounds the share of time the guest spends paused
+	// by epochs that end early for output; 0 means
+	// DefaultMaxPauseFraction. Validate: within (0, 1].
+	MaxPauseFraction float64
 	// FlushBudget bounds the disk flush at each pause; 0 means 5 ms. A
 	// flush that misses it aborts that epoch's capture (the guest resumes
 	// at once) and the next epoch tries again.
@@ -39,9 +54,10 @@ type EpochConfig struct {
 	// protection at once and re-syncs the secondary from scratch (see
 	// the package doc).
 	Verify bool
-	// VerifySlicePages is how many pages each pause re-reads; every page
-	// is checked once every (guest pages / VerifySlicePages) epochs. 0
-	// means DefaultVerifySlicePages.
+	// VerifySlicePages is how many pages each pause re-reads after an
+	// epoch of Interval (a shorter, output-triggered epoch re-reads its
+	// share); every page is checked once every (guest pages /
+	// VerifySlicePages) intervals. 0 means DefaultVerifySlicePages.
 	VerifySlicePages int
 	Build            string
 	// Generation, if set, gives the generation this primary runs under
@@ -49,8 +65,11 @@ type EpochConfig struct {
 	// in a new term is not refused as stale by its secondary.
 	Generation func() uint64
 	Stream     checkpoint.Options
-	Timings    *timing.Recorder
-	Log        *slog.Logger
+	// Timings receives the epoch's phases (precopy's pause phases) and
+	// each hop from capture to release as a named histogram: see the
+	// Phase* constants in epoch_status.go.
+	Timings *timing.Recorder
+	Log     *slog.Logger
 	// Release receives output once it may leave (the console bridge).
 	Release func([]byte)
 	// Allow is the fencing check run before any output leaves; nil
@@ -174,6 +193,23 @@ type EpochLoop struct {
 	guestPages uint64
 
 	final chan finalRequest // FinalEpoch's requests to the capture loop
+
+	// Triggered epochs (capture goroutine only): the last pause's start
+	// and the pause-cost line NextPause predicts from (see notePause).
+	lastPauseAt  time.Time
+	nextTick     time.Time // the clock's next pause
+	pausesSeen   uint64
+	pauseFixed   time.Duration
+	pausePerPage time.Duration
+	dirtyRate    float64
+	// Under mu: the bound of the last decision, the epochs triggered by
+	// output and by the clock, the pauses of the last pauseWindow, and
+	// when each epoch in flight was sent (its apply hop ends at the ack).
+	bound          string
+	epochsByOutput uint64
+	epochsByClock  uint64
+	pauseLog       []pauseSample
+	sentAt         []sentStamp
 }
 
 // finalRequest asks the capture loop for a last epoch with the guest left
@@ -209,7 +245,10 @@ const (
 // gate. The guest starts unprotected.
 func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	if cfg.Interval <= 0 {
-		cfg.Interval = 25 * time.Millisecond
+		cfg.Interval = defaultInterval
+	}
+	if cfg.Trigger == TriggerDefault {
+		cfg.Trigger = defaultTrigger
 	}
 	if cfg.FlushBudget <= 0 {
 		cfg.FlushBudget = 5 * time.Millisecond

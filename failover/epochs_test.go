@@ -62,7 +62,7 @@ type testPair struct {
 	wg     sync.WaitGroup
 }
 
-func startTestPair(t *testing.T, kind string, cfg guest.Config, ec EpochConfig) *testPair {
+func startTestPair(t testing.TB, kind string, cfg guest.Config, ec EpochConfig) *testPair {
 	t.Helper()
 	g, err := bootTestGuest(kind, cfg)
 	if err != nil {

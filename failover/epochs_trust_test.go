@@ -28,7 +28,7 @@ var trustCfg = guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload
 
 // serveSecondary runs a replica.Secondary on a fresh loopback listener
 // until the test ends.
-func serveTestSecondary(t *testing.T) (*replica.Secondary, net.Listener) {
+func serveTestSecondary(t testing.TB) (*replica.Secondary, net.Listener) {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -14,6 +14,11 @@ import (
 // Bytes written after Seal(n) returned and before Seal(n+1) belong to
 // epoch n+1: the guest is paused across Seal, so no write straddles it.
 //
+// Arrivals tells the epoch loop, without polling, that the open epoch
+// has output held: a value is sent (never blocking, at most one pending)
+// when its first byte is held. OpenHeld then says how much and since
+// when, so output-triggered epochs can end the epoch for it.
+//
 // Fencing: Release consults the allow function (the generation check) on
 // every call; when it says no, nothing leaves, and Discard drops what is
 // held. A gate never releases out of order and never releases twice.
@@ -42,6 +47,15 @@ type OutputGate struct {
 	held     int         // bytes in pending
 	clock    clock.Clock // stamps writes and releases: the output delays
 	passing  bool        // not holding: Write releases at once (unprotected)
+	// openBytes is held output of the open epoch, its first byte held at
+	// openSince.
+	openBytes int
+	openSince time.Time
+	// overlapAt is when output was last written while earlier epochs'
+	// output still waited for its acknowledgement: the writer did not
+	// wait for its replies (pipelined load).
+	overlapAt time.Time
+	arrived   chan struct{} // Arrivals; buffered 1
 
 	delays []time.Duration // output delay of recent releases, bounded
 }
@@ -67,7 +81,7 @@ func newOutputGate(firstEpoch uint64, sink func([]byte), allow func() bool, clk 
 	if allow == nil {
 		allow = func() bool { return true }
 	}
-	return &OutputGate{sink: sink, allow: allow, open: firstEpoch, clock: clock.Or(clk)}
+	return &OutputGate{sink: sink, allow: allow, open: firstEpoch, clock: clock.Or(clk), arrived: make(chan struct{}, 1)}
 }
 
 // Write holds p as output of the epoch in progress, or passes it straight
@@ -103,8 +117,42 @@ func (g *OutputGate) Write(p []byte) {
 
 // holdLocked keeps a copy of p as output of the open epoch; mu is held.
 func (g *OutputGate) holdLocked(p []byte) {
-	g.pending = append(g.pending, heldOutput{epoch: g.open, written: g.clock.Now(), data: append([]byte(nil), p...)})
+	now := g.clock.Now()
+	g.pending = append(g.pending, heldOutput{epoch: g.open, written: now, data: append([]byte(nil), p...)})
+	if g.held > g.openBytes {
+		g.overlapAt = now
+	}
 	g.held += len(p)
+	if g.openBytes == 0 {
+		g.openSince = now
+		select {
+		case g.arrived <- struct{}{}:
+		default: // one pending is enough: the reader looks at OpenHeld
+		}
+	}
+	g.openBytes += len(p)
+}
+
+// Arrivals receives a value when the open epoch's first byte is held
+// (see OutputGate). A value may be stale (its output sealed since):
+// read OpenHeld.
+func (g *OutputGate) Arrivals() <-chan struct{} { return g.arrived }
+
+// OpenOutput is the held output of the epoch in progress (not yet
+// sealed).
+type OpenOutput struct {
+	Bytes int       // held in the open epoch
+	Since time.Time // its first byte's
+	// OverlapAt is the last time output was written while earlier
+	// epochs' output still waited (zero: never).
+	OverlapAt time.Time
+}
+
+// OpenHeld returns the held output of the epoch in progress.
+func (g *OutputGate) OpenHeld() OpenOutput {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return OpenOutput{Bytes: g.openBytes, Since: g.openSince, OverlapAt: g.overlapAt}
 }
 
 // Seal closes the epoch in progress and returns its number; later writes
@@ -114,6 +162,7 @@ func (g *OutputGate) Seal() uint64 {
 	defer g.mu.Unlock()
 	n := g.open
 	g.open++
+	g.openBytes = 0
 	return n
 }
 
@@ -181,7 +230,7 @@ func (g *OutputGate) Hold(on bool) {
 	var out []heldOutput
 	if !g.passing && g.allow() {
 		out = g.pending
-		g.pending, g.held = nil, 0
+		g.pending, g.held, g.openBytes = nil, 0, 0
 	}
 	g.passing = true
 	sink := g.sink
@@ -208,7 +257,7 @@ func (g *OutputGate) Discard() {
 	g.relMu.Lock()
 	defer g.relMu.Unlock()
 	g.mu.Lock()
-	g.pending, g.held = nil, 0
+	g.pending, g.held, g.openBytes = nil, 0, 0
 	g.mu.Unlock()
 }
 

@@ -186,3 +186,48 @@ func TestOutputGateFailpointBeforeRelease(t *testing.T) {
 		t.Fatalf("after the failpoint: %q", out.String())
 	}
 }
+
+// TestOutputGateArrivals: the loop hears of the open epoch's first held
+// byte once, on a channel, and OpenHeld counts the open epoch only (a
+// sealed epoch's output waits for its acknowledgement, not for a pause).
+func TestOutputGateArrivals(t *testing.T) {
+	g := NewOutputGate(1, func([]byte) {}, nil)
+	arrived := func() bool {
+		select {
+		case <-g.Arrivals():
+			return true
+		default:
+			return false
+		}
+	}
+	g.Hold(false)
+	g.Write([]byte("passing"))
+	if arrived() {
+		t.Fatal("output passing through (unprotected) signalled an arrival")
+	}
+	g.Hold(true)
+	g.Write([]byte("r1 "))
+	g.Write([]byte("r2 "))
+	if !arrived() || arrived() {
+		t.Fatal("want exactly one arrival for the open epoch's output")
+	}
+	if o := g.OpenHeld(); o.Bytes != 6 || o.Since.IsZero() || !o.OverlapAt.IsZero() {
+		t.Fatalf("open held %+v, want 6 bytes and no overlap", o)
+	}
+	g.Seal()
+	if o := g.OpenHeld(); o.Bytes != 0 || g.Held() != 6 {
+		t.Fatalf("after the seal: open %d, held %d; want 0 and 6", o.Bytes, g.Held())
+	}
+	// Written while epoch 1's output waits: pipelined.
+	g.Write([]byte("r3 "))
+	if !arrived() {
+		t.Fatal("the next epoch's first byte did not signal")
+	}
+	if o := g.OpenHeld(); o.OverlapAt.IsZero() {
+		t.Fatal("output written while earlier output waits is not an overlap")
+	}
+	g.Discard()
+	if o := g.OpenHeld(); o.Bytes != 0 {
+		t.Fatalf("open held %d after Discard", o.Bytes)
+	}
+}

@@ -34,7 +34,7 @@ func BenchmarkVerifySlice(b *testing.B) {
 	b.Run("slice", func(b *testing.B) {
 		b.SetBytes(bytes)
 		for b.Loop() {
-			l.readSlice(&vs)
+			l.readSlice(&vs, l.cfg.VerifySlicePages)
 		}
 	})
 	b.Run("copy-baseline", func(b *testing.B) {

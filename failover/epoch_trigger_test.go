@@ -1,0 +1,116 @@
+package failover
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/datadriven"
+)
+
+// TestTriggerScripts runs NextPause through the scripts in
+// testdata/trigger: each decide directive is one decision, its expected
+// output the decision. -rewrite regenerates the expected output, which
+// must then be read, not trusted.
+//
+// Directives:
+//
+//	config [interval=D] [max-output-delay=D] [max-pause-fraction=F]
+//	decide since=D [tick=D] [held=BYTES age=D] [overlap=D] [in-flight=N] [full]
+//	       [pause=D] [per-page=D] [dirty=PAGES_PER_S]
+//
+// tick is the time to the clock's next pause (default: the interval
+// after the last pause, as when no early pause came between).
+//
+// overlap is how long ago output was last written while earlier output
+// still waited (absent: never).
+//
+// The config's zero fields take EpochConfig's defaults; a decide's
+// figures default to nothing held, nothing in flight and a 50 µs pause
+// that does not grow with pages.
+func TestTriggerScripts(t *testing.T) {
+	datadriven.Walk(t, "testdata/trigger", func(t *testing.T, path string) {
+		var tc TriggerConfig
+		datadriven.RunTest(t, path, func(t *testing.T, d *datadriven.TestData) string {
+			switch d.Cmd {
+			case "config":
+				ec := EpochConfig{Interval: durationArg(t, d, "interval", defaultInterval),
+					MaxOutputDelay: durationArg(t, d, "max-output-delay", 0)}
+				d.MaybeScanArgs(t, "max-pause-fraction", &ec.MaxPauseFraction)
+				if err := ec.Validate(); err != nil {
+					return err.Error() + "\n"
+				}
+				tc = ec.triggerConfig()
+				return fmt.Sprintf("interval %v, min interval %v, max output delay %v, max pause fraction %v\n",
+					tc.Interval, tc.MinInterval, tc.MaxOutputDelay, tc.MaxPauseFraction)
+			case "decide":
+				if tc.Interval == 0 {
+					d.Fatalf(t, "config first")
+				}
+				since := durationArg(t, d, "since", 0)
+				in := TriggerInput{SinceLastPause: since, UntilTick: durationArg(t, d, "tick", max(tc.Interval-since, 0)),
+					HeldAge:      durationArg(t, d, "age", 0),
+					PauseFixed:   durationArg(t, d, "pause", 50*time.Microsecond),
+					PausePerPage: durationArg(t, d, "per-page", 0),
+					WindowFull:   d.HasArg("full")}
+				if d.HasArg("overlap") {
+					in.Overlapped, in.OverlapAge = true, durationArg(t, d, "overlap", 0)
+				}
+				d.MaybeScanArgs(t, "held", &in.HeldBytes)
+				d.MaybeScanArgs(t, "in-flight", &in.InFlight)
+				d.MaybeScanArgs(t, "dirty", &in.DirtyRate)
+				return NextPause(tc, in).String() + "\n"
+			}
+			d.Fatalf(t, "unknown directive %q", d.Cmd)
+			return ""
+		})
+	})
+}
+
+// TestEpochConfigValidate pins the accepted ranges the command line's
+// --max-output-delay and --max-pause-fraction report.
+func TestEpochConfigValidate(t *testing.T) {
+	for _, c := range []struct {
+		cfg  EpochConfig
+		want string // "" valid, else a part of the error
+	}{
+		{EpochConfig{}, ""},
+		{EpochConfig{MaxOutputDelay: time.Millisecond}, ""},
+		{EpochConfig{MaxOutputDelay: 25 * time.Millisecond}, ""},
+		{EpochConfig{MaxOutputDelay: 999 * time.Microsecond}, "outside [1ms, 25ms]"},
+		{EpochConfig{MaxOutputDelay: 26 * time.Millisecond}, "outside [1ms, 25ms]"},
+		{EpochConfig{Interval: 10 * time.Millisecond, MaxOutputDelay: 11 * time.Millisecond}, "outside [1ms, 10ms]"},
+		{EpochConfig{MaxOutputDelay: -time.Millisecond}, "outside [1ms, 25ms]"},
+		{EpochConfig{MaxPauseFraction: 1}, ""},
+		{EpochConfig{MaxPauseFraction: 0.001}, ""},
+		{EpochConfig{MaxPauseFraction: 1.01}, "outside (0, 1]"},
+		{EpochConfig{MaxPauseFraction: -0.1}, "outside (0, 1]"},
+		{EpochConfig{Trigger: 7}, "epoch trigger 7"},
+	} {
+		err := c.cfg.Validate()
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("%+v: %v, want valid", c.cfg, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrBadEpochConfig)):
+			t.Errorf("%+v: %v, want ErrBadEpochConfig saying %q", c.cfg, err, c.want)
+		}
+	}
+	for in, want := range map[string]EpochTrigger{"clock": TriggerClock, "output": TriggerOutput} {
+		if got, err := ParseEpochTrigger(in); err != nil || got != want || got.String() != in {
+			t.Errorf("ParseEpochTrigger(%q) = %v, %v", in, got, err)
+		}
+	}
+	if _, err := ParseEpochTrigger("fast"); err == nil || !errors.Is(err, ErrBadEpochConfig) || !strings.Contains(err.Error(), "want clock or output") {
+		t.Errorf("ParseEpochTrigger(fast): %v", err)
+	}
+	// Zero is the default, not a bad value; a NaN fraction is refused.
+	if err := CheckMaxPauseFraction(0); err == nil {
+		t.Error("a pause fraction of 0 accepted by the flag's check")
+	}
+	nan := 0.0
+	if err := CheckMaxPauseFraction(nan / nan); err == nil {
+		t.Error("NaN accepted")
+	}
+}
