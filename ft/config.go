@@ -1,6 +1,10 @@
 package ft
 
-import "time"
+import (
+	"time"
+
+	"github.com/tandemvm/tandem/failover"
+)
 
 // EpochSettings are a primary's protection settings (see
 // failover.EpochConfig for each).
@@ -11,4 +15,9 @@ type EpochSettings struct {
 	VerifySlicePages int
 	MaxInFlight      int
 	AckTimeout       time.Duration
+	// Trigger, MaxOutputDelay and MaxPauseFraction: when an epoch ends
+	// early for held output (failover.EpochConfig; zero: the defaults).
+	Trigger          failover.EpochTrigger
+	MaxOutputDelay   time.Duration
+	MaxPauseFraction float64
 }

@@ -226,6 +226,7 @@ func (m *Member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		Allow:      func() bool { return m.coord.CanRelease(m.gen.Load()) },
 		TLS:        m.n.trust.ID,
 		FirstEpoch: firstEpoch, AckTimeout: ef.AckTimeout,
+		Trigger: ef.Trigger, MaxOutputDelay: ef.MaxOutputDelay, MaxPauseFraction: ef.MaxPauseFraction,
 		SecondaryName: m.coord.SecondaryName,
 		OnFenced:      m.loopFenced,
 		OnCommitted: func(epoch uint64) {

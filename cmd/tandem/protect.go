@@ -29,12 +29,16 @@ type epochFlags struct {
 	verifySlice uint64
 	inFlight    int
 	ackTimeout  time.Duration
+	trigger     failover.EpochTrigger
+	maxDelay    time.Duration
+	maxPause    float64
 }
 
 func addEpochFlags(fs interface {
 	DurationVar(*time.Duration, string, time.Duration, string)
 	BoolVar(*bool, string, bool, string)
 	IntVar(*int, string, int, string)
+	Float64Var(*float64, string, float64, string)
 	Var(flag.Value, string, string)
 }, ef *epochFlags) {
 	fs.DurationVar(&ef.epoch, "epoch", 25*time.Millisecond, "epoch interval")
@@ -44,7 +48,23 @@ func addEpochFlags(fs interface {
 	fs.Var(sizeFlag{&ef.verifySlice}, "verify-slice", "memory re-read at each pause to catch writes the dirty log missed; every page is covered every memory/slice epochs")
 	fs.IntVar(&ef.inFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
 	fs.DurationVar(&ef.ackTimeout, "ack-timeout", failover.DefaultAckTimeout, "no acknowledgement progress from the secondary this long while epochs are outstanding: drop the link and retry")
+	ef.trigger = failover.TriggerClock
+	fs.Var(triggerFlag{&ef.trigger}, "epoch-trigger", "what ends an epoch: clock (every --epoch) or output (as soon as the guest's output waits, within --max-pause-fraction; --epoch stays the longest)")
+	fs.DurationVar(&ef.maxDelay, "max-output-delay", failover.DefaultMaxOutputDelay, "with --epoch-trigger output: the objective for how long output waits for its epoch to start (status says whether it holds)")
+	fs.Float64Var(&ef.maxPause, "max-pause-fraction", failover.DefaultMaxPauseFraction, "with --epoch-trigger output: the largest share of time the guest may spend paused by early epochs, in (0, 1]")
 }
+
+// triggerFlag is --epoch-trigger.
+type triggerFlag struct{ t *failover.EpochTrigger }
+
+func (f triggerFlag) String() string {
+	if f.t == nil {
+		return ""
+	}
+	return f.t.String()
+}
+
+func (f triggerFlag) Set(s string) (err error) { *f.t, err = failover.ParseEpochTrigger(s); return err }
 
 func (ef epochFlags) validate() error {
 	switch {
@@ -59,13 +79,20 @@ func (ef epochFlags) validate() error {
 	case ef.ackTimeout < 100*time.Millisecond || ef.ackTimeout > time.Hour:
 		return usagef("--ack-timeout %v: want 100ms to 1h", ef.ackTimeout)
 	}
+	if err := failover.CheckMaxOutputDelay(ef.maxDelay, ef.epoch); err != nil {
+		return usagef("--max-output-delay: %v", err)
+	}
+	if err := failover.CheckMaxPauseFraction(ef.maxPause); err != nil {
+		return usagef("--max-pause-fraction: %v", err)
+	}
 	return nil
 }
 
 // settings are the flags as the library takes them.
 func (ef epochFlags) settings() ft.EpochSettings {
 	return ft.EpochSettings{Interval: ef.epoch, FlushBudget: ef.flushBudget, Verify: ef.verify,
-		VerifySlicePages: int(ef.verifySlice / guest.PageSize), MaxInFlight: ef.inFlight, AckTimeout: ef.ackTimeout}
+		VerifySlicePages: int(ef.verifySlice / guest.PageSize), MaxInFlight: ef.inFlight, AckTimeout: ef.ackTimeout,
+		Trigger: ef.trigger, MaxOutputDelay: ef.maxDelay, MaxPauseFraction: ef.maxPause}
 }
 
 func cmdActivate(args []string) error {
