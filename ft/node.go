@@ -38,6 +38,8 @@ type Node struct {
 	// epoch loop is its Member's, stopped before the node closes); Close
 	// waits for them before unmapping it.
 	users sync.WaitGroup
+	// exits exports the running guest's vCPU-exit timings.
+	exits exitMetrics
 
 	// mu guards the fields below. It is never held across a guest pause
 	// or a memory scan: a status digest marks itself in digesting and
@@ -115,6 +117,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		return nil, err
 	}
 	n.registerProtectionMetrics()
+	api.reg.MustRegister(&n.exits)
 	api.HandleFunc("GET /status", n.handleStatus)
 	api.HandleFunc("POST /migrate", n.handleMigrate)
 	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
@@ -154,6 +157,7 @@ func (n *Node) Attach(g guest.Guest, cfg guest.Config) {
 	n.lockIdle()
 	n.g, n.cfg = g, cfg
 	n.mu.Unlock()
+	n.exits.follow(g, n.api.timings)
 }
 
 // lockIdle takes mu once no status digest is pausing or scanning the

@@ -168,6 +168,7 @@ func (n *Node) detach() {
 	n.lockIdle()
 	n.g, n.state, n.stateReason = nil, "waiting", ""
 	n.mu.Unlock()
+	n.exits.follow(nil, nil)
 }
 
 // pendingCommit is a destination holding a loaded, paused guest whose
