@@ -217,6 +217,18 @@ func (n *Node) handleMigrateCancel(w http.ResponseWriter, r *http.Request) {
 // handleStallFlush makes the guest's disk stall its next flush (tests of
 // the stalled-flush path). Only with --allow-faults.
 func (n *Node) handleStallFlush(w http.ResponseWriter, r *http.Request) {
+	n.stallDisk(w, r, (*block.Disk).StallFlush)
+}
+
+// handleStallWrite makes the guest's disk stall its next write (tests of
+// the slow list: the write must show up by name). Only with
+// --allow-faults.
+func (n *Node) handleStallWrite(w http.ResponseWriter, r *http.Request) {
+	n.stallDisk(w, r, (*block.Disk).StallWrite)
+}
+
+// stallDisk serves the stall faults: {"duration_ms": N}, N > 0.
+func (n *Node) stallDisk(w http.ResponseWriter, r *http.Request, stall func(*block.Disk, time.Duration)) {
 	if !n.allowFaults {
 		WriteError(w, http.StatusForbidden, api.CodeForbidden, errors.New("fault injection is off (start with --allow-faults)"))
 		return
@@ -224,8 +236,8 @@ func (n *Node) handleStallFlush(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		DurationMs int64 `json:"duration_ms"`
 	}
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil || req.DurationMs <= 0 {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, errors.New("want {\"duration_ms\": N} with N > 0"))
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil || req.DurationMs <= 0 || req.DurationMs > 3_600_000 {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, errors.New("want {\"duration_ms\": N} with 0 < N <= 3600000"))
 		return
 	}
 	n.mu.Lock()
@@ -236,6 +248,6 @@ func (n *Node) handleStallFlush(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("the guest has no disk (start with --disk PATH)"))
 		return
 	}
-	bd.BlockDisk().StallFlush(time.Duration(req.DurationMs) * time.Millisecond)
+	stall(bd.BlockDisk(), time.Duration(req.DurationMs)*time.Millisecond)
 	WriteJSON(w, http.StatusOK, map[string]any{"ok": true})
 }

@@ -122,6 +122,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	api.HandleFunc("POST /migrate", n.handleMigrate)
 	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
 	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
+	api.HandleFunc("POST /debug/stall-write", n.handleStallWrite)
 	api.HandleFunc("POST /protect", n.handleProtect)
 	return n, nil
 }
@@ -175,13 +176,14 @@ func (n *Node) lockIdle() {
 	}
 }
 
-// observeDisk names every disk flush of g in the node's timings, so a
-// flush that stalls for a minute shows up as "disk_flush" with its whole
+// observeDisk names every disk write and flush of g in the node's timings
+// (tandem_device_seconds{device="disk"}), so a flush that stalls for a
+// minute shows up in the slow list as "device disk.flush" with its whole
 // length, not only as the budget an epoch or completion gave up at.
 func (n *Node) observeDisk(g guest.Guest) {
 	if bd, ok := g.(interface{ BlockDisk() *block.Disk }); ok && bd.BlockDisk() != nil {
-		bd.BlockDisk().SetFlushObserver(func(start time.Time, took time.Duration, err error) {
-			n.api.timings.Observe("disk_flush", start, took)
+		bd.BlockDisk().SetObserver(func(op string, start time.Time, took time.Duration, err error) {
+			n.api.timings.Device("disk", op, start, took)
 		})
 	}
 }

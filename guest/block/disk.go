@@ -90,21 +90,36 @@ type Disk struct {
 	writesSince bool
 	// writeErr is the first failed write since the last flush began; that
 	// flush reports it.
-	writeErr  error
-	stallNext time.Duration
-	failNext  error
-	// observe is told of every flush the worker completes (named
-	// timings: a 60 s flush must show up by name, not only the budget
-	// the caller gave up at).
-	observe func(start time.Time, d time.Duration, err error)
+	writeErr   error
+	stallNext  time.Duration // the next flush's stall
+	stallWrite time.Duration // the next write's stall
+	failNext   error
+	// observe is told of every write and flush the worker completes
+	// (named timings: a 60 s flush must show up by name, not only the
+	// budget the caller gave up at).
+	observe func(op string, start time.Time, d time.Duration, err error)
 }
 
-// SetFlushObserver sets a function told of every completed flush, on the
-// disk's worker; it must not block. nil removes it.
-func (d *Disk) SetFlushObserver(f func(start time.Time, took time.Duration, err error)) {
+// Operations an observer is told of.
+const (
+	OpWrite = "write"
+	OpFlush = "flush"
+)
+
+// SetObserver sets a function told of every completed write and flush
+// (op is OpWrite or OpFlush), on the disk's worker; it must not block.
+// nil removes it.
+func (d *Disk) SetObserver(f func(op string, start time.Time, took time.Duration, err error)) {
 	d.mu.Lock()
 	d.observe = f
 	d.mu.Unlock()
+}
+
+// observer is the observer set now.
+func (d *Disk) observer() func(op string, start time.Time, took time.Duration, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.observe
 }
 
 // Open opens (creating if needed, mode 0600: it holds guest data) the disk
@@ -289,6 +304,14 @@ func (d *Disk) StallFlush(dur time.Duration) {
 	d.mu.Unlock()
 }
 
+// StallWrite makes the next write the worker performs wait dur before it
+// writes (a stuck device, for tests of the slow list). 0 cancels.
+func (d *Disk) StallWrite(dur time.Duration) {
+	d.mu.Lock()
+	d.stallWrite = dur
+	d.mu.Unlock()
+}
+
 // FailNextWrite makes the next write the worker performs fail with err
 // without touching the file. nil cancels.
 func (d *Disk) FailNextWrite(err error) {
@@ -354,23 +377,46 @@ func (d *Disk) worker() {
 		if o.kind == opFlush {
 			stall, d.stallNext = d.stallNext, 0
 		} else {
+			stall, d.stallWrite = d.stallWrite, 0
 			fail, d.failNext = d.failNext, nil
 		}
 		d.mu.Unlock()
 
 		switch o.kind {
 		case opWrite:
-			d.doWrite(o, fail)
+			d.doWrite(o, stall, fail)
 		case opFlush:
 			d.doFlush(o, stall)
 		}
 	}
 }
 
-func (d *Disk) doWrite(o op, fail error) {
+// stallFor waits dur (a fault a test asked for); false if the disk closed.
+func (d *Disk) stallFor(dur time.Duration) bool {
+	if dur <= 0 {
+		return true
+	}
+	t := time.NewTimer(dur)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-d.closing:
+		return false
+	}
+}
+
+func (d *Disk) doWrite(o op, stall time.Duration, fail error) {
+	start := time.Now()
 	err := fail
+	if !d.stallFor(stall) {
+		err = ErrClosed
+	}
 	if err == nil {
 		err = writeFull(d.file, o.data, o.off)
+	}
+	if f := d.observer(); f != nil {
+		f(OpWrite, start, time.Since(start), err)
 	}
 	if err != nil {
 		err = fmt.Errorf("block: write of %d bytes at %d to %s: %w", len(o.data), o.off, d.path, err)
@@ -402,14 +448,8 @@ func (d *Disk) doWrite(o op, fail error) {
 func (d *Disk) doFlush(o op, stall time.Duration) {
 	start := time.Now()
 	var err error
-	if stall > 0 {
-		t := time.NewTimer(stall)
-		select {
-		case <-t.C:
-		case <-d.closing:
-			err = ErrClosed
-		}
-		t.Stop()
+	if !d.stallFor(stall) {
+		err = ErrClosed
 	}
 	if err == nil {
 		if serr := d.file.Sync(); serr != nil {
@@ -429,7 +469,7 @@ func (d *Disk) doFlush(o op, stall time.Duration) {
 	observe := d.observe
 	d.mu.Unlock()
 	if observe != nil {
-		observe(start, time.Since(start), err)
+		observe(OpFlush, start, time.Since(start), err)
 	}
 	o.finish(err)
 }

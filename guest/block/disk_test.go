@@ -246,7 +246,11 @@ func TestFlushObserverSeesTheWholeStall(t *testing.T) {
 	}
 	defer d.Close()
 	got := make(chan time.Duration, 1)
-	d.SetFlushObserver(func(_ time.Time, took time.Duration, _ error) { got <- took })
+	d.SetObserver(func(op string, _ time.Time, took time.Duration, _ error) {
+		if op == OpFlush {
+			got <- took
+		}
+	})
 	d.StallFlush(300 * time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
@@ -295,5 +299,45 @@ func TestApplySizeMarkAndEmptyWrites(t *testing.T) {
 	ws := d.TakeWrites()
 	if len(ws) != 1 || len(ws[0].Data) != 1 {
 		t.Fatalf("logged %v: a write of nothing must not be logged", ws)
+	}
+}
+
+// TestStallWriteIsObserved: a stalled write takes its stall and the
+// observer is told of it by operation.
+func TestStallWriteIsObserved(t *testing.T) {
+	d, err := Open(filepath.Join(t.TempDir(), "disk.img"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	type obs struct {
+		op   string
+		took time.Duration
+	}
+	got := make(chan obs, 8)
+	d.SetObserver(func(op string, _ time.Time, took time.Duration, _ error) { got <- obs{op, took} })
+	d.StallWrite(150 * time.Millisecond)
+	done := make(chan error, 1)
+	if err := d.Write(0, make([]byte, 4096), func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("stalled write never completed")
+	}
+	o := <-got
+	if o.op != OpWrite || o.took < 150*time.Millisecond {
+		t.Fatalf("observed %+v, want a write of at least 150ms", o)
+	}
+	// The stall was for one write only.
+	if err := d.Write(4096, make([]byte, 4096), nil); err != nil {
+		t.Fatal(err)
+	}
+	if o := <-got; o.op != OpWrite || o.took >= 150*time.Millisecond {
+		t.Fatalf("second write %+v, want a quick one", o)
 	}
 }

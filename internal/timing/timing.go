@@ -34,6 +34,7 @@ type Slow struct {
 // Recorder collects named timings. The zero value is not usable; use New.
 type Recorder struct {
 	hist      *prometheus.HistogramVec
+	devices   *prometheus.HistogramVec
 	log       *slog.Logger
 	threshold time.Duration
 
@@ -57,16 +58,40 @@ func New(reg prometheus.Registerer, log *slog.Logger, threshold time.Duration) *
 		Help:      "Duration of named phases (pause, flush, dirty sync, state save, send, device handlers).",
 		Buckets:   []float64{50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1, 5, 30, 120},
 	}, []string{"phase"})
+	dev := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "tandem",
+		Name:      "device_seconds",
+		Help:      "Duration of device operations (the disk's writes, flushes and reads; the console's deliveries), by device and operation.",
+		Buckets:   []float64{10e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1, 5, 30, 120},
+	}, []string{"device", "op"})
 	if reg != nil {
-		// A second Recorder on the same registry (tests) reuses the first
-		// one's collector instead of failing.
-		if err := reg.Register(h); err != nil {
-			if are, ok := err.(prometheus.AlreadyRegisteredError); ok {
-				h = are.ExistingCollector.(*prometheus.HistogramVec)
-			}
+		h = register(reg, h)
+		dev = register(reg, dev)
+	}
+	return &Recorder{hist: h, devices: dev, log: log, threshold: threshold}
+}
+
+// register registers h in reg; a second Recorder on the same registry
+// (tests) reuses the first one's collector instead of failing.
+func register(reg prometheus.Registerer, h *prometheus.HistogramVec) *prometheus.HistogramVec {
+	if err := reg.Register(h); err != nil {
+		if are, ok := err.(prometheus.AlreadyRegisteredError); ok {
+			return are.ExistingCollector.(*prometheus.HistogramVec)
 		}
 	}
-	return &Recorder{hist: h, log: log, threshold: threshold}
+	return h
+}
+
+// Device records one operation op of device (tandem_device_seconds); one
+// at or over the threshold is slow, named "device DEVICE.OP".
+func (r *Recorder) Device(device, op string, start time.Time, d time.Duration) {
+	if r == nil {
+		return
+	}
+	r.devices.WithLabelValues(device, op).Observe(d.Seconds())
+	if d >= r.threshold {
+		r.Slow("device "+device+"."+op, start, d)
+	}
 }
 
 // Start begins timing name; the returned function ends it and returns the

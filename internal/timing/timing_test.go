@@ -35,3 +35,21 @@ func TestSlowListBounded(t *testing.T) {
 		t.Fatalf("len %d last %v", len(s), s[len(s)-1].Duration)
 	}
 }
+
+func TestDeviceOperations(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	r := New(reg, slog.New(slog.NewTextHandler(io.Discard, nil)), 100*time.Millisecond)
+	now := time.Now()
+	r.Device("disk", "write", now, 400*time.Millisecond)
+	r.Device("disk", "flush", now, time.Millisecond)
+	r.Device("console", "write", now, time.Microsecond)
+	slow := r.SlowPhases()
+	if len(slow) != 1 || slow[0].Name != "device disk.write" || slow[0].Duration != 400*time.Millisecond {
+		t.Fatalf("slow %+v, want the 400ms disk write by name", slow)
+	}
+	if n := testutil.CollectAndCount(reg, "tandem_device_seconds"); n != 3 {
+		t.Fatalf("%d device series, want 3", n)
+	}
+	var nilRec *Recorder
+	nilRec.Device("disk", "write", now, time.Hour) // no panic
+}
