@@ -100,56 +100,11 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: s.R.Build})
 		return err
 	}
-	s.mu.Lock()
-	activated, cur, curH, store := s.activated, s.current, s.currentH, s.Store
-	if store != nil {
-		s.storePolicy = store.Policy()
-	}
-	s.mu.Unlock()
-	switch {
-	case activated:
-		err := errors.New("this secondary has been activated and runs the guest itself")
-		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
-		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: s.R.Build, Activated: true})
-		return err
-	case store == nil && s.storeErr != nil && s.storePolicy == SyncDisk:
-		return refuse("this secondary cannot make epochs durable (--sync disk) since its store failed: %v", s.storeErr)
-	case s.minGen != nil && hello.Generation < s.minGen():
-		return refuse("primary generation %d is stale (the cluster is at %d)", hello.Generation, s.minGen())
-	case cur != nil && (curH.Kind != hello.Kind || curH.Config.Memory != hello.Config.Memory):
-		return refuse("this secondary holds a %s guest of %s; refusing a %s guest of %s (another guest)",
-			curH.Kind, guest.FormatSize(curH.Config.Memory), hello.Kind, guest.FormatSize(hello.Config.Memory))
-	}
-	// One primary connection at a time. A second sender is refused while
-	// the current one is live (heard within SenderLiveWindow) and no
-	// newer: it may replace it only if it runs under a newer generation
-	// (the current one's primary is stale) or, with TLS, is the same node
-	// (its own reconnect after a link it gave up on). An accepted one ends
-	// the one before and waits for it to let go, since adopting an image
-	// closes the guest the other may still be writing.
-	peer, _ := trust.PeerName(conn)
 	done := make(chan struct{})
 	defer close(done)
-	s.mu.Lock()
-	prevConn, prevDone := s.conn, s.served
-	if prevConn != nil && time.Since(s.lastHeard) < SenderLiveWindow &&
-		hello.Generation <= s.connGen && (peer == "" || peer != s.connPeer) {
-		from, gen, heard := s.from, s.connGen, time.Since(s.lastHeard)
-		s.mu.Unlock()
-		return refuse("busy: this secondary serves the primary at %s (generation %d, heard %v ago); a second sender is refused",
-			from, gen, heard.Round(time.Millisecond))
-	}
-	s.conn, s.served, s.connGen, s.connPeer = conn, done, hello.Generation, peer
-	s.mu.Unlock()
-	if prevConn != nil {
-		prevConn.Close()
-	}
-	if prevDone != nil {
-		select {
-		case <-prevDone:
-		case <-time.After(s.R.timeout()):
-			return refuse("the previous primary connection did not end within %v", s.R.timeout())
-		}
+	cur, store, err := s.admit(conn, hello, done, refuse)
+	if err != nil {
+		return err
 	}
 	g, err := s.R.NewGuest(hello.Kind, hello.Config)
 	if err != nil {
@@ -200,81 +155,150 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			}
 			return s.fail(fmt.Errorf("epoch %d from %s: %w", im.Committed().Epoch+1, conn.RemoteAddr(), err))
 		}
-		c := im.Committed()
-		if c.Consistent && !adopted {
-			// The new image is a guest now: it replaces the old one.
-			s.mu.Lock()
-			if s.activated {
-				s.mu.Unlock()
-				return ErrActivated
-			}
-			old := s.current
-			s.current, s.currentH, s.syncing = im, hello, nil
-			s.mu.Unlock()
-			adopted = true
-			if old != nil && old != im {
-				old.Close()
-			}
-			if store != nil {
-				if err := store.Begin(im, hello); err != nil {
-					if err := s.storeFailed(store, e.Epoch, err); err != nil {
-						return err
-					}
-					store = nil
-				}
-			}
-		} else if adopted && store != nil {
-			pages, st, disk := im.LastCommit()
-			if err := store.Append(im, e, pages, st, disk); err != nil {
-				if err := s.storeFailed(store, e.Epoch, err); err != nil {
-					return err
-				}
-				store = nil
-			}
+		if store, err = s.keep(im, e, hello, store, &adopted); err != nil {
+			return err
 		}
-		if c.Consistent && adopted && s.OnCommit != nil {
-			s.OnCommit(e.Epoch)
-		}
-		ack := precopy.Ack{Epoch: e.Epoch}
-		if c.Consistent && hello.Verify {
-			ack.Digest = im.Digest().String()
-		}
-		s.mu.Lock()
-		if s.activated {
-			// Activate owns the connection's last word now.
-			s.mu.Unlock()
-			return ErrActivated
-		}
-		s.commits++
-		s.lastCommit = time.Now()
-		if s.conn == conn {
-			s.lastHeard = s.lastCommit
-		}
-		s.mu.Unlock()
-		if err := FPBeforeAck.Hit(); err != nil {
-			return s.fail(err)
-		}
-		s.wmu.Lock()
-		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
-		err = writeLine(conn, ack)
-		s.wmu.Unlock()
-		if err != nil {
-			return s.fail(fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err))
-		}
-		if adopted && store != nil && store.Policy() == SyncMemory {
-			// The Remus contract: acknowledged from memory, fsynced
-			// behind the acknowledgement (before the next epoch is read).
-			if err := FPAfterAckBeforeSync.Hit(); err != nil {
-				return s.fail(err)
-			}
-			if err := store.Sync(); err != nil {
-				if err := s.storeFailed(store, e.Epoch, err); err != nil {
-					return err
-				}
-				store = nil
-			}
+		if store, err = s.acknowledge(conn, im, e, hello, store, adopted); err != nil {
+			return err
 		}
 	}
+}
+
+// admit decides whether conn's primary may stream here, and if so makes
+// it the one connection served (done is closed when its Serve ends). It
+// returns the image held now and the store, or the refusal (sent).
+//
+// One primary connection at a time. A second sender is refused while the
+// current one is live (heard within SenderLiveWindow) and no newer: it may
+// replace it only if it runs under a newer generation (the current one's
+// primary is stale) or, with TLS, is the same node (its own reconnect
+// after a link it gave up on). An accepted one ends the one before and
+// waits for it to let go, since adopting an image closes the guest the
+// other may still be writing.
+func (s *Secondary) admit(conn net.Conn, hello Hello, done chan struct{}, refuse func(string, ...any) error) (*Image, *Store, error) {
+	s.mu.Lock()
+	activated, cur, curH, store := s.activated, s.current, s.currentH, s.Store
+	if store != nil {
+		s.storePolicy = store.Policy()
+	}
+	s.mu.Unlock()
+	switch {
+	case activated:
+		err := errors.New("this secondary has been activated and runs the guest itself")
+		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
+		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: s.R.Build, Activated: true})
+		return nil, nil, err
+	case store == nil && s.storeErr != nil && s.storePolicy == SyncDisk:
+		return nil, nil, refuse("this secondary cannot make epochs durable (--sync disk) since its store failed: %v", s.storeErr)
+	case s.minGen != nil && hello.Generation < s.minGen():
+		return nil, nil, refuse("primary generation %d is stale (the cluster is at %d)", hello.Generation, s.minGen())
+	case cur != nil && (curH.Kind != hello.Kind || curH.Config.Memory != hello.Config.Memory):
+		return nil, nil, refuse("this secondary holds a %s guest of %s; refusing a %s guest of %s (another guest)",
+			curH.Kind, guest.FormatSize(curH.Config.Memory), hello.Kind, guest.FormatSize(hello.Config.Memory))
+	}
+	peer, _ := trust.PeerName(conn)
+	s.mu.Lock()
+	prevConn, prevDone := s.conn, s.served
+	if prevConn != nil && time.Since(s.lastHeard) < SenderLiveWindow &&
+		hello.Generation <= s.connGen && (peer == "" || peer != s.connPeer) {
+		from, gen, heard := s.from, s.connGen, time.Since(s.lastHeard)
+		s.mu.Unlock()
+		return nil, nil, refuse("busy: this secondary serves the primary at %s (generation %d, heard %v ago); a second sender is refused",
+			from, gen, heard.Round(time.Millisecond))
+	}
+	s.conn, s.served, s.connGen, s.connPeer = conn, done, hello.Generation, peer
+	s.mu.Unlock()
+	if prevConn != nil {
+		prevConn.Close()
+	}
+	if prevDone != nil {
+		select {
+		case <-prevDone:
+		case <-time.After(s.R.timeout()):
+			return nil, nil, refuse("the previous primary connection did not end within %v", s.R.timeout())
+		}
+	}
+	return cur, store, nil
+}
+
+// keep makes a received epoch last: the first consistent one adopts the
+// image (replacing the one held) and begins the store; later ones are
+// appended to it. It returns the store to go on with (nil once it failed
+// under SyncMemory).
+func (s *Secondary) keep(im *Image, e checkpoint.EpochEnd, hello Hello, store *Store, adopted *bool) (*Store, error) {
+	c := im.Committed()
+	if c.Consistent && !*adopted {
+		// The new image is a guest now: it replaces the old one.
+		s.mu.Lock()
+		if s.activated {
+			s.mu.Unlock()
+			return store, ErrActivated
+		}
+		old := s.current
+		s.current, s.currentH, s.syncing = im, hello, nil
+		s.mu.Unlock()
+		*adopted = true
+		if old != nil && old != im {
+			old.Close()
+		}
+		if store != nil {
+			if err := store.Begin(im, hello); err != nil {
+				return nil, s.storeFailed(store, e.Epoch, err)
+			}
+		}
+	} else if *adopted && store != nil {
+		pages, st, disk := im.LastCommit()
+		if err := store.Append(im, e, pages, st, disk); err != nil {
+			return nil, s.storeFailed(store, e.Epoch, err)
+		}
+	}
+	if c.Consistent && *adopted && s.OnCommit != nil {
+		s.OnCommit(e.Epoch)
+	}
+	return store, nil
+}
+
+// acknowledge answers a kept epoch (with the image's digest when the
+// primary verifies) and, under SyncMemory, fsyncs the store behind the
+// acknowledgement. It returns the store to go on with.
+func (s *Secondary) acknowledge(conn net.Conn, im *Image, e checkpoint.EpochEnd, hello Hello, store *Store, adopted bool) (*Store, error) {
+	ack := precopy.Ack{Epoch: e.Epoch}
+	if im.Committed().Consistent && hello.Verify {
+		ack.Digest = im.Digest().String()
+	}
+	s.mu.Lock()
+	if s.activated {
+		// Activate owns the connection's last word now.
+		s.mu.Unlock()
+		return store, ErrActivated
+	}
+	s.commits++
+	s.lastCommit = time.Now()
+	if s.conn == conn {
+		s.lastHeard = s.lastCommit
+	}
+	s.mu.Unlock()
+	if err := FPBeforeAck.Hit(); err != nil {
+		return store, s.fail(err)
+	}
+	s.wmu.Lock()
+	conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
+	err := writeLine(conn, ack)
+	s.wmu.Unlock()
+	if err != nil {
+		return store, s.fail(fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err))
+	}
+	if adopted && store != nil && store.Policy() == SyncMemory {
+		// The Remus contract: acknowledged from memory, fsynced behind
+		// the acknowledgement (before the next epoch is read).
+		if err := FPAfterAckBeforeSync.Hit(); err != nil {
+			return store, s.fail(err)
+		}
+		if err := store.Sync(); err != nil {
+			return nil, s.storeFailed(store, e.Epoch, err)
+		}
+	}
+	return store, nil
 }
 
 // storeFailed gives up persistence and says so loudly: a restart would no
