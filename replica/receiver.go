@@ -5,12 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/tandemvm/tandem/internal/trust"
 	"io"
 	"log/slog"
 	"net"
 	"slices"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/trust"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
@@ -322,6 +323,11 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 // only the caller can find out which.
 //
 // On any other error the half-built guest is closed and nothing runs.
+//
+// It is a little over 80 lines on purpose: it reads as the protocol's
+// steps in order, with the guest's ownership (closed unless handed over)
+// in one place; the two-phase wait and the confirmation are their own
+// functions.
 func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o MigrationOptions) (MigrationResult, error) {
 	var res MigrationResult
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
@@ -395,44 +401,10 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		}
 		res.LoadTime = time.Since(t0)
 		if hello.Commit {
-			conn.SetWriteDeadline(time.Now().Add(r.timeout()))
-			if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch, Digest: res.Digest, Ready: true, LoadTime: res.LoadTime}); err != nil {
-				return res, fmt.Errorf("acknowledge the final epoch %d: %w", e.Epoch, err)
-			}
-			if o.OnReady != nil {
-				o.OnReady(g, hello)
-			}
-			ct := o.CommitTimeout
-			if ct <= 0 {
-				ct = DefaultCommitTimeout
-			}
-			// Every read re-arms the idle deadline (idleReader), so the
-			// commit's deadline closes the connection instead.
-			var c Control
-			got := make(chan error, 1)
-			go func() { got <- readControl(br, &c, e.Epoch) }()
-			var cerr error
-			select {
-			case cerr = <-got:
-			case <-time.After(ct):
-				conn.Close()
-				<-got
-				cerr = fmt.Errorf("nothing within %v", ct)
-			case <-ctx.Done():
-				conn.Close()
-				<-got
-				cerr = ctx.Err()
-			}
-			switch {
-			case cerr == nil && c.Migrate == ControlAbort:
-				return res, fmt.Errorf("%w: %s", ErrMigrationAborted, c.Reason)
-			case cerr != nil:
-				// Not a word: the guest stays paused, held for the
-				// caller to resolve.
-				res.Guest, res.AwaitingCommit = g, true
-				res.Why = fmt.Sprintf("no commit from the source after the final epoch %d: %v", e.Epoch, cerr)
-				ok = true
-				return res, nil
+			held, err := r.awaitCommit(ctx, conn, br, e.Epoch, g, hello, o, &res)
+			if err != nil || held {
+				ok = held
+				return res, err
 			}
 		}
 		if _, err := g.Resume(); err != nil {
@@ -441,20 +413,79 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		res.ResumedAt = time.Now()
 		res.Guest = g
 		ok = true
-		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
-		if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch, Digest: res.Digest, Final: true, LoadTime: res.LoadTime, ResumedAt: res.ResumedAt}); err != nil {
-			if hello.Commit {
-				// The source committed before this: it stays stopped
-				// and reports an unconfirmed outcome. One runner.
-				r.log().Warn("migration: guest resumed on the source's commit; the confirmation could not be sent", "err", err)
-			} else {
-				// An older source learns of it by the missing ack and
-				// resumes its own copy: the split brain the one-phase
-				// switch-over cannot rule out. Say so.
-				r.log().Error("migration: guest resumed but the acknowledgement could not be sent; the (older, one-phase) source may resume too", "err", err)
-			}
-		}
+		r.confirmResumed(conn, e.Epoch, hello, res)
 		return res, nil
+	}
+}
+
+// awaitCommit is the two-phase switch-over's destination side: it
+// acknowledges Ready for the loaded final epoch and waits for the source's
+// word. It returns (false, nil) on commit (resume now), an error wrapping
+// ErrMigrationAborted on abort, and held=true, with the paused guest in
+// res and AwaitingCommit set, when no word came.
+func (r *Receiver) awaitCommit(ctx context.Context, conn net.Conn, br *bufio.Reader, epoch uint64, g guest.Guest, hello Hello, o MigrationOptions, res *MigrationResult) (held bool, err error) {
+	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+	if err := writeLine(conn, precopy.Ack{Epoch: epoch, Digest: res.Digest, Ready: true, LoadTime: res.LoadTime}); err != nil {
+		return false, fmt.Errorf("acknowledge the final epoch %d: %w", epoch, err)
+	}
+	if o.OnReady != nil {
+		o.OnReady(g, hello)
+	}
+	c, cerr := waitControl(ctx, conn, br, epoch, o.CommitTimeout)
+	switch {
+	case cerr == nil && c.Migrate == ControlAbort:
+		return false, fmt.Errorf("%w: %s", ErrMigrationAborted, c.Reason)
+	case cerr != nil:
+		// Not a word: the guest stays paused, held for the caller to
+		// resolve.
+		res.Guest, res.AwaitingCommit = g, true
+		res.Why = fmt.Sprintf("no commit from the source after the final epoch %d: %v", epoch, cerr)
+		return true, nil
+	}
+	return false, nil
+}
+
+// waitControl waits (up to timeout; 0: DefaultCommitTimeout) for the
+// source's control line after the final epoch. Every read re-arms the
+// idle deadline (idleReader), so the commit's deadline closes the
+// connection instead.
+func waitControl(ctx context.Context, conn net.Conn, br *bufio.Reader, epoch uint64, timeout time.Duration) (Control, error) {
+	if timeout <= 0 {
+		timeout = DefaultCommitTimeout
+	}
+	var c Control
+	got := make(chan error, 1)
+	go func() { got <- readControl(br, &c, epoch) }()
+	select {
+	case err := <-got:
+		return c, err
+	case <-time.After(timeout):
+		conn.Close()
+		<-got
+		return c, fmt.Errorf("nothing within %v", timeout)
+	case <-ctx.Done():
+		conn.Close()
+		<-got
+		return c, ctx.Err()
+	}
+}
+
+// confirmResumed sends the Final acknowledgement of a resumed guest; a
+// failure is logged (the guest runs here whatever the source learns).
+func (r *Receiver) confirmResumed(conn net.Conn, epoch uint64, hello Hello, res MigrationResult) {
+	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+	err := writeLine(conn, precopy.Ack{Epoch: epoch, Digest: res.Digest, Final: true, LoadTime: res.LoadTime, ResumedAt: res.ResumedAt})
+	switch {
+	case err == nil:
+	case hello.Commit:
+		// The source committed before this: it stays stopped and
+		// reports an unconfirmed outcome. One runner.
+		r.log().Warn("migration: guest resumed on the source's commit; the confirmation could not be sent", "err", err)
+	default:
+		// An older source learns of it by the missing ack and resumes
+		// its own copy: the split brain the one-phase switch-over
+		// cannot rule out. Say so.
+		r.log().Error("migration: guest resumed but the acknowledgement could not be sent; the (older, one-phase) source may resume too", "err", err)
 	}
 }
 
