@@ -27,7 +27,8 @@ test: build vet
 	if [ $$rc -ne 0 ]; then tail -80 .out/test.log; fi; exit $$rc
 
 bench: build
-	$(GO) test -run '^$$' -bench . -benchtime 1s -count 3 ./precopy/ ./checkpoint/ ./guest/... ./test/...
+	$(GO) test -run '^$$' -bench . -benchtime 1s -count 3 ./precopy/ ./checkpoint/ ./guest/... ./internal/timing/ ./test/...
+	$(GO) test -run '^$$' -bench . -benchtime 1x -count 3 -v ./failover/
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzReader -fuzztime 10m ./checkpoint/
