@@ -3,6 +3,7 @@ package ft
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -151,3 +152,18 @@ func (a *APIServer) HandleFunc(pattern string, h http.HandlerFunc) { a.mux.Handl
 
 // Quit is closed by POST /quit.
 func (a *APIServer) Quit() <-chan struct{} { return a.quit }
+
+// readForce reads an optional {"force": BOOL} body (an empty body is
+// false). On a bad body it answers 400 and returns ok=false.
+func readForce(w http.ResponseWriter, r *http.Request) (force, ok bool) {
+	var req struct {
+		Force bool `json:"force"`
+	}
+	if r.ContentLength != 0 {
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
+			WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
+			return false, false
+		}
+	}
+	return req.Force, true
+}

@@ -127,14 +127,9 @@ func RunPairSecondary(ctx context.Context, cfg PairSecondaryConfig) error {
 // failureTimeout, unless forced.
 func (m *Member) handleActivate(failureTimeout time.Duration) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Force bool `json:"force"`
-		}
-		if r.ContentLength != 0 {
-			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
-				WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
-				return
-			}
+		force, ok := readForce(w, r)
+		if !ok {
+			return
 		}
 		m.mu.Lock()
 		sec := m.sec
@@ -144,7 +139,7 @@ func (m *Member) handleActivate(failureTimeout time.Duration) http.HandlerFunc {
 			return
 		}
 		if why := checkPrimaryGone(sec, failureTimeout); why != "" {
-			if !req.Force {
+			if !force {
 				WriteError(w, http.StatusConflict, api.CodeRefused, errors.New(why))
 				return
 			}

@@ -3,7 +3,6 @@ package ft
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -289,14 +288,9 @@ func sourceVerdict(ctx context.Context, c *api.Client, h replica.Hello) (string,
 // aborting while the source is stopped loses the guest.
 func (n *Node) handleMigrateResolve(commit bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Force bool `json:"force"`
-		}
-		if r.ContentLength != 0 {
-			if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
-				WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("want {\"force\": BOOL}: %v", err))
-				return
-			}
+		force, ok := readForce(w, r)
+		if !ok {
+			return
 		}
 		n.mu.Lock()
 		p := n.pending
@@ -313,7 +307,7 @@ func (n *Node) handleMigrateResolve(commit bool) http.HandlerFunc {
 		case !commit && v == verdictCommitted:
 			WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("refusing to abort: %s, so this is the only copy; POST /migrate/commit resumes it", detail))
 			return
-		case v == verdictUnknown && !req.Force:
+		case v == verdictUnknown && !force:
 			WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("cannot confirm with the source: %s; check by hand, then repeat with {\"force\": true}", detail))
 			return
 		case v == verdictUnknown:
