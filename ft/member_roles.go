@@ -262,9 +262,18 @@ func (m *Member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 // is primary in a newer generation); a pair has no other fence, and the
 // guest stays paused for good.
 func (m *Member) loopFenced(why string) {
+	m.countFence()
 	m.n.setStateWhy("fenced", why)
 	m.n.console.dropAll()
 	m.log.Error("FENCED: the secondary says it runs the guest; the guest is paused and nothing it says leaves this node", "why", why)
+}
+
+// countFence counts a fence once per generation (the loop's own fence
+// and the coordinator's that follows are one event).
+func (m *Member) countFence() {
+	if gen := m.gen.Load(); m.n.fencedGen.Swap(gen) != gen {
+		m.n.fences.Add(1)
+	}
 }
 
 // fence stops this node's guest at once: nothing more leaves it. The
@@ -282,6 +291,7 @@ func (m *Member) fence(reason string) {
 	if loop == nil {
 		return
 	}
+	m.countFence()
 	gen := m.gen.Load()
 	loop.Gate().Discard()
 	cancel()

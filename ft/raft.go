@@ -103,17 +103,10 @@ func RunWitness(ctx context.Context, cfg WitnessConfig) error {
 	defer node.Close()
 	var quit <-chan struct{} // nil without an API: only ctx stops it
 	if cfg.APIAddr != "" {
-		srv, err := NewAPIServer(cfg.APIAddr, log, cfg.Trust)
+		srv, err := newWitnessAPI(node, cfg.APIAddr, log, cfg.Trust)
 		if err != nil {
 			return err
 		}
-		srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-			st := node.State()
-			leader, _ := node.Leader()
-			WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
-				Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
-				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
-		})
 		srv.Start()
 		defer srv.Close()
 		quit = srv.Quit()
@@ -121,4 +114,27 @@ func RunWitness(ctx context.Context, cfg WitnessConfig) error {
 	log.Info("witness running", "raft", cfg.Failover.Peers[cfg.Failover.ID], "tls", cfg.Trust.TLSOn())
 	WaitStop(ctx, quit, log)
 	return nil
+}
+
+// newWitnessAPI is the witness's API: GET /status and the role metrics
+// (not started).
+func newWitnessAPI(node *failover.Node, addr string, log *slog.Logger, nt Trust) (*APIServer, error) {
+	srv, err := NewAPIServer(addr, log, nt)
+	if err != nil {
+		return nil, err
+	}
+	srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		st := node.State()
+		leader, _ := node.Leader()
+		WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
+			Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
+			LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
+	})
+	registerRoleMetrics(srv.reg, metricSource{
+		role: func() string { return "witness" },
+		cluster: func() (failover.FSMState, int, bool) {
+			return node.State(), node.ReachableVoters(), true
+		},
+	})
+	return srv, nil
 }
