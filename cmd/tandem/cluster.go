@@ -39,7 +39,7 @@ func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
 	fs.StringVar(&cf.id, "id", "", "this node's id in the cluster")
 	fs.StringVar(&cf.raft, "raft", "", "this node's raft address (default: its entry in --peers)")
 	if withData {
-		fs.StringVar(&cf.data, "data", "", "address the primary streams epochs to")
+		fs.StringVar(&cf.data, "data", "", "raft mode (--peers): this node's own data address, where it listens for the primary's epochs whenever it is secondary (every member needs one); a pair (--secondary) does not use it")
 		fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
 	}
 	fs.StringVar(&cf.peers, "peers", "", "every voter: ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT")
@@ -140,6 +140,7 @@ func cmdWitness(args []string) error {
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}

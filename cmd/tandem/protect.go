@@ -130,6 +130,7 @@ func cmdPrimary(args []string) error {
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -178,7 +179,7 @@ func cmdPrimary(args []string) error {
 
 func cmdSecondary(args []string) error {
 	fs := newFlagSet("secondary")
-	data := fs.String("data", "127.0.0.1:7092", "address the primary streams epochs to")
+	data := fs.String("data", "127.0.0.1:7092", "this node's data address: where it listens for the primary's epochs (the same in a pair and in raft mode; the pair's primary names it in --secondary)")
 	apiAddr := fs.String("api", "127.0.0.1:7082", "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7083", "address of the console bridge (serves once activated)")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
@@ -192,6 +193,7 @@ func cmdSecondary(args []string) error {
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	var rf receiveFlags
 	addReceiveFlags(fs, &rf, true)
 	var snapDir string

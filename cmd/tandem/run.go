@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -11,14 +12,39 @@ import (
 	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/kvm"
+	"github.com/tandemvm/tandem/internal/logging"
 )
 
 func init() {
 	register("run", "run a guest with an HTTP API and a console bridge", cmdRun)
 }
 
+// logOpts are the long-running commands' --log-format and --log-level
+// (one command runs per process).
+var logOpts logging.Options
+
+// addLogFlags adds --log-format and --log-level, checked as they are
+// parsed (a bad value is a one-line usage error).
+func addLogFlags(fs *flag.FlagSet) {
+	fs.Func("log-format", "log lines as text (logfmt) or json, on stderr: "+logging.Formats+" (default text)", func(s string) error {
+		f, err := logging.ParseFormat(s)
+		logOpts.Format = f
+		return err
+	})
+	fs.Func("log-level", "least severe level logged: "+logging.Levels+" (default info)", func(s string) error {
+		_, err := logging.ParseLevel(s)
+		logOpts.Level = s
+		return err
+	})
+}
+
+// newLogger logs to stderr as --log-format and --log-level say.
 func newLogger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	log, err := logging.New(os.Stderr, logOpts)
+	if err != nil { // the flags were checked when parsed
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return log
 }
 
 // kvmDirtyMethod is the dirty-log method of KVM guests this process
@@ -55,6 +81,7 @@ func cmdRun(args []string) error {
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
