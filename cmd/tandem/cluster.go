@@ -97,7 +97,7 @@ func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, l
 		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: orDefault(cf.dataAdvertise, cf.data), APIAddr: apiAddr, ConsoleAddr: consoleAddr,
 		Peers: peers, DataDir: filepath.Join(cf.dataDir, "raft"),
 		HeartbeatTimeout: cf.heartbeat, ElectionTimeout: cf.election, LeaderLeaseTimeout: cf.lease,
-		DataTimeout: cf.dataTimeout, Logger: log.With("component", "raft"),
+		DataTimeout: cf.dataTimeout, Logger: log, // failover adds node= (and component=raft to raft's lines)
 		TLS: cf.tls, Insecure: cf.insecure,
 	}, nil
 }
@@ -107,8 +107,9 @@ const switchoverTimeout = ft.SwitchoverTimeout
 
 // runMember runs a raft trio member (primary or secondary) from its flags.
 func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, rf receiveFlags, nc ft.NodeConfig) error {
-	log := newLogger().With("node", cf.id)
-	fcfg, err := cf.config(role, nc.APIAddr, nc.ConsoleAddr, log)
+	base := newLogger()
+	log := base.With("node", cf.id)
+	fcfg, err := cf.config(role, nc.APIAddr, nc.ConsoleAddr, base)
 	if err != nil {
 		return err
 	}
@@ -149,8 +150,9 @@ func cmdWitness(args []string) error {
 		return err
 	}
 	cf.tls, cf.insecure = nt.ID, nt.Insecure
-	log := newLogger().With("node", cf.id)
-	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", log)
+	base := newLogger()
+	log := base.With("node", cf.id)
+	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", base)
 	if err != nil {
 		return err
 	}
