@@ -54,7 +54,14 @@ func (m *Member) decide() {
 		return
 	}
 	if st.Primary == m.coord.ID() {
-		m.log.Error("the cluster names this node primary, but its guest was lost when it stopped; it cannot run again until the secondary takes over")
+		// A normal restart of the node that was primary: the first-boot
+		// role (tandem primary) no longer matters, and raft moves the
+		// guest to the secondary. Not an error.
+		m.log.Warn("restarted: the cluster still names this node primary, but its guest stopped with its process; the secondary takes over and this node serves it (tandem primary/secondary only matters on a cluster's first boot)",
+			"generation", st.Generation)
+	} else if m.cfg.Boot != nil {
+		m.log.Info("restarted: serving as secondary (tandem primary/secondary only matters on a cluster's first boot)",
+			"primary", st.Primary, "generation", st.Generation)
 	}
 	m.becomeSecondary("started as secondary")
 }
