@@ -6,29 +6,41 @@ import (
 	"github.com/hashicorp/raft"
 )
 
-// ReachableVoters is how many voters (this node included) this node
-// knows it reaches now: the leader counts itself and every voter whose
-// heartbeats raft has not reported failing; a follower counts itself and
-// the leader if it heard from it within twice the heartbeat timeout (it
-// cannot see the third voter, so its figure is a lower bound); a node
-// with no leader counts only itself. 0 once closed.
-func (n *Node) ReachableVoters() int {
+// Reachability says, for each voter this node can tell about, whether
+// it reaches it now: the leader knows every voter (those whose heartbeats
+// raft has not reported failing are reachable); a follower knows itself
+// and the leader (heard within twice the heartbeat timeout), and nothing
+// of the third voter (absent from the map). Nil once closed.
+func (n *Node) Reachability() map[string]bool {
 	if n.closed.Load() || !n.started.Load() {
-		return 0
+		return nil
 	}
+	out := map[string]bool{n.cfg.ID: true}
 	if n.raft.State() == raft.Leader {
 		n.mu.Lock()
 		defer n.mu.Unlock()
-		reach := 0
 		for _, v := range n.voters {
-			if v.ID == n.cfg.ID || !n.unreachable[v.ID] {
-				reach++
+			if v.ID != n.cfg.ID {
+				out[v.ID] = !n.unreachable[v.ID]
 			}
 		}
-		return reach
+		return out
 	}
-	if _, leader := n.raft.LeaderWithID(); leader != "" && time.Since(n.raft.LastContact()) < 2*n.cfg.HeartbeatTimeout {
-		return 2
+	if _, leader := n.raft.LeaderWithID(); leader != "" && string(leader) != n.cfg.ID {
+		out[string(leader)] = time.Since(n.raft.LastContact()) < 2*n.cfg.HeartbeatTimeout
 	}
-	return 1
+	return out
+}
+
+// ReachableVoters is how many voters (this node included) this node
+// knows it reaches now (see Reachability: a follower's figure is a lower
+// bound, at most 2). 0 once closed.
+func (n *Node) ReachableVoters() int {
+	reach := 0
+	for _, ok := range n.Reachability() {
+		if ok {
+			reach++
+		}
+	}
+	return reach
 }

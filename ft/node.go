@@ -252,7 +252,7 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.GuestInfo = describeGuest(n.g, n.cfg)
 	}
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
-	cluster, epochs, sec := n.cluster, n.epochs, n.sec
+	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
 	var g guest.Guest
 	if digest && n.g != nil && n.epochs == nil && !n.migBusy && !n.closing {
 		// A protected guest is paused only by its epoch loop; its proof
@@ -286,9 +286,16 @@ func (n *Node) status(digest bool) nodeStatus {
 	if cluster != nil {
 		st.Cluster = cluster()
 	}
+	var lag *int
 	if epochs != nil {
 		es := epochs.Status()
 		st.Epochs = &es
+		lag = &es.SecondaryLag
+	}
+	if rn != nil {
+		st.Nodes, st.Quorum = raftNodes(rn, lag)
+	} else {
+		st.Nodes = soloNodes(st.Role)
 	}
 	if sec != nil {
 		ss := sec.Status(digest)

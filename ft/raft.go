@@ -126,9 +126,10 @@ func newWitnessAPI(node *failover.Node, addr string, log *slog.Logger, nt Trust)
 	srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		st := node.State()
 		leader, _ := node.Leader()
-		WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
-			Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
-			LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
+		nodes, quorum := raftNodes(node, nil)
+		WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Nodes: nodes, Quorum: quorum,
+			Witness: &api.WitnessStatus{Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
+				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
 	})
 	registerRoleMetrics(srv.reg, metricSource{
 		role: func() string { return "witness" },
