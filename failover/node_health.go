@@ -1,6 +1,7 @@
 package failover
 
 import (
+	"slices"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -44,3 +45,7 @@ func (n *Node) ReachableVoters() int {
 	}
 	return reach
 }
+
+// Voters is the configured voters (Config.Peers: ID and raft address),
+// sorted by ID; whether each has registered is in State().Members.
+func (n *Node) Voters() []NodeInfo { return slices.Clone(n.voters) }

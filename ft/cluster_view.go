@@ -10,15 +10,17 @@ import (
 // failover.Node.Reachability (absent: unknown); lag, if not nil, is the
 // epochs the primary (self) has in flight to its secondary. A pure
 // function of what it is given.
-func clusterNodes(st failover.FSMState, self, leader string, reach map[string]bool, lag *int) ([]api.NodeView, *api.QuorumView) {
-	nodes := make([]api.NodeView, 0, len(st.Members))
+func clusterNodes(st failover.FSMState, voterList []failover.NodeInfo, self, leader string, reach map[string]bool, lag *int) ([]api.NodeView, *api.QuorumView) {
+	nodes := make([]api.NodeView, 0, len(voterList))
 	voters, reachable := 0, 0
-	for _, m := range st.Members {
+	for _, m := range withMembers(voterList, st.Members) {
 		nv := api.NodeView{ID: m.ID, Self: m.ID == self, Generation: st.Generation,
 			RaftAddr: m.RaftAddr, APIAddr: m.APIAddr, DataAddr: m.DataAddr}
 		switch {
 		case m.Role == failover.RoleWitness:
 			nv.Role = "witness"
+		case m.Role == "":
+			nv.Role = "unregistered" // configured, never heard from
 		case st.Primary == "":
 			nv.Role = ""
 		case m.ID == st.Primary:
@@ -49,6 +51,25 @@ func clusterNodes(st failover.FSMState, self, leader string, reach map[string]bo
 	return nodes, q
 }
 
+// withMembers is the configured voters with each registered member's
+// info in place of its bare entry (the members alone if none are
+// configured).
+func withMembers(voters, members []failover.NodeInfo) []failover.NodeInfo {
+	if len(voters) == 0 {
+		return members
+	}
+	out := make([]failover.NodeInfo, 0, len(voters))
+	for _, v := range voters {
+		for _, m := range members {
+			if m.ID == v.ID {
+				v = m
+			}
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
 // oneMoreFailure says what losing one more node would do to the guest.
 func oneMoreFailure(st failover.FSMState, q *api.QuorumView, reach map[string]bool) string {
 	down := 0
@@ -74,7 +95,7 @@ func oneMoreFailure(st failover.FSMState, q *api.QuorumView, reach map[string]bo
 // raftNodes is clusterNodes for a raft node now.
 func raftNodes(rn *failover.Node, lag *int) ([]api.NodeView, *api.QuorumView) {
 	leader, _ := rn.Leader()
-	return clusterNodes(rn.State(), rn.ID(), leader, rn.Reachability(), lag)
+	return clusterNodes(rn.State(), rn.Voters(), rn.ID(), leader, rn.Reachability(), lag)
 }
 
 // soloNodes is the "nodes" of a node without raft: itself.

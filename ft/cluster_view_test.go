@@ -18,7 +18,7 @@ func TestClusterNodes(t *testing.T) {
 	lag := 2
 	st := trioState(true)
 	st.Primary = "b" // after a switchover: b is primary although it booted as secondary
-	nodes, q := clusterNodes(st, "b", "w", map[string]bool{"a": true, "b": true, "w": true}, &lag)
+	nodes, q := clusterNodes(st, nil, "b", "w", map[string]bool{"a": true, "b": true, "w": true}, &lag)
 	roles := map[string]string{}
 	for _, n := range nodes {
 		roles[n.ID] = n.Role
@@ -37,17 +37,17 @@ func TestClusterNodes(t *testing.T) {
 	}
 
 	// The witness down: protected, but one more failure stops the guest.
-	_, q = clusterNodes(trioState(true), "a", "a", map[string]bool{"a": true, "b": true, "w": false}, nil)
+	_, q = clusterNodes(trioState(true), nil, "a", "a", map[string]bool{"a": true, "b": true, "w": false}, nil)
 	if !q.HasQuorum || !strings.HasPrefix(q.OneMoreFailure, "the guest stops") {
 		t.Errorf("witness down: %+v", q)
 	}
 	// Cut off: no majority.
-	nodes, q = clusterNodes(trioState(true), "a", "", map[string]bool{"a": true}, nil)
+	nodes, q = clusterNodes(trioState(true), nil, "a", "", map[string]bool{"a": true}, nil)
 	if q.HasQuorum || !strings.Contains(q.OneMoreFailure, "no majority") || nodes[1].Reachable != nil {
 		t.Errorf("cut off: %+v, b reachable %v", q, nodes[1].Reachable)
 	}
 	// Unprotected: losing the primary stops the guest.
-	_, q = clusterNodes(trioState(false), "a", "a", map[string]bool{"a": true, "b": true, "w": true}, nil)
+	_, q = clusterNodes(trioState(false), nil, "a", "a", map[string]bool{"a": true, "b": true, "w": true}, nil)
 	if !strings.HasPrefix(q.OneMoreFailure, "losing the primary stops") {
 		t.Errorf("unprotected: %+v", q)
 	}
