@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"time"
 
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
@@ -36,6 +37,13 @@ type RaftConfig struct {
 	Epochs     EpochSettings
 	// Receiver builds the guest of a received image (a secondary's).
 	Receiver *replica.Receiver
+	// StopHandover, if positive, is how long a protected primary stopped
+	// by its context (SIGTERM) spends handing the guest to the secondary
+	// before it stops (0: it stops at once and the secondary takes over
+	// as after a crash). Force, if set, cuts the handover short (a
+	// second signal).
+	StopHandover time.Duration
+	Force        context.Context
 }
 
 // RunRaftMember runs a raft trio member until ctx ends or POST /quit:
@@ -74,6 +82,13 @@ func RunRaftMember(ctx context.Context, cfg RaftConfig) error {
 	m.Start()
 	n.Start()
 	n.Wait(ctx)
+	if ctx.Err() != nil && cfg.StopHandover > 0 {
+		force := cfg.Force
+		if force == nil {
+			force = context.Background()
+		}
+		m.HandOverOnStop(force, cfg.StopHandover)
+	}
 	m.Stop() // closes the raft node, then joins
 	return nil
 }

@@ -29,6 +29,7 @@ type clusterFlags struct {
 	dataAdvertise                  string
 	heartbeat, election, lease     time.Duration
 	dataTimeout                    time.Duration
+	stopHandover                   time.Duration
 	// tls and insecure are the node's trust (from its TLS flags): the
 	// raft port's as well as the other channels'.
 	tls      *trust.Identity
@@ -49,6 +50,17 @@ func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
 	fs.DurationVar(&cf.lease, "lease-timeout", failover.DefaultLeaderLeaseTimeout, "leader lease: a primary that cannot reach a majority this long stops releasing output")
 	fs.DurationVar(&cf.dataTimeout, "data-timeout", failover.DefaultDataTimeout, "no acknowledgement from the secondary this long: unprotected")
 }
+
+// addStopHandoverFlag adds --stop-handover (primary and secondary: either
+// may be the primary when the signal comes).
+func addStopHandoverFlag(fs *flag.FlagSet, cf *clusterFlags) {
+	fs.DurationVar(&cf.stopHandover, "stop-handover", defaultStopHandover, "raft mode: on SIGTERM or SIGINT, a protected primary first hands the guest to the secondary (a switchover), for at most this long; a second signal, the timeout or a failed handover stop it at once (the secondary then takes over as after a crash); 0: no handover")
+}
+
+// defaultStopHandover bounds a stopping primary's handover: a switchover
+// takes milliseconds; the bound leaves a supervisor's stop timeout
+// (systemd's 90 s, a test harness's 10 s) room for the rest.
+const defaultStopHandover = 5 * time.Second
 
 // parsePeers reads ID=HOST:PORT,... into a map.
 func parsePeers(s string) (map[string]string, error) {
@@ -128,8 +140,12 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	}
 	nc.Log = log
 	cfg.Node = nc
-	ctx, stop := stopContext()
+	if cf.stopHandover < 0 {
+		return usagef("--stop-handover %v: want 0 or more", cf.stopHandover)
+	}
+	ctx, force, stop := stopContexts()
 	defer stop()
+	cfg.StopHandover, cfg.Force = cf.stopHandover, force
 	return ft.RunRaftMember(ctx, cfg)
 }
 

@@ -123,6 +123,7 @@ func cmdPrimary(args []string) error {
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, true)
+	addStopHandoverFlag(fs, &cf)
 	var rf receiveFlags
 	addReceiveFlags(fs, &rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
 	var snapDir string
@@ -189,6 +190,7 @@ func cmdSecondary(args []string) error {
 	primaryName := fs.String("primary-name", "", "with TLS, a pair without raft: the node the primary's certificate must name (default: any certificate of the CA)")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, false)
+	addStopHandoverFlag(fs, &cf)
 	fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)

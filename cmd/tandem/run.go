@@ -69,6 +69,38 @@ func stopContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 }
 
+// stopContexts are stopContext's for a node that does something on its
+// way out (a primary's handover): stop ends on the first SIGTERM or
+// SIGINT, force on the second. cancel releases the signals.
+func stopContexts() (stop, force context.Context, cancel func()) {
+	stop, stopFn := context.WithCancel(context.Background())
+	force, forceFn := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	done := make(chan struct{})
+	go func() {
+		for n := 0; ; n++ {
+			select {
+			case <-done:
+				return
+			case <-sigs:
+				if n == 0 {
+					stopFn()
+				} else {
+					forceFn()
+					return
+				}
+			}
+		}
+	}()
+	return stop, force, func() {
+		signal.Stop(sigs)
+		close(done)
+		stopFn()
+		forceFn()
+	}
+}
+
 func cmdRun(args []string) error {
 	fs := newFlagSet("run")
 	var gf guestFlags
