@@ -61,9 +61,11 @@ func TestRoleMetricsOnEveryRole(t *testing.T) {
 		if l := metricLine(body, "tandem_generation"); l == "tandem_generation 0" {
 			t.Errorf("%s: %s", c.role, l)
 		}
-		if l := metricLine(body, "tandem_protected"); l != "tandem_protected 1" {
-			t.Errorf("%s: %s", c.role, l)
-		}
+		// A follower applies raft's record of protection a moment after
+		// the leader.
+		eventually(t, c.role+" protected", func() bool {
+			return metricLine(scrape(t, c.api), "tandem_protected") == "tandem_protected 1"
+		})
 	}
 	if l := metricLine(scrape(t, na.api), "tandem_epochs_total"); l == "tandem_epochs_total 0" {
 		t.Errorf("primary: %s", l)
