@@ -1,6 +1,6 @@
 // Command tandem is Tandem's one binary: it runs guests, migrates them,
 // protects them with a secondary and a witness, and inspects streams. See
-// DESIGN.md's command-line section; `tandem help` lists the subcommands.
+// docs/OPERATIONS.md; `tandem help` lists the subcommands.
 //
 // It parses flags, builds configurations, calls package ft (the
 // fault-tolerance driver and the guest node, which own every goroutine of
