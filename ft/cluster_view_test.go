@@ -55,7 +55,7 @@ func TestClusterNodes(t *testing.T) {
 
 // Every role of a trio answers GET /status with the nodes and the quorum.
 func TestStatusNodesOnEveryRole(t *testing.T) {
-	wit, _, na, _, _, nb, _ := startTrioWitness(t)
+	wit, _, na, _, mb, nb, _ := startTrioWitness(t)
 	for _, n := range []*Node{na, nb} {
 		st := n.status(false)
 		if len(st.Nodes) != 3 || st.Quorum == nil || st.Quorum.Voters != 3 {
@@ -65,5 +65,9 @@ func TestStatusNodesOnEveryRole(t *testing.T) {
 	nodes, q := raftNodes(wit, nil)
 	if len(nodes) != 3 || q.Voters != 3 {
 		t.Errorf("witness: nodes %+v quorum %+v", nodes, q)
+	}
+	// A switchover asked of the secondary names the primary and its API.
+	if rec := postSwitchover(mb); rec.Code != 409 || !strings.Contains(rec.Body.String(), "the primary is a") || !strings.Contains(rec.Body.String(), na.APIAddr()) {
+		t.Errorf("switchover asked of b: %d %s", rec.Code, rec.Body)
 	}
 }

@@ -17,7 +17,7 @@ import (
 func (m *Member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 	loop := m.currentLoop()
 	if loop == nil {
-		WriteError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not the primary: switchover is asked of the primary's API"))
+		WriteError(w, http.StatusConflict, api.CodeNotPrimary, notPrimaryError(m.coord.State(), "switchover"))
 		return
 	}
 	if !loop.Status().Protected {
@@ -34,6 +34,18 @@ func (m *Member) handleSwitchover(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "final_epoch": final, "took_ms": took.Milliseconds()})
+}
+
+// notPrimaryError says that what was asked is the primary's to do, and
+// which node that is as raft records it (its API address when known).
+func notPrimaryError(st failover.FSMState, what string) error {
+	if st.Primary == "" {
+		return fmt.Errorf("not the primary: %s is asked of the primary's API, and raft records no primary yet", what)
+	}
+	if mem, ok := st.Member(st.Primary); ok && mem.APIAddr != "" {
+		return fmt.Errorf("not the primary: %s is asked of the primary's API; the primary is %s (generation %d), API %s", what, st.Primary, st.Generation, mem.APIAddr)
+	}
+	return fmt.Errorf("not the primary: %s is asked of the primary's API; the primary is %s (generation %d)", what, st.Primary, st.Generation)
 }
 
 var errSwitching = errors.New("a switchover is already under way")

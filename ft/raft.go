@@ -146,6 +146,9 @@ func newWitnessAPI(node *failover.Node, addr string, log *slog.Logger, nt Trust)
 			Witness: &api.WitnessStatus{Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
 				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
 	})
+	srv.HandleFunc("POST /switchover", func(w http.ResponseWriter, r *http.Request) {
+		WriteError(w, http.StatusConflict, api.CodeNotPrimary, notPrimaryError(node.State(), "switchover (the witness never runs the guest)"))
+	})
 	registerRoleMetrics(srv.reg, metricSource{
 		role: func() string { return "witness" },
 		cluster: func() (failover.FSMState, int, bool) {
