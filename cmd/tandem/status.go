@@ -3,8 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/tandemvm/tandem/internal/statustext"
@@ -45,7 +48,13 @@ func cmdStatus(args []string) error {
 		// node of a newer build may add some.
 		var raw map[string]any
 		if err := client.Get(ctx, path, &raw); err != nil {
+			if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return fmt.Errorf("%w (is %s the node's --api address? its raft, data and console ports do not answer HTTP)", err, *api)
+			}
 			return err
+		}
+		if _, ok := raw["memory_digest"]; *digest && !ok {
+			fmt.Fprintln(os.Stderr, "tandem status: no memory_digest: a node protecting its guest (or migrating it) is not paused for a scan; its replica is proven by --verify-epochs (digest_mismatches, verified_epochs)")
 		}
 		if *asJSON {
 			enc := json.NewEncoder(os.Stdout)
