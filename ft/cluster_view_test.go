@@ -1,8 +1,10 @@
 package ft
 
 import (
+	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tandemvm/tandem/failover"
 )
@@ -70,4 +72,25 @@ func TestStatusNodesOnEveryRole(t *testing.T) {
 	if rec := postSwitchover(mb); rec.Code != 409 || !strings.Contains(rec.Body.String(), "the primary is a") || !strings.Contains(rec.Body.String(), na.APIAddr()) {
 		t.Errorf("switchover asked of b: %d %s", rec.Code, rec.Body)
 	}
+}
+
+// A stop's handover cut short (a second signal: force already ended)
+// leaves the guest running here, protected again, for the plain stop that
+// follows; HandOverOnStop returns within its bound.
+func TestHandOverOnStopForced(t *testing.T) {
+	ma, na, ca, _, _, _ := startTrio(t)
+	force, cancel := context.WithCancel(context.Background())
+	cancel()
+	t0 := time.Now()
+	ma.HandOverOnStop(force, 5*time.Second)
+	if d := time.Since(t0); d > 5*time.Second {
+		t.Fatalf("HandOverOnStop took %v", d)
+	}
+	if st := ca.State(); st.Primary != "a" {
+		t.Fatalf("a forced stop handed over anyway: primary %q", st.Primary)
+	}
+	eventually(t, "a runs the guest again", func() bool {
+		v := viewOf(na)
+		return v.state == "running" && v.g != nil && !v.g.Paused()
+	})
 }
