@@ -20,6 +20,12 @@ type Status struct {
 	MemoryDigest string       `json:"memory_digest,omitempty"`
 	Build        string       `json:"build"`
 	Cluster      *ClusterView `json:"cluster,omitempty"`
+	// Nodes is every cluster member as this node sees it (this node alone
+	// without raft), on every role; Quorum is raft's majority as this
+	// node sees it (null without raft). Added by issue 20: the cluster
+	// first, in the same place on every role.
+	Nodes  []NodeView  `json:"nodes"`
+	Quorum *QuorumView `json:"quorum"`
 
 	// Merged into the top level by MarshalJSON; UnmarshalJSON sets each
 	// one whose fields are present.
@@ -67,10 +73,12 @@ type statusPlain Status
 func (s Status) MarshalJSON() ([]byte, error) {
 	if s.Witness != nil {
 		return json.Marshal(struct {
-			Role  string `json:"role"`
-			Build string `json:"build"`
+			Role   string      `json:"role"`
+			Build  string      `json:"build"`
+			Nodes  []NodeView  `json:"nodes"`
+			Quorum *QuorumView `json:"quorum"`
 			*WitnessStatus
-		}{s.Role, s.Build, s.Witness})
+		}{s.Role, s.Build, s.Nodes, s.Quorum, s.Witness})
 	}
 	out := map[string]json.RawMessage{}
 	parts := []any{statusPlain(s)}
@@ -320,6 +328,49 @@ type ClusterView struct {
 	// Waiting says why nobody serves the guest, when this node can tell:
 	// the committed generation and epoch, and the node needed.
 	Waiting string `json:"waiting_reason,omitempty"`
+}
+
+// NodeView is one cluster member in GET /status's "nodes". Every field is
+// always present; null where this node cannot tell.
+type NodeView struct {
+	ID string `json:"id"`
+	// Role is the member's part in raft's record: primary (the record's
+	// primary), secondary or witness; "" before the first primary.
+	Role string `json:"role"`
+	// Self marks the node that answered.
+	Self bool `json:"self"`
+	// Generation is the generation the cluster's record holds (the same
+	// for every member: one record).
+	Generation uint64 `json:"generation"`
+	// Protected: on the primary's row, whether the record says it is
+	// protected; null on the others.
+	Protected *bool `json:"protected"`
+	// EpochLag: on the secondary's row, as its primary reports it, the
+	// epochs shipped and not yet acknowledged; null when the answering
+	// node is not the primary.
+	EpochLag *int `json:"epoch_lag"`
+	// Reachable: whether the answering node reaches this member now; null
+	// when it cannot tell (a follower does not watch the other follower).
+	Reachable *bool  `json:"reachable"`
+	RaftAddr  string `json:"raft_addr"`
+	APIAddr   string `json:"api_addr"`
+	DataAddr  string `json:"data_addr"`
+}
+
+// QuorumView is raft's majority as the answering node sees it.
+type QuorumView struct {
+	Voters int `json:"voters"`
+	// Reachable is the voters the node knows it reaches, itself included
+	// (a lower bound on a follower).
+	Reachable int    `json:"reachable"`
+	Needed    int    `json:"needed"`
+	Leader    string `json:"leader"`
+	// HasQuorum: this node reaches a majority (or hears a leader that
+	// does).
+	HasQuorum bool `json:"has_quorum"`
+	// OneMoreFailure says in a sentence what the loss of one more node
+	// would do to the guest.
+	OneMoreFailure string `json:"one_more_failure"`
 }
 
 // WitnessStatus is a witness's view of raft (at the top level of its

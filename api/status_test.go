@@ -89,9 +89,29 @@ output_delay_p99_ms output_held_bytes pause_max_ms pause_p50_ms pause_p99_ms pau
 protection protection_reason queue_policy remaining_bytes role round secondary secondary_lag_epochs
 setup_time_ms state state_reason status store_error switchover_digest sync_policy synced_epoch syncing throttle_percent total_bytes total_time_ms
 transferred_bytes vcpus verified_epochs verify_cycle_epochs verify_epochs verify_slice_pages wire_ratio
-workload zero_pages`)
+workload zero_pages
+nodes quorum quorum.has_quorum quorum.leader quorum.needed quorum.one_more_failure quorum.reachable quorum.voters`)
 
-var goldenWitnessKeys = strings.Fields(`build generation last_committed_epoch primary protected raft_leader role waiting_reason`)
+var goldenWitnessKeys = strings.Fields(`build generation last_committed_epoch primary protected raft_leader role waiting_reason
+nodes quorum quorum.has_quorum quorum.leader quorum.needed quorum.one_more_failure quorum.reachable quorum.voters`)
+
+// goldenNodeViewKeys is every key of an entry of "nodes" (issue 20): each
+// is present on every row, null where the answering node cannot tell.
+var goldenNodeViewKeys = strings.Fields(`api_addr data_addr epoch_lag generation id protected raft_addr reachable role self`)
+
+func TestNodeViewJSONNames(t *testing.T) {
+	if got := keysOf(t, NodeView{}); !reflect.DeepEqual(got, sorted(goldenNodeViewKeys)) {
+		t.Errorf("nodes entry keys (zero values included) changed\n got %q\nwant %q", got, sorted(goldenNodeViewKeys))
+	}
+	var w Status
+	w.Role, w.Witness = "witness", &WitnessStatus{}
+	b, _ := json.Marshal(w)
+	var m map[string]json.RawMessage
+	json.Unmarshal(b, &m)
+	if string(m["nodes"]) != "null" || string(m["quorum"]) != "null" {
+		t.Errorf("a witness status without a view: nodes %s quorum %s, want both present (null)", m["nodes"], m["quorum"])
+	}
+}
 
 func sorted(s []string) []string {
 	s = append([]string(nil), s...)
@@ -109,6 +129,7 @@ func TestStatusJSONNames(t *testing.T) {
 
 	w := Status{Role: "witness", Build: "b"}
 	populated(t, reflect.ValueOf(&w.Witness))
+	populated(t, reflect.ValueOf(&w.Quorum))
 	if got, want := keysOf(t, w), sorted(goldenWitnessKeys); !reflect.DeepEqual(got, want) {
 		t.Errorf("witness status keys changed\n got %q\nwant %q", got, want)
 	}

@@ -163,6 +163,22 @@ func (rep Report) WriteText(w io.Writer) error {
 			h.Version, h.MinReader, h.Build, h.Kind, h.PageSize, flagNames(h.Flags), rep.HeaderBytes)
 		fmt.Fprintf(bw, "memory: %s in %d regions: %s\n", guest.FormatSize(total), len(h.Regions), strings.Join(regs, " "))
 	}
+	// The summary first: the totals and the verdict, then each epoch,
+	// then every section.
+	t := rep.Totals
+	fmt.Fprintf(bw, "total: %d sections, %d epochs, %s, wire %s, raw %s, %.1fx smaller\n",
+		t.Sections, t.Epochs, pageDetail(t.Pages), sizeOf(t.WireBytes), sizeOf(t.RawBytes), t.Ratio)
+	switch {
+	case rep.Error != "":
+		fmt.Fprintf(bw, "BROKEN at offset %d: %s\n", rep.ErrorOffset, rep.Error)
+	case rep.Complete:
+		fmt.Fprintf(bw, "complete (structure and CRCs checked; epoch digests need a restore to verify)\n")
+	}
+	for _, e := range rep.Epochs {
+		fmt.Fprintf(bw, "epoch %d: %s, %d device sections, %d disk writes (%d bytes), wire %s, raw %s, %.1fx smaller, digest %s\n",
+			e.Epoch, pageDetail(e.Encodings), e.DeviceSections, e.DiskWrites, e.DiskBytes, sizeOf(e.WireBytes), sizeOf(e.RawBytes), e.Ratio, e.Digest)
+	}
+	fmt.Fprintf(bw, "sections (offsets and sizes in bytes):\n")
 	tw := tabwriter.NewWriter(bw, 2, 8, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "offset\ttype\twire\traw\tratio\tcodec\t  detail\n")
 	for _, s := range rep.Sections {
@@ -188,18 +204,21 @@ func (rep Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%s\t%s\t  %s\n", s.Offset, s.TypeName, s.WireSize, s.RawSize, r, s.Codec, detail)
 	}
 	tw.Flush()
-	for _, e := range rep.Epochs {
-		fmt.Fprintf(bw, "epoch %d: %s, %d device sections, %d disk writes (%d bytes), wire %d bytes, raw %d bytes, %.1fx smaller, digest %s\n",
-			e.Epoch, pageDetail(e.Encodings), e.DeviceSections, e.DiskWrites, e.DiskBytes, e.WireBytes, e.RawBytes, e.Ratio, e.Digest)
-	}
-	t := rep.Totals
-	fmt.Fprintf(bw, "total: %d sections, %d epochs, %s, wire %d bytes, raw %d bytes, %.1fx smaller\n",
-		t.Sections, t.Epochs, pageDetail(t.Pages), t.WireBytes, t.RawBytes, t.Ratio)
-	switch {
-	case rep.Error != "":
-		fmt.Fprintf(bw, "BROKEN at offset %d: %s\n", rep.ErrorOffset, rep.Error)
-	case rep.Complete:
-		fmt.Fprintf(bw, "complete (structure and CRCs checked; epoch digests need a restore to verify)\n")
-	}
 	return bw.Flush()
+}
+
+// sizeOf is a byte count in human units (binary, one decimal), exact
+// below 1 KiB.
+func sizeOf[T int64 | uint64 | int](n T) string {
+	v := float64(n)
+	for _, u := range []string{"B", "KiB", "MiB", "GiB"} {
+		if v < 1024 || u == "GiB" {
+			if u == "B" {
+				return fmt.Sprintf("%d B", n)
+			}
+			return fmt.Sprintf("%.1f %s", v, u)
+		}
+		v /= 1024
+	}
+	return ""
 }

@@ -36,24 +36,43 @@ type ConsoleClient struct {
 func (c *ConsoleClient) Run(lines <-chan string) error {
 	var unsent []string // sent on a connection that died before any reply
 	next := 0
+	drain := &drainClock{within: c.Timeout}
 	for {
 		conn, err := c.dialPrimary(&next)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(c.Notes, "tandem console: connected to %s\n", conn.RemoteAddr())
-		s := &consoleSession{conn: conn, out: c.Out, unsent: unsent, got: make(chan struct{}, 1), readDone: make(chan error, 1)}
+		s := &consoleSession{conn: conn, out: c.Out, unsent: unsent, got: make(chan struct{}, 1), readDone: make(chan error, 1), drain: drain}
 		done, err := s.run(lines)
 		unsent = s.pending()
 		if done {
+			if len(unsent) > 0 {
+				fmt.Fprintf(c.Notes, "tandem console: input ended; no reply to %d line(s) within %v\n", len(unsent), c.Timeout)
+			}
 			return nil
 		}
 		fmt.Fprintf(c.Notes, "tandem console: lost %s (%v); looking for the primary\n", conn.RemoteAddr(), err)
 	}
 }
 
+// drainClock bounds the wait for the last replies once the input has
+// ended, across reconnections: within of the input's end.
+type drainClock struct {
+	within time.Duration
+	by     time.Time // zero until the input ends
+}
+
+func (d *drainClock) deadline() time.Time {
+	if d.by.IsZero() {
+		d.by = time.Now().Add(max(d.within, 2*time.Second))
+	}
+	return d.by
+}
+
 // consoleSession is one connection of a ConsoleClient.
 type consoleSession struct {
+	drain    *drainClock
 	conn     net.Conn
 	out      io.Writer
 	got      chan struct{} // capacity 1: a reply came in
@@ -95,12 +114,18 @@ func (s *consoleSession) run(lines <-chan string) (done bool, err error) {
 	if err != errInputEnded {
 		return false, err
 	}
-	// stdin ended: wait briefly for the last replies (output clears
-	// unsent), with the connection still open; closing it first cut off
-	// every reply not yet read.
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline) && len(s.pending()) > 0; {
+	// stdin ended: wait for the last replies (output clears unsent), with
+	// the connection still open (closing it first cut off every reply not
+	// yet read), until the drain deadline. A connection lost meanwhile
+	// (the primary died before answering) sends the client to the next
+	// primary, which is asked again.
+	deadline := s.drain.deadline()
+	for time.Now().Before(deadline) && len(s.pending()) > 0 {
 		select {
-		case <-s.readDone:
+		case err := <-s.readDone:
+			if len(s.pending()) > 0 {
+				return false, err
+			}
 			return true, nil
 		case <-s.got:
 		case <-time.After(20 * time.Millisecond):

@@ -108,3 +108,42 @@ func TestConsoleClientGivesUp(t *testing.T) {
 		t.Fatalf("Run with no primary: %v", err)
 	}
 }
+
+// Piped input (printf 'c:1 GET k\n' | tandem console): the input has
+// ended before the reply comes; the client waits for it, and when the
+// node it asked goes away unanswered it asks the next primary again.
+func TestConsoleClientPipedInput(t *testing.T) {
+	b := newEchoBridge(t)
+	var a *consoleBridge
+	a, err := newConsoleBridge("127.0.0.1:0", func(p []byte) error {
+		// a takes the line and dies before answering; b takes over.
+		go func() {
+			time.Sleep(100 * time.Millisecond)
+			b.serving.Store(true)
+			a.dropAll()
+		}()
+		return nil
+	}, func() bool { return !b.serving.Load() }, quietLog(), Trust{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.close)
+	var out, notes lockedBuffer
+	c := &ConsoleClient{Addrs: []string{a.addr(), b.b.addr()}, Timeout: 5 * time.Second, Out: &out, Notes: &notes}
+	lines := make(chan string, 1)
+	lines <- "c:1 GET k\n"
+	close(lines)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(lines) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client did not end")
+	}
+	if !strings.Contains(out.String(), "ok c:1 GET k") {
+		t.Fatalf("no reply printed: out %q notes %q", out.String(), notes.String())
+	}
+}

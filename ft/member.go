@@ -102,6 +102,11 @@ type Member struct {
 // NewMember builds a member; Start runs it.
 func NewMember(cfg MemberConfig) *Member {
 	ctx, cancel := context.WithCancel(context.Background())
+	if rc, ok := cfg.Coordinator.(*RaftCoordinator); ok && cfg.Node != nil {
+		cfg.Node.mu.Lock()
+		cfg.Node.raft = rc.Node // the role metrics read raft's record
+		cfg.Node.mu.Unlock()
+	}
 	return &Member{n: cfg.Node, coord: cfg.Coordinator, cfg: cfg, log: cfg.Log, clk: clock.Or(cfg.Clock),
 		ctx: ctx, cancel: cancel, protSem: make(chan struct{}, 1)}
 }

@@ -54,7 +54,14 @@ func (m *Member) decide() {
 		return
 	}
 	if st.Primary == m.coord.ID() {
-		m.log.Error("the cluster names this node primary, but its guest was lost when it stopped; it cannot run again until the secondary takes over")
+		// A normal restart of the node that was primary: the first-boot
+		// role (tandem primary) no longer matters, and raft moves the
+		// guest to the secondary. Not an error.
+		m.log.Warn("restarted: the cluster still names this node primary, but its guest stopped with its process; the secondary takes over and this node serves it (tandem primary/secondary only matters on a cluster's first boot)",
+			"generation", st.Generation)
+	} else if m.cfg.Boot != nil {
+		m.log.Info("restarted: serving as secondary (tandem primary/secondary only matters on a cluster's first boot)",
+			"primary", st.Primary, "generation", st.Generation)
 	}
 	m.becomeSecondary("started as secondary")
 }
@@ -263,9 +270,18 @@ func (m *Member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 // is primary in a newer generation); a pair has no other fence, and the
 // guest stays paused for good.
 func (m *Member) loopFenced(why string) {
+	m.countFence()
 	m.n.setStateWhy("fenced", why)
 	m.n.console.dropAll()
 	m.log.Error("FENCED: the secondary says it runs the guest; the guest is paused and nothing it says leaves this node", "why", why)
+}
+
+// countFence counts a fence once per generation (the loop's own fence
+// and the coordinator's that follows are one event).
+func (m *Member) countFence() {
+	if gen := m.gen.Load(); m.n.fencedGen.Swap(gen) != gen {
+		m.n.fences.Add(1)
+	}
 }
 
 // fence stops this node's guest at once: nothing more leaves it. The
@@ -283,6 +299,7 @@ func (m *Member) fence(reason string) {
 	if loop == nil {
 		return
 	}
+	m.countFence()
 	gen := m.gen.Load()
 	loop.Gate().Discard()
 	cancel()

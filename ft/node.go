@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,6 +71,10 @@ type Node struct {
 	epochs    *failover.EpochLoop     // primary: protection
 	sec       *replica.Secondary      // secondary: the committed image
 	cluster   func() *api.ClusterView // raft view of a cluster member
+	raft      *failover.Node          // a raft member's node (metrics)
+	// fences counts the times the node's guest was fenced.
+	fences    atomic.Uint64
+	fencedGen atomic.Uint64 // the generation last counted in fences
 	// pair is a pair member's coordinator, which POST /protect points at
 	// a new secondary (nil: not in a pair).
 	pair *PairCoordinator
@@ -253,7 +258,7 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.GuestInfo = describeGuest(n.g, n.cfg)
 	}
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
-	cluster, epochs, sec := n.cluster, n.epochs, n.sec
+	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
 	var g guest.Guest
 	if digest && n.g != nil && n.epochs == nil && !n.migBusy && !n.closing {
 		// A protected guest is paused only by its epoch loop; its proof
@@ -287,9 +292,16 @@ func (n *Node) status(digest bool) nodeStatus {
 	if cluster != nil {
 		st.Cluster = cluster()
 	}
+	var lag *int
 	if epochs != nil {
 		es := epochs.Status()
 		st.Epochs = &es
+		lag = &es.SecondaryLag
+	}
+	if rn != nil {
+		st.Nodes, st.Quorum = raftNodes(rn, lag)
+	} else {
+		st.Nodes = soloNodes(st.Role)
 	}
 	if sec != nil {
 		ss := sec.Status(digest)
@@ -326,10 +338,32 @@ func orDefault(s, d string) string {
 	return s
 }
 
-// registerProtectionMetrics exports the primary's protection as metrics,
-// so an alert can follow a replica that stops matching: protected drops
-// to 0 the moment a mismatch is found.
+// registerProtectionMetrics exports the role metrics every node has (see
+// roleMetrics: protected drops to 0 the moment a mismatch is found) and
+// the primary's verification figures.
 func (n *Node) registerProtectionMetrics() {
+	registerRoleMetrics(n.api.reg, metricSource{
+		role: func() string {
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			return n.role
+		},
+		cluster: func() (failover.FSMState, int, bool) {
+			n.mu.Lock()
+			rn := n.raft
+			n.mu.Unlock()
+			if rn == nil {
+				return failover.FSMState{}, 0, false
+			}
+			return rn.State(), rn.ReachableVoters(), true
+		},
+		loop: func() *failover.EpochLoop {
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			return n.epochs
+		},
+		fences: &n.fences,
+	})
 	status := func() (failover.EpochStatus, bool) {
 		n.mu.Lock()
 		loop := n.epochs
@@ -338,15 +372,6 @@ func (n *Node) registerProtectionMetrics() {
 			return failover.EpochStatus{}, false
 		}
 		return loop.Status(), true
-	}
-	gauge := func(name, help string, f func(failover.EpochStatus) float64) prometheus.Collector {
-		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
-			st, ok := status()
-			if !ok {
-				return 0
-			}
-			return f(st)
-		})
 	}
 	counter := func(name, help string, f func(failover.EpochStatus) uint64) prometheus.Collector {
 		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 {
@@ -358,15 +383,6 @@ func (n *Node) registerProtectionMetrics() {
 		})
 	}
 	n.api.reg.MustRegister(
-		gauge("tandem_protected", "1 while this primary's secondary holds a replica whose last epoch was acknowledged (and verified, with --verify-epochs)",
-			func(st failover.EpochStatus) float64 {
-				if st.Protected {
-					return 1
-				}
-				return 0
-			}),
-		counter("tandem_digest_mismatches_total", "replica digest mismatches found (each one ends protection and re-syncs the secondary)",
-			func(st failover.EpochStatus) uint64 { return st.DigestMismatches }),
 		counter("tandem_verified_epochs_total", "epochs whose replica digest matched the primary's",
 			func(st failover.EpochStatus) uint64 { return st.VerifiedEpochs }),
 		counter("tandem_joins_total", "times the primary connected to a secondary and started a full sync",

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"time"
 
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
@@ -36,6 +37,13 @@ type RaftConfig struct {
 	Epochs     EpochSettings
 	// Receiver builds the guest of a received image (a secondary's).
 	Receiver *replica.Receiver
+	// StopHandover, if positive, is how long a protected primary stopped
+	// by its context (SIGTERM) spends handing the guest to the secondary
+	// before it stops (0: it stops at once and the secondary takes over
+	// as after a crash). Force, if set, cuts the handover short (a
+	// second signal).
+	StopHandover time.Duration
+	Force        context.Context
 }
 
 // RunRaftMember runs a raft trio member until ctx ends or POST /quit:
@@ -74,6 +82,13 @@ func RunRaftMember(ctx context.Context, cfg RaftConfig) error {
 	m.Start()
 	n.Start()
 	n.Wait(ctx)
+	if ctx.Err() != nil && cfg.StopHandover > 0 {
+		force := cfg.Force
+		if force == nil {
+			force = context.Background()
+		}
+		m.HandOverOnStop(force, cfg.StopHandover)
+	}
 	m.Stop() // closes the raft node, then joins
 	return nil
 }
@@ -103,17 +118,10 @@ func RunWitness(ctx context.Context, cfg WitnessConfig) error {
 	defer node.Close()
 	var quit <-chan struct{} // nil without an API: only ctx stops it
 	if cfg.APIAddr != "" {
-		srv, err := NewAPIServer(cfg.APIAddr, log, cfg.Trust)
+		srv, err := newWitnessAPI(node, cfg.APIAddr, log, cfg.Trust)
 		if err != nil {
 			return err
 		}
-		srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-			st := node.State()
-			leader, _ := node.Leader()
-			WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Witness: &api.WitnessStatus{
-				Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
-				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
-		})
 		srv.Start()
 		defer srv.Close()
 		quit = srv.Quit()
@@ -121,4 +129,31 @@ func RunWitness(ctx context.Context, cfg WitnessConfig) error {
 	log.Info("witness running", "raft", cfg.Failover.Peers[cfg.Failover.ID], "tls", cfg.Trust.TLSOn())
 	WaitStop(ctx, quit, log)
 	return nil
+}
+
+// newWitnessAPI is the witness's API: GET /status and the role metrics
+// (not started).
+func newWitnessAPI(node *failover.Node, addr string, log *slog.Logger, nt Trust) (*APIServer, error) {
+	srv, err := NewAPIServer(addr, log, nt)
+	if err != nil {
+		return nil, err
+	}
+	srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		st := node.State()
+		leader, _ := node.Leader()
+		nodes, quorum := raftNodes(node, nil)
+		WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Nodes: nodes, Quorum: quorum,
+			Witness: &api.WitnessStatus{Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
+				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
+	})
+	srv.HandleFunc("POST /switchover", func(w http.ResponseWriter, r *http.Request) {
+		WriteError(w, http.StatusConflict, api.CodeNotPrimary, notPrimaryError(node.State(), "switchover (the witness never runs the guest)"))
+	})
+	registerRoleMetrics(srv.reg, metricSource{
+		role: func() string { return "witness" },
+		cluster: func() (failover.FSMState, int, bool) {
+			return node.State(), node.ReachableVoters(), true
+		},
+	})
+	return srv, nil
 }

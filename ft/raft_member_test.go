@@ -60,9 +60,17 @@ func raftMember(t *testing.T, id string, role failover.Role, peers map[string]st
 // b in one process, and waits until a runs the guest, protected.
 func startTrio(t *testing.T) (ma *Member, na *Node, ca *RaftCoordinator, mb *Member, nb *Node, cb *RaftCoordinator) {
 	t.Helper()
+	_, ma, na, ca, mb, nb, cb = startTrioWitness(t)
+	return ma, na, ca, mb, nb, cb
+}
+
+// startTrioWitness is startTrio that also returns the witness's raft node.
+func startTrioWitness(t *testing.T) (wit *failover.Node, ma *Member, na *Node, ca *RaftCoordinator, mb *Member, nb *Node, cb *RaftCoordinator) {
+	t.Helper()
 	addrs := freeRaftAddrs(t, 3)
 	peers := map[string]string{"a": addrs[0], "b": addrs[1], "w": addrs[2]}
-	wit, err := failover.Open(failover.Config{ID: "w", ClusterID: "ft-test", Role: failover.RoleWitness, Peers: peers, DataDir: t.TempDir()})
+	var err error
+	wit, err = failover.Open(failover.Config{ID: "w", ClusterID: "ft-test", Role: failover.RoleWitness, Peers: peers, DataDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +82,7 @@ func startTrio(t *testing.T) (ma *Member, na *Node, ca *RaftCoordinator, mb *Mem
 		st := ca.State()
 		return st.Protected && st.Primary == "a" && st.Epoch > 0
 	})
-	return ma, na, ca, mb, nb, cb
+	return wit, ma, na, ca, mb, nb, cb
 }
 
 // A switchover through real raft: the final epoch is handed over, b runs

@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
 )
 
 func init() {
@@ -56,7 +57,7 @@ func cmdAnalyze(args []string) error {
 		}
 	} else {
 		if hello != nil {
-			fmt.Printf("snapshot of a %v guest, config %v\n", hello["guest_kind"], hello["config"])
+			fmt.Printf("snapshot of a %v guest, %s\n", hello["guest_kind"], describeConfig(hello["config"]))
 		}
 		if err := rep.WriteText(os.Stdout); err != nil {
 			return err
@@ -66,4 +67,18 @@ func cmdAnalyze(args []string) error {
 		return fmt.Errorf("stream is damaged: %w", aerr)
 	}
 	return nil
+}
+
+// describeConfig is a snapshot's guest configuration in human units.
+func describeConfig(v any) string {
+	b, _ := json.Marshal(v)
+	var cfg guest.Config
+	if json.Unmarshal(b, &cfg) != nil {
+		return fmt.Sprintf("config %v", v)
+	}
+	out := fmt.Sprintf("memory %s, %d vCPUs, workload %s", guest.FormatSize(cfg.Memory), cfg.VCPUs, orDefault(cfg.Workload.Kind, "none"))
+	if cfg.Disk != "" {
+		out += ", disk " + cfg.Disk
+	}
+	return out
 }

@@ -29,6 +29,7 @@ type clusterFlags struct {
 	dataAdvertise                  string
 	heartbeat, election, lease     time.Duration
 	dataTimeout                    time.Duration
+	stopHandover                   time.Duration
 	// tls and insecure are the node's trust (from its TLS flags): the
 	// raft port's as well as the other channels'.
 	tls      *trust.Identity
@@ -39,7 +40,7 @@ func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
 	fs.StringVar(&cf.id, "id", "", "this node's id in the cluster")
 	fs.StringVar(&cf.raft, "raft", "", "this node's raft address (default: its entry in --peers)")
 	if withData {
-		fs.StringVar(&cf.data, "data", "", "address the primary streams epochs to")
+		fs.StringVar(&cf.data, "data", "", "raft mode (--peers): this node's own data address, where it listens for the primary's epochs whenever it is secondary (every member needs one); a pair (--secondary) does not use it")
 		fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
 	}
 	fs.StringVar(&cf.peers, "peers", "", "every voter: ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT")
@@ -49,6 +50,17 @@ func addClusterFlags(fs *flag.FlagSet, cf *clusterFlags, withData bool) {
 	fs.DurationVar(&cf.lease, "lease-timeout", failover.DefaultLeaderLeaseTimeout, "leader lease: a primary that cannot reach a majority this long stops releasing output")
 	fs.DurationVar(&cf.dataTimeout, "data-timeout", failover.DefaultDataTimeout, "no acknowledgement from the secondary this long: unprotected")
 }
+
+// addStopHandoverFlag adds --stop-handover (primary and secondary: either
+// may be the primary when the signal comes).
+func addStopHandoverFlag(fs *flag.FlagSet, cf *clusterFlags) {
+	fs.DurationVar(&cf.stopHandover, "stop-handover", defaultStopHandover, "raft mode: on SIGTERM or SIGINT, a protected primary first hands the guest to the secondary (a switchover), for at most this long; a second signal, the timeout or a failed handover stop it at once (the secondary then takes over as after a crash); 0: no handover")
+}
+
+// defaultStopHandover bounds a stopping primary's handover: a switchover
+// takes milliseconds; the bound leaves a supervisor's stop timeout
+// (systemd's 90 s, a test harness's 10 s) room for the rest.
+const defaultStopHandover = 5 * time.Second
 
 // parsePeers reads ID=HOST:PORT,... into a map.
 func parsePeers(s string) (map[string]string, error) {
@@ -97,7 +109,7 @@ func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, l
 		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: orDefault(cf.dataAdvertise, cf.data), APIAddr: apiAddr, ConsoleAddr: consoleAddr,
 		Peers: peers, DataDir: filepath.Join(cf.dataDir, "raft"),
 		HeartbeatTimeout: cf.heartbeat, ElectionTimeout: cf.election, LeaderLeaseTimeout: cf.lease,
-		DataTimeout: cf.dataTimeout, Logger: log.With("component", "raft"),
+		DataTimeout: cf.dataTimeout, Logger: log, // failover adds node= (and component=raft to raft's lines)
 		TLS: cf.tls, Insecure: cf.insecure,
 	}, nil
 }
@@ -107,8 +119,9 @@ const switchoverTimeout = ft.SwitchoverTimeout
 
 // runMember runs a raft trio member (primary or secondary) from its flags.
 func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlags, rf receiveFlags, nc ft.NodeConfig) error {
-	log := newLogger().With("node", cf.id)
-	fcfg, err := cf.config(role, nc.APIAddr, nc.ConsoleAddr, log)
+	base := newLogger()
+	log := base.With("node", cf.id)
+	fcfg, err := cf.config(role, nc.APIAddr, nc.ConsoleAddr, base)
 	if err != nil {
 		return err
 	}
@@ -127,8 +140,12 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	}
 	nc.Log = log
 	cfg.Node = nc
-	ctx, stop := stopContext()
+	if cf.stopHandover < 0 {
+		return usagef("--stop-handover %v: want 0 or more", cf.stopHandover)
+	}
+	ctx, force, stop := stopContexts()
 	defer stop()
+	cfg.StopHandover, cfg.Force = cf.stopHandover, force
 	return ft.RunRaftMember(ctx, cfg)
 }
 
@@ -140,6 +157,7 @@ func cmdWitness(args []string) error {
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -148,8 +166,9 @@ func cmdWitness(args []string) error {
 		return err
 	}
 	cf.tls, cf.insecure = nt.ID, nt.Insecure
-	log := newLogger().With("node", cf.id)
-	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", log)
+	base := newLogger()
+	log := base.With("node", cf.id)
+	fcfg, err := cf.config(failover.RoleWitness, *apiAddr, "", base)
 	if err != nil {
 		return err
 	}

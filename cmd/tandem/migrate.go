@@ -15,6 +15,7 @@ import (
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/ft"
+	"github.com/tandemvm/tandem/internal/progress"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -72,28 +73,33 @@ func cmdMigrate(args []string) error {
 	if err := c.Migrate(ctx, req); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
-	return followMigration(ctx, c, *maxTime+time.Minute, *asJSON)
+	return followMigration(ctx, c, *maxTime+time.Minute, *downtime, *asJSON)
 }
 
 // followMigration prints a migration's progress until it ends, or gives
 // up after patience.
-func followMigration(ctx context.Context, c *api.Client, patience time.Duration, asJSON bool) error {
+func followMigration(ctx context.Context, c *api.Client, patience, limit time.Duration, asJSON bool) error {
 	tty := isTerminal(os.Stdout)
 	deadline := time.Now().Add(patience)
 	var last time.Time
+	var tr progress.Tracker
 	for {
 		st, err := c.Status(ctx, false)
 		if err != nil {
 			return fmt.Errorf("follow migration: %w", err)
 		}
 		done := st.Status == precopy.StatusCompleted || st.Status == precopy.StatusFailed || st.Status == precopy.StatusUnknown
+		ms := st.MigrationStatus
+		pct, eta, etaOK := tr.Observe(progress.Sample{At: time.Now(), Transferred: ms.TransferredBytes, Remaining: ms.RemainingBytes,
+			Total: ms.TotalBytes, Mbps: ms.Mbps, Done: ms.Status == precopy.StatusCompleted})
+		where := fmt.Sprintf("%5.1f%% %s", pct, progress.FormatETA(eta, etaOK))
 		if tty {
-			fmt.Fprintf(os.Stdout, "\r\033[K%s", progressBar(st.MigrationStatus))
+			fmt.Fprintf(os.Stdout, "\r\033[K%s %s", where, progressBar(ms, pct))
 			if done {
 				fmt.Println()
 			}
 		} else if done || time.Since(last) >= time.Second {
-			fmt.Fprintln(os.Stdout, progressLine(st.MigrationStatus))
+			fmt.Fprintln(os.Stdout, where+" "+progressLine(ms))
 			last = time.Now()
 		}
 		if done {
@@ -102,7 +108,7 @@ func followMigration(ctx context.Context, c *api.Client, patience time.Duration,
 				enc.SetIndent("", "  ")
 				enc.Encode(st)
 			} else {
-				printMigrationSummary(os.Stdout, st.MigrationStatus)
+				printMigrationSummary(os.Stdout, st.MigrationStatus, limit)
 			}
 			switch st.Status {
 			case precopy.StatusFailed:
@@ -120,19 +126,17 @@ func followMigration(ctx context.Context, c *api.Client, patience time.Duration,
 }
 
 func progressLine(s precopy.MigrationStatus) string {
+	remaining := humanBytes(s.RemainingBytes)
+	if s.Round == 0 && s.RemainingBytes == 0 && s.Status != precopy.StatusCompleted {
+		remaining = "?" // round 0 has not measured it yet
+	}
 	return fmt.Sprintf("status=%s round=%d sent=%s remaining=%s dirty_rate=%d pages/s mbps=%.1f expected_downtime=%dms throttle=%d%% aborted=%d",
-		s.Status, s.Round, humanBytes(s.TransferredBytes), humanBytes(s.RemainingBytes), s.DirtyPagesRate, s.Mbps,
+		s.Status, s.Round, humanBytes(s.TransferredBytes), remaining, s.DirtyPagesRate, s.Mbps,
 		s.ExpectedDowntimeMs, s.ThrottlePercent, s.AbortedCompletions)
 }
 
-func progressBar(s precopy.MigrationStatus) string {
-	frac := 0.0
-	if s.TotalBytes > 0 {
-		frac = 1 - float64(s.RemainingBytes)/float64(s.TotalBytes)
-	}
-	if s.Status == precopy.StatusCompleted {
-		frac = 1
-	}
+func progressBar(s precopy.MigrationStatus, percent float64) string {
+	frac := percent / 100
 	const width = 30
 	filled := int(frac * width)
 	filled = max(0, min(width, filled))
@@ -141,9 +145,13 @@ func progressBar(s precopy.MigrationStatus) string {
 		humanBytes(s.TransferredBytes), humanBytes(s.RemainingBytes), s.DirtyPagesRate, s.Mbps, s.ExpectedDowntimeMs)
 }
 
-func printMigrationSummary(w io.Writer, s precopy.MigrationStatus) {
-	fmt.Fprintf(w, "migration %s in %d ms: downtime %d ms, %s on the wire, %d completion attempts (%d aborted)\n",
-		s.Status, s.TotalTimeMs, s.DowntimeMs, humanBytes(s.TransferredBytes), s.CompletionAttempts, s.AbortedCompletions)
+func printMigrationSummary(w io.Writer, s precopy.MigrationStatus, limit time.Duration) {
+	fmt.Fprintf(w, "migration %s in %d ms: downtime %d ms (limit %v), %s on the wire, %d completion attempts (%d aborted)\n",
+		s.Status, s.TotalTimeMs, s.DowntimeMs, limit, humanBytes(s.TransferredBytes), s.CompletionAttempts, s.AbortedCompletions)
+	downtime := time.Duration(max(float64(s.DowntimeMs), s.DowntimeBreakdown.TotalMs) * float64(time.Millisecond))
+	if v := progress.DowntimeVerdict(downtime, limit); v != "" && s.Status == precopy.StatusCompleted {
+		defer fmt.Fprintf(w, "  %s\n", v) // the final line
+	}
 	if s.Outcome != "" {
 		fmt.Fprintf(w, "  outcome: %s\n", s.Outcome)
 	}

@@ -150,6 +150,7 @@ func cmdPrimary(args []string) error {
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, true)
+	addStopHandoverFlag(fs, &cf)
 	var rf receiveFlags
 	addReceiveFlags(fs, &rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
 	var snapDir string
@@ -157,6 +158,7 @@ func cmdPrimary(args []string) error {
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -205,7 +207,7 @@ func cmdPrimary(args []string) error {
 
 func cmdSecondary(args []string) error {
 	fs := newFlagSet("secondary")
-	data := fs.String("data", "127.0.0.1:7092", "address the primary streams epochs to")
+	data := fs.String("data", "127.0.0.1:7092", "this node's data address: where it listens for the primary's epochs (the same in a pair and in raft mode; the pair's primary names it in --secondary)")
 	apiAddr := fs.String("api", "127.0.0.1:7082", "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7083", "address of the console bridge (serves once activated)")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
@@ -215,10 +217,12 @@ func cmdSecondary(args []string) error {
 	primaryName := fs.String("primary-name", "", "with TLS, a pair without raft: the node the primary's certificate must name (default: any certificate of the CA)")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, false)
+	addStopHandoverFlag(fs, &cf)
 	fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	var rf receiveFlags
 	addReceiveFlags(fs, &rf, true)
 	var snapDir string

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -11,14 +12,39 @@ import (
 	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/kvm"
+	"github.com/tandemvm/tandem/internal/logging"
 )
 
 func init() {
 	register("run", "run a guest with an HTTP API and a console bridge", cmdRun)
 }
 
+// logOpts are the long-running commands' --log-format and --log-level
+// (one command runs per process).
+var logOpts logging.Options
+
+// addLogFlags adds --log-format and --log-level, checked as they are
+// parsed (a bad value is a one-line usage error).
+func addLogFlags(fs *flag.FlagSet) {
+	fs.Func("log-format", "log lines as text (logfmt) or json, on stderr: "+logging.Formats+" (default text)", func(s string) error {
+		f, err := logging.ParseFormat(s)
+		logOpts.Format = f
+		return err
+	})
+	fs.Func("log-level", "least severe level logged: "+logging.Levels+" (default info)", func(s string) error {
+		_, err := logging.ParseLevel(s)
+		logOpts.Level = s
+		return err
+	})
+}
+
+// newLogger logs to stderr as --log-format and --log-level say.
 func newLogger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	log, err := logging.New(os.Stderr, logOpts)
+	if err != nil { // the flags were checked when parsed
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return log
 }
 
 // kvmDirtyMethod is the dirty-log method of KVM guests this process
@@ -43,6 +69,38 @@ func stopContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 }
 
+// stopContexts are stopContext's for a node that does something on its
+// way out (a primary's handover): stop ends on the first SIGTERM or
+// SIGINT, force on the second. cancel releases the signals.
+func stopContexts() (stop, force context.Context, cancel func()) {
+	stop, stopFn := context.WithCancel(context.Background())
+	force, forceFn := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	done := make(chan struct{})
+	go func() {
+		for n := 0; ; n++ {
+			select {
+			case <-done:
+				return
+			case <-sigs:
+				if n == 0 {
+					stopFn()
+				} else {
+					forceFn()
+					return
+				}
+			}
+		}
+	}()
+	return stop, force, func() {
+		signal.Stop(sigs)
+		close(done)
+		stopFn()
+		forceFn()
+	}
+}
+
 func cmdRun(args []string) error {
 	fs := newFlagSet("run")
 	var gf guestFlags
@@ -55,6 +113,7 @@ func cmdRun(args []string) error {
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
+	addLogFlags(fs)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}

@@ -1,5 +1,5 @@
 // Package kvproto parses and formats the kv workload's line protocol
-// (DESIGN.md, "The kv workload's line protocol"): requests of the form
+// (docs/OPERATIONS.md, "The kv protocol"): requests of the form
 // "<client>:<seq> SET|GET|DEL ..." and their replies. Guest backends use it
 // to serve the protocol; clients and tests use it to build requests and
 // read replies.

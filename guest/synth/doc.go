@@ -25,7 +25,7 @@
 // With a disk, every 64th page write also writes that page to the disk.
 // A dirty guest does not read its console: input to it is dropped.
 //
-// kv: vCPU 0 serves the line protocol of DESIGN.md (guest/kvproto) on the
+// kv: vCPU 0 serves the line protocol of docs/OPERATIONS.md (guest/kvproto) on the
 // console; other vCPUs idle. The table (sized by guest memory: 2,093,048
 // slots in 1 GiB) and the per-client record of the
 // highest seq and last reply live in guest memory (kvtable.go), so a

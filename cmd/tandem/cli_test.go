@@ -1,0 +1,54 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+
+	"github.com/tandemvm/tandem/internal/version"
+)
+
+// Every command's -h starts with its synopsis, on stdout, and exits 0.
+func TestHelpSynopsis(t *testing.T) {
+	for name := range commands {
+		var out, errb bytes.Buffer
+		if rc := runMain([]string{name, "-h"}, &out, &errb); rc != 0 {
+			t.Errorf("%s -h: exit %d, stderr %q", name, rc, errb.String())
+			continue
+		}
+		if first, _, _ := strings.Cut(out.String(), "\n"); !strings.HasPrefix(first, "usage: tandem "+name) {
+			t.Errorf("%s -h: first line %q", name, first)
+		}
+	}
+	var out, errb bytes.Buffer
+	if rc := runMain([]string{"help"}, &out, &errb); rc != 0 || !strings.HasPrefix(out.String(), "usage: tandem COMMAND") || errb.Len() != 0 {
+		t.Errorf("tandem help: exit %d, stdout %q, stderr %q", rc, out.String(), errb.String())
+	}
+}
+
+func TestVersion(t *testing.T) {
+	var out, errb bytes.Buffer
+	if rc := runMain([]string{"version"}, &out, &errb); rc != 0 || strings.TrimSpace(out.String()) != version.Build() {
+		t.Errorf("tandem version: exit %d, %q", rc, out.String())
+	}
+}
+
+// Flags may follow a positional argument (the README's order), and a
+// stray argument is still one line, exit 2.
+func TestFlagsAfterPositional(t *testing.T) {
+	var out, errb bytes.Buffer
+	rc := runMain([]string{"analyze", "/nonexistent/stream", "--json"}, &out, &errb)
+	if rc != 1 || strings.Contains(errb.String(), "unexpected argument") {
+		t.Errorf("analyze FILE --json: exit %d, %q", rc, errb.String())
+	}
+	errb.Reset()
+	rc = runMain([]string{"analyze", "a", "b"}, &out, &errb)
+	if rc != 2 || strings.Count(errb.String(), "\n") != 1 {
+		t.Errorf("analyze a b: exit %d, %q", rc, errb.String())
+	}
+	errb.Reset()
+	rc = runMain([]string{"witness", "--log-level", "loud"}, &out, &errb)
+	if rc != 2 || strings.Count(errb.String(), "\n") != 1 {
+		t.Errorf("--log-level loud: exit %d, %q", rc, errb.String())
+	}
+}

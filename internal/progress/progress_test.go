@@ -1,0 +1,31 @@
+package progress
+
+import (
+	"testing"
+	"time"
+)
+
+func TestNeverBackwards(t *testing.T) {
+	var tr Tracker
+	t0 := time.Unix(0, 0)
+	// Round 0, no rate yet: no ETA.
+	if _, _, ok := tr.Observe(Sample{At: t0, Total: 1000}); ok {
+		t.Fatal("an ETA before any rate")
+	}
+	p1, e1, ok := tr.Observe(Sample{At: t0.Add(time.Second), Transferred: 400, Remaining: 600, Total: 1000, Mbps: 8e-6 * 100})
+	if !ok || p1 != 40 || e1 != 6*time.Second {
+		t.Fatalf("p %v eta %v ok %v", p1, e1, ok)
+	}
+	// The guest dirtied pages: remaining grew, the rate fell. Neither the
+	// percentage nor the ETA goes backwards.
+	p2, e2, _ := tr.Observe(Sample{At: t0.Add(2 * time.Second), Transferred: 500, Remaining: 900, Total: 1000, Mbps: 8e-6 * 50})
+	if p2 < p1 || e2 > e1-time.Second {
+		t.Fatalf("backwards: p %v -> %v, eta %v -> %v", p1, p2, e1, e2)
+	}
+	if p, e, _ := tr.Observe(Sample{At: t0.Add(3 * time.Second), Done: true}); p != 100 || e != 0 {
+		t.Fatalf("done: %v %v", p, e)
+	}
+	if DowntimeVerdict(301*time.Millisecond, 300*time.Millisecond) == "" || DowntimeVerdict(300*time.Millisecond, 300*time.Millisecond) != "" {
+		t.Fatal("downtime verdict")
+	}
+}
