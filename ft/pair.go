@@ -90,7 +90,7 @@ func RunPairSecondary(ctx context.Context, cfg PairSecondaryConfig) error {
 		}
 		// A store that cannot be opened stops the start: the operator
 		// asked for a replica that survives a restart.
-		if _, err := replica.OpenStoreWith(filepath.Join(cfg.DataDir, "image"), log, replica.StoreOptions{Sync: cfg.Receiver.Sync}); err != nil {
+		if _, err := replica.OpenStoreWith(filepath.Join(cfg.DataDir, "image"), log, replica.StoreOptions{Sync: cfg.Receiver.Sync, AcceptUnsynced: cfg.Receiver.AcceptUnsynced}); err != nil {
 			return err
 		}
 	}

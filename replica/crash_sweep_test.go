@@ -293,6 +293,25 @@ func runCrashPoint(t *testing.T, name string, policy SyncPolicy, nth int, kill b
 				t.Fatalf("--sync %s: refused: %v", policy, err)
 			}
 			res.outcome = "refused: may lack acked epochs (memory policy, host restarted)"
+			// The operator's override offers it anyway, as whatever
+			// epoch survived: never one that was not sent, never less
+			// than what was fsynced.
+			forced, err := OpenStoreWith(sweepStore, nil, StoreOptions{FS: m, Sync: policy, BootID: boot, AcceptUnsynced: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			sec3 := NewSecondary(r, nil)
+			sec3.Store = forced
+			defer sec3.Close()
+			c, ok, err := sec3.LoadStored()
+			switch {
+			case err != nil:
+				t.Fatalf("--accept-unsynced-image still refused: %v", err)
+			case ok && (!c.Consistent || c.Epoch > res.sent || c.Epoch < res.synced):
+				t.Fatalf("--accept-unsynced-image offered epoch %d (consistent %v); sent %d, fsynced %d", c.Epoch, c.Consistent, res.sent, res.synced)
+			case ok:
+				res.outcome += fmt.Sprintf("; forced: epoch %d", c.Epoch)
+			}
 			return
 		case !ok:
 			res.outcome = "nothing stored (needs a full sync)"

@@ -50,6 +50,9 @@ type Receiver struct {
 	// secondary keeps (--sync; StoreOptions.Sync of the store its caller
 	// opens): see SyncPolicy and docs/DURABILITY.md.
 	Sync SyncPolicy
+	// AcceptUnsynced: StoreOptions.AcceptUnsynced of that store, the
+	// operator's override (--accept-unsynced-image).
+	AcceptUnsynced bool
 	// HandshakeTimeout bounds reading the whole Hello, however slowly it
 	// trickles in; 0 means DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration

@@ -53,6 +53,9 @@ type Store struct {
 	dir    string
 	policy SyncPolicy
 	bootID func() string
+	// acceptUnsynced: StoreOptions.AcceptUnsynced; log says so.
+	acceptUnsynced bool
+	log            *slog.Logger
 
 	f       vfs.File
 	bw      *bufio.Writer
@@ -151,6 +154,11 @@ type StoreOptions struct {
 	// /proc/sys/kernel/random/boot_id ("" if it cannot). Tests make a
 	// MemFS crash a new boot.
 	BootID func() string
+	// AcceptUnsynced is the operator's override of ErrStoreMayLack
+	// (--accept-unsynced-image): a stored image that may lack
+	// acknowledged epochs is offered anyway, with a warning naming what
+	// may be missing. For a cluster that would otherwise not run at all.
+	AcceptUnsynced bool
 }
 
 // bootID is the Linux boot ID, or "" where there is none.
@@ -202,7 +210,7 @@ func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error)
 	if boot == nil {
 		boot = bootID
 	}
-	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot}, nil
+	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot, acceptUnsynced: o.AcceptUnsynced, log: log}, nil
 }
 
 // Policy is the store's sync policy.
@@ -247,8 +255,8 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 	if h.Config, err = r.localConfig(h.Config); err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
 	}
-	if why := s.distrust(h.Store, nil); why != "" {
-		return nil, h, false, fmt.Errorf("%w: %s: %s; it is not offered (a primary's full sync replaces it)", ErrStoreMayLack, path, why)
+	if why := s.distrust(h.Store, nil); why != "" && !s.accepted(path, why) {
+		return nil, h, false, fmt.Errorf("%w: %s: %s; it is not offered (a primary's full sync replaces it; --accept-unsynced-image runs it anyway)", ErrStoreMayLack, path, why)
 	}
 	g, err := r.NewGuest(h.Kind, h.Config)
 	if err != nil {
@@ -294,12 +302,26 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 		return nil, h, false, nil
 	}
 	e := im.Committed().Epoch
-	if why := s.distrust(h.Store, &e); why != "" {
+	if why := s.distrust(h.Store, &e); why != "" && !s.accepted(path, fmt.Sprintf("it holds epoch %d but %s", e, why)) {
 		g.Close()
-		return nil, h, false, fmt.Errorf("%w: %s holds epoch %d but %s; it is not offered (a primary's full sync replaces it)", ErrStoreMayLack, path, e, why)
+		return nil, h, false, fmt.Errorf("%w: %s holds epoch %d but %s; it is not offered (a primary's full sync replaces it; --accept-unsynced-image runs it anyway)", ErrStoreMayLack, path, e, why)
 	}
 	h.Store = nil // the file's own, not the guest's
 	return im, h, true, nil
+}
+
+// accepted says whether the operator's override takes an image that may
+// lack acknowledged epochs, and logs it loudly when it does.
+func (s *Store) accepted(path, why string) bool {
+	if !s.acceptUnsynced {
+		return false
+	}
+	log := s.log
+	if log == nil {
+		log = slog.Default()
+	}
+	log.Warn("replica store: offering an image that may lack acknowledged epochs (--accept-unsynced-image)", "file", path, "why", why)
+	return true
 }
 
 // ErrStoreMayLack refuses a stored image that may lack acknowledged

@@ -19,6 +19,7 @@ type receiveFlags struct {
 	disk         string
 	maxEpochDisk uint64
 	sync         replica.SyncPolicy
+	acceptUnsync bool
 }
 
 func addReceiveFlags(fs *flag.FlagSet, rf *receiveFlags, withDisk bool) {
@@ -29,6 +30,7 @@ func addReceiveFlags(fs *flag.FlagSet, rf *receiveFlags, withDisk bool) {
 	// takes it (a plain receive keeps no store and ignores it).
 	fs.Func("sync", "when a secondary's stored image (DATA_DIR/image) is fsynced: memory (default; right after an epoch is acknowledged from memory, the Remus contract) or disk (before it is acknowledged: acknowledged epochs survive a power loss of every node); see docs/DURABILITY.md",
 		func(s string) (err error) { rf.sync, err = replica.ParseSyncPolicy(s); return err })
+	fs.BoolVar(&rf.acceptUnsync, "accept-unsynced-image", false, "offer the stored image (DATA_DIR/image) even when it may lack acknowledged epochs (written under --sync memory, host restarted since): the operator's override after a double failure, when no node holds a newer image; what may be missing is logged")
 	if withDisk {
 		fs.StringVar(&rf.disk, "disk", "", "where this node keeps its copy of a received guest's disk (default: DATA_DIR/disk.img with --data-dir; without either, a guest with a disk is refused)")
 	}
@@ -51,6 +53,7 @@ func (rf receiveFlags) apply(r *replica.Receiver, dataDir string) *replica.Recei
 	r.DiskPath = rf.diskPath(dataDir)
 	r.MaxEpochDisk = rf.maxEpochDisk
 	r.Sync = rf.sync
+	r.AcceptUnsynced = rf.acceptUnsync
 	return r
 }
 
