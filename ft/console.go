@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/internal/netlimit"
+	"github.com/tandemvm/tandem/internal/timing"
 	"github.com/tandemvm/tandem/internal/trust"
 )
 
@@ -24,6 +25,8 @@ type consoleBridge struct {
 	// (a secondary, a fenced primary) clients are turned away at once,
 	// so a client that knows every node's console finds the primary.
 	serving func() bool
+	// timings times deliveries (nil: not timed).
+	timings *timing.Recorder
 
 	// mu guards clients, pending and closed.
 	mu      sync.Mutex
@@ -107,12 +110,14 @@ const maxClients = 256
 // not clients that talk.
 // serving (nil: always) is given here, not set later: the accept loop
 // reads it from its first connection on.
-func newConsoleBridge(addr string, input func([]byte) error, serving func() bool, log *slog.Logger, nt Trust) (*consoleBridge, error) {
+// timings (nil: none) times each delivery to a client as device
+// "console", op "write".
+func newConsoleBridge(addr string, input func([]byte) error, serving func() bool, timings *timing.Recorder, log *slog.Logger, nt Trust) (*consoleBridge, error) {
 	ln, err := nt.Listen(log, "--console", addr, "console", netlimit.ConsoleCap)
 	if err != nil {
 		return nil, err
 	}
-	b := &consoleBridge{ln: ln, input: input, serving: serving, log: log, clients: map[net.Conn]*clientOut{}, pending: map[net.Conn]struct{}{}}
+	b := &consoleBridge{ln: ln, input: input, serving: serving, timings: timings, log: log, clients: map[net.Conn]*clientOut{}, pending: map[net.Conn]struct{}{}}
 	b.wg.Add(1)
 	go b.accept()
 	return b, nil
@@ -243,8 +248,11 @@ func (b *consoleBridge) writeLoop(c net.Conn, out *clientOut) {
 		if p == nil {
 			return
 		}
-		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.Write(p); err != nil {
+		start := time.Now()
+		c.SetWriteDeadline(start.Add(10 * time.Second))
+		_, err := c.Write(p)
+		b.timings.Device("console", "write", start, time.Since(start))
+		if err != nil {
 			return
 		}
 		spare = p

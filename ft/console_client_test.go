@@ -45,7 +45,7 @@ func newEchoBridge(t *testing.T) *echoBridge {
 		e.mu.Unlock()
 		e.b.release([]byte("ok " + string(p)))
 		return nil
-	}, e.serving.Load, quietLog(), Trust{})
+	}, e.serving.Load, nil, quietLog(), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func TestConsoleClientPipedInput(t *testing.T) {
 			a.dropAll()
 		}()
 		return nil
-	}, func() bool { return !b.serving.Load() }, quietLog(), Trust{})
+	}, func() bool { return !b.serving.Load() }, nil, quietLog(), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,13 +10,19 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/tandemvm/tandem/internal/timing"
 )
 
 // TestConsoleBridgeKeepsUpWithManySmallWrites: a guest that writes every
 // reply on its own (an unprotected primary) must not get a fast client
 // dropped for the number of writes, only for bytes it cannot take.
 func TestConsoleBridgeKeepsUpWithManySmallWrites(t *testing.T) {
-	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
+	reg := prometheus.NewRegistry()
+	rec := timing.New(reg, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Second)
+	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, nil, rec, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,6 +62,10 @@ func TestConsoleBridgeKeepsUpWithManySmallWrites(t *testing.T) {
 			t.Fatalf("line %d = %q, want %q", i, l, want)
 		}
 	}
+	// Every delivery is timed as the console device's writes.
+	if n := testutil.CollectAndCount(reg, "tandem_device_seconds"); n != 1 {
+		t.Fatalf("%d device series after console deliveries, want 1 (console write)", n)
+	}
 }
 
 func TestClientOutBoundedInBytes(t *testing.T) {
@@ -82,7 +92,7 @@ func TestClientOutBoundedInBytes(t *testing.T) {
 // the bridge's goroutines (accept loop, each client's reader and writer)
 // is left, with clients still connected.
 func TestConsoleBridgeCloseJoinsItsGoroutines(t *testing.T) {
-	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
+	b, err := newConsoleBridge("127.0.0.1:0", func([]byte) error { return nil }, nil, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), Trust{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -116,7 +116,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		defer n.mu.Unlock()
 		return n.g != nil && n.state == "running"
 	}
-	n.console, err = newConsoleBridge(cfg.ConsoleAddr, n.input, serving, log, cfg.Trust)
+	n.console, err = newConsoleBridge(cfg.ConsoleAddr, n.input, serving, api.timings, log, cfg.Trust)
 	if err != nil {
 		api.Close()
 		return nil, err
