@@ -10,6 +10,7 @@ import (
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/block"
+	"github.com/tandemvm/tandem/internal/timing"
 	"github.com/tandemvm/tandem/internal/vfs"
 )
 
@@ -27,9 +28,11 @@ type Guest struct {
 	mem     *memory
 	regions []guest.Region
 	vcpus   []*vcpu
-	console *console
-	kv      *kvTable    // nil unless the workload is kv
-	disk    *block.Disk // nil without --disk
+	// exitTimes times the handler equivalents once TimeExits is called.
+	exitTimes atomic.Pointer[timing.Exits]
+	console   *console
+	kv        *kvTable    // nil unless the workload is kv
+	disk      *block.Disk // nil without --disk
 
 	// stopReq is the flag vCPUs look at between work units.
 	stopReq  atomic.Bool

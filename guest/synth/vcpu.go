@@ -71,7 +71,9 @@ func (v *vcpu) run() {
 	defer v.g.vcpuWG.Done()
 	for {
 		if v.g.stopReq.Load() {
-			if !v.g.park() {
+			parked := true
+			v.timed(hPark, func() { parked = v.g.park() })
+			if !parked {
 				return
 			}
 			now := time.Now()
@@ -122,7 +124,7 @@ func (v *vcpu) serveConsole() {
 	c := v.g.console
 	line, tooLong, ok := c.takeLine()
 	if !ok {
-		v.g.waitInput()
+		v.timed(hIdle, v.g.waitInput)
 		return
 	}
 	var reply []byte
@@ -133,9 +135,9 @@ func (v *vcpu) serveConsole() {
 		reply, dw = v.g.kv.serve(line)
 	}
 	if dw != nil {
-		v.g.diskWrite(dw.off, dw.data)
+		v.timed(hDiskSubmit, func() { v.g.diskWrite(dw.off, dw.data) })
 	}
-	c.emit(append(reply, '\n'))
+	v.timed(hConsTx, func() { c.emit(append(reply, '\n')) })
 }
 
 // touch fills the next pages of the vCPU's range with the fill profile
@@ -195,7 +197,7 @@ func (v *vcpu) dirty() {
 			blk := make([]byte, guest.PageSize)
 			copy(blk, m.mem[p<<guest.PageShift:(p+1)<<guest.PageShift])
 			off := uint64(v.index)*diskSpan + (c/diskEvery)%(diskSpan/guest.PageSize)*guest.PageSize
-			v.g.diskWrite(off, blk)
+			v.timed(hDiskSubmit, func() { v.g.diskWrite(off, blk) })
 		}
 	}
 }
