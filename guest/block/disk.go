@@ -104,10 +104,12 @@ type Disk struct {
 const (
 	OpWrite = "write"
 	OpFlush = "flush"
+	OpRead  = "read"
 )
 
 // SetObserver sets a function told of every completed write and flush
-// (op is OpWrite or OpFlush), on the disk's worker; it must not block.
+// (op is OpWrite or OpFlush, on the disk's worker) and read (OpRead, on
+// the reader's goroutine); it must not block.
 // nil removes it.
 func (d *Disk) SetObserver(f func(op string, start time.Time, took time.Duration, err error)) {
 	d.mu.Lock()
@@ -293,7 +295,12 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	if closed {
 		return 0, ErrClosed
 	}
-	return d.file.ReadAt(p, off)
+	start := time.Now()
+	n, err := d.file.ReadAt(p, off)
+	if f := d.observer(); f != nil {
+		f(OpRead, start, time.Since(start), err)
+	}
+	return n, err
 }
 
 // StallFlush makes the next flush the worker performs wait d before it

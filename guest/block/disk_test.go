@@ -340,4 +340,10 @@ func TestStallWriteIsObserved(t *testing.T) {
 	if o := <-got; o.op != OpWrite || o.took >= 150*time.Millisecond {
 		t.Fatalf("second write %+v, want a quick one", o)
 	}
+	if _, err := d.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if o := <-got; o.op != OpRead {
+		t.Fatalf("after a read the observer saw %+v", o)
+	}
 }
