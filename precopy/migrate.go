@@ -222,24 +222,11 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	applied := 0
 	for round := 0; ; round++ {
 		m.update(func(s *MigrationStatus) { s.Round = round })
-		t0 := m.clk().Now()
 		wire0 := m.link.BytesSent()
-		var sent uint64
-		if round == 0 {
-			sent, err = m.send.SendAll(ctx)
-		} else {
-			sent, err = m.send.SendDirty(ctx)
-		}
-		if err == nil {
-			// Wait until the destination has what was sent: socket
-			// buffers hide megabytes on a slow link, and the bandwidth
-			// figure and the final send must not be fooled by them.
-			err = m.send.Drain(ctx)
-		}
+		sent, sendTime, err := m.sendRound(ctx, round)
 		if err != nil {
 			return m.failed(start, err)
 		}
-		sendTime := clock.Since(m.clk(), t0)
 		dirtied, err := m.core.Sync()
 		if err != nil {
 			return m.failed(start, err)
@@ -282,6 +269,25 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 			return m.failed(start, fmt.Errorf("migration cancelled: %w", err))
 		}
 	}
+}
+
+// sendRound sends one iterative round (round 0: all of memory) and waits
+// until the destination has it: socket buffers hide megabytes on a slow
+// link, and the bandwidth figure and the final send must not be fooled
+// by them. It returns the pages sent and how long that took.
+func (m *Migration) sendRound(ctx context.Context, round int) (uint64, time.Duration, error) {
+	t0 := m.clk().Now()
+	var sent uint64
+	var err error
+	if round == 0 {
+		sent, err = m.send.SendAll(ctx)
+	} else {
+		sent, err = m.send.SendDirty(ctx)
+	}
+	if err == nil {
+		err = m.send.Drain(ctx)
+	}
+	return sent, clock.Since(m.clk(), t0), err
 }
 
 // setUp readies the sender and clears the dirty log: it has been
