@@ -35,6 +35,17 @@ func (tf tlsFlags) load() (*trust.Identity, error) {
 	return id, nil
 }
 
+// parseClientFlags adds the TLS flags to a client command's flag set,
+// parses args and loads the identity (nil without TLS flags).
+func parseClientFlags(fs *flag.FlagSet, args []string) (*trust.Identity, error) {
+	var tf tlsFlags
+	addTLSFlags(fs, &tf)
+	if err := parseFlags(fs, args, 0); err != nil {
+		return nil, err
+	}
+	return tf.load()
+}
+
 func cmdCerts(args []string) error {
 	if len(args) == 0 {
 		return usagef("tandem certs ca --dir DIR | tandem certs issue --dir DIR --name NAME [--ip IP,...] [--dns NAME,...]")

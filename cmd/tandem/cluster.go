@@ -180,12 +180,7 @@ func cmdWitness(args []string) error {
 func cmdSwitchover(args []string) error {
 	fs := newFlagSet("switchover")
 	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	id, err := tf.load()
+	id, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
 	}

@@ -22,12 +22,7 @@ func cmdConsole(args []string) error {
 	fs := newFlagSet("console")
 	connect := fs.String("connect", "127.0.0.1:7071", "console addresses of every node, comma-separated")
 	timeout := fs.Duration("timeout", 30*time.Second, "give up when no node serves the console for this long")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	id, err := tf.load()
+	id, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
 	}

@@ -99,12 +99,7 @@ func cmdActivate(args []string) error {
 	fs := newFlagSet("activate")
 	api := fs.String("api", "127.0.0.1:7082", "API address of the secondary")
 	force := fs.Bool("force", false, "activate even though the primary was heard within the secondary's --failure-timeout (split brain unless it is really gone)")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	id, err := tf.load()
+	id, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
 	}
@@ -121,12 +116,7 @@ func cmdProtect(args []string) error {
 	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
 	secondary := fs.String("secondary", "", "the secondary's --data address (\"\" drops protection)")
 	name := fs.String("secondary-name", "", "with TLS: the node the secondary's certificate must name (default: any certificate of the CA)")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	id, err := tf.load()
+	id, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
 	}

@@ -26,17 +26,12 @@ func cmdStatus(args []string) error {
 	asJSON := fs.Bool("json", false, "print one JSON object (the node's, as it sent it)")
 	digest := fs.Bool("digest", false, "add memory_digest, the digest of guest memory now (a node that is not protecting a guest)")
 	watch := fs.Duration("watch", 0, "refresh every so often (e.g. 1s) until interrupted; 0: once")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
+	id, err := parseClientFlags(fs, args)
+	if err != nil {
 		return err
 	}
 	if *watch < 0 || (*watch > 0 && *watch < 100*time.Millisecond) {
 		return usagef("--watch %v: want 0 or at least 100ms", *watch)
-	}
-	id, err := tf.load()
-	if err != nil {
-		return err
 	}
 	path := "/status"
 	if *digest {

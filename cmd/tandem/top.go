@@ -21,9 +21,8 @@ func cmdTop(args []string) error {
 	interval := fs.Duration("interval", time.Second, "refresh interval")
 	once := fs.Bool("once", false, "print one snapshot (figures over one interval) and exit; the default when stdout is not a terminal")
 	rows := fs.Int("rows", 10, "rows in the table of phases and handlers, and slow events shown")
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	if err := parseFlags(fs, args, 0); err != nil {
+	id, err := parseClientFlags(fs, args)
+	if err != nil {
 		return err
 	}
 	if *interval < 100*time.Millisecond || *interval > time.Hour {
@@ -31,10 +30,6 @@ func cmdTop(args []string) error {
 	}
 	if *rows < 1 || *rows > 1000 {
 		return usagef("--rows %d: give 1 to 1000", *rows)
-	}
-	id, err := tf.load()
-	if err != nil {
-		return err
 	}
 	c := newAPIClient(*addr, id, 0)
 	_, ttyErr := unix.IoctlGetTermios(int(os.Stdout.Fd()), unix.TCGETS)
