@@ -117,9 +117,17 @@ func TestConsoleBridgeCloseJoinsItsGoroutines(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	b.close()
+	// close has joined every goroutine (wg.Done was their last call);
+	// one may still be returning from it for a moment, so look again
+	// briefly before calling it left behind.
 	buf := make([]byte, 1<<20)
-	stacks := string(buf[:runtime.Stack(buf, true)])
-	if strings.Contains(stacks, "(*consoleBridge)") {
-		t.Fatalf("bridge goroutines left after close:\n%s", stacks)
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		if !strings.Contains(stacks, "(*consoleBridge)") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("bridge goroutines left after close:\n%s", stacks)
+		}
 	}
 }
