@@ -188,6 +188,13 @@ func markEstablished(conn net.Conn) {
 // once it has what it needs. The Hello it returns carries the local
 // configuration (localConfig): no path in it came from the sender.
 func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reader, error) {
+	h, _, br, err := r.handshakeConn(conn, purpose)
+	return h, br, err
+}
+
+// handshakeConn is handshake, also returning the reader under br (whose
+// per-read deadline a caller may replace with one fixed deadline).
+func (r *Receiver) handshakeConn(conn net.Conn, purpose string) (Hello, *connReader, *bufio.Reader, error) {
 	cr := &connReader{conn: conn, timeout: r.timeout(), fixed: true}
 	// Sized for a control line, not for the stream: the Reader reads
 	// sections in chunks of its own.
@@ -196,41 +203,29 @@ func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reade
 	var h Hello
 	if err := readLine(br, &h); err != nil {
 		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
-			return h, nil, fmt.Errorf("%w: no complete handshake within %v", ErrProtocol, r.handshakeTimeout())
+			return h, nil, nil, fmt.Errorf("%w: no complete handshake within %v", ErrProtocol, r.handshakeTimeout())
 		}
-		return h, nil, err
+		return h, nil, nil, err
 	}
 	cr.fixed = false
-	refuse := func(format string, a ...any) (Hello, *bufio.Reader, error) {
+	refuse := func(format string, a ...any) (Hello, *connReader, *bufio.Reader, error) {
 		err := fmt.Errorf(format, a...)
 		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
 		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: r.Build})
-		return h, nil, err
+		return h, nil, nil, err
 	}
 	switch {
 	case h.Proto != ProtoVersion:
 		return refuse("data-channel protocol %d, this receiver speaks %d", h.Proto, ProtoVersion)
 	case h.Purpose != purpose:
 		return refuse("sender wants %q, this receiver takes %q", h.Purpose, purpose)
-	case r.Kind != "" && h.Kind != r.Kind:
-		return refuse("guest kind %q, this receiver runs %q guests", h.Kind, r.Kind)
 	case checkpoint.FormatVersion(h.MinReader) > checkpoint.Current:
 		return refuse("stream format version %d needs a reader of version %d or later; this build reads %d to %d",
 			h.Format, h.MinReader, checkpoint.MinReadable, checkpoint.Current)
 	case checkpoint.FormatVersion(h.Format) < checkpoint.MinReadable:
 		return refuse("stream format version %d is older than the oldest this build reads (%d)", h.Format, checkpoint.MinReadable)
 	}
-	if err := h.Config.Validate(); err != nil {
-		return refuse("guest config: %v", err)
-	}
-	maxMem := r.MaxMemory
-	if maxMem == 0 {
-		maxMem = DefaultMaxMemory
-	}
-	if h.Config.Memory > maxMem {
-		return refuse("guest of %s is larger than this receiver takes (%s)", guest.FormatSize(h.Config.Memory), guest.FormatSize(maxMem))
-	}
-	cfg, err := r.localConfig(h.Config)
+	cfg, err := r.checkGuest(h)
 	if err != nil {
 		return refuse("%w", err)
 	}
@@ -241,7 +236,7 @@ func (r *Receiver) handshake(conn net.Conn, purpose string) (Hello, *bufio.Reade
 		}
 	}
 	markEstablished(conn)
-	return h, br, nil
+	return h, cr, br, nil
 }
 
 func (r *Receiver) replyOK(conn net.Conn, last uint64) error {
@@ -335,7 +330,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 	var res MigrationResult
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
-	hello, br, err := r.handshake(conn, PurposeMigrate)
+	hello, cr, br, err := r.handshakeConn(conn, PurposeMigrate)
 	if err != nil {
 		return res, err
 	}
@@ -404,7 +399,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		}
 		res.LoadTime = time.Since(t0)
 		if hello.Commit {
-			held, err := r.awaitCommit(ctx, conn, br, e.Epoch, g, hello, o, &res)
+			held, err := r.awaitCommit(ctx, conn, cr, br, e.Epoch, g, hello, o, &res)
 			if err != nil || held {
 				ok = held
 				return res, err
@@ -426,7 +421,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 // word. It returns (false, nil) on commit (resume now), an error wrapping
 // ErrMigrationAborted on abort, and held=true, with the paused guest in
 // res and AwaitingCommit set, when no word came.
-func (r *Receiver) awaitCommit(ctx context.Context, conn net.Conn, br *bufio.Reader, epoch uint64, g guest.Guest, hello Hello, o MigrationOptions, res *MigrationResult) (held bool, err error) {
+func (r *Receiver) awaitCommit(ctx context.Context, conn net.Conn, cr *connReader, br *bufio.Reader, epoch uint64, g guest.Guest, hello Hello, o MigrationOptions, res *MigrationResult) (held bool, err error) {
 	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
 	if err := writeLine(conn, precopy.Ack{Epoch: epoch, Digest: res.Digest, Ready: true, LoadTime: res.LoadTime}); err != nil {
 		return false, fmt.Errorf("acknowledge the final epoch %d: %w", epoch, err)
@@ -434,7 +429,7 @@ func (r *Receiver) awaitCommit(ctx context.Context, conn net.Conn, br *bufio.Rea
 	if o.OnReady != nil {
 		o.OnReady(g, hello)
 	}
-	c, cerr := waitControl(ctx, conn, br, epoch, o.CommitTimeout)
+	c, cerr := waitControl(ctx, conn, cr, br, epoch, o.CommitTimeout)
 	switch {
 	case cerr == nil && c.Migrate == ControlAbort:
 		return false, fmt.Errorf("%w: %s", ErrMigrationAborted, c.Reason)
@@ -449,28 +444,31 @@ func (r *Receiver) awaitCommit(ctx context.Context, conn net.Conn, br *bufio.Rea
 }
 
 // waitControl waits (up to timeout; 0: DefaultCommitTimeout) for the
-// source's control line after the final epoch. Every read re-arms the
-// idle deadline (idleReader), so the commit's deadline closes the
-// connection instead.
-func waitControl(ctx context.Context, conn net.Conn, br *bufio.Reader, epoch uint64, timeout time.Duration) (Control, error) {
+// source's control line after the final epoch: one fixed read deadline
+// replaces cr's per-read one (which would cut a commit timeout longer
+// than the I/O timeout short), and ctx's end cuts the read. On any
+// failure the connection is closed.
+func waitControl(ctx context.Context, conn net.Conn, cr *connReader, br *bufio.Reader, epoch uint64, timeout time.Duration) (Control, error) {
 	if timeout <= 0 {
 		timeout = DefaultCommitTimeout
 	}
+	cr.fixed = true
+	conn.SetReadDeadline(time.Now().Add(timeout))
+	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Now()) })
+	defer stop()
 	var c Control
-	got := make(chan error, 1)
-	go func() { got <- readControl(br, &c, epoch) }()
-	select {
-	case err := <-got:
-		return c, err
-	case <-time.After(timeout):
-		conn.Close()
-		<-got
-		return c, fmt.Errorf("nothing within %v", timeout)
-	case <-ctx.Done():
-		conn.Close()
-		<-got
+	err := readControl(br, &c, epoch)
+	if err == nil {
+		return c, nil
+	}
+	conn.Close()
+	if ctx.Err() != nil {
 		return c, ctx.Err()
 	}
+	if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+		return c, fmt.Errorf("nothing within %v", timeout)
+	}
+	return c, err
 }
 
 // confirmResumed sends the Final acknowledgement of a resumed guest; a
@@ -490,6 +488,29 @@ func (r *Receiver) confirmResumed(conn net.Conn, epoch uint64, hello Hello, res 
 		// cannot rule out. Say so.
 		r.log().Error("migration: guest resumed but the acknowledgement could not be sent; the (older, one-phase) source may resume too", "err", err)
 	}
+}
+
+// checkGuest checks what a Hello says of the guest against this receiver
+// (kind, configuration, memory bound; the stream's format is checked by
+// its own header) and
+// returns the configuration as this node builds it (its own paths). A
+// Hello from the network and one read back from a stored image both pass
+// through it.
+func (r *Receiver) checkGuest(h Hello) (guest.Config, error) {
+	if r.Kind != "" && h.Kind != r.Kind {
+		return guest.Config{}, fmt.Errorf("guest kind %q, this receiver runs %q guests", h.Kind, r.Kind)
+	}
+	if err := h.Config.Validate(); err != nil {
+		return guest.Config{}, fmt.Errorf("guest config: %v", err)
+	}
+	maxMem := r.MaxMemory
+	if maxMem == 0 {
+		maxMem = DefaultMaxMemory
+	}
+	if h.Config.Memory > maxMem {
+		return guest.Config{}, fmt.Errorf("guest of %s is larger than this receiver takes (%s)", guest.FormatSize(h.Config.Memory), guest.FormatSize(maxMem))
+	}
+	return r.localConfig(h.Config)
 }
 
 // readControl reads the source's control line after the final epoch.

@@ -42,19 +42,20 @@ type Secondary struct {
 	syncing   *Image
 	activated bool
 	lastErr   string
-	// storeErr is why the store was given up, if it was. With SyncDisk
-	// the secondary then acknowledges nothing more (an acknowledgement
-	// would promise durability it cannot give).
-	storeErr    error
-	storePolicy SyncPolicy
-	commits     uint64
-	lastCommit  time.Time
-	conn        net.Conn
-	served      chan struct{} // closed when conn's Serve has returned
-	from        string
-	lastHeard   time.Time // the current primary's last handshake or epoch
-	connGen     uint64    // the current primary's generation (its Hello)
-	connPeer    string    // the node its certificate names ("" plaintext)
+	// storeErr is why the store was given up, if it was; storeDiskLost
+	// says it was kept under SyncDisk, so the secondary acknowledges
+	// nothing more (an acknowledgement would promise durability it
+	// cannot give).
+	storeErr      error
+	storeDiskLost bool
+	commits       uint64
+	lastCommit    time.Time
+	conn          net.Conn
+	served        chan struct{} // closed when conn's Serve has returned
+	from          string
+	lastHeard     time.Time // the current primary's last handshake or epoch
+	connGen       uint64    // the current primary's generation (its Hello)
+	connPeer      string    // the node its certificate names ("" plaintext)
 
 	// wmu serialises writes on a primary connection: Serve's
 	// acknowledgements and Activate's last word.
@@ -155,10 +156,11 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			}
 			return s.fail(fmt.Errorf("epoch %d from %s: %w", im.Committed().Epoch+1, conn.RemoteAddr(), err))
 		}
-		if store, err = s.keep(im, e, hello, store, &adopted); err != nil {
+		c := im.Committed()
+		if store, err = s.keep(im, c, e, hello, store, &adopted); err != nil {
 			return err
 		}
-		if store, err = s.acknowledge(conn, im, e, hello, store, adopted); err != nil {
+		if store, err = s.acknowledge(conn, im, c, e, hello, store, adopted); err != nil {
 			return err
 		}
 	}
@@ -178,9 +180,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 func (s *Secondary) admit(conn net.Conn, hello Hello, done chan struct{}, refuse func(string, ...any) error) (*Image, *Store, error) {
 	s.mu.Lock()
 	activated, cur, curH, store := s.activated, s.current, s.currentH, s.Store
-	if store != nil {
-		s.storePolicy = store.Policy()
-	}
+	storeErr, diskLost := s.storeErr, s.storeDiskLost
 	s.mu.Unlock()
 	switch {
 	case activated:
@@ -188,8 +188,8 @@ func (s *Secondary) admit(conn net.Conn, hello Hello, done chan struct{}, refuse
 		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
 		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: s.R.Build, Activated: true})
 		return nil, nil, err
-	case store == nil && s.storeErr != nil && s.storePolicy == SyncDisk:
-		return nil, nil, refuse("this secondary cannot make epochs durable (--sync disk) since its store failed: %v", s.storeErr)
+	case store == nil && diskLost:
+		return nil, nil, refuse("this secondary cannot make epochs durable (--sync disk) since its store failed: %v", storeErr)
 	case s.minGen != nil && hello.Generation < s.minGen():
 		return nil, nil, refuse("primary generation %d is stale (the cluster is at %d)", hello.Generation, s.minGen())
 	case cur != nil && (curH.Kind != hello.Kind || curH.Config.Memory != hello.Config.Memory):
@@ -221,12 +221,12 @@ func (s *Secondary) admit(conn net.Conn, hello Hello, done chan struct{}, refuse
 	return cur, store, nil
 }
 
-// keep makes a received epoch last: the first consistent one adopts the
+// keep makes a received epoch (c is the image's committed state after
+// it) last: the first consistent one adopts the
 // image (replacing the one held) and begins the store; later ones are
 // appended to it. It returns the store to go on with (nil once it failed
 // under SyncMemory).
-func (s *Secondary) keep(im *Image, e checkpoint.EpochEnd, hello Hello, store *Store, adopted *bool) (*Store, error) {
-	c := im.Committed()
+func (s *Secondary) keep(im *Image, c Committed, e checkpoint.EpochEnd, hello Hello, store *Store, adopted *bool) (*Store, error) {
 	if c.Consistent && !*adopted {
 		// The new image is a guest now: it replaces the old one.
 		s.mu.Lock()
@@ -261,9 +261,9 @@ func (s *Secondary) keep(im *Image, e checkpoint.EpochEnd, hello Hello, store *S
 // acknowledge answers a kept epoch (with the image's digest when the
 // primary verifies) and, under SyncMemory, fsyncs the store behind the
 // acknowledgement. It returns the store to go on with.
-func (s *Secondary) acknowledge(conn net.Conn, im *Image, e checkpoint.EpochEnd, hello Hello, store *Store, adopted bool) (*Store, error) {
+func (s *Secondary) acknowledge(conn net.Conn, im *Image, c Committed, e checkpoint.EpochEnd, hello Hello, store *Store, adopted bool) (*Store, error) {
 	ack := precopy.Ack{Epoch: e.Epoch}
-	if im.Committed().Consistent && hello.Verify {
+	if c.Consistent && hello.Verify {
 		ack.Digest = im.Digest().String()
 	}
 	s.mu.Lock()
@@ -312,7 +312,7 @@ func (s *Secondary) storeFailed(st *Store, epoch uint64, err error) error {
 		"err", err, "sync", policy.String())
 	s.mu.Lock()
 	s.lastErr = err.Error()
-	s.storeErr = err
+	s.storeErr, s.storeDiskLost = err, policy == SyncDisk
 	if s.Store == st {
 		s.Store = nil
 	}
@@ -328,10 +328,13 @@ func (s *Secondary) storeFailed(st *Store, epoch uint64, err error) error {
 // a restarted secondary can be activated at its last committed epoch
 // before any primary reconnects.
 func (s *Secondary) LoadStored() (Committed, bool, error) {
-	if s.Store == nil {
+	s.mu.Lock()
+	store := s.Store
+	s.mu.Unlock()
+	if store == nil {
 		return Committed{}, false, nil
 	}
-	im, h, ok, err := s.Store.Load(s.R)
+	im, h, ok, err := store.Load(s.R)
 	if err != nil {
 		s.fail(err)
 		return Committed{}, false, err

@@ -157,8 +157,11 @@ func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error)
 	if err != nil {
 		return nil, fmt.Errorf("replica store: data directory %s is not writable: %w", dir, err)
 	}
-	if err := fsys.Remove(filepath.Join(dir, storeFile+".new")); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("replica store: remove a leftover %s.new: %w", storeFile, err)
+	// Leftovers of a cut-short compaction and of a cut-short clean mark.
+	for _, name := range []string{storeFile + ".new", vfs.TempName(storeSyncFile)} {
+		if err := fsys.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("replica store: remove a leftover %s: %w", name, err)
+		}
 	}
 	boot := o.BootID
 	if boot == nil {
@@ -493,9 +496,17 @@ func (s *Store) Close() {
 			fmt.Appendf(nil, "%s epoch=%d\n", cleanMagic, s.written), fsperm.File)
 	}
 	if err != nil {
-		slog.Warn("replica store: not closed cleanly", "dir", s.dir, "err", err)
+		s.logger().Warn("replica store: not closed cleanly", "dir", s.dir, "err", err)
 	}
 	s.closeFile()
+}
+
+// logger is the store's log, or slog's default.
+func (s *Store) logger() *slog.Logger {
+	if s.log != nil {
+		return s.log
+	}
+	return slog.Default()
 }
 
 // closeFile closes the file being appended to without a clean record.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -248,5 +249,49 @@ func TestStoreWithoutDiskContentsRefused(t *testing.T) {
 	}
 	if disk, _ := vfs.ReadFile(m, sweepDisk); !bytes.Equal(disk, marker) {
 		t.Fatal("a refused store changed the disk file")
+	}
+}
+
+// A stored image whose Hello asks for more memory than this receiver
+// takes is refused before any guest is built, as the same Hello from the
+// network would be.
+func TestStoreHelloBoundedLikeTheNetworks(t *testing.T) {
+	m := vfs.NewMemFS(1)
+	path, _ := buildStore(t, m)
+	built := false
+	r := &Receiver{Build: "test", Timeout: 5 * time.Second, DiskPath: sweepDisk, MaxMemory: 2 << 20,
+		NewGuest: func(kind string, c guest.Config) (guest.Guest, error) {
+			built = true
+			return synth.NewWithOptions(c, synth.Options{DiskFS: m})
+		}}
+	s, err := OpenStoreWith(sweepStore, nil, StoreOptions{FS: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, ok, err := s.Load(r)
+	if ok || err == nil || !strings.Contains(err.Error(), "larger than this receiver takes") || !strings.Contains(err.Error(), path) {
+		t.Fatalf("a 4 MiB stored guest with a 2 MiB bound: ok=%v err=%v", ok, err)
+	}
+	if built {
+		t.Fatal("a guest was built for an image over the bound")
+	}
+}
+
+// Opening a store removes what a cut-short compaction or clean mark left.
+func TestStoreOpenRemovesLeftovers(t *testing.T) {
+	m := vfs.NewMemFS(1)
+	if err := vfs.MkdirAllSync(m, sweepStore, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{storeFile + ".new", vfs.TempName(storeSyncFile)} {
+		writeAll(t, m, filepath.Join(sweepStore, name), []byte("partial"))
+	}
+	if _, err := OpenStoreWith(sweepStore, nil, StoreOptions{FS: m}); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{storeFile + ".new", vfs.TempName(storeSyncFile)} {
+		if _, err := m.Stat(filepath.Join(sweepStore, name)); err == nil {
+			t.Errorf("%s left after open", name)
+		}
 	}
 }

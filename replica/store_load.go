@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"log/slog"
 	"path/filepath"
 	"strings"
 
@@ -83,11 +82,9 @@ func (s *Store) Load(r *Receiver) (*Image, Hello, bool, error) {
 	if err := readLine(br, &h); err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
 	}
-	if err := h.Config.Validate(); err != nil {
-		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
-	}
-	// The stored Hello came from a primary: its paths are not opened.
-	if h.Config, err = r.localConfig(h.Config); err != nil {
+	// The stored Hello came from a primary: it is checked as one from the
+	// network is, and its paths are not opened.
+	if h.Config, err = r.checkGuest(h); err != nil {
 		return nil, h, false, fmt.Errorf("replica store %s: %w", path, err)
 	}
 	if why := s.distrust(h.Store, nil); why != "" && !s.accepted(path, why) {
@@ -151,11 +148,7 @@ func (s *Store) accepted(path, why string) bool {
 	if !s.acceptUnsynced {
 		return false
 	}
-	log := s.log
-	if log == nil {
-		log = slog.Default()
-	}
-	log.Warn("replica store: offering an image that may lack acknowledged epochs (--accept-unsynced-image)", "file", path, "why", why)
+	s.logger().Warn("replica store: offering an image that may lack acknowledged epochs (--accept-unsynced-image)", "file", path, "why", why)
 	return true
 }
 
