@@ -18,6 +18,9 @@ type Status struct {
 	GuestInfo
 	MigrationStatus
 	MemoryDigest string       `json:"memory_digest,omitempty"`
+	// MemoryDigestError says why a digest asked for was not taken (the
+	// guest did not pause in time, another digest was running).
+	MemoryDigestError string `json:"memory_digest_error,omitempty"`
 	Build        string       `json:"build"`
 	Cluster      *ClusterView `json:"cluster,omitempty"`
 	// Nodes is every cluster member as this node sees it (this node alone

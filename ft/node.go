@@ -170,7 +170,8 @@ func (n *Node) Attach(g guest.Guest, cfg guest.Config) {
 // guest (it does so outside mu). Everything that replaces or closes n.g,
 // or starts pausing it (a migration, an epoch loop), locks this way, so a
 // digest never resumes a guest in another's pause nor scans unmapped
-// memory. A digest takes mu this way too: digests run one at a time.
+// memory. A digest does not wait here: while one runs, another is
+// refused (status says so), so digests never queue up.
 func (n *Node) lockIdle() {
 	n.mu.Lock()
 	for n.digesting != nil {
@@ -248,12 +249,14 @@ type nodeStatus = api.Status
 func (n *Node) status(digest bool) nodeStatus {
 	// Copy what is needed under mu; ask the parts (the migration, raft,
 	// the epoch loop, the secondary) and take a digest outside it.
-	if digest {
-		n.lockIdle()
-	} else {
-		n.mu.Lock()
-	}
+	n.mu.Lock()
 	st := nodeStatus{Role: n.role, State: n.state, StateReason: n.stateReason, Build: version.Build()}
+	if digest && n.digesting != nil {
+		// Digests do not queue: each pauses the guest and scans all of
+		// its memory, and everything that needs the guest waits for them.
+		digest = false
+		st.MemoryDigestError = "another digest is running; ask again when it is done"
+	}
 	if n.g != nil {
 		st.GuestInfo = describeGuest(n.g, n.cfg)
 	}
@@ -308,23 +311,31 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.Secondary = &ss
 	}
 	if g != nil {
-		st.MemoryDigest = memoryDigest(g)
+		d, err := memoryDigest(g)
+		if err != nil {
+			st.MemoryDigestError = err.Error()
+		} else {
+			st.MemoryDigest = d
+		}
 	}
 	return st
 }
 
 // memoryDigest is the digest of the guest's memory now. A running guest is
 // paused for the scan so the figure is one instant's.
-func memoryDigest(g guest.Guest) string {
+// A guest that does not pause within a second gets no digest (a scan of
+// a running guest is of no one instant).
+func memoryDigest(g guest.Guest) (string, error) {
 	if !g.Paused() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		if _, err := g.Pause(ctx); err == nil {
-			defer g.Resume()
+		if _, err := g.Pause(ctx); err != nil {
+			return "", fmt.Errorf("no digest: the guest did not pause: %w", err)
 		}
+		defer g.Resume()
 	}
 	s := guest.ScanMemory(g.Regions()).Sum()
-	return fmt.Sprintf("%x", s[:])
+	return fmt.Sprintf("%x", s[:]), nil
 }
 
 func (n *Node) handleStatus(w http.ResponseWriter, r *http.Request) {

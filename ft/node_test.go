@@ -143,3 +143,30 @@ func TestStatusDigestHoldsNoLock(t *testing.T) {
 		t.Error("the digest left the guest paused")
 	}
 }
+
+// TestStatusDigestsDoNotQueue: while one status digest pauses and scans
+// the guest, another is answered at once without a digest, saying why,
+// instead of queueing behind it (each would pause the guest again).
+func TestStatusDigestsDoNotQueue(t *testing.T) {
+	g, err := synth.New(guest.Config{Memory: 1 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	n := &Node{log: slog.New(slog.NewTextHandler(io.Discard, nil)), g: g, state: "running"}
+	n.digesting = make(chan struct{}) // a digest in progress
+	done := make(chan nodeStatus, 1)
+	go func() { done <- n.status(true) }()
+	select {
+	case st := <-done:
+		if st.MemoryDigest != "" || !strings.Contains(st.MemoryDigestError, "another digest") {
+			t.Fatalf("digest %q, error %q; want none and a reason", st.MemoryDigest, st.MemoryDigestError)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a status digest queued behind the running one")
+	}
+	n.digesting = nil
+	if st := n.status(true); st.MemoryDigest == "" || st.MemoryDigestError != "" {
+		t.Fatalf("with no digest running: digest %q, error %q", st.MemoryDigest, st.MemoryDigestError)
+	}
+}
