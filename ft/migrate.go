@@ -173,7 +173,7 @@ func (n *Node) runMigration(ctx context.Context, m *precopy.Migration, to string
 	// second POST /migrate must not find it "running" in between.
 	unconfirmed := errors.Is(err, precopy.ErrCommitUnconfirmed)
 	n.mu.Lock()
-	n.migBusy = false
+	n.migBusy, n.migCancel = false, nil // nothing left to cancel
 	if err == nil || unconfirmed {
 		n.state, n.stateReason = "postmigrate", ""
 	}

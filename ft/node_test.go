@@ -170,3 +170,26 @@ func TestStatusDigestsDoNotQueue(t *testing.T) {
 		t.Fatalf("with no digest running: digest %q, error %q", st.MemoryDigest, st.MemoryDigestError)
 	}
 }
+
+// TestMigrateResolveOnce: a forced resolution is taken once; a second
+// one, or one after the migration was decided otherwise, is refused
+// (409) instead of being answered "ok" and dropped.
+func TestMigrateResolveOnce(t *testing.T) {
+	n := &Node{log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	p := &pendingCommit{res: &replica.MigrationResult{}, decide: make(chan bool, 1)}
+	n.pending = p
+	post := func(commit bool) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		n.handleMigrateResolve(commit)(rec, httptest.NewRequest("POST", "/", strings.NewReader(`{"force":true}`)))
+		return rec
+	}
+	if rec := post(false); rec.Code != http.StatusOK {
+		t.Fatalf("first forced abort: %d %s", rec.Code, rec.Body)
+	}
+	if rec := post(true); rec.Code != http.StatusConflict || !strings.Contains(rec.Body.String(), "resolved meanwhile") {
+		t.Fatalf("second resolution: %d %s, want 409", rec.Code, rec.Body)
+	}
+	if got := <-p.decide; got != false {
+		t.Fatal("the first decision was not the one handed over")
+	}
+}

@@ -175,6 +175,9 @@ func (n *Node) detach() {
 type pendingCommit struct {
 	res    *replica.MigrationResult
 	decide chan bool // true: resume here; false: drop (the source runs it)
+	// decided (under Node.mu) says the outcome is chosen: by an API
+	// request (sent on decide, under the same lock) or by the source.
+	decided bool
 }
 
 // awaitCommit holds a migrated guest, paused, until it is known how the
@@ -220,7 +223,15 @@ wait:
 		}
 	}
 	n.mu.Lock()
-	n.pending = nil
+	if p.decided {
+		// An API request decided first; it was checked against the
+		// source's word when it was made.
+		select {
+		case commit = <-p.decide:
+		default:
+		}
+	}
+	p.decided, n.pending = true, nil
 	n.mu.Unlock()
 	if !commit {
 		n.detach()
@@ -299,6 +310,8 @@ func (n *Node) handleMigrateResolve(commit bool) http.HandlerFunc {
 			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration awaits a commit here"))
 			return
 		}
+		// Asked on every request: sourceClient builds a client per call,
+		// and a request is rare (an operator resolving by hand).
 		v, detail := sourceVerdict(r.Context(), n.sourceClient(p.res), p.res.Hello)
 		switch {
 		case commit && v == verdictAborted:
@@ -313,9 +326,16 @@ func (n *Node) handleMigrateResolve(commit bool) http.HandlerFunc {
 		case v == verdictUnknown:
 			n.log.Error("FORCED migration resolution without the source's word", "commit", commit, "detail", detail)
 		}
-		select {
-		case p.decide <- commit:
-		default:
+		n.mu.Lock()
+		taken := n.pending == p && !p.decided
+		if taken {
+			p.decided = true
+			p.decide <- commit // capacity 1, and only the one who sets decided sends
+		}
+		n.mu.Unlock()
+		if !taken {
+			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("the migration was resolved meanwhile (by the source's word or another request); see GET /status"))
+			return
 		}
 		WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "commit": commit, "source": detail})
 	}
