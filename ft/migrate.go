@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -53,7 +54,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
 	}
-	comp, err := checkpoint.ParseCompression(orDefault(req.Compression, "default"))
+	comp, err := checkpoint.ParseCompression(cmp.Or(req.Compression, "default"))
 	if err != nil {
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
 		return
@@ -75,7 +76,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	if !strings.HasPrefix(req.To, "file:") {
 		// Two-phase switch-over: the destination resumes only on this
 		// source's commit (see precopy.Committer).
-		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, orDefault(req.SourceAPI, n.api.Addr())
+		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, cmp.Or(req.SourceAPI, n.api.Addr())
 	}
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller

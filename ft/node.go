@@ -342,13 +342,6 @@ func (n *Node) handleStatus(w http.ResponseWriter, r *http.Request) {
 	WriteJSON(w, http.StatusOK, n.status(r.URL.Query().Get("digest") != ""))
 }
 
-func orDefault(s, d string) string {
-	if s == "" {
-		return d
-	}
-	return s
-}
-
 // registerProtectionMetrics exports the role metrics every node has (see
 // roleMetrics: protected drops to 0 the moment a mismatch is found) and
 // the primary's verification figures.

@@ -1,8 +1,8 @@
 package ft
 
 import (
+	"cmp"
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -187,7 +187,7 @@ type pendingCommit struct {
 // resumes the guest on a guess. It returns true if the guest runs here.
 func (n *Node) awaitCommit(ctx context.Context, res *replica.MigrationResult) bool {
 	p := &pendingCommit{res: res, decide: make(chan bool, 1)}
-	why := res.Why + "; asking the source's API " + orDefault(res.Hello.SourceAPI, "(none given)") +
+	why := res.Why + "; asking the source's API " + cmp.Or(res.Hello.SourceAPI, "(none given)") +
 		"; resolve by hand with POST /migrate/commit (only once the source is stopped) or POST /migrate/abort"
 	n.mu.Lock()
 	n.cfg = res.Hello.Config
@@ -268,7 +268,7 @@ func (n *Node) sourceClient(res *replica.MigrationResult) *api.Client {
 	if res.Hello.SourceAPI == "" {
 		return nil
 	}
-	return api.NewClient(res.Hello.SourceAPI, clientTLS(n.trust.ID, res.Peer), 2*time.Second)
+	return api.NewClient(res.Hello.SourceAPI, n.trust.ID.ClientTLS(res.Peer), 2*time.Second)
 }
 
 // sourceVerdict asks the source's API (c) how migration h ended there.
@@ -339,11 +339,4 @@ func (n *Node) handleMigrateResolve(commit bool) http.HandlerFunc {
 		}
 		WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "commit": commit, "source": detail})
 	}
-}
-
-func clientTLS(id *trust.Identity, expect string) *tls.Config {
-	if id == nil {
-		return nil
-	}
-	return id.ClientTLS(expect)
 }

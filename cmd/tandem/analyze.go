@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -76,7 +77,7 @@ func describeConfig(v any) string {
 	if json.Unmarshal(b, &cfg) != nil {
 		return fmt.Sprintf("config %v", v)
 	}
-	out := fmt.Sprintf("memory %s, %d vCPUs, workload %s", guest.FormatSize(cfg.Memory), cfg.VCPUs, orDefault(cfg.Workload.Kind, "none"))
+	out := fmt.Sprintf("memory %s, %d vCPUs, workload %s", guest.FormatSize(cfg.Memory), cfg.VCPUs, cmp.Or(cfg.Workload.Kind, "none"))
 	if cfg.Disk != "" {
 		out += ", disk " + cfg.Disk
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -106,7 +107,7 @@ func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, l
 		}
 	}
 	return failover.Config{
-		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: orDefault(cf.dataAdvertise, cf.data), APIAddr: apiAddr, ConsoleAddr: consoleAddr,
+		ID: cf.id, Role: role, RaftAddr: cf.raft, DataAddr: cmp.Or(cf.dataAdvertise, cf.data), APIAddr: apiAddr, ConsoleAddr: consoleAddr,
 		Peers: peers, DataDir: filepath.Join(cf.dataDir, "raft"),
 		HeartbeatTimeout: cf.heartbeat, ElectionTimeout: cf.election, LeaderLeaseTimeout: cf.lease,
 		DataTimeout: cf.dataTimeout, Logger: log, // failover adds node= (and component=raft to raft's lines)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -112,7 +113,7 @@ func followMigration(ctx context.Context, c *api.Client, patience, limit time.Du
 			}
 			switch st.Status {
 			case precopy.StatusFailed:
-				return fmt.Errorf("migration %s (the guest keeps running on the source): %s", orDefault(st.Outcome, "failed"), st.Error)
+				return fmt.Errorf("migration %s (the guest keeps running on the source): %s", cmp.Or(st.Outcome, "failed"), st.Error)
 			case precopy.StatusUnknown:
 				return fmt.Errorf("migration outcome %s: the destination resumes once it learns of the commit (it asks the source's API), or by POST /migrate/commit on it: %s", st.Outcome, st.Error)
 			}
@@ -161,7 +162,7 @@ func printMigrationSummary(w io.Writer, s precopy.MigrationStatus, limit time.Du
 			b.PauseVCPUsMs, b.FlushMs, b.DirtySyncMs, b.StateSaveMs, b.FinalSendMs, b.DestinationLoadMs, b.ResumeMs, b.TotalMs)
 	}
 	if s.SwitchoverDigest != "" {
-		fmt.Fprintf(w, "  switchover digest: source %s, destination %s\n", s.SwitchoverDigest, orDefault(s.DestinationDigest, "(file)"))
+		fmt.Fprintf(w, "  switchover digest: source %s, destination %s\n", s.SwitchoverDigest, cmp.Or(s.DestinationDigest, "(file)"))
 	}
 	if s.Error != "" {
 		fmt.Fprintf(w, "  error: %s\n", s.Error)

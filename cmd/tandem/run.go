@@ -152,10 +152,3 @@ func cmdRun(args []string) error {
 // defaultGuestKind is kvm when /dev/kvm works and the micro-guest image is
 // built, the software guest otherwise.
 func defaultGuestKind() string { return ft.DefaultGuestKind() }
-
-func orDefault(s, d string) string {
-	if s == "" {
-		return d
-	}
-	return s
-}

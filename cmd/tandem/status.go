@@ -67,7 +67,9 @@ func cmdStatus(args []string) error {
 	defer t.Stop()
 	for {
 		if !*asJSON {
-			fmt.Print("\033[H\033[2J") // clear the terminal
+			if isTerminal(os.Stdout) {
+				fmt.Print("\033[H\033[2J") // clear the terminal
+			}
 			fmt.Printf("%s  every %v  (ctrl-c to stop)\n\n", time.Now().Format(time.TimeOnly), *watch)
 		}
 		if err := once(ctx); err != nil && ctx.Err() == nil {

@@ -32,8 +32,7 @@ func cmdTop(args []string) error {
 		return usagef("--rows %d: give 1 to 1000", *rows)
 	}
 	c := newAPIClient(*addr, id, 0)
-	_, ttyErr := unix.IoctlGetTermios(int(os.Stdout.Fd()), unix.TCGETS)
-	live := !*once && ttyErr == nil
+	live := !*once && isTerminal(os.Stdout)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, unix.SIGTERM)
 	defer stop()
 	prev, err := sampleNode(ctx, c)
