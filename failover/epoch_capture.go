@@ -357,6 +357,7 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 	if final {
 		flushBudget = finalTimeout
 	}
+	var heldSince time.Time // the open epoch's oldest held output, observed after the resume
 	cp, err := l.core.Capture(p.ctx, precopy.CaptureOptions{
 		FlushBudget: flushBudget,
 		KeepPaused:  final,
@@ -364,7 +365,7 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 		WhilePaused: func(cp *precopy.Capture) error {
 			l.step(ProtectionEvent{Kind: EvPause, Now: cp.PausedAt})
 			if o := l.gate.OpenHeld(); o.Bytes > 0 {
-				l.observe(PhaseOutputWait, o.Since, cp.PausedAt.Sub(o.Since))
+				heldSince = o.Since
 			}
 			j.gateEpoch = l.gate.Seal()
 			if p.shipped != nil {
@@ -379,6 +380,9 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 		return j, err
 	}
 	j.cp = cp
+	if !heldSince.IsZero() {
+		l.observe(PhaseOutputWait, heldSince, cp.PausedAt.Sub(heldSince))
+	}
 	if p.shipped != nil {
 		j.digest = l.verifyCapture(p.shipped, cp, &p.slice)
 	}
