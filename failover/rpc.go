@@ -171,6 +171,13 @@ func (m *muxStream) admit(typ byte, cmd any, peer string) error {
 		return fmt.Errorf("sender claims to be %s, the connection's certificate names %s", id, peer)
 	}
 	switch typ {
+	case rpcInstallSnapshot:
+		// The FSM's snapshot is the cluster's small record; Restore reads
+		// at most maxSnapshotBytes, so a larger body is refused before
+		// raft stores it.
+		if size := cmd.(*raft.InstallSnapshotRequest).Size; size < 0 || size > maxSnapshotBytes {
+			return fmt.Errorf("InstallSnapshot of %d bytes (this cluster's snapshots are at most %d)", size, maxSnapshotBytes)
+		}
 	case rpcTimeoutNow:
 		leader := ""
 		if m.policy != nil {
