@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tandemvm/tandem/guest/kvproto"
 	"github.com/tandemvm/tandem/internal/trust"
 )
 
@@ -120,6 +121,26 @@ func (c *KVClient) Do(ctx context.Context, cmd string, deadline time.Time) (KVRe
 	}
 }
 
+// maxReplyLine bounds a reply line read from a node: a reply is shorter
+// than a request (kvproto.MaxLine), so anything longer is a fault.
+const maxReplyLine = 2 * kvproto.MaxLine
+
+// readLine reads one reply line, refusing one past maxReplyLine instead
+// of buffering whatever the node sends until a newline.
+func (c *KVClient) readLine() (string, error) {
+	var line []byte
+	for {
+		chunk, err := c.r.ReadSlice('\n')
+		line = append(line, chunk...)
+		if len(line) > maxReplyLine {
+			return "", fmt.Errorf("a reply line longer than %d bytes", maxReplyLine)
+		}
+		if err != bufio.ErrBufferFull {
+			return string(line), err
+		}
+	}
+}
+
 // attempt sends line once on the current connection and reads until the
 // reply with the given prefix, an error or the deadline.
 func (c *KVClient) attempt(line, prefix string, deadline time.Time) (KVReply, error) {
@@ -128,7 +149,7 @@ func (c *KVClient) attempt(line, prefix string, deadline time.Time) (KVReply, er
 		return KVReply{}, err
 	}
 	for {
-		l, err := c.r.ReadString('\n')
+		l, err := c.readLine()
 		if err != nil {
 			return KVReply{}, err
 		}
@@ -192,7 +213,7 @@ func (c *KVClient) batchOnce(cmds []string, todo []int, out []KVReply, dl time.T
 	_, err := io.WriteString(c.conn, b.String())
 	for err == nil && len(want) > 0 {
 		var l string
-		if l, err = c.r.ReadString('\n'); err != nil {
+		if l, err = c.readLine(); err != nil {
 			break
 		}
 		l = strings.TrimRight(l, "\r\n")
