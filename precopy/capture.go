@@ -107,14 +107,16 @@ type Breakdown struct {
 	Flush     time.Duration `json:"flush_ns"`
 	DirtySync time.Duration `json:"dirty_sync_ns"`
 	StateSave time.Duration `json:"state_save_ns"`
-	Copy      time.Duration `json:"copy_ns"`
-	Hook      time.Duration `json:"hook_ns"`
-	Resume    time.Duration `json:"resume_ns"`
+	// DiskResync is reading the whole disk, when this capture ships it.
+	DiskResync time.Duration `json:"disk_resync_ns,omitempty"`
+	Copy       time.Duration `json:"copy_ns"`
+	Hook       time.Duration `json:"hook_ns"`
+	Resume     time.Duration `json:"resume_ns"`
 }
 
 // Total is the sum of the phases.
 func (b Breakdown) Total() time.Duration {
-	return b.Pause + b.Flush + b.DirtySync + b.StateSave + b.Copy + b.Hook + b.Resume
+	return b.Pause + b.Flush + b.DirtySync + b.StateSave + b.DiskResync + b.Copy + b.Hook + b.Resume
 }
 
 // Capture is what one pause took from the guest: copies of the dirty pages
@@ -211,11 +213,11 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 	}
 	cp.State = st
 	cp.Disk = c.G.TakeDiskWrites()
+	cp.Breakdown.StateSave = time.Since(t0)
+	c.observe(PhaseStateSave, t0, cp.Breakdown.StateSave)
 	if err := c.resyncDisk(cp); err != nil {
 		return fail(err)
 	}
-	cp.Breakdown.StateSave = time.Since(t0)
-	c.observe(PhaseStateSave, t0, cp.Breakdown.StateSave)
 
 	t0 = time.Now()
 	cp.Pages = c.takeDirty()
@@ -264,10 +266,12 @@ func (c *Core) resyncDisk(cp *Capture) error {
 	if !ok {
 		return nil
 	}
+	// The trigger is consumed only once the whole disk is in cp (or
+	// cannot be): a failed read leaves it for the next capture.
 	why := ""
-	if dropped := d.DiskDropped(); dropped != c.diskDropped {
+	dropped := d.DiskDropped()
+	if dropped != c.diskDropped {
 		why = fmt.Sprintf("the disk-write log dropped %d writes (over its bound)", dropped-c.diskDropped)
-		c.diskDropped = dropped
 	} else if c.diskResync {
 		why = "a catch-up: the replica's disk copy is of unknown age"
 	}
@@ -278,10 +282,11 @@ func (c *Core) resyncDisk(cp *Capture) error {
 	if err != nil {
 		return fmt.Errorf("disk resync: %w", err)
 	}
-	c.diskResync = false
+	consumed := func() { c.diskDropped, c.diskResync = dropped, false }
 	if size == 0 {
 		// No disk (or an empty one): nothing to ship, and a size mark
 		// would be a disk write for a guest without a disk.
+		consumed()
 		return nil
 	}
 	if size > MaxDiskResync {
@@ -290,12 +295,14 @@ func (c *Core) resyncDisk(cp *Capture) error {
 		// made equal by other means.
 		slog.Error("precopy: the disk is too large to resync whole in one epoch; the replica's disk copy must already equal this one",
 			"why", why, "bytes", size, "limit", MaxDiskResync)
+		consumed()
 		return nil
 	}
 	t0 := time.Now()
-	ws := make([]guest.DiskWrite, 0, (size+diskResyncChunk-1)/diskResyncChunk)
+	whole := make([]byte, size) // one buffer, shipped in chunks after the resume
+	ws := make([]guest.DiskWrite, 0, (size+diskResyncChunk-1)/diskResyncChunk+1)
 	for off := uint64(0); off < size; off += diskResyncChunk {
-		p := make([]byte, min(diskResyncChunk, size-off))
+		p := whole[off:min(off+diskResyncChunk, size):min(off+diskResyncChunk, size)]
 		if err := d.ReadDisk(p, off); err != nil {
 			return fmt.Errorf("disk resync: read at %d: %w", off, err)
 		}
@@ -305,8 +312,10 @@ func (c *Core) resyncDisk(cp *Capture) error {
 	ws = append(ws, guest.DiskWrite{Offset: size})
 	cp.Disk = ws
 	cp.DiskResync = why
+	consumed()
 	c.DiskResyncs++
-	c.observe(PhaseDiskResync, t0, time.Since(t0))
+	cp.Breakdown.DiskResync = time.Since(t0)
+	c.observe(PhaseDiskResync, t0, cp.Breakdown.DiskResync)
 	slog.Warn("precopy: shipping the whole disk", "why", why, "bytes", size, "took", time.Since(t0).Round(time.Microsecond))
 	return nil
 }

@@ -115,3 +115,51 @@ func TestCaptureWithoutDiskShipsNoResync(t *testing.T) {
 		t.Fatalf("a diskless guest shipped %d disk writes (resync %q)", len(cp.Disk), cp.DiskResync)
 	}
 }
+
+// failingDisk fails its next whole-disk read.
+type failingDisk struct {
+	*synth.Guest
+	fail bool
+}
+
+func (g *failingDisk) ReadDisk(p []byte, off uint64) error {
+	if g.fail {
+		g.fail = false
+		return fmt.Errorf("injected read failure")
+	}
+	return g.Guest.ReadDisk(p, off)
+}
+
+// A whole-disk resync whose read fails fails its capture and is still
+// owed: the next capture ships the whole disk (the trigger was once
+// consumed before the read, and the replica's disk silently diverged).
+func TestDiskResyncSurvivesAFailedRead(t *testing.T) {
+	cfg := guest.Config{Memory: 4 << 20, VCPUs: 1, Disk: filepath.Join(t.TempDir(), "d.img"), Workload: guest.Workload{Kind: guest.WorkloadKV}}
+	sg, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sg.Close()
+	if err := sg.ApplyDiskWrites([]guest.DiskWrite{{Offset: 0, Data: bytes.Repeat([]byte{1}, 8192)}}); err != nil {
+		t.Fatal(err)
+	}
+	g := &failingDisk{Guest: sg}
+	core := NewCore(g, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	core.ResyncDisk()
+	g.fail = true
+	if _, err := core.Capture(ctx, CaptureOptions{FlushBudget: 5 * time.Second}); err == nil {
+		t.Fatal("a capture whose disk read failed succeeded")
+	}
+	if g.Paused() {
+		sg.Resume()
+	}
+	cp, err := core.Capture(ctx, CaptureOptions{FlushBudget: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cp.DiskResync == "" || cp.Breakdown.DiskResync <= 0 {
+		t.Fatalf("the resync owed after a failed read was dropped: resync %q, took %v", cp.DiskResync, cp.Breakdown.DiskResync)
+	}
+}

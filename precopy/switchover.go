@@ -232,7 +232,7 @@ func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pau
 	}
 	downtime := end.Sub(pauseStart)
 	b := cp.Breakdown
-	srcPart := b.Pause + b.Flush + b.DirtySync + b.StateSave + b.Copy
+	srcPart := b.Pause + b.Flush + b.DirtySync + b.StateSave + b.DiskResync + b.Copy
 	send := end.Sub(sendStart) - ack.LoadTime
 	// The guest stays stopped here, so this scan sees the switch-over image.
 	srcDigest := guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), cp.State).String()
