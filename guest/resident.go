@@ -85,13 +85,6 @@ func Populated(r Region, fn func(first, n uint64) error) error {
 	return nil
 }
 
-// PopulatedPages is how many pages of r Populated reports.
-func PopulatedPages(r Region) uint64 {
-	var total uint64
-	_ = Populated(r, func(_, n uint64) error { total += n; return nil })
-	return total
-}
-
 var (
 	pagemapOnce sync.Once
 	pagemapFile *os.File
