@@ -17,12 +17,12 @@ type Status struct {
 	StateReason string `json:"state_reason,omitempty"`
 	GuestInfo
 	MigrationStatus
-	MemoryDigest string       `json:"memory_digest,omitempty"`
+	MemoryDigest string `json:"memory_digest,omitempty"`
 	// MemoryDigestError says why a digest asked for was not taken (the
 	// guest did not pause in time, another digest was running).
-	MemoryDigestError string `json:"memory_digest_error,omitempty"`
-	Build        string       `json:"build"`
-	Cluster      *ClusterView `json:"cluster,omitempty"`
+	MemoryDigestError string       `json:"memory_digest_error,omitempty"`
+	Build             string       `json:"build"`
+	Cluster           *ClusterView `json:"cluster,omitempty"`
 	// Nodes is every cluster member as this node sees it (this node alone
 	// without raft), on every role; Quorum is raft's majority as this
 	// node sees it (null without raft). Added by issue 20: the cluster
