@@ -122,6 +122,7 @@ func (l *EpochLoop) dial(ctx context.Context, addr string, onAck func(precopy.Ac
 	defer dcancel()
 	return replica.Dial(dctx, addr, hello, l.cfg.Guest.Regions(), replica.DialOptions{
 		Stream: l.cfg.Stream, Timeout: 10 * time.Second, OnAck: onAck, TLS: l.cfg.TLS, Expect: expect,
+		Insecure: l.cfg.Insecure,
 	})
 }
 

@@ -89,6 +89,9 @@ type EpochConfig struct {
 	// TLS, if set, makes every connection to a secondary mutual TLS with
 	// this identity (nil: plaintext).
 	TLS *trust.Identity
+	// Insecure lets a plaintext loop (TLS nil) stream to a non-loopback
+	// secondary; without it such a secondary is refused at each dial.
+	Insecure bool
 	// SecondaryName, with TLS, gives the node the secondary at a data
 	// address must be: its certificate has to name it. nil, or "": any
 	// certificate of the cluster's CA.

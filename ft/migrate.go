@@ -156,7 +156,7 @@ func (n *Node) openMigrationLink(w http.ResponseWriter, r *http.Request, to stri
 	// The source dials with its own identity; the destination must hold
 	// a certificate of the same CA.
 	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
-	l, err := replica.Dial(ctx, to, hello, g.Regions(), replica.DialOptions{Stream: opts, TLS: n.trust.ID})
+	l, err := replica.Dial(ctx, to, hello, g.Regions(), replica.DialOptions{Stream: opts, TLS: n.trust.ID, Insecure: n.trust.Insecure})
 	cancel()
 	if err != nil {
 		WriteError(w, http.StatusBadGateway, api.CodeInternal, err)

@@ -54,6 +54,9 @@ type DialOptions struct {
 	// Expect, with TLS, is the node the receiver's certificate must name
 	// ("": any certificate of the CA).
 	Expect string
+	// Insecure lets a plaintext stream (TLS nil) reach a non-loopback
+	// address; without it such a Dial is refused (trust.CheckDial).
+	Insecure bool
 }
 
 // Dial connects to a receiver's data address, performs the handshake
@@ -63,6 +66,9 @@ type DialOptions struct {
 func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region, o DialOptions) (*Link, error) {
 	if o.Timeout <= 0 {
 		o.Timeout = DefaultIOTimeout
+	}
+	if err := trust.CheckDial(o.TLS, o.Insecure, "data link to", addr); err != nil {
+		return nil, err
 	}
 	conn, err := trust.Dial(ctx, o.TLS, addr, o.Expect)
 	if err != nil {

@@ -52,3 +52,14 @@ func TestFlagsAfterPositional(t *testing.T) {
 		t.Errorf("--log-level loud: exit %d, %q", rc, errb.String())
 	}
 }
+
+// A pair primary without TLS flags refuses to stream to a secondary
+// across the network unless --insecure says so: one line, exit 2, before
+// the guest boots.
+func TestPlaintextSecondaryRefused(t *testing.T) {
+	var out, errb bytes.Buffer
+	rc := runMain([]string{"primary", "--guest", "synth", "--secondary", "192.0.2.1:7092"}, &out, &errb)
+	if rc != 2 || strings.Count(errb.String(), "\n") != 1 || !strings.Contains(errb.String(), "--secondary 192.0.2.1:7092") || !strings.Contains(errb.String(), "--insecure") {
+		t.Errorf("plaintext --secondary off loopback: exit %d, stderr %q", rc, errb.String())
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -179,6 +180,11 @@ func cmdPrimary(args []string) error {
 	nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr)
 	if err != nil {
 		return err
+	}
+	if *secondary != "" {
+		if err := trust.CheckDial(nt.ID, nt.Insecure, "--secondary", *secondary); err != nil {
+			return usagef("%v", err)
+		}
 	}
 	if *secName != "" && nt.ID == nil {
 		return usagef("--secondary-name needs --tls-ca, --tls-cert and --tls-key (a name is checked on a certificate)")

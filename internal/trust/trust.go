@@ -166,6 +166,17 @@ func CheckListen(id *Identity, insecure bool, what, addr string) error {
 	return nil
 }
 
+// CheckDial is the same rule for a client: plaintext (id nil) reaches a
+// loopback address only, unless insecure. Tandem's streams carry guest
+// memory and disk, so a node without TLS flags must not send them across
+// the network just because it was told an address.
+func CheckDial(id *Identity, insecure bool, what, addr string) error {
+	if id == nil && !insecure && !isLoopback(addr) {
+		return fmt.Errorf("%w: %s %s: a plaintext stream would cross the network readable and forgeable; give --tls-ca, --tls-cert and --tls-key, use a loopback address, or pass --insecure", ErrPlaintext, what, addr)
+	}
+	return nil
+}
+
 // Listen opens a TCP listener for one of a node's channels (what names it
 // in errors: "--api", "--data", ...). With an Identity every connection
 // must complete a mutual TLS handshake; without one, addr must be a

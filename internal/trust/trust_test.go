@@ -229,3 +229,25 @@ func TestOpenSSLCertificates(t *testing.T) {
 		t.Fatalf("openssl certificates: %q, %v", got, err)
 	}
 }
+
+// A client without an identity reaches loopback only, unless insecure:
+// guest memory never crosses the network in plaintext by accident.
+func TestPlaintextDialsLoopbackOnly(t *testing.T) {
+	for _, addr := range []string{"192.0.2.1:7092", "[2001:db8::1]:7092", "example.com:7092", "nonsense"} {
+		if err := CheckDial(nil, false, "--secondary", addr); !errors.Is(err, ErrPlaintext) || !strings.Contains(err.Error(), addr) {
+			t.Errorf("plaintext dial %s: err %v, want ErrPlaintext naming the address", addr, err)
+		}
+	}
+	for _, addr := range []string{"127.0.0.1:7092", "[::1]:7092", "localhost:7092"} {
+		if err := CheckDial(nil, false, "--secondary", addr); err != nil {
+			t.Errorf("plaintext dial %s: %v", addr, err)
+		}
+	}
+	if err := CheckDial(nil, true, "--secondary", "192.0.2.1:7092"); err != nil {
+		t.Errorf("--insecure: %v", err)
+	}
+	id := &Identity{}
+	if err := CheckDial(id, false, "--secondary", "192.0.2.1:7092"); err != nil {
+		t.Errorf("with an identity: %v", err)
+	}
+}
