@@ -1,0 +1,241 @@
+package tap
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tandemvm/tandem/guest/netframe"
+)
+
+func TestParseSpec(t *testing.T) {
+	good := map[string]Spec{
+		"tap:t0":                       {Name: "t0"},
+		"tap:tdm-a,bridge=br0":         {Name: "tdm-a", Bridge: "br0"},
+		"tap:fifteen_chars_x,bridge=b": {Name: "fifteen_chars_x", Bridge: "b"},
+	}
+	for in, want := range good {
+		if got, err := ParseSpec(in); err != nil || got != want {
+			t.Errorf("ParseSpec(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "t0", "tun:t0", "tap:", "tap:sixteen_chars_xx", "tap:a/b", "tap:t0,br=x", "tap:t0,bridge=", "tap:t0,bridge=a,b", "tap:t0,bridge=a b"} {
+		if _, err := ParseSpec(in); err == nil || strings.Contains(err.Error(), "\n") {
+			t.Errorf("ParseSpec(%q): err %v, want one line", in, err)
+		}
+	}
+}
+
+// lab is a bridge on the host with a client network namespace on it
+// (a veth pair), made by the test and removed after it.
+type lab struct {
+	t              *testing.T
+	br, ns, v0, v1 string
+}
+
+func newLab(t *testing.T) *lab {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a bridge, a namespace and TAP devices")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("no /dev/net/tun")
+	}
+	p := fmt.Sprintf("tdt%d", os.Getpid()%100000)
+	l := &lab{t: t, br: p + "br", ns: p + "ns", v0: p + "v0", v1: p + "v1"}
+	t.Cleanup(l.teardown)
+	l.ip("link", "add", l.br, "type", "bridge")
+	l.ip("link", "set", l.br, "up")
+	l.ip("netns", "add", l.ns)
+	l.ip("link", "add", l.v0, "type", "veth", "peer", "name", l.v1)
+	l.ip("link", "set", l.v0, "master", l.br, "up")
+	l.ip("link", "set", l.v1, "netns", l.ns)
+	l.ip("-n", l.ns, "addr", "add", "10.77.0.2/24", "dev", l.v1)
+	l.ip("-n", l.ns, "link", "set", l.v1, "up")
+	return l
+}
+
+func (l *lab) ip(args ...string) string {
+	l.t.Helper()
+	out, err := exec.Command("ip", args...).CombinedOutput()
+	if err != nil {
+		l.t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func (l *lab) teardown() {
+	exec.Command("ip", "link", "del", l.v0).Run()
+	exec.Command("ip", "netns", "del", l.ns).Run()
+	exec.Command("ip", "link", "del", l.br).Run()
+}
+
+// dialFromNS opens a UDP socket inside the namespace: the socket belongs
+// to the namespace of the thread that makes it.
+func (l *lab) dialFromNS(raddr string) *net.UDPConn {
+	l.t.Helper()
+	type res struct {
+		c   *net.UDPConn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			ch <- res{err: err}
+			return // the locked thread ends with the goroutine
+		}
+		defer unix.Close(orig)
+		nsfd, err := unix.Open("/run/netns/"+l.ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			ch <- res{err: err}
+			return
+		}
+		defer unix.Close(nsfd)
+		if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
+			ch <- res{err: err}
+			return
+		}
+		ua, _ := net.ResolveUDPAddr("udp4", raddr)
+		c, err := net.DialUDP("udp4", nil, ua)
+		if unix.Setns(orig, unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		ch <- res{c, err}
+	}()
+	r := <-ch
+	if r.err != nil {
+		l.t.Fatalf("socket in namespace %s: %v", l.ns, r.err)
+	}
+	return r.c
+}
+
+// serve runs ep behind dev until stop is closed: ARP answered, every
+// datagram echoed back with "echo:" in front.
+func serve(dev *Device, ep *netframe.Endpoint, stop chan struct{}, wg *sync.WaitGroup, mu *sync.Mutex) {
+	defer wg.Done()
+	buf := make([]byte, 2048)
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		n, err := dev.ReadFrame(buf, time.Now().Add(50*time.Millisecond))
+		if err != nil {
+			continue
+		}
+		mu.Lock()
+		out, data, from, ok := ep.Input(buf[:n], nil)
+		if ok && data != nil {
+			out, _ = ep.Reply(nil, from, append([]byte("echo:"), data...))
+		}
+		mu.Unlock()
+		if out != nil {
+			dev.WriteFrame(out, time.Now().Add(time.Second))
+		}
+	}
+}
+
+// roundTrip sends msg until a reply comes (ARP may need the first try).
+func roundTrip(t *testing.T, c *net.UDPConn, msg string, within time.Duration) (string, time.Duration) {
+	t.Helper()
+	t0 := time.Now()
+	buf := make([]byte, 2048)
+	for time.Since(t0) < within {
+		c.Write([]byte(msg))
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if n, err := c.Read(buf); err == nil {
+			return string(buf[:n]), time.Since(t0)
+		}
+	}
+	t.Fatalf("no reply to %q within %v", msg, within)
+	return "", 0
+}
+
+// The kernel, on the other side of a real bridge, resolves the guest's
+// address by ARP, sends it UDP, and accepts its replies (so their
+// checksums are right); a second device announcing the same address
+// with another MAC takes the address over at once.
+func TestTapAgainstKernel(t *testing.T) {
+	l := newLab(t)
+	guestIP := netframe.IPv4{10, 77, 0, 10}
+	c := l.dialFromNS("10.77.0.10:7000")
+	defer c.Close()
+
+	var mu sync.Mutex
+	run := func(name string, mac netframe.MAC) (*netframe.Endpoint, func()) {
+		dev, err := Open(Spec{Name: name, Bridge: l.br})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ep := &netframe.Endpoint{MAC: mac, IP: guestIP, Port: 7000}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go serve(dev, ep, stop, &wg, &mu)
+		mu.Lock()
+		g := ep.Announce(nil)
+		mu.Unlock()
+		if err := dev.WriteFrame(g, time.Now().Add(time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		return ep, func() { close(stop); wg.Wait(); dev.Close() }
+	}
+
+	macA := netframe.MAC{0x52, 0x54, 0, 0, 0, 0x0a}
+	a, stopA := run(l.br[:len(l.br)-2]+"ta", macA)
+	got, took := roundTrip(t, c, "c:1 GET k", 5*time.Second)
+	if got != "echo:c:1 GET k" {
+		t.Fatalf("reply %q", got)
+	}
+	mu.Lock()
+	ca := a.Counters
+	mu.Unlock()
+	if ca.ARPReplies == 0 || ca.Datagrams == 0 {
+		t.Fatalf("device A counters %+v: the kernel reached it without ARP or UDP?", ca)
+	}
+	t.Logf("first reply from A after %v (counters %+v)", took, ca)
+	stopA()
+
+	// The address moves: B has another MAC and announces the address.
+	macB := netframe.MAC{0x52, 0x54, 0, 0, 0, 0x0b}
+	b, stopB := run(l.br[:len(l.br)-2]+"tb", macB)
+	defer stopB()
+	got, took = roundTrip(t, c, "c:2 GET k", 5*time.Second)
+	if got != "echo:c:2 GET k" {
+		t.Fatalf("reply after the move %q", got)
+	}
+	neigh := l.ip("-n", l.ns, "neigh", "show", "10.77.0.10")
+	if !strings.Contains(neigh, macB.String()) {
+		t.Fatalf("client's neighbour entry after the announce: %q, want %s", neigh, macB)
+	}
+	mu.Lock()
+	cb := b.Counters
+	mu.Unlock()
+	t.Logf("first reply from B after %v (counters %+v; neighbour %s)", took, cb, strings.TrimSpace(neigh))
+	if took > time.Second {
+		t.Errorf("the address took %v to move; a gratuitous ARP should make it immediate", took)
+	}
+}
+
+func TestOpenRefusals(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	_, err := Open(Spec{Name: "tdtnobr0", Bridge: "tdt-no-such"})
+	if err == nil || !strings.Contains(err.Error(), "bridge tdt-no-such") {
+		t.Fatalf("missing bridge: %v", err)
+	}
+	if _, err := net.InterfaceByName("tdtnobr0"); err == nil {
+		t.Fatalf("a refused Open left the device behind")
+	}
+}
