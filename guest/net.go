@@ -104,3 +104,11 @@ type NIC interface {
 type Networked interface {
 	NIC() NIC
 }
+
+// NICOf is g's network card, or nil.
+func NICOf(g Guest) NIC {
+	if n, ok := g.(Networked); ok {
+		return n.NIC()
+	}
+	return nil
+}
