@@ -12,8 +12,8 @@ import (
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
-	"github.com/tandemvm/tandem/internal/tap"
 	"github.com/tandemvm/tandem/internal/clock"
+	"github.com/tandemvm/tandem/internal/tap"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
