@@ -10,6 +10,7 @@ import (
 
 	"github.com/tandemvm/tandem/internal/netlab"
 	"github.com/tandemvm/tandem/internal/tap"
+	"github.com/tandemvm/tandem/replica"
 )
 
 // udpKV sends req until a reply comes (the first try may wait for ARP,
@@ -80,7 +81,16 @@ func TestPairGuestNetworkFailover(t *testing.T) {
 	if f := pri.currentLoop().Gate().Frames(); f == 0 {
 		t.Fatal("the reply did not go through the primary's output gate")
 	}
-	for i := 2; i < 20; i++ {
+	// Output commit: with every acknowledgement held back 300 ms, no
+	// reply frame reaches the client sooner.
+	disable := replica.FPBeforeAck.Enable(func() error { time.Sleep(300 * time.Millisecond); return nil })
+	_, took = udpKV(t, c, "c:2 SET k2 v2", 10*time.Second)
+	disable()
+	if took < 290*time.Millisecond {
+		t.Fatalf("a reply arrived %v after its request while acknowledgements took 300 ms: it left before its epoch was safe", took)
+	}
+	t.Logf("with acknowledgements delayed 300 ms the reply took %v", took)
+	for i := 3; i < 20; i++ {
 		req := "c:" + strconv.Itoa(i) + " SET k" + strconv.Itoa(i) + " v" + strconv.Itoa(i)
 		if got, _ := udpKV(t, c, req, 5*time.Second); got != "c:"+strconv.Itoa(i)+" OK\n" {
 			t.Fatalf("%s: %q", req, got)
