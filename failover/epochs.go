@@ -89,6 +89,10 @@ type EpochConfig struct {
 	// TLS, if set, makes every connection to a secondary mutual TLS with
 	// this identity (nil: plaintext).
 	TLS *trust.Identity
+	// ReleaseFrame takes the guest's network frames once their epoch is
+	// acknowledged (or at once while unprotected), one call per frame.
+	// nil drops them. Like Release, it must not block for long.
+	ReleaseFrame func(frame []byte)
 	// Insecure lets a plaintext loop (TLS nil) stream to a non-loopback
 	// secondary; without it such a secondary is refused at each dial.
 	Insecure bool
@@ -287,6 +291,10 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	}
 	l.gate.Hold(false)
 	cfg.Guest.Console().SetOutput(l.gate.Write)
+	if nic := guest.NICOf(cfg.Guest); nic != nil {
+		l.gate.SetFrameSink(cfg.ReleaseFrame)
+		nic.SetTransmit(l.gate.WriteFrame)
+	}
 	return l
 }
 

@@ -38,15 +38,20 @@ type OutputGate struct {
 	// Write) and Discard; it guards no field.
 	relMu sync.Mutex
 	// mu guards every field below.
-	mu       sync.Mutex
-	sink     func([]byte)
-	allow    func() bool
-	open     uint64 // epoch the next written byte belongs to
-	released uint64 // highest epoch released (0: none)
-	pending  []heldOutput
-	held     int         // bytes in pending
-	clock    clock.Clock // stamps writes and releases: the output delays
-	passing  bool        // not holding: Write releases at once (unprotected)
+	mu   sync.Mutex
+	sink func([]byte)
+	// frameSink takes the guest's network frames, one call per frame
+	// (nil: frames are dropped); frames are held and released with the
+	// console's bytes, each kind in its own order.
+	frameSink func([]byte)
+	frames    uint64 // frames released or passed
+	allow     func() bool
+	open      uint64 // epoch the next written byte belongs to
+	released  uint64 // highest epoch released (0: none)
+	pending   []heldOutput
+	held      int         // bytes in pending
+	clock     clock.Clock // stamps writes and releases: the output delays
+	passing   bool        // not holding: Write releases at once (unprotected)
 	// openBytes is held output of the open epoch, its first byte held at
 	// openSince.
 	openBytes int
@@ -64,6 +69,7 @@ type heldOutput struct {
 	epoch   uint64
 	written time.Time
 	data    []byte
+	frame   bool // a network frame (frameSink), not console bytes
 }
 
 // maxDelaySamples bounds the kept output-delay samples.
@@ -87,13 +93,36 @@ func newOutputGate(firstEpoch uint64, sink func([]byte), allow func() bool, clk 
 // Write holds p as output of the epoch in progress, or passes it straight
 // on while the gate is not holding (and the fencing check allows). It
 // never blocks on the outside world; it copies p.
-func (g *OutputGate) Write(p []byte) {
+func (g *OutputGate) Write(p []byte) { g.write(p, false) }
+
+// WriteFrame is Write for one network frame the guest sent: held with the
+// epoch in progress like console bytes, and handed to the frame sink
+// whole, one call per frame.
+func (g *OutputGate) WriteFrame(p []byte) { g.write(p, true) }
+
+// SetFrameSink sets where released frames go (nil: dropped).
+func (g *OutputGate) SetFrameSink(sink func([]byte)) {
+	g.relMu.Lock()
+	defer g.relMu.Unlock()
+	g.mu.Lock()
+	g.frameSink = sink
+	g.mu.Unlock()
+}
+
+// Frames counts the frames released (or passed while not holding).
+func (g *OutputGate) Frames() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.frames
+}
+
+func (g *OutputGate) write(p []byte, frame bool) {
 	if len(p) == 0 {
 		return
 	}
 	g.mu.Lock()
 	if !g.passing {
-		g.holdLocked(p)
+		g.holdLocked(p, frame)
 		g.mu.Unlock()
 		return
 	}
@@ -104,21 +133,28 @@ func (g *OutputGate) Write(p []byte) {
 	defer g.relMu.Unlock()
 	g.mu.Lock()
 	if !g.passing {
-		g.holdLocked(p)
+		g.holdLocked(p, frame)
 		g.mu.Unlock()
 		return
 	}
-	ok := g.allow() && g.sink != nil
+	sink := g.sink
+	if frame {
+		sink = g.frameSink
+	}
+	ok := g.allow() && sink != nil
+	if ok && frame {
+		g.frames++
+	}
 	g.mu.Unlock()
 	if ok {
-		g.sink(p)
+		sink(p)
 	}
 }
 
 // holdLocked keeps a copy of p as output of the open epoch; mu is held.
-func (g *OutputGate) holdLocked(p []byte) {
+func (g *OutputGate) holdLocked(p []byte, frame bool) {
 	now := g.clock.Now()
-	g.pending = append(g.pending, heldOutput{epoch: g.open, written: now, data: append([]byte(nil), p...)})
+	g.pending = append(g.pending, heldOutput{epoch: g.open, written: now, data: append([]byte(nil), p...), frame: frame})
 	if g.held > g.openBytes {
 		g.overlapAt = now
 	}
@@ -187,9 +223,14 @@ func (g *OutputGate) Release(acked uint64) bool {
 	// One sink call per release, not per write: a console client then
 	// gets one chunk per epoch however many replies the epoch held.
 	var out []byte
+	var frames [][]byte
 	for ; i < len(g.pending) && g.pending[i].epoch <= acked; i++ {
 		h := g.pending[i]
-		out = append(out, h.data...)
+		if h.frame {
+			frames = append(frames, h.data)
+		} else {
+			out = append(out, h.data...)
+		}
 		g.held -= len(h.data)
 		if len(g.delays) >= maxDelaySamples {
 			copy(g.delays, g.delays[1:])
@@ -201,10 +242,18 @@ func (g *OutputGate) Release(acked uint64) bool {
 	if acked > g.released {
 		g.released = acked
 	}
-	sink := g.sink
+	sink, frameSink := g.sink, g.frameSink
+	if frameSink != nil {
+		g.frames += uint64(len(frames))
+	}
 	g.mu.Unlock()
 	if len(out) > 0 && sink != nil {
 		sink(out)
+	}
+	if frameSink != nil {
+		for _, f := range frames {
+			frameSink(f)
+		}
 	}
 	return true
 }
@@ -233,10 +282,18 @@ func (g *OutputGate) Hold(on bool) {
 		g.pending, g.held, g.openBytes = nil, 0, 0
 	}
 	g.passing = true
-	sink := g.sink
+	sink, frameSink := g.sink, g.frameSink
+	for _, h := range out {
+		if h.frame && frameSink != nil {
+			g.frames++
+		}
+	}
 	g.mu.Unlock()
-	if sink != nil {
-		for _, h := range out {
+	for _, h := range out {
+		switch {
+		case h.frame && frameSink != nil:
+			frameSink(h.data)
+		case !h.frame && sink != nil:
 			sink(h.data)
 		}
 	}

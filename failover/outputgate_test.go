@@ -231,3 +231,44 @@ func TestOutputGateArrivals(t *testing.T) {
 		t.Fatalf("open held %d after Discard", o.Bytes)
 	}
 }
+
+// Frames are held with their epoch like console bytes, leave whole (one
+// sink call each) and in order, never before their epoch is acknowledged,
+// and never after a fence; the console's bytes keep their own stream.
+func TestOutputGateFrames(t *testing.T) {
+	var cons bytes.Buffer
+	var frames []string
+	fenced := false
+	g := NewOutputGate(1, func(p []byte) { cons.Write(p) }, func() bool { return !fenced })
+	g.SetFrameSink(func(f []byte) { frames = append(frames, string(f)) })
+	g.Hold(true)
+	g.WriteFrame([]byte("f1a"))
+	g.Write([]byte("c1 "))
+	g.WriteFrame([]byte("f1b"))
+	g.Seal()
+	g.WriteFrame([]byte("f2"))
+	if g.Release(0); len(frames) != 0 || cons.Len() != 0 {
+		t.Fatalf("released before the ack: frames %q, console %q", frames, cons.String())
+	}
+	g.Release(1)
+	if len(frames) != 2 || frames[0] != "f1a" || frames[1] != "f1b" || cons.String() != "c1 " {
+		t.Fatalf("after ack 1: frames %q, console %q", frames, cons.String())
+	}
+	if g.Frames() != 2 || g.Held() != 2 {
+		t.Fatalf("frames %d held %d, want 2 and 2 (epoch 2's frame)", g.Frames(), g.Held())
+	}
+	fenced = true
+	g.Discard()
+	fenced = false
+	g.Seal()
+	g.Release(2)
+	if len(frames) != 2 {
+		t.Fatalf("a discarded frame left: %q", frames)
+	}
+	// Not holding (unprotected), a frame passes at once.
+	g.Hold(false)
+	g.WriteFrame([]byte("f3"))
+	if len(frames) != 3 || frames[2] != "f3" || g.Frames() != 3 {
+		t.Fatalf("passing gate: frames %q", frames)
+	}
+}

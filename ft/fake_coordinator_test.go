@@ -13,6 +13,7 @@ import (
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/internal/clock"
+	"github.com/tandemvm/tandem/internal/tap"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -148,7 +149,14 @@ func testEpochs() EpochSettings {
 // (after any member built on it is stopped: cleanups run last first).
 func testNode(t *testing.T, role string) *Node {
 	t.Helper()
-	n, err := NewNode(NodeConfig{Role: role, APIAddr: "127.0.0.1:0", ConsoleAddr: "127.0.0.1:0", Log: quietLog()})
+	return testNodeWith(t, NodeConfig{Role: role})
+}
+
+// testNodeWith is testNode with more of the configuration given.
+func testNodeWith(t *testing.T, nc NodeConfig) *Node {
+	t.Helper()
+	nc.APIAddr, nc.ConsoleAddr, nc.Log = "127.0.0.1:0", "127.0.0.1:0", quietLog()
+	n, err := NewNode(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,13 +166,18 @@ func testNode(t *testing.T, role string) *Node {
 
 // bootCounter boots synth guests and counts the boots.
 type bootCounter struct {
+	cfg   *guest.Config // nil: testGuestConfig
 	mu    sync.Mutex
 	boots int
 	last  guest.Guest
 }
 
 func (b *bootCounter) boot() (guest.Guest, error) {
-	g, err := synth.New(testGuestConfig)
+	cfg := testGuestConfig
+	if b.cfg != nil {
+		cfg = *b.cfg
+	}
+	g, err := synth.New(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -190,18 +203,22 @@ type memberOpts struct {
 	clock    clock.Clock
 	coord    Coordinator
 	receiver *replica.Receiver
+	net      *tap.Device // the node's guest network (nil: none)
 }
 
 // startMember builds and starts a member on a fresh test node; it is
 // stopped at the test's end.
 func startMember(t *testing.T, role string, o memberOpts) (*Member, *Node) {
 	t.Helper()
-	n := testNode(t, role)
+	n := testNodeWith(t, NodeConfig{Role: role, Net: o.net})
 	cfg := MemberConfig{Node: n, Coordinator: o.coord, Epochs: testEpochs(), Fresh: o.fresh, KeepActivated: o.keepAct,
 		Clock: o.clock, Log: quietLog(), BootConfig: testGuestConfig,
 		Receiver: &replica.Receiver{NewGuest: EmptyGuest, Build: version.Build(), Log: quietLog(), Timeout: 5 * time.Second}}
 	if o.boot != nil {
 		cfg.Boot = o.boot.boot
+		if o.boot.cfg != nil {
+			cfg.BootConfig = *o.boot.cfg
+		}
 	}
 	if o.data {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")

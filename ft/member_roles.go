@@ -174,6 +174,7 @@ func (m *Member) becomePrimary(ev failover.Event) (uint64, error) {
 		return first, fmt.Errorf("resume: %w", err)
 	}
 	m.n.SetState("running")
+	m.n.net.announce(guest.NICOf(g))
 	if sec, ok := m.coord.Secondary(); ok && sec.DataAddr != "" {
 		loop.SetSecondary(sec.DataAddr)
 	}
@@ -229,9 +230,9 @@ func (m *Member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		Guest: g, Config: cfg, Interval: ef.Interval, FlushBudget: ef.FlushBudget, MaxInFlight: ef.MaxInFlight,
 		Verify: ef.Verify, VerifySlicePages: ef.VerifySlicePages, Build: version.Build(), Generation: m.gen.Load,
 		Timings: m.n.api.timings, Log: m.log, Clock: m.cfg.Clock,
-		Release: m.n.console.release,
-		Allow:   func() bool { return m.coord.CanRelease(m.gen.Load()) },
-		TLS:     m.n.trust.ID, Insecure: m.n.trust.Insecure,
+		Release: m.n.console.release, ReleaseFrame: m.n.net.send,
+		Allow: func() bool { return m.coord.CanRelease(m.gen.Load()) },
+		TLS:   m.n.trust.ID, Insecure: m.n.trust.Insecure,
 		FirstEpoch: firstEpoch, AckTimeout: ef.AckTimeout,
 		Trigger: ef.Trigger, MaxOutputDelay: ef.MaxOutputDelay, MaxPauseFraction: ef.MaxPauseFraction,
 		SecondaryName: m.coord.SecondaryName,
@@ -256,6 +257,7 @@ func (m *Member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 	m.n.lockIdle()
 	m.n.g, m.n.cfg, m.n.epochs, m.n.sec, m.n.role = g, cfg, loop, nil, "primary"
 	m.n.mu.Unlock()
+	m.n.net.attach(guest.NICOf(g))
 	go func() { // owned by the member: loopCancel stops it, waitLoop joins it
 		defer close(done)
 		loop.Run(ctx)
@@ -306,6 +308,7 @@ func (m *Member) fence(reason string) {
 	m.n.lockIdle()
 	g, cfg := m.n.g, m.n.cfg
 	m.n.g, m.n.epochs, m.n.state, m.n.stateReason = nil, nil, "fenced", reason
+	m.n.net.attach(nil)
 	m.n.mu.Unlock()
 	m.n.console.dropAll()
 	// Closing the guest unmaps its memory: the loop must be gone first

@@ -16,6 +16,7 @@ import (
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/block"
+	"github.com/tandemvm/tandem/internal/tap"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -78,6 +79,8 @@ type Node struct {
 	// pair is a pair member's coordinator, which POST /protect points at
 	// a new secondary (nil: not in a pair).
 	pair *PairCoordinator
+	// net is the guest network's TAP end (nil: no --net).
+	net *netPort
 }
 
 // NodeConfig configures a Node.
@@ -95,12 +98,22 @@ type NodeConfig struct {
 	// SnapshotDir is where file:NAME migrations write ("": refused); it
 	// is created, private, if missing.
 	SnapshotDir string
+	// Net is the TAP device of the guest's network card (nil: none). The
+	// node owns it from NewNode on and closes it in Close.
+	Net *tap.Device
 }
 
 // NewNode opens the node's API and console listeners. Its API answers
 // only once Start is called (so a caller can set up what status reports
 // first); Close stops everything it owns.
-func NewNode(cfg NodeConfig) (*Node, error) {
+func NewNode(cfg NodeConfig) (_ *Node, err error) {
+	if cfg.Net != nil {
+		defer func() {
+			if err != nil {
+				cfg.Net.Close()
+			}
+		}()
+	}
 	log := cfg.Log
 	api, err := NewAPIServer(cfg.APIAddr, log, cfg.Trust)
 	if err != nil {
@@ -129,6 +142,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
 	api.HandleFunc("POST /debug/stall-write", n.handleStallWrite)
 	api.HandleFunc("POST /protect", n.handleProtect)
+	if cfg.Net != nil {
+		n.net = newNetPort(cfg.Net, log)
+	}
 	return n, nil
 }
 
@@ -159,6 +175,10 @@ func (n *Node) input(p []byte) error {
 // the bridge (an unprotected guest has no epoch to wait for).
 func (n *Node) Attach(g guest.Guest, cfg guest.Config) {
 	g.Console().SetOutput(n.console.release)
+	if nic := guest.NICOf(g); nic != nil {
+		nic.SetTransmit(n.net.send)
+		n.net.attach(nic)
+	}
 	n.observeDisk(g)
 	n.lockIdle()
 	n.g, n.cfg = g, cfg
@@ -229,6 +249,7 @@ func (n *Node) Close() {
 	n.mu.Unlock()
 	n.console.close()
 	n.api.Close()
+	n.net.close()
 	if !joinWithin(n.users.Wait, 5*time.Second, n.log, "a migration (leaving the guest mapped)") {
 		return
 	}

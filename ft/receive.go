@@ -28,6 +28,7 @@ func (n *Node) RestoreFile(r *replica.Receiver, path string) error {
 	if _, err := res.Guest.Resume(); err != nil {
 		return fmt.Errorf("resume the restored guest: %w", err)
 	}
+	n.net.announce(guest.NICOf(res.Guest))
 	n.mu.Lock()
 	n.inbound, n.state = &res, "running"
 	n.mu.Unlock()
@@ -245,6 +246,7 @@ wait:
 		return true
 	}
 	res.ResumedAt = time.Now()
+	n.net.announce(guest.NICOf(res.Guest))
 	n.mu.Lock()
 	n.inbound, n.state, n.stateReason = res, "running", ""
 	n.mu.Unlock()

@@ -15,6 +15,7 @@ type Config struct {
 	Workload Workload // what the guest runs
 	Disk     string   // path of a disk image file; "" for none
 	Image    string   // kvm only: the micro-guest image; "" for the default
+	Net      Net      // the network card; zero: none
 }
 
 // Workload kinds.
@@ -74,6 +75,14 @@ func (c Config) Validate() error {
 	}
 	if c.VCPUs < 1 || c.VCPUs > 64 {
 		return fmt.Errorf("%w: --vcpus %d: want 1 to 64", ErrConfig, c.VCPUs)
+	}
+	if c.Net.Enabled() || c.Net != (Net{}) {
+		if _, err := c.Net.Endpoint(); err != nil {
+			return err
+		}
+		if c.Workload.Kind != WorkloadKV {
+			return fmt.Errorf("%w: --guest-ip: the network card serves the kv workload; this guest runs %q", ErrConfig, c.Workload.Kind)
+		}
 	}
 	return c.Workload.validate(c.Memory)
 }

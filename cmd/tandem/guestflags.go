@@ -2,6 +2,7 @@ package main
 
 import (
 	"flag"
+	"fmt"
 	"strconv"
 
 	"github.com/tandemvm/tandem/guest"
@@ -49,6 +50,16 @@ func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
 	fs.StringVar(&gf.cfg.Workload.WriteData, "write-data", guest.WriteCounter, "dirty workload: what a dirtying write stores: random or text (default counter: the write counter)")
 	fs.StringVar(&gf.cfg.Image, "image", "", "kvm: micro-guest image (default: the one built by make guest-image)")
 	fs.StringVar(&gf.cfg.Disk, "disk", "", "path of a virtual disk file")
+	fs.StringVar(&gf.cfg.Net.IP, "guest-ip", "", "kv workload: give the guest a network card with this IPv4 address and prefix (e.g. 10.0.0.10/24); it answers ARP and serves kv over UDP (synth guest only, for now)")
+	fs.StringVar(&gf.cfg.Net.MAC, "guest-mac", "", "with --guest-ip: the card's MAC (default 52:54:00 and the address's last three bytes, the same on every node)")
+	fs.Func("kv-port", "with --guest-ip: the UDP port the kv service answers on (default 7000)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 16)
+		if err != nil || n == 0 {
+			return fmt.Errorf("want a UDP port, 1 to 65535")
+		}
+		gf.cfg.Net.Port = uint16(n)
+		return nil
+	})
 	fs.StringVar(&gf.dirtyLog, "dirty-log", "get", "kvm: dirty-log method: get (KVM_GET_DIRTY_LOG), clear (manual protect + KVM_CLEAR_DIRTY_LOG) or ring (dirty ring; best for large, mostly idle guests)")
 }
 
@@ -79,6 +90,9 @@ func (gf *guestFlags) config() (string, guest.Config, error) {
 	}
 	cfg := gf.cfg
 	cfg.Workload.DirtyRate = rate
+	if cfg.Net != (guest.Net{}) && gf.kind == kvm.Kind {
+		return "", guest.Config{}, usagef("--guest-ip: the kvm micro-guest has no network card yet; use --guest synth")
+	}
 	if err := cfg.Validate(); err != nil {
 		return "", guest.Config{}, usagef("%v", err)
 	}

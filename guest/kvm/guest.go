@@ -164,6 +164,9 @@ func NewWithOptions(cfg guest.Config, opts Options) (g *Guest, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if cfg.Net != (guest.Net{}) {
+		return nil, fmt.Errorf("%w: --guest-ip: the kvm micro-guest has no network card yet; use --guest synth", guest.ErrConfig)
+	}
 	if cfg.Memory < MinMemory {
 		return nil, fmt.Errorf("%w: --memory %s: the kvm micro-guest needs at least %s", guest.ErrConfig, guest.FormatSize(cfg.Memory), guest.FormatSize(MinMemory))
 	}

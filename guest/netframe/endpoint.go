@@ -112,6 +112,13 @@ func (e *Endpoint) Input(frame, buf []byte) (out []byte, data []byte, from Peer,
 	return nil, nil, from, false
 }
 
+// NextID is the IPv4 identification the next reply follows (state that
+// a saved guest carries, so a restored one does not repeat IDs).
+func (e *Endpoint) NextID() uint16 { return e.nextID }
+
+// SetNextID restores NextID.
+func (e *Endpoint) SetNextID(id uint16) { e.nextID = id }
+
 // MaxData is the most UDP data one reply frame carries.
 const MaxData = MaxFrame - EthernetHeaderLen - IPv4HeaderLen - UDPHeaderLen
 

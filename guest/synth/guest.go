@@ -33,6 +33,7 @@ type Guest struct {
 	console   *console
 	kv        *kvTable    // nil unless the workload is kv
 	disk      *block.Disk // nil without --disk
+	nic       *nic        // nil without --guest-ip
 
 	// stopReq is the flag vCPUs look at between work units.
 	stopReq  atomic.Bool
@@ -62,6 +63,7 @@ var (
 	_ guest.Throttler = (*Guest)(nil)
 	_ guest.Disk      = (*Guest)(nil)
 	_ guest.DiskImage = (*Guest)(nil)
+	_ guest.Networked = (*Guest)(nil)
 )
 
 // New creates a paused guest: memory mapped and zero, vCPU goroutines
@@ -137,6 +139,14 @@ func newGuest(cfg guest.Config, opts Options) (*Guest, error) {
 	}
 	if cfg.Workload.Kind == guest.WorkloadKV {
 		g.kv = &kvTable{m: m, l: layout}
+	}
+	if cfg.Net.Enabled() {
+		ep, err := cfg.Net.Endpoint() // checked by Validate
+		if err != nil {
+			m.unmap()
+			return nil, err
+		}
+		g.nic = newNIC(ep, g.console.notify)
 	}
 	if cfg.Disk != "" {
 		d, err := block.Open(cfg.Disk, block.Options{FS: opts.DiskFS})
@@ -430,6 +440,14 @@ func (g *Guest) DiskDropped() uint64 {
 // Console is the guest's serial line.
 func (g *Guest) Console() guest.Console { return g.console }
 
+// NIC is the guest's network card, nil without --guest-ip.
+func (g *Guest) NIC() guest.NIC {
+	if g.nic == nil {
+		return nil
+	}
+	return g.nic
+}
+
 // Close stops the vCPUs, closes the disk and unmaps memory. If a vCPU does
 // not stop within CloseTimeout (a blocked output sink), memory stays
 // mapped so the stuck vCPU cannot fault, and Close reports it.
@@ -444,6 +462,9 @@ func (g *Guest) Close() error {
 	close(g.closing)
 	g.ctl.Unlock()
 	g.console.close()
+	if g.nic != nil {
+		g.nic.close()
+	}
 
 	stopped := make(chan struct{})
 	go func() { g.vcpuWG.Wait(); close(stopped) }()

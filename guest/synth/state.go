@@ -14,6 +14,7 @@ const (
 	devMachine = "synth-machine"
 	devVCPU    = "synth-vcpu"
 	devConsole = "synth-console"
+	devNIC     = "synth-nic"
 	devDisk    = "synth-disk"
 )
 
@@ -56,6 +57,7 @@ func StateVersions() map[string]uint32 {
 		devVCPU:    vcpuStateVersion,
 		devConsole: consoleStateVersion,
 		devDisk:    diskStateVersion,
+		devNIC:     nicStateVersion,
 	}
 }
 
@@ -133,6 +135,11 @@ func (g *Guest) SaveState() (guest.MachineState, error) {
 	if err := add(devConsole, 0, consoleStateVersion, g.console.save()); err != nil {
 		return guest.MachineState{}, err
 	}
+	if g.nic != nil {
+		if err := add(devNIC, 0, nicStateVersion, g.nic.save()); err != nil {
+			return guest.MachineState{}, err
+		}
+	}
 	if g.disk != nil {
 		var ds diskState
 		// Writes loaded but not yet reissued are still pending.
@@ -155,6 +162,7 @@ type loadedState struct {
 	vcpus []vcpuState
 	cons  consoleState
 	disk  diskState
+	nic   *nicState // nil: the state has no card
 }
 
 // LoadState replaces the vCPU, console and disk-queue state. Everything is
@@ -182,6 +190,9 @@ func (g *Guest) LoadState(s guest.MachineState) error {
 		v.st = vcpus[i]
 	}
 	g.console.load(cons)
+	if ls.nic != nil {
+		g.nic.load(*ls.nic)
+	}
 	g.diskResubmit = g.diskResubmit[:0]
 	for _, w := range disk.Pending {
 		g.diskResubmit = append(g.diskResubmit, guest.DiskWrite{Offset: w.Offset, Data: w.Data})
@@ -229,10 +240,24 @@ func (g *Guest) decodeState(s guest.MachineState) (loadedState, error) {
 				return ls, fmt.Errorf("%w: state has a disk queue, this guest has no --disk", guest.ErrState)
 			}
 			err = decode(d.Name, d.Fields, &ls.disk)
+		case devNIC:
+			if g.nic == nil {
+				return ls, fmt.Errorf("%w: state has a network card, this guest has no --guest-ip", guest.ErrState)
+			}
+			if ls.nic != nil {
+				return ls, fmt.Errorf("%w: device %s saved twice", guest.ErrState, d.Name)
+			}
+			ls.nic = new(nicState)
+			if err = decode(d.Name, d.Fields, ls.nic); err == nil {
+				err = g.nic.check(*ls.nic)
+			}
 		}
 		if err != nil {
 			return ls, err
 		}
+	}
+	if g.nic != nil && ls.nic == nil {
+		return ls, fmt.Errorf("%w: state lacks the %s device this guest's --guest-ip needs", guest.ErrState, devNIC)
 	}
 	if !haveMach || !haveCons {
 		return ls, fmt.Errorf("%w: state lacks the %s or %s device", guest.ErrState, devMachine, devConsole)

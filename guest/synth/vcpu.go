@@ -124,6 +124,12 @@ func (v *vcpu) serveConsole() {
 	c := v.g.console
 	line, tooLong, ok := c.takeLine()
 	if !ok {
+		if v.g.nic != nil {
+			if f, ok := v.g.nic.take(); ok {
+				v.serveFrame(f)
+				return
+			}
+		}
 		v.timed(hIdle, v.g.waitInput)
 		return
 	}
@@ -138,6 +144,35 @@ func (v *vcpu) serveConsole() {
 		v.timed(hDiskSubmit, func() { v.g.diskWrite(dw.off, dw.data) })
 	}
 	v.timed(hConsTx, func() { c.emit(append(reply, '\n')) })
+}
+
+// serveFrame runs one received frame through the card's stack: an ARP
+// request for the guest's address is answered, a UDP datagram to its kv
+// port is served as one request (the same table, the same <client>:<seq>
+// record as on the console) and answered to its sender. The reply leaves
+// on this vCPU in this work unit, like a console reply.
+func (v *vcpu) serveFrame(frame []byte) {
+	n := v.g.nic
+	out, req, from, ok := n.input(frame)
+	if out != nil {
+		n.emit(out)
+	}
+	if !ok || req == nil {
+		return
+	}
+	var reply []byte
+	var dw *diskWrite
+	if len(req) > maxLineBytes {
+		reply = []byte("ERR line too long")
+	} else {
+		reply, dw = v.g.kv.serve(req)
+	}
+	if dw != nil {
+		v.timed(hDiskSubmit, func() { v.g.diskWrite(dw.off, dw.data) })
+	}
+	if f, err := n.reply(from, append(reply, '\n')); err == nil {
+		n.emit(f)
+	}
 }
 
 // touch fills the next pages of the vCPU's range with the fill profile

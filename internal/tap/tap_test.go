@@ -1,19 +1,15 @@
 package tap
 
 import (
-	"fmt"
 	"net"
 	"os"
-	"os/exec"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/tandemvm/tandem/guest/netframe"
+	"github.com/tandemvm/tandem/internal/netlab"
 )
 
 func TestParseSpec(t *testing.T) {
@@ -32,90 +28,6 @@ func TestParseSpec(t *testing.T) {
 			t.Errorf("ParseSpec(%q): err %v, want one line", in, err)
 		}
 	}
-}
-
-// lab is a bridge on the host with a client network namespace on it
-// (a veth pair), made by the test and removed after it.
-type lab struct {
-	t              *testing.T
-	br, ns, v0, v1 string
-}
-
-func newLab(t *testing.T) *lab {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to make a bridge, a namespace and TAP devices")
-	}
-	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		t.Skip("no /dev/net/tun")
-	}
-	p := fmt.Sprintf("tdt%d", os.Getpid()%100000)
-	l := &lab{t: t, br: p + "br", ns: p + "ns", v0: p + "v0", v1: p + "v1"}
-	t.Cleanup(l.teardown)
-	l.ip("link", "add", l.br, "type", "bridge")
-	l.ip("link", "set", l.br, "up")
-	l.ip("netns", "add", l.ns)
-	l.ip("link", "add", l.v0, "type", "veth", "peer", "name", l.v1)
-	l.ip("link", "set", l.v0, "master", l.br, "up")
-	l.ip("link", "set", l.v1, "netns", l.ns)
-	l.ip("-n", l.ns, "addr", "add", "10.77.0.2/24", "dev", l.v1)
-	l.ip("-n", l.ns, "link", "set", l.v1, "up")
-	return l
-}
-
-func (l *lab) ip(args ...string) string {
-	l.t.Helper()
-	out, err := exec.Command("ip", args...).CombinedOutput()
-	if err != nil {
-		l.t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
-func (l *lab) teardown() {
-	exec.Command("ip", "link", "del", l.v0).Run()
-	exec.Command("ip", "netns", "del", l.ns).Run()
-	exec.Command("ip", "link", "del", l.br).Run()
-}
-
-// dialFromNS opens a UDP socket inside the namespace: the socket belongs
-// to the namespace of the thread that makes it.
-func (l *lab) dialFromNS(raddr string) *net.UDPConn {
-	l.t.Helper()
-	type res struct {
-		c   *net.UDPConn
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			ch <- res{err: err}
-			return // the locked thread ends with the goroutine
-		}
-		defer unix.Close(orig)
-		nsfd, err := unix.Open("/run/netns/"+l.ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			ch <- res{err: err}
-			return
-		}
-		defer unix.Close(nsfd)
-		if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
-			ch <- res{err: err}
-			return
-		}
-		ua, _ := net.ResolveUDPAddr("udp4", raddr)
-		c, err := net.DialUDP("udp4", nil, ua)
-		if unix.Setns(orig, unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		ch <- res{c, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		l.t.Fatalf("socket in namespace %s: %v", l.ns, r.err)
-	}
-	return r.c
 }
 
 // serve runs ep behind dev until stop is closed: ARP answered, every
@@ -166,14 +78,13 @@ func roundTrip(t *testing.T, c *net.UDPConn, msg string, within time.Duration) (
 // checksums are right); a second device announcing the same address
 // with another MAC takes the address over at once.
 func TestTapAgainstKernel(t *testing.T) {
-	l := newLab(t)
+	l := netlab.New(t)
 	guestIP := netframe.IPv4{10, 77, 0, 10}
-	c := l.dialFromNS("10.77.0.10:7000")
-	defer c.Close()
+	c := l.DialUDP("10.77.0.10:7000")
 
 	var mu sync.Mutex
 	run := func(name string, mac netframe.MAC) (*netframe.Endpoint, func()) {
-		dev, err := Open(Spec{Name: name, Bridge: l.br})
+		dev, err := Open(Spec{Name: name, Bridge: l.Bridge})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -192,7 +103,7 @@ func TestTapAgainstKernel(t *testing.T) {
 	}
 
 	macA := netframe.MAC{0x52, 0x54, 0, 0, 0, 0x0a}
-	a, stopA := run(l.br[:len(l.br)-2]+"ta", macA)
+	a, stopA := run(l.TapName(), macA)
 	got, took := roundTrip(t, c, "c:1 GET k", 5*time.Second)
 	if got != "echo:c:1 GET k" {
 		t.Fatalf("reply %q", got)
@@ -208,13 +119,13 @@ func TestTapAgainstKernel(t *testing.T) {
 
 	// The address moves: B has another MAC and announces the address.
 	macB := netframe.MAC{0x52, 0x54, 0, 0, 0, 0x0b}
-	b, stopB := run(l.br[:len(l.br)-2]+"tb", macB)
+	b, stopB := run(l.TapName(), macB)
 	defer stopB()
 	got, took = roundTrip(t, c, "c:2 GET k", 5*time.Second)
 	if got != "echo:c:2 GET k" {
 		t.Fatalf("reply after the move %q", got)
 	}
-	neigh := l.ip("-n", l.ns, "neigh", "show", "10.77.0.10")
+	neigh := l.IP("-n", l.NS, "neigh", "show", "10.77.0.10")
 	if !strings.Contains(neigh, macB.String()) {
 		t.Fatalf("client's neighbour entry after the announce: %q, want %s", neigh, macB)
 	}

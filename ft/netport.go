@@ -1,0 +1,122 @@
+package ft
+
+import (
+	"errors"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/tap"
+)
+
+// netPort is a node's end of the guest network: its TAP device, the
+// reader that hands received frames to the card of the guest this node
+// runs, and the writer of the frames the output gate releases.
+//
+// Received frames go in at once (Remus holds only output); a node that
+// runs no guest, or one without a card, drops them. The reader is the
+// port's own goroutine: close stops and joins it.
+type netPort struct {
+	dev       *tap.Device
+	log       *slog.Logger
+	nic       atomic.Pointer[guest.NIC] // the running guest's card; nil: none
+	stop      chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+
+	received, delivered, sent, sendErrors atomic.Uint64
+}
+
+// frameWriteTimeout bounds one frame's write to the TAP device (a full
+// device queue); the frame is then dropped, as a real link would.
+const frameWriteTimeout = 100 * time.Millisecond
+
+// newNetPort takes over dev (opened by the command, so a missing device
+// permission or bridge is its start-up error) and starts its reader.
+func newNetPort(dev *tap.Device, log *slog.Logger) *netPort {
+	p := &netPort{dev: dev, log: log, stop: make(chan struct{}), done: make(chan struct{})}
+	go p.read()
+	return p
+}
+
+// read delivers received frames to the current card until close.
+func (p *netPort) read() {
+	defer close(p.done)
+	buf := make([]byte, 2048)
+	for {
+		select {
+		case <-p.stop:
+			return
+		default:
+		}
+		n, err := p.dev.ReadFrame(buf, time.Now().Add(200*time.Millisecond))
+		if err != nil {
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				p.log.Warn("guest network: read from the TAP device failed", "tap", p.dev.Name(), "err", err)
+				select {
+				case <-p.stop:
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			continue
+		}
+		p.received.Add(1)
+		if nic := p.nic.Load(); nic != nil {
+			if (*nic).Deliver(buf[:n]) == nil {
+				p.delivered.Add(1)
+			}
+		}
+	}
+}
+
+// attach makes nic (nil: none) the card received frames go to.
+func (p *netPort) attach(nic guest.NIC) {
+	if p == nil {
+		return
+	}
+	if nic == nil {
+		p.nic.Store(nil)
+		return
+	}
+	p.nic.Store(&nic)
+}
+
+// send writes one frame to the network; a frame that cannot be written
+// within frameWriteTimeout is dropped and counted.
+func (p *netPort) send(frame []byte) {
+	if p == nil {
+		return
+	}
+	if err := p.dev.WriteFrame(frame, time.Now().Add(frameWriteTimeout)); err != nil {
+		p.sendErrors.Add(1)
+		return
+	}
+	p.sent.Add(1)
+}
+
+// announce sends the card's gratuitous ARP, so the segment learns that
+// the guest's address now lives behind this node's device.
+func (p *netPort) announce(nic guest.NIC) {
+	if p == nil || nic == nil {
+		return
+	}
+	p.send(nic.Announce())
+	p.log.Info("guest network: address announced", "tap", p.dev.Name())
+}
+
+// close stops the reader (joined within its read deadline) and closes
+// the device; a second call does nothing.
+func (p *netPort) close() {
+	if p == nil {
+		return
+	}
+	p.closeOnce.Do(func() {
+		close(p.stop)
+		<-p.done
+		p.dev.Close()
+	})
+}
