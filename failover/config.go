@@ -7,6 +7,7 @@ import (
 	"github.com/tandemvm/tandem/internal/clock"
 	"github.com/tandemvm/tandem/internal/trust"
 	"log/slog"
+	"net"
 	"slices"
 	"sort"
 	"strings"
@@ -188,4 +189,27 @@ func deriveClusterID(peers map[string]string) string {
 		fmt.Fprintf(h, "%s=%s\n", id, peers[id])
 	}
 	return "peers-" + hex.EncodeToString(h.Sum(nil))[:16]
+}
+
+// ParsePeers reads --peers, ID=HOST:PORT,ID=HOST:PORT,..., into
+// Config.Peers: three voters or more, no id twice.
+func ParsePeers(s string) (map[string]string, error) {
+	peers := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		id, addr, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok || id == "" {
+			return nil, fmt.Errorf("--peers %q: want ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT", s)
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return nil, fmt.Errorf("--peers: %s=%q: want HOST:PORT", id, addr)
+		}
+		if _, dup := peers[id]; dup {
+			return nil, fmt.Errorf("--peers: id %q appears twice", id)
+		}
+		peers[id] = addr
+	}
+	if len(peers) < 3 {
+		return nil, fmt.Errorf("--peers: %d voters; a cluster is a primary, a secondary and a witness (3)", len(peers))
+	}
+	return peers, nil
 }

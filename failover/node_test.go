@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -536,5 +537,22 @@ func witnessHandsOver(t *testing.T, c *testCluster) {
 	t.Logf("witness leadership -> s primary: %v", time.Since(start))
 	if activeGen(w) != 0 || w.CanRelease(1) || w.CanRelease(2) || p.CanRelease(1) {
 		t.Fatal("witness or old primary may release")
+	}
+}
+
+func TestParsePeers(t *testing.T) {
+	p, err := ParsePeers("a=127.0.0.1:1, b=127.0.0.1:2,c=[::1]:3")
+	if err != nil || len(p) != 3 || p["b"] != "127.0.0.1:2" || p["c"] != "[::1]:3" {
+		t.Fatalf("ParsePeers: %v, %v", p, err)
+	}
+	for bad, want := range map[string]string{
+		"a=127.0.0.1:1,b=127.0.0.1:2":               "2 voters",
+		"a=127.0.0.1:1,a=127.0.0.1:2,c=127.0.0.1:3": "appears twice",
+		"a=127.0.0.1,b=127.0.0.1:2,c=127.0.0.1:3":   "want HOST:PORT",
+		"127.0.0.1:1,b=127.0.0.1:2,c=127.0.0.1:3":   "want ID=HOST:PORT",
+	} {
+		if _, err := ParsePeers(bad); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParsePeers(%q): %v, want %q", bad, err, want)
+		}
 	}
 }

@@ -13,7 +13,8 @@
 //     cancel, commit and abort), the metrics, the console bridge (the
 //     output-commit sink every released byte goes through) and the API
 //     server they are served on;
-//   - the receiving side of a migration (ReceiveMigrations, RestoreFile);
+//   - the receiving side of a migration (ReceiveMigrations, RestoreFile),
+//     and the nodes without protection (RunGuest, RunReceive);
 //   - the guest backend registry (BootGuest, EmptyGuest).
 //
 // It must never parse flags, print to stdout, read the environment,

@@ -44,6 +44,27 @@ func (nt Trust) Listen(log *slog.Logger, what, addr, capName string, capN int) (
 	return ln, nil
 }
 
+// ResolveTrust loads the identity cfg names (nil without TLS files) and
+// checks every listen address up front (pairs of flag name and address;
+// empty addresses are skipped), so a plaintext non-loopback listen without
+// cfg.Insecure is refused before anything starts.
+func ResolveTrust(cfg trust.Config, listens ...string) (Trust, error) {
+	id, err := trust.Load(cfg)
+	if err != nil {
+		return Trust{}, err
+	}
+	nt := Trust{ID: id, Insecure: cfg.Insecure}
+	for i := 0; i+1 < len(listens); i += 2 {
+		if listens[i+1] == "" {
+			continue
+		}
+		if err := trust.CheckListen(id, nt.Insecure, listens[i], listens[i+1]); err != nil {
+			return Trust{}, err
+		}
+	}
+	return nt, nil
+}
+
 // TLSOn says whether the node's channels are mutual TLS (for logs).
 func (nt Trust) TLSOn() bool { return nt.ID != nil }
 

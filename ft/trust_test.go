@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/internal/trust"
 )
 
 func TestSnapshotPath(t *testing.T) {
@@ -57,5 +59,18 @@ func TestMigrateToFileRefusals(t *testing.T) {
 	}
 	if n.migBusy {
 		t.Error("a refused request left the guest reserved")
+	}
+}
+
+func TestResolveTrust(t *testing.T) {
+	nt, err := ResolveTrust(trust.Config{}, "--api", "127.0.0.1:1", "--data", "")
+	if err != nil || nt.ID != nil || nt.TLSOn() {
+		t.Fatalf("plaintext loopback: %+v, %v", nt, err)
+	}
+	if _, err := ResolveTrust(trust.Config{}, "--api", "127.0.0.1:1", "--data", "0.0.0.0:1"); !errors.Is(err, trust.ErrPlaintext) || !strings.Contains(err.Error(), "--data") {
+		t.Fatalf("plaintext non-loopback: %v, want ErrPlaintext naming --data", err)
+	}
+	if nt, err := ResolveTrust(trust.Config{Insecure: true}, "--data", "0.0.0.0:1"); err != nil || !nt.Insecure {
+		t.Fatalf("--insecure: %+v, %v", nt, err)
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -197,4 +199,31 @@ func (e *RateEstimator) Observe(amount uint64, span time.Duration) {
 // long enough to measure has been made.
 func (e *RateEstimator) Rate() (perSecond float64, ok bool) {
 	return e.rate, e.known
+}
+
+// ParseBandwidth reads a rate in bits (100Mbit, 1Gbit) or bytes (50MB,
+// 12MiB) per second, with an optional "/s", into bytes per second (a
+// MaxBandwidth; 0: no limit).
+func ParseBandwidth(s string) (uint64, error) {
+	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
+	units := []struct {
+		suffix string
+		mult   float64
+	}{
+		{"Gbit", 1e9 / 8}, {"Mbit", 1e6 / 8}, {"Kbit", 1e3 / 8}, {"bit", 1.0 / 8},
+		{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10},
+		{"GB", 1e9}, {"MB", 1e6}, {"KB", 1e3}, {"B", 1},
+	}
+	mult := 1.0
+	for _, u := range units {
+		if strings.HasSuffix(t, u.suffix) {
+			t, mult = strings.TrimSuffix(t, u.suffix), u.mult
+			break
+		}
+	}
+	v, err := strconv.ParseFloat(t, 64)
+	if err != nil || v < 0 || v*mult > 1e15 {
+		return 0, fmt.Errorf("bad rate %q: want e.g. 100Mbit, 1Gbit, 50MB or 0 for no limit", s)
+	}
+	return uint64(v * mult), nil
 }

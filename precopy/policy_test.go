@@ -618,3 +618,16 @@ func TestControllerConcurrentReaders(t *testing.T) {
 	close(stop)
 	wg.Wait()
 }
+
+func TestParseBandwidth(t *testing.T) {
+	for in, want := range map[string]uint64{"0": 0, "100Mbit": 12_500_000, "1Gbit/s": 125_000_000, "50MB": 50_000_000, "12MiB": 12 << 20, "800": 800} {
+		if got, err := ParseBandwidth(in); err != nil || got != want {
+			t.Errorf("ParseBandwidth(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "fast", "-1MB", "2000TB"} {
+		if _, err := ParseBandwidth(bad); err == nil {
+			t.Errorf("ParseBandwidth(%q) accepted", bad)
+		}
+	}
+}

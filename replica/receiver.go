@@ -321,11 +321,6 @@ func (r *Receiver) ReceiveMigration(ctx context.Context, conn net.Conn, beforeRe
 // only the caller can find out which.
 //
 // On any other error the half-built guest is closed and nothing runs.
-//
-// It is a little over 80 lines on purpose: it reads as the protocol's
-// steps in order, with the guest's ownership (closed unless handed over)
-// in one place; the two-phase wait and the confirmation are their own
-// functions.
 func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o MigrationOptions) (MigrationResult, error) {
 	var res MigrationResult
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
@@ -342,29 +337,69 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		writeLine(conn, HelloReply{OK: false, Error: err.Error(), Build: r.Build})
 		return res, fmt.Errorf("build the %s guest: %w", hello.Kind, err)
 	}
-	ok := false
+	// g is closed unless handed to the caller (ok); OnDiscard is told
+	// first if BeforeResume has seen it (shown).
+	ok, shown := false, false
 	defer func() {
-		if !ok {
-			g.Close()
+		if ok {
+			return
 		}
+		if shown && o.OnDiscard != nil {
+			o.OnDiscard(g)
+		}
+		g.Close()
 	}()
-	if err := r.replyOK(conn, 0); err != nil {
+	im, final, err := r.receiveEpochs(conn, br, hello, g, &res)
+	if err != nil {
 		return res, err
+	}
+	t0 := time.Now()
+	if _, _, err := im.Activate(); err != nil {
+		return res, err
+	}
+	res.Digest = im.Digest().String()
+	res.FinalEpoch = final
+	if o.BeforeResume != nil {
+		shown = true
+		if err := o.BeforeResume(g, hello); err != nil {
+			return res, err
+		}
+	}
+	res.LoadTime = time.Since(t0)
+	if hello.Commit {
+		held, err := r.awaitCommit(ctx, conn, cr, br, final, g, hello, o, &res)
+		if err != nil || held {
+			ok = held
+			return res, err
+		}
+	}
+	if _, err := g.Resume(); err != nil {
+		return res, fmt.Errorf("resume the received guest: %w", err)
+	}
+	res.ResumedAt = time.Now()
+	res.Guest = g
+	ok = true
+	r.confirmResumed(conn, final, hello, res)
+	return res, nil
+}
+
+// receiveEpochs accepts the Hello, checks the stream's memory layout
+// against g and commits the sender's epochs into an image of g until one
+// with machine state commits: that image and the final epoch's number.
+// Live epochs are acknowledged too: the sender measures its bandwidth and
+// bounds its backlog by them.
+func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g guest.Guest, res *MigrationResult) (*Image, uint64, error) {
+	if err := r.replyOK(conn, 0); err != nil {
+		return nil, 0, err
 	}
 	rd, err := checkpoint.NewReader(br, r.Limits)
 	if err != nil {
-		return res, fmt.Errorf("stream from %s: %w", conn.RemoteAddr(), err)
+		return nil, 0, fmt.Errorf("stream from %s: %w", conn.RemoteAddr(), err)
 	}
 	if err := checkLayout(rd.Header(), hello.Kind, g); err != nil {
-		return res, err
+		return nil, 0, err
 	}
 	im := r.newImage(g, hello.Config)
-	shown := false // BeforeResume has seen g
-	defer func() {
-		if !ok && shown && o.OnDiscard != nil {
-			o.OnDiscard(g)
-		}
-	}()
 	for {
 		e, err := rd.ReadEpoch(im)
 		if err != nil {
@@ -372,47 +407,16 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 			if errors.Is(err, io.EOF) {
 				err = fmt.Errorf("%w: stream ended before the guest's state arrived", checkpoint.ErrTruncated)
 			}
-			return res, fmt.Errorf("migration from %s: epoch %d: %w", conn.RemoteAddr(), im.Committed().Epoch+1, err)
+			return nil, 0, fmt.Errorf("migration from %s: epoch %d: %w", conn.RemoteAddr(), im.Committed().Epoch+1, err)
 		}
 		res.Epochs++
-		if !im.Committed().Consistent {
-			// Acknowledge live epochs too: the sender measures its
-			// bandwidth and bounds its backlog by them.
-			conn.SetWriteDeadline(time.Now().Add(r.timeout()))
-			if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch}); err != nil {
-				return res, fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err)
-			}
-			continue
+		if im.Committed().Consistent {
+			return im, e.Epoch, nil
 		}
-		t0 := time.Now()
-		g, _, err := im.Activate()
-		if err != nil {
-			return res, err
+		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+		if err := writeLine(conn, precopy.Ack{Epoch: e.Epoch}); err != nil {
+			return nil, 0, fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err)
 		}
-		res.Digest = im.Digest().String()
-		res.FinalEpoch = e.Epoch
-		if o.BeforeResume != nil {
-			shown = true
-			if err := o.BeforeResume(g, hello); err != nil {
-				return res, err
-			}
-		}
-		res.LoadTime = time.Since(t0)
-		if hello.Commit {
-			held, err := r.awaitCommit(ctx, conn, cr, br, e.Epoch, g, hello, o, &res)
-			if err != nil || held {
-				ok = held
-				return res, err
-			}
-		}
-		if _, err := g.Resume(); err != nil {
-			return res, fmt.Errorf("resume the received guest: %w", err)
-		}
-		res.ResumedAt = time.Now()
-		res.Guest = g
-		ok = true
-		r.confirmResumed(conn, e.Epoch, hello, res)
-		return res, nil
 	}
 }
 

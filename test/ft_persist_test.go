@@ -12,6 +12,7 @@ import (
 // last committed epoch, and activating it must show every write the
 // client saw acknowledged.
 func TestFTSecondaryComesBackFromDisk(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		dir := t.TempDir()
 		pri, sec, sa := startPair(t, kind, primaryOpts{}, "--data-dir", dir)

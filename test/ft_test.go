@@ -31,6 +31,7 @@ func ftRuns() int {
 // being captured, shipped or acknowledged at nearly every instant, so
 // random kills land in each phase over the runs.
 func TestFTFailoverKV(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		for run := 0; run < ftRuns(); run++ {
 			t.Run(fmt.Sprint("run", run), func(t *testing.T) {
@@ -119,6 +120,7 @@ func isConnEnd(err error) bool {
 // (joins counts it), epochs resume, and a failover still keeps every
 // acknowledged write, including those acknowledged while unprotected.
 func TestFTSecondaryRestart(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) { secondaryRestart(t, kind, false) })
 }
 
@@ -126,6 +128,7 @@ func TestFTSecondaryRestart(t *testing.T) {
 // primary has its full window of epochs unacknowledged, then killed: the
 // flights of the dead link must not count against the new one.
 func TestFTSecondaryStalledRestart(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) { secondaryRestart(t, kind, true) })
 }
 
@@ -206,6 +209,7 @@ func verifyEpochs() uint64 {
 // image: over at least 1,000 epochs of a dirtying guest, every one
 // matches.
 func TestFTVerifyDigests(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		want := verifyEpochs()
 		pri, sec, _ := startPair(t, kind, primaryOpts{
@@ -415,6 +419,7 @@ func runScript(tg *target, id string, ops []kvOp, pace time.Duration) ([]string,
 // so further cycles are migrations). Every reply must equal the
 // reference's.
 func TestFTCheckpointCycles(t *testing.T) {
+	t.Parallel()
 	runs := 2
 	if longRun {
 		runs = 6

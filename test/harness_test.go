@@ -27,6 +27,19 @@ import (
 // one built once for this package by TestMain.
 var tandemBin string
 
+// Parallel tests: a test that mostly waits on its processes and whose
+// verdict survives a second's stall (a pair's failover, the drill's
+// double failures with their 10-15 s windows, trust deadlines of
+// seconds) calls t.Parallel(), and runs beside one other (-parallel
+// defaults to GOMAXPROCS) once the sequential ones are done. A test that
+// a brief stall can fail stays sequential: a migration's downtime against
+// its 300 ms limit, link cuts and repeated kill -9 on a raft trio (a
+// 150 ms lease expired by a busy CPU leaves the cluster unprotected, and
+// then, rightly, nobody takes over). Ports stay apart across parallel
+// tests: freeAddr never hands an address out twice in this process (a
+// drill picks its own, and starts its trio again on fresh ones if one was
+// taken).
+
 // kinds are the guest backends every end-to-end test runs on.
 var kinds = []string{"synth", "kvm"}
 

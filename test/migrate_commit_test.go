@@ -189,6 +189,7 @@ func TestMigrateCommitLost(t *testing.T) {
 // why), refuses POST /migrate/commit without the source's word, and runs
 // the guest once the operator forces it.
 func TestMigrateCommitLostSourceUnreachable(t *testing.T) {
+	t.Parallel()
 	src := startSource(t, "synth", guestOpts{workload: "kv", memory: "128MiB"})
 	dst := startReceiver(t, "--commit-timeout", "1s")
 	proxy := startProxy(t, dst.data, 0)

@@ -279,6 +279,7 @@ func TestMigrateKV(t *testing.T) {
 // the switch-over (a kv guest whose few pages sit in the link's buffers
 // while the source waits, paused, for the destination's word).
 func TestMigrateDestinationKilled(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		t.Run("live-rounds", func(t *testing.T) {
 			src := startSource(t, kind, guestOpts{touch: "64MiB", dirtyRate: 2000})

@@ -90,6 +90,7 @@ func TestPairActivateRefusedWhilePrimaryAlive(t *testing.T) {
 // contradicts the new primary: every write it acknowledged is on the new
 // one, and after the fence it says nothing at all.
 func TestPairForcedActivationFencesPrimary(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		pri, sec, _ := startPair(t, kind, primaryOpts{})
 		c, err := dialConsoleErr(pri, "old")
@@ -218,6 +219,7 @@ func fakeSecondary(t *testing.T) (string, func() int) {
 // A secondary that accepts and never acknowledges: the primary drops it
 // after its ack deadline and retries, serving its console all along.
 func TestPairSilentSecondaryRetried(t *testing.T) {
+	t.Parallel()
 	addr, accepted := fakeSecondary(t)
 	pri := startPrimary(t, "primary", "synth", addr, primaryOpts{extra: []string{"--ack-timeout", "2s"}})
 	c := dialConsole(t, pri, "c")
@@ -252,6 +254,7 @@ func TestPairSilentSecondaryRetried(t *testing.T) {
 // drops the old link at once and protects with the new one, whose image
 // then holds every acknowledged write.
 func TestPairProtectNewTarget(t *testing.T) {
+	t.Parallel()
 	pri, secA, _ := startPair(t, "synth", primaryOpts{})
 	sb := newSecAddrs(t)
 	secB := startSecondary(t, "secondary-b", sb)
@@ -368,6 +371,7 @@ func TestFailoverSwitchoverClientGone(t *testing.T) {
 // When the link heals the old primary hears of the activation and fences
 // itself.
 func TestPairPartitionedPrimaryFencesOnHeal(t *testing.T) {
+	t.Parallel()
 	sa := newSecAddrs(t)
 	sec := startSecondary(t, "secondary", sa)
 	proxy := startProxy(t, sa.data, 0)

@@ -71,6 +71,7 @@ func TestMigrateProfiles(t *testing.T) {
 // TestFTProfiles: a mixed fill with 256-byte text writes, protected with
 // per-epoch digest verification.
 func TestFTProfiles(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		pri, _, _ := startPair(t, kind, primaryOpts{memory: "64MiB", workload: "dirty", touch: "16MiB", dirtyRate: 2000, epoch: "20ms", verify: true,
 			extra: []string{"--fill", "mixed", "--write-bytes", "256", "--write-data", "text"}})

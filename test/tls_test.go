@@ -181,6 +181,7 @@ func TestTLSPlaintextNonLoopback(t *testing.T) {
 // TestTLSAPIAndConsole: a node's API and console take any certificate of
 // the cluster's CA and refuse everything else.
 func TestTLSAPIAndConsole(t *testing.T) {
+	t.Parallel()
 	pki := newPKI(t, "src", operator)
 	other := otherPKI(t, operator)
 	src := startSource(t, "synth", guestOpts{memory: "64MiB", workload: "kv", pki: pki})
@@ -295,6 +296,7 @@ func TestTLSMigration(t *testing.T) {
 // --secondary-name; the legitimate pair is protected and, killed under kv
 // load, loses no acknowledged write.
 func TestTLSPairFailover(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		pki := newPKI(t, "a", "b", "c", operator)
 		other := otherPKI(t, "a")

@@ -238,6 +238,7 @@ func zstdDiskSection(t *testing.T, size int) []byte {
 // connection is dropped, and the committed image (epoch and digest) is
 // the one the real primary left.
 func TestTrustStagingFlood(t *testing.T) {
+	t.Parallel()
 	const budget = 64 << 20
 	dir := t.TempDir()
 	pri, sec, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"}, "--data-dir", dir, "--max-epoch-disk", "64MiB")
@@ -427,6 +428,7 @@ func TestTrustMigrateFileTargets(t *testing.T) {
 // a normal client within a second or two, and the held connections are
 // closed within the timeouts.
 func TestTrustSlowHTTPClients(t *testing.T) {
+	t.Parallel()
 	n := startSource(t, "synth", guestOpts{memory: "64MiB", workload: "kv"})
 	const slow = 500
 	var closedAt sync.Map
@@ -496,6 +498,7 @@ func TestTrustSlowHTTPClients(t *testing.T) {
 // 100 ms is dropped at the handshake deadline (5 s), not kept alive by
 // its trickle.
 func TestTrustHandshakeDeadline(t *testing.T) {
+	t.Parallel()
 	sa := newSecAddrs(t)
 	startSecondary(t, "secondary", sa)
 	c, err := net.DialTimeout("tcp", sa.data, 5*time.Second)

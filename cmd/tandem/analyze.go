@@ -1,15 +1,12 @@
 package main
 
 import (
-	"bufio"
-	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 
-	"github.com/tandemvm/tandem/checkpoint"
-	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/replica"
 )
 
 func init() {
@@ -34,52 +31,21 @@ func cmdAnalyze(args []string) error {
 		defer f.Close()
 		src = f
 	}
-	br := bufio.NewReaderSize(src, 1<<20)
-	// A snapshot file opens with the data channel's handshake line.
-	var hello map[string]any
-	if b, err := br.Peek(1); err == nil && b[0] == '{' {
-		line, err := br.ReadSlice('\n')
-		if err != nil {
-			return fmt.Errorf("snapshot handshake line: %w", err)
-		}
-		if err := json.Unmarshal(line, &hello); err != nil {
-			return fmt.Errorf("snapshot handshake line: %w", err)
-		}
+	a, aerr := replica.Analyze(src)
+	if a == nil {
+		return aerr
 	}
-	rep, aerr := checkpoint.Analyze(br)
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(struct {
-			Snapshot map[string]any `json:"snapshot,omitempty"`
-			checkpoint.Report
-		}{hello, rep}); err != nil {
+		if err := enc.Encode(a); err != nil {
 			return err
 		}
-	} else {
-		if hello != nil {
-			fmt.Printf("snapshot of a %v guest, %s\n", hello["guest_kind"], describeConfig(hello["config"]))
-		}
-		if err := rep.WriteText(os.Stdout); err != nil {
-			return err
-		}
+	} else if err := a.WriteText(os.Stdout); err != nil {
+		return err
 	}
 	if aerr != nil {
 		return fmt.Errorf("stream is damaged: %w", aerr)
 	}
 	return nil
-}
-
-// describeConfig is a snapshot's guest configuration in human units.
-func describeConfig(v any) string {
-	b, _ := json.Marshal(v)
-	var cfg guest.Config
-	if json.Unmarshal(b, &cfg) != nil {
-		return fmt.Sprintf("config %v", v)
-	}
-	out := fmt.Sprintf("memory %s, %d vCPUs, workload %s", guest.FormatSize(cfg.Memory), cfg.VCPUs, cmp.Or(cfg.Workload.Kind, "none"))
-	if cfg.Disk != "" {
-		out += ", disk " + cfg.Disk
-	}
-	return out
 }

@@ -3,9 +3,7 @@ package main
 import (
 	"flag"
 	"fmt"
-	"net"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/tandemvm/tandem/ft"
@@ -78,15 +76,10 @@ func cmdCerts(args []string) error {
 		if *dir == "" || *name == "" {
 			return usagef("certs issue: --dir and --name are required")
 		}
-		var o trust.IssueOptions
-		for _, s := range splitList(*ips) {
-			ip := net.ParseIP(s)
-			if ip == nil {
-				return usagef("certs issue: --ip %q is not an IP address", s)
-			}
-			o.IPs = append(o.IPs, ip)
+		o, err := trust.ParseIssueOptions(*ips, *dns)
+		if err != nil {
+			return usagef("certs issue: %v", err)
 		}
-		o.DNS = splitList(*dns)
 		if err := trust.Issue(*dir, *name, o, time.Now()); err != nil {
 			return err
 		}
@@ -95,16 +88,6 @@ func cmdCerts(args []string) error {
 		return nil
 	}
 	return usagef("certs %q: want ca or issue", args[0])
-}
-
-func splitList(s string) []string {
-	var out []string
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
 }
 
 // addInsecureFlag adds --insecure to a command that listens.
@@ -116,22 +99,12 @@ func addInsecureFlag(fs *flag.FlagSet, tf *tlsFlags) {
 type nodeTrust = ft.Trust
 
 // resolve loads the TLS files and checks every listen address up front
-// (pairs of flag name and address; empty addresses are skipped), so a
-// plaintext non-loopback listen without --insecure is one line and exit 2
-// before anything starts.
+// (ft.ResolveTrust), so a plaintext non-loopback listen without --insecure
+// is one line and exit 2 before anything starts.
 func (tf tlsFlags) resolve(listens ...string) (nodeTrust, error) {
-	id, err := tf.load()
+	nt, err := ft.ResolveTrust(tf.cfg, listens...)
 	if err != nil {
-		return nodeTrust{}, err
-	}
-	nt := nodeTrust{ID: id, Insecure: tf.cfg.Insecure}
-	for i := 0; i+1 < len(listens); i += 2 {
-		if listens[i+1] == "" {
-			continue
-		}
-		if err := trust.CheckListen(id, nt.Insecure, listens[i], listens[i+1]); err != nil {
-			return nodeTrust{}, usagef("%v", err)
-		}
+		return nodeTrust{}, usagef("%v", err)
 	}
 	return nt, nil
 }

@@ -10,9 +10,9 @@ import (
 
 // Every command's -h starts with its synopsis, on stdout, and exits 0.
 func TestHelpSynopsis(t *testing.T) {
-	for name := range commands {
+	for name := range app.Commands {
 		var out, errb bytes.Buffer
-		if rc := runMain([]string{name, "-h"}, &out, &errb); rc != 0 {
+		if rc := app.Main([]string{name, "-h"}, &out, &errb); rc != 0 {
 			t.Errorf("%s -h: exit %d, stderr %q", name, rc, errb.String())
 			continue
 		}
@@ -21,14 +21,14 @@ func TestHelpSynopsis(t *testing.T) {
 		}
 	}
 	var out, errb bytes.Buffer
-	if rc := runMain([]string{"help"}, &out, &errb); rc != 0 || !strings.HasPrefix(out.String(), "usage: tandem COMMAND") || errb.Len() != 0 {
+	if rc := app.Main([]string{"help"}, &out, &errb); rc != 0 || !strings.HasPrefix(out.String(), "usage: tandem COMMAND") || errb.Len() != 0 {
 		t.Errorf("tandem help: exit %d, stdout %q, stderr %q", rc, out.String(), errb.String())
 	}
 }
 
 func TestVersion(t *testing.T) {
 	var out, errb bytes.Buffer
-	if rc := runMain([]string{"version"}, &out, &errb); rc != 0 || strings.TrimSpace(out.String()) != version.Build() {
+	if rc := app.Main([]string{"version"}, &out, &errb); rc != 0 || strings.TrimSpace(out.String()) != version.Build() {
 		t.Errorf("tandem version: exit %d, %q", rc, out.String())
 	}
 }
@@ -37,17 +37,17 @@ func TestVersion(t *testing.T) {
 // stray argument is still one line, exit 2.
 func TestFlagsAfterPositional(t *testing.T) {
 	var out, errb bytes.Buffer
-	rc := runMain([]string{"analyze", "/nonexistent/stream", "--json"}, &out, &errb)
+	rc := app.Main([]string{"analyze", "/nonexistent/stream", "--json"}, &out, &errb)
 	if rc != 1 || strings.Contains(errb.String(), "unexpected argument") {
 		t.Errorf("analyze FILE --json: exit %d, %q", rc, errb.String())
 	}
 	errb.Reset()
-	rc = runMain([]string{"analyze", "a", "b"}, &out, &errb)
+	rc = app.Main([]string{"analyze", "a", "b"}, &out, &errb)
 	if rc != 2 || strings.Count(errb.String(), "\n") != 1 {
 		t.Errorf("analyze a b: exit %d, %q", rc, errb.String())
 	}
 	errb.Reset()
-	rc = runMain([]string{"witness", "--log-level", "loud"}, &out, &errb)
+	rc = app.Main([]string{"witness", "--log-level", "loud"}, &out, &errb)
 	if rc != 2 || strings.Count(errb.String(), "\n") != 1 {
 		t.Errorf("--log-level loud: exit %d, %q", rc, errb.String())
 	}
@@ -58,7 +58,7 @@ func TestFlagsAfterPositional(t *testing.T) {
 // the guest boots.
 func TestPlaintextSecondaryRefused(t *testing.T) {
 	var out, errb bytes.Buffer
-	rc := runMain([]string{"primary", "--guest", "synth", "--secondary", "192.0.2.1:7092"}, &out, &errb)
+	rc := app.Main([]string{"primary", "--guest", "synth", "--secondary", "192.0.2.1:7092"}, &out, &errb)
 	if rc != 2 || strings.Count(errb.String(), "\n") != 1 || !strings.Contains(errb.String(), "--secondary 192.0.2.1:7092") || !strings.Contains(errb.String(), "--insecure") {
 		t.Errorf("plaintext --secondary off loopback: exit %d, stderr %q", rc, errb.String())
 	}

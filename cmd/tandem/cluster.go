@@ -8,12 +8,12 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/stopsignal"
 	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
@@ -63,35 +63,13 @@ func addStopHandoverFlag(fs *flag.FlagSet, cf *clusterFlags) {
 // (systemd's 90 s, a test harness's 10 s) room for the rest.
 const defaultStopHandover = 5 * time.Second
 
-// parsePeers reads ID=HOST:PORT,... into a map.
-func parsePeers(s string) (map[string]string, error) {
-	peers := map[string]string{}
-	for _, kv := range strings.Split(s, ",") {
-		id, addr, ok := strings.Cut(strings.TrimSpace(kv), "=")
-		if !ok || id == "" {
-			return nil, usagef("--peers %q: want ID=HOST:PORT,ID=HOST:PORT,ID=HOST:PORT", s)
-		}
-		if _, _, err := net.SplitHostPort(addr); err != nil {
-			return nil, usagef("--peers: %s=%q: want HOST:PORT", id, addr)
-		}
-		if _, dup := peers[id]; dup {
-			return nil, usagef("--peers: id %q appears twice", id)
-		}
-		peers[id] = addr
-	}
-	if len(peers) < 3 {
-		return nil, usagef("--peers: %d voters; a cluster is a primary, a secondary and a witness (3)", len(peers))
-	}
-	return peers, nil
-}
-
 func (cf clusterFlags) config(role failover.Role, apiAddr, consoleAddr string, log *slog.Logger) (failover.Config, error) {
 	if cf.id == "" || cf.peers == "" || cf.dataDir == "" {
 		return failover.Config{}, usagef("--id, --peers and --data-dir are required")
 	}
-	peers, err := parsePeers(cf.peers)
+	peers, err := failover.ParsePeers(cf.peers)
 	if err != nil {
-		return failover.Config{}, err
+		return failover.Config{}, usagef("%v", err)
 	}
 	if _, ok := peers[cf.id]; !ok {
 		return failover.Config{}, usagef("--id %q is not in --peers", cf.id)
@@ -144,7 +122,7 @@ func runMember(role failover.Role, cf clusterFlags, gf *guestFlags, ef epochFlag
 	if cf.stopHandover < 0 {
 		return usagef("--stop-handover %v: want 0 or more", cf.stopHandover)
 	}
-	ctx, force, stop := stopContexts()
+	ctx, force, stop := stopsignal.Contexts()
 	defer stop()
 	cfg.StopHandover, cfg.Force = cf.stopHandover, force
 	return ft.RunRaftMember(ctx, cfg)

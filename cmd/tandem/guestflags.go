@@ -75,15 +75,8 @@ func (gf *guestFlags) config() (string, guest.Config, error) {
 	if err != nil {
 		return "", guest.Config{}, usagef("--dirty-rate %q: want a whole number of pages per second", gf.dirtyRate)
 	}
-	switch gf.dirtyLog {
-	case "get":
-		kvmDirtyMethod = kvm.DirtyGetLog
-	case "clear":
-		kvmDirtyMethod = kvm.DirtyManualClear
-	case "ring":
-		kvmDirtyMethod = kvm.DirtyRing
-	default:
-		return "", guest.Config{}, usagef("--dirty-log %q: want get, clear or ring", gf.dirtyLog)
+	if kvmDirtyMethod, err = kvm.ParseDirtyMethod(gf.dirtyLog); err != nil {
+		return "", guest.Config{}, usagef("%v", err)
 	}
 	if gf.dirtyLog != "get" && gf.kind != kvm.Kind {
 		return "", guest.Config{}, usagef("--dirty-log %s is for --guest kvm", gf.dirtyLog)

@@ -22,17 +22,11 @@ func init() {
 	register("protect", "point a primary without raft at a (new) secondary", cmdProtect)
 }
 
-// epochFlags are the protection flags of `tandem primary`.
+// epochFlags are the protection flags of `tandem primary` (and of a
+// secondary, which protects once activated).
 type epochFlags struct {
-	epoch       time.Duration
-	flushBudget time.Duration
-	verify      bool
-	verifySlice uint64
-	inFlight    int
-	ackTimeout  time.Duration
-	trigger     failover.EpochTrigger
-	maxDelay    time.Duration
-	maxPause    float64
+	ft.EpochSettings
+	verifySlice uint64 // --verify-slice in bytes (the settings take pages)
 }
 
 func addEpochFlags(fs interface {
@@ -42,17 +36,17 @@ func addEpochFlags(fs interface {
 	Float64Var(*float64, string, float64, string)
 	Var(flag.Value, string, string)
 }, ef *epochFlags) {
-	fs.DurationVar(&ef.epoch, "epoch", 25*time.Millisecond, "epoch interval")
-	fs.DurationVar(&ef.flushBudget, "flush-budget", 5*time.Millisecond, "longest disk flush at an epoch pause before the capture is abandoned")
-	fs.BoolVar(&ef.verify, "verify-epochs", true, "prove every epoch: compare the primary's digest of what it shipped with the secondary's, and re-read a slice of memory at each pause (--verify-epochs=false turns it off)")
+	fs.DurationVar(&ef.Interval, "epoch", 25*time.Millisecond, "epoch interval")
+	fs.DurationVar(&ef.FlushBudget, "flush-budget", 5*time.Millisecond, "longest disk flush at an epoch pause before the capture is abandoned")
+	fs.BoolVar(&ef.Verify, "verify-epochs", true, "prove every epoch: compare the primary's digest of what it shipped with the secondary's, and re-read a slice of memory at each pause (--verify-epochs=false turns it off)")
 	ef.verifySlice = failover.DefaultVerifySlicePages * guest.PageSize
 	fs.Var(sizeFlag{&ef.verifySlice}, "verify-slice", "memory re-read at each pause to catch writes the dirty log missed; every page is covered every memory/slice epochs")
-	fs.IntVar(&ef.inFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
-	fs.DurationVar(&ef.ackTimeout, "ack-timeout", failover.DefaultAckTimeout, "no acknowledgement progress from the secondary this long while epochs are outstanding: drop the link and retry")
-	ef.trigger = failover.TriggerClock
-	fs.Var(triggerFlag{&ef.trigger}, "epoch-trigger", "what ends an epoch: clock (every --epoch) or output (as soon as the guest's output waits, within --max-pause-fraction; --epoch stays the longest)")
-	fs.DurationVar(&ef.maxDelay, "max-output-delay", failover.DefaultMaxOutputDelay, "with --epoch-trigger output: the objective for how long output waits for its epoch to start (status says whether it holds)")
-	fs.Float64Var(&ef.maxPause, "max-pause-fraction", failover.DefaultMaxPauseFraction, "with --epoch-trigger output: the largest share of time the guest may spend paused by early epochs, in (0, 1]")
+	fs.IntVar(&ef.MaxInFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
+	fs.DurationVar(&ef.AckTimeout, "ack-timeout", failover.DefaultAckTimeout, "no acknowledgement progress from the secondary this long while epochs are outstanding: drop the link and retry")
+	ef.Trigger = failover.TriggerClock
+	fs.Var(triggerFlag{&ef.Trigger}, "epoch-trigger", "what ends an epoch: clock (every --epoch) or output (as soon as the guest's output waits, within --max-pause-fraction; --epoch stays the longest)")
+	fs.DurationVar(&ef.MaxOutputDelay, "max-output-delay", failover.DefaultMaxOutputDelay, "with --epoch-trigger output: the objective for how long output waits for its epoch to start (status says whether it holds)")
+	fs.Float64Var(&ef.MaxPauseFraction, "max-pause-fraction", failover.DefaultMaxPauseFraction, "with --epoch-trigger output: the largest share of time the guest may spend paused by early epochs, in (0, 1]")
 }
 
 // triggerFlag is --epoch-trigger.
@@ -69,21 +63,21 @@ func (f triggerFlag) Set(s string) (err error) { *f.t, err = failover.ParseEpoch
 
 func (ef epochFlags) validate() error {
 	switch {
-	case ef.epoch < time.Millisecond || ef.epoch > time.Minute:
-		return usagef("--epoch %v: want 1ms to 1m", ef.epoch)
-	case ef.flushBudget <= 0:
-		return usagef("--flush-budget %v: want a positive duration", ef.flushBudget)
+	case ef.Interval < time.Millisecond || ef.Interval > time.Minute:
+		return usagef("--epoch %v: want 1ms to 1m", ef.Interval)
+	case ef.FlushBudget <= 0:
+		return usagef("--flush-budget %v: want a positive duration", ef.FlushBudget)
 	case ef.verifySlice < guest.PageSize || ef.verifySlice%guest.PageSize != 0 || ef.verifySlice > 1<<30:
 		return usagef("--verify-slice %d: want a multiple of 4KiB from 4KiB to 1GiB", ef.verifySlice)
-	case ef.inFlight < 1 || ef.inFlight > 1024:
-		return usagef("--max-in-flight %d: want 1 to 1024", ef.inFlight)
-	case ef.ackTimeout < 100*time.Millisecond || ef.ackTimeout > time.Hour:
-		return usagef("--ack-timeout %v: want 100ms to 1h", ef.ackTimeout)
+	case ef.MaxInFlight < 1 || ef.MaxInFlight > 1024:
+		return usagef("--max-in-flight %d: want 1 to 1024", ef.MaxInFlight)
+	case ef.AckTimeout < 100*time.Millisecond || ef.AckTimeout > time.Hour:
+		return usagef("--ack-timeout %v: want 100ms to 1h", ef.AckTimeout)
 	}
-	if err := failover.CheckMaxOutputDelay(ef.maxDelay, ef.epoch); err != nil {
+	if err := failover.CheckMaxOutputDelay(ef.MaxOutputDelay, ef.Interval); err != nil {
 		return usagef("--max-output-delay: %v", err)
 	}
-	if err := failover.CheckMaxPauseFraction(ef.maxPause); err != nil {
+	if err := failover.CheckMaxPauseFraction(ef.MaxPauseFraction); err != nil {
 		return usagef("--max-pause-fraction: %v", err)
 	}
 	return nil
@@ -91,9 +85,9 @@ func (ef epochFlags) validate() error {
 
 // settings are the flags as the library takes them.
 func (ef epochFlags) settings() ft.EpochSettings {
-	return ft.EpochSettings{Interval: ef.epoch, FlushBudget: ef.flushBudget, Verify: ef.verify,
-		VerifySlicePages: int(ef.verifySlice / guest.PageSize), MaxInFlight: ef.inFlight, AckTimeout: ef.ackTimeout,
-		Trigger: ef.trigger, MaxOutputDelay: ef.maxDelay, MaxPauseFraction: ef.maxPause}
+	s := ef.EpochSettings
+	s.VerifySlicePages = int(ef.verifySlice / guest.PageSize)
+	return s
 }
 
 func cmdActivate(args []string) error {

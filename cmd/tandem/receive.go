@@ -4,7 +4,6 @@ import (
 	"strings"
 
 	"github.com/tandemvm/tandem/ft"
-	"github.com/tandemvm/tandem/internal/netlimit"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -46,28 +45,9 @@ func cmdReceive(args []string) error {
 		return err
 	}
 	nc := nodeConfig("receive", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt)
-	n, err := ft.NewNode(nc)
-	if err != nil {
-		return err
-	}
-	defer n.Close()
 	r := rf.apply(&replica.Receiver{NewGuest: ft.EmptyGuest, Build: version.Build(), Log: nc.Log, Kind: *kind}, "")
 	ctx, stop := stopContext()
 	defer stop()
-	if path, ok := strings.CutPrefix(*from, "file:"); ok {
-		n.Start()
-		if err := n.RestoreFile(r, path); err != nil {
-			return err
-		}
-		n.Wait(ctx)
-		return nil
-	}
-	// With TLS the source must hold a certificate of the cluster's CA
-	// (any one: a migration's source is whichever node runs the guest).
-	ln, err := nt.Listen(nc.Log, "--listen", *listen, "receive", netlimit.DataCap)
-	if err != nil {
-		return err
-	}
-	n.ReceiveMigrations(ctx, ft.ReceiverConfig{Listener: ln, Receiver: r, CommitTimeout: *commitTimeout})
-	return nil
+	return ft.RunReceive(ctx, ft.ReceiveConfig{Node: nc, Receiver: r, Listen: *listen, Snapshot: strings.TrimPrefix(*from, "file:"),
+		CommitTimeout: *commitTimeout})
 }

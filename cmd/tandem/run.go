@@ -1,18 +1,15 @@
 package main
 
 import (
-	"context"
 	"flag"
-	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/kvm"
 	"github.com/tandemvm/tandem/internal/logging"
+	"github.com/tandemvm/tandem/internal/stopsignal"
 )
 
 func init() {
@@ -65,41 +62,7 @@ func nodeConfig(role, apiAddr, consoleAddr, snapDir string, allowFaults bool, nt
 
 // stopContext ends on SIGTERM or SIGINT: how every long-running command
 // is stopped (besides POST /quit, which the node watches itself).
-func stopContext() (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-}
-
-// stopContexts are stopContext's for a node that does something on its
-// way out (a primary's handover): stop ends on the first SIGTERM or
-// SIGINT, force on the second. cancel releases the signals.
-func stopContexts() (stop, force context.Context, cancel func()) {
-	stop, stopFn := context.WithCancel(context.Background())
-	force, forceFn := context.WithCancel(context.Background())
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	done := make(chan struct{})
-	go func() {
-		for n := 0; ; n++ {
-			select {
-			case <-done:
-				return
-			case <-sigs:
-				if n == 0 {
-					stopFn()
-				} else {
-					forceFn()
-					return
-				}
-			}
-		}
-	}()
-	return stop, force, func() {
-		signal.Stop(sigs)
-		close(done)
-		stopFn()
-		forceFn()
-	}
-}
+var stopContext = stopsignal.Context
 
 func cmdRun(args []string) error {
 	fs := newFlagSet("run")
@@ -129,24 +92,9 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
-	n, err := ft.NewNode(nodeConfig("run", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
-	if err != nil {
-		g.Close()
-		return err
-	}
-	defer n.Close()
-	n.Start()
-	n.Attach(g, cfg)
-	if _, err := g.Resume(); err != nil {
-		return fmt.Errorf("start the guest: %w", err)
-	}
-	n.SetState("running")
-	n.Log().Info("guest running", "kind", kind, "memory", guest.FormatSize(cfg.Memory), "vcpus", cfg.VCPUs,
-		"workload", cfg.Workload.Kind, "api", n.APIAddr(), "console", n.ConsoleAddr(), "tls", nt.TLSOn())
 	ctx, stop := stopContext()
 	defer stop()
-	n.Wait(ctx)
-	return nil
+	return ft.RunGuest(ctx, ft.GuestRunConfig{Node: nodeConfig("run", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt), Guest: g, GuestConfig: cfg})
 }
 
 // defaultGuestKind is kvm when /dev/kvm works and the micro-guest image is

@@ -49,6 +49,19 @@ const (
 	DirtyRing
 )
 
+// ParseDirtyMethod reads a --dirty-log value: get, clear or ring.
+func ParseDirtyMethod(s string) (DirtyMethod, error) {
+	switch s {
+	case "get":
+		return DirtyGetLog, nil
+	case "clear":
+		return DirtyManualClear, nil
+	case "ring":
+		return DirtyRing, nil
+	}
+	return DirtyGetLog, fmt.Errorf("--dirty-log %q: want get, clear or ring", s)
+}
+
 func (m DirtyMethod) String() string {
 	switch m {
 	case DirtyGetLog:

@@ -75,3 +75,14 @@ func TestDirtyRingBadSize(t *testing.T) {
 		}
 	}
 }
+
+func TestParseDirtyMethod(t *testing.T) {
+	for s, want := range map[string]DirtyMethod{"get": DirtyGetLog, "clear": DirtyManualClear, "ring": DirtyRing} {
+		if m, err := ParseDirtyMethod(s); err != nil || m != want {
+			t.Errorf("%q: %v, %v", s, m, err)
+		}
+	}
+	if _, err := ParseDirtyMethod("rings"); err == nil {
+		t.Error("rings accepted")
+	}
+}

@@ -1,8 +1,10 @@
-// Package progress turns a migration's successive status figures into
-// what an operator watches: a percentage that never goes down and an ETA
-// that never runs backwards (it counts down, and a worse estimate only
-// slows the countdown, never raises it).
+// Package progress shows a migration to an operator. Tracker turns its
+// successive status figures into a percentage that never goes down and an
+// ETA that never runs backwards (it counts down, and a worse estimate
+// only slows the countdown, never raises it); Line, Bar and WriteSummary
+// format them; Follow polls a node's API and writes them until the
+// migration ends (what `tandem migrate` prints).
 //
-// It is a pure function of the figures and the times it is given; it
-// must never fetch, print or sleep.
+// Tracker and the formatters are pure functions of the figures and the
+// times they are given; only Follow fetches and sleeps.
 package progress

@@ -1,8 +1,11 @@
 package progress
 
 import (
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/precopy"
 )
 
 func TestNeverBackwards(t *testing.T) {
@@ -27,5 +30,21 @@ func TestNeverBackwards(t *testing.T) {
 	}
 	if DowntimeVerdict(301*time.Millisecond, 300*time.Millisecond) == "" || DowntimeVerdict(300*time.Millisecond, 300*time.Millisecond) != "" {
 		t.Fatal("downtime verdict")
+	}
+}
+
+func TestFormat(t *testing.T) {
+	if l := Line(precopy.MigrationStatus{Status: "active"}); !strings.Contains(l, "remaining=? ") {
+		t.Errorf("round 0 before a measure: %q", l)
+	}
+	if got := HumanBytes(3 << 20); got != "3.0MiB" {
+		t.Errorf("HumanBytes: %q", got)
+	}
+	var b strings.Builder
+	s := precopy.MigrationStatus{Status: precopy.StatusCompleted, DowntimeMs: 500, Outcome: "committed", Error: "late"}
+	WriteSummary(&b, s, 300*time.Millisecond)
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if len(lines) != 4 || !strings.Contains(lines[3], "DOWNTIME OVER THE LIMIT") || !strings.Contains(lines[1], "outcome: committed") {
+		t.Errorf("summary:\n%s", b.String())
 	}
 }

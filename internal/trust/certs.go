@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
 )
 
@@ -85,6 +86,31 @@ func NewCA(dir, name string, now time.Time) error {
 type IssueOptions struct {
 	IPs []net.IP
 	DNS []string
+}
+
+// ParseIssueOptions reads comma-separated IP addresses and DNS names
+// (--ip, --dns) into IssueOptions; blanks are skipped.
+func ParseIssueOptions(ips, dns string) (IssueOptions, error) {
+	var o IssueOptions
+	for _, s := range splitList(ips) {
+		ip := net.ParseIP(s)
+		if ip == nil {
+			return o, fmt.Errorf("--ip %q is not an IP address", s)
+		}
+		o.IPs = append(o.IPs, ip)
+	}
+	o.DNS = splitList(dns)
+	return o, nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // Issue writes a certificate and key for name (a node ID or an operator)

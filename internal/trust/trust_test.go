@@ -251,3 +251,13 @@ func TestPlaintextDialsLoopbackOnly(t *testing.T) {
 		t.Errorf("with an identity: %v", err)
 	}
 }
+
+func TestParseIssueOptions(t *testing.T) {
+	o, err := ParseIssueOptions(" 10.0.0.1,, ::1", "a.example, b")
+	if err != nil || len(o.IPs) != 2 || !o.IPs[1].Equal(net.ParseIP("::1")) || strings.Join(o.DNS, "|") != "a.example|b" {
+		t.Fatalf("%+v, %v", o, err)
+	}
+	if _, err := ParseIssueOptions("10.0.0.300", ""); err == nil || !strings.Contains(err.Error(), `--ip "10.0.0.300"`) {
+		t.Fatalf("bad ip: %v", err)
+	}
+}

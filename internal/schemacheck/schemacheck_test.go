@@ -1,4 +1,4 @@
-package main
+package schemacheck
 
 import (
 	"strings"
@@ -6,11 +6,11 @@ import (
 )
 
 func TestCheckSchemas(t *testing.T) {
-	cur := currentSchema()
-	if p := checkSchemas(cur, cur); len(p) != 0 {
+	cur := Current()
+	if p := Check(cur, cur); len(p) != 0 {
 		t.Fatalf("a build is incompatible with itself: %v", p)
 	}
-	clone := func() schemaDump {
+	clone := func() Dump {
 		d := cur
 		d.Devices = map[string]map[string]uint32{}
 		for k, v := range cur.Devices {
@@ -26,18 +26,21 @@ func TestCheckSchemas(t *testing.T) {
 	bumped.Devices["kvm"]["kvm-vcpu"]++
 	gone := clone()
 	delete(gone.Devices["synth"], "synth-console")
+	added := clone()
+	added.Devices["synth"]["synth-extra"] = 1
 	newer := clone()
 	newer.Format.MinReadable, newer.Format.MinWritable, newer.Format.Current = 2, 2, 2
 	for _, tc := range []struct {
 		name string
-		nw   schemaDump
+		nw   Dump
 		want string
 	}{
 		{"version bump", bumped, `"kvm-vcpu" changed version`},
 		{"device removed", gone, `"synth-console" (version 1) is unknown`},
+		{"device added", added, `"synth-extra" (version 1) is new`},
 		{"format moved on", newer, "older than the oldest the new one reads"},
 	} {
-		p := checkSchemas(cur, tc.nw)
+		p := Check(cur, tc.nw)
 		if !strings.Contains(strings.Join(p, "\n"), tc.want) {
 			t.Errorf("%s: problems %v, want one saying %q", tc.name, p, tc.want)
 		}

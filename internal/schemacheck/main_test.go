@@ -1,0 +1,13 @@
+package schemacheck
+
+import (
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+// TestMain fails the package's tests if any goroutine is still running
+// once they are done: every goroutine has an owner that stops and joins it.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
