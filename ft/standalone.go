@@ -34,6 +34,7 @@ func RunGuest(ctx context.Context, cfg GuestRunConfig) error {
 	if _, err := g.Resume(); err != nil {
 		return fmt.Errorf("start the guest: %w", err)
 	}
+	n.net.announce(guest.NICOf(g))
 	n.SetState("running")
 	n.log.Info("guest running", "kind", g.Kind(), "memory", guest.FormatSize(gcfg.Memory), "vcpus", gcfg.VCPUs,
 		"workload", gcfg.Workload.Kind, "api", n.APIAddr(), "console", n.ConsoleAddr(), "tls", n.trust.TLSOn())

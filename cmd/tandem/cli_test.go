@@ -63,3 +63,20 @@ func TestPlaintextSecondaryRefused(t *testing.T) {
 		t.Errorf("plaintext --secondary off loopback: exit %d, stderr %q", rc, errb.String())
 	}
 }
+
+// A bad --net, a bridge that does not exist or a guest-ip on the kvm
+// guest: one line, exit 2, before anything starts.
+func TestNetFlagRefusals(t *testing.T) {
+	for _, args := range [][]string{
+		{"run", "--guest", "synth", "--net", "eth0"},
+		{"run", "--guest", "synth", "--net", "tap:tdtcli0,bridge=tdt-no-such-br"},
+		{"run", "--guest", "synth", "--guest-ip", "10.0.0.0/24"},
+		{"run", "--guest", "kvm", "--guest-ip", "10.0.0.10/24"},
+		{"run", "--guest", "synth", "--guest-ip", "10.0.0.10/24", "--kv-port", "0"},
+	} {
+		var out, errb bytes.Buffer
+		if rc := app.Main(args, &out, &errb); rc != 2 || strings.Count(errb.String(), "\n") != 1 {
+			t.Errorf("%v: exit %d, stderr %q", args, rc, errb.String())
+		}
+	}
+}

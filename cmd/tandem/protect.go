@@ -140,6 +140,8 @@ func cmdPrimary(args []string) error {
 	addReceiveFlags(fs, &rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
+	var nf netFlag
+	addNetFlag(fs, &nf)
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
@@ -157,7 +159,11 @@ func cmdPrimary(args []string) error {
 			return err
 		}
 		cf.tls, cf.insecure = nt.ID, nt.Insecure
-		return runMember(failover.RolePrimary, cf, &gf, ef, rf, nodeConfig("primary", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
+		nc, err := nf.attach(nodeConfig("primary", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
+		if err != nil {
+			return err
+		}
+		return runMember(failover.RolePrimary, cf, &gf, ef, rf, nc)
 	}
 	kind, cfg, err := gf.config()
 	if err != nil {
@@ -183,6 +189,10 @@ func cmdPrimary(args []string) error {
 	if *secName != "" && nt.ID == nil {
 		return usagef("--secondary-name needs --tls-ca, --tls-cert and --tls-key (a name is checked on a certificate)")
 	}
+	nc, err := nf.attach(nodeConfig("primary", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
+	if err != nil {
+		return err
+	}
 	g, err := bootGuest(kind, cfg)
 	if err != nil {
 		return err
@@ -190,7 +200,7 @@ func cmdPrimary(args []string) error {
 	ctx, stop := stopContext()
 	defer stop()
 	return ft.RunPairPrimary(ctx, ft.PairPrimaryConfig{
-		Node:  nodeConfig("primary", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt),
+		Node:  nc,
 		Guest: g, GuestConfig: cfg, Secondary: *secondary, SecondaryName: *secName, Epochs: ef.settings(),
 	})
 }
@@ -209,6 +219,8 @@ func cmdSecondary(args []string) error {
 	addClusterFlags(fs, &cf, false)
 	addStopHandoverFlag(fs, &cf)
 	fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
+	var nf netFlag
+	addNetFlag(fs, &nf)
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
@@ -230,7 +242,11 @@ func cmdSecondary(args []string) error {
 		}
 		cf.data = *data
 		cf.tls, cf.insecure = nt.ID, nt.Insecure
-		return runMember(failover.RoleSecondary, cf, nil, ef, rf, nodeConfig("secondary", *apiAddr, *consoleAddr, snapDir, false, nt))
+		nc, err := nf.attach(nodeConfig("secondary", *apiAddr, *consoleAddr, snapDir, false, nt))
+		if err != nil {
+			return err
+		}
+		return runMember(failover.RoleSecondary, cf, nil, ef, rf, nc)
 	}
 	if *primaryName != "" && nt.ID == nil {
 		return usagef("--primary-name needs --tls-ca, --tls-cert and --tls-key (a name is checked on a certificate)")
@@ -243,7 +259,10 @@ func cmdSecondary(args []string) error {
 	}
 	log := newLogger()
 	r := rf.apply(&replica.Receiver{NewGuest: ft.EmptyGuest, Build: version.Build(), Log: log, Kind: *kind, Timeout: 5 * time.Second}, cf.dataDir)
-	nc := nodeConfig("secondary", *apiAddr, *consoleAddr, snapDir, false, nt)
+	nc, err := nf.attach(nodeConfig("secondary", *apiAddr, *consoleAddr, snapDir, false, nt))
+	if err != nil {
+		return err
+	}
 	nc.Log = log
 	ctx, stop := stopContext()
 	defer stop()

@@ -25,6 +25,8 @@ func cmdReceive(args []string) error {
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
 	commitTimeout := fs.Duration("commit-timeout", replica.DefaultCommitTimeout, "after answering ready, how long to wait on the connection for the source's commit before asking its API")
+	var nf netFlag
+	addNetFlag(fs, &nf)
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
@@ -44,7 +46,10 @@ func cmdReceive(args []string) error {
 	if err != nil {
 		return err
 	}
-	nc := nodeConfig("receive", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt)
+	nc, err := nf.attach(nodeConfig("receive", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
+	if err != nil {
+		return err
+	}
 	r := rf.apply(&replica.Receiver{NewGuest: ft.EmptyGuest, Build: version.Build(), Log: nc.Log, Kind: *kind}, "")
 	ctx, stop := stopContext()
 	defer stop()

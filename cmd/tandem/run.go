@@ -73,6 +73,8 @@ func cmdRun(args []string) error {
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
+	var nf netFlag
+	addNetFlag(fs, &nf)
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
@@ -88,13 +90,17 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
+	nc, err := nf.attach(nodeConfig("run", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
+	if err != nil {
+		return err
+	}
 	g, err := bootGuest(kind, cfg)
 	if err != nil {
 		return err
 	}
 	ctx, stop := stopContext()
 	defer stop()
-	return ft.RunGuest(ctx, ft.GuestRunConfig{Node: nodeConfig("run", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt), Guest: g, GuestConfig: cfg})
+	return ft.RunGuest(ctx, ft.GuestRunConfig{Node: nc, Guest: g, GuestConfig: cfg})
 }
 
 // defaultGuestKind is kvm when /dev/kvm works and the micro-guest image is

@@ -74,7 +74,10 @@ func Open(sp Spec) (*Device, error) {
 	}
 	if sp.Bridge != "" {
 		if _, err := net.InterfaceByName(sp.Bridge); err != nil {
-			return nil, fmt.Errorf("bridge %s: %w", sp.Bridge, err)
+			return nil, fmt.Errorf("bridge %s does not exist (make it with: ip link add %s type bridge)", sp.Bridge, sp.Bridge)
+		}
+		if _, err := os.Stat("/sys/class/net/" + sp.Bridge + "/bridge"); err != nil {
+			return nil, fmt.Errorf("%s is not a bridge", sp.Bridge)
 		}
 	}
 	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
