@@ -59,8 +59,13 @@ func watchRunners(src, dst *node) *runnerWatch {
 				return
 			case <-time.After(5 * time.Millisecond):
 			}
-			s, err1 := getCommit(src.api)
+			// The destination first: once it runs it keeps running,
+			// so a source still running after it was seen running ran
+			// at the same moment. Read the other way round, a source
+			// that stopped between the two reads (a slow read on a
+			// busy machine) looked like both running.
 			d, err2 := getCommit(dst.api)
+			s, err1 := getCommit(src.api)
 			if err1 != nil || err2 != nil {
 				continue
 			}
