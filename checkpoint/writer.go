@@ -262,6 +262,11 @@ func NewWriter(w io.Writer, h Header, opts Options) (*Writer, error) {
 	return wr, nil
 }
 
+// Encoders is how many goroutines encode RAM sections (Options.Encoders,
+// at least 1): a caller passes this many sections' worth of pages per
+// WritePages call to keep them busy.
+func (w *Writer) Encoders() int { return w.encoders }
+
 // Header returns the header as written.
 func (w *Writer) Header() Header { return w.h }
 
