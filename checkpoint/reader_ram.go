@@ -32,13 +32,25 @@ func (r *Reader) decodeRAM(t Target, s *Section, body, tail []byte, maxPages uin
 		return 0, fmt.Errorf("%w: %d entries (limit %d)", ErrTooLarge, n, maxPages)
 	}
 	ents := r.ents[:0]
-	clear(r.overlay)
+	if len(r.overlay) > 0 {
+		clear(r.overlay)
+	}
+	// The overlay (pages set earlier in this section, the bases of XOR
+	// entries) is only built once an XOR entry needs it: a section of
+	// whole pages costs no map operation per page.
+	overlay := false
 	var expected, total uint64
 	used := 0
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		e := decEntry{index: expected + uint64(d.varint()), count: 1, enc: d.u8()}
 		if d.err != nil {
 			break
+		}
+		if e.enc == encXOR && !overlay {
+			overlay = true
+			for _, pe := range ents {
+				r.setOverlay(pe)
+			}
 		}
 		var err error
 		if tail, used, err = r.decodeEntry(t, &d, &e, tail, used); err != nil {
@@ -55,14 +67,8 @@ func (r *Reader) decodeRAM(t Target, s *Section, body, tail []byte, maxPages uin
 		}
 		total += e.count
 		expected = e.index + e.count
-		data := e.data
-		if data == nil {
-			data = zeroPage[:]
-		}
-		// Runs and zero runs never serve as XOR bases in practice, but a
-		// stream may use them so; the overlay keeps decoding exact.
-		for k := uint64(0); k < e.count; k++ {
-			r.overlay[e.index+k] = data
+		if overlay {
+			r.setOverlay(e)
 		}
 		ents = append(ents, e)
 		s.Pages.add(e.enc, e.count)
@@ -75,6 +81,19 @@ func (r *Reader) decodeRAM(t Target, s *Section, body, tail []byte, maxPages uin
 		return 0, fmt.Errorf("%w: %d unused body bytes, %d unused stored bytes", ErrCorrupt, len(d.b), len(tail))
 	}
 	return total, nil
+}
+
+// setOverlay records e's pages as set earlier in the section. Runs and
+// zero runs never serve as XOR bases in practice, but a stream may use
+// them so; the overlay keeps decoding exact.
+func (r *Reader) setOverlay(e decEntry) {
+	data := e.data
+	if data == nil {
+		data = zeroPage[:]
+	}
+	for k := uint64(0); k < e.count; k++ {
+		r.overlay[e.index+k] = data
+	}
 }
 
 // decodeEntry reads the body of one entry whose header is in e, by its

@@ -78,7 +78,17 @@ type Options struct {
 	// BatchPages is the most pages per RAM section; 0 means
 	// DefaultBatchPages. At most DefaultLimits().MaxPagesPerBatch.
 	BatchPages int
+	// Encoders is how many goroutines encode RAM sections (page hashes,
+	// compression, CRC) at once; 0 or 1 means the caller's goroutine
+	// alone. They run only within a WritePages call that spans more than
+	// one section, so pass Encoders*BatchPages pages or more per call.
+	// The stream is the same whatever the number (one connection,
+	// sections in order); at most MaxEncoders.
+	Encoders int
 }
+
+// MaxEncoders bounds Options.Encoders.
+const MaxEncoders = 64
 
 // PageCounts counts pages by how they travelled.
 type PageCounts struct {
@@ -148,7 +158,8 @@ type EpochSummary struct {
 }
 
 // Writer encodes a stream. It is not safe for concurrent use; one
-// goroutine owns it. After any write error the Writer is broken and every
+// goroutine owns it (with Options.Encoders, WritePages runs helpers that
+// end before it returns). After any write error the Writer is broken and every
 // later call returns that error (the receiver will see a truncated stream).
 type Writer struct {
 	w      io.Writer
@@ -169,11 +180,12 @@ type Writer struct {
 	err       error // sticky
 	ended     bool  // STREAM-END written or Close called
 
+	// encoders is how many goroutines finish RAM sections (Options.Encoders).
+	encoders int
 	// Reused buffers.
-	entries []entry
-	deltas  []byte
-	body    []byte
-	out     []byte
+	secs []*ramSection
+	body []byte
+	out  []byte
 }
 
 // entry is one RAM entry being encoded.
@@ -222,14 +234,19 @@ func NewWriter(w io.Writer, h Header, opts Options) (*Writer, error) {
 	if cacheBytes == 0 {
 		cacheBytes = DefaultCacheBytes
 	}
-	wr := &Writer{w: w, h: h, feat: info.feat, lay: newLayout(h.Regions), batch: batch, digest: newEpochDigest()}
+	if opts.Encoders < 0 || opts.Encoders > MaxEncoders {
+		return nil, fmt.Errorf("%w: %d encoders (want 0 to %d)", ErrBadInput, opts.Encoders, MaxEncoders)
+	}
+	wr := &Writer{w: w, h: h, feat: info.feat, lay: newLayout(h.Regions), batch: batch, digest: newEpochDigest(),
+		encoders: max(1, opts.Encoders)}
 	if cacheBytes > 0 {
 		wr.cache = newPageCache(cacheBytes)
 	}
 	if level, ok := opts.Compression.zstdLevel(); ok {
-		// Concurrency 1: EncodeAll runs on the caller's goroutine, so the
-		// Writer owns no goroutines. CRC off: every section has CRC32C.
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1),
+		// EncodeAll runs on the calling goroutine; concurrency is how
+		// many may call it at once (one per encoder), so the Writer
+		// owns no goroutines of zstd's. CRC off: every section has CRC32C.
+		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(wr.encoders),
 			zstd.WithEncoderCRC(false), zstd.WithZeroFrames(true))
 		if err != nil {
 			return nil, fmt.Errorf("checkpoint: zstd encoder: %w", err)
@@ -244,6 +261,11 @@ func NewWriter(w io.Writer, h Header, opts Options) (*Writer, error) {
 	}
 	return wr, nil
 }
+
+// Encoders is how many goroutines encode RAM sections (Options.Encoders,
+// at least 1): a caller passes this many sections' worth of pages per
+// WritePages call to keep them busy.
+func (w *Writer) Encoders() int { return w.encoders }
 
 // Header returns the header as written.
 func (w *Writer) Header() Header { return w.h }
@@ -290,14 +312,7 @@ func (w *Writer) WritePages(pages []Page) error {
 			return fmt.Errorf("%w: page %d is outside the memory layout", ErrBadInput, p.Index)
 		}
 	}
-	for len(pages) > 0 {
-		n := min(len(pages), w.batch)
-		if err := w.writeBatch(pages[:n]); err != nil {
-			return err
-		}
-		pages = pages[n:]
-	}
-	return nil
+	return w.writePages(pages)
 }
 
 // beginSection returns the output buffer with room for the frame.
@@ -346,22 +361,90 @@ func putPaddedUvarint(b []byte, v uint64) {
 
 // endSection fills in the frame and writes the section.
 func (w *Writer) endSection(t SectionType, out []byte) error {
+	return w.writeSection(t, out, nil)
+}
+
+// directTail is the least tail of stored pages that writeSection writes
+// from the caller's memory rather than copying it into the section.
+const directTail = 64 << 10
+
+// bufferedSink is a sink with a buffer (bufio.Writer): a write larger
+// than the buffer goes straight through once the buffer is empty.
+type bufferedSink interface {
+	Buffered() int
+	Available() int
+	Flush() error
+}
+
+// writeSection fills in the frame of out, whose payload continues with
+// the pages of tail, and writes the section.
+func (w *Writer) writeSection(t SectionType, out []byte, tail [][]byte) error {
+	out, tail, n := frameSection(t, out, tail)
 	w.out = out
-	payload := len(out) - frameLen
+	return w.sendSection(t, out, tail, n)
+}
+
+// frameSection fills in the frame of out, whose payload continues with
+// the pages of tail (n bytes). A tail under directTail is appended to out
+// (and nil, 0 returned for it); a larger one stays where it lies, to be
+// written from there by sendSection.
+func frameSection(t SectionType, out []byte, tail [][]byte) ([]byte, [][]byte, int) {
+	n := 0
+	for _, p := range tail {
+		n += len(p)
+	}
+	if n < directTail {
+		for _, p := range tail {
+			out = append(out, p...)
+		}
+		tail, n = nil, 0
+	}
+	payload := len(out) - frameLen + n
 	out[0] = byte(t)
 	binary.LittleEndian.PutUint32(out[1:], uint32(payload))
 	crc := crc32.Update(crc32.Checksum(out[:5], castagnoli), castagnoli, out[frameLen:])
+	for _, p := range tail {
+		crc = crc32.Update(crc, castagnoli, p)
+	}
 	binary.LittleEndian.PutUint32(out[5:], crc)
-	if _, err := w.w.Write(out); err != nil {
+	return out, tail, n
+}
+
+// sendSection writes a framed section: out, then the n bytes of tail in
+// runs of adjacent pages, flushing the sink's buffer first when a run is
+// larger than it, so those bytes are copied by the kernel only.
+func (w *Writer) sendSection(t SectionType, out []byte, tail [][]byte, n int) error {
+	_, err := w.w.Write(out)
+	for len(tail) > 0 && err == nil {
+		run := tail[0]
+		tail = tail[1:]
+		for len(tail) > 0 && adjacent(run, tail[0]) {
+			run = run[:len(run)+len(tail[0])]
+			tail = tail[1:]
+		}
+		if bs, ok := w.w.(bufferedSink); ok && bs.Buffered() > 0 && len(run) > bs.Buffered()+bs.Available() {
+			if err = bs.Flush(); err != nil {
+				break
+			}
+		}
+		_, err = w.w.Write(run)
+	}
+	if err != nil {
 		w.err = fmt.Errorf("checkpoint: write %v section: %w", t, err)
 		return w.err
 	}
-	w.cur.WireBytes += uint64(len(out))
+	w.cur.WireBytes += uint64(len(out) + n)
 	if t != SectionEpochEnd && t != SectionStreamEnd {
 		w.cur.Sections++
 		w.open = true
 	}
 	return nil
+}
+
+// adjacent says b starts where a ends, within a's capacity (so a can be
+// extended over b without leaving a's array).
+func adjacent(a, b []byte) bool {
+	return len(b) > 0 && cap(a) > len(a) && &a[:len(a)+1][len(a)] == &b[0] && cap(a)-len(a) >= len(b)
 }
 
 // WriteDevices ships vCPU and device state as one DEVICE section.

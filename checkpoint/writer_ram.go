@@ -3,22 +3,111 @@ package checkpoint
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
+	"sync"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/tandemvm/tandem/guest"
 )
 
-// writeBatch encodes pages as one RAM section.
-func (w *Writer) writeBatch(pages []Page) error {
-	w.entries = w.encodeEntries(pages)
-	return w.emitRAM(w.entries)
+// ramSection is one RAM section on its way to the sink, in three steps:
+// classify (each page's encoding, the XOR deltas, the cache) in stream
+// order on the calling goroutine; finish (page hashes, body, compression,
+// frame and CRC), which touches nothing shared and may run on another
+// goroutine; commit (the epoch digest, the write) in stream order.
+type ramSection struct {
+	ents []entry
+	// pages are the section's pages as the caller gave them (valid
+	// during the call); zero and hashes are their digest records, in
+	// the same order.
+	pages  []Page
+	zero   []bool
+	hashes []uint64
+	deltas []byte
+	body   []byte
+	out    []byte
+	stored [][]byte
+	tail   [][]byte // stored pages written from the caller's memory
+	tailN  int
+	counts PageCounts
 }
 
-// encodeEntries chooses each page's encoding (zero run, repeat run, XOR
-// delta against the cache, raw or stored) and updates the cache and the
-// digest as the receiver will see them.
-func (w *Writer) encodeEntries(pages []Page) []entry {
-	ents := w.entries[:0]
-	w.deltas = w.deltas[:0]
+// writePages encodes pages, at most BatchPages to a section. With more
+// than one encoder and more than one section, sections are finished on
+// up to Encoders goroutines while the caller classifies the next ones and
+// writes the finished ones in order; every goroutine has ended, and no
+// page is read any more, when it returns.
+func (w *Writer) writePages(pages []Page) error {
+	n := (len(pages) + w.batch - 1) / w.batch
+	for len(w.secs) < max(1, min(n, w.encoders+1)) {
+		w.secs = append(w.secs, &ramSection{})
+	}
+	if w.encoders <= 1 || n <= 1 {
+		s := w.secs[0]
+		for len(pages) > 0 {
+			k := min(len(pages), w.batch)
+			w.classify(s, pages[:k])
+			w.finish(s)
+			if err := w.commit(s); err != nil {
+				return err
+			}
+			pages = pages[k:]
+		}
+		return nil
+	}
+	// Pipeline: at most len(w.secs) sections in flight, section i in
+	// w.secs[i%len]; the caller classifies, workers finish, the caller
+	// commits in order.
+	slots := len(w.secs)
+	work := make(chan int, slots)
+	done := make([]chan struct{}, n)
+	for i := range done {
+		done[i] = make(chan struct{})
+	}
+	var wg sync.WaitGroup
+	for range min(w.encoders, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				w.finish(w.secs[i%slots])
+				close(done[i])
+			}
+		}()
+	}
+	var err error
+	next := 0 // next section to commit
+	commit := func() {
+		<-done[next]
+		if err == nil {
+			err = w.commit(w.secs[next%slots])
+		}
+		next++
+	}
+	for i := 0; i < n; i++ {
+		if i-next == slots {
+			commit() // frees the slot section i reuses
+		}
+		lo := i * w.batch
+		w.classify(w.secs[i%slots], pages[lo:min(lo+w.batch, len(pages))])
+		work <- i
+	}
+	close(work)
+	for next < n {
+		commit()
+	}
+	wg.Wait()
+	return err
+}
+
+// classify chooses each page's encoding (zero run, repeat run, XOR delta
+// against the cache, raw or stored) and updates the cache as the receiver
+// will see it.
+func (w *Writer) classify(s *ramSection, pages []Page) {
+	ents := s.ents[:0]
+	zero := s.zero[:0]
+	s.pages = pages
+	s.deltas = s.deltas[:0]
 	compress := w.enc != nil
 	for _, p := range pages {
 		idx, data := p.Index, p.Data
@@ -31,7 +120,7 @@ func (w *Writer) encodeEntries(pages []Page) []entry {
 			// The receiver's copy becomes zero; a zero base is not worth
 			// a cache slot (raw plus zstd is as small as a delta).
 			w.cache.invalidate(idx)
-			w.digest.zero(idx)
+			zero = append(zero, true)
 			if next && last.enc == encZero {
 				last.count++
 			} else {
@@ -39,7 +128,7 @@ func (w *Writer) encodeEntries(pages []Page) []entry {
 			}
 			continue
 		}
-		w.digest.page(idx, data)
+		zero = append(zero, false)
 		if w.feat.runPages && next && (last.enc == encRaw || last.enc == encStored || last.enc == encRun) && bytes.Equal(last.data, data) {
 			last.enc = encRun
 			last.count++
@@ -47,15 +136,15 @@ func (w *Writer) encodeEntries(pages []Page) []entry {
 			continue
 		}
 		if base := w.cache.get(idx); base != nil {
-			mark := len(w.deltas)
-			d, ok := appendXORDelta(w.deltas, data, base)
+			mark := len(s.deltas)
+			d, ok := appendXORDelta(s.deltas, data, base)
 			if ok {
-				w.deltas = d
+				s.deltas = d
 				ents = append(ents, entry{index: idx, count: 1, enc: encXOR, dOff: mark, dEnd: len(d)})
 				w.cache.put(idx, data)
 				continue
 			}
-			w.deltas = d[:mark]
+			s.deltas = d[:mark]
 		}
 		enc := uint8(encRaw)
 		if compress && w.feat.storedPages && looksIncompressible(data) {
@@ -64,18 +153,77 @@ func (w *Writer) encodeEntries(pages []Page) []entry {
 		ents = append(ents, entry{index: idx, count: 1, enc: enc, data: data})
 		w.cache.put(idx, data)
 	}
-	return ents
+	s.ents, s.zero = ents, zero
 }
 
-// emitRAM serialises ents, the entry stream (compressed by the envelope)
-// then the stored pages, as a RAM section.
-func (w *Writer) emitRAM(ents []entry) error {
-	body := binary.AppendUvarint(w.body[:0], uint64(len(ents)))
+// finish hashes the pages for the digest and serialises the entries, the
+// entry stream (compressed by the envelope) then the stored pages, as a
+// framed RAM section. Page data is copied once at most on its way to the
+// sink: without compression the body is built in the section itself, and
+// a large tail of stored pages is written from the caller's memory (see
+// sendSection).
+func (w *Writer) finish(s *ramSection) {
+	hashes := s.hashes[:0]
+	for i, p := range s.pages {
+		var h uint64
+		if !s.zero[i] {
+			h = xxhash.Sum64(p.Data)
+		}
+		hashes = append(hashes, h)
+	}
+	s.hashes = hashes
+	out := append(s.out[:0], make([]byte, frameLen)...)
+	if w.enc == nil {
+		n := s.bodyLen()
+		out = append(out, codecNone)
+		out = binary.AppendUvarint(out, n)
+		out = binary.AppendUvarint(out, n)
+		mark := len(out)
+		out, s.counts = s.appendBody(out)
+		if uint64(len(out)-mark) != n {
+			panic(fmt.Sprintf("checkpoint: RAM body of %d bytes, %d announced", len(out)-mark, n))
+		}
+	} else {
+		s.body, s.counts = s.appendBody(s.body[:0])
+		out = w.appendEnvelope(out, s.body)
+	}
+	stored := s.stored[:0]
+	for i := range s.ents {
+		if s.ents[i].enc == encStored {
+			stored = append(stored, s.ents[i].data)
+		}
+	}
+	s.stored = stored
+	s.out, s.tail, s.tailN = frameSection(SectionRAM, out, stored)
+}
+
+// commit records a finished section in the epoch digest and its figures,
+// and writes it.
+func (w *Writer) commit(s *ramSection) error {
+	for i, p := range s.pages {
+		if s.zero[i] {
+			w.digest.zero(p.Index)
+		} else {
+			w.digest.pageHash(p.Index, s.hashes[i])
+		}
+	}
+	s.pages = nil // the caller's
+	w.cur.Encodings = w.cur.Encodings.Plus(s.counts)
+	w.cur.Pages += s.counts.Total()
+	w.cur.ZeroPages += s.counts.Zero
+	w.cur.DeltaPages += s.counts.XOR
+	w.cur.InputBytes += s.counts.Total() * guest.PageSize
+	return w.sendSection(SectionRAM, s.out, s.tail, s.tailN)
+}
+
+// appendBody appends the entry stream to body and counts the pages by
+// encoding.
+func (s *ramSection) appendBody(body []byte) ([]byte, PageCounts) {
+	body = binary.AppendUvarint(body, uint64(len(s.ents)))
 	var expected uint64
 	var counts PageCounts
-	nstored := 0
-	for i := range ents {
-		e := &ents[i]
+	for i := range s.ents {
+		e := &s.ents[i]
 		body = binary.AppendVarint(body, int64(e.index-expected))
 		body = append(body, e.enc)
 		switch e.enc {
@@ -83,10 +231,8 @@ func (w *Writer) emitRAM(ents []entry) error {
 			body = binary.AppendUvarint(body, e.count)
 		case encRaw:
 			body = append(body, e.data...)
-		case encStored:
-			nstored++
 		case encXOR:
-			body = append(body, w.deltas[e.dOff:e.dEnd]...)
+			body = append(body, s.deltas[e.dOff:e.dEnd]...)
 		case encRun:
 			body = binary.AppendUvarint(body, e.count)
 			body = append(body, e.data...)
@@ -94,18 +240,37 @@ func (w *Writer) emitRAM(ents []entry) error {
 		counts.add(e.enc, e.count)
 		expected = e.index + e.count
 	}
-	w.body = body
-	out := w.beginSection()
-	out = w.appendEnvelope(out, body)
-	for i := range ents {
-		if ents[i].enc == encStored {
-			out = append(out, ents[i].data...)
+	return body, counts
+}
+
+// bodyLen is the length appendBody gives.
+func (s *ramSection) bodyLen() uint64 {
+	n := uvarintLen(uint64(len(s.ents)))
+	var expected uint64
+	for i := range s.ents {
+		e := &s.ents[i]
+		n += varintLen(int64(e.index-expected)) + 1
+		switch e.enc {
+		case encZero:
+			n += uvarintLen(e.count)
+		case encRaw:
+			n += guest.PageSize
+		case encXOR:
+			n += e.dEnd - e.dOff
+		case encRun:
+			n += uvarintLen(e.count) + guest.PageSize
 		}
+		expected = e.index + e.count
 	}
-	w.cur.Encodings = w.cur.Encodings.Plus(counts)
-	w.cur.Pages += counts.Total()
-	w.cur.ZeroPages += counts.Zero
-	w.cur.DeltaPages += counts.XOR
-	w.cur.InputBytes += counts.Total() * guest.PageSize
-	return w.endSection(SectionRAM, out)
+	return uint64(n)
+}
+
+func uvarintLen(v uint64) int {
+	var b [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(b[:], v)
+}
+
+func varintLen(v int64) int {
+	var b [binary.MaxVarintLen64]byte
+	return binary.PutVarint(b[:], v)
 }

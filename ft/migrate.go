@@ -44,9 +44,14 @@ func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 }
 
 func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
-	var req migrateRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
+	var full api.MigrateStreamsRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&full); err != nil {
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: %v", err))
+		return
+	}
+	req := full.MigrateRequest
+	if full.Streams < 0 || full.Streams > api.MaxMigrateStreams {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: streams %d not in 1..%d", full.Streams, api.MaxMigrateStreams))
 		return
 	}
 	pol, err := migratePolicy(req)
@@ -81,7 +86,8 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
 	// before the guest is paused at all.
-	link, closeLink, ok := n.openMigrationLink(w, r, req.To, hello, g, checkpoint.Options{Compression: comp})
+	opts := checkpoint.Options{Compression: comp, Encoders: full.Streams, CacheBytes: migrationCache(req.MaxBandwidth, g)}
+	link, closeLink, ok := n.openMigrationLink(w, r, req.To, hello, g, opts)
 	if !ok {
 		return
 	}
@@ -92,6 +98,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	m.SetID(migID)
+	m.Log = n.log
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
 	n.mig, n.migDest, n.migCancel = m, req.To, cancel
@@ -104,6 +111,25 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		n.runMigration(ctx, m, req.To, closeLink)
 	}()
 	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true, "to": req.To})
+}
+
+// migrationCache is the size of the stream's XOR delta cache. On a
+// capped link (a bandwidth limit) it covers the guest's memory: the link,
+// not the source's memory or CPU, is the bottleneck there, and a guest
+// rewriting a few bytes of pages all over its working set then sends each
+// again as a delta of tens of bytes instead of 4 KiB (the default cache,
+// 64 MiB, holds an eighth of a 512 MiB working set). The cache costs what
+// the guest has resident, at most: slots are written only when a page is
+// sent. Uncapped, the default.
+func migrationCache(maxBandwidth uint64, g guest.Guest) int64 {
+	if maxBandwidth == 0 {
+		return 0
+	}
+	var total int64
+	for _, r := range g.Regions() {
+		total += int64(len(r.Mem))
+	}
+	return max(total, checkpoint.DefaultCacheBytes)
 }
 
 // reserveForMigration reserves the running guest for one migration

@@ -122,11 +122,15 @@ type Controller struct {
 	// than the round their attempt was decided on (at least 1): a guest
 	// that dirties a burst between the last round and the pause makes
 	// later decisions count on it.
-	growth         float64
-	stateSave      time.Duration
-	stateSaveSeen  bool
-	throttle       int
-	highRounds     int // consecutive rounds whose dirty rate was over the trigger
+	growth        float64
+	stateSave     time.Duration
+	stateSaveSeen bool
+	throttle      int
+	highRounds    int // consecutive rounds whose dirty rate was over the trigger
+	// prevRemaining is the dirty set the last round left (prevKnown:
+	// there was a round), against which the next round's is judged.
+	prevRemaining  uint64
+	prevKnown      bool
 	rounds         int
 	attempts       int
 	aborted        int
@@ -195,12 +199,19 @@ func (c *Controller) RoundDone(r RoundStats, now time.Time) Decision {
 		return d
 	}
 
-	fits := c.predicted && c.expected <= c.policy.DowntimeLimit
-	if fits {
+	prev, prevKnown := c.prevRemaining, c.prevKnown
+	if r.Round == 0 || !prevKnown {
+		// Round 0 started from every page it sent.
+		prev, prevKnown = r.PagesSent, true
+	}
+	c.prevRemaining, c.prevKnown = r.RemainingPages, true
+
+	complete, why := c.completeLocked(r.RemainingPages, prev, prevKnown)
+	if complete {
 		if !c.lastAbort.IsZero() {
 			if next := c.lastAbort.Add(c.policy.MinRetryInterval); now.Before(next) {
-				d.Reason = fmt.Sprintf("expected downtime %v fits %v but the last attempt aborted %v ago; next attempt after %v",
-					c.expected, c.policy.DowntimeLimit, now.Sub(c.lastAbort), c.policy.MinRetryInterval)
+				d.Reason = fmt.Sprintf("%s but the last attempt aborted %v ago; next attempt after %v",
+					why, now.Sub(c.lastAbort), c.policy.MinRetryInterval)
 				// A guest that converges but whose flushes keep
 				// missing is not helped by throttling, so the
 				// throttle is left alone here.
@@ -211,13 +222,49 @@ func (c *Controller) RoundDone(r RoundStats, now time.Time) Decision {
 		c.attempts++
 		c.highRounds = 0
 		d.Action = TryComplete
-		d.Reason = fmt.Sprintf("expected downtime %v fits %v", c.expected, c.policy.DowntimeLimit)
+		d.Reason = why
+		return d
+	}
+	if c.predicted && c.expected <= c.policy.DowntimeLimit {
+		// Converging on its own: another round shortens the pause,
+		// and throttling a guest that converges buys nothing.
+		c.highRounds = 0
+		d.Reason = why
 		return d
 	}
 
 	d.Reason = c.convergeLocked(r)
 	d.Throttle = c.throttle
 	return d
+}
+
+// shrinkPercent: a round whose remaining set is at most this per cent of
+// the set before it still shrinks it (the guest converges on its own and
+// another round shortens the pause); above it the set has stopped
+// shrinking.
+const shrinkPercent = 75
+
+// completeLocked is the completion rule, given the pages left after a
+// round and before it. The limit is a ceiling, not the goal: complete when
+// the prediction fits the target, or fits the limit and the dirty set has
+// stopped shrinking (another round would not shorten the pause much, or
+// would lengthen it). A prediction over the limit never completes. It
+// returns the reason line either way.
+func (c *Controller) completeLocked(remaining, prev uint64, prevKnown bool) (bool, string) {
+	limit, target := c.policy.DowntimeLimit, c.policy.DowntimeTarget
+	switch {
+	case !c.predicted:
+		return false, "expected downtime unknown: no bandwidth measured yet"
+	case c.expected <= target:
+		return true, fmt.Sprintf("expected downtime %v fits the target %v", c.expected, target)
+	case c.expected > limit:
+		return false, fmt.Sprintf("expected downtime %v over %v", c.expected, limit)
+	case !prevKnown || remaining*100 > prev*shrinkPercent:
+		return true, fmt.Sprintf("expected downtime %v fits %v and the dirty set stopped shrinking (%d pages, %d before the round)",
+			c.expected, limit, remaining, prev)
+	}
+	return false, fmt.Sprintf("expected downtime %v fits %v but not the target %v and the dirty set shrinks (%d pages from %d): another round",
+		c.expected, limit, target, remaining, prev)
 }
 
 // observe feeds the estimators. Rounds that sent nothing say nothing about

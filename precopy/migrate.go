@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -132,6 +133,9 @@ type Migration struct {
 	// ConfirmTimeout bounds the wait for the destination's confirmation
 	// after the commit; 0 means DefaultConfirmTimeout.
 	ConfirmTimeout time.Duration
+	// Log, if set, gets one debug line per round: what it sent, what it
+	// left and the controller's decision with its reason.
+	Log *slog.Logger
 	// committed: the commit was decided; the source's guest never
 	// resumes from here on.
 	committed bool
@@ -238,6 +242,10 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 			PagesDirtied: dirtied, DirtyInterval: now.Sub(lastSync), RemainingPages: remaining,
 		}, now)
 		lastSync = now
+		if m.Log != nil {
+			m.Log.Debug("migration round", "round", round, "sent_pages", sent, "send_ms", ms(sendTime),
+				"dirtied", dirtied, "remaining", remaining, "expected_ms", ms(d.ExpectedDowntime), "action", d.Action.String(), "reason", d.Reason)
+		}
 		if d.Throttle != applied {
 			if th, ok := m.core.G.(guest.Throttler); ok {
 				th.SetThrottle(d.Throttle)

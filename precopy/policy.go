@@ -23,6 +23,7 @@ var (
 // ones QEMU ships with, so operators' expectations carry over.
 const (
 	DefaultDowntimeLimit     = 300 * time.Millisecond
+	DefaultDowntimeTarget    = 20 * time.Millisecond
 	DefaultMinRetryInterval  = time.Second
 	DefaultMaxTime           = 10 * time.Minute
 	DefaultThrottleInitial   = 20
@@ -41,8 +42,17 @@ const (
 // MaxTime (0 = DefaultMaxTime; negative = no limit) and AutoConverge (off).
 type Policy struct {
 	// DowntimeLimit bounds the stop-and-copy: pause on the source to
-	// resume on the destination.
+	// resume on the destination. It is a ceiling, not a goal: the
+	// controller aims at DowntimeTarget.
 	DowntimeLimit time.Duration
+	// DowntimeTarget is the stop-and-copy the controller aims for. A
+	// prediction that fits it completes at once; one that fits only the
+	// limit completes once the dirty set stops shrinking (a round that
+	// leaves more than three quarters of the set before it), since until
+	// then another round buys a shorter pause. Zero means
+	// DefaultDowntimeTarget, or DowntimeLimit when that is smaller; a
+	// target equal to the limit completes as soon as the limit fits.
+	DowntimeTarget time.Duration
 	// MinRetryInterval is the least time between an aborted completion
 	// attempt and the next one.
 	MinRetryInterval time.Duration
@@ -80,6 +90,9 @@ func DefaultPolicy() Policy {
 func (p Policy) withDefaults() Policy {
 	if p.DowntimeLimit == 0 {
 		p.DowntimeLimit = DefaultDowntimeLimit
+	}
+	if p.DowntimeTarget == 0 {
+		p.DowntimeTarget = min(DefaultDowntimeTarget, p.DowntimeLimit)
 	}
 	if p.MinRetryInterval == 0 {
 		p.MinRetryInterval = DefaultMinRetryInterval
@@ -121,6 +134,8 @@ func (p Policy) validate() error {
 	switch {
 	case p.DowntimeLimit < 0:
 		return fmt.Errorf("%w: negative downtime limit %v", ErrBadPolicy, p.DowntimeLimit)
+	case p.DowntimeTarget < 0 || p.DowntimeTarget > p.DowntimeLimit:
+		return fmt.Errorf("%w: downtime target %v not in 0..%v (the limit)", ErrBadPolicy, p.DowntimeTarget, p.DowntimeLimit)
 	case p.MinRetryInterval < 0:
 		return fmt.Errorf("%w: negative minimum retry interval %v", ErrBadPolicy, p.MinRetryInterval)
 	case p.StateSaveEstimate < 0:

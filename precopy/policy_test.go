@@ -35,7 +35,7 @@ func round(n int, sent, dirtied, remaining uint64, span time.Duration) RoundStat
 func TestPolicyDefaults(t *testing.T) {
 	p := DefaultPolicy()
 	want := Policy{
-		DowntimeLimit: 300 * time.Millisecond, MinRetryInterval: time.Second, MaxTime: 10 * time.Minute,
+		DowntimeLimit: 300 * time.Millisecond, DowntimeTarget: 20 * time.Millisecond, MinRetryInterval: time.Second, MaxTime: 10 * time.Minute,
 		AutoConverge: true, ThrottleInitial: 20, ThrottleStep: 10, ThrottleMax: 99,
 		ThrottleTrigger: 50, ThrottleRounds: 2, StateSaveEstimate: 10 * time.Millisecond,
 		RateTimeConstant: time.Second,
@@ -187,7 +187,7 @@ func TestRoundDoneConvergence(t *testing.T) {
 		},
 		{
 			name: "exactly at the limit fits",
-			p:    Policy{DowntimeLimit: 110 * time.Millisecond},
+			p:    Policy{DowntimeLimit: 110 * time.Millisecond, DowntimeTarget: 110 * time.Millisecond},
 			steps: []step{
 				{time.Second, round(0, bw, 2560, 2560, time.Second), want{TryComplete, 0, true, 110 * time.Millisecond}},
 			},
@@ -262,7 +262,7 @@ func TestRoundDoneConvergence(t *testing.T) {
 		},
 		{
 			name: "compression makes the transfer rate count, not the wire rate",
-			p:    Policy{},
+			p:    Policy{DowntimeTarget: DefaultDowntimeLimit},
 			steps: []step{
 				// 100 MiB of pages in 1 s for 25 MiB on the wire;
 				// 25 MiB left = 250 ms + 10 ms, fits, though at the
@@ -282,7 +282,7 @@ func TestRoundDoneConvergence(t *testing.T) {
 		},
 		{
 			name: "a burst above MaxBandwidth is not trusted",
-			p:    Policy{MaxBandwidth: 50 * MB},
+			p:    Policy{MaxBandwidth: 50 * MB, DowntimeTarget: DefaultDowntimeLimit},
 			steps: []step{
 				// Measured 100 MiB/s, cap 50 MiB/s: 10 MiB left takes 200 ms, not 100.
 				{time.Second, round(0, bw, 2560, 2560, time.Second), want{TryComplete, 0, true, 210 * time.Millisecond}},

@@ -53,6 +53,15 @@ type LiveSender struct {
 	snap    []byte        // stable copies of live pages
 }
 
+// liveBatch is how many pages a live round reads and sends at a time per
+// encoder: one RAM section of checkpoint.DefaultBatchPages, 4 MiB, so the
+// stored pages of a section go to the socket in one write.
+const liveBatch = checkpoint.DefaultBatchPages
+
+// batchPages is how many pages go to the Writer at a time: a section's
+// worth for each of its encoders.
+func (s *LiveSender) batchPages() int { return liveBatch * s.Link.Writer().Encoders() }
+
 // SetEpoch sets the last epoch number used; the next epoch is n+1.
 func (s *LiveSender) SetEpoch(n uint64) { s.epoch.Store(n) }
 
@@ -116,7 +125,7 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 		s.Core.ResyncDisk()
 	}
 	var sent, zero uint64
-	batch := make([]checkpoint.Page, 0, 256)
+	batch := make([]checkpoint.Page, 0, s.batchPages())
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -178,7 +187,7 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 // SendDirty sends the pages the Bitmap holds and ends its last epoch.
 func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 	var sent uint64
-	idx := make([]uint64, 256)
+	idx := make([]uint64, s.batchPages())
 	batch := make([]checkpoint.Page, 0, len(idx))
 	var deadline time.Time
 	if s.RoundLimit > 0 {

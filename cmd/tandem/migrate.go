@@ -31,6 +31,7 @@ func cmdMigrate(args []string) error {
 	comp := fs.String("compression", "default", "stream compression: none, fastest, default, better or best")
 	autoConverge := fs.Bool("auto-converge", true, "throttle the vCPUs when the guest dirties memory faster than the link carries it")
 	asJSON := fs.Bool("json", false, "print the final status as JSON")
+	streams := fs.Int("streams", 1, fmt.Sprintf("goroutines encoding the stream on the source, 1 to %d (one connection)", api.MaxMigrateStreams))
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
@@ -53,6 +54,9 @@ func cmdMigrate(args []string) error {
 	if _, err := checkpoint.ParseCompression(*comp); err != nil {
 		return usagef("--compression: %v", err)
 	}
+	if *streams < 1 || *streams > api.MaxMigrateStreams {
+		return usagef("--streams %d: want 1 to %d", *streams, api.MaxMigrateStreams)
+	}
 	if *downtime <= 0 || *maxTime <= 0 || *minRetry <= 0 {
 		return usagef("--downtime-limit, --max-time and --min-retry must be positive")
 	}
@@ -67,7 +71,7 @@ func cmdMigrate(args []string) error {
 	req := api.MigrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
 		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
 		SourceAPI: *from}
-	if err := c.Migrate(ctx, req); err != nil {
+	if err := c.MigrateStreams(ctx, api.MigrateStreamsRequest{MigrateRequest: req, Streams: *streams}); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
 	return progress.Follow(ctx, c, progress.Watch{Out: os.Stdout, TTY: isTerminal(os.Stdout), Patience: *maxTime + time.Minute, Limit: *downtime, JSON: *asJSON})
