@@ -123,6 +123,12 @@ type Node struct {
 	// image it claimed with from claimFrom to claimTo (nothing was
 	// released under the claimed generations before an activation).
 	claimFrom, claimTo uint64
+	// tentFrom/tentTo: a claim made with the image of generation
+	// tentFrom whose outcome raft could not tell (leadership lost while
+	// committing it: the entry may still commit). It becomes
+	// claimFrom/claimTo once the FSM shows this node holding tentTo, and
+	// is dropped once it shows anything else at tentTo or above.
+	tentFrom, tentTo uint64
 	waiting            string    // why nobody serves, as this node sees it
 	waitingSince       time.Time // when waiting last changed
 	waitingLogged      string    // the reason last logged
@@ -463,7 +469,7 @@ func (n *Node) apply(t commandType, body any) error {
 	f := n.raft.Apply(data, n.cfg.ApplyTimeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
-			return fmt.Errorf("%w: %s: %v", ErrNotLeader, t, err)
+			return fmt.Errorf("%w: %s: %w", ErrNotLeader, t, err)
 		}
 		return fmt.Errorf("failover: %s: %w", t, err)
 	}
