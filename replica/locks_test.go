@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"testing"
 	"time"
 
@@ -258,5 +259,29 @@ func TestStoreAppendAfterActivation(t *testing.T) {
 	err = s.Append(im, checkpoint.EpochEnd{Epoch: 2}, []uint64{1, 2, 3}, nil, nil)
 	if !errors.Is(err, ErrHandedOver) {
 		t.Fatalf("append after activation: %v, want ErrHandedOver", err)
+	}
+}
+
+// Append reads the epoch's page list without reordering it: the list is
+// the Image's own record of the commit (LastCommit), and Append sorted it
+// in place.
+func TestStoreAppendLeavesThePageListAlone(t *testing.T) {
+	im, cfg := newTestImage(t, 4<<20, nil)
+	defer im.Guest().Close()
+	s, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	pages := []uint64{9, 3, 700, 1, 42}
+	want := slices.Clone(pages)
+	if err := s.Append(im, checkpoint.EpochEnd{Epoch: 2}, pages, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(pages, want) {
+		t.Fatalf("Append reordered the caller's page list: %v, was %v", pages, want)
 	}
 }

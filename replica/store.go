@@ -81,6 +81,9 @@ type Store struct {
 	// of guest memory under Image.mu, reused from epoch to epoch.
 	copyBuf   []byte
 	copyBatch []checkpoint.Page
+	// pageIdx is Append's sorted copy of an epoch's page indices (the
+	// caller's slice is the Image's own record and is not reordered).
+	pageIdx []uint64
 }
 
 // copyBuffers returns the reused page-copy buffer and an empty batch.
@@ -389,11 +392,13 @@ func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
 
 // Append stores one committed epoch: its pages (as committed), state and
 // disk writes. Call it after the Image committed the epoch and before
-// acknowledging it.
+// acknowledging it. pages is only read (Image.LastCommit's record).
 func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *guest.MachineState, disk []guest.DiskWrite) error {
 	if s.w == nil {
 		return nil
 	}
+	s.pageIdx = append(s.pageIdx[:0], pages...)
+	pages = s.pageIdx
 	slices.Sort(pages)
 	// The pages are copied out of guest memory under Image.mu, in batches,
 	// and written from the copies (as writeImage does): an activation may
