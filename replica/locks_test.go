@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"context"
 	"crypto/rand"
 	"errors"
 	"io"
@@ -8,12 +9,14 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/precopy"
 )
 
 // slowDiskGuest is a guest whose disk writes block until released.
@@ -283,5 +286,119 @@ func TestStoreAppendLeavesThePageListAlone(t *testing.T) {
 	}
 	if !slices.Equal(pages, want) {
 		t.Fatalf("Append reordered the caller's page list: %v, was %v", pages, want)
+	}
+}
+
+// gatedWriter blocks every Write, if gated, until released.
+type gatedWriter struct {
+	w       io.Writer
+	gated   bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *gatedWriter) Write(p []byte) (int, error) {
+	if g.gated {
+		select {
+		case g.entered <- struct{}{}:
+		default:
+		}
+		<-g.release
+	}
+	return g.w.Write(p)
+}
+
+// A compaction runs behind the acknowledgement: an epoch whose append
+// compacts the store is acknowledged while the compaction is still
+// writing (it compacted the whole image before the acknowledgement).
+func TestSecondaryAcksBeforeCompaction(t *testing.T) {
+	for _, policy := range []SyncPolicy{SyncMemory, SyncDisk} {
+		t.Run(policy.String(), func(t *testing.T) {
+			cfg := guest.Config{Memory: 4 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}}
+			src, err := synth.New(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.Close()
+			src.Resume()
+			store, err := OpenStoreWith(t.TempDir(), nil, StoreOptions{Sync: policy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			gw := &gatedWriter{entered: make(chan struct{}, 1), release: make(chan struct{})}
+			// Only the compaction of an epoch appended after the first
+			// consistent one (gateAfter) is gated; the appends go to the
+			// file the last rewrite made, not gated.
+			var gateAfter atomic.Uint64
+			gateAfter.Store(1 << 62)
+			store.wrapFile = func(w io.Writer) io.Writer {
+				g := *gw
+				g.w, g.gated = w, store.written > gateAfter.Load()
+				return &g
+			}
+			store.compactAlways = true
+			r := &Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}
+			sec := NewSecondary(r, nil)
+			sec.Store = store
+			defer sec.Close()
+			addr, served := serveOnce(t, sec)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			link, err := Dial(ctx, addr, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}, src.Regions(), DialOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer link.Close()
+			core := precopy.NewCore(src, nil)
+			sender := &precopy.LiveSender{Core: core, Link: link}
+			core.Sync()
+			core.Dirty.Clear()
+			if _, err := sender.SendAll(ctx); err != nil {
+				t.Fatal(err)
+			}
+			epoch := func() (uint64, error) {
+				cp, err := core.Capture(ctx, precopy.CaptureOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				w := link.Writer()
+				if err := w.WritePages(cp.Pages); err != nil {
+					t.Fatal(err)
+				}
+				if err := w.WriteDevices(cp.State); err != nil {
+					t.Fatal(err)
+				}
+				ep, err := sender.EndEpoch()
+				if err != nil {
+					t.Fatal(err)
+				}
+				actx, acancel := context.WithTimeout(ctx, 3*time.Second)
+				defer acancel()
+				_, err = link.WaitAck(actx, ep, false)
+				return ep, err
+			}
+			// The first consistent epoch adopts the image and begins the
+			// store (a rewrite before its acknowledgement, as it must be).
+			first, err := epoch()
+			if err != nil {
+				t.Fatal(err)
+			}
+			gateAfter.Store(first)
+			ep, err := epoch()
+			select {
+			case <-gw.entered:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the compaction never started")
+			}
+			close(gw.release)
+			if err != nil {
+				t.Fatalf("epoch %d not acknowledged while its compaction was writing: %v", ep, err)
+			}
+			link.Close()
+			waitServe(t, served, 10*time.Second)
+			if st := sec.Status(false); st.StoreError != "" {
+				t.Fatalf("the store failed: %s", st.StoreError)
+			}
+		})
 	}
 }

@@ -74,7 +74,7 @@ type Store struct {
 
 	// wrapFile, if set (tests), wraps the file a rewrite writes to.
 	wrapFile func(io.Writer) io.Writer
-	// compactAlways (tests) compacts after every append.
+	// compactAlways (tests) compacts after every acknowledged append.
 	compactAlways bool
 
 	// copyBuf and copyBatch hold the pages writeImage and Append copy out
@@ -441,16 +441,28 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 		return s.broken(err)
 	}
 	s.written, s.unsynced = e.Epoch, true
-	// Compact once the log is several times the image (the rewrite is
-	// durable when it returns).
-	if s.cw.n > 4*s.base+(64<<20) || s.compactAlways {
-		if err := s.rewrite(im); err != nil {
-			return s.broken(err)
-		}
-		return nil
-	}
 	if s.policy == SyncDisk {
 		return s.Sync()
+	}
+	return nil
+}
+
+// Compact rewrites the image compactly once the log has grown to several
+// times the image (the rewrite is durable when it returns). The Secondary
+// calls it after the epoch's acknowledgement (and, with SyncMemory, its
+// fsync): a compaction writes the whole image and must not delay an
+// acknowledgement. It runs on the receiving goroutine, which is what
+// keeps the image still while it is read (see writeImage). An error stops
+// the store.
+func (s *Store) Compact(im *Image) error {
+	if s.w == nil || s.cw.n <= 4*s.base+(64<<20) && !s.compactAlways {
+		return nil
+	}
+	if err := s.bw.Flush(); err != nil {
+		return s.broken(err)
+	}
+	if err := s.rewrite(im); err != nil {
+		return s.broken(err)
 	}
 	return nil
 }
