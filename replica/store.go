@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bufio"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
@@ -56,6 +58,10 @@ type Store struct {
 	// acceptUnsynced: StoreOptions.AcceptUnsynced; log says so.
 	acceptUnsynced bool
 	log            *slog.Logger
+	// syncTimeout bounds each fsync (StoreOptions.SyncTimeout); stalls
+	// counts those that did not return within it.
+	syncTimeout time.Duration
+	stalls      atomic.Uint64
 
 	f       vfs.File
 	bw      *bufio.Writer
@@ -116,7 +122,22 @@ type StoreOptions struct {
 	// acknowledged epochs is offered anyway, with a warning naming what
 	// may be missing. For a cluster that would otherwise not run at all.
 	AcceptUnsynced bool
+	// SyncTimeout bounds each fsync of the store (of image.tnd, of a
+	// rewritten image, of the directory); 0 means
+	// DefaultStoreSyncTimeout. One that does not return in time fails
+	// the store (ErrSyncStalled), as a failed fsync does.
+	SyncTimeout time.Duration
 }
+
+// DefaultStoreSyncTimeout is how long a store waits for one fsync. A
+// healthy disk takes milliseconds (docs/DURABILITY.md); one that takes
+// this long has stalled, and the secondary must say so rather than hang.
+const DefaultStoreSyncTimeout = 30 * time.Second
+
+// ErrSyncStalled is an fsync of the store that did not return within
+// the store's SyncTimeout. The fsync may still complete; the store
+// cannot wait for it and gives up persistence (docs/DURABILITY.md).
+var ErrSyncStalled = errors.New("replica store: fsync stalled")
 
 // bootID is the Linux boot ID, or "" where there is none.
 func bootID() string {
@@ -170,7 +191,32 @@ func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error)
 	if boot == nil {
 		boot = bootID
 	}
-	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot, acceptUnsynced: o.AcceptUnsynced, log: log}, nil
+	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot, acceptUnsynced: o.AcceptUnsynced, log: log,
+		syncTimeout: cmp.Or(o.SyncTimeout, DefaultStoreSyncTimeout)}, nil
+}
+
+// SyncStalls counts the fsyncs that did not return within the store's
+// SyncTimeout (each failed the store).
+func (s *Store) SyncStalls() uint64 { return s.stalls.Load() }
+
+// within runs sync, an fsync of what, and waits for it at most the
+// store's SyncTimeout. Past it, it returns ErrSyncStalled naming what,
+// and leaves sync running on its own goroutine, which ends when the
+// kernel returns: an fsync cannot be cut short, and waiting for it would
+// hang the receiving goroutine (and with it every acknowledgement).
+func (s *Store) within(what string, sync func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- sync() }()
+	t := time.NewTimer(s.syncTimeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		s.stalls.Add(1)
+		s.logger().Error("replica store: an fsync has not returned; giving up persistence", "what", what, "after", s.syncTimeout)
+		return fmt.Errorf("%w: fsync of %s has not returned after %v", ErrSyncStalled, what, s.syncTimeout)
+	}
 }
 
 // Policy is the store's sync policy.
@@ -194,7 +240,7 @@ func (s *Store) Begin(im *Image, h Hello) error {
 	// The clean mark belongs to the image being replaced.
 	clean := filepath.Join(s.dir, storeSyncFile)
 	if err := s.fs.Remove(clean); err == nil {
-		if err := s.fs.SyncDir(s.dir); err != nil {
+		if err := s.within(s.dir, func() error { return s.fs.SyncDir(s.dir) }); err != nil {
 			return fmt.Errorf("replica store: fsync directory %s: %w", s.dir, err)
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
@@ -250,7 +296,7 @@ func (s *Store) rewrite(im *Image) (err error) {
 	if err := FPRewriteBeforeSync.Hit(); err != nil {
 		return err
 	}
-	if err := f.Sync(); err != nil {
+	if err := s.within(tmp, f.Sync); err != nil {
 		return fmt.Errorf("fsync %s: %w", tmp, err)
 	}
 	if err := FPRewriteBeforeRename.Hit(); err != nil {
@@ -263,7 +309,7 @@ func (s *Store) rewrite(im *Image) (err error) {
 	if err := FPRewriteBeforeSyncDir.Hit(); err != nil {
 		return err
 	}
-	if err := s.fs.SyncDir(s.dir); err != nil {
+	if err := s.within(s.dir, func() error { return s.fs.SyncDir(s.dir) }); err != nil {
 		return fmt.Errorf("fsync directory %s: %w", s.dir, err)
 	}
 	if err := FPRewriteAfterSyncDir.Hit(); err != nil {
@@ -477,8 +523,9 @@ func (s *Store) Sync() error {
 	if err := FPAppendBeforeSync.Hit(); err != nil {
 		return s.broken(err)
 	}
-	if err := s.f.Sync(); err != nil {
-		return s.broken(fmt.Errorf("fsync %s: %w", filepath.Join(s.dir, storeFile), err))
+	path := filepath.Join(s.dir, storeFile)
+	if err := s.within(path, s.f.Sync); err != nil {
+		return s.broken(fmt.Errorf("fsync %s: %w", path, err))
 	}
 	s.unsynced = false
 	s.synced.Store(s.written + 1)
@@ -504,7 +551,7 @@ func (s *Store) Close() {
 	}
 	err := s.bw.Flush()
 	if err == nil {
-		err = s.f.Sync()
+		err = s.within(filepath.Join(s.dir, storeFile), s.f.Sync)
 	}
 	if err == nil {
 		s.unsynced = false
