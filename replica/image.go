@@ -43,8 +43,9 @@ type Image struct {
 	// I/O: EndEpoch writes the disk with committing set instead, and
 	// Activate and Close wait (idle) for it to clear.
 	mu         sync.Mutex
-	idle       sync.Cond // on mu: signalled when committing clears
+	idle       sync.Cond // on mu: signalled when committing or reading clears
 	committing bool      // EndEpoch is writing the epoch's disk writes
+	reading    bool      // a Store is reading the disk (beginRead)
 	state      guest.MachineState
 	hasState   bool
 	consistent bool
@@ -75,11 +76,35 @@ func NewImage(g guest.Guest) *Image {
 	return im
 }
 
-// waitIdleLocked waits, mu held, until no EndEpoch is writing the disk.
+// waitIdleLocked waits, mu held, until no EndEpoch is writing the disk
+// and no Store is reading it.
 func (im *Image) waitIdleLocked() {
-	for im.committing {
+	for im.committing || im.reading {
 		im.idle.Wait()
 	}
+}
+
+// beginRead lets the receiving goroutine read the guest's disk without
+// mu: it fails with ErrHandedOver once the guest is handed over, and
+// until endRead an Activate or Close waits (the guest is not handed over,
+// run or closed under a read, which would then read a running guest's
+// disk or a closed one).
+func (im *Image) beginRead() error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.handedOver {
+		return ErrHandedOver
+	}
+	im.reading = true
+	return nil
+}
+
+// endRead ends beginRead.
+func (im *Image) endRead() {
+	im.mu.Lock()
+	im.reading = false
+	im.idle.Broadcast()
+	im.mu.Unlock()
 }
 
 // ErrStagingBudget is an epoch that stages more than the Image's budget
@@ -328,7 +353,8 @@ var ErrHandedOver = errors.New("replica: image already handed over to a running 
 // paused, for the caller to resume. The Image must not be used afterwards.
 //
 // It waits for an epoch whose disk writes are being written (so the guest
-// gets that epoch whole, or not at all), but never for a Store's rewrite.
+// gets that epoch whole, or not at all), and for a chunk of the disk a
+// Store's rewrite is reading, but never for the rest of a rewrite.
 func (im *Image) Activate() (guest.Guest, Committed, error) {
 	im.mu.Lock()
 	defer im.mu.Unlock()

@@ -402,3 +402,88 @@ func TestSecondaryAcksBeforeCompaction(t *testing.T) {
 		})
 	}
 }
+
+// slowReadGuest is a guest with a disk whose reads block until released.
+type slowReadGuest struct {
+	guest.Guest
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *slowReadGuest) DiskSize() (uint64, error) { return g.Guest.(guest.DiskImage).DiskSize() }
+func (g *slowReadGuest) DiskDropped() uint64       { return g.Guest.(guest.DiskImage).DiskDropped() }
+func (g *slowReadGuest) ReadDisk(p []byte, off uint64) error {
+	select {
+	case g.entered <- struct{}{}:
+	default:
+	}
+	<-g.release
+	return g.Guest.(guest.DiskImage).ReadDisk(p, off)
+}
+
+// A Store's rewrite reads the disk without the image's lock, but never
+// from a guest handed over meanwhile: an Activate arriving during a read
+// waits for that one chunk, and the rewrite then stops (ErrHandedOver)
+// instead of reading the disk of a guest that runs (writeDisk read it
+// after an unlocked check).
+func TestStoreDiskReadHoldsOffActivate(t *testing.T) {
+	disk := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(disk, make([]byte, 2*diskChunk), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := guest.Config{Memory: 4 << 20, VCPUs: 1, Disk: disk, Workload: guest.Workload{Kind: guest.WorkloadKV}}
+	g, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	st, err := g.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sg := &slowReadGuest{Guest: g, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	im := NewImage(sg)
+	if err := im.StoreDevices(st); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.EndEpoch(checkpoint.EpochEnd{Epoch: 1}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	begun := make(chan error, 1)
+	go func() {
+		begun <- s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"})
+	}()
+	select {
+	case <-sg.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rewrite never read the disk")
+	}
+	activated := make(chan error, 1)
+	go func() { _, _, err := im.Activate(); activated <- err }()
+	select {
+	case err := <-activated:
+		t.Fatalf("Activate returned (%v) while the store was reading the disk", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(sg.release)
+	select {
+	case err := <-activated:
+		if err != nil {
+			t.Fatalf("Activate: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Activate never returned")
+	}
+	select {
+	case err := <-begun:
+		if !errors.Is(err, ErrHandedOver) {
+			t.Fatalf("rewrite after activation: %v, want ErrHandedOver", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rewrite never ended")
+	}
+}

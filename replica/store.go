@@ -355,7 +355,9 @@ const (
 // The disk is written whole (zero ranges too: the disk file Load rebuilds
 // may hold anything there), read in diskChunk pieces with the same
 // hand-over check: only the receiving goroutine writes the disk until a
-// hand-over. It returns the epoch written.
+// hand-over, and an Activate or Close waits for a chunk being read
+// (Image.beginRead), so no chunk is read from a guest that runs or is
+// closed. It returns the epoch written.
 func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
 	im.mu.Lock()
 	if im.handedOver {
@@ -411,20 +413,25 @@ func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
 	if !ok {
 		return fmt.Errorf("the %s guest cannot read its disk back", s.hello.Kind)
 	}
+	if err := im.beginRead(); err != nil {
+		return err
+	}
 	size, err := d.DiskSize()
+	im.endRead()
 	if err != nil {
 		return err
 	}
 	buf := make([]byte, diskChunk)
 	for off := uint64(0); off < size; off += diskChunk {
 		p := buf[:min(diskChunk, size-off)]
-		im.mu.Lock()
-		if im.handedOver {
-			im.mu.Unlock()
-			return ErrHandedOver
+		// The read runs without Image.mu but holds off a hand-over
+		// (beginRead): one chunk, not the whole disk.
+		if err := im.beginRead(); err != nil {
+			return err
 		}
-		im.mu.Unlock()
-		if err := d.ReadDisk(p, off); err != nil {
+		err := d.ReadDisk(p, off)
+		im.endRead()
+		if err != nil {
 			return fmt.Errorf("read the disk at %d: %w", off, err)
 		}
 		if err := w.WriteDisk([]guest.DiskWrite{{Offset: off, Data: p}}); err != nil {
