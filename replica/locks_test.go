@@ -487,3 +487,66 @@ func TestStoreDiskReadHoldsOffActivate(t *testing.T) {
 		t.Fatal("the rewrite never ended")
 	}
 }
+
+// slowStateGuest is a guest whose LoadState and Close block until
+// released.
+type slowStateGuest struct {
+	guest.Guest
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *slowStateGuest) wait() {
+	select {
+	case g.entered <- struct{}{}:
+	default:
+	}
+	<-g.release
+}
+
+func (g *slowStateGuest) LoadState(ms guest.MachineState) error {
+	g.wait()
+	return g.Guest.LoadState(ms)
+}
+func (g *slowStateGuest) Close() error { g.wait(); return g.Guest.Close() }
+
+// Activate loads the state, and Close closes the guest, without the
+// image's lock: status readers (Committed, Digest) answer meanwhile.
+func TestImageActivateAndCloseHoldNoLockOnTheGuest(t *testing.T) {
+	for _, op := range []string{"Activate", "Close"} {
+		t.Run(op, func(t *testing.T) {
+			sg := &slowStateGuest{entered: make(chan struct{}, 1), release: make(chan struct{})}
+			im, _ := newTestImage(t, 4<<20, func(g guest.Guest) guest.Guest { sg.Guest = g; return sg })
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				if op == "Activate" {
+					if _, _, err := im.Activate(); err != nil {
+						t.Errorf("Activate: %v", err)
+					}
+				} else {
+					im.Close()
+				}
+			}()
+			select {
+			case <-sg.entered:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("%s never reached the guest", op)
+			}
+			within(t, 2*time.Second, "Committed/Digest during "+op, func() {
+				if c := im.Committed(); c.Epoch != 1 {
+					t.Errorf("committed epoch %d, want 1", c.Epoch)
+				}
+				_ = im.Digest()
+			})
+			close(sg.release)
+			<-done
+			if op == "Activate" {
+				if _, _, err := im.Activate(); !errors.Is(err, ErrHandedOver) {
+					t.Errorf("a second Activate: %v, want ErrHandedOver", err)
+				}
+				sg.Close()
+			}
+		})
+	}
+}

@@ -359,8 +359,7 @@ const (
 // (Image.beginRead), so no chunk is read from a guest that runs or is
 // closed. It returns the epoch written.
 func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
-	im.mu.Lock()
-	if im.handedOver {
+	if !im.lockOwned() {
 		im.mu.Unlock()
 		return 0, ErrHandedOver
 	}
@@ -370,8 +369,7 @@ func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
 	for _, r := range s.regions {
 		for p := uint64(0); p < r.Pages(); {
 			batch = batch[:0]
-			im.mu.Lock()
-			if im.handedOver {
+			if !im.lockOwned() {
 				im.mu.Unlock()
 				return 0, ErrHandedOver
 			}
@@ -461,8 +459,7 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 	for len(pages) > 0 {
 		n := min(len(pages), rewriteBatch)
 		batch = batch[:0]
-		im.mu.Lock()
-		if im.handedOver {
+		if !im.lockOwned() {
 			im.mu.Unlock()
 			return s.broken(ErrHandedOver)
 		}
