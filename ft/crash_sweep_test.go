@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -146,6 +147,7 @@ func (l *killListener) kill() {
 type sweepNode struct {
 	id                    string
 	raftDir               string
+	raftFS                vfs.FS // holds raftDir's identity files (nil: the OS)
 	dataAddr, consoleAddr string
 	m                     *Member
 	n                     *Node
@@ -185,6 +187,24 @@ func freeAddr(t *testing.T) string {
 // data dir on a MemFS, under policy) and waits until a is protected.
 func newSweepCluster(t *testing.T, policy replica.SyncPolicy) *sweepCluster {
 	t.Helper()
+	return newSweepClusterWith(t, policy, nil)
+}
+
+// raftDirs names, per node id, a raft data dir and the FS holding its
+// identity files; a node not named gets a fresh one on the OS.
+type raftDirs map[string]struct {
+	dir string
+	fs  vfs.FS
+}
+
+func newSweepClusterWith(t *testing.T, policy replica.SyncPolicy, dirs raftDirs) *sweepCluster {
+	t.Helper()
+	dirOf := func(id string) (string, vfs.FS) {
+		if d, ok := dirs[id]; ok {
+			return d.dir, d.fs
+		}
+		return t.TempDir(), nil
+	}
 	addrs := freeRaftAddrs(t, 3)
 	c := &sweepCluster{t: t, peers: map[string]string{"a": addrs[0], "b": addrs[1], "w": addrs[2]},
 		mem: vfs.NewMemFS(uint64(time.Now().UnixNano())), boots: &bootCounter{}}
@@ -193,13 +213,16 @@ func newSweepCluster(t *testing.T, policy replica.SyncPolicy) *sweepCluster {
 	}
 	c.disk = filepath.Join(t.TempDir(), "a-disk.img")
 	var err error
-	c.w, err = failover.Open(failover.Config{ID: "w", ClusterID: "ft-sweep", Role: failover.RoleWitness, Peers: c.peers, DataDir: t.TempDir()})
+	wDir, wFS := dirOf("w")
+	c.w, err = failover.Open(failover.Config{ID: "w", ClusterID: "ft-sweep", Role: failover.RoleWitness, Peers: c.peers, DataDir: wDir, FS: wFS, Logger: c.log("w")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.w.Close() })
-	c.a = &sweepNode{id: "a", raftDir: t.TempDir(), dataAddr: freeAddr(t), consoleAddr: freeAddr(t)}
-	c.b = &sweepNode{id: "b", raftDir: t.TempDir(), dataAddr: freeAddr(t), consoleAddr: freeAddr(t)}
+	c.a = &sweepNode{id: "a", dataAddr: freeAddr(t), consoleAddr: freeAddr(t)}
+	c.a.raftDir, c.a.raftFS = dirOf("a")
+	c.b = &sweepNode{id: "b", dataAddr: freeAddr(t), consoleAddr: freeAddr(t)}
+	c.b.raftDir, c.b.raftFS = dirOf("b")
 	c.start(c.a, failover.RolePrimary, policy, false)
 	c.start(c.b, failover.RoleSecondary, policy, false)
 	t.Cleanup(func() { c.stop(c.b); c.stop(c.a) })
@@ -208,6 +231,22 @@ func newSweepCluster(t *testing.T, policy replica.SyncPolicy) *sweepCluster {
 		return viewOf(c.a.n).state == "running" && st.Protected && st.Primary == "a" && st.Epoch > 0
 	})
 	return c
+}
+
+// log is node id's logger: quiet, or with TANDEM_CRASH_SWEEP_LOGS=DIR a
+// file there per row and node (to read a failed row's story).
+func (c *sweepCluster) log(id string) *slog.Logger {
+	dir := os.Getenv("TANDEM_CRASH_SWEEP_LOGS")
+	if dir == "" {
+		return quietLog()
+	}
+	name := strings.NewReplacer("/", "_").Replace(c.t.Name()) + "." + id + ".log"
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(func() { f.Close() })
+	return slog.New(slog.NewTextHandler(f, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
 func (c *sweepCluster) guestConfig() guest.Config {
@@ -220,7 +259,8 @@ func (c *sweepCluster) guestConfig() guest.Config {
 func (c *sweepCluster) start(s *sweepNode, role failover.Role, policy replica.SyncPolicy, accept bool) {
 	t := c.t
 	t.Helper()
-	n, err := NewNode(NodeConfig{Role: string(role), APIAddr: "127.0.0.1:0", ConsoleAddr: s.consoleAddr, Log: quietLog()})
+	log := c.log(s.id)
+	n, err := NewNode(NodeConfig{Role: string(role), APIAddr: "127.0.0.1:0", ConsoleAddr: s.consoleAddr, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,17 +270,17 @@ func (c *sweepCluster) start(s *sweepNode, role failover.Role, policy replica.Sy
 		t.Fatal(err)
 	}
 	ln := &killListener{Listener: raw}
-	node, err := failover.Open(failover.Config{ID: s.id, ClusterID: "ft-sweep", Role: role, Peers: c.peers, DataDir: s.raftDir,
-		DataAddr: s.dataAddr, APIAddr: n.APIAddr(), ConsoleAddr: n.ConsoleAddr()})
+	node, err := failover.Open(failover.Config{ID: s.id, ClusterID: "ft-sweep", Role: role, Peers: c.peers, DataDir: s.raftDir, FS: s.raftFS,
+		DataAddr: s.dataAddr, APIAddr: n.APIAddr(), ConsoleAddr: n.ConsoleAddr(), Logger: log})
 	if err != nil {
 		ln.Close()
 		n.Close()
 		t.Fatal(err)
 	}
 	coord := &RaftCoordinator{Node: node}
-	rcv := &replica.Receiver{NewGuest: EmptyGuest, Build: version.Build(), Log: quietLog(), Timeout: 5 * time.Second,
+	rcv := &replica.Receiver{NewGuest: EmptyGuest, Build: version.Build(), Log: log, Timeout: 5 * time.Second,
 		Sync: policy, AcceptUnsynced: accept}
-	cfg := MemberConfig{Node: n, Coordinator: coord, Epochs: testEpochs(), Data: ln, Log: quietLog(), Receiver: rcv}
+	cfg := MemberConfig{Node: n, Coordinator: coord, Epochs: testEpochs(), Data: ln, Log: log, Receiver: rcv}
 	if s.id == "a" {
 		cfg.Fresh, cfg.BootConfig = true, c.guestConfig()
 		cfg.Boot = func() (guest.Guest, error) { return synth.New(c.guestConfig()) }
@@ -425,6 +465,7 @@ func runSweepRow(t *testing.T, kind, point string, policy replica.SyncPolicy) sw
 		defer disarm()
 		if strings.Contains(point, ".rewrite.") {
 			// A rewrite is the catch-up's (Begin): make a rejoin.
+			eventually(t, "a's epoch loop", func() bool { return c.a.m.currentLoop() != nil })
 			c.a.m.currentLoop().Relink("crash sweep: a rejoin, so b rewrites its stored image")
 		}
 		select {
@@ -536,7 +577,12 @@ func TestDriverCrashSweep(t *testing.T) {
 			}
 		}
 	}
-	if !sweepFull() {
+	if only := os.Getenv("TANDEM_CRASH_SWEEP_ROW"); only != "" {
+		k, rest, _ := strings.Cut(only, "/")
+		p, pol, _ := strings.Cut(rest, "/")
+		policy, _ := replica.ParseSyncPolicy(pol)
+		cells = []cell{{k, p, policy}}
+	} else if !sweepFull() {
 		cells = []cell{
 			{"single", replica.FPAppendBeforeSync.Name(), replica.SyncMemory},
 			{"single", replica.FPRewriteBeforeRename.Name(), replica.SyncDisk},
