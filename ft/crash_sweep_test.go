@@ -168,6 +168,12 @@ type sweepCluster struct {
 	disk  string // a's disk file
 }
 
+// sweepHeartbeat is the trio's raft heartbeat and election timeout (the
+// lease is half): longer than the default, so a loaded machine running
+// the race detector does not fence a healthy primary every few seconds
+// (a fence is not what the sweep tests; it still happens, and is fine).
+const sweepHeartbeat = time.Second
+
 const (
 	sweepBDir  = "/b"
 	sweepBDisk = "/b/disk.img"
@@ -214,7 +220,8 @@ func newSweepClusterWith(t *testing.T, policy replica.SyncPolicy, dirs raftDirs)
 	c.disk = filepath.Join(t.TempDir(), "a-disk.img")
 	var err error
 	wDir, wFS := dirOf("w")
-	c.w, err = failover.Open(failover.Config{ID: "w", ClusterID: "ft-sweep", Role: failover.RoleWitness, Peers: c.peers, DataDir: wDir, FS: wFS, Logger: c.log("w")})
+	c.w, err = failover.Open(failover.Config{ID: "w", ClusterID: "ft-sweep", Role: failover.RoleWitness, Peers: c.peers, DataDir: wDir, FS: wFS, Logger: c.log("w"),
+		HeartbeatTimeout: sweepHeartbeat, ElectionTimeout: sweepHeartbeat, LeaderLeaseTimeout: sweepHeartbeat / 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,7 +278,8 @@ func (c *sweepCluster) start(s *sweepNode, role failover.Role, policy replica.Sy
 	}
 	ln := &killListener{Listener: raw}
 	node, err := failover.Open(failover.Config{ID: s.id, ClusterID: "ft-sweep", Role: role, Peers: c.peers, DataDir: s.raftDir, FS: s.raftFS,
-		DataAddr: s.dataAddr, APIAddr: n.APIAddr(), ConsoleAddr: n.ConsoleAddr(), Logger: log})
+		DataAddr: s.dataAddr, APIAddr: n.APIAddr(), ConsoleAddr: n.ConsoleAddr(), Logger: log,
+		HeartbeatTimeout: sweepHeartbeat, ElectionTimeout: sweepHeartbeat, LeaderLeaseTimeout: sweepHeartbeat / 2})
 	if err != nil {
 		ln.Close()
 		n.Close()
@@ -393,9 +401,11 @@ func (c *sweepCluster) verify(row *sweepRow, l *load) {
 }
 
 // armCrash arms point so that its first hit cuts b's power: b's file
-// system loses what was not fsynced (torn), its data connections die,
-// and with killPrimary a's process is killed in the same instant (its
-// raft node first, so nothing more is recorded or released).
+// system loses what was not fsynced (torn), its data connections die and
+// its raft node closes (in process the dead b runs on until restartB
+// stops it, and must not vote, lead or run the guest meanwhile), and
+// with killPrimary a's process is killed in the same instant (its raft
+// node first, so nothing more is recorded or released).
 func (c *sweepCluster) armCrash(point string, killPrimary bool, row *sweepRow, l *load) (crashed <-chan struct{}, disarm func()) {
 	p, ok := failpoint.Lookup(point)
 	if !ok {
@@ -403,7 +413,7 @@ func (c *sweepCluster) armCrash(point string, killPrimary bool, row *sweepRow, l
 	}
 	ch := make(chan struct{})
 	var once sync.Once
-	host, ln := c.b.host, c.b.ln
+	host, ln, braft := c.b.host, c.b.ln, c.b.c.Node
 	disarm = p.Enable(func() error {
 		fired := false
 		once.Do(func() {
@@ -415,6 +425,7 @@ func (c *sweepCluster) armCrash(point string, killPrimary bool, row *sweepRow, l
 				c.a.c.Node.Close()
 			}
 			ln.kill()
+			braft.Close()
 			close(ch)
 		})
 		if !fired {
@@ -491,8 +502,10 @@ func runSweepRow(t *testing.T, kind, point string, policy replica.SyncPolicy) sw
 			c.stop(c.a)
 		}
 		row.outcome = c.waitOutcome()
-		if kind == "double" && !strings.HasPrefix(row.outcome, "b runs") {
-			// The operator's override: b offers whatever survived.
+		row.acked = l.lg.Acked()
+		if !strings.HasPrefix(row.outcome, "b runs") {
+			// A refusal (one line, checked by waitOutcome). Then the
+			// operator's override: b offers whatever survived.
 			l.stop()
 			row.override = c.restartB(policy, true)
 			row.override += "; " + c.waitOutcome()
@@ -500,9 +513,6 @@ func runSweepRow(t *testing.T, kind, point string, policy replica.SyncPolicy) sw
 				c.verifyOverride(&row, l)
 			}
 			return
-		}
-		if !strings.HasPrefix(row.outcome, "b runs") {
-			t.Fatalf("after a's kill: %s", row.outcome)
 		}
 		l.waitAcked(t, "writes acknowledged by b", 3)
 		l.stop()
@@ -527,9 +537,10 @@ func (c *sweepCluster) verifyOverride(row *sweepRow, l *load) {
 }
 
 // waitOutcome waits until b runs the guest, or the cluster says why it
-// cannot (a waiting reason, held for a second).
+// cannot (a waiting reason held for 2 s; no raft leader yet is not a
+// reason: an election takes a heartbeat or two).
 func (c *sweepCluster) waitOutcome() string {
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	var why string
 	var since time.Time
 	for time.Now().Before(deadline) {
@@ -538,9 +549,9 @@ func (c *sweepCluster) waitOutcome() string {
 		}
 		w := c.b.c.Waiting()
 		switch {
-		case w == "" || w != why:
+		case w == "" || w != why || strings.HasPrefix(w, "no raft leader"):
 			why, since = w, time.Now()
-		case time.Since(since) > time.Second:
+		case time.Since(since) > 2*time.Second:
 			if strings.Contains(w, "\n") {
 				c.t.Errorf("the waiting reason is not one line: %q", w)
 			}
