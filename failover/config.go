@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"github.com/tandemvm/tandem/internal/clock"
 	"github.com/tandemvm/tandem/internal/trust"
+	"github.com/tandemvm/tandem/internal/vfs"
 	"log/slog"
 	"net"
 	"slices"
@@ -50,6 +51,11 @@ type Config struct {
 	Peers map[string]string
 	// DataDir holds the raft log, snapshots and identity files.
 	DataDir string
+	// FS holds the identity files (nil: the real file system). raft.db
+	// (raft-boltdb) and the snapshots (raft's file store) are always on
+	// the real file system: they cannot go through internal/vfs, and
+	// rely on their own fsyncs (docs/DURABILITY.md).
+	FS vfs.FS
 
 	// TLS, if set, makes the raft port mutual TLS against the cluster CA:
 	// every raft and registration connection, in both directions, must

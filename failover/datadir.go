@@ -132,8 +132,10 @@ func (d *dataDir) checkIdentity(name, want string, mismatch error, what string) 
 	}
 }
 
+// hasRaftState says whether raft.db exists. It is raft-boltdb's, always
+// on the real file system (whatever fs holds the identity files).
 func (d *dataDir) hasRaftState() bool {
-	_, err := d.fs.Stat(filepath.Join(d.path, raftDBFile))
+	_, err := os.Stat(filepath.Join(d.path, raftDBFile))
 	return err == nil
 }
 

@@ -22,5 +22,5 @@ func TestMain(m *testing.M) {
 		}
 		defaultTrigger = t
 	}
-	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction(UnansweredVerifyFunc))
+	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction(UnansweredVerifyFunc), goleak.IgnoreAnyFunction(UnansweredApplyFunc))
 }

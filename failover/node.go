@@ -467,7 +467,7 @@ func (n *Node) apply(t commandType, body any) error {
 		return err
 	}
 	f := n.raft.Apply(data, n.cfg.ApplyTimeout)
-	if err := f.Error(); err != nil {
+	if err := n.answer(f); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
 			return fmt.Errorf("%w: %s: %w", ErrNotLeader, t, err)
 		}
@@ -478,6 +478,33 @@ func (n *Node) apply(t commandType, body any) error {
 	}
 	return nil
 }
+
+// answer waits for raft's answer to f, or for Close. Raft never answers
+// a future still queued when it shuts down (as with a leadership
+// verification, UnansweredVerifyFunc), and Close waits for the goroutine
+// of every apply: without this a Close racing an apply hung for good
+// (found by ft.TestDriverCrashSweep). The waiter left on such a future
+// is abandoned (UnansweredApplyFunc).
+func (n *Node) answer(f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-n.stop:
+		select {
+		case err := <-done:
+			return err
+		default:
+			return ErrClosed
+		}
+	}
+}
+
+// UnansweredApplyFunc names the goroutine answer leaves waiting on a
+// raft future never answered (queued as raft shut down); test mains
+// pass it to goleak with UnansweredVerifyFunc.
+const UnansweredApplyFunc = "github.com/tandemvm/tandem/failover.(*Node).answer.func1"
 
 // applyCtx is apply for callers with a context; the apply itself is bounded
 // by ApplyTimeout, so the goroutine left behind on ctx end finishes soon.

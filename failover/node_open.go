@@ -12,12 +12,14 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"go.etcd.io/bbolt"
+
+	"github.com/tandemvm/tandem/internal/vfs"
 )
 
 func (n *Node) open() error {
 	cfg := n.cfg
 	var err error
-	if n.dir, err = openDataDir(cfg.DataDir, cfg.ClusterID, cfg.ID); err != nil {
+	if n.dir, err = openDataDirFS(vfs.OrDefault(cfg.FS), cfg.DataDir, cfg.ClusterID, cfg.ID); err != nil {
 		return err
 	}
 	n.store, err = raftboltdb.New(raftboltdb.Options{

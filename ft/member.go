@@ -12,6 +12,7 @@ import (
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/clock"
+	"github.com/tandemvm/tandem/internal/vfs"
 	"github.com/tandemvm/tandem/replica"
 )
 
@@ -28,6 +29,12 @@ type MemberConfig struct {
 	Receiver *replica.Receiver
 	// DataDir, if set, keeps the committed image in DataDir/image.
 	DataDir string
+	// FS holds DataDir (nil: the real file system); BootID names the
+	// host's boot for the stored image (nil: Linux's boot ID). Tests
+	// give a vfs.MemFS and its crash count, to cut the power of the
+	// secondary's host (docs/DURABILITY.md).
+	FS     vfs.FS
+	BootID func() string
 	// Data is the data port primaries stream epochs to (nil: none). Stop
 	// closes it.
 	Data net.Listener

@@ -114,7 +114,8 @@ func supersedes(st failover.FSMState, self string, gen uint64) bool {
 func (m *Member) becomeSecondary(why string) {
 	sec := replica.NewSecondary(m.cfg.Receiver, func() uint64 { return m.coord.State().Generation })
 	if m.cfg.DataDir != "" {
-		if store, err := replica.OpenStoreWith(filepath.Join(m.cfg.DataDir, "image"), m.log, replica.StoreOptions{Sync: m.cfg.Receiver.Sync, AcceptUnsynced: m.cfg.Receiver.AcceptUnsynced}); err != nil {
+		if store, err := replica.OpenStoreWith(filepath.Join(m.cfg.DataDir, "image"), m.log, replica.StoreOptions{FS: m.cfg.FS, BootID: m.cfg.BootID,
+			Sync: m.cfg.Receiver.Sync, AcceptUnsynced: m.cfg.Receiver.AcceptUnsynced}); err != nil {
 			m.log.Warn("secondary without a stored image", "err", err)
 		} else {
 			sec.Store = store

@@ -43,8 +43,12 @@ type Image struct {
 	// I/O: EndEpoch writes the disk with committing set instead, and
 	// Activate and Close wait (idle) for it to clear.
 	mu         sync.Mutex
-	idle       sync.Cond // on mu: signalled when committing clears
+	idle       sync.Cond // on mu: signalled when committing, reading or activating clears
 	committing bool      // EndEpoch is writing the epoch's disk writes
+	reading    bool      // a Store is reading the disk (beginRead)
+	// activating: Activate is loading the state into the guest, without
+	// mu; commits, the Store's copies and Close wait for it (idle).
+	activating bool
 	state      guest.MachineState
 	hasState   bool
 	consistent bool
@@ -75,11 +79,46 @@ func NewImage(g guest.Guest) *Image {
 	return im
 }
 
-// waitIdleLocked waits, mu held, until no EndEpoch is writing the disk.
+// waitIdleLocked waits, mu held, until no EndEpoch is writing the disk,
+// no Store is reading it and no Activate is loading the state.
 func (im *Image) waitIdleLocked() {
-	for im.committing {
+	for im.committing || im.reading || im.activating {
 		im.idle.Wait()
 	}
+}
+
+// lockOwned takes mu once no Activate is loading the state, and says
+// whether the guest is still the image's (not handed over). A copy of
+// its memory is made only then.
+func (im *Image) lockOwned() bool {
+	im.mu.Lock()
+	for im.activating {
+		im.idle.Wait()
+	}
+	return !im.handedOver
+}
+
+// beginRead lets the receiving goroutine read the guest's disk without
+// mu: it fails with ErrHandedOver once the guest is handed over, and
+// until endRead an Activate or Close waits (the guest is not handed over,
+// run or closed under a read, which would then read a running guest's
+// disk or a closed one).
+func (im *Image) beginRead() error {
+	owned := im.lockOwned()
+	defer im.mu.Unlock()
+	if !owned {
+		return ErrHandedOver
+	}
+	im.reading = true
+	return nil
+}
+
+// endRead ends beginRead.
+func (im *Image) endRead() {
+	im.mu.Lock()
+	im.reading = false
+	im.idle.Broadcast()
+	im.mu.Unlock()
 }
 
 // ErrStagingBudget is an epoch that stages more than the Image's budget
@@ -199,8 +238,7 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 // interleaving: they wait for the commit to finish, so a guest is never
 // handed over (or closed) between an epoch's disk and its memory.
 func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
-	im.mu.Lock()
-	if im.handedOver {
+	if !im.lockOwned() {
 		im.discardLocked()
 		im.mu.Unlock()
 		return ErrHandedOver
@@ -302,16 +340,20 @@ func (im *Image) Digest() guest.Digest {
 }
 
 // Close releases the image's guest unless Activate handed it over; later
-// commits fail with ErrHandedOver. It waits for a commit in progress.
+// commits fail with ErrHandedOver. It waits for a commit in progress. The
+// guest is closed without mu (closing a large guest takes a while, and
+// status readers need only mu): once handedOver is set nothing reads or
+// writes its memory.
 func (im *Image) Close() {
 	im.mu.Lock()
-	defer im.mu.Unlock()
 	im.waitIdleLocked()
 	if im.handedOver {
+		im.mu.Unlock()
 		return
 	}
 	im.handedOver = true
 	im.discardLocked()
+	im.mu.Unlock()
 	im.g.Close()
 }
 
@@ -328,22 +370,36 @@ var ErrHandedOver = errors.New("replica: image already handed over to a running 
 // paused, for the caller to resume. The Image must not be used afterwards.
 //
 // It waits for an epoch whose disk writes are being written (so the guest
-// gets that epoch whole, or not at all), but never for a Store's rewrite.
+// gets that epoch whole, or not at all), and for a chunk of the disk a
+// Store's rewrite is reading, but never for the rest of a rewrite.
+//
+// The state is loaded without mu (status readers do not wait for it);
+// meanwhile commits, the Store's copies and Close wait (activating), so
+// the guest's memory is still that of the epoch whose state is loaded.
 func (im *Image) Activate() (guest.Guest, Committed, error) {
 	im.mu.Lock()
-	defer im.mu.Unlock()
 	im.waitIdleLocked()
 	c := Committed{Epoch: im.epoch, Epochs: im.committed, Consistent: im.consistent, HasState: im.hasState}
 	if !im.consistent || !im.hasState {
+		im.mu.Unlock()
 		return nil, c, ErrInconsistent
 	}
 	if im.handedOver {
+		im.mu.Unlock()
 		return nil, c, ErrHandedOver
 	}
-	if err := im.g.LoadState(cloneState(im.state)); err != nil {
-		return nil, c, fmt.Errorf("replica: load state of epoch %d: %w", im.epoch, err)
+	st := cloneState(im.state)
+	im.activating = true
+	im.mu.Unlock()
+	err := im.g.LoadState(st)
+	im.mu.Lock()
+	im.activating = false
+	im.handedOver = err == nil
+	im.idle.Broadcast()
+	im.mu.Unlock()
+	if err != nil {
+		return nil, c, fmt.Errorf("replica: load state of epoch %d: %w", c.Epoch, err)
 	}
-	im.handedOver = true
 	return im.g, c, nil
 }
 

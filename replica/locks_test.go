@@ -1,18 +1,22 @@
 package replica
 
 import (
+	"context"
 	"crypto/rand"
 	"errors"
 	"io"
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/precopy"
 )
 
 // slowDiskGuest is a guest whose disk writes block until released.
@@ -258,5 +262,291 @@ func TestStoreAppendAfterActivation(t *testing.T) {
 	err = s.Append(im, checkpoint.EpochEnd{Epoch: 2}, []uint64{1, 2, 3}, nil, nil)
 	if !errors.Is(err, ErrHandedOver) {
 		t.Fatalf("append after activation: %v, want ErrHandedOver", err)
+	}
+}
+
+// Append reads the epoch's page list without reordering it: the list is
+// the Image's own record of the commit (LastCommit), and Append sorted it
+// in place.
+func TestStoreAppendLeavesThePageListAlone(t *testing.T) {
+	im, cfg := newTestImage(t, 4<<20, nil)
+	defer im.Guest().Close()
+	s, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	pages := []uint64{9, 3, 700, 1, 42}
+	want := slices.Clone(pages)
+	if err := s.Append(im, checkpoint.EpochEnd{Epoch: 2}, pages, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(pages, want) {
+		t.Fatalf("Append reordered the caller's page list: %v, was %v", pages, want)
+	}
+}
+
+// gatedWriter blocks every Write, if gated, until released.
+type gatedWriter struct {
+	w       io.Writer
+	gated   bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *gatedWriter) Write(p []byte) (int, error) {
+	if g.gated {
+		select {
+		case g.entered <- struct{}{}:
+		default:
+		}
+		<-g.release
+	}
+	return g.w.Write(p)
+}
+
+// A compaction runs behind the acknowledgement: an epoch whose append
+// compacts the store is acknowledged while the compaction is still
+// writing (it compacted the whole image before the acknowledgement).
+func TestSecondaryAcksBeforeCompaction(t *testing.T) {
+	for _, policy := range []SyncPolicy{SyncMemory, SyncDisk} {
+		t.Run(policy.String(), func(t *testing.T) {
+			cfg := guest.Config{Memory: 4 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}}
+			src, err := synth.New(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.Close()
+			src.Resume()
+			store, err := OpenStoreWith(t.TempDir(), nil, StoreOptions{Sync: policy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			gw := &gatedWriter{entered: make(chan struct{}, 1), release: make(chan struct{})}
+			// Only the compaction of an epoch appended after the first
+			// consistent one (gateAfter) is gated; the appends go to the
+			// file the last rewrite made, not gated.
+			var gateAfter atomic.Uint64
+			gateAfter.Store(1 << 62)
+			store.wrapFile = func(w io.Writer) io.Writer {
+				g := *gw
+				g.w, g.gated = w, store.written > gateAfter.Load()
+				return &g
+			}
+			store.compactAlways = true
+			r := &Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}
+			sec := NewSecondary(r, nil)
+			sec.Store = store
+			defer sec.Close()
+			addr, served := serveOnce(t, sec)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			link, err := Dial(ctx, addr, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}, src.Regions(), DialOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer link.Close()
+			core := precopy.NewCore(src, nil)
+			sender := &precopy.LiveSender{Core: core, Link: link}
+			core.Sync()
+			core.Dirty.Clear()
+			if _, err := sender.SendAll(ctx); err != nil {
+				t.Fatal(err)
+			}
+			epoch := func() (uint64, error) {
+				cp, err := core.Capture(ctx, precopy.CaptureOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				w := link.Writer()
+				if err := w.WritePages(cp.Pages); err != nil {
+					t.Fatal(err)
+				}
+				if err := w.WriteDevices(cp.State); err != nil {
+					t.Fatal(err)
+				}
+				ep, err := sender.EndEpoch()
+				if err != nil {
+					t.Fatal(err)
+				}
+				actx, acancel := context.WithTimeout(ctx, 3*time.Second)
+				defer acancel()
+				_, err = link.WaitAck(actx, ep, false)
+				return ep, err
+			}
+			// The first consistent epoch adopts the image and begins the
+			// store (a rewrite before its acknowledgement, as it must be).
+			first, err := epoch()
+			if err != nil {
+				t.Fatal(err)
+			}
+			gateAfter.Store(first)
+			ep, err := epoch()
+			select {
+			case <-gw.entered:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the compaction never started")
+			}
+			close(gw.release)
+			if err != nil {
+				t.Fatalf("epoch %d not acknowledged while its compaction was writing: %v", ep, err)
+			}
+			link.Close()
+			waitServe(t, served, 10*time.Second)
+			if st := sec.Status(false); st.StoreError != "" {
+				t.Fatalf("the store failed: %s", st.StoreError)
+			}
+		})
+	}
+}
+
+// slowReadGuest is a guest with a disk whose reads block until released.
+type slowReadGuest struct {
+	guest.Guest
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *slowReadGuest) DiskSize() (uint64, error) { return g.Guest.(guest.DiskImage).DiskSize() }
+func (g *slowReadGuest) DiskDropped() uint64       { return g.Guest.(guest.DiskImage).DiskDropped() }
+func (g *slowReadGuest) ReadDisk(p []byte, off uint64) error {
+	select {
+	case g.entered <- struct{}{}:
+	default:
+	}
+	<-g.release
+	return g.Guest.(guest.DiskImage).ReadDisk(p, off)
+}
+
+// A Store's rewrite reads the disk without the image's lock, but never
+// from a guest handed over meanwhile: an Activate arriving during a read
+// waits for that one chunk, and the rewrite then stops (ErrHandedOver)
+// instead of reading the disk of a guest that runs (writeDisk read it
+// after an unlocked check).
+func TestStoreDiskReadHoldsOffActivate(t *testing.T) {
+	disk := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(disk, make([]byte, 2*diskChunk), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := guest.Config{Memory: 4 << 20, VCPUs: 1, Disk: disk, Workload: guest.Workload{Kind: guest.WorkloadKV}}
+	g, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	st, err := g.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sg := &slowReadGuest{Guest: g, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	im := NewImage(sg)
+	if err := im.StoreDevices(st); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.EndEpoch(checkpoint.EpochEnd{Epoch: 1}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	begun := make(chan error, 1)
+	go func() {
+		begun <- s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"})
+	}()
+	select {
+	case <-sg.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rewrite never read the disk")
+	}
+	activated := make(chan error, 1)
+	go func() { _, _, err := im.Activate(); activated <- err }()
+	select {
+	case err := <-activated:
+		t.Fatalf("Activate returned (%v) while the store was reading the disk", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(sg.release)
+	select {
+	case err := <-activated:
+		if err != nil {
+			t.Fatalf("Activate: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Activate never returned")
+	}
+	select {
+	case err := <-begun:
+		if !errors.Is(err, ErrHandedOver) {
+			t.Fatalf("rewrite after activation: %v, want ErrHandedOver", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rewrite never ended")
+	}
+}
+
+// slowStateGuest is a guest whose LoadState and Close block until
+// released.
+type slowStateGuest struct {
+	guest.Guest
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *slowStateGuest) wait() {
+	select {
+	case g.entered <- struct{}{}:
+	default:
+	}
+	<-g.release
+}
+
+func (g *slowStateGuest) LoadState(ms guest.MachineState) error {
+	g.wait()
+	return g.Guest.LoadState(ms)
+}
+func (g *slowStateGuest) Close() error { g.wait(); return g.Guest.Close() }
+
+// Activate loads the state, and Close closes the guest, without the
+// image's lock: status readers (Committed, Digest) answer meanwhile.
+func TestImageActivateAndCloseHoldNoLockOnTheGuest(t *testing.T) {
+	for _, op := range []string{"Activate", "Close"} {
+		t.Run(op, func(t *testing.T) {
+			sg := &slowStateGuest{entered: make(chan struct{}, 1), release: make(chan struct{})}
+			im, _ := newTestImage(t, 4<<20, func(g guest.Guest) guest.Guest { sg.Guest = g; return sg })
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				if op == "Activate" {
+					if _, _, err := im.Activate(); err != nil {
+						t.Errorf("Activate: %v", err)
+					}
+				} else {
+					im.Close()
+				}
+			}()
+			select {
+			case <-sg.entered:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("%s never reached the guest", op)
+			}
+			within(t, 2*time.Second, "Committed/Digest during "+op, func() {
+				if c := im.Committed(); c.Epoch != 1 {
+					t.Errorf("committed epoch %d, want 1", c.Epoch)
+				}
+				_ = im.Digest()
+			})
+			close(sg.release)
+			<-done
+			if op == "Activate" {
+				if _, _, err := im.Activate(); !errors.Is(err, ErrHandedOver) {
+					t.Errorf("a second Activate: %v, want ErrHandedOver", err)
+				}
+				sg.Close()
+			}
+		})
 	}
 }

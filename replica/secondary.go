@@ -298,6 +298,15 @@ func (s *Secondary) acknowledge(conn net.Conn, im *Image, c Committed, e checkpo
 			return nil, s.storeFailed(store, e.Epoch, err)
 		}
 	}
+	if adopted && store != nil {
+		// A compaction writes the whole image: behind the
+		// acknowledgement, never in front of it.
+		if err := store.Compact(im); err != nil {
+			// e.Epoch is acknowledged (and, under SyncDisk, fsynced):
+			// the next one is what the failure costs.
+			return nil, s.storeFailed(store, e.Epoch+1, err)
+		}
+	}
 	return store, nil
 }
 

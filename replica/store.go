@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bufio"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
@@ -56,6 +58,10 @@ type Store struct {
 	// acceptUnsynced: StoreOptions.AcceptUnsynced; log says so.
 	acceptUnsynced bool
 	log            *slog.Logger
+	// syncTimeout bounds each fsync (StoreOptions.SyncTimeout); stalls
+	// counts those that did not return within it.
+	syncTimeout time.Duration
+	stalls      atomic.Uint64
 
 	f       vfs.File
 	bw      *bufio.Writer
@@ -74,13 +80,16 @@ type Store struct {
 
 	// wrapFile, if set (tests), wraps the file a rewrite writes to.
 	wrapFile func(io.Writer) io.Writer
-	// compactAlways (tests) compacts after every append.
+	// compactAlways (tests) compacts after every acknowledged append.
 	compactAlways bool
 
 	// copyBuf and copyBatch hold the pages writeImage and Append copy out
 	// of guest memory under Image.mu, reused from epoch to epoch.
 	copyBuf   []byte
 	copyBatch []checkpoint.Page
+	// pageIdx is Append's sorted copy of an epoch's page indices (the
+	// caller's slice is the Image's own record and is not reordered).
+	pageIdx []uint64
 }
 
 // copyBuffers returns the reused page-copy buffer and an empty batch.
@@ -113,7 +122,22 @@ type StoreOptions struct {
 	// acknowledged epochs is offered anyway, with a warning naming what
 	// may be missing. For a cluster that would otherwise not run at all.
 	AcceptUnsynced bool
+	// SyncTimeout bounds each fsync of the store (of image.tnd, of a
+	// rewritten image, of the directory); 0 means
+	// DefaultStoreSyncTimeout. One that does not return in time fails
+	// the store (ErrSyncStalled), as a failed fsync does.
+	SyncTimeout time.Duration
 }
+
+// DefaultStoreSyncTimeout is how long a store waits for one fsync. A
+// healthy disk takes milliseconds (docs/DURABILITY.md); one that takes
+// this long has stalled, and the secondary must say so rather than hang.
+const DefaultStoreSyncTimeout = 30 * time.Second
+
+// ErrSyncStalled is an fsync of the store that did not return within
+// the store's SyncTimeout. The fsync may still complete; the store
+// cannot wait for it and gives up persistence (docs/DURABILITY.md).
+var ErrSyncStalled = errors.New("replica store: fsync stalled")
 
 // bootID is the Linux boot ID, or "" where there is none.
 func bootID() string {
@@ -167,7 +191,32 @@ func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error)
 	if boot == nil {
 		boot = bootID
 	}
-	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot, acceptUnsynced: o.AcceptUnsynced, log: log}, nil
+	return &Store{fs: fsys, dir: dir, policy: o.Sync, bootID: boot, acceptUnsynced: o.AcceptUnsynced, log: log,
+		syncTimeout: cmp.Or(o.SyncTimeout, DefaultStoreSyncTimeout)}, nil
+}
+
+// SyncStalls counts the fsyncs that did not return within the store's
+// SyncTimeout (each failed the store).
+func (s *Store) SyncStalls() uint64 { return s.stalls.Load() }
+
+// within runs sync, an fsync of what, and waits for it at most the
+// store's SyncTimeout. Past it, it returns ErrSyncStalled naming what,
+// and leaves sync running on its own goroutine, which ends when the
+// kernel returns: an fsync cannot be cut short, and waiting for it would
+// hang the receiving goroutine (and with it every acknowledgement).
+func (s *Store) within(what string, sync func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- sync() }()
+	t := time.NewTimer(s.syncTimeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		s.stalls.Add(1)
+		s.logger().Error("replica store: an fsync has not returned; giving up persistence", "what", what, "after", s.syncTimeout)
+		return fmt.Errorf("%w: fsync of %s has not returned after %v", ErrSyncStalled, what, s.syncTimeout)
+	}
 }
 
 // Policy is the store's sync policy.
@@ -191,7 +240,7 @@ func (s *Store) Begin(im *Image, h Hello) error {
 	// The clean mark belongs to the image being replaced.
 	clean := filepath.Join(s.dir, storeSyncFile)
 	if err := s.fs.Remove(clean); err == nil {
-		if err := s.fs.SyncDir(s.dir); err != nil {
+		if err := s.within(s.dir, func() error { return s.fs.SyncDir(s.dir) }); err != nil {
 			return fmt.Errorf("replica store: fsync directory %s: %w", s.dir, err)
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
@@ -247,7 +296,7 @@ func (s *Store) rewrite(im *Image) (err error) {
 	if err := FPRewriteBeforeSync.Hit(); err != nil {
 		return err
 	}
-	if err := f.Sync(); err != nil {
+	if err := s.within(tmp, f.Sync); err != nil {
 		return fmt.Errorf("fsync %s: %w", tmp, err)
 	}
 	if err := FPRewriteBeforeRename.Hit(); err != nil {
@@ -260,7 +309,7 @@ func (s *Store) rewrite(im *Image) (err error) {
 	if err := FPRewriteBeforeSyncDir.Hit(); err != nil {
 		return err
 	}
-	if err := s.fs.SyncDir(s.dir); err != nil {
+	if err := s.within(s.dir, func() error { return s.fs.SyncDir(s.dir) }); err != nil {
 		return fmt.Errorf("fsync directory %s: %w", s.dir, err)
 	}
 	if err := FPRewriteAfterSyncDir.Hit(); err != nil {
@@ -306,10 +355,11 @@ const (
 // The disk is written whole (zero ranges too: the disk file Load rebuilds
 // may hold anything there), read in diskChunk pieces with the same
 // hand-over check: only the receiving goroutine writes the disk until a
-// hand-over. It returns the epoch written.
+// hand-over, and an Activate or Close waits for a chunk being read
+// (Image.beginRead), so no chunk is read from a guest that runs or is
+// closed. It returns the epoch written.
 func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
-	im.mu.Lock()
-	if im.handedOver {
+	if !im.lockOwned() {
 		im.mu.Unlock()
 		return 0, ErrHandedOver
 	}
@@ -319,8 +369,7 @@ func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
 	for _, r := range s.regions {
 		for p := uint64(0); p < r.Pages(); {
 			batch = batch[:0]
-			im.mu.Lock()
-			if im.handedOver {
+			if !im.lockOwned() {
 				im.mu.Unlock()
 				return 0, ErrHandedOver
 			}
@@ -362,20 +411,25 @@ func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
 	if !ok {
 		return fmt.Errorf("the %s guest cannot read its disk back", s.hello.Kind)
 	}
+	if err := im.beginRead(); err != nil {
+		return err
+	}
 	size, err := d.DiskSize()
+	im.endRead()
 	if err != nil {
 		return err
 	}
 	buf := make([]byte, diskChunk)
 	for off := uint64(0); off < size; off += diskChunk {
 		p := buf[:min(diskChunk, size-off)]
-		im.mu.Lock()
-		if im.handedOver {
-			im.mu.Unlock()
-			return ErrHandedOver
+		// The read runs without Image.mu but holds off a hand-over
+		// (beginRead): one chunk, not the whole disk.
+		if err := im.beginRead(); err != nil {
+			return err
 		}
-		im.mu.Unlock()
-		if err := d.ReadDisk(p, off); err != nil {
+		err := d.ReadDisk(p, off)
+		im.endRead()
+		if err != nil {
 			return fmt.Errorf("read the disk at %d: %w", off, err)
 		}
 		if err := w.WriteDisk([]guest.DiskWrite{{Offset: off, Data: p}}); err != nil {
@@ -389,11 +443,13 @@ func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
 
 // Append stores one committed epoch: its pages (as committed), state and
 // disk writes. Call it after the Image committed the epoch and before
-// acknowledging it.
+// acknowledging it. pages is only read (Image.LastCommit's record).
 func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *guest.MachineState, disk []guest.DiskWrite) error {
 	if s.w == nil {
 		return nil
 	}
+	s.pageIdx = append(s.pageIdx[:0], pages...)
+	pages = s.pageIdx
 	slices.Sort(pages)
 	// The pages are copied out of guest memory under Image.mu, in batches,
 	// and written from the copies (as writeImage does): an activation may
@@ -403,8 +459,7 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 	for len(pages) > 0 {
 		n := min(len(pages), rewriteBatch)
 		batch = batch[:0]
-		im.mu.Lock()
-		if im.handedOver {
+		if !im.lockOwned() {
 			im.mu.Unlock()
 			return s.broken(ErrHandedOver)
 		}
@@ -436,16 +491,28 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 		return s.broken(err)
 	}
 	s.written, s.unsynced = e.Epoch, true
-	// Compact once the log is several times the image (the rewrite is
-	// durable when it returns).
-	if s.cw.n > 4*s.base+(64<<20) || s.compactAlways {
-		if err := s.rewrite(im); err != nil {
-			return s.broken(err)
-		}
-		return nil
-	}
 	if s.policy == SyncDisk {
 		return s.Sync()
+	}
+	return nil
+}
+
+// Compact rewrites the image compactly once the log has grown to several
+// times the image (the rewrite is durable when it returns). The Secondary
+// calls it after the epoch's acknowledgement (and, with SyncMemory, its
+// fsync): a compaction writes the whole image and must not delay an
+// acknowledgement. It runs on the receiving goroutine, which is what
+// keeps the image still while it is read (see writeImage). An error stops
+// the store.
+func (s *Store) Compact(im *Image) error {
+	if s.w == nil || s.cw.n <= 4*s.base+(64<<20) && !s.compactAlways {
+		return nil
+	}
+	if err := s.bw.Flush(); err != nil {
+		return s.broken(err)
+	}
+	if err := s.rewrite(im); err != nil {
+		return s.broken(err)
 	}
 	return nil
 }
@@ -460,8 +527,9 @@ func (s *Store) Sync() error {
 	if err := FPAppendBeforeSync.Hit(); err != nil {
 		return s.broken(err)
 	}
-	if err := s.f.Sync(); err != nil {
-		return s.broken(fmt.Errorf("fsync %s: %w", filepath.Join(s.dir, storeFile), err))
+	path := filepath.Join(s.dir, storeFile)
+	if err := s.within(path, s.f.Sync); err != nil {
+		return s.broken(fmt.Errorf("fsync %s: %w", path, err))
 	}
 	s.unsynced = false
 	s.synced.Store(s.written + 1)
@@ -487,7 +555,7 @@ func (s *Store) Close() {
 	}
 	err := s.bw.Flush()
 	if err == nil {
-		err = s.f.Sync()
+		err = s.within(filepath.Join(s.dir, storeFile), s.f.Sync)
 	}
 	if err == nil {
 		s.unsynced = false

@@ -3,11 +3,14 @@ package replica
 import (
 	"context"
 	"errors"
+	"io/fs"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/internal/vfs"
@@ -139,5 +142,67 @@ func TestStoreFailureByPolicy(t *testing.T) {
 				<-served
 			}
 		})
+	}
+}
+
+// stallFS is a vfs.FS whose file fsyncs block while stalled is set,
+// until release is closed.
+type stallFS struct {
+	vfs.FS
+	stalled *atomic.Bool
+	release chan struct{}
+}
+
+func (x stallFS) OpenFile(name string, flag int, perm fs.FileMode) (vfs.File, error) {
+	f, err := x.FS.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return stallFile{File: f, x: x}, nil
+}
+
+type stallFile struct {
+	vfs.File
+	x stallFS
+}
+
+func (f stallFile) Sync() error {
+	if f.x.stalled.Load() {
+		<-f.x.release
+	}
+	return f.File.Sync()
+}
+
+// An fsync that does not return is bounded: past the store's
+// SyncTimeout the append fails with ErrSyncStalled naming image.tnd (the
+// secondary then gives up persistence by its policy) instead of hanging
+// the receiving goroutine, and the stall is counted.
+func TestStoreFsyncStallIsBounded(t *testing.T) {
+	im, cfg := newTestImage(t, 4<<20, nil)
+	defer im.Guest().Close()
+	m := vfs.NewMemFS(1)
+	x := stallFS{FS: m, stalled: new(atomic.Bool), release: make(chan struct{})}
+	defer close(x.release) // the abandoned fsync returns and its goroutine ends
+	s, err := OpenStoreWith(sweepStore, nil, StoreOptions{FS: x, Sync: SyncDisk, SyncTimeout: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	x.stalled.Store(true)
+	var aerr error
+	within(t, 5*time.Second, "an append whose fsync stalls", func() {
+		aerr = s.Append(im, checkpoint.EpochEnd{Epoch: 2}, nil, nil, nil)
+	})
+	if !errors.Is(aerr, ErrSyncStalled) || !strings.Contains(aerr.Error(), storeFile) || strings.Contains(aerr.Error(), "\n") {
+		t.Fatalf("append with a stalled fsync: %v; want one line, ErrSyncStalled naming %s", aerr, storeFile)
+	}
+	if s.SyncStalls() != 1 {
+		t.Fatalf("%d stalls counted, want 1", s.SyncStalls())
+	}
+	if e, ok := s.SyncedEpoch(); !ok || e != 1 {
+		t.Fatalf("synced epoch %d (%v) after the stall, want still 1", e, ok)
 	}
 }
