@@ -97,6 +97,9 @@ type Guest struct {
 	vmmSummary  []uint64 // bit w: vmmDirty[w] may be non-zero
 	msrIndices  []uint32 // MSRs saved besides the TSC
 	xsaveSize   int
+	// syncRegs: KVM stores regs, sregs and events in kvm_run on request
+	// (KVM_CAP_SYNC_REGS), which a pause uses (vcpu.runOnce).
+	syncRegs bool
 
 	vcpus   []*vcpu
 	uart    *uart
@@ -121,6 +124,10 @@ type Guest struct {
 	mu       sync.Mutex
 	resumeCh chan struct{}
 	pauseReq atomic.Bool
+	// lastPause is when Pause was last called (UnixNano): see cleanIdle.
+	lastPause atomic.Int64
+
+	kickBuf []*vcpu // Pause's list of kicked vCPUs, under ctl
 
 	closing    chan struct{}
 	throttle   atomic.Int32
@@ -366,6 +373,7 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 		return 0, nil
 	}
 	start := time.Now()
+	g.lastPause.Store(start.UnixNano())
 	g.mu.Lock()
 	g.pauseReq.Store(true)
 	for _, v := range g.vcpus {
@@ -375,10 +383,18 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 		}
 	}
 	g.mu.Unlock()
+	// A vCPU waiting in an idle wait with its exit completed is parked
+	// already (idle): claim it, after the request is set, so it parks if
+	// it wakes before the resume. Kick the others and wait for them.
+	kicked := g.kickBuf[:0]
 	for _, v := range g.vcpus {
+		if v.idleState.CompareAndSwap(idleClean, idleClaimed) || v.idleState.Load() == idleClaimed {
+			continue
+		}
 		v.kick()
+		kicked = append(kicked, v)
 	}
-	for _, v := range g.vcpus {
+	for _, v := range kicked {
 		select {
 		case <-v.parked:
 		case <-v.exited:
@@ -388,6 +404,18 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 	}
 	g.paused = true
 	return time.Since(start), nil
+}
+
+// cleanIdleWindow: a vCPU going idle completes its exit first (idle) while
+// the last Pause is at most this old; a guest nobody pauses (unprotected)
+// does not pay the extra KVM_RUN.
+const cleanIdleWindow = time.Second
+
+// cleanIdle reports whether a vCPU going idle should complete its exit
+// first (see idle).
+func (g *Guest) cleanIdle() bool {
+	last := g.lastPause.Load()
+	return last != 0 && time.Since(time.Unix(0, last)) < cleanIdleWindow
 }
 
 // Resume implements guest.Guest.
