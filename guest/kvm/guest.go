@@ -126,6 +126,10 @@ type Guest struct {
 	pauseReq atomic.Bool
 	// lastPause is when Pause was last called (UnixNano): see cleanIdle.
 	lastPause atomic.Int64
+	// allClaimed: the last Pause found every vCPU idle (claimed it);
+	// idleThrough: and every one was still waiting at the Resume (see
+	// IdleThroughPause). Under ctl.
+	allClaimed, idleThrough bool
 
 	kickBuf []*vcpu // Pause's list of kicked vCPUs, under ctl
 
@@ -394,6 +398,7 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 		v.kick()
 		kicked = append(kicked, v)
 	}
+	g.allClaimed = len(kicked) == 0
 	for _, v := range kicked {
 		select {
 		case <-v.parked:
@@ -426,6 +431,11 @@ func (g *Guest) Resume() (time.Duration, error) {
 		return 0, guest.ErrClosed
 	}
 	start := time.Now()
+	g.idleThrough = g.allClaimed
+	for _, v := range g.vcpus {
+		g.idleThrough = g.idleThrough && v.idleState.Load() == idleClaimed
+	}
+	g.allClaimed = false
 	g.mu.Lock()
 	if g.pauseReq.Load() {
 		g.pauseReq.Store(false)
@@ -435,6 +445,17 @@ func (g *Guest) Resume() (time.Duration, error) {
 	g.mu.Unlock()
 	g.paused = false
 	return time.Since(start), nil
+}
+
+// IdleThroughPause reports whether the last pause held no guest work:
+// every vCPU was waiting idle when it began (Pause took each without a
+// kick) and was still waiting when Resume ended it, so the guest neither
+// ran nor wanted to run meanwhile. An epoch loop charges such a pause
+// nothing against its pause fraction (failover: notePause).
+func (g *Guest) IdleThroughPause() bool {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	return g.idleThrough
 }
 
 // Paused implements guest.Guest.

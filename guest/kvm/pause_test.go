@@ -129,7 +129,7 @@ func TestPauseSyncedState(t *testing.T) {
 			if lr == nil {
 				waitProgress(t, g, 1)
 			}
-			synced, claimed := 0, 0
+			synced, claimed, idleThrough := 0, 0, 0
 			for i := 0; i < 200; i++ {
 				if lr != nil {
 					ask(t, g, lr, fmt.Sprintf("s:%d SET k%d v%d", i, i, i))
@@ -176,6 +176,13 @@ func TestPauseSyncedState(t *testing.T) {
 					if err := g.Console().Input([]byte(fmt.Sprintf("p:%d GET k%d\n", i, i))); err != nil {
 						t.Fatal(err)
 					}
+					// The input wakes a claimed vCPU 0: wait until it has
+					// (its thread may wait for a core), then it must have
+					// parked rather than answered.
+					deadline := time.Now().Add(5 * time.Second)
+					for g.vcpus[0].idleState.Load() == idleClaimed && time.Now().Before(deadline) {
+						time.Sleep(100 * time.Microsecond)
+					}
 					time.Sleep(2 * time.Millisecond)
 					select {
 					case l := <-lr.lines:
@@ -190,12 +197,30 @@ func TestPauseSyncedState(t *testing.T) {
 						t.Fatalf("pause %d: the paused guest's state changed", i)
 					}
 				}
+				allIdle := true
+				for _, v := range g.vcpus {
+					allIdle = allIdle && v.idleState.Load() == idleClaimed
+				}
 				mustResume(t, g)
+				// A claimed vCPU may wake between the look above and the
+				// resume (its idle timer), never the other way round.
+				if g.IdleThroughPause() && !allIdle {
+					t.Fatalf("pause %d: IdleThroughPause, but a vCPU was not claimed and waiting just before the resume", i)
+				}
+				if g.IdleThroughPause() {
+					idleThrough++
+				}
 				if lr != nil && i%4 == 0 {
+					if g.IdleThroughPause() {
+						t.Fatalf("pause %d: input woke the guest during the pause, yet it was idle through it", i)
+					}
 					expect(t, lr.next(t, 10*time.Second), fmt.Sprintf("p:%d OK v%d", i, i))
 				}
 			}
-			t.Logf("%d vCPU pauses with synced registers, %d taken idle without a kick (sync regs %v)", synced, claimed, g.syncRegs)
+			t.Logf("%d vCPU pauses with synced registers, %d taken idle without a kick, %d pauses idle through (sync regs %v)", synced, claimed, idleThrough, g.syncRegs)
+			if lr != nil && idleThrough == 0 {
+				t.Error("no pause of the idle kv guest was idle through")
+			}
 			if g.syncRegs && synced == 0 {
 				t.Error("no pause left its registers in kvm_run")
 			}

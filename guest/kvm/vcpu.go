@@ -62,6 +62,8 @@ type vcpu struct {
 	synced atomic.Bool
 	// idleState is idleNot, idleClean or idleClaimed (see idle).
 	idleState atomic.Int32
+	// kicks counts kickRun's calls (idle keeps a kick's immediate_exit).
+	kicks atomic.Uint32
 	// pending: a KVM_RUN that only meant to complete an exit (idle)
 	// returned pendingErr or a new exit instead of EINTR; the loop serves
 	// it before entering KVM_RUN again. vCPU thread only.
@@ -253,6 +255,7 @@ func (v *vcpu) kickRun() bool {
 		return false
 	default:
 	}
+	v.kicks.Add(1)
 	v.setImmediateExit(true)
 	if tid := v.tid.Load(); tid != 0 {
 		_ = unix.Tgkill(unix.Getpid(), int(tid), kickSignal)
@@ -517,8 +520,16 @@ func (v *vcpu) idle(d time.Duration) {
 	}
 	clean := false
 	if v.g.cleanIdle() {
+		k := v.kicks.Load()
 		err := v.runOnce(true)
 		v.setImmediateExit(false)
+		if v.kicks.Load() != k {
+			// A kick (a pause, the throttle, Close) set immediate_exit
+			// meanwhile too: it stays set for the loop's next KVM_RUN.
+			// (kickRun counts before it sets; both atomic, so a kick
+			// whose flag the clear above overwrote is counted here.)
+			v.setImmediateExit(true)
+		}
 		if !errors.Is(err, unix.EINTR) {
 			// Not the EINTR asked for (KVM completes an OUT and stops
 			// there; nothing else is expected): the loop serves it.
