@@ -281,7 +281,7 @@ type kvFigures struct {
 func (f kvFigures) String() string {
 	s := fmt.Sprintf("%.0f req/s, %.1f epochs/s (%d by output, %d by clock), %d stalls, paused %.1f ms/s, pause mean %.3f ms, output delay p50 %.2f p99 %.2f ms, cpu primary %.2f secondary %.2f, bound %s; mean ms:",
 		f.rate, f.eps, f.byOutput, f.byClock, f.stalls, f.pausedMsPerS, f.pauseMean, f.delayP50, f.delayP99, f.priCPU, f.secCPU, f.bound)
-	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "resume", "epoch_output_wait", "epoch_capture", "epoch_queue", "epoch_encode", "epoch_send", "epoch_apply", "epoch_ack", "epoch_release"} {
+	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "hook", "resume", "epoch_output_wait", "epoch_capture", "epoch_queue", "epoch_encode", "epoch_send", "epoch_apply", "epoch_ack", "epoch_release"} {
 		if v, ok := f.phases[p]; ok {
 			s += fmt.Sprintf(" %s %.3f", p, v)
 		}
