@@ -30,9 +30,12 @@ const (
 )
 
 // DefaultTrigger is what EpochConfig.Trigger's zero value means: the
-// clock, until the benchmarks show output-triggered epochs cost pipelined
-// clients nothing (BenchmarkFTKV on this project's shared 2-core host was
-// too noisy to show it on 2026-11-30: see docs/PERFORMANCE.md).
+// clock, until output-triggered epochs reach the synchronous target on
+// kvm (500 req/s; 93 to 450 measured, median 278) and are shown to cost
+// pipelined clients nothing (paired BenchmarkFTKV medians of 68 % to
+// 116 % of the clock's throughput on this shared 2-core host, within its
+// run-to-run spread; the earlier "halving" was not reproduced as a cause
+// in the trigger): see docs/PERFORMANCE.md.
 const DefaultTrigger = TriggerClock
 
 // defaultTrigger is DefaultTrigger, or what the tests ask for
