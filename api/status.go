@@ -287,6 +287,10 @@ type EpochStatus struct {
 	EpochsByOutput    uint64  `json:"epochs_by_output"`
 	EpochsByClock     uint64  `json:"epochs_by_clock"`
 	PausedMsPerSecond float64 `json:"paused_ms_per_second"`
+	// HeldMsPerSecond is the part of PausedMsPerSecond that held guest
+	// work: pauses a guest waited idle through (guest/kvm says so) count
+	// nothing. MaxPauseFraction bounds this one.
+	HeldMsPerSecond float64 `json:"held_ms_per_second"`
 }
 
 // SecondaryStatus is a secondary's committed image.

@@ -204,6 +204,12 @@ func (l *EpochLoop) notePause(cp *precopy.Capture, byOutput bool) {
 	l.pausesSeen++
 	pages := len(cp.Pages)
 	fixed := cp.Breakdown.Total() - cp.Breakdown.Copy
+	held := cp.Breakdown.Total()
+	if ip, ok := l.cfg.Guest.(idlePauser); ok && ip.IdleThroughPause() {
+		// The guest waited idle through the whole pause: it was held
+		// from no work, so the pause takes nothing of its fraction.
+		fixed, held = 0, 0
+	}
 	l.pauseFixed = time.Duration(ewma(float64(l.pauseFixed), float64(fixed), first))
 	if pages > 0 {
 		l.pausePerPage = time.Duration(ewma(float64(l.pausePerPage), float64(cp.Breakdown.Copy)/float64(pages), l.pausePerPage == 0))
@@ -218,7 +224,7 @@ func (l *EpochLoop) notePause(cp *precopy.Capture, byOutput bool) {
 	} else {
 		l.epochsByClock++
 	}
-	l.pauseLog = append(l.pauseLog, pauseSample{at: cp.PausedAt, d: cp.Breakdown.Total()})
+	l.pauseLog = append(l.pauseLog, pauseSample{at: cp.PausedAt, d: cp.Breakdown.Total(), held: held})
 	if cut := cp.PausedAt.Add(-pauseWindow); len(l.pauseLog) > 0 && l.pauseLog[0].at.Before(cut) {
 		i := 0
 		for i < len(l.pauseLog) && l.pauseLog[i].at.Before(cut) {
@@ -233,8 +239,9 @@ func (l *EpochLoop) notePause(cp *precopy.Capture, byOutput bool) {
 const pauseWindow = time.Second
 
 type pauseSample struct {
-	at time.Time
-	d  time.Duration
+	at   time.Time
+	d    time.Duration
+	held time.Duration // of d, the time the guest had work it could not do (see idlePauser)
 }
 
 func findAction(acts []ProtectionAction, k ProtectionActionKind) (ProtectionAction, bool) {

@@ -141,29 +141,31 @@ func (l *EpochLoop) Status() EpochStatus {
 		st.MaxOutputDelayMs = float64(tc.MaxOutputDelay.Microseconds()) / 1000
 		st.MaxPauseFraction = tc.MaxPauseFraction
 	}
-	st.PausedMsPerSecond = l.pausedPerSecond()
+	st.PausedMsPerSecond, st.HeldMsPerSecond = l.pausedPerSecond()
 	return st
 }
 
 // pausedPerSecond is the guest's paused time over the last pauseWindow
-// (or since the link's epochs started, if later), in ms per second; mu is
-// held.
-func (l *EpochLoop) pausedPerSecond() float64 {
+// (or since the link's epochs started, if later), in ms per second, and
+// of it the time that held guest work (what MaxPauseFraction bounds; see
+// idlePauser); mu is held.
+func (l *EpochLoop) pausedPerSecond() (paused, held float64) {
 	if l.startedEpochs.IsZero() || len(l.pauseLog) == 0 {
-		return 0
+		return 0, 0
 	}
 	now := l.clk.Now()
 	window := min(pauseWindow, now.Sub(l.startedEpochs))
 	if window <= 0 {
-		return 0
+		return 0, 0
 	}
-	var sum time.Duration
+	var sum, sumHeld time.Duration
 	for _, s := range l.pauseLog {
 		if !s.at.Before(now.Add(-window)) {
 			sum += s.d
+			sumHeld += s.held
 		}
 	}
-	return 1000 * sum.Seconds() / window.Seconds()
+	return 1000 * sum.Seconds() / window.Seconds(), 1000 * sumHeld.Seconds() / window.Seconds()
 }
 
 // quantiles returns p50, p99 and max in milliseconds.

@@ -36,7 +36,9 @@ type EpochConfig struct {
 	MaxOutputDelay time.Duration
 	// MaxPauseFraction bounds the share of time the guest spends paused
 	// by epochs that end early for output; 0 means
-	// DefaultMaxPauseFraction. Validate: within (0, 1].
+	// DefaultMaxPauseFraction. Validate: within (0, 1]. A pause the guest
+	// waited idle through, all of it (a guest that says so: idlePauser),
+	// held no guest work and counts nothing.
 	MaxPauseFraction float64
 	// FlushBudget bounds the disk flush at each pause; 0 means 5 ms. A
 	// flush that misses it aborts that epoch's capture (the guest resumes

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -225,17 +227,162 @@ func benchKV(b *testing.B, kind string) {
 	plainPipe := kvLoad(b, plain, kvClients, depth, window)
 	plainSync := kvLoad(b, plain, 1, 1, window/2)
 	plain.kill()
-	pri, _, _ := startPair(b, kind, primaryOpts{memory: "1GiB"})
-	protPipe := kvLoad(b, pri, kvClients, depth, window)
-	protSync := kvLoad(b, pri, 1, 1, window/2)
-	st := mustFT(b, pri, false)
+	// The two triggers take turns going first from one run to the next
+	// (-count), so neither always gets the host as the other left it.
+	var clock, output kvTriggerFigures
+	if kvRuns.Add(1)%2 == 1 {
+		clock = protectedKV(b, kind, "clock", depth, window)
+		output = protectedKV(b, kind, "output", depth, window)
+	} else {
+		output = protectedKV(b, kind, "output", depth, window)
+		clock = protectedKV(b, kind, "clock", depth, window)
+	}
 	b.ReportMetric(plainPipe, "unprotected-req/s")
-	b.ReportMetric(protPipe, "protected-req/s")
-	b.ReportMetric(100*protPipe/plainPipe, "protected/unprotected-%")
+	b.ReportMetric(clock.pipe.rate, "protected-req/s")
+	b.ReportMetric(output.pipe.rate, "output-protected-req/s")
+	b.ReportMetric(100*clock.pipe.rate/plainPipe, "protected/unprotected-%")
+	b.ReportMetric(100*output.pipe.rate/clock.pipe.rate, "output/clock-pipelined-%")
 	b.ReportMetric(plainSync, "sync-unprotected-req/s")
-	b.ReportMetric(protSync, "sync-protected-req/s")
-	b.Logf("%s: pipelined %dx%d: unprotected %.0f req/s, protected %.0f req/s (%.1f%%); one synchronous client: %.0f vs %.0f req/s; output delay p50 %.1f p99 %.1f ms",
-		kind, kvClients, depth, plainPipe, protPipe, 100*protPipe/plainPipe, plainSync, protSync, st.OutputDelayP50Ms, st.OutputDelayP99Ms)
+	b.ReportMetric(clock.sync.rate, "sync-protected-req/s")
+	b.ReportMetric(output.sync.rate, "sync-output-protected-req/s")
+	b.ReportMetric(output.sync.delayP50, "sync-output-delay-p50-ms")
+	b.ReportMetric(output.sync.delayP99, "sync-output-delay-p99-ms")
+	b.ReportMetric(output.sync.pauseMean, "sync-output-pause-mean-ms")
+	b.Logf("%s: pipelined %dx%d: unprotected %.0f req/s, clock %.0f req/s (%.1f%%), output %.0f req/s (%.1f%% of clock); one synchronous client: unprotected %.0f, clock %.0f, output %.0f req/s (output delay p50 %.2f p99 %.2f ms)",
+		kind, kvClients, depth, plainPipe, clock.pipe.rate, 100*clock.pipe.rate/plainPipe, output.pipe.rate, 100*output.pipe.rate/clock.pipe.rate,
+		plainSync, clock.sync.rate, output.sync.rate, output.sync.delayP50, output.sync.delayP99)
+	for _, f := range []kvFigures{clock.pipe, output.pipe, clock.sync, output.sync} {
+		b.Logf("%s %s: %s", kind, f.name, f)
+	}
+}
+
+// kvRuns counts benchKV's runs (the order of the triggers alternates).
+var kvRuns atomic.Int64
+
+// kvTriggerFigures are one trigger's protected kv figures: pipelined and
+// synchronous.
+type kvTriggerFigures struct{ pipe, sync kvFigures }
+
+// kvFigures are one kv load on a protected primary, over its window.
+type kvFigures struct {
+	name               string
+	rate               float64 // replies/s
+	eps                float64 // epochs/s
+	byOutput, byClock  uint64
+	stalls             uint64
+	pausedMsPerS       float64 // from the pause histogram's sum
+	pauseMean          float64 // ms
+	phases             map[string]float64
+	delayP50, delayP99 float64 // output delay (status: the recent releases)
+	priCPU, secCPU     float64 // CPU seconds per second of the two processes
+	bound              string
+}
+
+func (f kvFigures) String() string {
+	s := fmt.Sprintf("%.0f req/s, %.1f epochs/s (%d by output, %d by clock), %d stalls, paused %.1f ms/s, pause mean %.3f ms, output delay p50 %.2f p99 %.2f ms, cpu primary %.2f secondary %.2f, bound %s; mean ms:",
+		f.rate, f.eps, f.byOutput, f.byClock, f.stalls, f.pausedMsPerS, f.pauseMean, f.delayP50, f.delayP99, f.priCPU, f.secCPU, f.bound)
+	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "hook", "resume", "epoch_output_wait", "epoch_capture", "epoch_queue", "epoch_encode", "epoch_send", "epoch_apply", "epoch_ack", "epoch_release"} {
+		if v, ok := f.phases[p]; ok {
+			s += fmt.Sprintf(" %s %.3f", p, v)
+		}
+	}
+	return s
+}
+
+// protectedKV starts a pair with --epoch-trigger trigger and measures
+// the pipelined load, then one synchronous client.
+func protectedKV(b *testing.B, kind, trigger string, depth int, window time.Duration) kvTriggerFigures {
+	pri, sec, _ := startPair(b, kind, primaryOpts{memory: "1GiB", extra: []string{"--epoch-trigger", trigger}})
+	defer pri.kill()
+	defer sec.kill()
+	var f kvTriggerFigures
+	f.pipe = measureKV(b, pri, sec, trigger+" pipelined", kvClients, depth, window)
+	f.sync = measureKV(b, pri, sec, trigger+" sync", 1, 1, window/2)
+	return f
+}
+
+// measureKV runs kvLoad on a protected primary and gathers its figures
+// over the same window.
+func measureKV(b *testing.B, pri, sec *node, name string, clients, depth int, d time.Duration) kvFigures {
+	s0 := mustFT(b, pri, false)
+	m0, err := metricSums(pri.api)
+	if err != nil {
+		b.Fatal(err)
+	}
+	p0, q0 := procCPU(pri.Pid()), procCPU(sec.Pid())
+	stopPerf := perfRecord(b, pri, name, d)
+	t0 := time.Now()
+	f := kvFigures{name: name, rate: kvLoad(b, pri, clients, depth, d)}
+	stopPerf()
+	secs := time.Since(t0).Seconds()
+	p1, q1 := procCPU(pri.Pid()), procCPU(sec.Pid())
+	s1 := mustFT(b, pri, false)
+	m1, err := metricSums(pri.api)
+	if err != nil {
+		b.Fatal(err)
+	}
+	f.eps = float64(s1.Epochs-s0.Epochs) / secs
+	f.byOutput, f.byClock = s1.EpochsByOutput-s0.EpochsByOutput, s1.EpochsByClock-s0.EpochsByClock
+	f.stalls = s1.BackpressureStalls - s0.BackpressureStalls
+	f.delayP50, f.delayP99 = s1.OutputDelayP50Ms, s1.OutputDelayP99Ms
+	f.priCPU, f.secCPU = (p1-p0)/secs, (q1-q0)/secs
+	f.bound = s1.EpochBound
+	f.phases = map[string]float64{}
+	for phase, v := range m1 {
+		if n := v[1] - m0[phase][1]; n > 0 {
+			f.phases[phase] = (v[0] - m0[phase][0]) / n * 1000
+		}
+	}
+	var paused float64
+	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "resume"} {
+		paused += m1[p][0] - m0[p][0]
+	}
+	f.pausedMsPerS = 1000 * paused / secs
+	if n := m1["pause"][1] - m0["pause"][1]; n > 0 {
+		f.pauseMean = 1000 * paused / n
+	}
+	return f
+}
+
+// perfRecord, with $TANDEM_PERF_DIR set, records the primary's CPU
+// profile (perf record -g) over the next d into that directory, one file
+// per load; the returned function waits for it. Without it, nothing.
+func perfRecord(b *testing.B, pri *node, name string, d time.Duration) func() {
+	dir := os.Getenv("TANDEM_PERF_DIR")
+	if dir == "" {
+		return func() {}
+	}
+	out := filepath.Join(dir, fmt.Sprintf("%s-%d.perf", strings.ReplaceAll(name, " ", "-"), time.Now().UnixNano()))
+	cmd := exec.Command("perf", "record", "-g", "-q", "-o", out, "-p", strconv.Itoa(pri.Pid()), "--", "sleep", fmt.Sprint(d.Seconds()))
+	if err := cmd.Start(); err != nil {
+		b.Logf("perf: %v", err)
+		return func() {}
+	}
+	return func() {
+		cmd.Wait()
+		b.Logf("perf profile of %s: %s", name, out)
+	}
+}
+
+// procCPU is a process's CPU time so far (user and system), in seconds;
+// 0 if it cannot be read.
+func procCPU(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (u + st) / 100 // USER_HZ
 }
 
 // kvLoad runs clients connections, each keeping depth SET requests
@@ -277,6 +424,16 @@ const (
 	kvKeys   = 1_000_000
 	kvStride = 7_919
 )
+
+// kvKeyCount is kvKeys, or $TANDEM_KV_KEYS (a few hundred hot keys: the
+// figures measured before issue 11, where the guest's first touch of
+// table pages does not bound the rate).
+var kvKeyCount = func() uint64 {
+	if n, err := strconv.ParseUint(os.Getenv("TANDEM_KV_KEYS"), 10, 64); err == nil && n > 0 {
+		return n
+	}
+	return kvKeys
+}()
 
 // pipeClient sends SETs keeping depth outstanding until stopAt, then
 // waits (bounded) for the outstanding replies.
@@ -322,7 +479,7 @@ func pipeClient(conn net.Conn, id string, depth int, stopAt time.Time, total *at
 		}
 		sent.Add(1)
 		conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
-		fmt.Fprintf(w, "%s:%d SET key%d value%d\n", id, seq, uint64(seq)*kvStride%kvKeys, seq)
+		fmt.Fprintf(w, "%s:%d SET key%d value%d\n", id, seq, uint64(seq)*kvStride%kvKeyCount, seq)
 		if len(slots) == depth || len(slots) == 1 {
 			if err := w.Flush(); err != nil {
 				return err

@@ -46,7 +46,7 @@ func addEpochFlags(fs interface {
 	ef.Trigger = failover.TriggerClock
 	fs.Var(triggerFlag{&ef.Trigger}, "epoch-trigger", "what ends an epoch: clock (every --epoch) or output (as soon as the guest's output waits, within --max-pause-fraction; --epoch stays the longest)")
 	fs.DurationVar(&ef.MaxOutputDelay, "max-output-delay", failover.DefaultMaxOutputDelay, "with --epoch-trigger output: the objective for how long output waits for its epoch to start (status says whether it holds)")
-	fs.Float64Var(&ef.MaxPauseFraction, "max-pause-fraction", failover.DefaultMaxPauseFraction, "with --epoch-trigger output: the largest share of time the guest may spend paused by early epochs, in (0, 1]")
+	fs.Float64Var(&ef.MaxPauseFraction, "max-pause-fraction", failover.DefaultMaxPauseFraction, "with --epoch-trigger output: the largest share of time the guest may spend held by the pauses of early epochs, in (0, 1] (a pause a kvm guest waits idle through holds nothing)")
 }
 
 // triggerFlag is --epoch-trigger.

@@ -110,6 +110,9 @@ type Guest struct {
 	vmmSummary  []uint64 // bit w: vmmDirty[w] may be non-zero
 	msrIndices  []uint32 // MSRs saved besides the TSC
 	xsaveSize   int
+	// syncRegs: KVM stores regs, sregs and events in kvm_run on request
+	// (KVM_CAP_SYNC_REGS), which a pause uses (vcpu.runOnce).
+	syncRegs bool
 
 	vcpus   []*vcpu
 	uart    *uart
@@ -134,6 +137,14 @@ type Guest struct {
 	mu       sync.Mutex
 	resumeCh chan struct{}
 	pauseReq atomic.Bool
+	// lastPause is when Pause was last called (UnixNano): see cleanIdle.
+	lastPause atomic.Int64
+	// allClaimed: the last Pause found every vCPU idle (claimed it);
+	// idleThrough: and every one was still waiting at the Resume (see
+	// IdleThroughPause). Under ctl.
+	allClaimed, idleThrough bool
+
+	kickBuf []*vcpu // Pause's list of kicked vCPUs, under ctl
 
 	closing    chan struct{}
 	throttle   atomic.Int32
@@ -382,6 +393,7 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 		return 0, nil
 	}
 	start := time.Now()
+	g.lastPause.Store(start.UnixNano())
 	g.mu.Lock()
 	g.pauseReq.Store(true)
 	for _, v := range g.vcpus {
@@ -391,10 +403,19 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 		}
 	}
 	g.mu.Unlock()
+	// A vCPU waiting in an idle wait with its exit completed is parked
+	// already (idle): claim it, after the request is set, so it parks if
+	// it wakes before the resume. Kick the others and wait for them.
+	kicked := g.kickBuf[:0]
 	for _, v := range g.vcpus {
+		if v.idleState.CompareAndSwap(idleClean, idleClaimed) || v.idleState.Load() == idleClaimed {
+			continue
+		}
 		v.kick()
+		kicked = append(kicked, v)
 	}
-	for _, v := range g.vcpus {
+	g.allClaimed = len(kicked) == 0
+	for _, v := range kicked {
 		select {
 		case <-v.parked:
 		case <-v.exited:
@@ -406,6 +427,18 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 	return time.Since(start), nil
 }
 
+// cleanIdleWindow: a vCPU going idle completes its exit first (idle) while
+// the last Pause is at most this old; a guest nobody pauses (unprotected)
+// does not pay the extra KVM_RUN.
+const cleanIdleWindow = time.Second
+
+// cleanIdle reports whether a vCPU going idle should complete its exit
+// first (see idle).
+func (g *Guest) cleanIdle() bool {
+	last := g.lastPause.Load()
+	return last != 0 && time.Since(time.Unix(0, last)) < cleanIdleWindow
+}
+
 // Resume implements guest.Guest.
 func (g *Guest) Resume() (time.Duration, error) {
 	g.ctl.Lock()
@@ -414,6 +447,11 @@ func (g *Guest) Resume() (time.Duration, error) {
 		return 0, guest.ErrClosed
 	}
 	start := time.Now()
+	g.idleThrough = g.allClaimed
+	for _, v := range g.vcpus {
+		g.idleThrough = g.idleThrough && v.idleState.Load() == idleClaimed
+	}
+	g.allClaimed = false
 	g.mu.Lock()
 	if g.pauseReq.Load() {
 		g.pauseReq.Store(false)
@@ -423,6 +461,17 @@ func (g *Guest) Resume() (time.Duration, error) {
 	g.mu.Unlock()
 	g.paused = false
 	return time.Since(start), nil
+}
+
+// IdleThroughPause reports whether the last pause held no guest work:
+// every vCPU was waiting idle when it began (Pause took each without a
+// kick) and was still waiting when Resume ended it, so the guest neither
+// ran nor wanted to run meanwhile. An epoch loop charges such a pause
+// nothing against its pause fraction (failover: notePause).
+func (g *Guest) IdleThroughPause() bool {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	return g.idleThrough
 }
 
 // Paused implements guest.Guest.

@@ -38,6 +38,7 @@ func (g *Guest) openVM() error {
 		return fmt.Errorf("%w: KVM_CREATE_VM: %v", ErrUnavailable, err)
 	}
 	g.vmFd = int(vm)
+	g.syncRegs = checkExtension(g.vmFd, capSyncRegs)&syncRegsAll == syncRegsAll
 	// VMX needs a TSS region for real-mode emulation; harmless elsewhere.
 	if _, err := ioctl(g.vmFd, kvmSetTSSAddr, tssAddr); err != nil {
 		return fmt.Errorf("kvm: KVM_SET_TSS_ADDR: %w", err)

@@ -181,9 +181,11 @@ func (g *Guest) saveState() (guest.MachineState, error) {
 		if err != nil {
 			return ms, err
 		}
-		if err := add(stateVCPU, uint32(v.id), vcpuVersion, s); err != nil {
-			return ms, err
+		b, err := v.encodeState(&s)
+		if err != nil {
+			return ms, fmt.Errorf("kvm: encode %s %d: %w", stateVCPU, v.id, err)
 		}
+		ms.Devices = append(ms.Devices, guest.DeviceState{Name: stateVCPU, Instance: uint32(v.id), Version: vcpuVersion, Fields: b})
 	}
 	var c clockStateV1
 	if _, err := ioctlPtr(g.vmFd, kvmGetClock, &c.Clock); err != nil {
@@ -211,11 +213,21 @@ func (v *vcpu) save() (vcpuStateV1, error) {
 	if _, err := ioctlPtr(v.fd, kvmGetMPState, &s.MPState); err != nil {
 		return fail("KVM_GET_MP_STATE", err)
 	}
-	if _, err := ioctlPtr(v.fd, kvmGetRegs, &s.Regs); err != nil {
-		return fail("KVM_GET_REGS", err)
-	}
-	if _, err := ioctlPtr(v.fd, kvmGetSregs, &s.Sregs); err != nil {
-		return fail("KVM_GET_SREGS", err)
+	// Registers, special registers and events: as KVM stored them in
+	// kvm_run at the exit the vCPU parked after (sync regs, see
+	// vcpu.synced), or read one ioctl each. Without an in-kernel irqchip
+	// reading the MP state changes none of them, so taking them at the
+	// exit keeps Firecracker's order's reason.
+	synced := v.synced.Load()
+	if synced {
+		s.Regs, s.Sregs = *v.syncedRegs(), *v.syncedSregs()
+	} else {
+		if _, err := ioctlPtr(v.fd, kvmGetRegs, &s.Regs); err != nil {
+			return fail("KVM_GET_REGS", err)
+		}
+		if _, err := ioctlPtr(v.fd, kvmGetSregs, &s.Sregs); err != nil {
+			return fail("KVM_GET_SREGS", err)
+		}
 	}
 	s.XSAVE = make([]byte, v.g.xsaveSize)
 	req := kvmGetXSAVE2
@@ -235,23 +247,30 @@ func (v *vcpu) save() (vcpuStateV1, error) {
 	if _, err := ioctlPtr(v.fd, kvmGetDebugRegs, &s.DebugRegs); err != nil {
 		return fail("KVM_GET_DEBUGREGS", err)
 	}
-	tsc := []MSR{{Index: msrTSC}}
-	if n, err := msrIoctl(v.fd, kvmGetMSRs, tsc); err != nil || n != 1 {
-		return fail("KVM_GET_MSRS(TSC)", fmt.Errorf("read %d of 1: %v", n, err))
-	}
-	s.TSC = tsc[0].Data
-	s.MSRs = make([]MSR, len(v.g.msrIndices))
+	// The TSC and the other MSRs in one KVM_GET_MSRS: the TSC first, the
+	// kernel reads the entries in order.
+	ms := make([]MSR, 1+len(v.g.msrIndices))
+	ms[0].Index = msrTSC
 	for i, idx := range v.g.msrIndices {
-		s.MSRs[i].Index = idx
+		ms[1+i].Index = idx
 	}
-	if n, err := msrIoctl(v.fd, kvmGetMSRs, s.MSRs); err != nil || n != len(s.MSRs) {
-		return fail("KVM_GET_MSRS", fmt.Errorf("read %d of %d: %v", n, len(s.MSRs), err))
+	if n, err := msrIoctl(v.fd, kvmGetMSRs, ms); err != nil || n != len(ms) {
+		if n == 0 {
+			return fail("KVM_GET_MSRS(TSC)", fmt.Errorf("read %d of 1: %v", n, err))
+		}
+		return fail("KVM_GET_MSRS", fmt.Errorf("read %d of %d: %v", n-1, len(ms)-1, err))
 	}
-	var ev VCPUEvents
-	if _, err := ioctlPtr(v.fd, kvmGetVCPUEvents, &ev); err != nil {
-		return fail("KVM_GET_VCPU_EVENTS", err)
+	s.TSC, s.MSRs = ms[0].Data, ms[1:]
+	if synced {
+		ev := *v.syncedEvents()
+		s.Events = ev[:]
+	} else {
+		var ev VCPUEvents
+		if _, err := ioctlPtr(v.fd, kvmGetVCPUEvents, &ev); err != nil {
+			return fail("KVM_GET_VCPU_EVENTS", err)
+		}
+		s.Events = ev[:]
 	}
-	s.Events = ev[:]
 	return s, nil
 }
 
@@ -401,11 +420,14 @@ func (v *vcpu) load(s *vcpuStateV1, tsc uint64) error {
 	fail := func(what string, err error) error {
 		return fmt.Errorf("kvm: restore vCPU %d: %s: %w", v.id, what, err)
 	}
+	// From here the registers in kvm_run are no longer the vCPU's.
+	v.synced.Store(false)
 	if !cpuidEqual(s.CPUID, v.cpuid) {
 		if err := setCPUID(v.fd, s.CPUID); err != nil {
 			return fail("KVM_SET_CPUID2 (the saved CPUID differs from this host's)", err)
 		}
 		v.cpuid = append([]cpuidEntry(nil), s.CPUID...)
+		v.cpuidEnc = nil
 	}
 	if _, err := ioctlPtr(v.fd, kvmSetMPState, &s.MPState); err != nil {
 		return fail("KVM_SET_MP_STATE", err)

@@ -63,6 +63,7 @@ var (
 const (
 	capNrVCPUs                = 9
 	capMaxVCPUs               = 66
+	capSyncRegs               = 74
 	capImmediateExit          = 136
 	capManualDirtyLogProtect2 = 168
 	capXSAVE2                 = 208

@@ -22,6 +22,22 @@ const (
 	runImmediateExit = 1
 	runExitReason    = 8
 	runExitData      = 32
+	// kvm_valid_regs, and the sync-regs area (struct kvm_sync_regs on
+	// x86: kvm_regs, kvm_sregs, kvm_vcpu_events) KVM fills at the end of
+	// a KVM_RUN entered with kvm_valid_regs set (KVM_CAP_SYNC_REGS).
+	runValidRegs  = 288
+	runSyncRegs   = 304
+	runSyncSregs  = runSyncRegs + 144
+	runSyncEvents = runSyncSregs + 312
+	// syncRegsAll asks for all three (KVM_SYNC_X86_REGS, _SREGS, _EVENTS).
+	syncRegsAll = 1 | 2 | 4
+)
+
+// A vCPU's idle wait (idle), as Guest.Pause sees it.
+const (
+	idleNot     = iota // running, or serving an exit
+	idleClean          // waiting, its exit completed: its state is whole and does not change until it wakes
+	idleClaimed        // taken as parked by a Pause while it waited: it must not enter the guest before a resume
 )
 
 type vcpu struct {
@@ -36,6 +52,26 @@ type vcpu struct {
 	exited  chan struct{} // closed when the vCPU goroutine returns
 	started bool
 	ring    *dirtyRing // with DirtyRing only
+
+	// synced: kvm_run's sync-regs area holds this vCPU's registers,
+	// special registers and events as they are now: KVM stored them at
+	// the EINTR exit of a KVM_RUN entered with kvm_valid_regs set, and
+	// the vCPU has not entered KVM_RUN since (cleared before every
+	// KVM_RUN, and by a restore). saveState then reads them there
+	// instead of with three ioctls.
+	synced atomic.Bool
+	// idleState is idleNot, idleClean or idleClaimed (see idle).
+	idleState atomic.Int32
+	// kicks counts kickRun's calls (idle keeps a kick's immediate_exit).
+	kicks atomic.Uint32
+	// pending: a KVM_RUN that only meant to complete an exit (idle)
+	// returned pendingErr or a new exit instead of EINTR; the loop serves
+	// it before entering KVM_RUN again. vCPU thread only.
+	pending    bool
+	pendingErr error
+	// cpuidEnc is cpuid encoded (encodeState), nil until needed or after
+	// cpuid changed; used under Guest.ctl.
+	cpuidEnc []byte
 }
 
 func (g *Guest) createVCPUs() error {
@@ -147,6 +183,46 @@ func (v *vcpu) setEntryState(entry uint64) error {
 // (byte 1); Tandem writes it atomically from other threads.
 func (v *vcpu) runWord() *uint32 { return (*uint32)(unsafe.Pointer(&v.run[0])) }
 
+// setValidRegs sets kvm_valid_regs for the next KVM_RUN: all three sync
+// register sets, or none (storing them costs every exit). vCPU thread
+// only; the kernel reads the field at the end of KVM_RUN.
+func (v *vcpu) setValidRegs(on bool) {
+	var w uint64
+	if on {
+		w = syncRegsAll
+	}
+	binary.LittleEndian.PutUint64(v.run[runValidRegs:], w)
+}
+
+// syncedRegs, syncedSregs and syncedEvents are the sync-regs area's
+// parts; they hold the vCPU's state only while synced says so.
+func (v *vcpu) syncedRegs() *Regs { return (*Regs)(unsafe.Pointer(&v.run[runSyncRegs])) }
+func (v *vcpu) syncedSregs() *Sregs {
+	return (*Sregs)(unsafe.Pointer(&v.run[runSyncSregs]))
+}
+func (v *vcpu) syncedEvents() *VCPUEvents {
+	return (*VCPUEvents)(unsafe.Pointer(&v.run[runSyncEvents]))
+}
+
+// run enters KVM_RUN once. With stop (a pause is requested) it asks for
+// an immediate exit, so KVM only completes the exit being served (a port
+// I/O is finished on the next KVM_RUN) and returns EINTR, and, where KVM
+// offers sync regs, for the registers to be stored in kvm_run on the way
+// out: synced then says they are there.
+func (v *vcpu) runOnce(stop bool) error {
+	sync := stop && v.g.syncRegs
+	if stop {
+		v.setImmediateExit(true)
+	}
+	v.synced.Store(false)
+	v.setValidRegs(sync)
+	_, err := ioctl(v.fd, kvmRun, 0)
+	if sync && errors.Is(err, unix.EINTR) {
+		v.synced.Store(true)
+	}
+	return err
+}
+
 func (v *vcpu) setImmediateExit(on bool) {
 	var w uint32
 	if on {
@@ -179,6 +255,7 @@ func (v *vcpu) kickRun() bool {
 		return false
 	default:
 	}
+	v.kicks.Add(1)
 	v.setImmediateExit(true)
 	if tid := v.tid.Load(); tid != 0 {
 		_ = unix.Tgkill(unix.Getpid(), int(tid), kickSignal)
@@ -197,10 +274,14 @@ func (v *vcpu) loop() {
 	v.tid.Store(int32(unix.Gettid()))
 	g := v.g
 	for {
-		if g.pauseReq.Load() {
-			v.setImmediateExit(true)
+		var err error
+		if v.pending {
+			// What idle's completing KVM_RUN returned: served now.
+			v.pending, err = false, v.pendingErr
+			v.pendingErr = nil
+		} else {
+			err = v.runOnce(g.pauseReq.Load())
 		}
-		_, err := ioctl(v.fd, kvmRun, 0)
 		// A kick (EINTR: a pause or the throttle) is not timed as an
 		// exit: the pause phases and throttle_percent report that time.
 		et := g.exitTimes.Load()
@@ -210,6 +291,12 @@ func (v *vcpu) loop() {
 		}
 		if errors.Is(err, unix.EINTR) {
 			v.setImmediateExit(false)
+			if g.syncRegs && !v.synced.Load() && g.pauseReq.Load() {
+				// Kicked out of the guest for a pause: once more
+				// without entering it, so KVM stores the registers for
+				// the state save (one KVM_RUN instead of three ioctls).
+				continue
+			}
 			if !v.parkIfRequested() {
 				return
 			}
@@ -416,6 +503,14 @@ func (v *vcpu) portIn(port uint16, size int, buf []byte) {
 
 // idle blocks the vCPU thread (outside KVM_RUN) until console input, a
 // kick, close, or d.
+//
+// While pauses come (a protected guest: Guest.cleanIdle), the vCPU first
+// completes the idle port write with a KVM_RUN that does not enter the
+// guest (runOnce) and marks itself idleClean: its state is then whole and
+// stays as it is while it waits, so a Pause takes it as parked without
+// waking it (Guest.Pause: no kick, no thread switch, and its registers
+// already stored). A vCPU that a Pause claimed so (idleClaimed) and wakes
+// before the resume parks at once instead of entering the guest.
 func (v *vcpu) idle(d time.Duration) {
 	if d > time.Second {
 		d = time.Second
@@ -423,12 +518,40 @@ func (v *vcpu) idle(d time.Duration) {
 	if v.id == 0 && v.g.uart.hasInput() || v.g.pauseReq.Load() {
 		return
 	}
+	clean := false
+	if v.g.cleanIdle() {
+		k := v.kicks.Load()
+		err := v.runOnce(true)
+		v.setImmediateExit(false)
+		if v.kicks.Load() != k {
+			// A kick (a pause, the throttle, Close) set immediate_exit
+			// meanwhile too: it stays set for the loop's next KVM_RUN.
+			// (kickRun counts before it sets; both atomic, so a kick
+			// whose flag the clear above overwrote is counted here.)
+			v.setImmediateExit(true)
+		}
+		if !errors.Is(err, unix.EINTR) {
+			// Not the EINTR asked for (KVM completes an OUT and stops
+			// there; nothing else is expected): the loop serves it.
+			v.pending, v.pendingErr = true, err
+			return
+		}
+		clean = true
+		v.idleState.Store(idleClean)
+	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
 	case <-v.wake:
 	case <-v.g.closing:
+	}
+	if clean && !v.idleState.CompareAndSwap(idleClean, idleNot) {
+		// Claimed by a Pause: out of the idle state first, then look at
+		// the request (Pause sets the request, then looks at the state:
+		// one of the two sees the other), and park while it lasts.
+		v.idleState.Store(idleNot)
+		v.parkIfRequested()
 	}
 }
 

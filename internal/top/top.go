@@ -153,6 +153,12 @@ func Render(w io.Writer, addr string, prev, cur Sample, rows int) {
 		fmt.Fprintf(w, "protection %s  secondary %s  committed %d  lag %d\n", prot, orDash(e.Secondary), e.LastCommittedEpoch, e.SecondaryLag)
 		fmt.Fprintf(w, "epochs/s %.1f  pause p50 %.2f ms  p99 %.2f ms  output delay p50 %.1f ms  p99 %.1f ms  ack p99 %.1f ms\n",
 			e.EpochsPerSecond, e.PauseP50Ms, e.PauseP99Ms, e.OutputDelayP50Ms, e.OutputDelayP99Ms, e.AckLatencyP99Ms)
+		if e.EpochTrigger == "output" {
+			// Which bound set the last epoch's end, and the pauses' share
+			// of the guest's time (held: what the fraction bounds).
+			fmt.Fprintf(w, "trigger output  bound %s  by output %d  by clock %d  paused %.1f ms/s  held %.1f ms/s (fraction %.0f%%)\n",
+				orDash(e.EpochBound), e.EpochsByOutput, e.EpochsByClock, e.PausedMsPerSecond, e.HeldMsPerSecond, 100*e.MaxPauseFraction)
+		}
 		if pe := prev.Status.Epochs; pe != nil && dt > 0 && e.EpochRawBytes >= pe.EpochRawBytes {
 			fmt.Fprintf(w, "dirty %.1f MiB/s  wire %.1f MiB/s  wire/raw %.3f  held output %d B\n",
 				float64(e.EpochRawBytes-pe.EpochRawBytes)/dt/(1<<20), float64(e.EpochWireBytes-pe.EpochWireBytes)/dt/(1<<20),

@@ -95,7 +95,9 @@ func TestRenderPrimary(t *testing.T) {
 			Role: "primary", State: "running",
 			GuestInfo: api.GuestInfo{Kind: "kvm", Memory: "1GiB", VCPUs: 2, Workload: "kv"},
 			Epochs: &api.EpochStatus{Protection: "protected", Secondary: "b", EpochsPerSecond: 39.5, PauseP50Ms: 0.4, PauseP99Ms: 1.9,
-				EpochRawBytes: 4 << 20, EpochWireBytes: 1 << 20, WireRatio: 0.25},
+				EpochRawBytes: 4 << 20, EpochWireBytes: 1 << 20, WireRatio: 0.25,
+				EpochTrigger: "output", EpochBound: "pause-fraction", EpochsByOutput: 7, EpochsByClock: 3,
+				PausedMsPerSecond: 61.5, HeldMsPerSecond: 12.4, MaxPauseFraction: 0.1},
 		},
 		Metrics: parse(t, hist("tandem_phase_seconds", `phase="flush"`, 3, 3, 3)),
 		Slow: []api.SlowEvent{
@@ -111,6 +113,7 @@ func TestRenderPrimary(t *testing.T) {
 		"guest kvm, 1GiB, 2 vCPU, workload kv",
 		"protection protected  secondary b",
 		"epochs/s 39.5  pause p50 0.40 ms  p99 1.90 ms",
+		"trigger output  bound pause-fraction  by output 7  by clock 3  paused 61.5 ms/s  held 12.4 ms/s (fraction 10%)",
 		"dirty 2.0 MiB/s  wire 0.5 MiB/s",
 		"highest p99 over the last 2.0 s",
 		"flush",
