@@ -291,6 +291,11 @@ type EpochStatus struct {
 	EpochsByOutput    uint64  `json:"epochs_by_output"`
 	EpochsByClock     uint64  `json:"epochs_by_clock"`
 	PausedMsPerSecond float64 `json:"paused_ms_per_second"`
+	// ThrottlePercent is the share of time the epoch loop keeps the
+	// guest's vCPUs from running because its dirty bytes outran the link
+	// (epochs stretched); 0 while the secondary keeps up. A primary
+	// never migrates, so this is the only throttle_percent it reports.
+	ThrottlePercent int `json:"throttle_percent"`
 }
 
 // SecondaryStatus is a secondary's committed image.

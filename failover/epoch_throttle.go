@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math"
 	"time"
+
+	"github.com/tandemvm/tandem/guest"
 )
 
 // Throttling a protected guest whose dirty rate outruns the link (issue
@@ -182,4 +184,86 @@ func DecideThrottle(p ThrottlePolicy, w ThrottleWindow) ThrottleDecision {
 			mean.Round(time.Millisecond), cur, d.Percent)
 	}
 	return d
+}
+
+// throttleState is the loop's side of the throttle (under the loop's mu).
+type throttleState struct {
+	win   ThrottleWindow // being gathered
+	start time.Time      // the window's start (zero: none yet)
+	// link is the link rate of the last stretched window, calm counts
+	// the windows since: after linkMemory of them it is forgotten.
+	link float64
+	calm int
+}
+
+// linkMemory is how many calm windows a measured link rate caps relaxing.
+const linkMemory = 10
+
+// noteThrottleEpoch counts a captured epoch of length into the window and
+// returns the guest's run time in it. Capture goroutine.
+func (l *EpochLoop) noteThrottleEpoch(length time.Duration, stalled bool) time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := &l.thr.win
+	if l.thr.start.IsZero() {
+		l.thr.start = l.clk.Now()
+	}
+	w.Epochs++
+	if stalled {
+		w.Stretched++
+	}
+	w.LengthSum += length
+	return time.Duration(float64(length) * float64(100-l.throttle) / 100)
+}
+
+// decideThrottle ends the window once it is long enough, decides and
+// applies the throttle. Capture goroutine.
+func (l *EpochLoop) decideThrottle() {
+	th, ok := l.cfg.Guest.(guest.Throttler)
+	pol := l.cfg.Throttle.withDefaults()
+	now := l.clk.Now()
+	l.mu.Lock()
+	if l.thr.start.IsZero() || now.Sub(l.thr.start) < pol.Window {
+		l.mu.Unlock()
+		return
+	}
+	if !ok { // nothing to throttle with: just start the next window
+		l.thr.win, l.thr.start = ThrottleWindow{}, now
+		l.mu.Unlock()
+		return
+	}
+	w := l.thr.win
+	w.Interval, w.Elapsed, w.Percent, w.LinkRate = l.cfg.Interval, now.Sub(l.thr.start), l.throttle, l.thr.link
+	d := DecideThrottle(pol, w)
+	if d.Wait {
+		l.mu.Unlock()
+		return
+	}
+	l.thr.win, l.thr.start = ThrottleWindow{}, now
+	if w.Stretched > 0 {
+		l.thr.calm = 0
+	} else if l.thr.calm++; l.thr.calm >= linkMemory {
+		d.LinkRate = 0
+	}
+	l.thr.link = d.LinkRate
+	changed := d.Percent != l.throttle
+	l.throttle = d.Percent
+	l.mu.Unlock()
+	if changed {
+		th.SetThrottle(d.Percent)
+		l.log.Info("epoch throttle", "percent", d.Percent, "why", d.Why)
+	}
+}
+
+// releaseThrottle lets the guest run free when a link's epochs end:
+// without a secondary there is nothing to keep up with.
+func (l *EpochLoop) releaseThrottle() {
+	l.mu.Lock()
+	was := l.throttle
+	l.throttle, l.thr = 0, throttleState{}
+	l.mu.Unlock()
+	if th, ok := l.cfg.Guest.(guest.Throttler); ok && was > 0 {
+		th.SetThrottle(0)
+		l.log.Info("epoch throttle released: the link's epochs ended", "was", was)
+	}
 }

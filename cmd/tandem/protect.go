@@ -32,6 +32,7 @@ type epochFlags struct {
 	trigger     failover.EpochTrigger
 	maxDelay    time.Duration
 	maxPause    float64
+	throttle    bool
 }
 
 func addEpochFlags(fs interface {
@@ -46,6 +47,7 @@ func addEpochFlags(fs interface {
 	fs.BoolVar(&ef.verify, "verify-epochs", true, "prove every epoch: compare the primary's digest of what it shipped with the secondary's, and re-read a slice of memory at each pause (--verify-epochs=false turns it off)")
 	ef.verifySlice = failover.DefaultVerifySlicePages * guest.PageSize
 	fs.Var(sizeFlag{&ef.verifySlice}, "verify-slice", "memory re-read at each pause to catch writes the dirty log missed; every page is covered every memory/slice epochs")
+	fs.BoolVar(&ef.throttle, "epoch-throttle", true, "throttle the guest's vCPUs when its dirty bytes outrun the link to the secondary (epochs stretch past 1.5x --epoch), instead of letting epochs stretch; status says how much (throttle_percent)")
 	fs.IntVar(&ef.inFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
 	fs.DurationVar(&ef.ackTimeout, "ack-timeout", failover.DefaultAckTimeout, "no acknowledgement progress from the secondary this long while epochs are outstanding: drop the link and retry")
 	ef.trigger = failover.TriggerClock
@@ -92,7 +94,7 @@ func (ef epochFlags) validate() error {
 func (ef epochFlags) settings() ft.EpochSettings {
 	return ft.EpochSettings{Interval: ef.epoch, FlushBudget: ef.flushBudget, Verify: ef.verify,
 		VerifySlicePages: int(ef.verifySlice / guest.PageSize), MaxInFlight: ef.inFlight, AckTimeout: ef.ackTimeout,
-		Trigger: ef.trigger, MaxOutputDelay: ef.maxDelay, MaxPauseFraction: ef.maxPause}
+		Trigger: ef.trigger, MaxOutputDelay: ef.maxDelay, MaxPauseFraction: ef.maxPause, NoThrottle: !ef.throttle}
 }
 
 func cmdActivate(args []string) error {
