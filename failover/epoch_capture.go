@@ -285,6 +285,12 @@ func (l *EpochLoop) epoch(p *pipeline, final *finalRequest) error {
 		return err
 	}
 	l.decideThrottle()
+	if len(p.ship) == cap(p.ship) {
+		// The shipper still has the previous epoch queued: the guest
+		// runs on while this one waits, back-pressure as much as a
+		// full window is (the throttle counts it for the next epoch).
+		p.stalled = true
+	}
 	select {
 	case p.ship <- j:
 	case err := <-p.shipErr:
