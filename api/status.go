@@ -149,6 +149,10 @@ type GuestInfo struct {
 	// writes not yet shipped (over its bound). Each rise forces the next
 	// epoch to ship the whole disk to the secondary (logged).
 	DiskDroppedWrites uint64 `json:"disk_dropped_writes,omitempty"`
+	// PageWrites counts the dirty workload's page writes since the guest
+	// first booted (the guest's own count, carried with its state): the
+	// write rate it achieves, beside the --dirty-rate it was asked for.
+	PageWrites uint64 `json:"page_writes,omitempty"`
 }
 
 // DowntimeBreakdown is where a migration's downtime went.
@@ -291,6 +295,11 @@ type EpochStatus struct {
 	// work: pauses a guest waited idle through (guest/kvm says so) count
 	// nothing. MaxPauseFraction bounds this one.
 	HeldMsPerSecond float64 `json:"held_ms_per_second"`
+	// ThrottlePercent is the share of time the epoch loop keeps the
+	// guest's vCPUs from running because its dirty bytes outran the link
+	// (epochs stretched); 0 while the secondary keeps up. A primary
+	// never migrates, so this is the only throttle_percent it reports.
+	ThrottlePercent int `json:"throttle_percent"`
 }
 
 // SecondaryStatus is a secondary's committed image.

@@ -17,7 +17,8 @@ type job struct {
 	cp         *precopy.Capture
 	gateEpoch  uint64
 	digest     string
-	capturedAt time.Time // on the loop's clock
+	capturedAt time.Time     // on the loop's clock
+	run        time.Duration // the guest's run time the epoch holds (throttle)
 }
 
 // pipeline is one link's capture side: the captures go to the shipper
@@ -35,6 +36,8 @@ type pipeline struct {
 	// byOutput: the next capture was triggered by held output, not by
 	// the clock (triggered epochs).
 	byOutput bool
+	// stalled: the next capture waited for room (back-pressure).
+	stalled bool
 }
 
 // runEpochs captures an epoch every interval (or, triggered, when
@@ -63,6 +66,7 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 	defer func() {
 		close(p.ship)
 		shipWG.Wait()
+		l.releaseThrottle()
 	}()
 
 	l.mu.Lock()
@@ -287,6 +291,13 @@ func (l *EpochLoop) epoch(p *pipeline, final *finalRequest) error {
 		}
 		return err
 	}
+	l.decideThrottle()
+	if len(p.ship) == cap(p.ship) {
+		// The shipper still has the previous epoch queued: the guest
+		// runs on while this one waits, back-pressure as much as a
+		// full window is (the throttle counts it for the next epoch).
+		p.stalled = true
+	}
 	select {
 	case p.ship <- j:
 	case err := <-p.shipErr:
@@ -331,7 +342,7 @@ func (l *EpochLoop) waitSlot(p *pipeline) ([]byte, error) {
 		default:
 		}
 		if !stalled {
-			stalled = true
+			stalled, p.stalled = true, true
 			l.mu.Lock()
 			l.stalls++
 			l.mu.Unlock()
@@ -387,6 +398,8 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 		return j, err
 	}
 	j.cp = cp
+	j.run = l.noteThrottleEpoch(cp.PausedAt.Sub(l.lastPauseAt), p.stalled)
+	p.stalled = false
 	if !heldSince.IsZero() {
 		l.observe(PhaseOutputWait, heldSince, cp.PausedAt.Sub(heldSince))
 	}
@@ -505,8 +518,9 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 		if err == nil {
 			_, err = sender.EndEpoch()
 		}
+		wire := link.BytesSent() - wire0
 		if err == nil {
-			l.noteSent(epoch, l.clk.Now())
+			l.noteSent(epoch, l.clk.Now(), wire)
 		}
 		free <- cp.Buffer
 		l.observe(PhaseSend, t1, time.Since(t1))
@@ -516,7 +530,9 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 		}
 		l.mu.Lock()
 		l.shipped = epoch
-		l.wireBytes += link.BytesSent() - wire0
+		l.wireBytes += wire
+		l.thr.win.ShippedBytes += wire
+		l.thr.win.ShippedRun += j.run
 		l.mu.Unlock()
 	}
 	return nil

@@ -63,17 +63,18 @@ func (l *EpochLoop) observe(phase string, start time.Time, d time.Duration) {
 type sentStamp struct {
 	epoch uint64
 	at    time.Time
+	bytes uint64 // its wire bytes
 }
 
 // noteSent stamps an epoch sent, for its apply hop (bounded: stamps of
 // epochs never acknowledged on a dropped link fall off).
-func (l *EpochLoop) noteSent(epoch uint64, at time.Time) {
+func (l *EpochLoop) noteSent(epoch uint64, at time.Time, bytes uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.sentAt) >= 64 {
 		l.sentAt = append(l.sentAt[:0], l.sentAt[1:]...)
 	}
-	l.sentAt = append(l.sentAt, sentStamp{epoch, at})
+	l.sentAt = append(l.sentAt, sentStamp{epoch, at, bytes})
 }
 
 // ackedSent takes the stamps up to epoch and returns epoch's.
@@ -87,6 +88,7 @@ func (l *EpochLoop) ackedSent(epoch uint64) (time.Time, bool) {
 		if l.sentAt[i].epoch == epoch {
 			at, ok = l.sentAt[i].at, true
 		}
+		l.thr.win.AckedBytes += l.sentAt[i].bytes
 	}
 	l.sentAt = append(l.sentAt[:0], l.sentAt[i:]...)
 	return at, ok
@@ -142,6 +144,7 @@ func (l *EpochLoop) Status() EpochStatus {
 		st.MaxPauseFraction = tc.MaxPauseFraction
 	}
 	st.PausedMsPerSecond, st.HeldMsPerSecond = l.pausedPerSecond()
+	st.ThrottlePercent = l.throttle
 	return st
 }
 

@@ -121,6 +121,10 @@ type EpochConfig struct {
 	// OnFenced, if set, is told once when the loop fences itself: the
 	// secondary said it was activated and runs the guest (see Fence).
 	OnFenced func(why string)
+	// Throttle says when the loop slows a guest whose dirty bytes
+	// outrun the link (epoch_throttle.go); the guest must implement
+	// guest.Throttler, or nothing is throttled.
+	Throttle ThrottlePolicy
 }
 
 // DefaultAckTimeout is EpochConfig.AckTimeout's default.
@@ -219,6 +223,10 @@ type EpochLoop struct {
 	epochsByClock  uint64
 	pauseLog       []pauseSample
 	sentAt         []sentStamp
+	// thr is the throttle's window being gathered (under mu; the
+	// capture goroutine decides), throttle the percent in force.
+	thr      throttleState
+	throttle int
 }
 
 // finalRequest asks the capture loop for a last epoch with the guest left

@@ -57,5 +57,8 @@ func describeGuest(g guest.Guest, cfg guest.Config) guestInfo {
 	if d, ok := g.(guest.DiskImage); ok {
 		gi.DiskDroppedWrites = d.DiskDropped()
 	}
+	if w, ok := g.(guest.PageWriteCounter); ok {
+		gi.PageWrites = w.PageWrites()
+	}
 	return gi
 }

@@ -20,4 +20,7 @@ type EpochSettings struct {
 	Trigger          failover.EpochTrigger
 	MaxOutputDelay   time.Duration
 	MaxPauseFraction float64
+	// NoThrottle: never throttle a guest whose dirty bytes outrun the
+	// link (failover.ThrottlePolicy.Off); epochs stretch instead.
+	NoThrottle bool
 }

@@ -236,6 +236,7 @@ func (m *Member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		TLS:   m.n.trust.ID, Insecure: m.n.trust.Insecure,
 		FirstEpoch: firstEpoch, AckTimeout: ef.AckTimeout,
 		Trigger: ef.Trigger, MaxOutputDelay: ef.MaxOutputDelay, MaxPauseFraction: ef.MaxPauseFraction,
+		Throttle:      failover.ThrottlePolicy{Off: ef.NoThrottle},
 		SecondaryName: m.coord.SecondaryName,
 		OnFenced:      m.loopFenced,
 		OnCommitted: func(epoch uint64) {

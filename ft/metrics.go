@@ -36,6 +36,7 @@ type metricSource struct {
 //	tandem_fences_total               times this node's guest was fenced
 //	tandem_epochs_total               epochs this node shipped as primary
 //	tandem_digest_mismatches_total    replica digest mismatches found here
+//	tandem_epoch_throttle_percent     share of time a primary keeps its guest's vCPUs from running because its dirty bytes outrun the link
 //
 // Counters never go backwards: a new epoch loop (after a promotion)
 // starts its own figures at 0, so each loop's are added to what the
@@ -81,12 +82,13 @@ var (
 	descFailovers = prometheus.NewDesc("tandem_failovers_total", "promotions (failovers and switchovers) this node has seen since it started: the growth of the generation", nil, nil)
 	descFences    = prometheus.NewDesc("tandem_fences_total", "times this node's guest was fenced (stopped because another node is, or may be, primary)", nil, nil)
 	descEpochs    = prometheus.NewDesc("tandem_epochs_total", "epochs this node captured and shipped as primary", nil, nil)
+	descThrottle  = prometheus.NewDesc("tandem_epoch_throttle_percent", "on a primary, the share of time (per cent) its epoch loop keeps the guest's vCPUs from running because the guest dirties memory faster than the link to the secondary carries it (epochs stretched); 0 elsewhere", nil, nil)
 	descMismatch  = prometheus.NewDesc("tandem_digest_mismatches_total", "replica digest mismatches this node found as primary (each one ends protection and re-syncs the secondary)", nil, nil)
 )
 
 // Describe implements prometheus.Collector.
 func (rm *roleMetrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descRole, descProtected, descGen, descLag, descReach, descFailovers, descFences, descEpochs, descMismatch} {
+	for _, d := range []*prometheus.Desc{descRole, descProtected, descGen, descLag, descReach, descFailovers, descFences, descEpochs, descMismatch, descThrottle} {
 		ch <- d
 	}
 }
@@ -154,6 +156,7 @@ func (rm *roleMetrics) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descFences, prometheus.CounterValue, float64(fences))
 	ch <- prometheus.MustNewConstMetric(descEpochs, prometheus.CounterValue, float64(epochs))
 	ch <- prometheus.MustNewConstMetric(descMismatch, prometheus.CounterValue, float64(mismatches))
+	ch <- prometheus.MustNewConstMetric(descThrottle, prometheus.GaugeValue, float64(es.ThrottlePercent))
 }
 
 func b2f(b bool) float64 {

@@ -11,7 +11,7 @@ import (
 var roleMetricNames = []string{
 	"tandem_role", "tandem_protected", "tandem_generation", "tandem_secondary_lag_epochs",
 	"tandem_quorum_voters_reachable", "tandem_failovers_total", "tandem_fences_total",
-	"tandem_epochs_total", "tandem_digest_mismatches_total",
+	"tandem_epochs_total", "tandem_digest_mismatches_total", "tandem_epoch_throttle_percent",
 }
 
 // scrape answers GET /metrics of an API server, in process.

@@ -172,6 +172,17 @@ type Throttler interface {
 	SetThrottle(percent int)
 }
 
+// PageWriteCounter is implemented by guests whose dirty workload counts its
+// page writes: PageWrites is the number of dirtying writes the guest has
+// made since it first booted (it travels with the guest's state, so a
+// migrated or restored guest goes on counting). Monitoring reads it while
+// the guest runs, so a benchmark can report the write rate the guest
+// achieved beside the rate it was asked for (a protected KVM guest pays a
+// write-protection fault for its first write to a page in every epoch).
+type PageWriteCounter interface {
+	PageWrites() uint64
+}
+
 // DiskImage is implemented by guests whose whole disk can be read back:
 // a replica's store keeps it beside the memory of the same epoch, and a
 // primary ships it whole when the replica's copy cannot be trusted (a

@@ -31,7 +31,7 @@ func BenchmarkFTSyncPolicy(b *testing.B) {
 			pri, sec, _ := startPair(b, "synth", primaryOpts{memory: "256MiB",
 				extra: []string{"--disk", filepath.Join(root, "pri-disk.img")}}, secExtra...)
 			time.Sleep(time.Second) // past the catch-up
-			pipe := kvLoad(b, pri, kvClients, kvDepth("synth"), window)
+			pipe := kvLoad(b, pri, kvClients(), kvDepth("synth"), window)
 			one := kvLoad(b, pri, 1, 1, window/2)
 			st := mustFT(b, pri, false)
 			pri.kill()

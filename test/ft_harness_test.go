@@ -2,6 +2,7 @@ package test
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -37,6 +38,8 @@ type ftStatus struct {
 	Commits                         uint64
 	CommittedDigest, ImageGuestKind string
 	LastError                       string
+	// PageWrites is the guest's own count of its dirtying page writes.
+	PageWrites uint64
 }
 
 func getFT(addr string, digest bool) (ftStatus, error) {
@@ -44,7 +47,8 @@ func getFT(addr string, digest bool) (ftStatus, error) {
 	if err != nil {
 		return ftStatus{}, withCode("GET", "/status", err)
 	}
-	out := ftStatus{Role: st.Role, State: st.State, Protected: st.Protected(), LastCommittedEpoch: st.LastCommittedEpoch()}
+	out := ftStatus{Role: st.Role, State: st.State, Protected: st.Protected(), LastCommittedEpoch: st.LastCommittedEpoch(),
+		PageWrites: st.PageWrites}
 	if st.Epochs != nil {
 		out.EpochStatus = *st.Epochs
 	}
@@ -116,6 +120,8 @@ type primaryOpts struct {
 	// --secondary-name (startPair: default "b").
 	pki           *testPKI
 	cert, secName string
+	// protectWait bounds startPair's wait for protection; 0 means 60 s.
+	protectWait time.Duration
 }
 
 func (o primaryOpts) args(kind, secondary string) []string {
@@ -165,7 +171,7 @@ func startPair(t testing.TB, kind string, o primaryOpts, secExtra ...string) (pr
 	}
 	sec = startSecondary(t, "secondary-"+kind, sa, secExtra...)
 	pri = startPrimary(t, "primary-"+kind, kind, sa.data, o)
-	waitFT(t, pri, 60*time.Second, "protected", func(s ftStatus) bool { return s.Protection == "protected" })
+	waitFT(t, pri, cmp.Or(o.protectWait, 60*time.Second), "protected", func(s ftStatus) bool { return s.Protection == "protected" })
 	return pri, sec, sa
 }
 

@@ -27,6 +27,7 @@ func init() {
 type epochFlags struct {
 	ft.EpochSettings
 	verifySlice uint64 // --verify-slice in bytes (the settings take pages)
+	throttle    bool   // --epoch-throttle (the settings take NoThrottle)
 }
 
 func addEpochFlags(fs interface {
@@ -41,6 +42,7 @@ func addEpochFlags(fs interface {
 	fs.BoolVar(&ef.Verify, "verify-epochs", true, "prove every epoch: compare the primary's digest of what it shipped with the secondary's, and re-read a slice of memory at each pause (--verify-epochs=false turns it off)")
 	ef.verifySlice = failover.DefaultVerifySlicePages * guest.PageSize
 	fs.Var(sizeFlag{&ef.verifySlice}, "verify-slice", "memory re-read at each pause to catch writes the dirty log missed; every page is covered every memory/slice epochs")
+	fs.BoolVar(&ef.throttle, "epoch-throttle", true, "throttle the guest's vCPUs when its dirty bytes outrun the link to the secondary (epochs stretch past 1.5x --epoch), instead of letting epochs stretch; status says how much (throttle_percent)")
 	fs.IntVar(&ef.MaxInFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
 	fs.DurationVar(&ef.AckTimeout, "ack-timeout", failover.DefaultAckTimeout, "no acknowledgement progress from the secondary this long while epochs are outstanding: drop the link and retry")
 	ef.Trigger = failover.TriggerClock
@@ -87,6 +89,7 @@ func (ef epochFlags) validate() error {
 func (ef epochFlags) settings() ft.EpochSettings {
 	s := ef.EpochSettings
 	s.VerifySlicePages = int(ef.verifySlice / guest.PageSize)
+	s.NoThrottle = !ef.throttle
 	return s
 }
 

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -292,6 +293,26 @@ func (g *Guest) Console() guest.Console { return g.console }
 // Progress is the last phase the workload reported (1: the dirty
 // workload finished touching its range).
 func (g *Guest) Progress() uint32 { return g.progress.Load() }
+
+// PageWrites implements guest.PageWriteCounter: the dirty workload's page
+// writes over every vCPU, as the micro-guest stores them in guest memory
+// after each batch (statsGPA), so they move with the guest's memory.
+func (g *Guest) PageWrites() uint64 {
+	if g.cfg.Workload.Kind != guest.WorkloadDirty {
+		return 0
+	}
+	g.ctl.Lock() // the mapping goes with Close
+	defer g.ctl.Unlock()
+	if g.closed {
+		return 0
+	}
+	low := g.lowMem()
+	var n uint64
+	for i := 0; i < g.cfg.VCPUs && i < maxVCPUs; i++ {
+		n += atomic.LoadUint64((*uint64)(unsafe.Pointer(&low[statsGPA+64*i])))
+	}
+	return n
+}
 
 // Err is the guest's failure (an exception inside the guest, a triple
 // fault, a KVM error), or nil while it is healthy.

@@ -17,6 +17,7 @@ const (
 	idtGPA      = 0x2000
 	excStackGPA = 0x3000 // 512-byte CPL0 stack per vCPU
 	bootGPA     = 0x5000
+	statsGPA    = 0x6000 // the dirty workload's page writes, a u64 per vCPU, 64 bytes apart
 	pml4GPA     = 0x10000
 	pdptGPA     = 0x11000
 	pdGPA       = 0x60000 // one page directory per GiB of address space

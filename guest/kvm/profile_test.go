@@ -186,3 +186,27 @@ func TestKVMillionKeys(t *testing.T) {
 	expect(t, ask(t, g, lr, fmt.Sprintf("d:2 GET key-%07d", keys)), "d:2 OK "+val)
 	expect(t, ask(t, g, lr, "d:3 SET key-new x"), "d:3 OK")
 }
+
+// TestPageWrites: the micro-guest's own count of its page writes rises at
+// the dirty rate asked for.
+func TestPageWrites(t *testing.T) {
+	skipWithoutKVM(t)
+	g, err := New(dirtyConfig(64<<20, 16<<20, 20000, guest.PatternRandom, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	mustResume(t, g)
+	waitProgress(t, g, 1)
+	w0, t0 := g.PageWrites(), time.Now()
+	time.Sleep(500 * time.Millisecond)
+	rate := float64(g.PageWrites()-w0) / time.Since(t0).Seconds()
+	t.Logf("%.0f page writes/s, asked 20000", rate)
+	if rate < 5000 || rate > 21000 { // the 2-core host is shared
+		t.Fatalf("PageWrites rose %.0f/s, the guest was asked for 20000", rate)
+	}
+	mustPause(t, g)
+	if w := g.PageWrites(); w == 0 {
+		t.Fatal("no page writes counted")
+	}
+}

@@ -414,3 +414,25 @@ func TestDirtyRestoreContinues(t *testing.T) {
 		t.Fatalf("restored vCPU did not continue: %+v after %+v", r.vcpus[0].st, saved)
 	}
 }
+
+// TestPageWrites: PageWrites, read while the guest runs, follows the
+// vCPUs' own counters, and a restored guest goes on from the saved count.
+func TestPageWrites(t *testing.T) {
+	cfg := dirtyConfig(guest.PatternRandom)
+	cfg.Workload.Touch = 64 << 10
+	g := mustNew(t, cfg)
+	mustResume(t, g)
+	deadline := time.Now().Add(5 * time.Second)
+	for g.PageWrites() < 1000 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	mustPause(t, g)
+	want := g.vcpus[0].st.Counter + g.vcpus[1].st.Counter
+	if got := g.PageWrites(); got != want || got == 0 {
+		t.Fatalf("PageWrites %d, the vCPUs counted %d", got, want)
+	}
+	r := capture(t, g).restore(t, cfg)
+	if got := r.PageWrites(); got != want {
+		t.Fatalf("restored guest: PageWrites %d, want %d", got, want)
+	}
+}

@@ -342,6 +342,16 @@ func (g *Guest) SetThrottle(percent int) {
 	g.throttle.Store(int32(min(max(percent, 0), 99)))
 }
 
+// PageWrites implements guest.PageWriteCounter: the dirty workload's page
+// writes over every vCPU (saved with each vCPU's state).
+func (g *Guest) PageWrites() uint64 {
+	var n uint64
+	for _, v := range g.vcpus {
+		n += v.writes.Load()
+	}
+	return n
+}
+
 // SyncDirty moves the dirty log into dst.
 func (g *Guest) SyncDirty(dst guest.DirtyLog) (uint64, error) {
 	if g.isClosed() {

@@ -188,6 +188,7 @@ func (g *Guest) LoadState(s guest.MachineState) error {
 	// Commit: nothing below fails.
 	for i, v := range g.vcpus {
 		v.st = vcpus[i]
+		v.writes.Store(v.st.Counter)
 	}
 	g.console.load(cons)
 	if ls.nic != nil {

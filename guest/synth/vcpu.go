@@ -1,6 +1,7 @@
 package synth
 
 import (
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
@@ -57,6 +58,9 @@ type vcpu struct {
 	// st is written only by the vCPU goroutine while it runs and by the
 	// controller while the guest is paused; parking orders the two.
 	st vcpuState
+
+	// writes mirrors st.Counter for readers outside the vCPU (PageWrites).
+	writes atomic.Uint64
 
 	// scratch holds one write's data.
 	scratch [guest.PageSize]byte
@@ -235,6 +239,7 @@ func (v *vcpu) dirty() {
 			v.timed(hDiskSubmit, func() { v.g.diskWrite(off, blk) })
 		}
 	}
+	v.writes.Store(v.st.Counter)
 }
 
 // write makes write number c to page p with the write profile: WriteSize

@@ -11,6 +11,7 @@
 #define IDT_GPA        0x2000ULL
 #define EXC_STACK_GPA  0x3000ULL  /* CPL0 stacks, 512 bytes per vCPU */
 #define BOOT_GPA       0x5000ULL  /* struct bootblock */
+#define STATS_GPA      0x6000ULL  /* u64 page writes made by vCPU i at STATS_GPA + 64*i, for the VMM to read */
 #define PML4_GPA       0x10000ULL /* PDPT at 0x11000, PDs from 0x60000 */
 #define USTACK_GPA     0x100000ULL /* 64 KiB user stack per vCPU */
 #define USTACK_SIZE    0x10000ULL

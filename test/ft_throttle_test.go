@@ -1,0 +1,62 @@
+package test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/tandemvm/tandem/test/linkproxy"
+)
+
+// TestFTThrottleSlowLink: a guest rewriting whole pages of random memory
+// (2,500 pages/s, 10 MB/s of incompressible bytes) protected over a link
+// that carries 50 Mbit/s (6.25 MB/s; shaped by the link proxy once the
+// secondary is in sync). Without the epoch throttle the epochs stretch to
+// seconds (back-pressure lets the guest run on and dirty more while the
+// capture waits); with it the loop throttles the guest, says so in
+// status, and epochs come back towards the interval. Both runs in the
+// same test, one after the other.
+func TestFTThrottleSlowLink(t *testing.T) {
+	forEachKind(t, func(t *testing.T, kind string) {
+		run := func(throttle bool) ftStatus {
+			sa := newSecAddrs(t)
+			sec := startSecondary(t, "secondary-"+kind, sa)
+			defer sec.kill()
+			proxy, err := linkproxy.Start("127.0.0.1:0", sa.data, linkproxy.Shape{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer proxy.Close()
+			o := primaryOpts{memory: "256MiB", workload: "dirty", touch: "64MiB", dirtyRate: 2500, epoch: "25ms",
+				extra: append([]string{"--epoch-throttle=" + map[bool]string{true: "true", false: "false"}[throttle]}, worstProfile...)}
+			pri := startPrimary(t, "primary-"+kind, kind, proxy.Addr(), o)
+			defer pri.kill()
+			waitFT(t, pri, 90*time.Second, "protected", func(s ftStatus) bool { return s.Protection == "protected" })
+			waitFT(t, pri, 60*time.Second, "the dirty workload writing", func(s ftStatus) bool { return s.PageWrites > 0 })
+			proxy.SetShape(linkproxy.Shape{Bandwidth: 50_000_000})
+			time.Sleep(6 * time.Second) // settle: the throttle decides once a second
+			s0 := mustFT(t, pri, false)
+			t0 := time.Now()
+			time.Sleep(8 * time.Second)
+			s1 := mustFT(t, pri, false)
+			secs := time.Since(t0).Seconds()
+			eps := float64(s1.Epochs-s0.Epochs) / secs
+			writes := float64(s1.PageWrites-s0.PageWrites) / secs
+			t.Logf("%s throttle=%v: %.1f epochs/s, throttle %d%%, ack p50 %.0f p99 %.0f ms, guest %.0f page writes/s, wire %.2f MB/s, protection %s",
+				kind, throttle, eps, s1.ThrottlePercent, s1.AckLatencyP50Ms, s1.AckLatencyP99Ms, writes,
+				float64(s1.EpochWireBytes-s0.EpochWireBytes)/secs/1e6, s1.Protection)
+			s1.EpochsPerSecond = eps
+			return s1
+		}
+		off := run(false)
+		on := run(true)
+		if off.ThrottlePercent != 0 {
+			t.Errorf("--epoch-throttle=false: throttle %d%%", off.ThrottlePercent)
+		}
+		if on.ThrottlePercent == 0 {
+			t.Errorf("the link carries 6.25 MB/s of a guest's 10 MB/s and nothing was throttled")
+		}
+		if on.EpochsPerSecond < 2*off.EpochsPerSecond || on.EpochsPerSecond < 10 {
+			t.Errorf("throttled %.1f epochs/s, unthrottled %.1f: the throttle did not keep epochs short", on.EpochsPerSecond, off.EpochsPerSecond)
+		}
+	})
+}
