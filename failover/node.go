@@ -129,9 +129,9 @@ type Node struct {
 	// claimFrom/claimTo once the FSM shows this node holding tentTo, and
 	// is dropped once it shows anything else at tentTo or above.
 	tentFrom, tentTo uint64
-	waiting            string    // why nobody serves, as this node sees it
-	waitingSince       time.Time // when waiting last changed
-	waitingLogged      string    // the reason last logged
+	waiting          string    // why nobody serves, as this node sees it
+	waitingSince     time.Time // when waiting last changed
+	waitingLogged    string    // the reason last logged
 
 	observed  chan raft.Observation
 	wake      chan struct{}
