@@ -175,19 +175,12 @@ func cmdPrimary(args []string) error {
 	if err := ef.validate(); err != nil {
 		return err
 	}
-	if *secondary != "" {
-		if _, _, err := net.SplitHostPort(*secondary); err != nil {
-			return usagef("--secondary %q: want HOST:PORT", *secondary)
-		}
-	}
 	nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr)
 	if err != nil {
 		return err
 	}
-	if *secondary != "" {
-		if err := trust.CheckDial(nt.ID, nt.Insecure, "--secondary", *secondary); err != nil {
-			return usagef("%v", err)
-		}
+	if err := checkPairSecondary(*secondary, nt); err != nil {
+		return err
 	}
 	if *secName != "" && nt.ID == nil {
 		return usagef("--secondary-name needs --tls-ca, --tls-cert and --tls-key (a name is checked on a certificate)")
@@ -206,6 +199,21 @@ func cmdPrimary(args []string) error {
 		Node:  nc,
 		Guest: g, GuestConfig: cfg, Secondary: *secondary, SecondaryName: *secName, Epochs: ef.settings(),
 	})
+}
+
+// checkPairSecondary checks a pair primary's --secondary: HOST:PORT, and
+// in plaintext a loopback address unless --insecure.
+func checkPairSecondary(addr string, nt nodeTrust) error {
+	if addr == "" {
+		return nil
+	}
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return usagef("--secondary %q: want HOST:PORT", addr)
+	}
+	if err := trust.CheckDial(nt.ID, nt.Insecure, "--secondary", addr); err != nil {
+		return usagef("%v", err)
+	}
+	return nil
 }
 
 func cmdSecondary(args []string) error {

@@ -242,16 +242,7 @@ func (g *Guest) decodeState(s guest.MachineState) (loadedState, error) {
 			}
 			err = decode(d.Name, d.Fields, &ls.disk)
 		case devNIC:
-			if g.nic == nil {
-				return ls, fmt.Errorf("%w: state has a network card, this guest has no --guest-ip", guest.ErrState)
-			}
-			if ls.nic != nil {
-				return ls, fmt.Errorf("%w: device %s saved twice", guest.ErrState, d.Name)
-			}
-			ls.nic = new(nicState)
-			if err = decode(d.Name, d.Fields, ls.nic); err == nil {
-				err = g.nic.check(*ls.nic)
-			}
+			ls.nic, err = g.decodeNIC(d, ls.nic)
 		}
 		if err != nil {
 			return ls, err
@@ -284,4 +275,20 @@ func (g *Guest) decodeState(s guest.MachineState) (loadedState, error) {
 		}
 	}
 	return ls, nil
+}
+
+// decodeNIC decodes and checks the card's section d; prev is the one
+// decoded before (nil: none), as a section may appear once.
+func (g *Guest) decodeNIC(d guest.DeviceState, prev *nicState) (*nicState, error) {
+	if g.nic == nil {
+		return nil, fmt.Errorf("%w: state has a network card, this guest has no --guest-ip", guest.ErrState)
+	}
+	if prev != nil {
+		return nil, fmt.Errorf("%w: device %s saved twice", guest.ErrState, d.Name)
+	}
+	ns := new(nicState)
+	if err := decode(d.Name, d.Fields, ns); err != nil {
+		return nil, err
+	}
+	return ns, g.nic.check(*ns)
 }
