@@ -14,8 +14,11 @@ import (
 // seconds (back-pressure lets the guest run on and dirty more while the
 // capture waits); with it the loop throttles the guest, says so in
 // status, and epochs come back towards the interval. Both runs in the
-// same test, one after the other.
+// same test, one after the other. It mostly waits, and its verdict has
+// a wide margin (about 20x more epochs/s throttled), so it runs beside
+// another parallel test.
 func TestFTThrottleSlowLink(t *testing.T) {
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		run := func(throttle bool) ftStatus {
 			sa := newSecAddrs(t)
