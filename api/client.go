@@ -5,10 +5,12 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"syscall"
 	"time"
 )
 
@@ -146,6 +148,9 @@ func (c *Client) Post(ctx context.Context, path string, body, out any) error {
 func (c *Client) do(req *http.Request, out any) error {
 	resp, err := c.http.Do(req)
 	if err != nil {
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return &NoAPIError{Addr: req.URL.Host, Err: err}
+		}
 		return fmt.Errorf("api %s: %w", c.base, err)
 	}
 	defer resp.Body.Close()
@@ -168,6 +173,19 @@ func (c *Client) do(req *http.Request, out any) error {
 	}
 	return nil
 }
+
+// NoAPIError is a call whose connection was refused: nothing listens at
+// Addr (no node, or not its --api address).
+type NoAPIError struct {
+	Addr string
+	Err  error
+}
+
+func (e *NoAPIError) Error() string {
+	return fmt.Sprintf("no tandem API at %s (connection refused): give the --api address of a running node", e.Addr)
+}
+
+func (e *NoAPIError) Unwrap() error { return e.Err }
 
 // maxBody bounds an answer the client decodes: a status is a few KiB.
 const maxBody = 4 << 20

@@ -2,36 +2,54 @@ package api
 
 import (
 	"encoding/json"
+	"maps"
+	"reflect"
+	"slices"
+	"strings"
 )
 
 // Status is the JSON of GET /status on any node. On the wire it is one
-// flat object: the node's own fields, its guest's (GuestInfo) and its
-// migration's figures (MigrationStatus) at the top level, the raft view
-// under "cluster", and the protection figures of a primary (Epochs) or a
-// secondary (Secondary) merged into the top level as well (both name
-// last_committed_epoch and protected, so they cannot be embedded side by
-// side). A witness's status is Role, Build and Witness only.
+// flat object whose keys are the same on every role (see
+// docs/OPERATIONS.md, "The status JSON"): a key that does not apply to
+// the node is null, never absent. The node's own fields, its guest's
+// (GuestInfo) and its migration's figures (MigrationStatus) are at the
+// top level, the raft view under "cluster" (the witness's too), the
+// cluster's members under "nodes", and the protection figures of a
+// primary (Epochs), a secondary (Secondary) or a witness (Witness) merged
+// into the top level as well (they share protected and
+// last_committed_epoch, so they cannot be embedded side by side).
+//
+// On the wire an omitempty field is null when empty: omitempty says "no
+// value" here, and MarshalJSON puts the key back as null.
 type Status struct {
-	Role        string `json:"role"`
-	State       string `json:"state"`
+	Role string `json:"role"`
+	// State is the guest node's state (null on the witness).
+	State       string `json:"state,omitempty"`
 	StateReason string `json:"state_reason,omitempty"`
+	// Protection and ProtectionReason are the protection of the guest
+	// this node runs or ran: a primary's epoch loop's state (its Epochs
+	// say the same), "fenced" on a fenced node; null elsewhere.
+	Protection       string `json:"protection,omitempty"`
+	ProtectionReason string `json:"protection_reason,omitempty"`
+	// GuestInfo's fields are null when the node has no guest (Kind "").
 	GuestInfo
+	// MigrationStatus's fields are null when Status is "" (a witness).
 	MigrationStatus
 	MemoryDigest string `json:"memory_digest,omitempty"`
 	// MemoryDigestError says why a digest asked for was not taken (the
 	// guest did not pause in time, another digest was running).
-	MemoryDigestError string       `json:"memory_digest_error,omitempty"`
-	Build             string       `json:"build"`
-	Cluster           *ClusterView `json:"cluster,omitempty"`
+	MemoryDigestError string `json:"memory_digest_error,omitempty"`
+	Build             string `json:"build"`
+	// Cluster is the raft view (null without raft).
+	Cluster *ClusterView `json:"cluster"`
 	// Nodes is every cluster member as this node sees it (this node alone
 	// without raft), on every role; Quorum is raft's majority as this
-	// node sees it (null without raft). Added by issue 20: the cluster
-	// first, in the same place on every role.
+	// node sees it (null without raft).
 	Nodes  []NodeView  `json:"nodes"`
 	Quorum *QuorumView `json:"quorum"`
 
 	// Merged into the top level by MarshalJSON; UnmarshalJSON sets each
-	// one whose fields are present.
+	// one whose fields are there (not null).
 	Epochs    *EpochStatus     `json:"-"`
 	Secondary *SecondaryStatus `json:"-"`
 	Witness   *WitnessStatus   `json:"-"`
@@ -70,20 +88,33 @@ func (s Status) Protected() bool {
 // statusPlain is Status without its methods (no recursion).
 type statusPlain Status
 
-// MarshalJSON flattens the node's status and its protection figures into
-// one object (later parts win a shared name: a secondary's disk_path over
-// the guest's).
-func (s Status) MarshalJSON() ([]byte, error) {
-	if s.Witness != nil {
-		return json.Marshal(struct {
-			Role   string      `json:"role"`
-			Build  string      `json:"build"`
-			Nodes  []NodeView  `json:"nodes"`
-			Quorum *QuorumView `json:"quorum"`
-			*WitnessStatus
-		}{s.Role, s.Build, s.Nodes, s.Quorum, s.Witness})
+// StatusKeys is every top-level key of GET /status, sorted: the same set
+// on every role.
+func StatusKeys() []string {
+	return slices.Clone(statusKeys)
+}
+
+var statusKeys = func() []string {
+	var keys []string
+	for _, t := range []reflect.Type{reflect.TypeFor[statusPlain](), reflect.TypeFor[EpochStatus](),
+		reflect.TypeFor[SecondaryStatus](), reflect.TypeFor[WitnessStatus]()} {
+		keys = append(keys, jsonNames(t)...)
 	}
-	out := map[string]json.RawMessage{}
+	slices.Sort(keys)
+	return slices.Compact(keys)
+}()
+
+var null = json.RawMessage("null")
+
+// MarshalJSON writes every key of StatusKeys: the node's own, then its
+// protection figures over them (later parts win a shared name: a
+// secondary's disk_path over the guest's), null where no part has a
+// value.
+func (s Status) MarshalJSON() ([]byte, error) {
+	out := make(map[string]json.RawMessage, len(statusKeys))
+	for _, k := range statusKeys {
+		out[k] = null
+	}
 	parts := []any{statusPlain(s)}
 	if s.Epochs != nil {
 		parts = append(parts, s.Epochs)
@@ -91,25 +122,48 @@ func (s Status) MarshalJSON() ([]byte, error) {
 	if s.Secondary != nil {
 		parts = append(parts, s.Secondary)
 	}
-	for _, part := range parts {
+	if s.Witness != nil {
+		parts = append(parts, s.Witness)
+	}
+	for i, part := range parts {
 		b, err := json.Marshal(part)
 		if err != nil {
 			return nil, err
 		}
-		if err := json.Unmarshal(b, &out); err != nil {
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal(b, &m); err != nil {
 			return nil, err
 		}
+		if i == 0 {
+			// Parts of the node's own fields that it does not have.
+			if s.GuestInfo.Kind == "" {
+				for _, k := range jsonNames(reflect.TypeFor[GuestInfo]()) {
+					delete(m, k)
+				}
+			}
+			if s.MigrationStatus.Status == "" {
+				for _, k := range jsonNames(reflect.TypeFor[MigrationStatus]()) {
+					delete(m, k)
+				}
+			}
+		}
+		maps.Copy(out, m)
 	}
 	return json.Marshal(out)
 }
 
-// UnmarshalJSON reads the flat object: Epochs is set when the primary's
-// figures are there ("protection"), Secondary when a secondary's are
-// ("consistent"), Witness when the role is "witness".
+// UnmarshalJSON reads the flat object: Epochs is set when a primary's
+// figures are there (last_shipped_epoch not null), Secondary when a
+// secondary's are (consistent not null), Witness when the role is
+// "witness".
 func (s *Status) UnmarshalJSON(b []byte) error {
 	var keys map[string]json.RawMessage
 	if err := json.Unmarshal(b, &keys); err != nil {
 		return err
+	}
+	has := func(k string) bool {
+		v, ok := keys[k]
+		return ok && string(v) != "null"
 	}
 	*s = Status{}
 	if err := json.Unmarshal(b, (*statusPlain)(s)); err != nil {
@@ -119,19 +173,64 @@ func (s *Status) UnmarshalJSON(b []byte) error {
 		s.Witness = new(WitnessStatus)
 		return json.Unmarshal(b, s.Witness)
 	}
-	if _, ok := keys["protection"]; ok {
+	if has("last_shipped_epoch") {
 		s.Epochs = new(EpochStatus)
 		if err := json.Unmarshal(b, s.Epochs); err != nil {
 			return err
 		}
 	}
-	if _, ok := keys["consistent"]; ok {
+	if has("consistent") {
 		s.Secondary = new(SecondaryStatus)
 		if err := json.Unmarshal(b, s.Secondary); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// jsonNames lists the JSON names of t's fields (a struct), those of
+// embedded structs included, "-" left out.
+func jsonNames(t reflect.Type) []string {
+	var out []string
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if f.Anonymous && name == "" && f.Type.Kind() == reflect.Struct {
+			out = append(out, jsonNames(f.Type)...)
+			continue
+		}
+		switch name {
+		case "-":
+		case "":
+			out = append(out, f.Name)
+		default:
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// marshalFilled marshals plain (a struct value of a type without its own
+// MarshalJSON) with every field's key present: one omitempty left out is
+// null.
+func marshalFilled(plain any) ([]byte, error) {
+	b, err := json.Marshal(plain)
+	if err != nil {
+		return nil, err
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, err
+	}
+	for _, k := range jsonNames(reflect.TypeOf(plain)) {
+		if _, ok := m[k]; !ok {
+			m[k] = null
+		}
+	}
+	return json.Marshal(m)
 }
 
 // GuestInfo describes a node's guest.
@@ -188,6 +287,12 @@ type CompletionAttempt struct {
 	// Outcome is "completed", "aborted: flush" or "aborted: prediction"
 	// (the final sync left more than fits the limit; nothing was sent).
 	Outcome string `json:"outcome"`
+}
+
+// MarshalJSON writes every key, final_send_ms null when nothing was sent.
+func (a CompletionAttempt) MarshalJSON() ([]byte, error) {
+	type plain CompletionAttempt
+	return marshalFilled(plain(a))
 }
 
 // MigrationStatus is the figure set of query-migrate, plus Tandem's own.
@@ -300,6 +405,33 @@ type EpochStatus struct {
 	// (epochs stretched); 0 while the secondary keeps up. A primary
 	// never migrates, so this is the only throttle_percent it reports.
 	ThrottlePercent int `json:"throttle_percent"`
+	// Resync is the secondary's catch-up while it runs (a join: connect,
+	// full sync, dirty rounds); null otherwise.
+	Resync *ResyncStatus `json:"resync"`
+	// LastResyncMs and LastResyncBytes are the last completed catch-up's
+	// time (from its connect to its first epoch) and bytes of pages sent
+	// (null before the first).
+	LastResyncMs    *int64  `json:"last_resync_ms"`
+	LastResyncBytes *uint64 `json:"last_resync_bytes"`
+}
+
+// ResyncStatus is a primary's catch-up of its secondary in progress.
+type ResyncStatus struct {
+	// Secondary is the data address joined.
+	Secondary string `json:"secondary"`
+	// Phase: "connecting", "full sync" (every non-zero page once),
+	// "dirty round N" (pages written meanwhile), "draining" (waiting for
+	// the secondary to commit what was sent).
+	Phase string `json:"phase"`
+	// PagesDone is the pages the full sync has gone through (sent or
+	// skipped as zero) of PagesTotal (the guest's); BytesSent the page
+	// bytes sent so far, dirty rounds included.
+	PagesDone  uint64 `json:"pages_done"`
+	PagesTotal uint64 `json:"pages_total"`
+	BytesSent  uint64 `json:"bytes_sent"`
+	// Percent is PagesDone over PagesTotal (the full sync's progress).
+	Percent   float64 `json:"percent"`
+	ElapsedMs int64   `json:"elapsed_ms"`
 }
 
 // SecondaryStatus is a secondary's committed image.
@@ -329,21 +461,33 @@ type SecondaryStatus struct {
 	StoreError  string  `json:"store_error,omitempty"`
 }
 
-// ClusterView is the raft part of a member's status ("cluster").
+// ClusterView is the raft part of a node's status ("cluster"), the
+// witness's included: raft's record as this node has applied it. The
+// members are in Status.Nodes.
 type ClusterView struct {
-	ID         string   `json:"id"`
-	Generation uint64   `json:"generation"`
-	Primary    string   `json:"primary"`
-	Leader     string   `json:"raft_leader"`
-	Protected  bool     `json:"protected"`
-	Epoch      uint64   `json:"epoch"`
-	Members    []string `json:"members"`
-	CanRelease bool     `json:"can_release"`
+	// ID is the answering node's.
+	ID         string `json:"id"`
+	Generation uint64 `json:"generation"`
+	Primary    string `json:"primary"`
+	Leader     string `json:"raft_leader"`
+	Protected  bool   `json:"protected"`
+	// Epoch is the last epoch raft records as committed on the secondary.
+	Epoch uint64 `json:"epoch"`
+	// CanRelease: this node may release the guest's output now (its
+	// generation and lease); false on every node but the primary.
+	CanRelease bool `json:"can_release"`
 	// Image is what this node could resume and whether raft lets it.
 	Image string `json:"image"`
 	// Waiting says why nobody serves the guest, when this node can tell:
-	// the committed generation and epoch, and the node needed.
+	// the committed generation and epoch, and the node needed (null when
+	// the guest is served).
 	Waiting string `json:"waiting_reason,omitempty"`
+}
+
+// MarshalJSON writes every key, waiting_reason null when nothing waits.
+func (c ClusterView) MarshalJSON() ([]byte, error) {
+	type plain ClusterView
+	return marshalFilled(plain(c))
 }
 
 // NodeView is one cluster member in GET /status's "nodes". Every field is
@@ -367,10 +511,20 @@ type NodeView struct {
 	EpochLag *int `json:"epoch_lag"`
 	// Reachable: whether the answering node reaches this member now; null
 	// when it cannot tell (a follower does not watch the other follower).
-	Reachable *bool  `json:"reachable"`
-	RaftAddr  string `json:"raft_addr"`
-	APIAddr   string `json:"api_addr"`
-	DataAddr  string `json:"data_addr"`
+	Reachable *bool `json:"reachable"`
+	// RaftLastContactMs is how long ago the answering node last heard
+	// from this member over raft (a request or an answer); null on its
+	// own row and for a member not heard from since it started.
+	RaftLastContactMs *int64 `json:"raft_last_contact_ms"`
+	// DataLastContactMs is how long ago the data link last carried a
+	// word from this member: on the primary, the secondary's last
+	// acknowledgement; on the secondary, the primary's last epoch or
+	// handshake. Null elsewhere, and before the first.
+	DataLastContactMs *int64 `json:"data_last_contact_ms"`
+	RaftAddr          string `json:"raft_addr"`
+	APIAddr           string `json:"api_addr"`
+	DataAddr          string `json:"data_addr"`
+	ConsoleAddr       string `json:"console_addr"`
 }
 
 // QuorumView is raft's majority as the answering node sees it.
@@ -389,15 +543,12 @@ type QuorumView struct {
 	OneMoreFailure string `json:"one_more_failure"`
 }
 
-// WitnessStatus is a witness's view of raft (at the top level of its
-// status).
+// WitnessStatus is a witness's figures at the top level of its status:
+// raft's record of protection and of the last committed epoch (the rest
+// of its view is under "cluster", as on every node).
 type WitnessStatus struct {
-	Generation         uint64 `json:"generation"`
-	Primary            string `json:"primary"`
-	Leader             string `json:"raft_leader"`
 	Protected          bool   `json:"protected"`
 	LastCommittedEpoch uint64 `json:"last_committed_epoch"`
-	Waiting            string `json:"waiting_reason"`
 }
 
 // MigrateRequest is the body of POST /migrate.

@@ -67,12 +67,14 @@ func keysOf(t *testing.T, v any) []string {
 	return keys
 }
 
-// goldenNodeKeys is every key of GET /status on a guest node (primary and
-// secondary figures together). These names are a contract with operators'
-// tools: a rename must fail here first.
+// goldenNodeKeys is every key of GET /status (one level into objects),
+// on every role: a key that does not apply is null. These names are a
+// contract with operators' tools (docs/OPERATIONS.md documents each): a
+// rename must fail here first. ft's TestStatusSchema pins what each role
+// really sends, all levels deep.
 var goldenNodeKeys = strings.Fields(`
 acked_epochs ack_latency_p50_ms ack_latency_p99_ms activated aborted_completions attempts backpressure_stalls build
-cluster cluster.can_release cluster.epoch cluster.generation cluster.id cluster.image cluster.members
+cluster cluster.can_release cluster.epoch cluster.generation cluster.id cluster.image
 cluster.primary cluster.protected cluster.raft_leader cluster.waiting_reason
 commit_sent commits committed_digest completion_attempts consistent destination destination_digest disk_dropped_writes disk_path
 dirty_pages_rate dirty_sync_count digest_mismatches downtime_breakdown downtime_breakdown.completed
@@ -84,32 +86,25 @@ paused_ms_per_second held_ms_per_second
 epoch_raw_bytes epoch_raw_bytes_avg epoch_wire_bytes epoch_wire_bytes_avg epochs epochs_per_second error
 expected_downtime_ms flush_aborts guest_kind image_guest_kind joins kvm_flavour last_commit_ago_ms
 last_committed_epoch last_error last_mismatch last_mismatch_at last_mismatch_epoch last_mismatch_resolution
+last_resync_bytes last_resync_ms
 last_shipped_epoch mbps memory memory_digest memory_digest_error migration_id normal_pages outcome output_delay_p50_ms
 output_delay_p99_ms output_held_bytes page_writes pause_max_ms pause_p50_ms pause_p99_ms paused primary_data protected
-protection protection_reason queue_policy remaining_bytes role round secondary secondary_lag_epochs
+protection protection_reason queue_policy remaining_bytes
+resync resync.bytes_sent resync.elapsed_ms resync.pages_done resync.pages_total resync.percent resync.phase resync.secondary
+role round secondary secondary_lag_epochs
 setup_time_ms state state_reason status store_error switchover_digest sync_policy synced_epoch syncing throttle_percent total_bytes total_time_ms
 transferred_bytes vcpus verified_epochs verify_cycle_epochs verify_epochs verify_slice_pages wire_ratio
 workload zero_pages
 nodes quorum quorum.has_quorum quorum.leader quorum.needed quorum.one_more_failure quorum.reachable quorum.voters`)
 
-var goldenWitnessKeys = strings.Fields(`build generation last_committed_epoch primary protected raft_leader role waiting_reason
-nodes quorum quorum.has_quorum quorum.leader quorum.needed quorum.one_more_failure quorum.reachable quorum.voters`)
-
 // goldenNodeViewKeys is every key of an entry of "nodes" (issue 20): each
 // is present on every row, null where the answering node cannot tell.
-var goldenNodeViewKeys = strings.Fields(`api_addr data_addr epoch_lag generation id protected raft_addr reachable role self`)
+var goldenNodeViewKeys = strings.Fields(`api_addr console_addr data_addr data_last_contact_ms epoch_lag generation id
+protected raft_addr raft_last_contact_ms reachable role self`)
 
 func TestNodeViewJSONNames(t *testing.T) {
 	if got := keysOf(t, NodeView{}); !reflect.DeepEqual(got, sorted(goldenNodeViewKeys)) {
 		t.Errorf("nodes entry keys (zero values included) changed\n got %q\nwant %q", got, sorted(goldenNodeViewKeys))
-	}
-	var w Status
-	w.Role, w.Witness = "witness", &WitnessStatus{}
-	b, _ := json.Marshal(w)
-	var m map[string]json.RawMessage
-	json.Unmarshal(b, &m)
-	if string(m["nodes"]) != "null" || string(m["quorum"]) != "null" {
-		t.Errorf("a witness status without a view: nodes %s quorum %s, want both present (null)", m["nodes"], m["quorum"])
 	}
 }
 
@@ -126,12 +121,64 @@ func TestStatusJSONNames(t *testing.T) {
 	if got, want := keysOf(t, st), sorted(goldenNodeKeys); !reflect.DeepEqual(got, want) {
 		t.Errorf("status keys changed (a JSON name is a contract)\n got %q\nwant %q", got, want)
 	}
+	var top []string
+	for _, k := range goldenNodeKeys {
+		if !strings.Contains(k, ".") {
+			top = append(top, k)
+		}
+	}
+	if got := StatusKeys(); !reflect.DeepEqual(got, sorted(top)) {
+		t.Errorf("StatusKeys\n got %q\nwant %q", got, sorted(top))
+	}
+}
 
-	w := Status{Role: "witness", Build: "b"}
-	populated(t, reflect.ValueOf(&w.Witness))
-	populated(t, reflect.ValueOf(&w.Quorum))
-	if got, want := keysOf(t, w), sorted(goldenWitnessKeys); !reflect.DeepEqual(got, want) {
-		t.Errorf("witness status keys changed\n got %q\nwant %q", got, want)
+// Every role sends every key: what does not apply is null, never absent
+// (a fenced node's protection, a witness's generation under cluster).
+func TestStatusSameKeysEveryRole(t *testing.T) {
+	yes := true
+	for name, st := range map[string]Status{
+		"bare":      {Role: "run", State: "waiting", Build: "b"},
+		"primary":   {Role: "primary", State: "running", Build: "b", GuestInfo: GuestInfo{Kind: "synth"}, Epochs: &EpochStatus{Protection: "protected"}},
+		"secondary": {Role: "secondary", State: "standby", Build: "b", MigrationStatus: MigrationStatus{Status: "standby"}, Secondary: &SecondaryStatus{}},
+		"fenced":    {Role: "primary", State: "fenced", StateReason: "lease lost", Protection: "fenced", ProtectionReason: "lease lost", Build: "b"},
+		"witness": {Role: "witness", Build: "b", Cluster: &ClusterView{Generation: 4, Primary: "a"},
+			Nodes: []NodeView{{ID: "w", Self: true, Reachable: &yes}}, Witness: &WitnessStatus{Protected: true, LastCommittedEpoch: 9}},
+	} {
+		b, err := json.Marshal(st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		var keys []string
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		if !reflect.DeepEqual(keys, StatusKeys()) {
+			t.Errorf("%s: keys %q, want StatusKeys %q", name, keys, StatusKeys())
+		}
+		switch name {
+		case "fenced":
+			if string(m["protection"]) != `"fenced"` || string(m["protected"]) != "null" || string(m["epochs"]) != "null" {
+				t.Errorf("fenced: protection %s protected %s epochs %s", m["protection"], m["protected"], m["epochs"])
+			}
+		case "witness":
+			var c map[string]json.RawMessage
+			json.Unmarshal(m["cluster"], &c)
+			if string(c["generation"]) != "4" || string(m["state"]) != "null" || string(m["guest_kind"]) != "null" || string(m["status"]) != "null" {
+				t.Errorf("witness: cluster %s state %s guest_kind %s status %s", m["cluster"], m["state"], m["guest_kind"], m["status"])
+			}
+			if _, ok := c["waiting_reason"]; !ok {
+				t.Errorf("witness: cluster without waiting_reason: %s", m["cluster"])
+			}
+		case "bare":
+			if string(m["cluster"]) != "null" || string(m["guest_kind"]) != "null" || string(m["state_reason"]) != "null" {
+				t.Errorf("bare: cluster %s guest_kind %s state_reason %s", m["cluster"], m["guest_kind"], m["state_reason"])
+			}
+		}
 	}
 }
 
@@ -144,6 +191,7 @@ func TestStatusRoundTrip(t *testing.T) {
 	st.Secondary.DiskPath, st.GuestInfo.DiskPath = "d", "d"
 	st.Secondary.Protected, st.Epochs.Protected = true, true
 	st.Secondary.LastCommittedEpoch, st.Epochs.LastCommittedEpoch = 7, 7
+	st.Protection, st.ProtectionReason = st.Epochs.Protection, st.Epochs.ProtectionReason
 	b, err := json.Marshal(st)
 	if err != nil {
 		t.Fatal(err)
@@ -159,18 +207,19 @@ func TestStatusRoundTrip(t *testing.T) {
 		t.Fatalf("LastCommittedEpoch %d Protected %v", back.LastCommittedEpoch(), back.Protected())
 	}
 
-	// A node without protection: no Epochs, no Secondary, no protected key.
+	// A node without protection: no Epochs, no Secondary; protected null.
 	plain := Status{Role: "run", State: "running", Build: "b"}
 	b, _ = json.Marshal(plain)
-	if strings.Contains(string(b), `"protected"`) {
-		t.Fatalf("unprotected node names protected: %s", b)
+	if !strings.Contains(string(b), `"protected":null`) {
+		t.Fatalf("unprotected node: protected not null: %s", b)
 	}
 	back = Status{}
 	if err := json.Unmarshal(b, &back); err != nil || back.Epochs != nil || back.Secondary != nil || back.Witness != nil {
 		t.Fatalf("plain round trip: %+v %v", back, err)
 	}
 
-	w := Status{Role: "witness", Build: "b", Witness: &WitnessStatus{Generation: 3, Primary: "a", Protected: true, LastCommittedEpoch: 9}}
+	w := Status{Role: "witness", Build: "b", Cluster: &ClusterView{Generation: 3, Primary: "a", Protected: true, Epoch: 9},
+		Witness: &WitnessStatus{Protected: true, LastCommittedEpoch: 9}}
 	b, _ = json.Marshal(w)
 	back = Status{}
 	if err := json.Unmarshal(b, &back); err != nil || !reflect.DeepEqual(back, w) {

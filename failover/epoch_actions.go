@@ -26,10 +26,16 @@ func (l *EpochLoop) step(ev ProtectionEvent) []ProtectionAction {
 // step's result and are nothing to do here; so is pause, which Run
 // performs when it sees the fence (parkFenced).
 func (l *EpochLoop) perform(acts []ProtectionAction, now time.Time) {
-	for _, a := range acts {
+	for i, a := range acts {
 		switch a.Kind {
 		case DoState:
-			l.logState(a)
+			var retry time.Duration
+			for _, b := range acts[i+1:] {
+				if b.Kind == DoBackoff {
+					retry = b.Delay
+				}
+			}
+			l.logState(a, retry)
 		case DoProtected:
 			if l.cfg.OnProtected != nil {
 				l.cfg.OnProtected(a.Protected, a.Why)
@@ -73,13 +79,44 @@ func (l *EpochLoop) perform(acts []ProtectionAction, now time.Time) {
 	}
 }
 
-func (l *EpochLoop) logState(a ProtectionAction) {
+// logState says what protection is doing: a loss of protection and each
+// join at warning level, "protected" with what the catch-up took. A
+// secondary that stays down makes the same two lines (joining, and the
+// same failure) at every retry: each is logged once per repeatQuiet,
+// with the count of those left out; retry is the wait before the next
+// join (0: none follows).
+func (l *EpochLoop) logState(a ProtectionAction, retry time.Duration) {
+	l.mu.Lock()
+	var ok bool
+	var repeated int
+	switch a.State {
+	case StateProtected, StateFenced:
+		l.stateLog.reset()
+	default:
+		ok, repeated = l.stateLog.admit(a.State+"\x00"+a.Why, l.clk.Now())
+	}
+	took, bytes, resynced := l.lastResync, l.lastResyncBytes, l.lastResyncDone
+	l.mu.Unlock()
 	switch a.State {
 	case StateProtected:
-		l.log.Info("protected", "secondary", l.secondaryAddr())
+		attrs := []any{"secondary", l.secondaryAddr()}
+		if resynced {
+			attrs = append(attrs, "catch_up_took", took.Round(time.Millisecond).String(), "catch_up_bytes", bytes)
+		}
+		l.log.Info("protected", attrs...)
 	case StateFenced: // performFence says it louder
 	default:
-		l.log.Warn("not protected", "state", a.State, "why", a.Why)
+		if !ok {
+			return
+		}
+		attrs := []any{"state", a.State, "why", a.Why}
+		if retry > 0 {
+			attrs = append(attrs, "next_join_in", retry.String())
+		}
+		if repeated > 0 {
+			attrs = append(attrs, "repeated", repeated)
+		}
+		l.log.Warn("not protected", attrs...)
 	}
 }
 

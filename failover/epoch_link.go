@@ -37,6 +37,8 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	default:
 	}
 	l.step(ProtectionEvent{Kind: EvJoinStart, Addr: addr, Epoch: first, Now: l.clk.Now()})
+	l.resyncStart(addr)
+	defer l.resyncEnd(false) // a join cut short: no progress left shown
 
 	acks, onAck := l.ackFeed(lctx)
 	link, err := l.dial(lctx, addr, onAck)
@@ -51,7 +53,7 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	l.mu.Unlock()
 
 	sent := make(chan struct{}, 1)
-	sender := &precopy.LiveSender{Core: l.core, Link: sentLink{Link: link, sent: sent}, EpochPages: 4096}
+	sender := &precopy.LiveSender{Core: l.core, Link: sentLink{Link: link, sent: sent}, EpochPages: 4096, OnPages: l.resyncPages}
 	sender.SetEpoch(first)
 	// shipped is the digest of what the secondary holds once it has
 	// committed everything sent: the receiver's memory starts zero, and
@@ -83,6 +85,7 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	if err := l.catchUp(lctx, addr, link, sender); err != nil {
 		return err
 	}
+	l.resyncEnd(true)
 	l.step(ProtectionEvent{Kind: EvJoinDone, Now: l.clk.Now()})
 	return l.runEpochs(ctx, lctx, link, sender, shipped)
 }
@@ -136,6 +139,7 @@ func (l *EpochLoop) catchUp(ctx context.Context, addr string, link *replica.Link
 		return err
 	}
 	l.core.Dirty.Clear()
+	l.resyncPhase("full sync")
 	if _, err := sender.SendAll(ctx); err != nil {
 		return fmt.Errorf("sync to %s: %w", addr, err)
 	}
@@ -146,6 +150,7 @@ func (l *EpochLoop) catchUp(ctx context.Context, addr string, link *replica.Link
 		if l.core.Dirty.Count() <= 2048 {
 			break
 		}
+		l.resyncPhase(fmt.Sprintf("dirty round %d", round))
 		if _, err := sender.SendDirty(ctx); err != nil {
 			return fmt.Errorf("sync to %s: %w", addr, err)
 		}
@@ -153,6 +158,7 @@ func (l *EpochLoop) catchUp(ctx context.Context, addr string, link *replica.Link
 			return err
 		}
 	}
+	l.resyncPhase("draining")
 	if err := sender.Drain(ctx); err != nil {
 		return fmt.Errorf("sync to %s: %w", addr, err)
 	}
@@ -245,6 +251,9 @@ func (l *EpochLoop) stepAck(a precopy.Ack, sender *precopy.LiveSender) {
 	if sender != nil {
 		ev.Sent = sender.Epoch()
 	}
+	l.mu.Lock()
+	l.lastAckAt = ev.Now
+	l.mu.Unlock()
 	if a.Activated {
 		// As fence: the flag first, so no release slips out meanwhile.
 		l.fencedFlag.Store(true)

@@ -112,6 +112,10 @@ func (l *EpochLoop) Status() EpochStatus {
 		LastMismatchEpoch: l.mismatchEpoch, LastMismatchResolution: l.mismatchResolution,
 		QueuePolicy: fmt.Sprintf("at most %d epochs unacknowledged and 1 queued for shipping; a slow secondary lengthens epochs", l.cfg.MaxInFlight),
 	}
+	if state == StateProtected {
+		// why is the moment protection began; say where it stands now.
+		st.ProtectionReason = fmt.Sprintf("since %s; last acknowledged epoch %d", why, st.LastCommittedEpoch)
+	}
 	if !l.mismatchAt.IsZero() {
 		st.LastMismatchAt = l.mismatchAt.UTC().Format(time.RFC3339Nano)
 	}
@@ -145,7 +149,20 @@ func (l *EpochLoop) Status() EpochStatus {
 	}
 	st.PausedMsPerSecond, st.HeldMsPerSecond = l.pausedPerSecond()
 	st.ThrottlePercent = l.throttle
+	st.Resync = l.resyncStatus()
+	if l.lastResyncDone {
+		ms, b := l.lastResync.Milliseconds(), l.lastResyncBytes
+		st.LastResyncMs, st.LastResyncBytes = &ms, &b
+	}
 	return st
+}
+
+// LastAck is when the secondary last acknowledged anything on the
+// current (or last) link; zero before the first.
+func (l *EpochLoop) LastAck() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lastAckAt
 }
 
 // pausedPerSecond is the guest's paused time over the last pauseWindow

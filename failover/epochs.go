@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -198,6 +199,16 @@ type EpochLoop struct {
 	stalls             uint64 // captures delayed by back-pressure
 	joins              uint64
 	lastEpoch          uint64 // last stream epoch number used, across joins
+	// lastAckAt is when the current link's secondary last acknowledged
+	// (zero: not on this link yet).
+	lastAckAt time.Time
+	// The join in progress (resyncAt zero: none) and the last one done.
+	resync          resyncProgress
+	lastResync      time.Duration
+	lastResyncBytes uint64
+	lastResyncDone  bool
+	// stateLog quiets a repeated "not protected" (see logState).
+	stateLog repeatLog
 
 	// vcursor is where the next verifying pause's slice starts, as a
 	// position in the guest's pages taken region after region (capture
@@ -443,7 +454,7 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 		// Lost the secondary: run unprotected, retry with back-off (the
 		// machine says how long).
 		var retry time.Duration
-		for _, a := range l.step(ProtectionEvent{Kind: EvLinkDown, Why: err.Error(), Now: l.clk.Now()}) {
+		for _, a := range l.step(ProtectionEvent{Kind: EvLinkDown, Why: err.Error(), Unreached: unreached(err), Now: l.clk.Now()}) {
 			if a.Kind == DoBackoff {
 				retry = a.Delay
 			}
@@ -456,6 +467,13 @@ func (l *EpochLoop) Run(ctx context.Context) error {
 			l.step(ProtectionEvent{Kind: EvSecondaryChanged, Now: l.clk.Now()})
 		}
 	}
+}
+
+// unreached says whether a join's error is its connection's: refused, or
+// not answered in time (the secondary never saw the join).
+func unreached(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 // backOff waits retry before the next join, releasing held output every

@@ -22,6 +22,9 @@ type fsm struct {
 	// makes it hold for direct calls from tests too).
 	applyMu sync.Mutex
 	state   atomic.Pointer[FSMState]
+	// applied is the raft index of the last command applied (0: none
+	// since the node started; a restored snapshot sets none).
+	applied atomic.Uint64
 
 	// onChange is called after every state change, from raft's FSM
 	// goroutine. It must not block.
@@ -45,6 +48,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 	}
 	f.applyMu.Lock()
 	defer f.applyMu.Unlock()
+	defer f.applied.Store(l.Index) // a refused entry is applied too
 	next, err := applyCommand(*f.load(), l.Data)
 	if err != nil {
 		return err

@@ -33,6 +33,28 @@ func (n *Node) Reachability() map[string]bool {
 	return out
 }
 
+// LastContact is, for each other voter this node has heard from since it
+// started, how long ago that was: a raft request from it, or an answer
+// to one this node sent (the leader hears every follower at each
+// heartbeat; a follower hears the leader, and the other follower only
+// during elections). Nil once closed.
+func (n *Node) LastContact() map[string]time.Duration {
+	if n.closed.Load() || n.stream == nil {
+		return nil
+	}
+	out := map[string]time.Duration{}
+	now := time.Now()
+	for _, v := range n.voters {
+		if v.ID == n.cfg.ID {
+			continue
+		}
+		if at := n.stream.lastHeard(v.ID); !at.IsZero() {
+			out[v.ID] = max(now.Sub(at), 0)
+		}
+	}
+	return out
+}
+
 // ReachableVoters is how many voters (this node included) this node
 // knows it reaches now (see Reachability: a follower's figure is a lower
 // bound, at most 2). 0 once closed.

@@ -120,14 +120,69 @@ func (n *Node) leaderID() string {
 	return string(id)
 }
 
+// leading implements raftPolicy.
+func (n *Node) leading() bool {
+	return n.started.Load() && !n.closed.Load() && n.raft.State() == raft.Leader
+}
+
 // transferVote implements raftPolicy.
 func (n *Node) transferVote(candidate string) bool {
 	g := n.transferGrant.Load()
 	return g != nil && g.to == candidate && n.clock.Now().Before(g.until)
 }
 
+// fsmHas says whether the FSM has applied every command up to index ci:
+// raft counts an entry applied once it has handed it to its FSM goroutine,
+// which may not have applied it yet (State would still be the one before).
+// It looks back from ci for the last command; one no longer in the log
+// store is in the snapshot the FSM restored.
+func (n *Node) fsmHas(ci uint64) bool {
+	for i := ci; i > 0; i-- {
+		var l raft.Log
+		if err := n.store.GetLog(i, &l); err != nil {
+			return true
+		}
+		if l.Type == raft.LogCommand {
+			return n.fsm.applied.Load() >= i
+		}
+	}
+	return true
+}
+
+// SyncState says what WaitSynced is waiting for now, in a sentence: a
+// raft leader to hear from (with the voters this node has heard from and
+// when), or its log to be applied.
+func (n *Node) SyncState() string {
+	if n.closed.Load() {
+		return "closed"
+	}
+	addr, id := n.raft.LeaderWithID()
+	if addr == "" {
+		var heard []string
+		last := n.LastContact()
+		for _, v := range n.voters {
+			if v.ID == n.cfg.ID {
+				continue
+			}
+			if d, ok := last[v.ID]; ok {
+				heard = append(heard, fmt.Sprintf("%s %v ago", v.ID, d.Round(time.Millisecond)))
+			} else {
+				heard = append(heard, fmt.Sprintf("%s never (at %s)", v.ID, v.RaftAddr))
+			}
+		}
+		return fmt.Sprintf("no raft leader heard yet (this node is a raft %s; heard from: %s): a leader needs %d of the %d voters up and reaching each other at their --raft addresses",
+			strings.ToLower(n.raft.State().String()), strings.Join(heard, ", "), len(n.voters)/2+1, len(n.voters))
+	}
+	if n.raft.State() != raft.Leader && n.stream.leaderCommit.Load() == 0 {
+		return fmt.Sprintf("raft leader %s known; waiting for its log (it sends it once it hears from this node again)", id)
+	}
+	return fmt.Sprintf("raft leader %s known; applying its record: %d of %d entries applied", id, n.raft.AppliedIndex(), max(n.raft.CommitIndex(), n.stream.leaderCommit.Load()))
+}
+
 // WaitSynced waits until this node knows a leader and has applied
-// everything the leader had committed when it last heard from it, so
+// everything the leader had committed when it last sent its log (a
+// follower's own commit index is not enough: after a restart it is its
+// snapshot's, and a heartbeat carries none), so
 // State() reflects the cluster (use it after Open before deciding whether to
 // boot a guest). It returns ctx's error when ctx ends first.
 func (n *Node) WaitSynced(ctx context.Context) error {
@@ -138,8 +193,17 @@ func (n *Node) WaitSynced(ctx context.Context) error {
 			return ErrClosed
 		}
 		if addr, _ := n.raft.LeaderWithID(); addr != "" {
+			// A follower's own commit index may be its snapshot's or
+			// come from a heartbeat (which carries none): what the
+			// leader had committed is in its AppendEntries.
 			ci := n.raft.CommitIndex()
-			if ci > 0 && n.raft.AppliedIndex() >= ci {
+			if n.raft.State() != raft.Leader {
+				ci = max(ci, n.stream.leaderCommit.Load())
+				if n.stream.leaderCommit.Load() == 0 {
+					ci = 0 // not heard from the leader's log yet
+				}
+			}
+			if ci > 0 && n.raft.AppliedIndex() >= ci && n.fsmHas(ci) {
 				return nil
 			}
 		}

@@ -556,3 +556,33 @@ func TestParsePeers(t *testing.T) {
 		}
 	}
 }
+
+// A follower restarted after its peers failed to reach it for seconds
+// gets raft's log (and thus its part) at once: the leader's replication
+// to it, which raft backs off to seconds between attempts after a few
+// seconds of failures, waits for it to be heard again instead
+// (transport.AppendEntries). Before, WaitSynced on the restarted node
+// took as long as the leader's back-off (issue 20: 2.7 to 12 s from a
+// restart to protected, "waiting for the cluster" logged meanwhile).
+func TestRestartedFollowerSyncsAtOnce(t *testing.T) {
+	c := newTestCluster(t)
+	_, c = failoverOn(t, c) // p crashed; s is leader and primary
+	// 6 s of failures: raft's back-off to p is past 2.5 s by then.
+	time.Sleep(6 * time.Second)
+	p := c.start("p")
+	p.ClearImage()
+	t0 := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.WaitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d := time.Since(t0)
+	t.Logf("restarted after 6s down: synced in %v", d)
+	if d > 1500*time.Millisecond {
+		t.Errorf("a follower restarted after 6 s down synced in %v, want well under a second (%s)", d, p.SyncState())
+	}
+	if st := p.State(); st.Primary != "s" {
+		t.Errorf("synced state names primary %q, want s", st.Primary)
+	}
+}

@@ -108,7 +108,7 @@ const (
 	EvSecondaryChanged                            // SetSecondary asked for another: the back-off starts afresh
 	EvJoinStart                                   // Addr, Epoch (last epoch number used), Now
 	EvJoinDone                                    // the catch-up is acknowledged; epochs begin
-	EvLinkDown                                    // Why (the link's error): the link ended
+	EvLinkDown                                    // Why (the link's error), Unreached: the link ended
 	EvSent                                        // Epoch (last stream epoch on the wire), Now
 	EvPause                                       // an epoch's pause, before its output is sealed
 	EvCaptured                                    // the epoch was captured and goes to the shipper
@@ -146,6 +146,10 @@ type ProtectionEvent struct {
 	Why       string
 	Activated bool
 	Flight    Flight
+	// Unreached, on EvLinkDown: the join never reached the secondary
+	// (its connection was refused or timed out), so nothing was spent on
+	// it and it is retried soon (see linkDown).
+	Unreached bool
 }
 
 // ProtectionActionKind names what the EpochLoop must do.
@@ -215,10 +219,14 @@ func (a ProtectionAction) String() string {
 	return a.Kind.String()
 }
 
-// Retry back-off between joins: doubling from backoffMin to backoffMax.
+// Retry back-off between joins: doubling from backoffMin to backoffMax;
+// up to unreachedBackoffMax only while the secondary's address does not
+// take the connection (a restarting node: its next attempt must not be
+// seconds after it listens).
 const (
-	backoffMin = 200 * time.Millisecond
-	backoffMax = 5 * time.Second
+	backoffMin          = 200 * time.Millisecond
+	backoffMax          = 5 * time.Second
+	unreachedBackoffMax = 500 * time.Millisecond
 )
 
 // resyncing starts the resolution of a mismatch not yet resolved.
@@ -301,7 +309,7 @@ func (p *Protection) Step(ev ProtectionEvent) []ProtectionAction {
 		}
 		return nil
 	case EvLinkDown:
-		return p.linkDown(ev.Why)
+		return p.linkDown(ev.Why, ev.Unreached)
 	case EvSent:
 		p.noteSent(ev.Epoch, ev.Now)
 		return nil
@@ -398,14 +406,23 @@ func (p *Protection) endLink() {
 
 // linkDown: run unprotected and retry with back-off. A link that got as
 // far as protection starts the back-off afresh, or a flapping link would
-// leave every later rejoin 5 s late.
-func (p *Protection) linkDown(why string) []ProtectionAction {
+// leave every later rejoin 5 s late. A join that never reached the
+// secondary (unreached: connection refused or timed out) backs off to
+// unreachedBackoffMax only: an attempt costs a dial, and the secondary
+// is most likely a node restarting, which the old 5 s ceiling left
+// unprotected for up to 5 s after it listened (issue 20: 2.7 to 12 s
+// from a restart to protected).
+func (p *Protection) linkDown(why string, unreached bool) []ProtectionAction {
 	if p.state == StateProtected {
 		p.retry = 0
 	}
 	p.endLink()
 	acts := p.setState(nil, StateUnprotected, why)
-	p.retry = min(max(2*p.retry, backoffMin), backoffMax)
+	ceiling := backoffMax
+	if unreached {
+		ceiling = unreachedBackoffMax
+	}
+	p.retry = min(max(2*p.retry, backoffMin), ceiling)
 	return append(acts, ProtectionAction{Kind: DoBackoff, Delay: p.retry})
 }
 

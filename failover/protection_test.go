@@ -20,7 +20,7 @@ import (
 //
 //	init [verify] [max-in-flight=N] [ack-timeout=D] [final-timeout=D]
 //	no-secondary | secondary-changed | join-done | pause | captured | capture-failed
-//	join addr=A epoch=N t=D          link-down (why)
+//	join addr=A epoch=N t=D          link-down [unreached] (why)
 //	sent epoch=N t=D                 ship epoch=N gate=G [digest=X] t=D
 //	epoch n=N gate=G [digest=X] t=D  (pause, captured, ship, sent)
 //	ack epoch=N sent=N [digest=X] [error=X] [activated] t=D
@@ -63,7 +63,7 @@ func TestProtectionScripts(t *testing.T) {
 
 // scriptEvents turns one directive into the events it stands for.
 func scriptEvents(t *testing.T, d *datadriven.TestData, base time.Time) []ProtectionEvent {
-	ev := ProtectionEvent{Now: base.Add(durationArg(t, d, "t", 0)), Why: strings.TrimSpace(d.Input)}
+	ev := ProtectionEvent{Now: base.Add(durationArg(t, d, "t", 0)), Why: strings.TrimSpace(d.Input), Unreached: d.HasArg("unreached")}
 	d.MaybeScanArgs(t, "epoch", &ev.Epoch)
 	d.MaybeScanArgs(t, "sent", &ev.Sent)
 	d.MaybeScanArgs(t, "digest", &ev.Digest)

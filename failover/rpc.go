@@ -35,6 +35,8 @@ type raftPolicy interface {
 	// transfer to candidate recently: only then may candidate's vote
 	// request bypass the vote check (raft's LeadershipTransfer flag).
 	transferVote(candidate string) bool
+	// leading says whether this node is raft's leader now.
+	leading() bool
 }
 
 // transport is raft's NetworkTransport for outgoing RPCs, with the server
@@ -57,6 +59,35 @@ func (t transport) SetHeartbeatHandler(fn func(raft.RPC)) {
 
 func (transport) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
 	return nil, raft.ErrPipelineReplicationNotSupported
+}
+
+// AppendEntries sends an AppendEntries RPC. One that carries the log (not
+// a heartbeat) to a follower whose last RPC failed first waits until the
+// follower is heard again (see waitReachable), instead of failing at
+// once: raft counts each failure and sleeps before the next attempt, up
+// to 10 s after a few seconds of failures (failureWait doubling to
+// maxFailureScale, uncapped unlike heartbeats), so a node restarted after
+// that waited up to 10 s for the log, its commit index and thus its part
+// (issue 20: "waiting for the cluster ... context deadline exceeded" with
+// a majority up). Heartbeats still fail fast: raft reports those failures
+// (FailedHeartbeatObservation), which Reachability is built from.
+func (t transport) AppendEntries(id raft.ServerID, target raft.ServerAddress, args *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
+	if !isHeartbeat(args) {
+		t.m.waitReachable(string(id))
+	}
+	return t.m.noteResult(string(id), t.NetworkTransport.AppendEntries(id, target, args, resp))
+}
+
+// InstallSnapshot waits as AppendEntries does.
+func (t transport) InstallSnapshot(id raft.ServerID, target raft.ServerAddress, args *raft.InstallSnapshotRequest, resp *raft.InstallSnapshotResponse, data io.Reader) error {
+	t.m.waitReachable(string(id))
+	return t.m.noteResult(string(id), t.NetworkTransport.InstallSnapshot(id, target, args, resp, data))
+}
+
+// isHeartbeat says whether an AppendEntries request is raft's heartbeat
+// (as decodeRPC tells one on the receiving side).
+func isHeartbeat(req *raft.AppendEntriesRequest) bool {
+	return req.PrevLogEntry == 0 && req.PrevLogTerm == 0 && len(req.Entries) == 0 && req.LeaderCommitIndex == 0
 }
 
 // errRefused ends a connection whose RPC was refused.
@@ -110,6 +141,15 @@ func (m *muxStream) serveRPC(c net.Conn, typ byte, r *bufio.Reader, dec *codec.D
 			enc.Encode(empty)
 		}
 		return errRefused
+	}
+	m.noteHeard(string(rpc.Command.(raft.WithRPCHeader).GetRPCHeader().ID))
+	if ae, ok := rpc.Command.(*raft.AppendEntriesRequest); ok && !heartbeat {
+		for {
+			cur := m.leaderCommit.Load()
+			if ae.LeaderCommitIndex <= cur || m.leaderCommit.CompareAndSwap(cur, ae.LeaderCommitIndex) {
+				break
+			}
+		}
 	}
 
 	if heartbeat {

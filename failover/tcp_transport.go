@@ -110,6 +110,18 @@ type muxStream struct {
 	connsMu sync.Mutex
 	conns   map[*trackedConn]struct{}
 
+	// heard is, for each member ID, when this node last heard from it
+	// (unix nanoseconds; 0: never): an answer on a connection dialed to
+	// it, or a request it sent that was admitted. down is when an RPC to
+	// it last failed (0: the last one did not). Both maps are set once
+	// and read freely.
+	heard map[string]*atomic.Int64
+	down  map[string]*atomic.Int64
+	// leaderCommit is the highest commit index a leader's AppendEntries
+	// (not a heartbeat: those carry none) told this node of since it
+	// started: what WaitSynced must have applied on a follower.
+	leaderCommit atomic.Uint64
+
 	wg sync.WaitGroup
 }
 
@@ -136,6 +148,8 @@ func listenMux(cfg muxConfig) (*muxStream, error) {
 		serving:      make(chan struct{}, maxRaftConns),
 		closed:       make(chan struct{}),
 		conns:        make(map[*trackedConn]struct{}),
+		heard:        map[string]*atomic.Int64{},
+		down:         map[string]*atomic.Int64{},
 	}
 	if _, port, err := net.SplitHostPort(cfg.Addr); err == nil && port != "0" {
 		// raft puts this address in every RPC it sends; peers check it
@@ -145,6 +159,8 @@ func listenMux(cfg muxConfig) (*muxStream, error) {
 	for id, a := range cfg.Members {
 		m.members[id] = a
 		m.byAddr[a] = id
+		m.heard[id] = new(atomic.Int64)
+		m.down[id] = new(atomic.Int64)
 	}
 	m.wg.Add(1)
 	go m.acceptLoop()
@@ -197,7 +213,67 @@ func (m *muxStream) Dial(address raft.ServerAddress, timeout time.Duration) (net
 	if err != nil {
 		return nil, fmt.Errorf("failover: dial %s (%s): %w", id, address, err)
 	}
-	return m.track(c), nil
+	tc := m.track(c)
+	tc.from = m.heard[id] // what comes back on it is id's answer
+	return tc, nil
+}
+
+// noteHeard records that member id was heard from now.
+func (m *muxStream) noteHeard(id string) {
+	if h := m.heard[id]; h != nil {
+		h.Store(time.Now().UnixNano())
+	}
+}
+
+// noteResult records the outcome of an RPC to member id (a failure marks
+// it down until it is heard again) and returns err.
+func (m *muxStream) noteResult(id string, err error) error {
+	if d := m.down[id]; d != nil {
+		if err != nil {
+			d.Store(time.Now().UnixNano())
+		} else {
+			d.Store(0)
+		}
+	}
+	return err
+}
+
+// reachableWaitTick is how often waitReachable looks again.
+const reachableWaitTick = 10 * time.Millisecond
+
+// waitReachable returns once member id may be sent an RPC that carries
+// the log: at once unless its last RPC failed; otherwise once it has been
+// heard since (a heartbeat answered, or a request of its own), this node
+// stops leading, or the layer closes.
+func (m *muxStream) waitReachable(id string) {
+	d, h := m.down[id], m.heard[id]
+	if d == nil || d.Load() == 0 {
+		return
+	}
+	t := time.NewTicker(reachableWaitTick)
+	defer t.Stop()
+	for {
+		if since := d.Load(); since == 0 || h.Load() > since {
+			return
+		}
+		if m.policy == nil || !m.policy.leading() {
+			return
+		}
+		select {
+		case <-m.closed:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// lastHeard is when member id was last heard from (zero: never).
+func (m *muxStream) lastHeard(id string) time.Time {
+	h := m.heard[id]
+	if h == nil || h.Load() == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, h.Load())
 }
 
 func (m *muxStream) memberList() string {
@@ -413,13 +489,20 @@ func (m *muxStream) checkRegistrant(raw net.Conn, peer, claimed string) error {
 type trackedConn struct {
 	net.Conn
 	m *muxStream
+	// from, on a connection this node dialed, is when its member was last
+	// heard from: every read that returns bytes sets it.
+	from *atomic.Int64
 }
 
 func (c *trackedConn) Read(p []byte) (int, error) {
 	if c.m.isolated.Load() {
 		return 0, errors.New("failover: node isolated")
 	}
-	return c.Conn.Read(p)
+	n, err := c.Conn.Read(p)
+	if n > 0 && c.from != nil {
+		c.from.Store(time.Now().UnixNano())
+	}
+	return n, err
 }
 
 func (c *trackedConn) Write(p []byte) (int, error) {

@@ -1,6 +1,8 @@
 package ft
 
 import (
+	"time"
+
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 )
@@ -8,14 +10,18 @@ import (
 // clusterNodes is the cluster-first part of a status (issue 20): every
 // member of raft's record as self sees it, and the quorum. reach is
 // failover.Node.Reachability (absent: unknown); lag, if not nil, is the
-// epochs the primary (self) has in flight to its secondary. A pure
-// function of what it is given.
-func clusterNodes(st failover.FSMState, voterList []failover.NodeInfo, self, leader string, reach map[string]bool, lag *int) ([]api.NodeView, *api.QuorumView) {
+// epochs the primary (self) has in flight to its secondary; heard is how
+// long ago self last heard from each (absent: never). A pure function of
+// what it is given.
+func clusterNodes(st failover.FSMState, voterList []failover.NodeInfo, self, leader string, reach map[string]bool, lag *int, heard contacts) ([]api.NodeView, *api.QuorumView) {
 	nodes := make([]api.NodeView, 0, len(voterList))
 	voters, reachable := 0, 0
 	for _, m := range withMembers(voterList, st.Members) {
 		nv := api.NodeView{ID: m.ID, Self: m.ID == self, Generation: st.Generation,
-			RaftAddr: m.RaftAddr, APIAddr: m.APIAddr, DataAddr: m.DataAddr}
+			RaftAddr: m.RaftAddr, APIAddr: m.APIAddr, DataAddr: m.DataAddr, ConsoleAddr: m.ConsoleAddr}
+		if !nv.Self {
+			nv.RaftLastContactMs, nv.DataLastContactMs = msOf(heard.raft, m.ID), msOf(heard.data, m.ID)
+		}
 		switch {
 		case m.Role == failover.RoleWitness:
 			nv.Role = "witness"
@@ -92,10 +98,36 @@ func oneMoreFailure(st failover.FSMState, q *api.QuorumView, reach map[string]bo
 	}
 }
 
-// raftNodes is clusterNodes for a raft node now.
-func raftNodes(rn *failover.Node, lag *int) ([]api.NodeView, *api.QuorumView) {
+// clusterView is the "cluster" part of a raft node's status (the
+// witness's too): raft's record as rn has applied it.
+func clusterView(rn *failover.Node, canRelease bool) *api.ClusterView {
+	st := rn.State()
 	leader, _ := rn.Leader()
-	return clusterNodes(rn.State(), rn.Voters(), rn.ID(), leader, rn.Reachability(), lag)
+	return &api.ClusterView{ID: rn.ID(), Generation: st.Generation, Primary: st.Primary, Leader: leader,
+		Protected: st.Protected, Epoch: st.Epoch, CanRelease: canRelease, Image: rn.ImageStatus(), Waiting: rn.Waiting()}
+}
+
+// raftNodes is clusterNodes for a raft node now; data is the data link's
+// last word from each member this node streams with (see
+// api.NodeView.DataLastContactMs).
+func raftNodes(rn *failover.Node, lag *int, data map[string]time.Duration) ([]api.NodeView, *api.QuorumView) {
+	leader, _ := rn.Leader()
+	return clusterNodes(rn.State(), rn.Voters(), rn.ID(), leader, rn.Reachability(), lag, contacts{raft: rn.LastContact(), data: data})
+}
+
+// contacts is how long ago this node last heard from each member: over
+// raft, and over the data link.
+type contacts struct {
+	raft, data map[string]time.Duration
+}
+
+func msOf(m map[string]time.Duration, id string) *int64 {
+	d, ok := m[id]
+	if !ok {
+		return nil
+	}
+	ms := d.Milliseconds()
+	return &ms
 }
 
 // soloNodes is the "nodes" of a node without raft: itself.

@@ -20,7 +20,9 @@ func TestClusterNodes(t *testing.T) {
 	lag := 2
 	st := trioState(true)
 	st.Primary = "b" // after a switchover: b is primary although it booted as secondary
-	nodes, q := clusterNodes(st, nil, "b", "w", map[string]bool{"a": true, "b": true, "w": true}, &lag)
+	heard := contacts{raft: map[string]time.Duration{"a": 40 * time.Millisecond, "w": 10 * time.Millisecond},
+		data: map[string]time.Duration{"a": 7 * time.Millisecond}}
+	nodes, q := clusterNodes(st, nil, "b", "w", map[string]bool{"a": true, "b": true, "w": true}, &lag, heard)
 	roles := map[string]string{}
 	for _, n := range nodes {
 		roles[n.ID] = n.Role
@@ -37,19 +39,29 @@ func TestClusterNodes(t *testing.T) {
 	if !q.HasQuorum || q.Reachable != 3 || q.Needed != 2 || !strings.HasPrefix(q.OneMoreFailure, "survived") {
 		t.Errorf("quorum %+v", q)
 	}
+	// Last contact: the other members' as heard, never the node's own.
+	if p := nodes[0].RaftLastContactMs; p == nil || *p != 40 {
+		t.Errorf("a's raft last contact %v, want 40", p)
+	}
+	if p := nodes[0].DataLastContactMs; p == nil || *p != 7 {
+		t.Errorf("a's data last contact %v, want 7", p)
+	}
+	if nodes[1].RaftLastContactMs != nil || nodes[1].DataLastContactMs != nil || nodes[2].DataLastContactMs != nil {
+		t.Errorf("b (self) %v %v, w's data %v: want null", nodes[1].RaftLastContactMs, nodes[1].DataLastContactMs, nodes[2].DataLastContactMs)
+	}
 
 	// The witness down: protected, but one more failure stops the guest.
-	_, q = clusterNodes(trioState(true), nil, "a", "a", map[string]bool{"a": true, "b": true, "w": false}, nil)
+	_, q = clusterNodes(trioState(true), nil, "a", "a", map[string]bool{"a": true, "b": true, "w": false}, nil, contacts{})
 	if !q.HasQuorum || !strings.HasPrefix(q.OneMoreFailure, "the guest stops") {
 		t.Errorf("witness down: %+v", q)
 	}
 	// Cut off: no majority.
-	nodes, q = clusterNodes(trioState(true), nil, "a", "", map[string]bool{"a": true}, nil)
+	nodes, q = clusterNodes(trioState(true), nil, "a", "", map[string]bool{"a": true}, nil, contacts{})
 	if q.HasQuorum || !strings.Contains(q.OneMoreFailure, "no majority") || nodes[1].Reachable != nil {
 		t.Errorf("cut off: %+v, b reachable %v", q, nodes[1].Reachable)
 	}
 	// Unprotected: losing the primary stops the guest.
-	_, q = clusterNodes(trioState(false), nil, "a", "a", map[string]bool{"a": true, "b": true, "w": true}, nil)
+	_, q = clusterNodes(trioState(false), nil, "a", "a", map[string]bool{"a": true, "b": true, "w": true}, nil, contacts{})
 	if !strings.HasPrefix(q.OneMoreFailure, "losing the primary stops") {
 		t.Errorf("unprotected: %+v", q)
 	}
@@ -64,7 +76,7 @@ func TestStatusNodesOnEveryRole(t *testing.T) {
 			t.Errorf("%s: nodes %+v quorum %+v", st.Role, st.Nodes, st.Quorum)
 		}
 	}
-	nodes, q := raftNodes(wit, nil)
+	nodes, q := raftNodes(wit, nil, nil)
 	if len(nodes) != 3 || q.Voters != 3 {
 		t.Errorf("witness: nodes %+v quorum %+v", nodes, q)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -25,25 +26,40 @@ type ConsoleClient struct {
 	// Addrs are every node's console address.
 	Addrs   []string
 	Timeout time.Duration
+	// ReplyTimeout: a connection on which a line sent has had no output
+	// for this long is taken for lost (a cut leaves it open and silent:
+	// no reset ever comes), and the client looks for the primary and
+	// resends. 0: DefaultReplyTimeout; negative: never.
+	ReplyTimeout time.Duration
 	// TLS, if set, makes every connection mutual TLS against the CA.
 	TLS *trust.Identity
 	// Out receives the guest's output; Notes says which node serves.
 	Out, Notes io.Writer
 }
 
+// DefaultReplyTimeout is ConsoleClient.ReplyTimeout's default: far above
+// a reply's normal delay (an epoch or two) and a failover's pause.
+const DefaultReplyTimeout = 5 * time.Second
+
 // Run sends lines (each ending in a newline) until lines is closed and
-// the last replies have come in (nil), or no node served for Timeout.
+// the last replies have come in (nil), or no node served for Timeout. A
+// kv request (guest/kvproto) is answered by the output line that starts
+// with its ID; any other line by any output line without one.
 func (c *ConsoleClient) Run(lines <-chan string) error {
-	var unsent []string // sent on a connection that died before any reply
+	var unsent []pendingLine // sent on a connection that died before its reply
 	next := 0
 	drain := &drainClock{within: c.Timeout}
+	silence := c.ReplyTimeout
+	if silence == 0 {
+		silence = DefaultReplyTimeout
+	}
 	for {
 		conn, err := c.dialPrimary(&next)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(c.Notes, "tandem console: connected to %s\n", conn.RemoteAddr())
-		s := &consoleSession{conn: conn, out: c.Out, unsent: unsent, got: make(chan struct{}, 1), readDone: make(chan error, 1), drain: drain}
+		s := &consoleSession{conn: conn, out: c.Out, unsent: unsent, got: make(chan struct{}, 1), readDone: make(chan error, 1), drain: drain, silence: silence}
 		done, err := s.run(lines)
 		unsent = s.pending()
 		if done {
@@ -77,15 +93,100 @@ type consoleSession struct {
 	out      io.Writer
 	got      chan struct{} // capacity 1: a reply came in
 	readDone chan error    // capacity 1: the reader's end
-	// mu guards unsent.
+	silence  time.Duration // see ConsoleClient.ReplyTimeout (<0: never)
+	// mu guards unsent and waiting.
 	mu     sync.Mutex
-	unsent []string
+	unsent []pendingLine
+	// waiting is when a reply was last awaited from: the send of the
+	// first line of unsent, or the last reply that answered one (zero:
+	// nothing waits).
+	waiting time.Time
 }
 
-func (s *consoleSession) pending() []string {
+// pendingLine is a line sent and not answered yet; id is its kv request
+// ID ("client:seq"), "" for a line that is not a kv request.
+type pendingLine struct {
+	line, id string
+}
+
+// kvID is the "client:seq" a kv request or reply line starts with ("":
+// none). The console's guest answers every request with one line that
+// starts with the request's ID (guest/kvproto), and the console bridge
+// sends every client all output: a reply to another client is no answer
+// to this one's lines.
+func kvID(l string) string {
+	id, _, ok := strings.Cut(l, " ")
+	if !ok {
+		id = strings.TrimRight(l, "\r\n")
+	}
+	client, seq, ok := strings.Cut(id, ":")
+	if !ok || client == "" || seq == "" || strings.Trim(seq, "0123456789") != "" {
+		return ""
+	}
+	return id
+}
+
+// answered removes what the output line l answers: the pending line with
+// its kv ID; a line without one (not the kv protocol) answers every
+// pending line without one. It says whether anything was answered.
+func (s *consoleSession) answered(l string) bool {
+	id := kvID(l)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.unsent
+	kept := s.unsent[:0]
+	for _, p := range s.unsent {
+		if p.id != id {
+			kept = append(kept, p)
+		}
+	}
+	done := len(kept) < len(s.unsent)
+	clear(s.unsent[len(kept):])
+	s.unsent = kept
+	if done {
+		s.waiting = time.Time{}
+		if len(s.unsent) > 0 {
+			s.waiting = time.Now()
+		}
+	}
+	return done
+}
+
+// errSilent is a connection on which a line sent had no output for the
+// reply timeout: taken for lost.
+type errSilent time.Duration
+
+func (e errSilent) Error() string {
+	return fmt.Sprintf("no output for %v after a line was sent", time.Duration(e))
+}
+
+// silent says whether a line has waited for output longer than the
+// reply timeout.
+func (s *consoleSession) silent() bool {
+	if s.silence < 0 {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.unsent) > 0 && !s.waiting.IsZero() && time.Since(s.waiting) > s.silence
+}
+
+// sent notes that l goes out now (it waits for output from now on, if
+// nothing waited before).
+func (s *consoleSession) sent(l string, resend bool) {
+	s.mu.Lock()
+	if !resend {
+		s.unsent = append(s.unsent, pendingLine{line: l, id: kvID(l)})
+	}
+	if s.waiting.IsZero() {
+		s.waiting = time.Now()
+	}
+	s.mu.Unlock()
+}
+
+func (s *consoleSession) pending() []pendingLine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.unsent)
 }
 
 // run resends what the last connection left unanswered, then sends lines
@@ -104,9 +205,10 @@ func (s *consoleSession) run(lines <-chan string) (done bool, err error) {
 	}()
 	// A node that accepts but does not read must not hold the resend
 	// forever: the same deadline as pump's writes.
-	for _, l := range s.pending() {
+	for _, p := range s.pending() {
+		s.sent(p.line, true)
 		s.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		if _, err := s.conn.Write([]byte(l)); err != nil {
+		if _, err := s.conn.Write([]byte(p.line)); err != nil {
 			break
 		}
 	}
@@ -129,6 +231,9 @@ func (s *consoleSession) run(lines <-chan string) (done bool, err error) {
 			return true, nil
 		case <-s.got:
 		case <-time.After(20 * time.Millisecond):
+			if s.silent() {
+				return false, errSilent(s.silence)
+			}
 		}
 	}
 	return true, nil
@@ -145,12 +250,11 @@ func (s *consoleSession) read() {
 				return
 			}
 			io.WriteString(s.out, l)
-			s.mu.Lock()
-			s.unsent = nil
-			s.mu.Unlock()
-			select {
-			case s.got <- struct{}{}:
-			default:
+			if s.answered(l) {
+				select {
+				case s.got <- struct{}{}:
+				default:
+				}
 			}
 		}
 		if err != nil {
@@ -166,23 +270,28 @@ func (s *consoleSession) read() {
 // not end as if its input had (the command's client did exactly that).
 var errInputEnded = errors.New("console input ended")
 
-// pump sends lines until they end or the connection is lost.
+// pump sends lines until they end or the connection is lost (broken, or
+// silent for the reply timeout).
 func (s *consoleSession) pump(lines <-chan string) error {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
 	for {
 		select {
 		case l, ok := <-lines:
 			if !ok {
 				return errInputEnded
 			}
-			s.mu.Lock()
-			s.unsent = append(s.unsent, l)
-			s.mu.Unlock()
+			s.sent(l, false)
 			s.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
 			if _, err := s.conn.Write([]byte(l)); err != nil {
 				return err
 			}
 		case err := <-s.readDone:
 			return err
+		case <-tick.C:
+			if s.silent() {
+				return errSilent(s.silence)
+			}
 		}
 	}
 }
@@ -194,6 +303,14 @@ func (c *ConsoleClient) dialPrimary(next *int) (net.Conn, error) {
 	addrs := c.Addrs
 	deadline := time.Now().Add(c.Timeout)
 	var lastErr error
+	said := map[string]string{} // what was said of each address
+	note := func(a string, err error) {
+		lastErr = err
+		if msg := err.Error(); said[a] != msg {
+			said[a] = msg
+			fmt.Fprintf(c.Notes, "tandem console: %s: %v\n", a, err)
+		}
+	}
 	for attempt := 0; time.Now().Before(deadline); attempt++ {
 		a := addrs[*next%len(addrs)]
 		*next++
@@ -201,7 +318,7 @@ func (c *ConsoleClient) dialPrimary(next *int) (net.Conn, error) {
 		conn, err := trust.Dial(ctx, c.TLS, a, "")
 		cancel()
 		if err != nil {
-			lastErr = err
+			note(a, err)
 		}
 		if err == nil {
 			// A node that does not serve says so at once.
@@ -212,8 +329,11 @@ func (c *ConsoleClient) dialPrimary(next *int) (net.Conn, error) {
 			if n == 0 && rerr != nil && isTimeout(rerr) {
 				return conn, nil
 			}
-			if rerr != nil {
-				lastErr = rerr // a refused certificate shows here
+			switch {
+			case n > 0:
+				note(a, errors.New("not the primary"))
+			case rerr != nil:
+				note(a, rerr) // a refused certificate shows here
 			}
 			conn.Close()
 		}

@@ -2,6 +2,7 @@ package ft
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -28,7 +29,8 @@ func (l *lockedBuffer) String() string {
 }
 
 // echoBridge is a console bridge that serves while serving is set and
-// answers every line it is given with "ok <line>".
+// answers every line it is given as the kv guest does: "<line> ok" (the
+// reply starts with the request's ID).
 type echoBridge struct {
 	b       *consoleBridge
 	serving atomic.Bool
@@ -43,7 +45,7 @@ func newEchoBridge(t *testing.T) *echoBridge {
 		e.mu.Lock()
 		e.got = append(e.got, string(p))
 		e.mu.Unlock()
-		e.b.release([]byte("ok " + string(p)))
+		e.b.release(echoReply(p))
 		return nil
 	}, e.serving.Load, nil, quietLog(), Trust{})
 	if err != nil {
@@ -52,6 +54,17 @@ func newEchoBridge(t *testing.T) *echoBridge {
 	e.b = b
 	t.Cleanup(b.close)
 	return e
+}
+
+// echoReply is the echo bridge's answer to the lines p.
+func echoReply(p []byte) []byte {
+	var out []byte
+	for _, l := range strings.SplitAfter(string(p), "\n") {
+		if l != "" {
+			out = append(out, strings.TrimSuffix(l, "\n")+" ok\n"...)
+		}
+	}
+	return out
 }
 
 func (e *echoBridge) lines() string {
@@ -73,7 +86,7 @@ func TestConsoleClientFollowsPrimary(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- c.Run(lines) }()
 	lines <- "c:1 SET x 1\n"
-	eventually(t, "reply from a", func() bool { return strings.Contains(out.String(), "ok c:1 SET x 1") })
+	eventually(t, "reply from a", func() bool { return strings.Contains(out.String(), "c:1 SET x 1 ok") })
 	if b.lines() != "" {
 		t.Fatalf("a node that does not serve got %q", b.lines())
 	}
@@ -81,7 +94,7 @@ func TestConsoleClientFollowsPrimary(t *testing.T) {
 	b.serving.Store(true)
 	a.b.dropAll() // a stops serving: its clients are cut (EOF, not an error line)
 	lines <- "c:2 SET y 2\n"
-	eventually(t, "reply from b", func() bool { return strings.Contains(out.String(), "ok c:2 SET y 2") })
+	eventually(t, "reply from b", func() bool { return strings.Contains(out.String(), "c:2 SET y 2 ok") })
 	if !strings.Contains(b.lines(), "c:2 SET y 2") || strings.Contains(a.lines(), "c:2") {
 		t.Errorf("a got %q, b got %q", a.lines(), b.lines())
 	}
@@ -143,7 +156,93 @@ func TestConsoleClientPipedInput(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the client did not end")
 	}
-	if !strings.Contains(out.String(), "ok c:1 GET k") {
+	if !strings.Contains(out.String(), "c:1 GET k ok") {
 		t.Fatalf("no reply printed: out %q notes %q", out.String(), notes.String())
+	}
+}
+
+// A connection that stays open but says nothing after a line was sent (a
+// network cut: no reset ever comes) is taken for lost after the reply
+// timeout: the client finds the node that serves now and resends the
+// line there. Idle (nothing sent), a silent connection is kept.
+func TestConsoleClientLeavesSilentConnection(t *testing.T) {
+	a, b := newEchoBridge(t), newEchoBridge(t)
+	mute := atomic.Bool{}
+	// a serves but, muted, swallows every line (its replies are cut off).
+	a.b.close()
+	ab, err := newConsoleBridge("127.0.0.1:0", func(p []byte) error {
+		if !mute.Load() {
+			a.b.release(echoReply(p))
+		}
+		return nil
+	}, func() bool { return true }, nil, quietLog(), Trust{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.b = ab
+	t.Cleanup(ab.close)
+	var out, notes lockedBuffer
+	c := &ConsoleClient{Addrs: []string{ab.addr(), b.b.addr()}, Timeout: 10 * time.Second, ReplyTimeout: 300 * time.Millisecond, Out: &out, Notes: &notes}
+	lines := make(chan string)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(lines) }()
+	lines <- "c:1 SET x 1\n"
+	eventually(t, "reply from a", func() bool { return strings.Contains(out.String(), "c:1 SET x 1 ok") })
+	time.Sleep(500 * time.Millisecond) // idle past the timeout: kept
+	if strings.Contains(notes.String(), "lost") {
+		t.Fatalf("an idle connection was dropped: %s", notes.String())
+	}
+	mute.Store(true)
+	b.serving.Store(true)
+	lines <- "c:2 SET y 2\n"
+	eventually(t, "the line resent to b", func() bool { return strings.Contains(out.String(), "c:2 SET y 2 ok") })
+	if !strings.Contains(notes.String(), "no output for 300ms") {
+		t.Errorf("notes do not say why: %s", notes.String())
+	}
+	close(lines)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Piped kv requests are each waited for by their ID: the client ends
+// only once every one is answered, and another client's reply (the
+// bridge sends all output to every client) answers none of them.
+func TestConsoleClientWaitsForEveryReply(t *testing.T) {
+	var bridge *consoleBridge
+	bridge, err := newConsoleBridge("127.0.0.1:0", func(p []byte) error {
+		go func() {
+			bridge.release([]byte("other:1 OK\n")) // someone else's
+			for _, l := range strings.SplitAfter(string(p), "\n") {
+				if l == "" {
+					continue
+				}
+				time.Sleep(50 * time.Millisecond)
+				bridge.release([]byte(strings.TrimSuffix(l, "\n") + " ok\n"))
+			}
+		}()
+		return nil
+	}, func() bool { return true }, nil, quietLog(), Trust{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(bridge.close)
+	var out, notes lockedBuffer
+	c := &ConsoleClient{Addrs: []string{bridge.addr()}, Timeout: 5 * time.Second, Out: &out, Notes: &notes}
+	lines := make(chan string, 8)
+	for i := 1; i <= 5; i++ {
+		lines <- fmt.Sprintf("c:%d GET k%d\n", i, i)
+	}
+	close(lines)
+	if err := c.Run(lines); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 5; i++ {
+		if want := fmt.Sprintf("c:%d GET k%d ok", i, i); !strings.Contains(out.String(), want) {
+			t.Errorf("ended without %q: %q", want, out.String())
+		}
+	}
+	if kvID("c:12 OK") != "c:12" || kvID("c:x OK") != "" || kvID("ERR bad") != "" || kvID("c:3\n") != "c:3" {
+		t.Error("kvID")
 	}
 }

@@ -84,9 +84,10 @@ const primaryWait = 3 * time.Second
 
 // AdmitPrimary admits a primary's data connection over TLS only if its
 // certificate names the node raft says is primary. One naming another
-// member that may become primary (not the witness, not this node) is
-// given primaryWait for this node's raft state to catch up; anything else
-// is refused at once. Plaintext connections (no TLS configured) pass:
+// member that may become primary (not the witness, not this node; any
+// other voter while this node has applied no record yet) is given
+// primaryWait for this node's raft state to catch up; anything else is
+// refused at once. Plaintext connections (no TLS configured) pass:
 // the secondary's generation check still applies to them.
 func (c *RaftCoordinator) AdmitPrimary(ctx context.Context, conn net.Conn) error {
 	if _, isTLS := conn.(*tls.Conn); !isTLS {
@@ -107,6 +108,17 @@ func (c *RaftCoordinator) AdmitPrimary(ctx context.Context, conn net.Conn) error
 		for _, mem := range st.Members {
 			if mem.Role != failover.RoleWitness && mem.ID != c.ID() && slices.Contains(names, mem.ID) {
 				candidate = true
+			}
+		}
+		if len(st.Members) == 0 {
+			// This node has not applied raft's record yet (it is
+			// starting): any other voter may be the primary; wait for
+			// the record rather than fail the primary's join, which
+			// then backs off for seconds.
+			for _, v := range c.Voters() {
+				if v.ID != c.ID() && slices.Contains(names, v.ID) {
+					candidate = true
+				}
 			}
 		}
 		if !candidate || clk.Now().After(deadline) || clock.Sleep(ctx, clk, 50*time.Millisecond) != nil {
@@ -135,13 +147,5 @@ func (c *RaftCoordinator) SecondaryName(addr string) string {
 // ClusterView is the raft part of a member's status; gen is the
 // generation the member releases output under.
 func (c *RaftCoordinator) ClusterView(gen uint64) *api.ClusterView {
-	st := c.State()
-	leader, _ := c.Leader()
-	cv := api.ClusterView{ID: c.ID(), Generation: st.Generation, Primary: st.Primary, Leader: leader,
-		Protected: st.Protected, Epoch: st.Epoch, CanRelease: c.CanRelease(gen),
-		Image: c.ImageStatus(), Waiting: c.Waiting()}
-	for _, mem := range st.Members {
-		cv.Members = append(cv.Members, fmt.Sprintf("%s(%s) data=%s api=%s console=%s", mem.ID, mem.Role, mem.DataAddr, mem.APIAddr, mem.ConsoleAddr))
-	}
-	return &cv
+	return clusterView(c.Node, c.CanRelease(gen))
 }

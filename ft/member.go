@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/clock"
@@ -109,13 +110,15 @@ type Member struct {
 // NewMember builds a member; Start runs it.
 func NewMember(cfg MemberConfig) *Member {
 	ctx, cancel := context.WithCancel(context.Background())
+	m := &Member{n: cfg.Node, coord: cfg.Coordinator, cfg: cfg, log: cfg.Log, clk: clock.Or(cfg.Clock),
+		ctx: ctx, cancel: cancel, protSem: make(chan struct{}, 1)}
 	if rc, ok := cfg.Coordinator.(*RaftCoordinator); ok && cfg.Node != nil {
 		cfg.Node.mu.Lock()
-		cfg.Node.raft = rc.Node // the role metrics read raft's record
+		cfg.Node.raft = rc.Node // the role metrics and status read raft's record
+		cfg.Node.cluster = func() *api.ClusterView { return rc.ClusterView(m.gen.Load()) }
 		cfg.Node.mu.Unlock()
 	}
-	return &Member{n: cfg.Node, coord: cfg.Coordinator, cfg: cfg, log: cfg.Log, clk: clock.Or(cfg.Clock),
-		ctx: ctx, cancel: cancel, protSem: make(chan struct{}, 1)}
+	return m
 }
 
 // Start serves the data port, follows the coordinator's events and

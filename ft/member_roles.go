@@ -16,9 +16,11 @@ import (
 )
 
 // start waits for the coordinator to catch up, then decides (decide).
+// It says what it waits for after a second, then every 5 s.
 func (m *Member) start() {
-	for {
-		wctx, cancel := context.WithTimeout(m.ctx, 5*time.Second)
+	t0 := m.clk.Now()
+	for wait := time.Second; ; wait = 5 * time.Second {
+		wctx, cancel := context.WithTimeout(m.ctx, wait)
 		err := m.coord.WaitSynced(wctx)
 		cancel()
 		if err == nil {
@@ -27,7 +29,12 @@ func (m *Member) start() {
 		if m.ctx.Err() != nil {
 			return
 		}
-		m.log.Info("waiting for the cluster (a majority of voters) to form", "err", err)
+		what := "the cluster's record (a majority of voters must be up)"
+		if d, ok := m.coord.(interface{ SyncState() string }); ok {
+			what = d.SyncState()
+		}
+		m.log.Info("waiting for raft before taking a part (primary or secondary)", "waiting_for", what,
+			"waited", clock.Since(m.clk, t0).Round(time.Millisecond).String())
 	}
 	m.decide()
 }
@@ -147,7 +154,20 @@ func (m *Member) becomeSecondary(why string) {
 	m.n.mu.Lock()
 	m.n.role, m.n.sec, m.n.state = "secondary", sec, "standby"
 	m.n.mu.Unlock()
-	m.log.Info("secondary", "why", why)
+	attrs := []any{"why", why}
+	if m.cfg.Data != nil {
+		// What it waits for: the primary's join (a full sync, unless the
+		// stored image is of its stream).
+		attrs = append(attrs, "waiting_for", fmt.Sprintf("the primary (%s) to connect to this node's data address %s and sync it", orNone(m.coord.State().Primary), m.cfg.Data.Addr()))
+	}
+	m.log.Info("secondary", attrs...)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none yet"
+	}
+	return s
 }
 
 // errAlreadyPrimary refuses an activation of a node that runs the guest.

@@ -317,19 +317,38 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.Cluster = cluster()
 	}
 	var lag *int
+	var dataLast time.Time // the data link's last word from the peer
 	if epochs != nil {
 		es := epochs.Status()
 		st.Epochs = &es
+		st.Protection, st.ProtectionReason = es.Protection, es.ProtectionReason
 		lag = &es.SecondaryLag
-	}
-	if rn != nil {
-		st.Nodes, st.Quorum = raftNodes(rn, lag)
-	} else {
-		st.Nodes = soloNodes(st.Role)
+		dataLast = epochs.LastAck()
+	} else if st.State == "fenced" {
+		// Fenced by raft: no loop, but the guest's protection is over.
+		st.Protection, st.ProtectionReason = "fenced", st.StateReason
 	}
 	if sec != nil {
 		ss := sec.Status(digest)
 		st.Secondary = &ss
+		_, _, dataLast = sec.PrimaryContact()
+	}
+	if rn != nil {
+		var data map[string]time.Duration
+		if !dataLast.IsZero() {
+			fsm := rn.State()
+			peer := fsm.Primary // a secondary hears the primary
+			if epochs != nil {
+				info, _ := fsm.Secondary()
+				peer = info.ID
+			}
+			if peer != "" && peer != rn.ID() {
+				data = map[string]time.Duration{peer: max(time.Since(dataLast), 0)}
+			}
+		}
+		st.Nodes, st.Quorum = raftNodes(rn, lag, data)
+	} else {
+		st.Nodes = soloNodes(st.Role)
 	}
 	if g != nil {
 		d, err := memoryDigest(g)

@@ -76,9 +76,6 @@ func RunRaftMember(ctx context.Context, cfg RaftConfig) error {
 	m := NewMember(MemberConfig{Node: n, Coordinator: coord, Epochs: cfg.Epochs, Receiver: cfg.Receiver,
 		DataDir: cfg.DataDir, Data: dataLn, Boot: cfg.Boot, BootConfig: cfg.BootConfig, Fresh: fresh, Log: log})
 	n.HandleFunc("POST /switchover", m.handleSwitchover)
-	n.mu.Lock()
-	n.cluster = func() *api.ClusterView { return coord.ClusterView(m.gen.Load()) }
-	n.mu.Unlock()
 	m.Start()
 	n.Start()
 	n.Wait(ctx)
@@ -131,6 +128,15 @@ func RunWitness(ctx context.Context, cfg WitnessConfig) error {
 	return nil
 }
 
+// witnessStatus is the witness's GET /status: the same keys as every
+// node's, its raft view under "cluster", the guest's fields null.
+func witnessStatus(node *failover.Node) api.Status {
+	st := node.State()
+	nodes, quorum := raftNodes(node, nil, nil)
+	return api.Status{Role: "witness", Build: version.Build(), Cluster: clusterView(node, false), Nodes: nodes, Quorum: quorum,
+		Witness: &api.WitnessStatus{Protected: st.Protected, LastCommittedEpoch: st.Epoch}}
+}
+
 // newWitnessAPI is the witness's API: GET /status and the role metrics
 // (not started).
 func newWitnessAPI(node *failover.Node, addr string, log *slog.Logger, nt Trust) (*APIServer, error) {
@@ -139,12 +145,7 @@ func newWitnessAPI(node *failover.Node, addr string, log *slog.Logger, nt Trust)
 		return nil, err
 	}
 	srv.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-		st := node.State()
-		leader, _ := node.Leader()
-		nodes, quorum := raftNodes(node, nil)
-		WriteJSON(w, http.StatusOK, api.Status{Role: "witness", Build: version.Build(), Nodes: nodes, Quorum: quorum,
-			Witness: &api.WitnessStatus{Generation: st.Generation, Primary: st.Primary, Leader: leader, Protected: st.Protected,
-				LastCommittedEpoch: st.Epoch, Waiting: node.Waiting()}})
+		WriteJSON(w, http.StatusOK, witnessStatus(node))
 	})
 	srv.HandleFunc("POST /switchover", func(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, http.StatusConflict, api.CodeNotPrimary, notPrimaryError(node.State(), "switchover (the witness never runs the guest)"))

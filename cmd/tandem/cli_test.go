@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"net"
 	"strings"
 	"testing"
 
@@ -78,5 +79,36 @@ func TestNetFlagRefusals(t *testing.T) {
 		if rc := app.Main(args, &out, &errb); rc != 2 || strings.Count(errb.String(), "\n") != 1 {
 			t.Errorf("%v: exit %d, stderr %q", args, rc, errb.String())
 		}
+	}
+}
+
+// Every command that has --api defaults to the same address, and a
+// refused connection says so in one line (issue 20: a bare tandem status
+// got "connection refused" because each command had its own default).
+func TestOneDefaultAPI(t *testing.T) {
+	for name := range app.Commands {
+		var out, errb bytes.Buffer
+		app.Main([]string{name, "-h"}, &out, &errb)
+		lines := strings.Split(out.String(), "\n")
+		for i, l := range lines {
+			if strings.TrimSpace(l) != "-api string" {
+				continue
+			}
+			if i+1 >= len(lines) || !strings.HasSuffix(lines[i+1], "(default \""+defaultAPI+"\")") {
+				t.Errorf("%s -h: --api without the default %s", name, defaultAPI)
+			}
+		}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	var out, errb bytes.Buffer
+	rc := app.Main([]string{"status", "--api", addr}, &out, &errb)
+	want := "tandem status: no tandem API at " + addr + " (connection refused): give the --api address of a running node\n"
+	if rc != 1 || errb.String() != want {
+		t.Errorf("status against a closed port: exit %d, %q, want %q", rc, errb.String(), want)
 	}
 }

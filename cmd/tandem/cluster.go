@@ -132,7 +132,7 @@ func cmdWitness(args []string) error {
 	fs := newFlagSet("witness")
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, false)
-	apiAddr := fs.String("api", "", "address of an HTTP API for status (optional)")
+	apiAddr := fs.String("api", defaultAPI, "address of the HTTP API (status, metrics); \"\": none")
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	addInsecureFlag(fs, &tf)
@@ -158,7 +158,7 @@ func cmdWitness(args []string) error {
 
 func cmdSwitchover(args []string) error {
 	fs := newFlagSet("switchover")
-	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
+	api := fs.String("api", defaultAPI, "API address of the primary")
 	id, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err

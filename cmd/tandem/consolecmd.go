@@ -22,6 +22,7 @@ func cmdConsole(args []string) error {
 	fs := newFlagSet("console")
 	connect := fs.String("connect", "127.0.0.1:7071", "console addresses of every node, comma-separated")
 	timeout := fs.Duration("timeout", 30*time.Second, "give up when no node serves the console for this long")
+	replyTimeout := fs.Duration("reply-timeout", ft.DefaultReplyTimeout, "a connection with no output this long after a line was sent is taken for lost (a network cut): look for the primary and resend; 0: never")
 	id, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
@@ -40,6 +41,10 @@ func cmdConsole(args []string) error {
 			lines <- sc.Text() + "\n"
 		}
 	}()
-	c := &ft.ConsoleClient{Addrs: addrs, Timeout: *timeout, TLS: id, Out: os.Stdout, Notes: os.Stderr}
+	rt := *replyTimeout
+	if rt <= 0 {
+		rt = -1 // never
+	}
+	c := &ft.ConsoleClient{Addrs: addrs, Timeout: *timeout, ReplyTimeout: rt, TLS: id, Out: os.Stdout, Notes: os.Stderr}
 	return c.Run(lines)
 }

@@ -95,7 +95,7 @@ func (ef epochFlags) settings() ft.EpochSettings {
 
 func cmdActivate(args []string) error {
 	fs := newFlagSet("activate")
-	api := fs.String("api", "127.0.0.1:7082", "API address of the secondary")
+	api := fs.String("api", defaultAPI, "API address of the secondary")
 	force := fs.Bool("force", false, "activate even though the primary was heard within the secondary's --failure-timeout (split brain unless it is really gone)")
 	id, err := parseClientFlags(fs, args)
 	if err != nil {
@@ -111,7 +111,7 @@ func cmdActivate(args []string) error {
 
 func cmdProtect(args []string) error {
 	fs := newFlagSet("protect")
-	api := fs.String("api", "127.0.0.1:7070", "API address of the primary")
+	api := fs.String("api", defaultAPI, "API address of the primary")
 	secondary := fs.String("secondary", "", "the secondary's --data address (\"\" drops protection)")
 	name := fs.String("secondary-name", "", "with TLS: the node the secondary's certificate must name (default: any certificate of the CA)")
 	id, err := parseClientFlags(fs, args)
@@ -131,7 +131,7 @@ func cmdPrimary(args []string) error {
 	addGuestFlags(fs, &gf)
 	var ef epochFlags
 	addEpochFlags(fs, &ef)
-	apiAddr := fs.String("api", "127.0.0.1:7070", "address of the HTTP API")
+	apiAddr := fs.String("api", defaultAPI, "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
 	secondary := fs.String("secondary", "", "the secondary's --data address (a pair without raft)")
 	secName := fs.String("secondary-name", "", "with TLS, a pair without raft: the node the secondary's certificate must name (default: any certificate of the CA)")
@@ -219,7 +219,7 @@ func checkPairSecondary(addr string, nt nodeTrust) error {
 func cmdSecondary(args []string) error {
 	fs := newFlagSet("secondary")
 	data := fs.String("data", "127.0.0.1:7092", "this node's data address: where it listens for the primary's epochs (the same in a pair and in raft mode; the pair's primary names it in --secondary)")
-	apiAddr := fs.String("api", "127.0.0.1:7082", "address of the HTTP API")
+	apiAddr := fs.String("api", defaultAPI, "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7083", "address of the console bridge (serves once activated)")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
 	failureTimeout := fs.Duration("failure-timeout", ft.DefaultFailureTimeout, "tandem activate refuses (without --force) while the primary was heard within this long")

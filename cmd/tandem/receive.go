@@ -16,7 +16,7 @@ func cmdReceive(args []string) error {
 	fs := newFlagSet("receive")
 	listen := fs.String("listen", "", "data address to receive a migration on")
 	from := fs.String("from", "", "snapshot to restore: file:PATH")
-	apiAddr := fs.String("api", "127.0.0.1:7080", "address of the HTTP API")
+	apiAddr := fs.String("api", defaultAPI, "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7081", "address of the console bridge")
 	kind := fs.String("guest", "", "accept only this guest kind (kvm or synth); default: either")
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")

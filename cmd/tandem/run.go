@@ -68,7 +68,7 @@ func cmdRun(args []string) error {
 	fs := newFlagSet("run")
 	var gf guestFlags
 	addGuestFlags(fs, &gf)
-	apiAddr := fs.String("api", "127.0.0.1:7070", "address of the HTTP API")
+	apiAddr := fs.String("api", defaultAPI, "address of the HTTP API")
 	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
 	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
 	var snapDir string

@@ -22,7 +22,7 @@ const statusTimeout = 30 * time.Second
 
 func cmdStatus(args []string) error {
 	fs := newFlagSet("status")
-	api := fs.String("api", "127.0.0.1:7070", "API address of the node (any role: primary, secondary or witness)")
+	api := fs.String("api", defaultAPI, "API address of the node (any role: primary, secondary or witness)")
 	asJSON := fs.Bool("json", false, "print one JSON object (the node's, as it sent it)")
 	digest := fs.Bool("digest", false, "add memory_digest, the digest of guest memory now (a node that is not protecting a guest)")
 	watch := fs.Duration("watch", 0, "refresh every so often (e.g. 1s) until interrupted; 0: once")
@@ -48,7 +48,7 @@ func cmdStatus(args []string) error {
 			}
 			return err
 		}
-		if _, ok := raw["memory_digest"]; *digest && !ok {
+		if *digest && raw["memory_digest"] == nil && raw["committed_digest"] == nil { // present on every role, null when none was taken
 			fmt.Fprintln(os.Stderr, "tandem status: no memory_digest: a node protecting its guest (or migrating it) is not paused for a scan; its replica is proven by --verify-epochs (digest_mismatches, verified_epochs)")
 		}
 		if *asJSON {

@@ -17,7 +17,7 @@ func init() {
 
 func cmdTop(args []string) error {
 	fs := newFlagSet("top")
-	addr := fs.String("api", "127.0.0.1:7070", "API address of the node")
+	addr := fs.String("api", defaultAPI, "API address of the node")
 	interval := fs.Duration("interval", time.Second, "refresh interval")
 	once := fs.Bool("once", false, "print one snapshot (figures over one interval) and exit; the default when stdout is not a terminal")
 	rows := fs.Int("rows", 10, "rows in the table of phases and handlers, and slow events shown")

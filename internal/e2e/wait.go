@@ -10,8 +10,8 @@ import (
 	"github.com/tandemvm/tandem/api"
 )
 
-// Cluster is st's raft view; the zero view when st has none (a witness's
-// status carries its view at the top level, see api.WitnessStatus).
+// Cluster is st's raft view (every trio node's, the witness's too); the
+// zero view when st has none.
 func Cluster(st api.Status) api.ClusterView {
 	if st.Cluster != nil {
 		return *st.Cluster
@@ -27,16 +27,9 @@ func Epochs(st api.Status) api.EpochStatus {
 	return api.EpochStatus{}
 }
 
-// Waiting is why nobody serves the guest, as n's status says (a member's
-// cluster view or a witness's own field).
+// Waiting is why nobody serves the guest, as n's status says.
 func Waiting(st api.Status) string {
-	if st.Cluster != nil && st.Cluster.Waiting != "" {
-		return st.Cluster.Waiting
-	}
-	if st.Witness != nil {
-		return st.Witness.Waiting
-	}
-	return ""
+	return Cluster(st).Waiting
 }
 
 // IsProtectedPrimary says whether st is id's: running primary, protected,

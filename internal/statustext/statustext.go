@@ -7,13 +7,14 @@ import (
 	"sort"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/tandemvm/tandem/api"
 )
 
 // clusterKeys are shown in the cluster part (or are its raw material) and
 // not repeated in the node's detail.
-var clusterKeys = map[string]bool{"nodes": true, "quorum": true, "cluster": true}
+var clusterKeys = map[string]bool{"nodes": true, "quorum": true, "cluster": true, "resync": true}
 
 // Write renders raw (GET /status as the node sent it) to w.
 func Write(w io.Writer, raw map[string]any) error {
@@ -27,16 +28,19 @@ func Write(w io.Writer, raw map[string]any) error {
 	if len(view.Nodes) > 0 {
 		fmt.Fprintln(w, "Cluster:")
 		tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
-		fmt.Fprintln(tw, "  NODE\tROLE\tGENERATION\tPROTECTION\tEPOCH LAG\tREACHABLE\t")
+		fmt.Fprintln(tw, "  NODE\tROLE\tGENERATION\tPROTECTION\tEPOCH LAG\tREACHABLE\tLAST CONTACT (raft / data)\t")
 		for _, n := range view.Nodes {
 			id := n.ID
+			contact := fmt.Sprintf("%s / %s", msOrDash(n.RaftLastContactMs), msOrDash(n.DataLastContactMs))
 			if n.Self {
 				id += " (this node)"
+				contact = "-"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d\t%s\t%s\t%s\t\n", id, orDash(n.Role), n.Generation,
-				boolWord(n.Protected, "protected", "UNPROTECTED"), intOrDash(n.EpochLag), boolWord(n.Reachable, "yes", "NO"))
+			fmt.Fprintf(tw, "  %s\t%s\t%d\t%s\t%s\t%s\t%s\t\n", id, orDash(n.Role), n.Generation,
+				boolWord(n.Protected, "protected", "UNPROTECTED"), intOrDash(n.EpochLag), boolWord(n.Reachable, "yes", "NO"), contact)
 		}
 		tw.Flush()
+		fmt.Fprintln(w, "  (last contact: how long ago this node last heard from each, over raft and over the data link; - never or not known)")
 	}
 	if q := view.Quorum; q != nil {
 		state := "has quorum"
@@ -46,9 +50,36 @@ func Write(w io.Writer, raw map[string]any) error {
 		fmt.Fprintf(w, "Quorum: %s: %d of %d voters reachable (%d needed), raft leader %s\n", state, q.Reachable, q.Voters, q.Needed, orDash(q.Leader))
 		fmt.Fprintf(w, "One more failure: %s\n", q.OneMoreFailure)
 	}
+	var rs struct {
+		Resync *api.ResyncStatus `json:"resync"`
+	}
+	json.Unmarshal(b, &rs)
+	if r := rs.Resync; r != nil {
+		fmt.Fprintf(w, "Catching up the secondary %s: %s, %d of %d pages (%.0f%%), %s sent, for %s\n", r.Secondary, r.Phase,
+			r.PagesDone, r.PagesTotal, r.Percent, bytesIEC(r.BytesSent), time.Duration(r.ElapsedMs)*time.Millisecond)
+	}
 	fmt.Fprintf(w, "\nThis node (%s):\n", orDash(role))
 	writeDetail(w, raw)
 	return nil
+}
+
+func msOrDash(p *int64) string {
+	if p == nil {
+		return "-"
+	}
+	return (time.Duration(*p) * time.Millisecond).String()
+}
+
+func bytesIEC(n uint64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
 }
 
 // writeDetail prints the node's own fields, sorted, leaving out the
