@@ -321,19 +321,15 @@ func (c *ConsoleClient) dialPrimary(next *int) (net.Conn, error) {
 			note(a, err)
 		}
 		if err == nil {
-			// A node that does not serve says so at once.
-			conn.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-			var b [1]byte
-			n, rerr := conn.Read(b[:])
-			conn.SetReadDeadline(time.Time{})
-			if n == 0 && rerr != nil && isTimeout(rerr) {
-				return conn, nil
+			served, refusal, err := firstWords(conn)
+			if err == nil && refusal == "" {
+				return served, nil
 			}
 			switch {
-			case n > 0:
-				note(a, errors.New("not the primary"))
-			case rerr != nil:
-				note(a, rerr) // a refused certificate shows here
+			case refusal != "":
+				note(a, errors.New(refusal))
+			default:
+				note(a, err) // a refused certificate shows here
 			}
 			conn.Close()
 		}
@@ -345,6 +341,52 @@ func (c *ConsoleClient) dialPrimary(next *int) (net.Conn, error) {
 		return nil, fmt.Errorf("no node served the console within %v (tried %s; last error: %v)", c.Timeout, strings.Join(addrs, ", "), lastErr)
 	}
 	return nil, fmt.Errorf("no node served the console within %v (tried %s)", c.Timeout, strings.Join(addrs, ", "))
+}
+
+// firstWords tells a node that turns the client away from one that
+// serves. A node that does not serve says so at once, with one line
+// starting "ERR " and a close; one that serves may send nothing for a
+// while, or at once the guest's output to its other clients (the bridge
+// sends every client all output), which must not be taken for a refusal
+// nor lost: it is handed back in front of the connection's next reads.
+func firstWords(conn net.Conn) (served net.Conn, refusal string, err error) {
+	deadline := time.Now().Add(50 * time.Millisecond)
+	var buf []byte
+	var b [256]byte
+	for len(buf) < len(b) {
+		conn.SetReadDeadline(deadline)
+		n, rerr := conn.Read(b[:])
+		buf = append(buf, b[:n]...)
+		if line, _, ok := strings.Cut(string(buf), "\n"); ok || rerr != nil {
+			if strings.HasPrefix(string(buf), "ERR not the primary") || strings.HasPrefix(string(buf), "ERR too many console clients") {
+				return nil, strings.TrimPrefix(strings.TrimSpace(line), "ERR "), nil
+			}
+			if rerr != nil && !isTimeout(rerr) {
+				return nil, "", rerr
+			}
+			break
+		}
+	}
+	conn.SetReadDeadline(time.Time{})
+	if len(buf) == 0 {
+		return conn, "", nil
+	}
+	return &prefixConn{Conn: conn, prefix: buf}, "", nil
+}
+
+// prefixConn reads prefix before the connection's own bytes.
+type prefixConn struct {
+	net.Conn
+	prefix []byte
+}
+
+func (p *prefixConn) Read(b []byte) (int, error) {
+	if len(p.prefix) > 0 {
+		n := copy(b, p.prefix)
+		p.prefix = p.prefix[n:]
+		return n, nil
+	}
+	return p.Conn.Read(b)
 }
 
 func isTimeout(err error) bool {

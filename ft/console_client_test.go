@@ -246,3 +246,56 @@ func TestConsoleClientWaitsForEveryReply(t *testing.T) {
 		t.Error("kvID")
 	}
 }
+
+// A primary whose guest is busy answering other clients sends a new
+// client their replies at once (the bridge sends every client all
+// output): that is a node serving, not one turning the client away, and
+// the output it sent first is not lost. Found by the console-follow
+// test: an idle console that looked for the new primary while a busy one
+// used it took it for "not the primary" for 30 s.
+func TestConsoleClientTakesBusyPrimary(t *testing.T) {
+	a := newEchoBridge(t)
+	a.serving.Store(true)
+	stop := make(chan struct{})
+	chatDone := make(chan struct{})
+	go func() {
+		defer close(chatDone)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+			a.b.release([]byte(fmt.Sprintf("other:%d OK\n", i)))
+		}
+	}()
+	defer func() { close(stop); <-chatDone }()
+	var out, notes lockedBuffer
+	c := &ConsoleClient{Addrs: []string{a.b.addr()}, Timeout: 2 * time.Second, Out: &out, Notes: &notes}
+	lines := make(chan string)
+	done := make(chan error, 1)
+	go func() { done <- c.Run(lines) }()
+	select {
+	case lines <- "c:1 SET x 1\n":
+	case err := <-done:
+		t.Fatalf("the client ended before its first line: %v (notes: %s)", err, notes.String())
+	}
+	close(lines)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%v (notes: %s)", err, notes.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the client did not end (notes: %s)", notes.String())
+	}
+	if !strings.Contains(out.String(), "c:1 SET x 1 ok") {
+		t.Fatalf("no reply from the busy primary (notes: %s)", notes.String())
+	}
+	if strings.Contains(notes.String(), "not the primary") {
+		t.Errorf("a busy primary was taken for one that turns clients away:\n%s", notes.String())
+	}
+	if o := out.String(); !strings.HasPrefix(o, "other:") {
+		t.Errorf("the output sent before the client's first line was lost: %.60q", o)
+	}
+}
