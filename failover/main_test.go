@@ -22,5 +22,6 @@ func TestMain(m *testing.M) {
 		}
 		defaultTrigger = t
 	}
-	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction(UnansweredVerifyFunc), goleak.IgnoreAnyFunction(UnansweredApplyFunc))
+	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction(UnansweredVerifyFunc), goleak.IgnoreAnyFunction(UnansweredApplyFunc),
+		goleak.IgnoreAnyFunction(RaftTransferLeaks[0]), goleak.IgnoreAnyFunction(RaftTransferLeaks[1]))
 }

@@ -506,6 +506,17 @@ func (n *Node) answer(f raft.Future) error {
 // pass it to goleak with UnansweredVerifyFunc.
 const UnansweredApplyFunc = "github.com/tandemvm/tandem/failover.(*Node).answer.func1"
 
+// RaftTransferLeaks are the goroutines hashicorp/raft (1.7.3) leaves
+// behind when it shuts down during a leadership transfer: the transfer
+// blocks sending to the replication goroutine that has already stopped
+// (raft.go, leadershipTransfer: triggerDeferErrorCh is sent to outside a
+// select), and the leader loop's watcher waits on it. Nothing of Tandem's
+// holds them; test mains pass them to goleak.
+var RaftTransferLeaks = []string{
+	"github.com/hashicorp/raft.(*Raft).leadershipTransfer",
+	"github.com/hashicorp/raft.(*Raft).leaderLoop.func2",
+}
+
 // applyCtx is apply for callers with a context; the apply itself is bounded
 // by ApplyTimeout, so the goroutine left behind on ctx end finishes soon.
 func (n *Node) applyCtx(ctx context.Context, t commandType, body any) error {
