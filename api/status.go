@@ -47,12 +47,54 @@ type Status struct {
 	// node sees it (null without raft).
 	Nodes  []NodeView  `json:"nodes"`
 	Quorum *QuorumView `json:"quorum"`
+	// Net is the guest's network card and this node's TAP device (null
+	// when neither is there).
+	Net *NetStatus `json:"net"`
 
 	// Merged into the top level by MarshalJSON; UnmarshalJSON sets each
 	// one whose fields are there (not null).
 	Epochs    *EpochStatus     `json:"-"`
 	Secondary *SecondaryStatus `json:"-"`
 	Witness   *WitnessStatus   `json:"-"`
+}
+
+// NetStatus is the guest network as this node sees it: its TAP device
+// (--net) and the card of the guest it runs (--guest-ip).
+type NetStatus struct {
+	// Tap is this node's device ("" without --net); GuestIP the card's
+	// address with its prefix ("" when this node runs no guest with one).
+	Tap     string `json:"tap"`
+	GuestIP string `json:"guest_ip"`
+	// The device's frames: read from the network, handed to the guest's
+	// card, written to the network, and dropped on a write that failed
+	// or timed out.
+	FramesReceived   uint64 `json:"frames_received"`
+	FramesDelivered  uint64 `json:"frames_delivered"`
+	FramesSent       uint64 `json:"frames_sent"`
+	FramesSendErrors uint64 `json:"frames_send_errors"`
+	// The card's stack (guest/netframe): frames it took in, ARP requests
+	// it answered, datagrams it served, frames it built, and frames it
+	// dropped by reason. Zero without a card.
+	CardReceived uint64        `json:"card_received"`
+	ARPReplies   uint64        `json:"arp_replies"`
+	Datagrams    uint64        `json:"datagrams"`
+	CardSent     uint64        `json:"card_sent"`
+	Dropped      DroppedFrames `json:"dropped"`
+	// FramesReleased is what a protected primary's output gate let out
+	// after their epochs were acknowledged (null on other nodes).
+	FramesReleased *uint64 `json:"frames_released"`
+}
+
+// DroppedFrames are the frames a guest's card dropped, by reason (the
+// names are guest/netframe's DropNames).
+type DroppedFrames struct {
+	Short       uint64 `json:"short"`
+	TooLong     uint64 `json:"too_long"`
+	BadLength   uint64 `json:"bad_length"`
+	BadChecksum uint64 `json:"bad_checksum"`
+	Fragment    uint64 `json:"fragment"`
+	Unsupported uint64 `json:"unsupported"`
+	NotOurs     uint64 `json:"not_ours"`
 }
 
 // LastCommittedEpoch is the last epoch committed on the secondary as this

@@ -8,7 +8,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/netframe"
 	"github.com/tandemvm/tandem/internal/tap"
 )
 
@@ -119,4 +122,36 @@ func (p *netPort) close() {
 		<-p.done
 		p.dev.Close()
 	})
+}
+
+// netStatusLocked is status's view of the guest network: the node's
+// device and the card of the guest it runs (nil when neither is there).
+// Precondition: n.mu held (it reads n.g and n.cfg).
+func (n *Node) netStatusLocked(loop *failover.EpochLoop) *api.NetStatus {
+	var nic guest.NIC
+	if n.g != nil {
+		nic = guest.NICOf(n.g)
+	}
+	if nic == nil && n.net == nil {
+		return nil
+	}
+	ns := &api.NetStatus{}
+	if p := n.net; p != nil {
+		ns.Tap = p.dev.Name()
+		ns.FramesReceived, ns.FramesDelivered = p.received.Load(), p.delivered.Load()
+		ns.FramesSent, ns.FramesSendErrors = p.sent.Load(), p.sendErrors.Load()
+	}
+	if nic != nil {
+		ns.GuestIP = n.cfg.Net.IP
+		c := nic.Counters()
+		ns.CardReceived, ns.ARPReplies, ns.Datagrams, ns.CardSent = c.Received, c.ARPReplies, c.Datagrams, c.Sent
+		d := c.Dropped
+		ns.Dropped = api.DroppedFrames{Short: d[netframe.DropShort], TooLong: d[netframe.DropTooLong], BadLength: d[netframe.DropBadLength],
+			BadChecksum: d[netframe.DropBadChecksum], Fragment: d[netframe.DropFragment], Unsupported: d[netframe.DropUnsupported], NotOurs: d[netframe.DropNotOurs]}
+		if loop != nil {
+			f := loop.Gate().Frames()
+			ns.FramesReleased = &f
+		}
+	}
+	return ns
 }

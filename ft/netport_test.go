@@ -97,6 +97,14 @@ func TestPairGuestNetworkFailover(t *testing.T) {
 		}
 	}
 
+	// Status shows the network as the primary sees it.
+	st := np.status(false)
+	if n := st.Net; n == nil || n.Tap == "" || n.GuestIP != "10.77.0.10/24" || n.Datagrams < 19 || n.FramesReleased == nil ||
+		*n.FramesReleased < 19 || n.FramesSent < *n.FramesReleased || n.FramesDelivered < 19 {
+		t.Fatalf("the primary's status of the guest network: %+v", st.Net)
+	}
+	t.Logf("primary's net status: %+v (released %d)", *st.Net, *st.Net.FramesReleased)
+
 	// The primary dies: its node and member stop (the TAP goes with it).
 	killed := time.Now()
 	pri.Stop()

@@ -283,6 +283,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	}
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
 	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
+	st.Net = n.netStatusLocked(epochs)
 	var g guest.Guest
 	if digest && n.g != nil && n.epochs == nil && !n.migBusy && !n.closing {
 		// A protected guest is paused only by its epoch loop; its proof
