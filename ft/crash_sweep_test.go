@@ -220,8 +220,17 @@ func newSweepClusterWith(t *testing.T, policy replica.SyncPolicy, dirs raftDirs)
 	c.disk = filepath.Join(t.TempDir(), "a-disk.img")
 	var err error
 	wDir, wFS := dirOf("w")
-	c.w, err = failover.Open(failover.Config{ID: "w", ClusterID: "ft-sweep", Role: failover.RoleWitness, Peers: c.peers, DataDir: wDir, FS: wFS, Logger: c.log("w"),
-		HeartbeatTimeout: sweepHeartbeat, ElectionTimeout: sweepHeartbeat, LeaderLeaseTimeout: sweepHeartbeat / 2})
+	for try := 0; ; try++ {
+		c.w, err = failover.Open(failover.Config{ID: "w", ClusterID: "ft-sweep", Role: failover.RoleWitness, Peers: c.peers, DataDir: wDir, FS: wFS, Logger: c.log("w"),
+			HeartbeatTimeout: sweepHeartbeat, ElectionTimeout: sweepHeartbeat, LeaderLeaseTimeout: sweepHeartbeat / 2})
+		if err == nil || try == 3 || !e2e.PortClash(err.Error()) {
+			break
+		}
+		// Another process (go test runs packages side by side) took the
+		// port between its check and this listen: pick three more.
+		addrs = freeRaftAddrs(t, 3)
+		c.peers = map[string]string{"a": addrs[0], "b": addrs[1], "w": addrs[2]}
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

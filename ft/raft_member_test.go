@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/failover"
+	"github.com/tandemvm/tandem/internal/e2e"
 	"github.com/tandemvm/tandem/internal/version"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -13,18 +14,14 @@ import (
 // freeRaftAddrs reserves n loopback addresses for raft ports.
 func freeRaftAddrs(t *testing.T, n int) []string {
 	t.Helper()
+	// e2e.FreeAddr never hands out an address twice in this process.
 	var out []string
-	var lns []net.Listener
 	for i := 0; i < n; i++ {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		a, err := e2e.FreeAddr()
 		if err != nil {
 			t.Fatal(err)
 		}
-		lns = append(lns, ln)
-		out = append(out, ln.Addr().String())
-	}
-	for _, ln := range lns {
-		ln.Close()
+		out = append(out, a)
 	}
 	return out
 }
