@@ -20,14 +20,18 @@ import (
 // runs, and the writer of the frames the output gate releases.
 //
 // Received frames go in at once (Remus holds only output); a node that
-// runs no guest, or one without a card, drops them. The reader is the
-// port's own goroutine: close stops and joins it.
+// runs no guest, or one without a card, drops them. Frames to send are
+// queued, never written by the caller: send runs on a vCPU (an
+// unprotected guest's card) or under the output gate's release lock, and
+// neither may wait for a full device. The reader and the writer are the
+// port's own goroutines: close stops and joins them.
 type netPort struct {
 	dev       *tap.Device
 	log       *slog.Logger
 	nic       atomic.Pointer[guest.NIC] // the running guest's card; nil: none
+	out       chan []byte               // frames for the writer; full: dropped
 	stop      chan struct{}
-	done      chan struct{}
+	wg        sync.WaitGroup
 	closeOnce sync.Once
 
 	received, delivered, sent, sendErrors atomic.Uint64
@@ -37,17 +41,40 @@ type netPort struct {
 // device queue); the frame is then dropped, as a real link would.
 const frameWriteTimeout = 100 * time.Millisecond
 
+// sendQueueFrames bounds the frames waiting for the writer; beyond it
+// send drops and counts them, as a card with a full transmit ring would.
+const sendQueueFrames = 512
+
 // newNetPort takes over dev (opened by the command, so a missing device
 // permission or bridge is its start-up error) and starts its reader.
 func newNetPort(dev *tap.Device, log *slog.Logger) *netPort {
-	p := &netPort{dev: dev, log: log, stop: make(chan struct{}), done: make(chan struct{})}
+	p := &netPort{dev: dev, log: log, out: make(chan []byte, sendQueueFrames), stop: make(chan struct{})}
+	p.wg.Add(2)
 	go p.read()
+	go p.write()
 	return p
+}
+
+// write writes queued frames to the device until close.
+func (p *netPort) write() {
+	defer p.wg.Done()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case f := <-p.out:
+			if err := p.dev.WriteFrame(f, time.Now().Add(frameWriteTimeout)); err != nil {
+				p.sendErrors.Add(1)
+				continue
+			}
+			p.sent.Add(1)
+		}
+	}
 }
 
 // read delivers received frames to the current card until close.
 func (p *netPort) read() {
-	defer close(p.done)
+	defer p.wg.Done()
 	buf := make([]byte, 2048)
 	for {
 		select {
@@ -88,17 +115,18 @@ func (p *netPort) attach(nic guest.NIC) {
 	p.nic.Store(&nic)
 }
 
-// send writes one frame to the network; a frame that cannot be written
-// within frameWriteTimeout is dropped and counted.
+// send queues a copy of one frame for the network without waiting; with
+// the queue full, or a write that fails or takes over frameWriteTimeout,
+// the frame is dropped and counted in sendErrors.
 func (p *netPort) send(frame []byte) {
 	if p == nil {
 		return
 	}
-	if err := p.dev.WriteFrame(frame, time.Now().Add(frameWriteTimeout)); err != nil {
+	select {
+	case p.out <- append([]byte(nil), frame...):
+	default:
 		p.sendErrors.Add(1)
-		return
 	}
-	p.sent.Add(1)
 }
 
 // announce sends the card's gratuitous ARP, so the segment learns that
@@ -111,15 +139,16 @@ func (p *netPort) announce(nic guest.NIC) {
 	p.log.Info("guest network: address announced", "tap", p.dev.Name())
 }
 
-// close stops the reader (joined within its read deadline) and closes
-// the device; a second call does nothing.
+// close stops the reader and the writer (joined within their deadlines;
+// frames still queued are dropped) and closes the device; a second call
+// does nothing.
 func (p *netPort) close() {
 	if p == nil {
 		return
 	}
 	p.closeOnce.Do(func() {
 		close(p.stop)
-		<-p.done
+		p.wg.Wait()
 		p.dev.Close()
 	})
 }
