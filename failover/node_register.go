@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -135,9 +136,15 @@ func (n *Node) transferVote(candidate string) bool {
 // raft counts an entry applied once it has handed it to its FSM goroutine,
 // which may not have applied it yet (State would still be the one before).
 // It looks back from ci for the last command; one no longer in the log
-// store is in the snapshot the FSM restored.
+// store, or at or below the last snapshot's index, is in the state the
+// FSM restored (raft keeps TrailingLogs entries behind a snapshot and
+// never applies them again, so applied says nothing about them).
 func (n *Node) fsmHas(ci uint64) bool {
+	snap, _ := strconv.ParseUint(n.raft.Stats()["last_snapshot_index"], 10, 64)
 	for i := ci; i > 0; i-- {
+		if i <= snap {
+			return true
+		}
 		var l raft.Log
 		if err := n.store.GetLog(i, &l); err != nil {
 			return true

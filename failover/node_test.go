@@ -586,3 +586,40 @@ func TestRestartedFollowerSyncsAtOnce(t *testing.T) {
 		t.Errorf("synced state names primary %q, want s", st.Primary)
 	}
 }
+
+// A whole cluster restarted after a snapshot, with no command after it:
+// the commands raft keeps behind the snapshot (TrailingLogs) are never
+// applied again, and WaitSynced must count them as the restored state's,
+// not wait for them forever.
+func TestWaitSyncedAfterSnapshotRestart(t *testing.T) {
+	c := newTestCluster(t)
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, id := range []string{"p", "s", "w"} {
+		if err := c.node(id).WaitSynced(ctx); err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+	}
+	waitFor(t, 10*time.Second, "a primary", func() bool { return c.node("p").State().Primary == "p" })
+	for _, id := range []string{"p", "s", "w"} {
+		if err := c.node(id).raft.Snapshot().Error(); err != nil {
+			t.Fatalf("snapshot %s: %v", id, err)
+		}
+	}
+	for _, id := range []string{"p", "s", "w"} {
+		c.crash(id)
+	}
+	for _, id := range []string{"p", "s", "w"} {
+		c.start(id)
+	}
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel2()
+	for _, id := range []string{"p", "s", "w"} {
+		if err := c.node(id).WaitSynced(ctx2); err != nil {
+			t.Fatalf("%s after the restart: %v (%s)", id, err, c.node(id).SyncState())
+		}
+	}
+}
