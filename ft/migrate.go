@@ -114,13 +114,14 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 }
 
 // migrationCache is the size of the stream's XOR delta cache. On a
-// capped link (a bandwidth limit) it covers the guest's memory: the link,
-// not the source's memory or CPU, is the bottleneck there, and a guest
-// rewriting a few bytes of pages all over its working set then sends each
-// again as a delta of tens of bytes instead of 4 KiB (the default cache,
-// 64 MiB, holds an eighth of a 512 MiB working set). The cache costs what
-// the guest has resident, at most: slots are written only when a page is
-// sent. Uncapped, the default.
+// capped link (a bandwidth limit) the link, not the source's memory or
+// CPU, is the bottleneck, so the cache grows to cover the guest's memory,
+// up to maxLinkCacheBytes: a page rewritten a few bytes at a time is then
+// sent again as a small delta instead of 4 KiB (the default cache, 64
+// MiB, holds an eighth of a 512 MiB working set). Whole-page rewrites of
+// fresh data gain nothing from it. The cache costs the source what it
+// fills, up to its size, for the migration's length: on the host that
+// holds the only running copy, so it is bounded. Uncapped, the default.
 func migrationCache(maxBandwidth uint64, g guest.Guest) int64 {
 	if maxBandwidth == 0 {
 		return 0
@@ -129,8 +130,12 @@ func migrationCache(maxBandwidth uint64, g guest.Guest) int64 {
 	for _, r := range g.Regions() {
 		total += int64(len(r.Mem))
 	}
-	return max(total, checkpoint.DefaultCacheBytes)
+	return min(max(total, checkpoint.DefaultCacheBytes), maxLinkCacheBytes)
 }
+
+// maxLinkCacheBytes bounds the delta cache of a migration over a capped
+// link: the source's extra memory for it.
+const maxLinkCacheBytes = 1 << 30
 
 // reserveForMigration reserves the running guest for one migration
 // (migBusy), or answers why not: no running guest, a migration already
