@@ -205,17 +205,33 @@ func (s *Store) SyncStalls() uint64 { return s.stalls.Load() }
 // kernel returns: an fsync cannot be cut short, and waiting for it would
 // hang the receiving goroutine (and with it every acknowledgement).
 func (s *Store) within(what string, sync func() error) error {
+	return s.withinFor(what, s.syncTimeout, sync)
+}
+
+// minSyncRate is the slowest write-back a rewrite's fsync is allowed
+// before it counts as stalled: a rewrite writes the whole image (all of
+// the guest's non-zero memory and its disk), whose fsync on a healthy but
+// modest disk takes far longer than an append's.
+const minSyncRate = 10 << 20 // bytes per second
+
+// withinBytes is within for an fsync of a file just written with n
+// bytes: the store's SyncTimeout plus the time n takes at minSyncRate.
+func (s *Store) withinBytes(what string, n int64, sync func() error) error {
+	return s.withinFor(what, s.syncTimeout+time.Duration(n/minSyncRate)*time.Second, sync)
+}
+
+func (s *Store) withinFor(what string, d time.Duration, sync func() error) error {
 	done := make(chan error, 1)
 	go func() { done <- sync() }()
-	t := time.NewTimer(s.syncTimeout)
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case err := <-done:
 		return err
 	case <-t.C:
 		s.stalls.Add(1)
-		s.logger().Error("replica store: an fsync has not returned; giving up persistence", "what", what, "after", s.syncTimeout)
-		return fmt.Errorf("%w: fsync of %s has not returned after %v", ErrSyncStalled, what, s.syncTimeout)
+		s.logger().Error("replica store: an fsync has not returned; giving up persistence", "what", what, "after", d)
+		return fmt.Errorf("%w: fsync of %s has not returned after %v", ErrSyncStalled, what, d)
 	}
 }
 
@@ -296,7 +312,7 @@ func (s *Store) rewrite(im *Image) (err error) {
 	if err := FPRewriteBeforeSync.Hit(); err != nil {
 		return err
 	}
-	if err := s.within(tmp, f.Sync); err != nil {
+	if err := s.withinBytes(tmp, int64(cw.n), f.Sync); err != nil {
 		return fmt.Errorf("fsync %s: %w", tmp, err)
 	}
 	if err := FPRewriteBeforeRename.Hit(); err != nil {
