@@ -278,9 +278,9 @@ func (n *Node) status(digest bool) nodeStatus {
 		digest = false
 		st.MemoryDigestError = "another digest is running; ask again when it is done"
 	}
-	if n.g != nil {
-		st.GuestInfo = describeGuest(n.g, n.cfg)
-	}
+	// The guest is described after mu: its Paused and PageWrites take the
+	// guest's own lock, which a pause and a dirty sync hold.
+	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
 	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
 	st.Net = n.netStatusLocked(epochs)
@@ -304,6 +304,9 @@ func (n *Node) status(digest bool) nodeStatus {
 		}()
 	}
 	n.mu.Unlock()
+	if cur != nil {
+		st.GuestInfo = describeGuest(cur, curCfg)
+	}
 	switch {
 	case mig != nil:
 		st.MigrationStatus = mig.Status()

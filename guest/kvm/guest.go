@@ -435,6 +435,7 @@ func (g *Guest) Pause(ctx context.Context) (time.Duration, error) {
 		v.kick()
 		kicked = append(kicked, v)
 	}
+	g.kickBuf = kicked // kept for the next pause: no allocation per pause
 	g.allClaimed = len(kicked) == 0
 	for _, v := range kicked {
 		select {
