@@ -83,6 +83,9 @@ type NetStatus struct {
 	// FramesReleased is what a protected primary's output gate let out
 	// after their epochs were acknowledged (null on other nodes).
 	FramesReleased *uint64 `json:"frames_released"`
+	// FramesOverHeld counts the frames that gate dropped because 16 MiB
+	// of frames already waited for their epochs (null on other nodes).
+	FramesOverHeld *uint64 `json:"frames_over_held"`
 }
 
 // DroppedFrames are the frames a guest's card dropped, by reason (the

@@ -45,13 +45,17 @@ type OutputGate struct {
 	// console's bytes, each kind in its own order.
 	frameSink func([]byte)
 	frames    uint64 // frames released or passed
-	allow     func() bool
-	open      uint64 // epoch the next written byte belongs to
-	released  uint64 // highest epoch released (0: none)
-	pending   []heldOutput
-	held      int         // bytes in pending
-	clock     clock.Clock // stamps writes and releases: the output delays
-	passing   bool        // not holding: Write releases at once (unprotected)
+	// frameBytes is the bytes of frames in pending, at most
+	// maxHeldFrameBytes; framesDropped counts the frames refused over it.
+	frameBytes    int
+	framesDropped uint64
+	allow         func() bool
+	open          uint64 // epoch the next written byte belongs to
+	released      uint64 // highest epoch released (0: none)
+	pending       []heldOutput
+	held          int         // bytes in pending
+	clock         clock.Clock // stamps writes and releases: the output delays
+	passing       bool        // not holding: Write releases at once (unprotected)
 	// openBytes is held output of the open epoch, its first byte held at
 	// openSince.
 	openBytes int
@@ -71,6 +75,9 @@ type heldOutput struct {
 	data    []byte
 	frame   bool // a network frame (frameSink), not console bytes
 }
+
+// maxHeldFrameBytes bounds the network frames held for their epochs.
+const maxHeldFrameBytes = 16 << 20
 
 // maxDelaySamples bounds the kept output-delay samples.
 const maxDelaySamples = 4096
@@ -116,6 +123,14 @@ func (g *OutputGate) Frames() uint64 {
 	return g.frames
 }
 
+// FramesDropped counts the frames refused because maxHeldFrameBytes of
+// frames already waited for their epochs.
+func (g *OutputGate) FramesDropped() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.framesDropped
+}
+
 func (g *OutputGate) write(p []byte, frame bool) {
 	if len(p) == 0 {
 		return
@@ -153,6 +168,16 @@ func (g *OutputGate) write(p []byte, frame bool) {
 
 // holdLocked keeps a copy of p as output of the open epoch; mu is held.
 func (g *OutputGate) holdLocked(p []byte, frame bool) {
+	if frame {
+		// A card can send at line rate while acknowledgements stall:
+		// past the bound a frame is dropped, as a full transmit ring
+		// drops it, and the guest's protocols send it again.
+		if g.frameBytes+len(p) > maxHeldFrameBytes {
+			g.framesDropped++
+			return
+		}
+		g.frameBytes += len(p)
+	}
 	now := g.clock.Now()
 	g.pending = append(g.pending, heldOutput{epoch: g.open, written: now, data: append([]byte(nil), p...), frame: frame})
 	if g.held > g.openBytes {
@@ -228,6 +253,7 @@ func (g *OutputGate) Release(acked uint64) bool {
 		h := g.pending[i]
 		if h.frame {
 			frames = append(frames, h.data)
+			g.frameBytes -= len(h.data)
 		} else {
 			out = append(out, h.data...)
 		}
@@ -279,7 +305,7 @@ func (g *OutputGate) Hold(on bool) {
 	var out []heldOutput
 	if !g.passing && g.allow() {
 		out = g.pending
-		g.pending, g.held, g.openBytes = nil, 0, 0
+		g.pending, g.held, g.openBytes, g.frameBytes = nil, 0, 0, 0
 	}
 	g.passing = true
 	sink, frameSink := g.sink, g.frameSink
@@ -314,7 +340,7 @@ func (g *OutputGate) Discard() {
 	g.relMu.Lock()
 	defer g.relMu.Unlock()
 	g.mu.Lock()
-	g.pending, g.held, g.openBytes = nil, 0, 0
+	g.pending, g.held, g.openBytes, g.frameBytes = nil, 0, 0, 0
 	g.mu.Unlock()
 }
 

@@ -272,3 +272,30 @@ func TestOutputGateFrames(t *testing.T) {
 		t.Fatalf("passing gate: frames %q", frames)
 	}
 }
+
+// Frames held for unacknowledged epochs are bounded: past
+// maxHeldFrameBytes a frame is dropped and counted, and releasing makes
+// room again.
+func TestOutputGateBoundsHeldFrames(t *testing.T) {
+	g := NewOutputGate(1, nil, nil)
+	var sent int
+	g.SetFrameSink(func([]byte) { sent++ })
+	g.Hold(true)
+	frame := make([]byte, 1500)
+	n := maxHeldFrameBytes/len(frame) + 10
+	for range n {
+		g.WriteFrame(frame)
+	}
+	if d := g.FramesDropped(); d != 10 {
+		t.Fatalf("dropped %d of %d frames, want 10", d, n)
+	}
+	g.Seal()
+	g.Release(1)
+	if sent != n-10 {
+		t.Fatalf("released %d frames, want %d", sent, n-10)
+	}
+	g.WriteFrame(frame)
+	if g.FramesDropped() != 10 || g.Held() != len(frame) {
+		t.Fatalf("after the release: dropped %d, held %d", g.FramesDropped(), g.Held())
+	}
+}

@@ -178,8 +178,8 @@ func (n *Node) netStatusLocked(loop *failover.EpochLoop) *api.NetStatus {
 		ns.Dropped = api.DroppedFrames{Short: d[netframe.DropShort], TooLong: d[netframe.DropTooLong], BadLength: d[netframe.DropBadLength],
 			BadChecksum: d[netframe.DropBadChecksum], Fragment: d[netframe.DropFragment], Unsupported: d[netframe.DropUnsupported], NotOurs: d[netframe.DropNotOurs]}
 		if loop != nil {
-			f := loop.Gate().Frames()
-			ns.FramesReleased = &f
+			f, d := loop.Gate().Frames(), loop.Gate().FramesDropped()
+			ns.FramesReleased, ns.FramesOverHeld = &f, &d
 		}
 	}
 	return ns
