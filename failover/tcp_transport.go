@@ -241,10 +241,16 @@ func (m *muxStream) noteResult(id string, err error) error {
 // reachableWaitTick is how often waitReachable looks again.
 const reachableWaitTick = 10 * time.Millisecond
 
+// maxReachableWait bounds waitReachable: past it the RPC is sent (and
+// fails, or not) as raft would have sent it, so a follower raft stops
+// replicating to (removed, or never heard again) holds its replication
+// goroutine no longer than this.
+const maxReachableWait = 5 * time.Second
+
 // waitReachable returns once member id may be sent an RPC that carries
 // the log: at once unless its last RPC failed; otherwise once it has been
 // heard since (a heartbeat answered, or a request of its own), this node
-// stops leading, or the layer closes.
+// stops leading, the layer closes, or maxReachableWait passes.
 func (m *muxStream) waitReachable(id string) {
 	d, h := m.down[id], m.heard[id]
 	if d == nil || d.Load() == 0 {
@@ -252,8 +258,9 @@ func (m *muxStream) waitReachable(id string) {
 	}
 	t := time.NewTicker(reachableWaitTick)
 	defer t.Stop()
+	deadline := time.Now().Add(maxReachableWait)
 	for {
-		if since := d.Load(); since == 0 || h.Load() > since {
+		if since := d.Load(); since == 0 || h.Load() > since || time.Now().After(deadline) {
 			return
 		}
 		if m.policy == nil || !m.policy.leading() {
