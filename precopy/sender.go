@@ -59,8 +59,20 @@ type LiveSender struct {
 const liveBatch = checkpoint.DefaultBatchPages
 
 // batchPages is how many pages go to the Writer at a time: a section's
-// worth for each of its encoders.
-func (s *LiveSender) batchPages() int { return liveBatch * s.Link.Writer().Encoders() }
+// worth for each of its encoders; on a capped link limitedBatch, since
+// the limiter is charged once per batch and a 4 MiB-per-encoder batch
+// would leave as a burst of seconds at 100 Mbit/s (and a round's limits
+// are checked per batch too).
+func (s *LiveSender) batchPages() int {
+	if s.Limiter != nil {
+		return limitedBatch
+	}
+	return liveBatch * s.Link.Writer().Encoders()
+}
+
+// limitedBatch is the batch on a capped link: 1 MiB, about 80 ms at
+// 100 Mbit/s.
+const limitedBatch = 256
 
 // SetEpoch sets the last epoch number used; the next epoch is n+1.
 func (s *LiveSender) SetEpoch(n uint64) { s.epoch.Store(n) }
