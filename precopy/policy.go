@@ -237,7 +237,7 @@ func ParseBandwidth(s string) (uint64, error) {
 		}
 	}
 	v, err := strconv.ParseFloat(t, 64)
-	if err != nil || v < 0 || v*mult > 1e15 {
+	if err != nil || !(v >= 0) || !(v*mult <= 1e15) { // NaN and Inf fail both
 		return 0, fmt.Errorf("bad rate %q: want e.g. 100Mbit, 1Gbit, 50MB or 0 for no limit", s)
 	}
 	return uint64(v * mult), nil

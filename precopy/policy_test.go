@@ -625,7 +625,7 @@ func TestParseBandwidth(t *testing.T) {
 			t.Errorf("ParseBandwidth(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", "fast", "-1MB", "2000TB"} {
+	for _, bad := range []string{"", "fast", "-1MB", "2000TB", "NaN", "NaNMbit", "Inf", "+InfMB"} {
 		if _, err := ParseBandwidth(bad); err == nil {
 			t.Errorf("ParseBandwidth(%q) accepted", bad)
 		}
