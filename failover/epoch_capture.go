@@ -291,7 +291,11 @@ func (l *EpochLoop) epoch(p *pipeline, final *finalRequest) error {
 		}
 		return err
 	}
-	l.decideThrottle()
+	if final == nil {
+		// Not during a handover: the guest stays paused for it, and the
+		// throttle is the next primary's to decide.
+		l.decideThrottle()
+	}
 	if len(p.ship) == cap(p.ship) {
 		// The shipper still has the previous epoch queued: the guest
 		// runs on while this one waits, back-pressure as much as a
