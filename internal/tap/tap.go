@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -123,8 +124,13 @@ func (d *Device) setup() error {
 			return fmt.Errorf("bridge %s: %w", d.spec.Bridge, err)
 		}
 		br.SetUint32(uint32(ifc.Index))
-		if err := unix.IoctlIfreq(s, unix.SIOCBRADDIF, br); err != nil && !errors.Is(err, unix.EBUSY) {
-			return fmt.Errorf("tap %s: attach to bridge %s: %w", d.spec.Name, d.spec.Bridge, err)
+		if err := unix.IoctlIfreq(s, unix.SIOCBRADDIF, br); err != nil {
+			// EBUSY: the device is in a bridge already, which is fine
+			// only if it is this one.
+			master, _ := os.Readlink("/sys/class/net/" + d.spec.Name + "/master")
+			if !errors.Is(err, unix.EBUSY) || filepath.Base(master) != d.spec.Bridge {
+				return fmt.Errorf("tap %s: attach to bridge %s: %w", d.spec.Name, d.spec.Bridge, err)
+			}
 		}
 	}
 	ifr, err := unix.NewIfreq(d.spec.Name)

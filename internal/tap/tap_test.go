@@ -3,6 +3,7 @@ package tap
 import (
 	"net"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -149,4 +150,25 @@ func TestOpenRefusals(t *testing.T) {
 	if _, err := net.InterfaceByName("tdtnobr0"); err == nil {
 		t.Fatalf("a refused Open left the device behind")
 	}
+}
+
+// A device already in another bridge is refused, not taken as attached.
+func TestOpenRefusesDeviceOfAnotherBridge(t *testing.T) {
+	l := netlab.New(t)
+	other := l.TapName() + "b"
+	l.IP("link", "add", other, "type", "bridge")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", other).Run() })
+	name := l.TapName()
+	l.IP("tuntap", "add", "dev", name, "mode", "tap") // persistent, no fd holds it
+	t.Cleanup(func() { exec.Command("ip", "link", "del", name).Run() })
+	l.IP("link", "set", name, "master", other)
+	if d, err := Open(Spec{Name: name, Bridge: l.Bridge}); err == nil {
+		d.Close()
+		t.Fatalf("a device in bridge %s was opened for bridge %s", other, l.Bridge)
+	}
+	d, err := Open(Spec{Name: name, Bridge: other}) // its own bridge: fine
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
 }
