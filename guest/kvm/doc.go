@@ -57,8 +57,11 @@
 //     encodes the fixed CPUID once per vCPU and the MSRs by hand, writing
 //     the same bytes as before (state_encode.go).
 //
-// Each vCPU ioctl costs ~8 us on kvm-pvm (vcpu_load and vcpu_put), so a
-// save is now five per vCPU instead of ten.
+// Each vCPU ioctl costs ~8 us on kvm-pvm (vcpu_load and vcpu_put; other
+// hosts differ). A save used nine (MP state, regs, sregs, xsave, xcrs,
+// debug regs, MSRs twice, events); it is now five per vCPU where the host
+// has KVM_CAP_SYNC_REGS (a kicked vCPU pays one more KVM_RUN for them),
+// and eight without it.
 //
 // # Dirty log
 //
