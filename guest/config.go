@@ -76,7 +76,7 @@ func (c Config) Validate() error {
 	if c.VCPUs < 1 || c.VCPUs > 64 {
 		return fmt.Errorf("%w: --vcpus %d: want 1 to 64", ErrConfig, c.VCPUs)
 	}
-	if c.Net.Enabled() || c.Net != (Net{}) {
+	if c.Net != (Net{}) {
 		if _, err := c.Net.Endpoint(); err != nil {
 			return err
 		}

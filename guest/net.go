@@ -2,8 +2,8 @@ package guest
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
-	"strings"
 
 	"github.com/tandemvm/tandem/guest/netframe"
 )
@@ -55,24 +55,15 @@ func (n Net) Endpoint() (netframe.Endpoint, error) {
 	return ep, nil
 }
 
-// parseMAC reads a unicast Ethernet address written as six hex pairs
-// separated by colons.
+// parseMAC reads a unicast Ethernet address (net.ParseMAC's forms, six
+// bytes).
 func parseMAC(s string) (netframe.MAC, error) {
 	var m netframe.MAC
-	parts := strings.Split(s, ":")
-	if len(parts) != 6 {
+	hw, err := net.ParseMAC(s)
+	if err != nil || len(hw) != len(m) {
 		return m, fmt.Errorf("want six hex pairs separated by ':', like 52:54:00:12:34:56")
 	}
-	for i, p := range parts {
-		var b byte
-		if len(p) != 2 {
-			return m, fmt.Errorf("want six hex pairs separated by ':', like 52:54:00:12:34:56")
-		}
-		if _, err := fmt.Sscanf(p, "%02x", &b); err != nil {
-			return m, fmt.Errorf("want six hex pairs separated by ':', like 52:54:00:12:34:56")
-		}
-		m[i] = b
-	}
+	copy(m[:], hw)
 	if m[0]&1 != 0 || m == (netframe.MAC{}) {
 		return m, fmt.Errorf("a multicast or all-zero address cannot be a card's")
 	}

@@ -137,17 +137,21 @@ func (v *vcpu) serveConsole() {
 		v.timed(hIdle, v.g.waitInput)
 		return
 	}
-	var reply []byte
-	var dw *diskWrite
+	reply := v.serveRequest(line, tooLong)
+	v.timed(hConsTx, func() { c.emit(append(reply, '\n')) })
+}
+
+// serveRequest serves one kv request (from the console or a datagram):
+// its reply, after submitting the disk write it made, if any.
+func (v *vcpu) serveRequest(req []byte, tooLong bool) []byte {
 	if tooLong {
-		reply = []byte("ERR line too long")
-	} else {
-		reply, dw = v.g.kv.serve(line)
+		return []byte("ERR line too long")
 	}
+	reply, dw := v.g.kv.serve(req)
 	if dw != nil {
 		v.timed(hDiskSubmit, func() { v.g.diskWrite(dw.off, dw.data) })
 	}
-	v.timed(hConsTx, func() { c.emit(append(reply, '\n')) })
+	return reply
 }
 
 // serveFrame runs one received frame through the card's stack: an ARP
@@ -164,16 +168,7 @@ func (v *vcpu) serveFrame(frame []byte) {
 	if !ok || req == nil {
 		return
 	}
-	var reply []byte
-	var dw *diskWrite
-	if len(req) > maxLineBytes {
-		reply = []byte("ERR line too long")
-	} else {
-		reply, dw = v.g.kv.serve(req)
-	}
-	if dw != nil {
-		v.timed(hDiskSubmit, func() { v.g.diskWrite(dw.off, dw.data) })
-	}
+	reply := v.serveRequest(req, len(req) > maxLineBytes)
 	if f, err := n.reply(from, append(reply, '\n')); err == nil {
 		n.emit(f)
 	}
