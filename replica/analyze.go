@@ -28,11 +28,7 @@ func Analyze(r io.Reader) (*Analysis, error) {
 	br := bufio.NewReaderSize(r, 1<<20)
 	var a Analysis
 	if b, err := br.Peek(1); err == nil && b[0] == '{' {
-		line, err := br.ReadSlice('\n')
-		if err != nil {
-			return nil, fmt.Errorf("snapshot handshake line: %w", err)
-		}
-		if err := json.Unmarshal(line, &a.Snapshot); err != nil {
+		if err := readLine(br, &a.Snapshot); err != nil {
 			return nil, fmt.Errorf("snapshot handshake line: %w", err)
 		}
 	}
