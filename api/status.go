@@ -610,7 +610,14 @@ type MigrateRequest struct {
 	// listens on. A destination left awaiting the commit asks it how the
 	// migration ended.
 	SourceAPI string `json:"source_api,omitempty"`
+	// Streams is how many goroutines encode the migration stream (page
+	// hashes, compression, checksums), 1 to MaxMigrateStreams; 0 means
+	// 1. The stream stays one connection whose sections keep their order.
+	Streams int `json:"streams,omitempty"`
 }
+
+// MaxMigrateStreams bounds MigrateRequest.Streams.
+const MaxMigrateStreams = 16
 
 // SwitchoverResult is the answer of POST /switchover.
 type SwitchoverResult struct {

@@ -44,14 +44,13 @@ func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 }
 
 func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
-	var full api.MigrateStreamsRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&full); err != nil {
+	var req migrateRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: %v", err))
 		return
 	}
-	req := full.MigrateRequest
-	if full.Streams < 0 || full.Streams > api.MaxMigrateStreams {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: streams %d not in 1..%d", full.Streams, api.MaxMigrateStreams))
+	if req.Streams < 0 || req.Streams > api.MaxMigrateStreams {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: streams %d not in 1..%d", req.Streams, api.MaxMigrateStreams))
 		return
 	}
 	pol, err := migratePolicy(req)
@@ -86,7 +85,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
 	// before the guest is paused at all.
-	opts := checkpoint.Options{Compression: comp, Encoders: full.Streams, CacheBytes: migrationCache(req.MaxBandwidth, g)}
+	opts := checkpoint.Options{Compression: comp, Encoders: req.Streams, CacheBytes: migrationCache(req.MaxBandwidth, g)}
 	link, closeLink, ok := n.openMigrationLink(w, r, req.To, hello, g, opts)
 	if !ok {
 		return

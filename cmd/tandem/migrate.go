@@ -70,8 +70,8 @@ func cmdMigrate(args []string) error {
 	ctx := context.Background()
 	req := api.MigrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
 		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
-		SourceAPI: *from}
-	if err := c.MigrateStreams(ctx, api.MigrateStreamsRequest{MigrateRequest: req, Streams: *streams}); err != nil {
+		SourceAPI: *from, Streams: *streams}
+	if err := c.Migrate(ctx, req); err != nil {
 		return fmt.Errorf("start migration: %w", err)
 	}
 	return progress.Follow(ctx, c, progress.Watch{Out: os.Stdout, TTY: isTerminal(os.Stdout), Patience: *maxTime + time.Minute, Limit: *downtime, JSON: *asJSON})
