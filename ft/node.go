@@ -307,16 +307,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	if cur != nil {
 		st.GuestInfo = describeGuest(cur, curCfg)
 	}
-	switch {
-	case mig != nil:
-		st.MigrationStatus = mig.Status()
-		st.Destination = migDest
-	case inbound != nil:
-		st.MigrationStatus = precopy.MigrationStatus{Status: precopy.StatusCompleted, SwitchoverDigest: inbound.Digest}
-		st.DowntimeBreakdown.DestinationLoadMs = float64(inbound.LoadTime.Microseconds()) / 1000
-	default:
-		st.MigrationStatus.Status = st.State
-	}
+	migrationStatus(&st, mig, migDest, inbound)
 	if cluster != nil {
 		st.Cluster = cluster()
 	}
@@ -338,19 +329,7 @@ func (n *Node) status(digest bool) nodeStatus {
 		_, _, dataLast = sec.PrimaryContact()
 	}
 	if rn != nil {
-		var data map[string]time.Duration
-		if !dataLast.IsZero() {
-			fsm := rn.State()
-			peer := fsm.Primary // a secondary hears the primary
-			if epochs != nil {
-				info, _ := fsm.Secondary()
-				peer = info.ID
-			}
-			if peer != "" && peer != rn.ID() {
-				data = map[string]time.Duration{peer: max(time.Since(dataLast), 0)}
-			}
-		}
-		st.Nodes, st.Quorum = raftNodes(rn, lag, data)
+		st.Nodes, st.Quorum = raftNodes(rn, lag, dataContact(rn, epochs != nil, dataLast))
 	} else {
 		st.Nodes = soloNodes(st.Role)
 	}
@@ -363,6 +342,41 @@ func (n *Node) status(digest bool) nodeStatus {
 		}
 	}
 	return st
+}
+
+// migrationStatus fills st's migration figures: the migration running
+// from here (to dest), or the one that brought the guest here, or none
+// (the node's state stands in for query-migrate's status).
+func migrationStatus(st *nodeStatus, mig *precopy.Migration, dest string, inbound *replica.MigrationResult) {
+	switch {
+	case mig != nil:
+		st.MigrationStatus = mig.Status()
+		st.Destination = dest
+	case inbound != nil:
+		st.MigrationStatus = precopy.MigrationStatus{Status: precopy.StatusCompleted, SwitchoverDigest: inbound.Digest}
+		st.DowntimeBreakdown.DestinationLoadMs = float64(inbound.LoadTime.Microseconds()) / 1000
+	default:
+		st.MigrationStatus.Status = st.State
+	}
+}
+
+// dataContact is the data link's last contact by peer, for the nodes
+// table: a primary (protecting) hears its secondary, a secondary its
+// primary; nil before any contact.
+func dataContact(rn *failover.Node, protecting bool, last time.Time) map[string]time.Duration {
+	if last.IsZero() {
+		return nil
+	}
+	fsm := rn.State()
+	peer := fsm.Primary
+	if protecting {
+		info, _ := fsm.Secondary()
+		peer = info.ID
+	}
+	if peer == "" || peer == rn.ID() {
+		return nil
+	}
+	return map[string]time.Duration{peer: max(time.Since(last), 0)}
 }
 
 // memoryDigest is the digest of the guest's memory now. A running guest is
