@@ -212,6 +212,11 @@ func (n *Node) runMigration(ctx context.Context, m *precopy.Migration, to string
 		n.stateReason = "commit sent to " + to + " but not confirmed: the guest is stopped here for good; the destination resumes it once it learns of the commit (it asks this API), or by POST /migrate/commit on it"
 	}
 	n.mu.Unlock()
+	if err == nil || unconfirmed {
+		// The guest runs elsewhere now: frames for it are not this
+		// node's to deliver, nor its address to announce.
+		n.net.attach(nil)
+	}
 	if unconfirmed {
 		n.log.Error("migration committed but unconfirmed: the guest stays stopped here; the destination holds it, paused, until it learns of the commit", "to", to, "err", err)
 		return

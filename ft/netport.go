@@ -34,8 +34,31 @@ type netPort struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 
-	received, delivered, sent, sendErrors atomic.Uint64
+	// annMu guards the announcement schedule: annStop ends the one in
+	// progress (nil: none), and closed refuses new ones once close
+	// waits for the port's goroutines.
+	annMu   sync.Mutex
+	annStop chan struct{}
+	closed  bool
+
+	received, delivered, sent atomic.Uint64
+	// Frames to send that were dropped: the queue to the writer was
+	// full, or the device's write failed or timed out.
+	queueFull, writeFailed atomic.Uint64
+	announcements          atomic.Uint64 // gratuitous ARPs queued
 }
+
+// The announcement schedule: a gratuitous ARP can be lost (a busy
+// bridge, a switch port still coming up), so the node that starts
+// running the guest sends announceCount of them, the first at once and
+// each next one announceStep later than the gap before it: at 0, 50,
+// 200, 450 and 800 ms. A switch or neighbour that missed the first
+// learns the address within a second, and the repeats stop there.
+const (
+	announceCount     = 5
+	announceFirstGap  = 50 * time.Millisecond
+	announceGapGrowth = 100 * time.Millisecond
+)
 
 // frameWriteTimeout bounds one frame's write to the TAP device (a full
 // device queue); the frame is then dropped, as a real link would.
@@ -64,7 +87,7 @@ func (p *netPort) write() {
 			return
 		case f := <-p.out:
 			if err := p.dev.WriteFrame(f, time.Now().Add(frameWriteTimeout)); err != nil {
-				p.sendErrors.Add(1)
+				p.writeFailed.Add(1)
 				continue
 			}
 			p.sent.Add(1)
@@ -103,17 +126,29 @@ func (p *netPort) read() {
 	}
 }
 
-// attach makes nic (nil: none) the card received frames go to.
+// attach makes nic (nil: none) the card received frames go to. A node
+// that stops running the guest (nil) also stops announcing it.
 func (p *netPort) attach(nic guest.NIC) {
 	if p == nil {
 		return
 	}
 	if nic == nil {
 		p.nic.Store(nil)
+		p.stopAnnouncing()
 		return
 	}
 	p.nic.Store(&nic)
 }
+
+// running reports whether nic is the card received frames go to.
+func (p *netPort) running(nic guest.NIC) bool {
+	cur := p.nic.Load()
+	return cur != nil && *cur == nic
+}
+
+// sendErrors is the frames to send that were dropped, whatever the
+// reason (status's frames_send_errors).
+func (p *netPort) sendErrors() uint64 { return p.queueFull.Load() + p.writeFailed.Load() }
 
 // send queues a copy of one frame for the network without waiting; with
 // the queue full, or a write that fails or takes over frameWriteTimeout,
@@ -125,18 +160,70 @@ func (p *netPort) send(frame []byte) {
 	select {
 	case p.out <- append([]byte(nil), frame...):
 	default:
-		p.sendErrors.Add(1)
+		p.queueFull.Add(1)
 	}
 }
 
-// announce sends the card's gratuitous ARP, so the segment learns that
-// the guest's address now lives behind this node's device.
+// announce sends the card's gratuitous ARP on the announcement schedule,
+// so the segment learns that the guest's address now lives behind this
+// node's device. The schedule runs on a goroutine of the port; it ends
+// early when the node stops running nic (attach), another announcement
+// starts, or the port closes (which joins it).
 func (p *netPort) announce(nic guest.NIC) {
 	if p == nil || nic == nil {
 		return
 	}
-	p.send(nic.Announce())
-	p.log.Info("guest network: address announced", "tap", p.dev.Name())
+	frame := nic.Announce()
+	p.annMu.Lock()
+	defer p.annMu.Unlock()
+	if p.closed {
+		return
+	}
+	if p.annStop != nil {
+		close(p.annStop)
+	}
+	stop := make(chan struct{})
+	p.annStop = stop
+	p.wg.Add(1)
+	go p.announceLoop(nic, frame, stop)
+	p.log.Info("guest network: announcing the address", "tap", p.dev.Name(), "times", announceCount)
+}
+
+// announceLoop sends frame announceCount times on the schedule while nic
+// is the card this node runs.
+func (p *netPort) announceLoop(nic guest.NIC, frame []byte, stop <-chan struct{}) {
+	defer p.wg.Done()
+	gap := announceFirstGap
+	for i := 0; i < announceCount; i++ {
+		if i > 0 {
+			t := time.NewTimer(gap)
+			select {
+			case <-stop:
+				t.Stop()
+				return
+			case <-p.stop:
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			gap += announceGapGrowth
+		}
+		if !p.running(nic) {
+			return
+		}
+		p.send(frame)
+		p.announcements.Add(1)
+	}
+}
+
+// stopAnnouncing ends the announcement schedule in progress, if any.
+func (p *netPort) stopAnnouncing() {
+	p.annMu.Lock()
+	defer p.annMu.Unlock()
+	if p.annStop != nil {
+		close(p.annStop)
+		p.annStop = nil
+	}
 }
 
 // close stops the reader and the writer (joined within their deadlines;
@@ -147,6 +234,9 @@ func (p *netPort) close() {
 		return
 	}
 	p.closeOnce.Do(func() {
+		p.annMu.Lock()
+		p.closed = true // no announcement starts once wg is waited for
+		p.annMu.Unlock()
 		close(p.stop)
 		p.wg.Wait()
 		p.dev.Close()
@@ -168,7 +258,7 @@ func (n *Node) netStatusLocked(loop *failover.EpochLoop) *api.NetStatus {
 	if p := n.net; p != nil {
 		ns.Tap = p.dev.Name()
 		ns.FramesReceived, ns.FramesDelivered = p.received.Load(), p.delivered.Load()
-		ns.FramesSent, ns.FramesSendErrors = p.sent.Load(), p.sendErrors.Load()
+		ns.FramesSent, ns.FramesSendErrors = p.sent.Load(), p.sendErrors()
 	}
 	if nic != nil {
 		ns.GuestIP = n.cfg.Net.IP

@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"bytes"
 	"net"
 	"net/http"
 	"strconv"
@@ -8,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/internal/netlab"
 	"github.com/tandemvm/tandem/internal/tap"
 	"github.com/tandemvm/tandem/replica"
@@ -67,7 +70,7 @@ func TestPairGuestNetworkFailover(t *testing.T) {
 	c := l.DialUDP("10.77.0.10:7000")
 	t.Cleanup(func() {
 		if t.Failed() && np.net != nil {
-			t.Logf("primary port: received %d delivered %d sent %d send errors %d", np.net.received.Load(), np.net.delivered.Load(), np.net.sent.Load(), np.net.sendErrors.Load())
+			t.Logf("primary port: received %d delivered %d sent %d send errors %d", np.net.received.Load(), np.net.delivered.Load(), np.net.sent.Load(), np.net.sendErrors())
 			if nic := np.net.nic.Load(); nic != nil {
 				t.Logf("primary card: %+v", (*nic).Counters())
 			}
@@ -119,5 +122,85 @@ func TestPairGuestNetworkFailover(t *testing.T) {
 	t.Logf("first reply at the same address %v after the primary stopped", time.Since(killed))
 	if ns.net.sent.Load() == 0 {
 		t.Fatal("the answer did not come through the new primary's TAP")
+	}
+}
+
+// gratuitousARPs reads frames from watch until within has passed and
+// returns when each ARP frame from announce's sender arrived.
+func gratuitousARPs(t *testing.T, watch *tap.Device, announce []byte, within time.Duration) []time.Time {
+	t.Helper()
+	var got []time.Time
+	buf := make([]byte, 2048)
+	end := time.Now().Add(within)
+	for time.Now().Before(end) {
+		n, err := watch.ReadFrame(buf, end)
+		if err != nil {
+			continue // the deadline (the loop ends) or a frame too large
+		}
+		f := buf[:n]
+		// Ethernet II, ARP, from the card's MAC, for the card's address.
+		if n >= 42 && f[12] == 0x08 && f[13] == 0x06 && bytes.Equal(f[6:12], announce[6:12]) && bytes.Equal(f[38:42], announce[38:42]) {
+			got = append(got, time.Now())
+		}
+	}
+	return got
+}
+
+// The node that starts running the guest announces its address five
+// times, at 0, 50, 200, 450 and 800 ms (one gratuitous ARP can be lost),
+// seen by another device on the bridge; a node that stops running the
+// guest stops announcing at once, and closing the port ends a schedule
+// in progress (goleak checks that its goroutine was joined).
+func TestAnnouncementsRepeated(t *testing.T) {
+	l := netlab.New(t)
+	gcfg := testGuestConfig
+	gcfg.Net.IP = "10.77.0.10/24"
+	g, err := synth.New(gcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	nic := guest.NICOf(g)
+	p := newNetPort(openTap(t, l), quietLog())
+	defer p.close()
+	watch := openTap(t, l)
+	defer watch.Close()
+	frame := nic.Announce()
+
+	p.attach(nic)
+	t0 := time.Now()
+	p.announce(nic)
+	got := gratuitousARPs(t, watch, frame, 1500*time.Millisecond)
+	if len(got) != announceCount {
+		t.Fatalf("%d announcements reached the bridge, want %d", len(got), announceCount)
+	}
+	want := []time.Duration{0, 50 * time.Millisecond, 200 * time.Millisecond, 450 * time.Millisecond, 800 * time.Millisecond}
+	for i, at := range got {
+		// Late is allowed on a busy machine; early never.
+		if d := at.Sub(t0); d < want[i]-5*time.Millisecond || d > want[i]+300*time.Millisecond {
+			t.Errorf("announcement %d at %v, want about %v", i+1, d, want[i])
+		}
+	}
+	if c := p.announcements.Load(); c != announceCount {
+		t.Errorf("the port counted %d announcements, want %d", c, announceCount)
+	}
+
+	// Stopping to run the guest ends the schedule: the first two go out
+	// (0 and 50 ms), nothing after the detach at 120 ms.
+	p.announce(nic)
+	time.Sleep(120 * time.Millisecond)
+	p.attach(nil)
+	if got := gratuitousARPs(t, watch, frame, time.Second); len(got) > 2 {
+		t.Fatalf("%d announcements after the node stopped running the guest 120 ms in, want at most 2", len(got))
+	}
+
+	// Closing the port in the middle of a schedule joins it promptly.
+	p.attach(nic)
+	p.announce(nic)
+	time.Sleep(60 * time.Millisecond)
+	closed := time.Now()
+	p.close()
+	if d := time.Since(closed); d > 500*time.Millisecond {
+		t.Fatalf("closing the port took %v with an announcement schedule running", d)
 	}
 }
