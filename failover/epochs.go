@@ -96,6 +96,9 @@ type EpochConfig struct {
 	// acknowledged (or at once while unprotected), one call per frame.
 	// nil drops them. Like Release, it must not block for long.
 	ReleaseFrame func(frame []byte)
+	// ObserveOutput is told about the output the loop's gate releases
+	// (the node's metrics); see OutputObserver.
+	ObserveOutput OutputObserver
 	// Insecure lets a plaintext loop (TLS nil) stream to a non-loopback
 	// secondary; without it such a secondary is refused at each dial.
 	Insecure bool
@@ -310,6 +313,7 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 	for _, r := range cfg.Guest.Regions() {
 		l.guestPages += r.Pages()
 	}
+	l.gate.SetObserver(cfg.ObserveOutput)
 	l.gate.Hold(false)
 	cfg.Guest.Console().SetOutput(l.gate.Write)
 	if nic := guest.NICOf(cfg.Guest); nic != nil {

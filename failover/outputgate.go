@@ -46,9 +46,12 @@ type OutputGate struct {
 	frameSink func([]byte)
 	frames    uint64 // frames released or passed
 	// frameBytes is the bytes of frames in pending, at most
-	// maxHeldFrameBytes; framesDropped counts the frames refused over it.
+	// maxHeldFrameBytes, and heldFrames their number; framesDropped
+	// counts the frames refused over the bound.
 	frameBytes    int
+	heldFrames    int
 	framesDropped uint64
+	observe       OutputObserver
 	allow         func() bool
 	open          uint64 // epoch the next written byte belongs to
 	released      uint64 // highest epoch released (0: none)
@@ -74,6 +77,18 @@ type heldOutput struct {
 	written time.Time
 	data    []byte
 	frame   bool // a network frame (frameSink), not console bytes
+}
+
+// OutputObserver is told about the output a gate releases (metrics).
+// Its functions run under the gate's lock: they must return at once
+// (a histogram's Observe) and never call the gate. Either may be nil.
+type OutputObserver struct {
+	// Delay is each held write or frame's wait, from written to
+	// released (frame: a network frame, else console bytes).
+	Delay func(frame bool, d time.Duration)
+	// EpochFrames is the number of frames an epoch held, for each
+	// released epoch that held any.
+	EpochFrames func(frames int)
 }
 
 // maxHeldFrameBytes bounds the network frames held for their epochs.
@@ -114,6 +129,20 @@ func (g *OutputGate) SetFrameSink(sink func([]byte)) {
 	g.mu.Lock()
 	g.frameSink = sink
 	g.mu.Unlock()
+}
+
+// SetObserver sets who is told about released output.
+func (g *OutputGate) SetObserver(o OutputObserver) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.observe = o
+}
+
+// HeldFrames is the frames waiting for their epochs and their bytes.
+func (g *OutputGate) HeldFrames() (frames, bytes int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.heldFrames, g.frameBytes
 }
 
 // Frames counts the frames released (or passed while not holding).
@@ -177,6 +206,7 @@ func (g *OutputGate) holdLocked(p []byte, frame bool) {
 			return
 		}
 		g.frameBytes += len(p)
+		g.heldFrames++
 	}
 	now := g.clock.Now()
 	g.pending = append(g.pending, heldOutput{epoch: g.open, written: now, data: append([]byte(nil), p...), frame: frame})
@@ -249,11 +279,18 @@ func (g *OutputGate) Release(acked uint64) bool {
 	// gets one chunk per epoch however many replies the epoch held.
 	var out []byte
 	var frames [][]byte
+	epochFrames := 0 // frames of pending[i-1]'s epoch so far
 	for ; i < len(g.pending) && g.pending[i].epoch <= acked; i++ {
 		h := g.pending[i]
+		if i > 0 && h.epoch != g.pending[i-1].epoch {
+			g.observeEpochLocked(epochFrames)
+			epochFrames = 0
+		}
 		if h.frame {
 			frames = append(frames, h.data)
 			g.frameBytes -= len(h.data)
+			g.heldFrames--
+			epochFrames++
 		} else {
 			out = append(out, h.data...)
 		}
@@ -262,8 +299,13 @@ func (g *OutputGate) Release(acked uint64) bool {
 			copy(g.delays, g.delays[1:])
 			g.delays = g.delays[:maxDelaySamples-1]
 		}
-		g.delays = append(g.delays, now.Sub(h.written))
+		d := now.Sub(h.written)
+		g.delays = append(g.delays, d)
+		if g.observe.Delay != nil {
+			g.observe.Delay(h.frame, d)
+		}
 	}
+	g.observeEpochLocked(epochFrames)
 	g.pending = append(g.pending[:0], g.pending[i:]...)
 	if acked > g.released {
 		g.released = acked
@@ -282,6 +324,14 @@ func (g *OutputGate) Release(acked uint64) bool {
 		}
 	}
 	return true
+}
+
+// observeEpochLocked reports an epoch's released frames, if any; mu is
+// held.
+func (g *OutputGate) observeEpochLocked(frames int) {
+	if frames > 0 && g.observe.EpochFrames != nil {
+		g.observe.EpochFrames(frames)
+	}
 }
 
 // Hold switches between holding output for acknowledgements (a protected
@@ -305,7 +355,7 @@ func (g *OutputGate) Hold(on bool) {
 	var out []heldOutput
 	if !g.passing && g.allow() {
 		out = g.pending
-		g.pending, g.held, g.openBytes, g.frameBytes = nil, 0, 0, 0
+		g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames = nil, 0, 0, 0, 0
 	}
 	g.passing = true
 	sink, frameSink := g.sink, g.frameSink
@@ -340,7 +390,7 @@ func (g *OutputGate) Discard() {
 	g.relMu.Lock()
 	defer g.relMu.Unlock()
 	g.mu.Lock()
-	g.pending, g.held, g.openBytes, g.frameBytes = nil, 0, 0, 0
+	g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames = nil, 0, 0, 0, 0
 	g.mu.Unlock()
 }
 

@@ -2,10 +2,13 @@ package failover
 
 import (
 	"bytes"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/clock"
 )
 
 func TestOutputGateReleasesOnlyAckedEpochsInOrder(t *testing.T) {
@@ -297,5 +300,58 @@ func TestOutputGateBoundsHeldFrames(t *testing.T) {
 	g.WriteFrame(frame)
 	if g.FramesDropped() != 10 || g.Held() != len(frame) {
 		t.Fatalf("after the release: dropped %d, held %d", g.FramesDropped(), g.Held())
+	}
+}
+
+// The gate tells its observer each released item's delay (frames apart
+// from console bytes) and how many frames each released epoch held, and
+// HeldFrames counts what waits: what a node's metrics export.
+func TestOutputGateObserver(t *testing.T) {
+	clk := clock.NewFake(time.Unix(1000, 0))
+	g := newOutputGate(1, func([]byte) {}, nil, clk)
+	g.SetFrameSink(func([]byte) {})
+	var frameDelays, consDelays []time.Duration
+	var perEpoch []int
+	g.SetObserver(OutputObserver{
+		Delay: func(frame bool, d time.Duration) {
+			if frame {
+				frameDelays = append(frameDelays, d)
+			} else {
+				consDelays = append(consDelays, d)
+			}
+		},
+		EpochFrames: func(n int) { perEpoch = append(perEpoch, n) },
+	})
+	g.Hold(true)
+	g.WriteFrame([]byte("f1a"))
+	g.WriteFrame([]byte("f1b"))
+	clk.Advance(3 * time.Millisecond)
+	g.Write([]byte("c1"))
+	g.Seal()
+	g.Write([]byte("c2")) // epoch 2: console only
+	g.Seal()
+	g.WriteFrame([]byte("f3-1"))
+	if n, b := g.HeldFrames(); n != 3 || b != 10 {
+		t.Fatalf("held frames %d (%d bytes), want 3 (10)", n, b)
+	}
+	clk.Advance(7 * time.Millisecond)
+	g.Release(3)
+	if n, b := g.HeldFrames(); n != 0 || b != 0 {
+		t.Fatalf("held frames %d (%d bytes) after the release, want none", n, b)
+	}
+	if want := []time.Duration{10 * time.Millisecond, 10 * time.Millisecond, 7 * time.Millisecond}; !slices.Equal(frameDelays, want) {
+		t.Errorf("frame delays %v, want %v", frameDelays, want)
+	}
+	if want := []time.Duration{7 * time.Millisecond, 7 * time.Millisecond}; !slices.Equal(consDelays, want) {
+		t.Errorf("console delays %v, want %v", consDelays, want)
+	}
+	if want := []int{2, 1}; !slices.Equal(perEpoch, want) {
+		t.Errorf("frames per released epoch %v, want %v (epoch 2 held none)", perEpoch, want)
+	}
+	// A discarded frame is no longer held.
+	g.WriteFrame([]byte("f4"))
+	g.Discard()
+	if n, _ := g.HeldFrames(); n != 0 {
+		t.Fatalf("held frames %d after Discard", n)
 	}
 }
