@@ -72,6 +72,9 @@ type NetStatus struct {
 	FramesDelivered  uint64 `json:"frames_delivered"`
 	FramesSent       uint64 `json:"frames_sent"`
 	FramesSendErrors uint64 `json:"frames_send_errors"`
+	// Announcements counts the gratuitous ARPs this node queued for the
+	// guest's address (five each time it starts running the guest).
+	Announcements uint64 `json:"announcements"`
 	// The card's stack (guest/netframe): frames it took in, ARP requests
 	// it answered, datagrams it served, frames it built, and frames it
 	// dropped by reason. Zero without a card.
@@ -86,6 +89,9 @@ type NetStatus struct {
 	// FramesOverHeld counts the frames that gate dropped because 16 MiB
 	// of frames already waited for their epochs (null on other nodes).
 	FramesOverHeld *uint64 `json:"frames_over_held"`
+	// FramesHeld is the frames that gate holds now, waiting for their
+	// epochs' acknowledgements (null on other nodes).
+	FramesHeld *int `json:"frames_held"`
 }
 
 // DroppedFrames are the frames a guest's card dropped, by reason (the
@@ -98,6 +104,9 @@ type DroppedFrames struct {
 	Fragment    uint64 `json:"fragment"`
 	Unsupported uint64 `json:"unsupported"`
 	NotOurs     uint64 `json:"not_ours"`
+	// QueueFull: received while the card's receive queue was full (the
+	// guest did not keep up); these never reached its stack.
+	QueueFull uint64 `json:"queue_full"`
 }
 
 // LastCommittedEpoch is the last epoch committed on the secondary as this

@@ -96,8 +96,9 @@ setup_time_ms state state_reason status store_error switchover_digest sync_polic
 transferred_bytes vcpus verified_epochs verify_cycle_epochs verify_epochs verify_slice_pages wire_ratio
 workload zero_pages
 nodes quorum quorum.has_quorum quorum.leader quorum.needed quorum.one_more_failure quorum.reachable quorum.voters
-net net.arp_replies net.card_received net.card_sent net.datagrams net.dropped net.frames_delivered net.frames_received
-net.frames_released net.frames_over_held net.frames_send_errors net.frames_sent net.guest_ip net.tap`)
+net net.announcements net.arp_replies net.card_received net.card_sent net.datagrams net.dropped net.frames_delivered
+net.frames_held net.frames_received net.frames_released net.frames_over_held net.frames_send_errors net.frames_sent
+net.guest_ip net.tap`)
 
 // goldenNodeViewKeys is every key of an entry of "nodes" (issue 20): each
 // is present on every row, null where the answering node cannot tell.

@@ -251,7 +251,7 @@ func (m *Member) startLoop(g guest.Guest, cfg guest.Config, firstEpoch uint64) *
 		Guest: g, Config: cfg, Interval: ef.Interval, FlushBudget: ef.FlushBudget, MaxInFlight: ef.MaxInFlight,
 		Verify: ef.Verify, VerifySlicePages: ef.VerifySlicePages, Build: version.Build(), Generation: m.gen.Load,
 		Timings: m.n.api.timings, Log: m.log, Clock: m.cfg.Clock,
-		Release: m.n.console.release, ReleaseFrame: m.n.net.send,
+		Release: m.n.console.release, ReleaseFrame: m.n.net.send, ObserveOutput: m.n.outMetrics.observer(),
 		Allow: func() bool { return m.coord.CanRelease(m.gen.Load()) },
 		TLS:   m.n.trust.ID, Insecure: m.n.trust.Insecure,
 		FirstEpoch: firstEpoch, AckTimeout: ef.AckTimeout,

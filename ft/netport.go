@@ -258,7 +258,7 @@ func (n *Node) netStatusLocked(loop *failover.EpochLoop) *api.NetStatus {
 	if p := n.net; p != nil {
 		ns.Tap = p.dev.Name()
 		ns.FramesReceived, ns.FramesDelivered = p.received.Load(), p.delivered.Load()
-		ns.FramesSent, ns.FramesSendErrors = p.sent.Load(), p.sendErrors()
+		ns.FramesSent, ns.FramesSendErrors, ns.Announcements = p.sent.Load(), p.sendErrors(), p.announcements.Load()
 	}
 	if nic != nil {
 		ns.GuestIP = n.cfg.Net.IP
@@ -266,10 +266,12 @@ func (n *Node) netStatusLocked(loop *failover.EpochLoop) *api.NetStatus {
 		ns.CardReceived, ns.ARPReplies, ns.Datagrams, ns.CardSent = c.Received, c.ARPReplies, c.Datagrams, c.Sent
 		d := c.Dropped
 		ns.Dropped = api.DroppedFrames{Short: d[netframe.DropShort], TooLong: d[netframe.DropTooLong], BadLength: d[netframe.DropBadLength],
-			BadChecksum: d[netframe.DropBadChecksum], Fragment: d[netframe.DropFragment], Unsupported: d[netframe.DropUnsupported], NotOurs: d[netframe.DropNotOurs]}
+			BadChecksum: d[netframe.DropBadChecksum], Fragment: d[netframe.DropFragment], Unsupported: d[netframe.DropUnsupported], NotOurs: d[netframe.DropNotOurs],
+			QueueFull: queueDrops(nic)}
 		if loop != nil {
 			f, d := loop.Gate().Frames(), loop.Gate().FramesDropped()
-			ns.FramesReleased, ns.FramesOverHeld = &f, &d
+			held, _ := loop.Gate().HeldFrames()
+			ns.FramesReleased, ns.FramesOverHeld, ns.FramesHeld = &f, &d, &held
 		}
 	}
 	return ns

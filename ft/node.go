@@ -81,6 +81,9 @@ type Node struct {
 	pair *PairCoordinator
 	// net is the guest network's TAP end (nil: no --net).
 	net *netPort
+	// outMetrics are the output gate's histograms, fed by every epoch
+	// loop of this node (set once, by NewNode).
+	outMetrics *outputMetrics
 }
 
 // NodeConfig configures a Node.
@@ -135,6 +138,8 @@ func NewNode(cfg NodeConfig) (_ *Node, err error) {
 		return nil, err
 	}
 	n.registerProtectionMetrics()
+	n.outMetrics = newOutputMetrics(api.reg)
+	api.reg.MustRegister(&netMetrics{n: n})
 	api.reg.MustRegister(&n.exits)
 	api.HandleFunc("GET /status", n.handleStatus)
 	api.HandleFunc("POST /migrate", n.handleMigrate)
