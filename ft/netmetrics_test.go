@@ -67,10 +67,16 @@ func TestNetMetricsFollowTraffic(t *testing.T) {
 
 	// While acknowledgements are held back, the reply frame is held.
 	disable := replica.FPBeforeAck.Enable(func() error { time.Sleep(400 * time.Millisecond); return nil })
-	c.Write([]byte("m:held SET k v"))
+	c.Write([]byte("m:100 SET k v"))
 	eventually(t, "a frame held for its epoch", func() bool {
 		return metricValue(t, scrape(t, np.api), "tandem_net_frames_held") >= 1
 	})
+	// The reply comes once its epoch's (delayed) acknowledgement did.
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 2048)
+	if n, err := c.Read(buf); err != nil || !strings.HasPrefix(string(buf[:n]), "m:100 OK") {
+		t.Fatalf("the held request's reply: %q, %v", buf[:n], err)
+	}
 	disable()
 	eventually(t, "the held frame released", func() bool {
 		return metricValue(t, scrape(t, np.api), "tandem_net_frames_held") == 0
