@@ -75,7 +75,8 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 			n.mu.Unlock()
 		}
 	}()
-	hello := replica.Hello{Purpose: replica.PurposeMigrate, Kind: g.Kind(), Config: cfg, Build: version.Build()}
+	hello := replica.Hello{Purpose: replica.PurposeMigrate, Kind: g.Kind(), Config: cfg, Build: version.Build(),
+		Devices: guest.StateSectionsOf(g)}
 	migID := newMigrationID()
 	if !strings.HasPrefix(req.To, "file:") {
 		// Two-phase switch-over: the destination resumes only on this

@@ -180,6 +180,9 @@ func (r *Receiver) RestoreFileFS(fsys vfs.FS, path string) (MigrationResult, err
 	if err := h.Config.Validate(); err != nil {
 		return res, fmt.Errorf("snapshot %s: guest config: %w", path, err)
 	}
+	if err := r.checkSections(h); err != nil {
+		return res, fmt.Errorf("snapshot %s: %w", path, err)
+	}
 	// The snapshot's paths are the source's: a disk lives at DiskPath.
 	if h.Config, err = r.localConfig(h.Config); err != nil {
 		return res, fmt.Errorf("snapshot %s: %w", path, err)

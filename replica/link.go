@@ -107,6 +107,11 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 		}
 		return nil, fmt.Errorf("%s refused the stream: %s", addr, reply.Error)
 	}
+	if !reply.SectionsChecked {
+		if err := checkUnchecked(addr, reply, hello); err != nil {
+			return nil, err
+		}
+	}
 	conn.SetDeadline(time.Time{})
 
 	l := &Link{conn: conn, timeout: o.Timeout, changed: make(chan struct{}), done: make(chan struct{})}

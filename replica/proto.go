@@ -49,6 +49,10 @@ type Hello struct {
 	// (SourceAPI) how the migration ended there.
 	MigrationID string `json:"migration_id,omitempty"`
 	SourceAPI   string `json:"source_api,omitempty"`
+	// Devices lists the device sections, with versions, the guest's
+	// state carries (nil: the sender's guest cannot say). A receiver
+	// refuses one it does not load (see sections.go).
+	Devices map[string]uint32 `json:"devices,omitempty"`
 	// Store is set only in a Store's image.tnd, never on the wire: how
 	// the file was written (docs/DURABILITY.md).
 	Store *StoreStamp `json:"store,omitempty"`
@@ -76,6 +80,11 @@ type HelloReply struct {
 	// releasing output and pause its guest. Older primaries see only the
 	// refusal.
 	Activated bool `json:"activated,omitempty"`
+	// SectionsChecked (with OK): the receiver checked Hello.Devices
+	// against the sections it loads. A receiver that predates the
+	// field leaves it false, and the sender then streams it only the
+	// sections every build loads.
+	SectionsChecked bool `json:"sections_checked,omitempty"`
 }
 
 // Control is a line the sender writes after a migration's final epoch in

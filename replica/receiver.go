@@ -60,6 +60,11 @@ type Receiver struct {
 	// before a guest is built; an error refuses the sender with it (a
 	// receiver that takes one migration at a time says it is busy).
 	Admit func(Hello) error
+	// Sections, if set, gives the device sections (with versions) this
+	// receiver loads for a guest kind; nil: what the kind's backend
+	// registered (guest.StateVersionsOf). Tests set it to play an
+	// older build.
+	Sections func(kind string) (map[string]uint32, bool)
 }
 
 // DefaultMaxEpochDisk is the disk writes one epoch may stage unless told
@@ -229,6 +234,9 @@ func (r *Receiver) handshakeConn(conn net.Conn, purpose string) (Hello, *connRea
 	if err != nil {
 		return refuse("%w", err)
 	}
+	if err := r.checkSections(h); err != nil {
+		return refuse("%w", err)
+	}
 	h.Config = cfg
 	if r.Admit != nil {
 		if err := r.Admit(h); err != nil {
@@ -239,9 +247,12 @@ func (r *Receiver) handshakeConn(conn net.Conn, purpose string) (Hello, *connRea
 	return h, cr, br, nil
 }
 
-func (r *Receiver) replyOK(conn net.Conn, last uint64) error {
+// replyOK accepts a sender of a kind guest; the reply says whether its
+// device sections were checked (checkSections).
+func (r *Receiver) replyOK(conn net.Conn, last uint64, kind string) error {
 	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
-	return writeLine(conn, HelloReply{OK: true, Build: r.Build, LastEpoch: last})
+	_, checked := r.sections(kind)
+	return writeLine(conn, HelloReply{OK: true, Build: r.Build, LastEpoch: last, SectionsChecked: checked})
 }
 
 // checkLayout refuses a stream whose header does not match the guest.
@@ -389,7 +400,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 // Live epochs are acknowledged too: the sender measures its bandwidth and
 // bounds its backlog by them.
 func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g guest.Guest, res *MigrationResult) (*Image, uint64, error) {
-	if err := r.replyOK(conn, 0); err != nil {
+	if err := r.replyOK(conn, 0, hello.Kind); err != nil {
 		return nil, 0, err
 	}
 	rd, err := checkpoint.NewReader(br, r.Limits)

@@ -133,7 +133,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	if cur != nil {
 		last = cur.Committed().Epoch
 	}
-	if err := s.R.replyOK(conn, last); err != nil {
+	if err := s.R.replyOK(conn, last, hello.Kind); err != nil {
 		return err
 	}
 	s.mu.Lock()

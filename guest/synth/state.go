@@ -61,6 +61,28 @@ func StateVersions() map[string]uint32 {
 	}
 }
 
+// OptionalDevices are the sections a guest saves only with a feature:
+// the disk queue with --disk, the card with --guest-ip. Streams of
+// guests without them lack them, so a build that adds one still loads
+// older streams (docs/PAIR-AND-MIGRATION.md, schema rules).
+func OptionalDevices() []string { return []string{devDisk, devNIC} }
+
+// StateSections is the sections this guest's saved state carries, with
+// versions (guest.StateSectioner): every device but an optional one
+// the guest lacks.
+func (g *Guest) StateSections() map[string]uint32 {
+	s := StateVersions()
+	if g.disk == nil {
+		delete(s, devDisk)
+	}
+	if g.nic == nil {
+		delete(s, devNIC)
+	}
+	return s
+}
+
+func init() { guest.RegisterStateVersions(Kind, StateVersions) }
+
 var msgpackHandle = &codec.MsgpackHandle{}
 
 func encode(v any) ([]byte, error) {
