@@ -36,7 +36,10 @@ func cmdSchema(args []string) error {
 		if err != nil {
 			return err
 		}
-		problems := schemacheck.Check(old, nw)
+		problems, notes := schemacheck.Check(old, nw)
+		for _, n := range notes {
+			fmt.Println("note:", n)
+		}
 		if len(problems) == 0 {
 			fmt.Printf("compatible: streams of %s load in %s, and %s can write them a stream %s reads\n", old.Build, nw.Build, nw.Build, old.Build)
 			return nil

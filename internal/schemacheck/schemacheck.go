@@ -24,6 +24,11 @@ type Dump struct {
 	Build   string                       `json:"build"`
 	Format  FormatVersions               `json:"format"`
 	Devices map[string]map[string]uint32 `json:"devices"` // guest kind -> device -> version
+	// Optional lists, per guest kind, the devices a guest saves only
+	// with a feature (a disk, a network card): streams of guests
+	// without it lack the section. Dumps of builds before the field
+	// have none (every device counts as always saved).
+	Optional map[string][]string `json:"optional,omitempty"`
 }
 
 // FormatVersions are a build's checkpoint stream format versions.
@@ -40,6 +45,9 @@ func Current() Dump {
 		Format: FormatVersions{uint16(checkpoint.Current), uint16(checkpoint.MinReadable),
 			uint16(checkpoint.MinWritable)},
 		Devices: map[string]map[string]uint32{synth.Kind: synth.StateVersions(), kvm.Kind: kvm.StateVersions()},
+		// The kvm backend does not declare its optional devices yet:
+		// a section it adds counts as always saved (the stricter rule).
+		Optional: map[string][]string{synth.Kind: synth.OptionalDevices()},
 	}
 }
 
@@ -61,10 +69,19 @@ func Read(path string) (Dump, error) {
 
 // Check lists what stops streams of old from loading in nw (a migration
 // from the old build to the new) or nw from writing what old reads (a
-// migration back). This build's backends accept only the current version
-// of each device, so any changed version is a problem until a backend
-// learns to load the older one.
-func Check(old, nw Dump) []string {
+// migration back), and notes what holds for some guests only. This
+// build's backends accept only the current version of each device, so
+// any changed version is a problem until a backend learns to load the
+// older one.
+//
+// The rule for a device section nw has and old lacks: an optional one
+// (nw's Optional) is compatible. Old streams lack it and load in nw
+// (their guests have no such device); nw streams a guest that carries
+// it only to a receiver that loads it, and refuses an old receiver in
+// one line at the handshake (replica's section check), while guests
+// without it migrate both ways. A new device every guest saves is a
+// problem: old streams lack it and the old build refuses every stream.
+func Check(old, nw Dump) (problems, notes []string) {
 	var out []string
 	if old.Format.Current < nw.Format.MinReadable {
 		out = append(out, fmt.Sprintf("stream format %d of the old build is older than the oldest the new one reads (%d)", old.Format.Current, nw.Format.MinReadable))
@@ -78,14 +95,15 @@ func Check(old, nw Dump) []string {
 			out = append(out, fmt.Sprintf("guest kind %q is gone in the new build", kind))
 			continue
 		}
-		out = append(out, checkDevices(kind, old.Devices[kind], nd)...)
+		p, n := checkDevices(kind, old.Devices[kind], nd, nw.Optional[kind])
+		out = append(out, p...)
+		notes = append(notes, n...)
 	}
-	return out
+	return out, notes
 }
 
 // checkDevices compares one guest kind's device versions.
-func checkDevices(kind string, devs, nd map[string]uint32) []string {
-	var out []string
+func checkDevices(kind string, devs, nd map[string]uint32, optional []string) (out, notes []string) {
 	for _, name := range sortedKeys(devs) {
 		ov := devs[name]
 		nv, ok := nd[name]
@@ -97,11 +115,16 @@ func checkDevices(kind string, devs, nd map[string]uint32) []string {
 		}
 	}
 	for _, name := range sortedKeys(nd) {
-		if _, ok := devs[name]; !ok {
-			out = append(out, fmt.Sprintf("%s device %q (version %d) is new: the old build refuses streams that carry it", kind, name, nd[name]))
+		if _, ok := devs[name]; ok {
+			continue
 		}
+		if slices.Contains(optional, name) {
+			notes = append(notes, fmt.Sprintf("%s device %q (version %d) is new and optional: old streams lack it and load; a guest that carries it streams only to a build that loads it (an older receiver is refused at the handshake, in one line), guests without it migrate both ways", kind, name, nd[name]))
+			continue
+		}
+		out = append(out, fmt.Sprintf("%s device %q (version %d) is new and saved by every guest: old streams lack it, and the old build refuses every stream of the new one", kind, name, nd[name]))
 	}
-	return out
+	return out, notes
 }
 
 func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
