@@ -1,6 +1,7 @@
 package test
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"strings"
@@ -140,7 +141,8 @@ func checkUDPAcked(t *testing.T, c *net.UDPConn, w *udpWriter, id string) {
 // retried with the same <client>:<seq> until its reply comes.
 type udpWriter struct {
 	c      *net.UDPConn
-	client string // "" means "w"
+	client string        // "" means "w"
+	retry  time.Duration // how long to wait for a reply before resending (0: 50 ms)
 	seq    int
 
 	mu    sync.Mutex
@@ -149,7 +151,7 @@ type udpWriter struct {
 	err   error
 }
 
-// do sends one request and waits (retrying every 50 ms) for its reply,
+// do sends one request and waits (resending every w.retry) for its reply,
 // returned without the id.
 func (w *udpWriter) do(req string, within time.Duration) (string, error) {
 	w.seq++
@@ -165,7 +167,7 @@ func (w *udpWriter) do(req string, within time.Duration) (string, error) {
 		if _, err := w.c.Write(msg); err != nil {
 			return "", err
 		}
-		w.c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		w.c.SetReadDeadline(time.Now().Add(cmp.Or(w.retry, 50*time.Millisecond)))
 		for {
 			n, err := w.c.Read(buf)
 			if err != nil {
