@@ -26,7 +26,7 @@ func TestGuestNetworkTrioFailover(t *testing.T) {
 		tr.waitProtected("a", "b", 30*time.Second)
 
 		c := l.DialUDP(guestNetAddr + ":7000")
-		ld := startUDPLoad(t, c)
+		ld := startUDPLoad(t, c, 0)
 		ld.waitAcked(100, 20*time.Second)
 		before := ld.ackedCount()
 		killed := time.Now()
@@ -81,10 +81,11 @@ type udpLoad struct {
 	once sync.Once
 }
 
-// startUDPLoad writes k1, k2, ... over c, each retried with its id until
-// answered; the test's cleanup stops it if finish was not called.
-func startUDPLoad(t *testing.T, c *net.UDPConn) *udpLoad {
-	ld := &udpLoad{udpWriter: &udpWriter{c: c}, t: t, stop: make(chan struct{}), done: make(chan error, 1)}
+// startUDPLoad writes k1, k2, ... over c, each resent with its id every
+// retry (0: 50 ms) until answered; the test's cleanup stops it if finish
+// was not called.
+func startUDPLoad(t *testing.T, c *net.UDPConn, retry time.Duration) *udpLoad {
+	ld := &udpLoad{udpWriter: &udpWriter{c: c, retry: retry}, t: t, stop: make(chan struct{}), done: make(chan error, 1)}
 	go func() { ld.done <- ld.run(ld.stop) }()
 	t.Cleanup(func() { ld.halt() })
 	return ld
