@@ -53,10 +53,10 @@ func TestGuestNetworkSwitchover(t *testing.T) {
 		} else if sa.Net != nil && sa.Net.GuestIP != "" {
 			t.Errorf("a still runs the card (%s) after handing the guest over", sa.Net.GuestIP)
 		}
-		checkUDPAcked(t, c, ld.udpWriter, "check")
-		t.Logf("%s: switchover (%s) took %v; the client's gap at the same address %v (its last reply before at %+v from the command's start, the first after at %+v); %d writes acknowledged, none lost",
+		lost := checkUDPAcked(t, c, ld.udpWriter, "check")
+		t.Logf("%s: switchover (%s) took %v; the client's gap at the same address %v (its last reply before at %+v from the command's start, the first after at %+v); %d writes acknowledged, %d lost",
 			kind, strings.TrimSpace(r.stdout), swDone.Sub(swAt).Round(time.Millisecond), first.Sub(last).Round(time.Millisecond),
-			last.Sub(swAt).Round(time.Millisecond), first.Sub(swAt).Round(time.Millisecond), ld.ackedCount())
+			last.Sub(swAt).Round(time.Millisecond), first.Sub(swAt).Round(time.Millisecond), ld.ackedCount(), lost)
 	})
 }
 
@@ -92,10 +92,10 @@ func TestGuestNetworkMigrate(t *testing.T) {
 		} else if ds.Net.FramesSent < 50 {
 			t.Errorf("the destination's TAP sent %d frames, want at least the 50 replies after the switch", ds.Net.FramesSent)
 		}
-		checkUDPAcked(t, c, ld.udpWriter, "check")
-		t.Logf("%s: migration took %v, downtime %d ms (source's figure); the client's gap at the same address %v (first reply %v after migrate started); %d writes acknowledged, none lost",
+		lost := checkUDPAcked(t, c, ld.udpWriter, "check")
+		t.Logf("%s: migration took %v, downtime %d ms (source's figure); the client's gap at the same address %v (first reply %v after migrate started); %d writes acknowledged, %d lost",
 			kind, migDone.Sub(migAt).Round(time.Millisecond), st.DowntimeMs, first.Sub(last).Round(time.Millisecond),
-			first.Sub(migAt).Round(time.Millisecond), ld.ackedCount())
+			first.Sub(migAt).Round(time.Millisecond), ld.ackedCount(), lost)
 	})
 }
 

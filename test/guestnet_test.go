@@ -28,6 +28,11 @@ func TestGuestNetworkTrioFailover(t *testing.T) {
 		c := l.DialUDP(guestNetAddr + ":7000")
 		ld := startUDPLoad(t, c, 0)
 		ld.waitAcked(100, 20*time.Second)
+		// Kill a protected primary: a stall of this shared machine can
+		// expire a's lease, and a primary that came back unprotected
+		// acknowledges writes no secondary has (a double failure when it
+		// dies then, not this test's case). Checked just before the kill.
+		tr.waitProtected("a", "b", 20*time.Second)
 		before := ld.ackedCount()
 		killed := time.Now()
 		tr.m["a"].n.kill()
@@ -37,8 +42,8 @@ func TestGuestNetworkTrioFailover(t *testing.T) {
 		ld.finish()
 		tr.waitMember("b", 10*time.Second, "primary", func(s trioStatus) bool { return s.Role == "primary" })
 
-		checkUDPAcked(t, c, ld.udpWriter, "check")
-		t.Logf("%s: %d writes acknowledged over UDP (%d before the kill), none lost; first reply at the same address %v after SIGKILL", kind, ld.ackedCount(), before, rto)
+		lost := checkUDPAcked(t, c, ld.udpWriter, "check")
+		t.Logf("%s: %d writes acknowledged over UDP (%d before the kill), %d lost; first reply at the same address %v after SIGKILL", kind, ld.ackedCount(), before, lost, rto)
 	})
 }
 
@@ -123,8 +128,9 @@ func (ld *udpLoad) waitAcked(n int, within time.Duration) {
 }
 
 // checkUDPAcked reads back, over c as kv client id, every write w saw
-// acknowledged: each must hold the value written.
-func checkUDPAcked(t *testing.T, c *net.UDPConn, w *udpWriter, id string) {
+// acknowledged: each must hold the value written. It returns how many
+// did not (each an error of t).
+func checkUDPAcked(t *testing.T, c *net.UDPConn, w *udpWriter, id string) (lost int) {
 	t.Helper()
 	r := &udpWriter{c: c, client: id}
 	for _, k := range w.ackedKeys() {
@@ -133,9 +139,16 @@ func checkUDPAcked(t *testing.T, c *net.UDPConn, w *udpWriter, id string) {
 			t.Fatal(err)
 		}
 		if got != "OK v"+strings.TrimPrefix(k, "k") {
-			t.Errorf("acknowledged write %s: now %q", k, got)
+			lost++
+			if lost <= 5 {
+				t.Errorf("acknowledged write %s: now %q", k, got)
+			}
 		}
 	}
+	if lost > 5 {
+		t.Errorf("... %d acknowledged writes lost in all", lost)
+	}
+	return lost
 }
 
 // udpWriter is a kv client over UDP: one request per datagram, each
