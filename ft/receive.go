@@ -138,6 +138,10 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		ln.Close() // no more migrations: the guest runs here now
 		return
 	}
+	// The guest runs here now: the segment must learn that its address
+	// lives behind this node's device, or clients' frames keep going to
+	// the source's until the bridge forgets it.
+	n.net.announce(guest.NICOf(res.Guest))
 	n.mu.Lock()
 	n.cfg = res.Hello.Config
 	n.inbound, n.state, n.stateReason = &res, "running", ""

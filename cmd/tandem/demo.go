@@ -7,6 +7,7 @@ import (
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/drill"
+	"github.com/tandemvm/tandem/internal/stopsignal"
 )
 
 func init() {
@@ -52,5 +53,9 @@ func cmdDemo(args []string) error {
 	if _, _, err := gf.config(); err != nil {
 		return err
 	}
-	return drill.FailoverDemo(os.Stdout, gf.kind, memory, *keep, *plaintext)
+	// Ctrl-C ends the demo through its context, so it removes what it
+	// made (the trios, and the network part's bridge and namespace).
+	ctx, cancel := stopsignal.Context()
+	defer cancel()
+	return drill.FailoverDemo(ctx, os.Stdout, gf.kind, memory, *keep, *plaintext)
 }

@@ -17,7 +17,9 @@ import (
 // requests under protection, the primary is killed with SIGKILL, the
 // secondary takes over with every acknowledged write, the old primary
 // comes back as secondary, and a planned switchover hands the guest back.
-func FailoverDemo(w io.Writer, kind, memory, keep string, plaintext bool) error {
+// Then, as root with /dev/net/tun, the network part (networkDemo). It
+// stops, removing what it made, when ctx ends (Ctrl-C).
+func FailoverDemo(ctx context.Context, w io.Writer, kind, memory, keep string, plaintext bool) error {
 	t0 := time.Now()
 	say := func(format string, a ...any) {
 		fmt.Fprintf(w, "[%5.1fs] %s\n", time.Since(t0).Seconds(), fmt.Sprintf(format, a...))
@@ -35,7 +37,6 @@ func FailoverDemo(w io.Writer, kind, memory, keep string, plaintext bool) error 
 		}
 		d.Cleanup(failed)
 	}()
-	ctx := context.Background()
 
 	say("Tandem demo: a %s guest (%s, kv store workload) protected by a secondary, with a witness as the third raft voter", kind, memory)
 	say("starting three processes of this binary on loopback: primary a, secondary b, witness w (data in %s)", d.Dir())
@@ -85,7 +86,11 @@ func FailoverDemo(w io.Writer, kind, memory, keep string, plaintext bool) error 
 	if err := demoSwitchover(ctx, d, np, p, say); err != nil {
 		return err
 	}
-	failed = false
+	d.Close()      // the network part runs a trio of its own,
+	failed = false // and keeps its own logs if it fails
+	if err := networkDemo(ctx, kind, memory, plaintext, say); err != nil {
+		return err
+	}
 	say("demo done in %.1f s", time.Since(t0).Seconds())
 	return nil
 }
@@ -118,6 +123,9 @@ func demoFailover(ctx context.Context, d *Drill, p *e2e.Node, say func(string, .
 		}
 		if time.Now().After(deadline) {
 			return nil, fmt.Errorf("no failover within %v", FailoverLimit)
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
 	}
 	time.Sleep(200 * time.Millisecond)

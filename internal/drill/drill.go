@@ -40,6 +40,9 @@ type Config struct {
 	Clients   int  // kv clients per run (1 or 2; 0: 2)
 	// Narrate, when set, is told what happens (the demo's voice).
 	Narrate func(format string, a ...any)
+	// NodeExtra are flags of one node of every trio, by ID (the
+	// demo's network part: each node's own --net).
+	NodeExtra map[string][]string
 }
 
 // Drill runs failover runs against one trio at a time, starting a fresh
@@ -174,6 +177,9 @@ func (d *Drill) FreshTrio(ctx context.Context) (*e2e.Node, api.Status, error) {
 			return nil, api.Status{}, err
 		}
 		d.t = t
+		for _, n := range t.Nodes() {
+			n.Extra = d.cfg.NodeExtra[n.ID]
+		}
 		if err := t.StartAll(); err != nil {
 			return nil, api.Status{}, err
 		}
