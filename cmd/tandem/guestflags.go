@@ -83,9 +83,6 @@ func (gf *guestFlags) config() (string, guest.Config, error) {
 	}
 	cfg := gf.cfg
 	cfg.Workload.DirtyRate = rate
-	if cfg.Net != (guest.Net{}) && gf.kind == kvm.Kind {
-		return "", guest.Config{}, usagef("--guest-ip: the kvm micro-guest has no network card yet; use --guest synth")
-	}
 	if err := cfg.Validate(); err != nil {
 		return "", guest.Config{}, usagef("%v", err)
 	}
