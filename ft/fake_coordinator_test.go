@@ -11,6 +11,7 @@ import (
 
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/kvm"
 	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/internal/clock"
 	"github.com/tandemvm/tandem/internal/tap"
@@ -164,9 +165,10 @@ func testNodeWith(t *testing.T, nc NodeConfig) *Node {
 	return n
 }
 
-// bootCounter boots synth guests and counts the boots.
+// bootCounter boots guests (synth unless kind says) and counts the boots.
 type bootCounter struct {
 	cfg   *guest.Config // nil: testGuestConfig
+	kind  string        // "": synth
 	mu    sync.Mutex
 	boots int
 	last  guest.Guest
@@ -177,7 +179,11 @@ func (b *bootCounter) boot() (guest.Guest, error) {
 	if b.cfg != nil {
 		cfg = *b.cfg
 	}
-	g, err := synth.New(cfg)
+	kind := b.kind
+	if kind == "" {
+		kind = synth.Kind
+	}
+	g, err := BootGuest(kind, cfg, kvm.DirtyGetLog)
 	if err != nil {
 		return nil, err
 	}
