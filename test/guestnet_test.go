@@ -17,10 +17,19 @@ import (
 // request with the same id until it is answered; the primary is killed
 // with SIGKILL; the secondary takes over and announces the address; the
 // client goes on at the same address, and every write it saw
-// acknowledged is there.
+// acknowledged is there. It runs on both guests.
 func TestGuestNetworkTrioFailover(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			skipUnlessKind(t, kind)
+			guestNetworkTrioFailover(t, kind)
+		})
+	}
+}
+
+func guestNetworkTrioFailover(t *testing.T, kind string) {
 	l := netlab.New(t)
-	tr := newTestTrio(t, "synth")
+	tr := newTestTrio(t, kind)
 	tr.m["a"].Extra = []string{"--guest-ip", "10.77.0.10/24", "--net", "tap:" + l.TapName() + ",bridge=" + l.Bridge}
 	tr.m["b"].Extra = []string{"--net", "tap:" + l.TapName() + ",bridge=" + l.Bridge}
 	tr.startAll()
