@@ -41,7 +41,7 @@ func udpKV(t *testing.T, c *net.UDPConn, req string, within time.Duration) (stri
 	return "", 0
 }
 
-func openTap(t *testing.T, l *netlab.Lab) *tap.Device {
+func openTap(t testing.TB, l *netlab.Lab) *tap.Device {
 	t.Helper()
 	d, err := tap.Open(tap.Spec{Name: l.TapName(), Bridge: l.Bridge})
 	if err != nil {
