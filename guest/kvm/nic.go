@@ -109,7 +109,9 @@ func (n *nic) SetTransmit(sink func(frame []byte)) {
 }
 
 // Announce is the gratuitous ARP for the address the card has in guest
-// memory (the configured one before boot or after Close).
+// memory (the configured one before boot or after Close). Tandem builds
+// it, not the guest, so the guest's Sent counter does not include it
+// (synth's card counts its announcements).
 func (n *nic) Announce() []byte {
 	n.mu.Lock()
 	defer n.mu.Unlock()
