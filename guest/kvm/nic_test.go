@@ -90,7 +90,12 @@ func udpReply(t *testing.T, f []byte) (string, uint16) {
 
 func startNIC(t *testing.T, cfg guest.Config) (*Guest, *wire) {
 	t.Helper()
-	g, err := New(cfg)
+	return startNICWith(t, cfg, DirtyGetLog)
+}
+
+func startNICWith(t *testing.T, cfg guest.Config, dirty DirtyMethod) (*Guest, *wire) {
+	t.Helper()
+	g, err := NewWithOptions(cfg, Options{DirtyMethod: dirty})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,12 +177,18 @@ func TestNICServesKVOverUDP(t *testing.T) {
 // The card lives in guest memory: a guest rebuilt from a first full copy
 // plus only the pages the dirty log reported since (as a secondary builds
 // it) has the same table, records, counters, IPv4 ID and MAC, so Tandem's
-// own ring writes were all in the log.
+// own ring writes were all in the log, with each dirty-log method.
 func TestNICStateTravelsWithDirtyPages(t *testing.T) {
 	skipWithoutKVM(t)
+	for _, m := range []DirtyMethod{DirtyGetLog, DirtyManualClear, DirtyRing} {
+		t.Run(m.String(), func(t *testing.T) { nicStateTravels(t, m) })
+	}
+}
+
+func nicStateTravels(t *testing.T, method DirtyMethod) {
 	cfg := netKVConfig()
 	cfg.Net.MAC = "02:00:00:00:00:01"
-	g, w := startNIC(t, cfg)
+	g, w := startNICWith(t, cfg, method)
 	mustPause(t, g)
 	replica := make([][]byte, len(g.Regions()))
 	for i, r := range g.Regions() {
