@@ -116,9 +116,11 @@ func (n *nic) Announce() []byte {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	ep := netframe.Endpoint{MAC: n.ep.MAC, IP: n.ep.IP}
-	if nd := n.page(); !n.closed && nd != nil {
-		copy(ep.MAC[:], nd[ndMAC:ndMAC+6])
-		copy(ep.IP[:], nd[ndIP:ndIP+4])
+	if !n.closed { // memory goes with Close
+		if nd := n.page(); nd != nil {
+			copy(ep.MAC[:], nd[ndMAC:ndMAC+6])
+			copy(ep.IP[:], nd[ndIP:ndIP+4])
+		}
 	}
 	return ep.Announce(nil)
 }

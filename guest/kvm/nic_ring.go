@@ -99,8 +99,12 @@ func (n *nic) fill() {
 // are skipped and counted, never read beyond their slot.
 func (n *nic) transmit(prod uint32) {
 	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return
+	}
 	nd := n.page()
-	if nd == nil || n.closed {
+	if nd == nil {
 		n.mu.Unlock()
 		return
 	}

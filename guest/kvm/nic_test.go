@@ -362,3 +362,25 @@ func TestNICTransmitBoundsGuestInput(t *testing.T) {
 		t.Fatal("frames written into a ring the guest corrupted")
 	}
 }
+
+// After Close the card still answers from what it kept (guest memory is
+// unmapped): the configured address, the last counters.
+func TestNICAfterClose(t *testing.T) {
+	skipWithoutKVM(t)
+	g, w := startNIC(t, netKVConfig())
+	nic := g.NIC()
+	nic.Deliver(w.request("c:1 SET k v"))
+	udpReply(t, w.next(t))
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c := nic.Counters(); c.Datagrams != 1 {
+		t.Fatalf("counters after close %+v", c)
+	}
+	if !isAnnounceFrom(nic.Announce(), netframe.MAC{0x52, 0x54, 0, 77, 0, 10}) {
+		t.Fatal("no announcement after close")
+	}
+	if err := nic.Deliver(w.request("c:2 GET k")); !errors.Is(err, guest.ErrClosed) {
+		t.Fatalf("deliver after close: %v", err)
+	}
+}
