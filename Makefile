@@ -32,6 +32,7 @@ bench: build
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzReader -fuzztime 10m ./checkpoint/
+	$(GO) test -run '^$$' -fuzz FuzzDifferential -fuzztime 2m ./guest/kvm/netfuzz/
 
 demo: build
 	./$(BIN) demo

@@ -11,6 +11,7 @@ import (
 
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/kvm"
 	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/internal/clock"
 	"github.com/tandemvm/tandem/internal/tap"
@@ -153,7 +154,7 @@ func testNode(t *testing.T, role string) *Node {
 }
 
 // testNodeWith is testNode with more of the configuration given.
-func testNodeWith(t *testing.T, nc NodeConfig) *Node {
+func testNodeWith(t testing.TB, nc NodeConfig) *Node {
 	t.Helper()
 	nc.APIAddr, nc.ConsoleAddr, nc.Log = "127.0.0.1:0", "127.0.0.1:0", quietLog()
 	n, err := NewNode(nc)
@@ -164,9 +165,10 @@ func testNodeWith(t *testing.T, nc NodeConfig) *Node {
 	return n
 }
 
-// bootCounter boots synth guests and counts the boots.
+// bootCounter boots guests (synth unless kind says) and counts the boots.
 type bootCounter struct {
 	cfg   *guest.Config // nil: testGuestConfig
+	kind  string        // "": synth
 	mu    sync.Mutex
 	boots int
 	last  guest.Guest
@@ -177,7 +179,11 @@ func (b *bootCounter) boot() (guest.Guest, error) {
 	if b.cfg != nil {
 		cfg = *b.cfg
 	}
-	g, err := synth.New(cfg)
+	kind := b.kind
+	if kind == "" {
+		kind = synth.Kind
+	}
+	g, err := BootGuest(kind, cfg, kvm.DirtyGetLog)
 	if err != nil {
 		return nil, err
 	}
@@ -203,17 +209,21 @@ type memberOpts struct {
 	clock    clock.Clock
 	coord    Coordinator
 	receiver *replica.Receiver
-	net      *tap.Device // the node's guest network (nil: none)
+	net      *tap.Device    // the node's guest network (nil: none)
+	epochs   *EpochSettings // nil: testEpochs()
 }
 
 // startMember builds and starts a member on a fresh test node; it is
 // stopped at the test's end.
-func startMember(t *testing.T, role string, o memberOpts) (*Member, *Node) {
+func startMember(t testing.TB, role string, o memberOpts) (*Member, *Node) {
 	t.Helper()
 	n := testNodeWith(t, NodeConfig{Role: role, Net: o.net})
 	cfg := MemberConfig{Node: n, Coordinator: o.coord, Epochs: testEpochs(), Fresh: o.fresh, KeepActivated: o.keepAct,
 		Clock: o.clock, Log: quietLog(), BootConfig: testGuestConfig,
 		Receiver: &replica.Receiver{NewGuest: EmptyGuest, Build: version.Build(), Log: quietLog(), Timeout: 5 * time.Second}}
+	if o.epochs != nil {
+		cfg.Epochs = *o.epochs
+	}
 	if o.boot != nil {
 		cfg.Boot = o.boot.boot
 		if o.boot.cfg != nil {
@@ -234,7 +244,7 @@ func startMember(t *testing.T, role string, o memberOpts) (*Member, *Node) {
 }
 
 // eventually waits (at most 20 s) for cond, failing the test with what.
-func eventually(t *testing.T, what string, cond func() bool) {
+func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {

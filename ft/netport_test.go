@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/kvm"
 	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/internal/netlab"
 	"github.com/tandemvm/tandem/internal/tap"
@@ -42,7 +43,7 @@ func udpKV(t *testing.T, c *net.UDPConn, req string, within time.Duration) (stri
 	return "", 0
 }
 
-func openTap(t *testing.T, l *netlab.Lab) *tap.Device {
+func openTap(t testing.TB, l *netlab.Lab) *tap.Device {
 	t.Helper()
 	d, err := tap.Open(tap.Spec{Name: l.TapName(), Bridge: l.Bridge})
 	if err != nil {
@@ -56,13 +57,29 @@ func openTap(t *testing.T, l *netlab.Lab) *tap.Device {
 // primary's output gate; the primary dies, the secondary is activated and
 // announces the address, and the client, retrying with the same id to
 // the same address, gets its answer from the guest's committed state.
+// It runs on both guests (kvm where /dev/kvm and the image are there).
 func TestPairGuestNetworkFailover(t *testing.T) {
+	kinds := []string{synth.Kind}
+	if kvm.Available() == nil {
+		if _, err := kvm.DefaultImage(); err == nil {
+			kinds = append(kinds, kvm.Kind)
+		}
+	}
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) { pairGuestNetworkFailover(t, kind) })
+	}
+}
+
+func pairGuestNetworkFailover(t *testing.T, kind string) {
 	l := netlab.New(t)
 	gcfg := testGuestConfig
+	if kind == kvm.Kind {
+		gcfg.Memory = kvm.MinMemory
+	}
 	gcfg.Net.IP = "10.77.0.10/24"
 	sec, ns := startMember(t, "secondary", memberOpts{coord: NewPairSecondary(""), data: true, net: openTap(t, l)})
 	pc := NewPairPrimary(sec.cfg.Data.Addr().String(), "")
-	pri, np := startMember(t, "primary", memberOpts{coord: pc, boot: &bootCounter{cfg: &gcfg}, fresh: true, net: openTap(t, l)})
+	pri, np := startMember(t, "primary", memberOpts{coord: pc, boot: &bootCounter{cfg: &gcfg, kind: kind}, fresh: true, net: openTap(t, l)})
 	eventually(t, "pair protected", func() bool {
 		loop := pri.currentLoop()
 		return loop != nil && loop.Status().Protected

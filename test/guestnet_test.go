@@ -18,7 +18,7 @@ import (
 // request with the same id until it is answered; the primary is killed
 // with SIGKILL; the secondary takes over and announces the address; the
 // client goes on at the same address, and every write it saw
-// acknowledged is there.
+// acknowledged is there. It runs on both guests.
 func TestGuestNetworkTrioFailover(t *testing.T) {
 	forEachNetKind(t, func(t *testing.T, kind string) {
 		l, tr := netTrio(t, kind)
@@ -50,10 +50,9 @@ func TestGuestNetworkTrioFailover(t *testing.T) {
 // guestNetAddr is the guest's address on a test's lab network.
 const guestNetAddr = "10.77.0.10"
 
-// netCardKinds are the guests that have a network card (--guest-ip).
-// The KVM micro-guest's card is being built: add "kvm" when it lands,
-// and every test of the guest network runs on it too.
-var netCardKinds = map[string]bool{"synth": true}
+// netCardKinds are the guests that have a network card (--guest-ip):
+// both, so every test of the guest network runs on each.
+var netCardKinds = map[string]bool{"synth": true, "kvm": true}
 
 // forEachNetKind is forEachKind for the guest network's tests: a guest
 // without a card skips with the reason.

@@ -65,14 +65,15 @@ func TestPlaintextSecondaryRefused(t *testing.T) {
 	}
 }
 
-// A bad --net, a bridge that does not exist or a guest-ip on the kvm
-// guest: one line, exit 2, before anything starts.
+// A bad --net, a bridge that does not exist, a bad --guest-ip or
+// --guest-mac on either guest: one line, exit 2, before anything starts.
 func TestNetFlagRefusals(t *testing.T) {
 	for _, args := range [][]string{
 		{"run", "--guest", "synth", "--net", "eth0"},
 		{"run", "--guest", "synth", "--net", "tap:tdtcli0,bridge=tdt-no-such-br"},
 		{"run", "--guest", "synth", "--guest-ip", "10.0.0.0/24"},
-		{"run", "--guest", "kvm", "--guest-ip", "10.0.0.10/24"},
+		{"run", "--guest", "kvm", "--guest-ip", "10.0.0.10/24", "--guest-mac", "01:00:5e:00:00:01"},
+		{"run", "--guest", "kvm", "--guest-ip", "300.0.0.10/24"},
 		{"run", "--guest", "synth", "--guest-ip", "10.0.0.10/24", "--kv-port", "0"},
 	} {
 		var out, errb bytes.Buffer

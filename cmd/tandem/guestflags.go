@@ -50,7 +50,7 @@ func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
 	fs.StringVar(&gf.cfg.Workload.WriteData, "write-data", guest.WriteCounter, "dirty workload: what a dirtying write stores: random or text (default counter: the write counter)")
 	fs.StringVar(&gf.cfg.Image, "image", "", "kvm: micro-guest image (default: the one built by make guest-image)")
 	fs.StringVar(&gf.cfg.Disk, "disk", "", "path of a virtual disk file")
-	fs.StringVar(&gf.cfg.Net.IP, "guest-ip", "", "kv workload: give the guest a network card with this IPv4 address and prefix (e.g. 10.0.0.10/24); it answers ARP and serves kv over UDP (synth guest only, for now)")
+	fs.StringVar(&gf.cfg.Net.IP, "guest-ip", "", "kv workload: give the guest a network card with this IPv4 address and prefix (e.g. 10.0.0.10/24); it answers ARP and serves kv over UDP")
 	fs.StringVar(&gf.cfg.Net.MAC, "guest-mac", "", "with --guest-ip: the card's MAC (default 52:54:00 and the address's last three bytes, the same on every node)")
 	fs.Func("kv-port", "with --guest-ip: the UDP port the kv service answers on (default 7000)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 16)
@@ -83,9 +83,6 @@ func (gf *guestFlags) config() (string, guest.Config, error) {
 	}
 	cfg := gf.cfg
 	cfg.Workload.DirtyRate = rate
-	if cfg.Net != (guest.Net{}) && gf.kind == kvm.Kind {
-		return "", guest.Config{}, usagef("--guest-ip: the kvm micro-guest has no network card yet; use --guest synth")
-	}
 	if err := cfg.Validate(); err != nil {
 		return "", guest.Config{}, usagef("%v", err)
 	}

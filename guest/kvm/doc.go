@@ -6,8 +6,10 @@
 // in two memory slots split around the 32-bit hole [3 GiB, 4 GiB)), one
 // goroutine per vCPU locked to its OS thread, the 8250 UART model at 0x3f8
 // bridged to guest.Console, Tandem's paravirtual disk on ports 0x510-0x511
-// (backed by guest/block), the dirty-log reading and the save/restore of
-// every piece of vCPU and VM state.
+// (backed by guest/block), the network card's host side (nic.go: rings in
+// guest memory at 0xD00000, filled during the console poll's exit and
+// sent at the doorbell port 0x520, see docs/NETWORK.md), the dirty-log
+// reading and the save/restore of every piece of vCPU and VM state.
 //
 // It must never run guest code at CPL0 on purpose (on kvm-pvm hosts CPL0 is
 // emulated ~450x slower; only the exception stubs run there, and they only
@@ -155,5 +157,11 @@
 // vCPU (the largest saved TSC), so it never goes backwards across a restore.
 //
 // Lock order: Guest.ctl, then Guest.mu or Guest.ringMu (a vCPU thread
-// takes ringMu alone on a ring-full exit); uart.mu and pvDisk.mu are leaves.
+// takes ringMu alone on a ring-full exit); uart.mu, pvDisk.mu and nic.mu
+// are leaves (nic.transmit calls the sink after releasing nic.mu).
+//
+// The network card has no device section: it is all guest memory (its
+// address, rings, counters and IPv4 ID), which is why the state's schema
+// did not change with it. Frames queued on the host and not yet in the
+// ring are not saved: a restore loses them like frames on a wire.
 package kvm

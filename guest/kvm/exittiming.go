@@ -17,6 +17,7 @@ const (
 	hProgress
 	hDiskSubmit
 	hDiskDone
+	hNetTx
 	hException
 	hPanic
 	hPortOther
@@ -37,6 +38,7 @@ var exitHandlers = []timing.Handler{
 	hProgress:   {Reason: "io", Name: "progress"},
 	hDiskSubmit: {Reason: "io", Name: "disk.submit"},
 	hDiskDone:   {Reason: "io", Name: "disk.done"},
+	hNetTx:      {Reason: "io", Name: "net.tx"},
 	hException:  {Reason: "io", Name: "exception"},
 	hPanic:      {Reason: "io", Name: "panic"},
 	hPortOther:  {Reason: "io", Name: "port.other"},
@@ -98,6 +100,8 @@ func portHandler(port uint16, out bool) int {
 		return hDiskSubmit
 	case port == portDiskDone:
 		return hDiskDone
+	case port == portNetTx:
+		return hNetTx
 	case port == portExc:
 		return hException
 	case port == portPanic:

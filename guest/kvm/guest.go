@@ -118,6 +118,7 @@ type Guest struct {
 	vcpus   []*vcpu
 	uart    *uart
 	disk    *pvDisk
+	nic     *nic // nil without --guest-ip
 	console console
 	sink    atomic.Pointer[func([]byte)]
 
@@ -173,6 +174,7 @@ var _ guest.Guest = (*Guest)(nil)
 var _ guest.Throttler = (*Guest)(nil)
 var _ guest.Disk = (*Guest)(nil)
 var _ guest.DiskImage = (*Guest)(nil)
+var _ guest.Networked = (*Guest)(nil)
 
 // New creates a VM, loads the micro-guest named by cfg.Image (or
 // DefaultImage) and prepares every vCPU to enter it. The guest is created
@@ -188,9 +190,6 @@ func NewEmpty(cfg guest.Config) (*Guest, error) { return NewWithOptions(cfg, Opt
 func NewWithOptions(cfg guest.Config, opts Options) (g *Guest, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
-	}
-	if cfg.Net != (guest.Net{}) {
-		return nil, fmt.Errorf("%w: --guest-ip: the kvm micro-guest has no network card yet; use --guest synth", guest.ErrConfig)
 	}
 	if cfg.Memory < MinMemory {
 		return nil, fmt.Errorf("%w: --memory %s: the kvm micro-guest needs at least %s", guest.ErrConfig, guest.FormatSize(cfg.Memory), guest.FormatSize(MinMemory))
@@ -227,6 +226,13 @@ func NewWithOptions(cfg guest.Config, opts Options) (g *Guest, err error) {
 	}
 	g.uart = newUART()
 	g.console = console{g}
+	if cfg.Net.Enabled() {
+		ep, err := cfg.Net.Endpoint() // checked by Validate
+		if err != nil {
+			return nil, err
+		}
+		g.nic = newNIC(g, ep)
+	}
 	if opts.Disk != nil || cfg.Disk != "" {
 		d := opts.Disk
 		if d == nil {
@@ -380,6 +386,9 @@ func (g *Guest) teardown() error {
 		}
 	}
 	if !stuck {
+		if g.nic != nil {
+			g.nic.close() // it reads guest memory: before the unmap
+		}
 		for _, v := range g.vcpus {
 			v.release()
 		}

@@ -30,7 +30,13 @@ const (
 	consTxGPA   = 0xB01000 // console bulk output buffer
 	consBuf     = 4096
 	diskReqGPA  = 0xC00000
-	dataGPA     = 0x1000000 // the dirty workload's touched range starts here
+	netGPA      = 0xD00000 // struct netdev (microguest/net.h)
+	netRxGPA    = 0xD10000 // receive buffers, netSlots x netBuf
+	netTxGPA    = 0xD20000 // transmit buffers
+	netSlots    = 32
+	netBuf      = 2048
+	netMagic    = 0x3143494e4d444e54 // "TNDMNIC1"
+	dataGPA     = 0x1000000          // the dirty workload's touched range starts here
 
 	maxVCPUs = 16
 
@@ -43,6 +49,7 @@ const (
 	portConsTx       = 0x505
 	portDiskSubmit   = 0x510
 	portDiskDone     = 0x511
+	portNetTx        = 0x520
 	bootMagic        = 0x544f4f424d444e54 // "TNDMBOOT"
 	bootVersion      = 2
 	imageMagic       = 0x3154534755474d54 // "TMGUGST1"

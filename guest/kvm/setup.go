@@ -125,6 +125,9 @@ func (g *Guest) boot(img *image) error {
 	for _, w := range written {
 		g.MarkDirty(w[0], w[1])
 	}
+	if g.nic != nil {
+		g.nic.writeConfig()
+	}
 	if err := g.fillFromFile(); err != nil {
 		return err
 	}

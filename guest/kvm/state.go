@@ -349,6 +349,9 @@ func (g *Guest) decodeState(ms guest.MachineState) (*decodedState, error) {
 	if g.disk != nil && d.disk == nil {
 		return nil, bad("no %s entry for a guest with a disk", stateDisk)
 	}
+	if err := g.checkNICMemory(); err != nil {
+		return nil, err
+	}
 	return d, nil
 }
 
@@ -413,6 +416,9 @@ func (g *Guest) applyState(d *decodedState) error {
 		g.disk.load(*d.disk)
 	}
 	g.progress.Store(d.machine.Progress)
+	if g.nic != nil {
+		g.nic.dropQueued() // received for the guest this state replaces
+	}
 	return nil
 }
 

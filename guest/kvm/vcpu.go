@@ -470,6 +470,11 @@ func (v *vcpu) portOut(port uint16, size int, buf []byte) error {
 		if g.disk != nil {
 			g.disk.submit(uint64(val()))
 		}
+	case port == portNetTx:
+		// vCPU 0 owns the card: one thread writes the host's indices.
+		if g.nic != nil && v.id == 0 {
+			g.nic.transmit(val())
+		}
 	}
 	return nil
 }
@@ -489,6 +494,9 @@ func (v *vcpu) portIn(port uint16, size int, buf []byte) {
 		n := g.uart.readBulk(dst)
 		if n > 0 {
 			g.MarkDirty(consRxGPA>>12, 1)
+		}
+		if g.nic != nil && v.id == 0 {
+			g.nic.fill() // the console poll is the card's poll too
 		}
 		binary.LittleEndian.PutUint32(buf, uint32(n))
 		return
@@ -515,7 +523,7 @@ func (v *vcpu) idle(d time.Duration) {
 	if d > time.Second {
 		d = time.Second
 	}
-	if v.id == 0 && v.g.uart.hasInput() || v.g.pauseReq.Load() {
+	if v.id == 0 && (v.g.uart.hasInput() || v.g.nic.hasPending()) || v.g.pauseReq.Load() {
 		return
 	}
 	clean := false

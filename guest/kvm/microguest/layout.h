@@ -21,6 +21,12 @@
 #define CONS_TX_GPA    0xB01000ULL /* console bulk output buffer (4 KiB) */
 #define CONS_BUF       4096
 #define DISK_GPA       0xC00000ULL /* disk request descriptor and buffer */
+#define NET_GPA        0xD00000ULL /* struct netdev: the card's address, ring indices and lengths, counters */
+#define NET_RX_GPA     0xD10000ULL /* receive ring buffers, NET_SLOTS x NET_BUF */
+#define NET_TX_GPA     0xD20000ULL /* transmit ring buffers, NET_SLOTS x NET_BUF */
+#define NET_SLOTS      32
+#define NET_BUF        2048
+#define NET_MAGIC      0x3143494e4d444e54ULL /* "TNDMNIC1": the VMM configured a card */
 #define DATA_GPA       0x1000000ULL /* dirty workload's touched range; kv workload's table */
 
 #define MAX_VCPUS      16
@@ -31,10 +37,11 @@
 #define PORT_PANIC     0x501 /* outl: guest panic code */
 #define PORT_IDLE      0x502 /* outl: wait up to N microseconds for input */
 #define PORT_PROGRESS  0x503 /* outl: workload phase (1 = touch done) */
-#define PORT_CONS_RX   0x504 /* inl: move queued console input to CONS_RX_GPA, return count */
+#define PORT_CONS_RX   0x504 /* inl: move queued console input to CONS_RX_GPA, return count; with a card, also queued frames into the RX ring */
 #define PORT_CONS_TX   0x505 /* outl n: send n bytes at CONS_TX_GPA to the console */
 #define PORT_DISK_SUBMIT 0x510 /* outl: GPA of a disk request */
 #define PORT_DISK_DONE   0x511 /* inl: number of requests completed */
+#define PORT_NET_TX      0x520 /* outl prod: send the TX ring's frames up to prod (the doorbell) */
 
 #define BOOT_MAGIC     0x544f4f424d444e54ULL /* "TNDMBOOT" */
 #define BOOT_VERSION   2

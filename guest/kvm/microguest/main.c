@@ -9,7 +9,13 @@
  *   kv    - vCPU 0 serves the kv line protocol on the UART at 0x3f8
  *           (through its bulk ports, see uart_write); the per-client
  *           records live at KV_GPA, the table, sized by guest memory,
- *           from DATA_GPA. Other vCPUs idle.
+ *           from DATA_GPA. Other vCPUs idle. With a network card
+ *           (the VMM wrote struct netdev at NET_GPA, see net.h), vCPU 0
+ *           also serves the same protocol over UDP, one request per
+ *           datagram, with the same table and <client>:<seq> records:
+ *           each console poll (one IN from PORT_CONS_RX) also moves
+ *           received frames into the RX ring, and the replies leave
+ *           through the TX ring with one OUT to PORT_NET_TX per batch.
  *   dirty - every vCPU fills its share of touch_bytes from DATA_GPA with
  *           the fill profile, then writes its share of dirty_rate pages
  *           per second in the chosen pattern (hot: 10% of the pages take
@@ -22,6 +28,7 @@
  * bytes for the same seed; guest/kvm's TestFillMatchesSynth checks it.
  */
 #include "layout.h"
+#include "net.h"
 
 /* gcc may emit calls to these even with -ffreestanding. */
 void *memcpy(void *d, const void *s, unsigned long n)
@@ -295,10 +302,29 @@ static u64 split(const char *l, u64 n, const char **f, u64 *fl)
 	return nf > MAX_FIELDS ? MAX_FIELDS + 1 : nf;
 }
 
+/* Where kv replies go: the console, or, while net_serve serves a
+ * datagram, that datagram's reply buffer. */
+static struct {
+	char *p;
+	u32 n, cap;
+} net_reply;
+
+static void kv_out(const char *p, u64 n)
+{
+	if (!net_reply.p) {
+		uart_write(p, n);
+		return;
+	}
+	if (n > net_reply.cap - net_reply.n)
+		n = net_reply.cap - net_reply.n;
+	memcpy(net_reply.p + net_reply.n, p, n);
+	net_reply.n += (u32)n;
+}
+
 static void reply_line(struct buf *b)
 {
 	b->p[b->n] = '\n';
-	uart_write(b->p, b->n + 1);
+	kv_out(b->p, b->n + 1);
 }
 
 static void err_noid(const char *reason)
@@ -401,7 +427,7 @@ static void kv_line(const char *l, u64 n)
 	}
 	if (c->rlen > 0 && seq <= c->seq) {
 		/* A retry: answer from the record, do not apply again. */
-		uart_write(c->reply, c->rlen);
+		kv_out(c->reply, c->rlen);
 		return;
 	}
 	const char *key = f[2], *val = set ? f[3] : 0;
@@ -442,7 +468,7 @@ static void kv_line(const char *l, u64 n)
 	c->seq = seq;
 	c->rlen = (u16)(b.n + 1);
 	memcpy(c->reply, b.p, b.n + 1);
-	uart_write(b.p, b.n + 1);
+	kv_out(b.p, b.n + 1);
 }
 
 static void kv_byte(char c)
@@ -463,6 +489,23 @@ static void kv_byte(char c)
 	KV->line[KV->linelen++] = c;
 }
 
+/* net_serve serves one datagram's request (net.c): the console's
+ * handler, its reply captured instead of sent to the UART. */
+u32 net_serve(const char *req, u32 n, char *reply, u32 cap)
+{
+	net_reply.p = reply;
+	net_reply.n = 0;
+	net_reply.cap = cap;
+	kv_line(req, n);
+	net_reply.p = 0;
+	return net_reply.n;
+}
+
+void net_doorbell(u32 prod) { outl(PORT_NET_TX, prod); }
+
+/* The console poll is also the card's: the one IN that fetches console
+ * input moves received frames into the RX ring too, so the console path
+ * pays one memory read for the card and no extra exit. */
 static void kv_loop(const struct bootblock *bb)
 {
 	if (bb->fault_test)
@@ -471,15 +514,14 @@ static void kv_loop(const struct bootblock *bb)
 		kv_size(bb);
 	for (;;) {
 		u32 n = inl(PORT_CONS_RX);
-		if (n == 0) {
-			idle(100000);
-			continue;
-		}
 		if (n > CONS_BUF)
 			panic(3);
 		for (u32 i = 0; i < n; i++)
 			kv_byte(((volatile char *)CONS_RX_GPA)[i]);
 		tx_flush();
+		u32 frames = net_poll((struct netdev *)NET_GPA, (const u8 *)NET_RX_GPA, (u8 *)NET_TX_GPA);
+		if (n == 0 && frames == 0)
+			idle(100000);
 	}
 }
 

@@ -1,0 +1,1 @@
+../microguest/layout.h

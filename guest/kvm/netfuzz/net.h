@@ -1,0 +1,1 @@
+../microguest/net.h
