@@ -20,7 +20,7 @@ import (
 // TestGuestNetworkSwitchover: `tandem switchover` hands the guest from a
 // to b; b's TAP takes over the address.
 func TestGuestNetworkSwitchover(t *testing.T) {
-	forEachNetKind(t, func(t *testing.T, kind string) {
+	forEachKind(t, func(t *testing.T, kind string) {
 		l, tr := netTrio(t, kind)
 		tr.startAll()
 		tr.waitProtected("a", "b", 30*time.Second)
@@ -64,7 +64,7 @@ func TestGuestNetworkSwitchover(t *testing.T) {
 // with a card to a receiver with a TAP of its own; after the switch the
 // same IP answers from the receiver, with every acknowledged write.
 func TestGuestNetworkMigrate(t *testing.T) {
-	forEachNetKind(t, func(t *testing.T, kind string) {
+	forEachKind(t, func(t *testing.T, kind string) {
 		l := netlab.New(t)
 		args := append(guestOpts{memory: "64MiB", workload: "kv"}.args(kind),
 			"--guest-ip", guestNetAddr+"/24", "--net", "tap:"+l.TapName()+",bridge="+l.Bridge)

@@ -20,7 +20,7 @@ import (
 // client goes on at the same address, and every write it saw
 // acknowledged is there. It runs on both guests.
 func TestGuestNetworkTrioFailover(t *testing.T) {
-	forEachNetKind(t, func(t *testing.T, kind string) {
+	forEachKind(t, func(t *testing.T, kind string) {
 		l, tr := netTrio(t, kind)
 		tr.startAll()
 		tr.waitProtected("a", "b", 30*time.Second)
@@ -49,21 +49,6 @@ func TestGuestNetworkTrioFailover(t *testing.T) {
 
 // guestNetAddr is the guest's address on a test's lab network.
 const guestNetAddr = "10.77.0.10"
-
-// netCardKinds are the guests that have a network card (--guest-ip):
-// both, so every test of the guest network runs on each.
-var netCardKinds = map[string]bool{"synth": true, "kvm": true}
-
-// forEachNetKind is forEachKind for the guest network's tests: a guest
-// without a card skips with the reason.
-func forEachNetKind(t *testing.T, f func(t *testing.T, kind string)) {
-	forEachKind(t, func(t *testing.T, kind string) {
-		if !netCardKinds[kind] {
-			t.Skipf("the %s guest has no network card yet", kind)
-		}
-		f(t, kind)
-	})
-}
 
 // netTrio is a test trio on a fresh lab network: a boots the guest with
 // its card at guestNetAddr, and a and b each have a TAP of their own on

@@ -10,7 +10,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/internal/e2e"
 	"github.com/tandemvm/tandem/internal/labnet"
 )
@@ -23,12 +22,6 @@ import (
 
 const netDemoIP = "10.77.0.10"
 
-// netCardGuests are the guests that have a network card. The network
-// part runs on the demo's own guest when it has one, on synth otherwise:
-// once the KVM micro-guest's card lands, adding kvm.Kind here is all the
-// demo needs.
-var netCardGuests = map[string]bool{synth.Kind: true}
-
 // udpRetry is how long the demo's UDP client waits for a reply before it
 // sends the request again (with the same id: the guest answers a retry
 // from its record, never applying it twice).
@@ -40,10 +33,6 @@ func networkDemo(ctx context.Context, kind, memory string, plaintext bool, say f
 	if err := labnet.Usable(); err != nil {
 		say("network part skipped: %v", err)
 		return nil
-	}
-	if !netCardGuests[kind] {
-		say("network part on the synth guest: the %s guest has no network card yet", kind)
-		kind = synth.Kind
 	}
 	ln, err := labnet.Make()
 	if err != nil {
