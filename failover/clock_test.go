@@ -90,3 +90,34 @@ func TestEpochsJoinBackOffOnFakeClock(t *testing.T) {
 		t.Fatalf("status after failed joins: %+v", st)
 	}
 }
+
+// The delay samples are a ring: once full, each release replaces the
+// oldest sample, and the newest are always kept.
+func TestOutputGateDelaysKeepTheNewest(t *testing.T) {
+	clk := clock.NewFake(time.Unix(0, 0))
+	g := newOutputGate(1, func([]byte) {}, nil, clk)
+	for i := 1; i <= maxDelaySamples+3; i++ {
+		g.Write([]byte("x"))
+		g.Seal()
+		clk.Advance(time.Duration(i) * time.Microsecond)
+		g.Release(uint64(i))
+	}
+	got := g.Delays()
+	if len(got) != maxDelaySamples {
+		t.Fatalf("%d samples kept, want %d", len(got), maxDelaySamples)
+	}
+	seen := map[time.Duration]bool{}
+	for _, d := range got {
+		seen[d] = true
+	}
+	for i := maxDelaySamples + 1; i <= maxDelaySamples+3; i++ {
+		if !seen[time.Duration(i)*time.Microsecond] {
+			t.Fatalf("the delay of release %d is not kept", i)
+		}
+	}
+	for i := 1; i <= 3; i++ {
+		if seen[time.Duration(i)*time.Microsecond] {
+			t.Fatalf("the delay of release %d, among the oldest, is still kept", i)
+		}
+	}
+}

@@ -7,8 +7,11 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"maps"
+	"math"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -381,4 +384,59 @@ func metricSums(api string) (map[string][2]float64, error) {
 		out[rest[:j]] = e
 	}
 	return out, nil
+}
+
+// outputDelayBuckets reads the cumulative buckets of n's console output
+// delay histogram (tandem_output_delay_seconds{kind="console"}): count
+// of releases at or under each bound in seconds (+Inf as math.Inf(1)).
+func outputDelayBuckets(api string) (map[float64]float64, error) {
+	base, hc := apiClient(api)
+	resp, err := hc.Get(base + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return nil, err
+	}
+	const prefix = `tandem_output_delay_seconds_bucket{kind="console",le="`
+	out := map[float64]float64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		rest, ok := strings.CutPrefix(line, prefix)
+		if !ok {
+			continue
+		}
+		le, val, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			continue
+		}
+		bound, err1 := strconv.ParseFloat(le, 64) // "+Inf" parses as +Inf
+		v, err2 := strconv.ParseFloat(val, 64)
+		if err1 == nil && err2 == nil {
+			out[bound] = v
+		}
+	}
+	return out, nil
+}
+
+// delayBound is, over the releases between two readings of
+// outputDelayBuckets, the smallest bucket bound in ms that at least
+// share q of them were under (an upper bound on the q-quantile), and
+// the share at or under each bound; NaN without releases.
+func delayBound(before, after map[float64]float64, q float64) (boundMs float64, share map[float64]float64) {
+	total := after[math.Inf(1)] - before[math.Inf(1)]
+	share = map[float64]float64{}
+	bounds := slices.Sorted(maps.Keys(after))
+	boundMs = math.NaN()
+	for _, le := range bounds {
+		if total <= 0 {
+			break
+		}
+		share[le] = (after[le] - before[le]) / total
+		if math.IsNaN(boundMs) && share[le] >= q {
+			boundMs = le * 1000
+		}
+	}
+	return boundMs, share
 }
