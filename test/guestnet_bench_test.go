@@ -86,6 +86,9 @@ func startNetBench(b *testing.B, l *netlab.Lab, kind string, m netBenchMode) *no
 		pri = startWithPorts(b, "run-"+kind, false, append(guestOpts{memory: "128MiB", workload: "kv"}.args(kind), card...)...)
 	}
 	w := &udpWriter{c: l.DialUDP(guestNetAddr + ":7000"), client: "warm-" + m.name}
+	// Closed here, not only when the lab's test ends: the lab outlives
+	// every mode and every b.N round of the benchmark.
+	defer w.c.Close()
 	if _, err := w.do("GET warm", 20*time.Second); err != nil {
 		b.Fatalf("%s: %v", m.name, err)
 	}
@@ -110,6 +113,13 @@ func udpBench(b *testing.B, l *netlab.Lab, clients int) udpFigures {
 		conns[i] = &udpWriter{c: l.DialUDP(guestNetAddr + ":7000"), retry: 500 * time.Millisecond,
 			client: fmt.Sprintf("bench%d", benchClientIDs.Add(1))}
 	}
+	// Each b.N round opens clients sockets; close them with the round (the
+	// lab's cleanup, at the benchmark's end, would keep them all open).
+	defer func() {
+		for _, w := range conns {
+			w.c.Close()
+		}
+	}()
 	var next atomic.Int64
 	rtts := make([][]time.Duration, clients)
 	errs := make([]error, clients)
