@@ -46,9 +46,9 @@ func networkDemo(ctx context.Context, kind, memory string, plaintext bool, say f
 	if err != nil {
 		return err
 	}
-	defer d.Close()
 	failed := true
-	defer func() {
+	defer func() { // one function, in order: the nodes die before their directory goes
+		d.Close()
 		if failed {
 			say("network part's logs kept in %s; their tails:\n%s", d.Dir(), d.LogTails())
 		}
