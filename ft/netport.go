@@ -36,7 +36,9 @@ type netPort struct {
 
 	// annMu guards the announcement schedule: annStop ends the one in
 	// progress (nil: none), and closed refuses new ones once close
-	// waits for the port's goroutines.
+	// waits for the port's goroutines. It is also held from a schedule's
+	// "still running nic?" check to its send, and by attach(nil), so no
+	// announcement follows a detach.
 	annMu   sync.Mutex
 	annStop chan struct{}
 	closed  bool
@@ -249,7 +251,8 @@ func (p *netPort) sendAnnouncement(nic guest.NIC, frame []byte, stop <-chan stru
 
 // stopAnnouncing ends the announcement schedule in progress, if any; once
 // it returns, that schedule sends nothing more. A migration source calls
-// it as the final pause begins, before the destination announces.
+// it as the final pause begins, and a switchover's old primary as its
+// final epoch begins: before the node taking over announces.
 func (p *netPort) stopAnnouncing() {
 	if p == nil {
 		return
