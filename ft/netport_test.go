@@ -260,3 +260,14 @@ func TestNoAnnouncementAfterDetach(t *testing.T) {
 		}
 	}
 }
+
+// The schedule's offsets from its start: 0, 50, 200, 450 and 800 ms
+// (what docs/NETWORK.md promises; each send is timed from the start).
+func TestAnnounceOffsets(t *testing.T) {
+	want := []time.Duration{0, 50 * time.Millisecond, 200 * time.Millisecond, 450 * time.Millisecond, 800 * time.Millisecond}
+	for i, w := range want {
+		if got := announceOffset(i); got != w {
+			t.Errorf("announcement %d at %v after the start, want %v", i+1, got, w)
+		}
+	}
+}
