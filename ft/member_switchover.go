@@ -72,6 +72,10 @@ func (m *Member) switchover(ctx context.Context, loop *failover.EpochLoop) (fina
 	t0 := m.clk.Now()
 	ctx, cancel := context.WithTimeout(ctx, SwitchoverTimeout)
 	defer cancel()
+	// As for a migration's final pause: from here the address is the
+	// new primary's to announce, and a repeat from this node (fenced only
+	// once it sees the new generation) would point the bridge back here.
+	m.n.net.stopAnnouncing()
 	if err := loop.FinalEpoch(ctx); err != nil {
 		return 0, 0, fmt.Errorf("final epoch: %w", err)
 	}

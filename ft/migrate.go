@@ -99,6 +99,10 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	}
 	m.SetID(migID)
 	m.Log = n.log
+	// From the final pause on, the guest's address is the destination's
+	// to announce (it does once it resumes); this node's schedule, if one
+	// still runs, ends here rather than after the commit.
+	m.OnFinalPause = n.net.stopAnnouncing
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
 	n.mig, n.migDest, n.migCancel = m, req.To, cancel

@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"net"
 	"strconv"
 	"strings"
 	"testing"
@@ -64,14 +65,32 @@ func TestNetMetricsFollowTraffic(t *testing.T) {
 	// A datagram to a port the guest does not serve: the card drops it.
 	other := l.DialUDP("10.77.0.10:7001")
 	other.Write([]byte("nobody listens here"))
+	heldReply(t, np, c)
 
-	// While acknowledgements are held back, the reply frame is held.
+	// Traffic has stopped (the client sends nothing more; a late ARP or
+	// a neighbour's multicast can still arrive, hence eventually): the
+	// metrics and status say the same.
+	eventually(t, "metrics equal status", func() bool { return metricsEqualStatus(t, np) })
+	checkMoved(t, before, scrape(t, np.api), requests)
+	// A secondary runs no card and has no gate: only its device counts.
+	sbody := scrape(t, ns.api)
+	if metricValue(t, sbody, `tandem_net_tap_frames_total{dir="received"}`) < 0 || metricValue(t, sbody, "tandem_net_frames_released_total") >= 0 ||
+		metricValue(t, sbody, `tandem_net_card_frames_total{what="datagrams"}`) >= 0 {
+		t.Errorf("the secondary's net metrics: device counts must be there, card and gate ones absent")
+	}
+}
+
+// heldReply delays the secondary's acknowledgements 400 ms and sends one
+// request on c: its reply frame is held (the held gauge shows it), comes
+// once its epoch was acknowledged, and the gauge returns to zero.
+func heldReply(t *testing.T, np *Node, c *net.UDPConn) {
+	t.Helper()
 	disable := replica.FPBeforeAck.Enable(func() error { time.Sleep(400 * time.Millisecond); return nil })
+	t.Cleanup(disable) // disarmed even if the test fails first; a second call is harmless
 	c.Write([]byte("m:100 SET k v"))
 	eventually(t, "a frame held for its epoch", func() bool {
 		return metricValue(t, scrape(t, np.api), "tandem_net_frames_held") >= 1
 	})
-	// The reply comes once its epoch's (delayed) acknowledgement did.
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, 2048)
 	if n, err := c.Read(buf); err != nil || !strings.HasPrefix(string(buf[:n]), "m:100 OK") {
@@ -81,31 +100,37 @@ func TestNetMetricsFollowTraffic(t *testing.T) {
 	eventually(t, "the held frame released", func() bool {
 		return metricValue(t, scrape(t, np.api), "tandem_net_frames_held") == 0
 	})
+}
 
-	// Traffic has stopped (the client sends nothing more; a late ARP or
-	// a neighbour's multicast can still arrive, hence eventually): the
-	// metrics and status say the same.
-	eventually(t, "metrics equal status", func() bool {
-		body, st := scrape(t, np.api), np.status(false).Net
-		if st == nil || st.FramesReleased == nil {
-			t.Fatal("the primary's status has no net or no gate figures")
-		}
-		var dropped uint64
-		for _, d := range []uint64{st.Dropped.Short, st.Dropped.TooLong, st.Dropped.BadLength, st.Dropped.BadChecksum,
-			st.Dropped.Fragment, st.Dropped.Unsupported, st.Dropped.NotOurs, st.Dropped.QueueFull} {
-			dropped += d
-		}
-		var mdropped float64
-		for _, r := range []string{"short", "too_long", "bad_length", "bad_checksum", "fragment", "unsupported", "not_ours", "queue_full"} {
-			mdropped += metricValue(t, body, `tandem_net_card_frames_dropped_total{reason="`+r+`"}`)
-		}
-		return metricValue(t, body, `tandem_net_tap_frames_total{dir="sent"}`) == float64(st.FramesSent) &&
-			metricValue(t, body, `tandem_net_tap_frames_total{dir="received"}`) == float64(st.FramesReceived) &&
-			metricValue(t, body, `tandem_net_card_frames_total{what="datagrams"}`) == float64(st.Datagrams) &&
-			metricValue(t, body, "tandem_net_frames_released_total") == float64(*st.FramesReleased) &&
-			mdropped == float64(dropped)
-	})
-	after := scrape(t, np.api)
+// metricsEqualStatus reports whether np's net metrics (device, card,
+// gate and drop counts) equal its status's.
+func metricsEqualStatus(t *testing.T, np *Node) bool {
+	t.Helper()
+	body, st := scrape(t, np.api), np.status(false).Net
+	if st == nil || st.FramesReleased == nil {
+		t.Fatal("the primary's status has no net or no gate figures")
+	}
+	var dropped uint64
+	for _, d := range []uint64{st.Dropped.Short, st.Dropped.TooLong, st.Dropped.BadLength, st.Dropped.BadChecksum,
+		st.Dropped.Fragment, st.Dropped.Unsupported, st.Dropped.NotOurs, st.Dropped.QueueFull} {
+		dropped += d
+	}
+	var mdropped float64
+	for _, r := range []string{"short", "too_long", "bad_length", "bad_checksum", "fragment", "unsupported", "not_ours", "queue_full"} {
+		mdropped += metricValue(t, body, `tandem_net_card_frames_dropped_total{reason="`+r+`"}`)
+	}
+	return metricValue(t, body, `tandem_net_tap_frames_total{dir="sent"}`) == float64(st.FramesSent) &&
+		metricValue(t, body, `tandem_net_tap_frames_total{dir="received"}`) == float64(st.FramesReceived) &&
+		metricValue(t, body, `tandem_net_card_frames_total{what="datagrams"}`) == float64(st.Datagrams) &&
+		metricValue(t, body, "tandem_net_frames_released_total") == float64(*st.FramesReleased) &&
+		mdropped == float64(dropped)
+}
+
+// checkMoved checks the primary's metrics moved with the traffic between
+// the scrapes before and after: requests answered, one held reply, one
+// datagram dropped, and a frame delay over 250 ms.
+func checkMoved(t *testing.T, before, after string, requests float64) {
+	t.Helper()
 	moved := func(name string, least float64) {
 		t.Helper()
 		if d := metricValue(t, after, name) - max(metricValue(t, before, name), 0); d < least {
@@ -127,11 +152,5 @@ func TestNetMetricsFollowTraffic(t *testing.T) {
 	if slow := metricValue(t, after, `tandem_output_delay_seconds_count{kind="frame"}`) -
 		metricValue(t, after, `tandem_output_delay_seconds_bucket{kind="frame",le="0.25"}`); slow < 1 {
 		t.Errorf("no frame delay over 250 ms recorded, though one reply waited 400 ms for its acknowledgement")
-	}
-	// A secondary runs no card and has no gate: only its device counts.
-	sbody := scrape(t, ns.api)
-	if metricValue(t, sbody, `tandem_net_tap_frames_total{dir="received"}`) < 0 || metricValue(t, sbody, "tandem_net_frames_released_total") >= 0 ||
-		metricValue(t, sbody, `tandem_net_card_frames_total{what="datagrams"}`) >= 0 {
-		t.Errorf("the secondary's net metrics: device counts must be there, card and gate ones absent")
 	}
 }

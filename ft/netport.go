@@ -36,7 +36,9 @@ type netPort struct {
 
 	// annMu guards the announcement schedule: annStop ends the one in
 	// progress (nil: none), and closed refuses new ones once close
-	// waits for the port's goroutines.
+	// waits for the port's goroutines. It is also held from a schedule's
+	// "still running nic?" check to its send, and by attach(nil), so no
+	// announcement follows a detach.
 	annMu   sync.Mutex
 	annStop chan struct{}
 	closed  bool
@@ -51,14 +53,26 @@ type netPort struct {
 // The announcement schedule: a gratuitous ARP can be lost (a busy
 // bridge, a switch port still coming up), so the node that starts
 // running the guest sends announceCount of them, the first at once and
-// each next one announceStep later than the gap before it: at 0, 50,
-// 200, 450 and 800 ms. A switch or neighbour that missed the first
-// learns the address within a second, and the repeats stop there.
+// each gap announceGapGrowth longer than the one before it: at 0, 50,
+// 200, 450 and 800 ms after the start (each send is timed from the
+// start, so a slow send does not push the later ones back). A switch or
+// neighbour that missed the first learns the address within a second,
+// and the repeats stop there.
 const (
 	announceCount     = 5
 	announceFirstGap  = 50 * time.Millisecond
 	announceGapGrowth = 100 * time.Millisecond
 )
+
+// announceOffset is the i-th announcement's time after the schedule's
+// start (0 for the first).
+func announceOffset(i int) time.Duration {
+	var off time.Duration
+	for k := 1; k <= i; k++ {
+		off += announceFirstGap + time.Duration(k-1)*announceGapGrowth
+	}
+	return off
+}
 
 // frameWriteTimeout bounds one frame's write to the TAP device (a full
 // device queue); the frame is then dropped, as a real link would.
@@ -127,14 +141,19 @@ func (p *netPort) read() {
 }
 
 // attach makes nic (nil: none) the card received frames go to. A node
-// that stops running the guest (nil) also stops announcing it.
+// that stops running the guest (nil) also stops announcing it: the card
+// is dropped and the schedule ended under annMu, which announceLoop holds
+// from its check to its send, so once attach(nil) returns no
+// announcement goes out (a late one would point the bridge back here).
 func (p *netPort) attach(nic guest.NIC) {
 	if p == nil {
 		return
 	}
 	if nic == nil {
+		p.annMu.Lock()
+		defer p.annMu.Unlock()
 		p.nic.Store(nil)
-		p.stopAnnouncing()
+		p.stopAnnouncingLocked()
 		return
 	}
 	p.nic.Store(&nic)
@@ -179,9 +198,7 @@ func (p *netPort) announce(nic guest.NIC) {
 	if p.closed {
 		return
 	}
-	if p.annStop != nil {
-		close(p.annStop)
-	}
+	p.stopAnnouncingLocked()
 	stop := make(chan struct{})
 	p.annStop = stop
 	p.wg.Add(1)
@@ -190,13 +207,14 @@ func (p *netPort) announce(nic guest.NIC) {
 }
 
 // announceLoop sends frame announceCount times on the schedule while nic
-// is the card this node runs.
+// is the card this node runs. The check and the send are one step under
+// annMu (see attach), and a schedule that was stopped sends nothing more.
 func (p *netPort) announceLoop(nic guest.NIC, frame []byte, stop <-chan struct{}) {
 	defer p.wg.Done()
-	gap := announceFirstGap
+	start := time.Now()
 	for i := 0; i < announceCount; i++ {
 		if i > 0 {
-			t := time.NewTimer(gap)
+			t := time.NewTimer(time.Until(start.Add(announceOffset(i))))
 			select {
 			case <-stop:
 				t.Stop()
@@ -206,20 +224,46 @@ func (p *netPort) announceLoop(nic guest.NIC, frame []byte, stop <-chan struct{}
 				return
 			case <-t.C:
 			}
-			gap += announceGapGrowth
 		}
-		if !p.running(nic) {
+		if !p.sendAnnouncement(nic, frame, stop) {
 			return
 		}
-		p.send(frame)
-		p.announcements.Add(1)
 	}
 }
 
-// stopAnnouncing ends the announcement schedule in progress, if any.
-func (p *netPort) stopAnnouncing() {
+// sendAnnouncement queues frame if nic is still the running card and the
+// schedule was not stopped; false: the schedule is over.
+func (p *netPort) sendAnnouncement(nic guest.NIC, frame []byte, stop <-chan struct{}) bool {
 	p.annMu.Lock()
 	defer p.annMu.Unlock()
+	select {
+	case <-stop:
+		return false
+	default:
+	}
+	if !p.running(nic) {
+		return false
+	}
+	p.send(frame)
+	p.announcements.Add(1)
+	return true
+}
+
+// stopAnnouncing ends the announcement schedule in progress, if any; once
+// it returns, that schedule sends nothing more. A migration source calls
+// it as the final pause begins, and a switchover's old primary as its
+// final epoch begins: before the node taking over announces.
+func (p *netPort) stopAnnouncing() {
+	if p == nil {
+		return
+	}
+	p.annMu.Lock()
+	defer p.annMu.Unlock()
+	p.stopAnnouncingLocked()
+}
+
+// stopAnnouncingLocked is stopAnnouncing with annMu held.
+func (p *netPort) stopAnnouncingLocked() {
 	if p.annStop != nil {
 		close(p.annStop)
 		p.annStop = nil

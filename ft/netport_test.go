@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net"
 	"net/http"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -204,7 +205,7 @@ func TestAnnouncementsRepeated(t *testing.T) {
 
 	// Stopping to run the guest ends the schedule: what was sent before
 	// the detach (at 120 ms: the ones at 0 and 50 ms, unless the machine
-	// is slow) and at most one already past its check, nothing later.
+	// is slow) and not one announcement after attach(nil) returned.
 	before := p.announcements.Load()
 	p.announce(nic)
 	time.Sleep(120 * time.Millisecond)
@@ -212,8 +213,8 @@ func TestAnnouncementsRepeated(t *testing.T) {
 	atDetach := p.announcements.Load() - before
 	got = gratuitousARPs(t, watch, frame, time.Second)
 	sent := p.announcements.Load() - before
-	if atDetach >= announceCount || sent > atDetach+1 || uint64(len(got)) != sent {
-		t.Fatalf("%d announcements sent before the node stopped running the guest 120 ms in, %d in all, %d seen on the bridge: want fewer than %d, at most one more, all seen",
+	if atDetach >= announceCount || sent != atDetach || uint64(len(got)) != sent {
+		t.Fatalf("%d announcements sent before the node stopped running the guest 120 ms in, %d in all, %d seen on the bridge: want fewer than %d, none more, all seen",
 			atDetach, sent, len(got), announceCount)
 	}
 	t.Logf("a schedule stopped 120 ms in sent %d announcements", sent)
@@ -226,5 +227,47 @@ func TestAnnouncementsRepeated(t *testing.T) {
 	p.close()
 	if d := time.Since(closed); d > 500*time.Millisecond {
 		t.Fatalf("closing the port took %v with an announcement schedule running", d)
+	}
+}
+
+// TestNoAnnouncementAfterDetach races a fresh schedule's first send
+// against attach(nil), many times: once attach(nil) has returned, the
+// count of announcements must not move (a late gratuitous ARP from a node
+// that stopped running the guest points the bridge back at it).
+func TestNoAnnouncementAfterDetach(t *testing.T) {
+	l := netlab.New(t)
+	gcfg := testGuestConfig
+	gcfg.Net.IP = "10.77.0.10/24"
+	g, err := synth.New(gcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	nic := guest.NICOf(g)
+	p := newNetPort(openTap(t, l), quietLog())
+	defer p.close()
+	for i := 0; i < 300; i++ {
+		p.attach(nic)
+		p.announce(nic)
+		if i%2 == 1 {
+			runtime.Gosched() // let the schedule's goroutine reach its check
+		}
+		p.attach(nil)
+		c := p.announcements.Load()
+		time.Sleep(200 * time.Microsecond)
+		if got := p.announcements.Load(); got != c {
+			t.Fatalf("round %d: %d announcements after attach(nil) returned", i, got-c)
+		}
+	}
+}
+
+// The schedule's offsets from its start: 0, 50, 200, 450 and 800 ms
+// (what docs/NETWORK.md promises; each send is timed from the start).
+func TestAnnounceOffsets(t *testing.T) {
+	want := []time.Duration{0, 50 * time.Millisecond, 200 * time.Millisecond, 450 * time.Millisecond, 800 * time.Millisecond}
+	for i, w := range want {
+		if got := announceOffset(i); got != w {
+			t.Errorf("announcement %d at %v after the start, want %v", i+1, got, w)
+		}
 	}
 }

@@ -133,6 +133,12 @@ type Migration struct {
 	// ConfirmTimeout bounds the wait for the destination's confirmation
 	// after the commit; 0 means DefaultConfirmTimeout.
 	ConfirmTimeout time.Duration
+	// OnFinalPause, if set, runs as each completion attempt begins, just
+	// before the guest pauses for the final copy. A node uses it to stop
+	// announcing the guest's network address: the destination announces
+	// it once it resumes, and a later announcement from the source would
+	// point the network back here. Set it before Run.
+	OnFinalPause func()
 	// Log, if set, gets one debug line per round: what it sent, what it
 	// left and the controller's decision with its reason.
 	Log *slog.Logger

@@ -18,6 +18,9 @@ import (
 // the migration failed (the guest runs on the source).
 func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.Time, expected time.Duration) (bool, error) {
 	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
+	if m.OnFinalPause != nil {
+		m.OnFinalPause()
+	}
 	pauseStart := m.clk().Now()
 	att := api.CompletionAttempt{ExpectedDowntimeMs: ms(expected)}
 	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)

@@ -105,7 +105,7 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 		if reply.Activated {
 			return nil, fmt.Errorf("%s refused the stream: %w", addr, ErrPeerActivated)
 		}
-		return nil, fmt.Errorf("%s refused the stream: %s", addr, reply.Error)
+		return nil, fmt.Errorf("%s refused the stream: %s", addr, oneLine(reply.Error))
 	}
 	if !reply.SectionsChecked {
 		if err := checkUnchecked(addr, reply, hello); err != nil {

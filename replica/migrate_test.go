@@ -51,6 +51,12 @@ func (l *lines) waitFor(t *testing.T, want string) {
 // the destination guest and both statuses.
 func migrate(t *testing.T, src guest.Guest, p precopy.Policy) (guest.Guest, precopy.MigrationStatus, MigrationResult) {
 	t.Helper()
+	return migrateWith(t, src, p, nil)
+}
+
+// migrateWith is migrate with setup applied to the Migration before Run.
+func migrateWith(t *testing.T, src guest.Guest, p precopy.Policy, setup func(*precopy.Migration)) (guest.Guest, precopy.MigrationStatus, MigrationResult) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -83,6 +89,9 @@ func migrate(t *testing.T, src guest.Guest, p precopy.Policy) (guest.Guest, prec
 	m, err := precopy.NewMigration(precopy.NewCore(src, nil), link, p)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if setup != nil {
+		setup(m)
 	}
 	if err := m.Run(ctx); err != nil {
 		select {
@@ -140,6 +149,33 @@ func TestMigrateKVGuestCarriesOn(t *testing.T) {
 	out2.waitFor(t, "c1:51 OK v7")
 	out2.waitFor(t, "c1:52 OK v50") // ...and not applied again
 	t.Logf("downtime %d ms, breakdown %+v, transferred %d bytes", st.DowntimeMs, st.DowntimeBreakdown, st.TransferredBytes)
+}
+
+// TestMigrateOnFinalPause: the hook a node stops announcing the guest's
+// address with runs before the final pause (the source guest still
+// running, its last pages not yet sent) and at least once.
+func TestMigrateOnFinalPause(t *testing.T) {
+	src, err := synth.New(guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	if _, err := src.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	var calls, pausedAtCall int
+	dst, st, _ := migrateWith(t, src, precopy.DefaultPolicy(), func(m *precopy.Migration) {
+		m.OnFinalPause = func() {
+			calls++
+			if src.Paused() || m.Status().Status != precopy.StatusDevice {
+				pausedAtCall++
+			}
+		}
+	})
+	defer dst.Close()
+	if st.Status != precopy.StatusCompleted || calls == 0 || pausedAtCall != 0 {
+		t.Fatalf("status %q, OnFinalPause ran %d times, %d of them with the guest already paused or before the final phase", st.Status, calls, pausedAtCall)
+	}
 }
 
 func TestMigrateDirtyingGuest(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"unicode"
 
 	"github.com/tandemvm/tandem/guest"
 )
@@ -83,7 +84,7 @@ func checkUnchecked(addr string, reply HelloReply, h Hello) error {
 	legacy := legacySections[h.Kind]
 	for _, name := range slices.Sorted(maps.Keys(h.Devices)) {
 		if v, ok := legacy[name]; !ok || v != h.Devices[name] {
-			return fmt.Errorf("%s (build %s) does not check device sections, so it predates device section %q (version %d) that this guest's state carries, and would fail to load it after the guest was paused; it loads only %s. Upgrade it, or run the guest without that device",
+			return fmt.Errorf("%s (build %q) does not check device sections, so it predates device section %q (version %d) that this guest's state carries, and would fail to load it after the guest was paused; it loads only %s. Upgrade it, or run the guest without that device",
 				addr, reply.Build, name, h.Devices[name], listSections(legacy))
 		}
 	}
@@ -100,4 +101,16 @@ func listSections(m map[string]uint32) string {
 		parts = append(parts, fmt.Sprintf("%s %d", name, m[name]))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// oneLine is a peer's text with every control character (a newline, an
+// escape sequence) shown as a space, so a refusal quoting it stays one
+// plain line whatever the peer sent.
+func oneLine(s string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return ' '
+		}
+		return r
+	}, s)
 }

@@ -97,6 +97,13 @@ func TestReceiverRefusesUnknownDeviceSection(t *testing.T) {
 // returns the Hello it read.
 func oldReceiver(t *testing.T) (string, <-chan Hello) {
 	t.Helper()
+	return fakeReceiver(t, `{"ok":true,"build":"tandem/old"}`)
+}
+
+// fakeReceiver answers one Hello with reply (a JSON line) and reports
+// the Hello it read.
+func fakeReceiver(t *testing.T, reply string) (string, <-chan Hello) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -114,7 +121,7 @@ func oldReceiver(t *testing.T) (string, <-chan Hello) {
 		br := bufio.NewReader(c)
 		var h Hello
 		readLine(br, &h)
-		c.Write([]byte(`{"ok":true,"build":"tandem/old"}` + "\n"))
+		c.Write([]byte(reply + "\n"))
 		got <- h
 		br.ReadByte() // until the sender closes or sends its stream
 	}()
@@ -145,4 +152,22 @@ func TestSenderRefusesReceiverPredatingSectionChecks(t *testing.T) {
 	}
 	l.Close()
 	<-got
+}
+
+// A peer's strings quoted in a refusal (its build, its error) cannot
+// break the refusal's one line, whatever they hold.
+func TestRefusalQuotesPeerOnOneLine(t *testing.T) {
+	withCard, _, helloCard, _ := sectionGuests(t)
+	for _, reply := range []string{
+		`{"ok":true,"build":"tandem/old\nforged: second line"}`,
+		`{"ok":false,"error":"no\nforged: second line\u001b[2J","build":"x"}`,
+	} {
+		addr, got := fakeReceiver(t, reply)
+		_, err := dialSections(addr, helloCard, withCard)
+		if err == nil || strings.ContainsAny(err.Error(), "\n\x1b") || !strings.Contains(err.Error(), "forged") {
+			t.Fatalf("reply %s: %q, want a one-line refusal quoting the peer", reply, err)
+		}
+		t.Logf("refused: %v", err)
+		<-got
+	}
 }

@@ -3,7 +3,11 @@ package test
 import (
 	"bufio"
 	"context"
+	"fmt"
+	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -41,14 +45,26 @@ func TestDemoNetwork(t *testing.T) {
 	})
 }
 
-// runDemo runs the demo to its end, or sends it SIGINT once a line with
-// interruptAt appears ("": never), and returns its output with the
-// bridge and namespace it said it made.
+// demoDataLine is the demo's line naming its first trio's directory.
+var demoDataLine = regexp.MustCompile(`\(data in (\S+)\)`)
+
+// runDemo runs the demo to its end, or interrupts it once a line with
+// interruptAt appears ("": never) as a Ctrl-C would: SIGINT to its
+// process group. It returns its output with the bridge and namespace it
+// said it made, and checks the demo left no process and no link of its
+// own behind.
 func runDemo(t *testing.T, interruptAt string) (out, bridge, ns string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	// Five minutes: the test runs in parallel on two loaded cores.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, tandemBin, "demo", "--plaintext", "--guest", "synth")
 	cmd.Dir = t.TempDir()
+	// Its own temp dir: every node it starts has its data there, so a
+	// node left running is found by its command line.
+	tmp := t.TempDir()
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // a group of its own, as a shell's job
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	pipe, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -58,6 +74,7 @@ func runDemo(t *testing.T, interruptAt string) (out, bridge, ns string) {
 		t.Fatal(err)
 	}
 	var b strings.Builder
+	var dataDir string
 	sc := bufio.NewScanner(pipe)
 	for sc.Scan() {
 		line := sc.Text()
@@ -65,8 +82,11 @@ func runDemo(t *testing.T, interruptAt string) (out, bridge, ns string) {
 		if m := netDemoLine.FindStringSubmatch(line); m != nil {
 			bridge, ns = m[1], m[2]
 		}
+		if m := demoDataLine.FindStringSubmatch(line); m != nil && dataDir == "" {
+			dataDir = m[1]
+		}
 		if interruptAt != "" && strings.Contains(line, interruptAt) {
-			cmd.Process.Signal(syscall.SIGINT)
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGINT) // Ctrl-C: the whole foreground group
 		}
 	}
 	err = cmd.Wait()
@@ -80,7 +100,37 @@ func runDemo(t *testing.T, interruptAt string) (out, bridge, ns string) {
 	if bridge == "" {
 		t.Fatalf("the demo did not say which network it made:\n%s", out)
 	}
+	checkNoLeftovers(t, cmd.Process.Pid, tmp)
+	if interruptAt == "" {
+		if _, err := os.Stat(dataDir); dataDir == "" || !os.IsNotExist(err) {
+			t.Errorf("the completed demo's data dir %q is still there (%v)", dataDir, err)
+		}
+	}
 	return out, bridge, ns
+}
+
+// checkNoLeftovers fails t if a process started with tmp in its command
+// line (a node of the demo) still runs, or if a link named on the demo's
+// prefix (tn, its pid mod 100000, a letter: bridge, veth or TAP) exists.
+func checkNoLeftovers(t *testing.T, pid int, tmp string) {
+	t.Helper()
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && strings.Contains(string(b), tmp) {
+			t.Errorf("a process of the demo still runs: %s: %s", p, strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	ifs, err := net.Interfaces()
+	if err != nil {
+		t.Fatal(err)
+	}
+	own := regexp.MustCompile(fmt.Sprintf(`^tn%d[a-z]`, pid%100000))
+	for _, i := range ifs {
+		if own.MatchString(i.Name) {
+			t.Errorf("link %s (the demo's) still exists after it ended", i.Name)
+		}
+	}
 }
 
 // checkGone fails t if the bridge or the namespace still exists.

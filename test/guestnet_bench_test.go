@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"sync"
@@ -85,8 +86,11 @@ func startNetBench(b *testing.B, l *netlab.Lab, kind string, m netBenchMode) *no
 	} else {
 		pri = startWithPorts(b, "run-"+kind, false, append(guestOpts{memory: "128MiB", workload: "kv"}.args(kind), card...)...)
 	}
-	w := &udpWriter{c: l.DialUDP(guestNetAddr + ":7000"), client: "warm-" + m.name}
-	if _, err := w.do("GET warm", 20*time.Second); err != nil {
+	w := &e2e.UDPKV{Conn: l.DialUDP(guestNetAddr + ":7000"), Client: "warm-" + m.name}
+	// Closed here, not only when the lab's test ends: the lab outlives
+	// every mode and every b.N round of the benchmark.
+	defer w.Conn.Close()
+	if _, err := w.Do(context.Background(), "GET warm", 20*time.Second); err != nil {
 		b.Fatalf("%s: %v", m.name, err)
 	}
 	return pri
@@ -105,11 +109,18 @@ var benchClientIDs atomic.Int64
 // reply (a lost datagram; the same id, so never applied twice).
 func udpBench(b *testing.B, l *netlab.Lab, clients int) udpFigures {
 	b.Helper()
-	conns := make([]*udpWriter, clients)
+	conns := make([]*e2e.UDPKV, clients)
 	for i := range conns {
-		conns[i] = &udpWriter{c: l.DialUDP(guestNetAddr + ":7000"), retry: 500 * time.Millisecond,
-			client: fmt.Sprintf("bench%d", benchClientIDs.Add(1))}
+		conns[i] = &e2e.UDPKV{Conn: l.DialUDP(guestNetAddr + ":7000"), Retry: 500 * time.Millisecond,
+			Client: fmt.Sprintf("bench%d", benchClientIDs.Add(1))}
 	}
+	// Each b.N round opens clients sockets; close them with the round (the
+	// lab's cleanup, at the benchmark's end, would keep them all open).
+	defer func() {
+		for _, w := range conns {
+			w.Conn.Close()
+		}
+	}()
 	var next atomic.Int64
 	rtts := make([][]time.Duration, clients)
 	errs := make([]error, clients)
@@ -122,7 +133,7 @@ func udpBench(b *testing.B, l *netlab.Lab, clients int) udpFigures {
 			defer wg.Done()
 			for n := next.Add(1); n <= int64(b.N); n = next.Add(1) {
 				s := time.Now()
-				got, err := w.do(fmt.Sprintf("SET bk%d v%d", n, n), 10*time.Second)
+				got, err := w.Do(context.Background(), fmt.Sprintf("SET bk%d v%d", n, n), 10*time.Second)
 				if err == nil && got != "OK" {
 					err = fmt.Errorf("SET bk%d: %q", n, got)
 				}

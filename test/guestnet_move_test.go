@@ -35,10 +35,10 @@ func TestGuestNetworkSwitchover(t *testing.T) {
 			t.Fatalf("switchover exit %d: %s%s", r.code, r.stdout, r.stderr)
 		}
 		swDone := time.Now()
-		n := ld.ackedCount()
+		n := ld.Count()
 		ld.waitAcked(n+50, 20*time.Second)
 		ld.finish()
-		last, first := ld.longestGap(swAt, swDone)
+		last, first := ld.LongestGap(swAt, swDone)
 
 		sb := tr.waitMember("b", 10*time.Second, "the primary running the card", func(s trioStatus) bool {
 			return s.Role == "primary" && s.Net != nil && s.Net.GuestIP == guestNetAddr+"/24"
@@ -53,10 +53,10 @@ func TestGuestNetworkSwitchover(t *testing.T) {
 		} else if sa.Net != nil && sa.Net.GuestIP != "" {
 			t.Errorf("a still runs the card (%s) after handing the guest over", sa.Net.GuestIP)
 		}
-		lost := checkUDPAcked(t, c, ld.udpWriter, "check")
+		lost := checkUDPAcked(t, c, ld, "check")
 		t.Logf("%s: switchover (%s) took %v; the client's gap at the same address %v (its last reply before at %+v from the command's start, the first after at %+v); %d writes acknowledged, %d lost",
 			kind, strings.TrimSpace(r.stdout), swDone.Sub(swAt).Round(time.Millisecond), first.Sub(last).Round(time.Millisecond),
-			last.Sub(swAt).Round(time.Millisecond), first.Sub(swAt).Round(time.Millisecond), ld.ackedCount(), lost)
+			last.Sub(swAt).Round(time.Millisecond), first.Sub(swAt).Round(time.Millisecond), ld.Count(), lost)
 	})
 }
 
@@ -77,10 +77,10 @@ func TestGuestNetworkMigrate(t *testing.T) {
 		migAt := time.Now()
 		st := mustMigrate(t, src, dst.data, "--downtime-limit", downtimeFlag)
 		migDone := time.Now()
-		n := ld.ackedCount()
+		n := ld.Count()
 		ld.waitAcked(n+50, 20*time.Second)
 		ld.finish()
-		last, first := ld.longestGap(migAt, migDone)
+		last, first := ld.LongestGap(migAt, migDone)
 		checkSwitchover(t, src, dst, st)
 
 		ds, err := trioStat(dst.api)
@@ -92,10 +92,10 @@ func TestGuestNetworkMigrate(t *testing.T) {
 		} else if ds.Net.FramesSent < 50 {
 			t.Errorf("the destination's TAP sent %d frames, want at least the 50 replies after the switch", ds.Net.FramesSent)
 		}
-		lost := checkUDPAcked(t, c, ld.udpWriter, "check")
+		lost := checkUDPAcked(t, c, ld, "check")
 		t.Logf("%s: migration took %v, downtime %d ms (source's figure); the client's gap at the same address %v (first reply %v after migrate started); %d writes acknowledged, %d lost",
 			kind, migDone.Sub(migAt).Round(time.Millisecond), st.DowntimeMs, first.Sub(last).Round(time.Millisecond),
-			first.Sub(migAt).Round(time.Millisecond), ld.ackedCount(), lost)
+			first.Sub(migAt).Round(time.Millisecond), ld.Count(), lost)
 	})
 }
 

@@ -3,9 +3,12 @@ package kvm
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"path/filepath"
 	"testing"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/block"
 )
 
 // restoreInto moves a paused guest's memory and state into a fresh VM and
@@ -179,4 +182,58 @@ func TestLoadStateRejectsBadInput(t *testing.T) {
 	g.Console().SetOutput(lr.sink)
 	mustResume(t, g)
 	expect(t, ask(t, g, lr, "z:1 SET a b"), "z:1 OK")
+}
+
+// StateSections (what a sender lists in its handshake, and a receiver
+// checks) is exactly the sections SaveState writes, with their versions:
+// with and without a disk, with and without a network card.
+func TestStateSectionsMatchSaveState(t *testing.T) {
+	skipWithoutKVM(t)
+	for _, c := range []struct {
+		name       string
+		disk, card bool
+	}{{"plain", false, false}, {"disk", true, false}, {"card", false, true}, {"disk and card", true, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := kvConfig(32<<20, 1)
+			var opts Options
+			if c.card {
+				cfg.Net.IP = "10.77.0.10/24"
+			}
+			if c.disk {
+				d, err := block.Open(filepath.Join(t.TempDir(), "disk.img"), block.Options{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				opts.Disk = d
+			}
+			g, err := NewWithOptions(cfg, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g.Close()
+			if (guest.NICOf(g) != nil) != c.card {
+				t.Fatalf("card %v, but the guest has one: %v", c.card, guest.NICOf(g) != nil)
+			}
+			listed := guest.StateSectionsOf(g)
+			if listed == nil {
+				t.Fatal("a kvm guest lists no sections (not a guest.StateSectioner)")
+			}
+			mustResume(t, g)
+			mustPause(t, g)
+			ms, err := g.SaveState()
+			if err != nil {
+				t.Fatal(err)
+			}
+			saved := map[string]uint32{}
+			for _, d := range ms.Devices {
+				saved[d.Name] = d.Version
+			}
+			if !maps.Equal(listed, saved) {
+				t.Fatalf("StateSections %v, SaveState wrote %v", listed, saved)
+			}
+			if _, has := listed[stateDisk]; has != c.disk {
+				t.Fatalf("disk %v, but %s listed: %v", c.disk, stateDisk, has)
+			}
+		})
+	}
 }

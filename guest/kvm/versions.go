@@ -11,3 +11,20 @@ func StateVersions() map[string]uint32 {
 		stateDisk:    diskVersion,
 	}
 }
+
+// OptionalDevices are the sections a guest saves only with a feature:
+// the paravirtual disk's queue with --disk. (The network card keeps no
+// section: its rings live in guest memory and its host side is rebuilt
+// on load.)
+func OptionalDevices() []string { return []string{stateDisk} }
+
+// StateSections is the sections this guest's saved state carries, with
+// versions (guest.StateSectioner, listed in a sender's handshake): every
+// device but the disk when the guest has none, as saveState writes them.
+func (g *Guest) StateSections() map[string]uint32 {
+	s := StateVersions()
+	if g.disk == nil {
+		delete(s, stateDisk)
+	}
+	return s
+}

@@ -29,9 +29,9 @@ func FailoverDemo(ctx context.Context, w io.Writer, kind, memory, keep string, p
 	if err != nil {
 		return err
 	}
-	defer d.Close()
 	failed := true
-	defer func() {
+	defer func() { // one function, in order: the nodes die before their directory goes
+		d.Close()
 		if failed {
 			fmt.Fprintf(w, "logs kept in %s; their tails:\n%s", d.Dir(), d.LogTails())
 		}

@@ -137,8 +137,11 @@ func (d *Drill) Close() {
 	}
 }
 
-// Cleanup removes the temp dir unless asked to keep it or something failed.
+// Cleanup kills the nodes (Close), then removes the temp dir unless asked
+// to keep it or something failed: a node still running would write into
+// the directory while it is removed, and leave it half there.
 func (d *Drill) Cleanup(failed bool) {
+	d.Close()
 	if !d.keepDir && !failed {
 		os.RemoveAll(d.dir)
 	}

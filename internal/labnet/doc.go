@@ -6,6 +6,8 @@
 //
 // It owns the names it makes (a per-process prefix, so two programs at
 // once do not collide) and nothing else: it must never touch an interface
-// it did not create. Every ip command it runs has a deadline, and Close
-// removes everything Make made, even after a partial Make.
+// it did not create. A name already in use is someone else's: Make
+// leaves it alone and tries another prefix. Every ip command it runs has
+// a deadline, and Close removes everything Make made (only that), even
+// after a partial Make.
 package labnet

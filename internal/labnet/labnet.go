@@ -29,9 +29,22 @@ type Net struct {
 	prefix string
 	v0, v1 string
 	taps   atomic.Int32
+
+	// undo holds, newest last, the ip commands that remove what this Net
+	// made: only objects whose creating command succeeded are on it, so
+	// Close never removes a name that some other program owns.
+	undo [][]string
 }
 
 var made atomic.Int32
+
+// tries bounds how many prefixes Make tries when a name it picked
+// already exists (another process whose pid agrees mod 100000, or one
+// that died without cleaning up).
+const tries = 8
+
+// ErrExists is returned (wrapped) when a name Make picked is in use.
+var ErrExists = errors.New("name already exists")
 
 // Usable says why this process cannot make a Net (nil: it can): it needs
 // root (CAP_NET_ADMIN) and /dev/net/tun.
@@ -45,27 +58,57 @@ func Usable() error {
 	return nil
 }
 
+// nextPrefix is a fresh name prefix: "tn", the pid mod 100000 and a
+// letter, so every name fits the kernel's 15 bytes.
+func nextPrefix() string {
+	return fmt.Sprintf("tn%d%c", os.Getpid()%100000, 'a'+made.Add(1)%26)
+}
+
 // Make makes the bridge and the client namespace; on an error it has
-// already removed whatever it made. The caller must Close the Net.
+// already removed whatever it made (and only that). If a name it picked
+// is taken it tries another prefix. The caller must Close the Net.
 func Make() (*Net, error) {
 	if err := Usable(); err != nil {
 		return nil, err
 	}
-	p := fmt.Sprintf("tn%d%c", os.Getpid()%100000, 'a'+made.Add(1)%26)
-	n := &Net{prefix: p, Bridge: p + "br", NS: p + "ns", v0: p + "v0", v1: p + "v1"}
-	for _, args := range [][]string{
-		{"link", "add", n.Bridge, "type", "bridge"},
-		{"link", "set", n.Bridge, "up"},
-		{"netns", "add", n.NS},
-		{"link", "add", n.v0, "type", "veth", "peer", "name", n.v1},
-		{"link", "set", n.v0, "master", n.Bridge, "up"},
-		{"link", "set", n.v1, "netns", n.NS},
-		{"-n", n.NS, "addr", "add", ClientIP + "/24", "dev", n.v1},
-		{"-n", n.NS, "link", "set", n.v1, "up"},
-	} {
-		if _, err := n.IP(args...); err != nil {
-			n.Close()
+	var err error
+	for range tries {
+		var n *Net
+		if n, err = makeOn(nextPrefix()); err == nil {
+			return n, nil
+		}
+		if !errors.Is(err, ErrExists) {
 			return nil, err
+		}
+	}
+	return nil, err
+}
+
+// makeOn makes the Net under prefix p, recording each object as soon
+// as its command succeeds.
+func makeOn(p string) (*Net, error) {
+	n := &Net{prefix: p, Bridge: p + "br", NS: p + "ns", v0: p + "v0", v1: p + "v1"}
+	for _, st := range []struct{ do, undo []string }{
+		{[]string{"link", "add", n.Bridge, "type", "bridge"}, []string{"link", "del", n.Bridge}},
+		{[]string{"link", "set", n.Bridge, "up"}, nil},
+		{[]string{"netns", "add", n.NS}, []string{"netns", "del", n.NS}},
+		// Deleting v0 deletes its peer v1 too, wherever v1 has moved.
+		{[]string{"link", "add", n.v0, "type", "veth", "peer", "name", n.v1}, []string{"link", "del", n.v0}},
+		{[]string{"link", "set", n.v0, "master", n.Bridge, "up"}, nil},
+		{[]string{"link", "set", n.v1, "netns", n.NS}, nil},
+		{[]string{"-n", n.NS, "addr", "add", ClientIP + "/24", "dev", n.v1}, nil},
+		{[]string{"-n", n.NS, "link", "set", n.v1, "up"}, nil},
+	} {
+		out, err := n.IP(st.do...)
+		if err != nil {
+			n.Close()
+			if strings.Contains(out, "File exists") {
+				return nil, fmt.Errorf("%w: %v", ErrExists, err)
+			}
+			return nil, err
+		}
+		if st.undo != nil {
+			n.undo = append(n.undo, st.undo)
 		}
 	}
 	return n, nil
@@ -97,13 +140,15 @@ func (n *Net) SetClientLink(up bool) error {
 	return err
 }
 
-// Close removes the veth pair, the namespace and the bridge (each that
-// exists; errors are ignored, since a partial Make left some out). TAP
-// devices on the bridge belong to the processes that opened them.
+// Close removes what Make made, newest first: the veth pair, the
+// namespace and the bridge (errors are ignored: Close is best effort and
+// may run twice). TAP devices on the bridge belong to the processes that
+// opened them.
 func (n *Net) Close() {
-	n.IP("link", "del", n.v0)
-	n.IP("netns", "del", n.NS)
-	n.IP("link", "del", n.Bridge)
+	for i := len(n.undo) - 1; i >= 0; i-- {
+		n.IP(n.undo[i]...)
+	}
+	n.undo = nil
 }
 
 // DialUDP opens a UDP socket inside the client namespace, connected to

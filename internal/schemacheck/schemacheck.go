@@ -45,9 +45,9 @@ func Current() Dump {
 		Format: FormatVersions{uint16(checkpoint.Current), uint16(checkpoint.MinReadable),
 			uint16(checkpoint.MinWritable)},
 		Devices: map[string]map[string]uint32{synth.Kind: synth.StateVersions(), kvm.Kind: kvm.StateVersions()},
-		// The kvm backend does not declare its optional devices yet:
-		// a section it adds counts as always saved (the stricter rule).
-		Optional: map[string][]string{synth.Kind: synth.OptionalDevices()},
+		// A device not listed here counts as saved by every guest of
+		// its kind (the stricter rule).
+		Optional: map[string][]string{synth.Kind: synth.OptionalDevices(), kvm.Kind: kvm.OptionalDevices()},
 	}
 }
 
