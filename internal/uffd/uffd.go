@@ -261,3 +261,28 @@ func (f *FD) Wake(addr uintptr) error {
 // only once every page it owes has arrived, or once the memory's user is
 // stopped for good.
 func (f *FD) Close() error { return unix.Close(f.fd) }
+
+// madvPopulateWrite is MADV_POPULATE_WRITE (Linux 5.14): fault pages in
+// writable, from inside the kernel.
+const madvPopulateWrite = 23
+
+// Populate faults mem's pages in from inside a madvise(2) call, so a page
+// registered here and missing is waited for in a system call rather than
+// in a load or store. A Go goroutine that waits in a system call gives up
+// its P: the scheduler, the collector's stop-the-world and the goroutine
+// that must fetch the page all go on. A goroutine that faults in a plain
+// load may sit on its P (assembly such as memmove has no safe point to
+// preempt it at) and can starve the very goroutine that would serve it.
+// It returns once the pages are mapped; it waits as long as the page is
+// missing (that is the point), retrying when a signal interrupts it.
+func Populate(mem []byte) error {
+	if len(mem) == 0 {
+		return nil
+	}
+	for {
+		err := unix.Madvise(mem, madvPopulateWrite)
+		if err != unix.EINTR && err != unix.EAGAIN {
+			return err
+		}
+	}
+}

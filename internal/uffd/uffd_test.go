@@ -220,3 +220,44 @@ func TestRegisterRefused(t *testing.T) {
 		t.Fatalf("anonymous private memory refused: %v", err)
 	}
 }
+
+// Populate waits for a missing page inside the kernel and returns once a
+// copy resolves it; many goroutines doing so (more than GOMAXPROCS) do not
+// keep the resolving goroutine from running.
+func TestPopulateWaitsInSyscall(t *testing.T) {
+	const n = 16
+	mem := mapPages(t, n)
+	f := openRegistered(t, mem)
+	defer f.Close()
+	done := make(chan error, n)
+	for p := range n {
+		go func() { done <- Populate(mem[p*pageSize : (p+1)*pageSize]) }()
+	}
+	page := bytes.Repeat([]byte{0x5a}, pageSize)
+	deadline := time.Now().Add(10 * time.Second)
+	served := 0
+	for served < n && time.Now().Before(deadline) {
+		runtime.GC() // the collector must not wait for the faulting goroutines
+		fs, err := f.ReadFaults(nil, 50*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ft := range fs {
+			if !ft.Write {
+				t.Errorf("populate faulted for reading at %#x", ft.Addr)
+			}
+			if err := f.Copy(ft.Addr, page); err != nil {
+				t.Fatal(err)
+			}
+			served++
+		}
+	}
+	for range n {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if served != n || mem[(n-1)*pageSize] != 0x5a {
+		t.Fatalf("served %d faults of %d", served, n)
+	}
+}
