@@ -113,6 +113,7 @@ func newTarget(t *testing.T, s *scene, retry time.Duration) *Target {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(tg.Close)
 	return tg
 }
 

@@ -85,7 +85,13 @@ type Target struct {
 	// vcpuBlock is the blocked time per vCPU (stats.BlocktimeMs rounds it).
 	vcpuBlock []time.Duration
 	allIn     chan struct{} // closed when the last page arrived
-	done      bool          // Run finished: the userfaultfd is closed
+	done      bool          // every page arrived: the userfaultfd is closed
+	closed    bool          // Close ran
+	loopErr   error         // the fault loop's failure, if it stopped on one
+
+	// The fault loop runs from NewTarget to finish or Close.
+	loopStop, loopDone chan struct{}
+	kick               chan struct{} // a new request is pending
 }
 
 // NewTarget drops the missing pages' stale copies, hashes the pages the
@@ -101,7 +107,8 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 	cfg.RetryAfter = cmpOr(cfg.RetryAfter, DefaultRetryAfter)
 	cfg.LinkTimeout = cmpOr(cfg.LinkTimeout, DefaultLinkTimeout)
 	t := &Target{cfg: cfg, pm: newPageMap(cfg.Regions), missing: cfg.Missing,
-		pending: map[uint64]*pending{}, allIn: make(chan struct{})}
+		pending: map[uint64]*pending{}, allIn: make(chan struct{}),
+		loopStop: make(chan struct{}), loopDone: make(chan struct{}), kick: make(chan struct{}, 1)}
 	t.vcpuBlock = make([]time.Duration, max(cfg.VCPUs, 0))
 	if cfg.Missing.Len() < t.pm.limit {
 		return nil, fmt.Errorf("postcopy: missing-page set covers %d pages, memory %d", cfg.Missing.Len(), t.pm.limit)
@@ -130,6 +137,7 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 	if !t.stats.Active {
 		close(t.allIn)
 	}
+	go t.faultLoop() // owned by t: finish and Close stop and join it
 	return t, nil
 }
 
@@ -227,7 +235,7 @@ func (t *Target) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	errs := make(chan error, 3)
 	var wg sync.WaitGroup
 	for _, f := range []func() error{
-		func() error { return t.faultLoop(rctx, w) },
+		func() error { return t.requests(rctx, w) },
 		func() error { return t.receive(rctx, newFrameReader(urgent, t.cfg.LinkTimeout), false) },
 		func() error { return t.receive(rctx, newFrameReader(bulk, t.cfg.LinkTimeout), true) },
 	} {
@@ -304,14 +312,44 @@ func (t *Target) finish() bool {
 		return false
 	}
 	t.mu.Lock()
+	ready := t.done || t.stats.Digest != ""
+	t.mu.Unlock()
+	if !ready {
+		return false // Done not sent yet: the next run sends it
+	}
+	t.stopLoop()
+	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.done || t.stats.Digest == "" {
-		return t.done
+	if !t.done && !t.closed {
+		for _, r := range t.cfg.Regions {
+			t.fd.Unregister(r.Mem)
+		}
+		t.fd.Close()
 	}
-	for _, r := range t.cfg.Regions {
-		t.fd.Unregister(r.Mem)
-	}
-	t.fd.Close()
 	t.done = true
 	return true
+}
+
+// stopLoop stops the fault loop and waits for it (at most a poll).
+func (t *Target) stopLoop() {
+	t.mu.Lock()
+	select {
+	case <-t.loopStop:
+	default:
+		close(t.loopStop)
+	}
+	t.mu.Unlock()
+	<-t.loopDone
+}
+
+// Close stops serving faults. Once every page arrived it only releases
+// what Run left. Before that, it must be called only when the guest will
+// never run again (lost, or being torn down): it leaves the userfaultfd
+// open, so a vCPU still waiting on a missing page keeps waiting instead
+// of being handed a zero page, until the process ends.
+func (t *Target) Close() {
+	t.stopLoop()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.closed = true
 }

@@ -10,34 +10,76 @@ import (
 	"github.com/tandemvm/tandem/internal/uffd"
 )
 
-// faultPoll bounds one wait for faults, so the loop notices the end, its
-// retries and its heartbeats in time.
-const faultPoll = 20 * time.Millisecond
+// faultPoll bounds one wait for faults, so the loop notices its stop in
+// time; requestTick is how often a run looks for requests to repeat.
+const (
+	faultPoll   = 20 * time.Millisecond
+	requestTick = 50 * time.Millisecond
+)
 
-// faultLoop reads the userfaultfd and owns the urgent writer: requests,
-// re-requests of unanswered ones, heartbeats, and Done at the end.
-func (t *Target) faultLoop(ctx context.Context, w *frameWriter) error {
+// faultLoop reads the userfaultfd for the Target's whole life, links up
+// or down: a fault on a page the source owes becomes a pending request
+// (with the time it started, for the blocked time), any other is
+// resolved at once. It ends when stop closes.
+func (t *Target) faultLoop() {
+	defer close(t.loopDone)
 	var buf []uffd.Fault
-	var reqs []uint64
-	lastBeat := time.Now()
-	for ctx.Err() == nil {
+	for {
 		select {
-		case <-t.allIn:
-			return t.sendDone(w)
+		case <-t.loopStop:
+			return
 		default:
 		}
 		faults, err := t.fd.ReadFaults(buf[:0], faultPoll)
-		if err != nil {
-			return fmt.Errorf("postcopy: %w", err)
-		}
-		now := time.Now()
-		reqs = reqs[:0]
-		for _, f := range faults {
-			if reqs, err = t.onFault(f, now, reqs); err != nil {
-				return err
+		if err == nil {
+			now := time.Now()
+			for _, f := range faults {
+				if err = t.onFault(f, now); err != nil {
+					break
+				}
 			}
 		}
-		reqs = t.dueRequests(now, reqs)
+		if err != nil {
+			t.mu.Lock()
+			t.loopErr = err
+			t.mu.Unlock()
+			t.kickRequests()
+			return
+		}
+	}
+}
+
+func (t *Target) kickRequests() {
+	select {
+	case t.kick <- struct{}{}:
+	default:
+	}
+}
+
+// requests owns the urgent writer during a run: requests as faults come,
+// repeats of unanswered ones, heartbeats, and Done at the end.
+func (t *Target) requests(ctx context.Context, w *frameWriter) error {
+	tick := time.NewTicker(requestTick)
+	defer tick.Stop()
+	var reqs []uint64
+	lastBeat := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.allIn:
+			return t.sendDone(w)
+		case <-t.kick:
+		case <-tick.C:
+		}
+		t.mu.Lock()
+		err := t.loopErr
+		t.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("postcopy: serving faults: %w", err)
+		}
+		now := time.Now()
+		reqs = t.dueRequests(now, reqs[:0])
 		for _, p := range reqs {
 			if err := w.write(frameRequest, p, nil); err != nil {
 				return err
@@ -56,16 +98,15 @@ func (t *Target) faultLoop(ctx context.Context, w *frameWriter) error {
 			}
 		}
 	}
-	return nil
 }
 
 // onFault handles one fault: a page the source owes is requested (once;
 // dueRequests repeats it), any other page is zero at the source and is
 // mapped at once.
-func (t *Target) onFault(f uffd.Fault, now time.Time, reqs []uint64) ([]uint64, error) {
+func (t *Target) onFault(f uffd.Fault, now time.Time) error {
 	p, ok := t.pageAt(f.Addr)
 	if !ok {
-		return reqs, fmt.Errorf("postcopy: fault at %#x outside guest memory", f.Addr)
+		return fmt.Errorf("postcopy: fault at %#x outside guest memory", f.Addr)
 	}
 	t.mu.Lock()
 	if !t.missing.Test(p) {
@@ -77,7 +118,7 @@ func (t *Target) onFault(f uffd.Fault, now time.Time, reqs []uint64) ([]uint64, 
 		if errors.Is(err, uffd.ErrExists) {
 			err = t.fd.Wake(f.Addr)
 		}
-		return reqs, err
+		return err
 	}
 	pd := t.pending[p]
 	if pd == nil {
@@ -88,7 +129,8 @@ func (t *Target) onFault(f uffd.Fault, now time.Time, reqs []uint64) ([]uint64, 
 	pd.waiters = append(pd.waiters, waiter{tid: f.TID, t0: now})
 	t.stats.Faults++
 	t.mu.Unlock()
-	return reqs, nil
+	t.kickRequests()
+	return nil
 }
 
 // dueRequests appends the pages whose request is not sent yet, or was
