@@ -71,7 +71,7 @@ func newScene(t *testing.T, pages int, seed uint64) *scene {
 }
 
 // tcpPair is a connected loopback TCP pair.
-func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+func tcpPair(t testing.TB) (net.Conn, net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -98,7 +98,9 @@ func tcpPair(t *testing.T) (net.Conn, net.Conn) {
 // links are the two connections as each side sees them.
 type links struct{ srcUrgent, srcBulk, dstUrgent, dstBulk net.Conn }
 
-func newLinks(t *testing.T) links {
+func newLinks(t *testing.T) links { return newLinksTB(t) }
+
+func newLinksTB(t testing.TB) links {
 	a, b := tcpPair(t)
 	c, d := tcpPair(t)
 	return links{srcUrgent: a, dstUrgent: b, srcBulk: c, dstBulk: d}

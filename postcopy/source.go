@@ -34,6 +34,9 @@ type Source struct {
 	expected guest.Digest
 	// LinkTimeout: a destination silent this long is gone; 0: default.
 	LinkTimeout time.Duration
+	// Limiter, if set, caps the bytes both connections send together
+	// (the migration's bandwidth limit).
+	Limiter *precopy.Limiter
 
 	// toSend is this run's set of pages the destination lacks and the
 	// push has not sent; jump is 1 + the last requested page (0: none),
@@ -70,6 +73,10 @@ func (s *Source) Stats() SourceStats {
 func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	timeout := cmpOr(s.LinkTimeout, DefaultLinkTimeout)
 	r := newFrameReader(urgent, timeout)
+	if s.Limiter != nil {
+		urgent = limitedConn{Conn: urgent, ctx: ctx, lim: s.Limiter}
+		bulk = limitedConn{Conn: bulk, ctx: ctx, lim: s.Limiter}
+	}
 	toSend, err := s.readRuns(r)
 	if err != nil {
 		return err
