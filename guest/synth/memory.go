@@ -39,9 +39,7 @@ func (m *memory) faultIn(off, n uint64) {
 	if n == 0 || !m.postcopy.Load() {
 		return
 	}
-	first := off &^ (guest.PageSize - 1)
-	end := min((off+n+guest.PageSize-1)&^(guest.PageSize-1), uint64(len(m.mem)))
-	_ = uffd.Populate(m.mem[first:end])
+	_ = uffd.Populate(m.mem[off : off+n])
 }
 
 func newMemory(size uint64) (*memory, error) {

@@ -266,23 +266,31 @@ func (f *FD) Close() error { return unix.Close(f.fd) }
 // writable, from inside the kernel.
 const madvPopulateWrite = 23
 
-// Populate faults mem's pages in from inside a madvise(2) call, so a page
-// registered here and missing is waited for in a system call rather than
-// in a load or store. A Go goroutine that waits in a system call gives up
-// its P: the scheduler, the collector's stop-the-world and the goroutine
-// that must fetch the page all go on. A goroutine that faults in a plain
-// load may sit on its P (assembly such as memmove has no safe point to
-// preempt it at) and can starve the very goroutine that would serve it.
-// It returns once the pages are mapped; it waits as long as the page is
-// missing (that is the point), retrying when a signal interrupts it.
+// Populate faults in the pages mem lies on (mem need not be page
+// aligned) from inside a madvise(2) call, so a page registered here and
+// missing is waited for in a system call rather than in a load or store.
+// A Go goroutine that waits in a system call gives up its P: the
+// scheduler, the collector's stop-the-world and the goroutine that must
+// fetch the page all go on. A goroutine that faults in a plain load may
+// sit on its P (assembly such as memmove has no safe point to preempt it
+// at), and a collection that starts meanwhile then waits for it forever
+// while the goroutine serving the fault is stopped. It returns once the
+// pages are mapped; it waits as long as a page is missing (that is the
+// point), retrying when a signal interrupts it.
 func Populate(mem []byte) error {
 	if len(mem) == 0 {
 		return nil
 	}
+	start := base(mem) &^ (pageSize - 1)
+	end := (base(mem) + uintptr(len(mem)) + pageSize - 1) &^ (pageSize - 1)
 	for {
-		err := unix.Madvise(mem, madvPopulateWrite)
-		if err != unix.EINTR && err != unix.EAGAIN {
-			return err
+		_, _, errno := unix.Syscall(unix.SYS_MADVISE, start, end-start, madvPopulateWrite)
+		switch errno {
+		case 0:
+			return nil
+		case unix.EINTR, unix.EAGAIN:
+			continue
 		}
+		return fmt.Errorf("madvise(MADV_POPULATE_WRITE): %w", errno)
 	}
 }
