@@ -5,11 +5,16 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/uffd"
+	"github.com/tandemvm/tandem/precopy"
 )
 
 // slowConn writes in small pieces with a pause after each: a slow link.
@@ -171,4 +176,34 @@ func runBothNew(t *testing.T, s *scene, tg *Target) error {
 	defer cancel()
 	a, b := runBoth(ctx, NewSource(s.src, s.digest), tg, newLinks(t))
 	return errors.Join(a, b)
+}
+
+// Memory userfaultfd cannot take (here a private mapping of a file) is
+// refused with ErrUnavailable before anything of it changed: the
+// migration can stay precopy-only.
+func TestPostcopyTargetRefusesFileMemory(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "mem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(4 * guest.PageSize); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := unix.Mmap(int(f.Fd()), 0, 4*guest.PageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	mem[1*guest.PageSize] = 0x33 // a page the precopy rounds sent
+	missing := precopy.NewBitmap(4)
+	missing.Set(1)
+	_, err = NewTarget(TargetConfig{Regions: []guest.Region{{Mem: mem}}, Missing: missing})
+	if !errors.Is(err, uffd.ErrUnavailable) {
+		t.Fatalf("NewTarget on file memory: %v, want ErrUnavailable", err)
+	}
+	if mem[1*guest.PageSize] != 0x33 {
+		t.Fatal("a refused NewTarget dropped a page")
+	}
+	t.Logf("refused with: %v", err)
 }

@@ -94,12 +94,14 @@ type Target struct {
 	kick               chan struct{} // a new request is pending
 }
 
-// NewTarget drops the missing pages' stale copies, hashes the pages the
-// destination already holds (their content at the switch) and registers
-// the regions with userfaultfd. Precondition: the guest is paused. An
+// NewTarget registers the regions with userfaultfd, drops the missing
+// pages' stale copies and hashes the pages the destination already holds
+// (their content at the switch). Precondition: the guest is paused. An
 // error wrapping uffd.ErrUnavailable means this memory cannot be served
-// by faults; nothing was changed then except dropped pages, which the
-// caller refills (it must not resume this guest without them).
+// by faults: registration is tried first, so nothing has changed then
+// and the migration can go on precopy-only. After a failed drop
+// (also ErrUnavailable) some missing pages may read as zero: the caller
+// must not resume this guest without sending them.
 func NewTarget(cfg TargetConfig) (*Target, error) {
 	if cfg.Missing == nil {
 		return nil, errors.New("postcopy: no missing-page set")
@@ -117,11 +119,8 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := t.dropMissing(); err != nil {
-		fd.Close()
-		return nil, err
-	}
-	t.hash = hashPresent(cfg.Regions, cfg.Missing)
+	// Register first: memory userfaultfd cannot take is refused before
+	// anything of it changed, and the guest stays precopy-only.
 	for i, r := range cfg.Regions {
 		if err := fd.Register(r.Mem); err != nil {
 			for _, done := range cfg.Regions[:i] {
@@ -131,6 +130,14 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 			return nil, err
 		}
 	}
+	if err := t.dropMissing(); err != nil {
+		for _, r := range cfg.Regions {
+			fd.Unregister(r.Mem)
+		}
+		fd.Close()
+		return nil, err
+	}
+	t.hash = hashPresent(cfg.Regions, cfg.Missing)
 	t.fd = fd
 	t.stats.Remaining = cfg.Missing.Count()
 	t.stats.Active = t.stats.Remaining > 0

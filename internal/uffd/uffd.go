@@ -138,7 +138,7 @@ func (f *FD) Register(mem []byte) error {
 	}
 	r := uffdioRegister{Range: uffdioRange{Start: uint64(base(mem)), Len: uint64(len(mem))}, Mode: registerMissing}
 	if err := ioctl(f.fd, ioctlRegister, unsafe.Pointer(&r)); err != nil {
-		return fmt.Errorf("%w: UFFDIO_REGISTER of %d MiB: %w", ErrUnavailable, len(mem)>>20, err)
+		return fmt.Errorf("%w: UFFDIO_REGISTER of %d KiB at %#x: %w", ErrUnavailable, len(mem)>>10, base(mem), err)
 	}
 	if r.Ioctls&copyOrZeroNeeded != copyOrZeroNeeded {
 		return fmt.Errorf("%w: the range does not take UFFDIO_COPY and UFFDIO_ZEROPAGE (ioctls %#x)", ErrUnavailable, r.Ioctls)
