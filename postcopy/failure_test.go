@@ -81,7 +81,7 @@ func TestPostcopyLinkDropResumes(t *testing.T) {
 		t.Fatalf("page %d was read while the link was down (err %v)", p, err)
 	case <-time.After(300 * time.Millisecond):
 	}
-	if st := tg.Stats(); !st.Active || st.Remaining == 0 {
+	if st := tg.Stats(); !st.Active || st.Remaining == 0 || st.LinkDownSince.IsZero() || st.Runs != 1 {
 		t.Fatalf("stats while down: %+v", st)
 	}
 	srcErr, dstErr = runBoth(ctx, src, tg, newLinks(t))
@@ -95,7 +95,7 @@ func TestPostcopyLinkDropResumes(t *testing.T) {
 		t.Fatalf("page %d differs after the resume", p)
 	}
 	sameMemory(t, s)
-	if st, ss := tg.Stats(), src.Stats(); st.Digest != s.digest.String() || ss.Runs != 2 || st.Blocktime < 300*time.Millisecond {
+	if st, ss := tg.Stats(), src.Stats(); st.Digest != s.digest.String() || ss.Runs != 2 || st.Runs != 2 || !st.LinkDownSince.IsZero() || st.Blocktime < 300*time.Millisecond {
 		t.Fatalf("target %+v source %+v", st, ss)
 	}
 }

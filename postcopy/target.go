@@ -53,6 +53,13 @@ type TargetStats struct {
 	BlocktimeMs []int64
 	Blocktime   time.Duration
 	Digest      string // set once every page arrived
+	// Runs counts the runs started (more than one: the link was
+	// resumed); LinkDownSince is when the last run failed, zero while a
+	// run is connected or once every page arrived. A destination whose
+	// source stays away holds a guest that cannot go on: its caller
+	// reports it lost rather than resume it with pages missing.
+	Runs          int
+	LinkDownSince time.Time
 }
 
 // waiter is a thread blocked on a missing page since t0.
@@ -236,8 +243,13 @@ func (t *Target) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	t.mu.Unlock()
 	w := newFrameWriter(urgent, t.cfg.LinkTimeout)
 	if err := t.sendRuns(w); err != nil {
+		t.linkDown()
 		return err
 	}
+	t.mu.Lock()
+	t.stats.Runs++
+	t.stats.LinkDownSince = time.Time{}
+	t.mu.Unlock()
 	rctx, cancel := context.WithCancel(ctx)
 	errs := make(chan error, 3)
 	var wg sync.WaitGroup
@@ -270,7 +282,20 @@ func (t *Target) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	if errors.Is(err, errFinished) {
 		err = nil
 	}
+	if err != nil {
+		t.linkDown()
+	}
 	return err
+}
+
+// linkDown records when the link was lost (the first failure of a
+// spell), for LinkDownSince.
+func (t *Target) linkDown() {
+	t.mu.Lock()
+	if t.stats.LinkDownSince.IsZero() {
+		t.stats.LinkDownSince = time.Now()
+	}
+	t.mu.Unlock()
 }
 
 // errFinished is the fault loop's word that it sent Done: Run stops the
