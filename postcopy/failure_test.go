@@ -179,7 +179,8 @@ func runBothNew(t *testing.T, s *scene, tg *Target) error {
 }
 
 // Memory userfaultfd cannot take (here a private mapping of a file) is
-// refused with ErrUnavailable before anything of it changed: the
+// refused with ErrUnavailable, by the check a destination makes first
+// (Available) and by NewTarget before anything of it changed: the
 // migration can stay precopy-only.
 func TestPostcopyTargetRefusesFileMemory(t *testing.T) {
 	f, err := os.Create(filepath.Join(t.TempDir(), "mem"))
@@ -198,7 +199,14 @@ func TestPostcopyTargetRefusesFileMemory(t *testing.T) {
 	mem[1*guest.PageSize] = 0x33 // a page the precopy rounds sent
 	missing := precopy.NewBitmap(4)
 	missing.Set(1)
-	_, err = NewTarget(TargetConfig{Regions: []guest.Region{{Mem: mem}}, Missing: missing})
+	fileRegion := []guest.Region{{Mem: mem}}
+	if err := Available(fileRegion); !errors.Is(err, uffd.ErrUnavailable) {
+		t.Fatalf("Available on file memory: %v, want ErrUnavailable", err)
+	}
+	if err := Available([]guest.Region{mapRegion(t, 0, 4)}); err != nil {
+		t.Fatalf("Available on anonymous memory: %v", err)
+	}
+	_, err = NewTarget(TargetConfig{Regions: fileRegion, Missing: missing})
 	if !errors.Is(err, uffd.ErrUnavailable) {
 		t.Fatalf("NewTarget on file memory: %v, want ErrUnavailable", err)
 	}
