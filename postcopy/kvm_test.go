@@ -19,10 +19,12 @@ func TestPostcopyKVMKVMatchesUnmigrated(t *testing.T) {
 	if _, err := kvm.DefaultImage(); err != nil {
 		t.Skipf("no micro-guest image (make guest-image): %v", err)
 	}
-	testKVMatchesUnmigrated(t, kind{
-		name:        "kvm",
-		new:         func(c guest.Config) (guest.Guest, error) { return kvm.New(c) },
-		setPostcopy: func(g guest.Guest, on bool) { g.(*kvm.Guest).SetPostcopy(on) },
-		vcpuOf:      func(g guest.Guest) func(uint32) int { return g.(*kvm.Guest).VCPUOfThread },
-	}, 1)
+	testKVMatchesUnmigrated(t, kvmKind, 1)
+}
+
+var kvmKind = kind{
+	name:        "kvm",
+	new:         func(c guest.Config) (guest.Guest, error) { return kvm.New(c) },
+	setPostcopy: func(g guest.Guest, on bool) { g.(*kvm.Guest).SetPostcopy(on) },
+	vcpuOf:      func(g guest.Guest) func(uint32) int { return g.(*kvm.Guest).VCPUOfThread },
 }
