@@ -203,15 +203,40 @@ func hashPresent(regions []guest.Region, missing *precopy.Bitmap) *guest.MemHash
 }
 
 // Stats returns a copy of the figures so far.
+// The blocked time includes the waits still going on, so a vCPU stuck
+// through a link outage shows it while it lasts.
 func (t *Target) Stats() TargetStats {
+	now := time.Now()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s := t.stats
-	s.BlocktimeMs = make([]int64, len(t.vcpuBlock))
-	for i, d := range t.vcpuBlock {
+	perVCPU := append([]time.Duration(nil), t.vcpuBlock...)
+	for _, pd := range t.pending {
+		for _, w := range pd.waiters {
+			d := now.Sub(w.t0)
+			s.Blocktime += d
+			if v := t.vcpuOf(w.tid); v >= 0 {
+				perVCPU[v] += d
+			}
+		}
+	}
+	s.BlocktimeMs = make([]int64, len(perVCPU))
+	for i, d := range perVCPU {
 		s.BlocktimeMs[i] = d.Milliseconds()
 	}
 	return s
+}
+
+// vcpuOf is the vCPU index of thread tid, or -1 (no mapping, not a vCPU,
+// or out of range).
+func (t *Target) vcpuOf(tid uint32) int {
+	if t.cfg.VCPUOf == nil {
+		return -1
+	}
+	if v := t.cfg.VCPUOf(tid); v >= 0 && v < len(t.vcpuBlock) {
+		return v
+	}
+	return -1
 }
 
 // pageAt is the page index of a faulting address, or false.

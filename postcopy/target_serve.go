@@ -250,10 +250,7 @@ func (t *Target) install(index uint64, data []byte) error {
 func (t *Target) account(w waiter, now time.Time) {
 	d := now.Sub(w.t0)
 	t.stats.Blocktime += d
-	if t.cfg.VCPUOf == nil {
-		return
-	}
-	if v := t.cfg.VCPUOf(w.tid); v >= 0 && v < len(t.vcpuBlock) {
+	if v := t.vcpuOf(w.tid); v >= 0 {
 		t.vcpuBlock[v] += d
 	}
 }
