@@ -106,6 +106,7 @@ type Guest struct {
 	sysFd, vmFd int
 	mmapSize    int
 	regions     []guest.Region
+	postcopy    atomic.Bool // pages may be missing (postcopy.go)
 	slots       []*memSlot
 	vmmDirty    []uint64 // pages the VMM wrote (and, with DirtyRing, pages harvested from rings), one bit per page of [0, topGPA)
 	vmmSummary  []uint64 // bit w: vmmDirty[w] may be non-zero
@@ -313,6 +314,7 @@ func (g *Guest) PageWrites() uint64 {
 		return 0
 	}
 	low := g.lowMem()
+	g.faultIn(low[statsGPA : statsGPA+64*maxVCPUs])
 	var n uint64
 	for i := 0; i < g.cfg.VCPUs && i < maxVCPUs; i++ {
 		n += atomic.LoadUint64((*uint64)(unsafe.Pointer(&low[statsGPA+64*i])))

@@ -588,7 +588,9 @@ func (v *vcpu) exceptionError(vec uint32) error {
 func (g *Guest) guestBytes(gpa, n uint64) ([]byte, bool) {
 	for _, r := range g.regions {
 		if gpa >= r.GPA && gpa-r.GPA+n <= uint64(len(r.Mem)) && gpa+n > gpa {
-			return r.Mem[gpa-r.GPA : gpa-r.GPA+n], true
+			b := r.Mem[gpa-r.GPA : gpa-r.GPA+n]
+			g.faultIn(b)
+			return b, true
 		}
 	}
 	return nil, false

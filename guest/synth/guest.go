@@ -330,6 +330,27 @@ func (g *Guest) Resume() (time.Duration, error) {
 	return time.Since(start), nil
 }
 
+// SetPostcopy turns the post-copy access path on or off. On, every access
+// the guest makes faults its pages in through a system call first, so a
+// page missing on a post-copy destination (registered with userfaultfd)
+// is waited for in the kernel, where the Go runtime can run the goroutines
+// that fetch it; each vCPU is locked to its OS thread meanwhile, so
+// VCPUOfThread can attribute a fault to it. Off (the default), accesses
+// are plain loads and stores. Turn it on before resuming a guest whose
+// pages may be missing, and off once every page arrived.
+func (g *Guest) SetPostcopy(on bool) { g.mem.postcopy.Store(on) }
+
+// VCPUOfThread returns the vCPU running on OS thread tid while post-copy
+// is on, or -1.
+func (g *Guest) VCPUOfThread(tid uint32) int {
+	for _, v := range g.vcpus {
+		if t := v.tid.Load(); t != 0 && uint32(t) == tid {
+			return v.index
+		}
+	}
+	return -1
+}
+
 // Paused reports whether the guest is paused.
 func (g *Guest) Paused() bool {
 	g.ctl.Lock()

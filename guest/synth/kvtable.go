@@ -101,6 +101,7 @@ func (t *kvTable) boot() {
 // laid out by an older build (before the table scaled with memory: at most
 // 65,536 kv slots) is adopted as it is, if it fits this guest's memory.
 func (t *kvTable) check() error {
+	t.m.faultIn(0, 28)
 	h := t.m.mem[:28]
 	clients := uint64(binary.LittleEndian.Uint32(h[hdrClientsOff:]))
 	kv := uint64(binary.LittleEndian.Uint32(h[hdrKVOff:]))
@@ -133,15 +134,18 @@ func fnv(b []byte) uint64 {
 
 func (t *kvTable) clientSlot(i uint64) []byte {
 	off := t.l.clientOff + i*slotSize
+	t.m.faultIn(off, slotSize)
 	return t.m.mem[off : off+slotSize]
 }
 
 func (t *kvTable) kvSlot(i uint64) []byte {
 	off := t.l.kvOff + i*slotSize
+	t.m.faultIn(off, slotSize)
 	return t.m.mem[off : off+slotSize]
 }
 
 func (t *kvTable) bumpHeader(off uint64, delta int) {
+	t.m.faultIn(off, 4)
 	v := binary.LittleEndian.Uint32(t.m.mem[off:])
 	var b [4]byte
 	binary.LittleEndian.PutUint32(b[:], uint32(int64(v)+int64(delta)))

@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/uffd"
 )
 
 // memory is the guest's RAM: one anonymous private mapping with
@@ -22,6 +23,23 @@ import (
 type memory struct {
 	mem   []byte
 	dirty []uint64
+	// postcopy is set while pages may still be missing (registered with
+	// userfaultfd on a post-copy destination): every access then faults
+	// its pages in first through a system call (uffd.Populate), so a vCPU
+	// waits for a missing page in the kernel, as a KVM vCPU does inside
+	// KVM_RUN. A goroutine that faulted in a plain load could keep its P
+	// (no preemption point inside memmove) and starve the goroutines that
+	// fetch the page, or the collector.
+	postcopy atomic.Bool
+}
+
+// faultIn makes bytes [off, off+n) present before an access, while
+// post-copy is on. An error leaves the access to fault by itself.
+func (m *memory) faultIn(off, n uint64) {
+	if n == 0 || !m.postcopy.Load() {
+		return
+	}
+	_ = uffd.Populate(m.mem[off : off+n])
 }
 
 func newMemory(size uint64) (*memory, error) {
@@ -64,6 +82,7 @@ func (m *memory) markRange(first, n uint64) {
 // putUint64 stores v little-endian at byte offset off (8-aligned, so it
 // never spans pages) and marks the page.
 func (m *memory) putUint64(off, v uint64) {
+	m.faultIn(off, 8)
 	binary.LittleEndian.PutUint64(m.mem[off:off+8], v)
 	m.mark(off >> guest.PageShift)
 }
@@ -73,6 +92,7 @@ func (m *memory) write(off uint64, p []byte) {
 	if len(p) == 0 {
 		return
 	}
+	m.faultIn(off, uint64(len(p)))
 	copy(m.mem[off:off+uint64(len(p))], p)
 	first := off >> guest.PageShift
 	last := (off + uint64(len(p)) - 1) >> guest.PageShift

@@ -1,8 +1,11 @@
 package synth
 
 import (
+	"runtime"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tandemvm/tandem/guest"
 )
@@ -65,6 +68,10 @@ type vcpu struct {
 	// scratch holds one write's data.
 	scratch [guest.PageSize]byte
 
+	// tid is the OS thread this vCPU is locked to while post-copy is on
+	// (0: not locked), so a userfaultfd fault's thread names its vCPU.
+	tid atomic.Int32
+
 	// pacing, not saved: reset on every resume.
 	tokens    float64
 	lastTick  time.Time
@@ -87,7 +94,23 @@ func (v *vcpu) run() {
 		if !v.throttle() {
 			continue
 		}
+		v.pinForPostcopy()
 		v.step()
+	}
+}
+
+// pinForPostcopy locks the vCPU to its OS thread while post-copy is on
+// and unlocks it after, so the blocked time a userfaultfd reports per
+// thread is the vCPU's (VCPUOfThread).
+func (v *vcpu) pinForPostcopy() {
+	on := v.g.mem.postcopy.Load()
+	switch {
+	case on && v.tid.Load() == 0:
+		runtime.LockOSThread()
+		v.tid.Store(int32(unix.Gettid()))
+	case !on && v.tid.Load() != 0:
+		v.tid.Store(0)
+		runtime.UnlockOSThread()
 	}
 }
 
@@ -188,6 +211,7 @@ func (v *vcpu) touch() {
 			m.putUint64(p<<guest.PageShift, p+1)
 		case guest.FillKindFile:
 		default:
+			m.faultIn(p<<guest.PageShift, guest.PageSize)
 			page := m.mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
 			guest.FillPage(page, kind, w.Seed, p)
 			if kind != guest.FillKindMixed || guest.MixedClass(w.Seed, p) != guest.ClassEmpty {
@@ -229,6 +253,7 @@ func (v *vcpu) dirty() {
 		v.write(p, c)
 		if v.g.disk != nil && c%diskEvery == 0 {
 			blk := make([]byte, guest.PageSize)
+			m.faultIn(p<<guest.PageShift, guest.PageSize)
 			copy(blk, m.mem[p<<guest.PageShift:(p+1)<<guest.PageShift])
 			off := uint64(v.index)*diskSpan + (c/diskEvery)%(diskSpan/guest.PageSize)*guest.PageSize
 			v.timed(hDiskSubmit, func() { v.g.diskWrite(off, blk) })

@@ -1,0 +1,131 @@
+package postcopy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// silentLink forwards bytes between two connections until cut, then
+// holds them: the link goes silent (no FIN, no RST), as a pulled cable or
+// a partition does.
+type silentLink struct {
+	cut  atomic.Bool
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// forward copies a to b and b to a through the gate.
+func (s *silentLink) forward(a, b net.Conn) {
+	pipe := func(dst, src net.Conn) {
+		defer s.wg.Done()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if s.cut.Load() {
+				<-s.stop // hold everything from now on
+				return
+			}
+			if n > 0 {
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	s.wg.Add(2)
+	go pipe(b, a)
+	go pipe(a, b)
+}
+
+// silentLinks are links whose two connections both pass through one
+// silentLink.
+func silentLinks(t *testing.T) (links, *silentLink) {
+	s := &silentLink{stop: make(chan struct{})}
+	src, dst := newLinks(t), newLinks(t)
+	s.forward(src.dstUrgent, dst.srcUrgent)
+	s.forward(src.dstBulk, dst.srcBulk)
+	t.Cleanup(func() {
+		close(s.stop)
+		for _, c := range []net.Conn{src.dstUrgent, src.dstBulk, dst.srcUrgent, dst.srcBulk} {
+			c.Close()
+		}
+		s.wg.Wait()
+	})
+	return links{srcUrgent: src.srcUrgent, srcBulk: src.srcBulk, dstUrgent: dst.dstUrgent, dstBulk: dst.dstBulk}, s
+}
+
+// A link that goes silent mid-way (nothing closes) is noticed by both
+// sides within the link timeout, through the heartbeats, and a run over
+// a new link completes.
+func TestPostcopySilentLinkDetected(t *testing.T) {
+	const timeout = time.Second
+	s := newScene(t, 2048, 9)
+	tg, err := NewTarget(TargetConfig{Regions: s.dst, Missing: s.missing, State: s.state, LinkTimeout: timeout})
+	if err != nil {
+		t.Skip(err)
+	}
+	defer tg.Close()
+	src := NewSource(s.src, s.digest)
+	src.LinkTimeout = timeout
+	l, gate := silentLinks(t)
+	l.srcBulk = slowConn{l.srcBulk, 16 << 10, 5 * time.Millisecond}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		gate.cut.Store(true)
+	}()
+	t0 := time.Now()
+	srcErr, dstErr := runBoth(ctx, src, tg, l)
+	took := time.Since(t0)
+	if !errors.Is(srcErr, ErrLink) || !errors.Is(dstErr, ErrLink) {
+		t.Fatalf("after the link went silent: source %v, destination %v; want ErrLink on both", srcErr, dstErr)
+	}
+	if took > 300*time.Millisecond+3*timeout {
+		t.Fatalf("the silent link took %v to notice, timeout %v", took, timeout)
+	}
+	srcErr, dstErr = runBoth(ctx, src, tg, newLinks(t))
+	if srcErr != nil || dstErr != nil {
+		t.Fatalf("run over a new link: source %v, destination %v", srcErr, dstErr)
+	}
+	sameMemory(t, s)
+	t.Logf("silent link noticed after %v (cut at 300ms, timeout %v)", took.Round(time.Millisecond), timeout)
+}
+
+// A quiet link is not a lost one: with no vCPU faulting, the urgent
+// connection carries only heartbeats for longer than the link timeout
+// while the push takes its time, and the run completes.
+func TestPostcopyQuietLinkKept(t *testing.T) {
+	const timeout = time.Second
+	s := newScene(t, 2048, 11)
+	tg, err := NewTarget(TargetConfig{Regions: s.dst, Missing: s.missing, State: s.state, LinkTimeout: timeout})
+	if err != nil {
+		t.Skip(err)
+	}
+	defer tg.Close()
+	src := NewSource(s.src, s.digest)
+	src.LinkTimeout = timeout
+	l := newLinks(t)
+	l.srcBulk = slowConn{l.srcBulk, 8 << 10, 5 * time.Millisecond} // about 3 s for the push
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	srcErr, dstErr := runBoth(ctx, src, tg, l)
+	if srcErr != nil || dstErr != nil {
+		t.Fatalf("source %v, destination %v after %v", srcErr, dstErr, time.Since(t0))
+	}
+	if took := time.Since(t0); took < 2*timeout {
+		t.Fatalf("the push took %v: too fast to show the urgent link idle beyond the %v timeout", took, timeout)
+	}
+	if st := tg.Stats(); st.Requests != 0 || st.Runs != 1 {
+		t.Fatalf("stats %+v: want one run and no requests", st)
+	}
+}

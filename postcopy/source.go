@@ -1,0 +1,264 @@
+package postcopy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
+)
+
+// ErrDigestMismatch is Source.Run's error when the destination's
+// switch-over digest differs from the source's: the destination does not
+// hold the image the source stopped with.
+var ErrDigestMismatch = errors.New("post-copy: the destination's switch-over digest differs from the source's")
+
+// SourceStats are the source's post-copy figures.
+type SourceStats struct {
+	Requests  uint64 // pages served on the urgent connection
+	Pushed    uint64 // pages pushed on the bulk connection
+	Remaining uint64 // pages not sent yet in this run
+	Runs      int    // runs started (more than one: the link was resumed)
+}
+
+// Source is the source's half of post-copy: it serves a paused guest's
+// pages to a destination that already runs it. The guest must stay
+// paused, its memory unchanged, until Run returns nil.
+type Source struct {
+	pm       pageMap
+	expected guest.Digest
+	// LinkTimeout: a destination silent this long is gone; 0: default.
+	LinkTimeout time.Duration
+	// Limiter, if set, caps the bytes both connections send together
+	// (the migration's bandwidth limit).
+	Limiter *precopy.Limiter
+
+	// toSend is this run's set of pages the destination lacks and the
+	// push has not sent; jump is 1 + the last requested page (0: none),
+	// where the push goes on from.
+	toSend atomic.Pointer[precopy.Bitmap]
+	jump   atomic.Uint64
+
+	// mu guards stats.
+	mu    sync.Mutex
+	stats SourceStats
+}
+
+// NewSource serves regions (the paused guest's memory); expected is the
+// switch-over digest of that memory and the machine state.
+func NewSource(regions []guest.Region, expected guest.Digest) *Source {
+	return &Source{pm: newPageMap(regions), expected: expected}
+}
+
+// Stats returns a copy of the figures so far.
+func (s *Source) Stats() SourceStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats
+	if b := s.toSend.Load(); b != nil {
+		st.Remaining = b.Count()
+	}
+	return st
+}
+
+// Run serves one connection pair until the destination reports every
+// page arrived with a matching digest (nil), ctx ends, the link fails
+// (ErrLink: the destination may reconnect; call Run again) or the
+// digests differ (ErrDigestMismatch).
+func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
+	timeout := cmpOr(s.LinkTimeout, DefaultLinkTimeout)
+	r := newFrameReader(urgent, timeout)
+	if s.Limiter != nil {
+		urgent = limitedConn{Conn: urgent, ctx: ctx, lim: s.Limiter}
+		bulk = limitedConn{Conn: bulk, ctx: ctx, lim: s.Limiter}
+	}
+	toSend, err := s.readRuns(r)
+	if err != nil {
+		return err
+	}
+	s.toSend.Store(toSend)
+	s.jump.Store(0)
+	s.mu.Lock()
+	s.stats.Runs++
+	s.mu.Unlock()
+	uw := &lockedWriter{w: newFrameWriter(urgent, timeout)}
+	rctx, cancel := context.WithCancel(ctx)
+	errs := make(chan error, 3)
+	var wg sync.WaitGroup
+	for _, f := range []func() error{
+		func() error { return s.serve(rctx, r, uw) },
+		func() error { return s.push(rctx, newFrameWriter(bulk, timeout), toSend) },
+		func() error { return beat(rctx, uw) },
+	} {
+		wg.Go(func() {
+			if err := f(); err != nil {
+				errs <- err
+			}
+		})
+	}
+	select {
+	case err = <-errs:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	cancel()
+	urgent.SetDeadline(time.Now())
+	bulk.SetDeadline(time.Now())
+	wg.Wait()
+	if errors.Is(err, errFinished) {
+		return nil
+	}
+	return err
+}
+
+// readRuns reads the destination's list of missing pages, bounded by the
+// guest's size.
+func (s *Source) readRuns(r *frameReader) (*precopy.Bitmap, error) {
+	b := precopy.NewBitmap(s.pm.limit)
+	var total uint64
+	for {
+		f, err := r.read()
+		if err != nil {
+			return nil, err
+		}
+		switch f.typ {
+		case frameRunsEnd:
+			return b, nil
+		case frameRun:
+		default:
+			return nil, fmt.Errorf("%w: frame %q before the end of the missing runs", ErrProtocol, f.typ)
+		}
+		n := le64(f.data)
+		if n == 0 || f.arg >= s.pm.limit || n > s.pm.limit-f.arg || total+n > s.pm.limit {
+			return nil, fmt.Errorf("%w: missing run %d+%d beyond %d pages", ErrProtocol, f.arg, n, s.pm.limit)
+		}
+		total += n
+		for p := f.arg; p < f.arg+n; p++ {
+			if s.pm.page(p) == nil {
+				return nil, fmt.Errorf("%w: missing page %d in no region", ErrProtocol, p)
+			}
+			b.Set(p)
+		}
+	}
+}
+
+func le64(b []byte) uint64 {
+	var v uint64
+	for i := range 8 {
+		v |= uint64(b[i]) << (8 * i)
+	}
+	return v
+}
+
+// lockedWriter is the urgent writer, shared by the request server and
+// the heartbeat.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  *frameWriter
+}
+
+func (l *lockedWriter) send(typ byte, arg uint64, payload []byte) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err := l.w.write(typ, arg, payload); err != nil {
+		return err
+	}
+	return l.w.flush()
+}
+
+// serve answers requests on the urgent connection, each at once and
+// ahead of anything the push has queued, until Done.
+func (s *Source) serve(ctx context.Context, r *frameReader, uw *lockedWriter) error {
+	for {
+		f, err := r.read()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		switch f.typ {
+		case frameBeat:
+		case frameRequest:
+			page := s.pm.page(f.arg)
+			if page == nil {
+				return fmt.Errorf("%w: request for page %d beyond memory", ErrProtocol, f.arg)
+			}
+			s.toSend.Load().TestAndClear(f.arg)
+			s.jump.Store(f.arg + 1)
+			typ, payload := byte(framePage), page
+			if guest.IsZeroPage(page) {
+				typ, payload = frameZero, nil
+			}
+			if err := uw.send(typ, f.arg, payload); err != nil {
+				return err
+			}
+			s.mu.Lock()
+			s.stats.Requests++
+			s.mu.Unlock()
+		case frameDone:
+			if got := guest.Digest(f.data); got != s.expected {
+				return fmt.Errorf("%w: destination %s, source %s", ErrDigestMismatch, got, s.expected)
+			}
+			return errFinished
+		default:
+			return fmt.Errorf("%w: frame %q on the urgent connection", ErrProtocol, f.typ)
+		}
+	}
+}
+
+// push sends every page of toSend on the bulk connection, going on from
+// the page after the latest request (the guest's recent faults predict
+// its next ones), then End.
+func (s *Source) push(ctx context.Context, w *frameWriter, toSend *precopy.Bitmap) error {
+	var cursor, pushed uint64
+	for ctx.Err() == nil {
+		if j := s.jump.Swap(0); j != 0 {
+			cursor = j
+		}
+		p, ok := toSend.NextSet(cursor)
+		if !ok {
+			if p, ok = toSend.NextSet(0); !ok {
+				if err := w.write(frameEnd, pushed, nil); err != nil {
+					return err
+				}
+				return w.flush()
+			}
+		}
+		cursor = p + 1
+		if !toSend.TestAndClear(p) {
+			continue // a request took it
+		}
+		if err := w.writePage(p, s.pm.page(p)); err != nil {
+			return err
+		}
+		pushed++
+		s.mu.Lock()
+		s.stats.Pushed++
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// beat sends a heartbeat on the urgent connection every
+// HeartbeatInterval, so the destination can tell a quiet source from a
+// lost one.
+func beat(ctx context.Context, uw *lockedWriter) error {
+	t := time.NewTicker(HeartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			if err := uw.send(frameBeat, 0, nil); err != nil {
+				return err
+			}
+		}
+	}
+}
