@@ -120,3 +120,17 @@ func (c Config) withDefaults() (Config, error) {
 	c.Clock = clock.Or(c.Clock)
 	return c, nil
 }
+
+// Check reports the first bad setting (ErrConfig, naming its flag)
+// without connecting: what Open would refuse before it dials. The
+// identity file is not checked (the caller fills it in).
+func (c Config) Check() error {
+	if c.IdentityFile == "" {
+		c.IdentityFile = "unchecked"
+	}
+	c, err := c.withDefaults()
+	if err == nil {
+		_, err = endpointsTLS(c)
+	}
+	return err
+}

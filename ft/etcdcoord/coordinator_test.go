@@ -83,7 +83,11 @@ func TestEtcdLeaderLossKeepsPrimary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	leader.Stop()
+	// Kill stops the member's raft at once, then drains its client
+	// connections for seconds: watch from the moment it starts.
+	killed := make(chan struct{})
+	go func() { defer close(killed); leader.Kill() }()
+	defer func() { <-killed }()
 	end := time.Now().Add(5 * time.Second)
 	for time.Now().Before(end) {
 		if b.primaryAt() != 0 {
@@ -95,6 +99,9 @@ func TestEtcdLeaderLossKeepsPrimary(t *testing.T) {
 		t.Fatalf("record after the etcd leader change: %+v", st)
 	}
 	waitFor(t, 5*time.Second, "a releasing", func() bool { return a.primaryAt() != 0 && a.CanRelease(a.primaryAt()) })
+	if g := a.primaryAt(); g != 1 {
+		t.Errorf("a primary at generation %d after the etcd leader change, want 1: it was fenced", g)
+	}
 	t.Logf("a primary at generation %d after the etcd leader %s stopped", a.primaryAt(), leader.Name)
 }
 

@@ -160,13 +160,28 @@ func (m *Member) start() error {
 	return nil
 }
 
-// Stop stops m (its data stays); Restart runs it again.
+// Stop stops m gracefully (a leader hands its leadership over first);
+// its data stays. Restart runs it again.
 func (m *Member) Stop() {
 	m.mu.Lock()
 	e := m.etcd
 	m.etcd = nil
 	m.mu.Unlock()
 	if e != nil {
+		e.Close()
+	}
+}
+
+// Kill stops m without handing its leadership over first (as a crash
+// would: the others elect a leader after their election timeout); its
+// data stays.
+func (m *Member) Kill() {
+	m.mu.Lock()
+	e := m.etcd
+	m.etcd = nil
+	m.mu.Unlock()
+	if e != nil {
+		e.Server.HardStop()
 		e.Close()
 	}
 }
