@@ -34,9 +34,14 @@ func startEtcdLab(t *testing.T) *etcdlab.Cluster {
 // newEtcdPair is the harness's trio in etcd mode: a (primary) and b
 // (secondary) on endpoints, under cluster name.
 func newEtcdPair(t *testing.T, kind, endpoints, name string) *testTrio {
+	return newEtcdPairSized(t, kind, endpoints, name, "64MiB")
+}
+
+// newEtcdPairSized is newEtcdPair with a guest of memory.
+func newEtcdPairSized(t *testing.T, kind, endpoints, name, memory string) *testTrio {
 	base := t.TempDir()
 	et, err := e2e.NewTrio(e2e.TrioConfig{Bin: tandemBin, Dir: base, LogDir: filepath.Join(base, "logs"), Guest: kind,
-		Memory: "64MiB", Etcd: endpoints, Cluster: name})
+		Memory: memory, Etcd: endpoints, Cluster: name})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -194,3 +194,28 @@ func TestBadConfigRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestSwitchoverHandsTheLeaseOver: a planned switchover fences the
+// primary at once, records the final epoch, and the secondary takes the
+// lease and claims the next generation; the old primary stays away from
+// the lease meanwhile.
+func TestSwitchoverHandsTheLeaseOver(t *testing.T) {
+	ec := startEtcd(t)
+	a, b := protectedPair(t, t.TempDir(), "g1", ec.Endpoints(), ec.Endpoints())
+	a.ReportEpoch(9)
+	b.SetImage(failover.Image{Generation: 1, Epoch: 9})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := a.Switchover(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	if a.CanRelease(1) {
+		t.Fatal("a can release after handing over")
+	}
+	waitFor(t, 5*time.Second, "b primary", func() bool { return b.primaryAt() == 2 })
+	if st := b.State(); st.Epoch != 9 || st.Primary != "b" {
+		t.Fatalf("record after the switchover: %+v", st)
+	}
+	t.Logf("switchover took %v", time.Since(start).Round(time.Millisecond))
+}
