@@ -10,6 +10,7 @@ import (
 
 	"github.com/tandemvm/tandem/internal/e2e"
 	"github.com/tandemvm/tandem/internal/etcdlab"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/test/linkproxy"
 )
 
@@ -86,10 +87,23 @@ func TestEtcdFailoverKillPrimary(t *testing.T) {
 
 // TestEtcdSecondaryRestartReprotects: kill -9 the secondary; the primary
 // goes on unprotected, and the secondary restarted with its command is
-// found through etcd and protects it again.
+// found through etcd and protects it again. Everything runs over mutual
+// TLS on one CA: the data and API channels, and etcd's client port (the
+// nodes' --tls-* files are their etcd client identity).
 func TestEtcdSecondaryRestartReprotects(t *testing.T) {
-	ec := startEtcdLab(t)
+	pki := newPKI(t, "a", "b", "etcd", operator)
+	ec, err := etcdlab.Start(etcdlab.Config{Members: 3, Dir: t.TempDir(), TickMs: 50, ElectionMs: 500,
+		TLS: &etcdlab.TLSFiles{CA: filepath.Join(pki.dir, trust.CAFile),
+			Cert: filepath.Join(pki.dir, trust.CertFile("etcd")), Key: filepath.Join(pki.dir, trust.KeyFile("etcd"))}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ec.Close)
+	if !strings.HasPrefix(ec.Endpoints()[0], "https://") {
+		t.Fatalf("etcd endpoints %v: want https", ec.Endpoints())
+	}
 	tr := newEtcdPair(t, "synth", strings.Join(ec.Endpoints(), ","), "g1")
+	tr.pki = pki
 	tr.startAll()
 	tr.waitProtected("a", "b", 30*time.Second)
 	tr.m["b"].n.kill()
