@@ -33,35 +33,44 @@ func (c *Coordinator) leaseLoop() {
 	}
 }
 
-// renew grants or keeps alive the lease once, bounded by CallTimeout.
+// renew keeps the lease alive, or grants one, once; each call bounded by
+// CallTimeout. A lease whose deadline passed here is still renewed if
+// etcd holds it: a primary cut off for longer than its margin but less
+// than the TTL keeps its leader key (and term) and claims the next
+// generation on its own, instead of leaving the key to expire and the
+// secondary to race it.
 func (c *Coordinator) renew(ctx context.Context) {
+	if cur := c.lease.Load(); cur != nil {
+		cctx, cancel := context.WithTimeout(ctx, c.cfg.CallTimeout)
+		start := c.clk.Now()
+		resp, err := c.cli.KeepAliveOnce(cctx, cur.id)
+		cancel()
+		switch {
+		case errors.Is(err, rpctypes.ErrLeaseNotFound) || (err == nil && resp.TTL <= 0):
+			c.log.Warn("etcd lease lost: etcd no longer holds it", "lease", int64(cur.id))
+			c.lease.CompareAndSwap(cur, nil)
+			c.poke()
+		case err != nil:
+			c.log.Debug("etcd keepalive failed", "err", err)
+			return
+		default:
+			c.lease.CompareAndSwap(cur, &leaseState{id: cur.id, deadline: start.Add(time.Duration(resp.TTL) * time.Second)})
+			if !start.Before(cur.deadline.Add(-c.cfg.Margin)) {
+				c.poke() // valid again: the loop may lead again
+			}
+			return
+		}
+	}
 	cctx, cancel := context.WithTimeout(ctx, c.cfg.CallTimeout)
 	defer cancel()
 	start := c.clk.Now()
-	cur := c.lease.Load()
-	if cur == nil || !start.Before(cur.deadline) {
-		// None, or ours ran out here: a new one (a lease that ran out
-		// here may live on at etcd; it expires there by itself).
-		resp, err := c.cli.Grant(cctx, int64(c.cfg.LeaseTTL/time.Second))
-		if err != nil {
-			c.log.Debug("etcd lease grant failed", "err", err)
-			return
-		}
-		c.lease.Store(&leaseState{id: resp.ID, deadline: start.Add(time.Duration(resp.TTL) * time.Second)})
-		c.poke()
+	resp, err := c.cli.Grant(cctx, int64(c.cfg.LeaseTTL/time.Second))
+	if err != nil {
+		c.log.Debug("etcd lease grant failed", "err", err)
 		return
 	}
-	resp, err := c.cli.KeepAliveOnce(cctx, cur.id)
-	switch {
-	case errors.Is(err, rpctypes.ErrLeaseNotFound) || (err == nil && resp.TTL <= 0):
-		c.log.Warn("etcd lease lost: etcd no longer holds it", "lease", int64(cur.id))
-		c.lease.CompareAndSwap(cur, nil)
-		c.poke()
-	case err != nil:
-		c.log.Debug("etcd keepalive failed", "err", err)
-	default:
-		c.lease.CompareAndSwap(cur, &leaseState{id: cur.id, deadline: start.Add(time.Duration(resp.TTL) * time.Second)})
-	}
+	c.lease.Store(&leaseState{id: resp.ID, deadline: start.Add(time.Duration(resp.TTL) * time.Second)})
+	c.poke()
 }
 
 // leaseValid is the lease this node may act on at now: held, and its
