@@ -23,8 +23,8 @@ var _ Coordinator = (*etcdcoord.Coordinator)(nil)
 type EtcdConfig struct {
 	Node NodeConfig
 	// Etcd configures the coordinator; Self's API and console addresses
-	// are filled in with the addresses the node's listeners got, and its
-	// IdentityFile is DataDir/etcd-identity.
+	// are filled in from Node's, and its IdentityFile is
+	// DataDir/etcd-identity.
 	Etcd etcdcoord.Config
 	// DataAddr is where this node listens for a primary's epochs.
 	DataAddr string
@@ -41,8 +41,8 @@ type EtcdConfig struct {
 }
 
 // RunEtcdMember runs a member coordinated through etcd until ctx ends or
-// POST /quit. It does not serve the guest before it has joined the
-// cluster's prefix and holds an etcd lease.
+// POST /quit. It opens no port before it has joined the cluster's prefix,
+// and runs the guest only while it holds an etcd lease.
 func RunEtcdMember(ctx context.Context, cfg EtcdConfig) error {
 	log := cfg.Node.Log
 	_, statErr := os.Stat(cfg.DataDir)
@@ -57,22 +57,27 @@ func RunEtcdMember(ctx context.Context, cfg EtcdConfig) error {
 		_, err := os.Stat(filepath.Join(cfg.DataDir, etcdIdentityFile))
 		fresh = errors.Is(err, os.ErrNotExist)
 	}
+	// Join first: while etcd cannot be reached nothing listens, so a
+	// client of the API is refused at once instead of waiting on a port
+	// nobody serves. The registered API and console addresses are the
+	// flags' (what other nodes and operators dial).
+	ecfg := cfg.Etcd
+	ecfg.Self.APIAddr, ecfg.Self.ConsoleAddr = cfg.Node.APIAddr, cfg.Node.ConsoleAddr
+	ecfg.IdentityFile = filepath.Join(cfg.DataDir, etcdIdentityFile)
+	ecfg.Logger = log
+	coord, err := etcdcoord.Open(ctx, ecfg)
+	if err != nil {
+		return err
+	}
 	n, err := NewNode(cfg.Node)
 	if err != nil {
+		coord.Close()
 		return err
 	}
 	defer n.Close()
-	ecfg := cfg.Etcd
-	ecfg.Self.APIAddr, ecfg.Self.ConsoleAddr = n.APIAddr(), n.ConsoleAddr()
-	ecfg.IdentityFile = filepath.Join(cfg.DataDir, etcdIdentityFile)
-	ecfg.Logger = log
 	dataLn, err := cfg.Node.Trust.Listen(log, "--data", cfg.DataAddr, "data", netlimit.DataCap)
 	if err != nil {
-		return err
-	}
-	coord, err := etcdcoord.Open(ctx, ecfg)
-	if err != nil {
-		dataLn.Close()
+		coord.Close()
 		return err
 	}
 	m := NewMember(MemberConfig{Node: n, Coordinator: coord, Epochs: cfg.Epochs, Receiver: cfg.Receiver,

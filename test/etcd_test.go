@@ -191,3 +191,38 @@ func TestEtcdPartitionedPrimaryFences(t *testing.T) {
 		t.Fatal("a can still release after b's promotion")
 	}
 }
+
+// TestEtcdUnreachableAtStart: a primary whose etcd endpoints do not
+// answer logs one line naming them and keeps retrying; it never boots or
+// serves the guest: no port of it listens before it joined.
+func TestEtcdUnreachableAtStart(t *testing.T) {
+	dead := "http://" + freeAddr(t)
+	api := freeAddr(t)
+	n := startProc(t, "unreachable", "primary", "--coordinator", "etcd", "--etcd-endpoints", dead, "--cluster", "g1",
+		"--id", "a", "--data", freeAddr(t), "--data-dir", filepath.Join(t.TempDir(), "a"), "--api", api, "--console", freeAddr(t),
+		"--guest", "synth", "--memory", "16MiB", "--workload", "kv")
+	t0 := time.Now()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(n.log(), "etcd unreachable") {
+		if time.Now().After(deadline) || !n.running() {
+			t.Fatalf("no 'etcd unreachable' line after 10 s (running %v):\n%s", n.running(), n.log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("'etcd unreachable' logged %v after the start", time.Since(t0).Round(time.Millisecond))
+	time.Sleep(time.Second)
+	if !n.running() {
+		t.Fatalf("exited instead of retrying:\n%s", n.log())
+	}
+	if got := strings.Count(n.log(), "etcd unreachable"); got != 1 || !strings.Contains(n.log(), dead) {
+		t.Errorf("%d 'etcd unreachable' lines (want 1, naming %s):\n%s", got, dead, n.log())
+	}
+	if _, err := trioStat(api); err == nil {
+		t.Error("the API answers before the node joined etcd")
+	}
+	if c, err := dialAddr(api, time.Second); err == nil {
+		c.Close()
+		t.Error("the API port listens before the node joined etcd")
+	}
+	n.kill()
+}

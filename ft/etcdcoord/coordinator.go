@@ -96,7 +96,7 @@ func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("node", cfg.Self.ID, "coordinator", "etcd"), clk: cfg.Clock,
+	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("coordinator", "etcd"), clk: cfg.Clock,
 		keys: newKeys(cfg.Cluster), events: make(chan failover.Event, eventBuffer),
 		wake: make(chan struct{}, 1), stop: make(chan struct{})}
 	count := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
