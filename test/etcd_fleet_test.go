@@ -16,7 +16,8 @@ import (
 // TestEtcdFleetMassFailover (TANDEM_FLEET=1, `make fleet`): 20 protected
 // synth guests (16 MiB each, TANDEM_FLEET_GUESTS to change) share one
 // 3-member etcd, each pair under its own prefix, each with a kv writer;
-// every primary is killed with SIGKILL at once (100 ms epochs). Every secondary must
+// every primary is killed with SIGKILL at once (25 ms epochs;
+// TANDEM_FLEET_EPOCH to change). Every secondary must
 // promote and hold every write its primary acknowledged. It logs the
 // promotion times (kill to first reply) p50 and max. 40 processes: too
 // heavy for make test on a 2-core machine.
@@ -32,15 +33,20 @@ func TestEtcdFleetMassFailover(t *testing.T) {
 		}
 		n = v
 	}
+	epoch := "25ms" // tandem's default --epoch
+	if s := os.Getenv("TANDEM_FLEET_EPOCH"); s != "" {
+		if d, err := time.ParseDuration(s); err != nil || d < time.Millisecond {
+			t.Fatalf("TANDEM_FLEET_EPOCH %q: want a duration of 1ms or more", s)
+		}
+		epoch = s
+	}
 	ec := startEtcdLab(t)
 	eps := strings.Join(ec.Endpoints(), ",")
 	pairs := make([]*testTrio, n)
 	for i := range pairs {
 		pairs[i] = newEtcdPairSized(t, "synth", eps, fmt.Sprintf("fleet%d", i), "16MiB")
 		for _, m := range pairs[i].m {
-			// 40 epoch loops at 25 ms saturate two cores before etcd is
-			// asked anything: the fleet runs 100 ms epochs.
-			m.Extra = []string{"--epoch", "100ms"}
+			m.Extra = []string{"--epoch", epoch}
 		}
 		pairs[i].startAll()
 	}

@@ -51,6 +51,10 @@ type Coordinator struct {
 	transferring atomic.Int32
 	closed       atomic.Bool
 
+	// writeMu orders this node's writes of the record (writeState): held
+	// across the etcd call, never taken with mu held.
+	writeMu sync.Mutex
+
 	// mu guards the decision loop's bookkeeping below. It is never held
 	// across an etcd call.
 	mu             sync.Mutex

@@ -17,6 +17,7 @@
 // It never runs the guest and never dials the data port: ft.Member does,
 // as for the raft trio. Every etcd call has a deadline (Config.CallTimeout).
 //
-// Lock order: Coordinator.mu is never held across an etcd call; the
-// decision step takes it, starts workers for the calls, and returns.
+// Lock order: writeMu (this node's writes of the record, one at a time)
+// before mu; mu is never held across an etcd call: the decision step
+// takes it, starts workers for the calls, and returns.
 package etcdcoord

@@ -41,6 +41,8 @@ func (c *Coordinator) claimLocked(a failover.Action, v failover.View) {
 	me := c.memberRecordLocked()
 	covers := img != nil && v.RunnableGen == a.Generation-1
 	c.worker(func() {
+		c.writeMu.Lock()
+		defer c.writeMu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.CallTimeout)
 		defer cancel()
 		resp, err := c.cli.Txn(ctx).
@@ -83,10 +85,15 @@ func (s *snapshot) withState(st stateRecord, rev int64) *snapshot {
 
 // writeState changes the record at generation gen with f: a transaction
 // comparing the record's revision and this node's leadership, retried on
-// a newer record of the same generation (this node's own epoch and
-// protection writes race each other), refused once the generation or the
-// leadership is gone. Bounded by CallTimeout per attempt.
+// a newer record of the same generation, refused once the generation or
+// the leadership is gone. This node's writes are made one at a time
+// (writeMu): its epoch records, every ~100 ms, otherwise kept beating its
+// "protected" to the revision (TestEtcdFleetMassFailover with 25 ms
+// epochs: "the record kept changing", and the pair stayed recorded
+// unprotected). Bounded by CallTimeout per attempt.
 func (c *Coordinator) writeState(gen uint64, f func(*stateRecord)) error {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
 	for range 4 {
 		if c.closed.Load() {
 			return ErrClosed
