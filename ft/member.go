@@ -126,6 +126,12 @@ func NewMember(cfg MemberConfig) *Member {
 	} else if cv, ok := cfg.Coordinator.(clusterViewer); ok && cfg.Node != nil {
 		cfg.Node.mu.Lock()
 		cfg.Node.cluster = func() *api.ClusterView { return cv.ClusterView(m.gen.Load()) }
+		cfg.Node.nodes = func(lag *int) []api.NodeView {
+			// The record's members; reachability and quorum are etcd's
+			// business, not shown here.
+			nodes, _ := clusterNodes(cfg.Coordinator.State(), nil, cfg.Coordinator.ID(), "", nil, lag, contacts{})
+			return nodes
+		}
 		cfg.Node.mu.Unlock()
 	}
 	return m

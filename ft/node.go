@@ -72,6 +72,9 @@ type Node struct {
 	epochs    *failover.EpochLoop     // primary: protection
 	sec       *replica.Secondary      // secondary: the committed image
 	cluster   func() *api.ClusterView // raft view of a cluster member
+	// nodes, if set, is the "nodes" of a member whose coordinator is not
+	// raft (etcd): its record's members; lag as clusterNodes takes it.
+	nodes func(lag *int) []api.NodeView
 	raft      *failover.Node          // a raft member's node (metrics)
 	// fences counts the times the node's guest was fenced.
 	fences    atomic.Uint64
@@ -282,7 +285,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	// guest's own lock, which a pause and a dirty sync hold.
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
-	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
+	cluster, epochs, sec, rn, nodes := n.cluster, n.epochs, n.sec, n.raft, n.nodes
 	st.Net = n.netStatusLocked(epochs)
 	var g guest.Guest
 	if digest && n.g != nil && n.epochs == nil && !n.migBusy && !n.closing {
@@ -328,9 +331,12 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.Secondary = &ss
 		_, _, dataLast = sec.PrimaryContact()
 	}
-	if rn != nil {
+	switch {
+	case rn != nil:
 		st.Nodes, st.Quorum = raftNodes(rn, lag, dataContact(rn, epochs != nil, dataLast))
-	} else {
+	case nodes != nil:
+		st.Nodes = nodes(lag)
+	default:
 		st.Nodes = soloNodes(st.Role)
 	}
 	if g != nil {

@@ -115,6 +115,14 @@ func TestEtcdSecondaryRestartReprotects(t *testing.T) {
 	if g := e2e.Cluster(st).Generation; g != 1 {
 		t.Errorf("generation %d after the secondary's restart, want 1 (no failover)", g)
 	}
+	// The status's nodes are the record's two members.
+	var roles []string
+	for _, nv := range st.Nodes {
+		roles = append(roles, nv.ID+"="+nv.Role)
+	}
+	if got := strings.Join(roles, ","); got != "a=primary,b=secondary" {
+		t.Errorf("status nodes %s, want a=primary,b=secondary", got)
+	}
 }
 
 // TestEtcdLeaderKillNoFailover: stopping the etcd cluster's leader (one of
