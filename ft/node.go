@@ -75,7 +75,7 @@ type Node struct {
 	// nodes, if set, is the "nodes" of a member whose coordinator is not
 	// raft (etcd): its record's members; lag as clusterNodes takes it.
 	nodes func(lag *int) []api.NodeView
-	raft      *failover.Node          // a raft member's node (metrics)
+	raft  *failover.Node // a raft member's node (metrics)
 	// fences counts the times the node's guest was fenced.
 	fences    atomic.Uint64
 	fencedGen atomic.Uint64 // the generation last counted in fences
