@@ -72,10 +72,10 @@ type Node struct {
 	epochs    *failover.EpochLoop     // primary: protection
 	sec       *replica.Secondary      // secondary: the committed image
 	cluster   func() *api.ClusterView // raft view of a cluster member
+	raft      *failover.Node          // a raft member's node (metrics)
 	// nodes, if set, is the "nodes" of a member whose coordinator is not
 	// raft (etcd): its record's members; lag as clusterNodes takes it.
 	nodes func(lag *int) []api.NodeView
-	raft  *failover.Node // a raft member's node (metrics)
 	// fences counts the times the node's guest was fenced.
 	fences    atomic.Uint64
 	fencedGen atomic.Uint64 // the generation last counted in fences
