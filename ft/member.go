@@ -132,6 +132,7 @@ func NewMember(cfg MemberConfig) *Member {
 			nodes, _ := clusterNodes(cfg.Coordinator.State(), nil, cfg.Coordinator.ID(), "", nil, lag, contacts{})
 			return nodes
 		}
+		cfg.Node.record = cfg.Coordinator.State
 		cfg.Node.mu.Unlock()
 	}
 	return m

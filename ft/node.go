@@ -75,7 +75,9 @@ type Node struct {
 	raft      *failover.Node          // a raft member's node (metrics)
 	// nodes, if set, is the "nodes" of a member whose coordinator is not
 	// raft (etcd): its record's members; lag as clusterNodes takes it.
-	nodes func(lag *int) []api.NodeView
+	// record is that coordinator's record (the role metrics read it).
+	nodes  func(lag *int) []api.NodeView
+	record func() failover.FSMState
 	// fences counts the times the node's guest was fenced.
 	fences    atomic.Uint64
 	fencedGen atomic.Uint64 // the generation last counted in fences
@@ -418,8 +420,11 @@ func (n *Node) registerProtectionMetrics() {
 		},
 		cluster: func() (failover.FSMState, int, bool) {
 			n.mu.Lock()
-			rn := n.raft
+			rn, record := n.raft, n.record
 			n.mu.Unlock()
+			if rn == nil && record != nil {
+				return record(), 0, true // etcd: no raft voters to count
+			}
 			if rn == nil {
 				return failover.FSMState{}, 0, false
 			}

@@ -2,8 +2,11 @@ package test
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net/url"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -81,6 +84,9 @@ func TestEtcdFailoverKillPrimary(t *testing.T) {
 		t.Errorf("generation %d after a failover, want >= 2", g)
 	}
 	checkAcked(t, tr.m["b"].n, lg)
+	if g, err := metricValue(tr.m["b"].API, "tandem_generation"); err != nil || g < 2 {
+		t.Errorf("b's tandem_generation metric %v (err %v), want >= 2", g, err)
+	}
 	tr.start("a")
 	tr.waitProtected("b", "a", 30*time.Second)
 }
@@ -233,4 +239,25 @@ func TestEtcdUnreachableAtStart(t *testing.T) {
 		t.Error("the API port listens before the node joined etcd")
 	}
 	n.kill()
+}
+
+// metricValue is the value of the unlabelled metric name in the node's
+// GET /metrics.
+func metricValue(api, name string) (float64, error) {
+	base, hc := apiClient(api)
+	resp, err := hc.Get(base + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			return strconv.ParseFloat(v, 64)
+		}
+	}
+	return 0, fmt.Errorf("no %s in GET /metrics", name)
 }
