@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
 	"github.com/tandemvm/tandem/failover"
 )
 
@@ -159,6 +162,33 @@ func TestPrefixOfAnotherClusterRefused(t *testing.T) {
 			t.Errorf("%s from %s: %v, want %v", tc.id, tc.dir, err, tc.want)
 		}
 		t.Logf("refused: %v", err)
+	}
+}
+
+// TestLostRecordRefused: a node whose data directory joined a cluster
+// finds the prefix empty (etcd lost or deleted it): refused, and the
+// prefix is left empty (starting over would forget the generation).
+func TestLostRecordRefused(t *testing.T) {
+	t.Parallel()
+	ec := startEtcd(t)
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "a.identity"), []byte(strings.Repeat("cd", 16)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := nodeConfig(t, dir, "g1", "a", failover.RolePrimary, ec.Endpoints())
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := Open(ctx, cfg); !errors.Is(err, ErrWrongCluster) || !strings.Contains(err.Error(), "is empty") {
+		t.Fatalf("Open on a lost record: %v", err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: ec.Endpoints(), Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	resp, err := cli.Get(ctx, "/tandem/g1/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil || resp.Count != 0 {
+		t.Fatalf("prefix after the refusal: %d keys (err %v), want none", resp.Count, err)
 	}
 }
 

@@ -66,8 +66,10 @@ func (c *Coordinator) joinOnce(ctx context.Context) error {
 	if resp.Succeeded && stored != "" {
 		// The prefix was empty but this node's data directory had joined
 		// a cluster before: etcd lost the record (or it was deleted).
-		// Undo, and refuse: starting over would forget the generation.
-		c.cli.Delete(cctx, c.keys.cluster(), clientv3.WithRev(resp.Header.Revision))
+		// Undo (unless another node wrote since), and refuse: starting
+		// over would forget the generation.
+		c.cli.Txn(cctx).If(clientv3.Compare(clientv3.ModRevision(c.keys.cluster()), "=", resp.Header.Revision)).
+			Then(clientv3.OpDelete(c.keys.cluster())).Commit()
 		return fmt.Errorf("%w: %s is empty but this node's data directory joined cluster %s there before: restore etcd's record or start this node with a fresh --data-dir", ErrWrongCluster, c.keys.prefix, stored)
 	}
 	snap, err := c.read(cctx)
