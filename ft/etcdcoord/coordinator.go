@@ -79,8 +79,12 @@ type Coordinator struct {
 	waitingSince       time.Time // when waiting last changed
 	waitingLogged      string    // the reason last logged
 
-	wake      chan struct{}
-	stop      chan struct{}
+	wake chan struct{}
+	stop chan struct{}
+	// goMu guards stopping: once set, worker starts nothing, so wg.Wait
+	// in Close is never raced by an Add.
+	goMu      sync.Mutex
+	stopping  bool
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 }
@@ -182,6 +186,9 @@ func (c *Coordinator) Close() error {
 			c.emit(failover.Event{Kind: failover.EventFenced, Generation: a.Generation, Reason: "node closed"})
 		}
 		close(c.stop)
+		c.goMu.Lock()
+		c.stopping = true
+		c.goMu.Unlock()
 		c.wg.Wait()
 		if l := c.lease.Load(); l != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), c.cfg.CallTimeout)

@@ -134,6 +134,9 @@ func (n *testNode) crash() {
 		n.closed.Store(true)
 		n.active.Store(nil)
 		close(n.stop)
+		n.goMu.Lock()
+		n.stopping = true
+		n.goMu.Unlock()
 		n.wg.Wait()
 		n.cli.Close()
 		n.mu.Lock()

@@ -217,11 +217,19 @@ func (c *Coordinator) noteWaitingLocked(v failover.View, acts []failover.Action)
 // before it is logged.
 const waitingLogAfter = time.Second
 
-// worker runs f on a goroutine Close waits for.
-func (c *Coordinator) worker(f func()) {
+// worker runs f on a goroutine Close waits for; once Close has begun
+// it runs nothing and returns false (a caller outside the loops, such as
+// SetProtected, may get here while Close waits).
+func (c *Coordinator) worker(f func()) bool {
+	c.goMu.Lock()
+	defer c.goMu.Unlock()
+	if c.stopping {
+		return false
+	}
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		f()
 	}()
+	return true
 }

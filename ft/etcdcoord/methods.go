@@ -48,7 +48,9 @@ func (c *Coordinator) SetProtected(ctx context.Context, protected bool) error {
 		return fmt.Errorf("%w: set protected", ErrNotPrimary)
 	}
 	done := make(chan error, 1)
-	c.worker(func() { done <- c.writeState(a.Generation, func(s *stateRecord) { s.Protected = protected }) })
+	if !c.worker(func() { done <- c.writeState(a.Generation, func(s *stateRecord) { s.Protected = protected }) }) {
+		return ErrClosed
+	}
 	select {
 	case err := <-done:
 		return err
