@@ -20,9 +20,9 @@ import (
 // etcd (not before: a's last renewal + TTL), claims generation 2 by a
 // compare-and-set, and the two never could release at the same moment.
 func TestPrimaryCrashPromotesSecondary(t *testing.T) {
-	t.Parallel() // each on an etcd of its own; they mostly wait for leases
-	ec := startEtcd(t)
-	a, b := protectedPair(t, t.TempDir(), "g1", ec.Endpoints(), ec.Endpoints())
+	t.Parallel() // the tests mostly wait for leases
+	ec, name := sharedEtcd(t)
+	a, b := protectedPair(t, t.TempDir(), name, ec.Endpoints(), ec.Endpoints())
 	stop := make(chan struct{})
 	both := overlapWatch(a, b, func() uint64 { return 1 }, func() uint64 { return 2 }, stop)
 	last := a.lease.Load().deadline.Add(-a.cfg.LeaseTTL) // start of a's last renewal
@@ -49,10 +49,10 @@ func TestPrimaryCrashPromotesSecondary(t *testing.T) {
 // out at etcd, so before the secondary may promote; nothing is
 // releasable on both at once.
 func TestPartitionedPrimaryFencesFirst(t *testing.T) {
-	t.Parallel() // each on an etcd of its own; they mostly wait for leases
-	ec := startEtcd(t)
+	t.Parallel() // the tests mostly wait for leases
+	ec, name := sharedEtcd(t)
 	px := proxyEtcd(t, ec)
-	a, b := protectedPair(t, t.TempDir(), "g1", px.endpoints(), ec.Endpoints())
+	a, b := protectedPair(t, t.TempDir(), name, px.endpoints(), ec.Endpoints())
 	stop := make(chan struct{})
 	both := overlapWatch(a, b, func() uint64 { return 1 }, func() uint64 { return 2 }, stop)
 	px.partition(true)
@@ -81,6 +81,7 @@ func TestPartitionedPrimaryFencesFirst(t *testing.T) {
 // primary keeps its generation's lease (its keepalives reach the new
 // leader; etcd keeps leases across an election).
 func TestEtcdLeaderLossKeepsPrimary(t *testing.T) {
+	t.Parallel() // the tests mostly wait for leases
 	ec := startEtcd(t)
 	a, b := protectedPair(t, t.TempDir(), "g1", ec.Endpoints(), ec.Endpoints())
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -115,17 +116,17 @@ func TestEtcdLeaderLossKeepsPrimary(t *testing.T) {
 // directory) joins again, is announced to the primary, and the primary
 // records protection again.
 func TestSecondaryRestartReprotects(t *testing.T) {
-	t.Parallel() // each on an etcd of its own; they mostly wait for leases
-	ec := startEtcd(t)
+	t.Parallel() // the tests mostly wait for leases
+	ec, name := sharedEtcd(t)
 	dir := t.TempDir()
-	a, b := protectedPair(t, dir, "g1", ec.Endpoints(), ec.Endpoints())
+	a, b := protectedPair(t, dir, name, ec.Endpoints(), ec.Endpoints())
 	b.crash()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := a.SetProtected(ctx, false); err != nil {
 		t.Fatal(err)
 	}
-	b2 := openNode(t, nodeConfig(t, dir, "g1", "b", failover.RoleSecondary, ec.Endpoints()))
+	b2 := openNode(t, nodeConfig(t, dir, name, "b", failover.RoleSecondary, ec.Endpoints()))
 	if sec, ok := a.Secondary(); !ok || sec.ID != "b" {
 		t.Fatalf("a's secondary after b's restart: %+v %v", sec, ok)
 	}
@@ -139,10 +140,10 @@ func TestSecondaryRestartReprotects(t *testing.T) {
 // another cluster under the same prefix, a second node claiming an ID
 // in use, and a third guest node are refused, and change nothing.
 func TestPrefixOfAnotherClusterRefused(t *testing.T) {
-	t.Parallel() // each on an etcd of its own; they mostly wait for leases
-	ec := startEtcd(t)
+	t.Parallel() // the tests mostly wait for leases
+	ec, name := sharedEtcd(t)
 	dir := t.TempDir()
-	protectedPair(t, dir, "g1", ec.Endpoints(), ec.Endpoints())
+	protectedPair(t, dir, name, ec.Endpoints(), ec.Endpoints())
 	other := t.TempDir()
 	if err := os.WriteFile(filepath.Join(other, "a.identity"), []byte(strings.Repeat("ab", 16)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -156,7 +157,7 @@ func TestPrefixOfAnotherClusterRefused(t *testing.T) {
 		{t.TempDir(), "c", ErrInUse},
 	} {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_, err := Open(ctx, nodeConfig(t, tc.dir, "g1", tc.id, failover.RoleSecondary, ec.Endpoints()))
+		_, err := Open(ctx, nodeConfig(t, tc.dir, name, tc.id, failover.RoleSecondary, ec.Endpoints()))
 		cancel()
 		if !errors.Is(err, tc.want) {
 			t.Errorf("%s from %s: %v, want %v", tc.id, tc.dir, err, tc.want)
@@ -170,12 +171,12 @@ func TestPrefixOfAnotherClusterRefused(t *testing.T) {
 // prefix is left empty (starting over would forget the generation).
 func TestLostRecordRefused(t *testing.T) {
 	t.Parallel()
-	ec := startEtcd(t)
+	ec, name := sharedEtcd(t)
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, "a.identity"), []byte(strings.Repeat("cd", 16)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg := nodeConfig(t, dir, "g1", "a", failover.RolePrimary, ec.Endpoints())
+	cfg := nodeConfig(t, dir, name, "a", failover.RolePrimary, ec.Endpoints())
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := Open(ctx, cfg); !errors.Is(err, ErrWrongCluster) || !strings.Contains(err.Error(), "is empty") {
@@ -186,7 +187,7 @@ func TestLostRecordRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cli.Close()
-	resp, err := cli.Get(ctx, "/tandem/g1/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	resp, err := cli.Get(ctx, "/tandem/"+name+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
 	if err != nil || resp.Count != 0 {
 		t.Fatalf("prefix after the refusal: %d keys (err %v), want none", resp.Count, err)
 	}
@@ -195,7 +196,7 @@ func TestLostRecordRefused(t *testing.T) {
 // TestUnreachableEndpointsRetry: with no etcd at the endpoints, Open
 // retries until its context ends and says which endpoints it tried.
 func TestUnreachableEndpointsRetry(t *testing.T) {
-	t.Parallel() // each on an etcd of its own; they mostly wait for leases
+	t.Parallel() // the tests mostly wait for leases
 	cfg := nodeConfig(t, t.TempDir(), "g1", "a", failover.RolePrimary, []string{"http://127.0.0.1:1"})
 	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 	defer cancel()
@@ -236,9 +237,9 @@ func TestBadConfigRefused(t *testing.T) {
 // lease and claims the next generation; the old primary stays away from
 // the lease meanwhile.
 func TestSwitchoverHandsTheLeaseOver(t *testing.T) {
-	t.Parallel() // each on an etcd of its own; they mostly wait for leases
-	ec := startEtcd(t)
-	a, b := protectedPair(t, t.TempDir(), "g1", ec.Endpoints(), ec.Endpoints())
+	t.Parallel() // the tests mostly wait for leases
+	ec, name := sharedEtcd(t)
+	a, b := protectedPair(t, t.TempDir(), name, ec.Endpoints(), ec.Endpoints())
 	a.ReportEpoch(9)
 	b.SetImage(failover.Image{Generation: 1, Epoch: 9})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -265,16 +266,16 @@ func TestSwitchoverHandsTheLeaseOver(t *testing.T) {
 // expire the lease.)
 func TestBriefCutKeepsTheLease(t *testing.T) {
 	t.Parallel()
-	ec := startEtcd(t)
+	ec, name := sharedEtcd(t)
 	px := proxyEtcd(t, ec)
 	dir := t.TempDir()
-	ca := nodeConfig(t, dir, "g1", "a", failover.RolePrimary, px.endpoints())
+	ca := nodeConfig(t, dir, name, "a", failover.RolePrimary, px.endpoints())
 	ca.LeaseTTL, ca.Margin, ca.KeepAlive = 4*time.Second, 1500*time.Millisecond, 250*time.Millisecond
 	a := openNode(t, ca)
 	a.SetImage(failover.Image{Live: true})
 	waitFor(t, 10*time.Second, "a primary", func() bool { return a.primaryAt() == 1 })
 	term := a.snap.Load().leaderRev
-	b := openNode(t, nodeConfig(t, dir, "g1", "b", failover.RoleSecondary, ec.Endpoints()))
+	b := openNode(t, nodeConfig(t, dir, name, "b", failover.RoleSecondary, ec.Endpoints()))
 	b.SetImage(failover.Image{Generation: 1})
 	px.partition(true)
 	waitFor(t, 5*time.Second, "a fenced", func() bool { return !a.CanRelease(1) })

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -44,6 +46,41 @@ func startEtcd(t *testing.T) *etcdlab.Cluster {
 	}
 	t.Cleanup(c.Close)
 	return c
+}
+
+// shared is the etcd cluster most tests share, each under a cluster name
+// of its own (a prefix): one start instead of one per test. TestMain
+// closes it.
+var shared struct {
+	once sync.Once
+	c    *etcdlab.Cluster
+	dir  string
+	err  error
+	n    atomic.Int64
+}
+
+// sharedEtcd is the shared cluster and a fresh cluster name.
+func sharedEtcd(t *testing.T) (*etcdlab.Cluster, string) {
+	t.Helper()
+	shared.once.Do(func() {
+		if shared.dir, shared.err = os.MkdirTemp("", "etcdcoord-test-"); shared.err == nil {
+			shared.c, shared.err = etcdlab.Start(etcdlab.Config{Members: 3, Dir: shared.dir, TickMs: 50, ElectionMs: 500})
+		}
+	})
+	if shared.err != nil {
+		t.Fatal(shared.err)
+	}
+	return shared.c, fmt.Sprintf("t%d", shared.n.Add(1))
+}
+
+// closeShared stops the shared cluster, if it was started.
+func closeShared() {
+	if shared.c != nil {
+		shared.c.Close()
+	}
+	if shared.dir != "" {
+		os.RemoveAll(shared.dir)
+	}
 }
 
 // proxied puts a linkproxy in front of every endpoint: the node's path to
