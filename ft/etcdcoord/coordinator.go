@@ -15,6 +15,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/internal/clock"
@@ -120,7 +121,12 @@ func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
 	}
 	c.cli, err = clientv3.New(clientv3.Config{Endpoints: cfg.Endpoints, TLS: tc, Logger: zap.NewNop(),
 		DialKeepAliveTime: cfg.LeaseTTL, DialKeepAliveTimeout: cfg.CallTimeout,
-		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(count), grpc.WithChainStreamInterceptor(countStream)}})
+		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(count), grpc.WithChainStreamInterceptor(countStream),
+			// gRPC's default reconnect backoff grows to two minutes: after
+			// an etcd outage a node would come back long after its lease
+			// ran out. Retry at least every KeepAlive.
+			grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: cfg.CallTimeout,
+				Backoff: backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: cfg.KeepAlive}})}})
 	if err != nil {
 		return nil, fmt.Errorf("%w: --etcd-endpoints: %v", ErrConfig, err)
 	}
