@@ -69,6 +69,14 @@ func TestEtcdFleetMassFailover(t *testing.T) {
 	for _, l := range loads {
 		waitAcks(t, l.lg, 10, 30*time.Second)
 	}
+	// Only a protected pair's secondary may take over. On two loaded
+	// cores a primary can miss its lease renewal during the start storm,
+	// fence, claim the next generation under the same lease and record
+	// the loss of protection before it re-protects: wait for every pair
+	// to be protected again, then kill.
+	for _, tr := range pairs {
+		tr.waitProtected("a", "b", 60*time.Second)
+	}
 	killAt := time.Now()
 	var wg sync.WaitGroup
 	for _, tr := range pairs {
