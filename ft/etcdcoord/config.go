@@ -29,8 +29,9 @@ var (
 )
 
 // Defaults. A lease of 2 s is the shortest etcd grants with its default
-// election timeout of 1 s (it refuses less than 1.5 election timeouts);
-// a keepalive every half second renews it three times before the margin
+// election timeout of 1 s (it raises a shorter one to 1.5 election
+// timeouts, rounded up to whole seconds; the coordinator uses the TTL
+// etcd answers, not the one it asked for); a keepalive every half second renews it three times before the margin
 // runs out, so one slow answer on a loaded etcd does not fence a healthy
 // primary.
 const (
