@@ -6,7 +6,7 @@ BIN       := bin/tandem
 GUEST_IMG := guest/kvm/microguest/microguest.bin
 PKGS      := ./...
 
-.PHONY: build test bench demo drill soak vet guest-image fuzz clean
+.PHONY: build test bench demo drill soak vet guest-image fuzz clean fleet
 
 build: guest-image
 	$(GO) build -o $(BIN) ./cmd/tandem
@@ -41,6 +41,11 @@ demo: build
 # or contradicted write, or a kv history porcupine shows not linearizable.
 drill: build
 	./$(BIN) drill --runs 100
+
+# 20 protected guests on one etcd (--coordinator etcd), every primary
+# killed at once: all promote, nothing acknowledged is lost. 40 processes.
+fleet: build
+	TANDEM_BIN=$(CURDIR)/$(BIN) TANDEM_FLEET=1 $(GO) test -timeout 600s -run TestEtcdFleetMassFailover -v -count=1 ./test/
 
 # Replica-verification soak, about an hour: SOAK_RUNS verified pair starts per guest and workload, then SOAK_RUNS trio drills.
 SOAK_RUNS ?= 100

@@ -107,6 +107,12 @@ type Member struct {
 	switching  bool // a switchover is under way
 }
 
+// clusterViewer is a coordinator with a record to show in status (the
+// etcd coordinator's; the raft one's is set up with its metrics above).
+type clusterViewer interface {
+	ClusterView(gen uint64) *api.ClusterView
+}
+
 // NewMember builds a member; Start runs it.
 func NewMember(cfg MemberConfig) *Member {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -116,6 +122,17 @@ func NewMember(cfg MemberConfig) *Member {
 		cfg.Node.mu.Lock()
 		cfg.Node.raft = rc.Node // the role metrics and status read raft's record
 		cfg.Node.cluster = func() *api.ClusterView { return rc.ClusterView(m.gen.Load()) }
+		cfg.Node.mu.Unlock()
+	} else if cv, ok := cfg.Coordinator.(clusterViewer); ok && cfg.Node != nil {
+		cfg.Node.mu.Lock()
+		cfg.Node.cluster = func() *api.ClusterView { return cv.ClusterView(m.gen.Load()) }
+		cfg.Node.nodes = func(lag *int) []api.NodeView {
+			// The record's members; reachability and quorum are etcd's
+			// business, not shown here.
+			nodes, _ := clusterNodes(cfg.Coordinator.State(), nil, cfg.Coordinator.ID(), "", nil, lag, contacts{})
+			return nodes
+		}
+		cfg.Node.record = cfg.Coordinator.State
 		cfg.Node.mu.Unlock()
 	}
 	return m

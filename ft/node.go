@@ -73,6 +73,11 @@ type Node struct {
 	sec       *replica.Secondary      // secondary: the committed image
 	cluster   func() *api.ClusterView // raft view of a cluster member
 	raft      *failover.Node          // a raft member's node (metrics)
+	// nodes, if set, is the "nodes" of a member whose coordinator is not
+	// raft (etcd): its record's members; lag as clusterNodes takes it.
+	// record is that coordinator's record (the role metrics read it).
+	nodes  func(lag *int) []api.NodeView
+	record func() failover.FSMState
 	// fences counts the times the node's guest was fenced.
 	fences    atomic.Uint64
 	fencedGen atomic.Uint64 // the generation last counted in fences
@@ -287,7 +292,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	// guest's own lock, which a pause and a dirty sync hold.
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
-	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
+	cluster, epochs, sec, rn, nodes := n.cluster, n.epochs, n.sec, n.raft, n.nodes
 	st.Net = n.netStatusLocked(epochs)
 	var g guest.Guest
 	if digest && n.g != nil && n.epochs == nil && !n.migBusy && !n.closing {
@@ -333,9 +338,12 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.Secondary = &ss
 		_, _, dataLast = sec.PrimaryContact()
 	}
-	if rn != nil {
+	switch {
+	case rn != nil:
 		st.Nodes, st.Quorum = raftNodes(rn, lag, dataContact(rn, epochs != nil, dataLast))
-	} else {
+	case nodes != nil:
+		st.Nodes = nodes(lag)
+	default:
 		st.Nodes = soloNodes(st.Role)
 	}
 	if g != nil {
@@ -417,8 +425,11 @@ func (n *Node) registerProtectionMetrics() {
 		},
 		cluster: func() (failover.FSMState, int, bool) {
 			n.mu.Lock()
-			rn := n.raft
+			rn, record := n.raft, n.record
 			n.mu.Unlock()
+			if rn == nil && record != nil {
+				return record(), 0, true // etcd: no raft voters to count
+			}
 			if rn == nil {
 				return failover.FSMState{}, 0, false
 			}

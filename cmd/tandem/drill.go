@@ -33,6 +33,8 @@ func cmdDrill(args []string) error {
 		"an order (w-s, s-w, p-w: both return orders), all (each once), or a comma-separated list.\n"+
 		"w-s: SIGTERM the witness, then kill -9 the secondary; s-w: kill -9 the secondary, then SIGTERM the witness;\n"+
 		"p-w: kill -9 the primary, then SIGTERM the witness. /X-first names the node that returns first")
+	coordinator := fs.String("coordinator", "raft", "raft (a trio with a witness) or etcd (a primary and a secondary on etcd: --etcd-endpoints, or the drill's own 3-member etcd in this process)")
+	etcdEndpoints := fs.String("etcd-endpoints", "", "with --coordinator etcd: an etcd cluster to run the pairs on (client URLs; https:// unless --plaintext, with a certificate of the drill's CA); default: the drill's own")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -50,6 +52,12 @@ func cmdDrill(args []string) error {
 		return usagef("--guest %q: want kvm or synth", *kind)
 	case *clients < 1 || *clients > 2:
 		return usagef("--clients %d: want 1 or 2", *clients)
+	case *coordinator != "raft" && *coordinator != "etcd":
+		return usagef("--coordinator %q: want raft or etcd", *coordinator)
+	case *coordinator == "etcd" && scs != nil:
+		return usagef("--scenario takes down the witness; --coordinator etcd has none: use --runs")
+	case *coordinator == "raft" && *etcdEndpoints != "":
+		return usagef("--etcd-endpoints is for --coordinator etcd")
 	}
 	if *seed == 0 {
 		*seed = uint64(time.Now().UnixNano())
@@ -59,7 +67,7 @@ func cmdDrill(args []string) error {
 		out = os.Stderr
 	}
 	d, err := drill.New(drill.Config{Guest: *kind, Memory: *memory, Keep: *keep, Seed: *seed, Out: out,
-		Plaintext: *plaintext, Clients: *clients})
+		Plaintext: *plaintext, Clients: *clients, Coordinator: *coordinator, EtcdEndpoints: *etcdEndpoints})
 	if err != nil {
 		return err
 	}

@@ -139,6 +139,8 @@ func cmdPrimary(args []string) error {
 	var cf clusterFlags
 	addClusterFlags(fs, &cf, true)
 	addStopHandoverFlag(fs, &cf)
+	var etf etcdFlags
+	addEtcdFlags(fs, &etf)
 	var rf receiveFlags
 	addReceiveFlags(fs, &rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
 	var snapDir string
@@ -152,7 +154,11 @@ func cmdPrimary(args []string) error {
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
-	if cf.id != "" {
+	isEtcd, err := etf.etcd(cf)
+	if err != nil {
+		return err
+	}
+	if cf.id != "" || isEtcd {
 		if *secondary != "" || *secName != "" {
 			return usagef("--secondary and --secondary-name are for a pair without raft; with --id the secondary is found through raft")
 		}
@@ -165,6 +171,9 @@ func cmdPrimary(args []string) error {
 		nc, err := nf.attach(nodeConfig("primary", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
 		if err != nil {
 			return err
+		}
+		if isEtcd {
+			return runEtcdMember(failover.RolePrimary, cf, etf, &gf, ef, rf, nc)
 		}
 		return runMember(failover.RolePrimary, cf, &gf, ef, rf, nc)
 	}
@@ -230,6 +239,8 @@ func cmdSecondary(args []string) error {
 	addClusterFlags(fs, &cf, false)
 	addStopHandoverFlag(fs, &cf)
 	fs.StringVar(&cf.dataAdvertise, "data-advertise", "", "the --data address as other nodes reach it, if not the same (NAT, a proxy)")
+	var etf etcdFlags
+	addEtcdFlags(fs, &etf)
 	var nf netFlag
 	addNetFlag(fs, &nf)
 	var tf tlsFlags
@@ -247,15 +258,22 @@ func cmdSecondary(args []string) error {
 	if err != nil {
 		return err
 	}
-	if cf.id != "" {
+	cf.data = *data
+	isEtcd, err := etf.etcd(cf)
+	if err != nil {
+		return err
+	}
+	if cf.id != "" || isEtcd {
 		if *primaryName != "" {
 			return usagef("--primary-name is for a pair without raft; with --id the primary is the one raft names")
 		}
-		cf.data = *data
 		cf.tls, cf.insecure = nt.ID, nt.Insecure
 		nc, err := nf.attach(nodeConfig("secondary", *apiAddr, *consoleAddr, snapDir, false, nt))
 		if err != nil {
 			return err
+		}
+		if isEtcd {
+			return runEtcdMember(failover.RoleSecondary, cf, etf, nil, ef, rf, nc)
 		}
 		return runMember(failover.RoleSecondary, cf, nil, ef, rf, nc)
 	}

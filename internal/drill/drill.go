@@ -14,6 +14,7 @@ import (
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest/kvm"
 	"github.com/tandemvm/tandem/internal/e2e"
+	"github.com/tandemvm/tandem/internal/etcdlab"
 	"github.com/tandemvm/tandem/internal/trust"
 )
 
@@ -38,6 +39,9 @@ type Config struct {
 	Out       io.Writer
 	Plaintext bool // no TLS (loopback only)
 	Clients   int  // kv clients per run (1 or 2; 0: 2)
+	// Coordinator is raft (the trio, default) or etcd (a pair on etcd:
+	// EtcdEndpoints, or the drill's own 3-member etcd when empty).
+	Coordinator, EtcdEndpoints string
 	// Narrate, when set, is told what happens (the demo's voice).
 	Narrate func(format string, a ...any)
 	// NodeExtra are flags of one node of every trio, by ID (the
@@ -61,6 +65,10 @@ type Drill struct {
 	// operator; tls is the operator's identity. "" and nil: plaintext.
 	certDir string
 	tls     *trust.Identity
+	// etcd is the drill's own etcd (nil: raft, or the operator's etcd at
+	// etcdEndpoints).
+	etcd          *etcdlab.Cluster
+	etcdEndpoints string
 }
 
 // New prepares a drill: its directory, the kvm image's path and, unless
@@ -115,6 +123,11 @@ func New(cfg Config) (*Drill, error) {
 			return nil, fmt.Errorf("drill certificates: %w", err)
 		}
 	}
+	if cfg.Coordinator == "etcd" {
+		if err := d.startEtcd(); err != nil {
+			return nil, err
+		}
+	}
 	return d, nil
 }
 
@@ -130,11 +143,13 @@ func (d *Drill) TLS() *trust.Identity { return d.tls }
 // Trio is the current trio (nil before FreshTrio).
 func (d *Drill) Trio() *e2e.Trio { return d.t }
 
-// Close kills the current trio's processes.
+// Close kills the current trio's processes, then stops the drill's own
+// etcd.
 func (d *Drill) Close() {
 	if d.t != nil {
 		d.t.KillAll()
 	}
+	d.closeEtcd()
 }
 
 // Cleanup kills the nodes (Close), then removes the temp dir unless asked
@@ -174,8 +189,10 @@ func (d *Drill) FreshTrio(ctx context.Context) (*e2e.Node, api.Status, error) {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, api.Status{}, err
 		}
-		t, err := e2e.NewTrio(e2e.TrioConfig{Bin: d.cfg.Bin, Dir: dir, Guest: d.cfg.Guest, Memory: d.cfg.Memory,
-			Image: d.image, CertDir: d.certDir, TLS: d.tls})
+		tc := e2e.TrioConfig{Bin: d.cfg.Bin, Dir: dir, Guest: d.cfg.Guest, Memory: d.cfg.Memory,
+			Image: d.image, CertDir: d.certDir, TLS: d.tls}
+		d.trioEtcd(&tc)
+		t, err := e2e.NewTrio(tc)
 		if err != nil {
 			return nil, api.Status{}, err
 		}

@@ -14,7 +14,11 @@ import (
 func (d *Drill) Run(ctx context.Context, runs int) Summary {
 	sum := Summary{Runs: runs, Guest: d.cfg.Guest, Seed: d.cfg.Seed, Dir: d.dir}
 	out := d.cfg.Out
-	fmt.Fprintf(out, "tandem drill: %d runs, %s guest (%s), seed %d, logs in %s\n", runs, d.cfg.Guest, d.cfg.Memory, d.cfg.Seed, d.dir)
+	coord := "raft trio"
+	if d.etcdEndpoints != "" {
+		coord = "etcd pair on " + d.etcdEndpoints
+	}
+	fmt.Fprintf(out, "tandem drill: %d runs, %s guest (%s), %s, seed %d, logs in %s\n", runs, d.cfg.Guest, d.cfg.Memory, coord, d.cfg.Seed, d.dir)
 	fmt.Fprintf(out, runHeader, "run", "killed", "primary", "rto_ms", "acked", "lost", "divergent", "lin", "ok")
 	var rtos []float64
 	needFresh := true

@@ -36,6 +36,10 @@ type TrioConfig struct {
 	// Addrs, when set, fixes each node's addresses (a network namespace's
 	// IP); the default is FreeAddr on loopback.
 	Addrs map[string]Addrs
+	// Etcd, when set, runs a and b with --coordinator etcd on these
+	// endpoints (comma-separated) under --cluster Cluster (default "g1"),
+	// and no witness.
+	Etcd, Cluster string
 }
 
 // Addrs are a node's listening addresses; a witness has no Data or
@@ -62,7 +66,8 @@ type Node struct {
 	proc   *Proc
 }
 
-// Trio is a primary, a secondary and a witness of the same binary.
+// Trio is a primary, a secondary and a witness of the same binary (on
+// etcd: a primary and a secondary).
 type Trio struct {
 	cfg   TrioConfig
 	peers string
@@ -80,7 +85,15 @@ func NewTrio(cfg TrioConfig) (*Trio, error) {
 	}
 	t := &Trio{cfg: cfg}
 	var peers []string
-	for _, spec := range [][2]string{{"a", "primary"}, {"b", "secondary"}, {"w", "witness"}} {
+	specs := [][2]string{{"a", "primary"}, {"b", "secondary"}, {"w", "witness"}}
+	if cfg.Etcd != "" {
+		specs = specs[:2] // etcd decides: no witness
+		if cfg.Cluster == "" {
+			cfg.Cluster = "g1"
+		}
+		t.cfg = cfg
+	}
+	for _, spec := range specs {
 		n := &Node{ID: spec[0], Role: spec[1], DataDir: filepath.Join(cfg.Dir, spec[0]), logDir: cfg.LogDir}
 		if a, ok := cfg.Addrs[n.ID]; ok {
 			n.Addrs = a
@@ -142,6 +155,9 @@ func (t *Trio) Node(id string) *Node {
 // Args is n's command line (without the binary): the same on every start.
 func (t *Trio) Args(n *Node) []string {
 	a := []string{n.Role, "--id", n.ID, "--raft", n.Raft, "--peers", t.peers, "--data-dir", n.DataDir, "--api", n.API}
+	if t.cfg.Etcd != "" {
+		a = []string{n.Role, "--coordinator", "etcd", "--etcd-endpoints", t.cfg.Etcd, "--cluster", t.cfg.Cluster, "--id", n.ID, "--data-dir", n.DataDir, "--api", n.API}
+	}
 	if n.Role != "witness" {
 		a = append(a, "--data", n.Data, "--console", n.Console)
 	}
