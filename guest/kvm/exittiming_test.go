@@ -1,6 +1,7 @@
 package kvm
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -29,6 +30,10 @@ func TestExitTimingNamesHandlers(t *testing.T) {
 	mustResume(t, g)
 	for i := 0; i < 50; i++ {
 		expect(t, ask(t, g, lr, fmt.Sprintf("c:%d SET k%d v", i+1, i)), fmt.Sprintf("c:%d OK", i+1))
+	}
+	// Paused, so no exit lands between the stats and the export below.
+	if _, err := g.Pause(context.Background()); err != nil {
+		t.Fatal(err)
 	}
 	counts := map[string]uint64{}
 	for _, s := range e.Stats() {
