@@ -42,8 +42,11 @@ type Coordinator struct {
 	cli      *clientv3.Client
 	keys     keys
 	identity string // the cluster identity this node joined
-	events   chan failover.Event
-	requests atomic.Uint64 // etcd requests sent (unary calls and stream messages)
+	// watchFrom is the revision join read the prefix at, where the
+	// watch starts (set before the loops start).
+	watchFrom int64
+	events    chan failover.Event
+	requests  atomic.Uint64 // etcd requests sent (unary calls and stream messages)
 
 	// Read without locks by CanRelease.
 	snap         atomic.Pointer[snapshot]
@@ -97,6 +100,24 @@ type Coordinator struct {
 // cluster is refused (ErrWrongCluster, ErrInUse). It returns once this
 // node's view is in sync: WaitSynced returns at once after it.
 func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
+	c, err := newCoordinator(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.join(ctx); err != nil {
+		c.cli.Close()
+		return nil, err
+	}
+	c.wg.Add(3)
+	go c.leaseLoop()
+	go c.watchLoop()
+	go c.loop()
+	return c, nil
+}
+
+// newCoordinator checks cfg and makes the etcd client (which connects
+// lazily); it reads nothing and starts no loop.
+func newCoordinator(cfg Config) (*Coordinator, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return nil, err
@@ -121,6 +142,7 @@ func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
 	}
 	c.cli, err = clientv3.New(clientv3.Config{Endpoints: cfg.Endpoints, TLS: tc, Logger: zap.NewNop(),
 		DialKeepAliveTime: cfg.LeaseTTL, DialKeepAliveTimeout: cfg.CallTimeout,
+		MaxCallRecvMsgSize: maxMessage,
 		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(count), grpc.WithChainStreamInterceptor(countStream),
 			// gRPC's default reconnect backoff grows to two minutes: after
 			// an etcd outage a node would come back long after its lease
@@ -130,14 +152,6 @@ func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: --etcd-endpoints: %v", ErrConfig, err)
 	}
-	if err := c.join(ctx); err != nil {
-		c.cli.Close()
-		return nil, err
-	}
-	c.wg.Add(3)
-	go c.leaseLoop()
-	go c.watchLoop()
-	go c.loop()
 	return c, nil
 }
 

@@ -40,6 +40,13 @@ const recordVersion = 1
 // bytes, so anything near this is not one of ours.
 const maxRecord = 64 << 10
 
+// maxMessage bounds a message from etcd (clientv3's own bound is 2 GiB,
+// read into memory before any check here). A Tandem prefix holds four
+// kinds of records of a few hundred bytes; a read or watch answer larger
+// than this is refused by gRPC, and the read retried (and logged), as
+// for an unreachable etcd.
+const maxMessage = 1 << 20
+
 // clusterRecord is the owner of the prefix.
 type clusterRecord struct {
 	V        int    `json:"v"`
