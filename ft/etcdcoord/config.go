@@ -104,6 +104,9 @@ func (c Config) withDefaults() (Config, error) {
 	case c.IdentityFile == "":
 		return c, fmt.Errorf("%w: no identity file (--data-dir)", ErrConfig)
 	}
+	if err := nodeOf(c.Self).check("--data"); err != nil {
+		return c, fmt.Errorf("%w: %v", ErrConfig, err) // the peer would refuse the record
+	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d == 0 {
 			*d = v

@@ -82,6 +82,8 @@ type Coordinator struct {
 	waiting            string    // why nobody serves, as this node sees it
 	waitingSince       time.Time // when waiting last changed
 	waitingLogged      string    // the reason last logged
+	// unreadableLogged: the unreadable records last logged.
+	unreadableLogged string
 
 	wake chan struct{}
 	stop chan struct{}

@@ -93,6 +93,9 @@ func (c *Coordinator) step() {
 		v.Claimed, v.ClaimedTerm = 0, 0
 	}
 	acts := failover.Decide(v, now)
+	if c.noteUnreadableLocked() != "" {
+		acts = onlyFences(acts)
+	}
 	for _, a := range acts {
 		c.execLocked(a, v, now)
 	}
@@ -169,7 +172,7 @@ func (c *Coordinator) leadershipLocked(v failover.View, acts []failover.Action, 
 		return
 	}
 	lid, _, ok := c.leaseValid(now)
-	if !ok || s.leader != "" || now.Before(c.standDownUntil) || !failover.Eligible(v) {
+	if !ok || s.leader != "" || now.Before(c.standDownUntil) || !failover.Eligible(v) || s.stateUnreadable(c.keys) != "" {
 		return
 	}
 	c.campaignLocked(lid)
@@ -187,6 +190,9 @@ func (c *Coordinator) noteWaitingLocked(v failover.View, acts []failover.Action)
 	w := ""
 	switch {
 	case active:
+	case s.stateUnreadable(c.keys) != "":
+		w = fmt.Sprintf("no primary: the record %s cannot be read (%s); no node claims the guest until it can: restore a valid record in etcd",
+			c.keys.state(), s.stateUnreadable(c.keys))
 	case s.leader == "" && v.State.Generation > 0:
 		self := "this node can resume the guest"
 		if r := failover.IneligibleReason(v); r != "" {
@@ -211,6 +217,35 @@ func (c *Coordinator) noteWaitingLocked(v failover.View, acts []failover.Action)
 		c.waitingLogged = ""
 		c.log.Info("no longer waiting", "was", "the guest was not served")
 	}
+}
+
+// noteUnreadableLocked logs the records this node cannot read, once per
+// change, and returns why the state record cannot be read ("" if it
+// can).
+// Preconditions: c.mu held.
+func (c *Coordinator) noteUnreadableLocked() string {
+	s := c.snap.Load()
+	switch bad := s.unreadable(); {
+	case bad == c.unreadableLogged:
+	case bad != "":
+		c.log.Error("etcd holds records this node cannot read; it decides without them", "records", bad)
+	default:
+		c.log.Info("every etcd record is readable again")
+	}
+	c.unreadableLogged = s.unreadable()
+	return s.stateUnreadable(c.keys)
+}
+
+// onlyFences is acts without anything that claims, activates or writes
+// the record: what a node may still do while the record is unreadable.
+func onlyFences(acts []failover.Action) []failover.Action {
+	var out []failover.Action
+	for _, a := range acts {
+		if a.Kind == failover.ActFence || a.Kind == failover.ActRegister || a.Kind == failover.ActAnnouncePeer {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // waitingLogAfter is how long a reason for nobody serving must hold
