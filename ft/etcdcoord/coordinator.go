@@ -170,7 +170,8 @@ func (s countingStream) SendMsg(m any) error {
 }
 
 // endpointsTLS checks the endpoints against the TLS settings: https with
-// TLS, http without (loopback only unless Insecure).
+// TLS, http without (loopback only unless Insecure), and makes the TLS
+// configuration.
 func endpointsTLS(cfg Config) (*tls.Config, error) {
 	for _, e := range cfg.Endpoints {
 		u, err := url.Parse(e)
@@ -190,7 +191,11 @@ func endpointsTLS(cfg Config) (*tls.Config, error) {
 			return nil, fmt.Errorf("%w: %v", ErrConfig, err)
 		}
 	}
-	return cfg.TLS.ClientTLS(""), nil
+	// etcd is addressed by host name or IP, so its certificate must name
+	// the endpoint's host (the client sets the TLS server name per
+	// endpoint): a certificate of the CA issued for another host cannot
+	// pose as etcd.
+	return cfg.TLS.ServiceClientTLS(), nil
 }
 
 // Requests is how many requests this node has sent etcd (for load
