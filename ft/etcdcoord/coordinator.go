@@ -40,6 +40,7 @@ type Coordinator struct {
 	log      *slog.Logger
 	clk      clock.Clock
 	cli      *clientv3.Client
+	leases   leaser // cli's, but for unit tests of renew
 	keys     keys
 	identity string // the cluster identity this node joined
 	// watchFrom is the revision join read the prefix at, where the
@@ -154,6 +155,7 @@ func newCoordinator(cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: --etcd-endpoints: %v", ErrConfig, err)
 	}
+	c.leases = c.cli
 	return c, nil
 }
 
