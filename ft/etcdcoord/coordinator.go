@@ -74,15 +74,13 @@ type Coordinator struct {
 	peerHeartbeat  time.Time
 	announced      failover.NodeInfo
 	image          *failover.Image
-	// claimFrom/claimTo and tentFrom/tentTo: as in failover.Node, the
-	// claim that raised this node's image of generation claimFrom to
-	// claimTo, and one whose outcome etcd did not tell (a timeout).
-	claimFrom, claimTo uint64
-	tentFrom, tentTo   uint64
-	standDownUntil     time.Time // a switchover handed the lease away: no campaign before
-	waiting            string    // why nobody serves, as this node sees it
-	waitingSince       time.Time // when waiting last changed
-	waitingLogged      string    // the reason last logged
+	// claims: what this node's claims did to its image's generation
+	// (as failover.Node keeps it).
+	claims         failover.ImageClaims
+	standDownUntil time.Time // a switchover handed the lease away: no campaign before
+	waiting        string    // why nobody serves, as this node sees it
+	waitingSince   time.Time // when waiting last changed
+	waitingLogged  string    // the reason last logged
 	// unreadableLogged: the unreadable records last logged.
 	unreadableLogged string
 

@@ -51,24 +51,7 @@ func (c *Coordinator) liveView(now time.Time) failover.View {
 // failover.Node does for the raft trio.
 // Preconditions: c.mu held.
 func (c *Coordinator) viewLocked(v failover.View) failover.View {
-	if c.tentTo != 0 {
-		switch {
-		case v.State.Generation == c.tentTo && v.State.Primary == c.cfg.Self.ID && c.image != nil && c.image.Generation == c.tentFrom:
-			c.claimFrom, c.claimTo = c.tentFrom, c.tentTo
-			c.tentFrom, c.tentTo = 0, 0
-		case v.State.Generation >= c.tentTo:
-			c.tentFrom, c.tentTo = 0, 0
-		}
-	}
-	if img := c.image; img != nil {
-		v.Runnable, v.RunnableEpoch, v.RunnableGen, v.RunnableLive = true, img.Epoch, img.Generation, img.Live
-		if c.claimTo != 0 && img.Generation == c.claimFrom {
-			v.RunnableGen = c.claimTo
-		}
-		if img.Live {
-			v.RunnableEpoch = max(v.RunnableEpoch, c.reportedEpoch)
-		}
-	}
+	c.claims.Fill(&v, c.cfg.Self.ID, c.image, c.reportedEpoch)
 	v.Claimed, v.ClaimedTerm = c.claimed, c.claimedTerm
 	v.Pending = c.pending
 	v.LastRegister, v.LastEpochApply = c.lastRegister, c.lastEpochApply
@@ -113,7 +96,7 @@ func (c *Coordinator) execLocked(a failover.Action, v failover.View, now time.Ti
 	case failover.ActActivate:
 		c.active.Store(&failover.Activation{Generation: a.Generation, Term: v.Term})
 		c.image = &failover.Image{Generation: a.Generation, Epoch: max(v.RunnableEpoch, a.Epoch), Live: true}
-		c.claimFrom, c.claimTo, c.tentFrom, c.tentTo = 0, 0, 0, 0
+		c.claims.Reset()
 		peer, _ := v.State.Secondary()
 		c.emit(failover.Event{Kind: failover.EventBecamePrimary, Generation: a.Generation, Epoch: a.Epoch, Peer: peer, At: now})
 	case failover.ActAnnouncePeer:

@@ -62,7 +62,7 @@ func (c *Coordinator) claimLocked(a failover.Action, v failover.View) {
 		case err == nil && resp.Succeeded:
 			c.claimed, c.claimedTerm = a.Generation, uint64(term)
 			if covers && c.image != nil && c.image.Generation == img.Generation {
-				c.claimFrom, c.claimTo = img.Generation, a.Generation
+				c.claims.Committed(img.Generation, a.Generation)
 			}
 			rev := resp.Header.Revision
 			c.snap.Store(c.snap.Load().withState(next, rev))
@@ -70,7 +70,7 @@ func (c *Coordinator) claimLocked(a failover.Action, v failover.View) {
 		case err != nil && covers:
 			// The transaction may have committed after all: remember
 			// the claim until the record tells.
-			c.tentFrom, c.tentTo = img.Generation, a.Generation
+			c.claims.Tentative(img.Generation, a.Generation)
 			c.log.Info("claim outcome unknown", "gen", a.Generation, "err", err)
 		default:
 			c.log.Debug("claim refused", "gen", a.Generation, "err", err)
