@@ -10,7 +10,7 @@ import "testing"
 // image covered, and nobody could serve.
 func TestTentativeClaim(t *testing.T) {
 	mk := func() *Node {
-		n := &Node{image: &Image{Generation: 1, Epoch: 40, Live: true}, tentFrom: 1, tentTo: 2}
+		n := &Node{image: &Image{Generation: 1, Epoch: 40, Live: true}, claims: ImageClaims{tentFrom: 1, tentTo: 2}}
 		n.cfg.ID = "a"
 		return n
 	}
@@ -28,14 +28,14 @@ func TestTentativeClaim(t *testing.T) {
 	} {
 		n := mk()
 		v := n.viewLocked(View{State: c.state})
-		if v.RunnableGen != c.wantGen || n.claimTo != c.wantClaim || n.tentTo != c.wantTent {
-			t.Errorf("%s: runnable gen %d, claimTo %d, tentTo %d; want %d, %d, %d", c.name, v.RunnableGen, n.claimTo, n.tentTo, c.wantGen, c.wantClaim, c.wantTent)
+		if v.RunnableGen != c.wantGen || n.claims.to != c.wantClaim || n.claims.tentTo != c.wantTent {
+			t.Errorf("%s: runnable gen %d, claimTo %d, tentTo %d; want %d, %d, %d", c.name, v.RunnableGen, n.claims.to, n.claims.tentTo, c.wantGen, c.wantClaim, c.wantTent)
 		}
 	}
 	// An image that changed since the claim is not the one it covered.
 	n := mk()
 	n.image = &Image{Generation: 0, Epoch: 10}
-	if v := n.viewLocked(View{State: FSMState{Generation: 2, Primary: "a"}}); v.RunnableGen != 0 || n.claimTo != 0 {
-		t.Errorf("another image: runnable gen %d, claimTo %d", v.RunnableGen, n.claimTo)
+	if v := n.viewLocked(View{State: FSMState{Generation: 2, Primary: "a"}}); v.RunnableGen != 0 || n.claims.to != 0 {
+		t.Errorf("another image: runnable gen %d, claimTo %d", v.RunnableGen, n.claims.to)
 	}
 }

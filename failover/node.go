@@ -119,19 +119,11 @@ type Node struct {
 	unreachable    map[string]bool
 	voters         []NodeInfo // from Config.Peers, sorted; never changes
 	image          *Image     // what the driver can resume; nil: nothing
-	// claimFrom/claimTo: this node's claims raised the generation of the
-	// image it claimed with from claimFrom to claimTo (nothing was
-	// released under the claimed generations before an activation).
-	claimFrom, claimTo uint64
-	// tentFrom/tentTo: a claim made with the image of generation
-	// tentFrom whose outcome raft could not tell (leadership lost while
-	// committing it: the entry may still commit). It becomes
-	// claimFrom/claimTo once the FSM shows this node holding tentTo, and
-	// is dropped once it shows anything else at tentTo or above.
-	tentFrom, tentTo uint64
-	waiting          string    // why nobody serves, as this node sees it
-	waitingSince     time.Time // when waiting last changed
-	waitingLogged    string    // the reason last logged
+	// claims: what this node's claims did to its image's generation.
+	claims        ImageClaims
+	waiting       string    // why nobody serves, as this node sees it
+	waitingSince  time.Time // when waiting last changed
+	waitingLogged string    // the reason last logged
 
 	observed  chan raft.Observation
 	wake      chan struct{}

@@ -146,25 +146,7 @@ func (n *Node) step() {
 // viewLocked completes the live view with the decision loop's bookkeeping.
 // Preconditions: n.mu held.
 func (n *Node) viewLocked(v View) View {
-	if n.tentTo != 0 {
-		switch {
-		case v.State.Generation == n.tentTo && v.State.Primary == n.cfg.ID && n.image != nil && n.image.Generation == n.tentFrom:
-			n.claimFrom, n.claimTo = n.tentFrom, n.tentTo // it committed: ours
-			n.tentFrom, n.tentTo = 0, 0
-		case v.State.Generation >= n.tentTo:
-			n.tentFrom, n.tentTo = 0, 0 // another claim holds it
-		}
-	}
-	if img := n.image; img != nil {
-		v.Runnable, v.RunnableEpoch, v.RunnableGen, v.RunnableLive = true, img.Epoch, img.Generation, img.Live
-		if n.claimTo != 0 && img.Generation == n.claimFrom {
-			v.RunnableGen = n.claimTo
-		}
-		if img.Live {
-			// Its own guest is the source of every epoch it acknowledged.
-			v.RunnableEpoch = max(v.RunnableEpoch, n.reportedEpoch)
-		}
-	}
+	n.claims.Fill(&v, n.cfg.ID, n.image, n.reportedEpoch)
 	v.Claimed, v.ClaimedTerm = n.claimed, n.claimedTerm
 	v.Pending = n.pending
 	v.LastTransfer, v.TransferAttempts = n.lastTransfer, n.transfers
@@ -258,7 +240,7 @@ func (n *Node) execLocked(a Action, v View, now time.Time) {
 		n.active.Store(&Activation{Generation: a.Generation, Term: v.Term})
 		// From here the guest this node runs is the image that counts.
 		n.image = &Image{Generation: a.Generation, Epoch: max(v.RunnableEpoch, a.Epoch), Live: true}
-		n.claimFrom, n.claimTo, n.tentFrom, n.tentTo = 0, 0, 0, 0
+		n.claims.Reset()
 		peer, _ := v.State.Secondary()
 		n.emit(Event{Kind: EventBecamePrimary, Generation: a.Generation, Epoch: a.Epoch, Peer: peer, At: now})
 	case ActAnnouncePeer:
@@ -332,12 +314,12 @@ func (n *Node) claimLocked(a Action, v View) {
 			// Nothing is released under the new generation before this
 			// node activates it: the image it claimed with holds all
 			// of it, should it lose leadership before activating.
-			n.claimFrom, n.claimTo = img.Generation, a.Generation
+			n.claims.Committed(img.Generation, a.Generation)
 		case errors.Is(err, raft.ErrLeadershipLost) && covers:
 			// The entry may commit after all (a new leader keeps it):
 			// without this record the cluster would then be at a
 			// generation no image covers, and nobody could serve.
-			n.tentFrom, n.tentTo = img.Generation, a.Generation
+			n.claims.Tentative(img.Generation, a.Generation)
 		}
 		n.mu.Unlock()
 		if err != nil {

@@ -23,11 +23,17 @@ import (
 // (internal/etcdlab), killed with SIGKILL.
 
 // startEtcdLab runs a 3-member etcd for the test: 50 ms ticks and a
-// 500 ms election timeout, so an etcd leader change ends well inside the
-// primary's 1.5 s of lease (2 s less the 0.5 s margin).
+// 500 ms election timeout, so the cluster starts and settles fast.
 func startEtcdLab(t *testing.T) *etcdlab.Cluster {
 	t.Helper()
-	c, err := etcdlab.Start(etcdlab.Config{Members: 3, Dir: t.TempDir(), TickMs: 50, ElectionMs: 500})
+	return startEtcdLabTimed(t, 50, 500)
+}
+
+// startEtcdLabTimed is startEtcdLab with etcd's tick and election
+// timeout (0, 0: etcd's defaults, 100 ms and 1 s).
+func startEtcdLabTimed(t *testing.T, tickMs, electionMs uint) *etcdlab.Cluster {
+	t.Helper()
+	c, err := etcdlab.Start(etcdlab.Config{Members: 3, Dir: t.TempDir(), TickMs: tickMs, ElectionMs: electionMs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,9 +139,10 @@ func TestEtcdSecondaryRestartReprotects(t *testing.T) {
 
 // TestEtcdLeaderKillNoFailover: stopping the etcd cluster's leader (one of
 // three members) fails nothing over: a stays the protected primary at its
-// generation, b never becomes primary.
+// generation, b never becomes primary. etcd runs at its default timings
+// (1 s election timeout) and the nodes with the default --etcd-lease.
 func TestEtcdLeaderKillNoFailover(t *testing.T) {
-	ec := startEtcdLab(t)
+	ec := startEtcdLabTimed(t, 0, 0)
 	tr := newEtcdPair(t, "synth", strings.Join(ec.Endpoints(), ","), "g1")
 	tr.startAll()
 	before := tr.waitProtected("a", "b", 30*time.Second)
@@ -150,7 +157,7 @@ func TestEtcdLeaderKillNoFailover(t *testing.T) {
 	killed := make(chan struct{})
 	go func() { defer close(killed); leader.Kill() }()
 	defer func() { <-killed }()
-	end := time.Now().Add(4 * time.Second) // a new etcd leader is elected in ~0.5-1 s
+	end := time.Now().Add(7 * time.Second) // longer than the 5 s lease: a failover would show
 	for time.Now().Before(end) {
 		if st, err := trioStat(tr.m["b"].API); err == nil && st.Role == "primary" {
 			t.Fatalf("b became primary after the etcd leader %s stopped", leader.Name)

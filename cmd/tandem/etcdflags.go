@@ -30,7 +30,7 @@ func addEtcdFlags(fs *flag.FlagSet, ef *etcdFlags) {
 	fs.StringVar(&ef.coordinator, "coordinator", "raft", "who decides which node runs the guest: raft (a trio of primary, secondary and witness, --peers) or etcd (a shared etcd cluster, --etcd-endpoints and --cluster; no witness)")
 	fs.StringVar(&ef.endpoints, "etcd-endpoints", "", "with --coordinator etcd: the etcd cluster's client URLs, http://HOST:PORT,... (https:// with the --tls-* files)")
 	fs.StringVar(&ef.cluster, "cluster", "", "with --coordinator etcd: the protected guest's name; its keys are under /tandem/NAME/ (the same on its primary and secondary)")
-	fs.DurationVar(&ef.lease, "etcd-lease", etcdcoord.DefaultLeaseTTL, "with --coordinator etcd: the etcd lease (whole seconds): a primary that cannot renew it stops releasing output half a second before it runs out, and the secondary takes over once it has")
+	fs.DurationVar(&ef.lease, "etcd-lease", etcdcoord.DefaultLeaseTTL, "with --coordinator etcd: the etcd lease (whole seconds): a primary that cannot renew it stops releasing output half a second before it runs out, and the secondary takes over once it has, so a failover takes about this long; the default outlasts two etcd leader elections at etcd's default 1 s election timeout (shorter only with a faster-electing etcd)")
 }
 
 // etcd reports whether --coordinator etcd was chosen, after checking the

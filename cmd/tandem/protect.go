@@ -127,74 +127,92 @@ func cmdProtect(args []string) error {
 
 func cmdPrimary(args []string) error {
 	fs := newFlagSet("primary")
-	var gf guestFlags
-	addGuestFlags(fs, &gf)
-	var ef epochFlags
-	addEpochFlags(fs, &ef)
-	apiAddr := fs.String("api", defaultAPI, "address of the HTTP API")
-	consoleAddr := fs.String("console", "127.0.0.1:7071", "address of the console bridge")
-	secondary := fs.String("secondary", "", "the secondary's --data address (a pair without raft)")
-	secName := fs.String("secondary-name", "", "with TLS, a pair without raft: the node the secondary's certificate must name (default: any certificate of the CA)")
-	allowFaults := fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
-	var cf clusterFlags
-	addClusterFlags(fs, &cf, true)
-	addStopHandoverFlag(fs, &cf)
-	var etf etcdFlags
-	addEtcdFlags(fs, &etf)
-	var rf receiveFlags
-	addReceiveFlags(fs, &rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
-	var snapDir string
-	addSnapshotDirFlag(fs, &snapDir)
-	var nf netFlag
-	addNetFlag(fs, &nf)
-	var tf tlsFlags
-	addTLSFlags(fs, &tf)
-	addInsecureFlag(fs, &tf)
+	var p primaryFlags
+	addGuestFlags(fs, &p.gf)
+	addEpochFlags(fs, &p.ef)
+	p.apiAddr = fs.String("api", defaultAPI, "address of the HTTP API")
+	p.consoleAddr = fs.String("console", "127.0.0.1:7071", "address of the console bridge")
+	p.secondary = fs.String("secondary", "", "the secondary's --data address (a pair without raft)")
+	p.secName = fs.String("secondary-name", "", "with TLS, a pair without raft: the node the secondary's certificate must name (default: any certificate of the CA)")
+	p.allowFaults = fs.Bool("allow-faults", false, "serve fault-injection endpoints (tests)")
+	addClusterFlags(fs, &p.cf, true)
+	addStopHandoverFlag(fs, &p.cf)
+	addEtcdFlags(fs, &p.etf)
+	addReceiveFlags(fs, &p.rf, false) // a member's received disk is its --disk, else DATA_DIR/disk.img
+	addSnapshotDirFlag(fs, &p.snapDir)
+	addNetFlag(fs, &p.nf)
+	addTLSFlags(fs, &p.tf)
+	addInsecureFlag(fs, &p.tf)
 	addLogFlags(fs)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
-	isEtcd, err := etf.etcd(cf)
+	isEtcd, err := p.etf.etcd(p.cf)
 	if err != nil {
 		return err
 	}
-	if cf.id != "" || isEtcd {
-		if *secondary != "" || *secName != "" {
-			return usagef("--secondary and --secondary-name are for a pair without raft; with --id the secondary is found through raft")
-		}
-		rf.disk = gf.cfg.Disk
-		nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr, "--data", cf.data)
-		if err != nil {
-			return err
-		}
-		cf.tls, cf.insecure = nt.ID, nt.Insecure
-		nc, err := nf.attach(nodeConfig("primary", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
-		if err != nil {
-			return err
-		}
-		if isEtcd {
-			return runEtcdMember(failover.RolePrimary, cf, etf, &gf, ef, rf, nc)
-		}
-		return runMember(failover.RolePrimary, cf, &gf, ef, rf, nc)
+	if p.cf.id != "" || isEtcd {
+		return p.runMember(isEtcd)
 	}
-	kind, cfg, err := gf.config()
+	return p.runPair()
+}
+
+// primaryFlags are the parsed flags of `tandem primary`.
+type primaryFlags struct {
+	gf                   guestFlags
+	ef                   epochFlags
+	apiAddr, consoleAddr *string
+	secondary, secName   *string
+	allowFaults          *bool
+	cf                   clusterFlags
+	etf                  etcdFlags
+	rf                   receiveFlags
+	snapDir              string
+	nf                   netFlag
+	tf                   tlsFlags
+}
+
+// runMember runs a primary that a raft trio (--id) or etcd coordinates.
+func (p *primaryFlags) runMember(isEtcd bool) error {
+	if *p.secondary != "" || *p.secName != "" {
+		return usagef("--secondary and --secondary-name are for a pair without raft; with --id the secondary is found through raft")
+	}
+	p.rf.disk = p.gf.cfg.Disk
+	nt, err := p.tf.resolve("--api", *p.apiAddr, "--console", *p.consoleAddr, "--data", p.cf.data)
 	if err != nil {
 		return err
 	}
-	if err := ef.validate(); err != nil {
-		return err
-	}
-	nt, err := tf.resolve("--api", *apiAddr, "--console", *consoleAddr)
+	p.cf.tls, p.cf.insecure = nt.ID, nt.Insecure
+	nc, err := p.nf.attach(nodeConfig("primary", *p.apiAddr, *p.consoleAddr, p.snapDir, *p.allowFaults, nt))
 	if err != nil {
 		return err
 	}
-	if err := checkPairSecondary(*secondary, nt); err != nil {
+	if isEtcd {
+		return runEtcdMember(failover.RolePrimary, p.cf, p.etf, &p.gf, p.ef, p.rf, nc)
+	}
+	return runMember(failover.RolePrimary, p.cf, &p.gf, p.ef, p.rf, nc)
+}
+
+// runPair runs the primary of a pair without a coordinator (--secondary).
+func (p *primaryFlags) runPair() error {
+	kind, cfg, err := p.gf.config()
+	if err != nil {
 		return err
 	}
-	if *secName != "" && nt.ID == nil {
+	if err := p.ef.validate(); err != nil {
+		return err
+	}
+	nt, err := p.tf.resolve("--api", *p.apiAddr, "--console", *p.consoleAddr)
+	if err != nil {
+		return err
+	}
+	if err := checkPairSecondary(*p.secondary, nt); err != nil {
+		return err
+	}
+	if *p.secName != "" && nt.ID == nil {
 		return usagef("--secondary-name needs --tls-ca, --tls-cert and --tls-key (a name is checked on a certificate)")
 	}
-	nc, err := nf.attach(nodeConfig("primary", *apiAddr, *consoleAddr, snapDir, *allowFaults, nt))
+	nc, err := p.nf.attach(nodeConfig("primary", *p.apiAddr, *p.consoleAddr, p.snapDir, *p.allowFaults, nt))
 	if err != nil {
 		return err
 	}
@@ -206,7 +224,7 @@ func cmdPrimary(args []string) error {
 	defer stop()
 	return ft.RunPairPrimary(ctx, ft.PairPrimaryConfig{
 		Node:  nc,
-		Guest: g, GuestConfig: cfg, Secondary: *secondary, SecondaryName: *secName, Epochs: ef.settings(),
+		Guest: g, GuestConfig: cfg, Secondary: *p.secondary, SecondaryName: *p.secName, Epochs: p.ef.settings(),
 	})
 }
 

@@ -28,14 +28,24 @@ var (
 	ErrNotPrimary = errors.New("etcd coordinator: not the active primary")
 )
 
-// Defaults. A lease of 2 s is the shortest etcd grants with its default
-// election timeout of 1 s (it raises a shorter one to 1.5 election
-// timeouts, rounded up to whole seconds; the coordinator uses the TTL
-// etcd answers, not the one it asked for); a keepalive every half second renews it three times before the margin
-// runs out, so one slow answer on a loaded etcd does not fence a healthy
-// primary.
+// Defaults. The lease must outlast an etcd leader election: while etcd
+// has no leader a keepalive gets no answer, and a primary whose last
+// answered keepalive is more than lease - margin old fences itself. At
+// etcd's default timings (100 ms ticks, 1 s election timeout, randomized
+// up to 2 s) one election takes 1-2 s and a split vote needs a second
+// one. A 5 s lease leaves 5 - 0.5 (margin) - 0.5 (keepalive period) = 4 s
+// after the last keepalive that may have been answered: two worst-case
+// elections. The 2 s lease used before left 1.5 s and a killed etcd
+// leader fenced the primary in 2 of 3 runs. The price is RTO: the
+// secondary takes over only once etcd expired the dead primary's lease,
+// so a kill -9 costs about the lease (5 s rather than 2 s). An etcd with
+// a shorter election timeout may run a shorter --etcd-lease (etcd raises
+// a lease shorter than 1.5 election timeouts to that, rounded up to whole
+// seconds; the coordinator uses the TTL etcd answers). A keepalive every
+// half second renews it several times before the margin runs out, so
+// one slow answer on a loaded etcd does not fence a healthy primary.
 const (
-	DefaultLeaseTTL    = 2 * time.Second
+	DefaultLeaseTTL    = 5 * time.Second
 	DefaultMargin      = 500 * time.Millisecond
 	DefaultKeepAlive   = 500 * time.Millisecond
 	DefaultCallTimeout = time.Second
@@ -93,6 +103,9 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: role %q: want primary or secondary (etcd needs no witness)", ErrConfig, c.Self.Role)
 	case c.IdentityFile == "":
 		return c, fmt.Errorf("%w: no identity file (--data-dir)", ErrConfig)
+	}
+	if err := nodeOf(c.Self).check("--data"); err != nil {
+		return c, fmt.Errorf("%w: %v", ErrConfig, err) // the peer would refuse the record
 	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d == 0 {

@@ -40,10 +40,14 @@ type Coordinator struct {
 	log      *slog.Logger
 	clk      clock.Clock
 	cli      *clientv3.Client
+	leases   leaser // cli's, but for unit tests of renew
 	keys     keys
 	identity string // the cluster identity this node joined
-	events   chan failover.Event
-	requests atomic.Uint64 // etcd requests sent (unary calls and stream messages)
+	// watchFrom is the revision join read the prefix at, where the
+	// watch starts (set before the loops start).
+	watchFrom int64
+	events    chan failover.Event
+	requests  atomic.Uint64 // etcd requests sent (unary calls and stream messages)
 
 	// Read without locks by CanRelease.
 	snap         atomic.Pointer[snapshot]
@@ -70,15 +74,15 @@ type Coordinator struct {
 	peerHeartbeat  time.Time
 	announced      failover.NodeInfo
 	image          *failover.Image
-	// claimFrom/claimTo and tentFrom/tentTo: as in failover.Node, the
-	// claim that raised this node's image of generation claimFrom to
-	// claimTo, and one whose outcome etcd did not tell (a timeout).
-	claimFrom, claimTo uint64
-	tentFrom, tentTo   uint64
-	standDownUntil     time.Time // a switchover handed the lease away: no campaign before
-	waiting            string    // why nobody serves, as this node sees it
-	waitingSince       time.Time // when waiting last changed
-	waitingLogged      string    // the reason last logged
+	// claims: what this node's claims did to its image's generation
+	// (as failover.Node keeps it).
+	claims         failover.ImageClaims
+	standDownUntil time.Time // a switchover handed the lease away: no campaign before
+	waiting        string    // why nobody serves, as this node sees it
+	waitingSince   time.Time // when waiting last changed
+	waitingLogged  string    // the reason last logged
+	// unreadableLogged: the unreadable records last logged.
+	unreadableLogged string
 
 	wake chan struct{}
 	stop chan struct{}
@@ -97,6 +101,24 @@ type Coordinator struct {
 // cluster is refused (ErrWrongCluster, ErrInUse). It returns once this
 // node's view is in sync: WaitSynced returns at once after it.
 func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
+	c, err := newCoordinator(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.join(ctx); err != nil {
+		c.cli.Close()
+		return nil, err
+	}
+	c.wg.Add(3)
+	go c.leaseLoop()
+	go c.watchLoop()
+	go c.loop()
+	return c, nil
+}
+
+// newCoordinator checks cfg and makes the etcd client (which connects
+// lazily); it reads nothing and starts no loop.
+func newCoordinator(cfg Config) (*Coordinator, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return nil, err
@@ -121,6 +143,7 @@ func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
 	}
 	c.cli, err = clientv3.New(clientv3.Config{Endpoints: cfg.Endpoints, TLS: tc, Logger: zap.NewNop(),
 		DialKeepAliveTime: cfg.LeaseTTL, DialKeepAliveTimeout: cfg.CallTimeout,
+		MaxCallRecvMsgSize: maxMessage,
 		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(count), grpc.WithChainStreamInterceptor(countStream),
 			// gRPC's default reconnect backoff grows to two minutes: after
 			// an etcd outage a node would come back long after its lease
@@ -130,14 +153,7 @@ func Open(ctx context.Context, cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: --etcd-endpoints: %v", ErrConfig, err)
 	}
-	if err := c.join(ctx); err != nil {
-		c.cli.Close()
-		return nil, err
-	}
-	c.wg.Add(3)
-	go c.leaseLoop()
-	go c.watchLoop()
-	go c.loop()
+	c.leases = c.cli
 	return c, nil
 }
 
@@ -154,7 +170,8 @@ func (s countingStream) SendMsg(m any) error {
 }
 
 // endpointsTLS checks the endpoints against the TLS settings: https with
-// TLS, http without (loopback only unless Insecure).
+// TLS, http without (loopback only unless Insecure), and makes the TLS
+// configuration.
 func endpointsTLS(cfg Config) (*tls.Config, error) {
 	for _, e := range cfg.Endpoints {
 		u, err := url.Parse(e)
@@ -174,7 +191,11 @@ func endpointsTLS(cfg Config) (*tls.Config, error) {
 			return nil, fmt.Errorf("%w: %v", ErrConfig, err)
 		}
 	}
-	return cfg.TLS.ClientTLS(""), nil
+	// etcd is addressed by host name or IP, so its certificate must name
+	// the endpoint's host (the client sets the TLS server name per
+	// endpoint): a certificate of the CA issued for another host cannot
+	// pose as etcd.
+	return cfg.TLS.ServiceClientTLS(), nil
 }
 
 // Requests is how many requests this node has sent etcd (for load

@@ -40,7 +40,14 @@ func etcdLeaks() []goleak.Option {
 // 50 ms ticks, 500 ms election timeout), stopped when the test ends.
 func startEtcd(t *testing.T) *etcdlab.Cluster {
 	t.Helper()
-	c, err := etcdlab.Start(etcdlab.Config{Members: 3, Dir: t.TempDir(), TickMs: 50, ElectionMs: 500})
+	return startEtcdTimed(t, 50, 500)
+}
+
+// startEtcdTimed is startEtcd with etcd's tick and election timeout (0,
+// 0: etcd's defaults, 100 ms and 1 s).
+func startEtcdTimed(t *testing.T, tickMs, electionMs uint) *etcdlab.Cluster {
+	t.Helper()
+	c, err := etcdlab.Start(etcdlab.Config{Members: 3, Dir: t.TempDir(), TickMs: tickMs, ElectionMs: electionMs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,8 +131,14 @@ type testNode struct {
 	done   chan struct{}
 }
 
+// fastLease is the lease of the tests' nodes: their etcd elects a leader
+// within 0.5-1 s (startEtcd), so a 2 s lease outlasts an election and
+// the tests wait less for leases than with DefaultLeaseTTL, which is
+// sized for etcd's default timings (TestEtcdLeaderLossKeepsPrimary).
+const fastLease = 2 * time.Second
+
 func nodeConfig(t *testing.T, dir, cluster, id string, role failover.Role, endpoints []string) Config {
-	return Config{Endpoints: endpoints, Cluster: cluster, IdentityFile: filepath.Join(dir, id+".identity"),
+	return Config{Endpoints: endpoints, Cluster: cluster, IdentityFile: filepath.Join(dir, id+".identity"), LeaseTTL: fastLease,
 		Self:   failover.NodeInfo{ID: id, Role: role, DataAddr: "127.0.0.1:1" + fmt.Sprint(len(id)), APIAddr: "api-" + id},
 		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("t", id)}
 }
@@ -216,10 +229,20 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) time.
 // 5 and gives b the image of that epoch.
 func protectedPair(t *testing.T, dir, cluster string, ea, eb []string) (a, b *testNode) {
 	t.Helper()
-	a = openNode(t, nodeConfig(t, dir, cluster, "a", failover.RolePrimary, ea))
+	return protectedPairTuned(t, dir, cluster, ea, eb, func(*Config) {})
+}
+
+// protectedPairTuned is protectedPair with tune applied to both nodes'
+// configurations.
+func protectedPairTuned(t *testing.T, dir, cluster string, ea, eb []string, tune func(*Config)) (a, b *testNode) {
+	t.Helper()
+	ca, cb := nodeConfig(t, dir, cluster, "a", failover.RolePrimary, ea), nodeConfig(t, dir, cluster, "b", failover.RoleSecondary, eb)
+	tune(&ca)
+	tune(&cb)
+	a = openNode(t, ca)
 	a.SetImage(failover.Image{Live: true})
 	waitFor(t, 10*time.Second, "a primary", func() bool { return a.primaryAt() == 1 })
-	b = openNode(t, nodeConfig(t, dir, cluster, "b", failover.RoleSecondary, eb))
+	b = openNode(t, cb)
 	waitFor(t, 5*time.Second, "b registered", func() bool { _, ok := a.Secondary(); return ok })
 	// a hears its secondary over the data channel until the test ends
 	// (else it records the loss of protection after DataTimeout).

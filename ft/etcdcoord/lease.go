@@ -9,6 +9,13 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
+// leaser is the part of etcd's lease API renew uses: clientv3.Lease,
+// or a unit test's stand-in that answers at a moment of its choosing.
+type leaser interface {
+	Grant(ctx context.Context, ttl int64) (*clientv3.LeaseGrantResponse, error)
+	KeepAliveOnce(ctx context.Context, id clientv3.LeaseID) (*clientv3.LeaseKeepAliveResponse, error)
+}
+
 // leaseLoop holds this node's etcd lease: it grants one when it has
 // none and renews it every KeepAlive. The deadline it records is measured
 // from the start of the request etcd answered, so etcd's own end of the
@@ -43,7 +50,7 @@ func (c *Coordinator) renew(ctx context.Context) {
 	if cur := c.lease.Load(); cur != nil {
 		cctx, cancel := context.WithTimeout(ctx, c.cfg.CallTimeout)
 		start := c.clk.Now()
-		resp, err := c.cli.KeepAliveOnce(cctx, cur.id)
+		resp, err := c.leases.KeepAliveOnce(cctx, cur.id)
 		cancel()
 		switch {
 		case errors.Is(err, rpctypes.ErrLeaseNotFound) || (err == nil && resp.TTL <= 0):
@@ -64,7 +71,7 @@ func (c *Coordinator) renew(ctx context.Context) {
 	cctx, cancel := context.WithTimeout(ctx, c.cfg.CallTimeout)
 	defer cancel()
 	start := c.clk.Now()
-	resp, err := c.cli.Grant(cctx, int64(c.cfg.LeaseTTL/time.Second))
+	resp, err := c.leases.Grant(cctx, int64(c.cfg.LeaseTTL/time.Second))
 	if err != nil {
 		c.log.Debug("etcd lease grant failed", "err", err)
 		return

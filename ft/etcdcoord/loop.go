@@ -51,24 +51,7 @@ func (c *Coordinator) liveView(now time.Time) failover.View {
 // failover.Node does for the raft trio.
 // Preconditions: c.mu held.
 func (c *Coordinator) viewLocked(v failover.View) failover.View {
-	if c.tentTo != 0 {
-		switch {
-		case v.State.Generation == c.tentTo && v.State.Primary == c.cfg.Self.ID && c.image != nil && c.image.Generation == c.tentFrom:
-			c.claimFrom, c.claimTo = c.tentFrom, c.tentTo
-			c.tentFrom, c.tentTo = 0, 0
-		case v.State.Generation >= c.tentTo:
-			c.tentFrom, c.tentTo = 0, 0
-		}
-	}
-	if img := c.image; img != nil {
-		v.Runnable, v.RunnableEpoch, v.RunnableGen, v.RunnableLive = true, img.Epoch, img.Generation, img.Live
-		if c.claimTo != 0 && img.Generation == c.claimFrom {
-			v.RunnableGen = c.claimTo
-		}
-		if img.Live {
-			v.RunnableEpoch = max(v.RunnableEpoch, c.reportedEpoch)
-		}
-	}
+	c.claims.Fill(&v, c.cfg.Self.ID, c.image, c.reportedEpoch)
 	v.Claimed, v.ClaimedTerm = c.claimed, c.claimedTerm
 	v.Pending = c.pending
 	v.LastRegister, v.LastEpochApply = c.lastRegister, c.lastEpochApply
@@ -93,6 +76,9 @@ func (c *Coordinator) step() {
 		v.Claimed, v.ClaimedTerm = 0, 0
 	}
 	acts := failover.Decide(v, now)
+	if c.noteUnreadableLocked() != "" {
+		acts = onlyFences(acts)
+	}
 	for _, a := range acts {
 		c.execLocked(a, v, now)
 	}
@@ -110,7 +96,7 @@ func (c *Coordinator) execLocked(a failover.Action, v failover.View, now time.Ti
 	case failover.ActActivate:
 		c.active.Store(&failover.Activation{Generation: a.Generation, Term: v.Term})
 		c.image = &failover.Image{Generation: a.Generation, Epoch: max(v.RunnableEpoch, a.Epoch), Live: true}
-		c.claimFrom, c.claimTo, c.tentFrom, c.tentTo = 0, 0, 0, 0
+		c.claims.Reset()
 		peer, _ := v.State.Secondary()
 		c.emit(failover.Event{Kind: failover.EventBecamePrimary, Generation: a.Generation, Epoch: a.Epoch, Peer: peer, At: now})
 	case failover.ActAnnouncePeer:
@@ -169,7 +155,7 @@ func (c *Coordinator) leadershipLocked(v failover.View, acts []failover.Action, 
 		return
 	}
 	lid, _, ok := c.leaseValid(now)
-	if !ok || s.leader != "" || now.Before(c.standDownUntil) || !failover.Eligible(v) {
+	if !ok || s.leader != "" || now.Before(c.standDownUntil) || !failover.Eligible(v) || s.stateUnreadable(c.keys) != "" {
 		return
 	}
 	c.campaignLocked(lid)
@@ -187,6 +173,9 @@ func (c *Coordinator) noteWaitingLocked(v failover.View, acts []failover.Action)
 	w := ""
 	switch {
 	case active:
+	case s.stateUnreadable(c.keys) != "":
+		w = fmt.Sprintf("no primary: the record %s cannot be read (%s); no node claims the guest until it can: restore a valid record in etcd",
+			c.keys.state(), s.stateUnreadable(c.keys))
 	case s.leader == "" && v.State.Generation > 0:
 		self := "this node can resume the guest"
 		if r := failover.IneligibleReason(v); r != "" {
@@ -211,6 +200,35 @@ func (c *Coordinator) noteWaitingLocked(v failover.View, acts []failover.Action)
 		c.waitingLogged = ""
 		c.log.Info("no longer waiting", "was", "the guest was not served")
 	}
+}
+
+// noteUnreadableLocked logs the records this node cannot read, once per
+// change, and returns why the state record cannot be read ("" if it
+// can).
+// Preconditions: c.mu held.
+func (c *Coordinator) noteUnreadableLocked() string {
+	s := c.snap.Load()
+	switch bad := s.unreadable(); {
+	case bad == c.unreadableLogged:
+	case bad != "":
+		c.log.Error("etcd holds records this node cannot read; it decides without them", "records", bad)
+	default:
+		c.log.Info("every etcd record is readable again")
+	}
+	c.unreadableLogged = s.unreadable()
+	return s.stateUnreadable(c.keys)
+}
+
+// onlyFences is acts without anything that claims, activates or writes
+// the record: what a node may still do while the record is unreadable.
+func onlyFences(acts []failover.Action) []failover.Action {
+	var out []failover.Action
+	for _, a := range acts {
+		if a.Kind == failover.ActFence || a.Kind == failover.ActRegister || a.Kind == failover.ActAnnouncePeer {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // waitingLogAfter is how long a reason for nobody serving must hold

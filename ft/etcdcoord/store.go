@@ -3,7 +3,9 @@ package etcdcoord
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"sort"
+	"strconv"
 	"strings"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -39,6 +41,13 @@ const recordVersion = 1
 // maxRecord bounds a value read from etcd: records are a few hundred
 // bytes, so anything near this is not one of ours.
 const maxRecord = 64 << 10
+
+// maxMessage bounds a message from etcd (clientv3's own bound is 2 GiB,
+// read into memory before any check here). A Tandem prefix holds four
+// kinds of records of a few hundred bytes; a read or watch answer larger
+// than this is refused by gRPC, and the read retried (and logged), as
+// for an unreachable etcd.
+const maxMessage = 1 << 20
 
 // clusterRecord is the owner of the prefix.
 type clusterRecord struct {
@@ -80,6 +89,23 @@ type memberRecord struct {
 	Identity string      `json:"identity"` // the node's data directory's (see Config.IdentityFile)
 	Image    imageRecord `json:"image"`
 	rev      int64       // mod revision (not stored)
+}
+
+// check refuses a member's info this node would act on wrongly: a role
+// other than primary or secondary, or a data address that is not
+// HOST:PORT (the primary dials it).
+func (n nodeRecord) check(key string) error {
+	if n.Role != string(failover.RolePrimary) && n.Role != string(failover.RoleSecondary) {
+		return fmt.Errorf("%s: role %q, want primary or secondary", key, n.Role)
+	}
+	host, port, err := net.SplitHostPort(n.DataAddr)
+	if err != nil || host == "" || len(n.DataAddr) > 255 {
+		return fmt.Errorf("%s: data address %q, want HOST:PORT", key, n.DataAddr)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("%s: data address %q: port out of 1-65535", key, n.DataAddr)
+	}
+	return nil
 }
 
 func (n nodeRecord) info() failover.NodeInfo {
@@ -136,8 +162,9 @@ type snapshot struct {
 	leaderRev   int64
 	leaderLease int64
 	members     map[string]memberRecord
-	// bad is the first record that could not be read ("" if none).
-	bad string
+	// bad holds the records etcd holds but this node cannot read, by
+	// key: the error. A later readable version or a delete clears one.
+	bad map[string]string
 }
 
 // with is s with the key-values kvs applied (puts) and the keys of dels
@@ -150,8 +177,13 @@ func (s *snapshot) with(k keys, rev int64, kvs []*mvccpb.KeyValue, dels []*mvccp
 	for id, m := range s.members {
 		n.members[id] = m
 	}
+	n.bad = make(map[string]string, len(s.bad))
+	for key, err := range s.bad {
+		n.bad[key] = err
+	}
 	for _, del := range dels {
 		key := string(del.Key)
+		delete(n.bad, key)
 		switch {
 		case key == k.state() && del.ModRevision > n.stateRev:
 			n.state, n.stateRev = stateRecord{}, 0
@@ -170,18 +202,23 @@ func (s *snapshot) with(k keys, rev int64, kvs []*mvccpb.KeyValue, dels []*mvccp
 }
 
 // put applies one key-value. An unreadable record is kept out and named
-// in bad: the node then decides on what it could read, and says so.
+// in bad. An unreadable state record empties the state (generation 0,
+// no primary): a primary then fences, since the record no longer names
+// it; and the node neither claims nor campaigns while the state is
+// unreadable (stateUnreadable), which keeps generation 0 from reading as
+// a fresh cluster.
 func (n *snapshot) put(k keys, kv *mvccpb.KeyValue) {
 	key := string(kv.Key)
 	var err error
 	switch {
 	case key == k.state() && kv.ModRevision < n.stateRev, key == k.leader() && kv.CreateRevision < n.leaderRev:
-		// older than what this node already holds
+		return // older than what this node already holds
 	case key == k.state():
 		var st stateRecord
-		if err = decode(key, kv.Value, &st); err == nil {
-			n.state, n.stateRev = st, kv.ModRevision
+		if err = decode(key, kv.Value, &st); err != nil {
+			st = stateRecord{}
 		}
+		n.state, n.stateRev = st, kv.ModRevision
 	case key == k.leader():
 		if len(kv.Value) > maxRecord || !validCluster.Match(kv.Value) {
 			err = fmt.Errorf("%s: not a node ID", key)
@@ -199,13 +236,38 @@ func (n *snapshot) put(k keys, kv *mvccpb.KeyValue) {
 			err = fmt.Errorf("%s: names node %q", key, m.Node.ID)
 		}
 		if err == nil {
-			m.rev = kv.ModRevision
-			n.members[m.Node.ID] = m
+			err = m.Node.check(key)
 		}
+		if err != nil {
+			delete(n.members, k.memberID(key)) // what etcd holds is not the version kept
+			break
+		}
+		m.rev = kv.ModRevision
+		n.members[m.Node.ID] = m
 	}
-	if err != nil && n.bad == "" {
-		n.bad = err.Error()
+	if n.bad == nil {
+		n.bad = map[string]string{}
 	}
+	if err != nil {
+		n.bad[key] = err.Error()
+	} else {
+		delete(n.bad, key)
+	}
+}
+
+// stateUnreadable is why the state record cannot be read ("" if it
+// can).
+func (s *snapshot) stateUnreadable(k keys) string { return s.bad[k.state()] }
+
+// unreadable names every record this node cannot read, sorted ("" if
+// none).
+func (s *snapshot) unreadable() string {
+	var out []string
+	for _, err := range s.bad {
+		out = append(out, err)
+	}
+	sort.Strings(out)
+	return strings.Join(out, "; ")
 }
 
 // fsmState is the record as failover.Decide reads it.

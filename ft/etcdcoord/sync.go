@@ -86,6 +86,7 @@ func (c *Coordinator) joinOnce(ctx context.Context) error {
 	}
 	c.identity = snap.cluster.Identity
 	c.snap.Store(snap)
+	c.watchFrom = snap.rev
 	return nil
 }
 
@@ -131,7 +132,11 @@ func (c *Coordinator) read(ctx context.Context) (*snapshot, error) {
 
 // watchLoop keeps the snapshot current: a watch of the prefix from the
 // revision read, read again whenever the watch ends (an etcd member lost
-// its leader, a compaction, a broken connection).
+// its leader, a compaction, a broken connection). The revision it goes on
+// from is the watch's own (the last it delivered or read), never the
+// snapshot's: this node's writes advance the snapshot's revision past
+// events of other writers the watch has not delivered yet, and a watch
+// restarted from there would skip them.
 func (c *Coordinator) watchLoop() {
 	defer c.wg.Done()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -140,14 +145,15 @@ func (c *Coordinator) watchLoop() {
 		<-c.stop
 		cancel()
 	}()
+	rev := c.watchFrom
 	for ctx.Err() == nil {
-		from := c.snap.Load().rev + 1
-		wch := c.cli.Watch(clientv3.WithRequireLeader(ctx), c.keys.prefix, clientv3.WithPrefix(), clientv3.WithRev(from))
+		wch := c.cli.Watch(clientv3.WithRequireLeader(ctx), c.keys.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 		for resp := range wch {
 			if resp.Err() != nil || resp.Canceled {
 				break
 			}
 			c.applyEvents(resp.Header.Revision, resp.Events)
+			rev = max(rev, resp.Header.Revision)
 		}
 		// Read the prefix again before the next watch (bounded), then
 		// go on from there.
@@ -156,10 +162,11 @@ func (c *Coordinator) watchLoop() {
 			s, err := c.read(rctx)
 			rcancel()
 			if err == nil {
-				c.snap.Store(s)
-				c.poke()
+				c.update(func(*snapshot) *snapshot { return s })
+				rev = s.rev
 				break
 			}
+			c.log.Debug("etcd read failed", "err", err)
 			sleepCtx(ctx, 200*time.Millisecond)
 		}
 	}

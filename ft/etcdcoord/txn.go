@@ -48,14 +48,21 @@ func (c *Coordinator) claimLocked(a failover.Action, v failover.View) {
 		resp, err := c.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.ModRevision(c.keys.state()), "=", s.stateRev), c.leads(term)).
 			Then(clientv3.OpPut(c.keys.state(), encode(next)), clientv3.OpPut(c.keys.member(c.cfg.Self.ID), encode(me))).
+			Else(clientv3.OpGet(c.keys.state())).
 			Commit()
+		if err == nil && !resp.Succeeded {
+			// The record changed (or the leader key did): decide again
+			// on the record etcd holds, not on the one refused, even if
+			// the watch is behind.
+			c.refreshState(resp)
+		}
 		c.mu.Lock()
 		c.pending.Claim = false
 		switch {
 		case err == nil && resp.Succeeded:
 			c.claimed, c.claimedTerm = a.Generation, uint64(term)
 			if covers && c.image != nil && c.image.Generation == img.Generation {
-				c.claimFrom, c.claimTo = img.Generation, a.Generation
+				c.claims.Committed(img.Generation, a.Generation)
 			}
 			rev := resp.Header.Revision
 			c.snap.Store(c.snap.Load().withState(next, rev))
@@ -63,7 +70,7 @@ func (c *Coordinator) claimLocked(a failover.Action, v failover.View) {
 		case err != nil && covers:
 			// The transaction may have committed after all: remember
 			// the claim until the record tells.
-			c.tentFrom, c.tentTo = img.Generation, a.Generation
+			c.claims.Tentative(img.Generation, a.Generation)
 			c.log.Info("claim outcome unknown", "gen", a.Generation, "err", err)
 		default:
 			c.log.Debug("claim refused", "gen", a.Generation, "err", err)
@@ -120,11 +127,20 @@ func (c *Coordinator) writeState(gen uint64, f func(*stateRecord)) error {
 			c.update(func(cur *snapshot) *snapshot { return cur.withState(next, resp.Header.Revision) })
 			return nil
 		}
-		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 1 {
-			c.update(func(cur *snapshot) *snapshot { return cur.with(c.keys, cur.rev, kvs, nil) })
-		}
+		c.refreshState(resp)
 	}
 	return fmt.Errorf("%w: the record kept changing", errSuperseded)
+}
+
+// refreshState publishes the record a failed transaction's Else read
+// (OpGet of state) returned, if newer than the one held.
+func (c *Coordinator) refreshState(resp *clientv3.TxnResponse) {
+	if len(resp.Responses) == 0 {
+		return
+	}
+	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 1 {
+		c.update(func(cur *snapshot) *snapshot { return cur.with(c.keys, cur.rev, kvs, nil) })
+	}
 }
 
 // memberRecordLocked is this node's record: its info and claim.

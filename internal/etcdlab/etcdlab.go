@@ -12,9 +12,11 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
@@ -59,11 +61,40 @@ type Cluster struct {
 }
 
 // Start runs a new cluster and waits (bounded) until every member is
-// ready.
+// ready. Its ports are picked free (freeURL) but another process may bind
+// one before the member does: Start then begins again on new ports, a
+// few times.
 func Start(cfg Config) (*Cluster, error) {
 	if cfg.Members < 1 || cfg.Members > 7 {
 		return nil, fmt.Errorf("etcdlab: %d members: want 1 to 7", cfg.Members)
 	}
+	var err error
+	for range startAttempts {
+		var c *Cluster
+		if c, err = startOnce(cfg); err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+			return c, err
+		}
+		// A bootstrap that failed half-way leaves members' data of
+		// that cluster: begin again from none.
+		for i := range cfg.Members {
+			os.RemoveAll(filepath.Join(cfg.Dir, memberName(i)))
+		}
+	}
+	return nil, err
+}
+
+// startAttempts bounds Start's tries on ports taken under it;
+// bindRetries and bindWait a restart's on its own ports.
+const (
+	startAttempts = 5
+	bindRetries   = 20
+	bindWait      = 100 * time.Millisecond
+)
+
+func memberName(i int) string { return fmt.Sprintf("m%d", i) }
+
+// startOnce is one attempt of Start.
+func startOnce(cfg Config) (*Cluster, error) {
 	scheme := "http"
 	if cfg.TLS != nil {
 		scheme = "https"
@@ -79,7 +110,7 @@ func Start(cfg Config) (*Cluster, error) {
 		if err != nil {
 			return nil, err
 		}
-		m := &Member{Name: fmt.Sprintf("m%d", i), ClientURL: client, peerURL: peer}
+		m := &Member{Name: memberName(i), ClientURL: client, peerURL: peer}
 		c.Members = append(c.Members, m)
 		initial = append(initial, m.Name+"="+peer)
 	}
@@ -88,12 +119,12 @@ func Start(cfg Config) (*Cluster, error) {
 	}
 	errs := make(chan error, len(c.Members))
 	for _, m := range c.Members {
-		go func() { errs <- m.start() }() // bootstrap needs every member up at once
+		go func() { errs <- m.startOnce() }() // bootstrap needs every member up at once
 	}
 	var first error
 	for range c.Members {
-		if err := <-errs; err != nil && first == nil {
-			first = err
+		if err := <-errs; err != nil && (first == nil || errors.Is(err, syscall.EADDRINUSE)) {
+			first = err // a bind error first: the others then fail waiting for it
 		}
 	}
 	if first != nil {
@@ -126,19 +157,39 @@ func memberConfig(cfg Config, m *Member, initial string) *embed.Config {
 	return ec
 }
 
-// freeURL is a URL on a loopback port nobody listens on now.
+// freeURL is a URL on a loopback port nobody listens on now (someone may
+// by the time a member binds it: Start and start retry).
 func freeURL(scheme string) (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", err
 	}
-	defer ln.Close()
-	return scheme + "://" + ln.Addr().String(), nil
+	addr := ln.Addr().String()
+	ln.Close()
+	takeNext(addr)
+	return scheme + "://" + addr, nil
 }
 
-// start runs m (again, with the data it kept) and waits until it is
-// ready.
+// takeNext is a test's hook: it may bind the address freeURL just
+// handed out, as a parallel test could.
+var takeNext = func(string) {}
+
+// start runs m again, with the data and ports it kept, and waits until
+// it is ready. A port of m's held by someone else (another test's probe
+// in freeURL holds one for a moment) is tried again, bindRetries times.
 func (m *Member) start() error {
+	var err error
+	for range bindRetries {
+		if err = m.startOnce(); err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+			return err
+		}
+		time.Sleep(bindWait)
+	}
+	return err
+}
+
+// startOnce runs m once and waits until it is ready.
+func (m *Member) startOnce() error {
 	e, err := embed.StartEtcd(m.cfg)
 	if err != nil {
 		return fmt.Errorf("etcdlab: start %s: %w", m.Name, err)

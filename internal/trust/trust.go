@@ -103,6 +103,18 @@ func (id *Identity) ServerTLS() *tls.Config {
 	}
 }
 
+// ServiceClientTLS is the configuration of a client of a service reached
+// by host name or IP (etcd): the server's certificate must chain to the
+// CA and name the host dialed (Go's standard verification; the caller's
+// transport sets ServerName to each endpoint's host). A nil Identity
+// gives nil: a plaintext client.
+func (id *Identity) ServiceClientTLS() *tls.Config {
+	if id == nil {
+		return nil
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{id.cert}, RootCAs: id.ca}
+}
+
 // ClientTLS is the configuration of a client. The server's certificate
 // must chain to the CA; if expect is not empty it must also name expect
 // (the node the caller believes it dials). A nil Identity (no TLS flags)
