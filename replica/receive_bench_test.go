@@ -18,7 +18,9 @@ import (
 // sends them) decoded, staged and committed into a fresh synth guest's
 // memory, with no network. Beside it, in the same run, the floor: copy of
 // the same page bytes into a fresh guest's memory (first-touch faults
-// included, as the receiver pays them). Reports ns/page and MB/s of page
+// included, as the receiver pays them). "staged" is an FT epoch's path
+// (pages staged, copied into memory at EndEpoch); "through" a migration
+// destination's (Image.WriteThrough). Reports ns/page and MB/s of page
 // content; the guest is built and closed outside the timer.
 //
 //	go test ./replica/ -run '^$' -bench ReceivePath -benchtime 10x -count 5
@@ -82,26 +84,39 @@ func BenchmarkReceivePath(b *testing.B) {
 				copy(g.Regions()[0].Mem, mem)
 			})
 		})
-		b.Run("receive/"+comp.String(), func(b *testing.B) {
-			runRecvBench(b, pages, func(g *synth.Guest) {
-				im := NewImage(g)
-				rd, err := checkpoint.NewReader(bytes.NewReader(stream), checkpoint.Limits{})
-				if err != nil {
-					b.Fatal(err)
-				}
-				for {
-					if _, err := rd.ReadEpoch(im); err != nil {
-						if errors.Is(err, io.EOF) {
-							break
-						}
-						b.Fatal(err)
+		for _, through := range []bool{false, true} {
+			mode := "staged"
+			if through {
+				mode = "through"
+			}
+			b.Run("receive/"+mode+"/"+comp.String(), func(b *testing.B) {
+				runRecvBench(b, pages, func(g *synth.Guest) {
+					im := NewImage(g)
+					if through {
+						im.WriteThrough()
 					}
-				}
-				if c := im.Committed(); c.Epochs != uint64(pages/benchRecvEpochPages) {
-					b.Fatalf("%d epochs committed, want %d", c.Epochs, pages/benchRecvEpochPages)
-				}
+					receiveStream(b, stream, im, pages/benchRecvEpochPages)
+				})
 			})
-		})
+		}
+	}
+}
+
+// receiveStream reads a whole stream into im and checks its epochs.
+func receiveStream(b *testing.B, stream []byte, im *Image, epochs int) {
+	rd, err := checkpoint.NewReader(bytes.NewReader(stream), checkpoint.Limits{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for {
+		if _, err := rd.ReadEpoch(im); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			b.Fatal(err)
+		}
+	}
+	if c := im.Committed(); c.Epochs != uint64(epochs) {
+		b.Fatalf("%d epochs committed, want %d", c.Epochs, epochs)
 	}
 }
 
