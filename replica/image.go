@@ -14,7 +14,9 @@ import (
 // never-run guest of the right kind and layout, plus the last committed
 // machine state. It implements checkpoint.Target: a stream's pages,
 // devices and disk writes are staged and reach the image only in EndEpoch,
-// all together, so a partly received epoch is never visible.
+// all together, so a partly received epoch is never visible. A migration
+// destination's pages skip staging (WriteThrough,
+// image_writethrough.go): its guest is discarded if an epoch fails.
 //
 // An epoch that carries device state was taken at a pause, so after it
 // commits the image is a consistent guest (Consistent). Epochs of a live
