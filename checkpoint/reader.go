@@ -37,6 +37,18 @@ type Target interface {
 	EndEpoch(e EpochEnd) error
 }
 
+// HashedTarget is a Target that takes each page with the XXH64 of its
+// content, which the Reader computes anyway for the epoch digest, so the
+// Target need not hash the page a second time (the replica keeps a
+// digest of its memory page by page). The Reader then calls
+// StorePageHashed instead of StorePage: zero says the page is all zero
+// (data is then a zero page and sum is 0); otherwise sum is
+// xxhash.Sum64(data).
+type HashedTarget interface {
+	Target
+	StorePageHashed(index uint64, data []byte, sum uint64, zero bool) error
+}
+
 // Section describes one section the Reader read.
 type Section struct {
 	Type     SectionType `json:"-"`

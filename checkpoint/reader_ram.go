@@ -3,6 +3,8 @@ package checkpoint
 import (
 	"fmt"
 
+	"github.com/cespare/xxhash/v2"
+
 	"github.com/tandemvm/tandem/guest"
 )
 
@@ -163,20 +165,29 @@ func (r *Reader) xorPage(t Target, d *decoder, index uint64, out []byte) error {
 // applyRAM stores the checked entries of r.ents into t and counts them.
 func (r *Reader) applyRAM(t Target) error {
 	r.cur.Sections++
+	ht, hashed := t.(HashedTarget)
 	for _, e := range r.ents {
 		for k := uint64(0); k < e.count; k++ {
 			idx := e.index + k
 			data := e.data
-			if e.enc == encZero || isZeroPage(data) {
+			var sum uint64
+			zero := e.enc == encZero || isZeroPage(data)
+			if zero {
 				data = zeroPage[:]
 				r.digest.zero(idx)
 			} else {
-				r.digest.page(idx, data)
+				sum = xxhash.Sum64(data)
+				r.digest.pageHash(idx, sum)
 			}
-			if t != nil {
-				if err := t.StorePage(idx, data); err != nil {
-					return fmt.Errorf("store page %d: %w", idx, err)
-				}
+			var err error
+			switch {
+			case hashed:
+				err = ht.StorePageHashed(idx, data, sum, zero)
+			case t != nil:
+				err = t.StorePage(idx, data)
+			}
+			if err != nil {
+				return fmt.Errorf("store page %d: %w", idx, err)
 			}
 		}
 		r.cur.Pages += e.count

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"reflect"
 	"testing"
+
+	"github.com/cespare/xxhash/v2"
 )
 
 func TestRoundTrip(t *testing.T) {
@@ -54,5 +56,54 @@ func TestDeterministic(t *testing.T) {
 	b, _ := writeStream(t, Options{}, 3, 7)
 	if !bytes.Equal(a, b) {
 		t.Fatal("two encodings of the same input differ")
+	}
+}
+
+// hashCheckTarget is a MemTarget that checks what the Reader tells a
+// HashedTarget: each page's XXH64 and whether it is all zero.
+type hashCheckTarget struct {
+	*MemTarget
+	t            *testing.T
+	zero, hashed int
+}
+
+func (h *hashCheckTarget) StorePageHashed(index uint64, data []byte, sum uint64, zero bool) error {
+	if zero != isZeroPage(data) {
+		h.t.Fatalf("page %d: zero %v, content says %v", index, zero, !zero)
+	}
+	if zero {
+		h.zero++
+	} else if want := xxhash.Sum64(data); sum != want {
+		h.t.Fatalf("page %d: sum %x, want %x", index, sum, want)
+	} else {
+		h.hashed++
+	}
+	return h.MemTarget.StorePage(index, data)
+}
+
+// A HashedTarget gets every page through StorePageHashed, with the hash
+// the epoch digest used, and ends with the same content as a plain one.
+func TestHashedTarget(t *testing.T) {
+	for _, opts := range []Options{{}, {Compression: CompressNone}} {
+		stream, _ := writeStream(t, opts, 5, 3)
+		plain := NewMemTarget()
+		if _, err := Restore(bytes.NewReader(stream), Limits{}, plain); err != nil {
+			t.Fatal(err)
+		}
+		ht := &hashCheckTarget{MemTarget: NewMemTarget(), t: t}
+		if _, err := Restore(bytes.NewReader(stream), Limits{}, ht); err != nil {
+			t.Fatal(err)
+		}
+		if ht.zero == 0 || ht.hashed == 0 {
+			t.Fatalf("%d zero and %d hashed pages: the stream should have both", ht.zero, ht.hashed)
+		}
+		if !reflect.DeepEqual(plain.PageIndices(), ht.PageIndices()) {
+			t.Fatal("hashed target holds other pages")
+		}
+		for _, idx := range plain.PageIndices() {
+			if !bytes.Equal(plain.Page(idx), ht.Page(idx)) {
+				t.Fatalf("page %d differs", idx)
+			}
+		}
 	}
 }

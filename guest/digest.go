@@ -47,9 +47,15 @@ func PageHash(index uint64, page []byte) uint64 {
 	if IsZeroPage(page) {
 		return 0
 	}
-	h := xxhash.Sum64(page)
+	return PageHashOf(index, xxhash.Sum64(page))
+}
+
+// PageHashOf is PageHash of a non-zero page whose XXH64 is sum, for a
+// caller that has hashed the page already (a receiver verifying an epoch
+// digest does: checkpoint.HashedTarget).
+func PageHashOf(index, sum uint64) uint64 {
 	// Mix the index in so that equal pages at different places differ.
-	x := h ^ (index * 0x9e3779b97f4a7c15)
+	x := sum ^ (index * 0x9e3779b97f4a7c15)
 	x ^= x >> 30
 	x *= 0xbf58476d1ce4e5b9
 	x ^= x >> 27
@@ -64,6 +70,16 @@ func PageHash(index uint64, page []byte) uint64 {
 // Update records that page index now holds page.
 func (m *MemHash) Update(index uint64, page []byte) {
 	m.set(index, PageHash(index, page))
+}
+
+// UpdateHashed is Update for a page whose content is known by its XXH64
+// (sum) or known to be all zero (zero; sum is then ignored).
+func (m *MemHash) UpdateHashed(index, sum uint64, zero bool) {
+	if zero {
+		m.set(index, 0)
+		return
+	}
+	m.set(index, PageHashOf(index, sum))
 }
 
 func (m *MemHash) set(index, h uint64) {

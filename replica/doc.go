@@ -22,7 +22,9 @@
 // with HelloReply.Activated: the primary is fenced. These fields are
 // optional; older peers ignore them (docs/PAIR-AND-MIGRATION.md).
 //
-// It must never make a partly received epoch visible, never let the
+// It must never make a partly received epoch visible (a migration
+// destination writes pages through to a guest it discards if the stream
+// fails, which nobody sees: Image.WriteThrough), never let the
 // receiving guest run before the image is consistent (an epoch with
 // machine state committed after the last live-sync epoch), and never
 // block without a deadline: every read and write on a data connection has

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 )
@@ -13,7 +14,9 @@ import (
 // never-run guest of the right kind and layout, plus the last committed
 // machine state. It implements checkpoint.Target: a stream's pages,
 // devices and disk writes are staged and reach the image only in EndEpoch,
-// all together, so a partly received epoch is never visible.
+// all together, so a partly received epoch is never visible. A migration
+// destination's pages skip staging (WriteThrough,
+// image_writethrough.go): its guest is discarded if an epoch fails.
 //
 // An epoch that carries device state was taken at a pause, so after it
 // commits the image is a consistent guest (Consistent). Epochs of a live
@@ -28,7 +31,7 @@ type Image struct {
 	regions []guest.Region
 
 	// Staging, owned by the receiving goroutine.
-	staged      map[uint64][]byte
+	staged      map[uint64]stagedPage
 	free        [][]byte
 	stagedState *guest.MachineState
 	stagedDisk  []guest.DiskWrite
@@ -63,6 +66,21 @@ type Image struct {
 	lastPages []uint64
 	lastState *guest.MachineState
 	lastDisk  []guest.DiskWrite
+
+	// Write-through (WriteThrough), receiving goroutine only: the open
+	// epoch's pages, already in memory, for the digest at EndEpoch; torn
+	// once an epoch failed after writing memory.
+	writeThrough bool
+	written      []writtenPage
+	torn         bool
+}
+
+// stagedPage is a page of the open epoch with the XXH64 of its content
+// (the Reader's, so the commit does not hash it again); zero: all zero.
+type stagedPage struct {
+	data []byte
+	sum  uint64
+	zero bool
 }
 
 // NewImage wraps a paused guest built empty by a Factory: its memory is
@@ -72,7 +90,7 @@ type Image struct {
 // (Activate).
 func NewImage(g guest.Guest) *Image {
 	im := &Image{
-		g: g, regions: g.Regions(), staged: map[uint64][]byte{},
+		g: g, regions: g.Regions(), staged: map[uint64]stagedPage{},
 		hash: guest.NewMemHash(),
 	}
 	im.idle.L = &im.mu
@@ -165,7 +183,7 @@ func (im *Image) page(index uint64) []byte {
 // PageBase implements checkpoint.Target.
 func (im *Image) PageBase(index uint64) ([]byte, error) {
 	if p, ok := im.staged[index]; ok {
-		return p, nil
+		return p.data, nil
 	}
 	p := im.page(index)
 	if p == nil {
@@ -176,11 +194,25 @@ func (im *Image) PageBase(index uint64) ([]byte, error) {
 
 // StorePage implements checkpoint.Target.
 func (im *Image) StorePage(index uint64, data []byte) error {
-	if im.page(index) == nil {
+	if guest.IsZeroPage(data) {
+		return im.StorePageHashed(index, data, 0, true)
+	}
+	return im.StorePageHashed(index, data, xxhash.Sum64(data), false)
+}
+
+// StorePageHashed implements checkpoint.HashedTarget: the page is staged
+// with its hash (or, write-through, written at once).
+func (im *Image) StorePageHashed(index uint64, data []byte, sum uint64, zero bool) error {
+	dst := im.page(index)
+	if dst == nil {
 		return fmt.Errorf("%w: page %d outside guest memory", checkpoint.ErrCorrupt, index)
 	}
 	if len(data) != guest.PageSize {
 		return fmt.Errorf("%w: page %d has %d bytes", checkpoint.ErrCorrupt, index, len(data))
+	}
+	if im.writeThrough {
+		im.writePage(dst, index, data, sum, zero)
+		return nil
 	}
 	p, ok := im.staged[index]
 	if !ok {
@@ -189,13 +221,14 @@ func (im *Image) StorePage(index uint64, data []byte) error {
 		}
 		im.stagedBytes += guest.PageSize
 		if n := len(im.free); n > 0 {
-			p, im.free = im.free[n-1], im.free[:n-1]
+			p.data, im.free = im.free[n-1], im.free[:n-1]
 		} else {
-			p = make([]byte, guest.PageSize)
+			p.data = make([]byte, guest.PageSize)
 		}
-		im.staged[index] = p
 	}
-	copy(p, data)
+	copy(p.data, data)
+	p.sum, p.zero = sum, zero
+	im.staged[index] = p
 	return nil
 }
 
@@ -243,6 +276,10 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 		im.mu.Unlock()
 		return ErrHandedOver
 	}
+	if im.torn {
+		im.mu.Unlock()
+		return ErrTorn
+	}
 	im.committing = true
 	im.mu.Unlock()
 	var derr error
@@ -266,14 +303,14 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	}
 	im.lastPages, im.lastState, im.lastDisk = im.lastPages[:0], nil, nil
 	for idx, p := range im.staged {
-		dst := im.page(idx)
-		copy(dst, p)
-		im.hash.Update(idx, dst)
-		im.free = append(im.free, p)
+		copy(im.page(idx), p.data)
+		im.hash.UpdateHashed(idx, p.sum, p.zero)
+		im.free = append(im.free, p.data)
 		if im.record {
 			im.lastPages = append(im.lastPages, idx)
 		}
 	}
+	im.commitWrittenLocked()
 	if im.record {
 		im.lastState, im.lastDisk = im.stagedState, im.stagedDisk
 	}
@@ -310,10 +347,11 @@ func (im *Image) Discard() {
 
 func (im *Image) discardLocked() {
 	for _, p := range im.staged {
-		im.free = append(im.free, p)
+		im.free = append(im.free, p.data)
 	}
 	clear(im.staged)
 	im.stagedState, im.stagedDisk, im.stagedBytes = nil, nil, 0
+	im.tearLocked()
 }
 
 // Committed describes the committed image.
@@ -383,6 +421,10 @@ func (im *Image) Activate() (guest.Guest, Committed, error) {
 	if !im.consistent || !im.hasState {
 		im.mu.Unlock()
 		return nil, c, ErrInconsistent
+	}
+	if im.torn {
+		im.mu.Unlock()
+		return nil, c, ErrTorn
 	}
 	if im.handedOver {
 		im.mu.Unlock()

@@ -411,6 +411,9 @@ func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g
 		return nil, 0, err
 	}
 	im := r.newImage(g, hello.Config)
+	// g is fresh and closed on any error below (ReceiveMigrationWith):
+	// its pages may skip staging (image_writethrough.go says why).
+	im.WriteThrough()
 	for {
 		e, err := rd.ReadEpoch(im)
 		if err != nil {

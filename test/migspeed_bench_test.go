@@ -14,6 +14,7 @@ import (
 type migRun struct {
 	total, downtime, wire float64
 	rounds, throttle      int
+	srcCPU, dstCPU        float64 // ms of CPU over the migration
 	attempts              []attemptReport
 }
 
@@ -34,9 +35,13 @@ func honestMigrate(b *testing.B, kind string, guestArgs []string, touch uint64, 
 	}
 	waitWorkload(b, src, touch)
 	time.Sleep(settle)
+	// CPU of both processes over the migration (the source's includes its
+	// guest's vCPUs, the destination's its guest's first moments).
+	srcCPU0, dstCPU0 := procCPU(src.Pid()), procCPU(dst.Pid())
 	b.StartTimer()
 	r, st := migrate(b, src, to, extra...)
 	b.StopTimer()
+	srcCPU, dstCPU := procCPU(src.Pid())-srcCPU0, procCPU(dst.Pid())-dstCPU0
 	if r.code != 0 || st.Status != "completed" {
 		after := mustStatus(b, src)
 		b.Fatalf("migrate exit %d, status %q (%d syncs, %.1f MiB sent, %.1f MiB remaining, throttle %d%%)\n%s", r.code, st.Status,
@@ -52,7 +57,8 @@ func honestMigrate(b *testing.B, kind string, guestArgs []string, touch uint64, 
 		_ = json.Unmarshal([]byte(r.stdout[j+1:]), &full)
 	}
 	return migRun{total: float64(st.TotalTimeMs), downtime: float64(st.DowntimeMs), wire: float64(st.TransferredBytes),
-		rounds: int(st.DirtySyncCount), throttle: ptrInt(st.ThrottlePercent), attempts: full.Attempts}
+		rounds: int(st.DirtySyncCount), throttle: ptrInt(st.ThrottlePercent), attempts: full.Attempts,
+		srcCPU: srcCPU * 1000, dstCPU: dstCPU * 1000}
 }
 
 func (r migRun) String() string {
@@ -61,8 +67,8 @@ func (r migRun) String() string {
 		atts = append(atts, fmt.Sprintf("[exp %.0f; final %d pages exp %.0f; actual %.0f, send %.0f; %s]",
 			a.ExpectedDowntimeMs, a.FinalPages, a.FinalExpectedMs, a.ActualDowntimeMs, a.FinalSendMs, a.Outcome))
 	}
-	return fmt.Sprintf("total %.0f ms, downtime %.0f ms, wire %.1f MiB, %d syncs, throttle %d%%, attempts %s",
-		r.total, r.downtime, r.wire/(1<<20), r.rounds, r.throttle, strings.Join(atts, " "))
+	return fmt.Sprintf("total %.0f ms, downtime %.0f ms, wire %.1f MiB, %d syncs, throttle %d%%, CPU source %.0f ms, destination %.0f ms, attempts %s",
+		r.total, r.downtime, r.wire/(1<<20), r.rounds, r.throttle, r.srcCPU, r.dstCPU, strings.Join(atts, " "))
 }
 
 func median(v []float64) float64 {
@@ -115,7 +121,7 @@ func BenchmarkMigrateHonest(b *testing.B) {
 				for _, comp := range []string{"none", "default"} {
 					for _, ns := range streams {
 						b.Run(fmt.Sprintf("%s/%s/streams=%s", fill, comp, ns), func(b *testing.B) {
-							var totals, downs []float64
+							var totals, downs, dstCPU []float64
 							for i := 0; i < b.N; i++ {
 								args := profileArgs(kind, "1GiB", "512MiB", rate, "--fill", fill)
 								flags := []string{"--downtime-limit", downtimeFlag, "--compression", comp, "--max-time", "2m"}
@@ -126,7 +132,9 @@ func BenchmarkMigrateHonest(b *testing.B) {
 								b.Logf("%s %s %s streams %s: %v", kind, fill, comp, ns, r)
 								totals = append(totals, r.total)
 								downs = append(downs, r.downtime)
+								dstCPU = append(dstCPU, r.dstCPU)
 							}
+							b.ReportMetric(median(dstCPU), "dst-cpu-ms")
 							b.ReportMetric(median(totals), "total-ms")
 							b.ReportMetric(median(downs), "downtime-ms")
 							b.ReportMetric(slices.Max(downs), "max-downtime-ms")
