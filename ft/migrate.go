@@ -53,6 +53,18 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: streams %d not in 1..%d", req.Streams, api.MaxMigrateStreams))
 		return
 	}
+	pcRounds := 1
+	if req.PostcopyAfterRounds != nil {
+		pcRounds = *req.PostcopyAfterRounds
+	}
+	if pcRounds < 0 || pcRounds > api.MaxPostcopyAfterRounds {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: postcopy_after_rounds %d not in 0..%d", pcRounds, api.MaxPostcopyAfterRounds))
+		return
+	}
+	if req.Postcopy && strings.HasPrefix(req.To, "file:") {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, errors.New("bad migrate request: postcopy needs a receiver, not a file: destination"))
+		return
+	}
 	pol, err := migratePolicy(req)
 	if err != nil {
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
@@ -82,6 +94,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		// Two-phase switch-over: the destination resumes only on this
 		// source's commit (see precopy.Committer).
 		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, cmp.Or(req.SourceAPI, n.api.Addr())
+		hello.Postcopy = req.Postcopy
 	}
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
@@ -91,6 +104,18 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	var pc *pcSource
+	pcRefused := ""
+	if req.Postcopy {
+		if pc, pcRefused, ok = n.openPostcopy(w, r, req.To, migID, link, g); !ok {
+			closeLink()
+			return
+		}
+		if pc != nil {
+			linkOnly := closeLink
+			closeLink = func() { pc.close(); linkOnly() }
+		}
+	}
 	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
 	if err != nil {
 		closeLink()
@@ -98,6 +123,10 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	m.SetID(migID)
+	if pc != nil {
+		m.Postcopy, m.PostcopyAfterRounds = pc, pcRounds
+	}
+	m.SetPostcopyRefused(pcRefused)
 	m.Log = n.log
 	// From the final pause on, the guest's address is the destination's
 	// to announce (it does once it resumes); this node's schedule, if one
@@ -105,7 +134,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	m.OnFinalPause = n.net.stopAnnouncing
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
-	n.mig, n.migDest, n.migCancel = m, req.To, cancel
+	n.mig, n.migDest, n.migCancel, n.pcOut = m, req.To, cancel, pc
 	n.mu.Unlock()
 	started = true
 	n.users.Add(1)
@@ -114,7 +143,11 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 		n.runMigration(ctx, m, req.To, closeLink)
 	}()
-	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true, "to": req.To})
+	reply := map[string]any{"ok": true, "to": req.To}
+	if pcRefused != "" {
+		reply["postcopy_refused"] = pcRefused
+	}
+	WriteJSON(w, http.StatusAccepted, reply)
 }
 
 // migrationCache is the size of the stream's XOR delta cache. On a

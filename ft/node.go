@@ -69,6 +69,10 @@ type Node struct {
 	migCancel context.CancelFunc
 	inbound   *replica.MigrationResult
 	pending   *pendingCommit          // a received guest awaiting its commit
+	// pcOut is the running migration's post-copy mover (nil: none);
+	// pcIn a destination's post-copy side (set by ReceiveMigrations).
+	pcOut *pcSource
+	pcIn  *pcInbound
 	epochs    *failover.EpochLoop     // primary: protection
 	sec       *replica.Secondary      // secondary: the committed image
 	cluster   func() *api.ClusterView // raft view of a cluster member
@@ -287,6 +291,13 @@ func (n *Node) status(digest bool) nodeStatus {
 	// guest's own lock, which a pause and a dirty sync hold.
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
+	pcOut, pcIn := n.pcOut, n.pcIn
+	if digest && pcIn != nil && pcIn.active() {
+		// The guest lacks pages: a scan from Go code would fault on
+		// them (docs/POSTCOPY.md).
+		digest = false
+		st.MemoryDigestError = "post-copy is active: pages are still missing; ask again once every page arrived"
+	}
 	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
 	st.Net = n.netStatusLocked(epochs)
 	var g guest.Guest
@@ -313,6 +324,11 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.GuestInfo = describeGuest(cur, curCfg)
 	}
 	migrationStatus(&st, mig, migDest, inbound)
+	if mig != nil && pcOut != nil {
+		pcOut.fill(&st.MigrationStatus)
+	} else if mig == nil && pcIn != nil {
+		pcIn.fill(&st.MigrationStatus)
+	}
 	if cluster != nil {
 		st.Cluster = cluster()
 	}

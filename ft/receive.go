@@ -14,6 +14,7 @@ import (
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/trust"
+	"github.com/tandemvm/tandem/postcopy"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -59,6 +60,10 @@ func (n *Node) ReceiveMigrations(ctx context.Context, cfg ReceiverConfig) {
 	ln, log := cfg.Listener, n.log
 	n.api.HandleFunc("POST /migrate/commit", n.handleMigrateResolve(true))
 	n.api.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
+	pc := &pcInbound{log: log}
+	n.mu.Lock()
+	n.pcIn = pc
+	n.mu.Unlock()
 	n.Start()
 	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.Addr(), "tls", n.trust.TLSOn())
 	rctx, cancel := context.WithCancel(context.Background())
@@ -86,13 +91,19 @@ func (n *Node) ReceiveMigrations(ctx context.Context, cfg ReceiverConfig) {
 	cancel()
 	ln.Close()
 	joinWithin(func() { <-done; wg.Wait() }, 5*time.Second, log, "the receiving goroutines")
+	pc.abort()
 }
 
 // receiveOne takes one migration connection: the handshake, the stream,
 // and the commit (or the wait for it).
 func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, cfg ReceiverConfig, busy *atomic.Bool) {
 	log := n.log
-	defer conn.Close()
+	keep := false // a post-copy channel is the pcInbound's to close
+	defer func() {
+		if !keep {
+			conn.Close()
+		}
+	}()
 	if err := trust.Handshake(conn, handshakeTimeout); err != nil {
 		log.Warn("migration connection refused: TLS handshake", "from", conn.RemoteAddr().String(), "err", err)
 		return
@@ -107,8 +118,10 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		n.SetState("receiving")
 		return nil
 	}
+	rc.PostcopyConn = n.pcIn.take
 	free := func() {
 		if admitted {
+			n.pcIn.abort()
 			n.SetState("waiting")
 			busy.Store(false)
 		}
@@ -121,9 +134,24 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		OnReady: func(guest.Guest, replica.Hello) {
 			n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
 		},
-		OnDiscard:     func(guest.Guest) { n.detach() },
+		OnDiscard: func(guest.Guest) {
+			n.pcIn.abort()
+			n.detach()
+		},
 		CommitTimeout: cfg.CommitTimeout,
+		Postcopy: func(g guest.Guest, h replica.Hello) error {
+			if err := postcopy.Available(g.Regions()); err != nil {
+				return err
+			}
+			n.pcIn.grant(h.MigrationID)
+			return nil
+		},
+		PostcopySwitch: n.pcIn.start,
 	})
+	if res.PostcopyChannel && err == nil {
+		keep = true
+		return
+	}
 	if err != nil {
 		free()
 		log.Error("migration refused, failed or aborted; still waiting", "from", conn.RemoteAddr().String(), "err", err)
@@ -136,6 +164,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 			return
 		}
 		ln.Close() // no more migrations: the guest runs here now
+		n.pcIn.finish(ctx)
 		return
 	}
 	// The guest runs here now: the segment must learn that its address
@@ -150,6 +179,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		"epochs", res.Epochs, "digest", res.Digest, "load", res.LoadTime.String())
 	// No more migrations: the guest runs here now.
 	ln.Close()
+	n.pcIn.finish(ctx)
 	// Drain the end of the stream, then close.
 	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
 	var b [512]byte

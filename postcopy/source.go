@@ -119,7 +119,13 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 // readRuns reads the destination's list of missing pages, bounded by the
 // guest's size.
 func (s *Source) readRuns(r *frameReader) (*precopy.Bitmap, error) {
-	b := precopy.NewBitmap(s.pm.limit)
+	return readRuns(r, s.pm)
+}
+
+// readRuns reads a list of runs ('M' frames up to 'm') into a bitmap of
+// pm's pages; every run is bounded by the guest's size and its regions.
+func readRuns(r *frameReader, pm pageMap) (*precopy.Bitmap, error) {
+	b := precopy.NewBitmap(pm.limit)
 	var total uint64
 	for {
 		f, err := r.read()
@@ -134,12 +140,12 @@ func (s *Source) readRuns(r *frameReader) (*precopy.Bitmap, error) {
 			return nil, fmt.Errorf("%w: frame %q before the end of the missing runs", ErrProtocol, f.typ)
 		}
 		n := le64(f.data)
-		if n == 0 || f.arg >= s.pm.limit || n > s.pm.limit-f.arg || total+n > s.pm.limit {
-			return nil, fmt.Errorf("%w: missing run %d+%d beyond %d pages", ErrProtocol, f.arg, n, s.pm.limit)
+		if n == 0 || f.arg >= pm.limit || n > pm.limit-f.arg || total+n > pm.limit {
+			return nil, fmt.Errorf("%w: missing run %d+%d beyond %d pages", ErrProtocol, f.arg, n, pm.limit)
 		}
 		total += n
 		for p := f.arg; p < f.arg+n; p++ {
-			if s.pm.page(p) == nil {
+			if pm.page(p) == nil {
 				return nil, fmt.Errorf("%w: missing page %d in no region", ErrProtocol, p)
 			}
 			b.Set(p)

@@ -145,6 +145,15 @@ type Migration struct {
 	// committed: the commit was decided; the source's guest never
 	// resumes from here on.
 	committed bool
+	// Postcopy, if set, switches the migration to post-copy once
+	// PostcopyAfterRounds rounds have been sent (0: before any; the
+	// first round is the full pass). A completion the controller decides
+	// sooner stays precopy's. Set both before Run.
+	Postcopy            PostcopyLink
+	PostcopyAfterRounds int
+	// beforeCommit, if set, runs in switchOver once the destination is
+	// ready, before the commit (the post-copy switch starts serving).
+	beforeCommit func()
 	// pendingDisk holds disk writes taken by a completion attempt that
 	// was given up after its final sync; the next final send sends them.
 	pendingDisk []guest.DiskWrite
@@ -181,6 +190,12 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 // SetID names the migration in its status (MigrationID).
 func (m *Migration) SetID(id string) {
 	m.update(func(s *MigrationStatus) { s.MigrationID = id })
+}
+
+// SetPostcopyRefused records why a post-copy migration stays
+// precopy-only ("": it does not).
+func (m *Migration) SetPostcopyRefused(why string) {
+	m.update(func(s *MigrationStatus) { s.PostcopyRefused = why })
 }
 
 // Status returns a copy of the figures so far.
@@ -232,6 +247,12 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	applied := 0
 	for round := 0; ; round++ {
 		m.update(func(s *MigrationStatus) { s.Round = round })
+		if m.Postcopy != nil && round >= m.PostcopyAfterRounds {
+			done, err := m.switchPostcopy(ctx, ctrl, start, round)
+			if done || err != nil {
+				return err
+			}
+		}
 		wire0 := m.link.BytesSent()
 		sent, sendTime, err := m.sendRound(ctx, round)
 		if err != nil {
