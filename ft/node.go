@@ -68,15 +68,15 @@ type Node struct {
 	// stop: POST /migrate/cancel never drops protection).
 	migCancel context.CancelFunc
 	inbound   *replica.MigrationResult
-	pending   *pendingCommit          // a received guest awaiting its commit
+	pending   *pendingCommit // a received guest awaiting its commit
 	// pcOut is the running migration's post-copy mover (nil: none);
 	// pcIn a destination's post-copy side (set by ReceiveMigrations).
-	pcOut *pcSource
-	pcIn  *pcInbound
-	epochs    *failover.EpochLoop     // primary: protection
-	sec       *replica.Secondary      // secondary: the committed image
-	cluster   func() *api.ClusterView // raft view of a cluster member
-	raft      *failover.Node          // a raft member's node (metrics)
+	pcOut   *pcSource
+	pcIn    *pcInbound
+	epochs  *failover.EpochLoop     // primary: protection
+	sec     *replica.Secondary      // secondary: the committed image
+	cluster func() *api.ClusterView // raft view of a cluster member
+	raft    *failover.Node          // a raft member's node (metrics)
 	// fences counts the times the node's guest was fenced.
 	fences    atomic.Uint64
 	fencedGen atomic.Uint64 // the generation last counted in fences
