@@ -103,6 +103,9 @@ type pcInbound struct {
 	g       guest.Guest
 	cancel  context.CancelFunc
 	done    chan error // the Target's Run, once it ends
+	// last is the figures of the last Target, kept for status once it
+	// is released.
+	last *postcopy.TargetStats
 }
 
 // grant expects the channels of migration id (any earlier state is
@@ -239,7 +242,11 @@ func (p *pcInbound) abort() {
 		<-done
 	}
 	if tg != nil {
+		st := tg.Stats()
 		tg.Close()
+		p.mu.Lock()
+		p.last = &st
+		p.mu.Unlock()
 	}
 	for _, c := range conns {
 		c.Close()
@@ -249,12 +256,17 @@ func (p *pcInbound) abort() {
 // fill adds the destination's post-copy figures to its status.
 func (p *pcInbound) fill(st *api.MigrationStatus) {
 	p.mu.Lock()
-	tg := p.tg
+	tg, last := p.tg, p.last
 	p.mu.Unlock()
-	if tg == nil {
+	var ts postcopy.TargetStats
+	switch {
+	case tg != nil:
+		ts = tg.Stats()
+	case last != nil:
+		ts = *last
+	default:
 		return
 	}
-	ts := tg.Stats()
 	st.PostcopyActive, st.PostcopyRequests = ts.Active, ts.Requests
 	st.PostcopyRemainingPages, st.PostcopyBlocktimeMs = ts.Remaining, ts.BlocktimeMs
 	st.PostcopyPages = ts.Remaining + ts.Received

@@ -46,6 +46,9 @@ type ReceiverConfig struct {
 	// CommitTimeout: after answering ready, how long to wait on the
 	// connection for the source's commit before asking its API.
 	CommitTimeout time.Duration
+	// NoPostcopy refuses every source's switch to post-copy (the
+	// operator's choice, --postcopy=false): migrations stay precopy-only.
+	NoPostcopy bool
 }
 
 // ReceiveMigrations serves POST /migrate/commit and /migrate/abort, starts
@@ -140,6 +143,9 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		},
 		CommitTimeout: cfg.CommitTimeout,
 		Postcopy: func(g guest.Guest, h replica.Hello) error {
+			if cfg.NoPostcopy {
+				return errors.New("post-copy is off on this receiver (--postcopy=false)")
+			}
 			if err := postcopy.Available(g.Regions()); err != nil {
 				return err
 			}

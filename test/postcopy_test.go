@@ -40,15 +40,50 @@ func (w *pcWriter) run(stop <-chan struct{}, from int) {
 // says the destination's switch-over digest (taken as the last page
 // arrived) equals its own, the destination served faults by post-copy,
 // and the client goes on there.
+//
+// The capped case (no round, 20 Mbit/s) reads the preloaded keys on the
+// destination while its pages are still coming: the destination must
+// have served faults (postcopy_requests) and answered them all right.
 func TestMigratePostcopyKV(t *testing.T) {
 	forEachKind(t, func(t *testing.T, kind string) {
 		for _, rounds := range []string{"1", "0"} {
-			t.Run("after-"+rounds, func(t *testing.T) { testPostcopyKV(t, kind, rounds) })
+			t.Run("after-"+rounds, func(t *testing.T) { testPostcopyKV(t, kind, rounds, "") })
 		}
+		t.Run("after-0-capped", func(t *testing.T) { testPostcopyKV(t, kind, "0", "20Mbit") })
 	})
 }
 
-func testPostcopyKV(t *testing.T, kind, rounds string) {
+// readDuring waits (up to 60 s) for the destination to run the guest,
+// then reads key0..key299 there once, while the migration may still be
+// moving pages; it returns the first wrong reply or error ("": none)
+// and whether the reads began while post-copy was active.
+func readDuring(t *testing.T, dst *node) (string, bool) {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if st, err := getStatus(dst.api, false); err == nil && st.State == "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			return "the destination never ran the guest", false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	st, _ := getStatus(dst.api, false)
+	c := dialConsole(t, dst, "r")
+	for i := range 300 {
+		c.seq++
+		got, err := c.requestSeq(c.seq, fmt.Sprintf("GET key%d", i), 30*time.Second)
+		if err != nil {
+			return err.Error(), st.PostcopyActive
+		}
+		if got != fmt.Sprintf("OK v%d", i) {
+			return fmt.Sprintf("GET key%d = %q during post-copy", i, got), st.PostcopyActive
+		}
+	}
+	return "", st.PostcopyActive
+}
+
+func testPostcopyKV(t *testing.T, kind, rounds, bw string) {
 	src := startSource(t, kind, guestOpts{workload: "kv", vcpus: 2})
 	dst := startReceiver(t)
 	w := &pcWriter{c: dialConsole(t, src, "w")}
@@ -62,9 +97,19 @@ func testPostcopyKV(t *testing.T, kind, rounds string) {
 	var wg sync.WaitGroup
 	wg.Go(func() { w.run(stop, 300) })
 	time.Sleep(200 * time.Millisecond) // load before the migration starts
-	r, st := migrate(t, src, dst.data, "--postcopy", "--postcopy-after-rounds", rounds, "--downtime-limit", downtimeFlag)
+	args := []string{"--postcopy", "--postcopy-after-rounds", rounds, "--downtime-limit", downtimeFlag}
+	var readErr string
+	readActive := false
+	if bw != "" {
+		args = append(args, "--max-bandwidth", bw, "--compression", "none")
+		wg.Go(func() { readErr, readActive = readDuring(t, dst) })
+	}
+	r, st := migrate(t, src, dst.data, args...)
 	close(stop)
 	wg.Wait()
+	if readErr != "" {
+		t.Errorf("reads on the destination during post-copy: %s", readErr)
+	}
 	if r.code != 0 || st.Status != "completed" {
 		t.Fatalf("migrate exit %d, status %q\nstdout:\n%s\nstderr:\n%s", r.code, st.Status, r.stdout, r.stderr)
 	}
@@ -80,6 +125,9 @@ func testPostcopyKV(t *testing.T, kind, rounds string) {
 	}
 	if ds.PostcopyActive || ds.PostcopyRemainingPages != 0 {
 		t.Errorf("destination: post-copy still active (%d pages remaining) after the source completed", ds.PostcopyRemainingPages)
+	}
+	if bw != "" && (!readActive || ds.PostcopyRequests == 0) {
+		t.Errorf("capped: reads began with post-copy active %v; destination served %d requests: want faults served", readActive, ds.PostcopyRequests)
 	}
 	d := &pcWriter{c: dialConsole(t, dst, "w")}
 	d.c.seq = w.c.seq + 1 // past a request the source never answered
@@ -98,5 +146,38 @@ func testPostcopyKV(t *testing.T, kind, rounds string) {
 		kind, rounds, len(w.acked), len(w.acked)-300, st.PostcopyPages, st.PostcopyRequests, ds.PostcopyRequests, ds.PostcopyBlocktimeMs, st.DowntimeMs, st.TotalTimeMs)
 	if strings.Contains(r.stderr, "refused") {
 		t.Errorf("stderr: %s", r.stderr)
+	}
+}
+
+// --postcopy to a receiver that refuses post-copy (--postcopy=false):
+// one line on the command's stderr says so and why, and the migration
+// completes precopy-only. A bad --postcopy-after-rounds is refused in
+// one line, exit 2, before anything starts.
+func TestMigratePostcopyRefused(t *testing.T) {
+	src := startSource(t, "synth", guestOpts{workload: "kv"})
+	dst := startReceiver(t, "--postcopy=false")
+	c := dialConsole(t, src, "c")
+	if got := c.do("SET k v"); got != "OK" {
+		t.Fatalf("SET: %q", got)
+	}
+	bad := runCLI(t, time.Minute, "migrate", "--from", src.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "-1")
+	if bad.code != 2 || strings.Count(strings.TrimSpace(bad.stderr), "\n") != 0 || !strings.Contains(bad.stderr, "--postcopy-after-rounds") {
+		t.Errorf("bad --postcopy-after-rounds: exit %d, stderr %q: want exit 2 and one line naming the flag", bad.code, bad.stderr)
+	}
+	r, st := migrate(t, src, dst.data, "--postcopy", "--downtime-limit", downtimeFlag)
+	if r.code != 0 || st.Status != "completed" {
+		t.Fatalf("migrate exit %d, status %q\nstdout:\n%s\nstderr:\n%s", r.code, st.Status, r.stdout, r.stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+	if len(lines) != 1 || !strings.Contains(lines[0], "--postcopy refused") || !strings.Contains(lines[0], "--postcopy=false") {
+		t.Errorf("stderr %q: want one line saying --postcopy was refused and why", r.stderr)
+	}
+	if st.PostcopyRefused == "" || st.PostcopyPages != 0 || st.DestinationDigest != st.SwitchoverDigest {
+		t.Errorf("status: refused %q, %d pages owed, digests %q / %q: want a precopy-only completion", st.PostcopyRefused, st.PostcopyPages, st.SwitchoverDigest, st.DestinationDigest)
+	}
+	d := dialConsole(t, dst, "c")
+	d.seq = c.seq
+	if got := d.do("GET k"); got != "OK v" {
+		t.Errorf("destination GET k = %q", got)
 	}
 }
