@@ -43,36 +43,43 @@ func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 	return p, p.Validate()
 }
 
-func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
-	var req migrateRequest
+// parseMigrateRequest reads and checks a POST /migrate body, or answers
+// why not: the request, its precopy policy, its compression and the
+// rounds before a post-copy switch.
+func parseMigrateRequest(w http.ResponseWriter, r *http.Request) (req migrateRequest, pol precopy.Policy, comp checkpoint.Compression, pcRounds int, ok bool) {
+	bad := func(err error) (migrateRequest, precopy.Policy, checkpoint.Compression, int, bool) {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
+		return req, pol, comp, 0, false
+	}
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: %v", err))
-		return
+		return bad(fmt.Errorf("bad migrate request: %v", err))
 	}
 	if req.Streams < 0 || req.Streams > api.MaxMigrateStreams {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: streams %d not in 1..%d", req.Streams, api.MaxMigrateStreams))
-		return
+		return bad(fmt.Errorf("bad migrate request: streams %d not in 1..%d", req.Streams, api.MaxMigrateStreams))
 	}
-	pcRounds := 1
+	pcRounds = 1
 	if req.PostcopyAfterRounds != nil {
 		pcRounds = *req.PostcopyAfterRounds
 	}
 	if pcRounds < 0 || pcRounds > api.MaxPostcopyAfterRounds {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: postcopy_after_rounds %d not in 0..%d", pcRounds, api.MaxPostcopyAfterRounds))
-		return
+		return bad(fmt.Errorf("bad migrate request: postcopy_after_rounds %d not in 0..%d", pcRounds, api.MaxPostcopyAfterRounds))
 	}
 	if req.Postcopy && strings.HasPrefix(req.To, "file:") {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, errors.New("bad migrate request: postcopy needs a receiver, not a file: destination"))
-		return
+		return bad(errors.New("bad migrate request: postcopy needs a receiver, not a file: destination"))
 	}
 	pol, err := migratePolicy(req)
 	if err != nil {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
-		return
+		return bad(err)
 	}
-	comp, err := checkpoint.ParseCompression(cmp.Or(req.Compression, "default"))
-	if err != nil {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
+	if comp, err = checkpoint.ParseCompression(cmp.Or(req.Compression, "default")); err != nil {
+		return bad(err)
+	}
+	return req, pol, comp, pcRounds, true
+}
+
+func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
+	req, pol, comp, pcRounds, ok := parseMigrateRequest(w, r)
+	if !ok {
 		return
 	}
 	g, cfg, ok := n.reserveForMigration(w)
@@ -104,17 +111,14 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var pc *pcSource
-	pcRefused := ""
-	if req.Postcopy {
-		if pc, pcRefused, ok = n.openPostcopy(w, r, req.To, migID, link, g); !ok {
-			closeLink()
-			return
-		}
-		if pc != nil {
-			linkOnly := closeLink
-			closeLink = func() { pc.close(); linkOnly() }
-		}
+	pc, pcRefused, ok := n.openPostcopy(w, r, req, migID, link, g)
+	if !ok {
+		closeLink()
+		return
+	}
+	if pc != nil {
+		linkOnly := closeLink
+		closeLink = func() { pc.close(); linkOnly() }
 	}
 	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
 	if err != nil {

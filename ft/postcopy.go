@@ -56,13 +56,17 @@ func (p *pcSource) fill(st *api.MigrationStatus) {
 	}
 }
 
-// openPostcopy asks for nothing new: the destination's handshake answer
+// openPostcopy (for a request with Postcopy) reads the destination's handshake answer
 // (replica.Link.Postcopy) says whether it takes post-copy. If it does,
 // the two extra connections are opened through the migration's dialer
 // and trust, tied to the migration by id; if it does not, the migration
 // stays precopy-only and refused says why (nil pcSource, ok). ok false:
 // the error has been answered.
-func (n *Node) openPostcopy(w http.ResponseWriter, r *http.Request, to, id string, link precopy.Link, g guest.Guest) (pc *pcSource, refused string, ok bool) {
+func (n *Node) openPostcopy(w http.ResponseWriter, r *http.Request, req migrateRequest, id string, link precopy.Link, g guest.Guest) (pc *pcSource, refused string, ok bool) {
+	if !req.Postcopy {
+		return nil, "", true
+	}
+	to := req.To
 	rl, isLink := link.(*replica.Link)
 	if !isLink {
 		return nil, "post-copy needs a receiver, not a file", true

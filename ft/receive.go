@@ -129,31 +129,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 			busy.Store(false)
 		}
 	}
-	res, err := rc.ReceiveMigrationWith(ctx, conn, replica.MigrationOptions{
-		BeforeResume: func(g guest.Guest, h replica.Hello) error {
-			n.Attach(g, h.Config)
-			return nil
-		},
-		OnReady: func(guest.Guest, replica.Hello) {
-			n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
-		},
-		OnDiscard: func(guest.Guest) {
-			n.pcIn.abort()
-			n.detach()
-		},
-		CommitTimeout: cfg.CommitTimeout,
-		Postcopy: func(g guest.Guest, h replica.Hello) error {
-			if cfg.NoPostcopy {
-				return errors.New("post-copy is off on this receiver (--postcopy=false)")
-			}
-			if err := postcopy.Available(g.Regions()); err != nil {
-				return err
-			}
-			n.pcIn.grant(h.MigrationID)
-			return nil
-		},
-		PostcopySwitch: n.pcIn.start,
-	})
+	res, err := rc.ReceiveMigrationWith(ctx, conn, n.migrationOptions(cfg))
 	if res.PostcopyChannel && err == nil {
 		keep = true
 		return
@@ -193,6 +169,38 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		if _, err := conn.Read(b[:]); err != nil {
 			break
 		}
+	}
+}
+
+// migrationOptions are the hooks of a received migration: the guest is
+// attached before it resumes; post-copy is granted where the guest's
+// memory can be registered (and the operator did not turn it off), its
+// switch handled by the node's pcInbound.
+func (n *Node) migrationOptions(cfg ReceiverConfig) replica.MigrationOptions {
+	return replica.MigrationOptions{
+		BeforeResume: func(g guest.Guest, h replica.Hello) error {
+			n.Attach(g, h.Config)
+			return nil
+		},
+		OnReady: func(guest.Guest, replica.Hello) {
+			n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
+		},
+		OnDiscard: func(guest.Guest) {
+			n.pcIn.abort()
+			n.detach()
+		},
+		CommitTimeout: cfg.CommitTimeout,
+		Postcopy: func(g guest.Guest, h replica.Hello) error {
+			if cfg.NoPostcopy {
+				return errors.New("post-copy is off on this receiver (--postcopy=false)")
+			}
+			if err := postcopy.Available(g.Regions()); err != nil {
+				return err
+			}
+			n.pcIn.grant(h.MigrationID)
+			return nil
+		},
+		PostcopySwitch: n.pcIn.start,
 	}
 }
 

@@ -247,11 +247,8 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	applied := 0
 	for round := 0; ; round++ {
 		m.update(func(s *MigrationStatus) { s.Round = round })
-		if m.Postcopy != nil && round >= m.PostcopyAfterRounds {
-			done, err := m.switchPostcopy(ctx, ctrl, start, round)
-			if done || err != nil {
-				return err
-			}
+		if done, err := m.maybeSwitch(ctx, ctrl, start, round); done || err != nil {
+			return err
 		}
 		wire0 := m.link.BytesSent()
 		sent, sendTime, err := m.sendRound(ctx, round)
@@ -304,6 +301,15 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 			return m.failed(start, fmt.Errorf("migration cancelled: %w", err))
 		}
 	}
+}
+
+// maybeSwitch switches to post-copy once the rounds asked for are sent
+// (see switchPostcopy); without Postcopy it does nothing.
+func (m *Migration) maybeSwitch(ctx context.Context, ctrl *Controller, start time.Time, round int) (bool, error) {
+	if m.Postcopy == nil || round < m.PostcopyAfterRounds {
+		return false, nil
+	}
+	return m.switchPostcopy(ctx, ctrl, start, round)
 }
 
 // sendRound sends one iterative round (round 0: all of memory) and waits

@@ -59,49 +59,34 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 	}
 	owed := missing.Count()
 	cp.Pages = nil
-	// The switch-over digest of the paused guest, taken off the pause:
-	// the guest stays paused, so it is the same later.
-	digest := make(chan guest.Digest, 1)
-	go func() { digest <- guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), cp.State) }()
-	defer func() {
-		if digest != nil {
-			<-digest
-		}
-	}()
+	wait := m.serveOnReady(ctx, cp.State)
 	sendStart := m.clk().Now()
 	if err := m.Postcopy.SendMissing(missing); err != nil {
+		wait(true)
 		return false, m.failed(start, fmt.Errorf("post-copy: send the missing set: %w", err))
 	}
 	final, err := m.sendFinal(cp)
 	if err != nil {
+		wait(true)
 		return false, m.failed(start, err)
 	}
-	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer scancel()
-	var served chan error
-	m.beforeCommit = func() {
-		// The destination is ready, its page mover running: serve from
-		// now on (it faults only once it resumes, on the commit).
-		d := <-digest
-		digest = nil
-		served = make(chan error, 1)
-		go func() { served <- m.Postcopy.Serve(sctx, d, m.send.Limiter) }()
-	}
 	ack, acked, err := m.switchOver(ctx, final, start)
-	m.beforeCommit = nil
 	if err != nil {
-		scancel()
-		if served != nil {
-			<-served
+		// Once the commit is decided the guest is the destination's
+		// (it may have resumed, or await the commit paused): its pages
+		// are served to the end, or until its link fails.
+		if _, serr := wait(!m.committed); m.committed && serr != nil {
+			m.logf("post-copy: serving ended after an unconfirmed commit", "err", serr)
 		}
 		return false, err
 	}
-	if served == nil {
-		return false, m.unconfirmed(start, errors.New("post-copy: the destination resumed without a post-copy switch"))
-	}
 	m.update(func(s *MigrationStatus) { s.PostcopyActive, s.PostcopyPages = true, owed })
 	m.logf("post-copy: the guest runs on the destination; serving the pages it lacks", "pages", owed)
-	if err := <-served; err != nil {
+	started, err := wait(false)
+	if !started {
+		return false, m.unconfirmed(start, errors.New("post-copy: the destination resumed without a post-copy switch"))
+	}
+	if err != nil {
 		m.unconfirmed(start, fmt.Errorf("post-copy: %w", err))
 		m.update(func(s *MigrationStatus) { s.Outcome, s.PostcopyActive = OutcomePostcopyIncomplete, false })
 		return false, fmt.Errorf("%w: post-copy: %w", ErrCommitUnconfirmed, err)
@@ -115,6 +100,42 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 		s.PostcopyActive = false
 	})
 	return true, nil
+}
+
+// serveOnReady arranges for the page mover to start serving once the
+// destination is ready (switchOver's beforeCommit: it faults only after
+// the commit, but its run is already going), and takes the switch-over
+// digest of the paused guest meanwhile, off the pause (the guest stays
+// paused, so it is the same later). wait ends the arrangement: with stop
+// it cancels the serving (the switch failed); without, it waits for the
+// serving's end. started says whether serving began.
+func (m *Migration) serveOnReady(ctx context.Context, state guest.MachineState) (wait func(stop bool) (started bool, err error)) {
+	digest := make(chan guest.Digest, 1)
+	go func() { digest <- guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), state) }()
+	// Not the migration's ctx: once committed the guest is the
+	// destination's, and a cancel must not strand its pages.
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	var served chan error
+	m.beforeCommit = func() {
+		d := <-digest
+		digest = nil
+		served = make(chan error, 1)
+		go func() { served <- m.Postcopy.Serve(sctx, d, m.send.Limiter) }()
+	}
+	return func(stop bool) (bool, error) {
+		m.beforeCommit = nil
+		if stop {
+			cancel()
+		}
+		defer cancel()
+		if digest != nil {
+			<-digest
+		}
+		if served == nil {
+			return false, nil
+		}
+		return true, <-served
+	}
 }
 
 // markAll marks every page of the guest dirty.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/trust"
 )
 
@@ -105,4 +106,22 @@ func (r *Receiver) postcopyChannel(conn net.Conn, h Hello, buffered int) error {
 		return fmt.Errorf("post-copy %s connection for migration %q: %w", h.Channel, h.MigrationID, err)
 	}
 	return errPostcopyTaken
+}
+
+// grantPostcopy answers a Hello's post-copy question (only Postcopy and
+// PostcopyRefused of the reply are set).
+func (r *Receiver) grantPostcopy(h Hello, g guest.Guest, o MigrationOptions) HelloReply {
+	switch {
+	case !h.Postcopy:
+		return HelloReply{}
+	case !h.Commit || h.MigrationID == "":
+		return HelloReply{PostcopyRefused: "post-copy needs the two-phase switch-over and a migration id"}
+	case o.Postcopy == nil:
+		return HelloReply{PostcopyRefused: "this receiver does not take post-copy"}
+	}
+	if err := o.Postcopy(g, h); err != nil {
+		r.log().Warn("post-copy refused; the migration stays precopy-only", "err", err)
+		return HelloReply{PostcopyRefused: oneLine(err.Error())}
+	}
+	return HelloReply{Postcopy: true}
 }

@@ -477,24 +477,6 @@ func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g
 	}
 }
 
-// grantPostcopy answers a Hello's post-copy question (only Postcopy and
-// PostcopyRefused of the reply are set).
-func (r *Receiver) grantPostcopy(h Hello, g guest.Guest, o MigrationOptions) HelloReply {
-	switch {
-	case !h.Postcopy:
-		return HelloReply{}
-	case !h.Commit || h.MigrationID == "":
-		return HelloReply{PostcopyRefused: "post-copy needs the two-phase switch-over and a migration id"}
-	case o.Postcopy == nil:
-		return HelloReply{PostcopyRefused: "this receiver does not take post-copy"}
-	}
-	if err := o.Postcopy(g, h); err != nil {
-		r.log().Warn("post-copy refused; the migration stays precopy-only", "err", err)
-		return HelloReply{PostcopyRefused: oneLine(err.Error())}
-	}
-	return HelloReply{Postcopy: true}
-}
-
 // awaitCommit is the two-phase switch-over's destination side: it
 // acknowledges Ready for the loaded final epoch and waits for the source's
 // word. It returns (false, nil) on commit (resume now), an error wrapping
