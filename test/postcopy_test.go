@@ -1,11 +1,14 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/replica"
 )
 
 // pcWriter writes key<i> = v<i> on a console until stop is closed or a
@@ -83,9 +86,27 @@ func readDuring(t *testing.T, dst *node) (string, bool) {
 	return "", st.PostcopyActive
 }
 
+// checkStaleChannel opens a post-copy channel to a receiver that grants
+// no migration post-copy (a stale or made-up migration id): refused,
+// with the id, through the receiver's one listener.
+func checkStaleChannel(t *testing.T, dst *node) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := replica.DialPostcopy(ctx, dst.data, "stale-id", replica.ChannelUrgent, replica.DialOptions{})
+	if err == nil {
+		c.Close()
+		t.Fatal("a post-copy channel of a migration the receiver does not hold was accepted")
+	}
+	if !strings.Contains(err.Error(), "stale-id") {
+		t.Errorf("refusal %q does not name the migration", err)
+	}
+}
+
 func testPostcopyKV(t *testing.T, kind, rounds, bw string) {
 	src := startSource(t, kind, guestOpts{workload: "kv", vcpus: 2})
 	dst := startReceiver(t)
+	checkStaleChannel(t, dst)
 	w := &pcWriter{c: dialConsole(t, src, "w")}
 	for i := range 300 {
 		if r := w.c.do(fmt.Sprintf("SET key%d v%d", i, i)); r != "OK" {
