@@ -209,3 +209,33 @@ func TestMigratePostcopyRefused(t *testing.T) {
 		t.Errorf("destination GET k = %q", got)
 	}
 }
+
+// Post-copy over TLS: the two extra connections go through the same
+// mutual-TLS listener as the migration (an intruder of another CA
+// sending a post-copy Hello is refused before it is read), and a switch
+// before any round completes with the destination's digest matching.
+func TestTLSPostcopyMigration(t *testing.T) {
+	pki := newPKI(t, "src", "dst", operator)
+	other := otherPKI(t, "src", operator)
+	dst := startReceiverTLS(t, pki, "dst")
+	for _, in := range intruders(t, other, "src") {
+		if err := refusedConn(in, dst.data, `{"proto":1,"purpose":"postcopy","migration_id":"x","channel":"urgent"}`+"\n"); err != nil {
+			t.Errorf("post-copy channel: %v", err)
+		}
+	}
+	src := startSource(t, "synth", guestOpts{memory: "64MiB", workload: "kv", pki: pki})
+	c := dialConsole(t, src, "m")
+	if r := c.do("SET moved yes"); r != "OK" {
+		t.Fatal(r)
+	}
+	c.c.Close()
+	st := mustMigrate(t, src, dst.data, append([]string{"--postcopy", "--postcopy-after-rounds", "0"}, pki.nodeArgs(operator)...)...)
+	if st.PostcopyPages == 0 || st.SwitchoverDigest == "" || st.SwitchoverDigest != st.DestinationDigest {
+		t.Errorf("%d pages owed; switchover digests %q vs %q: want a post-copy switch and equal digests", st.PostcopyPages, st.SwitchoverDigest, st.DestinationDigest)
+	}
+	waitStatus(t, dst, 10*time.Second, "running", func(s status) bool { return s.State == "running" })
+	d := dialConsole(t, dst, "m2")
+	if r := d.do("GET moved"); r != "OK yes" {
+		t.Errorf("GET on the destination: %q", r)
+	}
+}
