@@ -239,3 +239,43 @@ func TestTLSPostcopyMigration(t *testing.T) {
 		t.Errorf("GET on the destination: %q", r)
 	}
 }
+
+// The destination is killed (SIGKILL) while post-copy is active: the
+// guest now exists only as the destination's running part and the
+// source's paused pages, so the source must neither resume (the
+// destination may have written to disk and network as the guest) nor
+// report success: its command fails, status says unknown with the
+// post-copy outcome, and its guest stays paused. (--resume, which would
+// go on, is not built.)
+func TestMigratePostcopyDestinationKilled(t *testing.T) {
+	src := startSource(t, "synth", guestOpts{workload: "kv"})
+	dst := startReceiver(t)
+	c := dialConsole(t, src, "c")
+	for i := range 300 {
+		if r := c.do(fmt.Sprintf("SET key%d v%d", i, i)); r != "OK" {
+			t.Fatalf("SET: %q", r)
+		}
+	}
+	wait := startCLI("migrate", "--from", src.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "0",
+		"--max-bandwidth", "2Mbit", "--compression", "none", "--json")
+	waitStatus(t, dst, 30*time.Second, "running with pages missing", func(s status) bool {
+		return s.State == "running" && s.PostcopyActive && s.PostcopyRemainingPages > 0
+	})
+	dst.kill()
+	r, err := wait(time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.code == 0 {
+		t.Errorf("migrate exited 0 after the destination died during post-copy\n%s", r.stdout)
+	}
+	var st commitStatus
+	if err := getJSON(src.api, "/status", &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Status != "unknown" || !strings.Contains(st.Outcome, "post-copy incomplete") || !st.Paused || !st.CommitSent {
+		t.Errorf("source after the destination's death: status %q outcome %q paused %v commit_sent %v: want unknown, post-copy incomplete, paused",
+			st.Status, st.Outcome, st.Paused, st.CommitSent)
+	}
+	t.Logf("source: %s; %s", st.Outcome, st.Error)
+}
