@@ -292,12 +292,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
 	pcOut, pcIn := n.pcOut, n.pcIn
-	if digest && pcIn != nil && pcIn.active() {
-		// The guest lacks pages: a scan from Go code would fault on
-		// them (docs/POSTCOPY.md).
-		digest = false
-		st.MemoryDigestError = "post-copy is active: pages are still missing; ask again once every page arrived"
-	}
+	digest = digest && !postcopyRefusesDigest(pcIn, &st)
 	cluster, epochs, sec, rn := n.cluster, n.epochs, n.sec, n.raft
 	st.Net = n.netStatusLocked(epochs)
 	var g guest.Guest
@@ -324,11 +319,7 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.GuestInfo = describeGuest(cur, curCfg)
 	}
 	migrationStatus(&st, mig, migDest, inbound)
-	if mig != nil && pcOut != nil {
-		pcOut.fill(&st.MigrationStatus)
-	} else if mig == nil && pcIn != nil {
-		pcIn.fill(&st.MigrationStatus)
-	}
+	postcopyStatus(&st, mig != nil, pcOut, pcIn)
 	if cluster != nil {
 		st.Cluster = cluster()
 	}

@@ -284,3 +284,25 @@ func (p *pcInbound) active() bool {
 	p.mu.Unlock()
 	return tg != nil && tg.Stats().Active
 }
+
+// postcopyRefusesDigest says (in st) why a status memory digest is not
+// taken while the destination's guest lacks pages: a scan from Go code
+// would fault on them (docs/POSTCOPY.md).
+func postcopyRefusesDigest(pcIn *pcInbound, st *nodeStatus) bool {
+	if pcIn == nil || !pcIn.active() {
+		return false
+	}
+	st.MemoryDigestError = "post-copy is active: pages are still missing; ask again once every page arrived"
+	return true
+}
+
+// postcopyStatus adds the post-copy figures: the source's while its
+// migration is the node's, else the destination's.
+func postcopyStatus(st *nodeStatus, migrating bool, pcOut *pcSource, pcIn *pcInbound) {
+	switch {
+	case migrating && pcOut != nil:
+		pcOut.fill(&st.MigrationStatus)
+	case !migrating && pcIn != nil:
+		pcIn.fill(&st.MigrationStatus)
+	}
+}
