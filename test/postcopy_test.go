@@ -279,3 +279,32 @@ func TestMigratePostcopyDestinationKilled(t *testing.T) {
 	}
 	t.Logf("source: %s; %s", st.Outcome, st.Error)
 }
+
+// BenchmarkMigratePostcopyWholePages: the figure through the
+// command: BenchmarkMigrateSlowLinkWholePages's guest (1 GiB, 512 MiB of
+// random content, 25,000 random whole-page writes/s of fresh data) over
+// --max-bandwidth 100Mbit, with --postcopy --postcopy-after-rounds 0.
+// Long: run it alone, -benchtime 1x.
+func BenchmarkMigratePostcopyWholePages(b *testing.B) {
+	skipUnlessKind(b, "synth")
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		src := startWithPorts(b, "source-synth", false, profileArgs("synth", "1GiB", "512MiB", "25000",
+			"--fill", "random", "--write-bytes", "4096", "--write-data", "random")...)
+		dst := startReceiver(b)
+		waitWorkload(b, src, 512<<20)
+		time.Sleep(honestSettle("synth", 512<<20))
+		b.StartTimer()
+		r, st := migrate(b, src, dst.data, "--postcopy", "--postcopy-after-rounds", "0", "--downtime-limit", downtimeFlag,
+			"--max-bandwidth", "100Mbit", "--max-time", "90s")
+		b.StopTimer()
+		ds := mustStatus(b, dst)
+		b.Logf("synth whole random pages 100Mbit post-copy: exit %d, status %s, downtime %d ms, total %d ms, %d pages owed, %d requested, blocked ms per vCPU %v, digests equal %v",
+			r.code, st.Status, st.DowntimeMs, st.TotalTimeMs, st.PostcopyPages, ds.PostcopyRequests, ds.PostcopyBlocktimeMs,
+			st.SwitchoverDigest != "" && st.SwitchoverDigest == st.DestinationDigest)
+		b.ReportMetric(float64(st.TotalTimeMs), "total-ms")
+		b.ReportMetric(float64(st.DowntimeMs), "downtime-ms")
+		src.kill()
+		dst.kill()
+	}
+}
