@@ -32,8 +32,8 @@ func (p *pcSource) SendMissing(missing *precopy.Bitmap) error {
 }
 
 // Serve implements precopy.PostcopyLink.
-func (p *pcSource) Serve(ctx context.Context, expected guest.Digest, lim *precopy.Limiter) error {
-	s := postcopy.NewSource(p.regions, expected)
+func (p *pcSource) Serve(ctx context.Context, expected func() guest.Digest, lim *precopy.Limiter) error {
+	s := postcopy.NewSourceFunc(p.regions, expected)
 	s.Limiter = lim
 	p.src.Store(s)
 	return s.Run(ctx, p.urgent, p.bulk)

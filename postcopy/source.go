@@ -31,7 +31,7 @@ type SourceStats struct {
 // paused, its memory unchanged, until Run returns nil.
 type Source struct {
 	pm       pageMap
-	expected guest.Digest
+	expected func() guest.Digest
 	// LinkTimeout: a destination silent this long is gone; 0: default.
 	LinkTimeout time.Duration
 	// Limiter, if set, caps the bytes both connections send together
@@ -52,6 +52,13 @@ type Source struct {
 // NewSource serves regions (the paused guest's memory); expected is the
 // switch-over digest of that memory and the machine state.
 func NewSource(regions []guest.Region, expected guest.Digest) *Source {
+	return NewSourceFunc(regions, func() guest.Digest { return expected })
+}
+
+// NewSourceFunc is NewSource with the digest asked for only when the
+// destination's arrives (it may block until then): a caller hashes the
+// paused guest after the destination has resumed, not in its downtime.
+func NewSourceFunc(regions []guest.Region, expected func() guest.Digest) *Source {
 	return &Source{pm: newPageMap(regions), expected: expected}
 }
 
@@ -208,8 +215,8 @@ func (s *Source) serve(ctx context.Context, r *frameReader, uw *lockedWriter) er
 			s.stats.Requests++
 			s.mu.Unlock()
 		case frameDone:
-			if got := guest.Digest(f.data); got != s.expected {
-				return fmt.Errorf("%w: destination %s, source %s", ErrDigestMismatch, got, s.expected)
+			if got, want := guest.Digest(f.data), s.expected(); got != want {
+				return fmt.Errorf("%w: destination %s, source %s", ErrDigestMismatch, got, want)
 			}
 			return errFinished
 		default:

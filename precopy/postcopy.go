@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/tandemvm/tandem/guest"
@@ -22,7 +23,8 @@ type PostcopyLink interface {
 	// Serve serves the paused guest's missing pages until the
 	// destination reports every page arrived with the digest expected
 	// (nil), or the run fails. lim, if set, caps its bytes.
-	Serve(ctx context.Context, expected guest.Digest, lim *Limiter) error
+	// expected may block until the digest is taken.
+	Serve(ctx context.Context, expected func() guest.Digest, lim *Limiter) error
 }
 
 // OutcomePostcopyIncomplete is a post-copy that was committed (the
@@ -104,35 +106,41 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 
 // serveOnReady arranges for the page mover to start serving once the
 // destination is ready (switchOver's beforeCommit: it faults only after
-// the commit, but its run is already going), and takes the switch-over
-// digest of the paused guest meanwhile, off the pause (the guest stays
-// paused, so it is the same later). wait ends the arrangement: with stop
-// it cancels the serving (the switch failed); without, it waits for the
-// serving's end. started says whether serving began.
+// the commit, but its run is already going). wait ends the arrangement:
+// with stop it cancels the serving (the switch failed); without, it
+// starts the switch-over digest of the paused guest (after the commit
+// and the destination's resume, so the scan is not in the downtime; the
+// guest stays paused, so it is the image of the switch) and waits for
+// the serving's end, which asks for the digest when the destination's
+// arrives. started says whether serving began.
 func (m *Migration) serveOnReady(ctx context.Context, state guest.MachineState) (wait func(stop bool) (started bool, err error)) {
 	digest := make(chan guest.Digest, 1)
-	go func() { digest <- guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), state) }()
+	var scan sync.Once
+	startScan := func() {
+		scan.Do(func() {
+			go func() { digest <- guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), state) }()
+		})
+	}
+	expected := sync.OnceValue(func() guest.Digest { startScan(); return <-digest })
 	// Not the migration's ctx: once committed the guest is the
 	// destination's, and a cancel must not strand its pages.
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	var served chan error
 	m.beforeCommit = func() {
-		d := <-digest
-		digest = nil
 		served = make(chan error, 1)
-		go func() { served <- m.Postcopy.Serve(sctx, d, m.send.Limiter) }()
+		go func() { served <- m.Postcopy.Serve(sctx, expected, m.send.Limiter) }()
 	}
 	return func(stop bool) (bool, error) {
 		m.beforeCommit = nil
+		defer cancel()
 		if stop {
 			cancel()
 		}
-		defer cancel()
-		if digest != nil {
-			<-digest
-		}
 		if served == nil {
 			return false, nil
+		}
+		if !stop {
+			startScan()
 		}
 		return true, <-served
 	}
