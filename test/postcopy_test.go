@@ -261,6 +261,10 @@ func TestMigratePostcopyDestinationKilled(t *testing.T) {
 	waitStatus(t, dst, 30*time.Second, "running with pages missing", func(s status) bool {
 		return s.State == "running" && s.PostcopyActive && s.PostcopyRemainingPages > 0
 	})
+	// The source says the same while it serves: active, pages left.
+	waitStatus(t, src, 10*time.Second, "serving post-copy", func(s status) bool {
+		return s.PostcopyActive && s.PostcopyPages > 0 && s.PostcopyRemainingPages > 0
+	})
 	dst.kill()
 	r, err := wait(time.Minute)
 	if err != nil {
