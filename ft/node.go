@@ -148,6 +148,7 @@ func NewNode(cfg NodeConfig) (_ *Node, err error) {
 	api.HandleFunc("GET /status", n.handleStatus)
 	api.HandleFunc("POST /migrate", n.handleMigrate)
 	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
+	api.HandleFunc("POST /migrate/postcopy", n.handleMigratePostcopy)
 	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
 	api.HandleFunc("POST /debug/stall-write", n.handleStallWrite)
 	api.HandleFunc("POST /protect", n.handleProtect)

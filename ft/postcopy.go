@@ -2,6 +2,7 @@ package ft
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -305,4 +306,24 @@ func postcopyStatus(st *nodeStatus, migrating bool, pcOut *pcSource, pcIn *pcInb
 	case !migrating && pcIn != nil:
 		pcIn.fill(&st.MigrationStatus)
 	}
+}
+
+// handleMigratePostcopy is POST /migrate/postcopy: the running migration
+// switches to post-copy at the end of its current round. Refused without
+// a running migration, or one that has no post-copy (not asked for, or
+// refused by the destination: its status says why).
+func (n *Node) handleMigratePostcopy(w http.ResponseWriter, r *http.Request) {
+	n.mu.Lock()
+	m, running := n.mig, n.migCancel != nil
+	n.mu.Unlock()
+	if m == nil || !running {
+		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration running to switch to post-copy"))
+		return
+	}
+	if err := m.SwitchToPostcopy(); err != nil {
+		WriteError(w, http.StatusConflict, api.CodeRefused, err)
+		return
+	}
+	n.log.Info("post-copy switch asked for: at the end of the current round")
+	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true})
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/internal/clock"
@@ -151,6 +152,9 @@ type Migration struct {
 	// sooner stays precopy's. Set both before Run.
 	Postcopy            PostcopyLink
 	PostcopyAfterRounds int
+	// switchNow asks for the post-copy switch at the next round's end
+	// (SwitchToPostcopy).
+	switchNow atomic.Bool
 	// beforeCommit, if set, runs in switchOver once the destination is
 	// ready, before the commit (the post-copy switch starts serving).
 	beforeCommit func()
@@ -303,10 +307,21 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	}
 }
 
+// SwitchToPostcopy asks a post-copy migration to switch at the end of the
+// round being sent (at most RoundLimit away, except during the first full
+// pass), whatever PostcopyAfterRounds said. Safe from any goroutine.
+func (m *Migration) SwitchToPostcopy() error {
+	if m.Postcopy == nil {
+		return errors.New("this migration has no post-copy (start it with --postcopy; the destination must grant it)")
+	}
+	m.switchNow.Store(true)
+	return nil
+}
+
 // maybeSwitch switches to post-copy once the rounds asked for are sent
 // (see switchPostcopy); without Postcopy it does nothing.
 func (m *Migration) maybeSwitch(ctx context.Context, ctrl *Controller, start time.Time, round int) (bool, error) {
-	if m.Postcopy == nil || round < m.PostcopyAfterRounds {
+	if m.Postcopy == nil || (round < m.PostcopyAfterRounds && !m.switchNow.Load()) {
 		return false, nil
 	}
 	return m.switchPostcopy(ctx, ctrl, start, round)

@@ -342,6 +342,7 @@ type status struct {
 	DestinationDigest  string    `json:"destination_digest"`
 	MemoryDigest       string    `json:"memory_digest"`
 	// Post-copy (docs/POSTCOPY.md).
+	Round                  int     `json:"round"`
 	PostcopyActive         bool    `json:"postcopy_active"`
 	PostcopyPages          uint64  `json:"postcopy_pages"`
 	PostcopyRemainingPages uint64  `json:"postcopy_remaining_pages"`

@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"sync"
@@ -311,4 +312,39 @@ func BenchmarkMigratePostcopyWholePages(b *testing.B) {
 		src.kill()
 		dst.kill()
 	}
+}
+
+// POST /migrate/postcopy switches a running --postcopy migration that
+// would not switch by itself (--postcopy-after-rounds 1000) and cannot
+// converge (fresh whole pages faster than the capped link, no
+// auto-converge) at the end of its round: it completes, post-copy, with
+// equal digests. Refused in one line without a migration, and for a
+// migration without post-copy.
+func TestMigratePostcopyOnCommand(t *testing.T) {
+	src := startWithPorts(t, "source-synth", false, profileArgs("synth", "256MiB", "64MiB", "5000",
+		"--fill", "random", "--write-bytes", "4096", "--write-data", "random")...)
+	dst := startReceiver(t)
+	waitWorkload(t, src, 64<<20)
+	if err := postJSON(src.api, "/migrate/postcopy", nil); err == nil || !strings.Contains(err.Error(), "no migration") {
+		t.Errorf("POST /migrate/postcopy without a migration: %v, want a refusal", err)
+	}
+	wait := startCLI("migrate", "--from", src.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "1000",
+		"--max-bandwidth", "50Mbit", "--compression", "none", "--auto-converge=false", "--max-time", "2m", "--json")
+	waitStatus(t, src, 60*time.Second, "round 2", func(s status) bool { return s.Round >= 2 })
+	if err := postJSON(src.api, "/migrate/postcopy", nil); err != nil {
+		t.Fatalf("POST /migrate/postcopy: %v", err)
+	}
+	r, err := wait(2 * time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st status
+	if i := strings.Index(r.stdout, "\n{"); i >= 0 {
+		json.Unmarshal([]byte(r.stdout[i+1:]), &st)
+	}
+	if r.code != 0 || st.Status != "completed" || st.PostcopyPages == 0 || st.DestinationDigest != st.SwitchoverDigest {
+		t.Fatalf("migrate exit %d, status %q, %d pages owed, digests %q / %q\n%s\n%s", r.code, st.Status, st.PostcopyPages,
+			st.SwitchoverDigest, st.DestinationDigest, r.stdout, r.stderr)
+	}
+	t.Logf("switched on command after round %d: %d pages owed, downtime %d ms, total %d ms", st.Round, st.PostcopyPages, st.DowntimeMs, st.TotalTimeMs)
 }
