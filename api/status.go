@@ -387,6 +387,20 @@ type MigrationStatus struct {
 	Outcome     string `json:"outcome,omitempty"`
 	CommitSent  bool   `json:"commit_sent,omitempty"`
 	MigrationID string `json:"migration_id,omitempty"`
+	// Post-copy (docs/POSTCOPY.md), on both ends: PostcopyActive while
+	// the guest runs on the destination with pages still missing;
+	// PostcopyPages the pages owed at the switch, PostcopyRemainingPages
+	// those not arrived (destination) or not sent (source) yet;
+	// PostcopyRequests the pages a faulting vCPU asked for;
+	// PostcopyBlocktimeMs (destination) each vCPU's time waiting for
+	// pages. PostcopyRefused (source) is why a --postcopy migration
+	// stays precopy-only.
+	PostcopyActive         bool    `json:"postcopy_active,omitempty"`
+	PostcopyPages          uint64  `json:"postcopy_pages,omitempty"`
+	PostcopyRemainingPages uint64  `json:"postcopy_remaining_pages,omitempty"`
+	PostcopyRequests       uint64  `json:"postcopy_requests,omitempty"`
+	PostcopyBlocktimeMs    []int64 `json:"postcopy_blocktime_ms,omitempty"`
+	PostcopyRefused        string  `json:"postcopy_refused,omitempty"`
 }
 
 // EpochStatus is a protected primary's epoch loop.
@@ -623,10 +637,21 @@ type MigrateRequest struct {
 	// hashes, compression, checksums), 1 to MaxMigrateStreams; 0 means
 	// 1. The stream stays one connection whose sections keep their order.
 	Streams int `json:"streams,omitempty"`
+	// Postcopy asks for a switch to post-copy (docs/POSTCOPY.md) after
+	// PostcopyAfterRounds precopy rounds (nil: 1; 0: at once, before
+	// any page is sent; round 0 is the first full pass). A destination
+	// that cannot register the guest's memory with userfaultfd says so
+	// in its handshake and the migration stays precopy-only. An older
+	// node ignores both fields and migrates precopy-only.
+	Postcopy            bool `json:"postcopy,omitempty"`
+	PostcopyAfterRounds *int `json:"postcopy_after_rounds,omitempty"`
 }
 
 // MaxMigrateStreams bounds MigrateRequest.Streams.
 const MaxMigrateStreams = 16
+
+// MaxPostcopyAfterRounds bounds MigrateRequest.PostcopyAfterRounds.
+const MaxPostcopyAfterRounds = 1000
 
 // SwitchoverResult is the answer of POST /switchover.
 type SwitchoverResult struct {

@@ -43,24 +43,43 @@ func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 	return p, p.Validate()
 }
 
-func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
-	var req migrateRequest
+// parseMigrateRequest reads and checks a POST /migrate body, or answers
+// why not: the request, its precopy policy, its compression and the
+// rounds before a post-copy switch.
+func parseMigrateRequest(w http.ResponseWriter, r *http.Request) (req migrateRequest, pol precopy.Policy, comp checkpoint.Compression, pcRounds int, ok bool) {
+	bad := func(err error) (migrateRequest, precopy.Policy, checkpoint.Compression, int, bool) {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
+		return req, pol, comp, 0, false
+	}
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: %v", err))
-		return
+		return bad(fmt.Errorf("bad migrate request: %v", err))
 	}
 	if req.Streams < 0 || req.Streams > api.MaxMigrateStreams {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad migrate request: streams %d not in 1..%d", req.Streams, api.MaxMigrateStreams))
-		return
+		return bad(fmt.Errorf("bad migrate request: streams %d not in 1..%d", req.Streams, api.MaxMigrateStreams))
+	}
+	pcRounds = 1
+	if req.PostcopyAfterRounds != nil {
+		pcRounds = *req.PostcopyAfterRounds
+	}
+	if pcRounds < 0 || pcRounds > api.MaxPostcopyAfterRounds {
+		return bad(fmt.Errorf("bad migrate request: postcopy_after_rounds %d not in 0..%d", pcRounds, api.MaxPostcopyAfterRounds))
+	}
+	if req.Postcopy && strings.HasPrefix(req.To, "file:") {
+		return bad(errors.New("bad migrate request: postcopy needs a receiver, not a file: destination"))
 	}
 	pol, err := migratePolicy(req)
 	if err != nil {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
-		return
+		return bad(err)
 	}
-	comp, err := checkpoint.ParseCompression(cmp.Or(req.Compression, "default"))
-	if err != nil {
-		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
+	if comp, err = checkpoint.ParseCompression(cmp.Or(req.Compression, "default")); err != nil {
+		return bad(err)
+	}
+	return req, pol, comp, pcRounds, true
+}
+
+func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
+	req, pol, comp, pcRounds, ok := parseMigrateRequest(w, r)
+	if !ok {
 		return
 	}
 	g, cfg, ok := n.reserveForMigration(w)
@@ -82,6 +101,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		// Two-phase switch-over: the destination resumes only on this
 		// source's commit (see precopy.Committer).
 		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, cmp.Or(req.SourceAPI, n.api.Addr())
+		hello.Postcopy = req.Postcopy
 	}
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
@@ -91,6 +111,15 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	pc, pcRefused, ok := n.openPostcopy(w, r, req, migID, link, g)
+	if !ok {
+		closeLink()
+		return
+	}
+	if pc != nil {
+		linkOnly := closeLink
+		closeLink = func() { pc.close(); linkOnly() }
+	}
 	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
 	if err != nil {
 		closeLink()
@@ -98,6 +127,10 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	m.SetID(migID)
+	if pc != nil {
+		m.Postcopy, m.PostcopyAfterRounds = pc, pcRounds
+	}
+	m.SetPostcopyRefused(pcRefused)
 	m.Log = n.log
 	// From the final pause on, the guest's address is the destination's
 	// to announce (it does once it resumes); this node's schedule, if one
@@ -105,7 +138,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	m.OnFinalPause = n.net.stopAnnouncing
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
-	n.mig, n.migDest, n.migCancel = m, req.To, cancel
+	n.mig, n.migDest, n.migCancel, n.pcOut = m, req.To, cancel, pc
 	n.mu.Unlock()
 	started = true
 	n.users.Add(1)
@@ -114,7 +147,11 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 		n.runMigration(ctx, m, req.To, closeLink)
 	}()
-	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true, "to": req.To})
+	reply := map[string]any{"ok": true, "to": req.To}
+	if pcRefused != "" {
+		reply["postcopy_refused"] = pcRefused
+	}
+	WriteJSON(w, http.StatusAccepted, reply)
 }
 
 // migrationCache is the size of the stream's XOR delta cache. On a

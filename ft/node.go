@@ -68,11 +68,15 @@ type Node struct {
 	// stop: POST /migrate/cancel never drops protection).
 	migCancel context.CancelFunc
 	inbound   *replica.MigrationResult
-	pending   *pendingCommit          // a received guest awaiting its commit
-	epochs    *failover.EpochLoop     // primary: protection
-	sec       *replica.Secondary      // secondary: the committed image
-	cluster   func() *api.ClusterView // raft view of a cluster member
-	raft      *failover.Node          // a raft member's node (metrics)
+	pending   *pendingCommit // a received guest awaiting its commit
+	// pcOut is the running migration's post-copy mover (nil: none);
+	// pcIn a destination's post-copy side (set by ReceiveMigrations).
+	pcOut   *pcSource
+	pcIn    *pcInbound
+	epochs  *failover.EpochLoop     // primary: protection
+	sec     *replica.Secondary      // secondary: the committed image
+	cluster func() *api.ClusterView // raft view of a cluster member
+	raft    *failover.Node          // a raft member's node (metrics)
 	// nodes, if set, is the "nodes" of a member whose coordinator is not
 	// raft (etcd): its record's members; lag as clusterNodes takes it.
 	// record is that coordinator's record (the role metrics read it).
@@ -149,6 +153,7 @@ func NewNode(cfg NodeConfig) (_ *Node, err error) {
 	api.HandleFunc("GET /status", n.handleStatus)
 	api.HandleFunc("POST /migrate", n.handleMigrate)
 	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
+	api.HandleFunc("POST /migrate/postcopy", n.handleMigratePostcopy)
 	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
 	api.HandleFunc("POST /debug/stall-write", n.handleStallWrite)
 	api.HandleFunc("POST /protect", n.handleProtect)
@@ -292,6 +297,8 @@ func (n *Node) status(digest bool) nodeStatus {
 	// guest's own lock, which a pause and a dirty sync hold.
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
+	pcOut, pcIn := n.pcOut, n.pcIn
+	digest = digest && !postcopyRefusesDigest(pcIn, &st)
 	cluster, epochs, sec, rn, nodes := n.cluster, n.epochs, n.sec, n.raft, n.nodes
 	st.Net = n.netStatusLocked(epochs)
 	var g guest.Guest
@@ -318,6 +325,7 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.GuestInfo = describeGuest(cur, curCfg)
 	}
 	migrationStatus(&st, mig, migDest, inbound)
+	postcopyStatus(&st, mig != nil, pcOut, pcIn)
 	if cluster != nil {
 		st.Cluster = cluster()
 	}
@@ -338,14 +346,7 @@ func (n *Node) status(digest bool) nodeStatus {
 		st.Secondary = &ss
 		_, _, dataLast = sec.PrimaryContact()
 	}
-	switch {
-	case rn != nil:
-		st.Nodes, st.Quorum = raftNodes(rn, lag, dataContact(rn, epochs != nil, dataLast))
-	case nodes != nil:
-		st.Nodes = nodes(lag)
-	default:
-		st.Nodes = soloNodes(st.Role)
-	}
+	listNodes(&st, rn, nodes, lag, epochs != nil, dataLast)
 	if g != nil {
 		d, err := memoryDigest(g)
 		if err != nil {
@@ -355,6 +356,19 @@ func (n *Node) status(digest bool) nodeStatus {
 		}
 	}
 	return st
+}
+
+// listNodes fills st's nodes: a raft member's from raft (with its
+// quorum), another coordinator's from its record, or this node alone.
+func listNodes(st *nodeStatus, rn *failover.Node, nodes func(lag *int) []api.NodeView, lag *int, protecting bool, dataLast time.Time) {
+	switch {
+	case rn != nil:
+		st.Nodes, st.Quorum = raftNodes(rn, lag, dataContact(rn, protecting, dataLast))
+	case nodes != nil:
+		st.Nodes = nodes(lag)
+	default:
+		st.Nodes = soloNodes(st.Role)
+	}
 }
 
 // migrationStatus fills st's migration figures: the migration running

@@ -14,6 +14,7 @@ import (
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/trust"
+	"github.com/tandemvm/tandem/postcopy"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
 )
@@ -45,6 +46,9 @@ type ReceiverConfig struct {
 	// CommitTimeout: after answering ready, how long to wait on the
 	// connection for the source's commit before asking its API.
 	CommitTimeout time.Duration
+	// NoPostcopy refuses every source's switch to post-copy (the
+	// operator's choice, --postcopy=false): migrations stay precopy-only.
+	NoPostcopy bool
 }
 
 // ReceiveMigrations serves POST /migrate/commit and /migrate/abort, starts
@@ -59,6 +63,10 @@ func (n *Node) ReceiveMigrations(ctx context.Context, cfg ReceiverConfig) {
 	ln, log := cfg.Listener, n.log
 	n.api.HandleFunc("POST /migrate/commit", n.handleMigrateResolve(true))
 	n.api.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
+	pc := &pcInbound{log: log}
+	n.mu.Lock()
+	n.pcIn = pc
+	n.mu.Unlock()
 	n.Start()
 	log.Info("waiting for a migration", "listen", ln.Addr().String(), "api", n.api.Addr(), "tls", n.trust.TLSOn())
 	rctx, cancel := context.WithCancel(context.Background())
@@ -86,13 +94,19 @@ func (n *Node) ReceiveMigrations(ctx context.Context, cfg ReceiverConfig) {
 	cancel()
 	ln.Close()
 	joinWithin(func() { <-done; wg.Wait() }, 5*time.Second, log, "the receiving goroutines")
+	pc.abort()
 }
 
 // receiveOne takes one migration connection: the handshake, the stream,
 // and the commit (or the wait for it).
 func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, cfg ReceiverConfig, busy *atomic.Bool) {
 	log := n.log
-	defer conn.Close()
+	keep := false // a post-copy channel is the pcInbound's to close
+	defer func() {
+		if !keep {
+			conn.Close()
+		}
+	}()
 	if err := trust.Handshake(conn, handshakeTimeout); err != nil {
 		log.Warn("migration connection refused: TLS handshake", "from", conn.RemoteAddr().String(), "err", err)
 		return
@@ -107,23 +121,19 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		n.SetState("receiving")
 		return nil
 	}
+	rc.PostcopyConn = n.pcIn.take
 	free := func() {
 		if admitted {
+			n.pcIn.abort()
 			n.SetState("waiting")
 			busy.Store(false)
 		}
 	}
-	res, err := rc.ReceiveMigrationWith(ctx, conn, replica.MigrationOptions{
-		BeforeResume: func(g guest.Guest, h replica.Hello) error {
-			n.Attach(g, h.Config)
-			return nil
-		},
-		OnReady: func(guest.Guest, replica.Hello) {
-			n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
-		},
-		OnDiscard:     func(guest.Guest) { n.detach() },
-		CommitTimeout: cfg.CommitTimeout,
-	})
+	res, err := rc.ReceiveMigrationWith(ctx, conn, n.migrationOptions(cfg))
+	if res.PostcopyChannel && err == nil {
+		keep = true
+		return
+	}
 	if err != nil {
 		free()
 		log.Error("migration refused, failed or aborted; still waiting", "from", conn.RemoteAddr().String(), "err", err)
@@ -136,6 +146,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 			return
 		}
 		ln.Close() // no more migrations: the guest runs here now
+		n.pcIn.finish(ctx)
 		return
 	}
 	// The guest runs here now: the segment must learn that its address
@@ -150,6 +161,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		"epochs", res.Epochs, "digest", res.Digest, "load", res.LoadTime.String())
 	// No more migrations: the guest runs here now.
 	ln.Close()
+	n.pcIn.finish(ctx)
 	// Drain the end of the stream, then close.
 	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
 	var b [512]byte
@@ -157,6 +169,38 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		if _, err := conn.Read(b[:]); err != nil {
 			break
 		}
+	}
+}
+
+// migrationOptions are the hooks of a received migration: the guest is
+// attached before it resumes; post-copy is granted where the guest's
+// memory can be registered (and the operator did not turn it off), its
+// switch handled by the node's pcInbound.
+func (n *Node) migrationOptions(cfg ReceiverConfig) replica.MigrationOptions {
+	return replica.MigrationOptions{
+		BeforeResume: func(g guest.Guest, h replica.Hello) error {
+			n.Attach(g, h.Config)
+			return nil
+		},
+		OnReady: func(guest.Guest, replica.Hello) {
+			n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
+		},
+		OnDiscard: func(guest.Guest) {
+			n.pcIn.abort()
+			n.detach()
+		},
+		CommitTimeout: cfg.CommitTimeout,
+		Postcopy: func(g guest.Guest, h replica.Hello) error {
+			if cfg.NoPostcopy {
+				return errors.New("post-copy is off on this receiver (--postcopy=false)")
+			}
+			if err := postcopy.Available(g.Regions()); err != nil {
+				return err
+			}
+			n.pcIn.grant(h.MigrationID)
+			return nil
+		},
+		PostcopySwitch: n.pcIn.start,
 	}
 }
 

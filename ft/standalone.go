@@ -51,8 +51,9 @@ type ReceiveConfig struct {
 	// migration's source is whichever node runs the guest); "": restore
 	// the snapshot file Snapshot instead.
 	Listen, Snapshot string
-	// CommitTimeout: see ReceiverConfig.
+	// CommitTimeout, NoPostcopy: see ReceiverConfig.
 	CommitTimeout time.Duration
+	NoPostcopy    bool
 }
 
 // RunReceive receives one guest, by migration or from a snapshot file,
@@ -75,6 +76,6 @@ func RunReceive(ctx context.Context, cfg ReceiveConfig) error {
 	if err != nil {
 		return err
 	}
-	n.ReceiveMigrations(ctx, ReceiverConfig{Listener: ln, Receiver: cfg.Receiver, CommitTimeout: cfg.CommitTimeout})
+	n.ReceiveMigrations(ctx, ReceiverConfig{Listener: ln, Receiver: cfg.Receiver, CommitTimeout: cfg.CommitTimeout, NoPostcopy: cfg.NoPostcopy})
 	return nil
 }

@@ -31,7 +31,7 @@ type SourceStats struct {
 // paused, its memory unchanged, until Run returns nil.
 type Source struct {
 	pm       pageMap
-	expected guest.Digest
+	expected func() guest.Digest
 	// LinkTimeout: a destination silent this long is gone; 0: default.
 	LinkTimeout time.Duration
 	// Limiter, if set, caps the bytes both connections send together
@@ -52,6 +52,13 @@ type Source struct {
 // NewSource serves regions (the paused guest's memory); expected is the
 // switch-over digest of that memory and the machine state.
 func NewSource(regions []guest.Region, expected guest.Digest) *Source {
+	return NewSourceFunc(regions, func() guest.Digest { return expected })
+}
+
+// NewSourceFunc is NewSource with the digest asked for only when the
+// destination's arrives (it may block until then): a caller hashes the
+// paused guest after the destination has resumed, not in its downtime.
+func NewSourceFunc(regions []guest.Region, expected func() guest.Digest) *Source {
 	return &Source{pm: newPageMap(regions), expected: expected}
 }
 
@@ -119,7 +126,13 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 // readRuns reads the destination's list of missing pages, bounded by the
 // guest's size.
 func (s *Source) readRuns(r *frameReader) (*precopy.Bitmap, error) {
-	b := precopy.NewBitmap(s.pm.limit)
+	return readRuns(r, s.pm)
+}
+
+// readRuns reads a list of runs ('M' frames up to 'm') into a bitmap of
+// pm's pages; every run is bounded by the guest's size and its regions.
+func readRuns(r *frameReader, pm pageMap) (*precopy.Bitmap, error) {
+	b := precopy.NewBitmap(pm.limit)
 	var total uint64
 	for {
 		f, err := r.read()
@@ -134,12 +147,12 @@ func (s *Source) readRuns(r *frameReader) (*precopy.Bitmap, error) {
 			return nil, fmt.Errorf("%w: frame %q before the end of the missing runs", ErrProtocol, f.typ)
 		}
 		n := le64(f.data)
-		if n == 0 || f.arg >= s.pm.limit || n > s.pm.limit-f.arg || total+n > s.pm.limit {
-			return nil, fmt.Errorf("%w: missing run %d+%d beyond %d pages", ErrProtocol, f.arg, n, s.pm.limit)
+		if n == 0 || f.arg >= pm.limit || n > pm.limit-f.arg || total+n > pm.limit {
+			return nil, fmt.Errorf("%w: missing run %d+%d beyond %d pages", ErrProtocol, f.arg, n, pm.limit)
 		}
 		total += n
 		for p := f.arg; p < f.arg+n; p++ {
-			if s.pm.page(p) == nil {
+			if pm.page(p) == nil {
 				return nil, fmt.Errorf("%w: missing page %d in no region", ErrProtocol, p)
 			}
 			b.Set(p)
@@ -202,8 +215,8 @@ func (s *Source) serve(ctx context.Context, r *frameReader, uw *lockedWriter) er
 			s.stats.Requests++
 			s.mu.Unlock()
 		case frameDone:
-			if got := guest.Digest(f.data); got != s.expected {
-				return fmt.Errorf("%w: destination %s, source %s", ErrDigestMismatch, got, s.expected)
+			if got, want := guest.Digest(f.data), s.expected(); got != want {
+				return fmt.Errorf("%w: destination %s, source %s", ErrDigestMismatch, got, want)
 			}
 			return errFinished
 		default:

@@ -330,16 +330,27 @@ var errFinished = errors.New("every page arrived")
 // sendRuns tells the source which pages this destination still lacks.
 func (t *Target) sendRuns(w *frameWriter) error {
 	t.mu.Lock()
+	runs := runsOf(t.missing, t.pm.limit)
+	t.mu.Unlock()
+	return writeRuns(w, runs)
+}
+
+// runsOf lists the runs of set pages below limit, as (first, count).
+func runsOf(b *precopy.Bitmap, limit uint64) [][2]uint64 {
 	var runs [][2]uint64
-	for p, ok := t.missing.NextSet(0); ok; {
+	for p, ok := b.NextSet(0); ok && p < limit; {
 		q := p + 1
-		for q < t.pm.limit && t.missing.Test(q) {
+		for q < limit && b.Test(q) {
 			q++
 		}
 		runs = append(runs, [2]uint64{p, q - p})
-		p, ok = t.missing.NextSet(q)
+		p, ok = b.NextSet(q)
 	}
-	t.mu.Unlock()
+	return runs
+}
+
+// writeRuns writes runs as 'M' frames and the end of them, and flushes.
+func writeRuns(w *frameWriter, runs [][2]uint64) error {
 	var n [8]byte
 	for _, r := range runs {
 		putLE(n[:], r[1])

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/internal/clock"
@@ -145,6 +146,18 @@ type Migration struct {
 	// committed: the commit was decided; the source's guest never
 	// resumes from here on.
 	committed bool
+	// Postcopy, if set, switches the migration to post-copy once
+	// PostcopyAfterRounds rounds have been sent (0: before any; the
+	// first round is the full pass). A completion the controller decides
+	// sooner stays precopy's. Set both before Run.
+	Postcopy            PostcopyLink
+	PostcopyAfterRounds int
+	// switchNow asks for the post-copy switch at the next round's end
+	// (SwitchToPostcopy).
+	switchNow atomic.Bool
+	// beforeCommit, if set, runs in switchOver once the destination is
+	// ready, before the commit (the post-copy switch starts serving).
+	beforeCommit func()
 	// pendingDisk holds disk writes taken by a completion attempt that
 	// was given up after its final sync; the next final send sends them.
 	pendingDisk []guest.DiskWrite
@@ -181,6 +194,12 @@ func NewMigration(core *Core, link Link, p Policy) (*Migration, error) {
 // SetID names the migration in its status (MigrationID).
 func (m *Migration) SetID(id string) {
 	m.update(func(s *MigrationStatus) { s.MigrationID = id })
+}
+
+// SetPostcopyRefused records why a post-copy migration stays
+// precopy-only ("": it does not).
+func (m *Migration) SetPostcopyRefused(why string) {
+	m.update(func(s *MigrationStatus) { s.PostcopyRefused = why })
 }
 
 // Status returns a copy of the figures so far.
@@ -232,6 +251,9 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 	applied := 0
 	for round := 0; ; round++ {
 		m.update(func(s *MigrationStatus) { s.Round = round })
+		if done, err := m.maybeSwitch(ctx, ctrl, start, round); done || err != nil {
+			return err
+		}
 		wire0 := m.link.BytesSent()
 		sent, sendTime, err := m.sendRound(ctx, round)
 		if err != nil {
@@ -283,6 +305,26 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 			return m.failed(start, fmt.Errorf("migration cancelled: %w", err))
 		}
 	}
+}
+
+// SwitchToPostcopy asks a post-copy migration to switch at the end of the
+// round being sent (at most RoundLimit away, except during the first full
+// pass), whatever PostcopyAfterRounds said. Safe from any goroutine.
+func (m *Migration) SwitchToPostcopy() error {
+	if m.Postcopy == nil {
+		return errors.New("this migration has no post-copy (start it with --postcopy; the destination must grant it)")
+	}
+	m.switchNow.Store(true)
+	return nil
+}
+
+// maybeSwitch switches to post-copy once the rounds asked for are sent
+// (see switchPostcopy); without Postcopy it does nothing.
+func (m *Migration) maybeSwitch(ctx context.Context, ctrl *Controller, start time.Time, round int) (bool, error) {
+	if m.Postcopy == nil || (round < m.PostcopyAfterRounds && !m.switchNow.Load()) {
+		return false, nil
+	}
+	return m.switchPostcopy(ctx, ctrl, start, round)
 }
 
 // sendRound sends one iterative round (round 0: all of memory) and waits

@@ -50,6 +50,12 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 		}
 	}
 	sendStart := m.clk().Now()
+	if m.Postcopy != nil {
+		// The destination reads a missing set before it resumes: none.
+		if err := m.Postcopy.SendMissing(NewBitmap(m.core.Dirty.Len())); err != nil {
+			return false, m.failed(start, fmt.Errorf("post-copy: send the (empty) missing set: %w", err))
+		}
+	}
 	final, err := m.sendFinal(cp)
 	if err != nil {
 		return false, m.failed(start, err)
@@ -199,6 +205,9 @@ func (m *Migration) switchOver(ctx context.Context, final uint64, start time.Tim
 	// Two-phase: the destination has loaded the final epoch and waits,
 	// paused. From here the source's guest never runs again: the commit
 	// may arrive even if its sending fails.
+	if m.beforeCommit != nil {
+		m.beforeCommit()
+	}
 	m.committed = true
 	m.update(func(s *MigrationStatus) { s.CommitSent = true })
 	if err := cm.Commit(final); err != nil {

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -39,6 +40,11 @@ type Link struct {
 	ackErr  error
 	changed chan struct{}
 	done    chan struct{} // closed when the ack reader ends
+
+	// postcopy: the receiver granted post-copy (Hello.Postcopy asked);
+	// postcopyRefused: why not, in one line.
+	postcopy        bool
+	postcopyRefused string
 }
 
 // DialOptions configure Dial.
@@ -115,6 +121,13 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 	conn.SetDeadline(time.Time{})
 
 	l := &Link{conn: conn, timeout: o.Timeout, changed: make(chan struct{}), done: make(chan struct{})}
+	if hello.Postcopy {
+		l.postcopy = reply.Postcopy
+		l.postcopyRefused = cmp.Or(reply.PostcopyRefused, "the receiver does not take post-copy (an older build)")
+		if l.postcopy {
+			l.postcopyRefused = ""
+		}
+	}
 	l.bw = bufio.NewWriterSize(&deadlineWriter{l}, 256<<10)
 	h := checkpoint.Header{Build: hello.Build, Kind: hello.Kind, PageSize: guest.PageSize, Regions: checkpoint.RegionsOf(regions)}
 	switch hello.Purpose {
@@ -144,6 +157,10 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 	d.l.sent.Add(uint64(n))
 	return n, err
 }
+
+// Postcopy says whether the receiver granted the post-copy the Hello
+// asked for, and if not, why (one line).
+func (l *Link) Postcopy() (bool, string) { return l.postcopy, l.postcopyRefused }
 
 // Writer implements precopy.Link.
 func (l *Link) Writer() *checkpoint.Writer { return l.w }

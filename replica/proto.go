@@ -18,6 +18,15 @@ const ProtoVersion = 1
 const (
 	PurposeMigrate   = "migrate"   // one-shot live migration: the destination resumes the guest
 	PurposeReplicate = "replicate" // FT epochs: the secondary commits and acknowledges each one
+	// PurposePostcopy is one of a post-copy migration's two extra
+	// connections (Hello.Channel), tied to it by Hello.MigrationID.
+	PurposePostcopy = "postcopy"
+)
+
+// Post-copy channels (Hello.Channel).
+const (
+	ChannelUrgent = "urgent"
+	ChannelBulk   = "bulk"
 )
 
 // maxControlLine bounds one handshake or acknowledgement line, so garbage
@@ -53,6 +62,11 @@ type Hello struct {
 	// state carries (nil: the sender's guest cannot say). A receiver
 	// refuses one it does not load (see sections.go).
 	Devices map[string]uint32 `json:"devices,omitempty"`
+	// Postcopy (migrate) asks whether the destination can take a switch
+	// to post-copy (HelloReply.Postcopy). Channel (postcopy) names the
+	// post-copy connection: ChannelUrgent or ChannelBulk.
+	Postcopy bool   `json:"postcopy,omitempty"`
+	Channel  string `json:"channel,omitempty"`
 	// Store is set only in a Store's image.tnd, never on the wire: how
 	// the file was written (docs/DURABILITY.md).
 	Store *StoreStamp `json:"store,omitempty"`
@@ -85,6 +99,12 @@ type HelloReply struct {
 	// field leaves it false, and the sender then streams it only the
 	// sections every build loads.
 	SectionsChecked bool `json:"sections_checked,omitempty"`
+	// Postcopy (with OK, to a Hello asking for it): the destination
+	// registered the guest's memory with userfaultfd and takes a switch
+	// to post-copy; PostcopyRefused is why not, in one line. An older
+	// receiver sets neither: the source stays precopy-only.
+	Postcopy        bool   `json:"postcopy,omitempty"`
+	PostcopyRefused string `json:"postcopy_refused,omitempty"`
 }
 
 // Control is a line the sender writes after a migration's final epoch in

@@ -65,6 +65,13 @@ type Receiver struct {
 	// registered (guest.StateVersionsOf). Tests set it to play an
 	// older build.
 	Sections func(kind string) (map[string]uint32, bool)
+	// PostcopyConn, if set, takes a post-copy migration's extra
+	// connections (Hello.Purpose PurposePostcopy) arriving where
+	// migrations do: it is called with conn nil to ask whether the
+	// migration h names is here and takes post-copy (an error refuses
+	// the connection with it), then with the connection, which is then
+	// its to close. nil: such connections are refused.
+	PostcopyConn func(h Hello, conn net.Conn) error
 }
 
 // DefaultMaxEpochDisk is the disk writes one epoch may stage unless told
@@ -213,6 +220,10 @@ func (r *Receiver) handshakeConn(conn net.Conn, purpose string) (Hello, *connRea
 		return h, nil, nil, err
 	}
 	cr.fixed = false
+	if h.Purpose == PurposePostcopy && purpose == PurposeMigrate {
+		markEstablished(conn)
+		return h, nil, nil, r.postcopyChannel(conn, h, br.Buffered())
+	}
 	refuse := func(format string, a ...any) (Hello, *connReader, *bufio.Reader, error) {
 		err := fmt.Errorf(format, a...)
 		conn.SetWriteDeadline(time.Now().Add(r.timeout()))
@@ -286,6 +297,9 @@ type MigrationResult struct {
 	// over plaintext): whoever the destination asks about the commit must
 	// be that node, not whatever API address the stream claimed.
 	Peer string
+	// PostcopyChannel: the connection was a post-copy channel, handed to
+	// Receiver.PostcopyConn (nothing else in the result is set).
+	PostcopyChannel bool
 }
 
 // MigrationOptions are the hooks and bounds of ReceiveMigrationWith.
@@ -302,6 +316,17 @@ type MigrationOptions struct {
 	// OnDiscard, if set, is told before a guest that BeforeResume saw is
 	// closed (the migration failed or was aborted after the load).
 	OnDiscard func(guest.Guest)
+	// Postcopy, if set, answers a source that asks for post-copy
+	// (Hello.Postcopy), with the empty guest built: nil grants it (the
+	// memory can be registered with userfaultfd), an error refuses it in
+	// one line (HelloReply.PostcopyRefused). nil Postcopy refuses it.
+	Postcopy func(guest.Guest, Hello) error
+	// PostcopySwitch, if set, runs after BeforeResume when post-copy was
+	// granted, with the final epoch's machine state (the switch-over
+	// digest's part): the caller learns there whether the source
+	// switched and sets up the page mover before the guest resumes. An
+	// error fails the migration before Ready: the source resumes.
+	PostcopySwitch func(g guest.Guest, h Hello, state guest.MachineState) error
 }
 
 // DefaultCommitTimeout is how long a destination waits on the connection
@@ -337,6 +362,10 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
 	hello, cr, br, err := r.handshakeConn(conn, PurposeMigrate)
+	if errors.Is(err, errPostcopyTaken) {
+		res.PostcopyChannel = true
+		return res, nil
+	}
 	if err != nil {
 		return res, err
 	}
@@ -360,7 +389,8 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 		}
 		g.Close()
 	}()
-	im, final, err := r.receiveEpochs(conn, br, hello, g, &res)
+	granted := r.grantPostcopy(hello, g, o)
+	im, final, err := r.receiveEpochs(conn, br, hello, g, &res, granted)
 	if err != nil {
 		return res, err
 	}
@@ -373,6 +403,16 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 	if o.BeforeResume != nil {
 		shown = true
 		if err := o.BeforeResume(g, hello); err != nil {
+			return res, err
+		}
+	}
+	if granted.Postcopy && o.PostcopySwitch != nil {
+		_, st, _ := im.LastCommit()
+		if st == nil {
+			return res, fmt.Errorf("%w: post-copy: the final epoch %d carried no state", ErrProtocol, final)
+		}
+		shown = true
+		if err := o.PostcopySwitch(g, hello, *st); err != nil {
 			return res, err
 		}
 	}
@@ -399,8 +439,11 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 // with machine state commits: that image and the final epoch's number.
 // Live epochs are acknowledged too: the sender measures its bandwidth and
 // bounds its backlog by them.
-func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g guest.Guest, res *MigrationResult) (*Image, uint64, error) {
-	if err := r.replyOK(conn, 0, hello.Kind); err != nil {
+func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g guest.Guest, res *MigrationResult, pc HelloReply) (*Image, uint64, error) {
+	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
+	_, checked := r.sections(hello.Kind)
+	reply := HelloReply{OK: true, Build: r.Build, SectionsChecked: checked, Postcopy: pc.Postcopy, PostcopyRefused: pc.PostcopyRefused}
+	if err := writeLine(conn, reply); err != nil {
 		return nil, 0, err
 	}
 	rd, err := checkpoint.NewReader(br, r.Limits)
@@ -414,6 +457,12 @@ func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g
 	// g is fresh and closed on any error below (ReceiveMigrationWith):
 	// its pages may skip staging (image_writethrough.go says why).
 	im.WriteThrough()
+	if pc.Postcopy {
+		// The final epoch's state, for the post-copy digest (a
+		// write-through image records the state and disk writes of a
+		// commit, not its pages, which this needs not).
+		im.Record()
+	}
 	for {
 		e, err := rd.ReadEpoch(im)
 		if err != nil {

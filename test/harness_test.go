@@ -341,6 +341,14 @@ type status struct {
 	SwitchoverDigest   string    `json:"switchover_digest"`
 	DestinationDigest  string    `json:"destination_digest"`
 	MemoryDigest       string    `json:"memory_digest"`
+	// Post-copy (docs/POSTCOPY.md).
+	Round                  int     `json:"round"`
+	PostcopyActive         bool    `json:"postcopy_active"`
+	PostcopyPages          uint64  `json:"postcopy_pages"`
+	PostcopyRemainingPages uint64  `json:"postcopy_remaining_pages"`
+	PostcopyRequests       uint64  `json:"postcopy_requests"`
+	PostcopyBlocktimeMs    []int64 `json:"postcopy_blocktime_ms"`
+	PostcopyRefused        string  `json:"postcopy_refused"`
 }
 
 func (s status) String() string {

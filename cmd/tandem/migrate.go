@@ -32,6 +32,8 @@ func cmdMigrate(args []string) error {
 	autoConverge := fs.Bool("auto-converge", true, "throttle the vCPUs when the guest dirties memory faster than the link carries it")
 	asJSON := fs.Bool("json", false, "print the final status as JSON")
 	streams := fs.Int("streams", 1, fmt.Sprintf("goroutines encoding the stream on the source, 1 to %d (one connection)", api.MaxMigrateStreams))
+	postcopy := fs.Bool("postcopy", false, "switch to post-copy (the guest resumes on the destination at once; missing pages follow on demand) after --postcopy-after-rounds precopy rounds")
+	pcRounds := fs.Int("postcopy-after-rounds", 1, fmt.Sprintf("with --postcopy: precopy rounds before the switch, 0 to %d (0: switch before any page is sent; 1: after the first full pass)", api.MaxPostcopyAfterRounds))
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
@@ -57,6 +59,9 @@ func cmdMigrate(args []string) error {
 	if *streams < 1 || *streams > api.MaxMigrateStreams {
 		return usagef("--streams %d: want 1 to %d", *streams, api.MaxMigrateStreams)
 	}
+	if *pcRounds < 0 || *pcRounds > api.MaxPostcopyAfterRounds {
+		return usagef("--postcopy-after-rounds %d: want 0 to %d", *pcRounds, api.MaxPostcopyAfterRounds)
+	}
 	if *downtime <= 0 || *maxTime <= 0 || *minRetry <= 0 {
 		return usagef("--downtime-limit, --max-time and --min-retry must be positive")
 	}
@@ -71,8 +76,17 @@ func cmdMigrate(args []string) error {
 	req := api.MigrateRequest{To: *to, MaxBandwidth: rate, DowntimeLimitMs: downtime.Milliseconds(),
 		MaxTimeMs: maxTime.Milliseconds(), MinRetryMs: minRetry.Milliseconds(), Compression: *comp, AutoConverge: autoConverge,
 		SourceAPI: *from, Streams: *streams}
-	if err := c.Migrate(ctx, req); err != nil {
+	if *postcopy {
+		req.Postcopy, req.PostcopyAfterRounds = true, pcRounds
+	}
+	var reply struct {
+		PostcopyRefused string `json:"postcopy_refused"`
+	}
+	if err := c.Post(ctx, "/migrate", req, &reply); err != nil {
 		return fmt.Errorf("start migration: %w", err)
+	}
+	if reply.PostcopyRefused != "" {
+		fmt.Fprintf(os.Stderr, "--postcopy refused by the destination (%s): migrating precopy-only\n", reply.PostcopyRefused)
 	}
 	return progress.Follow(ctx, c, progress.Watch{Out: os.Stdout, TTY: isTerminal(os.Stdout), Patience: *maxTime + time.Minute, Limit: *downtime, JSON: *asJSON})
 }

@@ -24,6 +24,7 @@ func cmdReceive(args []string) error {
 	addReceiveFlags(fs, &rf, true)
 	var snapDir string
 	addSnapshotDirFlag(fs, &snapDir)
+	postcopyOK := fs.Bool("postcopy", true, "take a source's switch to post-copy when the guest's memory can be registered with userfaultfd (false: refuse it; such migrations stay precopy-only)")
 	commitTimeout := fs.Duration("commit-timeout", replica.DefaultCommitTimeout, "after answering ready, how long to wait on the connection for the source's commit before asking its API")
 	var nf netFlag
 	addNetFlag(fs, &nf)
@@ -54,5 +55,5 @@ func cmdReceive(args []string) error {
 	ctx, stop := stopContext()
 	defer stop()
 	return ft.RunReceive(ctx, ft.ReceiveConfig{Node: nc, Receiver: r, Listen: *listen, Snapshot: strings.TrimPrefix(*from, "file:"),
-		CommitTimeout: *commitTimeout})
+		CommitTimeout: *commitTimeout, NoPostcopy: !*postcopyOK})
 }

@@ -52,6 +52,15 @@ func WriteSummary(w io.Writer, s precopy.MigrationStatus, limit time.Duration) {
 		fmt.Fprintf(w, "  downtime breakdown: pause %.2f, flush %.2f, dirty sync %.2f, state save %.2f, final send %.2f, destination load %.2f, resume %.2f = %.2f ms\n",
 			b.PauseVCPUsMs, b.FlushMs, b.DirtySyncMs, b.StateSaveMs, b.FinalSendMs, b.DestinationLoadMs, b.ResumeMs, b.TotalMs)
 	}
+	if s.PostcopyPages > 0 && s.Status == precopy.StatusCompleted {
+		// The destination's digest is taken as the last owed page
+		// arrives; a completed post-copy means it matched.
+		fmt.Fprintf(w, "  post-copy: %d pages owed at the switch, %d requested by faults; the destination's digest matched once every page arrived\n",
+			s.PostcopyPages, s.PostcopyRequests)
+	}
+	if s.PostcopyRefused != "" {
+		fmt.Fprintf(w, "  post-copy refused by the destination: %s\n", s.PostcopyRefused)
+	}
 	if s.SwitchoverDigest != "" {
 		fmt.Fprintf(w, "  switchover digest: source %s, destination %s\n", s.SwitchoverDigest, cmp.Or(s.DestinationDigest, "(file)"))
 	}

@@ -1,0 +1,329 @@
+package ft
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/postcopy"
+	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// pcSource is a migration's post-copy page mover on the source
+// (precopy.PostcopyLink): its two extra connections, opened before the
+// first round, and the postcopy.Source serving them after the switch.
+type pcSource struct {
+	urgent, bulk net.Conn
+	regions      []guest.Region
+	src          atomic.Pointer[postcopy.Source]
+}
+
+// SendMissing implements precopy.PostcopyLink.
+func (p *pcSource) SendMissing(missing *precopy.Bitmap) error {
+	return postcopy.SendMissing(p.urgent, missing, 0)
+}
+
+// Serve implements precopy.PostcopyLink.
+func (p *pcSource) Serve(ctx context.Context, expected func() guest.Digest, lim *precopy.Limiter) error {
+	s := postcopy.NewSourceFunc(p.regions, expected)
+	s.Limiter = lim
+	p.src.Store(s)
+	return s.Run(ctx, p.urgent, p.bulk)
+}
+
+// close closes both connections.
+func (p *pcSource) close() {
+	p.urgent.Close()
+	p.bulk.Close()
+}
+
+// fill adds the source's post-copy figures to a migration's status.
+func (p *pcSource) fill(st *api.MigrationStatus) {
+	if s := p.src.Load(); s != nil {
+		ss := s.Stats()
+		st.PostcopyRequests = ss.Requests
+		if st.PostcopyActive {
+			st.PostcopyRemainingPages = ss.Remaining
+		}
+	}
+}
+
+// openPostcopy (for a request with Postcopy) reads the destination's handshake answer
+// (replica.Link.Postcopy) says whether it takes post-copy. If it does,
+// the two extra connections are opened through the migration's dialer
+// and trust, tied to the migration by id; if it does not, the migration
+// stays precopy-only and refused says why (nil pcSource, ok). ok false:
+// the error has been answered.
+func (n *Node) openPostcopy(w http.ResponseWriter, r *http.Request, req migrateRequest, id string, link precopy.Link, g guest.Guest) (pc *pcSource, refused string, ok bool) {
+	if !req.Postcopy {
+		return nil, "", true
+	}
+	to := req.To
+	rl, isLink := link.(*replica.Link)
+	if !isLink {
+		return nil, "post-copy needs a receiver, not a file", true
+	}
+	if granted, why := rl.Postcopy(); !granted {
+		n.log.Warn("post-copy refused by the destination; the migration stays precopy-only", "to", to, "why", why)
+		return nil, why, true
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	o := replica.DialOptions{TLS: n.trust.ID, Insecure: n.trust.Insecure}
+	urgent, err := replica.DialPostcopy(ctx, to, id, replica.ChannelUrgent, o)
+	if err != nil {
+		WriteError(w, http.StatusBadGateway, api.CodeInternal, err)
+		return nil, "", false
+	}
+	bulk, err := replica.DialPostcopy(ctx, to, id, replica.ChannelBulk, o)
+	if err != nil {
+		urgent.Close()
+		WriteError(w, http.StatusBadGateway, api.CodeInternal, err)
+		return nil, "", false
+	}
+	return &pcSource{urgent: urgent, bulk: bulk, regions: g.Regions()}, "", true
+}
+
+// pcInbound is a destination's post-copy side of the one migration it
+// receives: the migration it granted post-copy to, that migration's two
+// extra connections as they arrive, and the postcopy.Target after the
+// switch.
+type pcInbound struct {
+	log *slog.Logger
+
+	mu      sync.Mutex
+	id      string              // the migration granted post-copy; "": none
+	conns   map[string]net.Conn // by channel
+	arrived chan struct{}       // closed once both channels are in
+	tg      *postcopy.Target
+	g       guest.Guest
+	cancel  context.CancelFunc
+	done    chan error // the Target's Run, once it ends
+	// last is the figures of the last Target, kept for status once it
+	// is released.
+	last *postcopy.TargetStats
+}
+
+// grant expects the channels of migration id (any earlier state is
+// dropped).
+func (p *pcInbound) grant(id string) {
+	p.abort()
+	p.mu.Lock()
+	p.id, p.conns, p.arrived = id, map[string]net.Conn{}, make(chan struct{})
+	p.mu.Unlock()
+}
+
+// take is replica.Receiver.PostcopyConn: a channel is accepted only for
+// the migration granted post-copy, once each.
+func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.id == "" || h.MigrationID != p.id:
+		return fmt.Errorf("no post-copy migration %q here (receiving %q)", h.MigrationID, p.id)
+	case p.conns[h.Channel] != nil:
+		return fmt.Errorf("the %s channel of migration %q is already open", h.Channel, p.id)
+	case conn == nil:
+		return nil
+	}
+	p.conns[h.Channel] = conn
+	if len(p.conns) == 2 {
+		close(p.arrived)
+	}
+	return nil
+}
+
+// postcopyGuest is a guest with the post-copy access path (both kinds).
+type postcopyGuest interface {
+	SetPostcopy(on bool)
+	VCPUOfThread(tid uint32) int
+}
+
+// pcChannelWait bounds the wait, at the switch, for channels the source
+// opened before its first round.
+const pcChannelWait = 10 * time.Second
+
+// start is the destination's switch (replica's PostcopySwitch): it
+// reads the source's missing set and, if pages are missing, registers
+// the guest's memory, drops the stale pages and starts the Target's run,
+// all before the guest resumes. An empty set: a precopy completion. An
+// error fails the migration before Ready, so the source resumes.
+func (p *pcInbound) start(g guest.Guest, h replica.Hello, state guest.MachineState) error {
+	p.mu.Lock()
+	arrived, id := p.arrived, p.id
+	p.mu.Unlock()
+	if id == "" || id != h.MigrationID {
+		return fmt.Errorf("post-copy: migration %q was not granted post-copy here", h.MigrationID)
+	}
+	select {
+	case <-arrived:
+	case <-time.After(pcChannelWait):
+		return fmt.Errorf("post-copy: the source's channels did not arrive within %v", pcChannelWait)
+	}
+	p.mu.Lock()
+	urgent, bulk := p.conns[replica.ChannelUrgent], p.conns[replica.ChannelBulk]
+	p.mu.Unlock()
+	missing, err := postcopy.ReadMissing(urgent, g.Regions(), 0)
+	if err != nil {
+		return fmt.Errorf("post-copy: read the missing set: %w", err)
+	}
+	if missing.Count() == 0 {
+		p.abort() // a precopy completion: the channels are done with
+		return nil
+	}
+	cfg := postcopy.TargetConfig{Regions: g.Regions(), Missing: missing, State: state, VCPUs: h.Config.VCPUs}
+	pg, _ := g.(postcopyGuest)
+	if pg != nil {
+		cfg.VCPUOf = pg.VCPUOfThread
+	}
+	tg, err := postcopy.NewTarget(cfg)
+	if err != nil {
+		return fmt.Errorf("post-copy: %w", err)
+	}
+	if pg != nil {
+		pg.SetPostcopy(true)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	p.mu.Lock()
+	p.tg, p.g, p.cancel, p.done = tg, g, cancel, done
+	p.mu.Unlock()
+	go func() { done <- tg.Run(ctx, urgent, bulk) }() // joined by finish or abort
+	p.log.Info("post-copy: switched; the guest resumes with pages missing", "migration", id, "pages", missing.Count())
+	return nil
+}
+
+// finish waits until every page arrived (the run ends) or ctx ends, and
+// turns the guest's post-copy path off once all are in.
+func (p *pcInbound) finish(ctx context.Context) {
+	p.mu.Lock()
+	tg, g, done := p.tg, p.g, p.done
+	p.mu.Unlock()
+	if tg == nil {
+		p.abort()
+		return
+	}
+	var err error
+	select {
+	case err = <-done:
+		done <- err // for abort
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	st := tg.Stats()
+	if err != nil {
+		// --resume is not built: the vCPUs that need a missing page
+		// wait for good. Status keeps saying post-copy is active.
+		p.log.Error("post-copy did not finish: the guest waits for pages that do not come", "err", err,
+			"remaining", st.Remaining, "link_down_since", st.LinkDownSince)
+		return
+	}
+	if pg, ok := g.(postcopyGuest); ok {
+		pg.SetPostcopy(false)
+	}
+	p.log.Info("post-copy complete: every page arrived; switch-over digest sent to the source", "digest", st.Digest,
+		"requests", st.Requests, "received", st.Received, "blocktime_ms", st.BlocktimeMs)
+	p.abort()
+}
+
+// abort stops the run (if any), releases the Target and closes the
+// channels. Idempotent.
+func (p *pcInbound) abort() {
+	p.mu.Lock()
+	tg, cancel, done, conns := p.tg, p.cancel, p.done, p.conns
+	p.tg, p.g, p.cancel, p.done, p.conns, p.id = nil, nil, nil, nil, nil, ""
+	p.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
+	if tg != nil {
+		st := tg.Stats()
+		tg.Close()
+		p.mu.Lock()
+		p.last = &st
+		p.mu.Unlock()
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+// fill adds the destination's post-copy figures to its status.
+func (p *pcInbound) fill(st *api.MigrationStatus) {
+	p.mu.Lock()
+	tg, last := p.tg, p.last
+	p.mu.Unlock()
+	var ts postcopy.TargetStats
+	switch {
+	case tg != nil:
+		ts = tg.Stats()
+	case last != nil:
+		ts = *last
+	default:
+		return
+	}
+	st.PostcopyActive, st.PostcopyRequests = ts.Active, ts.Requests
+	st.PostcopyRemainingPages, st.PostcopyBlocktimeMs = ts.Remaining, ts.BlocktimeMs
+	st.PostcopyPages = ts.Remaining + ts.Received
+}
+
+// active says whether the guest may still lack pages (Go code must not
+// read its memory: a status digest would fault and could hang).
+func (p *pcInbound) active() bool {
+	p.mu.Lock()
+	tg := p.tg
+	p.mu.Unlock()
+	return tg != nil && tg.Stats().Active
+}
+
+// postcopyRefusesDigest says (in st) why a status memory digest is not
+// taken while the destination's guest lacks pages: a scan from Go code
+// would fault on them (docs/POSTCOPY.md).
+func postcopyRefusesDigest(pcIn *pcInbound, st *nodeStatus) bool {
+	if pcIn == nil || !pcIn.active() {
+		return false
+	}
+	st.MemoryDigestError = "post-copy is active: pages are still missing; ask again once every page arrived"
+	return true
+}
+
+// postcopyStatus adds the post-copy figures: the source's while its
+// migration is the node's, else the destination's.
+func postcopyStatus(st *nodeStatus, migrating bool, pcOut *pcSource, pcIn *pcInbound) {
+	switch {
+	case migrating && pcOut != nil:
+		pcOut.fill(&st.MigrationStatus)
+	case !migrating && pcIn != nil:
+		pcIn.fill(&st.MigrationStatus)
+	}
+}
+
+// handleMigratePostcopy is POST /migrate/postcopy: the running migration
+// switches to post-copy at the end of its current round. Refused without
+// a running migration, or one that has no post-copy (not asked for, or
+// refused by the destination: its status says why).
+func (n *Node) handleMigratePostcopy(w http.ResponseWriter, r *http.Request) {
+	n.mu.Lock()
+	m, running := n.mig, n.migCancel != nil
+	n.mu.Unlock()
+	if m == nil || !running {
+		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration running to switch to post-copy"))
+		return
+	}
+	if err := m.SwitchToPostcopy(); err != nil {
+		WriteError(w, http.StatusConflict, api.CodeRefused, err)
+		return
+	}
+	n.log.Info("post-copy switch asked for: at the end of the current round")
+	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true})
+}
