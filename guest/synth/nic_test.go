@@ -34,7 +34,11 @@ func (w *wire) sink(f []byte) {
 
 // request is the frame carrying line from the client to the guest.
 func (w *wire) request(g *Guest, line string) []byte {
-	ep := g.nic.ep // address only; read before Resume or while paused in tests
+	// The vCPU updates the card's counters as frames arrive: take the
+	// address under the card's lock.
+	g.nic.mu.Lock()
+	ep := g.nic.ep
+	g.nic.mu.Unlock()
 	f, _ := w.cli.Reply(nil, netframe.Peer{MAC: ep.MAC, IP: ep.IP, Port: ep.Port}, []byte(line))
 	return f
 }
