@@ -49,6 +49,9 @@ func (w *pcWriter) run(stop <-chan struct{}, from int) {
 // destination while its pages are still coming: the destination must
 // have served faults (postcopy_requests) and answered them all right.
 func TestMigratePostcopyKV(t *testing.T) {
+	// Parallel: nothing here is held to a time limit (no downtime
+	// ceiling; the switch waits for every page, however slowly).
+	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
 		for _, rounds := range []string{"1", "0"} {
 			t.Run("after-"+rounds, func(t *testing.T) { testPostcopyKV(t, kind, rounds, "") })
@@ -321,6 +324,9 @@ func BenchmarkMigratePostcopyWholePages(b *testing.B) {
 // equal digests. Refused in one line without a migration, and for a
 // migration without post-copy.
 func TestMigratePostcopyOnCommand(t *testing.T) {
+	// Parallel: nothing here is held to a time limit (no downtime
+	// ceiling; the switch waits for every page, however slowly).
+	t.Parallel()
 	src := startWithPorts(t, "source-synth", false, profileArgs("synth", "256MiB", "64MiB", "5000",
 		"--fill", "random", "--write-bytes", "4096", "--write-data", "random")...)
 	dst := startReceiver(t)
