@@ -59,6 +59,10 @@ type Coordinator struct {
 	// writeMu orders this node's writes of the record (writeState): held
 	// across the etcd call, never taken with mu held.
 	writeMu sync.Mutex
+	// protSeq numbers the protection writes (SetProtected and the loop's
+	// MarkUnprotected) as they are asked for; only the newest may change
+	// the record's flag (writeProtected).
+	protSeq atomic.Uint64
 
 	// mu guards the decision loop's bookkeeping below. It is never held
 	// across an etcd call.

@@ -340,3 +340,25 @@ func TestWholeEtcdOutage(t *testing.T) {
 	t.Logf("serving again %v after etcd was back: a primary at generation %d, b at %d (0: not primary)",
 		time.Since(back).Round(time.Millisecond), a.primaryAt(), b.primaryAt())
 }
+
+// TestStaleProtectionWriteLosesToNewer: a "protected" asked for before an
+// "unprotected" but written after it (its caller timed out, its worker
+// ran late) must not leave the record saying protected.
+func TestStaleProtectionWriteLosesToNewer(t *testing.T) {
+	t.Parallel() // the tests mostly wait for leases
+	ec, name := sharedEtcd(t)
+	a, b := protectedPair(t, t.TempDir(), name, ec.Endpoints(), ec.Endpoints())
+	gen := a.primaryAt()
+	stale := a.protSeq.Add(1) // SetProtected(true), its caller gone
+	newer := a.protSeq.Add(1) // then MarkUnprotected
+	if err := a.writeProtected(gen, false, newer); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.writeProtected(gen, true, stale); err != nil {
+		t.Fatal(err)
+	}
+	if a.State().Protected {
+		t.Fatal("the record says protected: the older write landed over the newer one")
+	}
+	waitFor(t, 5*time.Second, "b sees the record unprotected", func() bool { return !b.State().Protected })
+}

@@ -106,8 +106,9 @@ func (c *Coordinator) execLocked(a failover.Action, v failover.View, now time.Ti
 		c.claimLocked(a, v)
 	case failover.ActMarkUnprotected:
 		c.pending.Protect = true
+		seq := c.protSeq.Add(1)
 		c.worker(func() {
-			err := c.writeState(v.State.Generation, func(s *stateRecord) { s.Protected = false })
+			err := c.writeProtected(v.State.Generation, false, seq)
 			c.mu.Lock()
 			c.pending.Protect = false
 			c.mu.Unlock()

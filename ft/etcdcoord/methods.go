@@ -48,7 +48,8 @@ func (c *Coordinator) SetProtected(ctx context.Context, protected bool) error {
 		return fmt.Errorf("%w: set protected", ErrNotPrimary)
 	}
 	done := make(chan error, 1)
-	if !c.worker(func() { done <- c.writeState(a.Generation, func(s *stateRecord) { s.Protected = protected }) }) {
+	seq := c.protSeq.Add(1)
+	if !c.worker(func() { done <- c.writeProtected(a.Generation, protected, seq) }) {
 		return ErrClosed
 	}
 	select {

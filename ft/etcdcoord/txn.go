@@ -90,6 +90,20 @@ func (s *snapshot) withState(st stateRecord, rev int64) *snapshot {
 	return &n
 }
 
+// writeProtected records protected at gen as protection write seq (from
+// protSeq). Neither the workers nor writeMu keep the callers' order, so a
+// "protected" whose caller timed out could otherwise land after a later
+// "unprotected" and leave the record saying protected while the
+// secondary is behind: a write that is no longer the newest asked for
+// leaves the flag as it is.
+func (c *Coordinator) writeProtected(gen uint64, protected bool, seq uint64) error {
+	return c.writeState(gen, func(s *stateRecord) {
+		if c.protSeq.Load() == seq {
+			s.Protected = protected
+		}
+	})
+}
+
 // writeState changes the record at generation gen with f: a transaction
 // comparing the record's revision and this node's leadership, retried on
 // a newer record of the same generation, refused once the generation or
