@@ -30,7 +30,22 @@ const eventBuffer = 64
 // valid (as far as this node may assume) until deadline.
 type leaseState struct {
 	id       clientv3.LeaseID
-	deadline time.Time // start of the last answered grant or keepalive + TTL
+	deadline time.Time     // start of the last answered grant or keepalive + TTL
+	ttl      time.Duration // what the grant gave, at most maxLeaseTTL
+}
+
+// maxLeaseTTL bounds the TTL a grant may report (Config refuses a longer
+// --etcd-lease): CanRelease trusts the deadline, so a wrong or hostile
+// answer must not stretch it.
+const maxLeaseTTL = time.Hour
+
+// answeredTTL is an answer's TTL in seconds, bounded by limit (compared
+// in seconds first: a huge answer would overflow a Duration).
+func answeredTTL(seconds int64, limit time.Duration) time.Duration {
+	if seconds > int64(limit/time.Second) {
+		return limit
+	}
+	return time.Duration(seconds) * time.Second
 }
 
 // Coordinator is the etcd ft.Coordinator. All methods are safe for

@@ -61,7 +61,8 @@ func (c *Coordinator) renew(ctx context.Context) {
 			c.log.Debug("etcd keepalive failed", "err", err)
 			return
 		default:
-			c.lease.CompareAndSwap(cur, &leaseState{id: cur.id, deadline: start.Add(time.Duration(resp.TTL) * time.Second)})
+			// A keepalive renews the granted TTL, never more.
+			c.lease.CompareAndSwap(cur, &leaseState{id: cur.id, ttl: cur.ttl, deadline: start.Add(answeredTTL(resp.TTL, cur.ttl))})
 			if !start.Before(cur.deadline.Add(-c.cfg.Margin)) {
 				c.poke() // valid again: the loop may lead again
 			}
@@ -76,7 +77,8 @@ func (c *Coordinator) renew(ctx context.Context) {
 		c.log.Debug("etcd lease grant failed", "err", err)
 		return
 	}
-	c.lease.Store(&leaseState{id: resp.ID, deadline: start.Add(time.Duration(resp.TTL) * time.Second)})
+	ttl := answeredTTL(resp.TTL, maxLeaseTTL)
+	c.lease.Store(&leaseState{id: resp.ID, ttl: ttl, deadline: start.Add(ttl)})
 	c.poke()
 }
 

@@ -76,3 +76,29 @@ func TestLeaseDeadlineFromSend(t *testing.T) {
 		t.Fatalf("CanRelease true at the deadline less the margin (%v); the margin is %v", safe, cfg.Margin)
 	}
 }
+
+// TestLeaseTTLBounded: a keepalive that answers a longer TTL than the
+// grant gave (a wrong or hostile answer) renews the granted TTL only, and
+// a grant's TTL is bounded by maxLeaseTTL: CanRelease trusts the deadline.
+func TestLeaseTTLBounded(t *testing.T) {
+	clk := clock.NewFake(time.Unix(1_000_000, 0))
+	cfg, err := Config{Endpoints: []string{"http://127.0.0.1:2379"}, Cluster: "g", IdentityFile: "x",
+		Self: failover.NodeInfo{ID: "a", Role: failover.RolePrimary, DataAddr: "127.0.0.1:7311"}, Clock: clk}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := &slowLeases{clk: clk, ttl: 5}
+	c := &Coordinator{cfg: cfg, clk: clk, log: slog.New(slog.DiscardHandler), keys: newKeys("g"), leases: fake,
+		wake: make(chan struct{}, 1), events: make(chan failover.Event, eventBuffer)}
+	c.renew(context.Background()) // granted 5 s
+	fake.ttl = 1 << 40            // then a keepalive claims about 35,000 years
+	c.renew(context.Background())
+	if l := c.lease.Load(); l == nil || !l.deadline.Equal(fake.sent.Add(5*time.Second)) {
+		t.Fatalf("after a keepalive answering TTL %d: lease %+v, want the granted 5 s from %v", fake.ttl, l, fake.sent)
+	}
+	c.lease.Store(nil)
+	c.renew(context.Background()) // a grant answering the same
+	if l := c.lease.Load(); l == nil || !l.deadline.Equal(fake.sent.Add(maxLeaseTTL)) {
+		t.Fatalf("after a grant answering TTL %d: lease %+v, want at most %v", fake.ttl, l, maxLeaseTTL)
+	}
+}
