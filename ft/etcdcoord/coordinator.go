@@ -227,8 +227,13 @@ func (c *Coordinator) Requests() uint64 { return c.requests.Load() }
 // out), and closes the client.
 func (c *Coordinator) Close() error {
 	c.closeOnce.Do(func() {
+		// Under mu: a step holds mu from its closed check to its
+		// actions, so none activates this node after the fence below.
+		c.mu.Lock()
 		c.closed.Store(true)
-		if a := c.active.Swap(nil); a != nil {
+		a := c.active.Swap(nil)
+		c.mu.Unlock()
+		if a != nil {
 			c.emit(failover.Event{Kind: failover.EventFenced, Generation: a.Generation, Reason: "node closed"})
 		}
 		close(c.stop)

@@ -42,6 +42,10 @@ const recordVersion = 1
 // bytes, so anything near this is not one of ours.
 const maxRecord = 64 << 10
 
+// maxMembers is the nodes a protected guest has: its primary and its
+// secondary.
+const maxMembers = 2
+
 // maxMessage bounds a message from etcd (clientv3's own bound is 2 GiB,
 // read into memory before any check here). A Tandem prefix holds four
 // kinds of records of a few hundred bytes; a read or watch answer larger
@@ -237,6 +241,11 @@ func (n *snapshot) put(k keys, kv *mvccpb.KeyValue) {
 		}
 		if err == nil {
 			err = m.Node.check(key)
+		}
+		if _, known := n.members[m.Node.ID]; err == nil && !known && len(n.members) >= maxMembers {
+			// Open refuses a third node; a record written around it is
+			// kept out, so the members (and what reads them) stay bounded.
+			err = fmt.Errorf("%s: a third node's record (a guest has %d)", key, maxMembers)
 		}
 		if err != nil {
 			delete(n.members, k.memberID(key)) // what etcd holds is not the version kept

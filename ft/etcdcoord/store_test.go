@@ -2,6 +2,7 @@ package etcdcoord
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -84,6 +85,14 @@ func TestMemberRecordChecked(t *testing.T) {
 	s.put(k, kvOf(k.member("b"), encode(m), 3))
 	if _, ok := s.members["b"]; !ok || s.unreadable() != "" {
 		t.Fatalf("good member record not taken: %v, unreadable %q", s.members, s.unreadable())
+	}
+	// Two nodes at most: a third record from the watch is kept out.
+	for i, id := range []string{"a", "c"} {
+		m.Node.ID, m.Node.DataAddr = id, fmt.Sprintf("127.0.0.1:%d", 7320+i)
+		s.put(k, kvOf(k.member(id), encode(m), int64(4+i)))
+	}
+	if _, ok := s.members["c"]; ok || len(s.members) != 2 || !strings.Contains(s.unreadable(), "third node") {
+		t.Fatalf("a third member taken: %v, unreadable %q", s.members, s.unreadable())
 	}
 }
 
