@@ -3,6 +3,7 @@ package postcopy
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"net"
 	"os"
@@ -133,9 +134,9 @@ func TestPostcopyBadFrames(t *testing.T) {
 		name  string
 		write func(w *frameWriter)
 	}{
-		{"run beyond memory", func(w *frameWriter) { putLE(n[:], 2); w.write(frameRun, limit-1, n[:]) }},
-		{"huge run", func(w *frameWriter) { putLE(n[:], ^uint64(0)); w.write(frameRun, 0, n[:]) }},
-		{"run in the gap", func(w *frameWriter) { putLE(n[:], 1); w.write(frameRun, 64, n[:]) }},
+		{"run beyond memory", func(w *frameWriter) { binary.LittleEndian.PutUint64(n[:], 2); w.write(frameRun, limit-1, n[:]) }},
+		{"huge run", func(w *frameWriter) { binary.LittleEndian.PutUint64(n[:], ^uint64(0)); w.write(frameRun, 0, n[:]) }},
+		{"run in the gap", func(w *frameWriter) { binary.LittleEndian.PutUint64(n[:], 1); w.write(frameRun, 64, n[:]) }},
 		{"request beyond memory", func(w *frameWriter) { w.write(frameRunsEnd, 0, nil); w.write(frameRequest, limit, nil) }},
 		{"unknown frame", func(w *frameWriter) { w.write('x', 0, nil) }},
 	} {

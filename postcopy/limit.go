@@ -3,6 +3,7 @@ package postcopy
 import (
 	"context"
 	"net"
+	"time"
 
 	"github.com/tandemvm/tandem/precopy"
 )
@@ -15,10 +16,15 @@ const limitPiece = 16 << 10
 // limitedConn is a connection whose writes share a byte-rate limiter
 // with the source's other post-copy connection: the migration's
 // --max-bandwidth holds for both together.
+//
+// Each piece gets its own write deadline (timeout): a buffered flush of
+// many pieces at a low rate takes longer than one deadline for the whole
+// flush allows, yet the link is alive as long as each piece moves.
 type limitedConn struct {
 	net.Conn
-	ctx context.Context
-	lim *precopy.Limiter
+	ctx     context.Context
+	lim     *precopy.Limiter
+	timeout time.Duration
 }
 
 func (c limitedConn) Write(p []byte) (int, error) {
@@ -27,6 +33,9 @@ func (c limitedConn) Write(p []byte) (int, error) {
 		k := min(len(p), limitPiece)
 		if err := c.lim.Wait(c.ctx, k); err != nil {
 			return n, err
+		}
+		if c.timeout > 0 {
+			c.Conn.SetWriteDeadline(time.Now().Add(c.timeout))
 		}
 		m, err := c.Conn.Write(p[:k])
 		n += m

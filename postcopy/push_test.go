@@ -2,6 +2,7 @@ package postcopy
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"sync"
 	"testing"
@@ -32,7 +33,7 @@ func TestPostcopyPushFollowsFaults(t *testing.T) {
 
 	w := newFrameWriter(l.dstUrgent, time.Second)
 	var n [8]byte
-	putLE(n[:], pages)
+	binary.LittleEndian.PutUint64(n[:], pages)
 	w.write(frameRun, 0, n[:])
 	w.write(frameRunsEnd, 0, nil)
 	w.flush()

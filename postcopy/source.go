@@ -2,6 +2,7 @@ package postcopy
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -80,9 +81,13 @@ func (s *Source) Stats() SourceStats {
 func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	timeout := cmpOr(s.LinkTimeout, DefaultLinkTimeout)
 	r := newFrameReader(urgent, timeout)
+	// The run's own context, so ending the run also ends a write waiting
+	// in the limiter (the deadlines set below cannot reach that wait).
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	if s.Limiter != nil {
-		urgent = limitedConn{Conn: urgent, ctx: ctx, lim: s.Limiter}
-		bulk = limitedConn{Conn: bulk, ctx: ctx, lim: s.Limiter}
+		urgent = limitedConn{Conn: urgent, ctx: rctx, lim: s.Limiter, timeout: timeout}
+		bulk = limitedConn{Conn: bulk, ctx: rctx, lim: s.Limiter, timeout: timeout}
 	}
 	toSend, err := s.readRuns(r)
 	if err != nil {
@@ -94,7 +99,6 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	s.stats.Runs++
 	s.mu.Unlock()
 	uw := &lockedWriter{w: newFrameWriter(urgent, timeout)}
-	rctx, cancel := context.WithCancel(ctx)
 	errs := make(chan error, 3)
 	var wg sync.WaitGroup
 	for _, f := range []func() error{
@@ -146,7 +150,7 @@ func readRuns(r *frameReader, pm pageMap) (*precopy.Bitmap, error) {
 		default:
 			return nil, fmt.Errorf("%w: frame %q before the end of the missing runs", ErrProtocol, f.typ)
 		}
-		n := le64(f.data)
+		n := binary.LittleEndian.Uint64(f.data)
 		if n == 0 || f.arg >= pm.limit || n > pm.limit-f.arg || total+n > pm.limit {
 			return nil, fmt.Errorf("%w: missing run %d+%d beyond %d pages", ErrProtocol, f.arg, n, pm.limit)
 		}
@@ -158,14 +162,6 @@ func readRuns(r *frameReader, pm pageMap) (*precopy.Bitmap, error) {
 			b.Set(p)
 		}
 	}
-}
-
-func le64(b []byte) uint64 {
-	var v uint64
-	for i := range 8 {
-		v |= uint64(b[i]) << (8 * i)
-	}
-	return v
 }
 
 // lockedWriter is the urgent writer, shared by the request server and

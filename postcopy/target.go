@@ -2,6 +2,7 @@ package postcopy
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -290,8 +291,6 @@ func (t *Target) Run(ctx context.Context, urgent, bulk net.Conn) error {
 		})
 	}
 	var err error
-	finished := make(chan struct{})
-	go func() { wg.Wait(); close(finished) }()
 	select {
 	case err = <-errs:
 	case <-ctx.Done():
@@ -300,7 +299,7 @@ func (t *Target) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	cancel()
 	urgent.SetDeadline(time.Now()) // unblock the readers
 	bulk.SetDeadline(time.Now())
-	<-finished
+	wg.Wait()
 	if t.finish() {
 		return nil
 	}
@@ -353,7 +352,7 @@ func runsOf(b *precopy.Bitmap, limit uint64) [][2]uint64 {
 func writeRuns(w *frameWriter, runs [][2]uint64) error {
 	var n [8]byte
 	for _, r := range runs {
-		putLE(n[:], r[1])
+		binary.LittleEndian.PutUint64(n[:], r[1])
 		if err := w.write(frameRun, r[0], n[:]); err != nil {
 			return err
 		}
@@ -362,12 +361,6 @@ func writeRuns(w *frameWriter, runs [][2]uint64) error {
 		return err
 	}
 	return w.flush()
-}
-
-func putLE(b []byte, v uint64) {
-	for i := range 8 {
-		b[i] = byte(v >> (8 * i))
-	}
 }
 
 // finish closes the userfaultfd once every page is in, and reports

@@ -31,6 +31,7 @@ func (t *Target) faultLoop() {
 		default:
 		}
 		faults, err := t.fd.ReadFaults(buf[:0], faultPoll)
+		buf = faults // reused by the next poll
 		if err == nil {
 			now := time.Now()
 			for _, f := range faults {

@@ -1,6 +1,7 @@
 package uffd
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"time"
@@ -183,17 +184,11 @@ func (f *FD) ReadFaults(dst []Fault, timeout time.Duration) ([]Fault, error) {
 		if m[0] != eventPagefault {
 			continue // no other event was asked for
 		}
-		flags := le64(m[8:])
-		addr := le64(m[16:])
-		dst = append(dst, Fault{Addr: uintptr(addr &^ (pageSize - 1)), Write: flags&pagefaultWrite != 0, TID: uint32(le64(m[24:]))})
+		flags := binary.LittleEndian.Uint64(m[8:])
+		addr := binary.LittleEndian.Uint64(m[16:])
+		dst = append(dst, Fault{Addr: uintptr(addr &^ (pageSize - 1)), Write: flags&pagefaultWrite != 0, TID: uint32(binary.LittleEndian.Uint64(m[24:]))})
 	}
 	return dst, nil
-}
-
-func le64(b []byte) uint64 {
-	_ = b[7]
-	return uint64(b[0]) | uint64(b[1])<<8 | uint64(b[2])<<16 | uint64(b[3])<<24 |
-		uint64(b[4])<<32 | uint64(b[5])<<40 | uint64(b[6])<<48 | uint64(b[7])<<56
 }
 
 // ErrExists is Copy's and Zero's error when the page is already mapped
