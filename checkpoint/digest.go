@@ -53,9 +53,8 @@ func (d *epochDigest) record(tag byte, v uint64) {
 
 func (d *epochDigest) zero(index uint64) { d.record('Z', index) }
 
-func (d *epochDigest) page(index uint64, data []byte) { d.pageHash(index, xxhash.Sum64(data)) }
-
-// pageHash is page for a page whose XXH64 is known.
+// pageHash records a page by its XXH64 (the sender and the reader both
+// have it already).
 func (d *epochDigest) pageHash(index, hash uint64) {
 	d.record('P', index)
 	d.buf = binary.LittleEndian.AppendUint64(d.buf, hash)

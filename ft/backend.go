@@ -34,11 +34,6 @@ func BootGuest(kind string, cfg guest.Config, dirty kvm.DirtyMethod) (guest.Gues
 	return nil, fmt.Errorf("unknown guest kind %q: want kvm or synth", kind)
 }
 
-// The kvm backend's loadable sections, registered here until guest/kvm
-// registers them itself as guest/synth does (receivers check a stream's
-// sections against them).
-func init() { guest.RegisterStateVersions(kvm.Kind, kvm.StateVersions) }
-
 // EmptyGuest builds a paused guest with zero memory that will not boot: a
 // received image is written into it and its state loaded.
 func EmptyGuest(kind string, cfg guest.Config) (guest.Guest, error) {

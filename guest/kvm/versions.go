@@ -1,5 +1,11 @@
 package kvm
 
+import "github.com/tandemvm/tandem/guest"
+
+// The sections this backend loads, for receivers to check a stream's
+// sections against (as guest/synth registers its own).
+func init() { guest.RegisterStateVersions(Kind, StateVersions) }
+
 // StateVersions lists every device this backend saves with its current
 // schema version (for `tandem schema dump`).
 func StateVersions() map[string]uint32 {

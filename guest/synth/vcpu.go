@@ -80,6 +80,7 @@ type vcpu struct {
 
 func (v *vcpu) run() {
 	defer v.g.vcpuWG.Done()
+	defer v.unpin() // a vCPU ending while post-copy is on
 	for {
 		if v.g.stopReq.Load() {
 			parked := true
@@ -108,7 +109,16 @@ func (v *vcpu) pinForPostcopy() {
 	case on && v.tid.Load() == 0:
 		runtime.LockOSThread()
 		v.tid.Store(int32(unix.Gettid()))
-	case !on && v.tid.Load() != 0:
+	case !on:
+		v.unpin()
+	}
+}
+
+// unpin undoes pinForPostcopy's lock, if it holds one: the thread is no
+// longer the vCPU's (and a goroutine that ends locked takes its thread
+// down with it).
+func (v *vcpu) unpin() {
+	if v.tid.Load() != 0 {
 		v.tid.Store(0)
 		runtime.UnlockOSThread()
 	}
