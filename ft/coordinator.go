@@ -2,16 +2,12 @@ package ft
 
 import (
 	"context"
-	"crypto/tls"
-	"fmt"
 	"net"
 	"slices"
-	"time"
 
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/internal/clock"
-	"github.com/tandemvm/tandem/internal/trust"
 )
 
 // Coordinator is who decides which node runs the guest: the calls the
@@ -76,72 +72,27 @@ type RaftCoordinator struct {
 
 var _ Coordinator = (*RaftCoordinator)(nil)
 
-// primaryWait is how long a data connection whose certificate names a
-// member that could be primary (not this node, not the witness) waits for
-// this node's view of raft to name it primary: a new primary may dial
-// before its promotion has reached here.
-const primaryWait = 3 * time.Second
-
-// AdmitPrimary admits a primary's data connection over TLS only if its
-// certificate names the node raft says is primary. One naming another
-// member that may become primary (not the witness, not this node; any
-// other voter while this node has applied no record yet) is given
-// primaryWait for this node's raft state to catch up; anything else is
-// refused at once. Plaintext connections (no TLS configured) pass:
-// the secondary's generation check still applies to them.
+// AdmitPrimary admits a primary's data connection by failover's rule
+// (failover.AdmitPrimary); while this node has applied no raft record
+// yet (it is starting), any other voter may be the primary: it waits for
+// the record rather than fail the primary's join, which then backs off
+// for seconds.
 func (c *RaftCoordinator) AdmitPrimary(ctx context.Context, conn net.Conn) error {
-	if _, isTLS := conn.(*tls.Conn); !isTLS {
-		return nil
-	}
-	clk := clock.Or(c.Clock)
-	// A verified certificate that names no node (no CN, no DNS SAN) is
-	// refused below like one naming a non-member: it must not pass as
-	// plaintext.
-	names := trust.PeerNames(conn)
-	deadline := clk.Now().Add(primaryWait)
-	for {
-		st := c.State()
-		if st.Primary != "" && st.Primary != c.ID() && slices.Contains(names, st.Primary) {
-			return nil
-		}
-		candidate := false
-		for _, mem := range st.Members {
-			if mem.Role != failover.RoleWitness && mem.ID != c.ID() && slices.Contains(names, mem.ID) {
-				candidate = true
+	voter := func(names []string) bool {
+		for _, v := range c.Voters() {
+			if v.ID != c.ID() && slices.Contains(names, v.ID) {
+				return true
 			}
 		}
-		if len(st.Members) == 0 {
-			// This node has not applied raft's record yet (it is
-			// starting): any other voter may be the primary; wait for
-			// the record rather than fail the primary's join, which
-			// then backs off for seconds.
-			for _, v := range c.Voters() {
-				if v.ID != c.ID() && slices.Contains(names, v.ID) {
-					candidate = true
-				}
-			}
-		}
-		if !candidate || clk.Now().After(deadline) || clock.Sleep(ctx, clk, 50*time.Millisecond) != nil {
-			name, _ := trust.PeerName(conn)
-			return fmt.Errorf("%w: a primary connection from %q, but the cluster's primary is %q (generation %d)", trust.ErrPeer, name, st.Primary, st.Generation)
-		}
+		return false
 	}
+	return failover.AdmitPrimary(ctx, c.Clock, conn, c.ID(), c.State, voter)
 }
 
 // SecondaryName is the node whose data address addr is: the primary's
-// epoch loop expects the secondary's certificate to name it. An address
-// no member registered gets the name of the member raft calls secondary.
+// epoch loop expects the secondary's certificate to name it.
 func (c *RaftCoordinator) SecondaryName(addr string) string {
-	st := c.State()
-	for _, mem := range st.Members {
-		if mem.DataAddr == addr && mem.Role != failover.RoleWitness && mem.ID != c.ID() {
-			return mem.ID
-		}
-	}
-	if sec, ok := st.Secondary(); ok {
-		return sec.ID
-	}
-	return c.ID() + "'s secondary (unknown)" // names no certificate: refused
+	return failover.SecondaryName(c.State(), c.ID(), addr)
 }
 
 // ClusterView is the raft part of a member's status; gen is the

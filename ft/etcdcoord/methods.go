@@ -2,16 +2,13 @@ package etcdcoord
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
-	"slices"
 	"time"
 
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/internal/clock"
-	"github.com/tandemvm/tandem/internal/trust"
 )
 
 // ID names this node.
@@ -163,50 +160,17 @@ func (c *Coordinator) waitPrimary(ctx context.Context, id string, gen uint64) er
 	}
 }
 
-// primaryWait is how long a data connection whose certificate names the
-// other node waits for this node's record to name it primary (a new
-// primary may dial before its claim reached here).
-const primaryWait = 3 * time.Second
-
-// AdmitPrimary admits a primary's data connection over TLS only if its
-// certificate names the node the record says is primary, giving the
-// other registered node primaryWait to become it. Plaintext connections
-// pass: the secondary's generation check still applies to them.
+// AdmitPrimary admits a primary's data connection by failover's rule
+// (failover.AdmitPrimary), with the other registered node given
+// failover.PrimaryWait to become primary.
 func (c *Coordinator) AdmitPrimary(ctx context.Context, conn net.Conn) error {
-	if _, isTLS := conn.(*tls.Conn); !isTLS {
-		return nil
-	}
-	names := trust.PeerNames(conn)
-	deadline := c.clk.Now().Add(primaryWait)
-	for {
-		st := c.State()
-		if st.Primary != "" && st.Primary != c.ID() && slices.Contains(names, st.Primary) {
-			return nil
-		}
-		candidate := false
-		for _, m := range st.Members {
-			candidate = candidate || (m.ID != c.ID() && slices.Contains(names, m.ID))
-		}
-		if !candidate || c.clk.Now().After(deadline) || clock.Sleep(ctx, c.clk, 50*time.Millisecond) != nil {
-			name, _ := trust.PeerName(conn)
-			return fmt.Errorf("%w: a primary connection from %q, but the cluster's primary is %q (generation %d)", trust.ErrPeer, name, st.Primary, st.Generation)
-		}
-	}
+	return failover.AdmitPrimary(ctx, c.clk, conn, c.ID(), c.State, nil)
 }
 
 // SecondaryName is the node registered at data address addr (else the
 // record's secondary): its certificate must name it.
 func (c *Coordinator) SecondaryName(addr string) string {
-	st := c.State()
-	for _, m := range st.Members {
-		if m.DataAddr == addr && m.ID != c.ID() {
-			return m.ID
-		}
-	}
-	if sec, ok := st.Secondary(); ok {
-		return sec.ID
-	}
-	return c.ID() + "'s secondary (unknown)" // names no certificate: refused
+	return failover.SecondaryName(c.State(), c.ID(), addr)
 }
 
 // ClusterView is the record as this node's status shows it; gen is the
