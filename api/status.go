@@ -401,6 +401,13 @@ type MigrationStatus struct {
 	PostcopyRequests       uint64  `json:"postcopy_requests,omitempty"`
 	PostcopyBlocktimeMs    []int64 `json:"postcopy_blocktime_ms,omitempty"`
 	PostcopyRefused        string  `json:"postcopy_refused,omitempty"`
+	// While a post-copy's link is lost (status "postcopy-paused", on
+	// both ends): PostcopyLinkDownSince is when (RFC 3339, UTC) and
+	// PostcopyLinkError why. PostcopyResumes counts the runs `tandem
+	// migrate --resume` reconnected.
+	PostcopyLinkDownSince string `json:"postcopy_link_down_since,omitempty"`
+	PostcopyLinkError     string `json:"postcopy_link_error,omitempty"`
+	PostcopyResumes       int    `json:"postcopy_resumes,omitempty"`
 }
 
 // EpochStatus is a protected primary's epoch loop.
@@ -645,6 +652,16 @@ type MigrateRequest struct {
 	// node ignores both fields and migrates precopy-only.
 	Postcopy            bool `json:"postcopy,omitempty"`
 	PostcopyAfterRounds *int `json:"postcopy_after_rounds,omitempty"`
+}
+
+// MigrateResumeRequest is the body of POST /migrate/resume on a source
+// whose post-copy is paused by a lost link (`tandem migrate --resume`):
+// To is the destination's data address (default: the migration's),
+// MigrationID the migration meant (default: the source's current one;
+// another is refused as stale).
+type MigrateResumeRequest struct {
+	To          string `json:"to,omitempty"`
+	MigrationID string `json:"migration_id,omitempty"`
 }
 
 // MaxMigrateStreams bounds MigrateRequest.Streams.

@@ -154,6 +154,7 @@ func NewNode(cfg NodeConfig) (_ *Node, err error) {
 	api.HandleFunc("POST /migrate", n.handleMigrate)
 	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
 	api.HandleFunc("POST /migrate/postcopy", n.handleMigratePostcopy)
+	api.HandleFunc("POST /migrate/resume", n.handleMigrateResume)
 	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
 	api.HandleFunc("POST /debug/stall-write", n.handleStallWrite)
 	api.HandleFunc("POST /protect", n.handleProtect)
@@ -259,6 +260,9 @@ func (n *Node) Close() {
 	n.closing = true
 	if n.migCancel != nil {
 		n.migCancel()
+	}
+	if n.pcOut != nil {
+		n.pcOut.stop() // a post-copy waiting for a resume gives up
 	}
 	g := n.g
 	n.mu.Unlock()

@@ -22,9 +22,15 @@ import (
 // (precopy.PostcopyLink): its two extra connections, opened before the
 // first round, and the postcopy.Source serving them after the switch.
 type pcSource struct {
+	regions []guest.Region
+	src     atomic.Pointer[postcopy.Source]
+	log     *slog.Logger
+
+	// mu guards the connections (a resume replaces them) and the
+	// paused state (postcopy_resume.go).
+	mu           sync.Mutex
 	urgent, bulk net.Conn
-	regions      []guest.Region
-	src          atomic.Pointer[postcopy.Source]
+	paused       pcPause
 }
 
 // SendMissing implements precopy.PostcopyLink.
@@ -37,11 +43,24 @@ func (p *pcSource) Serve(ctx context.Context, expected func() guest.Digest, lim 
 	s := postcopy.NewSourceFunc(p.regions, expected)
 	s.Limiter = lim
 	p.src.Store(s)
-	return s.Run(ctx, p.urgent, p.bulk)
+	for {
+		p.mu.Lock()
+		urgent, bulk := p.urgent, p.bulk
+		p.mu.Unlock()
+		err := s.Run(ctx, urgent, bulk)
+		// A lost link is not the end: the guest runs on the destination
+		// and this paused guest holds the pages it lacks, so the
+		// migration waits for `tandem migrate --resume`.
+		if !errors.Is(err, postcopy.ErrLink) || !p.awaitResume(ctx, err) {
+			return err
+		}
+	}
 }
 
 // close closes both connections.
 func (p *pcSource) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.urgent.Close()
 	p.bulk.Close()
 }
@@ -55,6 +74,7 @@ func (p *pcSource) fill(st *api.MigrationStatus) {
 			st.PostcopyRemainingPages = ss.Remaining
 		}
 	}
+	p.fillPaused(st)
 }
 
 // openPostcopy (for a request with Postcopy) reads the destination's handshake answer
@@ -90,7 +110,7 @@ func (n *Node) openPostcopy(w http.ResponseWriter, r *http.Request, req migrateR
 		WriteError(w, http.StatusBadGateway, api.CodeInternal, err)
 		return nil, "", false
 	}
-	return &pcSource{urgent: urgent, bulk: bulk, regions: g.Regions()}, "", true
+	return &pcSource{urgent: urgent, bulk: bulk, regions: g.Regions(), log: n.log, paused: newPcPause()}, "", true
 }
 
 // pcInbound is a destination's post-copy side of the one migration it
@@ -111,6 +131,13 @@ type pcInbound struct {
 	// last is the figures of the last Target, kept for status once it
 	// is released.
 	last *postcopy.TargetStats
+	// waiting is set while the run waits for a resume after a lost link
+	// (closed when one arrives), linkErr why the link was lost, and
+	// resumeConns a resume's channels as they arrive
+	// (postcopy_resume.go).
+	waiting     chan struct{}
+	linkErr     string
+	resumeConns map[string]net.Conn
 }
 
 // grant expects the channels of migration id (any earlier state is
@@ -127,6 +154,9 @@ func (p *pcInbound) grant(id string) {
 func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if h.Resume {
+		return p.takeResume(h, conn)
+	}
 	switch {
 	case p.id == "" || h.MigrationID != p.id:
 		return fmt.Errorf("no post-copy migration %q here (receiving %q)", h.MigrationID, p.id)
@@ -170,7 +200,7 @@ func (p *pcInbound) start(g guest.Guest, h replica.Hello, state guest.MachineSta
 		return fmt.Errorf("post-copy: the source's channels did not arrive within %v", pcChannelWait)
 	}
 	p.mu.Lock()
-	urgent, bulk := p.conns[replica.ChannelUrgent], p.conns[replica.ChannelBulk]
+	urgent := p.conns[replica.ChannelUrgent]
 	p.mu.Unlock()
 	missing, err := postcopy.ReadMissing(urgent, g.Regions(), 0)
 	if err != nil {
@@ -197,7 +227,7 @@ func (p *pcInbound) start(g guest.Guest, h replica.Hello, state guest.MachineSta
 	p.mu.Lock()
 	p.tg, p.g, p.cancel, p.done = tg, g, cancel, done
 	p.mu.Unlock()
-	go func() { done <- tg.Run(ctx, urgent, bulk) }() // joined by finish or abort
+	go func() { done <- p.serve(ctx, tg, id) }() // joined by finish or abort
 	p.log.Info("post-copy: switched; the guest resumes with pages missing", "migration", id, "pages", missing.Count())
 	return nil
 }
@@ -221,8 +251,9 @@ func (p *pcInbound) finish(ctx context.Context) {
 	}
 	st := tg.Stats()
 	if err != nil {
-		// --resume is not built: the vCPUs that need a missing page
-		// wait for good. Status keeps saying post-copy is active.
+		// The node is stopping (a lost link waits for a resume in
+		// serve), or the run failed for good: the vCPUs that need a
+		// missing page wait. Status keeps saying post-copy is active.
 		p.log.Error("post-copy did not finish: the guest waits for pages that do not come", "err", err,
 			"remaining", st.Remaining, "link_down_since", st.LinkDownSince)
 		return
@@ -241,6 +272,10 @@ func (p *pcInbound) abort() {
 	p.mu.Lock()
 	tg, cancel, done, conns := p.tg, p.cancel, p.done, p.conns
 	p.tg, p.g, p.cancel, p.done, p.conns, p.id = nil, nil, nil, nil, nil, ""
+	for _, c := range p.resumeConns {
+		c.Close()
+	}
+	p.resumeConns, p.waiting, p.linkErr = nil, nil, ""
 	p.mu.Unlock()
 	if cancel != nil {
 		cancel()
@@ -275,6 +310,7 @@ func (p *pcInbound) fill(st *api.MigrationStatus) {
 	st.PostcopyActive, st.PostcopyRequests = ts.Active, ts.Requests
 	st.PostcopyRemainingPages, st.PostcopyBlocktimeMs = ts.Remaining, ts.BlocktimeMs
 	st.PostcopyPages = ts.Remaining + ts.Received
+	p.fillPaused(st, ts)
 }
 
 // active says whether the guest may still lack pages (Go code must not

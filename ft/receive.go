@@ -145,8 +145,11 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 			free() // aborted: the source runs the guest
 			return
 		}
-		ln.Close() // no more migrations: the guest runs here now
+		// No more migrations: the guest runs here now. The listener
+		// stays open while post-copy runs, for the source's resume
+		// channels after a lost link (a new migration is refused: busy).
 		n.pcIn.finish(ctx)
+		ln.Close()
 		return
 	}
 	// The guest runs here now: the segment must learn that its address
@@ -159,9 +162,10 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 	n.mu.Unlock()
 	log.Info("migration received; guest running", "from", conn.RemoteAddr().String(),
 		"epochs", res.Epochs, "digest", res.Digest, "load", res.LoadTime.String())
-	// No more migrations: the guest runs here now.
-	ln.Close()
+	// No more migrations: the guest runs here now (the listener stays
+	// open while post-copy runs, for a resume's channels).
 	n.pcIn.finish(ctx)
+	ln.Close()
 	// Drain the end of the stream, then close.
 	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
 	var b [512]byte

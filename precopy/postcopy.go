@@ -31,6 +31,15 @@ type PostcopyLink interface {
 // destination runs the guest) but whose pages did not all arrive.
 const OutcomePostcopyIncomplete = "post-copy incomplete: destination runs the guest with pages missing; source stopped, holds them"
 
+// StatusPostcopyPaused is a committed post-copy whose link was lost: the
+// destination runs the guest and waits for the pages the source still
+// holds (its guest paused); `tandem migrate --resume` goes on over new
+// connections. OutcomePostcopyPaused is the source's outcome meanwhile.
+const (
+	StatusPostcopyPaused  = "postcopy-paused"
+	OutcomePostcopyPaused = "committed; post-copy paused: the link to the destination is lost; the destination runs the guest, waiting for the pages this source holds (its guest stays paused); `tandem migrate --resume` continues it"
+)
+
 // switchPostcopy is the switch to post-copy: pause, the machine state and
 // disk writes in a final epoch without pages, the pages still dirty sent
 // as the missing set instead; once the destination is ready, serve them

@@ -19,6 +19,19 @@ import (
 // not receiving, or one that did not ask for post-copy. The connection
 // it returns carries nothing but post-copy frames after the handshake.
 func DialPostcopy(ctx context.Context, addr, id, channel string, o DialOptions) (net.Conn, error) {
+	return dialPostcopy(ctx, addr, Hello{Proto: ProtoVersion, Purpose: PurposePostcopy, MigrationID: id, Channel: channel}, o)
+}
+
+// ResumePostcopy is DialPostcopy for a post-copy run whose link was
+// lost (`tandem migrate --resume`): the Hello says it resumes, and the
+// receiver takes it only if it holds migration id with its link down.
+// urgent must be opened first: it starts the resume, bulk completes it.
+func ResumePostcopy(ctx context.Context, addr, id, channel string, o DialOptions) (net.Conn, error) {
+	return dialPostcopy(ctx, addr, Hello{Proto: ProtoVersion, Purpose: PurposePostcopy, MigrationID: id, Channel: channel, Resume: true}, o)
+}
+
+func dialPostcopy(ctx context.Context, addr string, h Hello, o DialOptions) (net.Conn, error) {
+	channel := h.Channel
 	if err := trust.CheckDial(o.TLS, o.Insecure, "post-copy link to", addr); err != nil {
 		return nil, err
 	}
@@ -31,7 +44,7 @@ func DialPostcopy(ctx context.Context, addr, id, channel string, o DialOptions) 
 		dl = time.Now().Add(DefaultHandshakeTimeout)
 	}
 	conn.SetDeadline(dl)
-	err = writeLine(conn, Hello{Proto: ProtoVersion, Purpose: PurposePostcopy, MigrationID: id, Channel: channel})
+	err = writeLine(conn, h)
 	var reply HelloReply
 	if err == nil {
 		err = readLineUnbuffered(conn, &reply)

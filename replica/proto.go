@@ -67,6 +67,12 @@ type Hello struct {
 	// post-copy connection: ChannelUrgent or ChannelBulk.
 	Postcopy bool   `json:"postcopy,omitempty"`
 	Channel  string `json:"channel,omitempty"`
+	// Resume (postcopy) says the channel replaces one of a link that was
+	// lost after the commit (`tandem migrate --resume`): the receiver
+	// takes it only while it holds that migration's post-copy with its
+	// link down. A receiver that predates it sees a second channel of a
+	// migration already connected and refuses it.
+	Resume bool `json:"resume,omitempty"`
 	// Store is set only in a Store's image.tnd, never on the wire: how
 	// the file was written (docs/DURABILITY.md).
 	Store *StoreStamp `json:"store,omitempty"`

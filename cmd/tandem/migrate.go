@@ -34,10 +34,18 @@ func cmdMigrate(args []string) error {
 	streams := fs.Int("streams", 1, fmt.Sprintf("goroutines encoding the stream on the source, 1 to %d (one connection)", api.MaxMigrateStreams))
 	postcopy := fs.Bool("postcopy", false, "switch to post-copy (the guest resumes on the destination at once; missing pages follow on demand) after --postcopy-after-rounds precopy rounds")
 	pcRounds := fs.Int("postcopy-after-rounds", 1, fmt.Sprintf("with --postcopy: precopy rounds before the switch, 0 to %d (0: switch before any page is sent; 1: after the first full pass)", api.MaxPostcopyAfterRounds))
+	resume := fs.Bool("resume", false, "continue a post-copy paused by a lost link (the source's status says postcopy-paused): with --from, and optionally --to (default: the migration's destination) and --id")
+	migID := fs.String("id", "", "with --resume: the migration to resume (its migration_id; default: the source's current one)")
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
+	}
+	if *resume {
+		return migrateResume(fs, resumeArgs{from: *from, to: *to, id: *migID, maxTime: *maxTime, json: *asJSON}, tf)
+	}
+	if *migID != "" {
+		return usagef("--id is for --resume only")
 	}
 	if *from == "" || *to == "" {
 		return usagef("--from API and --to ADDR|file:NAME are required")

@@ -42,7 +42,8 @@ func Follow(ctx context.Context, c *api.Client, w Watch) error {
 		if err != nil {
 			return fmt.Errorf("follow migration: %w", err)
 		}
-		done := st.Status == precopy.StatusCompleted || st.Status == precopy.StatusFailed || st.Status == precopy.StatusUnknown
+		done := st.Status == precopy.StatusCompleted || st.Status == precopy.StatusFailed || st.Status == precopy.StatusUnknown ||
+			st.Status == precopy.StatusPostcopyPaused
 		ms := st.MigrationStatus
 		pct, eta, etaOK := tr.Observe(Sample{At: time.Now(), Transferred: ms.TransferredBytes, Remaining: ms.RemainingBytes,
 			Total: ms.TotalBytes, Mbps: ms.Mbps, Done: ms.Status == precopy.StatusCompleted})
@@ -80,6 +81,9 @@ func (w Watch) end(st api.Status) error {
 		return fmt.Errorf("migration %s (the guest keeps running on the source): %s", cmp.Or(st.Outcome, "failed"), st.Error)
 	case precopy.StatusUnknown:
 		return fmt.Errorf("migration outcome %s: the destination resumes once it learns of the commit (it asks the source's API), or by POST /migrate/commit on it: %s", st.Outcome, st.Error)
+	case precopy.StatusPostcopyPaused:
+		return fmt.Errorf("post-copy of migration %s paused: the link to the destination was lost at %s (%s) with %d pages owed; the guest runs on the destination, waiting for them; `tandem migrate --resume --from API` continues it",
+			st.MigrationID, st.PostcopyLinkDownSince, st.PostcopyLinkError, st.PostcopyRemainingPages)
 	}
 	return nil
 }

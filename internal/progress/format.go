@@ -57,6 +57,9 @@ func WriteSummary(w io.Writer, s precopy.MigrationStatus, limit time.Duration) {
 		// arrives; a completed post-copy means it matched.
 		fmt.Fprintf(w, "  post-copy: %d pages owed at the switch, %d requested by faults; the destination's digest matched once every page arrived\n",
 			s.PostcopyPages, s.PostcopyRequests)
+		if s.PostcopyResumes > 0 {
+			fmt.Fprintf(w, "  post-copy link lost and resumed %d times (tandem migrate --resume)\n", s.PostcopyResumes)
+		}
 	}
 	if s.PostcopyRefused != "" {
 		fmt.Fprintf(w, "  post-copy refused by the destination: %s\n", s.PostcopyRefused)

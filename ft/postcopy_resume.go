@@ -1,0 +1,288 @@
+package ft
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/postcopy"
+	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
+)
+
+// Post-copy recovery (docs/POSTCOPY.md, "Resume"): a link lost after the
+// commit pauses the post-copy on both ends instead of ending it. The
+// source keeps its paused guest and the pages the destination lacks; the
+// destination's vCPUs that touch one of them wait. POST /migrate/resume
+// on the source dials new channels to the destination, which hands them
+// to its Target for a new run.
+
+// pcPause is the source's paused state (under pcSource.mu).
+type pcPause struct {
+	since    time.Time     // when the link was lost; zero: up
+	why      string        // the link's failure
+	resumes  int           // resumes that reconnected
+	resuming bool          // a resume is dialing
+	resumed  chan struct{} // closed by a resume's new connections
+	quit     chan struct{} // closed when the node closes
+}
+
+func newPcPause() pcPause { return pcPause{quit: make(chan struct{})} }
+
+// awaitResume pauses the post-copy after a link failure and waits for a
+// resume (true: its connections are in place) or the node's end (false).
+// It has no deadline of its own: this source holds the only copy of the
+// pages the destination's running guest lacks, so only stopping the
+// node gives them up.
+func (p *pcSource) awaitResume(ctx context.Context, err error) bool {
+	resumed := make(chan struct{})
+	p.mu.Lock()
+	p.urgent.Close()
+	p.bulk.Close()
+	p.paused.since, p.paused.why, p.paused.resumed = time.Now(), err.Error(), resumed
+	quit := p.paused.quit
+	p.mu.Unlock()
+	var owed uint64
+	if s := p.src.Load(); s != nil {
+		owed = s.Stats().Remaining
+	}
+	p.log.Warn("POST-COPY PAUSED: the link to the destination is lost; the guest runs there and waits for the pages this source holds (its copy stays paused here); `tandem migrate --resume` continues it",
+		"err", err, "pages_owed", owed)
+	select {
+	case <-resumed:
+		return true
+	case <-quit:
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	p.paused.since, p.paused.resumed = time.Time{}, nil
+	p.mu.Unlock()
+	return false
+}
+
+// stop ends a wait for a resume (the node is closing).
+func (p *pcSource) stop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.paused.quit:
+	default:
+		close(p.paused.quit)
+	}
+}
+
+// beginResume reserves a paused post-copy for one resume (endResume
+// ends it), or says why there is nothing to resume.
+func (p *pcSource) beginResume(id, status string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.paused.resumed == nil:
+		return fmt.Errorf("migration %q is not paused (status %s): nothing to resume", id, status)
+	case p.paused.resuming:
+		return fmt.Errorf("migration %q: another resume is connecting", id)
+	}
+	p.paused.resuming = true
+	return nil
+}
+
+// endResume ends what beginResume began: with the new connections (dial
+// nil) the post-copy goes on over them; otherwise it stays paused.
+func (p *pcSource) endResume(urgent, bulk net.Conn, dial error) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.paused.resuming = false
+	if dial == nil && p.paused.resumed == nil {
+		dial = errors.New("the migration ended while the resume was connecting")
+	}
+	if dial != nil {
+		for _, c := range []net.Conn{urgent, bulk} {
+			if c != nil {
+				c.Close()
+			}
+		}
+		return dial
+	}
+	p.urgent, p.bulk = urgent, bulk
+	close(p.paused.resumed)
+	p.paused.since, p.paused.why, p.paused.resumed = time.Time{}, "", nil
+	p.paused.resumes++
+	return nil
+}
+
+// fillPaused adds the source's paused state to its status: the status
+// itself says postcopy-paused, with since when and why.
+func (p *pcSource) fillPaused(st *api.MigrationStatus) {
+	p.mu.Lock()
+	since, why, resumes := p.paused.since, p.paused.why, p.paused.resumes
+	p.mu.Unlock()
+	st.PostcopyResumes = resumes
+	if since.IsZero() {
+		return
+	}
+	st.Status, st.Outcome = precopy.StatusPostcopyPaused, precopy.OutcomePostcopyPaused
+	st.PostcopyLinkDownSince, st.PostcopyLinkError = since.UTC().Format(time.RFC3339Nano), why
+}
+
+// pcResumeDialTimeout bounds a resume's two dials and handshakes.
+const pcResumeDialTimeout = 10 * time.Second
+
+// handleMigrateResume is POST /migrate/resume on the source: a post-copy
+// paused by a lost link goes on over new channels to the destination
+// (the request's "to", default the migration's). Refused, in one line
+// naming the ids, without a paused post-copy, for another migration id
+// ("stale migration"), or by the destination (it holds another
+// migration, or its link is still up).
+func (n *Node) handleMigrateResume(w http.ResponseWriter, r *http.Request) {
+	var req api.MigrateResumeRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<12)).Decode(&req); err != nil {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad resume request: %v", err))
+		return
+	}
+	if _, _, err := net.SplitHostPort(req.To); req.To != "" && err != nil {
+		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Errorf("bad resume request: to %q: want a receiver's data HOST:PORT", req.To))
+		return
+	}
+	n.mu.Lock()
+	m, pc, dest := n.mig, n.pcOut, n.migDest
+	n.mu.Unlock()
+	var ms api.MigrationStatus
+	if m != nil {
+		ms = m.Status()
+	}
+	id := ms.MigrationID
+	refuse := func(err error) { WriteError(w, http.StatusConflict, api.CodeRefused, err) }
+	switch {
+	case m == nil || id == "":
+		refuse(fmt.Errorf("nothing to resume: this source holds no migration (asked to resume %s); a source that lost it (restarted) holds none of its pages: `tandem migrate --abandon` on the destination declares the guest lost",
+			cmp.Or(strconv.Quote(req.MigrationID), "any")))
+		return
+	case req.MigrationID != "" && req.MigrationID != id:
+		refuse(fmt.Errorf("stale migration: this source holds migration %q; asked to resume %q", id, req.MigrationID))
+		return
+	case pc == nil:
+		refuse(fmt.Errorf("migration %q has no post-copy (status %s): nothing to resume", id, ms.Status))
+		return
+	}
+	if err := pc.beginResume(id, ms.Status); err != nil {
+		refuse(err)
+		return
+	}
+	to := cmp.Or(req.To, dest)
+	urgent, bulk, err := n.dialResume(r.Context(), to, id)
+	if err = pc.endResume(urgent, bulk, err); err != nil {
+		WriteError(w, http.StatusBadGateway, api.CodeRefused, fmt.Errorf("resume of migration %q: %w", id, err))
+		return
+	}
+	n.mu.Lock()
+	if n.mig == m {
+		n.migDest = to // where the pages go now
+	}
+	n.mu.Unlock()
+	n.log.Info("post-copy resumed: serving the destination's missing pages over new connections", "migration", id, "to", to)
+	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true, "migration_id": id, "to": to})
+}
+
+// dialResume opens the resumed run's two channels to to, urgent first,
+// with the node's identity and trust (as the migration's own).
+func (n *Node) dialResume(ctx context.Context, to, id string) (urgent, bulk net.Conn, err error) {
+	ctx, cancel := context.WithTimeout(ctx, pcResumeDialTimeout)
+	defer cancel()
+	o := replica.DialOptions{TLS: n.trust.ID, Insecure: n.trust.Insecure}
+	if urgent, err = replica.ResumePostcopy(ctx, to, id, replica.ChannelUrgent, o); err != nil {
+		return nil, nil, err
+	}
+	if bulk, err = replica.ResumePostcopy(ctx, to, id, replica.ChannelBulk, o); err != nil {
+		urgent.Close()
+		return nil, nil, err
+	}
+	return urgent, bulk, nil
+}
+
+// serve runs the destination's Target until every page arrived (nil),
+// ctx ends, or a failure other than the link's. A lost link pauses it:
+// the channels are dropped and the run waits for the source's resume
+// (takeResume), reported in status meanwhile.
+func (p *pcInbound) serve(ctx context.Context, tg *postcopy.Target, id string) error {
+	for {
+		p.mu.Lock()
+		urgent, bulk := p.conns[replica.ChannelUrgent], p.conns[replica.ChannelBulk]
+		p.mu.Unlock()
+		err := tg.Run(ctx, urgent, bulk)
+		urgent.Close()
+		bulk.Close()
+		if !errors.Is(err, postcopy.ErrLink) || ctx.Err() != nil {
+			return err
+		}
+		resumed := make(chan struct{})
+		p.mu.Lock()
+		p.waiting, p.linkErr = resumed, err.Error()
+		p.mu.Unlock()
+		p.log.Warn("POST-COPY PAUSED: the link to the source is lost; vCPUs that touch a missing page wait until the source's `tandem migrate --resume`",
+			"migration", id, "remaining", tg.Stats().Remaining, "err", err)
+		select {
+		case <-resumed: // takeResume put the new channels in p.conns
+			p.log.Info("post-copy resumed by the source", "migration", id)
+		case <-ctx.Done():
+			return err
+		}
+	}
+}
+
+// takeResume is take for a resume's channel (p.mu held): accepted only
+// for the post-copy migration this destination runs, while its link is
+// down. Once both channels are in, the waiting run is woken; a channel
+// that comes again (a resume retried after a half-made one) replaces
+// the earlier one. conn nil: check only.
+func (p *pcInbound) takeResume(h replica.Hello, conn net.Conn) error {
+	held := "none"
+	if p.id != "" && p.tg != nil {
+		held = strconv.Quote(p.id)
+	}
+	switch {
+	case p.tg == nil || h.MigrationID != p.id:
+		return fmt.Errorf("this destination holds post-copy migration %s; asked to resume %q", held, h.MigrationID)
+	case p.waiting == nil:
+		return fmt.Errorf("migration %q: its post-copy link is up here, nothing to resume (a lost link is noticed within %v: retry then)", p.id, postcopy.DefaultLinkTimeout)
+	case conn == nil:
+		return nil
+	}
+	if p.resumeConns == nil {
+		p.resumeConns = map[string]net.Conn{}
+	}
+	if old := p.resumeConns[h.Channel]; old != nil {
+		old.Close()
+	}
+	p.resumeConns[h.Channel] = conn
+	if len(p.resumeConns) < 2 {
+		return nil
+	}
+	p.conns, p.resumeConns = p.resumeConns, nil
+	close(p.waiting)
+	p.waiting, p.linkErr = nil, ""
+	return nil
+}
+
+// fillPaused adds the destination's paused state to its status while
+// its Target waits for a resume.
+func (p *pcInbound) fillPaused(st *api.MigrationStatus, ts postcopy.TargetStats) {
+	p.mu.Lock()
+	waiting, why, id := p.waiting != nil, p.linkErr, p.id
+	p.mu.Unlock()
+	st.PostcopyResumes = max(ts.Runs-1, 0)
+	if id != "" {
+		st.MigrationID = id
+	}
+	if !waiting || ts.LinkDownSince.IsZero() {
+		return
+	}
+	st.Status = precopy.StatusPostcopyPaused
+	st.PostcopyLinkDownSince, st.PostcopyLinkError = ts.LinkDownSince.UTC().Format(time.RFC3339Nano), why
+}
