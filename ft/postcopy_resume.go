@@ -44,8 +44,7 @@ func newPcPause() pcPause { return pcPause{quit: make(chan struct{})} }
 func (p *pcSource) awaitResume(ctx context.Context, err error) bool {
 	resumed := make(chan struct{})
 	p.mu.Lock()
-	p.urgent.Close()
-	p.bulk.Close()
+	dropConns(p.urgent, p.bulk)
 	p.paused.since, p.paused.why, p.paused.resumed = time.Now(), err.Error(), resumed
 	quit := p.paused.quit
 	p.mu.Unlock()
@@ -129,6 +128,19 @@ func (p *pcSource) fillPaused(st *api.MigrationStatus) {
 	}
 	st.Status, st.Outcome = precopy.StatusPostcopyPaused, precopy.OutcomePostcopyPaused
 	st.PostcopyLinkDownSince, st.PostcopyLinkError = since.UTC().Format(time.RFC3339Nano), why
+}
+
+// dropConns closes the connections of a lost link. A TLS connection's
+// own Close first sends its goodbye, waiting up to 5 s for a socket
+// whose buffer the dead link has filled; the transport under it is
+// closed at once instead (nothing more is sent on a link given up).
+func dropConns(conns ...net.Conn) {
+	for _, c := range conns {
+		if tc, ok := c.(interface{ NetConn() net.Conn }); ok {
+			c = tc.NetConn()
+		}
+		c.Close()
+	}
 }
 
 // pcResumeDialTimeout bounds a resume's two dials and handshakes.
@@ -216,8 +228,7 @@ func (p *pcInbound) serve(ctx context.Context, tg *postcopy.Target, id string) e
 		urgent, bulk := p.conns[replica.ChannelUrgent], p.conns[replica.ChannelBulk]
 		p.mu.Unlock()
 		err := tg.Run(ctx, urgent, bulk)
-		urgent.Close()
-		bulk.Close()
+		dropConns(urgent, bulk)
 		if !errors.Is(err, postcopy.ErrLink) || ctx.Err() != nil {
 			return err
 		}
