@@ -248,9 +248,11 @@ func TestTLSPostcopyMigration(t *testing.T) {
 // guest now exists only as the destination's running part and the
 // source's paused pages, so the source must neither resume (the
 // destination may have written to disk and network as the guest) nor
-// report success: its command fails, status says unknown with the
-// post-copy outcome, and its guest stays paused. (--resume, which would
-// go on, is not built.)
+// report success. It cannot tell a dead destination from a cut link, so
+// it pauses the post-copy (a restarted link could still be resumed): its
+// command fails naming --resume, its status says postcopy-paused with
+// the commit sent, and its guest stays paused. A resume to the dead
+// destination fails in one line and changes nothing.
 func TestMigratePostcopyDestinationKilled(t *testing.T) {
 	src := startSource(t, "synth", guestOpts{workload: "kv"})
 	dst := startReceiver(t)
@@ -274,18 +276,25 @@ func TestMigratePostcopyDestinationKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.code == 0 {
-		t.Errorf("migrate exited 0 after the destination died during post-copy\n%s", r.stdout)
+	if r.code == 0 || !strings.Contains(r.stderr, "--resume") {
+		t.Errorf("migrate after the destination died during post-copy: exit %d, stderr %q: want a failure naming --resume\n%s", r.code, r.stderr, r.stdout)
 	}
 	var st commitStatus
 	if err := getJSON(src.api, "/status", &st); err != nil {
 		t.Fatal(err)
 	}
-	if st.Status != "unknown" || !strings.Contains(st.Outcome, "post-copy incomplete") || !st.Paused || !st.CommitSent {
-		t.Errorf("source after the destination's death: status %q outcome %q paused %v commit_sent %v: want unknown, post-copy incomplete, paused",
+	if st.Status != "postcopy-paused" || !strings.Contains(st.Outcome, "post-copy paused") || !st.Paused || !st.CommitSent {
+		t.Errorf("source after the destination's death: status %q outcome %q paused %v commit_sent %v: want postcopy-paused, paused, commit sent",
 			st.Status, st.Outcome, st.Paused, st.CommitSent)
 	}
-	t.Logf("source: %s; %s", st.Outcome, st.Error)
+	res := runCLI(t, time.Minute, "migrate", "--resume", "--from", src.api)
+	if res.code != 1 || strings.Contains(strings.TrimSpace(res.stderr), "\n") || !strings.Contains(res.stderr, st.MigrationID) {
+		t.Errorf("resume to the dead destination: exit %d, stderr %q: want exit 1, one line naming the migration", res.code, res.stderr)
+	}
+	if after, err := getCommit(src.api); err != nil || after.Status != "postcopy-paused" {
+		t.Errorf("source after the failed resume: %+v, %v: want still postcopy-paused", after, err)
+	}
+	t.Logf("source: %s; resume: %s", st.Outcome, strings.TrimSpace(res.stderr))
 }
 
 // BenchmarkMigratePostcopyWholePages: the figure through the
