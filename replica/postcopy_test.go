@@ -141,3 +141,47 @@ func TestPostcopyGrantedInHandshake(t *testing.T) {
 		})
 	}
 }
+
+// ResumePostcopy's Hello says it resumes (DialPostcopy's does not), so
+// the receiver can take it only for a migration whose link is down; the
+// receiver's refusal comes back in one line.
+func TestPostcopyResumeHello(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var resumes []bool
+	r := &Receiver{NewGuest: synthFactory, Build: "test", PostcopyConn: func(h Hello, conn net.Conn) error {
+		if conn == nil {
+			resumes = append(resumes, h.Resume)
+		}
+		if h.Resume && h.MigrationID != "m1" {
+			return errors.New("this destination holds post-copy migration \"m1\"; asked to resume \"" + h.MigrationID + "\"")
+		}
+		if conn != nil {
+			conn.Close()
+		}
+		return nil
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, c := range []struct {
+		dial func(context.Context, string, string, string, DialOptions) (net.Conn, error)
+		id   string
+		ok   bool
+	}{{DialPostcopy, "m1", true}, {ResumePostcopy, "m1", true}, {ResumePostcopy, "m2", false}} {
+		done := serveOne(t, ln, r, MigrationOptions{})
+		conn, err := c.dial(ctx, ln.Addr().String(), c.id, ChannelUrgent, DialOptions{})
+		if conn != nil {
+			conn.Close()
+		}
+		<-done
+		if (err == nil) != c.ok || (err != nil && (!strings.Contains(err.Error(), "m1") || !strings.Contains(err.Error(), "m2"))) {
+			t.Errorf("%s: %v (want ok %v; a refusal names both ids)", c.id, err, c.ok)
+		}
+	}
+	if len(resumes) != 3 || resumes[0] || !resumes[1] || !resumes[2] {
+		t.Errorf("the receiver saw resume flags %v, want [false true true]", resumes)
+	}
+}

@@ -117,7 +117,6 @@ func oneLineRefusal(t *testing.T, what string, r cliResult, want ...string) {
 // --resume` then completes with equal digests, and every write the
 // client saw acknowledged reads back on the destination.
 func TestMigratePostcopyResume(t *testing.T) {
-	skipUnlessKind(t, "synth")
 	t.Parallel()
 	l := newNetLab(t, "s", "d")
 	mn := newMigNet(t, l)
