@@ -45,7 +45,9 @@ func TestPostcopySourcePause(t *testing.T) {
 		}
 	}
 	resumed := make(chan bool, 1)
-	go func() { resumed <- p.awaitResume(context.Background(), errors.New("post-copy link failed: read: i/o timeout")) }()
+	go func() {
+		resumed <- p.awaitResume(context.Background(), errors.New("post-copy link failed: read: i/o timeout"))
+	}()
 	waitPaused()
 	if st := status(); st.PostcopyLinkDownSince == "" || !strings.Contains(st.PostcopyLinkError, "i/o timeout") || !strings.Contains(st.Outcome, "--resume") {
 		t.Errorf("paused status %+v: want since when, why and the outcome naming --resume", st)
