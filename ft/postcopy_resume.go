@@ -78,13 +78,14 @@ func (p *pcSource) stop() {
 }
 
 // beginResume reserves a paused post-copy for one resume (endResume
-// ends it), or says why there is nothing to resume.
-func (p *pcSource) beginResume(id, status string) error {
+// ends it), or says why there is nothing to resume (state: the
+// migration's, for that answer).
+func (p *pcSource) beginResume(id, state string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch {
 	case p.paused.resumed == nil:
-		return fmt.Errorf("migration %q is not paused (status %s): nothing to resume", id, status)
+		return fmt.Errorf("migration %q is not paused (%s): nothing to resume", id, state)
 	case p.paused.resuming:
 		return fmt.Errorf("migration %q: another resume is connecting", id)
 	}
@@ -173,8 +174,11 @@ func (n *Node) handleMigrateResume(w http.ResponseWriter, r *http.Request) {
 	refuse := func(err error) { WriteError(w, http.StatusConflict, api.CodeRefused, err) }
 	switch {
 	case m == nil || id == "":
-		refuse(fmt.Errorf("nothing to resume: this source holds no migration (asked to resume %s); a source that lost it (restarted) holds none of its pages: `tandem migrate --abandon` on the destination declares the guest lost",
-			cmp.Or(strconv.Quote(req.MigrationID), "any")))
+		asked := "any"
+		if req.MigrationID != "" {
+			asked = strconv.Quote(req.MigrationID)
+		}
+		refuse(fmt.Errorf("nothing to resume: this source holds no migration (asked to resume %s); a source that lost it (restarted) holds none of its pages: `tandem migrate --abandon` on the destination declares the guest lost", asked))
 		return
 	case req.MigrationID != "" && req.MigrationID != id:
 		refuse(fmt.Errorf("stale migration: this source holds migration %q; asked to resume %q", id, req.MigrationID))
@@ -183,7 +187,11 @@ func (n *Node) handleMigrateResume(w http.ResponseWriter, r *http.Request) {
 		refuse(fmt.Errorf("migration %q has no post-copy (status %s): nothing to resume", id, ms.Status))
 		return
 	}
-	if err := pc.beginResume(id, ms.Status); err != nil {
+	state := "status " + ms.Status
+	if ms.PostcopyActive {
+		state = "its post-copy link is up"
+	}
+	if err := pc.beginResume(id, state); err != nil {
 		refuse(err)
 		return
 	}

@@ -105,6 +105,7 @@ func oneLineRefusal(t *testing.T, what string, r cliResult, want ...string) {
 	if !ok {
 		t.Errorf("%s: exit %d, stderr %q: want exit 1 and one line with %q", what, r.code, r.stderr, want)
 	}
+	t.Logf("%s: %s", what, line)
 }
 
 // A kv guest under a writing client migrates with --postcopy (no round
@@ -140,6 +141,9 @@ func TestMigratePostcopyResume(t *testing.T) {
 	dst := inNS("d", "receiver", "dst", "7321", "7331", "receive", "--listen", dstData)
 	inNS("d", "other-receiver", "dst", "7322", "7332", "receive", "--listen", otherData)
 
+	r := runCLI(t, time.Minute, append([]string{"migrate", "--resume", "--from", src.api}, op...)...)
+	oneLineRefusal(t, "resume without a migration", r, "holds no migration", "--abandon")
+
 	w := &pcWriter{c: dialConsole(t, src, "w")}
 	for i := range 300 {
 		if r := w.c.do(fmt.Sprintf("SET key%d v%d", i, i)); r != "OK" {
@@ -159,7 +163,7 @@ func TestMigratePostcopyResume(t *testing.T) {
 	// The writer stops by itself at its first unanswered request (the
 	// source paused for the switch); it is joined after the cut.
 	// Nothing to resume while the link is up.
-	r := runCLI(t, time.Minute, append([]string{"migrate", "--resume", "--from", src.api}, op...)...)
+	r = runCLI(t, time.Minute, append([]string{"migrate", "--resume", "--from", src.api}, op...)...)
 	oneLineRefusal(t, "resume with the link up", r, "not paused")
 
 	cutAt := time.Now()
