@@ -3,7 +3,6 @@ package test
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -27,7 +26,12 @@ type migNet struct {
 func newMigNet(t *testing.T, l *netLab) *migNet {
 	t.Helper()
 	m := &migNet{l: l, ip: map[string]string{}}
-	subnet := fmt.Sprintf("172.%d.%d", 16+os.Getpid()%16, labSeq%250)
+	// The management subnet's 10.A.B becomes 172.16+A%16.B: as unique.
+	var a, b int
+	for _, ip := range l.ip {
+		fmt.Sscanf(ip, "10.%d.%d.", &a, &b)
+	}
+	subnet := fmt.Sprintf("172.%d.%d", 16+a%16, b)
 	br := l.prefix + "mb"
 	t.Cleanup(func() { exec.Command("ip", "link", "del", br).Run() })
 	l.run("ip", "link", "add", br, "type", "bridge")
