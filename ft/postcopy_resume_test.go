@@ -10,8 +10,13 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/postcopy"
 	"github.com/tandemvm/tandem/precopy"
+	"github.com/tandemvm/tandem/replica"
 )
 
 // The source's paused post-copy: a lost link shows in status as
@@ -84,4 +89,115 @@ func TestPostcopySourcePause(t *testing.T) {
 		t.Errorf("status after the close: %s, want the pause gone", st.Status)
 	}
 	p.close()
+}
+
+// tcpPair is a connected loopback TCP pair (closed at the test's end).
+func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	acc := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		acc <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-acc
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, s
+}
+
+// The destination's side of a resume, with a real Target and Source:
+// a resume is refused while the link is up and for another migration
+// (naming both ids); once the run's link is lost, status says
+// postcopy-paused, and a resume's two channels (in any order) start a
+// new run that completes with the source's digest.
+func TestPostcopyDestinationResume(t *testing.T) {
+	const pages = 32
+	mapped := func() guest.Region {
+		mem, err := unix.Mmap(-1, 0, pages*guest.PageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Munmap(mem) })
+		return guest.Region{Mem: mem}
+	}
+	src, dst := mapped(), mapped()
+	missing := precopy.NewBitmap(pages)
+	for p := range pages {
+		src.Mem[p*guest.PageSize] = byte(p + 1)
+		if p%4 == 0 {
+			missing.Set(uint64(p))
+		} else {
+			dst.Mem[p*guest.PageSize] = byte(p + 1)
+		}
+	}
+	if err := postcopy.Available([]guest.Region{dst}); err != nil {
+		t.Skipf("userfaultfd: %v", err)
+	}
+	state := guest.MachineState{Kind: "test"}
+	tg, err := postcopy.NewTarget(postcopy.TargetConfig{Regions: []guest.Region{dst}, Missing: missing, State: state})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcU, dstU := tcpPair(t)
+	srcB, dstB := tcpPair(t)
+	p := &pcInbound{log: slog.New(slog.NewTextHandler(io.Discard, nil)), id: "m1", tg: tg,
+		conns: map[string]net.Conn{replica.ChannelUrgent: dstU, replica.ChannelBulk: dstB}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	p.cancel, p.done = cancel, done
+	go func() { done <- p.serve(ctx, tg, "m1") }()
+	resume := func(id, ch string, conn net.Conn) error {
+		return p.take(replica.Hello{Purpose: replica.PurposePostcopy, MigrationID: id, Channel: ch, Resume: true}, conn)
+	}
+	if err := resume("m1", replica.ChannelUrgent, nil); err == nil || !strings.Contains(err.Error(), "link is up") {
+		t.Errorf("resume with the link up: %v, want a refusal", err)
+	}
+	if err := resume("m2", replica.ChannelUrgent, nil); err == nil || !strings.Contains(err.Error(), `holds post-copy migration "m1"; asked to resume "m2"`) {
+		t.Errorf("resume of another migration: %v, want a refusal naming both", err)
+	}
+	srcU.Close() // the link is lost
+	srcB.Close()
+	var st api.MigrationStatus
+	for deadline := time.Now().Add(10 * time.Second); st.Status != precopy.StatusPostcopyPaused; {
+		if time.Now().After(deadline) {
+			t.Fatalf("destination not paused after a lost link: %+v", st)
+		}
+		time.Sleep(5 * time.Millisecond)
+		st = api.MigrationStatus{}
+		p.fill(&st)
+	}
+	if st.PostcopyLinkDownSince == "" || st.PostcopyLinkError == "" || st.PostcopyRemainingPages != pages/4 || st.MigrationID != "m1" {
+		t.Errorf("paused destination: %+v: want since when, why, %d pages owed, the id", st, pages/4)
+	}
+	srcU, dstU = tcpPair(t)
+	srcB, dstB = tcpPair(t)
+	if err := resume("m1", replica.ChannelBulk, dstB); err != nil { // bulk may come first
+		t.Fatal(err)
+	}
+	if err := resume("m1", replica.ChannelUrgent, dstU); err != nil {
+		t.Fatal(err)
+	}
+	s := postcopy.NewSource([]guest.Region{src}, guest.CombineDigest(guest.ScanMemory([]guest.Region{src}).Sum(), state))
+	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer rcancel()
+	if err := s.Run(rctx, srcU, srcB); err != nil {
+		t.Fatalf("resumed source run: %v", err)
+	}
+	p.finish(rctx)
+	st = api.MigrationStatus{}
+	p.fill(&st)
+	if st.Status == precopy.StatusPostcopyPaused || st.PostcopyActive || st.PostcopyResumes != 1 {
+		t.Errorf("after the resumed run: %+v: want done after one resume", st)
+	}
 }
