@@ -57,12 +57,14 @@ func (p *pcSource) Serve(ctx context.Context, expected func() guest.Digest, lim 
 	}
 }
 
-// close closes both connections.
+// close closes both connections (outside mu: a TLS close may wait to
+// send its goodbye, and status must not).
 func (p *pcSource) close() {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.urgent.Close()
-	p.bulk.Close()
+	urgent, bulk := p.urgent, p.bulk
+	p.mu.Unlock()
+	urgent.Close()
+	bulk.Close()
 }
 
 // fill adds the source's post-copy figures to a migration's status.

@@ -24,8 +24,8 @@ func DialPostcopy(ctx context.Context, addr, id, channel string, o DialOptions) 
 
 // ResumePostcopy is DialPostcopy for a post-copy run whose link was
 // lost (`tandem migrate --resume`): the Hello says it resumes, and the
-// receiver takes it only if it holds migration id with its link down.
-// urgent must be opened first: it starts the resume, bulk completes it.
+// receiver takes it only if it holds migration id with its link down,
+// and starts the new run once both channels are in (either order).
 func ResumePostcopy(ctx context.Context, addr, id, channel string, o DialOptions) (net.Conn, error) {
 	return dialPostcopy(ctx, addr, Hello{Proto: ProtoVersion, Purpose: PurposePostcopy, MigrationID: id, Channel: channel, Resume: true}, o)
 }
