@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,8 +25,9 @@ type netLab struct {
 	ip     map[string]string // node ID -> its address
 }
 
-// labSeq numbers the labs of one test process.
-var labSeq int
+// labSeq numbers the labs of one test process (parallel tests make labs
+// at once).
+var labSeq atomic.Int64
 
 func newNetLab(t *testing.T, ids ...string) *netLab {
 	t.Helper()
@@ -35,10 +37,10 @@ func newNetLab(t *testing.T, ids ...string) *netLab {
 	if _, err := exec.LookPath("ip"); err != nil {
 		t.Skip("iproute2 (ip) not installed")
 	}
-	labSeq++
+	seq := labSeq.Add(1)
 	// Interface names are at most 15 bytes: "tn" + 5 digits + 1 + "h" + id.
-	l := &netLab{t: t, prefix: fmt.Sprintf("tn%05d%d", os.Getpid()%100000, labSeq%10), ip: map[string]string{}}
-	subnet := fmt.Sprintf("10.%d.%d", 100+os.Getpid()%100, labSeq%250)
+	l := &netLab{t: t, prefix: fmt.Sprintf("tn%05d%d", os.Getpid()%100000, seq%10), ip: map[string]string{}}
+	subnet := fmt.Sprintf("10.%d.%d", 100+os.Getpid()%100, seq%250)
 	t.Cleanup(l.teardown)
 	l.run("ip", "link", "add", l.bridge(), "type", "bridge")
 	l.run("ip", "addr", "add", subnet+".254/24", "dev", l.bridge())
