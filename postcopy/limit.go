@@ -35,7 +35,9 @@ func (c limitedConn) Write(p []byte) (int, error) {
 			return n, err
 		}
 		if c.timeout > 0 {
-			c.Conn.SetWriteDeadline(time.Now().Add(c.timeout))
+			if err := arm(c.Conn.SetWriteDeadline, c.timeout, c.ctx.Done()); err != nil {
+				return n, err
+			}
 		}
 		m, err := c.Conn.Write(p[:k])
 		n += m

@@ -129,3 +129,34 @@ func TestPostcopyQuietLinkKept(t *testing.T) {
 		t.Fatalf("stats %+v: want one run and no requests", st)
 	}
 }
+
+// TestEndedRunArmsNoFreshDeadline: a run ends by closing its done channel
+// and then setting its connections' deadlines to now. A frame written
+// just after that arms a fresh deadline, which would undo the run's and
+// keep the end waiting a whole link timeout on a peer that reads
+// nothing; it must see the run's end instead.
+func TestEndedRunArmsNoFreshDeadline(t *testing.T) {
+	a, b := net.Pipe() // nobody reads b: a write blocks until its deadline
+	defer a.Close()
+	defer b.Close()
+	done := make(chan struct{})
+	close(done)
+	w := newFrameWriter(a, 5*time.Second)
+	w.done = done
+	r := newFrameReader(a, 5*time.Second)
+	r.done = done
+	start := time.Now()
+	errW := w.write(frameBeat, 0, nil)
+	if errW == nil {
+		errW = w.flush()
+	}
+	_, errR := r.read()
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("an ended run's I/O waited %v", took)
+	}
+	for _, err := range []error{errW, errR} {
+		if err == nil {
+			t.Fatalf("I/O after the run ended succeeded")
+		}
+	}
+}

@@ -85,6 +85,7 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	// in the limiter (the deadlines set below cannot reach that wait).
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	r.done = rctx.Done()
 	if s.Limiter != nil {
 		urgent = limitedConn{Conn: urgent, ctx: rctx, lim: s.Limiter, timeout: timeout}
 		bulk = limitedConn{Conn: bulk, ctx: rctx, lim: s.Limiter, timeout: timeout}
@@ -99,11 +100,14 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	s.stats.Runs++
 	s.mu.Unlock()
 	uw := &lockedWriter{w: newFrameWriter(urgent, timeout)}
+	uw.w.done = rctx.Done()
+	bw := newFrameWriter(bulk, timeout)
+	bw.done = rctx.Done()
 	errs := make(chan error, 3)
 	var wg sync.WaitGroup
 	for _, f := range []func() error{
 		func() error { return s.serve(rctx, r, uw) },
-		func() error { return s.push(rctx, newFrameWriter(bulk, timeout), toSend) },
+		func() error { return s.push(rctx, bw, toSend) },
 		func() error { return beat(rctx, uw) },
 	} {
 		wg.Go(func() {

@@ -277,12 +277,15 @@ func (t *Target) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	t.stats.LinkDownSince = time.Time{}
 	t.mu.Unlock()
 	rctx, cancel := context.WithCancel(ctx)
+	w.done = rctx.Done()
+	ur, br := newFrameReader(urgent, t.cfg.LinkTimeout), newFrameReader(bulk, t.cfg.LinkTimeout)
+	ur.done, br.done = rctx.Done(), rctx.Done()
 	errs := make(chan error, 3)
 	var wg sync.WaitGroup
 	for _, f := range []func() error{
 		func() error { return t.requests(rctx, w) },
-		func() error { return t.receive(rctx, newFrameReader(urgent, t.cfg.LinkTimeout), false) },
-		func() error { return t.receive(rctx, newFrameReader(bulk, t.cfg.LinkTimeout), true) },
+		func() error { return t.receive(rctx, ur, false) },
+		func() error { return t.receive(rctx, br, true) },
 	} {
 		wg.Go(func() {
 			if err := f(); err != nil {

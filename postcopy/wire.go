@@ -66,6 +66,7 @@ type frameReader struct {
 	conn    net.Conn
 	br      *bufio.Reader
 	timeout time.Duration
+	done    <-chan struct{} // the run's end (nil: none)
 	buf     [guest.PageSize]byte
 	digest  [32]byte
 }
@@ -75,7 +76,9 @@ func newFrameReader(conn net.Conn, timeout time.Duration) *frameReader {
 }
 
 func (r *frameReader) read() (frame, error) {
-	r.conn.SetReadDeadline(time.Now().Add(r.timeout))
+	if err := arm(r.conn.SetReadDeadline, r.timeout, r.done); err != nil {
+		return frame{}, err
+	}
 	var h [headerSize]byte
 	if _, err := io.ReadFull(r.br, h[:]); err != nil {
 		return frame{}, fmt.Errorf("%w: read: %w", ErrLink, err)
@@ -107,12 +110,28 @@ func (r *frameReader) read() (frame, error) {
 	return f, nil
 }
 
+// arm sets a deadline timeout from now for the next read or write, then
+// checks that the run has not ended. A run ends by closing done and only
+// then setting its connections' deadlines to now; checking after arming
+// means an I/O armed just after that (a fresh deadline that would undo
+// the run's) sees done closed instead of waiting a whole timeout.
+func arm(set func(time.Time) error, timeout time.Duration, done <-chan struct{}) error {
+	set(time.Now().Add(timeout))
+	select {
+	case <-done:
+		return fmt.Errorf("%w: the run ended", ErrLink)
+	default:
+		return nil
+	}
+}
+
 // frameWriter writes frames to a connection, each flush with a deadline.
 // Not safe for concurrent use: callers that share one hold a lock.
 type frameWriter struct {
 	conn    net.Conn
 	bw      *bufio.Writer
 	timeout time.Duration
+	done    <-chan struct{} // the run's end (nil: none)
 }
 
 func newFrameWriter(conn net.Conn, timeout time.Duration) *frameWriter {
@@ -124,7 +143,9 @@ func (w *frameWriter) write(typ byte, arg uint64, payload []byte) error {
 	var h [headerSize]byte
 	h[0] = typ
 	binary.LittleEndian.PutUint64(h[1:], arg)
-	w.conn.SetWriteDeadline(time.Now().Add(w.timeout))
+	if err := arm(w.conn.SetWriteDeadline, w.timeout, w.done); err != nil {
+		return err
+	}
 	if _, err := w.bw.Write(h[:]); err != nil {
 		return fmt.Errorf("%w: write: %w", ErrLink, err)
 	}
@@ -135,7 +156,9 @@ func (w *frameWriter) write(typ byte, arg uint64, payload []byte) error {
 }
 
 func (w *frameWriter) flush() error {
-	w.conn.SetWriteDeadline(time.Now().Add(w.timeout))
+	if err := arm(w.conn.SetWriteDeadline, w.timeout, w.done); err != nil {
+		return err
+	}
 	if err := w.bw.Flush(); err != nil {
 		return fmt.Errorf("%w: write: %w", ErrLink, err)
 	}
