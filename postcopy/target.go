@@ -54,6 +54,11 @@ type TargetStats struct {
 	BlocktimeMs []int64
 	Blocktime   time.Duration
 	Digest      string // set once every page arrived
+
+	// Waiting is, per vCPU, how long it has been blocked on the missing
+	// page it waits for now (0: not waiting): through a link outage,
+	// the vCPUs the guest cannot run until the source comes back.
+	Waiting []time.Duration
 	// Runs counts the runs started (more than one: the link was
 	// resumed); LinkDownSince is when the last run failed, zero while a
 	// run is connected or once every page arrived. A destination whose
@@ -212,12 +217,14 @@ func (t *Target) Stats() TargetStats {
 	defer t.mu.Unlock()
 	s := t.stats
 	perVCPU := append([]time.Duration(nil), t.vcpuBlock...)
+	s.Waiting = make([]time.Duration, len(perVCPU))
 	for _, pd := range t.pending {
 		for _, w := range pd.waiters {
 			d := now.Sub(w.t0)
 			s.Blocktime += d
 			if v := t.vcpuOf(w.tid); v >= 0 {
 				perVCPU[v] += d
+				s.Waiting[v] = max(s.Waiting[v], d)
 			}
 		}
 	}
