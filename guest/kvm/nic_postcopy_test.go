@@ -1,0 +1,102 @@
+package kvm
+
+import (
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/netframe"
+	"github.com/tandemvm/tandem/internal/uffd"
+)
+
+// owePage makes the card's page one a post-copy source still owes, as a
+// destination's Target leaves it: registered with userfaultfd, its copy
+// dropped, the access path on; and no one serves the fault (a source
+// gone). It returns the page's bytes and the descriptor to copy them back
+// in with. Precondition: g is paused.
+func owePage(t *testing.T, g *Guest) ([]byte, *uffd.FD) {
+	t.Helper()
+	nd, ok := g.memAt(netGPA, guest.PageSize)
+	if !ok {
+		t.Fatal("no card page")
+	}
+	saved := append([]byte(nil), nd...)
+	fd, err := uffd.Open()
+	if err != nil {
+		t.Skipf("userfaultfd: %v", err)
+	}
+	if err := fd.Register(nd); err != nil {
+		fd.Close()
+		t.Skipf("userfaultfd on KVM memory: %v", err)
+	}
+	t.Cleanup(func() {
+		g.SetPostcopy(false)
+		fd.Unregister(nd)
+		fd.Close()
+	})
+	if err := unix.Madvise(nd, unix.MADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	g.SetPostcopy(true)
+	return saved, fd
+}
+
+// within runs f on its own goroutine and fails the test if it has not
+// returned within d (the goroutine is left to finish when the page comes).
+func within(t *testing.T, d time.Duration, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { f(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s did not return within %v: it waits for a page the source owes", what, d)
+	}
+}
+
+// A post-copy destination whose card's page is still owed, with the
+// source gone: status's reads of the card (Counters, Announce) return at
+// once, saying the counters are unavailable, even while vCPU 0 waits for
+// the page to fill the RX ring with a frame that came in. The fill waits
+// outside the card's lock. When the page arrives, the frame is served
+// and the counters are the guest's again.
+func TestNICStatusPromptWhilePageOwed(t *testing.T) {
+	skipWithoutKVM(t)
+	g, w := startNIC(t, netKVConfig())
+	nic := g.nic
+	nic.Deliver(w.request("c:1 SET k v"))
+	udpReply(t, w.next(t))
+	if c := nic.Counters(); c.Datagrams != 1 || nic.CountersUnavailable() != "" {
+		t.Fatalf("before: counters %+v, unavailable %q", c, nic.CountersUnavailable())
+	}
+	mustPause(t, g)
+	saved, fd := owePage(t, g)
+	mustResume(t, g)
+	if err := nic.Deliver(w.request("c:2 GET k")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // vCPU 0 polls and waits for the page
+	for range 3 {
+		var c netframe.Counters
+		within(t, time.Second, "Counters", func() { c = nic.Counters() })
+		if c.Datagrams != 1 || nic.CountersUnavailable() == "" {
+			t.Fatalf("while owed: counters %+v (want the last read), unavailable %q (want a reason)", c, nic.CountersUnavailable())
+		}
+		within(t, time.Second, "Announce", func() { nic.Announce() })
+		time.Sleep(50 * time.Millisecond)
+	}
+	w.none(t)
+	nd, _ := g.memAt(netGPA, guest.PageSize)
+	if err := fd.Copy(uintptr(unsafe.Pointer(unsafe.SliceData(nd))), saved); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := udpReply(t, w.next(t)); got != "c:2 OK v\n" {
+		t.Fatalf("reply after the page arrived: %q", got)
+	}
+	if c := nic.Counters(); c.Datagrams != 2 || nic.CountersUnavailable() != "" {
+		t.Fatalf("after: counters %+v, unavailable %q", c, nic.CountersUnavailable())
+	}
+}
