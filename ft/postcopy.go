@@ -98,7 +98,8 @@ func (n *Node) openPostcopy(w http.ResponseWriter, r *http.Request, req migrateR
 // extra connections as they arrive, and the postcopy.Target after the
 // switch.
 type pcInbound struct {
-	log *slog.Logger
+	log     *slog.Logger
+	apiAddr string // this node's API, for status's advice
 
 	mu      sync.Mutex
 	id      string              // the migration granted post-copy; "": none
@@ -110,7 +111,13 @@ type pcInbound struct {
 	done    chan error // the Target's Run, once it ends
 	// last is the figures of the last Target, kept for status once it
 	// is released.
-	last *postcopy.TargetStats
+	last   *postcopy.TargetStats
+	lastID string
+	// source is the API of the migration's source (as its Hello gave
+	// it); lost, once an operator abandoned the migration, what status
+	// says of it from then on (postcopy_lost.go).
+	source string
+	lost   *pcLost
 }
 
 // grant expects the channels of migration id (any earlier state is
@@ -128,6 +135,9 @@ func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch {
+	case p.lost != nil && h.MigrationID == p.lost.id:
+		return fmt.Errorf("post-copy migration %q was abandoned here at %s (its source declared lost): its guest is stopped for good",
+			p.lost.id, p.lost.at.UTC().Format(time.RFC3339))
 	case p.id == "" || h.MigrationID != p.id:
 		return fmt.Errorf("no post-copy migration %q here (receiving %q)", h.MigrationID, p.id)
 	case p.conns[h.Channel] != nil:
@@ -195,7 +205,7 @@ func (p *pcInbound) start(g guest.Guest, h replica.Hello, state guest.MachineSta
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	p.mu.Lock()
-	p.tg, p.g, p.cancel, p.done = tg, g, cancel, done
+	p.tg, p.g, p.cancel, p.done, p.source = tg, g, cancel, done, h.SourceAPI
 	p.mu.Unlock()
 	go func() { done <- tg.Run(ctx, urgent, bulk) }() // joined by finish or abort
 	p.log.Info("post-copy: switched; the guest resumes with pages missing", "migration", id, "pages", missing.Count())
@@ -222,9 +232,10 @@ func (p *pcInbound) finish(ctx context.Context) {
 	st := tg.Stats()
 	if err != nil {
 		// --resume is not built: the vCPUs that need a missing page
-		// wait for good. Status keeps saying post-copy is active.
-		p.log.Error("post-copy did not finish: the guest waits for pages that do not come", "err", err,
-			"remaining", st.Remaining, "link_down_since", st.LinkDownSince)
+		// wait for good. Status keeps saying post-copy is active, and
+		// since when the source is unreachable (postcopy_lost.go).
+		p.log.Error("post-copy did not finish: the guest waits for pages that do not come; resume the migration if the source comes back, or POST /migrate/abandon",
+			"err", err, "remaining", st.Remaining, "link_down_since", st.LinkDownSince)
 		return
 	}
 	if pg, ok := g.(postcopyGuest); ok {
@@ -239,7 +250,7 @@ func (p *pcInbound) finish(ctx context.Context) {
 // channels. Idempotent.
 func (p *pcInbound) abort() {
 	p.mu.Lock()
-	tg, cancel, done, conns := p.tg, p.cancel, p.done, p.conns
+	tg, cancel, done, conns, id := p.tg, p.cancel, p.done, p.conns, p.id
 	p.tg, p.g, p.cancel, p.done, p.conns, p.id = nil, nil, nil, nil, nil, ""
 	p.mu.Unlock()
 	if cancel != nil {
@@ -250,7 +261,7 @@ func (p *pcInbound) abort() {
 		st := tg.Stats()
 		tg.Close()
 		p.mu.Lock()
-		p.last = &st
+		p.last, p.lastID = &st, id
 		p.mu.Unlock()
 	}
 	for _, c := range conns {
@@ -258,13 +269,17 @@ func (p *pcInbound) abort() {
 	}
 }
 
-// fill adds the destination's post-copy figures to its status.
-func (p *pcInbound) fill(st *api.MigrationStatus) {
+// fill adds the destination's post-copy figures to its status, and says
+// what a lost link or an abandoned migration means (postcopy_lost.go).
+func (p *pcInbound) fill(st *nodeStatus) {
 	p.mu.Lock()
-	tg, last := p.tg, p.last
+	tg, last, lost, id, source := p.tg, p.last, p.lost, p.id, p.source
 	p.mu.Unlock()
 	var ts postcopy.TargetStats
 	switch {
+	case lost != nil:
+		lost.fill(st)
+		return
 	case tg != nil:
 		ts = tg.Stats()
 	case last != nil:
@@ -272,6 +287,14 @@ func (p *pcInbound) fill(st *api.MigrationStatus) {
 	default:
 		return
 	}
+	fillTargetStats(&st.MigrationStatus, ts)
+	if tg != nil {
+		fillOutage(st, ts, id, source, p.apiAddr)
+	}
+}
+
+// fillTargetStats puts a Target's figures in a status.
+func fillTargetStats(st *api.MigrationStatus, ts postcopy.TargetStats) {
 	st.PostcopyActive, st.PostcopyRequests = ts.Active, ts.Requests
 	st.PostcopyRemainingPages, st.PostcopyBlocktimeMs = ts.Remaining, ts.BlocktimeMs
 	st.PostcopyPages = ts.Remaining + ts.Received
@@ -304,7 +327,7 @@ func postcopyStatus(st *nodeStatus, migrating bool, pcOut *pcSource, pcIn *pcInb
 	case migrating && pcOut != nil:
 		pcOut.fill(&st.MigrationStatus)
 	case !migrating && pcIn != nil:
-		pcIn.fill(&st.MigrationStatus)
+		pcIn.fill(st)
 	}
 }
 

@@ -63,7 +63,8 @@ func (n *Node) ReceiveMigrations(ctx context.Context, cfg ReceiverConfig) {
 	ln, log := cfg.Listener, n.log
 	n.api.HandleFunc("POST /migrate/commit", n.handleMigrateResolve(true))
 	n.api.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
-	pc := &pcInbound{log: log}
+	n.api.HandleFunc("POST /migrate/abandon", n.handleMigrateAbandon)
+	pc := &pcInbound{log: log, apiAddr: n.api.Addr()}
 	n.mu.Lock()
 	n.pcIn = pc
 	n.mu.Unlock()
