@@ -94,7 +94,7 @@ func fillOutage(st *nodeStatus, ts postcopy.TargetStats, id, source, apiAddr str
 	st.StateReason = fmt.Sprintf("post-copy migration %s: the source %s has been unreachable since %s (%v); %d pages exist only there, "+
 		"and the guest cannot run past a missing page: %s. If the source comes back, resume the migration (tandem migrate --resume); "+
 		"if it is gone, declare the guest lost: tandem migrate --abandon --to %s --id %s",
-		id, sourceName(source), rfc3339(ts.LinkDownSince), down.Round(time.Second), ts.Remaining, vcpus, apiAddr, id)
+		id, sourceName(source), rfc3339(ts.LinkDownSince), down.Round(100*time.Millisecond), ts.Remaining, vcpus, apiAddr, id)
 }
 
 // abandon declares the source of the post-copy migration lost (id, if
