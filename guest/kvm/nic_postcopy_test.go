@@ -12,16 +12,16 @@ import (
 	"github.com/tandemvm/tandem/internal/uffd"
 )
 
-// owePage makes the card's page one a post-copy source still owes, as a
+// owePage makes the page at gpa one a post-copy source still owes, as a
 // destination's Target leaves it: registered with userfaultfd, its copy
 // dropped, the access path on; and no one serves the fault (a source
 // gone). It returns the page's bytes and the descriptor to copy them back
 // in with. Precondition: g is paused.
-func owePage(t *testing.T, g *Guest) ([]byte, *uffd.FD) {
+func owePage(t *testing.T, g *Guest, gpa uint64) ([]byte, *uffd.FD) {
 	t.Helper()
-	nd, ok := g.memAt(netGPA, guest.PageSize)
+	nd, ok := g.memAt(gpa, guest.PageSize)
 	if !ok {
-		t.Fatal("no card page")
+		t.Fatalf("no page at %#x", gpa)
 	}
 	saved := append([]byte(nil), nd...)
 	fd, err := uffd.Open()
@@ -73,7 +73,7 @@ func TestNICStatusPromptWhilePageOwed(t *testing.T) {
 		t.Fatalf("before: counters %+v, unavailable %q", c, nic.CountersUnavailable())
 	}
 	mustPause(t, g)
-	saved, fd := owePage(t, g)
+	saved, fd := owePage(t, g, netGPA)
 	mustResume(t, g)
 	if err := nic.Deliver(w.request("c:2 GET k")); err != nil {
 		t.Fatal(err)
@@ -98,5 +98,50 @@ func TestNICStatusPromptWhilePageOwed(t *testing.T) {
 	}
 	if c := nic.Counters(); c.Datagrams != 2 || nic.CountersUnavailable() != "" {
 		t.Fatalf("after: counters %+v, unavailable %q", c, nic.CountersUnavailable())
+	}
+}
+
+// The dirty workload's statistics page owed, its vCPU blocked on it:
+// PageWrites (status's page_writes, read under the guest's control lock)
+// returns the last figure at once instead of waiting for the page with
+// the lock held, and Paused, which takes that lock, answers too.
+func TestPageWritesPromptWhilePageOwed(t *testing.T) {
+	skipWithoutKVM(t)
+	g, err := New(dirtyConfig(64<<20, 4<<20, 5000, "random", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	mustResume(t, g)
+	deadline := time.Now().Add(10 * time.Second)
+	for g.PageWrites() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	mustPause(t, g)
+	last := g.PageWrites()
+	if last == 0 {
+		t.Fatal("no page writes counted")
+	}
+	saved, fd := owePage(t, g, statsGPA)
+	mustResume(t, g)
+	time.Sleep(200 * time.Millisecond) // the vCPU's next batch waits for the page
+	for range 3 {
+		var n uint64
+		within(t, time.Second, "PageWrites", func() { n = g.PageWrites() })
+		if n != last {
+			t.Fatalf("PageWrites %d while the page is owed, want the last figure %d", n, last)
+		}
+		within(t, time.Second, "Paused", func() { g.Paused() })
+	}
+	st, _ := g.memAt(statsGPA, guest.PageSize)
+	if err := fd.Copy(uintptr(unsafe.Pointer(unsafe.SliceData(st))), saved); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(5 * time.Second)
+	for g.PageWrites() <= last {
+		if time.Now().After(deadline) {
+			t.Fatal("no page writes counted after the page arrived")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
