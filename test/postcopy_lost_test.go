@@ -82,6 +82,32 @@ func TestMigratePostcopySourceLost(t *testing.T) {
 	t.Parallel()
 	t.Run("killed", func(t *testing.T) { t.Parallel(); testSourceLost(t, true) })
 	t.Run("stopped", func(t *testing.T) { t.Parallel(); testSourceLost(t, false) })
+	t.Run("whole", func(t *testing.T) { t.Parallel(); testAbandonWhole(t) })
+}
+
+// A post-copy migration whose every page arrived leaves a whole guest:
+// abandon is refused, naming the migration, and the guest runs on.
+func testAbandonWhole(t *testing.T) {
+	src := startSource(t, "synth", guestOpts{memory: "64MiB", workload: "kv"})
+	dst := startReceiver(t)
+	c := dialConsole(t, src, "c")
+	if r := c.do("SET k v"); r != "OK" {
+		t.Fatal(r)
+	}
+	st := mustMigrate(t, src, dst.data, "--postcopy", "--postcopy-after-rounds", "0")
+	if st.PostcopyPages == 0 {
+		t.Fatalf("no post-copy switch: %v", st)
+	}
+	ds := waitLost(t, dst, 10*time.Second, "whole", func(s lostStatus) bool { return s.State == "running" && !s.PostcopyActive })
+	refusedWith(t, "after every page arrived", abandon(t, dst), "every page arrived", "whole")
+	if ds.PostcopySourceUnreachableSince != "" || ds.Status == "postcopy-paused" {
+		t.Errorf("a whole guest reported as waiting for its source: %+v", ds)
+	}
+	d := dialConsole(t, dst, "c")
+	d.seq = c.seq + 1
+	if got := d.do("GET k"); got != "OK v" {
+		t.Errorf("GET k on the destination after the refused abandon: %q", got)
+	}
 }
 
 func testSourceLost(t *testing.T, kill bool) {
