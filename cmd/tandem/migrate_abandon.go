@@ -35,11 +35,14 @@ func cmdMigrateAbandon(args []string) error {
 	to := fs.String("to", "", "API address of the post-copy destination (its --api, not its data address)")
 	id := fs.String("id", "", "the migration's id (migration_id in the destination's status); refused if the destination holds another")
 	asJSON := fs.Bool("json", false, "print the destination's answer as JSON")
+	from := fs.String("from", "", "not with --abandon: it asks the destination only (the source is lost)")
 	idFlags, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
 	}
 	switch {
+	case *from != "":
+		return usagef("--abandon asks the destination only: drop --from (give the destination's API with --to)")
 	case *to == "":
 		return usagef("--abandon needs --to API, the destination's API address")
 	case strings.HasPrefix(*to, "file:"):
