@@ -80,9 +80,16 @@ func refusedWith(t *testing.T, what string, r cliResult, want ...string) {
 // a second abandon refused. A source that comes back stays paused.
 func TestMigratePostcopySourceLost(t *testing.T) {
 	t.Parallel()
-	t.Run("killed", func(t *testing.T) { t.Parallel(); testSourceLost(t, true) })
-	t.Run("stopped", func(t *testing.T) { t.Parallel(); testSourceLost(t, false) })
+	t.Run("killed", func(t *testing.T) { t.Parallel(); testSourceLost(t, "synth", true) })
+	t.Run("stopped", func(t *testing.T) { t.Parallel(); testSourceLost(t, "synth", false) })
 	t.Run("whole", func(t *testing.T) { t.Parallel(); testAbandonWhole(t) })
+	// The KVM guest's vCPUs wait for pages inside KVM_RUN, and its close
+	// must stop them there (about 1 s).
+	t.Run("killed-kvm", func(t *testing.T) {
+		skipUnlessKind(t, "kvm")
+		t.Parallel()
+		testSourceLost(t, "kvm", true)
+	})
 }
 
 // A post-copy migration whose every page arrived leaves a whole guest:
@@ -110,8 +117,8 @@ func testAbandonWhole(t *testing.T) {
 	}
 }
 
-func testSourceLost(t *testing.T, kill bool) {
-	src := startSource(t, "synth", guestOpts{memory: "64MiB", workload: "kv", vcpus: 2})
+func testSourceLost(t *testing.T, kind string, kill bool) {
+	src := startSource(t, kind, guestOpts{memory: "64MiB", workload: "kv", vcpus: 2})
 	dst := startReceiver(t)
 	c := dialConsole(t, src, "c")
 	for i := range 300 {

@@ -376,6 +376,10 @@ func (g *Guest) teardown() error {
 	if g.thrStarted.Load() {
 		<-g.thrDone // it kicks vCPUs: it must be gone before they are released
 	}
+	// One deadline for all: once it fired (its channel is drained), the
+	// vCPUs left are only checked, or a second stuck one (on a post-copy
+	// destination, every vCPU waiting in KVM_RUN for a page that never
+	// comes: a kick does not end that wait) would be waited for forever.
 	deadline := time.NewTimer(closeTimeout)
 	defer deadline.Stop()
 	for _, v := range g.vcpus {
@@ -383,6 +387,13 @@ func (g *Guest) teardown() error {
 			continue
 		}
 		v.kick()
+		if stuck {
+			select {
+			case <-v.exited:
+			default:
+			}
+			continue
+		}
 		select {
 		case <-v.exited:
 		case <-deadline.C:

@@ -145,3 +145,43 @@ func TestPageWritesPromptWhilePageOwed(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// Close of a guest whose two vCPUs both wait in KVM_RUN for a page no one
+// will copy in (a post-copy destination abandoned with its source gone):
+// it returns after its deadline instead of waiting for the second vCPU
+// forever (the deadline's one tick went to the first). The page is the
+// top page table: on this host (kvm-pvm, shadow paging) KVM reads it from
+// the kernel, a wait a kick does not end, so both vCPUs stay in KVM_RUN;
+// where a kick ends the wait, Close returns at once.
+func TestCloseWithVCPUsWaitingForAPage(t *testing.T) {
+	skipWithoutKVM(t)
+	g, err := New(dirtyConfig(64<<20, 4<<20, 5000, "random", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	mustResume(t, g)
+	deadline := time.Now().Add(10 * time.Second)
+	for g.PageWrites() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	mustPause(t, g)
+	_, fd := owePage(t, g, pml4GPA) // both vCPUs' address translation walks it
+	mustResume(t, g)
+	waiting := map[uint32]bool{}
+	for deadline := time.Now().Add(5 * time.Second); len(waiting) < 2; {
+		if time.Now().After(deadline) {
+			t.Fatalf("vCPU threads waiting for the page: %v, want 2", waiting)
+		}
+		faults, err := fd.ReadFaults(nil, 50*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range faults {
+			waiting[f.TID] = true
+		}
+	}
+	var cerr error
+	within(t, closeTimeout+2*time.Second, "Close", func() { cerr = g.Close() })
+	t.Logf("close: %v", cerr)
+}
