@@ -33,7 +33,7 @@ const stateLost = "lost"
 type pcLost struct {
 	id, source string
 	at         time.Time // abandoned
-	downSince  time.Time // the link to the source was lost
+	downSince  time.Time // the source's last word (unreachableSince)
 	stats      postcopy.TargetStats
 }
 
@@ -76,9 +76,10 @@ func fillOutage(st *nodeStatus, ts postcopy.TargetStats, id, source, apiAddr str
 	if ts.LinkDownSince.IsZero() {
 		return // connected: the pages are coming
 	}
-	down := max(time.Since(ts.LinkDownSince), 0)
+	since := unreachableSince(ts)
+	down := max(time.Since(since), 0)
 	st.Status = statusPostcopyPaused
-	st.PostcopySourceUnreachableSince, st.PostcopySourceUnreachableMs = rfc3339(ts.LinkDownSince), down.Milliseconds()
+	st.PostcopySourceUnreachableSince, st.PostcopySourceUnreachableMs = rfc3339(since), down.Milliseconds()
 	st.PostcopyWaitingMs = make([]int64, len(ts.Waiting))
 	var blocked []string
 	for v, d := range ts.Waiting {
@@ -91,10 +92,20 @@ func fillOutage(st *nodeStatus, ts postcopy.TargetStats, id, source, apiAddr str
 	if len(blocked) > 0 {
 		vcpus = "blocked on a missing page: " + strings.Join(blocked, ", ")
 	}
-	st.StateReason = fmt.Sprintf("post-copy migration %s: the source %s has been unreachable since %s (%v); %d pages exist only there, "+
+	st.StateReason = fmt.Sprintf("post-copy migration %s: the source %s has been unreachable since %s (its last word, %v ago); %d pages exist only there, "+
 		"and the guest cannot run past a missing page: %s. If the source comes back, resume the migration (tandem migrate --resume); "+
 		"if it is gone, declare the guest lost: tandem migrate --abandon --to %s --id %s",
-		id, sourceName(source), rfc3339(ts.LinkDownSince), down.Round(100*time.Millisecond), ts.Remaining, vcpus, apiAddr, id)
+		id, sourceName(source), rfc3339(since), down.Round(100*time.Millisecond), ts.Remaining, vcpus, apiAddr, id)
+}
+
+// unreachableSince is when the source went: its last frame (a silent
+// source is declared gone only a link timeout later), or, with none
+// heard, when the link was lost.
+func unreachableSince(ts postcopy.TargetStats) time.Time {
+	if !ts.LastHeard.IsZero() && ts.LastHeard.Before(ts.LinkDownSince) {
+		return ts.LastHeard
+	}
+	return ts.LinkDownSince
 }
 
 // abandon declares the source of the post-copy migration lost (id, if
@@ -131,7 +142,7 @@ func (p *pcInbound) abandon(id string) (*pcLost, *postcopy.Target, error) {
 		p.mu.Unlock()
 		return nil, nil, fmt.Errorf("the source of post-copy migration %s is connected and its pages are arriving (%d left): abandon only a migration whose source is unreachable", p.id, ts.Remaining)
 	}
-	l := &pcLost{id: p.id, source: p.source, at: time.Now(), downSince: ts.LinkDownSince, stats: ts}
+	l := &pcLost{id: p.id, source: p.source, at: time.Now(), downSince: unreachableSince(ts), stats: ts}
 	tg, cancel, done, conns := p.tg, p.cancel, p.done, p.conns
 	p.lost = l
 	p.tg, p.g, p.cancel, p.done, p.conns, p.id = nil, nil, nil, nil, nil, ""

@@ -107,7 +107,8 @@ func TestPostcopyLinkDropResumes(t *testing.T) {
 	// The wait shows in the blocked time while it lasts, and names the
 	// vCPU that waits.
 	if st := tg.Stats(); !st.Active || st.Remaining == 0 || st.LinkDownSince.IsZero() || st.Runs != 1 || st.Blocktime < 250*time.Millisecond ||
-		len(st.Waiting) != 1 || st.Waiting[0] < 250*time.Millisecond || st.BlocktimeMs[0] < 250 {
+		len(st.Waiting) != 1 || st.Waiting[0] < 250*time.Millisecond || st.BlocktimeMs[0] < 250 ||
+		st.LastHeard.IsZero() || st.LastHeard.After(st.LinkDownSince) {
 		t.Fatalf("stats while down: %+v", st)
 	}
 	srcErr, dstErr = runBoth(ctx, src, tg, newLinks(t))

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -59,6 +60,10 @@ type TargetStats struct {
 	// page it waits for now (0: not waiting): through a link outage,
 	// the vCPUs the guest cannot run until the source comes back.
 	Waiting []time.Duration
+	// LastHeard is when the last frame from the source arrived (zero:
+	// none yet). A source that fell silent is declared gone a link
+	// timeout later (LinkDownSince); this is when it really went.
+	LastHeard time.Time
 	// Runs counts the runs started (more than one: the link was
 	// resumed); LinkDownSince is when the last run failed, zero while a
 	// run is connected or once every page arrived. A destination whose
@@ -101,6 +106,9 @@ type Target struct {
 	done      bool          // every page arrived: the userfaultfd is closed
 	closed    bool          // Close ran
 	loopErr   error         // the fault loop's failure, if it stopped on one
+
+	// heard is when the last frame from the source arrived (UnixNano).
+	heard atomic.Int64
 
 	// The fault loop runs from NewTarget to finish or Close.
 	loopStop, loopDone chan struct{}
@@ -227,6 +235,9 @@ func (t *Target) Stats() TargetStats {
 				s.Waiting[v] = max(s.Waiting[v], d)
 			}
 		}
+	}
+	if h := t.heard.Load(); h != 0 {
+		s.LastHeard = time.Unix(0, h)
 	}
 	s.BlocktimeMs = make([]int64, len(perVCPU))
 	for i, d := range perVCPU {

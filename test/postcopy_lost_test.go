@@ -183,6 +183,12 @@ func testSourceLost(t *testing.T, kind string, kill bool) {
 	if st.State != "running" || st.PostcopyRemainingPages == 0 || st.PostcopySourceUnreachableMs <= 0 {
 		t.Errorf("outage status %+v", st)
 	}
+	// "Since" is the source's last word, not when the link timeout
+	// noticed its silence (5 s later for the stopped source).
+	if since, err := time.Parse(time.RFC3339Nano, st.PostcopySourceUnreachableSince); err != nil ||
+		since.Before(lostAt.Add(-time.Second)) || since.After(lostAt.Add(time.Second)) {
+		t.Errorf("unreachable since %q (%v), the source went at %v", st.PostcopySourceUnreachableSince, err, lostAt)
+	}
 	if table := runCLI(t, 10*time.Second, "status", "--api", dst.api); !strings.Contains(table.stdout, "POST-COPY SOURCE UNREACHABLE: "+src.api) {
 		t.Errorf("tandem status table has no alert:\n%s", table.stdout)
 	}
