@@ -409,9 +409,10 @@ type MigrationStatus struct {
 	// The source's death during post-copy, on the destination
 	// (docs/POSTCOPY.md, "Source death"): PostcopySource is the source
 	// the missing pages come from (its API, as it gave it);
-	// PostcopySourceUnreachableSince (RFC 3339, UTC) and
-	// PostcopySourceUnreachableMs say since when and how long the
-	// destination has had no link to it (null while connected);
+	// PostcopySourceUnreachableSince (RFC 3339, UTC: its last frame)
+	// and PostcopySourceUnreachableMs say since when and how long the
+	// destination has had no word from it, once its link is lost (null
+	// while connected);
 	// PostcopyWaitingMs is, per vCPU, how long it has been blocked on
 	// the missing page it needs now (0: not blocked); and
 	// PostcopyAbandonedAt is when an operator declared the source lost
