@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/postcopy"
@@ -233,4 +235,37 @@ func closeLostGuest(n *Node, g guest.Guest, tg *postcopy.Target) {
 	}
 	tg.Close()
 	n.log.Info("the lost guest is closed")
+}
+
+// collectors are a post-copy destination's alerts: how long its source
+// has been unreachable with pages owed (0 otherwise), and whether its
+// guest was declared lost.
+func (p *pcInbound) collectors() []prometheus.Collector {
+	return []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tandem_postcopy_source_unreachable_seconds",
+			Help: "on a post-copy destination whose guest lacks pages: seconds since its source's last word, once the link to it is lost (0 otherwise)"},
+			func() float64 {
+				p.mu.Lock()
+				tg := p.tg
+				p.mu.Unlock()
+				if tg == nil {
+					return 0
+				}
+				ts := tg.Stats()
+				if !ts.Active || ts.LinkDownSince.IsZero() {
+					return 0
+				}
+				return max(time.Since(unreachableSince(ts)).Seconds(), 0)
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tandem_guest_lost",
+			Help: "1 once this node's guest was declared lost (a post-copy migration abandoned with pages never received)"},
+			func() float64 {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+				if p.lost != nil {
+					return 1
+				}
+				return 0
+			}),
+	}
 }

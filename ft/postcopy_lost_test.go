@@ -7,7 +7,9 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/tandemvm/tandem/guest"
@@ -62,9 +64,31 @@ func TestAbandonRefusalsAndAfter(t *testing.T) {
 	if err := tg.Run(t.Context(), a, a); !errors.Is(err, postcopy.ErrLink) {
 		t.Fatalf("run over a dead link: %v", err)
 	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(p.collectors()...)
+	gauge := func(name string) float64 {
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatalf("no %s", name)
+		return 0
+	}
+	time.Sleep(20 * time.Millisecond)
+	if s, lost := gauge("tandem_postcopy_source_unreachable_seconds"), gauge("tandem_guest_lost"); s < 0.01 || lost != 0 {
+		t.Errorf("metrics while unreachable: %v s, lost %v", s, lost)
+	}
 	l, got, err := p.abandon(lostID)
 	if err != nil || got != tg || l.id != lostID || l.source != "10.0.0.1:7000" || l.stats.Remaining != 4 {
 		t.Fatalf("abandon: %+v %v", l, err)
+	}
+	if s, lost := gauge("tandem_postcopy_source_unreachable_seconds"), gauge("tandem_guest_lost"); s != 0 || lost != 1 {
+		t.Errorf("metrics after abandon: %v s, lost %v", s, lost)
 	}
 	var st nodeStatus
 	p.fill(&st)

@@ -65,6 +65,7 @@ func (n *Node) ReceiveMigrations(ctx context.Context, cfg ReceiverConfig) {
 	n.api.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
 	n.api.HandleFunc("POST /migrate/abandon", n.handleMigrateAbandon)
 	pc := &pcInbound{log: log, apiAddr: n.api.Addr()}
+	n.api.reg.MustRegister(pc.collectors()...)
 	n.mu.Lock()
 	n.pcIn = pc
 	n.mu.Unlock()
