@@ -189,6 +189,9 @@ func testSourceLost(t *testing.T, kind string, kill bool) {
 		since.Before(lostAt.Add(-time.Second)) || since.After(lostAt.Add(time.Second)) {
 		t.Errorf("unreachable since %q (%v), the source went at %v", st.PostcopySourceUnreachableSince, err, lostAt)
 	}
+	if v := metric(t, dst, "tandem_postcopy_source_unreachable_seconds"); v <= 0 {
+		t.Errorf("tandem_postcopy_source_unreachable_seconds %v while the source is unreachable", v)
+	}
 	if table := runCLI(t, 10*time.Second, "status", "--api", dst.api); !strings.Contains(table.stdout, "POST-COPY SOURCE UNREACHABLE: "+src.api) {
 		t.Errorf("tandem status table has no alert:\n%s", table.stdout)
 	}
@@ -206,6 +209,9 @@ func testSourceLost(t *testing.T, kind string, kill bool) {
 		t.Errorf("after abandon: %+v", lost)
 	}
 	refusedWith(t, "twice", abandon(t, dst), "already abandoned", id)
+	if lostM, downM := metric(t, dst, "tandem_guest_lost"), metric(t, dst, "tandem_postcopy_source_unreachable_seconds"); lostM != 1 || downM != 0 {
+		t.Errorf("metrics after abandon: tandem_guest_lost %v, unreachable seconds %v", lostM, downM)
+	}
 	// Nothing of the half guest answers any more.
 	k := dialConsole(t, dst, "k")
 	if got, err := k.requestSeq(1, "GET key0", time.Second); err == nil {
@@ -244,4 +250,14 @@ func slicesMax(s []int64) int64 {
 		m = max(m, v)
 	}
 	return m
+}
+
+// metric is metricValue of n, failing the test without it.
+func metric(t *testing.T, n *node, name string) float64 {
+	t.Helper()
+	v, err := metricValue(n.api, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }
