@@ -83,6 +83,11 @@ type NetStatus struct {
 	Datagrams    uint64        `json:"datagrams"`
 	CardSent     uint64        `json:"card_sent"`
 	Dropped      DroppedFrames `json:"dropped"`
+	// CardCountersUnavailable says why the card's figures above are not
+	// its counts now (null: they are): on a post-copy destination the
+	// card's page in guest memory may not have arrived yet, and status
+	// does not wait for it (the figures are the last read).
+	CardCountersUnavailable string `json:"card_counters_unavailable,omitempty"`
 	// FramesReleased is what a protected primary's output gate let out
 	// after their epochs were acknowledged (null on other nodes).
 	FramesReleased *uint64 `json:"frames_released"`
@@ -408,6 +413,41 @@ type MigrationStatus struct {
 	PostcopyLinkDownSince string `json:"postcopy_link_down_since,omitempty"`
 	PostcopyLinkError     string `json:"postcopy_link_error,omitempty"`
 	PostcopyResumes       int    `json:"postcopy_resumes,omitempty"`
+	// The source's death during post-copy, on the destination
+	// (docs/POSTCOPY.md, "Source death"): PostcopySource is the source
+	// the missing pages come from (its API, as it gave it);
+	// PostcopySourceUnreachableSince (RFC 3339, UTC: its last frame)
+	// and PostcopySourceUnreachableMs say since when and how long the
+	// destination has had no word from it, once its link is lost (null
+	// while connected);
+	// PostcopyWaitingMs is, per vCPU, how long it has been blocked on
+	// the missing page it needs now (0: not blocked); and
+	// PostcopyAbandonedAt is when an operator declared the source lost
+	// (POST /migrate/abandon): the guest is stopped for good, and
+	// postcopy_remaining_pages are the pages it never received.
+	PostcopySource                 string  `json:"postcopy_source,omitempty"`
+	PostcopySourceUnreachableSince string  `json:"postcopy_source_unreachable_since,omitempty"`
+	PostcopySourceUnreachableMs    int64   `json:"postcopy_source_unreachable_ms,omitempty"`
+	PostcopyWaitingMs              []int64 `json:"postcopy_waiting_ms,omitempty"`
+	PostcopyAbandonedAt            string  `json:"postcopy_abandoned_at,omitempty"`
+}
+
+// AbandonRequest is the body of POST /migrate/abandon on a post-copy
+// destination: MigrationID, if set, must name its migration.
+type AbandonRequest struct {
+	MigrationID string `json:"migration_id,omitempty"`
+}
+
+// AbandonResult is the answer of POST /migrate/abandon.
+type AbandonResult struct {
+	OK          bool   `json:"ok"`
+	MigrationID string `json:"migration_id"`
+	Source      string `json:"source"`
+	// PagesLost are the pages the guest never received.
+	PagesLost uint64 `json:"pages_lost"`
+	// Detail says what was done and what stays as it is (the source's
+	// copy, if its process lives, stays paused).
+	Detail string `json:"detail"`
 }
 
 // EpochStatus is a protected primary's epoch loop.

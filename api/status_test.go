@@ -85,6 +85,7 @@ epoch_bound epoch_trigger epochs_by_clock epochs_by_output max_output_delay_ms m
 paused_ms_per_second held_ms_per_second
 postcopy_active postcopy_blocktime_ms postcopy_pages postcopy_refused postcopy_remaining_pages postcopy_requests
 postcopy_link_down_since postcopy_link_error postcopy_resumes
+postcopy_abandoned_at postcopy_source postcopy_source_unreachable_ms postcopy_source_unreachable_since postcopy_waiting_ms
 epoch_raw_bytes epoch_raw_bytes_avg epoch_wire_bytes epoch_wire_bytes_avg epochs epochs_per_second error
 expected_downtime_ms flush_aborts guest_kind image_guest_kind joins kvm_flavour last_commit_ago_ms
 last_committed_epoch last_error last_mismatch last_mismatch_at last_mismatch_epoch last_mismatch_resolution
@@ -100,7 +101,8 @@ workload zero_pages
 nodes quorum quorum.has_quorum quorum.leader quorum.needed quorum.one_more_failure quorum.reachable quorum.voters
 net net.announcements net.arp_replies net.card_received net.card_sent net.datagrams net.dropped net.frames_delivered
 net.frames_held net.frames_received net.frames_released net.frames_over_held net.frames_send_errors net.frames_sent
-net.guest_ip net.tap`)
+net.guest_ip net.tap
+net.card_counters_unavailable`)
 
 // goldenNodeViewKeys is every key of an entry of "nodes" (issue 20): each
 // is present on every row, null where the answering node cannot tell.

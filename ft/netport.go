@@ -312,6 +312,9 @@ func (n *Node) netStatusLocked(loop *failover.EpochLoop) *api.NetStatus {
 		ns.Dropped = api.DroppedFrames{Short: d[netframe.DropShort], TooLong: d[netframe.DropTooLong], BadLength: d[netframe.DropBadLength],
 			BadChecksum: d[netframe.DropBadChecksum], Fragment: d[netframe.DropFragment], Unsupported: d[netframe.DropUnsupported], NotOurs: d[netframe.DropNotOurs],
 			QueueFull: queueDrops(nic)}
+		if u, ok := nic.(interface{ CountersUnavailable() string }); ok {
+			ns.CardCountersUnavailable = u.CountersUnavailable()
+		}
 		if loop != nil {
 			f, d := loop.Gate().Frames(), loop.Gate().FramesDropped()
 			held, _ := loop.Gate().HeldFrames()

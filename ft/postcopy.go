@@ -120,7 +120,8 @@ func (n *Node) openPostcopy(w http.ResponseWriter, r *http.Request, req migrateR
 // extra connections as they arrive, and the postcopy.Target after the
 // switch.
 type pcInbound struct {
-	log *slog.Logger
+	log     *slog.Logger
+	apiAddr string // this node's API, for status's advice
 
 	mu      sync.Mutex
 	id      string              // the migration granted post-copy; "": none
@@ -132,7 +133,8 @@ type pcInbound struct {
 	done    chan error // the Target's Run, once it ends
 	// last is the figures of the last Target, kept for status once it
 	// is released.
-	last *postcopy.TargetStats
+	last   *postcopy.TargetStats
+	lastID string
 	// waiting is set while the run waits for a resume after a lost link
 	// (closed when one arrives), linkErr why the link was lost, and
 	// resumeConns a resume's channels as they arrive
@@ -140,6 +142,11 @@ type pcInbound struct {
 	waiting     chan struct{}
 	linkErr     string
 	resumeConns map[string]net.Conn
+	// source is the API of the migration's source (as its Hello gave
+	// it); lost, once an operator abandoned the migration, what status
+	// says of it from then on (postcopy_lost.go).
+	source string
+	lost   *pcLost
 }
 
 // grant expects the channels of migration id (any earlier state is
@@ -156,6 +163,10 @@ func (p *pcInbound) grant(id string) {
 func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.lost != nil && h.MigrationID == p.lost.id {
+		return fmt.Errorf("post-copy migration %q was abandoned here at %s (its source declared lost): its guest is stopped for good",
+			p.lost.id, p.lost.at.UTC().Format(time.RFC3339))
+	}
 	if h.Resume {
 		return p.takeResume(h, conn)
 	}
@@ -227,7 +238,7 @@ func (p *pcInbound) start(g guest.Guest, h replica.Hello, state guest.MachineSta
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	p.mu.Lock()
-	p.tg, p.g, p.cancel, p.done = tg, g, cancel, done
+	p.tg, p.g, p.cancel, p.done, p.source = tg, g, cancel, done, h.SourceAPI
 	p.mu.Unlock()
 	go func() { done <- p.serve(ctx, tg, id) }() // joined by finish or abort
 	p.log.Info("post-copy: switched; the guest resumes with pages missing", "migration", id, "pages", missing.Count())
@@ -255,9 +266,10 @@ func (p *pcInbound) finish(ctx context.Context) {
 	if err != nil {
 		// The node is stopping (a lost link waits for a resume in
 		// serve), or the run failed for good: the vCPUs that need a
-		// missing page wait. Status keeps saying post-copy is active.
-		p.log.Error("post-copy did not finish: the guest waits for pages that do not come", "err", err,
-			"remaining", st.Remaining, "link_down_since", st.LinkDownSince)
+		// missing page wait. Status keeps saying post-copy is active,
+		// and since when the source is unreachable (postcopy_lost.go).
+		p.log.Error("post-copy did not finish: the guest waits for pages that do not come; resume the migration if the source comes back, or POST /migrate/abandon",
+			"err", err, "remaining", st.Remaining, "link_down_since", st.LinkDownSince)
 		return
 	}
 	if pg, ok := g.(postcopyGuest); ok {
@@ -272,7 +284,7 @@ func (p *pcInbound) finish(ctx context.Context) {
 // channels. Idempotent.
 func (p *pcInbound) abort() {
 	p.mu.Lock()
-	tg, cancel, done, conns := p.tg, p.cancel, p.done, p.conns
+	tg, cancel, done, conns, id := p.tg, p.cancel, p.done, p.conns, p.id
 	p.tg, p.g, p.cancel, p.done, p.conns, p.id = nil, nil, nil, nil, nil, ""
 	for _, c := range p.resumeConns {
 		c.Close()
@@ -287,7 +299,7 @@ func (p *pcInbound) abort() {
 		st := tg.Stats()
 		tg.Close()
 		p.mu.Lock()
-		p.last = &st
+		p.last, p.lastID = &st, id
 		p.mu.Unlock()
 	}
 	for _, c := range conns {
@@ -295,13 +307,17 @@ func (p *pcInbound) abort() {
 	}
 }
 
-// fill adds the destination's post-copy figures to its status.
-func (p *pcInbound) fill(st *api.MigrationStatus) {
+// fill adds the destination's post-copy figures to its status, and says
+// what a lost link or an abandoned migration means (postcopy_lost.go).
+func (p *pcInbound) fill(st *nodeStatus) {
 	p.mu.Lock()
-	tg, last := p.tg, p.last
+	tg, last, lost, id, source := p.tg, p.last, p.lost, p.id, p.source
 	p.mu.Unlock()
 	var ts postcopy.TargetStats
 	switch {
+	case lost != nil:
+		lost.fill(st)
+		return
 	case tg != nil:
 		ts = tg.Stats()
 	case last != nil:
@@ -309,10 +325,18 @@ func (p *pcInbound) fill(st *api.MigrationStatus) {
 	default:
 		return
 	}
+	fillTargetStats(&st.MigrationStatus, ts)
+	p.fillPaused(&st.MigrationStatus, ts)
+	if tg != nil {
+		fillOutage(st, ts, id, source, p.apiAddr)
+	}
+}
+
+// fillTargetStats puts a Target's figures in a status.
+func fillTargetStats(st *api.MigrationStatus, ts postcopy.TargetStats) {
 	st.PostcopyActive, st.PostcopyRequests = ts.Active, ts.Requests
 	st.PostcopyRemainingPages, st.PostcopyBlocktimeMs = ts.Remaining, ts.BlocktimeMs
 	st.PostcopyPages = ts.Remaining + ts.Received
-	p.fillPaused(st, ts)
 }
 
 // active says whether the guest may still lack pages (Go code must not
@@ -342,7 +366,7 @@ func postcopyStatus(st *nodeStatus, migrating bool, pcOut *pcSource, pcIn *pcInb
 	case migrating && pcOut != nil:
 		pcOut.fill(&st.MigrationStatus)
 	case !migrating && pcIn != nil:
-		pcIn.fill(&st.MigrationStatus)
+		pcIn.fill(st)
 	}
 }
 

@@ -168,13 +168,13 @@ func TestPostcopyDestinationResume(t *testing.T) {
 	}
 	srcU.Close() // the link is lost
 	srcB.Close()
-	var st api.MigrationStatus
-	for deadline := time.Now().Add(10 * time.Second); st.Status != precopy.StatusPostcopyPaused; {
+	var st nodeStatus
+	for deadline := time.Now().Add(10 * time.Second); st.Status != precopy.StatusPostcopyPaused || st.PostcopyLinkDownSince == ""; {
 		if time.Now().After(deadline) {
 			t.Fatalf("destination not paused after a lost link: %+v", st)
 		}
 		time.Sleep(5 * time.Millisecond)
-		st = api.MigrationStatus{}
+		st = nodeStatus{}
 		p.fill(&st)
 	}
 	if st.PostcopyLinkDownSince == "" || st.PostcopyLinkError == "" || st.PostcopyRemainingPages != pages/4 || st.MigrationID != "m1" {
@@ -195,7 +195,7 @@ func TestPostcopyDestinationResume(t *testing.T) {
 		t.Fatalf("resumed source run: %v", err)
 	}
 	p.finish(rctx)
-	st = api.MigrationStatus{}
+	st = nodeStatus{}
 	p.fill(&st)
 	if st.Status == precopy.StatusPostcopyPaused || st.PostcopyActive || st.PostcopyResumes != 1 {
 		t.Errorf("after the resumed run: %+v: want done after one resume", st)

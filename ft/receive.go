@@ -63,7 +63,9 @@ func (n *Node) ReceiveMigrations(ctx context.Context, cfg ReceiverConfig) {
 	ln, log := cfg.Listener, n.log
 	n.api.HandleFunc("POST /migrate/commit", n.handleMigrateResolve(true))
 	n.api.HandleFunc("POST /migrate/abort", n.handleMigrateResolve(false))
-	pc := &pcInbound{log: log}
+	n.api.HandleFunc("POST /migrate/abandon", n.handleMigrateAbandon)
+	pc := &pcInbound{log: log, apiAddr: n.api.Addr()}
+	n.api.reg.MustRegister(pc.collectors()...)
 	n.mu.Lock()
 	n.pcIn = pc
 	n.mu.Unlock()

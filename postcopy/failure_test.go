@@ -8,6 +8,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -59,7 +61,22 @@ func someMissing(t *testing.T, s *scene, tg *Target) (uint64, []byte, []byte) {
 // new connections completes with the right content and digest.
 func TestPostcopyLinkDropResumes(t *testing.T) {
 	s := newScene(t, 2048, 3)
-	tg := newTarget(t, s, 200*time.Millisecond)
+	// The reader below is vCPU 0: its thread is the one locked to it.
+	var vcpu0 atomic.Int64
+	tg, err := NewTarget(TargetConfig{Regions: s.dst, Missing: s.missing, State: s.state, RetryAfter: 200 * time.Millisecond,
+		VCPUs: 1, VCPUOf: func(tid uint32) int {
+			if int64(tid) == vcpu0.Load() {
+				return 0
+			}
+			return -1
+		}})
+	if errors.Is(err, uffd.ErrUnavailable) {
+		t.Skipf("userfaultfd unavailable: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(tg.Close)
 	src := NewSource(s.src, s.digest)
 	l := newLinks(t)
 	l.srcBulk = slowConn{l.srcBulk, 16 << 10, 5 * time.Millisecond}
@@ -76,14 +93,22 @@ func TestPostcopyLinkDropResumes(t *testing.T) {
 	}
 	p, want, got := someMissing(t, s, tg)
 	read := make(chan error, 1)
-	go func() { read <- uffd.Populate(got) }()
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		vcpu0.Store(int64(unix.Gettid()))
+		read <- uffd.Populate(got)
+	}()
 	select {
 	case err := <-read:
 		t.Fatalf("page %d was read while the link was down (err %v)", p, err)
 	case <-time.After(300 * time.Millisecond):
 	}
-	// The wait shows in the blocked time while it lasts.
-	if st := tg.Stats(); !st.Active || st.Remaining == 0 || st.LinkDownSince.IsZero() || st.Runs != 1 || st.Blocktime < 250*time.Millisecond {
+	// The wait shows in the blocked time while it lasts, and names the
+	// vCPU that waits.
+	if st := tg.Stats(); !st.Active || st.Remaining == 0 || st.LinkDownSince.IsZero() || st.Runs != 1 || st.Blocktime < 250*time.Millisecond ||
+		len(st.Waiting) != 1 || st.Waiting[0] < 250*time.Millisecond || st.BlocktimeMs[0] < 250 ||
+		st.LastHeard.IsZero() || st.LastHeard.After(st.LinkDownSince) {
 		t.Fatalf("stats while down: %+v", st)
 	}
 	srcErr, dstErr = runBoth(ctx, src, tg, newLinks(t))
@@ -97,7 +122,8 @@ func TestPostcopyLinkDropResumes(t *testing.T) {
 		t.Fatalf("page %d differs after the resume", p)
 	}
 	sameMemory(t, s)
-	if st, ss := tg.Stats(), src.Stats(); st.Digest != s.digest.String() || ss.Runs != 2 || st.Runs != 2 || !st.LinkDownSince.IsZero() || st.Blocktime < 300*time.Millisecond {
+	if st, ss := tg.Stats(), src.Stats(); st.Digest != s.digest.String() || ss.Runs != 2 || st.Runs != 2 || !st.LinkDownSince.IsZero() || st.Blocktime < 300*time.Millisecond ||
+		st.Waiting[0] != 0 {
 		t.Fatalf("target %+v source %+v", st, ss)
 	}
 }

@@ -79,8 +79,10 @@ func TestPostcopySilentLinkDetected(t *testing.T) {
 	l.srcBulk = slowConn{l.srcBulk, 16 << 10, 5 * time.Millisecond}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	var cutAt atomic.Int64
 	go func() {
 		time.Sleep(300 * time.Millisecond)
+		cutAt.Store(time.Now().UnixNano())
 		gate.cut.Store(true)
 	}()
 	t0 := time.Now()
@@ -91,6 +93,14 @@ func TestPostcopySilentLinkDetected(t *testing.T) {
 	}
 	if took > 300*time.Millisecond+3*timeout {
 		t.Fatalf("the silent link took %v to notice, timeout %v", took, timeout)
+	}
+	// The destination knows when the source really went: its last frame,
+	// at the cut (the push flows until then), a timeout before the link
+	// was declared down.
+	cut := time.Unix(0, cutAt.Load())
+	if st := tg.Stats(); st.LastHeard.Before(cut.Add(-HeartbeatInterval)) || st.LastHeard.After(cut.Add(100*time.Millisecond)) ||
+		st.LinkDownSince.Sub(st.LastHeard) < timeout/2 {
+		t.Fatalf("cut at %v: last heard %v, link down since %v", cut, st.LastHeard, st.LinkDownSince)
 	}
 	srcErr, dstErr = runBoth(ctx, src, tg, newLinks(t))
 	if srcErr != nil || dstErr != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -54,6 +55,15 @@ type TargetStats struct {
 	BlocktimeMs []int64
 	Blocktime   time.Duration
 	Digest      string // set once every page arrived
+
+	// Waiting is, per vCPU, how long it has been blocked on the missing
+	// page it waits for now (0: not waiting): through a link outage,
+	// the vCPUs the guest cannot run until the source comes back.
+	Waiting []time.Duration
+	// LastHeard is when the last frame from the source arrived (zero:
+	// none yet). A source that fell silent is declared gone a link
+	// timeout later (LinkDownSince); this is when it really went.
+	LastHeard time.Time
 	// Runs counts the runs started (more than one: the link was
 	// resumed); LinkDownSince is when the last run failed, zero while a
 	// run is connected or once every page arrived. A destination whose
@@ -96,6 +106,9 @@ type Target struct {
 	done      bool          // every page arrived: the userfaultfd is closed
 	closed    bool          // Close ran
 	loopErr   error         // the fault loop's failure, if it stopped on one
+
+	// heard is when the last frame from the source arrived (UnixNano).
+	heard atomic.Int64
 
 	// The fault loop runs from NewTarget to finish or Close.
 	loopStop, loopDone chan struct{}
@@ -212,14 +225,19 @@ func (t *Target) Stats() TargetStats {
 	defer t.mu.Unlock()
 	s := t.stats
 	perVCPU := append([]time.Duration(nil), t.vcpuBlock...)
+	s.Waiting = make([]time.Duration, len(perVCPU))
 	for _, pd := range t.pending {
 		for _, w := range pd.waiters {
 			d := now.Sub(w.t0)
 			s.Blocktime += d
 			if v := t.vcpuOf(w.tid); v >= 0 {
 				perVCPU[v] += d
+				s.Waiting[v] = max(s.Waiting[v], d)
 			}
 		}
+	}
+	if h := t.heard.Load(); h != 0 {
+		s.LastHeard = time.Unix(0, h)
 	}
 	s.BlocktimeMs = make([]int64, len(perVCPU))
 	for i, d := range perVCPU {

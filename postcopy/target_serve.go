@@ -171,6 +171,9 @@ func (t *Target) sendDone(w *frameWriter) error {
 func (t *Target) receive(ctx context.Context, r *frameReader, bulk bool) error {
 	for {
 		f, err := r.read()
+		if err == nil {
+			t.heard.Store(time.Now().UnixNano())
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

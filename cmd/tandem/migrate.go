@@ -21,6 +21,9 @@ func init() {
 }
 
 func cmdMigrate(args []string) error {
+	if abandonAsked(args) {
+		return cmdMigrateAbandon(args)
+	}
 	fs := newFlagSet("migrate")
 	from := fs.String("from", "", "API address of the node running the guest")
 	to := fs.String("to", "", "destination: a receiver's data ADDR, or file:NAME (a snapshot the node writes into its --snapshot-dir)")
@@ -33,6 +36,7 @@ func cmdMigrate(args []string) error {
 	asJSON := fs.Bool("json", false, "print the final status as JSON")
 	streams := fs.Int("streams", 1, fmt.Sprintf("goroutines encoding the stream on the source, 1 to %d (one connection)", api.MaxMigrateStreams))
 	postcopy := fs.Bool("postcopy", false, "switch to post-copy (the guest resumes on the destination at once; missing pages follow on demand) after --postcopy-after-rounds precopy rounds")
+	fs.Bool("abandon", false, "with --to API [--id ID] only: declare the guest of a post-copy migration whose source is lost; the destination stops its half guest for good (see docs/POSTCOPY.md)")
 	pcRounds := fs.Int("postcopy-after-rounds", 1, fmt.Sprintf("with --postcopy: precopy rounds before the switch, 0 to %d (0: switch before any page is sent; 1: after the first full pass)", api.MaxPostcopyAfterRounds))
 	resume := fs.Bool("resume", false, "continue a post-copy paused by a lost link (the source's status says postcopy-paused): with --from, and optionally --to (default: the migration's destination) and --id")
 	migID := fs.String("id", "", "with --resume: the migration to resume (its migration_id; default: the source's current one)")

@@ -55,6 +55,14 @@ func (d *pvDisk) completedCount() uint32 {
 // (outside RAM, beyond the disk window) complete at once with no effect:
 // a guest bug must not become a host error.
 func (d *pvDisk) submit(gpa uint64) {
+	// On a post-copy destination the request's pages may be owed: fault
+	// them in before mu, so the wait (unbounded while the source is
+	// away) holds up this vCPU only, not the completions that take mu
+	// (and Close, which waits for them).
+	if hdr, ok := d.g.guestBytes(gpa, 24); ok {
+		le := binary.LittleEndian
+		d.g.faultInGPA(le.Uint64(hdr[16:]), uint64(le.Uint32(hdr[4:])))
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.submitted++

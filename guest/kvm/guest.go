@@ -135,6 +135,9 @@ type Guest struct {
 	ctl    sync.Mutex
 	paused bool
 	closed bool
+	// lastPageWrites is PageWrites's last figure read from guest memory
+	// (under ctl).
+	lastPageWrites uint64
 
 	// mu guards resumeCh; pauseReq is written under it.
 	mu       sync.Mutex
@@ -313,12 +316,19 @@ func (g *Guest) PageWrites() uint64 {
 	if g.closed {
 		return 0
 	}
+	// A page a post-copy source still owes is not waited for under ctl
+	// (Pause, Close and status's Paused take it): the last figure read
+	// stands until the page arrives.
+	if !g.arrived(statsGPA, 64*maxVCPUs) {
+		return g.lastPageWrites
+	}
 	low := g.lowMem()
 	g.faultIn(low[statsGPA : statsGPA+64*maxVCPUs])
 	var n uint64
 	for i := 0; i < g.cfg.VCPUs && i < maxVCPUs; i++ {
 		n += atomic.LoadUint64((*uint64)(unsafe.Pointer(&low[statsGPA+64*i])))
 	}
+	g.lastPageWrites = n
 	return n
 }
 
@@ -366,6 +376,10 @@ func (g *Guest) teardown() error {
 	if g.thrStarted.Load() {
 		<-g.thrDone // it kicks vCPUs: it must be gone before they are released
 	}
+	// One deadline for all: once it fired (its channel is drained), the
+	// vCPUs left are only checked, or a second stuck one (on a post-copy
+	// destination, every vCPU waiting in KVM_RUN for a page that never
+	// comes: a kick does not end that wait) would be waited for forever.
 	deadline := time.NewTimer(closeTimeout)
 	defer deadline.Stop()
 	for _, v := range g.vcpus {
@@ -373,6 +387,13 @@ func (g *Guest) teardown() error {
 			continue
 		}
 		v.kick()
+		if stuck {
+			select {
+			case <-v.exited:
+			default:
+			}
+			continue
+		}
 		select {
 		case <-v.exited:
 		case <-deadline.C:

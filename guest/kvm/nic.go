@@ -53,7 +53,11 @@ type nic struct {
 	rx     []rxFrame // received, waiting for the guest's poll
 	full   uint64    // frames Deliver dropped on a full queue
 	badTx  uint64    // TX descriptors the guest got wrong, skipped
-	last   netframe.Counters
+	// last is the counters as last read from guest memory (kept at
+	// close, and returned while the card's page is owed); owed says the
+	// page had not arrived at the last Counters (post-copy).
+	last netframe.Counters
+	owed bool
 }
 
 // rxFrame is a received frame and its length on the wire: a frame longer
@@ -116,7 +120,10 @@ func (n *nic) Announce() []byte {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	ep := netframe.Endpoint{MAC: n.ep.MAC, IP: n.ep.IP}
-	if !n.closed { // memory goes with Close
+	// Memory goes with Close; a page a post-copy source still owes is
+	// not waited for under mu (the configured address is the one the
+	// memory was checked to hold when the state was loaded).
+	if !n.closed && n.g.arrived(netGPA, guest.PageSize) {
 		if nd := n.page(); nd != nil {
 			copy(ep.MAC[:], nd[ndMAC:ndMAC+6])
 			copy(ep.IP[:], nd[ndIP:ndIP+4])
@@ -126,14 +133,33 @@ func (n *nic) Announce() []byte {
 }
 
 // Counters are the guest stack's counts, read from guest memory; frames
-// dropped on a full host queue never reach it (QueueDrops).
+// dropped on a full host queue never reach it (QueueDrops). While the
+// card's page is one a post-copy source still owes, they are the last
+// read (zero if none was) and CountersUnavailable says so: a read would
+// wait for the page under mu, and with the source gone forever, while
+// status waits for mu.
 func (n *nic) Counters() netframe.Counters {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
 		return n.last
 	}
-	return n.readCounters()
+	if n.owed = !n.g.arrived(netGPA, guest.PageSize); n.owed {
+		return n.last
+	}
+	n.last = n.readCounters()
+	return n.last
+}
+
+// CountersUnavailable says why the last Counters are not the guest's
+// counts now ("": they are).
+func (n *nic) CountersUnavailable() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.owed {
+		return "the card's page in guest memory has not arrived from the post-copy source yet"
+	}
+	return ""
 }
 
 // QueueDrops counts frames dropped because the host queue was full.
@@ -187,7 +213,9 @@ func (n *nic) close() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if !n.closed {
-		n.last = n.readCounters()
+		if n.g.arrived(netGPA, guest.PageSize) {
+			n.last = n.readCounters()
+		}
 		n.closed = true
 		n.rx = nil
 	}

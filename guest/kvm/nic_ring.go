@@ -53,7 +53,17 @@ func (g *Guest) checkNICMemory() error {
 // vCPU 0's thread in the guest's console poll (the guest is stopped
 // there), and marks what it wrote dirty. A ring whose indices the guest
 // corrupted (more in use than it has slots) counts as full.
+//
+// On a post-copy destination the ring's pages may still be owed: they
+// are faulted in before mu is taken, so vCPU 0 waits for them (as the
+// guest itself would) without holding up Counters and Deliver, whose
+// callers (status, the TAP reader) must not wait for the source.
 func (n *nic) fill() {
+	if !n.hasPending() {
+		return
+	}
+	n.g.faultInGPA(netGPA, guest.PageSize)
+	n.g.faultInGPA(netRxGPA, netSlots*netBuf)
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if len(n.rx) == 0 || n.closed {
@@ -98,6 +108,9 @@ func (n *nic) fill() {
 // or a length outside an Ethernet frame's, is a guest bug: those frames
 // are skipped and counted, never read beyond their slot.
 func (n *nic) transmit(prod uint32) {
+	// Fault the ring in before mu, as fill does.
+	n.g.faultInGPA(netGPA, guest.PageSize)
+	n.g.faultInGPA(netTxGPA, netSlots*netBuf)
 	n.mu.Lock()
 	if n.closed {
 		n.mu.Unlock()

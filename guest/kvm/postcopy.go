@@ -32,3 +32,29 @@ func (g *Guest) VCPUOfThread(tid uint32) int {
 	}
 	return -1
 }
+
+// arrived reports whether [gpa, gpa+n) can be read without waiting: post-copy
+// is off, or its pages are mapped (uffd.Resident, which touches nothing).
+// On a post-copy destination whose source is gone, a missing page never
+// comes: code holding a lock asks here first instead of faulting in
+// (the card's status counters, under its mutex).
+func (g *Guest) arrived(gpa, n uint64) bool {
+	if !g.postcopy.Load() {
+		return true
+	}
+	b, ok := g.memAt(gpa, n)
+	if !ok {
+		return true // no such memory: the caller's own lookup says so
+	}
+	in, err := uffd.Resident(b)
+	return err == nil && in
+}
+
+// faultInGPA faults [gpa, gpa+n) in while post-copy is on. Callers call it
+// before taking a lock that status needs, so a wait for a missing page
+// (unbounded while the source is away) holds no one else up.
+func (g *Guest) faultInGPA(gpa, n uint64) {
+	if b, ok := g.memAt(gpa, n); ok {
+		g.faultIn(b)
+	}
+}

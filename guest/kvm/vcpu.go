@@ -584,13 +584,22 @@ func (v *vcpu) exceptionError(vec uint32) error {
 	return errors.New(msg)
 }
 
-// guestBytes returns n bytes of guest memory at gpa if they lie in one region.
+// guestBytes returns n bytes of guest memory at gpa if they lie in one
+// region, faulted in while post-copy is on (faultIn: that may wait for
+// the source as long as a page is missing).
 func (g *Guest) guestBytes(gpa, n uint64) ([]byte, bool) {
+	b, ok := g.memAt(gpa, n)
+	if ok {
+		g.faultIn(b)
+	}
+	return b, ok
+}
+
+// memAt is guestBytes without the fault-in: nothing is touched.
+func (g *Guest) memAt(gpa, n uint64) ([]byte, bool) {
 	for _, r := range g.regions {
 		if gpa >= r.GPA && gpa-r.GPA+n <= uint64(len(r.Mem)) && gpa+n > gpa {
-			b := r.Mem[gpa-r.GPA : gpa-r.GPA+n]
-			g.faultIn(b)
-			return b, true
+			return r.Mem[gpa-r.GPA : gpa-r.GPA+n], true
 		}
 	}
 	return nil, false

@@ -11,6 +11,7 @@ import (
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/block"
 	"github.com/tandemvm/tandem/internal/timing"
+	"github.com/tandemvm/tandem/internal/uffd"
 	"github.com/tandemvm/tandem/internal/vfs"
 )
 
@@ -308,6 +309,21 @@ func (g *Guest) Resume() (time.Duration, error) {
 		return 0, nil
 	}
 	start := time.Now()
+	if g.booted && g.kv != nil && g.mem.postcopy.Load() {
+		// The kv header checked below may be a page a post-copy source
+		// still owes: wait for it outside ctl, which status (Paused)
+		// and Pause take, and with the source gone that wait has no end.
+		hdr := g.mem.mem[:guest.PageSize]
+		g.ctl.Unlock()
+		_ = uffd.Populate(hdr) // an error leaves the check to fault by itself
+		g.ctl.Lock()
+		if g.closed {
+			return 0, guest.ErrClosed
+		}
+		if !g.paused {
+			return 0, nil
+		}
+	}
 	if !g.booted {
 		if g.kv != nil {
 			g.kv.boot()

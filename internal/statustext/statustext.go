@@ -58,6 +58,7 @@ func Write(w io.Writer, raw map[string]any) error {
 		fmt.Fprintf(w, "Catching up the secondary %s: %s, %d of %d pages (%.0f%%), %s sent, for %s\n", r.Secondary, r.Phase,
 			r.PagesDone, r.PagesTotal, r.Percent, bytesIEC(r.BytesSent), time.Duration(r.ElapsedMs)*time.Millisecond)
 	}
+	writePostcopyAlert(w, raw)
 	fmt.Fprintf(w, "\nThis node (%s):\n", orDash(role))
 	writeDetail(w, raw)
 	return nil

@@ -28,3 +28,43 @@ func TestWriteClusterFirst(t *testing.T) {
 		t.Errorf("not cluster first, or zero figures shown:\n%s", out)
 	}
 }
+
+// A post-copy destination whose source is unreachable says so above its
+// detail, with the blocked vCPUs and the two ways on; once abandoned, that
+// the guest is lost.
+func TestWritePostcopyAlert(t *testing.T) {
+	for _, c := range []struct {
+		json string
+		want []string
+	}{
+		{`{"role":"receive","state":"running","migration_id":"0123456789abcdef","postcopy_source":"10.0.0.1:7000",
+			"postcopy_source_unreachable_since":"2026-12-01T05:00:00Z","postcopy_source_unreachable_ms":12000,
+			"postcopy_remaining_pages":1234,"postcopy_waiting_ms":[0,11800]}`,
+			[]string{"POST-COPY SOURCE UNREACHABLE: 10.0.0.1:7000, since 2026-12-01T05:00:00Z (12s): 1234 pages exist only there",
+				"vCPU 1 for 11.8s", "--resume", "--abandon --to <this API> --id 0123456789abcdef"}},
+		{`{"role":"receive","state":"lost","migration_id":"0123456789abcdef","postcopy_source":"10.0.0.1:7000",
+			"postcopy_abandoned_at":"2026-12-01T05:01:00Z","postcopy_remaining_pages":1234}`,
+			[]string{"GUEST LOST: post-copy migration 0123456789abcdef from 10.0.0.1:7000 was abandoned at 2026-12-01T05:01:00Z: 1234 pages never arrived"}},
+	} {
+		raw := map[string]any{}
+		if err := json.Unmarshal([]byte(c.json), &raw); err != nil {
+			t.Fatal(err)
+		}
+		var b bytes.Buffer
+		Write(&b, raw)
+		out := b.String()
+		for _, want := range c.want {
+			if !strings.Contains(out, want) {
+				t.Errorf("no %q in\n%s", want, out)
+			}
+		}
+		if strings.Index(out, "This node") < strings.Index(out, c.want[0]) {
+			t.Errorf("the alert is not above the detail:\n%s", out)
+		}
+	}
+	var b bytes.Buffer
+	Write(&b, map[string]any{"role": "receive", "state": "running", "postcopy_active": true})
+	if strings.Contains(b.String(), "UNREACHABLE") || strings.Contains(b.String(), "LOST") {
+		t.Errorf("an alert without trouble:\n%s", b.String())
+	}
+}

@@ -289,3 +289,29 @@ func Populate(mem []byte) error {
 		return fmt.Errorf("madvise(MADV_POPULATE_WRITE): %w", errno)
 	}
 }
+
+// Resident reports whether every page of mem is mapped now, without
+// faulting any in (mincore(2)). On memory registered here, a page that
+// is not mapped may be one no one will ever copy in (a post-copy
+// destination whose source is gone): a caller that must not wait for it,
+// one holding a lock, asks here first and reads only pages that are in.
+// A page the kernel reclaimed to swap also reads as not resident, which
+// such a caller takes for "not now" too.
+func Resident(mem []byte) (bool, error) {
+	if len(mem) == 0 {
+		return true, nil
+	}
+	start := base(mem) &^ (pageSize - 1)
+	end := (base(mem) + uintptr(len(mem)) + pageSize - 1) &^ (pageSize - 1)
+	vec := make([]byte, (end-start)/pageSize)
+	_, _, errno := unix.Syscall(unix.SYS_MINCORE, start, end-start, uintptr(unsafe.Pointer(unsafe.SliceData(vec))))
+	if errno != 0 {
+		return false, fmt.Errorf("mincore: %w", errno)
+	}
+	for _, v := range vec {
+		if v&1 == 0 {
+			return false, nil
+		}
+	}
+	return true, nil
+}

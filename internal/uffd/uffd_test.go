@@ -261,3 +261,28 @@ func TestPopulateWaitsInSyscall(t *testing.T) {
 		t.Fatalf("served %d faults of %d", served, n)
 	}
 }
+
+// Resident tells a page copied in from one still missing without
+// faulting on it: asking raises no fault, and the answer turns once the
+// page is copied in.
+func TestResidentAsksWithoutFaulting(t *testing.T) {
+	mem := mapPages(t, 4)
+	f := openRegistered(t, mem)
+	defer f.Close()
+	page := mem[2*pageSize : 3*pageSize]
+	if in, err := Resident(page); err != nil || in {
+		t.Fatalf("a missing page: resident %v, err %v", in, err)
+	}
+	if fs, _ := f.ReadFaults(nil, 20*time.Millisecond); len(fs) != 0 {
+		t.Fatalf("asking faulted: %+v", fs)
+	}
+	if err := f.Copy(base(page), bytes.Repeat([]byte{1}, pageSize)); err != nil {
+		t.Fatal(err)
+	}
+	if in, err := Resident(page[100:200]); err != nil || !in {
+		t.Fatalf("a copied-in page: resident %v, err %v", in, err)
+	}
+	if in, _ := Resident(mem[2*pageSize : 4*pageSize]); in {
+		t.Fatal("two pages, one missing: reported resident")
+	}
+}
