@@ -82,7 +82,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	g, cfg, ok := n.reserveForMigration(w)
+	g, cfg, protected, ok := n.reserveForMigration(w, req, pcRounds)
 	if !ok {
 		return
 	}
@@ -102,6 +102,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		// source's commit (see precopy.Committer).
 		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, cmp.Or(req.SourceAPI, n.api.Addr())
 		hello.Postcopy = req.Postcopy
+		hello.HoldOutput = protected
 	}
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
@@ -120,6 +121,12 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		linkOnly := closeLink
 		closeLink = func() { pc.close(); linkOnly() }
 	}
+	if rl, _ := link.(*replica.Link); protected && (pc == nil || rl == nil || !rl.HoldsOutput()) {
+		closeLink()
+		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("%s does not hold the guest's output until the move completes (post-copy refused: %s; or an older build), so a protected guest cannot move there; it stays here, protected",
+			req.To, cmp.Or(pcRefused, "no")))
+		return
+	}
 	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
 	if err != nil {
 		closeLink()
@@ -131,6 +138,15 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		m.Postcopy, m.PostcopyAfterRounds = pc, pcRounds
 	}
 	m.SetPostcopyRefused(pcRefused)
+	var pm *pairMove
+	if protected {
+		if pm, err = n.beginPairMove(migID, req.To, g, cfg); err != nil {
+			closeLink()
+			WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("the guest stays here, protected: %w", err))
+			return
+		}
+		pm.arm(m)
+	}
 	m.Log = n.log
 	// From the final pause on, the guest's address is the destination's
 	// to announce (it does once it resumes); this node's schedule, if one
@@ -139,6 +155,9 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
 	n.mig, n.migDest, n.migCancel, n.pcOut = m, req.To, cancel, pc
+	if pm != nil {
+		n.pairMove = pm
+	}
 	n.mu.Unlock()
 	started = true
 	n.users.Add(1)
@@ -146,6 +165,9 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		defer n.users.Done()
 		defer cancel()
 		n.runMigration(ctx, m, req.To, closeLink)
+		if pm != nil {
+			n.pairMoveFinished(pm, m.Status())
+		}
 	}()
 	reply := map[string]any{"ok": true, "to": req.To}
 	if pcRefused != "" {
@@ -180,14 +202,21 @@ const maxLinkCacheBytes = 1 << 30
 
 // reserveForMigration reserves the running guest for one migration
 // (migBusy), or answers why not: no running guest, a migration already
-// running, or a protected guest.
-func (n *Node) reserveForMigration(w http.ResponseWriter) (guest.Guest, guest.Config, bool) {
+// running, or a protected guest that may not move this way
+// (protectedRefusal). protected: a pair primary's protected guest, moved
+// by migrate_protected.go's rules.
+func (n *Node) reserveForMigration(w http.ResponseWriter, req migrateRequest, pcRounds int) (g guest.Guest, cfg guest.Config, protected, ok bool) {
 	n.lockIdle()
 	// An epoch loop that has a secondary owns the guest's dirty log and
 	// pauses; one without (an activated node not yet re-protected) is idle.
-	protected := n.sec != nil || n.cluster != nil || (n.epochs != nil && n.epochs.Status().Secondary != "")
+	protected = n.sec != nil || n.cluster != nil || (n.epochs != nil && n.epochs.Status().Secondary != "")
+	var why error
+	if protected {
+		pairPrimary := n.sec == nil && n.cluster == nil && n.pair != nil && n.pairMember != nil
+		why = protectedRefusal(pairPrimary, n.cluster != nil, req, pcRounds)
+	}
 	g, cfg, state, busy := n.g, n.cfg, n.state, n.migBusy
-	refuse := g == nil || state != "running" || busy || protected
+	refuse := g == nil || state != "running" || busy || why != nil
 	if !refuse {
 		n.migBusy = true
 	}
@@ -197,14 +226,14 @@ func (n *Node) reserveForMigration(w http.ResponseWriter) (guest.Guest, guest.Co
 		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("no running guest to migrate (state %s)", state))
 	case busy:
 		WriteError(w, http.StatusConflict, api.CodeBusy, errors.New("a migration is already running"))
-	case protected:
+	case why != nil:
 		// The epoch loop owns the guest's dirty log and its pauses; a
 		// migration beside it would take pages the secondary never gets.
-		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
+		WriteError(w, http.StatusConflict, api.CodeRefused, why)
 	default:
-		return g, cfg, true
+		return g, cfg, protected, true
 	}
-	return nil, guest.Config{}, false
+	return nil, guest.Config{}, false, false
 }
 
 // openMigrationLink opens the migration's link to to (a receiver's data

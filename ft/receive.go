@@ -147,6 +147,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		}
 		ln.Close() // no more migrations: the guest runs here now
 		n.pcIn.finish(ctx)
+		n.releaseWhenMoved(ctx, &res)
 		return
 	}
 	// The guest runs here now: the segment must learn that its address
@@ -162,6 +163,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 	// No more migrations: the guest runs here now.
 	ln.Close()
 	n.pcIn.finish(ctx)
+	n.releaseWhenMoved(ctx, &res)
 	// Drain the end of the stream, then close.
 	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
 	var b [512]byte
@@ -180,12 +182,17 @@ func (n *Node) migrationOptions(cfg ReceiverConfig) replica.MigrationOptions {
 	return replica.MigrationOptions{
 		BeforeResume: func(g guest.Guest, h replica.Hello) error {
 			n.Attach(g, h.Config)
+			if h.HoldOutput && n.pcIn.granted(h.MigrationID) {
+				n.holdOutput(g, h)
+			}
 			return nil
 		},
 		OnReady: func(guest.Guest, replica.Hello) {
 			n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
 		},
+		HoldsOutput: true,
 		OnDiscard: func(guest.Guest) {
+			n.dropHold()
 			n.pcIn.abort()
 			n.detach()
 		},

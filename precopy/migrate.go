@@ -158,6 +158,15 @@ type Migration struct {
 	// beforeCommit, if set, runs in switchOver once the destination is
 	// ready, before the commit (the post-copy switch starts serving).
 	beforeCommit func()
+	// ResumeOnFailure, if set, resumes the source's guest when the
+	// migration fails before its commit, instead of a plain Resume (a
+	// protected guest resumes under a new epoch loop). BeforeComplete,
+	// if set, runs once a post-copy's pages all arrived with the right
+	// digest, before the status says completed; its error leaves the
+	// migration unknown (a protected source retires its secondary here:
+	// the destination releases its output only on completed).
+	ResumeOnFailure func()
+	BeforeComplete  func() error
 	// pendingDisk holds disk writes taken by a completion attempt that
 	// was given up after its final sync; the next final send sends them.
 	pendingDisk []guest.DiskWrite
@@ -390,7 +399,10 @@ func (m *Migration) failed(start time.Time, err error) error {
 		// destination's. Report, do not resume.
 		return m.unconfirmed(start, err)
 	}
-	if m.core.G.Paused() {
+	switch {
+	case m.ResumeOnFailure != nil:
+		m.ResumeOnFailure()
+	case m.core.G.Paused():
 		m.core.G.Resume()
 	}
 	m.update(func(s *MigrationStatus) {

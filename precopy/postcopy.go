@@ -93,6 +93,12 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 		m.update(func(s *MigrationStatus) { s.Outcome, s.PostcopyActive = OutcomePostcopyIncomplete, false })
 		return false, fmt.Errorf("%w: post-copy: %w", ErrCommitUnconfirmed, err)
 	}
+	if m.BeforeComplete != nil {
+		if err := m.BeforeComplete(); err != nil {
+			m.update(func(s *MigrationStatus) { s.PostcopyActive = false })
+			return false, m.unconfirmed(start, fmt.Errorf("post-copy: every page arrived, digests equal, but %w", err))
+		}
+	}
 	m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
 	m.update(func(s *MigrationStatus) {
 		// Serve returned nil: the destination's digest, taken as

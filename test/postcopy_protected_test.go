@@ -1,0 +1,210 @@
+package test
+
+import (
+	"context"
+	"io"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tandemvm/tandem/api"
+)
+
+// pcProtectedBandwidth caps the protected moves so that their post-copy
+// lasts a few seconds (the synth kv guest's non-zero pages at this rate).
+const pcProtectedBandwidth = "512Kbit"
+
+// apiStatus is a node's full status (with state_reason), or the error.
+func apiStatus(n *node) (api.Status, error) {
+	return nodeAPI(n.api).Status(context.Background(), false)
+}
+
+// waitAPI polls n's status until ok or timeout, and fails the test then.
+func waitAPI(t *testing.T, n *node, timeout time.Duration, what string, ok func(api.Status) bool) api.Status {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := apiStatus(n)
+		if err == nil && ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not %s within %v: state %q (%s), err %v", n.name, what, timeout, st.State, st.StateReason, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// protectedMove starts a pair (primary P protected by secondary S) of a
+// small synth kv guest, writes to P until 20 writes are acknowledged,
+// then starts `tandem migrate --postcopy --postcopy-after-rounds 0` of P
+// to a receiver D with a low bandwidth cap. It returns once D runs the
+// guest with pages missing, with a client on D whose one write was sent
+// there (its reply, if any, arrives on held).
+type protectedMove struct {
+	pri, sec, dst *node
+	log           *ackLog
+	wait          func(time.Duration) (cliResult, error)
+	held          *console
+	heldReply     chan string // the reply to held's write ("" : none within its deadline)
+}
+
+func startProtectedMove(t *testing.T, heldWait time.Duration) *protectedMove {
+	pri, sec, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"})
+	dst := startReceiver(t)
+	pm := &protectedMove{pri: pri, sec: sec, dst: dst, log: newAckLog()}
+	c, err := dialConsoleErr(pri, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.c.Close() })
+	stop := make(chan struct{})
+	writerDone := make(chan error, 1)
+	go func() { writerDone <- kvWriter(c, pm.log, stop, 2*time.Second, rand.New(rand.NewPCG(16, 3))) }()
+	waitAcksLog(t, pm.log, 20, 20*time.Second)
+	pm.wait = startCLI("migrate", "--from", pri.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "0",
+		"--max-bandwidth", pcProtectedBandwidth, "--compression", "none", "--json")
+	waitAPI(t, dst, 30*time.Second, "running with pages missing", func(s api.Status) bool {
+		return s.State == "running" && s.PostcopyActive && s.PostcopyRemainingPages > 0
+	})
+	// The writer on P stops once P paused for its final epoch: it never
+	// gets a reply after that.
+	close(stop)
+	select {
+	case <-writerDone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the writer on the source is still running")
+	}
+	held, err := dialConsoleErr(dst, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { held.c.Close() })
+	pm.held, pm.heldReply = held, make(chan string, 1)
+	go func() {
+		held.seq++
+		r, _ := held.requestSeq(held.seq, "SET held-write x", heldWait)
+		pm.heldReply <- r
+	}()
+	return pm
+}
+
+// noReplyYet fails the test if the destination's client got a reply
+// (within a short wait): D must hold all output during post-copy.
+func (pm *protectedMove) noReplyYet(t *testing.T) {
+	t.Helper()
+	select {
+	case r := <-pm.heldReply:
+		t.Fatalf("the destination released output during post-copy of a protected guest: reply %q", r)
+	case <-time.After(500 * time.Millisecond):
+	}
+	st, _ := apiStatus(pm.dst)
+	if !st.PostcopyActive || !strings.Contains(st.StateReason, "output held") {
+		t.Errorf("destination during post-copy: active %v, state_reason %q: want it to say the output is held", st.PostcopyActive, st.StateReason)
+	}
+	ss, _ := apiStatus(pm.sec)
+	if !strings.Contains(ss.StateReason, "moving the guest") {
+		t.Errorf("secondary during the move: state_reason %q: want it to say the primary moves the guest", ss.StateReason)
+	}
+	// The primary is alive (its move notice heard): activation refused.
+	if r := runCLI(t, 20*time.Second, "activate", "--api", pm.sec.api); r.code == 0 {
+		t.Fatalf("the secondary activated while its primary was moving the guest: %s", r.stdout)
+	}
+}
+
+// A protected guest moved by post-copy; the source is killed (SIGKILL)
+// while pages are still missing on the destination. The secondary is
+// activated and falls back to the final epoch: every write the source
+// acknowledged is there, and its status says it fell back; the
+// destination released nothing at all and says so. The other case lets
+// the move complete: the destination releases what it held and serves,
+// the secondary is retired and refuses activation, even forced.
+func TestMigratePostcopyProtected(t *testing.T) {
+	t.Parallel()
+	t.Run("source-killed", func(t *testing.T) {
+		t.Parallel()
+		pm := startProtectedMove(t, 30*time.Second)
+		pm.noReplyYet(t)
+		pm.pri.kill()
+		r, err := pm.wait(time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.code == 0 {
+			t.Errorf("migrate exited 0 after its source was killed\n%s", r.stdout)
+		}
+		ar := runCLI(t, 30*time.Second, "activate", "--api", pm.sec.api)
+		if ar.code != 0 {
+			t.Fatalf("activate after the source's death: exit %d\n%s%s", ar.code, ar.stdout, ar.stderr)
+		}
+		ss := waitAPI(t, pm.sec, 10*time.Second, "running", func(s api.Status) bool { return s.State == "running" })
+		if !strings.Contains(ss.StateReason, "fell back") || !strings.Contains(ss.StateReason, "discarded") {
+			t.Errorf("secondary after activation: state_reason %q: want it to say it fell back and the destination's guest is discarded", ss.StateReason)
+		}
+		checkAcked(t, pm.sec, pm.log)
+		// The destination released nothing: its client got no reply,
+		// and reads nothing more.
+		ds := waitAPI(t, pm.dst, 10*time.Second, "saying its source is unreachable", func(s api.Status) bool {
+			return strings.Contains(s.StateReason, "unreachable")
+		})
+		select {
+		case r := <-pm.heldReply:
+			if r != "" {
+				t.Errorf("the destination released a reply after its protected source died: %q", r)
+			}
+		case <-time.After(2 * time.Second):
+		}
+		pm.held.c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if b, _ := io.ReadAll(pm.held.r); len(b) > 0 {
+			t.Errorf("the destination released %q", b)
+		}
+		pm.log.mu.Lock()
+		t.Logf("%d writes acknowledged by the source, all on the activated secondary; secondary: %s; destination: %s",
+			len(pm.log.acked), ss.StateReason, ds.StateReason)
+		pm.log.mu.Unlock()
+	})
+	t.Run("completed", func(t *testing.T) {
+		t.Parallel()
+		pm := startProtectedMove(t, 2*time.Minute)
+		pm.noReplyYet(t)
+		r, err := pm.wait(2 * time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		doneAt := time.Now()
+		if r.code != 0 {
+			t.Fatalf("migrate: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+		}
+		select {
+		case r := <-pm.heldReply:
+			if r != "OK" {
+				t.Errorf("the held write's reply: %q, want OK once the move completed", r)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the destination never released the held reply after the move completed")
+		}
+		t.Logf("held reply released %v after the command returned", time.Since(doneAt).Round(time.Millisecond))
+		checkAcked(t, pm.dst, pm.log)
+		// Retired: activation refused, even forced.
+		for _, force := range [][]string{nil, {"--force"}} {
+			ar := runCLI(t, 20*time.Second, append([]string{"activate", "--api", pm.sec.api}, force...)...)
+			if ar.code == 0 || !strings.Contains(ar.stderr+ar.stdout, "moved") {
+				t.Errorf("activate %v of the retired secondary: exit %d: %s%s", force, ar.code, ar.stdout, ar.stderr)
+			}
+		}
+		ss, _ := apiStatus(pm.sec)
+		ps, _ := apiStatus(pm.pri)
+		if ss.Role != "secondary" || !strings.Contains(ss.StateReason, "retired") {
+			t.Errorf("secondary after the move: role %q, state_reason %q: want a retired secondary", ss.Role, ss.StateReason)
+		}
+		if ps.State != "postmigrate" || ps.Epochs != nil {
+			t.Errorf("source after the move: state %q, epoch loop %v: want postmigrate, no loop", ps.State, ps.Epochs != nil)
+		}
+		c := dialConsole(t, pm.dst, "after")
+		if got := c.do("SET after-move y"); got != "OK" {
+			t.Errorf("destination SET after the move: %q", got)
+		}
+		t.Logf("secondary: %s; source: %s", ss.StateReason, ps.StateReason)
+	})
+}
