@@ -50,7 +50,7 @@ type protectedMove struct {
 	heldReply     chan string // the reply to held's write ("" : none within its deadline)
 }
 
-func startProtectedMove(t *testing.T, heldWait time.Duration) *protectedMove {
+func startProtectedMove(t *testing.T, heldWait time.Duration, refusals bool) *protectedMove {
 	pri, sec, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"})
 	dst := startReceiver(t)
 	pm := &protectedMove{pri: pri, sec: sec, dst: dst, log: newAckLog()}
@@ -63,6 +63,10 @@ func startProtectedMove(t *testing.T, heldWait time.Duration) *protectedMove {
 	writerDone := make(chan error, 1)
 	go func() { writerDone <- kvWriter(c, pm.log, stop, 2*time.Second, rand.New(rand.NewPCG(16, 3))) }()
 	waitAcksLog(t, pm.log, 20, 20*time.Second)
+	if refusals {
+		checkProtectedRefusals(t, pri)
+		waitAcksLog(t, pm.log, 40, 20*time.Second) // still served after the refusals
+	}
 	pm.wait = startCLI("migrate", "--from", pri.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "0",
 		"--max-bandwidth", pcProtectedBandwidth, "--compression", "none", "--json")
 	waitAPI(t, dst, 30*time.Second, "running with pages missing", func(s api.Status) bool {
@@ -88,6 +92,32 @@ func startProtectedMove(t *testing.T, heldWait time.Duration) *protectedMove {
 		pm.heldReply <- r
 	}()
 	return pm
+}
+
+// checkProtectedRefusals: a protected guest is not migrated without
+// --postcopy, with precopy rounds, or to a destination that does not
+// hold its output (post-copy refused there); each refusal is one line,
+// and the primary stays protected.
+func checkProtectedRefusals(t *testing.T, pri *node) {
+	t.Helper()
+	noHold := startReceiver(t, "--postcopy=false")
+	for _, c := range []struct {
+		to   string
+		args []string
+		want string
+	}{
+		{noHold.data, nil, "--postcopy --postcopy-after-rounds 0"},
+		{noHold.data, []string{"--postcopy"}, "--postcopy-after-rounds must be 0, not 1"},
+		{noHold.data, []string{"--postcopy", "--postcopy-after-rounds", "0"}, "does not hold the guest's output"},
+	} {
+		r := runCLI(t, 30*time.Second, append([]string{"migrate", "--from", pri.api, "--to", c.to}, c.args...)...)
+		if r.code == 0 || !strings.Contains(r.stderr, c.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") > 0 {
+			t.Errorf("migrate %v of a protected guest: exit %d, stderr %q: want one line saying %q", c.args, r.code, r.stderr, c.want)
+		}
+	}
+	if st := mustFT(t, pri, false); st.Protection != "protected" || st.State != "running" {
+		t.Errorf("after the refused migrations: state %q, protection %q", st.State, st.Protection)
+	}
 }
 
 // noReplyYet fails the test if the destination's client got a reply
@@ -124,7 +154,7 @@ func TestMigratePostcopyProtected(t *testing.T) {
 	t.Parallel()
 	t.Run("source-killed", func(t *testing.T) {
 		t.Parallel()
-		pm := startProtectedMove(t, 30*time.Second)
+		pm := startProtectedMove(t, 30*time.Second, false)
 		pm.noReplyYet(t)
 		pm.pri.kill()
 		r, err := pm.wait(time.Minute)
@@ -166,7 +196,7 @@ func TestMigratePostcopyProtected(t *testing.T) {
 	})
 	t.Run("completed", func(t *testing.T) {
 		t.Parallel()
-		pm := startProtectedMove(t, 2*time.Minute)
+		pm := startProtectedMove(t, 2*time.Minute, true)
 		pm.noReplyYet(t)
 		r, err := pm.wait(2 * time.Minute)
 		if err != nil {
