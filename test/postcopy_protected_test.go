@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/test/linkproxy"
 )
 
 // pcProtectedBandwidth caps the protected moves so that their post-copy
@@ -237,4 +238,53 @@ func TestMigratePostcopyProtected(t *testing.T) {
 		}
 		t.Logf("secondary: %s; source: %s", ss.StateReason, ps.StateReason)
 	})
+}
+
+// A protected guest's move fails before its commit (the destination's
+// ready is cut on the way): the guest resumes on the primary under a new
+// epoch loop, which joins the secondary again; the secondary forgets the
+// move; the destination drops its copy. Writes acknowledged after the
+// rollback are protected again: with the primary killed, the activated
+// secondary has every acknowledged write, before and after.
+func TestMigratePostcopyProtectedAborted(t *testing.T) {
+	t.Parallel()
+	pri, sec, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"})
+	dst := startReceiver(t)
+	proxy := startProxy(t, dst.data, 0)
+	proxy.CutOn(linkproxy.Down, []byte(`"ready":true`))
+	log := newAckLog()
+	c, err := dialConsoleErr(pri, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.c.Close()
+	stop := make(chan struct{})
+	writerDone := make(chan error, 1)
+	go func() { writerDone <- kvWriter(c, log, stop, 10*time.Second, rand.New(rand.NewPCG(16, 4))) }()
+	waitAcksLog(t, log, 20, 20*time.Second)
+	r := runCLI(t, time.Minute, "migrate", "--from", pri.api, "--to", proxy.Addr(), "--postcopy", "--postcopy-after-rounds", "0", "--json")
+	if r.code == 0 || !strings.Contains(r.stdout+r.stderr, "aborted") {
+		t.Fatalf("migrate with the ready cut: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	st := waitFT(t, pri, 20*time.Second, "protected again", func(s ftStatus) bool { return s.Protection == "protected" && s.State == "running" })
+	log.mu.Lock()
+	before := len(log.acked)
+	log.mu.Unlock()
+	waitAcksLog(t, log, before+20, 20*time.Second) // served and acknowledged again
+	ss, _ := apiStatus(sec)
+	if strings.Contains(ss.StateReason, "mov") || strings.Contains(ss.StateReason, "retired") {
+		t.Errorf("secondary after the aborted move: state_reason %q: want the move forgotten", ss.StateReason)
+	}
+	waitAPI(t, dst, 15*time.Second, "waiting again", func(s api.Status) bool { return s.State == "waiting" })
+	if !strings.Contains(sec.log(), "move aborted") || !strings.Contains(pri.log(), "moving a protected guest") {
+		t.Errorf("the primary did not move from a final epoch, or the secondary did not hear the abort:\n%s\n%s", pri.log(), sec.log())
+	}
+	pri.kill()
+	close(stop)
+	<-writerDone
+	activate(t, sec)
+	checkAcked(t, sec, log)
+	log.mu.Lock()
+	t.Logf("protected again at epoch %d after the aborted move; %d writes acknowledged (%d before the rollback's check), all on the activated secondary", st.LastCommittedEpoch, len(log.acked), before)
+	log.mu.Unlock()
 }
