@@ -82,10 +82,16 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 	}
 	s.mu.Lock()
 	activated, cur, busy := s.activated, s.current, s.moveConn != nil
+	var retired error
+	if s.move != nil && s.move.Done {
+		retired = movedError(s.move)
+	}
 	s.mu.Unlock()
 	switch {
 	case activated:
 		return refuse(true, "this secondary has been activated and runs the guest itself")
+	case retired != nil:
+		return refuse(false, "%v", retired)
 	case h.MigrationID == "" || h.Destination == "":
 		return refuse(false, "a move notice needs a migration id and a destination")
 	case busy:
