@@ -39,7 +39,7 @@ func protectedRefusal(pairPrimary, clustered bool, req migrateRequest, pcRounds 
 	case clustered:
 		return errors.New("this guest is protected in a raft or etcd cluster: moving it to a third host is a membership change, which is not built; use switchover")
 	case !pairPrimary:
-		return errors.New("this node is not the guest's primary (a secondary): migrate the primary")
+		return errors.New("this node is a protected guest's secondary, not its primary: migrate the primary")
 	case !req.Postcopy:
 		return errors.New("this guest is protected by a secondary: migrate it with --postcopy --postcopy-after-rounds 0 (the destination holds its output until the move completes, so the secondary stays a safe fallback)")
 	case pcRounds != 0:
