@@ -51,8 +51,8 @@ type protectedMove struct {
 	heldReply     chan string // the reply to held's write ("" : none within its deadline)
 }
 
-func startProtectedMove(t *testing.T, heldWait time.Duration, refusals bool) *protectedMove {
-	pri, sec, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"})
+func startProtectedMove(t *testing.T, kind string, heldWait time.Duration, refusals bool) *protectedMove {
+	pri, sec, _ := startPair(t, kind, primaryOpts{memory: "64MiB"})
 	dst := startReceiver(t)
 	pm := &protectedMove{pri: pri, sec: sec, dst: dst, log: newAckLog()}
 	c, err := dialConsoleErr(pri, "p")
@@ -151,11 +151,22 @@ func (pm *protectedMove) noReplyYet(t *testing.T) {
 // destination released nothing at all and says so. The other case lets
 // the move complete: the destination releases what it held and serves,
 // the secondary is retired and refuses activation, even forced.
+//
+// synth always; kvm only with TANDEM_LONG=1 (make test's budget).
 func TestMigratePostcopyProtected(t *testing.T) {
 	t.Parallel()
+	forEachKind(t, func(t *testing.T, kind string) {
+		if kind == "kvm" && !longRun {
+			t.Skip("kvm: TANDEM_LONG=1 only")
+		}
+		testProtectedMove(t, kind)
+	})
+}
+
+func testProtectedMove(t *testing.T, kind string) {
 	t.Run("source-killed", func(t *testing.T) {
 		t.Parallel()
-		pm := startProtectedMove(t, 30*time.Second, false)
+		pm := startProtectedMove(t, kind, 30*time.Second, false)
 		pm.noReplyYet(t)
 		pm.pri.kill()
 		r, err := pm.wait(time.Minute)
@@ -197,7 +208,7 @@ func TestMigratePostcopyProtected(t *testing.T) {
 	})
 	t.Run("completed", func(t *testing.T) {
 		t.Parallel()
-		pm := startProtectedMove(t, 2*time.Minute, true)
+		pm := startProtectedMove(t, kind, 2*time.Minute, kind == "synth")
 		pm.noReplyYet(t)
 		r, err := pm.wait(2 * time.Minute)
 		if err != nil {
