@@ -240,8 +240,8 @@ func testProtectedMove(t *testing.T, kind string) {
 		if ss.Role != "secondary" || !strings.Contains(ss.StateReason, "retired") {
 			t.Errorf("secondary after the move: role %q, state_reason %q: want a retired secondary", ss.Role, ss.StateReason)
 		}
-		if ps.State != "postmigrate" || ps.Epochs != nil {
-			t.Errorf("source after the move: state %q, epoch loop %v: want postmigrate, no loop", ps.State, ps.Epochs != nil)
+		if ps.State != "postmigrate" || ps.Epochs != nil || !ps.Paused {
+			t.Errorf("source after the move: state %q, epoch loop %v, paused %v: want postmigrate, no loop, paused", ps.State, ps.Epochs != nil, ps.Paused)
 		}
 		c := dialConsole(t, pm.dst, "after")
 		if got := c.do("SET after-move y"); got != "OK" {
@@ -298,4 +298,33 @@ func TestMigratePostcopyProtectedAborted(t *testing.T) {
 	log.mu.Lock()
 	t.Logf("protected again at epoch %d after the aborted move; %d writes acknowledged (%d before the rollback's check), all on the activated secondary", st.LastCommittedEpoch, len(log.acked), before)
 	log.mu.Unlock()
+}
+
+// The protected move over mutual TLS: the move notice passes the
+// secondary's --primary-name check like the epoch stream, and the
+// destination asks the source's API, whose certificate must name the
+// node that sent the migration, before it releases. The move completes,
+// the held reply comes, the secondary is retired.
+func TestTLSPostcopyProtected(t *testing.T) {
+	t.Parallel()
+	pki := newPKI(t, "a", "b", "dst", operator)
+	pri, sec, _ := startPair(t, "synth", primaryOpts{memory: "64MiB", pki: pki})
+	dst := startReceiverTLS(t, pki, "dst")
+	c := dialConsole(t, pri, "p")
+	if r := c.do("SET before-move yes"); r != "OK" {
+		t.Fatal(r)
+	}
+	r, st := migrate(t, pri, dst.data, append([]string{"--postcopy", "--postcopy-after-rounds", "0"}, pki.nodeArgs(operator)...)...)
+	if r.code != 0 || st.Status != "completed" || st.SwitchoverDigest != st.DestinationDigest {
+		t.Fatalf("migrate over TLS: exit %d, status %q, digests %q vs %q\n%s", r.code, st.Status, st.SwitchoverDigest, st.DestinationDigest, r.stderr)
+	}
+	waitAPI(t, dst, 10*time.Second, "released", func(s api.Status) bool { return s.State == "running" && s.StateReason == "" })
+	d := dialConsole(t, dst, "d")
+	if r := d.do("GET before-move"); r != "OK yes" {
+		t.Errorf("GET on the destination: %q", r)
+	}
+	ar := runCLI(t, 20*time.Second, append([]string{"activate", "--api", sec.api, "--force"}, pki.nodeArgs(operator)...)...)
+	if ar.code == 0 || !strings.Contains(ar.stderr, "moved") {
+		t.Errorf("activate --force of the retired secondary over TLS: exit %d: %s%s", ar.code, ar.stdout, ar.stderr)
+	}
 }
