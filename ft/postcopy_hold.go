@@ -2,8 +2,11 @@ package ft
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/api"
@@ -24,22 +27,29 @@ type outputHold struct {
 	gate *failover.OutputGate
 	id   string // the migration
 
+	// discarded (set once, never cleared) stops every release: the
+	// operator dropped this copy (its source's secondary took over).
+	discarded atomic.Bool
+
 	mu       sync.Mutex
-	why      string // status' state_reason while held
+	why      string      // status' state_reason while held
+	src      *api.Client // the source's API, once releaseWhenMoved asks it
 	released bool
 }
 
 // holdOutput routes g's output into a holding gate, for migration h
 // (BeforeResume: the guest has not run here yet).
 func (n *Node) holdOutput(g guest.Guest, h replica.Hello) {
-	gate := failover.NewOutputGate(1, n.console.release, nil) // holds until Hold(false)
+	hold := &outputHold{id: h.MigrationID,
+		why: "output held: the source is protected by a secondary, so nothing this guest says leaves until every page has arrived and the source reports migration " + h.MigrationID + " completed"}
+	// Holds until Hold(false); nothing at all once discarded.
+	gate := failover.NewOutputGate(1, n.console.release, func() bool { return !hold.discarded.Load() })
+	hold.gate = gate
 	gate.SetFrameSink(n.net.send)
 	g.Console().SetOutput(gate.Write)
 	if nic := guest.NICOf(g); nic != nil {
 		nic.SetTransmit(gate.WriteFrame)
 	}
-	hold := &outputHold{gate: gate, id: h.MigrationID,
-		why: "output held: the source is protected by a secondary, so nothing this guest says leaves until every page has arrived and the source reports migration " + h.MigrationID + " completed"}
 	n.mu.Lock()
 	n.hold = hold
 	n.mu.Unlock()
@@ -102,9 +112,15 @@ func (n *Node) releaseWhenMoved(ctx context.Context, res *replica.MigrationResul
 		return
 	}
 	src := n.sourceClient(res)
+	hold.mu.Lock()
+	hold.src = src
+	hold.mu.Unlock()
 	tick := time.NewTicker(moveCheck)
 	defer tick.Stop()
 	for {
+		if hold.discarded.Load() || hold.reason() == "" {
+			return // discarded, or released by hand
+		}
 		done, why := n.moveVerdict(ctx, src, hold.id)
 		if done {
 			hold.release()
@@ -143,4 +159,48 @@ func (n *Node) moveVerdict(ctx context.Context, src *api.Client, id string) (boo
 		return true, ""
 	}
 	return false, held + "the source says status " + st.Status + " (" + st.Outcome + "), not completed"
+}
+
+// resolveHold is POST /migrate/commit (release) or /migrate/abort
+// (discard) on a destination holding a protected source's guest's output
+// by hand, for when the source cannot say completed: it died (its
+// secondary took over: abort) or its secondary cannot be told (it is
+// known stopped: commit). Both need {"force": true} unless the source
+// reports completed, after which an abort is refused (this is the only
+// copy: the secondary retired). It answers and returns true if a hold
+// is in force; false leaves the request to the caller.
+func (n *Node) resolveHold(w http.ResponseWriter, r *http.Request, commit, force bool) bool {
+	n.mu.Lock()
+	hold := n.hold
+	n.mu.Unlock()
+	if hold == nil || hold.discarded.Load() || hold.reason() == "" {
+		return false
+	}
+	hold.mu.Lock()
+	src := hold.src
+	hold.mu.Unlock()
+	done, why := n.moveVerdict(r.Context(), src, hold.id)
+	switch {
+	case done && !commit:
+		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("refusing to discard: the source reports the move completed and its secondary retired, so this is the only copy"))
+		return true
+	case !done && !force:
+		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("the source has not reported the move completed: %s; repeat with {\"force\": true} only once its secondary is known to be stopped (to release here) or activated (to discard here)", why))
+		return true
+	case commit:
+		if !done {
+			n.log.Error("FORCED release of a protected guest's held output without the source's word", "migration", hold.id, "detail", why)
+		}
+		hold.release()
+		WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "released": true})
+		return true
+	}
+	hold.discarded.Store(true)
+	hold.gate.Discard()
+	n.console.dropAll()
+	reason := "discarded by the operator: the source's secondary took the guest over (or it was given up); this half guest released no output and never will; stop this process to free it"
+	n.setStateWhy("discarded", reason)
+	n.log.Error("DISCARDED: the held half guest of migration "+hold.id+" never releases anything", "detail", why)
+	WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "discarded": true})
+	return true
 }

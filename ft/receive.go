@@ -363,6 +363,9 @@ func (n *Node) handleMigrateResolve(commit bool) http.HandlerFunc {
 		n.mu.Lock()
 		p := n.pending
 		n.mu.Unlock()
+		if p == nil && n.resolveHold(w, r, commit, force) {
+			return
+		}
 		if p == nil {
 			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration awaits a commit here"))
 			return

@@ -197,6 +197,21 @@ func testProtectedMove(t *testing.T, kind string) {
 			}
 		case <-time.After(2 * time.Second):
 		}
+		// The operator discards the half guest: refused without force
+		// (the source cannot be asked), then it never releases.
+		if err := postJSON(pm.dst.api, "/migrate/abort", nil); err == nil || !strings.Contains(err.Error(), "force") {
+			t.Errorf("discard without force while the source is unreachable: %v, want refused", err)
+		}
+		if err := postJSON(pm.dst.api, "/migrate/abort", map[string]bool{"force": true}); err != nil {
+			t.Errorf("forced discard: %v", err)
+		}
+		dd, _ := apiStatus(pm.dst)
+		if dd.State != "discarded" || !strings.Contains(dd.StateReason, "released no output") {
+			t.Errorf("destination after the discard: state %q, state_reason %q", dd.State, dd.StateReason)
+		}
+		if err := postJSON(pm.dst.api, "/migrate/commit", map[string]bool{"force": true}); err == nil {
+			t.Error("a discarded destination accepted a release")
+		}
 		pm.held.c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 		if b, _ := io.ReadAll(pm.held.r); len(b) > 0 {
 			t.Errorf("the destination released %q", b)
@@ -205,6 +220,46 @@ func testProtectedMove(t *testing.T, kind string) {
 		t.Logf("%d writes acknowledged by the source, all on the activated secondary; secondary: %s; destination: %s",
 			len(pm.log.acked), ss.StateReason, ds.StateReason)
 		pm.log.mu.Unlock()
+	})
+	t.Run("secondary-killed", func(t *testing.T) {
+		// The secondary dies during the move: it cannot be retired, so
+		// the source reports unknown and the destination keeps holding,
+		// until the operator, who knows the secondary is gone, forces
+		// the release there.
+		t.Parallel()
+		pm := startProtectedMove(t, kind, 2*time.Minute, false)
+		pm.noReplyYet(t)
+		pm.sec.kill()
+		r, err := pm.wait(2 * time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.code == 0 || !strings.Contains(r.stdout+r.stderr, "not retired") {
+			t.Errorf("migrate with the secondary killed: exit %d, want a failure saying the secondary was not retired\n%s%s", r.code, r.stdout, r.stderr)
+		}
+		waitAPI(t, pm.dst, 10*time.Second, "holding with every page", func(s api.Status) bool {
+			return !s.PostcopyActive && strings.Contains(s.StateReason, "output held")
+		})
+		select {
+		case r := <-pm.heldReply:
+			t.Fatalf("the destination released %q before the secondary was retired or the operator said so", r)
+		case <-time.After(time.Second):
+		}
+		if err := postJSON(pm.dst.api, "/migrate/commit", nil); err == nil || !strings.Contains(err.Error(), "force") {
+			t.Errorf("release without force: %v, want refused", err)
+		}
+		if err := postJSON(pm.dst.api, "/migrate/commit", map[string]bool{"force": true}); err != nil {
+			t.Fatalf("forced release: %v", err)
+		}
+		select {
+		case r := <-pm.heldReply:
+			if r != "OK" {
+				t.Errorf("held reply after the forced release: %q", r)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("no reply after the forced release")
+		}
+		checkAcked(t, pm.dst, pm.log)
 	})
 	t.Run("completed", func(t *testing.T) {
 		t.Parallel()
