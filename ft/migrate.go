@@ -121,12 +121,6 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		linkOnly := closeLink
 		closeLink = func() { pc.close(); linkOnly() }
 	}
-	if rl, _ := link.(*replica.Link); protected && (pc == nil || rl == nil || !rl.HoldsOutput()) {
-		closeLink()
-		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("%s does not hold the guest's output until the move completes (post-copy refused: %s; or an older build), so a protected guest cannot move there; it stays here, protected",
-			req.To, cmp.Or(pcRefused, "no")))
-		return
-	}
 	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
 	if err != nil {
 		closeLink()
@@ -138,42 +132,45 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		m.Postcopy, m.PostcopyAfterRounds = pc, pcRounds
 	}
 	m.SetPostcopyRefused(pcRefused)
-	var pm *pairMove
-	if protected {
-		if pm, err = n.beginPairMove(migID, req.To, g, cfg); err != nil {
-			closeLink()
-			WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("the guest stays here, protected: %w", err))
-			return
-		}
-		pm.arm(m)
+	pm, ok := n.startPairMove(w, protected, req.To, migID, pcRefused, link, pc != nil, g, cfg, m)
+	if !ok {
+		closeLink()
+		return
 	}
 	m.Log = n.log
 	// From the final pause on, the guest's address is the destination's
 	// to announce (it does once it resumes); this node's schedule, if one
 	// still runs, ends here rather than after the commit.
 	m.OnFinalPause = n.net.stopAnnouncing
-	ctx, cancel := context.WithCancel(context.Background())
-	n.mu.Lock()
-	n.mig, n.migDest, n.migCancel, n.pcOut = m, req.To, cancel, pc
-	if pm != nil {
-		n.pairMove = pm
-	}
-	n.mu.Unlock()
 	started = true
-	n.users.Add(1)
-	go func() { // owned by the node: migCancel stops it, Close joins it (users)
-		defer n.users.Done()
-		defer cancel()
-		n.runMigration(ctx, m, req.To, closeLink)
-		if pm != nil {
-			n.pairMoveFinished(pm, m.Status())
-		}
-	}()
+	n.launchMigration(m, req.To, closeLink, pc, pm)
 	reply := map[string]any{"ok": true, "to": req.To}
 	if pcRefused != "" {
 		reply["postcopy_refused"] = pcRefused
 	}
 	WriteJSON(w, http.StatusAccepted, reply)
+}
+
+// launchMigration runs m (to to) on a goroutine of the node's, recording
+// it as the node's migration with its post-copy mover pc and its pair
+// move pm (either nil: none); closeLink ends its connections.
+func (n *Node) launchMigration(m *precopy.Migration, to string, closeLink func(), pc *pcSource, pm *pairMove) {
+	ctx, cancel := context.WithCancel(context.Background())
+	n.mu.Lock()
+	n.mig, n.migDest, n.migCancel, n.pcOut = m, to, cancel, pc
+	if pm != nil {
+		n.pairMove = pm
+	}
+	n.mu.Unlock()
+	n.users.Add(1)
+	go func() { // owned by the node: migCancel stops it, Close joins it (users)
+		defer n.users.Done()
+		defer cancel()
+		n.runMigration(ctx, m, to, closeLink)
+		if pm != nil {
+			n.pairMoveFinished(pm, m.Status())
+		}
+	}()
 }
 
 // migrationCache is the size of the stream's XOR delta cache. On a

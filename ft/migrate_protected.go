@@ -1,11 +1,14 @@
 package ft
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -46,6 +49,29 @@ func protectedRefusal(pairPrimary, clustered bool, req migrateRequest, pcRounds 
 		return fmt.Errorf("this guest is protected by a secondary: --postcopy-after-rounds must be 0, not %d (its epoch loop owns the dirty log, so no precopy rounds run beside it)", pcRounds)
 	}
 	return nil
+}
+
+// startPairMove, for a protected guest, checks that the destination
+// holds the guest's output (link, granted post-copy: pcGranted), then
+// begins the move and arms m; it answers a refusal and returns ok false
+// (the caller closes the link). An unprotected guest: nil, ok.
+func (n *Node) startPairMove(w http.ResponseWriter, protected bool, to, id, pcRefused string, link precopy.Link, pcGranted bool,
+	g guest.Guest, cfg guest.Config, m *precopy.Migration) (*pairMove, bool) {
+	if !protected {
+		return nil, true
+	}
+	if rl, _ := link.(*replica.Link); !pcGranted || rl == nil || !rl.HoldsOutput() {
+		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("%s does not hold the guest's output until the move completes (post-copy refused: %s; or an older build), so a protected guest cannot move there; it stays here, protected",
+			to, cmp.Or(pcRefused, "no")))
+		return nil, false
+	}
+	pm, err := n.beginPairMove(id, to, g, cfg)
+	if err != nil {
+		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("the guest stays here, protected: %w", err))
+		return nil, false
+	}
+	pm.arm(m)
+	return pm, true
 }
 
 // beginPairMove pauses the guest in a final epoch the secondary
