@@ -49,10 +49,12 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)
 	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {
-		if errors.Is(err, ErrFlushAborted) {
+		if errors.Is(err, ErrFlushAborted) && m.ResumeOnFailure == nil {
 			m.completionAborted(ctrl, cp, err)
 			return false, nil
 		}
+		// A guest with its own way back (a protected one) does not run
+		// rounds here meanwhile: the switch fails and it resumes that way.
 		return false, m.failed(start, err)
 	}
 	missing := NewBitmap(m.core.Dirty.Len())
