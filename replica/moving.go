@@ -55,7 +55,7 @@ func (s *Secondary) Move() (Move, bool) {
 
 // movedError says why a retired secondary does not activate.
 func movedError(mv *Move) error {
-	return fmt.Errorf("%w: refusing to activate: the guest moved to %s by migration %s after epoch %d, which this secondary holds; it is stale there (restart this node as a secondary of the destination, or point the destination at it with tandem protect)",
+	return fmt.Errorf("%w: refusing to activate: the guest moved to %s by migration %s after epoch %d, which this secondary holds, stale now (restart this node to make it a secondary again)",
 		ErrMoved, mv.Destination, mv.MigrationID, mv.Epoch)
 }
 

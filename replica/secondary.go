@@ -255,7 +255,7 @@ func (s *Secondary) keep(im *Image, c Committed, e checkpoint.EpochEnd, hello He
 		s.current, s.currentH, s.syncing = im, hello, nil
 		if s.move != nil && s.moveConn == nil {
 			// A primary's image replaces the one a move left behind
-			// (the destination protected by this node now).
+			// (a primary protected by this node now).
 			s.move = nil
 		}
 		s.mu.Unlock()
