@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/failover"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -23,6 +24,7 @@ import (
 // pairMove is a pair primary's move of its protected guest.
 type pairMove struct {
 	member  *Member
+	loop    *failover.EpochLoop // the loop that shipped the final epoch
 	secAddr string
 	id, to  string
 	// epoch is the final epoch, which the secondary holds and the
@@ -95,7 +97,7 @@ func (n *Node) beginPairMove(id, to string, g guest.Guest, cfg guest.Config) (*p
 	if err := loop.FinalEpoch(ctx); err != nil {
 		return nil, fmt.Errorf("final epoch to the secondary: %w", err)
 	}
-	pm := &pairMove{member: member, secAddr: secAddr, id: id, to: to, epoch: loop.Status().LastCommittedEpoch}
+	pm := &pairMove{member: member, loop: loop, secAddr: secAddr, id: id, to: to, epoch: loop.Status().LastCommittedEpoch}
 	hello := replica.Hello{Kind: g.Kind(), Config: cfg, MigrationID: id, Destination: to, FinalEpoch: pm.epoch}
 	notice, err := replica.OpenMoveNotice(ctx, secAddr, hello, replica.DialOptions{TLS: n.trust.ID, Insecure: n.trust.Insecure, Expect: pair.SecondaryName(secAddr)})
 	if err != nil {
@@ -113,6 +115,12 @@ func (n *Node) beginPairMove(id, to string, g guest.Guest, cfg guest.Config) (*p
 func (pm *pairMove) arm(m *precopy.Migration) {
 	m.ResumeOnFailure = func() {
 		pm.notice.Abort("the migration failed before its commit; the guest runs on the primary again")
+		if fenced, why := pm.loop.Fenced(); fenced {
+			// The secondary was activated meanwhile (forced): it runs
+			// the guest, so this copy stays paused for good.
+			pm.member.log.Error("the move failed and the secondary was activated meanwhile: the guest stays paused here", "why", why)
+			return
+		}
 		pm.member.restartAfterFailedHandover()
 	}
 	m.BeforeComplete = func() error {
