@@ -210,7 +210,7 @@ func (n *Node) reserveForMigration(w http.ResponseWriter, req migrateRequest, pc
 	var why error
 	if protected {
 		pairPrimary := n.sec == nil && n.cluster == nil && n.pair != nil && n.pairMember != nil
-		why = protectedRefusal(pairPrimary, n.cluster != nil, req, pcRounds)
+		why = protectedRefusal(pairPrimary, n.cluster != nil, req, pcRounds, n.cfg.Disk)
 	}
 	g, cfg, state, busy := n.g, n.cfg, n.state, n.migBusy
 	refuse := g == nil || state != "running" || busy || why != nil

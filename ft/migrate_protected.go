@@ -39,7 +39,7 @@ const moveCommitTimeout = 10 * time.Second
 // protectedRefusal says why a protected guest's migration request is
 // refused ("": it is not). pairPrimary: the node is a pair primary, the
 // only protected node that may move its guest.
-func protectedRefusal(pairPrimary, clustered bool, req migrateRequest, pcRounds int) error {
+func protectedRefusal(pairPrimary, clustered bool, req migrateRequest, pcRounds int, disk string) error {
 	switch {
 	case clustered:
 		return errors.New("this guest is protected in a raft or etcd cluster: moving it to a third host is a membership change, which is not built; use switchover")
@@ -49,6 +49,10 @@ func protectedRefusal(pairPrimary, clustered bool, req migrateRequest, pcRounds 
 		return errors.New("this guest is protected by a secondary: migrate it with --postcopy --postcopy-after-rounds 0 (the destination holds its output until the move completes, so the secondary stays a safe fallback)")
 	case pcRounds != 0:
 		return fmt.Errorf("this guest is protected by a secondary: --postcopy-after-rounds must be 0, not %d (its epoch loop owns the dirty log, so no precopy rounds run beside it)", pcRounds)
+	case disk != "":
+		// The epoch loop hands every disk write to the secondary, so a
+		// move would carry none of them to the destination's disk.
+		return fmt.Errorf("this guest is protected by a secondary and has a disk (%s): a protected guest with a disk cannot move (its epoch loop takes the disk writes the destination would need)", disk)
 	}
 	return nil
 }
