@@ -82,7 +82,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	g, cfg, protected, ok := n.reserveForMigration(w, req, pcRounds)
+	g, cfg, protected, ok := n.reserveForMigration(w, req)
 	if !ok {
 		return
 	}
@@ -121,7 +121,11 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		linkOnly := closeLink
 		closeLink = func() { pc.close(); linkOnly() }
 	}
-	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
+	if protected {
+		pol.AutoConverge = false // the epoch loop throttles its guest itself
+	}
+	core := precopy.NewCore(g, n.api.timings)
+	m, err := precopy.NewMigration(core, link, pol)
 	if err != nil {
 		closeLink()
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
@@ -132,7 +136,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		m.Postcopy, m.PostcopyAfterRounds = pc, pcRounds
 	}
 	m.SetPostcopyRefused(pcRefused)
-	pm, ok := n.startPairMove(w, protected, req.To, migID, pcRefused, link, pc != nil, g, cfg, m)
+	pm, ok := n.startPairMove(w, protected, req.To, migID, pcRefused, link, pc != nil, core, m)
 	if !ok {
 		closeLink()
 		return
@@ -202,7 +206,7 @@ const maxLinkCacheBytes = 1 << 30
 // running, or a protected guest that may not move this way
 // (protectedRefusal). protected: a pair primary's protected guest, moved
 // by migrate_protected.go's rules.
-func (n *Node) reserveForMigration(w http.ResponseWriter, req migrateRequest, pcRounds int) (g guest.Guest, cfg guest.Config, protected, ok bool) {
+func (n *Node) reserveForMigration(w http.ResponseWriter, req migrateRequest) (g guest.Guest, cfg guest.Config, protected, ok bool) {
 	n.lockIdle()
 	// An epoch loop that has a secondary owns the guest's dirty log and
 	// pauses; one without (an activated node not yet re-protected) is idle.
@@ -210,7 +214,7 @@ func (n *Node) reserveForMigration(w http.ResponseWriter, req migrateRequest, pc
 	var why error
 	if protected {
 		pairPrimary := n.sec == nil && n.cluster == nil && n.pair != nil && n.pairMember != nil
-		why = protectedRefusal(pairPrimary, n.cluster != nil, req, pcRounds, n.cfg.Disk)
+		why = protectedRefusal(pairPrimary, n.cluster != nil, req, n.cfg.Disk)
 	}
 	g, cfg, state, busy := n.g, n.cfg, n.state, n.migBusy
 	refuse := g == nil || state != "running" || busy || why != nil

@@ -13,17 +13,15 @@ func TestProtectedRefusal(t *testing.T) {
 		name                   string
 		pairPrimary, clustered bool
 		req                    migrateRequest
-		rounds                 int
 		disk, want             string
 	}{
-		{"pair primary, post-copy, no round", true, false, pc, 0, "", ""},
-		{"cluster member", false, true, pc, 0, "", "raft or etcd cluster"},
-		{"secondary", false, false, pc, 0, "", "secondary, not its primary"},
-		{"precopy only", true, false, migrateRequest{To: pc.To}, 0, "", "--postcopy --postcopy-after-rounds 0"},
-		{"rounds", true, false, pc, 1, "", "must be 0, not 1"},
-		{"disk", true, false, pc, 0, "/var/lib/g.img", "has a disk (/var/lib/g.img)"},
+		{"pair primary, post-copy", true, false, pc, "", ""},
+		{"cluster member", false, true, pc, "", "raft or etcd cluster"},
+		{"secondary", false, false, pc, "", "secondary, not its primary"},
+		{"precopy only", true, false, migrateRequest{To: pc.To}, "", "migrate it with --postcopy"},
+		{"disk", true, false, pc, "/var/lib/g.img", "has a disk (/var/lib/g.img)"},
 	} {
-		err := protectedRefusal(c.pairPrimary, c.clustered, c.req, c.rounds, c.disk)
+		err := protectedRefusal(c.pairPrimary, c.clustered, c.req, c.disk)
 		switch {
 		case c.want == "" && err != nil:
 			t.Errorf("%s: refused: %v", c.name, err)

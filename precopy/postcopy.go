@@ -38,6 +38,11 @@ const OutcomePostcopyIncomplete = "post-copy incomplete: destination runs the gu
 // the destination's digest equals the source's. It returns done=false,
 // err=nil when the flush missed its budget (the guest runs here again).
 func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start time.Time, round int) (bool, error) {
+	if m.BeforeSwitch != nil {
+		if err := m.BeforeSwitch(); err != nil {
+			return false, m.failed(start, fmt.Errorf("post-copy switch: %w", err))
+		}
+	}
 	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
 	if m.OnFinalPause != nil {
 		m.OnFinalPause()
