@@ -54,7 +54,7 @@ type Node struct {
 	closing   bool // close began: no new digest
 	g         guest.Guest
 	cfg       guest.Config
-	state     string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit"
+	state     string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit", "discarded"
 	// stateReason says why the state is what it is, when that needs
 	// saying (fenced, awaiting-commit).
 	stateReason string
