@@ -94,8 +94,11 @@ func (n *Node) dropHold() {
 	}
 }
 
-// moveCheck is how often a held destination asks its source.
-const moveCheck = 500 * time.Millisecond
+// moveCheck is how often a held destination asks its source, once its
+// pages are in (or stopped coming): often, since a source that dies
+// between its secondary's retirement and this question leaves the
+// destination holding for good.
+const moveCheck = 100 * time.Millisecond
 
 // releaseWhenMoved, on a destination holding output (holdOutput), asks
 // the source's API every moveCheck until it reports the migration
