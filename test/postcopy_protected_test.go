@@ -389,9 +389,20 @@ func TestTLSPostcopyProtected(t *testing.T) {
 // the loop's syncs (it may not read the dirty log itself). The move
 // completes with the destination's digest equal to the source's: a page
 // the loop's syncs did not pass on would hold the round's stale copy.
+//
+// synth always; kvm only with TANDEM_LONG=1.
 func TestMigratePostcopyProtectedAfterRound(t *testing.T) {
 	t.Parallel()
-	pri, sec, _ := startPair(t, "synth", primaryOpts{memory: "64MiB", workload: "dirty", touch: "2MiB", dirtyRate: 500})
+	forEachKind(t, func(t *testing.T, kind string) {
+		if kind == "kvm" && !longRun {
+			t.Skip("kvm: TANDEM_LONG=1 only")
+		}
+		testProtectedAfterRound(t, kind)
+	})
+}
+
+func testProtectedAfterRound(t *testing.T, kind string) {
+	pri, sec, _ := startPair(t, kind, primaryOpts{memory: "64MiB", workload: "dirty", touch: "2MiB", dirtyRate: 500})
 	dst := startReceiver(t)
 	r, st := migrate(t, pri, dst.data, "--postcopy", "--max-bandwidth", "8Mbit", "--compression", "none")
 	if r.code != 0 || st.Status != "completed" || st.SwitchoverDigest == "" || st.DestinationDigest != st.SwitchoverDigest {
