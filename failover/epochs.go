@@ -326,6 +326,11 @@ func NewEpochLoop(cfg EpochConfig) *EpochLoop {
 // Gate is the loop's output gate (fencing discards through it).
 func (l *EpochLoop) Gate() *OutputGate { return l.gate }
 
+// SetDirtyTap hands every page the loop's dirty syncs find to t (nil:
+// stop): a migration of the protected guest takes its dirty pages there,
+// since the loop alone reads the guest's dirty log (precopy.DirtyTap).
+func (l *EpochLoop) SetDirtyTap(t *precopy.DirtyTap) { l.core.SetTap(t) }
+
 // SetSecondary points protection at a secondary's data address; "" drops
 // protection. The loop connects, syncs and starts epochs on its own, and
 // reconnects after failures. A new address takes effect at once: a link

@@ -82,7 +82,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	g, cfg, ok := n.reserveForMigration(w)
+	g, cfg, protected, ok := n.reserveForMigration(w, req)
 	if !ok {
 		return
 	}
@@ -102,6 +102,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		// source's commit (see precopy.Committer).
 		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, cmp.Or(req.SourceAPI, n.api.Addr())
 		hello.Postcopy = req.Postcopy
+		hello.HoldOutput = protected
 	}
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
@@ -120,7 +121,11 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		linkOnly := closeLink
 		closeLink = func() { pc.close(); linkOnly() }
 	}
-	m, err := precopy.NewMigration(precopy.NewCore(g, n.api.timings), link, pol)
+	if protected {
+		pol.AutoConverge = false // the epoch loop throttles its guest itself
+	}
+	core := precopy.NewCore(g, n.api.timings)
+	m, err := precopy.NewMigration(core, link, pol)
 	if err != nil {
 		closeLink()
 		WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err)
@@ -131,27 +136,45 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		m.Postcopy, m.PostcopyAfterRounds = pc, pcRounds
 	}
 	m.SetPostcopyRefused(pcRefused)
+	pm, ok := n.startPairMove(w, protected, req.To, migID, pcRefused, link, pc != nil, core, m)
+	if !ok {
+		closeLink()
+		return
+	}
 	m.Log = n.log
 	// From the final pause on, the guest's address is the destination's
 	// to announce (it does once it resumes); this node's schedule, if one
 	// still runs, ends here rather than after the commit.
 	m.OnFinalPause = n.net.stopAnnouncing
-	ctx, cancel := context.WithCancel(context.Background())
-	n.mu.Lock()
-	n.mig, n.migDest, n.migCancel, n.pcOut = m, req.To, cancel, pc
-	n.mu.Unlock()
 	started = true
-	n.users.Add(1)
-	go func() { // owned by the node: migCancel stops it, Close joins it (users)
-		defer n.users.Done()
-		defer cancel()
-		n.runMigration(ctx, m, req.To, closeLink)
-	}()
+	n.launchMigration(m, req.To, closeLink, pc, pm)
 	reply := map[string]any{"ok": true, "to": req.To}
 	if pcRefused != "" {
 		reply["postcopy_refused"] = pcRefused
 	}
 	WriteJSON(w, http.StatusAccepted, reply)
+}
+
+// launchMigration runs m (to to) on a goroutine of the node's, recording
+// it as the node's migration with its post-copy mover pc and its pair
+// move pm (either nil: none); closeLink ends its connections.
+func (n *Node) launchMigration(m *precopy.Migration, to string, closeLink func(), pc *pcSource, pm *pairMove) {
+	ctx, cancel := context.WithCancel(context.Background())
+	n.mu.Lock()
+	n.mig, n.migDest, n.migCancel, n.pcOut = m, to, cancel, pc
+	if pm != nil {
+		n.pairMove = pm
+	}
+	n.mu.Unlock()
+	n.users.Add(1)
+	go func() { // owned by the node: migCancel stops it, Close joins it (users)
+		defer n.users.Done()
+		defer cancel()
+		n.runMigration(ctx, m, to, closeLink)
+		if pm != nil {
+			n.pairMoveFinished(pm, m.Status())
+		}
+	}()
 }
 
 // migrationCache is the size of the stream's XOR delta cache. On a
@@ -180,14 +203,21 @@ const maxLinkCacheBytes = 1 << 30
 
 // reserveForMigration reserves the running guest for one migration
 // (migBusy), or answers why not: no running guest, a migration already
-// running, or a protected guest.
-func (n *Node) reserveForMigration(w http.ResponseWriter) (guest.Guest, guest.Config, bool) {
+// running, or a protected guest that may not move this way
+// (protectedRefusal). protected: a pair primary's protected guest, moved
+// by migrate_protected.go's rules.
+func (n *Node) reserveForMigration(w http.ResponseWriter, req migrateRequest) (g guest.Guest, cfg guest.Config, protected, ok bool) {
 	n.lockIdle()
 	// An epoch loop that has a secondary owns the guest's dirty log and
 	// pauses; one without (an activated node not yet re-protected) is idle.
-	protected := n.sec != nil || n.cluster != nil || (n.epochs != nil && n.epochs.Status().Secondary != "")
+	protected = n.sec != nil || n.cluster != nil || (n.epochs != nil && n.epochs.Status().Secondary != "")
+	var why error
+	if protected {
+		pairPrimary := n.sec == nil && n.cluster == nil && n.pair != nil && n.pairMember != nil
+		why = protectedRefusal(pairPrimary, n.cluster != nil, req, n.cfg.Disk)
+	}
 	g, cfg, state, busy := n.g, n.cfg, n.state, n.migBusy
-	refuse := g == nil || state != "running" || busy || protected
+	refuse := g == nil || state != "running" || busy || why != nil
 	if !refuse {
 		n.migBusy = true
 	}
@@ -197,14 +227,14 @@ func (n *Node) reserveForMigration(w http.ResponseWriter) (guest.Guest, guest.Co
 		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("no running guest to migrate (state %s)", state))
 	case busy:
 		WriteError(w, http.StatusConflict, api.CodeBusy, errors.New("a migration is already running"))
-	case protected:
+	case why != nil:
 		// The epoch loop owns the guest's dirty log and its pauses; a
 		// migration beside it would take pages the secondary never gets.
-		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("this guest is protected by a secondary (or in a raft cluster): use switchover, not migrate"))
+		WriteError(w, http.StatusConflict, api.CodeRefused, why)
 	default:
-		return g, cfg, true
+		return g, cfg, protected, true
 	}
-	return nil, guest.Config{}, false
+	return nil, guest.Config{}, false, false
 }
 
 // openMigrationLink opens the migration's link to to (a receiver's data

@@ -54,7 +54,7 @@ type Node struct {
 	closing   bool // close began: no new digest
 	g         guest.Guest
 	cfg       guest.Config
-	state     string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit", "lost" (postcopy_lost.go)
+	state     string // "waiting", "running", "paused", "postmigrate", "fenced", "awaiting-commit", "discarded", "lost" (postcopy_lost.go)
 	// stateReason says why the state is what it is, when that needs
 	// saying (fenced, awaiting-commit).
 	stateReason string
@@ -71,12 +71,18 @@ type Node struct {
 	pending   *pendingCommit // a received guest awaiting its commit
 	// pcOut is the running migration's post-copy mover (nil: none);
 	// pcIn a destination's post-copy side (set by ReceiveMigrations).
-	pcOut   *pcSource
-	pcIn    *pcInbound
-	epochs  *failover.EpochLoop     // primary: protection
-	sec     *replica.Secondary      // secondary: the committed image
-	cluster func() *api.ClusterView // raft view of a cluster member
-	raft    *failover.Node          // a raft member's node (metrics)
+	pcOut *pcSource
+	pcIn  *pcInbound
+	// hold is a destination's hold on the output of a guest moved from
+	// a protected source (postcopy_hold.go); pairMove a pair primary's
+	// move of its guest (migrate_protected.go). nil: none.
+	hold       *outputHold
+	pairMove   *pairMove
+	pairMember *Member                 // a pair member's driver (nil: not in a pair)
+	epochs     *failover.EpochLoop     // primary: protection
+	sec        *replica.Secondary      // secondary: the committed image
+	cluster    func() *api.ClusterView // raft view of a cluster member
+	raft       *failover.Node          // a raft member's node (metrics)
 	// nodes, if set, is the "nodes" of a member whose coordinator is not
 	// raft (etcd): its record's members; lag as clusterNodes takes it.
 	// record is that coordinator's record (the role metrics read it).
@@ -266,6 +272,7 @@ func (n *Node) Close() {
 	}
 	g := n.g
 	n.mu.Unlock()
+	n.closeMove()
 	n.console.close()
 	n.api.Close()
 	n.net.close()
@@ -301,7 +308,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	// guest's own lock, which a pause and a dirty sync hold.
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
-	pcOut, pcIn := n.pcOut, n.pcIn
+	pcOut, pcIn, hold := n.pcOut, n.pcIn, n.hold
 	digest = digest && !postcopyRefusesDigest(pcIn, &st)
 	cluster, epochs, sec, rn, nodes := n.cluster, n.epochs, n.sec, n.raft, n.nodes
 	st.Net = n.netStatusLocked(epochs)
@@ -325,6 +332,9 @@ func (n *Node) status(digest bool) nodeStatus {
 		}()
 	}
 	n.mu.Unlock()
+	if r := hold.reason(); r != "" && st.State == "running" {
+		st.StateReason = r
+	}
 	if cur != nil {
 		st.GuestInfo = describeGuest(cur, curCfg)
 	}
@@ -349,6 +359,9 @@ func (n *Node) status(digest bool) nodeStatus {
 		ss := sec.Status(digest)
 		st.Secondary = &ss
 		_, _, dataLast = sec.PrimaryContact()
+		if mv, ok := sec.Move(); ok {
+			st.StateReason = moveReason(mv)
+		}
 	}
 	listNodes(&st, rn, nodes, lag, epochs != nil, dataLast)
 	if g != nil {

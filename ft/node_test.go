@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
 	"github.com/tandemvm/tandem/replica"
@@ -45,6 +46,15 @@ func TestMigrateGuards(t *testing.T) {
 	n.sec = replica.NewSecondary(&replica.Receiver{}, nil)
 	if rec := post(n.handleMigrate, `{"to":"127.0.0.1:1"}`); rec.Code != http.StatusConflict || !strings.Contains(rec.Body.String(), "protected") {
 		t.Errorf("migrating a protected guest: %d %s", rec.Code, rec.Body)
+	}
+	if n.migBusy {
+		t.Error("a refused request left the guest reserved")
+	}
+	// A cluster member stays refused even with post-copy: moving it is a
+	// membership change to a third host.
+	n.sec, n.cluster = nil, func() *api.ClusterView { return nil }
+	if rec := post(n.handleMigrate, `{"to":"127.0.0.1:1","postcopy":true,"postcopy_after_rounds":0}`); rec.Code != http.StatusConflict || !strings.Contains(rec.Body.String(), "raft or etcd cluster") {
+		t.Errorf("migrating a cluster member: %d %s", rec.Code, rec.Body)
 	}
 	if n.migBusy {
 		t.Error("a refused request left the guest reserved")

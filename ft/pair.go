@@ -46,7 +46,7 @@ func RunPairPrimary(ctx context.Context, cfg PairPrimaryConfig) error {
 	m := NewMember(MemberConfig{Node: n, Coordinator: coord, Epochs: cfg.Epochs, Log: n.log, Fresh: true,
 		Boot: func() (guest.Guest, error) { return g, nil }, BootConfig: cfg.GuestConfig})
 	n.mu.Lock()
-	n.pair = coord
+	n.pair, n.pairMember = coord, m
 	n.mu.Unlock()
 	n.Start()
 	m.Start()
@@ -107,7 +107,7 @@ func RunPairSecondary(ctx context.Context, cfg PairSecondaryConfig) error {
 	m := NewMember(MemberConfig{Node: n, Coordinator: coord, Epochs: cfg.Epochs, Receiver: cfg.Receiver,
 		DataDir: cfg.DataDir, Data: ln, KeepActivated: true, Log: log})
 	n.mu.Lock()
-	n.pair = coord
+	n.pair, n.pairMember = coord, m
 	n.mu.Unlock()
 	n.HandleFunc("POST /activate", m.handleActivate(cfg.FailureTimeout))
 	// The pair's coordinator is in sync at once: the kept image is loaded
@@ -138,6 +138,13 @@ func (m *Member) handleActivate(failureTimeout time.Duration) http.HandlerFunc {
 			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("activate: not a secondary (already activated?)"))
 			return
 		}
+		mv, moving := sec.Move()
+		if moving && mv.Done {
+			// Even forced: the guest runs at the destination, from
+			// later than anything this secondary holds.
+			WriteError(w, http.StatusConflict, api.CodeRefused, sec.MovedError())
+			return
+		}
 		if why := checkPrimaryGone(sec, failureTimeout); why != "" {
 			if !force {
 				WriteError(w, http.StatusConflict, api.CodeRefused, errors.New(why))
@@ -151,8 +158,23 @@ func (m *Member) handleActivate(failureTimeout time.Duration) http.HandlerFunc {
 			WriteError(w, http.StatusConflict, api.CodeInternal, fmt.Errorf("activate: %w", err))
 			return
 		}
-		WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "role": "primary", "activated_epoch": epoch})
+		reply := map[string]any{"ok": true, "role": "primary", "activated_epoch": epoch}
+		if moving {
+			why := fellBack(mv, epoch)
+			m.n.setStateWhy("running", why)
+			m.log.Error("FELL BACK: "+why, "migration", mv.MigrationID, "destination", mv.Destination)
+			reply["fell_back"] = why
+		}
+		WriteJSON(w, http.StatusOK, reply)
 	}
+}
+
+// fellBack says that an activated secondary took over a guest its
+// primary was moving (mv): the move's destination holds a half guest that
+// released nothing and is to be discarded.
+func fellBack(mv replica.Move, epoch uint64) string {
+	return fmt.Sprintf("fell back to this secondary's last committed epoch %d: the primary %s died (or was given up) during post-copy migration %s to %s, which started from epoch %d; the half guest on %s released no output and must be discarded",
+		epoch, mv.From, mv.MigrationID, mv.Destination, mv.Epoch, mv.Destination)
 }
 
 // DefaultFailureTimeout is how recently a pair secondary may have heard

@@ -158,6 +158,13 @@ func (p *pcInbound) grant(id string) {
 	p.mu.Unlock()
 }
 
+// granted says whether migration id was granted post-copy here.
+func (p *pcInbound) granted(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return id != "" && p.id == id
+}
+
 // take is replica.Receiver.PostcopyConn: a channel is accepted only for
 // the migration granted post-copy, once each.
 func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {

@@ -178,8 +178,14 @@ func (n *Node) handleMigrateAbandon(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	n.mu.Lock()
-	pending, state, pc := n.pending, n.state, n.pcIn
+	pending, state, pc, hold := n.pending, n.state, n.pcIn, n.hold
 	n.mu.Unlock()
+	if hold != nil && !hold.discarded.Load() && hold.reason() != "" {
+		// A protected source's guest is not lost when its source dies:
+		// its secondary is the fallback, and this copy said nothing.
+		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("migration %s came from a protected source and this copy's output is held: the guest is not lost (its source's secondary falls back to the epoch the move started from); discard this copy with POST /migrate/abort {\"force\": true} once that secondary is activated", hold.id))
+		return
+	}
 	if pending != nil {
 		WriteError(w, http.StatusConflict, api.CodeRefused, fmt.Errorf("migration %s awaits its commit: its guest never ran here; POST /migrate/abort drops it", pending.res.Hello.MigrationID))
 		return

@@ -152,6 +152,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 		// channels after a lost link (a new migration is refused: busy).
 		n.pcIn.finish(ctx)
 		ln.Close()
+		n.releaseWhenMoved(ctx, &res)
 		return
 	}
 	// The guest runs here now: the segment must learn that its address
@@ -168,6 +169,7 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 	// open while post-copy runs, for a resume's channels).
 	n.pcIn.finish(ctx)
 	ln.Close()
+	n.releaseWhenMoved(ctx, &res)
 	// Drain the end of the stream, then close.
 	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
 	var b [512]byte
@@ -186,12 +188,17 @@ func (n *Node) migrationOptions(cfg ReceiverConfig) replica.MigrationOptions {
 	return replica.MigrationOptions{
 		BeforeResume: func(g guest.Guest, h replica.Hello) error {
 			n.Attach(g, h.Config)
+			if h.HoldOutput && n.pcIn.granted(h.MigrationID) {
+				n.holdOutput(g, h)
+			}
 			return nil
 		},
 		OnReady: func(guest.Guest, replica.Hello) {
 			n.setStateWhy("awaiting-commit", "the final epoch is loaded; waiting for the source's commit")
 		},
+		HoldsOutput: true,
 		OnDiscard: func(guest.Guest) {
+			n.dropHold()
 			n.pcIn.abort()
 			n.detach()
 		},
@@ -362,6 +369,9 @@ func (n *Node) handleMigrateResolve(commit bool) http.HandlerFunc {
 		n.mu.Lock()
 		p := n.pending
 		n.mu.Unlock()
+		if p == nil && n.resolveHold(w, r, commit, force) {
+			return
+		}
 		if p == nil {
 			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration awaits a commit here"))
 			return

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandemvm/tandem/internal/clock"
@@ -54,6 +55,29 @@ type Core struct {
 	diskDropped uint64
 	// DiskResyncs counts the captures that shipped the whole disk.
 	DiskResyncs uint64
+	// tap, if set (SetTap), is given every page a sync of this Core
+	// found dirty. From, if set, is where this Core's syncs take dirty
+	// pages instead of the guest's log, which another Core reads (see
+	// DirtyTap). Set From before the Core's first sync.
+	tap  atomic.Pointer[DirtyTap]
+	From *DirtyTap
+}
+
+// SetTap makes every later sync of c add what it found to t (nil: stop).
+// Safe while c's owner syncs.
+func (c *Core) SetTap(t *DirtyTap) { c.tap.Store(t) }
+
+// syncDirty marks the pages written since the last sync: from the
+// guest's log (and into the tap), or from From.
+func (c *Core) syncDirty() (uint64, error) {
+	if c.From != nil {
+		return c.From.take(c.Dirty), nil
+	}
+	n, err := c.G.SyncDirty(c.Dirty)
+	if t := c.tap.Load(); t != nil {
+		t.add(c.Dirty) // even after an error: a superset is harmless
+	}
+	return n, err
 }
 
 // ResyncDisk makes the next Capture ship the guest's whole disk instead of
@@ -83,7 +107,7 @@ func (c *Core) observe(name string, start time.Time, d time.Duration) {
 // pages were newly dirty.
 func (c *Core) Sync() (uint64, error) {
 	t0 := time.Now()
-	n, err := c.G.SyncDirty(c.Dirty)
+	n, err := c.syncDirty()
 	c.observe(PhaseDirtySync, t0, time.Since(t0))
 	return n, err
 }
@@ -200,7 +224,7 @@ func (c *Core) Capture(ctx context.Context, o CaptureOptions) (*Capture, error) 
 		}
 	}
 	t0 := time.Now()
-	if _, err := c.G.SyncDirty(c.Dirty); err != nil {
+	if _, err := c.syncDirty(); err != nil {
 		return fail(fmt.Errorf("dirty sync: %w", err))
 	}
 	cp.Breakdown.DirtySync = time.Since(t0)

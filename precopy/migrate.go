@@ -158,6 +158,20 @@ type Migration struct {
 	// beforeCommit, if set, runs in switchOver once the destination is
 	// ready, before the commit (the post-copy switch starts serving).
 	beforeCommit func()
+	// ResumeOnFailure, if set, resumes the source's guest when the
+	// migration fails before its commit, instead of a plain Resume (a
+	// protected guest resumes under a new epoch loop). BeforeComplete,
+	// if set, runs once a post-copy's pages all arrived with the right
+	// digest, before the status says completed; its error leaves the
+	// migration unknown (a protected source retires its secondary here:
+	// the destination releases its output only on completed).
+	ResumeOnFailure func()
+	BeforeComplete  func() error
+	// BeforeSwitch, if set, runs at the post-copy switch before the
+	// pause (a protected guest's final epoch to its secondary); its
+	// error fails the migration. With it set, a completion the
+	// controller decides is a post-copy switch too.
+	BeforeSwitch func() error
 	// pendingDisk holds disk writes taken by a completion attempt that
 	// was given up after its final sync; the next final send sends them.
 	pendingDisk []guest.DiskWrite
@@ -285,7 +299,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		case Fail:
 			return m.failed(start, d.Err)
 		case TryComplete:
-			done, err := m.complete(ctx, ctrl, start, d.ExpectedDowntime)
+			done, err := m.tryComplete(ctx, ctrl, start, d.ExpectedDowntime, round)
 			if done || err != nil {
 				return err
 			}
@@ -305,6 +319,16 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 			return m.failed(start, fmt.Errorf("migration cancelled: %w", err))
 		}
 	}
+}
+
+// tryComplete is the controller's completion after round: precopy's
+// stop-and-copy, or the post-copy switch for a migration that must
+// switch (BeforeSwitch: a protected guest moves only that way).
+func (m *Migration) tryComplete(ctx context.Context, ctrl *Controller, start time.Time, expected time.Duration, round int) (bool, error) {
+	if m.BeforeSwitch != nil && m.Postcopy != nil {
+		return m.switchPostcopy(ctx, ctrl, start, round+1)
+	}
+	return m.complete(ctx, ctrl, start, expected)
 }
 
 // SwitchToPostcopy asks a post-copy migration to switch at the end of the
@@ -390,7 +414,10 @@ func (m *Migration) failed(start time.Time, err error) error {
 		// destination's. Report, do not resume.
 		return m.unconfirmed(start, err)
 	}
-	if m.core.G.Paused() {
+	switch {
+	case m.ResumeOnFailure != nil:
+		m.ResumeOnFailure()
+	case m.core.G.Paused():
 		m.core.G.Resume()
 	}
 	m.update(func(s *MigrationStatus) {

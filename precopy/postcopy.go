@@ -47,6 +47,11 @@ const (
 // the destination's digest equals the source's. It returns done=false,
 // err=nil when the flush missed its budget (the guest runs here again).
 func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start time.Time, round int) (bool, error) {
+	if m.BeforeSwitch != nil {
+		if err := m.BeforeSwitch(); err != nil {
+			return false, m.failed(start, fmt.Errorf("post-copy switch: %w", err))
+		}
+	}
 	m.update(func(s *MigrationStatus) { s.Status = StatusDevice })
 	if m.OnFinalPause != nil {
 		m.OnFinalPause()
@@ -58,10 +63,12 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)
 	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {
-		if errors.Is(err, ErrFlushAborted) {
+		if errors.Is(err, ErrFlushAborted) && m.ResumeOnFailure == nil {
 			m.completionAborted(ctrl, cp, err)
 			return false, nil
 		}
+		// A guest with its own way back (a protected one) does not run
+		// rounds here meanwhile: the switch fails and it resumes that way.
 		return false, m.failed(start, err)
 	}
 	missing := NewBitmap(m.core.Dirty.Len())
@@ -101,6 +108,12 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 		m.unconfirmed(start, fmt.Errorf("post-copy: %w", err))
 		m.update(func(s *MigrationStatus) { s.Outcome, s.PostcopyActive = OutcomePostcopyIncomplete, false })
 		return false, fmt.Errorf("%w: post-copy: %w", ErrCommitUnconfirmed, err)
+	}
+	if m.BeforeComplete != nil {
+		if err := m.BeforeComplete(); err != nil {
+			m.update(func(s *MigrationStatus) { s.PostcopyActive = false })
+			return false, m.unconfirmed(start, fmt.Errorf("post-copy: every page arrived, digests equal, but %w", err))
+		}
 	}
 	m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
 	m.update(func(s *MigrationStatus) {

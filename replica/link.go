@@ -45,6 +45,9 @@ type Link struct {
 	// postcopyRefused: why not, in one line.
 	postcopy        bool
 	postcopyRefused string
+	// holdsOutput: the receiver holds the guest's output until the
+	// source reports the migration completed (Hello.HoldOutput asked).
+	holdsOutput bool
 }
 
 // DialOptions configure Dial.
@@ -127,6 +130,7 @@ func Dial(ctx context.Context, addr string, hello Hello, regions []guest.Region,
 		if l.postcopy {
 			l.postcopyRefused = ""
 		}
+		l.holdsOutput = l.postcopy && hello.HoldOutput && reply.HoldOutput
 	}
 	l.bw = bufio.NewWriterSize(&deadlineWriter{l}, 256<<10)
 	h := checkpoint.Header{Build: hello.Build, Kind: hello.Kind, PageSize: guest.PageSize, Regions: checkpoint.RegionsOf(regions)}
@@ -161,6 +165,10 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 // Postcopy says whether the receiver granted the post-copy the Hello
 // asked for, and if not, why (one line).
 func (l *Link) Postcopy() (bool, string) { return l.postcopy, l.postcopyRefused }
+
+// HoldsOutput says whether the receiver granted the output hold the
+// Hello asked for (Hello.HoldOutput).
+func (l *Link) HoldsOutput() bool { return l.holdsOutput }
 
 // Writer implements precopy.Link.
 func (l *Link) Writer() *checkpoint.Writer { return l.w }

@@ -136,5 +136,5 @@ func (r *Receiver) grantPostcopy(h Hello, g guest.Guest, o MigrationOptions) Hel
 		r.log().Warn("post-copy refused; the migration stays precopy-only", "err", err)
 		return HelloReply{PostcopyRefused: oneLine(err.Error())}
 	}
-	return HelloReply{Postcopy: true}
+	return HelloReply{Postcopy: true, HoldOutput: h.HoldOutput && o.HoldsOutput}
 }

@@ -21,6 +21,10 @@ const (
 	// PurposePostcopy is one of a post-copy migration's two extra
 	// connections (Hello.Channel), tied to it by Hello.MigrationID.
 	PurposePostcopy = "postcopy"
+	// PurposeMoving is a pair primary's move notice to its secondary:
+	// its guest is being moved by post-copy migration MigrationID to
+	// Destination, from the final epoch FinalEpoch (see moving.go).
+	PurposeMoving = "moving"
 )
 
 // Post-copy channels (Hello.Channel).
@@ -73,6 +77,15 @@ type Hello struct {
 	// link down. A receiver that predates it sees a second channel of a
 	// migration already connected and refuses it.
 	Resume bool `json:"resume,omitempty"`
+	// HoldOutput (migrate, with Postcopy) asks the destination to hold
+	// all the guest's output from its resume until the source's API
+	// reports the migration completed: the source is protected, and its
+	// secondary's epoch must stay a fallback that loses nothing said.
+	HoldOutput bool `json:"hold_output,omitempty"`
+	// Destination and FinalEpoch (moving): where the guest goes, and
+	// the epoch the secondary must hold, the image it starts from there.
+	Destination string `json:"destination,omitempty"`
+	FinalEpoch  uint64 `json:"final_epoch,omitempty"`
 	// Store is set only in a Store's image.tnd, never on the wire: how
 	// the file was written (docs/DURABILITY.md).
 	Store *StoreStamp `json:"store,omitempty"`
@@ -111,6 +124,11 @@ type HelloReply struct {
 	// receiver sets neither: the source stays precopy-only.
 	Postcopy        bool   `json:"postcopy,omitempty"`
 	PostcopyRefused string `json:"postcopy_refused,omitempty"`
+	// HoldOutput (with Postcopy, to a Hello asking for it): the
+	// destination holds the guest's output until the source reports the
+	// migration completed. An older receiver never sets it, and a
+	// protected source then refuses to migrate.
+	HoldOutput bool `json:"hold_output,omitempty"`
 }
 
 // Control is a line the sender writes after a migration's final epoch in
@@ -127,6 +145,8 @@ type Control struct {
 const (
 	ControlCommit = "commit"
 	ControlAbort  = "abort"
+	// ControlHeartbeat (moving) says the moving primary is alive.
+	ControlHeartbeat = "heartbeat"
 )
 
 // ErrPeerActivated is a secondary that refused a primary because it was

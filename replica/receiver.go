@@ -233,7 +233,7 @@ func (r *Receiver) handshakeConn(conn net.Conn, purpose string) (Hello, *connRea
 	switch {
 	case h.Proto != ProtoVersion:
 		return refuse("data-channel protocol %d, this receiver speaks %d", h.Proto, ProtoVersion)
-	case h.Purpose != purpose:
+	case h.Purpose != purpose && !(h.Purpose == PurposeMoving && purpose == PurposeReplicate):
 		return refuse("sender wants %q, this receiver takes %q", h.Purpose, purpose)
 	case checkpoint.FormatVersion(h.MinReader) > checkpoint.Current:
 		return refuse("stream format version %d needs a reader of version %d or later; this build reads %d to %d",
@@ -327,6 +327,11 @@ type MigrationOptions struct {
 	// switched and sets up the page mover before the guest resumes. An
 	// error fails the migration before Ready: the source resumes.
 	PostcopySwitch func(g guest.Guest, h Hello, state guest.MachineState) error
+	// HoldsOutput says the caller holds the output of a guest whose
+	// Hello asked HoldOutput (and was granted post-copy) until the
+	// source reports the migration completed; only then is the hold
+	// granted (HelloReply.HoldOutput).
+	HoldsOutput bool
 }
 
 // DefaultCommitTimeout is how long a destination waits on the connection
@@ -442,7 +447,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g guest.Guest, res *MigrationResult, pc HelloReply) (*Image, uint64, error) {
 	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
 	_, checked := r.sections(hello.Kind)
-	reply := HelloReply{OK: true, Build: r.Build, SectionsChecked: checked, Postcopy: pc.Postcopy, PostcopyRefused: pc.PostcopyRefused}
+	reply := HelloReply{OK: true, Build: r.Build, SectionsChecked: checked, Postcopy: pc.Postcopy, PostcopyRefused: pc.PostcopyRefused, HoldOutput: pc.HoldOutput}
 	if err := writeLine(conn, reply); err != nil {
 		return nil, 0, err
 	}

@@ -56,6 +56,11 @@ type Secondary struct {
 	lastHeard     time.Time // the current primary's last handshake or epoch
 	connGen       uint64    // the current primary's generation (its Hello)
 	connPeer      string    // the node its certificate names ("" plaintext)
+	// move is the last move notice heard (moving.go), moveConn its
+	// connection while open and moveHeard its last heartbeat.
+	move      *Move
+	moveConn  net.Conn
+	moveHeard time.Time
 
 	// wmu serialises writes on a primary connection: Serve's
 	// acknowledgements and Activate's last word.
@@ -68,7 +73,16 @@ type Secondary struct {
 func (s *Secondary) PrimaryContact() (from string, connected bool, lastHeard time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.from, s.conn != nil, s.lastHeard
+	from, connected, heard := s.from, s.conn != nil, s.lastHeard
+	if s.moveConn != nil && s.move != nil {
+		// A primary moving its guest ships no epochs: its move notice's
+		// heartbeats say it is alive.
+		from, connected = s.move.From, true
+		if s.moveHeard.After(heard) {
+			heard = s.moveHeard
+		}
+	}
+	return from, connected, heard
 }
 
 // NewSecondary makes a Secondary building guests with r. minGen, if set,
@@ -94,6 +108,9 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	hello, br, err := s.R.handshake(conn, PurposeReplicate)
 	if err != nil {
 		return err
+	}
+	if hello.Purpose == PurposeMoving {
+		return s.serveMoving(conn, hello, br)
 	}
 	refuse := func(format string, a ...any) error {
 		err := fmt.Errorf(format, a...)
@@ -236,6 +253,11 @@ func (s *Secondary) keep(im *Image, c Committed, e checkpoint.EpochEnd, hello He
 		}
 		old := s.current
 		s.current, s.currentH, s.syncing = im, hello, nil
+		if s.move != nil && s.moveConn == nil {
+			// A primary's image replaces the one a move left behind
+			// (a primary protected by this node now).
+			s.move = nil
+		}
 		s.mu.Unlock()
 		*adopted = true
 		if old != nil && old != im {
@@ -373,13 +395,24 @@ func (s *Secondary) Activate() (guest.Guest, Hello, Committed, error) {
 		s.mu.Unlock()
 		return nil, Hello{}, Committed{}, ErrActivated
 	}
-	cur, h, conn := s.current, s.currentH, s.conn
+	cur, h, conn, moveConn := s.current, s.currentH, s.conn, s.moveConn
+	if s.move != nil && s.move.Done {
+		err := movedError(s.move)
+		s.mu.Unlock()
+		return nil, Hello{}, Committed{}, err
+	}
 	if cur == nil {
 		s.mu.Unlock()
 		return nil, Hello{}, Committed{}, ErrInconsistent
 	}
 	s.activated = true
 	s.mu.Unlock()
+	if moveConn != nil {
+		// A forced activation while the primary moves the guest: its
+		// commit, if it comes, is refused (retire), so the destination
+		// never releases; ending the notice tells it at once.
+		moveConn.Close()
+	}
 	if conn != nil {
 		// Tell the primary, while its connection is there, that this node
 		// runs the guest now: it fences itself (stops releasing output,
