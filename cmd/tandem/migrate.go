@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,12 +33,24 @@ func cmdMigrate(args []string) error {
 	autoConverge := fs.Bool("auto-converge", true, "throttle the vCPUs when the guest dirties memory faster than the link carries it")
 	asJSON := fs.Bool("json", false, "print the final status as JSON")
 	streams := fs.Int("streams", 1, fmt.Sprintf("goroutines encoding the stream on the source, 1 to %d (one connection)", api.MaxMigrateStreams))
-	postcopy := fs.Bool("postcopy", false, "switch to post-copy (the guest resumes on the destination at once; missing pages follow on demand) after --postcopy-after-rounds precopy rounds")
-	pcRounds := fs.Int("postcopy-after-rounds", 1, fmt.Sprintf("with --postcopy: precopy rounds before the switch, 0 to %d (0: switch before any page is sent; 1: after the first full pass)", api.MaxPostcopyAfterRounds))
+	postcopy := fs.Bool("postcopy", false, "switch to post-copy (the guest resumes on the destination at once; missing pages follow on demand) when the controller predicts precopy will not converge, or after --postcopy-after-rounds rounds")
+	var pcRounds *int
+	fs.Func("postcopy-after-rounds", fmt.Sprintf("with --postcopy: switch after this many precopy rounds at the latest, 0 to %d (0: before any page is sent; 1: after the first full pass); the controller may switch sooner (default: no limit, the controller decides)", api.MaxPostcopyAfterRounds), func(v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > api.MaxPostcopyAfterRounds {
+			return fmt.Errorf("want 0 to %d", api.MaxPostcopyAfterRounds)
+		}
+		pcRounds = &n
+		return nil
+	})
+	switchPC := fs.Bool("switch-postcopy", false, "switch the running --postcopy migration of the node at --from to post-copy now (POST /migrate/postcopy), then return")
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
+	}
+	if *switchPC {
+		return switchPostcopy(*from, *to, tf)
 	}
 	if *from == "" || *to == "" {
 		return usagef("--from API and --to ADDR|file:NAME are required")
@@ -58,9 +71,6 @@ func cmdMigrate(args []string) error {
 	}
 	if *streams < 1 || *streams > api.MaxMigrateStreams {
 		return usagef("--streams %d: want 1 to %d", *streams, api.MaxMigrateStreams)
-	}
-	if *pcRounds < 0 || *pcRounds > api.MaxPostcopyAfterRounds {
-		return usagef("--postcopy-after-rounds %d: want 0 to %d", *pcRounds, api.MaxPostcopyAfterRounds)
 	}
 	if *downtime <= 0 || *maxTime <= 0 || *minRetry <= 0 {
 		return usagef("--downtime-limit, --max-time and --min-retry must be positive")
@@ -89,6 +99,28 @@ func cmdMigrate(args []string) error {
 		fmt.Fprintf(os.Stderr, "--postcopy refused by the destination (%s): migrating precopy-only\n", reply.PostcopyRefused)
 	}
 	return progress.Follow(ctx, c, progress.Watch{Out: os.Stdout, TTY: isTerminal(os.Stdout), Patience: *maxTime + time.Minute, Limit: *downtime, JSON: *asJSON})
+}
+
+// switchPostcopy is --switch-postcopy: POST /migrate/postcopy on the
+// source. A refusal (no migration, or one without post-copy) is the
+// API's one line.
+func switchPostcopy(from, to string, tf tlsFlags) error {
+	switch {
+	case from == "":
+		return usagef("--switch-postcopy needs --from API (the source)")
+	case to != "":
+		return usagef("--switch-postcopy takes no --to: it switches the migration already running")
+	}
+	id, err := tf.load()
+	if err != nil {
+		return err
+	}
+	c := newAPIClient(from, id, 10*time.Second)
+	if err := c.Post(context.Background(), "/migrate/postcopy", nil, nil); err != nil {
+		return fmt.Errorf("switch to post-copy: %w", err)
+	}
+	fmt.Println("post-copy switch asked for: the source stops its round and switches (its status says when: postcopy_active, postcopy_switch_reason command)")
+	return nil
 }
 
 func isTerminal(f *os.File) bool {
