@@ -66,7 +66,7 @@ func TestDecideSwitchTable(t *testing.T) {
 		}), "", "it fits the 300ms limit in about"},
 		// 98,000 pages at 1,000 pages/s: about 97 s to fit the limit.
 		{"slow shrink within the time left: precopy goes on", view(func(v *SwitchView) { v.Progress, v.Elapsed = slow, 52*s }), "", "shrinks by 1000 pages/s"},
-		{"slow shrink past the time left: switch", view(func(v *SwitchView) { v.Progress, v.Elapsed, v.MaxTime = slow, 52*s, 120 * s }),
+		{"slow shrink past the time left: switch", view(func(v *SwitchView) { v.Progress, v.Elapsed, v.MaxTime = slow, 52*s, 120*s }),
 			SwitchController, "past the 1m8s left of the time limit"},
 		{"slow shrink, no time limit: precopy goes on", view(func(v *SwitchView) { v.Progress, v.MaxTime = slow, -1 }), "", "no time limit"},
 		{"fast shrink: precopy goes on", view(func(v *SwitchView) { v.Progress = fast }), "", "fits the 300ms limit"},
