@@ -195,9 +195,13 @@ func (m *Migration) recordSwitch(att api.CompletionAttempt, paused time.Duration
 }
 
 // MissingRunBytes is what one run of the missing set takes on the wire
-// (package postcopy's 'M' frame: type, first page, count); the switch's
-// prediction counts with it.
-const MissingRunBytes = 17
+// (package postcopy's 'M' frame: type, first page, count) and
+// MissingEndBytes its end frame; the switch's prediction counts with
+// them (postcopy's TestMissingSetSize holds them to the encoding).
+const (
+	MissingRunBytes = 17
+	MissingEndBytes = 9
+)
 
 // missingSendTime is the predicted time to send missing as runs at the
 // measured wire rate (0 without one).
@@ -215,7 +219,7 @@ func (m *Migration) missingSendTime(ctrl *Controller, missing *Bitmap) time.Dura
 		runs++
 		p, ok = missing.NextSet(q)
 	}
-	return secondsToDuration(float64(runs*MissingRunBytes+MissingRunBytes) / rate)
+	return secondsToDuration(float64(runs*MissingRunBytes+MissingEndBytes) / rate)
 }
 
 // switchExpected is the switch's predicted pause for the pages dirty now:

@@ -317,28 +317,59 @@ func BenchmarkMigratePostcopyWholePages(b *testing.B) {
 	}
 }
 
-// POST /migrate/postcopy switches a running --postcopy migration that
-// would not switch by itself (--postcopy-after-rounds 1000) and cannot
-// converge (fresh whole pages faster than the capped link, no
-// auto-converge) at the end of its round: it completes, post-copy, with
-// equal digests. Refused in one line without a migration, and for a
-// migration without post-copy.
+// A guest rewriting fresh whole pages faster than a 50 Mbit/s cap
+// cannot converge, and --postcopy switches it two ways, in parallel:
+//
+//   - command: `tandem migrate --switch-postcopy` during the first full
+//     pass of a migration that would switch only after 1,000 rounds:
+//     the pass stops at once (far fewer pages sent than the working set)
+//     and the migration switches, reason "command";
+//   - controller: plain --postcopy (no --postcopy-after-rounds): the
+//     controller sees the dirty set not shrinking and switches, reason
+//     "controller", a round or two after the full pass.
+//
+// Both complete with equal digests, and record the switch's pause as an
+// attempt (expected and actual). The verb is refused in one line without
+// a migration, and without --from.
 func TestMigratePostcopyOnCommand(t *testing.T) {
 	// Parallel: nothing here is held to a time limit (no downtime
 	// ceiling; the switch waits for every page, however slowly).
 	t.Parallel()
-	src := startWithPorts(t, "source-synth", false, profileArgs("synth", "256MiB", "64MiB", "5000",
+	for _, how := range []string{"command", "controller"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			testPostcopySwitch(t, how)
+		})
+	}
+}
+
+func testPostcopySwitch(t *testing.T, how string) {
+	const working = 32 << 20
+	src := startWithPorts(t, "source-synth", false, profileArgs("synth", "128MiB", "32MiB", "5000",
 		"--fill", "random", "--write-bytes", "4096", "--write-data", "random")...)
 	dst := startReceiver(t)
-	waitWorkload(t, src, 64<<20)
-	if err := postJSON(src.api, "/migrate/postcopy", nil); err == nil || !strings.Contains(err.Error(), "no migration") {
-		t.Errorf("POST /migrate/postcopy without a migration: %v, want a refusal", err)
+	waitWorkload(t, src, working)
+	args := []string{"migrate", "--from", src.api, "--to", dst.data, "--postcopy",
+		"--max-bandwidth", "50Mbit", "--compression", "none", "--max-time", "2m", "--json"}
+	if how == "command" {
+		r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy", "--from", src.api)
+		if r.code != 1 || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 || !strings.Contains(r.stderr, "no migration") {
+			t.Errorf("--switch-postcopy without a migration: exit %d, stderr %q: want exit 1, one line saying there is none", r.code, r.stderr)
+		}
+		if r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy"); r.code != 2 || !strings.Contains(r.stderr, "--from") {
+			t.Errorf("--switch-postcopy without --from: exit %d, stderr %q: want exit 2 naming --from", r.code, r.stderr)
+		}
+		args = append(args, "--postcopy-after-rounds", "1000")
 	}
-	wait := startCLI("migrate", "--from", src.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "1000",
-		"--max-bandwidth", "50Mbit", "--compression", "none", "--auto-converge=false", "--max-time", "2m", "--json")
-	waitStatus(t, src, 60*time.Second, "round 2", func(s status) bool { return s.Round >= 2 })
-	if err := postJSON(src.api, "/migrate/postcopy", nil); err != nil {
-		t.Fatalf("POST /migrate/postcopy: %v", err)
+	wait := startCLI(args...)
+	if how == "command" {
+		// A quarter of the full pass in: the command must not wait
+		// for the rest of it.
+		waitStatus(t, src, 60*time.Second, "2,000 pages sent", func(s status) bool { return s.NormalPages >= 2000 })
+		r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy", "--from", src.api)
+		if r.code != 0 {
+			t.Fatalf("--switch-postcopy: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+		}
 	}
 	r, err := wait(2 * time.Minute)
 	if err != nil {
@@ -352,5 +383,21 @@ func TestMigratePostcopyOnCommand(t *testing.T) {
 		t.Fatalf("migrate exit %d, status %q, %d pages owed, digests %q / %q\n%s\n%s", r.code, st.Status, st.PostcopyPages,
 			st.SwitchoverDigest, st.DestinationDigest, r.stdout, r.stderr)
 	}
-	t.Logf("switched on command after round %d: %d pages owed, downtime %d ms, total %d ms", st.Round, st.PostcopyPages, st.DowntimeMs, st.TotalTimeMs)
+	if st.PostcopySwitchReason != how || st.PostcopySwitchWhy == "" {
+		t.Errorf("switch reason %q (%q), want %q and why", st.PostcopySwitchReason, st.PostcopySwitchWhy, how)
+	}
+	if how == "command" && (st.Round != 0 || st.NormalPages >= working/4096/2) {
+		t.Errorf("switched in round %d after %d pages sent: want the full pass (%d pages) stopped early", st.Round, st.NormalPages, working/4096)
+	}
+	if how == "controller" && st.Round < 1 {
+		t.Errorf("controller switched in round %d: want after the full pass", st.Round)
+	}
+	n := len(st.Attempts)
+	if n == 0 || !strings.HasPrefix(st.Attempts[n-1].Outcome, "post-copy switch") || st.Attempts[n-1].ActualDowntimeMs <= 0 ||
+		st.Attempts[n-1].FinalPages != st.PostcopyPages {
+		t.Errorf("attempts %+v: want the switch last, with its pause and the pages owed (%d)", st.Attempts, st.PostcopyPages)
+	}
+	t.Logf("%s: switched in round %d after %d pages sent (%s): %d pages owed, switch pause expected %.1f ms, actual %.1f ms; downtime %d ms, total %d ms",
+		how, st.Round, st.NormalPages, st.PostcopySwitchWhy, st.PostcopyPages, st.Attempts[n-1].FinalExpectedMs, st.Attempts[n-1].ActualDowntimeMs,
+		st.DowntimeMs, st.TotalTimeMs)
 }
