@@ -401,7 +401,9 @@ type MigrationStatus struct {
 	// stays precopy-only. PostcopySwitchReason (source) is what made
 	// the switch: "rounds" (--postcopy-after-rounds), "command" (POST
 	// /migrate/postcopy) or "controller" (it predicted precopy would not
-	// converge); PostcopySwitchWhy is the decision's one line.
+	// converge); PostcopySwitchWhy is the decision's one line;
+	// PostcopyResumedAfterMs is when, since the migration started, the
+	// destination resumed the guest at the switch.
 	PostcopyActive         bool    `json:"postcopy_active,omitempty"`
 	PostcopyPages          uint64  `json:"postcopy_pages,omitempty"`
 	PostcopyRemainingPages uint64  `json:"postcopy_remaining_pages,omitempty"`
@@ -410,6 +412,7 @@ type MigrationStatus struct {
 	PostcopyRefused        string  `json:"postcopy_refused,omitempty"`
 	PostcopySwitchReason   string  `json:"postcopy_switch_reason,omitempty"`
 	PostcopySwitchWhy      string  `json:"postcopy_switch_why,omitempty"`
+	PostcopyResumedAfterMs int64   `json:"postcopy_resumed_after_ms,omitempty"`
 }
 
 // EpochStatus is a protected primary's epoch loop.

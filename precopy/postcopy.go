@@ -155,8 +155,11 @@ func (m *Migration) switchSend(ctx context.Context, ctrl *Controller, start time
 		}
 		return false, err
 	}
-	m.recordSwitch(att, resumeEnd(ack, pauseStart, acked).Sub(pauseStart), sendStart, acked, ack)
-	m.update(func(s *MigrationStatus) { s.PostcopyActive, s.PostcopyPages = true, owed })
+	resumed := resumeEnd(ack, pauseStart, acked)
+	m.recordSwitch(att, resumed.Sub(pauseStart), sendStart, acked, ack)
+	m.update(func(s *MigrationStatus) {
+		s.PostcopyActive, s.PostcopyPages, s.PostcopyResumedAfterMs = true, owed, resumed.Sub(start).Milliseconds()
+	})
 	m.logf("post-copy: the guest runs on the destination; serving the pages it lacks", "pages", owed)
 	started, err := wait(false)
 	if !started {

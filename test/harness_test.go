@@ -351,6 +351,7 @@ type status struct {
 	PostcopyRefused        string  `json:"postcopy_refused"`
 	PostcopySwitchReason   string  `json:"postcopy_switch_reason"`
 	PostcopySwitchWhy      string  `json:"postcopy_switch_why"`
+	PostcopyResumedAfterMs int64   `json:"postcopy_resumed_after_ms"`
 	Attempts               []struct {
 		ExpectedDowntimeMs float64 `json:"expected_downtime_ms"`
 		FinalPages         uint64  `json:"final_pages"`
