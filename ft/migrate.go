@@ -30,6 +30,8 @@ func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 	p.MaxBandwidth = req.MaxBandwidth
 	if req.DowntimeLimitMs > 0 {
 		p.DowntimeLimit = time.Duration(req.DowntimeLimitMs) * time.Millisecond
+		// The default target (20 ms) must not exceed a smaller limit.
+		p.DowntimeTarget = min(p.DowntimeTarget, p.DowntimeLimit)
 	}
 	if req.MaxTimeMs > 0 {
 		p.MaxTime = time.Duration(req.MaxTimeMs) * time.Millisecond

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -339,24 +340,30 @@ func benchPostcopyWholePages(b *testing.B, rounds string) {
 }
 
 // A guest rewriting fresh whole pages faster than a 50 Mbit/s cap
-// cannot converge, and --postcopy switches it two ways, in parallel:
+// cannot converge, and --postcopy switches it three ways, in parallel:
 //
 //   - command: `tandem migrate --switch-postcopy` during the first full
 //     pass of a migration that would switch only after 1,000 rounds:
 //     the pass stops at once (far fewer pages sent than the working set)
-//     and the migration switches, reason "command";
-//   - controller: plain --postcopy (no --postcopy-after-rounds): the
-//     controller sees the dirty set not shrinking and switches, reason
-//     "controller", a round or two after the full pass.
+//     and the migration switches, reason "command". Its --downtime-limit
+//     of 2 ms is shorter than any switch's pause: the switch goes ahead
+//     and its attempt says "over the limit";
+//   - controller: plain --postcopy (no --postcopy-after-rounds, no
+//     auto-converge): the controller sees the dirty set not shrinking
+//     and switches, reason "controller", after the full pass;
+//   - flush: the command again, with the source's disk stalling the
+//     switch's flush past its budget: that attempt is given up
+//     ("aborted: flush", the guest runs on here), and the switch is
+//     tried again after --min-retry.
 //
-// Both complete with equal digests, and record the switch's pause as an
-// attempt (expected and actual). The verb is refused in one line without
-// a migration, and without --from.
+// Each completes with equal digests and records the switch's pause,
+// expected and actual. The verb is refused in one line without a
+// migration, and without --from.
 func TestMigratePostcopyOnCommand(t *testing.T) {
 	// Parallel: nothing here is held to a time limit (no downtime
 	// ceiling; the switch waits for every page, however slowly).
 	t.Parallel()
-	for _, how := range []string{"command", "controller"} {
+	for _, how := range []string{"command", "controller", "flush"} {
 		t.Run(how, func(t *testing.T) {
 			t.Parallel()
 			testPostcopySwitch(t, how)
@@ -366,13 +373,19 @@ func TestMigratePostcopyOnCommand(t *testing.T) {
 
 func testPostcopySwitch(t *testing.T, how string) {
 	const working = 32 << 20
-	src := startWithPorts(t, "source-synth", false, profileArgs("synth", "128MiB", "32MiB", "5000",
-		"--fill", "random", "--write-bytes", "4096", "--write-data", "random")...)
-	dst := startReceiver(t)
+	srcArgs := profileArgs("synth", "128MiB", "32MiB", "5000", "--fill", "random", "--write-bytes", "4096", "--write-data", "random")
+	var dstArgs []string
+	if how == "flush" {
+		srcArgs = append(srcArgs, "--disk", filepath.Join(t.TempDir(), "disk.img"), "--allow-faults")
+		dstArgs = []string{"--disk", filepath.Join(t.TempDir(), "received-disk.img")}
+	}
+	src := startWithPorts(t, "source-synth", false, srcArgs...)
+	dst := startReceiver(t, dstArgs...)
 	waitWorkload(t, src, working)
 	args := []string{"migrate", "--from", src.api, "--to", dst.data, "--postcopy",
-		"--max-bandwidth", "50Mbit", "--compression", "none", "--max-time", "2m", "--json"}
-	if how == "command" {
+		"--max-bandwidth", "50Mbit", "--compression", "none", "--max-time", "2m", "--min-retry", "1s", "--json"}
+	switch how {
+	case "command":
 		r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy", "--from", src.api)
 		if r.code != 1 || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 || !strings.Contains(r.stderr, "no migration") {
 			t.Errorf("--switch-postcopy without a migration: exit %d, stderr %q: want exit 1, one line saying there is none", r.code, r.stderr)
@@ -380,13 +393,24 @@ func testPostcopySwitch(t *testing.T, how string) {
 		if r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy"); r.code != 2 || !strings.Contains(r.stderr, "--from") {
 			t.Errorf("--switch-postcopy without --from: exit %d, stderr %q: want exit 2 naming --from", r.code, r.stderr)
 		}
+		args = append(args, "--postcopy-after-rounds", "1000", "--downtime-limit", "2ms")
+	case "flush":
 		args = append(args, "--postcopy-after-rounds", "1000")
+	case "controller":
+		// Throttled, the guest may come down to what the link carries
+		// and complete precopy: a fine outcome, but not this case's.
+		args = append(args, "--auto-converge=false")
 	}
 	wait := startCLI(args...)
-	if how == "command" {
+	if how != "controller" {
 		// A quarter of the full pass in: the command must not wait
 		// for the rest of it.
 		waitStatus(t, src, 60*time.Second, "2,000 pages sent", func(s status) bool { return s.NormalPages >= 2000 })
+		if how == "flush" {
+			if err := postJSON(src.api, "/debug/stall-flush", map[string]any{"duration_ms": 1500}); err != nil {
+				t.Fatalf("stall the flush: %v", err)
+			}
+		}
 		r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy", "--from", src.api)
 		if r.code != 0 {
 			t.Fatalf("--switch-postcopy: exit %d\n%s%s", r.code, r.stdout, r.stderr)
@@ -404,21 +428,33 @@ func testPostcopySwitch(t *testing.T, how string) {
 		t.Fatalf("migrate exit %d, status %q, %d pages owed, digests %q / %q\n%s\n%s", r.code, st.Status, st.PostcopyPages,
 			st.SwitchoverDigest, st.DestinationDigest, r.stdout, r.stderr)
 	}
-	if st.PostcopySwitchReason != how || st.PostcopySwitchWhy == "" {
-		t.Errorf("switch reason %q (%q), want %q and why", st.PostcopySwitchReason, st.PostcopySwitchWhy, how)
+	checkSwitch(t, how, st, working/4096)
+}
+
+// checkSwitch checks what the source's final status says of the switch
+// of testPostcopySwitch's case how (workingPages: the working set).
+func checkSwitch(t *testing.T, how string, st status, workingPages uint64) {
+	t.Helper()
+	if reason := map[string]string{"flush": "command"}[how]; st.PostcopySwitchReason != cmp.Or(reason, how) || st.PostcopySwitchWhy == "" {
+		t.Errorf("switch reason %q (%q), want %q and why", st.PostcopySwitchReason, st.PostcopySwitchWhy, cmp.Or(reason, how))
 	}
-	if how == "command" && (st.Round != 0 || st.NormalPages >= working/4096/2) {
-		t.Errorf("switched in round %d after %d pages sent: want the full pass (%d pages) stopped early", st.Round, st.NormalPages, working/4096)
+	if how == "command" && (st.Round != 0 || st.NormalPages >= workingPages/2) {
+		t.Errorf("switched in round %d after %d pages sent: want the full pass (%d pages) stopped early", st.Round, st.NormalPages, workingPages)
 	}
 	if how == "controller" && st.Round < 1 {
 		t.Errorf("controller switched in round %d: want after the full pass", st.Round)
 	}
 	n := len(st.Attempts)
-	if n == 0 || !strings.HasPrefix(st.Attempts[n-1].Outcome, "post-copy switch") || st.Attempts[n-1].ActualDowntimeMs <= 0 ||
-		st.Attempts[n-1].FinalPages != st.PostcopyPages {
-		t.Errorf("attempts %+v: want the switch last, with its pause and the pages owed (%d)", st.Attempts, st.PostcopyPages)
+	want := map[string]string{"command": "post-copy switch: over the limit"}[how]
+	if n == 0 || st.Attempts[n-1].Outcome != cmp.Or(want, "post-copy switch") || st.Attempts[n-1].ActualDowntimeMs <= 0 ||
+		st.Attempts[n-1].FinalPages != st.PostcopyPages || st.PostcopyResumedAfterMs <= 0 {
+		t.Fatalf("attempts %+v, resumed after %d ms: want %q last, with its pause and the pages owed (%d)",
+			st.Attempts, st.PostcopyResumedAfterMs, cmp.Or(want, "post-copy switch"), st.PostcopyPages)
 	}
-	t.Logf("%s: switched in round %d after %d pages sent (%s): %d pages owed, switch pause expected %.1f ms, actual %.1f ms; downtime %d ms, total %d ms",
+	if how == "flush" && (n < 2 || st.Attempts[0].Outcome != "aborted: flush") {
+		t.Errorf("attempts %+v: want the stalled flush to give up the first switch", st.Attempts)
+	}
+	t.Logf("%s: switched in round %d after %d pages sent (%s): %d pages owed, switch pause expected %.1f ms, actual %.1f ms; resumed after %d ms, total %d ms; attempts %+v",
 		how, st.Round, st.NormalPages, st.PostcopySwitchWhy, st.PostcopyPages, st.Attempts[n-1].FinalExpectedMs, st.Attempts[n-1].ActualDowntimeMs,
-		st.DowntimeMs, st.TotalTimeMs)
+		st.PostcopyResumedAfterMs, st.TotalTimeMs, st.Attempts)
 }

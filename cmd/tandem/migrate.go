@@ -34,15 +34,7 @@ func cmdMigrate(args []string) error {
 	asJSON := fs.Bool("json", false, "print the final status as JSON")
 	streams := fs.Int("streams", 1, fmt.Sprintf("goroutines encoding the stream on the source, 1 to %d (one connection)", api.MaxMigrateStreams))
 	postcopy := fs.Bool("postcopy", false, "switch to post-copy (the guest resumes on the destination at once; missing pages follow on demand) when the controller predicts precopy will not converge, or after --postcopy-after-rounds rounds")
-	var pcRounds *int
-	fs.Func("postcopy-after-rounds", fmt.Sprintf("with --postcopy: switch after this many precopy rounds at the latest, 0 to %d (0: before any page is sent; 1: after the first full pass); the controller may switch sooner (default: no limit, the controller decides)", api.MaxPostcopyAfterRounds), func(v string) error {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 || n > api.MaxPostcopyAfterRounds {
-			return fmt.Errorf("want 0 to %d", api.MaxPostcopyAfterRounds)
-		}
-		pcRounds = &n
-		return nil
-	})
+	pcRoundsFlag := fs.String("postcopy-after-rounds", "", fmt.Sprintf("with --postcopy: switch after `N` precopy rounds at the latest, N from 0 to %d (0: before any page is sent; 1: after the first full pass); the controller may switch sooner (default: no limit, the controller decides)", api.MaxPostcopyAfterRounds))
 	switchPC := fs.Bool("switch-postcopy", false, "switch the running --postcopy migration of the node at --from to post-copy now (POST /migrate/postcopy), then return")
 	var tf tlsFlags
 	addTLSFlags(fs, &tf)
@@ -71,6 +63,14 @@ func cmdMigrate(args []string) error {
 	}
 	if *streams < 1 || *streams > api.MaxMigrateStreams {
 		return usagef("--streams %d: want 1 to %d", *streams, api.MaxMigrateStreams)
+	}
+	var pcRounds *int
+	if *pcRoundsFlag != "" {
+		n, err := strconv.Atoi(*pcRoundsFlag)
+		if err != nil || n < 0 || n > api.MaxPostcopyAfterRounds {
+			return usagef("--postcopy-after-rounds %s: want 0 to %d", *pcRoundsFlag, api.MaxPostcopyAfterRounds)
+		}
+		pcRounds = &n
 	}
 	if *downtime <= 0 || *maxTime <= 0 || *minRetry <= 0 {
 		return usagef("--downtime-limit, --max-time and --min-retry must be positive")
