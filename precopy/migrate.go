@@ -318,6 +318,11 @@ func (m *Migration) act(ctx context.Context, ctrl *Controller, start time.Time, 
 	}
 	switch d.Action {
 	case Fail:
+		if m.Postcopy != nil && errors.Is(d.Err, ErrMaxTime) && clock.Since(m.clk(), start) < m.switchRetryAfter {
+			// The switch that replaces this failure was given up a
+			// moment ago: it is tried again, not abandoned.
+			return false, nil
+		}
 		return true, m.failed(start, d.Err)
 	case TryComplete:
 		done, err := m.complete(ctx, ctrl, start, d.ExpectedDowntime)
