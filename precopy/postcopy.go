@@ -213,16 +213,21 @@ func (m *Migration) missingSendTime(ctrl *Controller, missing *Bitmap) time.Dura
 	if rate <= 0 {
 		return 0
 	}
-	runs := uint64(0)
-	for p, ok := missing.NextSet(0); ok; {
-		q := p + 1
-		for q < missing.Len() && missing.Test(q) {
-			q++
+	return secondsToDuration(float64(missingRuns(missing)*MissingRunBytes+MissingEndBytes) / rate)
+}
+
+// missingRuns is how many runs of consecutive pages b holds.
+func missingRuns(b *Bitmap) uint64 {
+	var runs uint64
+	next := uint64(0) // the page that would extend the current run
+	b.ForEach(func(p uint64) bool {
+		if runs == 0 || p != next {
+			runs++
 		}
-		runs++
-		p, ok = missing.NextSet(q)
-	}
-	return secondsToDuration(float64(runs*MissingRunBytes+MissingEndBytes) / rate)
+		next = p + 1
+		return true
+	})
+	return runs
 }
 
 // switchExpected is the switch's predicted pause for the pages dirty now:

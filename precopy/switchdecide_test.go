@@ -161,3 +161,18 @@ func TestControllerSwitchScenarios(t *testing.T) {
 		})
 	}
 }
+
+// The switch's prediction counts the missing set's runs as postcopy's
+// SendMissing writes them.
+func TestMissingRuns(t *testing.T) {
+	b := NewBitmap(1 << 12)
+	if n := missingRuns(b); n != 0 {
+		t.Fatalf("empty: %d runs", n)
+	}
+	for _, p := range []uint64{0, 1, 2, 5, 64, 65, 127, 128, 4095} { // runs 0-2, 5, 64-65, 127-128, 4095
+		b.Set(p)
+	}
+	if n := missingRuns(b); n != 5 {
+		t.Fatalf("%d runs, want 5", n)
+	}
+}
