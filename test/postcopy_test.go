@@ -348,6 +348,7 @@ func benchPostcopySlowLink(b *testing.B, rounds string, profile ...string) {
 		profile, cmp.Or(rounds, "controller"), r.code, st.Status, st.PostcopySwitchReason, st.Round, st.PostcopySwitchWhy, st.PostcopyResumedAfterMs,
 		st.DowntimeMs, st.TotalTimeMs, st.PostcopyPages, ds.PostcopyRequests, ds.PostcopyBlocktimeMs,
 		st.SwitchoverDigest != "" && st.SwitchoverDigest == st.DestinationDigest)
+	b.Logf("downtime breakdown %+v; attempts %+v", st.DowntimeBreakdown, st.Attempts)
 	// A precopy completion resumes the guest on the destination at its end.
 	b.ReportMetric(float64(cmp.Or(st.PostcopyResumedAfterMs, st.TotalTimeMs)), "resumed-ms")
 	b.ReportMetric(float64(st.TotalTimeMs), "total-ms")
