@@ -41,7 +41,7 @@ func (w *pcWriter) run(stop <-chan struct{}, from int) {
 }
 
 // A kv guest under load migrates with --postcopy over loopback, switched
-// after one round (the default) and before any (0): every write the
+// after one round (--postcopy-after-rounds 1) and before any (0): every write the
 // client saw acknowledged is on the destination, the source's output
 // says the destination's switch-over digest (taken as the last page
 // arrived) equals its own, the destination served faults by post-copy,
