@@ -56,7 +56,7 @@ func TestSummaryPostcopySwitch(t *testing.T) {
 	var b strings.Builder
 	s := precopy.MigrationStatus{Status: precopy.StatusCompleted, PostcopyPages: 9, PostcopySwitchReason: precopy.SwitchController,
 		PostcopySwitchWhy: "the dirty set stopped shrinking",
-		Attempts: []api.CompletionAttempt{{ExpectedDowntimeMs: 12, FinalExpectedMs: 11.5, ActualDowntimeMs: 14.25, Outcome: "post-copy switch"}}}
+		Attempts:          []api.CompletionAttempt{{ExpectedDowntimeMs: 12, FinalExpectedMs: 11.5, ActualDowntimeMs: 14.25, Outcome: "post-copy switch"}}}
 	WriteSummary(&b, s, 300*time.Millisecond)
 	for _, want := range []string{"switched to post-copy (controller): the dirty set stopped shrinking",
 		"switch pause: expected 12.0 ms (11.5 ms after the final sync), actual 14.2 ms: post-copy switch"} {
