@@ -424,9 +424,9 @@ func testPostcopySwitch(t *testing.T, how string) {
 	}
 	wait := startCLI(args...)
 	if how != "controller" {
-		// A quarter of the full pass in: the command must not wait
+		// An eighth of the full pass in: the command must not wait
 		// for the rest of it.
-		waitStatus(t, src, 60*time.Second, "2,000 pages sent", func(s status) bool { return s.NormalPages >= 2000 })
+		waitStatus(t, src, 60*time.Second, "1,000 pages sent", func(s status) bool { return s.NormalPages >= 1000 })
 		if how == "flush" {
 			if err := postJSON(src.api, "/debug/stall-flush", map[string]any{"duration_ms": 1500}); err != nil {
 				t.Fatalf("stall the flush: %v", err)
@@ -459,7 +459,7 @@ func checkSwitch(t *testing.T, how string, st status, workingPages uint64) {
 	if reason := map[string]string{"flush": "command"}[how]; st.PostcopySwitchReason != cmp.Or(reason, how) || st.PostcopySwitchWhy == "" {
 		t.Errorf("switch reason %q (%q), want %q and why", st.PostcopySwitchReason, st.PostcopySwitchWhy, cmp.Or(reason, how))
 	}
-	if how == "command" && (st.Round != 0 || st.NormalPages >= workingPages/2) {
+	if how == "command" && (st.Round != 0 || st.NormalPages >= workingPages*3/4) {
 		t.Errorf("switched in round %d after %d pages sent: want the full pass (%d pages) stopped early", st.Round, st.NormalPages, workingPages)
 	}
 	if how == "controller" && st.Round < 1 {
