@@ -27,7 +27,7 @@ func cmdMigrate(args []string) error {
 	to := fs.String("to", "", "destination: a receiver's data ADDR, or file:NAME (a snapshot the node writes into its --snapshot-dir)")
 	bw := fs.String("max-bandwidth", "0", "bandwidth cap, e.g. 100Mbit, 50MB, 1Gbit (0: none)")
 	downtime := fs.Duration("downtime-limit", precopy.DefaultDowntimeLimit, "longest acceptable pause")
-	maxTime := fs.Duration("max-time", precopy.DefaultMaxTime, "give up (guest keeps running here) after this long")
+	maxTime := fs.Duration("max-time", precopy.DefaultMaxTime, "give up (guest keeps running here) after this long; with --postcopy, switch to post-copy instead")
 	minRetry := fs.Duration("min-retry", precopy.DefaultMinRetryInterval, "least time between completion attempts after a flush missed its deadline")
 	comp := fs.String("compression", "default", "stream compression: none, fastest, default, better or best")
 	autoConverge := fs.Bool("auto-converge", true, "throttle the vCPUs when the guest dirties memory faster than the link carries it")
