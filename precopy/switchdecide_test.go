@@ -133,6 +133,7 @@ func TestControllerSwitchScenarios(t *testing.T) {
 			var progress []ProgressSample
 			at, now := -1, t0
 			var got SwitchDecision
+			var last Decision
 			for i, r := range c.rounds {
 				if i == 0 {
 					progress = append(progress, ProgressSample{0, r.sent})
@@ -144,6 +145,7 @@ func TestControllerSwitchScenarios(t *testing.T) {
 				if len(progress) > progressWindow {
 					progress = progress[1:]
 				}
+				last = d
 				got = DecideSwitch(SwitchView{RoundsSent: i + 1, AfterRounds: -1, Decision: d, DowntimeLimit: p.DowntimeLimit,
 					Progress: progress, Elapsed: now.Sub(t0), MaxTime: p.MaxTime})
 				t.Logf("round %d: %v (%s); switch %v: %s", i, d.Action, d.Reason, got.Switch, got.Why)
@@ -157,6 +159,9 @@ func TestControllerSwitchScenarios(t *testing.T) {
 			}
 			if at != c.at || got.Reason != c.reason {
 				t.Errorf("switched after round %d (%q), want %d (%q)", at, got.Reason, c.at, c.reason)
+			}
+			if c.name == "converges" && last.Action != TryComplete {
+				t.Errorf("converging guest: the last decision is %v, want a precopy completion", last.Action)
 			}
 		})
 	}
