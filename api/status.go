@@ -344,7 +344,11 @@ type CompletionAttempt struct {
 	ActualDowntimeMs float64 `json:"actual_downtime_ms"`
 	FinalSendMs      float64 `json:"final_send_ms,omitempty"`
 	// Outcome is "completed", "aborted: flush" or "aborted: prediction"
-	// (the final sync left more than fits the limit; nothing was sent).
+	// (the final sync left more than fits the limit; nothing was sent);
+	// for a switch to post-copy (docs/POSTCOPY.md) "post-copy switch",
+	// or "post-copy switch: over the limit" when its pause was longer
+	// than the downtime limit (the switch is not given up for that).
+	// FinalPages is then the pages owed.
 	Outcome string `json:"outcome"`
 }
 
@@ -399,7 +403,12 @@ type MigrationStatus struct {
 	// PostcopyRequests the pages a faulting vCPU asked for;
 	// PostcopyBlocktimeMs (destination) each vCPU's time waiting for
 	// pages. PostcopyRefused (source) is why a --postcopy migration
-	// stays precopy-only.
+	// stays precopy-only. PostcopySwitchReason (source) is what made
+	// the switch: "rounds" (--postcopy-after-rounds), "command" (POST
+	// /migrate/postcopy) or "controller" (it predicted precopy would not
+	// converge); PostcopySwitchWhy is the decision's one line;
+	// PostcopyResumedAfterMs is when, since the migration started, the
+	// destination resumed the guest at the switch.
 	PostcopyActive         bool    `json:"postcopy_active,omitempty"`
 	PostcopyPages          uint64  `json:"postcopy_pages,omitempty"`
 	PostcopyRemainingPages uint64  `json:"postcopy_remaining_pages,omitempty"`
@@ -430,6 +439,9 @@ type MigrationStatus struct {
 	PostcopySourceUnreachableMs    int64   `json:"postcopy_source_unreachable_ms,omitempty"`
 	PostcopyWaitingMs              []int64 `json:"postcopy_waiting_ms,omitempty"`
 	PostcopyAbandonedAt            string  `json:"postcopy_abandoned_at,omitempty"`
+	PostcopySwitchReason           string  `json:"postcopy_switch_reason,omitempty"`
+	PostcopySwitchWhy              string  `json:"postcopy_switch_why,omitempty"`
+	PostcopyResumedAfterMs         int64   `json:"postcopy_resumed_after_ms,omitempty"`
 }
 
 // AbandonRequest is the body of POST /migrate/abandon on a post-copy
@@ -684,9 +696,12 @@ type MigrateRequest struct {
 	// hashes, compression, checksums), 1 to MaxMigrateStreams; 0 means
 	// 1. The stream stays one connection whose sections keep their order.
 	Streams int `json:"streams,omitempty"`
-	// Postcopy asks for a switch to post-copy (docs/POSTCOPY.md) after
-	// PostcopyAfterRounds precopy rounds (nil: 1; 0: at once, before
-	// any page is sent; round 0 is the first full pass). A destination
+	// Postcopy asks for a switch to post-copy (docs/POSTCOPY.md) when
+	// the convergence controller predicts precopy will not converge,
+	// and after PostcopyAfterRounds precopy rounds at the latest (nil:
+	// no such limit; 0: at once, before any page is sent; round 0 is the
+	// first full pass). A precopy completion the controller decides
+	// first needs no switch. A destination
 	// that cannot register the guest's memory with userfaultfd says so
 	// in its handshake and the migration stays precopy-only. An older
 	// node ignores both fields and migrates precopy-only.

@@ -30,6 +30,8 @@ func migratePolicy(req migrateRequest) (precopy.Policy, error) {
 	p.MaxBandwidth = req.MaxBandwidth
 	if req.DowntimeLimitMs > 0 {
 		p.DowntimeLimit = time.Duration(req.DowntimeLimitMs) * time.Millisecond
+		// The default target (20 ms) must not exceed a smaller limit.
+		p.DowntimeTarget = min(p.DowntimeTarget, p.DowntimeLimit)
 	}
 	if req.MaxTimeMs > 0 {
 		p.MaxTime = time.Duration(req.MaxTimeMs) * time.Millisecond
@@ -57,11 +59,11 @@ func parseMigrateRequest(w http.ResponseWriter, r *http.Request) (req migrateReq
 	if req.Streams < 0 || req.Streams > api.MaxMigrateStreams {
 		return bad(fmt.Errorf("bad migrate request: streams %d not in 1..%d", req.Streams, api.MaxMigrateStreams))
 	}
-	pcRounds = 1
+	pcRounds = -1 // the controller alone decides (precopy.DecideSwitch)
 	if req.PostcopyAfterRounds != nil {
 		pcRounds = *req.PostcopyAfterRounds
 	}
-	if pcRounds < 0 || pcRounds > api.MaxPostcopyAfterRounds {
+	if req.PostcopyAfterRounds != nil && (pcRounds < 0 || pcRounds > api.MaxPostcopyAfterRounds) {
 		return bad(fmt.Errorf("bad migrate request: postcopy_after_rounds %d not in 0..%d", pcRounds, api.MaxPostcopyAfterRounds))
 	}
 	if req.Postcopy && strings.HasPrefix(req.To, "file:") {

@@ -338,21 +338,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	reason := st.StateReason
 	migrationStatus(&st, mig, migDest, inbound)
 	postcopyStatus(&st, mig != nil, pcOut, pcIn)
-	// The post-copy outage's advice (resume or abandon) is for a running
-	// unprotected destination: a discarded or lost one keeps its own
-	// word, and one holding a protected source's output says that (its
-	// guest is not lost: the source's secondary is the fallback).
-	if r := hold.reason(); r != "" && st.State == "running" {
-		st.StateReason = r
-		if st.Status == precopy.StatusPostcopyPaused {
-			st.StateReason = fmt.Sprintf("output held (migration %s from a protected source, %d pages still missing): nothing this guest said has left this node; "+
-				"the source has been unreachable since %s: if it comes back, resume the migration (tandem migrate --resume); if it died, its secondary is the fallback: "+
-				"once that secondary is activated, discard this copy (POST /migrate/abort {\"force\": true})",
-				hold.id, st.PostcopyRemainingPages, st.PostcopySourceUnreachableSince)
-		}
-	} else if st.State != "running" {
-		st.StateReason = reason
-	}
+	postcopyStateReason(&st, hold, reason)
 	if cluster != nil {
 		st.Cluster = cluster()
 	}
@@ -386,6 +372,28 @@ func (n *Node) status(digest bool) nodeStatus {
 		}
 	}
 	return st
+}
+
+// postcopyStateReason settles a destination's state_reason (own: the
+// node's own) once the post-copy status is in. The post-copy outage's
+// advice (resume or abandon) is for a running unprotected destination: a
+// discarded or lost one keeps its own word, and one holding a protected
+// source's output says that (its guest is not lost: the source's
+// secondary is the fallback).
+func postcopyStateReason(st *nodeStatus, hold *outputHold, own string) {
+	r := hold.reason()
+	switch {
+	case st.State != "running":
+		st.StateReason = own
+	case r == "":
+	case st.Status == precopy.StatusPostcopyPaused:
+		st.StateReason = fmt.Sprintf("output held (migration %s from a protected source, %d pages still missing): nothing this guest said has left this node; "+
+			"the source has been unreachable since %s: if it comes back, resume the migration (tandem migrate --resume); if it died, its secondary is the fallback: "+
+			"once that secondary is activated, discard this copy (POST /migrate/abort {\"force\": true})",
+			hold.id, st.PostcopyRemainingPages, st.PostcopySourceUnreachableSince)
+	default:
+		st.StateReason = r
+	}
 }
 
 // listNodes fills st's nodes: a raft member's from raft (with its

@@ -378,7 +378,7 @@ func postcopyStatus(st *nodeStatus, migrating bool, pcOut *pcSource, pcIn *pcInb
 }
 
 // handleMigratePostcopy is POST /migrate/postcopy: the running migration
-// switches to post-copy at the end of its current round. Refused without
+// switches to post-copy now (the round being sent stops). Refused without
 // a running migration, or one that has no post-copy (not asked for, or
 // refused by the destination: its status says why).
 func (n *Node) handleMigratePostcopy(w http.ResponseWriter, r *http.Request) {
@@ -393,6 +393,6 @@ func (n *Node) handleMigratePostcopy(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, http.StatusConflict, api.CodeRefused, err)
 		return
 	}
-	n.log.Info("post-copy switch asked for: at the end of the current round")
+	n.log.Info("post-copy switch asked for: the round being sent stops")
 	WriteJSON(w, http.StatusAccepted, map[string]any{"ok": true})
 }

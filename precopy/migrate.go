@@ -146,15 +146,21 @@ type Migration struct {
 	// committed: the commit was decided; the source's guest never
 	// resumes from here on.
 	committed bool
-	// Postcopy, if set, switches the migration to post-copy once
-	// PostcopyAfterRounds rounds have been sent (0: before any; the
-	// first round is the full pass). A completion the controller decides
+	// Postcopy, if set, switches the migration to post-copy when
+	// DecideSwitch says so: when the controller predicts precopy will
+	// not converge, and once PostcopyAfterRounds rounds have been sent
+	// at the latest (0: before any; the first round is the full pass;
+	// negative: no such limit). A completion the controller decides
 	// sooner stays precopy's. Set both before Run.
 	Postcopy            PostcopyLink
 	PostcopyAfterRounds int
-	// switchNow asks for the post-copy switch at the next round's end
-	// (SwitchToPostcopy).
+	// switchNow asks for the post-copy switch now (SwitchToPostcopy).
 	switchNow atomic.Bool
+	// progress is the dirty set's last sizes (DecideSwitch);
+	// switchRetryAfter, since the start, when a switch given up may be
+	// tried again. Run's goroutine only.
+	progress         []ProgressSample
+	switchRetryAfter time.Duration
 	// beforeCommit, if set, runs in switchOver once the destination is
 	// ready, before the commit (the post-copy switch starts serving).
 	beforeCommit func()
@@ -261,17 +267,32 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		return m.failed(start, err)
 	}
 
+	m.send.Stop = m.stopRound
 	lastSync := m.clk().Now()
 	applied := 0
 	for round := 0; ; round++ {
 		m.update(func(s *MigrationStatus) { s.Round = round })
-		if done, err := m.maybeSwitch(ctx, ctrl, start, round); done || err != nil {
-			return err
+		if round == 0 {
+			// --postcopy-after-rounds 0, or a command before any round.
+			if _, done, err := m.switchIf(ctx, ctrl, start, Decision{}, 0); done {
+				return err
+			}
 		}
-		wire0 := m.link.BytesSent()
+		wire0, roundStart := m.link.BytesSent(), m.clk().Now()
 		sent, sendTime, err := m.sendRound(ctx, round)
 		if err != nil {
 			return m.failed(start, err)
+		}
+		if m.stopRound() {
+			// A command cut the round short: switch now (the
+			// capture's dirty sync takes what the round left).
+			if _, done, err := m.switchIf(ctx, ctrl, start, Decision{}, round+1); done {
+				return err
+			}
+			continue
+		}
+		if round == 0 {
+			m.sample(roundStart.Sub(start), sent) // the pages the full pass set out to send
 		}
 		dirtied, err := m.core.Sync()
 		if err != nil {
@@ -284,6 +305,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 			PagesDirtied: dirtied, DirtyInterval: now.Sub(lastSync), RemainingPages: remaining,
 		}, now)
 		lastSync = now
+		m.sample(now.Sub(start), remaining)
 		if m.Log != nil {
 			m.Log.Debug("migration round", "round", round, "sent_pages", sent, "send_ms", ms(sendTime),
 				"dirtied", dirtied, "remaining", remaining, "expected_ms", ms(d.ExpectedDowntime), "action", d.Action.String(), "reason", d.Reason)
@@ -295,60 +317,79 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 			applied = d.Throttle
 		}
 		m.report(ctrl, start, remaining)
-		switch d.Action {
-		case Fail:
-			return m.failed(start, d.Err)
-		case TryComplete:
-			done, err := m.tryComplete(ctx, ctrl, start, d.ExpectedDowntime, round)
-			if done || err != nil {
-				return err
-			}
-			m.report(ctrl, start, m.core.Dirty.Count())
-		case Continue:
-			if sent == 0 {
-				// Nothing was dirty (typically waiting out the retry
-				// interval after an aborted completion): let some
-				// dirt gather instead of spinning.
-				select {
-				case <-ctx.Done():
-				case <-m.clk().After(20 * time.Millisecond):
-				}
-			}
-		}
-		if err := ctx.Err(); err != nil {
-			return m.failed(start, fmt.Errorf("migration cancelled: %w", err))
+		if done, err := m.act(ctx, ctrl, start, d, round, sent); done {
+			return err
 		}
 	}
 }
 
-// tryComplete is the controller's completion after round: precopy's
-// stop-and-copy, or the post-copy switch for a migration that must
-// switch (BeforeSwitch: a protected guest moves only that way).
-func (m *Migration) tryComplete(ctx context.Context, ctrl *Controller, start time.Time, expected time.Duration, round int) (bool, error) {
+// act carries out the controller's decision on a round (round, which sent
+// sent pages), a switch to post-copy first if DecideSwitch says so. It
+// returns done when the migration ended, err when it failed.
+func (m *Migration) act(ctx context.Context, ctrl *Controller, start time.Time, d Decision, round int, sent uint64) (bool, error) {
+	if tried, done, err := m.switchIf(ctx, ctrl, start, d, round+1); tried {
+		return done, err // given up (not done): the guest runs here; go on
+	}
+	switch d.Action {
+	case Fail:
+		if m.Postcopy != nil && errors.Is(d.Err, ErrMaxTime) && clock.Since(m.clk(), start) < m.switchRetryAfter {
+			// The switch that replaces this failure was given up a
+			// moment ago: it is tried again, not abandoned.
+			return false, nil
+		}
+		return true, m.failed(start, d.Err)
+	case TryComplete:
+		done, err := m.tryComplete(ctx, ctrl, start, d.ExpectedDowntime)
+		if done || err != nil {
+			return true, err
+		}
+		m.report(ctrl, start, m.core.Dirty.Count())
+		// Precopy did not complete: the rounds (or a command) may
+		// switch now instead.
+		d.Action = Continue
+		if _, done, err := m.switchIf(ctx, ctrl, start, d, round+1); done {
+			return true, err
+		}
+	case Continue:
+		if sent == 0 {
+			// Nothing was dirty (typically waiting out the retry
+			// interval after an aborted completion): let some
+			// dirt gather instead of spinning.
+			select {
+			case <-ctx.Done():
+			case <-m.clk().After(20 * time.Millisecond):
+			}
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return true, m.failed(start, fmt.Errorf("migration cancelled: %w", err))
+	}
+	return false, nil
+}
+
+// tryComplete is the controller's completion: precopy's stop-and-copy,
+// or the post-copy switch for a migration that must switch
+// (BeforeSwitch: a protected guest moves only that way, its final epoch
+// the switch).
+func (m *Migration) tryComplete(ctx context.Context, ctrl *Controller, start time.Time, expected time.Duration) (bool, error) {
 	if m.BeforeSwitch != nil && m.Postcopy != nil {
-		return m.switchPostcopy(ctx, ctrl, start, round+1)
+		m.update(func(s *MigrationStatus) {
+			s.PostcopySwitchReason, s.PostcopySwitchWhy = SwitchController, "precopy would complete: a protected guest completes by a post-copy switch"
+		})
+		return m.switchPostcopy(ctx, ctrl, start)
 	}
 	return m.complete(ctx, ctrl, start, expected)
 }
 
-// SwitchToPostcopy asks a post-copy migration to switch at the end of the
-// round being sent (at most RoundLimit away, except during the first full
-// pass), whatever PostcopyAfterRounds said. Safe from any goroutine.
+// SwitchToPostcopy asks a post-copy migration to switch now: the round
+// being sent stops at its next batch (a full pass of a large guest lasts
+// minutes), whatever PostcopyAfterRounds said. Safe from any goroutine.
 func (m *Migration) SwitchToPostcopy() error {
 	if m.Postcopy == nil {
 		return errors.New("this migration has no post-copy (start it with --postcopy; the destination must grant it)")
 	}
 	m.switchNow.Store(true)
 	return nil
-}
-
-// maybeSwitch switches to post-copy once the rounds asked for are sent
-// (see switchPostcopy); without Postcopy it does nothing.
-func (m *Migration) maybeSwitch(ctx context.Context, ctrl *Controller, start time.Time, round int) (bool, error) {
-	if m.Postcopy == nil || (round < m.PostcopyAfterRounds && !m.switchNow.Load()) {
-		return false, nil
-	}
-	return m.switchPostcopy(ctx, ctrl, start, round)
 }
 
 // sendRound sends one iterative round (round 0: all of memory) and waits
@@ -364,7 +405,9 @@ func (m *Migration) sendRound(ctx context.Context, round int) (uint64, time.Dura
 	} else {
 		sent, err = m.send.SendDirty(ctx)
 	}
-	if err == nil {
+	if err == nil && !m.stopRound() {
+		// A round stopped for the switch is not measured: its
+		// epochs reach the destination before the final one anyway.
 		err = m.send.Drain(ctx)
 	}
 	return sent, clock.Since(m.clk(), t0), err

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/internal/clock"
 )
@@ -40,13 +41,70 @@ const (
 	OutcomePostcopyPaused = "committed; post-copy paused: the link to the destination is lost; the destination runs the guest, waiting for the pages this source holds (its guest stays paused); `tandem migrate --resume` continues it"
 )
 
+// switchIf switches to post-copy if DecideSwitch says so, after
+// roundsSent rounds whose last the controller answered with d. tried
+// says a switch was tried; done that Run must return err (the migration
+// completed or failed); tried and not done: it was given up (its flush
+// missed its budget) and the guest runs here again.
+func (m *Migration) switchIf(ctx context.Context, ctrl *Controller, start time.Time, d Decision, roundsSent int) (tried, done bool, err error) {
+	if m.Postcopy == nil {
+		return false, false, nil
+	}
+	sw := DecideSwitch(SwitchView{
+		RoundsSent: roundsSent, AfterRounds: m.PostcopyAfterRounds, Commanded: m.switchNow.Load(),
+		RetryAfter: m.switchRetryAfter, Decision: d, DowntimeLimit: m.policy.DowntimeLimit,
+		Progress: m.progress, Elapsed: clock.Since(m.clk(), start), MaxTime: ctrl.Policy().MaxTime,
+	})
+	if !sw.Switch {
+		return false, false, nil
+	}
+	m.logf("post-copy: switching", "reason", sw.Reason, "why", sw.Why, "rounds", roundsSent)
+	m.update(func(s *MigrationStatus) { s.PostcopySwitchReason, s.PostcopySwitchWhy = sw.Reason, sw.Why })
+	if roundsSent == 0 {
+		m.markAll() // nothing sent yet: every page is owed
+	}
+	done, err = m.switchPostcopy(ctx, ctrl, start)
+	if !done && err == nil {
+		m.switchRetryAfter = clock.Since(m.clk(), start) + m.policy.withDefaults().MinRetryInterval
+		m.update(func(s *MigrationStatus) { s.PostcopySwitchReason, s.PostcopySwitchWhy = "", "" })
+		if roundsSent == 0 {
+			m.core.Dirty.Clear() // the full pass that follows sends every page
+		}
+	}
+	return true, done || err != nil, err
+}
+
+// stopRound says whether the round being sent must stop for a switch
+// asked for by command (SwitchToPostcopy). Run's goroutine only.
+func (m *Migration) stopRound() bool {
+	return m.Postcopy != nil && m.switchNow.Load() && clock.Since(m.clk(), m.started) >= m.switchRetryAfter
+}
+
+// sample records the dirty set's size for DecideSwitch, keeping the
+// last progressWindow.
+func (m *Migration) sample(at time.Duration, pages uint64) {
+	m.progress = append(m.progress, ProgressSample{At: at, Pages: pages})
+	if n := len(m.progress); n > progressWindow {
+		m.progress = append(m.progress[:0], m.progress[n-progressWindow:]...)
+	}
+}
+
 // switchPostcopy is the switch to post-copy: pause, the machine state and
 // disk writes in a final epoch without pages, the pages still dirty sent
 // as the missing set instead; once the destination is ready, serve them
 // and commit; the migration completes when every page has arrived and
 // the destination's digest equals the source's. It returns done=false,
 // err=nil when the flush missed its budget (the guest runs here again).
-func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start time.Time, round int) (bool, error) {
+//
+// The pause is held to the downtime limit as a precopy attempt's is,
+// only where giving up helps: the flush gets what the limit leaves after
+// the switch's predicted rest (at least a quarter of it), and a flush
+// that misses it gives the switch up, to be tried again after the retry
+// interval. The rest (the missing set, the final epoch, the
+// destination's registration) is not given up when it runs over: the
+// set would not be smaller later. Either way the attempt is recorded
+// with its expected and actual pause.
+func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start time.Time) (bool, error) {
 	if m.BeforeSwitch != nil {
 		if err := m.BeforeSwitch(); err != nil {
 			return false, m.failed(start, fmt.Errorf("post-copy switch: %w", err))
@@ -56,14 +114,16 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 	if m.OnFinalPause != nil {
 		m.OnFinalPause()
 	}
-	if round == 0 {
-		m.markAll() // nothing sent yet: every page is owed
-	}
+	expected := m.switchExpected(ctrl, m.core.Dirty)
+	att := api.CompletionAttempt{ExpectedDowntimeMs: ms(expected)}
+	limit := m.policy.withDefaults().DowntimeLimit
 	pauseStart := m.clk().Now()
-	budget := max(ctrl.FlushBudget(pauseStart, pauseStart), time.Millisecond)
+	budget := max(limit-expected, limit/4, time.Millisecond)
 	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {
 		if errors.Is(err, ErrFlushAborted) && m.ResumeOnFailure == nil {
+			att.ActualDowntimeMs, att.Outcome = ms(m.clk().Now().Sub(pauseStart)), "aborted: flush"
+			m.addAttempt(att)
 			m.completionAborted(ctrl, cp, err)
 			return false, nil
 		}
@@ -71,12 +131,25 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 		// rounds here meanwhile: the switch fails and it resumes that way.
 		return false, m.failed(start, err)
 	}
+	ctrl.ObserveStateSave(cp.Breakdown.StateSave)
 	missing := NewBitmap(m.core.Dirty.Len())
 	for _, p := range cp.Pages {
 		missing.Set(p.Index)
 	}
-	owed := missing.Count()
 	cp.Pages = nil
+	att.FinalPages = missing.Count()
+	att.FinalExpectedMs = ms(m.clk().Now().Sub(pauseStart) + m.missingSendTime(ctrl, missing))
+	if att.FinalExpectedMs > ms(limit) {
+		m.logf("post-copy: the switch's pause is expected over the downtime limit; switching anyway (a later switch owes no fewer pages)",
+			"expected_ms", att.FinalExpectedMs, "limit", limit, "pages", att.FinalPages)
+	}
+	return m.switchSend(ctx, ctrl, start, cp, missing, pauseStart, att)
+}
+
+// switchSend is the switch once the guest is paused and the missing set
+// taken: the set, the final epoch, the switch-over and the serving.
+func (m *Migration) switchSend(ctx context.Context, ctrl *Controller, start time.Time, cp *Capture, missing *Bitmap, pauseStart time.Time, att api.CompletionAttempt) (bool, error) {
+	owed := att.FinalPages
 	wait := m.serveOnReady(ctx, cp.State)
 	sendStart := m.clk().Now()
 	if err := m.Postcopy.SendMissing(missing); err != nil {
@@ -98,7 +171,11 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 		}
 		return false, err
 	}
-	m.update(func(s *MigrationStatus) { s.PostcopyActive, s.PostcopyPages = true, owed })
+	resumed := resumeEnd(ack, pauseStart, acked)
+	m.recordSwitch(att, resumed.Sub(pauseStart), sendStart, acked, ack)
+	m.update(func(s *MigrationStatus) {
+		s.PostcopyActive, s.PostcopyPages, s.PostcopyResumedAfterMs = true, owed, resumed.Sub(start).Milliseconds()
+	})
 	m.logf("post-copy: the guest runs on the destination; serving the pages it lacks", "pages", owed)
 	started, err := wait(false)
 	if !started {
@@ -124,6 +201,62 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 		s.PostcopyActive = false
 	})
 	return true, nil
+}
+
+// recordSwitch adds the switch's attempt to the status, its pause as it
+// happened (to the destination's resume), and says so in the log when
+// it ran over the limit.
+func (m *Migration) recordSwitch(att api.CompletionAttempt, paused time.Duration, sendStart, acked time.Time, ack Ack) {
+	limit := m.policy.withDefaults().DowntimeLimit
+	att.ActualDowntimeMs = ms(paused)
+	att.FinalSendMs = ms(acked.Sub(sendStart) - ack.LoadTime)
+	att.Outcome = "post-copy switch"
+	if paused > limit {
+		att.Outcome = "post-copy switch: over the limit"
+		m.logf("post-copy: the switch's pause ran over the downtime limit", "paused", paused, "limit", limit,
+			"expected_ms", att.FinalExpectedMs)
+	}
+	m.addAttempt(att)
+}
+
+// MissingRunBytes is what one run of the missing set takes on the wire
+// (package postcopy's 'M' frame: type, first page, count) and
+// MissingEndBytes its end frame; the switch's prediction counts with
+// them (postcopy's TestMissingSetSize holds them to the encoding).
+const (
+	MissingRunBytes = 17
+	MissingEndBytes = 9
+)
+
+// missingSendTime is the predicted time to send missing as runs at the
+// measured wire rate (0 without one).
+func (m *Migration) missingSendTime(ctrl *Controller, missing *Bitmap) time.Duration {
+	rate := ctrl.Stats().Bandwidth
+	if rate <= 0 {
+		return 0
+	}
+	return secondsToDuration(float64(missingRuns(missing)*MissingRunBytes+MissingEndBytes) / rate)
+}
+
+// missingRuns is how many runs of consecutive pages b holds.
+func missingRuns(b *Bitmap) uint64 {
+	var runs uint64
+	next := uint64(0) // the page that would extend the current run
+	b.ForEach(func(p uint64) bool {
+		if runs == 0 || p != next {
+			runs++
+		}
+		next = p + 1
+		return true
+	})
+	return runs
+}
+
+// switchExpected is the switch's predicted pause for the pages dirty now:
+// the state save and the missing set's runs (the flush and the
+// destination's registration are not predicted).
+func (m *Migration) switchExpected(ctrl *Controller, dirty *Bitmap) time.Duration {
+	return ctrl.Stats().StateSaveEstimate + m.missingSendTime(ctrl, dirty)
 }
 
 // serveOnReady arranges for the page mover to start serving once the

@@ -2,6 +2,7 @@ package precopy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -47,6 +48,12 @@ type LiveSender struct {
 	// is the caller's to provide, and a whole-disk read would land in its
 	// downtime.
 	KeepDisk bool
+	// Stop, if set, is asked after every batch whether the round must
+	// end now (a switch to post-copy was asked for: a full pass of a
+	// large guest lasts minutes). The pages not sent stay in (SendDirty)
+	// or are put into (SendAll) the Bitmap. Called on the sending
+	// goroutine.
+	Stop func() bool
 
 	epoch   atomic.Uint64 // last epoch number used; read by other goroutines
 	inEpoch int           // pages in the open epoch
@@ -128,10 +135,17 @@ func (s *LiveSender) Drain(ctx context.Context) error {
 	return err
 }
 
+// errStopped ends SendAll's walk when Stop said so.
+var errStopped = errors.New("precopy: round stopped")
+
+// stopped asks Stop.
+func (s *LiveSender) stopped() bool { return s.Stop != nil && s.Stop() }
+
 // SendAll is round 0: every non-zero page of guest memory. The receiver's
 // memory starts zero, so zero pages are skipped, and pages the host never
 // populated (guest.Populated) are not even read. It ends its last epoch.
 // Unless KeepDisk, the next Capture ships the whole disk (Core.ResyncDisk).
+// Stopped early, it marks every page it did not reach dirty.
 func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 	if !s.KeepDisk {
 		s.Core.ResyncDisk()
@@ -157,7 +171,8 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 		}
 		return nil
 	}
-	for _, r := range s.Core.G.Regions() {
+	regions := s.Core.G.Regions()
+	for i, r := range regions {
 		// Pages the host never populated are zero without being read:
 		// cost follows resident memory, not guest size.
 		next := uint64(0)
@@ -175,10 +190,17 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 					if err := flush(); err != nil {
 						return err
 					}
+					if s.stopped() {
+						s.markRest(regions[i:], p+1)
+						return errStopped
+					}
 				}
 			}
 			return ctx.Err()
 		})
+		if errors.Is(err, errStopped) {
+			return sent, s.endLiveEpoch(ctx)
+		}
 		if err != nil {
 			return sent, err
 		}
@@ -228,12 +250,27 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 				return sent, err
 			}
 		}
-		if n < len(idx) || (!deadline.IsZero() && s.Core.clock().Now().After(deadline)) {
+		if n < len(idx) || (!deadline.IsZero() && s.Core.clock().Now().After(deadline)) || s.stopped() {
 			break
 		}
 		from = next
 	}
 	return sent, s.endLiveEpoch(ctx)
+}
+
+// markRest marks dirty the pages of regions[0] from its page off on and
+// every page of the regions after it: those a stopped full pass did not
+// send.
+func (s *LiveSender) markRest(regions []guest.Region, off uint64) {
+	for i, r := range regions {
+		from := r.FirstPage()
+		if i == 0 {
+			from += off
+		}
+		for p := from; p < r.FirstPage()+r.Pages(); p++ {
+			s.Core.Dirty.Set(p)
+		}
+	}
 }
 
 // sendBatch sends pages read from live guest memory. The Writer reads a

@@ -238,10 +238,7 @@ func (m *Migration) switchOver(ctx context.Context, final uint64, start time.Tim
 // (same host), else to the ack's arrival, and the switch-over digest.
 // Preconditions: the guest is still paused here.
 func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pauseStart, sendStart, acked time.Time) {
-	end := acked
-	if !ack.ResumedAt.IsZero() && ack.ResumedAt.After(pauseStart) && ack.ResumedAt.Before(acked) {
-		end = ack.ResumedAt
-	}
+	end := resumeEnd(ack, pauseStart, acked)
 	downtime := end.Sub(pauseStart)
 	b := cp.Breakdown
 	srcPart := b.Pause + b.Flush + b.DirtySync + b.StateSave + b.DiskResync + b.Copy
@@ -271,6 +268,16 @@ func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pau
 		m.core.Timings.Observe(PhaseSend, sendStart, send)
 		m.core.Timings.Observe("downtime", pauseStart, downtime)
 	}
+}
+
+// resumeEnd is when a pause that started at pauseStart ended: the
+// destination's resume when it reported one within the pause (same
+// host), else the ack's arrival.
+func resumeEnd(ack Ack, pauseStart, acked time.Time) time.Time {
+	if !ack.ResumedAt.IsZero() && ack.ResumedAt.After(pauseStart) && ack.ResumedAt.Before(acked) {
+		return ack.ResumedAt
+	}
+	return acked
 }
 
 // waitResumed waits for the destination's word, after the commit, that it

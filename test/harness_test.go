@@ -349,6 +349,16 @@ type status struct {
 	PostcopyRequests       uint64  `json:"postcopy_requests"`
 	PostcopyBlocktimeMs    []int64 `json:"postcopy_blocktime_ms"`
 	PostcopyRefused        string  `json:"postcopy_refused"`
+	PostcopySwitchReason   string  `json:"postcopy_switch_reason"`
+	PostcopySwitchWhy      string  `json:"postcopy_switch_why"`
+	PostcopyResumedAfterMs int64   `json:"postcopy_resumed_after_ms"`
+	Attempts               []struct {
+		ExpectedDowntimeMs float64 `json:"expected_downtime_ms"`
+		FinalPages         uint64  `json:"final_pages"`
+		FinalExpectedMs    float64 `json:"final_expected_ms"`
+		ActualDowntimeMs   float64 `json:"actual_downtime_ms"`
+		Outcome            string  `json:"outcome"`
+	} `json:"attempts"`
 }
 
 func (s status) String() string {

@@ -1,9 +1,11 @@
 package test
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -39,7 +41,7 @@ func (w *pcWriter) run(stop <-chan struct{}, from int) {
 }
 
 // A kv guest under load migrates with --postcopy over loopback, switched
-// after one round (the default) and before any (0): every write the
+// after one round (--postcopy-after-rounds 1) and before any (0): every write the
 // client saw acknowledged is on the destination, the source's output
 // says the destination's switch-over digest (taken as the last page
 // arrived) equals its own, the destination served faults by post-copy,
@@ -300,54 +302,149 @@ func TestMigratePostcopyDestinationKilled(t *testing.T) {
 // BenchmarkMigratePostcopyWholePages: the issue's figure through the
 // command: BenchmarkMigrateSlowLinkWholePages's guest (1 GiB, 512 MiB of
 // random content, 25,000 random whole-page writes/s of fresh data) over
-// --max-bandwidth 100Mbit, with --postcopy --postcopy-after-rounds 0.
-// Long: run it alone, -benchtime 1x.
+// --max-bandwidth 100Mbit, with --postcopy: "controller" is what a user
+// who gives --postcopy alone gets (precopy until the controller predicts
+// no convergence), "after-0" switches before any round
+// (--postcopy-after-rounds 0). Long: run it alone, -benchtime 1x.
 func BenchmarkMigratePostcopyWholePages(b *testing.B) {
 	skipUnlessKind(b, "synth")
-	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		src := startWithPorts(b, "source-synth", false, profileArgs("synth", "1GiB", "512MiB", "25000",
-			"--fill", "random", "--write-bytes", "4096", "--write-data", "random")...)
-		dst := startReceiver(b)
-		waitWorkload(b, src, 512<<20)
-		time.Sleep(honestSettle("synth", 512<<20))
-		b.StartTimer()
-		r, st := migrate(b, src, dst.data, "--postcopy", "--postcopy-after-rounds", "0", "--downtime-limit", downtimeFlag,
-			"--max-bandwidth", "100Mbit", "--max-time", "90s")
-		b.StopTimer()
-		ds := mustStatus(b, dst)
-		b.Logf("synth whole random pages 100Mbit post-copy: exit %d, status %s, downtime %d ms, total %d ms, %d pages owed, %d requested, blocked ms per vCPU %v, digests equal %v",
-			r.code, st.Status, st.DowntimeMs, st.TotalTimeMs, st.PostcopyPages, ds.PostcopyRequests, ds.PostcopyBlocktimeMs,
-			st.SwitchoverDigest != "" && st.SwitchoverDigest == st.DestinationDigest)
-		b.ReportMetric(float64(st.TotalTimeMs), "total-ms")
-		b.ReportMetric(float64(st.DowntimeMs), "downtime-ms")
-		src.kill()
-		dst.kill()
+	for _, c := range []struct{ name, rounds string }{{"controller", ""}, {"after-0", "0"}} {
+		b.Run(c.name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				benchPostcopySlowLink(b, c.rounds, "--write-bytes", "4096", "--write-data", "random")
+			}
+		})
 	}
 }
 
-// POST /migrate/postcopy switches a running --postcopy migration that
-// would not switch by itself (--postcopy-after-rounds 1000) and cannot
-// converge (fresh whole pages faster than the capped link, no
-// auto-converge) at the end of its round: it completes, post-copy, with
-// equal digests. Refused in one line without a migration, and for a
-// migration without post-copy.
+// BenchmarkMigratePostcopyCounter is BenchmarkMigrateSlowLink's guest
+// (8-byte counter writes, which precopy's delta cache sends as tens of
+// bytes) with plain --postcopy: the controller must let precopy
+// complete (no switch), since post-copy would make the guest wait on
+// faults for the 43 s the link needs. Long: run it alone, -benchtime 1x.
+func BenchmarkMigratePostcopyCounter(b *testing.B) {
+	skipUnlessKind(b, "synth")
+	for i := 0; i < b.N; i++ {
+		benchPostcopySlowLink(b, "")
+	}
+}
+
+// benchPostcopySlowLink migrates a 1 GiB synth guest with 512 MiB of
+// random content and 25,000 random writes/s of profile over a 100 Mbit/s
+// cap with --postcopy (after rounds, if not "") and reports the figures.
+func benchPostcopySlowLink(b *testing.B, rounds string, profile ...string) {
+	b.StopTimer()
+	src := startWithPorts(b, "source-synth", false, profileArgs("synth", "1GiB", "512MiB", "25000",
+		append([]string{"--fill", "random"}, profile...)...)...)
+	dst := startReceiver(b)
+	defer src.kill()
+	defer dst.kill()
+	waitWorkload(b, src, 512<<20)
+	time.Sleep(honestSettle("synth", 512<<20))
+	args := []string{"--postcopy", "--downtime-limit", downtimeFlag, "--max-bandwidth", "100Mbit", "--max-time", "90s"}
+	if rounds != "" {
+		args = append(args, "--postcopy-after-rounds", rounds)
+	}
+	b.StartTimer()
+	r, st := migrate(b, src, dst.data, args...)
+	b.StopTimer()
+	ds := mustStatus(b, dst)
+	var blocked int64
+	for _, ms := range ds.PostcopyBlocktimeMs {
+		blocked += ms
+	}
+	b.Logf("synth %v 100Mbit post-copy (%s): exit %d, status %s, switched (%s) in round %d: %s; guest runs on the destination after %d ms (downtime %d ms), total %d ms, %d pages owed, %d requested, blocked ms per vCPU %v, digests equal %v",
+		profile, cmp.Or(rounds, "controller"), r.code, st.Status, st.PostcopySwitchReason, st.Round, st.PostcopySwitchWhy, st.PostcopyResumedAfterMs,
+		st.DowntimeMs, st.TotalTimeMs, st.PostcopyPages, ds.PostcopyRequests, ds.PostcopyBlocktimeMs,
+		st.SwitchoverDigest != "" && st.SwitchoverDigest == st.DestinationDigest)
+	b.Logf("downtime breakdown %+v; attempts %+v", st.DowntimeBreakdown, st.Attempts)
+	// A precopy completion resumes the guest on the destination at its end.
+	b.ReportMetric(float64(cmp.Or(st.PostcopyResumedAfterMs, st.TotalTimeMs)), "resumed-ms")
+	b.ReportMetric(float64(st.TotalTimeMs), "total-ms")
+	b.ReportMetric(float64(st.DowntimeMs), "downtime-ms")
+	b.ReportMetric(float64(blocked), "blocked-ms")
+}
+
+// A guest rewriting fresh whole pages faster than a 50 Mbit/s cap
+// cannot converge, and --postcopy switches it three ways, in parallel:
+//
+//   - command: `tandem migrate --switch-postcopy` during the first full
+//     pass of a migration that would switch only after 1,000 rounds:
+//     the pass stops at once (far fewer pages sent than the working set)
+//     and the migration switches, reason "command". Its --downtime-limit
+//     of 2 ms is shorter than any switch's pause: the switch goes ahead
+//     and its attempt says "over the limit";
+//   - controller: plain --postcopy (no --postcopy-after-rounds, no
+//     auto-converge, --max-time 30s): the controller sees the dirty set
+//     shrink too slowly for the time left and switches, reason
+//     "controller", after the full pass;
+//   - flush: the command again, with the source's disk stalling the
+//     switch's flush past its budget: that attempt is given up
+//     ("aborted: flush", the guest runs on here), and the switch is
+//     tried again after --min-retry.
+//
+// Each completes with equal digests and records the switch's pause,
+// expected and actual. The verb is refused in one line without a
+// migration, and without --from.
 func TestMigratePostcopyOnCommand(t *testing.T) {
 	// Parallel: nothing here is held to a time limit (no downtime
 	// ceiling; the switch waits for every page, however slowly).
 	t.Parallel()
-	src := startWithPorts(t, "source-synth", false, profileArgs("synth", "256MiB", "64MiB", "5000",
-		"--fill", "random", "--write-bytes", "4096", "--write-data", "random")...)
-	dst := startReceiver(t)
-	waitWorkload(t, src, 64<<20)
-	if err := postJSON(src.api, "/migrate/postcopy", nil); err == nil || !strings.Contains(err.Error(), "no migration") {
-		t.Errorf("POST /migrate/postcopy without a migration: %v, want a refusal", err)
+	for _, how := range []string{"command", "controller", "flush"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			testPostcopySwitch(t, how)
+		})
 	}
-	wait := startCLI("migrate", "--from", src.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "1000",
-		"--max-bandwidth", "50Mbit", "--compression", "none", "--auto-converge=false", "--max-time", "2m", "--json")
-	waitStatus(t, src, 60*time.Second, "round 2", func(s status) bool { return s.Round >= 2 })
-	if err := postJSON(src.api, "/migrate/postcopy", nil); err != nil {
-		t.Fatalf("POST /migrate/postcopy: %v", err)
+}
+
+func testPostcopySwitch(t *testing.T, how string) {
+	const working = 32 << 20
+	srcArgs := profileArgs("synth", "128MiB", "32MiB", "5000", "--fill", "random", "--write-bytes", "4096", "--write-data", "random")
+	var dstArgs []string
+	if how == "flush" {
+		srcArgs = append(srcArgs, "--disk", filepath.Join(t.TempDir(), "disk.img"), "--allow-faults")
+		dstArgs = []string{"--disk", filepath.Join(t.TempDir(), "received-disk.img")}
+	}
+	src := startWithPorts(t, "source-synth", false, srcArgs...)
+	dst := startReceiver(t, dstArgs...)
+	waitWorkload(t, src, working)
+	args := []string{"migrate", "--from", src.api, "--to", dst.data, "--postcopy",
+		"--max-bandwidth", "50Mbit", "--compression", "none", "--max-time", "2m", "--min-retry", "1s", "--json"}
+	switch how {
+	case "command":
+		r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy", "--from", src.api)
+		if r.code != 1 || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 || !strings.Contains(r.stderr, "no migration") {
+			t.Errorf("--switch-postcopy without a migration: exit %d, stderr %q: want exit 1, one line saying there is none", r.code, r.stderr)
+		}
+		if r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy"); r.code != 2 || !strings.Contains(r.stderr, "--from") {
+			t.Errorf("--switch-postcopy without --from: exit %d, stderr %q: want exit 2 naming --from", r.code, r.stderr)
+		}
+		args = append(args, "--postcopy-after-rounds", "1000", "--downtime-limit", "2ms")
+	case "flush":
+		args = append(args, "--postcopy-after-rounds", "1000")
+	case "controller":
+		// Throttled, the guest may come down to what the link carries
+		// and complete precopy: a fine outcome, but not this case's.
+		// With 30 s for precopy the set's slow shrink after the full
+		// pass (a saturated working set) does not fit the time: the
+		// switch comes a round after it.
+		args = append(args, "--auto-converge=false", "--max-time", "30s")
+	}
+	wait := startCLI(args...)
+	if how != "controller" {
+		// An eighth of the full pass in: the command must not wait
+		// for the rest of it.
+		waitStatus(t, src, 60*time.Second, "1,000 pages sent", func(s status) bool { return s.NormalPages >= 1000 })
+		if how == "flush" {
+			if err := postJSON(src.api, "/debug/stall-flush", map[string]any{"duration_ms": 1500}); err != nil {
+				t.Fatalf("stall the flush: %v", err)
+			}
+		}
+		r := runCLI(t, 30*time.Second, "migrate", "--switch-postcopy", "--from", src.api)
+		if r.code != 0 {
+			t.Fatalf("--switch-postcopy: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+		}
 	}
 	r, err := wait(2 * time.Minute)
 	if err != nil {
@@ -361,5 +458,33 @@ func TestMigratePostcopyOnCommand(t *testing.T) {
 		t.Fatalf("migrate exit %d, status %q, %d pages owed, digests %q / %q\n%s\n%s", r.code, st.Status, st.PostcopyPages,
 			st.SwitchoverDigest, st.DestinationDigest, r.stdout, r.stderr)
 	}
-	t.Logf("switched on command after round %d: %d pages owed, downtime %d ms, total %d ms", st.Round, st.PostcopyPages, st.DowntimeMs, st.TotalTimeMs)
+	checkSwitch(t, how, st, working/4096)
+}
+
+// checkSwitch checks what the source's final status says of the switch
+// of testPostcopySwitch's case how (workingPages: the working set).
+func checkSwitch(t *testing.T, how string, st status, workingPages uint64) {
+	t.Helper()
+	if reason := map[string]string{"flush": "command"}[how]; st.PostcopySwitchReason != cmp.Or(reason, how) || st.PostcopySwitchWhy == "" {
+		t.Errorf("switch reason %q (%q), want %q and why", st.PostcopySwitchReason, st.PostcopySwitchWhy, cmp.Or(reason, how))
+	}
+	if how == "command" && (st.Round != 0 || st.NormalPages >= workingPages*3/4) {
+		t.Errorf("switched in round %d after %d pages sent: want the full pass (%d pages) stopped early", st.Round, st.NormalPages, workingPages)
+	}
+	if how == "controller" && st.Round < 1 {
+		t.Errorf("controller switched in round %d: want after the full pass", st.Round)
+	}
+	n := len(st.Attempts)
+	want := map[string]string{"command": "post-copy switch: over the limit"}[how]
+	if n == 0 || st.Attempts[n-1].Outcome != cmp.Or(want, "post-copy switch") || st.Attempts[n-1].ActualDowntimeMs <= 0 ||
+		st.Attempts[n-1].FinalPages != st.PostcopyPages || st.PostcopyResumedAfterMs <= 0 {
+		t.Fatalf("attempts %+v, resumed after %d ms: want %q last, with its pause and the pages owed (%d)",
+			st.Attempts, st.PostcopyResumedAfterMs, cmp.Or(want, "post-copy switch"), st.PostcopyPages)
+	}
+	if how == "flush" && (n < 2 || st.Attempts[0].Outcome != "aborted: flush") {
+		t.Errorf("attempts %+v: want the stalled flush to give up the first switch", st.Attempts)
+	}
+	t.Logf("%s: switched in round %d after %d pages sent (%s): %d pages owed, switch pause expected %.1f ms, actual %.1f ms; resumed after %d ms, total %d ms; attempts %+v",
+		how, st.Round, st.NormalPages, st.PostcopySwitchWhy, st.PostcopyPages, st.Attempts[n-1].FinalExpectedMs, st.Attempts[n-1].ActualDowntimeMs,
+		st.PostcopyResumedAfterMs, st.TotalTimeMs, st.Attempts)
 }

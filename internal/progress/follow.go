@@ -60,6 +60,12 @@ func Follow(ctx context.Context, c *api.Client, w Watch) error {
 		if done {
 			return w.end(st)
 		}
+		if ms.PostcopyActive {
+			// The guest runs on the destination; the pages follow
+			// for as long as the link needs (--max-time bounded
+			// precopy only), and a lost link ends the run.
+			deadline = time.Now().Add(w.Patience)
+		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("migration still %s after %v; gave up following it", st.Status, w.Patience)
 		}

@@ -61,6 +61,15 @@ func WriteSummary(w io.Writer, s precopy.MigrationStatus, limit time.Duration) {
 			fmt.Fprintf(w, "  post-copy link lost and resumed %d times (tandem migrate --resume)\n", s.PostcopyResumes)
 		}
 	}
+	if s.PostcopySwitchReason != "" {
+		fmt.Fprintf(w, "  switched to post-copy (%s): %s\n", s.PostcopySwitchReason, s.PostcopySwitchWhy)
+		for _, a := range s.Attempts {
+			if strings.HasPrefix(a.Outcome, "post-copy switch") {
+				fmt.Fprintf(w, "  switch pause: expected %.1f ms (%.1f ms after the final sync), actual %.1f ms: %s\n",
+					a.ExpectedDowntimeMs, a.FinalExpectedMs, a.ActualDowntimeMs, a.Outcome)
+			}
+		}
+	}
 	if s.PostcopyRefused != "" {
 		fmt.Fprintf(w, "  post-copy refused by the destination: %s\n", s.PostcopyRefused)
 	}

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/precopy"
 )
 
@@ -46,5 +47,21 @@ func TestFormat(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
 	if len(lines) != 4 || !strings.Contains(lines[3], "DOWNTIME OVER THE LIMIT") || !strings.Contains(lines[1], "outcome: committed") {
 		t.Errorf("summary:\n%s", b.String())
+	}
+}
+
+// A post-copy summary says what switched it and the switch's pause,
+// expected and actual.
+func TestSummaryPostcopySwitch(t *testing.T) {
+	var b strings.Builder
+	s := precopy.MigrationStatus{Status: precopy.StatusCompleted, PostcopyPages: 9, PostcopySwitchReason: precopy.SwitchController,
+		PostcopySwitchWhy: "the dirty set stopped shrinking",
+		Attempts:          []api.CompletionAttempt{{ExpectedDowntimeMs: 12, FinalExpectedMs: 11.5, ActualDowntimeMs: 14.25, Outcome: "post-copy switch"}}}
+	WriteSummary(&b, s, 300*time.Millisecond)
+	for _, want := range []string{"switched to post-copy (controller): the dirty set stopped shrinking",
+		"switch pause: expected 12.0 ms (11.5 ms after the final sync), actual 14.2 ms: post-copy switch"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("summary lacks %q:\n%s", want, b.String())
+		}
 	}
 }
