@@ -47,6 +47,12 @@ type LiveSender struct {
 	// is the caller's to provide, and a whole-disk read would land in its
 	// downtime.
 	KeepDisk bool
+	// Lazy, if set, is the guest's dirty log started with DiscardDirty:
+	// SendAll write-protects each piece of memory (TrackDirty) just
+	// before reading it, so a page the guest rewrites before round 0
+	// reaches it costs no fault. SendAll clears it when done: from then
+	// on every page is tracked.
+	Lazy guest.LazyDirtyLog
 
 	epoch   atomic.Uint64 // last epoch number used; read by other goroutines
 	inEpoch int           // pages in the open epoch
@@ -141,6 +147,9 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 	w := s.Link.Writer()
 	w.SkipCacheBelow(s.roundZeroCacheFloor())
 	defer w.SkipCacheBelow(0)
+	// Lazy tracking is for one pass; even a failed one leaves every page
+	// to the next SyncDirty (untracked ones are reported conservatively).
+	defer func() { s.Lazy = nil }()
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -167,16 +176,24 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 		err := guest.Populated(r, func(first, n uint64) error {
 			zero += first - next
 			next = first + n
-			for p := first; p < first+n; p++ {
-				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
-				if guest.IsZeroPage(page) {
-					zero++
-					continue
+			for c := first; c < first+n; c += uint64(cap(batch)) {
+				end := min(c+uint64(cap(batch)), first+n)
+				if s.Lazy != nil {
+					if err := s.Lazy.TrackDirty(r.FirstPage()+c, end-c); err != nil {
+						return fmt.Errorf("start dirty tracking: %w", err)
+					}
 				}
-				batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
-				if len(batch) == cap(batch) {
-					if err := flush(); err != nil {
-						return err
+				for p := c; p < end; p++ {
+					page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+					if guest.IsZeroPage(page) {
+						zero++
+						continue
+					}
+					batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
+					if len(batch) == cap(batch) {
+						if err := flush(); err != nil {
+							return err
+						}
 					}
 				}
 			}

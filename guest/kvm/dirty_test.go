@@ -272,3 +272,61 @@ func TestThrottle(t *testing.T) {
 		t.Fatalf("throttle 90%% left the rate at %.0f of %.0f pages/s", slow, free)
 	}
 }
+
+// Lazy tracking (guest.LazyDirtyLog, the clear method only): after
+// DiscardDirty nothing is write-protected; TrackDirty protects just the
+// pages given, so a paused guest's next sync reports the untracked
+// touched pages (conservatively) and none of the tracked ones, and once
+// the guest runs again its writes to tracked pages are logged (they
+// fault: a write to a page left writable would not be).
+func TestLazyDirtyLog(t *testing.T) {
+	skipWithoutKVM(t)
+	g, err := NewWithOptions(dirtyConfig(64<<20, 8<<20, 20000, guest.PatternSeq, 1), Options{DirtyMethod: DirtyManualClear})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	mustResume(t, g)
+	waitProgress(t, g, 1)
+	mustPause(t, g)
+	if ok, err := g.DiscardDirty(); !ok || err != nil {
+		t.Fatalf("DiscardDirty on the clear method: %v, %v", ok, err)
+	}
+	first := uint64(dataGPA) >> guest.PageShift
+	const touched = (8 << 20) >> guest.PageShift
+	// Tracked: pages 3 to 1,099 of the touch (an unaligned start and end).
+	if err := g.TrackDirty(first+3, 1097); err != nil {
+		t.Fatal(err)
+	}
+	log := newWordLog()
+	if _, err := g.SyncDirty(log); err != nil {
+		t.Fatal(err)
+	}
+	for p := first; p < first+touched; p++ {
+		tracked := p >= first+3 && p < first+1100
+		if log.has(p) == tracked {
+			t.Fatalf("page %d of the touch (tracked %v): reported %v", p-first, tracked, log.has(p))
+		}
+	}
+	// Everything is tracked now: the guest's writes must reach the log.
+	mustResume(t, g)
+	time.Sleep(100 * time.Millisecond)
+	mustPause(t, g)
+	again := newWordLog()
+	n, err := g.SyncDirty(again)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 500 {
+		t.Fatalf("100 ms at 20,000 pages/s after tracking: %d pages logged", n)
+	}
+
+	other, err := NewWithOptions(dirtyConfig(64<<20, 0, 0, guest.PatternSeq, 1), Options{DirtyMethod: DirtyGetLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if ok, err := other.DiscardDirty(); ok || err != nil {
+		t.Fatalf("DiscardDirty on the get method: %v, %v (want false, nil)", ok, err)
+	}
+}
