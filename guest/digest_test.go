@@ -76,3 +76,24 @@ func TestUpdateHashedMatchesUpdate(t *testing.T) {
 		}
 	}
 }
+
+// MemorySum folds what ScanMemory folds, over several jobs and regions.
+func TestMemorySumEqualsScan(t *testing.T) {
+	const pages = 9000 // more than two scan jobs per region
+	regions := []Region{{GPA: 0, Mem: make([]byte, pages*PageSize)}, {GPA: 1 << 32, Mem: make([]byte, pages*PageSize)}}
+	rng := rand.New(rand.NewPCG(3, 4))
+	inc := NewMemHash()
+	for i := 0; i < 3000; i++ {
+		r := regions[rng.IntN(2)]
+		p := rng.Uint64N(r.Pages())
+		page := r.Mem[p*PageSize : (p+1)*PageSize]
+		page[rng.IntN(PageSize)] = byte(rng.Uint32() | 1)
+		inc.Update(r.FirstPage()+p, page)
+	}
+	if got := MemorySum(regions); got != ScanMemory(regions).Sum() || got != inc.Sum() {
+		t.Fatalf("MemorySum %x, ScanMemory %x, incremental %x", got, ScanMemory(regions).Sum(), inc.Sum())
+	}
+	if MemorySum(regions[:1]) == MemorySum(regions) {
+		t.Fatal("MemorySum ignores the second region")
+	}
+}
