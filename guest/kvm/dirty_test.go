@@ -330,3 +330,29 @@ func TestLazyDirtyLog(t *testing.T) {
 		t.Fatalf("DiscardDirty on the get method: %v, %v (want false, nil)", ok, err)
 	}
 }
+
+// TrackDirty over ranges that cross the 32-bit hole (two slots), start
+// and end off a 64-page boundary and reach a slot's end: KVM refuses a
+// CLEAR_DIRTY_LOG whose range is not word-aligned or runs past its slot.
+func TestTrackDirtyAcrossSlots(t *testing.T) {
+	skipWithoutKVM(t)
+	g, err := NewWithOptions(dirtyConfig(5<<30, 0, 0, guest.PatternSeq, 1), Options{DirtyMethod: DirtyManualClear})
+	if err != nil {
+		t.Skipf("a 5 GiB guest: %v", err)
+	}
+	defer g.Close()
+	if len(g.slots) < 2 {
+		t.Fatalf("%d memory slots for 5 GiB, want 2", len(g.slots))
+	}
+	if ok, err := g.DiscardDirty(); !ok || err != nil {
+		t.Fatalf("DiscardDirty: %v, %v", ok, err)
+	}
+	end0 := (g.slots[0].gpa + uint64(len(g.slots[0].mem))) >> guest.PageShift
+	first1 := g.slots[1].gpa >> guest.PageShift
+	last := first1 + uint64(len(g.slots[1].mem))>>guest.PageShift
+	for _, r := range [][2]uint64{{0, end0}, {end0 - 3, first1 - end0 + 70}, {3, 1}, {last - 5, 5}, {0, last}} {
+		if err := g.TrackDirty(r[0], r[1]); err != nil {
+			t.Fatalf("TrackDirty(%d, %d): %v", r[0], r[1], err)
+		}
+	}
+}
