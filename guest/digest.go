@@ -133,8 +133,8 @@ func ScanMemory(regions []Region) *MemHash {
 
 // MemorySum is ScanMemory(regions).Sum() without keeping each page's
 // hash: a switch-over or activation check needs the fold alone, and two
-// map inserts per page (a part's, then the merge's) cost a migration's
-// source about as much as the hashing (issue 11). Same precondition.
+// map inserts per page (a part's, then the merge's) made the scan take
+// 12 to 55 % longer (BenchmarkMemorySum). Same precondition.
 func MemorySum(regions []Region) [16]byte {
 	jobs := scanJobs(regions)
 	xors, sums := make([]uint64, len(jobs)), make([]uint64, len(jobs))
