@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"sync"
 
 	"github.com/cespare/xxhash/v2"
@@ -303,4 +304,57 @@ func uvarintLen(v uint64) int {
 func varintLen(v int64) int {
 	var b [binary.MaxVarintLen64]byte
 	return binary.PutVarint(b[:], v)
+}
+
+// CachePages is how many pages the delta cache holds (0: no cache). The
+// cache is direct-mapped by page index, so a pass over memory in page
+// order keeps, of the pages it puts, only those no page CachePages
+// further on replaces.
+func (w *Writer) CachePages() uint64 {
+	if w.cache == nil {
+		return 0
+	}
+	return w.cache.slots
+}
+
+// SkipCacheBelow tells the Writer that no delta will be based on the
+// version it is given of any page with an index below index (a later
+// page of the same pass takes its cache slot, say), until the next call:
+// it does not copy those pages into its delta cache, and forgets any
+// copy it held. Correct whatever the index; it saves a copy per page.
+// 0 caches every page again.
+func (w *Writer) SkipCacheBelow(index uint64) { w.noCacheBelow = index }
+
+// frameSection fills in the frame of out, whose payload continues with
+// the pages of tail (n bytes). A tail under directTail is appended to out
+// (and nil, 0 returned for it); a larger one stays where it lies, to be
+// written from there by sendSection. each, if set, sees every page of
+// tail (its position and bytes) as the CRC takes it, so a caller can
+// read each page from memory once for both.
+func frameSection(t SectionType, out []byte, tail [][]byte, each func(int, []byte)) ([]byte, [][]byte, int) {
+	n := 0
+	for _, p := range tail {
+		n += len(p)
+	}
+	if n < directTail {
+		for j, p := range tail {
+			if each != nil {
+				each(j, p)
+			}
+			out = append(out, p...)
+		}
+		tail, n = nil, 0
+	}
+	payload := len(out) - frameLen + n
+	out[0] = byte(t)
+	binary.LittleEndian.PutUint32(out[1:], uint32(payload))
+	crc := crc32.Update(crc32.Checksum(out[:5], castagnoli), castagnoli, out[frameLen:])
+	for j, p := range tail {
+		if each != nil {
+			each(j, p)
+		}
+		crc = crc32.Update(crc, castagnoli, p)
+	}
+	binary.LittleEndian.PutUint32(out[5:], crc)
+	return out, tail, n
 }
