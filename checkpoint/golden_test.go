@@ -51,3 +51,30 @@ func TestGoldenStreams(t *testing.T) {
 		}
 	}
 }
+
+// TestOlderWriterStreams: streams an older writer produced for the same
+// format version, with other encoding choices, must load too.
+// golden-v1-raw.stream is version 1 without compression as written before
+// uncompressed pages went in the stored tail (2026-12-01): raw entries.
+func TestOlderWriterStreams(t *testing.T) {
+	for _, name := range []string{"golden-v1-raw.stream"} {
+		data, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := Analyze(bytes.NewReader(data))
+		if err != nil || !rep.Complete {
+			t.Fatalf("%s: analyse: %v (complete %v)", name, err, rep.Complete)
+		}
+		if rep.Totals.Pages.Raw == 0 {
+			t.Fatalf("%s holds no raw pages: %+v", name, rep.Totals.Pages)
+		}
+		tgt := NewMemTarget()
+		if _, err := Restore(bytes.NewReader(data), Limits{}, tgt); err != nil {
+			t.Fatalf("%s no longer loads: %v", name, err)
+		}
+		if len(tgt.Epochs()) != 2 || len(tgt.PageIndices()) == 0 {
+			t.Fatalf("%s: %d epochs, %d pages", name, len(tgt.Epochs()), len(tgt.PageIndices()))
+		}
+	}
+}

@@ -3,7 +3,6 @@ package checkpoint
 import (
 	"encoding/binary"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"strings"
 
@@ -182,6 +181,9 @@ type Writer struct {
 
 	// encoders is how many goroutines finish RAM sections (Options.Encoders).
 	encoders int
+	// noCacheBelow: pages below this index stay out of the cache
+	// (SkipCacheBelow).
+	noCacheBelow uint64
 	// Reused buffers.
 	secs []*ramSection
 	body []byte
@@ -194,6 +196,7 @@ type entry struct {
 	enc          uint8
 	data         []byte // raw, stored, run: the page (caller's memory)
 	dOff, dEnd   int    // xor: the delta in Writer.deltas
+	page         int    // stored: the page's position in its section
 }
 
 // NewWriter writes h (with Version and MinReader filled in from opts) and
@@ -379,35 +382,9 @@ type bufferedSink interface {
 // writeSection fills in the frame of out, whose payload continues with
 // the pages of tail, and writes the section.
 func (w *Writer) writeSection(t SectionType, out []byte, tail [][]byte) error {
-	out, tail, n := frameSection(t, out, tail)
+	out, tail, n := frameSection(t, out, tail, nil)
 	w.out = out
 	return w.sendSection(t, out, tail, n)
-}
-
-// frameSection fills in the frame of out, whose payload continues with
-// the pages of tail (n bytes). A tail under directTail is appended to out
-// (and nil, 0 returned for it); a larger one stays where it lies, to be
-// written from there by sendSection.
-func frameSection(t SectionType, out []byte, tail [][]byte) ([]byte, [][]byte, int) {
-	n := 0
-	for _, p := range tail {
-		n += len(p)
-	}
-	if n < directTail {
-		for _, p := range tail {
-			out = append(out, p...)
-		}
-		tail, n = nil, 0
-	}
-	payload := len(out) - frameLen + n
-	out[0] = byte(t)
-	binary.LittleEndian.PutUint32(out[1:], uint32(payload))
-	crc := crc32.Update(crc32.Checksum(out[:5], castagnoli), castagnoli, out[frameLen:])
-	for _, p := range tail {
-		crc = crc32.Update(crc, castagnoli, p)
-	}
-	binary.LittleEndian.PutUint32(out[5:], crc)
-	return out, tail, n
 }
 
 // sendSection writes a framed section: out, then the n bytes of tail in

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"sync"
 
 	"github.com/cespare/xxhash/v2"
@@ -20,16 +21,21 @@ type ramSection struct {
 	// pages are the section's pages as the caller gave them (valid
 	// during the call); zero and hashes are their digest records, in
 	// the same order.
-	pages  []Page
-	zero   []bool
+	pages []Page
+	zero  []bool
+	// late marks the stored pages: finish hashes them as it takes their
+	// CRC, each page read once while it is in the CPU's cache.
+	late   []bool
 	hashes []uint64
 	deltas []byte
 	body   []byte
 	out    []byte
 	stored [][]byte
-	tail   [][]byte // stored pages written from the caller's memory
-	tailN  int
-	counts PageCounts
+	// storedPos is each stored page's position in pages.
+	storedPos []int
+	tail      [][]byte // stored pages written from the caller's memory
+	tailN     int
+	counts    PageCounts
 }
 
 // writePages encodes pages, at most BatchPages to a section. With more
@@ -106,6 +112,7 @@ func (w *Writer) writePages(pages []Page) error {
 func (w *Writer) classify(s *ramSection, pages []Page) {
 	ents := s.ents[:0]
 	zero := s.zero[:0]
+	late := s.late[:0]
 	s.pages = pages
 	s.deltas = s.deltas[:0]
 	compress := w.enc != nil
@@ -121,6 +128,7 @@ func (w *Writer) classify(s *ramSection, pages []Page) {
 			// a cache slot (raw plus zstd is as small as a delta).
 			w.cache.invalidate(idx)
 			zero = append(zero, true)
+			late = append(late, false)
 			if next && last.enc == encZero {
 				last.count++
 			} else {
@@ -129,10 +137,14 @@ func (w *Writer) classify(s *ramSection, pages []Page) {
 			continue
 		}
 		zero = append(zero, false)
+		late = append(late, false)
 		if w.feat.runPages && next && (last.enc == encRaw || last.enc == encStored || last.enc == encRun) && bytes.Equal(last.data, data) {
+			if last.enc == encStored {
+				late[last.page] = false // now in the body: hashed with the others
+			}
 			last.enc = encRun
 			last.count++
-			w.cache.put(idx, data)
+			w.remember(p)
 			continue
 		}
 		if base := w.cache.get(idx); base != nil {
@@ -141,19 +153,34 @@ func (w *Writer) classify(s *ramSection, pages []Page) {
 			if ok {
 				s.deltas = d
 				ents = append(ents, entry{index: idx, count: 1, enc: encXOR, dOff: mark, dEnd: len(d)})
-				w.cache.put(idx, data)
+				w.remember(p)
 				continue
 			}
 			s.deltas = d[:mark]
 		}
+		// Without compression every page is stored: the section's tail
+		// is written from the caller's memory (no copy into the body),
+		// and the bytes on the wire are the same as raw.
 		enc := uint8(encRaw)
-		if compress && w.feat.storedPages && looksIncompressible(data) {
+		if w.feat.storedPages && (!compress || looksIncompressible(data)) {
 			enc = encStored
+			late[len(late)-1] = true
 		}
-		ents = append(ents, entry{index: idx, count: 1, enc: enc, data: data})
-		w.cache.put(idx, data)
+		ents = append(ents, entry{index: idx, count: 1, enc: enc, data: data, page: len(zero) - 1})
+		w.remember(p)
 	}
-	s.ents, s.zero = ents, zero
+	s.ents, s.zero, s.late = ents, zero, late
+}
+
+// remember records p as the receiver's copy of its page in the delta
+// cache, unless the caller said no delta will be based on it
+// (SkipCacheBelow).
+func (w *Writer) remember(p Page) {
+	if p.Index < w.noCacheBelow {
+		w.cache.invalidate(p.Index)
+		return
+	}
+	w.cache.put(p.Index, p.Data)
 }
 
 // finish hashes the pages for the digest and serialises the entries, the
@@ -161,12 +188,13 @@ func (w *Writer) classify(s *ramSection, pages []Page) {
 // framed RAM section. Page data is copied once at most on its way to the
 // sink: without compression the body is built in the section itself, and
 // a large tail of stored pages is written from the caller's memory (see
-// sendSection).
+// sendSection). A stored page is hashed in the pass that takes the
+// section's CRC, so it is read from memory once for both.
 func (w *Writer) finish(s *ramSection) {
 	hashes := s.hashes[:0]
 	for i, p := range s.pages {
 		var h uint64
-		if !s.zero[i] {
+		if !s.zero[i] && !s.late[i] {
 			h = xxhash.Sum64(p.Data)
 		}
 		hashes = append(hashes, h)
@@ -187,14 +215,17 @@ func (w *Writer) finish(s *ramSection) {
 		s.body, s.counts = s.appendBody(s.body[:0])
 		out = w.appendEnvelope(out, s.body)
 	}
-	stored := s.stored[:0]
+	stored, pos := s.stored[:0], s.storedPos[:0]
 	for i := range s.ents {
 		if s.ents[i].enc == encStored {
 			stored = append(stored, s.ents[i].data)
+			pos = append(pos, s.ents[i].page)
 		}
 	}
-	s.stored = stored
-	s.out, s.tail, s.tailN = frameSection(SectionRAM, out, stored)
+	s.stored, s.storedPos = stored, pos
+	s.out, s.tail, s.tailN = frameSection(SectionRAM, out, stored, func(j int, page []byte) {
+		s.hashes[pos[j]] = xxhash.Sum64(page)
+	})
 }
 
 // commit records a finished section in the epoch digest and its figures,
@@ -273,4 +304,57 @@ func uvarintLen(v uint64) int {
 func varintLen(v int64) int {
 	var b [binary.MaxVarintLen64]byte
 	return binary.PutVarint(b[:], v)
+}
+
+// CachePages is how many pages the delta cache holds (0: no cache). The
+// cache is direct-mapped by page index, so a pass over memory in page
+// order keeps, of the pages it puts, only those no page CachePages
+// further on replaces.
+func (w *Writer) CachePages() uint64 {
+	if w.cache == nil {
+		return 0
+	}
+	return w.cache.slots
+}
+
+// SkipCacheBelow tells the Writer that no delta will be based on the
+// version it is given of any page with an index below index (a later
+// page of the same pass takes its cache slot, say), until the next call:
+// it does not copy those pages into its delta cache, and forgets any
+// copy it held. Correct whatever the index; it saves a copy per page.
+// 0 caches every page again.
+func (w *Writer) SkipCacheBelow(index uint64) { w.noCacheBelow = index }
+
+// frameSection fills in the frame of out, whose payload continues with
+// the pages of tail (n bytes). A tail under directTail is appended to out
+// (and nil, 0 returned for it); a larger one stays where it lies, to be
+// written from there by sendSection. each, if set, sees every page of
+// tail (its position and bytes) as the CRC takes it, so a caller can
+// read each page from memory once for both.
+func frameSection(t SectionType, out []byte, tail [][]byte, each func(int, []byte)) ([]byte, [][]byte, int) {
+	n := 0
+	for _, p := range tail {
+		n += len(p)
+	}
+	if n < directTail {
+		for j, p := range tail {
+			if each != nil {
+				each(j, p)
+			}
+			out = append(out, p...)
+		}
+		tail, n = nil, 0
+	}
+	payload := len(out) - frameLen + n
+	out[0] = byte(t)
+	binary.LittleEndian.PutUint32(out[1:], uint32(payload))
+	crc := crc32.Update(crc32.Checksum(out[:5], castagnoli), castagnoli, out[frameLen:])
+	for j, p := range tail {
+		if each != nil {
+			each(j, p)
+		}
+		crc = crc32.Update(crc, castagnoli, p)
+	}
+	binary.LittleEndian.PutUint32(out[5:], crc)
+	return out, tail, n
 }

@@ -247,3 +247,69 @@ func TestSnapshotFile(t *testing.T) {
 		t.Fatalf("old file changed %v, %d directory entries", !bytes.Equal(old, now), len(entries))
 	}
 }
+
+// SkipCacheBelow keeps pages out of the delta cache and forgets what the
+// cache held for them, so the next send of such a page goes whole; the
+// stream still decodes to the pages sent, and pages at or above the
+// index keep their deltas.
+func TestSkipCacheBelow(t *testing.T) {
+	for _, skip := range []bool{false, true} {
+		var buf bytes.Buffer
+		w, err := NewWriter(&buf, testHeader(), Options{Compression: CompressNone})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rng := rand.New(rand.NewPCG(4, 4))
+		a, b, c := make([]byte, guest.PageSize), make([]byte, guest.PageSize), make([]byte, guest.PageSize)
+		fillRandom(rng, a)
+		fillRandom(rng, c)
+		w.SeedPage(5, a) // both ends hold a as page 5 (the target is seeded below)
+		copy(b, a)
+		b[100] ^= 1
+		if skip {
+			w.SkipCacheBelow(10)
+		}
+		if err := w.WritePages([]Page{{Index: 5, Data: b}, {Index: 20, Data: c}}); err != nil {
+			t.Fatal(err)
+		}
+		first, err := w.EndEpoch(1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.SkipCacheBelow(0)
+		b2, c2 := bytes.Clone(b), bytes.Clone(c)
+		b2[200] ^= 1
+		c2[300] ^= 1
+		if err := w.WritePages([]Page{{Index: 5, Data: b2}, {Index: 20, Data: c2}}); err != nil {
+			t.Fatal(err)
+		}
+		second, err := w.EndEpoch(2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.EndStream(); err != nil {
+			t.Fatal(err)
+		}
+		// Page 5 was seeded, so its first send is a delta either way (the
+		// skip saves the copy, not the lookup); afterwards only page 20
+		// may be a delta when page 5 was skipped.
+		wantSecond := uint64(2)
+		if skip {
+			wantSecond = 1
+		}
+		if first.Encodings.XOR != 1 || second.Encodings.XOR != wantSecond {
+			t.Fatalf("skip %v: XOR pages %d then %d, want 1 then %d", skip, first.Encodings.XOR, second.Encodings.XOR, wantSecond)
+		}
+		tgt := NewMemTarget()
+		if err := tgt.StorePage(5, a); err != nil {
+			t.Fatal(err)
+		}
+		_ = tgt.EndEpoch(EpochEnd{}) // commits the seeded page
+		if _, err := Restore(bytes.NewReader(buf.Bytes()), Limits{}, tgt); err != nil {
+			t.Fatalf("skip %v: restore: %v", skip, err)
+		}
+		if !bytes.Equal(tgt.Page(5), b2) || !bytes.Equal(tgt.Page(20), c2) {
+			t.Fatalf("skip %v: restored pages differ from the pages sent", skip)
+		}
+	}
+}

@@ -457,7 +457,7 @@ func memoryDigest(g guest.Guest) (string, error) {
 		}
 		defer g.Resume()
 	}
-	s := guest.ScanMemory(g.Regions()).Sum()
+	s := guest.MemorySum(g.Regions())
 	return fmt.Sprintf("%x", s[:]), nil
 }
 

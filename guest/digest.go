@@ -111,24 +111,77 @@ func (m *MemHash) Sum() [16]byte {
 // GOMAXPROCS goroutines. Precondition: nothing writes regions meanwhile
 // (the guest is paused) or the caller accepts a torn view.
 func ScanMemory(regions []Region) *MemHash {
-	type job struct {
-		first, n uint64
-		mem      []byte
+	jobs := scanJobs(regions)
+	parts := make([]map[uint64]uint64, len(jobs))
+	forEachJob(jobs, func(i int, j scanJob) {
+		m := map[uint64]uint64{}
+		for p := uint64(0); p < j.n; p++ {
+			if h := PageHash(j.first+p, j.mem[p<<PageShift:(p+1)<<PageShift]); h != 0 {
+				m[j.first+p] = h
+			}
+		}
+		parts[i] = m
+	})
+	mh := NewMemHash()
+	for _, part := range parts {
+		for idx, h := range part {
+			mh.set(idx, h)
+		}
 	}
-	var jobs []job
+	return mh
+}
+
+// MemorySum is ScanMemory(regions).Sum() without keeping each page's
+// hash: a switch-over or activation check needs the fold alone, and two
+// map inserts per page (a part's, then the merge's) made the scan take
+// 12 to 55 % longer (BenchmarkMemorySum). Same precondition.
+func MemorySum(regions []Region) [16]byte {
+	jobs := scanJobs(regions)
+	xors, sums := make([]uint64, len(jobs)), make([]uint64, len(jobs))
+	forEachJob(jobs, func(i int, j scanJob) {
+		var x, s uint64
+		for p := uint64(0); p < j.n; p++ {
+			h := PageHash(j.first+p, j.mem[p<<PageShift:(p+1)<<PageShift])
+			x ^= h
+			s += h
+		}
+		xors[i], sums[i] = x, s
+	})
+	var m MemHash
+	for i := range jobs {
+		m.xor ^= xors[i]
+		m.sum += sums[i]
+	}
+	return m.Sum()
+}
+
+// scanJob is a piece of a full scan: n pages from page index first.
+type scanJob struct {
+	first, n uint64
+	mem      []byte
+}
+
+// scanJobs cuts the populated pages of regions into jobs of at most 4,096
+// pages. Never-populated pages are zero and contribute nothing.
+func scanJobs(regions []Region) []scanJob {
+	var jobs []scanJob
 	const chunkPages = 4096
 	for _, r := range regions {
-		// Never-populated pages are zero and contribute nothing.
 		_ = Populated(r, func(first, pages uint64) error {
 			for p := first; p < first+pages; p += chunkPages {
 				n := min(chunkPages, first+pages-p)
-				jobs = append(jobs, job{r.FirstPage() + p, n, r.Mem[p<<PageShift : (p+n)<<PageShift]})
+				jobs = append(jobs, scanJob{r.FirstPage() + p, n, r.Mem[p<<PageShift : (p+n)<<PageShift]})
 			}
 			return nil
 		})
 	}
+	return jobs
+}
+
+// forEachJob runs fn on every job on up to GOMAXPROCS goroutines and
+// returns once all have run.
+func forEachJob(jobs []scanJob, fn func(int, scanJob)) {
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(jobs)))
-	parts := make([]map[uint64]uint64, len(jobs))
 	var wg sync.WaitGroup
 	next := make(chan int, len(jobs))
 	for i := range jobs {
@@ -140,25 +193,11 @@ func ScanMemory(regions []Region) *MemHash {
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				j := jobs[i]
-				m := map[uint64]uint64{}
-				for p := uint64(0); p < j.n; p++ {
-					if h := PageHash(j.first+p, j.mem[p<<PageShift:(p+1)<<PageShift]); h != 0 {
-						m[j.first+p] = h
-					}
-				}
-				parts[i] = m
+				fn(i, jobs[i])
 			}
 		}()
 	}
 	wg.Wait()
-	mh := NewMemHash()
-	for _, part := range parts {
-		for idx, h := range part {
-			mh.set(idx, h)
-		}
-	}
-	return mh
 }
 
 // StateDigest hashes a machine state in a canonical order (the order the

@@ -117,6 +117,14 @@ type pmScanArg struct {
 
 type pageRegion struct{ Start, End, Categories uint64 }
 
+// scanVecs holds PAGEMAP_SCAN's output vectors. The kernel is given a
+// vector's address once and writes it on every call, while fn runs in
+// between and may grow the goroutine's stack: a vector on the stack (a
+// make that does not escape) moves with it, and later calls would write
+// the old stack while the scan read stale runs (pages missed). Heap
+// objects never move; the pool keeps the vector there.
+var scanVecs = sync.Pool{New: func() any { return new([512]pageRegion) }}
+
 // noScan is set once the kernel has refused PAGEMAP_SCAN.
 var noScan atomic.Bool
 
@@ -130,7 +138,9 @@ func populatedScan(f *os.File, r Region, fn func(first, n uint64) error) (done b
 	}
 	base := uint64(uintptr(unsafe.Pointer(&r.Mem[0])))
 	end := base + uint64(len(r.Mem))
-	vec := make([]pageRegion, 512)
+	v := scanVecs.Get().(*[512]pageRegion)
+	defer scanVecs.Put(v)
+	vec := v[:]
 	arg := pmScanArg{
 		Size: uint64(unsafe.Sizeof(pmScanArg{})), Start: base, End: end,
 		Vec: uint64(uintptr(unsafe.Pointer(&vec[0]))), VecLen: uint64(len(vec)),

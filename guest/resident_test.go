@@ -97,3 +97,44 @@ func populatedPages(t *testing.T, r Region) uint64 {
 	}
 	return total
 }
+
+// TestPopulatedManyRuns: more runs than one PAGEMAP_SCAN call returns
+// (512), with a callback that grows the goroutine's stack (as a round 0
+// sending pages does) between calls. The scan's output vector once lived
+// on the stack: it moved with the stack, later calls wrote the old one,
+// and pages went unreported.
+func TestPopulatedManyRuns(t *testing.T) {
+	const pages = 6000
+	mem := mapSparse(t, pages*PageSize)
+	_ = unix.Madvise(mem, unix.MADV_NOHUGEPAGE)
+	for p := 0; p < pages; p += 3 { // 2,000 runs of one page
+		mem[p*PageSize] = 1
+	}
+	var seen, prevEnd uint64
+	err := Populated(Region{Mem: mem}, func(first, n uint64) error {
+		if first < prevEnd {
+			t.Fatalf("run [%d,+%d) after a run ending at %d", first, n, prevEnd)
+		}
+		prevEnd = first + n
+		seen += n
+		growStack(64)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seen != pages/3 {
+		t.Fatalf("%d pages reported, want %d", seen, pages/3)
+	}
+}
+
+// growStack recurses with a large frame, so the goroutine's stack is
+// grown (copied elsewhere) on the way down.
+func growStack(depth int) byte {
+	var frame [4096]byte
+	frame[depth%len(frame)] = byte(depth)
+	if depth == 0 {
+		return frame[0]
+	}
+	return growStack(depth-1) + frame[depth%len(frame)]
+}

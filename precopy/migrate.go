@@ -421,8 +421,26 @@ func (m *Migration) setUp(start time.Time) error {
 	}
 	m.send.EpochPages = m.EpochPages
 	m.send.RoundLimit = time.Second
-	if _, err := m.core.Sync(); err != nil {
-		return err
+	// Round 0 reads every page anyway: the log gathered since the guest
+	// started is dropped, and where the guest can, pages are
+	// write-protected only as round 0 reaches them (guest.LazyDirtyLog).
+	// A post-copy switch before round 0 sends nothing: its pause would
+	// then sync (and protect) everything logged since boot, so it keeps
+	// the eager sync here.
+	lazy := false
+	if lz, ok := m.core.G.(guest.LazyDirtyLog); ok && (m.Postcopy == nil || m.PostcopyAfterRounds > 0) {
+		var err error
+		if lazy, err = lz.DiscardDirty(); err != nil {
+			return err
+		}
+		if lazy {
+			m.send.Lazy = lz
+		}
+	}
+	if !lazy {
+		if _, err := m.core.Sync(); err != nil {
+			return err
+		}
 	}
 	m.core.Dirty.Clear()
 	m.update(func(s *MigrationStatus) {

@@ -273,7 +273,7 @@ func (m *Migration) serveOnReady(ctx context.Context, state guest.MachineState) 
 	var scan sync.Once
 	startScan := func() {
 		scan.Do(func() {
-			go func() { digest <- guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), state) }()
+			go func() { digest <- guest.CombineDigest(guest.MemorySum(m.core.G.Regions()), state) }()
 		})
 	}
 	expected := sync.OnceValue(func() guest.Digest { startScan(); return <-digest })

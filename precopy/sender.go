@@ -54,6 +54,12 @@ type LiveSender struct {
 	// or are put into (SendAll) the Bitmap. Called on the sending
 	// goroutine.
 	Stop func() bool
+	// Lazy, if set, is the guest's dirty log started with DiscardDirty:
+	// SendAll write-protects each piece of memory (TrackDirty) just
+	// before reading it, so a page the guest rewrites before round 0
+	// reaches it costs no fault. SendAll clears it when done: from then
+	// on every page is tracked.
+	Lazy guest.LazyDirtyLog
 
 	epoch   atomic.Uint64 // last epoch number used; read by other goroutines
 	inEpoch int           // pages in the open epoch
@@ -152,6 +158,12 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 	}
 	var sent, zero uint64
 	batch := make([]checkpoint.Page, 0, s.batchPages())
+	w := s.Link.Writer()
+	w.SkipCacheBelow(s.roundZeroCacheFloor())
+	defer w.SkipCacheBelow(0)
+	// Lazy tracking is for one pass; even a failed one leaves every page
+	// to the next SyncDirty (untracked ones are reported conservatively).
+	defer func() { s.Lazy = nil }()
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -179,20 +191,28 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 		err := guest.Populated(r, func(first, n uint64) error {
 			zero += first - next
 			next = first + n
-			for p := first; p < first+n; p++ {
-				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
-				if guest.IsZeroPage(page) {
-					zero++
-					continue
-				}
-				batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
-				if len(batch) == cap(batch) {
-					if err := flush(); err != nil {
-						return err
+			for c := first; c < first+n; c += uint64(cap(batch)) {
+				end := min(c+uint64(cap(batch)), first+n)
+				if s.Lazy != nil {
+					if err := s.Lazy.TrackDirty(r.FirstPage()+c, end-c); err != nil {
+						return fmt.Errorf("start dirty tracking: %w", err)
 					}
-					if s.stopped() {
-						s.markRest(regions[i:], p+1)
-						return errStopped
+				}
+				for p := c; p < end; p++ {
+					page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+					if guest.IsZeroPage(page) {
+						zero++
+						continue
+					}
+					batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
+					if len(batch) == cap(batch) {
+						if err := flush(); err != nil {
+							return err
+						}
+						if s.stopped() {
+							s.markRest(regions[i:], p+1)
+							return errStopped
+						}
 					}
 				}
 			}
@@ -216,6 +236,32 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 		s.OnPages(0, zero)
 	}
 	return sent, s.endLiveEpoch(ctx)
+}
+
+// roundZeroCacheFloor is the page index below which round 0 keeps its
+// pages out of the Writer's delta cache. The cache is direct-mapped by
+// index, so of a pass in page order it keeps only the last CachePages
+// pages: a page CachePages before the last populated one has its slot
+// taken later in the pass (exactly so when the populated pages are
+// contiguous), and copying it in is wasted. On a 512 MiB working set and
+// the 64 MiB default cache, that is seven copies of every eight. A cache
+// that covers the guest (a capped link's) keeps every page.
+func (s *LiveSender) roundZeroCacheFloor() uint64 {
+	slots := s.Link.Writer().CachePages()
+	if slots == 0 {
+		return 0
+	}
+	var end uint64 // one past the last populated page
+	for _, r := range s.Core.G.Regions() {
+		_ = guest.Populated(r, func(first, n uint64) error {
+			end = max(end, r.FirstPage()+first+n)
+			return nil
+		})
+	}
+	if end <= slots {
+		return 0
+	}
+	return end - slots
 }
 
 // SendDirty sends the pages the Bitmap holds and ends its last epoch.

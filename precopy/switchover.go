@@ -244,7 +244,7 @@ func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pau
 	srcPart := b.Pause + b.Flush + b.DirtySync + b.StateSave + b.DiskResync + b.Copy
 	send := end.Sub(sendStart) - ack.LoadTime
 	// The guest stays stopped here, so this scan sees the switch-over image.
-	srcDigest := guest.CombineDigest(guest.ScanMemory(m.core.G.Regions()).Sum(), cp.State).String()
+	srcDigest := guest.CombineDigest(guest.MemorySum(m.core.G.Regions()), cp.State).String()
 	m.update(func(s *MigrationStatus) {
 		s.Status = StatusCompleted
 		s.Outcome = OutcomeCommitted

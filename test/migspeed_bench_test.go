@@ -121,7 +121,7 @@ func BenchmarkMigrateHonest(b *testing.B) {
 				for _, comp := range []string{"none", "default"} {
 					for _, ns := range streams {
 						b.Run(fmt.Sprintf("%s/%s/streams=%s", fill, comp, ns), func(b *testing.B) {
-							var totals, downs, dstCPU []float64
+							var totals, downs, srcCPU, dstCPU []float64
 							for i := 0; i < b.N; i++ {
 								args := profileArgs(kind, "1GiB", "512MiB", rate, "--fill", fill)
 								flags := []string{"--downtime-limit", downtimeFlag, "--compression", comp, "--max-time", "2m"}
@@ -132,8 +132,10 @@ func BenchmarkMigrateHonest(b *testing.B) {
 								b.Logf("%s %s %s streams %s: %v", kind, fill, comp, ns, r)
 								totals = append(totals, r.total)
 								downs = append(downs, r.downtime)
+								srcCPU = append(srcCPU, r.srcCPU)
 								dstCPU = append(dstCPU, r.dstCPU)
 							}
+							b.ReportMetric(median(srcCPU), "src-cpu-ms")
 							b.ReportMetric(median(dstCPU), "dst-cpu-ms")
 							b.ReportMetric(median(totals), "total-ms")
 							b.ReportMetric(median(downs), "downtime-ms")

@@ -34,6 +34,8 @@ type guestFlags struct {
 	cfg       guest.Config
 	dirtyRate string
 	dirtyLog  string
+	// dirtyLogSet: --dirty-log was given (it is a kvm flag)
+	dirtyLogSet bool
 }
 
 func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
@@ -60,7 +62,11 @@ func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
 		gf.cfg.Net.Port = uint16(n)
 		return nil
 	})
-	fs.StringVar(&gf.dirtyLog, "dirty-log", "get", "kvm: dirty-log method: get (KVM_GET_DIRTY_LOG), clear (manual protect + KVM_CLEAR_DIRTY_LOG) or ring (dirty ring; best for large, mostly idle guests)")
+	gf.dirtyLog = defaultDirtyLog
+	fs.Func("dirty-log", "kvm: dirty-log method: get (KVM_GET_DIRTY_LOG), clear (manual protect + KVM_CLEAR_DIRTY_LOG; a migration's round 0 then write-protects each piece just before sending it) or ring (dirty ring; best for large, mostly idle guests) (default "+defaultDirtyLog+")", func(v string) error {
+		gf.dirtyLog, gf.dirtyLogSet = v, true
+		return nil
+	})
 }
 
 // config validates the guest flags and returns the configuration, or a
@@ -78,7 +84,7 @@ func (gf *guestFlags) config() (string, guest.Config, error) {
 	if kvmDirtyMethod, err = kvm.ParseDirtyMethod(gf.dirtyLog); err != nil {
 		return "", guest.Config{}, usagef("%v", err)
 	}
-	if gf.dirtyLog != "get" && gf.kind != kvm.Kind {
+	if gf.dirtyLogSet && gf.kind != kvm.Kind {
 		return "", guest.Config{}, usagef("--dirty-log %s is for --guest kvm", gf.dirtyLog)
 	}
 	cfg := gf.cfg

@@ -45,8 +45,16 @@ func newLogger() *slog.Logger {
 }
 
 // kvmDirtyMethod is the dirty-log method of KVM guests this process
-// boots (--dirty-log); guests built to receive an image use the default.
-var kvmDirtyMethod = kvm.DirtyGetLog
+// boots (--dirty-log); guests built to receive an image use the kvm
+// package's default (get).
+var kvmDirtyMethod = kvm.DirtyManualClear
+
+// defaultDirtyLog is --dirty-log's default: manual protect, so that a
+// migration's round 0 write-protects memory piece by piece as it sends
+// it (guest.LazyDirtyLog) and the guest's rewrites of pages not yet sent
+// take no fault; a sync costs about what KVM_GET_DIRTY_LOG's does
+// (docs/PERFORMANCE.md, issue 11 item 2).
+const defaultDirtyLog = "clear"
 
 // bootGuest builds a guest that boots its workload on the first Resume.
 func bootGuest(kind string, cfg guest.Config) (guest.Guest, error) {

@@ -53,18 +53,24 @@ func (g *Guest) readSlotLog(s *memSlot) error {
 	if g.opts.DirtyMethod != DirtyManualClear {
 		return nil
 	}
-	// Clear only the 64-page runs that hold dirty pages: the kernel
-	// walks every word it is given.
+	// Clear only the spans that hold dirty pages: the kernel copies and
+	// walks every word it is given. A span bridges gaps of up to
+	// clearGap clean words, so scattered pages (a guest writing at
+	// random) cost a few calls rather than one per 64-page word.
 	pages := uint64(len(s.mem)) >> guest.PageShift
 	for i := 0; i < len(s.scratch); {
 		if s.scratch[i] == 0 {
 			i++
 			continue
 		}
-		j := i
-		for j < len(s.scratch) && s.scratch[j] != 0 {
+		j, last := i, i // last: the span's last dirty word
+		for j < len(s.scratch) && j-last <= clearGap {
+			if s.scratch[j] != 0 {
+				last = j
+			}
 			j++
 		}
+		j = last + 1
 		n := uint64(j-i) * 64
 		if uint64(i)*64+n > pages {
 			n = pages - uint64(i)*64
@@ -80,6 +86,11 @@ func (g *Guest) readSlotLog(s *memSlot) error {
 	}
 	return nil
 }
+
+// clearGap is the most clean words (of 64 pages) one CLEAR_DIRTY_LOG
+// call spans between dirty ones: 4 KiB of bitmap for the kernel to copy
+// and skip, cheaper than another call.
+const clearGap = 512
 
 // MarkDirty implements guest.Guest. Pages outside RAM are ignored.
 // Each word's summary bit is set after the word (takePending relies on
@@ -98,4 +109,70 @@ func (g *Guest) MarkDirty(first, n uint64) {
 		}
 		atomic.OrUint64(&g.vmmSummary[w/64], 1<<(w%64))
 	}
+}
+
+var _ guest.LazyDirtyLog = (*Guest)(nil)
+
+// DiscardDirty implements guest.LazyDirtyLog. Only with manual protect
+// (DirtyManualClear): there GET_DIRTY_LOG never write-protects, so
+// nothing has to be done to KVM at all. Its bitmap keeps the pages
+// written so far, and KVM keeps them writable until TrackDirty (or a
+// SyncDirty) clears them. Tandem's own writes logged so far are dropped.
+func (g *Guest) DiscardDirty() (bool, error) {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return false, guest.ErrClosed
+	}
+	if g.opts.DirtyMethod != DirtyManualClear {
+		return false, nil
+	}
+	for i := range g.vmmDirty {
+		if atomic.LoadUint64(&g.vmmDirty[i]) != 0 {
+			atomic.SwapUint64(&g.vmmDirty[i], 0)
+		}
+	}
+	return true, nil
+}
+
+// TrackDirty implements guest.LazyDirtyLog: KVM_CLEAR_DIRTY_LOG over the
+// pages, per slot. KVM wants the range to start on a multiple of 64
+// pages, so the range is widened to that and the mask's bits outside it
+// stay clear (a page outside it keeps what is logged for it).
+func (g *Guest) TrackDirty(first, n uint64) error {
+	g.ctl.Lock()
+	defer g.ctl.Unlock()
+	if g.closed {
+		return guest.ErrClosed
+	}
+	if g.opts.DirtyMethod != DirtyManualClear {
+		return fmt.Errorf("kvm: TrackDirty needs the clear dirty-log method, not %v", g.opts.DirtyMethod)
+	}
+	for _, s := range g.slots {
+		lo := s.gpa >> guest.PageShift
+		hi := lo + uint64(len(s.mem))>>guest.PageShift
+		if n == 0 || first+n <= lo || first >= hi {
+			continue
+		}
+		a, b := max(first, lo)-lo, min(first+n, hi)-lo // slot-relative
+		start := a &^ 63
+		num := min((b-start+63)&^63, hi-lo-start) // whole words, or to the slot's end
+		words := (num + 63) / 64
+		if uint64(cap(g.trackMask)) < words {
+			g.trackMask = make([]uint64, words)
+		}
+		mask := g.trackMask[:words]
+		clear(mask)
+		for p := a; p < b; p++ {
+			mask[(p-start)/64] |= 1 << ((p - start) % 64)
+		}
+		c := clearDirtyLog{Slot: s.id, NumPages: uint32(num), FirstPage: start,
+			Bitmap: uintptr(unsafe.Pointer(&mask[0]))}
+		_, err := ioctlPtr(g.vmFd, kvmClearDirtyLog, &c)
+		runtime.KeepAlive(mask)
+		if err != nil {
+			return fmt.Errorf("kvm: KVM_CLEAR_DIRTY_LOG slot %d pages %d+%d: %w", s.id, start, num, err)
+		}
+	}
+	return nil
 }

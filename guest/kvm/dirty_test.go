@@ -272,3 +272,87 @@ func TestThrottle(t *testing.T) {
 		t.Fatalf("throttle 90%% left the rate at %.0f of %.0f pages/s", slow, free)
 	}
 }
+
+// Lazy tracking (guest.LazyDirtyLog, the clear method only): after
+// DiscardDirty nothing is write-protected; TrackDirty protects just the
+// pages given, so a paused guest's next sync reports the untracked
+// touched pages (conservatively) and none of the tracked ones, and once
+// the guest runs again its writes to tracked pages are logged (they
+// fault: a write to a page left writable would not be).
+func TestLazyDirtyLog(t *testing.T) {
+	skipWithoutKVM(t)
+	g, err := NewWithOptions(dirtyConfig(64<<20, 8<<20, 20000, guest.PatternSeq, 1), Options{DirtyMethod: DirtyManualClear})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	mustResume(t, g)
+	waitProgress(t, g, 1)
+	mustPause(t, g)
+	if ok, err := g.DiscardDirty(); !ok || err != nil {
+		t.Fatalf("DiscardDirty on the clear method: %v, %v", ok, err)
+	}
+	first := uint64(dataGPA) >> guest.PageShift
+	const touched = (8 << 20) >> guest.PageShift
+	// Tracked: pages 3 to 1,099 of the touch (an unaligned start and end).
+	if err := g.TrackDirty(first+3, 1097); err != nil {
+		t.Fatal(err)
+	}
+	log := newWordLog()
+	if _, err := g.SyncDirty(log); err != nil {
+		t.Fatal(err)
+	}
+	for p := first; p < first+touched; p++ {
+		tracked := p >= first+3 && p < first+1100
+		if log.has(p) == tracked {
+			t.Fatalf("page %d of the touch (tracked %v): reported %v", p-first, tracked, log.has(p))
+		}
+	}
+	// Everything is tracked now: the guest's writes must reach the log.
+	mustResume(t, g)
+	time.Sleep(100 * time.Millisecond)
+	mustPause(t, g)
+	again := newWordLog()
+	n, err := g.SyncDirty(again)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 500 {
+		t.Fatalf("100 ms at 20,000 pages/s after tracking: %d pages logged", n)
+	}
+
+	other, err := NewWithOptions(dirtyConfig(64<<20, 0, 0, guest.PatternSeq, 1), Options{DirtyMethod: DirtyGetLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if ok, err := other.DiscardDirty(); ok || err != nil {
+		t.Fatalf("DiscardDirty on the get method: %v, %v (want false, nil)", ok, err)
+	}
+}
+
+// TrackDirty over ranges that cross the 32-bit hole (two slots), start
+// and end off a 64-page boundary and reach a slot's end: KVM refuses a
+// CLEAR_DIRTY_LOG whose range is not word-aligned or runs past its slot.
+func TestTrackDirtyAcrossSlots(t *testing.T) {
+	skipWithoutKVM(t)
+	g, err := NewWithOptions(dirtyConfig(5<<30, 0, 0, guest.PatternSeq, 1), Options{DirtyMethod: DirtyManualClear})
+	if err != nil {
+		t.Skipf("a 5 GiB guest: %v", err)
+	}
+	defer g.Close()
+	if len(g.slots) < 2 {
+		t.Fatalf("%d memory slots for 5 GiB, want 2", len(g.slots))
+	}
+	if ok, err := g.DiscardDirty(); !ok || err != nil {
+		t.Fatalf("DiscardDirty: %v, %v", ok, err)
+	}
+	end0 := (g.slots[0].gpa + uint64(len(g.slots[0].mem))) >> guest.PageShift
+	first1 := g.slots[1].gpa >> guest.PageShift
+	last := first1 + uint64(len(g.slots[1].mem))>>guest.PageShift
+	for _, r := range [][2]uint64{{0, end0}, {end0 - 3, first1 - end0 + 70}, {3, 1}, {last - 5, 5}, {0, last}} {
+		if err := g.TrackDirty(r[0], r[1]); err != nil {
+			t.Fatalf("TrackDirty(%d, %d): %v", r[0], r[1], err)
+		}
+	}
+}

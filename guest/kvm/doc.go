@@ -69,13 +69,18 @@
 //
 // SyncDirty reports what vCPUs dirtied plus the pages Tandem wrote itself
 // (boot, the console's bulk input buffer, MarkDirty). Three methods are
-// implemented (DirtyMethod); the default is plain KVM_GET_DIRTY_LOG.
+// implemented (DirtyMethod); the package's default (Options' zero value,
+// used by guests built to receive an image) is plain KVM_GET_DIRTY_LOG,
+// the command's (--dirty-log) manual protect: only there can a
+// migration's round 0 write-protect memory piece by piece as it sends it
+// (guest.LazyDirtyLog: DiscardDirty, TrackDirty).
 //
 //   - DirtyGetLog: KVM_GET_DIRTY_LOG per slot copies, clears and
 //     re-protects in one call; Tandem ORs in its own bitmap.
 //   - DirtyManualClear: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 without
-//     INITIALLY_SET; GET copies, CLEAR_DIRTY_LOG re-protects the 64-page
-//     runs found dirty.
+//     INITIALLY_SET; GET copies, CLEAR_DIRTY_LOG re-protects the spans
+//     of 64-page words found dirty (bridging up to clearGap clean words,
+//     so scattered pages cost a few calls).
 //   - DirtyRing (ring.go): KVM_CAP_DIRTY_LOG_RING_ACQ_REL (plain _RING if
 //     that is missing) enabled before any vCPU exists; each vCPU's ring of
 //     DirtyRingEntries 16-byte kvm_dirty_gfn is mapped from its fd at page

@@ -110,6 +110,7 @@ type Guest struct {
 	slots       []*memSlot
 	vmmDirty    []uint64 // pages the VMM wrote (and, with DirtyRing, pages harvested from rings), one bit per page of [0, topGPA)
 	vmmSummary  []uint64 // bit w: vmmDirty[w] may be non-zero
+	trackMask   []uint64 // TrackDirty's CLEAR_DIRTY_LOG mask, reused
 	msrIndices  []uint32 // MSRs saved besides the TSC
 	xsaveSize   int
 	// syncRegs: KVM stores regs, sregs and events in kvm_run on request
