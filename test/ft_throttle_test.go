@@ -1,6 +1,8 @@
 package test
 
 import (
+	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,7 +16,7 @@ import (
 // seconds (back-pressure lets the guest run on and dirty more while the
 // capture waits); with it the loop throttles the guest, says so in
 // status, and epochs come back towards the interval. Both runs in the
-// same test, one after the other. It mostly waits, and its verdict has
+// same test, side by side. It mostly waits, and its verdict has
 // a wide margin (about 20x more epochs/s throttled), so it runs beside
 // another parallel test.
 func TestFTThrottleSlowLink(t *testing.T) {
@@ -22,7 +24,7 @@ func TestFTThrottleSlowLink(t *testing.T) {
 	forEachKind(t, func(t *testing.T, kind string) {
 		run := func(throttle bool) ftStatus {
 			sa := newSecAddrs(t)
-			sec := startSecondary(t, "secondary-"+kind, sa)
+			sec := startSecondary(t, fmt.Sprintf("secondary-%s-throttle-%v", kind, throttle), sa)
 			defer sec.kill()
 			proxy, err := linkproxy.Start("127.0.0.1:0", sa.data, linkproxy.Shape{})
 			if err != nil {
@@ -31,7 +33,7 @@ func TestFTThrottleSlowLink(t *testing.T) {
 			defer proxy.Close()
 			o := primaryOpts{memory: "256MiB", workload: "dirty", touch: "64MiB", dirtyRate: 2500, epoch: "25ms",
 				extra: append([]string{"--epoch-throttle=" + map[bool]string{true: "true", false: "false"}[throttle]}, worstProfile...)}
-			pri := startPrimary(t, "primary-"+kind, kind, proxy.Addr(), o)
+			pri := startPrimary(t, fmt.Sprintf("primary-%s-throttle-%v", kind, throttle), kind, proxy.Addr(), o)
 			defer pri.kill()
 			waitFT(t, pri, 90*time.Second, "protected", func(s ftStatus) bool { return s.Protection == "protected" })
 			waitFT(t, pri, 60*time.Second, "the dirty workload writing", func(s ftStatus) bool { return s.PageWrites > 0 })
@@ -50,8 +52,13 @@ func TestFTThrottleSlowLink(t *testing.T) {
 			s1.EpochsPerSecond = eps
 			return s1
 		}
-		off := run(false)
-		on := run(true)
+		// The two runs share nothing (each its own pair and proxy), so
+		// they run side by side: the test mostly waits.
+		var off, on ftStatus
+		var wg sync.WaitGroup
+		wg.Go(func() { off = run(false) })
+		wg.Go(func() { on = run(true) })
+		wg.Wait()
 		if off.ThrottlePercent != 0 {
 			t.Errorf("--epoch-throttle=false: throttle %d%%", off.ThrottlePercent)
 		}
