@@ -2,6 +2,7 @@ package precopy
 
 import (
 	"testing"
+	"time"
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
@@ -71,5 +72,48 @@ func TestDirtyTapSharesTheLog(t *testing.T) {
 	owner.Sync()
 	if n, _ := other.Sync(); n != 0 {
 		t.Errorf("after SetTap(nil): %d pages reached the tap", n)
+	}
+}
+
+// lazyLog is a scriptedLog that can defer write protection
+// (guest.LazyDirtyLog), counting the calls that would touch the log.
+type lazyLog struct {
+	scriptedLog
+	discards, tracks int
+}
+
+func (l *lazyLog) DiscardDirty() (bool, error)      { l.discards++; return true, nil }
+func (l *lazyLog) TrackDirty(first, n uint64) error { l.tracks++; return nil }
+
+// TestMigrationFromTapLeavesTheLogAlone: a migration whose Core takes from
+// an epoch loop's tap (a protected guest's move) never drops or clears
+// the guest's dirty log at its set-up, even where the guest could
+// write-protect lazily: that would take writes the loop has not synced
+// from its secondary. Without a tap the same guest is set up lazily.
+func TestMigrationFromTapLeavesTheLogAlone(t *testing.T) {
+	sg, err := synth.New(guest.Config{Memory: 1 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sg.Close()
+	for _, tapped := range []bool{true, false} {
+		g := &lazyLog{scriptedLog: scriptedLog{Guest: sg}}
+		core := NewCore(g, nil)
+		if tapped {
+			core.From = NewDirtyTap(core.Dirty.Len())
+		}
+		m, err := NewMigration(core, nil, Policy{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.setUp(time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case tapped && (g.discards != 0 || g.reads != 0 || m.send.Lazy != nil):
+			t.Errorf("from a tap: %d discards, %d log reads, lazy %v: want the log untouched", g.discards, g.reads, m.send.Lazy != nil)
+		case !tapped && (g.discards != 1 || m.send.Lazy == nil):
+			t.Errorf("without a tap: %d discards, lazy %v: want the lazy set-up", g.discards, m.send.Lazy != nil)
+		}
 	}
 }

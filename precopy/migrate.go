@@ -427,8 +427,12 @@ func (m *Migration) setUp(start time.Time) error {
 	// A post-copy switch before round 0 sends nothing: its pause would
 	// then sync (and protect) everything logged since boot, so it keeps
 	// the eager sync here.
+	// A Core that takes its pages from an epoch loop's tap (From: a
+	// protected guest's move) must not touch the guest's log at all:
+	// dropping it or clearing pieces of it would take writes the loop
+	// has not synced, and its secondary would never get them.
 	lazy := false
-	if lz, ok := m.core.G.(guest.LazyDirtyLog); ok && (m.Postcopy == nil || m.PostcopyAfterRounds > 0) {
+	if lz, ok := m.core.G.(guest.LazyDirtyLog); ok && m.core.From == nil && (m.Postcopy == nil || m.PostcopyAfterRounds > 0) {
 		var err error
 		if lazy, err = lz.DiscardDirty(); err != nil {
 			return err
