@@ -2,7 +2,6 @@ package ft
 
 import (
 	"errors"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -59,11 +58,7 @@ func TestAbandonRefusalsAndAfter(t *testing.T) {
 		}
 	}
 	// The link fails: the source is unreachable from now on.
-	a, b := net.Pipe()
-	b.Close()
-	if err := tg.Run(t.Context(), a, a); !errors.Is(err, postcopy.ErrLink) {
-		t.Fatalf("run over a dead link: %v", err)
-	}
+	serveLost(t, p)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(p.collectors()...)
 	gauge := func(name string) float64 {

@@ -137,6 +137,9 @@ func (p *pcSource) fillPaused(st *api.MigrationStatus) {
 // closed at once instead (nothing more is sent on a link given up).
 func dropConns(conns ...net.Conn) {
 	for _, c := range conns {
+		if c == nil {
+			continue
+		}
 		if tc, ok := c.(interface{ NetConn() net.Conn }); ok {
 			c = tc.NetConn()
 		}
@@ -227,18 +230,37 @@ func (n *Node) dialResume(ctx context.Context, to, id string) (urgent, bulk net.
 }
 
 // serve runs the destination's Target until every page arrived (nil),
-// ctx ends, or a failure other than the link's. A lost link pauses it:
-// the channels are dropped and the run waits for the source's resume
-// (takeResume), reported in status meanwhile.
+// ctx ends, or a failure other than the link's (recorded in p.failed:
+// no resume continues such a run). A lost link pauses it: the channels
+// are dropped and the run waits for the source's resume (takeResume),
+// reported in status meanwhile.
 func (p *pcInbound) serve(ctx context.Context, tg *postcopy.Target, id string) error {
+	var err error
 	for {
+		// An abandon or abort may have taken the channels a resume just
+		// handed over, and cancelled ctx, after the wait below woke:
+		// the channels are read again, under mu, each round.
 		p.mu.Lock()
 		urgent, bulk := p.conns[replica.ChannelUrgent], p.conns[replica.ChannelBulk]
 		p.mu.Unlock()
-		err := tg.Run(ctx, urgent, bulk)
+		if ctx.Err() != nil || urgent == nil || bulk == nil {
+			return cmp.Or(err, ctx.Err(), errors.New("post-copy: the run's channels were taken away"))
+		}
+		err = tg.Run(ctx, urgent, bulk)
 		dropConns(urgent, bulk)
-		if !errors.Is(err, postcopy.ErrLink) || ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return err
+		}
+		if err != nil && !errors.Is(err, postcopy.ErrLink) {
+			p.mu.Lock()
+			p.failed = err.Error()
+			p.mu.Unlock()
+			p.log.Error("POST-COPY FAILED: the run ended on a failure other than the link's; no resume can continue it, the guest waits for pages that never come",
+				"migration", id, "remaining", tg.Stats().Remaining, "err", err)
+			return err
+		}
+		if err == nil {
+			return nil
 		}
 		resumed := make(chan struct{})
 		p.mu.Lock()
@@ -255,38 +277,40 @@ func (p *pcInbound) serve(ctx context.Context, tg *postcopy.Target, id string) e
 	}
 }
 
-// takeResume is take for a resume's channel (p.mu held): accepted only
-// for the post-copy migration this destination runs, while its link is
-// down. Once both channels are in, the waiting run is woken; a channel
-// that comes again (a resume retried after a half-made one) replaces
-// the earlier one. conn nil: check only.
-func (p *pcInbound) takeResume(h replica.Hello, conn net.Conn) error {
+// takeResume is take for a resume's channel: accepted only for the
+// post-copy migration this destination runs, while its link is down.
+// Once both channels are in, the waiting run is woken; a channel that
+// comes again (a resume retried after a half-made one) replaces the
+// earlier one, returned as stale for the caller to close outside mu.
+// conn nil: check only.
+// Preconditions: p.mu held.
+func (p *pcInbound) takeResume(h replica.Hello, conn net.Conn) (stale net.Conn, err error) {
 	held := "none"
 	if p.id != "" && p.tg != nil {
 		held = strconv.Quote(p.id)
 	}
 	switch {
 	case p.tg == nil || h.MigrationID != p.id:
-		return fmt.Errorf("this destination holds post-copy migration %s; asked to resume %q", held, h.MigrationID)
+		return nil, fmt.Errorf("this destination holds post-copy migration %s; asked to resume %q", held, h.MigrationID)
+	case p.failed != "":
+		return nil, fmt.Errorf("migration %q cannot be resumed: its post-copy run failed here for good (%s); only an abandon ends it", p.id, p.failed)
 	case p.waiting == nil:
-		return fmt.Errorf("migration %q: its post-copy link is up here, nothing to resume (a lost link is noticed within %v: retry then)", p.id, postcopy.DefaultLinkTimeout)
+		return nil, fmt.Errorf("migration %q: its post-copy link is up here, nothing to resume (a lost link is noticed within %v: retry then)", p.id, postcopy.DefaultLinkTimeout)
 	case conn == nil:
-		return nil
+		return nil, nil
 	}
 	if p.resumeConns == nil {
 		p.resumeConns = map[string]net.Conn{}
 	}
-	if old := p.resumeConns[h.Channel]; old != nil {
-		old.Close()
-	}
+	stale = p.resumeConns[h.Channel]
 	p.resumeConns[h.Channel] = conn
 	if len(p.resumeConns) < 2 {
-		return nil
+		return stale, nil
 	}
 	p.conns, p.resumeConns = p.resumeConns, nil
 	close(p.waiting)
 	p.waiting, p.linkErr = nil, ""
-	return nil
+	return stale, nil
 }
 
 // fillPaused adds the destination's paused state to its status while

@@ -153,10 +153,7 @@ func TestPostcopyDestinationResume(t *testing.T) {
 	srcB, dstB := tcpPair(t)
 	p := &pcInbound{log: slog.New(slog.NewTextHandler(io.Discard, nil)), id: "m1", tg: tg,
 		conns: map[string]net.Conn{replica.ChannelUrgent: dstU, replica.ChannelBulk: dstB}}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	p.cancel, p.done = cancel, done
-	go func() { done <- p.serve(ctx, tg, "m1") }()
+	p.run(tg, "m1")
 	resume := func(id, ch string, conn net.Conn) error {
 		return p.take(replica.Hello{Purpose: replica.PurposePostcopy, MigrationID: id, Channel: ch, Resume: true}, conn)
 	}
