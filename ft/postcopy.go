@@ -51,7 +51,10 @@ func (p *pcSource) Serve(ctx context.Context, expected func() guest.Digest, lim 
 		// A lost link is not the end: the guest runs on the destination
 		// and this paused guest holds the pages it lacks, so the
 		// migration waits for `tandem migrate --resume`.
-		if !errors.Is(err, postcopy.ErrLink) || !p.awaitResume(ctx, err) {
+		if !errors.Is(err, postcopy.ErrLink) {
+			return err
+		}
+		if err := p.awaitResume(ctx, err); err != nil {
 			return err
 		}
 	}
@@ -198,8 +201,8 @@ func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 	}
 	defer p.mu.Unlock()
 	if p.lost != nil && h.MigrationID == p.lost.id {
-		return fmt.Errorf("post-copy migration %q was abandoned here at %s (its source declared lost): its guest is stopped for good",
-			p.lost.id, p.lost.at.UTC().Format(time.RFC3339))
+		return fmt.Errorf("post-copy migration %q was abandoned here at %s (its source declared lost): its guest is stopped for good: %w",
+			p.lost.id, p.lost.at.UTC().Format(time.RFC3339), replica.ErrPostcopyGone)
 	}
 	switch {
 	case p.id == "" || h.MigrationID != p.id:

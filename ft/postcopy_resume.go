@@ -31,17 +31,22 @@ type pcPause struct {
 	resumes  int           // resumes that reconnected
 	resuming bool          // a resume is dialing
 	resumed  chan struct{} // closed by a resume's new connections
-	quit     chan struct{} // closed when the node closes
+	quit     chan struct{} // closed when the node closes, or the destination gave the migration up
+	// gone is the destination's refusal of a resume because it no
+	// longer holds the migration (abandoned, failed for good, a
+	// restarted process): the pause ends, for nothing can continue it.
+	gone string
 }
 
 func newPcPause() pcPause { return pcPause{quit: make(chan struct{})} }
 
 // awaitResume pauses the post-copy after a link failure and waits for a
-// resume (true: its connections are in place) or the node's end (false).
-// It has no deadline of its own: this source holds the only copy of the
-// pages the destination's running guest lacks, so only stopping the
-// node gives them up.
-func (p *pcSource) awaitResume(ctx context.Context, err error) bool {
+// resume (nil: its connections are in place), the node's end, or the
+// destination's word that it gave the migration up (the error to end
+// the serving with). It has no deadline of its own: this source holds
+// the only copy of the pages the destination's running guest lacks, so
+// only stopping the node, or the destination itself, gives them up.
+func (p *pcSource) awaitResume(ctx context.Context, err error) error {
 	resumed := make(chan struct{})
 	p.mu.Lock()
 	dropConns(p.urgent, p.bulk)
@@ -56,20 +61,31 @@ func (p *pcSource) awaitResume(ctx context.Context, err error) bool {
 		"err", err, "pages_owed", owed)
 	select {
 	case <-resumed:
-		return true
+		return nil
 	case <-quit:
 	case <-ctx.Done():
 	}
 	p.mu.Lock()
 	p.paused.since, p.paused.resumed = time.Time{}, nil
+	gone := p.paused.gone
 	p.mu.Unlock()
-	return false
+	if gone != "" {
+		p.log.Error("POST-COPY ENDED: the destination no longer holds the migration; nothing can resume it, and this source's paused copy is stale",
+			"refusal", gone, "pages_owed", owed)
+		return fmt.Errorf("%w; the destination then gave the migration up: %s", err, gone)
+	}
+	return err
 }
 
 // stop ends a wait for a resume (the node is closing).
 func (p *pcSource) stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.quitLocked()
+}
+
+// quitLocked closes p.paused.quit once. Preconditions: p.mu held.
+func (p *pcSource) quitLocked() {
 	select {
 	case <-p.paused.quit:
 	default:
@@ -94,13 +110,19 @@ func (p *pcSource) beginResume(id, state string) error {
 }
 
 // endResume ends what beginResume began: with the new connections (dial
-// nil) the post-copy goes on over them; otherwise it stays paused.
+// nil) the post-copy goes on over them; refused by a destination that no
+// longer holds the migration, the pause ends for good (awaitResume);
+// otherwise it stays paused.
 func (p *pcSource) endResume(urgent, bulk net.Conn, dial error) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.paused.resuming = false
 	if dial == nil && p.paused.resumed == nil {
 		dial = errors.New("the migration ended while the resume was connecting")
+	}
+	if errors.Is(dial, replica.ErrPostcopyGone) && p.paused.resumed != nil {
+		p.paused.gone = dial.Error()
+		p.quitLocked()
 	}
 	if dial != nil {
 		for _, c := range []net.Conn{urgent, bulk} {
@@ -121,9 +143,13 @@ func (p *pcSource) endResume(urgent, bulk net.Conn, dial error) error {
 // itself says postcopy-paused, with since when and why.
 func (p *pcSource) fillPaused(st *api.MigrationStatus) {
 	p.mu.Lock()
-	since, why, resumes := p.paused.since, p.paused.why, p.paused.resumes
+	since, why, resumes, gone := p.paused.since, p.paused.why, p.paused.resumes, p.paused.gone
 	p.mu.Unlock()
 	st.PostcopyResumes = resumes
+	if gone != "" {
+		st.Outcome = "post-copy ended: the destination no longer holds the migration (" + gone + "): no resume can continue it; this source's copy stays paused for good and is stale"
+		return
+	}
 	if since.IsZero() {
 		return
 	}
@@ -291,9 +317,9 @@ func (p *pcInbound) takeResume(h replica.Hello, conn net.Conn) (stale net.Conn, 
 	}
 	switch {
 	case p.tg == nil || h.MigrationID != p.id:
-		return nil, fmt.Errorf("this destination holds post-copy migration %s; asked to resume %q", held, h.MigrationID)
+		return nil, fmt.Errorf("this destination holds post-copy migration %s; asked to resume %q: %w", held, h.MigrationID, replica.ErrPostcopyGone)
 	case p.failed != "":
-		return nil, fmt.Errorf("migration %q cannot be resumed: its post-copy run failed here for good (%s); only an abandon ends it", p.id, p.failed)
+		return nil, fmt.Errorf("migration %q cannot be resumed: its post-copy run failed here for good (%s); only an abandon ends it: %w", p.id, p.failed, replica.ErrPostcopyGone)
 	case p.waiting == nil:
 		return nil, fmt.Errorf("migration %q: its post-copy link is up here, nothing to resume (a lost link is noticed within %v: retry then)", p.id, postcopy.DefaultLinkTimeout)
 	case conn == nil:

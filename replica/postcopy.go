@@ -49,7 +49,10 @@ func dialPostcopy(ctx context.Context, addr string, h Hello, o DialOptions) (net
 	if err == nil {
 		err = readLineUnbuffered(conn, &reply)
 	}
-	if err == nil && !reply.OK {
+	switch {
+	case err == nil && !reply.OK && reply.PostcopyGone:
+		err = fmt.Errorf("refused: %s: %w", oneLine(reply.Error), ErrPostcopyGone)
+	case err == nil && !reply.OK:
 		err = fmt.Errorf("refused: %s", oneLine(reply.Error))
 	}
 	if err != nil {
@@ -107,7 +110,7 @@ func (r *Receiver) postcopyChannel(conn net.Conn, h Hello, buffered int) error {
 	}
 	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
 	if err != nil {
-		reply = HelloReply{OK: false, Error: err.Error(), Build: r.Build}
+		reply = HelloReply{OK: false, Error: err.Error(), Build: r.Build, PostcopyGone: errors.Is(err, ErrPostcopyGone)}
 		writeLine(conn, reply)
 		return fmt.Errorf("post-copy %s connection for migration %q refused: %w", h.Channel, h.MigrationID, err)
 	}
