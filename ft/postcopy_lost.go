@@ -97,9 +97,9 @@ func fillOutage(st *nodeStatus, ts postcopy.TargetStats, id, source, apiAddr str
 		vcpus = "blocked on a missing page: " + strings.Join(blocked, ", ")
 	}
 	st.StateReason = fmt.Sprintf("post-copy migration %s: the source %s has been unreachable since %s (its last word, %v ago); %d pages exist only there, "+
-		"and the guest cannot run past a missing page: %s. If the source comes back, resume the migration (tandem migrate --resume); "+
+		"and the guest cannot run past a missing page: %s. If the source comes back, resume the migration (tandem migrate --resume --from %s --id %s); "+
 		"if it is gone, declare the guest lost: tandem migrate --abandon --to %s --id %s",
-		id, sourceName(source), rfc3339(since), down.Round(100*time.Millisecond), ts.Remaining, vcpus, apiAddr, id)
+		id, sourceName(source), rfc3339(since), down.Round(100*time.Millisecond), ts.Remaining, vcpus, sourceName(source), id, apiAddr, id)
 }
 
 // unreachableSince is when the source went: its last frame (a silent
