@@ -377,7 +377,7 @@ func (p *pcInbound) dropResumeLocked() []net.Conn {
 // what a lost link or an abandoned migration means (postcopy_lost.go).
 func (p *pcInbound) fill(st *nodeStatus) {
 	p.mu.Lock()
-	tg, last, lost, id, source := p.tg, p.last, p.lost, p.id, p.source
+	tg, last, lost, id, source, failed := p.tg, p.last, p.lost, p.id, p.source, p.failed
 	p.mu.Unlock()
 	var ts postcopy.TargetStats
 	switch {
@@ -396,6 +396,24 @@ func (p *pcInbound) fill(st *nodeStatus) {
 	if tg != nil {
 		fillOutage(st, ts, id, source, p.apiAddr)
 	}
+	if tg != nil && failed != "" {
+		fillFailed(st, ts, id, failed, p.apiAddr)
+	}
+}
+
+// statusPostcopyFailed is a destination's migration status once its
+// post-copy run ended on a failure other than the link's: no resume
+// continues it.
+const statusPostcopyFailed = "postcopy-failed"
+
+// fillFailed says, over what fillOutage said of a lost link, that the
+// run failed for good (why) and that only an abandon is left.
+func fillFailed(st *nodeStatus, ts postcopy.TargetStats, id, why, apiAddr string) {
+	st.Status, st.Error = statusPostcopyFailed, "post-copy failed here for good: "+why
+	st.PostcopyLinkDownSince, st.PostcopyLinkError = "", ""
+	st.StateReason = fmt.Sprintf("post-copy migration %s failed here for good (%s): %d pages never arrived and no resume can continue it "+
+		"(the source's channels are refused); the guest cannot run past a missing page: declare it lost: tandem migrate --abandon --to %s --id %s",
+		id, why, ts.Remaining, apiAddr, id)
 }
 
 // fillTargetStats puts a Target's figures in a status.

@@ -92,3 +92,39 @@ func TestAbandonClosesHalfResume(t *testing.T) {
 		t.Errorf("the resume's other channel after the abandon: %v, want refused as abandoned", err)
 	}
 }
+
+// A run that fails on something other than its link (here a frame of an
+// unknown type) cannot be resumed: status says postcopy-failed, why and
+// that only an abandon is left (not "resume the migration"); a resume's
+// channel is refused naming the failure, with the word that the
+// migration is gone; an abandon is accepted.
+func TestPostcopyFailedForGoodOffersNoResume(t *testing.T) {
+	p, _ := lostTarget(t)
+	srcU, dstU := tcpPair(t)
+	srcB, dstB := tcpPair(t)
+	defer srcU.Close()
+	p.conns = map[string]net.Conn{replica.ChannelUrgent: dstU, replica.ChannelBulk: dstB}
+	p.run(p.tg, lostID)
+	if _, err := srcB.Write([]byte{0xee, 0, 0, 0, 0, 0, 0, 0, 0}); err != nil {
+		t.Fatal(err)
+	}
+	var st nodeStatus
+	for deadline := time.Now().Add(10 * time.Second); st.Status != statusPostcopyFailed; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("status after a protocol error: %+v, want %s", st.MigrationStatus, statusPostcopyFailed)
+		}
+		st = nodeStatus{}
+		p.fill(&st)
+	}
+	if !strings.Contains(st.Error, "unknown frame type") || !strings.Contains(st.StateReason, "no resume can continue it") || strings.Contains(st.StateReason, "--resume") {
+		t.Errorf("failed run's status: error %q, reason %q", st.Error, st.StateReason)
+	}
+	_, c := tcpPair(t)
+	err := p.take(replica.Hello{MigrationID: lostID, Channel: replica.ChannelUrgent, Resume: true}, c)
+	if !errors.Is(err, replica.ErrPostcopyGone) || !strings.Contains(err.Error(), "unknown frame type") {
+		t.Errorf("resume after a failure for good: %v, want refused naming it", err)
+	}
+	if _, _, err := p.abandon(lostID); err != nil {
+		t.Errorf("abandon after a failure for good: %v", err)
+	}
+}
