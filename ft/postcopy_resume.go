@@ -173,8 +173,10 @@ func dropConns(conns ...net.Conn) {
 	}
 }
 
-// pcResumeDialTimeout bounds a resume's two dials and handshakes.
-const pcResumeDialTimeout = 10 * time.Second
+// PostcopyResumeDialTimeout bounds a resume's two dials and handshakes
+// (a client's wait for POST /migrate/resume must be longer, or it gives
+// up before the server's one-line refusal arrives).
+const PostcopyResumeDialTimeout = 10 * time.Second
 
 // handleMigrateResume is POST /migrate/resume on the source: a post-copy
 // paused by a lost link goes on over new channels to the destination
@@ -242,7 +244,7 @@ func (n *Node) handleMigrateResume(w http.ResponseWriter, r *http.Request) {
 // dialResume opens the resumed run's two channels to to, urgent first,
 // with the node's identity and trust (as the migration's own).
 func (n *Node) dialResume(ctx context.Context, to, id string) (urgent, bulk net.Conn, err error) {
-	ctx, cancel := context.WithTimeout(ctx, pcResumeDialTimeout)
+	ctx, cancel := context.WithTimeout(ctx, PostcopyResumeDialTimeout)
 	defer cancel()
 	o := replica.DialOptions{TLS: n.trust.ID, Insecure: n.trust.Insecure}
 	if urgent, err = replica.ResumePostcopy(ctx, to, id, replica.ChannelUrgent, o); err != nil {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/internal/progress"
 )
 
@@ -61,7 +62,10 @@ func migrateResume(fs *flag.FlagSet, a resumeArgs, tf tlsFlags) error {
 	if err != nil {
 		return err
 	}
-	c := newAPIClient(a.from, id, 0)
+	// Longer than the source's own bound on the resume's dials: against
+	// a link still dead the operator gets its one-line refusal, not the
+	// client's timeout.
+	c := newAPIClient(a.from, id, ft.PostcopyResumeDialTimeout+api.DefaultTimeout)
 	ctx := context.Background()
 	var reply struct {
 		MigrationID string `json:"migration_id"`
