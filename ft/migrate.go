@@ -299,6 +299,10 @@ func (n *Node) runMigration(ctx context.Context, m *precopy.Migration, to string
 		// node's to deliver, nor its address to announce.
 		n.net.attach(nil)
 	}
+	if unconfirmed && m.Status().PostcopyPages > 0 {
+		n.log.Error("post-copy ended before every page arrived: the guest stays stopped here for good; the destination's status says what became of its guest", "to", to, "err", err)
+		return
+	}
 	if unconfirmed {
 		n.log.Error("migration committed but unconfirmed: the guest stays stopped here; the destination holds it, paused, until it learns of the commit", "to", to, "err", err)
 		return

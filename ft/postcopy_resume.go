@@ -110,17 +110,18 @@ func (p *pcSource) beginResume(id, state string) error {
 }
 
 // endResume ends what beginResume began: with the new connections (dial
-// nil) the post-copy goes on over them; refused by a destination that no
-// longer holds the migration, the pause ends for good (awaitResume);
-// otherwise it stays paused.
-func (p *pcSource) endResume(urgent, bulk net.Conn, dial error) error {
+// nil) the post-copy goes on over them; refused by the migration's own
+// destination (ownDest) saying it no longer holds the migration, the
+// pause ends for good (awaitResume); otherwise it stays paused (another
+// receiver's word, a --to typed wrong, says nothing of the migration).
+func (p *pcSource) endResume(urgent, bulk net.Conn, dial error, ownDest bool) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.paused.resuming = false
 	if dial == nil && p.paused.resumed == nil {
 		dial = errors.New("the migration ended while the resume was connecting")
 	}
-	if errors.Is(dial, replica.ErrPostcopyGone) && p.paused.resumed != nil {
+	if ownDest && errors.Is(dial, replica.ErrPostcopyGone) && p.paused.resumed != nil {
 		p.paused.gone = dial.Error()
 		p.quitLocked()
 	}
@@ -228,7 +229,7 @@ func (n *Node) handleMigrateResume(w http.ResponseWriter, r *http.Request) {
 	}
 	to := cmp.Or(req.To, dest)
 	urgent, bulk, err := n.dialResume(r.Context(), to, id)
-	if err = pc.endResume(urgent, bulk, err); err != nil {
+	if err = pc.endResume(urgent, bulk, err, to == dest); err != nil {
 		WriteError(w, http.StatusBadGateway, api.CodeRefused, fmt.Errorf("resume of migration %q: %w", id, err))
 		return
 	}

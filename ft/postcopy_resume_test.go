@@ -64,14 +64,14 @@ func TestPostcopySourcePause(t *testing.T) {
 	if err := p.beginResume("m1", "postcopy-paused"); err == nil || !strings.Contains(err.Error(), "another resume") {
 		t.Errorf("a second resume at once: %v, want a refusal", err)
 	}
-	if err := p.endResume(nil, nil, errors.New("dial: refused")); err == nil || status().Status != precopy.StatusPostcopyPaused {
+	if err := p.endResume(nil, nil, errors.New("dial: refused"), true); err == nil || status().Status != precopy.StatusPostcopyPaused {
 		t.Errorf("a failed resume: %v, status %s: want the error and still paused", err, status().Status)
 	}
 	if err := p.beginResume("m1", "postcopy-paused"); err != nil {
 		t.Fatal(err)
 	}
 	u, b := pipe(), pipe()
-	if err := p.endResume(u, b, nil); err != nil {
+	if err := p.endResume(u, b, nil, true); err != nil {
 		t.Fatal(err)
 	}
 	if !<-resumed {
@@ -112,7 +112,14 @@ func TestPostcopySourcePauseEndsWhenDestinationGone(t *testing.T) {
 		}
 	}
 	refusal := fmt.Errorf("refused: post-copy migration \"m1\" was abandoned here: %w", replica.ErrPostcopyGone)
-	if err := p.endResume(nil, nil, refusal); !errors.Is(err, replica.ErrPostcopyGone) {
+	// Another receiver's word (a --to typed wrong) leaves it paused.
+	if err := p.endResume(nil, nil, refusal, false); !errors.Is(err, replica.ErrPostcopyGone) {
+		t.Errorf("the resume's answer: %v, want the receiver's refusal", err)
+	}
+	if err := p.beginResume("m1", "paused"); err != nil {
+		t.Fatalf("after another receiver's refusal: %v, want still paused", err)
+	}
+	if err := p.endResume(nil, nil, refusal, true); !errors.Is(err, replica.ErrPostcopyGone) {
 		t.Errorf("the resume's answer: %v, want the destination's refusal", err)
 	}
 	select {
