@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -171,7 +172,11 @@ const maxSourceAPI = 256
 // sourceAPIOf is a Hello's SourceAPI as this node keeps it: a HOST:PORT
 // of bounded length, or "" (status then says the source gave none).
 func sourceAPIOf(s string) string {
-	if _, _, err := net.SplitHostPort(s); err != nil || len(s) > maxSourceAPI {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil || len(s) > maxSourceAPI || host == "" || strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r > '~' }) {
+		return ""
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
 		return ""
 	}
 	return s

@@ -135,3 +135,20 @@ func TestAbandonHandlerRefusals(t *testing.T) {
 		t.Errorf("awaiting commit: %d %s", code, body)
 	}
 }
+
+// A peer's SourceAPI is kept only as a HOST:PORT of bounded length:
+// status, state_reason and logs repeat it.
+func TestSourceAPIOfBounded(t *testing.T) {
+	for in, want := range map[string]string{
+		"10.0.0.1:7000":                  "10.0.0.1:7000",
+		"[fd00::1]:7000":                 "[fd00::1]:7000",
+		"":                               "",
+		"no port":                        "",
+		"a:1\nGUEST FINE":                "",
+		strings.Repeat("h", 300) + ":70": "",
+	} {
+		if got := sourceAPIOf(in); got != want {
+			t.Errorf("sourceAPIOf(%.40q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -26,10 +25,6 @@ type resumeArgs struct {
 var resumeFlags = map[string]bool{"resume": true, "from": true, "to": true, "id": true, "max-time": true, "json": true,
 	"tls-ca": true, "tls-cert": true, "tls-key": true}
 
-// migrationIDPattern is what a migration id looks like (the source's
-// status shows it): hex digits.
-var migrationIDPattern = regexp.MustCompile(`^[0-9a-f]{1,64}$`)
-
 // migrateResume is `tandem migrate --resume`: the source dials new
 // post-copy channels to the destination (POST /migrate/resume), then the
 // command follows the migration to its end, as a migration's own
@@ -48,8 +43,8 @@ func migrateResume(fs *flag.FlagSet, a resumeArgs, tf tlsFlags) error {
 		return usagef("--resume needs --from API (the source's)")
 	case strings.HasPrefix(a.to, "file:"):
 		return usagef("--to %s: a resume goes to a receiver's data HOST:PORT, not a file", a.to)
-	case a.id != "" && !migrationIDPattern.MatchString(a.id):
-		return usagef("--id %q: want a migration id as the source's status shows it (hex digits)", a.id)
+	case a.id != "" && !isMigrationID(a.id):
+		return usagef("--id %q: want a migration id, 16 hex digits (migration_id in the source's status)", a.id)
 	case a.maxTime <= 0:
 		return usagef("--max-time must be positive")
 	}
