@@ -148,11 +148,6 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	// to announce (it does once it resumes); this node's schedule, if one
 	// still runs, ends here rather than after the commit.
 	m.OnFinalPause = n.net.stopAnnouncing
-	if pc != nil && pm == nil {
-		// A post-copy may serve pages long after its commit: the node
-		// says from the commit on that its guest is the destination's.
-		m.OnCommit = func() { n.committedPostcopy(m, migID, req.To) }
-	}
 	started = true
 	n.launchMigration(m, req.To, closeLink, pc, pm)
 	reply := map[string]any{"ok": true, "to": req.To}
@@ -166,6 +161,11 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 // it as the node's migration with its post-copy mover pc and its pair
 // move pm (either nil: none); closeLink ends its connections.
 func (n *Node) launchMigration(m *precopy.Migration, to string, closeLink func(), pc *pcSource, pm *pairMove) {
+	if pc != nil && pm == nil {
+		// A post-copy may serve pages long after its commit: the node
+		// says from the commit on that its guest is the destination's.
+		m.OnCommit = func() { n.committedPostcopy(m, to) }
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
 	n.mig, n.migDest, n.migCancel, n.pcOut = m, to, cancel, pc
@@ -328,7 +328,8 @@ func newMigrationID() string {
 // (Migration.OnCommit): the guest is the destination's from here on,
 // though this paused copy serves the pages it lacks until every one
 // arrived.
-func (n *Node) committedPostcopy(m *precopy.Migration, id, to string) {
+func (n *Node) committedPostcopy(m *precopy.Migration, to string) {
+	id := m.Status().MigrationID
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.mig != m {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/postcopy"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -145,6 +146,11 @@ type pcInbound struct {
 	waiting     chan struct{}
 	linkErr     string
 	resumeConns map[string]net.Conn
+	// peer is the name in the certificate of the source that opened
+	// the migration's channels ("": plaintext): a resume's channels
+	// must come from the same identity, since the migration id they
+	// name is published in status during the outage.
+	peer string
 	// failed is why the run ended for good on a failure other than
 	// the link's (a protocol error, a page that could not be placed):
 	// no resume can continue it, only an abandon ends it.
@@ -178,7 +184,7 @@ func (e *runEnd) wait() error {
 func (p *pcInbound) grant(id string) {
 	p.abort()
 	p.mu.Lock()
-	p.id, p.conns, p.arrived = id, map[string]net.Conn{}, make(chan struct{})
+	p.id, p.conns, p.arrived, p.peer = id, map[string]net.Conn{}, make(chan struct{}), ""
 	p.mu.Unlock()
 }
 
@@ -213,6 +219,9 @@ func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 		return nil
 	}
 	p.conns[h.Channel] = conn
+	if name, ok := trust.PeerName(conn); ok && p.peer == "" {
+		p.peer = name
+	}
 	if len(p.conns) == 2 {
 		close(p.arrived)
 	}

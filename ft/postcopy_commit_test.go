@@ -17,11 +17,12 @@ func TestPostcopyCommitEndsSourceRunningAndCancel(t *testing.T) {
 	m := new(precopy.Migration)
 	cancelled := false
 	n := &Node{log: quietLog(), state: "running", mig: m, migCancel: func() { cancelled = true }}
-	n.committedPostcopy(new(precopy.Migration), "0123456789abcdef", "10.0.0.2:7001") // another migration: no change
+	n.committedPostcopy(new(precopy.Migration), "10.0.0.2:7001") // another migration: no change
 	if n.state != "running" {
 		t.Fatalf("another migration's commit changed the state to %s", n.state)
 	}
-	n.committedPostcopy(m, "0123456789abcdef", "10.0.0.2:7001")
+	m.SetID("0123456789abcdef")
+	n.committedPostcopy(m, "10.0.0.2:7001")
 	if n.state != "postmigrate" || !strings.Contains(n.stateReason, "0123456789abcdef") || !strings.Contains(n.stateReason, "--resume") {
 		t.Errorf("after the commit: state %s, reason %q", n.state, n.stateReason)
 	}

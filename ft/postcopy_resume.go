@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/postcopy"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -327,6 +328,9 @@ func (p *pcInbound) takeResume(h replica.Hello, conn net.Conn) (stale net.Conn, 
 		return nil, fmt.Errorf("migration %q: its post-copy link is up here, nothing to resume (a lost link is noticed within %v: retry then)", p.id, postcopy.DefaultLinkTimeout)
 	case conn == nil:
 		return nil, nil
+	}
+	if name, _ := trust.PeerName(conn); p.peer != "" && name != p.peer {
+		return nil, fmt.Errorf("resume of migration %q refused: its channels came from %q, the migration's source is %q", p.id, name, p.peer)
 	}
 	if p.resumeConns == nil {
 		p.resumeConns = map[string]net.Conn{}
