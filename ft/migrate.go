@@ -161,6 +161,11 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 // it as the node's migration with its post-copy mover pc and its pair
 // move pm (either nil: none); closeLink ends its connections.
 func (n *Node) launchMigration(m *precopy.Migration, to string, closeLink func(), pc *pcSource, pm *pairMove) {
+	if pc != nil && pm == nil {
+		// A post-copy may serve pages long after its commit: the node
+		// says from the commit on that its guest is the destination's.
+		m.OnCommit = func() { n.committedPostcopy(m, to) }
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.mu.Lock()
 	n.mig, n.migDest, n.migCancel, n.pcOut = m, to, cancel, pc
@@ -282,7 +287,10 @@ func (n *Node) runMigration(ctx context.Context, m *precopy.Migration, to string
 	if err == nil || unconfirmed {
 		n.state, n.stateReason = "postmigrate", ""
 	}
-	if unconfirmed {
+	switch st := m.Status(); {
+	case unconfirmed && st.PostcopyPages > 0:
+		n.stateReason = "committed to " + to + ", but post-copy ended before every page arrived (" + err.Error() + "): the guest is stopped here for good; see the destination's status for its guest"
+	case unconfirmed:
 		n.stateReason = "commit sent to " + to + " but not confirmed: the guest is stopped here for good; the destination resumes it once it learns of the commit (it asks this API), or by POST /migrate/commit on it"
 	}
 	n.mu.Unlock()
@@ -290,6 +298,10 @@ func (n *Node) runMigration(ctx context.Context, m *precopy.Migration, to string
 		// The guest runs elsewhere now: frames for it are not this
 		// node's to deliver, nor its address to announce.
 		n.net.attach(nil)
+	}
+	if unconfirmed && m.Status().PostcopyPages > 0 {
+		n.log.Error("post-copy ended before every page arrived: the guest stays stopped here for good; the destination's status says what became of its guest", "to", to, "err", err)
+		return
 	}
 	if unconfirmed {
 		n.log.Error("migration committed but unconfirmed: the guest stays stopped here; the destination holds it, paused, until it learns of the commit", "to", to, "err", err)
@@ -312,12 +324,36 @@ func newMigrationID() string {
 	return hex.EncodeToString(b[:])
 }
 
+// committedPostcopy is a post-copy migration's commit on its source
+// (Migration.OnCommit): the guest is the destination's from here on,
+// though this paused copy serves the pages it lacks until every one
+// arrived.
+func (n *Node) committedPostcopy(m *precopy.Migration, to string) {
+	id := m.Status().MigrationID
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.mig != m {
+		return
+	}
+	n.state = "postmigrate"
+	n.stateReason = fmt.Sprintf("migration %s committed: the guest runs on %s now; this copy stays paused and serves the pages it lacks until every one arrived "+
+		"(while the link is lost, status says postcopy-paused and `tandem migrate --resume --from <this API>` continues it)", id, to)
+}
+
+// handleMigrateCancel is POST /migrate/cancel: the running migration
+// stops and the guest runs on here. Refused without one, and once it
+// committed (the guest is the destination's: a post-copy serving its
+// pages is not the source's to stop).
 func (n *Node) handleMigrateCancel(w http.ResponseWriter, r *http.Request) {
 	n.mu.Lock()
-	cancel := n.migCancel
+	cancel, state := n.migCancel, n.state
 	n.mu.Unlock()
-	if cancel == nil {
+	switch {
+	case cancel == nil:
 		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("no migration to cancel"))
+		return
+	case state == "postmigrate":
+		WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("the migration is committed: the guest is the destination's now and nothing cancels it (a paused post-copy continues by `tandem migrate --resume`, or ends by `tandem migrate --abandon` on the destination)"))
 		return
 	}
 	cancel()

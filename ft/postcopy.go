@@ -13,6 +13,7 @@ import (
 
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/postcopy"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -51,7 +52,10 @@ func (p *pcSource) Serve(ctx context.Context, expected func() guest.Digest, lim 
 		// A lost link is not the end: the guest runs on the destination
 		// and this paused guest holds the pages it lacks, so the
 		// migration waits for `tandem migrate --resume`.
-		if !errors.Is(err, postcopy.ErrLink) || !p.awaitResume(ctx, err) {
+		if !errors.Is(err, postcopy.ErrLink) {
+			return err
+		}
+		if err := p.awaitResume(ctx, err); err != nil {
 			return err
 		}
 	}
@@ -130,7 +134,7 @@ type pcInbound struct {
 	tg      *postcopy.Target
 	g       guest.Guest
 	cancel  context.CancelFunc
-	done    chan error // the Target's Run, once it ends
+	end     *runEnd // the Target's run, once it ends
 	// last is the figures of the last Target, kept for status once it
 	// is released.
 	last   *postcopy.TargetStats
@@ -142,6 +146,15 @@ type pcInbound struct {
 	waiting     chan struct{}
 	linkErr     string
 	resumeConns map[string]net.Conn
+	// peer is the name in the certificate of the source that opened
+	// the migration's channels ("": plaintext): a resume's channels
+	// must come from the same identity, since the migration id they
+	// name is published in status during the outage.
+	peer string
+	// failed is why the run ended for good on a failure other than
+	// the link's (a protocol error, a page that could not be placed):
+	// no resume can continue it, only an abandon ends it.
+	failed string
 	// source is the API of the migration's source (as its Hello gave
 	// it); lost, once an operator abandoned the migration, what status
 	// says of it from then on (postcopy_lost.go).
@@ -149,12 +162,29 @@ type pcInbound struct {
 	lost   *pcLost
 }
 
+// runEnd is a Target's run once it ended. err is set before done is
+// closed, so any number of waiters (finish, abort, abandon) read it
+// after <-done; a channel of one value would serve only the first.
+type runEnd struct {
+	done chan struct{}
+	err  error
+}
+
+// wait waits for the run's end (nil: no run) and says how it ended.
+func (e *runEnd) wait() error {
+	if e == nil {
+		return nil
+	}
+	<-e.done
+	return e.err
+}
+
 // grant expects the channels of migration id (any earlier state is
 // dropped).
 func (p *pcInbound) grant(id string) {
 	p.abort()
 	p.mu.Lock()
-	p.id, p.conns, p.arrived = id, map[string]net.Conn{}, make(chan struct{})
+	p.id, p.conns, p.arrived, p.peer = id, map[string]net.Conn{}, make(chan struct{}), ""
 	p.mu.Unlock()
 }
 
@@ -169,13 +199,16 @@ func (p *pcInbound) granted(id string) bool {
 // the migration granted post-copy, once each.
 func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 	p.mu.Lock()
+	if h.Resume && (p.lost == nil || h.MigrationID != p.lost.id) {
+		stale, err := p.takeResume(h, conn)
+		p.mu.Unlock()
+		dropConns(stale) // outside mu: a TLS close may wait to send its goodbye
+		return err
+	}
 	defer p.mu.Unlock()
 	if p.lost != nil && h.MigrationID == p.lost.id {
-		return fmt.Errorf("post-copy migration %q was abandoned here at %s (its source declared lost): its guest is stopped for good",
-			p.lost.id, p.lost.at.UTC().Format(time.RFC3339))
-	}
-	if h.Resume {
-		return p.takeResume(h, conn)
+		return fmt.Errorf("post-copy migration %q was abandoned here at %s (its source declared lost): its guest is stopped for good: %w",
+			p.lost.id, p.lost.at.UTC().Format(time.RFC3339), replica.ErrPostcopyGone)
 	}
 	switch {
 	case p.id == "" || h.MigrationID != p.id:
@@ -186,6 +219,9 @@ func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 		return nil
 	}
 	p.conns[h.Channel] = conn
+	if name, ok := trust.PeerName(conn); ok && p.peer == "" {
+		p.peer = name
+	}
 	if len(p.conns) == 2 {
 		close(p.arrived)
 	}
@@ -242,21 +278,33 @@ func (p *pcInbound) start(g guest.Guest, h replica.Hello, state guest.MachineSta
 	if pg != nil {
 		pg.SetPostcopy(true)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
 	p.mu.Lock()
-	p.tg, p.g, p.cancel, p.done, p.source = tg, g, cancel, done, h.SourceAPI
+	p.tg, p.g, p.source = tg, g, sourceAPIOf(h.SourceAPI)
 	p.mu.Unlock()
-	go func() { done <- p.serve(ctx, tg, id) }() // joined by finish or abort
+	p.run(tg, id)
 	p.log.Info("post-copy: switched; the guest resumes with pages missing", "migration", id, "pages", missing.Count())
 	return nil
+}
+
+// run starts tg's run for migration id (serve), joined by finish,
+// abort or abandon through p.end.
+func (p *pcInbound) run(tg *postcopy.Target, id string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	end := &runEnd{done: make(chan struct{})}
+	p.mu.Lock()
+	p.cancel, p.end = cancel, end
+	p.mu.Unlock()
+	go func() {
+		end.err = p.serve(ctx, tg, id)
+		close(end.done)
+	}()
 }
 
 // finish waits until every page arrived (the run ends) or ctx ends, and
 // turns the guest's post-copy path off once all are in.
 func (p *pcInbound) finish(ctx context.Context) {
 	p.mu.Lock()
-	tg, g, done := p.tg, p.g, p.done
+	tg, g, end := p.tg, p.g, p.end
 	p.mu.Unlock()
 	if tg == nil {
 		p.abort()
@@ -264,18 +312,24 @@ func (p *pcInbound) finish(ctx context.Context) {
 	}
 	var err error
 	select {
-	case err = <-done:
-		done <- err // for abort
+	case <-end.done:
+		err = end.err
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
 	st := tg.Stats()
-	if err != nil {
+	p.mu.Lock()
+	abandoned := p.lost != nil
+	p.mu.Unlock()
+	switch {
+	case abandoned:
+		p.log.Info("post-copy ended: the migration was abandoned (its guest is lost)", "remaining", st.Remaining)
+		return
+	case err != nil:
 		// The node is stopping (a lost link waits for a resume in
 		// serve), or the run failed for good: the vCPUs that need a
-		// missing page wait. Status keeps saying post-copy is active,
-		// and since when the source is unreachable (postcopy_lost.go).
-		p.log.Error("post-copy did not finish: the guest waits for pages that do not come; resume the migration if the source comes back, or POST /migrate/abandon",
+		// missing page wait. Status says which (postcopy_lost.go).
+		p.log.Error("post-copy did not finish: the guest waits for pages that do not come; resume the migration if the source comes back and the run failed on its link, else POST /migrate/abandon",
 			"err", err, "remaining", st.Remaining, "link_down_since", st.LinkDownSince)
 		return
 	}
@@ -291,16 +345,15 @@ func (p *pcInbound) finish(ctx context.Context) {
 // channels. Idempotent.
 func (p *pcInbound) abort() {
 	p.mu.Lock()
-	tg, cancel, done, conns, id := p.tg, p.cancel, p.done, p.conns, p.id
-	p.tg, p.g, p.cancel, p.done, p.conns, p.id = nil, nil, nil, nil, nil, ""
-	for _, c := range p.resumeConns {
-		c.Close()
-	}
-	p.resumeConns, p.waiting, p.linkErr = nil, nil, ""
+	tg, cancel, end, conns, id := p.tg, p.cancel, p.end, p.conns, p.id
+	p.tg, p.g, p.cancel, p.end, p.conns, p.id = nil, nil, nil, nil, nil, ""
+	half := p.dropResumeLocked()
+	p.failed = ""
 	p.mu.Unlock()
+	dropConns(half...) // outside mu: a TLS close may wait to send its goodbye
 	if cancel != nil {
 		cancel()
-		<-done
+		end.wait()
 	}
 	if tg != nil {
 		st := tg.Stats()
@@ -310,15 +363,30 @@ func (p *pcInbound) abort() {
 		p.mu.Unlock()
 	}
 	for _, c := range conns {
-		c.Close()
+		if c != nil {
+			c.Close()
+		}
 	}
+}
+
+// dropResumeLocked ends a wait for a resume: the waiting run is no
+// longer woken by one, and the channels of a half-made resume are
+// returned for the caller to close outside mu.
+// Preconditions: p.mu held.
+func (p *pcInbound) dropResumeLocked() []net.Conn {
+	var half []net.Conn
+	for _, c := range p.resumeConns {
+		half = append(half, c)
+	}
+	p.resumeConns, p.waiting, p.linkErr = nil, nil, ""
+	return half
 }
 
 // fill adds the destination's post-copy figures to its status, and says
 // what a lost link or an abandoned migration means (postcopy_lost.go).
 func (p *pcInbound) fill(st *nodeStatus) {
 	p.mu.Lock()
-	tg, last, lost, id, source := p.tg, p.last, p.lost, p.id, p.source
+	tg, last, lost, id, source, failed := p.tg, p.last, p.lost, p.id, p.source, p.failed
 	p.mu.Unlock()
 	var ts postcopy.TargetStats
 	switch {
@@ -337,6 +405,24 @@ func (p *pcInbound) fill(st *nodeStatus) {
 	if tg != nil {
 		fillOutage(st, ts, id, source, p.apiAddr)
 	}
+	if tg != nil && failed != "" {
+		fillFailed(st, ts, id, failed, p.apiAddr)
+	}
+}
+
+// statusPostcopyFailed is a destination's migration status once its
+// post-copy run ended on a failure other than the link's: no resume
+// continues it.
+const statusPostcopyFailed = "postcopy-failed"
+
+// fillFailed says, over what fillOutage said of a lost link, that the
+// run failed for good (why) and that only an abandon is left.
+func fillFailed(st *nodeStatus, ts postcopy.TargetStats, id, why, apiAddr string) {
+	st.Status, st.Error = statusPostcopyFailed, "post-copy failed here for good: "+why
+	st.PostcopyLinkDownSince, st.PostcopyLinkError = "", ""
+	st.StateReason = fmt.Sprintf("post-copy migration %s failed here for good (%s): %d pages never arrived and no resume can continue it "+
+		"(the source's channels are refused); the guest cannot run past a missing page: declare it lost: tandem migrate --abandon --to %s --id %s",
+		id, why, ts.Remaining, apiAddr, id)
 }
 
 // fillTargetStats puts a Target's figures in a status.

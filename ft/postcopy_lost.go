@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -13,6 +15,7 @@ import (
 	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/postcopy"
+	"github.com/tandemvm/tandem/replica"
 )
 
 // The source's death during post-copy, on the destination of an
@@ -95,9 +98,9 @@ func fillOutage(st *nodeStatus, ts postcopy.TargetStats, id, source, apiAddr str
 		vcpus = "blocked on a missing page: " + strings.Join(blocked, ", ")
 	}
 	st.StateReason = fmt.Sprintf("post-copy migration %s: the source %s has been unreachable since %s (its last word, %v ago); %d pages exist only there, "+
-		"and the guest cannot run past a missing page: %s. If the source comes back, resume the migration (tandem migrate --resume); "+
+		"and the guest cannot run past a missing page: %s. If the source comes back, resume the migration (tandem migrate --resume --from %s --id %s); "+
 		"if it is gone, declare the guest lost: tandem migrate --abandon --to %s --id %s",
-		id, sourceName(source), rfc3339(since), down.Round(100*time.Millisecond), ts.Remaining, vcpus, apiAddr, id)
+		id, sourceName(source), rfc3339(since), down.Round(100*time.Millisecond), ts.Remaining, vcpus, sourceName(source), id, apiAddr, id)
 }
 
 // unreachableSince is when the source went: its last frame (a silent
@@ -117,7 +120,10 @@ func unreachableSince(ts postcopy.TargetStats) time.Time {
 // closes once the guest is closed (its fault loop maps never-touched
 // pages meanwhile). Refused, with nothing changed: no post-copy
 // migration here, another id, every page arrived (the guest is whole),
-// or a source still connected.
+// or a source still connected. Whether the link is down is the run's
+// word (waiting for a resume, or failed for good), not the Target's
+// LinkDownSince: a resume that just handed its channels over has
+// reconnected the source though the new run has not cleared it yet.
 func (p *pcInbound) abandon(id string) (*pcLost, *postcopy.Target, error) {
 	p.mu.Lock()
 	var ts postcopy.TargetStats
@@ -140,23 +146,40 @@ func (p *pcInbound) abandon(id string) (*pcLost, *postcopy.Target, error) {
 	case !ts.Active:
 		p.mu.Unlock()
 		return nil, nil, fmt.Errorf("every page of post-copy migration %s has arrived: the guest is whole; nothing to abandon", p.id)
-	case ts.LinkDownSince.IsZero():
+	case p.waiting == nil && p.failed == "":
 		p.mu.Unlock()
 		return nil, nil, fmt.Errorf("the source of post-copy migration %s is connected and its pages are arriving (%d left): abandon only a migration whose source is unreachable", p.id, ts.Remaining)
 	}
 	l := &pcLost{id: p.id, source: p.source, at: time.Now(), downSince: unreachableSince(ts), stats: ts}
-	tg, cancel, done, conns := p.tg, p.cancel, p.done, p.conns
+	tg, cancel, end, conns := p.tg, p.cancel, p.end, p.conns
 	p.lost = l
-	p.tg, p.g, p.cancel, p.done, p.conns, p.id = nil, nil, nil, nil, nil, ""
+	p.tg, p.g, p.cancel, p.end, p.conns, p.id = nil, nil, nil, nil, nil, ""
+	half := p.dropResumeLocked()
 	p.mu.Unlock()
+	dropConns(half...) // a half-made resume's channels: outside mu
 	if cancel != nil {
 		cancel()
-		<-done // the run ended with the link; bounded either way (Run's readers have deadlines)
+		end.wait() // the run ended with the link; bounded either way (Run's readers have deadlines)
 	}
-	for _, c := range conns {
-		c.Close()
-	}
+	dropConns(conns[replica.ChannelUrgent], conns[replica.ChannelBulk])
 	return l, tg, nil
+}
+
+// maxSourceAPI bounds the source's API address as a peer's Hello gives
+// it, before status, state_reason and logs repeat it.
+const maxSourceAPI = 256
+
+// sourceAPIOf is a Hello's SourceAPI as this node keeps it: a HOST:PORT
+// of bounded length, or "" (status then says the source gave none).
+func sourceAPIOf(s string) string {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil || len(s) > maxSourceAPI || host == "" || strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r > '~' }) {
+		return ""
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return ""
+	}
+	return s
 }
 
 // handleMigrateAbandon is POST /migrate/abandon on a post-copy

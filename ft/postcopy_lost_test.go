@@ -2,7 +2,6 @@ package ft
 
 import (
 	"errors"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -59,11 +58,7 @@ func TestAbandonRefusalsAndAfter(t *testing.T) {
 		}
 	}
 	// The link fails: the source is unreachable from now on.
-	a, b := net.Pipe()
-	b.Close()
-	if err := tg.Run(t.Context(), a, a); !errors.Is(err, postcopy.ErrLink) {
-		t.Fatalf("run over a dead link: %v", err)
-	}
+	serveLost(t, p)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(p.collectors()...)
 	gauge := func(name string) float64 {
@@ -138,5 +133,22 @@ func TestAbandonHandlerRefusals(t *testing.T) {
 	n.state = "awaiting-commit"
 	if code, body := call(n, ""); code != http.StatusConflict || !strings.Contains(body, "awaits its commit") || !strings.Contains(body, "/migrate/abort") {
 		t.Errorf("awaiting commit: %d %s", code, body)
+	}
+}
+
+// A peer's SourceAPI is kept only as a HOST:PORT of bounded length:
+// status, state_reason and logs repeat it.
+func TestSourceAPIOfBounded(t *testing.T) {
+	for in, want := range map[string]string{
+		"10.0.0.1:7000":                  "10.0.0.1:7000",
+		"[fd00::1]:7000":                 "[fd00::1]:7000",
+		"":                               "",
+		"no port":                        "",
+		"a:1\nGUEST FINE":                "",
+		strings.Repeat("h", 300) + ":70": "",
+	} {
+		if got := sourceAPIOf(in); got != want {
+			t.Errorf("sourceAPIOf(%.40q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/internal/trust"
 	"github.com/tandemvm/tandem/postcopy"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -31,17 +32,22 @@ type pcPause struct {
 	resumes  int           // resumes that reconnected
 	resuming bool          // a resume is dialing
 	resumed  chan struct{} // closed by a resume's new connections
-	quit     chan struct{} // closed when the node closes
+	quit     chan struct{} // closed when the node closes, or the destination gave the migration up
+	// gone is the destination's refusal of a resume because it no
+	// longer holds the migration (abandoned, failed for good, a
+	// restarted process): the pause ends, for nothing can continue it.
+	gone string
 }
 
 func newPcPause() pcPause { return pcPause{quit: make(chan struct{})} }
 
 // awaitResume pauses the post-copy after a link failure and waits for a
-// resume (true: its connections are in place) or the node's end (false).
-// It has no deadline of its own: this source holds the only copy of the
-// pages the destination's running guest lacks, so only stopping the
-// node gives them up.
-func (p *pcSource) awaitResume(ctx context.Context, err error) bool {
+// resume (nil: its connections are in place), the node's end, or the
+// destination's word that it gave the migration up (the error to end
+// the serving with). It has no deadline of its own: this source holds
+// the only copy of the pages the destination's running guest lacks, so
+// only stopping the node, or the destination itself, gives them up.
+func (p *pcSource) awaitResume(ctx context.Context, err error) error {
 	resumed := make(chan struct{})
 	p.mu.Lock()
 	dropConns(p.urgent, p.bulk)
@@ -56,20 +62,31 @@ func (p *pcSource) awaitResume(ctx context.Context, err error) bool {
 		"err", err, "pages_owed", owed)
 	select {
 	case <-resumed:
-		return true
+		return nil
 	case <-quit:
 	case <-ctx.Done():
 	}
 	p.mu.Lock()
 	p.paused.since, p.paused.resumed = time.Time{}, nil
+	gone := p.paused.gone
 	p.mu.Unlock()
-	return false
+	if gone != "" {
+		p.log.Error("POST-COPY ENDED: the destination no longer holds the migration; nothing can resume it, and this source's paused copy is stale",
+			"refusal", gone, "pages_owed", owed)
+		return fmt.Errorf("%w; the destination then gave the migration up: %s", err, gone)
+	}
+	return err
 }
 
 // stop ends a wait for a resume (the node is closing).
 func (p *pcSource) stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.quitLocked()
+}
+
+// quitLocked closes p.paused.quit once. Preconditions: p.mu held.
+func (p *pcSource) quitLocked() {
 	select {
 	case <-p.paused.quit:
 	default:
@@ -94,13 +111,20 @@ func (p *pcSource) beginResume(id, state string) error {
 }
 
 // endResume ends what beginResume began: with the new connections (dial
-// nil) the post-copy goes on over them; otherwise it stays paused.
-func (p *pcSource) endResume(urgent, bulk net.Conn, dial error) error {
+// nil) the post-copy goes on over them; refused by the migration's own
+// destination (ownDest) saying it no longer holds the migration, the
+// pause ends for good (awaitResume); otherwise it stays paused (another
+// receiver's word, a --to typed wrong, says nothing of the migration).
+func (p *pcSource) endResume(urgent, bulk net.Conn, dial error, ownDest bool) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.paused.resuming = false
 	if dial == nil && p.paused.resumed == nil {
 		dial = errors.New("the migration ended while the resume was connecting")
+	}
+	if ownDest && errors.Is(dial, replica.ErrPostcopyGone) && p.paused.resumed != nil {
+		p.paused.gone = dial.Error()
+		p.quitLocked()
 	}
 	if dial != nil {
 		for _, c := range []net.Conn{urgent, bulk} {
@@ -121,9 +145,13 @@ func (p *pcSource) endResume(urgent, bulk net.Conn, dial error) error {
 // itself says postcopy-paused, with since when and why.
 func (p *pcSource) fillPaused(st *api.MigrationStatus) {
 	p.mu.Lock()
-	since, why, resumes := p.paused.since, p.paused.why, p.paused.resumes
+	since, why, resumes, gone := p.paused.since, p.paused.why, p.paused.resumes, p.paused.gone
 	p.mu.Unlock()
 	st.PostcopyResumes = resumes
+	if gone != "" {
+		st.Outcome = "post-copy ended: the destination no longer holds the migration (" + gone + "): no resume can continue it; this source's copy stays paused for good and is stale"
+		return
+	}
 	if since.IsZero() {
 		return
 	}
@@ -137,6 +165,9 @@ func (p *pcSource) fillPaused(st *api.MigrationStatus) {
 // closed at once instead (nothing more is sent on a link given up).
 func dropConns(conns ...net.Conn) {
 	for _, c := range conns {
+		if c == nil {
+			continue
+		}
 		if tc, ok := c.(interface{ NetConn() net.Conn }); ok {
 			c = tc.NetConn()
 		}
@@ -144,8 +175,10 @@ func dropConns(conns ...net.Conn) {
 	}
 }
 
-// pcResumeDialTimeout bounds a resume's two dials and handshakes.
-const pcResumeDialTimeout = 10 * time.Second
+// PostcopyResumeDialTimeout bounds a resume's two dials and handshakes
+// (a client's wait for POST /migrate/resume must be longer, or it gives
+// up before the server's one-line refusal arrives).
+const PostcopyResumeDialTimeout = 10 * time.Second
 
 // handleMigrateResume is POST /migrate/resume on the source: a post-copy
 // paused by a lost link goes on over new channels to the destination
@@ -197,7 +230,7 @@ func (n *Node) handleMigrateResume(w http.ResponseWriter, r *http.Request) {
 	}
 	to := cmp.Or(req.To, dest)
 	urgent, bulk, err := n.dialResume(r.Context(), to, id)
-	if err = pc.endResume(urgent, bulk, err); err != nil {
+	if err = pc.endResume(urgent, bulk, err, to == dest); err != nil {
 		WriteError(w, http.StatusBadGateway, api.CodeRefused, fmt.Errorf("resume of migration %q: %w", id, err))
 		return
 	}
@@ -213,7 +246,7 @@ func (n *Node) handleMigrateResume(w http.ResponseWriter, r *http.Request) {
 // dialResume opens the resumed run's two channels to to, urgent first,
 // with the node's identity and trust (as the migration's own).
 func (n *Node) dialResume(ctx context.Context, to, id string) (urgent, bulk net.Conn, err error) {
-	ctx, cancel := context.WithTimeout(ctx, pcResumeDialTimeout)
+	ctx, cancel := context.WithTimeout(ctx, PostcopyResumeDialTimeout)
 	defer cancel()
 	o := replica.DialOptions{TLS: n.trust.ID, Insecure: n.trust.Insecure}
 	if urgent, err = replica.ResumePostcopy(ctx, to, id, replica.ChannelUrgent, o); err != nil {
@@ -227,18 +260,37 @@ func (n *Node) dialResume(ctx context.Context, to, id string) (urgent, bulk net.
 }
 
 // serve runs the destination's Target until every page arrived (nil),
-// ctx ends, or a failure other than the link's. A lost link pauses it:
-// the channels are dropped and the run waits for the source's resume
-// (takeResume), reported in status meanwhile.
+// ctx ends, or a failure other than the link's (recorded in p.failed:
+// no resume continues such a run). A lost link pauses it: the channels
+// are dropped and the run waits for the source's resume (takeResume),
+// reported in status meanwhile.
 func (p *pcInbound) serve(ctx context.Context, tg *postcopy.Target, id string) error {
+	var err error
 	for {
+		// An abandon or abort may have taken the channels a resume just
+		// handed over, and cancelled ctx, after the wait below woke:
+		// the channels are read again, under mu, each round.
 		p.mu.Lock()
 		urgent, bulk := p.conns[replica.ChannelUrgent], p.conns[replica.ChannelBulk]
 		p.mu.Unlock()
-		err := tg.Run(ctx, urgent, bulk)
+		if ctx.Err() != nil || urgent == nil || bulk == nil {
+			return cmp.Or(err, ctx.Err(), errors.New("post-copy: the run's channels were taken away"))
+		}
+		err = tg.Run(ctx, urgent, bulk)
 		dropConns(urgent, bulk)
-		if !errors.Is(err, postcopy.ErrLink) || ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return err
+		}
+		if err != nil && !errors.Is(err, postcopy.ErrLink) {
+			p.mu.Lock()
+			p.failed = err.Error()
+			p.mu.Unlock()
+			p.log.Error("POST-COPY FAILED: the run ended on a failure other than the link's; no resume can continue it, the guest waits for pages that never come",
+				"migration", id, "remaining", tg.Stats().Remaining, "err", err)
+			return err
+		}
+		if err == nil {
+			return nil
 		}
 		resumed := make(chan struct{})
 		p.mu.Lock()
@@ -255,38 +307,43 @@ func (p *pcInbound) serve(ctx context.Context, tg *postcopy.Target, id string) e
 	}
 }
 
-// takeResume is take for a resume's channel (p.mu held): accepted only
-// for the post-copy migration this destination runs, while its link is
-// down. Once both channels are in, the waiting run is woken; a channel
-// that comes again (a resume retried after a half-made one) replaces
-// the earlier one. conn nil: check only.
-func (p *pcInbound) takeResume(h replica.Hello, conn net.Conn) error {
+// takeResume is take for a resume's channel: accepted only for the
+// post-copy migration this destination runs, while its link is down.
+// Once both channels are in, the waiting run is woken; a channel that
+// comes again (a resume retried after a half-made one) replaces the
+// earlier one, returned as stale for the caller to close outside mu.
+// conn nil: check only.
+// Preconditions: p.mu held.
+func (p *pcInbound) takeResume(h replica.Hello, conn net.Conn) (stale net.Conn, err error) {
 	held := "none"
 	if p.id != "" && p.tg != nil {
 		held = strconv.Quote(p.id)
 	}
 	switch {
 	case p.tg == nil || h.MigrationID != p.id:
-		return fmt.Errorf("this destination holds post-copy migration %s; asked to resume %q", held, h.MigrationID)
+		return nil, fmt.Errorf("this destination holds post-copy migration %s; asked to resume %q: %w", held, h.MigrationID, replica.ErrPostcopyGone)
+	case p.failed != "":
+		return nil, fmt.Errorf("migration %q cannot be resumed: its post-copy run failed here for good (%s); only an abandon ends it: %w", p.id, p.failed, replica.ErrPostcopyGone)
 	case p.waiting == nil:
-		return fmt.Errorf("migration %q: its post-copy link is up here, nothing to resume (a lost link is noticed within %v: retry then)", p.id, postcopy.DefaultLinkTimeout)
+		return nil, fmt.Errorf("migration %q: its post-copy link is up here, nothing to resume (a lost link is noticed within %v: retry then)", p.id, postcopy.DefaultLinkTimeout)
 	case conn == nil:
-		return nil
+		return nil, nil
+	}
+	if name, _ := trust.PeerName(conn); p.peer != "" && name != p.peer {
+		return nil, fmt.Errorf("resume of migration %q refused: its channels came from %q, the migration's source is %q", p.id, name, p.peer)
 	}
 	if p.resumeConns == nil {
 		p.resumeConns = map[string]net.Conn{}
 	}
-	if old := p.resumeConns[h.Channel]; old != nil {
-		old.Close()
-	}
+	stale = p.resumeConns[h.Channel]
 	p.resumeConns[h.Channel] = conn
 	if len(p.resumeConns) < 2 {
-		return nil
+		return stale, nil
 	}
 	p.conns, p.resumeConns = p.resumeConns, nil
 	close(p.waiting)
 	p.waiting, p.linkErr = nil, ""
-	return nil
+	return stale, nil
 }
 
 // fillPaused adds the destination's paused state to its status while

@@ -3,6 +3,7 @@ package ft
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -51,7 +52,7 @@ func TestPostcopySourcePause(t *testing.T) {
 	}
 	resumed := make(chan bool, 1)
 	go func() {
-		resumed <- p.awaitResume(context.Background(), errors.New("post-copy link failed: read: i/o timeout"))
+		resumed <- p.awaitResume(context.Background(), errors.New("post-copy link failed: read: i/o timeout")) == nil
 	}()
 	waitPaused()
 	if st := status(); st.PostcopyLinkDownSince == "" || !strings.Contains(st.PostcopyLinkError, "i/o timeout") || !strings.Contains(st.Outcome, "--resume") {
@@ -63,14 +64,14 @@ func TestPostcopySourcePause(t *testing.T) {
 	if err := p.beginResume("m1", "postcopy-paused"); err == nil || !strings.Contains(err.Error(), "another resume") {
 		t.Errorf("a second resume at once: %v, want a refusal", err)
 	}
-	if err := p.endResume(nil, nil, errors.New("dial: refused")); err == nil || status().Status != precopy.StatusPostcopyPaused {
+	if err := p.endResume(nil, nil, errors.New("dial: refused"), true); err == nil || status().Status != precopy.StatusPostcopyPaused {
 		t.Errorf("a failed resume: %v, status %s: want the error and still paused", err, status().Status)
 	}
 	if err := p.beginResume("m1", "postcopy-paused"); err != nil {
 		t.Fatal(err)
 	}
 	u, b := pipe(), pipe()
-	if err := p.endResume(u, b, nil); err != nil {
+	if err := p.endResume(u, b, nil, true); err != nil {
 		t.Fatal(err)
 	}
 	if !<-resumed {
@@ -79,7 +80,7 @@ func TestPostcopySourcePause(t *testing.T) {
 	if st := status(); st.Status == precopy.StatusPostcopyPaused || st.PostcopyResumes != 1 || p.urgent != u || p.bulk != b {
 		t.Errorf("after the resume: status %s, %d resumes, new connections in place %v", st.Status, st.PostcopyResumes, p.urgent == u && p.bulk == b)
 	}
-	go func() { resumed <- p.awaitResume(context.Background(), errors.New("lost again")) }()
+	go func() { resumed <- p.awaitResume(context.Background(), errors.New("lost again")) == nil }()
 	waitPaused()
 	p.stop()
 	if <-resumed {
@@ -89,6 +90,54 @@ func TestPostcopySourcePause(t *testing.T) {
 		t.Errorf("status after the close: %s, want the pause gone", st.Status)
 	}
 	p.close()
+}
+
+// A resume refused by a destination that no longer holds the migration
+// (abandoned, failed for good, restarted) ends the pause: the serving
+// ends with that refusal, status no longer offers a resume but says
+// none can continue it, and a later resume is refused here.
+func TestPostcopySourcePauseEndsWhenDestinationGone(t *testing.T) {
+	pipe := func() net.Conn {
+		a, b := net.Pipe()
+		b.Close()
+		return a
+	}
+	p := &pcSource{log: quietLog(), urgent: pipe(), bulk: pipe(), paused: newPcPause()}
+	defer p.close()
+	ended := make(chan error, 1)
+	go func() { ended <- p.awaitResume(context.Background(), errors.New("post-copy link failed: EOF")) }()
+	for deadline := time.Now().Add(5 * time.Second); p.beginResume("m1", "paused") != nil; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("not paused after a lost link")
+		}
+	}
+	refusal := fmt.Errorf("refused: post-copy migration \"m1\" was abandoned here: %w", replica.ErrPostcopyGone)
+	// Another receiver's word (a --to typed wrong) leaves it paused.
+	if err := p.endResume(nil, nil, refusal, false); !errors.Is(err, replica.ErrPostcopyGone) {
+		t.Errorf("the resume's answer: %v, want the receiver's refusal", err)
+	}
+	if err := p.beginResume("m1", "paused"); err != nil {
+		t.Fatalf("after another receiver's refusal: %v, want still paused", err)
+	}
+	if err := p.endResume(nil, nil, refusal, true); !errors.Is(err, replica.ErrPostcopyGone) {
+		t.Errorf("the resume's answer: %v, want the destination's refusal", err)
+	}
+	select {
+	case err := <-ended:
+		if err == nil || !strings.Contains(err.Error(), "gave the migration up") || !strings.Contains(err.Error(), "abandoned here") {
+			t.Errorf("the serving ended with %v, want the destination's refusal", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the pause went on after the destination gave the migration up")
+	}
+	st := api.MigrationStatus{Status: precopy.StatusUnknown}
+	p.fill(&st)
+	if st.Status == precopy.StatusPostcopyPaused || strings.Contains(st.Outcome, "--resume") || !strings.Contains(st.Outcome, "no resume can continue it") {
+		t.Errorf("status once the destination gave up: %s, outcome %q", st.Status, st.Outcome)
+	}
+	if err := p.beginResume("m1", "unknown"); err == nil || !strings.Contains(err.Error(), "not paused") {
+		t.Errorf("a resume after the end: %v, want a refusal", err)
+	}
 }
 
 // tcpPair is a connected loopback TCP pair (closed at the test's end).
@@ -153,10 +202,7 @@ func TestPostcopyDestinationResume(t *testing.T) {
 	srcB, dstB := tcpPair(t)
 	p := &pcInbound{log: slog.New(slog.NewTextHandler(io.Discard, nil)), id: "m1", tg: tg,
 		conns: map[string]net.Conn{replica.ChannelUrgent: dstU, replica.ChannelBulk: dstB}}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	p.cancel, p.done = cancel, done
-	go func() { done <- p.serve(ctx, tg, "m1") }()
+	p.run(tg, "m1")
 	resume := func(id, ch string, conn net.Conn) error {
 		return p.take(replica.Hello{Purpose: replica.PurposePostcopy, MigrationID: id, Channel: ch, Resume: true}, conn)
 	}

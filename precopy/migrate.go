@@ -140,6 +140,11 @@ type Migration struct {
 	// it once it resumes, and a later announcement from the source would
 	// point the network back here. Set it before Run.
 	OnFinalPause func()
+	// OnCommit, if set, runs once the commit is decided, before it is
+	// sent: the source's guest never runs again from here on, whatever
+	// follows (a post-copy may serve its pages for long after). Set it
+	// before Run.
+	OnCommit func()
 	// Log, if set, gets one debug line per round: what it sent, what it
 	// left and the controller's decision with its reason.
 	Log *slog.Logger

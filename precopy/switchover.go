@@ -210,6 +210,9 @@ func (m *Migration) switchOver(ctx context.Context, final uint64, start time.Tim
 	}
 	m.committed = true
 	m.update(func(s *MigrationStatus) { s.CommitSent = true })
+	if m.OnCommit != nil {
+		m.OnCommit()
+	}
 	if err := cm.Commit(final); err != nil {
 		return ack, acked, m.unconfirmed(start, fmt.Errorf("send the commit: %w", err))
 	}

@@ -22,6 +22,9 @@ type twoPhaseRun struct {
 	runErr error
 	res    MigrationResult
 	recErr error
+	// commits counts Migration.OnCommit's calls: one once the commit
+	// is decided, none if the switch-over aborts before it.
+	commits int
 }
 
 // migrateTwoPhase migrates a small kv guest through a link proxy on
@@ -82,6 +85,7 @@ func migrateTwoPhase(t *testing.T, cut func(p *linkproxy.Proxy)) twoPhaseRun {
 	}
 	m.ConfirmTimeout = 2 * time.Second
 	out := twoPhaseRun{src: src}
+	m.OnCommit = func() { out.commits++ }
 	out.runErr = m.Run(ctx)
 	out.st = m.Status()
 	select {
@@ -120,6 +124,9 @@ func TestTwoPhaseCommitted(t *testing.T) {
 	if r.st.SwitchoverDigest != r.res.Digest {
 		t.Errorf("digests differ: source %s destination %s", r.st.SwitchoverDigest, r.res.Digest)
 	}
+	if r.commits != 1 {
+		t.Errorf("OnCommit ran %d times, want once", r.commits)
+	}
 	t.Logf("downtime %d ms, breakdown %+v", r.st.DowntimeMs, r.st.DowntimeBreakdown)
 }
 
@@ -132,6 +139,9 @@ func TestTwoPhaseCommitLost(t *testing.T) {
 	}
 	if !r.src.Paused() {
 		t.Fatal("source resumed after sending its commit")
+	}
+	if r.commits != 1 {
+		t.Errorf("OnCommit ran %d times for a commit decided (then lost), want once", r.commits)
 	}
 	if r.recErr != nil || !r.res.AwaitingCommit || r.res.Guest == nil || !r.res.Guest.Paused() {
 		t.Fatalf("destination: %v, %+v", r.recErr, r.res)
@@ -148,6 +158,9 @@ func TestTwoPhaseReadyLost(t *testing.T) {
 	}
 	if r.src.Paused() {
 		t.Fatal("source paused after an aborted switch-over")
+	}
+	if r.commits != 0 {
+		t.Errorf("OnCommit ran %d times without a commit", r.commits)
 	}
 	if r.res.Guest != nil && !r.res.Guest.Paused() {
 		t.Fatal("destination runs without a commit")

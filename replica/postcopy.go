@@ -30,6 +30,13 @@ func ResumePostcopy(ctx context.Context, addr, id, channel string, o DialOptions
 	return dialPostcopy(ctx, addr, Hello{Proto: ProtoVersion, Purpose: PurposePostcopy, MigrationID: id, Channel: channel, Resume: true}, o)
 }
 
+// postcopyGoneError is a receiver's refusal that carried PostcopyGone:
+// its own words (which already say so), and errors.Is ErrPostcopyGone.
+type postcopyGoneError string
+
+func (e postcopyGoneError) Error() string        { return string(e) }
+func (e postcopyGoneError) Is(target error) bool { return target == ErrPostcopyGone }
+
 func dialPostcopy(ctx context.Context, addr string, h Hello, o DialOptions) (net.Conn, error) {
 	channel := h.Channel
 	if err := trust.CheckDial(o.TLS, o.Insecure, "post-copy link to", addr); err != nil {
@@ -49,7 +56,10 @@ func dialPostcopy(ctx context.Context, addr string, h Hello, o DialOptions) (net
 	if err == nil {
 		err = readLineUnbuffered(conn, &reply)
 	}
-	if err == nil && !reply.OK {
+	switch {
+	case err == nil && !reply.OK && reply.PostcopyGone:
+		err = fmt.Errorf("refused: %w", postcopyGoneError(oneLine(reply.Error)))
+	case err == nil && !reply.OK:
 		err = fmt.Errorf("refused: %s", oneLine(reply.Error))
 	}
 	if err != nil {
@@ -107,7 +117,7 @@ func (r *Receiver) postcopyChannel(conn net.Conn, h Hello, buffered int) error {
 	}
 	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
 	if err != nil {
-		reply = HelloReply{OK: false, Error: err.Error(), Build: r.Build}
+		reply = HelloReply{OK: false, Error: err.Error(), Build: r.Build, PostcopyGone: errors.Is(err, ErrPostcopyGone)}
 		writeLine(conn, reply)
 		return fmt.Errorf("post-copy %s connection for migration %q refused: %w", h.Channel, h.MigrationID, err)
 	}

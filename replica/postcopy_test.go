@@ -3,6 +3,7 @@ package replica
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -42,6 +43,9 @@ func TestPostcopyChannelTiedToMigration(t *testing.T) {
 	defer ln.Close()
 	var taken net.Conn
 	r := &Receiver{NewGuest: synthFactory, Build: "test", PostcopyConn: func(h Hello, conn net.Conn) error {
+		if h.MigrationID == "gone" {
+			return fmt.Errorf("migration gone was abandoned here: %w", ErrPostcopyGone)
+		}
 		if h.MigrationID != "m1" {
 			return errors.New("no post-copy migration " + h.MigrationID + " here (receiving m1)")
 		}
@@ -56,12 +60,24 @@ func TestPostcopyChannelTiedToMigration(t *testing.T) {
 		return DialPostcopy(ctx, ln.Addr().String(), id, ch, DialOptions{})
 	}
 	done := serveOne(t, ln, r, MigrationOptions{})
-	if _, err := dial("m2", ChannelUrgent); err == nil || !strings.Contains(err.Error(), "m2") || !strings.Contains(err.Error(), "m1") {
+	_, err = dial("m2", ChannelUrgent)
+	if err == nil || !strings.Contains(err.Error(), "m2") || !strings.Contains(err.Error(), "m1") {
 		t.Errorf("wrong migration: %v, want a refusal naming m2 and m1", err)
 	}
 	if res := <-done; res.PostcopyChannel {
 		t.Errorf("a refused channel was handed over")
 	}
+	if errors.Is(err, ErrPostcopyGone) {
+		t.Errorf("a plain refusal reads as the migration gone: %v", err)
+	}
+	// A receiver that no longer holds the migration says so on the
+	// wire: the dialer's error wraps ErrPostcopyGone (the source then
+	// stops waiting for a resume).
+	done = serveOne(t, ln, r, MigrationOptions{})
+	if _, err := ResumePostcopy(context.Background(), ln.Addr().String(), "gone", ChannelUrgent, DialOptions{}); !errors.Is(err, ErrPostcopyGone) || !strings.Contains(err.Error(), "abandoned here") {
+		t.Errorf("resume of a migration the receiver gave up: %v, want ErrPostcopyGone with its reason", err)
+	}
+	<-done
 	done = serveOne(t, ln, r, MigrationOptions{})
 	if _, err := dial("m1", "sideways"); err == nil || !strings.Contains(err.Error(), "sideways") {
 		t.Errorf("bad channel name: %v, want a refusal naming it", err)

@@ -129,6 +129,11 @@ type HelloReply struct {
 	// migration completed. An older receiver never sets it, and a
 	// protected source then refuses to migrate.
 	HoldOutput bool `json:"hold_output,omitempty"`
+	// PostcopyGone (with OK false, to a post-copy channel): the
+	// receiver no longer holds the migration (abandoned, failed for
+	// good, or never held), so no resume of it can succeed. An older
+	// receiver never sets it: its refusal then reads as any other.
+	PostcopyGone bool `json:"postcopy_gone,omitempty"`
 }
 
 // Control is a line the sender writes after a migration's final epoch in
@@ -155,6 +160,12 @@ var ErrPeerActivated = errors.New("the secondary was activated and runs the gues
 
 // ErrProtocol is a data connection that does not speak this protocol.
 var ErrProtocol = errors.New("replica: bad data-channel message")
+
+// ErrPostcopyGone is a post-copy channel's refusal by a receiver that no
+// longer holds the migration: Receiver.PostcopyConn wraps it to say so,
+// and a dialer's error wraps it when the receiver said so
+// (HelloReply.PostcopyGone).
+var ErrPostcopyGone = errors.New("the destination no longer holds the post-copy migration")
 
 // writeLine writes v as one JSON line.
 func writeLine(w io.Writer, v any) error {

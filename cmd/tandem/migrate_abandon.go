@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/tandemvm/tandem/api"
@@ -18,7 +19,15 @@ func abandonAsked(args []string) bool {
 			return false
 		}
 		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		if strings.HasPrefix(a, "-") && name == "abandon" && (!hasVal || val == "true" || val == "1") {
+		if !strings.HasPrefix(a, "-") || name != "abandon" {
+			continue
+		}
+		// The flag package's own reading of a boolean (1, t, TRUE...):
+		// any spelling it takes for true must not fall through to a
+		// plain migrate that ignores the flag. One it refuses falls
+		// through, and the plain migrate's parse rejects it (exit 2).
+		on, err := strconv.ParseBool(val)
+		if !hasVal || (err == nil && on) {
 			return true
 		}
 	}

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
 	"github.com/tandemvm/tandem/api"
+	"github.com/tandemvm/tandem/ft"
 	"github.com/tandemvm/tandem/internal/progress"
 )
 
@@ -24,10 +24,6 @@ type resumeArgs struct {
 // resumeFlags are the flags that go with --resume; any other is refused.
 var resumeFlags = map[string]bool{"resume": true, "from": true, "to": true, "id": true, "max-time": true, "json": true,
 	"tls-ca": true, "tls-cert": true, "tls-key": true}
-
-// migrationIDPattern is what a migration id looks like (the source's
-// status shows it): hex digits.
-var migrationIDPattern = regexp.MustCompile(`^[0-9a-f]{1,64}$`)
 
 // migrateResume is `tandem migrate --resume`: the source dials new
 // post-copy channels to the destination (POST /migrate/resume), then the
@@ -47,8 +43,8 @@ func migrateResume(fs *flag.FlagSet, a resumeArgs, tf tlsFlags) error {
 		return usagef("--resume needs --from API (the source's)")
 	case strings.HasPrefix(a.to, "file:"):
 		return usagef("--to %s: a resume goes to a receiver's data HOST:PORT, not a file", a.to)
-	case a.id != "" && !migrationIDPattern.MatchString(a.id):
-		return usagef("--id %q: want a migration id as the source's status shows it (hex digits)", a.id)
+	case a.id != "" && !isMigrationID(a.id):
+		return usagef("--id %q: want a migration id, 16 hex digits (migration_id in the source's status)", a.id)
 	case a.maxTime <= 0:
 		return usagef("--max-time must be positive")
 	}
@@ -61,7 +57,10 @@ func migrateResume(fs *flag.FlagSet, a resumeArgs, tf tlsFlags) error {
 	if err != nil {
 		return err
 	}
-	c := newAPIClient(a.from, id, 0)
+	// Longer than the source's own bound on the resume's dials: against
+	// a link still dead the operator gets its one-line refusal, not the
+	// client's timeout.
+	c := newAPIClient(a.from, id, ft.PostcopyResumeDialTimeout+api.DefaultTimeout)
 	ctx := context.Background()
 	var reply struct {
 		MigrationID string `json:"migration_id"`

@@ -55,29 +55,37 @@ func (d *pvDisk) completedCount() uint32 {
 // (outside RAM, beyond the disk window) complete at once with no effect:
 // a guest bug must not become a host error.
 func (d *pvDisk) submit(gpa uint64) {
-	// On a post-copy destination the request's pages may be owed: fault
-	// them in before mu, so the wait (unbounded while the source is
-	// away) holds up this vCPU only, not the completions that take mu
-	// (and Close, which waits for them).
-	if hdr, ok := d.g.guestBytes(gpa, 24); ok {
-		le := binary.LittleEndian
-		d.g.faultInGPA(le.Uint64(hdr[16:]), uint64(le.Uint32(hdr[4:])))
+	// One copy of the header, read before mu: the guest may rewrite it
+	// meanwhile, and what is checked, faulted in and used must be the
+	// same request.
+	var hdr [24]byte
+	mem, ok := d.g.guestBytes(gpa, 24)
+	if ok {
+		copy(hdr[:], mem)
+	}
+	le := binary.LittleEndian
+	op, n, off, buf := le.Uint32(hdr[:]), uint64(le.Uint32(hdr[4:])), le.Uint64(hdr[8:]), le.Uint64(hdr[16:])
+	valid := op == diskOpWrite && n > 0 && off+n <= diskBytes && off+n > off
+	if ok && valid {
+		// On a post-copy destination the buffer's pages may be owed:
+		// fault them in before mu, so the wait (unbounded while the
+		// source is away) holds up this vCPU only, not the completions
+		// that take mu (and Close, which waits for them). Only a valid
+		// write's: a junk length would populate a whole region.
+		d.g.faultInGPA(buf, n)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.submitted++
-	hdr, ok := d.g.guestBytes(gpa, 24)
 	if !ok || len(d.inflight) >= maxDiskInflight {
 		d.rejected++
 		d.completed++
 		return
 	}
-	le := binary.LittleEndian
-	op, n, off, buf := le.Uint32(hdr), uint64(le.Uint32(hdr[4:])), le.Uint64(hdr[8:]), le.Uint64(hdr[16:])
 	switch op {
 	case diskOpWrite:
 		src, ok := d.g.guestBytes(buf, n)
-		if !ok || n == 0 || off+n > diskBytes || off+n < off {
+		if !ok || !valid {
 			d.rejected++
 			d.completed++
 			return

@@ -7,10 +7,11 @@ import (
 	"time"
 )
 
-// writePostcopyAlert puts a post-copy destination's trouble above the
-// node's detail, where an operator looks first: its source unreachable
-// (the guest cannot run past a missing page), or the guest declared
-// lost. Nothing when neither.
+// writePostcopyAlert puts a post-copy's trouble above the node's
+// detail, where an operator looks first: on a destination, its source
+// unreachable (the guest cannot run past a missing page), or the guest
+// declared lost; on a source, its link to the destination lost (the
+// post-copy paused). Nothing when none.
 func writePostcopyAlert(w io.Writer, raw map[string]any) {
 	str := func(k string) string { s, _ := raw[k].(string); return s }
 	num := func(k string) float64 { f, _ := raw[k].(float64); return f }
@@ -34,6 +35,10 @@ func writePostcopyAlert(w io.Writer, raw map[string]any) {
 		fmt.Fprintf(w, "\nPOST-COPY SOURCE UNREACHABLE: %s, since %s (%v): %.0f pages exist only there; blocked on a missing page: %s\n",
 			orDash(src), str("postcopy_source_unreachable_since"), time.Duration(num("postcopy_source_unreachable_ms"))*time.Millisecond,
 			num("postcopy_remaining_pages"), who)
-		fmt.Fprintf(w, "  source back: resume the migration (tandem migrate --resume); source gone: tandem migrate --abandon --to <this API> --id %s\n", id)
+		fmt.Fprintf(w, "  source back: tandem migrate --resume --from %s --id %s; source gone: tandem migrate --abandon --to <this API> --id %s\n", orDash(src), id, id)
+	case str("status") == "postcopy-paused" && str("postcopy_link_down_since") != "":
+		fmt.Fprintf(w, "\nPOST-COPY PAUSED: migration %s committed; the link to the destination %s is lost since %s (%s): the guest runs there and waits for the %.0f pages this paused copy holds\n",
+			id, orDash(str("destination")), str("postcopy_link_down_since"), str("postcopy_link_error"), num("postcopy_remaining_pages"))
+		fmt.Fprintf(w, "  link back: tandem migrate --resume --from <this API> --id %s\n", id)
 	}
 }
