@@ -156,86 +156,107 @@ func (s *LiveSender) SendAll(ctx context.Context) (uint64, error) {
 	if !s.KeepDisk {
 		s.Core.ResyncDisk()
 	}
-	var sent, zero uint64
-	batch := make([]checkpoint.Page, 0, s.batchPages())
+	f := &fullPass{s: s, ctx: ctx, batch: make([]checkpoint.Page, 0, s.batchPages())}
 	w := s.Link.Writer()
 	w.SkipCacheBelow(s.roundZeroCacheFloor())
 	defer w.SkipCacheBelow(0)
 	// Lazy tracking is for one pass; even a failed one leaves every page
 	// to the next SyncDirty (untracked ones are reported conservatively).
 	defer func() { s.Lazy = nil }()
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		if err := s.sendBatch(ctx, batch); err != nil {
-			return err
-		}
-		sent += uint64(len(batch))
-		s.inEpoch += len(batch)
-		if s.OnPages != nil {
-			s.OnPages(uint64(len(batch)), zero)
-		}
-		zero = 0
-		batch = batch[:0]
-		if s.inEpoch >= s.epochPages() {
-			return s.endLiveEpoch(ctx)
-		}
-		return nil
-	}
 	regions := s.Core.G.Regions()
 	for i, r := range regions {
 		// Pages the host never populated are zero without being read:
 		// cost follows resident memory, not guest size.
 		next := uint64(0)
 		err := guest.Populated(r, func(first, n uint64) error {
-			zero += first - next
+			f.zero += first - next
 			next = first + n
-			for c := first; c < first+n; c += uint64(cap(batch)) {
-				end := min(c+uint64(cap(batch)), first+n)
-				if s.Lazy != nil {
-					if err := s.Lazy.TrackDirty(r.FirstPage()+c, end-c); err != nil {
-						return fmt.Errorf("start dirty tracking: %w", err)
-					}
-				}
-				for p := c; p < end; p++ {
-					page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
-					if guest.IsZeroPage(page) {
-						zero++
-						continue
-					}
-					batch = append(batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
-					if len(batch) == cap(batch) {
-						if err := flush(); err != nil {
-							return err
-						}
-						if s.stopped() {
-							s.markRest(regions[i:], p+1)
-							return errStopped
-						}
-					}
-				}
-			}
-			return ctx.Err()
+			return f.run(regions, i, first, n)
 		})
 		if errors.Is(err, errStopped) {
-			return sent, s.endLiveEpoch(ctx)
+			return f.sent, s.endLiveEpoch(ctx)
 		}
 		if err != nil {
-			return sent, err
+			return f.sent, err
 		}
-		zero += r.Pages() - next
+		f.zero += r.Pages() - next
 		if err := ctx.Err(); err != nil {
-			return sent, err
+			return f.sent, err
 		}
 	}
-	if err := flush(); err != nil {
-		return sent, err
+	if err := f.flush(); err != nil {
+		return f.sent, err
 	}
-	if zero > 0 && s.OnPages != nil {
-		s.OnPages(0, zero)
+	if f.zero > 0 && s.OnPages != nil {
+		s.OnPages(0, f.zero)
 	}
-	return sent, s.endLiveEpoch(ctx)
+	return f.sent, s.endLiveEpoch(ctx)
+}
+
+// fullPass is one SendAll's state: the batch being filled, the pages
+// sent, and the zero pages counted since the last report.
+type fullPass struct {
+	s          *LiveSender
+	ctx        context.Context
+	batch      []checkpoint.Page
+	sent, zero uint64
+}
+
+// flush sends the batch, ending the live epoch once it holds enough.
+func (f *fullPass) flush() error {
+	s := f.s
+	if len(f.batch) == 0 {
+		return nil
+	}
+	if err := s.sendBatch(f.ctx, f.batch); err != nil {
+		return err
+	}
+	f.sent += uint64(len(f.batch))
+	s.inEpoch += len(f.batch)
+	if s.OnPages != nil {
+		s.OnPages(uint64(len(f.batch)), f.zero)
+	}
+	f.zero = 0
+	f.batch = f.batch[:0]
+	if s.inEpoch >= s.epochPages() {
+		return s.endLiveEpoch(f.ctx)
+	}
+	return nil
+}
+
+// run sends the non-zero pages of the populated run [first, first+n) of
+// regions[i], a batch at a time, write-protecting each batch's pages just
+// before reading them when the dirty log is lazy. Stop is asked after
+// each batch sent: errStopped, with every page not reached marked dirty.
+func (f *fullPass) run(regions []guest.Region, i int, first, n uint64) error {
+	s, r, step := f.s, regions[i], uint64(cap(f.batch))
+	for c := first; c < first+n; c += step {
+		end := min(c+step, first+n)
+		if s.Lazy != nil {
+			if err := s.Lazy.TrackDirty(r.FirstPage()+c, end-c); err != nil {
+				return fmt.Errorf("start dirty tracking: %w", err)
+			}
+		}
+		for p := c; p < end; p++ {
+			page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
+			if guest.IsZeroPage(page) {
+				f.zero++
+				continue
+			}
+			f.batch = append(f.batch, checkpoint.Page{Index: r.FirstPage() + p, Data: page})
+			if len(f.batch) < cap(f.batch) {
+				continue
+			}
+			if err := f.flush(); err != nil {
+				return err
+			}
+			if s.stopped() {
+				s.markRest(regions[i:], p+1)
+				return errStopped
+			}
+		}
+	}
+	return f.ctx.Err()
 }
 
 // roundZeroCacheFloor is the page index below which round 0 keeps its
