@@ -226,6 +226,12 @@ type kvFigures struct {
 	rttP50, rttP99 float64
 	priCPU, secCPU float64 // CPU seconds per second of the two processes
 	bound          string
+	// From the status at the window's end: the pause p99 over the
+	// recent pauses (2,048: the window's, at these rates), the paused
+	// time that held guest work over the last second (what
+	// --max-pause-fraction bounds), and the guest's page writes per
+	// second over the window (a kv guest with --dirty-rate).
+	pauseP99, heldMsPerS, writesPerS float64
 }
 
 func (f kvFigures) String() string {
@@ -233,6 +239,10 @@ func (f kvFigures) String() string {
 		f.rate, f.eps, f.byOutput, f.byClock, f.stalls, f.pausedMsPerS, f.pauseMean, f.delayP50, f.delayP99, 100*f.within2, 100*f.within5, f.priCPU, f.secCPU, f.bound)
 	if len(f.rtts) > 0 {
 		s += fmt.Sprintf(", round trip p50 %.2f p99 %.2f ms", f.rttP50, f.rttP99)
+	}
+	s += fmt.Sprintf(", pause p99 %.2f ms, held %.1f ms/s", f.pauseP99, f.heldMsPerS)
+	if f.writesPerS > 0 {
+		s += fmt.Sprintf(", guest page writes %.0f/s", f.writesPerS)
 	}
 	s += "; mean ms:"
 	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "hook", "resume", "epoch_output_wait", "epoch_capture", "epoch_queue", "epoch_encode", "epoch_send", "epoch_apply", "epoch_ack", "epoch_release"} {
@@ -290,6 +300,8 @@ func measureKV(b *testing.B, pri, sec *node, name string, clients, depth int, d 
 	}
 	f.priCPU, f.secCPU = (p1-p0)/secs, (q1-q0)/secs
 	f.bound = s1.EpochBound
+	f.pauseP99, f.heldMsPerS = s1.PauseP99Ms, s1.HeldMsPerSecond
+	f.writesPerS = float64(s1.PageWrites-s0.PageWrites) / secs
 	f.phases = map[string]float64{}
 	for phase, v := range m1 {
 		if n := v[1] - m0[phase][1]; n > 0 {
