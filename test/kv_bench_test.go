@@ -2,6 +2,7 @@ package test
 
 import (
 	"bufio"
+	"cmp"
 	"fmt"
 	"math"
 	"net"
@@ -81,10 +82,18 @@ func benchKV(b *testing.B, kind string) {
 	plainPipe := kvLoad(b, plain, clients, depth, window, nil)
 	plainSync := kvLoad(b, plain, 1, 1, window/2, nil)
 	plain.kill()
-	triggers := []string{"clock", "output"}
+	// The second pair's trigger: output, or $TANDEM_KV_B_TRIGGER (clock
+	// gives an A/A run: the spread two identical pairs show here).
+	second := cmp.Or(os.Getenv("TANDEM_KV_B_TRIGGER"), "output")
+	label := map[string]string{"clock": "clock", second: second}
+	if second == "clock" {
+		label[second+"-b"] = second
+		second += "-b"
+	}
+	triggers := []string{"clock", second}
 	pairs := map[string][2]*node{}
 	for _, trig := range triggers {
-		pri, sec, _ := startPair(b, kind, primaryOpts{memory: "1GiB", extra: []string{"--epoch-trigger", trig}})
+		pri, sec, _ := startPair(b, kind, primaryOpts{memory: "1GiB", extra: []string{"--epoch-trigger", label[trig]}})
 		defer pri.kill()
 		defer sec.kill()
 		pairs[trig] = [2]*node{pri, sec}
@@ -106,11 +115,11 @@ func benchKV(b *testing.B, kind string) {
 	}
 	var ratios []float64 // output/clock per round, pipelined
 	for i := range pipe["clock"] {
-		ratios = append(ratios, pipe["output"][i].rate/pipe["clock"][i].rate)
+		ratios = append(ratios, pipe[second][i].rate/pipe["clock"][i].rate)
 	}
-	clockPipe, outPipe := medianRate(pipe["clock"]), medianRate(pipe["output"])
-	clockSync, outSync := medianRate(one["clock"]), medianRate(one["output"])
-	syncOut := pooledSync(one["output"])
+	clockPipe, outPipe := medianRate(pipe["clock"]), medianRate(pipe[second])
+	clockSync, outSync := medianRate(one["clock"]), medianRate(one[second])
+	syncOut := pooledSync(one[second])
 	b.ReportMetric(plainPipe, "unprotected-req/s")
 	b.ReportMetric(clockPipe, "protected-req/s")
 	b.ReportMetric(outPipe, "output-protected-req/s")
@@ -125,10 +134,10 @@ func benchKV(b *testing.B, kind string) {
 	b.ReportMetric(100*syncOut.within5, "sync-output-within-5ms-%")
 	b.ReportMetric(syncOut.rttP50, "sync-output-rtt-p50-ms")
 	b.ReportMetric(syncOut.rttP99, "sync-output-rtt-p99-ms")
-	b.ReportMetric(medianOf(one["output"], func(f kvFigures) float64 { return f.pauseMean }), "sync-output-pause-mean-ms")
-	b.Logf("%s: pipelined %dx%d, medians of %d interleaved rounds: unprotected %.0f req/s, clock %.0f req/s (%.1f%%), output %.0f req/s; output/clock per round %s, median %.1f%%; one synchronous client: unprotected %.0f, clock %.0f, output %.0f req/s (all %d rounds' releases: output delay p50 <= %.2f p99 <= %.2f ms, %.1f%% within 5 ms; client round trip p50 %.2f p99 %.2f ms); load average %s",
-		kind, clients, depth, len(ratios), plainPipe, clockPipe, 100*clockPipe/plainPipe, outPipe, percents(ratios), 100*median(ratios),
-		plainSync, clockSync, outSync, len(ratios), syncOut.delayP50, syncOut.delayP99, 100*syncOut.within5, syncOut.rttP50, syncOut.rttP99, loadAverage())
+	b.ReportMetric(medianOf(one[second], func(f kvFigures) float64 { return f.pauseMean }), "sync-output-pause-mean-ms")
+	b.Logf("%s: pipelined %dx%d, medians of %d interleaved rounds: unprotected %.0f req/s, clock %.0f req/s (%.1f%%), %s %.0f req/s; %s/clock per round %s, median %.1f%%; one synchronous client: unprotected %.0f, clock %.0f, %s %.0f req/s (all %d rounds' releases of %s: output delay p50 <= %.2f p99 <= %.2f ms, %.1f%% within 5 ms; client round trip p50 %.2f p99 %.2f ms); load average %s",
+		kind, clients, depth, len(ratios), plainPipe, clockPipe, 100*clockPipe/plainPipe, second, outPipe, second, percents(ratios), 100*median(ratios),
+		plainSync, clockSync, second, outSync, len(ratios), second, syncOut.delayP50, syncOut.delayP99, 100*syncOut.within5, syncOut.rttP50, syncOut.rttP99, loadAverage())
 	for _, trig := range triggers {
 		for _, f := range append(slices.Clone(pipe[trig]), one[trig]...) {
 			b.Logf("%s %s: %s", kind, f.name, f)
@@ -209,7 +218,7 @@ type kvFigures struct {
 	eps               float64 // epochs/s
 	byOutput, byClock uint64
 	stalls            uint64
-	pausedMsPerS      float64 // from the pause histogram's sum
+	pausedMsPerS      float64 // from the pause phases' histogram sums
 	pauseMean         float64 // ms
 	phases            map[string]float64
 	// delayP50, delayP99: upper bounds on the console output delay's
@@ -245,7 +254,7 @@ func (f kvFigures) String() string {
 		s += fmt.Sprintf(", guest page writes %.0f/s", f.writesPerS)
 	}
 	s += "; mean ms:"
-	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "hook", "resume", "epoch_output_wait", "epoch_capture", "epoch_queue", "epoch_encode", "epoch_send", "epoch_apply", "epoch_ack", "epoch_release"} {
+	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "paused_hook", "resume", "epoch_output_wait", "epoch_capture", "epoch_queue", "epoch_encode", "epoch_send", "epoch_apply", "epoch_ack", "epoch_release"} {
 		if v, ok := f.phases[p]; ok {
 			s += fmt.Sprintf(" %s %.3f", p, v)
 		}
@@ -309,7 +318,7 @@ func measureKV(b *testing.B, pri, sec *node, name string, clients, depth int, d 
 		}
 	}
 	var paused float64
-	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "copy", "resume"} {
+	for _, p := range []string{"pause", "flush", "dirty_sync", "state_save", "disk_resync", "copy", "paused_hook", "resume"} {
 		paused += m1[p][0] - m0[p][0]
 	}
 	f.pausedMsPerS = 1000 * paused / secs
