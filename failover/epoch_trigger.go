@@ -29,14 +29,17 @@ const (
 	TriggerOutput
 )
 
-// DefaultTrigger is what EpochConfig.Trigger's zero value means: the
-// clock, until output-triggered epochs reach the synchronous target on
-// kvm (500 req/s; 93 to 450 measured, median 278) and are shown to cost
-// pipelined clients nothing (paired BenchmarkFTKV medians of 68 % to
-// 116 % of the clock's throughput on this shared 2-core host, within its
-// run-to-run spread; the earlier "halving" was not reproduced as a cause
-// in the trigger): see docs/PERFORMANCE.md.
-const DefaultTrigger = TriggerClock
+// DefaultTrigger is what EpochConfig.Trigger's zero value means (and
+// the command line's --epoch-trigger default): output. On the shared
+// 2-core host (docs/PERFORMANCE.md, 2026-12-01) it gives one synchronous
+// client 674 to 769 protected req/s on kvm against the clock's 40, output
+// delay p50 <= 1 ms and 99.0 to 99.7 % of releases within 5 ms; under
+// pipelined load its epochs are the clock's (at most 15 of ~270 per 5 s
+// window end early) and interleaved pairs with the start order balanced
+// gave 104 % (kvm) and 113 % (synth) of the clock's throughput, medians
+// of 10 rounds, inside the 83 to 86 % two identical clock pairs show
+// between them. A guest with no output gets the clock's epochs.
+const DefaultTrigger = TriggerOutput
 
 // defaultTrigger is DefaultTrigger, or what the tests ask for
 // ($TANDEM_EPOCH_TRIGGER, main_test.go) to run every test of the package
