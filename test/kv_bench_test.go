@@ -252,6 +252,9 @@ type kvFigures struct {
 	// --max-pause-fraction bounds), and the guest's page writes per
 	// second over the window (a kv guest with --dirty-rate).
 	pauseP99, heldMsPerS, writesPerS float64
+	// verified, mismatches: epochs the secondary verified over the
+	// window, and digest mismatches (must stay 0).
+	verified, mismatches uint64
 }
 
 func (f kvFigures) String() string {
@@ -260,7 +263,7 @@ func (f kvFigures) String() string {
 	if len(f.rtts) > 0 {
 		s += fmt.Sprintf(", round trip p50 %.2f p99 %.2f ms", f.rttP50, f.rttP99)
 	}
-	s += fmt.Sprintf(", pause p99 %.2f ms, held %.1f ms/s", f.pauseP99, f.heldMsPerS)
+	s += fmt.Sprintf(", pause p99 %.2f ms, held %.1f ms/s, %d epochs verified, %d mismatches", f.pauseP99, f.heldMsPerS, f.verified, f.mismatches)
 	if f.writesPerS > 0 {
 		s += fmt.Sprintf(", guest page writes %.0f/s", f.writesPerS)
 	}
@@ -322,6 +325,7 @@ func measureKV(b *testing.B, pri, sec *node, name string, clients, depth int, d 
 	f.bound = s1.EpochBound
 	f.pauseP99, f.heldMsPerS = s1.PauseP99Ms, s1.HeldMsPerSecond
 	f.writesPerS = float64(s1.PageWrites-s0.PageWrites) / secs
+	f.verified, f.mismatches = s1.VerifiedEpochs-s0.VerifiedEpochs, s1.DigestMismatches-s0.DigestMismatches
 	f.phases = map[string]float64{}
 	for phase, v := range m1 {
 		if n := v[1] - m0[phase][1]; n > 0 {
