@@ -30,16 +30,17 @@ const (
 )
 
 // DefaultTrigger is what EpochConfig.Trigger's zero value means (and
-// the command line's --epoch-trigger default): output. On the shared
-// 2-core host (docs/PERFORMANCE.md, 2026-12-01) it gives one synchronous
-// client 674 to 769 protected req/s on kvm against the clock's 40, output
-// delay p50 <= 1 ms and 99.0 to 99.7 % of releases within 5 ms; under
-// pipelined load its epochs are the clock's (at most 15 of ~270 per 5 s
-// window end early) and interleaved pairs with the start order balanced
-// gave 104 % (kvm) and 113 % (synth) of the clock's throughput, medians
-// of 10 rounds, inside the 83 to 86 % two identical clock pairs show
-// between them. A guest with no output gets the clock's epochs.
-const DefaultTrigger = TriggerOutput
+// the command line's --epoch-trigger default): still the clock. Output
+// meets the synchronous targets on kvm (docs/PERFORMANCE.md, 2026-12-01:
+// 674 to 779 protected req/s against the clock's 40, output delay p50 <=
+// 1 ms, 98.9 to 99.7 % of releases within 5 ms), and under pipelined load
+// its epochs are the clock's (at most 15 of ~270 per 5 s window end
+// early); but interleaved pairs with the start order balanced gave kvm's
+// pipelined clients 97.5 % of the clock's throughput (median of 20
+// rounds; geometric mean 94.8 %; synth 122 % and 114 % over 10), short of
+// "no lower than fixed epochs" by less than the 14 to 17 % two identical
+// clock pairs differ by on that host. A quieter host should decide.
+const DefaultTrigger = TriggerClock
 
 // defaultTrigger is DefaultTrigger, or what the tests ask for
 // ($TANDEM_EPOCH_TRIGGER, main_test.go) to run every test of the package

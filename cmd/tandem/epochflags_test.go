@@ -28,14 +28,14 @@ func TestEpochTriggerFlags(t *testing.T) {
 	if err != nil {
 		t.Fatalf("defaults refused: %v", err)
 	}
-	if s := ef.settings(); s.Trigger != failover.TriggerOutput || s.MaxOutputDelay != failover.DefaultMaxOutputDelay || s.MaxPauseFraction != failover.DefaultMaxPauseFraction {
+	if s := ef.settings(); s.Trigger != failover.TriggerClock || s.MaxOutputDelay != failover.DefaultMaxOutputDelay || s.MaxPauseFraction != failover.DefaultMaxPauseFraction {
 		t.Fatalf("default settings %+v", s)
 	}
-	ef, err = parseEpochFlags(t, "--epoch-trigger", "clock", "--max-output-delay", "3ms", "--max-pause-fraction", "0.3")
+	ef, err = parseEpochFlags(t, "--epoch-trigger", "output", "--max-output-delay", "3ms", "--max-pause-fraction", "0.3")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s := ef.settings(); s.Trigger != failover.TriggerClock || s.MaxOutputDelay != 3*time.Millisecond || s.MaxPauseFraction != 0.3 {
+	if s := ef.settings(); s.Trigger != failover.TriggerOutput || s.MaxOutputDelay != 3*time.Millisecond || s.MaxPauseFraction != 0.3 {
 		t.Fatalf("settings %+v", s)
 	}
 	for _, bad := range []struct {
