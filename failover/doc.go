@@ -220,7 +220,8 @@
 // ends early when the guest has written output that is held. NextPause
 // (epoch_trigger.go) decides, pure, from the time since the last pause,
 // the open epoch's held bytes and their age, whether output was written
-// while earlier output still waited (pipelined load), the epochs in
+// while earlier output still waited within the last PipelinedHold (1 s:
+// a pipelined load), the epochs in
 // flight and the window, and the pause-cost line the loop learns from
 // every capture (a fixed part, a copy time per page, the dirty rate).
 // Held output with nothing earlier waiting (a synchronous client) ends
@@ -234,7 +235,9 @@
 // Nothing polls between the guest's write and the release: the gate's
 // Arrivals channel wakes the capture loop on the open epoch's first held
 // byte, acknowledgements wake it through progress, and one timer covers
-// the bounds. Each hop is a named histogram (epoch_output_wait,
+// the bounds (a wait under 2 ms is slept in nanosleep: an idle Go
+// process wakes for its runtime timers only to the millisecond, which
+// cost a synchronous request a millisecond of its 2: epoch_timer.go). Each hop is a named histogram (epoch_output_wait,
 // epoch_capture, epoch_queue, epoch_encode, epoch_send, epoch_apply,
 // epoch_ack, epoch_release: see the Phase constants). The gate's rule
 // does not change: output leaves only when its epoch is acknowledged,

@@ -38,6 +38,8 @@ type pipeline struct {
 	byOutput bool
 	// stalled: the next capture waited for room (back-pressure).
 	stalled bool
+	// sleepers: awaitTrigger's short waits still sleeping (triggerTimer).
+	sleepers sync.WaitGroup
 }
 
 // runEpochs captures an epoch every interval (or, triggered, when
@@ -66,6 +68,7 @@ func (l *EpochLoop) runEpochs(parent, ctx context.Context, link *replica.Link, s
 	defer func() {
 		close(p.ship)
 		shipWG.Wait()
+		p.sleepers.Wait()
 		l.releaseThrottle()
 	}()
 
@@ -146,7 +149,7 @@ func (l *EpochLoop) awaitTrigger(p *pipeline, tc TriggerConfig) (*finalRequest, 
 			}
 			return nil, nil
 		}
-		wait := l.clk.NewTimer(d.After)
+		wait := l.triggerTimer(p, d.After)
 		select {
 		case <-p.ctx.Done():
 			wait.Stop()

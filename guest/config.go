@@ -37,7 +37,10 @@ type Workload struct {
 
 	// dirty: touch Touch bytes once, then write DirtyRate pages per second
 	// over the touched range in Pattern order. DirtyRate 0 means idle after
-	// the touch.
+	// the touch. kv with a DirtyRate (and two vCPUs or more): vCPU 0
+	// serves, the others do the same over the top Touch bytes of memory
+	// (at most half), and the table takes the memory below: a service
+	// that dirties memory while it answers (KVDirtyBytes).
 	Touch     uint64
 	DirtyRate uint64
 	Pattern   string
@@ -84,10 +87,10 @@ func (c Config) Validate() error {
 			return fmt.Errorf("%w: --guest-ip: the network card serves the kv workload; this guest runs %q", ErrConfig, c.Workload.Kind)
 		}
 	}
-	return c.Workload.validate(c.Memory)
+	return c.Workload.validate(c.Memory, c.VCPUs)
 }
 
-func (w Workload) validate(memory uint64) error {
+func (w Workload) validate(memory uint64, vcpus int) error {
 	if FillKind(w.Fill) < 0 {
 		return fmt.Errorf("%w: --fill %q: want %s", ErrConfig, w.Fill, fillForms)
 	}
@@ -99,7 +102,9 @@ func (w Workload) validate(memory uint64) error {
 	}
 	switch w.Kind {
 	case WorkloadKV:
-		return nil
+		if w.DirtyRate == 0 {
+			return nil
+		}
 	case WorkloadDirty:
 	default:
 		return fmt.Errorf("%w: --workload %q: want dirty or kv", ErrConfig, w.Kind)
@@ -118,7 +123,26 @@ func (w Workload) validate(memory uint64) error {
 	if w.DirtyRate > 100_000_000 {
 		return fmt.Errorf("%w: --dirty-rate %d: at most 100000000 pages/s", ErrConfig, w.DirtyRate)
 	}
+	if w.Kind == WorkloadKV {
+		if vcpus < 2 {
+			return fmt.Errorf("%w: --dirty-rate with --workload kv needs --vcpus 2 or more (vCPU 0 serves, the others dirty)", ErrConfig)
+		}
+		if w.Touch > memory/2 {
+			return fmt.Errorf("%w: --touch %s with --workload kv: at most half of --memory %s (the kv table takes the rest)", ErrConfig, FormatSize(w.Touch), FormatSize(memory))
+		}
+	}
 	return nil
+}
+
+// KVDirtyBytes is how many bytes at the top of memory a kv guest's
+// vCPUs other than 0 dirty (Workload's kv with a DirtyRate): Touch, or 0
+// without a rate or a second vCPU. The kv table takes the memory below.
+func (c Config) KVDirtyBytes() uint64 {
+	w := c.Workload
+	if w.Kind != WorkloadKV || w.DirtyRate == 0 || c.VCPUs < 2 {
+		return 0
+	}
+	return min(w.Touch, c.Memory/2) &^ (PageSize - 1)
 }
 
 var sizeUnits = []struct {

@@ -31,8 +31,8 @@ func BenchmarkFTSyncPolicy(b *testing.B) {
 			pri, sec, _ := startPair(b, "synth", primaryOpts{memory: "256MiB",
 				extra: []string{"--disk", filepath.Join(root, "pri-disk.img")}}, secExtra...)
 			time.Sleep(time.Second) // past the catch-up
-			pipe := kvLoad(b, pri, kvClients(), kvDepth("synth"), window)
-			one := kvLoad(b, pri, 1, 1, window/2)
+			pipe := kvLoad(b, pri, kvClients(), kvDepth("synth"), window, nil)
+			one := kvLoad(b, pri, 1, 1, window/2, nil)
 			st := mustFT(b, pri, false)
 			pri.kill()
 			sec.kill()

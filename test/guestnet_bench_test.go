@@ -24,7 +24,7 @@ type netBenchMode struct {
 // first, so the protected cases report their rate as a ratio to it.
 var netBenchModes = []netBenchMode{
 	{name: "unprotected"},
-	{name: "protected", protected: true},
+	{name: "protected", protected: true, extra: []string{"--epoch-trigger", "clock"}},
 	{name: "protected-output-trigger", protected: true, extra: []string{"--epoch-trigger", "output"}},
 }
 

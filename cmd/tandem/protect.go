@@ -45,8 +45,8 @@ func addEpochFlags(fs interface {
 	fs.BoolVar(&ef.throttle, "epoch-throttle", true, "throttle the guest's vCPUs when its dirty bytes outrun the link to the secondary (epochs stretch past 1.5x --epoch), instead of letting epochs stretch; status says how much (throttle_percent)")
 	fs.IntVar(&ef.MaxInFlight, "max-in-flight", 4, "epochs shipped but not yet acknowledged before the primary waits")
 	fs.DurationVar(&ef.AckTimeout, "ack-timeout", failover.DefaultAckTimeout, "no acknowledgement progress from the secondary this long while epochs are outstanding: drop the link and retry")
-	ef.Trigger = failover.TriggerClock
-	fs.Var(triggerFlag{&ef.Trigger}, "epoch-trigger", "what ends an epoch: clock (every --epoch) or output (as soon as the guest's output waits, within --max-pause-fraction; --epoch stays the longest)")
+	ef.Trigger = failover.DefaultTrigger
+	fs.Var(triggerFlag{&ef.Trigger}, "epoch-trigger", "what ends an epoch: clock (every --epoch) or output (as soon as the guest's output waits, within --max-pause-fraction; --epoch stays the longest, and is every epoch while the load is pipelined or the guest writes nothing)")
 	fs.DurationVar(&ef.MaxOutputDelay, "max-output-delay", failover.DefaultMaxOutputDelay, "with --epoch-trigger output: the objective for how long output waits for its epoch to start (status says whether it holds)")
 	fs.Float64Var(&ef.MaxPauseFraction, "max-pause-fraction", failover.DefaultMaxPauseFraction, "with --epoch-trigger output: the largest share of time the guest may spend held by the pauses of early epochs, in (0, 1] (a pause a kvm guest waits idle through holds nothing)")
 }

@@ -309,7 +309,7 @@ func (g *Guest) Progress() uint32 { return g.progress.Load() }
 // writes over every vCPU, as the micro-guest stores them in guest memory
 // after each batch (statsGPA), so they move with the guest's memory.
 func (g *Guest) PageWrites() uint64 {
-	if g.cfg.Workload.Kind != guest.WorkloadDirty {
+	if g.cfg.Workload.Kind != guest.WorkloadDirty && g.cfg.KVDirtyBytes() == 0 {
 		return 0
 	}
 	g.ctl.Lock() // the mapping goes with Close

@@ -119,7 +119,7 @@ func newGuest(cfg guest.Config, opts Options) (*Guest, error) {
 	}
 	var layout kvLayout
 	if cfg.Workload.Kind == guest.WorkloadKV {
-		l, err := layoutFor(cfg.Memory)
+		l, err := layoutFor(cfg.Memory - cfg.KVDirtyBytes())
 		if err != nil {
 			return nil, err
 		}
@@ -162,19 +162,30 @@ func newGuest(cfg guest.Config, opts Options) (*Guest, error) {
 	g.kick.Store(&kick)
 	g.stopReq.Store(true)
 
+	// The dirtying vCPUs share the touched pages and the rate: every vCPU
+	// of a dirty guest over the first Touch bytes, or vCPUs 1 on of a kv
+	// guest with a rate over the top KVDirtyBytes (vCPU 0 serves).
 	touched := cfg.Workload.Touch >> guest.PageShift
-	if cfg.Workload.Kind != guest.WorkloadDirty {
+	base, skip := uint64(0), uint64(0)
+	switch {
+	case cfg.KVDirtyBytes() > 0:
+		touched = cfg.KVDirtyBytes() >> guest.PageShift
+		base, skip = (cfg.Memory>>guest.PageShift)-touched, 1
+	case cfg.Workload.Kind != guest.WorkloadDirty:
 		touched = 0
 	}
-	nv := uint64(cfg.VCPUs)
+	nv := uint64(cfg.VCPUs) - skip
 	rate := cfg.Workload.DirtyRate
-	for i := range nv {
+	for i := range uint64(cfg.VCPUs) {
 		v := &vcpu{g: g, index: int(i)}
-		v.first = touched * i / nv
-		v.n = touched*(i+1)/nv - v.first
-		v.rate = rate / nv
-		if i < rate%nv {
-			v.rate++
+		if i >= skip {
+			k := i - skip
+			v.first = base + touched*k/nv
+			v.n = touched*(k+1)/nv - touched*k/nv
+			v.rate = rate / nv
+			if k < rate%nv {
+				v.rate++
+			}
 		}
 		v.st.RNG = cfg.Workload.Seed ^ mix(i+1)
 		g.vcpus = append(g.vcpus, v)

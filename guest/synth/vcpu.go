@@ -148,8 +148,8 @@ func (v *vcpu) step() {
 	switch {
 	case v.g.kv != nil && v.index == 0:
 		v.serveConsole()
-	case v.g.kv != nil:
-		v.g.sleep(time.Hour) // other vCPUs of a kv guest idle
+	case v.g.kv != nil && v.n == 0:
+		v.g.sleep(time.Hour) // other vCPUs of a kv guest idle, unless they dirty
 	case v.st.Phase == phaseTouch:
 		v.touch()
 	default:

@@ -9,7 +9,10 @@
  *   kv    - vCPU 0 serves the kv line protocol on the UART at 0x3f8
  *           (through its bulk ports, see uart_write); the per-client
  *           records live at KV_GPA, the table, sized by guest memory,
- *           from DATA_GPA. Other vCPUs idle. With a network card
+ *           from DATA_GPA. Other vCPUs idle; with a dirty rate they
+ *           dirty the top touch_bytes of the data range as the dirty
+ *           workload does (the table takes the memory below it): a
+ *           service that dirties memory while it answers. With a network card
  *           (the VMM wrote struct netdev at NET_GPA, see net.h), vCPU 0
  *           also serves the same protocol over UDP, one request per
  *           datagram, with the same table and <client>:<seq> records:
@@ -186,12 +189,23 @@ static struct kventry *kv_entry(u64 s)
 	return (struct kventry *)(page_gpa(boot, s / KV_PER_PAGE) + (s % KV_PER_PAGE) * sizeof(struct kventry));
 }
 
+/* kv_dirty_pages is how many of the data range's pages (the top ones) a
+ * kv guest with a dirty rate dirties: touch_bytes, at most half. */
+static u64 kv_dirty_pages(const struct bootblock *bb, u64 data_pages)
+{
+	if (!bb->dirty_rate || bb->nvcpus < 2)
+		return 0;
+	u64 n = bb->touch_bytes / 4096;
+	return n < data_pages / 2 ? n : data_pages / 2;
+}
+
 /* kv_size picks the table size from guest memory: the largest power of two
  * whose pages fit in the data range (1 GiB: 2,097,152 slots in 683 MiB,
  * full at 1,572,864 keys). */
 static void kv_size(const struct bootblock *bb)
 {
 	u64 pages = bb->mem_bytes > DATA_GPA ? (bb->mem_bytes - DATA_GPA) / 4096 : 0;
+	pages -= kv_dirty_pages(bb, pages);
 	u64 fit = pages * KV_PER_PAGE, slots = 1;
 	while (slots * 2 <= fit)
 		slots *= 2;
@@ -679,22 +693,20 @@ static void disk_write(const struct bootblock *bb, u64 page)
 	outl(PORT_DISK_SUBMIT, (u32)DISK_GPA);
 }
 
-static void dirty_loop(const struct bootblock *bb, u32 cpu)
+/* dirty_loop runs the dirty workload on vCPU cpu, share number share of
+ * nshare dirtying vCPUs, over npages data pages from data page base. */
+static void dirty_loop(const struct bootblock *bb, u32 cpu, u32 share, u32 nshare, u64 base, u64 npages)
 {
-	u64 mem_top = bb->mem_bytes;
-	u64 avail = mem_top > DATA_GPA ? mem_top - DATA_GPA : 0;
-	u64 touch = bb->touch_bytes < avail ? bb->touch_bytes : avail;
-	u64 npages = touch / 4096;
 	/* Each vCPU touches its share; the last one reports the phase. */
-	for (u64 p = npages * cpu / bb->nvcpus; p < npages * (cpu + 1) / bb->nvcpus; p++)
-		fill_page(page_gpa(bb, p), bb->fill, bb->seed, p);
-	if (__atomic_add_fetch(&touch_done, 1, __ATOMIC_SEQ_CST) == bb->nvcpus)
+	for (u64 p = npages * share / nshare; p < npages * (share + 1) / nshare; p++)
+		fill_page(page_gpa(bb, base + p), bb->fill, bb->seed, base + p);
+	if (__atomic_add_fetch(&touch_done, 1, __ATOMIC_SEQ_CST) == nshare)
 		outl(PORT_PROGRESS, 1);
 	if (cpu == 0 && bb->fault_test)
 		__asm__ volatile("ud2");
-	u64 rate = bb->dirty_rate / bb->nvcpus;
-	if (cpu == 0)
-		rate += bb->dirty_rate % bb->nvcpus;
+	u64 rate = bb->dirty_rate / nshare;
+	if (share == 0)
+		rate += bb->dirty_rate % nshare;
 	if (rate == 0 || npages == 0)
 		for (;;)
 			idle(1000000);
@@ -705,7 +717,7 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 	u64 wbytes = bb->write_bytes >= 8 && bb->write_bytes <= 4096 ? bb->write_bytes : 8;
 	u64 hot = npages / 10 ? npages / 10 : 1; /* 10% of the pages take 90% of the writes */
 	volatile u64 *stats = (volatile u64 *)(STATS_GPA + 64 * (u64)cpu);
-	u64 next = cpu % npages, count = 0;
+	u64 next = share % npages, count = 0;
 	u64 start = rdtsc(), written = 0;
 	for (;;) {
 		u64 now = rdtsc();
@@ -759,8 +771,9 @@ static void dirty_loop(const struct bootblock *bb, u32 cpu)
 			}
 			default:
 				p = next;
-				next = (next + bb->nvcpus) % npages;
+				next = (next + nshare) % npages;
 			}
+			p += base;
 			count++;
 			u64 off = write_offset(wbytes, count, p);
 			if (wbytes == 8 && bb->write_data == WRITE_COUNTER)
@@ -784,13 +797,21 @@ void guest_main(u64 cpu, const struct bootblock *bb)
 		panic(1);
 	boot = bb;
 	switch (bb->workload) {
-	case WL_KV:
+	case WL_KV: {
 		if (cpu == 0)
 			kv_loop(bb);
+		u64 data = bb->mem_bytes > DATA_GPA ? (bb->mem_bytes - DATA_GPA) / 4096 : 0;
+		u64 n = kv_dirty_pages(bb, data);
+		if (n)
+			dirty_loop(bb, (u32)cpu, (u32)cpu - 1, bb->nvcpus - 1, data - n, n);
 		for (;;)
 			idle(1000000);
-	case WL_DIRTY:
-		dirty_loop(bb, (u32)cpu);
+	}
+	case WL_DIRTY: {
+		u64 avail = bb->mem_bytes > DATA_GPA ? bb->mem_bytes - DATA_GPA : 0;
+		u64 touch = bb->touch_bytes < avail ? bb->touch_bytes : avail;
+		dirty_loop(bb, (u32)cpu, (u32)cpu, bb->nvcpus, 0, touch / 4096);
+	}
 	}
 	panic(2);
 }
