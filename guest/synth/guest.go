@@ -162,9 +162,17 @@ func newGuest(cfg guest.Config, opts Options) (*Guest, error) {
 	g.kick.Store(&kick)
 	g.stopReq.Store(true)
 
-	// The dirtying vCPUs share the touched pages and the rate: every vCPU
-	// of a dirty guest over the first Touch bytes, or vCPUs 1 on of a kv
-	// guest with a rate over the top KVDirtyBytes (vCPU 0 serves).
+	g.startVCPUs()
+	return g, nil
+}
+
+// startVCPUs makes the guest's vCPUs and starts them (parked until the
+// first Resume). The dirtying vCPUs share the touched pages and the
+// rate: every vCPU of a dirty guest over the first Touch bytes, or vCPUs
+// 1 on of a kv guest with a rate over the top KVDirtyBytes (vCPU 0
+// serves).
+func (g *Guest) startVCPUs() {
+	cfg := g.cfg
 	touched := cfg.Workload.Touch >> guest.PageShift
 	base, skip := uint64(0), uint64(0)
 	switch {
@@ -194,7 +202,6 @@ func newGuest(cfg guest.Config, opts Options) (*Guest, error) {
 	for _, v := range g.vcpus {
 		go v.run()
 	}
-	return g, nil
 }
 
 // Kind is "synth".
