@@ -40,6 +40,13 @@ type pipeline struct {
 	stalled bool
 	// sleepers: awaitTrigger's short waits still sleeping (triggerTimer).
 	sleepers sync.WaitGroup
+	// sleeper is the latest short wait started and when it wakes (the
+	// loop's goroutine only): a later wait that would wake no sooner
+	// shares it (triggerTimer).
+	sleeper struct {
+		w  preciseWait
+		at time.Time
+	}
 }
 
 // runEpochs captures an epoch every interval (or, triggered, when

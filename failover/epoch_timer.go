@@ -42,7 +42,19 @@ func (l *EpochLoop) triggerTimer(p *pipeline, d time.Duration) triggerWait {
 	if _, real := l.clk.(clock.Real); !real || d >= preciseBelow {
 		return l.clk.NewTimer(d)
 	}
+	// awaitTrigger arms a wait again on every reply and every progress
+	// signal; under output-heavy load that is thousands a second, each
+	// of which would hold an OS thread in nanosleep for up to
+	// preciseBelow. A sleeper still pending that wakes no later serves
+	// the new wait: waking early only makes the loop decide again (and
+	// arm the rest).
+	now := time.Now()
+	at := now.Add(d)
+	if s := p.sleeper; s.w.c != nil && s.at.After(now) && !s.at.After(at) {
+		return s.w
+	}
 	w := preciseWait{c: make(chan time.Time, 1)} // never blocks the sleeper
+	p.sleeper.w, p.sleeper.at = w, at
 	p.sleepers.Add(1)
 	go func() {
 		defer p.sleepers.Done()

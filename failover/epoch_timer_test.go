@@ -57,3 +57,27 @@ func TestTriggerTimerShortWaits(t *testing.T) {
 		w.Stop()
 	}
 }
+
+// Waits armed again and again before the first wakes (awaitTrigger does
+// on every reply) share one sleeper while they would wake no sooner than
+// it: a burst of replies holds one OS thread in nanosleep, not one each.
+// A wait that must wake sooner gets its own.
+func TestTriggerTimerWaitsShareASleeper(t *testing.T) {
+	l := &EpochLoop{clk: clock.Real{}}
+	p := &pipeline{}
+	first := l.triggerTimer(p, 1500*time.Microsecond)
+	for range 200 {
+		w := l.triggerTimer(p, 1900*time.Microsecond)
+		if w != first {
+			t.Fatal("a wait that wakes later than the pending sleeper started another")
+		}
+		w.Stop()
+	}
+	sooner := l.triggerTimer(p, 100*time.Microsecond)
+	if sooner == first {
+		t.Fatal("a wait that must wake sooner shares a later sleeper")
+	}
+	<-sooner.C()
+	<-first.C()
+	p.sleepers.Wait()
+}

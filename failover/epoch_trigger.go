@@ -188,7 +188,8 @@ type TriggerInput struct {
 // overlaps, and four intervals (100 ms) let early epochs through that
 // each held a whole burst of 100 to 400 replies. A synchronous client
 // never overlaps, so only a load that changes from pipelined to
-// synchronous waits this long for short epochs.
+// synchronous waits this long for short epochs. (NextPause holds for
+// the longer of this and four epoch intervals, for a long --epoch.)
 const PipelinedHold = time.Second
 
 // Bounds NextPause names as the one that set the pause's time.

@@ -116,6 +116,11 @@ func (p *pcSource) beginResume(id, state string) error {
 // pause ends for good (awaitResume); otherwise it stays paused (another
 // receiver's word, a --to typed wrong, says nothing of the migration).
 func (p *pcSource) endResume(urgent, bulk net.Conn, dial error, ownDest bool) error {
+	// Connections given up are closed after mu is released (deferred
+	// first, run last): a TLS close may wait to send its goodbye, and
+	// status waits for mu.
+	var drop []net.Conn
+	defer func() { dropConns(drop...) }()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.paused.resuming = false
@@ -127,11 +132,7 @@ func (p *pcSource) endResume(urgent, bulk net.Conn, dial error, ownDest bool) er
 		p.quitLocked()
 	}
 	if dial != nil {
-		for _, c := range []net.Conn{urgent, bulk} {
-			if c != nil {
-				c.Close()
-			}
-		}
+		drop = []net.Conn{urgent, bulk}
 		return dial
 	}
 	p.urgent, p.bulk = urgent, bulk

@@ -437,7 +437,7 @@ func (m *Migration) setUp(start time.Time) error {
 	// dropping it or clearing pieces of it would take writes the loop
 	// has not synced, and its secondary would never get them.
 	lazy := false
-	if lz, ok := m.core.G.(guest.LazyDirtyLog); ok && m.core.From == nil && (m.Postcopy == nil || m.PostcopyAfterRounds > 0) {
+	if lz, ok := m.core.G.(guest.LazyDirtyLog); ok && m.core.From == nil && (m.Postcopy == nil || m.PostcopyAfterRounds != 0) {
 		var err error
 		if lazy, err = lz.DiscardDirty(); err != nil {
 			return err
