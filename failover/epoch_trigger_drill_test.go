@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,7 +30,7 @@ func TestTriggeredFailoverLosesNoAcknowledgedWrite(t *testing.T) {
 			waitFor(t, 30*time.Second, "protection", func() bool { return p.loop.Status().Protected })
 
 			// The client runs until a reply does not come (the crash).
-			var acked uint64
+			var ackedN atomic.Uint64
 			done := make(chan struct{})
 			go func() {
 				defer close(done)
@@ -40,13 +41,17 @@ func TestTriggeredFailoverLosesNoAcknowledgedWrite(t *testing.T) {
 					if err := c.waitReplies(seq, time.Second); err != nil {
 						return
 					}
-					acked = seq
+					ackedN.Store(seq)
 				}
 			}()
+			// At least 700 ms of writes and 20 acknowledged (a loaded host
+			// answers fewer per second), then the crash.
 			time.Sleep(700 * time.Millisecond)
+			waitFor(t, 20*time.Second, "20 acknowledged writes", func() bool { return ackedN.Load() >= 20 })
 			p.cancel() // the primary stops dead: held output never leaves
 			p.wg.Wait()
 			<-done
+			acked := ackedN.Load()
 			st := p.loop.Status()
 			if acked < 20 {
 				t.Fatalf("only %d writes acknowledged before the crash", acked)
