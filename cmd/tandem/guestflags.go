@@ -44,7 +44,7 @@ func addGuestFlags(fs *flag.FlagSet, gf *guestFlags) {
 	fs.Var(sizeFlag{&gf.cfg.Memory}, "memory", "guest memory, e.g. 256MiB or 1GiB")
 	fs.IntVar(&gf.cfg.VCPUs, "vcpus", 1, "number of vCPUs")
 	fs.StringVar(&gf.cfg.Workload.Kind, "workload", guest.WorkloadKV, "guest workload: dirty or kv")
-	fs.Var(sizeFlag{&gf.cfg.Workload.Touch}, "touch", "dirty workload: bytes to touch once, e.g. 512MiB (kv with --dirty-rate: the top bytes of memory its other vCPUs dirty, at most half)")
+	fs.Var(sizeFlag{&gf.cfg.Workload.Touch}, "touch", "dirty workload: bytes to touch once, e.g. 512MiB (kv with --dirty-rate: the top bytes of memory its other vCPUs dirty, at most half of memory; on kvm half of memory above its first 16MiB)")
 	fs.StringVar(&gf.dirtyRate, "dirty-rate", "0", "dirty workload: pages written per second (kv: written by vCPUs 1 on over --touch while vCPU 0 serves; needs --vcpus 2 or more)")
 	fs.StringVar(&gf.cfg.Workload.Pattern, "dirty-pattern", guest.PatternRandom, "dirty workload: seq, random or hot")
 	fs.StringVar(&gf.cfg.Workload.Fill, "fill", guest.FillZero, "dirty workload: content of the touched pages: zero, random (incompressible), text (about 3:1 with zstd), mixed (47% zero, 23% one-word, 23% text, 7% random pages, as measured on a Linux guest; see docs/PERFORMANCE.md) or file:PATH (the file repeated)")

@@ -205,6 +205,13 @@ func NewWithOptions(cfg guest.Config, opts Options) (g *Guest, err error) {
 	if cfg.VCPUs > maxVCPUs {
 		return nil, fmt.Errorf("%w: --vcpus %d: the kvm micro-guest runs at most %d", guest.ErrConfig, cfg.VCPUs, maxVCPUs)
 	}
+	if d, most := cfg.KVDirtyBytes(), (cfg.Memory-dataGPA)/2&^(guest.PageSize-1); d > most {
+		// The micro-guest's data range starts at dataGPA: its kv table
+		// and the dirtied top half share that, not all of --memory, and
+		// it would dirty less than asked without a word.
+		return nil, fmt.Errorf("%w: --touch %s with --workload kv on the kvm guest: at most %s (half of --memory %s less the micro-guest's first %s)",
+			guest.ErrConfig, guest.FormatSize(d), guest.FormatSize(most), guest.FormatSize(cfg.Memory), guest.FormatSize(dataGPA))
+	}
 	var img *image
 	if !opts.NoBoot {
 		if img, err = loadImage(cfg.Image); err != nil {

@@ -1,7 +1,9 @@
 package kvm
 
 import (
+	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -68,5 +70,18 @@ func TestKVWithDirtyingVCPU(t *testing.T) {
 	}
 	if err := g.Err(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestKVDirtyTouchBounded: a kv guest's dirtied top range is at most half
+// of the micro-guest's data range (memory above dataGPA), which is less
+// than half of --memory: asked for more, New refuses in one line naming
+// --touch instead of dirtying less than asked (the synth guest takes up
+// to half of --memory). Checked before anything is set up.
+func TestKVDirtyTouchBounded(t *testing.T) {
+	cfg := guest.Config{Memory: 64 << 20, VCPUs: 2, Workload: guest.Workload{Kind: guest.WorkloadKV, DirtyRate: 1000, Touch: 32 << 20, Pattern: guest.PatternRandom}}
+	_, err := New(cfg)
+	if err == nil || !errors.Is(err, guest.ErrConfig) || !strings.Contains(err.Error(), "--touch 32MiB") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("New with --touch 32MiB of 64MiB: %v, want a one-line --touch refusal", err)
 	}
 }
