@@ -166,6 +166,9 @@ type Migration struct {
 	// tried again. Run's goroutine only.
 	progress         []ProgressSample
 	switchRetryAfter time.Duration
+	// switchGivenUp counts the switch attempts given up (DecideSwitch
+	// stops after MaxSwitchGiveUps). Run's goroutine only.
+	switchGivenUp int
 	// beforeCommit, if set, runs in switchOver once the destination is
 	// ready, before the commit (the post-copy switch starts serving).
 	beforeCommit func()
@@ -337,9 +340,10 @@ func (m *Migration) act(ctx context.Context, ctrl *Controller, start time.Time, 
 	}
 	switch d.Action {
 	case Fail:
-		if m.Postcopy != nil && errors.Is(d.Err, ErrMaxTime) && clock.Since(m.clk(), start) < m.switchRetryAfter {
+		if m.Postcopy != nil && errors.Is(d.Err, ErrMaxTime) && clock.Since(m.clk(), start) < m.switchRetryAfter && m.switchGivenUp < MaxSwitchGiveUps {
 			// The switch that replaces this failure was given up a
-			// moment ago: it is tried again, not abandoned.
+			// moment ago: it is tried again (a bounded number of
+			// times), not abandoned.
 			return false, nil
 		}
 		return true, m.failed(start, d.Err)

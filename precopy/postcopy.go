@@ -52,7 +52,7 @@ func (m *Migration) switchIf(ctx context.Context, ctrl *Controller, start time.T
 	}
 	sw := DecideSwitch(SwitchView{
 		RoundsSent: roundsSent, AfterRounds: m.PostcopyAfterRounds, Commanded: m.switchNow.Load(),
-		RetryAfter: m.switchRetryAfter, Decision: d, DowntimeLimit: m.policy.DowntimeLimit,
+		RetryAfter: m.switchRetryAfter, Decision: d, DowntimeLimit: m.policy.DowntimeLimit, GivenUp: m.switchGivenUp,
 		Progress: m.progress, Elapsed: clock.Since(m.clk(), start), MaxTime: ctrl.Policy().MaxTime,
 	})
 	if !sw.Switch {
@@ -65,6 +65,7 @@ func (m *Migration) switchIf(ctx context.Context, ctrl *Controller, start time.T
 	}
 	done, err = m.switchPostcopy(ctx, ctrl, start)
 	if !done && err == nil {
+		m.switchGivenUp++
 		m.switchRetryAfter = clock.Since(m.clk(), start) + m.policy.withDefaults().MinRetryInterval
 		m.update(func(s *MigrationStatus) { s.PostcopySwitchReason, s.PostcopySwitchWhy = "", "" })
 		if roundsSent == 0 {
@@ -77,7 +78,7 @@ func (m *Migration) switchIf(ctx context.Context, ctrl *Controller, start time.T
 // stopRound says whether the round being sent must stop for a switch
 // asked for by command (SwitchToPostcopy). Run's goroutine only.
 func (m *Migration) stopRound() bool {
-	return m.Postcopy != nil && m.switchNow.Load() && clock.Since(m.clk(), m.started) >= m.switchRetryAfter
+	return m.Postcopy != nil && m.switchNow.Load() && clock.Since(m.clk(), m.started) >= m.switchRetryAfter && m.switchGivenUp < MaxSwitchGiveUps
 }
 
 // sample records the dirty set's size for DecideSwitch, keeping the

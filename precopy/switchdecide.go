@@ -38,7 +38,17 @@ type SwitchView struct {
 	Progress []ProgressSample
 	// Elapsed is now; MaxTime the policy's (negative: no limit).
 	Elapsed, MaxTime time.Duration
+	// GivenUp counts the switch attempts given up so far (their flush
+	// missed its budget and the guest resumed here).
+	GivenUp int
 }
+
+// MaxSwitchGiveUps bounds the switch attempts a migration gives up: each
+// pauses the guest for up to the downtime limit, and a disk whose flush
+// stalls for minutes would otherwise have them retried, and the time
+// limit put off, for as long as it stalls. After that many the migration
+// is precopy's alone: it completes, or fails at its time limit.
+const MaxSwitchGiveUps = 3
 
 // ProgressSample is the dirty set's size at one time.
 type ProgressSample struct {
@@ -62,6 +72,7 @@ const progressWindow = 3
 // DecideSwitch is the switch rule of a --postcopy migration, a function
 // of the figures alone (no clock, no I/O). In order:
 //
+//  0. after MaxSwitchGiveUps attempts given up, never again;
 //  1. the operator's command switches at once;
 //  2. a switch attempt given up less than the retry interval ago waits;
 //  3. a precopy completion the controller is about to try goes first
@@ -77,6 +88,8 @@ const progressWindow = 3
 func DecideSwitch(v SwitchView) SwitchDecision {
 	d := v.Decision
 	switch {
+	case v.GivenUp >= MaxSwitchGiveUps:
+		return SwitchDecision{Why: fmt.Sprintf("%d switch attempts given up (their flush missed its budget): precopy alone from here", v.GivenUp)}
 	case v.Commanded && v.Elapsed >= v.RetryAfter:
 		return SwitchDecision{Switch: true, Reason: SwitchCommand, Why: "asked for by POST /migrate/postcopy"}
 	case v.Elapsed < v.RetryAfter:

@@ -37,6 +37,15 @@ func TestDecideSwitchTable(t *testing.T) {
 		{"command waits out a given-up switch", view(func(v *SwitchView) { v.Commanded = true; v.RetryAfter = 45 * s }), "", "next one after 45s"},
 		{"command after the retry time", view(func(v *SwitchView) { v.Commanded = true; v.RetryAfter = 44 * s }), SwitchCommand, ""},
 		{"retry time holds the controller too", view(func(v *SwitchView) { v.RetryAfter = 50 * s }), "", "given up"},
+		{"attempts given up are bounded: no command switches after", view(func(v *SwitchView) { v.Commanded = true; v.GivenUp = MaxSwitchGiveUps }), "", "precopy alone"},
+		{"attempts given up are bounded: the time limit fails", view(func(v *SwitchView) {
+			v.GivenUp = MaxSwitchGiveUps
+			v.Decision = Decision{Action: Fail, Err: ErrMaxTime}
+		}), "", "precopy alone"},
+		{"under the bound the time limit still switches", view(func(v *SwitchView) {
+			v.GivenUp = MaxSwitchGiveUps - 1
+			v.Decision = Decision{Action: Fail, Err: ErrMaxTime}
+		}), SwitchController, "time limit"},
 		{"a precopy completion goes first", view(func(v *SwitchView) {
 			v.Decision = Decision{Action: TryComplete, Reason: "fits the target"}
 			v.AfterRounds = 1
