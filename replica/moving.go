@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -55,7 +56,7 @@ func (s *Secondary) Move() (Move, bool) {
 
 // movedError says why a retired secondary does not activate.
 func movedError(mv *Move) error {
-	return fmt.Errorf("%w: refusing to activate: the guest moved to %s by migration %s after epoch %d, which this secondary holds, stale now (restart this node to make it a secondary again)",
+	return fmt.Errorf("%w: refusing to activate: the guest moved to %s by migration %s after epoch %d, which this secondary holds, stale now (it protects the guest again once a primary syncs its full image to it)",
 		ErrMoved, mv.Destination, mv.MigrationID, mv.Epoch)
 }
 
@@ -151,18 +152,36 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 }
 
 // retire marks the move done (unless this secondary was activated
-// first, which the primary is told) and answers.
+// first, which the primary is told), records it in the store's directory
+// (durably, so a restart stays retired: moved.go) and answers. If it
+// cannot be recorded, the commit is refused: the destination then keeps
+// holding its output, which is safe, where a retirement a restart forgets
+// is not.
 func (s *Secondary) retire(conn net.Conn, mv *Move) error {
 	s.mu.Lock()
 	activated := s.activated
 	if !activated {
 		mv.Done = true
 	}
+	store := cmp.Or(s.Store, s.lostStore)
 	s.mu.Unlock()
+	var saveErr error
+	if !activated && store != nil {
+		if saveErr = store.SaveMoved(*mv); saveErr != nil {
+			s.mu.Lock()
+			mv.Done = false
+			s.mu.Unlock()
+		}
+	}
 	conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
-	if activated {
+	switch {
+	case activated:
 		writeLine(conn, HelloReply{OK: false, Activated: true, Build: s.R.Build, Error: "this secondary was activated and runs the guest itself"})
 		return errors.New("move commit refused: already activated")
+	case saveErr != nil:
+		s.R.log().Error("move commit refused: the retirement cannot be recorded in the data directory", "migration", mv.MigrationID, "err", saveErr)
+		writeLine(conn, HelloReply{OK: false, Build: s.R.Build, Error: "this secondary cannot record its retirement durably: " + saveErr.Error()})
+		return saveErr
 	}
 	s.R.log().Warn("RETIRED: the guest runs at the destination now; this secondary refuses activation",
 		"migration", mv.MigrationID, "destination", mv.Destination, "epoch", mv.Epoch)

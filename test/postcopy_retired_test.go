@@ -1,0 +1,34 @@
+package test
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// A secondary with --data-dir that retired after a protected move stays
+// retired when it is restarted (rev2's finding 1, its reproduction): the
+// destination runs the guest and released its output, so an activation,
+// even forced, would run a second, stale copy.
+func TestMigratePostcopyProtectedRetiredRestart(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	pri, sec, sa := startPair(t, "synth", primaryOpts{memory: "64MiB"}, "--data-dir", dir)
+	dst := startReceiver(t)
+	r, st := migrate(t, pri, dst.data, "--postcopy", "--postcopy-after-rounds", "0")
+	if r.code != 0 || st.Status != "completed" {
+		t.Fatalf("migrate: exit %d status %q\n%s%s", r.code, st.Status, r.stdout, r.stderr)
+	}
+	if a := runCLI(t, 30*time.Second, "activate", "--api", sec.api, "--force"); a.code == 0 {
+		t.Fatal("retired secondary activated before restart")
+	}
+	sec.kill()
+	pri.kill() // the moved source is stopped, as an operator would after the command's exit 0
+	sec2 := startSecondary(t, "secondary-restarted", sa, "--data-dir", dir)
+	for _, force := range [][]string{nil, {"--force"}} {
+		a := runCLI(t, 30*time.Second, append([]string{"activate", "--api", sec2.api}, force...)...)
+		if a.code == 0 || !strings.Contains(a.stdout+a.stderr, "moved") {
+			t.Fatalf("a retired secondary restarted from its data dir: activate %v: exit %d (want refused, saying the guest moved)\n%s%s", force, a.code, a.stdout, a.stderr)
+		}
+	}
+}
