@@ -44,6 +44,12 @@ type pairMove struct {
 	final  bool
 	epoch  uint64
 	notice *replica.MoveNotice
+	// retired: the secondary answered the commit (POST /migrate/moved
+	// says so); released is closed (once) when the destination says it
+	// released the output (migrate_released.go).
+	retired      bool
+	released     chan struct{}
+	releasedOnce sync.Once
 }
 
 // moveCommitTimeout bounds the secondary's answer to the move's commit.
@@ -84,7 +90,7 @@ func (n *Node) startPairMove(w http.ResponseWriter, protected bool, to, id, pcRe
 		return nil, false
 	}
 	n.mu.Lock()
-	pm := &pairMove{n: n, member: n.pairMember, loop: n.epochs, pair: n.pair, id: id, to: to, g: n.g, cfg: n.cfg}
+	pm := &pairMove{n: n, member: n.pairMember, loop: n.epochs, pair: n.pair, id: id, to: to, g: n.g, cfg: n.cfg, released: make(chan struct{})}
 	n.mu.Unlock()
 	if pm.member == nil || pm.loop == nil || pm.pair == nil {
 		WriteError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not a pair primary"))
@@ -142,6 +148,7 @@ func (pm *pairMove) arm(m *precopy.Migration) {
 		if err := notice.Commit(moveCommitTimeout); err != nil {
 			return fmt.Errorf("the secondary %s was not retired (%w): it may still take over from epoch %d, so the destination keeps its output held", pm.secAddr, err, epoch)
 		}
+		pm.retiredAwaitRelease()
 		return nil
 	}
 }

@@ -161,6 +161,7 @@ func NewNode(cfg NodeConfig) (_ *Node, err error) {
 	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
 	api.HandleFunc("POST /migrate/postcopy", n.handleMigratePostcopy)
 	api.HandleFunc("POST /migrate/resume", n.handleMigrateResume)
+	api.HandleFunc("POST /migrate/moved", n.handleMigrateMoved)
 	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
 	api.HandleFunc("POST /debug/stall-write", n.handleStallWrite)
 	api.HandleFunc("POST /protect", n.handleProtect)

@@ -127,7 +127,12 @@ func (n *Node) releaseWhenMoved(ctx context.Context, res *replica.MigrationResul
 		done, why := n.moveVerdict(ctx, src, hold.id)
 		if done {
 			hold.release()
-			n.log.Info("the source reports the migration completed (its secondary retired): the held output is released", "migration", hold.id)
+			n.log.Info("the source reports its secondary retired: the held output is released", "migration", hold.id)
+			// The source reports completed once it hears this (or after
+			// destReleaseTimeout): best effort.
+			if err := src.Post(ctx, "/migrate/moved", movedQuery{MigrationID: hold.id, Released: true}, nil); err != nil {
+				n.log.Warn("could not tell the source the output is released; it reports completed after its wait", "err", err)
+			}
 			return
 		}
 		hold.setWhy(why)
@@ -151,6 +156,10 @@ func (n *Node) moveVerdict(ctx context.Context, src *api.Client, id string) (boo
 	held := fmt.Sprintf("output held (migration %s from a protected source, %d pages still missing): nothing this guest said has left this node; ", id, remaining)
 	if src == nil {
 		return false, held + "the source gave no API to ask, so it is never released"
+	}
+	var moved movedAnswer
+	if err := src.Post(ctx, "/migrate/moved", movedQuery{MigrationID: id}, &moved); err == nil && moved.Retired {
+		return true, ""
 	}
 	st, err := src.Status(ctx, false)
 	switch {

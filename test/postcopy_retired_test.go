@@ -32,3 +32,26 @@ func TestMigratePostcopyProtectedRetiredRestart(t *testing.T) {
 		}
 	}
 }
+
+// When `tandem migrate` of a protected guest exits 0, the destination has
+// already released the guest's output (rev2's finding 3, its
+// reproduction): the source reports completed only once the destination
+// says it released, so stopping the source at the command's exit cannot
+// leave the destination holding for good. Before, the destination
+// learned of the completion from the source's status 100 ms later.
+func TestMigratePostcopyProtectedReleasedAtExit(t *testing.T) {
+	t.Parallel()
+	for i := range 3 {
+		pri, _, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"})
+		dst := startReceiver(t)
+		r, st := migrate(t, pri, dst.data, "--postcopy", "--postcopy-after-rounds", "0")
+		s, err := apiStatus(dst)
+		pri.kill()
+		if r.code != 0 || st.Status != "completed" {
+			t.Fatalf("run %d: migrate: exit %d status %q\n%s%s", i, r.code, st.Status, r.stdout, r.stderr)
+		}
+		if err != nil || s.StateReason != "" {
+			t.Fatalf("run %d: at the command's exit the destination still holds: state %q reason %q (%v)", i, s.State, s.StateReason, err)
+		}
+	}
+}

@@ -1,0 +1,61 @@
+package ft
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+)
+
+func postMoved(t *testing.T, n *Node, q movedQuery) (int, movedAnswer) {
+	t.Helper()
+	b, _ := json.Marshal(q)
+	rec := httptest.NewRecorder()
+	n.handleMigrateMoved(rec, httptest.NewRequest(http.MethodPost, "/migrate/moved", bytes.NewReader(b)))
+	var a movedAnswer
+	json.Unmarshal(rec.Body.Bytes(), &a)
+	return rec.Code, a
+}
+
+// A protected move's source says the secondary retired only once it has,
+// and after that waits for the destination's word that it released the
+// output before it goes on to report completed (rev2's finding 3: it
+// reported completed at once, and a source stopped at the command's exit
+// could leave the destination holding for good).
+func TestPairMoveCompletesOnceTheDestinationReleased(t *testing.T) {
+	n := &Node{log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	pm := &pairMove{n: n, id: "m1", released: make(chan struct{})}
+	n.pairMove = pm
+	if code, _ := postMoved(t, n, movedQuery{MigrationID: "other"}); code != http.StatusConflict {
+		t.Errorf("a question about another migration: %d, want 409", code)
+	}
+	if code, a := postMoved(t, n, movedQuery{MigrationID: "m1", Released: true}); code != http.StatusOK || a.Retired {
+		t.Errorf("before the secondary retired: %d %+v, want 200, not retired", code, a)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); pm.retiredAwaitRelease() }()
+	select {
+	case <-done:
+		t.Fatal("the source went on to complete before the destination said it released (a released claim made before the retirement counted)")
+	case <-time.After(300 * time.Millisecond):
+	}
+	if code, a := postMoved(t, n, movedQuery{MigrationID: "m1"}); code != http.StatusOK || !a.Retired {
+		t.Errorf("once retired: %d %+v, want retired", code, a)
+	}
+	select {
+	case <-done:
+		t.Fatal("the source went on to complete on a question, not the destination's release")
+	case <-time.After(100 * time.Millisecond):
+	}
+	postMoved(t, n, movedQuery{MigrationID: "m1", Released: true})
+	postMoved(t, n, movedQuery{MigrationID: "m1", Released: true}) // a repeat is harmless
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the source still waits after the destination said it released")
+	}
+}
