@@ -7,8 +7,11 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/failover"
 )
 
 func postMoved(t *testing.T, n *Node, q movedQuery) (int, movedAnswer) {
@@ -57,5 +60,23 @@ func TestPairMoveCompletesOnceTheDestinationReleased(t *testing.T) {
 	case <-done:
 	case <-time.After(2 * time.Second):
 		t.Fatal("the source still waits after the destination said it released")
+	}
+}
+
+// A destination's hold says in its state_reason what its bounds dropped
+// (rev2's finding 4: a hold lasting until an operator acts must not grow
+// without limit, and the loss must be visible).
+func TestHoldReasonCountsDroppedOutput(t *testing.T) {
+	hold := &outputHold{id: "m1", why: "output held"}
+	hold.gate = failover.NewOutputGate(1, nil, nil)
+	if r := hold.reason(); r != "output held" {
+		t.Fatalf("reason before any drop: %q", r)
+	}
+	chunk := make([]byte, 1<<20)
+	for range 20 {
+		hold.gate.Write(chunk)
+	}
+	if r := hold.reason(); !strings.Contains(r, "dropped over the hold's bounds") || !strings.Contains(r, " console bytes") {
+		t.Fatalf("reason after 20 MiB of console output held: %q, want the drop counted", r)
 	}
 }

@@ -56,17 +56,22 @@ func (n *Node) holdOutput(g guest.Guest, h replica.Hello) {
 	n.log.Info("post-copy from a protected source: the guest's output is held until the source reports the migration completed", "migration", h.MigrationID)
 }
 
-// reason is the hold's state_reason ("" once released).
+// reason is the hold's state_reason ("" once released), with the
+// output the gate's bounds dropped meanwhile.
 func (o *outputHold) reason() string {
 	if o == nil {
 		return ""
 	}
 	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.released {
+	released, why := o.released, o.why
+	o.mu.Unlock()
+	if released {
 		return ""
 	}
-	return o.why
+	if c, f := o.gate.ConsoleDropped(), o.gate.FramesDropped(); c > 0 || f > 0 {
+		why += fmt.Sprintf("; dropped over the hold's bounds: %d console bytes, %d network frames", c, f)
+	}
+	return why
 }
 
 func (o *outputHold) setWhy(why string) {
