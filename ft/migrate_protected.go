@@ -111,11 +111,12 @@ func (n *Node) startPairMove(w http.ResponseWriter, protected bool, to, id, pcRe
 // epoch (the guest stays paused) the secondary acknowledges, then the
 // secondary is told of the move. An error before the final epoch leaves
 // the guest running under its loop; after it, ResumeOnFailure resumes it.
-func (pm *pairMove) switchNow() error {
+func (pm *pairMove) switchNow() (time.Time, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), SwitchoverTimeout)
 	defer cancel()
-	if err := pm.loop.FinalEpoch(ctx); err != nil {
-		return fmt.Errorf("final epoch to the secondary: %w", err)
+	pausedAt, err := pm.loop.FinalEpochPaused(ctx)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("final epoch to the secondary: %w", err)
 	}
 	st := pm.loop.Status()
 	pm.mu.Lock()
@@ -125,13 +126,13 @@ func (pm *pairMove) switchNow() error {
 	o := replica.DialOptions{TLS: pm.n.trust.ID, Insecure: pm.n.trust.Insecure, Expect: pm.pair.SecondaryName(st.Secondary)}
 	notice, err := replica.OpenMoveNotice(ctx, st.Secondary, hello, o)
 	if err != nil {
-		return err
+		return pausedAt, err
 	}
 	pm.mu.Lock()
 	pm.notice = notice
 	pm.mu.Unlock()
 	pm.n.log.Info("moving a protected guest: the secondary holds the final epoch and knows of the move", "migration", pm.id, "to", pm.to, "secondary", st.Secondary, "epoch", st.LastCommittedEpoch)
-	return nil
+	return pausedAt, nil
 }
 
 // arm sets m's hooks: the switch goes through switchNow; a failure

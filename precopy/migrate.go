@@ -174,10 +174,12 @@ type Migration struct {
 	ResumeOnFailure func()
 	BeforeComplete  func() error
 	// BeforeSwitch, if set, runs at the post-copy switch before the
-	// pause (a protected guest's final epoch to its secondary); its
-	// error fails the migration. With it set, a completion the
+	// migration's own pause (a protected guest's final epoch to its
+	// secondary); its error fails the migration. It returns when it
+	// paused the guest (zero: it did not): the switch's pause is timed,
+	// budgeted and reported from there. With it set, a completion the
 	// controller decides is a post-copy switch too.
-	BeforeSwitch func() error
+	BeforeSwitch func() (time.Time, error)
 	// pendingDisk holds disk writes taken by a completion attempt that
 	// was given up after its final sync; the next final send sends them.
 	pendingDisk []guest.DiskWrite
