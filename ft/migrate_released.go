@@ -80,3 +80,25 @@ func (pm *pairMove) retiredAwaitRelease() {
 			"migration", pm.id, "waited", destReleaseTimeout)
 	}
 }
+
+// noticeLost is a moving source's state_reason while its move notice to
+// the secondary is down ("" while it is up, or no move): the secondary
+// does not hear this primary then and may be activated without --force,
+// after which the move cannot complete.
+func (pm *pairMove) noticeLost() string {
+	if pm == nil {
+		return ""
+	}
+	pm.mu.Lock()
+	notice := pm.notice
+	pm.mu.Unlock()
+	if notice == nil {
+		return ""
+	}
+	why, since := notice.Lost()
+	if why == "" {
+		return ""
+	}
+	return fmt.Sprintf("moving the guest to %s by migration %s, but the move notice to the secondary %s is down (%s, since %s): the secondary does not hear this primary and may be activated",
+		pm.to, pm.id, pm.secAddr, why, since.UTC().Format(time.RFC3339))
+}

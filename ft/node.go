@@ -309,7 +309,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	// guest's own lock, which a pause and a dirty sync hold.
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
-	pcOut, pcIn, hold := n.pcOut, n.pcIn, n.hold
+	pcOut, pcIn, hold, pm := n.pcOut, n.pcIn, n.hold, n.pairMove
 	digest = digest && !postcopyRefusesDigest(pcIn, &st)
 	cluster, epochs, sec, rn, nodes := n.cluster, n.epochs, n.sec, n.raft, n.nodes
 	st.Net = n.netStatusLocked(epochs)
@@ -362,6 +362,9 @@ func (n *Node) status(digest bool) nodeStatus {
 		if mv, ok := sec.Move(); ok {
 			st.StateReason = moveReason(mv)
 		}
+	}
+	if why := pm.noticeLost(); why != "" {
+		st.StateReason = why
 	}
 	listNodes(&st, rn, nodes, lag, epochs != nil, dataLast)
 	if g != nil {

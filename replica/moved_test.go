@@ -1,12 +1,14 @@
 package replica
 
 import (
+	"context"
 	"errors"
 	"io"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/internal/vfs"
 )
 
@@ -100,5 +102,67 @@ func TestUnreadableMoveMarkerRefusesActivation(t *testing.T) {
 	sec := restartSecondary(t, m, dir)
 	if _, _, _, err := sec.Activate(); !errors.Is(err, ErrMoved) {
 		t.Fatalf("activation with an unreadable move marker: %v, want ErrMoved", err)
+	}
+}
+
+// cutNotice closes the secondary's end of the open move notice (a
+// network blip the primary notices on its next heartbeat).
+func cutNotice(t *testing.T, s *Secondary) {
+	t.Helper()
+	s.mu.Lock()
+	c := s.moveConn
+	s.mu.Unlock()
+	if c == nil {
+		t.Fatal("no move notice open")
+	}
+	c.Close()
+}
+
+// A move notice whose heartbeat fails says so (Lost) and is reopened for
+// the same migration, so the secondary hears the primary again (rev2's
+// finding 6: the primary went silent for good, and the secondary could
+// be activated without --force while it lived). A commit whose
+// connection is gone asks again on a new one, and a secondary that
+// already retired by this migration answers so on the handshake.
+func TestMoveNoticeReopensAndCommitAsksAgain(t *testing.T) {
+	mp := startMovingPair(t)
+	n, err := mp.notice(t, mp.epoch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	cutNotice(t, mp.sec)
+	waitFor(t, "the notice's loss on the primary", func() bool { why, _ := n.Lost(); return why != "" })
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		why, _ := n.Lost()
+		mv, _ := mp.sec.Move()
+		if why == "" && mv.Open {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the notice was not reopened within 5 s: primary says %q, secondary %+v", why, mv)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cutNotice(t, mp.sec) // the commit finds its connection gone
+	if err := n.Commit(5 * time.Second); err != nil {
+		t.Fatalf("commit over a cut notice: %v, want it asked again and taken", err)
+	}
+	if mv, _ := mp.sec.Move(); !mv.Done {
+		t.Fatalf("after the commit: %+v, want retired", mv)
+	}
+	h := mp.hello
+	h.MigrationID, h.Destination, h.FinalEpoch = "m1", "10.0.0.9:7000", mp.epoch
+	h.Proto, h.Purpose = ProtoVersion, PurposeMoving
+	h.Format, h.MinReader = uint16(checkpoint.Current), uint16(checkpoint.MinReadable)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, _, err := dialMoveNotice(ctx, mp.addr, h, DialOptions{}); !errors.Is(err, ErrMoved) {
+		t.Fatalf("asking a secondary retired by this migration: %v, want ErrMoved", err)
+	}
+	h.MigrationID = "m2"
+	if _, _, err := dialMoveNotice(ctx, mp.addr, h, DialOptions{}); err == nil || errors.Is(err, ErrMoved) {
+		t.Fatalf("another migration asking: %v, want a plain refusal", err)
 	}
 }

@@ -129,6 +129,10 @@ type HelloReply struct {
 	// migration completed. An older receiver never sets it, and a
 	// protected source then refuses to migrate.
 	HoldOutput bool `json:"hold_output,omitempty"`
+	// Retired (a move notice's refusal): this secondary retired by the
+	// named migration. A moving primary whose commit answer was lost
+	// learns from it that the commit took.
+	Retired string `json:"retired,omitempty"`
 }
 
 // Control is a line the sender writes after a migration's final epoch in
