@@ -166,3 +166,21 @@ func TestMoveNoticeReopensAndCommitAsksAgain(t *testing.T) {
 		t.Fatalf("another migration asking: %v, want a plain refusal", err)
 	}
 }
+
+// A notice that was down and then committed is not reported down any
+// more.
+func TestMoveNoticeLostClearedByCommit(t *testing.T) {
+	mp := startMovingPair(t)
+	n, err := mp.notice(t, mp.epoch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cutNotice(t, mp.sec)
+	waitFor(t, "the notice's loss on the primary", func() bool { why, _ := n.Lost(); return why != "" })
+	if err := n.Commit(5 * time.Second); err != nil {
+		t.Fatalf("commit: %v", err)
+	}
+	if why, _ := n.Lost(); why != "" {
+		t.Fatalf("after the commit the notice is still reported down: %q", why)
+	}
+}

@@ -367,6 +367,21 @@ func (n *MoveNotice) halt() {
 // answer that was lost.
 func (n *MoveNotice) Commit(timeout time.Duration) error {
 	n.halt()
+	err := n.commit(timeout)
+	if err == nil {
+		n.settled()
+	}
+	return err
+}
+
+// settled clears Lost: the notice has done its work.
+func (n *MoveNotice) settled() {
+	n.mu.Lock()
+	n.lost, n.lostSince = "", time.Time{}
+	n.mu.Unlock()
+}
+
+func (n *MoveNotice) commit(timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	err := errors.New("move notice: not open")
 	if n.conn != nil {
@@ -418,6 +433,7 @@ func (n *MoveNotice) commitOn(conn net.Conn, br *bufio.Reader, deadline time.Tim
 // Abort tells the secondary the move failed (best effort) and closes.
 func (n *MoveNotice) Abort(reason string) {
 	n.halt()
+	n.settled()
 	if n.conn == nil {
 		return
 	}
@@ -430,6 +446,7 @@ func (n *MoveNotice) Abort(reason string) {
 // secondary takes the primary as gone once it is not heard.
 func (n *MoveNotice) Close() {
 	n.halt()
+	n.settled()
 	if n.conn != nil {
 		n.conn.Close()
 	}
