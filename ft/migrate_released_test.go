@@ -80,3 +80,27 @@ func TestHoldReasonCountsDroppedOutput(t *testing.T) {
 		t.Fatalf("reason after 20 MiB of console output held: %q, want the drop counted", r)
 	}
 }
+
+// No release while an operator's discard asks the source for its verdict
+// (rev2: resolveHold's abort checked, then acted, and a release could
+// slip in between): release refuses and leaves everything held.
+func TestHoldReleaseWaitsForADiscardBeingDecided(t *testing.T) {
+	var out []byte
+	hold := &outputHold{id: "m1", why: "output held"}
+	hold.gate = failover.NewOutputGate(1, func(p []byte) { out = append(out, p...) }, func() bool { return !hold.discarded.Load() })
+	announced := 0
+	hold.announce = func() { announced++ }
+	hold.gate.Write([]byte("reply"))
+	hold.discarding = true
+	if hold.release() || len(out) != 0 || announced != 0 || hold.reason() == "" {
+		t.Fatalf("a release during a discard's question: out %q, announced %d, reason %q", out, announced, hold.reason())
+	}
+	hold.discarding = false
+	if !hold.release() || string(out) != "reply" || announced != 1 {
+		t.Fatalf("the release after: out %q, announced %d (want the held reply, then one announcement)", out, announced)
+	}
+	hold.release()
+	if announced != 1 {
+		t.Fatalf("announced %d times, want once", announced)
+	}
+}

@@ -35,6 +35,14 @@ type outputHold struct {
 	why      string      // status' state_reason while held
 	src      *api.Client // the source's API, once releaseWhenMoved asks it
 	released bool
+	// discarding: an operator's discard is asking the source for its
+	// verdict; no release happens meanwhile (resolveHold).
+	discarding bool
+	// announce, if set, is the guest card's announcement, deferred to
+	// the release: a gratuitous ARP is output too, and one sent while
+	// the source's secondary may still take over would pull the guest's
+	// traffic here from it.
+	announce func()
 }
 
 // holdOutput routes g's output into a holding gate, for migration h
@@ -80,12 +88,42 @@ func (o *outputHold) setWhy(why string) {
 	o.mu.Unlock()
 }
 
-// release lets everything held out, in order, and passes what follows.
-func (o *outputHold) release() {
+// release lets everything held out, in order, and passes what follows;
+// then the card announces itself. It returns false, releasing nothing,
+// while a discard is being decided or once one was.
+func (o *outputHold) release() bool {
 	o.mu.Lock()
+	if o.discarding || o.discarded.Load() {
+		o.mu.Unlock()
+		return false
+	}
+	first := !o.released
 	o.released = true
+	announce := o.announce
 	o.mu.Unlock()
 	o.gate.Hold(false)
+	if first && announce != nil {
+		announce()
+	}
+	return true
+}
+
+// announceOrDefer announces nic now, unless a hold is in force: then at
+// its release (never if it is discarded).
+func (n *Node) announceOrDefer(nic guest.NIC) {
+	n.mu.Lock()
+	hold := n.hold
+	n.mu.Unlock()
+	if hold != nil {
+		hold.mu.Lock()
+		if !hold.released {
+			hold.announce = func() { n.net.announce(nic) }
+			hold.mu.Unlock()
+			return
+		}
+		hold.mu.Unlock()
+	}
+	n.net.announce(nic)
 }
 
 // dropHold discards a hold's output (the guest here is dropped).
@@ -130,8 +168,7 @@ func (n *Node) releaseWhenMoved(ctx context.Context, res *replica.MigrationResul
 			return // discarded, or released by hand
 		}
 		done, why := n.moveVerdict(ctx, src, hold.id)
-		if done {
-			hold.release()
+		if done && hold.release() {
 			n.log.Info("the source reports its secondary retired: the held output is released", "migration", hold.id)
 			// The source reports completed once it hears this (or after
 			// destReleaseTimeout): best effort.
@@ -140,7 +177,9 @@ func (n *Node) releaseWhenMoved(ctx context.Context, res *replica.MigrationResul
 			}
 			return
 		}
-		hold.setWhy(why)
+		if !done {
+			hold.setWhy(why)
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -195,6 +234,22 @@ func (n *Node) resolveHold(w http.ResponseWriter, r *http.Request, commit, force
 	}
 	hold.mu.Lock()
 	src := hold.src
+	if !commit {
+		// No release while the source is asked: a verdict of not moved
+		// followed by a release before the discard would let out the
+		// output of a copy that is then discarded (or the other way).
+		if hold.released || hold.discarding {
+			hold.mu.Unlock()
+			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("refusing to discard: the output was released meanwhile, or another discard is being decided"))
+			return true
+		}
+		hold.discarding = true
+		defer func() {
+			hold.mu.Lock()
+			hold.discarding = false
+			hold.mu.Unlock()
+		}()
+	}
 	hold.mu.Unlock()
 	done, why := n.moveVerdict(r.Context(), src, hold.id)
 	switch {
@@ -208,7 +263,10 @@ func (n *Node) resolveHold(w http.ResponseWriter, r *http.Request, commit, force
 		if !done {
 			n.log.Error("FORCED release of a protected guest's held output without the source's word", "migration", hold.id, "detail", why)
 		}
-		hold.release()
+		if !hold.release() {
+			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("refusing to release: this copy is being discarded"))
+			return true
+		}
 		WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "released": true})
 		return true
 	}
