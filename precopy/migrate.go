@@ -180,6 +180,9 @@ type Migration struct {
 	// budgeted and reported from there. With it set, a completion the
 	// controller decides is a post-copy switch too.
 	BeforeSwitch func() (time.Time, error)
+	// throttled: this migration set the guest's throttle (Run undoes
+	// it at its end). Run's goroutine only.
+	throttled bool
 	// pendingDisk holds disk writes taken by a completion attempt that
 	// was given up after its final sync; the next final send sends them.
 	pendingDisk []guest.DiskWrite
@@ -261,7 +264,10 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		return m.failed(start, err)
 	}
 	defer func() {
-		if th, ok := m.core.G.(guest.Throttler); ok {
+		// Only a throttle this migration set is undone: a protected
+		// guest's epoch loop throttles it itself (auto-converge is off
+		// for it), and a move that failed leaves it to that loop.
+		if th, ok := m.core.G.(guest.Throttler); ok && m.throttled {
 			th.SetThrottle(0)
 		}
 	}()
@@ -315,6 +321,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		if d.Throttle != applied {
 			if th, ok := m.core.G.(guest.Throttler); ok {
 				th.SetThrottle(d.Throttle)
+				m.throttled = true
 			}
 			applied = d.Throttle
 		}
