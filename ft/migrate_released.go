@@ -102,3 +102,10 @@ func (pm *pairMove) noticeLost() string {
 	return fmt.Sprintf("moving the guest to %s by migration %s, but the move notice to the secondary %s is down (%s, since %s): the secondary does not hear this primary and may be activated",
 		pm.to, pm.id, pm.secAddr, why, since.UTC().Format(time.RFC3339))
 }
+
+// pausedProtectedAdvice ends a protected move's post-copy-paused outcome:
+// resuming is right only if the destination still runs its half guest.
+// One that restarted or is gone released nothing (it held all output),
+// and the guest's fallback is the secondary, which does not take over
+// while this source heartbeats its move notice.
+const pausedProtectedAdvice = "; this guest is protected: if the destination restarted or is gone for good (its copy released nothing), fall back to the secondary instead: stop this primary (its move notice ends) and activate the secondary"

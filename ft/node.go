@@ -366,6 +366,9 @@ func (n *Node) status(digest bool) nodeStatus {
 	if why := pm.noticeLost(); why != "" {
 		st.StateReason = why
 	}
+	if pm != nil && st.Status == precopy.StatusPostcopyPaused && mig != nil {
+		st.Outcome += pausedProtectedAdvice
+	}
 	listNodes(&st, rn, nodes, lag, epochs != nil, dataLast)
 	if g != nil {
 		d, err := memoryDigest(g)

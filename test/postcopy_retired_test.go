@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/test/linkproxy"
 )
 
@@ -83,5 +84,29 @@ func TestMigratePostcopyProtectedDowntimeCountsFinalEpoch(t *testing.T) {
 	t.Logf("downtime %d ms (expected %d ms)", st.DowntimeMs, st.ExpectedDowntimeMs)
 	if st.DowntimeMs < 350 {
 		t.Fatalf("reported downtime %d ms: want at least the final epoch's two round trips to the secondary (over 350 ms)", st.DowntimeMs)
+	}
+}
+
+// The destination of a protected move dies during its post-copy: the
+// source waits, paused, for a resume, and its outcome says that a
+// destination gone for good released nothing and the secondary is the
+// fallback (rev2's minor item: it advised only --resume).
+func TestMigratePostcopyProtectedDestinationKilled(t *testing.T) {
+	t.Parallel()
+	pri, _, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"})
+	dst := startReceiver(t)
+	wait := startCLI("migrate", "--from", pri.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "0",
+		"--max-bandwidth", pcProtectedBandwidth, "--compression", "none", "--json")
+	waitAPI(t, dst, 30*time.Second, "running with pages missing", func(s api.Status) bool {
+		return s.State == "running" && s.PostcopyActive && s.PostcopyRemainingPages > 0
+	})
+	dst.kill()
+	st := waitAPI(t, pri, 30*time.Second, "post-copy paused", func(s api.Status) bool { return s.Status == "postcopy-paused" })
+	if !strings.Contains(st.Outcome, "--resume") || !strings.Contains(st.Outcome, "fall back to the secondary") {
+		t.Errorf("the source's outcome with its destination dead: %q, want --resume and the fallback to the secondary", st.Outcome)
+	}
+	pri.kill()
+	if r, err := wait(time.Minute); err != nil || r.code == 0 {
+		t.Errorf("migrate after both ends died: %v, exit %d", err, r.code)
 	}
 }
