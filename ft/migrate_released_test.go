@@ -2,6 +2,7 @@ package ft
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandemvm/tandem/api"
 	"github.com/tandemvm/tandem/failover"
 )
 
@@ -102,5 +104,42 @@ func TestHoldReleaseWaitsForADiscardBeingDecided(t *testing.T) {
 	hold.release()
 	if announced != 1 {
 		t.Fatalf("announced %d times, want once", announced)
+	}
+}
+
+// A held destination asks the source's POST /migrate/moved first and
+// releases on retired; a source that does not know the request (an older
+// build) is asked its status; while its post-copy is active the reason
+// says the move is not finished, not the raw status "device" (rev2's
+// minor item).
+func TestMoveVerdictAsksMovedThenStatus(t *testing.T) {
+	var retired bool
+	var st api.Status
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /migrate/moved", func(w http.ResponseWriter, r *http.Request) {
+		if !retired {
+			http.NotFound(w, r)
+			return
+		}
+		WriteJSON(w, http.StatusOK, movedAnswer{Retired: true})
+	})
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) { WriteJSON(w, http.StatusOK, st) })
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	n := &Node{log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	src := api.NewClientHTTP(srv.URL, srv.Client())
+	ctx := context.Background()
+	st.MigrationID, st.Status, st.PostcopyActive = "m1", "device", true
+	if done, why := n.moveVerdict(ctx, src, "m1"); done || strings.Contains(why, "device") || !strings.Contains(why, "not finished") {
+		t.Errorf("during the post-copy: %v %q", done, why)
+	}
+	st.Status, st.PostcopyActive = "completed", false
+	if done, _ := n.moveVerdict(ctx, src, "m1"); !done {
+		t.Error("a source reporting completed: not released")
+	}
+	st.Status = "unknown"
+	retired = true
+	if done, _ := n.moveVerdict(ctx, src, "m1"); !done {
+		t.Error("a source answering retired: not released")
 	}
 }

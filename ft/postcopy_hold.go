@@ -213,6 +213,10 @@ func (n *Node) moveVerdict(ctx context.Context, src *api.Client, id string) (boo
 		return false, held + fmt.Sprintf("the source reports migration %q, not %q (restarted?)", st.MigrationID, id)
 	case st.Status == precopy.StatusCompleted:
 		return true, ""
+	case st.PostcopyActive:
+		// The source's status is "device" from its switch on; what it
+		// does meanwhile is serve the pages.
+		return false, held + "the source has not finished the move: it serves the pages until every one is here, then retires its secondary, and then the output is released"
 	}
 	return false, held + "the source says status " + st.Status + " (" + st.Outcome + "), not completed"
 }
