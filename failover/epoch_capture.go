@@ -396,6 +396,11 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 		Buffer:      buf,
 		WhilePaused: func(cp *precopy.Capture) error {
 			l.step(ProtectionEvent{Kind: EvPause, Now: cp.PausedAt})
+			if final {
+				l.mu.Lock()
+				l.finalPausedAt = cp.PausedAt
+				l.mu.Unlock()
+			}
 			if o := l.gate.OpenHeld(); o.Bytes > 0 {
 				heldSince = o.Since
 			}

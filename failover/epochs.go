@@ -220,6 +220,9 @@ type EpochLoop struct {
 	guestPages uint64
 
 	final chan finalRequest // FinalEpoch's requests to the capture loop
+	// finalPausedAt (under mu) is when the last final epoch paused the
+	// guest (FinalEpochPaused).
+	finalPausedAt time.Time
 
 	// Triggered epochs (capture goroutine only): the last pause's start
 	// and the pause-cost line NextPause predicts from (see notePause).
@@ -554,4 +557,17 @@ func (l *EpochLoop) FinalEpoch(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// FinalEpochPaused is FinalEpoch, also returning when the guest paused
+// for the final epoch: a caller timing the whole pause (a protected
+// guest's post-copy switch) starts there, not after the epoch's ship and
+// acknowledgement.
+func (l *EpochLoop) FinalEpochPaused(ctx context.Context) (time.Time, error) {
+	if err := l.FinalEpoch(ctx); err != nil {
+		return time.Time{}, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.finalPausedAt, nil
 }

@@ -71,6 +71,12 @@ type OutputGate struct {
 
 	delays []time.Duration // output delay of recent releases: a ring of maxDelaySamples
 	next   int             // where the ring's next sample goes once it is full
+
+	// consoleCost is what console writes in pending cost (their bytes
+	// plus heldRecordCost each), at most maxHeldConsoleBytes;
+	// consoleDropped counts the console bytes refused over the bound.
+	consoleCost    int
+	consoleDropped uint64
 }
 
 type heldOutput struct {
@@ -94,6 +100,17 @@ type OutputObserver struct {
 
 // maxHeldFrameBytes bounds the network frames held for their epochs.
 const maxHeldFrameBytes = 16 << 20
+
+// maxHeldConsoleBytes bounds the console output held, counted as
+// consoleCost: a hold can last as long as an operator takes to resolve it
+// (a post-copy destination whose protected source died), and a chatty
+// guest must not grow the process until it runs out of memory. Past it
+// console bytes are dropped and counted (ConsoleDropped).
+const maxHeldConsoleBytes = 16 << 20
+
+// heldRecordCost is what one held write costs beyond its bytes (its
+// record in pending), so that one-byte writes are bounded too.
+const heldRecordCost = 64
 
 // maxDelaySamples bounds the kept output-delay samples.
 const maxDelaySamples = 4096
@@ -161,6 +178,14 @@ func (g *OutputGate) FramesDropped() uint64 {
 	return g.framesDropped
 }
 
+// ConsoleDropped counts the console bytes refused because
+// maxHeldConsoleBytes of console output was already held.
+func (g *OutputGate) ConsoleDropped() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.consoleDropped
+}
+
 func (g *OutputGate) write(p []byte, frame bool) {
 	if len(p) == 0 {
 		return
@@ -208,6 +233,12 @@ func (g *OutputGate) holdLocked(p []byte, frame bool) {
 		}
 		g.frameBytes += len(p)
 		g.heldFrames++
+	} else {
+		if g.consoleCost+len(p)+heldRecordCost > maxHeldConsoleBytes {
+			g.consoleDropped += uint64(len(p))
+			return
+		}
+		g.consoleCost += len(p) + heldRecordCost
 	}
 	now := g.clock.Now()
 	g.pending = append(g.pending, heldOutput{epoch: g.open, written: now, data: append([]byte(nil), p...), frame: frame})
@@ -294,6 +325,7 @@ func (g *OutputGate) Release(acked uint64) bool {
 			epochFrames++
 		} else {
 			out = append(out, h.data...)
+			g.consoleCost -= len(h.data) + heldRecordCost
 		}
 		g.held -= len(h.data)
 		d := now.Sub(h.written)
@@ -360,7 +392,7 @@ func (g *OutputGate) Hold(on bool) {
 	var out []heldOutput
 	if !g.passing && g.allow() {
 		out = g.pending
-		g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames = nil, 0, 0, 0, 0
+		g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames, g.consoleCost = nil, 0, 0, 0, 0, 0
 	}
 	g.passing = true
 	sink, frameSink := g.sink, g.frameSink
@@ -395,7 +427,7 @@ func (g *OutputGate) Discard() {
 	g.relMu.Lock()
 	defer g.relMu.Unlock()
 	g.mu.Lock()
-	g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames = nil, 0, 0, 0, 0
+	g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames, g.consoleCost = nil, 0, 0, 0, 0, 0
 	g.mu.Unlock()
 }
 

@@ -303,6 +303,37 @@ func TestOutputGateBoundsHeldFrames(t *testing.T) {
 	}
 }
 
+// Console output held is bounded too (rev2's finding 4: a post-copy
+// destination's hold can last until an operator acts, and a chatty guest
+// grew it without limit): past maxHeldConsoleBytes, counting each write's
+// record, console bytes are dropped and counted, one-byte writes
+// included, and a release makes room again.
+func TestOutputGateBoundsHeldConsole(t *testing.T) {
+	var got int
+	g := NewOutputGate(1, func(p []byte) { got += len(p) }, nil)
+	g.Hold(true)
+	chunk := make([]byte, 1<<20)
+	for range 20 {
+		g.Write(chunk)
+	}
+	kept := maxHeldConsoleBytes / (len(chunk) + heldRecordCost)
+	if d, want := g.ConsoleDropped(), uint64((20-kept)*len(chunk)); d != want {
+		t.Fatalf("dropped %d console bytes, want %d (%d of 20 chunks kept)", d, want, kept)
+	}
+	g.Seal()
+	g.Release(1)
+	if got != kept*len(chunk) {
+		t.Fatalf("released %d bytes, want %d", got, kept*len(chunk))
+	}
+	before := g.ConsoleDropped()
+	for range maxHeldConsoleBytes/heldRecordCost + 100 {
+		g.Write([]byte{'x'})
+	}
+	if g.ConsoleDropped() == before || g.Held() > maxHeldConsoleBytes/heldRecordCost {
+		t.Fatalf("one-byte writes: dropped %d, held %d bytes in records: want bounded", g.ConsoleDropped()-before, g.Held())
+	}
+}
+
 // The gate tells its observer each released item's delay (frames apart
 // from console bytes) and how many frames each released epoch held, and
 // HeldFrames counts what waits: what a node's metrics export.

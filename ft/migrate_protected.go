@@ -44,6 +44,12 @@ type pairMove struct {
 	final  bool
 	epoch  uint64
 	notice *replica.MoveNotice
+	// retired: the secondary answered the commit (POST /migrate/moved
+	// says so); released is closed (once) when the destination says it
+	// released the output (migrate_released.go).
+	retired      bool
+	released     chan struct{}
+	releasedOnce sync.Once
 }
 
 // moveCommitTimeout bounds the secondary's answer to the move's commit.
@@ -84,7 +90,7 @@ func (n *Node) startPairMove(w http.ResponseWriter, protected bool, to, id, pcRe
 		return nil, false
 	}
 	n.mu.Lock()
-	pm := &pairMove{n: n, member: n.pairMember, loop: n.epochs, pair: n.pair, id: id, to: to, g: n.g, cfg: n.cfg}
+	pm := &pairMove{n: n, member: n.pairMember, loop: n.epochs, pair: n.pair, id: id, to: to, g: n.g, cfg: n.cfg, released: make(chan struct{})}
 	n.mu.Unlock()
 	if pm.member == nil || pm.loop == nil || pm.pair == nil {
 		WriteError(w, http.StatusConflict, api.CodeNotPrimary, errors.New("not a pair primary"))
@@ -105,11 +111,12 @@ func (n *Node) startPairMove(w http.ResponseWriter, protected bool, to, id, pcRe
 // epoch (the guest stays paused) the secondary acknowledges, then the
 // secondary is told of the move. An error before the final epoch leaves
 // the guest running under its loop; after it, ResumeOnFailure resumes it.
-func (pm *pairMove) switchNow() error {
+func (pm *pairMove) switchNow() (time.Time, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), SwitchoverTimeout)
 	defer cancel()
-	if err := pm.loop.FinalEpoch(ctx); err != nil {
-		return fmt.Errorf("final epoch to the secondary: %w", err)
+	pausedAt, err := pm.loop.FinalEpochPaused(ctx)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("final epoch to the secondary: %w", err)
 	}
 	st := pm.loop.Status()
 	pm.mu.Lock()
@@ -119,13 +126,13 @@ func (pm *pairMove) switchNow() error {
 	o := replica.DialOptions{TLS: pm.n.trust.ID, Insecure: pm.n.trust.Insecure, Expect: pm.pair.SecondaryName(st.Secondary)}
 	notice, err := replica.OpenMoveNotice(ctx, st.Secondary, hello, o)
 	if err != nil {
-		return err
+		return pausedAt, err
 	}
 	pm.mu.Lock()
 	pm.notice = notice
 	pm.mu.Unlock()
 	pm.n.log.Info("moving a protected guest: the secondary holds the final epoch and knows of the move", "migration", pm.id, "to", pm.to, "secondary", st.Secondary, "epoch", st.LastCommittedEpoch)
-	return nil
+	return pausedAt, nil
 }
 
 // arm sets m's hooks: the switch goes through switchNow; a failure
@@ -142,6 +149,7 @@ func (pm *pairMove) arm(m *precopy.Migration) {
 		if err := notice.Commit(moveCommitTimeout); err != nil {
 			return fmt.Errorf("the secondary %s was not retired (%w): it may still take over from epoch %d, so the destination keeps its output held", pm.secAddr, err, epoch)
 		}
+		pm.retiredAwaitRelease()
 		return nil
 	}
 }

@@ -161,6 +161,7 @@ func NewNode(cfg NodeConfig) (_ *Node, err error) {
 	api.HandleFunc("POST /migrate/cancel", n.handleMigrateCancel)
 	api.HandleFunc("POST /migrate/postcopy", n.handleMigratePostcopy)
 	api.HandleFunc("POST /migrate/resume", n.handleMigrateResume)
+	api.HandleFunc("POST /migrate/moved", n.handleMigrateMoved)
 	api.HandleFunc("POST /debug/stall-flush", n.handleStallFlush)
 	api.HandleFunc("POST /debug/stall-write", n.handleStallWrite)
 	api.HandleFunc("POST /protect", n.handleProtect)
@@ -308,7 +309,7 @@ func (n *Node) status(digest bool) nodeStatus {
 	// guest's own lock, which a pause and a dirty sync hold.
 	cur, curCfg := n.g, n.cfg
 	mig, migDest, inbound := n.mig, n.migDest, n.inbound
-	pcOut, pcIn, hold := n.pcOut, n.pcIn, n.hold
+	pcOut, pcIn, hold, pm := n.pcOut, n.pcIn, n.hold, n.pairMove
 	digest = digest && !postcopyRefusesDigest(pcIn, &st)
 	cluster, epochs, sec, rn, nodes := n.cluster, n.epochs, n.sec, n.raft, n.nodes
 	st.Net = n.netStatusLocked(epochs)
@@ -354,13 +355,8 @@ func (n *Node) status(digest bool) nodeStatus {
 		// Fenced by raft: no loop, but the guest's protection is over.
 		st.Protection, st.ProtectionReason = "fenced", st.StateReason
 	}
-	if sec != nil {
-		ss := sec.Status(digest)
-		st.Secondary = &ss
-		_, _, dataLast = sec.PrimaryContact()
-		if mv, ok := sec.Move(); ok {
-			st.StateReason = moveReason(mv)
-		}
+	if last, ok := pairStatus(&st, sec, pm, mig != nil, digest); ok {
+		dataLast = last
 	}
 	listNodes(&st, rn, nodes, lag, epochs != nil, dataLast)
 	if g != nil {
@@ -372,6 +368,30 @@ func (n *Node) status(digest bool) nodeStatus {
 		}
 	}
 	return st
+}
+
+// pairStatus adds a pair secondary's figures (and, ok, its data link's
+// last word from the primary) and a protected move's word on either end:
+// the secondary's while the primary moves the guest, the source's when
+// its notice to the secondary is down or (migrating) its post-copy is
+// paused.
+func pairStatus(st *nodeStatus, sec *replica.Secondary, pm *pairMove, migrating, digest bool) (last time.Time, ok bool) {
+	if sec != nil {
+		ss := sec.Status(digest)
+		st.Secondary = &ss
+		_, _, last = sec.PrimaryContact()
+		ok = true
+		if mv, moving := sec.Move(); moving {
+			st.StateReason = moveReason(mv)
+		}
+	}
+	if why := pm.noticeLost(); why != "" {
+		st.StateReason = why
+	}
+	if pm != nil && st.Status == precopy.StatusPostcopyPaused && migrating {
+		st.Outcome += pausedProtectedAdvice
+	}
+	return last, ok
 }
 
 // postcopyStateReason settles a destination's state_reason (own: the

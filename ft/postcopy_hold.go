@@ -35,6 +35,14 @@ type outputHold struct {
 	why      string      // status' state_reason while held
 	src      *api.Client // the source's API, once releaseWhenMoved asks it
 	released bool
+	// discarding: an operator's discard is asking the source for its
+	// verdict; no release happens meanwhile (resolveHold).
+	discarding bool
+	// announce, if set, is the guest card's announcement, deferred to
+	// the release: a gratuitous ARP is output too, and one sent while
+	// the source's secondary may still take over would pull the guest's
+	// traffic here from it.
+	announce func()
 }
 
 // holdOutput routes g's output into a holding gate, for migration h
@@ -56,17 +64,22 @@ func (n *Node) holdOutput(g guest.Guest, h replica.Hello) {
 	n.log.Info("post-copy from a protected source: the guest's output is held until the source reports the migration completed", "migration", h.MigrationID)
 }
 
-// reason is the hold's state_reason ("" once released).
+// reason is the hold's state_reason ("" once released), with the
+// output the gate's bounds dropped meanwhile.
 func (o *outputHold) reason() string {
 	if o == nil {
 		return ""
 	}
 	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.released {
+	released, why := o.released, o.why
+	o.mu.Unlock()
+	if released {
 		return ""
 	}
-	return o.why
+	if c, f := o.gate.ConsoleDropped(), o.gate.FramesDropped(); c > 0 || f > 0 {
+		why += fmt.Sprintf("; dropped over the hold's bounds: %d console bytes, %d network frames", c, f)
+	}
+	return why
 }
 
 func (o *outputHold) setWhy(why string) {
@@ -75,12 +88,42 @@ func (o *outputHold) setWhy(why string) {
 	o.mu.Unlock()
 }
 
-// release lets everything held out, in order, and passes what follows.
-func (o *outputHold) release() {
+// release lets everything held out, in order, and passes what follows;
+// then the card announces itself. It returns false, releasing nothing,
+// while a discard is being decided or once one was.
+func (o *outputHold) release() bool {
 	o.mu.Lock()
+	if o.discarding || o.discarded.Load() {
+		o.mu.Unlock()
+		return false
+	}
+	first := !o.released
 	o.released = true
+	announce := o.announce
 	o.mu.Unlock()
 	o.gate.Hold(false)
+	if first && announce != nil {
+		announce()
+	}
+	return true
+}
+
+// announceOrDefer announces nic now, unless a hold is in force: then at
+// its release (never if it is discarded).
+func (n *Node) announceOrDefer(nic guest.NIC) {
+	n.mu.Lock()
+	hold := n.hold
+	n.mu.Unlock()
+	if hold != nil {
+		hold.mu.Lock()
+		if !hold.released {
+			hold.announce = func() { n.net.announce(nic) }
+			hold.mu.Unlock()
+			return
+		}
+		hold.mu.Unlock()
+	}
+	n.net.announce(nic)
 }
 
 // dropHold discards a hold's output (the guest here is dropped).
@@ -125,12 +168,18 @@ func (n *Node) releaseWhenMoved(ctx context.Context, res *replica.MigrationResul
 			return // discarded, or released by hand
 		}
 		done, why := n.moveVerdict(ctx, src, hold.id)
-		if done {
-			hold.release()
-			n.log.Info("the source reports the migration completed (its secondary retired): the held output is released", "migration", hold.id)
+		if done && hold.release() {
+			n.log.Info("the source reports its secondary retired: the held output is released", "migration", hold.id)
+			// The source reports completed once it hears this (or after
+			// destReleaseTimeout): best effort.
+			if err := src.Post(ctx, "/migrate/moved", movedQuery{MigrationID: hold.id, Released: true}, nil); err != nil {
+				n.log.Warn("could not tell the source the output is released; it reports completed after its wait", "err", err)
+			}
 			return
 		}
-		hold.setWhy(why)
+		if !done {
+			hold.setWhy(why)
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -152,6 +201,10 @@ func (n *Node) moveVerdict(ctx context.Context, src *api.Client, id string) (boo
 	if src == nil {
 		return false, held + "the source gave no API to ask, so it is never released"
 	}
+	var moved movedAnswer
+	if err := src.Post(ctx, "/migrate/moved", movedQuery{MigrationID: id}, &moved); err == nil && moved.Retired {
+		return true, ""
+	}
 	st, err := src.Status(ctx, false)
 	switch {
 	case err != nil:
@@ -160,6 +213,10 @@ func (n *Node) moveVerdict(ctx context.Context, src *api.Client, id string) (boo
 		return false, held + fmt.Sprintf("the source reports migration %q, not %q (restarted?)", st.MigrationID, id)
 	case st.Status == precopy.StatusCompleted:
 		return true, ""
+	case st.PostcopyActive:
+		// The source's status is "device" from its switch on; what it
+		// does meanwhile is serve the pages.
+		return false, held + "the source has not finished the move: it serves the pages until every one is here, then retires its secondary, and then the output is released"
 	}
 	return false, held + "the source says status " + st.Status + " (" + st.Outcome + "), not completed"
 }
@@ -181,6 +238,22 @@ func (n *Node) resolveHold(w http.ResponseWriter, r *http.Request, commit, force
 	}
 	hold.mu.Lock()
 	src := hold.src
+	if !commit {
+		// No release while the source is asked: a verdict of not moved
+		// followed by a release before the discard would let out the
+		// output of a copy that is then discarded (or the other way).
+		if hold.released || hold.discarding {
+			hold.mu.Unlock()
+			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("refusing to discard: the output was released meanwhile, or another discard is being decided"))
+			return true
+		}
+		hold.discarding = true
+		defer func() {
+			hold.mu.Lock()
+			hold.discarding = false
+			hold.mu.Unlock()
+		}()
+	}
 	hold.mu.Unlock()
 	done, why := n.moveVerdict(r.Context(), src, hold.id)
 	switch {
@@ -194,7 +267,10 @@ func (n *Node) resolveHold(w http.ResponseWriter, r *http.Request, commit, force
 		if !done {
 			n.log.Error("FORCED release of a protected guest's held output without the source's word", "migration", hold.id, "detail", why)
 		}
-		hold.release()
+		if !hold.release() {
+			WriteError(w, http.StatusConflict, api.CodeRefused, errors.New("refusing to release: this copy is being discarded"))
+			return true
+		}
 		WriteJSON(w, http.StatusOK, map[string]any{"ok": true, "released": true})
 		return true
 	}

@@ -157,8 +157,9 @@ func (n *Node) receiveOne(ctx context.Context, conn net.Conn, ln net.Listener, c
 	}
 	// The guest runs here now: the segment must learn that its address
 	// lives behind this node's device, or clients' frames keep going to
-	// the source's until the bridge forgets it.
-	n.net.announce(guest.NICOf(res.Guest))
+	// the source's until the bridge forgets it (a held guest's card
+	// announces itself at the release).
+	n.announceOrDefer(guest.NICOf(res.Guest))
 	n.mu.Lock()
 	n.cfg = res.Hello.Config
 	n.inbound, n.state, n.stateReason = &res, "running", ""
@@ -188,7 +189,12 @@ func (n *Node) migrationOptions(cfg ReceiverConfig) replica.MigrationOptions {
 	return replica.MigrationOptions{
 		BeforeResume: func(g guest.Guest, h replica.Hello) error {
 			n.Attach(g, h.Config)
-			if h.HoldOutput && n.pcIn.granted(h.MigrationID) {
+			if h.HoldOutput {
+				// Promised in the handshake: a guest whose output
+				// cannot be held does not run here at all.
+				if !n.pcIn.granted(h.MigrationID) {
+					return fmt.Errorf("migration %s asked for the guest's output held, but its post-copy grant is gone: not resuming it unheld", h.MigrationID)
+				}
 				n.holdOutput(g, h)
 			}
 			return nil
@@ -307,7 +313,7 @@ wait:
 		return true
 	}
 	res.ResumedAt = time.Now()
-	n.net.announce(guest.NICOf(res.Guest))
+	n.announceOrDefer(guest.NICOf(res.Guest))
 	n.mu.Lock()
 	n.inbound, n.state, n.stateReason = res, "running", ""
 	n.mu.Unlock()

@@ -182,10 +182,15 @@ type Migration struct {
 	ResumeOnFailure func()
 	BeforeComplete  func() error
 	// BeforeSwitch, if set, runs at the post-copy switch before the
-	// pause (a protected guest's final epoch to its secondary); its
-	// error fails the migration. With it set, a completion the
+	// migration's own pause (a protected guest's final epoch to its
+	// secondary); its error fails the migration. It returns when it
+	// paused the guest (zero: it did not): the switch's pause is timed,
+	// budgeted and reported from there. With it set, a completion the
 	// controller decides is a post-copy switch too.
-	BeforeSwitch func() error
+	BeforeSwitch func() (time.Time, error)
+	// throttled: this migration set the guest's throttle (Run undoes
+	// it at its end). Run's goroutine only.
+	throttled bool
 	// pendingDisk holds disk writes taken by a completion attempt that
 	// was given up after its final sync; the next final send sends them.
 	pendingDisk []guest.DiskWrite
@@ -267,7 +272,10 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		return m.failed(start, err)
 	}
 	defer func() {
-		if th, ok := m.core.G.(guest.Throttler); ok {
+		// Only a throttle this migration set is undone: a protected
+		// guest's epoch loop throttles it itself (auto-converge is off
+		// for it), and a move that failed leaves it to that loop.
+		if th, ok := m.core.G.(guest.Throttler); ok && m.throttled {
 			th.SetThrottle(0)
 		}
 	}()
@@ -321,6 +329,7 @@ func (m *Migration) Run(ctx context.Context) (err error) {
 		if d.Throttle != applied {
 			if th, ok := m.core.G.(guest.Throttler); ok {
 				th.SetThrottle(d.Throttle)
+				m.throttled = true
 			}
 			applied = d.Throttle
 		}

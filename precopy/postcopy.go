@@ -106,8 +106,10 @@ func (m *Migration) sample(at time.Duration, pages uint64) {
 // set would not be smaller later. Either way the attempt is recorded
 // with its expected and actual pause.
 func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start time.Time) (bool, error) {
+	var pausedAt time.Time
 	if m.BeforeSwitch != nil {
-		if err := m.BeforeSwitch(); err != nil {
+		var err error
+		if pausedAt, err = m.BeforeSwitch(); err != nil {
 			return false, m.failed(start, fmt.Errorf("post-copy switch: %w", err))
 		}
 	}
@@ -116,9 +118,15 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 		m.OnFinalPause()
 	}
 	expected := m.switchExpected(ctrl, m.core.Dirty)
+	pauseStart := m.clk().Now()
+	if !pausedAt.IsZero() && pausedAt.Before(pauseStart) {
+		// The guest paused already (a protected guest's final epoch):
+		// that part of the pause is spent, and counts.
+		expected += pauseStart.Sub(pausedAt)
+		pauseStart = pausedAt
+	}
 	att := api.CompletionAttempt{ExpectedDowntimeMs: ms(expected)}
 	limit := m.policy.withDefaults().DowntimeLimit
-	pauseStart := m.clk().Now()
 	budget := max(limit-expected, limit/4, time.Millisecond)
 	cp, err := m.core.Capture(ctx, CaptureOptions{FlushBudget: budget, KeepPaused: true, InPlace: true})
 	if err != nil {

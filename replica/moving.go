@@ -2,10 +2,12 @@ package replica
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/tandemvm/tandem/checkpoint"
@@ -40,6 +42,10 @@ var ErrMoved = errors.New("the guest moved to another host")
 // MoveHeartbeat is how often a moving primary says it is alive.
 const MoveHeartbeat = 500 * time.Millisecond
 
+// moveReadTimeout ends a move notice on the secondary's side when the
+// primary has not been heard for this long (six heartbeats).
+const moveReadTimeout = 6 * MoveHeartbeat
+
 // Move returns the move notice heard last, if any: in progress (Open,
 // not Done), retired (Done) or left by a primary that went away (neither).
 func (s *Secondary) Move() (Move, bool) {
@@ -55,7 +61,7 @@ func (s *Secondary) Move() (Move, bool) {
 
 // movedError says why a retired secondary does not activate.
 func movedError(mv *Move) error {
-	return fmt.Errorf("%w: refusing to activate: the guest moved to %s by migration %s after epoch %d, which this secondary holds, stale now (restart this node to make it a secondary again)",
+	return fmt.Errorf("%w: refusing to activate: the guest moved to %s by migration %s after epoch %d, which this secondary holds, stale now (it protects the guest again once a primary syncs its full image to it)",
 		ErrMoved, mv.Destination, mv.MigrationID, mv.Epoch)
 }
 
@@ -83,15 +89,24 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 	s.mu.Lock()
 	activated, cur, busy := s.activated, s.current, s.moveConn != nil
 	var retired error
+	var retiredBy string
 	if s.move != nil && s.move.Done {
-		retired = movedError(s.move)
+		retired, retiredBy = movedError(s.move), s.move.MigrationID
+	}
+	if busy && s.move != nil && !s.move.Done && s.move.MigrationID == h.MigrationID {
+		// The same primary reopens its notice (its heartbeat failed): the
+		// old connection is dead to it, so this one replaces it.
+		s.moveConn.Close()
+		s.moveConn, busy = nil, false
 	}
 	s.mu.Unlock()
 	switch {
 	case activated:
 		return refuse(true, "this secondary has been activated and runs the guest itself")
 	case retired != nil:
-		return refuse(false, "%v", retired)
+		conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
+		writeLine(conn, HelloReply{OK: false, Error: retired.Error(), Build: s.R.Build, Retired: retiredBy})
+		return retired
 	case h.MigrationID == "" || h.Destination == "":
 		return refuse(false, "a move notice needs a migration id and a destination")
 	case busy:
@@ -122,8 +137,19 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 	if err := s.R.replyOK(conn, mv.Epoch, h.Kind); err != nil {
 		return err
 	}
+	return s.followMove(conn, br, mv)
+}
+
+// followMove reads an open move notice until its outcome: heartbeats
+// keep the primary heard, abort ends the move (the primary runs the
+// guest again), commit retires this secondary.
+func (s *Secondary) followMove(conn net.Conn, br *bufio.Reader, mv *Move) error {
 	for {
 		var c Control
+		// A primary silently cut off must not keep the notice open until
+		// TCP gives up: a few missed heartbeats end it (the primary
+		// reopens it when it can).
+		conn.SetReadDeadline(time.Now().Add(moveReadTimeout))
 		if err := readLine(br, &c); err != nil {
 			s.R.log().Warn("move notice ended without an outcome: the primary may be gone; activation allowed once it is not heard",
 				"migration", mv.MigrationID, "err", err)
@@ -151,18 +177,36 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 }
 
 // retire marks the move done (unless this secondary was activated
-// first, which the primary is told) and answers.
+// first, which the primary is told), records it in the store's directory
+// (durably, so a restart stays retired: moved.go) and answers. If it
+// cannot be recorded, the commit is refused: the destination then keeps
+// holding its output, which is safe, where a retirement a restart forgets
+// is not.
 func (s *Secondary) retire(conn net.Conn, mv *Move) error {
 	s.mu.Lock()
 	activated := s.activated
 	if !activated {
 		mv.Done = true
 	}
+	store := cmp.Or(s.Store, s.lostStore)
 	s.mu.Unlock()
+	var saveErr error
+	if !activated && store != nil {
+		if saveErr = store.SaveMoved(*mv); saveErr != nil {
+			s.mu.Lock()
+			mv.Done = false
+			s.mu.Unlock()
+		}
+	}
 	conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
-	if activated {
+	switch {
+	case activated:
 		writeLine(conn, HelloReply{OK: false, Activated: true, Build: s.R.Build, Error: "this secondary was activated and runs the guest itself"})
 		return errors.New("move commit refused: already activated")
+	case saveErr != nil:
+		s.R.log().Error("move commit refused: the retirement cannot be recorded in the data directory", "migration", mv.MigrationID, "err", saveErr)
+		writeLine(conn, HelloReply{OK: false, Build: s.R.Build, Error: "this secondary cannot record its retirement durably: " + saveErr.Error()})
+		return saveErr
 	}
 	s.R.log().Warn("RETIRED: the guest runs at the destination now; this secondary refuses activation",
 		"migration", mv.MigrationID, "destination", mv.Destination, "epoch", mv.Epoch)
@@ -171,31 +215,56 @@ func (s *Secondary) retire(conn net.Conn, mv *Move) error {
 
 // MoveNotice is the moving primary's end of a move notice.
 type MoveNotice struct {
+	addr  string
+	hello Hello
+	opts  DialOptions
+
+	// conn and br are the notice's connection; beat replaces them when
+	// it reopens the notice, and only beat uses them until halt returns.
 	conn net.Conn
 	br   *bufio.Reader
 	stop chan struct{}
 	done chan struct{}
-	err  error // the heartbeat's write error, once done
+
+	// mu guards the fields below: why the notice is down (lost: the
+	// heartbeat failed and no reopen took yet; "" while it is up) and
+	// since when, and whether the secondary was found activated.
+	mu        sync.Mutex
+	lost      string
+	lostSince time.Time
+	activated bool
 }
 
 // OpenMoveNotice tells the secondary at addr that the guest (hello's
 // kind and config) moves by migration id to dest from epoch final, and
 // starts the heartbeat. ctx bounds the connect and the handshake.
 func OpenMoveNotice(ctx context.Context, addr string, hello Hello, o DialOptions) (*MoveNotice, error) {
-	if err := trust.CheckDial(o.TLS, o.Insecure, "move notice to", addr); err != nil {
+	hello.Proto, hello.Purpose = ProtoVersion, PurposeMoving
+	hello.Format, hello.MinReader = uint16(checkpoint.Current), uint16(checkpoint.MinReadable)
+	conn, br, err := dialMoveNotice(ctx, addr, hello, o)
+	if err != nil {
 		return nil, err
+	}
+	n := &MoveNotice{addr: addr, hello: hello, opts: o, conn: conn, br: br, stop: make(chan struct{}), done: make(chan struct{})}
+	go n.beat() // joined by End and Close
+	return n, nil
+}
+
+// dialMoveNotice connects and handshakes one move notice. A secondary
+// that retired by this very migration answers with ErrMoved.
+func dialMoveNotice(ctx context.Context, addr string, hello Hello, o DialOptions) (net.Conn, *bufio.Reader, error) {
+	if err := trust.CheckDial(o.TLS, o.Insecure, "move notice to", addr); err != nil {
+		return nil, nil, err
 	}
 	conn, err := trust.Dial(ctx, o.TLS, addr, o.Expect)
 	if err != nil {
-		return nil, fmt.Errorf("move notice: connect to %s: %w", addr, err)
+		return nil, nil, fmt.Errorf("move notice: connect to %s: %w", addr, err)
 	}
 	deadline := time.Now().Add(DefaultHandshakeTimeout)
 	if dl, ok := ctx.Deadline(); ok {
 		deadline = dl
 	}
 	conn.SetDeadline(deadline)
-	hello.Proto, hello.Purpose = ProtoVersion, PurposeMoving
-	hello.Format, hello.MinReader = uint16(checkpoint.Current), uint16(checkpoint.MinReadable)
 	br := bufio.NewReader(conn)
 	var reply HelloReply
 	if err := writeLine(conn, hello); err == nil {
@@ -204,21 +273,26 @@ func OpenMoveNotice(ctx context.Context, addr string, hello Hello, o DialOptions
 	switch {
 	case err != nil:
 		conn.Close()
-		return nil, fmt.Errorf("move notice to %s: %w", addr, err)
+		return nil, nil, fmt.Errorf("move notice to %s: %w", addr, err)
 	case !reply.OK && reply.Activated:
 		conn.Close()
-		return nil, fmt.Errorf("move notice: %s refused: %w", addr, ErrPeerActivated)
+		return nil, nil, fmt.Errorf("move notice: %s refused: %w", addr, ErrPeerActivated)
+	case !reply.OK && reply.Retired != "" && reply.Retired == hello.MigrationID:
+		conn.Close()
+		return nil, nil, fmt.Errorf("move notice: %s retired by migration %s: %w", addr, reply.Retired, ErrMoved)
 	case !reply.OK:
 		conn.Close()
-		return nil, fmt.Errorf("move notice: %s refused: %s", addr, oneLine(reply.Error))
+		return nil, nil, fmt.Errorf("move notice: %s refused: %s", addr, oneLine(reply.Error))
 	}
 	conn.SetDeadline(time.Time{})
-	n := &MoveNotice{conn: conn, br: br, stop: make(chan struct{}), done: make(chan struct{})}
-	go n.beat() // joined by End and Close
-	return n, nil
+	return conn, br, nil
 }
 
-// beat writes a heartbeat every MoveHeartbeat until stopped.
+// beat writes a heartbeat every MoveHeartbeat until stopped. A failed
+// heartbeat is not the end: the secondary stops counting this primary as
+// heard (and may be activated) until the notice is open again, so beat
+// says so (Lost) and reopens it, for the same migration, until it takes,
+// the secondary turns out activated, or the notice is stopped.
 func (n *MoveNotice) beat() {
 	defer close(n.done)
 	t := time.NewTicker(MoveHeartbeat)
@@ -229,12 +303,57 @@ func (n *MoveNotice) beat() {
 			return
 		case <-t.C:
 		}
+		if n.conn == nil {
+			if !n.reopen() {
+				return
+			}
+			continue
+		}
 		n.conn.SetWriteDeadline(time.Now().Add(MoveHeartbeat * 4))
 		if err := writeLine(n.conn, Control{Migrate: ControlHeartbeat}); err != nil {
-			n.err = err
-			return
+			n.conn.Close()
+			n.conn, n.br = nil, nil
+			n.mu.Lock()
+			n.lost, n.lostSince = "its heartbeat failed ("+err.Error()+"); reopening it", time.Now()
+			n.mu.Unlock()
 		}
 	}
+}
+
+// reopen tries once to open the notice again; false: give up (the
+// secondary was activated, or retired, which only a commit makes).
+func (n *MoveNotice) reopen() bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*MoveHeartbeat)
+	defer cancel()
+	go func() { // a stop cuts a reopen short
+		select {
+		case <-n.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	conn, br, err := dialMoveNotice(ctx, n.addr, n.hello, n.opts)
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	switch {
+	case err == nil:
+		n.conn, n.br, n.lost, n.lostSince = conn, br, "", time.Time{}
+		return true
+	case errors.Is(err, ErrPeerActivated):
+		n.activated, n.lost = true, "the secondary was activated: "+err.Error()
+		return false
+	}
+	n.lost = "reopening it failed (" + err.Error() + "); trying again"
+	return true
+}
+
+// Lost says why the notice is down ("" while it is up) and since when:
+// while it is, the secondary does not hear this primary and may be
+// activated without --force.
+func (n *MoveNotice) Lost() (string, time.Time) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.lost, n.lostSince
 }
 
 // halt stops the heartbeat and waits for it.
@@ -248,23 +367,72 @@ func (n *MoveNotice) halt() {
 }
 
 // Commit tells the secondary the guest runs at the destination now and
-// waits (up to timeout) for its answer: nil once it has retired.
+// waits (up to timeout) for its answer: nil once it has retired. If the
+// notice is down or the answer does not come, it opens the notice again
+// and asks again, within the timeout: a secondary that already retired
+// by this migration says so on the handshake (ErrMoved), which is the
+// answer that was lost.
 func (n *MoveNotice) Commit(timeout time.Duration) error {
 	n.halt()
-	defer n.conn.Close()
-	n.conn.SetDeadline(time.Now().Add(timeout))
-	if err := writeLine(n.conn, Control{Migrate: ControlCommit}); err != nil {
+	err := n.commit(timeout)
+	if err == nil {
+		n.settled()
+	}
+	return err
+}
+
+// settled clears Lost: the notice has done its work.
+func (n *MoveNotice) settled() {
+	n.mu.Lock()
+	n.lost, n.lostSince = "", time.Time{}
+	n.mu.Unlock()
+}
+
+func (n *MoveNotice) commit(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	err := errors.New("move notice: not open")
+	if n.conn != nil {
+		err = n.commitOn(n.conn, n.br, deadline)
+	}
+	for err != nil && !errors.Is(err, ErrPeerActivated) && !errors.Is(err, errCommitRefused) && time.Now().Before(deadline) {
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		conn, br, derr := dialMoveNotice(ctx, n.addr, n.hello, n.opts)
+		cancel()
+		switch {
+		case errors.Is(derr, ErrMoved):
+			return nil // retired by this migration: the answer was lost
+		case derr == nil:
+			err = n.commitOn(conn, br, deadline)
+		case errors.Is(derr, ErrPeerActivated):
+			return fmt.Errorf("move notice: %w", ErrPeerActivated)
+		default:
+			err = fmt.Errorf("%w (asked again: %w)", err, derr)
+			time.Sleep(min(MoveHeartbeat, time.Until(deadline)))
+		}
+	}
+	return err
+}
+
+// errCommitRefused is a secondary's refusal of a commit (not a lost
+// answer): asking again would not help.
+var errCommitRefused = errors.New("move notice: the secondary refused the commit")
+
+// commitOn sends the commit on conn and reads the answer; it closes conn.
+func (n *MoveNotice) commitOn(conn net.Conn, br *bufio.Reader, deadline time.Time) error {
+	defer conn.Close()
+	conn.SetDeadline(deadline)
+	if err := writeLine(conn, Control{Migrate: ControlCommit}); err != nil {
 		return fmt.Errorf("move notice: send the commit: %w", err)
 	}
 	var reply HelloReply
-	if err := readLine(n.br, &reply); err != nil {
+	if err := readLine(br, &reply); err != nil {
 		return fmt.Errorf("move notice: the secondary's answer to the commit: %w", err)
 	}
 	if reply.Activated {
 		return fmt.Errorf("move notice: %w", ErrPeerActivated)
 	}
 	if !reply.OK {
-		return fmt.Errorf("move notice: the secondary refused the commit: %s", oneLine(reply.Error))
+		return fmt.Errorf("%w: %s", errCommitRefused, oneLine(reply.Error))
 	}
 	return nil
 }
@@ -272,6 +440,10 @@ func (n *MoveNotice) Commit(timeout time.Duration) error {
 // Abort tells the secondary the move failed (best effort) and closes.
 func (n *MoveNotice) Abort(reason string) {
 	n.halt()
+	n.settled()
+	if n.conn == nil {
+		return
+	}
 	n.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	writeLine(n.conn, Control{Migrate: ControlAbort, Reason: reason})
 	n.conn.Close()
@@ -281,5 +453,8 @@ func (n *MoveNotice) Abort(reason string) {
 // secondary takes the primary as gone once it is not heard.
 func (n *MoveNotice) Close() {
 	n.halt()
-	n.conn.Close()
+	n.settled()
+	if n.conn != nil {
+		n.conn.Close()
+	}
 }

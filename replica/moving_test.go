@@ -25,7 +25,11 @@ type movingPair struct {
 	stop  func()
 }
 
-func startMovingPair(t *testing.T) *movingPair {
+func startMovingPair(t *testing.T) *movingPair { return startMovingPairStore(t, nil) }
+
+// startMovingPairStore is startMovingPair with a secondary keeping its
+// image in store (nil: none).
+func startMovingPairStore(t *testing.T, store *Store) *movingPair {
 	t.Helper()
 	cfg := guest.Config{Memory: 16 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}}
 	src, err := synth.New(cfg)
@@ -39,6 +43,7 @@ func startMovingPair(t *testing.T) *movingPair {
 		t.Fatal(err)
 	}
 	sec := NewSecondary(&Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}, nil)
+	sec.Store = store
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {
@@ -53,7 +58,15 @@ func startMovingPair(t *testing.T) *movingPair {
 	mp := &movingPair{sec: sec, addr: ln.Addr().String(), hello: Hello{Kind: synth.Kind, Config: cfg, Build: "test"}}
 	mp.stop = func() { cancel(); ln.Close(); wg.Wait(); sec.Close() }
 	t.Cleanup(mp.stop)
+	mp.sync(t, src)
+	mp.epoch = sec.Status(false).LastCommittedEpoch
+	return mp
+}
 
+// sync is a primary syncing src's full image to the secondary, one
+// epoch, and going away.
+func (mp *movingPair) sync(t *testing.T, src guest.Guest) {
+	t.Helper()
 	dctx, dcancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer dcancel()
 	h := mp.hello
@@ -87,9 +100,7 @@ func startMovingPair(t *testing.T) *movingPair {
 		t.Fatal(err)
 	}
 	link.Close()
-	mp.epoch = sec.Status(false).LastCommittedEpoch
-	waitFor(t, "the replicate link's end", func() bool { _, connected, _ := sec.PrimaryContact(); return !connected })
-	return mp
+	waitFor(t, "the replicate link's end", func() bool { _, connected, _ := mp.sec.PrimaryContact(); return !connected })
 }
 
 func waitFor(t *testing.T, what string, ok func() bool) {

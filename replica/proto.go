@@ -134,6 +134,10 @@ type HelloReply struct {
 	// good, or never held), so no resume of it can succeed. An older
 	// receiver never sets it: its refusal then reads as any other.
 	PostcopyGone bool `json:"postcopy_gone,omitempty"`
+	// Retired (a move notice's refusal): this secondary retired by the
+	// named migration. A moving primary whose commit answer was lost
+	// learns from it that the commit took.
+	Retired string `json:"retired,omitempty"`
 }
 
 // Control is a line the sender writes after a migration's final epoch in

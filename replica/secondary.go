@@ -61,6 +61,9 @@ type Secondary struct {
 	move      *Move
 	moveConn  net.Conn
 	moveHeard time.Time
+	// lostStore is a store given up (storeFailed): a restart may still
+	// load its image, so a retirement is recorded there all the same.
+	lostStore *Store
 
 	// wmu serialises writes on a primary connection: Serve's
 	// acknowledgements and Activate's last word.
@@ -267,6 +270,11 @@ func (s *Secondary) keep(im *Image, c Committed, e checkpoint.EpochEnd, hello He
 			if err := store.Begin(im, hello); err != nil {
 				return nil, s.storeFailed(store, e.Epoch, err)
 			}
+			// The stored image is this primary's now: a retirement
+			// recorded for the old one no longer applies.
+			if err := store.ClearMoved(); err != nil {
+				return nil, s.storeFailed(store, e.Epoch, err)
+			}
 		}
 	} else if *adopted && store != nil {
 		pages, st, disk := im.LastCommit()
@@ -345,7 +353,7 @@ func (s *Secondary) storeFailed(st *Store, epoch uint64, err error) error {
 	s.lastErr = err.Error()
 	s.storeErr, s.storeDiskLost = err, policy == SyncDisk
 	if s.Store == st {
-		s.Store = nil
+		s.Store, s.lostStore = nil, st
 	}
 	s.mu.Unlock()
 	st.Close()
@@ -373,9 +381,21 @@ func (s *Secondary) LoadStored() (Committed, bool, error) {
 	if !ok {
 		return Committed{}, false, nil
 	}
+	// A secondary that retired after a move stays retired (moved.go).
+	mv, merr := store.LoadMoved()
+	if merr != nil {
+		s.R.log().Error("the move marker cannot be read; taken as retired", "err", merr)
+	}
 	s.mu.Lock()
 	s.current, s.currentH = im, h
+	if mv != nil {
+		s.move = mv
+	}
 	s.mu.Unlock()
+	if mv != nil {
+		s.R.log().Warn("RETIRED before this restart: the guest moved away; this secondary refuses activation until a primary syncs its full image",
+			"migration", mv.MigrationID, "destination", mv.Destination, "epoch", mv.Epoch)
+	}
 	return im.Committed(), true, nil
 }
 

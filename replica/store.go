@@ -182,7 +182,7 @@ func OpenStoreWith(dir string, log *slog.Logger, o StoreOptions) (*Store, error)
 		return nil, fmt.Errorf("replica store: data directory %s is not writable: %w", dir, err)
 	}
 	// Leftovers of a cut-short compaction and of a cut-short clean mark.
-	for _, name := range []string{storeFile + ".new", vfs.TempName(storeSyncFile)} {
+	for _, name := range []string{storeFile + ".new", vfs.TempName(storeSyncFile), vfs.TempName(storeMovedFile)} {
 		if err := fsys.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("replica store: remove a leftover %s: %w", name, err)
 		}
