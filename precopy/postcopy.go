@@ -159,7 +159,14 @@ func (m *Migration) switchPostcopy(ctx context.Context, ctrl *Controller, start 
 // taken: the set, the final epoch, the switch-over and the serving.
 func (m *Migration) switchSend(ctx context.Context, ctrl *Controller, start time.Time, cp *Capture, missing *Bitmap, pauseStart time.Time, att api.CompletionAttempt) (bool, error) {
 	owed := att.FinalPages
-	wait := m.serveOnReady(ctx, cp.State)
+	// Nothing owed (the guest dirtied nothing since the last round): the
+	// destination reads an empty set as a precopy completion and runs no
+	// post-copy, so nothing is served (a Serve would wait for a run that
+	// never comes, and take the closed channels for a lost link).
+	wait := func(bool) (bool, error) { return false, nil }
+	if owed > 0 {
+		wait = m.serveOnReady(ctx, cp.State)
+	}
 	sendStart := m.clk().Now()
 	if err := m.Postcopy.SendMissing(missing); err != nil {
 		wait(true)
@@ -182,6 +189,15 @@ func (m *Migration) switchSend(ctx context.Context, ctrl *Controller, start time
 	}
 	resumed := resumeEnd(ack, pauseStart, acked)
 	m.recordSwitch(att, resumed.Sub(pauseStart), sendStart, acked, ack)
+	if owed == 0 {
+		// The ack carries the destination's digest, as a precopy
+		// completion's does (completed compares it).
+		if err := m.beforeComplete(start); err != nil {
+			return false, err
+		}
+		m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
+		return true, nil
+	}
 	m.update(func(s *MigrationStatus) {
 		s.PostcopyActive, s.PostcopyPages, s.PostcopyResumedAfterMs = true, owed, resumed.Sub(start).Milliseconds()
 	})
@@ -195,11 +211,8 @@ func (m *Migration) switchSend(ctx context.Context, ctrl *Controller, start time
 		m.update(func(s *MigrationStatus) { s.Outcome, s.PostcopyActive = OutcomePostcopyIncomplete, false })
 		return false, fmt.Errorf("%w: post-copy: %w", ErrCommitUnconfirmed, err)
 	}
-	if m.BeforeComplete != nil {
-		if err := m.BeforeComplete(); err != nil {
-			m.update(func(s *MigrationStatus) { s.PostcopyActive = false })
-			return false, m.unconfirmed(start, fmt.Errorf("post-copy: every page arrived, digests equal, but %w", err))
-		}
+	if err := m.beforeComplete(start); err != nil {
+		return false, err
 	}
 	m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
 	m.update(func(s *MigrationStatus) {
@@ -308,6 +321,20 @@ func (m *Migration) serveOnReady(ctx context.Context, state guest.MachineState) 
 		}
 		return true, <-served
 	}
+}
+
+// beforeComplete runs BeforeComplete (a protected guest's secondary
+// retires) once every page is at the destination; its failure leaves the
+// migration unconfirmed.
+func (m *Migration) beforeComplete(start time.Time) error {
+	if m.BeforeComplete == nil {
+		return nil
+	}
+	if err := m.BeforeComplete(); err != nil {
+		m.update(func(s *MigrationStatus) { s.PostcopyActive = false })
+		return m.unconfirmed(start, fmt.Errorf("post-copy: every page arrived, digests equal, but %w", err))
+	}
+	return nil
 }
 
 // markAll marks every page of the guest dirty.

@@ -408,8 +408,11 @@ func testProtectedAfterRound(t *testing.T, kind string) {
 	if r.code != 0 || st.Status != "completed" || st.SwitchoverDigest == "" || st.DestinationDigest != st.SwitchoverDigest {
 		t.Fatalf("migrate after a round: exit %d, status %q, digests %q vs %q\n%s%s", r.code, st.Status, st.SwitchoverDigest, st.DestinationDigest, r.stdout, r.stderr)
 	}
-	if st.DirtySyncCount == 0 || st.PostcopyPages == 0 {
-		t.Errorf("%d dirty syncs, %d pages owed at the switch: want a round, then a switch", st.DirtySyncCount, st.PostcopyPages)
+	// (A loaded host may leave nothing owed at the switch: the guest
+	// dirtied nothing since the last round's take. The digests still
+	// prove the tap passed every page on.)
+	if st.DirtySyncCount == 0 || st.PostcopySwitchReason == "" {
+		t.Errorf("%d dirty syncs, switch reason %q: want a round, then a switch", st.DirtySyncCount, st.PostcopySwitchReason)
 	}
 	waitAPI(t, dst, 10*time.Second, "released", func(s api.Status) bool { return s.State == "running" && s.StateReason == "" })
 	if ar := runCLI(t, 20*time.Second, "activate", "--api", sec.api, "--force"); ar.code == 0 || !strings.Contains(ar.stderr, "moved") {
@@ -417,4 +420,22 @@ func testProtectedAfterRound(t *testing.T, kind string) {
 	}
 	t.Logf("after %d round(s) (%d dirty syncs): %d pages owed at the switch, downtime %d ms, total %d ms, digests equal",
 		st.Round, st.DirtySyncCount, st.PostcopyPages, st.DowntimeMs, st.TotalTimeMs)
+}
+
+// A protected guest that dirties nothing moved after its round: its
+// switch owes no page, the destination takes the final epoch as a
+// precopy completion (no post-copy run), and the source must complete
+// too. It used to serve a run that never came, took the closed channels
+// for a lost link, and stayed postcopy-paused.
+func TestMigratePostcopyProtectedNothingOwed(t *testing.T) {
+	t.Parallel()
+	pri, _, _ := startPair(t, "synth", primaryOpts{memory: "64MiB", workload: "kv"})
+	dst := startReceiver(t)
+	r, st := migrate(t, pri, dst.data, "--postcopy", "--postcopy-after-rounds", "1", "--compression", "none")
+	if r.code != 0 || st.Status != "completed" || st.SwitchoverDigest == "" || st.DestinationDigest != st.SwitchoverDigest {
+		t.Fatalf("migrate an idle protected guest: exit %d, status %q, digests %q vs %q, %d pages owed\n%s%s",
+			r.code, st.Status, st.SwitchoverDigest, st.DestinationDigest, st.PostcopyPages, r.stdout, r.stderr)
+	}
+	waitAPI(t, dst, 10*time.Second, "released", func(s api.Status) bool { return s.State == "running" && s.StateReason == "" })
+	t.Logf("%d pages owed at the switch (%s), downtime %d ms", st.PostcopyPages, st.PostcopySwitchReason, st.DowntimeMs)
 }
