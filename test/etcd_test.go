@@ -77,7 +77,7 @@ func TestEtcdFailoverKillPrimary(t *testing.T) {
 	tr.startAll()
 	tr.waitProtected("a", "b", 30*time.Second)
 	lg, stop, done := tr.startLoad("a", "w1")
-	waitAcks(t, lg, 20, 10*time.Second)
+	waitAcks(t, lg, 20, 30*time.Second)
 	killAt := time.Now()
 	tr.m["a"].n.kill()
 	<-done
@@ -194,7 +194,7 @@ func TestEtcdPartitionedPrimaryFences(t *testing.T) {
 	tr.startAll()
 	tr.waitProtected("a", "b", 30*time.Second)
 	lg, stop, done := tr.startLoad("a", "w1")
-	waitAcks(t, lg, 20, 10*time.Second)
+	waitAcks(t, lg, 20, 30*time.Second)
 	cut := time.Now()
 	for _, px := range proxies {
 		px.Partition(true)

@@ -208,7 +208,7 @@ func TestFailoverLinkPartition(t *testing.T) {
 		// Only writes acknowledged after re-protection are promised to
 		// survive a failover.
 		lg, stop, done := lt.runWriter("a", "after", 1)
-		waitAcks(t, lg, 20, 10*time.Second)
+		waitAcks(t, lg, 20, 30*time.Second)
 		stopWriter(t, "after re-protection", stop, done)
 		lt.killAndCheck(gen, lg)
 		lost, total := lostOf(t, lt.m["b"].n, unprot)
@@ -266,7 +266,7 @@ func TestFailoverLinkFlapping(t *testing.T) {
 		t.Logf("%s: %d joins, %d epochs verified, %d mismatches", kind, ft.Joins, ft.VerifiedEpochs, ft.DigestMismatches)
 
 		lg, stop2, done2 := lt.runWriter("a", "settled", 5)
-		waitAcks(t, lg, 20, 10*time.Second)
+		waitAcks(t, lg, 20, 30*time.Second)
 		stopWriter(t, "after re-protection", stop2, done2)
 		ft = mustFT(t, lt.m["a"].n, false)
 		if ft.DigestMismatches != 0 {

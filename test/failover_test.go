@@ -189,7 +189,7 @@ func TestFailoverKillPrimary(t *testing.T) {
 		tr.startAll()
 		tr.waitProtected("a", "b", 30*time.Second)
 		lg, stop, done := tr.startLoad("a", "w1")
-		waitAcks(t, lg, 20, 10*time.Second)
+		waitAcks(t, lg, 20, 30*time.Second)
 		killAt := time.Now()
 		tr.m["a"].n.kill()
 		<-done // the writer stops at its first error: the primary is gone
@@ -326,7 +326,7 @@ func TestFailoverSwitchover(t *testing.T) {
 		tr.startAll()
 		tr.waitProtected("a", "b", 30*time.Second)
 		lg, stop, done := tr.startLoad("a", "sw")
-		waitAcks(t, lg, 20, 10*time.Second)
+		waitAcks(t, lg, 20, 30*time.Second)
 		r := runCLI(t, 30*time.Second, "switchover", "--api", tr.m["a"].API)
 		if r.code != 0 {
 			t.Fatalf("switchover exit %d: %s%s", r.code, r.stdout, r.stderr)

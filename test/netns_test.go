@@ -123,7 +123,7 @@ func TestNetnsTrio(t *testing.T) {
 
 		// 1. kill -9 the primary under load.
 		lg, stop, done := tr.startLoad("a", "w1")
-		waitAcks(t, lg, 20, 10*time.Second)
+		waitAcks(t, lg, 20, 30*time.Second)
 		tr.m["a"].n.kill()
 		<-done
 		close(stop)

@@ -308,7 +308,7 @@ func TestFailoverSwitchoverClientGone(t *testing.T) {
 	tr := lt.testTrio
 	tr.waitProtected("a", "b", 30*time.Second)
 	lg, stop, done := tr.startLoad("a", "sw")
-	waitAcks(t, lg, 20, 10*time.Second)
+	waitAcks(t, lg, 20, 30*time.Second)
 	lt.proxy["b"].SetShape(linkproxy.Shape{Latency: 40 * time.Millisecond})
 	time.Sleep(200 * time.Millisecond)
 	conn, err := net.DialTimeout("tcp", tr.m["a"].API, 2*time.Second)

@@ -20,7 +20,7 @@ func TestStopHandover(t *testing.T) {
 		st := tr.waitProtected("a", "b", 30*time.Second)
 		gen := e2e.Cluster(st).Generation
 		lg, stop, done := tr.startLoad("a", "term")
-		waitAcks(t, lg, 20, 10*time.Second)
+		waitAcks(t, lg, 20, 30*time.Second)
 		a := tr.m["a"].n
 		t0 := time.Now()
 		if err := a.Signal(syscall.SIGTERM); err != nil {

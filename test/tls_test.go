@@ -423,7 +423,7 @@ func TestTLSTrio(t *testing.T) {
 		}
 
 		lg, stop, done := tr.startLoad("a", "w1")
-		waitAcks(t, lg, 20, 10*time.Second)
+		waitAcks(t, lg, 20, 30*time.Second)
 		tr.m["a"].n.kill()
 		<-done
 		close(stop)
