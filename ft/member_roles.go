@@ -308,6 +308,16 @@ func (m *Member) countFence() {
 	}
 }
 
+// takeLoop detaches the epoch loop, its cancel and its done channel
+// (nil if no loop runs), for the caller to stop.
+func (m *Member) takeLoop() (*failover.EpochLoop, context.CancelFunc, chan struct{}) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	loop, cancel, done := m.loop, m.loopCancel, m.loopDone
+	m.loop, m.loopCancel, m.loopDone = nil, nil, nil
+	return loop, cancel, done
+}
+
 // fence stops this node's guest at once: nothing more leaves it. The
 // guest is kept, paused, as long as no other node is primary in a newer
 // generation: it may be the newest copy there is (the cluster lost its
@@ -316,10 +326,7 @@ func (m *Member) countFence() {
 // by watchBoot), and the node becomes that primary's secondary. A stored
 // image is never loaded while the guest is kept: it can only be older.
 func (m *Member) fence(reason string) {
-	m.mu.Lock()
-	loop, cancel, done := m.loop, m.loopCancel, m.loopDone
-	m.loop, m.loopCancel, m.loopDone = nil, nil, nil
-	m.mu.Unlock()
+	loop, cancel, done := m.takeLoop()
 	if loop == nil {
 		return
 	}

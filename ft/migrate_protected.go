@@ -196,10 +196,7 @@ func (n *Node) pairMoveFinished(pm *pairMove, st precopy.MigrationStatus) {
 // stopLoopMoved ends the epoch loop of a guest that moved away: the
 // guest stays paused here, nothing more is shipped or released.
 func (m *Member) stopLoopMoved() {
-	m.mu.Lock()
-	loop, cancel, done := m.loop, m.loopCancel, m.loopDone
-	m.loop, m.loopCancel, m.loopDone = nil, nil, nil
-	m.mu.Unlock()
+	loop, cancel, done := m.takeLoop()
 	if loop == nil {
 		return
 	}
