@@ -201,7 +201,7 @@ func (l *EpochLoop) triggerInput(now time.Time) TriggerInput {
 func (l *EpochLoop) notePause(cp *precopy.Capture, byOutput bool) {
 	ip, ok := l.cfg.Guest.(idlePauser)
 	idle := ok && ip.IdleThroughPause()
-	held := l.pauseAcct.note(cp.PausedAt, cp.Breakdown.Total(), cp.Breakdown.Copy, len(cp.Pages), idle)
+	held := l.pauseAcct.note(l.cfg.triggerConfig(), cp.PausedAt, cp.Breakdown.Total(), cp.Breakdown.Copy, len(cp.Pages), idle)
 	l.lastPauseAt = cp.PausedAt
 	l.mu.Lock()
 	if byOutput {

@@ -67,13 +67,13 @@ func TestTriggerScripts(t *testing.T) {
 				d.MaybeScanArgs(t, "pages", &pages)
 				at, every := durationArg(t, d, "at", 0), durationArg(t, d, "every", 0)
 				for i := range n {
-					acct.note(start.Add(at+time.Duration(i)*every), durationArg(t, d, "total", 0),
+					acct.note(tc, start.Add(at+time.Duration(i)*every), durationArg(t, d, "total", 0),
 						durationArg(t, d, "copy", 0), pages, d.HasArg("idle"))
 				}
 				var in TriggerInput
 				acct.fill(&in)
-				return fmt.Sprintf("last at %v, fixed %v, per page %v, dirty %.0f/s\n",
-					acct.last.Sub(start), in.PauseFixed.Round(time.Microsecond), in.PausePerPage, in.DirtyRate)
+				return fmt.Sprintf("last at %v, fixed %v, per page %v, dirty %.0f/s, credit %v\n",
+					acct.last.Sub(start), in.PauseFixed.Round(time.Microsecond), in.PausePerPage, in.DirtyRate, in.Credit.Round(time.Microsecond))
 			case "decide":
 				if tc.Interval == 0 {
 					d.Fatalf(t, "config first")
