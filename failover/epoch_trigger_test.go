@@ -28,8 +28,9 @@ import (
 // still waited (absent: never).
 //
 // The config's zero fields take EpochConfig's defaults; a decide's
-// figures default to nothing held, nothing in flight and a 50 µs pause
-// that does not grow with pages.
+// figures default to nothing held, nothing in flight, a 50 µs pause
+// that does not grow with pages and no credit carried from earlier
+// epochs.
 //
 // A trace's pauses replay through the loop's pauseAccount:
 //
