@@ -175,8 +175,8 @@ type TriggerInput struct {
 	// PausePerPage it predicts how long the next pause will take.
 	DirtyRate float64
 	// Credit is the pause fraction's credit after the last pause's
-	// charge (pauseAccount): it grows by MaxPauseFraction of the time
-	// since, up to creditCap, and an early pause needs its predicted
+	// charge (pauseAccount): it grows by creditRate (a little under
+	// MaxPauseFraction) of the time since, up to creditCap, and an early pause needs its predicted
 	// cost of it. Negative: pauses held more than the fraction allowed.
 	Credit time.Duration
 }
@@ -246,9 +246,10 @@ func (d TriggerDecision) String() string {
 //     nothing, so PauseFixed learns 0 from such pauses, see idlePauser):
 //     the next pause, T after the last, is predicted to cost PauseFixed
 //   - PausePerPage x DirtyRate x T, and goes when the credit (Credit
-//     plus MaxPauseFraction x T, at most creditCap) covers it; with no
+//     plus creditRate x T, at most creditCap) covers it; with no
 //     credit left from earlier epochs that is T of at least PauseFixed
-//     / (MaxPauseFraction - PausePerPage x DirtyRate). When the
+//     / (creditRate - PausePerPage x DirtyRate), creditRate being
+//     MaxPauseFraction less a share for the credit's cap (9.5 % of 10). When the
 //     dirtying alone takes the whole fraction, or the pause costs more
 //     than the credit can hold, no early pause is allowed and the
 //     interval applies;
@@ -310,7 +311,7 @@ func NextPause(c TriggerConfig, in TriggerInput) TriggerDecision {
 // more than the credit holds).
 func fractionPeriod(c TriggerConfig, in TriggerInput) (time.Duration, bool) {
 	perSecond := in.PausePerPage.Seconds() * in.DirtyRate // paused seconds per second, from copying
-	room := c.MaxPauseFraction - perSecond
+	room := creditRate(c) - perSecond
 	if room <= 0 {
 		return 0, false
 	}
@@ -321,7 +322,7 @@ func fractionPeriod(c TriggerConfig, in TriggerInput) (time.Duration, bool) {
 	if have >= cost(now) {
 		return now, true
 	}
-	// Both grow until the credit is full: it by MaxPauseFraction, the
+	// Both grow until the credit is full: it by creditRate, the
 	// cost by the copying.
 	t := now + time.Duration(float64(cost(now)-have)/room)
 	if cost(t) > full {
