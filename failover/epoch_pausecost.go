@@ -10,8 +10,8 @@ import "time"
 // trace's pauses through it.
 //
 // The credit is a bucket: it fills at a little under MaxPauseFraction
-// of the elapsed time (creditRate) up to creditCap and each pause takes from it the time it held the
-// guest's work. The line alone forgot slowly: after a pipelined window of
+// of the elapsed time (creditRate) up to creditCap, and each pause takes
+// from it the time it held the guest's work. The line alone forgot slowly: after a pipelined window of
 // busy 1.5 ms pauses it predicted 1.5 ms for the synchronous client's
 // idle ones and spaced them 15 ms, then 12, 9.6... for about 100 ms; and
 // one pause charged in full (the vCPU caught just after writing its
@@ -43,7 +43,8 @@ func creditCap(c TriggerConfig) time.Duration {
 // window; a first run without the deduction showed 103 ms/s in one
 // window of six on kvm's dirtying guest, BenchmarkFTKVDirty). Over any
 // window W the guest is held at most creditRate x W + creditCap, plus
-// the misprediction of one pause.
+// what a pause cost beyond its prediction and the clock's pauses while
+// the credit was overdrawn (TestPauseFractionOverWindows).
 func creditRate(c TriggerConfig) float64 {
 	return c.MaxPauseFraction - creditCap(c).Seconds()/pauseWindow.Seconds()
 }
@@ -75,8 +76,8 @@ func (a *pauseAccount) note(c TriggerConfig, at time.Time, total, copy time.Dura
 	} else {
 		a.credit = min(a.credit+accrued(c, at.Sub(a.last)), full)
 	}
-	// Debt below one bucket is the clock's pauses' alone (no early pause
-	// is taken without the credit for it): forgotten, so that a window of
+	// Debt below one bucket is the clock's pauses' (no early pause is
+	// taken without the credit for its predicted cost): forgotten, so that a window of
 	// costly clock epochs does not hold early ones back long after it.
 	a.credit = max(a.credit-held, -full)
 	a.fixed = time.Duration(ewma(float64(a.fixed), float64(fixed), first))
