@@ -187,8 +187,8 @@ func (l *EpochLoop) awaitTrigger(p *pipeline, tc TriggerConfig) (*finalRequest, 
 // triggerInput gathers NextPause's figures at now.
 func (l *EpochLoop) triggerInput(now time.Time) TriggerInput {
 	o := l.gate.OpenHeld()
-	in := TriggerInput{SinceLastPause: now.Sub(l.lastPauseAt), HeldBytes: o.Bytes,
-		PauseFixed: l.pauseFixed, PausePerPage: l.pausePerPage, DirtyRate: l.dirtyRate}
+	in := TriggerInput{SinceLastPause: now.Sub(l.lastPauseAt), HeldBytes: o.Bytes}
+	l.pauseAcct.fill(&in)
 	if o.Bytes > 0 {
 		in.HeldAge = max(now.Sub(o.Since), 0)
 	}
@@ -202,35 +202,13 @@ func (l *EpochLoop) triggerInput(now time.Time) TriggerInput {
 	return in
 }
 
-// notePause feeds a capture into the pause-cost line NextPause uses
-// (exponentially weighted: a pause's fixed part, its copy time per page,
-// the dirty rate between pauses) and into the status's counts. Capture
+// notePause feeds a capture into the pause account NextPause's figures
+// come from (pauseAccount) and into the status's counts. Capture
 // goroutine only, but for the figures under mu.
 func (l *EpochLoop) notePause(cp *precopy.Capture, byOutput bool) {
-	const w = 0.2
-	ewma := func(old, v float64, first bool) float64 {
-		if first {
-			return v
-		}
-		return old + w*(v-old)
-	}
-	first := l.pausesSeen == 0
-	l.pausesSeen++
-	pages := len(cp.Pages)
-	fixed := cp.Breakdown.Total() - cp.Breakdown.Copy
-	held := cp.Breakdown.Total()
-	if ip, ok := l.cfg.Guest.(idlePauser); ok && ip.IdleThroughPause() {
-		// The guest waited idle through the whole pause: it was held
-		// from no work, so the pause takes nothing of its fraction.
-		fixed, held = 0, 0
-	}
-	l.pauseFixed = time.Duration(ewma(float64(l.pauseFixed), float64(fixed), first))
-	if pages > 0 {
-		l.pausePerPage = time.Duration(ewma(float64(l.pausePerPage), float64(cp.Breakdown.Copy)/float64(pages), l.pausePerPage == 0))
-	}
-	if dt := cp.PausedAt.Sub(l.lastPauseAt); dt > 0 && !first {
-		l.dirtyRate = ewma(l.dirtyRate, float64(pages)/dt.Seconds(), false)
-	}
+	ip, ok := l.cfg.Guest.(idlePauser)
+	idle := ok && ip.IdleThroughPause()
+	held := l.pauseAcct.note(l.cfg.triggerConfig(), cp.PausedAt, cp.Breakdown.Total(), cp.Breakdown.Copy, len(cp.Pages), idle)
 	l.lastPauseAt = cp.PausedAt
 	l.mu.Lock()
 	if byOutput {

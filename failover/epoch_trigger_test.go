@@ -28,11 +28,25 @@ import (
 // still waited (absent: never).
 //
 // The config's zero fields take EpochConfig's defaults; a decide's
-// figures default to nothing held, nothing in flight and a 50 µs pause
-// that does not grow with pages.
+// figures default to nothing held, nothing in flight, a 50 µs pause
+// that does not grow with pages and no credit carried from earlier
+// epochs.
+//
+// A trace's pauses replay through the loop's pauseAccount:
+//
+//	pauses at=D [n=N every=D] total=D [copy=D pages=N] [idle]
+//	decide at=D ...
+//
+// pauses notes n pauses (default 1), the first beginning at at (time
+// since the script's start), every apart, each lasting total; its output
+// is the account's figures after them. A decide with at takes
+// SinceLastPause and the pause-cost figures from the account (its other
+// figures as above).
 func TestTriggerScripts(t *testing.T) {
 	datadriven.Walk(t, "testdata/trigger", func(t *testing.T, path string) {
 		var tc TriggerConfig
+		var acct pauseAccount
+		start := time.Unix(1e9, 0)
 		datadriven.RunTest(t, path, func(t *testing.T, d *datadriven.TestData) string {
 			switch d.Cmd {
 			case "config":
@@ -45,11 +59,30 @@ func TestTriggerScripts(t *testing.T) {
 				tc = ec.triggerConfig()
 				return fmt.Sprintf("interval %v, min interval %v, max output delay %v, max pause fraction %v\n",
 					tc.Interval, tc.MinInterval, tc.MaxOutputDelay, tc.MaxPauseFraction)
+			case "pauses":
+				if tc.Interval == 0 {
+					d.Fatalf(t, "config first")
+				}
+				n, pages := 1, 0
+				d.MaybeScanArgs(t, "n", &n)
+				d.MaybeScanArgs(t, "pages", &pages)
+				at, every := durationArg(t, d, "at", 0), durationArg(t, d, "every", 0)
+				for i := range n {
+					acct.note(tc, start.Add(at+time.Duration(i)*every), durationArg(t, d, "total", 0),
+						durationArg(t, d, "copy", 0), pages, d.HasArg("idle"))
+				}
+				var in TriggerInput
+				acct.fill(&in)
+				return fmt.Sprintf("last at %v, fixed %v, per page %v, dirty %.0f/s, credit %v\n",
+					acct.last.Sub(start), in.PauseFixed.Round(time.Microsecond), in.PausePerPage, in.DirtyRate, in.Credit.Round(time.Microsecond))
 			case "decide":
 				if tc.Interval == 0 {
 					d.Fatalf(t, "config first")
 				}
 				since := durationArg(t, d, "since", 0)
+				if d.HasArg("at") {
+					since = durationArg(t, d, "at", 0) - acct.last.Sub(start)
+				}
 				in := TriggerInput{SinceLastPause: since, UntilTick: durationArg(t, d, "tick", max(tc.Interval-since, 0)),
 					HeldAge:      durationArg(t, d, "age", 0),
 					PauseFixed:   durationArg(t, d, "pause", 50*time.Microsecond),
@@ -61,6 +94,9 @@ func TestTriggerScripts(t *testing.T) {
 				d.MaybeScanArgs(t, "held", &in.HeldBytes)
 				d.MaybeScanArgs(t, "in-flight", &in.InFlight)
 				d.MaybeScanArgs(t, "dirty", &in.DirtyRate)
+				if d.HasArg("at") {
+					acct.fill(&in)
+				}
 				return NextPause(tc, in).String() + "\n"
 			}
 			d.Fatalf(t, "unknown directive %q", d.Cmd)

@@ -225,13 +225,10 @@ type EpochLoop struct {
 	finalPausedAt time.Time
 
 	// Triggered epochs (capture goroutine only): the last pause's start
-	// and the pause-cost line NextPause predicts from (see notePause).
-	lastPauseAt  time.Time
-	nextTick     time.Time // the clock's next pause
-	pausesSeen   uint64
-	pauseFixed   time.Duration
-	pausePerPage time.Duration
-	dirtyRate    float64
+	// and the pause account NextPause's cost figures come from.
+	lastPauseAt time.Time
+	nextTick    time.Time // the clock's next pause
+	pauseAcct   pauseAccount
 	// Under mu: the bound of the last decision, the epochs triggered by
 	// output and by the clock, the pauses of the last pauseWindow, and
 	// when each epoch in flight was sent (its apply hop ends at the ack).
