@@ -392,7 +392,7 @@ func (g *OutputGate) Hold(on bool) {
 	var out []heldOutput
 	if !g.passing && g.allow() {
 		out = g.pending
-		g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames, g.consoleCost = nil, 0, 0, 0, 0, 0
+		g.clearLocked()
 	}
 	g.passing = true
 	sink, frameSink := g.sink, g.frameSink
@@ -427,8 +427,13 @@ func (g *OutputGate) Discard() {
 	g.relMu.Lock()
 	defer g.relMu.Unlock()
 	g.mu.Lock()
-	g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames, g.consoleCost = nil, 0, 0, 0, 0, 0
+	g.clearLocked()
 	g.mu.Unlock()
+}
+
+// clearLocked drops everything held, with the counts kept beside it.
+func (g *OutputGate) clearLocked() {
+	g.pending, g.held, g.openBytes, g.frameBytes, g.heldFrames, g.consoleCost = nil, 0, 0, 0, 0, 0
 }
 
 // Held returns how many bytes wait for their epoch.
