@@ -70,6 +70,10 @@ func (g *Guest) readSlotLog(s *memSlot) error {
 			}
 			j++
 		}
+		// Words last+1 to j-1 were read clean: the next span starts
+		// after them (reading them again, one at a time, is the loop's
+		// slowest part on a sparse log).
+		scanned := j
 		j = last + 1
 		n := uint64(j-i) * 64
 		if uint64(i)*64+n > pages {
@@ -82,7 +86,7 @@ func (g *Guest) readSlotLog(s *memSlot) error {
 		if err != nil {
 			return fmt.Errorf("kvm: KVM_CLEAR_DIRTY_LOG slot %d pages %d+%d: %w", s.id, c.FirstPage, n, err)
 		}
-		i = j
+		i = scanned
 	}
 	return nil
 }
