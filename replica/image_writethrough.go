@@ -1,6 +1,9 @@
 package replica
 
-import "errors"
+import (
+	"errors"
+	"slices"
+)
 
 // Write-through: a fresh migration destination's pages go straight into
 // the guest's memory as they arrive, instead of through the staging map
@@ -49,7 +52,39 @@ func (im *Image) WriteThrough() { im.writeThrough = true }
 // never-touched page would map it (Populated would then report it).
 func (im *Image) writePage(dst []byte, index uint64, data []byte, sum uint64, zero bool) {
 	copy(dst, data)
+	if limit := 2 * im.pages(); uint64(len(im.written)) >= limit {
+		// A peer that sends the same pages again and again within one
+		// epoch must not grow the record without bound: only each
+		// page's last write counts, and there are at most pages() of
+		// those, so compacting leaves room for pages() more writes.
+		im.written = lastWrites(im.written)
+	}
 	im.written = append(im.written, writtenPage{index: index, sum: sum, zero: zero})
+}
+
+// pages is the guest's page count (the most distinct pages an epoch
+// writes).
+func (im *Image) pages() uint64 {
+	var n uint64
+	for _, r := range im.regions {
+		n += r.Pages()
+	}
+	return n
+}
+
+// lastWrites keeps each page's last write of w, in the order those last
+// writes came (what commitWrittenLocked folds in: the same digest).
+func lastWrites(w []writtenPage) []writtenPage {
+	seen := make(map[uint64]bool, len(w))
+	keep := w[:0:0]
+	for i := len(w) - 1; i >= 0; i-- {
+		if !seen[w[i].index] {
+			seen[w[i].index] = true
+			keep = append(keep, w[i])
+		}
+	}
+	slices.Reverse(keep)
+	return keep
 }
 
 // commitWrittenLocked folds the open epoch's written-through pages into

@@ -174,3 +174,32 @@ func TestWriteThroughFailedEpochTears(t *testing.T) {
 		}
 	}
 }
+
+// A peer that sends the same pages over and over within one epoch does
+// not grow a write-through image's record past twice the guest's pages,
+// and the digest still takes each page's last write.
+func TestWriteThroughRepeatedPagesBounded(t *testing.T) {
+	through, staged := NewImage(wtGuest(t)), NewImage(wtGuest(t))
+	through.WriteThrough()
+	page := make([]byte, guest.PageSize)
+	for i := range 5 * wtPages {
+		page[0], page[1] = byte(i), byte(i>>8)
+		idx := uint64(i % 7)
+		for _, im := range []*Image{through, staged} {
+			if err := im.StorePage(idx, page); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := len(through.written); n > 2*wtPages {
+			t.Fatalf("after %d writes the record holds %d entries, over %d", i+1, n, 2*wtPages)
+		}
+	}
+	for _, im := range []*Image{through, staged} {
+		if err := im.EndEpoch(checkpoint.EpochEnd{Epoch: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if staged.Digest() != through.Digest() {
+		t.Fatalf("digest %v, staged %v", through.Digest(), staged.Digest())
+	}
+}
