@@ -218,8 +218,14 @@ func (p *pcInbound) take(h replica.Hello, conn net.Conn) error {
 	case conn == nil:
 		return nil
 	}
+	// Both channels come from the one source: the second from another
+	// certificate name is refused, as a resume's is (takeResume).
+	name, named := trust.PeerName(conn)
+	if named && p.peer != "" && name != p.peer {
+		return fmt.Errorf("the %s channel of migration %q comes from %q, not %q, which opened its other channel", h.Channel, p.id, name, p.peer)
+	}
 	p.conns[h.Channel] = conn
-	if name, ok := trust.PeerName(conn); ok && p.peer == "" {
+	if named && p.peer == "" {
 		p.peer = name
 	}
 	if len(p.conns) == 2 {

@@ -99,3 +99,35 @@ func TestPostcopyResumeBoundToSourceIdentity(t *testing.T) {
 		t.Error("the source's resume did not wake the run")
 	}
 }
+
+// The migration's two channels come from one source: a second channel
+// from another certificate of the same CA is refused naming both, and
+// the source's own is still taken.
+func TestPostcopyChannelsFromOneIdentity(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pki")
+	if err := trust.NewCA(dir, "channel test CA", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"dst", "src", "intruder"} {
+		if err := trust.Issue(dir, n, trust.IssueOptions{IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, DNS: []string{n}}, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p, _ := lostTarget(t)
+	p.conns, p.arrived = map[string]net.Conn{}, make(chan struct{})
+	first, _ := tlsChannel(t, dir, "src")
+	if err := p.take(replica.Hello{MigrationID: lostID, Channel: replica.ChannelUrgent}, first); err != nil {
+		t.Fatal(err)
+	}
+	other, _ := tlsChannel(t, dir, "intruder")
+	if err := p.take(replica.Hello{MigrationID: lostID, Channel: replica.ChannelBulk}, other); err == nil || !strings.Contains(err.Error(), `comes from "intruder", not "src"`) {
+		t.Errorf("a bulk channel from another identity: %v, want refused naming both", err)
+	}
+	own, _ := tlsChannel(t, dir, "src")
+	if err := p.take(replica.Hello{MigrationID: lostID, Channel: replica.ChannelBulk}, own); err != nil {
+		t.Errorf("the source's own bulk channel: %v", err)
+	}
+	for _, c := range p.conns {
+		c.Close()
+	}
+}
