@@ -93,13 +93,18 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 	if s.move != nil && s.move.Done {
 		retired, retiredBy = movedError(s.move), s.move.MigrationID
 	}
+	var stale net.Conn
 	if busy && s.move != nil && !s.move.Done && s.move.MigrationID == h.MigrationID {
 		// The same primary reopens its notice (its heartbeat failed): the
 		// old connection is dead to it, so this one replaces it.
-		s.moveConn.Close()
-		s.moveConn, busy = nil, false
+		stale, s.moveConn, busy = s.moveConn, nil, false
 	}
 	s.mu.Unlock()
+	if stale != nil {
+		// Closed after mu: a TLS close on a dead link may wait seconds
+		// to send its goodbye, and activation and status take mu.
+		stale.Close()
+	}
 	switch {
 	case activated:
 		return refuse(true, "this secondary has been activated and runs the guest itself")
