@@ -87,7 +87,7 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 		return err
 	}
 	s.mu.Lock()
-	activated, cur, busy := s.activated, s.current, s.moveConn != nil
+	activated, cur, busy, primary := s.activated, s.current, s.moveConn != nil, s.connPeer
 	var retired error
 	var retiredBy string
 	if s.move != nil && s.move.Done {
@@ -114,6 +114,11 @@ func (s *Secondary) serveMoving(conn net.Conn, h Hello, br *bufio.Reader) error 
 		return retired
 	case h.MigrationID == "" || h.Destination == "":
 		return refuse(false, "a move notice needs a migration id and a destination")
+	case primary != "" && peerName(conn) != primary:
+		// Its commit retires this secondary for good: only the primary
+		// whose epochs it holds may send it, as only that primary may
+		// stream epochs (Serve's check of the sender).
+		return refuse(false, "a move notice from %q: this secondary's primary is %q", peerName(conn), primary)
 	case busy:
 		return refuse(false, "busy: another move notice is open")
 	case cur == nil:
@@ -462,4 +467,10 @@ func (n *MoveNotice) Close() {
 	if n.conn != nil {
 		n.conn.Close()
 	}
+}
+
+// peerName is the certificate name of conn's peer ("" over plaintext).
+func peerName(conn net.Conn) string {
+	name, _ := trust.PeerName(conn)
+	return name
 }
