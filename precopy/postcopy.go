@@ -61,7 +61,7 @@ func (m *Migration) switchIf(ctx context.Context, ctrl *Controller, start time.T
 	m.logf("post-copy: switching", "reason", sw.Reason, "why", sw.Why, "rounds", roundsSent)
 	m.update(func(s *MigrationStatus) { s.PostcopySwitchReason, s.PostcopySwitchWhy = sw.Reason, sw.Why })
 	if roundsSent == 0 {
-		m.markAll() // nothing sent yet: every page is owed
+		m.send.markRest(m.core.G.Regions(), 0) // nothing sent yet: every page is owed
 	}
 	done, err = m.switchPostcopy(ctx, ctrl, start)
 	if !done && err == nil {
@@ -335,15 +335,6 @@ func (m *Migration) beforeComplete(start time.Time) error {
 		return m.unconfirmed(start, fmt.Errorf("post-copy: every page arrived, digests equal, but %w", err))
 	}
 	return nil
-}
-
-// markAll marks every page of the guest dirty.
-func (m *Migration) markAll() {
-	for _, r := range m.core.G.Regions() {
-		for p := r.FirstPage(); p < r.FirstPage()+r.Pages(); p++ {
-			m.core.Dirty.Set(p)
-		}
-	}
 }
 
 func (m *Migration) logf(msg string, args ...any) {
