@@ -13,11 +13,16 @@ import "sync"
 type DirtyTap struct {
 	mu sync.Mutex
 	b  *Bitmap
+	// spare is the emptied bitmap take swaps in (nil while a take
+	// works on it).
+	spare *Bitmap
 }
 
 // NewDirtyTap makes an empty tap for a guest of pages pages (the length
 // of its Cores' Dirty).
-func NewDirtyTap(pages uint64) *DirtyTap { return &DirtyTap{b: NewBitmap(pages)} }
+func NewDirtyTap(pages uint64) *DirtyTap {
+	return &DirtyTap{b: NewBitmap(pages), spare: NewBitmap(pages)}
+}
 
 // add marks every page set in src.
 func (t *DirtyTap) add(src *Bitmap) {
@@ -29,9 +34,19 @@ func (t *DirtyTap) add(src *Bitmap) {
 // take marks in dst every page the tap holds, empties the tap and
 // returns how many pages were new in dst.
 func (t *DirtyTap) take(dst *Bitmap) uint64 {
+	// add runs inside the owner's epoch pause: take swaps in the empty
+	// spare under mu and merges and clears the full bitmap outside it.
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	n := dst.OrCount(t.b)
-	t.b.Clear()
+	full := t.b
+	t.b, t.spare = t.spare, nil
+	if t.b == nil { // another take holds the spare
+		t.b = NewBitmap(full.Len())
+	}
+	t.mu.Unlock()
+	n := dst.OrCount(full)
+	full.Clear()
+	t.mu.Lock()
+	t.spare = full
+	t.mu.Unlock()
 	return n
 }
