@@ -46,6 +46,28 @@ func (r Region) FirstPage() uint64 { return r.GPA >> PageShift }
 // Pages is the number of pages the region covers.
 func (r Region) Pages() uint64 { return uint64(len(r.Mem)) >> PageShift }
 
+// PageOf returns the memory of page index among regions, or nil if no
+// region holds it.
+func PageOf(regions []Region, index uint64) []byte {
+	for _, r := range regions {
+		if index >= r.FirstPage() && index < r.FirstPage()+r.Pages() {
+			off := (index - r.FirstPage()) << PageShift
+			return r.Mem[off : off+PageSize]
+		}
+	}
+	return nil
+}
+
+// PageLimit is one past the highest page index of regions: the length of
+// a bitmap of their pages.
+func PageLimit(regions []Region) uint64 {
+	var end uint64
+	for _, r := range regions {
+		end = max(end, r.FirstPage()+r.Pages())
+	}
+	return end
+}
+
 // DirtyLog is where SyncDirty puts what the guest dirtied. precopy.Bitmap
 // implements it; guest cannot import precopy (precopy drives guests).
 type DirtyLog interface {

@@ -180,20 +180,8 @@ type pageMap struct {
 }
 
 func newPageMap(regions []guest.Region) pageMap {
-	var limit uint64
-	for _, r := range regions {
-		limit = max(limit, r.FirstPage()+r.Pages())
-	}
-	return pageMap{regions: regions, limit: limit}
+	return pageMap{regions: regions, limit: guest.PageLimit(regions)}
 }
 
 // page returns page index's memory, or nil if no region holds it.
-func (m pageMap) page(index uint64) []byte {
-	for _, r := range m.regions {
-		if index >= r.FirstPage() && index < r.FirstPage()+r.Pages() {
-			off := (index - r.FirstPage()) << guest.PageShift
-			return r.Mem[off : off+guest.PageSize]
-		}
-	}
-	return nil
-}
+func (m pageMap) page(index uint64) []byte { return guest.PageOf(m.regions, index) }

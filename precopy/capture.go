@@ -87,11 +87,7 @@ func (c *Core) ResyncDisk() { c.diskResync = true }
 // NewCore prepares g for precopy runs. The bitmap spans every page below
 // the end of the highest region.
 func NewCore(g guest.Guest, t *timing.Recorder) *Core {
-	var end uint64
-	for _, r := range g.Regions() {
-		end = max(end, r.FirstPage()+r.Pages())
-	}
-	return &Core{G: g, Dirty: NewBitmap(end), Timings: t}
+	return &Core{G: g, Dirty: NewBitmap(guest.PageLimit(g.Regions())), Timings: t}
 }
 
 // clock is c.Clock, or the real one.
@@ -114,15 +110,7 @@ func (c *Core) Sync() (uint64, error) {
 
 // Page returns the guest's page at index, or nil if index lies in no
 // region.
-func (c *Core) Page(index uint64) []byte {
-	for _, r := range c.G.Regions() {
-		if index >= r.FirstPage() && index < r.FirstPage()+r.Pages() {
-			off := (index - r.FirstPage()) << guest.PageShift
-			return r.Mem[off : off+guest.PageSize]
-		}
-	}
-	return nil
-}
+func (c *Core) Page(index uint64) []byte { return guest.PageOf(c.G.Regions(), index) }
 
 // Breakdown is where one pause's time went. The fields sum to Total for
 // the source's part; a migration adds the destination's part.

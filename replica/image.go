@@ -170,15 +170,7 @@ func (im *Image) overBudget(more uint64, what func() string) error {
 // Image receives).
 func (im *Image) Guest() guest.Guest { return im.g }
 
-func (im *Image) page(index uint64) []byte {
-	for _, r := range im.regions {
-		if index >= r.FirstPage() && index < r.FirstPage()+r.Pages() {
-			off := (index - r.FirstPage()) << guest.PageShift
-			return r.Mem[off : off+guest.PageSize]
-		}
-	}
-	return nil
-}
+func (im *Image) page(index uint64) []byte { return guest.PageOf(im.regions, index) }
 
 // PageBase implements checkpoint.Target.
 func (im *Image) PageBase(index uint64) ([]byte, error) {
