@@ -180,18 +180,17 @@ func cmpOr(d, def time.Duration) time.Duration {
 // anonymous memory): they hold what an earlier round sent, and the guest
 // must fault on them instead of reading that.
 func (t *Target) dropMissing() error {
-	for _, r := range t.cfg.Regions {
-		first, end := r.FirstPage(), r.FirstPage()+r.Pages()
-		for p, ok := t.missing.NextSet(first); ok && p < end; {
-			q := p + 1
-			for q < end && t.missing.Test(q) {
-				q++
+	for _, run := range runsOf(t.missing, t.pm.limit) {
+		for _, r := range t.cfg.Regions { // a run may cross from one region to the next
+			first, end := r.FirstPage(), r.FirstPage()+r.Pages()
+			p, q := max(run[0], first), min(run[0]+run[1], end)
+			if p >= q {
+				continue
 			}
 			mem := r.Mem[(p-first)<<guest.PageShift : (q-first)<<guest.PageShift]
 			if err := unix.Madvise(mem, unix.MADV_DONTNEED); err != nil {
 				return fmt.Errorf("%w: drop %d stale pages: %w", uffd.ErrUnavailable, q-p, err)
 			}
-			p, ok = t.missing.NextSet(q)
 		}
 	}
 	return nil
