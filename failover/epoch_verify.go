@@ -55,15 +55,47 @@ func (l *EpochLoop) readSlice(vs *verifySlice, n int) {
 			off -= r.Pages()
 		}
 		run := min(left, r.Pages()-off)
-		for p := off; p < off+run; p++ {
-			idx := r.FirstPage() + p
-			vs.index = append(vs.index, idx)
-			vs.hash = append(vs.hash, guest.PageHash(idx, r.Mem[p<<guest.PageShift:(p+1)<<guest.PageShift]))
-		}
+		hashSlice(vs, r, off, run)
 		left -= run
 		pos = (pos + run) % total
 	}
 	l.vcursor = pos
+}
+
+// hashSlice appends pages [off, off+n) of r to vs. A page the host never
+// populated is zero and hashed as one without being read: reading it
+// would populate it (a fault, and on hosts without a shared zero page a
+// fresh page of RAM: 14 to 18 us each on kvm-pvm guests booted with
+// pvm_no_zero_page, where a 2 MiB slice of untouched memory made every
+// pause 8 to 20 ms until the cursor had gone once round, and the slice
+// filled the whole guest's memory in over time). The guest is paused,
+// so what is populated cannot change under the scan.
+func hashSlice(vs *verifySlice, r guest.Region, off, n uint64) {
+	sub := guest.Region{GPA: r.GPA + off<<guest.PageShift, Mem: r.Mem[off<<guest.PageShift : (off+n)<<guest.PageShift]}
+	first := r.FirstPage() + off
+	next := uint64(0) // pages of sub hashed so far
+	zeros := func(upTo uint64) {
+		for ; next < upTo; next++ {
+			vs.index = append(vs.index, first+next)
+			vs.hash = append(vs.hash, 0) // PageHash of a zero page
+		}
+	}
+	read := func(upTo uint64) {
+		for ; next < upTo; next++ {
+			vs.index = append(vs.index, first+next)
+			vs.hash = append(vs.hash, guest.PageHash(first+next, sub.Mem[next<<guest.PageShift:(next+1)<<guest.PageShift]))
+		}
+	}
+	err := guest.Populated(sub, func(start, m uint64) error {
+		zeros(start)
+		read(start + m)
+		return nil
+	})
+	if err != nil {
+		read(n) // the scan failed part way: read the rest, as before it
+		return
+	}
+	zeros(n)
 }
 
 // verifyCapture records a capture's pages in the digest of what was

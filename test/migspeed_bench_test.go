@@ -96,7 +96,9 @@ func honestSettle(kind string, touch uint64) time.Duration {
 // BenchmarkMigrateHonest: issue 11 items 2 and 3 on the issue's workload:
 // a 1 GiB guest, 512 MiB touched with random (incompressible) pages,
 // 25,000 random pages/s of 8-byte writes, loopback, no cap, the 300 ms
-// limit; with compression none and default, one stream and several.
+// limit; with compression none and default, one stream and several
+// ($TANDEM_STREAMS), other fills ($TANDEM_FILLS), rates
+// ($TANDEM_DIRTY_RATE) and write sizes ($TANDEM_WRITE_BYTES).
 // Reports the median total time and downtime over b.N runs (use
 // -benchtime 5x) and logs every run's attempts. QEMU 7.2 on this kind of
 // machine: total 2,210 ms, downtime 31 ms (issue 11); targets: downtime
@@ -114,6 +116,12 @@ func BenchmarkMigrateHonest(b *testing.B) {
 	if s := os.Getenv("TANDEM_DIRTY_RATE"); s != "" {
 		rate = s
 	}
+	// $TANDEM_WRITE_BYTES=4096 rewrites whole pages with fresh random
+	// data (the default is the issue's 8-byte writes).
+	var writes []string
+	if s := os.Getenv("TANDEM_WRITE_BYTES"); s != "" {
+		writes = []string{"--write-bytes", s, "--write-data", "random"}
+	}
 	for _, kind := range kinds {
 		b.Run(kind, func(b *testing.B) {
 			skipUnlessKind(b, kind)
@@ -123,7 +131,7 @@ func BenchmarkMigrateHonest(b *testing.B) {
 						b.Run(fmt.Sprintf("%s/%s/streams=%s", fill, comp, ns), func(b *testing.B) {
 							var totals, downs, srcCPU, dstCPU []float64
 							for i := 0; i < b.N; i++ {
-								args := profileArgs(kind, "1GiB", "512MiB", rate, "--fill", fill)
+								args := profileArgs(kind, "1GiB", "512MiB", rate, append([]string{"--fill", fill}, writes...)...)
 								flags := []string{"--downtime-limit", downtimeFlag, "--compression", comp, "--max-time", "2m"}
 								if ns != "1" {
 									flags = append(flags, "--streams", ns)
