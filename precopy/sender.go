@@ -327,15 +327,28 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 
 // markRest marks dirty the pages of regions[0] from its page off on and
 // every page of the regions after it: those a stopped full pass did not
-// send.
+// send. Pages the host never populated are left out, as SendAll leaves
+// them out: they are zero here and at the receiver, whose memory starts
+// zero; a later write to one is in the dirty log (a lazy log reports
+// untracked pages conservatively). Owing them cost a post-copy switch of
+// a sparse guest its whole size: every hole a missing page, dropped at
+// the destination, faulted for and served.
 func (s *LiveSender) markRest(regions []guest.Region, off uint64) {
 	for i, r := range regions {
-		from := r.FirstPage()
+		from := uint64(0)
 		if i == 0 {
-			from += off
+			from = min(off, r.Pages())
 		}
-		for p := from; p < r.FirstPage()+r.Pages(); p++ {
-			s.Core.Dirty.Set(p)
+		rest := guest.Region{GPA: r.GPA + from<<guest.PageShift, Mem: r.Mem[from<<guest.PageShift:]}
+		first := rest.FirstPage()
+		mark := func(p, n uint64) error {
+			for q := p; q < p+n; q++ {
+				s.Core.Dirty.Set(first + q)
+			}
+			return nil
+		}
+		if err := guest.Populated(rest, mark); err != nil {
+			_ = mark(0, rest.Pages()) // the scan failed: owe every page
 		}
 	}
 }

@@ -76,3 +76,51 @@ func TestLiveSenderStops(t *testing.T) {
 		t.Fatalf("full pass not stopped: sent %d (%v), want %d", sent, err, pages)
 	}
 }
+
+// TestLiveSenderStopOwesOnlyPopulated: a full pass stopped on a sparse
+// guest marks dirty only the pages not reached that the host holds: the
+// others are zero at both ends (SendAll skips them for the same reason),
+// and owing them would make a post-copy switch serve holes.
+func TestLiveSenderStopOwesOnlyPopulated(t *testing.T) {
+	g, err := synth.New(guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	r := g.Regions()[0]
+	var held []uint64 // pages of r the host holds, by Populated
+	if err := guest.Populated(r, func(p, n uint64) error {
+		for q := p; q < p+n; q++ {
+			held = append(held, q)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	written := []uint64{5000, 5001, 9000, r.Pages() - 1}
+	for _, p := range written {
+		r.Mem[p<<guest.PageShift+3] = 7
+	}
+	w, err := checkpoint.NewWriter(io.Discard, checkpoint.Header{Build: "test", Kind: synth.Kind, PageSize: guest.PageSize,
+		Regions: checkpoint.RegionsOf(g.Regions())}, checkpoint.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core := NewCore(g, nil)
+	s := &LiveSender{Core: core, Link: &discardLink{w: w}, KeepDisk: true}
+	s.markRest(g.Regions(), 4000)
+	want := map[uint64]bool{}
+	for _, p := range append(held, written...) {
+		if p >= 4000 {
+			want[r.FirstPage()+p] = true
+		}
+	}
+	if got := core.Dirty.Count(); got != uint64(len(want)) || got > r.Pages()/4 {
+		t.Fatalf("%d pages owed of %d (want %d: the populated pages from 4000 on)", got, r.Pages(), len(want))
+	}
+	for p := range want {
+		if !core.Dirty.Test(p) {
+			t.Errorf("written page %d not owed", p-r.FirstPage())
+		}
+	}
+}
