@@ -49,6 +49,16 @@ type HashedTarget interface {
 	StorePageHashed(index uint64, data []byte, sum uint64, zero bool) error
 }
 
+// Prefaulter is a Target that prepares memory for the pages a RAM
+// section is about to store: the Reader calls Prefault once for each run
+// of consecutive page indices, in the section's order, before it stores
+// any of them, so that memory the host has not populated yet is
+// populated in one call per run rather than by a page fault per page
+// (guest.PrefaultWrite). A hint: it may do nothing.
+type Prefaulter interface {
+	Prefault(first, n uint64)
+}
+
 // Section describes one section the Reader read.
 type Section struct {
 	Type     SectionType `json:"-"`

@@ -162,9 +162,30 @@ func (r *Reader) xorPage(t Target, d *decoder, index uint64, out []byte) error {
 	return nil
 }
 
+// prefault tells pf each run of consecutive pages r.ents store.
+func (r *Reader) prefault(pf Prefaulter) {
+	var first, end uint64 // the run being gathered: [first, end)
+	for _, e := range r.ents {
+		if e.index == end && end > first {
+			end += e.count
+			continue
+		}
+		if end > first {
+			pf.Prefault(first, end-first)
+		}
+		first, end = e.index, e.index+e.count
+	}
+	if end > first {
+		pf.Prefault(first, end-first)
+	}
+}
+
 // applyRAM stores the checked entries of r.ents into t and counts them.
 func (r *Reader) applyRAM(t Target) error {
 	r.cur.Sections++
+	if pf, ok := t.(Prefaulter); ok {
+		r.prefault(pf)
+	}
 	ht, hashed := t.(HashedTarget)
 	for _, e := range r.ents {
 		for k := uint64(0); k < e.count; k++ {

@@ -170,6 +170,10 @@ func pageIn(r guest.Region, index uint64) []byte {
 	return r.Mem[off : off+guest.PageSize]
 }
 
+// Prefault implements Prefaulter: a restore writes each page once, into
+// memory that is not populated yet.
+func (t *RegionTarget) Prefault(first, n uint64) { guest.PrefaultPages(t.Regions, first, n) }
+
 func (t *RegionTarget) PageBase(index uint64) ([]byte, error) { return t.locate(index) }
 
 func (t *RegionTarget) StorePage(index uint64, data []byte) error {

@@ -73,6 +73,12 @@ type Image struct {
 	writeThrough bool
 	written      []writtenPage
 	torn         bool
+
+	// populated marks the pages this Image has populated ahead of its
+	// writes, fresh is prefaultStaged's scratch (image_prefault.go);
+	// receiving goroutine only.
+	populated []uint64
+	fresh     []uint64
 }
 
 // stagedPage is a page of the open epoch with the XXH64 of its content
@@ -294,6 +300,7 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 		return fmt.Errorf("commit epoch %d: disk: %w", e.Epoch, derr)
 	}
 	im.lastPages, im.lastState, im.lastDisk = im.lastPages[:0], nil, nil
+	im.prefaultStaged()
 	for idx, p := range im.staged {
 		copy(im.page(idx), p.data)
 		im.hash.UpdateHashed(idx, p.sum, p.zero)
