@@ -79,6 +79,8 @@ type Image struct {
 	// receiving goroutine only.
 	populated []uint64
 	fresh     []uint64
+	huge      bool // the guest's memory may take huge pages (guest.HugePagesOK)
+	hugeRuns  int  // runs advised so (maxHugeRuns)
 }
 
 // stagedPage is a page of the open epoch with the XXH64 of its content
@@ -100,6 +102,9 @@ func NewImage(g guest.Guest) *Image {
 		hash: guest.NewMemHash(),
 	}
 	im.idle.L = &im.mu
+	if h, ok := g.(guest.HugePagesOK); ok {
+		im.huge = h.HugePagesOK()
+	}
 	return im
 }
 

@@ -47,10 +47,18 @@ func (im *Image) prefaultRun(first, n uint64) {
 			im.populated[q/64] |= 1 << (q % 64)
 			q++
 		}
-		guest.PrefaultPages(im.regions, p, q-p)
+		huge := im.huge && q-p >= guest.HugeBlockPages && im.hugeRuns < maxHugeRuns
+		if huge {
+			im.hugeRuns++
+		}
+		guest.PrefaultPages(im.regions, p, q-p, huge)
 		p = q
 	}
 }
+
+// maxHugeRuns bounds the runs an Image advises as huge pages: each may
+// split the guest's mapping once (guest.PrefaultWrite).
+const maxHugeRuns = 4096
 
 // prefaultStaged populates, before a commit copies the staged pages into
 // memory, those of them not populated yet, in runs of consecutive pages.

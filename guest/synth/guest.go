@@ -207,6 +207,10 @@ func (g *Guest) startVCPUs() {
 // Kind is "synth".
 func (g *Guest) Kind() string { return Kind }
 
+// HugePagesOK implements guest.HugePagesOK: synth logs its own writes,
+// whatever pages back its memory.
+func (g *Guest) HugePagesOK() bool { return true }
+
 // Config is the configuration the guest was built from.
 func (g *Guest) Config() guest.Config { return g.cfg }
 
