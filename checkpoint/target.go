@@ -142,9 +142,6 @@ type RegionTarget struct {
 	State guest.MachineState
 	// Epochs lists the epochs received.
 	Epochs []EpochEnd
-	// Huge lets Prefault back whole 2 MiB blocks with huge pages
-	// (guest.PrefaultWrite; set it from guest.HugePagesOK).
-	Huge bool
 
 	last int // region of the previous page: pages arrive in runs
 }
@@ -175,7 +172,7 @@ func pageIn(r guest.Region, index uint64) []byte {
 
 // Prefault implements Prefaulter: a restore writes each page once, into
 // memory that is not populated yet.
-func (t *RegionTarget) Prefault(first, n uint64) { guest.PrefaultPages(t.Regions, first, n, t.Huge) }
+func (t *RegionTarget) Prefault(first, n uint64) { guest.PrefaultPages(t.Regions, first, n, false) }
 
 func (t *RegionTarget) PageBase(index uint64) ([]byte, error) { return t.locate(index) }
 

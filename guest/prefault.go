@@ -72,6 +72,10 @@ type HugePagesOK interface {
 	HugePagesOK() bool
 }
 
+// PrefaultSupported says whether the kernel has taken
+// MADV_POPULATE_WRITE so far (false once it refused it).
+func PrefaultSupported() bool { return !noPopulate.Load() }
+
 // PrefaultPages is PrefaultWrite of pages [first, first+n) of regions,
 // clipped to each region (a run may cross from one to the next).
 func PrefaultPages(regions []Region, first, n uint64, huge bool) {

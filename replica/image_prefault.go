@@ -25,13 +25,14 @@ import (
 // populates there (prefaultStaged).
 func (im *Image) Prefault(first, n uint64) {
 	if im.writeThrough {
-		im.prefaultRun(first, n)
+		im.prefaultRun(first, n, im.huge)
 	}
 }
 
 // prefaultRun populates the pages of [first, first+n) not populated yet,
-// a call per sub-run, and records them. Receiving goroutine only.
-func (im *Image) prefaultRun(first, n uint64) {
+// a call per sub-run, and records them; with huge, whole 2 MiB blocks as
+// huge pages. Receiving goroutine only.
+func (im *Image) prefaultRun(first, n uint64, huge bool) {
 	limit := guest.PageLimit(im.regions)
 	if im.populated == nil {
 		im.populated = make([]uint64, (limit+63)/64)
@@ -47,11 +48,11 @@ func (im *Image) prefaultRun(first, n uint64) {
 			im.populated[q/64] |= 1 << (q % 64)
 			q++
 		}
-		huge := im.huge && q-p >= guest.HugeBlockPages && im.hugeRuns < maxHugeRuns
-		if huge {
+		h := huge && q-p >= guest.HugeBlockPages && im.hugeRuns < maxHugeRuns
+		if h {
 			im.hugeRuns++
 		}
-		guest.PrefaultPages(im.regions, p, q-p, huge)
+		guest.PrefaultPages(im.regions, p, q-p, h)
 		p = q
 	}
 }
@@ -63,7 +64,8 @@ const maxHugeRuns = 4096
 // prefaultStaged populates, before a commit copies the staged pages into
 // memory, those of them not populated yet, in runs of consecutive pages.
 // Once every page the stream rewrites is populated it costs a bit test
-// per staged page.
+// per staged page. Never huge pages: this runs under mu, and a huge
+// page's allocation may compact memory first (THP defrag=madvise).
 func (im *Image) prefaultStaged() {
 	fresh := im.fresh[:0]
 	for idx := range im.staged {
@@ -81,7 +83,7 @@ func (im *Image) prefaultStaged() {
 		for j < len(fresh) && fresh[j] == fresh[j-1]+1 {
 			j++
 		}
-		im.prefaultRun(fresh[i], uint64(j-i))
+		im.prefaultRun(fresh[i], uint64(j-i), false)
 		i = j
 	}
 }

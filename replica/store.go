@@ -352,6 +352,29 @@ const (
 	rewriteScan  = 4096
 )
 
+// populatedRuns lists r's pages the host holds, as [first, end) pairs
+// (guest.Populated): the others are zero and not read. Reading them would
+// cost a fault each and, on hosts without a shared zero page, a page of
+// RAM: a store of a sparse 64 GiB guest would fill it in. The list is
+// taken under mu while the image is still owned; only the receiving
+// goroutine (the caller) commits, so it stays true until writeImage has
+// read the pages.
+func populatedRuns(im *Image, r guest.Region) ([][2]uint64, error) {
+	if !im.lockOwned() {
+		im.mu.Unlock()
+		return nil, ErrHandedOver
+	}
+	defer im.mu.Unlock()
+	var runs [][2]uint64
+	if err := guest.Populated(r, func(first, n uint64) error {
+		runs = append(runs, [2]uint64{first, first + n})
+		return nil
+	}); err != nil {
+		return [][2]uint64{{0, r.Pages()}}, nil // read it all, as before
+	}
+	return runs, nil
+}
+
 // writeImage writes im's committed image as one epoch to w.
 //
 // Locking: Image.mu is never held while compressing or writing, so an
@@ -383,13 +406,21 @@ func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
 	im.mu.Unlock()
 	buf, batch := s.copyBuffers()
 	for _, r := range s.regions {
-		for p := uint64(0); p < r.Pages(); {
+		runs, err := populatedRuns(im, r)
+		if err != nil {
+			return 0, err
+		}
+		for len(runs) > 0 {
 			batch = batch[:0]
 			if !im.lockOwned() {
 				im.mu.Unlock()
 				return 0, ErrHandedOver
 			}
-			for end := min(r.Pages(), p+rewriteScan); p < end && len(batch) < rewriteBatch; p++ {
+			for scanned := 0; len(runs) > 0 && scanned < rewriteScan && len(batch) < rewriteBatch; scanned++ {
+				p := runs[0][0]
+				if runs[0][0]++; runs[0][0] == runs[0][1] {
+					runs = runs[1:]
+				}
 				page := r.Mem[p<<guest.PageShift : (p+1)<<guest.PageShift]
 				if guest.IsZeroPage(page) {
 					continue
