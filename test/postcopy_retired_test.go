@@ -93,7 +93,7 @@ func TestMigratePostcopyProtectedDowntimeCountsFinalEpoch(t *testing.T) {
 // fallback (rev2's minor item: it advised only --resume).
 func TestMigratePostcopyProtectedDestinationKilled(t *testing.T) {
 	t.Parallel()
-	pri, _, _ := startPair(t, "synth", primaryOpts{memory: "64MiB"})
+	pri, _, _ := startPair(t, "synth", pcProtectedGuest(primaryOpts{}))
 	dst := startReceiver(t)
 	wait := startCLI("migrate", "--from", pri.api, "--to", dst.data, "--postcopy", "--postcopy-after-rounds", "0",
 		"--max-bandwidth", pcProtectedBandwidth, "--compression", "none", "--json")
