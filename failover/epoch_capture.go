@@ -519,8 +519,8 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 		if err == nil {
 			l.noteSent(epoch, l.clk.Now(), wire)
 		}
-		free <- cp.Buffer
 		l.observe(PhaseSend, t1, time.Since(t1))
+		free <- precopy.ReserveCapture(cp.Buffer, len(cp.Pages))
 		l.observe(PhaseShip, t0, time.Since(t0))
 		if err != nil {
 			return fmt.Errorf("ship epoch %d: %w", epoch, err)
