@@ -414,6 +414,7 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 	l.rawBytes += uint64(len(cp.Pages)) * guest.PageSize
 	l.pauses = appendBounded(l.pauses, cp.Breakdown.Total())
 	l.mu.Unlock()
+	l.observe(PhasePause, cp.PausedAt, cp.Breakdown.Total())
 	return j, nil
 }
 

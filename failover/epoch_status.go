@@ -28,6 +28,11 @@ const (
 	// PhaseOutputWait: the open epoch's first held byte to the pause
 	// that seals it (what the trigger costs output).
 	PhaseOutputWait = "epoch_output_wait"
+	// PhasePause: the whole time an epoch held the guest paused (the
+	// sum of precopy's pause phases, the status's pause_p50_ms and
+	// pause_p99_ms as one histogram, so a window's quantiles can be read
+	// from two scrapes).
+	PhasePause = "epoch_pause"
 	// PhaseCapture: the pause's start to the capture's end (guest
 	// resumed, pages copied and, verifying, hashed).
 	PhaseCapture = "epoch_capture"

@@ -390,6 +390,18 @@ func metricSums(api string) (map[string][2]float64, error) {
 // delay histogram (tandem_output_delay_seconds{kind="console"}): count
 // of releases at or under each bound in seconds (+Inf as math.Inf(1)).
 func outputDelayBuckets(api string) (map[float64]float64, error) {
+	return histBuckets(api, `tandem_output_delay_seconds_bucket{kind="console",le="`)
+}
+
+// phaseBuckets reads the cumulative buckets of n's phase histogram
+// tandem_phase_seconds{phase=...}, as outputDelayBuckets.
+func phaseBuckets(api, phase string) (map[float64]float64, error) {
+	return histBuckets(api, `tandem_phase_seconds_bucket{phase="`+phase+`",le="`)
+}
+
+// histBuckets reads the buckets of the histogram series whose bucket
+// lines start with prefix (up to the le label's value).
+func histBuckets(api, prefix string) (map[float64]float64, error) {
 	base, hc := apiClient(api)
 	resp, err := hc.Get(base + "/metrics")
 	if err != nil {
@@ -400,7 +412,6 @@ func outputDelayBuckets(api string) (map[float64]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	const prefix = `tandem_output_delay_seconds_bucket{kind="console",le="`
 	out := map[float64]float64{}
 	for _, line := range strings.Split(string(b), "\n") {
 		rest, ok := strings.CutPrefix(line, prefix)
