@@ -521,8 +521,12 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 			l.noteSent(epoch, l.clk.Now(), wire)
 		}
 		l.observe(PhaseSend, t1, time.Since(t1))
-		free <- precopy.ReserveCapture(cp.Buffer, len(cp.Pages))
 		l.observe(PhaseShip, t0, time.Since(t0))
+		if err == nil {
+			free <- precopy.ReserveCapture(cp.Buffer, len(cp.Pages))
+		} else {
+			free <- cp.Buffer
+		}
 		if err != nil {
 			return fmt.Errorf("ship epoch %d: %w", epoch, err)
 		}

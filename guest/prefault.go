@@ -30,9 +30,16 @@ import (
 // It is only a hint: on a kernel without the advice, or on any error,
 // the writes fault as before.
 func PrefaultWrite(mem []byte, huge bool) {
-	if len(mem) == 0 || noPopulate.Load() {
+	// Only the whole pages mem covers: madvise refuses an unaligned
+	// start with EINVAL (a buffer from the Go heap need not be aligned),
+	// which would read as a kernel without the advice.
+	base := uintptr(unsafe.Pointer(unsafe.SliceData(mem)))
+	lo := (base + PageSize - 1) &^ (PageSize - 1)
+	hi := (base + uintptr(len(mem))) &^ (PageSize - 1)
+	if len(mem) == 0 || hi <= lo || noPopulate.Load() {
 		return
 	}
+	mem = mem[lo-base : hi-base]
 	if huge {
 		adviseHuge(mem)
 	}

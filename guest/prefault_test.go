@@ -67,3 +67,23 @@ func BenchmarkPrefaultWrite(b *testing.B) {
 		})
 	}
 }
+
+// TestPrefaultUnalignedKeepsAdvice: a buffer that does not start on a
+// page (the Go heap's small ones) is populated in its whole pages, and
+// the kernel's refusal of an unaligned start never turns the advice off
+// for the process.
+func TestPrefaultUnalignedKeepsAdvice(t *testing.T) {
+	mem := mapSparse(t, 4*PageSize)
+	PrefaultWrite(mem[2048:2048+3*PageSize], false) // pages 1 and 2 whole
+	PrefaultWrite(mem[100:200], false)               // no whole page
+	if !PrefaultSupported() {
+		t.Fatal("an unaligned buffer turned MADV_POPULATE_WRITE off for the process")
+	}
+	for i := 0; i < 64; i++ {
+		b := make([]byte, 6144) // need + need/2 for one page: often not page aligned
+		PrefaultWrite(b, false)
+	}
+	if !PrefaultSupported() {
+		t.Fatal("heap buffers turned MADV_POPULATE_WRITE off for the process")
+	}
+}

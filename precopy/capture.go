@@ -351,12 +351,11 @@ func (c *Core) takeDirty() []checkpoint.Page {
 	}
 }
 
-// copyPages copies pages into buf (grown if too small), or into the Core's
-// reused buffer when buf is nil, and points them at their copies.
 // newCaptureBuffer allocates a capture buffer of size bytes with its
-// memory populated (guest.PrefaultWrite), so the copy into it does not
-// take a page fault per page: a fresh 9 MiB buffer grown inside an epoch's
-// pause made that pause 10 to 30 ms on a host where a fault costs 13 us.
+// memory populated (guest.PrefaultWrite: the whole pages it covers), so
+// the copy into it does not take a page fault per page: a fresh 9 MiB
+// buffer grown inside an epoch's pause made that pause 10 to 30 ms on a
+// host where a fault costs 13 us.
 func newCaptureBuffer(size int) []byte {
 	buf := make([]byte, size)
 	guest.PrefaultWrite(buf, false)
@@ -364,30 +363,39 @@ func newCaptureBuffer(size int) []byte {
 }
 
 // captureHeadroomMax bounds the room ReserveCapture keeps beyond the last
-// epoch: a catch-up's large captures do not double their buffers.
+// epoch, and a buffer grown in a pause beyond its epoch: a catch-up's
+// large captures do not double their buffers.
 const captureHeadroomMax = 16 << 20
+
+// captureShrinkFloor: ReserveCapture replaces a buffer four times larger
+// than it needs only past this size (the first epochs after a join can
+// be most of the guest, and a slot would keep that for the link's life).
+const captureShrinkFloor = 64 << 20
 
 // ReserveCapture returns buf, or a new empty buffer with room for an
 // epoch of pages plus as much again (at most captureHeadroomMax more) when
-// buf has less. An epoch loop calls it on a capture's buffer after
+// buf has less, or when buf is over four times that and over
+// captureShrinkFloor. An epoch loop calls it on a capture's buffer after
 // shipping it, outside any pause, so that the next capture into it does
 // not grow it (and fault its memory in) with the guest paused.
 func ReserveCapture(buf []byte, pages int) []byte {
 	need := pages * guest.PageSize
 	want := need + min(need, captureHeadroomMax)
-	if cap(buf) >= want {
+	if cap(buf) >= want && (cap(buf) <= 4*want || cap(buf) <= captureShrinkFloor) {
 		return buf
 	}
 	return newCaptureBuffer(want)[:0]
 }
 
+// copyPages copies pages into buf (grown if too small), or into the Core's
+// reused buffer when buf is nil, and points them at their copies.
 func (c *Core) copyPages(pages []checkpoint.Page, buf []byte) []byte {
 	own := buf == nil
 	if own {
 		buf = c.pageBuf
 	}
 	if need := len(pages) * guest.PageSize; cap(buf) < need {
-		buf = newCaptureBuffer(need + need/2)
+		buf = newCaptureBuffer(need + min(need/2, captureHeadroomMax))
 	}
 	if own {
 		c.pageBuf = buf

@@ -330,8 +330,8 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 // send. Pages the host never populated are left out, as SendAll leaves
 // them out: they are zero here and at the receiver, whose memory starts
 // zero; a later write to one is in the dirty log (synth logs every
-// store; under KVM a never-populated page has no writable mapping, so the
-// guest's first write to it faults and is logged). Owing them cost a post-copy switch of
+// store; under KVM a never-populated page has no writable mapping, so
+// the guest's first write to it faults and is logged). Owing them cost a post-copy switch of
 // a sparse guest its whole size: every hole a missing page, dropped at
 // the destination, faulted for and served.
 func (s *LiveSender) markRest(regions []guest.Region, off uint64) {
