@@ -241,18 +241,25 @@ func TestEpochsFencedOnReconnect(t *testing.T) {
 // and a later switchover still works.
 func TestFinalEpochRequesterGone(t *testing.T) {
 	_, ln := serveTestSecondary(t)
-	loop, g := startTrustLoop(t, EpochConfig{Verify: true})
-	loop.SetSecondary(ln.Addr().String())
-	waitFor(t, 20*time.Second, "protected", func() bool { return loop.Status().AckedEpochs >= 5 })
 	// The requester goes away exactly while the final epoch ships (the
-	// guest is kept paused only for a final capture).
+	// guest is kept paused only for a final capture). The hook is set
+	// before the loop starts: its shipper reads it for every epoch, and
+	// a write while the shipper runs is a data race (make test found it).
 	var cancelFinal atomic.Value
+	var paused atomic.Value // func() bool: the loop's guest, once started
 	testHookShip = func(uint64, *precopy.Capture) {
-		if c, ok := cancelFinal.Load().(context.CancelFunc); ok && c != nil && g.Paused() {
+		p, _ := paused.Load().(func() bool)
+		if c, ok := cancelFinal.Load().(context.CancelFunc); ok && c != nil && p != nil && p() {
 			c()
 		}
 	}
-	defer func() { testHookShip = nil }()
+	// Reset after the loop has stopped (startTrustLoop's cleanup, which
+	// runs before this one).
+	t.Cleanup(func() { testHookShip = nil })
+	loop, g := startTrustLoop(t, EpochConfig{Verify: true})
+	paused.Store(g.Paused)
+	loop.SetSecondary(ln.Addr().String())
+	waitFor(t, 20*time.Second, "protected", func() bool { return loop.Status().AckedEpochs >= 5 })
 	for i := 0; i < 5; i++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		cancelFinal.Store(cancel)

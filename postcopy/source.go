@@ -103,10 +103,11 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	uw.w.done = rctx.Done()
 	bw := newFrameWriter(bulk, timeout)
 	bw.done = rctx.Done()
-	errs := make(chan error, 3)
+	errs := make(chan error, 2)
+	served := make(chan error, 1)
 	var wg sync.WaitGroup
+	wg.Go(func() { served <- s.serve(rctx, r, uw) })
 	for _, f := range []func() error{
-		func() error { return s.serve(rctx, r, uw) },
 		func() error { return s.push(rctx, bw, toSend) },
 		func() error { return beat(rctx, uw) },
 	} {
@@ -117,7 +118,12 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 		})
 	}
 	select {
+	case err = <-served:
+		if err == nil {
+			err = ctx.Err() // serve ends without an error only when ctx did
+		}
 	case err = <-errs:
+		err = s.doneAfterWriteError(err, served)
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
@@ -127,6 +133,32 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	wg.Wait()
 	if errors.Is(err, errFinished) {
 		return nil
+	}
+	return err
+}
+
+// doneGrace is how long a run whose write failed waits for its reader to
+// find the destination's Done.
+const doneGrace = time.Second
+
+// doneAfterWriteError is Run's answer when a write (a push or a
+// heartbeat) failed first: a destination that has every page sends Done
+// and closes its end, and a write racing that close fails (broken pipe)
+// while Done still waits, unread, in this side's socket. serve reads on
+// (the run's context is not cancelled yet): if it finds Done within
+// doneGrace, the run finished; otherwise the write's error stands. Seen
+// in make test: a protected move's source reported its link lost, and
+// stayed post-copy-paused with nothing owed, after the destination had
+// completed.
+func (s *Source) doneAfterWriteError(err error, served <-chan error) error {
+	t := time.NewTimer(doneGrace)
+	defer t.Stop()
+	select {
+	case serr := <-served:
+		if errors.Is(serr, errFinished) || errors.Is(serr, ErrDigestMismatch) {
+			return serr
+		}
+	case <-t.C:
 	}
 	return err
 }

@@ -1,0 +1,100 @@
+package postcopy
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tandemvm/tandem/guest"
+)
+
+// TestSourceFinishesWhenAWriteLosesTheRaceWithDone: the destination sends
+// Done and closes its end, and the source's next write fails (broken
+// pipe) before its reader has got to Done, which waits unread in the
+// socket. The run finished: the source must say so, not report a lost
+// link (a protected move then stayed post-copy-paused with nothing owed,
+// in make test). Here every write fails and Done arrives 100 ms after
+// the runs, so the failed push always comes first.
+func TestSourceFinishesWhenAWriteLosesTheRaceWithDone(t *testing.T) {
+	mem := make([]byte, 16*guest.PageSize)
+	mem[5*guest.PageSize] = 1 // one page for the push to send
+	regions := []guest.Region{{GPA: 0, Mem: mem}}
+	var want guest.Digest
+	want[0], want[31] = 0xab, 0xcd
+
+	var runs, done bytes.Buffer
+	rw := newFrameWriter(&recordConn{w: &runs}, time.Second)
+	if err := writeRuns(rw, [][2]uint64{{0, 16}}); err != nil {
+		t.Fatal(err)
+	}
+	dw := newFrameWriter(&recordConn{w: &done}, time.Second)
+	if err := dw.write(frameDone, 0, want[:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := dw.flush(); err != nil {
+		t.Fatal(err)
+	}
+	urgent := &lateDoneConn{first: runs.Bytes(), later: done.Bytes(), delay: 100 * time.Millisecond}
+	s := NewSource(regions, want)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Run(ctx, urgent, &recordConn{err: syscall.EPIPE}); err != nil {
+		t.Fatalf("run: %v (want nil: the destination had sent Done)", err)
+	}
+}
+
+// recordConn is a net.Conn whose writes go to w, or fail with err.
+type recordConn struct {
+	net.Conn
+	w   io.Writer
+	err error
+}
+
+func (c *recordConn) Write(p []byte) (int, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	return c.w.Write(p)
+}
+func (c *recordConn) Read([]byte) (int, error)         { return 0, io.EOF }
+func (c *recordConn) SetDeadline(time.Time) error      { return nil }
+func (c *recordConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *recordConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *recordConn) Close() error                     { return nil }
+
+// lateDoneConn reads first at once, later after delay, then EOF; every
+// write fails as on a connection the peer has closed.
+type lateDoneConn struct {
+	recordConn
+	mu           sync.Mutex
+	first, later []byte
+	delay        time.Duration
+	waited       bool
+}
+
+func (c *lateDoneConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.first) > 0 {
+		n := copy(p, c.first)
+		c.first = c.first[n:]
+		return n, nil
+	}
+	if !c.waited {
+		c.waited = true
+		time.Sleep(c.delay)
+	}
+	if len(c.later) > 0 {
+		n := copy(p, c.later)
+		c.later = c.later[n:]
+		return n, nil
+	}
+	return 0, io.EOF
+}
+
+func (c *lateDoneConn) Write([]byte) (int, error) { return 0, syscall.EPIPE }
