@@ -71,7 +71,7 @@ func (l *EpochLoop) readSlice(vs *verifySlice, n int) {
 // filled the whole guest's memory in over time). The guest is paused,
 // so what is populated cannot change under the scan.
 func hashSlice(vs *verifySlice, r guest.Region, off, n uint64) {
-	sub := guest.Region{GPA: r.GPA + off<<guest.PageShift, Mem: r.Mem[off<<guest.PageShift : (off+n)<<guest.PageShift]}
+	sub := r.Sub(off, n)
 	first := r.FirstPage() + off
 	next := uint64(0) // pages of sub hashed so far
 	zeros := func(upTo uint64) {

@@ -46,6 +46,12 @@ func (r Region) FirstPage() uint64 { return r.GPA >> PageShift }
 // Pages is the number of pages the region covers.
 func (r Region) Pages() uint64 { return uint64(len(r.Mem)) >> PageShift }
 
+// Sub is r's pages [first, first+n) (relative to r) as a region of their
+// own, for a scan of part of it (Populated).
+func (r Region) Sub(first, n uint64) Region {
+	return Region{GPA: r.GPA + first<<PageShift, Mem: r.Mem[first<<PageShift : (first+n)<<PageShift]}
+}
+
 // PageOf returns the memory of page index among regions, or nil if no
 // region holds it.
 func PageOf(regions []Region, index uint64) []byte {

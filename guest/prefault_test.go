@@ -75,7 +75,7 @@ func BenchmarkPrefaultWrite(b *testing.B) {
 func TestPrefaultUnalignedKeepsAdvice(t *testing.T) {
 	mem := mapSparse(t, 4*PageSize)
 	PrefaultWrite(mem[2048:2048+3*PageSize], false) // pages 1 and 2 whole
-	PrefaultWrite(mem[100:200], false)               // no whole page
+	PrefaultWrite(mem[100:200], false)              // no whole page
 	if !PrefaultSupported() {
 		t.Fatal("an unaligned buffer turned MADV_POPULATE_WRITE off for the process")
 	}

@@ -331,16 +331,16 @@ func (s *LiveSender) SendDirty(ctx context.Context) (uint64, error) {
 // them out: they are zero here and at the receiver, whose memory starts
 // zero; a later write to one is in the dirty log (synth logs every
 // store; under KVM a never-populated page has no writable mapping, so
-// the guest's first write to it faults and is logged). Owing them cost a post-copy switch of
-// a sparse guest its whole size: every hole a missing page, dropped at
-// the destination, faulted for and served.
+// the guest's first write to it faults and is logged). Owing them cost
+// a post-copy switch of a sparse guest its whole size: every hole a
+// missing page, dropped at the destination, faulted for and served.
 func (s *LiveSender) markRest(regions []guest.Region, off uint64) {
 	for i, r := range regions {
 		from := uint64(0)
 		if i == 0 {
 			from = min(off, r.Pages())
 		}
-		rest := guest.Region{GPA: r.GPA + from<<guest.PageShift, Mem: r.Mem[from<<guest.PageShift:]}
+		rest := r.Sub(from, r.Pages()-from)
 		first := rest.FirstPage()
 		mark := func(p, n uint64) error {
 			for q := p; q < p+n; q++ {

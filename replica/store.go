@@ -362,7 +362,7 @@ const (
 // writeImage still checks the guest is owned before each batch it reads.
 // A failed scan reports the whole window.
 func populatedRuns(r guest.Region, from, to uint64) [][2]uint64 {
-	sub := guest.Region{GPA: r.GPA + from<<guest.PageShift, Mem: r.Mem[from<<guest.PageShift : to<<guest.PageShift]}
+	sub := r.Sub(from, to-from)
 	var runs [][2]uint64
 	if err := guest.Populated(sub, func(first, n uint64) error {
 		runs = append(runs, [2]uint64{from + first, from + first + n})
