@@ -8,6 +8,7 @@ import (
 	"github.com/cespare/xxhash/v2"
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
 )
 
 // Image is the receiving side's copy of a guest: the memory of a paused,
@@ -74,10 +75,10 @@ type Image struct {
 	written      []writtenPage
 	torn         bool
 
-	// populated marks the pages this Image has populated ahead of its
-	// writes, fresh is prefaultStaged's scratch (image_prefault.go);
-	// receiving goroutine only.
-	populated []uint64
+	// populated records the pages this Image has populated ahead of its
+	// writes, fresh the open epoch's staged pages not among them
+	// (image_prefault.go); receiving goroutine only.
+	populated *precopy.Bitmap
 	fresh     []uint64
 	huge      bool // the guest's memory may take huge pages (guest.HugePagesOK)
 	hugeRuns  int  // runs advised so (maxHugeRuns)
@@ -223,6 +224,7 @@ func (im *Image) StorePageHashed(index uint64, data []byte, sum uint64, zero boo
 			return err
 		}
 		im.stagedBytes += guest.PageSize
+		im.noteStaged(index)
 		if n := len(im.free); n > 0 {
 			p.data, im.free = im.free[n-1], im.free[:n-1]
 		} else {
@@ -285,6 +287,7 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	}
 	im.committing = true
 	im.mu.Unlock()
+	im.prefaultStaged()
 	var derr error
 	if len(im.stagedDisk) > 0 {
 		// Staging is the receiving goroutine's own: no lock needed.
@@ -305,7 +308,6 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 		return fmt.Errorf("commit epoch %d: disk: %w", e.Epoch, derr)
 	}
 	im.lastPages, im.lastState, im.lastDisk = im.lastPages[:0], nil, nil
-	im.prefaultStaged()
 	for idx, p := range im.staged {
 		copy(im.page(idx), p.data)
 		im.hash.UpdateHashed(idx, p.sum, p.zero)
@@ -354,6 +356,7 @@ func (im *Image) discardLocked() {
 		im.free = append(im.free, p.data)
 	}
 	clear(im.staged)
+	im.fresh = im.fresh[:0]
 	im.stagedState, im.stagedDisk, im.stagedBytes = nil, nil, 0
 	im.tearLocked()
 }

@@ -4,6 +4,7 @@ import (
 	"slices"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/precopy"
 )
 
 // Populating the guest's memory ahead of the pages an epoch stores.
@@ -14,46 +15,49 @@ import (
 // pages for the first time; one MADV_POPULATE_WRITE per run of them
 // (guest.PrefaultWrite) costs a twentieth of the faults on a kvm-pvm
 // host and less everywhere. The Image remembers which pages it has
-// populated so (populated, a bit per page): a steady epoch stream
+// populated so (populated, a sparse bitmap): a steady epoch stream
 // rewrites pages it holds already and makes no call at all. The record
 // is only a hint: a page populated elsewhere is populated again for
 // nothing (cheap), a page the kernel dropped faults as before.
 
 // Prefault implements checkpoint.Prefaulter: a write-through image
 // populates the run's pages it has not yet populated before the Reader
-// writes them. A staging image writes memory only at EndEpoch, which
-// populates there (prefaultStaged).
+// writes them. A staging image notes its fresh pages as they are staged
+// (noteStaged) and populates them when it commits (prefaultStaged).
 func (im *Image) Prefault(first, n uint64) {
 	if im.writeThrough {
 		im.prefaultRun(first, n, im.huge)
 	}
 }
 
-// prefaultRun populates the pages of [first, first+n) not populated yet,
-// a call per sub-run, and records them; with huge, whole 2 MiB blocks as
-// huge pages. Receiving goroutine only.
-func (im *Image) prefaultRun(first, n uint64, huge bool) {
-	limit := guest.PageLimit(im.regions)
+// populatedPages is the record of pages populated ahead of writes, made
+// on first use.
+func (im *Image) populatedPages() *precopy.Bitmap {
 	if im.populated == nil {
-		im.populated = make([]uint64, (limit+63)/64)
+		im.populated = precopy.NewBitmap(guest.PageLimit(im.regions))
 	}
-	end := min(first+n, limit)
+	return im.populated
+}
+
+// prefaultRun populates the pages of [first, first+n) not populated yet,
+// a call per run of them, and records them; with huge, whole 2 MiB
+// blocks as huge pages. Receiving goroutine only.
+func (im *Image) prefaultRun(first, n uint64, huge bool) {
+	pop := im.populatedPages()
+	end := min(first+n, pop.Len())
 	for p := first; p < end; {
-		if im.populated[p/64]&(1<<(p%64)) != 0 {
-			p++
-			continue
-		}
 		q := p
-		for q < end && im.populated[q/64]&(1<<(q%64)) == 0 {
-			im.populated[q/64] |= 1 << (q % 64)
+		for q < end && pop.Set(q) { // newly set: not populated before
 			q++
 		}
-		h := huge && q-p >= guest.HugeBlockPages && im.hugeRuns < maxHugeRuns
-		if h {
-			im.hugeRuns++
+		if q > p {
+			h := huge && q-p >= guest.HugeBlockPages && im.hugeRuns < maxHugeRuns
+			if h {
+				im.hugeRuns++
+			}
+			guest.PrefaultPages(im.regions, p, q-p, h)
 		}
-		guest.PrefaultPages(im.regions, p, q-p, h)
-		p = q
+		p = q + 1 // page q was populated already (or q is end)
 	}
 }
 
@@ -61,22 +65,23 @@ func (im *Image) prefaultRun(first, n uint64, huge bool) {
 // split the guest's mapping once (guest.PrefaultWrite).
 const maxHugeRuns = 4096
 
-// prefaultStaged populates, before a commit copies the staged pages into
-// memory, those of them not populated yet, in runs of consecutive pages.
-// Once every page the stream rewrites is populated it costs a bit test
-// per staged page. Never huge pages: this runs under mu, and a huge
-// page's allocation may compact memory first (THP defrag=madvise).
+// noteStaged records a page newly staged in the open epoch if it has not
+// been populated, for prefaultStaged. Receiving goroutine only.
+func (im *Image) noteStaged(index uint64) {
+	if !im.populatedPages().Test(index) {
+		im.fresh = append(im.fresh, index)
+	}
+}
+
+// prefaultStaged populates the open epoch's fresh staged pages, in runs
+// of consecutive pages, before the commit copies them into memory; an
+// epoch of pages the image holds already has none. EndEpoch calls it
+// without mu (committing keeps the guest from being handed over or
+// closed meanwhile). Never huge pages: the commit waits for it, and a
+// huge page's allocation may compact memory first (THP defrag=madvise).
 func (im *Image) prefaultStaged() {
-	fresh := im.fresh[:0]
-	for idx := range im.staged {
-		if im.populated == nil || idx/64 >= uint64(len(im.populated)) || im.populated[idx/64]&(1<<(idx%64)) == 0 {
-			fresh = append(fresh, idx)
-		}
-	}
-	im.fresh = fresh
-	if len(fresh) == 0 {
-		return
-	}
+	fresh := im.fresh
+	im.fresh = im.fresh[:0]
 	slices.Sort(fresh)
 	for i := 0; i < len(fresh); {
 		j := i + 1

@@ -46,7 +46,7 @@ func TestImagePrefault(t *testing.T) {
 			if !after[p] && !before[p] {
 				t.Errorf("write-through %v: page %d not populated", through, p)
 			}
-			if im.populated[(r.FirstPage()+p)/64]&(1<<((r.FirstPage()+p)%64)) == 0 {
+			if !im.populated.Test(r.FirstPage() + p) {
 				t.Errorf("write-through %v: page %d not recorded", through, p)
 			}
 		}
