@@ -22,7 +22,11 @@ import (
 func TestFTThrottleSlowLink(t *testing.T) {
 	t.Parallel()
 	forEachKind(t, func(t *testing.T, kind string) {
-		run := func(throttle bool) ftStatus {
+		type result struct {
+			ftStatus
+			writes float64 // the guest's page writes/s in the window
+		}
+		run := func(throttle bool) result {
 			sa := newSecAddrs(t)
 			sec := startSecondary(t, fmt.Sprintf("secondary-%s-throttle-%v", kind, throttle), sa)
 			defer sec.kill()
@@ -50,11 +54,11 @@ func TestFTThrottleSlowLink(t *testing.T) {
 				kind, throttle, eps, s1.ThrottlePercent, s1.AckLatencyP50Ms, s1.AckLatencyP99Ms, writes,
 				float64(s1.EpochWireBytes-s0.EpochWireBytes)/secs/1e6, s1.Protection)
 			s1.EpochsPerSecond = eps
-			return s1
+			return result{s1, writes}
 		}
 		// The two runs share nothing (each its own pair and proxy), so
 		// they run side by side: the test mostly waits.
-		var off, on ftStatus
+		var off, on result
 		var wg sync.WaitGroup
 		wg.Go(func() { off = run(false) })
 		wg.Go(func() { on = run(true) })
@@ -62,8 +66,12 @@ func TestFTThrottleSlowLink(t *testing.T) {
 		if off.ThrottlePercent != 0 {
 			t.Errorf("--epoch-throttle=false: throttle %d%%", off.ThrottlePercent)
 		}
-		if on.ThrottlePercent == 0 {
-			t.Errorf("the link carries 6.25 MB/s of a guest's 10 MB/s and nothing was throttled")
+		// A guest starved of CPU by a loaded host may write less than the
+		// link carries (seen once: 1,410 of its 2,500 pages/s, 5.6 MB/s,
+		// with short epochs); then there is nothing to throttle, and the
+		// epochs-per-second verdict below still holds it to short epochs.
+		if on.ThrottlePercent == 0 && on.writes*4096 > 6.25e6 {
+			t.Errorf("the guest wrote %.1f MB/s over a link that carries 6.25 MB/s and nothing was throttled", on.writes*4096/1e6)
 		}
 		if on.EpochsPerSecond < 2*off.EpochsPerSecond || on.EpochsPerSecond < 10 {
 			t.Errorf("throttled %.1f epochs/s, unthrottled %.1f: the throttle did not keep epochs short", on.EpochsPerSecond, off.EpochsPerSecond)

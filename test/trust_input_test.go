@@ -486,9 +486,12 @@ func TestTrustSlowHTTPClients(t *testing.T) {
 		}
 		return true
 	})
-	// ReadHeaderTimeout (5 s) after the last one was opened, plus slack.
-	if count != slow || last > opened+8*time.Second {
-		t.Errorf("%d of %d slow connections closed, the last after %v; want all within %v", count, slow, last, opened+8*time.Second)
+	// ReadHeaderTimeout (5 s) after the last one was opened, plus slack:
+	// the close is seen by 500 reading goroutines of a -race binary, which
+	// on a loaded 2-core host lagged the node's close by 3.5 s once. Held
+	// connections would stay open for waitClosed's 30 s.
+	if count != slow || last > opened+12*time.Second {
+		t.Errorf("%d of %d slow connections closed, the last after %v; want all within %v", count, slow, last, opened+12*time.Second)
 	}
 	t.Logf("%d slow connections opened in %v; /status answered in at most %v; %d closed within a second (the cap), all by the node, the last after %v",
 		slow, opened.Round(time.Millisecond), worst.Round(time.Millisecond), atOnce, last.Round(time.Millisecond))
@@ -534,7 +537,10 @@ trickle:
 			t.Fatalf("trickling client still connected after %v", time.Since(t0))
 		}
 	}
-	if took > 7*time.Second {
+	// The drop is seen here after the node's (5 s), late by as much as
+	// 3.6 s on a loaded host; a deadline the trickle kept extending would
+	// hold the client for the whole Hello (45 s) or waitClosed's 30 s.
+	if took > 10*time.Second {
 		t.Errorf("trickling client dropped after %v, want about 5s", took)
 	}
 	t.Logf("trickling client dropped after %v (%d bytes sent, one per 100 ms)", took.Round(time.Millisecond), sent)
