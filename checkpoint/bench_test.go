@@ -272,3 +272,45 @@ func zstdOnlyDecode(b *testing.B, frames [][]byte, n int) {
 }
 
 var _ = io.Discard
+
+// BenchmarkXORDelta: one page's delta attempt against its cached base,
+// per page, for the rewrites the profiles make: 8 bytes, 256 bytes and
+// the whole page (fresh random data, which no delta can carry: the
+// attempt is pure cost). Beside it, copy of the page (what sending it raw
+// costs the encoder at least).
+//
+//	go test ./checkpoint/ -run '^$' -bench XORDelta -count 5
+func BenchmarkXORDelta(b *testing.B) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	base := make([]byte, guest.PageSize)
+	fillRandom(rng, base)
+	cases := []struct {
+		name    string
+		changed int // bytes rewritten at offset 1000 (the whole page if PageSize)
+		want    bool
+	}{{"8B", 8, true}, {"256B", 256, true}, {"whole-page", guest.PageSize, false}}
+	for _, c := range cases {
+		page := bytes.Clone(base)
+		if c.changed == guest.PageSize {
+			fillRandom(rng, page)
+		} else {
+			fillRandom(rng, page[1000:1000+c.changed])
+		}
+		b.Run(c.name, func(b *testing.B) {
+			dst := make([]byte, 0, 2*guest.PageSize)
+			b.SetBytes(guest.PageSize)
+			for b.Loop() {
+				if _, ok := appendXORDelta(dst[:0], page, base); ok != c.want {
+					b.Fatalf("delta accepted %v, want %v", ok, c.want)
+				}
+			}
+		})
+	}
+	b.Run("copy", func(b *testing.B) {
+		dst := make([]byte, guest.PageSize)
+		b.SetBytes(guest.PageSize)
+		for b.Loop() {
+			copy(dst, base)
+		}
+	})
+}

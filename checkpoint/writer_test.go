@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -310,6 +311,90 @@ func TestSkipCacheBelow(t *testing.T) {
 		}
 		if !bytes.Equal(tgt.Page(5), b2) || !bytes.Equal(tgt.Page(20), c2) {
 			t.Fatalf("skip %v: restored pages differ from the pages sent", skip)
+		}
+	}
+}
+
+// xorDeltaRef is appendXORDelta's encoding written the plain way (a byte
+// at a time, the limit checked after each run): the fast scan must give
+// the same bytes, and refuse the same pages.
+func xorDeltaRef(page, base []byte) ([]byte, bool) {
+	dst := []byte{0, 0}
+	nruns, pos, last, n := 0, 0, 0, len(page)
+	for pos < n {
+		for pos < n && page[pos] == base[pos] {
+			pos++
+		}
+		if pos >= n {
+			break
+		}
+		runStart, end := pos, pos+1
+		for end < n {
+			if page[end] != base[end] {
+				end++
+				continue
+			}
+			gap := end
+			for gap < n && gap-end < 4 && page[gap] == base[gap] {
+				gap++
+			}
+			if gap < n && gap-end < 4 {
+				end = gap
+				continue
+			}
+			break
+		}
+		dst = binary.AppendUvarint(dst, uint64(runStart-last))
+		dst = binary.AppendUvarint(dst, uint64(end-runStart))
+		for i := runStart; i < end; i++ {
+			dst = append(dst, page[i]^base[i])
+		}
+		nruns++
+		last, pos = end, end
+		if len(dst) > maxDeltaLen {
+			return nil, false
+		}
+	}
+	dst[0], dst[1] = byte(nruns)|0x80, byte(nruns>>7)
+	return dst, true
+}
+
+func TestXORDeltaMatchesPlainScan(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	for i := 0; i < 20000; i++ {
+		base := make([]byte, guest.PageSize)
+		if rng.IntN(4) > 0 {
+			fillRandom(rng, base)
+		}
+		page := bytes.Clone(base)
+		switch rng.IntN(5) {
+		case 0: // whole page rewritten
+			fillRandom(rng, page)
+		case 1: // one long stretch, anywhere, up to the end
+			at := rng.IntN(guest.PageSize)
+			fillRandom(rng, page[at:min(guest.PageSize, at+rng.IntN(3000))])
+		case 2: // many short changes with short equal gaps between them
+			for at := rng.IntN(64); at < guest.PageSize; at += 1 + rng.IntN(9) {
+				page[at] ^= byte(1 + rng.IntN(255))
+			}
+		default: // a few scattered changes
+			for k := 0; k < rng.IntN(60); k++ {
+				at := rng.IntN(guest.PageSize)
+				for j := at; j < min(at+1+rng.IntN(40), guest.PageSize); j++ {
+					page[j] = byte(rng.Uint32())
+				}
+			}
+		}
+		want, wantOK := xorDeltaRef(page, base)
+		got, ok := appendXORDelta([]byte{0xEE}, page, base)
+		if ok != wantOK {
+			t.Fatalf("case %d: accepted %v, the plain scan %v", i, ok, wantOK)
+		}
+		if ok && !bytes.Equal(got[1:], want) {
+			t.Fatalf("case %d: %d bytes differ from the plain scan's %d", i, len(got)-1, len(want))
+		}
+		if ok && got[0] != 0xEE {
+			t.Fatalf("case %d: the bytes before dst's end were changed", i)
 		}
 	}
 }
