@@ -122,3 +122,82 @@ func BenchmarkMemorySum(b *testing.B) {
 		}
 	})
 }
+
+// nonZero counts the pages m records as non-zero.
+func (m *MemHash) nonZero() int {
+	n := len(m.far)
+	for _, ch := range m.chunks {
+		if ch == nil {
+			continue
+		}
+		for _, h := range ch {
+			if h != 0 {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// TestMemHashTableMatchesMap: the chunked table keeps the same fold and
+// per-page contributions as a map of every page would, across rewrites,
+// pages zeroed again, indices far apart and past the chunks (the map
+// beyond them).
+func TestMemHashTableMatchesMap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(21, 22))
+	m := NewMemHash()
+	ref := map[uint64]uint64{}
+	var xor, sum uint64
+	far := uint64(maxHashChunks) << hashChunkShift
+	pick := func() uint64 {
+		switch rng.IntN(4) {
+		case 0:
+			return far + rng.Uint64N(1000)
+		case 1:
+			return rng.Uint64N(1 << 30) // a 4 TiB guest's range: sparse chunks
+		default:
+			return rng.Uint64N(3 * hashChunkPages)
+		}
+	}
+	for i := 0; i < 200000; i++ {
+		idx := pick()
+		zero := rng.IntN(5) == 0
+		sum64 := rng.Uint64()
+		m.UpdateHashed(idx, sum64, zero)
+		h := uint64(0)
+		if !zero {
+			h = PageHashOf(idx, sum64)
+		}
+		old := ref[idx]
+		xor ^= old ^ h
+		sum += h - old
+		if h == 0 {
+			delete(ref, idx)
+		} else {
+			ref[idx] = h
+		}
+		if i%1000 == 0 {
+			probe := pick()
+			if got := m.Page(probe); got != ref[probe] {
+				t.Fatalf("step %d: page %d records %x, want %x", i, probe, got, ref[probe])
+			}
+		}
+	}
+	var want [16]byte
+	binary.LittleEndian.PutUint64(want[:8], xor)
+	binary.LittleEndian.PutUint64(want[8:], sum)
+	if m.Sum() != want {
+		t.Fatalf("fold %x, want %x", m.Sum(), want)
+	}
+	if m.nonZero() != len(ref) {
+		t.Fatalf("%d non-zero pages recorded, want %d", m.nonZero(), len(ref))
+	}
+	for idx, h := range ref {
+		if m.Page(idx) != h {
+			t.Fatalf("page %d records %x, want %x", idx, m.Page(idx), h)
+		}
+	}
+	if m.Page(far+5000) != 0 || m.Page(1<<40) != 0 {
+		t.Fatal("a never-recorded page records a contribution")
+	}
+}
