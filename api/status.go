@@ -364,7 +364,7 @@ type MigrationStatus struct {
 	Status             string            `json:"status"`
 	TotalTimeMs        int64             `json:"total_time_ms"`
 	SetupTimeMs        int64             `json:"setup_time_ms"`
-	DowntimeMs         int64             `json:"downtime_ms"`
+	DowntimeMs         int64             `json:"downtime_ms"` // rounded up: a sub-millisecond pause is 1
 	ExpectedDowntimeMs int64             `json:"expected_downtime_ms"`
 	TransferredBytes   uint64            `json:"transferred_bytes"`
 	RemainingBytes     uint64            `json:"remaining_bytes"`

@@ -251,7 +251,9 @@ func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pau
 	m.update(func(s *MigrationStatus) {
 		s.Status = StatusCompleted
 		s.Outcome = OutcomeCommitted
-		s.DowntimeMs = downtime.Milliseconds()
+		// Rounded up: a pause under a millisecond is reported as 1 ms,
+		// never as none (DowntimeBreakdown.TotalMs has the fraction).
+		s.DowntimeMs = (downtime + time.Millisecond - 1).Milliseconds()
 		// The migration ends when the destination resumes; the
 		// switch-over digest above is a check that runs after it
 		// (tens of milliseconds for a guest's touched memory).
