@@ -33,6 +33,7 @@ type Image struct {
 
 	// Staging, owned by the receiving goroutine.
 	staged      map[uint64]stagedPage
+	stagedPeak  int // the most pages staged since staged was made (trimStaging)
 	free        [][]byte
 	stagedState *guest.MachineState
 	stagedDisk  []guest.DiskWrite
@@ -320,7 +321,7 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	if im.record {
 		im.lastState, im.lastDisk = im.stagedState, im.stagedDisk
 	}
-	clear(im.staged)
+	im.trimStaging()
 	im.stagedBytes = 0
 	if im.stagedState != nil {
 		im.state, im.hasState, im.consistent = *im.stagedState, true, true
@@ -332,6 +333,30 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	im.committed++
 	return nil
 }
+
+// trimStaging empties the staging map for the next epoch. A map keeps
+// the room of its largest epoch (a join's first epochs can be most of
+// the guest), and every later epoch's lookups, its commit's walk and
+// clear pay for that room: so past staleStagingPeak pages, a map whose
+// peak is over four times this epoch is made anew, and the free page
+// buffers beyond twice this epoch go to the collector.
+func (im *Image) trimStaging() {
+	n := len(im.staged)
+	im.stagedPeak = max(im.stagedPeak, n)
+	if im.stagedPeak > staleStagingPeak && im.stagedPeak > 4*n {
+		im.staged, im.stagedPeak = make(map[uint64]stagedPage, n), n
+		if keep := 2*n + 1024; len(im.free) > keep {
+			clear(im.free[keep:])
+			im.free = im.free[:keep]
+		}
+		return
+	}
+	clear(im.staged)
+}
+
+// staleStagingPeak is the staged page count up to which trimStaging
+// keeps a map as it is.
+const staleStagingPeak = 16384
 
 // Record makes the Image keep what each commit changed, for LastCommit.
 func (im *Image) Record() { im.record = true }
@@ -355,7 +380,7 @@ func (im *Image) discardLocked() {
 	for _, p := range im.staged {
 		im.free = append(im.free, p.data)
 	}
-	clear(im.staged)
+	im.trimStaging()
 	im.fresh = im.fresh[:0]
 	im.stagedState, im.stagedDisk, im.stagedBytes = nil, nil, 0
 	im.tearLocked()
