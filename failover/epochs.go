@@ -229,6 +229,7 @@ type EpochLoop struct {
 	lastPauseAt time.Time
 	nextTick    time.Time // the clock's next pause
 	pauseAcct   pauseAccount
+	epochPeak   float64 // the largest recent epoch, pages (noteEpochSize)
 	// Under mu: the bound of the last decision, the epochs triggered by
 	// output and by the clock, the pauses of the last pauseWindow, and
 	// when each epoch in flight was sent (its apply hop ends at the ack).

@@ -387,6 +387,20 @@ func ReserveCapture(buf []byte, pages int) []byte {
 	return newCaptureBuffer(want)[:0]
 }
 
+// GrowCapture returns buf, or a new empty buffer with room for pages
+// pages (plus a little headroom) when buf has less: an epoch loop about to
+// pause after the guest ran longer than usual (it waited for room in its
+// window) grows the buffer beforehand, outside the pause, for the epoch
+// it predicts, instead of letting the copy grow it with the guest
+// stopped. It never shrinks (ReserveCapture does, after shipping).
+func GrowCapture(buf []byte, pages int) []byte {
+	need := pages * guest.PageSize
+	if pages <= 0 || cap(buf) >= need {
+		return buf
+	}
+	return newCaptureBuffer(need + min(need/4, captureHeadroomMax))[:0]
+}
+
 // copyPages copies pages into buf (grown if too small), or into the Core's
 // reused buffer when buf is nil, and points them at their copies.
 func (c *Core) copyPages(pages []checkpoint.Page, buf []byte) []byte {
