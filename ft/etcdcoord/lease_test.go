@@ -102,3 +102,41 @@ func TestLeaseTTLBounded(t *testing.T) {
 		t.Fatalf("after a grant answering TTL %d: lease %+v, want at most %v", fake.ttl, l, maxLeaseTTL)
 	}
 }
+
+// TestLapseNoStepSawKeepsGeneration: the lease's margin runs out and a
+// keepalive renews the same lease before any decision step ran (what
+// TestBriefCutKeepsTheLease hit under load): CanRelease was false in
+// between, but etcd still held the lease, hence the leader key and the
+// term, so no other node can have been primary. The node goes on at its
+// generation, without a fence, and releases again.
+func TestLapseNoStepSawKeepsGeneration(t *testing.T) {
+	clk := clock.NewFake(time.Unix(1_000_000, 0))
+	cfg, err := Config{Endpoints: []string{"http://127.0.0.1:2379"}, Cluster: "g", IdentityFile: "x",
+		Self: failover.NodeInfo{ID: "a", Role: failover.RolePrimary, DataAddr: "127.0.0.1:7311"}, Clock: clk}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := &slowLeases{clk: clk, ttl: int64(cfg.LeaseTTL / time.Second)}
+	c := &Coordinator{cfg: cfg, clk: clk, log: slog.New(slog.DiscardHandler), keys: newKeys("g"), leases: fake,
+		wake: make(chan struct{}, 1), events: make(chan failover.Event, eventBuffer)}
+	c.renew(context.Background())
+	l := c.lease.Load()
+	c.snap.Store(&snapshot{leader: "a", leaderRev: 9, leaderLease: int64(l.id),
+		state:   stateRecord{V: recordVersion, Gen: 1, Primary: "a"},
+		members: map[string]memberRecord{"a": {V: recordVersion, Node: nodeOf(cfg.Self)}}})
+	c.active.Store(&failover.Activation{Generation: 1, Term: 9})
+	c.image = &failover.Image{Generation: 1, Live: true}
+	c.step()
+	clk.Advance(l.deadline.Add(-cfg.Margin).Sub(clk.Now()))
+	if c.CanRelease(1) {
+		t.Fatal("CanRelease true once the margin ran out")
+	}
+	c.renew(context.Background()) // same lease, renewed before a step
+	c.step()
+	if len(c.events) != 0 {
+		t.Fatalf("%d events after a lapse no step saw (first: %+v), want none", len(c.events), <-c.events)
+	}
+	if a := c.active.Load(); a == nil || a.Generation != 1 || !c.CanRelease(1) {
+		t.Fatalf("after the renewal: active %+v, CanRelease(1) %v; want generation 1 releasing", a, c.CanRelease(1))
+	}
+}
