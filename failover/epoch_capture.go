@@ -339,8 +339,9 @@ func (l *EpochLoop) growForPause(buf []byte) []byte {
 }
 
 // growCapFloor is growForPause's cap for a guest whose epochs were all
-// small: 64 MiB of pages.
-const growCapFloor = 64 << 20 / guest.PageSize
+// small: 16 MiB of pages (with three slots, what a wrong prediction can
+// leave populated beyond what the epochs use is about 48 MiB).
+const growCapFloor = 16 << 20 / guest.PageSize
 
 // noteEpochSize keeps epochPeak, the largest recent epoch in pages
 // (halving over about 35 epochs without a larger one). Capture
