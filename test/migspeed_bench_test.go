@@ -98,11 +98,13 @@ func honestSettle(kind string, touch uint64) time.Duration {
 // 25,000 random pages/s of 8-byte writes, loopback, no cap, the 300 ms
 // limit; with compression none and default, one stream and several
 // ($TANDEM_STREAMS), other fills ($TANDEM_FILLS), rates
-// ($TANDEM_DIRTY_RATE) and write sizes ($TANDEM_WRITE_BYTES).
+// ($TANDEM_DIRTY_RATE), write sizes ($TANDEM_WRITE_BYTES), patterns
+// ($TANDEM_DIRTY_PATTERN) and compressions ($TANDEM_COMPRESSIONS).
 // Reports the median total time and downtime over b.N runs (use
-// -benchtime 5x) and logs every run's attempts. QEMU 7.2 on this kind of
-// machine: total 2,210 ms, downtime 31 ms (issue 11); targets: downtime
-// median <= 35 ms, total <= 680 ms.
+// -benchtime 5x) and logs every run's attempts. QEMU 7.2 on the machine
+// of issue 11: total 2,210 ms, downtime 31 ms; targets: downtime median
+// <= 35 ms, total <= 0.5x QEMU's multifd (680 ms there). QEMU on the
+// machine at hand: docs/qemu-migration-baseline.sh.
 func BenchmarkMigrateHonest(b *testing.B) {
 	streams := []string{"1"}
 	if s := os.Getenv("TANDEM_STREAMS"); s != "" {
@@ -122,11 +124,20 @@ func BenchmarkMigrateHonest(b *testing.B) {
 	if s := os.Getenv("TANDEM_WRITE_BYTES"); s != "" {
 		writes = []string{"--write-bytes", s, "--write-data", "random"}
 	}
+	// $TANDEM_DIRTY_PATTERN=seq writes the pages in order, as the guest
+	// of docs/qemu-migration-baseline.sh does (the last flag wins).
+	if s := os.Getenv("TANDEM_DIRTY_PATTERN"); s != "" {
+		writes = append(writes, "--dirty-pattern", s)
+	}
+	comps := []string{"none", "default"}
+	if s := os.Getenv("TANDEM_COMPRESSIONS"); s != "" {
+		comps = strings.Split(s, ",")
+	}
 	for _, kind := range kinds {
 		b.Run(kind, func(b *testing.B) {
 			skipUnlessKind(b, kind)
 			for _, fill := range fills {
-				for _, comp := range []string{"none", "default"} {
+				for _, comp := range comps {
 					for _, ns := range streams {
 						b.Run(fmt.Sprintf("%s/%s/streams=%s", fill, comp, ns), func(b *testing.B) {
 							var totals, downs, srcCPU, dstCPU []float64
