@@ -399,7 +399,10 @@ func TestPairPartitionedPrimaryFencesOnHeal(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	activatedAfter := time.Since(partAt)
-	if activatedAfter < 2*time.Second {
+	// The secondary counts its 2 s from the last epoch it received,
+	// which came up to an epoch interval (25 ms) before the cut: seen
+	// once at 1.9996 s after it. 100 ms of slack for that.
+	if activatedAfter < 2*time.Second-100*time.Millisecond {
 		t.Errorf("activated %v into the partition, before the 2s failure timeout", activatedAfter)
 	}
 	// The cut-off primary cannot know: once its ack deadline passes it
