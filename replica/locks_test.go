@@ -480,8 +480,12 @@ func TestStoreDiskReadHoldsOffActivate(t *testing.T) {
 	}
 	select {
 	case err := <-begun:
-		if !errors.Is(err, ErrHandedOver) {
-			t.Fatalf("rewrite after activation: %v, want ErrHandedOver", err)
+		// Released, the rewrite races Activate for the image's lock:
+		// it either finished its copies first (nil; each copy checks
+		// ownership under the lock) or found the guest handed over.
+		// Seen both ways (3 of 60 runs finished first).
+		if err != nil && !errors.Is(err, ErrHandedOver) {
+			t.Fatalf("rewrite after activation: %v, want ErrHandedOver or a rewrite that finished first", err)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the rewrite never ended")
