@@ -34,6 +34,8 @@ type Image struct {
 	// Staging, owned by the receiving goroutine.
 	staged      map[uint64]stagedPage
 	stagedPeak  int // the most pages staged since staged was made (trimStaging)
+	smallEpochs int // epochs in a row under a quarter of stagedPeak, and the largest of them
+	smallPeak   int
 	free        [][]byte
 	stagedState *guest.MachineState
 	stagedDisk  []guest.DiskWrite
@@ -337,26 +339,41 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 // trimStaging empties the staging map for the next epoch. A map keeps
 // the room of its largest epoch (a join's first epochs can be most of
 // the guest), and every later epoch's lookups, its commit's walk and
-// clear pay for that room: so past staleStagingPeak pages, a map whose
-// peak is over four times this epoch is made anew, and the free page
-// buffers beyond twice this epoch go to the collector.
+// clear pay for that room: so past staleStagingPeak pages, once
+// trimAfter epochs in a row were each under a quarter of the peak, the
+// map is made anew and the free page buffers beyond twice the largest of
+// those epochs go to the collector. Epochs that alternate large and
+// small (a stalled window, then normal ones) keep theirs: remaking the
+// map and the buffers every other epoch would cost more than it saves.
 func (im *Image) trimStaging() {
 	n := len(im.staged)
-	im.stagedPeak = max(im.stagedPeak, n)
-	if im.stagedPeak > staleStagingPeak && im.stagedPeak > 4*n {
-		im.staged, im.stagedPeak = make(map[uint64]stagedPage, n), n
-		if keep := 2*n + 1024; len(im.free) > keep {
-			clear(im.free[keep:])
-			im.free = im.free[:keep]
-		}
+	if n > im.stagedPeak/4 {
+		im.stagedPeak = max(im.stagedPeak, n)
+		im.smallEpochs, im.smallPeak = 0, 0
+		clear(im.staged)
 		return
 	}
-	clear(im.staged)
+	im.smallEpochs++
+	im.smallPeak = max(im.smallPeak, n)
+	if im.stagedPeak <= staleStagingPeak || im.smallEpochs < trimAfter {
+		clear(im.staged)
+		return
+	}
+	im.staged, im.stagedPeak = make(map[uint64]stagedPage, 2*im.smallPeak), im.smallPeak
+	if keep := 2*im.smallPeak + 1024; len(im.free) > keep {
+		clear(im.free[keep:])
+		im.free = im.free[:keep]
+	}
+	im.smallEpochs, im.smallPeak = 0, 0
 }
 
 // staleStagingPeak is the staged page count up to which trimStaging
-// keeps a map as it is.
-const staleStagingPeak = 16384
+// keeps a map as it is; trimAfter how many small epochs in a row it
+// waits for (about 1.6 s of 25 ms epochs).
+const (
+	staleStagingPeak = 16384
+	trimAfter        = 64
+)
 
 // Record makes the Image keep what each commit changed, for LastCommit.
 func (im *Image) Record() { im.record = true }

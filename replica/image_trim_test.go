@@ -10,7 +10,8 @@ import (
 
 // TestStagingShrinksAfterALargeEpoch: a large first epoch (a join's) does
 // not leave every later small epoch a staging map and a pool of free page
-// buffers of its size; the image's content and digest are unaffected.
+// buffers of its size, but epochs that alternate large and small keep
+// theirs (no churn); the image's content and digest are unaffected.
 func TestStagingShrinksAfterALargeEpoch(t *testing.T) {
 	g, err := synth.New(guest.Config{Memory: 256 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
 	if err != nil {
@@ -32,17 +33,42 @@ func TestStagingShrinksAfterALargeEpoch(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	stage(1, 3*staleStagingPeak)
-	if len(im.free) != 3*staleStagingPeak || im.stagedPeak != 3*staleStagingPeak {
+	big := 3 * staleStagingPeak
+	stage(1, big)
+	if len(im.free) != big || im.stagedPeak != big {
 		t.Fatalf("after the large epoch: %d free buffers, peak %d", len(im.free), im.stagedPeak)
 	}
-	stage(2, 10)
-	if len(im.free) > 2*10+1024 || im.stagedPeak != 10 {
-		t.Fatalf("after a small epoch: %d free buffers (want at most %d), peak %d (want 10)", len(im.free), 2*10+1024, im.stagedPeak)
+	// Large and small epochs alternating: nothing is thrown away.
+	epoch := uint64(2)
+	for range 2 * trimAfter {
+		pages := 10
+		if epoch%2 == 0 {
+			pages = big
+		}
+		stage(epoch, pages)
+		epoch++
 	}
-	stage(3, 10)
-	if got := g.Regions()[0].Mem[guest.PageSize*5 : guest.PageSize*5+2]; got[0] != 3 || got[1] != 5 {
-		t.Fatalf("page 5 holds %v after epoch 3", got)
+	stage(epoch, big) // the last of them large: no small epoch counted yet
+	epoch++
+	if len(im.free) != big || im.stagedPeak != big {
+		t.Fatalf("alternating epochs: %d free buffers (want %d kept), peak %d", len(im.free), big, im.stagedPeak)
+	}
+	// Small epochs only: after trimAfter of them the room goes.
+	for range trimAfter - 1 {
+		stage(epoch, 10)
+		epoch++
+	}
+	if len(im.free) != big {
+		t.Fatalf("%d small epochs: %d free buffers, want all %d kept until %d", trimAfter-1, len(im.free), big, trimAfter)
+	}
+	stage(epoch, 10)
+	epoch++
+	if len(im.free) > 2*10+1024 || im.stagedPeak != 10 {
+		t.Fatalf("after %d small epochs: %d free buffers (want at most %d), peak %d (want 10)", trimAfter, len(im.free), 2*10+1024, im.stagedPeak)
+	}
+	stage(epoch, 10)
+	if got := g.Regions()[0].Mem[guest.PageSize*5 : guest.PageSize*5+2]; got[0] != byte(epoch) || got[1] != 5 {
+		t.Fatalf("page 5 holds %v after epoch %d", got, epoch)
 	}
 	if want := guest.ScanMemory(g.Regions()).Sum(); im.hash.Sum() != want {
 		t.Fatalf("memory hash %x, a scan of memory %x", im.hash.Sum(), want)

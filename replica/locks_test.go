@@ -408,11 +408,22 @@ type slowReadGuest struct {
 	guest.Guest
 	entered chan struct{}
 	release chan struct{}
+	// loaded: Activate has begun loading the state (the handover);
+	// readAfter: a disk read began after that.
+	loaded, readAfter atomic.Bool
+}
+
+func (g *slowReadGuest) LoadState(s guest.MachineState) error {
+	g.loaded.Store(true)
+	return g.Guest.LoadState(s)
 }
 
 func (g *slowReadGuest) DiskSize() (uint64, error) { return g.Guest.(guest.DiskImage).DiskSize() }
 func (g *slowReadGuest) DiskDropped() uint64       { return g.Guest.(guest.DiskImage).DiskDropped() }
 func (g *slowReadGuest) ReadDisk(p []byte, off uint64) error {
+	if g.loaded.Load() {
+		g.readAfter.Store(true)
+	}
 	select {
 	case g.entered <- struct{}{}:
 	default:
@@ -489,6 +500,9 @@ func TestStoreDiskReadHoldsOffActivate(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the rewrite never ended")
+	}
+	if sg.readAfter.Load() {
+		t.Fatal("the rewrite read the disk after Activate began handing the guest over")
 	}
 }
 
