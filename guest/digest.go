@@ -36,9 +36,13 @@ func (d Digest) String() string { return hex.EncodeToString(d[:]) }
 // an epoch's pages update it at array speed, where a map of every
 // non-zero page of a guest (131,072 entries for 512 MiB in use) took a
 // cache miss per page and 7 % of a secondary's CPU at 100,000 pages/s. A
-// chunk covers 16 MiB of guest memory and costs 32 KiB, so a sparse
-// guest pays for the chunks it uses, a dense one about the map's price.
-// Indices past maxHashChunks chunks (64 TiB) go to a map.
+// chunk covers 2 MiB of guest memory and costs 4 KiB, so a guest pays
+// for the chunks it uses: at most 1/512 of its memory when every chunk
+// holds a page, about the map's price when its pages are dense, and 4 KiB
+// per page in the worst scatter (one page per 2 MiB; a map costs tens of
+// bytes). The chunk pointers cost 8 bytes per 2 MiB up to the highest
+// page used (4 MiB for 1 TiB). Indices past maxHashChunks chunks (16 TiB)
+// go to a map.
 //
 // A MemHash is not safe for concurrent use.
 type MemHash struct {
@@ -50,9 +54,9 @@ type MemHash struct {
 }
 
 const (
-	hashChunkShift = 12
+	hashChunkShift = 9
 	hashChunkPages = 1 << hashChunkShift
-	maxHashChunks  = 1 << 22
+	maxHashChunks  = 1 << 23
 )
 
 // NewMemHash returns the digest of all-zero memory.
