@@ -104,7 +104,9 @@ func (r *Receiver) stagingBudget(cfg guest.Config) uint64 {
 // newImage wraps g with this receiver's staging budget for cfg.
 func (r *Receiver) newImage(g guest.Guest, cfg guest.Config) *Image {
 	im := NewImage(g)
-	im.SetBudget(r.stagingBudget(cfg))
+	b := r.stagingBudget(cfg)
+	im.SetBudget(b)
+	raiseMemoryLimit(b)
 	return im
 }
 
