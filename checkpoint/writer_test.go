@@ -361,7 +361,7 @@ func xorDeltaRef(page, base []byte) ([]byte, bool) {
 
 func TestXORDeltaMatchesPlainScan(t *testing.T) {
 	rng := rand.New(rand.NewPCG(11, 12))
-	for i := 0; i < 20000; i++ {
+	for i := 0; i < 8000; i++ {
 		base := make([]byte, guest.PageSize)
 		if rng.IntN(4) > 0 {
 			fillRandom(rng, base)

@@ -13,7 +13,7 @@ import (
 // buffers of its size, but epochs that alternate large and small keep
 // theirs (no churn); the image's content and digest are unaffected.
 func TestStagingShrinksAfterALargeEpoch(t *testing.T) {
-	g, err := synth.New(guest.Config{Memory: 256 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
+	g, err := synth.New(guest.Config{Memory: 128 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,20 +33,23 @@ func TestStagingShrinksAfterALargeEpoch(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	big := 3 * staleStagingPeak
+	big := staleStagingPeak + 1000
 	stage(1, big)
 	if len(im.free) != big || im.stagedPeak != big {
 		t.Fatalf("after the large epoch: %d free buffers, peak %d", len(im.free), im.stagedPeak)
 	}
 	// Large and small epochs alternating: nothing is thrown away.
 	epoch := uint64(2)
-	for range 2 * trimAfter {
+	for range 6 { // three cycles: a trim needs trimAfter small epochs in a row
 		pages := 10
 		if epoch%2 == 0 {
 			pages = big
 		}
 		stage(epoch, pages)
 		epoch++
+		if len(im.free) != big {
+			t.Fatalf("alternating epochs, after one of %d pages: %d free buffers, want all %d kept", pages, len(im.free), big)
+		}
 	}
 	stage(epoch, big) // the last of them large: no small epoch counted yet
 	epoch++
