@@ -603,7 +603,13 @@ func TestWaitSyncedAfterSnapshotRestart(t *testing.T) {
 			t.Fatalf("%s: %v", id, err)
 		}
 	}
-	waitFor(t, 10*time.Second, "a primary", func() bool { return c.node("p").State().Primary == "p" })
+	// Every node must have applied the claim before it snapshots: a
+	// follower that had not applied it yet could have nothing new since
+	// its last snapshot, and raft then refuses ("nothing new to
+	// snapshot"; seen once in make test).
+	for _, id := range []string{"p", "s", "w"} {
+		waitFor(t, 10*time.Second, id+" applied the primary", func() bool { return c.node(id).State().Primary == "p" })
+	}
 	for _, id := range []string{"p", "s", "w"} {
 		if err := c.node(id).raft.Snapshot().Error(); err != nil {
 			t.Fatalf("snapshot %s: %v", id, err)
