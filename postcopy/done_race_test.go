@@ -98,3 +98,71 @@ func (c *lateDoneConn) Read(p []byte) (int, error) {
 }
 
 func (c *lateDoneConn) Write([]byte) (int, error) { return 0, syscall.EPIPE }
+
+// TestSourceFinishesWhenDonesDigestIsSlow: as above, and the digest Done
+// is checked against takes longer than the grace for finding Done (a
+// scan of a large paused guest on a loaded host): the run still finished.
+func TestSourceFinishesWhenDonesDigestIsSlow(t *testing.T) {
+	mem := make([]byte, 16*guest.PageSize)
+	mem[5*guest.PageSize] = 1
+	regions := []guest.Region{{GPA: 0, Mem: mem}}
+	var want guest.Digest
+	want[0], want[31] = 0xab, 0xcd
+	var runs, done bytes.Buffer
+	rw := newFrameWriter(&recordConn{w: &runs}, time.Second)
+	if err := writeRuns(rw, [][2]uint64{{0, 16}}); err != nil {
+		t.Fatal(err)
+	}
+	dw := newFrameWriter(&recordConn{w: &done}, time.Second)
+	if err := dw.write(frameDone, 0, want[:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := dw.flush(); err != nil {
+		t.Fatal(err)
+	}
+	urgent := &lateDoneConn{first: runs.Bytes(), later: done.Bytes(), delay: 100 * time.Millisecond}
+	s := NewSourceFunc(regions, func() guest.Digest {
+		time.Sleep(doneGrace + 500*time.Millisecond)
+		return want
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Run(ctx, urgent, &recordConn{err: syscall.EPIPE}); err != nil {
+		t.Fatalf("run: %v (want nil: the destination had sent Done; only its check was slow)", err)
+	}
+}
+
+// TestSourceFinishesWhenAReplyLosesTheRaceWithDone: the destination's
+// last request is answered by the push first, it sends Done and closes;
+// the source's reply to that request fails (broken pipe) before it reads
+// Done. The run finished.
+func TestSourceFinishesWhenAReplyLosesTheRaceWithDone(t *testing.T) {
+	mem := make([]byte, 16*guest.PageSize)
+	mem[5*guest.PageSize] = 1
+	regions := []guest.Region{{GPA: 0, Mem: mem}}
+	var want guest.Digest
+	want[0], want[31] = 0xab, 0xcd
+	var runs, later bytes.Buffer
+	rw := newFrameWriter(&recordConn{w: &runs}, time.Second)
+	if err := writeRuns(rw, [][2]uint64{{0, 16}}); err != nil {
+		t.Fatal(err)
+	}
+	lw := newFrameWriter(&recordConn{w: &later}, time.Second)
+	if err := lw.write(frameRequest, 5, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := lw.write(frameDone, 0, want[:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := lw.flush(); err != nil {
+		t.Fatal(err)
+	}
+	urgent := &lateDoneConn{first: runs.Bytes(), later: later.Bytes(), delay: 100 * time.Millisecond}
+	var bulk bytes.Buffer
+	s := NewSource(regions, want)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Run(ctx, urgent, &recordConn{w: &bulk}); err != nil {
+		t.Fatalf("run: %v (want nil: the destination had sent Done after its request)", err)
+	}
+}

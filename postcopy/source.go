@@ -105,8 +105,9 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 	bw.done = rctx.Done()
 	errs := make(chan error, 2)
 	served := make(chan error, 1)
+	sawDone := make(chan struct{}, 1)
 	var wg sync.WaitGroup
-	wg.Go(func() { served <- s.serve(rctx, r, uw) })
+	wg.Go(func() { served <- s.serve(rctx, r, uw, sawDone) })
 	for _, f := range []func() error{
 		func() error { return s.push(rctx, bw, toSend) },
 		func() error { return beat(rctx, uw) },
@@ -123,7 +124,7 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 			err = ctx.Err() // serve ends without an error only when ctx did
 		}
 	case err = <-errs:
-		err = s.doneAfterWriteError(err, served)
+		err = s.doneAfterWriteError(err, served, sawDone)
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
@@ -138,25 +139,44 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 }
 
 // doneGrace is how long a run whose write failed waits for its reader to
-// find the destination's Done.
-const doneGrace = time.Second
+// find the destination's Done; doneCheckWait how long it then waits for
+// Done's digest to be checked against this side's (the expected digest
+// may be a scan of the paused guest, which takes seconds on a large one).
+const (
+	doneGrace     = time.Second
+	doneCheckWait = time.Minute
+)
 
 // doneAfterWriteError is Run's answer when a write (a push or a
 // heartbeat) failed first: a destination that has every page sends Done
 // and closes its end, and a write racing that close fails (broken pipe)
 // while Done still waits, unread, in this side's socket. serve reads on
 // (the run's context is not cancelled yet): if it finds Done within
-// doneGrace, the run finished; otherwise the write's error stands. Seen
-// in make test: a protected move's source reported its link lost, and
-// stayed post-copy-paused with nothing owed, after the destination had
-// completed.
-func (s *Source) doneAfterWriteError(err error, served <-chan error) error {
+// doneGrace, the run finished once the digests are compared; otherwise
+// the write's error stands. Seen in make test: a protected move's source
+// reported its link lost, and stayed post-copy-paused with nothing owed,
+// after the destination had completed; then again when Done was read in
+// time but the digest it is checked against took longer than the grace
+// (a scan of the paused guest on a loaded host).
+func (s *Source) doneAfterWriteError(err error, served <-chan error, sawDone <-chan struct{}) error {
 	t := time.NewTimer(doneGrace)
 	defer t.Stop()
-	select {
-	case serr := <-served:
+	finished := func(serr error) error {
 		if errors.Is(serr, errFinished) || errors.Is(serr, ErrDigestMismatch) {
 			return serr
+		}
+		return err
+	}
+	select {
+	case serr := <-served:
+		return finished(serr)
+	case <-sawDone:
+		check := time.NewTimer(doneCheckWait)
+		defer check.Stop()
+		select {
+		case serr := <-served:
+			return finished(serr)
+		case <-check.C:
 		}
 	case <-t.C:
 	}
@@ -217,15 +237,31 @@ func (l *lockedWriter) send(typ byte, arg uint64, payload []byte) error {
 }
 
 // serve answers requests on the urgent connection, each at once and
-// ahead of anything the push has queued, until Done.
-func (s *Source) serve(ctx context.Context, r *frameReader, uw *lockedWriter) error {
+// ahead of anything the push has queued, until Done; sawDone is told as
+// soon as Done is read, before its digest is checked.
+//
+// A reply that cannot be written does not end it at once: a destination
+// that has every page sends Done and closes, and a reply to one of its
+// last requests (the page came by the push meanwhile) fails with Done
+// still unread here (seen in make test: the move stayed post-copy-paused
+// with nothing owed). It reads on, replying to nothing, for doneGrace,
+// and ends with the reply's error unless Done comes.
+func (s *Source) serve(ctx context.Context, r *frameReader, uw *lockedWriter, sawDone chan<- struct{}) error {
+	var sendErr error
+	var sendErrAt time.Time
 	for {
 		f, err := r.read()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
+			if sendErr != nil {
+				return sendErr
+			}
 			return err
+		}
+		if sendErr != nil && f.typ != frameDone && time.Since(sendErrAt) > doneGrace {
+			return sendErr
 		}
 		switch f.typ {
 		case frameBeat:
@@ -240,13 +276,21 @@ func (s *Source) serve(ctx context.Context, r *frameReader, uw *lockedWriter) er
 			if guest.IsZeroPage(page) {
 				typ, payload = frameZero, nil
 			}
+			if sendErr != nil {
+				continue
+			}
 			if err := uw.send(typ, f.arg, payload); err != nil {
-				return err
+				sendErr, sendErrAt = err, time.Now()
+				continue
 			}
 			s.mu.Lock()
 			s.stats.Requests++
 			s.mu.Unlock()
 		case frameDone:
+			select {
+			case sawDone <- struct{}{}:
+			default:
+			}
 			if got, want := guest.Digest(f.data), s.expected(); got != want {
 				return fmt.Errorf("%w: destination %s, source %s", ErrDigestMismatch, got, want)
 			}
