@@ -21,31 +21,42 @@ import (
 // in make test). Here every write fails and Done arrives 100 ms after
 // the runs, so the failed push always comes first.
 func TestSourceFinishesWhenAWriteLosesTheRaceWithDone(t *testing.T) {
-	mem := make([]byte, 16*guest.PageSize)
-	mem[5*guest.PageSize] = 1 // one page for the push to send
-	regions := []guest.Region{{GPA: 0, Mem: mem}}
-	var want guest.Digest
-	want[0], want[31] = 0xab, 0xcd
-
-	var runs, done bytes.Buffer
-	rw := newFrameWriter(&recordConn{w: &runs}, time.Second)
-	if err := writeRuns(rw, [][2]uint64{{0, 16}}); err != nil {
-		t.Fatal(err)
-	}
-	dw := newFrameWriter(&recordConn{w: &done}, time.Second)
-	if err := dw.write(frameDone, 0, want[:]); err != nil {
-		t.Fatal(err)
-	}
-	if err := dw.flush(); err != nil {
-		t.Fatal(err)
-	}
-	urgent := &lateDoneConn{first: runs.Bytes(), later: done.Bytes(), delay: 100 * time.Millisecond}
+	regions, want, runs := raceFixture(t)
+	done := encodeFrames(t, func(w *frameWriter) error { return w.write(frameDone, 0, want[:]) })
+	urgent := &lateDoneConn{first: runs, later: done, delay: 100 * time.Millisecond}
 	s := NewSource(regions, want)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := s.Run(ctx, urgent, &recordConn{err: syscall.EPIPE}); err != nil {
 		t.Fatalf("run: %v (want nil: the destination had sent Done)", err)
 	}
+}
+
+// raceFixture is the three tests' setup: a 16-page guest with one page to
+// push, the digest its destination reports, and the urgent connection's
+// opening (every page missing).
+func raceFixture(t *testing.T) ([]guest.Region, guest.Digest, []byte) {
+	t.Helper()
+	mem := make([]byte, 16*guest.PageSize)
+	mem[5*guest.PageSize] = 1 // one page for the push to send
+	var want guest.Digest
+	want[0], want[31] = 0xab, 0xcd
+	runs := encodeFrames(t, func(w *frameWriter) error { return writeRuns(w, [][2]uint64{{0, 16}}) })
+	return []guest.Region{{GPA: 0, Mem: mem}}, want, runs
+}
+
+// encodeFrames is what write puts on a connection, flushed.
+func encodeFrames(t *testing.T, write func(w *frameWriter) error) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	w := newFrameWriter(&recordConn{w: &b}, time.Second)
+	if err := write(w); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.flush(); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
 }
 
 // recordConn is a net.Conn whose writes go to w, or fail with err.
@@ -103,24 +114,9 @@ func (c *lateDoneConn) Write([]byte) (int, error) { return 0, syscall.EPIPE }
 // is checked against takes longer than the grace for finding Done (a
 // scan of a large paused guest on a loaded host): the run still finished.
 func TestSourceFinishesWhenDonesDigestIsSlow(t *testing.T) {
-	mem := make([]byte, 16*guest.PageSize)
-	mem[5*guest.PageSize] = 1
-	regions := []guest.Region{{GPA: 0, Mem: mem}}
-	var want guest.Digest
-	want[0], want[31] = 0xab, 0xcd
-	var runs, done bytes.Buffer
-	rw := newFrameWriter(&recordConn{w: &runs}, time.Second)
-	if err := writeRuns(rw, [][2]uint64{{0, 16}}); err != nil {
-		t.Fatal(err)
-	}
-	dw := newFrameWriter(&recordConn{w: &done}, time.Second)
-	if err := dw.write(frameDone, 0, want[:]); err != nil {
-		t.Fatal(err)
-	}
-	if err := dw.flush(); err != nil {
-		t.Fatal(err)
-	}
-	urgent := &lateDoneConn{first: runs.Bytes(), later: done.Bytes(), delay: 100 * time.Millisecond}
+	regions, want, runs := raceFixture(t)
+	done := encodeFrames(t, func(w *frameWriter) error { return w.write(frameDone, 0, want[:]) })
+	urgent := &lateDoneConn{first: runs, later: done, delay: 100 * time.Millisecond}
 	s := NewSourceFunc(regions, func() guest.Digest {
 		time.Sleep(doneGrace + 500*time.Millisecond)
 		return want
@@ -137,27 +133,14 @@ func TestSourceFinishesWhenDonesDigestIsSlow(t *testing.T) {
 // the source's reply to that request fails (broken pipe) before it reads
 // Done. The run finished.
 func TestSourceFinishesWhenAReplyLosesTheRaceWithDone(t *testing.T) {
-	mem := make([]byte, 16*guest.PageSize)
-	mem[5*guest.PageSize] = 1
-	regions := []guest.Region{{GPA: 0, Mem: mem}}
-	var want guest.Digest
-	want[0], want[31] = 0xab, 0xcd
-	var runs, later bytes.Buffer
-	rw := newFrameWriter(&recordConn{w: &runs}, time.Second)
-	if err := writeRuns(rw, [][2]uint64{{0, 16}}); err != nil {
-		t.Fatal(err)
-	}
-	lw := newFrameWriter(&recordConn{w: &later}, time.Second)
-	if err := lw.write(frameRequest, 5, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := lw.write(frameDone, 0, want[:]); err != nil {
-		t.Fatal(err)
-	}
-	if err := lw.flush(); err != nil {
-		t.Fatal(err)
-	}
-	urgent := &lateDoneConn{first: runs.Bytes(), later: later.Bytes(), delay: 100 * time.Millisecond}
+	regions, want, runs := raceFixture(t)
+	later := encodeFrames(t, func(w *frameWriter) error {
+		if err := w.write(frameRequest, 5, nil); err != nil {
+			return err
+		}
+		return w.write(frameDone, 0, want[:])
+	})
+	urgent := &lateDoneConn{first: runs, later: later, delay: 100 * time.Millisecond}
 	var bulk bytes.Buffer
 	s := NewSource(regions, want)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
