@@ -333,8 +333,7 @@ func (l *EpochLoop) growForPause(buf []byte) []byte {
 	if rate <= 0 || since <= 0 {
 		return buf
 	}
-	limit := max(4*l.epochPeak, growCapFloor)
-	limit = min(limit, float64(guest.PageLimit(l.cfg.Guest.Regions())))
+	limit := min(max(4*l.epochPeak, growCapFloor), float64(l.guestPages))
 	return precopy.GrowCapture(buf, int(min(1.25*rate*since.Seconds(), limit)))
 }
 
