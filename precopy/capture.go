@@ -388,17 +388,18 @@ func ReserveCapture(buf []byte, pages int) []byte {
 }
 
 // GrowCapture returns buf, or a new empty buffer with room for pages
-// pages (plus a little headroom) when buf has less: an epoch loop about to
-// pause after the guest ran longer than usual (it waited for room in its
-// window) grows the buffer beforehand, outside the pause, for the epoch
-// it predicts, instead of letting the copy grow it with the guest
-// stopped. It never shrinks (ReserveCapture does, after shipping).
+// pages and half as many again (at most captureHeadroomMax more) when buf
+// has less. It never shrinks (ReserveCapture does, after shipping). An
+// epoch loop about to pause after the guest ran longer than usual (it
+// waited for room in its window) grows the buffer with it beforehand, for
+// the epoch it predicts; the copy grows it the same way, with the guest
+// stopped, when the prediction fell short.
 func GrowCapture(buf []byte, pages int) []byte {
 	need := pages * guest.PageSize
 	if pages <= 0 || cap(buf) >= need {
 		return buf
 	}
-	return newCaptureBuffer(need + min(need/4, captureHeadroomMax))[:0]
+	return newCaptureBuffer(need + min(need/2, captureHeadroomMax))[:0]
 }
 
 // copyPages copies pages into buf (grown if too small), or into the Core's
@@ -408,9 +409,7 @@ func (c *Core) copyPages(pages []checkpoint.Page, buf []byte) []byte {
 	if own {
 		buf = c.pageBuf
 	}
-	if need := len(pages) * guest.PageSize; cap(buf) < need {
-		buf = newCaptureBuffer(need + min(need/2, captureHeadroomMax))
-	}
+	buf = GrowCapture(buf, len(pages))
 	if own {
 		c.pageBuf = buf
 	}
