@@ -139,13 +139,8 @@ func (s *Source) Run(ctx context.Context, urgent, bulk net.Conn) error {
 }
 
 // doneGrace is how long a run whose write failed waits for its reader to
-// find the destination's Done; doneCheckWait how long it then waits for
-// Done's digest to be checked against this side's (the expected digest
-// may be a scan of the paused guest, which takes seconds on a large one).
-const (
-	doneGrace     = time.Second
-	doneCheckWait = time.Minute
-)
+// find the destination's Done.
+const doneGrace = time.Second
 
 // doneAfterWriteError is Run's answer when a write (a push or a
 // heartbeat) failed first: a destination that has every page sends Done
@@ -157,28 +152,22 @@ const (
 // reported its link lost, and stayed post-copy-paused with nothing owed,
 // after the destination had completed; then again when Done was read in
 // time but the digest it is checked against took longer than the grace
-// (a scan of the paused guest on a loaded host).
+// (a scan of the paused guest on a loaded host). Once Done is read the
+// wait is for that comparison alone, as on a run without a failed write
+// (Run waits for serve before it returns either way).
 func (s *Source) doneAfterWriteError(err error, served <-chan error, sawDone <-chan struct{}) error {
 	t := time.NewTimer(doneGrace)
 	defer t.Stop()
-	finished := func(serr error) error {
-		if errors.Is(serr, errFinished) || errors.Is(serr, ErrDigestMismatch) {
-			return serr
-		}
+	var serr error
+	select {
+	case serr = <-served:
+	case <-sawDone:
+		serr = <-served
+	case <-t.C:
 		return err
 	}
-	select {
-	case serr := <-served:
-		return finished(serr)
-	case <-sawDone:
-		check := time.NewTimer(doneCheckWait)
-		defer check.Stop()
-		select {
-		case serr := <-served:
-			return finished(serr)
-		case <-check.C:
-		}
-	case <-t.C:
+	if errors.Is(serr, errFinished) || errors.Is(serr, ErrDigestMismatch) {
+		return serr
 	}
 	return err
 }
