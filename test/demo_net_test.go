@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -40,7 +41,11 @@ func TestDemoNetwork(t *testing.T) {
 		checkGone(t, br, ns)
 	})
 	t.Run("interrupted", func(t *testing.T) {
-		_, br, ns := runDemo(t, "each reply frame left a's TAP")
+		// Interrupted as soon as its network exists: the part after it
+		// runs about 3 s, so a loaded host's late read of the line still
+		// finds the demo running (at the later "each reply frame" line,
+		// once, it had finished by the time the test read it).
+		_, br, ns := runDemo(t, "network: a bridge")
 		checkGone(t, br, ns)
 	})
 }
@@ -75,6 +80,7 @@ func runDemo(t *testing.T, interruptAt string) (out, bridge, ns string) {
 	}
 	var b strings.Builder
 	var dataDir string
+	lateInterrupt := false // the demo's group had ended before the SIGINT
 	sc := bufio.NewScanner(pipe)
 	for sc.Scan() {
 		line := sc.Text()
@@ -86,7 +92,10 @@ func runDemo(t *testing.T, interruptAt string) (out, bridge, ns string) {
 			dataDir = m[1]
 		}
 		if interruptAt != "" && strings.Contains(line, interruptAt) {
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGINT) // Ctrl-C: the whole foreground group
+			// Ctrl-C: the whole foreground group.
+			if err := syscall.Kill(-cmd.Process.Pid, syscall.SIGINT); errors.Is(err, syscall.ESRCH) {
+				lateInterrupt = true
+			}
 		}
 	}
 	err = cmd.Wait()
@@ -95,7 +104,11 @@ func runDemo(t *testing.T, interruptAt string) (out, bridge, ns string) {
 		t.Fatalf("demo: %v\n%s", err, out)
 	}
 	if interruptAt != "" && err == nil {
-		t.Errorf("the interrupted demo exited 0:\n%s", out)
+		if lateInterrupt {
+			t.Logf("the demo had ended before the test read %q: not interrupted (cleanup still checked)", interruptAt)
+		} else {
+			t.Errorf("the interrupted demo exited 0:\n%s", out)
+		}
 	}
 	if bridge == "" {
 		t.Fatalf("the demo did not say which network it made:\n%s", out)
