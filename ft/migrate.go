@@ -105,6 +105,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		hello.Commit, hello.MigrationID, hello.SourceAPI = true, migID, cmp.Or(req.SourceAPI, n.api.Addr())
 		hello.Postcopy = req.Postcopy
 		hello.HoldOutput = protected
+		hello.Resident = replica.ResidentHint(g)
 	}
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller

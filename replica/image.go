@@ -83,8 +83,9 @@ type Image struct {
 	// (image_prefault.go); receiving goroutine only.
 	populated *precopy.Bitmap
 	fresh     []uint64
-	huge      bool // the guest's memory may take huge pages (guest.HugePagesOK)
-	hugeRuns  int  // runs advised so (maxHugeRuns)
+	huge      bool   // the guest's memory may take huge pages (guest.HugePagesOK)
+	hugeRuns  int    // runs advised so (maxHugeRuns)
+	ahead     *ahead // a running populateAhead (image_ahead.go)
 }
 
 // stagedPage is a page of the open epoch with the XXH64 of its content

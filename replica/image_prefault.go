@@ -25,9 +25,19 @@ import (
 // writes them. A staging image notes its fresh pages as they are staged
 // (noteStaged) and populates them when it commits (prefaultStaged).
 func (im *Image) Prefault(first, n uint64) {
-	if im.writeThrough {
-		im.prefaultRun(first, n, im.huge)
+	if !im.writeThrough {
+		return
 	}
+	if a := im.ahead; a != nil {
+		// The part populateAhead has done: noted, not asked again.
+		from := a.from(first, n)
+		pop := im.populatedPages()
+		for p := first; p < from; p++ {
+			pop.Set(p)
+		}
+		first, n = from, first+n-from
+	}
+	im.prefaultRun(first, n, im.huge)
 }
 
 // populatedPages is the record of pages populated ahead of writes, made

@@ -86,6 +86,11 @@ type Hello struct {
 	// the epoch the secondary must hold, the image it starts from there.
 	Destination string `json:"destination,omitempty"`
 	FinalEpoch  uint64 `json:"final_epoch,omitempty"`
+	// Resident (migrate) names the source's long runs of resident
+	// memory, [first page, pages], so the destination can populate them
+	// while the stream arrives (image_ahead.go). A hint, bounded by
+	// MaxResidentRuns; a receiver that predates it ignores it.
+	Resident [][2]uint64 `json:"resident,omitempty"`
 	// Store is set only in a Store's image.tnd, never on the wire: how
 	// the file was written (docs/DURABILITY.md).
 	Store *StoreStamp `json:"store,omitempty"`

@@ -469,6 +469,11 @@ func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g
 		// write-through image records the state and disk writes of a
 		// commit, not its pages, which this needs not).
 		im.Record()
+	} else {
+		// Not under post-copy: a page populated ahead and then missing at
+		// the switch would have to be dropped again.
+		stop := im.populateAhead(hello.Resident)
+		defer stop()
 	}
 	for {
 		e, err := rd.ReadEpoch(im)
