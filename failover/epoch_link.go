@@ -113,7 +113,8 @@ func (l *EpochLoop) ackFeed(ctx context.Context) (chan precopy.Ack, func(precopy
 // dial connects to the secondary at addr and performs the handshake.
 func (l *EpochLoop) dial(ctx context.Context, addr string, onAck func(precopy.Ack)) (*replica.Link, error) {
 	hello := replica.Hello{Purpose: replica.PurposeReplicate, Kind: l.cfg.Guest.Kind(), Config: l.cfg.Config,
-		Build: l.cfg.Build, Verify: l.cfg.Verify, Devices: guest.StateSectionsOf(l.cfg.Guest)}
+		Build: l.cfg.Build, Verify: l.cfg.Verify, Devices: guest.StateSectionsOf(l.cfg.Guest),
+		Resident: replica.ResidentHint(l.cfg.Guest)}
 	if l.cfg.Generation != nil {
 		hello.Generation = l.cfg.Generation()
 	}

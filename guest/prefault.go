@@ -93,3 +93,17 @@ func PrefaultPages(regions []Region, first, n uint64, huge bool) {
 		}
 	}
 }
+
+// AdviseHugePages advises MADV_HUGEPAGE on the whole huge blocks of
+// pages [first, first+n) of regions, so the first write to each, or a
+// PrefaultWrite of part of it, backs the whole block with one huge
+// page. Only for memory that takes them (HugePagesOK), and within a
+// bound of runs per guest (see adviseHuge).
+func AdviseHugePages(regions []Region, first, n uint64) {
+	for _, r := range regions {
+		lo, hi := max(first, r.FirstPage()), min(first+n, r.FirstPage()+r.Pages())
+		if lo < hi {
+			adviseHuge(r.Mem[(lo-r.FirstPage())<<PageShift : (hi-r.FirstPage())<<PageShift])
+		}
+	}
+}

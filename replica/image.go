@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cespare/xxhash/v2"
 	"github.com/tandemvm/tandem/checkpoint"
@@ -83,9 +84,9 @@ type Image struct {
 	// (image_prefault.go); receiving goroutine only.
 	populated *precopy.Bitmap
 	fresh     []uint64
-	huge      bool   // the guest's memory may take huge pages (guest.HugePagesOK)
-	hugeRuns  int    // runs advised so (maxHugeRuns)
-	ahead     *ahead // a running populateAhead (image_ahead.go)
+	huge      bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
+	hugeRuns  int                   // runs advised so (maxHugeRuns)
+	ahead     atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
 }
 
 // stagedPage is a page of the open epoch with the XXH64 of its content
@@ -442,6 +443,7 @@ func (im *Image) Close() {
 	im.handedOver = true
 	im.discardLocked()
 	im.mu.Unlock()
+	im.stopAhead()
 	im.g.Close()
 }
 
@@ -465,6 +467,7 @@ var ErrHandedOver = errors.New("replica: image already handed over to a running 
 // meanwhile commits, the Store's copies and Close wait (activating), so
 // the guest's memory is still that of the epoch whose state is loaded.
 func (im *Image) Activate() (guest.Guest, Committed, error) {
+	im.stopAhead() // the guest's next owner may close it
 	im.mu.Lock()
 	im.waitIdleLocked()
 	c := Committed{Epoch: im.epoch, Epochs: im.committed, Consistent: im.consistent, HasState: im.hasState}

@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"errors"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -8,26 +9,30 @@ import (
 	"github.com/tandemvm/tandem/guest"
 )
 
-// Populating a migration destination's memory ahead of the stream.
+// Populating a receiver's memory ahead of the stream.
 //
-// A destination stores every resident page of the source into memory
-// its host has never backed. Where the host is itself a virtual machine,
-// that first touch is most of the destination's work: 39 to 59 % of its
-// CPU was the kernel zeroing fresh huge pages (perf on `tandem receive`,
-// 2026-12-01, a kvm-pvm guest host), done by the receiving goroutine
-// between reading one section and the next, while the other core sat
-// partly idle. The source knows which memory it holds: it names its long
-// resident runs in the Hello (ResidentHint), and the destination
-// populates them on a goroutine of its own while the stream arrives
-// (populateAhead), so zeroing overlaps receiving.
+// A migration destination, or a secondary catching up, stores every
+// resident page of the sender into memory its host has never backed.
+// Where the host is itself a virtual machine, that first touch is most
+// of the receiver's work: 39 to 59 % of a destination's CPU was the
+// kernel zeroing fresh huge pages (perf on `tandem receive`, 2026-12-01,
+// a kvm-pvm guest host), done by the receiving goroutine between one
+// section and the next while the other core sat partly idle. The sender
+// knows which memory it holds: it names its long resident runs in the
+// Hello (ResidentHint), and the receiver populates them on a goroutine
+// of its own while the stream arrives (populateAhead), so zeroing
+// overlaps receiving.
 //
 // It changes no content: MADV_POPULATE_WRITE backs a missing page with
 // zeros and leaves a present page alone, so a page the stream stored
-// first keeps its data and a populated page the stream never stores
-// stays zero, as the source's (it was resident there, so the
-// destination's footprint does not outgrow the source's). Only runs of
-// at least MinResidentRun pages are named: scattered pages of a sparse
-// guest are populated as they arrive, as before.
+// first keeps its data, and a populated page the stream never stores
+// stays zero, as it would unpopulated. The goroutine stays at most
+// aheadWindow pages past the furthest page the stream has reached, so a
+// hint makes the receiver populate no further than pages actually sent
+// would. Only runs of at least MinResidentRun pages are named: the
+// scattered pages of a sparse guest are populated as they arrive, as
+// before. Not under post-copy, where a page populated but never sent
+// would have to be dropped again at the switch.
 
 // MinResidentRun and MaxResidentRuns bound Hello.Resident: runs of at
 // least a huge page, at most 1,024 of them (about 30 KiB of JSON, well
@@ -37,30 +42,47 @@ const (
 	MaxResidentRuns = 1024
 )
 
-// aheadChunk is the pages populated per call: short enough that a stop
-// waits little, long enough that calls are few (4 MiB).
-const aheadChunk = 1024
+// aheadChunk is the pages populated per call, one huge page: a stop
+// waits for at most one (0.3 to 6 ms on the kvm-pvm host above).
+const aheadChunk = guest.HugeBlockPages
+
+// aheadWindow is how far, in pages, the goroutine may run past the
+// stream (256 MiB).
+const aheadWindow = 65536
 
 // ResidentHint is the runs of at least MinResidentRun pages the host
 // holds of g's memory, as [first page, pages] in guest page indices,
-// ascending, at most MaxResidentRuns of them (the first ones).
+// ascending, at most MaxResidentRuns of them (the first ones). Nil where
+// the host cannot say (guest.ResidencyKnown): every page would look
+// resident.
 func ResidentHint(g guest.Guest) [][2]uint64 {
+	if !guest.ResidencyKnown() {
+		return nil
+	}
 	var runs [][2]uint64
+	errFull := errors.New("enough runs")
 	for _, r := range g.Regions() {
-		_ = guest.Populated(r, func(first, n uint64) error {
-			if n >= MinResidentRun && len(runs) < MaxResidentRuns {
+		err := guest.Populated(r, func(first, n uint64) error {
+			if len(runs) == MaxResidentRuns {
+				return errFull
+			}
+			if n >= MinResidentRun {
 				runs = append(runs, [2]uint64{r.FirstPage() + first, n})
 			}
 			return nil
 		})
+		if err != nil {
+			break
+		}
 	}
 	return runs
 }
 
-// aheadRuns is a peer's Hello.Resident made safe to act on: at most
+// aheadRuns is a peer's Hello.Resident made safe to act on: its first
 // MaxResidentRuns runs, each clipped to the guest's regions (a run
-// across two regions becomes two), ascending and disjoint. Runs that
-// break the order, or fall outside memory, are dropped: it is a hint.
+// across two regions becomes two, so there may be a few more), ascending
+// and disjoint. Runs that are empty, wrap around, overlap or go
+// backwards are dropped: it is a hint.
 func aheadRuns(hint [][2]uint64, regions []guest.Region) [][2]uint64 {
 	var out [][2]uint64
 	var next uint64 // runs must start at or after it
@@ -91,78 +113,115 @@ func cmpUint(a, b uint64) int {
 	return 0
 }
 
-// ahead is a running populateAhead.
+// ahead is a running populateAhead. The goroutine populates runs in
+// order; the receiving goroutine reads done and publishes reach.
 type ahead struct {
-	runs [][2]uint64
-	// done: every page of runs below it is populated. recv: the
-	// receiving goroutine has populated (or is populating) its runs up to
-	// here itself, so the goroutine skips what lies below.
-	done, recv atomic.Uint64
-	stop       chan struct{}
-	wg         sync.WaitGroup
+	runs   [][2]uint64
+	window uint64
+	// done: every page of runs below it is populated (the goroutine's
+	// prefix, never skipped). reach: one past the furthest page the
+	// stream has stored so far; kick wakes a goroutine waiting for it.
+	done, reach atomic.Uint64
+	kick        chan struct{}
+	stop        chan struct{}
+	halted      sync.Once
+	wg          sync.WaitGroup
 }
 
 // populateAhead starts populating the hinted runs (aheadRuns) of the
-// image's memory on a goroutine, in order, ahead of the receiving
-// goroutine's writes, and returns the function that stops it and waits
-// for it (one call of at most aheadChunk pages). Only for a write-through
-// image, before the first epoch is read; the returned stop must run
-// before the guest is closed or handed over.
-func (im *Image) populateAhead(hint [][2]uint64) (stop func()) {
+// image's memory on a goroutine, ahead of the receiving goroutine's
+// writes. The receiving goroutine calls it before it reads the first
+// epoch. The goroutine ends when it is done, at haltAhead (which does
+// not wait), or at stopAhead, Activate or Close (which wait for its
+// current call); one of the latter runs before the guest is closed.
+// Populating a guest that was handed over and runs meanwhile changes no
+// content either.
+func (im *Image) populateAhead(hint [][2]uint64) { im.startAhead(hint, aheadWindow) }
+
+// startAhead is populateAhead with the window given (tests).
+func (im *Image) startAhead(hint [][2]uint64, window uint64) {
 	runs := aheadRuns(hint, im.regions)
-	if len(runs) == 0 || !im.writeThrough || !guest.PrefaultSupported() {
-		return func() {}
+	if len(runs) == 0 || !guest.PrefaultSupported() || im.ahead.Load() != nil {
+		return
 	}
-	a := &ahead{runs: runs, stop: make(chan struct{})}
-	im.ahead = a
-	regions, huge := im.regions, im.huge
+	a := &ahead{runs: runs, window: window, kick: make(chan struct{}, 1), stop: make(chan struct{})}
+	im.ahead.Store(a)
+	// Huge pages where the receiver would take them itself: a
+	// write-through image's runs (a staging image's commit never does,
+	// image_prefault.go), within the same budget of advised runs.
+	huge := im.huge && im.writeThrough && im.hugeRuns+len(runs) <= maxHugeRuns
+	if huge {
+		im.hugeRuns += len(runs)
+	}
+	regions := im.regions
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
 		a.run(regions, huge)
 	}()
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			close(a.stop)
-			a.wg.Wait()
-			im.ahead = nil
-		})
+}
+
+// haltAhead tells a running populateAhead to stop, without waiting.
+func (im *Image) haltAhead() {
+	if a := im.ahead.Load(); a != nil {
+		a.halt()
 	}
 }
 
-// run populates a.runs in chunks, skipping what the receiving goroutine
-// has reached, until done or stopped.
+// stopAhead stops a running populateAhead and waits for it.
+func (im *Image) stopAhead() {
+	if a := im.ahead.Load(); a != nil {
+		a.halt()
+		a.wg.Wait()
+	}
+}
+
+func (a *ahead) halt() { a.halted.Do(func() { close(a.stop) }) }
+
+// run populates a.runs in order, a chunk at a time, staying within the
+// window past the stream, until done or halted.
 func (a *ahead) run(regions []guest.Region, huge bool) {
-	for _, run := range a.runs {
+	for i, run := range a.runs {
 		end := run[0] + run[1]
 		for p := run[0]; p < end; {
+			q := min((p/aheadChunk+1)*aheadChunk, end)
+			for q > a.reach.Load()+a.window {
+				select {
+				case <-a.stop:
+					return
+				case <-a.kick:
+				}
+			}
 			select {
 			case <-a.stop:
 				return
 			default:
 			}
-			q := min((p/aheadChunk+1)*aheadChunk, end)
-			if r := a.recv.Load(); r > p {
-				p = min(r, q) // the receiver did this part
+			if huge && p == run[0] {
+				guest.AdviseHugePages(regions, run[0], run[1])
 			}
-			if p < q {
-				guest.PrefaultPages(regions, p, q-p, huge)
+			guest.PrefaultPages(regions, p, q-p, false)
+			if q == end && i+1 < len(a.runs) {
+				q = a.runs[i+1][0] // nothing between runs is owed
 			}
 			a.done.Store(q)
-			p = q
+			p = min(q, end)
 		}
 	}
 }
 
 // from is the first page of [first, first+n) the receiving goroutine
-// must populate itself: past what the goroutine has done, when the run
-// lies inside one hinted run (a run across a gap populates itself whole).
-// It records that the receiver reaches first+n.
+// must populate itself: past the goroutine's done prefix, when the run
+// lies inside one hinted run (a run across a gap populates itself
+// whole). It records that the stream reaches first+n.
 func (a *ahead) from(first, n uint64) uint64 {
 	end := first + n
-	if end > a.recv.Load() {
-		a.recv.Store(end) // receiving goroutine only: no other writer
+	if end > a.reach.Load() {
+		a.reach.Store(end) // receiving goroutine only: no other writer
+		select {
+		case a.kick <- struct{}{}:
+		default:
+		}
 	}
 	i, _ := slices.BinarySearchFunc(a.runs, first, func(r [2]uint64, p uint64) int {
 		return cmpUint(r[0]+r[1], p+1)

@@ -28,8 +28,13 @@ func (im *Image) Prefault(first, n uint64) {
 	if !im.writeThrough {
 		return
 	}
-	if a := im.ahead; a != nil {
-		// The part populateAhead has done: noted, not asked again.
+	im.prefaultAhead(first, n, im.huge)
+}
+
+// prefaultAhead is prefaultRun of the part of [first, first+n) a running
+// populateAhead has not done; the part it did is recorded.
+func (im *Image) prefaultAhead(first, n uint64, huge bool) {
+	if a := im.ahead.Load(); a != nil {
 		from := a.from(first, n)
 		pop := im.populatedPages()
 		for p := first; p < from; p++ {
@@ -37,7 +42,7 @@ func (im *Image) Prefault(first, n uint64) {
 		}
 		first, n = from, first+n-from
 	}
-	im.prefaultRun(first, n, im.huge)
+	im.prefaultRun(first, n, huge)
 }
 
 // populatedPages is the record of pages populated ahead of writes, made
@@ -98,7 +103,7 @@ func (im *Image) prefaultStaged() {
 		for j < len(fresh) && fresh[j] == fresh[j-1]+1 {
 			j++
 		}
-		im.prefaultRun(fresh[i], uint64(j-i), false)
+		im.prefaultAhead(fresh[i], uint64(j-i), false)
 		i = j
 	}
 }

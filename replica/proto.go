@@ -86,7 +86,7 @@ type Hello struct {
 	// the epoch the secondary must hold, the image it starts from there.
 	Destination string `json:"destination,omitempty"`
 	FinalEpoch  uint64 `json:"final_epoch,omitempty"`
-	// Resident (migrate) names the source's long runs of resident
+	// Resident (migrate, replicate) names the source's long runs of resident
 	// memory, [first page, pages], so the destination can populate them
 	// while the stream arrives (image_ahead.go). A hint, bounded by
 	// MaxResidentRuns; a receiver that predates it ignores it.

@@ -446,7 +446,7 @@ func (r *Receiver) ReceiveMigrationWith(ctx context.Context, conn net.Conn, o Mi
 // with machine state commits: that image and the final epoch's number.
 // Live epochs are acknowledged too: the sender measures its bandwidth and
 // bounds its backlog by them.
-func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g guest.Guest, res *MigrationResult, pc HelloReply) (*Image, uint64, error) {
+func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g guest.Guest, res *MigrationResult, pc HelloReply) (_ *Image, _ uint64, err error) {
 	conn.SetWriteDeadline(time.Now().Add(r.timeout()))
 	_, checked := r.sections(hello.Kind)
 	reply := HelloReply{OK: true, Build: r.Build, SectionsChecked: checked, Postcopy: pc.Postcopy, PostcopyRefused: pc.PostcopyRefused, HoldOutput: pc.HoldOutput}
@@ -471,9 +471,16 @@ func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g
 		im.Record()
 	} else {
 		// Not under post-copy: a page populated ahead and then missing at
-		// the switch would have to be dropped again.
-		stop := im.populateAhead(hello.Resident)
-		defer stop()
+		// the switch would have to be dropped again. Halted when the
+		// stream ends; Activate waits for it, and so does a failure
+		// here, before the caller closes the guest.
+		im.populateAhead(hello.Resident)
+		defer func() {
+			if err != nil {
+				im.stopAhead()
+			}
+			im.haltAhead()
+		}()
 	}
 	for {
 		e, err := rd.ReadEpoch(im)

@@ -167,6 +167,10 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	if err := checkLayout(rd.Header(), hello.Kind, g); err != nil {
 		return s.fail(err)
 	}
+	// Populate the primary's resident memory while its catch-up arrives
+	// (stopped before the guest is closed: defers run last first).
+	im.populateAhead(hello.Resident)
+	defer im.stopAhead()
 	for {
 		e, err := rd.ReadEpoch(im)
 		if err != nil {
