@@ -92,8 +92,10 @@ func (im *Image) noteStaged(index uint64) {
 // of consecutive pages, before the commit copies them into memory; an
 // epoch of pages the image holds already has none. EndEpoch calls it
 // without mu (committing keeps the guest from being handed over or
-// closed meanwhile). Never huge pages: the commit waits for it, and a
-// huge page's allocation may compact memory first (THP defrag=madvise).
+// closed meanwhile). It never advises huge pages: the commit waits for
+// it, and a huge page's allocation may compact memory first (THP
+// defrag=madvise). (In the runs a populateAhead advised, a page the
+// goroutine has not reached yet is populated as a huge page here too.)
 func (im *Image) prefaultStaged() {
 	fresh := im.fresh
 	im.fresh = im.fresh[:0]
