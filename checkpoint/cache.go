@@ -18,37 +18,23 @@ const DefaultCacheBytes = 64 << 20
 // receiver has for page i once it applies everything written so far.
 type pageCache struct {
 	tags  []uint64 // index+1; 0 means empty
-	data  []byte   // len(tags) pages; allocated once, populated lazily
+	data  []byte   // len(tags) pages; allocated once, touched lazily by the OS
 	slots uint64
-	// ready marks the blocks of cacheBlock slots of data populated
-	// before their first put (populate).
-	ready []bool
 }
-
-// cacheBlock is the slots populated at once: a huge page.
-const cacheBlock = guest.HugeBlockPages
 
 func newPageCache(bytes int64) *pageCache {
 	if bytes < guest.PageSize {
 		return nil
 	}
 	n := uint64(bytes) / guest.PageSize
-	return &pageCache{tags: make([]uint64, n), data: make([]byte, n*guest.PageSize), slots: n,
-		ready: make([]bool, (n+cacheBlock-1)/cacheBlock)}
-}
-
-// populate backs slot s's block of data before its first write, as a
-// huge page where the kernel gives one: a 64 MiB cache filled page by
-// page took 16,384 faults, a tenth of a source's CPU during round 0 on a
-// host where a fault costs 10 us (perf, 2026-12-01).
-func (c *pageCache) populate(s uint64) {
-	b := s / cacheBlock
-	if c.ready[b] {
-		return
+	c := &pageCache{tags: make([]uint64, n), slots: n}
+	if n*guest.PageSize <= maxHugeCache {
+		c.data = hugeCacheMemory(c, n*guest.PageSize)
 	}
-	c.ready[b] = true
-	lo := b * cacheBlock * guest.PageSize
-	guest.PrefaultWrite(c.data[lo:min(lo+cacheBlock*guest.PageSize, uint64(len(c.data)))], true)
+	if c.data == nil {
+		c.data = make([]byte, n*guest.PageSize)
+	}
+	return c
 }
 
 func (c *pageCache) slot(index uint64) uint64 { return index % c.slots }
@@ -71,7 +57,6 @@ func (c *pageCache) put(index uint64, data []byte) {
 		return
 	}
 	s := c.slot(index)
-	c.populate(s)
 	c.tags[s] = index + 1
 	copy(c.data[s*guest.PageSize:(s+1)*guest.PageSize], data)
 }

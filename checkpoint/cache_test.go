@@ -1,52 +1,99 @@
 package checkpoint
 
 import (
+	"bufio"
 	"bytes"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
 	"testing"
+	"time"
+	"unsafe"
 
 	"github.com/tandemvm/tandem/guest"
 )
 
-// populatedIn counts the pages of mem the host holds (guest.Populated).
-func populatedIn(mem []byte) uint64 {
-	var n uint64
-	_ = guest.Populated(guest.Region{Mem: mem}, func(_, k uint64) error { n += k; return nil })
-	return n
+// vmaOf reads /proc/self/smaps for the mapping holding addr: its flags
+// (VmFlags) and huge-page kilobytes; found is false when no mapping
+// holds it.
+func vmaOf(t *testing.T, addr uintptr) (flags string, hugeKB int, found bool) {
+	t.Helper()
+	f, err := os.Open("/proc/self/smaps")
+	if err != nil {
+		t.Skipf("no smaps: %v", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	in := false
+	for sc.Scan() {
+		line := sc.Text()
+		var lo, hi uintptr
+		if n, _ := fmt.Sscanf(line, "%x-%x", &lo, &hi); n == 2 && strings.Contains(line, " ") && !strings.Contains(line, ":  ") {
+			if in {
+				return flags, hugeKB, true
+			}
+			in = addr >= lo && addr < hi
+			continue
+		}
+		if !in {
+			continue
+		}
+		if v, ok := strings.CutPrefix(line, "VmFlags:"); ok {
+			flags = v
+		}
+		if v, ok := strings.CutPrefix(line, "AnonHugePages:"); ok {
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &hugeKB)
+		}
+	}
+	return flags, hugeKB, in
 }
 
-// TestPageCachePopulatesBlocks: the first put into a block of the cache
-// populates the whole block, once; a later put into it keeps what the
-// block holds; a block never written stays unpopulated.
-func TestPageCachePopulatesBlocks(t *testing.T) {
-	if !guest.ResidencyKnown() || !guest.PrefaultSupported() {
-		t.Skip("no pagemap or no MADV_POPULATE_WRITE here")
+// TestPageCacheHugeMemory: a cache of the default size lives in its own
+// 2 MiB-aligned mapping advised as huge pages, holds what is put into
+// it, and is unmapped once unreachable; a larger one (a capped link's,
+// which may mirror a sparse guest) stays in ordinary memory.
+func TestPageCacheHugeMemory(t *testing.T) {
+	c := newPageCache(DefaultCacheBytes)
+	addr := uintptr(unsafe.Pointer(unsafe.SliceData(c.data)))
+	if addr%hugeBlock != 0 {
+		t.Fatalf("cache memory at %#x, not 2 MiB aligned", addr)
 	}
-	c := newPageCache(8*cacheBlock*guest.PageSize + 5*guest.PageSize) // 8 whole blocks and a short one
-	block := func(b uint64) []byte {
-		lo := b * cacheBlock * guest.PageSize
-		return c.data[lo:min(lo+cacheBlock*guest.PageSize, uint64(len(c.data)))]
-	}
-	if populatedIn(block(2)) != 0 {
-		t.Skip("the runtime handed out memory already touched")
+	flags, _, found := vmaOf(t, addr)
+	if !found || !strings.Contains(flags, " hg") {
+		t.Fatalf("cache memory's mapping (found %v) is not advised huge: flags %q", found, flags)
 	}
 	a := bytes.Repeat([]byte{1}, guest.PageSize)
 	b := bytes.Repeat([]byte{2}, guest.PageSize)
-	c.put(2*cacheBlock+7, a)
-	if got := populatedIn(block(2)); got != cacheBlock {
-		t.Errorf("after the first put into block 2, %d of its %d pages are populated", got, cacheBlock)
+	last := c.slots - 1
+	c.put(7, a)
+	c.put(last, b)
+	c.put(c.slots+8, a) // slot 8
+	if !bytes.Equal(c.get(7), a) || !bytes.Equal(c.get(last), b) || !bytes.Equal(c.get(c.slots+8), a) || c.get(8) != nil {
+		t.Error("the cache does not hold what was put")
 	}
-	c.put(2*cacheBlock+8, b)
-	if !bytes.Equal(c.get(2*cacheBlock+7), a) || !bytes.Equal(c.get(2*cacheBlock+8), b) {
-		t.Error("a put into a populated block lost a page already cached")
+	_, kb, _ := vmaOf(t, addr)
+	t.Logf("after three puts: %d KiB in huge pages", kb)
+
+	big := newPageCache(2 * DefaultCacheBytes)
+	bigAddr := uintptr(unsafe.Pointer(unsafe.SliceData(big.data)))
+	if flags, _, _ := vmaOf(t, bigAddr); strings.Contains(flags, " hg") {
+		t.Errorf("a cache over %d bytes is advised huge", maxHugeCache)
 	}
-	if got := populatedIn(block(5)); got != 0 {
-		t.Errorf("block 5, never written, has %d pages populated", got)
-	}
-	c.put(8*cacheBlock+4, a) // the short last block
-	if !c.ready[8] || !bytes.Equal(c.get(8*cacheBlock+4), a) {
-		t.Error("the short last block was not populated or lost its page")
-	}
-	if c.ready[5] {
-		t.Error("block 5 marked ready without a put")
+	runtime.KeepAlive(big)
+
+	c = nil
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		runtime.GC()
+		// Gone, or the range reused by a mapping of the runtime's (never
+		// advised huge).
+		if flags, _, found := vmaOf(t, addr); !found || !strings.Contains(flags, " hg") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the cache's mapping is still there 5 s after it became unreachable")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -154,8 +154,9 @@ func (im *Image) startAhead(hint [][2]uint64, window uint64) {
 	// whole huge page per 2 MiB: after a 4 KiB populate, the first
 	// user-mode write to each page still cost about 5 us on a kvm-pvm
 	// host (shadow page tables), 57 % of a secondary's catch-up CPU.
-	// Only the hinted runs are advised, so a page the guest first
-	// touches after the catch-up faults as a 4 KiB page as before.
+	// Only what the goroutine has reached is advised (run), so a page
+	// past it, or outside the hinted runs, faults as a 4 KiB page as
+	// before.
 	huge := im.huge && im.hugeRuns+len(runs) <= maxHugeRuns
 	if huge {
 		im.hugeRuns += len(runs)
@@ -204,8 +205,12 @@ func (a *ahead) run(regions []guest.Region, huge bool) {
 				return
 			default:
 			}
-			if huge && p == run[0] {
-				guest.AdviseHugePages(regions, run[0], run[1])
+			if huge {
+				// Only as far as the goroutine goes: a page past it that a
+				// commit populates itself stays a 4 KiB page (no huge
+				// page's allocation, and perhaps compaction, inside the
+				// commit). The advised prefix stays one mapping.
+				guest.AdviseHugePages(regions, run[0], q-run[0])
 			}
 			guest.PrefaultPages(regions, p, q-p, false)
 			if q == end && i+1 < len(a.runs) {

@@ -82,8 +82,9 @@ func migrateWith(t *testing.T, src guest.Guest, p precopy.Policy, setup func(*pr
 	defer cancel()
 	cfg := src.(*synth.Guest).Config()
 	// The source's resident runs, as ft's migrate sends them, and two a
-	// receiver must drop (outside memory, empty): every migration here
-	// populates ahead while it streams.
+	// receiver must drop (outside memory, empty): a migration of a guest
+	// with a long resident run (TestMigrateDirtyingGuest's) populates
+	// ahead while it streams.
 	hint := append(ResidentHint(src), [2]uint64{1 << 40, 5}, [2]uint64{0, 0})
 	hello := Hello{Purpose: PurposeMigrate, Kind: src.Kind(), Config: cfg, Build: "test", Resident: hint}
 	link, err := Dial(ctx, ln.Addr().String(), hello, src.Regions(), DialOptions{})
