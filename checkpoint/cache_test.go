@@ -54,6 +54,9 @@ func vmaOf(t *testing.T, addr uintptr) (flags string, hugeKB int, found bool) {
 // it, and is unmapped once unreachable; a larger one (a capped link's,
 // which may mirror a sparse guest) stays in ordinary memory.
 func TestPageCacheHugeMemory(t *testing.T) {
+	if _, err := os.Stat("/sys/kernel/mm/transparent_hugepage"); err != nil {
+		t.Skip("this kernel has no transparent huge pages")
+	}
 	c := newPageCache(DefaultCacheBytes)
 	addr := uintptr(unsafe.Pointer(unsafe.SliceData(c.data)))
 	if addr%hugeBlock != 0 {
