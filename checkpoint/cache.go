@@ -22,13 +22,13 @@ type pageCache struct {
 	slots uint64
 }
 
-func newPageCache(bytes int64) *pageCache {
+func newPageCache(bytes int64, huge bool) *pageCache {
 	if bytes < guest.PageSize {
 		return nil
 	}
 	n := uint64(bytes) / guest.PageSize
 	c := &pageCache{tags: make([]uint64, n), slots: n}
-	if n*guest.PageSize <= maxHugeCache {
+	if huge && n*guest.PageSize <= maxHugeCache {
 		c.data = hugeCacheMemory(c, n*guest.PageSize)
 	}
 	if c.data == nil {

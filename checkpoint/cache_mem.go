@@ -20,7 +20,10 @@ import (
 // by a cleanup once the cache is unreachable (never while a Writer may
 // still use it).
 //
-// Only caches up to maxHugeCache: a huge page costs 2 MiB as soon as
+// Only for a writer that asks (Options.HugeCache: a migration source,
+// whose round 0 fills the cache in page order; a stream that puts a few
+// pages and ends would zero 2 MiB for each), and only for caches up to
+// maxHugeCache: a huge page costs 2 MiB as soon as
 // one page of it is written, which a cache filled in page order (round
 // 0, epochs of a working set) fills anyway, but a cache sized to cover a
 // sparse guest (a capped link's, up to the guest's memory) would not:

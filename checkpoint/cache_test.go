@@ -49,15 +49,16 @@ func vmaOf(t *testing.T, addr uintptr) (flags string, hugeKB int, found bool) {
 	return flags, hugeKB, in
 }
 
-// TestPageCacheHugeMemory: a cache of the default size lives in its own
-// 2 MiB-aligned mapping advised as huge pages, holds what is put into
-// it, and is unmapped once unreachable; a larger one (a capped link's,
-// which may mirror a sparse guest) stays in ordinary memory.
+// TestPageCacheHugeMemory: a cache of the default size asked for huge
+// pages lives in its own 2 MiB-aligned mapping advised as huge pages,
+// holds what is put into it, and is unmapped once unreachable; a larger
+// one (a capped link's, which may mirror a sparse guest), or one not
+// asked, stays in ordinary memory.
 func TestPageCacheHugeMemory(t *testing.T) {
 	if _, err := os.Stat("/sys/kernel/mm/transparent_hugepage"); err != nil {
 		t.Skip("this kernel has no transparent huge pages")
 	}
-	c := newPageCache(DefaultCacheBytes)
+	c := newPageCache(DefaultCacheBytes, true)
 	addr := uintptr(unsafe.Pointer(unsafe.SliceData(c.data)))
 	if addr%hugeBlock != 0 {
 		t.Fatalf("cache memory at %#x, not 2 MiB aligned", addr)
@@ -78,12 +79,17 @@ func TestPageCacheHugeMemory(t *testing.T) {
 	_, kb, _ := vmaOf(t, addr)
 	t.Logf("after three puts: %d KiB in huge pages", kb)
 
-	big := newPageCache(2 * DefaultCacheBytes)
+	big := newPageCache(2*DefaultCacheBytes, true)
 	bigAddr := uintptr(unsafe.Pointer(unsafe.SliceData(big.data)))
 	if flags, _, _ := vmaOf(t, bigAddr); strings.Contains(flags, " hg") {
 		t.Errorf("a cache over %d bytes is advised huge", maxHugeCache)
 	}
 	runtime.KeepAlive(big)
+	plain := newPageCache(DefaultCacheBytes, false)
+	if flags, _, _ := vmaOf(t, uintptr(unsafe.Pointer(unsafe.SliceData(plain.data)))); strings.Contains(flags, " hg") {
+		t.Error("a cache not asked for huge pages is advised huge")
+	}
+	runtime.KeepAlive(plain)
 
 	c = nil
 	deadline := time.Now().Add(5 * time.Second)

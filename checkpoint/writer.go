@@ -74,6 +74,12 @@ type Options struct {
 	// CacheBytes bounds the XOR base cache (last shipped version of each
 	// page); 0 means DefaultCacheBytes, negative disables XOR deltas.
 	CacheBytes int64
+	// HugeCache backs a cache of at most DefaultCacheBytes with huge
+	// pages (cache_mem.go): for a writer that fills its cache, such as a
+	// migration source's round 0 (one fault per 2 MiB instead of 512),
+	// not for one that puts a few pages and ends, which would zero a
+	// whole 2 MiB for each.
+	HugeCache bool
 	// BatchPages is the most pages per RAM section; 0 means
 	// DefaultBatchPages. At most DefaultLimits().MaxPagesPerBatch.
 	BatchPages int
@@ -243,7 +249,7 @@ func NewWriter(w io.Writer, h Header, opts Options) (*Writer, error) {
 	wr := &Writer{w: w, h: h, feat: info.feat, lay: newLayout(h.Regions), batch: batch, digest: newEpochDigest(),
 		encoders: max(1, opts.Encoders)}
 	if cacheBytes > 0 {
-		wr.cache = newPageCache(cacheBytes)
+		wr.cache = newPageCache(cacheBytes, opts.HugeCache)
 	}
 	if level, ok := opts.Compression.zstdLevel(); ok {
 		// EncodeAll runs on the calling goroutine; concurrency is how

@@ -110,7 +110,7 @@ func (n *Node) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	// Connect and handshake before answering, so a refusal (another kind,
 	// another format version, nobody listening) comes back to the caller
 	// before the guest is paused at all.
-	opts := checkpoint.Options{Compression: comp, Encoders: req.Streams, CacheBytes: migrationCache(req.MaxBandwidth, g)}
+	opts := checkpoint.Options{Compression: comp, Encoders: req.Streams, CacheBytes: migrationCache(req.MaxBandwidth, g), HugeCache: true}
 	link, closeLink, ok := n.openMigrationLink(w, r, req.To, hello, g, opts)
 	if !ok {
 		return
