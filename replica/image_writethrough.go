@@ -41,10 +41,17 @@ type writtenPage struct {
 
 // WriteThrough makes pages bypass staging (see above). Only for an image
 // whose guest is discarded on any failure of its stream and that one
-// goroutine owns until then (a migration destination: no Store, no
-// Record, no Activate or Close from another goroutine while it
-// receives).
+// goroutine owns until then: a migration destination, or a secondary's
+// new image until its first consistent epoch (Secondary.Serve: nobody
+// else reads or closes its guest before it is adopted, and on a failure
+// Serve closes it and the image held before stays). No Activate or
+// Close from another goroutine while it receives.
 func (im *Image) WriteThrough() { im.writeThrough = true }
+
+// endWriteThrough makes the next epochs stage their pages again: a
+// secondary's image once it is adopted, from then on the image a
+// failover activates. Receiving goroutine only, between epochs.
+func (im *Image) endWriteThrough() { im.writeThrough = false }
 
 // writePage writes one page of the open epoch into guest memory (dst).
 // An all-zero page is written too, as a staged commit writes it: whether

@@ -1,0 +1,123 @@
+package replica
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/precopy"
+)
+
+// TestSecondaryCatchUpWritesThroughThenStages: a secondary's catch-up
+// goes straight into its new guest's memory (nothing staged), and once
+// the image is adopted its epochs are staged again: an epoch cut before
+// its end leaves the image held, in memory, exactly at the last
+// committed epoch, and it activates.
+func TestSecondaryCatchUpWritesThroughThenStages(t *testing.T) {
+	cfg := guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload{
+		Kind: guest.WorkloadDirty, Touch: 4 << 20, DirtyRate: 2000, Pattern: guest.PatternRandom}}
+	src, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	src.Resume()
+	time.Sleep(300 * time.Millisecond) // the 4 MiB touched
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	sec := NewSecondary(&Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}, nil)
+	defer sec.Close()
+	served := make(chan error, 1)
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			served <- err
+			return
+		}
+		served <- sec.Serve(context.Background(), conn)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	hello := Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test", Resident: ResidentHint(src)}
+	link, err := Dial(ctx, ln.Addr().String(), hello, src.Regions(), DialOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core := precopy.NewCore(src, nil)
+	sender := &precopy.LiveSender{Core: core, Link: link, EpochPages: 256}
+	core.Sync()
+	core.Dirty.Clear()
+	caughtUp, err := sender.SendAll(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if caughtUp < 2*256 {
+		t.Fatalf("the catch-up sent %d pages, too few to tell staging from writing through", caughtUp)
+	}
+	for e := 1; e <= 2; e++ {
+		time.Sleep(50 * time.Millisecond) // pages rewritten
+		cp, err := core.Capture(ctx, precopy.CaptureOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := link.Writer()
+		if err := w.WritePages(cp.Pages); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.WriteDevices(cp.State); err != nil {
+			t.Fatal(err)
+		}
+		ep, err := sender.EndEpoch()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := link.WaitAck(ctx, ep, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sec.mu.Lock()
+	im := sec.current
+	sec.mu.Unlock()
+	if im == nil {
+		t.Fatal("no image adopted after two consistent epochs")
+	}
+	lastDigest := im.Digest() // the committed epoch's, kept page by page
+	// An epoch that rewrites pages, cut before its end.
+	time.Sleep(50 * time.Millisecond)
+	cp, err := core.Capture(ctx, precopy.CaptureOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cp.Pages) == 0 {
+		t.Fatal("the torn epoch carries no pages")
+	}
+	link.Writer().WritePages(cp.Pages)
+	link.Flush()
+	link.Close()
+	select {
+	case <-served:
+	case <-time.After(10 * time.Second):
+		t.Fatal("secondary did not notice the cut")
+	}
+	// Serve has returned: the image's staging is no goroutine's now. The
+	// catch-up's epochs held 256 pages each; staged, its peak would be
+	// at least that, where the epochs after it stage a few pages.
+	if im.stagedPeak >= 256 {
+		t.Errorf("the image staged up to %d pages in one epoch: the catch-up was staged, not written through", im.stagedPeak)
+	}
+	g, _, _, err := sec.Activate()
+	if err != nil {
+		t.Fatalf("activate the held image after a cut epoch: %v", err)
+	}
+	defer g.Close()
+	st, _ := g.SaveState()
+	if got := guest.CombineDigest(guest.ScanMemory(g.Regions()).Sum(), st); got != lastDigest {
+		t.Fatalf("held image digest %s, want the last committed epoch's %s", got, lastDigest)
+	}
+}
