@@ -62,24 +62,7 @@ func TestSecondaryCatchUpWritesThroughThenStages(t *testing.T) {
 	}
 	for e := 1; e <= 2; e++ {
 		time.Sleep(50 * time.Millisecond) // pages rewritten
-		cp, err := core.Capture(ctx, precopy.CaptureOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		w := link.Writer()
-		if err := w.WritePages(cp.Pages); err != nil {
-			t.Fatal(err)
-		}
-		if err := w.WriteDevices(cp.State); err != nil {
-			t.Fatal(err)
-		}
-		ep, err := sender.EndEpoch()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := link.WaitAck(ctx, ep, false); err != nil {
-			t.Fatal(err)
-		}
+		sendEpoch(t, ctx, core, sender, link)
 	}
 	sec.mu.Lock()
 	im := sec.current
@@ -120,4 +103,30 @@ func TestSecondaryCatchUpWritesThroughThenStages(t *testing.T) {
 	if got := guest.CombineDigest(guest.ScanMemory(g.Regions()).Sum(), st); got != lastDigest {
 		t.Fatalf("held image digest %s, want the last committed epoch's %s", got, lastDigest)
 	}
+}
+
+// sendEpoch captures src's changes through core and sends them, with
+// the machine state, as one consistent epoch; it returns the epoch once
+// the receiver has acknowledged it.
+func sendEpoch(t *testing.T, ctx context.Context, core *precopy.Core, sender *precopy.LiveSender, link *Link) uint64 {
+	t.Helper()
+	cp, err := core.Capture(ctx, precopy.CaptureOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := link.Writer()
+	if err := w.WritePages(cp.Pages); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.WriteDevices(cp.State); err != nil {
+		t.Fatal(err)
+	}
+	ep, err := sender.EndEpoch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := link.WaitAck(ctx, ep, false); err != nil {
+		t.Fatal(err)
+	}
+	return ep
 }

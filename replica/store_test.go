@@ -70,24 +70,7 @@ func TestSecondaryComesBackAtItsLastCommittedEpoch(t *testing.T) {
 			src.Console().Input([]byte(fmt.Sprintf("c:%d SET k%d v%d\n", e*10+i, e*10+i, e)))
 		}
 		out.waitFor(t, fmt.Sprintf("c:%d OK", e*10+4))
-		cp, err := core.Capture(ctx, precopy.CaptureOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		w := link.Writer()
-		if err := w.WritePages(cp.Pages); err != nil {
-			t.Fatal(err)
-		}
-		if err := w.WriteDevices(cp.State); err != nil {
-			t.Fatal(err)
-		}
-		ep, err := sender.EndEpoch()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := link.WaitAck(ctx, ep, false); err != nil {
-			t.Fatal(err)
-		}
+		sendEpoch(t, ctx, core, sender, link)
 		src.Pause(ctx)
 		st, _ := src.SaveState()
 		lastDigest = guest.CombineDigest(guest.ScanMemory(src.Regions()).Sum(), st)
