@@ -86,12 +86,7 @@ func PrefaultSupported() bool { return !noPopulate.Load() }
 // PrefaultPages is PrefaultWrite of pages [first, first+n) of regions,
 // clipped to each region (a run may cross from one to the next).
 func PrefaultPages(regions []Region, first, n uint64, huge bool) {
-	for _, r := range regions {
-		lo, hi := max(first, r.FirstPage()), min(first+n, r.FirstPage()+r.Pages())
-		if lo < hi {
-			PrefaultWrite(r.Mem[(lo-r.FirstPage())<<PageShift:(hi-r.FirstPage())<<PageShift], huge)
-		}
-	}
+	eachSpan(regions, first, n, func(mem []byte) { PrefaultWrite(mem, huge) })
 }
 
 // AdviseHugePages advises MADV_HUGEPAGE on the whole huge blocks of
@@ -100,10 +95,16 @@ func PrefaultPages(regions []Region, first, n uint64, huge bool) {
 // page. Only for memory that takes them (HugePagesOK), and within a
 // bound of runs per guest (see adviseHuge).
 func AdviseHugePages(regions []Region, first, n uint64) {
+	eachSpan(regions, first, n, adviseHuge)
+}
+
+// eachSpan calls fn with the memory of pages [first, first+n) in each
+// region that holds some of them (a run may cross from one to the next).
+func eachSpan(regions []Region, first, n uint64, fn func(mem []byte)) {
 	for _, r := range regions {
 		lo, hi := max(first, r.FirstPage()), min(first+n, r.FirstPage()+r.Pages())
 		if lo < hi {
-			adviseHuge(r.Mem[(lo-r.FirstPage())<<PageShift : (hi-r.FirstPage())<<PageShift])
+			fn(r.Mem[(lo-r.FirstPage())<<PageShift : (hi-r.FirstPage())<<PageShift])
 		}
 	}
 }

@@ -90,12 +90,12 @@ var (
 	pagemapFile *os.File
 )
 
-// pagemap is this process's /proc/self/pagemap, opened once and kept for
-// the process's life (reads use ReadAt, so concurrent callers are safe).
 // ResidencyKnown says whether Populated can tell populated pages from
 // others here; without /proc/self/pagemap it reports every page.
 func ResidencyKnown() bool { return pagemap() != nil }
 
+// pagemap is this process's /proc/self/pagemap, opened once and kept for
+// the process's life (reads use ReadAt, so concurrent callers are safe).
 func pagemap() *os.File {
 	pagemapOnce.Do(func() {
 		f, err := os.Open("/proc/self/pagemap")

@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"cmp"
 	"errors"
 	"slices"
 	"sync"
@@ -60,11 +61,10 @@ func ResidentHint(g guest.Guest) [][2]uint64 {
 		return nil
 	}
 	var runs [][2]uint64
-	errFull := errors.New("enough runs")
 	for _, r := range g.Regions() {
 		err := guest.Populated(r, func(first, n uint64) error {
 			if len(runs) == MaxResidentRuns {
-				return errFull
+				return errEnoughRuns
 			}
 			if n >= MinResidentRun {
 				runs = append(runs, [2]uint64{r.FirstPage() + first, n})
@@ -77,6 +77,9 @@ func ResidentHint(g guest.Guest) [][2]uint64 {
 	}
 	return runs
 }
+
+// errEnoughRuns stops ResidentHint's scan at MaxResidentRuns.
+var errEnoughRuns = errors.New("enough runs")
 
 // aheadRuns is a peer's Hello.Resident made safe to act on: its first
 // MaxResidentRuns runs, each clipped to the guest's regions (a run
@@ -99,18 +102,8 @@ func aheadRuns(hint [][2]uint64, regions []guest.Region) [][2]uint64 {
 		}
 		next = first + n
 	}
-	slices.SortFunc(out, func(a, b [2]uint64) int { return cmpUint(a[0], b[0]) })
+	slices.SortFunc(out, func(a, b [2]uint64) int { return cmp.Compare(a[0], b[0]) })
 	return out
-}
-
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // ahead is a running populateAhead. The goroutine populates runs in
@@ -218,11 +211,11 @@ func (a *ahead) run(regions []guest.Region, huge bool) {
 				guest.AdviseHugePages(regions, run[0], run[1])
 			}
 			guest.PrefaultPages(regions, p, q-p, false)
-			if q == end && i+1 < len(a.runs) {
-				q = a.runs[i+1][0] // nothing between runs is owed
-			}
 			a.done.Store(q)
-			p = min(q, end)
+			p = q
+		}
+		if i+1 < len(a.runs) {
+			a.done.Store(a.runs[i+1][0]) // nothing between runs is owed
 		}
 	}
 }
@@ -241,7 +234,7 @@ func (a *ahead) from(first, n uint64) uint64 {
 		}
 	}
 	i, _ := slices.BinarySearchFunc(a.runs, first, func(r [2]uint64, p uint64) int {
-		return cmpUint(r[0]+r[1], p+1)
+		return cmp.Compare(r[0]+r[1], p+1)
 	})
 	if i == len(a.runs) || a.runs[i][0] > first || a.runs[i][0]+a.runs[i][1] < end {
 		return first

@@ -478,8 +478,9 @@ func (r *Receiver) receiveEpochs(conn net.Conn, br *bufio.Reader, hello Hello, g
 		defer func() {
 			if err != nil {
 				im.stopAhead()
+			} else {
+				im.haltAhead()
 			}
-			im.haltAhead()
 		}()
 	}
 	for {
