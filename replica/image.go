@@ -175,12 +175,20 @@ func (im *Image) SetBudget(bytes uint64) { im.budget = bytes }
 
 // what names the addition for the error; it is called only on refusal,
 // so the per-page path builds no message.
+//
+// A write-through image stages no pages (they go to the guest's memory),
+// so its budget is the disk's share alone: the budget less the guest's
+// memory.
 func (im *Image) overBudget(more uint64, what func() string) error {
-	if im.budget == 0 || im.stagedBytes+more <= im.budget {
+	b, of := im.budget, "guest memory plus --max-epoch-disk"
+	if im.writeThrough {
+		b, of = b-min(b, im.pages()<<guest.PageShift), "--max-epoch-disk: pages go straight to memory"
+	}
+	if im.budget == 0 || im.stagedBytes+more <= b {
 		return nil
 	}
-	return fmt.Errorf("%w: %s would make the open epoch hold %d bytes, over its budget of %d (guest memory plus --max-epoch-disk)",
-		ErrStagingBudget, what(), im.stagedBytes+more, im.budget)
+	return fmt.Errorf("%w: %s would make the open epoch hold %d bytes, over its budget of %d (%s)",
+		ErrStagingBudget, what(), im.stagedBytes+more, b, of)
 }
 
 // Guest returns the wrapped guest (paused; not to be resumed while the

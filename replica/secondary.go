@@ -139,12 +139,8 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	// guest nobody may activate, read or store, closed by this Serve on
 	// any failure while the one held before stays: its catch-up writes
 	// pages straight into memory, as a migration destination does,
-	// rather than staging each and copying it again at the commit. Its
-	// staging budget is then the disk's share alone: the pages it
-	// receives are held in the guest's memory, not staged.
+	// rather than staging each and copying it again at the commit.
 	im.WriteThrough()
-	budget := s.R.stagingBudget(hello.Config)
-	im.SetBudget(budget - min(budget, hello.Config.Memory))
 	adopted := false
 	defer func() {
 		if !adopted {
@@ -194,10 +190,8 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		if store, err = s.keep(im, c, e, hello, store, &adopted); err != nil {
 			return err
 		}
-		if adopted && im.writeThrough {
-			// The failover image now: stage again, within the whole budget.
-			im.endWriteThrough()
-			im.SetBudget(budget)
+		if adopted {
+			im.endWriteThrough() // the failover image now: stage again
 		}
 		if store, err = s.acknowledge(conn, im, c, e, hello, store, adopted); err != nil {
 			return err
