@@ -2,7 +2,6 @@ package replica
 
 import (
 	"context"
-	"net"
 	"testing"
 	"time"
 
@@ -25,27 +24,26 @@ func TestSecondaryCatchUpWritesThroughThenStages(t *testing.T) {
 	}
 	defer src.Close()
 	src.Resume()
-	time.Sleep(300 * time.Millisecond) // the 4 MiB touched
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	// Wait (bounded) until the guest has touched its 4 MiB.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var held uint64
+		for _, h := range ResidentHint(src) {
+			held += h[1]
+		}
+		if held >= 1024 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest holds %d pages in long runs after 10 s, want its 1,024 touched", held)
+		}
 	}
-	defer ln.Close()
 	sec := NewSecondary(&Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}, nil)
 	defer sec.Close()
-	served := make(chan error, 1)
-	go func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			served <- err
-			return
-		}
-		served <- sec.Serve(context.Background(), conn)
-	}()
+	addr, served := serveOnce(t, sec)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	hello := Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test", Resident: ResidentHint(src)}
-	link, err := Dial(ctx, ln.Addr().String(), hello, src.Regions(), DialOptions{})
+	link, err := Dial(ctx, addr, hello, src.Regions(), DialOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
