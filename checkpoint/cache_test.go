@@ -1,9 +1,7 @@
 package checkpoint
 
 import (
-	"bufio"
 	"bytes"
-	"fmt"
 	"os"
 	"runtime"
 	"strings"
@@ -12,41 +10,17 @@ import (
 	"unsafe"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/smaps"
 )
 
-// vmaOf reads /proc/self/smaps for the mapping holding addr: its flags
-// (VmFlags) and huge-page kilobytes; found is false when no mapping
-// holds it.
+// vmaOf is smaps.Mapping for a test: skipped where smaps is missing.
 func vmaOf(t *testing.T, addr uintptr) (flags string, hugeKB int, found bool) {
 	t.Helper()
-	f, err := os.Open("/proc/self/smaps")
+	flags, hugeKB, found, err := smaps.Mapping(addr)
 	if err != nil {
 		t.Skipf("no smaps: %v", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	in := false
-	for sc.Scan() {
-		line := sc.Text()
-		var lo, hi uintptr
-		if n, _ := fmt.Sscanf(line, "%x-%x", &lo, &hi); n == 2 && strings.Contains(line, " ") && !strings.Contains(line, ":  ") {
-			if in {
-				return flags, hugeKB, true
-			}
-			in = addr >= lo && addr < hi
-			continue
-		}
-		if !in {
-			continue
-		}
-		if v, ok := strings.CutPrefix(line, "VmFlags:"); ok {
-			flags = v
-		}
-		if v, ok := strings.CutPrefix(line, "AnonHugePages:"); ok {
-			fmt.Sscanf(strings.TrimSpace(v), "%d", &hugeKB)
-		}
-	}
-	return flags, hugeKB, in
+	return flags, hugeKB, found
 }
 
 // TestPageCacheHugeMemory: a cache of the default size asked for huge

@@ -2,9 +2,12 @@ package synth
 
 import (
 	"encoding/binary"
+	"os"
 	"testing"
+	"unsafe"
 
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/internal/smaps"
 )
 
 // BenchmarkGuestWrite measures what software dirty tracking adds to a guest
@@ -82,5 +85,43 @@ func TestSparse64GiB(t *testing.T) {
 	defer g.Close()
 	if uint64(len(g.Regions()[0].Mem)) != 64<<30 {
 		t.Fatal("region size")
+	}
+}
+
+// TestDirtyRangeHugeAdvised: a dirty guest's range (which its vCPUs
+// write whole) is advised MADV_HUGEPAGE, and the memory past it, which
+// the guest may leave sparse, is not; a kv guest's dirtied top of memory
+// is advised, its table is not.
+func TestDirtyRangeHugeAdvised(t *testing.T) {
+	if _, err := os.Stat("/sys/kernel/mm/transparent_hugepage"); err != nil {
+		t.Skip("this kernel has no transparent huge pages")
+	}
+	advised := func(t *testing.T, g *Guest, off uint64) bool {
+		t.Helper()
+		flags, _, found, err := smaps.Mapping(uintptr(unsafe.Pointer(&g.mem.mem[off])))
+		if err != nil {
+			t.Skipf("no smaps: %v", err)
+		}
+		if !found {
+			t.Fatalf("no mapping holds guest memory at offset %#x", off)
+		}
+		return smaps.HugeAdvised(flags)
+	}
+	// A 2 MiB-aligned mapping is not guaranteed, so look well inside
+	// the range and well past it.
+	g := mustNew(t, dirtyConfig(guest.PatternRandom)) // 64 MiB, 4 MiB touched
+	if !advised(t, g, 3<<20) {
+		t.Error("the dirty range is not advised MADV_HUGEPAGE")
+	}
+	if advised(t, g, 32<<20) {
+		t.Error("memory past the dirty range is advised MADV_HUGEPAGE")
+	}
+	kv := mustNew(t, guest.Config{Memory: 64 << 20, VCPUs: 2, Workload: guest.Workload{
+		Kind: guest.WorkloadKV, Touch: 8 << 20, DirtyRate: 1000, Pattern: guest.PatternRandom, Seed: 7}})
+	if !advised(t, kv, 60<<20) {
+		t.Error("a kv guest's dirtied top of memory is not advised MADV_HUGEPAGE")
+	}
+	if advised(t, kv, 8<<20) {
+		t.Error("a kv guest's table is advised MADV_HUGEPAGE")
 	}
 }
