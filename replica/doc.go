@@ -51,8 +51,9 @@
 // image against activation; an epoch's disk writes run outside it, and
 // Image.committing makes Activate and Close wait for an epoch whose disk
 // write has begun (so an activation does wait for that one epoch's disk
-// writes: a half-applied disk cannot be handed over), but never for a
-// Store's rewrite. A
+// writes: a half-applied disk cannot be handed over), and for a
+// secondary's acknowledged epoch whose pages Settle has not yet copied
+// into memory (image_settle.go), but never for a Store's rewrite. A
 // Store's rewrite copies memory under it one batch at a time and
 // compresses and writes with it released (Store.writeImage says why that
 // is a consistent image). Secondary.mu is never held while calling into

@@ -52,7 +52,7 @@ type Image struct {
 	// Activate and Close wait (idle) for it to clear.
 	mu         sync.Mutex
 	idle       sync.Cond // on mu: signalled when committing, reading or activating clears
-	committing bool      // EndEpoch is writing the epoch's disk writes
+	committing bool      // EndEpoch is writing the epoch's disk writes, or its pages wait for Settle
 	reading    bool      // a Store is reading the disk (beginRead)
 	// activating: Activate is loading the state into the guest, without
 	// mu; commits, the Store's copies and Close wait for it (idle).
@@ -84,6 +84,11 @@ type Image struct {
 	// (image_prefault.go); receiving goroutine only.
 	populated *precopy.Bitmap
 	fresh     []uint64
+
+	// ackBeforeCopy and copyPending: see Settle (image_settle.go);
+	// receiving goroutine only.
+	ackBeforeCopy bool
+	copyPending   bool
 	huge      bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
 	hugeRuns  int                   // runs advised so (maxHugeRuns)
 	ahead     atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
@@ -199,6 +204,7 @@ func (im *Image) page(index uint64) []byte { return guest.PageOf(im.regions, ind
 
 // PageBase implements checkpoint.Target.
 func (im *Image) PageBase(index uint64) ([]byte, error) {
+	im.Settle()
 	if p, ok := im.staged[index]; ok {
 		return p.data, nil
 	}
@@ -220,6 +226,7 @@ func (im *Image) StorePage(index uint64, data []byte) error {
 // StorePageHashed implements checkpoint.HashedTarget: the page is staged
 // with its hash (or, write-through, written at once).
 func (im *Image) StorePageHashed(index uint64, data []byte, sum uint64, zero bool) error {
+	im.Settle()
 	dst := im.page(index)
 	if dst == nil {
 		return fmt.Errorf("%w: page %d outside guest memory", checkpoint.ErrCorrupt, index)
@@ -255,6 +262,7 @@ func (im *Image) StoreDevices(ms guest.MachineState) error {
 	if ms.Kind != im.g.Kind() {
 		return fmt.Errorf("%w: device state of a %q guest for a %q guest", checkpoint.ErrCorrupt, ms.Kind, im.g.Kind())
 	}
+	im.Settle()
 	cp := cloneState(ms)
 	im.stagedState = &cp
 	return nil
@@ -265,6 +273,7 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 	if _, ok := im.g.(guest.Disk); !ok && len(ws) > 0 {
 		return checkpoint.ErrNoDisk
 	}
+	im.Settle()
 	var more uint64
 	for _, w := range ws {
 		more += uint64(len(w.Data)) + diskWriteOverhead
@@ -288,7 +297,11 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 // under mu after the handedOver check, keeps Activate and Close from
 // interleaving: they wait for the commit to finish, so a guest is never
 // handed over (or closed) between an epoch's disk and its memory.
+//
+// With AckBeforeCopy the epoch's pages are copied into memory by Settle
+// rather than here (image_settle.go).
 func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
+	im.Settle()
 	if !im.lockOwned() {
 		im.discardLocked()
 		im.mu.Unlock()
@@ -300,7 +313,10 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	}
 	im.committing = true
 	im.mu.Unlock()
-	im.prefaultStaged()
+	deferCopy := im.ackBeforeCopy && len(im.staged) > 0
+	if !deferCopy {
+		im.prefaultStaged()
+	}
 	var derr error
 	if len(im.stagedDisk) > 0 {
 		// Staging is the receiving goroutine's own: no lock needed.
@@ -313,18 +329,16 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
-	im.committing = false
-	im.idle.Broadcast()
 	if derr != nil {
+		im.committing = false
+		im.idle.Broadcast()
 		// Memory is untouched; the epoch is refused as a whole.
 		im.discardLocked()
 		return fmt.Errorf("commit epoch %d: disk: %w", e.Epoch, derr)
 	}
 	im.lastPages, im.lastState, im.lastDisk = im.lastPages[:0], nil, nil
 	for idx, p := range im.staged {
-		copy(im.page(idx), p.data)
 		im.hash.UpdateHashed(idx, p.sum, p.zero)
-		im.free = append(im.free, p.data)
 		if im.record {
 			im.lastPages = append(im.lastPages, idx)
 		}
@@ -333,8 +347,13 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	if im.record {
 		im.lastState, im.lastDisk = im.stagedState, im.stagedDisk
 	}
-	im.trimStaging()
-	im.stagedBytes = 0
+	if deferCopy {
+		im.copyPending = true // committing stays set until Settle
+	} else {
+		im.copyStagedLocked()
+		im.committing = false
+		im.idle.Broadcast()
+	}
 	if im.stagedState != nil {
 		im.state, im.hasState, im.consistent = *im.stagedState, true, true
 	} else if e.Pages > 0 {
@@ -398,6 +417,7 @@ func (im *Image) LastCommit() ([]uint64, *guest.MachineState, []guest.DiskWrite)
 // Discard drops a partly received epoch (the stream failed before its
 // EPOCH-END).
 func (im *Image) Discard() {
+	im.Settle()
 	im.mu.Lock()
 	im.discardLocked()
 	im.mu.Unlock()

@@ -141,8 +141,13 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 	// pages straight into memory, as a migration destination does,
 	// rather than staging each and copying it again at the commit.
 	im.WriteThrough()
+	// Once it stages, an epoch is acknowledged before its pages are
+	// copied into memory (image_settle.go): the copy follows the
+	// acknowledgement, before the next epoch is read.
+	im.AckBeforeCopy()
 	adopted := false
 	defer func() {
+		im.Settle() // before the guest may be closed or handed over
 		if !adopted {
 			g.Close()
 		}
@@ -193,7 +198,9 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		if adopted {
 			im.endWriteThrough() // the failover image now: stage again
 		}
-		if store, err = s.acknowledge(conn, im, c, e, hello, store, adopted); err != nil {
+		store, err = s.acknowledge(conn, im, c, e, hello, store, adopted)
+		im.Settle()
+		if err != nil {
 			return err
 		}
 	}

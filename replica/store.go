@@ -401,6 +401,7 @@ const storeRunWindow = 1 << 18
 // (Image.beginRead), so no chunk is read from a guest that runs or is
 // closed. It returns the epoch written.
 func (s *Store) writeImage(w *checkpoint.Writer, im *Image) (uint64, error) {
+	im.Settle() // the last commit's pages in memory before they are read
 	if !im.lockOwned() {
 		im.mu.Unlock()
 		return 0, ErrHandedOver
@@ -507,6 +508,7 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 	if s.w == nil {
 		return nil
 	}
+	im.Settle() // the commit's pages in memory before they are copied out
 	s.pageIdx = append(s.pageIdx[:0], pages...)
 	pages = s.pageIdx
 	slices.Sort(pages)

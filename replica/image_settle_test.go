@@ -1,0 +1,150 @@
+package replica
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/tandemvm/tandem/checkpoint"
+	"github.com/tandemvm/tandem/guest"
+)
+
+// An image that acknowledges before copying reports the epoch (digest,
+// number) at EndEpoch with its pages not yet in memory; Activate waits
+// for Settle, and the next epoch's first page settles the last one, so a
+// stream received so ends with the memory and digest of an image that
+// copies at once.
+func TestAckBeforeCopy(t *testing.T) {
+	stream := wtStream(t)
+	plain, early := NewImage(wtGuest(t)), NewImage(wtGuest(t))
+	early.AckBeforeCopy()
+	receiveAll(t, stream, plain)
+
+	rd, err := checkpoint.NewReader(bytes.NewReader(stream), checkpoint.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := early.Guest().Regions()[0].Mem
+	if _, err := rd.ReadEpoch(early); err != nil {
+		t.Fatal(err)
+	}
+	// Epoch 1 stores random data in the first half of memory: committed,
+	// not yet copied.
+	if c := early.Committed(); c.Epoch != 1 {
+		t.Fatalf("committed %+v after epoch 1", c)
+	}
+	if !early.copyPending || !guest.IsZeroPage(mem[:guest.PageSize]) {
+		t.Fatal("EndEpoch copied the pages: nothing was left for Settle")
+	}
+	if got, want := early.hash.Sum(), digestOfStream(t, stream, 1); got != want {
+		t.Fatalf("digest after epoch 1 %x, want %x (the acknowledgement's digest must include the epoch)", got, want)
+	}
+	// The next epoch settles the last before it stages anything.
+	if _, err := rd.ReadEpoch(early); err != nil {
+		t.Fatal(err)
+	}
+	if guest.IsZeroPage(mem[:guest.PageSize]) {
+		t.Fatal("epoch 1's pages are still not in memory after epoch 2 was read")
+	}
+	for {
+		if _, err := rd.ReadEpoch(early); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !early.copyPending {
+		t.Fatal("the last epoch was copied by EndEpoch")
+	}
+	// Activate waits for the copy.
+	type result struct {
+		c   Committed
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		_, c, err := early.Activate()
+		done <- result{c, err}
+	}()
+	select {
+	case r := <-done:
+		t.Fatalf("Activate returned (%+v, %v) with an epoch not yet in memory", r.c, r.err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	early.Settle()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Activate still waits after Settle")
+	}
+	if !bytes.Equal(mem, plain.Guest().Regions()[0].Mem) {
+		t.Fatal("memory differs from the image that copied at once")
+	}
+	if early.Digest() != plain.Digest() {
+		t.Fatalf("digest %v, want %v", early.Digest(), plain.Digest())
+	}
+	if got, want := early.hash.Sum(), guest.ScanMemory(early.Guest().Regions()).Sum(); got != want {
+		t.Fatalf("incremental digest %x, scan %x", got, want)
+	}
+}
+
+// digestOfStream is the memory digest of an image that received the
+// first n epochs of stream and copied each at once.
+func digestOfStream(t *testing.T, stream []byte, n int) [16]byte {
+	t.Helper()
+	im := NewImage(wtGuest(t))
+	rd, err := checkpoint.NewReader(bytes.NewReader(stream), checkpoint.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		if _, err := rd.ReadEpoch(im); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return im.hash.Sum()
+}
+
+// Close waits for a pending copy too, and Discard settles before it
+// drops a partly received epoch (the committed pages are not lost with
+// the staged ones).
+func TestAckBeforeCopyCloseAndDiscard(t *testing.T) {
+	im := NewImage(wtGuest(t))
+	im.AckBeforeCopy()
+	page := bytes.Repeat([]byte{7}, guest.PageSize)
+	if err := im.StorePage(3, page); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.EndEpoch(checkpoint.EpochEnd{Epoch: 1, Pages: 1}); err != nil {
+		t.Fatal(err)
+	}
+	im.Discard()
+	mem := im.Guest().Regions()[0].Mem
+	if !bytes.Equal(mem[3*guest.PageSize:4*guest.PageSize], page) {
+		t.Fatal("Discard dropped a committed epoch's pages")
+	}
+	if err := im.StorePage(4, page); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.EndEpoch(checkpoint.EpochEnd{Epoch: 2, Pages: 1}); err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	go func() { im.Close(); close(closed) }()
+	select {
+	case <-closed:
+		t.Fatal("Close returned with an epoch not yet in memory")
+	case <-time.After(50 * time.Millisecond):
+	}
+	im.Settle()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close still waits after Settle")
+	}
+}
