@@ -89,9 +89,9 @@ type Image struct {
 	// receiving goroutine only.
 	ackBeforeCopy bool
 	copyPending   bool
-	huge      bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
-	hugeRuns  int                   // runs advised so (maxHugeRuns)
-	ahead     atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
+	huge          bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
+	hugeRuns      int                   // runs advised so (maxHugeRuns)
+	ahead         atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
 }
 
 // stagedPage is a page of the open epoch with the XXH64 of its content
