@@ -84,14 +84,14 @@ type Image struct {
 	// (image_prefault.go); receiving goroutine only.
 	populated *precopy.Bitmap
 	fresh     []uint64
+	huge      bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
+	hugeRuns  int                   // runs advised so (maxHugeRuns)
+	ahead     atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
 
 	// ackBeforeCopy and copyPending: see Settle (image_settle.go);
 	// receiving goroutine only.
 	ackBeforeCopy bool
 	copyPending   bool
-	huge          bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
-	hugeRuns      int                   // runs advised so (maxHugeRuns)
-	ahead         atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
 }
 
 // stagedPage is a page of the open epoch with the XXH64 of its content
