@@ -190,6 +190,12 @@ type Writer struct {
 	// noCacheBelow: pages below this index stay out of the cache
 	// (SkipCacheBelow).
 	noCacheBelow uint64
+	// deltaTried and deltaWon count pages with a base and those sent as
+	// deltas in the current window; bypass is how many more non-zero
+	// pages skip the cache (cache_bypass.go).
+	deltaTried, deltaWon int
+	bypass               int
+	bypasses             uint64
 	// Reused buffers.
 	secs []*ramSection
 	body []byte

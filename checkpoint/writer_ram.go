@@ -147,9 +147,10 @@ func (w *Writer) classify(s *ramSection, pages []Page) {
 			w.remember(p)
 			continue
 		}
-		if base := w.cache.get(idx); base != nil {
+		if base := w.deltaBase(idx); base != nil {
 			mark := len(s.deltas)
 			d, ok := appendXORDelta(s.deltas, data, base)
+			w.noteDelta(ok)
 			if ok {
 				s.deltas = d
 				ents = append(ents, entry{index: idx, count: 1, enc: encXOR, dOff: mark, dEnd: len(d)})
@@ -176,6 +177,11 @@ func (w *Writer) classify(s *ramSection, pages []Page) {
 // cache, unless the caller said no delta will be based on it
 // (SkipCacheBelow).
 func (w *Writer) remember(p Page) {
+	if w.bypass > 0 {
+		w.bypass--
+		w.cache.invalidate(p.Index)
+		return
+	}
 	if p.Index < w.noCacheBelow {
 		w.cache.invalidate(p.Index)
 		return
