@@ -477,6 +477,12 @@ type EpochStatus struct {
 	PauseP50Ms         float64 `json:"pause_p50_ms"`
 	PauseP99Ms         float64 `json:"pause_p99_ms"`
 	PauseMaxMs         float64 `json:"pause_max_ms"`
+	// JoinPauseMaxMs and JoinAckMaxMs are the longest pause and
+	// acknowledgement of the last join's epochs: those paused before
+	// protection began (the catch-up's tail), which the pause and ack
+	// quantiles leave out; null before the first join's protection.
+	JoinPauseMaxMs *float64 `json:"join_pause_max_ms"`
+	JoinAckMaxMs   *float64 `json:"join_ack_max_ms"`
 	// EpochRawBytes and EpochWireBytes are totals over all epochs (dirty
 	// page bytes captured, stream bytes shipped); the _avg figures are
 	// per epoch, and WireRatio is wire over raw.

@@ -37,6 +37,7 @@ func (l *EpochLoop) perform(acts []ProtectionAction, now time.Time) {
 			}
 			l.logState(a, retry)
 		case DoProtected:
+			l.noteProtected(a.Protected, now)
 			if l.cfg.OnProtected != nil {
 				l.cfg.OnProtected(a.Protected, a.Why)
 			}
@@ -130,7 +131,11 @@ func (l *EpochLoop) secondaryAddr() string {
 func (l *EpochLoop) noteAcked(a ProtectionAction, now time.Time) {
 	l.mu.Lock()
 	l.acked++
-	l.ackLatency = appendBounded(l.ackLatency, now.Sub(a.PausedAt))
+	if l.joining(a.PausedAt) {
+		l.joinAckMax = max(l.joinAckMax, now.Sub(a.PausedAt))
+	} else {
+		l.ackLatency = appendBounded(l.ackLatency, now.Sub(a.PausedAt))
+	}
 	l.mu.Unlock()
 	if sent, ok := l.ackedSent(a.Epoch); ok {
 		l.observe(PhaseApply, sent, now.Sub(sent))

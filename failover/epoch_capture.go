@@ -450,7 +450,11 @@ func (l *EpochLoop) capture(p *pipeline, buf []byte, final bool) (job, error) {
 	l.epochs++
 	l.linkEpochs++
 	l.rawBytes += uint64(len(cp.Pages)) * guest.PageSize
-	l.pauses = appendBounded(l.pauses, cp.Breakdown.Total())
+	if l.joining(cp.PausedAt) {
+		l.joinPauseMax = max(l.joinPauseMax, cp.Breakdown.Total())
+	} else {
+		l.pauses = appendBounded(l.pauses, cp.Breakdown.Total())
+	}
 	l.mu.Unlock()
 	l.observe(PhasePause, cp.PausedAt, cp.Breakdown.Total())
 	return j, nil

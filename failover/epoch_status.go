@@ -64,6 +64,28 @@ func (l *EpochLoop) observe(phase string, start time.Time, d time.Duration) {
 	}
 }
 
+// noteProtected records when protection begins (a join's first
+// consistent acknowledgement) and ends. A new join's figures start
+// afresh when protection is lost.
+func (l *EpochLoop) noteProtected(on bool, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if on {
+		if l.protectedAt.IsZero() {
+			l.protectedAt, l.joinSeen = now, true
+		}
+		return
+	}
+	l.protectedAt = time.Time{}
+	l.joinPauseMax, l.joinAckMax = 0, 0
+}
+
+// joining says whether an epoch paused at pausedAt is the join's: paused
+// before protection began. mu held.
+func (l *EpochLoop) joining(pausedAt time.Time) bool {
+	return l.protectedAt.IsZero() || pausedAt.Before(l.protectedAt)
+}
+
 // sentStamp is when an epoch's end went out on the link.
 type sentStamp struct {
 	epoch uint64
@@ -141,6 +163,10 @@ func (l *EpochLoop) Status() EpochStatus {
 		}
 	}
 	st.PauseP50Ms, st.PauseP99Ms, st.PauseMaxMs = quantiles(l.pauses)
+	if l.joinSeen {
+		p, a := millis(l.joinPauseMax), millis(l.joinAckMax)
+		st.JoinPauseMaxMs, st.JoinAckMaxMs = &p, &a
+	}
 	st.AckLatencyP50Ms, st.AckLatencyP99Ms, _ = quantiles(l.ackLatency)
 	st.OutputDelayP50Ms, st.OutputDelayP99Ms, _ = quantiles(l.gate.Delays())
 	st.OutputHeldBytes = l.gate.Held()
@@ -201,8 +227,10 @@ func quantiles(ds []time.Duration) (p50, p99, mx float64) {
 	s := slices.Clone(ds)
 	slices.Sort(s)
 	at := func(q float64) float64 {
-		i := min(len(s)-1, int(q*float64(len(s))))
-		return float64(s[i].Microseconds()) / 1000
+		return millis(s[min(len(s)-1, int(q*float64(len(s))))])
 	}
-	return at(0.5), at(0.99), float64(s[len(s)-1].Microseconds()) / 1000
+	return at(0.5), at(0.99), millis(s[len(s)-1])
 }
+
+// millis is d in milliseconds, to the microsecond.
+func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

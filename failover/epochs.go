@@ -183,16 +183,22 @@ type EpochLoop struct {
 	link         *replica.Link
 	lastCommitAt time.Time
 	shipped      uint64          // last stream epoch shipped
-	pauses       []time.Duration // recent pauses, bounded
-	ackLatency   []time.Duration // recent, bounded
-	epochs       uint64          // consistent epochs captured
-	acked        uint64          // consistent epochs acknowledged
-	rawBytes     uint64          // page bytes captured, all epochs
-	wireBytes    uint64          // stream bytes of consistent epochs
-	flushAborts  uint64
-	mismatches   uint64
-	verified     uint64
-	lastMismatch string
+	pauses       []time.Duration // recent pauses of protected epochs, bounded
+	ackLatency   []time.Duration // recent, of protected epochs, bounded
+	// protectedAt is when protection last began (zero while
+	// unprotected); epochs paused before it are the join's, whose
+	// longest pause and acknowledgement are kept apart.
+	protectedAt              time.Time
+	joinPauseMax, joinAckMax time.Duration
+	joinSeen                 bool   // a join's figures exist (status null before)
+	epochs                   uint64 // consistent epochs captured
+	acked                    uint64 // consistent epochs acknowledged
+	rawBytes                 uint64 // page bytes captured, all epochs
+	wireBytes                uint64 // stream bytes of consistent epochs
+	flushAborts              uint64
+	mismatches               uint64
+	verified                 uint64
+	lastMismatch             string
 	// The last mismatch: its epoch, when, and how it was resolved.
 	mismatchEpoch      uint64
 	mismatchAt         time.Time
