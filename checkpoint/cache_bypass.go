@@ -1,5 +1,7 @@
 package checkpoint
 
+import "time"
+
 // Leaving the delta cache alone while it wins nothing.
 //
 // Every non-zero page sent is copied into the delta cache (the
@@ -10,8 +12,10 @@ package checkpoint
 // XOR scans were a quarter of a primary's encoding (perf, 2026-12-01).
 // So the writer counts, among the pages that had a base, those sent as
 // deltas; when fewer than 1 in bypassMinWin of bypassWindow such pages
-// won, the next bypassPages non-zero pages skip the cache: no lookup, no
-// copy, and their slots are invalidated, which keeps the cache's
+// won, the next bypassPages non-zero pages (or those of the next
+// bypassTime, if that ends first: a slow writer would otherwise go
+// without deltas for minutes) skip the cache: no lookup, no copy, and
+// their slots are invalidated, which keeps the cache's
 // invariant (a tagged slot holds exactly what the receiver holds). Then
 // the cache is used again, and the pages sent since re-seed it; a
 // workload whose pages become deltable wins again within a window of
@@ -26,8 +30,18 @@ const (
 )
 
 // bypassPages is how long a bypass lasts, in pages (a var for tests):
-// 2.6 s at 100,000 pages/s.
+// 2.6 s at 100,000 pages/s; bypassTime bounds it in time.
 var bypassPages = 1 << 18
+
+const bypassTime = 3 * time.Second
+
+// endStaleBypass ends a bypass older than bypassTime; WritePages calls
+// it once per call.
+func (w *Writer) endStaleBypass() {
+	if w.bypass > 0 && time.Since(w.bypassFrom) > bypassTime {
+		w.bypass = 0
+	}
+}
 
 // deltaBase is the cached base for page index, or nil: none cached, or
 // the cache is being bypassed.
@@ -48,7 +62,7 @@ func (w *Writer) noteDelta(won bool) {
 		return
 	}
 	if w.deltaWon*bypassMinWin < w.deltaTried {
-		w.bypass = bypassPages
+		w.bypass, w.bypassFrom = bypassPages, time.Now()
 		w.bypasses++
 	}
 	w.deltaTried, w.deltaWon = 0, 0

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"github.com/tandemvm/tandem/guest"
 )
@@ -87,6 +88,24 @@ func TestCacheBypass(t *testing.T) {
 	small() // seeds
 	if s := small(); s.Encodings.XOR != pages {
 		t.Fatalf("after the bypass: %d of %d pages as deltas", s.Encodings.XOR, pages)
+	}
+	// A bypass ends after bypassTime even if its pages are not used up.
+	for range 2 {
+		for _, p := range mem {
+			fillRandom(rng, p)
+		}
+		send(all)
+	}
+	if w.CacheBypasses() != 2 || w.bypass == 0 {
+		t.Fatalf("second run of whole rewrites: %d bypasses, %d pages left", w.CacheBypasses(), w.bypass)
+	}
+	w.bypassFrom = w.bypassFrom.Add(-bypassTime - time.Second)
+	small() // ends the bypass first: these pages are remembered
+	if w.bypass != 0 {
+		t.Fatalf("a bypass older than %v still on", bypassTime)
+	}
+	if s := small(); s.Encodings.XOR != pages {
+		t.Fatalf("after a bypass that timed out: %d of %d pages as deltas", s.Encodings.XOR, pages)
 	}
 	if err := w.EndStream(); err != nil {
 		t.Fatal(err)

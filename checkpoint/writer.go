@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/tandemvm/tandem/guest"
@@ -196,6 +197,7 @@ type Writer struct {
 	deltaTried, deltaWon int
 	bypass               int
 	bypasses             uint64
+	bypassFrom           time.Time
 	// Reused buffers.
 	secs []*ramSection
 	body []byte

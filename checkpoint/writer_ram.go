@@ -44,6 +44,7 @@ type ramSection struct {
 // writes the finished ones in order; every goroutine has ended, and no
 // page is read any more, when it returns.
 func (w *Writer) writePages(pages []Page) error {
+	w.endStaleBypass()
 	n := (len(pages) + w.batch - 1) / w.batch
 	for len(w.secs) < max(1, min(n, w.encoders+1)) {
 		w.secs = append(w.secs, &ramSection{})

@@ -488,7 +488,8 @@ var ErrHandedOver = errors.New("replica: image already handed over to a running 
 // paused, for the caller to resume. The Image must not be used afterwards.
 //
 // It waits for an epoch whose disk writes are being written (so the guest
-// gets that epoch whole, or not at all), and for a chunk of the disk a
+// gets that epoch whole, or not at all), or whose pages wait to be copied
+// into memory behind its acknowledgement (Settle), and for a chunk of the disk a
 // Store's rewrite is reading, but never for the rest of a rewrite.
 //
 // The state is loaded without mu (status readers do not wait for it);

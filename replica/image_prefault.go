@@ -90,12 +90,16 @@ func (im *Image) noteStaged(index uint64) {
 
 // prefaultStaged populates the open epoch's fresh staged pages, in runs
 // of consecutive pages, before the commit copies them into memory; an
-// epoch of pages the image holds already has none. EndEpoch calls it
-// without mu (committing keeps the guest from being handed over or
-// closed meanwhile). It never advises huge pages: the commit waits for
-// it, and a huge page's allocation may compact memory first (THP
-// defrag=madvise). (In the runs a populateAhead advised, a page the
-// goroutine has not reached yet is populated as a huge page here too.)
+// epoch of pages the image holds already has none. EndEpoch (or, behind
+// the acknowledgement, Settle) calls it without mu (committing keeps the
+// guest from being handed over or closed meanwhile). It never advises
+// huge pages itself, since a huge page's allocation may compact memory
+// first (THP defrag=madvise); but memory the guest advised already takes
+// them here too: the runs a populateAhead advised, and a synth guest's
+// dirty range (guest/synth startVCPUs), whose first write to each 2 MiB
+// block may then wait for compaction once, on a staged epoch's copy
+// behind the acknowledgement or during a write-through catch-up, which
+// holds no output.
 func (im *Image) prefaultStaged() {
 	fresh := im.fresh
 	im.fresh = im.fresh[:0]

@@ -11,8 +11,12 @@ package replica
 // AckBeforeCopy, EndEpoch does the first part and leaves the copy to
 // Settle, which the receiving goroutine calls once the acknowledgement
 // is written (and before anything reads the memory or stages the next
-// epoch: every Target method, Discard and the Store's reads settle
-// first). Until then committing stays set, so Activate and Close wait for
+// epoch: every Target method that stages or reads, Discard and the
+// Store's image rewrite settle first; Prefault needs not, as it does
+// nothing on a staging image). The Store's Append, which runs before the
+// acknowledgement (a SIGKILLed secondary keeps what the page cache
+// holds), copies the epoch's pages from staging (committedPage), so with
+// a store too the copy into memory follows the acknowledgement. Until then committing stays set, so Activate and Close wait for
 // the copy exactly as they wait for a commit's disk writes: a guest is
 // never handed over or closed with an acknowledged epoch missing from
 // its memory. The acknowledgement's promise is the same as before: the
@@ -38,6 +42,18 @@ func (im *Image) Settle() {
 	im.committing = false
 	im.idle.Broadcast()
 	im.mu.Unlock()
+}
+
+// committedPage is page index as committed: the staged copy while the
+// last epoch's pages wait for Settle, memory otherwise. Receiving
+// goroutine only, mu held.
+func (im *Image) committedPage(index uint64) []byte {
+	if im.copyPending {
+		if p, ok := im.staged[index]; ok {
+			return p.data
+		}
+	}
+	return im.page(index)
 }
 
 // copyStagedLocked copies the staged pages into memory and empties the

@@ -9,6 +9,7 @@ import (
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
+	"github.com/tandemvm/tandem/guest/synth"
 )
 
 // An image that acknowledges before copying reports the epoch (digest,
@@ -146,5 +147,77 @@ func TestAckBeforeCopyCloseAndDiscard(t *testing.T) {
 	case <-closed:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close still waits after Settle")
+	}
+}
+
+// A Store appends an epoch whose pages still wait for Settle from the
+// staged copies, without settling (so the copy into memory stays behind
+// the acknowledgement with a store too), and loads back with them.
+func TestAckBeforeCopyStoreAppend(t *testing.T) {
+	cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}}
+	g, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	im := NewImage(g)
+	im.AckBeforeCopy()
+	im.Record()
+	st, err := g.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	page := func(v byte) []byte { return bytes.Repeat([]byte{v}, guest.PageSize) }
+	if err := im.StorePage(5, page(1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.StoreDevices(st); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.EndEpoch(checkpoint.EpochEnd{Epoch: 1, Pages: 1}); err != nil {
+		t.Fatal(err)
+	}
+	store, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Begin(im, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, idx := range []uint64{5, 6} {
+		if err := im.StorePage(idx, page(2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := im.StoreDevices(st); err != nil {
+		t.Fatal(err)
+	}
+	e := checkpoint.EpochEnd{Epoch: 2, Pages: 2}
+	if err := im.EndEpoch(e); err != nil {
+		t.Fatal(err)
+	}
+	pages, state, disk := im.LastCommit()
+	if err := store.Append(im, e, pages, state, disk); err != nil {
+		t.Fatal(err)
+	}
+	if !im.copyPending {
+		t.Fatal("Append settled the epoch: the copy would precede the acknowledgement")
+	}
+	im.Settle()
+	store.Close()
+	rc := &Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}
+	im2, _, ok, err := store.Load(rc)
+	if err != nil || !ok {
+		t.Fatalf("load: ok=%v err=%v", ok, err)
+	}
+	defer im2.Guest().Close()
+	if c := im2.Committed(); c.Epoch != 2 {
+		t.Fatalf("loaded epoch %d, want 2", c.Epoch)
+	}
+	mem := im2.Guest().Regions()[0].Mem
+	for _, idx := range []uint64{5, 6} {
+		if !bytes.Equal(mem[idx*guest.PageSize:(idx+1)*guest.PageSize], page(2)) {
+			t.Fatalf("page %d not as epoch 2 left it", idx)
+		}
 	}
 }

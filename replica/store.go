@@ -508,7 +508,6 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 	if s.w == nil {
 		return nil
 	}
-	im.Settle() // the commit's pages in memory before they are copied out
 	s.pageIdx = append(s.pageIdx[:0], pages...)
 	pages = s.pageIdx
 	slices.Sort(pages)
@@ -526,7 +525,7 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 		}
 		for i, idx := range pages[:n] {
 			dst := buf[i*guest.PageSize : (i+1)*guest.PageSize]
-			copy(dst, im.page(idx))
+			copy(dst, im.committedPage(idx))
 			batch = append(batch, checkpoint.Page{Index: idx, Data: dst})
 		}
 		im.mu.Unlock()
