@@ -29,11 +29,11 @@ const (
 	bypassMinWin = 64
 )
 
-// bypassPages is how long a bypass lasts, in pages (a var for tests):
+// bypassPages is how long a bypass lasts, in pages (vars for tests):
 // 2.6 s at 100,000 pages/s; bypassTime bounds it in time.
 var bypassPages = 1 << 18
 
-const bypassTime = 3 * time.Second
+var bypassTime = 3 * time.Second
 
 // endStaleBypass ends a bypass older than bypassTime; WritePages calls
 // it once per call.

@@ -16,8 +16,9 @@ import (
 // ends with exactly the sender's pages (no delta against a base it was
 // never sent).
 func TestCacheBypass(t *testing.T) {
-	defer func(n int) { bypassPages = n }(bypassPages)
+	defer func(n int, d time.Duration) { bypassPages, bypassTime = n, d }(bypassPages, bypassTime)
 	bypassPages = 4096
+	bypassTime = time.Hour // only the page count ends a bypass, until the end
 	const pages = 2048
 	rng := rand.New(rand.NewPCG(9, 9))
 	mem := make([][]byte, pages)
@@ -99,6 +100,7 @@ func TestCacheBypass(t *testing.T) {
 	if w.CacheBypasses() != 2 || w.bypass == 0 {
 		t.Fatalf("second run of whole rewrites: %d bypasses, %d pages left", w.CacheBypasses(), w.bypass)
 	}
+	bypassTime = 3 * time.Second
 	w.bypassFrom = w.bypassFrom.Add(-bypassTime - time.Second)
 	small() // ends the bypass first: these pages are remembered
 	if w.bypass != 0 {
