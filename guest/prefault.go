@@ -79,6 +79,13 @@ type HugePagesOK interface {
 	HugePagesOK() bool
 }
 
+// WholeWriter is a guest that knows ranges of its memory it writes every
+// page of (first page, pages): whole 2 MiB blocks of them are best
+// backed by huge pages where the memory takes them (HugePagesOK).
+type WholeWriter interface {
+	WholeWriteRanges() [][2]uint64
+}
+
 // PrefaultSupported says whether the kernel has taken
 // MADV_POPULATE_WRITE so far (false once it refused it).
 func PrefaultSupported() bool { return !noPopulate.Load() }

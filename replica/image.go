@@ -87,6 +87,8 @@ type Image struct {
 	huge      bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
 	hugeRuns  int                   // runs advised so (maxHugeRuns)
 	ahead     atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
+	// wholeAdvised: adviseWholeWrites has run (receiving goroutine only).
+	wholeAdvised bool
 
 	// ackBeforeCopy and copyPending: see Settle (image_settle.go);
 	// receiving goroutine only.

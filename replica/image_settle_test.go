@@ -6,10 +6,12 @@ import (
 	"io"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/internal/smaps"
 )
 
 // An image that acknowledges before copying reports the epoch (digest,
@@ -219,5 +221,41 @@ func TestAckBeforeCopyStoreAppend(t *testing.T) {
 		if !bytes.Equal(mem[idx*guest.PageSize:(idx+1)*guest.PageSize], page(2)) {
 			t.Fatalf("page %d not as epoch 2 left it", idx)
 		}
+	}
+}
+
+// An adopted image's whole-write range (guest.WholeWriter) is advised
+// MADV_HUGEPAGE by adviseWholeWrites, and not before: a receiver's
+// catch-up takes huge pages only where the primary names its resident
+// runs.
+func TestAdviseWholeWrites(t *testing.T) {
+	cfg := guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload{
+		Kind: guest.WorkloadDirty, Touch: 8 << 20, DirtyRate: 2000, Pattern: guest.PatternRandom}}
+	g, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	im := NewImage(g)
+	mem := im.regions[0].Mem
+	base := uintptr(unsafe.Pointer(&mem[0]))
+	advised := func(off uintptr) bool {
+		t.Helper()
+		// the middle of the first whole 2 MiB block at or after off
+		flags, _, found, err := smaps.Mapping((base+off+2<<20-1)&^(2<<20-1) + 1<<20)
+		if err != nil {
+			t.Skipf("no smaps: %v", err)
+		}
+		return found && smaps.HugeAdvised(flags)
+	}
+	if advised(0) {
+		t.Fatal("a new image's memory is advised MADV_HUGEPAGE before it is adopted")
+	}
+	im.adviseWholeWrites()
+	if !advised(0) {
+		t.Fatal("the dirty range is not advised MADV_HUGEPAGE after adviseWholeWrites")
+	}
+	if advised(16 << 20) {
+		t.Fatal("memory past the dirty range is advised MADV_HUGEPAGE")
 	}
 }

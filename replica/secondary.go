@@ -197,6 +197,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 		}
 		if adopted {
 			im.endWriteThrough() // the failover image now: stage again
+			im.adviseWholeWrites()
 		}
 		store, err = s.acknowledge(conn, im, c, e, hello, store, adopted)
 		im.Settle()

@@ -2,12 +2,10 @@ package synth
 
 import (
 	"encoding/binary"
-	"os"
+	"slices"
 	"testing"
-	"unsafe"
 
 	"github.com/tandemvm/tandem/guest"
-	"github.com/tandemvm/tandem/internal/smaps"
 )
 
 // BenchmarkGuestWrite measures what software dirty tracking adds to a guest
@@ -88,42 +86,24 @@ func TestSparse64GiB(t *testing.T) {
 	}
 }
 
-// TestDirtyRangeHugeAdvised: a dirty guest's range (which its vCPUs
-// write whole) is advised MADV_HUGEPAGE, and the memory past it, which
-// the guest may leave sparse, is not; a kv guest's dirtied top of memory
-// is advised, its table is not.
-func TestDirtyRangeHugeAdvised(t *testing.T) {
-	if _, err := os.Stat("/sys/kernel/mm/transparent_hugepage"); err != nil {
-		t.Skip("this kernel has no transparent huge pages")
-	}
-	// Only whole 2 MiB blocks are advised: look at the middle of the
-	// first whole block at or after off.
-	advised := func(t *testing.T, g *Guest, off uint64) bool {
-		t.Helper()
-		base := uintptr(unsafe.Pointer(&g.mem.mem[0]))
-		addr := (base+uintptr(off)+2<<20-1)&^(2<<20-1) + 1<<20
-		flags, _, found, err := smaps.Mapping(addr)
-		if err != nil {
-			t.Skipf("no smaps: %v", err)
+// TestWholeWriteRanges: a dirty guest names the range its vCPUs write
+// whole, a kv guest with a dirty rate its dirtied top of memory, a kv
+// guest without one nothing.
+func TestWholeWriteRanges(t *testing.T) {
+	const mib = (1 << 20) >> guest.PageShift // pages
+	for _, c := range []struct {
+		name string
+		cfg  guest.Config
+		want [][2]uint64
+	}{
+		{"dirty", dirtyConfig(guest.PatternRandom), [][2]uint64{{0, 4 * mib}}},
+		{"kv-dirty", guest.Config{Memory: 64 << 20, VCPUs: 2, Workload: guest.Workload{
+			Kind: guest.WorkloadKV, Touch: 8 << 20, DirtyRate: 1000, Pattern: guest.PatternRandom, Seed: 7}}, [][2]uint64{{56 * mib, 8 * mib}}},
+		{"kv", guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{Kind: guest.WorkloadKV}}, nil},
+	} {
+		g := mustNew(t, c.cfg)
+		if got := g.WholeWriteRanges(); !slices.Equal(got, c.want) {
+			t.Errorf("%s: WholeWriteRanges %v, want %v", c.name, got, c.want)
 		}
-		if !found {
-			t.Fatalf("no mapping holds guest memory at offset %#x", off)
-		}
-		return smaps.HugeAdvised(flags)
-	}
-	g := mustNew(t, dirtyConfig(guest.PatternRandom)) // 64 MiB, 4 MiB touched
-	if !advised(t, g, 0) {
-		t.Error("the dirty range is not advised MADV_HUGEPAGE")
-	}
-	if advised(t, g, 32<<20) {
-		t.Error("memory past the dirty range is advised MADV_HUGEPAGE")
-	}
-	kv := mustNew(t, guest.Config{Memory: 64 << 20, VCPUs: 2, Workload: guest.Workload{
-		Kind: guest.WorkloadKV, Touch: 8 << 20, DirtyRate: 1000, Pattern: guest.PatternRandom, Seed: 7}})
-	if !advised(t, kv, 56<<20) {
-		t.Error("a kv guest's dirtied top of memory is not advised MADV_HUGEPAGE")
-	}
-	if advised(t, kv, 8<<20) {
-		t.Error("a kv guest's table is advised MADV_HUGEPAGE")
 	}
 }
