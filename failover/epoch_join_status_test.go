@@ -3,9 +3,11 @@ package failover
 import (
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/guest/synth"
+	"github.com/tandemvm/tandem/internal/smaps"
 )
 
 // TestJoinFiguresKeptApart: the epochs paused before protection began
@@ -41,5 +43,25 @@ func TestJoinFiguresKeptApart(t *testing.T) {
 	}
 	if acks == 0 || uint64(acks) >= acked {
 		t.Fatalf("%d of %d acknowledgements in the quantiles: the join's must be left out, the rest kept", acks, acked)
+	}
+}
+
+// TestProtectedGuestWholeWritesHuge: protecting a guest advises huge
+// pages on the range it writes whole (guest.AdviseWholeWrites).
+func TestProtectedGuestWholeWritesHuge(t *testing.T) {
+	cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{
+		Kind: guest.WorkloadDirty, Touch: 16 << 20, DirtyRate: 4000, Pattern: guest.PatternSeq}}
+	p := startTestPair(t, synth.Kind, cfg, EpochConfig{})
+	defer p.stop()
+	waitFor(t, 30*time.Second, "protection", func() bool { return p.loop.Status().Protected })
+	mem := p.g.Regions()[0].Mem
+	base := uintptr(unsafe.Pointer(&mem[0]))
+	addr := (base+2<<20-1)&^(2<<20-1) + 1<<20 // inside the first whole 2 MiB block
+	flags, _, found, err := smaps.Mapping(addr)
+	if err != nil {
+		t.Skipf("no smaps: %v", err)
+	}
+	if !found || !smaps.HugeAdvised(flags) {
+		t.Fatalf("the protected guest's dirty range is not advised MADV_HUGEPAGE (flags %q)", flags)
 	}
 }

@@ -189,6 +189,7 @@ type EpochLoop struct {
 	// unprotected); epochs paused before it are the join's, whose
 	// longest pause and acknowledgement are kept apart.
 	protectedAt              time.Time
+	advised                  bool // guest.AdviseWholeWrites done (loop goroutine)
 	joinPauseMax, joinAckMax time.Duration
 	joinSeen                 bool   // a join's figures exist (status null before)
 	epochs                   uint64 // consistent epochs captured

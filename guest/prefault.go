@@ -86,6 +86,20 @@ type WholeWriter interface {
 	WholeWriteRanges() [][2]uint64
 }
 
+// AdviseWholeWrites advises huge pages on the ranges g writes whole
+// (WholeWriter), where its memory takes them (HugePagesOK).
+func AdviseWholeWrites(g Guest) {
+	w, ok := g.(WholeWriter)
+	h, hok := g.(HugePagesOK)
+	if !ok || !hok || !h.HugePagesOK() {
+		return
+	}
+	regions := g.Regions()
+	for _, r := range w.WholeWriteRanges() {
+		AdviseHugePages(regions, r[0], r[1])
+	}
+}
+
 // PrefaultSupported says whether the kernel has taken
 // MADV_POPULATE_WRITE so far (false once it refused it).
 func PrefaultSupported() bool { return !noPopulate.Load() }

@@ -89,15 +89,11 @@ func (im *Image) prefaultRun(first, n uint64, huge bool) {
 // host had not backed (total 0.81-1.04 s -> 1.23-1.37 s, the same day).
 // Receiving goroutine only.
 func (im *Image) adviseWholeWrites() {
-	if im.wholeAdvised || !im.huge {
+	if im.wholeAdvised {
 		return
 	}
 	im.wholeAdvised = true
-	if w, ok := im.g.(guest.WholeWriter); ok {
-		for _, r := range w.WholeWriteRanges() {
-			guest.AdviseHugePages(im.regions, r[0], r[1])
-		}
-	}
+	guest.AdviseWholeWrites(im.g)
 }
 
 // maxHugeRuns bounds the runs an Image advises as huge pages: each may

@@ -215,12 +215,9 @@ func (g *Guest) HugePagesOK() bool { return true }
 
 // WholeWriteRanges implements guest.WholeWriter: the dirtying vCPUs'
 // range, which they write every page of (a dirty guest touches it whole
-// first). A secondary's image advises it huge (replica); the running
-// guest does not: with its own memory in huge pages, a migration of the
-// 512 MiB random-fill guest took 1.5-2.2 s against 0.8-0.9 s on a
-// kvm-pvm host (three runs each, 2026-12-01; the destination zeroed
-// twice the memory, cause not found), for an epoch acknowledgement p99
-// at 100,000 pages/s of <= 25 against <= 50 ms.
+// first). A protected primary and a secondary's adopted image advise it
+// huge (guest.AdviseWholeWrites, from failover and replica); a guest
+// that only runs or migrates does not (see failover's protect).
 func (g *Guest) WholeWriteRanges() [][2]uint64 {
 	if g.dirtyRange[1] == 0 {
 		return nil
