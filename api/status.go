@@ -483,6 +483,10 @@ type EpochStatus struct {
 	// quantiles leave out; null before the first join's protection.
 	JoinPauseMaxMs *float64 `json:"join_pause_max_ms"`
 	JoinAckMaxMs   *float64 `json:"join_ack_max_ms"`
+	// DeltaCacheBypasses counts the times the stream's writer set its
+	// XOR delta cache aside because deltas stopped winning (whole-page
+	// rewrites with fresh data): each lasts 262,144 pages or 3 s.
+	DeltaCacheBypasses uint64 `json:"delta_cache_bypasses"`
 	// EpochRawBytes and EpochWireBytes are totals over all epochs (dirty
 	// page bytes captured, stream bytes shipped); the _avg figures are
 	// per epoch, and WireRatio is wire over raw.

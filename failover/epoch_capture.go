@@ -534,6 +534,7 @@ var testHookShip func(gateEpoch uint64, cp *precopy.Capture)
 // shipper encodes and sends captured epochs in order.
 func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *precopy.LiveSender, ship <-chan job, free chan<- []byte) error {
 	w := link.Writer()
+	var bypasses uint64 // w's, counted into l.cacheBypasses
 	for j := range ship {
 		cp := j.cp
 		if testHookShip != nil {
@@ -574,6 +575,8 @@ func (l *EpochLoop) shipper(ctx context.Context, link *replica.Link, sender *pre
 		}
 		l.mu.Lock()
 		l.shipped = epoch
+		l.cacheBypasses += w.CacheBypasses() - bypasses
+		bypasses = w.CacheBypasses()
 		l.wireBytes += wire
 		l.thr.win.ShippedBytes += wire
 		l.thr.win.ShippedRun += j.run

@@ -27,6 +27,9 @@ func TestJoinFiguresKeptApart(t *testing.T) {
 	if st.JoinPauseMaxMs == nil || st.JoinAckMaxMs == nil {
 		t.Fatal("no join figures once protected")
 	}
+	if st.DeltaCacheBypasses != 0 {
+		t.Fatalf("%d delta-cache bypasses for 8-byte writes, which deltas carry", st.DeltaCacheBypasses)
+	}
 	if *st.JoinAckMaxMs <= 0 {
 		t.Fatalf("join_ack_max_ms %v: the first epoch's acknowledgement is the join's", *st.JoinAckMaxMs)
 	}
@@ -64,4 +67,16 @@ func TestProtectedGuestWholeWritesHuge(t *testing.T) {
 	if !found || !smaps.HugeAdvised(flags) {
 		t.Fatalf("the protected guest's dirty range is not advised MADV_HUGEPAGE (flags %q)", flags)
 	}
+}
+
+// TestDeltaCacheBypassInStatus: a guest rewriting whole pages with fresh
+// data makes the stream set its delta cache aside, and the status counts
+// it.
+func TestDeltaCacheBypassInStatus(t *testing.T) {
+	cfg := guest.Config{Memory: 64 << 20, VCPUs: 1, Workload: guest.Workload{
+		Kind: guest.WorkloadDirty, Touch: 4 << 20, DirtyRate: 20000, Pattern: guest.PatternRandom,
+		Fill: guest.FillRandom, WriteBytes: guest.PageSize, WriteData: guest.WriteRandom}}
+	p := startTestPair(t, synth.Kind, cfg, EpochConfig{})
+	defer p.stop()
+	waitFor(t, 30*time.Second, "a delta-cache bypass", func() bool { return p.loop.Status().DeltaCacheBypasses > 0 })
 }

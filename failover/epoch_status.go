@@ -134,7 +134,7 @@ func (l *EpochLoop) Status() EpochStatus {
 		Protected: state == StateProtected, Protection: state, ProtectionReason: why, Secondary: l.prot.Secondary(),
 		LastCommittedEpoch: l.prot.Committed(), LastShippedEpoch: l.shipped, SecondaryLag: l.prot.InFlight(),
 		Epochs: l.epochs, AckedEpochs: l.acked, EpochRawBytes: l.rawBytes, EpochWireBytes: l.wireBytes,
-		FlushAborts: l.flushAborts, BackpressureStalls: l.stalls, VerifyEpochs: l.cfg.Verify,
+		FlushAborts: l.flushAborts, BackpressureStalls: l.stalls, VerifyEpochs: l.cfg.Verify, DeltaCacheBypasses: l.cacheBypasses,
 		VerifiedEpochs: l.verified, DigestMismatches: l.mismatches, LastMismatch: l.lastMismatch, Joins: l.joins,
 		LastMismatchEpoch: l.mismatchEpoch, LastMismatchResolution: l.mismatchResolution,
 		QueuePolicy: fmt.Sprintf("at most %d epochs unacknowledged and 1 queued for shipping; a slow secondary lengthens epochs", l.cfg.MaxInFlight),

@@ -189,7 +189,8 @@ type EpochLoop struct {
 	// unprotected); epochs paused before it are the join's, whose
 	// longest pause and acknowledgement are kept apart.
 	protectedAt              time.Time
-	advised                  bool // guest.AdviseWholeWrites done (loop goroutine)
+	advised                  bool   // guest.AdviseWholeWrites done (loop goroutine)
+	cacheBypasses            uint64 // delta-cache bypasses of every link's writer
 	joinPauseMax, joinAckMax time.Duration
 	joinSeen                 bool   // a join's figures exist (status null before)
 	epochs                   uint64 // consistent epochs captured
