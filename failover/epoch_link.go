@@ -24,7 +24,7 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 		// 25 ms, against 59-74k and 1 in 50 with 4 KiB pages (15 s
 		// windows, 2026-12-01). Not for a guest that only runs or
 		// migrates: advised so, a migration of the same guest took
-		// 1.5-2.2 s against 0.8-0.9 s on that host, the destination
+		// 1.3-2.2 s against 0.7-0.9 s on that host, the destination
 		// (same host) zeroing twice the memory. Likely that host's
 		// doing: the source's 256 huge pages took free 2 MiB blocks
 		// the host still backed, and free page reporting had handed
