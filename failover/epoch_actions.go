@@ -15,6 +15,14 @@ import (
 func (l *EpochLoop) step(ev ProtectionEvent) []ProtectionAction {
 	l.mu.Lock()
 	acts := l.prot.Step(ev)
+	// Protection's start and end are recorded here, under mu, in the
+	// machine's order: performed later, a loss stepped on another
+	// goroutine could overtake the start it follows.
+	for _, a := range acts {
+		if a.Kind == DoProtected {
+			l.noteProtectedLocked(a.Protected, ev.Now)
+		}
+	}
 	l.mu.Unlock()
 	l.perform(acts, ev.Now)
 	return acts
@@ -37,7 +45,6 @@ func (l *EpochLoop) perform(acts []ProtectionAction, now time.Time) {
 			}
 			l.logState(a, retry)
 		case DoProtected:
-			l.noteProtected(a.Protected, now)
 			if l.cfg.OnProtected != nil {
 				l.cfg.OnProtected(a.Protected, a.Why)
 			}

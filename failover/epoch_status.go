@@ -64,12 +64,10 @@ func (l *EpochLoop) observe(phase string, start time.Time, d time.Duration) {
 	}
 }
 
-// noteProtected records when protection begins (a join's first
+// noteProtectedLocked records when protection begins (a join's first
 // consistent acknowledgement) and ends. A new join's figures start
-// afresh when protection is lost.
-func (l *EpochLoop) noteProtected(on bool, now time.Time) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
+// afresh when protection is lost. mu held.
+func (l *EpochLoop) noteProtectedLocked(on bool, now time.Time) {
 	if on {
 		if l.protectedAt.IsZero() {
 			l.protectedAt, l.joinSeen = now, true

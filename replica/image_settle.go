@@ -13,10 +13,13 @@ package replica
 // is written (and before anything reads the memory or stages the next
 // epoch: every Target method that stages or reads, Discard and the
 // Store's image rewrite settle first; Prefault needs not, as it does
-// nothing on a staging image). The Store's Append, which runs before the
-// acknowledgement (a SIGKILLed secondary keeps what the page cache
-// holds), copies the epoch's pages from staging (committedPage), so with
-// a store too the copy into memory follows the acknowledgement. Until then committing stays set, so Activate and Close wait for
+// nothing on a staging image). A secondary with a Store settles before
+// the store's writes and fsync (which precede the acknowledgement under
+// --sync disk, and follow it under --sync memory), so that an activation,
+// which waits for the copy, never waits for the disk: with a data
+// directory the copy stays in front of the acknowledgement, as before.
+// (The Store's Append would copy a pending epoch from staging,
+// committedPage, should it be called first.) Until then committing stays set, so Activate and Close wait for
 // the copy exactly as they wait for a commit's disk writes: a guest is
 // never handed over or closed with an acknowledged epoch missing from
 // its memory. The acknowledgement's promise is the same as before: the

@@ -192,6 +192,12 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			return s.fail(fmt.Errorf("epoch %d from %s: %w", im.Committed().Epoch+1, conn.RemoteAddr(), err))
 		}
 		c := im.Committed()
+		if store != nil {
+			// With a store the copy precedes its writes and fsync, as
+			// before AckBeforeCopy: an activation waits for the copy
+			// and must never wait for the disk.
+			im.Settle()
+		}
 		if store, err = s.keep(im, c, e, hello, store, &adopted); err != nil {
 			return err
 		}
@@ -336,6 +342,7 @@ func (s *Secondary) acknowledge(conn net.Conn, im *Image, c Committed, e checkpo
 	conn.SetWriteDeadline(time.Now().Add(s.R.timeout()))
 	err := writeLine(conn, ack)
 	s.wmu.Unlock()
+	im.Settle() // the epoch's pages into memory, before anything else
 	if err != nil {
 		return store, s.fail(fmt.Errorf("acknowledge epoch %d: %w", e.Epoch, err))
 	}
