@@ -2,6 +2,7 @@ package replica
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -127,4 +128,91 @@ func sendEpoch(t *testing.T, ctx context.Context, core *precopy.Core, sender *pr
 		t.Fatal(err)
 	}
 	return ep
+}
+
+// TestActivateDoesNotWaitForTheStoresSync: with a store under --sync
+// memory the fsync follows the acknowledgement; an activation while it
+// hangs (a stalled disk) returns at once with the acknowledged epoch,
+// never waiting for the disk (the copy into memory precedes the store).
+func TestActivateDoesNotWaitForTheStoresSync(t *testing.T) {
+	cfg := guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload{
+		Kind: guest.WorkloadDirty, Touch: 4 << 20, DirtyRate: 2000, Pattern: guest.PatternRandom}}
+	src, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	src.Resume()
+	store, err := OpenStore(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec := NewSecondary(&Receiver{NewGuest: synthFactory, Build: "test", Timeout: 5 * time.Second}, nil)
+	sec.Store = store
+	defer sec.Close()
+	hung, release := make(chan struct{}, 1), make(chan struct{})
+	var hits atomic.Int32
+	disable := FPAfterAckBeforeSync.Enable(func() error {
+		if hits.Add(1) == 1 {
+			return nil // the adopting epoch: its store was just begun
+		}
+		select {
+		case hung <- struct{}{}:
+		default:
+		}
+		select { // the fsync "hangs", bounded
+		case <-release:
+		case <-time.After(20 * time.Second):
+		}
+		return nil
+	})
+	defer disable()
+	defer close(release) // before disable, which waits for the action
+	addr, _ := serveOnce(t, sec)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	link, err := Dial(ctx, addr, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}, src.Regions(), DialOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
+	core := precopy.NewCore(src, nil)
+	sender := &precopy.LiveSender{Core: core, Link: link, EpochPages: 256}
+	core.Sync()
+	core.Dirty.Clear()
+	if _, err := sender.SendAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Epochs until one's fsync hangs (the failpoint runs just after its
+	// acknowledgement: wait a moment for it before sending another, which
+	// would wait for an acknowledgement the hung Serve cannot send).
+	reached := false
+	for i := 0; i < 4 && !reached; i++ {
+		time.Sleep(20 * time.Millisecond)
+		sendEpoch(t, ctx, core, sender, link)
+		select {
+		case <-hung:
+			reached = true
+		case <-time.After(time.Second):
+		}
+	}
+	if !reached {
+		t.Fatal("the store's fsync was never reached")
+	}
+	done := make(chan error, 1)
+	go func() {
+		g, _, _, err := sec.Activate()
+		if err == nil {
+			g.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("activate: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("activation waits for the store's fsync")
+	}
 }
