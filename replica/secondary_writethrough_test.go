@@ -17,14 +17,7 @@ import (
 // its end leaves the image held, in memory, exactly at the last
 // committed epoch, and it activates.
 func TestSecondaryCatchUpWritesThroughThenStages(t *testing.T) {
-	cfg := guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload{
-		Kind: guest.WorkloadDirty, Touch: 4 << 20, DirtyRate: 2000, Pattern: guest.PatternRandom}}
-	src, err := synth.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	src.Resume()
+	cfg, src := runningSource(t)
 	// Wait (bounded) until the guest has touched its 4 MiB.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		var held uint64
@@ -44,18 +37,7 @@ func TestSecondaryCatchUpWritesThroughThenStages(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	hello := Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test", Resident: ResidentHint(src)}
-	link, err := Dial(ctx, addr, hello, src.Regions(), DialOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	core := precopy.NewCore(src, nil)
-	sender := &precopy.LiveSender{Core: core, Link: link, EpochPages: 256}
-	core.Sync()
-	core.Dirty.Clear()
-	caughtUp, err := sender.SendAll(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	link, core, sender, caughtUp := caughtUpLink(t, ctx, addr, src, hello)
 	if caughtUp < 2*256 {
 		t.Fatalf("the catch-up sent %d pages, too few to tell staging from writing through", caughtUp)
 	}
@@ -104,6 +86,41 @@ func TestSecondaryCatchUpWritesThroughThenStages(t *testing.T) {
 	}
 }
 
+// runningSource is a running 32 MiB synth guest dirtying 2,000 random
+// pages a second of its first 4 MiB, closed with the test.
+func runningSource(t *testing.T) (guest.Config, *synth.Guest) {
+	t.Helper()
+	cfg := guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload{
+		Kind: guest.WorkloadDirty, Touch: 4 << 20, DirtyRate: 2000, Pattern: guest.PatternRandom}}
+	src, err := synth.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	src.Resume()
+	return cfg, src
+}
+
+// caughtUpLink dials the secondary at addr with hello and sends it all
+// of src (the catch-up, 256 pages an epoch); it returns the link, the
+// sender and its core, and the pages the catch-up sent.
+func caughtUpLink(t *testing.T, ctx context.Context, addr string, src guest.Guest, hello Hello) (*Link, *precopy.Core, *precopy.LiveSender, uint64) {
+	t.Helper()
+	link, err := Dial(ctx, addr, hello, src.Regions(), DialOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core := precopy.NewCore(src, nil)
+	sender := &precopy.LiveSender{Core: core, Link: link, EpochPages: 256}
+	core.Sync()
+	core.Dirty.Clear()
+	n, err := sender.SendAll(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return link, core, sender, n
+}
+
 // sendEpoch captures src's changes through core and sends them, with
 // the machine state, as one consistent epoch; it returns the epoch once
 // the receiver has acknowledged it.
@@ -135,14 +152,7 @@ func sendEpoch(t *testing.T, ctx context.Context, core *precopy.Core, sender *pr
 // hangs (a stalled disk) returns at once with the acknowledged epoch,
 // never waiting for the disk (the copy into memory precedes the store).
 func TestActivateDoesNotWaitForTheStoresSync(t *testing.T) {
-	cfg := guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload{
-		Kind: guest.WorkloadDirty, Touch: 4 << 20, DirtyRate: 2000, Pattern: guest.PatternRandom}}
-	src, err := synth.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	src.Resume()
+	cfg, src := runningSource(t)
 	store, err := OpenStore(t.TempDir(), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -171,18 +181,8 @@ func TestActivateDoesNotWaitForTheStoresSync(t *testing.T) {
 	addr, _ := serveOnce(t, sec)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	link, err := Dial(ctx, addr, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"}, src.Regions(), DialOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	link, core, sender, _ := caughtUpLink(t, ctx, addr, src, Hello{Purpose: PurposeReplicate, Kind: synth.Kind, Config: cfg, Build: "test"})
 	defer link.Close()
-	core := precopy.NewCore(src, nil)
-	sender := &precopy.LiveSender{Core: core, Link: link, EpochPages: 256}
-	core.Sync()
-	core.Dirty.Clear()
-	if _, err := sender.SendAll(ctx); err != nil {
-		t.Fatal(err)
-	}
 	// Epochs until one's fsync hangs (the failpoint runs just after its
 	// acknowledgement: wait a moment for it before sending another, which
 	// would wait for an acknowledgement the hung Serve cannot send).
