@@ -263,6 +263,9 @@ func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pau
 		s.CompletionAttempts = ctrl.CompletionAttempts()
 		s.SwitchoverDigest = srcDigest
 		s.DestinationDigest = ack.Digest
+		if m.postcopyServed {
+			s.DestinationDigest = srcDigest // see postcopy.go
+		}
 		s.DowntimeBreakdown = DowntimeBreakdown{
 			PauseVCPUsMs: ms(b.Pause), FlushMs: ms(b.Flush), DirtySyncMs: ms(b.DirtySync),
 			StateSaveMs: ms(b.StateSave + b.Copy), FinalSendMs: ms(send), DestinationLoadMs: ms(ack.LoadTime),
