@@ -12,14 +12,13 @@ package replica
 // Settle, which the receiving goroutine calls once the acknowledgement
 // is written (and before anything reads the memory or stages the next
 // epoch: every Target method that stages or reads, Discard and the
-// Store's image rewrite settle first; Prefault needs not, as it does
+// Store's reads of memory settle first; Prefault needs not, as it does
 // nothing on a staging image). A secondary with a Store settles before
 // the store's writes and fsync (which precede the acknowledgement under
-// --sync disk, and follow it under --sync memory), so that an activation,
-// which waits for the copy, never waits for the disk: with a data
-// directory the copy stays in front of the acknowledgement, as before.
-// (The Store's Append would copy a pending epoch from staging,
-// committedPage, should it be called first.) Until then committing stays set, so Activate and Close wait for
+// --sync disk, and follow it under --sync memory), so that an
+// activation, which waits for the copy, never waits for the disk: with
+// a data directory the copy stays in front of the acknowledgement, as
+// before. Until then committing stays set, so Activate and Close wait for
 // the copy exactly as they wait for a commit's disk writes: a guest is
 // never handed over or closed with an acknowledged epoch missing from
 // its memory. The acknowledgement's promise is the same as before: the
@@ -45,18 +44,6 @@ func (im *Image) Settle() {
 	im.committing = false
 	im.idle.Broadcast()
 	im.mu.Unlock()
-}
-
-// committedPage is page index as committed: the staged copy while the
-// last epoch's pages wait for Settle, memory otherwise. Receiving
-// goroutine only, mu held.
-func (im *Image) committedPage(index uint64) []byte {
-	if im.copyPending {
-		if p, ok := im.staged[index]; ok {
-			return p.data
-		}
-	}
-	return im.page(index)
 }
 
 // copyStagedLocked copies the staged pages into memory and empties the

@@ -505,6 +505,7 @@ func (s *Store) writeDisk(w *checkpoint.Writer, im *Image) error {
 // disk writes. Call it after the Image committed the epoch and before
 // acknowledging it. pages is only read (Image.LastCommit's record).
 func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *guest.MachineState, disk []guest.DiskWrite) error {
+	im.Settle() // the commit's pages in memory before they are copied out
 	if s.w == nil {
 		return nil
 	}
@@ -525,7 +526,7 @@ func (s *Store) Append(im *Image, e checkpoint.EpochEnd, pages []uint64, state *
 		}
 		for i, idx := range pages[:n] {
 			dst := buf[i*guest.PageSize : (i+1)*guest.PageSize]
-			copy(dst, im.committedPage(idx))
+			copy(dst, im.page(idx))
 			batch = append(batch, checkpoint.Page{Index: idx, Data: dst})
 		}
 		im.mu.Unlock()
