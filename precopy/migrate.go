@@ -127,10 +127,6 @@ type Migration struct {
 
 	send    *LiveSender
 	started time.Time
-	// postcopyServed: the post-copy phase served every page; the
-	// completion reports the source's digest as the destination's
-	// (migration goroutine only).
-	postcopyServed bool
 	// Clock times the migration: round figures, the downtime and
 	// completion deadlines, the bandwidth limiter, the status's times.
 	// nil means clock.Real. Set it before Run.

@@ -195,7 +195,7 @@ func (m *Migration) switchSend(ctx context.Context, ctrl *Controller, start time
 		if err := m.beforeComplete(start); err != nil {
 			return false, err
 		}
-		m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
+		m.completed(ctrl, cp, ack, ack.Digest, start, pauseStart, sendStart, acked)
 		return true, nil
 	}
 	m.update(func(s *MigrationStatus) {
@@ -215,12 +215,11 @@ func (m *Migration) switchSend(ctx context.Context, ctrl *Controller, start time
 		return false, err
 	}
 	// Serve returned nil: the destination's digest, taken as every page
-	// arrived, is the source's. Set with the completion itself, not
+	// arrived, is the source's (""). Set with the completion itself, not
 	// after it: a reader that saw "completed" with the digest of the
 	// switch (pages still missing) reported a mismatch (make test,
 	// TestMigratePostcopyKV, 2026-12-01).
-	m.postcopyServed = true
-	m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
+	m.completed(ctrl, cp, ack, "", start, pauseStart, sendStart, acked)
 	m.update(func(s *MigrationStatus) {
 		s.TotalTimeMs = clock.Since(m.clk(), start).Milliseconds()
 		s.PostcopyActive = false

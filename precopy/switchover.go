@@ -1,6 +1,7 @@
 package precopy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -64,7 +65,7 @@ func (m *Migration) complete(ctx context.Context, ctrl *Controller, start time.T
 	if err != nil {
 		return false, err
 	}
-	m.completed(ctrl, cp, ack, start, pauseStart, sendStart, acked)
+	m.completed(ctrl, cp, ack, ack.Digest, start, pauseStart, sendStart, acked)
 	st := m.Status()
 	att.ActualDowntimeMs, att.FinalSendMs, att.Outcome = float64(st.DowntimeMs), st.DowntimeBreakdown.FinalSendMs, "completed"
 	m.addAttempt(att)
@@ -240,7 +241,10 @@ func (m *Migration) switchOver(ctx context.Context, final uint64, start time.Tim
 // the source's pause to the destination's resume when it reported one
 // (same host), else to the ack's arrival, and the switch-over digest.
 // Preconditions: the guest is still paused here.
-func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pauseStart, sendStart, acked time.Time) {
+// completed records a committed migration; dstDigest is the digest the
+// destination reports, "" when it is known to be the source's (a
+// post-copy phase that served every page).
+func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, dstDigest string, start, pauseStart, sendStart, acked time.Time) {
 	end := resumeEnd(ack, pauseStart, acked)
 	downtime := end.Sub(pauseStart)
 	b := cp.Breakdown
@@ -262,10 +266,7 @@ func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, start, pau
 		s.RemainingBytes = 0
 		s.CompletionAttempts = ctrl.CompletionAttempts()
 		s.SwitchoverDigest = srcDigest
-		s.DestinationDigest = ack.Digest
-		if m.postcopyServed {
-			s.DestinationDigest = srcDigest // see postcopy.go
-		}
+		s.DestinationDigest = cmp.Or(dstDigest, srcDigest)
 		s.DowntimeBreakdown = DowntimeBreakdown{
 			PauseVCPUsMs: ms(b.Pause), FlushMs: ms(b.Flush), DirtySyncMs: ms(b.DirtySync),
 			StateSaveMs: ms(b.StateSave + b.Copy), FinalSendMs: ms(send), DestinationLoadMs: ms(ack.LoadTime),
