@@ -478,9 +478,10 @@ type EpochStatus struct {
 	PauseP99Ms         float64 `json:"pause_p99_ms"`
 	PauseMaxMs         float64 `json:"pause_max_ms"`
 	// JoinPauseMaxMs and JoinAckMaxMs are the longest pause and
-	// acknowledgement of the last join's epochs: those paused before
+	// acknowledgement of the join's epochs: those paused before
 	// protection began (the catch-up's tail), which the pause and ack
-	// quantiles leave out; null before the first join's protection.
+	// quantiles leave out; null before the first protection, back to 0
+	// when protection is lost (then the join in progress).
 	JoinPauseMaxMs *float64 `json:"join_pause_max_ms"`
 	JoinAckMaxMs   *float64 `json:"join_ack_max_ms"`
 	// DeltaCacheBypasses counts the times the stream's writer set its

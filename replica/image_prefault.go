@@ -115,8 +115,8 @@ func (im *Image) noteStaged(index uint64) {
 // guest from being handed over or closed meanwhile). It never advises
 // huge pages itself, since a huge page's allocation may compact memory
 // first (THP defrag=madvise); but memory the guest advised already takes
-// them here too: the runs a populateAhead advised, and a synth guest's
-// dirty range (guest/synth startVCPUs), whose first write to each 2 MiB
+// them here too: the runs a populateAhead advised, and the range an
+// adopted image advised (adviseWholeWrites), whose first write to each 2 MiB
 // block may then wait for compaction once, on a staged epoch's copy
 // behind the acknowledgement or during a write-through catch-up, which
 // holds no output.
