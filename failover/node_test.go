@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -15,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tandemvm/tandem/internal/e2e"
 )
 
 // testCluster is a real trio on loopback TCP with bbolt logs in temp dirs.
@@ -29,20 +30,17 @@ type testCluster struct {
 	nodes map[string]*Node
 }
 
+// freeAddrs returns n loopback addresses (e2e.FreeAddr: outside the
+// kernel's ephemeral range, never the same twice in this process).
 func freeAddrs(t *testing.T, n int) []string {
 	t.Helper()
-	var lns []net.Listener
 	var out []string
 	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		a, err := e2e.FreeAddr()
 		if err != nil {
 			t.Fatal(err)
 		}
-		lns = append(lns, ln)
-		out = append(out, ln.Addr().String())
-	}
-	for _, ln := range lns {
-		ln.Close()
+		out = append(out, a)
 	}
 	return out
 }

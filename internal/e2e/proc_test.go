@@ -1,8 +1,10 @@
 package e2e
 
 import (
+	"net"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,6 +22,14 @@ func TestFreeAddrNeverTwice(t *testing.T) {
 			t.Fatalf("%s handed out twice", a)
 		}
 		seen[a] = true
+		// Outside the kernel's ephemeral range, where a ":0" listener or
+		// an outgoing connection could take it in between.
+		if lo, hi := belowEphemeral(); hi > lo {
+			_, port, _ := net.SplitHostPort(a)
+			if p, _ := strconv.Atoi(port); p < lo || p >= hi {
+				t.Fatalf("%s outside [%d, %d)", a, lo, hi)
+			}
+		}
 	}
 	if !PortClash("listen tcp 127.0.0.1:7: bind: address already in use") || PortClash("connection refused") {
 		t.Fatal("PortClash")
