@@ -59,6 +59,14 @@ type Prefaulter interface {
 	Prefault(first, n uint64)
 }
 
+// PageFlusher is a Target that may keep the page slices StorePage (or
+// StorePageHashed) gives it, to write them all at once: the Reader calls
+// FlushPages at the end of every RAM section, before anything it handed
+// over is reused, and a PageFlusher must be done with them then.
+type PageFlusher interface {
+	FlushPages()
+}
+
 // Section describes one section the Reader read.
 type Section struct {
 	Type     SectionType `json:"-"`

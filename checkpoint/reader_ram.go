@@ -208,6 +208,9 @@ func (r *Reader) applyRAM(t Target) error {
 				err = t.StorePage(idx, data)
 			}
 			if err != nil {
+				if f, ok := t.(PageFlusher); ok {
+					f.FlushPages()
+				}
 				return fmt.Errorf("store page %d: %w", idx, err)
 			}
 		}
@@ -218,6 +221,9 @@ func (r *Reader) applyRAM(t Target) error {
 		if e.enc == encXOR {
 			r.cur.DeltaPages++
 		}
+	}
+	if f, ok := t.(PageFlusher); ok {
+		f.FlushPages()
 	}
 	return nil
 }

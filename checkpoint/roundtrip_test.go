@@ -107,3 +107,75 @@ func TestHashedTarget(t *testing.T) {
 		}
 	}
 }
+
+// keepingTarget is a MemTarget that, as a PageFlusher may, keeps the
+// slices StorePage gives it and copies them only at FlushPages; every
+// copy it makes is checked against a copy taken at StorePage.
+type keepingTarget struct {
+	*MemTarget
+	t       *testing.T
+	kept    []Page
+	taken   [][]byte
+	flushes int
+}
+
+func (k *keepingTarget) StorePage(index uint64, data []byte) error {
+	k.kept = append(k.kept, Page{Index: index, Data: data})
+	k.taken = append(k.taken, bytes.Clone(data))
+	return nil
+}
+
+func (k *keepingTarget) PageBase(index uint64) ([]byte, error) {
+	if len(k.kept) > 0 {
+		k.t.Fatalf("PageBase(%d) with %d pages not flushed", index, len(k.kept))
+	}
+	return k.MemTarget.PageBase(index)
+}
+
+func (k *keepingTarget) EndEpoch(e EpochEnd) error {
+	if len(k.kept) > 0 {
+		k.t.Fatalf("EndEpoch with %d pages not flushed", len(k.kept))
+	}
+	return k.MemTarget.EndEpoch(e)
+}
+
+func (k *keepingTarget) FlushPages() {
+	k.flushes++
+	for i, p := range k.kept {
+		if !bytes.Equal(p.Data, k.taken[i]) {
+			k.t.Fatalf("page %d changed between StorePage and FlushPages", p.Index)
+		}
+		if err := k.MemTarget.StorePage(p.Index, p.Data); err != nil {
+			k.t.Fatal(err)
+		}
+	}
+	k.kept, k.taken = k.kept[:0], k.taken[:0]
+}
+
+// A PageFlusher may keep StorePage's slices until FlushPages: the Reader
+// calls it at the end of every RAM section, before it reuses them or asks
+// for a delta's base, and the target ends with what a copying one holds.
+func TestPageFlusherKeepsSlicesUntilFlush(t *testing.T) {
+	for _, opts := range []Options{{}, {Compression: CompressNone}} {
+		stream, _ := writeStream(t, opts, 8, 5)
+		plain := NewMemTarget()
+		if _, err := Restore(bytes.NewReader(stream), Limits{}, plain); err != nil {
+			t.Fatal(err)
+		}
+		kt := &keepingTarget{MemTarget: NewMemTarget(), t: t}
+		if _, err := Restore(bytes.NewReader(stream), Limits{}, kt); err != nil {
+			t.Fatal(err)
+		}
+		if kt.flushes < 8 {
+			t.Fatalf("%d flushes over 8 epochs of pages", kt.flushes)
+		}
+		if !reflect.DeepEqual(plain.PageIndices(), kt.PageIndices()) {
+			t.Fatal("the keeping target holds other pages")
+		}
+		for _, idx := range plain.PageIndices() {
+			if !bytes.Equal(plain.Page(idx), kt.Page(idx)) {
+				t.Fatalf("page %d differs", idx)
+			}
+		}
+	}
+}

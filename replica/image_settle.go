@@ -50,7 +50,10 @@ func (im *Image) Settle() {
 // staging for the next epoch. mu held.
 func (im *Image) copyStagedLocked() {
 	for idx, p := range im.staged {
-		copy(im.page(idx), p.data)
+		im.mw.Write(im.page(idx), p.data)
+	}
+	im.mw.Flush()
+	for _, p := range im.staged {
 		im.free = append(im.free, p.data)
 	}
 	im.trimStaging()

@@ -225,7 +225,8 @@ func TestAckBeforeCopyStoreAppend(t *testing.T) {
 // An adopted image's whole-write range (guest.WholeWriter) is advised
 // MADV_HUGEPAGE by adviseWholeWrites, and not before: a receiver's
 // catch-up takes huge pages only where the primary names its resident
-// runs.
+// runs. Where the kernel writes the pages (guest.KernelWrites) the image
+// takes no huge pages and is never advised.
 func TestAdviseWholeWrites(t *testing.T) {
 	cfg := guest.Config{Memory: 32 << 20, VCPUs: 1, Workload: guest.Workload{
 		Kind: guest.WorkloadDirty, Touch: 8 << 20, DirtyRate: 2000, Pattern: guest.PatternRandom}}
@@ -248,6 +249,16 @@ func TestAdviseWholeWrites(t *testing.T) {
 	}
 	if advised(0) {
 		t.Fatal("a new image's memory is advised MADV_HUGEPAGE before it is adopted")
+	}
+	if guest.KernelWrites() {
+		if im.huge {
+			t.Fatal("an image written from the kernel's side takes huge pages")
+		}
+		im.adviseWholeWrites()
+		if advised(0) {
+			t.Fatal("an image written from the kernel's side is advised MADV_HUGEPAGE")
+		}
+		im.huge, im.wholeAdvised = true, false // as where the kernel refuses such writes
 	}
 	im.adviseWholeWrites()
 	if !advised(0) {

@@ -319,6 +319,7 @@ type status struct {
 	Role               string    `json:"role"`
 	State              string    `json:"state"`
 	GuestKind          string    `json:"guest_kind"`
+	PageWrites         uint64    `json:"page_writes"`
 	Paused             bool      `json:"paused"`
 	Status             string    `json:"status"`
 	TotalTimeMs        int64     `json:"total_time_ms"`
