@@ -81,8 +81,8 @@ type Image struct {
 	// (guest.MemWriter): write-through pages until the Reader's
 	// FlushPages, a commit's staged pages at once. Receiving goroutine
 	// only, or mu held with committing set.
-	mw guest.MemWriter
-	torn         bool
+	mw   guest.MemWriter
+	torn bool
 
 	// populated records the pages this Image has populated ahead of its
 	// writes, fresh the open epoch's staged pages not among them
