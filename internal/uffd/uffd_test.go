@@ -68,10 +68,17 @@ func touch(mem []byte, p int, write bool) <-chan byte {
 		if write {
 			mem[p*pageSize+1] = 0x77
 		}
-		ch <- mem[p*pageSize]
+		// Read before the send: `ch <- mem[i]` may read the byte inside
+		// the channel's send, holding the channel's lock while the fault
+		// waits, and the test's own select on ch then blocks on that lock
+		// (seen without -race: the whole test hung).
+		ch <- load(mem, p*pageSize)
 	}()
 	return ch
 }
+
+//go:noinline
+func load(mem []byte, i int) byte { return mem[i] }
 
 // waitFault reads faults until one arrives or 5 s pass.
 func waitFault(t *testing.T, f *FD) Fault {
