@@ -144,3 +144,70 @@ func TestEncodersWriteError(t *testing.T) {
 		t.Fatalf("WritePages = %v; want the sink's error, sticky", err)
 	}
 }
+
+// OnPageHash sees every page written, in order, with its XXH64 (or zero),
+// whatever the encoders and compression: a digest kept from it
+// (guest.MemHash) equals a scan of the memory the stream leaves.
+func TestOnPageHash(t *testing.T) {
+	const pages = 1024
+	for _, comp := range []Compression{CompressNone, CompressDefault} {
+		for _, enc := range []int{1, 3} {
+			t.Run(fmt.Sprintf("%v/encoders=%d", comp, enc), func(t *testing.T) {
+				mem := make([]byte, pages*guest.PageSize)
+				for p := uint64(0); p < pages; p++ {
+					guest.FillPage(mem[p*guest.PageSize:(p+1)*guest.PageSize], guest.FillKindMixed, 9, p)
+				}
+				w, err := NewWriter(io.Discard, Header{Build: "test", Kind: "synth", Regions: []MemRegion{{Size: pages * guest.PageSize}}},
+					Options{Compression: comp, Encoders: enc, BatchPages: 64, CacheBytes: 256 << 10})
+				if err != nil {
+					t.Fatal(err)
+				}
+				shipped := guest.NewMemHash()
+				var seen int
+				var last uint64
+				w.OnPageHash(func(index, sum uint64, zero bool) {
+					if seen > 0 && index <= last {
+						t.Fatalf("page %d after %d: not in stream order", index, last)
+					}
+					seen, last = seen+1, index
+					shipped.UpdateHashed(index, sum, zero)
+				})
+				rng := rand.New(rand.NewPCG(5, 6))
+				snap := make([]byte, len(mem))
+				for e := 1; e <= 4; e++ {
+					var batch []Page
+					for p := uint64(0); p < pages; p++ {
+						if e > 1 && rng.IntN(3) != 0 {
+							continue
+						}
+						page := mem[p*guest.PageSize : (p+1)*guest.PageSize]
+						switch rng.IntN(5) {
+						case 0:
+							fillRandom(rng, page)
+						case 1:
+							page[rng.IntN(guest.PageSize)] ^= 0x5a
+						case 2:
+							clear(page)
+						}
+						s := snap[len(batch)*guest.PageSize : (len(batch)+1)*guest.PageSize]
+						copy(s, page)
+						batch = append(batch, Page{Index: p, Data: s})
+					}
+					seen = 0
+					if err := w.WritePages(batch); err != nil {
+						t.Fatal(err)
+					}
+					if seen != len(batch) {
+						t.Fatalf("epoch %d: %d pages seen of %d written", e, seen, len(batch))
+					}
+					if _, err := w.EndEpoch(uint64(e)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if got, scan := shipped.Sum(), guest.MemorySum([]guest.Region{{Mem: mem}}); got != scan {
+					t.Fatalf("digest from OnPageHash %x, scan of memory %x", got, scan)
+				}
+			})
+		}
+	}
+}

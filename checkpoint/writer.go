@@ -191,6 +191,8 @@ type Writer struct {
 	// noCacheBelow: pages below this index stay out of the cache
 	// (SkipCacheBelow).
 	noCacheBelow uint64
+	// onPageHash sees every page as its section is written (OnPageHash).
+	onPageHash func(index, sum uint64, zero bool)
 	// deltaTried and deltaWon count pages with a base and those sent as
 	// deltas in the current window; bypass is how many more non-zero
 	// pages skip the cache (cache_bypass.go).

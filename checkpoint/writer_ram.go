@@ -244,6 +244,9 @@ func (w *Writer) commit(s *ramSection) error {
 		} else {
 			w.digest.pageHash(p.Index, s.hashes[i])
 		}
+		if w.onPageHash != nil {
+			w.onPageHash(p.Index, s.hashes[i], s.zero[i])
+		}
 	}
 	s.pages = nil // the caller's
 	w.cur.Encodings = w.cur.Encodings.Plus(s.counts)
@@ -323,6 +326,14 @@ func (w *Writer) CachePages() uint64 {
 	}
 	return w.cache.slots
 }
+
+// OnPageHash makes f see every page the Writer encodes from now on, in
+// stream order, as its section is written: its index, the XXH64 the
+// epoch digest records for it, and whether it is all zero (sum is then
+// 0). f runs on the goroutine that called WritePages, before that call
+// returns. A caller keeping a digest of what the receiver holds
+// (guest.MemHash.UpdateHashed) so hashes nothing again. nil stops it.
+func (w *Writer) OnPageHash(f func(index, sum uint64, zero bool)) { w.onPageHash = f }
 
 // SkipCacheBelow tells the Writer that no delta will be based on the
 // version it is given of any page with an index below index (a later

@@ -7,7 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tandemvm/tandem/checkpoint"
 	"github.com/tandemvm/tandem/guest"
 	"github.com/tandemvm/tandem/precopy"
 	"github.com/tandemvm/tandem/replica"
@@ -75,14 +74,14 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 	// shipped is the digest of what the secondary holds once it has
 	// committed everything sent: the receiver's memory starts zero, and
 	// every page sent (catch-up and epochs) is recorded as it went.
+	// During the catch-up the Writer hands over each page's hash as its
+	// epoch digest takes it, so no page is read again for this; the
+	// epochs after it record their pages at the capture (verifyCapture),
+	// which checks them against the pause's slice before they ship.
 	var shipped *guest.MemHash
 	if l.cfg.Verify {
 		shipped = guest.NewMemHash()
-		sender.OnSent = func(pages []checkpoint.Page) {
-			for _, p := range pages {
-				shipped.Update(p.Index, p.Data)
-			}
-		}
+		link.Writer().OnPageHash(shipped.UpdateHashed)
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -99,7 +98,11 @@ func (l *EpochLoop) protect(ctx context.Context, addr string) error {
 		l.lastEpoch = max(l.lastEpoch, sender.Epoch())
 		l.mu.Unlock()
 	}()
-	if err := l.catchUp(lctx, addr, link, sender); err != nil {
+	err = l.catchUp(lctx, addr, link, sender)
+	// The epochs' pages go into shipped from the capture goroutine; the
+	// shipping goroutine must not touch it any more.
+	link.Writer().OnPageHash(nil)
+	if err != nil {
 		return err
 	}
 	l.resyncEnd(true)

@@ -31,11 +31,6 @@ type LiveSender struct {
 	// OnPages, if set, is told after every batch how many pages went and
 	// how many zero pages round 0 skipped.
 	OnPages func(sent, zero uint64)
-	// OnSent, if set, sees every batch of pages as sent: the stable
-	// copies the stream was encoded from (valid only during the call).
-	// An epoch loop that verifies its replica builds its digest of what
-	// the receiver holds from them.
-	OnSent func(pages []checkpoint.Page)
 	// RoundLimit, if set, ends a SendDirty round after this long, leaving
 	// the rest in the Bitmap: on a slow link a round that runs for tens
 	// of seconds starves the convergence decisions (throttle steps come
@@ -369,9 +364,6 @@ func (s *LiveSender) sendBatch(ctx context.Context, batch []checkpoint.Page) err
 	before := s.Link.BytesSent()
 	if err := s.Link.Writer().WritePages(batch); err != nil {
 		return fmt.Errorf("send pages: %w", err)
-	}
-	if s.OnSent != nil {
-		s.OnSent(batch)
 	}
 	if s.Limiter != nil {
 		if err := s.Limiter.Wait(ctx, int(s.Link.BytesSent()-before)); err != nil {
