@@ -59,11 +59,13 @@ type Prefaulter interface {
 	Prefault(first, n uint64)
 }
 
-// PageFlusher is a Target that may keep the page slices StorePage (or
-// StorePageHashed) gives it, to write them all at once: the Reader calls
-// FlushPages at the end of every RAM section, before anything it handed
-// over is reused, and a PageFlusher must be done with them then.
-type PageFlusher interface {
+// PageBatcher is a Target that writes a section's pages all at once: the
+// Reader calls BatchPages before it stores a RAM section's pages and
+// FlushPages after them (also when a store fails), before anything it
+// handed over is reused. Between the two, and only then, the Target may
+// keep the page slices StorePage (or StorePageHashed) gives it.
+type PageBatcher interface {
+	BatchPages()
 	FlushPages()
 }
 

@@ -187,6 +187,10 @@ func (r *Reader) applyRAM(t Target) error {
 		r.prefault(pf)
 	}
 	ht, hashed := t.(HashedTarget)
+	pb, batched := t.(PageBatcher)
+	if batched {
+		pb.BatchPages()
+	}
 	for _, e := range r.ents {
 		for k := uint64(0); k < e.count; k++ {
 			idx := e.index + k
@@ -208,8 +212,8 @@ func (r *Reader) applyRAM(t Target) error {
 				err = t.StorePage(idx, data)
 			}
 			if err != nil {
-				if f, ok := t.(PageFlusher); ok {
-					f.FlushPages()
+				if batched {
+					pb.FlushPages()
 				}
 				return fmt.Errorf("store page %d: %w", idx, err)
 			}
@@ -222,8 +226,8 @@ func (r *Reader) applyRAM(t Target) error {
 			r.cur.DeltaPages++
 		}
 	}
-	if f, ok := t.(PageFlusher); ok {
-		f.FlushPages()
+	if batched {
+		pb.FlushPages()
 	}
 	return nil
 }

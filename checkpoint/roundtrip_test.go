@@ -108,18 +108,29 @@ func TestHashedTarget(t *testing.T) {
 	}
 }
 
-// keepingTarget is a MemTarget that, as a PageFlusher may, keeps the
+// keepingTarget is a MemTarget that, as a PageBatcher may, keeps the
 // slices StorePage gives it and copies them only at FlushPages; every
 // copy it makes is checked against a copy taken at StorePage.
 type keepingTarget struct {
 	*MemTarget
-	t       *testing.T
-	kept    []Page
-	taken   [][]byte
-	flushes int
+	t        *testing.T
+	kept     []Page
+	taken    [][]byte
+	flushes  int
+	batching bool
+}
+
+func (k *keepingTarget) BatchPages() {
+	if k.batching {
+		k.t.Fatal("BatchPages twice without FlushPages")
+	}
+	k.batching = true
 }
 
 func (k *keepingTarget) StorePage(index uint64, data []byte) error {
+	if !k.batching {
+		k.t.Fatalf("StorePage(%d) outside BatchPages and FlushPages", index)
+	}
 	k.kept = append(k.kept, Page{Index: index, Data: data})
 	k.taken = append(k.taken, bytes.Clone(data))
 	return nil
@@ -141,6 +152,7 @@ func (k *keepingTarget) EndEpoch(e EpochEnd) error {
 
 func (k *keepingTarget) FlushPages() {
 	k.flushes++
+	k.batching = false
 	for i, p := range k.kept {
 		if !bytes.Equal(p.Data, k.taken[i]) {
 			k.t.Fatalf("page %d changed between StorePage and FlushPages", p.Index)
@@ -152,10 +164,11 @@ func (k *keepingTarget) FlushPages() {
 	k.kept, k.taken = k.kept[:0], k.taken[:0]
 }
 
-// A PageFlusher may keep StorePage's slices until FlushPages: the Reader
-// calls it at the end of every RAM section, before it reuses them or asks
-// for a delta's base, and the target ends with what a copying one holds.
-func TestPageFlusherKeepsSlicesUntilFlush(t *testing.T) {
+// A PageBatcher may keep StorePage's slices from BatchPages to
+// FlushPages: the Reader brackets every RAM section's stores with them,
+// flushing before it reuses the slices or asks for a delta's base, and
+// the target ends with what a copying one holds.
+func TestPageBatcherKeepsSlicesUntilFlush(t *testing.T) {
 	for _, opts := range []Options{{}, {Compression: CompressNone}} {
 		stream, _ := writeStream(t, opts, 8, 5)
 		plain := NewMemTarget()

@@ -44,7 +44,9 @@ var kernelWritesOff atomic.Bool
 // them from the kernel's side (process_vm_writev on itself), a call per
 // up to 1,024 pages; where that call is refused it copies. Both sides of
 // a queued write must stay as they are until Flush (or Drop): the source
-// is read, and the destination written, only then. One goroutine.
+// is read, and the destination written, only then. One goroutine. The
+// race detector does not see the kernel's accesses, so under -race Flush
+// reports them as a copy would (raceCopy).
 type MemWriter struct {
 	local  []unix.Iovec
 	remote []unix.RemoteIovec
@@ -52,22 +54,26 @@ type MemWriter struct {
 	bytes  int
 }
 
-// Write queues copy(dst, src); len(dst) must equal len(src).
+// Write queues copy(dst, src) (min(len(dst), len(src)) bytes, as copy).
 func (w *MemWriter) Write(dst, src []byte) {
-	if len(src) == 0 {
+	n := min(len(dst), len(src))
+	if n == 0 {
 		return
 	}
-	if kernelWritesOff.Load() {
+	dst, src = dst[:n], src[:n]
+	if kernelWritesOff.Load() && len(w.pend) == 0 {
 		copy(dst, src)
 		return
 	}
+	// Queued even when kernel writes went off meanwhile: the writes
+	// already queued must land first (Flush copies them all in order).
 	var v unix.Iovec
 	v.Base = unsafe.SliceData(src)
-	v.SetLen(len(src))
+	v.SetLen(n)
 	w.local = append(w.local, v)
-	w.remote = append(w.remote, unix.RemoteIovec{Base: uintptr(unsafe.Pointer(unsafe.SliceData(dst))), Len: len(dst)})
-	w.pend = append(w.pend, [2][]byte{dst[:len(src)], src})
-	w.bytes += len(src)
+	w.remote = append(w.remote, unix.RemoteIovec{Base: uintptr(unsafe.Pointer(unsafe.SliceData(dst))), Len: n})
+	w.pend = append(w.pend, [2][]byte{dst, src})
+	w.bytes += n
 	if len(w.pend) == maxIov {
 		w.Flush()
 	}
@@ -76,19 +82,27 @@ func (w *MemWriter) Write(dst, src []byte) {
 // Pending is how many writes are queued.
 func (w *MemWriter) Pending() int { return len(w.pend) }
 
-// Flush does the queued writes.
+// Flush does the queued writes, in the order they were queued (the last
+// write to a page wins).
 func (w *MemWriter) Flush() {
 	if len(w.pend) == 0 {
 		return
 	}
-	n, err := unix.ProcessVMWritev(os.Getpid(), w.local, w.remote, 0)
-	if err != nil || n != w.bytes {
+	for _, p := range w.pend {
+		raceCopy(p[0], p[1])
+	}
+	var err error
+	n := 0
+	if !kernelWritesOff.Load() {
+		n, err = unix.ProcessVMWritev(os.Getpid(), w.local, w.remote, 0)
+	}
+	if n != w.bytes {
 		switch err {
 		case unix.ENOSYS, unix.EPERM, unix.EACCES:
 			kernelWritesOff.Store(true)
 		}
 		// A short or failed call leaves some pages written: copying them
-		// all again writes the same bytes.
+		// all again, in order, writes the same bytes.
 		for _, p := range w.pend {
 			copy(p[0], p[1])
 		}

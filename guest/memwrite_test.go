@@ -53,10 +53,18 @@ func TestMemWriter(t *testing.T) {
 		t.Fatal("a dropped write landed")
 	}
 
-	// Refused: the writer copies at once.
+	// Refused: the writer copies at once, but never ahead of a write
+	// queued before: the last write to a page wins.
 	was := kernelWritesOff.Load()
-	kernelWritesOff.Store(true)
 	defer kernelWritesOff.Store(was)
+	ones, twos := bytes.Repeat([]byte{1}, PageSize), bytes.Repeat([]byte{2}, PageSize)
+	w.Write(mem[:PageSize], ones)
+	kernelWritesOff.Store(true)
+	w.Write(mem[:PageSize], twos)
+	w.Flush()
+	if !bytes.Equal(mem[:PageSize], twos) {
+		t.Fatal("a write queued before kernel writes went off landed after a later one")
+	}
 	w.Write(mem[:PageSize], make([]byte, PageSize))
 	if w.Pending() != 0 || !bytes.Equal(mem[:PageSize], make([]byte, PageSize)) {
 		t.Fatal("with kernel writes off, a write is not copied at once")

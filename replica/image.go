@@ -78,11 +78,13 @@ type Image struct {
 	writeThrough bool
 	written      []writtenPage
 	// mw writes pages into the guest's memory from the kernel's side
-	// (guest.MemWriter): write-through pages until the Reader's
-	// FlushPages, a commit's staged pages at once. Receiving goroutine
-	// only, or mu held with committing set.
-	mw   guest.MemWriter
-	torn bool
+	// (guest.MemWriter): write-through pages of a section between the
+	// Reader's BatchPages and FlushPages (batching), a commit's staged
+	// pages at once. Receiving goroutine only, or mu held with
+	// committing set.
+	mw       guest.MemWriter
+	batching bool
+	torn     bool
 
 	// populated records the pages this Image has populated ahead of its
 	// writes, fresh the open epoch's staged pages not among them
@@ -320,7 +322,6 @@ func (im *Image) StoreDisk(ws []guest.DiskWrite) error {
 // rather than here (image_settle.go).
 func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	im.Settle()
-	im.mw.Flush()
 	if !im.lockOwned() {
 		im.discardLocked()
 		im.mu.Unlock()
@@ -332,6 +333,7 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	}
 	im.committing = true
 	im.mu.Unlock()
+	im.FlushPages() // nothing queued unless a section was left open
 	deferCopy := im.ackBeforeCopy && len(im.staged) > 0
 	if !deferCopy {
 		im.prefaultStaged()
@@ -444,6 +446,7 @@ func (im *Image) Discard() {
 
 func (im *Image) discardLocked() {
 	im.mw.Drop()
+	im.batching = false
 	for _, p := range im.staged {
 		im.free = append(im.free, p.data)
 	}

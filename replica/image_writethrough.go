@@ -54,13 +54,16 @@ func (im *Image) WriteThrough() { im.writeThrough = true }
 func (im *Image) endWriteThrough() { im.writeThrough = false }
 
 // writePage writes one page of the open epoch into guest memory (dst),
-// from the kernel's side (guest.MemWriter) once the Reader calls
-// FlushPages at the end of the section. An all-zero page is written too,
+// from the kernel's side (guest.MemWriter): at once, or, between the
+// Reader's BatchPages and FlushPages, with the rest of the section. An all-zero page is written too,
 // as a staged commit writes it: whether dst already reads zero is not
 // known without reading it, and reading a never-touched page would map
 // it (Populated would then report it).
 func (im *Image) writePage(dst []byte, index uint64, data []byte, sum uint64, zero bool) {
 	im.mw.Write(dst, data)
+	if !im.batching {
+		im.mw.Flush() // the caller's slice is only good during the call
+	}
 	if limit := 2 * im.pages(); uint64(len(im.written)) >= limit {
 		// A peer that sends the same pages again and again within one
 		// epoch must not grow the record without bound: only each
@@ -71,9 +74,16 @@ func (im *Image) writePage(dst []byte, index uint64, data []byte, sum uint64, ze
 	im.written = append(im.written, writtenPage{index: index, sum: sum, zero: zero})
 }
 
-// FlushPages implements checkpoint.PageFlusher: the section's
+// BatchPages implements checkpoint.PageBatcher: until FlushPages, the
+// write-through pages stored are queued with the Reader's slices.
+func (im *Image) BatchPages() { im.batching = true }
+
+// FlushPages implements checkpoint.PageBatcher: the section's
 // write-through pages go into memory.
-func (im *Image) FlushPages() { im.mw.Flush() }
+func (im *Image) FlushPages() {
+	im.mw.Flush()
+	im.batching = false
+}
 
 // pages is the guest's page count (the most distinct pages an epoch
 // writes).

@@ -202,4 +202,15 @@ func TestWriteThroughRepeatedPagesBounded(t *testing.T) {
 	if staged.Digest() != through.Digest() {
 		t.Fatalf("digest %v, staged %v", through.Digest(), staged.Digest())
 	}
+	// The memory too, not only the digests: the page buffer was reused
+	// for every call, so an image that kept it past StorePage (outside a
+	// Reader's BatchPages) would hold its last content in every page.
+	for idx := range uint64(7) {
+		if !bytes.Equal(through.page(idx), staged.page(idx)) {
+			t.Fatalf("page %d: write-through memory differs from the staged image's", idx)
+		}
+	}
+	if scan := guest.CombineDigest(guest.ScanMemory(through.regions).Sum(), through.state); scan != through.Digest() {
+		t.Fatal("a scan of the write-through image's memory differs from its digest")
+	}
 }
