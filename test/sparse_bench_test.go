@@ -2,6 +2,7 @@ package test
 
 import (
 	"fmt"
+	"os"
 	"testing"
 	"time"
 )
@@ -69,7 +70,13 @@ func sparseMigrate(b *testing.B, kind, mem string) float64 {
 func sparseProtect(b *testing.B, kind, mem string) float64 {
 	var sum float64
 	for i := 0; i < b.N; i++ {
-		pri, sec, sa := startPair(b, kind, primaryOpts{memory: mem, workload: "dirty", touch: "512MiB", dirtyRate: 10000})
+		// $TANDEM_FILL fills the touched range otherwise (random: every
+		// page incompressible, as a real guest's data pages).
+		var fill []string
+		if f := os.Getenv("TANDEM_FILL"); f != "" {
+			fill = []string{"--fill", f}
+		}
+		pri, sec, sa := startPair(b, kind, primaryOpts{memory: mem, workload: "dirty", touch: "512MiB", dirtyRate: 10000, extra: fill})
 		waitWorkload(b, pri, 512<<20)
 		before := mustFT(b, pri, false)
 		sec.kill()
