@@ -187,9 +187,9 @@ func (r *Reader) applyRAM(t Target) error {
 		r.prefault(pf)
 	}
 	ht, hashed := t.(HashedTarget)
-	pb, batched := t.(PageBatcher)
-	if batched {
+	if pb, ok := t.(PageBatcher); ok {
 		pb.BatchPages()
+		defer pb.FlushPages() // also on a failed store
 	}
 	for _, e := range r.ents {
 		for k := uint64(0); k < e.count; k++ {
@@ -212,9 +212,6 @@ func (r *Reader) applyRAM(t Target) error {
 				err = t.StorePage(idx, data)
 			}
 			if err != nil {
-				if batched {
-					pb.FlushPages()
-				}
 				return fmt.Errorf("store page %d: %w", idx, err)
 			}
 		}
@@ -225,9 +222,6 @@ func (r *Reader) applyRAM(t Target) error {
 		if e.enc == encXOR {
 			r.cur.DeltaPages++
 		}
-	}
-	if batched {
-		pb.FlushPages()
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"bytes"
+	"errors"
 	"reflect"
 	"testing"
 
@@ -118,6 +119,8 @@ type keepingTarget struct {
 	taken    [][]byte
 	flushes  int
 	batching bool
+	failAt   int // StorePage fails on this call (1-based; 0: never)
+	stores   int
 }
 
 func (k *keepingTarget) BatchPages() {
@@ -130,6 +133,9 @@ func (k *keepingTarget) BatchPages() {
 func (k *keepingTarget) StorePage(index uint64, data []byte) error {
 	if !k.batching {
 		k.t.Fatalf("StorePage(%d) outside BatchPages and FlushPages", index)
+	}
+	if k.stores++; k.stores == k.failAt {
+		return errors.New("store failed")
 	}
 	k.kept = append(k.kept, Page{Index: index, Data: data})
 	k.taken = append(k.taken, bytes.Clone(data))
@@ -181,6 +187,15 @@ func TestPageBatcherKeepsSlicesUntilFlush(t *testing.T) {
 		}
 		if kt.flushes < 8 {
 			t.Fatalf("%d flushes over 8 epochs of pages", kt.flushes)
+		}
+		// A store that fails part way through a section: the section is
+		// still flushed.
+		ft := &keepingTarget{MemTarget: NewMemTarget(), t: t, failAt: 5}
+		if _, err := Restore(bytes.NewReader(stream), Limits{}, ft); err == nil {
+			t.Fatal("a failed store went unreported")
+		}
+		if ft.batching || ft.flushes != 1 || len(ft.kept) != 0 {
+			t.Fatalf("after a failed store: batching %v, %d flushes, %d pages kept", ft.batching, ft.flushes, len(ft.kept))
 		}
 		if !reflect.DeepEqual(plain.PageIndices(), kt.PageIndices()) {
 			t.Fatal("the keeping target holds other pages")

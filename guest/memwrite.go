@@ -44,8 +44,10 @@ var kernelWritesOff atomic.Bool
 // them from the kernel's side (process_vm_writev on itself), a call per
 // up to 1,024 pages; where that call is refused it copies. Both sides of
 // a queued write must stay as they are until Flush (or Drop): the source
-// is read, and the destination written, only then. One goroutine. The
-// race detector does not see the kernel's accesses, so under -race Flush
+// is read, and the destination written, only then; no queued source may
+// be the destination of another queued write (a failed call is redone
+// by copying every write again, in order). One goroutine. The race
+// detector does not see the kernel's accesses, so under -race Flush
 // reports them as a copy would (raceCopy).
 type MemWriter struct {
 	local  []unix.Iovec

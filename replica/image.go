@@ -81,7 +81,8 @@ type Image struct {
 	// (guest.MemWriter): write-through pages of a section between the
 	// Reader's BatchPages and FlushPages (batching), a commit's staged
 	// pages at once. Receiving goroutine only, or mu held with
-	// committing set.
+	// committing set, or Close's discard once the receiving goroutine
+	// has ended (Secondary.Close and keep wait for it).
 	mw       guest.MemWriter
 	batching bool
 	torn     bool

@@ -55,10 +55,10 @@ func (im *Image) endWriteThrough() { im.writeThrough = false }
 
 // writePage writes one page of the open epoch into guest memory (dst),
 // from the kernel's side (guest.MemWriter): at once, or, between the
-// Reader's BatchPages and FlushPages, with the rest of the section. An all-zero page is written too,
-// as a staged commit writes it: whether dst already reads zero is not
-// known without reading it, and reading a never-touched page would map
-// it (Populated would then report it).
+// Reader's BatchPages and FlushPages, with the rest of the section. An
+// all-zero page is written too, as a staged commit writes it: whether
+// dst already reads zero is not known without reading it, and reading a
+// never-touched page would map it (Populated would then report it).
 func (im *Image) writePage(dst []byte, index uint64, data []byte, sum uint64, zero bool) {
 	im.mw.Write(dst, data)
 	if !im.batching {
