@@ -18,9 +18,9 @@ import (
 // time it is written: a page fault, and where the host is itself a
 // virtual machine (kvm-pvm) the hypervisor's shadow page tables filled one
 // page at a time. Measured on such a host (2026-12-01, a Go program
-// writing 512 MiB in 256 KiB pieces): a copy into fresh 4 KiB pages 0.9
+// writing 512 MiB in 256 KiB pieces): a copy into fresh 4 KiB pages 2.1
 // to 2.2 s, into pages populated beforehand (MADV_POPULATE_WRITE) still
-// 0.8 to 1.0 s, into huge pages 0.05 to 1.5 s (allocating a 2 MiB page
+// 0.8 to 1.0 s, into huge pages 0.67 to 1.4 s (allocating a 2 MiB page
 // the host no longer backs is slow and varies run to run); the same
 // bytes written by process_vm_writev to the process's own memory 0.13 to
 // 0.16 s, and 2,000 random pages long populated 1.5 us a page against
@@ -28,9 +28,9 @@ import (
 // and maps it in one pass, reaching it through its own mapping of all
 // memory, so no fault is taken from user space at all.
 //
-// What is left to pay is the first user-space access to each page later
-// (the guest's own writes after a migration, on such a host); a kernel
-// fills no more than a copy would, and nothing is read twice.
+// What is left to pay, on such a host, is the first user-space access to
+// each page later (the guest's own writes after a migration or a
+// failover: docs/PERFORMANCE.md, "Pages written by the kernel").
 
 // maxIov is the most iovecs one process_vm_writev takes (IOV_MAX).
 const maxIov = 1024
