@@ -80,7 +80,8 @@ type Image struct {
 	// mw writes pages into the guest's memory from the kernel's side
 	// (guest.MemWriter): write-through pages of a section between the
 	// Reader's BatchPages and FlushPages (batching), a commit's staged
-	// pages at once. Receiving goroutine only, or mu held with
+	// pages at once; empty at any other time (a delta's base, PageBase,
+	// is read while a section decodes, before its BatchPages). Receiving goroutine only, or mu held with
 	// committing set, or Close's discard once the receiving goroutine
 	// has ended (Secondary.Close and keep wait for it).
 	mw       guest.MemWriter
@@ -92,7 +93,7 @@ type Image struct {
 	// (image_prefault.go); receiving goroutine only.
 	populated *precopy.Bitmap
 	fresh     []uint64
-	huge      bool                  // the guest's memory may take huge pages (guest.HugePagesOK)
+	huge      bool                  // populate huge pages: the memory takes them (guest.HugePagesOK) and the kernel does not write the pages (NewImage)
 	hugeRuns  int                   // runs advised so (maxHugeRuns)
 	ahead     atomic.Pointer[ahead] // a populateAhead started (image_ahead.go)
 	// wholeAdvised: adviseWholeWrites has run (receiving goroutine only).
@@ -225,7 +226,6 @@ func (im *Image) page(index uint64) []byte { return guest.PageOf(im.regions, ind
 // PageBase implements checkpoint.Target.
 func (im *Image) PageBase(index uint64) ([]byte, error) {
 	im.Settle()
-	im.mw.Flush()
 	if p, ok := im.staged[index]; ok {
 		return p.data, nil
 	}
@@ -334,7 +334,7 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	}
 	im.committing = true
 	im.mu.Unlock()
-	im.FlushPages() // nothing queued unless a section was left open
+	im.FlushPages() // empty after a Reader's section; a commit never leaves a page queued
 	deferCopy := im.ackBeforeCopy && len(im.staged) > 0
 	if !deferCopy {
 		im.prefaultStaged()
@@ -372,7 +372,7 @@ func (im *Image) EndEpoch(e checkpoint.EpochEnd) error {
 	if deferCopy {
 		im.copyPending = true // committing stays set until Settle
 	} else {
-		im.copyStagedLocked()
+		im.copyStaged()
 		im.committing = false
 		im.idle.Broadcast()
 	}

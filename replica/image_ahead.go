@@ -141,8 +141,8 @@ func (im *Image) startAhead(hint [][2]uint64, window uint64) {
 	im.ahead.Store(a)
 	// Huge pages wherever the guest's memory takes them (im.huge: only
 	// where the kernel refuses to write the pages itself, NewImage),
-	// within the image's budget of advised runs. A staging image's own populate
-	// never asks for them, since its commit waits for it and a huge
+	// within the image's budget of advised runs. A staging image's own
+	// populate never asks for them, since its commit waits for it and a huge
 	// page's allocation may compact memory first; here the goroutine
 	// waits, not the commit, and a secondary's catch-up then writes a
 	// whole huge page per 2 MiB: after a 4 KiB populate, the first

@@ -37,25 +37,26 @@ func (im *Image) Settle() {
 	if !im.copyPending {
 		return
 	}
-	im.prefaultStaged() // without mu: committing holds off Activate and Close
+	// Both without mu, so status readers do not wait for the copy:
+	// committing holds off Activate and Close, and nothing else touches
+	// the staging or the guest's memory.
+	im.prefaultStaged()
+	im.copyStaged()
 	im.mu.Lock()
-	im.copyStagedLocked()
 	im.copyPending = false
 	im.committing = false
 	im.idle.Broadcast()
 	im.mu.Unlock()
 }
 
-// copyStagedLocked copies the staged pages into memory and empties the
-// staging for the next epoch. mu held.
-func (im *Image) copyStagedLocked() {
+// copyStaged copies the staged pages into memory and empties the
+// staging for the next epoch. mu held, or committing set (Settle).
+func (im *Image) copyStaged() {
 	for idx, p := range im.staged {
 		im.mw.Write(im.page(idx), p.data)
+		im.free = append(im.free, p.data) // reused only after the Flush below
 	}
 	im.mw.Flush()
-	for _, p := range im.staged {
-		im.free = append(im.free, p.data)
-	}
 	im.trimStaging()
 	im.stagedBytes = 0
 }

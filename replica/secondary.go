@@ -206,7 +206,7 @@ func (s *Secondary) Serve(ctx context.Context, conn net.Conn) error {
 			im.adviseWholeWrites()
 		}
 		store, err = s.acknowledge(conn, im, c, e, hello, store, adopted)
-		im.Settle()
+		im.Settle() // done by acknowledge, unless it returned before its write
 		if err != nil {
 			return err
 		}
