@@ -2,7 +2,6 @@ package guest
 
 import (
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -86,9 +85,13 @@ func (w *MemWriter) Pending() int { return len(w.pend) }
 
 // Flush does the queued writes, in the order they were queued (the last
 // write to a page wins).
-func (w *MemWriter) Flush() {
+func (w *MemWriter) Flush() { w.flush() }
+
+// flush is Flush, and says whether the kernel wrote every queued byte
+// (false: none queued, or they were copied).
+func (w *MemWriter) flush() bool {
 	if len(w.pend) == 0 {
-		return
+		return false
 	}
 	for _, p := range w.pend {
 		raceCopy(p[0], p[1])
@@ -98,7 +101,8 @@ func (w *MemWriter) Flush() {
 	if !kernelWritesOff.Load() {
 		n, err = unix.ProcessVMWritev(os.Getpid(), w.local, w.remote, 0)
 	}
-	if n != w.bytes {
+	kernel := n == w.bytes
+	if !kernel {
 		switch err {
 		case unix.ENOSYS, unix.EPERM, unix.EACCES:
 			kernelWritesOff.Store(true)
@@ -110,6 +114,7 @@ func (w *MemWriter) Flush() {
 		}
 	}
 	w.Drop()
+	return kernel
 }
 
 // Drop forgets the queued writes without doing them.
@@ -125,13 +130,9 @@ func (w *MemWriter) Drop() {
 func KernelWrites() bool { return probeKernelWrites() && !kernelWritesOff.Load() }
 
 var probeKernelWrites = sync.OnceValue(func() bool {
-	src, dst := []byte{1}, make([]byte, 1)
-	local := []unix.Iovec{{Base: &src[0]}}
-	local[0].SetLen(1)
-	remote := []unix.RemoteIovec{{Base: uintptr(unsafe.Pointer(&dst[0])), Len: 1}}
-	n, err := unix.ProcessVMWritev(os.Getpid(), local, remote, 0)
-	runtime.KeepAlive(dst)
-	if err != nil || n != 1 || dst[0] != 1 {
+	var w MemWriter
+	w.Write(make([]byte, 1), []byte{1})
+	if !w.flush() {
 		kernelWritesOff.Store(true)
 		return false
 	}
