@@ -239,11 +239,10 @@ func (m *Migration) switchOver(ctx context.Context, final uint64, start time.Tim
 
 // completed reports a finished switch-over: downtime on one clock, from
 // the source's pause to the destination's resume when it reported one
-// (same host), else to the ack's arrival, and the switch-over digest.
+// (same host), else to the ack's arrival, and the switch-over digest
+// beside the destination's (dstDigest; "" when it is known to be the
+// source's: a post-copy phase that served every page).
 // Preconditions: the guest is still paused here.
-// completed records a committed migration; dstDigest is the digest the
-// destination reports, "" when it is known to be the source's (a
-// post-copy phase that served every page).
 func (m *Migration) completed(ctrl *Controller, cp *Capture, ack Ack, dstDigest string, start, pauseStart, sendStart, acked time.Time) {
 	end := resumeEnd(ack, pauseStart, acked)
 	downtime := end.Sub(pauseStart)

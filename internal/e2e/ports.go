@@ -35,14 +35,15 @@ var (
 // it, the kernel picks ("127.0.0.1:0") as before.
 func FreeAddr() (string, error) {
 	lo, hi := belowEphemeral()
+	draw := hi > lo
 	for range 100 {
 		want := "127.0.0.1:0"
-		if hi > lo {
+		if draw {
 			want = fmt.Sprintf("127.0.0.1:%d", lo+rand.IntN(hi-lo))
 		}
 		ln, err := net.Listen("tcp", want)
 		if err != nil {
-			if want != "127.0.0.1:0" {
+			if draw {
 				continue // taken: draw again
 			}
 			return "", fmt.Errorf("free port: %w", err)
